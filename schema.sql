@@ -1,0 +1,295 @@
+-- Hearth: the whole SQLite schema. Applied on first start; PRAGMA user_version records the version.
+-- Later versions append numbered migrations to src/store/migrate.rs and bump SCHEMA_VERSION.
+
+-- Small key/value facts about this server (signing key, server name it was created with).
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+) WITHOUT ROWID;
+
+------------------------------------------------------------------------------------------------------------------
+-- Accounts
+CREATE TABLE users (
+    user_id       TEXT PRIMARY KEY,          -- @local:server
+    password_hash TEXT,                      -- argon2 PHC string; NULL = cannot log in with a password
+    admin         INTEGER NOT NULL DEFAULT 0,
+    displayname   TEXT,
+    avatar_url    TEXT,
+    created_ts    INTEGER NOT NULL,
+    deactivated   INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+
+CREATE TABLE devices (
+    user_id      TEXT NOT NULL REFERENCES users(user_id),
+    device_id    TEXT NOT NULL,
+    display_name TEXT,
+    last_seen_ts INTEGER,
+    last_seen_ip TEXT,
+    PRIMARY KEY (user_id, device_id)
+) WITHOUT ROWID;
+
+-- Tokens are stored as their SHA-256, so a leaked database does not leak live sessions.
+CREATE TABLE access_tokens (
+    token_sha256 BLOB PRIMARY KEY,
+    user_id      TEXT NOT NULL,
+    device_id    TEXT NOT NULL,
+    created_ts   INTEGER NOT NULL,
+    FOREIGN KEY (user_id, device_id) REFERENCES devices(user_id, device_id) ON DELETE CASCADE
+) WITHOUT ROWID;
+CREATE INDEX access_tokens_device ON access_tokens(user_id, device_id);
+
+CREATE TABLE filters (
+    user_id   TEXT NOT NULL,
+    filter_id INTEGER NOT NULL,
+    json      TEXT NOT NULL,
+    PRIMARY KEY (user_id, filter_id)
+) WITHOUT ROWID;
+
+------------------------------------------------------------------------------------------------------------------
+-- Rooms and events. Identifiers are interned to integers (nid) so state rows stay small.
+CREATE TABLE rooms (
+    room_nid         INTEGER PRIMARY KEY,
+    room_id          TEXT NOT NULL UNIQUE,
+    room_version     TEXT NOT NULL,
+    current_sg       INTEGER,                    -- state group of the current (resolved) room state
+    partial_state    INTEGER NOT NULL DEFAULT 0, -- 1 while a lazy join's member list is still being fetched
+    published        INTEGER NOT NULL DEFAULT 0, -- listed in the local public room directory
+    joined_members   INTEGER NOT NULL DEFAULT 0, -- materialised counts, kept by room_members updates
+    invited_members  INTEGER NOT NULL DEFAULT 0
+);
+
+CREATE TABLE state_keys (
+    state_key_nid INTEGER PRIMARY KEY,
+    event_type    TEXT NOT NULL,
+    state_key     TEXT NOT NULL,
+    UNIQUE (event_type, state_key)
+);
+
+-- stream_ordering: positive and increasing for events that enter the live timeline (one global stream shared with
+-- account data, receipts, to-device and device lists, so one number is a sync position); negative for backfilled
+-- events; NULL for outliers (events we hold only for auth or state, not in the timeline).
+CREATE TABLE events (
+    event_nid        INTEGER PRIMARY KEY,
+    event_id         TEXT NOT NULL UNIQUE,
+    room_nid         INTEGER NOT NULL REFERENCES rooms(room_nid),
+    event_type       TEXT NOT NULL,
+    state_key_nid    INTEGER REFERENCES state_keys(state_key_nid),   -- NULL for non-state events
+    sender           TEXT NOT NULL,
+    origin_server_ts INTEGER NOT NULL,
+    depth            INTEGER NOT NULL,
+    stream_ordering  INTEGER UNIQUE,
+    outlier          INTEGER NOT NULL DEFAULT 0,
+    rejected         TEXT,                 -- reason, when the event failed auth
+    soft_failed      INTEGER NOT NULL DEFAULT 0,
+    redacted_by      TEXT,                 -- event id of the redaction applied to `json`
+    sg_after         INTEGER,              -- state group after this event (NULL for outliers)
+    txn_device       TEXT,                 -- for local sends: device and txn id, so /sync can echo transaction_id
+    txn_id           TEXT,
+    json             TEXT NOT NULL         -- the full PDU, canonical JSON, without `unsigned`
+);
+CREATE INDEX events_room_stream ON events(room_nid, stream_ordering) WHERE stream_ordering IS NOT NULL;
+CREATE INDEX events_room_depth ON events(room_nid, depth);
+CREATE INDEX events_redacts ON events(room_nid, event_type) WHERE event_type = 'm.room.redaction';
+
+-- DAG edges, for backfill and missing-event lookups.
+CREATE TABLE event_edges (
+    event_nid     INTEGER NOT NULL REFERENCES events(event_nid),
+    prev_event_id TEXT NOT NULL,
+    PRIMARY KEY (event_nid, prev_event_id)
+) WITHOUT ROWID;
+CREATE INDEX event_edges_prev ON event_edges(prev_event_id);
+
+CREATE TABLE forward_extremities (
+    room_nid  INTEGER NOT NULL,
+    event_nid INTEGER NOT NULL,
+    PRIMARY KEY (room_nid, event_nid)
+) WITHOUT ROWID;
+
+-- State groups: immutable snapshots addressed by id. A group stores the entries that differ from its parent
+-- (`delta_of`); a root group (no parent) stores the whole state. Chains are bounded by `depth`: past the limit a
+-- new group is written as a full snapshot of the non-member state plus a delta over the nearest member base.
+-- `partial` marks a lazy join's base group whose member entries are still being fetched.
+CREATE TABLE state_groups (
+    sg        INTEGER PRIMARY KEY,
+    room_nid  INTEGER NOT NULL REFERENCES rooms(room_nid),
+    delta_of  INTEGER REFERENCES state_groups(sg),
+    depth     INTEGER NOT NULL DEFAULT 0,
+    partial   INTEGER NOT NULL DEFAULT 0
+);
+
+-- event_nid NULL = the key is absent in this group although present in an ancestor (only after state resolution).
+CREATE TABLE state_group_entries (
+    sg            INTEGER NOT NULL,
+    state_key_nid INTEGER NOT NULL,
+    event_nid     INTEGER,
+    PRIMARY KEY (sg, state_key_nid)
+) WITHOUT ROWID;
+
+-- The current membership of every user in every room we know, kept incrementally as current state changes, so
+-- /members, lazy-loading, sync and "servers in room" never read a whole state snapshot.
+CREATE TABLE room_members (
+    room_nid    INTEGER NOT NULL,
+    user_id     TEXT NOT NULL,
+    membership  TEXT NOT NULL,            -- join | invite | leave | ban | knock
+    event_nid   INTEGER NOT NULL,
+    server_name TEXT NOT NULL,
+    displayname TEXT,
+    avatar_url  TEXT,
+    PRIMARY KEY (room_nid, user_id)
+) WITHOUT ROWID;
+CREATE INDEX room_members_user ON room_members(user_id, membership);
+CREATE INDEX room_members_server ON room_members(room_nid, server_name, membership);
+
+-- Room membership changes of local users in stream order, so /sync can find newly joined/left/invited rooms.
+CREATE TABLE local_membership_stream (
+    stream_ordering INTEGER PRIMARY KEY,
+    user_id         TEXT NOT NULL,
+    room_nid        INTEGER NOT NULL,
+    membership      TEXT NOT NULL,
+    event_nid       INTEGER NOT NULL
+);
+CREATE INDEX local_membership_user ON local_membership_stream(user_id, stream_ordering);
+
+-- Users who left a room and asked to forget it.
+CREATE TABLE forgotten_rooms (
+    user_id  TEXT NOT NULL,
+    room_nid INTEGER NOT NULL,
+    PRIMARY KEY (user_id, room_nid)
+) WITHOUT ROWID;
+
+CREATE TABLE room_aliases (
+    alias      TEXT PRIMARY KEY,
+    room_id    TEXT NOT NULL,
+    creator    TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX room_aliases_room ON room_aliases(room_id);
+
+------------------------------------------------------------------------------------------------------------------
+-- Per-user streams (all share the global stream counter)
+CREATE TABLE account_data (
+    user_id         TEXT NOT NULL,
+    room_id         TEXT NOT NULL,           -- '' for global account data
+    data_type       TEXT NOT NULL,
+    content         TEXT NOT NULL,
+    stream_ordering INTEGER NOT NULL,
+    PRIMARY KEY (user_id, room_id, data_type)
+) WITHOUT ROWID;
+CREATE INDEX account_data_stream ON account_data(user_id, stream_ordering);
+
+CREATE TABLE receipts (
+    room_nid        INTEGER NOT NULL,
+    receipt_type    TEXT NOT NULL,
+    user_id         TEXT NOT NULL,
+    thread_id       TEXT NOT NULL,           -- '' for unthreaded
+    event_id        TEXT NOT NULL,
+    ts              INTEGER NOT NULL,
+    stream_ordering INTEGER NOT NULL,
+    PRIMARY KEY (room_nid, receipt_type, user_id, thread_id)
+) WITHOUT ROWID;
+CREATE INDEX receipts_stream ON receipts(room_nid, stream_ordering);
+
+CREATE TABLE to_device (
+    stream_ordering INTEGER PRIMARY KEY,
+    user_id         TEXT NOT NULL,
+    device_id       TEXT NOT NULL,
+    sender          TEXT NOT NULL,
+    event_type      TEXT NOT NULL,
+    content         TEXT NOT NULL
+);
+CREATE INDEX to_device_target ON to_device(user_id, device_id, stream_ordering);
+
+CREATE TABLE txn_ids (
+    user_id   TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    txn_id    TEXT NOT NULL,
+    kind      TEXT NOT NULL,                 -- 'send' | 'to_device'
+    result    TEXT NOT NULL,                 -- event id, or '' for to-device
+    PRIMARY KEY (user_id, device_id, kind, txn_id)
+) WITHOUT ROWID;
+
+------------------------------------------------------------------------------------------------------------------
+-- End-to-end encryption plumbing
+CREATE TABLE device_keys (
+    user_id   TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    keys      TEXT NOT NULL,
+    PRIMARY KEY (user_id, device_id)
+) WITHOUT ROWID;
+
+CREATE TABLE one_time_keys (
+    user_id   TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    key_id    TEXT NOT NULL,                 -- algorithm:id
+    algorithm TEXT NOT NULL,
+    key_json  TEXT NOT NULL,
+    fallback  INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (user_id, device_id, key_id)
+) WITHOUT ROWID;
+
+CREATE TABLE device_list_stream (
+    stream_ordering INTEGER PRIMARY KEY,
+    user_id         TEXT NOT NULL
+);
+CREATE INDEX device_list_user ON device_list_stream(user_id, stream_ordering);
+
+------------------------------------------------------------------------------------------------------------------
+-- Federation
+CREATE TABLE server_signing_keys (
+    server_name     TEXT NOT NULL,
+    key_id          TEXT NOT NULL,
+    public_key      TEXT NOT NULL,           -- unpadded base64
+    valid_until_ts  INTEGER NOT NULL,
+    expired_ts      INTEGER,                 -- set for old_verify_keys
+    PRIMARY KEY (server_name, key_id)
+) WITHOUT ROWID;
+
+-- Outgoing PDUs and EDUs waiting for a destination.
+CREATE TABLE outbox (
+    id           INTEGER PRIMARY KEY,
+    destination  TEXT NOT NULL,
+    kind         TEXT NOT NULL,              -- 'pdu' | 'edu'
+    payload      TEXT NOT NULL               -- event id for pdus, JSON for edus
+);
+CREATE INDEX outbox_destination ON outbox(destination, id);
+
+CREATE TABLE destinations (
+    destination   TEXT PRIMARY KEY,
+    failures      INTEGER NOT NULL DEFAULT 0,
+    retry_at      INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+
+-- Servers known to be in a partial-state room (from send_join's servers_in_room) until resync completes.
+CREATE TABLE partial_state_servers (
+    room_nid    INTEGER NOT NULL,
+    server_name TEXT NOT NULL,
+    PRIMARY KEY (room_nid, server_name)
+) WITHOUT ROWID;
+
+------------------------------------------------------------------------------------------------------------------
+-- The persistent background job queue (one worker). `cursor` is the job's own resumable position.
+CREATE TABLE jobs (
+    job_id       INTEGER PRIMARY KEY,
+    kind         TEXT NOT NULL,
+    room_nid     INTEGER,
+    priority     INTEGER NOT NULL DEFAULT 0,    -- higher runs first
+    cursor       TEXT NOT NULL DEFAULT '{}',
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    next_run_at  INTEGER NOT NULL DEFAULT 0,
+    done_units   INTEGER NOT NULL DEFAULT 0,
+    total_units  INTEGER,
+    created_ts   INTEGER NOT NULL,
+    last_error   TEXT,
+    UNIQUE (kind, room_nid)
+);
+
+------------------------------------------------------------------------------------------------------------------
+-- Media
+CREATE TABLE media (
+    media_id     TEXT PRIMARY KEY,
+    uploader     TEXT NOT NULL,
+    content_type TEXT,
+    filename     TEXT,
+    size         INTEGER NOT NULL,
+    created_ts   INTEGER NOT NULL,
+    data         BLOB NOT NULL
+) WITHOUT ROWID;

@@ -1,0 +1,441 @@
+//! Versions, login/logout, registration (with user-interactive auth), whoami, capabilities, filters, devices.
+
+use axum::extract::{Path, State};
+use axum::http::request::Parts;
+use axum::response::IntoResponse;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::http::{random_string, AppState, Auth, Json, Query};
+use crate::store::accounts;
+
+pub async fn versions() -> impl IntoResponse {
+    axum::Json(json!({
+        "versions": ["r0.5.0", "r0.6.0", "r0.6.1", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8",
+                     "v1.9", "v1.10", "v1.11", "v1.12"],
+        "unstable_features": {"org.matrix.msc3706": true, "org.matrix.msc2285.stable": true}
+    }))
+}
+
+pub async fn well_known(State(s): State<AppState>) -> impl IntoResponse {
+    let base = format!("http://{}", s.config.listen.client);
+    axum::Json(json!({"m.homeserver": {"base_url": base}}))
+}
+
+pub async fn login_flows() -> impl IntoResponse {
+    axum::Json(json!({"flows": [{"type": "m.login.password"}]}))
+}
+
+#[derive(Deserialize)]
+pub struct LoginRequest {
+    #[serde(rename = "type")]
+    kind: String,
+    identifier: Option<Value>,
+    user: Option<String>,
+    password: Option<String>,
+    device_id: Option<String>,
+    initial_device_display_name: Option<String>,
+}
+
+/// Resolves `alice` or `@alice:server` to a full local user id.
+pub fn local_user_id(s: &AppState, name: &str) -> Result<String> {
+    let full = if name.starts_with('@') { name.to_owned() } else { format!("@{}:{}", name.to_lowercase(), s.identity.server_name) };
+    if !s.identity.is_local_user(&full) {
+        return Err(Error::forbidden("not a user of this server"));
+    }
+    Ok(full)
+}
+
+pub fn hash_password(password: &str) -> Result<String> {
+    use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
+    let salt = SaltString::generate(&mut OsRng);
+    argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| Error::internal(format!("hashing failed: {e}")))
+}
+
+pub fn verify_password(hash: &str, password: &str) -> bool {
+    use argon2::password_hash::{PasswordHash, PasswordVerifier};
+    PasswordHash::new(hash).is_ok_and(|h| argon2::Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
+}
+
+/// Checks a local user's password off the async threads.
+pub async fn check_password(s: &AppState, user_id: &str, password: &str) -> Result<bool> {
+    let uid = user_id.to_owned();
+    let user = s.store.read(move |c| accounts::get_user(c, &uid)).await?;
+    let Some(hash) = user.filter(|u| !u.deactivated).and_then(|u| u.password_hash) else { return Ok(false) };
+    let password = password.to_owned();
+    tokio::task::spawn_blocking(move || verify_password(&hash, &password))
+        .await
+        .map_err(|e| Error::internal(e.to_string()))
+}
+
+pub async fn login(State(s): State<AppState>, parts: Parts, Json(req): Json<LoginRequest>) -> Result<impl IntoResponse> {
+    if req.kind != "m.login.password" {
+        return Err(Error::unknown(format!("login type {} is not supported", req.kind)));
+    }
+    let name = req
+        .identifier
+        .as_ref()
+        .and_then(|i| (i.get("type").and_then(Value::as_str) == Some("m.id.user")).then(|| i.get("user")).flatten())
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .or(req.user.clone())
+        .ok_or_else(|| Error::bad_json("missing user identifier"))?;
+    let password = req.password.ok_or_else(|| Error::bad_json("missing password"))?;
+    let ip = crate::http::client_ip(&parts);
+    let user_id = local_user_id(&s, &name).map_err(|_| Error::forbidden("invalid username or password"))?;
+    for key in [&user_id, &ip] {
+        s.login_limiter.check(key).map_err(Error::limit_exceeded)?;
+    }
+    if !check_password(&s, &user_id, &password).await? {
+        let _ = s.login_limiter.take(&user_id);
+        let _ = s.login_limiter.take(&ip);
+        return Err(Error::forbidden("invalid username or password"));
+    }
+    let device_id = req.device_id.unwrap_or_else(|| random_string(10).to_uppercase());
+    let token = format!("hth_{}", random_string(40));
+    let (u, d, t, name) = (user_id.clone(), device_id.clone(), token.clone(), req.initial_device_display_name);
+    s.store.write(move |w| accounts::create_session(w.conn, &u, &d, name.as_deref(), &t)).await?;
+    Ok(axum::Json(json!({
+        "user_id": user_id, "access_token": token, "device_id": device_id,
+        "home_server": s.identity.server_name.as_str(),
+        "well_known": {"m.homeserver": {"base_url": format!("http://{}", s.config.listen.client)}}
+    })))
+}
+
+pub async fn logout(State(s): State<AppState>, auth: Auth) -> Result<impl IntoResponse> {
+    s.store.write(move |w| accounts::delete_token(w.conn, &auth.token)).await?;
+    Ok(axum::Json(json!({})))
+}
+
+pub async fn logout_all(State(s): State<AppState>, auth: Auth) -> Result<impl IntoResponse> {
+    s.store.write(move |w| accounts::delete_all_tokens(w.conn, &auth.user_id)).await?;
+    Ok(axum::Json(json!({})))
+}
+
+pub async fn whoami(auth: Auth) -> impl IntoResponse {
+    axum::Json(json!({"user_id": auth.user_id, "device_id": auth.device_id, "is_guest": false}))
+}
+
+pub async fn capabilities() -> impl IntoResponse {
+    let available: serde_json::Map<String, Value> =
+        crate::room::version::SUPPORTED.iter().map(|v| (v.to_string(), json!("stable"))).collect();
+    axum::Json(json!({"capabilities": {
+        "m.change_password": {"enabled": true},
+        "m.room_versions": {"default": crate::room::version::DEFAULT_ROOM_VERSION, "available": available},
+        "m.set_displayname": {"enabled": true},
+        "m.set_avatar_url": {"enabled": true},
+        "m.3pid_changes": {"enabled": false}
+    }}))
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Registration
+
+#[derive(Deserialize)]
+pub struct RegisterRequest {
+    username: Option<String>,
+    password: Option<String>,
+    device_id: Option<String>,
+    initial_device_display_name: Option<String>,
+    #[serde(default)]
+    inhibit_login: bool,
+    auth: Option<Value>,
+}
+
+#[derive(Deserialize)]
+pub struct KindQuery {
+    kind: Option<String>,
+}
+
+pub fn validate_localpart(localpart: &str, server_name: &str) -> Result<()> {
+    if localpart.is_empty()
+        || !localpart.bytes().all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'=' | b'-' | b'/' | b'+'))
+    {
+        return Err(Error::invalid_username("user names may contain only a-z, 0-9 and ._=-/+"));
+    }
+    if localpart.len() + server_name.len() + 2 > 255 {
+        return Err(Error::invalid_username("user id too long"));
+    }
+    Ok(())
+}
+
+pub async fn register(
+    State(s): State<AppState>,
+    Query(q): Query<KindQuery>,
+    Json(req): Json<RegisterRequest>,
+) -> Result<axum::response::Response> {
+    if q.kind.as_deref() == Some("guest") {
+        return Err(Error::matrix(axum::http::StatusCode::FORBIDDEN, "M_GUEST_ACCESS_FORBIDDEN", "guest access is disabled"));
+    }
+    if !s.config.registration.enabled {
+        return Err(Error::forbidden("registration is disabled"));
+    }
+    let server = s.identity.server_name.to_string();
+    let localpart = match &req.username {
+        Some(u) => u.trim_start_matches('@').split(':').next().unwrap_or("").to_lowercase(),
+        None => random_string(12).to_lowercase(),
+    };
+    validate_localpart(&localpart, &server)?;
+    let user_id = format!("@{localpart}:{server}");
+    let uid = user_id.clone();
+    if s.store.read(move |c| accounts::user_exists(c, &uid)).await? {
+        return Err(Error::user_in_use());
+    }
+
+    // User-interactive auth.
+    let stage = if s.config.registration.token.is_some() { "m.login.registration_token" } else { "m.login.dummy" };
+    let challenge = |session: String, completed: Vec<String>, err: Option<(&str, &str)>| {
+        let mut body = json!({"flows": [{"stages": [stage]}], "params": {}, "session": session, "completed": completed});
+        if let Some((code, msg)) = err {
+            body["errcode"] = json!(code);
+            body["error"] = json!(msg);
+        }
+        (axum::http::StatusCode::UNAUTHORIZED, axum::Json(body)).into_response()
+    };
+    let Some(auth) = req.auth else {
+        return Ok(challenge(s.uia.new_session(), vec![], None));
+    };
+    let session = auth.get("session").and_then(Value::as_str).map(str::to_owned);
+    let session = match session {
+        Some(id) if s.uia.completed(&id).is_some() => id,
+        // nio sends m.login.dummy without a session in its first request: start one on the fly.
+        _ => s.uia.new_session(),
+    };
+    match auth.get("type").and_then(Value::as_str) {
+        Some("m.login.dummy") if stage == "m.login.dummy" => s.uia.complete(&session, stage),
+        Some("m.login.registration_token") if stage == "m.login.registration_token" => {
+            let given = auth.get("token").and_then(Value::as_str);
+            if given != s.config.registration.token.as_deref() {
+                return Ok(challenge(session, vec![], Some(("M_FORBIDDEN", "invalid registration token"))));
+            }
+            s.uia.complete(&session, stage);
+        }
+        _ => {}
+    }
+    let done = s.uia.completed(&session).unwrap_or_default();
+    if !done.iter().any(|d| d == stage) {
+        return Ok(challenge(session, done, None));
+    }
+    s.uia.finish(&session);
+
+    let password = req.password.clone();
+    let hash = match password {
+        Some(p) => Some(tokio::task::spawn_blocking(move || hash_password(&p)).await.map_err(|e| Error::internal(e.to_string()))??),
+        None => None,
+    };
+    let device_id = req.device_id.clone().unwrap_or_else(|| random_string(10).to_uppercase());
+    let token = format!("hth_{}", random_string(40));
+    let (u, d, t, dn, inhibit) = (user_id.clone(), device_id.clone(), token.clone(), req.initial_device_display_name.clone(), req.inhibit_login);
+    s.store
+        .write(move |w| {
+            if !accounts::insert_user(w.conn, &u, hash.as_deref(), false)? {
+                return Err(Error::user_in_use());
+            }
+            if !inhibit {
+                accounts::create_session(w.conn, &u, &d, dn.as_deref(), &t)?;
+            }
+            Ok(())
+        })
+        .await?;
+    let mut body = json!({"user_id": user_id, "home_server": server});
+    if !req.inhibit_login {
+        body["access_token"] = json!(token);
+        body["device_id"] = json!(device_id);
+    }
+    Ok(axum::Json(body).into_response())
+}
+
+#[derive(Deserialize)]
+pub struct AvailableQuery {
+    username: Option<String>,
+}
+
+pub async fn register_available(State(s): State<AppState>, Query(q): Query<AvailableQuery>) -> Result<impl IntoResponse> {
+    if !s.config.registration.enabled {
+        return Err(Error::forbidden("registration is disabled"));
+    }
+    let name = q.username.ok_or_else(|| Error::missing_param("username is required"))?.to_lowercase();
+    validate_localpart(&name, s.identity.server_name.as_str())?;
+    let uid = format!("@{name}:{}", s.identity.server_name);
+    if s.store.read(move |c| accounts::user_exists(c, &uid)).await? {
+        return Err(Error::user_in_use());
+    }
+    Ok(axum::Json(json!({"available": true})))
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Password-protected operations (UIA with m.login.password)
+
+/// Completes UIA with `m.login.password` for an already-authenticated user, or answers 401 with the flow.
+pub async fn require_password(s: &AppState, auth: &Auth, body_auth: Option<&Value>) -> Result<()> {
+    let flows = || json!([{"stages": ["m.login.password"]}]);
+    let Some(a) = body_auth else {
+        return Err(Error::unauthorized("password required")
+            .with("flows", flows())
+            .with("params", json!({}))
+            .with("session", json!(s.uia.new_session())));
+    };
+    let password = a.get("password").and_then(Value::as_str).unwrap_or("");
+    if a.get("type").and_then(Value::as_str) == Some("m.login.password") && check_password(s, &auth.user_id, password).await? {
+        return Ok(());
+    }
+    Err(Error::forbidden("invalid password").with("flows", flows()).with("params", json!({})))
+}
+
+#[derive(Deserialize)]
+pub struct PasswordChange {
+    new_password: String,
+    #[serde(default = "default_true")]
+    logout_devices: bool,
+    auth: Option<Value>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+pub async fn change_password(State(s): State<AppState>, auth: Auth, Json(req): Json<PasswordChange>) -> Result<impl IntoResponse> {
+    require_password(&s, &auth, req.auth.as_ref()).await?;
+    let p = req.new_password;
+    let hash = tokio::task::spawn_blocking(move || hash_password(&p)).await.map_err(|e| Error::internal(e.to_string()))??;
+    s.store
+        .write(move |w| {
+            accounts::set_password(w.conn, &auth.user_id, &hash)?;
+            if req.logout_devices {
+                w.conn.execute(
+                    "DELETE FROM access_tokens WHERE user_id = ?1 AND token_sha256 != ?2",
+                    rusqlite::params![auth.user_id, accounts::token_hash(&auth.token)],
+                )?;
+            }
+            Ok(())
+        })
+        .await?;
+    Ok(axum::Json(json!({})))
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Filters
+
+pub async fn create_filter(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path(user_id): Path<String>,
+    Json(filter): Json<Value>,
+) -> Result<impl IntoResponse> {
+    if user_id != auth.user_id {
+        return Err(Error::forbidden("cannot create filters for other users"));
+    }
+    if !filter.is_object() {
+        return Err(Error::bad_json("filter must be an object"));
+    }
+    crate::client::sync::Filter::parse(&filter)?;
+    let json = filter.to_string();
+    let id = s.store.write(move |w| accounts::create_filter(w.conn, &auth.user_id, &json)).await?;
+    Ok(axum::Json(json!({"filter_id": id.to_string()})))
+}
+
+pub async fn get_filter(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path((user_id, filter_id)): Path<(String, String)>,
+) -> Result<impl IntoResponse> {
+    if user_id != auth.user_id {
+        return Err(Error::forbidden("cannot read other users' filters"));
+    }
+    let id: i64 = filter_id.parse().map_err(|_| Error::not_found("no such filter"))?;
+    let json = s.store.read(move |c| accounts::get_filter(c, &auth.user_id, id)).await?.ok_or_else(|| Error::not_found("no such filter"))?;
+    Ok(axum::Json(serde_json::from_str::<Value>(&json)?))
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Devices
+
+fn device_json(user_id: &str, d: &accounts::DeviceRow) -> Value {
+    json!({"user_id": user_id, "device_id": d.device_id, "display_name": d.display_name,
+           "last_seen_ts": d.last_seen_ts, "last_seen_ip": d.last_seen_ip})
+}
+
+pub async fn list_devices(State(s): State<AppState>, auth: Auth) -> Result<impl IntoResponse> {
+    let uid = auth.user_id.clone();
+    let devices = s.store.read(move |c| accounts::list_devices(c, &uid)).await?;
+    Ok(axum::Json(json!({"devices": devices.iter().map(|d| device_json(&auth.user_id, d)).collect::<Vec<_>>()})))
+}
+
+pub async fn get_device(State(s): State<AppState>, auth: Auth, Path(device_id): Path<String>) -> Result<impl IntoResponse> {
+    let uid = auth.user_id.clone();
+    let devices = s.store.read(move |c| accounts::list_devices(c, &uid)).await?;
+    let d = devices.iter().find(|d| d.device_id == device_id).ok_or_else(|| Error::not_found("no such device"))?;
+    Ok(axum::Json(device_json(&auth.user_id, d)))
+}
+
+#[derive(Deserialize)]
+pub struct DeviceUpdate {
+    display_name: Option<String>,
+}
+
+pub async fn update_device(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path(device_id): Path<String>,
+    Json(req): Json<DeviceUpdate>,
+) -> Result<impl IntoResponse> {
+    let found = s.store.write(move |w| accounts::update_device(w.conn, &auth.user_id, &device_id, req.display_name.as_deref())).await?;
+    if !found {
+        return Err(Error::not_found("no such device"));
+    }
+    Ok(axum::Json(json!({})))
+}
+
+#[derive(Deserialize)]
+pub struct AuthOnly {
+    auth: Option<Value>,
+}
+
+pub async fn delete_device(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path(device_id): Path<String>,
+    Json(req): Json<AuthOnly>,
+) -> Result<impl IntoResponse> {
+    require_password(&s, &auth, req.auth.as_ref()).await?;
+    let found = delete_devices_now(&s, &auth.user_id, vec![device_id]).await?;
+    if found == 0 {
+        return Err(Error::not_found("no such device"));
+    }
+    Ok(axum::Json(json!({})))
+}
+
+#[derive(Deserialize)]
+pub struct DeleteDevices {
+    devices: Vec<String>,
+    auth: Option<Value>,
+}
+
+pub async fn delete_devices(State(s): State<AppState>, auth: Auth, Json(req): Json<DeleteDevices>) -> Result<impl IntoResponse> {
+    require_password(&s, &auth, req.auth.as_ref()).await?;
+    delete_devices_now(&s, &auth.user_id, req.devices).await?;
+    Ok(axum::Json(json!({})))
+}
+
+async fn delete_devices_now(s: &AppState, user_id: &str, devices: Vec<String>) -> Result<usize> {
+    let uid = user_id.to_owned();
+    s.store
+        .write(move |w| {
+            let mut n = 0;
+            for d in &devices {
+                if accounts::delete_device(w.conn, &uid, d)? {
+                    n += 1;
+                }
+            }
+            if n > 0 {
+                let pos = w.next_stream();
+                w.conn.execute("INSERT INTO device_list_stream (stream_ordering, user_id) VALUES (?1, ?2)", rusqlite::params![pos, uid])?;
+            }
+            Ok(n)
+        })
+        .await
+}

@@ -1,0 +1,57 @@
+//! Shaping stored events for clients.
+
+use rusqlite::Connection;
+use serde_json::{json, Value};
+
+use crate::error::Result;
+use crate::room::pdu::client_event;
+use crate::store::accounts::now_ms;
+use crate::store::events::{self, EventRow};
+
+/// A stored event in the client format, with `unsigned` (age, transaction_id for the sending device,
+/// redacted_because, prev_content for state events).
+pub fn event(conn: &Connection, row: &EventRow, room_id: &str, viewer_device: Option<(&str, &str)>, with_room_id: bool) -> Result<Value> {
+    let mut unsigned = serde_json::Map::new();
+    unsigned.insert("age".into(), json!(now_ms().saturating_sub(row.origin_server_ts).max(0)));
+    if let (Some((user, device)), Some(txn_dev), Some(txn)) = (viewer_device, &row.txn_device, &row.txn_id) {
+        if row.sender == user && txn_dev == device {
+            unsigned.insert("transaction_id".into(), json!(txn));
+        }
+    }
+    if let Some(by) = &row.redacted_by {
+        if let Some(r) = events::event_by_id(conn, by)? {
+            unsigned.insert("redacted_because".into(), client_event(&r.json, &r.event_id, room_id, json!({}), with_room_id));
+        }
+    }
+    if let Some(skn) = row.state_key_nid {
+        // prev_content: the state this event replaced (clients render "changed their name" from it).
+        let before: Option<i64> = conn
+            .prepare_cached(
+                "SELECT e.sg_after FROM event_edges x JOIN events e ON e.event_id = x.prev_event_id
+                 WHERE x.event_nid = ?1 AND e.sg_after IS NOT NULL LIMIT 1",
+            )?
+            .query_row([row.event_nid], |r| r.get(0))
+            .ok();
+        if let Some(sg) = before {
+            if let Some(prev_nid) = events::lookup_state(conn, sg, skn)? {
+                if let Some(prev) = events::event_by_nid(conn, prev_nid)? {
+                    let v: Value = serde_json::from_str(&prev.json)?;
+                    if let Some(c) = v.get("content") {
+                        unsigned.insert("prev_content".into(), c.clone());
+                        unsigned.insert("replaces_state".into(), json!(prev.event_id));
+                        unsigned.insert("prev_sender".into(), json!(prev.sender));
+                    }
+                }
+            }
+        }
+    }
+    Ok(client_event(&row.json, &row.event_id, room_id, Value::Object(unsigned), with_room_id))
+}
+
+/// State events without timeline extras (for state lists).
+pub fn state_event(conn: &Connection, nid: i64, room_id: &str, with_room_id: bool) -> Result<Option<Value>> {
+    match events::event_by_nid(conn, nid)? {
+        Some(row) => Ok(Some(event(conn, &row, room_id, None, with_room_id)?)),
+        None => Ok(None),
+    }
+}

@@ -1,0 +1,70 @@
+//! The client-server API: thin handlers that parse, authorise, call the room core and shape responses.
+
+pub mod account;
+pub mod ephemeral;
+pub mod format;
+pub mod profile;
+pub mod rooms;
+pub mod sync;
+pub mod timeline;
+
+use axum::routing::{get, post, put};
+use axum::Router;
+
+use crate::http::AppState;
+
+/// Endpoints under `/_matrix/client/{v3,r0}`.
+fn api() -> Router<AppState> {
+    use account as a;
+    use rooms as r;
+    Router::new()
+        .route("/login", get(a::login_flows).post(a::login))
+        .route("/logout", post(a::logout))
+        .route("/logout/all", post(a::logout_all))
+        .route("/register", post(a::register))
+        .route("/register/available", get(a::register_available))
+        .route("/account/whoami", get(a::whoami))
+        .route("/account/password", post(a::change_password))
+        .route("/capabilities", get(a::capabilities))
+        .route("/user/{user_id}/filter", post(a::create_filter))
+        .route("/user/{user_id}/filter/{filter_id}", get(a::get_filter))
+        .route("/devices", get(a::list_devices))
+        .route("/devices/{device_id}", get(a::get_device).put(a::update_device).delete(a::delete_device))
+        .route("/delete_devices", post(a::delete_devices))
+        .route("/profile/{user_id}", get(profile::get_profile))
+        .route("/profile/{user_id}/{field}", get(profile::get_field).put(profile::set_field))
+        .route("/createRoom", post(r::create_room))
+        .route("/join/{room}", post(r::join))
+        .route("/rooms/{room}/join", post(r::join))
+        .route("/rooms/{room_id}/leave", post(r::leave))
+        .route("/rooms/{room_id}/forget", post(r::forget))
+        .route("/rooms/{room_id}/invite", post(r::invite))
+        .route("/rooms/{room_id}/kick", post(r::kick))
+        .route("/rooms/{room_id}/ban", post(r::ban))
+        .route("/rooms/{room_id}/unban", post(r::unban))
+        .route("/joined_rooms", get(r::joined_rooms))
+        .route("/rooms/{room_id}/send/{event_type}/{txn_id}", put(r::send))
+        .route("/rooms/{room_id}/redact/{event_id}/{txn_id}", put(r::redact))
+        .route("/rooms/{room_id}/state", get(r::get_state))
+        .route("/rooms/{room_id}/state/{event_type}", get(r::get_state_event).put(r::put_state))
+        .route("/rooms/{room_id}/state/{event_type}/", get(r::get_state_event).put(r::put_state))
+        .route("/rooms/{room_id}/state/{event_type}/{state_key}", get(r::get_state_event).put(r::put_state))
+        .route("/rooms/{room_id}/event/{event_id}", get(r::get_event))
+        .route("/rooms/{room_id}/members", get(r::members))
+        .route("/rooms/{room_id}/joined_members", get(r::joined_members))
+        .route("/rooms/{room_id}/aliases", get(r::room_aliases))
+        .route("/rooms/{room_id}/messages", get(timeline::messages))
+        .route("/rooms/{room_id}/context/{event_id}", get(timeline::context))
+        .route("/directory/room/{alias}", get(r::get_alias).put(r::put_alias).delete(r::delete_alias))
+        .route("/directory/list/room/{room_id}", get(r::get_visibility).put(r::set_visibility))
+        .route("/publicRooms", get(r::public_rooms_get).post(r::public_rooms_post))
+        .route("/sync", get(sync::sync))
+}
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/_matrix/client/versions", get(account::versions))
+        .route("/.well-known/matrix/client", get(account::well_known))
+        .nest("/_matrix/client/v3", api())
+        .nest("/_matrix/client/r0", api())
+}

@@ -1,0 +1,99 @@
+//! Profiles: display name and avatar, mirrored into the member events of every joined room.
+
+use axum::extract::{Path, State};
+use axum::response::IntoResponse;
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::http::{AppState, Auth, Json};
+use crate::room::append::{append_local, LocalEvent};
+use crate::store::accounts::{self, ProfileField};
+use crate::store::events;
+
+pub async fn get_profile(State(s): State<AppState>, Path(user_id): Path<String>) -> Result<impl IntoResponse> {
+    let user = s.store.read(move |c| accounts::get_user(c, &user_id)).await?.filter(|u| !u.deactivated).ok_or_else(|| Error::not_found("profile not found"))?;
+    let mut body = json!({});
+    if let Some(d) = user.displayname {
+        body["displayname"] = json!(d);
+    }
+    if let Some(a) = user.avatar_url {
+        body["avatar_url"] = json!(a);
+    }
+    Ok(axum::Json(body))
+}
+
+fn field(name: &str) -> Result<ProfileField> {
+    match name {
+        "displayname" => Ok(ProfileField::Displayname),
+        "avatar_url" => Ok(ProfileField::AvatarUrl),
+        _ => Err(Error::unrecognized("unknown profile field")),
+    }
+}
+
+pub async fn get_field(State(s): State<AppState>, Path((user_id, name)): Path<(String, String)>) -> Result<impl IntoResponse> {
+    let f = field(&name)?;
+    let user = s.store.read(move |c| accounts::get_user(c, &user_id)).await?.filter(|u| !u.deactivated).ok_or_else(|| Error::not_found("profile not found"))?;
+    let v = match f {
+        ProfileField::Displayname => user.displayname,
+        ProfileField::AvatarUrl => user.avatar_url,
+    };
+    match v {
+        Some(v) => Ok(axum::Json(json!({ name: v }))),
+        None => Err(Error::not_found("profile field not set")),
+    }
+}
+
+pub async fn set_field(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path((user_id, name)): Path<(String, String)>,
+    Json(body): Json<Value>,
+) -> Result<impl IntoResponse> {
+    if user_id != auth.user_id {
+        return Err(Error::forbidden("cannot change another user's profile"));
+    }
+    let f = field(&name)?;
+    let value = match body.get(&name) {
+        Some(Value::String(v)) => Some(v.clone()),
+        Some(Value::Null) | None => None,
+        Some(_) => return Err(Error::bad_json(format!("`{name}` must be a string"))),
+    };
+    if value.as_ref().is_some_and(|v| v.len() > 256 * 4) {
+        return Err(Error::too_large("profile value too long"));
+    }
+    let (u, v) = (user_id.clone(), value.clone());
+    let rooms = s
+        .store
+        .write(move |w| {
+            accounts::set_profile_field(w.conn, &u, f, v.as_deref())?;
+            events::rooms_with_membership(w.conn, &u, "join")
+        })
+        .await?;
+    // Each room's member event in its own short write, so one big profile change never holds the writer long.
+    for (_, room_id) in rooms {
+        let (identity, uid, name, value) = (s.identity.clone(), user_id.clone(), name.clone(), value.clone());
+        let result = s
+            .store
+            .write(move |w| {
+                let room = events::room_by_id(w.conn, &room_id)?.ok_or_else(|| Error::not_found("room vanished"))?;
+                let Some(sg) = room.current_sg else { return Ok(()) };
+                let Some(mut content) = crate::room::state_content(w.conn, sg, "m.room.member", &uid)? else { return Ok(()) };
+                if content.get("membership").and_then(Value::as_str) != Some("join") {
+                    return Ok(());
+                }
+                match &value {
+                    Some(v) => content[&name] = json!(v),
+                    None => {
+                        content.as_object_mut().map(|o| o.remove(&name));
+                    }
+                }
+                append_local(w, &identity, &room.room_id, &uid, LocalEvent::state("m.room.member", &uid, content), None)?;
+                Ok(())
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "could not update member event after profile change");
+        }
+    }
+    Ok(axum::Json(json!({})))
+}

@@ -1,0 +1,646 @@
+//! Room endpoints: create, membership, send, state, events, members, aliases, directory.
+
+use axum::extract::{Path, State};
+use axum::response::IntoResponse;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::client::format;
+use crate::error::{Error, Result};
+use crate::http::{qs, AppState, Auth, Json, Query};
+use crate::room::append::{append_local, LocalEvent};
+use crate::room::create::{create_room as core_create, CreateRoom};
+use crate::room::membership::{readable_room, set_membership, visible_state_group};
+use crate::store::{events, rooms};
+
+#[derive(Deserialize)]
+pub struct CreateRoomBody {
+    visibility: Option<String>,
+    room_alias_name: Option<String>,
+    name: Option<String>,
+    topic: Option<String>,
+    #[serde(default)]
+    invite: Vec<String>,
+    room_version: Option<String>,
+    creation_content: Option<Value>,
+    #[serde(default)]
+    initial_state: Vec<StateEventBody>,
+    preset: Option<String>,
+    #[serde(default)]
+    is_direct: bool,
+    power_level_content_override: Option<Value>,
+}
+
+#[derive(Deserialize)]
+pub struct StateEventBody {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    state_key: String,
+    content: Value,
+}
+
+fn check_user_id(u: &str) -> Result<()> {
+    ruma::UserId::parse(u).map(|_| ()).map_err(|e| Error::invalid_param(format!("invalid user id {u}: {e}")))
+}
+
+pub async fn create_room(State(s): State<AppState>, auth: Auth, Json(body): Json<CreateRoomBody>) -> Result<impl IntoResponse> {
+    for u in &body.invite {
+        check_user_id(u)?;
+    }
+    let alias = match &body.room_alias_name {
+        Some(a) if a.is_empty() || a.contains(':') || a.contains('#') => {
+            return Err(Error::matrix(axum::http::StatusCode::BAD_REQUEST, "M_INVALID_PARAM", "invalid room_alias_name"))
+        }
+        Some(a) => Some(format!("#{a}:{}", s.identity.server_name)),
+        None => None,
+    };
+    let visibility_public = match body.visibility.as_deref() {
+        None | Some("private") => false,
+        Some("public") => true,
+        Some(o) => return Err(Error::invalid_param(format!("unknown visibility {o}"))),
+    };
+    for e in &body.initial_state {
+        if !e.content.is_object() {
+            return Err(Error::bad_json("initial_state content must be objects"));
+        }
+    }
+    if body.creation_content.as_ref().is_some_and(|c| !c.is_object()) {
+        return Err(Error::bad_json("creation_content must be an object"));
+    }
+    let req = CreateRoom {
+        creator: auth.user_id.clone(),
+        room_version: body.room_version,
+        preset: body.preset,
+        visibility_public,
+        name: body.name,
+        topic: body.topic,
+        alias,
+        invite: body.invite,
+        is_direct: body.is_direct,
+        creation_content: body.creation_content,
+        initial_state: body.initial_state.into_iter().map(|e| LocalEvent::state(&e.kind, &e.state_key, e.content)).collect(),
+        power_level_content_override: body.power_level_content_override,
+    };
+    let identity = s.identity.clone();
+    let room_id = s.store.write(move |w| core_create(w, &identity, req)).await?;
+    Ok(axum::Json(json!({"room_id": room_id})))
+}
+
+#[derive(Deserialize, Default)]
+pub struct ReasonBody {
+    reason: Option<String>,
+    user_id: Option<String>,
+}
+
+/// Resolves `!room:server` or `#alias:server` to a room id.
+async fn resolve_room(s: &AppState, id_or_alias: &str) -> Result<String> {
+    if id_or_alias.starts_with('!') {
+        ruma::RoomId::parse(id_or_alias).map_err(|e| Error::invalid_param(format!("invalid room id: {e}")))?;
+        return Ok(id_or_alias.to_owned());
+    }
+    if id_or_alias.starts_with('#') {
+        ruma::RoomAliasId::parse(id_or_alias).map_err(|e| Error::invalid_param(format!("invalid room alias: {e}")))?;
+        let a = id_or_alias.to_owned();
+        return s.store.read(move |c| rooms::alias_target(c, &a)).await?.ok_or_else(|| Error::not_found("room alias not found"));
+    }
+    Err(Error::invalid_param("expected a room id or alias"))
+}
+
+pub async fn join(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path(id_or_alias): Path<String>,
+    Json(body): Json<ReasonBody>,
+) -> Result<impl IntoResponse> {
+    let room_id = resolve_room(&s, &id_or_alias).await?;
+    let identity = s.identity.clone();
+    let rid = room_id.clone();
+    let known = s.store.read(move |c| events::room_by_id(c, &rid)).await?;
+    if known.is_none() {
+        return Err(Error::not_found("no known servers to join this room through"));
+    }
+    let rid = room_id.clone();
+    s.store
+        .write(move |w| set_membership(w, &identity, &rid, &auth.user_id, &auth.user_id, "join", body.reason.as_deref(), None))
+        .await?;
+    Ok(axum::Json(json!({"room_id": room_id})))
+}
+
+async fn membership_op(s: &AppState, auth: &Auth, room_id: String, target: String, membership: &'static str, reason: Option<String>) -> Result<()> {
+    let identity = s.identity.clone();
+    let sender = auth.user_id.clone();
+    s.store
+        .write(move |w| set_membership(w, &identity, &room_id, &sender, &target, membership, reason.as_deref(), None))
+        .await?;
+    Ok(())
+}
+
+pub async fn leave(State(s): State<AppState>, auth: Auth, Path(room_id): Path<String>, Json(body): Json<ReasonBody>) -> Result<impl IntoResponse> {
+    let me = auth.user_id.clone();
+    membership_op(&s, &auth, room_id, me, "leave", body.reason).await?;
+    Ok(axum::Json(json!({})))
+}
+
+fn target(body: &ReasonBody) -> Result<String> {
+    let t = body.user_id.clone().ok_or_else(|| Error::missing_param("user_id is required"))?;
+    check_user_id(&t)?;
+    Ok(t)
+}
+
+pub async fn invite(State(s): State<AppState>, auth: Auth, Path(room_id): Path<String>, Json(body): Json<ReasonBody>) -> Result<impl IntoResponse> {
+    let t = target(&body)?;
+    membership_op(&s, &auth, room_id, t, "invite", body.reason).await?;
+    Ok(axum::Json(json!({})))
+}
+
+pub async fn kick(State(s): State<AppState>, auth: Auth, Path(room_id): Path<String>, Json(body): Json<ReasonBody>) -> Result<impl IntoResponse> {
+    let t = target(&body)?;
+    membership_op(&s, &auth, room_id, t, "leave", body.reason).await?;
+    Ok(axum::Json(json!({})))
+}
+
+pub async fn ban(State(s): State<AppState>, auth: Auth, Path(room_id): Path<String>, Json(body): Json<ReasonBody>) -> Result<impl IntoResponse> {
+    let t = target(&body)?;
+    membership_op(&s, &auth, room_id, t, "ban", body.reason).await?;
+    Ok(axum::Json(json!({})))
+}
+
+pub async fn unban(State(s): State<AppState>, auth: Auth, Path(room_id): Path<String>, Json(body): Json<ReasonBody>) -> Result<impl IntoResponse> {
+    let t = target(&body)?;
+    let rid = room_id.clone();
+    let tt = t.clone();
+    let current = s
+        .store
+        .read(move |c| Ok(events::room_by_id(c, &rid)?.map(|r| events::membership_of(c, r.room_nid, &tt)).transpose()?.flatten()))
+        .await?;
+    if current.map(|m| m.0).as_deref() != Some("ban") {
+        return Err(Error::forbidden("user is not banned"));
+    }
+    membership_op(&s, &auth, room_id, t, "leave", body.reason).await?;
+    Ok(axum::Json(json!({})))
+}
+
+pub async fn forget(State(s): State<AppState>, auth: Auth, Path(room_id): Path<String>) -> Result<impl IntoResponse> {
+    s.store
+        .write(move |w| {
+            let room = events::room_by_id(w.conn, &room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
+            match events::membership_of(w.conn, room.room_nid, &auth.user_id)? {
+                Some((m, _)) if m == "join" || m == "invite" => return Err(Error::unknown("leave the room before forgetting it")),
+                None => return Err(Error::not_found("you were never in this room")),
+                _ => {}
+            }
+            w.conn.execute(
+                "INSERT OR IGNORE INTO forgotten_rooms (user_id, room_nid) VALUES (?1, ?2)",
+                rusqlite::params![auth.user_id, room.room_nid],
+            )?;
+            Ok(())
+        })
+        .await?;
+    Ok(axum::Json(json!({})))
+}
+
+pub async fn joined_rooms(State(s): State<AppState>, auth: Auth) -> Result<impl IntoResponse> {
+    let rooms = s.store.read(move |c| events::rooms_with_membership(c, &auth.user_id, "join")).await?;
+    Ok(axum::Json(json!({"joined_rooms": rooms.into_iter().map(|r| r.1).collect::<Vec<_>>()})))
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Sending
+
+pub async fn send(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path((room_id, event_type, txn_id)): Path<(String, String, String)>,
+    Json(content): Json<Value>,
+) -> Result<impl IntoResponse> {
+    if !content.is_object() {
+        return Err(Error::bad_json("content must be an object"));
+    }
+    if event_type.len() > 255 {
+        return Err(Error::bad_json("event type too long"));
+    }
+    s.message_limiter.take(&auth.user_id).map_err(Error::limit_exceeded)?;
+    let identity = s.identity.clone();
+    let event_id = s
+        .store
+        .write(move |w| {
+            let prior: Option<String> = w
+                .conn
+                .prepare_cached("SELECT result FROM txn_ids WHERE user_id = ?1 AND device_id = ?2 AND kind = 'send' AND txn_id = ?3")?
+                .query_row(rusqlite::params![auth.user_id, auth.device_id, format!("{room_id}/{txn_id}")], |r| r.get(0))
+                .ok();
+            if let Some(id) = prior {
+                return Ok(id);
+            }
+            let mut ev = LocalEvent::message(&event_type, content);
+            if event_type == "m.room.redaction" {
+                ev.redacts = ev.content.get("redacts").and_then(Value::as_str).map(str::to_owned);
+            }
+            let a = append_local(w, &identity, &room_id, &auth.user_id, ev, Some((&auth.device_id, &txn_id)))?;
+            w.conn.execute(
+                "INSERT INTO txn_ids (user_id, device_id, txn_id, kind, result) VALUES (?1, ?2, ?3, 'send', ?4)",
+                rusqlite::params![auth.user_id, auth.device_id, format!("{room_id}/{txn_id}"), a.event_id],
+            )?;
+            Ok(a.event_id)
+        })
+        .await?;
+    Ok(axum::Json(json!({"event_id": event_id})))
+}
+
+pub async fn redact(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path((room_id, event_id, txn_id)): Path<(String, String, String)>,
+    Json(body): Json<ReasonBody>,
+) -> Result<impl IntoResponse> {
+    ruma::EventId::parse(&event_id).map_err(|e| Error::invalid_param(format!("invalid event id: {e}")))?;
+    let identity = s.identity.clone();
+    let eid = s
+        .store
+        .write(move |w| {
+            let key = format!("{room_id}/redact/{txn_id}");
+            let prior: Option<String> = w
+                .conn
+                .prepare_cached("SELECT result FROM txn_ids WHERE user_id = ?1 AND device_id = ?2 AND kind = 'send' AND txn_id = ?3")?
+                .query_row(rusqlite::params![auth.user_id, auth.device_id, key], |r| r.get(0))
+                .ok();
+            if let Some(id) = prior {
+                return Ok(id);
+            }
+            let mut content = json!({});
+            if let Some(r) = body.reason {
+                content["reason"] = json!(r);
+            }
+            let ev = LocalEvent { kind: "m.room.redaction".into(), state_key: None, content, redacts: Some(event_id) };
+            let a = append_local(w, &identity, &room_id, &auth.user_id, ev, Some((&auth.device_id, &txn_id)))?;
+            w.conn.execute(
+                "INSERT INTO txn_ids (user_id, device_id, txn_id, kind, result) VALUES (?1, ?2, ?3, 'send', ?4)",
+                rusqlite::params![auth.user_id, auth.device_id, key, a.event_id],
+            )?;
+            Ok(a.event_id)
+        })
+        .await?;
+    Ok(axum::Json(json!({"event_id": eid})))
+}
+
+pub async fn put_state(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path(p): Path<Vec<(String, String)>>,
+    Json(content): Json<Value>,
+) -> Result<impl IntoResponse> {
+    let (room_id, event_type, state_key) = state_path(p);
+    if !content.is_object() {
+        return Err(Error::bad_json("content must be an object"));
+    }
+    if event_type == "m.room.member" {
+        check_user_id(&state_key)?;
+    }
+    if event_type == "m.room.canonical_alias" {
+        // Aliases advertised must point at this room.
+        let (c, rid) = (content.clone(), room_id.clone());
+        s.store
+            .read(move |conn| {
+                let mut aliases: Vec<String> = c.get("alias").and_then(Value::as_str).map(str::to_owned).into_iter().collect();
+                aliases.extend(c.get("alt_aliases").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).map(str::to_owned));
+                for a in aliases {
+                    if rooms::alias_target(conn, &a)?.as_deref() != Some(rid.as_str()) {
+                        return Err(Error::matrix(axum::http::StatusCode::BAD_REQUEST, "M_BAD_ALIAS", format!("{a} does not point to this room")));
+                    }
+                }
+                Ok(())
+            })
+            .await?;
+    }
+    let identity = s.identity.clone();
+    let a = s
+        .store
+        .write(move |w| append_local(w, &identity, &room_id, &auth.user_id, LocalEvent::state(&event_type, &state_key, content), None))
+        .await?;
+    Ok(axum::Json(json!({"event_id": a.event_id})))
+}
+
+fn state_path(p: Vec<(String, String)>) -> (String, String, String) {
+    let get = |k: &str| p.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap_or_default();
+    (get("room_id"), get("event_type"), get("state_key"))
+}
+
+pub async fn get_state_event(State(s): State<AppState>, auth: Auth, Path(p): Path<Vec<(String, String)>>) -> Result<impl IntoResponse> {
+    let (room_id, event_type, state_key) = state_path(p);
+    let content = s
+        .store
+        .read(move |c| {
+            let (room, vis) = readable_room(c, &room_id, &auth.user_id)?;
+            let sg = visible_state_group(c, &room, vis)?.ok_or_else(|| Error::not_found("no state"))?;
+            crate::room::state_content(c, sg, &event_type, &state_key)
+        })
+        .await?
+        .ok_or_else(|| Error::not_found("state event not found"))?;
+    Ok(axum::Json(content))
+}
+
+pub async fn get_state(State(s): State<AppState>, auth: Auth, Path(room_id): Path<String>) -> Result<impl IntoResponse> {
+    let list = s
+        .store
+        .read(move |c| {
+            let (room, vis) = readable_room(c, &room_id, &auth.user_id)?;
+            let sg = visible_state_group(c, &room, vis)?.ok_or_else(|| Error::not_found("no state"))?;
+            let mut out = Vec::new();
+            for nid in events::load_state(c, sg)?.values() {
+                if let Some(ev) = format::state_event(c, *nid, &room.room_id, true)? {
+                    out.push(ev);
+                }
+            }
+            Ok(out)
+        })
+        .await?;
+    Ok(axum::Json(Value::Array(list)))
+}
+
+pub async fn get_event(State(s): State<AppState>, auth: Auth, Path((room_id, event_id)): Path<(String, String)>) -> Result<impl IntoResponse> {
+    let ev = s
+        .store
+        .read(move |c| {
+            let (room, vis) = readable_room(c, &room_id, &auth.user_id)?;
+            let row = events::event_by_id(c, &event_id)?
+                .filter(|r| r.room_nid == room.room_nid && r.rejected.is_none())
+                .ok_or_else(|| Error::not_found("event not found"))?;
+            if let crate::room::membership::Visibility::UpTo(pos) = vis {
+                if row.stream_ordering.unwrap_or(i64::MAX) > pos {
+                    return Err(Error::not_found("event not found"));
+                }
+            }
+            format::event(c, &row, &room.room_id, Some((&auth.user_id, &auth.device_id)), true)
+        })
+        .await?;
+    Ok(axum::Json(ev))
+}
+
+#[derive(Deserialize)]
+pub struct MembersQuery {
+    membership: Option<String>,
+    not_membership: Option<String>,
+    at: Option<String>,
+}
+
+pub async fn members(State(s): State<AppState>, auth: Auth, Path(room_id): Path<String>, Query(q): Query<MembersQuery>) -> Result<impl IntoResponse> {
+    let chunk = s
+        .store
+        .read(move |c| {
+            let (room, vis) = readable_room(c, &room_id, &auth.user_id)?;
+            let at_pos = match q.at.as_deref() {
+                Some(t) => Some(crate::client::sync::parse_token(t)?.stream),
+                None => match vis {
+                    crate::room::membership::Visibility::UpTo(p) => Some(p),
+                    _ => None,
+                },
+            };
+            let members: Vec<(String, String, i64)> = match at_pos {
+                None => {
+                    let mut stmt = c.prepare_cached("SELECT user_id, membership, event_nid FROM room_members WHERE room_nid = ?1")?;
+                    let rows = stmt.query_map([room.room_nid], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+                    rows.collect::<rusqlite::Result<_>>()?
+                }
+                Some(pos) => {
+                    let sg: Option<i64> = c
+                        .prepare_cached(
+                            "SELECT sg_after FROM events WHERE room_nid = ?1 AND stream_ordering <= ?2 AND sg_after IS NOT NULL
+                             ORDER BY stream_ordering DESC LIMIT 1",
+                        )?
+                        .query_row(rusqlite::params![room.room_nid, pos], |r| r.get(0))
+                        .ok();
+                    let mut out = Vec::new();
+                    if let Some(sg) = sg {
+                        for (user, nid) in events::load_state_of_type(c, sg, "m.room.member")? {
+                            let row = events::event_by_nid(c, nid)?.ok_or_else(|| Error::internal("member event missing"))?;
+                            let v: Value = serde_json::from_str(&row.json)?;
+                            let m = v.pointer("/content/membership").and_then(Value::as_str).unwrap_or("leave").to_owned();
+                            out.push((user, m, nid));
+                        }
+                    }
+                    out
+                }
+            };
+            let mut chunk = Vec::new();
+            for (_, m, nid) in members {
+                if q.membership.as_deref().is_some_and(|x| x != m) || q.not_membership.as_deref() == Some(m.as_str()) {
+                    continue;
+                }
+                if let Some(ev) = format::state_event(c, nid, &room.room_id, true)? {
+                    chunk.push(ev);
+                }
+            }
+            Ok(chunk)
+        })
+        .await?;
+    Ok(axum::Json(json!({"chunk": chunk})))
+}
+
+pub async fn joined_members(State(s): State<AppState>, auth: Auth, Path(room_id): Path<String>) -> Result<impl IntoResponse> {
+    let joined = s
+        .store
+        .read(move |c| {
+            let (room, _) = readable_room(c, &room_id, &auth.user_id)?;
+            let mut stmt = c.prepare_cached(
+                "SELECT user_id, displayname, avatar_url FROM room_members WHERE room_nid = ?1 AND membership = 'join'",
+            )?;
+            let mut out = serde_json::Map::new();
+            let mut rows = stmt.query([room.room_nid])?;
+            while let Some(r) = rows.next()? {
+                let (u, d, a): (String, Option<String>, Option<String>) = (r.get(0)?, r.get(1)?, r.get(2)?);
+                out.insert(u, json!({"display_name": d, "avatar_url": a}));
+            }
+            Ok(out)
+        })
+        .await?;
+    Ok(axum::Json(json!({"joined": joined})))
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Aliases and the room directory
+
+fn parse_local_alias(s: &AppState, alias: &str) -> Result<()> {
+    let a = ruma::RoomAliasId::parse(alias).map_err(|e| Error::invalid_param(format!("invalid alias: {e}")))?;
+    if a.server_name() != s.identity.server_name {
+        return Err(Error::invalid_param("alias is not on this server"));
+    }
+    Ok(())
+}
+
+pub async fn get_alias(State(s): State<AppState>, Path(alias): Path<String>) -> Result<impl IntoResponse> {
+    ruma::RoomAliasId::parse(&alias).map_err(|e| Error::invalid_param(format!("invalid alias: {e}")))?;
+    let room_id = s.store.read(move |c| rooms::alias_target(c, &alias)).await?.ok_or_else(|| Error::not_found("room alias not found"))?;
+    Ok(axum::Json(json!({"room_id": room_id, "servers": [s.identity.server_name.as_str()]})))
+}
+
+#[derive(Deserialize)]
+pub struct AliasBody {
+    room_id: String,
+}
+
+pub async fn put_alias(State(s): State<AppState>, auth: Auth, Path(alias): Path<String>, Json(body): Json<AliasBody>) -> Result<impl IntoResponse> {
+    parse_local_alias(&s, &alias)?;
+    s.store
+        .write(move |w| {
+            let room = events::room_by_id(w.conn, &body.room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
+            if events::membership_of(w.conn, room.room_nid, &auth.user_id)?.map(|m| m.0).as_deref() != Some("join") {
+                return Err(Error::forbidden("you are not in this room"));
+            }
+            if !rooms::insert_alias(w.conn, &alias, &room.room_id, &auth.user_id)? {
+                return Err(Error::matrix(axum::http::StatusCode::CONFLICT, "M_UNKNOWN", "room alias already exists"));
+            }
+            Ok(())
+        })
+        .await?;
+    Ok(axum::Json(json!({})))
+}
+
+pub async fn delete_alias(State(s): State<AppState>, auth: Auth, Path(alias): Path<String>) -> Result<impl IntoResponse> {
+    parse_local_alias(&s, &alias)?;
+    s.store
+        .write(move |w| {
+            let (room_id, creator) = rooms::alias_creator(w.conn, &alias)?.ok_or_else(|| Error::not_found("room alias not found"))?;
+            let allowed = creator == auth.user_id || auth.admin || {
+                let room = events::room_by_id(w.conn, &room_id)?;
+                match room.and_then(|r| r.current_sg.map(|sg| (r, sg))) {
+                    Some((r, sg)) => {
+                        let pl = crate::room::power::PowerLevels::load(w.conn, sg, &r.version)?;
+                        pl.user(&auth.user_id) >= pl.for_event("m.room.canonical_alias", true)
+                    }
+                    None => false,
+                }
+            };
+            if !allowed {
+                return Err(Error::forbidden("you may not delete this alias"));
+            }
+            rooms::delete_alias(w.conn, &alias)?;
+            Ok(())
+        })
+        .await?;
+    Ok(axum::Json(json!({})))
+}
+
+pub async fn room_aliases(State(s): State<AppState>, auth: Auth, Path(room_id): Path<String>) -> Result<impl IntoResponse> {
+    let aliases = s
+        .store
+        .read(move |c| {
+            readable_room(c, &room_id, &auth.user_id)?;
+            rooms::aliases_of(c, &room_id)
+        })
+        .await?;
+    Ok(axum::Json(json!({"aliases": aliases})))
+}
+
+pub async fn get_visibility(State(s): State<AppState>, Path(room_id): Path<String>) -> Result<impl IntoResponse> {
+    let rid = room_id.clone();
+    let (exists, published) = s
+        .store
+        .read(move |c| Ok((events::room_by_id(c, &rid)?.is_some(), rooms::is_published(c, &rid)?)))
+        .await?;
+    if !exists {
+        return Err(Error::not_found("unknown room"));
+    }
+    Ok(axum::Json(json!({"visibility": if published { "public" } else { "private" }})))
+}
+
+#[derive(Deserialize)]
+pub struct VisibilityBody {
+    visibility: String,
+}
+
+pub async fn set_visibility(State(s): State<AppState>, auth: Auth, Path(room_id): Path<String>, Json(body): Json<VisibilityBody>) -> Result<impl IntoResponse> {
+    let publish = match body.visibility.as_str() {
+        "public" => true,
+        "private" => false,
+        _ => return Err(Error::invalid_param("visibility must be public or private")),
+    };
+    s.store
+        .write(move |w| {
+            let room = events::room_by_id(w.conn, &room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
+            let sg = room.current_sg.ok_or_else(|| Error::not_found("unknown room"))?;
+            let pl = crate::room::power::PowerLevels::load(w.conn, sg, &room.version)?;
+            let joined = events::membership_of(w.conn, room.room_nid, &auth.user_id)?.map(|m| m.0).as_deref() == Some("join");
+            if !auth.admin && !(joined && pl.user(&auth.user_id) >= pl.for_event("m.room.canonical_alias", true)) {
+                return Err(Error::forbidden("you may not change this room's directory visibility"));
+            }
+            rooms::set_published(w.conn, &room.room_id, publish)
+        })
+        .await?;
+    Ok(axum::Json(json!({})))
+}
+
+#[derive(Deserialize, Default)]
+pub struct PublicRoomsQuery {
+    #[serde(default, deserialize_with = "qs::opt_u64")]
+    limit: Option<u64>,
+    since: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+pub struct PublicRoomsBody {
+    limit: Option<u64>,
+    since: Option<String>,
+    filter: Option<Value>,
+}
+
+pub async fn public_rooms_get(State(s): State<AppState>, Query(q): Query<PublicRoomsQuery>) -> Result<impl IntoResponse> {
+    public_rooms(&s, q.limit, q.since, None).await
+}
+
+pub async fn public_rooms_post(State(s): State<AppState>, _auth: Auth, Json(b): Json<PublicRoomsBody>) -> Result<impl IntoResponse> {
+    let term = b.filter.as_ref().and_then(|f| f.get("generic_search_term")).and_then(Value::as_str).map(str::to_lowercase);
+    public_rooms(&s, b.limit, b.since, term).await
+}
+
+async fn public_rooms(s: &AppState, limit: Option<u64>, since: Option<String>, term: Option<String>) -> Result<axum::Json<Value>> {
+    let limit = limit.unwrap_or(100).clamp(1, 500) as usize;
+    let offset: usize = since.as_deref().and_then(|t| t.strip_prefix("o")).and_then(|n| n.parse().ok()).unwrap_or(0);
+    let (chunk, total) = s
+        .store
+        .read(move |c| {
+            let mut out = Vec::new();
+            for (_, room_id, joined) in rooms::published_rooms(c)? {
+                let room = events::room_by_id(c, &room_id)?.ok_or_else(|| Error::internal("room vanished"))?;
+                let Some(sg) = room.current_sg else { continue };
+                let get = |t: &str, k: &str| -> Result<Option<Value>> { crate::room::state_content(c, sg, t, k) };
+                let name = get("m.room.name", "")?.and_then(|v| v.get("name").cloned());
+                let topic = get("m.room.topic", "")?.and_then(|v| v.get("topic").cloned());
+                let alias = get("m.room.canonical_alias", "")?.and_then(|v| v.get("alias").cloned());
+                let avatar = get("m.room.avatar", "")?.and_then(|v| v.get("url").cloned());
+                let join_rule = get("m.room.join_rules", "")?.and_then(|v| v.get("join_rule").cloned());
+                let hv = get("m.room.history_visibility", "")?.and_then(|v| v.get("history_visibility").cloned());
+                let guest = get("m.room.guest_access", "")?.and_then(|v| v.get("guest_access").cloned());
+                if let Some(term) = &term {
+                    let hay = format!("{} {} {} {}", name.clone().unwrap_or_default(), topic.clone().unwrap_or_default(), alias.clone().unwrap_or_default(), room_id).to_lowercase();
+                    if !hay.contains(term.as_str()) {
+                        continue;
+                    }
+                }
+                let mut entry = json!({
+                    "room_id": room_id, "num_joined_members": joined,
+                    "world_readable": hv.as_ref().and_then(Value::as_str) == Some("world_readable"),
+                    "guest_can_join": guest.as_ref().and_then(Value::as_str) == Some("can_join"),
+                    "join_rule": join_rule.unwrap_or(json!("public")),
+                });
+                for (k, v) in [("name", name), ("topic", topic), ("canonical_alias", alias), ("avatar_url", avatar)] {
+                    if let Some(v) = v {
+                        entry[k] = v;
+                    }
+                }
+                out.push(entry);
+            }
+            let total = out.len();
+            Ok((out, total))
+        })
+        .await?;
+    let page: Vec<Value> = chunk.into_iter().skip(offset).take(limit).collect();
+    let mut body = json!({"chunk": page, "total_room_count_estimate": total});
+    if offset + limit < total {
+        body["next_batch"] = json!(format!("o{}", offset + limit));
+    }
+    if offset > 0 {
+        body["prev_batch"] = json!(format!("o{}", offset.saturating_sub(limit)));
+    }
+    Ok(axum::Json(body))
+}

@@ -1,0 +1,676 @@
+//! `GET /sync`: initial, incremental and long-polling, with filters and lazy-loaded members.
+//!
+//! A token is `s{stream}_{typing}`: the global stream position (events, account data, receipts, to-device,
+//! device lists and local membership changes share one counter) and the typing serial.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::response::IntoResponse;
+use rusqlite::{params, Connection};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::client::format;
+use crate::error::{Error, Result};
+use crate::http::{qs, AppState, Auth, Query};
+use crate::store::{accounts, events};
+
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Token {
+    pub stream: i64,
+    pub typing: u64,
+}
+
+impl Token {
+    pub fn render(&self) -> String {
+        format!("s{}_{}", self.stream, self.typing)
+    }
+}
+
+/// Parses `s{stream}[_{typing}]` (also plain numbers).
+pub fn parse_token(t: &str) -> Result<Token> {
+    let body = t.strip_prefix('s').unwrap_or(t);
+    let mut parts = body.split('_');
+    let bad = || Error::invalid_param(format!("invalid token `{t}`"));
+    let stream: i64 = parts.next().ok_or_else(bad)?.parse().map_err(|_| bad())?;
+    let typing: u64 = match parts.next() {
+        Some(p) => p.parse().map_err(|_| bad())?,
+        None => 0,
+    };
+    Ok(Token { stream, typing })
+}
+
+/// The parts of a filter that Hearth applies.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    pub timeline_limit: Option<usize>,
+    pub timeline: EventFilter,
+    pub state: EventFilter,
+    pub lazy_load_members: bool,
+    pub include_redundant_members: bool,
+    pub include_leave: bool,
+    pub rooms: Option<HashSet<String>>,
+    pub not_rooms: HashSet<String>,
+    pub account_data: EventFilter,
+    pub room_account_data: EventFilter,
+    pub ephemeral: EventFilter,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct EventFilter {
+    pub types: Option<Vec<String>>,
+    pub not_types: Vec<String>,
+    pub senders: Option<HashSet<String>>,
+    pub not_senders: HashSet<String>,
+    pub limit: Option<usize>,
+}
+
+fn type_matches(pattern: &str, t: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => t.starts_with(prefix),
+        None => pattern == t,
+    }
+}
+
+impl EventFilter {
+    fn parse(v: Option<&Value>) -> Result<EventFilter> {
+        let Some(v) = v else { return Ok(EventFilter::default()) };
+        if !v.is_object() {
+            return Err(Error::bad_json("filter sections must be objects"));
+        }
+        let strs = |k: &str| -> Result<Option<Vec<String>>> {
+            match v.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .map(|x| x.as_str().map(str::to_owned).ok_or_else(|| Error::bad_json(format!("`{k}` must be strings"))))
+                    .collect::<Result<Vec<_>>>()
+                    .map(Some),
+                Some(_) => Err(Error::bad_json(format!("`{k}` must be an array"))),
+            }
+        };
+        let limit = match v.get("limit") {
+            None | Some(Value::Null) => None,
+            Some(Value::Number(n)) => Some(n.as_u64().ok_or_else(|| Error::bad_json("limit must be a positive integer"))? as usize),
+            Some(_) => return Err(Error::bad_json("limit must be an integer")),
+        };
+        Ok(EventFilter {
+            types: strs("types")?,
+            not_types: strs("not_types")?.unwrap_or_default(),
+            senders: strs("senders")?.map(|v| v.into_iter().collect()),
+            not_senders: strs("not_senders")?.unwrap_or_default().into_iter().collect(),
+            limit,
+        })
+    }
+
+    pub fn allows(&self, event_type: &str, sender: &str) -> bool {
+        if self.not_types.iter().any(|p| type_matches(p, event_type)) || self.not_senders.contains(sender) {
+            return false;
+        }
+        if let Some(types) = &self.types {
+            if !types.iter().any(|p| type_matches(p, event_type)) {
+                return false;
+            }
+        }
+        if let Some(s) = &self.senders {
+            if !s.contains(sender) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+impl Filter {
+    pub fn parse(v: &Value) -> Result<Filter> {
+        if !v.is_object() {
+            return Err(Error::bad_json("filter must be an object"));
+        }
+        let room = v.get("room");
+        let section = |name: &str| room.and_then(|r| r.get(name));
+        let timeline = EventFilter::parse(section("timeline"))?;
+        let state_v = section("state");
+        let state = EventFilter::parse(state_v)?;
+        let flag = |sec: Option<&Value>, k: &str| sec.and_then(|s| s.get(k)).and_then(Value::as_bool).unwrap_or(false);
+        let rooms = match room.and_then(|r| r.get("rooms")) {
+            Some(Value::Array(a)) => Some(a.iter().filter_map(Value::as_str).map(str::to_owned).collect()),
+            _ => None,
+        };
+        let not_rooms = match room.and_then(|r| r.get("not_rooms")) {
+            Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).map(str::to_owned).collect(),
+            _ => HashSet::new(),
+        };
+        Ok(Filter {
+            timeline_limit: timeline.limit,
+            lazy_load_members: flag(state_v, "lazy_load_members") || flag(section("timeline"), "lazy_load_members"),
+            include_redundant_members: flag(state_v, "include_redundant_members"),
+            include_leave: room.and_then(|r| r.get("include_leave")).and_then(Value::as_bool).unwrap_or(false),
+            timeline,
+            state,
+            rooms,
+            not_rooms,
+            account_data: EventFilter::parse(v.get("account_data"))?,
+            room_account_data: EventFilter::parse(section("account_data"))?,
+            ephemeral: EventFilter::parse(section("ephemeral"))?,
+        })
+    }
+
+    fn room_allowed(&self, room_id: &str) -> bool {
+        !self.not_rooms.contains(room_id) && self.rooms.as_ref().is_none_or(|r| r.contains(room_id))
+    }
+}
+
+#[derive(Deserialize)]
+pub struct SyncQuery {
+    since: Option<String>,
+    filter: Option<String>,
+    #[serde(default, deserialize_with = "qs::opt_bool")]
+    full_state: Option<bool>,
+    #[serde(default, deserialize_with = "qs::opt_u64")]
+    timeout: Option<u64>,
+    set_presence: Option<String>,
+}
+
+async fn load_filter(s: &AppState, user_id: &str, filter: Option<String>) -> Result<Filter> {
+    let Some(f) = filter else { return Ok(Filter::default()) };
+    if f.trim_start().starts_with('{') {
+        let v: Value = serde_json::from_str(&f).map_err(|e| Error::bad_json(format!("invalid filter: {e}")))?;
+        return Filter::parse(&v);
+    }
+    let id: i64 = f.parse().map_err(|_| Error::invalid_param("filter is neither an id nor JSON"))?;
+    let uid = user_id.to_owned();
+    let json = s.store.read(move |c| accounts::get_filter(c, &uid, id)).await?.ok_or_else(|| Error::not_found("no such filter"))?;
+    Filter::parse(&serde_json::from_str(&json)?)
+}
+
+pub async fn sync(State(s): State<AppState>, auth: Auth, Query(q): Query<SyncQuery>) -> Result<impl IntoResponse> {
+    let _ = q.set_presence;
+    let filter = load_filter(&s, &auth.user_id, q.filter).await?;
+    let since = q.since.as_deref().map(parse_token).transpose()?;
+    let full_state = q.full_state.unwrap_or(false);
+    let timeout = Duration::from_millis(q.timeout.unwrap_or(0).min(300_000));
+    let deadline = tokio::time::Instant::now() + timeout;
+
+    if let Some(since) = since {
+        // The client has seen everything up to `since`: its to-device messages up to there can go.
+        let (u, d) = (auth.user_id.clone(), auth.device_id.clone());
+        s.store
+            .write(move |w| {
+                w.conn.execute(
+                    "DELETE FROM to_device WHERE user_id = ?1 AND device_id = ?2 AND stream_ordering <= ?3",
+                    params![u, d, since.stream],
+                )?;
+                Ok(())
+            })
+            .await?;
+    }
+
+    let mut stream_rx = s.store.stream_watch();
+    let mut typing_rx = s.typing.watch();
+    loop {
+        let pos = Token { stream: *stream_rx.borrow_and_update(), typing: s.typing.serial() };
+        let _ = typing_rx.borrow_and_update();
+        let (a, f) = (auth.clone(), filter.clone());
+        let typing = s.typing.clone_view();
+        let server_name = s.identity.server_name.to_string();
+        let (body, empty) = s
+            .store
+            .read(move |c| build(c, &a, &f, since, pos, full_state, &typing, &server_name))
+            .await?;
+        if !empty || since.is_none() || full_state || tokio::time::Instant::now() >= deadline {
+            return Ok(axum::Json(body));
+        }
+        // Nothing new: wait for the stream or typing to move (or the timeout), then look again.
+        tokio::select! {
+            _ = stream_rx.changed() => {}
+            _ = typing_rx.changed() => {}
+            _ = tokio::time::sleep(Duration::from_secs(5).min(deadline.saturating_duration_since(tokio::time::Instant::now()))) => {}
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let pos = Token { stream: s.store.current_stream(), typing: s.typing.serial() };
+            if pos.stream == since.map(|t| t.stream).unwrap_or(0) && Some(pos.typing) == since.map(|t| t.typing) {
+                let (a, f) = (auth.clone(), filter.clone());
+                let typing = s.typing.clone_view();
+                let server_name = s.identity.server_name.to_string();
+                let (body, _) = s.store.read(move |c| build(c, &a, &f, since, pos, full_state, &typing, &server_name)).await?;
+                return Ok(axum::Json(body));
+            }
+        }
+    }
+}
+
+/// Typing state captured for one sync computation (the typing map lives on async threads).
+pub struct TypingView {
+    pub rooms: HashMap<String, Vec<String>>,
+    pub changed: HashMap<String, u64>,
+}
+
+fn state_at(conn: &Connection, room_nid: i64, pos: i64) -> Result<Option<i64>> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT sg_after FROM events WHERE room_nid = ?1 AND stream_ordering <= ?2 AND stream_ordering IS NOT NULL
+             AND sg_after IS NOT NULL ORDER BY stream_ordering DESC LIMIT 1",
+        )?
+        .query_row(params![room_nid, pos], |r| r.get(0))
+        .ok())
+}
+
+struct RoomSync {
+    timeline: Vec<Value>,
+    limited: bool,
+    prev_batch: String,
+    state: Vec<Value>,
+}
+
+/// Timeline and state of one room for the window (`since`, `upto`].
+#[allow(clippy::too_many_arguments)]
+fn room_window(
+    c: &Connection,
+    auth: &Auth,
+    room: &events::RoomRow,
+    filter: &Filter,
+    since: Option<i64>,
+    upto: i64,
+    full_state: bool,
+    server_name: &str,
+) -> Result<RoomSync> {
+    let limit = filter.timeline_limit.unwrap_or(10).clamp(0, 100);
+    let mut stmt = c.prepare_cached(&format!(
+        "SELECT {} FROM events WHERE room_nid = ?1 AND stream_ordering > ?2 AND stream_ordering <= ?3
+         AND rejected IS NULL AND soft_failed = 0 ORDER BY stream_ordering DESC LIMIT ?4",
+        events::EVENT_COLS
+    ))?;
+    let rows: Vec<events::EventRow> = stmt
+        .query_map(params![room.room_nid, since.unwrap_or(i64::MIN), upto, (limit + 1) as i64], events::event_row)?
+        .collect::<rusqlite::Result<_>>()?;
+    let limited = rows.len() > limit || (since.is_none() && rows.len() == limit + 1);
+    let mut rows: Vec<events::EventRow> = rows.into_iter().take(limit).collect();
+    rows.reverse();
+    let first_stream = rows.first().and_then(|r| r.stream_ordering).unwrap_or(upto + 1);
+    let prev_batch = Token { stream: first_stream - 1, typing: 0 }.render();
+
+    let timeline: Vec<events::EventRow> = rows.into_iter().filter(|r| filter.timeline.allows(&r.event_type, &r.sender)).collect();
+    let timeline_ids: HashSet<&str> = timeline.iter().map(|r| r.event_id.as_str()).collect();
+
+    // State: everything up to the timeline start for initial/full/newly-visible; otherwise the changes between
+    // `since` and the timeline start (non-empty only for gappy syncs).
+    let start_sg = state_at(c, room.room_nid, first_stream - 1)?;
+    let mut state_nids: Vec<i64> = Vec::new();
+    match (since, full_state) {
+        (None, _) | (_, true) => {
+            if let Some(sg) = start_sg {
+                state_nids.extend(events::load_state(c, sg)?.values());
+            }
+        }
+        (Some(since), false) => {
+            if limited {
+                let before = match state_at(c, room.room_nid, since)? {
+                    Some(sg) => events::load_state(c, sg)?,
+                    None => HashMap::new(),
+                };
+                if let Some(sg) = start_sg {
+                    for (k, v) in events::load_state(c, sg)? {
+                        if before.get(&k) != Some(&v) {
+                            state_nids.push(v);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let senders: BTreeSet<&str> = timeline.iter().map(|r| r.sender.as_str()).collect();
+    let mut state = Vec::new();
+    let mut have_members: HashSet<String> = HashSet::new();
+    for nid in state_nids {
+        let Some(row) = events::event_by_nid(c, nid)? else { continue };
+        if timeline_ids.contains(row.event_id.as_str()) || !filter.state.allows(&row.event_type, &row.sender) {
+            continue;
+        }
+        if filter.lazy_load_members && row.event_type == "m.room.member" {
+            let (_, key) = events::state_key_of(c, row.state_key_nid.unwrap_or_default())?;
+            if key != auth.user_id && !senders.contains(key.as_str()) {
+                continue;
+            }
+            have_members.insert(key);
+        }
+        state.push(format::event(c, &row, &room.room_id, None, false)?);
+    }
+    if filter.lazy_load_members && since.is_some() && !full_state {
+        // Memberships of timeline senders, so the client can render names (sent even if seen before: clients
+        // tolerate redundant members, and we do not track per-device what each has seen).
+        let sg = start_sg.or(room.current_sg);
+        if let Some(sg) = sg {
+            for sender in senders {
+                if have_members.contains(sender) || (sender == auth.user_id && !filter.include_redundant_members && false) {
+                    continue;
+                }
+                if let Some(skn) = events::find_state_key_nid(c, "m.room.member", sender)? {
+                    if let Some(nid) = events::lookup_state(c, sg, skn)? {
+                        if let Some(row) = events::event_by_nid(c, nid)? {
+                            if !timeline_ids.contains(row.event_id.as_str()) {
+                                state.push(format::event(c, &row, &room.room_id, None, false)?);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let _ = server_name;
+    let device = Some((auth.user_id.as_str(), auth.device_id.as_str()));
+    let timeline = timeline.iter().map(|r| format::event(c, r, &room.room_id, device, false)).collect::<Result<Vec<_>>>()?;
+    Ok(RoomSync { timeline, limited, prev_batch, state })
+}
+
+fn room_summary(c: &Connection, room: &events::RoomRow, user_id: &str) -> Result<Value> {
+    let (joined, invited) = events::member_counts(c, room.room_nid)?;
+    let mut summary = json!({"m.joined_member_count": joined, "m.invited_member_count": invited});
+    let named = match room.current_sg {
+        Some(sg) => {
+            crate::room::state_content(c, sg, "m.room.name", "")?.and_then(|v| v.get("name").cloned()).is_some_and(|n| n != json!(""))
+                || crate::room::state_content(c, sg, "m.room.canonical_alias", "")?.and_then(|v| v.get("alias").cloned()).is_some()
+        }
+        None => false,
+    };
+    if !named {
+        let mut stmt = c.prepare_cached(
+            "SELECT user_id FROM room_members WHERE room_nid = ?1 AND user_id != ?2 AND membership IN ('join', 'invite')
+             ORDER BY user_id LIMIT 5",
+        )?;
+        let mut heroes: Vec<String> = stmt.query_map(params![room.room_nid, user_id], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+        if heroes.is_empty() {
+            let mut stmt = c.prepare_cached(
+                "SELECT user_id FROM room_members WHERE room_nid = ?1 AND user_id != ?2 ORDER BY user_id LIMIT 5",
+            )?;
+            heroes = stmt.query_map(params![room.room_nid, user_id], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+        }
+        summary["m.heroes"] = json!(heroes);
+    }
+    Ok(summary)
+}
+
+fn account_data_since(c: &Connection, user_id: &str, room_id: &str, since: i64, upto: i64, f: &EventFilter) -> Result<Vec<Value>> {
+    let mut stmt = c.prepare_cached(
+        "SELECT data_type, content FROM account_data WHERE user_id = ?1 AND room_id = ?2 AND stream_ordering > ?3
+         AND stream_ordering <= ?4 ORDER BY stream_ordering",
+    )?;
+    let rows = stmt.query_map(params![user_id, room_id, since, upto], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+    let mut out = Vec::new();
+    for r in rows {
+        let (t, content) = r?;
+        if f.allows(&t, user_id) {
+            out.push(json!({"type": t, "content": serde_json::from_str::<Value>(&content)?}));
+        }
+    }
+    Ok(out)
+}
+
+fn receipts_since(c: &Connection, room_nid: i64, since: i64, upto: i64) -> Result<Option<Value>> {
+    let mut stmt = c.prepare_cached(
+        "SELECT receipt_type, user_id, thread_id, event_id, ts FROM receipts WHERE room_nid = ?1
+         AND stream_ordering > ?2 AND stream_ordering <= ?3",
+    )?;
+    let mut content = serde_json::Map::new();
+    let mut rows = stmt.query(params![room_nid, since, upto])?;
+    while let Some(r) = rows.next()? {
+        let (rt, user, thread, event_id, ts): (String, String, String, String, i64) = (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?);
+        let mut receipt = json!({"ts": ts});
+        if !thread.is_empty() {
+            receipt["thread_id"] = json!(thread);
+        }
+        let ev = content.entry(event_id).or_insert_with(|| json!({}));
+        let by_type = ev.as_object_mut().expect("object").entry(rt).or_insert_with(|| json!({}));
+        by_type[user] = receipt;
+    }
+    Ok((!content.is_empty()).then(|| json!({"type": "m.receipt", "content": content})))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build(
+    c: &Connection,
+    auth: &Auth,
+    filter: &Filter,
+    since: Option<Token>,
+    pos: Token,
+    full_state: bool,
+    typing: &TypingView,
+    server_name: &str,
+) -> Result<(Value, bool)> {
+    let since_stream = since.map(|t| t.stream);
+    let lo = since_stream.unwrap_or(0);
+    let mut empty = true;
+
+    // Local membership changes in the window: room -> latest membership.
+    let mut changed: HashMap<i64, String> = HashMap::new();
+    if let Some(ss) = since_stream {
+        let mut stmt = c.prepare_cached(
+            "SELECT room_nid, membership FROM local_membership_stream WHERE user_id = ?1 AND stream_ordering > ?2
+             AND stream_ordering <= ?3 ORDER BY stream_ordering",
+        )?;
+        let rows = stmt.query_map(params![auth.user_id, ss, pos.stream], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+        for r in rows {
+            let (room, m) = r?;
+            changed.insert(room, m);
+        }
+    }
+
+    let mut join = serde_json::Map::new();
+    for (room_nid, room_id) in events::rooms_with_membership(c, &auth.user_id, "join")? {
+        if !filter.room_allowed(&room_id) {
+            continue;
+        }
+        let room = events::room_by_nid(c, room_nid)?.ok_or_else(|| Error::internal("room vanished"))?;
+        let newly = since.is_some() && changed.get(&room_nid).is_some_and(|m| m == "join");
+        let window_since = if newly { None } else { since_stream };
+        let rs = room_window(c, auth, &room, filter, window_since, pos.stream, full_state, server_name)?;
+        let ephemeral_typing = typing
+            .changed
+            .get(&room_id)
+            .filter(|s| since.is_none_or(|t| **s > t.typing))
+            .map(|_| typing.rooms.get(&room_id).cloned().unwrap_or_default());
+        let mut ephemeral = Vec::new();
+        if let Some(users) = ephemeral_typing {
+            if since.is_some() || !users.is_empty() {
+                ephemeral.push(json!({"type": "m.typing", "content": {"user_ids": users}}));
+            }
+        }
+        if let Some(r) = receipts_since(c, room_nid, lo, pos.stream)? {
+            ephemeral.push(r);
+        }
+        ephemeral.retain(|e| filter.ephemeral.allows(e["type"].as_str().unwrap_or(""), ""));
+        let account_data = account_data_since(c, &auth.user_id, &room_id, lo, pos.stream, &filter.room_account_data)?;
+        let nothing = rs.timeline.is_empty() && rs.state.is_empty() && ephemeral.is_empty() && account_data.is_empty();
+        if since.is_some() && !full_state && nothing && !newly {
+            continue;
+        }
+        empty = false;
+        join.insert(
+            room_id.clone(),
+            json!({
+                "timeline": {"events": rs.timeline, "limited": rs.limited, "prev_batch": rs.prev_batch},
+                "state": {"events": rs.state},
+                "ephemeral": {"events": ephemeral},
+                "account_data": {"events": account_data},
+                "summary": room_summary(c, &room, &auth.user_id)?,
+                "unread_notifications": {"highlight_count": 0, "notification_count": 0},
+            }),
+        );
+    }
+
+    let mut invite = serde_json::Map::new();
+    for (room_nid, room_id) in events::rooms_with_membership(c, &auth.user_id, "invite")? {
+        if !filter.room_allowed(&room_id) || (since.is_some() && !changed.contains_key(&room_nid)) {
+            continue;
+        }
+        let room = events::room_by_nid(c, room_nid)?.ok_or_else(|| Error::internal("room vanished"))?;
+        empty = false;
+        invite.insert(room_id.clone(), json!({"invite_state": {"events": stripped_state(c, &room, &auth.user_id)?}}));
+    }
+
+    let mut leave = serde_json::Map::new();
+    for (room_nid, room_id) in events::rooms_with_membership(c, &auth.user_id, "leave")?
+        .into_iter()
+        .chain(events::rooms_with_membership(c, &auth.user_id, "ban")?)
+    {
+        let in_window = changed.get(&room_nid).is_some_and(|m| m == "leave" || m == "ban");
+        if !filter.room_allowed(&room_id) || !(in_window || (since.is_none() && filter.include_leave)) {
+            continue;
+        }
+        let forgotten: bool = c
+            .prepare_cached("SELECT 1 FROM forgotten_rooms WHERE user_id = ?1 AND room_nid = ?2")?
+            .exists(params![auth.user_id, room_nid])?;
+        if forgotten {
+            continue;
+        }
+        let room = events::room_by_nid(c, room_nid)?.ok_or_else(|| Error::internal("room vanished"))?;
+        let (_, leave_nid) = events::membership_of(c, room_nid, &auth.user_id)?.unwrap_or_default();
+        let leave_pos = events::event_by_nid(c, leave_nid)?.and_then(|r| r.stream_ordering).unwrap_or(pos.stream);
+        // A rejected invite or a kick of someone never joined still appears, with what they may see.
+        let rs = room_window(c, auth, &room, filter, since_stream, leave_pos.min(pos.stream), full_state, server_name)?;
+        empty = false;
+        leave.insert(
+            room_id,
+            json!({
+                "timeline": {"events": rs.timeline, "limited": rs.limited, "prev_batch": rs.prev_batch},
+                "state": {"events": rs.state},
+                "account_data": {"events": []},
+            }),
+        );
+    }
+
+    let account_data = account_data_since(c, &auth.user_id, "", lo, pos.stream, &filter.account_data)?;
+    if !account_data.is_empty() {
+        empty = false;
+    }
+
+    // To-device messages for this device (deleted once a later sync acknowledges them).
+    let mut to_device = Vec::new();
+    {
+        let mut stmt = c.prepare_cached(
+            "SELECT sender, event_type, content FROM to_device WHERE user_id = ?1 AND device_id = ?2
+             AND stream_ordering > ?3 AND stream_ordering <= ?4 ORDER BY stream_ordering LIMIT 100",
+        )?;
+        let rows = stmt.query_map(params![auth.user_id, auth.device_id, lo, pos.stream], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
+        })?;
+        for r in rows {
+            let (sender, t, content) = r?;
+            to_device.push(json!({"sender": sender, "type": t, "content": serde_json::from_str::<Value>(&content)?}));
+        }
+    }
+    if !to_device.is_empty() {
+        empty = false;
+    }
+
+    // Device list changes of users we share a room with.
+    let mut dl_changed: BTreeSet<String> = BTreeSet::new();
+    let mut dl_left: BTreeSet<String> = BTreeSet::new();
+    if let Some(ss) = since_stream {
+        let mut stmt = c.prepare_cached(
+            "SELECT DISTINCT d.user_id FROM device_list_stream d WHERE d.stream_ordering > ?2 AND d.stream_ordering <= ?3
+             AND (d.user_id = ?1 OR EXISTS (SELECT 1 FROM room_members a JOIN room_members b ON a.room_nid = b.room_nid
+                 WHERE a.user_id = ?1 AND a.membership = 'join' AND b.user_id = d.user_id AND b.membership = 'join'))",
+        )?;
+        for u in stmt.query_map(params![auth.user_id, ss, pos.stream], |r| r.get::<_, String>(0))? {
+            dl_changed.insert(u?);
+        }
+        // Members who joined or left rooms we are in, during the window.
+        let mut stmt = c.prepare_cached(
+            "SELECT DISTINCT k.state_key, json_extract(e.json, '$.content.membership') FROM events e
+             JOIN state_keys k ON k.state_key_nid = e.state_key_nid
+             JOIN room_members me ON me.room_nid = e.room_nid AND me.user_id = ?1 AND me.membership = 'join'
+             WHERE e.event_type = 'm.room.member' AND e.stream_ordering > ?2 AND e.stream_ordering <= ?3
+             AND k.state_key != ?1",
+        )?;
+        let rows = stmt.query_map(params![auth.user_id, ss, pos.stream], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?)))?;
+        for r in rows {
+            let (u, m) = r?;
+            match m.as_deref() {
+                Some("join") => {
+                    dl_changed.insert(u);
+                }
+                Some("leave") | Some("ban") => {
+                    let still_shared: bool = c
+                        .prepare_cached(
+                            "SELECT 1 FROM room_members a JOIN room_members b ON a.room_nid = b.room_nid
+                             WHERE a.user_id = ?1 AND a.membership = 'join' AND b.user_id = ?2 AND b.membership = 'join'",
+                        )?
+                        .exists(params![auth.user_id, u])?;
+                    if !still_shared {
+                        dl_left.insert(u);
+                    }
+                }
+                _ => {}
+            }
+        }
+        if !dl_changed.is_empty() || !dl_left.is_empty() {
+            empty = false;
+        }
+    }
+
+    let mut otk_counts = serde_json::Map::new();
+    {
+        let mut stmt = c.prepare_cached(
+            "SELECT algorithm, count(*) FROM one_time_keys WHERE user_id = ?1 AND device_id = ?2 AND fallback = 0 GROUP BY algorithm",
+        )?;
+        for r in stmt.query_map(params![auth.user_id, auth.device_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+            let (alg, n) = r?;
+            otk_counts.insert(alg, json!(n));
+        }
+    }
+    if !otk_counts.contains_key("signed_curve25519") {
+        otk_counts.insert("signed_curve25519".into(), json!(0));
+    }
+    let fallback_types: Vec<String> = c
+        .prepare_cached("SELECT DISTINCT algorithm FROM one_time_keys WHERE user_id = ?1 AND device_id = ?2 AND fallback = 1")?
+        .query_map(params![auth.user_id, auth.device_id], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+
+    let body = json!({
+        "next_batch": pos.render(),
+        "rooms": {"join": join, "invite": invite, "leave": leave, "knock": {}},
+        "account_data": {"events": account_data},
+        "presence": {"events": []},
+        "to_device": {"events": to_device},
+        "device_lists": {"changed": dl_changed, "left": dl_left},
+        "device_one_time_keys_count": otk_counts,
+        "device_unused_fallback_key_types": fallback_types,
+    });
+    Ok((body, empty))
+}
+
+/// Stripped state shown with an invite: the room's identity and the invite itself.
+pub fn stripped_state(c: &Connection, room: &events::RoomRow, user_id: &str) -> Result<Vec<Value>> {
+    let mut out = Vec::new();
+    let Some(sg) = room.current_sg else { return Ok(out) };
+    for (t, k) in [
+        ("m.room.create", ""),
+        ("m.room.join_rules", ""),
+        ("m.room.name", ""),
+        ("m.room.avatar", ""),
+        ("m.room.topic", ""),
+        ("m.room.canonical_alias", ""),
+        ("m.room.encryption", ""),
+        ("m.room.member", user_id),
+    ] {
+        if let Some(p) = crate::room::state_event(c, sg, t, k)? {
+            let mut ev = json!({"type": t, "state_key": k, "content": p.content_value(), "sender": p.sender.as_str()});
+            if t == "m.room.member" {
+                ev["event_id"] = json!(p.event_id.as_str());
+                ev["origin_server_ts"] = json!(u64::from(p.origin_server_ts.get()));
+            }
+            out.push(ev);
+        }
+    }
+    // The inviter's membership, so clients can show who invited.
+    if let Some(inviter) = out.iter().find(|e| e["type"] == "m.room.member").and_then(|e| e["sender"].as_str()).map(str::to_owned) {
+        if inviter != user_id {
+            if let Some(p) = crate::room::state_event(c, sg, "m.room.member", &inviter)? {
+                out.push(json!({"type": "m.room.member", "state_key": inviter, "content": p.content_value(), "sender": p.sender.as_str()}));
+            }
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,197 @@
+//! `/messages` (paginating both ways) and `/context`.
+
+use axum::extract::{Path, State};
+use axum::response::IntoResponse;
+use rusqlite::params;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::client::format;
+use crate::client::sync::{parse_token, Filter, Token};
+use crate::error::{Error, Result};
+use crate::http::{qs, AppState, Auth, Query};
+use crate::room::membership::{readable_room, Visibility};
+use crate::store::events;
+
+#[derive(Deserialize)]
+pub struct MessagesQuery {
+    from: Option<String>,
+    to: Option<String>,
+    dir: Option<String>,
+    #[serde(default, deserialize_with = "qs::opt_u64")]
+    limit: Option<u64>,
+    filter: Option<String>,
+}
+
+fn parse_filter(f: Option<&str>) -> Result<Filter> {
+    match f {
+        None => Ok(Filter::default()),
+        Some(f) => {
+            let v: Value = serde_json::from_str(f).map_err(|e| Error::bad_json(format!("invalid filter: {e}")))?;
+            // A /messages filter is a RoomEventFilter: wrap it so `Filter` reads it as the timeline section.
+            let mut wrapped = json!({"room": {"timeline": v.clone(), "state": {}}});
+            if v.get("lazy_load_members").and_then(Value::as_bool) == Some(true) {
+                wrapped["room"]["state"]["lazy_load_members"] = json!(true);
+            }
+            Filter::parse(&wrapped)
+        }
+    }
+}
+
+pub async fn messages(State(s): State<AppState>, auth: Auth, Path(room_id): Path<String>, Query(q): Query<MessagesQuery>) -> Result<impl IntoResponse> {
+    let backwards = match q.dir.as_deref() {
+        Some("b") => true,
+        Some("f") => false,
+        _ => return Err(Error::invalid_param("dir must be b or f")),
+    };
+    let limit = q.limit.unwrap_or(10).clamp(1, 1000) as i64;
+    let filter = parse_filter(q.filter.as_deref())?;
+    let from = q.from.as_deref().map(parse_token).transpose()?;
+    let to = q.to.as_deref().map(parse_token).transpose()?;
+    let current = s.store.current_stream();
+    let body = s
+        .store
+        .read(move |c| {
+            let (room, vis) = readable_room(c, &room_id, &auth.user_id)?;
+            let cap = match vis {
+                Visibility::UpTo(p) => p,
+                _ => i64::MAX,
+            };
+            let from = from.map(|t| t.stream).unwrap_or(if backwards { current } else { 0 });
+            let sql = if backwards {
+                format!(
+                    "SELECT {} FROM events WHERE room_nid = ?1 AND stream_ordering <= ?2 AND stream_ordering > ?3
+                     AND rejected IS NULL AND soft_failed = 0 ORDER BY stream_ordering DESC LIMIT ?4",
+                    events::EVENT_COLS
+                )
+            } else {
+                format!(
+                    "SELECT {} FROM events WHERE room_nid = ?1 AND stream_ordering > ?2 AND stream_ordering <= ?3
+                     AND rejected IS NULL AND soft_failed = 0 ORDER BY stream_ordering ASC LIMIT ?4",
+                    events::EVENT_COLS
+                )
+            };
+            let (a, b) = if backwards {
+                (from.min(cap), to.map(|t| t.stream).unwrap_or(i64::MIN))
+            } else {
+                (from, to.map(|t| t.stream).unwrap_or(i64::MAX).min(cap))
+            };
+            let rows: Vec<events::EventRow> = c
+                .prepare_cached(&sql)?
+                .query_map(params![room.room_nid, a, b, limit], events::event_row)?
+                .collect::<rusqlite::Result<_>>()?;
+            let end = rows.last().and_then(|r| r.stream_ordering).map(|p| if backwards { p - 1 } else { p });
+            let device = Some((auth.user_id.as_str(), auth.device_id.as_str()));
+            let mut senders = std::collections::BTreeSet::new();
+            let mut chunk = Vec::new();
+            for r in rows.iter().filter(|r| filter.timeline.allows(&r.event_type, &r.sender)) {
+                senders.insert(r.sender.clone());
+                chunk.push(format::event(c, r, &room.room_id, device, true)?);
+            }
+            let mut state = Vec::new();
+            if filter.lazy_load_members {
+                if let Some(sg) = room.current_sg {
+                    for sender in senders {
+                        if let Some(skn) = events::find_state_key_nid(c, "m.room.member", &sender)? {
+                            if let Some(nid) = events::lookup_state(c, sg, skn)? {
+                                if let Some(ev) = format::state_event(c, nid, &room.room_id, true)? {
+                                    state.push(ev);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            let mut body = json!({"chunk": chunk, "start": Token { stream: from, typing: 0 }.render()});
+            if let Some(end) = end {
+                if rows.len() as i64 == limit {
+                    body["end"] = json!(Token { stream: end, typing: 0 }.render());
+                }
+            }
+            if !state.is_empty() {
+                body["state"] = json!(state);
+            }
+            Ok(body)
+        })
+        .await?;
+    Ok(axum::Json(body))
+}
+
+#[derive(Deserialize)]
+pub struct ContextQuery {
+    #[serde(default, deserialize_with = "qs::opt_u64")]
+    limit: Option<u64>,
+    filter: Option<String>,
+}
+
+pub async fn context(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path((room_id, event_id)): Path<(String, String)>,
+    Query(q): Query<ContextQuery>,
+) -> Result<impl IntoResponse> {
+    let limit = q.limit.unwrap_or(10).min(100) as i64;
+    let filter = parse_filter(q.filter.as_deref())?;
+    let body = s
+        .store
+        .read(move |c| {
+            let (room, vis) = readable_room(c, &room_id, &auth.user_id)?;
+            let target = events::event_by_id(c, &event_id)?
+                .filter(|r| r.room_nid == room.room_nid && r.stream_ordering.is_some())
+                .ok_or_else(|| Error::not_found("event not found"))?;
+            let pos = target.stream_ordering.unwrap_or_default();
+            let cap = match vis {
+                Visibility::UpTo(p) => p,
+                _ => i64::MAX,
+            };
+            if pos > cap {
+                return Err(Error::not_found("event not found"));
+            }
+            let device = Some((auth.user_id.as_str(), auth.device_id.as_str()));
+            let half = limit / 2;
+            let fetch = |sql: &str, a: i64, n: i64| -> Result<Vec<events::EventRow>> {
+                Ok(c.prepare_cached(sql)?.query_map(params![room.room_nid, a, n, cap], events::event_row)?.collect::<rusqlite::Result<_>>()?)
+            };
+            let before = fetch(
+                &format!("SELECT {} FROM events WHERE room_nid = ?1 AND stream_ordering < ?2 AND rejected IS NULL AND soft_failed = 0 AND ?4 = ?4 ORDER BY stream_ordering DESC LIMIT ?3", events::EVENT_COLS),
+                pos,
+                limit - half,
+            )?;
+            let after = fetch(
+                &format!("SELECT {} FROM events WHERE room_nid = ?1 AND stream_ordering > ?2 AND stream_ordering <= ?4 AND rejected IS NULL AND soft_failed = 0 ORDER BY stream_ordering ASC LIMIT ?3", events::EVENT_COLS),
+                pos,
+                half,
+            )?;
+            let fmt = |rows: &[events::EventRow]| -> Result<Vec<Value>> {
+                rows.iter().filter(|r| filter.timeline.allows(&r.event_type, &r.sender)).map(|r| format::event(c, r, &room.room_id, device, true)).collect()
+            };
+            let start = before.last().and_then(|r| r.stream_ordering).unwrap_or(pos) - 1;
+            let end = after.last().and_then(|r| r.stream_ordering).unwrap_or(pos);
+            let mut state = Vec::new();
+            if let Some(sg) = target.sg_after {
+                let lazy = filter.lazy_load_members;
+                let senders: std::collections::HashSet<&str> = before.iter().chain(after.iter()).chain(std::iter::once(&target)).map(|r| r.sender.as_str()).collect();
+                for (skn, nid) in events::load_state(c, sg)? {
+                    if lazy {
+                        let (t, k) = events::state_key_of(c, skn)?;
+                        if t == "m.room.member" && !senders.contains(k.as_str()) {
+                            continue;
+                        }
+                    }
+                    if let Some(ev) = format::state_event(c, nid, &room.room_id, true)? {
+                        state.push(ev);
+                    }
+                }
+            }
+            Ok(json!({
+                "event": format::event(c, &target, &room.room_id, device, true)?,
+                "events_before": fmt(&before)?,
+                "events_after": fmt(&after)?,
+                "start": Token { stream: start, typing: 0 }.render(),
+                "end": Token { stream: end, typing: 0 }.render(),
+                "state": state,
+            }))
+        })
+        .await?;
+    Ok(axum::Json(body))
+}

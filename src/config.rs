@@ -1,0 +1,206 @@
+//! Configuration: built-in defaults <- TOML file <- `HEARTH_*` environment (`__` nests).
+//!
+//! Loaded and validated once at start; unknown keys and bad values stop the start with a message naming the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The server name: the part after the `:` in user ids. Cannot change once users exist.
+    pub server_name: String,
+    pub listen: Listen,
+    pub database: Database,
+    pub registration: Registration,
+    pub limits: Limits,
+    pub federation: Federation,
+    pub jobs: Jobs,
+    pub log: Log,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Listen {
+    /// Client-server API (plain HTTP; put a TLS proxy in front for the internet).
+    pub client: SocketAddr,
+    /// Server-server API over TLS. Unset: federation listener off.
+    pub federation: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Database {
+    pub path: PathBuf,
+    /// Reader connections in the pool (the writer is separate).
+    pub readers: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Registration {
+    pub enabled: bool,
+    /// When set, registration requires `m.login.registration_token` with this token.
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest accepted request body in bytes (media uploads excluded).
+    pub max_request_bytes: usize,
+    /// Failed logins allowed per user id or address per minute before 429.
+    pub login_failures_per_minute: u32,
+    /// Messages a user may send per second on average (burst of 10x).
+    pub messages_per_second: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Federation {
+    pub enabled: bool,
+    /// Notary servers used to fetch other servers' keys; empty = fetch only from origins.
+    pub trusted_key_servers: Vec<String>,
+    /// Verify peers' TLS certificates (turn off only for test labs with self-signed certs).
+    pub verify_certificates: bool,
+    /// PEM certificate chain and key for the federation listener; generated self-signed when absent.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Joins ask residents for partial state (MSC3706) by default.
+    pub lazy_joins: bool,
+    /// Static server discovery overrides: `"name" = "host:port"` (labs and tests).
+    pub resolve: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Jobs {
+    /// Fraction of wall time the background worker may be busy (0.05..=1.0).
+    pub duty_cycle: f64,
+    /// Target length of one job step in milliseconds.
+    pub step_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    /// tracing filter, e.g. `info` or `hearth=debug,info`.
+    pub level: String,
+    pub json: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server_name: "localhost:8008".into(),
+            listen: Listen::default(),
+            database: Database::default(),
+            registration: Registration::default(),
+            limits: Limits::default(),
+            federation: Federation::default(),
+            jobs: Jobs::default(),
+            log: Log::default(),
+        }
+    }
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Listen { client: "127.0.0.1:8008".parse().expect("valid literal"), federation: None }
+    }
+}
+
+impl Default for Database {
+    fn default() -> Self {
+        Database { path: "hearth.db".into(), readers: 4 }
+    }
+}
+
+impl Default for Registration {
+    fn default() -> Self {
+        Registration { enabled: false, token: None }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_request_bytes: 1 << 20, login_failures_per_minute: 5, messages_per_second: 10.0 }
+    }
+}
+
+impl Default for Federation {
+    fn default() -> Self {
+        Federation {
+            enabled: true,
+            trusted_key_servers: vec!["matrix.org".into()],
+            verify_certificates: true,
+            tls_cert: None,
+            tls_key: None,
+            lazy_joins: true,
+            resolve: Default::default(),
+        }
+    }
+}
+
+impl Default for Jobs {
+    fn default() -> Self {
+        Jobs { duty_cycle: 0.5, step_ms: 50 }
+    }
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log { level: "info,ruma_state_res=warn".into(), json: false }
+    }
+}
+
+impl Config {
+    /// Defaults <- `file` (or `./hearth.toml` if present) <- `HEARTH_*` env.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        match file {
+            Some(path) => {
+                anyhow::ensure!(path.exists(), "config file {} does not exist", path.display());
+                fig = fig.merge(Toml::file(path));
+            }
+            None if Path::new("hearth.toml").exists() => fig = fig.merge(Toml::file("hearth.toml")),
+            None => {}
+        }
+        fig = fig.merge(Env::prefixed("HEARTH_").split("__"));
+        let config: Config = fig.extract().map_err(|e| {
+            let msgs: Vec<String> = e.into_iter().map(|e| e.to_string()).collect();
+            anyhow::anyhow!("invalid configuration: {}", msgs.join("; "))
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        ruma::ServerName::parse(&self.server_name)
+            .map_err(|e| anyhow::anyhow!("invalid configuration: key `server_name`: {e}"))?;
+        anyhow::ensure!(
+            self.limits.max_request_bytes >= 65536,
+            "invalid configuration: key `limits.max_request_bytes` must be at least 65536"
+        );
+        anyhow::ensure!(
+            (0.05..=1.0).contains(&self.jobs.duty_cycle),
+            "invalid configuration: key `jobs.duty_cycle` must be between 0.05 and 1.0"
+        );
+        anyhow::ensure!(self.database.readers >= 1, "invalid configuration: key `database.readers` must be >= 1");
+        anyhow::ensure!(
+            self.limits.messages_per_second > 0.0,
+            "invalid configuration: key `limits.messages_per_second` must be positive"
+        );
+        if let Some(token) = &self.registration.token {
+            anyhow::ensure!(!token.is_empty(), "invalid configuration: key `registration.token` is empty");
+        }
+        Ok(())
+    }
+}
+
+/// A commented example with every key, printed by `hearth config example`.
+pub const EXAMPLE: &str = include_str!("../packaging/hearth.example.toml");

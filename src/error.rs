@@ -1,0 +1,147 @@
+//! The one place where failures become Matrix errors (`errcode` + HTTP status).
+//!
+//! Everything below the HTTP layer returns [`Error`]; handlers never build error bodies by hand.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A failure as a client or a peer server sees it.
+#[derive(Debug)]
+pub struct MatrixError {
+    pub status: StatusCode,
+    pub errcode: &'static str,
+    pub message: String,
+    /// Extra top-level fields merged into the body (`retry_after_ms`, UIA `flows`, ...).
+    pub extra: Option<serde_json::Map<String, Value>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{}: {}", .0.errcode, .0.message)]
+    Matrix(Box<MatrixError>),
+    #[error("internal error: {0:#}")]
+    Internal(#[from] anyhow::Error),
+}
+
+impl Error {
+    pub fn matrix(status: StatusCode, errcode: &'static str, message: impl Into<String>) -> Self {
+        Error::Matrix(Box::new(MatrixError { status, errcode, message: message.into(), extra: None }))
+    }
+
+    /// Adds a top-level field to the error body.
+    pub fn with(mut self, key: &str, value: Value) -> Self {
+        if let Error::Matrix(m) = &mut self {
+            m.extra.get_or_insert_with(Default::default).insert(key.to_owned(), value);
+        }
+        self
+    }
+
+    pub fn errcode(&self) -> &'static str {
+        match self {
+            Error::Matrix(m) => m.errcode,
+            Error::Internal(_) => "M_UNKNOWN",
+        }
+    }
+
+    pub fn forbidden(msg: impl Into<String>) -> Self {
+        Self::matrix(StatusCode::FORBIDDEN, "M_FORBIDDEN", msg)
+    }
+    pub fn not_found(msg: impl Into<String>) -> Self {
+        Self::matrix(StatusCode::NOT_FOUND, "M_NOT_FOUND", msg)
+    }
+    pub fn bad_json(msg: impl Into<String>) -> Self {
+        Self::matrix(StatusCode::BAD_REQUEST, "M_BAD_JSON", msg)
+    }
+    pub fn not_json(msg: impl Into<String>) -> Self {
+        Self::matrix(StatusCode::BAD_REQUEST, "M_NOT_JSON", msg)
+    }
+    pub fn invalid_param(msg: impl Into<String>) -> Self {
+        Self::matrix(StatusCode::BAD_REQUEST, "M_INVALID_PARAM", msg)
+    }
+    pub fn missing_param(msg: impl Into<String>) -> Self {
+        Self::matrix(StatusCode::BAD_REQUEST, "M_MISSING_PARAM", msg)
+    }
+    pub fn unrecognized(msg: impl Into<String>) -> Self {
+        Self::matrix(StatusCode::NOT_FOUND, "M_UNRECOGNIZED", msg)
+    }
+    pub fn method_not_allowed() -> Self {
+        Self::matrix(StatusCode::METHOD_NOT_ALLOWED, "M_UNRECOGNIZED", "method not allowed on this endpoint")
+    }
+    pub fn missing_token() -> Self {
+        Self::matrix(StatusCode::UNAUTHORIZED, "M_MISSING_TOKEN", "missing access token")
+    }
+    pub fn unknown_token() -> Self {
+        Self::matrix(StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN", "unknown or expired access token")
+            .with("soft_logout", json!(false))
+    }
+    pub fn too_large(msg: impl Into<String>) -> Self {
+        Self::matrix(StatusCode::PAYLOAD_TOO_LARGE, "M_TOO_LARGE", msg)
+    }
+    pub fn limit_exceeded(retry_after_ms: u64) -> Self {
+        Self::matrix(StatusCode::TOO_MANY_REQUESTS, "M_LIMIT_EXCEEDED", "too many requests")
+            .with("retry_after_ms", json!(retry_after_ms))
+    }
+    pub fn user_in_use() -> Self {
+        Self::matrix(StatusCode::BAD_REQUEST, "M_USER_IN_USE", "user id already taken")
+    }
+    pub fn invalid_username(msg: impl Into<String>) -> Self {
+        Self::matrix(StatusCode::BAD_REQUEST, "M_INVALID_USERNAME", msg)
+    }
+    pub fn unsupported_room_version(msg: impl Into<String>) -> Self {
+        Self::matrix(StatusCode::BAD_REQUEST, "M_UNSUPPORTED_ROOM_VERSION", msg)
+    }
+    pub fn room_in_use(msg: impl Into<String>) -> Self {
+        Self::matrix(StatusCode::BAD_REQUEST, "M_ROOM_IN_USE", msg)
+    }
+    pub fn unknown(msg: impl Into<String>) -> Self {
+        Self::matrix(StatusCode::BAD_REQUEST, "M_UNKNOWN", msg)
+    }
+    pub fn unauthorized(msg: impl Into<String>) -> Self {
+        Self::matrix(StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED", msg)
+    }
+    pub fn internal(msg: impl Into<String>) -> Self {
+        Error::Internal(anyhow::anyhow!(msg.into()))
+    }
+}
+
+impl From<rusqlite::Error> for Error {
+    fn from(e: rusqlite::Error) -> Self {
+        Error::Internal(anyhow::Error::new(e).context("database"))
+    }
+}
+
+impl From<r2d2::Error> for Error {
+    fn from(e: r2d2::Error) -> Self {
+        Error::Internal(anyhow::Error::new(e).context("database pool"))
+    }
+}
+
+impl From<serde_json::Error> for Error {
+    fn from(e: serde_json::Error) -> Self {
+        Error::bad_json(e.to_string())
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let (status, body) = match self {
+            Error::Matrix(m) => {
+                let mut body = serde_json::Map::new();
+                body.insert("errcode".into(), json!(m.errcode));
+                body.insert("error".into(), json!(m.message));
+                if let Some(extra) = m.extra {
+                    body.extend(extra);
+                }
+                (m.status, Value::Object(body))
+            }
+            Error::Internal(e) => {
+                tracing::error!(error = format!("{e:#}"), "internal error");
+                (StatusCode::INTERNAL_SERVER_ERROR, json!({"errcode": "M_UNKNOWN", "error": "internal server error"}))
+            }
+        };
+        (status, axum::Json(body)).into_response()
+    }
+}

@@ -1,0 +1,9 @@
+//! Hearth: a Matrix homeserver in one binary and one SQLite file.
+
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod room;
+pub mod server;
+pub mod store;

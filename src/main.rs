@@ -1,0 +1,161 @@
+//! The `hearth` command: serve, manage users, print an example config.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use hearth::config::Config;
+
+#[derive(Parser)]
+#[command(name = "hearth", version, about = "A Matrix homeserver in one binary and one SQLite file")]
+struct Cli {
+    /// Configuration file (default: ./hearth.toml if present).
+    #[arg(short, long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (the default).
+    Serve,
+    /// Manage local users.
+    User {
+        #[command(subcommand)]
+        action: UserAction,
+    },
+    /// Configuration helpers.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserAction {
+    /// Create a user.
+    Create {
+        name: String,
+        #[arg(long)]
+        password: String,
+        #[arg(long)]
+        admin: bool,
+    },
+    /// Set a new password for a user (and log out all their sessions).
+    ResetPassword {
+        name: String,
+        #[arg(long)]
+        password: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigAction {
+    /// Print a commented example configuration with every key.
+    Example,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Some(Command::Config { action: ConfigAction::Example }) = &cli.command {
+        print!("{}", hearth::config::EXAMPLE);
+        return;
+    }
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("hearth: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    init_logging(&config);
+    let result = match cli.command {
+        None | Some(Command::Serve) => serve(config),
+        Some(Command::User { action }) => user_command(config, action),
+        Some(Command::Config { .. }) => Ok(()),
+    };
+    if let Err(e) = result {
+        eprintln!("hearth: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log.level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if config.log.json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn serve(config: Config) -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async {
+        let running = hearth::server::start(config).await?;
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        running.stop().await;
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn user_command(config: Config, action: UserAction) -> anyhow::Result<()> {
+    use hearth::client::account::{hash_password, validate_localpart};
+    use hearth::store::accounts;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let services = hearth::server::build_services(config)?;
+    let server = services.identity.server_name.to_string();
+    let to_id = |name: &str| -> anyhow::Result<String> {
+        let local = name.trim_start_matches('@').split(':').next().unwrap_or("").to_lowercase();
+        validate_localpart(&local, &server).map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(format!("@{local}:{server}"))
+    };
+    rt.block_on(async {
+        match action {
+            UserAction::Create { name, password, admin } => {
+                let user_id = to_id(&name)?;
+                let hash = hash_password(&password).map_err(|e| anyhow::anyhow!("{e}"))?;
+                let uid = user_id.clone();
+                let created = services.store.write(move |w| accounts::insert_user(w.conn, &uid, Some(&hash), admin)).await?;
+                anyhow::ensure!(created, "user {user_id} already exists");
+                println!("created {user_id}{}", if admin { " (admin)" } else { "" });
+            }
+            UserAction::ResetPassword { name, password } => {
+                let user_id = to_id(&name)?;
+                let hash = hash_password(&password).map_err(|e| anyhow::anyhow!("{e}"))?;
+                let uid = user_id.clone();
+                let found = services
+                    .store
+                    .write(move |w| {
+                        let found = accounts::set_password(w.conn, &uid, &hash)?;
+                        accounts::delete_all_tokens(w.conn, &uid)?;
+                        Ok(found)
+                    })
+                    .await?;
+                anyhow::ensure!(found, "no such user {user_id}");
+                println!("password reset for {user_id}; all sessions logged out");
+            }
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,359 @@
+//! Adding events to a room: building and signing our own, authorising, and persisting any PDU with its state.
+//!
+//! Everything here runs on the writer thread inside one transaction, so an event and all its effects (state group,
+//! extremities, current state, membership table, redaction) land together or not at all.
+
+use ruma::canonical_json::{CanonicalJsonObject, CanonicalJsonValue};
+use ruma::events::TimelineEventType;
+use ruma::room_version_rules::RoomVersionRules;
+use ruma::{Int, UserId};
+use rusqlite::Connection;
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::room::pdu::MAX_PDU_BYTES;
+use crate::room::power::PowerLevels;
+use crate::room::{load_pdu, state, version, Identity, Pdu};
+use crate::store::events::{self, NewEvent, RoomRow};
+use crate::store::Writer;
+
+/// An event a local user wants to send.
+#[derive(Clone, Debug)]
+pub struct LocalEvent {
+    pub kind: String,
+    pub state_key: Option<String>,
+    pub content: Value,
+    pub redacts: Option<String>,
+}
+
+impl LocalEvent {
+    pub fn state(kind: &str, state_key: &str, content: Value) -> LocalEvent {
+        LocalEvent { kind: kind.into(), state_key: Some(state_key.into()), content, redacts: None }
+    }
+    pub fn message(kind: &str, content: Value) -> LocalEvent {
+        LocalEvent { kind: kind.into(), state_key: None, content, redacts: None }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Appended {
+    pub event_id: String,
+    pub event_nid: i64,
+    pub stream: i64,
+}
+
+pub fn to_canonical(v: Value) -> Result<CanonicalJsonValue> {
+    CanonicalJsonValue::try_from(v).map_err(|e| Error::bad_json(format!("content is not canonical JSON: {e}")))
+}
+
+/// Builds, signs and hashes a PDU with the given references; returns the parsed PDU.
+#[allow(clippy::too_many_arguments)]
+pub fn build_pdu(
+    identity: &Identity,
+    rules: &RoomVersionRules,
+    room_id: Option<&str>,
+    sender: &str,
+    ev: &LocalEvent,
+    prev: &[(ruma::OwnedEventId, String)],
+    auth: &[(ruma::OwnedEventId, String)],
+    depth: i64,
+) -> Result<Pdu> {
+    let mut obj = CanonicalJsonObject::new();
+    let mut content = ev.content.clone();
+    if let Some(r) = &ev.redacts {
+        if version::redacts_in_content(rules) {
+            if let Some(c) = content.as_object_mut() {
+                c.insert("redacts".into(), Value::String(r.clone()));
+            }
+        }
+        obj.insert("redacts".into(), CanonicalJsonValue::String(r.clone()));
+    }
+    obj.insert("type".into(), CanonicalJsonValue::String(ev.kind.clone()));
+    obj.insert("content".into(), to_canonical(content)?);
+    if let Some(k) = &ev.state_key {
+        obj.insert("state_key".into(), CanonicalJsonValue::String(k.clone()));
+    }
+    obj.insert("sender".into(), CanonicalJsonValue::String(sender.to_owned()));
+    if let Some(room_id) = room_id {
+        obj.insert("room_id".into(), CanonicalJsonValue::String(room_id.to_owned()));
+    }
+    obj.insert("origin_server_ts".into(), CanonicalJsonValue::Integer(Int::try_from(crate::store::accounts::now_ms()).unwrap_or_default()));
+    obj.insert("depth".into(), CanonicalJsonValue::Integer(Int::try_from(depth).map_err(|_| Error::internal("depth overflow"))?));
+    obj.insert("prev_events".into(), version::event_refs(prev, rules));
+    obj.insert("auth_events".into(), version::event_refs(auth, rules));
+    if matches!(rules.event_id_format, ruma::room_version_rules::EventIdFormatVersion::V1) {
+        let local: String = {
+            use rand::Rng;
+            rand::thread_rng().sample_iter(rand::distributions::Alphanumeric).take(18).map(char::from).collect()
+        };
+        obj.insert("event_id".into(), CanonicalJsonValue::String(format!("${local}:{}", identity.server_name)));
+    }
+    let size = serde_json::to_string(&obj).map(|s| s.len()).unwrap_or(usize::MAX);
+    if size > MAX_PDU_BYTES - 1024 {
+        return Err(Error::too_large(format!("event is {size} bytes; the limit is {MAX_PDU_BYTES} with signatures")));
+    }
+    ruma::signatures::hash_and_sign_event(identity.server_name.as_str(), &identity.keypair, &mut obj, &rules.redaction)
+        .map_err(|e| match e {
+            ruma::signatures::JsonError::PduTooLarge => Error::too_large("event exceeds 65536 bytes"),
+            e => Error::internal(format!("signing failed: {e}")),
+        })?;
+    let event_id = version::event_id(&obj, rules).map_err(Error::internal)?;
+    Pdu::from_canonical(obj, event_id, rules).map_err(Error::internal)
+}
+
+fn reference(conn: &Connection, nid: i64) -> Result<(ruma::OwnedEventId, String, i64)> {
+    let row = events::event_by_nid(conn, nid)?.ok_or_else(|| Error::internal("missing referenced event"))?;
+    let v: Value = serde_json::from_str(&row.json)?;
+    let sha = v.pointer("/hashes/sha256").and_then(Value::as_str).unwrap_or_default().to_owned();
+    let id = ruma::OwnedEventId::try_from(row.event_id).map_err(|e| Error::internal(e.to_string()))?;
+    Ok((id, sha, row.depth))
+}
+
+/// Runs ruma's event authorisation: state-independent checks against the event's own auth events, then the
+/// state-dependent rules against the state group `sg`.
+pub fn authorize(conn: &Connection, rules: &RoomVersionRules, pdu: &Pdu, sg: Option<i64>) -> std::result::Result<(), String> {
+    ruma::state_res::check_state_independent_auth_rules(&rules.authorization, pdu, |id| {
+        load_pdu(conn, id.as_str()).ok().flatten()
+    })?;
+    if pdu.kind == TimelineEventType::RoomCreate {
+        return Ok(());
+    }
+    let Some(sg) = sg else { return Err("no state to authorise against".into()) };
+    ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, pdu, |t, k| {
+        crate::room::state_event(conn, sg, &t.to_string(), k).ok().flatten()
+    })
+}
+
+/// Builds, authorises and persists an event from a local user on top of the room's current state.
+pub fn append_local(
+    w: &mut Writer<'_>,
+    identity: &Identity,
+    room_id: &str,
+    sender: &str,
+    ev: LocalEvent,
+    txn: Option<(&str, &str)>,
+) -> Result<Appended> {
+    let conn = w.conn;
+    let room = &events::room_by_id(conn, room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
+    let rules = version::rules(&room.version)?;
+    let mut extremities = events::forward_extremities(conn, room.room_nid)?;
+    extremities.sort_unstable();
+    let mut prev = Vec::new();
+    let mut depth = 0;
+    for nid in extremities.iter().rev().take(10) {
+        let (id, sha, d) = reference(conn, *nid)?;
+        depth = depth.max(d);
+        prev.push((id, sha));
+    }
+    let sg = room.current_sg.ok_or_else(|| Error::forbidden("room has no state"))?;
+
+    let content_raw = serde_json::value::to_raw_value(&ev.content)?;
+    let sender_id = UserId::parse(sender).map_err(|e| Error::invalid_param(e.to_string()))?;
+    let auth_types = ruma::state_res::auth_types_for_event(
+        &TimelineEventType::from(ev.kind.as_str()),
+        &sender_id,
+        ev.state_key.as_deref(),
+        &content_raw,
+        &rules.authorization,
+    )
+    .map_err(Error::bad_json)?;
+    let mut auth = Vec::new();
+    for (t, k) in auth_types {
+        if let Some(skn) = events::find_state_key_nid(conn, &t.to_string(), &k)? {
+            if let Some(nid) = events::lookup_state(conn, sg, skn)? {
+                let (id, sha, _) = reference(conn, nid)?;
+                auth.push((id, sha));
+            }
+        }
+    }
+
+    if let Some(target) = &ev.redacts {
+        check_local_redaction(conn, room, sg, sender, target)?;
+    }
+
+    let pdu = build_pdu(identity, &rules, Some(&room.room_id), sender, &ev, &prev, &auth, depth + 1)?;
+    authorize(conn, &rules, &pdu, Some(sg)).map_err(|e| Error::forbidden(format!("event not allowed: {e}")))?;
+    persist(w, identity, room, &rules, &pdu, Some(sg), Outcome::Accepted, txn)
+}
+
+fn check_local_redaction(conn: &Connection, room: &RoomRow, sg: i64, sender: &str, target: &str) -> Result<()> {
+    let Some(row) = events::event_by_id(conn, target)? else { return Ok(()) };
+    if row.room_nid != room.room_nid {
+        return Err(Error::not_found("event not found in this room"));
+    }
+    if row.sender != sender && !PowerLevels::load(conn, sg, &room.version)?.can_redact_others(sender) {
+        return Err(Error::forbidden("you may not redact other users' events"));
+    }
+    Ok(())
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    Accepted,
+    SoftFailed,
+    Rejected(String),
+}
+
+/// Persists a PDU whose state before is the group `sg_before` and updates extremities, current state,
+/// memberships and redactions.
+#[allow(clippy::too_many_arguments)]
+pub fn persist(
+    w: &mut Writer<'_>,
+    identity: &Identity,
+    room: &RoomRow,
+    rules: &RoomVersionRules,
+    pdu: &Pdu,
+    sg_before: Option<i64>,
+    outcome: Outcome,
+    txn: Option<(&str, &str)>,
+) -> Result<Appended> {
+    let stream = w.next_stream();
+    let conn = w.conn;
+    let skn = match &pdu.state_key {
+        Some(k) => Some(events::state_key_nid(conn, &pdu.kind.to_string(), k)?),
+        None => None,
+    };
+    let json = pdu.canonical_string();
+    let rejected = match &outcome {
+        Outcome::Rejected(r) => Some(r.as_str()),
+        _ => None,
+    };
+    let event_nid = events::insert_event(
+        conn,
+        &NewEvent {
+            event_id: pdu.event_id.as_str(),
+            room_nid: room.room_nid,
+            event_type: &pdu.kind.to_string(),
+            state_key_nid: skn,
+            sender: pdu.sender.as_str(),
+            origin_server_ts: u64::from(pdu.origin_server_ts.get()) as i64,
+            depth: pdu.depth,
+            stream_ordering: Some(stream),
+            outlier: false,
+            rejected,
+            soft_failed: outcome == Outcome::SoftFailed,
+            txn,
+            json: &json,
+        },
+    )?;
+    let prevs: Vec<String> = pdu.prev_events.iter().map(|e| e.to_string()).collect();
+    events::insert_edges(conn, event_nid, &prevs)?;
+
+    let sg_after = match (skn, &outcome) {
+        (Some(skn), Outcome::Accepted) => state::new_group(conn, room.room_nid, sg_before, &[(skn, Some(event_nid))])?,
+        _ => match sg_before {
+            Some(sg) => sg,
+            None => return Err(Error::internal("event without state before")),
+        },
+    };
+    events::set_sg_after(conn, event_nid, sg_after)?;
+
+    if outcome == Outcome::Accepted {
+        let prev_nids: Vec<i64> =
+            prevs.iter().filter_map(|p| events::event_nid(conn, p).ok().flatten()).collect();
+        events::replace_extremities(conn, room.room_nid, &prev_nids, event_nid)?;
+        update_current_state(w, identity, room, event_nid, sg_after)?;
+        if pdu.kind == TimelineEventType::RoomRedaction {
+            apply_redaction(conn, room, rules, pdu)?;
+        }
+    }
+    Ok(Appended { event_id: pdu.event_id.to_string(), event_nid, stream })
+}
+
+/// Recomputes the room's current state from its forward extremities and keeps `room_members` in step.
+fn update_current_state(w: &mut Writer<'_>, identity: &Identity, room: &RoomRow, event_nid: i64, sg_after: i64) -> Result<()> {
+    let conn = w.conn;
+    let extremities = events::forward_extremities(conn, room.room_nid)?;
+    let new_sg = if extremities == [event_nid] {
+        sg_after
+    } else {
+        let mut groups = Vec::new();
+        for nid in &extremities {
+            if let Some(row) = events::event_by_nid(conn, *nid)? {
+                if let Some(g) = row.sg_after {
+                    groups.push(g);
+                }
+            }
+        }
+        state::resolve_groups(conn, room.room_nid, &room.version, &groups)?
+    };
+    let old_sg = events::room_by_nid(conn, room.room_nid)?.and_then(|r| r.current_sg);
+    if old_sg == Some(new_sg) {
+        return Ok(());
+    }
+    events::set_current_sg(conn, room.room_nid, new_sg)?;
+    // Membership changes between the old and new current state.
+    let old = match old_sg {
+        Some(g) => events::load_state_of_type(conn, g, "m.room.member")?,
+        None => Default::default(),
+    };
+    let changed: Vec<(String, i64)> = if new_sg == sg_after && old_sg.is_some() && extremities == [event_nid] {
+        // Common case: only this event may have changed membership.
+        match events::event_by_nid(conn, event_nid)? {
+            Some(row) if row.event_type == "m.room.member" => {
+                let (_, key) = events::state_key_of(conn, row.state_key_nid.unwrap_or_default())?;
+                vec![(key, event_nid)]
+            }
+            _ => vec![],
+        }
+    } else {
+        let new = events::load_state_of_type(conn, new_sg, "m.room.member")?;
+        new.into_iter().filter(|(k, v)| old.get(k) != Some(v)).collect()
+    };
+    for (user_id, nid) in changed {
+        apply_membership(w, identity, room.room_nid, &user_id, nid)?;
+    }
+    Ok(())
+}
+
+/// Writes one membership into `room_members` (and the local membership stream for our users).
+pub fn apply_membership(w: &mut Writer<'_>, identity: &Identity, room_nid: i64, user_id: &str, event_nid: i64) -> Result<()> {
+    let row = events::event_by_nid(w.conn, event_nid)?.ok_or_else(|| Error::internal("member event missing"))?;
+    let v: Value = serde_json::from_str(&row.json)?;
+    let content = v.get("content").cloned().unwrap_or(Value::Null);
+    let membership = content.get("membership").and_then(Value::as_str).unwrap_or("leave").to_owned();
+    events::upsert_member(
+        w.conn,
+        &events::MemberUpdate {
+            room_nid,
+            user_id,
+            membership: &membership,
+            event_nid,
+            displayname: content.get("displayname").and_then(Value::as_str),
+            avatar_url: content.get("avatar_url").and_then(Value::as_str),
+        },
+    )?;
+    if identity.is_local_user(user_id) {
+        let stream = w.next_stream();
+        events::record_local_membership(w.conn, stream, user_id, room_nid, &membership, event_nid)?;
+        if membership == "join" {
+            w.conn.execute("DELETE FROM forgotten_rooms WHERE user_id = ?1 AND room_nid = ?2", rusqlite::params![user_id, room_nid])?;
+        }
+    }
+    Ok(())
+}
+
+/// Applies an accepted redaction to its target, if we have it and the redaction is allowed to take effect.
+fn apply_redaction(conn: &Connection, room: &RoomRow, rules: &RoomVersionRules, redaction: &Pdu) -> Result<()> {
+    let Some(target_id) = &redaction.redacts else { return Ok(()) };
+    let Some(target) = events::event_by_id(conn, target_id.as_str())? else { return Ok(()) };
+    if target.room_nid != room.room_nid || target.redacted_by.is_some() {
+        return Ok(());
+    }
+    let same_server = target.sender.split_once(':').map(|x| x.1) == Some(redaction.sender.server_name().as_str());
+    let allowed = same_server || {
+        let sg = events::room_by_nid(conn, room.room_nid)?.and_then(|r| r.current_sg);
+        match sg {
+            Some(sg) => PowerLevels::load(conn, sg, &room.version)?.can_redact_others(redaction.sender.as_str()),
+            None => false,
+        }
+    };
+    if !allowed {
+        return Ok(());
+    }
+    let obj: CanonicalJsonObject = serde_json::from_str(&target.json)?;
+    let redacted = ruma::canonical_json::redact(obj, &rules.redaction, None)
+        .map_err(|e| Error::internal(format!("redaction failed: {e}")))?;
+    events::set_redacted(conn, target.event_nid, redaction.event_id.as_str(), &serde_json::to_string(&redacted)?)?;
+    Ok(())
+}

@@ -1,0 +1,156 @@
+//! Creating a room (`POST /createRoom`): the initial events, in one transaction.
+
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::room::append::{self, build_pdu, persist, LocalEvent, Outcome};
+use crate::room::{version, Identity};
+use crate::store::events;
+use crate::store::Writer;
+
+#[derive(Debug, Default, Clone)]
+pub struct CreateRoom {
+    pub creator: String,
+    pub room_version: Option<String>,
+    pub preset: Option<String>,
+    pub visibility_public: bool,
+    pub name: Option<String>,
+    pub topic: Option<String>,
+    pub alias: Option<String>,
+    pub invite: Vec<String>,
+    pub is_direct: bool,
+    pub creation_content: Option<Value>,
+    pub initial_state: Vec<LocalEvent>,
+    pub power_level_content_override: Option<Value>,
+}
+
+/// Creates the room and returns its id.
+pub fn create_room(w: &mut Writer<'_>, identity: &Identity, req: CreateRoom) -> Result<String> {
+    let ver = req.room_version.clone().unwrap_or_else(|| version::DEFAULT_ROOM_VERSION.to_owned());
+    if !version::CREATABLE.contains(&ver.as_str()) {
+        return Err(Error::unsupported_room_version(format!("cannot create rooms of version {ver}")));
+    }
+    let rules = version::rules(&ver)?;
+    if let Some(alias) = &req.alias {
+        if crate::store::rooms::alias_target(w.conn, alias)?.is_some() {
+            return Err(Error::room_in_use("room alias already taken"));
+        }
+    }
+
+    // m.room.create
+    let mut create_content = req.creation_content.clone().unwrap_or_else(|| json!({}));
+    let obj = create_content.as_object_mut().ok_or_else(|| Error::bad_json("creation_content must be an object"))?;
+    obj.insert("room_version".into(), json!(ver));
+    if !rules.authorization.use_room_create_sender {
+        obj.insert("creator".into(), json!(req.creator));
+    }
+    let create_ev = LocalEvent::state("m.room.create", "", create_content);
+    let room_id = if rules.authorization.room_create_event_id_as_room_id {
+        None
+    } else {
+        let local: String = {
+            use rand::Rng;
+            rand::thread_rng().sample_iter(rand::distributions::Alphanumeric).take(18).map(char::from).collect()
+        };
+        Some(format!("!{local}:{}", identity.server_name))
+    };
+    let pdu = build_pdu(identity, &rules, room_id.as_deref(), &req.creator, &create_ev, &[], &[], 1)?;
+    let room_id = pdu.room_id.to_string();
+    let room_nid = events::insert_room(w.conn, &room_id, &ver)?;
+    let room = events::room_by_nid(w.conn, room_nid)?.ok_or_else(|| Error::internal("room vanished"))?;
+    append::authorize(w.conn, &rules, &pdu, None).map_err(|e| Error::bad_json(format!("invalid create event: {e}")))?;
+    persist(w, identity, &room, &rules, &pdu, None, Outcome::Accepted, None)?;
+    let send = |w: &mut Writer<'_>, ev: LocalEvent| append::append_local(w, identity, &room_id, &req.creator, ev, None);
+
+    // The creator joins.
+    let profile = crate::store::accounts::get_user(w.conn, &req.creator)?;
+    let mut member = json!({"membership": "join"});
+    if let Some(p) = &profile {
+        if let Some(d) = &p.displayname {
+            member["displayname"] = json!(d);
+        }
+        if let Some(a) = &p.avatar_url {
+            member["avatar_url"] = json!(a);
+        }
+    }
+    send(w, LocalEvent::state("m.room.member", &req.creator, member))?;
+
+    // Power levels.
+    let preset = req.preset.clone().unwrap_or_else(|| if req.visibility_public { "public_chat" } else { "private_chat" }.into());
+    let mut users = serde_json::Map::new();
+    if !version::creators_privileged(&rules) {
+        users.insert(req.creator.clone(), json!(100));
+    }
+    if preset == "trusted_private_chat" {
+        for u in &req.invite {
+            if u != &req.creator {
+                users.insert(u.clone(), json!(100));
+            }
+        }
+    }
+    let mut pl = json!({
+        "users": users,
+        "users_default": 0,
+        "events": {
+            "m.room.name": 50, "m.room.power_levels": 100, "m.room.history_visibility": 100,
+            "m.room.canonical_alias": 50, "m.room.avatar": 50, "m.room.tombstone": 100,
+            "m.room.server_acl": 100, "m.room.encryption": 100
+        },
+        "events_default": 0, "state_default": 50, "ban": 50, "kick": 50, "redact": 50, "invite": 0,
+        "historical": 100,
+        "notifications": {"room": 50}
+    });
+    if let Some(Value::Object(over)) = &req.power_level_content_override {
+        let target = pl.as_object_mut().expect("object literal");
+        for (k, v) in over {
+            target.insert(k.clone(), v.clone());
+        }
+    }
+    send(w, LocalEvent::state("m.room.power_levels", "", pl))?;
+
+    if let Some(alias) = &req.alias {
+        send(w, LocalEvent::state("m.room.canonical_alias", "", json!({"alias": alias})))?;
+    }
+
+    let (join_rule, history, guest) = match preset.as_str() {
+        "public_chat" => ("public", "shared", "forbidden"),
+        "private_chat" | "trusted_private_chat" => ("invite", "shared", "can_join"),
+        other => return Err(Error::invalid_param(format!("unknown preset `{other}`"))),
+    };
+    let overridden = |t: &str| req.initial_state.iter().any(|e| e.kind == t && e.state_key.as_deref() == Some(""));
+    if !overridden("m.room.join_rules") {
+        send(w, LocalEvent::state("m.room.join_rules", "", json!({"join_rule": join_rule})))?;
+    }
+    if !overridden("m.room.history_visibility") {
+        send(w, LocalEvent::state("m.room.history_visibility", "", json!({"history_visibility": history})))?;
+    }
+    if !overridden("m.room.guest_access") {
+        send(w, LocalEvent::state("m.room.guest_access", "", json!({"guest_access": guest})))?;
+    }
+    for ev in req.initial_state.iter().cloned() {
+        if ev.kind == "m.room.create" || ev.kind == "m.room.member" {
+            return Err(Error::bad_json(format!("initial_state may not contain {}", ev.kind)));
+        }
+        send(w, ev)?;
+    }
+    if let Some(name) = &req.name {
+        send(w, LocalEvent::state("m.room.name", "", json!({"name": name})))?;
+    }
+    if let Some(topic) = &req.topic {
+        send(w, LocalEvent::state("m.room.topic", "", json!({"topic": topic})))?;
+    }
+    for invitee in &req.invite {
+        let mut content = json!({"membership": "invite"});
+        if req.is_direct {
+            content["is_direct"] = json!(true);
+        }
+        send(w, LocalEvent::state("m.room.member", invitee, content))?;
+    }
+    if let Some(alias) = &req.alias {
+        crate::store::rooms::insert_alias(w.conn, alias, &room_id, &req.creator)?;
+    }
+    if req.visibility_public {
+        crate::store::rooms::set_published(w.conn, &room_id, true)?;
+    }
+    Ok(room_id)
+}

@@ -1,0 +1,113 @@
+//! Membership changes and who may see what.
+
+use rusqlite::Connection;
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::room::append::{append_local, Appended, LocalEvent};
+use crate::room::Identity;
+use crate::store::events::{self, RoomRow};
+use crate::store::{accounts, Writer};
+
+/// Writes `target`'s membership (join/leave/invite/ban) as `sender`, with ruma's auth deciding if it is allowed.
+pub fn set_membership(
+    w: &mut Writer<'_>,
+    identity: &Identity,
+    room_id: &str,
+    sender: &str,
+    target: &str,
+    membership: &str,
+    reason: Option<&str>,
+    extra: Option<Value>,
+) -> Result<Appended> {
+    let room = events::room_by_id(w.conn, room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
+    let mut content = json!({"membership": membership});
+    if let Some(r) = reason {
+        content["reason"] = json!(r);
+    }
+    if membership == "join" || membership == "invite" {
+        // Profile of the target for local users; remote profiles are filled by their own server on join.
+        if let Some(u) = accounts::get_user(w.conn, target)? {
+            if let Some(d) = u.displayname {
+                content["displayname"] = json!(d);
+            }
+            if let Some(a) = u.avatar_url {
+                content["avatar_url"] = json!(a);
+            }
+        }
+    }
+    if let (Some(Value::Object(extra)), Some(obj)) = (extra, content.as_object_mut()) {
+        for (k, v) in extra {
+            obj.entry(k).or_insert(v);
+        }
+    }
+    let current = events::membership_of(w.conn, room.room_nid, target)?.map(|m| m.0);
+    // Idempotent no-ops that auth would reject or that would spam the timeline.
+    if membership == "join" && current.as_deref() == Some("join") && sender == target {
+        let (_, nid) = events::membership_of(w.conn, room.room_nid, target)?.unwrap_or_default();
+        let row = events::event_by_nid(w.conn, nid)?.ok_or_else(|| Error::internal("member event missing"))?;
+        return Ok(Appended { event_id: row.event_id, event_nid: nid, stream: row.stream_ordering.unwrap_or(0) });
+    }
+    if membership == "leave" && sender == target && !matches!(current.as_deref(), Some("join" | "invite" | "knock")) {
+        return Err(Error::forbidden("you are not in this room"));
+    }
+    append_local(w, identity, &room.room_id, sender, LocalEvent::state("m.room.member", target, content), None)
+}
+
+/// How far a user may read a room's timeline.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Visibility {
+    /// Member now (or world-readable): everything.
+    All,
+    /// Former member: up to (and including) the stream position of their leave.
+    UpTo(i64),
+    None,
+}
+
+pub fn visibility(conn: &Connection, room: &RoomRow, user_id: &str) -> Result<Visibility> {
+    match events::membership_of(conn, room.room_nid, user_id)? {
+        Some((m, _)) if m == "join" => return Ok(Visibility::All),
+        Some((m, nid)) if m == "leave" || m == "ban" => {
+            let was_joined: bool = conn
+                .prepare_cached(
+                    "SELECT 1 FROM local_membership_stream WHERE user_id = ?1 AND room_nid = ?2 AND membership = 'join'",
+                )?
+                .exists(rusqlite::params![user_id, room.room_nid])?;
+            if was_joined {
+                let row = events::event_by_nid(conn, nid)?;
+                return Ok(Visibility::UpTo(row.and_then(|r| r.stream_ordering).unwrap_or(0)));
+            }
+        }
+        _ => {}
+    }
+    if let Some(sg) = room.current_sg {
+        let hv = crate::room::state_content(conn, sg, "m.room.history_visibility", "")?;
+        if hv.as_ref().and_then(|v| v.get("history_visibility")).and_then(Value::as_str) == Some("world_readable") {
+            return Ok(Visibility::All);
+        }
+    }
+    Ok(Visibility::None)
+}
+
+/// Loads a room the user may read, or 403/404.
+pub fn readable_room(conn: &Connection, room_id: &str, user_id: &str) -> Result<(RoomRow, Visibility)> {
+    let room = events::room_by_id(conn, room_id)?.ok_or_else(|| Error::forbidden("you are not in this room"))?;
+    match visibility(conn, &room, user_id)? {
+        Visibility::None => Err(Error::forbidden("you are not in this room")),
+        v => Ok((room, v)),
+    }
+}
+
+/// State group to show a user: current state for members, the state at their leave for former members.
+pub fn visible_state_group(conn: &Connection, room: &RoomRow, vis: Visibility) -> Result<Option<i64>> {
+    match vis {
+        Visibility::UpTo(pos) => Ok(conn
+            .prepare_cached(
+                "SELECT sg_after FROM events WHERE room_nid = ?1 AND stream_ordering <= ?2 AND sg_after IS NOT NULL
+                 AND stream_ordering IS NOT NULL ORDER BY stream_ordering DESC LIMIT 1",
+            )?
+            .query_row(rusqlite::params![room.room_nid, pos], |r| r.get(0))
+            .ok()),
+        _ => Ok(room.current_sg),
+    }
+}

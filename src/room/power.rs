@@ -1,0 +1,75 @@
+//! Power levels as the client API needs them for checks ruma's auth does not cover (redacting others' events,
+//! room directory changes). Auth of events themselves is ruma's job.
+
+use rusqlite::Connection;
+use serde_json::Value;
+
+use crate::error::Result;
+use crate::room::{state_content, state_event, version};
+
+pub struct PowerLevels {
+    content: Value,
+    creators: Vec<String>,
+    creators_privileged: bool,
+    has_pl_event: bool,
+}
+
+fn int(v: Option<&Value>) -> Option<i64> {
+    match v? {
+        Value::Number(n) => n.as_i64(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+impl PowerLevels {
+    pub fn load(conn: &Connection, sg: i64, room_version: &str) -> Result<PowerLevels> {
+        let rules = version::rules(room_version)?;
+        let pl = state_content(conn, sg, "m.room.power_levels", "")?;
+        let create = state_event(conn, sg, "m.room.create", "")?;
+        let mut creators = Vec::new();
+        if let Some(create) = &create {
+            creators.push(create.sender.to_string());
+            if let Some(extra) = create.content_value().get("additional_creators").and_then(Value::as_array) {
+                creators.extend(extra.iter().filter_map(Value::as_str).map(str::to_owned));
+            }
+        }
+        Ok(PowerLevels {
+            has_pl_event: pl.is_some(),
+            content: pl.unwrap_or(Value::Null),
+            creators,
+            creators_privileged: version::creators_privileged(&rules),
+        })
+    }
+
+    pub fn user(&self, user_id: &str) -> i64 {
+        if self.creators_privileged && self.creators.iter().any(|c| c == user_id) {
+            return i64::MAX;
+        }
+        if !self.has_pl_event {
+            // Without a power levels event the creator has 100, everyone else 0.
+            return if self.creators.first().map(String::as_str) == Some(user_id) { 100 } else { 0 };
+        }
+        int(self.content.get("users").and_then(|u| u.get(user_id)))
+            .or_else(|| int(self.content.get("users_default")))
+            .unwrap_or(0)
+    }
+
+    pub fn action(&self, name: &str, default: i64) -> i64 {
+        int(self.content.get(name)).unwrap_or(default)
+    }
+
+    pub fn for_event(&self, event_type: &str, is_state: bool) -> i64 {
+        int(self.content.get("events").and_then(|e| e.get(event_type))).unwrap_or_else(|| {
+            if is_state {
+                self.action("state_default", if self.has_pl_event { 50 } else { 0 })
+            } else {
+                self.action("events_default", 0)
+            }
+        })
+    }
+
+    pub fn can_redact_others(&self, user_id: &str) -> bool {
+        self.user(user_id) >= self.action("redact", 50)
+    }
+}

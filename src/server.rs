@@ -1,0 +1,82 @@
+//! Wiring: open the store, load the identity, build the services and serve the listeners.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::client::ephemeral::Typing;
+use crate::config::Config;
+use crate::http::{RateLimiter, UiaSessions};
+use crate::room::Identity;
+use crate::store::Store;
+
+/// What request handlers and background tasks need. Passed explicitly (axum state), never global.
+pub struct Services {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub identity: Arc<Identity>,
+    pub typing: Typing,
+    pub login_limiter: RateLimiter,
+    pub message_limiter: RateLimiter,
+    pub uia: UiaSessions,
+}
+
+/// A running server (used by `main` and by in-process tests).
+pub struct Running {
+    pub client_addr: SocketAddr,
+    pub services: Arc<Services>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+pub fn build_services(config: Config) -> anyhow::Result<Arc<Services>> {
+    let store = Store::open(&config.database.path, config.database.readers)?;
+    let identity = {
+        let conn = rusqlite::Connection::open(&config.database.path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        Identity::load_or_create(&conn, &config.server_name)?
+    };
+    let per_second = config.limits.messages_per_second;
+    Ok(Arc::new(Services {
+        login_limiter: RateLimiter::new(config.limits.login_failures_per_minute as f64 / 60.0, config.limits.login_failures_per_minute as f64),
+        message_limiter: RateLimiter::new(per_second, per_second * 10.0),
+        config: Arc::new(config),
+        store,
+        identity,
+        typing: Typing::default(),
+        uia: UiaSessions::default(),
+    }))
+}
+
+/// Starts the listeners; returns once they are bound.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    let services = build_services(config)?;
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let listener = TcpListener::bind(services.config.listen.client).await?;
+    let client_addr = listener.local_addr()?;
+    let app = crate::http::client_router(services.clone());
+    let mut rx = shutdown_rx.clone();
+    let server = tokio::spawn(async move {
+        let result = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(async move {
+                let _ = rx.wait_for(|v| *v).await;
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "client listener failed");
+        }
+    });
+    tracing::info!(%client_addr, server_name = %services.identity.server_name, "hearth listening");
+    Ok(Running { client_addr, services, shutdown, tasks: vec![server] })
+}

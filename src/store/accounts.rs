@@ -1,0 +1,174 @@
+//! Users, devices, access tokens and filters.
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::error::Result;
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+pub fn token_hash(token: &str) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref().to_vec()
+}
+
+pub struct UserRow {
+    pub user_id: String,
+    pub password_hash: Option<String>,
+    pub admin: bool,
+    pub displayname: Option<String>,
+    pub avatar_url: Option<String>,
+    pub deactivated: bool,
+}
+
+pub fn user_exists(conn: &Connection, user_id: &str) -> Result<bool> {
+    Ok(conn.prepare_cached("SELECT 1 FROM users WHERE user_id = ?1")?.exists([user_id])?)
+}
+
+pub fn get_user(conn: &Connection, user_id: &str) -> Result<Option<UserRow>> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT user_id, password_hash, admin, displayname, avatar_url, deactivated FROM users WHERE user_id = ?1",
+        )?
+        .query_row([user_id], |r| {
+            Ok(UserRow {
+                user_id: r.get(0)?,
+                password_hash: r.get(1)?,
+                admin: r.get(2)?,
+                displayname: r.get(3)?,
+                avatar_url: r.get(4)?,
+                deactivated: r.get(5)?,
+            })
+        })
+        .optional()?)
+}
+
+pub fn insert_user(conn: &Connection, user_id: &str, password_hash: Option<&str>, admin: bool) -> Result<bool> {
+    let n = conn.execute(
+        "INSERT OR IGNORE INTO users (user_id, password_hash, admin, created_ts, displayname) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![user_id, password_hash, admin, now_ms(), localpart(user_id)],
+    )?;
+    Ok(n == 1)
+}
+
+pub fn localpart(user_id: &str) -> &str {
+    user_id.trim_start_matches('@').split(':').next().unwrap_or("")
+}
+
+pub fn set_password(conn: &Connection, user_id: &str, hash: &str) -> Result<bool> {
+    Ok(conn.execute("UPDATE users SET password_hash = ?2 WHERE user_id = ?1", params![user_id, hash])? == 1)
+}
+
+pub fn set_profile_field(conn: &Connection, user_id: &str, field: ProfileField, value: Option<&str>) -> Result<()> {
+    let sql = match field {
+        ProfileField::Displayname => "UPDATE users SET displayname = ?2 WHERE user_id = ?1",
+        ProfileField::AvatarUrl => "UPDATE users SET avatar_url = ?2 WHERE user_id = ?1",
+    };
+    conn.execute(sql, params![user_id, value])?;
+    Ok(())
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum ProfileField {
+    Displayname,
+    AvatarUrl,
+}
+
+/// Creates (or re-uses) a device and issues a new access token for it.
+pub fn create_session(
+    conn: &Connection,
+    user_id: &str,
+    device_id: &str,
+    display_name: Option<&str>,
+    token: &str,
+) -> Result<()> {
+    conn.execute(
+        "INSERT INTO devices (user_id, device_id, display_name, last_seen_ts) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (user_id, device_id) DO UPDATE SET display_name = coalesce(?3, display_name)",
+        params![user_id, device_id, display_name, now_ms()],
+    )?;
+    conn.execute(
+        "INSERT INTO access_tokens (token_sha256, user_id, device_id, created_ts) VALUES (?1, ?2, ?3, ?4)",
+        params![token_hash(token), user_id, device_id, now_ms()],
+    )?;
+    Ok(())
+}
+
+/// (user_id, device_id, admin) for a token.
+pub fn lookup_token(conn: &Connection, token: &str) -> Result<Option<(String, String, bool)>> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT t.user_id, t.device_id, u.admin FROM access_tokens t JOIN users u ON u.user_id = t.user_id
+             WHERE t.token_sha256 = ?1 AND u.deactivated = 0",
+        )?
+        .query_row([token_hash(token)], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?)
+}
+
+pub fn delete_token(conn: &Connection, token: &str) -> Result<()> {
+    conn.execute("DELETE FROM access_tokens WHERE token_sha256 = ?1", [token_hash(token)])?;
+    Ok(())
+}
+
+pub fn delete_all_tokens(conn: &Connection, user_id: &str) -> Result<()> {
+    conn.execute("DELETE FROM access_tokens WHERE user_id = ?1", [user_id])?;
+    Ok(())
+}
+
+pub struct DeviceRow {
+    pub device_id: String,
+    pub display_name: Option<String>,
+    pub last_seen_ts: Option<i64>,
+    pub last_seen_ip: Option<String>,
+}
+
+pub fn list_devices(conn: &Connection, user_id: &str) -> Result<Vec<DeviceRow>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT device_id, display_name, last_seen_ts, last_seen_ip FROM devices WHERE user_id = ?1 ORDER BY device_id",
+    )?;
+    let rows = stmt.query_map([user_id], |r| {
+        Ok(DeviceRow { device_id: r.get(0)?, display_name: r.get(1)?, last_seen_ts: r.get(2)?, last_seen_ip: r.get(3)? })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+pub fn update_device(conn: &Connection, user_id: &str, device_id: &str, display_name: Option<&str>) -> Result<bool> {
+    Ok(conn.execute(
+        "UPDATE devices SET display_name = ?3 WHERE user_id = ?1 AND device_id = ?2",
+        params![user_id, device_id, display_name],
+    )? == 1)
+}
+
+/// Deletes a device with its tokens and keys.
+pub fn delete_device(conn: &Connection, user_id: &str, device_id: &str) -> Result<bool> {
+    conn.execute("DELETE FROM access_tokens WHERE user_id = ?1 AND device_id = ?2", params![user_id, device_id])?;
+    conn.execute("DELETE FROM device_keys WHERE user_id = ?1 AND device_id = ?2", params![user_id, device_id])?;
+    conn.execute("DELETE FROM one_time_keys WHERE user_id = ?1 AND device_id = ?2", params![user_id, device_id])?;
+    conn.execute("DELETE FROM to_device WHERE user_id = ?1 AND device_id = ?2", params![user_id, device_id])?;
+    Ok(conn.execute("DELETE FROM devices WHERE user_id = ?1 AND device_id = ?2", params![user_id, device_id])? == 1)
+}
+
+pub fn touch_device(conn: &Connection, user_id: &str, device_id: &str, ip: &str) -> Result<()> {
+    conn.execute(
+        "UPDATE devices SET last_seen_ts = ?3, last_seen_ip = ?4 WHERE user_id = ?1 AND device_id = ?2",
+        params![user_id, device_id, now_ms(), ip],
+    )?;
+    Ok(())
+}
+
+pub fn create_filter(conn: &Connection, user_id: &str, json: &str) -> Result<i64> {
+    let id: i64 = conn.query_row(
+        "SELECT coalesce(max(filter_id), -1) + 1 FROM filters WHERE user_id = ?1",
+        [user_id],
+        |r| r.get(0),
+    )?;
+    conn.execute("INSERT INTO filters (user_id, filter_id, json) VALUES (?1, ?2, ?3)", params![user_id, id, json])?;
+    Ok(id)
+}
+
+pub fn get_filter(conn: &Connection, user_id: &str, filter_id: i64) -> Result<Option<String>> {
+    Ok(conn
+        .prepare_cached("SELECT json FROM filters WHERE user_id = ?1 AND filter_id = ?2")?
+        .query_row(params![user_id, filter_id], |r| r.get(0))
+        .optional()?)
+}

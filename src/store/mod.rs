@@ -1,0 +1,278 @@
+//! SQLite, and only here: a reader pool (r2d2) plus ONE writer thread fed by a channel.
+//!
+//! Writes are closures run on the writer thread inside their own transaction; the caller gets the result only after
+//! COMMIT, so anything acknowledged to a client is in the WAL (durable against a killed process). Foreground
+//! (user-facing) writes always go ahead of queued background writes, and background work is expected to come in
+//! short steps, so a message never waits behind a bulk insert.
+
+pub mod accounts;
+pub mod events;
+pub mod rooms;
+pub mod migrate;
+
+use std::path::Path;
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use r2d2_sqlite::SqliteConnectionManager;
+use rusqlite::Connection;
+use tokio::sync::{oneshot, watch};
+
+use crate::error::{Error, Result};
+
+pub type Pool = r2d2::Pool<SqliteConnectionManager>;
+
+/// What a write closure gets: the connection inside an open transaction and the stream allocator.
+pub struct Writer<'a> {
+    pub conn: &'a Connection,
+    next_stream: &'a mut i64,
+}
+
+impl Writer<'_> {
+    /// Allocates the next position of the global stream (events, account data, receipts, to-device, devices).
+    /// Visible to readers only once this write commits.
+    pub fn next_stream(&mut self) -> i64 {
+        *self.next_stream += 1;
+        *self.next_stream
+    }
+}
+
+/// Delivers a write's result to its caller; given `Some(error)` when the transaction failed to commit.
+type Deliver = Box<dyn FnOnce(Option<Error>) + Send>;
+/// Runs a write; returns whether it succeeded (commit) or failed (roll back), and how to deliver the result.
+type WriteFn = Box<dyn FnOnce(&mut Writer<'_>) -> (bool, Deliver) + Send>;
+
+fn make_job<R, F>(f: F) -> (WriteFn, oneshot::Receiver<Result<R>>)
+where
+    R: Send + 'static,
+    F: FnOnce(&mut Writer<'_>) -> Result<R> + Send + 'static,
+{
+    let (tx, rx) = oneshot::channel();
+    let job: WriteFn = Box::new(move |w| {
+        let result = f(w);
+        let ok = result.is_ok();
+        let deliver: Deliver = Box::new(move |commit_error| {
+            let _ = tx.send(match commit_error {
+                Some(e) => Err(e),
+                None => result,
+            });
+        });
+        (ok, deliver)
+    });
+    (job, rx)
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+    foreground: std_mpsc::Sender<WriteFn>,
+    background: std_mpsc::SyncSender<WriteFn>,
+    wake: std_mpsc::SyncSender<()>,
+    stream: watch::Receiver<i64>,
+    _writer: Arc<WriterHandle>,
+}
+
+struct WriterHandle;
+
+fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=10000;
+         PRAGMA cache_size=-8000; PRAGMA temp_store=MEMORY;",
+    )
+}
+
+impl Store {
+    /// Opens (creating and migrating if needed) the database and starts the writer thread.
+    pub fn open(path: &Path, readers: u32) -> anyhow::Result<Store> {
+        let mut conn = Connection::open(path)?;
+        configure(&conn)?;
+        migrate::migrate(&mut conn)?;
+        let start_stream = current_max_stream(&conn)?;
+
+        let manager = SqliteConnectionManager::file(path)
+            .with_flags(rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX)
+            .with_init(|c| c.execute_batch("PRAGMA foreign_keys=ON; PRAGMA busy_timeout=10000; PRAGMA cache_size=-4000;"));
+        let pool = r2d2::Pool::builder().max_size(readers).connection_timeout(Duration::from_secs(30)).build(manager)?;
+
+        let (fg_tx, fg_rx) = std_mpsc::channel::<WriteFn>();
+        let (bg_tx, bg_rx) = std_mpsc::sync_channel::<WriteFn>(64);
+        let (wake_tx, wake_rx) = std_mpsc::sync_channel::<()>(1);
+        let (stream_tx, stream_rx) = watch::channel(start_stream);
+        std::thread::Builder::new()
+            .name("hearth-writer".into())
+            .spawn(move || writer_loop(conn, fg_rx, bg_rx, wake_rx, stream_tx, start_stream))?;
+
+        Ok(Store {
+            pool,
+            foreground: fg_tx,
+            background: bg_tx,
+            wake: wake_tx,
+            stream: stream_rx,
+            _writer: Arc::new(WriterHandle),
+        })
+    }
+
+    /// Runs `f` on a pooled read connection on a blocking thread.
+    pub async fn read<R, F>(&self, f: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> Result<R> + Send + 'static,
+    {
+        let pool = self.pool.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = pool.get()?;
+            f(&conn)
+        })
+        .await
+        .map_err(|e| Error::internal(format!("reader task failed: {e}")))?
+    }
+
+    /// Runs `f` inside a write transaction on the writer thread (user-facing priority).
+    pub async fn write<R, F>(&self, f: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Writer<'_>) -> Result<R> + Send + 'static,
+    {
+        let (job, rx) = make_job(f);
+        self.foreground.send(job).map_err(|_| Error::internal("writer thread is gone"))?;
+        let _ = self.wake.try_send(());
+        rx.await.map_err(|_| Error::internal("write was dropped (transaction failed to commit)"))?
+    }
+
+    /// Like [`Store::write`] but queued behind all foreground writes (job-queue steps, bulk imports).
+    pub async fn write_background<R, F>(&self, f: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Writer<'_>) -> Result<R> + Send + 'static,
+    {
+        let (job, rx) = make_job(f);
+        let bg = self.background.clone();
+        tokio::task::spawn_blocking(move || bg.send(job))
+            .await
+            .map_err(|e| Error::internal(e.to_string()))?
+            .map_err(|_| Error::internal("writer thread is gone"))?;
+        let _ = self.wake.try_send(());
+        rx.await.map_err(|_| Error::internal("write was dropped (transaction failed to commit)"))?
+    }
+
+    /// The highest committed stream position; changes wake long-polling `/sync`.
+    pub fn stream_watch(&self) -> watch::Receiver<i64> {
+        self.stream.clone()
+    }
+
+    pub fn current_stream(&self) -> i64 {
+        *self.stream.borrow()
+    }
+
+    /// Online backup to `dest` (consistent snapshot while the server runs).
+    pub async fn backup(&self, dest: std::path::PathBuf) -> Result<()> {
+        self.read(move |conn| {
+            conn.execute("VACUUM INTO ?1", [dest.to_string_lossy()])?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+fn current_max_stream(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row(
+        "SELECT max(
+            (SELECT coalesce(max(stream_ordering), 0) FROM events),
+            (SELECT coalesce(max(stream_ordering), 0) FROM account_data),
+            (SELECT coalesce(max(stream_ordering), 0) FROM receipts),
+            (SELECT coalesce(max(stream_ordering), 0) FROM to_device),
+            (SELECT coalesce(max(stream_ordering), 0) FROM device_list_stream),
+            (SELECT coalesce(max(stream_ordering), 0) FROM local_membership_stream))",
+        [],
+        |r| r.get(0),
+    )
+}
+
+fn writer_loop(
+    mut conn: Connection,
+    fg: std_mpsc::Receiver<WriteFn>,
+    bg: std_mpsc::Receiver<WriteFn>,
+    wake: std_mpsc::Receiver<()>,
+    stream_tx: watch::Sender<i64>,
+    mut committed_stream: i64,
+) {
+    let mut fg_open = true;
+    loop {
+        // Foreground first; then one background job; otherwise sleep until something arrives.
+        let job = match fg.try_recv() {
+            Ok(job) => Some(job),
+            Err(std_mpsc::TryRecvError::Disconnected) => {
+                fg_open = false;
+                None
+            }
+            Err(std_mpsc::TryRecvError::Empty) => None,
+        };
+        let job = match job {
+            Some(job) => job,
+            None => match bg.try_recv() {
+                Ok(job) => job,
+                Err(std_mpsc::TryRecvError::Disconnected) if !fg_open => return,
+                Err(_) => {
+                    if !fg_open {
+                        return;
+                    }
+                    // Waiting on `wake` with a timeout also notices a dropped Store.
+                    match wake.recv_timeout(Duration::from_millis(500)) {
+                        Ok(()) | Err(std_mpsc::RecvTimeoutError::Timeout) => continue,
+                        Err(std_mpsc::RecvTimeoutError::Disconnected) => {
+                            // All senders gone: drain what's left then stop.
+                            while let Ok(job) = fg.try_recv() {
+                                run_one(&mut conn, job, &mut committed_stream, &stream_tx);
+                            }
+                            return;
+                        }
+                    }
+                }
+            },
+        };
+        run_one(&mut conn, job, &mut committed_stream, &stream_tx);
+    }
+}
+
+fn run_one(conn: &mut Connection, job: WriteFn, committed_stream: &mut i64, stream_tx: &watch::Sender<i64>) {
+    let mut next_stream = *committed_stream;
+    let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => {
+            tracing::error!(error = %e, "could not begin write transaction");
+            return; // dropping the job drops its reply sender: the caller sees an error
+        }
+    };
+    let mut w = Writer { conn: &tx, next_stream: &mut next_stream };
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut w)));
+    let (ok, deliver) = match outcome {
+        Ok(x) => x,
+        Err(_) => {
+            tracing::error!("write closure panicked; rolled back");
+            let _ = tx.rollback();
+            return;
+        }
+    };
+    if !ok {
+        // The write failed part-way: nothing of it may stay.
+        if let Err(e) = tx.rollback() {
+            tracing::error!(error = %e, "rollback failed");
+        }
+        deliver(None);
+        return;
+    }
+    match tx.commit() {
+        Ok(()) => {
+            if next_stream != *committed_stream {
+                *committed_stream = next_stream;
+                stream_tx.send_replace(next_stream);
+            }
+            deliver(None);
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "commit failed");
+            deliver(Some(Error::from(e)));
+        }
+    }
+}
