@@ -283,7 +283,13 @@ pub async fn require_password(s: &AppState, auth: &Auth, body_auth: Option<&Valu
     if a.get("type").and_then(Value::as_str) == Some("m.login.password") && check_password(s, &auth.user_id, password).await? {
         return Ok(());
     }
-    Err(Error::forbidden("invalid password").with("flows", flows()).with("params", json!({})))
+    // A failed stage is answered like the challenge (401, same session) plus an error code, as the spec's
+    // user-interactive auth requires.
+    let session = a.get("session").and_then(Value::as_str).map(str::to_owned).unwrap_or_else(|| s.uia.new_session());
+    Err(Error::matrix(axum::http::StatusCode::UNAUTHORIZED, "M_FORBIDDEN", "invalid password")
+        .with("flows", flows())
+        .with("params", json!({}))
+        .with("session", json!(session)))
 }
 
 #[derive(Deserialize)]
