@@ -222,8 +222,17 @@ CREATE TABLE one_time_keys (
     key_id    TEXT NOT NULL,                 -- algorithm:id
     algorithm TEXT NOT NULL,
     key_json  TEXT NOT NULL,
-    fallback  INTEGER NOT NULL DEFAULT 0,
+    fallback  INTEGER NOT NULL DEFAULT 0,    -- 0 one-time key, 1 unused fallback key, 2 fallback key handed out
+    upload_seq INTEGER NOT NULL DEFAULT 0,   -- claims hand out keys of older uploads first
     PRIMARY KEY (user_id, device_id, key_id)
+) WITHOUT ROWID;
+
+-- Cross-signing keys as uploaded, with signatures from /keys/signatures/upload merged into `signatures`.
+CREATE TABLE cross_signing_keys (
+    user_id   TEXT NOT NULL,
+    key_type  TEXT NOT NULL,                 -- master | self_signing | user_signing
+    key_json  TEXT NOT NULL,
+    PRIMARY KEY (user_id, key_type)
 ) WITHOUT ROWID;
 
 CREATE TABLE device_list_stream (
@@ -264,6 +273,15 @@ CREATE TABLE partial_state_servers (
     server_name TEXT NOT NULL,
     PRIMARY KEY (room_nid, server_name)
 ) WITHOUT ROWID;
+
+-- A partial-state room's full state ids (from /state_ids) while the resync job fetches what is missing.
+CREATE TABLE resync_state (
+    room_nid  INTEGER NOT NULL,
+    event_id  TEXT NOT NULL,
+    missing   INTEGER NOT NULL,              -- 1 until the event is stored
+    PRIMARY KEY (room_nid, event_id)
+) WITHOUT ROWID;
+CREATE INDEX resync_state_missing ON resync_state(room_nid, missing);
 
 ------------------------------------------------------------------------------------------------------------------
 -- The persistent background job queue (one worker). `cursor` is the job's own resumable position.

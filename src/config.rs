@@ -72,6 +72,10 @@ pub struct Federation {
     pub tls_key: Option<PathBuf>,
     /// Joins ask residents for partial state (MSC3706) by default.
     pub lazy_joins: bool,
+    /// Allow connecting to loopback and private addresses (off by default: SSRF protection; tests turn it on).
+    pub allow_private_ips: bool,
+    /// Also serve the federation API on the plain client listener (for a TLS-terminating reverse proxy).
+    pub serve_on_client_listener: bool,
     /// Static server discovery overrides: `"name" = "host:port"` (labs and tests).
     pub resolve: std::collections::BTreeMap<String, String>,
 }
@@ -141,6 +145,8 @@ impl Default for Federation {
             tls_cert: None,
             tls_key: None,
             lazy_joins: true,
+            allow_private_ips: false,
+            serve_on_client_listener: false,
             resolve: Default::default(),
         }
     }

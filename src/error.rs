@@ -102,6 +102,13 @@ impl Error {
     pub fn unauthorized(msg: impl Into<String>) -> Self {
         Self::matrix(StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED", msg)
     }
+    pub fn invalid_signature(msg: impl Into<String>) -> Self {
+        Self::matrix(StatusCode::BAD_REQUEST, "M_INVALID_SIGNATURE", msg)
+    }
+    /// 405 for account data types the server manages (the spec pairs the status with `M_BAD_JSON`).
+    pub fn server_managed(msg: impl Into<String>) -> Self {
+        Self::matrix(StatusCode::METHOD_NOT_ALLOWED, "M_BAD_JSON", msg)
+    }
     pub fn internal(msg: impl Into<String>) -> Self {
         Error::Internal(anyhow::anyhow!(msg.into()))
     }

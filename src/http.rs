@@ -24,10 +24,24 @@ pub fn client_router(services: AppState) -> Router {
         .allow_origin(tower_http::cors::Any)
         .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE, Method::OPTIONS])
         .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, header::ACCEPT, header::HeaderName::from_static("x-requested-with")]);
-    crate::client::routes()
+    let mut routes = crate::client::routes();
+    if services.config.federation.serve_on_client_listener && services.federation.is_some() {
+        routes = routes.merge(crate::federation::routes::routes());
+    }
+    routes
         .fallback(|| async { Error::unrecognized("unrecognized endpoint") })
         .method_not_allowed_fallback(|| async { Error::method_not_allowed() })
         .layer(cors)
+        .layer(axum::middleware::map_response(json_content_type))
+        .with_state(services)
+}
+
+/// The federation listener's router (TLS).
+pub fn federation_router(services: AppState) -> Router {
+    crate::federation::routes::routes()
+        .route("/_matrix/client/versions", axum::routing::get(crate::client::account::versions))
+        .fallback(|| async { Error::unrecognized("unrecognized endpoint") })
+        .method_not_allowed_fallback(|| async { Error::method_not_allowed() })
         .layer(axum::middleware::map_response(json_content_type))
         .with_state(services)
 }

@@ -3,7 +3,9 @@
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod federation;
 pub mod http;
+pub mod jobs;
 pub mod room;
 pub mod server;
 pub mod store;

@@ -21,11 +21,15 @@ pub struct Services {
     pub login_limiter: RateLimiter,
     pub message_limiter: RateLimiter,
     pub uia: UiaSessions,
+    /// None when `federation.enabled = false`.
+    pub federation: Option<crate::federation::Federation>,
+    pub jobs: crate::jobs::Jobs,
 }
 
 /// A running server (used by `main` and by in-process tests).
 pub struct Running {
     pub client_addr: SocketAddr,
+    pub federation_addr: Option<SocketAddr>,
     pub services: Arc<Services>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -48,6 +52,14 @@ pub fn build_services(config: Config) -> anyhow::Result<Arc<Services>> {
         Identity::load_or_create(&conn, &config.server_name)?
     };
     let per_second = config.limits.messages_per_second;
+    let federation = if config.federation.enabled {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = Arc::new(crate::federation::FedClient::new(identity.clone(), config.federation.clone())?);
+        let keys = crate::federation::KeyStore::new(store.clone(), client.clone(), identity.clone(), config.federation.trusted_key_servers.clone());
+        Some(crate::federation::Federation { client, keys })
+    } else {
+        None
+    };
     Ok(Arc::new(Services {
         login_limiter: RateLimiter::new(config.limits.login_failures_per_minute as f64 / 60.0, config.limits.login_failures_per_minute as f64),
         message_limiter: RateLimiter::new(per_second, per_second * 10.0),
@@ -56,6 +68,8 @@ pub fn build_services(config: Config) -> anyhow::Result<Arc<Services>> {
         identity,
         typing: Typing::default(),
         uia: UiaSessions::default(),
+        federation,
+        jobs: crate::jobs::Jobs::default(),
     }))
 }
 
@@ -77,6 +91,35 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             tracing::error!(error = %e, "client listener failed");
         }
     });
-    tracing::info!(%client_addr, server_name = %services.identity.server_name, "hearth listening");
-    Ok(Running { client_addr, services, shutdown, tasks: vec![server] })
+    let mut tasks = vec![server];
+    let mut federation_addr = None;
+    if services.federation.is_some() {
+        if let Some(addr) = services.config.listen.federation {
+            let cfg = &services.config.federation;
+            let (cert, key) = match (&cfg.tls_cert, &cfg.tls_key) {
+                (Some(c), Some(k)) => (c.clone(), k.clone()),
+                _ => anyhow::bail!("listen.federation is set but federation.tls_cert / federation.tls_key are not"),
+            };
+            let acceptor = crate::federation::tls::load_acceptor(&cert, &key)?;
+            let tcp = TcpListener::bind(addr).await?;
+            federation_addr = Some(tcp.local_addr()?);
+            let listener = crate::federation::tls::TlsListener::new(tcp, acceptor)?;
+            let app = crate::http::federation_router(services.clone());
+            let mut rx = shutdown_rx.clone();
+            tasks.push(tokio::spawn(async move {
+                let result = axum::serve(listener, app.into_make_service())
+                    .with_graceful_shutdown(async move {
+                        let _ = rx.wait_for(|v| *v).await;
+                    })
+                    .await;
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "federation listener failed");
+                }
+            }));
+        }
+        tasks.push(tokio::spawn(crate::federation::sender::run(services.clone(), shutdown_rx.clone())));
+    }
+    tasks.push(tokio::spawn(crate::jobs::run_worker(services.clone(), shutdown_rx.clone())));
+    tracing::info!(%client_addr, ?federation_addr, server_name = %services.identity.server_name, "hearth listening");
+    Ok(Running { client_addr, federation_addr, services, shutdown, tasks })
 }

@@ -1,9 +1,13 @@
 //! The client-server API: thin handlers that parse, authorise, call the room core and shape responses.
 
 pub mod account;
+pub mod account_data;
 pub mod ephemeral;
 pub mod format;
+pub mod keys;
 pub mod profile;
+pub mod push_rules;
+pub mod receipts;
 pub mod rooms;
 pub mod sync;
 pub mod timeline;
@@ -59,6 +63,32 @@ fn api() -> Router<AppState> {
         .route("/directory/list/room/{room_id}", get(r::get_visibility).put(r::set_visibility))
         .route("/publicRooms", get(r::public_rooms_get).post(r::public_rooms_post))
         .route("/sync", get(sync::sync))
+        .merge(extras())
+}
+
+/// Account data, typing, receipts, push rules, E2EE keys and to-device messaging.
+fn extras() -> Router<AppState> {
+    use account_data as ad;
+    use push_rules as pr;
+    Router::new()
+        .route("/user/{user_id}/account_data/{data_type}", get(ad::get_global).put(ad::put_global))
+        .route("/user/{user_id}/rooms/{room_id}/account_data/{data_type}", get(ad::get_room).put(ad::put_room))
+        .route("/rooms/{room_id}/typing/{user_id}", put(receipts::typing))
+        .route("/rooms/{room_id}/receipt/{receipt_type}/{event_id}", post(receipts::receipt))
+        .route("/rooms/{room_id}/read_markers", post(receipts::read_markers))
+        .route("/pushrules", get(pr::get_all))
+        .route("/pushrules/", get(pr::get_all))
+        .route("/pushrules/{scope}", get(pr::get_scope))
+        .route("/pushrules/{scope}/", get(pr::get_scope))
+        .route("/pushrules/{scope}/{kind}/{rule_id}", get(pr::get_rule).put(pr::put_rule).delete(pr::delete_rule))
+        .route("/pushrules/{scope}/{kind}/{rule_id}/{attr}", get(pr::get_attr).put(pr::put_attr))
+        .route("/keys/upload", post(keys::upload))
+        .route("/keys/query", post(keys::query))
+        .route("/keys/claim", post(keys::claim))
+        .route("/keys/changes", get(keys::changes))
+        .route("/keys/device_signing/upload", post(keys::upload_signing_keys))
+        .route("/keys/signatures/upload", post(keys::upload_signatures))
+        .route("/sendToDevice/{event_type}/{txn_id}", put(keys::send_to_device))
 }
 
 pub fn routes() -> Router<AppState> {

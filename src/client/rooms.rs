@@ -93,16 +93,26 @@ pub struct ReasonBody {
     user_id: Option<String>,
 }
 
-/// Resolves `!room:server` or `#alias:server` to a room id.
-async fn resolve_room(s: &AppState, id_or_alias: &str) -> Result<String> {
+/// Resolves `!room:server` or `#alias:server` to a room id and servers that can help joining it.
+async fn resolve_room(s: &AppState, id_or_alias: &str) -> Result<(String, Vec<String>)> {
     if id_or_alias.starts_with('!') {
-        ruma::RoomId::parse(id_or_alias).map_err(|e| Error::invalid_param(format!("invalid room id: {e}")))?;
-        return Ok(id_or_alias.to_owned());
+        let id = ruma::RoomId::parse(id_or_alias).map_err(|e| Error::invalid_param(format!("invalid room id: {e}")))?;
+        return Ok((id_or_alias.to_owned(), id.server_name().map(|s| vec![s.to_string()]).unwrap_or_default()));
     }
     if id_or_alias.starts_with('#') {
-        ruma::RoomAliasId::parse(id_or_alias).map_err(|e| Error::invalid_param(format!("invalid room alias: {e}")))?;
+        let alias = ruma::RoomAliasId::parse(id_or_alias).map_err(|e| Error::invalid_param(format!("invalid room alias: {e}")))?;
+        if alias.server_name() != s.identity.server_name {
+            // A remote alias: ask its server.
+            let fed = s.federation.as_ref().ok_or_else(|| Error::not_found("room alias not found (federation is disabled)"))?;
+            let path = format!("/_matrix/federation/v1/query/directory?room_alias={}", crate::federation::client::enc(id_or_alias));
+            let v = fed.client.get(alias.server_name().as_str(), &path).await?;
+            let room_id = v.get("room_id").and_then(Value::as_str).ok_or_else(|| Error::not_found("room alias not found"))?.to_owned();
+            let servers = v.get("servers").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect()).unwrap_or_default();
+            return Ok((room_id, servers));
+        }
         let a = id_or_alias.to_owned();
-        return s.store.read(move |c| rooms::alias_target(c, &a)).await?.ok_or_else(|| Error::not_found("room alias not found"));
+        let room_id = s.store.read(move |c| rooms::alias_target(c, &a)).await?.ok_or_else(|| Error::not_found("room alias not found"))?;
+        return Ok((room_id, vec![]));
     }
     Err(Error::invalid_param("expected a room id or alias"))
 }
@@ -111,19 +121,48 @@ pub async fn join(
     State(s): State<AppState>,
     auth: Auth,
     Path(id_or_alias): Path<String>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
     Json(body): Json<ReasonBody>,
 ) -> Result<impl IntoResponse> {
-    let room_id = resolve_room(&s, &id_or_alias).await?;
-    let identity = s.identity.clone();
+    let (room_id, mut servers) = resolve_room(&s, &id_or_alias).await?;
+    // `via` / `server_name` query parameters (repeatable) come first.
+    let mut via: Vec<String> = q
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|kv| kv.strip_prefix("via=").or_else(|| kv.strip_prefix("server_name=")))
+        .map(crate::http::percent_decode)
+        .collect();
+    via.append(&mut servers);
     let rid = room_id.clone();
-    let known = s.store.read(move |c| events::room_by_id(c, &rid)).await?;
-    if known.is_none() {
+    let me = s.identity.server_name.to_string();
+    let (known, local_members, remote_servers) = s
+        .store
+        .read(move |c| match events::room_by_id(c, &rid)? {
+            Some(r) => {
+                let servers = events::joined_servers(c, r.room_nid)?;
+                let local = servers.iter().any(|x| *x == me);
+                let remote: Vec<String> = servers.into_iter().filter(|x| *x != me).collect();
+                Ok((true, local, remote))
+            }
+            None => Ok((false, false, vec![])),
+        })
+        .await?;
+    if known && (local_members || remote_servers.is_empty()) {
+        // We are resident (or the room is ours alone): a local membership change.
+        let identity = s.identity.clone();
+        let rid = room_id.clone();
+        s.store
+            .write(move |w| set_membership(w, &identity, &rid, &auth.user_id, &auth.user_id, "join", body.reason.as_deref(), None))
+            .await?;
+        return Ok(axum::Json(json!({"room_id": room_id})));
+    }
+    via.extend(remote_servers);
+    let mut seen = std::collections::HashSet::new();
+    via.retain(|v| seen.insert(v.clone()));
+    if via.is_empty() {
         return Err(Error::not_found("no known servers to join this room through"));
     }
-    let rid = room_id.clone();
-    s.store
-        .write(move |w| set_membership(w, &identity, &rid, &auth.user_id, &auth.user_id, "join", body.reason.as_deref(), None))
-        .await?;
+    crate::federation::join::remote_join(&s, &auth.user_id, &room_id, &via, body.reason.as_deref()).await?;
     Ok(axum::Json(json!({"room_id": room_id})))
 }
 
@@ -384,7 +423,33 @@ pub struct MembersQuery {
     at: Option<String>,
 }
 
+/// Waits until a partial-state room has its full member list (moving its resync to the front of the queue).
+pub async fn wait_full_state(s: &AppState, room_id: &str) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(300);
+    let mut bumped = false;
+    let mut stream = s.store.stream_watch();
+    loop {
+        let rid = room_id.to_owned();
+        let room = s.store.read(move |c| events::room_by_id(c, &rid)).await?;
+        let Some(room) = room.filter(|r| r.partial_state) else { return Ok(()) };
+        if !bumped {
+            let nid = room.room_nid;
+            s.store.write(move |w| crate::jobs::bump(w.conn, nid)).await?;
+            s.jobs.wake();
+            bumped = true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(Error::matrix(axum::http::StatusCode::GATEWAY_TIMEOUT, "M_UNKNOWN", "the room's member list is still being fetched"));
+        }
+        tokio::select! {
+            _ = stream.changed() => {}
+            _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+        }
+    }
+}
+
 pub async fn members(State(s): State<AppState>, auth: Auth, Path(room_id): Path<String>, Query(q): Query<MembersQuery>) -> Result<impl IntoResponse> {
+    wait_full_state(&s, &room_id).await?;
     let chunk = s
         .store
         .read(move |c| {
@@ -438,6 +503,7 @@ pub async fn members(State(s): State<AppState>, auth: Auth, Path(room_id): Path<
 }
 
 pub async fn joined_members(State(s): State<AppState>, auth: Auth, Path(room_id): Path<String>) -> Result<impl IntoResponse> {
+    wait_full_state(&s, &room_id).await?;
     let joined = s
         .store
         .read(move |c| {

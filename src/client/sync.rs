@@ -407,13 +407,14 @@ fn account_data_since(c: &Connection, user_id: &str, room_id: &str, since: i64, 
     Ok(out)
 }
 
-fn receipts_since(c: &Connection, room_nid: i64, since: i64, upto: i64) -> Result<Option<Value>> {
+/// Receipts that moved in the window; private receipts (`m.read.private`) only when they are `user_id`'s own.
+fn receipts_since(c: &Connection, room_nid: i64, since: i64, upto: i64, user_id: &str) -> Result<Option<Value>> {
     let mut stmt = c.prepare_cached(
         "SELECT receipt_type, user_id, thread_id, event_id, ts FROM receipts WHERE room_nid = ?1
-         AND stream_ordering > ?2 AND stream_ordering <= ?3",
+         AND stream_ordering > ?2 AND stream_ordering <= ?3 AND (receipt_type != 'm.read.private' OR user_id = ?4)",
     )?;
     let mut content = serde_json::Map::new();
-    let mut rows = stmt.query(params![room_nid, since, upto])?;
+    let mut rows = stmt.query(params![room_nid, since, upto, user_id])?;
     while let Some(r) = rows.next()? {
         let (rt, user, thread, event_id, ts): (String, String, String, String, i64) = (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?);
         let mut receipt = json!({"ts": ts});
@@ -462,6 +463,11 @@ fn build(
             continue;
         }
         let room = events::room_by_nid(c, room_nid)?.ok_or_else(|| Error::internal("room vanished"))?;
+        if room.partial_state && !filter.lazy_load_members {
+            // MSC3902: a client that wants every member sees the room once the member list is complete
+            // (the resync then records a fresh join, so the room arrives as newly joined with full state).
+            continue;
+        }
         let newly = since.is_some() && changed.get(&room_nid).is_some_and(|m| m == "join");
         let window_since = if newly { None } else { since_stream };
         let rs = room_window(c, auth, &room, filter, window_since, pos.stream, full_state, server_name)?;
@@ -476,7 +482,7 @@ fn build(
                 ephemeral.push(json!({"type": "m.typing", "content": {"user_ids": users}}));
             }
         }
-        if let Some(r) = receipts_since(c, room_nid, lo, pos.stream)? {
+        if let Some(r) = receipts_since(c, room_nid, lo, pos.stream, &auth.user_id)? {
             ephemeral.push(r);
         }
         ephemeral.retain(|e| filter.ephemeral.allows(e["type"].as_str().unwrap_or(""), ""));
@@ -540,7 +546,14 @@ fn build(
         );
     }
 
-    let account_data = account_data_since(c, &auth.user_id, "", lo, pos.stream, &filter.account_data)?;
+    let mut account_data = account_data_since(c, &auth.user_id, "", lo, pos.stream, &filter.account_data)?;
+    // Push rules exist before the user ever changes them: an initial sync carries the defaults.
+    if since.is_none()
+        && filter.account_data.allows(crate::client::push_rules::PUSH_RULES, &auth.user_id)
+        && !account_data.iter().any(|e| e["type"] == crate::client::push_rules::PUSH_RULES)
+    {
+        account_data.push(json!({"type": crate::client::push_rules::PUSH_RULES, "content": crate::client::push_rules::default_ruleset(&auth.user_id)}));
+    }
     if !account_data.is_empty() {
         empty = false;
     }

@@ -101,7 +101,7 @@ pub fn build_pdu(
     Pdu::from_canonical(obj, event_id, rules).map_err(Error::internal)
 }
 
-fn reference(conn: &Connection, nid: i64) -> Result<(ruma::OwnedEventId, String, i64)> {
+pub fn reference(conn: &Connection, nid: i64) -> Result<(ruma::OwnedEventId, String, i64)> {
     let row = events::event_by_nid(conn, nid)?.ok_or_else(|| Error::internal("missing referenced event"))?;
     let v: Value = serde_json::from_str(&row.json)?;
     let sha = v.pointer("/hashes/sha256").and_then(Value::as_str).unwrap_or_default().to_owned();
@@ -173,7 +173,17 @@ pub fn append_local(
 
     let pdu = build_pdu(identity, &rules, Some(&room.room_id), sender, &ev, &prev, &auth, depth + 1)?;
     authorize(conn, &rules, &pdu, Some(sg)).map_err(|e| Error::forbidden(format!("event not allowed: {e}")))?;
-    persist(w, identity, room, &rules, &pdu, Some(sg), Outcome::Accepted, txn)
+    let appended = persist(w, identity, room, &rules, &pdu, Some(sg), Outcome::Accepted, txn)?;
+    // Other servers in the room get it through the durable outbox (same transaction: never lost, never early).
+    // A kicked/banned remote user's server hears about it too.
+    let mut extra = Vec::new();
+    if let (Some(target), true) = (&pdu.state_key, pdu.kind == TimelineEventType::RoomMember) {
+        if let Some((_, server)) = target.split_once(':') {
+            extra.push(server.to_owned());
+        }
+    }
+    crate::store::outbox::enqueue_pdu(w.conn, room.room_nid, &appended.event_id, identity.server_name.as_str(), &extra)?;
+    Ok(appended)
 }
 
 fn check_local_redaction(conn: &Connection, room: &RoomRow, sg: i64, sender: &str, target: &str) -> Result<()> {
@@ -252,7 +262,7 @@ pub fn persist(
         let prev_nids: Vec<i64> =
             prevs.iter().filter_map(|p| events::event_nid(conn, p).ok().flatten()).collect();
         events::replace_extremities(conn, room.room_nid, &prev_nids, event_nid)?;
-        update_current_state(w, identity, room, event_nid, sg_after)?;
+        update_current_state(w, identity, room, event_nid, sg_before, sg_after)?;
         if pdu.kind == TimelineEventType::RoomRedaction {
             apply_redaction(conn, room, rules, pdu)?;
         }
@@ -261,7 +271,14 @@ pub fn persist(
 }
 
 /// Recomputes the room's current state from its forward extremities and keeps `room_members` in step.
-fn update_current_state(w: &mut Writer<'_>, identity: &Identity, room: &RoomRow, event_nid: i64, sg_after: i64) -> Result<()> {
+fn update_current_state(
+    w: &mut Writer<'_>,
+    identity: &Identity,
+    room: &RoomRow,
+    event_nid: i64,
+    sg_before: Option<i64>,
+    sg_after: i64,
+) -> Result<()> {
     let conn = w.conn;
     let extremities = events::forward_extremities(conn, room.room_nid)?;
     let new_sg = if extremities == [event_nid] {
@@ -287,7 +304,7 @@ fn update_current_state(w: &mut Writer<'_>, identity: &Identity, room: &RoomRow,
         Some(g) => events::load_state_of_type(conn, g, "m.room.member")?,
         None => Default::default(),
     };
-    let changed: Vec<(String, i64)> = if new_sg == sg_after && old_sg.is_some() && extremities == [event_nid] {
+    let changed: Vec<(String, i64)> = if new_sg == sg_after && old_sg.is_some() && old_sg == sg_before {
         // Common case: only this event may have changed membership.
         match events::event_by_nid(conn, event_nid)? {
             Some(row) if row.event_type == "m.room.member" => {

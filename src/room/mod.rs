@@ -5,6 +5,7 @@ pub mod create;
 pub mod membership;
 pub mod pdu;
 pub mod power;
+pub mod remote;
 pub mod state;
 pub mod version;
 

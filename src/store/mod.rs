@@ -5,10 +5,14 @@
 //! (user-facing) writes always go ahead of queued background writes, and background work is expected to come in
 //! short steps, so a message never waits behind a bulk insert.
 
+pub mod account_data;
 pub mod accounts;
+pub mod e2ee;
 pub mod events;
+pub mod receipts;
 pub mod rooms;
 pub mod migrate;
+pub mod outbox;
 
 use std::path::Path;
 use std::sync::mpsc as std_mpsc;

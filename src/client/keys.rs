@@ -1,0 +1,476 @@
+//! End-to-end encryption for local users: device and one-time keys, cross-signing keys and signatures, device
+//! list changes, and send-to-device messaging.
+//!
+//! Remote users are not served here yet: their queries and claims are reported in `failures`, and to-device
+//! messages for them are dropped (that needs federation EDUs).
+
+use std::collections::BTreeSet;
+
+use axum::extract::{Path, State};
+use axum::response::IntoResponse;
+use base64::Engine;
+use rusqlite::Connection;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use crate::client::account::require_password;
+use crate::client::sync::parse_token;
+use crate::error::{Error, Result};
+use crate::http::{AppState, Auth, Json, Query};
+use crate::store::e2ee;
+
+const CROSS_SIGNING_TYPES: [&str; 3] = ["master", "self_signing", "user_signing"];
+
+fn server_of(user_id: &str) -> &str {
+    user_id.split_once(':').map(|x| x.1).unwrap_or_default()
+}
+
+/// What remote servers get in `failures` until federated key queries exist.
+fn remote_failure() -> Value {
+    json!({"status": 503, "message": "keys of remote users are not available from this server yet"})
+}
+
+/// `algorithm:id` -> key maps of /keys/upload.
+fn check_key_map(keys: &Map<String, Value>, what: &str) -> Result<()> {
+    for (id, key) in keys {
+        if !id.contains(':') || !(key.is_string() || key.is_object()) {
+            return Err(Error::bad_json(format!("{what}: `{id}` is not an `algorithm:id` key")));
+        }
+    }
+    Ok(())
+}
+
+/// The object without `signatures` and `unsigned`: what a signature covers, and what must not change when only
+/// signatures are added.
+fn signed_part(v: &Value) -> Value {
+    let mut v = v.clone();
+    if let Some(o) = v.as_object_mut() {
+        o.remove("signatures");
+        o.remove("unsigned");
+    }
+    v
+}
+
+fn b64(s: &str) -> Option<Vec<u8>> {
+    base64::engine::general_purpose::STANDARD_NO_PAD.decode(s.trim_end_matches('=')).ok()
+}
+
+/// Checks `obj.signatures[signer][key_id]` against the ed25519 `public_key` over the canonical JSON of `obj`.
+fn verify(obj: &Value, signer: &str, key_id: &str, public_key: &str) -> bool {
+    let Some(sig) = obj["signatures"][signer][key_id].as_str().and_then(b64) else { return false };
+    let Some(pk) = b64(public_key) else { return false };
+    let Ok(canonical) = ruma::canonical_json::CanonicalJsonValue::try_from(signed_part(obj)) else { return false };
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, pk).verify(canonical.to_string().as_bytes(), &sig).is_ok()
+}
+
+/// Adds `signatures[signer][key_id]` from `from` to `to`.
+fn add_signature(to: &mut Value, from: &Value, signer: &str, key_id: &str) {
+    let sig = from["signatures"][signer][key_id].clone();
+    if !to["signatures"].is_object() {
+        to["signatures"] = json!({});
+    }
+    if !to["signatures"][signer].is_object() {
+        to["signatures"][signer] = json!({});
+    }
+    to["signatures"][signer][key_id] = sig;
+}
+
+/// The public key of a cross-signing key after checking its shape: owned by `user_id`, with `usage`, and exactly
+/// one `ed25519:<public key>` entry.
+fn cross_signing_public(key: &Value, user_id: &str, usage: &str) -> Result<String> {
+    if key["user_id"] != user_id {
+        return Err(Error::bad_json(format!("{usage} key: user_id must be {user_id}")));
+    }
+    if !key["usage"].as_array().is_some_and(|u| u.iter().any(|x| x == usage)) {
+        return Err(Error::bad_json(format!("{usage} key: usage must include `{usage}`")));
+    }
+    let keys = key["keys"].as_object().filter(|k| k.len() == 1).ok_or_else(|| Error::bad_json(format!("{usage} key: `keys` must hold exactly one key")))?;
+    let (id, value) = keys.iter().next().expect("one key");
+    match (id.strip_prefix("ed25519:"), value.as_str()) {
+        (Some(public), Some(v)) if public == v && !public.is_empty() => Ok(public.to_owned()),
+        _ => Err(Error::bad_json(format!("{usage} key: the key must be `ed25519:<public key>`: <public key>"))),
+    }
+}
+
+/// Hides signatures made by third parties (user-signing signatures are private to whoever made them).
+fn visible_to(mut key: Value, owner: &str, requester: &str) -> Value {
+    if let Some(sigs) = key.get_mut("signatures").and_then(Value::as_object_mut) {
+        sigs.retain(|signer, _| signer == owner || signer == requester);
+    }
+    key
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// /keys/upload, /keys/query, /keys/claim, /keys/changes
+
+#[derive(Deserialize)]
+pub struct UploadKeys {
+    device_keys: Option<Value>,
+    one_time_keys: Option<Map<String, Value>>,
+    fallback_keys: Option<Map<String, Value>>,
+}
+
+pub async fn upload(State(s): State<AppState>, auth: Auth, Json(body): Json<UploadKeys>) -> Result<impl IntoResponse> {
+    if let Some(dk) = &body.device_keys {
+        if !dk.is_object() || !dk["keys"].is_object() {
+            return Err(Error::bad_json("device_keys must be an object with `keys`"));
+        }
+        if dk["user_id"] != auth.user_id || dk["device_id"] != auth.device_id {
+            return Err(Error::invalid_param("device_keys must be for the user and device of the access token"));
+        }
+    }
+    let otks = body.one_time_keys.unwrap_or_default();
+    let fallbacks = body.fallback_keys.unwrap_or_default();
+    check_key_map(&otks, "one_time_keys")?;
+    check_key_map(&fallbacks, "fallback_keys")?;
+    let (u, d) = (auth.user_id.clone(), auth.device_id.clone());
+    let mut counts = s
+        .store
+        .write(move |w| {
+            if let Some(dk) = body.device_keys {
+                // `unsigned` is ours to fill in when answering queries.
+                let mut dk = dk;
+                dk.as_object_mut().map(|o| o.remove("unsigned"));
+                if e2ee::set_device_keys(w.conn, &u, &d, &dk)? {
+                    e2ee::device_list_changed(w, &u)?;
+                }
+            }
+            if let Some(conflict) = e2ee::add_one_time_keys(w.conn, &u, &d, &otks)? {
+                return Err(Error::invalid_param(format!("one-time key {conflict} already exists with different content")));
+            }
+            e2ee::set_fallback_keys(w.conn, &u, &d, &fallbacks)?;
+            e2ee::one_time_key_counts(w.conn, &u, &d)
+        })
+        .await?;
+    counts.entry("signed_curve25519").or_insert(json!(0));
+    Ok(axum::Json(json!({"one_time_key_counts": counts})))
+}
+
+#[derive(Deserialize)]
+pub struct QueryKeys {
+    device_keys: Map<String, Value>,
+}
+
+pub async fn query(State(s): State<AppState>, auth: Auth, Json(body): Json<QueryKeys>) -> Result<impl IntoResponse> {
+    let mut wanted: Vec<(String, Vec<String>)> = Vec::new();
+    let mut failures = Map::new();
+    for (user_id, devices) in body.device_keys {
+        let devices: Vec<String> = match devices {
+            Value::Null => Vec::new(),
+            Value::Array(a) => a.iter().filter_map(Value::as_str).map(str::to_owned).collect(),
+            _ => return Err(Error::bad_json("device_keys values must be lists of device ids")),
+        };
+        if s.identity.is_local_user(&user_id) {
+            wanted.push((user_id, devices));
+        } else {
+            failures.insert(server_of(&user_id).to_owned(), remote_failure());
+        }
+    }
+    let requester = auth.user_id.clone();
+    let mut body = s.store.read(move |c| query_local(c, &requester, &wanted)).await?;
+    body["failures"] = Value::Object(failures);
+    Ok(axum::Json(body))
+}
+
+fn query_local(c: &Connection, requester: &str, wanted: &[(String, Vec<String>)]) -> Result<Value> {
+    let (mut device_keys, mut master, mut self_signing, mut user_signing) = (Map::new(), Map::new(), Map::new(), Map::new());
+    for (user_id, devices) in wanted {
+        let mut found = Map::new();
+        for dk in e2ee::device_keys(c, user_id, devices)? {
+            let mut keys = dk.keys;
+            if let Some(name) = dk.display_name {
+                keys["unsigned"] = json!({"device_display_name": name});
+            }
+            found.insert(dk.device_id, keys);
+        }
+        device_keys.insert(user_id.clone(), Value::Object(found));
+        if let Some(k) = e2ee::cross_signing_key(c, user_id, "master")? {
+            master.insert(user_id.clone(), visible_to(k, user_id, requester));
+        }
+        if let Some(k) = e2ee::cross_signing_key(c, user_id, "self_signing")? {
+            self_signing.insert(user_id.clone(), visible_to(k, user_id, requester));
+        }
+        if user_id == requester {
+            if let Some(k) = e2ee::cross_signing_key(c, user_id, "user_signing")? {
+                user_signing.insert(user_id.clone(), k);
+            }
+        }
+    }
+    Ok(json!({
+        "device_keys": device_keys,
+        "master_keys": master,
+        "self_signing_keys": self_signing,
+        "user_signing_keys": user_signing,
+    }))
+}
+
+#[derive(Deserialize)]
+pub struct ClaimKeys {
+    one_time_keys: Map<String, Value>,
+}
+
+/// Any user may claim keys (the token only has to be valid).
+pub async fn claim(State(s): State<AppState>, _auth: Auth, Json(body): Json<ClaimKeys>) -> Result<impl IntoResponse> {
+    let mut wanted: Vec<(String, String, String)> = Vec::new();
+    let mut failures = Map::new();
+    for (user_id, devices) in body.one_time_keys {
+        let devices = devices.as_object().ok_or_else(|| Error::bad_json("one_time_keys values must be objects"))?;
+        if !s.identity.is_local_user(&user_id) {
+            failures.insert(server_of(&user_id).to_owned(), remote_failure());
+            continue;
+        }
+        for (device_id, algorithm) in devices {
+            let algorithm = algorithm.as_str().ok_or_else(|| Error::bad_json("algorithms must be strings"))?;
+            wanted.push((user_id.clone(), device_id.clone(), algorithm.to_owned()));
+        }
+    }
+    // A write: a claimed one-time key is deleted in the same transaction that hands it out.
+    let claimed = s
+        .store
+        .write(move |w| {
+            let mut out = Map::new();
+            for (user_id, device_id, algorithm) in &wanted {
+                if let Some((key_id, key)) = e2ee::claim_key(w.conn, user_id, device_id, algorithm)? {
+                    let user = out.entry(user_id.clone()).or_insert_with(|| json!({}));
+                    user[device_id] = json!({ key_id: key });
+                }
+            }
+            Ok(out)
+        })
+        .await?;
+    Ok(axum::Json(json!({"one_time_keys": claimed, "failures": failures})))
+}
+
+#[derive(Deserialize)]
+pub struct ChangesQuery {
+    from: Option<String>,
+    to: Option<String>,
+}
+
+pub async fn changes(State(s): State<AppState>, auth: Auth, Query(q): Query<ChangesQuery>) -> Result<impl IntoResponse> {
+    let from = parse_token(q.from.as_deref().ok_or_else(|| Error::missing_param("`from` is required"))?)?.stream;
+    let to = match q.to.as_deref() {
+        Some(t) => parse_token(t)?.stream,
+        None => s.store.current_stream(),
+    };
+    let user_id = auth.user_id.clone();
+    let (changed, left) = s.store.read(move |c| e2ee::device_list_changes(c, &user_id, from, to)).await?;
+    Ok(axum::Json(json!({"changed": changed, "left": left})))
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Cross-signing
+
+#[derive(Deserialize)]
+pub struct SigningKeys {
+    master_key: Option<Value>,
+    self_signing_key: Option<Value>,
+    user_signing_key: Option<Value>,
+    auth: Option<Value>,
+}
+
+pub async fn upload_signing_keys(State(s): State<AppState>, auth: Auth, Json(body): Json<SigningKeys>) -> Result<impl IntoResponse> {
+    let new: Vec<(&'static str, Value)> = [("master", body.master_key), ("self_signing", body.self_signing_key), ("user_signing", body.user_signing_key)]
+        .into_iter()
+        .filter_map(|(t, k)| k.map(|k| (t, k)))
+        .collect();
+    let mut publics = Vec::new();
+    for (t, k) in &new {
+        publics.push(cross_signing_public(k, &auth.user_id, t)?);
+    }
+
+    let uid = auth.user_id.clone();
+    let (existing, devices) = s
+        .store
+        .read(move |c| {
+            let mut existing = Vec::new();
+            for t in CROSS_SIGNING_TYPES {
+                existing.push(e2ee::cross_signing_key(c, &uid, t)?);
+            }
+            Ok((existing, e2ee::device_ids(c, &uid)?))
+        })
+        .await?;
+    let stored = |t: &str| existing[CROSS_SIGNING_TYPES.iter().position(|x| *x == t).expect("known type")].clone();
+    if publics.iter().any(|p| devices.contains(p)) {
+        return Err(Error::forbidden("a cross-signing public key may not equal one of your device ids"));
+    }
+
+    // Uploading the first keys, or re-sending the same ones (a retry), needs no password; replacing keys does.
+    let same = |t: &str, k: &Value| stored(t).is_some_and(|e| e["keys"] == k["keys"] && e["usage"] == k["usage"]);
+    let changed: Vec<(&'static str, Value)> = new.into_iter().filter(|(t, k)| !same(t, k)).collect();
+    if changed.is_empty() {
+        return Ok(axum::Json(json!({})));
+    }
+    if stored("master").is_some() {
+        require_password(&s, &auth, body.auth.as_ref()).await?;
+    }
+
+    // The self-signing and user-signing keys must carry a signature of the (new or current) master key.
+    let master = changed.iter().find(|(t, _)| *t == "master").map(|(_, k)| k.clone()).or_else(|| stored("master"));
+    let master = master.ok_or_else(|| Error::missing_param("no master key uploaded"))?;
+    let master_public = cross_signing_public(&master, &auth.user_id, "master")?;
+    for (t, k) in &changed {
+        if *t != "master" && !verify(k, &auth.user_id, &format!("ed25519:{master_public}"), &master_public) {
+            return Err(Error::invalid_signature(format!("the {t} key is not signed by the master key")));
+        }
+    }
+
+    let uid = auth.user_id.clone();
+    s.store
+        .write(move |w| {
+            for (t, k) in &changed {
+                e2ee::set_cross_signing_key(w.conn, &uid, t, k)?;
+            }
+            e2ee::device_list_changed(w, &uid)
+        })
+        .await?;
+    Ok(axum::Json(json!({})))
+}
+
+/// Adds the signatures in one signed object to the stored key it signs. Matrix errors are per-key failures.
+fn sign_one(c: &Connection, signer: &str, target: &str, key_id: &str, signed: &Value) -> Result<()> {
+    let stored_public = |user: &str, t: &str| -> Result<Option<(Value, String)>> {
+        Ok(match e2ee::cross_signing_key(c, user, t)? {
+            Some(k) => cross_signing_public(&k, user, t).ok().map(|p| (k, p)),
+            None => None,
+        })
+    };
+    let mismatch = || Error::invalid_signature("the signed object does not match the stored key");
+    if target == signer {
+        if let Some(dk) = e2ee::device_keys(c, signer, &[key_id.to_owned()])?.pop() {
+            // One of our devices, signed by our self-signing key.
+            let (_, ssk) = stored_public(signer, "self_signing")?.ok_or_else(|| Error::invalid_signature("no self-signing key uploaded"))?;
+            if signed_part(&dk.keys) != signed_part(signed) {
+                return Err(mismatch());
+            }
+            let sig_id = format!("ed25519:{ssk}");
+            if !verify(signed, signer, &sig_id, &ssk) {
+                return Err(Error::invalid_signature("invalid self-signing signature"));
+            }
+            let mut keys = dk.keys;
+            add_signature(&mut keys, signed, signer, &sig_id);
+            e2ee::set_device_keys(c, signer, key_id, &keys)?;
+            return Ok(());
+        }
+        let (mut master, master_public) = stored_public(signer, "master")?
+            .filter(|(_, p)| p == key_id)
+            .ok_or_else(|| Error::not_found(format!("unknown key {key_id}")))?;
+        if signed_part(&master) != signed_part(signed) {
+            return Err(mismatch());
+        }
+        // Our master key, signed by one of our devices.
+        let mut added = 0;
+        let sigs = signed["signatures"][signer].as_object().cloned().unwrap_or_default();
+        for sig_id in sigs.keys() {
+            let Some(device) = sig_id.strip_prefix("ed25519:").filter(|d| *d != master_public) else { continue };
+            let Some(dk) = e2ee::device_keys(c, signer, &[device.to_owned()])?.pop() else { continue };
+            let Some(device_key) = dk.keys["keys"][sig_id].as_str() else { continue };
+            if !verify(signed, signer, sig_id, device_key) {
+                return Err(Error::invalid_signature(format!("invalid signature by device {device}")));
+            }
+            add_signature(&mut master, signed, signer, sig_id);
+            added += 1;
+        }
+        if added == 0 {
+            return Err(Error::invalid_signature("no signature by one of your devices"));
+        }
+        return e2ee::set_cross_signing_key(c, signer, "master", &master);
+    }
+    // Another user's master key, signed by our user-signing key.
+    let (mut master, _) = stored_public(target, "master")?
+        .filter(|(_, p)| p == key_id)
+        .ok_or_else(|| Error::not_found(format!("unknown key {key_id} of {target}")))?;
+    let (_, usk) = stored_public(signer, "user_signing")?.ok_or_else(|| Error::invalid_signature("no user-signing key uploaded"))?;
+    if signed_part(&master) != signed_part(signed) {
+        return Err(mismatch());
+    }
+    let sig_id = format!("ed25519:{usk}");
+    if !verify(signed, signer, &sig_id, &usk) {
+        return Err(Error::invalid_signature("invalid user-signing signature"));
+    }
+    add_signature(&mut master, signed, signer, &sig_id);
+    e2ee::set_cross_signing_key(c, target, "master", &master)
+}
+
+pub async fn upload_signatures(
+    State(s): State<AppState>,
+    auth: Auth,
+    Json(body): Json<Map<String, Value>>,
+) -> Result<impl IntoResponse> {
+    let signer = auth.user_id.clone();
+    let failures = s
+        .store
+        .write(move |w| {
+            let mut failures = Map::new();
+            let mut changed = BTreeSet::new();
+            for (target, keys) in &body {
+                let Some(keys) = keys.as_object() else { continue };
+                for (key_id, signed) in keys {
+                    match sign_one(w.conn, &signer, target, key_id, signed) {
+                        Ok(()) => {
+                            changed.insert(target.clone());
+                        }
+                        Err(Error::Matrix(m)) => {
+                            let entry = failures.entry(target.clone()).or_insert_with(|| json!({}));
+                            entry[key_id] = json!({"errcode": m.errcode, "error": m.message});
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            // Whoever shares a room with the signed users refetches their keys and sees the new signatures.
+            for u in changed {
+                e2ee::device_list_changed(w, &u)?;
+            }
+            Ok(failures)
+        })
+        .await?;
+    Ok(axum::Json(json!({"failures": failures})))
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Send-to-device
+
+#[derive(Deserialize)]
+pub struct ToDeviceBody {
+    messages: Map<String, Value>,
+}
+
+pub async fn send_to_device(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path((event_type, txn_id)): Path<(String, String)>,
+    Json(body): Json<ToDeviceBody>,
+) -> Result<impl IntoResponse> {
+    let mut messages: Vec<(String, String, Value)> = Vec::new();
+    for (user_id, devices) in body.messages {
+        let devices = devices.as_object().ok_or_else(|| Error::bad_json("messages must map users to device maps"))?;
+        if !s.identity.is_local_user(&user_id) {
+            tracing::debug!(%user_id, "dropping to-device message for a remote user (not federated yet)");
+            continue;
+        }
+        for (device_id, content) in devices {
+            if !content.is_object() {
+                return Err(Error::bad_json("to-device message content must be an object"));
+            }
+            messages.push((user_id.clone(), device_id.clone(), content.clone()));
+        }
+    }
+    s.store
+        .write(move |w| {
+            if e2ee::to_device_txn_seen(w.conn, &auth.user_id, &auth.device_id, &txn_id)? {
+                return Ok(()); // a retry: already delivered once
+            }
+            for (user_id, device_id, content) in &messages {
+                let all = e2ee::device_ids(w.conn, user_id)?;
+                // `*` is every device of the user; unknown devices would never fetch the message, so skip them.
+                let targets: Vec<&String> = all.iter().filter(|d| device_id == "*" || *d == device_id).collect();
+                for d in targets {
+                    e2ee::queue_to_device(w, user_id, d, &auth.user_id, &event_type, content)?;
+                }
+            }
+            e2ee::record_to_device_txn(w.conn, &auth.user_id, &auth.device_id, &txn_id)
+        })
+        .await?;
+    Ok(axum::Json(json!({})))
+}

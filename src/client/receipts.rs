@@ -1,0 +1,159 @@
+//! Typing notifications, read receipts and the fully-read marker.
+//!
+//! Receipts live in the `receipts` table (public `m.read`, private `m.read.private`); the fully-read marker is the
+//! room account data `m.fully_read`, as the spec defines it. Every change takes a stream position so /sync sees it.
+
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::response::IntoResponse;
+use rusqlite::Connection;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::http::{AppState, Auth, Json};
+use crate::store::receipts::{self, NewReceipt};
+use crate::store::{account_data, accounts, events};
+
+#[derive(Deserialize)]
+pub struct TypingBody {
+    typing: bool,
+    timeout: Option<u64>,
+}
+
+pub async fn typing(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path((room_id, user_id)): Path<(String, String)>,
+    Json(body): Json<TypingBody>,
+) -> Result<impl IntoResponse> {
+    if user_id != auth.user_id {
+        return Err(Error::forbidden("cannot set the typing state of another user"));
+    }
+    let (r, u) = (room_id.clone(), user_id.clone());
+    let joined = s
+        .store
+        .read(move |c| {
+            let Some(room) = events::room_by_id(c, &r)? else { return Ok(false) };
+            Ok(events::membership_of(c, room.room_nid, &u)?.is_some_and(|(m, _)| m == "join"))
+        })
+        .await?;
+    if !joined {
+        return Err(Error::forbidden("you are not joined to this room"));
+    }
+    // Typing::set caps the timeout; 30 s is what clients expect when they send none.
+    s.typing.set(&room_id, &user_id, body.typing, Duration::from_millis(body.timeout.unwrap_or(30_000)));
+    Ok(axum::Json(json!({})))
+}
+
+/// One marker to move: a receipt of `receipt_type` (with its thread), or the fully-read marker.
+struct Marker {
+    receipt_type: String,
+    event_id: String,
+    thread_id: String,
+}
+
+/// The room the user is joined to, and the stream position of `event_id` in it (403 / 404 otherwise).
+fn check_event(c: &Connection, room_id: &str, user_id: &str, event_id: &str) -> Result<(i64, Option<i64>)> {
+    let room = events::room_by_id(c, room_id)?.ok_or_else(|| Error::forbidden("you are not joined to this room"))?;
+    if !events::membership_of(c, room.room_nid, user_id)?.is_some_and(|(m, _)| m == "join") {
+        return Err(Error::forbidden("you are not joined to this room"));
+    }
+    let ev = events::event_by_id(c, event_id)?.filter(|e| e.room_nid == room.room_nid);
+    let ev = ev.ok_or_else(|| Error::not_found(format!("event {event_id} not found in this room")))?;
+    Ok((room.room_nid, ev.stream_ordering))
+}
+
+/// Moves all markers in one transaction (a bad event id leaves every marker where it was).
+async fn set_markers(s: &AppState, auth: &Auth, room_id: &str, markers: Vec<Marker>) -> Result<()> {
+    if markers.is_empty() {
+        return Ok(());
+    }
+    let (room_id, user_id) = (room_id.to_owned(), auth.user_id.clone());
+    s.store
+        .write(move |w| {
+            for m in &markers {
+                let (room_nid, event_pos) = check_event(w.conn, &room_id, &user_id, &m.event_id)?;
+                if m.receipt_type == "m.fully_read" {
+                    // Like receipts, the marker never moves back to an older event.
+                    let old = account_data::get(w.conn, &user_id, &room_id, "m.fully_read")?;
+                    let old_pos = match old.as_ref().and_then(|o| o["event_id"].as_str()) {
+                        Some(id) => events::event_by_id(w.conn, id)?.and_then(|e| e.stream_ordering),
+                        None => None,
+                    };
+                    if old_pos.zip(event_pos).is_some_and(|(o, n)| n <= o) {
+                        continue;
+                    }
+                    account_data::set(w, &user_id, &room_id, "m.fully_read", &json!({"event_id": m.event_id}))?;
+                } else {
+                    receipts::upsert(
+                        w,
+                        &NewReceipt {
+                            room_nid,
+                            receipt_type: &m.receipt_type,
+                            user_id: &user_id,
+                            thread_id: &m.thread_id,
+                            event_id: &m.event_id,
+                            ts: accounts::now_ms(),
+                        },
+                    )?;
+                }
+            }
+            Ok(())
+        })
+        .await
+}
+
+fn check_event_id(event_id: &str) -> Result<()> {
+    ruma::EventId::parse(event_id).map(|_| ()).map_err(|e| Error::invalid_param(format!("invalid event id: {e}")))
+}
+
+pub async fn receipt(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path((room_id, receipt_type, event_id)): Path<(String, String, String)>,
+    Json(body): Json<Value>,
+) -> Result<impl IntoResponse> {
+    if !matches!(receipt_type.as_str(), "m.read" | "m.read.private" | "m.fully_read") {
+        return Err(Error::invalid_param(format!("unknown receipt type `{receipt_type}`")));
+    }
+    check_event_id(&event_id)?;
+    let thread_id = match body.get("thread_id") {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(t)) if !t.is_empty() && receipt_type != "m.fully_read" => t.clone(),
+        Some(Value::String(_)) if receipt_type == "m.fully_read" => {
+            return Err(Error::invalid_param("m.fully_read markers cannot have a thread_id"))
+        }
+        Some(_) => return Err(Error::invalid_param("thread_id must be a non-empty string")),
+    };
+    set_markers(&s, &auth, &room_id, vec![Marker { receipt_type, event_id, thread_id }]).await?;
+    Ok(axum::Json(json!({})))
+}
+
+#[derive(Deserialize)]
+pub struct ReadMarkers {
+    #[serde(rename = "m.fully_read")]
+    fully_read: Option<String>,
+    #[serde(rename = "m.read")]
+    read: Option<String>,
+    #[serde(rename = "m.read.private")]
+    read_private: Option<String>,
+}
+
+pub async fn read_markers(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path(room_id): Path<String>,
+    Json(body): Json<ReadMarkers>,
+) -> Result<impl IntoResponse> {
+    let mut markers = Vec::new();
+    for (t, id) in [("m.fully_read", body.fully_read), ("m.read", body.read), ("m.read.private", body.read_private)] {
+        if let Some(event_id) = id {
+            check_event_id(&event_id)?;
+            markers.push(Marker { receipt_type: t.to_owned(), event_id, thread_id: String::new() });
+        }
+    }
+    set_markers(&s, &auth, &room_id, markers).await?;
+    Ok(axum::Json(json!({})))
+}

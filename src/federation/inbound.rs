@@ -1,0 +1,279 @@
+//! Incoming PDUs and EDUs (from `/send` transactions and from fetches we make): verify, fill gaps, store.
+
+use std::collections::BTreeMap;
+
+use ruma::canonical_json::CanonicalJsonObject;
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::federation::client::enc;
+use crate::federation::keys::needed_keys;
+use crate::http::AppState;
+use crate::room::remote::{handle_incoming, parse_remote, verify_remote, Incoming};
+use crate::room::{version, Pdu};
+use crate::store::events;
+
+/// Parses and verifies PDUs of one room (keys fetched in one batch). Invalid ones come back as errors.
+pub async fn verify_batch(s: &AppState, room_version: &str, raw: Vec<Value>) -> Result<Vec<std::result::Result<Pdu, String>>> {
+    let fed = s.federation.as_ref().ok_or_else(|| Error::forbidden("federation is disabled"))?;
+    let rules = version::rules(room_version)?;
+    let parsed: Vec<std::result::Result<Pdu, String>> = raw
+        .into_iter()
+        .map(|v| {
+            let obj: CanonicalJsonObject = serde_json::from_value(v).map_err(|e| format!("not canonical JSON: {e}"))?;
+            parse_remote(obj, &rules)
+        })
+        .collect();
+    let need = needed_keys(parsed.iter().filter_map(|p| p.as_ref().ok()).map(|p| &p.json));
+    let keys = fed.keys.keys_for(&need).await?;
+    let rules2 = rules.clone();
+    // Signature checks are CPU work: off the async threads.
+    tokio::task::spawn_blocking(move || parsed.into_iter().map(|p| p.and_then(|p| verify_remote(p, &rules2, &keys))).collect())
+        .await
+        .map_err(|e| Error::internal(e.to_string()))
+}
+
+/// Handles one verified PDU that belongs in the timeline, fetching missing prev events from `origin` once.
+pub async fn ingest(s: &AppState, origin: &str, room_id: &str, pdu: Pdu, fetch_missing: bool) -> Result<String> {
+    let identity = s.identity.clone();
+    let (rid, p) = (room_id.to_owned(), pdu.clone());
+    let r = s.store.write(move |w| handle_incoming(w, &identity, &rid, &p, None)).await?;
+    let missing = match r {
+        Incoming::Stored(_, outcome) => return Ok(format!("{outcome:?}")),
+        Incoming::AlreadyKnown => return Ok("known".into()),
+        Incoming::MissingPrevs(m) => m,
+    };
+    if fetch_missing {
+        if let Err(e) = fill_gap(s, origin, room_id, &pdu).await {
+            tracing::info!(room_id, error = %e, "get_missing_events failed");
+        }
+        let identity = s.identity.clone();
+        let (rid, p) = (room_id.to_owned(), pdu.clone());
+        if let Incoming::Stored(_, outcome) = s.store.write(move |w| handle_incoming(w, &identity, &rid, &p, None)).await? {
+            return Ok(format!("{outcome:?}"));
+        }
+    }
+    // Still a gap: place the event on top of our current state (a backward extremity remains; backfill can fill
+    // it later). Auth against its own auth events still applies.
+    tracing::info!(room_id, event_id = %pdu.event_id, ?missing, "prev events unavailable; using current state");
+    let identity = s.identity.clone();
+    let rid = room_id.to_owned();
+    let r = s
+        .store
+        .write(move |w| {
+            let room = events::room_by_id(w.conn, &rid)?.ok_or_else(|| Error::not_found("unknown room"))?;
+            let sg = room.current_sg.ok_or_else(|| Error::not_found("room has no state"))?;
+            handle_incoming(w, &identity, &rid, &pdu, Some(sg))
+        })
+        .await?;
+    Ok(format!("{r:?}"))
+}
+
+/// `get_missing_events` between our forward extremities and `pdu`, then ingests what came back (oldest first).
+async fn fill_gap(s: &AppState, origin: &str, room_id: &str, pdu: &Pdu) -> Result<()> {
+    let fed = s.federation.as_ref().ok_or_else(|| Error::forbidden("federation is disabled"))?;
+    let rid = room_id.to_owned();
+    let (earliest, version) = s
+        .store
+        .read(move |c| {
+            let room = events::room_by_id(c, &rid)?.ok_or_else(|| Error::not_found("unknown room"))?;
+            let mut ids = Vec::new();
+            for nid in events::forward_extremities(c, room.room_nid)? {
+                if let Some(r) = events::event_by_nid(c, nid)? {
+                    ids.push(r.event_id);
+                }
+            }
+            Ok((ids, room.version))
+        })
+        .await?;
+    let body = json!({"earliest_events": earliest, "latest_events": [pdu.event_id.as_str()], "limit": 20, "min_depth": 0});
+    let res = fed
+        .client
+        .request(reqwest::Method::POST, origin, &format!("/_matrix/federation/v1/get_missing_events/{}", enc(room_id)), Some(&body))
+        .await?;
+    let events = res.get("events").and_then(Value::as_array).cloned().unwrap_or_default();
+    let mut verified: Vec<Pdu> = verify_batch(s, &version, events).await?.into_iter().filter_map(|r| r.ok()).collect();
+    verified.sort_by_key(|p| p.depth);
+    for p in verified {
+        if p.room_id.as_str() != room_id {
+            continue;
+        }
+        let identity = s.identity.clone();
+        let rid = room_id.to_owned();
+        let r = s.store.write(move |w| handle_incoming(w, &identity, &rid, &p, None)).await?;
+        if let Incoming::MissingPrevs(m) = r {
+            tracing::debug!(?m, "missing event still has unknown prevs");
+        }
+    }
+    Ok(())
+}
+
+/// `PUT /send/{txnId}`: at most 50 PDUs and 100 EDUs; a bad PDU never fails the others.
+pub async fn transaction(s: &AppState, origin: &str, body: &Value) -> Result<Value> {
+    let pdus = body.get("pdus").and_then(Value::as_array).cloned().unwrap_or_default();
+    let edus = body.get("edus").and_then(Value::as_array).cloned().unwrap_or_default();
+    if pdus.len() > 50 || edus.len() > 100 {
+        return Err(Error::bad_json("too many PDUs or EDUs in one transaction (limits 50 and 100)"));
+    }
+    if body.get("origin").and_then(Value::as_str).is_some_and(|o| o != origin) {
+        return Err(Error::forbidden("transaction origin does not match the signer"));
+    }
+    // Group by room, in depth order.
+    let mut by_room: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    let mut results = serde_json::Map::new();
+    for p in pdus {
+        match p.get("room_id").and_then(Value::as_str) {
+            Some(r) => by_room.entry(r.to_owned()).or_default().push(p),
+            None => tracing::info!(origin, "PDU without room_id dropped"),
+        }
+    }
+    for (room_id, raw) in by_room {
+        let rid = room_id.clone();
+        let origin_s = origin.to_owned();
+        let room = s
+            .store
+            .read(move |c| {
+                let room = events::room_by_id(c, &rid)?;
+                let allowed = match &room {
+                    Some(r) => crate::federation::acl::room_allows(c, r.current_sg, &origin_s)?,
+                    None => true,
+                };
+                Ok((room, allowed))
+            })
+            .await?;
+        let (Some(room), allowed) = room else {
+            tracing::info!(origin, %room_id, "PDUs for an unknown room dropped");
+            continue;
+        };
+        if !allowed {
+            tracing::info!(origin, %room_id, "PDUs from a server denied by the room's ACL dropped");
+            continue;
+        }
+        let mut verified = Vec::new();
+        for r in verify_batch(s, &room.version, raw).await? {
+            match r {
+                Ok(p) => verified.push(p),
+                Err(e) => tracing::info!(origin, %room_id, error = %e, "invalid PDU dropped"),
+            }
+        }
+        verified.sort_by_key(|p| p.depth);
+        for p in verified {
+            let id = p.event_id.to_string();
+            if p.sender.server_name().as_str() != origin && p.kind.to_string() != "m.room.member" {
+                // Events are relayed by their origin; others arrive through backfill/get_missing_events.
+                tracing::debug!(origin, event_id = %id, "PDU relayed by a server other than its sender's");
+            }
+            match ingest(s, origin, &room_id, p, true).await {
+                Ok(outcome) => {
+                    tracing::debug!(origin, event_id = %id, %outcome, "PDU processed");
+                    results.insert(id, json!({}));
+                }
+                Err(e) => {
+                    results.insert(id, json!({"error": e.to_string()}));
+                }
+            }
+        }
+    }
+    for edu in edus {
+        if let Err(e) = handle_edu(s, origin, &edu).await {
+            tracing::debug!(origin, error = %e, "EDU ignored");
+        }
+    }
+    Ok(json!({"pdus": results}))
+}
+
+async fn handle_edu(s: &AppState, origin: &str, edu: &Value) -> Result<()> {
+    let content = edu.get("content").cloned().unwrap_or(Value::Null);
+    let from_origin = |user: &str| user.split_once(':').map(|x| x.1) == Some(origin);
+    match edu.get("edu_type").and_then(Value::as_str) {
+        Some("m.typing") => {
+            let (Some(room), Some(user)) = (content.get("room_id").and_then(Value::as_str), content.get("user_id").and_then(Value::as_str)) else {
+                return Ok(());
+            };
+            if from_origin(user) {
+                let typing = content.get("typing").and_then(Value::as_bool).unwrap_or(false);
+                s.typing.set(room, user, typing, std::time::Duration::from_secs(30));
+            }
+        }
+        Some("m.receipt") => {
+            let Some(rooms) = content.as_object().cloned() else { return Ok(()) };
+            let origin = origin.to_owned();
+            s.store
+                .write(move |w| {
+                    for (room_id, types) in rooms {
+                        let Some(room) = events::room_by_id(w.conn, &room_id)? else { continue };
+                        for (rtype, users) in types.as_object().cloned().unwrap_or_default() {
+                            if rtype != "m.read" {
+                                continue;
+                            }
+                            for (user, r) in users.as_object().cloned().unwrap_or_default() {
+                                if user.split_once(':').map(|x| x.1) != Some(origin.as_str()) {
+                                    continue;
+                                }
+                                let Some(ev) = r.get("event_ids").and_then(Value::as_array).and_then(|a| a.first()).and_then(Value::as_str) else { continue };
+                                let ts = r.pointer("/data/ts").and_then(Value::as_i64).unwrap_or(0);
+                                let thread = r.pointer("/data/thread_id").and_then(Value::as_str).unwrap_or("").to_owned();
+                                let pos = w.next_stream();
+                                w.conn.execute(
+                                    "INSERT INTO receipts (room_nid, receipt_type, user_id, thread_id, event_id, ts, stream_ordering)
+                                     VALUES (?1, 'm.read', ?2, ?3, ?4, ?5, ?6)
+                                     ON CONFLICT (room_nid, receipt_type, user_id, thread_id) DO UPDATE SET event_id = ?4, ts = ?5, stream_ordering = ?6",
+                                    rusqlite::params![room.room_nid, user, thread, ev, ts, pos],
+                                )?;
+                            }
+                        }
+                    }
+                    Ok(())
+                })
+                .await?;
+        }
+        Some("m.device_list_update") | Some("m.signing_key_update") => {
+            let Some(user) = content.get("user_id").and_then(Value::as_str).map(str::to_owned) else { return Ok(()) };
+            if from_origin(&user) {
+                s.store
+                    .write(move |w| {
+                        let pos = w.next_stream();
+                        w.conn.execute("INSERT INTO device_list_stream (stream_ordering, user_id) VALUES (?1, ?2)", rusqlite::params![pos, user])?;
+                        Ok(())
+                    })
+                    .await?;
+            }
+        }
+        Some("m.direct_to_device") => {
+            let sender = content.get("sender").and_then(Value::as_str).unwrap_or("").to_owned();
+            if !from_origin(&sender) {
+                return Ok(());
+            }
+            let t = content.get("type").and_then(Value::as_str).unwrap_or("").to_owned();
+            let messages = content.get("messages").and_then(Value::as_object).cloned().unwrap_or_default();
+            let identity = s.identity.clone();
+            s.store
+                .write(move |w| {
+                    for (user, devices) in messages {
+                        if !identity.is_local_user(&user) {
+                            continue;
+                        }
+                        let targets: Vec<(String, Value)> = devices.as_object().cloned().unwrap_or_default().into_iter().collect();
+                        for (device, body) in targets {
+                            let devs: Vec<String> = if device == "*" {
+                                crate::store::accounts::list_devices(w.conn, &user)?.into_iter().map(|d| d.device_id).collect()
+                            } else {
+                                vec![device]
+                            };
+                            for d in devs {
+                                let pos = w.next_stream();
+                                w.conn.execute(
+                                    "INSERT INTO to_device (stream_ordering, user_id, device_id, sender, event_type, content) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                                    rusqlite::params![pos, user, d, sender, t, body.to_string()],
+                                )?;
+                            }
+                        }
+                    }
+                    Ok(())
+                })
+                .await?;
+        }
+        _ => {}
+    }
+    Ok(())
+}

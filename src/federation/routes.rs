@@ -1,0 +1,651 @@
+//! The server-server API we serve. Handlers verify the caller (`Signed`), check the room's ACL and the caller's
+//! right to see the data, and call into the room core.
+
+use std::collections::{BTreeSet, HashSet, VecDeque};
+
+use axum::extract::{Path, State};
+use axum::response::IntoResponse;
+use axum::routing::{get, post, put};
+use axum::Router;
+use rusqlite::Connection;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::federation::{inbound, keys, Signed};
+use crate::http::{AppState, Query};
+use crate::room::append::reference;
+use crate::room::remote::{handle_incoming, state_before, Incoming};
+use crate::room::{load_pdu, state, version};
+use crate::store::accounts::now_ms;
+use crate::store::events::{self, RoomRow};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/_matrix/key/v2/server", get(key_server))
+        .route("/_matrix/key/v2/server/{key_id}", get(key_server))
+        .route("/_matrix/key/v2/query", post(key_query))
+        .route("/_matrix/key/v2/query/{server}", get(key_query_get))
+        .route("/_matrix/federation/v1/version", get(fed_version))
+        .route("/_matrix/federation/v1/send/{txn_id}", put(send_txn))
+        .route("/_matrix/federation/v1/make_join/{room_id}/{user_id}", get(make_join))
+        .route("/_matrix/federation/v1/send_join/{room_id}/{event_id}", put(send_join_v1))
+        .route("/_matrix/federation/v2/send_join/{room_id}/{event_id}", put(send_join_v2))
+        .route("/_matrix/federation/v1/make_leave/{room_id}/{user_id}", get(make_leave))
+        .route("/_matrix/federation/v2/send_leave/{room_id}/{event_id}", put(send_leave))
+        .route("/_matrix/federation/v1/state_ids/{room_id}", get(state_ids))
+        .route("/_matrix/federation/v1/state/{room_id}", get(room_state))
+        .route("/_matrix/federation/v1/event/{event_id}", get(get_event))
+        .route("/_matrix/federation/v1/event_auth/{room_id}/{event_id}", get(event_auth))
+        .route("/_matrix/federation/v1/get_missing_events/{room_id}", post(get_missing_events))
+        .route("/_matrix/federation/v1/backfill/{room_id}", get(backfill))
+        .route("/_matrix/federation/v1/query/profile", get(query_profile))
+        .route("/_matrix/federation/v1/query/directory", get(query_directory))
+        .route("/_matrix/federation/v1/user/devices/{user_id}", get(user_devices))
+        .route("/_matrix/federation/v1/user/keys/query", post(user_keys_query))
+        .route("/_matrix/federation/v1/publicRooms", get(public_rooms))
+}
+
+async fn key_server(State(s): State<AppState>) -> Result<impl IntoResponse> {
+    Ok(axum::Json(keys::own_key_response(&s.identity)?))
+}
+
+/// Notary: we answer for our own keys (we do not re-serve other servers' key responses).
+async fn key_query(State(s): State<AppState>, crate::http::Json(body): crate::http::Json<Value>) -> Result<impl IntoResponse> {
+    let mut out = Vec::new();
+    if body.get("server_keys").and_then(Value::as_object).is_some_and(|m| m.contains_key(s.identity.server_name.as_str())) {
+        out.push(keys::own_key_response(&s.identity)?);
+    }
+    Ok(axum::Json(json!({"server_keys": out})))
+}
+
+async fn key_query_get(State(s): State<AppState>, Path(server): Path<String>) -> Result<impl IntoResponse> {
+    let mut out = Vec::new();
+    if server == s.identity.server_name.as_str() {
+        out.push(keys::own_key_response(&s.identity)?);
+    }
+    Ok(axum::Json(json!({"server_keys": out})))
+}
+
+async fn fed_version() -> impl IntoResponse {
+    axum::Json(json!({"server": {"name": "Hearth", "version": env!("CARGO_PKG_VERSION")}}))
+}
+
+async fn send_txn(State(s): State<AppState>, Path(_txn): Path<String>, signed: Signed) -> Result<impl IntoResponse> {
+    let body = signed.body.ok_or_else(|| Error::bad_json("missing transaction body"))?;
+    Ok(axum::Json(inbound::transaction(&s, &signed.origin, &body).await?))
+}
+
+fn partial_refusal() -> Error {
+    Error::matrix(axum::http::StatusCode::FORBIDDEN, "M_UNABLE_DUE_TO_PARTIAL_STATE", "this server has only partial state for the room")
+}
+
+/// A room we hold full state for, that `origin` may talk about (ACL).
+fn resident_room(c: &Connection, room_id: &str, origin: &str) -> Result<RoomRow> {
+    let room = events::room_by_id(c, room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
+    if !crate::federation::acl::room_allows(c, room.current_sg, origin)? {
+        return Err(Error::forbidden("server denied by the room's ACL"));
+    }
+    Ok(room)
+}
+
+/// `origin` has (or had) a member in the room: it may read the room's events.
+fn server_in_room(c: &Connection, room: &RoomRow, origin: &str) -> Result<bool> {
+    let mut stmt = c.prepare_cached("SELECT 1 FROM room_members WHERE room_nid = ?1 AND server_name = ?2 LIMIT 1")?;
+    if stmt.exists(rusqlite::params![room.room_nid, origin])? {
+        return Ok(true);
+    }
+    if let Some(sg) = room.current_sg {
+        let hv = crate::room::state_content(c, sg, "m.room.history_visibility", "")?;
+        if hv.and_then(|v| v.get("history_visibility").and_then(Value::as_str).map(str::to_owned)).as_deref() == Some("world_readable") {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// make_join/make_leave: an unsigned event template on our current state.
+fn make_membership(c: &Connection, s: &AppState, room: &RoomRow, user_id: &str, membership: &str) -> Result<Value> {
+    let rules = version::rules(&room.version)?;
+    let sg = room.current_sg.ok_or_else(|| Error::not_found("unknown room"))?;
+    let mut prev = Vec::new();
+    let mut depth = 0;
+    let mut ext = events::forward_extremities(c, room.room_nid)?;
+    ext.sort_unstable();
+    for nid in ext.iter().rev().take(10) {
+        let (id, sha, d) = reference(c, *nid)?;
+        depth = depth.max(d);
+        prev.push((id, sha));
+    }
+    let content = json!({"membership": membership});
+    let sender = ruma::UserId::parse(user_id).map_err(|e| Error::invalid_param(e.to_string()))?;
+    let raw = serde_json::value::to_raw_value(&content)?;
+    let types = ruma::state_res::auth_types_for_event(&ruma::events::TimelineEventType::RoomMember, &sender, Some(user_id), &raw, &rules.authorization)
+        .map_err(Error::bad_json)?;
+    let mut auth = Vec::new();
+    for (t, k) in types {
+        if let Some(skn) = events::find_state_key_nid(c, &t.to_string(), &k)? {
+            if let Some(nid) = events::lookup_state(c, sg, skn)? {
+                let (id, sha, _) = reference(c, nid)?;
+                auth.push((id, sha));
+            }
+        }
+    }
+    let mut ev = json!({
+        "type": "m.room.member", "state_key": user_id, "sender": user_id, "room_id": room.room_id,
+        "content": content, "depth": depth + 1, "origin": s.identity.server_name.as_str(), "origin_server_ts": now_ms(),
+        "prev_events": serde_json::to_value(version::event_refs(&prev, &rules))?,
+        "auth_events": serde_json::to_value(version::event_refs(&auth, &rules))?,
+    });
+    // Would this membership be allowed? (check the rules now, before the remote server signs it)
+    let mut probe = ev.clone();
+    if matches!(rules.event_id_format, ruma::room_version_rules::EventIdFormatVersion::V1) {
+        probe["event_id"] = json!(format!("$probe:{}", s.identity.server_name));
+    }
+    let obj: ruma::canonical_json::CanonicalJsonObject = serde_json::from_value(probe).map_err(|e| Error::internal(e.to_string()))?;
+    let pdu = crate::room::Pdu::from_canonical(obj, ruma::OwnedEventId::try_from("$probe:probe").map_err(|e| Error::internal(e.to_string()))?, &rules).map_err(Error::internal)?;
+    ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, &pdu, |t, k| crate::room::state_event(c, sg, &t.to_string(), k).ok().flatten())
+        .map_err(|e| Error::forbidden(format!("you may not {membership} this room: {e}")))?;
+    if !rules.authorization.use_room_create_sender {
+        // nothing: v1-v10 templates carry `origin` already
+    }
+    ev.as_object_mut().map(|o| o.remove("origin"));
+    Ok(json!({"room_version": room.version, "event": ev}))
+}
+
+async fn make_join(
+    State(s): State<AppState>,
+    Path((room_id, user_id)): Path<(String, String)>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+    signed: Signed,
+) -> Result<impl IntoResponse> {
+    if user_id.split_once(':').map(|x| x.1) != Some(signed.origin.as_str()) {
+        return Err(Error::forbidden("user is not from the requesting server"));
+    }
+    let vers: Vec<String> = q.unwrap_or_default().split('&').filter_map(|kv| kv.strip_prefix("ver=")).map(crate::http::percent_decode).collect();
+    let s2 = s.clone();
+    let answer = s
+        .store
+        .read(move |c| {
+            let room = resident_room(c, &room_id, &signed.origin)?;
+            if room.partial_state {
+                // MSC3902: never act as the resident for a room we only partly know.
+                return Err(Error::not_found("this server cannot help with joining this room right now"));
+            }
+            let v = if vers.is_empty() { vec!["1".to_owned()] } else { vers };
+            if !v.contains(&room.version) {
+                return Err(Error::matrix(axum::http::StatusCode::BAD_REQUEST, "M_INCOMPATIBLE_ROOM_VERSION", format!("room version {} not supported by your server", room.version))
+                    .with("room_version", json!(room.version)));
+            }
+            make_membership(c, &s2, &room, &user_id, "join")
+        })
+        .await?;
+    Ok(axum::Json(answer))
+}
+
+async fn make_leave(State(s): State<AppState>, Path((room_id, user_id)): Path<(String, String)>, signed: Signed) -> Result<impl IntoResponse> {
+    if user_id.split_once(':').map(|x| x.1) != Some(signed.origin.as_str()) {
+        return Err(Error::forbidden("user is not from the requesting server"));
+    }
+    let s2 = s.clone();
+    let answer = s
+        .store
+        .read(move |c| {
+            let room = resident_room(c, &room_id, &signed.origin)?;
+            if room.partial_state {
+                return Err(Error::not_found("this server cannot help with this room right now"));
+            }
+            make_membership(c, &s2, &room, &user_id, "leave")
+        })
+        .await?;
+    Ok(axum::Json(answer))
+}
+
+#[derive(Deserialize)]
+struct OmitQuery {
+    omit_members: Option<String>,
+}
+
+/// Accepts a remote server's signed membership event (join or leave) as the resident.
+async fn accept_membership(s: &AppState, origin: &str, room_id: &str, event_id: &str, body: Option<Value>, membership: &str) -> Result<(RoomRow, crate::room::Pdu)> {
+    let body = body.ok_or_else(|| Error::bad_json("missing event"))?;
+    let (rid, o) = (room_id.to_owned(), origin.to_owned());
+    let room = s.store.read(move |c| resident_room(c, &rid, &o)).await?;
+    if room.partial_state {
+        return Err(Error::not_found("this server cannot help with this room right now"));
+    }
+    let pdu = inbound::verify_batch(s, &room.version, vec![body]).await?.pop().ok_or_else(|| Error::bad_json("no event"))?.map_err(Error::bad_json)?;
+    if pdu.event_id.as_str() != event_id {
+        return Err(Error::bad_json("event id does not match the event"));
+    }
+    if pdu.kind.to_string() != "m.room.member" || pdu.state_key.as_deref() != Some(pdu.sender.as_str()) || pdu.membership().as_deref() != Some(membership) {
+        return Err(Error::bad_json(format!("not a {membership} event for its sender")));
+    }
+    if pdu.sender.server_name().as_str() != origin {
+        return Err(Error::forbidden("event sender is not from the requesting server"));
+    }
+    if pdu.room_id.as_str() != room_id {
+        return Err(Error::bad_json("event is for another room"));
+    }
+    let identity = s.identity.clone();
+    let (rid, p, o) = (room_id.to_owned(), pdu.clone(), origin.to_owned());
+    s.store
+        .write(move |w| {
+            match handle_incoming(w, &identity, &rid, &p, None)? {
+                Incoming::Stored(_, crate::room::append::Outcome::Rejected(r)) => return Err(Error::forbidden(format!("event rejected: {r}"))),
+                Incoming::MissingPrevs(_) => return Err(Error::bad_json("event does not build on events we know")),
+                _ => {}
+            }
+            // Tell the other servers in the room (not the one that asked; it already has it).
+            let room = events::room_by_id(w.conn, &rid)?.ok_or_else(|| Error::internal("room vanished"))?;
+            let mut dests = events::joined_servers(w.conn, room.room_nid)?;
+            dests.retain(|d| d != &o && d != identity.server_name.as_str());
+            for d in dests {
+                w.conn.execute("INSERT INTO outbox (destination, kind, payload) VALUES (?1, 'pdu', ?2)", rusqlite::params![d, p.event_id.as_str()])?;
+            }
+            Ok(())
+        })
+        .await?;
+    Ok((room, pdu))
+}
+
+/// The send_join answer; with `omit_members` only the non-member state, the joiner's previous membership and
+/// heroes (MSC3706/MSC3943), read from the materialised tables — never the whole member list.
+fn send_join_answer(c: &Connection, s: &AppState, room: &RoomRow, join: &crate::room::Pdu, omit: bool) -> Result<Value> {
+    let sg = match state_before(c, room, join)? {
+        Ok(sg) => sg,
+        Err(_) => room.current_sg.ok_or_else(|| Error::internal("no state"))?,
+    };
+    let full = events::load_state(c, sg)?;
+    let member_type_nids: HashSet<i64> = {
+        let mut stmt = c.prepare_cached("SELECT state_key_nid FROM state_keys WHERE event_type = 'm.room.member'")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    let joiner = join.sender.as_str();
+    let mut keep_members: HashSet<String> = HashSet::from([joiner.to_owned()]);
+    let named = crate::room::state_content(c, sg, "m.room.name", "")?.is_some() || crate::room::state_content(c, sg, "m.room.canonical_alias", "")?.is_some();
+    if omit && !named {
+        let mut stmt = c.prepare_cached("SELECT user_id FROM room_members WHERE room_nid = ?1 AND membership IN ('join','invite') AND user_id != ?2 ORDER BY user_id LIMIT 5")?;
+        for u in stmt.query_map(rusqlite::params![room.room_nid, joiner], |r| r.get::<_, String>(0))? {
+            keep_members.insert(u?);
+        }
+    }
+    let mut state_nids = Vec::new();
+    for (skn, nid) in &full {
+        if omit && member_type_nids.contains(skn) {
+            let (_, key) = events::state_key_of(c, *skn)?;
+            if !keep_members.contains(&key) {
+                continue;
+            }
+        }
+        state_nids.push(*nid);
+    }
+    let mut state_json = Vec::with_capacity(state_nids.len());
+    let mut state_ids = HashSet::new();
+    for nid in &state_nids {
+        if let Some(row) = events::event_by_nid(c, *nid)? {
+            state_ids.insert(row.event_id.clone());
+            state_json.push(serde_json::from_str::<Value>(&row.json)?);
+        }
+    }
+    let chain = state::auth_chain(c, state_ids.iter().filter_map(|i| ruma::OwnedEventId::try_from(i.as_str()).ok()).chain(std::iter::once(join.event_id.clone())))?;
+    let mut auth_json = Vec::new();
+    for id in chain {
+        if omit && state_ids.contains(id.as_str()) {
+            continue;
+        }
+        if let Some(row) = events::event_by_id(c, id.as_str())? {
+            auth_json.push(serde_json::from_str::<Value>(&row.json)?);
+        }
+    }
+    let mut servers = events::joined_servers(c, room.room_nid)?;
+    if !servers.iter().any(|x| x == s.identity.server_name.as_str()) {
+        servers.push(s.identity.server_name.to_string());
+    }
+    let mut out = json!({
+        "origin": s.identity.server_name.as_str(),
+        "state": state_json,
+        "auth_chain": auth_json,
+        "members_omitted": omit,
+    });
+    if omit {
+        out["servers_in_room"] = json!(servers);
+    }
+    Ok(out)
+}
+
+async fn send_join_v2(State(s): State<AppState>, Path((room_id, event_id)): Path<(String, String)>, Query(q): Query<OmitQuery>, signed: Signed) -> Result<impl IntoResponse> {
+    let omit = match q.omit_members.as_deref() {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => return Err(Error::invalid_param("omit_members must be true or false")),
+    };
+    let (room, pdu) = accept_membership(&s, &signed.origin, &room_id, &event_id, signed.body, "join").await?;
+    let s2 = s.clone();
+    let answer = s.store.read(move |c| send_join_answer(c, &s2, &room, &pdu, omit)).await?;
+    Ok(axum::Json(answer))
+}
+
+async fn send_join_v1(State(s): State<AppState>, Path((room_id, event_id)): Path<(String, String)>, signed: Signed) -> Result<impl IntoResponse> {
+    let (room, pdu) = accept_membership(&s, &signed.origin, &room_id, &event_id, signed.body, "join").await?;
+    let s2 = s.clone();
+    let mut answer = s.store.read(move |c| send_join_answer(c, &s2, &room, &pdu, false)).await?;
+    answer.as_object_mut().map(|o| o.remove("members_omitted"));
+    Ok(axum::Json(json!([200, answer])))
+}
+
+async fn send_leave(State(s): State<AppState>, Path((room_id, event_id)): Path<(String, String)>, signed: Signed) -> Result<impl IntoResponse> {
+    accept_membership(&s, &signed.origin, &room_id, &event_id, signed.body, "leave").await?;
+    Ok(axum::Json(json!({})))
+}
+
+#[derive(Deserialize)]
+struct EventIdQuery {
+    event_id: Option<String>,
+}
+
+/// State ids before `event_id` plus their auth chain ids.
+fn state_at_event(c: &Connection, room: &RoomRow, event_id: &str) -> Result<(Vec<String>, Vec<String>)> {
+    let row = events::event_by_id(c, event_id)?.filter(|r| r.room_nid == room.room_nid && !r.outlier).ok_or_else(|| Error::not_found("event not found"))?;
+    let pdu = crate::room::pdu_from_row(c, &row)?;
+    let sg = match state_before(c, room, &pdu)? {
+        Ok(sg) => sg,
+        Err(_) => {
+            // Our partial-join event's prevs are outliers to us: the state before it is its base group.
+            let sg_after = row.sg_after.ok_or_else(|| Error::not_found("no state at event"))?;
+            let delta: Option<i64> = c.query_row("SELECT delta_of FROM state_groups WHERE sg = ?1", [sg_after], |r| r.get(0)).ok().flatten();
+            if row.state_key_nid.is_some() { delta.unwrap_or(sg_after) } else { sg_after }
+        }
+    };
+    let mut ids = Vec::new();
+    for nid in events::load_state(c, sg)?.values() {
+        if let Some(r) = events::event_by_nid(c, *nid)? {
+            ids.push(r.event_id);
+        }
+    }
+    let chain = state::auth_chain(c, ids.iter().filter_map(|i| ruma::OwnedEventId::try_from(i.as_str()).ok()))?;
+    Ok((ids, chain.into_iter().map(|e| e.to_string()).collect()))
+}
+
+async fn state_ids(State(s): State<AppState>, Path(room_id): Path<String>, Query(q): Query<EventIdQuery>, signed: Signed) -> Result<impl IntoResponse> {
+    let event_id = q.event_id.ok_or_else(|| Error::missing_param("event_id is required"))?;
+    let body = s
+        .store
+        .read(move |c| {
+            let room = resident_room(c, &room_id, &signed.origin)?;
+            if room.partial_state {
+                return Err(partial_refusal());
+            }
+            if !server_in_room(c, &room, &signed.origin)? {
+                return Err(Error::forbidden("your server is not in this room"));
+            }
+            let (ids, chain) = state_at_event(c, &room, &event_id)?;
+            Ok(json!({"pdu_ids": ids, "auth_chain_ids": chain}))
+        })
+        .await?;
+    Ok(axum::Json(body))
+}
+
+fn pdus_json(c: &Connection, ids: &[String]) -> Result<Vec<Value>> {
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        if let Some(r) = events::event_by_id(c, id)? {
+            out.push(serde_json::from_str::<Value>(&r.json)?);
+        }
+    }
+    Ok(out)
+}
+
+async fn room_state(State(s): State<AppState>, Path(room_id): Path<String>, Query(q): Query<EventIdQuery>, signed: Signed) -> Result<impl IntoResponse> {
+    let event_id = q.event_id.ok_or_else(|| Error::missing_param("event_id is required"))?;
+    let body = s
+        .store
+        .read(move |c| {
+            let room = resident_room(c, &room_id, &signed.origin)?;
+            if room.partial_state {
+                return Err(partial_refusal());
+            }
+            if !server_in_room(c, &room, &signed.origin)? {
+                return Err(Error::forbidden("your server is not in this room"));
+            }
+            let (ids, chain) = state_at_event(c, &room, &event_id)?;
+            Ok(json!({"pdus": pdus_json(c, &ids)?, "auth_chain": pdus_json(c, &chain)?}))
+        })
+        .await?;
+    Ok(axum::Json(body))
+}
+
+async fn get_event(State(s): State<AppState>, Path(event_id): Path<String>, signed: Signed) -> Result<impl IntoResponse> {
+    let me = s.identity.server_name.to_string();
+    let body = s
+        .store
+        .read(move |c| {
+            let row = events::event_by_id(c, &event_id)?.ok_or_else(|| Error::not_found("event not found"))?;
+            let room = events::room_by_nid(c, row.room_nid)?.ok_or_else(|| Error::not_found("event not found"))?;
+            if !crate::federation::acl::room_allows(c, room.current_sg, &signed.origin)? || !server_in_room(c, &room, &signed.origin)? {
+                return Err(Error::forbidden("your server may not see this event"));
+            }
+            Ok(json!({"origin": me, "origin_server_ts": now_ms(), "pdus": [serde_json::from_str::<Value>(&row.json)?]}))
+        })
+        .await?;
+    Ok(axum::Json(body))
+}
+
+async fn event_auth(State(s): State<AppState>, Path((room_id, event_id)): Path<(String, String)>, signed: Signed) -> Result<impl IntoResponse> {
+    let body = s
+        .store
+        .read(move |c| {
+            let room = resident_room(c, &room_id, &signed.origin)?;
+            if room.partial_state {
+                return Err(partial_refusal());
+            }
+            if !server_in_room(c, &room, &signed.origin)? {
+                return Err(Error::forbidden("your server is not in this room"));
+            }
+            let pdu = load_pdu(c, &event_id)?.filter(|p| p.room_id.as_str() == room.room_id).ok_or_else(|| Error::not_found("event not found"))?;
+            let chain: Vec<String> = state::auth_chain(c, [pdu.event_id])?.into_iter().map(|e| e.to_string()).collect();
+            Ok(json!({"auth_chain": pdus_json(c, &chain)?}))
+        })
+        .await?;
+    Ok(axum::Json(body))
+}
+
+/// Walks prev_events backwards from `from` (breadth first), skipping `stop`, up to `limit` events.
+fn walk_back(c: &Connection, room: &RoomRow, from: &[String], stop: &HashSet<String>, limit: usize, include_start: bool) -> Result<Vec<events::EventRow>> {
+    let mut out = Vec::new();
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut queue: VecDeque<String> = VecDeque::new();
+    for f in from {
+        if include_start {
+            queue.push_back(f.clone());
+        } else if let Some(pdu) = load_pdu(c, f)? {
+            queue.extend(pdu.prev_events.iter().map(|p| p.to_string()));
+        }
+    }
+    while let Some(id) = queue.pop_front() {
+        if out.len() >= limit || !seen.insert(id.clone()) || stop.contains(&id) {
+            continue;
+        }
+        let Some(row) = events::event_by_id(c, &id)? else { continue };
+        if row.room_nid != room.room_nid || row.outlier {
+            continue;
+        }
+        if let Some(pdu) = load_pdu(c, &id)? {
+            queue.extend(pdu.prev_events.iter().map(|p| p.to_string()));
+        }
+        out.push(row);
+    }
+    Ok(out)
+}
+
+async fn get_missing_events(State(s): State<AppState>, Path(room_id): Path<String>, signed: Signed) -> Result<impl IntoResponse> {
+    let body = signed.body.clone().unwrap_or(Value::Null);
+    let strs = |k: &str| -> Vec<String> { body.get(k).and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect()).unwrap_or_default() };
+    let (earliest, latest) = (strs("earliest_events"), strs("latest_events"));
+    let limit = body.get("limit").and_then(Value::as_u64).unwrap_or(10).min(100) as usize;
+    let min_depth = body.get("min_depth").and_then(Value::as_i64).unwrap_or(0);
+    let answer = s
+        .store
+        .read(move |c| {
+            let room = resident_room(c, &room_id, &signed.origin)?;
+            if !server_in_room(c, &room, &signed.origin)? {
+                return Err(Error::forbidden("your server is not in this room"));
+            }
+            let stop: HashSet<String> = earliest.into_iter().collect();
+            let mut rows = walk_back(c, &room, &latest, &stop, limit, false)?;
+            rows.retain(|r| r.depth >= min_depth);
+            rows.sort_by_key(|r| r.depth);
+            let pdus: Vec<Value> = rows.iter().map(|r| serde_json::from_str(&r.json)).collect::<std::result::Result<_, _>>()?;
+            Ok(json!({"events": pdus}))
+        })
+        .await?;
+    Ok(axum::Json(answer))
+}
+
+async fn backfill(
+    State(s): State<AppState>,
+    Path(room_id): Path<String>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+    signed: Signed,
+) -> Result<impl IntoResponse> {
+    let q = q.unwrap_or_default();
+    let mut from = Vec::new();
+    let mut limit = 10usize;
+    for kv in q.split('&') {
+        if let Some(v) = kv.strip_prefix("v=") {
+            from.push(crate::http::percent_decode(v));
+        } else if let Some(l) = kv.strip_prefix("limit=") {
+            limit = l.parse().unwrap_or(10);
+        }
+    }
+    let limit = limit.clamp(1, 100);
+    let me = s.identity.server_name.to_string();
+    let answer = s
+        .store
+        .read(move |c| {
+            let room = resident_room(c, &room_id, &signed.origin)?;
+            if !server_in_room(c, &room, &signed.origin)? {
+                return Err(Error::forbidden("your server is not in this room"));
+            }
+            let rows = walk_back(c, &room, &from, &HashSet::new(), limit, true)?;
+            let pdus: Vec<Value> = rows.iter().map(|r| serde_json::from_str(&r.json)).collect::<std::result::Result<_, _>>()?;
+            Ok(json!({"origin": me, "origin_server_ts": now_ms(), "pdus": pdus}))
+        })
+        .await?;
+    Ok(axum::Json(answer))
+}
+
+#[derive(Deserialize)]
+struct ProfileQuery {
+    user_id: Option<String>,
+    field: Option<String>,
+}
+
+async fn query_profile(State(s): State<AppState>, Query(q): Query<ProfileQuery>, _signed: Signed) -> Result<impl IntoResponse> {
+    let user_id = q.user_id.ok_or_else(|| Error::missing_param("user_id is required"))?;
+    if !s.identity.is_local_user(&user_id) {
+        return Err(Error::invalid_param("user is not on this server"));
+    }
+    let user = s.store.read(move |c| crate::store::accounts::get_user(c, &user_id)).await?.filter(|u| !u.deactivated).ok_or_else(|| Error::not_found("profile not found"))?;
+    let mut out = json!({});
+    if q.field.as_deref().is_none_or(|f| f == "displayname") {
+        if let Some(d) = user.displayname {
+            out["displayname"] = json!(d);
+        }
+    }
+    if q.field.as_deref().is_none_or(|f| f == "avatar_url") {
+        if let Some(a) = user.avatar_url {
+            out["avatar_url"] = json!(a);
+        }
+    }
+    Ok(axum::Json(out))
+}
+
+#[derive(Deserialize)]
+struct DirectoryQuery {
+    room_alias: Option<String>,
+}
+
+async fn query_directory(State(s): State<AppState>, Query(q): Query<DirectoryQuery>, _signed: Signed) -> Result<impl IntoResponse> {
+    let alias = q.room_alias.ok_or_else(|| Error::missing_param("room_alias is required"))?;
+    let a = alias.clone();
+    let room_id = s.store.read(move |c| crate::store::rooms::alias_target(c, &a)).await?.ok_or_else(|| Error::not_found("room alias not found"))?;
+    let rid = room_id.clone();
+    let mut servers = s
+        .store
+        .read(move |c| match events::room_by_id(c, &rid)? {
+            Some(r) => events::joined_servers(c, r.room_nid),
+            None => Ok(vec![]),
+        })
+        .await?;
+    servers.retain(|x| x != s.identity.server_name.as_str());
+    servers.insert(0, s.identity.server_name.to_string());
+    Ok(axum::Json(json!({"room_id": room_id, "servers": servers})))
+}
+
+async fn user_devices(State(s): State<AppState>, Path(user_id): Path<String>, _signed: Signed) -> Result<impl IntoResponse> {
+    if !s.identity.is_local_user(&user_id) {
+        return Err(Error::invalid_param("user is not on this server"));
+    }
+    let uid = user_id.clone();
+    let (devices, stream) = s
+        .store
+        .read(move |c| {
+            let mut out = Vec::new();
+            for d in crate::store::accounts::list_devices(c, &uid)? {
+                let keys: Option<String> = c
+                    .query_row("SELECT keys FROM device_keys WHERE user_id = ?1 AND device_id = ?2", rusqlite::params![uid, d.device_id], |r| r.get(0))
+                    .ok();
+                let mut dev = json!({"device_id": d.device_id, "device_display_name": d.display_name});
+                if let Some(k) = keys {
+                    dev["keys"] = serde_json::from_str(&k)?;
+                }
+                out.push(dev);
+            }
+            let stream: i64 = c.query_row("SELECT coalesce(max(stream_ordering), 0) FROM device_list_stream WHERE user_id = ?1", [&uid], |r| r.get(0))?;
+            Ok((out, stream))
+        })
+        .await?;
+    Ok(axum::Json(json!({"user_id": user_id, "stream_id": stream, "devices": devices})))
+}
+
+async fn user_keys_query(State(s): State<AppState>, signed: Signed) -> Result<impl IntoResponse> {
+    let body = signed.body.unwrap_or(Value::Null);
+    let wanted: Vec<(String, Vec<String>)> = body
+        .get("device_keys")
+        .and_then(Value::as_object)
+        .map(|m| m.iter().map(|(u, d)| (u.clone(), d.as_array().map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect()).unwrap_or_default())).collect())
+        .unwrap_or_default();
+    let identity = s.identity.clone();
+    let out = s
+        .store
+        .read(move |c| {
+            let mut out = serde_json::Map::new();
+            for (user, devices) in wanted {
+                if !identity.is_local_user(&user) {
+                    continue;
+                }
+                let mut per = serde_json::Map::new();
+                let mut stmt = c.prepare_cached("SELECT device_id, keys FROM device_keys WHERE user_id = ?1")?;
+                for r in stmt.query_map([&user], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))? {
+                    let (d, k) = r?;
+                    if devices.is_empty() || devices.contains(&d) {
+                        per.insert(d, serde_json::from_str(&k)?);
+                    }
+                }
+                out.insert(user, Value::Object(per));
+            }
+            Ok(out)
+        })
+        .await?;
+    Ok(axum::Json(json!({"device_keys": out})))
+}
+
+async fn public_rooms(State(s): State<AppState>, _signed: Signed) -> Result<impl IntoResponse> {
+    let rooms = s.store.read(crate::store::rooms::published_rooms).await?;
+    let chunk: Vec<Value> = rooms.into_iter().map(|(_, id, n)| json!({"room_id": id, "num_joined_members": n, "world_readable": false, "guest_can_join": false})).collect();
+    let total = chunk.len();
+    let _ = BTreeSet::<String>::new();
+    Ok(axum::Json(json!({"chunk": chunk, "total_room_count_estimate": total})))
+}

@@ -1,0 +1,228 @@
+//! Resync of a partial-state room (MSC3902): learn the full state at our join from a resident, fetch the events
+//! we lack in bounded chunks, then fill the member half of the partial base state group once and clear the flag.
+//!
+//! Phases (kept in the job cursor, so a restart resumes where it stopped):
+//! `ids`    — `/state_ids` at our join event, from the server we joined via, else the others in the room;
+//! `fetch`  — missing events, through `/state` when many are missing, else batched `/event`; verified and stored
+//!            as outliers in short background writes;
+//! `finish` — one write: fill the base group, update `room_members`, clear `partial_state`.
+
+use std::collections::HashSet;
+
+use rusqlite::params;
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::federation::client::enc;
+use crate::federation::inbound::verify_batch;
+use crate::http::AppState;
+use crate::jobs::{JobRow, Step};
+use crate::room::remote::persist_outlier;
+use crate::store::events;
+
+/// Events stored per background write.
+const CHUNK: usize = 500;
+/// Missing events fetched per step through `/event`.
+const EVENT_BATCH: usize = 50;
+
+fn servers(cursor: &Value) -> Vec<String> {
+    let mut out: Vec<String> = cursor.get("via").and_then(Value::as_str).map(str::to_owned).into_iter().collect();
+    for s in cursor.get("servers").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str) {
+        if !out.iter().any(|x| x == s) {
+            out.push(s.to_owned());
+        }
+    }
+    out
+}
+
+async fn save_cursor(s: &AppState, job_id: i64, cursor: Value, done: i64, total: Option<i64>) -> Result<()> {
+    s.store
+        .write_background(move |w| {
+            w.conn.execute(
+                "UPDATE jobs SET cursor = ?2, done_units = ?3, total_units = coalesce(?4, total_units), attempts = 0, last_error = NULL WHERE job_id = ?1",
+                params![job_id, cursor.to_string(), done, total],
+            )?;
+            Ok(())
+        })
+        .await
+}
+
+pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
+    let room_nid = job.room_nid.ok_or_else(|| Error::internal("resync job without room"))?;
+    let room = s.store.read(move |c| events::room_by_nid(c, room_nid)).await?.ok_or_else(|| Error::internal("resync of unknown room"))?;
+    if !room.partial_state {
+        return Ok(Step::Done);
+    }
+    let fed = s.federation.as_ref().ok_or_else(|| Error::forbidden("federation is disabled"))?;
+    let mut cursor = job.cursor.clone();
+    let join_event = cursor.get("join_event").and_then(Value::as_str).unwrap_or_default().to_owned();
+    let phase = cursor.get("phase").and_then(Value::as_str).unwrap_or("ids").to_owned();
+    let servers = servers(&cursor);
+    // Rotate through the servers on failures: attempt n asks server n mod len.
+    let server = servers.get(job.attempts as usize % servers.len().max(1)).cloned().ok_or_else(|| Error::internal("no server to resync from"))?;
+
+    match phase.as_str() {
+        "ids" => {
+            let path = format!("/_matrix/federation/v1/state_ids/{}?event_id={}", enc(&room.room_id), enc(&join_event));
+            let answer = fed.client.get(&server, &path).await?;
+            let pdu_ids: Vec<String> = answer.get("pdu_ids").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect()).unwrap_or_default();
+            if pdu_ids.is_empty() {
+                return Err(Error::internal(format!("{server} returned no state ids")));
+            }
+            let total = pdu_ids.len() as i64;
+            let missing = s
+                .store
+                .write_background(move |w| {
+                    let mut missing = 0i64;
+                    let mut ins = w.conn.prepare_cached("INSERT OR REPLACE INTO resync_state (room_nid, event_id, missing) VALUES (?1, ?2, ?3)")?;
+                    for id in &pdu_ids {
+                        let have = events::event_nid(w.conn, id)?.is_some();
+                        ins.execute(params![room_nid, id, !have])?;
+                        missing += i64::from(!have);
+                    }
+                    Ok(missing)
+                })
+                .await?;
+            tracing::info!(room_id = %room.room_id, %server, state = total, missing, "resync: state ids received");
+            cursor["phase"] = json!("fetch");
+            cursor["source"] = json!(server);
+            // Many missing: one /state request beats thousands of /event requests.
+            cursor["use_state"] = json!(missing > 50 && missing * 10 >= total);
+            save_cursor(s, job.job_id, cursor, total - missing, Some(total)).await?;
+            Ok(Step::More)
+        }
+        "fetch" => {
+            let missing: Vec<String> = s
+                .store
+                .read(move |c| {
+                    let mut stmt = c.prepare_cached("SELECT event_id FROM resync_state WHERE room_nid = ?1 AND missing = 1")?;
+                    let rows = stmt.query_map([room_nid], |r| r.get(0))?;
+                    Ok(rows.collect::<rusqlite::Result<_>>()?)
+                })
+                .await?;
+            if missing.is_empty() {
+                cursor["phase"] = json!("finish");
+                save_cursor(s, job.job_id, cursor, 0, None).await?;
+                return Ok(Step::More);
+            }
+            let use_state = cursor.get("use_state").and_then(Value::as_bool).unwrap_or(false);
+            let fetched: Vec<Value> = if use_state {
+                let path = format!("/_matrix/federation/v1/state/{}?event_id={}", enc(&room.room_id), enc(&join_event));
+                let answer = fed.client.get(&server, &path).await?;
+                let wanted: HashSet<&str> = missing.iter().map(String::as_str).collect();
+                let mut v: Vec<Value> = answer.get("pdus").and_then(Value::as_array).cloned().unwrap_or_default();
+                // Auth events of the state are needed for later auth checks too.
+                v.extend(answer.get("auth_chain").and_then(Value::as_array).cloned().unwrap_or_default());
+                let _ = wanted;
+                v
+            } else {
+                let batch: Vec<String> = missing.iter().take(EVENT_BATCH).cloned().collect();
+                let reqs = batch.iter().map(|id| {
+                    let path = format!("/_matrix/federation/v1/event/{}", enc(id));
+                    let server = server.clone();
+                    async move { fed.client.get(&server, &path).await }
+                });
+                let mut out = Vec::new();
+                for r in futures::future::join_all(reqs).await {
+                    match r {
+                        Ok(v) => out.extend(v.get("pdus").and_then(Value::as_array).cloned().unwrap_or_default()),
+                        Err(e) => tracing::info!(error = %e, "resync: event fetch failed"),
+                    }
+                }
+                out
+            };
+            let total_fetched = fetched.len();
+            let mut stored = 0usize;
+            for chunk in fetched.chunks(CHUNK) {
+                let verified: Vec<crate::room::Pdu> = verify_batch(s, &room.version, chunk.to_vec()).await?.into_iter().filter_map(|r| r.map_err(|e| tracing::info!(error = %e, "resync: invalid event")).ok()).collect();
+                let rid = room.room_id.clone();
+                stored += s
+                    .store
+                    .write_background(move |w| {
+                        let room = events::room_by_id(w.conn, &rid)?.ok_or_else(|| Error::internal("room vanished"))?;
+                        let mut n = 0;
+                        let mut sorted = verified;
+                        sorted.sort_by_key(|p| p.depth);
+                        for p in sorted.iter().filter(|p| p.room_id.as_str() == rid) {
+                            persist_outlier(w.conn, &room, p)?;
+                            n += w.conn.execute("UPDATE resync_state SET missing = 0 WHERE room_nid = ?1 AND event_id = ?2", params![room_nid, p.event_id.as_str()])?;
+                        }
+                        Ok(n)
+                    })
+                    .await?;
+            }
+            let still: i64 = s.store.read(move |c| Ok(c.query_row("SELECT count(*) FROM resync_state WHERE room_nid = ?1 AND missing = 1", [room_nid], |r| r.get(0))?)).await?;
+            let total: i64 = s.store.read(move |c| Ok(c.query_row("SELECT count(*) FROM resync_state WHERE room_nid = ?1", [room_nid], |r| r.get(0))?)).await?;
+            tracing::info!(room_id = %room.room_id, fetched = total_fetched, stored, missing = still, "resync: fetched events");
+            if stored == 0 {
+                if use_state {
+                    // The /state answer did not cover what /state_ids listed: fall back to single events.
+                    cursor["use_state"] = json!(false);
+                    save_cursor(s, job.job_id, cursor, total - still, Some(total)).await?;
+                    return Ok(Step::More);
+                }
+                return Err(Error::internal(format!("{server} returned none of the {still} missing events")));
+            }
+            cursor["use_state"] = json!(false);
+            save_cursor(s, job.job_id, cursor, total - still, Some(total)).await?;
+            Ok(Step::More)
+        }
+        "finish" => {
+            let sg = cursor.get("sg").and_then(Value::as_i64).ok_or_else(|| Error::internal("resync cursor without base group"))?;
+            let identity = s.identity.clone();
+            let members = s.store.write_background(move |w| finish(w, &identity, room_nid, sg)).await?;
+            tracing::info!(room_id = %room.room_id, members, "resync complete: room has full state");
+            Ok(Step::Done)
+        }
+        other => Err(Error::internal(format!("unknown resync phase {other}"))),
+    }
+}
+
+/// Fills the partial base group with the fetched state (descendant groups are deltas over it, so they see the
+/// new entries too), rebuilds membership from the current state and clears the partial flag. One transaction.
+fn finish(w: &mut crate::store::Writer<'_>, identity: &crate::room::Identity, room_nid: i64, sg: i64) -> Result<i64> {
+    let conn = w.conn;
+    let mut ids: Vec<(i64, i64)> = Vec::new();
+    {
+        let mut stmt = conn.prepare_cached(
+            "SELECT e.state_key_nid, e.event_nid FROM resync_state r JOIN events e ON e.event_id = r.event_id
+             WHERE r.room_nid = ?1 AND e.state_key_nid IS NOT NULL",
+        )?;
+        for r in stmt.query_map([room_nid], |r| Ok((r.get(0)?, r.get(1)?)))? {
+            ids.push(r?);
+        }
+    }
+    // Only add keys the partial group lacks: what the resident sent at join time stays authoritative for the
+    // non-member half (the two agree unless the resident lied).
+    let mut ins = conn.prepare_cached("INSERT OR IGNORE INTO state_group_entries (sg, state_key_nid, event_nid) VALUES (?1, ?2, ?3)")?;
+    for (skn, nid) in &ids {
+        ins.execute(params![sg, skn, nid])?;
+    }
+    conn.execute("UPDATE state_groups SET partial = 0 WHERE sg = ?1", [sg])?;
+    let room = events::room_by_nid(conn, room_nid)?.ok_or_else(|| Error::internal("room vanished"))?;
+    let current = room.current_sg.ok_or_else(|| Error::internal("room without current state"))?;
+    let members = events::load_state_of_type(conn, current, "m.room.member")?;
+    let mut n = 0;
+    for (user, nid) in &members {
+        let have = events::membership_of(conn, room_nid, user)?;
+        if have.map(|h| h.1) != Some(*nid) {
+            crate::room::append::apply_membership(w, identity, room_nid, user, *nid)?;
+        }
+        n += 1;
+    }
+    let conn = w.conn;
+    conn.execute("UPDATE rooms SET partial_state = 0 WHERE room_nid = ?1", [room_nid])?;
+    conn.execute("DELETE FROM partial_state_servers WHERE room_nid = ?1", [room_nid])?;
+    conn.execute("DELETE FROM resync_state WHERE room_nid = ?1", [room_nid])?;
+    // Local members see the room (again) as newly joined, so eager /sync delivers it with full state now.
+    let locals: Vec<(String, i64)> = {
+        let mut stmt = conn.prepare_cached("SELECT user_id, event_nid FROM room_members WHERE room_nid = ?1 AND membership = 'join'")?;
+        let rows = stmt.query_map([room_nid], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()?.into_iter().filter(|(u, _)| identity.is_local_user(u)).collect()
+    };
+    for (user, nid) in locals {
+        let pos = w.next_stream();
+        events::record_local_membership(w.conn, pos, &user, room_nid, "join", nid)?;
+    }
+    Ok(n)
+}

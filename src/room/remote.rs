@@ -1,0 +1,170 @@
+//! PDUs from other servers: checking them (hashes, signatures, auth, soft-fail) and storing them, including
+//! outliers (auth chains and state we hold without placing in the timeline).
+
+use std::collections::HashMap;
+
+use ruma::canonical_json::CanonicalJsonObject;
+use ruma::events::TimelineEventType;
+use ruma::room_version_rules::RoomVersionRules;
+use ruma::signatures::{PublicKeyMap, Verified};
+use rusqlite::Connection;
+
+use crate::error::{Error, Result};
+use crate::room::append::{authorize, persist, Appended, Outcome};
+use crate::room::pdu::MAX_PDU_BYTES;
+use crate::room::{load_pdu, state, version, Identity, Pdu};
+use crate::store::events::{self, NewEvent, RoomRow};
+use crate::store::Writer;
+
+/// Parses a PDU received over federation and computes its id (no signature check yet).
+pub fn parse_remote(mut obj: CanonicalJsonObject, rules: &RoomVersionRules) -> std::result::Result<Pdu, String> {
+    obj.remove("unsigned");
+    let size = serde_json::to_string(&obj).map(|s| s.len()).unwrap_or(usize::MAX);
+    if size > MAX_PDU_BYTES {
+        return Err(format!("PDU is {size} bytes, over the {MAX_PDU_BYTES} limit"));
+    }
+    let event_id = version::event_id(&obj, rules)?;
+    Pdu::from_canonical(obj, event_id, rules)
+}
+
+/// Checks signatures and the content hash. A hash mismatch keeps the event, redacted (spec).
+pub fn verify_remote(pdu: Pdu, rules: &RoomVersionRules, keys: &PublicKeyMap) -> std::result::Result<Pdu, String> {
+    match ruma::signatures::verify_event(keys, &pdu.json, rules) {
+        Ok(Verified::All) => Ok(pdu),
+        Ok(Verified::Signatures) => {
+            let redacted = ruma::canonical_json::redact(pdu.json.clone(), &rules.redaction, None).map_err(|e| e.to_string())?;
+            let mut p = Pdu::from_canonical(redacted, pdu.event_id.clone(), rules)?;
+            p.rejected = pdu.rejected;
+            Ok(p)
+        }
+        Err(e) => Err(format!("signature check failed for {}: {e}", pdu.event_id)),
+    }
+}
+
+/// Stores an event we hold only for auth/state (no timeline position, no state group). Idempotent.
+pub fn persist_outlier(conn: &Connection, room: &RoomRow, pdu: &Pdu) -> Result<i64> {
+    if let Some(nid) = events::event_nid(conn, pdu.event_id.as_str())? {
+        return Ok(nid);
+    }
+    let skn = match &pdu.state_key {
+        Some(k) => Some(events::state_key_nid(conn, &pdu.kind.to_string(), k)?),
+        None => None,
+    };
+    let nid = events::insert_event(
+        conn,
+        &NewEvent {
+            event_id: pdu.event_id.as_str(),
+            room_nid: room.room_nid,
+            event_type: &pdu.kind.to_string(),
+            state_key_nid: skn,
+            sender: pdu.sender.as_str(),
+            origin_server_ts: u64::from(pdu.origin_server_ts.get()) as i64,
+            depth: pdu.depth,
+            stream_ordering: None,
+            outlier: true,
+            rejected: None,
+            soft_failed: false,
+            txn: None,
+            json: &pdu.canonical_string(),
+        },
+    )?;
+    let prevs: Vec<String> = pdu.prev_events.iter().map(|e| e.to_string()).collect();
+    events::insert_edges(conn, nid, &prevs)?;
+    Ok(nid)
+}
+
+/// What became of an incoming PDU.
+#[derive(Debug)]
+pub enum Incoming {
+    Stored(Appended, Outcome),
+    AlreadyKnown,
+    /// These prev events are unknown (fetch them, or the state at them, and retry).
+    MissingPrevs(Vec<String>),
+}
+
+/// The state group before an event whose prev events we all hold.
+pub fn state_before(conn: &Connection, room: &RoomRow, pdu: &Pdu) -> Result<std::result::Result<i64, Vec<String>>> {
+    let mut groups = Vec::new();
+    let mut missing = Vec::new();
+    for p in &pdu.prev_events {
+        match events::event_by_id(conn, p.as_str())? {
+            Some(row) if !row.outlier && row.sg_after.is_some() => groups.push(row.sg_after.unwrap_or_default()),
+            _ => missing.push(p.to_string()),
+        }
+    }
+    if !missing.is_empty() {
+        return Ok(Err(missing));
+    }
+    Ok(Ok(state::resolve_groups(conn, room.room_nid, &room.version, &groups)?))
+}
+
+/// Authorises and stores a verified PDU that belongs in the room's DAG.
+pub fn handle_incoming(w: &mut Writer<'_>, identity: &Identity, room_id: &str, pdu: &Pdu, forced_state: Option<i64>) -> Result<Incoming> {
+    let conn = w.conn;
+    let room = events::room_by_id(conn, room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
+    if let Some(row) = events::event_by_id(conn, pdu.event_id.as_str())? {
+        if !row.outlier {
+            return Ok(Incoming::AlreadyKnown);
+        }
+        // We held it as an outlier; now it joins the timeline: drop the outlier row first.
+        conn.execute("DELETE FROM event_edges WHERE event_nid = ?1", [row.event_nid])?;
+        conn.execute("DELETE FROM events WHERE event_nid = ?1 AND outlier = 1", [row.event_nid])?;
+    }
+    let rules = version::rules(&room.version)?;
+    let sg_before = match forced_state {
+        Some(sg) => sg,
+        None => match state_before(conn, &room, pdu)? {
+            Ok(sg) => sg,
+            Err(missing) => return Ok(Incoming::MissingPrevs(missing)),
+        },
+    };
+    let outcome = check(conn, &room, &rules, pdu, sg_before)?;
+    let appended = persist(w, identity, &room, &rules, pdu, Some(sg_before), outcome.clone(), None)?;
+    Ok(Incoming::Stored(appended, outcome))
+}
+
+/// Auth against the event's auth events and the state before it; soft-fail against current state.
+fn check(conn: &Connection, room: &RoomRow, rules: &RoomVersionRules, pdu: &Pdu, sg_before: i64) -> Result<Outcome> {
+    for a in &pdu.auth_events {
+        if events::event_nid(conn, a.as_str())?.is_none() {
+            return Ok(Outcome::Rejected(format!("auth event {a} unknown")));
+        }
+    }
+    let auth_ok = if room.partial_state {
+        // Partial state lacks most memberships: fall back to the event's own auth events for keys we lack
+        // (MSC3902; re-checked when the resync completes).
+        authorize_partial(conn, rules, pdu, sg_before)
+    } else {
+        authorize(conn, rules, pdu, Some(sg_before))
+    };
+    if let Err(reason) = auth_ok {
+        return Ok(Outcome::Rejected(reason));
+    }
+    if !room.partial_state {
+        if let Some(current) = events::room_by_nid(conn, room.room_nid)?.and_then(|r| r.current_sg) {
+            if current != sg_before && authorize(conn, rules, pdu, Some(current)).is_err() {
+                return Ok(Outcome::SoftFailed);
+            }
+        }
+    }
+    Ok(Outcome::Accepted)
+}
+
+pub fn authorize_partial(conn: &Connection, rules: &RoomVersionRules, pdu: &Pdu, sg: i64) -> std::result::Result<(), String> {
+    ruma::state_res::check_state_independent_auth_rules(&rules.authorization, pdu, |id| load_pdu(conn, id.as_str()).ok().flatten())?;
+    if pdu.kind == TimelineEventType::RoomCreate {
+        return Ok(());
+    }
+    let by_key: HashMap<(String, String), Pdu> = pdu
+        .auth_events
+        .iter()
+        .filter_map(|id| load_pdu(conn, id.as_str()).ok().flatten())
+        .filter_map(|p| p.state_key.clone().map(|k| ((p.kind.to_string(), k), p)))
+        .collect();
+    ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, pdu, |t, k| {
+        crate::room::state_event(conn, sg, &t.to_string(), k)
+            .ok()
+            .flatten()
+            .or_else(|| by_key.get(&(t.to_string(), k.to_owned())).cloned())
+    })
+}

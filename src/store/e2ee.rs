@@ -1,0 +1,327 @@
+//! End-to-end encryption plumbing: device keys, one-time and fallback keys, cross-signing keys, to-device
+//! messages and the device list stream.
+//!
+//! `one_time_keys.fallback`: 0 = one-time key, 1 = fallback key not yet handed out, 2 = fallback key already used
+//! (so /sync's `device_unused_fallback_key_types`, which reads `fallback = 1`, stops listing it).
+
+use std::collections::BTreeSet;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde_json::{Map, Value};
+
+use crate::error::Result;
+use crate::store::Writer;
+
+// ------------------------------------------------------------------------------------------------------------
+// Device list stream
+
+/// Records that `user_id`'s devices or keys changed, for /sync `device_lists` and /keys/changes.
+pub fn device_list_changed(w: &mut Writer<'_>, user_id: &str) -> Result<()> {
+    let pos = w.next_stream();
+    w.conn
+        .prepare_cached("INSERT INTO device_list_stream (stream_ordering, user_id) VALUES (?1, ?2)")?
+        .execute(params![pos, user_id])?;
+    Ok(())
+}
+
+/// Whether two users are both joined to at least one common room.
+pub fn shares_room(conn: &Connection, a: &str, b: &str) -> Result<bool> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT 1 FROM room_members x JOIN room_members y ON x.room_nid = y.room_nid
+             WHERE x.user_id = ?1 AND x.membership = 'join' AND y.user_id = ?2 AND y.membership = 'join' LIMIT 1",
+        )?
+        .exists(params![a, b])?)
+}
+
+/// Users whose device lists `user_id` must refetch for the window (`from`, `to`], and users it no longer shares
+/// any room with (`left`). "Changed" covers key/device updates of users sharing a room now, users who joined one
+/// of our rooms and the members of rooms we joined; "left" covers members who left, and members of rooms we left.
+pub fn device_list_changes(conn: &Connection, user_id: &str, from: i64, to: i64) -> Result<(BTreeSet<String>, BTreeSet<String>)> {
+    let mut changed = BTreeSet::new();
+    let mut candidates_left = BTreeSet::new();
+
+    let mut stmt = conn.prepare_cached(
+        "SELECT DISTINCT user_id FROM device_list_stream WHERE stream_ordering > ?1 AND stream_ordering <= ?2",
+    )?;
+    let updated: Vec<String> = stmt.query_map(params![from, to], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+    for u in updated {
+        if u == user_id || shares_room(conn, user_id, &u)? {
+            changed.insert(u);
+        }
+    }
+
+    // Membership changes of others in rooms we are joined to now.
+    let mut stmt = conn.prepare_cached(
+        "SELECT DISTINCT k.state_key, json_extract(e.json, '$.content.membership') FROM events e
+         JOIN state_keys k ON k.state_key_nid = e.state_key_nid
+         JOIN room_members me ON me.room_nid = e.room_nid AND me.user_id = ?1 AND me.membership = 'join'
+         WHERE e.event_type = 'm.room.member' AND e.stream_ordering > ?2 AND e.stream_ordering <= ?3 AND k.state_key != ?1",
+    )?;
+    let rows = stmt.query_map(params![user_id, from, to], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?)))?;
+    for r in rows {
+        match r? {
+            (u, Some(m)) if m == "join" => {
+                changed.insert(u);
+            }
+            (u, Some(m)) if m == "leave" || m == "ban" => {
+                candidates_left.insert(u);
+            }
+            _ => {}
+        }
+    }
+
+    // Our own joins and leaves in the window: everyone in those rooms is new to us, or possibly gone.
+    let mut stmt = conn.prepare_cached(
+        "SELECT m.user_id, s.membership FROM local_membership_stream s JOIN room_members m ON m.room_nid = s.room_nid
+         WHERE s.user_id = ?1 AND s.stream_ordering > ?2 AND s.stream_ordering <= ?3 AND m.user_id != ?1
+         AND m.membership = 'join'",
+    )?;
+    let rows = stmt.query_map(params![user_id, from, to], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+    for r in rows {
+        let (u, m) = r?;
+        if m == "join" {
+            changed.insert(u);
+        } else if m == "leave" || m == "ban" {
+            candidates_left.insert(u);
+        }
+    }
+
+    let mut left = BTreeSet::new();
+    for u in candidates_left {
+        if !shares_room(conn, user_id, &u)? {
+            changed.remove(&u);
+            left.insert(u);
+        }
+    }
+    Ok((changed, left))
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Device keys
+
+/// Stores a device's identity keys; returns whether they differ from what was stored. When a client re-uploads
+/// the same keys, signatures added since (cross-signing) are kept: they still sign the same content.
+pub fn set_device_keys(conn: &Connection, user_id: &str, device_id: &str, keys: &Value) -> Result<bool> {
+    let old: Option<Value> = conn
+        .prepare_cached("SELECT keys FROM device_keys WHERE user_id = ?1 AND device_id = ?2")?
+        .query_row(params![user_id, device_id], |r| r.get::<_, String>(0))
+        .optional()?
+        .and_then(|o| serde_json::from_str(&o).ok());
+    let mut keys = keys.clone();
+    if let Some(old) = &old {
+        let content = |v: &Value| {
+            let mut v = v.clone();
+            v.as_object_mut().map(|o| o.remove("signatures"));
+            v
+        };
+        if content(old) == content(&keys) {
+            if let (Some(old_sigs), Some(new)) = (old["signatures"].as_object(), keys.as_object_mut()) {
+                let sigs = new.entry("signatures").or_insert_with(|| Value::Object(Map::new()));
+                if !sigs.is_object() {
+                    *sigs = Value::Object(Map::new());
+                }
+                for (signer, by_key) in old_sigs {
+                    for (key_id, sig) in by_key.as_object().into_iter().flatten() {
+                        if sigs[signer].get(key_id).is_none() {
+                            if !sigs[signer].is_object() {
+                                sigs[signer] = Value::Object(Map::new());
+                            }
+                            sigs[signer][key_id] = sig.clone();
+                        }
+                    }
+                }
+            }
+        }
+        if *old == keys {
+            return Ok(false);
+        }
+    }
+    conn.prepare_cached(
+        "INSERT INTO device_keys (user_id, device_id, keys) VALUES (?1, ?2, ?3)
+         ON CONFLICT (user_id, device_id) DO UPDATE SET keys = excluded.keys",
+    )?
+    .execute(params![user_id, device_id, keys.to_string()])?;
+    Ok(true)
+}
+
+pub struct DeviceKeys {
+    pub device_id: String,
+    pub keys: Value,
+    pub display_name: Option<String>,
+}
+
+/// Keys of a user's devices (only devices that uploaded keys); `devices` empty = all.
+pub fn device_keys(conn: &Connection, user_id: &str, devices: &[String]) -> Result<Vec<DeviceKeys>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT k.device_id, k.keys, d.display_name FROM device_keys k
+         JOIN devices d ON d.user_id = k.user_id AND d.device_id = k.device_id
+         WHERE k.user_id = ?1 ORDER BY k.device_id",
+    )?;
+    let rows = stmt.query_map([user_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Option<String>>(2)?)))?;
+    let mut out = Vec::new();
+    for r in rows {
+        let (device_id, keys, display_name) = r?;
+        if devices.is_empty() || devices.contains(&device_id) {
+            out.push(DeviceKeys { device_id, keys: serde_json::from_str(&keys)?, display_name });
+        }
+    }
+    Ok(out)
+}
+
+/// The ids of all of a user's devices.
+pub fn device_ids(conn: &Connection, user_id: &str) -> Result<Vec<String>> {
+    let mut stmt = conn.prepare_cached("SELECT device_id FROM devices WHERE user_id = ?1")?;
+    let rows = stmt.query_map([user_id], |r| r.get(0))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// One-time and fallback keys
+
+/// Adds one-time keys (`algorithm:id` -> key). A re-upload of an identical key is ignored; returns the id of the
+/// first key that exists with different content (the caller rejects the whole upload).
+pub fn add_one_time_keys(conn: &Connection, user_id: &str, device_id: &str, keys: &Map<String, Value>) -> Result<Option<String>> {
+    // All keys of one upload share a sequence number: claims hand out older uploads first.
+    let seq: i64 = conn
+        .prepare_cached("SELECT coalesce(max(upload_seq), 0) + 1 FROM one_time_keys WHERE user_id = ?1 AND device_id = ?2")?
+        .query_row(params![user_id, device_id], |r| r.get(0))?;
+    for (key_id, key) in keys {
+        let algorithm = key_id.split_once(':').map(|x| x.0).unwrap_or_default();
+        let existing: Option<String> = conn
+            .prepare_cached("SELECT key_json FROM one_time_keys WHERE user_id = ?1 AND device_id = ?2 AND key_id = ?3")?
+            .query_row(params![user_id, device_id, key_id], |r| r.get(0))
+            .optional()?;
+        match existing {
+            Some(old) if serde_json::from_str::<Value>(&old).ok().as_ref() == Some(key) => continue,
+            Some(_) => return Ok(Some(key_id.clone())),
+            None => {}
+        }
+        conn.prepare_cached(
+            "INSERT INTO one_time_keys (user_id, device_id, key_id, algorithm, key_json, fallback, upload_seq)
+             VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6)",
+        )?
+        .execute(params![user_id, device_id, key_id, algorithm, key.to_string(), seq])?;
+    }
+    Ok(None)
+}
+
+/// Replaces the fallback key of each algorithm present (one per algorithm). Re-uploading the current key keeps its
+/// "used" mark.
+pub fn set_fallback_keys(conn: &Connection, user_id: &str, device_id: &str, keys: &Map<String, Value>) -> Result<()> {
+    for (key_id, key) in keys {
+        let algorithm = key_id.split_once(':').map(|x| x.0).unwrap_or_default();
+        let same: bool = conn
+            .prepare_cached(
+                "SELECT 1 FROM one_time_keys WHERE user_id = ?1 AND device_id = ?2 AND key_id = ?3 AND fallback > 0
+                 AND key_json = ?4",
+            )?
+            .exists(params![user_id, device_id, key_id, key.to_string()])?;
+        if same {
+            continue;
+        }
+        conn.prepare_cached("DELETE FROM one_time_keys WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3 AND fallback > 0")?
+            .execute(params![user_id, device_id, algorithm])?;
+        conn.prepare_cached(
+            "INSERT INTO one_time_keys (user_id, device_id, key_id, algorithm, key_json, fallback) VALUES (?1, ?2, ?3, ?4, ?5, 1)
+             ON CONFLICT (user_id, device_id, key_id) DO UPDATE SET algorithm = excluded.algorithm,
+             key_json = excluded.key_json, fallback = 1",
+        )?
+        .execute(params![user_id, device_id, key_id, algorithm, key.to_string()])?;
+    }
+    Ok(())
+}
+
+/// Unclaimed one-time keys per algorithm (fallback keys excluded).
+pub fn one_time_key_counts(conn: &Connection, user_id: &str, device_id: &str) -> Result<Map<String, Value>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT algorithm, count(*) FROM one_time_keys WHERE user_id = ?1 AND device_id = ?2 AND fallback = 0
+         GROUP BY algorithm",
+    )?;
+    let rows = stmt.query_map(params![user_id, device_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+    let mut out = Map::new();
+    for r in rows {
+        let (alg, n) = r?;
+        out.insert(alg, n.into());
+    }
+    Ok(out)
+}
+
+/// Hands out one key of `algorithm` for a device: the oldest one-time key (deleted, so it is never given out
+/// twice), else the fallback key (kept, marked used). Returns `(key_id, key)`.
+pub fn claim_key(conn: &Connection, user_id: &str, device_id: &str, algorithm: &str) -> Result<Option<(String, Value)>> {
+    let otk: Option<(String, String)> = conn
+        .prepare_cached(
+            "SELECT key_id, key_json FROM one_time_keys WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3
+             AND fallback = 0 ORDER BY upload_seq, key_id LIMIT 1",
+        )?
+        .query_row(params![user_id, device_id, algorithm], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    if let Some((key_id, json)) = otk {
+        conn.prepare_cached("DELETE FROM one_time_keys WHERE user_id = ?1 AND device_id = ?2 AND key_id = ?3")?
+            .execute(params![user_id, device_id, key_id])?;
+        return Ok(Some((key_id, serde_json::from_str(&json)?)));
+    }
+    let fallback: Option<(String, String)> = conn
+        .prepare_cached(
+            "SELECT key_id, key_json FROM one_time_keys WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3
+             AND fallback > 0 LIMIT 1",
+        )?
+        .query_row(params![user_id, device_id, algorithm], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    if let Some((key_id, json)) = fallback {
+        conn.prepare_cached("UPDATE one_time_keys SET fallback = 2 WHERE user_id = ?1 AND device_id = ?2 AND key_id = ?3")?
+            .execute(params![user_id, device_id, key_id])?;
+        return Ok(Some((key_id, serde_json::from_str(&json)?)));
+    }
+    Ok(None)
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Cross-signing keys
+
+/// A user's `master`, `self_signing` or `user_signing` key, with the signatures added to it since.
+pub fn cross_signing_key(conn: &Connection, user_id: &str, key_type: &str) -> Result<Option<Value>> {
+    let raw: Option<String> = conn
+        .prepare_cached("SELECT key_json FROM cross_signing_keys WHERE user_id = ?1 AND key_type = ?2")?
+        .query_row(params![user_id, key_type], |r| r.get(0))
+        .optional()?;
+    Ok(raw.map(|s| serde_json::from_str(&s)).transpose()?)
+}
+
+pub fn set_cross_signing_key(conn: &Connection, user_id: &str, key_type: &str, key: &Value) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO cross_signing_keys (user_id, key_type, key_json) VALUES (?1, ?2, ?3)
+         ON CONFLICT (user_id, key_type) DO UPDATE SET key_json = excluded.key_json",
+    )?
+    .execute(params![user_id, key_type, key.to_string()])?;
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// To-device messages
+
+/// Whether this device already sent to-device transaction `txn_id` (retries must not deliver twice).
+pub fn to_device_txn_seen(conn: &Connection, user_id: &str, device_id: &str, txn_id: &str) -> Result<bool> {
+    Ok(conn
+        .prepare_cached("SELECT 1 FROM txn_ids WHERE user_id = ?1 AND device_id = ?2 AND kind = 'to_device' AND txn_id = ?3")?
+        .exists(params![user_id, device_id, txn_id])?)
+}
+
+pub fn record_to_device_txn(conn: &Connection, user_id: &str, device_id: &str, txn_id: &str) -> Result<()> {
+    conn.prepare_cached("INSERT INTO txn_ids (user_id, device_id, txn_id, kind, result) VALUES (?1, ?2, ?3, 'to_device', '')")?
+        .execute(params![user_id, device_id, txn_id])?;
+    Ok(())
+}
+
+/// Queues one message for a local device, at a new stream position.
+pub fn queue_to_device(w: &mut Writer<'_>, user_id: &str, device_id: &str, sender: &str, event_type: &str, content: &Value) -> Result<()> {
+    let pos = w.next_stream();
+    w.conn
+        .prepare_cached(
+            "INSERT INTO to_device (stream_ordering, user_id, device_id, sender, event_type, content)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?
+        .execute(params![pos, user_id, device_id, sender, event_type, content.to_string()])?;
+    Ok(())
+}

@@ -1,0 +1,91 @@
+//! The durable outbound federation queue: rows survive restarts until the destination acknowledged them.
+
+use rusqlite::{params, Connection};
+
+use crate::error::Result;
+use crate::store::events;
+
+/// Queues a PDU for every other server in the room (joined members, plus the partial-state server list).
+pub fn enqueue_pdu(conn: &Connection, room_nid: i64, event_id: &str, our_server: &str, extra: &[String]) -> Result<usize> {
+    let mut dests = events::joined_servers(conn, room_nid)?;
+    let mut stmt = conn.prepare_cached("SELECT server_name FROM partial_state_servers WHERE room_nid = ?1")?;
+    for s in stmt.query_map([room_nid], |r| r.get::<_, String>(0))? {
+        dests.push(s?);
+    }
+    dests.extend(extra.iter().cloned());
+    dests.sort();
+    dests.dedup();
+    let mut n = 0;
+    let mut ins = conn.prepare_cached("INSERT INTO outbox (destination, kind, payload) VALUES (?1, 'pdu', ?2)")?;
+    for d in dests.iter().filter(|d| d.as_str() != our_server) {
+        ins.execute(params![d, event_id])?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+pub fn enqueue_edu(conn: &Connection, destination: &str, edu_json: &str) -> Result<()> {
+    conn.prepare_cached("INSERT INTO outbox (destination, kind, payload) VALUES (?1, 'edu', ?2)")?.execute(params![destination, edu_json])?;
+    Ok(())
+}
+
+/// Destinations with queued items that are due.
+pub fn due_destinations(conn: &Connection, now: i64) -> Result<Vec<String>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT DISTINCT o.destination FROM outbox o LEFT JOIN destinations d ON d.destination = o.destination
+         WHERE coalesce(d.retry_at, 0) <= ?1",
+    )?;
+    let rows = stmt.query_map([now], |r| r.get(0))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Up to 50 PDUs and 100 EDUs for one transaction: (row ids, pdu json, edu json).
+pub fn next_batch(conn: &Connection, destination: &str) -> Result<(Vec<i64>, Vec<String>, Vec<String>)> {
+    let mut ids = Vec::new();
+    let mut pdus = Vec::new();
+    let mut edus = Vec::new();
+    let mut stmt = conn.prepare_cached(
+        "SELECT o.id, e.json FROM outbox o JOIN events e ON e.event_id = o.payload
+         WHERE o.destination = ?1 AND o.kind = 'pdu' ORDER BY o.id LIMIT 50",
+    )?;
+    for r in stmt.query_map([destination], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))? {
+        let (id, json) = r?;
+        ids.push(id);
+        pdus.push(json);
+    }
+    let mut stmt = conn.prepare_cached("SELECT id, payload FROM outbox WHERE destination = ?1 AND kind = 'edu' ORDER BY id LIMIT 100")?;
+    for r in stmt.query_map([destination], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))? {
+        let (id, json) = r?;
+        ids.push(id);
+        edus.push(json);
+    }
+    Ok((ids, pdus, edus))
+}
+
+pub fn delete(conn: &Connection, ids: &[i64]) -> Result<()> {
+    let mut stmt = conn.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
+    for id in ids {
+        stmt.execute([id])?;
+    }
+    Ok(())
+}
+
+pub fn record_success(conn: &Connection, destination: &str) -> Result<()> {
+    conn.execute("DELETE FROM destinations WHERE destination = ?1", [destination])?;
+    Ok(())
+}
+
+/// Exponential backoff: 2^failures seconds, capped at an hour.
+pub fn record_failure(conn: &Connection, destination: &str, now: i64) -> Result<i64> {
+    let failures: i64 = conn
+        .query_row("SELECT failures FROM destinations WHERE destination = ?1", [destination], |r| r.get(0))
+        .unwrap_or(0)
+        + 1;
+    let delay = (1000i64 << failures.min(12)).min(3_600_000);
+    conn.execute(
+        "INSERT INTO destinations (destination, failures, retry_at) VALUES (?1, ?2, ?3)
+         ON CONFLICT (destination) DO UPDATE SET failures = ?2, retry_at = ?3",
+        params![destination, failures, now + delay],
+    )?;
+    Ok(delay)
+}
