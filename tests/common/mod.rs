@@ -198,8 +198,21 @@ impl Client {
         }
     }
 
-    /// Sends a request with an optional JSON body (and the access token, if any).
+    /// The same user and token against another address (e.g. a restarted server on a new port).
+    pub fn at(&self, base_url: &str) -> Client {
+        let mut c = self.clone();
+        c.base_url = base_url.trim_end_matches('/').to_owned();
+        c
+    }
+
+    /// Sends a request with an optional JSON body (and the access token, if any). Panics if the HTTP exchange
+    /// itself fails (connection refused, ...); see [`Client::try_request`].
     pub async fn request(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> Resp {
+        self.try_request(method, path, body).await.expect("HTTP request failed")
+    }
+
+    /// Like [`Client::request`] but returns transport errors instead of panicking (for tests that kill servers).
+    pub async fn try_request(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> Result<Resp, reqwest::Error> {
         let mut req = self.http.request(method, self.url(path));
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
@@ -207,7 +220,11 @@ impl Client {
         if let Some(b) = body {
             req = req.json(b);
         }
-        Self::finish(req).await
+        let res = req.send().await?;
+        let status = res.status().as_u16();
+        let text = res.text().await?;
+        let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Ok(Resp { status, body, text })
     }
 
     /// Sends a raw body (for malformed-JSON tests).
