@@ -150,6 +150,14 @@ CREATE TABLE local_membership_stream (
 );
 CREATE INDEX local_membership_user ON local_membership_stream(user_id, stream_ordering);
 
+-- Stripped state sent with an invite from another server (we hold no state of such rooms yet).
+CREATE TABLE invite_state (
+    room_nid  INTEGER NOT NULL,
+    user_id   TEXT NOT NULL,
+    events    TEXT NOT NULL,                 -- JSON array of stripped state events
+    PRIMARY KEY (room_nid, user_id)
+) WITHOUT ROWID;
+
 -- Users who left a room and asked to forget it.
 CREATE TABLE forgotten_rooms (
     user_id  TEXT NOT NULL,

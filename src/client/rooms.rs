@@ -83,7 +83,13 @@ pub async fn create_room(State(s): State<AppState>, auth: Auth, Json(body): Json
         power_level_content_override: body.power_level_content_override,
     };
     let identity = s.identity.clone();
-    let room_id = s.store.write(move |w| core_create(w, &identity, req)).await?;
+    let (room_id, remote_invites) = s.store.write(move |w| core_create(w, &identity, req)).await?;
+    for invite in remote_invites {
+        // The room exists either way; a failed remote invite is logged, as other servers do.
+        if let Err(e) = crate::federation::invite::send_remote_invite(&s, invite).await {
+            tracing::warn!(%room_id, error = %e, "remote invite at room creation failed");
+        }
+    }
     Ok(axum::Json(json!({"room_id": room_id})))
 }
 
@@ -135,14 +141,23 @@ pub async fn join(
     via.append(&mut servers);
     let rid = room_id.clone();
     let me = s.identity.server_name.to_string();
+    let uid = auth.user_id.clone();
     let (known, local_members, remote_servers) = s
         .store
         .read(move |c| match events::room_by_id(c, &rid)? {
-            Some(r) => {
+            Some(r) if r.current_sg.is_some() => {
                 let servers = events::joined_servers(c, r.room_nid)?;
                 let local = servers.iter().any(|x| *x == me);
                 let remote: Vec<String> = servers.into_iter().filter(|x| *x != me).collect();
                 Ok((true, local, remote))
+            }
+            Some(r) => {
+                // Invited over federation: join through the inviter's server.
+                let inviter = match events::membership_of(c, r.room_nid, &uid)? {
+                    Some((_, nid)) => events::event_by_nid(c, nid)?.map(|e| e.sender),
+                    None => None,
+                };
+                Ok((false, false, inviter.and_then(|i| i.split_once(':').map(|x| x.1.to_owned())).into_iter().collect()))
             }
             None => Ok((false, false, vec![])),
         })
@@ -169,10 +184,40 @@ pub async fn join(
 async fn membership_op(s: &AppState, auth: &Auth, room_id: String, target: String, membership: &'static str, reason: Option<String>) -> Result<()> {
     let identity = s.identity.clone();
     let sender = auth.user_id.clone();
-    s.store
+    // Leaving a room we know only through an invite (rejecting it) goes through the inviting server.
+    if membership == "leave" && target == auth.user_id {
+        let rid = room_id.clone();
+        let uid = target.clone();
+        let invite_only = s
+            .store
+            .read(move |c| {
+                let Some(room) = events::room_by_id(c, &rid)? else { return Ok(None) };
+                if room.current_sg.is_some() {
+                    return Ok(None);
+                }
+                let Some((_, nid)) = events::membership_of(c, room.room_nid, &uid)? else { return Ok(None) };
+                Ok(events::event_by_nid(c, nid)?.map(|r| r.sender))
+            })
+            .await?;
+        if let Some(inviter) = invite_only {
+            let mut servers: Vec<String> = inviter.split_once(':').map(|x| x.1.to_owned()).into_iter().collect();
+            if let Some(sn) = ruma::RoomId::parse(&room_id).ok().and_then(|r| r.server_name().map(|s| s.to_string())) {
+                servers.push(sn);
+            }
+            return crate::federation::invite::remote_leave(s, &target, &room_id, &servers).await;
+        }
+    }
+    let r = s
+        .store
         .write(move |w| set_membership(w, &identity, &room_id, &sender, &target, membership, reason.as_deref(), None))
-        .await?;
-    Ok(())
+        .await;
+    match r {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let pdu = crate::federation::invite::as_remote_invite(e)?;
+            crate::federation::invite::send_remote_invite(s, pdu).await.map(|_| ())
+        }
+    }
 }
 
 pub async fn leave(State(s): State<AppState>, auth: Auth, Path(room_id): Path<String>, Json(body): Json<ReasonBody>) -> Result<impl IntoResponse> {

@@ -657,7 +657,14 @@ fn build(
 /// Stripped state shown with an invite: the room's identity and the invite itself.
 pub fn stripped_state(c: &Connection, room: &events::RoomRow, user_id: &str) -> Result<Vec<Value>> {
     let mut out = Vec::new();
-    let Some(sg) = room.current_sg else { return Ok(out) };
+    let Some(sg) = room.current_sg else {
+        // A room we were invited to over federation: the stripped state that came with the invite.
+        let stored: Option<String> = c
+            .prepare_cached("SELECT events FROM invite_state WHERE room_nid = ?1 AND user_id = ?2")?
+            .query_row(params![room.room_nid, user_id], |r| r.get(0))
+            .ok();
+        return Ok(stored.and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default());
+    };
     for (t, k) in [
         ("m.room.create", ""),
         ("m.room.join_rules", ""),

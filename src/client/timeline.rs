@@ -49,8 +49,29 @@ pub async fn messages(State(s): State<AppState>, auth: Auth, Path(room_id): Path
     let from = q.from.as_deref().map(parse_token).transpose()?;
     let to = q.to.as_deref().map(parse_token).transpose()?;
     let current = s.store.current_stream();
-    let body = s
-        .store
+    let mut body = messages_page(&s, &auth, &room_id, backwards, limit, &filter, from, to, current).await?;
+    // Out of local history in a room that started elsewhere: backfill from a server in the room, then retry.
+    let short = body["chunk"].as_array().map(|c| c.len() as i64).unwrap_or(0) < limit;
+    if backwards && short && to.is_none() && crate::federation::backfill::backfill(&s, &room_id, limit as usize).await.unwrap_or(0) > 0 {
+        body = messages_page(&s, &auth, &room_id, backwards, limit, &filter, from, to, current).await?;
+    }
+    Ok(axum::Json(body))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn messages_page(
+    s: &AppState,
+    auth: &Auth,
+    room_id: &str,
+    backwards: bool,
+    limit: i64,
+    filter: &Filter,
+    from: Option<Token>,
+    to: Option<Token>,
+    current: i64,
+) -> Result<Value> {
+    let (auth, room_id, filter) = (auth.clone(), room_id.to_owned(), filter.clone());
+    s.store
         .read(move |c| {
             let (room, vis) = readable_room(c, &room_id, &auth.user_id)?;
             let cap = match vis {
@@ -113,8 +134,7 @@ pub async fn messages(State(s): State<AppState>, auth: Auth, Path(room_id): Path
             }
             Ok(body)
         })
-        .await?;
-    Ok(axum::Json(body))
+        .await
 }
 
 #[derive(Deserialize)]

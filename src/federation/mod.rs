@@ -2,8 +2,10 @@
 //! remote joins and the partial-state resync.
 
 pub mod acl;
+pub mod backfill;
 pub mod client;
 pub mod inbound;
+pub mod invite;
 pub mod join;
 pub mod keys;
 pub mod routes;

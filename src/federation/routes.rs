@@ -33,6 +33,7 @@ pub fn routes() -> Router<AppState> {
         .route("/_matrix/federation/v2/send_join/{room_id}/{event_id}", put(send_join_v2))
         .route("/_matrix/federation/v1/make_leave/{room_id}/{user_id}", get(make_leave))
         .route("/_matrix/federation/v2/send_leave/{room_id}/{event_id}", put(send_leave))
+        .route("/_matrix/federation/v2/invite/{room_id}/{event_id}", put(invite_v2))
         .route("/_matrix/federation/v1/state_ids/{room_id}", get(state_ids))
         .route("/_matrix/federation/v1/state/{room_id}", get(room_state))
         .route("/_matrix/federation/v1/event/{event_id}", get(get_event))
@@ -338,6 +339,11 @@ async fn send_join_v1(State(s): State<AppState>, Path((room_id, event_id)): Path
 async fn send_leave(State(s): State<AppState>, Path((room_id, event_id)): Path<(String, String)>, signed: Signed) -> Result<impl IntoResponse> {
     accept_membership(&s, &signed.origin, &room_id, &event_id, signed.body, "leave").await?;
     Ok(axum::Json(json!({})))
+}
+
+async fn invite_v2(State(s): State<AppState>, Path((room_id, event_id)): Path<(String, String)>, signed: Signed) -> Result<impl IntoResponse> {
+    let body = signed.body.ok_or_else(|| Error::bad_json("missing body"))?;
+    Ok(axum::Json(crate::federation::invite::receive_invite(&s, &signed.origin, &room_id, &event_id, body).await?))
 }
 
 #[derive(Deserialize)]

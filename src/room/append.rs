@@ -173,6 +173,14 @@ pub fn append_local(
 
     let pdu = build_pdu(identity, &rules, Some(&room.room_id), sender, &ev, &prev, &auth, depth + 1)?;
     authorize(conn, &rules, &pdu, Some(sg)).map_err(|e| Error::forbidden(format!("event not allowed: {e}")))?;
+    if pdu.kind == TimelineEventType::RoomMember && pdu.membership().as_deref() == Some("invite") {
+        if let Some(target) = &pdu.state_key {
+            if !identity.is_local_user(target) {
+                // The invitee's server must countersign first (federation `/invite`): hand the event back.
+                return Err(Error::Internal(anyhow::Error::new(NeedsRemoteInvite(Box::new(pdu)))));
+            }
+        }
+    }
     let appended = persist(w, identity, room, &rules, &pdu, Some(sg), Outcome::Accepted, txn)?;
     // Other servers in the room get it through the durable outbox (same transaction: never lost, never early).
     // A kicked/banned remote user's server hears about it too.
@@ -183,6 +191,33 @@ pub fn append_local(
         }
     }
     crate::store::outbox::enqueue_pdu(w.conn, room.room_nid, &appended.event_id, identity.server_name.as_str(), &extra)?;
+    Ok(appended)
+}
+
+/// An invite of a remote user was built and authorised but must go through the invitee's server.
+#[derive(Debug)]
+pub struct NeedsRemoteInvite(pub Box<Pdu>);
+
+impl std::fmt::Display for NeedsRemoteInvite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "invite of a remote user needs federation")
+    }
+}
+
+impl std::error::Error for NeedsRemoteInvite {}
+
+/// Persists an event we built earlier (e.g. a remote-countersigned invite) on top of its prev events and sends it
+/// to the room's servers.
+pub fn commit_built(w: &mut Writer<'_>, identity: &Identity, pdu: &Pdu, extra_destinations: &[String]) -> Result<Appended> {
+    let r = crate::room::remote::handle_incoming(w, identity, pdu.room_id.as_str(), pdu, None)?;
+    let appended = match r {
+        crate::room::remote::Incoming::Stored(a, Outcome::Accepted) => a,
+        crate::room::remote::Incoming::Stored(_, o) => return Err(Error::forbidden(format!("event not allowed: {o:?}"))),
+        crate::room::remote::Incoming::AlreadyKnown => return Err(Error::forbidden("event already sent")),
+        crate::room::remote::Incoming::MissingPrevs(_) => return Err(Error::internal("built event lost its prev events")),
+    };
+    let room = events::room_by_id(w.conn, pdu.room_id.as_str())?.ok_or_else(|| Error::internal("room vanished"))?;
+    crate::store::outbox::enqueue_pdu(w.conn, room.room_nid, &appended.event_id, identity.server_name.as_str(), extra_destinations)?;
     Ok(appended)
 }
 

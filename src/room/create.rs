@@ -24,8 +24,8 @@ pub struct CreateRoom {
     pub power_level_content_override: Option<Value>,
 }
 
-/// Creates the room and returns its id.
-pub fn create_room(w: &mut Writer<'_>, identity: &Identity, req: CreateRoom) -> Result<String> {
+/// Creates the room; returns its id and the built invites of remote users, which must go through their servers.
+pub fn create_room(w: &mut Writer<'_>, identity: &Identity, req: CreateRoom) -> Result<(String, Vec<crate::room::Pdu>)> {
     let ver = req.room_version.clone().unwrap_or_else(|| version::DEFAULT_ROOM_VERSION.to_owned());
     if !version::CREATABLE.contains(&ver.as_str()) {
         return Err(Error::unsupported_room_version(format!("cannot create rooms of version {ver}")));
@@ -139,12 +139,16 @@ pub fn create_room(w: &mut Writer<'_>, identity: &Identity, req: CreateRoom) -> 
     if let Some(topic) = &req.topic {
         send(w, LocalEvent::state("m.room.topic", "", json!({"topic": topic})))?;
     }
+    let mut remote_invites = Vec::new();
     for invitee in &req.invite {
         let mut content = json!({"membership": "invite"});
         if req.is_direct {
             content["is_direct"] = json!(true);
         }
-        send(w, LocalEvent::state("m.room.member", invitee, content))?;
+        match send(w, LocalEvent::state("m.room.member", invitee, content)) {
+            Ok(_) => {}
+            Err(e) => remote_invites.push(crate::federation::invite::as_remote_invite(e)?),
+        }
     }
     if let Some(alias) = &req.alias {
         crate::store::rooms::insert_alias(w.conn, alias, &room_id, &req.creator)?;
@@ -152,5 +156,5 @@ pub fn create_room(w: &mut Writer<'_>, identity: &Identity, req: CreateRoom) -> 
     if req.visibility_public {
         crate::store::rooms::set_published(w.conn, &room_id, true)?;
     }
-    Ok(room_id)
+    Ok((room_id, remote_invites))
 }
