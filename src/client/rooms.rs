@@ -173,7 +173,9 @@ pub async fn join(
     }
     via.extend(remote_servers);
     let mut seen = std::collections::HashSet::new();
-    via.retain(|v| seen.insert(v.clone()));
+    // Joining "through" ourselves cannot work: a room we do not know that names our server is simply unknown.
+    let own = s.identity.server_name.as_str();
+    via.retain(|v| v != own && seen.insert(v.clone()));
     if via.is_empty() {
         return Err(Error::not_found("no known servers to join this room through"));
     }
