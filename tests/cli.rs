@@ -215,3 +215,38 @@ async fn cli_user_create_then_login() {
     c.login("alice", "n3w-pw").await.ok();
     server.kill();
 }
+
+#[test]
+fn embedded_defaults_and_layering() {
+    // No config file, no environment: database ./hearth.db, server name localhost:8008.
+    let dir = tempfile::tempdir().unwrap();
+    let o = hearth(dir.path(), &["user", "create", "alice", "--password", "pw"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("@alice:localhost:8008"), "{}", String::from_utf8_lossy(&o.stdout));
+    assert!(dir.path().join("hearth.db").exists(), "default database path is ./hearth.db");
+    let defaults = hearth::config::Config::default();
+    assert_eq!(defaults.listen.client.to_string(), "127.0.0.1:8008");
+    assert_eq!(defaults.server_name, "localhost:8008");
+    assert!(!defaults.registration.enabled, "registration is off by default");
+
+    // ./hearth.toml overrides the defaults, HEARTH_* overrides the file (with __ for nesting).
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("hearth.toml"), "server_name = \"fromfile.test\"\n[database]\npath = \"file.db\"\n").unwrap();
+    let o = hearth(dir.path(), &["user", "create", "bob", "--password", "pw"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("@bob:fromfile.test"));
+    assert!(dir.path().join("file.db").exists());
+    let o = hearth(
+        dir.path(),
+        &["user", "create", "carol", "--password", "pw"],
+        &[("HEARTH_SERVER_NAME", "fromenv.test"), ("HEARTH_DATABASE__PATH", "env.db")],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("@carol:fromenv.test"));
+    assert!(dir.path().join("env.db").exists());
+
+    // The server name is fixed once the database exists.
+    let o = hearth(dir.path(), &["user", "create", "dave", "--password", "pw"], &[("HEARTH_DATABASE__PATH", "env.db")]);
+    assert!(!o.status.success(), "a database keeps its server name");
+    assert!(stderr(&o).contains("fromenv.test"), "{}", stderr(&o));
+}

@@ -1101,3 +1101,59 @@ async fn devices_list_get_update_delete() {
     assert_eq!(list["devices"].as_array().unwrap().len(), 1);
     s.stop().await;
 }
+
+#[tokio::test]
+async fn redaction_per_room_version() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    for version in ["10", "12"] {
+        let room = alice.create_room(json!({"room_version": version})).await;
+        let member = alice
+            .put_state(&room, "m.room.member", &alice.user_id, json!({"membership": "join", "displayname": "Temporary"}))
+            .await
+            .ok()["event_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let r = alice.put(&format!("/rooms/{}/redact/{}/r1", enc(&room), enc(&member)), json!({})).await.ok();
+        let redaction = alice.event(&room, r["event_id"].as_str().unwrap()).await.ok();
+        // v11 moved `redacts` into the content; clients look in both places.
+        if version == "10" {
+            assert_eq!(redaction["redacts"], member, "v{version}: {redaction}");
+        } else {
+            assert_eq!(redaction["content"]["redacts"], member, "v{version}: {redaction}");
+        }
+        // The redaction algorithm keeps `membership` and strips the rest.
+        let ev = alice.event(&room, &member).await.ok();
+        assert_eq!(ev["content"], json!({"membership": "join"}), "v{version}: {ev}");
+        // The current state is the redacted event, and the user is still joined.
+        assert_eq!(alice.state(&room, "m.room.member", &alice.user_id).await.ok(), json!({"membership": "join"}));
+        alice.send_text(&room, "still here").await;
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn change_password() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let mut other = s.client();
+    other.login("alice", PASSWORD).await.ok();
+    let first = alice.post("/account/password", json!({"new_password": "brand new"})).await;
+    assert_eq!(first.status, 401, "{}", first.text);
+    assert!(first.body["session"].is_string());
+    alice
+        .post("/account/password", json!({"new_password": "brand new", "auth": {"type": "m.login.password", "user": alice.user_id, "password": "wrong"}}))
+        .await
+        .assert_err(401, "M_FORBIDDEN");
+    alice
+        .post("/account/password", json!({"new_password": "brand new", "auth": {"type": "m.login.password", "user": alice.user_id, "password": PASSWORD}}))
+        .await
+        .ok();
+    // This device stays logged in, the others are logged out; only the new password works.
+    alice.get("/account/whoami").await.ok();
+    other.get("/account/whoami").await.assert_err(401, "M_UNKNOWN_TOKEN");
+    s.client().login("alice", PASSWORD).await.assert_err(403, "M_FORBIDDEN");
+    s.client().login("alice", "brand new").await.ok();
+    s.stop().await;
+}
