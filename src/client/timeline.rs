@@ -51,9 +51,24 @@ pub async fn messages(State(s): State<AppState>, auth: Auth, Path(room_id): Path
     let current = s.store.current_stream();
     let mut body = messages_page(&s, &auth, &room_id, backwards, limit, &filter, from, to, current).await?;
     // Out of local history in a room that started elsewhere: backfill from a server in the room, then retry.
-    let short = body["chunk"].as_array().map(|c| c.len() as i64).unwrap_or(0) < limit;
-    if backwards && short && to.is_none() && crate::federation::backfill::backfill(&s, &room_id, limit as usize).await.unwrap_or(0) > 0 {
-        body = messages_page(&s, &auth, &room_id, backwards, limit, &filter, from, to, current).await?;
+    let short = |b: &Value| b["rows"].as_i64().unwrap_or(0) < limit;
+    let mut more = !short(&body);
+    if backwards && !more && to.is_none() {
+        match crate::federation::backfill::backfill(&s, &room_id, limit as usize).await {
+            Ok(n) if n > 0 => {
+                body = messages_page(&s, &auth, &room_id, backwards, limit, &filter, from, to, current).await?;
+                more = true; // there may be more where that came from
+            }
+            Ok(_) => {}
+            Err(e) => tracing::info!(%room_id, error = %e, "backfill failed"),
+        }
+    }
+    if let Some(o) = body.as_object_mut() {
+        o.remove("rows");
+        if !more {
+            // No `end`: the client has reached the edge of the timeline.
+            o.remove("end");
+        }
     }
     Ok(axum::Json(body))
 }
@@ -123,11 +138,9 @@ async fn messages_page(
                     }
                 }
             }
-            let mut body = json!({"chunk": chunk, "start": Token { stream: from, typing: 0 }.render()});
+            let mut body = json!({"chunk": chunk, "start": Token { stream: from, typing: 0 }.render(), "rows": rows.len()});
             if let Some(end) = end {
-                if rows.len() as i64 == limit {
-                    body["end"] = json!(Token { stream: end, typing: 0 }.render());
-                }
+                body["end"] = json!(Token { stream: end, typing: 0 }.render());
             }
             if !state.is_empty() {
                 body["state"] = json!(state);

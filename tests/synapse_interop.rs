@@ -1,0 +1,27 @@
+//! Hearth against the real Synapse on loopback (issue #3): the scenarios live in `tests/interop/scenarios.py`
+//! (they drive both servers' client APIs); this test builds the binary, runs them and fails if any fails.
+//! Synapse comes from the virtualenv `.ci/run` installs (target/synapse-venv) or `$SYNAPSE_PYTHON`.
+//! Set `HEARTH_SKIP_SYNAPSE=1` to skip on machines without Synapse (it then says so loudly).
+
+use std::process::Command;
+
+fn run_scenarios(script: &str, args: &[&str]) {
+    if std::env::var("HEARTH_SKIP_SYNAPSE").as_deref() == Ok("1") {
+        eprintln!("SKIPPED: HEARTH_SKIP_SYNAPSE=1 (Synapse interop not run)");
+        return;
+    }
+    let root = env!("CARGO_MANIFEST_DIR");
+    let status = Command::new("python3")
+        .arg(format!("{root}/tests/interop/{script}"))
+        .args(args)
+        .env("HEARTH_BIN", env!("CARGO_BIN_EXE_hearth"))
+        .current_dir(root)
+        .status()
+        .expect("python3 must be installed to run the Synapse interop tests");
+    assert!(status.success(), "Synapse interop scenarios failed (see output above)");
+}
+
+#[test]
+fn hearth_and_synapse_federate() {
+    run_scenarios("scenarios.py", &[]);
+}
