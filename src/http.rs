@@ -33,7 +33,29 @@ pub fn client_router(services: AppState) -> Router {
         .method_not_allowed_fallback(|| async { Error::method_not_allowed() })
         .layer(cors)
         .layer(axum::middleware::map_response(json_content_type))
+        .layer(axum::middleware::from_fn_with_state(services.clone(), count_busy))
         .with_state(services)
+}
+
+/// Counts in-flight client requests (not long-polling /sync) so background jobs can yield to users.
+async fn count_busy(
+    axum::extract::State(s): axum::extract::State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use std::sync::atomic::Ordering;
+    if req.uri().path().ends_with("/sync") {
+        return next.run(req).await;
+    }
+    s.busy.fetch_add(1, Ordering::Relaxed);
+    struct Done<'a>(&'a std::sync::atomic::AtomicUsize);
+    impl Drop for Done<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let _done = Done(&s.busy);
+    next.run(req).await
 }
 
 /// The federation listener's router (TLS).

@@ -25,6 +25,11 @@ enum Command {
         #[command(subcommand)]
         action: UserAction,
     },
+    /// Show background jobs (lazy-join resyncs) and their progress; `--watch` refreshes every second.
+    Jobs {
+        #[arg(long)]
+        watch: bool,
+    },
     /// Configuration helpers.
     Config {
         #[command(subcommand)]
@@ -73,6 +78,7 @@ fn main() {
     let result = match cli.command {
         None | Some(Command::Serve) => serve(config),
         Some(Command::User { action }) => user_command(config, action),
+        Some(Command::Jobs { watch }) => jobs_command(config, watch),
         Some(Command::Config { .. }) => Ok(()),
     };
     if let Err(e) = result {
@@ -158,4 +164,48 @@ fn user_command(config: Config, action: UserAction) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+/// Reads the job table of the configured database (works while the server runs: WAL readers do not block it).
+fn jobs_command(config: Config, watch: bool) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    let conn = rusqlite::Connection::open_with_flags(&config.database.path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    let tty = std::io::stdout().is_terminal();
+    loop {
+        let jobs = hearth::jobs::progress(&conn).map_err(|e| anyhow::anyhow!("{e}"))?;
+        if tty && watch {
+            print!("\x1b[2J\x1b[H");
+        }
+        if jobs.is_empty() {
+            println!("no background jobs");
+        }
+        for j in &jobs {
+            let done = j["done"].as_i64().unwrap_or(0);
+            let total = j["total"].as_i64();
+            let bar = match total {
+                Some(t) if t > 0 && tty => {
+                    let filled = ((done as f64 / t as f64) * 30.0).round() as usize;
+                    format!("[{}{}] ", "#".repeat(filled.min(30)), ".".repeat(30 - filled.min(30)))
+                }
+                _ => String::new(),
+            };
+            println!(
+                "{} {} {}{}/{} events, {}/s, eta {}s, attempts {}{}",
+                j["kind"].as_str().unwrap_or("?"),
+                j["room_id"].as_str().unwrap_or("-"),
+                bar,
+                done,
+                total.map(|t| t.to_string()).unwrap_or_else(|| "?".into()),
+                j["rate_per_s"],
+                j["eta_s"].as_f64().map(|e| e.to_string()).unwrap_or_else(|| "?".into()),
+                j["attempts"],
+                j["last_error"].as_str().map(|e| format!(", last error: {e}")).unwrap_or_default(),
+            );
+        }
+        if !watch {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
 }

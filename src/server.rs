@@ -24,6 +24,9 @@ pub struct Services {
     /// None when `federation.enabled = false`.
     pub federation: Option<crate::federation::Federation>,
     pub jobs: crate::jobs::Jobs,
+    /// Client requests being handled right now (long-polling /sync excluded): the job worker runs at full speed
+    /// only when this is zero.
+    pub busy: std::sync::atomic::AtomicUsize,
 }
 
 /// A running server (used by `main` and by in-process tests).
@@ -70,6 +73,7 @@ pub fn build_services(config: Config) -> anyhow::Result<Arc<Services>> {
         uia: UiaSessions::default(),
         federation,
         jobs: crate::jobs::Jobs::default(),
+        busy: std::sync::atomic::AtomicUsize::new(0),
     }))
 }
 

@@ -1,6 +1,7 @@
 //! The client-server API: thin handlers that parse, authorise, call the room core and shape responses.
 
 pub mod account;
+pub mod admin;
 pub mod account_data;
 pub mod ephemeral;
 pub mod format;
@@ -95,6 +96,7 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/_matrix/client/versions", get(account::versions))
         .route("/.well-known/matrix/client", get(account::well_known))
+        .route("/_hearth/admin/v1/jobs", get(admin::jobs))
         .nest("/_matrix/client/v3", api())
         .nest("/_matrix/client/r0", api())
 }

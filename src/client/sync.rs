@@ -388,6 +388,10 @@ fn room_summary(c: &Connection, room: &events::RoomRow, user_id: &str) -> Result
         }
         summary["m.heroes"] = json!(heroes);
     }
+    if room.partial_state {
+        // MSC2775-style hint: the member list (and so these counts) is still being fetched.
+        summary["org.matrix.msc2775.syncing"] = json!(true);
+    }
     Ok(summary)
 }
 

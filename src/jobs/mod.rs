@@ -156,8 +156,10 @@ pub async fn run_worker(s: AppState, mut shutdown: tokio::sync::watch::Receiver<
                     .await;
             }
         }
-        // Duty cycle: after working `took`, rest long enough that work is at most `duty` of wall time.
-        let rest = took.mul_f64((1.0 - duty) / duty).min(Duration::from_secs(5));
+        // Duty cycle: after working `took`, rest long enough that work is at most `duty` of wall time —
+        // unless no client request is waiting, then keep going at full speed.
+        let users_active = s.busy.load(std::sync::atomic::Ordering::Relaxed) > 0;
+        let rest = if users_active { took.mul_f64((1.0 - duty) / duty).min(Duration::from_secs(5)) } else { Duration::ZERO };
         if !rest.is_zero() {
             tokio::select! {
                 _ = tokio::time::sleep(rest) => {}

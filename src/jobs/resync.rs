@@ -22,7 +22,7 @@ use crate::store::events;
 
 /// Events stored per background write.
 const CHUNK: usize = 500;
-/// Missing events fetched per step through `/event`.
+/// Missing events fetched per step through `/event`: starts here, then adapts to the target step length.
 const EVENT_BATCH: usize = 50;
 
 fn servers(cursor: &Value) -> Vec<String> {
@@ -61,6 +61,8 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
     // Rotate through the servers on failures: attempt n asks server n mod len.
     let server = servers.get(job.attempts as usize % servers.len().max(1)).cloned().ok_or_else(|| Error::internal("no server to resync from"))?;
 
+    let step_started = std::time::Instant::now();
+    let target = std::time::Duration::from_millis(s.config.jobs.step_ms.max(1));
     match phase.as_str() {
         "ids" => {
             let path = format!("/_matrix/federation/v1/state_ids/{}?event_id={}", enc(&room.room_id), enc(&join_event));
@@ -68,6 +70,26 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
             let pdu_ids: Vec<String> = answer.get("pdu_ids").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect()).unwrap_or_default();
             if pdu_ids.is_empty() {
                 return Err(Error::internal(format!("{server} returned no state ids")));
+            }
+            // A resident that disagrees with the state it sent us at join time is lying or broken: try another.
+            let sg = cursor.get("sg").and_then(Value::as_i64).unwrap_or_default();
+            let known: Vec<String> = s
+                .store
+                .read(move |c| {
+                    let mut out = Vec::new();
+                    for nid in events::load_state(c, sg)?.values() {
+                        if let Some(r) = events::event_by_nid(c, *nid)? {
+                            if r.event_type != "m.room.member" {
+                                out.push(r.event_id);
+                            }
+                        }
+                    }
+                    Ok(out)
+                })
+                .await?;
+            let listed: HashSet<&str> = pdu_ids.iter().map(String::as_str).collect();
+            if let Some(bad) = known.iter().find(|id| !listed.contains(id.as_str())) {
+                return Err(Error::internal(format!("{server}: /state_ids answer lacks state event {bad} we hold; trying another server")));
             }
             let total = pdu_ids.len() as i64;
             let missing = s
@@ -116,7 +138,8 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
                 let _ = wanted;
                 v
             } else {
-                let batch: Vec<String> = missing.iter().take(EVENT_BATCH).cloned().collect();
+                let size = cursor.get("batch").and_then(Value::as_u64).map(|b| b as usize).unwrap_or(EVENT_BATCH);
+                let batch: Vec<String> = missing.iter().take(size).cloned().collect();
                 let reqs = batch.iter().map(|id| {
                     let path = format!("/_matrix/federation/v1/event/{}", enc(id));
                     let server = server.clone();
@@ -164,13 +187,19 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
                 return Err(Error::internal(format!("{server} returned none of the {still} missing events")));
             }
             cursor["use_state"] = json!(false);
+            // Size the next step so it takes about `jobs.step_ms`.
+            let size = cursor.get("batch").and_then(Value::as_u64).unwrap_or(EVENT_BATCH as u64);
+            let took = step_started.elapsed();
+            let next = if took < target / 2 { size * 2 } else if took > target * 2 { size / 2 } else { size };
+            cursor["batch"] = json!(next.clamp(10, 1000));
             save_cursor(s, job.job_id, cursor, total - still, Some(total)).await?;
             Ok(Step::More)
         }
         "finish" => {
             let sg = cursor.get("sg").and_then(Value::as_i64).ok_or_else(|| Error::internal("resync cursor without base group"))?;
             let identity = s.identity.clone();
-            let members = s.store.write_background(move |w| finish(w, &identity, room_nid, sg)).await?;
+            let join = join_event.clone();
+            let members = s.store.write_background(move |w| finish(w, &identity, room_nid, sg, &join)).await?;
             tracing::info!(room_id = %room.room_id, members, "resync complete: room has full state");
             Ok(Step::Done)
         }
@@ -180,7 +209,7 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
 
 /// Fills the partial base group with the fetched state (descendant groups are deltas over it, so they see the
 /// new entries too), rebuilds membership from the current state and clears the partial flag. One transaction.
-fn finish(w: &mut crate::store::Writer<'_>, identity: &crate::room::Identity, room_nid: i64, sg: i64) -> Result<i64> {
+fn finish(w: &mut crate::store::Writer<'_>, identity: &crate::room::Identity, room_nid: i64, sg: i64, join_event: &str) -> Result<i64> {
     let conn = w.conn;
     let mut ids: Vec<(i64, i64)> = Vec::new();
     {
@@ -199,6 +228,11 @@ fn finish(w: &mut crate::store::Writer<'_>, identity: &crate::room::Identity, ro
         ins.execute(params![sg, skn, nid])?;
     }
     conn.execute("UPDATE state_groups SET partial = 0 WHERE sg = ?1", [sg])?;
+    conn.execute("UPDATE rooms SET partial_state = 0 WHERE room_nid = ?1", [room_nid])?;
+    let flipped = reauthorise_since_join(conn, room_nid, join_event)?;
+    if flipped > 0 {
+        tracing::info!(room_nid, flipped, "resync: events received while partial changed auth outcome");
+    }
     let room = events::room_by_nid(conn, room_nid)?.ok_or_else(|| Error::internal("room vanished"))?;
     let current = room.current_sg.ok_or_else(|| Error::internal("room without current state"))?;
     let members = events::load_state_of_type(conn, current, "m.room.member")?;
@@ -211,7 +245,6 @@ fn finish(w: &mut crate::store::Writer<'_>, identity: &crate::room::Identity, ro
         n += 1;
     }
     let conn = w.conn;
-    conn.execute("UPDATE rooms SET partial_state = 0 WHERE room_nid = ?1", [room_nid])?;
     conn.execute("DELETE FROM partial_state_servers WHERE room_nid = ?1", [room_nid])?;
     conn.execute("DELETE FROM resync_state WHERE room_nid = ?1", [room_nid])?;
     // Local members see the room (again) as newly joined, so eager /sync delivers it with full state now.
@@ -225,4 +258,64 @@ fn finish(w: &mut crate::store::Writer<'_>, identity: &crate::room::Identity, ro
         events::record_local_membership(w.conn, pos, &user, room_nid, "join", nid)?;
     }
     Ok(n)
+}
+
+/// Replays the events received while the room was partial, in stream order, against the now complete state:
+/// re-authorises each (rejections may flip both ways), rebuilds their state groups and the current state.
+/// Returns how many events changed outcome. Bounded by the events since the join (usually few).
+fn reauthorise_since_join(conn: &rusqlite::Connection, room_nid: i64, join_event: &str) -> Result<usize> {
+    use crate::room::append::authorize;
+    use crate::room::{pdu_from_row, state, version};
+    let room = events::room_by_nid(conn, room_nid)?.ok_or_else(|| Error::internal("room vanished"))?;
+    let rules = version::rules(&room.version)?;
+    let Some(join) = events::event_by_id(conn, join_event)? else { return Ok(0) };
+    let since = join.stream_ordering.unwrap_or(i64::MAX);
+    let rows: Vec<events::EventRow> = {
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {} FROM events WHERE room_nid = ?1 AND stream_ordering > ?2 AND outlier = 0 ORDER BY stream_ordering",
+            events::EVENT_COLS
+        ))?;
+        let rows = stmt.query_map(params![room_nid, since], events::event_row)?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    let mut flipped = 0;
+    for row in rows {
+        let pdu = pdu_from_row(conn, &row)?;
+        let mut groups = Vec::new();
+        for p in &pdu.prev_events {
+            if let Some(prev) = events::event_by_id(conn, p.as_str())? {
+                if let Some(g) = prev.sg_after {
+                    groups.push(g);
+                }
+            }
+        }
+        let Some(sg_before) = (if groups.is_empty() { None } else { Some(state::resolve_groups(conn, room_nid, &room.version, &groups)?) }) else {
+            continue;
+        };
+        let verdict = authorize(conn, &rules, &pdu, Some(sg_before)).err();
+        if verdict.is_some() != row.rejected.is_some() {
+            flipped += 1;
+        }
+        let sg_after = match (row.state_key_nid, &verdict) {
+            (Some(skn), None) => state::new_group(conn, room_nid, Some(sg_before), &[(skn, Some(row.event_nid))])?,
+            _ => sg_before,
+        };
+        conn.execute("UPDATE events SET rejected = ?2, sg_after = ?3 WHERE event_nid = ?1", params![row.event_nid, verdict, sg_after])?;
+    }
+    // Current state from the forward extremities' (possibly new) groups.
+    let mut groups = Vec::new();
+    for nid in events::forward_extremities(conn, room_nid)? {
+        if let Some(r) = events::event_by_nid(conn, nid)? {
+            if r.rejected.is_none() {
+                if let Some(g) = r.sg_after {
+                    groups.push(g);
+                }
+            }
+        }
+    }
+    if !groups.is_empty() {
+        let current = state::resolve_groups(conn, room_nid, &room.version, &groups)?;
+        events::set_current_sg(conn, room_nid, current)?;
+    }
+    Ok(flipped)
 }

@@ -1,0 +1,25 @@
+//! Admin endpoints under `/_hearth/admin/v1` (admins only).
+
+use axum::extract::State;
+use axum::response::IntoResponse;
+use serde_json::json;
+
+use crate::error::{Error, Result};
+use crate::http::{AppState, Auth};
+
+/// Background jobs with progress: room, done/total, rate, ETA (the lazy-join resyncs among them).
+pub async fn jobs(State(s): State<AppState>, auth: Auth) -> Result<impl IntoResponse> {
+    if !auth.admin {
+        return Err(Error::forbidden("admins only"));
+    }
+    let jobs = s.store.read(crate::jobs::progress).await?;
+    let partial = s
+        .store
+        .read(|c| {
+            let mut stmt = c.prepare("SELECT room_id, joined_members FROM rooms WHERE partial_state = 1")?;
+            let rows = stmt.query_map([], |r| Ok(json!({"room_id": r.get::<_, String>(0)?, "known_joined_members": r.get::<_, i64>(1)?, "syncing": true})))?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await?;
+    Ok(axum::Json(json!({"jobs": jobs, "partial_state_rooms": partial})))
+}
