@@ -25,3 +25,9 @@ fn run_scenarios(script: &str, args: &[&str]) {
 fn hearth_and_synapse_federate() {
     run_scenarios("scenarios.py", &[]);
 }
+
+/// Issue #4 against Synapse: 500-member rooms joined lazily in both directions.
+#[test]
+fn lazy_joins_with_synapse_500_members() {
+    run_scenarios("lazy.py", &[]);
+}
