@@ -1,10 +1,13 @@
-//! End-to-end encryption for local users: device and one-time keys, cross-signing keys and signatures, device
-//! list changes, and send-to-device messaging.
+//! End-to-end encryption: device and one-time keys, cross-signing keys and signatures, device list changes, and
+//! send-to-device messaging.
 //!
-//! Remote users are not served here yet: their queries and claims are reported in `failures`, and to-device
-//! messages for them are dropped (that needs federation EDUs).
+//! Local users are answered from the store. With federation on, remote users' keys are queried and claimed from
+//! their servers (unreachable ones are reported in `failures`), and to-device messages and our users' key changes
+//! go out as EDUs through the outbox; with federation off, remote users are reported as failures and to-device
+//! messages for them are dropped.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::response::IntoResponse;
@@ -16,8 +19,8 @@ use serde_json::{json, Map, Value};
 use crate::client::account::require_password;
 use crate::client::sync::parse_token;
 use crate::error::{Error, Result};
-use crate::http::{AppState, Auth, Json, Query};
-use crate::store::e2ee;
+use crate::http::{random_string, AppState, Auth, Json, Query};
+use crate::store::{e2ee, outbox};
 
 const CROSS_SIGNING_TYPES: [&str; 3] = ["master", "self_signing", "user_signing"];
 
@@ -25,9 +28,65 @@ fn server_of(user_id: &str) -> &str {
     user_id.split_once(':').map(|x| x.1).unwrap_or_default()
 }
 
-/// What remote servers get in `failures` until federated key queries exist.
-fn remote_failure() -> Value {
-    json!({"status": 503, "message": "keys of remote users are not available from this server yet"})
+fn failure(message: impl std::fmt::Display) -> Value {
+    json!({"status": 503, "message": message.to_string()})
+}
+
+/// Sends one federation key request (`/user/keys/query` or `/user/keys/claim`) to `server`.
+async fn ask_remote(s: &AppState, server: String, path: &'static str, body: Value, timeout: Duration) -> (String, std::result::Result<Value, Value>) {
+    let Some(fed) = s.federation.as_ref() else { return (server, Err(failure("federation is disabled on this server"))) };
+    let r = fed.client.request_timeout(reqwest::Method::POST, &server, path, Some(&body), timeout).await;
+    (server, r.map_err(failure))
+}
+
+/// Copies `from[user]` into `into[user]` for the users of `server` only (a server answers for its own users).
+fn merge_for_server(into: &mut Value, from: &Value, server: &str) {
+    for (user, v) in from.as_object().into_iter().flatten() {
+        if server_of(user) == server {
+            into[user] = v.clone();
+        }
+    }
+}
+
+/// The client's `timeout` for remote servers (10 s by default, at most 30 s).
+fn remote_timeout(ms: Option<u64>) -> Duration {
+    Duration::from_millis(ms.unwrap_or(10_000).clamp(1_000, 30_000))
+}
+
+/// Tells the servers sharing a room with `user_id` that its keys changed: one device's (`device_id`, at device
+/// list position `stream_id`) or, with `device_id` None, the cross-signing keys. Their users then refetch.
+fn announce_keys(conn: &Connection, our_server: &str, user_id: &str, device_id: Option<&str>, stream_id: i64) -> Result<()> {
+    let servers = e2ee::servers_sharing_rooms(conn, user_id, our_server)?;
+    if servers.is_empty() {
+        return Ok(());
+    }
+    let edu = match device_id {
+        Some(d) => {
+            let mut content = json!({"user_id": user_id, "device_id": d, "stream_id": stream_id, "deleted": false});
+            content["prev_id"] = json!(e2ee::previous_device_list_pos(conn, user_id, stream_id)?.into_iter().collect::<Vec<_>>());
+            if let Some(dk) = e2ee::device_keys(conn, user_id, &[d.to_owned()])?.pop() {
+                content["keys"] = dk.keys;
+                if let Some(name) = dk.display_name {
+                    content["device_display_name"] = json!(name);
+                }
+            }
+            json!({"edu_type": "m.device_list_update", "content": content})
+        }
+        None => {
+            let mut content = json!({"user_id": user_id});
+            for (t, field) in [("master", "master_key"), ("self_signing", "self_signing_key")] {
+                if let Some(k) = e2ee::cross_signing_key(conn, user_id, t)? {
+                    content[field] = visible_to(k, user_id, user_id);
+                }
+            }
+            json!({"edu_type": "m.signing_key_update", "content": content})
+        }
+    };
+    let edu = edu.to_string();
+    for server in servers {
+        outbox::enqueue_edu(conn, &server, &edu)?;
+    }
+    Ok(())
 }
 
 /// `algorithm:id` -> key maps of /keys/upload.
@@ -124,6 +183,7 @@ pub async fn upload(State(s): State<AppState>, auth: Auth, Json(body): Json<Uplo
     check_key_map(&otks, "one_time_keys")?;
     check_key_map(&fallbacks, "fallback_keys")?;
     let (u, d) = (auth.user_id.clone(), auth.device_id.clone());
+    let (federating, our_server) = (s.federation.is_some(), s.identity.server_name.to_string());
     let mut counts = s
         .store
         .write(move |w| {
@@ -132,7 +192,10 @@ pub async fn upload(State(s): State<AppState>, auth: Auth, Json(body): Json<Uplo
                 let mut dk = dk;
                 dk.as_object_mut().map(|o| o.remove("unsigned"));
                 if e2ee::set_device_keys(w.conn, &u, &d, &dk)? {
-                    e2ee::device_list_changed(w, &u)?;
+                    let pos = e2ee::device_list_changed(w, &u)?;
+                    if federating {
+                        announce_keys(w.conn, &our_server, &u, Some(&d), pos)?;
+                    }
                 }
             }
             if let Some(conflict) = e2ee::add_one_time_keys(w.conn, &u, &d, &otks)? {
@@ -149,11 +212,12 @@ pub async fn upload(State(s): State<AppState>, auth: Auth, Json(body): Json<Uplo
 #[derive(Deserialize)]
 pub struct QueryKeys {
     device_keys: Map<String, Value>,
+    timeout: Option<u64>,
 }
 
 pub async fn query(State(s): State<AppState>, auth: Auth, Json(body): Json<QueryKeys>) -> Result<impl IntoResponse> {
     let mut wanted: Vec<(String, Vec<String>)> = Vec::new();
-    let mut failures = Map::new();
+    let mut remote: BTreeMap<String, Map<String, Value>> = BTreeMap::new();
     for (user_id, devices) in body.device_keys {
         let devices: Vec<String> = match devices {
             Value::Null => Vec::new(),
@@ -163,16 +227,37 @@ pub async fn query(State(s): State<AppState>, auth: Auth, Json(body): Json<Query
         if s.identity.is_local_user(&user_id) {
             wanted.push((user_id, devices));
         } else {
-            failures.insert(server_of(&user_id).to_owned(), remote_failure());
+            remote.entry(server_of(&user_id).to_owned()).or_default().insert(user_id, json!(devices));
         }
     }
     let requester = auth.user_id.clone();
-    let mut body = s.store.read(move |c| query_local(c, &requester, &wanted)).await?;
-    body["failures"] = Value::Object(failures);
-    Ok(axum::Json(body))
+    let mut out = s.store.read(move |c| query_local(c, &requester, &wanted)).await?;
+
+    // Remote servers in parallel, each bounded by the client's timeout.
+    let timeout = remote_timeout(body.timeout);
+    let asks = remote
+        .into_iter()
+        .map(|(server, users)| ask_remote(&s, server, "/_matrix/federation/v1/user/keys/query", json!({"device_keys": users}), timeout));
+    let mut failures = Map::new();
+    for (server, answer) in futures::future::join_all(asks).await {
+        match answer {
+            Ok(a) => {
+                for field in ["device_keys", "master_keys", "self_signing_keys"] {
+                    merge_for_server(&mut out[field], &a[field], &server);
+                }
+            }
+            Err(f) => {
+                failures.insert(server, f);
+            }
+        }
+    }
+    out["failures"] = Value::Object(failures);
+    Ok(axum::Json(out))
 }
 
-fn query_local(c: &Connection, requester: &str, wanted: &[(String, Vec<String>)]) -> Result<Value> {
+/// Keys of local users as `/keys/query` returns them; `requester` sees its own user-signing key and its own
+/// signatures on others' keys. (Federation answers may reuse this with a requester of `""`.)
+pub fn query_local(c: &Connection, requester: &str, wanted: &[(String, Vec<String>)]) -> Result<Value> {
     let (mut device_keys, mut master, mut self_signing, mut user_signing) = (Map::new(), Map::new(), Map::new(), Map::new());
     for (user_id, devices) in wanted {
         let mut found = Map::new();
@@ -207,38 +292,58 @@ fn query_local(c: &Connection, requester: &str, wanted: &[(String, Vec<String>)]
 #[derive(Deserialize)]
 pub struct ClaimKeys {
     one_time_keys: Map<String, Value>,
+    timeout: Option<u64>,
 }
 
 /// Any user may claim keys (the token only has to be valid).
 pub async fn claim(State(s): State<AppState>, _auth: Auth, Json(body): Json<ClaimKeys>) -> Result<impl IntoResponse> {
     let mut wanted: Vec<(String, String, String)> = Vec::new();
-    let mut failures = Map::new();
+    let mut remote: BTreeMap<String, Map<String, Value>> = BTreeMap::new();
     for (user_id, devices) in body.one_time_keys {
         let devices = devices.as_object().ok_or_else(|| Error::bad_json("one_time_keys values must be objects"))?;
+        if devices.values().any(|a| !a.is_string()) {
+            return Err(Error::bad_json("algorithms must be strings"));
+        }
         if !s.identity.is_local_user(&user_id) {
-            failures.insert(server_of(&user_id).to_owned(), remote_failure());
+            remote.entry(server_of(&user_id).to_owned()).or_default().insert(user_id, Value::Object(devices.clone()));
             continue;
         }
         for (device_id, algorithm) in devices {
-            let algorithm = algorithm.as_str().ok_or_else(|| Error::bad_json("algorithms must be strings"))?;
-            wanted.push((user_id.clone(), device_id.clone(), algorithm.to_owned()));
+            wanted.push((user_id.clone(), device_id.clone(), algorithm.as_str().unwrap_or_default().to_owned()));
         }
     }
     // A write: a claimed one-time key is deleted in the same transaction that hands it out.
-    let claimed = s
-        .store
-        .write(move |w| {
-            let mut out = Map::new();
-            for (user_id, device_id, algorithm) in &wanted {
-                if let Some((key_id, key)) = e2ee::claim_key(w.conn, user_id, device_id, algorithm)? {
-                    let user = out.entry(user_id.clone()).or_insert_with(|| json!({}));
-                    user[device_id] = json!({ key_id: key });
-                }
+    let mut claimed = s.store.write(move |w| claim_local(w.conn, &wanted)).await?;
+
+    let timeout = remote_timeout(body.timeout);
+    let asks = remote
+        .into_iter()
+        .map(|(server, users)| ask_remote(&s, server, "/_matrix/federation/v1/user/keys/claim", json!({"one_time_keys": users}), timeout));
+    let mut failures = Map::new();
+    for (server, answer) in futures::future::join_all(asks).await {
+        match answer {
+            Ok(a) => merge_for_server(&mut claimed, &a["one_time_keys"], &server),
+            Err(f) => {
+                failures.insert(server, f);
             }
-            Ok(out)
-        })
-        .await?;
+        }
+    }
     Ok(axum::Json(json!({"one_time_keys": claimed, "failures": failures})))
+}
+
+/// Claims one key per `(user, device, algorithm)` of local users: `{user: {device: {key_id: key}}}`. Must run in
+/// a write transaction (claimed one-time keys are deleted). Federation answers may reuse this.
+pub fn claim_local(conn: &Connection, wanted: &[(String, String, String)]) -> Result<Value> {
+    let mut out = json!({});
+    for (user_id, device_id, algorithm) in wanted {
+        if let Some((key_id, key)) = e2ee::claim_key(conn, user_id, device_id, algorithm)? {
+            if !out[user_id].is_object() {
+                out[user_id] = json!({});
+            }
+            out[user_id][device_id] = json!({ key_id: key });
+        }
+    }
+    Ok(out)
 }
 
 #[derive(Deserialize)]
@@ -316,19 +421,32 @@ pub async fn upload_signing_keys(State(s): State<AppState>, auth: Auth, Json(bod
     }
 
     let uid = auth.user_id.clone();
+    let (federating, our_server) = (s.federation.is_some(), s.identity.server_name.to_string());
     s.store
         .write(move |w| {
             for (t, k) in &changed {
                 e2ee::set_cross_signing_key(w.conn, &uid, t, k)?;
             }
-            e2ee::device_list_changed(w, &uid)
+            let pos = e2ee::device_list_changed(w, &uid)?;
+            // The user-signing key is private: only a change of the others is news to other servers.
+            if federating && changed.iter().any(|(t, _)| *t != "user_signing") {
+                announce_keys(w.conn, &our_server, &uid, None, pos)?;
+            }
+            Ok(())
         })
         .await?;
     Ok(axum::Json(json!({})))
 }
 
+/// Which stored key a signature upload changed.
+enum SignedKey {
+    OwnDevice(String),
+    OwnMaster,
+    OthersMaster,
+}
+
 /// Adds the signatures in one signed object to the stored key it signs. Matrix errors are per-key failures.
-fn sign_one(c: &Connection, signer: &str, target: &str, key_id: &str, signed: &Value) -> Result<()> {
+fn sign_one(c: &Connection, signer: &str, target: &str, key_id: &str, signed: &Value) -> Result<SignedKey> {
     let stored_public = |user: &str, t: &str| -> Result<Option<(Value, String)>> {
         Ok(match e2ee::cross_signing_key(c, user, t)? {
             Some(k) => cross_signing_public(&k, user, t).ok().map(|p| (k, p)),
@@ -350,7 +468,7 @@ fn sign_one(c: &Connection, signer: &str, target: &str, key_id: &str, signed: &V
             let mut keys = dk.keys;
             add_signature(&mut keys, signed, signer, &sig_id);
             e2ee::set_device_keys(c, signer, key_id, &keys)?;
-            return Ok(());
+            return Ok(SignedKey::OwnDevice(key_id.to_owned()));
         }
         let (mut master, master_public) = stored_public(signer, "master")?
             .filter(|(_, p)| p == key_id)
@@ -374,7 +492,8 @@ fn sign_one(c: &Connection, signer: &str, target: &str, key_id: &str, signed: &V
         if added == 0 {
             return Err(Error::invalid_signature("no signature by one of your devices"));
         }
-        return e2ee::set_cross_signing_key(c, signer, "master", &master);
+        e2ee::set_cross_signing_key(c, signer, "master", &master)?;
+        return Ok(SignedKey::OwnMaster);
     }
     // Another user's master key, signed by our user-signing key.
     let (mut master, _) = stored_public(target, "master")?
@@ -389,7 +508,8 @@ fn sign_one(c: &Connection, signer: &str, target: &str, key_id: &str, signed: &V
         return Err(Error::invalid_signature("invalid user-signing signature"));
     }
     add_signature(&mut master, signed, signer, &sig_id);
-    e2ee::set_cross_signing_key(c, target, "master", &master)
+    e2ee::set_cross_signing_key(c, target, "master", &master)?;
+    Ok(SignedKey::OthersMaster)
 }
 
 pub async fn upload_signatures(
@@ -398,17 +518,25 @@ pub async fn upload_signatures(
     Json(body): Json<Map<String, Value>>,
 ) -> Result<impl IntoResponse> {
     let signer = auth.user_id.clone();
+    let (federating, our_server) = (s.federation.is_some(), s.identity.server_name.to_string());
     let failures = s
         .store
         .write(move |w| {
             let mut failures = Map::new();
             let mut changed = BTreeSet::new();
+            let mut announce: BTreeSet<Option<String>> = BTreeSet::new();
             for (target, keys) in &body {
                 let Some(keys) = keys.as_object() else { continue };
                 for (key_id, signed) in keys {
                     match sign_one(w.conn, &signer, target, key_id, signed) {
-                        Ok(()) => {
+                        Ok(what) => {
                             changed.insert(target.clone());
+                            match what {
+                                SignedKey::OwnDevice(d) => announce.insert(Some(d)),
+                                SignedKey::OwnMaster => announce.insert(None),
+                                // A user-signing signature is private to the signer: nothing for other servers.
+                                SignedKey::OthersMaster => false,
+                            };
                         }
                         Err(Error::Matrix(m)) => {
                             let entry = failures.entry(target.clone()).or_insert_with(|| json!({}));
@@ -419,8 +547,17 @@ pub async fn upload_signatures(
                 }
             }
             // Whoever shares a room with the signed users refetches their keys and sees the new signatures.
+            let mut own_pos = None;
             for u in changed {
-                e2ee::device_list_changed(w, &u)?;
+                let pos = e2ee::device_list_changed(w, &u)?;
+                if u == signer {
+                    own_pos = Some(pos);
+                }
+            }
+            if let (true, Some(pos)) = (federating, own_pos) {
+                for device in &announce {
+                    announce_keys(w.conn, &our_server, &signer, device.as_deref(), pos)?;
+                }
             }
             Ok(failures)
         })
@@ -443,23 +580,35 @@ pub async fn send_to_device(
     Json(body): Json<ToDeviceBody>,
 ) -> Result<impl IntoResponse> {
     let mut messages: Vec<(String, String, Value)> = Vec::new();
+    // Remote users' messages, per server: one `m.direct_to_device` EDU each.
+    let mut remote: BTreeMap<String, Map<String, Value>> = BTreeMap::new();
     for (user_id, devices) in body.messages {
         let devices = devices.as_object().ok_or_else(|| Error::bad_json("messages must map users to device maps"))?;
+        if devices.values().any(|c| !c.is_object()) {
+            return Err(Error::bad_json("to-device message content must be an object"));
+        }
         if !s.identity.is_local_user(&user_id) {
-            tracing::debug!(%user_id, "dropping to-device message for a remote user (not federated yet)");
+            remote.entry(server_of(&user_id).to_owned()).or_default().insert(user_id, Value::Object(devices.clone()));
             continue;
         }
         for (device_id, content) in devices {
-            if !content.is_object() {
-                return Err(Error::bad_json("to-device message content must be an object"));
-            }
             messages.push((user_id.clone(), device_id.clone(), content.clone()));
         }
+    }
+    if s.federation.is_none() && !remote.is_empty() {
+        tracing::debug!(servers = remote.len(), "dropping to-device messages for remote users (federation is off)");
+        remote.clear();
     }
     s.store
         .write(move |w| {
             if e2ee::to_device_txn_seen(w.conn, &auth.user_id, &auth.device_id, &txn_id)? {
                 return Ok(()); // a retry: already delivered once
+            }
+            for (server, users) in &remote {
+                let edu = json!({"edu_type": "m.direct_to_device", "content": {
+                    "sender": auth.user_id, "type": event_type, "message_id": random_string(16), "messages": users,
+                }});
+                outbox::enqueue_edu(w.conn, server, &edu.to_string())?;
             }
             for (user_id, device_id, content) in &messages {
                 let all = e2ee::device_ids(w.conn, user_id)?;

@@ -2,6 +2,7 @@
 //!
 //! Receipts live in the `receipts` table (public `m.read`, private `m.read.private`); the fully-read marker is the
 //! room account data `m.fully_read`, as the spec defines it. Every change takes a stream position so /sync sees it.
+//! With federation on, typing and public receipts also go to the other servers in the room as EDUs.
 
 use std::time::Duration;
 
@@ -14,7 +15,16 @@ use serde_json::{json, Value};
 use crate::error::{Error, Result};
 use crate::http::{AppState, Auth, Json};
 use crate::store::receipts::{self, NewReceipt};
-use crate::store::{account_data, accounts, events};
+use crate::store::{account_data, accounts, events, outbox};
+
+/// Queues `edu` for every other server with a joined member in the room.
+fn send_to_room_servers(conn: &Connection, room_nid: i64, our_server: &str, edu: &Value) -> Result<()> {
+    let edu = edu.to_string();
+    for server in events::joined_servers(conn, room_nid)?.into_iter().filter(|x| x != our_server) {
+        outbox::enqueue_edu(conn, &server, &edu)?;
+    }
+    Ok(())
+}
 
 #[derive(Deserialize)]
 pub struct TypingBody {
@@ -31,19 +41,27 @@ pub async fn typing(
     if user_id != auth.user_id {
         return Err(Error::forbidden("cannot set the typing state of another user"));
     }
-    let (r, u) = (room_id.clone(), user_id.clone());
+    let (r, u, our_server) = (room_id.clone(), user_id.clone(), s.identity.server_name.to_string());
+    // The room, if the user is joined, and whether other servers are in it.
     let joined = s
         .store
         .read(move |c| {
-            let Some(room) = events::room_by_id(c, &r)? else { return Ok(false) };
-            Ok(events::membership_of(c, room.room_nid, &u)?.is_some_and(|(m, _)| m == "join"))
+            let Some(room) = events::room_by_id(c, &r)? else { return Ok(None) };
+            if !events::membership_of(c, room.room_nid, &u)?.is_some_and(|(m, _)| m == "join") {
+                return Ok(None);
+            }
+            let remote = events::joined_servers(c, room.room_nid)?.iter().any(|x| *x != our_server);
+            Ok(Some((room.room_nid, remote)))
         })
         .await?;
-    if !joined {
-        return Err(Error::forbidden("you are not joined to this room"));
-    }
+    let Some((room_nid, remote)) = joined else { return Err(Error::forbidden("you are not joined to this room")) };
     // Typing::set caps the timeout; 30 s is what clients expect when they send none.
     s.typing.set(&room_id, &user_id, body.typing, Duration::from_millis(body.timeout.unwrap_or(30_000)));
+    if remote && s.federation.is_some() {
+        let edu = json!({"edu_type": "m.typing", "content": {"room_id": room_id, "user_id": user_id, "typing": body.typing}});
+        let our_server = s.identity.server_name.to_string();
+        s.store.write(move |w| send_to_room_servers(w.conn, room_nid, &our_server, &edu)).await?;
+    }
     Ok(axum::Json(json!({})))
 }
 
@@ -57,7 +75,8 @@ struct Marker {
 /// The room the user is joined to, and the stream position of `event_id` in it (403 / 404 otherwise).
 fn check_event(c: &Connection, room_id: &str, user_id: &str, event_id: &str) -> Result<(i64, Option<i64>)> {
     let room = events::room_by_id(c, room_id)?.ok_or_else(|| Error::forbidden("you are not joined to this room"))?;
-    if !events::membership_of(c, room.room_nid, user_id)?.is_some_and(|(m, _)| m == "join") {
+    let joined = events::membership_of(c, room.room_nid, user_id)?.is_some_and(|(m, _)| m == "join");
+    if !joined {
         return Err(Error::forbidden("you are not joined to this room"));
     }
     let ev = events::event_by_id(c, event_id)?.filter(|e| e.room_nid == room.room_nid);
@@ -71,6 +90,7 @@ async fn set_markers(s: &AppState, auth: &Auth, room_id: &str, markers: Vec<Mark
         return Ok(());
     }
     let (room_id, user_id) = (room_id.to_owned(), auth.user_id.clone());
+    let (federating, our_server) = (s.federation.is_some(), s.identity.server_name.to_string());
     s.store
         .write(move |w| {
             for m in &markers {
@@ -87,17 +107,25 @@ async fn set_markers(s: &AppState, auth: &Auth, room_id: &str, markers: Vec<Mark
                     }
                     account_data::set(w, &user_id, &room_id, "m.fully_read", &json!({"event_id": m.event_id}))?;
                 } else {
-                    receipts::upsert(
-                        w,
-                        &NewReceipt {
-                            room_nid,
-                            receipt_type: &m.receipt_type,
-                            user_id: &user_id,
-                            thread_id: &m.thread_id,
-                            event_id: &m.event_id,
-                            ts: accounts::now_ms(),
-                        },
-                    )?;
+                    let ts = accounts::now_ms();
+                    let r = NewReceipt {
+                        room_nid,
+                        receipt_type: &m.receipt_type,
+                        user_id: &user_id,
+                        thread_id: &m.thread_id,
+                        event_id: &m.event_id,
+                        ts,
+                    };
+                    // Private receipts stay on this server.
+                    if receipts::upsert(w, &r)? && federating && m.receipt_type == "m.read" {
+                        let mut data = json!({"ts": ts});
+                        if !m.thread_id.is_empty() {
+                            data["thread_id"] = json!(m.thread_id);
+                        }
+                        let receipt = json!({"event_ids": [m.event_id], "data": data});
+                        let edu = json!({"edu_type": "m.receipt", "content": {&room_id: {"m.read": {&user_id: receipt}}}});
+                        send_to_room_servers(w.conn, room_nid, &our_server, &edu)?;
+                    }
                 }
             }
             Ok(())

@@ -289,6 +289,7 @@ fn room_window(
     let mut rows: Vec<events::EventRow> = rows.into_iter().take(limit).collect();
     rows.reverse();
     let first_stream = rows.first().and_then(|r| r.stream_ordering).unwrap_or(upto + 1);
+    let first_sg_after = rows.first().and_then(|r| r.sg_after);
     let prev_batch = Token { stream: first_stream - 1, typing: 0 }.render();
 
     let timeline: Vec<events::EventRow> = rows.into_iter().filter(|r| filter.timeline.allows(&r.event_type, &r.sender)).collect();
@@ -296,7 +297,9 @@ fn room_window(
 
     // State: everything up to the timeline start for initial/full/newly-visible; otherwise the changes between
     // `since` and the timeline start (non-empty only for gappy syncs).
-    let start_sg = state_at(c, room.room_nid, first_stream - 1)?;
+    // Nothing of the room precedes the timeline when it starts with our join of a room joined over federation
+    // (the state before it is held as outliers): then the state at that first event, which the timeline carries.
+    let start_sg = state_at(c, room.room_nid, first_stream - 1)?.or(first_sg_after);
     let mut state_nids: Vec<i64> = Vec::new();
     match (since, full_state) {
         (None, _) | (_, true) => {
@@ -352,8 +355,35 @@ fn room_window(
                             if !timeline_ids.contains(row.event_id.as_str()) {
                                 state.push(format::event(c, &row, &room.room_id, None, false)?);
                             }
+                            have_members.insert(sender.to_owned());
                         }
                     }
+                }
+            }
+        }
+    }
+    if filter.lazy_load_members && room.partial_state {
+        // Partial state lacks the memberships send_join omitted: take a timeline sender's membership from the
+        // auth events of their event (as Synapse does), so clients can still render who spoke.
+        for r in &timeline {
+            if have_members.contains(&r.sender) {
+                continue;
+            }
+            let v: Value = serde_json::from_str(&r.json)?;
+            let auth_ids = v.get("auth_events").and_then(Value::as_array).cloned().unwrap_or_default();
+            for a in auth_ids {
+                // v1/v2 rooms list `[id, hashes]` pairs.
+                let Some(id) = a.as_str().or_else(|| a.get(0).and_then(Value::as_str)) else { continue };
+                let Some(row) = events::event_by_id(c, id)? else { continue };
+                if row.event_type != "m.room.member" || row.rejected.is_some() {
+                    continue;
+                }
+                if events::state_key_of(c, row.state_key_nid.unwrap_or_default())?.1 == r.sender {
+                    if !timeline_ids.contains(row.event_id.as_str()) {
+                        state.push(format::event(c, &row, &room.room_id, None, false)?);
+                    }
+                    have_members.insert(r.sender.clone());
+                    break;
                 }
             }
         }
@@ -562,12 +592,13 @@ fn build(
         empty = false;
     }
 
-    // To-device messages for this device (deleted once a later sync acknowledges them).
+    // To-device messages for this device (deleted once a later sync acknowledges them). No LIMIT: the next sync
+    // deletes everything up to this `next_batch`, so a message left out here would be lost.
     let mut to_device = Vec::new();
     {
         let mut stmt = c.prepare_cached(
             "SELECT sender, event_type, content FROM to_device WHERE user_id = ?1 AND device_id = ?2
-             AND stream_ordering > ?3 AND stream_ordering <= ?4 ORDER BY stream_ordering LIMIT 100",
+             AND stream_ordering > ?3 AND stream_ordering <= ?4 ORDER BY stream_ordering",
         )?;
         let rows = stmt.query_map(params![auth.user_id, auth.device_id, lo, pos.stream], |r| {
             Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))

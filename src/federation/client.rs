@@ -237,6 +237,36 @@ impl FedClient {
         Ok(value)
     }
 
+    /// A signed GET whose (possibly huge) answer is streamed to `dest` instead of held in memory.
+    pub async fn get_to_file(&self, destination: &str, path_and_query: &str, dest: &std::path::Path) -> Result<u64, FedError> {
+        use tokio::io::AsyncWriteExt;
+        let unreachable = |reason: String| FedError::Unreachable { destination: destination.to_owned(), reason };
+        let target = self.target(destination).await?;
+        let auth = self.x_matrix("GET", path_and_query, destination, None).map_err(|e| unreachable(e.to_string()))?;
+        let mut res = self
+            .http
+            .get(format!("{}{}", target.base_url, path_and_query))
+            .header(reqwest::header::AUTHORIZATION, auth)
+            .header(reqwest::header::HOST, target.host_header.clone())
+            .timeout(Duration::from_secs(600))
+            .send()
+            .await
+            .map_err(|e| unreachable(format!("{e:#}")))?;
+        let status = res.status();
+        if !status.is_success() {
+            let body: Value = res.json().await.unwrap_or(Value::Null);
+            return Err(FedError::Status { destination: destination.to_owned(), status: status.as_u16(), body });
+        }
+        let mut file = tokio::fs::File::create(dest).await.map_err(|e| unreachable(e.to_string()))?;
+        let mut n = 0u64;
+        while let Some(chunk) = res.chunk().await.map_err(|e| unreachable(e.to_string()))? {
+            n += chunk.len() as u64;
+            file.write_all(&chunk).await.map_err(|e| unreachable(e.to_string()))?;
+        }
+        file.flush().await.map_err(|e| unreachable(e.to_string()))?;
+        Ok(n)
+    }
+
     pub async fn get(&self, destination: &str, path_and_query: &str) -> Result<Value, FedError> {
         self.request(reqwest::Method::GET, destination, path_and_query, None).await
     }

@@ -1,6 +1,6 @@
 //! Incoming PDUs and EDUs (from `/send` transactions and from fetches we make): verify, fill gaps, store.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use ruma::canonical_json::CanonicalJsonObject;
 use serde_json::{json, Value};
@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::federation::client::enc;
 use crate::federation::keys::needed_keys;
 use crate::http::AppState;
-use crate::room::remote::{handle_incoming, parse_remote, verify_remote, Incoming};
+use crate::room::remote::{handle_incoming, parse_remote, persist_outlier, verify_remote, Incoming};
 use crate::room::{version, Pdu};
 use crate::store::events;
 
@@ -33,8 +33,110 @@ pub async fn verify_batch(s: &AppState, room_version: &str, raw: Vec<Value>) -> 
         .map_err(|e| Error::internal(e.to_string()))
 }
 
+/// Fetches from `origin` the auth events of `pdus` we do not hold (and, transitively, theirs), verifies them and
+/// stores them as outliers, each authorised against its own auth events (rejected ones are kept, marked).
+/// Needed above all during partial state: the memberships of most senders were omitted from `send_join`, so
+/// without this every event of such a member would be rejected for an unknown auth event.
+pub async fn fetch_missing_auth(s: &AppState, origin: &str, room_id: &str, pdus: &[Pdu]) -> Result<usize> {
+    /// Bounds the walk (rounds of fetches, events in all).
+    const MAX_ROUNDS: usize = 8;
+    const MAX_EVENTS: usize = 200;
+    let fed = s.federation.as_ref().ok_or_else(|| Error::forbidden("federation is disabled"))?;
+    let rid = room_id.to_owned();
+    let Some(room) = s.store.read(move |c| events::room_by_id(c, &rid)).await? else { return Ok(0) };
+    let batch: HashSet<String> = pdus.iter().map(|p| p.event_id.to_string()).collect();
+    let mut wanted: Vec<String> = pdus.iter().flat_map(|p| p.auth_events.iter().map(|a| a.to_string())).collect();
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut fetched: Vec<Pdu> = Vec::new();
+    for _ in 0..MAX_ROUNDS {
+        let ids: Vec<String> = wanted.drain(..).filter(|id| !batch.contains(id) && seen.insert(id.clone())).collect();
+        let unknown: Vec<String> = s
+            .store
+            .read(move |c| {
+                let mut out = Vec::new();
+                for id in ids {
+                    if events::event_nid(c, &id)?.is_none() {
+                        out.push(id);
+                    }
+                }
+                Ok(out)
+            })
+            .await?;
+        if unknown.is_empty() || fetched.len() >= MAX_EVENTS {
+            break;
+        }
+        let reqs = unknown.iter().map(|id| {
+            let path = format!("/_matrix/federation/v1/event/{}", enc(id));
+            async move { fed.client.get(origin, &path).await }
+        });
+        let mut raw = Vec::new();
+        for r in futures::future::join_all(reqs).await {
+            match r {
+                Ok(v) => raw.extend(v.get("pdus").and_then(Value::as_array).and_then(|a| a.first()).cloned()),
+                Err(e) => tracing::info!(origin, room_id, error = %e, "fetching a missing auth event failed"),
+            }
+        }
+        for p in verify_batch(s, &room.version, raw).await?.into_iter().filter_map(|r| r.ok()) {
+            if p.room_id.as_str() == room_id && unknown.iter().any(|u| u == p.event_id.as_str()) {
+                wanted.extend(p.auth_events.iter().map(|a| a.to_string()));
+                fetched.push(p);
+            }
+        }
+    }
+    if fetched.is_empty() {
+        return Ok(0);
+    }
+    fetched.sort_by_key(|p| p.depth);
+    let n = fetched.len();
+    let rid = room_id.to_owned();
+    s.store
+        .write(move |w| {
+            let room = events::room_by_id(w.conn, &rid)?.ok_or_else(|| Error::not_found("unknown room"))?;
+            let rules = version::rules(&room.version)?;
+            for p in &fetched {
+                if events::event_nid(w.conn, p.event_id.as_str())?.is_some() {
+                    continue;
+                }
+                let nid = persist_outlier(w.conn, &room, p)?;
+                if let Err(reason) = authorize_by_own_auth_events(w.conn, &rules, &room, p) {
+                    tracing::info!(room_id = %rid, event_id = %p.event_id, %reason, "fetched auth event rejected");
+                    w.conn.execute("UPDATE events SET rejected = ?2 WHERE event_nid = ?1", rusqlite::params![nid, reason])?;
+                }
+            }
+            Ok(())
+        })
+        .await?;
+    tracing::debug!(origin, room_id, fetched = n, "fetched missing auth events");
+    Ok(n)
+}
+
+/// Auth of an outlier: against its own auth events only (the create event from the room state for v12+, where
+/// it is not listed).
+fn authorize_by_own_auth_events(conn: &rusqlite::Connection, rules: &ruma::room_version_rules::RoomVersionRules, room: &events::RoomRow, pdu: &Pdu) -> std::result::Result<(), String> {
+    let load = |id: &str| crate::room::load_pdu(conn, id).ok().flatten();
+    ruma::state_res::check_state_independent_auth_rules(&rules.authorization, pdu, |id| load(id.as_str()))?;
+    if pdu.kind == ruma::events::TimelineEventType::RoomCreate {
+        return Ok(());
+    }
+    let by_key: std::collections::HashMap<(String, String), Pdu> = pdu
+        .auth_events
+        .iter()
+        .filter_map(|id| load(id.as_str()))
+        .filter_map(|p| p.state_key.clone().map(|k| ((p.kind.to_string(), k), p)))
+        .collect();
+    ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, pdu, |t, k| {
+        let t = t.to_string();
+        by_key.get(&(t.clone(), k.to_owned())).cloned().or_else(|| {
+            (t == "m.room.create").then(|| room.current_sg.and_then(|sg| crate::room::state_event(conn, sg, &t, k).ok().flatten())).flatten()
+        })
+    })
+}
+
 /// Handles one verified PDU that belongs in the timeline, fetching missing prev events from `origin` once.
 pub async fn ingest(s: &AppState, origin: &str, room_id: &str, pdu: Pdu, fetch_missing: bool) -> Result<String> {
+    if let Err(e) = fetch_missing_auth(s, origin, room_id, std::slice::from_ref(&pdu)).await {
+        tracing::info!(room_id, event_id = %pdu.event_id, error = %e, "could not fetch missing auth events");
+    }
     let identity = s.identity.clone();
     let (rid, p) = (room_id.to_owned(), pdu.clone());
     let r = s.store.write(move |w| handle_incoming(w, &identity, &rid, &p, None)).await?;
@@ -94,6 +196,8 @@ async fn fill_gap(s: &AppState, origin: &str, room_id: &str, pdu: &Pdu) -> Resul
     let events = res.get("events").and_then(Value::as_array).cloned().unwrap_or_default();
     let mut verified: Vec<Pdu> = verify_batch(s, &version, events).await?.into_iter().filter_map(|r| r.ok()).collect();
     verified.sort_by_key(|p| p.depth);
+    verified.retain(|p| p.room_id.as_str() == room_id);
+    fetch_missing_auth(s, origin, room_id, &verified).await?;
     for p in verified {
         if p.room_id.as_str() != room_id {
             continue;

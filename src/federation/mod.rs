@@ -10,6 +10,7 @@ pub mod join;
 pub mod keys;
 pub mod routes;
 pub mod sender;
+pub mod stream;
 pub mod tls;
 
 use std::sync::Arc;

@@ -123,41 +123,64 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
                 })
                 .await?;
             if missing.is_empty() {
-                cursor["phase"] = json!("finish");
+                cursor["phase"] = json!("fill");
                 save_cursor(s, job.job_id, cursor, 0, None).await?;
                 return Ok(Step::More);
             }
             let use_state = cursor.get("use_state").and_then(Value::as_bool).unwrap_or(false);
-            let fetched: Vec<Value> = if use_state {
+            // Batches of PDUs flow through a small bounded channel: memory stays bounded by a few batches.
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Value>>(2);
+            let producer = if use_state {
                 let path = format!("/_matrix/federation/v1/state/{}?event_id={}", enc(&room.room_id), enc(&join_event));
-                let answer = fed.client.get(&server, &path).await?;
-                let wanted: HashSet<&str> = missing.iter().map(String::as_str).collect();
-                let mut v: Vec<Value> = answer.get("pdus").and_then(Value::as_array).cloned().unwrap_or_default();
-                // Auth events of the state are needed for later auth checks too.
-                v.extend(answer.get("auth_chain").and_then(Value::as_array).cloned().unwrap_or_default());
-                let _ = wanted;
-                v
+                let file = std::env::temp_dir().join(format!("hearth-state-{}-{}.json", std::process::id(), crate::http::random_string(8)));
+                let client = fed.client.clone();
+                let server = server.clone();
+                tokio::spawn(async move {
+                    let bytes = client.get_to_file(&server, &path, &file).await;
+                    let result = match bytes {
+                        Ok(n) => {
+                            tracing::info!(bytes = n, "resync: /state answer downloaded");
+                            let f = file.clone();
+                            tokio::task::spawn_blocking(move || {
+                                let reader = std::io::BufReader::new(std::fs::File::open(&f).map_err(|e| e.to_string())?);
+                                crate::federation::stream::for_each_pdu_batch(reader, &["pdus", "auth_chain"], CHUNK, &mut |batch| tx.blocking_send(batch).is_ok())
+                            })
+                            .await
+                            .map_err(|e| e.to_string())
+                            .and_then(|r| r)
+                        }
+                        Err(e) => Err(e.to_string()),
+                    };
+                    let _ = tokio::fs::remove_file(&file).await;
+                    result
+                })
             } else {
                 let size = cursor.get("batch").and_then(Value::as_u64).map(|b| b as usize).unwrap_or(EVENT_BATCH);
                 let batch: Vec<String> = missing.iter().take(size).cloned().collect();
-                let reqs = batch.iter().map(|id| {
-                    let path = format!("/_matrix/federation/v1/event/{}", enc(id));
-                    let server = server.clone();
-                    async move { fed.client.get(&server, &path).await }
-                });
-                let mut out = Vec::new();
-                for r in futures::future::join_all(reqs).await {
-                    match r {
-                        Ok(v) => out.extend(v.get("pdus").and_then(Value::as_array).cloned().unwrap_or_default()),
-                        Err(e) => tracing::info!(error = %e, "resync: event fetch failed"),
+                let client = fed.client.clone();
+                let server = server.clone();
+                tokio::spawn(async move {
+                    let reqs = batch.iter().map(|id| {
+                        let path = format!("/_matrix/federation/v1/event/{}", enc(id));
+                        let (client, server) = (client.clone(), server.clone());
+                        async move { client.get(&server, &path).await }
+                    });
+                    let mut out = Vec::new();
+                    for r in futures::future::join_all(reqs).await {
+                        match r {
+                            Ok(v) => out.extend(v.get("pdus").and_then(Value::as_array).cloned().unwrap_or_default()),
+                            Err(e) => tracing::info!(error = %e, "resync: event fetch failed"),
+                        }
                     }
-                }
-                out
+                    let _ = tx.send(out).await;
+                    Ok(())
+                })
             };
-            let total_fetched = fetched.len();
+            let mut total_fetched = 0usize;
             let mut stored = 0usize;
-            for chunk in fetched.chunks(CHUNK) {
-                let verified: Vec<crate::room::Pdu> = verify_batch(s, &room.version, chunk.to_vec()).await?.into_iter().filter_map(|r| r.map_err(|e| tracing::info!(error = %e, "resync: invalid event")).ok()).collect();
+            while let Some(chunk) = rx.recv().await {
+                total_fetched += chunk.len();
+                let verified: Vec<crate::room::Pdu> = verify_batch(s, &room.version, chunk).await?.into_iter().filter_map(|r| r.map_err(|e| tracing::info!(error = %e, "resync: invalid event")).ok()).collect();
                 let rid = room.room_id.clone();
                 stored += s
                     .store
@@ -173,6 +196,9 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
                         Ok(n)
                     })
                     .await?;
+            }
+            if let Ok(Err(e)) = producer.await {
+                tracing::info!(%server, error = %e, "resync: fetch failed part-way");
             }
             let still: i64 = s.store.read(move |c| Ok(c.query_row("SELECT count(*) FROM resync_state WHERE room_nid = ?1 AND missing = 1", [room_nid], |r| r.get(0))?)).await?;
             let total: i64 = s.store.read(move |c| Ok(c.query_row("SELECT count(*) FROM resync_state WHERE room_nid = ?1", [room_nid], |r| r.get(0))?)).await?;
@@ -195,6 +221,26 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
             save_cursor(s, job.job_id, cursor, total - still, Some(total)).await?;
             Ok(Step::More)
         }
+        "fill" => {
+            // Fill the partial base group and room_members in chunks (short writes), resuming after `fill_after`.
+            let sg = cursor.get("sg").and_then(Value::as_i64).ok_or_else(|| Error::internal("resync cursor without base group"))?;
+            let after = cursor.get("fill_after").and_then(Value::as_str).unwrap_or("").to_owned();
+            let identity = s.identity.clone();
+            let (last, n) = s.store.write_background(move |w| fill_chunk(w, &identity, room_nid, sg, &after)).await?;
+            match last {
+                Some(last) => {
+                    cursor["fill_after"] = json!(last);
+                    let done = cursor.get("filled").and_then(Value::as_i64).unwrap_or(0) + n as i64;
+                    cursor["filled"] = json!(done);
+                    save_cursor(s, job.job_id, cursor, done, None).await?;
+                }
+                None => {
+                    cursor["phase"] = json!("finish");
+                    save_cursor(s, job.job_id, cursor, 0, None).await?;
+                }
+            }
+            Ok(Step::More)
+        }
         "finish" => {
             let sg = cursor.get("sg").and_then(Value::as_i64).ok_or_else(|| Error::internal("resync cursor without base group"))?;
             let identity = s.identity.clone();
@@ -211,42 +257,36 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
 /// new entries too), rebuilds membership from the current state and clears the partial flag. One transaction.
 fn finish(w: &mut crate::store::Writer<'_>, identity: &crate::room::Identity, room_nid: i64, sg: i64, join_event: &str) -> Result<i64> {
     let conn = w.conn;
-    let mut ids: Vec<(i64, i64)> = Vec::new();
-    {
-        let mut stmt = conn.prepare_cached(
-            "SELECT e.state_key_nid, e.event_nid FROM resync_state r JOIN events e ON e.event_id = r.event_id
-             WHERE r.room_nid = ?1 AND e.state_key_nid IS NOT NULL",
-        )?;
-        for r in stmt.query_map([room_nid], |r| Ok((r.get(0)?, r.get(1)?)))? {
-            ids.push(r?);
-        }
-    }
-    // Only add keys the partial group lacks: what the resident sent at join time stays authoritative for the
-    // non-member half (the two agree unless the resident lied).
-    let mut ins = conn.prepare_cached("INSERT OR IGNORE INTO state_group_entries (sg, state_key_nid, event_nid) VALUES (?1, ?2, ?3)")?;
-    for (skn, nid) in &ids {
-        ins.execute(params![sg, skn, nid])?;
-    }
     conn.execute("UPDATE state_groups SET partial = 0 WHERE sg = ?1", [sg])?;
     conn.execute("UPDATE rooms SET partial_state = 0 WHERE room_nid = ?1", [room_nid])?;
     let flipped = reauthorise_since_join(conn, room_nid, join_event)?;
     if flipped > 0 {
         tracing::info!(room_nid, flipped, "resync: events received while partial changed auth outcome");
     }
+    // Memberships touched since the join may have changed with the re-authorisation: re-read them from the
+    // current state (the rest were written by the fill phase).
     let room = events::room_by_nid(conn, room_nid)?.ok_or_else(|| Error::internal("room vanished"))?;
     let current = room.current_sg.ok_or_else(|| Error::internal("room without current state"))?;
-    let members = events::load_state_of_type(conn, current, "m.room.member")?;
-    let mut n = 0;
-    for (user, nid) in &members {
-        let have = events::membership_of(conn, room_nid, user)?;
-        if have.map(|h| h.1) != Some(*nid) {
-            crate::room::append::apply_membership(w, identity, room_nid, user, *nid)?;
+    let since = events::event_by_id(conn, join_event)?.and_then(|r| r.stream_ordering).unwrap_or(0);
+    let touched: Vec<(String, i64)> = {
+        let mut stmt = conn.prepare(
+            "SELECT DISTINCT k.state_key, k.state_key_nid FROM events e JOIN state_keys k ON k.state_key_nid = e.state_key_nid
+             WHERE e.room_nid = ?1 AND e.stream_ordering >= ?2 AND k.event_type = 'm.room.member'",
+        )?;
+        let rows = stmt.query_map(params![room_nid, since], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    for (user, skn) in touched {
+        if let Some(nid) = events::lookup_state(conn, current, skn)? {
+            if events::membership_of(conn, room_nid, &user)?.map(|m| m.1) != Some(nid) {
+                crate::room::append::apply_membership(w, identity, room_nid, &user, nid)?;
+            }
         }
-        n += 1;
     }
     let conn = w.conn;
     conn.execute("DELETE FROM partial_state_servers WHERE room_nid = ?1", [room_nid])?;
     conn.execute("DELETE FROM resync_state WHERE room_nid = ?1", [room_nid])?;
+    let (joined, _) = events::member_counts(conn, room_nid)?;
     // Local members see the room (again) as newly joined, so eager /sync delivers it with full state now.
     let locals: Vec<(String, i64)> = {
         let mut stmt = conn.prepare_cached("SELECT user_id, event_nid FROM room_members WHERE room_nid = ?1 AND membership = 'join'")?;
@@ -257,7 +297,48 @@ fn finish(w: &mut crate::store::Writer<'_>, identity: &crate::room::Identity, ro
         let pos = w.next_stream();
         events::record_local_membership(w.conn, pos, &user, room_nid, "join", nid)?;
     }
-    Ok(n)
+    Ok(joined)
+}
+
+/// Rows of the fetched state written per fill step.
+const FILL_CHUNK: i64 = 2000;
+
+/// One fill step: adds the next chunk of fetched state to the partial base group (descendant groups are deltas
+/// over it, so they see it too) and brings `room_members` up to date for those keys. Returns the last event id
+/// handled (None when done) and the rows handled.
+fn fill_chunk(w: &mut crate::store::Writer<'_>, identity: &crate::room::Identity, room_nid: i64, sg: i64, after: &str) -> Result<(Option<String>, usize)> {
+    let conn = w.conn;
+    let rows: Vec<(String, i64, i64, String, String)> = {
+        let mut stmt = conn.prepare_cached(
+            "SELECT r.event_id, e.state_key_nid, e.event_nid, k.event_type, k.state_key FROM resync_state r
+             JOIN events e ON e.event_id = r.event_id JOIN state_keys k ON k.state_key_nid = e.state_key_nid
+             WHERE r.room_nid = ?1 AND r.event_id > ?2 ORDER BY r.event_id LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![room_nid, after, FILL_CHUNK], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    let Some(last) = rows.last().map(|r| r.0.clone()) else { return Ok((None, 0)) };
+    let current = events::room_by_nid(conn, room_nid)?.and_then(|r| r.current_sg);
+    {
+        // What the resident sent at join time stays authoritative for the keys we already hold.
+        let mut ins = conn.prepare_cached("INSERT OR IGNORE INTO state_group_entries (sg, state_key_nid, event_nid) VALUES (?1, ?2, ?3)")?;
+        for (_, skn, nid, _, _) in &rows {
+            ins.execute(params![sg, skn, nid])?;
+        }
+    }
+    let n = rows.len();
+    for (_, skn, _, kind, user) in rows {
+        if kind != "m.room.member" {
+            continue;
+        }
+        let Some(current) = current else { continue };
+        if let Some(nid) = events::lookup_state(w.conn, current, skn)? {
+            if events::membership_of(w.conn, room_nid, &user)?.map(|m| m.1) != Some(nid) {
+                crate::room::append::apply_membership(w, identity, room_nid, &user, nid)?;
+            }
+        }
+    }
+    Ok((Some(last), n))
 }
 
 /// Replays the events received while the room was partial, in stream order, against the now complete state:

@@ -15,13 +15,31 @@ use crate::store::Writer;
 // ------------------------------------------------------------------------------------------------------------
 // Device list stream
 
-/// Records that `user_id`'s devices or keys changed, for /sync `device_lists` and /keys/changes.
-pub fn device_list_changed(w: &mut Writer<'_>, user_id: &str) -> Result<()> {
+/// Records that `user_id`'s devices or keys changed, for /sync `device_lists` and /keys/changes. Returns the
+/// stream position (the `stream_id` of a federation device list update).
+pub fn device_list_changed(w: &mut Writer<'_>, user_id: &str) -> Result<i64> {
     let pos = w.next_stream();
     w.conn
         .prepare_cached("INSERT INTO device_list_stream (stream_ordering, user_id) VALUES (?1, ?2)")?
         .execute(params![pos, user_id])?;
-    Ok(())
+    Ok(pos)
+}
+
+/// The position of `user_id`'s device list change before `pos` (a federation update's `prev_id`).
+pub fn previous_device_list_pos(conn: &Connection, user_id: &str, pos: i64) -> Result<Option<i64>> {
+    Ok(conn
+        .prepare_cached("SELECT max(stream_ordering) FROM device_list_stream WHERE user_id = ?1 AND stream_ordering < ?2")?
+        .query_row(params![user_id, pos], |r| r.get(0))?)
+}
+
+/// Other servers with a member joined to a room that `user_id` is joined to (who must hear of its key changes).
+pub fn servers_sharing_rooms(conn: &Connection, user_id: &str, our_server: &str) -> Result<Vec<String>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT DISTINCT o.server_name FROM room_members me JOIN room_members o ON o.room_nid = me.room_nid
+         WHERE me.user_id = ?1 AND me.membership = 'join' AND o.membership = 'join' AND o.server_name != ?2",
+    )?;
+    let rows = stmt.query_map(params![user_id, our_server], |r| r.get(0))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
 /// Whether two users are both joined to at least one common room.

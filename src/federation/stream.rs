@@ -1,0 +1,101 @@
+//! Streaming reads of big federation answers (`/state`, `/send_join`): the PDU arrays are handed out in
+//! batches while parsing, so a 100k-event answer never sits in memory as one JSON value.
+
+use std::io::Read;
+
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::Value;
+
+/// Calls `sink` with batches of at most `batch` elements of the arrays under `keys` of a top-level object.
+pub fn for_each_pdu_batch<R: Read>(reader: R, keys: &[&str], batch: usize, sink: &mut dyn FnMut(Vec<Value>) -> bool) -> Result<(), String> {
+    let mut de = serde_json::Deserializer::from_reader(reader);
+    let mut buf = Vec::with_capacity(batch);
+    let top = Top { keys, batch, buf: &mut buf, sink: &mut *sink, stop: false };
+    top.deserialize(&mut de).map_err(|e| e.to_string())?;
+    if !buf.is_empty() {
+        sink(std::mem::take(&mut buf));
+    }
+    Ok(())
+}
+
+struct Top<'a> {
+    keys: &'a [&'a str],
+    batch: usize,
+    buf: &'a mut Vec<Value>,
+    sink: &'a mut dyn FnMut(Vec<Value>) -> bool,
+    stop: bool,
+}
+
+impl<'de> DeserializeSeed<'de> for Top<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Top<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an object")
+    }
+    fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<(), A::Error> {
+        while let Some(key) = map.next_key::<String>()? {
+            if self.keys.contains(&key.as_str()) && !self.stop {
+                map.next_value_seed(Elements { top: &mut self })?;
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Elements<'a, 'b> {
+    top: &'a mut Top<'b>,
+}
+
+impl<'de> DeserializeSeed<'de> for Elements<'_, '_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Elements<'_, '_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an array of PDUs")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(v) = seq.next_element::<Value>()? {
+            if self.top.stop {
+                continue;
+            }
+            self.top.buf.push(v);
+            if self.top.buf.len() >= self.top.batch {
+                let full = std::mem::replace(self.top.buf, Vec::with_capacity(self.top.batch));
+                if !(self.top.sink)(full) {
+                    self.top.stop = true;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_both_arrays_and_skips_the_rest() {
+        let doc = r#"{"origin":"x","pdus":[1,2,3,4,5],"other":{"a":[9]},"auth_chain":[6,7]}"#;
+        let mut seen = Vec::new();
+        for_each_pdu_batch(doc.as_bytes(), &["pdus", "auth_chain"], 2, &mut |b| {
+            seen.push(b.len());
+            true
+        })
+        .unwrap();
+        assert_eq!(seen, vec![2, 2, 2, 1]);
+    }
+}
