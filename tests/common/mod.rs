@@ -33,6 +33,8 @@ use hearth::config::Config;
 use hearth::server::Running;
 pub use serde_json::{json, Value};
 
+pub mod fake_resident;
+
 /// The password every helper-created user gets.
 pub const PASSWORD: &str = "correct horse battery staple";
 

@@ -1,0 +1,978 @@
+//! A scripted fake resident homeserver for partial-join tests.
+//!
+//! [`FakeResident`] is a real federation server on `127.0.0.1:PORT` (TLS with a self-signed certificate made by the
+//! `openssl` CLI, its own ed25519 signing key, server name `127.0.0.1:PORT`). It holds one room ([`FakeRoom`]) whose
+//! events it builds and signs itself with correct hashes, signatures, `auth_events` and `prev_events` (through
+//! `hearth::room::append::build_pdu`), and serves what a joining server needs: keys, `make_join`, `send_join` v2
+//! (honouring `omit_members`), `/state_ids`, `/state`, `/event`, `/event_auth`, `get_missing_events`, `backfill`,
+//! and `PUT /send` (received PDUs are recorded, and added to the room's DAG when their prev events are known).
+//!
+//! Several fakes can share one room ([`FakeResident::start_peer`]): each signs the events of its own users and
+//! answers for the room, so a test has a second server in `servers_in_room` to fall back to.
+//!
+//! Tests script it: [`FakeResident::hold`] / [`FakeResident::release`] make an endpoint wait, [`StateIdsMode`]
+//! corrupts `/state_ids`, [`FakeResident::requests`] counts what Hearth asked for, [`FakeResident::push`] sends
+//! PDUs to Hearth's `PUT /send` signed with `X-Matrix`, and [`FakeResident::received`] shows what Hearth sent.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path as UrlPath, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::Router;
+use hearth::federation::FedClient;
+use hearth::room::append::{build_pdu, LocalEvent};
+use hearth::room::{version, Identity};
+use ruma::canonical_json::CanonicalJsonObject;
+use ruma::events::TimelineEventType;
+use ruma::room_version_rules::RoomVersionRules;
+use ruma::signatures::Ed25519KeyPair;
+use ruma::OwnedEventId;
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+use super::{Client, TestServer};
+
+/// `(type, state_key)` -> event id.
+pub type StateMap = BTreeMap<(String, String), String>;
+
+// ---- TLS and configuration helpers ------------------------------------------------------------------------------
+
+/// Writes a self-signed certificate and key (`tls.crt`, `tls.key`) into `dir` with the `openssl` CLI.
+pub fn self_signed_cert(dir: &Path) -> (PathBuf, PathBuf) {
+    let (crt, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    let out = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "30", "-subj", "/CN=127.0.0.1"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&crt)
+        .output()
+        .expect("the openssl CLI must be installed");
+    assert!(out.status.success(), "openssl failed: {}", String::from_utf8_lossy(&out.stderr));
+    (crt, key)
+}
+
+/// Turns a test configuration into one with federation on: TLS listener on `127.0.0.1:0` with a fresh self-signed
+/// certificate (next to the database), private addresses allowed, certificates not verified, no notaries.
+pub fn federation_config(c: &mut hearth::config::Config) {
+    let dir = c.database.path.parent().expect("database in a folder").to_owned();
+    let (crt, key) = self_signed_cert(&dir);
+    c.federation.enabled = true;
+    c.listen.federation = Some("127.0.0.1:0".parse().unwrap());
+    c.federation.tls_cert = Some(crt);
+    c.federation.tls_key = Some(key);
+    c.federation.allow_private_ips = true;
+    c.federation.verify_certificates = false;
+    c.federation.trusted_key_servers = vec![];
+}
+
+/// An in-process Hearth with federation on ([`federation_config`]).
+pub async fn start_hearth() -> TestServer {
+    TestServer::start_with(federation_config).await
+}
+
+/// A fresh signing identity for a fake server.
+pub fn new_identity(server_name: &str) -> Arc<Identity> {
+    use base64::Engine;
+    let der = Ed25519KeyPair::generate();
+    let keypair = Ed25519KeyPair::from_der(&der, "fake1".into()).expect("generated key parses");
+    let public_key_b64 = base64::engine::general_purpose::STANDARD_NO_PAD.encode(keypair.public_key());
+    Arc::new(Identity {
+        server_name: ruma::ServerName::parse(server_name).expect("valid server name"),
+        keypair,
+        key_id: "ed25519:fake1".into(),
+        public_key_b64,
+    })
+}
+
+fn server_of(user_id: &str) -> &str {
+    user_id.split_once(':').map(|x| x.1).unwrap_or_default()
+}
+
+// ---- the room -----------------------------------------------------------------------------------------------------
+
+/// One event of the fake's room.
+#[derive(Clone, Debug)]
+pub struct FakeEvent {
+    pub id: String,
+    /// The PDU as sent over federation.
+    pub json: Value,
+    pub depth: i64,
+    pub prev: Vec<String>,
+    pub auth: Vec<String>,
+    /// The state before this event.
+    pub state_before: Arc<StateMap>,
+    /// In the DAG (false: built but kept aside, e.g. an event the room's auth rules reject).
+    pub in_dag: bool,
+}
+
+impl FakeEvent {
+    pub fn state_key(&self) -> Option<(String, String)> {
+        let k = self.json.get("state_key")?.as_str()?;
+        Some((self.json["type"].as_str().unwrap_or_default().to_owned(), k.to_owned()))
+    }
+
+    /// The state after this event.
+    pub fn state_after(&self) -> StateMap {
+        let mut s = (*self.state_before).clone();
+        if let Some(k) = self.state_key() {
+            s.insert(k, self.id.clone());
+        }
+        s
+    }
+}
+
+/// An event to build: type, sender, state key and content; `prev`/`auth`/`depth` default to the room's forward
+/// extremities, the auth events the state before selects, and one more than the deepest prev.
+#[derive(Clone, Debug)]
+pub struct EventSpec {
+    pub sender: String,
+    pub kind: String,
+    pub state_key: Option<String>,
+    pub content: Value,
+    pub prev: Option<Vec<String>>,
+    pub auth: Option<Vec<String>>,
+}
+
+impl EventSpec {
+    pub fn message(sender: &str, body: &str) -> EventSpec {
+        EventSpec { sender: sender.into(), kind: "m.room.message".into(), state_key: None, content: json!({"msgtype": "m.text", "body": body}), prev: None, auth: None }
+    }
+    pub fn state(sender: &str, kind: &str, state_key: &str, content: Value) -> EventSpec {
+        EventSpec { sender: sender.into(), kind: kind.into(), state_key: Some(state_key.into()), content, prev: None, auth: None }
+    }
+    pub fn member(user: &str, membership: &str) -> EventSpec {
+        EventSpec::state(user, "m.room.member", user, json!({"membership": membership, "displayname": user.trim_start_matches('@').split(':').next().unwrap_or_default()}))
+    }
+    pub fn with_prev(mut self, prev: Vec<String>) -> EventSpec {
+        self.prev = Some(prev);
+        self
+    }
+    pub fn with_auth(mut self, auth: Vec<String>) -> EventSpec {
+        self.auth = Some(auth);
+        self
+    }
+}
+
+/// The room the fakes serve: a DAG of signed events with the state before each.
+pub struct FakeRoom {
+    pub room_id: String,
+    pub version: String,
+    pub rules: RoomVersionRules,
+    pub events: HashMap<String, FakeEvent>,
+    /// Event ids in the order they were added.
+    pub order: Vec<String>,
+    pub extremities: Vec<String>,
+    /// Signing identities by server name (the fakes sharing this room).
+    pub identities: HashMap<String, Arc<Identity>>,
+    pub creator: String,
+}
+
+impl FakeRoom {
+    fn identity_for(&self, user: &str) -> Arc<Identity> {
+        self.identities.get(server_of(user)).cloned().unwrap_or_else(|| panic!("no fake server signs for {user}"))
+    }
+
+    /// The state after the forward extremities (they never conflict in scripted rooms: the latest wins).
+    pub fn current_state(&self) -> StateMap {
+        self.state_at(&self.extremities)
+    }
+
+    fn state_at(&self, prevs: &[String]) -> StateMap {
+        let mut evs: Vec<&FakeEvent> = prevs.iter().filter_map(|p| self.events.get(p)).collect();
+        evs.sort_by_key(|e| e.depth);
+        let mut state = StateMap::new();
+        for e in evs {
+            // An event kept out of the DAG (rejected) changes no state.
+            if e.in_dag {
+                state.extend(e.state_after());
+            } else {
+                state.extend(e.state_before.iter().map(|(k, v)| (k.clone(), v.clone())));
+            }
+        }
+        state
+    }
+
+    pub fn get(&self, id: &str) -> Option<&FakeEvent> {
+        self.events.get(id)
+    }
+
+    /// The event id of a current state entry.
+    pub fn state_id(&self, kind: &str, state_key: &str) -> Option<String> {
+        self.current_state().get(&(kind.to_owned(), state_key.to_owned())).cloned()
+    }
+
+    /// Joined members in the current state.
+    pub fn joined_members(&self) -> Vec<String> {
+        let state = self.current_state();
+        state
+            .iter()
+            .filter(|((t, _), _)| t == "m.room.member")
+            .filter(|(_, id)| self.events[*id].json.pointer("/content/membership").and_then(Value::as_str) == Some("join"))
+            .map(|((_, k), _)| k.clone())
+            .collect()
+    }
+
+    /// Servers with joined members in `state`.
+    pub fn servers_in(&self, state: &StateMap) -> Vec<String> {
+        let mut out = BTreeSet::new();
+        for ((t, k), id) in state {
+            if t == "m.room.member" && self.events[id].json.pointer("/content/membership").and_then(Value::as_str) == Some("join") {
+                out.insert(server_of(k).to_owned());
+            }
+        }
+        out.into_iter().collect()
+    }
+
+    /// Auth event ids an event needs, selected from `state`.
+    fn auth_for(&self, state: &StateMap, spec: &EventSpec) -> Vec<String> {
+        let sender = ruma::UserId::parse(spec.sender.as_str()).expect("valid sender");
+        let raw = serde_json::value::to_raw_value(&spec.content).expect("content serialises");
+        let types = ruma::state_res::auth_types_for_event(
+            &TimelineEventType::from(spec.kind.as_str()),
+            &sender,
+            spec.state_key.as_deref(),
+            &raw,
+            &self.rules.authorization,
+        )
+        .expect("auth types");
+        types.into_iter().filter_map(|(t, k)| state.get(&(t.to_string(), k)).cloned()).collect()
+    }
+
+    /// Builds and signs an event (by the fake server of its sender) without adding it to the DAG.
+    pub fn build(&mut self, spec: EventSpec) -> FakeEvent {
+        let prev = spec.prev.clone().unwrap_or_else(|| self.extremities.clone());
+        let state_before = self.state_at(&prev);
+        let auth = spec.auth.clone().unwrap_or_else(|| self.auth_for(&state_before, &spec));
+        let depth = prev.iter().filter_map(|p| self.events.get(p)).map(|e| e.depth).max().unwrap_or(0) + 1;
+        let refs = |ids: &[String]| -> Vec<(OwnedEventId, String)> { ids.iter().map(|i| (OwnedEventId::try_from(i.as_str()).expect("event id"), String::new())).collect() };
+        let identity = self.identity_for(&spec.sender);
+        let ev = LocalEvent { kind: spec.kind.clone(), state_key: spec.state_key.clone(), content: spec.content.clone(), redacts: None };
+        let room_id = (!self.room_id.is_empty()).then_some(self.room_id.as_str());
+        let pdu = build_pdu(&identity, &self.rules, room_id, &spec.sender, &ev, &refs(&prev), &refs(&auth), depth).expect("build_pdu");
+        let ev = FakeEvent {
+            id: pdu.event_id.to_string(),
+            json: serde_json::to_value(&pdu.json).expect("pdu json"),
+            depth,
+            prev,
+            auth,
+            state_before: Arc::new(state_before),
+            in_dag: false,
+        };
+        self.events.insert(ev.id.clone(), ev.clone());
+        self.order.push(ev.id.clone());
+        ev
+    }
+
+    /// Adds a built (or received) event to the DAG: it becomes a forward extremity in place of its prev events.
+    pub fn add_to_dag(&mut self, id: &str) {
+        let e = self.events.get_mut(id).expect("known event");
+        if e.in_dag {
+            return;
+        }
+        e.in_dag = true;
+        let prev = e.prev.clone();
+        self.extremities.retain(|x| !prev.contains(x));
+        self.extremities.push(id.to_owned());
+    }
+
+    /// Builds, signs and appends an event; returns its id.
+    pub fn append(&mut self, spec: EventSpec) -> String {
+        let ev = self.build(spec);
+        self.add_to_dag(&ev.id);
+        ev.id
+    }
+
+    /// Takes in a PDU from another server (e.g. Hearth's join or messages). Returns its event id.
+    pub fn receive(&mut self, pdu: &Value, add_to_dag: bool) -> Result<String, String> {
+        let mut obj: CanonicalJsonObject = serde_json::from_value(pdu.clone()).map_err(|e| e.to_string())?;
+        obj.remove("unsigned");
+        let id = version::event_id(&obj, &self.rules)?.to_string();
+        if self.events.get(&id).is_some_and(|e| e.in_dag) {
+            return Ok(id);
+        }
+        let list = |k: &str| -> Vec<String> { pdu.get(k).and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect()).unwrap_or_default() };
+        let prev = list("prev_events");
+        if !prev.iter().all(|p| self.events.get(p).is_some_and(|e| e.in_dag)) {
+            return Err(format!("{id}: unknown prev events"));
+        }
+        let ev = FakeEvent {
+            id: id.clone(),
+            json: serde_json::to_value(&obj).map_err(|e| e.to_string())?,
+            depth: pdu.get("depth").and_then(Value::as_i64).unwrap_or(0),
+            state_before: Arc::new(self.state_at(&prev)),
+            prev,
+            auth: list("auth_events"),
+            in_dag: false,
+        };
+        self.events.insert(id.clone(), ev);
+        self.order.push(id.clone());
+        if add_to_dag {
+            self.add_to_dag(&id);
+        }
+        Ok(id)
+    }
+
+    /// The auth chain (ids) of `ids`, not including them unless reachable.
+    pub fn auth_chain(&self, ids: impl IntoIterator<Item = String>) -> BTreeSet<String> {
+        let mut seen = BTreeSet::new();
+        let mut todo: Vec<String> = ids.into_iter().collect();
+        while let Some(id) = todo.pop() {
+            if let Some(e) = self.events.get(&id) {
+                for a in &e.auth {
+                    if seen.insert(a.clone()) {
+                        todo.push(a.clone());
+                    }
+                }
+            }
+        }
+        seen
+    }
+
+    pub fn json_of(&self, ids: impl IntoIterator<Item = String>) -> Vec<Value> {
+        ids.into_iter().filter_map(|i| self.events.get(&i).map(|e| e.json.clone())).collect()
+    }
+}
+
+// ---- scripting: holds, corrupt answers, request log ---------------------------------------------------------------
+
+/// How `/state_ids` answers.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum StateIdsMode {
+    Normal,
+    /// Well-formed but wrong: ids of events that do not exist, no auth chain.
+    Bogus,
+    /// 500 M_UNKNOWN.
+    Error,
+}
+
+/// One request the fake received.
+#[derive(Clone, Debug)]
+pub struct Request {
+    /// `make_join`, `send_join`, `state_ids`, `state`, `event`, `event_auth`, `get_missing_events`, `backfill`,
+    /// `send`, `key`, or `other`.
+    pub kind: String,
+    /// The event id for `event`, `state_ids`, `state`; the path otherwise.
+    pub detail: String,
+    pub at: Instant,
+}
+
+struct Control {
+    held: Mutex<HashMap<String, watch::Sender<bool>>>,
+    state_ids_mode: Mutex<StateIdsMode>,
+    /// `/state` returns at most this many of the state events (the auth chain in full).
+    state_limit: Mutex<Option<usize>>,
+    /// `servers_in_room` of the send_join answer (default: servers with joined members before the join).
+    servers_in_room: Mutex<Option<Vec<String>>>,
+    requests: Mutex<Vec<Request>>,
+    received: Mutex<Vec<(String, Value)>>,
+    changed: watch::Sender<u64>,
+}
+
+impl Control {
+    fn gate(&self, kind: &str) -> watch::Sender<bool> {
+        self.held.lock().unwrap().entry(kind.to_owned()).or_insert_with(|| watch::channel(false).0).clone()
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Records a request, then waits while its kind is held.
+    async fn arrive(&self, kind: &str, detail: String) {
+        self.requests.lock().unwrap().push(Request { kind: kind.to_owned(), detail, at: Instant::now() });
+        self.bump();
+        let mut rx = self.gate(kind).subscribe();
+        let _ = rx.wait_for(|held| !*held).await;
+    }
+}
+
+struct Inner {
+    name: String,
+    room: Arc<Mutex<FakeRoom>>,
+    ctl: Control,
+}
+
+type Shared = Arc<Inner>;
+
+/// A fake federation server answering for one room.
+pub struct FakeResident {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub identity: Arc<Identity>,
+    pub room: Arc<Mutex<FakeRoom>>,
+    inner: Shared,
+    hearth: Mutex<Option<(String, Arc<FedClient>)>>,
+    task: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for FakeResident {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// What the fake's room looks like at the start.
+#[derive(Clone, Debug)]
+pub struct RoomSpec {
+    pub version: String,
+    /// Members from the fake's own server, besides the creator (`@user1:fake` ... `@userN:fake`).
+    pub members: usize,
+    /// Messages from the creator after the joins.
+    pub messages: usize,
+}
+
+impl Default for RoomSpec {
+    fn default() -> Self {
+        RoomSpec { version: "10".into(), members: 20, messages: 3 }
+    }
+}
+
+impl FakeResident {
+    /// Starts a fake with a room built after `spec`: creator `@creator:fake`, power levels, public join rules,
+    /// shared history, a name (so no heroes are needed), `spec.members` joined users and some messages.
+    pub async fn start(spec: RoomSpec) -> FakeResident {
+        let rules = version::rules(&spec.version).expect("supported room version");
+        let room = Arc::new(Mutex::new(FakeRoom {
+            room_id: String::new(),
+            version: spec.version.clone(),
+            rules: rules.clone(),
+            events: HashMap::new(),
+            order: vec![],
+            extremities: vec![],
+            identities: HashMap::new(),
+            creator: String::new(),
+        }));
+        let fake = Self::serve(room.clone()).await;
+        {
+            let mut r = room.lock().unwrap();
+            let creator = fake.user("creator");
+            r.creator = creator.clone();
+            let mut create_content = json!({"room_version": spec.version});
+            if !rules.authorization.use_room_create_sender {
+                create_content["creator"] = json!(creator);
+            }
+            if !rules.authorization.room_create_event_id_as_room_id {
+                r.room_id = format!("!fakeroom{}:{}", fake.addr.port(), fake.name);
+            }
+            let create = r.build(EventSpec::state(&creator, "m.room.create", "", create_content));
+            if r.room_id.is_empty() {
+                r.room_id = format!("!{}", create.id.trim_start_matches('$'));
+            }
+            r.add_to_dag(&create.id);
+            r.append(EventSpec::member(&creator, "join"));
+            let users = if version::creators_privileged(&rules) { json!({}) } else { json!({creator.clone(): 100}) };
+            r.append(EventSpec::state(
+                &creator,
+                "m.room.power_levels",
+                "",
+                json!({"users": users, "users_default": 0, "events_default": 0, "state_default": 50, "ban": 50, "kick": 50, "redact": 50, "invite": 0, "events": {}}),
+            ));
+            r.append(EventSpec::state(&creator, "m.room.join_rules", "", json!({"join_rule": "public"})));
+            r.append(EventSpec::state(&creator, "m.room.history_visibility", "", json!({"history_visibility": "shared"})));
+            r.append(EventSpec::state(&creator, "m.room.name", "", json!({"name": "Fake resident's room"})));
+            for i in 1..=spec.members {
+                r.append(EventSpec::member(&fake.user(&format!("user{i}")), "join"));
+            }
+            for i in 0..spec.messages {
+                r.append(EventSpec::message(&creator, &format!("message {i}")));
+            }
+        }
+        fake
+    }
+
+    /// Starts a second fake server answering for the same room (e.g. to fall back to); none of its users is in
+    /// the room until the test appends their joins.
+    pub async fn start_peer(&self) -> FakeResident {
+        Self::serve(self.room.clone()).await
+    }
+
+    async fn serve(room: Arc<Mutex<FakeRoom>>) -> FakeResident {
+        super::init_crypto();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (crt, key) = self_signed_cert(dir.path());
+        let acceptor = hearth::federation::tls::load_acceptor(&crt, &key).expect("TLS acceptor");
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = tcp.local_addr().unwrap();
+        let name = format!("127.0.0.1:{}", addr.port());
+        let identity = new_identity(&name);
+        room.lock().unwrap().identities.insert(name.clone(), identity.clone());
+        let inner = Arc::new(Inner {
+            name: name.clone(),
+            room: room.clone(),
+            ctl: Control {
+                held: Mutex::default(),
+                state_ids_mode: Mutex::new(StateIdsMode::Normal),
+                state_limit: Mutex::new(None),
+                servers_in_room: Mutex::new(None),
+                requests: Mutex::default(),
+                received: Mutex::default(),
+                changed: watch::channel(0).0,
+            },
+        });
+        let key_identity = identity.clone();
+        let app = Router::new()
+            .route(
+                "/_matrix/key/v2/server",
+                get(move |State(i): State<Shared>| async move {
+                    i.ctl.arrive("key", String::new()).await;
+                    axum::Json(hearth::federation::keys::own_key_response(&key_identity).expect("key response"))
+                }),
+            )
+            .route("/_matrix/federation/v1/version", get(|| async { axum::Json(json!({"server": {"name": "fake-resident", "version": "0"}})) }))
+            .route("/_matrix/federation/v1/make_join/{room_id}/{user_id}", get(make_join))
+            .route("/_matrix/federation/v2/send_join/{room_id}/{event_id}", put(send_join))
+            .route("/_matrix/federation/v1/state_ids/{room_id}", get(state_ids))
+            .route("/_matrix/federation/v1/state/{room_id}", get(state))
+            .route("/_matrix/federation/v1/event/{event_id}", get(event))
+            .route("/_matrix/federation/v1/event_auth/{room_id}/{event_id}", get(event_auth))
+            .route("/_matrix/federation/v1/get_missing_events/{room_id}", post(get_missing_events))
+            .route("/_matrix/federation/v1/backfill/{room_id}", get(backfill))
+            .route("/_matrix/federation/v1/send/{txn}", put(send))
+            .fallback(|State(i): State<Shared>, uri: axum::http::Uri| async move {
+                i.ctl.arrive("other", uri.to_string()).await;
+                err(StatusCode::NOT_FOUND, "M_UNRECOGNIZED", "the fake resident does not serve this")
+            })
+            .with_state(inner.clone());
+        let listener = hearth::federation::tls::TlsListener::new(tcp, acceptor).expect("TLS listener");
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app.into_make_service()).await;
+        });
+        FakeResident { name, addr, identity, room, inner, hearth: Mutex::new(None), task, _dir: dir }
+    }
+
+    /// `@localpart:<this fake>`.
+    pub fn user(&self, localpart: &str) -> String {
+        format!("@{localpart}:{}", self.name)
+    }
+
+    /// The room's creator (`@creator:<first fake>`, power 100).
+    pub fn creator(&self) -> String {
+        self.room.lock().unwrap().creator.clone()
+    }
+
+    pub fn room_id(&self) -> String {
+        self.room.lock().unwrap().room_id.clone()
+    }
+
+    pub fn room_version(&self) -> String {
+        self.room.lock().unwrap().version.clone()
+    }
+
+    /// Builds and appends an event to the room (signed by the fake of its sender); returns it.
+    pub fn append(&self, spec: EventSpec) -> FakeEvent {
+        let mut r = self.room.lock().unwrap();
+        let id = r.append(spec);
+        r.events[&id].clone()
+    }
+
+    /// Builds an event without adding it to the DAG (for events the room's rules reject, or gaps).
+    pub fn build(&self, spec: EventSpec) -> FakeEvent {
+        self.room.lock().unwrap().build(spec)
+    }
+
+    pub fn event(&self, id: &str) -> Option<FakeEvent> {
+        self.room.lock().unwrap().get(id).cloned()
+    }
+
+    /// Joined members of the room now (as the fake sees it).
+    pub fn joined_members(&self) -> Vec<String> {
+        self.room.lock().unwrap().joined_members()
+    }
+
+    // ---- scripting ----
+
+    /// Makes requests of `kind` (see [`Request::kind`]) wait until [`FakeResident::release`].
+    pub fn hold(&self, kind: &str) {
+        self.inner.ctl.gate(kind).send_replace(true);
+    }
+
+    pub fn release(&self, kind: &str) {
+        self.inner.ctl.gate(kind).send_replace(false);
+    }
+
+    pub fn set_state_ids_mode(&self, mode: StateIdsMode) {
+        *self.inner.ctl.state_ids_mode.lock().unwrap() = mode;
+    }
+
+    /// `/state` answers with at most `limit` state events (None: all).
+    pub fn set_state_limit(&self, limit: Option<usize>) {
+        *self.inner.ctl.state_limit.lock().unwrap() = limit;
+    }
+
+    pub fn set_servers_in_room(&self, servers: Option<Vec<String>>) {
+        *self.inner.ctl.servers_in_room.lock().unwrap() = servers;
+    }
+
+    /// Every request received so far.
+    pub fn requests(&self) -> Vec<Request> {
+        self.inner.ctl.requests.lock().unwrap().clone()
+    }
+
+    /// Requests of one kind received so far.
+    pub fn requests_of(&self, kind: &str) -> Vec<Request> {
+        self.requests().into_iter().filter(|r| r.kind == kind).collect()
+    }
+
+    pub fn count(&self, kind: &str) -> usize {
+        self.requests_of(kind).len()
+    }
+
+    /// PDUs received through `PUT /send` (event id, PDU).
+    pub fn received(&self) -> Vec<(String, Value)> {
+        self.inner.ctl.received.lock().unwrap().clone()
+    }
+
+    /// Waits until `cond` holds (checked whenever a request arrives, and every 100 ms); panics after `timeout`.
+    pub async fn wait_until(&self, what: &str, timeout: Duration, mut cond: impl FnMut(&FakeResident) -> bool) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut rx = self.inner.ctl.changed.subscribe();
+        loop {
+            if cond(self) {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+            let _ = tokio::time::timeout(Duration::from_millis(100), rx.changed()).await;
+        }
+    }
+
+    /// Waits until `n` requests of `kind` arrived.
+    pub async fn wait_requests(&self, kind: &str, n: usize, timeout: Duration) {
+        self.wait_until(&format!("{n} `{kind}` request(s) at {}", self.name), timeout, |f| f.count(kind) >= n).await;
+    }
+
+    /// Waits until Hearth sent the PDU `event_id` through `/send`; returns it.
+    pub async fn wait_received(&self, event_id: &str, timeout: Duration) -> Value {
+        self.wait_until(&format!("{event_id} sent to {}", self.name), timeout, |f| f.received().iter().any(|(id, _)| id == event_id)).await;
+        self.received().into_iter().find(|(id, _)| id == event_id).map(|x| x.1).unwrap_or_default()
+    }
+
+    // ---- talking to Hearth ----
+
+    /// Tells the fake where Hearth's federation listener is (Hearth's server name resolves to `addr`).
+    pub fn connect(&self, hearth_name: &str, addr: SocketAddr) {
+        let cfg = hearth::config::Federation {
+            verify_certificates: false,
+            allow_private_ips: true,
+            trusted_key_servers: vec![],
+            resolve: [(hearth_name.to_owned(), addr.to_string())].into(),
+            ..Default::default()
+        };
+        let client = FedClient::new(self.identity.clone(), cfg).expect("federation client");
+        *self.hearth.lock().unwrap() = Some((hearth_name.to_owned(), Arc::new(client)));
+    }
+
+    /// [`FakeResident::connect`] to an in-process [`TestServer`].
+    pub fn connect_to(&self, server: &TestServer) {
+        self.connect(&server.server_name, server.running.federation_addr.expect("federation listener"));
+    }
+
+    /// A signed federation request to Hearth; `Err((status, body))` for non-2xx answers.
+    pub async fn request_hearth(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> Result<Value, (u16, Value)> {
+        let (name, client) = self.hearth.lock().unwrap().clone().expect("FakeResident::connect first");
+        client.request(method, &name, path, body).await.map_err(|e| match e {
+            hearth::federation::client::FedError::Status { status, body, .. } => (status, body),
+            other => (0, json!({"error": other.to_string()})),
+        })
+    }
+
+    /// Pushes events of the room to Hearth in one `PUT /send` transaction; returns the answer's `pdus` map.
+    pub async fn push(&self, ids: &[&str]) -> Value {
+        let pdus = {
+            let r = self.room.lock().unwrap();
+            ids.iter().map(|i| r.events.get(*i).unwrap_or_else(|| panic!("unknown event {i}")).json.clone()).collect::<Vec<_>>()
+        };
+        let txn = format!("fake{}", hearth::http::random_string(12));
+        let body = json!({"origin": self.name, "origin_server_ts": hearth::store::accounts::now_ms(), "pdus": pdus, "edus": []});
+        let answer = self
+            .request_hearth(reqwest::Method::PUT, &format!("/_matrix/federation/v1/send/{txn}"), Some(&body))
+            .await
+            .unwrap_or_else(|(status, body)| panic!("Hearth refused the transaction: {status} {body}"));
+        answer["pdus"].clone()
+    }
+}
+
+// ---- handlers -------------------------------------------------------------------------------------------------------
+
+fn err(status: StatusCode, code: &str, msg: &str) -> Response {
+    (status, axum::Json(json!({"errcode": code, "error": msg}))).into_response()
+}
+
+fn query_params(q: &Option<String>) -> Vec<(String, String)> {
+    q.as_deref()
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (hearth::http::percent_decode(k), hearth::http::percent_decode(v)))
+        .collect()
+}
+
+fn param(q: &Option<String>, key: &str) -> Option<String> {
+    query_params(q).into_iter().find(|(k, _)| k == key).map(|(_, v)| v)
+}
+
+/// The `origin` of an `X-Matrix` header (not verified: the fake trusts its callers).
+fn origin_of(headers: &HeaderMap) -> String {
+    let h = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    h.split(',')
+        .find_map(|p| p.trim().trim_start_matches("X-Matrix ").strip_prefix("origin="))
+        .map(|o| o.trim_matches('"').to_owned())
+        .unwrap_or_default()
+}
+
+fn check_room(r: &FakeRoom, room_id: &str) -> Result<(), Response> {
+    if r.room_id != room_id {
+        return Err(err(StatusCode::NOT_FOUND, "M_NOT_FOUND", "unknown room"));
+    }
+    Ok(())
+}
+
+async fn make_join(State(i): State<Shared>, UrlPath((room_id, user_id)): UrlPath<(String, String)>) -> Response {
+    i.ctl.arrive("make_join", user_id.clone()).await;
+    let r = i.room.lock().unwrap();
+    if let Err(e) = check_room(&r, &room_id) {
+        return e;
+    }
+    let state = r.current_state();
+    let spec = EventSpec::member(&user_id, "join");
+    let content = json!({"membership": "join"});
+    let auth = r.auth_for(&state, &EventSpec { content: content.clone(), ..spec });
+    let depth = r.extremities.iter().map(|p| r.events[p].depth).max().unwrap_or(0) + 1;
+    let refs = |ids: &[String]| -> Vec<(OwnedEventId, String)> { ids.iter().map(|i| (OwnedEventId::try_from(i.as_str()).unwrap(), String::new())).collect() };
+    let mut ev = json!({
+        "type": "m.room.member", "state_key": user_id, "sender": user_id, "room_id": r.room_id,
+        "content": content, "depth": depth, "origin_server_ts": hearth::store::accounts::now_ms(),
+        "prev_events": serde_json::to_value(version::event_refs(&refs(&r.extremities), &r.rules)).unwrap(),
+        "auth_events": serde_json::to_value(version::event_refs(&refs(&auth), &r.rules)).unwrap(),
+    });
+    if !r.rules.authorization.use_room_create_sender {
+        // v1-v10 templates name the resident as origin (the joiner replaces it).
+        ev["origin"] = json!(i.name);
+    }
+    axum::Json(json!({"room_version": r.version, "event": ev})).into_response()
+}
+
+async fn send_join(State(i): State<Shared>, UrlPath((room_id, event_id)): UrlPath<(String, String)>, RawQuery(q): RawQuery, axum::Json(body): axum::Json<Value>) -> Response {
+    i.ctl.arrive("send_join", event_id.clone()).await;
+    let omit = match param(&q, "omit_members").as_deref() {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => return err(StatusCode::BAD_REQUEST, "M_INVALID_PARAM", "omit_members must be true or false"),
+    };
+    let servers_override = i.ctl.servers_in_room.lock().unwrap().clone();
+    let mut r = i.room.lock().unwrap();
+    if let Err(e) = check_room(&r, &room_id) {
+        return e;
+    }
+    let id = match r.receive(&body, true) {
+        Ok(id) => id,
+        Err(e) => return err(StatusCode::BAD_REQUEST, "M_BAD_JSON", &e),
+    };
+    if id != event_id {
+        return err(StatusCode::BAD_REQUEST, "M_BAD_JSON", "event id does not match");
+    }
+    let join = r.events[&id].clone();
+    let before = join.state_before.clone();
+    let joiner = join.json["sender"].as_str().unwrap_or_default().to_owned();
+    let mut state_ids: Vec<String> = Vec::new();
+    for ((t, k), sid) in before.iter() {
+        // Omitting members: only non-member state and the joiner's own previous membership (the room has a name,
+        // so no heroes are needed).
+        if omit && t == "m.room.member" && *k != joiner {
+            continue;
+        }
+        state_ids.push(sid.clone());
+    }
+    let state_set: HashSet<&String> = state_ids.iter().collect();
+    let chain: Vec<String> = r
+        .auth_chain(state_ids.iter().cloned().chain(std::iter::once(id.clone())))
+        .into_iter()
+        .filter(|a| !(omit && state_set.contains(a)))
+        .collect();
+    let mut answer = json!({
+        "origin": i.name,
+        "state": r.json_of(state_ids.iter().cloned()),
+        "auth_chain": r.json_of(chain),
+        "event": join.json,
+        "members_omitted": omit,
+    });
+    if omit {
+        answer["servers_in_room"] = json!(servers_override.unwrap_or_else(|| r.servers_in(&before)));
+    }
+    axum::Json(answer).into_response()
+}
+
+/// State ids before `event_id`, and their auth chain.
+fn state_at(r: &FakeRoom, event_id: &str) -> Option<(Vec<String>, Vec<String>)> {
+    let e = r.events.get(event_id)?;
+    let ids: Vec<String> = e.state_before.values().cloned().collect();
+    let chain = r.auth_chain(ids.clone()).into_iter().collect();
+    Some((ids, chain))
+}
+
+async fn state_ids(State(i): State<Shared>, UrlPath(room_id): UrlPath<String>, RawQuery(q): RawQuery) -> Response {
+    let event_id = param(&q, "event_id").unwrap_or_default();
+    i.ctl.arrive("state_ids", event_id.clone()).await;
+    match *i.ctl.state_ids_mode.lock().unwrap() {
+        StateIdsMode::Normal => {}
+        StateIdsMode::Error => return err(StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN", "scripted failure"),
+        StateIdsMode::Bogus => {
+            let ids: Vec<String> = (0..30).map(|n| format!("$bogus{n}AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")).collect();
+            return axum::Json(json!({"pdu_ids": ids, "auth_chain_ids": []})).into_response();
+        }
+    }
+    let r = i.room.lock().unwrap();
+    if let Err(e) = check_room(&r, &room_id) {
+        return e;
+    }
+    match state_at(&r, &event_id) {
+        Some((ids, chain)) => axum::Json(json!({"pdu_ids": ids, "auth_chain_ids": chain})).into_response(),
+        None => err(StatusCode::NOT_FOUND, "M_NOT_FOUND", "unknown event"),
+    }
+}
+
+async fn state(State(i): State<Shared>, UrlPath(room_id): UrlPath<String>, RawQuery(q): RawQuery) -> Response {
+    let event_id = param(&q, "event_id").unwrap_or_default();
+    i.ctl.arrive("state", event_id.clone()).await;
+    let limit = *i.ctl.state_limit.lock().unwrap();
+    let r = i.room.lock().unwrap();
+    if let Err(e) = check_room(&r, &room_id) {
+        return e;
+    }
+    match state_at(&r, &event_id) {
+        Some((mut ids, chain)) => {
+            if let Some(l) = limit {
+                ids.truncate(l);
+            }
+            axum::Json(json!({"pdus": r.json_of(ids), "auth_chain": r.json_of(chain)})).into_response()
+        }
+        None => err(StatusCode::NOT_FOUND, "M_NOT_FOUND", "unknown event"),
+    }
+}
+
+async fn event(State(i): State<Shared>, UrlPath(event_id): UrlPath<String>) -> Response {
+    i.ctl.arrive("event", event_id.clone()).await;
+    let r = i.room.lock().unwrap();
+    match r.events.get(&event_id) {
+        Some(e) => axum::Json(json!({"origin": i.name, "origin_server_ts": hearth::store::accounts::now_ms(), "pdus": [e.json]})).into_response(),
+        None => err(StatusCode::NOT_FOUND, "M_NOT_FOUND", "unknown event"),
+    }
+}
+
+async fn event_auth(State(i): State<Shared>, UrlPath((room_id, event_id)): UrlPath<(String, String)>) -> Response {
+    i.ctl.arrive("event_auth", event_id.clone()).await;
+    let r = i.room.lock().unwrap();
+    if let Err(e) = check_room(&r, &room_id) {
+        return e;
+    }
+    if !r.events.contains_key(&event_id) {
+        return err(StatusCode::NOT_FOUND, "M_NOT_FOUND", "unknown event");
+    }
+    let chain = r.auth_chain([event_id]);
+    axum::Json(json!({"auth_chain": r.json_of(chain)})).into_response()
+}
+
+/// Walks prev events back from `from` (breadth first), not past `stop`, up to `limit` events.
+fn walk_back(r: &FakeRoom, from: &[String], stop: &HashSet<String>, limit: usize, include_start: bool) -> Vec<FakeEvent> {
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    let mut queue: VecDeque<String> = VecDeque::new();
+    for f in from {
+        if include_start {
+            queue.push_back(f.clone());
+        } else if let Some(e) = r.events.get(f) {
+            queue.extend(e.prev.iter().cloned());
+        }
+    }
+    while let Some(id) = queue.pop_front() {
+        if out.len() >= limit || stop.contains(&id) || !seen.insert(id.clone()) {
+            continue;
+        }
+        let Some(e) = r.events.get(&id) else { continue };
+        queue.extend(e.prev.iter().cloned());
+        out.push(e.clone());
+    }
+    out
+}
+
+async fn get_missing_events(State(i): State<Shared>, UrlPath(room_id): UrlPath<String>, axum::Json(body): axum::Json<Value>) -> Response {
+    i.ctl.arrive("get_missing_events", body.to_string()).await;
+    let r = i.room.lock().unwrap();
+    if let Err(e) = check_room(&r, &room_id) {
+        return e;
+    }
+    let strs = |k: &str| -> Vec<String> { body.get(k).and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect()).unwrap_or_default() };
+    let stop: HashSet<String> = strs("earliest_events").into_iter().collect();
+    let limit = body.get("limit").and_then(Value::as_u64).unwrap_or(10) as usize;
+    let mut evs = walk_back(&r, &strs("latest_events"), &stop, limit, false);
+    evs.sort_by_key(|e| e.depth);
+    axum::Json(json!({"events": evs.into_iter().map(|e| e.json).collect::<Vec<_>>()})).into_response()
+}
+
+async fn backfill(State(i): State<Shared>, UrlPath(room_id): UrlPath<String>, RawQuery(q): RawQuery) -> Response {
+    i.ctl.arrive("backfill", q.clone().unwrap_or_default()).await;
+    let params = query_params(&q);
+    let from: Vec<String> = params.iter().filter(|(k, _)| k == "v").map(|(_, v)| v.clone()).collect();
+    let limit = params.iter().find(|(k, _)| k == "limit").and_then(|(_, v)| v.parse().ok()).unwrap_or(10usize).min(100);
+    let r = i.room.lock().unwrap();
+    if let Err(e) = check_room(&r, &room_id) {
+        return e;
+    }
+    let evs = walk_back(&r, &from, &HashSet::new(), limit, true);
+    axum::Json(json!({"origin": i.name, "origin_server_ts": hearth::store::accounts::now_ms(), "pdus": evs.into_iter().map(|e| e.json).collect::<Vec<_>>()}))
+        .into_response()
+}
+
+async fn send(State(i): State<Shared>, UrlPath(txn): UrlPath<String>, headers: HeaderMap, axum::Json(body): axum::Json<Value>) -> Response {
+    i.ctl.arrive("send", format!("{txn} from {}", origin_of(&headers))).await;
+    let mut results = serde_json::Map::new();
+    {
+        let mut r = i.room.lock().unwrap();
+        let mut received = i.ctl.received.lock().unwrap();
+        for pdu in body.get("pdus").and_then(Value::as_array).cloned().unwrap_or_default() {
+            let mut obj: CanonicalJsonObject = match serde_json::from_value(pdu.clone()) {
+                Ok(o) => o,
+                Err(_) => continue,
+            };
+            obj.remove("unsigned");
+            let Ok(id) = version::event_id(&obj, &r.rules) else { continue };
+            received.push((id.to_string(), pdu.clone()));
+            // Hearth's events become part of the fake's DAG (so later fake events build on them).
+            if pdu.get("room_id").and_then(Value::as_str) == Some(r.room_id.as_str()) {
+                let _ = r.receive(&pdu, true);
+            }
+            results.insert(id.to_string(), json!({}));
+        }
+    }
+    i.ctl.bump();
+    axum::Json(json!({"pdus": results})).into_response()
+}
+
+// ---- helpers for tests ------------------------------------------------------------------------------------------------
+
+/// Joins the fake's room through the fake (`via`) and panics unless 200.
+pub async fn join_via(client: &Client, fake: &FakeResident) -> Value {
+    let room = fake.room_id();
+    let path = format!("/join/{}?server_name={}", super::enc(&room), super::enc(&fake.name));
+    client.post(&path, json!({})).await.ok()
+}
+
+/// Sorted user ids of a `/joined_members` answer.
+pub fn joined_ids(body: &Value) -> Vec<String> {
+    let mut v: Vec<String> = body["joined"].as_object().map(|m| m.keys().cloned().collect()).unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Waits up to `timeout` for a future; `None` if it did not finish.
+pub async fn within<T>(timeout: Duration, f: impl std::future::Future<Output = T>) -> Option<T> {
+    tokio::time::timeout(timeout, f).await.ok()
+}

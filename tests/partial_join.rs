@@ -1,0 +1,384 @@
+//! Lazy (partial-state) joins against a scripted fake resident (issue #4, DESIGN.md section 6): one test per
+//! checklist scenario, each asserting what a client of Hearth or the resident server observes.
+//!
+//! The fake resident (`tests/common/fake_resident.rs`) is a real TLS federation server with its own key and a room
+//! it built and signed itself; the tests hold back its `/state_ids` answer to keep Hearth in partial state as long
+//! as they need, corrupt it, push events to Hearth, and count what Hearth asked for.
+
+mod common;
+
+use std::time::Duration;
+
+use common::fake_resident::*;
+use common::*;
+
+const LONG: Duration = Duration::from_secs(60);
+
+/// `{"room":{"state":{"lazy_load_members":true}}}`
+fn lazy_filter() -> String {
+    json!({"room": {"state": {"lazy_load_members": true}, "timeline": {"limit": 20}}}).to_string()
+}
+
+/// Hearth (in-process, federation on), a fake resident with `spec`'s room, and `alice` joined to that room
+/// lazily; the fake holds `/state_ids`, so the room stays partial until the test releases it.
+async fn partially_joined(spec: RoomSpec) -> (TestServer, FakeResident, Client) {
+    let hearth = start_hearth().await;
+    let fake = FakeResident::start(spec).await;
+    fake.connect_to(&hearth);
+    fake.hold("state_ids");
+    let alice = hearth.user("alice").await;
+    let started = std::time::Instant::now();
+    let joined = join_via(&alice, &fake).await;
+    assert_eq!(joined["room_id"], json!(fake.room_id()));
+    eprintln!("lazy join returned in {:?}", started.elapsed());
+    // The resident saw a partial join: send_join with omit_members=true.
+    let sj = fake.requests_of("send_join");
+    assert_eq!(sj.len(), 1, "one send_join: {sj:?}");
+    // The resync started and is now waiting on the held /state_ids.
+    fake.wait_requests("state_ids", 1, LONG).await;
+    (hearth, fake, alice)
+}
+
+/// Member events (user id -> membership) in a sync room's state and timeline.
+fn memberships_in(room: &Value) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    for e in events_of(&room["state"]).into_iter().chain(events_of(&room["timeline"])) {
+        if e["type"] == "m.room.member" {
+            out.insert(e["state_key"].as_str().unwrap_or_default().to_owned(), e["content"]["membership"].as_str().unwrap_or_default().to_owned());
+        }
+    }
+    out
+}
+
+/// Everyone the fake's room has joined (the fake's users and Hearth's), sorted.
+fn expected_members(fake: &FakeResident) -> Vec<String> {
+    let mut v = fake.joined_members();
+    v.sort();
+    v
+}
+
+async fn joined_members(c: &Client, room: &str) -> Resp {
+    c.get(&format!("/rooms/{}/joined_members", enc(room))).await
+}
+
+/// Waits (bounded) until the room's resync completed, observed through `/joined_members` (which waits for it).
+async fn wait_resynced(c: &Client, room: &str) -> Value {
+    within(LONG, joined_members(c, room)).await.expect("/joined_members answered after the resync").ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eager_sync_hides_partial_room_until_resync_then_shows_all_members() {
+    let (hearth, fake, alice) = partially_joined(RoomSpec::default()).await;
+    let room = fake.room_id();
+
+    let initial = alice.sync(None, &[]).await.ok();
+    assert!(initial["rooms"]["join"].get(&room).is_none(), "eager initial sync must hide the partial room: {}", initial["rooms"]);
+    // Still hidden in an incremental sync while the resync waits.
+    let since = initial["next_batch"].as_str().unwrap().to_owned();
+    let inc = alice.sync(Some(&since), &[("timeout", "500")]).await.ok();
+    assert!(inc["rooms"]["join"].get(&room).is_none(), "eager incremental sync must hide the partial room: {}", inc["rooms"]);
+    let mut since = inc["next_batch"].as_str().unwrap().to_owned();
+
+    fake.release("state_ids");
+    // A long-polling eager sync is woken by the resync and gets the room as newly joined, with everyone in it.
+    let deadline = std::time::Instant::now() + LONG;
+    let room_sync = loop {
+        let s = alice.sync(Some(&since), &[("timeout", "10000")]).await.ok();
+        if let Some(r) = s["rooms"]["join"].get(&room) {
+            break r.clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "room never appeared in eager sync after the resync");
+        since = s["next_batch"].as_str().unwrap().to_owned();
+    };
+    let members = memberships_in(&room_sync);
+    let joined: Vec<String> = members.iter().filter(|(_, m)| *m == "join").map(|(u, _)| u.clone()).collect();
+    assert_eq!(joined, expected_members(&fake), "after the resync, eager sync shows every member");
+    assert!(joined.contains(&alice.user_id));
+    hearth.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lazy_sync_shows_partial_room_at_once_with_senders_memberships() {
+    let (hearth, fake, alice) = partially_joined(RoomSpec::default()).await;
+    let room = fake.room_id();
+    let filter = lazy_filter();
+
+    // A remote member Hearth has no membership event for (members were omitted) speaks.
+    let user3 = fake.user("user3");
+    let m1 = fake.append(EventSpec::message(&user3, "hello from user3"));
+    let answer = fake.push(&[&m1.id]).await;
+    assert_eq!(answer[&m1.id], json!({}), "Hearth accepted the message: {answer}");
+
+    let initial = alice.sync(None, &[("filter", &filter)]).await.ok();
+    let r = initial["rooms"]["join"].get(&room).unwrap_or_else(|| panic!("lazy-loading initial sync shows the partial room at once: {}", initial["rooms"]));
+    let timeline: Vec<String> = events_of(&r["timeline"]).iter().filter_map(|e| e["event_id"].as_str().map(str::to_owned)).collect();
+    assert!(timeline.contains(&m1.id), "the remote message is in the timeline: {timeline:?}");
+    let members = memberships_in(r);
+    assert_eq!(members.get(&user3).map(String::as_str), Some("join"), "the sender's membership comes with the lazy-loaded state: {members:?}");
+    assert_eq!(members.get(&alice.user_id).map(String::as_str), Some("join"));
+
+    // Incremental: another remote sender.
+    let since = initial["next_batch"].as_str().unwrap().to_owned();
+    let user4 = fake.user("user4");
+    let m2 = fake.append(EventSpec::message(&user4, "hello from user4"));
+    fake.push(&[&m2.id]).await;
+    let inc = alice.sync(Some(&since), &[("filter", &filter), ("timeout", "5000")]).await.ok();
+    let r = inc["rooms"]["join"].get(&room).unwrap_or_else(|| panic!("incremental lazy sync shows the new message: {}", inc["rooms"]));
+    assert!(events_of(&r["timeline"]).iter().any(|e| e["event_id"] == json!(m2.id)));
+    let members = memberships_in(r);
+    assert_eq!(members.get(&user4).map(String::as_str), Some("join"), "incremental lazy sync carries the new sender's membership: {members:?}");
+
+    fake.release("state_ids");
+    wait_resynced(&alice, &room).await;
+    hearth.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_and_joined_members_block_until_resync_then_list_everyone() {
+    let (hearth, fake, alice) = partially_joined(RoomSpec::default()).await;
+    let room = fake.room_id();
+
+    let (a, r) = (alice.clone(), room.clone());
+    let members = tokio::spawn(async move { a.get(&format!("/rooms/{}/members", enc(&r))).await });
+    let (a, r) = (alice.clone(), room.clone());
+    let joined = tokio::spawn(async move { joined_members(&a, &r).await });
+    // Non-member state answers at once.
+    let name = alice.state(&room, "m.room.name", "").await.ok();
+    assert_eq!(name["name"], "Fake resident's room");
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!members.is_finished(), "/members must wait for the full member list");
+    assert!(!joined.is_finished(), "/joined_members must wait for the full member list");
+
+    fake.release("state_ids");
+    let members = within(LONG, members).await.expect("/members answered after the resync").unwrap().ok();
+    let joined = within(LONG, joined).await.expect("/joined_members answered after the resync").unwrap().ok();
+    let expected = expected_members(&fake);
+    assert_eq!(joined_ids(&joined), expected);
+    let mut from_members: Vec<String> = members["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["content"]["membership"] == "join")
+        .map(|e| e["state_key"].as_str().unwrap().to_owned())
+        .collect();
+    from_members.sort();
+    assert_eq!(from_members, expected);
+    assert!(expected.len() > 20, "the fake's 21 users and alice: {expected:?}");
+    hearth.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_during_partial_state_reaches_the_resident() {
+    let (hearth, fake, alice) = partially_joined(RoomSpec::default()).await;
+    let room = fake.room_id();
+
+    let started = std::time::Instant::now();
+    let event_id = within(Duration::from_secs(10), alice.send_text(&room, "sent while partial")).await.expect("sending does not wait for the resync");
+    let pdu = fake.wait_received(&event_id, Duration::from_secs(10)).await;
+    eprintln!("message reached the resident after {:?}", started.elapsed());
+    assert_eq!(pdu["content"]["body"], "sent while partial");
+    assert_eq!(pdu["sender"], json!(alice.user_id));
+    assert_eq!(pdu["room_id"], json!(room));
+    assert!(started.elapsed() < Duration::from_secs(5), "the resident got the message quickly ({:?})", started.elapsed());
+    // The resync is still waiting: this happened during partial state.
+    assert_eq!(fake.count("state"), 0);
+    assert!(fake.requests_of("event").is_empty());
+
+    fake.release("state_ids");
+    wait_resynced(&alice, &room).await;
+    hearth.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_with_missing_parents_during_partial_state_are_fetched() {
+    let (hearth, fake, alice) = partially_joined(RoomSpec::default()).await;
+    let room = fake.room_id();
+
+    // Two events Hearth never hears of directly, then one on top of them that the resident pushes.
+    let a = fake.append(EventSpec::message(&fake.user("user1"), "parent"));
+    let b = fake.append(EventSpec::message(&fake.user("user2"), "child"));
+    let c = fake.append(EventSpec::message(&fake.user("user5"), "grandchild"));
+    assert_eq!(c.prev, vec![b.id.clone()]);
+    let answer = fake.push(&[&c.id]).await;
+    assert_eq!(answer[&c.id], json!({}), "{answer}");
+
+    // Hearth asked the resident for what lies between its extremities and the pushed event.
+    let gme = fake.requests_of("get_missing_events");
+    assert_eq!(gme.len(), 1, "one get_missing_events: {gme:?}");
+    let asked: Value = serde_json::from_str(&gme[0].detail).unwrap();
+    assert_eq!(asked["latest_events"], json!([c.id]));
+
+    // A client sees all three, in order.
+    for ev in [&a, &b, &c] {
+        let r = alice.event(&room, &ev.id).await.ok();
+        assert_eq!(r["content"]["body"], ev.json["content"]["body"]);
+    }
+    let msgs = alice.messages(&room, &[("dir", "b"), ("limit", "10")]).await.ok();
+    let bodies: Vec<&str> = msgs["chunk"].as_array().unwrap().iter().filter(|e| e["type"] == "m.room.message").filter_map(|e| e["content"]["body"].as_str()).collect();
+    assert_eq!(&bodies[..3], &["grandchild", "child", "parent"]);
+
+    fake.release("state_ids");
+    wait_resynced(&alice, &room).await;
+    // Still there after the resync.
+    alice.event(&room, &a.id).await.ok();
+    hearth.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_event_during_partial_state_stays_rejected_after_resync() {
+    let (hearth, fake, alice) = partially_joined(RoomSpec::default()).await;
+    let room = fake.room_id();
+
+    // user1 (power 0) renames the room; state_default is 50: the room's rules reject it.
+    let bad = fake.build(EventSpec::state(&fake.user("user1"), "m.room.name", "", json!({"name": "vandalised"})));
+    // And a good event that builds on the rejected one, so the test knows Hearth processed `bad` (it would
+    // otherwise have to fetch it as a missing parent).
+    let good = fake.append(EventSpec::message(&fake.creator(), "after the bad rename").with_prev(vec![bad.id.clone()]));
+    let answer = fake.push(&[&bad.id, &good.id]).await;
+    assert!(answer.get(&bad.id).is_some() && answer.get(&good.id).is_some(), "{answer}");
+    assert_eq!(fake.count("get_missing_events"), 0, "Hearth had the rejected event: no gap to fill");
+
+    let check = |when: &'static str| {
+        let (alice, room, bad, good) = (alice.clone(), room.clone(), bad.id.clone(), good.id.clone());
+        async move {
+            let name = alice.state(&room, "m.room.name", "").await.ok();
+            assert_eq!(name["name"], "Fake resident's room", "{when}: the rejected rename has no effect");
+            alice.event(&room, &bad).await.assert_err(404, "M_NOT_FOUND");
+            alice.event(&room, &good).await.ok();
+            let msgs = alice.messages(&room, &[("dir", "b"), ("limit", "20")]).await.ok();
+            let ids: Vec<&str> = msgs["chunk"].as_array().unwrap().iter().filter_map(|e| e["event_id"].as_str()).collect();
+            assert!(!ids.contains(&bad.as_str()), "{when}: the rejected event is not in /messages");
+            assert!(ids.contains(&good.as_str()), "{when}: the accepted event is in /messages");
+        }
+    };
+    check("during partial state").await;
+    fake.release("state_ids");
+    wait_resynced(&alice, &room).await;
+    check("after the resync").await;
+    hearth.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bogus_state_ids_falls_back_to_another_server_in_the_room() {
+    let hearth = start_hearth().await;
+    let fake = FakeResident::start(RoomSpec::default()).await;
+    // A second server in the room, answering for the same DAG with its own key.
+    let peer = fake.start_peer().await;
+    let bob = peer.user("bob");
+    fake.append(EventSpec::member(&bob, "join"));
+    fake.connect_to(&hearth);
+    fake.set_state_ids_mode(StateIdsMode::Bogus);
+
+    let alice = hearth.user("alice").await;
+    join_via(&alice, &fake).await;
+    let room = fake.room_id();
+    let joined = wait_resynced(&alice, &room).await;
+    assert_eq!(joined_ids(&joined), expected_members(&fake), "the member list came from the other server");
+    assert!(joined_ids(&joined).contains(&bob));
+    assert!(fake.count("state_ids") >= 1, "the server joined via was asked first");
+    assert!(peer.count("state_ids") >= 1, "the other server in servers_in_room was asked after the bogus answer");
+    hearth.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leave_during_resync_does_not_wait() {
+    let (hearth, fake, alice) = partially_joined(RoomSpec::default()).await;
+    let room = fake.room_id();
+
+    let left = within(Duration::from_secs(10), alice.leave(&room)).await.expect("leave does not wait for the resync");
+    left.ok();
+    // The resident hears about it.
+    let leave_pdu = {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let found = fake.received().into_iter().map(|x| x.1).find(|p| p["type"] == "m.room.member" && p["state_key"] == json!(alice.user_id) && p["content"]["membership"] == "leave");
+            if let Some(p) = found {
+                break p;
+            }
+            assert!(std::time::Instant::now() < deadline, "the resident never got the leave");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    assert_eq!(leave_pdu["room_id"], json!(room));
+    // The client sees itself out of the room.
+    let jr = alice.get("/joined_rooms").await.ok();
+    assert!(!jr["joined_rooms"].as_array().unwrap().contains(&json!(room)));
+    let s = alice.sync(None, &[("filter", &json!({"room": {"include_leave": true}}).to_string())]).await.ok();
+    assert!(s["rooms"]["join"].get(&room).is_none());
+    assert!(s["rooms"]["leave"].get(&room).is_some(), "the room is in the leave section: {}", s["rooms"]);
+    assert_eq!(fake.count("state"), 0, "all this while the resync was still held");
+
+    // Rejoining works (a fresh partial join through the resident).
+    fake.release("state_ids");
+    join_via(&alice, &fake).await;
+    let joined = wait_resynced(&alice, &room).await;
+    assert!(joined_ids(&joined).contains(&alice.user_id));
+    hearth.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_local_user_joins_during_resync() {
+    let (hearth, fake, alice) = partially_joined(RoomSpec::default()).await;
+    let room = fake.room_id();
+
+    let bob = hearth.user("bob").await;
+    let r = within(Duration::from_secs(10), join_via(&bob, &fake)).await.expect("a second join does not wait for the resync");
+    assert_eq!(r["room_id"], json!(room));
+    // The resident learns of bob's join (through send_join or /send).
+    fake.wait_until("bob's join at the resident", Duration::from_secs(10), |f| f.joined_members().contains(&bob.user_id)).await;
+    // Bob can talk at once, and the resident gets it.
+    let ev = bob.send_text(&room, "bob here").await;
+    fake.wait_received(&ev, Duration::from_secs(10)).await;
+
+    fake.release("state_ids");
+    let expected = expected_members(&fake);
+    assert!(expected.contains(&alice.user_id) && expected.contains(&bob.user_id));
+    assert_eq!(joined_ids(&wait_resynced(&alice, &room).await), expected);
+    assert_eq!(joined_ids(&wait_resynced(&bob, &room).await), expected);
+    hearth.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_room_refuses_to_act_as_resident() {
+    let (hearth, fake, alice) = partially_joined(RoomSpec::default()).await;
+    let room = fake.room_id();
+    let newcomer = fake.user("newcomer");
+    let join_ev = alice.state(&room, "m.room.member", &alice.user_id).await;
+    assert_eq!(join_ev.status, 200);
+
+    // make_join / send_join: 404 M_NOT_FOUND while partial.
+    let ver = format!("ver={}", fake.room_version());
+    let mj = fake.request_hearth(reqwest::Method::GET, &format!("/_matrix/federation/v1/make_join/{}/{}?{ver}", enc(&room), enc(&newcomer)), None).await;
+    let (status, body) = mj.expect_err("make_join must be refused");
+    assert_eq!((status, body["errcode"].as_str()), (404, Some("M_NOT_FOUND")), "{body}");
+    let join = fake.build(EventSpec::member(&newcomer, "join"));
+    for v in ["v1", "v2"] {
+        let sj = fake.request_hearth(reqwest::Method::PUT, &format!("/_matrix/federation/{v}/send_join/{}/{}", enc(&room), enc(&join.id)), Some(&join.json)).await;
+        let (status, body) = sj.expect_err("send_join must be refused");
+        assert_eq!((status, body["errcode"].as_str()), (404, Some("M_NOT_FOUND")), "{v}: {body}");
+    }
+    // State queries: 403 M_UNABLE_DUE_TO_PARTIAL_STATE.
+    let at = fake.room.lock().unwrap().extremities[0].clone();
+    for path in [
+        format!("/_matrix/federation/v1/state_ids/{}?event_id={}", enc(&room), enc(&at)),
+        format!("/_matrix/federation/v1/state/{}?event_id={}", enc(&room), enc(&at)),
+        format!("/_matrix/federation/v1/event_auth/{}/{}", enc(&room), enc(&at)),
+    ] {
+        let (status, body) = fake.request_hearth(reqwest::Method::GET, &path, None).await.expect_err("state must be refused while partial");
+        assert_eq!((status, body["errcode"].as_str()), (403, Some("M_UNABLE_DUE_TO_PARTIAL_STATE")), "{path}: {body}");
+    }
+
+    // Once the resync is done, Hearth answers again.
+    fake.release("state_ids");
+    wait_resynced(&alice, &room).await;
+    let mj = fake.request_hearth(reqwest::Method::GET, &format!("/_matrix/federation/v1/make_join/{}/{}?{ver}", enc(&room), enc(&newcomer)), None).await;
+    let template = mj.expect("make_join answered after the resync");
+    assert_eq!(template["event"]["state_key"], json!(newcomer));
+    let ids = fake
+        .request_hearth(reqwest::Method::GET, &format!("/_matrix/federation/v1/state_ids/{}?event_id={}", enc(&room), enc(&at)), None)
+        .await
+        .expect("state_ids answered after the resync");
+    assert!(ids["pdu_ids"].as_array().is_some_and(|a| a.len() > 20), "{ids}");
+    hearth.stop().await;
+}
