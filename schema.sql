@@ -99,6 +99,13 @@ CREATE TABLE event_edges (
 ) WITHOUT ROWID;
 CREATE INDEX event_edges_prev ON event_edges(prev_event_id);
 
+-- Auth edges, so auth chains are walked over indexed rows instead of parsing event JSON.
+CREATE TABLE event_auth (
+    event_nid     INTEGER NOT NULL REFERENCES events(event_nid),
+    auth_event_id TEXT NOT NULL,
+    PRIMARY KEY (event_nid, auth_event_id)
+) WITHOUT ROWID;
+
 CREATE TABLE forward_extremities (
     room_nid  INTEGER NOT NULL,
     event_nid INTEGER NOT NULL,
@@ -258,6 +265,12 @@ CREATE TABLE server_signing_keys (
     valid_until_ts  INTEGER NOT NULL,
     expired_ts      INTEGER,                 -- set for old_verify_keys
     PRIMARY KEY (server_name, key_id)
+) WITHOUT ROWID;
+
+-- Other servers' self-signed key responses we serve as a notary (`POST /_matrix/key/v2/query`).
+CREATE TABLE notary_keys (
+    server_name TEXT PRIMARY KEY,
+    response    TEXT NOT NULL
 ) WITHOUT ROWID;
 
 -- Outgoing PDUs and EDUs waiting for a destination.

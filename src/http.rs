@@ -65,7 +65,19 @@ pub fn federation_router(services: AppState) -> Router {
         .fallback(|| async { Error::unrecognized("unrecognized endpoint") })
         .method_not_allowed_fallback(|| async { Error::method_not_allowed() })
         .layer(axum::middleware::map_response(json_content_type))
+        .layer(axum::middleware::from_fn_with_state(services.clone(), count_federation))
         .with_state(services)
+}
+
+/// Counts served federation requests per endpoint (path without its variable parts).
+async fn count_federation(
+    axum::extract::State(s): axum::extract::State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let key: String = req.uri().path().split('/').filter(|p| !p.is_empty()).take(4).collect::<Vec<_>>().join("/");
+    *s.fed_requests.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_default() += 1;
+    next.run(req).await
 }
 
 async fn json_content_type(mut res: axum::response::Response) -> axum::response::Response {

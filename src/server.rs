@@ -27,6 +27,8 @@ pub struct Services {
     /// Client requests being handled right now (long-polling /sync excluded): the job worker runs at full speed
     /// only when this is zero.
     pub busy: std::sync::atomic::AtomicUsize,
+    /// Federation requests served, by endpoint (for `/_hearth/admin/v1/stats` and the benchmark).
+    pub fed_requests: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 /// A running server (used by `main` and by in-process tests).
@@ -74,6 +76,7 @@ pub fn build_services(config: Config) -> anyhow::Result<Arc<Services>> {
         federation,
         jobs: crate::jobs::Jobs::default(),
         busy: std::sync::atomic::AtomicUsize::new(0),
+        fed_requests: Default::default(),
     }))
 }
 

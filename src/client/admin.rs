@@ -23,3 +23,12 @@ pub async fn jobs(State(s): State<AppState>, auth: Auth) -> Result<impl IntoResp
         .await?;
     Ok(axum::Json(json!({"jobs": jobs, "partial_state_rooms": partial})))
 }
+
+/// Counters: federation requests served by endpoint.
+pub async fn stats(State(s): State<AppState>, auth: Auth) -> Result<impl IntoResponse> {
+    if !auth.admin {
+        return Err(Error::forbidden("admins only"));
+    }
+    let fed = s.fed_requests.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    Ok(axum::Json(json!({"federation_requests": fed})))
+}

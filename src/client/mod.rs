@@ -97,6 +97,7 @@ pub fn routes() -> Router<AppState> {
         .route("/_matrix/client/versions", get(account::versions))
         .route("/.well-known/matrix/client", get(account::well_known))
         .route("/_hearth/admin/v1/jobs", get(admin::jobs))
+        .route("/_hearth/admin/v1/stats", get(admin::stats))
         .nest("/_matrix/client/v3", api())
         .nest("/_matrix/client/r0", api())
 }

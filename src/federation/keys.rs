@@ -94,46 +94,80 @@ impl KeyStore {
             return Ok(map);
         }
         let _guard = self.fetch_lock.lock().await;
-        let fetches = missing.iter().map(|s| self.fetch_server(s));
-        for r in futures::future::join_all(fetches).await {
-            if let Err(e) = r {
-                tracing::warn!(error = %e, "key fetch failed");
-            }
+        // Direct from each origin first (bounded concurrency), then one batched notary query for the rest.
+        use futures::StreamExt;
+        let direct: Vec<(String, bool)> = futures::stream::iter(missing.iter().cloned())
+            .map(|server| async move {
+                let ok = match self.client.get_unsigned(&server, "/_matrix/key/v2/server").await {
+                    Ok(v) => self.store_response(&server, &v).await.is_ok(),
+                    Err(e) => {
+                        tracing::debug!(%server, error = %e, "direct key fetch failed");
+                        false
+                    }
+                };
+                (server, ok)
+            })
+            .buffer_unordered(32)
+            .collect()
+            .await;
+        let still: Vec<String> = direct.into_iter().filter(|(_, ok)| !ok).map(|(s, _)| s).collect();
+        if !still.is_empty() {
+            self.fetch_from_notaries(&still).await;
         }
         let refreshed = self.cached(&missing.iter().cloned().collect()).await?;
         map.extend(refreshed);
         Ok(map)
     }
 
-    /// Fetches a server's keys from itself, then from notaries; stores verified keys.
-    async fn fetch_server(&self, server: &str) -> Result<()> {
-        let mut responses = Vec::new();
-        match self.client.get_unsigned(server, "/_matrix/key/v2/server").await {
-            Ok(v) => responses.push(v),
-            Err(e) => {
-                tracing::info!(%server, error = %e, "direct key fetch failed; trying notaries");
-                for notary in &self.notaries {
-                    let body = json!({"server_keys": {server: {}}});
-                    match self.client.request(reqwest::Method::POST, notary, "/_matrix/key/v2/query", Some(&body)).await {
-                        Ok(v) => {
-                            responses.extend(v.get("server_keys").and_then(Value::as_array).cloned().unwrap_or_default());
-                            break;
+    /// Asks the trusted notaries for many servers' keys in one request each.
+    async fn fetch_from_notaries(&self, servers: &[String]) {
+        for notary in &self.notaries {
+            let wanted: serde_json::Map<String, Value> = servers.iter().map(|s| (s.clone(), json!({}))).collect();
+            let body = json!({"server_keys": wanted});
+            match self.client.request(reqwest::Method::POST, notary, "/_matrix/key/v2/query", Some(&body)).await {
+                Ok(v) => {
+                    let notary_key = self.notary_keys(notary).await;
+                    for r in v.get("server_keys").and_then(Value::as_array).cloned().unwrap_or_default() {
+                        let Some(server) = r.get("server_name").and_then(Value::as_str).map(str::to_owned) else { continue };
+                        if !servers.contains(&server) {
+                            continue;
                         }
-                        Err(e) => tracing::info!(%notary, error = %e, "notary key query failed"),
+                        // The notary must have countersigned what it relays.
+                        if let Some(nk) = &notary_key {
+                            let obj: std::result::Result<CanonicalJsonObject, _> = serde_json::from_value(r.clone());
+                            let ok = obj.ok().is_some_and(|o| ruma::signatures::verify_json(nk, &only_signatures_of(o, notary)).is_ok());
+                            if !ok {
+                                tracing::info!(%notary, %server, "notary response without a valid notary signature");
+                                continue;
+                            }
+                        }
+                        if let Err(e) = self.store_response(&server, &r).await {
+                            tracing::info!(%server, error = %e, "rejected notary key response");
+                        }
                     }
+                    return;
                 }
+                Err(e) => tracing::info!(%notary, error = %e, "notary key query failed"),
             }
         }
-        for r in responses {
-            if let Err(e) = self.store_response(server, &r).await {
-                tracing::warn!(%server, error = %e, "rejected key response");
+    }
+
+    /// The notary's own keys (direct fetch), to check its countersignature.
+    async fn notary_keys(&self, notary: &str) -> Option<PublicKeyMap> {
+        let mut need = BTreeSet::new();
+        need.insert(notary.to_owned());
+        if let Ok(m) = self.cached(&need).await {
+            if m.contains_key(notary) {
+                return Some(m);
             }
         }
-        Ok(())
+        let v = self.client.get_unsigned(notary, "/_matrix/key/v2/server").await.ok()?;
+        self.store_response(notary, &v).await.ok()?;
+        self.cached(&need).await.ok()
     }
 
     /// Checks a key response's self-signature and caches its keys.
-    async fn store_response(&self, server: &str, v: &Value) -> Result<()> {
+    pub async fn store_response(&self, server: &str, v: &Value) -> Result<()> {
         if v.get("server_name").and_then(Value::as_str) != Some(server) {
             return Err(Error::forbidden("key response for another server"));
         }
@@ -155,7 +189,7 @@ impl KeyStore {
         let mut map = PublicKeyMap::new();
         map.insert(server.to_owned(), set);
         let obj: CanonicalJsonObject = serde_json::from_value(v.clone()).map_err(|e| Error::bad_json(e.to_string()))?;
-        ruma::signatures::verify_json(&map, &obj).map_err(|e| Error::forbidden(format!("bad self-signature: {e}")))?;
+        ruma::signatures::verify_json(&map, &only_signatures_of(obj, server)).map_err(|e| Error::forbidden(format!("bad self-signature: {e}")))?;
         let server = server.to_owned();
         self.store
             .write(move |w| {
@@ -196,6 +230,14 @@ pub fn needed_keys<'a>(pdus: impl IntoIterator<Item = &'a CanonicalJsonObject>) 
         }
     }
     out
+}
+
+/// The object with only `server`'s signatures (a key response may carry a notary's too).
+fn only_signatures_of(mut obj: CanonicalJsonObject, server: &str) -> CanonicalJsonObject {
+    if let Some(CanonicalJsonValue::Object(sigs)) = obj.get_mut("signatures") {
+        sigs.retain(|k, _| k == server);
+    }
+    obj
 }
 
 pub fn b64(bytes: &[u8]) -> String {

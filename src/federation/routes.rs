@@ -51,21 +51,43 @@ async fn key_server(State(s): State<AppState>) -> Result<impl IntoResponse> {
     Ok(axum::Json(keys::own_key_response(&s.identity)?))
 }
 
-/// Notary: we answer for our own keys (we do not re-serve other servers' key responses).
+/// Notary: our own keys, plus the key responses of other servers we hold (origin-signed, countersigned by us).
 async fn key_query(State(s): State<AppState>, crate::http::Json(body): crate::http::Json<Value>) -> Result<impl IntoResponse> {
+    let servers: Vec<String> = body.get("server_keys").and_then(Value::as_object).map(|m| m.keys().cloned().collect()).unwrap_or_default();
+    Ok(axum::Json(json!({"server_keys": notary_answer(&s, servers).await?})))
+}
+
+async fn notary_answer(s: &AppState, servers: Vec<String>) -> Result<Vec<Value>> {
     let mut out = Vec::new();
-    if body.get("server_keys").and_then(Value::as_object).is_some_and(|m| m.contains_key(s.identity.server_name.as_str())) {
-        out.push(keys::own_key_response(&s.identity)?);
+    let mut others = Vec::new();
+    for server in servers {
+        if server == s.identity.server_name.as_str() {
+            out.push(keys::own_key_response(&s.identity)?);
+        } else {
+            others.push(server);
+        }
     }
-    Ok(axum::Json(json!({"server_keys": out})))
+    let stored = s
+        .store
+        .read(move |c| {
+            let mut stmt = c.prepare_cached("SELECT response FROM notary_keys WHERE server_name = ?1")?;
+            let mut found = Vec::new();
+            for server in &others {
+                if let Ok(r) = stmt.query_row([server], |r| r.get::<_, String>(0)) {
+                    found.push(r);
+                }
+            }
+            Ok(found)
+        })
+        .await?;
+    for r in stored {
+        out.push(keys::sign_value(&s.identity, serde_json::from_str(&r)?)?);
+    }
+    Ok(out)
 }
 
 async fn key_query_get(State(s): State<AppState>, Path(server): Path<String>) -> Result<impl IntoResponse> {
-    let mut out = Vec::new();
-    if server == s.identity.server_name.as_str() {
-        out.push(keys::own_key_response(&s.identity)?);
-    }
-    Ok(axum::Json(json!({"server_keys": out})))
+    Ok(axum::Json(json!({"server_keys": notary_answer(&s, vec![server]).await?})))
 }
 
 async fn fed_version() -> impl IntoResponse {
@@ -322,9 +344,12 @@ async fn send_join_v2(State(s): State<AppState>, Path((room_id, event_id)): Path
         Some("true") => true,
         Some(_) => return Err(Error::invalid_param("omit_members must be true or false")),
     };
+    let started = std::time::Instant::now();
     let (room, pdu) = accept_membership(&s, &signed.origin, &room_id, &event_id, signed.body, "join").await?;
     let s2 = s.clone();
     let answer = s.store.read(move |c| send_join_answer(c, &s2, &room, &pdu, omit)).await?;
+    tracing::info!(%room_id, origin = %signed.origin, omit_members = omit, state = answer["state"].as_array().map(Vec::len).unwrap_or(0),
+        auth_chain = answer["auth_chain"].as_array().map(Vec::len).unwrap_or(0), ms = started.elapsed().as_millis() as u64, "send_join served");
     Ok(axum::Json(answer))
 }
 
@@ -415,8 +440,11 @@ async fn room_state(State(s): State<AppState>, Path(room_id): Path<String>, Quer
             if !server_in_room(c, &room, &signed.origin)? {
                 return Err(Error::forbidden("your server is not in this room"));
             }
+            let started = std::time::Instant::now();
             let (ids, chain) = state_at_event(c, &room, &event_id)?;
-            Ok(json!({"pdus": pdus_json(c, &ids)?, "auth_chain": pdus_json(c, &chain)?}))
+            let body = json!({"pdus": pdus_json(c, &ids)?, "auth_chain": pdus_json(c, &chain)?});
+            tracing::info!(room_id = %room.room_id, state = ids.len(), auth_chain = chain.len(), ms = started.elapsed().as_millis() as u64, "/state served");
+            Ok(body)
         })
         .await?;
     Ok(axum::Json(body))

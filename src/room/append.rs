@@ -283,6 +283,7 @@ pub fn persist(
     )?;
     let prevs: Vec<String> = pdu.prev_events.iter().map(|e| e.to_string()).collect();
     events::insert_edges(conn, event_nid, &prevs)?;
+    events::insert_auth_edges(conn, event_nid, &pdu.auth_events.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
 
     let sg_after = match (skn, &outcome) {
         (Some(skn), Outcome::Accepted) => state::new_group(conn, room.room_nid, sg_before, &[(skn, Some(event_nid))])?,

@@ -70,6 +70,7 @@ pub fn persist_outlier(conn: &Connection, room: &RoomRow, pdu: &Pdu) -> Result<i
     )?;
     let prevs: Vec<String> = pdu.prev_events.iter().map(|e| e.to_string()).collect();
     events::insert_edges(conn, nid, &prevs)?;
+    events::insert_auth_edges(conn, nid, &pdu.auth_events.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
     Ok(nid)
 }
 

@@ -73,11 +73,10 @@ pub fn auth_chain(conn: &Connection, ids: impl IntoIterator<Item = OwnedEventId>
     let mut seen = HashSet::new();
     let mut todo: Vec<OwnedEventId> = ids.into_iter().collect();
     while let Some(id) = todo.pop() {
-        if let Some(pdu) = load_pdu(conn, id.as_str())? {
-            for a in pdu.auth_events {
-                if seen.insert(a.clone()) {
-                    todo.push(a);
-                }
+        for a in events::auth_event_ids(conn, id.as_str())? {
+            let Ok(a) = OwnedEventId::try_from(a) else { continue };
+            if seen.insert(a.clone()) {
+                todo.push(a);
             }
         }
     }

@@ -185,6 +185,23 @@ pub fn set_sg_after(conn: &Connection, event_nid: i64, sg: i64) -> Result<()> {
     Ok(())
 }
 
+pub fn insert_auth_edges(conn: &Connection, event_nid: i64, auth: &[String]) -> Result<()> {
+    let mut stmt = conn.prepare_cached("INSERT OR IGNORE INTO event_auth (event_nid, auth_event_id) VALUES (?1, ?2)")?;
+    for a in auth {
+        stmt.execute(params![event_nid, a])?;
+    }
+    Ok(())
+}
+
+/// The auth event ids of an event, from the edge table.
+pub fn auth_event_ids(conn: &Connection, event_id: &str) -> Result<Vec<String>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT a.auth_event_id FROM event_auth a JOIN events e ON e.event_nid = a.event_nid WHERE e.event_id = ?1",
+    )?;
+    let rows = stmt.query_map([event_id], |r| r.get(0))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
 pub fn insert_edges(conn: &Connection, event_nid: i64, prevs: &[String]) -> Result<()> {
     let mut stmt = conn.prepare_cached("INSERT OR IGNORE INTO event_edges (event_nid, prev_event_id) VALUES (?1, ?2)")?;
     for p in prevs {

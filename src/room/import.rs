@@ -1,0 +1,107 @@
+//! Bulk import of a whole room whose events the caller vouches for (benchmark worlds, migrations): events go in
+//! as timeline events in short chunks without per-event auth, then one full state group, the membership table
+//! and the extremity are written at the end.
+
+use std::collections::HashMap;
+
+use rusqlite::params;
+
+use crate::error::{Error, Result};
+use crate::room::Pdu;
+use crate::store::events::{self, NewEvent};
+use crate::store::Writer;
+
+/// Creates the room row (or returns the existing one's nid).
+pub fn ensure_room(w: &mut Writer<'_>, room_id: &str, version: &str) -> Result<i64> {
+    match events::room_by_id(w.conn, room_id)? {
+        Some(r) => Ok(r.room_nid),
+        None => events::insert_room(w.conn, room_id, version),
+    }
+}
+
+/// Inserts a chunk of events in order (their prev/auth events earlier in the same or a previous chunk).
+pub fn import_events(w: &mut Writer<'_>, room_nid: i64, pdus: &[Pdu]) -> Result<usize> {
+    for p in pdus {
+        let stream = w.next_stream();
+        let conn = w.conn;
+        let skn = match &p.state_key {
+            Some(k) => Some(events::state_key_nid(conn, &p.kind.to_string(), k)?),
+            None => None,
+        };
+        let nid = events::insert_event(
+            conn,
+            &NewEvent {
+                event_id: p.event_id.as_str(),
+                room_nid,
+                event_type: &p.kind.to_string(),
+                state_key_nid: skn,
+                sender: p.sender.as_str(),
+                origin_server_ts: u64::from(p.origin_server_ts.get()) as i64,
+                depth: p.depth,
+                stream_ordering: Some(stream),
+                outlier: false,
+                rejected: None,
+                soft_failed: false,
+                txn: None,
+                json: &p.canonical_string(),
+            },
+        )?;
+        events::insert_edges(conn, nid, &p.prev_events.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
+        events::insert_auth_edges(conn, nid, &p.auth_events.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
+    }
+    Ok(pdus.len())
+}
+
+/// Final step: the room's state (event ids of the current state) becomes one full group, used as the state
+/// after every event from `timeline_from` on (the non-state tail after the last state event) and as current
+/// state; `room_members` is filled and the last event becomes the forward extremity.
+pub fn import_finish(w: &mut Writer<'_>, room_nid: i64, state_event_ids: &[String], timeline_from: &str, last_event: &str) -> Result<i64> {
+    let conn = w.conn;
+    let mut map = HashMap::with_capacity(state_event_ids.len());
+    let mut members = Vec::new();
+    {
+        let mut stmt = conn.prepare_cached("SELECT event_nid, state_key_nid, event_type, json FROM events WHERE event_id = ?1")?;
+        for id in state_event_ids {
+            let (nid, skn, kind, json): (i64, Option<i64>, String, String) =
+                stmt.query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))).map_err(|_| Error::internal(format!("state event {id} not imported")))?;
+            let skn = skn.ok_or_else(|| Error::internal(format!("{id} is not a state event")))?;
+            map.insert(skn, nid);
+            if kind == "m.room.member" {
+                members.push((nid, json));
+            }
+        }
+    }
+    let sg = crate::room::state::write_full(conn, room_nid, &map)?;
+    let from = events::event_nid(conn, timeline_from)?.ok_or_else(|| Error::internal("timeline_from not imported"))?;
+    conn.execute("UPDATE events SET sg_after = ?3 WHERE room_nid = ?1 AND event_nid >= ?2", params![room_nid, from, sg])?;
+    events::set_current_sg(conn, room_nid, sg)?;
+    let last = events::event_nid(conn, last_event)?.ok_or_else(|| Error::internal("last event not imported"))?;
+    conn.execute("DELETE FROM forward_extremities WHERE room_nid = ?1", [room_nid])?;
+    events::replace_extremities(conn, room_nid, &[], last)?;
+    for (nid, json) in members {
+        let v: serde_json::Value = serde_json::from_str(&json)?;
+        let user = v.get("state_key").and_then(|x| x.as_str()).unwrap_or_default();
+        let content = v.get("content").cloned().unwrap_or_default();
+        events::upsert_member(
+            conn,
+            &events::MemberUpdate {
+                room_nid,
+                user_id: user,
+                membership: content.get("membership").and_then(|x| x.as_str()).unwrap_or("leave"),
+                event_nid: nid,
+                displayname: content.get("displayname").and_then(|x| x.as_str()),
+                avatar_url: content.get("avatar_url").and_then(|x| x.as_str()),
+            },
+        )?;
+    }
+    Ok(sg)
+}
+
+/// Stores another server's self-signed key response for serving as a notary.
+pub fn store_notary_key(w: &mut Writer<'_>, server_name: &str, response: &str) -> Result<()> {
+    w.conn.execute(
+        "INSERT OR REPLACE INTO notary_keys (server_name, response) VALUES (?1, ?2)",
+        params![server_name, response],
+    )?;
+    Ok(())
+}
