@@ -1,0 +1,59 @@
+//! `hearth-bench`: joins a Matrix-HQ-shaped room served by a resident Hearth, with Hearth (lazy and full) and
+//! Synapse (partial and full) as joiners, side by side in one run; prints a table and writes JSON and an SVG chart.
+//!
+//! cargo run --release --bin hearth-bench -- join --members 10000
+//! cargo run --release --bin hearth-bench -- join --quick          (N = 1000, what CI runs)
+
+mod run;
+mod world;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "hearth-bench", about = "Join benchmark: Hearth vs Synapse on HQ-shaped rooms")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build the world(s) if needed, then measure each joiner.
+    Join {
+        /// Member counts, comma separated (e.g. 1000,10000,100000).
+        #[arg(long, value_delimiter = ',', default_value = "10000")]
+        members: Vec<usize>,
+        /// Timeline messages in the world.
+        #[arg(long, default_value_t = 200)]
+        messages: usize,
+        /// Joiners: hearth-lazy, hearth-full, synapse, synapse-full.
+        #[arg(long, value_delimiter = ',', default_value = "hearth-lazy,hearth-full,synapse,synapse-full")]
+        joiners: Vec<String>,
+        /// N = 1000 with Hearth lazy/full and Synapse partial only (CI).
+        #[arg(long)]
+        quick: bool,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Where worlds, runs and results go.
+        #[arg(long, default_value = "target/bench")]
+        dir: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into())).with_writer(std::io::stderr).init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match cli.command {
+        Command::Join { mut members, messages, mut joiners, quick, seed, dir } => {
+            if quick {
+                members = vec![1000];
+                joiners.retain(|j| j != "synapse-full");
+            }
+            rt.block_on(run::join_bench(run::Options { members, messages, joiners, seed, dir }))
+        }
+    }
+}
