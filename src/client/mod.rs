@@ -42,6 +42,7 @@ fn api() -> Router<AppState> {
         .route("/join/{room}", post(r::join))
         .route("/rooms/{room}/join", post(r::join))
         .route("/rooms/{room_id}/leave", post(r::leave))
+        .route("/knock/{room}", post(r::knock))
         .route("/rooms/{room_id}/forget", post(r::forget))
         .route("/rooms/{room_id}/invite", post(r::invite))
         .route("/rooms/{room_id}/kick", post(r::kick))
@@ -100,4 +101,5 @@ pub fn routes() -> Router<AppState> {
         .route("/_hearth/admin/v1/stats", get(admin::stats))
         .nest("/_matrix/client/v3", api())
         .nest("/_matrix/client/r0", api())
+        .merge(crate::media::client_routes())
 }

@@ -222,6 +222,19 @@ async fn membership_op(s: &AppState, auth: &Auth, room_id: String, target: Strin
     }
 }
 
+/// Knocking on a room we hold (locally resident). Knocking on rooms only on other servers is not implemented yet.
+pub async fn knock(State(s): State<AppState>, auth: Auth, Path(id_or_alias): Path<String>, Json(body): Json<ReasonBody>) -> Result<impl IntoResponse> {
+    let (room_id, _) = resolve_room(&s, &id_or_alias).await?;
+    let rid = room_id.clone();
+    let known = s.store.read(move |c| Ok(events::room_by_id(c, &rid)?.and_then(|r| r.current_sg).is_some())).await?;
+    if !known {
+        return Err(Error::not_found("knocking on rooms on other servers is not supported yet"));
+    }
+    let me = auth.user_id.clone();
+    membership_op(&s, &auth, room_id.clone(), me, "knock", body.reason).await?;
+    Ok(axum::Json(json!({"room_id": room_id})))
+}
+
 pub async fn leave(State(s): State<AppState>, auth: Auth, Path(room_id): Path<String>, Json(body): Json<ReasonBody>) -> Result<impl IntoResponse> {
     let me = auth.user_id.clone();
     membership_op(&s, &auth, room_id, me, "leave", body.reason).await?;

@@ -346,7 +346,7 @@ fn room_window(
         let sg = start_sg.or(room.current_sg);
         if let Some(sg) = sg {
             for sender in senders {
-                if have_members.contains(sender) || (sender == auth.user_id && !filter.include_redundant_members && false) {
+                if have_members.contains(sender) {
                     continue;
                 }
                 if let Some(skn) = events::find_state_key_nid(c, "m.room.member", sender)? {
@@ -678,7 +678,7 @@ fn build(
 
     let body = json!({
         "next_batch": pos.render(),
-        "rooms": {"join": join, "invite": invite, "leave": leave, "knock": {}},
+        "rooms": {"join": join, "invite": invite, "leave": leave, "knock": knock},
         "account_data": {"events": account_data},
         "presence": {"events": []},
         "to_device": {"events": to_device},

@@ -34,6 +34,8 @@ pub fn routes() -> Router<AppState> {
         .route("/_matrix/federation/v1/make_leave/{room_id}/{user_id}", get(make_leave))
         .route("/_matrix/federation/v2/send_leave/{room_id}/{event_id}", put(send_leave))
         .route("/_matrix/federation/v2/invite/{room_id}/{event_id}", put(invite_v2))
+        .route("/_matrix/federation/v1/make_knock/{room_id}/{user_id}", get(make_knock))
+        .route("/_matrix/federation/v1/send_knock/{room_id}/{event_id}", put(send_knock))
         .route("/_matrix/federation/v1/state_ids/{room_id}", get(state_ids))
         .route("/_matrix/federation/v1/state/{room_id}", get(room_state))
         .route("/_matrix/federation/v1/event/{event_id}", get(get_event))
@@ -45,6 +47,7 @@ pub fn routes() -> Router<AppState> {
         .route("/_matrix/federation/v1/user/devices/{user_id}", get(user_devices))
         .route("/_matrix/federation/v1/user/keys/query", post(user_keys_query))
         .route("/_matrix/federation/v1/publicRooms", get(public_rooms))
+        .merge(crate::media::federation_routes())
 }
 
 async fn key_server(State(s): State<AppState>) -> Result<impl IntoResponse> {
@@ -204,6 +207,47 @@ async fn make_join(
         })
         .await?;
     Ok(axum::Json(answer))
+}
+
+async fn make_knock(
+    State(s): State<AppState>,
+    Path((room_id, user_id)): Path<(String, String)>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+    signed: Signed,
+) -> Result<impl IntoResponse> {
+    if user_id.split_once(':').map(|x| x.1) != Some(signed.origin.as_str()) {
+        return Err(Error::forbidden("user is not from the requesting server"));
+    }
+    let vers: Vec<String> = q.unwrap_or_default().split('&').filter_map(|kv| kv.strip_prefix("ver=")).map(crate::http::percent_decode).collect();
+    let s2 = s.clone();
+    let answer = s
+        .store
+        .read(move |c| {
+            let room = resident_room(c, &room_id, &signed.origin)?;
+            if room.partial_state {
+                return Err(Error::not_found("this server cannot help with this room right now"));
+            }
+            if !vers.contains(&room.version) {
+                return Err(Error::matrix(axum::http::StatusCode::BAD_REQUEST, "M_INCOMPATIBLE_ROOM_VERSION", format!("room version {} not supported by your server", room.version))
+                    .with("room_version", json!(room.version)));
+            }
+            make_membership(c, &s2, &room, &user_id, "knock")
+        })
+        .await?;
+    Ok(axum::Json(answer))
+}
+
+async fn send_knock(State(s): State<AppState>, Path((room_id, event_id)): Path<(String, String)>, signed: Signed) -> Result<impl IntoResponse> {
+    let (room, pdu) = accept_membership(&s, &signed.origin, &room_id, &event_id, signed.body, "knock").await?;
+    let knocker = pdu.sender.to_string();
+    let stripped = s
+        .store
+        .read(move |c| {
+            let room = events::room_by_id(c, &room.room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
+            crate::client::sync::stripped_state(c, &room, &knocker)
+        })
+        .await?;
+    Ok(axum::Json(json!({"knock_room_state": stripped})))
 }
 
 async fn make_leave(State(s): State<AppState>, Path((room_id, user_id)): Path<(String, String)>, signed: Signed) -> Result<impl IntoResponse> {
