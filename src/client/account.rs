@@ -106,12 +106,18 @@ pub async fn login(State(s): State<AppState>, parts: Parts, Json(req): Json<Logi
     })))
 }
 
+/// Logs out the token and, as the spec requires, deletes its device (with the device's keys).
 pub async fn logout(State(s): State<AppState>, auth: Auth) -> Result<impl IntoResponse> {
+    delete_devices_now(&s, &auth.user_id, vec![auth.device_id.clone()]).await?;
     s.store.write(move |w| accounts::delete_token(w.conn, &auth.token)).await?;
     Ok(axum::Json(json!({})))
 }
 
+/// Logs out every token of the user and deletes all their devices.
 pub async fn logout_all(State(s): State<AppState>, auth: Auth) -> Result<impl IntoResponse> {
+    let uid = auth.user_id.clone();
+    let devices = s.store.read(move |c| accounts::list_devices(c, &uid)).await?;
+    delete_devices_now(&s, &auth.user_id, devices.into_iter().map(|d| d.device_id).collect()).await?;
     s.store.write(move |w| accounts::delete_all_tokens(w.conn, &auth.user_id)).await?;
     Ok(axum::Json(json!({})))
 }
