@@ -567,7 +567,11 @@ pub async fn joined_members(State(s): State<AppState>, auth: Auth, Path(room_id)
     let joined = s
         .store
         .read(move |c| {
-            let (room, _) = readable_room(c, &room_id, &auth.user_id)?;
+            let (room, vis) = readable_room(c, &room_id, &auth.user_id)?;
+            // This is the current member list: former members may not see it (they keep /members `at` their leave).
+            if let crate::room::membership::Visibility::UpTo(_) = vis {
+                return Err(Error::forbidden("you are not in this room"));
+            }
             let mut stmt = c.prepare_cached(
                 "SELECT user_id, displayname, avatar_url FROM room_members WHERE room_nid = ?1 AND membership = 'join'",
             )?;
@@ -575,7 +579,15 @@ pub async fn joined_members(State(s): State<AppState>, auth: Auth, Path(room_id)
             let mut rows = stmt.query([room.room_nid])?;
             while let Some(r) = rows.next()? {
                 let (u, d, a): (String, Option<String>, Option<String>) = (r.get(0)?, r.get(1)?, r.get(2)?);
-                out.insert(u, json!({"display_name": d, "avatar_url": a}));
+                // Unset fields are left out rather than null.
+                let mut m = serde_json::Map::new();
+                if let Some(d) = d {
+                    m.insert("display_name".into(), json!(d));
+                }
+                if let Some(a) = a {
+                    m.insert("avatar_url".into(), json!(a));
+                }
+                out.insert(u, Value::Object(m));
             }
             Ok(out)
         })
