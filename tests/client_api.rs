@@ -384,11 +384,16 @@ async fn join_by_id_and_alias_leave_forget() {
     let joined = joined["joined"].as_object().unwrap();
     assert_eq!(joined.len(), 3);
     assert_eq!(joined[&bob.user_id]["display_name"], "bob");
+    assert!(joined[&bob.user_id].get("avatar_url").is_none(), "unset fields are omitted, not null");
 
     assert_eq!(bob.get("/joined_rooms").await.ok()["joined_rooms"], json!([room]));
     bob.leave(&room).await.ok();
     assert_eq!(bob.get("/joined_rooms").await.ok()["joined_rooms"], json!([]));
     assert_eq!(alice.state(&room, "m.room.member", &bob.user_id).await.ok()["membership"], "leave");
+    // The current member list is for members; bob keeps the list as of his leave.
+    bob.get(&format!("/rooms/{}/joined_members", enc(&room))).await.assert_err(403, "M_FORBIDDEN");
+    let at_leave = bob.get(&format!("/rooms/{}/members", enc(&room))).await.ok();
+    assert!(at_leave["chunk"].as_array().unwrap().iter().any(|e| e["state_key"] == bob.user_id.as_str() && e["content"]["membership"] == "leave"));
 
     // Forget: only after leaving; then the room is gone from sync even with include_leave.
     carol.post(&format!("/rooms/{}/forget", enc(&room)), json!({})).await.assert_err(400, "M_UNKNOWN");
