@@ -322,13 +322,50 @@ CREATE TABLE jobs (
 );
 
 ------------------------------------------------------------------------------------------------------------------
--- Media
+-- Media. Metadata only: the files live under `media.path` (default: `media/` beside the database), one file per
+-- (origin, media_id) and per thumbnail size. Local uploads have `uploader`; cached remote media has it NULL.
 CREATE TABLE media (
-    media_id     TEXT PRIMARY KEY,
-    uploader     TEXT NOT NULL,
+    origin       TEXT NOT NULL,                 -- the server name of the mxc:// URI
+    media_id     TEXT NOT NULL,
+    uploader     TEXT,                          -- local user id; NULL for remote media cached here
     content_type TEXT,
     filename     TEXT,
-    size         INTEGER NOT NULL,
+    size         INTEGER,                       -- NULL: created for an async upload, content not uploaded yet
+    sha256       TEXT,
     created_ts   INTEGER NOT NULL,
-    data         BLOB NOT NULL
+    PRIMARY KEY (origin, media_id)
+) WITHOUT ROWID;
+CREATE INDEX media_by_uploader ON media(uploader) WHERE uploader IS NOT NULL;
+CREATE TABLE media_thumbnails (
+    origin       TEXT NOT NULL,
+    media_id     TEXT NOT NULL,
+    width        INTEGER NOT NULL,              -- the requested (normalised) size, not the thumbnail's own
+    height       INTEGER NOT NULL,
+    method       TEXT NOT NULL,                 -- 'scale' | 'crop'
+    content_type TEXT NOT NULL,
+    size         INTEGER NOT NULL,
+    PRIMARY KEY (origin, media_id, width, height, method)
+) WITHOUT ROWID;
+
+------------------------------------------------------------------------------------------------------------------
+-- Server-side key backup (`/room_keys/*`): versions per user, and the encrypted session keys of each version.
+CREATE TABLE room_key_backup_versions (
+    user_id      TEXT NOT NULL,
+    version      INTEGER NOT NULL,
+    algorithm    TEXT NOT NULL,
+    auth_data    TEXT NOT NULL,                 -- JSON
+    etag         INTEGER NOT NULL DEFAULT 0,    -- bumped whenever the version's keys change
+    deleted      INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (user_id, version)
+) WITHOUT ROWID;
+CREATE TABLE room_key_backup (
+    user_id              TEXT NOT NULL,
+    version              INTEGER NOT NULL,
+    room_id              TEXT NOT NULL,
+    session_id           TEXT NOT NULL,
+    first_message_index  INTEGER NOT NULL,
+    forwarded_count      INTEGER NOT NULL,
+    is_verified          INTEGER NOT NULL,
+    session_data         TEXT NOT NULL,         -- JSON
+    PRIMARY KEY (user_id, version, room_id, session_id)
 ) WITHOUT ROWID;

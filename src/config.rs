@@ -20,6 +20,7 @@ pub struct Config {
     pub limits: Limits,
     pub federation: Federation,
     pub jobs: Jobs,
+    pub media: Media,
     pub log: Log,
 }
 
@@ -91,6 +92,19 @@ pub struct Jobs {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct Media {
+    /// Folder for uploaded files, cached remote media and thumbnails. Unset: `media/` beside the database.
+    pub path: Option<PathBuf>,
+    /// Largest upload (and largest remote file fetched) in bytes; bigger ones get 413 `M_TOO_LARGE`.
+    pub max_upload_bytes: u64,
+    /// Total bytes one local user may have uploaded; 0 = no quota.
+    pub user_quota_bytes: u64,
+    /// Fetch (and cache) other servers' media when local clients ask for it.
+    pub fetch_remote: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct Log {
     /// tracing filter, e.g. `info` or `hearth=debug,info`.
     pub level: String,
@@ -107,6 +121,7 @@ impl Default for Config {
             limits: Limits::default(),
             federation: Federation::default(),
             jobs: Jobs::default(),
+            media: Media::default(),
             log: Log::default(),
         }
     }
@@ -158,6 +173,22 @@ impl Default for Jobs {
     }
 }
 
+impl Default for Media {
+    fn default() -> Self {
+        Media { path: None, max_upload_bytes: 50 << 20, user_quota_bytes: 0, fetch_remote: true }
+    }
+}
+
+impl Media {
+    /// The media folder: `media.path`, else `media/` beside the database.
+    pub fn dir(&self, database: &Path) -> PathBuf {
+        match &self.path {
+            Some(p) => p.clone(),
+            None => database.parent().map(|d| d.join("media")).unwrap_or_else(|| PathBuf::from("media")),
+        }
+    }
+}
+
 impl Default for Log {
     fn default() -> Self {
         Log { level: "info,ruma_state_res=warn".into(), json: false }
@@ -201,6 +232,7 @@ impl Config {
             self.limits.messages_per_second > 0.0,
             "invalid configuration: key `limits.messages_per_second` must be positive"
         );
+        anyhow::ensure!(self.media.max_upload_bytes >= 1, "invalid configuration: key `media.max_upload_bytes` must be at least 1");
         if let Some(token) = &self.registration.token {
             anyhow::ensure!(!token.is_empty(), "invalid configuration: key `registration.token` is empty");
         }

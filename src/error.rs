@@ -109,6 +109,22 @@ impl Error {
     pub fn server_managed(msg: impl Into<String>) -> Self {
         Self::matrix(StatusCode::METHOD_NOT_ALLOWED, "M_BAD_JSON", msg)
     }
+    /// Media created for an async upload whose content has not arrived (within the client's `timeout_ms`).
+    pub fn not_yet_uploaded() -> Self {
+        Self::matrix(StatusCode::GATEWAY_TIMEOUT, "M_NOT_YET_UPLOADED", "the media has not been uploaded yet")
+    }
+    /// An async-upload target that already has its content.
+    pub fn cannot_overwrite_media() -> Self {
+        Self::matrix(StatusCode::CONFLICT, "M_CANNOT_OVERWRITE_MEDIA", "the media already has content")
+    }
+    /// A per-user limit (media quota) reached.
+    pub fn resource_limit(msg: impl Into<String>) -> Self {
+        Self::matrix(StatusCode::FORBIDDEN, "M_RESOURCE_LIMIT_EXCEEDED", msg)
+    }
+    /// A remote server could not give us what a client asked for (media fetch failures).
+    pub fn bad_gateway(msg: impl Into<String>) -> Self {
+        Self::matrix(StatusCode::BAD_GATEWAY, "M_UNKNOWN", msg)
+    }
     pub fn internal(msg: impl Into<String>) -> Self {
         Error::Internal(anyhow::anyhow!(msg.into()))
     }

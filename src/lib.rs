@@ -6,6 +6,7 @@ pub mod error;
 pub mod federation;
 pub mod http;
 pub mod jobs;
+pub mod media;
 pub mod room;
 pub mod server;
 pub mod store;

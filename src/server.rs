@@ -29,6 +29,8 @@ pub struct Services {
     pub busy: std::sync::atomic::AtomicUsize,
     /// Federation requests served, by endpoint (for `/_hearth/admin/v1/stats` and the benchmark).
     pub fed_requests: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+    /// The media folder and in-flight remote media fetches.
+    pub media: crate::media::MediaRepo,
 }
 
 /// A running server (used by `main` and by in-process tests).
@@ -65,6 +67,7 @@ pub fn build_services(config: Config) -> anyhow::Result<Arc<Services>> {
     } else {
         None
     };
+    let media = crate::media::MediaRepo::new(config.media.dir(&config.database.path))?;
     Ok(Arc::new(Services {
         login_limiter: RateLimiter::new(config.limits.login_failures_per_minute as f64 / 60.0, config.limits.login_failures_per_minute as f64),
         message_limiter: RateLimiter::new(per_second, per_second * 10.0),
@@ -77,6 +80,7 @@ pub fn build_services(config: Config) -> anyhow::Result<Arc<Services>> {
         jobs: crate::jobs::Jobs::default(),
         busy: std::sync::atomic::AtomicUsize::new(0),
         fed_requests: Default::default(),
+        media,
     }))
 }
 

@@ -267,6 +267,48 @@ impl FedClient {
         Ok(n)
     }
 
+    /// A signed GET answered with raw bytes (media): the response headers and at most `max_bytes` of body.
+    /// A longer body is `FedError::Status` 413 `M_TOO_LARGE`.
+    pub async fn get_raw(&self, destination: &str, path_and_query: &str, max_bytes: u64) -> Result<(reqwest::header::HeaderMap, bytes::Bytes), FedError> {
+        let unreachable = |reason: String| FedError::Unreachable { destination: destination.to_owned(), reason };
+        if destination == self.identity.server_name.as_str() {
+            return Err(unreachable("refusing to send a federation request to ourselves".into()));
+        }
+        let target = self.target(destination).await?;
+        let auth = self.x_matrix("GET", path_and_query, destination, None).map_err(|e| unreachable(e.to_string()))?;
+        let mut res = self
+            .http
+            .get(format!("{}{}", target.base_url, path_and_query))
+            .header(reqwest::header::AUTHORIZATION, auth)
+            .header(reqwest::header::HOST, target.host_header.clone())
+            .timeout(Duration::from_secs(120))
+            .send()
+            .await
+            .map_err(|e| unreachable(format!("{e:#}")))?;
+        let status = res.status();
+        if !status.is_success() {
+            let body: Value = res.json().await.unwrap_or(Value::Null);
+            return Err(FedError::Status { destination: destination.to_owned(), status: status.as_u16(), body });
+        }
+        let too_large = || FedError::Status {
+            destination: destination.to_owned(),
+            status: 413,
+            body: serde_json::json!({"errcode": "M_TOO_LARGE", "error": format!("remote answer is over {max_bytes} bytes")}),
+        };
+        if res.content_length().is_some_and(|n| n > max_bytes) {
+            return Err(too_large());
+        }
+        let headers = res.headers().clone();
+        let mut body = bytes::BytesMut::new();
+        while let Some(chunk) = res.chunk().await.map_err(|e| unreachable(e.to_string()))? {
+            if (body.len() + chunk.len()) as u64 > max_bytes {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok((headers, body.freeze()))
+    }
+
     pub async fn get(&self, destination: &str, path_and_query: &str) -> Result<Value, FedError> {
         self.request(reqwest::Method::GET, destination, path_and_query, None).await
     }

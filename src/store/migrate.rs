@@ -6,10 +6,34 @@ use rusqlite::Connection;
 const SCHEMA: &str = include_str!("../../schema.sql");
 
 /// Version written by `SCHEMA`. Later changes add `(version, sql)` steps to `MIGRATIONS` and bump this.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
-/// Steps from version N-1 to N, for N > 1 (none yet).
-const MIGRATIONS: &[(i64, &str)] = &[];
+/// Steps from version N-1 to N, for N > 1.
+const MIGRATIONS: &[(i64, &str)] = &[(2, MEDIA_V2)];
+
+/// 2: media metadata by (origin, media_id) with files on disk (the version-1 table held blobs and was never used);
+/// server-side key backup.
+const MEDIA_V2: &str = "
+DROP TABLE IF EXISTS media;
+CREATE TABLE media (
+    origin TEXT NOT NULL, media_id TEXT NOT NULL, uploader TEXT, content_type TEXT, filename TEXT, size INTEGER,
+    sha256 TEXT, created_ts INTEGER NOT NULL, PRIMARY KEY (origin, media_id)
+) WITHOUT ROWID;
+CREATE INDEX media_by_uploader ON media(uploader) WHERE uploader IS NOT NULL;
+CREATE TABLE media_thumbnails (
+    origin TEXT NOT NULL, media_id TEXT NOT NULL, width INTEGER NOT NULL, height INTEGER NOT NULL, method TEXT NOT NULL,
+    content_type TEXT NOT NULL, size INTEGER NOT NULL, PRIMARY KEY (origin, media_id, width, height, method)
+) WITHOUT ROWID;
+CREATE TABLE room_key_backup_versions (
+    user_id TEXT NOT NULL, version INTEGER NOT NULL, algorithm TEXT NOT NULL, auth_data TEXT NOT NULL,
+    etag INTEGER NOT NULL DEFAULT 0, deleted INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (user_id, version)
+) WITHOUT ROWID;
+CREATE TABLE room_key_backup (
+    user_id TEXT NOT NULL, version INTEGER NOT NULL, room_id TEXT NOT NULL, session_id TEXT NOT NULL,
+    first_message_index INTEGER NOT NULL, forwarded_count INTEGER NOT NULL, is_verified INTEGER NOT NULL,
+    session_data TEXT NOT NULL, PRIMARY KEY (user_id, version, room_id, session_id)
+) WITHOUT ROWID;
+";
 
 pub fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;

@@ -1,0 +1,559 @@
+//! The media repository: uploads, downloads and thumbnails for clients (authenticated `/_matrix/client/v1/media/*`
+//! and the legacy `/_matrix/media/{v3,r0}/*`), our media served to other servers
+//! (`/_matrix/federation/v1/media/*`) and other servers' media fetched and cached for local clients.
+//!
+//! Files live on disk under the media folder (`media.path`, default `media/` beside the database):
+//! `files/{origin}/{id[..2]}/{id}` and `thumbs/{origin}/{id[..2]}/{id}/{w}x{h}-{method}`; uploads are written to
+//! `tmp/` first and renamed into place once complete. The `media` and `media_thumbnails` tables hold the metadata.
+
+pub mod federation;
+pub mod multipart;
+pub mod thumbnail;
+
+use std::collections::HashMap;
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::Router;
+use futures::StreamExt;
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::io::AsyncWriteExt;
+
+use crate::error::{Error, Result};
+use crate::http::{qs, AppState, Auth, Query};
+use crate::store::accounts::now_ms;
+
+/// Pending async uploads (`/create`) expire after this long.
+const PENDING_TTL_MS: i64 = 24 * 3600 * 1000;
+/// Unused `/create` ids one user may hold at once.
+const MAX_PENDING_PER_USER: i64 = 10;
+/// The longest a download waits for an async upload's content.
+const MAX_WAIT_MS: u64 = 20_000;
+
+/// The media folder and in-flight remote fetches (one fetch per remote file at a time).
+pub struct MediaRepo {
+    pub root: PathBuf,
+    fetches: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// One row of `media`.
+#[derive(Clone, Debug)]
+pub struct MediaRow {
+    pub origin: String,
+    pub media_id: String,
+    pub uploader: Option<String>,
+    pub content_type: Option<String>,
+    pub filename: Option<String>,
+    /// None: created for an async upload, no content yet.
+    pub size: Option<i64>,
+    pub created_ts: i64,
+}
+
+impl MediaRepo {
+    /// Creates the folder layout under `root`.
+    pub fn new(root: PathBuf) -> anyhow::Result<MediaRepo> {
+        for sub in ["files", "thumbs", "tmp"] {
+            std::fs::create_dir_all(root.join(sub))
+                .map_err(|e| anyhow::anyhow!("cannot create the media folder {}: {e}", root.join(sub).display()))?;
+        }
+        Ok(MediaRepo { root, fetches: Mutex::new(HashMap::new()) })
+    }
+
+    pub fn file_path(&self, origin: &str, media_id: &str) -> PathBuf {
+        self.root.join("files").join(origin).join(prefix(media_id)).join(media_id)
+    }
+
+    pub fn thumb_path(&self, origin: &str, media_id: &str, width: u32, height: u32, method: &str) -> PathBuf {
+        self.root.join("thumbs").join(origin).join(prefix(media_id)).join(media_id).join(format!("{width}x{height}-{method}"))
+    }
+
+    fn tmp_path(&self) -> PathBuf {
+        self.root.join("tmp").join(crate::http::random_string(24))
+    }
+
+    /// The lock serialising fetches of one remote file.
+    fn fetch_lock(&self, origin: &str, media_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut m = self.fetches.lock().unwrap_or_else(|e| e.into_inner());
+        m.retain(|_, l| Arc::strong_count(l) > 1);
+        m.entry(format!("{origin}/{media_id}")).or_default().clone()
+    }
+}
+
+fn prefix(media_id: &str) -> &str {
+    media_id.get(..2).unwrap_or(media_id)
+}
+
+/// Media ids are `[A-Za-z0-9_-]+` (they become file names); anything else is unknown media.
+pub fn check_media_id(media_id: &str) -> Result<()> {
+    let ok = !media_id.is_empty()
+        && media_id.len() <= 255
+        && media_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::not_found("unknown media"))
+    }
+}
+
+/// A valid server name that is safe as a folder name.
+pub fn check_server_name(server_name: &str) -> Result<()> {
+    match ruma::ServerName::parse(server_name) {
+        Ok(_) if !server_name.contains('/') && !server_name.starts_with('.') => Ok(()),
+        _ => Err(Error::not_found("unknown media (invalid server name)")),
+    }
+}
+
+// ---- store ----------------------------------------------------------------------------------------------------
+
+fn row_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<MediaRow> {
+    Ok(MediaRow {
+        origin: r.get(0)?,
+        media_id: r.get(1)?,
+        uploader: r.get(2)?,
+        content_type: r.get(3)?,
+        filename: r.get(4)?,
+        size: r.get(5)?,
+        created_ts: r.get(6)?,
+    })
+}
+
+pub fn get_row(c: &Connection, origin: &str, media_id: &str) -> Result<Option<MediaRow>> {
+    Ok(c.query_row(
+        "SELECT origin, media_id, uploader, content_type, filename, size, created_ts FROM media WHERE origin = ?1 AND media_id = ?2",
+        params![origin, media_id],
+        row_of,
+    )
+    .optional()?)
+}
+
+fn usage_of(c: &Connection, user_id: &str) -> Result<i64> {
+    Ok(c.query_row("SELECT coalesce(sum(size), 0) FROM media WHERE uploader = ?1", [user_id], |r| r.get(0))?)
+}
+
+/// Content type as stored: a valid header value, at most 255 bytes, no parameters other than `charset`.
+fn clean_content_type(v: Option<&HeaderValue>) -> Option<String> {
+    let s = v?.to_str().ok()?.trim();
+    if s.is_empty() || s.len() > 255 || !s.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return None;
+    }
+    Some(s.to_owned())
+}
+
+fn clean_filename(name: Option<String>) -> Option<String> {
+    let n = name?;
+    let n: String = n.chars().filter(|c| !c.is_control() && *c != '/' && *c != '\\').take(255).collect();
+    (!n.is_empty()).then_some(n)
+}
+
+// ---- routes ---------------------------------------------------------------------------------------------------
+
+/// Client-facing routes (merged into the client listener's router).
+pub fn client_routes() -> Router<AppState> {
+    let mut r = Router::new()
+        .route("/_matrix/client/v1/media/config", get(config))
+        .route("/_matrix/client/v1/media/download/{server_name}/{media_id}", get(download_auth))
+        .route("/_matrix/client/v1/media/download/{server_name}/{media_id}/{file_name}", get(download_auth_named))
+        .route("/_matrix/client/v1/media/thumbnail/{server_name}/{media_id}", get(thumbnail_auth))
+        .route("/_matrix/media/v1/create", post(create));
+    for v in ["v3", "r0", "v1"] {
+        r = r
+            .route(&format!("/_matrix/media/{v}/upload"), post(upload))
+            .route(&format!("/_matrix/media/{v}/upload/{{server_name}}/{{media_id}}"), put(upload_to))
+            .route(&format!("/_matrix/media/{v}/config"), get(config))
+            .route(&format!("/_matrix/media/{v}/download/{{server_name}}/{{media_id}}"), get(download_legacy))
+            .route(&format!("/_matrix/media/{v}/download/{{server_name}}/{{media_id}}/{{file_name}}"), get(download_legacy_named))
+            .route(&format!("/_matrix/media/{v}/thumbnail/{{server_name}}/{{media_id}}"), get(thumbnail_legacy));
+    }
+    r
+}
+
+/// Routes other servers call (merged into the federation router).
+pub fn federation_routes() -> Router<AppState> {
+    Router::new()
+        .route("/_matrix/federation/v1/media/download/{media_id}", get(federation::serve_download))
+        .route("/_matrix/federation/v1/media/thumbnail/{media_id}", get(federation::serve_thumbnail))
+}
+
+async fn config(State(s): State<AppState>, _auth: Auth) -> impl IntoResponse {
+    axum::Json(json!({"m.upload.size": s.config.media.max_upload_bytes}))
+}
+
+#[derive(Deserialize)]
+struct UploadQuery {
+    filename: Option<String>,
+}
+
+async fn upload(
+    State(s): State<AppState>,
+    auth: Auth,
+    Query(q): Query<UploadQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<impl IntoResponse> {
+    let media_id = crate::http::random_string(24);
+    let origin = s.identity.server_name.to_string();
+    let row = MediaRow {
+        origin: origin.clone(),
+        media_id: media_id.clone(),
+        uploader: Some(auth.user_id.clone()),
+        content_type: clean_content_type(headers.get(header::CONTENT_TYPE)),
+        filename: clean_filename(q.filename),
+        size: None,
+        created_ts: now_ms(),
+    };
+    store_upload(&s, row, &headers, body, false).await?;
+    Ok(axum::Json(json!({"content_uri": format!("mxc://{origin}/{media_id}")})))
+}
+
+/// `POST /_matrix/media/v1/create`: reserves an id whose content comes later with `PUT /upload/{server}/{id}`.
+async fn create(State(s): State<AppState>, auth: Auth) -> Result<impl IntoResponse> {
+    let media_id = crate::http::random_string(24);
+    let origin = s.identity.server_name.to_string();
+    let (o, m, u) = (origin.clone(), media_id.clone(), auth.user_id.clone());
+    let now = now_ms();
+    s.store
+        .write(move |w| {
+            let pending: i64 = w.conn.query_row(
+                "SELECT count(*) FROM media WHERE uploader = ?1 AND size IS NULL AND created_ts > ?2",
+                params![u, now - PENDING_TTL_MS],
+                |r| r.get(0),
+            )?;
+            if pending >= MAX_PENDING_PER_USER {
+                return Err(Error::limit_exceeded(60_000));
+            }
+            w.conn.execute("INSERT INTO media (origin, media_id, uploader, created_ts) VALUES (?1, ?2, ?3, ?4)", params![o, m, u, now])?;
+            Ok(())
+        })
+        .await?;
+    Ok(axum::Json(json!({"content_uri": format!("mxc://{origin}/{media_id}"), "unused_expires_at": now + PENDING_TTL_MS})))
+}
+
+async fn upload_to(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path((server_name, media_id)): Path<(String, String)>,
+    Query(q): Query<UploadQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<impl IntoResponse> {
+    check_media_id(&media_id)?;
+    if server_name != s.identity.server_name.as_str() {
+        return Err(Error::not_found("unknown media"));
+    }
+    let (o, m) = (server_name.clone(), media_id.clone());
+    let row = s.store.read(move |c| get_row(c, &o, &m)).await?.ok_or_else(|| Error::not_found("unknown media"))?;
+    if row.uploader.as_deref() != Some(auth.user_id.as_str()) {
+        return Err(Error::forbidden("this media id was created by someone else"));
+    }
+    if row.size.is_some() {
+        return Err(Error::cannot_overwrite_media());
+    }
+    if row.created_ts + PENDING_TTL_MS < now_ms() {
+        return Err(Error::not_found("the media id expired"));
+    }
+    let row = MediaRow {
+        content_type: clean_content_type(headers.get(header::CONTENT_TYPE)),
+        filename: clean_filename(q.filename),
+        ..row
+    };
+    store_upload(&s, row, &headers, body, true).await?;
+    Ok(axum::Json(json!({})))
+}
+
+/// Streams `body` to a temporary file (enforcing the size limit), moves it into place and records it (enforcing the
+/// quota). `existing`: the row was created by `/create` and gets its content now.
+async fn store_upload(s: &AppState, row: MediaRow, headers: &HeaderMap, body: Body, existing: bool) -> Result<()> {
+    let max = s.config.media.max_upload_bytes;
+    let quota = s.config.media.user_quota_bytes;
+    let uploader = row.uploader.clone().unwrap_or_default();
+    let too_large = || Error::too_large(format!("uploads are limited to {max} bytes"));
+    let announced = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > max) {
+        return Err(too_large());
+    }
+    if quota > 0 {
+        let u = uploader.clone();
+        let used = s.store.read(move |c| usage_of(c, &u)).await? as u64;
+        if used + announced.unwrap_or(0) > quota {
+            return Err(quota_error(quota));
+        }
+    }
+
+    let tmp = s.media.tmp_path();
+    let written = write_body(&tmp, body, max).await;
+    let (size, sha256) = match written {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(e.unwrap_or_else(too_large));
+        }
+    };
+    let dest = s.media.file_path(&row.origin, &row.media_id);
+    let moved = async {
+        tokio::fs::create_dir_all(dest.parent().expect("media file has a folder")).await?;
+        tokio::fs::rename(&tmp, &dest).await
+    }
+    .await;
+    if let Err(e) = moved {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        return Err(Error::internal(format!("cannot store media file: {e}")));
+    }
+    let r = row.clone();
+    let recorded = s
+        .store
+        .write(move |w| {
+            if quota > 0 && usage_of(w.conn, &uploader)? as u64 + size > quota {
+                return Err(quota_error(quota));
+            }
+            if existing {
+                let n = w.conn.execute(
+                    "UPDATE media SET content_type = ?3, filename = ?4, size = ?5, sha256 = ?6 WHERE origin = ?1 AND media_id = ?2 AND size IS NULL",
+                    params![r.origin, r.media_id, r.content_type, r.filename, size as i64, sha256],
+                )?;
+                if n == 0 {
+                    return Err(Error::cannot_overwrite_media());
+                }
+            } else {
+                w.conn.execute(
+                    "INSERT INTO media (origin, media_id, uploader, content_type, filename, size, sha256, created_ts)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    params![r.origin, r.media_id, r.uploader, r.content_type, r.filename, size as i64, sha256, r.created_ts],
+                )?;
+            }
+            Ok(())
+        })
+        .await;
+    if recorded.is_err() {
+        let _ = tokio::fs::remove_file(&dest).await;
+    }
+    recorded
+}
+
+fn quota_error(quota: u64) -> Error {
+    Error::resource_limit(format!("media quota of {quota} bytes reached")).with("limit_type", json!("media_quota"))
+}
+
+/// Writes the body to `path`; returns (size, hex sha256). `Err(None)` means over `max` bytes.
+async fn write_body(path: &FsPath, body: Body, max: u64) -> std::result::Result<(u64, String), Option<Error>> {
+    let io = |e: std::io::Error| Some(Error::internal(format!("cannot write media file: {e}")));
+    let mut file = tokio::fs::File::create(path).await.map_err(io)?;
+    let mut stream = body.into_data_stream();
+    let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut size = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| Some(Error::bad_json(format!("upload interrupted: {e}"))))?;
+        size += chunk.len() as u64;
+        if size > max {
+            return Err(None);
+        }
+        hash.update(&chunk);
+        file.write_all(&chunk).await.map_err(io)?;
+    }
+    file.flush().await.map_err(io)?;
+    file.sync_all().await.map_err(io)?;
+    let hex: String = hash.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    Ok((size, hex))
+}
+
+// ---- downloads ------------------------------------------------------------------------------------------------
+
+#[derive(Deserialize, Default)]
+pub struct DownloadQuery {
+    #[serde(default, deserialize_with = "qs::opt_bool")]
+    allow_remote: Option<bool>,
+    #[serde(default, deserialize_with = "qs::opt_u64")]
+    timeout_ms: Option<u64>,
+}
+
+async fn download_auth(
+    State(s): State<AppState>,
+    _auth: Auth,
+    Path((server_name, media_id)): Path<(String, String)>,
+    Query(q): Query<DownloadQuery>,
+) -> Result<Response> {
+    download(&s, &server_name, &media_id, None, q).await
+}
+
+async fn download_auth_named(
+    State(s): State<AppState>,
+    _auth: Auth,
+    Path((server_name, media_id, file_name)): Path<(String, String, String)>,
+    Query(q): Query<DownloadQuery>,
+) -> Result<Response> {
+    download(&s, &server_name, &media_id, Some(file_name), q).await
+}
+
+async fn download_legacy(
+    State(s): State<AppState>,
+    Path((server_name, media_id)): Path<(String, String)>,
+    Query(q): Query<DownloadQuery>,
+) -> Result<Response> {
+    download(&s, &server_name, &media_id, None, q).await
+}
+
+async fn download_legacy_named(
+    State(s): State<AppState>,
+    Path((server_name, media_id, file_name)): Path<(String, String, String)>,
+    Query(q): Query<DownloadQuery>,
+) -> Result<Response> {
+    download(&s, &server_name, &media_id, Some(file_name), q).await
+}
+
+async fn download(s: &AppState, server_name: &str, media_id: &str, file_name: Option<String>, q: DownloadQuery) -> Result<Response> {
+    let row = resolve(s, server_name, media_id, &q).await?;
+    let path = s.media.file_path(&row.origin, &row.media_id);
+    let file = tokio::fs::File::open(&path).await.map_err(|_| Error::not_found("media file missing"))?;
+    let name = clean_filename(file_name).or(row.filename.clone());
+    Ok(file_response(file, row.size.unwrap_or(0) as u64, row.content_type.as_deref(), name.as_deref()))
+}
+
+/// The media row with its content available: local (waiting for an async upload) or remote (fetched and cached).
+pub async fn resolve(s: &AppState, server_name: &str, media_id: &str, q: &DownloadQuery) -> Result<MediaRow> {
+    check_server_name(server_name)?;
+    check_media_id(media_id)?;
+    let local = server_name == s.identity.server_name.as_str();
+    let wait_ms = q.timeout_ms.unwrap_or(MAX_WAIT_MS).min(MAX_WAIT_MS);
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
+    loop {
+        let (o, m) = (server_name.to_owned(), media_id.to_owned());
+        let row = s.store.read(move |c| get_row(c, &o, &m)).await?;
+        match row {
+            Some(r) if r.size.is_some() => return Ok(r),
+            Some(r) if local => {
+                if r.created_ts + PENDING_TTL_MS < now_ms() {
+                    return Err(Error::not_found("unknown media"));
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(Error::not_yet_uploaded());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            _ if local => return Err(Error::not_found("unknown media")),
+            _ => {
+                if q.allow_remote == Some(false) {
+                    return Err(Error::not_found("remote media not cached here and allow_remote=false"));
+                }
+                return federation::fetch_remote(s, server_name, media_id).await;
+            }
+        }
+    }
+}
+
+/// Types a browser may show inline from our origin (what Synapse allows); everything else is an attachment.
+const INLINE_TYPES: &[&str] = &[
+    "text/css", "text/plain", "text/csv", "application/json", "application/ld+json", "image/jpeg", "image/gif",
+    "image/png", "image/apng", "image/webp", "image/avif", "video/mp4", "video/webm", "video/ogg", "video/quicktime",
+    "audio/mp4", "audio/webm", "audio/aac", "audio/mpeg", "audio/ogg", "audio/wave", "audio/wav", "audio/x-wav",
+    "audio/x-pn-wav", "audio/flac", "audio/x-flac",
+];
+
+/// Whether `content_type` may be shown inline (never HTML, SVG, XML or scripts).
+pub fn inline_allowed(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    INLINE_TYPES.contains(&essence.as_str())
+}
+
+/// `inline` / `attachment` plus the file name (RFC 6266: `filename*` for anything beyond plain ASCII).
+pub fn content_disposition(content_type: &str, file_name: Option<&str>) -> String {
+    let kind = if inline_allowed(content_type) { "inline" } else { "attachment" };
+    match file_name {
+        None => kind.to_owned(),
+        Some(n) if n.bytes().all(|b| b.is_ascii_alphanumeric() || b" ._-+()[],@".contains(&b)) => format!("{kind}; filename=\"{n}\""),
+        Some(n) => format!("{kind}; filename*=utf-8''{}", crate::federation::client::enc(n)),
+    }
+}
+
+/// Headers every media response carries.
+pub fn media_headers(headers: &mut HeaderMap, content_type: &str, file_name: Option<&str>) {
+    let ct = HeaderValue::from_str(content_type).unwrap_or(HeaderValue::from_static("application/octet-stream"));
+    headers.insert(header::CONTENT_TYPE, ct);
+    if let Ok(v) = HeaderValue::from_str(&content_disposition(content_type, file_name)) {
+        headers.insert(header::CONTENT_DISPOSITION, v);
+    }
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("sandbox; default-src 'none'; script-src 'none'; plugin-types application/pdf; style-src 'unsafe-inline'; media-src 'self'; object-src 'self';"),
+    );
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(header::HeaderName::from_static("cross-origin-resource-policy"), HeaderValue::from_static("cross-origin"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=86400"));
+}
+
+fn file_response(file: tokio::fs::File, size: u64, content_type: Option<&str>, file_name: Option<&str>) -> Response {
+    let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
+    let mut res = (StatusCode::OK, body).into_response();
+    media_headers(res.headers_mut(), content_type.unwrap_or("application/octet-stream"), file_name);
+    res.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    res
+}
+
+// ---- thumbnails -----------------------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+pub struct ThumbnailQuery {
+    #[serde(default, deserialize_with = "qs::opt_u64")]
+    width: Option<u64>,
+    #[serde(default, deserialize_with = "qs::opt_u64")]
+    height: Option<u64>,
+    method: Option<String>,
+    #[serde(default, deserialize_with = "qs::opt_bool")]
+    allow_remote: Option<bool>,
+    #[serde(default, deserialize_with = "qs::opt_u64")]
+    timeout_ms: Option<u64>,
+    #[serde(default, deserialize_with = "qs::opt_bool")]
+    #[allow(dead_code)]
+    animated: Option<bool>,
+}
+
+impl ThumbnailQuery {
+    /// The requested size and method, validated.
+    pub fn spec(&self) -> Result<thumbnail::Request> {
+        let (Some(w), Some(h)) = (self.width, self.height) else {
+            return Err(Error::missing_param("width and height are required"));
+        };
+        if w == 0 || h == 0 || w > 10_000 || h > 10_000 {
+            return Err(Error::invalid_param("width and height must be between 1 and 10000"));
+        }
+        let crop = match self.method.as_deref() {
+            None | Some("scale") => false,
+            Some("crop") => true,
+            Some(_) => return Err(Error::invalid_param("method must be crop or scale")),
+        };
+        Ok(thumbnail::Request { width: w as u32, height: h as u32, crop })
+    }
+}
+
+async fn thumbnail_auth(
+    State(s): State<AppState>,
+    _auth: Auth,
+    Path((server_name, media_id)): Path<(String, String)>,
+    Query(q): Query<ThumbnailQuery>,
+) -> Result<Response> {
+    thumbnail_response(&s, &server_name, &media_id, q).await
+}
+
+async fn thumbnail_legacy(
+    State(s): State<AppState>,
+    Path((server_name, media_id)): Path<(String, String)>,
+    Query(q): Query<ThumbnailQuery>,
+) -> Result<Response> {
+    thumbnail_response(&s, &server_name, &media_id, q).await
+}
+
+async fn thumbnail_response(s: &AppState, server_name: &str, media_id: &str, q: ThumbnailQuery) -> Result<Response> {
+    let req = q.spec()?;
+    let dq = DownloadQuery { allow_remote: q.allow_remote, timeout_ms: q.timeout_ms };
+    let row = resolve(s, server_name, media_id, &dq).await?;
+    let (content_type, bytes) = thumbnail::get_or_make(s, &row, req).await?;
+    let mut res = (StatusCode::OK, bytes).into_response();
+    media_headers(res.headers_mut(), &content_type, None);
+    Ok(res)
+}
