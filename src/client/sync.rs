@@ -580,6 +580,16 @@ fn build(
         );
     }
 
+    let mut knock = serde_json::Map::new();
+    for (room_nid, room_id) in events::rooms_with_membership(c, &auth.user_id, "knock")? {
+        if !filter.room_allowed(&room_id) || (since.is_some() && !changed.contains_key(&room_nid)) {
+            continue;
+        }
+        let room = events::room_by_nid(c, room_nid)?.ok_or_else(|| Error::internal("room vanished"))?;
+        empty = false;
+        knock.insert(room_id.clone(), json!({"knock_state": {"events": stripped_state(c, &room, &auth.user_id)?}}));
+    }
+
     let mut account_data = account_data_since(c, &auth.user_id, "", lo, pos.stream, &filter.account_data)?;
     // Push rules exist before the user ever changes them: an initial sync carries the defaults.
     if since.is_none()
