@@ -1,0 +1,93 @@
+//! Real clients in a real browser and in Node, against the `hearth` binary:
+//!
+//! * `hydrogen_in_chromium`: Hydrogen (the web client, built from npm `hydrogen-view-sdk` by
+//!   `tests/browser/build.mjs`) in headless Debian Chromium driven by playwright-core
+//!   (`tests/browser/hydrogen.test.mjs`): log in, room list, open a room, scroll back through history, send from the
+//!   composer, see the other user's reply live, display names and an avatar (authenticated media).
+//!
+//! Needs `node`, `npm ci` run in `tests/browser` and Debian's `chromium` (`.ci/run` installs them). Set
+//! `HEARTH_SKIP_BROWSER=1` to skip deliberately (it prints that it was skipped); otherwise anything missing fails.
+//! On failure a screenshot, the page HTML and the browser console are kept under `target/browser-artifacts/`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn browser_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
+}
+
+fn artifacts_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/browser-artifacts")
+}
+
+/// `None` (after printing why) when the browser tests are to be skipped; panics when something needed is missing.
+fn prerequisites(test: &str) -> Option<()> {
+    if std::env::var("HEARTH_SKIP_BROWSER").as_deref() == Ok("1") {
+        println!("SKIPPED {test}: HEARTH_SKIP_BROWSER=1 is set (the browser test did not run)");
+        return None;
+    }
+    let node = Command::new("node").arg("--version").output();
+    assert!(node.as_ref().is_ok_and(|o| o.status.success()), "`node` is not runnable ({node:?}); install Node.js 20, or set HEARTH_SKIP_BROWSER=1");
+    assert!(
+        browser_dir().join("node_modules/playwright-core").is_dir(),
+        "tests/browser/node_modules is missing: run `npm ci` in tests/browser, or set HEARTH_SKIP_BROWSER=1"
+    );
+    Some(())
+}
+
+/// Runs `node SCRIPT ARGS...` in tests/browser with a deadline; returns (success, stdout, stderr).
+async fn node(script: &str, args: &[&str], env: &[(&str, &str)], limit: Duration) -> (bool, String, String) {
+    let mut cmd = Command::new("node");
+    cmd.current_dir(browser_dir()).arg(script).args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn node");
+    let deadline = Instant::now() + limit;
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = child.wait_with_output().expect("node output");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hydrogen_in_chromium() {
+    if prerequisites("hydrogen_in_chromium").is_none() {
+        return;
+    }
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    assert!(Path::new(&chromium).exists(), "{chromium} does not exist: `apt-get install chromium`, or set HEARTH_SKIP_BROWSER=1");
+
+    let (ok, out, err) = node("build.mjs", &[], &[], Duration::from_secs(120)).await;
+    assert!(ok, "building Hydrogen failed\n{out}\n{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = BinServer::start(&dir.path().join("hearth.db"), &[("HEARTH_REGISTRATION__ENABLED", "true")]).await;
+    let artifacts = artifacts_dir();
+    let (ok, out, err) = node(
+        "hydrogen.test.mjs",
+        &[&server.base_url, artifacts.to_str().unwrap()],
+        &[("CHROMIUM", &chromium)],
+        Duration::from_secs(300),
+    )
+    .await;
+    println!("{out}");
+    if !ok {
+        let log = std::fs::read_to_string(&server.log_path).unwrap_or_default();
+        let _ = std::fs::create_dir_all(&artifacts);
+        let _ = std::fs::write(artifacts.join("hydrogen-hearth.log"), &log);
+        panic!("Hydrogen in Chromium failed (artifacts in {})\n--- stdout\n{out}\n--- stderr\n{err}", artifacts.display());
+    }
+    assert!(out.contains("Bob's reply arrived live"), "the script ended without its last check:\n{out}");
+    server.kill();
+}
