@@ -22,6 +22,7 @@ pub struct Config {
     pub jobs: Jobs,
     pub media: Media,
     pub log: Log,
+    pub metrics: Metrics,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -111,6 +112,13 @@ pub struct Log {
     pub json: bool,
 }
 
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Metrics {
+    /// Serve Prometheus metrics at `/metrics` on the client listener (unauthenticated: keep it off the internet).
+    pub enabled: bool,
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -123,6 +131,7 @@ impl Default for Config {
             jobs: Jobs::default(),
             media: Media::default(),
             log: Log::default(),
+            metrics: Metrics::default(),
         }
     }
 }
@@ -236,7 +245,55 @@ impl Config {
         if let Some(token) = &self.registration.token {
             anyhow::ensure!(!token.is_empty(), "invalid configuration: key `registration.token` is empty");
         }
+        if self.federation.enabled && self.listen.federation.is_some() {
+            anyhow::ensure!(
+                self.federation.tls_cert.is_some(),
+                "invalid configuration: key `federation.tls_cert` must be set when `listen.federation` is"
+            );
+            anyhow::ensure!(
+                self.federation.tls_key.is_some(),
+                "invalid configuration: key `federation.tls_key` must be set when `listen.federation` is"
+            );
+        }
         Ok(())
+    }
+
+    /// Checks that need the file system or are only advice, for `hearth config check` (the keys themselves were
+    /// validated by [`Config::load`]). Returns (errors, warnings), each naming its key.
+    pub fn check_environment(&self) -> (Vec<String>, Vec<String>) {
+        let (mut errors, mut warnings) = (Vec::new(), Vec::new());
+        if self.federation.enabled && self.listen.federation.is_some() {
+            for (key, path) in [("federation.tls_cert", &self.federation.tls_cert), ("federation.tls_key", &self.federation.tls_key)] {
+                if let Some(p) = path {
+                    if let Err(e) = std::fs::File::open(p) {
+                        errors.push(format!("key `{key}`: cannot read {}: {e}", p.display()));
+                    }
+                }
+            }
+        }
+        let db_dir = match self.database.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        if !db_dir.is_dir() {
+            warnings.push(format!("key `database.path`: folder {} does not exist (yet)", db_dir.display()));
+        }
+        if self.server_name == Config::default().server_name {
+            warnings.push(format!(
+                "key `server_name` is the default `{}`: set your domain before the first start (it cannot change later)",
+                self.server_name
+            ));
+        }
+        if self.registration.enabled && self.registration.token.is_none() {
+            warnings.push("key `registration.enabled` is true without `registration.token`: anyone can register".into());
+        }
+        if self.metrics.enabled && !self.listen.client.ip().is_loopback() {
+            warnings.push(format!(
+                "key `metrics.enabled`: /metrics is unauthenticated and the client listener {} is not loopback-only; do not proxy /metrics",
+                self.listen.client
+            ));
+        }
+        (errors, warnings)
     }
 }
 

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, Method};
+use axum::response::IntoResponse;
 use axum::Router;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -28,12 +29,17 @@ pub fn client_router(services: AppState) -> Router {
     if services.config.federation.serve_on_client_listener && services.federation.is_some() {
         routes = routes.merge(crate::federation::routes::routes());
     }
+    routes = routes.route("/_hearth/health", axum::routing::get(crate::metrics::health));
+    if services.config.metrics.enabled {
+        routes = routes.route("/metrics", axum::routing::get(crate::metrics::metrics));
+    }
     routes
         .fallback(|| async { Error::unrecognized("unrecognized endpoint") })
         .method_not_allowed_fallback(|| async { Error::method_not_allowed() })
         .layer(cors)
         .layer(axum::middleware::map_response(json_content_type))
         .layer(axum::middleware::from_fn_with_state(services.clone(), count_busy))
+        .layer(axum::middleware::from_fn_with_state(services.clone(), crate::metrics::track))
         .with_state(services)
 }
 
@@ -45,7 +51,15 @@ async fn count_busy(
 ) -> axum::response::Response {
     use std::sync::atomic::Ordering;
     if req.uri().path().ends_with("/sync") {
-        return next.run(req).await;
+        // A long poll would hold up a graceful shutdown for its whole timeout: end it when shutdown begins
+        // (the client retries against the restarted server).
+        let mut shutdown = s.shutdown.subscribe();
+        return tokio::select! {
+            res = next.run(req) => res,
+            _ = shutdown.wait_for(|stopping| *stopping) => {
+                Error::matrix(axum::http::StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN", "server is shutting down").into_response()
+            }
+        };
     }
     s.busy.fetch_add(1, Ordering::Relaxed);
     struct Done<'a>(&'a std::sync::atomic::AtomicUsize);
@@ -66,6 +80,7 @@ pub fn federation_router(services: AppState) -> Router {
         .method_not_allowed_fallback(|| async { Error::method_not_allowed() })
         .layer(axum::middleware::map_response(json_content_type))
         .layer(axum::middleware::from_fn_with_state(services.clone(), count_federation))
+        .layer(axum::middleware::from_fn_with_state(services.clone(), crate::metrics::track))
         .with_state(services)
 }
 

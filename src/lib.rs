@@ -1,5 +1,6 @@
 //! Hearth: a Matrix homeserver in one binary and one SQLite file.
 
+pub mod backup;
 pub mod client;
 pub mod config;
 pub mod error;
@@ -7,6 +8,7 @@ pub mod federation;
 pub mod http;
 pub mod jobs;
 pub mod media;
+pub mod metrics;
 pub mod room;
 pub mod server;
 pub mod store;

@@ -35,6 +35,23 @@ enum Command {
         #[command(subcommand)]
         action: ConfigAction,
     },
+    /// Write a consistent copy of the database to FILE (safe while the server runs).
+    Backup {
+        file: PathBuf,
+        /// Overwrite FILE if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Put a backup in place as the configured database. Stop the server first.
+    ///
+    /// Checks the backup, refuses while a server answers on `listen.client`, moves an existing database aside
+    /// (only with --force) and copies the backup in.
+    Restore {
+        file: PathBuf,
+        /// Move an existing database aside instead of refusing.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -59,6 +76,9 @@ enum UserAction {
 enum ConfigAction {
     /// Print a commented example configuration with every key.
     Example,
+    /// Validate the configuration (`-c FILE`, else ./hearth.toml, plus HEARTH_* variables) without starting;
+    /// exits non-zero naming the offending key.
+    Check,
 }
 
 fn main() {
@@ -74,11 +94,16 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if let Some(Command::Config { action: ConfigAction::Check }) = &cli.command {
+        std::process::exit(config_check(&config, cli.config.as_deref()));
+    }
     init_logging(&config);
     let result = match cli.command {
         None | Some(Command::Serve) => serve(config),
         Some(Command::User { action }) => user_command(config, action),
         Some(Command::Jobs { watch }) => jobs_command(config, watch),
+        Some(Command::Backup { file, force }) => backup_command(&config, &file, force),
+        Some(Command::Restore { file, force }) => restore_command(&config, &file, force),
         Some(Command::Config { .. }) => Ok(()),
     };
     if let Err(e) = result {
@@ -104,11 +129,79 @@ fn serve(config: Config) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {
         let running = hearth::server::start(config).await?;
+        // Listeners are bound: `systemctl start` returns now (Type=notify).
+        hearth::server::sd_notify(&format!("READY=1\nSTATUS=serving on {}", running.client_addr));
         shutdown_signal().await;
         tracing::info!("shutting down");
+        hearth::server::sd_notify("STOPPING=1\nSTATUS=shutting down");
         running.stop().await;
         Ok(())
     })
+}
+
+/// `hearth config check`: the configuration loaded (that already named any bad key); now the checks that need
+/// the file system. Returns the exit code.
+fn config_check(config: &Config, file: Option<&std::path::Path>) -> i32 {
+    let source = match file {
+        Some(f) => f.display().to_string(),
+        None if std::path::Path::new("hearth.toml").exists() => "./hearth.toml".into(),
+        None => "built-in defaults".into(),
+    };
+    let (errors, warnings) = config.check_environment();
+    for w in &warnings {
+        eprintln!("warning: {w}");
+    }
+    for e in &errors {
+        eprintln!("hearth: invalid configuration: {e}");
+    }
+    if !errors.is_empty() {
+        return 2;
+    }
+    println!(
+        "configuration OK ({source}): server_name {}, client API on {}, federation listener {}, database {}, metrics {}",
+        config.server_name,
+        config.listen.client,
+        config.listen.federation.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
+        config.database.path.display(),
+        if config.metrics.enabled { "on" } else { "off" },
+    );
+    0
+}
+
+fn backup_command(config: &Config, file: &std::path::Path, force: bool) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let s = hearth::backup::backup(&config.database.path, file, force)?;
+    println!(
+        "backed up {} to {} ({} bytes, {} events, {} users, server_name {}) in {:.1} s",
+        config.database.path.display(),
+        s.path.display(),
+        s.bytes,
+        s.events,
+        s.users,
+        s.server_name.as_deref().unwrap_or("?"),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn restore_command(config: &Config, file: &std::path::Path, force: bool) -> anyhow::Result<()> {
+    // A server still running on this database would keep writing to the file we replace.
+    let mut probe = config.listen.client;
+    if probe.ip().is_unspecified() {
+        probe.set_ip(if probe.is_ipv4() { std::net::Ipv4Addr::LOCALHOST.into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
+    }
+    if std::net::TcpStream::connect_timeout(&probe, std::time::Duration::from_millis(500)).is_ok() {
+        anyhow::bail!("something is listening on {probe} (listen.client): stop the server first (systemctl stop hearth)");
+    }
+    let s = hearth::backup::restore(file, &config.database.path, &config.server_name, force)?;
+    println!(
+        "restored {} to {} ({} events, {} users); start the server again",
+        file.display(),
+        s.path.display(),
+        s.events,
+        s.users
+    );
+    Ok(())
 }
 
 async fn shutdown_signal() {

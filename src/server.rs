@@ -29,6 +29,10 @@ pub struct Services {
     pub busy: std::sync::atomic::AtomicUsize,
     /// Federation requests served, by endpoint (for `/_hearth/admin/v1/stats` and the benchmark).
     pub fed_requests: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+    /// Request counts and latencies for `/metrics`.
+    pub metrics: crate::metrics::Metrics,
+    /// Set to true once shutdown begins (listeners stop accepting, long polls end, the job worker stops).
+    pub shutdown: watch::Sender<bool>,
     /// The media folder and in-flight remote media fetches.
     pub media: crate::media::MediaRepo,
 }
@@ -38,17 +42,68 @@ pub struct Running {
     pub client_addr: SocketAddr,
     pub federation_addr: Option<SocketAddr>,
     pub services: Arc<Services>,
-    shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
+/// How long a graceful stop waits for in-flight requests and the job step in progress before cutting them off.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
+
 impl Running {
+    /// Graceful stop: the listeners stop accepting and finish the requests in flight (long-polling `/sync` is
+    /// answered at once), the job worker stops at its next step boundary, then every write queued so far commits
+    /// and the WAL is checkpointed into the database file. Whatever is still running after [`SHUTDOWN_GRACE`] is
+    /// cut off (safe: nothing uncommitted was acknowledged).
     pub async fn stop(self) {
-        let _ = self.shutdown.send(true);
-        for t in self.tasks {
-            let _ = t.await;
+        self.services.shutdown.send_replace(true);
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        for mut t in self.tasks {
+            if tokio::time::timeout_at(deadline, &mut t).await.is_err() {
+                tracing::warn!("a task did not stop within {} s; cutting it off", SHUTDOWN_GRACE.as_secs());
+                t.abort();
+            }
+        }
+        // A barrier through the writer queue: every write queued before it has committed once it returns.
+        if let Err(e) = self.services.store.write(|_| Ok(())).await {
+            tracing::error!(error = %e, "final write barrier failed");
+        }
+        let path = self.services.config.database.path.clone();
+        let checkpoint = tokio::task::spawn_blocking(move || -> rusqlite::Result<()> {
+            let conn = rusqlite::Connection::open(&path)?;
+            conn.busy_timeout(std::time::Duration::from_secs(5))?;
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        });
+        match checkpoint.await {
+            Ok(Ok(())) => tracing::info!("database checkpointed; stopped cleanly"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "final WAL checkpoint failed (the WAL is replayed on next start)"),
+            Err(e) => tracing::warn!(error = %e, "final WAL checkpoint task failed"),
         }
     }
+}
+
+/// Tells systemd about the service state (`READY=1`, `STOPPING=1`, `STATUS=...`) over `$NOTIFY_SOCKET`, as
+/// `Type=notify` units expect. A no-op when the variable is unset (not started by systemd); failures are logged.
+pub fn sd_notify(state: &str) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::net::UnixDatagram;
+        let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+        let sent = UnixDatagram::unbound().and_then(|sock| match path.as_bytes().strip_prefix(b"@") {
+            // `@name`: a Linux abstract socket (what systemd uses by default).
+            #[cfg(target_os = "linux")]
+            Some(name) => {
+                use std::os::linux::net::SocketAddrExt;
+                let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+                sock.send_to_addr(state.as_bytes(), &addr)
+            }
+            _ => sock.send_to(state.as_bytes(), &path),
+        });
+        if let Err(e) = sent {
+            tracing::warn!(error = %e, notify_socket = ?path, "sd_notify failed");
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = state;
 }
 
 pub fn build_services(config: Config) -> anyhow::Result<Arc<Services>> {
@@ -80,6 +135,8 @@ pub fn build_services(config: Config) -> anyhow::Result<Arc<Services>> {
         jobs: crate::jobs::Jobs::default(),
         busy: std::sync::atomic::AtomicUsize::new(0),
         fed_requests: Default::default(),
+        metrics: Default::default(),
+        shutdown: watch::channel(false).0,
         media,
     }))
 }
@@ -87,7 +144,7 @@ pub fn build_services(config: Config) -> anyhow::Result<Arc<Services>> {
 /// Starts the listeners; returns once they are bound.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     let services = build_services(config)?;
-    let (shutdown, shutdown_rx) = watch::channel(false);
+    let shutdown_rx = services.shutdown.subscribe();
     let listener = TcpListener::bind(services.config.listen.client).await?;
     let client_addr = listener.local_addr()?;
     let app = crate::http::client_router(services.clone());
@@ -132,5 +189,5 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     }
     tasks.push(tokio::spawn(crate::jobs::run_worker(services.clone(), shutdown_rx.clone())));
     tracing::info!(%client_addr, ?federation_addr, server_name = %services.identity.server_name, "hearth listening");
-    Ok(Running { client_addr, federation_addr, services, shutdown, tasks })
+    Ok(Running { client_addr, federation_addr, services, tasks })
 }
