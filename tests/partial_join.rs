@@ -382,3 +382,262 @@ async fn partial_room_refuses_to_act_as_resident() {
     assert!(ids["pdu_ids"].as_array().is_some_and(|a| a.len() > 20), "{ids}");
     hearth.stop().await;
 }
+
+/// The `hearth` binary with federation on, configured by a TOML file (`-c`), on fresh ports each start.
+struct FedBinary {
+    child: std::process::Child,
+    base_url: String,
+    log: std::path::PathBuf,
+}
+
+impl FedBinary {
+    async fn start(dir: &std::path::Path, n: usize) -> FedBinary {
+        let (crt, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+        if !crt.exists() {
+            self_signed_cert(dir);
+        }
+        let (port, fed_port) = (free_port(), free_port());
+        let config = format!(
+            r#"server_name = "localhost"
+[listen]
+client = "127.0.0.1:{port}"
+federation = "127.0.0.1:{fed_port}"
+[database]
+path = "{db}"
+[registration]
+enabled = true
+[limits]
+messages_per_second = 1000.0
+[federation]
+enabled = true
+trusted_key_servers = []
+verify_certificates = false
+allow_private_ips = true
+tls_cert = "{crt}"
+tls_key = "{key}"
+[log]
+level = "info,ruma_state_res=warn"
+"#,
+            db = dir.join("hearth.db").display(),
+            crt = crt.display(),
+            key = key.display(),
+        );
+        let config_path = dir.join("hearth.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let log = dir.join(format!("hearth-{n}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let mut cmd = std::process::Command::new(hearth_bin());
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("HEARTH_") {
+                cmd.env_remove(k);
+            }
+        }
+        let child = cmd
+            .arg("-c")
+            .arg(&config_path)
+            .current_dir(dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("spawn hearth");
+        let mut me = FedBinary { child, base_url: format!("http://127.0.0.1:{port}"), log };
+        let probe = Client::new(&me.base_url);
+        let deadline = std::time::Instant::now() + LONG;
+        loop {
+            if let Ok(Some(status)) = me.child.try_wait() {
+                panic!("hearth exited early with {status}: {}", me.logs());
+            }
+            if probe.try_request(reqwest::Method::GET, "/_matrix/client/versions", None).await.is_ok_and(|r| r.status == 200) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "hearth did not start: {}", me.logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        me
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL and reap.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for FedBinary {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resync_resumes_after_sigkill_without_refetching_what_was_stored() {
+    // 80 members: enough missing state that the resync fetches through /state.
+    let fake = FakeResident::start(RoomSpec { members: 80, ..Default::default() }).await;
+    let dir = tempfile::tempdir().unwrap();
+    fake.hold("state_ids");
+
+    // First run: join lazily; SIGKILL while the resync waits for /state_ids.
+    let mut hearth = FedBinary::start(dir.path(), 1).await;
+    let mut alice = Client::new(&hearth.base_url);
+    alice.register("alice", PASSWORD).await.ok();
+    join_via(&alice, &fake).await;
+    let room = fake.room_id();
+    fake.wait_requests("state_ids", 1, LONG).await;
+    hearth.kill();
+
+    // Second run: /state_ids is answered, /state covers only part of the state (the rest must come through
+    // /event), and /event is held; SIGKILL once the resync is waiting on /event.
+    fake.set_state_limit(Some(40));
+    fake.hold("event");
+    fake.release("state_ids");
+    let mut hearth = FedBinary::start(dir.path(), 2).await;
+    fake.wait_requests("event", 1, LONG).await;
+    hearth.kill();
+    // Requests the dead process had already written may still be read by the fake: wait until they settle.
+    let mut held_events = fake.count("event");
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let n = fake.count("event");
+        if n == held_events {
+            break;
+        }
+        held_events = n;
+    }
+    assert_eq!(fake.count("state_ids"), 2, "the resync restarted from /state_ids after the first kill");
+    assert_eq!(fake.count("state"), 1);
+
+    // What the second run stored: the state /state returned (and what send_join gave at join time).
+    let join_id = fake.requests_of("send_join")[0].detail.clone();
+    let stored: std::collections::HashSet<String> = {
+        let r = fake.room.lock().unwrap();
+        let join = r.get(&join_id).unwrap();
+        let mut ids: Vec<String> = join.state_before.values().cloned().collect();
+        ids.truncate(40);
+        ids.into_iter().chain(join.state_before.iter().filter(|((t, _), _)| t != "m.room.member").map(|(_, id)| id.clone())).collect()
+    };
+
+    // Third run: everything answers; the resync finishes from its cursor.
+    fake.release("event");
+    let hearth = FedBinary::start(dir.path(), 3).await;
+    let alice = alice.at(&hearth.base_url);
+    let joined = within(LONG, joined_members(&alice, &room)).await.unwrap_or_else(|| panic!("resync did not finish: {}", hearth.logs()));
+    let joined = joined.ok();
+    assert_eq!(joined_ids(&joined), expected_members(&fake), "the member list is complete after the restarts");
+
+    // Not refetched: no new join, no /state_ids or /state after the second kill, and /event only for events
+    // that were not stored before it.
+    assert_eq!(fake.count("make_join"), 1);
+    assert_eq!(fake.count("send_join"), 1);
+    assert_eq!(fake.count("state_ids"), 2, "/state_ids was not asked again: its answer was stored");
+    assert_eq!(fake.count("state"), 1, "/state was not asked again: its events were stored");
+    let refetched: Vec<String> = fake.requests_of("event").into_iter().skip(held_events).map(|r| r.detail).collect();
+    assert!(!refetched.is_empty(), "the third run fetched the rest (held {held_events} at the kill)");
+    for id in &refetched {
+        assert!(!stored.contains(id), "{id} was stored before the kill but fetched again");
+    }
+    let unique: std::collections::HashSet<&String> = refetched.iter().collect();
+    assert!(refetched.len() <= 81 - 40 + 5, "only what was missing: {} requests, {} distinct events; log: {}", refetched.len(), unique.len(), hearth.logs());
+    // The room works: a message reaches the resident.
+    let ev = alice.send_text(&room, "back after two kills").await;
+    fake.wait_received(&ev, Duration::from_secs(10)).await;
+    drop(hearth);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_wrongly_accepted_during_partial_state_is_gone_after_resync() {
+    let hearth = start_hearth().await;
+    let fake = FakeResident::start(RoomSpec::default()).await;
+    fake.connect_to(&hearth);
+    let (creator, user7) = (fake.creator(), fake.user("user7"));
+    // user7 may set the topic, then gets banned — before Hearth joins, so the ban is among the omitted members.
+    let user7_join = fake.room.lock().unwrap().state_id("m.room.member", &user7).unwrap();
+    let pl_id = fake.room.lock().unwrap().state_id("m.room.power_levels", "").unwrap();
+    let mut pl = fake.event(&pl_id).unwrap().json["content"].clone();
+    pl["users"][&user7] = json!(50);
+    fake.append(EventSpec::state(&creator, "m.room.power_levels", "", pl));
+    fake.append(EventSpec::state(&creator, "m.room.member", &user7, json!({"membership": "ban"})));
+    fake.hold("state_ids");
+    let alice = hearth.user("alice").await;
+    join_via(&alice, &fake).await;
+    let room = fake.room_id();
+    fake.wait_requests("state_ids", 1, LONG).await;
+
+    // user7's server sends a topic change citing user7's old join as auth event. Partial state has no
+    // membership for user7, so it can only be judged by its own auth events; the full state says banned.
+    let (create, pl_now) = {
+        let r = fake.room.lock().unwrap();
+        (r.state_id("m.room.create", "").unwrap(), r.state_id("m.room.power_levels", "").unwrap())
+    };
+    let mut auth = vec![pl_now, user7_join];
+    if fake.room_version() != "12" {
+        auth.push(create);
+    }
+    let topic = fake.build(EventSpec::state(&user7, "m.room.topic", "", json!({"topic": "from a banned user"})).with_auth(auth));
+    fake.push(&[&topic.id]).await;
+    let during = alice.state(&room, "m.room.topic", "").await;
+    eprintln!("topic during partial state: {} {}", during.status, during.text);
+
+    fake.release("state_ids");
+    wait_resynced(&alice, &room).await;
+    alice.state(&room, "m.room.topic", "").await.assert_err(404, "M_NOT_FOUND");
+    alice.event(&room, &topic.id).await.assert_err(404, "M_NOT_FOUND");
+    let state = alice.get(&format!("/rooms/{}/state", enc(&room))).await.ok();
+    assert!(!state.as_array().unwrap().iter().any(|e| e["type"] == "m.room.topic"), "the banned user's topic is not in the room state");
+    let joined = joined_ids(&joined_members(&alice, &room).await.ok());
+    assert!(!joined.contains(&user7), "user7 is banned, not joined");
+    hearth.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lazy_join_of_a_v12_room_completes() {
+    let (hearth, fake, alice) = partially_joined(RoomSpec { version: "12".into(), ..Default::default() }).await;
+    let room = fake.room_id();
+    assert!(!room.contains(':'), "v12 room ids have no server part: {room}");
+    let ev = alice.send_text(&room, "hello v12").await;
+    fake.wait_received(&ev, Duration::from_secs(10)).await;
+    let m = fake.append(EventSpec::message(&fake.user("user9"), "hi from user9"));
+    assert_eq!(fake.push(&[&m.id]).await[&m.id], json!({}));
+    alice.event(&room, &m.id).await.ok();
+    fake.release("state_ids");
+    assert_eq!(joined_ids(&wait_resynced(&alice, &room).await), expected_members(&fake));
+    hearth.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_wrongly_rejected_during_partial_state_is_accepted_after_resync() {
+    let hearth = start_hearth().await;
+    let fake = FakeResident::start(RoomSpec::default()).await;
+    fake.connect_to(&hearth);
+    let (creator, user8) = (fake.creator(), fake.user("user8"));
+    let pl_id = fake.room.lock().unwrap().state_id("m.room.power_levels", "").unwrap();
+    let mut pl = fake.event(&pl_id).unwrap().json["content"].clone();
+    pl["users"][&user8] = json!(50);
+    fake.append(EventSpec::state(&creator, "m.room.power_levels", "", pl));
+    fake.hold("state_ids");
+    let alice = hearth.user("alice").await;
+    join_via(&alice, &fake).await;
+    let room = fake.room_id();
+    fake.wait_requests("state_ids", 1, LONG).await;
+
+    // user8 (power 50) sets the topic: valid. But user8's membership was omitted from the partial state and the
+    // resident will not serve it now, so Hearth cannot authorise the topic yet.
+    let user8_join = fake.room.lock().unwrap().state_id("m.room.member", &user8).unwrap();
+    fake.hide(&[&user8_join]);
+    let topic = fake.append(EventSpec::state(&user8, "m.room.topic", "", json!({"topic": "set by user8"})));
+    fake.push(&[&topic.id]).await;
+    let during = alice.state(&room, "m.room.topic", "").await;
+    eprintln!("topic during partial state: {} {}", during.status, during.text);
+
+    fake.unhide();
+    fake.release("state_ids");
+    wait_resynced(&alice, &room).await;
+    let t = alice.state(&room, "m.room.topic", "").await.ok();
+    assert_eq!(t["topic"], "set by user8", "the topic is accepted once the full state shows user8 joined with power 50");
+    alice.event(&room, &topic.id).await.ok();
+    hearth.stop().await;
+}

@@ -341,6 +341,36 @@ fn fill_chunk(w: &mut crate::store::Writer<'_>, identity: &crate::room::Identity
     Ok((Some(last), n))
 }
 
+/// Keeps the forward extremities right when an event's auth outcome flipped: a newly accepted event without
+/// accepted children becomes an extremity in place of its prev events (rejected events never became one, so its
+/// state would otherwise never reach the current state); a newly rejected one stops being one, and its prev
+/// events without other accepted children take its place.
+fn fix_extremities(conn: &rusqlite::Connection, room_nid: i64, row: &events::EventRow, pdu: &crate::room::Pdu, accepted: bool) -> Result<()> {
+    let has_accepted_child = |id: &str, except: i64| -> Result<bool> {
+        Ok(conn
+            .prepare_cached(
+                "SELECT 1 FROM event_edges x JOIN events e ON e.event_nid = x.event_nid
+                 WHERE x.prev_event_id = ?1 AND e.room_nid = ?2 AND e.event_nid != ?3 AND e.rejected IS NULL AND e.outlier = 0",
+            )?
+            .exists(params![id, room_nid, except])?)
+    };
+    let prev_nids: Vec<i64> = pdu.prev_events.iter().filter_map(|p| events::event_nid(conn, p.as_str()).ok().flatten()).collect();
+    if accepted {
+        if !has_accepted_child(&row.event_id, row.event_nid)? {
+            events::replace_extremities(conn, room_nid, &prev_nids, row.event_nid)?;
+        }
+    } else {
+        conn.execute("DELETE FROM forward_extremities WHERE room_nid = ?1 AND event_nid = ?2", params![room_nid, row.event_nid])?;
+        for p in &pdu.prev_events {
+            let Some(prev) = events::event_by_id(conn, p.as_str())? else { continue };
+            if prev.rejected.is_none() && !prev.outlier && !has_accepted_child(p.as_str(), row.event_nid)? {
+                conn.execute("INSERT OR IGNORE INTO forward_extremities (room_nid, event_nid) VALUES (?1, ?2)", params![room_nid, prev.event_nid])?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Replays the events received while the room was partial, in stream order, against the now complete state:
 /// re-authorises each (rejections may flip both ways), rebuilds their state groups and the current state.
 /// Returns how many events changed outcome. Bounded by the events since the join (usually few).
@@ -382,15 +412,17 @@ fn reauthorise_since_join(conn: &rusqlite::Connection, room_nid: i64, join_event
             _ => sg_before,
         };
         conn.execute("UPDATE events SET rejected = ?2, sg_after = ?3 WHERE event_nid = ?1", params![row.event_nid, verdict, sg_after])?;
+        if verdict.is_some() != row.rejected.is_some() {
+            fix_extremities(conn, room_nid, &row, &pdu, verdict.is_none())?;
+        }
     }
-    // Current state from the forward extremities' (possibly new) groups.
+    // Current state from the forward extremities' (possibly new) groups. An extremity rejected just now still
+    // counts: its group is now the state before it, without it (skipping it would keep the stale current state).
     let mut groups = Vec::new();
     for nid in events::forward_extremities(conn, room_nid)? {
         if let Some(r) = events::event_by_nid(conn, nid)? {
-            if r.rejected.is_none() {
-                if let Some(g) = r.sg_after {
-                    groups.push(g);
-                }
+            if let Some(g) = r.sg_after {
+                groups.push(g);
             }
         }
     }

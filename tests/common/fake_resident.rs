@@ -371,6 +371,8 @@ struct Control {
     state_limit: Mutex<Option<usize>>,
     /// `servers_in_room` of the send_join answer (default: servers with joined members before the join).
     servers_in_room: Mutex<Option<Vec<String>>>,
+    /// Events `/event` answers 404 for.
+    hidden: Mutex<HashSet<String>>,
     requests: Mutex<Vec<Request>>,
     received: Mutex<Vec<(String, Value)>>,
     changed: watch::Sender<u64>,
@@ -513,6 +515,7 @@ impl FakeResident {
                 state_ids_mode: Mutex::new(StateIdsMode::Normal),
                 state_limit: Mutex::new(None),
                 servers_in_room: Mutex::new(None),
+                hidden: Mutex::default(),
                 requests: Mutex::default(),
                 received: Mutex::default(),
                 changed: watch::channel(0).0,
@@ -610,6 +613,15 @@ impl FakeResident {
 
     pub fn set_servers_in_room(&self, servers: Option<Vec<String>>) {
         *self.inner.ctl.servers_in_room.lock().unwrap() = servers;
+    }
+
+    /// `/event` answers 404 for these events (until [`FakeResident::unhide`]).
+    pub fn hide(&self, ids: &[&str]) {
+        self.inner.ctl.hidden.lock().unwrap().extend(ids.iter().map(|i| i.to_string()));
+    }
+
+    pub fn unhide(&self) {
+        self.inner.ctl.hidden.lock().unwrap().clear();
     }
 
     /// Every request received so far.
@@ -860,6 +872,9 @@ async fn state(State(i): State<Shared>, UrlPath(room_id): UrlPath<String>, RawQu
 
 async fn event(State(i): State<Shared>, UrlPath(event_id): UrlPath<String>) -> Response {
     i.ctl.arrive("event", event_id.clone()).await;
+    if i.ctl.hidden.lock().unwrap().contains(&event_id) {
+        return err(StatusCode::NOT_FOUND, "M_NOT_FOUND", "unknown event (hidden by the test)");
+    }
     let r = i.room.lock().unwrap();
     match r.events.get(&event_id) {
         Some(e) => axum::Json(json!({"origin": i.name, "origin_server_ts": hearth::store::accounts::now_ms(), "pdus": [e.json]})).into_response(),
