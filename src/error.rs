@@ -125,6 +125,11 @@ impl Error {
     pub fn bad_gateway(msg: impl Into<String>) -> Self {
         Self::matrix(StatusCode::BAD_GATEWAY, "M_UNKNOWN", msg)
     }
+    /// Keys sent to a key-backup version that is not the current one.
+    pub fn wrong_room_keys_version(current_version: String) -> Self {
+        Self::matrix(StatusCode::FORBIDDEN, "M_WRONG_ROOM_KEYS_VERSION", "that backup version is not the current one")
+            .with("current_version", json!(current_version))
+    }
     pub fn internal(msg: impl Into<String>) -> Self {
         Error::Internal(anyhow::anyhow!(msg.into()))
     }

@@ -4,6 +4,9 @@
 //!   `tests/browser/build.mjs`) in headless Debian Chromium driven by playwright-core
 //!   (`tests/browser/hydrogen.test.mjs`): log in, room list, open a room, scroll back through history, send from the
 //!   composer, see the other user's reply live, display names and an avatar (authenticated media).
+//! * `matrix_js_sdk_end_to_end_encryption`: matrix-js-sdk 37 with its Rust crypto (WebAssembly) in Node
+//!   (`tests/browser/jssdk.test.mjs`): `startClient({lazyLoadMembers})`, cross-signing bootstrap, key backup, an
+//!   encrypted message each way between two Hearth users, and a second device restoring the keys from the backup.
 //!
 //! Needs `node`, `npm ci` run in `tests/browser` and Debian's `chromium` (`.ci/run` installs them). Set
 //! `HEARTH_SKIP_BROWSER=1` to skip deliberately (it prints that it was skipped); otherwise anything missing fails.
@@ -89,5 +92,23 @@ async fn hydrogen_in_chromium() {
         panic!("Hydrogen in Chromium failed (artifacts in {})\n--- stdout\n{out}\n--- stderr\n{err}", artifacts.display());
     }
     assert!(out.contains("Bob's reply arrived live"), "the script ended without its last check:\n{out}");
+    server.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn matrix_js_sdk_end_to_end_encryption() {
+    if prerequisites("matrix_js_sdk_end_to_end_encryption").is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = BinServer::start(&dir.path().join("hearth.db"), &[("HEARTH_REGISTRATION__ENABLED", "true")]).await;
+    let (ok, out, err) = node("jssdk.test.mjs", &[&server.base_url], &[], Duration::from_secs(240)).await;
+    let lines: Vec<&str> = out.lines().filter(|l| l.starts_with("[js-sdk") || l.contains("passed")).collect();
+    println!("{}", lines.join("\n"));
+    if !ok {
+        let log = std::fs::read_to_string(&server.log_path).unwrap_or_default();
+        panic!("matrix-js-sdk end-to-end encryption failed\n--- stdout\n{out}\n--- stderr\n{err}\n--- server log\n{log}");
+    }
+    assert!(out.contains("decrypted alice's message with the key from the backup"), "the script ended without its last check:\n{out}");
     server.kill();
 }

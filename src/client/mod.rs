@@ -9,6 +9,7 @@ pub mod keys;
 pub mod profile;
 pub mod push_rules;
 pub mod receipts;
+pub mod room_keys;
 pub mod rooms;
 pub mod sync;
 pub mod timeline;
@@ -91,6 +92,18 @@ fn extras() -> Router<AppState> {
         .route("/keys/device_signing/upload", post(keys::upload_signing_keys))
         .route("/keys/signatures/upload", post(keys::upload_signatures))
         .route("/sendToDevice/{event_type}/{txn_id}", put(keys::send_to_device))
+        .merge(backup_and_tags())
+}
+
+/// Server-side key backup (`/room_keys/*`).
+fn backup_and_tags() -> Router<AppState> {
+    use room_keys as rk;
+    Router::new()
+        .route("/room_keys/version", get(rk::get_latest_version).post(rk::create_version))
+        .route("/room_keys/version/{version}", get(rk::get_version).put(rk::update_version).delete(rk::delete_version))
+        .route("/room_keys/keys", get(rk::get_all).put(rk::put_all).delete(rk::delete_all))
+        .route("/room_keys/keys/{room_id}", get(rk::get_room).put(rk::put_room).delete(rk::delete_room))
+        .route("/room_keys/keys/{room_id}/{session_id}", get(rk::get_session).put(rk::put_session).delete(rk::delete_session))
 }
 
 pub fn routes() -> Router<AppState> {
