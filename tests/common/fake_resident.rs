@@ -740,17 +740,15 @@ fn origin_of(headers: &HeaderMap) -> String {
         .unwrap_or_default()
 }
 
-fn check_room(r: &FakeRoom, room_id: &str) -> Result<(), Response> {
-    if r.room_id != room_id {
-        return Err(err(StatusCode::NOT_FOUND, "M_NOT_FOUND", "unknown room"));
-    }
-    Ok(())
+/// A 404 answer unless `room_id` is the fake's room.
+fn check_room(r: &FakeRoom, room_id: &str) -> Option<Response> {
+    (r.room_id != room_id).then(|| err(StatusCode::NOT_FOUND, "M_NOT_FOUND", "unknown room"))
 }
 
 async fn make_join(State(i): State<Shared>, UrlPath((room_id, user_id)): UrlPath<(String, String)>) -> Response {
     i.ctl.arrive("make_join", user_id.clone()).await;
     let r = i.room.lock().unwrap();
-    if let Err(e) = check_room(&r, &room_id) {
+    if let Some(e) = check_room(&r, &room_id) {
         return e;
     }
     let state = r.current_state();
@@ -781,7 +779,7 @@ async fn send_join(State(i): State<Shared>, UrlPath((room_id, event_id)): UrlPat
     };
     let servers_override = i.ctl.servers_in_room.lock().unwrap().clone();
     let mut r = i.room.lock().unwrap();
-    if let Err(e) = check_room(&r, &room_id) {
+    if let Some(e) = check_room(&r, &room_id) {
         return e;
     }
     let id = match r.receive(&body, true) {
@@ -842,7 +840,7 @@ async fn state_ids(State(i): State<Shared>, UrlPath(room_id): UrlPath<String>, R
         }
     }
     let r = i.room.lock().unwrap();
-    if let Err(e) = check_room(&r, &room_id) {
+    if let Some(e) = check_room(&r, &room_id) {
         return e;
     }
     match state_at(&r, &event_id) {
@@ -856,7 +854,7 @@ async fn state(State(i): State<Shared>, UrlPath(room_id): UrlPath<String>, RawQu
     i.ctl.arrive("state", event_id.clone()).await;
     let limit = *i.ctl.state_limit.lock().unwrap();
     let r = i.room.lock().unwrap();
-    if let Err(e) = check_room(&r, &room_id) {
+    if let Some(e) = check_room(&r, &room_id) {
         return e;
     }
     match state_at(&r, &event_id) {
@@ -885,7 +883,7 @@ async fn event(State(i): State<Shared>, UrlPath(event_id): UrlPath<String>) -> R
 async fn event_auth(State(i): State<Shared>, UrlPath((room_id, event_id)): UrlPath<(String, String)>) -> Response {
     i.ctl.arrive("event_auth", event_id.clone()).await;
     let r = i.room.lock().unwrap();
-    if let Err(e) = check_room(&r, &room_id) {
+    if let Some(e) = check_room(&r, &room_id) {
         return e;
     }
     if !r.events.contains_key(&event_id) {
@@ -921,7 +919,7 @@ fn walk_back(r: &FakeRoom, from: &[String], stop: &HashSet<String>, limit: usize
 async fn get_missing_events(State(i): State<Shared>, UrlPath(room_id): UrlPath<String>, axum::Json(body): axum::Json<Value>) -> Response {
     i.ctl.arrive("get_missing_events", body.to_string()).await;
     let r = i.room.lock().unwrap();
-    if let Err(e) = check_room(&r, &room_id) {
+    if let Some(e) = check_room(&r, &room_id) {
         return e;
     }
     let strs = |k: &str| -> Vec<String> { body.get(k).and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect()).unwrap_or_default() };
@@ -938,7 +936,7 @@ async fn backfill(State(i): State<Shared>, UrlPath(room_id): UrlPath<String>, Ra
     let from: Vec<String> = params.iter().filter(|(k, _)| k == "v").map(|(_, v)| v.clone()).collect();
     let limit = params.iter().find(|(k, _)| k == "limit").and_then(|(_, v)| v.parse().ok()).unwrap_or(10usize).min(100);
     let r = i.room.lock().unwrap();
-    if let Err(e) = check_room(&r, &room_id) {
+    if let Some(e) = check_room(&r, &room_id) {
         return e;
     }
     let evs = walk_back(&r, &from, &HashSet::new(), limit, true);

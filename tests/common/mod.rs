@@ -46,8 +46,7 @@ pub fn init_crypto() {
 /// A test configuration: database in `dir`, client listener on a free loopback port, registration open,
 /// generous message rate (tests send bursts), server name `localhost`.
 pub fn test_config(dir: &Path) -> Config {
-    let mut config = Config::default();
-    config.server_name = "localhost".into();
+    let mut config = Config { server_name: "localhost".into(), ..Config::default() };
     config.listen.client = "127.0.0.1:0".parse().unwrap();
     config.database.path = dir.join("hearth.db");
     config.registration.enabled = true;
