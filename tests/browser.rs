@@ -7,6 +7,9 @@
 //! * `matrix_js_sdk_end_to_end_encryption`: matrix-js-sdk 37 with its Rust crypto (WebAssembly) in Node
 //!   (`tests/browser/jssdk.test.mjs`): `startClient({lazyLoadMembers})`, cross-signing bootstrap, key backup, an
 //!   encrypted message each way between two Hearth users, and a second device restoring the keys from the backup.
+//! * `matrix_js_sdk_encryption_hearth_and_synapse`: the same script with Bob on a real Synapse
+//!   (`tests/interop/e2ee.py` starts the lab): keys, claims, to-device and device lists over federation.
+//!   Also skipped with `HEARTH_SKIP_SYNAPSE=1`.
 //!
 //! Needs `node`, `npm ci` run in `tests/browser` and Debian's `chromium` (`.ci/run` installs them). Set
 //! `HEARTH_SKIP_BROWSER=1` to skip deliberately (it prints that it was skipped); otherwise anything missing fails.
@@ -111,4 +114,38 @@ async fn matrix_js_sdk_end_to_end_encryption() {
     }
     assert!(out.contains("decrypted alice's message with the key from the backup"), "the script ended without its last check:\n{out}");
     server.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn matrix_js_sdk_encryption_hearth_and_synapse() {
+    if prerequisites("matrix_js_sdk_encryption_hearth_and_synapse").is_none() {
+        return;
+    }
+    if std::env::var("HEARTH_SKIP_SYNAPSE").as_deref() == Ok("1") {
+        println!("SKIPPED matrix_js_sdk_encryption_hearth_and_synapse: HEARTH_SKIP_SYNAPSE=1 (Synapse interop not run)");
+        return;
+    }
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut child = Command::new("python3")
+        .arg(format!("{root}/tests/interop/e2ee.py"))
+        .env("HEARTH_BIN", hearth_bin())
+        .current_dir(root)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 must be installed to run the Synapse interop tests");
+    let deadline = Instant::now() + Duration::from_secs(400);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let out = child.wait_with_output().expect("python output");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    println!("{stdout}");
+    assert!(out.status.success(), "js-sdk E2EE between Hearth and Synapse failed\n--- stdout\n{stdout}\n--- stderr\n{stderr}");
+    assert!(stdout.contains("e2ee with synapse: ok"), "{stdout}");
 }

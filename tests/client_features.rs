@@ -88,3 +88,164 @@ async fn key_backup_versions_and_keys() {
     s.client().get("/room_keys/version").await.assert_err(401, "M_MISSING_TOKEN");
     s.stop().await;
 }
+
+// ---- E2EE keys over federation (two Hearths) ------------------------------------------------------------------
+
+use base64::Engine;
+use common::fake_resident::federation_config;
+use ring::signature::{Ed25519KeyPair, KeyPair};
+
+/// Two in-process Hearths (`hearth-a.test`, `hearth-b.test`) federating over TLS on loopback.
+async fn federated_pair() -> (TestServer, TestServer) {
+    let (pa, pb) = (free_port(), free_port());
+    let start = |name: &'static str, port: u16, peer: &'static str, peer_port: u16| {
+        TestServer::start_with(move |c| {
+            federation_config(c);
+            c.server_name = name.into();
+            c.listen.federation = Some(format!("127.0.0.1:{port}").parse().unwrap());
+            c.federation.resolve.insert(peer.into(), format!("127.0.0.1:{peer_port}"));
+        })
+    };
+    let a = start("hearth-a.test", pa, "hearth-b.test", pb).await;
+    let b = start("hearth-b.test", pb, "hearth-a.test", pa).await;
+    (a, b)
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD_NO_PAD.encode(bytes)
+}
+
+/// A fresh ed25519 key: (pair, unpadded base64 public key).
+fn ed25519() -> (Ed25519KeyPair, String) {
+    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).unwrap();
+    let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+    let public = b64(pair.public_key().as_ref());
+    (pair, public)
+}
+
+/// Signs `obj` (canonical JSON without `signatures` and `unsigned`) as `user` with `key` under `key_id`.
+fn sign(obj: &mut Value, user: &str, key_id: &str, key: &Ed25519KeyPair) {
+    let mut content = obj.clone();
+    content.as_object_mut().unwrap().remove("signatures");
+    content.as_object_mut().unwrap().remove("unsigned");
+    let canonical = ruma::canonical_json::CanonicalJsonValue::try_from(content).unwrap().to_string();
+    obj["signatures"][user][key_id] = json!(b64(key.sign(canonical.as_bytes()).as_ref()));
+}
+
+fn device_keys(c: &Client) -> Value {
+    json!({
+        "user_id": c.user_id, "device_id": c.device_id,
+        "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
+        "keys": {format!("curve25519:{}", c.device_id): "curve", format!("ed25519:{}", c.device_id): "ed"},
+        "signatures": {c.user_id.clone(): {format!("ed25519:{}", c.device_id): "sig"}},
+    })
+}
+
+fn to_device_of(sync: &Value) -> Vec<Value> {
+    sync["to_device"]["events"].as_array().cloned().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2ee_keys_to_device_and_device_lists_over_federation() {
+    let (a, b) = federated_pair().await;
+    let mut alice = a.user("alice").await;
+    let bob = b.user("bob").await;
+
+    // Alice's device keys, a one-time key, a fallback key and cross-signing keys.
+    alice
+        .post("/keys/upload", json!({
+            "device_keys": device_keys(&alice),
+            "one_time_keys": {"signed_curve25519:AAAA": {"key": "otk1", "signatures": {}}},
+            "fallback_keys": {"signed_curve25519:FFFF": {"key": "fallback1", "fallback": true, "signatures": {}}},
+        }))
+        .await
+        .ok();
+    let ((master, mpub), (_, spub), (_, upub)) = (ed25519(), ed25519(), ed25519());
+    let cross = |usage: &str, public: &str| json!({"user_id": alice.user_id, "usage": [usage], "keys": {format!("ed25519:{public}"): public}});
+    let master_id = format!("ed25519:{mpub}");
+    let (mut ssk, mut usk) = (cross("self_signing", &spub), cross("user_signing", &upub));
+    sign(&mut ssk, &alice.user_id, &master_id, &master);
+    sign(&mut usk, &alice.user_id, &master_id, &master);
+    alice
+        .post("/keys/device_signing/upload", json!({"master_key": cross("master", &mpub), "self_signing_key": ssk, "user_signing_key": usk}))
+        .await
+        .ok();
+
+    // Bob (on B) queries Alice's keys: B asks A over federation. Master and self-signing keys come along; the
+    // user-signing key and device display names stay private.
+    let q = bob.post("/keys/query", json!({"device_keys": {alice.user_id.clone(): []}})).await.ok();
+    assert_eq!(q["failures"], json!({}), "{q}");
+    let dk = &q["device_keys"][&alice.user_id][&alice.device_id];
+    assert_eq!(dk["keys"][format!("curve25519:{}", alice.device_id)], "curve", "{q}");
+    assert!(dk.get("unsigned").is_none(), "device display names are not shared over federation: {dk}");
+    assert_eq!(q["master_keys"][&alice.user_id]["keys"][&master_id], json!(mpub), "{q}");
+    assert_eq!(q["self_signing_keys"][&alice.user_id]["keys"][format!("ed25519:{spub}")], json!(spub), "{q}");
+    assert!(q["user_signing_keys"].get(&alice.user_id).is_none(), "{q}");
+
+    // Claims over federation: the one-time key first, then the fallback key.
+    let claim = json!({"one_time_keys": {alice.user_id.clone(): {alice.device_id.clone(): "signed_curve25519"}}});
+    let c1 = bob.post("/keys/claim", claim.clone()).await.ok();
+    assert_eq!(c1["one_time_keys"][&alice.user_id][&alice.device_id]["signed_curve25519:AAAA"]["key"], "otk1", "{c1}");
+    let c2 = bob.post("/keys/claim", claim).await.ok();
+    assert_eq!(c2["one_time_keys"][&alice.user_id][&alice.device_id]["signed_curve25519:FFFF"]["key"], "fallback1", "{c2}");
+
+    // /user/devices carries the cross-signing keys too.
+    let fed_b = b.running.services.federation.as_ref().unwrap();
+    let devices = fed_b.client.get("hearth-a.test", &format!("/_matrix/federation/v1/user/devices/{}", enc(&alice.user_id))).await.unwrap();
+    assert_eq!(devices["master_key"]["keys"][&master_id], json!(mpub), "{devices}");
+    assert!(devices["self_signing_key"].is_object(), "{devices}");
+
+    // To-device messages both ways over federation.
+    let a_since = alice.sync(None, &[]).await.ok()["next_batch"].as_str().unwrap().to_owned();
+    let b_since = bob.sync(None, &[]).await.ok()["next_batch"].as_str().unwrap().to_owned();
+    let msg = |to: &Client, body: &str| json!({"messages": {to.user_id.clone(): {to.device_id.clone(): {"body": body}}}});
+    bob.put(&format!("/sendToDevice/m.test/{}", bob.next_txn()), msg(&alice, "to alice")).await.ok();
+    alice.put(&format!("/sendToDevice/m.test/{}", alice.next_txn()), msg(&bob, "to bob")).await.ok();
+    let got = within_secs(20, || async {
+        let s = alice.sync(Some(&a_since), &[("timeout", "1000")]).await.ok();
+        to_device_of(&s).into_iter().find(|e| e["content"]["body"] == "to alice")
+    })
+    .await;
+    assert_eq!((got["sender"].as_str(), got["type"].as_str()), (Some(bob.user_id.as_str()), Some("m.test")));
+    let got = within_secs(20, || async {
+        let s = bob.sync(Some(&b_since), &[("timeout", "1000")]).await.ok();
+        to_device_of(&s).into_iter().find(|e| e["content"]["body"] == "to bob")
+    })
+    .await;
+    assert_eq!(got["sender"].as_str(), Some(alice.user_id.as_str()));
+
+    // Device list updates: once they share a room, a new device of Alice reaches Bob's /sync device_lists.
+    let room = alice.create_room(json!({"preset": "public_chat"})).await;
+    let joined = bob.post(&format!("/join/{}?server_name=hearth-a.test", enc(&room)), json!({})).await;
+    assert_eq!(joined.status, 200, "{}", joined.text);
+    let since = bob.sync(None, &[]).await.ok()["next_batch"].as_str().unwrap().to_owned();
+    alice.login("alice", PASSWORD).await.ok();
+    alice.post("/keys/upload", json!({"device_keys": device_keys(&alice)})).await.ok();
+    let changed = within_secs(20, || async {
+        let s = bob.sync(Some(&since), &[("timeout", "1000")]).await.ok();
+        let changed = s["device_lists"]["changed"].as_array().cloned().unwrap_or_default();
+        changed.iter().any(|u| u == &json!(alice.user_id)).then_some(changed)
+    })
+    .await;
+    assert!(!changed.is_empty());
+    let q = bob.post("/keys/query", json!({"device_keys": {alice.user_id.clone(): []}})).await.ok();
+    assert!(q["device_keys"][&alice.user_id].get(&alice.device_id).is_some(), "the new device is visible to Bob: {q}");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Polls `f` until it returns Some (at most `secs` seconds).
+async fn within_secs<T, F, Fut>(secs: u64, f: F) -> T
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "condition not met within {secs} s");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}

@@ -46,6 +46,7 @@ pub fn routes() -> Router<AppState> {
         .route("/_matrix/federation/v1/query/directory", get(query_directory))
         .route("/_matrix/federation/v1/user/devices/{user_id}", get(user_devices))
         .route("/_matrix/federation/v1/user/keys/query", post(user_keys_query))
+        .route("/_matrix/federation/v1/user/keys/claim", post(user_keys_claim))
         .route("/_matrix/federation/v1/publicRooms", get(public_rooms))
         .merge(crate::media::federation_routes())
 }
@@ -685,39 +686,59 @@ async fn user_devices(State(s): State<AppState>, Path(user_id): Path<String>, _s
             Ok((out, stream))
         })
         .await?;
-    Ok(axum::Json(json!({"user_id": user_id, "stream_id": stream, "devices": devices})))
+    let uid = user_id.clone();
+    let cross = s.store.read(move |c| crate::client::keys::query_local(c, "", &[(uid, vec![])])).await?;
+    let mut body = json!({"user_id": user_id, "stream_id": stream, "devices": devices});
+    if let Some(k) = cross["master_keys"].get(&user_id) {
+        body["master_key"] = k.clone();
+    }
+    if let Some(k) = cross["self_signing_keys"].get(&user_id) {
+        body["self_signing_key"] = k.clone();
+    }
+    Ok(axum::Json(body))
 }
 
+/// Device keys and cross-signing keys (master, self-signing; never user-signing) of our users.
 async fn user_keys_query(State(s): State<AppState>, signed: Signed) -> Result<impl IntoResponse> {
     let body = signed.body.unwrap_or(Value::Null);
+    let identity = s.identity.clone();
     let wanted: Vec<(String, Vec<String>)> = body
         .get("device_keys")
         .and_then(Value::as_object)
         .map(|m| m.iter().map(|(u, d)| (u.clone(), d.as_array().map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect()).unwrap_or_default())).collect())
         .unwrap_or_default();
-    let identity = s.identity.clone();
-    let out = s
-        .store
-        .read(move |c| {
-            let mut out = serde_json::Map::new();
-            for (user, devices) in wanted {
-                if !identity.is_local_user(&user) {
-                    continue;
+    let wanted: Vec<(String, Vec<String>)> = wanted.into_iter().filter(|(u, _)| identity.is_local_user(u)).collect();
+    let mut out = s.store.read(move |c| crate::client::keys::query_local(c, "", &wanted)).await?;
+    if let Some(o) = out.as_object_mut() {
+        o.remove("user_signing_keys");
+        // Device display names stay on this server (as Synapse does by default).
+        for devices in o.get_mut("device_keys").and_then(Value::as_object_mut).into_iter().flat_map(|m| m.values_mut()) {
+            for keys in devices.as_object_mut().into_iter().flat_map(|m| m.values_mut()) {
+                if let Some(k) = keys.as_object_mut() {
+                    k.remove("unsigned");
                 }
-                let mut per = serde_json::Map::new();
-                let mut stmt = c.prepare_cached("SELECT device_id, keys FROM device_keys WHERE user_id = ?1")?;
-                for r in stmt.query_map([&user], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))? {
-                    let (d, k) = r?;
-                    if devices.is_empty() || devices.contains(&d) {
-                        per.insert(d, serde_json::from_str(&k)?);
-                    }
-                }
-                out.insert(user, Value::Object(per));
             }
-            Ok(out)
-        })
-        .await?;
-    Ok(axum::Json(json!({"device_keys": out})))
+        }
+    }
+    Ok(axum::Json(out))
+}
+
+/// One-time (or fallback) keys of our users' devices, claimed for a remote user.
+async fn user_keys_claim(State(s): State<AppState>, signed: Signed) -> Result<impl IntoResponse> {
+    let body = signed.body.unwrap_or(Value::Null);
+    let mut wanted: Vec<(String, String, String)> = Vec::new();
+    for (user, devices) in body.get("one_time_keys").and_then(Value::as_object).into_iter().flatten() {
+        if !s.identity.is_local_user(user) {
+            continue;
+        }
+        for (device, algorithm) in devices.as_object().into_iter().flatten() {
+            if let Some(a) = algorithm.as_str() {
+                wanted.push((user.clone(), device.clone(), a.to_owned()));
+            }
+        }
+    }
+    let claimed = s.store.write(move |w| crate::client::keys::claim_local(w.conn, &wanted)).await?;
+    Ok(axum::Json(json!({"one_time_keys": claimed})))
 }
 
 async fn public_rooms(State(s): State<AppState>, _signed: Signed) -> Result<impl IntoResponse> {

@@ -1,4 +1,7 @@
-// matrix-js-sdk 37 (Rust crypto, WebAssembly) in Node against Hearth. Usage: node jssdk.test.mjs HEARTH_BASE_URL
+// matrix-js-sdk 37 (Rust crypto, WebAssembly) in Node against Hearth.
+// Usage: node jssdk.test.mjs HEARTH_BASE_URL [BOB_BASE_URL BOB_SESSION_JSON BOB_PASSWORD]
+// With the second form Bob lives on another server (a Synapse, or a second Hearth) and everything between the two
+// users goes over federation; his session (`{access_token, user_id, device_id}`) was made by the caller.
 //
 // Two users, each a js-sdk client with `startClient({lazyLoadMembers: true})` and Rust crypto (in-memory store),
 // with cross-signing bootstrapped (device_signing/upload behind password UIA, signatures/upload) and a key backup
@@ -9,9 +12,9 @@
 import * as sdk from "matrix-js-sdk";
 import {logger} from "matrix-js-sdk/lib/logger.js";
 
-const [hs] = process.argv.slice(2);
+const [hs, bobHs = hs, bobSessionJson, bobPassword] = process.argv.slice(2);
 if (!hs) {
-    console.error("usage: node jssdk.test.mjs HEARTH_BASE_URL");
+    console.error("usage: node jssdk.test.mjs HEARTH_BASE_URL [BOB_BASE_URL BOB_SESSION_JSON BOB_PASSWORD]");
     process.exit(2);
 }
 logger.setLevel(process.env.JSSDK_DEBUG ? "debug" : "warn");
@@ -20,10 +23,10 @@ if (!process.env.JSSDK_DEBUG) console.debug = () => {};
 const log = (...a) => console.log(`[js-sdk ${new Date().toISOString().slice(11, 23)}]`, ...a);
 const PASSWORD = "js-sdk-pass";
 
-async function api(method, path, token, body) {
+async function api(method, path, token, body, base = hs) {
     const headers = {"content-type": "application/json"};
     if (token) headers.authorization = `Bearer ${token}`;
-    const res = await fetch(`${hs}/_matrix/client/v3${path}`, {method, headers, body: body === undefined ? undefined : JSON.stringify(body)});
+    const res = await fetch(`${base}/_matrix/client/v3${path}`, {method, headers, body: body === undefined ? undefined : JSON.stringify(body)});
     const json = await res.json().catch(() => null);
     if (!res.ok) throw new Error(`${method} ${path} -> ${res.status} ${JSON.stringify(json)}`);
     return json;
@@ -33,8 +36,8 @@ async function register(username) {
     return api("POST", "/register", null, {username, password: PASSWORD, auth: {type: "m.login.dummy"}});
 }
 
-async function login(username, deviceId) {
-    return api("POST", "/login", null, {type: "m.login.password", identifier: {type: "m.id.user", user: username}, password: PASSWORD, device_id: deviceId});
+async function login(base, username, password, deviceId) {
+    return api("POST", "/login", null, {type: "m.login.password", identifier: {type: "m.id.user", user: username}, password, device_id: deviceId}, base);
 }
 
 function withTimeout(promise, ms, what) {
@@ -43,8 +46,8 @@ function withTimeout(promise, ms, what) {
         .finally(() => clearTimeout(t));
 }
 
-async function startClient(session) {
-    const client = sdk.createClient({baseUrl: hs, accessToken: session.access_token, userId: session.user_id, deviceId: session.device_id});
+async function startClient(session, base = hs) {
+    const client = sdk.createClient({baseUrl: base, accessToken: session.access_token, userId: session.user_id, deviceId: session.device_id});
     await client.initRustCrypto({useIndexedDB: false});
     const prepared = new Promise((resolve, reject) => {
         client.on(sdk.ClientEvent.Sync, (state, _prev, data) => {
@@ -58,11 +61,11 @@ async function startClient(session) {
 }
 
 /// Cross-signing keys uploaded behind password UIA, then a server-side key backup.
-async function setUpEncryption(client, username) {
+async function setUpEncryption(client, username, password = PASSWORD) {
     const crypto = client.getCrypto();
     await crypto.bootstrapCrossSigning({
         authUploadDeviceSigningKeys: async makeRequest => {
-            await makeRequest({type: "m.login.password", identifier: {type: "m.id.user", user: username}, password: PASSWORD});
+            await makeRequest({type: "m.login.password", identifier: {type: "m.id.user", user: username}, password});
         },
         setupNewCrossSigning: true,
     });
@@ -106,14 +109,16 @@ const clients = [];
 let ok = false;
 try {
     const a = await register("alice");
-    const b = await register("bob");
+    const b = bobSessionJson ? JSON.parse(bobSessionJson) : await register("bob");
+    const bobPass = bobPassword || PASSWORD;
+    const bobLocalpart = b.user_id.slice(1).split(":")[0];
     const alice = await startClient(a);
-    const bob = await startClient(b);
+    const bob = await startClient(b, bobHs);
     clients.push(alice, bob);
-    log("both clients synced (lazyLoadMembers, Rust crypto)");
+    log(`both clients synced (lazyLoadMembers, Rust crypto): ${a.user_id} on ${hs}, ${b.user_id} on ${bobHs}`);
 
     const aliceBackup = await setUpEncryption(alice, "alice");
-    await setUpEncryption(bob, "bob");
+    await setUpEncryption(bob, bobLocalpart, bobPass);
     log(`cross-signing set up for both; key backups created (alice: version ${aliceBackup})`);
     const {room_id: roomId} = await alice.createRoom({
         name: "Secret garden",
@@ -140,19 +145,19 @@ try {
     log("alice decrypted bob's reply");
 
     // The raw event on the server is encrypted: the server never sees the text.
-    const raw = await api("GET", `/rooms/${encodeURIComponent(roomId)}/messages?dir=b&limit=10`, a.access_token);
+    const raw = await api("GET", `/rooms/${encodeURIComponent(roomId)}/messages?dir=b&limit=10`, a.access_token, undefined, hs);
     if (!raw.chunk.some(e => e.type === "m.room.encrypted")) throw new Error("no m.room.encrypted event on the server");
     if (JSON.stringify(raw).includes("swordfish")) throw new Error("the plaintext reached the server");
 
     // Bob's room key went into his backup: a new device of Bob restores it from the backup and decrypts.
     await waitFor("bob's backup to hold the room key", async () => {
-        const v = await api("GET", "/room_keys/version", b.access_token);
-        const keys = await api("GET", `/room_keys/keys?version=${v.version}`, b.access_token);
+        const v = await api("GET", "/room_keys/version", b.access_token, undefined, bobHs);
+        const keys = await api("GET", `/room_keys/keys?version=${v.version}`, b.access_token, undefined, bobHs);
         return Object.keys(keys.rooms?.[roomId]?.sessions ?? {}).length > 0;
     }, 60_000);
     const backupKey = await bob.getCrypto().getSessionBackupPrivateKey();
-    const b2 = await login("bob", "BOBSECOND");
-    const bob2 = await startClient(b2);
+    const b2 = await login(bobHs, bobLocalpart, bobPass, "BOBSECOND");
+    const bob2 = await startClient(b2, bobHs);
     clients.push(bob2);
     const info = await bob2.getCrypto().getKeyBackupInfo();
     await bob2.getCrypto().storeSessionBackupPrivateKey(backupKey, info.version);

@@ -184,8 +184,10 @@ level = "info,ruma_state_res=warn,hearth=debug"
         self.proc = None
 
     def start(self):
+        # Every HEARTH_* variable is a config key to the server (HEARTH_BIN, HEARTH_SKIP_* would be unknown ones).
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HEARTH_")}
         self.proc = subprocess.Popen([self.bin, "-c", self.config], stdout=open(os.path.join(self.dir, "log"), "ab"),
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+                                     stderr=subprocess.STDOUT, start_new_session=True, env=env)
         wait_http(self.url, self.proc, "hearth")
 
     def kill9(self):
