@@ -19,7 +19,7 @@ case "$(field Depends)" in *"libc6 (>= 2.31)"*) ;; *) echo "test-deb: Depends la
 
 # Contents and control scripts.
 dpkg-deb -c "$deb" > "$root/contents"
-for path in ./usr/bin/hearth ./etc/hearth/hearth.toml ./lib/systemd/system/hearth.service \
+for path in ./usr/bin/hearth ./etc/hearth/hearth.toml ./usr/lib/systemd/system/hearth.service \
     ./usr/share/doc/hearth/README.md ./usr/share/doc/hearth/examples/hearth.example.toml; do
     grep -q " $path\$" "$root/contents" || { echo "test-deb: $path missing from the package" >&2; cat "$root/contents"; exit 1; }
 done
@@ -37,7 +37,7 @@ awk '/"\$1" = "purge"/{p=1} /^fi/{p=0} /rm -rf \/var\/lib\/hearth/ && !p {bad=1}
 echo "control: conffiles, maintainer scripts ok"
 
 dpkg-deb -x "$deb" "$root/fs"
-unit=$root/fs/lib/systemd/system/hearth.service
+unit=$root/fs/usr/lib/systemd/system/hearth.service
 for d in Type=notify User=hearth StateDirectory=hearth ProtectSystem=strict ProtectHome=yes NoNewPrivileges=yes \
     PrivateTmp=yes "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX" SystemCallFilter=@system-service; do
     grep -qx "$d" "$unit" || { echo "test-deb: unit lacks $d" >&2; exit 1; }

@@ -172,9 +172,18 @@ impl FromRequestParts<AppState> for MaybeAuth {
     }
 }
 
-/// The client's address (for rate limits keyed by address).
+/// The client's address (for rate limits keyed by address). Behind a reverse proxy on the same machine (the peer
+/// is a loopback address) that is the last address of `X-Forwarded-For`, which the proxy appends: otherwise every
+/// client would share the proxy's address and one client's failed logins would lock out everyone.
 pub fn client_ip(parts: &Parts) -> String {
-    parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_string()).unwrap_or_default()
+    let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+    if peer.is_some_and(|ip| ip.is_loopback()) {
+        let forwarded = parts.headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).last();
+        if let Some(ip) = forwarded.and_then(|v| v.rsplit(',').next()).and_then(|ip| ip.trim().parse::<std::net::IpAddr>().ok()) {
+            return ip.to_string();
+        }
+    }
+    peer.map(|ip| ip.to_string()).unwrap_or_default()
 }
 
 /// A JSON request body: size-limited, `M_NOT_JSON` when it is not JSON, `M_BAD_JSON` when the shape is wrong.

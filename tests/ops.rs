@@ -230,3 +230,26 @@ async fn systemd_notify_and_graceful_sigterm() {
     alice.send_text(&room, "after restart").await;
     server.kill();
 }
+
+/// Behind a reverse proxy on the same machine, the login limit per address uses the proxy's `X-Forwarded-For`, so
+/// one client's failures do not lock out the others that share the proxy's address.
+#[tokio::test]
+async fn login_limit_per_address_behind_a_local_proxy() {
+    let server = TestServer::start().await;
+    let login = |user: String, forwarded: &'static str| {
+        let url = format!("{}/_matrix/client/v3/login", server.base_url);
+        async move {
+            let body = json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": user}, "password": "wrong"});
+            reqwest::Client::new().post(url).header("X-Forwarded-For", forwarded).json(&body).send().await.unwrap().status().as_u16()
+        }
+    };
+    // Different user names each time: only the address limit (5 failures a minute) can trip.
+    let mut statuses = Vec::new();
+    for i in 0..7 {
+        statuses.push(login(format!("nobody{i}"), "10.9.8.7, 203.0.113.5").await);
+    }
+    assert_eq!(statuses.last(), Some(&429), "{statuses:?}");
+    // Another client behind the same proxy is not affected.
+    assert_eq!(login("someone".into(), "198.51.100.7").await, 403);
+    server.stop().await;
+}

@@ -170,3 +170,41 @@ fn cargo_deb_metadata_points_at_real_files() {
         assert!(targets.iter().any(|t| t == want), "no asset installs {want}");
     }
 }
+
+/// The real thing when cargo-deb is installed (it is not installed by CI; `packaging/build-release.sh` installs it):
+/// a .deb of the test binary (dev profile: a release build takes 10+ minutes) through `packaging/test-deb.sh`, which
+/// unpacks it with `dpkg-deb -x` and runs the packaged binary with the packaged config.
+#[test]
+fn debian_package_unpacks_and_runs() {
+    let has = |cmd: &str, arg: &str| Command::new(cmd).arg(arg).output().is_ok_and(|o| o.status.success());
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let cargo_deb = Command::new(&cargo).args(["deb", "--version"]).output();
+    let cargo_deb_3 = cargo_deb.as_ref().is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(" 3."));
+    if !cargo_deb_3 || !has("dpkg-deb", "--version") || !has("jq", "--version") || !has("curl", "--version") {
+        eprintln!("SKIPPED: needs cargo-deb 3.x, dpkg-deb, jq and curl; run packaging/build-release.sh for the full packaging test");
+        return;
+    }
+    // cargo-deb looks for the binary in <target dir>/debug when asked for the dev profile: the one this test runs.
+    let bin = PathBuf::from(hearth_bin());
+    let profile_dir = bin.parent().unwrap();
+    assert_eq!(profile_dir.file_name().unwrap(), "debug", "{bin:?}");
+    let out = tempfile::tempdir().unwrap();
+    let o = Command::new(&cargo)
+        .args(["deb", "--no-build", "--profile", "dev", "--no-strip", "--fast", "--quiet", "--output"])
+        .arg(out.path())
+        .env("CARGO_TARGET_DIR", profile_dir.parent().unwrap())
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "cargo deb failed: {}", String::from_utf8_lossy(&o.stderr));
+    let deb = std::fs::read_dir(out.path()).unwrap().filter_map(|e| e.ok()).map(|e| e.path()).find(|p| p.extension().is_some_and(|x| x == "deb")).expect("a .deb");
+    assert!(deb.file_name().unwrap().to_string_lossy().starts_with(&format!("hearth_{}_", env!("CARGO_PKG_VERSION"))), "{deb:?}");
+    let o = clean_hearth_env(&mut Command::new("bash")).arg(repo().join("packaging/test-deb.sh")).arg(&deb).output().unwrap();
+    assert!(
+        o.status.success(),
+        "test-deb.sh failed:\n{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    eprintln!("{}", String::from_utf8_lossy(&o.stdout));
+}
