@@ -249,3 +249,138 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
+
+// ---- tags, ignored users, notification counts, presence -----------------------------------------------------------
+
+#[tokio::test]
+async fn room_tags_round_trip_and_sync() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let bob = s.user("bob").await;
+    let room = alice.create_room(json!({})).await;
+    let base = format!("/user/{}/rooms/{}/tags", enc(&alice.user_id), enc(&room));
+    assert_eq!(alice.get(&base).await.ok(), json!({"tags": {}}));
+    let since = alice.sync(None, &[]).await.ok()["next_batch"].as_str().unwrap().to_owned();
+    alice.put(&format!("{base}/m.favourite"), json!({"order": 0.25})).await.ok();
+    alice.put(&format!("{base}/u.work"), json!({})).await.ok();
+    assert_eq!(alice.get(&base).await.ok(), json!({"tags": {"m.favourite": {"order": 0.25}, "u.work": {}}}));
+    // Tags reach the user's clients as the room's m.tag account data.
+    let sync = alice.sync(Some(&since), &[]).await.ok();
+    let tag_event = events_of(&sync["rooms"]["join"][&room]["account_data"]).into_iter().find(|e| e["type"] == "m.tag").expect("m.tag in sync");
+    assert_eq!(tag_event["content"]["tags"]["m.favourite"]["order"], 0.25);
+    alice.delete(&format!("{base}/u.work"), json!({})).await.ok();
+    assert_eq!(alice.get(&base).await.ok(), json!({"tags": {"m.favourite": {"order": 0.25}}}));
+    // Errors: someone else's tags, a bad order, a bad room id.
+    bob.get(&base).await.assert_err(403, "M_FORBIDDEN");
+    bob.put(&format!("{base}/x"), json!({})).await.assert_err(403, "M_FORBIDDEN");
+    alice.put(&format!("{base}/x"), json!({"order": "first"})).await.assert_err(400, "M_BAD_JSON");
+    alice.get(&format!("/user/{}/rooms/not-a-room/tags", enc(&alice.user_id))).await.assert_err(400, "M_INVALID_PARAM");
+    s.stop().await;
+}
+
+fn counts(sync: &Value, room: &str) -> (i64, i64) {
+    let u = &sync["rooms"]["join"][room]["unread_notifications"];
+    (u["notification_count"].as_i64().unwrap_or(-1), u["highlight_count"].as_i64().unwrap_or(-1))
+}
+
+#[tokio::test]
+async fn unread_notification_counts_follow_push_rules_and_receipts() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let bob = s.user("bob").await;
+    let carol = s.user("carol").await;
+    alice.put(&format!("/profile/{}/displayname", enc(&alice.user_id)), json!({"displayname": "Alice Wonder"})).await.ok();
+    let room = alice.create_room(json!({"preset": "public_chat"})).await;
+    bob.join(&room).await.ok();
+    carol.join(&room).await.ok();
+    assert_eq!(counts(&alice.sync(None, &[]).await.ok(), &room), (0, 0));
+
+    for i in 0..3 {
+        bob.send_text(&room, &format!("plain {i}")).await;
+    }
+    assert_eq!(counts(&alice.sync(None, &[]).await.ok(), &room), (3, 0));
+    bob.send_text(&room, "hello Alice Wonder").await; // display name: highlight
+    bob.send_text(&room, "ping alice").await; // user name: highlight
+    bob.send(&room, "m.room.message", json!({"msgtype": "m.text", "body": "x", "m.mentions": {"user_ids": [alice.user_id]}})).await.ok();
+    bob.send(&room, "m.room.message", json!({"msgtype": "m.notice", "body": "a bot says"})).await.ok(); // suppressed
+    bob.send_text(&room, "@room everyone").await; // bob has no notification power: a plain notification
+    bob.send(&room, "m.reaction", json!({"m.relates_to": {"rel_type": "m.annotation", "event_id": "$x", "key": "+1"}})).await.ok();
+    assert_eq!(counts(&alice.sync(None, &[]).await.ok(), &room), (7, 3));
+
+    // A read receipt on the latest event clears them; later events count again.
+    let last = carol.send_text(&room, "from carol").await;
+    let since = alice.sync(None, &[]).await.ok()["next_batch"].as_str().unwrap().to_owned();
+    alice.post(&format!("/rooms/{}/receipt/m.read/{}", enc(&room), enc(&last)), json!({})).await.ok();
+    let after = alice.sync(Some(&since), &[]).await.ok();
+    assert_eq!(counts(&after, &room), (0, 0), "{}", after["rooms"]);
+    alice.send_text(&room, "my own message").await;
+    bob.send_text(&room, "one more").await;
+    assert_eq!(counts(&alice.sync(None, &[]).await.ok(), &room), (1, 0));
+    // Sending a message marks everything before it read.
+    alice.send_text(&room, "caught up").await;
+    assert_eq!(counts(&alice.sync(None, &[]).await.ok(), &room), (0, 0));
+
+    // The creator (power 100) may notify the room: @room highlights for bob.
+    alice.send_text(&room, "@room meeting now").await;
+    assert_eq!(counts(&bob.sync(None, &[]).await.ok(), &room).1, 1);
+
+    // User rules count: disabling .m.rule.message silences plain messages.
+    alice.put("/pushrules/global/underride/.m.rule.message/enabled", json!({"enabled": false})).await.ok();
+    bob.send_text(&room, "quiet now").await;
+    bob.send_text(&room, "still pinging alice").await;
+    assert_eq!(counts(&alice.sync(None, &[]).await.ok(), &room), (1, 1));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn ignored_users_are_filtered_from_sync() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let bob = s.user("bob").await;
+    let carol = s.user("carol").await;
+    let room = carol.create_room(json!({"preset": "public_chat"})).await;
+    alice.join(&room).await.ok();
+    bob.join(&room).await.ok();
+    alice.put(&format!("/user/{}/account_data/m.ignored_user_list", enc(&alice.user_id)), json!({"ignored_users": {bob.user_id.clone(): {}}})).await.ok();
+    let since = alice.sync(None, &[]).await.ok()["next_batch"].as_str().unwrap().to_owned();
+    bob.send_text(&room, "from the ignored bob").await;
+    carol.send_text(&room, "from carol").await;
+    let sync = alice.sync(Some(&since), &[]).await.ok();
+    let bodies: Vec<String> = events_of(&sync["rooms"]["join"][&room]["timeline"])
+        .iter()
+        .filter_map(|e| e["content"]["body"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(bodies, vec!["from carol".to_owned()]);
+    assert_eq!(counts(&sync, &room), (1, 0), "bob's message is not counted");
+    // Bob (unaware) still sees everything; an invite from him does not reach alice, one from carol does.
+    assert!(bob.sync(None, &[]).await.ok()["rooms"]["join"][&room].is_object());
+    let from_bob = bob.create_room(json!({"invite": [alice.user_id]})).await;
+    let from_carol = carol.create_room(json!({"invite": [alice.user_id]})).await;
+    let sync = alice.sync(None, &[]).await.ok();
+    assert!(sync["rooms"]["invite"].get(&from_bob).is_none(), "{}", sync["rooms"]["invite"]);
+    assert!(sync["rooms"]["invite"].get(&from_carol).is_some(), "{}", sync["rooms"]["invite"]);
+    // Un-ignoring shows new messages again.
+    alice.put(&format!("/user/{}/account_data/m.ignored_user_list", enc(&alice.user_id)), json!({"ignored_users": {}})).await.ok();
+    let since = sync["next_batch"].as_str().unwrap().to_owned();
+    bob.send_text(&room, "bob again").await;
+    let sync = alice.sync(Some(&since), &[]).await.ok();
+    assert!(events_of(&sync["rooms"]["join"][&room]["timeline"]).iter().any(|e| e["content"]["body"] == "bob again"));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn presence_is_off() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let bob = s.user("bob").await;
+    let me = enc(&alice.user_id);
+    alice.put(&format!("/presence/{me}/status"), json!({"presence": "online", "status_msg": "here"})).await.ok();
+    // Not tracked: everyone reads as offline, and sync carries no presence.
+    assert_eq!(bob.get(&format!("/presence/{me}/status")).await.ok(), json!({"presence": "offline"}));
+    assert_eq!(alice.sync(None, &[("set_presence", "online")]).await.ok()["presence"]["events"], json!([]));
+    bob.put(&format!("/presence/{me}/status"), json!({"presence": "online"})).await.assert_err(403, "M_FORBIDDEN");
+    alice.put(&format!("/presence/{me}/status"), json!({"presence": "dancing"})).await.assert_err(400, "M_INVALID_PARAM");
+    alice.get("/presence/not-a-user/status").await.assert_err(400, "M_INVALID_PARAM");
+    s.client().get(&format!("/presence/{me}/status")).await.assert_err(401, "M_MISSING_TOKEN");
+    s.stop().await;
+}

@@ -6,12 +6,14 @@ pub mod account_data;
 pub mod ephemeral;
 pub mod format;
 pub mod keys;
+pub mod notifications;
 pub mod profile;
 pub mod push_rules;
 pub mod receipts;
 pub mod room_keys;
 pub mod rooms;
 pub mod sync;
+pub mod tags;
 pub mod timeline;
 
 use axum::routing::{get, post, put};
@@ -95,7 +97,7 @@ fn extras() -> Router<AppState> {
         .merge(backup_and_tags())
 }
 
-/// Server-side key backup (`/room_keys/*`).
+/// Server-side key backup (`/room_keys/*`), room tags and presence (off).
 fn backup_and_tags() -> Router<AppState> {
     use room_keys as rk;
     Router::new()
@@ -104,6 +106,9 @@ fn backup_and_tags() -> Router<AppState> {
         .route("/room_keys/keys", get(rk::get_all).put(rk::put_all).delete(rk::delete_all))
         .route("/room_keys/keys/{room_id}", get(rk::get_room).put(rk::put_room).delete(rk::delete_room))
         .route("/room_keys/keys/{room_id}/{session_id}", get(rk::get_session).put(rk::put_session).delete(rk::delete_session))
+        .route("/user/{user_id}/rooms/{room_id}/tags", get(tags::get_tags))
+        .route("/user/{user_id}/rooms/{room_id}/tags/{tag}", put(tags::put_tag).delete(tags::delete_tag))
+        .route("/presence/{user_id}/status", get(tags::get_presence).put(tags::put_presence))
 }
 
 pub fn routes() -> Router<AppState> {

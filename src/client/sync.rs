@@ -476,6 +476,8 @@ fn build(
     let since_stream = since.map(|t| t.stream);
     let lo = since_stream.unwrap_or(0);
     let mut empty = true;
+    let ignored = crate::client::notifications::ignored_users(c, &auth.user_id)?;
+    let is_ignored = |e: &Value| e["sender"].as_str().is_some_and(|s| ignored.contains(s));
 
     // Local membership changes in the window: room -> latest membership.
     let mut changed: HashMap<i64, String> = HashMap::new();
@@ -504,7 +506,8 @@ fn build(
         }
         let newly = since.is_some() && changed.get(&room_nid).is_some_and(|m| m == "join");
         let window_since = if newly { None } else { since_stream };
-        let rs = room_window(c, auth, &room, filter, window_since, pos.stream, full_state, server_name)?;
+        let mut rs = room_window(c, auth, &room, filter, window_since, pos.stream, full_state, server_name)?;
+        rs.timeline.retain(|e| !is_ignored(e)); // m.ignored_user_list
         let ephemeral_typing = typing
             .changed
             .get(&room_id)
@@ -534,7 +537,7 @@ fn build(
                 "ephemeral": {"events": ephemeral},
                 "account_data": {"events": account_data},
                 "summary": room_summary(c, &room, &auth.user_id)?,
-                "unread_notifications": {"highlight_count": 0, "notification_count": 0},
+                "unread_notifications": crate::client::notifications::unread_counts(c, &room, &auth.user_id, &ignored)?,
             }),
         );
     }
@@ -545,8 +548,13 @@ fn build(
             continue;
         }
         let room = events::room_by_nid(c, room_nid)?.ok_or_else(|| Error::internal("room vanished"))?;
+        let invite_state = stripped_state(c, &room, &auth.user_id)?;
+        let invite_event = invite_state.iter().find(|e| e["type"] == "m.room.member" && e["state_key"] == json!(auth.user_id));
+        if invite_event.is_some_and(is_ignored) {
+            continue; // invites from ignored users are not shown
+        }
         empty = false;
-        invite.insert(room_id.clone(), json!({"invite_state": {"events": stripped_state(c, &room, &auth.user_id)?}}));
+        invite.insert(room_id.clone(), json!({"invite_state": {"events": invite_state}}));
     }
 
     let mut leave = serde_json::Map::new();
