@@ -641,3 +641,23 @@ async fn state_wrongly_rejected_during_partial_state_is_accepted_after_resync() 
     alice.event(&room, &topic.id).await.ok();
     hearth.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_ids_with_invented_members_falls_back_to_another_server() {
+    let hearth = start_hearth().await;
+    let fake = FakeResident::start(RoomSpec::default()).await;
+    let peer = fake.start_peer().await;
+    let bob = peer.user("bob");
+    fake.append(EventSpec::member(&bob, "join"));
+    fake.connect_to(&hearth);
+    // Consistent with what send_join gave (the non-member state is right) but the members are invented.
+    fake.set_state_ids_mode(StateIdsMode::BogusMembers);
+
+    let alice = hearth.user("alice").await;
+    join_via(&alice, &fake).await;
+    let room = fake.room_id();
+    let joined = wait_resynced(&alice, &room).await;
+    assert_eq!(joined_ids(&joined), expected_members(&fake), "the member list came from the other server");
+    assert!(peer.count("state_ids") >= 1, "the other server in servers_in_room was asked for /state_ids");
+    hearth.stop().await;
+}

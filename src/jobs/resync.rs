@@ -57,7 +57,12 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
     let mut cursor = job.cursor.clone();
     let join_event = cursor.get("join_event").and_then(Value::as_str).unwrap_or_default().to_owned();
     let phase = cursor.get("phase").and_then(Value::as_str).unwrap_or("ids").to_owned();
-    let servers = servers(&cursor);
+    let mut servers = servers(&cursor);
+    // Servers whose /state_ids answer listed events nobody could supply are asked last-resort only.
+    let distrusted: Vec<String> = cursor.get("distrust").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect()).unwrap_or_default();
+    if servers.iter().any(|x| !distrusted.contains(x)) {
+        servers.retain(|x| !distrusted.contains(x));
+    }
     // Rotate through the servers on failures: attempt n asks server n mod len.
     let server = servers.get(job.attempts as usize % servers.len().max(1)).cloned().ok_or_else(|| Error::internal("no server to resync from"))?;
 
@@ -208,6 +213,26 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
                     // The /state answer did not cover what /state_ids listed: fall back to single events.
                     cursor["use_state"] = json!(false);
                     save_cursor(s, job.job_id, cursor, total - still, Some(total)).await?;
+                    return Ok(Step::More);
+                }
+                let source = cursor.get("source").and_then(Value::as_str).unwrap_or_default().to_owned();
+                let untried = self::servers(&cursor).into_iter().any(|x| x != source && !distrusted.contains(&x));
+                if job.attempts as usize + 1 >= servers.len() && untried {
+                    // Every server failed to supply these: the /state_ids answer itself is suspect (it listed
+                    // events that do not exist). Ask another server for the state ids, trusting its source less.
+                    tracing::warn!(room_id = %room.room_id, %source, still, "resync: listed state events cannot be fetched from anyone; asking another server for /state_ids");
+                    let mut distrust = distrusted.clone();
+                    if !distrust.contains(&source) {
+                        distrust.push(source);
+                    }
+                    cursor["distrust"] = json!(distrust);
+                    cursor["phase"] = json!("ids");
+                    if let Some(o) = cursor.as_object_mut() {
+                        o.remove("use_state");
+                        o.remove("source");
+                    }
+                    s.store.write_background(move |w| Ok(w.conn.execute("DELETE FROM resync_state WHERE room_nid = ?1", [room_nid])?)).await?;
+                    save_cursor(s, job.job_id, cursor, 0, None).await?;
                     return Ok(Step::More);
                 }
                 return Err(Error::internal(format!("{server} returned none of the {still} missing events")));

@@ -351,6 +351,8 @@ pub enum StateIdsMode {
     Bogus,
     /// 500 M_UNKNOWN.
     Error,
+    /// The true non-member state, plus ids of member events that do not exist instead of the real members.
+    BogusMembers,
 }
 
 /// One request the fake received.
@@ -832,18 +834,24 @@ async fn state_ids(State(i): State<Shared>, UrlPath(room_id): UrlPath<String>, R
     let event_id = param(&q, "event_id").unwrap_or_default();
     i.ctl.arrive("state_ids", event_id.clone()).await;
     match *i.ctl.state_ids_mode.lock().unwrap() {
-        StateIdsMode::Normal => {}
+        StateIdsMode::Normal | StateIdsMode::BogusMembers => {}
         StateIdsMode::Error => return err(StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN", "scripted failure"),
         StateIdsMode::Bogus => {
             let ids: Vec<String> = (0..30).map(|n| format!("$bogus{n}AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")).collect();
             return axum::Json(json!({"pdu_ids": ids, "auth_chain_ids": []})).into_response();
         }
     }
+    let mode = *i.ctl.state_ids_mode.lock().unwrap();
     let r = i.room.lock().unwrap();
     if let Some(e) = check_room(&r, &room_id) {
         return e;
     }
     match state_at(&r, &event_id) {
+        Some((ids, chain)) if mode == StateIdsMode::BogusMembers => {
+            let mut out: Vec<String> = ids.into_iter().filter(|id| r.events[id].json["type"] != "m.room.member").collect();
+            out.extend((0..30).map(|n| format!("$bogusmember{n}AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")));
+            axum::Json(json!({"pdu_ids": out, "auth_chain_ids": chain})).into_response()
+        }
         Some((ids, chain)) => axum::Json(json!({"pdu_ids": ids, "auth_chain_ids": chain})).into_response(),
         None => err(StatusCode::NOT_FOUND, "M_NOT_FOUND", "unknown event"),
     }
