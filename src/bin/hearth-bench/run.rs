@@ -189,7 +189,6 @@ async fn start_resident(http: &reqwest::Client, o: &Options, n: usize) -> anyhow
             .store
             .write(move |wr| {
                 hearth::store::accounts::insert_user(wr.conn, &admin, Some(&hash), true)?;
-                wr.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")?;
                 Ok(())
             })
             .await
@@ -198,7 +197,18 @@ async fn start_resident(http: &reqwest::Client, o: &Options, n: usize) -> anyhow
         std::fs::write(&meta_path, serde_json::to_string_pretty(&ResidentMeta { world: w, fed_port, cli_port })?)?;
         drop(services);
         tokio::time::sleep(Duration::from_millis(800)).await;
+        // Keep a pristine copy: every joiner starts from the same world (earlier joiners' events would otherwise
+        // be in the room, signed by servers that are gone).
+        let conn = rusqlite::Connection::open(dir.join("hearth.db"))?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")?;
+        drop(conn);
+        std::fs::copy(dir.join("hearth.db"), dir.join("pristine.db"))?;
     }
+    for suffix in ["hearth.db", "hearth.db-wal", "hearth.db-shm"] {
+        let _ = std::fs::remove_file(dir.join(suffix));
+    }
+    std::fs::copy(dir.join("pristine.db"), dir.join("hearth.db"))?;
     let meta: ResidentMeta = serde_json::from_str(&std::fs::read_to_string(&meta_path)?)?;
     let cfg = dir.join("hearth.toml");
     let mut proc = spawn(Command::new(&bin).arg("-c").arg(&cfg), dir.join("log"))?;
@@ -446,7 +456,7 @@ database: {{name: sqlite3, args: {{database: {d}/homeserver.db}}}}
 federation_verify_certificates: false
 federation_ip_range_blacklist: []
 federation_domain_whitelist: ['127.0.0.1:{fed}', '{res}']
-trusted_key_servers: [{{server_name: '{res}'}}]
+trusted_key_servers: [{{server_name: '{res}', accept_keys_insecurely: true}}]
 suppress_key_server_warning: true
 enable_registration: false
 registration_shared_secret: "bench"
@@ -506,10 +516,9 @@ pub async fn join_bench(o: Options) -> anyhow::Result<()> {
     let http = reqwest::Client::builder().build()?;
     let mut results: Vec<Measure> = Vec::new();
     for &n in &o.members {
-        let r = start_resident(&http, &o, n).await?;
-        eprintln!("resident up: {} events, {} servers", r.world.events, r.world.servers);
         for j in &o.joiners {
-            eprintln!("== N={n} joiner {j}");
+            let r = start_resident(&http, &o, n).await?;
+            eprintln!("== N={n} joiner {j} (resident: {} events from {} servers)", r.world.events, r.world.servers);
             let m = match j.as_str() {
                 "hearth-lazy" => run_hearth(&http, &o, &r, n, true).await,
                 "hearth-full" => run_hearth(&http, &o, &r, n, false).await,
@@ -527,9 +536,9 @@ pub async fn join_bench(o: Options) -> anyhow::Result<()> {
                     results.push(Measure { members: n, joiner: j.clone(), note: format!("failed: {e:#}"), ..Default::default() });
                 }
             }
+            let _ = &r.dir;
+            r.proc.stop();
         }
-        let _ = r.dir;
-        r.proc.stop();
     }
     print_table(&results);
     let stamp = hearth::store::accounts::now_ms();
