@@ -384,3 +384,97 @@ async fn presence_is_off() {
     s.client().get(&format!("/presence/{me}/status")).await.assert_err(401, "M_MISSING_TOKEN");
     s.stop().await;
 }
+
+// ---- what Element-family clients probe on start-up -------------------------------------------------------------
+
+/// GET or POST `path` with an `Origin` (as a browser sends); returns status, errcode, body and whether CORS allowed it.
+async fn probe(c: &Client, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, String, Value, bool) {
+    let mut req = c.http.request(method, c.url(path)).header("origin", "http://app.example");
+    if let Some(t) = &c.token {
+        req = req.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let res = req.send().await.unwrap();
+    let status = res.status().as_u16();
+    let cors = res.headers().get("access-control-allow-origin").is_some_and(|v| v == "*");
+    let body: Value = res.json().await.unwrap_or(Value::Null);
+    (status, body["errcode"].as_str().unwrap_or("").to_owned(), body, cors)
+}
+
+#[tokio::test]
+async fn start_up_probes_get_clean_answers_with_cors() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let bob = s.user("bob").await;
+    let room = alice.create_room(json!({})).await;
+    alice.invite(&room, &bob.user_id).await.ok();
+    bob.join(&room).await.ok();
+    bob.put(&format!("/profile/{}/displayname", enc(&bob.user_id)), json!({"displayname": "Bobby Tables"})).await.ok();
+    let get = reqwest::Method::GET;
+
+    let (st, _, versions, cors) = probe(&alice, get.clone(), "/_matrix/client/versions", None).await;
+    assert!(st == 200 && cors);
+    assert!(versions["versions"].as_array().unwrap().contains(&json!("v1.11")), "authenticated media: {versions}");
+    assert_eq!(versions["unstable_features"]["org.matrix.msc3916.stable"], true);
+    let (st, _, wk, cors) = probe(&alice, get.clone(), "/.well-known/matrix/client", None).await;
+    assert!(st == 200 && cors && wk["m.homeserver"]["base_url"].is_string());
+
+    // Unstable and unsupported endpoints: 404 M_UNRECOGNIZED (clients fall back), never 500, always with CORS.
+    for path in [
+        "/_matrix/client/v1/auth_metadata",                                     // OIDC (MSC2965): password login instead
+        "/_matrix/client/unstable/org.matrix.msc2965/auth_issuer",
+        "/_matrix/client/unstable/org.matrix.msc2697.v2/dehydrated_device",    // Hydrogen
+        "/_matrix/client/unstable/org.matrix.msc3814.v1/dehydrated_device",    // Element
+        "/_matrix/client/v1/media/preview_url?url=https%3A%2F%2Fexample.org",
+        "/_matrix/client/v3/notifications",
+    ] {
+        let (st, code, body, cors) = probe(&alice, get.clone(), path, None).await;
+        assert_eq!((st, code.as_str(), cors), (404, "M_UNRECOGNIZED", true), "{path}: {body}");
+    }
+    let (st, code, _, cors) = probe(&alice, reqwest::Method::POST, "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync", Some(json!({}))).await;
+    assert_eq!((st, code.as_str(), cors), (404, "M_UNRECOGNIZED", true), "sliding sync is not offered");
+
+    // Routine calls with honest empty answers.
+    for (path, expected) in [
+        ("/pushers", json!({"pushers": []})),
+        ("/thirdparty/protocols", json!({})),
+        ("/voip/turnServer", json!({})),
+        ("/account/3pid", json!({"threepids": []})),
+    ] {
+        let (st, _, body, cors) = probe(&alice, get.clone(), &format!("/_matrix/client/v3{path}"), None).await;
+        assert_eq!((st, body, cors), (200, expected, true), "{path}");
+    }
+    for path in ["/_matrix/client/v3/login", "/_matrix/client/v3/capabilities", "/_matrix/client/v3/pushrules/", "/_matrix/client/v1/media/config"] {
+        let (st, _, body, cors) = probe(&alice, get.clone(), path, None).await;
+        assert!(st == 200 && cors, "{path}: {st} {body}");
+    }
+
+    // The user directory finds people sharing a room (by display name or id), not strangers.
+    let carol = s.user("carol").await;
+    let (st, _, found, _) = probe(&alice, reqwest::Method::POST, "/_matrix/client/v3/user_directory/search", Some(json!({"search_term": "bobby"}))).await;
+    assert_eq!(st, 200);
+    assert_eq!(found["results"], json!([{"user_id": bob.user_id, "display_name": "Bobby Tables"}]), "{found}");
+    let (_, _, found, _) = probe(&alice, reqwest::Method::POST, "/_matrix/client/v3/user_directory/search", Some(json!({"search_term": "carol"}))).await;
+    assert_eq!(found["results"], json!([]), "carol shares no room with alice: {found}");
+    let public = carol.create_room(json!({"preset": "public_chat", "visibility": "public"})).await;
+    assert!(!public.is_empty());
+    let (_, _, found, _) = probe(&alice, reqwest::Method::POST, "/_matrix/client/v3/user_directory/search", Some(json!({"search_term": "carol"}))).await;
+    assert_eq!(found["results"][0]["user_id"], json!(carol.user_id), "carol is in a public room: {found}");
+
+    // A preflight for an authenticated /sync from a web client.
+    let pre = alice
+        .http
+        .request(reqwest::Method::OPTIONS, alice.url("/sync"))
+        .header("origin", "http://app.example")
+        .header("access-control-request-method", "GET")
+        .header("access-control-request-headers", "authorization")
+        .send()
+        .await
+        .unwrap();
+    assert!(pre.status().is_success());
+    assert_eq!(pre.headers()["access-control-allow-origin"], "*");
+    assert!(pre.headers()["access-control-allow-headers"].to_str().unwrap().to_lowercase().contains("authorization"));
+    s.stop().await;
+}

@@ -2,6 +2,7 @@
 
 pub mod account;
 pub mod admin;
+pub mod compat;
 pub mod account_data;
 pub mod ephemeral;
 pub mod format;
@@ -97,7 +98,7 @@ fn extras() -> Router<AppState> {
         .merge(backup_and_tags())
 }
 
-/// Server-side key backup (`/room_keys/*`), room tags and presence (off).
+/// Server-side key backup (`/room_keys/*`), room tags, presence (off) and what clients probe on start-up.
 fn backup_and_tags() -> Router<AppState> {
     use room_keys as rk;
     Router::new()
@@ -109,6 +110,11 @@ fn backup_and_tags() -> Router<AppState> {
         .route("/user/{user_id}/rooms/{room_id}/tags", get(tags::get_tags))
         .route("/user/{user_id}/rooms/{room_id}/tags/{tag}", put(tags::put_tag).delete(tags::delete_tag))
         .route("/presence/{user_id}/status", get(tags::get_presence).put(tags::put_presence))
+        .route("/pushers", get(compat::pushers))
+        .route("/thirdparty/protocols", get(compat::thirdparty_protocols))
+        .route("/voip/turnServer", get(compat::turn_server))
+        .route("/account/3pid", get(compat::threepids))
+        .route("/user_directory/search", post(compat::user_directory_search))
 }
 
 pub fn routes() -> Router<AppState> {

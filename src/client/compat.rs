@@ -1,0 +1,83 @@
+//! Endpoints clients call routinely (Element-family clients on start-up and in settings), answered honestly for a
+//! server without the feature: no pushers, no third-party networks, no TURN server, no 3PIDs; and the user
+//! directory, searching the people who share a room with the requester or sit in a public room (as Synapse's
+//! default `search_all_users: false`).
+
+use axum::extract::State;
+use axum::response::IntoResponse;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::http::{AppState, Auth, Json};
+
+/// `GET /pushers`: Hearth sends no push notifications, so there are never pushers.
+pub async fn pushers(_auth: Auth) -> impl IntoResponse {
+    axum::Json(json!({"pushers": []}))
+}
+
+/// `GET /thirdparty/protocols`: no bridges (application services) here.
+pub async fn thirdparty_protocols(_auth: Auth) -> impl IntoResponse {
+    axum::Json(json!({}))
+}
+
+/// `GET /voip/turnServer`: no TURN server configured (Synapse answers `{}` too).
+pub async fn turn_server(_auth: Auth) -> impl IntoResponse {
+    axum::Json(json!({}))
+}
+
+/// `GET /account/3pid`: no email addresses or phone numbers are bound.
+pub async fn threepids(_auth: Auth) -> impl IntoResponse {
+    axum::Json(json!({"threepids": []}))
+}
+
+#[derive(Deserialize)]
+pub struct DirectorySearch {
+    search_term: String,
+    limit: Option<u64>,
+}
+
+/// `POST /user_directory/search`: users sharing a joined room with the requester or joined to a published room,
+/// matched case-insensitively on user id or display name; local users' profiles from their accounts.
+pub async fn user_directory_search(State(s): State<AppState>, auth: Auth, Json(body): Json<DirectorySearch>) -> Result<impl IntoResponse> {
+    let limit = body.limit.unwrap_or(10).clamp(1, 50) as usize;
+    let term = body.search_term.trim().to_lowercase();
+    if term.is_empty() {
+        return Err(Error::invalid_param("search_term is empty"));
+    }
+    let me = auth.user_id.clone();
+    let found = s
+        .store
+        .read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT m.user_id, max(coalesce(u.displayname, m.displayname)), max(coalesce(u.avatar_url, m.avatar_url))
+                 FROM room_members m LEFT JOIN users u ON u.user_id = m.user_id AND u.deactivated = 0
+                 WHERE m.membership = 'join' AND m.user_id != ?1
+                   AND (m.room_nid IN (SELECT room_nid FROM room_members WHERE user_id = ?1 AND membership = 'join')
+                        OR m.room_nid IN (SELECT room_nid FROM rooms WHERE published = 1))
+                   AND (instr(lower(m.user_id), ?2) > 0 OR instr(lower(coalesce(u.displayname, m.displayname, '')), ?2) > 0)
+                 GROUP BY m.user_id ORDER BY m.user_id LIMIT ?3",
+            )?;
+            let rows = stmt.query_map(rusqlite::params![me, term, (limit + 1) as i64], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?, r.get::<_, Option<String>>(2)?))
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await?;
+    let limited = found.len() > limit;
+    let results: Vec<Value> = found
+        .into_iter()
+        .take(limit)
+        .map(|(user_id, name, avatar)| {
+            let mut v = json!({"user_id": user_id});
+            if let Some(n) = name {
+                v["display_name"] = json!(n);
+            }
+            if let Some(a) = avatar {
+                v["avatar_url"] = json!(a);
+            }
+            v
+        })
+        .collect();
+    Ok(axum::Json(json!({"results": results, "limited": limited})))
+}
