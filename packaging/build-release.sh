@@ -58,7 +58,7 @@ for t in "${TARGETS[@]}"; do
     case $arch in x86_64) debarch=amd64 ;; aarch64) debarch=arm64 ;; esac
     say "cargo zigbuild --release --target $t.$GLIBC"
     build_started=$(date +%s)
-    cargo zigbuild --release --locked --target "$t.$GLIBC"
+    cargo zigbuild --release --locked --bin hearth --target "$t.$GLIBC"
     build_s=$(( $(date +%s) - build_started ))
     bin=$target_dir/$t/release/hearth
 
