@@ -3,7 +3,8 @@
 //! * `hydrogen_in_chromium`: Hydrogen (the web client, built from npm `hydrogen-view-sdk` by
 //!   `tests/browser/build.mjs`) in headless Debian Chromium driven by playwright-core
 //!   (`tests/browser/hydrogen.test.mjs`): log in, room list, open a room, scroll back through history, send from the
-//!   composer, see the other user's reply live, display names and an avatar (authenticated media).
+//!   composer, see the other user's reply live, display names and an avatar (authenticated media), send a picture
+//!   from the attachment menu (upload, shown in the timeline, downloaded intact by the other user).
 //! * `matrix_js_sdk_end_to_end_encryption`: matrix-js-sdk 37 with its Rust crypto (WebAssembly) in Node
 //!   (`tests/browser/jssdk.test.mjs`): `startClient({lazyLoadMembers})`, cross-signing bootstrap, key backup, an
 //!   encrypted message each way between two Hearth users, and a second device restoring the keys from the backup.
@@ -80,6 +81,7 @@ async fn hydrogen_in_chromium() {
     let dir = tempfile::tempdir().unwrap();
     let server = BinServer::start(&dir.path().join("hearth.db"), &[("HEARTH_REGISTRATION__ENABLED", "true")]).await;
     let artifacts = artifacts_dir();
+    let _ = std::fs::remove_dir_all(&artifacts); // only this run's failure artifacts are kept
     let (ok, out, err) = node(
         "hydrogen.test.mjs",
         &[&server.base_url, artifacts.to_str().unwrap()],

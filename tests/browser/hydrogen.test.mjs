@@ -3,7 +3,8 @@
 //
 // Alice logs in through Hydrogen's login form, sees the room list, opens a room, reads its history back to the first
 // message (Hydrogen paginates with /messages), sees Bob's display name and avatar, sends a message from the
-// composer (checked through the API as Bob), and sees Bob's reply (sent through the API) arrive live.
+// composer (checked through the API as Bob), sees Bob's reply (sent through the API) arrive live, and sends a
+// picture from the composer's attachment menu (uploaded, shown through authenticated media, downloaded by Bob).
 // On failure a screenshot, the page HTML and the browser console are written to ARTIFACTS_DIR.
 
 import {chromium} from "playwright-core";
@@ -192,6 +193,30 @@ async function run() {
     // Alice's own display name is known to Hydrogen too (her message is shown under it).
     await page.locator(".Timeline_messageSender", {hasText: "Alice Liddell"}).first().waitFor();
     log("Alice's own message shows 'Alice Liddell'");
+
+    // 7. Media: Alice sends a picture from the composer's attachment menu (upload, then Hydrogen shows it through
+    //    authenticated media); Bob gets the same bytes through the API.
+    const picture = png(300, [200, 40, 40]);
+    const pictureFile = join(userDataDir, "red-square.png");
+    writeFileSync(pictureFile, picture);
+    await page.click(".MessageComposer_input .sendFile");
+    const chooser = page.waitForEvent("filechooser");
+    await page.locator(".menu button, .menu li", {hasText: "Send picture"}).first().click();
+    await (await chooser).setFiles(pictureFile);
+    await page.waitForFunction(() => [...document.querySelectorAll(".Timeline_message:not(.unsent) .media img")]
+        .some(img => img.complete && img.naturalWidth > 0), null, {timeout: 30_000});
+    let image = null;
+    for (let i = 0; i < 50 && !image; i++) {
+        const r = await api("GET", c(`/rooms/${enc(roomId)}/messages?dir=b&limit=5`), bob.token);
+        image = r.chunk.find(e => e.sender === alice.userId && e.content?.msgtype === "m.image");
+        if (!image) await new Promise(r => setTimeout(r, 200));
+    }
+    if (!image) throw new Error("Bob does not see the picture sent from Hydrogen");
+    const [mxcServer, mediaId] = image.content.url.slice("mxc://".length).split("/");
+    const res = await fetch(`${hs}/_matrix/client/v1/media/download/${mxcServer}/${mediaId}`, {headers: {authorization: `Bearer ${bob.token}`}});
+    const got = Buffer.from(await res.arrayBuffer());
+    if (res.status !== 200 || !got.equals(picture)) throw new Error(`downloading the picture gave ${res.status}, ${got.length} bytes`);
+    log(`picture sent from Hydrogen (${image.content.url}) is shown in the timeline and downloads intact`);
 }
 
 let ok = false;
