@@ -1,6 +1,7 @@
 //! The media repository over HTTP: uploads (size limit, quota, async create+PUT), downloads on the authenticated
 //! (`/_matrix/client/v1/media`) and legacy (`/_matrix/media/{v3,r0}`) endpoints with safe headers, thumbnails of
-//! PNG/JPEG/GIF/WebP, files on disk beside the database, and media over federation between two Hearths.
+//! PNG/JPEG/GIF/WebP, files on disk beside the database, and media over federation between two Hearths and with a
+//! real Synapse.
 
 mod common;
 
@@ -459,4 +460,26 @@ async fn media_over_federation_fetched_cached_and_served() {
     let r = get_raw(&bob, &format!("/_matrix/client/v1/media/download/hearth-a.test/{other}")).await;
     assert_eq!(r.status, 502, "{}", String::from_utf8_lossy(&r.body));
     b.stop().await;
+}
+
+/// Against a real Synapse (tests/interop/media.py): each server fetches the other's uploads over federation for its
+/// own users, and thumbnails them. Set `HEARTH_SKIP_SYNAPSE=1` to skip (it says so).
+#[test]
+fn media_with_synapse_both_ways() {
+    if std::env::var("HEARTH_SKIP_SYNAPSE").as_deref() == Ok("1") {
+        println!("SKIPPED media_with_synapse_both_ways: HEARTH_SKIP_SYNAPSE=1 (Synapse interop not run)");
+        return;
+    }
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = std::process::Command::new("python3")
+        .arg(format!("{root}/tests/interop/media.py"))
+        .env("HEARTH_BIN", hearth_bin())
+        .current_dir(root)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("python3 must be installed to run the Synapse interop tests");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    println!("{stdout}");
+    assert!(out.status.success(), "media interop with Synapse failed\n--- stdout\n{stdout}\n--- stderr\n{stderr}");
+    assert!(stdout.contains("media with synapse: ok"), "{stdout}");
 }
