@@ -262,12 +262,14 @@ fn word_glob(pattern: &str, body: &str) -> bool {
 
 /// `needle` occurs in `hay` not inside a longer word.
 fn contains_word(hay: &str, needle: &str) -> bool {
-    let is_word = |ch: Option<char>| ch.is_some_and(|c| c.is_alphanumeric() || c == '_');
+    let word_char = |c: char| c.is_alphanumeric() || c == '_';
+    let is_word = |ch: Option<char>| ch.is_some_and(word_char);
     hay.match_indices(needle).any(|(i, _)| {
         let before = hay[..i].chars().next_back();
         let after = hay[i + needle.len()..].chars().next();
-        !(is_word(before) && needle.starts_with(|c: char| c.is_alphanumeric() || c == '_'))
-            && !(is_word(after) && needle.ends_with(|c: char| c.is_alphanumeric() || c == '_'))
+        let glued_before = is_word(before) && needle.starts_with(word_char);
+        let glued_after = is_word(after) && needle.ends_with(word_char);
+        !glued_before && !glued_after
     })
 }
 
