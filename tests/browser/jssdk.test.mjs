@@ -7,7 +7,7 @@
 // with cross-signing bootstrapped (device_signing/upload behind password UIA, signatures/upload) and a key backup
 // created; Alice makes an encrypted room, Bob joins, each sends an encrypted message that the other decrypts
 // (device keys, one-time key claims, to-device Olm, Megolm). A third client for Bob then restores the room key
-// from the backup.
+// from the backup, Alice's client learns of that new device (device list update) and it decrypts her next message.
 
 import * as sdk from "matrix-js-sdk";
 import {logger} from "matrix-js-sdk/lib/logger.js";
@@ -172,6 +172,16 @@ try {
         return room2.getLiveTimeline().getEvents().some(ev => ev.getContent().body === secret);
     });
     log("bob's second device decrypted alice's message with the key from the backup");
+
+    // Device list update: Alice's client learns of Bob's new device (over federation when Bob is elsewhere) and
+    // shares her next room key with it too.
+    await waitFor("alice to see bob's second device", async () =>
+        (await alice.getCrypto().getUserDeviceInfo([b.user_id], true)).get(b.user_id)?.has(b2.device_id), 60_000);
+    const later = `after the new device ${Date.now()}`;
+    const bob2Gets = waitForDecrypted(bob2, roomId, later);
+    await alice.sendMessage(roomId, {msgtype: "m.text", body: later});
+    await withTimeout(bob2Gets, 30_000, "bob's second device decrypting a new message");
+    log("alice saw bob's new device; it decrypted her next message");
     ok = true;
 } catch (e) {
     console.error(`FAILED: ${e.stack || e}`);
