@@ -333,7 +333,7 @@ async fn unread_notification_counts_follow_push_rules_and_receipts() {
 }
 
 #[tokio::test]
-async fn ignored_users_are_filtered_from_sync() {
+async fn ignored_users_are_filtered_from_sync_messages_and_context() {
     let s = TestServer::start().await;
     let alice = s.user("alice").await;
     let bob = s.user("bob").await;
@@ -352,6 +352,13 @@ async fn ignored_users_are_filtered_from_sync() {
         .collect();
     assert_eq!(bodies, vec!["from carol".to_owned()]);
     assert_eq!(counts(&sync, &room), (1, 0), "bob's message is not counted");
+    // ... nor in /messages and /context.
+    let msgs = alice.messages(&room, &[("dir", "b"), ("limit", "10")]).await.ok();
+    let senders: Vec<&str> = msgs["chunk"].as_array().unwrap().iter().filter_map(|e| e["sender"].as_str()).collect();
+    assert!(!senders.contains(&bob.user_id.as_str()) && senders.contains(&carol.user_id.as_str()), "{senders:?}");
+    let last = events_of(&sync["rooms"]["join"][&room]["timeline"]).last().unwrap()["event_id"].as_str().unwrap().to_owned();
+    let ctx = alice.get(&format!("/rooms/{}/context/{}?limit=10", enc(&room), enc(&last))).await.ok();
+    assert!(ctx["events_before"].as_array().unwrap().iter().all(|e| e["sender"] != json!(bob.user_id)), "{ctx}");
     // Bob (unaware) still sees everything; an invite from him does not reach alice, one from carol does.
     assert!(bob.sync(None, &[]).await.ok()["rooms"]["join"][&room].is_object());
     let from_bob = bob.create_room(json!({"invite": [alice.user_id]})).await;

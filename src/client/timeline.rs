@@ -120,7 +120,8 @@ async fn messages_page(
             let device = Some((auth.user_id.as_str(), auth.device_id.as_str()));
             let mut senders = std::collections::BTreeSet::new();
             let mut chunk = Vec::new();
-            for r in rows.iter().filter(|r| filter.timeline.allows(&r.event_type, &r.sender)) {
+            let ignored = crate::client::notifications::ignored_users(c, &auth.user_id)?;
+            for r in rows.iter().filter(|r| filter.timeline.allows(&r.event_type, &r.sender) && !ignored.contains(&r.sender)) {
                 senders.insert(r.sender.clone());
                 chunk.push(format::event(c, r, &room.room_id, device, true)?);
             }
@@ -195,8 +196,12 @@ pub async fn context(
                 pos,
                 half,
             )?;
+            let ignored = crate::client::notifications::ignored_users(c, &auth.user_id)?;
             let fmt = |rows: &[events::EventRow]| -> Result<Vec<Value>> {
-                rows.iter().filter(|r| filter.timeline.allows(&r.event_type, &r.sender)).map(|r| format::event(c, r, &room.room_id, device, true)).collect()
+                rows.iter()
+                    .filter(|r| filter.timeline.allows(&r.event_type, &r.sender) && !ignored.contains(&r.sender))
+                    .map(|r| format::event(c, r, &room.room_id, device, true))
+                    .collect()
             };
             let start = before.last().and_then(|r| r.stream_ordering).unwrap_or(pos) - 1;
             let end = after.last().and_then(|r| r.stream_ordering).unwrap_or(pos);
