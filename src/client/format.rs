@@ -48,10 +48,18 @@ pub fn event(conn: &Connection, row: &EventRow, room_id: &str, viewer_device: Op
     Ok(client_event(&row.json, &row.event_id, room_id, Value::Object(unsigned), with_room_id))
 }
 
+/// A state event in a state list: no `prev_content` lookup (that costs a state walk per event, and state lists
+/// can hold 100k members), redaction shown as stored.
+pub fn state_only(row: &EventRow, room_id: &str, with_room_id: bool) -> Value {
+    let mut unsigned = serde_json::Map::new();
+    unsigned.insert("age".into(), json!(now_ms().saturating_sub(row.origin_server_ts).max(0)));
+    if let Some(by) = &row.redacted_by {
+        unsigned.insert("redacted_because".into(), json!({"event_id": by}));
+    }
+    client_event(&row.json, &row.event_id, room_id, Value::Object(unsigned), with_room_id)
+}
+
 /// State events without timeline extras (for state lists).
 pub fn state_event(conn: &Connection, nid: i64, room_id: &str, with_room_id: bool) -> Result<Option<Value>> {
-    match events::event_by_nid(conn, nid)? {
-        Some(row) => Ok(Some(event(conn, &row, room_id, None, with_room_id)?)),
-        None => Ok(None),
-    }
+    Ok(events::event_by_nid(conn, nid)?.map(|row| state_only(&row, room_id, with_room_id)))
 }

@@ -128,7 +128,18 @@ impl Filter {
         if !v.is_object() {
             return Err(Error::bad_json("filter must be an object"));
         }
-        let room = v.get("room");
+        let room = v.get("room").filter(|r| !r.is_null());
+        if room.is_some_and(|r| !r.is_object()) {
+            return Err(Error::bad_json("filter `room` must be an object"));
+        }
+        for key in ["rooms", "not_rooms"] {
+            match room.and_then(|r| r.get(key)) {
+                None | Some(Value::Null) => {}
+                Some(Value::Array(a)) if a.iter().all(Value::is_string) => {}
+                Some(_) => return Err(Error::bad_json(format!("filter `room.{key}` must be an array of room ids"))),
+            }
+        }
+        EventFilter::parse(v.get("presence"))?;
         let section = |name: &str| room.and_then(|r| r.get(name));
         let timeline = EventFilter::parse(section("timeline"))?;
         let state_v = section("state");
@@ -170,7 +181,11 @@ pub struct SyncQuery {
     full_state: Option<bool>,
     #[serde(default, deserialize_with = "qs::opt_u64")]
     timeout: Option<u64>,
+    /// Presence is off: validated, then ignored.
     set_presence: Option<String>,
+    /// MSC4222 (`state_after`) is not implemented: validated, then ignored (clients fall back to `state`).
+    #[serde(default, deserialize_with = "qs::opt_bool")]
+    use_state_after: Option<bool>,
 }
 
 async fn load_filter(s: &AppState, user_id: &str, filter: Option<String>) -> Result<Filter> {
@@ -186,7 +201,10 @@ async fn load_filter(s: &AppState, user_id: &str, filter: Option<String>) -> Res
 }
 
 pub async fn sync(State(s): State<AppState>, auth: Auth, Query(q): Query<SyncQuery>) -> Result<impl IntoResponse> {
-    let _ = q.set_presence;
+    if q.set_presence.as_deref().is_some_and(|p| !["online", "offline", "unavailable"].contains(&p)) {
+        return Err(Error::invalid_param("set_presence must be online, offline or unavailable"));
+    }
+    let _ = q.use_state_after;
     let filter = load_filter(&s, &auth.user_id, q.filter).await?;
     let since = q.since.as_deref().map(parse_token).transpose()?;
     let full_state = q.full_state.unwrap_or(false);
@@ -300,27 +318,23 @@ fn room_window(
     // Nothing of the room precedes the timeline when it starts with our join of a room joined over federation
     // (the state before it is held as outliers): then the state at that first event, which the timeline carries.
     let start_sg = state_at(c, room.room_nid, first_stream - 1)?.or(first_sg_after);
+    // With lazy loading the member half is never listed whole: only the non-member state is read here, and the
+    // memberships of the timeline's senders (and our own on a fresh sync) are looked up one by one below.
+    let lazy = filter.lazy_load_members;
+    let exclude = if lazy { Some("m.room.member") } else { None };
     let mut state_nids: Vec<i64> = Vec::new();
-    match (since, full_state) {
-        (None, _) | (_, true) => {
-            if let Some(sg) = start_sg {
-                state_nids.extend(events::load_state(c, sg)?.values());
-            }
+    let fresh = since.is_none() || full_state;
+    if fresh {
+        if let Some(sg) = start_sg {
+            state_nids.extend(events::state_event_ids(c, sg, exclude)?.into_iter().map(|x| x.0));
         }
-        (Some(since), false) => {
-            if limited {
-                let before = match state_at(c, room.room_nid, since)? {
-                    Some(sg) => events::load_state(c, sg)?,
-                    None => HashMap::new(),
-                };
-                if let Some(sg) = start_sg {
-                    for (k, v) in events::load_state(c, sg)? {
-                        if before.get(&k) != Some(&v) {
-                            state_nids.push(v);
-                        }
-                    }
-                }
-            }
+    } else if let (Some(since), true) = (since, limited) {
+        let before: HashSet<i64> = match state_at(c, room.room_nid, since)? {
+            Some(sg) => events::state_event_ids(c, sg, exclude)?.into_iter().map(|x| x.0).collect(),
+            None => HashSet::new(),
+        };
+        if let Some(sg) = start_sg {
+            state_nids.extend(events::state_event_ids(c, sg, exclude)?.into_iter().map(|x| x.0).filter(|n| !before.contains(n)));
         }
     }
     let senders: BTreeSet<&str> = timeline.iter().map(|r| r.sender.as_str()).collect();
@@ -331,16 +345,24 @@ fn room_window(
         if timeline_ids.contains(row.event_id.as_str()) || !filter.state.allows(&row.event_type, &row.sender) {
             continue;
         }
-        if filter.lazy_load_members && row.event_type == "m.room.member" {
-            let (_, key) = events::state_key_of(c, row.state_key_nid.unwrap_or_default())?;
-            if key != auth.user_id && !senders.contains(key.as_str()) {
-                continue;
-            }
-            have_members.insert(key);
-        }
-        state.push(format::event(c, &row, &room.room_id, None, false)?);
+        state.push(format::state_only(&row, &room.room_id, false));
     }
-    if filter.lazy_load_members && since.is_some() && !full_state {
+    if lazy && fresh {
+        // Our own membership, always, on a fresh sync.
+        if let Some(sg) = start_sg.or(room.current_sg) {
+            if let Some(skn) = events::find_state_key_nid(c, "m.room.member", &auth.user_id)? {
+                if let Some(nid) = events::lookup_state(c, sg, skn)? {
+                    if let Some(row) = events::event_by_nid(c, nid)? {
+                        if !timeline_ids.contains(row.event_id.as_str()) {
+                            state.push(format::state_only(&row, &room.room_id, false));
+                        }
+                        have_members.insert(auth.user_id.clone());
+                    }
+                }
+            }
+        }
+    }
+    if lazy {
         // Memberships of timeline senders, so the client can render names (sent even if seen before: clients
         // tolerate redundant members, and we do not track per-device what each has seen).
         let sg = start_sg.or(room.current_sg);
@@ -353,7 +375,7 @@ fn room_window(
                     if let Some(nid) = events::lookup_state(c, sg, skn)? {
                         if let Some(row) = events::event_by_nid(c, nid)? {
                             if !timeline_ids.contains(row.event_id.as_str()) {
-                                state.push(format::event(c, &row, &room.room_id, None, false)?);
+                                state.push(format::state_only(&row, &room.room_id, false));
                             }
                             have_members.insert(sender.to_owned());
                         }
@@ -380,7 +402,7 @@ fn room_window(
                 }
                 if events::state_key_of(c, row.state_key_nid.unwrap_or_default())?.1 == r.sender {
                     if !timeline_ids.contains(row.event_id.as_str()) {
-                        state.push(format::event(c, &row, &room.room_id, None, false)?);
+                        state.push(format::state_only(&row, &room.room_id, false));
                     }
                     have_members.insert(r.sender.clone());
                     break;

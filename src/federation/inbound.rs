@@ -1,6 +1,9 @@
 //! Incoming PDUs and EDUs (from `/send` transactions and from fetches we make): verify, fill gaps, store.
 
 use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use futures::StreamExt;
 
 use ruma::canonical_json::CanonicalJsonObject;
 use serde_json::{json, Value};
@@ -13,24 +16,58 @@ use crate::room::remote::{handle_incoming, parse_remote, persist_outlier, verify
 use crate::room::{version, Pdu};
 use crate::store::events;
 
+/// How long one fetch made while handling a `/send` (missing events, auth events) may take.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(20);
+/// Most events one `get_missing_events` asks for (and accepts).
+const MISSING_EVENTS_LIMIT: usize = 20;
+/// Implementation limits on a new PDU's edges (as Synapse): more make a gap fill or auth check explode.
+const MAX_PREV_EVENTS: usize = 20;
+const MAX_AUTH_EVENTS: usize = 10;
+
 /// Parses and verifies PDUs of one room (keys fetched in one batch). Invalid ones come back as errors.
 pub async fn verify_batch(s: &AppState, room_version: &str, raw: Vec<Value>) -> Result<Vec<std::result::Result<Pdu, String>>> {
+    Ok(verify_batch_ids(s, room_version, raw).await?.into_iter().map(|(_, r)| r).collect())
+}
+
+/// [`verify_batch`], each result with the event's id when it could be computed (for per-PDU answers).
+pub async fn verify_batch_ids(s: &AppState, room_version: &str, raw: Vec<Value>) -> Result<Vec<(Option<String>, std::result::Result<Pdu, String>)>> {
     let fed = s.federation.as_ref().ok_or_else(|| Error::forbidden("federation is disabled"))?;
     let rules = version::rules(room_version)?;
-    let parsed: Vec<std::result::Result<Pdu, String>> = raw
+    let parsed: Vec<(Option<String>, std::result::Result<Pdu, String>)> = raw
         .into_iter()
         .map(|v| {
-            let obj: CanonicalJsonObject = serde_json::from_value(v).map_err(|e| format!("not canonical JSON: {e}"))?;
-            parse_remote(obj, &rules)
+            let obj: CanonicalJsonObject = match serde_json::from_value(v) {
+                Ok(o) => o,
+                Err(e) => return (None, Err(format!("not canonical JSON: {e}"))),
+            };
+            match parse_remote(obj.clone(), &rules) {
+                Ok(p) => (Some(p.event_id.to_string()), Ok(p)),
+                Err(e) => {
+                    let mut obj = obj;
+                    obj.remove("unsigned");
+                    (version::event_id(&obj, &rules).ok().map(|id| id.to_string()), Err(e))
+                }
+            }
         })
         .collect();
-    let need = needed_keys(parsed.iter().filter_map(|p| p.as_ref().ok()).map(|p| &p.json));
+    let need = needed_keys(parsed.iter().filter_map(|(_, p)| p.as_ref().ok()).map(|p| &p.json));
     let keys = fed.keys.keys_for(&need).await?;
     let rules2 = rules.clone();
     // Signature checks are CPU work: off the async threads.
-    tokio::task::spawn_blocking(move || parsed.into_iter().map(|p| p.and_then(|p| verify_remote(p, &rules2, &keys))).collect())
+    tokio::task::spawn_blocking(move || parsed.into_iter().map(|(id, p)| (id, p.and_then(|p| verify_remote(p, &rules2, &keys)))).collect())
         .await
         .map_err(|e| Error::internal(e.to_string()))
+}
+
+/// Limits on a new PDU that the room's rules do not set (prev and auth event counts).
+fn check_edges(p: &Pdu) -> std::result::Result<(), String> {
+    if p.prev_events.len() > MAX_PREV_EVENTS {
+        return Err(format!("{} has {} prev_events (at most {MAX_PREV_EVENTS})", p.event_id, p.prev_events.len()));
+    }
+    if p.auth_events.len() > MAX_AUTH_EVENTS {
+        return Err(format!("{} has {} auth_events (at most {MAX_AUTH_EVENTS})", p.event_id, p.auth_events.len()));
+    }
+    Ok(())
 }
 
 /// Fetches from `origin` the auth events of `pdus` we do not hold (and, transitively, theirs), verifies them and
@@ -41,6 +78,11 @@ pub async fn fetch_missing_auth(s: &AppState, origin: &str, room_id: &str, pdus:
     /// Bounds the walk (rounds of fetches, events in all).
     const MAX_ROUNDS: usize = 8;
     const MAX_EVENTS: usize = 200;
+    /// Concurrent `/event` requests.
+    const PARALLEL: usize = 16;
+    /// The whole walk, however many rounds.
+    const DEADLINE: Duration = Duration::from_secs(60);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
     let fed = s.federation.as_ref().ok_or_else(|| Error::forbidden("federation is disabled"))?;
     let rid = room_id.to_owned();
     let Some(room) = s.store.read(move |c| events::room_by_id(c, &rid)).await? else { return Ok(0) };
@@ -49,7 +91,8 @@ pub async fn fetch_missing_auth(s: &AppState, origin: &str, room_id: &str, pdus:
     let mut seen: HashSet<String> = HashSet::new();
     let mut fetched: Vec<Pdu> = Vec::new();
     for _ in 0..MAX_ROUNDS {
-        let ids: Vec<String> = wanted.drain(..).filter(|id| !batch.contains(id) && seen.insert(id.clone())).collect();
+        let room_left = MAX_EVENTS.saturating_sub(fetched.len());
+        let ids: Vec<String> = wanted.drain(..).filter(|id| !batch.contains(id) && seen.insert(id.clone())).take(room_left).collect();
         let unknown: Vec<String> = s
             .store
             .read(move |c| {
@@ -65,12 +108,19 @@ pub async fn fetch_missing_auth(s: &AppState, origin: &str, room_id: &str, pdus:
         if unknown.is_empty() || fetched.len() >= MAX_EVENTS {
             break;
         }
-        let reqs = unknown.iter().map(|id| {
-            let path = format!("/_matrix/federation/v1/event/{}", enc(id));
-            async move { fed.client.get(origin, &path).await }
+        let paths: Vec<String> = unknown.iter().map(|id| format!("/_matrix/federation/v1/event/{}", enc(id))).collect();
+        let client = fed.client.clone();
+        let reqs = paths.into_iter().map(|path| {
+            let client = client.clone();
+            let origin = origin.to_owned();
+            async move { client.request_timeout(reqwest::Method::GET, &origin, &path, None, FETCH_TIMEOUT).await }
         });
+        let Ok(answers) = tokio::time::timeout_at(deadline, futures::stream::iter(reqs).buffer_unordered(PARALLEL).collect::<Vec<_>>()).await else {
+            tracing::info!(origin, room_id, "fetching missing auth events took too long; giving up");
+            break;
+        };
         let mut raw = Vec::new();
-        for r in futures::future::join_all(reqs).await {
+        for r in answers {
             match r {
                 Ok(v) => raw.extend(v.get("pdus").and_then(Value::as_array).and_then(|a| a.first()).cloned()),
                 Err(e) => tracing::info!(origin, room_id, error = %e, "fetching a missing auth event failed"),
@@ -188,15 +238,21 @@ async fn fill_gap(s: &AppState, origin: &str, room_id: &str, pdu: &Pdu) -> Resul
             Ok((ids, room.version))
         })
         .await?;
-    let body = json!({"earliest_events": earliest, "latest_events": [pdu.event_id.as_str()], "limit": 20, "min_depth": 0});
+    let body = json!({"earliest_events": earliest, "latest_events": [pdu.event_id.as_str()], "limit": MISSING_EVENTS_LIMIT, "min_depth": 0});
+    // Bounded: one request, a short timeout, the client's size cap, and no more events than asked for.
     let res = fed
         .client
-        .request(reqwest::Method::POST, origin, &format!("/_matrix/federation/v1/get_missing_events/{}", enc(room_id)), Some(&body))
+        .request_timeout(reqwest::Method::POST, origin, &format!("/_matrix/federation/v1/get_missing_events/{}", enc(room_id)), Some(&body), FETCH_TIMEOUT)
         .await?;
-    let events = res.get("events").and_then(Value::as_array).cloned().unwrap_or_default();
+    let mut events = res.get("events").and_then(Value::as_array).cloned().unwrap_or_default();
+    if events.len() > MISSING_EVENTS_LIMIT {
+        tracing::info!(origin, room_id, got = events.len(), "get_missing_events answered more than asked for; keeping the newest");
+        events.sort_by_key(|e| e.get("depth").and_then(Value::as_i64).unwrap_or(0));
+        events.drain(..events.len() - MISSING_EVENTS_LIMIT);
+    }
     let mut verified: Vec<Pdu> = verify_batch(s, &version, events).await?.into_iter().filter_map(|r| r.ok()).collect();
     verified.sort_by_key(|p| p.depth);
-    verified.retain(|p| p.room_id.as_str() == room_id);
+    verified.retain(|p| p.room_id.as_str() == room_id && check_edges(p).is_ok());
     fetch_missing_auth(s, origin, room_id, &verified).await?;
     for p in verified {
         if p.room_id.as_str() != room_id {
@@ -246,26 +302,37 @@ pub async fn transaction(s: &AppState, origin: &str, body: &Value) -> Result<Val
             })
             .await?;
         let (Some(room), allowed) = room else {
-            tracing::info!(origin, %room_id, "PDUs for an unknown room dropped");
+            // Nothing to check it against and no room version to compute its id with: ignored (as Synapse).
+            tracing::info!(origin, %room_id, "PDUs for an unknown room ignored");
             continue;
         };
+        let checked = verify_batch_ids(s, &room.version, raw).await?;
         if !allowed {
             tracing::info!(origin, %room_id, "PDUs from a server denied by the room's ACL dropped");
+            for id in checked.into_iter().filter_map(|(id, _)| id) {
+                results.insert(id, json!({"error": "server is denied by the room's ACL (m.room.server_acl)"}));
+            }
             continue;
         }
         let mut verified = Vec::new();
-        for r in verify_batch(s, &room.version, raw).await? {
-            match r {
+        for (id, r) in checked {
+            match r.and_then(|p| check_edges(&p).map(|()| p)) {
                 Ok(p) => verified.push(p),
-                Err(e) => tracing::info!(origin, %room_id, error = %e, "invalid PDU dropped"),
+                Err(e) => {
+                    tracing::info!(origin, %room_id, error = %e, "invalid PDU dropped");
+                    if let Some(id) = id {
+                        results.insert(id, json!({"error": e}));
+                    }
+                }
             }
         }
         verified.sort_by_key(|p| p.depth);
         for p in verified {
             let id = p.event_id.to_string();
-            if p.sender.server_name().as_str() != origin && p.kind.to_string() != "m.room.member" {
-                // Events are relayed by their origin; others arrive through backfill/get_missing_events.
-                tracing::debug!(origin, event_id = %id, "PDU relayed by a server other than its sender's");
+            if p.sender.server_name().as_str() != origin {
+                // Relayed (e.g. an invite or a join through a resident): its sender's server signed it, which
+                // verify_batch checked; a forged sender fails there.
+                tracing::debug!(origin, event_id = %id, sender = %p.sender, "PDU relayed by a server other than its sender's");
             }
             match ingest(s, origin, &room_id, p, true).await {
                 Ok(outcome) => {
@@ -294,7 +361,23 @@ async fn handle_edu(s: &AppState, origin: &str, edu: &Value) -> Result<()> {
             let (Some(room), Some(user)) = (content.get("room_id").and_then(Value::as_str), content.get("user_id").and_then(Value::as_str)) else {
                 return Ok(());
             };
-            if from_origin(user) {
+            if !from_origin(user) {
+                return Ok(());
+            }
+            // Only for a room we share, whose ACL lets the origin in, from a member (unless our member list is
+            // still partial).
+            let (rid, uid, o) = (room.to_owned(), user.to_owned(), origin.to_owned());
+            let allowed = s
+                .store
+                .read(move |c| {
+                    let Some(r) = events::room_by_id(c, &rid)? else { return Ok(false) };
+                    if !crate::federation::acl::room_allows(c, r.current_sg, &o)? {
+                        return Ok(false);
+                    }
+                    Ok(r.partial_state || events::membership_of(c, r.room_nid, &uid)?.is_some_and(|(m, _)| m == "join"))
+                })
+                .await?;
+            if allowed {
                 let typing = content.get("typing").and_then(Value::as_bool).unwrap_or(false);
                 s.typing.set(room, user, typing, std::time::Duration::from_secs(30));
             }
@@ -306,6 +389,9 @@ async fn handle_edu(s: &AppState, origin: &str, edu: &Value) -> Result<()> {
                 .write(move |w| {
                     for (room_id, types) in rooms {
                         let Some(room) = events::room_by_id(w.conn, &room_id)? else { continue };
+                        if !crate::federation::acl::room_allows(w.conn, room.current_sg, &origin)? {
+                            continue;
+                        }
                         for (rtype, users) in types.as_object().cloned().unwrap_or_default() {
                             if rtype != "m.read" {
                                 continue;

@@ -324,47 +324,52 @@ fn send_join_answer(c: &Connection, s: &AppState, room: &RoomRow, join: &crate::
         Ok(sg) => sg,
         Err(_) => room.current_sg.ok_or_else(|| Error::internal("no state"))?,
     };
-    let full = events::load_state(c, sg)?;
-    let member_type_nids: HashSet<i64> = {
-        let mut stmt = c.prepare_cached("SELECT state_key_nid FROM state_keys WHERE event_type = 'm.room.member'")?;
-        let rows = stmt.query_map([], |r| r.get(0))?;
-        rows.collect::<rusqlite::Result<_>>()?
-    };
-    let joiner = join.sender.as_str();
-    let mut keep_members: HashSet<String> = HashSet::from([joiner.to_owned()]);
-    let named = crate::room::state_content(c, sg, "m.room.name", "")?.is_some() || crate::room::state_content(c, sg, "m.room.canonical_alias", "")?.is_some();
-    if omit && !named {
-        let mut stmt = c.prepare_cached("SELECT user_id FROM room_members WHERE room_nid = ?1 AND membership IN ('join','invite') AND user_id != ?2 ORDER BY user_id LIMIT 5")?;
-        for u in stmt.query_map(rusqlite::params![room.room_nid, joiner], |r| r.get::<_, String>(0))? {
-            keep_members.insert(u?);
-        }
-    }
-    let mut state_nids = Vec::new();
-    for (skn, nid) in &full {
-        if omit && member_type_nids.contains(skn) {
-            let (_, key) = events::state_key_of(c, *skn)?;
-            if !keep_members.contains(&key) {
-                continue;
+    // With omit_members: the non-member state from one query, plus a handful of looked-up memberships.
+    let mut state: Vec<(i64, String)> = events::state_event_ids(c, sg, if omit { Some("m.room.member") } else { None })?;
+    if omit {
+        let joiner = join.sender.as_str();
+        let mut wanted: Vec<String> = vec![joiner.to_owned()];
+        let named = crate::room::state_content(c, sg, "m.room.name", "")?.is_some() || crate::room::state_content(c, sg, "m.room.canonical_alias", "")?.is_some();
+        if !named {
+            let mut stmt = c.prepare_cached("SELECT user_id FROM room_members WHERE room_nid = ?1 AND membership IN ('join','invite') AND user_id != ?2 ORDER BY user_id LIMIT 5")?;
+            for u in stmt.query_map(rusqlite::params![room.room_nid, joiner], |r| r.get::<_, String>(0))? {
+                wanted.push(u?);
             }
         }
-        state_nids.push(*nid);
-    }
-    let mut state_json = Vec::with_capacity(state_nids.len());
-    let mut state_ids = HashSet::new();
-    for nid in &state_nids {
-        if let Some(row) = events::event_by_nid(c, *nid)? {
-            state_ids.insert(row.event_id.clone());
-            state_json.push(serde_json::from_str::<Value>(&row.json)?);
+        for user in wanted {
+            if let Some(skn) = events::find_state_key_nid(c, "m.room.member", &user)? {
+                if let Some(nid) = events::lookup_state(c, sg, skn)? {
+                    if let Some(r) = events::event_by_nid(c, nid)? {
+                        state.push((nid, r.event_id));
+                    }
+                }
+            }
         }
     }
-    let chain = state::auth_chain(c, state_ids.iter().filter_map(|i| ruma::OwnedEventId::try_from(i.as_str()).ok()).chain(std::iter::once(join.event_id.clone())))?;
+    let state_nids: HashSet<i64> = state.iter().map(|x| x.0).collect();
+    let mut starts: Vec<i64> = state_nids.iter().copied().collect();
+    if let Some(j) = events::event_nid(c, join.event_id.as_str())? {
+        starts.push(j);
+    }
+    let chain = events::auth_chain_nids(c, &starts)?;
+    let join_nid = events::event_nid(c, join.event_id.as_str())?;
+    let mut state_json = Vec::with_capacity(state.len());
+    for (nid, _) in &state {
+        if let Some(j) = events::json_of(c, *nid)? {
+            state_json.push(serde_json::from_str::<Value>(&j)?);
+        }
+    }
     let mut auth_json = Vec::new();
-    for id in chain {
-        if omit && state_ids.contains(id.as_str()) {
+    for nid in chain {
+        // The starts are in the chain too: leave out the join itself, and (with omit) what `state` already has.
+        if Some(nid) == join_nid || (state_nids.contains(&nid) && (omit || !starts.contains(&nid))) {
             continue;
         }
-        if let Some(row) = events::event_by_id(c, id.as_str())? {
-            auth_json.push(serde_json::from_str::<Value>(&row.json)?);
+        if state_nids.contains(&nid) {
+            continue;
+        }
+        if let Some(j) = events::json_of(c, nid)? {
+            auth_json.push(serde_json::from_str::<Value>(&j)?);
         }
     }
     let mut servers = events::joined_servers(c, room.room_nid)?;
@@ -421,11 +426,11 @@ struct EventIdQuery {
     event_id: Option<String>,
 }
 
-/// State ids before `event_id` plus their auth chain ids.
-fn state_at_event(c: &Connection, room: &RoomRow, event_id: &str) -> Result<(Vec<String>, Vec<String>)> {
+/// The state group before `event_id`.
+fn state_group_before(c: &Connection, room: &RoomRow, event_id: &str) -> Result<i64> {
     let row = events::event_by_id(c, event_id)?.filter(|r| r.room_nid == room.room_nid && !r.outlier).ok_or_else(|| Error::not_found("event not found"))?;
     let pdu = crate::room::pdu_from_row(c, &row)?;
-    let sg = match state_before(c, room, &pdu)? {
+    Ok(match state_before(c, room, &pdu)? {
         Ok(sg) => sg,
         Err(_) => {
             // Our partial-join event's prevs are outliers to us: the state before it is its base group.
@@ -433,15 +438,27 @@ fn state_at_event(c: &Connection, room: &RoomRow, event_id: &str) -> Result<(Vec
             let delta: Option<i64> = c.query_row("SELECT delta_of FROM state_groups WHERE sg = ?1", [sg_after], |r| r.get(0)).ok().flatten();
             if row.state_key_nid.is_some() { delta.unwrap_or(sg_after) } else { sg_after }
         }
-    };
-    let mut ids = Vec::new();
-    for nid in events::load_state(c, sg)?.values() {
-        if let Some(r) = events::event_by_nid(c, *nid)? {
-            ids.push(r.event_id);
-        }
+    })
+}
+
+/// State before `event_id` and its auth chain (minus the state itself), as (nid, id) lists — from indexed rows only.
+fn state_at_event_nids(c: &Connection, room: &RoomRow, event_id: &str) -> Result<(Vec<(i64, String)>, Vec<i64>)> {
+    let sg = state_group_before(c, room, event_id)?;
+    let state = events::state_event_ids(c, sg, None)?;
+    let nids: Vec<i64> = state.iter().map(|x| x.0).collect();
+    let in_state: HashSet<i64> = nids.iter().copied().collect();
+    let chain: Vec<i64> = events::auth_chain_nids(c, &nids)?.into_iter().filter(|n| !in_state.contains(n)).collect();
+    Ok((state, chain))
+}
+
+fn state_at_event(c: &Connection, room: &RoomRow, event_id: &str) -> Result<(Vec<String>, Vec<String>)> {
+    let (state, chain) = state_at_event_nids(c, room, event_id)?;
+    let mut chain_ids = Vec::with_capacity(chain.len());
+    let mut stmt = c.prepare_cached("SELECT event_id FROM events WHERE event_nid = ?1")?;
+    for nid in chain {
+        chain_ids.push(stmt.query_row([nid], |r| r.get::<_, String>(0))?);
     }
-    let chain = state::auth_chain(c, ids.iter().filter_map(|i| ruma::OwnedEventId::try_from(i.as_str()).ok()))?;
-    Ok((ids, chain.into_iter().map(|e| e.to_string()).collect()))
+    Ok((state.into_iter().map(|x| x.1).collect(), chain_ids))
 }
 
 async fn state_ids(State(s): State<AppState>, Path(room_id): Path<String>, Query(q): Query<EventIdQuery>, signed: Signed) -> Result<impl IntoResponse> {
@@ -473,9 +490,12 @@ fn pdus_json(c: &Connection, ids: &[String]) -> Result<Vec<Value>> {
     Ok(out)
 }
 
-async fn room_state(State(s): State<AppState>, Path(room_id): Path<String>, Query(q): Query<EventIdQuery>, signed: Signed) -> Result<impl IntoResponse> {
+/// `/state`: potentially 100k events, so the answer is streamed from the database in chunks of raw stored JSON
+/// (never parsed, never held whole).
+async fn room_state(State(s): State<AppState>, Path(room_id): Path<String>, Query(q): Query<EventIdQuery>, signed: Signed) -> Result<axum::response::Response> {
     let event_id = q.event_id.ok_or_else(|| Error::missing_param("event_id is required"))?;
-    let body = s
+    let started = std::time::Instant::now();
+    let (state, chain) = s
         .store
         .read(move |c| {
             let room = resident_room(c, &room_id, &signed.origin)?;
@@ -485,14 +505,46 @@ async fn room_state(State(s): State<AppState>, Path(room_id): Path<String>, Quer
             if !server_in_room(c, &room, &signed.origin)? {
                 return Err(Error::forbidden("your server is not in this room"));
             }
-            let started = std::time::Instant::now();
-            let (ids, chain) = state_at_event(c, &room, &event_id)?;
-            let body = json!({"pdus": pdus_json(c, &ids)?, "auth_chain": pdus_json(c, &chain)?});
-            tracing::info!(room_id = %room.room_id, state = ids.len(), auth_chain = chain.len(), ms = started.elapsed().as_millis() as u64, "/state served");
-            Ok(body)
+            let (state, chain) = state_at_event_nids(c, &room, &event_id)?;
+            Ok((state.into_iter().map(|x| x.0).collect::<Vec<i64>>(), chain))
         })
         .await?;
-    Ok(axum::Json(body))
+    tracing::info!(state = state.len(), auth_chain = chain.len(), ms = started.elapsed().as_millis() as u64, "/state served");
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::result::Result<bytes::Bytes, std::io::Error>>(4);
+    let store = s.store.clone();
+    tokio::spawn(async move {
+        let r = store
+            .read(move |c| {
+                let mut buf = String::with_capacity(1 << 16);
+                let send = |buf: &mut String| -> bool { tx.blocking_send(Ok(bytes::Bytes::from(std::mem::take(buf)))).is_ok() };
+                for (key, list) in [("{\"pdus\":[", &state), ("],\"auth_chain\":[", &chain)] {
+                    buf.push_str(key);
+                    for (i, nid) in list.iter().enumerate() {
+                        if i > 0 {
+                            buf.push(',');
+                        }
+                        if let Some(j) = events::json_of(c, *nid)? {
+                            buf.push_str(&j);
+                        }
+                        if buf.len() >= 1 << 16 && !send(&mut buf) {
+                            return Ok(());
+                        }
+                    }
+                }
+                buf.push_str("]}");
+                send(&mut buf);
+                Ok(())
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "/state stream failed");
+        }
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
+    Ok(axum::response::Response::builder()
+        .header(axum::http::header::CONTENT_TYPE, "application/json")
+        .body(axum::body::Body::from_stream(stream))
+        .map_err(|e| Error::internal(e.to_string()))?)
 }
 
 async fn get_event(State(s): State<AppState>, Path(event_id): Path<String>, signed: Signed) -> Result<impl IntoResponse> {

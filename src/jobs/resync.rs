@@ -183,24 +183,34 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
             };
             let mut total_fetched = 0usize;
             let mut stored = 0usize;
+            // Verify batch k+1 while the writer stores batch k.
+            let mut pending: Option<tokio::task::JoinHandle<Result<usize>>> = None;
             while let Some(chunk) = rx.recv().await {
                 total_fetched += chunk.len();
                 let verified: Vec<crate::room::Pdu> = verify_batch(s, &room.version, chunk).await?.into_iter().filter_map(|r| r.map_err(|e| tracing::info!(error = %e, "resync: invalid event")).ok()).collect();
+                if let Some(p) = pending.take() {
+                    stored += p.await.map_err(|e| Error::internal(e.to_string()))??;
+                }
                 let rid = room.room_id.clone();
-                stored += s
-                    .store
-                    .write_background(move |w| {
-                        let room = events::room_by_id(w.conn, &rid)?.ok_or_else(|| Error::internal("room vanished"))?;
-                        let mut n = 0;
-                        let mut sorted = verified;
-                        sorted.sort_by_key(|p| p.depth);
-                        for p in sorted.iter().filter(|p| p.room_id.as_str() == rid) {
-                            persist_outlier(w.conn, &room, p)?;
-                            n += w.conn.execute("UPDATE resync_state SET missing = 0 WHERE room_nid = ?1 AND event_id = ?2", params![room_nid, p.event_id.as_str()])?;
-                        }
-                        Ok(n)
-                    })
-                    .await?;
+                let store = s.store.clone();
+                pending = Some(tokio::spawn(async move {
+                    store
+                        .write_background(move |w| {
+                            let room = events::room_by_id(w.conn, &rid)?.ok_or_else(|| Error::internal("room vanished"))?;
+                            let mut n = 0;
+                            let mut sorted = verified;
+                            sorted.sort_by_key(|p| p.depth);
+                            for p in sorted.iter().filter(|p| p.room_id.as_str() == rid) {
+                                persist_outlier(w.conn, &room, p)?;
+                                n += w.conn.execute("UPDATE resync_state SET missing = 0 WHERE room_nid = ?1 AND event_id = ?2", params![room_nid, p.event_id.as_str()])?;
+                            }
+                            Ok(n)
+                        })
+                        .await
+                }));
+            }
+            if let Some(p) = pending.take() {
+                stored += p.await.map_err(|e| Error::internal(e.to_string()))??;
             }
             if let Ok(Err(e)) = producer.await {
                 tracing::info!(%server, error = %e, "resync: fetch failed part-way");

@@ -404,3 +404,41 @@ pub fn record_local_membership(
     .execute(params![stream, user_id, room_nid, membership, event_nid])?;
     Ok(())
 }
+
+/// A group's state as (event_nid, event_id), optionally without one event type (e.g. members), in one query.
+pub fn state_event_ids(conn: &Connection, sg: i64, exclude_type: Option<&str>) -> Result<Vec<(i64, String)>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "{CHAIN} SELECT e.state_key_nid, e.event_nid, ev.event_id FROM state_group_entries e JOIN chain c ON e.sg = c.sg
+         JOIN state_keys k ON k.state_key_nid = e.state_key_nid LEFT JOIN events ev ON ev.event_nid = e.event_nid
+         WHERE k.event_type != ?2 ORDER BY c.d DESC"
+    ))?;
+    let mut map: HashMap<i64, Option<(i64, String)>> = HashMap::new();
+    let mut rows = stmt.query(params![sg, exclude_type.unwrap_or("")])?;
+    while let Some(r) = rows.next()? {
+        let skn: i64 = r.get(0)?;
+        let nid: Option<i64> = r.get(1)?;
+        let id: Option<String> = r.get(2)?;
+        map.insert(skn, nid.zip(id));
+    }
+    Ok(map.into_values().flatten().collect())
+}
+
+/// The auth chain (event nids) of the given events, walked in SQL over the auth-edge table; includes the starts.
+/// Needs the `rarray` module (loaded on pooled readers).
+pub fn auth_chain_nids(conn: &Connection, start: &[i64]) -> Result<Vec<i64>> {
+    let values: std::rc::Rc<Vec<rusqlite::types::Value>> = std::rc::Rc::new(start.iter().map(|n| rusqlite::types::Value::Integer(*n)).collect());
+    let mut stmt = conn.prepare_cached(
+        "WITH RECURSIVE chain(nid) AS (
+            SELECT value FROM rarray(?1)
+            UNION
+            SELECT e2.event_nid FROM chain JOIN event_auth a ON a.event_nid = chain.nid JOIN events e2 ON e2.event_id = a.auth_event_id)
+         SELECT nid FROM chain",
+    )?;
+    let rows = stmt.query_map([values], |r| r.get(0))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Stored JSON of events by nid.
+pub fn json_of(conn: &Connection, nid: i64) -> Result<Option<String>> {
+    Ok(conn.prepare_cached("SELECT json FROM events WHERE event_nid = ?1")?.query_row([nid], |r| r.get(0)).optional()?)
+}

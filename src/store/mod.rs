@@ -96,7 +96,11 @@ impl Store {
 
         let manager = SqliteConnectionManager::file(path)
             .with_flags(rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX)
-            .with_init(|c| c.execute_batch("PRAGMA foreign_keys=ON; PRAGMA busy_timeout=10000; PRAGMA cache_size=-4000;"));
+            .with_init(|c| {
+                c.execute_batch("PRAGMA foreign_keys=ON; PRAGMA busy_timeout=10000; PRAGMA cache_size=-4000;")?;
+                // `rarray(?)` lets one query take a whole list of ids (auth chains of big states).
+                rusqlite::vtab::array::load_module(c)
+            });
         let pool = r2d2::Pool::builder().max_size(readers).connection_timeout(Duration::from_secs(30)).build(manager)?;
 
         let (fg_tx, fg_rx) = std_mpsc::channel::<WriteFn>();

@@ -263,9 +263,11 @@ fn probe(http: reqwest::Client, url: String, token: String, room: String, stop: 
         let mut i = 0;
         while !stop.load(Ordering::Relaxed) {
             let t = Instant::now();
+            // A lazy-loading client (as Element is): the filter on every request.
+            let filter = q(r#"{"room":{"timeline":{"limit":10},"state":{"lazy_load_members":true}}}"#);
             let path = match &since {
-                Some(s) => format!("{url}/_matrix/client/v3/sync?timeout=0&since={s}"),
-                None => format!("{url}/_matrix/client/v3/sync?timeout=0&filter={}", q(r#"{"room":{"timeline":{"limit":1},"state":{"lazy_load_members":true}}}"#)),
+                Some(s) => format!("{url}/_matrix/client/v3/sync?timeout=0&filter={filter}&since={s}"),
+                None => format!("{url}/_matrix/client/v3/sync?timeout=0&filter={filter}"),
             };
             if let Ok((200, v)) = api(&http, reqwest::Method::GET, &path, Some(&token), None).await {
                 syncs.push(t.elapsed().as_secs_f64() * 1000.0);
