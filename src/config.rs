@@ -42,7 +42,7 @@ pub struct Database {
     pub readers: u32,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Registration {
     pub enabled: bool,
@@ -145,12 +145,6 @@ impl Default for Listen {
 impl Default for Database {
     fn default() -> Self {
         Database { path: "hearth.db".into(), readers: 4 }
-    }
-}
-
-impl Default for Registration {
-    fn default() -> Self {
-        Registration { enabled: false, token: None }
     }
 }
 

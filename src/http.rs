@@ -118,7 +118,7 @@ fn token_from(parts: &Parts) -> Option<String> {
         }
     }
     parts.uri.query().and_then(|q| {
-        q.split('&').find_map(|kv| kv.strip_prefix("access_token=").map(|t| percent_decode(t)))
+        q.split('&').find_map(|kv| kv.strip_prefix("access_token=").map(percent_decode))
     })
 }
 
@@ -178,7 +178,7 @@ impl FromRequestParts<AppState> for MaybeAuth {
 pub fn client_ip(parts: &Parts) -> String {
     let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
     if peer.is_some_and(|ip| ip.is_loopback()) {
-        let forwarded = parts.headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).last();
+        let forwarded = parts.headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).next_back();
         if let Some(ip) = forwarded.and_then(|v| v.rsplit(',').next()).and_then(|ip| ip.trim().parse::<std::net::IpAddr>().ok()) {
             return ip.to_string();
         }

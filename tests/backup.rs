@@ -28,6 +28,9 @@ fn text(o: &Output) -> String {
     format!("status {:?}\nstdout: {}\nstderr: {}", o.status, String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
+/// A writer: its client, its room, what it had acknowledged, its task.
+type Writer = (Client, String, Arc<Mutex<Vec<Acked>>>, tokio::task::JoinHandle<()>);
+
 #[derive(Clone, Debug)]
 struct Acked {
     event_id: String,
@@ -57,7 +60,7 @@ async fn backup_while_clients_write_then_restore() {
 
     // Four writers, each into its own room (versions 10 and 12), so each room's order is the order of acks.
     let stop = Arc::new(AtomicBool::new(false));
-    let mut writers = Vec::new();
+    let mut writers: Vec<Writer> = Vec::new();
     let mut rooms = Vec::new();
     for i in 0..4 {
         let mut c = server.client();
@@ -68,7 +71,7 @@ async fn backup_while_clients_write_then_restore() {
         writers.push((c.clone(), room.clone(), acked.clone(), tokio::spawn(writer(c, room.clone(), acked, stop.clone()))));
         rooms.push(room);
     }
-    let total = |ws: &[(Client, String, Arc<Mutex<Vec<Acked>>>, tokio::task::JoinHandle<()>)]| -> usize {
+    let total = |ws: &[Writer]| -> usize {
         ws.iter().map(|w| w.2.lock().unwrap().len()).sum()
     };
     let t0 = Instant::now();
