@@ -253,3 +253,18 @@ async fn login_limit_per_address_behind_a_local_proxy() {
     assert_eq!(login("someone".into(), "198.51.100.7").await, 403);
     server.stop().await;
 }
+
+/// systemd's default notify socket is an abstract one (`@/org/freedesktop/systemd1/notify/...`).
+#[tokio::test]
+async fn systemd_notify_to_an_abstract_socket() {
+    use std::os::linux::net::SocketAddrExt;
+    let name = format!("hearth-test-notify-{}", std::process::id());
+    let sock = UnixDatagram::bind_addr(&std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap()).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = BinServer::start(&dir.path().join("hearth.db"), &[("NOTIFY_SOCKET", &format!("@{name}"))]).await;
+    let mut buf = [0u8; 512];
+    let n = sock.recv(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "READY=1"));
+    server.kill();
+}
