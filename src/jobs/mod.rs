@@ -138,6 +138,10 @@ pub async fn run_worker(s: AppState, mut shutdown: tokio::sync::watch::Receiver<
             Ok(Step::Done) => {
                 let id = job.job_id;
                 let _ = s.store.write_background(move |w| Ok(w.conn.execute("DELETE FROM jobs WHERE job_id = ?1", [id])?)).await;
+                // A finished job usually wrote a lot: fold the WAL back into the database.
+                if let Err(e) = s.store.checkpoint(s.config.database.path.clone()).await {
+                    tracing::info!(error = %e, "checkpoint after job failed");
+                }
             }
             Ok(Step::More) => {}
             Err(e) => {

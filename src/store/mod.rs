@@ -82,7 +82,7 @@ struct WriterHandle;
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(
         "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=10000;
-         PRAGMA cache_size=-8000; PRAGMA temp_store=MEMORY;",
+         PRAGMA cache_size=-8000; PRAGMA temp_store=MEMORY; PRAGMA journal_size_limit=67108864;",
     )
 }
 
@@ -171,6 +171,19 @@ impl Store {
 
     pub fn current_stream(&self) -> i64 {
         *self.stream.borrow()
+    }
+
+    /// Checkpoints the WAL back into the database file and truncates it (after bulk work: the WAL of a 100k-event
+    /// resync would otherwise stay gigabytes long). Runs on its own connection; waits for the writer if busy.
+    pub async fn checkpoint(&self, path: std::path::PathBuf) -> Result<()> {
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            let conn = Connection::open(&path)?;
+            conn.busy_timeout(Duration::from_secs(30))?;
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::internal(e.to_string()))?
     }
 
     /// Online backup to `dest` (consistent snapshot while the server runs).

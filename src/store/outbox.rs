@@ -5,6 +5,9 @@ use rusqlite::{params, Connection};
 use crate::error::Result;
 use crate::store::events;
 
+/// PDUs kept queued for a destination that keeps failing.
+const MAX_QUEUED_FOR_FAILING: i64 = 50;
+
 /// Queues a PDU for every other server in the room (joined members, plus the partial-state server list).
 pub fn enqueue_pdu(conn: &Connection, room_nid: i64, event_id: &str, our_server: &str, extra: &[String]) -> Result<usize> {
     let mut dests = events::joined_servers(conn, room_nid)?;
@@ -17,9 +20,20 @@ pub fn enqueue_pdu(conn: &Connection, room_nid: i64, event_id: &str, our_server:
     dests.dedup();
     let mut n = 0;
     let mut ins = conn.prepare_cached("INSERT INTO outbox (destination, kind, payload) VALUES (?1, 'pdu', ?2)")?;
+    let mut backing_off = conn.prepare_cached("SELECT failures FROM destinations WHERE destination = ?1")?;
+    let mut trim = conn.prepare_cached(
+        "DELETE FROM outbox WHERE destination = ?1 AND kind = 'pdu' AND id <= (
+            SELECT id FROM outbox WHERE destination = ?1 AND kind = 'pdu' ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+    )?;
     for d in dests.iter().filter(|d| d.as_str() != our_server) {
         ins.execute(params![d, event_id])?;
         n += 1;
+        // A server that has been failing for a while gets only the most recent PDUs when it returns (it fetches
+        // the gap with get_missing_events, as it would from any server): its queue must not grow without bound.
+        let failures: i64 = backing_off.query_row([d], |r| r.get(0)).unwrap_or(0);
+        if failures >= 3 {
+            trim.execute(params![d, MAX_QUEUED_FOR_FAILING])?;
+        }
     }
     Ok(n)
 }
