@@ -57,3 +57,40 @@ pub fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn columns(conn: &Connection, table: &str) -> Vec<(String, String, bool, bool)> {
+        let mut stmt = conn.prepare(&format!("PRAGMA table_info({table})")).unwrap();
+        stmt.query_map([], |r| Ok((r.get(1)?, r.get(2)?, r.get::<_, i64>(3)? != 0, r.get::<_, i64>(5)? != 0)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap()
+    }
+
+    /// A version-1 database (with the old, unused media blob table) migrates to the same tables a fresh one has.
+    #[test]
+    fn version_1_migrates_to_the_fresh_schema() {
+        let mut fresh = Connection::open_in_memory().unwrap();
+        migrate(&mut fresh).unwrap();
+
+        let mut old = Connection::open_in_memory().unwrap();
+        old.execute_batch(SCHEMA).unwrap();
+        old.execute_batch(
+            "DROP TABLE media_thumbnails; DROP TABLE media; DROP TABLE room_key_backup; DROP TABLE room_key_backup_versions;
+             CREATE TABLE media (media_id TEXT PRIMARY KEY, uploader TEXT NOT NULL, content_type TEXT, filename TEXT,
+                                 size INTEGER NOT NULL, created_ts INTEGER NOT NULL, data BLOB NOT NULL) WITHOUT ROWID;
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+        migrate(&mut old).unwrap();
+        let version: i64 = old.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        for table in ["media", "media_thumbnails", "room_key_backup_versions", "room_key_backup"] {
+            assert_eq!(columns(&old, table), columns(&fresh, table), "table {table}");
+            assert!(!columns(&fresh, table).is_empty(), "table {table} exists");
+        }
+    }
+}
