@@ -159,7 +159,8 @@ async fn upload_download_authenticated_and_legacy_with_safe_headers() {
 async fn files_are_stored_beside_the_database_and_cors_allows_browsers() {
     let s = TestServer::start().await;
     let alice = s.user("alice").await;
-    let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    // 3 MB: larger than limits.max_request_bytes (1 MiB), which does not apply to media.
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
     let (server, id) = upload(&alice, "application/octet-stream", None, &data).await;
     let media_dir = s.db_path.parent().unwrap().join("media");
     let on_disk = std::fs::read(media_dir.join("files").join(&server).join(&id[..2]).join(&id)).expect("file under media/ beside the db");
@@ -169,7 +170,7 @@ async fn files_are_stored_beside_the_database_and_cors_allows_browsers() {
     let (size, uploader, sha): (i64, String, String) = conn
         .query_row("SELECT size, uploader, sha256 FROM media WHERE origin = ?1 AND media_id = ?2", [&server, &id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .unwrap();
-    assert_eq!((size, uploader.as_str()), (200_000, alice.user_id.as_str()));
+    assert_eq!((size, uploader.as_str()), (3_000_000, alice.user_id.as_str()));
     assert_eq!(sha.len(), 64);
 
     // A browser's preflight and the actual request get CORS headers (web clients load media cross-origin).
@@ -193,7 +194,7 @@ async fn files_are_stored_beside_the_database_and_cors_allows_browsers() {
         .await
         .unwrap();
     assert_eq!(r.headers()["access-control-allow-origin"], "*");
-    assert_eq!(r.bytes().await.unwrap().len(), 200_000);
+    assert_eq!(r.bytes().await.unwrap().len(), 3_000_000);
     s.stop().await;
 }
 
