@@ -97,6 +97,18 @@ pub async fn create_room(State(s): State<AppState>, auth: Auth, Json(body): Json
 pub struct ReasonBody {
     reason: Option<String>,
     user_id: Option<String>,
+    /// Third-party invites are not supported: only the shape is checked.
+    #[allow(dead_code)]
+    third_party_signed: Option<ThirdPartySigned>,
+}
+
+#[derive(Deserialize)]
+#[allow(dead_code)]
+struct ThirdPartySigned {
+    sender: String,
+    mxid: String,
+    token: String,
+    signatures: serde_json::Map<String, Value>,
 }
 
 /// Resolves `!room:server` or `#alias:server` to a room id and servers that can help joining it.
@@ -147,7 +159,7 @@ pub async fn join(
         .read(move |c| match events::room_by_id(c, &rid)? {
             Some(r) if r.current_sg.is_some() => {
                 let servers = events::joined_servers(c, r.room_nid)?;
-                let local = servers.iter().any(|x| *x == me);
+                let local = servers.contains(&me);
                 let remote: Vec<String> = servers.into_iter().filter(|x| *x != me).collect();
                 Ok((true, local, remote))
             }
@@ -509,6 +521,12 @@ pub async fn wait_full_state(s: &AppState, room_id: &str) -> Result<()> {
 }
 
 pub async fn members(State(s): State<AppState>, auth: Auth, Path(room_id): Path<String>, Query(q): Query<MembersQuery>) -> Result<impl IntoResponse> {
+    const MEMBERSHIPS: [&str; 5] = ["join", "invite", "knock", "leave", "ban"];
+    for (name, value) in [("membership", &q.membership), ("not_membership", &q.not_membership)] {
+        if value.as_deref().is_some_and(|m| !MEMBERSHIPS.contains(&m)) {
+            return Err(Error::invalid_param(format!("`{name}` must be one of {}", MEMBERSHIPS.join(", "))));
+        }
+    }
     wait_full_state(&s, &room_id).await?;
     let chunk = s
         .store
@@ -699,7 +717,8 @@ pub async fn set_visibility(State(s): State<AppState>, auth: Auth, Path(room_id)
             let sg = room.current_sg.ok_or_else(|| Error::not_found("unknown room"))?;
             let pl = crate::room::power::PowerLevels::load(w.conn, sg, &room.version)?;
             let joined = events::membership_of(w.conn, room.room_nid, &auth.user_id)?.map(|m| m.0).as_deref() == Some("join");
-            if !auth.admin && !(joined && pl.user(&auth.user_id) >= pl.for_event("m.room.canonical_alias", true)) {
+            let allowed = joined && pl.user(&auth.user_id) >= pl.for_event("m.room.canonical_alias", true);
+            if !auth.admin && !allowed {
                 return Err(Error::forbidden("you may not change this room's directory visibility"));
             }
             rooms::set_published(w.conn, &room.room_id, publish)
@@ -727,6 +746,13 @@ pub async fn public_rooms_get(State(s): State<AppState>, Query(q): Query<PublicR
 }
 
 pub async fn public_rooms_post(State(s): State<AppState>, _auth: Auth, Json(b): Json<PublicRoomsBody>) -> Result<impl IntoResponse> {
+    if let Some(f) = &b.filter {
+        let term_ok = f.get("generic_search_term").is_none_or(|t| t.is_string() || t.is_null());
+        let types_ok = f.get("room_types").is_none_or(|t| t.is_null() || t.as_array().is_some_and(|a| a.iter().all(|x| x.is_string() || x.is_null())));
+        if !f.is_object() || !term_ok || !types_ok {
+            return Err(Error::bad_json("filter must be an object with a string generic_search_term and a room_types array"));
+        }
+    }
     let term = b.filter.as_ref().and_then(|f| f.get("generic_search_term")).and_then(Value::as_str).map(str::to_lowercase);
     public_rooms(&s, b.limit, b.since, term).await
 }

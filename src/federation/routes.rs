@@ -441,8 +441,11 @@ fn state_group_before(c: &Connection, room: &RoomRow, event_id: &str) -> Result<
     })
 }
 
-/// State before `event_id` and its auth chain (minus the state itself), as (nid, id) lists — from indexed rows only.
-fn state_at_event_nids(c: &Connection, room: &RoomRow, event_id: &str) -> Result<(Vec<(i64, String)>, Vec<i64>)> {
+/// State entries as (event nid, event id), and auth chain nids.
+type StateAndChain = (Vec<(i64, String)>, Vec<i64>);
+
+/// State before `event_id` and its auth chain (minus the state itself) — from indexed rows only.
+fn state_at_event_nids(c: &Connection, room: &RoomRow, event_id: &str) -> Result<StateAndChain> {
     let sg = state_group_before(c, room, event_id)?;
     let state = events::state_event_ids(c, sg, None)?;
     let nids: Vec<i64> = state.iter().map(|x| x.0).collect();
@@ -541,10 +544,10 @@ async fn room_state(State(s): State<AppState>, Path(room_id): Path<String>, Quer
         }
     });
     let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
-    Ok(axum::response::Response::builder()
+    axum::response::Response::builder()
         .header(axum::http::header::CONTENT_TYPE, "application/json")
         .body(axum::body::Body::from_stream(stream))
-        .map_err(|e| Error::internal(e.to_string()))?)
+        .map_err(|e| Error::internal(e.to_string()))
 }
 
 async fn get_event(State(s): State<AppState>, Path(event_id): Path<String>, signed: Signed) -> Result<impl IntoResponse> {

@@ -10,6 +10,7 @@ use crate::store::events::{self, RoomRow};
 use crate::store::{accounts, Writer};
 
 /// Writes `target`'s membership (join/leave/invite/ban) as `sender`, with ruma's auth deciding if it is allowed.
+#[allow(clippy::too_many_arguments)]
 pub fn set_membership(
     w: &mut Writer<'_>,
     identity: &Identity,
