@@ -194,7 +194,22 @@ async fn files_are_stored_beside_the_database_and_cors_allows_browsers() {
         .await
         .unwrap();
     assert_eq!(r.headers()["access-control-allow-origin"], "*");
+    assert_eq!(r.headers()["accept-ranges"], "bytes");
     assert_eq!(r.bytes().await.unwrap().len(), 3_000_000);
+
+    // Byte ranges (video players seek with them).
+    let url = alice.url(&format!("/_matrix/client/v1/media/download/{server}/{id}"));
+    for (range, from, to) in [("bytes=10-19", 10usize, 19usize), ("bytes=-5", 2_999_995, 2_999_999), ("bytes=2999990-", 2_999_990, 2_999_999), ("bytes=5-9999999", 5, 2_999_999)] {
+        let r = alice.http.get(&url).bearer_auth(alice.token.as_ref().unwrap()).header("range", range).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 206, "{range}");
+        assert_eq!(r.headers()["content-range"].to_str().unwrap(), format!("bytes {from}-{to}/3000000"), "{range}");
+        assert_eq!(r.bytes().await.unwrap().as_ref(), &data[from..=to], "{range}");
+    }
+    let r = alice.http.get(&url).bearer_auth(alice.token.as_ref().unwrap()).header("range", "bytes=3000000-").send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 416);
+    assert_eq!(r.headers()["content-range"], "bytes */3000000");
+    let r = alice.http.get(&url).bearer_auth(alice.token.as_ref().unwrap()).header("range", "bytes=0-1,5-6").send().await.unwrap();
+    assert_eq!((r.status().as_u16(), r.bytes().await.unwrap().len()), (200, 3_000_000), "several ranges: the whole file");
     s.stop().await;
 }
 

@@ -378,8 +378,9 @@ async fn download_auth(
     _auth: Auth,
     Path((server_name, media_id)): Path<(String, String)>,
     Query(q): Query<DownloadQuery>,
+    headers: HeaderMap,
 ) -> Result<Response> {
-    download(&s, &server_name, &media_id, None, q).await
+    download(&s, &server_name, &media_id, None, q, &headers).await
 }
 
 async fn download_auth_named(
@@ -387,32 +388,78 @@ async fn download_auth_named(
     _auth: Auth,
     Path((server_name, media_id, file_name)): Path<(String, String, String)>,
     Query(q): Query<DownloadQuery>,
+    headers: HeaderMap,
 ) -> Result<Response> {
-    download(&s, &server_name, &media_id, Some(file_name), q).await
+    download(&s, &server_name, &media_id, Some(file_name), q, &headers).await
 }
 
 async fn download_legacy(
     State(s): State<AppState>,
     Path((server_name, media_id)): Path<(String, String)>,
     Query(q): Query<DownloadQuery>,
+    headers: HeaderMap,
 ) -> Result<Response> {
-    download(&s, &server_name, &media_id, None, q).await
+    download(&s, &server_name, &media_id, None, q, &headers).await
 }
 
 async fn download_legacy_named(
     State(s): State<AppState>,
     Path((server_name, media_id, file_name)): Path<(String, String, String)>,
     Query(q): Query<DownloadQuery>,
+    headers: HeaderMap,
 ) -> Result<Response> {
-    download(&s, &server_name, &media_id, Some(file_name), q).await
+    download(&s, &server_name, &media_id, Some(file_name), q, &headers).await
 }
 
-async fn download(s: &AppState, server_name: &str, media_id: &str, file_name: Option<String>, q: DownloadQuery) -> Result<Response> {
+async fn download(
+    s: &AppState,
+    server_name: &str,
+    media_id: &str,
+    file_name: Option<String>,
+    q: DownloadQuery,
+    headers: &HeaderMap,
+) -> Result<Response> {
     let row = resolve(s, server_name, media_id, &q).await?;
     let path = s.media.file_path(&row.origin, &row.media_id);
     let file = tokio::fs::File::open(&path).await.map_err(|_| Error::not_found("media file missing"))?;
     let name = clean_filename(file_name).or(row.filename.clone());
-    Ok(file_response(file, row.size.unwrap_or(0) as u64, row.content_type.as_deref(), name.as_deref()))
+    let size = row.size.unwrap_or(0) as u64;
+    let Ok(range) = byte_range(headers.get(header::RANGE), size) else {
+        let mut res = StatusCode::RANGE_NOT_SATISFIABLE.into_response();
+        res.headers_mut().insert(header::CONTENT_RANGE, HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii"));
+        return Ok(res);
+    };
+    file_response(file, size, range, row.content_type.as_deref(), name.as_deref()).await
+}
+
+/// The one byte range asked for with `Range: bytes=...` (video players seek with it): `Ok(None)` for the whole
+/// file (no header, a malformed one, or several ranges), `Err` when it cannot be satisfied.
+pub fn byte_range(h: Option<&HeaderValue>, size: u64) -> std::result::Result<Option<(u64, u64)>, ()> {
+    let Some(spec) = h.and_then(|v| v.to_str().ok()).and_then(|v| v.trim().strip_prefix("bytes=")) else { return Ok(None) };
+    let Some((a, b)) = spec.split_once('-').filter(|_| !spec.contains(',')) else { return Ok(None) };
+    let (a, b) = (a.trim(), b.trim());
+    let (start, end) = if a.is_empty() {
+        let Ok(n) = b.parse::<u64>() else { return Ok(None) };
+        if n == 0 {
+            return Err(());
+        }
+        (size.saturating_sub(n), size.saturating_sub(1))
+    } else {
+        let Ok(start) = a.parse::<u64>() else { return Ok(None) };
+        let end = if b.is_empty() {
+            size.saturating_sub(1)
+        } else {
+            match b.parse::<u64>() {
+                Ok(e) => e.min(size.saturating_sub(1)),
+                Err(_) => return Ok(None),
+            }
+        };
+        (start, end)
+    };
+    if size == 0 || start >= size || start > end {
+        return Err(());
+    }
+    Ok(Some((start, end)))
 }
 
 /// The media row with its content available: local (waiting for an async upload) or remote (fetched and cached).
@@ -487,12 +534,31 @@ pub fn media_headers(headers: &mut HeaderMap, content_type: &str, file_name: Opt
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=86400"));
 }
 
-fn file_response(file: tokio::fs::File, size: u64, content_type: Option<&str>, file_name: Option<&str>) -> Response {
-    let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
-    let mut res = (StatusCode::OK, body).into_response();
-    media_headers(res.headers_mut(), content_type.unwrap_or("application/octet-stream"), file_name);
-    res.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(size));
-    res
+async fn file_response(
+    mut file: tokio::fs::File,
+    size: u64,
+    range: Option<(u64, u64)>,
+    content_type: Option<&str>,
+    file_name: Option<&str>,
+) -> Result<Response> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let (status, start, len) = match range {
+        Some((start, end)) => (StatusCode::PARTIAL_CONTENT, start, end - start + 1),
+        None => (StatusCode::OK, 0, size),
+    };
+    if start > 0 {
+        file.seek(std::io::SeekFrom::Start(start)).await.map_err(|e| Error::internal(format!("media file seek: {e}")))?;
+    }
+    let body = Body::from_stream(tokio_util::io::ReaderStream::new(file.take(len)));
+    let mut res = (status, body).into_response();
+    let h = res.headers_mut();
+    media_headers(h, content_type.unwrap_or("application/octet-stream"), file_name);
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if range.is_some() {
+        h.insert(header::CONTENT_RANGE, HeaderValue::from_str(&format!("bytes {start}-{}/{size}", start + len - 1)).expect("ascii"));
+    }
+    Ok(res)
 }
 
 // ---- thumbnails -----------------------------------------------------------------------------------------------
