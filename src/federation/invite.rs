@@ -58,6 +58,18 @@ pub async fn receive_invite(s: &AppState, origin: &str, room_id: &str, event_id:
     let rules = version::rules(&room_version)
         .map_err(|_| Error::matrix(axum::http::StatusCode::BAD_REQUEST, "M_INCOMPATIBLE_ROOM_VERSION", format!("room version {room_version} is not supported")).with("room_version", json!(room_version)))?;
     let event = body.get("event").cloned().ok_or_else(|| Error::bad_json("missing event"))?;
+    // A room we are in applies its server ACL to invites too.
+    let (rid, o) = (room_id.to_owned(), origin.to_owned());
+    let acl_ok = s
+        .store
+        .read(move |c| match events::room_by_id(c, &rid)? {
+            Some(room) => crate::federation::acl::room_allows(c, room.current_sg, &o),
+            None => Ok(true),
+        })
+        .await?;
+    if !acl_ok {
+        return Err(Error::forbidden("server denied by the room's ACL"));
+    }
     let pdu = verify_batch(s, &room_version, vec![event]).await?.pop().ok_or_else(|| Error::bad_json("no event"))?.map_err(Error::forbidden)?;
     let target = pdu.state_key.clone().unwrap_or_default();
     if pdu.event_id.as_str() != event_id || pdu.room_id.as_str() != room_id {

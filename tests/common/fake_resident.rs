@@ -13,11 +13,17 @@
 //! Tests script it: [`FakeResident::hold`] / [`FakeResident::release`] make an endpoint wait, [`StateIdsMode`]
 //! corrupts `/state_ids`, [`FakeResident::requests`] counts what Hearth asked for, [`FakeResident::push`] sends
 //! PDUs to Hearth's `PUT /send` signed with `X-Matrix`, and [`FakeResident::received`] shows what Hearth sent.
+//!
+//! For attack tests: [`FakeResident::start_named`] gives a fake a DNS-style name (Hearth reaches it through
+//! `federation.resolve`, see [`start_hearth_with_fakes`]), [`FakeResident::script`] replaces any endpoint's answer
+//! ([`Script`]: hang, drip, endless body, fixed answer), [`FakeRoom::build_signed`] signs events as another server
+//! would not, [`sign_unchecked`] signs events of any size, and [`FakeResident::push_json`] sends any transaction.
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -76,6 +82,60 @@ pub fn federation_config(c: &mut hearth::config::Config) {
 /// An in-process Hearth with federation on ([`federation_config`]).
 pub async fn start_hearth() -> TestServer {
     TestServer::start_with(federation_config).await
+}
+
+/// [`start_hearth`], with `f` changing the configuration afterwards.
+pub async fn start_hearth_with(f: impl FnOnce(&mut hearth::config::Config)) -> TestServer {
+    TestServer::start_with(|c| {
+        federation_config(c);
+        f(c)
+    })
+    .await
+}
+
+/// [`start_hearth`], resolving the names of `fakes` (which may be DNS-style, [`FakeResident::start_named`]) to
+/// their addresses, and connecting each fake to it.
+pub async fn start_hearth_with_fakes(fakes: &[&FakeResident], f: impl FnOnce(&mut hearth::config::Config)) -> TestServer {
+    let entries: Vec<(String, String)> = fakes.iter().map(|x| (x.name.clone(), x.addr.to_string())).collect();
+    let hearth = start_hearth_with(|c| {
+        c.federation.resolve.extend(entries);
+        f(c)
+    })
+    .await;
+    for x in fakes {
+        x.connect_to(&hearth);
+    }
+    hearth
+}
+
+/// Adds `hashes` and `signatures` (by `identity`) to an event of any size: unlike ruma's `hash_and_sign_event`
+/// this does not refuse events over 65536 bytes, so tests can send oversized events that are otherwise valid.
+pub fn sign_unchecked(identity: &Identity, rules: &RoomVersionRules, obj: &mut CanonicalJsonObject) {
+    use base64::Engine;
+    use ruma::canonical_json::CanonicalJsonValue;
+    for k in ["hashes", "signatures", "unsigned"] {
+        obj.remove(k);
+    }
+    let json = serde_json::to_string(&*obj).expect("canonical JSON");
+    let hash = ring::digest::digest(&ring::digest::SHA256, json.as_bytes());
+    let mut hashes = CanonicalJsonObject::new();
+    hashes.insert("sha256".into(), CanonicalJsonValue::String(base64::engine::general_purpose::STANDARD_NO_PAD.encode(hash.as_ref())));
+    obj.insert("hashes".into(), CanonicalJsonValue::Object(hashes));
+    let mut redacted = ruma::canonical_json::redact(obj.clone(), &rules.redaction, None).expect("redact");
+    ruma::signatures::sign_json(identity.server_name.as_str(), &identity.keypair, &mut redacted).expect("sign");
+    obj.insert("signatures".into(), redacted.get("signatures").cloned().expect("signatures"));
+}
+
+/// The event id of a v3+ event of any size (the reference hash ruma refuses to compute over 65536 bytes).
+pub fn event_id_unchecked(rules: &RoomVersionRules, obj: &CanonicalJsonObject) -> String {
+    use base64::Engine;
+    let mut redacted = ruma::canonical_json::redact(obj.clone(), &rules.redaction, None).expect("redact");
+    for k in ["signatures", "unsigned", "age_ts"] {
+        redacted.remove(k);
+    }
+    let json = serde_json::to_string(&redacted).expect("canonical JSON");
+    let hash = ring::digest::digest(&ring::digest::SHA256, json.as_bytes());
+    format!("${}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(hash.as_ref()))
 }
 
 /// A fresh signing identity for a fake server.
@@ -248,12 +308,17 @@ impl FakeRoom {
 
     /// Builds and signs an event (by the fake server of its sender) without adding it to the DAG.
     pub fn build(&mut self, spec: EventSpec) -> FakeEvent {
+        self.build_signed(spec, None)
+    }
+
+    /// [`FakeRoom::build`], signed by `signer` instead of the sender's server (a forged sender) when given.
+    pub fn build_signed(&mut self, spec: EventSpec, signer: Option<Arc<Identity>>) -> FakeEvent {
         let prev = spec.prev.clone().unwrap_or_else(|| self.extremities.clone());
         let state_before = self.state_at(&prev);
         let auth = spec.auth.clone().unwrap_or_else(|| self.auth_for(&state_before, &spec));
         let depth = prev.iter().filter_map(|p| self.events.get(p)).map(|e| e.depth).max().unwrap_or(0) + 1;
         let refs = |ids: &[String]| -> Vec<(OwnedEventId, String)> { ids.iter().map(|i| (OwnedEventId::try_from(i.as_str()).expect("event id"), String::new())).collect() };
-        let identity = self.identity_for(&spec.sender);
+        let identity = signer.unwrap_or_else(|| self.identity_for(&spec.sender));
         let ev = LocalEvent { kind: spec.kind.clone(), state_key: spec.state_key.clone(), content: spec.content.clone(), redacts: None };
         let room_id = (!self.room_id.is_empty()).then_some(self.room_id.as_str());
         let pdu = build_pdu(&identity, &self.rules, room_id, &spec.sender, &ev, &refs(&prev), &refs(&auth), depth).expect("build_pdu");
@@ -355,6 +420,85 @@ pub enum StateIdsMode {
     BogusMembers,
 }
 
+/// A scripted answer for one kind of request (see [`FakeResident::script`]).
+#[derive(Clone, Debug)]
+pub enum Script {
+    /// Never answers (the connection stays open).
+    Hang,
+    /// 200 with a JSON content type and a body of one space every interval, forever.
+    Drip(Duration),
+    /// 200 with a body that never ends, sent as fast as the reader takes it ([`FakeResident::streamed`] counts it).
+    Endless,
+    /// A fixed answer.
+    Respond { status: u16, headers: Vec<(String, String)>, body: String },
+}
+
+impl Script {
+    pub fn json(status: u16, body: Value) -> Script {
+        Script::Respond { status, headers: vec![("content-type".into(), "application/json".into())], body: body.to_string() }
+    }
+    /// A `302 Found` to `location`.
+    pub fn redirect(location: &str) -> Script {
+        Script::Respond { status: 302, headers: vec![("location".into(), location.into())], body: String::new() }
+    }
+}
+
+/// The kind of a request by its path: `key`, `well_known`, or the endpoint name after `/_matrix/federation/vN/`.
+fn kind_of(path: &str) -> String {
+    if path.starts_with("/_matrix/key/") {
+        return "key".into();
+    }
+    if path.starts_with("/.well-known/matrix/server") {
+        return "well_known".into();
+    }
+    let mut parts = path.trim_start_matches('/').split('/');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some("_matrix"), Some("federation"), Some(_), Some(kind)) => kind.to_owned(),
+        _ => "other".into(),
+    }
+}
+
+/// Answers scripted requests before they reach the fake's handlers.
+async fn scripted(State(i): State<Shared>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let kind = kind_of(req.uri().path());
+    let script = i.ctl.scripts.lock().unwrap().get(&kind).cloned();
+    let Some(script) = script else { return next.run(req).await };
+    i.ctl.requests.lock().unwrap().push(Request { kind: kind.clone(), detail: req.uri().to_string(), at: Instant::now() });
+    i.ctl.bump();
+    match script {
+        Script::Hang => std::future::pending().await,
+        Script::Drip(every) => {
+            let inner = i.clone();
+            let body = futures::stream::unfold((), move |()| {
+                let inner = inner.clone();
+                async move {
+                    tokio::time::sleep(every).await;
+                    inner.ctl.streamed.fetch_add(1, Ordering::Relaxed);
+                    Some((Ok::<_, std::io::Error>(bytes::Bytes::from_static(b" ")), ()))
+                }
+            });
+            ([("content-type", "application/json")], axum::body::Body::from_stream(body)).into_response()
+        }
+        Script::Endless => {
+            static CHUNK: [u8; 65536] = [b' '; 65536];
+            let inner = i.clone();
+            let head = futures::stream::once(async { Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"{\"events\": [")) });
+            let tail = futures::stream::repeat_with(move || {
+                inner.ctl.streamed.fetch_add(CHUNK.len() as u64, Ordering::Relaxed);
+                Ok::<_, std::io::Error>(bytes::Bytes::from_static(&CHUNK))
+            });
+            ([("content-type", "application/json")], axum::body::Body::from_stream(futures::StreamExt::chain(head, tail))).into_response()
+        }
+        Script::Respond { status, headers, body } => {
+            let mut res = (StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), body).into_response();
+            for (k, v) in headers {
+                res.headers_mut().insert(axum::http::HeaderName::try_from(k).unwrap(), axum::http::HeaderValue::try_from(v).unwrap());
+            }
+            res
+        }
+    }
+}
+
 /// One request the fake received.
 #[derive(Clone, Debug)]
 pub struct Request {
@@ -378,6 +522,12 @@ struct Control {
     requests: Mutex<Vec<Request>>,
     received: Mutex<Vec<(String, Value)>>,
     changed: watch::Sender<u64>,
+    /// Scripted answers by request kind.
+    scripts: Mutex<HashMap<String, Script>>,
+    /// Body bytes sent by [`Script::Drip`] and [`Script::Endless`] answers.
+    streamed: AtomicU64,
+    /// `get_missing_events` answers up to this many events whatever limit was asked for.
+    missing_events_limit: Mutex<Option<usize>>,
 }
 
 impl Control {
@@ -444,6 +594,16 @@ impl FakeResident {
     /// Starts a fake with a room built after `spec`: creator `@creator:fake`, power levels, public join rules,
     /// shared history, a name (so no heroes are needed), `spec.members` joined users and some messages.
     pub async fn start(spec: RoomSpec) -> FakeResident {
+        Self::start_as(spec, None).await
+    }
+
+    /// [`FakeResident::start`] with a DNS-style server name (e.g. `evil.example`) instead of `127.0.0.1:PORT`;
+    /// Hearth must resolve it through `federation.resolve` ([`start_hearth_with_fakes`]).
+    pub async fn start_named(spec: RoomSpec, name: &str) -> FakeResident {
+        Self::start_as(spec, Some(name)).await
+    }
+
+    async fn start_as(spec: RoomSpec, name: Option<&str>) -> FakeResident {
         let rules = version::rules(&spec.version).expect("supported room version");
         let room = Arc::new(Mutex::new(FakeRoom {
             room_id: String::new(),
@@ -455,7 +615,7 @@ impl FakeResident {
             identities: HashMap::new(),
             creator: String::new(),
         }));
-        let fake = Self::serve(room.clone()).await;
+        let fake = Self::serve(room.clone(), name).await;
         {
             let mut r = room.lock().unwrap();
             let creator = fake.user("creator");
@@ -496,17 +656,22 @@ impl FakeResident {
     /// Starts a second fake server answering for the same room (e.g. to fall back to); none of its users is in
     /// the room until the test appends their joins.
     pub async fn start_peer(&self) -> FakeResident {
-        Self::serve(self.room.clone()).await
+        Self::serve(self.room.clone(), None).await
     }
 
-    async fn serve(room: Arc<Mutex<FakeRoom>>) -> FakeResident {
+    /// [`FakeResident::start_peer`] with a DNS-style name (see [`FakeResident::start_named`]).
+    pub async fn start_peer_named(&self, name: &str) -> FakeResident {
+        Self::serve(self.room.clone(), Some(name)).await
+    }
+
+    async fn serve(room: Arc<Mutex<FakeRoom>>, name: Option<&str>) -> FakeResident {
         super::init_crypto();
         let dir = tempfile::tempdir().expect("tempdir");
         let (crt, key) = self_signed_cert(dir.path());
         let acceptor = hearth::federation::tls::load_acceptor(&crt, &key).expect("TLS acceptor");
         let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = tcp.local_addr().unwrap();
-        let name = format!("127.0.0.1:{}", addr.port());
+        let name = name.map(str::to_owned).unwrap_or_else(|| format!("127.0.0.1:{}", addr.port()));
         let identity = new_identity(&name);
         room.lock().unwrap().identities.insert(name.clone(), identity.clone());
         let inner = Arc::new(Inner {
@@ -521,6 +686,9 @@ impl FakeResident {
                 requests: Mutex::default(),
                 received: Mutex::default(),
                 changed: watch::channel(0).0,
+                scripts: Mutex::default(),
+                streamed: AtomicU64::new(0),
+                missing_events_limit: Mutex::new(None),
             },
         });
         let key_identity = identity.clone();
@@ -546,6 +714,7 @@ impl FakeResident {
                 i.ctl.arrive("other", uri.to_string()).await;
                 err(StatusCode::NOT_FOUND, "M_UNRECOGNIZED", "the fake resident does not serve this")
             })
+            .layer(axum::middleware::from_fn_with_state(inner.clone(), scripted))
             .with_state(inner.clone());
         let listener = hearth::federation::tls::TlsListener::new(tcp, acceptor).expect("TLS listener");
         let task = tokio::spawn(async move {
@@ -584,6 +753,11 @@ impl FakeResident {
         self.room.lock().unwrap().build(spec)
     }
 
+    /// [`FakeRoom::build_signed`]: an event signed by `signer` (e.g. this fake) whatever its sender's server.
+    pub fn build_signed(&self, spec: EventSpec, signer: &Arc<Identity>) -> FakeEvent {
+        self.room.lock().unwrap().build_signed(spec, Some(signer.clone()))
+    }
+
     pub fn event(&self, id: &str) -> Option<FakeEvent> {
         self.room.lock().unwrap().get(id).cloned()
     }
@@ -611,6 +785,26 @@ impl FakeResident {
     /// `/state` answers with at most `limit` state events (None: all).
     pub fn set_state_limit(&self, limit: Option<usize>) {
         *self.inner.ctl.state_limit.lock().unwrap() = limit;
+    }
+
+    /// Answers requests of `kind` (see [`kind_of`]: `key`, `well_known`, `get_missing_events`, `state`, ...)
+    /// with `script` instead of the normal handler, until [`FakeResident::unscript`].
+    pub fn script(&self, kind: &str, script: Script) {
+        self.inner.ctl.scripts.lock().unwrap().insert(kind.to_owned(), script);
+    }
+
+    pub fn unscript(&self, kind: &str) {
+        self.inner.ctl.scripts.lock().unwrap().remove(kind);
+    }
+
+    /// Body bytes sent so far by scripted streaming answers.
+    pub fn streamed(&self) -> u64 {
+        self.inner.ctl.streamed.load(Ordering::Relaxed)
+    }
+
+    /// `get_missing_events` answers with up to `limit` events, ignoring the limit Hearth asked for (None: honour it).
+    pub fn set_missing_events_limit(&self, limit: Option<usize>) {
+        *self.inner.ctl.missing_events_limit.lock().unwrap() = limit;
     }
 
     pub fn set_servers_in_room(&self, servers: Option<Vec<String>>) {
@@ -696,6 +890,18 @@ impl FakeResident {
             hearth::federation::client::FedError::Status { status, body, .. } => (status, body),
             other => (0, json!({"error": other.to_string()})),
         })
+    }
+
+    /// The name Hearth is known by and the fake's federation client for it ([`FakeResident::connect`] first).
+    pub fn hearth_client(&self) -> (String, Arc<FedClient>) {
+        self.hearth.lock().unwrap().clone().expect("FakeResident::connect first")
+    }
+
+    /// Sends any PDUs and EDUs to Hearth in one `PUT /send` transaction; the whole answer, or the error.
+    pub async fn push_json(&self, pdus: Vec<Value>, edus: Vec<Value>) -> Result<Value, (u16, Value)> {
+        let txn = format!("fake{}", hearth::http::random_string(12));
+        let body = json!({"origin": self.name, "origin_server_ts": hearth::store::accounts::now_ms(), "pdus": pdus, "edus": edus});
+        self.request_hearth(reqwest::Method::PUT, &format!("/_matrix/federation/v1/send/{txn}"), Some(&body)).await
     }
 
     /// Pushes events of the room to Hearth in one `PUT /send` transaction; returns the answer's `pdus` map.
@@ -933,6 +1139,7 @@ async fn get_missing_events(State(i): State<Shared>, UrlPath(room_id): UrlPath<S
     let strs = |k: &str| -> Vec<String> { body.get(k).and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect()).unwrap_or_default() };
     let stop: HashSet<String> = strs("earliest_events").into_iter().collect();
     let limit = body.get("limit").and_then(Value::as_u64).unwrap_or(10) as usize;
+    let limit = i.ctl.missing_events_limit.lock().unwrap().unwrap_or(limit);
     let mut evs = walk_back(&r, &strs("latest_events"), &stop, limit, false);
     evs.sort_by_key(|e| e.depth);
     axum::Json(json!({"events": evs.into_iter().map(|e| e.json).collect::<Vec<_>>()})).into_response()
