@@ -221,6 +221,8 @@ async fn create(State(s): State<AppState>, auth: Auth) -> Result<impl IntoRespon
     let now = now_ms();
     s.store
         .write(move |w| {
+            // Ids reserved long ago and never filled are dropped first.
+            w.conn.execute("DELETE FROM media WHERE uploader = ?1 AND size IS NULL AND created_ts <= ?2", params![u, now - PENDING_TTL_MS])?;
             let pending: i64 = w.conn.query_row(
                 "SELECT count(*) FROM media WHERE uploader = ?1 AND size IS NULL AND created_ts > ?2",
                 params![u, now - PENDING_TTL_MS],
@@ -434,7 +436,7 @@ async fn download(
 
 /// The one byte range asked for with `Range: bytes=...` (video players seek with it): `Ok(None)` for the whole
 /// file (no header, a malformed one, or several ranges), `Err` when it cannot be satisfied.
-pub fn byte_range(h: Option<&HeaderValue>, size: u64) -> std::result::Result<Option<(u64, u64)>, ()> {
+fn byte_range(h: Option<&HeaderValue>, size: u64) -> std::result::Result<Option<(u64, u64)>, ()> {
     let Some(spec) = h.and_then(|v| v.to_str().ok()).and_then(|v| v.trim().strip_prefix("bytes=")) else { return Ok(None) };
     let Some((a, b)) = spec.split_once('-').filter(|_| !spec.contains(',')) else { return Ok(None) };
     let (a, b) = (a.trim(), b.trim());
