@@ -173,17 +173,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             federation_addr = Some(tcp.local_addr()?);
             let listener = crate::federation::tls::TlsListener::new(tcp, acceptor)?;
             let app = crate::http::federation_router(services.clone());
-            let mut rx = shutdown_rx.clone();
-            tasks.push(tokio::spawn(async move {
-                let result = axum::serve(listener, app.into_make_service())
-                    .with_graceful_shutdown(async move {
-                        let _ = rx.wait_for(|v| *v).await;
-                    })
-                    .await;
-                if let Err(e) = result {
-                    tracing::error!(error = %e, "federation listener failed");
-                }
-            }));
+            tasks.push(tokio::spawn(crate::federation::tls::serve(listener, app, shutdown_rx.clone())));
         }
         tasks.push(tokio::spawn(crate::federation::sender::run(services.clone(), shutdown_rx.clone())));
     }

@@ -1,7 +1,8 @@
 //! Outbound federation requests: server discovery, TLS, and `X-Matrix` request signing.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,11 +21,25 @@ struct Target {
     expires: Instant,
 }
 
+/// Largest answer to a federation request read into memory (a bigger one fails as [`FedError::TooLarge`]).
+pub const MAX_RESPONSE_BYTES: u64 = 50 << 20;
+/// Largest answer streamed to disk by [`FedClient::get_to_file`] (`/state` of a very large room).
+pub const MAX_FILE_BYTES: u64 = 1 << 30;
+/// Error bodies and `.well-known/matrix/server` answers are small; more than this is not read.
+const MAX_SMALL_BYTES: u64 = 64 << 10;
+/// Redirects followed when fetching `.well-known/matrix/server` (federation requests follow none).
+const MAX_WELL_KNOWN_REDIRECTS: usize = 5;
+
 pub struct FedClient {
+    /// Federation requests: no redirects, private addresses refused by the resolver.
     http: reqwest::Client,
+    /// `.well-known` lookups: a few https redirects, each checked like the first hop.
+    well_known_http: reqwest::Client,
     identity: Arc<Identity>,
     config: FedConfig,
     targets: Mutex<HashMap<String, Target>>,
+    max_response: AtomicU64,
+    max_file: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +48,8 @@ pub enum FedError {
     Status { destination: String, status: u16, body: Value },
     #[error("could not reach {destination}: {reason}")]
     Unreachable { destination: String, reason: String },
+    #[error("{destination} answered with more than {limit} bytes")]
+    TooLarge { destination: String, limit: u64 },
 }
 
 impl FedError {
@@ -70,10 +87,117 @@ impl From<FedError> for Error {
     }
 }
 
-fn is_private(ip: IpAddr) -> bool {
+/// Loopback, private, link-local, shared (CGNAT), unspecified, broadcast, multicast and reserved addresses: never
+/// federation peers unless `federation.allow_private_ips` (SSRF protection).
+pub fn is_private(ip: IpAddr) -> bool {
     match ip {
-        IpAddr::V4(v4) => v4.is_loopback() || v4.is_private() || v4.is_link_local() || v4.is_unspecified() || v4.is_broadcast() || v4.octets()[0] == 100 && (v4.octets()[1] & 0xc0) == 64,
-        IpAddr::V6(v6) => v6.is_loopback() || v6.is_unspecified() || (v6.segments()[0] & 0xfe00) == 0xfc00 || (v6.segments()[0] & 0xffc0) == 0xfe80,
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || o[0] == 0
+                || o[0] >= 240
+                || (o[0] == 100 && (o[1] & 0xc0) == 64)
+                || (o[0] == 192 && o[1] == 0 && o[2] == 0)
+                || (o[0] == 198 && (o[1] & 0xfe) == 18)
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_private(IpAddr::V4(v4));
+            }
+            let s0 = v6.segments()[0];
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (s0 & 0xfe00) == 0xfc00
+                || (s0 & 0xffc0) == 0xfe80
+                // NAT64 (64:ff9b::/96) and IPv4-compatible addresses carry an IPv4 address: judge that one.
+                || (v6.segments()[..6] == [0x64, 0xff9b, 0, 0, 0, 0] || v6.segments()[..6] == [0; 6])
+                    && is_private(IpAddr::V4(std::net::Ipv4Addr::from((u32::from(v6.segments()[6]) << 16) | u32::from(v6.segments()[7]))))
+        }
+    }
+}
+
+/// The host of a URL as an IP address, if it is an IP literal.
+fn ip_literal(host: &str) -> Option<IpAddr> {
+    host.trim_start_matches('[').trim_end_matches(']').parse().ok()
+}
+
+/// Resolves names for the federation clients, dropping private addresses unless they are allowed: every
+/// connection (discovery, `.well-known` redirects, requests) goes through it, so a name cannot be pointed at
+/// an internal service, even by a DNS answer that changes between a check and the connection. IP literals do
+/// not reach a resolver: they are checked where they appear (targets, redirects).
+struct GuardedResolver {
+    allow_private: bool,
+}
+
+impl reqwest::dns::Resolve for GuardedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let allow = self.allow_private;
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let all: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let n = all.len();
+            let ok: Vec<SocketAddr> = all.into_iter().filter(|a| allow || !is_private(a.ip())).collect();
+            if ok.is_empty() {
+                let msg = if n == 0 {
+                    format!("{host} has no addresses")
+                } else {
+                    format!("{host} resolves only to private addresses (federation.allow_private_ips = false)")
+                };
+                return Err(msg.into());
+            }
+            Ok(Box::new(ok.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// An error with its causes ("error sending request: client error (Connect): ... resolves only to private
+/// addresses"): reqwest's own message leaves out why.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !out.contains(&m) {
+            out.push_str(": ");
+            out.push_str(&m);
+        }
+        cur = c.source();
+    }
+    out
+}
+
+/// Why reading an answer's body stopped.
+enum ReadError {
+    TooLarge,
+    Failed(String),
+}
+
+/// Reads a whole answer, refusing (without reading further) one over `max` bytes.
+async fn read_capped(res: &mut reqwest::Response, max: u64) -> Result<bytes::Bytes, ReadError> {
+    if res.content_length().is_some_and(|n| n > max) {
+        return Err(ReadError::TooLarge);
+    }
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = res.chunk().await.map_err(|e| ReadError::Failed(error_chain(&e)))? {
+        if (body.len() + chunk.len()) as u64 > max {
+            return Err(ReadError::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+/// The JSON of an error answer (at most [`MAX_SMALL_BYTES`] read; `Null` if it is not JSON).
+async fn error_body(mut res: reqwest::Response) -> Value {
+    match read_capped(&mut res, MAX_SMALL_BYTES).await {
+        Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&b[..b.len().min(500)]).into_owned())),
+        Err(_) => Value::Null,
     }
 }
 
@@ -96,17 +220,64 @@ fn url_host(host: &str) -> String {
 
 impl FedClient {
     pub fn new(identity: Arc<Identity>, config: FedConfig) -> anyhow::Result<FedClient> {
+        Self::with_static_dns(identity, config, &[])
+    }
+
+    /// Like [`FedClient::new`], with fixed DNS answers for some host names (`name -> address`; port 0 means the
+    /// URL's port). These answers stand for public DNS and are not checked against `allow_private_ips`: tests
+    /// use them to put a `.well-known` server on loopback while private addresses stay refused for the rest.
+    pub fn with_static_dns(identity: Arc<Identity>, config: FedConfig, dns: &[(&str, SocketAddr)]) -> anyhow::Result<FedClient> {
         if !config.verify_certificates {
             tracing::warn!("federation.verify_certificates = false: peers' TLS certificates are NOT verified (test labs only)");
         }
-        let http = reqwest::Client::builder()
-            .tls_danger_accept_invalid_certs(!config.verify_certificates)
-            .connect_timeout(Duration::from_secs(10))
-            .timeout(Duration::from_secs(120))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .user_agent(concat!("Hearth/", env!("CARGO_PKG_VERSION")))
+        let allow_private = config.allow_private_ips;
+        let builder = || {
+            let mut b = reqwest::Client::builder()
+                .tls_danger_accept_invalid_certs(!config.verify_certificates)
+                .dns_resolver(Arc::new(GuardedResolver { allow_private }))
+                .connect_timeout(Duration::from_secs(10))
+                .timeout(Duration::from_secs(120))
+                .pool_idle_timeout(Duration::from_secs(60))
+                .user_agent(concat!("Hearth/", env!("CARGO_PKG_VERSION")));
+            for (name, addr) in dns {
+                b = b.resolve(name, *addr);
+            }
+            b
+        };
+        // Federation endpoints never redirect; following one would let a peer aim our requests anywhere.
+        let http = builder().redirect(reqwest::redirect::Policy::none()).build()?;
+        let well_known_http = builder()
+            .redirect(reqwest::redirect::Policy::custom(move |attempt| {
+                if attempt.previous().len() >= MAX_WELL_KNOWN_REDIRECTS {
+                    return attempt.error("too many redirects");
+                }
+                if attempt.url().scheme() != "https" {
+                    return attempt.error("redirect away from https");
+                }
+                match attempt.url().host_str().and_then(ip_literal) {
+                    Some(ip) if !allow_private && is_private(ip) => {
+                        let msg = format!("redirect to the private address {ip} (federation.allow_private_ips = false)");
+                        attempt.error(msg)
+                    }
+                    _ => attempt.follow(),
+                }
+            }))
             .build()?;
-        Ok(FedClient { http, identity, config, targets: Mutex::new(HashMap::new()) })
+        Ok(FedClient {
+            http,
+            well_known_http,
+            identity,
+            config,
+            targets: Mutex::new(HashMap::new()),
+            max_response: AtomicU64::new(MAX_RESPONSE_BYTES),
+            max_file: AtomicU64::new(MAX_FILE_BYTES),
+        })
+    }
+
+    /// Changes the answer size caps ([`MAX_RESPONSE_BYTES`], [`MAX_FILE_BYTES`]); tests lower them.
+    pub fn set_size_caps(&self, response_bytes: u64, file_bytes: u64) {
+        self.max_response.store(response_bytes, Ordering::Relaxed);
+        self.max_file.store(file_bytes, Ordering::Relaxed);
     }
 
     pub fn identity(&self) -> &Identity {
@@ -145,27 +316,33 @@ impl FedClient {
 
     async fn well_known(&self, host: &str) -> Option<String> {
         let url = format!("https://{host}/.well-known/matrix/server");
-        let res = self.http.get(url).timeout(Duration::from_secs(10)).send().await.ok()?;
+        let mut res = match self.well_known_http.get(url).timeout(Duration::from_secs(10)).send().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(host, error = %error_chain(&e), "no .well-known/matrix/server");
+                return None;
+            }
+        };
         if !res.status().is_success() {
             return None;
         }
-        let v: Value = res.json().await.ok()?;
+        let bytes = read_capped(&mut res, MAX_SMALL_BYTES).await.ok()?;
+        let v: Value = serde_json::from_slice(&bytes).ok()?;
         v.get("m.server").and_then(Value::as_str).map(str::to_owned)
     }
 
-    /// Refuses loopback and private addresses unless `federation.allow_private_ips`.
+    /// Refuses loopback and private IP literals unless `federation.allow_private_ips`. Host names are checked
+    /// when they are resolved, on every connection ([`GuardedResolver`]).
     async fn check_address(&self, target: &Target) -> Result<(), String> {
         if self.config.allow_private_ips {
             return Ok(());
         }
-        let hostport = target.base_url.trim_start_matches("https://").to_owned();
-        let addrs = tokio::net::lookup_host(hostport.clone()).await.map_err(|e| format!("cannot resolve {hostport}: {e}"))?;
-        for a in addrs {
-            if is_private(a.ip()) {
-                return Err(format!("{} is a private address (federation.allow_private_ips = false)", a.ip()));
-            }
+        let hostport = target.base_url.trim_start_matches("https://");
+        let (host, _) = split_host_port(hostport);
+        match ip_literal(&host) {
+            Some(ip) if is_private(ip) => Err(format!("{ip} is a private address (federation.allow_private_ips = false)")),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     /// The `Authorization: X-Matrix ...` header for a request.
@@ -226,18 +403,24 @@ impl FedClient {
         }
         let res = req.send().await.map_err(|e| {
             self.targets.lock().unwrap_or_else(|e| e.into_inner()).remove(destination);
-            unreachable(format!("{e:#}"))
+            unreachable(error_chain(&e))
         })?;
         let status = res.status();
-        let bytes = res.bytes().await.map_err(|e| unreachable(e.to_string()))?;
-        let value: Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes[..bytes.len().min(500)]).into_owned()));
         if !status.is_success() {
-            return Err(FedError::Status { destination: destination.to_owned(), status: status.as_u16(), body: value });
+            return Err(FedError::Status { destination: destination.to_owned(), status: status.as_u16(), body: error_body(res).await });
         }
+        let limit = self.max_response.load(Ordering::Relaxed);
+        let mut res = res;
+        let bytes = read_capped(&mut res, limit).await.map_err(|e| match e {
+            ReadError::TooLarge => FedError::TooLarge { destination: destination.to_owned(), limit },
+            ReadError::Failed(reason) => unreachable(reason),
+        })?;
+        let value: Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes[..bytes.len().min(500)]).into_owned()));
         Ok(value)
     }
 
-    /// A signed GET whose (possibly huge) answer is streamed to `dest` instead of held in memory.
+    /// A signed GET whose (possibly huge) answer is streamed to `dest` instead of held in memory, up to
+    /// [`MAX_FILE_BYTES`] (a longer answer is [`FedError::TooLarge`] and the partial file is removed).
     pub async fn get_to_file(&self, destination: &str, path_and_query: &str, dest: &std::path::Path) -> Result<u64, FedError> {
         use tokio::io::AsyncWriteExt;
         let unreachable = |reason: String| FedError::Unreachable { destination: destination.to_owned(), reason };
@@ -251,19 +434,33 @@ impl FedClient {
             .timeout(Duration::from_secs(600))
             .send()
             .await
-            .map_err(|e| unreachable(format!("{e:#}")))?;
+            .map_err(|e| unreachable(error_chain(&e)))?;
         let status = res.status();
         if !status.is_success() {
-            let body: Value = res.json().await.unwrap_or(Value::Null);
-            return Err(FedError::Status { destination: destination.to_owned(), status: status.as_u16(), body });
+            return Err(FedError::Status { destination: destination.to_owned(), status: status.as_u16(), body: error_body(res).await });
+        }
+        let limit = self.max_file.load(Ordering::Relaxed);
+        if res.content_length().is_some_and(|n| n > limit) {
+            return Err(FedError::TooLarge { destination: destination.to_owned(), limit });
         }
         let mut file = tokio::fs::File::create(dest).await.map_err(|e| unreachable(e.to_string()))?;
         let mut n = 0u64;
-        while let Some(chunk) = res.chunk().await.map_err(|e| unreachable(e.to_string()))? {
-            n += chunk.len() as u64;
-            file.write_all(&chunk).await.map_err(|e| unreachable(e.to_string()))?;
+        let result = async {
+            while let Some(chunk) = res.chunk().await.map_err(|e| unreachable(e.to_string()))? {
+                n += chunk.len() as u64;
+                if n > limit {
+                    return Err(FedError::TooLarge { destination: destination.to_owned(), limit });
+                }
+                file.write_all(&chunk).await.map_err(|e| unreachable(e.to_string()))?;
+            }
+            file.flush().await.map_err(|e| unreachable(e.to_string()))
         }
-        file.flush().await.map_err(|e| unreachable(e.to_string()))?;
+        .await;
+        if let Err(e) = result {
+            drop(file);
+            let _ = tokio::fs::remove_file(dest).await;
+            return Err(e);
+        }
         Ok(n)
     }
 
@@ -284,11 +481,10 @@ impl FedClient {
             .timeout(Duration::from_secs(120))
             .send()
             .await
-            .map_err(|e| unreachable(format!("{e:#}")))?;
+            .map_err(|e| unreachable(error_chain(&e)))?;
         let status = res.status();
         if !status.is_success() {
-            let body: Value = res.json().await.unwrap_or(Value::Null);
-            return Err(FedError::Status { destination: destination.to_owned(), status: status.as_u16(), body });
+            return Err(FedError::Status { destination: destination.to_owned(), status: status.as_u16(), body: error_body(res).await });
         }
         let too_large = || FedError::Status {
             destination: destination.to_owned(),
@@ -317,20 +513,24 @@ impl FedClient {
     pub async fn get_unsigned(&self, destination: &str, path: &str) -> Result<Value, FedError> {
         let unreachable = |reason: String| FedError::Unreachable { destination: destination.to_owned(), reason };
         let target = self.target(destination).await?;
-        let res = self
+        let mut res = self
             .http
             .get(format!("{}{}", target.base_url, path))
             .header(reqwest::header::HOST, target.host_header.clone())
             .timeout(Duration::from_secs(30))
             .send()
             .await
-            .map_err(|e| unreachable(format!("{e:#}")))?;
+            .map_err(|e| unreachable(error_chain(&e)))?;
         let status = res.status();
-        let value: Value = res.json().await.map_err(|e| unreachable(e.to_string()))?;
         if !status.is_success() {
-            return Err(FedError::Status { destination: destination.to_owned(), status: status.as_u16(), body: value });
+            return Err(FedError::Status { destination: destination.to_owned(), status: status.as_u16(), body: error_body(res).await });
         }
-        Ok(value)
+        let limit = self.max_response.load(Ordering::Relaxed);
+        let bytes = read_capped(&mut res, limit).await.map_err(|e| match e {
+            ReadError::TooLarge => FedError::TooLarge { destination: destination.to_owned(), limit },
+            ReadError::Failed(reason) => unreachable(reason),
+        })?;
+        serde_json::from_slice(&bytes).map_err(|e| unreachable(format!("answer is not JSON: {e}")))
     }
 }
 

@@ -80,7 +80,14 @@ impl FromRequest<AppState> for Signed {
         }
         ruma::ServerName::parse(&origin).map_err(|_| Error::unauthorized("invalid origin"))?;
         let limit = s.config.limits.max_request_bytes.max(4 << 20);
-        let bytes = axum::body::to_bytes(req.into_body(), limit).await.map_err(|_| Error::too_large("request body too large"))?;
+        let bytes = axum::body::to_bytes(req.into_body(), limit).await.map_err(|e| {
+            let e = e.into_inner();
+            if tls::is_body_timeout(e.as_ref()) {
+                Error::matrix(axum::http::StatusCode::REQUEST_TIMEOUT, "M_UNKNOWN", "the request body did not arrive in time")
+            } else {
+                Error::too_large("request body too large")
+            }
+        })?;
         let body: Option<Value> = if bytes.is_empty() {
             None
         } else {
