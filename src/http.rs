@@ -187,7 +187,7 @@ pub fn client_ip(parts: &Parts) -> String {
 }
 
 /// A JSON request body: size-limited, `M_NOT_JSON` when it is not JSON, `M_BAD_JSON` when the shape is wrong.
-/// An empty body counts as `{}` (several clients send POSTs without a body).
+/// An empty body counts as `{}` (several clients send POSTs without a body); any other body must be an object.
 pub struct Json<T>(pub T);
 
 impl<T: DeserializeOwned> FromRequest<AppState> for Json<T> {
@@ -208,6 +208,10 @@ impl<T: DeserializeOwned> FromRequest<AppState> for Json<T> {
         } else {
             serde_json::from_slice(&bytes).map_err(|e| Error::not_json(format!("body is not valid JSON: {e}")))?
         };
+        // Every JSON request body of the Matrix APIs is an object.
+        if !value.is_object() {
+            return Err(Error::bad_json("the request body must be a JSON object"));
+        }
         serde_json::from_value(value).map(Json).map_err(|e| Error::bad_json(e.to_string()))
     }
 }

@@ -346,6 +346,15 @@ pub async fn create_filter(
         return Err(Error::bad_json("filter must be an object"));
     }
     crate::client::sync::Filter::parse(&filter)?;
+    // `null` means "not set": stored without it, so the filter reads back in the spec's shape.
+    fn strip_nulls(v: &mut Value) {
+        if let Some(o) = v.as_object_mut() {
+            o.retain(|_, x| !x.is_null());
+            o.values_mut().for_each(strip_nulls);
+        }
+    }
+    let mut filter = filter;
+    strip_nulls(&mut filter);
     let json = filter.to_string();
     let id = s.store.write(move |w| accounts::create_filter(w.conn, &auth.user_id, &json)).await?;
     Ok(axum::Json(json!({"filter_id": id.to_string()})))
@@ -367,9 +376,14 @@ pub async fn get_filter(
 // ------------------------------------------------------------------------------------------------------------
 // Devices
 
+/// A device as `/devices` shows it; unknown optional fields are left out (the spec has no `null` for them).
 fn device_json(user_id: &str, d: &accounts::DeviceRow) -> Value {
-    json!({"user_id": user_id, "device_id": d.device_id, "display_name": d.display_name,
-           "last_seen_ts": d.last_seen_ts, "last_seen_ip": d.last_seen_ip})
+    let mut v = json!({"user_id": user_id, "device_id": d.device_id, "display_name": d.display_name,
+                       "last_seen_ts": d.last_seen_ts, "last_seen_ip": d.last_seen_ip});
+    if let Some(o) = v.as_object_mut() {
+        o.retain(|_, v| !v.is_null());
+    }
+    v
 }
 
 pub async fn list_devices(State(s): State<AppState>, auth: Auth) -> Result<impl IntoResponse> {

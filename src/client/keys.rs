@@ -221,7 +221,7 @@ pub async fn query(State(s): State<AppState>, auth: Auth, Json(body): Json<Query
     for (user_id, devices) in body.device_keys {
         let devices: Vec<String> = match devices {
             Value::Null => Vec::new(),
-            Value::Array(a) => a.iter().filter_map(Value::as_str).map(str::to_owned).collect(),
+            Value::Array(a) if a.iter().all(Value::is_string) => a.iter().filter_map(Value::as_str).map(str::to_owned).collect(),
             _ => return Err(Error::bad_json("device_keys values must be lists of device ids")),
         };
         if s.identity.is_local_user(&user_id) {
@@ -517,6 +517,10 @@ pub async fn upload_signatures(
     auth: Auth,
     Json(body): Json<Map<String, Value>>,
 ) -> Result<impl IntoResponse> {
+    let well_formed = |keys: &Value| keys.as_object().is_some_and(|k| k.values().all(Value::is_object));
+    if let Some((target, _)) = body.iter().find(|(_, keys)| !well_formed(keys)) {
+        return Err(Error::bad_json(format!("signatures for {target} must be an object of key id to signed key")));
+    }
     let signer = auth.user_id.clone();
     let (federating, our_server) = (s.federation.is_some(), s.identity.server_name.to_string());
     let failures = s

@@ -55,7 +55,8 @@ pub async fn set_field(
     let f = field(&name)?;
     let value = match body.get(&name) {
         Some(Value::String(v)) => Some(v.clone()),
-        Some(Value::Null) | None => None,
+        Some(Value::Null) => None,
+        None => return Err(Error::bad_json(format!("missing `{name}` (null removes it)"))),
         Some(_) => return Err(Error::bad_json(format!("`{name}` must be a string"))),
     };
     if value.as_ref().is_some_and(|v| v.len() > 256 * 4) {

@@ -49,9 +49,15 @@ fn version_info(c: &Connection, user: &str, version: i64) -> Result<Value> {
               "etag": etag.to_string(), "version": version.to_string()}))
 }
 
+/// The one backup algorithm the spec defines (clients cannot use a backup of any other).
+const BACKUP_ALGORITHM: &str = "m.megolm_backup.v1.curve25519-aes-sha2";
+
 pub async fn create_version(State(s): State<AppState>, auth: Auth, Json(body): Json<VersionBody>) -> Result<impl IntoResponse> {
     if !body.auth_data.is_object() {
         return Err(Error::bad_json("auth_data must be an object"));
+    }
+    if body.algorithm != BACKUP_ALGORITHM {
+        return Err(Error::invalid_param(format!("unsupported backup algorithm; use {BACKUP_ALGORITHM}")));
     }
     let user = auth.user_id;
     let version = s

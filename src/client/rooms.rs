@@ -97,18 +97,8 @@ pub async fn create_room(State(s): State<AppState>, auth: Auth, Json(body): Json
 pub struct ReasonBody {
     reason: Option<String>,
     user_id: Option<String>,
-    /// Third-party invites are not supported: only the shape is checked.
-    #[allow(dead_code)]
-    third_party_signed: Option<ThirdPartySigned>,
-}
-
-#[derive(Deserialize)]
-#[allow(dead_code)]
-struct ThirdPartySigned {
-    sender: String,
-    mxid: String,
-    token: String,
-    signatures: serde_json::Map<String, Value>,
+    /// Third-party invites are not supported: a join that carries one is refused.
+    third_party_signed: Option<Value>,
 }
 
 /// Resolves `!room:server` or `#alias:server` to a room id and servers that can help joining it.
@@ -142,6 +132,9 @@ pub async fn join(
     axum::extract::RawQuery(q): axum::extract::RawQuery,
     Json(body): Json<ReasonBody>,
 ) -> Result<impl IntoResponse> {
+    if body.third_party_signed.as_ref().is_some_and(|t| !t.is_null()) {
+        return Err(Error::invalid_param("third-party invites (third_party_signed) are not supported"));
+    }
     let (room_id, mut servers) = resolve_room(&s, &id_or_alias).await?;
     // `via` / `server_name` query parameters (repeatable) come first.
     let mut via: Vec<String> = q

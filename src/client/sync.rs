@@ -123,23 +123,77 @@ impl EventFilter {
     }
 }
 
+/// Checks a filter against the spec's shape (`Filter`, `RoomFilter`, `EventFilter`, `RoomEventFilter`): objects where
+/// sections go, booleans, integers, arrays of strings, `!` room ids and `@` user ids in the id lists. `null` counts as
+/// absent. Unknown keys are allowed (extensions).
+fn validate_filter(v: &Value) -> Result<()> {
+    fn bad(path: &str, what: &str) -> Error {
+        Error::bad_json(format!("filter `{path}` must be {what}"))
+    }
+    fn object<'a>(v: &'a Value, path: &str) -> Result<Option<&'a serde_json::Map<String, Value>>> {
+        match v {
+            Value::Null => Ok(None),
+            Value::Object(o) => Ok(Some(o)),
+            _ => Err(bad(path, "an object")),
+        }
+    }
+    fn list(o: &serde_json::Map<String, Value>, path: &str, key: &str, sigil: Option<char>) -> Result<()> {
+        match o.get(key) {
+            None | Some(Value::Null) => Ok(()),
+            Some(Value::Array(a)) if a.iter().all(|x| x.as_str().is_some_and(|s| sigil.is_none_or(|c| s.starts_with(c)))) => Ok(()),
+            Some(_) => Err(bad(&format!("{path}.{key}"), if sigil.is_some() { "an array of ids" } else { "an array of strings" })),
+        }
+    }
+    fn flags(o: &serde_json::Map<String, Value>, path: &str, keys: &[&str]) -> Result<()> {
+        for k in keys {
+            if o.get(*k).is_some_and(|f| !f.is_boolean() && !f.is_null()) {
+                return Err(bad(&format!("{path}.{k}"), "a boolean"));
+            }
+        }
+        Ok(())
+    }
+    // EventFilter, plus the RoomEventFilter fields when `room_event`.
+    fn event_filter(v: Option<&Value>, path: &str, room_event: bool) -> Result<()> {
+        let Some(o) = v.map(|v| object(v, path)).transpose()?.flatten() else { return Ok(()) };
+        list(o, path, "types", None)?;
+        list(o, path, "not_types", None)?;
+        list(o, path, "senders", Some('@'))?;
+        list(o, path, "not_senders", Some('@'))?;
+        if o.get("limit").is_some_and(|l| !l.is_null() && !l.is_u64()) {
+            return Err(bad(&format!("{path}.limit"), "a non-negative integer"));
+        }
+        if room_event {
+            list(o, path, "rooms", Some('!'))?;
+            list(o, path, "not_rooms", Some('!'))?;
+            flags(o, path, &["lazy_load_members", "include_redundant_members", "unread_thread_notifications", "contains_url"])?;
+        }
+        Ok(())
+    }
+    let Some(top) = object(v, "")? else { return Err(bad("", "an object")) };
+    list(top, "", "event_fields", None)?;
+    if top.get("event_format").is_some_and(|f| !f.is_null() && f.as_str().is_none_or(|f| f != "client" && f != "federation")) {
+        return Err(bad("event_format", "`client` or `federation`"));
+    }
+    event_filter(top.get("account_data"), "account_data", false)?;
+    event_filter(top.get("presence"), "presence", false)?;
+    if let Some(room) = top.get("room").map(|r| object(r, "room")).transpose()?.flatten() {
+        list(room, "room", "rooms", Some('!'))?;
+        list(room, "room", "not_rooms", Some('!'))?;
+        flags(room, "room", &["include_leave"])?;
+        for section in ["timeline", "state", "ephemeral", "account_data"] {
+            event_filter(room.get(section), &format!("room.{section}"), true)?;
+        }
+    }
+    Ok(())
+}
+
 impl Filter {
     pub fn parse(v: &Value) -> Result<Filter> {
         if !v.is_object() {
             return Err(Error::bad_json("filter must be an object"));
         }
+        validate_filter(v)?;
         let room = v.get("room").filter(|r| !r.is_null());
-        if room.is_some_and(|r| !r.is_object()) {
-            return Err(Error::bad_json("filter `room` must be an object"));
-        }
-        for key in ["rooms", "not_rooms"] {
-            match room.and_then(|r| r.get(key)) {
-                None | Some(Value::Null) => {}
-                Some(Value::Array(a)) if a.iter().all(Value::is_string) => {}
-                Some(_) => return Err(Error::bad_json(format!("filter `room.{key}` must be an array of room ids"))),
-            }
-        }
-        EventFilter::parse(v.get("presence"))?;
         let section = |name: &str| room.and_then(|r| r.get(name));
         let timeline = EventFilter::parse(section("timeline"))?;
         let state_v = section("state");

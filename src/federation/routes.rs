@@ -56,8 +56,23 @@ async fn key_server(State(s): State<AppState>) -> Result<impl IntoResponse> {
 }
 
 /// Notary: our own keys, plus the key responses of other servers we hold (origin-signed, countersigned by us).
-async fn key_query(State(s): State<AppState>, crate::http::Json(body): crate::http::Json<Value>) -> Result<impl IntoResponse> {
-    let servers: Vec<String> = body.get("server_keys").and_then(Value::as_object).map(|m| m.keys().cloned().collect()).unwrap_or_default();
+#[derive(serde::Deserialize)]
+struct KeyQuery {
+    /// server name -> key id -> criteria (we answer with every key we hold for the server).
+    server_keys: std::collections::BTreeMap<String, std::collections::BTreeMap<String, KeyCriteria>>,
+}
+
+#[derive(serde::Deserialize)]
+struct KeyCriteria {
+    minimum_valid_until_ts: Option<u64>,
+}
+
+async fn key_query(State(s): State<AppState>, crate::http::Json(body): crate::http::Json<KeyQuery>) -> Result<impl IntoResponse> {
+    // Canonical JSON integers stop at 2^53 - 1.
+    if body.server_keys.values().flat_map(|k| k.values()).any(|c| c.minimum_valid_until_ts.is_some_and(|t| t > (1 << 53) - 1)) {
+        return Err(Error::bad_json("minimum_valid_until_ts is out of range"));
+    }
+    let servers: Vec<String> = body.server_keys.into_keys().collect();
     Ok(axum::Json(json!({"server_keys": notary_answer(&s, servers).await?})))
 }
 
