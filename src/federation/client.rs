@@ -274,6 +274,11 @@ impl FedClient {
         })
     }
 
+    /// The cap for answers streamed to disk (also used for full `send_join` answers).
+    pub fn file_cap(&self) -> u64 {
+        self.max_file.load(Ordering::Relaxed)
+    }
+
     /// Changes the answer size caps ([`MAX_RESPONSE_BYTES`], [`MAX_FILE_BYTES`]); tests lower them.
     pub fn set_size_caps(&self, response_bytes: u64, file_bytes: u64) {
         self.max_response.store(response_bytes, Ordering::Relaxed);
@@ -386,6 +391,21 @@ impl FedClient {
         body: Option<&Value>,
         timeout: Duration,
     ) -> Result<Value, FedError> {
+        let limit = self.max_response.load(Ordering::Relaxed);
+        self.request_capped(method, destination, path_and_query, body, timeout, limit).await
+    }
+
+    /// Like [`FedClient::request_timeout`] with an explicit answer size cap (a full `send_join` of a very large
+    /// room is allowed up to the file cap).
+    pub async fn request_capped(
+        &self,
+        method: reqwest::Method,
+        destination: &str,
+        path_and_query: &str,
+        body: Option<&Value>,
+        timeout: Duration,
+        limit: u64,
+    ) -> Result<Value, FedError> {
         let unreachable = |reason: String| FedError::Unreachable { destination: destination.to_owned(), reason };
         if destination == self.identity.server_name.as_str() {
             return Err(unreachable("refusing to send a federation request to ourselves".into()));
@@ -409,7 +429,6 @@ impl FedClient {
         if !status.is_success() {
             return Err(FedError::Status { destination: destination.to_owned(), status: status.as_u16(), body: error_body(res).await });
         }
-        let limit = self.max_response.load(Ordering::Relaxed);
         let mut res = res;
         let bytes = read_capped(&mut res, limit).await.map_err(|e| match e {
             ReadError::TooLarge => FedError::TooLarge { destination: destination.to_owned(), limit },

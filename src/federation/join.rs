@@ -82,7 +82,10 @@ pub async fn remote_join(s: &AppState, user_id: &str, room_id: &str, via: &[Stri
     let path = format!("/_matrix/federation/v2/send_join/{}/{}?omit_members={lazy}", enc(room_id), enc(event_id.as_str()));
     let body = serde_json::to_value(&obj)?;
     let started = std::time::Instant::now();
-    let answer = fed.client.request(reqwest::Method::PUT, &server, &path, Some(&body)).await?;
+    // A full join's answer is the whole room (100 MB for a 100k-member room; a resident may ignore
+    // omit_members): allow up to the file cap.
+    let cap = fed.client.file_cap();
+    let answer = fed.client.request_capped(reqwest::Method::PUT, &server, &path, Some(&body), std::time::Duration::from_secs(600), cap).await?;
     let partial = answer.get("members_omitted").and_then(Value::as_bool).unwrap_or(false);
     let servers_in_room: Vec<String> = answer.get("servers_in_room").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect()).unwrap_or_default();
     // Restricted joins: the resident countersigned our event and sends it back.

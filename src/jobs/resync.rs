@@ -20,8 +20,8 @@ use crate::jobs::{JobRow, Step};
 use crate::room::remote::persist_outlier;
 use crate::store::events;
 
-/// Events stored per background write.
-const CHUNK: usize = 500;
+/// Events stored per background write: small, so a user's write never waits long behind one.
+const CHUNK: usize = 200;
 /// Missing events fetched per step through `/event`: starts here, then adapts to the target step length.
 const EVENT_BATCH: usize = 50;
 
