@@ -40,6 +40,12 @@ enum Command {
         #[arg(long, default_value = "target/bench")]
         dir: PathBuf,
     },
+    /// Redraw the chart (and table) from result files of several runs.
+    Chart {
+        files: Vec<PathBuf>,
+        #[arg(long, default_value = "bench/results/join.svg")]
+        out: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -55,5 +61,6 @@ fn main() -> anyhow::Result<()> {
             }
             rt.block_on(run::join_bench(run::Options { members, messages, joiners, seed, dir }))
         }
+        Command::Chart { files, out } => run::chart_files(&files, &out),
     }
 }

@@ -226,7 +226,7 @@ async fn start_resident(http: &reqwest::Client, o: &Options, n: usize) -> anyhow
     })
 }
 
-#[derive(serde::Serialize, Clone, Debug, Default)]
+#[derive(serde::Serialize, serde::Deserialize, Clone, Debug, Default)]
 pub struct Measure {
     members: usize,
     joiner: String,
@@ -630,4 +630,21 @@ fn chart(rs: &[Measure]) -> String {
         s += &format!(r#"<text x="{}" y="{}" fill="{color}">{name}</text>"#, w - pad - 90.0, pad + 16.0 * i as f64);
     }
     s + "</svg>\n"
+}
+
+/// Table and chart over the results of several runs.
+pub fn chart_files(files: &[PathBuf], out: &Path) -> anyhow::Result<()> {
+    let mut all: Vec<Measure> = Vec::new();
+    for f in files {
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(f)?)?;
+        let rs: Vec<Measure> = serde_json::from_value(v["results"].clone())?;
+        all.extend(rs.into_iter().filter(|m| m.join_ms > 0.0));
+    }
+    print_table(&all);
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(out, chart(&all))?;
+    println!("wrote {}", out.display());
+    Ok(())
 }
