@@ -377,7 +377,7 @@ async fn slow_loris_connections_do_not_block_others_and_are_closed() {
     let m = fake.append(EventSpec::message(&fake.creator(), "through the crowd"));
     assert_eq!(fake.push(&[&m.id]).await[&m.id], json!({}));
     still_serving(&alice).await;
-    assert!(t.elapsed() < Duration::from_secs(5), "others were served in {:?}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(8), "others were served in {:?}", t.elapsed());
 
     // And the stalled connections are closed by the server: no handshake within 10 s, no complete headers
     // within 15 s, a body that stops for 15 s gets 408.
@@ -385,7 +385,8 @@ async fn slow_loris_connections_do_not_block_others_and_are_closed() {
     let closed_silent = futures::future::join_all(silent.into_iter().map(|s| until_closed(s, limit))).await;
     let closed_headers = futures::future::join_all(headers.into_iter().map(|s| until_closed(s, limit))).await;
     let closed_bodies = futures::future::join_all(bodies.into_iter().map(|s| until_closed(s, limit))).await;
-    for (what, closed, max) in [("no TLS", &closed_silent, 10 + 5), ("partial headers", &closed_headers, 15 + 5), ("partial body", &closed_bodies, 15 + 5)] {
+    // (Slack for a loaded machine: the timeouts are 10 s and 15 s.)
+    for (what, closed, max) in [("no TLS", &closed_silent, 10 + 10), ("partial headers", &closed_headers, 15 + 10), ("partial body", &closed_bodies, 15 + 10)] {
         for c in closed.iter() {
             let (_, at) = c.as_ref().unwrap_or_else(|| panic!("a {what} connection was still open after {limit:?}"));
             let after = at.duration_since(opened);
