@@ -23,6 +23,17 @@ pub struct Config {
     pub media: Media,
     pub log: Log,
     pub metrics: Metrics,
+    pub well_known: WellKnown,
+}
+
+/// What `/.well-known/matrix/{client,server}` answer (delegation and client discovery).
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct WellKnown {
+    /// Public base URL of the client API, e.g. `https://matrix.example.org`. Unset: the client listener's address.
+    pub client_base_url: Option<String>,
+    /// `host[:port]` other servers should federate with (`m.server`). Unset: `/.well-known/matrix/server` is 404.
+    pub server: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -57,8 +68,18 @@ pub struct Limits {
     pub max_request_bytes: usize,
     /// Failed logins allowed per user id or address per minute before 429.
     pub login_failures_per_minute: u32,
-    /// Messages a user may send per second on average (burst of 10x).
+    /// Login attempts (successful or not) per address: average rate and burst (Synapse `rc_login.address`).
+    pub logins_per_second: f64,
+    pub logins_burst: u32,
+    /// Accounts registered per address: average rate and burst (Synapse `rc_registration`).
+    pub registrations_per_second: f64,
+    pub registrations_burst: u32,
+    /// Messages (`/send`) a user may send: average rate and burst (Synapse `rc_message`).
     pub messages_per_second: f64,
+    pub messages_burst: u32,
+    /// Room joins per user, local and remote: average rate and burst (Synapse `rc_joins.local`).
+    pub joins_per_second: f64,
+    pub joins_burst: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -132,6 +153,7 @@ impl Default for Config {
             media: Media::default(),
             log: Log::default(),
             metrics: Metrics::default(),
+            well_known: WellKnown::default(),
         }
     }
 }
@@ -150,7 +172,19 @@ impl Default for Database {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_request_bytes: 1 << 20, login_failures_per_minute: 5, messages_per_second: 10.0 }
+        // Synapse's defaults.
+        Limits {
+            max_request_bytes: 1 << 20,
+            login_failures_per_minute: 5,
+            logins_per_second: 0.003,
+            logins_burst: 5,
+            registrations_per_second: 0.17,
+            registrations_burst: 3,
+            messages_per_second: 0.2,
+            messages_burst: 10,
+            joins_per_second: 0.1,
+            joins_burst: 10,
+        }
     }
 }
 
@@ -231,10 +265,15 @@ impl Config {
             "invalid configuration: key `jobs.duty_cycle` must be between 0.05 and 1.0"
         );
         anyhow::ensure!(self.database.readers >= 1, "invalid configuration: key `database.readers` must be >= 1");
-        anyhow::ensure!(
-            self.limits.messages_per_second > 0.0,
-            "invalid configuration: key `limits.messages_per_second` must be positive"
-        );
+        for (key, rate, burst) in [
+            ("logins", self.limits.logins_per_second, self.limits.logins_burst),
+            ("registrations", self.limits.registrations_per_second, self.limits.registrations_burst),
+            ("messages", self.limits.messages_per_second, self.limits.messages_burst),
+            ("joins", self.limits.joins_per_second, self.limits.joins_burst),
+        ] {
+            anyhow::ensure!(rate > 0.0 && rate.is_finite(), "invalid configuration: key `limits.{key}_per_second` must be positive");
+            anyhow::ensure!(burst >= 1, "invalid configuration: key `limits.{key}_burst` must be at least 1");
+        }
         anyhow::ensure!(self.media.max_upload_bytes >= 1, "invalid configuration: key `media.max_upload_bytes` must be at least 1");
         if let Some(token) = &self.registration.token {
             anyhow::ensure!(!token.is_empty(), "invalid configuration: key `registration.token` is empty");

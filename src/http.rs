@@ -76,6 +76,8 @@ async fn count_busy(
 pub fn federation_router(services: AppState) -> Router {
     crate::federation::routes::routes()
         .route("/_matrix/client/versions", axum::routing::get(crate::client::account::versions))
+        .route("/.well-known/matrix/server", axum::routing::get(crate::client::account::well_known_server))
+        .route("/.well-known/matrix/client", axum::routing::get(crate::client::account::well_known))
         .fallback(|| async { Error::unrecognized("unrecognized endpoint") })
         .method_not_allowed_fallback(|| async { Error::method_not_allowed() })
         .layer(axum::middleware::map_response(json_content_type))

@@ -18,8 +18,16 @@ pub struct Services {
     pub store: Store,
     pub identity: Arc<Identity>,
     pub typing: Typing,
+    /// Failed logins, per user id and per address.
     pub login_limiter: RateLimiter,
+    /// Every login attempt, per address.
+    pub login_attempt_limiter: RateLimiter,
+    /// Accounts created, per address.
+    pub registration_limiter: RateLimiter,
+    /// `/send`, per user.
     pub message_limiter: RateLimiter,
+    /// Joins, per user.
+    pub join_limiter: RateLimiter,
     pub uia: UiaSessions,
     /// None when `federation.enabled = false`.
     pub federation: Option<crate::federation::Federation>,
@@ -35,6 +43,8 @@ pub struct Services {
     pub shutdown: watch::Sender<bool>,
     /// The media folder and in-flight remote media fetches.
     pub media: crate::media::MediaRepo,
+    /// The client listener's bound address (differs from the configured one when that used port 0).
+    pub client_addr: std::sync::OnceLock<SocketAddr>,
 }
 
 /// A running server (used by `main` and by in-process tests).
@@ -113,7 +123,6 @@ pub fn build_services(config: Config) -> anyhow::Result<Arc<Services>> {
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         Identity::load_or_create(&conn, &config.server_name)?
     };
-    let per_second = config.limits.messages_per_second;
     let federation = if config.federation.enabled {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let client = Arc::new(crate::federation::FedClient::new(identity.clone(), config.federation.clone())?);
@@ -125,7 +134,10 @@ pub fn build_services(config: Config) -> anyhow::Result<Arc<Services>> {
     let media = crate::media::MediaRepo::new(config.media.dir(&config.database.path))?;
     Ok(Arc::new(Services {
         login_limiter: RateLimiter::new(config.limits.login_failures_per_minute as f64 / 60.0, config.limits.login_failures_per_minute as f64),
-        message_limiter: RateLimiter::new(per_second, per_second * 10.0),
+        login_attempt_limiter: RateLimiter::new(config.limits.logins_per_second, config.limits.logins_burst.into()),
+        registration_limiter: RateLimiter::new(config.limits.registrations_per_second, config.limits.registrations_burst.into()),
+        message_limiter: RateLimiter::new(config.limits.messages_per_second, config.limits.messages_burst.into()),
+        join_limiter: RateLimiter::new(config.limits.joins_per_second, config.limits.joins_burst.into()),
         config: Arc::new(config),
         store,
         identity,
@@ -135,6 +147,7 @@ pub fn build_services(config: Config) -> anyhow::Result<Arc<Services>> {
         jobs: crate::jobs::Jobs::default(),
         busy: std::sync::atomic::AtomicUsize::new(0),
         fed_requests: Default::default(),
+        client_addr: std::sync::OnceLock::new(),
         metrics: Default::default(),
         shutdown: watch::channel(false).0,
         media,
@@ -147,6 +160,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let shutdown_rx = services.shutdown.subscribe();
     let listener = TcpListener::bind(services.config.listen.client).await?;
     let client_addr = listener.local_addr()?;
+    let _ = services.client_addr.set(client_addr);
     let app = crate::http::client_router(services.clone());
     let mut rx = shutdown_rx.clone();
     let server = tokio::spawn(async move {

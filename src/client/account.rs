@@ -20,8 +20,17 @@ pub async fn versions() -> impl IntoResponse {
 }
 
 pub async fn well_known(State(s): State<AppState>) -> impl IntoResponse {
-    let base = format!("http://{}", s.config.listen.client);
+    let listening = s.client_addr.get().copied().unwrap_or(s.config.listen.client);
+    let base = s.config.well_known.client_base_url.clone().unwrap_or_else(|| format!("http://{listening}"));
     axum::Json(json!({"m.homeserver": {"base_url": base}}))
+}
+
+/// `/.well-known/matrix/server`: delegation, when `well_known.server` is configured.
+pub async fn well_known_server(State(s): State<AppState>) -> Result<impl IntoResponse> {
+    match &s.config.well_known.server {
+        Some(server) => Ok(axum::Json(json!({"m.server": server}))),
+        None => Err(Error::not_found("no server delegation configured")),
+    }
 }
 
 pub async fn login_flows() -> impl IntoResponse {
@@ -87,6 +96,7 @@ pub async fn login(State(s): State<AppState>, parts: Parts, Json(req): Json<Logi
         .ok_or_else(|| Error::bad_json("missing user identifier"))?;
     let password = req.password.ok_or_else(|| Error::bad_json("missing password"))?;
     let ip = crate::http::client_ip(&parts);
+    s.login_attempt_limiter.take(&ip).map_err(Error::limit_exceeded)?;
     let user_id = local_user_id(&s, &name).map_err(|_| Error::forbidden("invalid username or password"))?;
     for key in [&user_id, &ip] {
         s.login_limiter.check(key).map_err(Error::limit_exceeded)?;
@@ -173,6 +183,7 @@ pub fn validate_localpart(localpart: &str, server_name: &str) -> Result<()> {
 pub async fn register(
     State(s): State<AppState>,
     Query(q): Query<KindQuery>,
+    parts: Parts,
     Json(req): Json<RegisterRequest>,
 ) -> Result<axum::response::Response> {
     if q.kind.as_deref() == Some("guest") {
@@ -227,6 +238,9 @@ pub async fn register(
     if !done.iter().any(|d| d == stage) {
         return Ok(challenge(session, done, None));
     }
+    // Only account creations count (the user-interactive-auth round trips before do not).
+    let ip = crate::http::client_ip(&parts);
+    s.registration_limiter.take(&ip).map_err(Error::limit_exceeded)?;
     s.uia.finish(&session);
 
     let password = req.password.clone();

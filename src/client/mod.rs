@@ -121,6 +121,7 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/_matrix/client/versions", get(account::versions))
         .route("/.well-known/matrix/client", get(account::well_known))
+        .route("/.well-known/matrix/server", get(account::well_known_server))
         .route("/_hearth/admin/v1/jobs", get(admin::jobs))
         .route("/_hearth/admin/v1/stats", get(admin::stats))
         .nest("/_matrix/client/v3", api())

@@ -135,6 +135,7 @@ pub async fn join(
     if body.third_party_signed.as_ref().is_some_and(|t| !t.is_null()) {
         return Err(Error::invalid_param("third-party invites (third_party_signed) are not supported"));
     }
+    s.join_limiter.take(&auth.user_id).map_err(Error::limit_exceeded)?;
     let (room_id, mut servers) = resolve_room(&s, &id_or_alias).await?;
     // `via` / `server_name` query parameters (repeatable) come first.
     let mut via: Vec<String> = q

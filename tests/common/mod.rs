@@ -44,13 +44,21 @@ pub fn init_crypto() {
 }
 
 /// A test configuration: database in `dir`, client listener on a free loopback port, registration open,
-/// generous message rate (tests send bursts), server name `localhost`.
+/// generous message, registration, login and join rates (tests send bursts from one address; the failed-login limit
+/// stays as configured by default), server name `localhost`.
 pub fn test_config(dir: &Path) -> Config {
     let mut config = Config { server_name: "localhost".into(), ..Config::default() };
     config.listen.client = "127.0.0.1:0".parse().unwrap();
     config.database.path = dir.join("hearth.db");
     config.registration.enabled = true;
     config.limits.messages_per_second = 1000.0;
+    config.limits.messages_burst = 1000;
+    config.limits.registrations_per_second = 1000.0;
+    config.limits.registrations_burst = 1000;
+    config.limits.logins_per_second = 1000.0;
+    config.limits.logins_burst = 1000;
+    config.limits.joins_per_second = 1000.0;
+    config.limits.joins_burst = 1000;
     config.federation.enabled = false;
     config
 }
@@ -409,6 +417,7 @@ pub struct BinServer {
 impl BinServer {
     /// Starts the binary and waits (up to 60 s) until `/_matrix/client/versions` answers.
     /// `extra_env` is added to the test environment (e.g. `[("HEARTH_REGISTRATION__ENABLED", "true")]`).
+    /// Registration, login and join rate limits are raised as in [`test_config`] unless `extra_env` sets them.
     pub async fn start(db_path: &Path, extra_env: &[(&str, &str)]) -> BinServer {
         init_crypto();
         let dir = db_path.parent().expect("db in a folder");
@@ -429,6 +438,12 @@ impl BinServer {
             .env("HEARTH_DATABASE__PATH", db_path)
             .env("HEARTH_FEDERATION__ENABLED", "false")
             .env("HEARTH_LOG__LEVEL", "warn")
+            .env("HEARTH_LIMITS__REGISTRATIONS_PER_SECOND", "1000")
+            .env("HEARTH_LIMITS__REGISTRATIONS_BURST", "1000")
+            .env("HEARTH_LIMITS__LOGINS_PER_SECOND", "1000")
+            .env("HEARTH_LIMITS__LOGINS_BURST", "1000")
+            .env("HEARTH_LIMITS__JOINS_PER_SECOND", "1000")
+            .env("HEARTH_LIMITS__JOINS_BURST", "1000")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);

@@ -170,6 +170,8 @@ path = "{self.dir}/hearth.db"
 enabled = true
 [limits]
 messages_per_second = 1000.0
+registrations_per_second = 1000.0
+registrations_burst = 1000
 [federation]
 trusted_key_servers = []
 verify_certificates = false
