@@ -47,7 +47,7 @@ async fn login_flows_and_password_login() {
     assert_eq!(legacy.status, 200, "{}", legacy.text);
 
     // A device id chosen by the client is kept.
-    let mut c = s.client();
+    let c = s.client();
     let r = c
         .post("/login", json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"},
                                 "password": PASSWORD, "device_id": "MYPHONE", "initial_device_display_name": "Phone"}))

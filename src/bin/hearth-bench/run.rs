@@ -296,7 +296,7 @@ async fn resident_requests(http: &reqwest::Client, r: &Resident) -> u64 {
 fn resident_log_ms(r: &Resident, from: u64, what: &str, filter: &str) -> Option<f64> {
     let log = std::fs::read(&r.proc.log).ok()?;
     let text = String::from_utf8_lossy(&log[(from as usize).min(log.len())..]).to_string();
-    let line = text.lines().filter(|l| l.contains(what) && l.contains(filter)).next_back()?;
+    let line = text.lines().rfind(|l| l.contains(what) && l.contains(filter))?;
     let plain: String = strip_ansi(line);
     plain.split_whitespace().find_map(|w| w.strip_prefix("ms=")).and_then(|v| v.parse().ok())
 }
