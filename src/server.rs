@@ -45,6 +45,8 @@ pub struct Services {
     pub media: crate::media::MediaRepo,
     /// The client listener's bound address (differs from the configured one when that used port 0).
     pub client_addr: std::sync::OnceLock<SocketAddr>,
+    /// Lazy-loaded member events already sent per device (`include_redundant_members`).
+    pub sent_members: crate::client::sync::SentMembers,
 }
 
 /// A running server (used by `main` and by in-process tests).
@@ -148,6 +150,7 @@ pub fn build_services(config: Config) -> anyhow::Result<Arc<Services>> {
         busy: std::sync::atomic::AtomicUsize::new(0),
         fed_requests: Default::default(),
         client_addr: std::sync::OnceLock::new(),
+        sent_members: Default::default(),
         metrics: Default::default(),
         shutdown: watch::channel(false).0,
         media,

@@ -286,10 +286,10 @@ pub async fn sync(State(s): State<AppState>, auth: Auth, Query(q): Query<SyncQue
         let _ = typing_rx.borrow_and_update();
         let (a, f) = (auth.clone(), filter.clone());
         let typing = s.typing.clone_view();
-        let server_name = s.identity.server_name.to_string();
+        let sent = s.clone();
         let (body, empty) = s
             .store
-            .read(move |c| build(c, &a, &f, since, pos, full_state, &typing, &server_name))
+            .read(move |c| build(c, &a, &f, since, pos, full_state, &typing, &sent.sent_members))
             .await?;
         if !empty || since.is_none() || full_state || tokio::time::Instant::now() >= deadline {
             return Ok(axum::Json(body));
@@ -305,11 +305,42 @@ pub async fn sync(State(s): State<AppState>, auth: Auth, Query(q): Query<SyncQue
             if pos.stream == since.map(|t| t.stream).unwrap_or(0) && Some(pos.typing) == since.map(|t| t.typing) {
                 let (a, f) = (auth.clone(), filter.clone());
                 let typing = s.typing.clone_view();
-                let server_name = s.identity.server_name.to_string();
-                let (body, _) = s.store.read(move |c| build(c, &a, &f, since, pos, full_state, &typing, &server_name)).await?;
+                let sent = s.clone();
+                let (body, _) = s.store.read(move |c| build(c, &a, &f, since, pos, full_state, &typing, &sent.sent_members)).await?;
                 return Ok(axum::Json(body));
             }
         }
+    }
+}
+
+/// Member events already sent to each device by lazy-loading syncs, so `include_redundant_members = false` can
+/// leave them out of later incremental syncs. In memory and bounded: after a restart (or an eviction) members are
+/// sent again, which the spec allows.
+#[derive(Default)]
+pub struct SentMembers(std::sync::Mutex<HashMap<(String, String, String), HashSet<String>>>);
+
+impl SentMembers {
+    /// Filters `state` for one room and device, and remembers the member events that remain.
+    fn apply(&self, key: (String, String, String), fresh: bool, drop_redundant: bool, state: &mut Vec<Value>) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() > 10_000 {
+            map.clear();
+        }
+        let seen = map.entry(key).or_default();
+        if fresh {
+            seen.clear();
+        }
+        state.retain(|e| {
+            if e["type"] != "m.room.member" {
+                return true;
+            }
+            let id = e["event_id"].as_str().unwrap_or_default().to_owned();
+            let keep = !(drop_redundant && !fresh && seen.contains(&id));
+            if keep && seen.len() < 50_000 {
+                seen.insert(id);
+            }
+            keep
+        });
     }
 }
 
@@ -346,7 +377,7 @@ fn room_window(
     since: Option<i64>,
     upto: i64,
     full_state: bool,
-    server_name: &str,
+    sent: &SentMembers,
 ) -> Result<RoomSync> {
     let limit = filter.timeline_limit.unwrap_or(10).clamp(0, 100);
     let mut stmt = c.prepare_cached(&format!(
@@ -464,7 +495,10 @@ fn room_window(
             }
         }
     }
-    let _ = server_name;
+    if lazy {
+        let key = (auth.user_id.clone(), auth.device_id.clone(), room.room_id.clone());
+        sent.apply(key, fresh, !filter.include_redundant_members, &mut state);
+    }
     let device = Some((auth.user_id.as_str(), auth.device_id.as_str()));
     let timeline = timeline.iter().map(|r| format::event(c, r, &room.room_id, device, false)).collect::<Result<Vec<_>>>()?;
     Ok(RoomSync { timeline, limited, prev_batch, state })
@@ -547,7 +581,7 @@ fn build(
     pos: Token,
     full_state: bool,
     typing: &TypingView,
-    server_name: &str,
+    sent: &SentMembers,
 ) -> Result<(Value, bool)> {
     let since_stream = since.map(|t| t.stream);
     let lo = since_stream.unwrap_or(0);
@@ -582,7 +616,7 @@ fn build(
         }
         let newly = since.is_some() && changed.get(&room_nid).is_some_and(|m| m == "join");
         let window_since = if newly { None } else { since_stream };
-        let mut rs = room_window(c, auth, &room, filter, window_since, pos.stream, full_state, server_name)?;
+        let mut rs = room_window(c, auth, &room, filter, window_since, pos.stream, full_state, sent)?;
         rs.timeline.retain(|e| !is_ignored(e)); // m.ignored_user_list
         let ephemeral_typing = typing
             .changed
@@ -652,7 +686,7 @@ fn build(
         let (_, leave_nid) = events::membership_of(c, room_nid, &auth.user_id)?.unwrap_or_default();
         let leave_pos = events::event_by_nid(c, leave_nid)?.and_then(|r| r.stream_ordering).unwrap_or(pos.stream);
         // A rejected invite or a kick of someone never joined still appears, with what they may see.
-        let rs = room_window(c, auth, &room, filter, since_stream, leave_pos.min(pos.stream), full_state, server_name)?;
+        let rs = room_window(c, auth, &room, filter, since_stream, leave_pos.min(pos.stream), full_state, sent)?;
         empty = false;
         leave.insert(
             room_id,
