@@ -1177,7 +1177,6 @@ async fn change_password() {
 }
 
 #[tokio::test]
-#[ignore = "server bug: history_visibility is not applied per event; members see history from before they joined even with `joined` (src/room/membership.rs visibility)"]
 async fn history_visibility_joined_hides_earlier_events() {
     let s = TestServer::start().await;
     let alice = s.user("alice").await;

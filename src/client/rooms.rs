@@ -476,6 +476,9 @@ pub async fn get_event(State(s): State<AppState>, auth: Auth, Path((room_id, eve
                     return Err(Error::not_found("event not found"));
                 }
             }
+            if row.stream_ordering.unwrap_or(i64::MIN) < crate::room::membership::visible_from(c, &room, &auth.user_id)? {
+                return Err(Error::not_found("event not found"));
+            }
             format::event(c, &row, &room.room_id, Some((&auth.user_id, &auth.device_id)), true)
         })
         .await?;

@@ -380,13 +380,15 @@ fn room_window(
     sent: &SentMembers,
 ) -> Result<RoomSync> {
     let limit = filter.timeline_limit.unwrap_or(10).clamp(0, 100);
+    // History visibility: the timeline never reaches back before what the user may see.
+    let floor = crate::room::membership::visible_from(c, room, &auth.user_id)?.saturating_sub(1);
     let mut stmt = c.prepare_cached(&format!(
         "SELECT {} FROM events WHERE room_nid = ?1 AND stream_ordering > ?2 AND stream_ordering <= ?3
          AND rejected IS NULL AND soft_failed = 0 ORDER BY stream_ordering DESC LIMIT ?4",
         events::EVENT_COLS
     ))?;
     let rows: Vec<events::EventRow> = stmt
-        .query_map(params![room.room_nid, since.unwrap_or(i64::MIN), upto, (limit + 1) as i64], events::event_row)?
+        .query_map(params![room.room_nid, since.unwrap_or(i64::MIN).max(floor), upto, (limit + 1) as i64], events::event_row)?
         .collect::<rusqlite::Result<_>>()?;
     let limited = rows.len() > limit || (since.is_none() && rows.len() == limit + 1);
     let mut rows: Vec<events::EventRow> = rows.into_iter().take(limit).collect();

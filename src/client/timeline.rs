@@ -107,10 +107,12 @@ async fn messages_page(
                     events::EVENT_COLS
                 )
             };
+            // History visibility: nothing before the user may see it (`joined`/`invited` rooms).
+            let floor = crate::room::membership::visible_from(c, &room, &auth.user_id)?.saturating_sub(1);
             let (a, b) = if backwards {
-                (from.min(cap), to.map(|t| t.stream).unwrap_or(i64::MIN))
+                (from.min(cap), to.map(|t| t.stream).unwrap_or(i64::MIN).max(floor))
             } else {
-                (from, to.map(|t| t.stream).unwrap_or(i64::MAX).min(cap))
+                (from.max(floor), to.map(|t| t.stream).unwrap_or(i64::MAX).min(cap))
             };
             let rows: Vec<events::EventRow> = c
                 .prepare_cached(&sql)?
@@ -178,7 +180,8 @@ pub async fn context(
                 Visibility::UpTo(p) => p,
                 _ => i64::MAX,
             };
-            if pos > cap {
+            let floor = crate::room::membership::visible_from(c, &room, &auth.user_id)?;
+            if pos > cap || pos < floor {
                 return Err(Error::not_found("event not found"));
             }
             let device = Some((auth.user_id.as_str(), auth.device_id.as_str()));
@@ -187,7 +190,7 @@ pub async fn context(
                 Ok(c.prepare_cached(sql)?.query_map(params![room.room_nid, a, n, cap], events::event_row)?.collect::<rusqlite::Result<_>>()?)
             };
             let before = fetch(
-                &format!("SELECT {} FROM events WHERE room_nid = ?1 AND stream_ordering < ?2 AND rejected IS NULL AND soft_failed = 0 AND ?4 = ?4 ORDER BY stream_ordering DESC LIMIT ?3", events::EVENT_COLS),
+                &format!("SELECT {} FROM events WHERE room_nid = ?1 AND stream_ordering < ?2 AND stream_ordering >= {floor} AND rejected IS NULL AND soft_failed = 0 AND ?4 = ?4 ORDER BY stream_ordering DESC LIMIT ?3", events::EVENT_COLS),
                 pos,
                 limit - half,
             )?;

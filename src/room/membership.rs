@@ -112,3 +112,32 @@ pub fn visible_state_group(conn: &Connection, room: &RoomRow, vis: Visibility) -
         _ => Ok(room.current_sg),
     }
 }
+
+/// The first stream position a user may read in a room, from the room's history visibility (taken from the
+/// current state): `shared`/`world_readable` everything, `invited` from their first invite or join, `joined` from
+/// their first join. Applied to `/messages`, `/context`, `/event` and the sync timeline.
+pub fn visible_from(conn: &Connection, room: &RoomRow, user_id: &str) -> Result<i64> {
+    let Some(sg) = room.current_sg else { return Ok(i64::MIN) };
+    let hv = crate::room::state_content(conn, sg, "m.room.history_visibility", "")?
+        .and_then(|v| v.get("history_visibility").and_then(Value::as_str).map(str::to_owned))
+        .unwrap_or_else(|| "shared".into());
+    let memberships: &[&str] = match hv.as_str() {
+        "joined" => &["join"],
+        "invited" => &["invite", "join"],
+        _ => return Ok(i64::MIN),
+    };
+    let mut first: Option<i64> = None;
+    let mut stmt = conn.prepare_cached(
+        "SELECT min(e.stream_ordering) FROM local_membership_stream m JOIN events e ON e.event_nid = m.event_nid
+         WHERE m.user_id = ?1 AND m.room_nid = ?2 AND m.membership = ?3",
+    )?;
+    for m in memberships {
+        let pos: Option<i64> = stmt.query_row(rusqlite::params![user_id, room.room_nid, m], |r| r.get(0))?;
+        first = match (first, pos) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+    // Never a member under these rules: nothing is visible (the caller has already checked membership).
+    Ok(first.unwrap_or(i64::MAX))
+}
