@@ -35,6 +35,12 @@ enum Command {
         #[command(subcommand)]
         action: ConfigAction,
     },
+    /// Signing keys: `hearth keys rotate` retires the current key (still published as an old verify key) and
+    /// makes a new one, used from the next start.
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
     /// Write a consistent copy of the database to FILE (safe while the server runs).
     Backup {
         file: PathBuf,
@@ -52,6 +58,12 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum KeysAction {
+    /// Retire the current signing key and generate a new one (restart the server afterwards).
+    Rotate,
 }
 
 #[derive(Subcommand)]
@@ -102,6 +114,7 @@ fn main() {
         None | Some(Command::Serve) => serve(config),
         Some(Command::User { action }) => user_command(config, action),
         Some(Command::Jobs { watch }) => jobs_command(config, watch),
+        Some(Command::Keys { action: KeysAction::Rotate }) => rotate_keys(config),
         Some(Command::Backup { file, force }) => backup_command(&config, &file, force),
         Some(Command::Restore { file, force }) => restore_command(&config, &file, force),
         Some(Command::Config { .. }) => Ok(()),
@@ -301,4 +314,13 @@ fn jobs_command(config: Config, watch: bool) -> anyhow::Result<()> {
         }
         std::thread::sleep(std::time::Duration::from_secs(1));
     }
+}
+
+fn rotate_keys(config: Config) -> anyhow::Result<()> {
+    let conn = rusqlite::Connection::open(&config.database.path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    let identity = hearth::room::Identity::load_or_create(&conn, &config.server_name)?;
+    let new = hearth::federation::keys::rotate_own_key(&conn, &identity).map_err(|e| anyhow::anyhow!("{e}"))?;
+    println!("retired {} (still published in old_verify_keys); new key {new} is used from the next start", identity.key_id);
+    Ok(())
 }

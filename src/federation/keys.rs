@@ -22,13 +22,44 @@ const OWN_VALIDITY_MS: i64 = 7 * 24 * 3600 * 1000;
 
 /// Our `GET /_matrix/key/v2/server` response, signed.
 pub fn own_key_response(identity: &Identity) -> Result<Value> {
+    own_key_response_with_old(identity, &[])
+}
+
+/// Our key response including keys retired by `hearth keys rotate` (key id, public key, expired_ts).
+pub fn own_key_response_with_old(identity: &Identity, old: &[(String, String, i64)]) -> Result<Value> {
+    let old_keys: serde_json::Map<String, Value> =
+        old.iter().map(|(id, key, ts)| (id.clone(), json!({"key": key, "expired_ts": ts}))).collect();
     let body = json!({
         "server_name": identity.server_name.as_str(),
         "verify_keys": { identity.key_id.clone(): {"key": identity.public_key_b64} },
-        "old_verify_keys": {},
+        "old_verify_keys": old_keys,
         "valid_until_ts": now_ms() + OWN_VALIDITY_MS,
     });
     sign_value(identity, body)
+}
+
+/// Our retired keys, from the key table.
+pub fn own_old_keys(conn: &rusqlite::Connection, server_name: &str) -> Result<Vec<(String, String, i64)>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT key_id, public_key, expired_ts FROM server_signing_keys WHERE server_name = ?1 AND expired_ts IS NOT NULL",
+    )?;
+    let rows = stmt.query_map([server_name], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Retires the current signing key (kept as an old verify key) and generates a new one. Takes effect at the next
+/// start. Returns the new key id.
+pub fn rotate_own_key(conn: &rusqlite::Connection, identity: &Identity) -> Result<String> {
+    conn.execute(
+        "INSERT OR REPLACE INTO server_signing_keys (server_name, key_id, public_key, valid_until_ts, expired_ts)
+         VALUES (?1, ?2, ?3, ?4, ?4)",
+        params![identity.server_name.as_str(), identity.key_id, identity.public_key_b64, now_ms()],
+    )?;
+    let der = ruma::signatures::Ed25519KeyPair::generate().to_vec();
+    let version = crate::http::random_string(6);
+    conn.execute("UPDATE meta SET value = ?1 WHERE key = 'signing_key'", [&der])?;
+    conn.execute("UPDATE meta SET value = ?1 WHERE key = 'signing_key_version'", [version.as_bytes()])?;
+    Ok(format!("ed25519:{version}"))
 }
 
 /// Signs a JSON object as this server.

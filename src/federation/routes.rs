@@ -52,7 +52,9 @@ pub fn routes() -> Router<AppState> {
 }
 
 async fn key_server(State(s): State<AppState>) -> Result<impl IntoResponse> {
-    Ok(axum::Json(keys::own_key_response(&s.identity)?))
+    let name = s.identity.server_name.to_string();
+    let old = s.store.read(move |c| keys::own_old_keys(c, &name)).await?;
+    Ok(axum::Json(keys::own_key_response_with_old(&s.identity, &old)?))
 }
 
 /// Notary: our own keys, plus the key responses of other servers we hold (origin-signed, countersigned by us).
@@ -81,7 +83,9 @@ async fn notary_answer(s: &AppState, servers: Vec<String>) -> Result<Vec<Value>>
     let mut others = Vec::new();
     for server in servers {
         if server == s.identity.server_name.as_str() {
-            out.push(keys::own_key_response(&s.identity)?);
+            let name = s.identity.server_name.to_string();
+            let old = s.store.read(move |c| keys::own_old_keys(c, &name)).await?;
+            out.push(keys::own_key_response_with_old(&s.identity, &old)?);
         } else {
             others.push(server);
         }
