@@ -122,7 +122,8 @@ pub fn restore(from: &Path, to: &Path, expected_server_name: &str, force: bool) 
     }
     if to.exists() {
         anyhow::ensure!(force, "{} already exists; stop the server and pass --force to move it aside", to.display());
-        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let stamp =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         let aside = with_suffix(to, &format!(".before-restore-{stamp}"));
         for suffix in ["", "-wal", "-shm"] {
             let (a, b) = (with_suffix(to, suffix), with_suffix(&aside, suffix));

@@ -271,10 +271,16 @@ impl Config {
             ("messages", self.limits.messages_per_second, self.limits.messages_burst),
             ("joins", self.limits.joins_per_second, self.limits.joins_burst),
         ] {
-            anyhow::ensure!(rate > 0.0 && rate.is_finite(), "invalid configuration: key `limits.{key}_per_second` must be positive");
+            anyhow::ensure!(
+                rate > 0.0 && rate.is_finite(),
+                "invalid configuration: key `limits.{key}_per_second` must be positive"
+            );
             anyhow::ensure!(burst >= 1, "invalid configuration: key `limits.{key}_burst` must be at least 1");
         }
-        anyhow::ensure!(self.media.max_upload_bytes >= 1, "invalid configuration: key `media.max_upload_bytes` must be at least 1");
+        anyhow::ensure!(
+            self.media.max_upload_bytes >= 1,
+            "invalid configuration: key `media.max_upload_bytes` must be at least 1"
+        );
         if let Some(token) = &self.registration.token {
             anyhow::ensure!(!token.is_empty(), "invalid configuration: key `registration.token` is empty");
         }
@@ -296,7 +302,9 @@ impl Config {
     pub fn check_environment(&self) -> (Vec<String>, Vec<String>) {
         let (mut errors, mut warnings) = (Vec::new(), Vec::new());
         if self.federation.enabled && self.listen.federation.is_some() {
-            for (key, path) in [("federation.tls_cert", &self.federation.tls_cert), ("federation.tls_key", &self.federation.tls_key)] {
+            for (key, path) in
+                [("federation.tls_cert", &self.federation.tls_cert), ("federation.tls_key", &self.federation.tls_key)]
+            {
                 if let Some(p) = path {
                     if let Err(e) = std::fs::File::open(p) {
                         errors.push(format!("key `{key}`: cannot read {}: {e}", p.display()));
@@ -318,7 +326,8 @@ impl Config {
             ));
         }
         if self.registration.enabled && self.registration.token.is_none() {
-            warnings.push("key `registration.enabled` is true without `registration.token`: anyone can register".into());
+            warnings
+                .push("key `registration.enabled` is true without `registration.token`: anyone can register".into());
         }
         if self.metrics.enabled && !self.listen.client.ip().is_loopback() {
             warnings.push(format!(

@@ -24,7 +24,12 @@ pub fn client_router(services: AppState) -> Router {
     let cors = tower_http::cors::CorsLayer::new()
         .allow_origin(tower_http::cors::Any)
         .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE, Method::OPTIONS])
-        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, header::ACCEPT, header::HeaderName::from_static("x-requested-with")]);
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::ACCEPT,
+            header::HeaderName::from_static("x-requested-with"),
+        ]);
     let mut routes = crate::client::routes();
     if services.config.federation.serve_on_client_listener && services.federation.is_some() {
         routes = routes.merge(crate::federation::routes::routes());
@@ -119,9 +124,7 @@ fn token_from(parts: &Parts) -> Option<String> {
             return Some(t.trim().to_owned());
         }
     }
-    parts.uri.query().and_then(|q| {
-        q.split('&').find_map(|kv| kv.strip_prefix("access_token=").map(percent_decode))
-    })
+    parts.uri.query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("access_token=").map(percent_decode)))
 }
 
 pub fn percent_decode(s: &str) -> String {
@@ -181,7 +184,9 @@ pub fn client_ip(parts: &Parts) -> String {
     let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
     if peer.is_some_and(|ip| ip.is_loopback()) {
         let forwarded = parts.headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).next_back();
-        if let Some(ip) = forwarded.and_then(|v| v.rsplit(',').next()).and_then(|ip| ip.trim().parse::<std::net::IpAddr>().ok()) {
+        if let Some(ip) =
+            forwarded.and_then(|v| v.rsplit(',').next()).and_then(|ip| ip.trim().parse::<std::net::IpAddr>().ok())
+        {
             return ip.to_string();
         }
     }
@@ -197,7 +202,9 @@ impl<T: DeserializeOwned> FromRequest<AppState> for Json<T> {
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self> {
         let limit = state.config.limits.max_request_bytes;
-        if let Some(len) = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok()) {
+        if let Some(len) =
+            req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        {
             if len > limit {
                 return Err(Error::too_large(format!("request body is over {limit} bytes")));
             }

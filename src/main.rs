@@ -201,10 +201,16 @@ fn restore_command(config: &Config, file: &std::path::Path, force: bool) -> anyh
     // A server still running on this database would keep writing to the file we replace.
     let mut probe = config.listen.client;
     if probe.ip().is_unspecified() {
-        probe.set_ip(if probe.is_ipv4() { std::net::Ipv4Addr::LOCALHOST.into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
+        probe.set_ip(if probe.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
     }
     if std::net::TcpStream::connect_timeout(&probe, std::time::Duration::from_millis(500)).is_ok() {
-        anyhow::bail!("something is listening on {probe} (listen.client): stop the server first (systemctl stop hearth)");
+        anyhow::bail!(
+            "something is listening on {probe} (listen.client): stop the server first (systemctl stop hearth)"
+        );
     }
     let s = hearth::backup::restore(file, &config.database.path, &config.server_name, force)?;
     println!(
@@ -221,7 +227,8 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -248,7 +255,8 @@ fn user_command(config: Config, action: UserAction) -> anyhow::Result<()> {
                 let user_id = to_id(&name)?;
                 let hash = hash_password(&password).map_err(|e| anyhow::anyhow!("{e}"))?;
                 let uid = user_id.clone();
-                let created = services.store.write(move |w| accounts::insert_user(w.conn, &uid, Some(&hash), admin)).await?;
+                let created =
+                    services.store.write(move |w| accounts::insert_user(w.conn, &uid, Some(&hash), admin)).await?;
                 anyhow::ensure!(created, "user {user_id} already exists");
                 println!("created {user_id}{}", if admin { " (admin)" } else { "" });
             }
@@ -275,7 +283,8 @@ fn user_command(config: Config, action: UserAction) -> anyhow::Result<()> {
 /// Reads the job table of the configured database (works while the server runs: WAL readers do not block it).
 fn jobs_command(config: Config, watch: bool) -> anyhow::Result<()> {
     use std::io::IsTerminal;
-    let conn = rusqlite::Connection::open_with_flags(&config.database.path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let conn =
+        rusqlite::Connection::open_with_flags(&config.database.path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     let tty = std::io::stdout().is_terminal();
     loop {
@@ -321,6 +330,9 @@ fn rotate_keys(config: Config) -> anyhow::Result<()> {
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
     let identity = hearth::room::Identity::load_or_create(&conn, &config.server_name)?;
     let new = hearth::federation::keys::rotate_own_key(&conn, &identity).map_err(|e| anyhow::anyhow!("{e}"))?;
-    println!("retired {} (still published in old_verify_keys); new key {new} is used from the next start", identity.key_id);
+    println!(
+        "retired {} (still published in old_verify_keys); new key {new} is used from the next start",
+        identity.key_id
+    );
     Ok(())
 }

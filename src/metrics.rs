@@ -98,7 +98,8 @@ pub async fn track(State(s): State<AppState>, req: axum::extract::Request, next:
         return next.run(req).await;
     }
     // Unmatched paths share one label: arbitrary request paths must not grow the label set.
-    let route = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
+    let route =
+        req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
     let method = req.method().as_str().to_owned();
     let started = Instant::now();
     let res = next.run(req).await;
@@ -183,14 +184,24 @@ pub async fn metrics(State(s): State<AppState>) -> Response {
     let _ = writeln!(out, "hearth_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
     header(&mut out, "hearth_uptime_seconds", "gauge", "Seconds since the server started.");
     let _ = writeln!(out, "hearth_uptime_seconds {:.3}", s.metrics.uptime().as_secs_f64());
-    header(&mut out, "hearth_http_requests_in_flight", "gauge", "Client requests being handled (long-polling /sync excluded).");
+    header(
+        &mut out,
+        "hearth_http_requests_in_flight",
+        "gauge",
+        "Client requests being handled (long-polling /sync excluded).",
+    );
     let _ = writeln!(out, "hearth_http_requests_in_flight {}", s.busy.load(std::sync::atomic::Ordering::Relaxed));
     header(&mut out, "hearth_stream_position", "gauge", "Highest committed position of the event stream.");
     let _ = writeln!(out, "hearth_stream_position {}", s.store.current_stream());
 
     {
         let routes = s.metrics.routes.lock().unwrap_or_else(|e| e.into_inner());
-        header(&mut out, "hearth_http_requests_total", "counter", "HTTP requests answered, by route group, route, method and status class.");
+        header(
+            &mut out,
+            "hearth_http_requests_total",
+            "counter",
+            "HTTP requests answered, by route group, route, method and status class.",
+        );
         for ((group, route, method), st) in routes.iter() {
             for (class, n) in &st.by_status {
                 let _ = writeln!(
@@ -200,13 +211,19 @@ pub async fn metrics(State(s): State<AppState>) -> Response {
                 );
             }
         }
-        header(&mut out, "hearth_http_request_duration_seconds", "histogram", "Time to answer HTTP requests, by route group, route and method.");
+        header(
+            &mut out,
+            "hearth_http_request_duration_seconds",
+            "histogram",
+            "Time to answer HTTP requests, by route group, route and method.",
+        );
         for ((group, route, method), st) in routes.iter() {
             let labels = format!("group=\"{group}\",route=\"{}\",method=\"{method}\"", esc(route));
             let mut cumulative = 0;
             for (i, le) in BUCKETS.iter().enumerate() {
                 cumulative += st.buckets[i];
-                let _ = writeln!(out, "hearth_http_request_duration_seconds_bucket{{{labels},le=\"{le}\"}} {cumulative}");
+                let _ =
+                    writeln!(out, "hearth_http_request_duration_seconds_bucket{{{labels},le=\"{le}\"}} {cumulative}");
             }
             let _ = writeln!(out, "hearth_http_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}", st.count);
             let _ = writeln!(out, "hearth_http_request_duration_seconds_sum{{{labels}}} {:.6}", st.sum_seconds);
@@ -216,14 +233,24 @@ pub async fn metrics(State(s): State<AppState>) -> Response {
 
     {
         let served = s.fed_requests.lock().unwrap_or_else(|e| e.into_inner());
-        header(&mut out, "hearth_federation_requests_served_total", "counter", "Federation requests served on the federation listener, by endpoint.");
+        header(
+            &mut out,
+            "hearth_federation_requests_served_total",
+            "counter",
+            "Federation requests served on the federation listener, by endpoint.",
+        );
         for (endpoint, n) in served.iter() {
             let _ = writeln!(out, "hearth_federation_requests_served_total{{endpoint=\"{}\"}} {n}", esc(endpoint));
         }
     }
 
     if let Some(db) = db {
-        header(&mut out, "hearth_database_size_bytes", "gauge", "Size of the SQLite database (page_count * page_size; the WAL file is extra).");
+        header(
+            &mut out,
+            "hearth_database_size_bytes",
+            "gauge",
+            "Size of the SQLite database (page_count * page_size; the WAL file is extra).",
+        );
         let _ = writeln!(out, "hearth_database_size_bytes {}", db.size_bytes);
         header(&mut out, "hearth_database_free_bytes", "gauge", "Unused pages inside the database file, in bytes.");
         let _ = writeln!(out, "hearth_database_free_bytes {}", db.freelist_pages * db.page_size);
@@ -265,7 +292,11 @@ pub async fn metrics(State(s): State<AppState>) -> Response {
 }
 
 fn job_labels(j: &serde_json::Value) -> String {
-    format!("kind=\"{}\",room_id=\"{}\"", esc(j["kind"].as_str().unwrap_or("?")), esc(j["room_id"].as_str().unwrap_or("")))
+    format!(
+        "kind=\"{}\",room_id=\"{}\"",
+        esc(j["kind"].as_str().unwrap_or("?")),
+        esc(j["room_id"].as_str().unwrap_or(""))
+    )
 }
 
 /// `hearth.db` -> `hearth.db-wal`.

@@ -128,16 +128,27 @@ pub fn build_services(config: Config) -> anyhow::Result<Arc<Services>> {
     let federation = if config.federation.enabled {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let client = Arc::new(crate::federation::FedClient::new(identity.clone(), config.federation.clone())?);
-        let keys = crate::federation::KeyStore::new(store.clone(), client.clone(), identity.clone(), config.federation.trusted_key_servers.clone());
+        let keys = crate::federation::KeyStore::new(
+            store.clone(),
+            client.clone(),
+            identity.clone(),
+            config.federation.trusted_key_servers.clone(),
+        );
         Some(crate::federation::Federation { client, keys })
     } else {
         None
     };
     let media = crate::media::MediaRepo::new(config.media.dir(&config.database.path))?;
     Ok(Arc::new(Services {
-        login_limiter: RateLimiter::new(config.limits.login_failures_per_minute as f64 / 60.0, config.limits.login_failures_per_minute as f64),
+        login_limiter: RateLimiter::new(
+            config.limits.login_failures_per_minute as f64 / 60.0,
+            config.limits.login_failures_per_minute as f64,
+        ),
         login_attempt_limiter: RateLimiter::new(config.limits.logins_per_second, config.limits.logins_burst.into()),
-        registration_limiter: RateLimiter::new(config.limits.registrations_per_second, config.limits.registrations_burst.into()),
+        registration_limiter: RateLimiter::new(
+            config.limits.registrations_per_second,
+            config.limits.registrations_burst.into(),
+        ),
         message_limiter: RateLimiter::new(config.limits.messages_per_second, config.limits.messages_burst.into()),
         join_limiter: RateLimiter::new(config.limits.joins_per_second, config.limits.joins_burst.into()),
         config: Arc::new(config),

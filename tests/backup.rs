@@ -25,7 +25,12 @@ fn hearth(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
 }
 
 fn text(o: &Output) -> String {
-    format!("status {:?}\nstdout: {}\nstderr: {}", o.status, String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 /// A writer: its client, its room, what it had acknowledged, its task.
@@ -56,7 +61,11 @@ async fn backup_while_clients_write_then_restore() {
     std::fs::create_dir(dir.path().join("live")).unwrap();
     std::fs::create_dir(dir.path().join("restored")).unwrap();
     let db = dir.path().join("live/hearth.db");
-    let server = BinServer::start(&db, &[("HEARTH_REGISTRATION__ENABLED", "true"), ("HEARTH_LIMITS__MESSAGES_PER_SECOND", "1000")]).await;
+    let server = BinServer::start(
+        &db,
+        &[("HEARTH_REGISTRATION__ENABLED", "true"), ("HEARTH_LIMITS__MESSAGES_PER_SECOND", "1000")],
+    )
+    .await;
 
     // Four writers, each into its own room (versions 10 and 12), so each room's order is the order of acks.
     let stop = Arc::new(AtomicBool::new(false));
@@ -68,12 +77,15 @@ async fn backup_while_clients_write_then_restore() {
         let version = if i % 2 == 0 { "10" } else { "12" };
         let room = c.create_room(json!({"room_version": version})).await;
         let acked: Arc<Mutex<Vec<Acked>>> = Arc::default();
-        writers.push((c.clone(), room.clone(), acked.clone(), tokio::spawn(writer(c, room.clone(), acked, stop.clone()))));
+        writers.push((
+            c.clone(),
+            room.clone(),
+            acked.clone(),
+            tokio::spawn(writer(c, room.clone(), acked, stop.clone())),
+        ));
         rooms.push(room);
     }
-    let total = |ws: &[Writer]| -> usize {
-        ws.iter().map(|w| w.2.lock().unwrap().len()).sum()
-    };
+    let total = |ws: &[Writer]| -> usize { ws.iter().map(|w| w.2.lock().unwrap().len()).sum() };
     let t0 = Instant::now();
     while total(&writers) < 60 && t0.elapsed() < Duration::from_secs(60) {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -121,7 +133,8 @@ async fn backup_while_clients_write_then_restore() {
     assert!(!dir.path().join("hearth-backup.db-wal").exists());
     assert!(!dir.path().join("hearth-backup.db.partial").exists());
     // A second backup to the same file is refused without --force.
-    let o = hearth(dir.path(), &["backup", backup.to_str().unwrap()], &[("HEARTH_DATABASE__PATH", db.to_str().unwrap())]);
+    let o =
+        hearth(dir.path(), &["backup", backup.to_str().unwrap()], &[("HEARTH_DATABASE__PATH", db.to_str().unwrap())]);
     assert!(!o.status.success() && text(&o).contains("--force"), "{}", text(&o));
 
     // Restore refuses while a server answers on listen.client, and refuses a wrong server name.
@@ -144,7 +157,8 @@ async fn backup_while_clients_write_then_restore() {
     assert!(!restored.exists());
     server.kill();
 
-    let env = [("HEARTH_DATABASE__PATH", rs), ("HEARTH_SERVER_NAME", "localhost"), ("HEARTH_LISTEN__CLIENT", free.as_str())];
+    let env =
+        [("HEARTH_DATABASE__PATH", rs), ("HEARTH_SERVER_NAME", "localhost"), ("HEARTH_LISTEN__CLIENT", free.as_str())];
     let o = hearth(dir.path(), &["restore", backup.to_str().unwrap()], &env);
     assert!(o.status.success(), "restore failed: {}", text(&o));
     // Restoring over an existing database needs --force, which moves the old one aside.
@@ -152,7 +166,11 @@ async fn backup_while_clients_write_then_restore() {
     assert!(!o.status.success() && text(&o).contains("--force"), "{}", text(&o));
     let o = hearth(dir.path(), &["restore", "--force", backup.to_str().unwrap()], &env);
     assert!(o.status.success(), "{}", text(&o));
-    let aside = std::fs::read_dir(dir.path().join("restored")).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains("before-restore")).count();
+    let aside = std::fs::read_dir(dir.path().join("restored"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("before-restore"))
+        .count();
     assert!(aside >= 1, "the replaced database was moved aside");
     {
         let conn = rusqlite::Connection::open(&restored).unwrap();
@@ -171,8 +189,12 @@ async fn backup_while_clients_write_then_restore() {
             assert_eq!(r.status, 200, "event {} acknowledged before the backup is missing: {}", a.event_id, r.text);
             assert_eq!(r.body["content"]["body"], a.body.as_str());
         }
-        let r = c.messages(&rooms[i], &[("dir", "b"), ("limit", "1000"), ("filter", r#"{"types":["m.room.message"]}"#)]).await.ok();
-        let mut ids: Vec<String> = r["chunk"].as_array().unwrap().iter().map(|e| e["event_id"].as_str().unwrap().to_owned()).collect();
+        let r = c
+            .messages(&rooms[i], &[("dir", "b"), ("limit", "1000"), ("filter", r#"{"types":["m.room.message"]}"#)])
+            .await
+            .ok();
+        let mut ids: Vec<String> =
+            r["chunk"].as_array().unwrap().iter().map(|e| e["event_id"].as_str().unwrap().to_owned()).collect();
         ids.reverse();
         let expected: Vec<String> = sent[i].iter().take(ids.len()).map(|a| a.event_id.clone()).collect();
         assert_eq!(ids, expected, "room {i}: the restored timeline is not a prefix of what was sent");

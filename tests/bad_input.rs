@@ -25,7 +25,10 @@ async fn wrong_shape_is_m_bad_json() {
     let room = alice.create_room(json!({})).await;
 
     alice.post("/createRoom", json!({"invite": "not-a-list"})).await.assert_err(400, "M_BAD_JSON");
-    alice.post("/createRoom", json!({"initial_state": [{"type": "x", "content": "not an object"}]})).await.assert_err(400, "M_BAD_JSON");
+    alice
+        .post("/createRoom", json!({"initial_state": [{"type": "x", "content": "not an object"}]}))
+        .await
+        .assert_err(400, "M_BAD_JSON");
     s.client().post("/login", json!({"type": 5})).await.assert_err(400, "M_BAD_JSON");
     s.client().post("/login", json!({"type": "m.login.password", "password": "x"})).await.assert_err(400, "M_BAD_JSON");
     alice.send(&room, "m.room.message", json!([1, 2, 3])).await.assert_err(400, "M_BAD_JSON");
@@ -34,7 +37,10 @@ async fn wrong_shape_is_m_bad_json() {
         .post(&format!("/user/{}/filter", enc(&alice.user_id)), json!({"room": {"timeline": {"limit": "ten"}}}))
         .await
         .assert_err(400, "M_BAD_JSON");
-    alice.put(&format!("/profile/{}/displayname", enc(&alice.user_id)), json!({"displayname": 42})).await.assert_err(400, "M_BAD_JSON");
+    alice
+        .put(&format!("/profile/{}/displayname", enc(&alice.user_id)), json!({"displayname": 42}))
+        .await
+        .assert_err(400, "M_BAD_JSON");
     // Nothing was half-written by any of that.
     let msgs = alice.messages(&room, &[("dir", "b"), ("limit", "100")]).await.ok();
     assert!(msgs["chunk"].as_array().unwrap().iter().all(|e| e["type"] != "m.room.message"));
@@ -84,16 +90,22 @@ async fn not_allowed_is_m_forbidden() {
     let bob = s.user("bob").await;
     let room = alice.create_room(json!({"preset": "private_chat"})).await;
 
-    bob.send(&room, "m.room.message", json!({"msgtype": "m.text", "body": "let me in"})).await.assert_err(403, "M_FORBIDDEN");
+    bob.send(&room, "m.room.message", json!({"msgtype": "m.text", "body": "let me in"}))
+        .await
+        .assert_err(403, "M_FORBIDDEN");
     bob.state(&room, "m.room.create", "").await.assert_err(403, "M_FORBIDDEN");
     bob.messages(&room, &[("dir", "b")]).await.assert_err(403, "M_FORBIDDEN");
     bob.invite(&room, &bob.user_id).await.assert_err(403, "M_FORBIDDEN");
-    bob.put(&format!("/profile/{}/displayname", enc(&alice.user_id)), json!({"displayname": "x"})).await.assert_err(403, "M_FORBIDDEN");
+    bob.put(&format!("/profile/{}/displayname", enc(&alice.user_id)), json!({"displayname": "x"}))
+        .await
+        .assert_err(403, "M_FORBIDDEN");
     bob.join(&room).await.assert_err(403, "M_FORBIDDEN");
     // Power levels: a member with power 0 may not change state that needs 50.
     alice.invite(&room, &bob.user_id).await.ok();
     bob.join(&room).await.ok();
-    bob.put_state(&room, "m.room.power_levels", "", json!({"users": {bob.user_id.clone(): 100}})).await.assert_err(403, "M_FORBIDDEN");
+    bob.put_state(&room, "m.room.power_levels", "", json!({"users": {bob.user_id.clone(): 100}}))
+        .await
+        .assert_err(403, "M_FORBIDDEN");
     s.stop().await;
 }
 
@@ -161,7 +173,11 @@ async fn garbage_never_500s() {
     let room = alice.create_room(json!({})).await;
     let cases: Vec<(Method, String, Option<Value>)> = vec![
         (Method::PUT, "/rooms/not-a-room/send/m.room.message/t1".into(), Some(json!({"body": "x"}))),
-        (Method::PUT, format!("/rooms/{}/send/m.room.message/t1", enc("!unknown:localhost")), Some(json!({"body": "x"}))),
+        (
+            Method::PUT,
+            format!("/rooms/{}/send/m.room.message/t1", enc("!unknown:localhost")),
+            Some(json!({"body": "x"})),
+        ),
         (Method::GET, format!("/rooms/{}/event/not-an-event", enc(&room)), None),
         (Method::GET, format!("/rooms/{}/messages?dir=b&limit=abc", enc(&room)), None),
         (Method::GET, format!("/rooms/{}/members?at=zzz", enc(&room)), None),
@@ -171,7 +187,11 @@ async fn garbage_never_500s() {
         (Method::GET, "/sync?timeout=-5".into(), None),
         (Method::POST, "/join/not-a-room".into(), Some(json!({}))),
         (Method::POST, format!("/rooms/{}/invite", enc(&room)), Some(json!({"user_id": "not a user id"}))),
-        (Method::PUT, format!("/rooms/{}/state/m.room.member/notauser", enc(&room)), Some(json!({"membership": "join"}))),
+        (
+            Method::PUT,
+            format!("/rooms/{}/state/m.room.member/notauser", enc(&room)),
+            Some(json!({"membership": "join"})),
+        ),
         (Method::PUT, format!("/rooms/{}/redact/notanevent/t9", enc(&room)), Some(json!({}))),
         (Method::GET, "/directory/room/not-an-alias".into(), None),
         (Method::PUT, format!("/directory/list/room/{}", enc(&room)), Some(json!({"visibility": "sideways"}))),

@@ -23,10 +23,14 @@ fn hearth_bench_quick_runs() {
         .output()
         .expect("hearth-bench runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    eprintln!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr).lines().filter(|l| !l.contains("WARN")).collect::<Vec<_>>().join("\n"));
+    eprintln!(
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr).lines().filter(|l| !l.contains("WARN")).collect::<Vec<_>>().join("\n")
+    );
     assert!(out.status.success(), "hearth-bench failed");
     for j in joiners.split(',') {
-        let line = stdout.lines().find(|l| l.contains(&format!(" {j} "))).unwrap_or_else(|| panic!("no result line for {j}"));
+        let line =
+            stdout.lines().find(|l| l.contains(&format!(" {j} "))).unwrap_or_else(|| panic!("no result line for {j}"));
         assert!(!line.contains("failed"), "{line}");
     }
     let json = std::fs::read_to_string(dir.path().join("results-latest.json")).expect("results json");

@@ -39,7 +39,10 @@ fn prerequisites(test: &str) -> Option<()> {
         return None;
     }
     let node = Command::new("node").arg("--version").output();
-    assert!(node.as_ref().is_ok_and(|o| o.status.success()), "`node` is not runnable ({node:?}); install Node.js 20, or set HEARTH_SKIP_BROWSER=1");
+    assert!(
+        node.as_ref().is_ok_and(|o| o.status.success()),
+        "`node` is not runnable ({node:?}); install Node.js 20, or set HEARTH_SKIP_BROWSER=1"
+    );
     assert!(
         browser_dir().join("node_modules/playwright-core").is_dir(),
         "tests/browser/node_modules is missing: run `npm ci` in tests/browser, or set HEARTH_SKIP_BROWSER=1"
@@ -50,7 +53,12 @@ fn prerequisites(test: &str) -> Option<()> {
 /// Runs `node SCRIPT ARGS...` in tests/browser with a deadline; returns (success, stdout, stderr).
 async fn node(script: &str, args: &[&str], env: &[(&str, &str)], limit: Duration) -> (bool, String, String) {
     let mut cmd = Command::new("node");
-    cmd.current_dir(browser_dir()).arg(script).args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.current_dir(browser_dir())
+        .arg(script)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -64,7 +72,11 @@ async fn node(script: &str, args: &[&str], env: &[(&str, &str)], limit: Duration
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let out = child.wait_with_output().expect("node output");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -73,13 +85,18 @@ async fn hydrogen_in_chromium() {
         return;
     }
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    assert!(Path::new(&chromium).exists(), "{chromium} does not exist: `apt-get install chromium`, or set HEARTH_SKIP_BROWSER=1");
+    assert!(
+        Path::new(&chromium).exists(),
+        "{chromium} does not exist: `apt-get install chromium`, or set HEARTH_SKIP_BROWSER=1"
+    );
 
     let (ok, out, err) = node("build.mjs", &[], &[], Duration::from_secs(120)).await;
     assert!(ok, "building Hydrogen failed\n{out}\n{err}");
 
     let dir = tempfile::tempdir().unwrap();
-    let server = BinServer::start(&dir.path().join("hearth.db"), &[("HEARTH_REGISTRATION__ENABLED", "true")]).await;
+    // The set-up sends 40 messages in a row: a message rate for tests (the script also honours 429 retry_after_ms).
+    let env = [("HEARTH_REGISTRATION__ENABLED", "true"), ("HEARTH_LIMITS__MESSAGES_PER_SECOND", "1000")];
+    let server = BinServer::start(&dir.path().join("hearth.db"), &env).await;
     let artifacts = artifacts_dir();
     let _ = std::fs::remove_dir_all(&artifacts); // only this run's failure artifacts are kept
     let (ok, out, err) = node(
@@ -94,7 +111,10 @@ async fn hydrogen_in_chromium() {
         let log = std::fs::read_to_string(&server.log_path).unwrap_or_default();
         let _ = std::fs::create_dir_all(&artifacts);
         let _ = std::fs::write(artifacts.join("hydrogen-hearth.log"), &log);
-        panic!("Hydrogen in Chromium failed (artifacts in {})\n--- stdout\n{out}\n--- stderr\n{err}", artifacts.display());
+        panic!(
+            "Hydrogen in Chromium failed (artifacts in {})\n--- stdout\n{out}\n--- stderr\n{err}",
+            artifacts.display()
+        );
     }
     assert!(out.contains("Bob's reply arrived live"), "the script ended without its last check:\n{out}");
     server.kill();
@@ -112,9 +132,14 @@ async fn matrix_js_sdk_end_to_end_encryption() {
     println!("{}", lines.join("\n"));
     if !ok {
         let log = std::fs::read_to_string(&server.log_path).unwrap_or_default();
-        panic!("matrix-js-sdk end-to-end encryption failed\n--- stdout\n{out}\n--- stderr\n{err}\n--- server log\n{log}");
+        panic!(
+            "matrix-js-sdk end-to-end encryption failed\n--- stdout\n{out}\n--- stderr\n{err}\n--- server log\n{log}"
+        );
     }
-    assert!(out.contains("decrypted alice's message with the key from the backup"), "the script ended without its last check:\n{out}");
+    assert!(
+        out.contains("decrypted alice's message with the key from the backup"),
+        "the script ended without its last check:\n{out}"
+    );
     server.kill();
 }
 
@@ -124,7 +149,9 @@ async fn matrix_js_sdk_encryption_hearth_and_synapse() {
         return;
     }
     if std::env::var("HEARTH_SKIP_SYNAPSE").as_deref() == Ok("1") {
-        println!("SKIPPED matrix_js_sdk_encryption_hearth_and_synapse: HEARTH_SKIP_SYNAPSE=1 (Synapse interop not run)");
+        println!(
+            "SKIPPED matrix_js_sdk_encryption_hearth_and_synapse: HEARTH_SKIP_SYNAPSE=1 (Synapse interop not run)"
+        );
         return;
     }
     let root = env!("CARGO_MANIFEST_DIR");
@@ -148,6 +175,9 @@ async fn matrix_js_sdk_encryption_hearth_and_synapse() {
     let out = child.wait_with_output().expect("python output");
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     println!("{stdout}");
-    assert!(out.status.success(), "js-sdk E2EE between Hearth and Synapse failed\n--- stdout\n{stdout}\n--- stderr\n{stderr}");
+    assert!(
+        out.status.success(),
+        "js-sdk E2EE between Hearth and Synapse failed\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
+    );
     assert!(stdout.contains("e2ee with synapse: ok"), "{stdout}");
 }

@@ -24,7 +24,8 @@ fn hearth(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
 
 /// Waits at most 30 s (a server that wrongly starts would otherwise hang the test).
 fn run_with_timeout(mut cmd: Command) -> Output {
-    let mut child = cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().expect("spawn hearth");
+    let mut child =
+        cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().expect("spawn hearth");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         if child.try_wait().expect("wait").is_some() {
@@ -141,7 +142,11 @@ fn config_example_parses_and_has_every_key() {
                 let k = k.trim_matches('"');
                 !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '-')
             });
-            if l.starts_with("# ") && looks_like_key { t.to_owned() } else { l.to_owned() }
+            if l.starts_with("# ") && looks_like_key {
+                t.to_owned()
+            } else {
+                l.to_owned()
+            }
         })
         .collect::<Vec<_>>()
         .join("\n");
@@ -222,7 +227,11 @@ fn embedded_defaults_and_layering() {
     let dir = tempfile::tempdir().unwrap();
     let o = hearth(dir.path(), &["user", "create", "alice", "--password", "pw"], &[]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("@alice:localhost:8008"), "{}", String::from_utf8_lossy(&o.stdout));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("@alice:localhost:8008"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
     assert!(dir.path().join("hearth.db").exists(), "default database path is ./hearth.db");
     let defaults = hearth::config::Config::default();
     assert_eq!(defaults.listen.client.to_string(), "127.0.0.1:8008");
@@ -231,7 +240,8 @@ fn embedded_defaults_and_layering() {
 
     // ./hearth.toml overrides the defaults, HEARTH_* overrides the file (with __ for nesting).
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("hearth.toml"), "server_name = \"fromfile.test\"\n[database]\npath = \"file.db\"\n").unwrap();
+    std::fs::write(dir.path().join("hearth.toml"), "server_name = \"fromfile.test\"\n[database]\npath = \"file.db\"\n")
+        .unwrap();
     let o = hearth(dir.path(), &["user", "create", "bob", "--password", "pw"], &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("@bob:fromfile.test"));

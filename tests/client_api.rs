@@ -43,14 +43,18 @@ async fn login_flows_and_password_login() {
         assert_eq!(me["user_id"], "@alice:localhost");
         assert_eq!(me["device_id"], r["device_id"]);
     }
-    let legacy = s.client().post("/login", json!({"type": "m.login.password", "user": "alice", "password": PASSWORD})).await;
+    let legacy =
+        s.client().post("/login", json!({"type": "m.login.password", "user": "alice", "password": PASSWORD})).await;
     assert_eq!(legacy.status, 200, "{}", legacy.text);
 
     // A device id chosen by the client is kept.
     let c = s.client();
     let r = c
-        .post("/login", json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"},
-                                "password": PASSWORD, "device_id": "MYPHONE", "initial_device_display_name": "Phone"}))
+        .post(
+            "/login",
+            json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"},
+                                "password": PASSWORD, "device_id": "MYPHONE", "initial_device_display_name": "Phone"}),
+        )
         .await
         .ok();
     assert_eq!(r["device_id"], "MYPHONE");
@@ -84,7 +88,8 @@ async fn logout_and_logout_all() {
     third.login("alice", PASSWORD).await.ok();
 
     let device_ids = |v: Value| -> Vec<String> {
-        let mut ids: Vec<String> = v["devices"].as_array().unwrap().iter().map(|d| d["device_id"].as_str().unwrap().to_owned()).collect();
+        let mut ids: Vec<String> =
+            v["devices"].as_array().unwrap().iter().map(|d| d["device_id"].as_str().unwrap().to_owned()).collect();
         ids.sort();
         ids
     };
@@ -126,7 +131,10 @@ async fn register_with_uia_dummy() {
     assert!(flows.iter().any(|f| f["stages"] == json!(["m.login.dummy"])), "{}", first.text);
 
     let done = c
-        .post("/register", json!({"username": "bob", "password": PASSWORD, "auth": {"type": "m.login.dummy", "session": session}}))
+        .post(
+            "/register",
+            json!({"username": "bob", "password": PASSWORD, "auth": {"type": "m.login.dummy", "session": session}}),
+        )
         .await
         .ok();
     assert_eq!(done["user_id"], "@bob:localhost");
@@ -140,9 +148,11 @@ async fn register_with_uia_dummy() {
     s.client().login("bob", PASSWORD).await.ok();
 
     // Taken and invalid names.
-    let taken = c.post("/register", json!({"username": "bob", "password": "x", "auth": {"type": "m.login.dummy"}})).await;
+    let taken =
+        c.post("/register", json!({"username": "bob", "password": "x", "auth": {"type": "m.login.dummy"}})).await;
     taken.assert_err(400, "M_USER_IN_USE");
-    let bad = c.post("/register", json!({"username": "Bad Name!", "password": "x", "auth": {"type": "m.login.dummy"}})).await;
+    let bad =
+        c.post("/register", json!({"username": "Bad Name!", "password": "x", "auth": {"type": "m.login.dummy"}})).await;
     bad.assert_err(400, "M_INVALID_USERNAME");
     s.stop().await;
 }
@@ -160,7 +170,10 @@ async fn register_dummy_in_first_request_like_nio() {
 
     // inhibit_login: account made, no token.
     let r = c
-        .post("/register", json!({"username": "dave", "password": PASSWORD, "inhibit_login": true, "auth": {"type": "m.login.dummy"}}))
+        .post(
+            "/register",
+            json!({"username": "dave", "password": PASSWORD, "inhibit_login": true, "auth": {"type": "m.login.dummy"}}),
+        )
         .await
         .ok();
     assert_eq!(r["user_id"], "@dave:localhost");
@@ -172,7 +185,10 @@ async fn register_dummy_in_first_request_like_nio() {
 #[tokio::test]
 async fn registration_disabled_by_default_config() {
     let s = TestServer::start_with(|c| c.registration.enabled = false).await;
-    let r = s.client().post("/register", json!({"username": "x", "password": "y", "auth": {"type": "m.login.dummy"}})).await;
+    let r = s
+        .client()
+        .post("/register", json!({"username": "x", "password": "y", "auth": {"type": "m.login.dummy"}}))
+        .await;
     r.assert_err(403, "M_FORBIDDEN");
     s.stop().await;
 }
@@ -183,19 +199,29 @@ async fn registration_token_flow() {
     let c = s.client();
     let first = c.post("/register", json!({"username": "erin", "password": PASSWORD})).await;
     assert_eq!(first.status, 401, "{}", first.text);
-    assert!(first.body["flows"].as_array().unwrap().iter().any(|f| f["stages"] == json!(["m.login.registration_token"])));
+    assert!(first.body["flows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f["stages"] == json!(["m.login.registration_token"])));
     let session = first.body["session"].as_str().unwrap().to_owned();
 
     // m.login.dummy does not satisfy the token flow.
     let dummy = c
-        .post("/register", json!({"username": "erin", "password": PASSWORD, "auth": {"type": "m.login.dummy", "session": session}}))
+        .post(
+            "/register",
+            json!({"username": "erin", "password": PASSWORD, "auth": {"type": "m.login.dummy", "session": session}}),
+        )
         .await;
     assert_eq!(dummy.status, 401, "{}", dummy.text);
 
     // A wrong token: 401 with an error code, and the flows again.
     let wrong = c
-        .post("/register", json!({"username": "erin", "password": PASSWORD,
-                                  "auth": {"type": "m.login.registration_token", "token": "nope", "session": session}}))
+        .post(
+            "/register",
+            json!({"username": "erin", "password": PASSWORD,
+                                  "auth": {"type": "m.login.registration_token", "token": "nope", "session": session}}),
+        )
         .await;
     assert_eq!(wrong.status, 401, "{}", wrong.text);
     assert_eq!(wrong.errcode(), "M_FORBIDDEN");
@@ -240,7 +266,8 @@ async fn filters_create_and_get() {
     let s = TestServer::start().await;
     let alice = s.user("alice").await;
     let bob = s.user("bob").await;
-    let filter = json!({"room": {"timeline": {"limit": 5, "types": ["m.room.message"]}, "state": {"lazy_load_members": true}}});
+    let filter =
+        json!({"room": {"timeline": {"limit": 5, "types": ["m.room.message"]}, "state": {"lazy_load_members": true}}});
     let r = alice.post(&format!("/user/{}/filter", enc(&alice.user_id)), filter.clone()).await.ok();
     let id = r["filter_id"].as_str().expect("filter_id").to_owned();
     let got = alice.get(&format!("/user/{}/filter/{}", enc(&alice.user_id), id)).await.ok();
@@ -316,10 +343,7 @@ async fn create_room_versions() {
     alice.send_text(&v10, "in v10").await;
     alice.send_text(&v12, "in v12").await;
 
-    alice
-        .post("/createRoom", json!({"room_version": "999"}))
-        .await
-        .assert_err(400, "M_UNSUPPORTED_ROOM_VERSION");
+    alice.post("/createRoom", json!({"room_version": "999"})).await.assert_err(400, "M_UNSUPPORTED_ROOM_VERSION");
     s.stop().await;
 }
 
@@ -393,7 +417,11 @@ async fn join_by_id_and_alias_leave_forget() {
     // The current member list is for members; bob keeps the list as of his leave.
     bob.get(&format!("/rooms/{}/joined_members", enc(&room))).await.assert_err(403, "M_FORBIDDEN");
     let at_leave = bob.get(&format!("/rooms/{}/members", enc(&room))).await.ok();
-    assert!(at_leave["chunk"].as_array().unwrap().iter().any(|e| e["state_key"] == bob.user_id.as_str() && e["content"]["membership"] == "leave"));
+    assert!(at_leave["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["state_key"] == bob.user_id.as_str() && e["content"]["membership"] == "leave"));
 
     // Forget: only after leaving; then the room is gone from sync even with include_leave.
     carol.post(&format!("/rooms/{}/forget", enc(&room)), json!({})).await.assert_err(400, "M_UNKNOWN");
@@ -483,7 +511,8 @@ async fn send_is_idempotent_per_txn() {
 
     // Only one event for txn1 from the first device.
     let msgs = alice.messages(&room, &[("dir", "b"), ("limit", "50")]).await.ok();
-    let once: Vec<&Value> = msgs["chunk"].as_array().unwrap().iter().filter(|e| e["content"]["body"] == "once").collect();
+    let once: Vec<&Value> =
+        msgs["chunk"].as_array().unwrap().iter().filter(|e| e["content"]["body"] == "once").collect();
     assert_eq!(once.len(), 3, "txn1 (twice) + txn2 + other device's txn1 = 3 events: {once:?}");
 
     // The sending device sees its transaction id.
@@ -531,7 +560,8 @@ async fn redact() {
     let r = alice.put(&format!("/rooms/{}/redact/{}/r1", enc(&room), enc(&id)), json!({"reason": "typo"})).await.ok();
     let redaction_id = r["event_id"].as_str().unwrap().to_owned();
     // Same txn id: same redaction event.
-    let again = alice.put(&format!("/rooms/{}/redact/{}/r1", enc(&room), enc(&id)), json!({"reason": "typo"})).await.ok();
+    let again =
+        alice.put(&format!("/rooms/{}/redact/{}/r1", enc(&room), enc(&id)), json!({"reason": "typo"})).await.ok();
     assert_eq!(again["event_id"], redaction_id);
 
     let ev = alice.event(&room, &id).await.ok();
@@ -614,7 +644,8 @@ async fn messages_both_directions() {
     let page1 = alice.messages(&room, &[("dir", "b"), ("limit", "3"), ("filter", &only_msgs)]).await.ok();
     assert_eq!(bodies(&page1["chunk"]), ["m5", "m4", "m3"]);
     let end = page1["end"].as_str().expect("end token").to_owned();
-    let page2 = alice.messages(&room, &[("dir", "b"), ("from", &end), ("limit", "3"), ("filter", &only_msgs)]).await.ok();
+    let page2 =
+        alice.messages(&room, &[("dir", "b"), ("from", &end), ("limit", "3"), ("filter", &only_msgs)]).await.ok();
     assert_eq!(bodies(&page2["chunk"]), ["m2", "m1", "m0"]);
 
     // Without a filter, paging back reaches the room's creation and stops there.
@@ -630,7 +661,8 @@ async fn messages_both_directions() {
     let rest = alice.messages(&room, &[("dir", "f"), ("from", &next), ("limit", "10")]).await.ok();
     assert_eq!(bodies(&rest["chunk"]), ["m4", "m5"]);
 
-    let bounded = alice.messages(&room, &[("dir", "b"), ("from", &after), ("to", &before), ("limit", "100")]).await.ok();
+    let bounded =
+        alice.messages(&room, &[("dir", "b"), ("from", &after), ("to", &before), ("limit", "100")]).await.ok();
     assert_eq!(bodies(&bounded["chunk"]), ["m5", "m4", "m3", "m2", "m1", "m0"]);
     assert_eq!(bounded["chunk"].as_array().unwrap().len(), 6, "nothing before `to`");
 
@@ -704,7 +736,9 @@ async fn members_with_filters_and_at() {
             .as_array()
             .unwrap()
             .iter()
-            .map(|e| (e["state_key"].as_str().unwrap().to_owned(), e["content"]["membership"].as_str().unwrap().to_owned()))
+            .map(|e| {
+                (e["state_key"].as_str().unwrap().to_owned(), e["content"]["membership"].as_str().unwrap().to_owned())
+            })
             .collect();
         m.sort();
         m
@@ -717,7 +751,11 @@ async fn members_with_filters_and_at() {
     let not_leave = alice.get(&format!("{path}?not_membership=leave")).await.ok();
     assert_eq!(
         members_of(&not_leave),
-        [(alice.user_id.clone(), "join".into()), (bob.user_id.clone(), "join".into()), (dave.user_id.clone(), "invite".into())]
+        [
+            (alice.user_id.clone(), "join".into()),
+            (bob.user_id.clone(), "join".into()),
+            (dave.user_id.clone(), "invite".into())
+        ]
     );
     let at = alice.get(&format!("{path}?at={}", enc(&before_bob))).await.ok();
     assert_eq!(members_of(&at), [(alice.user_id.clone(), "join".into())]);
@@ -894,7 +932,8 @@ async fn sync_summary_heroes_and_counts() {
     let summary = &r["rooms"]["join"][&room]["summary"];
     assert_eq!(summary["m.joined_member_count"], 2, "{summary}");
     assert_eq!(summary["m.invited_member_count"], 1, "{summary}");
-    let heroes: Vec<&str> = summary["m.heroes"].as_array().expect("heroes for an unnamed room").iter().filter_map(Value::as_str).collect();
+    let heroes: Vec<&str> =
+        summary["m.heroes"].as_array().expect("heroes for an unnamed room").iter().filter_map(Value::as_str).collect();
     assert!(heroes.contains(&bob.user_id.as_str()) && heroes.contains(&carol.user_id.as_str()), "{heroes:?}");
     assert!(!heroes.contains(&alice.user_id.as_str()), "the syncing user is not a hero");
 
@@ -971,7 +1010,10 @@ async fn profile_updates_member_events() {
     let path = format!("/profile/{}/displayname", enc(&alice.user_id));
     alice.put(&path, json!({"displayname": "Alice Liddell"})).await.ok();
     assert_eq!(bob.get(&path).await.ok()["displayname"], "Alice Liddell");
-    alice.put(&format!("/profile/{}/avatar_url", enc(&alice.user_id)), json!({"avatar_url": "mxc://localhost/abc"})).await.ok();
+    alice
+        .put(&format!("/profile/{}/avatar_url", enc(&alice.user_id)), json!({"avatar_url": "mxc://localhost/abc"}))
+        .await
+        .ok();
     let profile = bob.get(&format!("/profile/{}", enc(&alice.user_id))).await.ok();
     assert_eq!(profile, json!({"displayname": "Alice Liddell", "avatar_url": "mxc://localhost/abc"}));
 
@@ -983,7 +1025,9 @@ async fn profile_updates_member_events() {
     let r = bob.sync(Some(&next), &[]).await.ok();
     let tl = events_of(&r["rooms"]["join"][&room]["timeline"]);
     assert!(
-        tl.iter().any(|e| e["type"] == "m.room.member" && e["state_key"] == alice.user_id.as_str() && e["content"]["displayname"] == "Alice Liddell"),
+        tl.iter().any(|e| e["type"] == "m.room.member"
+            && e["state_key"] == alice.user_id.as_str()
+            && e["content"]["displayname"] == "Alice Liddell"),
         "{tl:?}"
     );
     let joined = bob.get(&format!("/rooms/{}/joined_members", enc(&room))).await.ok();
@@ -1015,12 +1059,17 @@ async fn room_aliases() {
     assert_eq!(listed["aliases"], json!([alias]));
 
     // Non-members may not add aliases, and only the creator (or a moderator) may delete.
-    bob.put(&format!("/directory/room/{}", enc("#bobs:localhost")), json!({"room_id": room})).await.assert_err(403, "M_FORBIDDEN");
+    bob.put(&format!("/directory/room/{}", enc("#bobs:localhost")), json!({"room_id": room}))
+        .await
+        .assert_err(403, "M_FORBIDDEN");
     bob.delete(&path, json!({})).await.assert_err(403, "M_FORBIDDEN");
     alice.delete(&path, json!({})).await.ok();
     bob.get(&path).await.assert_err(404, "M_NOT_FOUND");
     // Aliases on other servers cannot be created here.
-    alice.put(&format!("/directory/room/{}", enc("#x:elsewhere.org")), json!({"room_id": room})).await.assert_err(400, "M_INVALID_PARAM");
+    alice
+        .put(&format!("/directory/room/{}", enc("#x:elsewhere.org")), json!({"room_id": room}))
+        .await
+        .assert_err(400, "M_INVALID_PARAM");
     s.stop().await;
 }
 
@@ -1029,7 +1078,11 @@ async fn public_rooms_and_visibility() {
     let s = TestServer::start().await;
     let alice = s.user("alice").await;
     let bob = s.user("bob").await;
-    let public = alice.create_room(json!({"visibility": "public", "name": "Open Space", "topic": "all welcome", "room_alias_name": "open"})).await;
+    let public = alice
+        .create_room(
+            json!({"visibility": "public", "name": "Open Space", "topic": "all welcome", "room_alias_name": "open"}),
+        )
+        .await;
     let private = alice.create_room(json!({"name": "Hidden"})).await;
 
     let list = s.client().get("/publicRooms").await.ok();
@@ -1077,8 +1130,11 @@ async fn devices_list_get_update_delete() {
     let s = TestServer::start().await;
     let alice = s.user("alice").await;
     s.client()
-        .post("/login", json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"},
-                                "password": PASSWORD, "device_id": "PHONE", "initial_device_display_name": "My phone"}))
+        .post(
+            "/login",
+            json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"},
+                                "password": PASSWORD, "device_id": "PHONE", "initial_device_display_name": "My phone"}),
+        )
         .await
         .ok();
     let mut laptop = s.client();
@@ -1127,7 +1183,12 @@ async fn redaction_per_room_version() {
     for version in ["10", "12"] {
         let room = alice.create_room(json!({"room_version": version})).await;
         let member = alice
-            .put_state(&room, "m.room.member", &alice.user_id, json!({"membership": "join", "displayname": "Temporary"}))
+            .put_state(
+                &room,
+                "m.room.member",
+                &alice.user_id,
+                json!({"membership": "join", "displayname": "Temporary"}),
+            )
             .await
             .ok()["event_id"]
             .as_str()

@@ -59,7 +59,8 @@ async fn account_data_round_trip_and_sync() {
     // Both show up in the next incremental sync: global at the top, room data under the room.
     let sync = sync_from(&alice, &since).await;
     assert_eq!(account_data_of(&sync["account_data"], "org.example.config"), Some(json!({"theme": "dark"})));
-    let tags = account_data_of(&sync["rooms"]["join"][&room]["account_data"], "m.tag").expect("room account data in sync");
+    let tags =
+        account_data_of(&sync["rooms"]["join"][&room]["account_data"], "m.tag").expect("room account data in sync");
     assert_eq!(tags["tags"]["u.work"]["order"], 0.5);
     // ... and not again in the one after.
     let again = sync_from(&alice, sync["next_batch"].as_str().unwrap()).await;
@@ -72,7 +73,10 @@ async fn account_data_round_trip_and_sync() {
 
     // Errors: unset type, other users, server-managed types, bad room ids and bodies.
     alice.get(&format!("/user/{me}/account_data/org.example.unset")).await.assert_err(404, "M_NOT_FOUND");
-    alice.get(&format!("/user/{me}/rooms/{}/account_data/org.example.unset", enc(&room))).await.assert_err(404, "M_NOT_FOUND");
+    alice
+        .get(&format!("/user/{me}/rooms/{}/account_data/org.example.unset", enc(&room)))
+        .await
+        .assert_err(404, "M_NOT_FOUND");
     bob.get(&format!("/user/{me}/account_data/org.example.config")).await.assert_err(403, "M_FORBIDDEN");
     bob.put(&format!("/user/{me}/account_data/org.example.config"), json!({})).await.assert_err(403, "M_FORBIDDEN");
     bob.put(&room_path, json!({})).await.assert_err(403, "M_FORBIDDEN");
@@ -82,7 +86,10 @@ async fn account_data_round_trip_and_sync() {
         .put(&format!("/user/{me}/rooms/{}/account_data/m.fully_read", enc(&room)), json!({"event_id": "$x"}))
         .await
         .assert_err(405, "M_BAD_JSON");
-    alice.put(&format!("/user/{me}/rooms/not-a-room/account_data/x.y"), json!({})).await.assert_err(400, "M_INVALID_PARAM");
+    alice
+        .put(&format!("/user/{me}/rooms/not-a-room/account_data/x.y"), json!({}))
+        .await
+        .assert_err(400, "M_INVALID_PARAM");
     alice.put(&format!("/user/{me}/account_data/x.y"), json!([1, 2])).await.assert_err(400, "M_BAD_JSON");
     // Push rules can be read like any account data even before they were changed.
     let rules = alice.get(&format!("/user/{me}/account_data/m.push_rules")).await.ok();
@@ -176,12 +183,16 @@ async fn receipts_public_private_and_fully_read() {
 
     // The fully-read marker is room account data, set by /read_markers or as a receipt type.
     let bob_since = bob_sync["next_batch"].as_str().unwrap().to_owned();
-    bob.post(&format!("/rooms/{}/read_markers", enc(&room)), json!({"m.fully_read": e1, "m.read.private": e2})).await.ok();
+    bob.post(&format!("/rooms/{}/read_markers", enc(&room)), json!({"m.fully_read": e1, "m.read.private": e2}))
+        .await
+        .ok();
     let sync = sync_from(&bob, &bob_since).await;
-    let marker = account_data_of(&sync["rooms"]["join"][&room]["account_data"], "m.fully_read").expect("m.fully_read in sync");
+    let marker =
+        account_data_of(&sync["rooms"]["join"][&room]["account_data"], "m.fully_read").expect("m.fully_read in sync");
     assert_eq!(marker["event_id"], e1.as_str());
     bob.post(&receipt("m.fully_read", &e2), json!({})).await.ok();
-    let marker = bob.get(&format!("/user/{}/rooms/{}/account_data/m.fully_read", enc(&bob.user_id), enc(&room))).await.ok();
+    let marker =
+        bob.get(&format!("/user/{}/rooms/{}/account_data/m.fully_read", enc(&bob.user_id), enc(&room))).await.ok();
     assert_eq!(marker["event_id"], e2.as_str());
 
     // Errors.
@@ -190,7 +201,10 @@ async fn receipts_public_private_and_fully_read() {
     bob.post(&receipt("m.read", &e1), json!({"thread_id": ""})).await.assert_err(400, "M_INVALID_PARAM");
     bob.post(&receipt("m.read", "$nope:localhost"), json!({})).await.assert_err(404, "M_NOT_FOUND");
     carol.post(&receipt("m.read", &e1), json!({})).await.assert_err(403, "M_FORBIDDEN");
-    carol.post(&format!("/rooms/{}/read_markers", enc(&room)), json!({"m.fully_read": e1})).await.assert_err(403, "M_FORBIDDEN");
+    carol
+        .post(&format!("/rooms/{}/read_markers", enc(&room)), json!({"m.fully_read": e1}))
+        .await
+        .assert_err(403, "M_FORBIDDEN");
     s.stop().await;
 }
 
@@ -210,19 +224,38 @@ async fn push_rules_defaults_and_user_rules() {
     let overrides = rule_ids(&g["override"]);
     assert_eq!(overrides[0], ".m.rule.master");
     assert_eq!(g["override"][0]["enabled"], false);
-    for id in [".m.rule.suppress_notices", ".m.rule.invite_for_me", ".m.rule.member_event", ".m.rule.is_user_mention",
-        ".m.rule.contains_display_name", ".m.rule.is_room_mention", ".m.rule.roomnotif", ".m.rule.tombstone",
-        ".m.rule.reaction", ".m.rule.room.server_acl", ".m.rule.suppress_edits"]
-    {
+    for id in [
+        ".m.rule.suppress_notices",
+        ".m.rule.invite_for_me",
+        ".m.rule.member_event",
+        ".m.rule.is_user_mention",
+        ".m.rule.contains_display_name",
+        ".m.rule.is_room_mention",
+        ".m.rule.roomnotif",
+        ".m.rule.tombstone",
+        ".m.rule.reaction",
+        ".m.rule.room.server_acl",
+        ".m.rule.suppress_edits",
+    ] {
         assert!(overrides.contains(&id.to_owned()), "missing {id}");
     }
     let invite = g["override"].as_array().unwrap().iter().find(|r| r["rule_id"] == ".m.rule.invite_for_me").unwrap();
-    assert!(invite["conditions"].as_array().unwrap().iter().any(|c| c["key"] == "state_key" && c["pattern"] == alice.user_id.as_str()));
+    assert!(invite["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["key"] == "state_key" && c["pattern"] == alice.user_id.as_str()));
     assert_eq!(g["content"][0]["rule_id"], ".m.rule.contains_user_name");
     assert_eq!(g["content"][0]["pattern"], "alice");
     assert_eq!(
         rule_ids(&g["underride"]),
-        [".m.rule.call", ".m.rule.encrypted_room_one_to_one", ".m.rule.room_one_to_one", ".m.rule.message", ".m.rule.encrypted"]
+        [
+            ".m.rule.call",
+            ".m.rule.encrypted_room_one_to_one",
+            ".m.rule.room_one_to_one",
+            ".m.rule.message",
+            ".m.rule.encrypted"
+        ]
     );
     assert_eq!(alice.get("/pushrules/global/").await.ok(), all["global"]);
 
@@ -231,8 +264,14 @@ async fn push_rules_defaults_and_user_rules() {
     let room_rule = |id: &str| format!("/pushrules/global/room/{}", enc(id));
     alice.put(&room_rule("!a:localhost"), json!({"actions": ["notify"]})).await.ok();
     alice.put(&room_rule("!b:localhost"), json!({"actions": ["notify"]})).await.ok();
-    alice.put(&format!("{}?after={}", room_rule("!c:localhost"), enc("!b:localhost")), json!({"actions": []})).await.ok();
-    alice.put(&format!("{}?before={}", room_rule("!d:localhost"), enc("!b:localhost")), json!({"actions": []})).await.ok();
+    alice
+        .put(&format!("{}?after={}", room_rule("!c:localhost"), enc("!b:localhost")), json!({"actions": []}))
+        .await
+        .ok();
+    alice
+        .put(&format!("{}?before={}", room_rule("!d:localhost"), enc("!b:localhost")), json!({"actions": []}))
+        .await
+        .ok();
     let rules = alice.get("/pushrules/").await.ok();
     assert_eq!(rule_ids(&rules["global"]["room"]), ["!d:localhost", "!b:localhost", "!c:localhost", "!a:localhost"]);
     let sync = sync_from(&alice, &since).await;
@@ -258,7 +297,13 @@ async fn push_rules_defaults_and_user_rules() {
     alice.put("/pushrules/global/room/!a:localhost/actions", json!({"actions": []})).await.ok();
     assert_eq!(alice.get(&format!("{}/actions", room_rule("!a:localhost"))).await.ok(), json!({"actions": []}));
     let rules = alice.get("/pushrules/").await.ok();
-    let message = rules["global"]["underride"].as_array().unwrap().iter().find(|r| r["rule_id"] == ".m.rule.message").unwrap().clone();
+    let message = rules["global"]["underride"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["rule_id"] == ".m.rule.message")
+        .unwrap()
+        .clone();
     assert_eq!(message["enabled"], false);
     assert_eq!(rule_ids(&rules["global"]["underride"])[3], ".m.rule.message");
     // Updating a user rule keeps its enabled state and place.
@@ -280,14 +325,23 @@ async fn push_rules_defaults_and_user_rules() {
     alice.get("/pushrules/device/").await.assert_err(400, "M_INVALID_PARAM");
     alice.put("/pushrules/device/room/x", json!({"actions": []})).await.assert_err(400, "M_INVALID_PARAM");
     alice.put("/pushrules/global/nonsense/x", json!({"actions": []})).await.assert_err(400, "M_INVALID_PARAM");
-    alice.put("/pushrules/global/override/.mine", json!({"conditions": [], "actions": []})).await.assert_err(400, "M_INVALID_PARAM");
+    alice
+        .put("/pushrules/global/override/.mine", json!({"conditions": [], "actions": []}))
+        .await
+        .assert_err(400, "M_INVALID_PARAM");
     alice.put("/pushrules/global/room/x", json!({})).await.assert_err(400, "M_BAD_JSON");
     alice.put("/pushrules/global/room/x", json!({"actions": ["explode"]})).await.assert_err(400, "M_BAD_JSON");
     alice.put("/pushrules/global/override/x", json!({"actions": []})).await.assert_err(400, "M_BAD_JSON");
     alice.put("/pushrules/global/content/x", json!({"actions": []})).await.assert_err(400, "M_BAD_JSON");
-    alice.put(&format!("{}?before=nope", room_rule("!e:localhost")), json!({"actions": []})).await.assert_err(400, "M_INVALID_PARAM");
+    alice
+        .put(&format!("{}?before=nope", room_rule("!e:localhost")), json!({"actions": []}))
+        .await
+        .assert_err(400, "M_INVALID_PARAM");
     alice.put("/pushrules/global/room/!b:localhost/colour", json!({})).await.assert_err(400, "M_INVALID_PARAM");
-    alice.put("/pushrules/global/room/!b:localhost/enabled", json!({"enabled": "yes"})).await.assert_err(400, "M_BAD_JSON");
+    alice
+        .put("/pushrules/global/room/!b:localhost/enabled", json!({"enabled": "yes"}))
+        .await
+        .assert_err(400, "M_BAD_JSON");
     alice.delete("/pushrules/global/override/.m.rule.master", json!({})).await.assert_err(400, "M_INVALID_PARAM");
     s.stop().await;
 }
@@ -325,19 +379,28 @@ async fn keys_upload_query_claim_and_changes() {
         "signed_curve25519:AAAAAw": {"key": "k3", "signatures": {}},
     });
     let up = alice
-        .post("/keys/upload", json!({
-            "device_keys": device_keys(&alice, "curve-a"),
-            "one_time_keys": otks,
-            "fallback_keys": {"signed_curve25519:AAAAFB": {"key": "fb", "fallback": true, "signatures": {}}},
-        }))
+        .post(
+            "/keys/upload",
+            json!({
+                "device_keys": device_keys(&alice, "curve-a"),
+                "one_time_keys": otks,
+                "fallback_keys": {"signed_curve25519:AAAAFB": {"key": "fb", "fallback": true, "signatures": {}}},
+            }),
+        )
         .await
         .ok();
     assert_eq!(up["one_time_key_counts"]["signed_curve25519"], 3);
     // Re-uploading the same keys is harmless; a different key under a used id is not.
-    let up = alice.post("/keys/upload", json!({"one_time_keys": {"signed_curve25519:AAAAAQ": {"key": "k1", "signatures": {}}}})).await.ok();
+    let up = alice
+        .post("/keys/upload", json!({"one_time_keys": {"signed_curve25519:AAAAAQ": {"key": "k1", "signatures": {}}}}))
+        .await
+        .ok();
     assert_eq!(up["one_time_key_counts"]["signed_curve25519"], 3);
     alice
-        .post("/keys/upload", json!({"one_time_keys": {"signed_curve25519:AAAAAQ": {"key": "other", "signatures": {}}}}))
+        .post(
+            "/keys/upload",
+            json!({"one_time_keys": {"signed_curve25519:AAAAAQ": {"key": "other", "signatures": {}}}}),
+        )
         .await
         .assert_err(400, "M_INVALID_PARAM");
     let mut wrong = device_keys(&alice, "x");
@@ -350,8 +413,18 @@ async fn keys_upload_query_claim_and_changes() {
 
     // Bob shares a room with alice: her new keys are a device list change for him, not for carol.
     let bob_sync = sync_from(&bob, &bob_since).await;
-    assert!(bob_sync["device_lists"]["changed"].as_array().unwrap().contains(&json!(alice.user_id)), "{}", bob_sync["device_lists"]);
-    let changes = bob.get(&format!("/keys/changes{}", query(&[("from", &bob_since), ("to", bob_sync["next_batch"].as_str().unwrap())]))).await.ok();
+    assert!(
+        bob_sync["device_lists"]["changed"].as_array().unwrap().contains(&json!(alice.user_id)),
+        "{}",
+        bob_sync["device_lists"]
+    );
+    let changes = bob
+        .get(&format!(
+            "/keys/changes{}",
+            query(&[("from", &bob_since), ("to", bob_sync["next_batch"].as_str().unwrap())])
+        ))
+        .await
+        .ok();
     assert_eq!(changes["changed"], json!([alice.user_id]));
     let carol_changes = carol.get(&format!("/keys/changes{}", query(&[("from", &carol_since)]))).await.ok();
     assert_eq!(carol_changes["changed"], json!([]));
@@ -491,9 +564,14 @@ async fn cross_signing_keys_and_signatures() {
     assert!(q["user_signing_keys"].get(&alice.user_id).is_none());
 
     // Re-sending the same keys needs no password; replacing them does.
-    alice.post("/keys/device_signing/upload", json!({"master_key": cross_key(&alice.user_id, "master", &master)})).await.ok();
+    alice
+        .post("/keys/device_signing/upload", json!({"master_key": cross_key(&alice.user_id, "master", &master)}))
+        .await
+        .ok();
     let other = signing_key();
-    let r = alice.post("/keys/device_signing/upload", json!({"master_key": cross_key(&alice.user_id, "master", &other)})).await;
+    let r = alice
+        .post("/keys/device_signing/upload", json!({"master_key": cross_key(&alice.user_id, "master", &other)}))
+        .await;
     assert_eq!(r.status, 401, "{}", r.text);
     assert!(r.body["flows"].is_array());
     // A self-signing key not signed by the master key is refused.
@@ -508,7 +586,10 @@ async fn cross_signing_keys_and_signatures() {
 
     // Signatures: alice signs her device with her self-signing key, her master key with her device, and bob's
     // master key with her user-signing key.
-    let q = alice.post("/keys/query", json!({"device_keys": {alice.user_id.clone(): [], bob.user_id.clone(): []}})).await.ok();
+    let q = alice
+        .post("/keys/query", json!({"device_keys": {alice.user_id.clone(): [], bob.user_id.clone(): []}}))
+        .await
+        .ok();
     let mut my_device = q["device_keys"][&alice.user_id][&alice.device_id].clone();
     my_device.as_object_mut().unwrap().remove("unsigned");
     sign(&mut my_device, &alice.user_id, &format!("ed25519:{}", ssk.public), &ssk.pair);
@@ -519,19 +600,28 @@ async fn cross_signing_keys_and_signatures() {
     let mut forged = q["master_keys"][&bob.user_id].clone();
     sign(&mut forged, &alice.user_id, &format!("ed25519:{}", usk.public), &other.pair);
     let r = alice
-        .post("/keys/signatures/upload", json!({
-            alice.user_id.clone(): {alice.device_id.clone(): my_device, master.public.clone(): my_master},
-            bob.user_id.clone(): {bob_master.public.clone(): bobs_master},
-        }))
+        .post(
+            "/keys/signatures/upload",
+            json!({
+                alice.user_id.clone(): {alice.device_id.clone(): my_device, master.public.clone(): my_master},
+                bob.user_id.clone(): {bob_master.public.clone(): bobs_master},
+            }),
+        )
         .await
         .ok();
     assert_eq!(r["failures"], json!({}));
-    let r = carol.post("/keys/signatures/upload", json!({bob.user_id.clone(): {bob_master.public.clone(): forged}})).await.ok();
+    let r = carol
+        .post("/keys/signatures/upload", json!({bob.user_id.clone(): {bob_master.public.clone(): forged}}))
+        .await
+        .ok();
     assert_eq!(r["failures"][&bob.user_id][&bob_master.public]["errcode"], "M_INVALID_SIGNATURE");
 
     let q = bob.post("/keys/query", json!({"device_keys": {alice.user_id.clone(): []}})).await.ok();
-    assert!(q["device_keys"][&alice.user_id][&alice.device_id]["signatures"][&alice.user_id][format!("ed25519:{}", ssk.public)].is_string());
-    assert!(q["master_keys"][&alice.user_id]["signatures"][&alice.user_id][format!("ed25519:{}", alice.device_id)].is_string());
+    assert!(q["device_keys"][&alice.user_id][&alice.device_id]["signatures"][&alice.user_id]
+        [format!("ed25519:{}", ssk.public)]
+    .is_string());
+    assert!(q["master_keys"][&alice.user_id]["signatures"][&alice.user_id][format!("ed25519:{}", alice.device_id)]
+        .is_string());
     // Alice's signature of bob's master key is hers to see (and bob's), not carol's.
     let usk_sig = format!("ed25519:{}", usk.public);
     let q = alice.post("/keys/query", json!({"device_keys": {bob.user_id.clone(): []}})).await.ok();
@@ -542,7 +632,9 @@ async fn cross_signing_keys_and_signatures() {
     // Re-uploading the device keys keeps the cross-signing signature.
     alice.post("/keys/upload", json!({"device_keys": dk})).await.ok();
     let q = bob.post("/keys/query", json!({"device_keys": {alice.user_id.clone(): []}})).await.ok();
-    assert!(q["device_keys"][&alice.user_id][&alice.device_id]["signatures"][&alice.user_id][format!("ed25519:{}", ssk.public)].is_string());
+    assert!(q["device_keys"][&alice.user_id][&alice.device_id]["signatures"][&alice.user_id]
+        [format!("ed25519:{}", ssk.public)]
+    .is_string());
     s.stop().await;
 }
 
@@ -599,7 +691,13 @@ async fn to_device_arrives_exactly_once() {
     // Many pending messages all arrive, none is lost when the next sync acknowledges the batch.
     let next2 = s2["next_batch"].as_str().unwrap().to_owned();
     for i in 0..150 {
-        alice.put(&format!("/sendToDevice/m.test/many{i}"), json!({"messages": {bob2.user_id.clone(): {bob2.device_id.clone(): {"i": i}}}})).await.ok();
+        alice
+            .put(
+                &format!("/sendToDevice/m.test/many{i}"),
+                json!({"messages": {bob2.user_id.clone(): {bob2.device_id.clone(): {"i": i}}}}),
+            )
+            .await
+            .ok();
     }
     let s2 = sync_from(&bob2, &next2).await;
     let got: Vec<i64> = to_device_events(&s2).iter().map(|e| e["content"]["i"].as_i64().unwrap()).collect();
@@ -607,7 +705,10 @@ async fn to_device_arrives_exactly_once() {
     let s2 = sync_from(&bob2, s2["next_batch"].as_str().unwrap()).await;
     assert!(to_device_events(&s2).is_empty());
 
-    alice.put("/sendToDevice/m.test/txn3", json!({"messages": {bob1.user_id.clone(): {"*": "not an object"}}})).await.assert_err(400, "M_BAD_JSON");
+    alice
+        .put("/sendToDevice/m.test/txn3", json!({"messages": {bob1.user_id.clone(): {"*": "not an object"}}}))
+        .await
+        .assert_err(400, "M_BAD_JSON");
     alice.put("/sendToDevice/m.test/txn4", json!({})).await.assert_err(400, "M_BAD_JSON");
     s.stop().await;
 }
@@ -628,7 +729,13 @@ async fn remote_users_go_through_federation() {
     let q = alice.post("/keys/query", json!({"device_keys": {"@zed:remote.invalid": []}, "timeout": 2000})).await.ok();
     assert!(q["failures"]["remote.invalid"].is_object(), "{q}");
     assert_eq!(q["device_keys"].get("@zed:remote.invalid"), None);
-    let c = alice.post("/keys/claim", json!({"one_time_keys": {"@zed:remote.invalid": {"D": "signed_curve25519"}}, "timeout": 2000})).await.ok();
+    let c = alice
+        .post(
+            "/keys/claim",
+            json!({"one_time_keys": {"@zed:remote.invalid": {"D": "signed_curve25519"}}, "timeout": 2000}),
+        )
+        .await
+        .ok();
     assert!(c["failures"]["remote.invalid"].is_object(), "{c}");
 
     // A to-device message for a remote user is queued once as an `m.direct_to_device` EDU for its server.

@@ -22,19 +22,27 @@ async fn key_backup_versions_and_keys() {
 
     alice.get("/room_keys/version").await.assert_err(404, "M_NOT_FOUND");
     let algo = "m.megolm_backup.v1.curve25519-aes-sha2";
-    let v1 = alice.post("/room_keys/version", json!({"algorithm": algo, "auth_data": {"public_key": "pk1"}})).await.ok()["version"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let v1 =
+        alice.post("/room_keys/version", json!({"algorithm": algo, "auth_data": {"public_key": "pk1"}})).await.ok()
+            ["version"]
+            .as_str()
+            .unwrap()
+            .to_owned();
     let info = alice.get("/room_keys/version").await.ok();
-    assert_eq!((info["version"].as_str(), info["algorithm"].as_str(), info["count"].as_i64()), (Some(v1.as_str()), Some(algo), Some(0)));
+    assert_eq!(
+        (info["version"].as_str(), info["algorithm"].as_str(), info["count"].as_i64()),
+        (Some(v1.as_str()), Some(algo), Some(0))
+    );
     assert_eq!(info["auth_data"]["public_key"], "pk1");
     // Another user's backup is separate.
     bob.get("/room_keys/version").await.assert_err(404, "M_NOT_FOUND");
 
     // Keys: all rooms, one room, one session.
     let put = alice
-        .put(&format!("/room_keys/keys?version={v1}"), json!({"rooms": {room: {"sessions": {"s1": key(5, 0, false, "a"), "s2": key(0, 0, false, "b")}}}}))
+        .put(
+            &format!("/room_keys/keys?version={v1}"),
+            json!({"rooms": {room: {"sessions": {"s1": key(5, 0, false, "a"), "s2": key(0, 0, false, "b")}}}}),
+        )
         .await
         .ok();
     assert_eq!(put["count"], 2);
@@ -42,10 +50,17 @@ async fn key_backup_versions_and_keys() {
     alice.put(&format!("/room_keys/keys/{r}/s3?version={v1}"), key(0, 0, true, "c")).await.ok();
     let all = alice.get(&format!("/room_keys/keys?version={v1}")).await.ok();
     assert_eq!(all["rooms"][room]["sessions"].as_object().unwrap().len(), 3);
-    assert_eq!(alice.get(&format!("/room_keys/keys/{r}?version={v1}")).await.ok()["sessions"]["s2"]["session_data"]["ephemeral"], "b");
+    assert_eq!(
+        alice.get(&format!("/room_keys/keys/{r}?version={v1}")).await.ok()["sessions"]["s2"]["session_data"]
+            ["ephemeral"],
+        "b"
+    );
     assert_eq!(alice.get(&format!("/room_keys/keys/{r}/s3?version={v1}")).await.ok()["is_verified"], true);
     alice.get(&format!("/room_keys/keys/{r}/nosuch?version={v1}")).await.assert_err(404, "M_NOT_FOUND");
-    assert_eq!(alice.get(&format!("/room_keys/keys/{}?version={v1}", enc("!other:localhost"))).await.ok(), json!({"sessions": {}}));
+    assert_eq!(
+        alice.get(&format!("/room_keys/keys/{}?version={v1}", enc("!other:localhost"))).await.ok(),
+        json!({"sessions": {}})
+    );
 
     // A worse key does not replace a better one; a better one does (and changes the etag).
     let same = alice.put(&format!("/room_keys/keys/{r}/s1?version={v1}"), key(9, 0, false, "worse")).await.ok();
@@ -53,28 +68,51 @@ async fn key_backup_versions_and_keys() {
     assert_eq!(alice.get(&format!("/room_keys/keys/{r}/s1?version={v1}")).await.ok()["session_data"]["ephemeral"], "a");
     let better = alice.put(&format!("/room_keys/keys/{r}/s1?version={v1}"), key(1, 0, false, "better")).await.ok();
     assert_ne!(better["etag"].as_str().unwrap(), etag1);
-    assert_eq!(alice.get(&format!("/room_keys/keys/{r}/s1?version={v1}")).await.ok()["session_data"]["ephemeral"], "better");
+    assert_eq!(
+        alice.get(&format!("/room_keys/keys/{r}/s1?version={v1}")).await.ok()["session_data"]["ephemeral"],
+        "better"
+    );
     alice.put(&format!("/room_keys/keys/{r}/s3?version={v1}"), key(0, 0, false, "unverified")).await.ok();
     assert_eq!(alice.get(&format!("/room_keys/keys/{r}/s3?version={v1}")).await.ok()["session_data"]["ephemeral"], "c");
 
     // Update auth_data (the algorithm cannot change); a new version makes the old one read-only.
-    alice.put(&format!("/room_keys/version/{v1}"), json!({"algorithm": algo, "auth_data": {"public_key": "pk1b"}})).await.ok();
+    alice
+        .put(&format!("/room_keys/version/{v1}"), json!({"algorithm": algo, "auth_data": {"public_key": "pk1b"}}))
+        .await
+        .ok();
     assert_eq!(alice.get(&format!("/room_keys/version/{v1}")).await.ok()["auth_data"]["public_key"], "pk1b");
-    alice.put(&format!("/room_keys/version/{v1}"), json!({"algorithm": "other", "auth_data": {}})).await.assert_err(400, "M_INVALID_PARAM");
-    let v2 = alice.post("/room_keys/version", json!({"algorithm": algo, "auth_data": {"public_key": "pk2"}})).await.ok()["version"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    alice
+        .put(&format!("/room_keys/version/{v1}"), json!({"algorithm": "other", "auth_data": {}}))
+        .await
+        .assert_err(400, "M_INVALID_PARAM");
+    let v2 =
+        alice.post("/room_keys/version", json!({"algorithm": algo, "auth_data": {"public_key": "pk2"}})).await.ok()
+            ["version"]
+            .as_str()
+            .unwrap()
+            .to_owned();
     assert_ne!(v1, v2);
     assert_eq!(alice.get("/room_keys/version").await.ok()["version"], json!(v2));
     let wrong = alice.put(&format!("/room_keys/keys/{r}/s9?version={v1}"), key(0, 0, false, "x")).await;
     wrong.assert_err(403, "M_WRONG_ROOM_KEYS_VERSION");
     assert_eq!(wrong.body["current_version"], json!(v2));
-    alice.put(&format!("/room_keys/keys/{r}/s9?version=999"), key(0, 0, false, "x")).await.assert_err(404, "M_NOT_FOUND");
+    alice
+        .put(&format!("/room_keys/keys/{r}/s9?version=999"), key(0, 0, false, "x"))
+        .await
+        .assert_err(404, "M_NOT_FOUND");
     alice.put(&format!("/room_keys/keys/{r}/s9"), key(0, 0, false, "x")).await.assert_err(400, "M_MISSING_PARAM");
-    alice.put(&format!("/room_keys/keys/{r}/s9?version={v2}"), json!({"bad": true})).await.assert_err(400, "M_BAD_JSON");
+    alice
+        .put(&format!("/room_keys/keys/{r}/s9?version={v2}"), json!({"bad": true}))
+        .await
+        .assert_err(400, "M_BAD_JSON");
     // Old keys stay readable.
-    assert_eq!(alice.get(&format!("/room_keys/keys?version={v1}")).await.ok()["rooms"][room]["sessions"].as_object().unwrap().len(), 3);
+    assert_eq!(
+        alice.get(&format!("/room_keys/keys?version={v1}")).await.ok()["rooms"][room]["sessions"]
+            .as_object()
+            .unwrap()
+            .len(),
+        3
+    );
 
     // Deleting keys, then a version (its keys go with it).
     let del = alice.delete(&format!("/room_keys/keys/{r}/s2?version={v1}"), json!({})).await.ok();
@@ -153,11 +191,14 @@ async fn e2ee_keys_to_device_and_device_lists_over_federation() {
 
     // Alice's device keys, a one-time key, a fallback key and cross-signing keys.
     alice
-        .post("/keys/upload", json!({
-            "device_keys": device_keys(&alice),
-            "one_time_keys": {"signed_curve25519:AAAA": {"key": "otk1", "signatures": {}}},
-            "fallback_keys": {"signed_curve25519:FFFF": {"key": "fallback1", "fallback": true, "signatures": {}}},
-        }))
+        .post(
+            "/keys/upload",
+            json!({
+                "device_keys": device_keys(&alice),
+                "one_time_keys": {"signed_curve25519:AAAA": {"key": "otk1", "signatures": {}}},
+                "fallback_keys": {"signed_curve25519:FFFF": {"key": "fallback1", "fallback": true, "signatures": {}}},
+            }),
+        )
         .await
         .ok();
     let ((master, mpub), (_, spub), (_, upub)) = (ed25519(), ed25519(), ed25519());
@@ -167,7 +208,10 @@ async fn e2ee_keys_to_device_and_device_lists_over_federation() {
     sign(&mut ssk, &alice.user_id, &master_id, &master);
     sign(&mut usk, &alice.user_id, &master_id, &master);
     alice
-        .post("/keys/device_signing/upload", json!({"master_key": cross("master", &mpub), "self_signing_key": ssk, "user_signing_key": usk}))
+        .post(
+            "/keys/device_signing/upload",
+            json!({"master_key": cross("master", &mpub), "self_signing_key": ssk, "user_signing_key": usk}),
+        )
         .await
         .ok();
 
@@ -187,18 +231,26 @@ async fn e2ee_keys_to_device_and_device_lists_over_federation() {
     let c1 = bob.post("/keys/claim", claim.clone()).await.ok();
     assert_eq!(c1["one_time_keys"][&alice.user_id][&alice.device_id]["signed_curve25519:AAAA"]["key"], "otk1", "{c1}");
     let c2 = bob.post("/keys/claim", claim).await.ok();
-    assert_eq!(c2["one_time_keys"][&alice.user_id][&alice.device_id]["signed_curve25519:FFFF"]["key"], "fallback1", "{c2}");
+    assert_eq!(
+        c2["one_time_keys"][&alice.user_id][&alice.device_id]["signed_curve25519:FFFF"]["key"], "fallback1",
+        "{c2}"
+    );
 
     // /user/devices carries the cross-signing keys too.
     let fed_b = b.running.services.federation.as_ref().unwrap();
-    let devices = fed_b.client.get("hearth-a.test", &format!("/_matrix/federation/v1/user/devices/{}", enc(&alice.user_id))).await.unwrap();
+    let devices = fed_b
+        .client
+        .get("hearth-a.test", &format!("/_matrix/federation/v1/user/devices/{}", enc(&alice.user_id)))
+        .await
+        .unwrap();
     assert_eq!(devices["master_key"]["keys"][&master_id], json!(mpub), "{devices}");
     assert!(devices["self_signing_key"].is_object(), "{devices}");
 
     // To-device messages both ways over federation.
     let a_since = alice.sync(None, &[]).await.ok()["next_batch"].as_str().unwrap().to_owned();
     let b_since = bob.sync(None, &[]).await.ok()["next_batch"].as_str().unwrap().to_owned();
-    let msg = |to: &Client, body: &str| json!({"messages": {to.user_id.clone(): {to.device_id.clone(): {"body": body}}}});
+    let msg =
+        |to: &Client, body: &str| json!({"messages": {to.user_id.clone(): {to.device_id.clone(): {"body": body}}}});
     bob.put(&format!("/sendToDevice/m.test/{}", bob.next_txn()), msg(&alice, "to alice")).await.ok();
     alice.put(&format!("/sendToDevice/m.test/{}", alice.next_txn()), msg(&bob, "to bob")).await.ok();
     let got = within_secs(20, || async {
@@ -266,7 +318,10 @@ async fn room_tags_round_trip_and_sync() {
     assert_eq!(alice.get(&base).await.ok(), json!({"tags": {"m.favourite": {"order": 0.25}, "u.work": {}}}));
     // Tags reach the user's clients as the room's m.tag account data.
     let sync = alice.sync(Some(&since), &[]).await.ok();
-    let tag_event = events_of(&sync["rooms"]["join"][&room]["account_data"]).into_iter().find(|e| e["type"] == "m.tag").expect("m.tag in sync");
+    let tag_event = events_of(&sync["rooms"]["join"][&room]["account_data"])
+        .into_iter()
+        .find(|e| e["type"] == "m.tag")
+        .expect("m.tag in sync");
     assert_eq!(tag_event["content"]["tags"]["m.favourite"]["order"], 0.25);
     alice.delete(&format!("{base}/u.work"), json!({})).await.ok();
     assert_eq!(alice.get(&base).await.ok(), json!({"tags": {"m.favourite": {"order": 0.25}}}));
@@ -289,7 +344,10 @@ async fn unread_notification_counts_follow_push_rules_and_receipts() {
     let alice = s.user("alice").await;
     let bob = s.user("bob").await;
     let carol = s.user("carol").await;
-    alice.put(&format!("/profile/{}/displayname", enc(&alice.user_id)), json!({"displayname": "Alice Wonder"})).await.ok();
+    alice
+        .put(&format!("/profile/{}/displayname", enc(&alice.user_id)), json!({"displayname": "Alice Wonder"}))
+        .await
+        .ok();
     let room = alice.create_room(json!({"preset": "public_chat"})).await;
     bob.join(&room).await.ok();
     carol.join(&room).await.ok();
@@ -301,10 +359,18 @@ async fn unread_notification_counts_follow_push_rules_and_receipts() {
     assert_eq!(counts(&alice.sync(None, &[]).await.ok(), &room), (3, 0));
     bob.send_text(&room, "hello Alice Wonder").await; // display name: highlight
     bob.send_text(&room, "ping alice").await; // user name: highlight
-    bob.send(&room, "m.room.message", json!({"msgtype": "m.text", "body": "x", "m.mentions": {"user_ids": [alice.user_id]}})).await.ok();
+    bob.send(
+        &room,
+        "m.room.message",
+        json!({"msgtype": "m.text", "body": "x", "m.mentions": {"user_ids": [alice.user_id]}}),
+    )
+    .await
+    .ok();
     bob.send(&room, "m.room.message", json!({"msgtype": "m.notice", "body": "a bot says"})).await.ok(); // suppressed
     bob.send_text(&room, "@room everyone").await; // bob has no notification power: a plain notification
-    bob.send(&room, "m.reaction", json!({"m.relates_to": {"rel_type": "m.annotation", "event_id": "$x", "key": "+1"}})).await.ok();
+    bob.send(&room, "m.reaction", json!({"m.relates_to": {"rel_type": "m.annotation", "event_id": "$x", "key": "+1"}}))
+        .await
+        .ok();
     assert_eq!(counts(&alice.sync(None, &[]).await.ok(), &room), (7, 3));
 
     // A read receipt on the latest event clears them; later events count again.
@@ -341,7 +407,13 @@ async fn ignored_users_are_filtered_from_sync_messages_and_context() {
     let room = carol.create_room(json!({"preset": "public_chat"})).await;
     alice.join(&room).await.ok();
     bob.join(&room).await.ok();
-    alice.put(&format!("/user/{}/account_data/m.ignored_user_list", enc(&alice.user_id)), json!({"ignored_users": {bob.user_id.clone(): {}}})).await.ok();
+    alice
+        .put(
+            &format!("/user/{}/account_data/m.ignored_user_list", enc(&alice.user_id)),
+            json!({"ignored_users": {bob.user_id.clone(): {}}}),
+        )
+        .await
+        .ok();
     let since = alice.sync(None, &[]).await.ok()["next_batch"].as_str().unwrap().to_owned();
     bob.send_text(&room, "from the ignored bob").await;
     carol.send_text(&room, "from carol").await;
@@ -356,7 +428,8 @@ async fn ignored_users_are_filtered_from_sync_messages_and_context() {
     let msgs = alice.messages(&room, &[("dir", "b"), ("limit", "10")]).await.ok();
     let senders: Vec<&str> = msgs["chunk"].as_array().unwrap().iter().filter_map(|e| e["sender"].as_str()).collect();
     assert!(!senders.contains(&bob.user_id.as_str()) && senders.contains(&carol.user_id.as_str()), "{senders:?}");
-    let last = events_of(&sync["rooms"]["join"][&room]["timeline"]).last().unwrap()["event_id"].as_str().unwrap().to_owned();
+    let last =
+        events_of(&sync["rooms"]["join"][&room]["timeline"]).last().unwrap()["event_id"].as_str().unwrap().to_owned();
     let ctx = alice.get(&format!("/rooms/{}/context/{}?limit=10", enc(&room), enc(&last))).await.ok();
     assert!(ctx["events_before"].as_array().unwrap().iter().all(|e| e["sender"] != json!(bob.user_id)), "{ctx}");
     // Bob (unaware) still sees everything; an invite from him does not reach alice, one from carol does.
@@ -367,7 +440,10 @@ async fn ignored_users_are_filtered_from_sync_messages_and_context() {
     assert!(sync["rooms"]["invite"].get(&from_bob).is_none(), "{}", sync["rooms"]["invite"]);
     assert!(sync["rooms"]["invite"].get(&from_carol).is_some(), "{}", sync["rooms"]["invite"]);
     // Un-ignoring shows new messages again.
-    alice.put(&format!("/user/{}/account_data/m.ignored_user_list", enc(&alice.user_id)), json!({"ignored_users": {}})).await.ok();
+    alice
+        .put(&format!("/user/{}/account_data/m.ignored_user_list", enc(&alice.user_id)), json!({"ignored_users": {}}))
+        .await
+        .ok();
     let since = sync["next_batch"].as_str().unwrap().to_owned();
     bob.send_text(&room, "bob again").await;
     let sync = alice.sync(Some(&since), &[]).await.ok();
@@ -386,7 +462,10 @@ async fn presence_is_off() {
     assert_eq!(bob.get(&format!("/presence/{me}/status")).await.ok(), json!({"presence": "offline"}));
     assert_eq!(alice.sync(None, &[("set_presence", "online")]).await.ok()["presence"]["events"], json!([]));
     bob.put(&format!("/presence/{me}/status"), json!({"presence": "online"})).await.assert_err(403, "M_FORBIDDEN");
-    alice.put(&format!("/presence/{me}/status"), json!({"presence": "dancing"})).await.assert_err(400, "M_INVALID_PARAM");
+    alice
+        .put(&format!("/presence/{me}/status"), json!({"presence": "dancing"}))
+        .await
+        .assert_err(400, "M_INVALID_PARAM");
     alice.get("/presence/not-a-user/status").await.assert_err(400, "M_INVALID_PARAM");
     s.client().get(&format!("/presence/{me}/status")).await.assert_err(401, "M_MISSING_TOKEN");
     s.stop().await;
@@ -430,17 +509,23 @@ async fn start_up_probes_get_clean_answers_with_cors() {
 
     // Unstable and unsupported endpoints: 404 M_UNRECOGNIZED (clients fall back), never 500, always with CORS.
     for path in [
-        "/_matrix/client/v1/auth_metadata",                                     // OIDC (MSC2965): password login instead
+        "/_matrix/client/v1/auth_metadata", // OIDC (MSC2965): password login instead
         "/_matrix/client/unstable/org.matrix.msc2965/auth_issuer",
-        "/_matrix/client/unstable/org.matrix.msc2697.v2/dehydrated_device",    // Hydrogen
-        "/_matrix/client/unstable/org.matrix.msc3814.v1/dehydrated_device",    // Element
+        "/_matrix/client/unstable/org.matrix.msc2697.v2/dehydrated_device", // Hydrogen
+        "/_matrix/client/unstable/org.matrix.msc3814.v1/dehydrated_device", // Element
         "/_matrix/client/v1/media/preview_url?url=https%3A%2F%2Fexample.org",
         "/_matrix/client/v3/notifications",
     ] {
         let (st, code, body, cors) = probe(&alice, get.clone(), path, None).await;
         assert_eq!((st, code.as_str(), cors), (404, "M_UNRECOGNIZED", true), "{path}: {body}");
     }
-    let (st, code, _, cors) = probe(&alice, reqwest::Method::POST, "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync", Some(json!({}))).await;
+    let (st, code, _, cors) = probe(
+        &alice,
+        reqwest::Method::POST,
+        "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync",
+        Some(json!({})),
+    )
+    .await;
     assert_eq!((st, code.as_str(), cors), (404, "M_UNRECOGNIZED", true), "sliding sync is not offered");
 
     // Routine calls with honest empty answers.
@@ -453,21 +538,44 @@ async fn start_up_probes_get_clean_answers_with_cors() {
         let (st, _, body, cors) = probe(&alice, get.clone(), &format!("/_matrix/client/v3{path}"), None).await;
         assert_eq!((st, body, cors), (200, expected, true), "{path}");
     }
-    for path in ["/_matrix/client/v3/login", "/_matrix/client/v3/capabilities", "/_matrix/client/v3/pushrules/", "/_matrix/client/v1/media/config"] {
+    for path in [
+        "/_matrix/client/v3/login",
+        "/_matrix/client/v3/capabilities",
+        "/_matrix/client/v3/pushrules/",
+        "/_matrix/client/v1/media/config",
+    ] {
         let (st, _, body, cors) = probe(&alice, get.clone(), path, None).await;
         assert!(st == 200 && cors, "{path}: {st} {body}");
     }
 
     // The user directory finds people sharing a room (by display name or id), not strangers.
     let carol = s.user("carol").await;
-    let (st, _, found, _) = probe(&alice, reqwest::Method::POST, "/_matrix/client/v3/user_directory/search", Some(json!({"search_term": "bobby"}))).await;
+    let (st, _, found, _) = probe(
+        &alice,
+        reqwest::Method::POST,
+        "/_matrix/client/v3/user_directory/search",
+        Some(json!({"search_term": "bobby"})),
+    )
+    .await;
     assert_eq!(st, 200);
     assert_eq!(found["results"], json!([{"user_id": bob.user_id, "display_name": "Bobby Tables"}]), "{found}");
-    let (_, _, found, _) = probe(&alice, reqwest::Method::POST, "/_matrix/client/v3/user_directory/search", Some(json!({"search_term": "carol"}))).await;
+    let (_, _, found, _) = probe(
+        &alice,
+        reqwest::Method::POST,
+        "/_matrix/client/v3/user_directory/search",
+        Some(json!({"search_term": "carol"})),
+    )
+    .await;
     assert_eq!(found["results"], json!([]), "carol shares no room with alice: {found}");
     let public = carol.create_room(json!({"preset": "public_chat", "visibility": "public"})).await;
     assert!(!public.is_empty());
-    let (_, _, found, _) = probe(&alice, reqwest::Method::POST, "/_matrix/client/v3/user_directory/search", Some(json!({"search_term": "carol"}))).await;
+    let (_, _, found, _) = probe(
+        &alice,
+        reqwest::Method::POST,
+        "/_matrix/client/v3/user_directory/search",
+        Some(json!({"search_term": "carol"})),
+    )
+    .await;
     assert_eq!(found["results"][0]["user_id"], json!(carol.user_id), "carol is in a public room: {found}");
 
     // A preflight for an authenticated /sync from a web client.

@@ -94,7 +94,9 @@ async fn acknowledged_events_survive_sigkill() {
     let pl = json!({"state_default": 0});
     let rooms = vec![
         clients[0].create_room(json!({"preset": "public_chat", "power_level_content_override": pl})).await,
-        clients[0].create_room(json!({"preset": "public_chat", "room_version": "10", "power_level_content_override": pl})).await,
+        clients[0]
+            .create_room(json!({"preset": "public_chat", "room_version": "10", "power_level_content_override": pl}))
+            .await,
     ];
     for c in &clients[1..] {
         for r in &rooms {
@@ -123,7 +125,11 @@ async fn acknowledged_events_survive_sigkill() {
             t.await.expect("sender task");
         }
         let now = acked.lock().unwrap().len();
-        assert!(now >= before + PER_ROUND, "round {round}: only {} events were acknowledged before the kill", now - before);
+        assert!(
+            now >= before + PER_ROUND,
+            "round {round}: only {} events were acknowledged before the kill",
+            now - before
+        );
         println!("round {round}: killed with {} events acknowledged in this round", now - before);
 
         // The killed server's files pass the integrity check (the WAL is recovered on open).

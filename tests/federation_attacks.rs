@@ -33,7 +33,8 @@ async fn joined(fakes: &[&FakeResident]) -> (TestServer, Client) {
 }
 
 fn db(h: &TestServer) -> rusqlite::Connection {
-    rusqlite::Connection::open_with_flags(&h.db_path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).expect("open database")
+    rusqlite::Connection::open_with_flags(&h.db_path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .expect("open database")
 }
 
 fn is_stored(h: &TestServer, event_id: &str) -> bool {
@@ -42,7 +43,9 @@ fn is_stored(h: &TestServer, event_id: &str) -> bool {
 
 fn events_in_room(h: &TestServer, room_id: &str) -> i64 {
     db(h)
-        .query_row("SELECT count(*) FROM events e JOIN rooms r USING (room_nid) WHERE r.room_id = ?1", [room_id], |r| r.get(0))
+        .query_row("SELECT count(*) FROM events e JOIN rooms r USING (room_nid) WHERE r.room_id = ?1", [room_id], |r| {
+            r.get(0)
+        })
         .unwrap()
 }
 
@@ -62,7 +65,12 @@ async fn still_serving(alice: &Client) -> Duration {
 /// verified (the fakes' are self-signed), and `dns` standing in for public DNS.
 fn discovery_client(allow_private: bool, dns: &[(&str, SocketAddr)]) -> FedClient {
     init_crypto();
-    let cfg = hearth::config::Federation { verify_certificates: false, allow_private_ips: allow_private, trusted_key_servers: vec![], ..Default::default() };
+    let cfg = hearth::config::Federation {
+        verify_certificates: false,
+        allow_private_ips: allow_private,
+        trusted_key_servers: vec![],
+        ..Default::default()
+    };
     FedClient::with_static_dns(new_identity("prober.example"), cfg, dns).expect("federation client")
 }
 
@@ -117,16 +125,25 @@ async fn prev_events_pointing_to_thousands_of_unknown_events_are_refused_without
     let (hearth, alice) = joined(&[&fake]).await;
     let auth: Vec<String> = {
         let r = fake.room.lock().unwrap();
-        ["m.room.create", "m.room.power_levels"].iter().filter_map(|t| r.state_id(t, "")).chain(r.state_id("m.room.member", &r.creator)).collect()
+        ["m.room.create", "m.room.power_levels"]
+            .iter()
+            .filter_map(|t| r.state_id(t, ""))
+            .chain(r.state_id("m.room.member", &r.creator))
+            .collect()
     };
     let unknown = |n: usize| -> Vec<String> { (0..n).map(|i| format!("$unknownprev{i:0>32}")).collect() };
 
     // 1000 unknown prev events (fits in 65536 bytes) and 10 000 (does not: signed without the size check).
-    let thousand = fake.build(EventSpec::message(&fake.creator(), "a thousand parents").with_prev(unknown(1000)).with_auth(auth.clone()));
+    let thousand = fake.build(
+        EventSpec::message(&fake.creator(), "a thousand parents").with_prev(unknown(1000)).with_auth(auth.clone()),
+    );
     let rules = hearth::room::version::rules(&fake.room_version()).unwrap();
     let mut obj: CanonicalJsonObject = serde_json::from_value(thousand.json.clone()).unwrap();
     obj.insert("prev_events".into(), serde_json::from_value(json!(unknown(10_000))).unwrap());
-    obj.insert("content".into(), serde_json::from_value(json!({"msgtype": "m.text", "body": "ten thousand parents"})).unwrap());
+    obj.insert(
+        "content".into(),
+        serde_json::from_value(json!({"msgtype": "m.text", "body": "ten thousand parents"})).unwrap(),
+    );
     sign_unchecked(&fake.identity, &rules, &mut obj);
     let ten_thousand_id = event_id_unchecked(&rules, &obj);
     let ten_thousand = serde_json::to_value(&obj).unwrap();
@@ -137,7 +154,12 @@ async fn prev_events_pointing_to_thousands_of_unknown_events_are_refused_without
     assert!(answer["pdus"][&thousand.id]["error"].as_str().is_some_and(|e| e.contains("prev_events")), "{answer}");
     assert_ne!(answer["pdus"].get(&ten_thousand_id), Some(&json!({})), "{answer}");
     assert!(!is_stored(&hearth, &thousand.id) && !is_stored(&hearth, &ten_thousand_id));
-    assert_eq!(fake.count("get_missing_events") + fake.count("event") + fake.count("state_ids"), 0, "nothing was fetched: {:?}", fake.requests());
+    assert_eq!(
+        fake.count("get_missing_events") + fake.count("event") + fake.count("state_ids"),
+        0,
+        "nothing was fetched: {:?}",
+        fake.requests()
+    );
     still_serving(&alice).await;
     hearth.stop().await;
 }
@@ -212,7 +234,8 @@ async fn get_missing_events_answer_with_more_events_than_asked_for_is_truncated(
 
     // A gap of 300 events; the remote answers all of them whatever limit was asked for.
     fake.set_missing_events_limit(Some(300));
-    let gap: Vec<FakeEvent> = (0..300).map(|i| fake.append(EventSpec::message(&fake.creator(), &format!("gap {i}")))).collect();
+    let gap: Vec<FakeEvent> =
+        (0..300).map(|i| fake.append(EventSpec::message(&fake.creator(), &format!("gap {i}")))).collect();
     let tip = fake.append(EventSpec::message(&fake.creator(), "tip"));
     let answer = fake.push(&[&tip.id]).await;
     assert_eq!(answer[&tip.id], json!({}), "{answer}");
@@ -230,7 +253,8 @@ async fn get_missing_events_answer_with_more_events_than_asked_for_is_truncated(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_server_answering_a_gigabyte_is_cut_and_its_requests_refused() {
     let fake = FakeResident::start(RoomSpec::default()).await;
-    let hostile = FakeResident::start_named(RoomSpec { members: 0, messages: 0, ..RoomSpec::default() }, "hostile.example").await;
+    let hostile =
+        FakeResident::start_named(RoomSpec { members: 0, messages: 0, ..RoomSpec::default() }, "hostile.example").await;
     // Hearth fetches the key of a server that signs a request to it: the key answer never ends.
     hostile.script("key", Script::Endless);
     let hearth = start_hearth_with_fakes(&[&fake, &hostile], |c| c.federation.lazy_joins = false).await;
@@ -265,11 +289,16 @@ async fn huge_state_answer_is_cut_at_the_file_cap_and_the_resync_falls_back_to_e
 
     // The lazy join's resync asks /state first (most of the state is missing), is cut off, and fetches the
     // missing events one by one instead.
-    let members = within(LONG, alice.get(&format!("/rooms/{}/joined_members", enc(&room)))).await.expect("resync finished").ok();
+    let members =
+        within(LONG, alice.get(&format!("/rooms/{}/joined_members", enc(&room)))).await.expect("resync finished").ok();
     let mut expected = fake.joined_members();
     expected.sort();
     assert_eq!(joined_ids(&members), expected);
-    assert!(fake.count("state") >= 1 && fake.count("event") > 0, "{:?}", fake.requests().iter().map(|r| &r.kind).collect::<Vec<_>>());
+    assert!(
+        fake.count("state") >= 1 && fake.count("event") > 0,
+        "{:?}",
+        fake.requests().iter().map(|r| &r.kind).collect::<Vec<_>>()
+    );
     let sent = fake.streamed();
     assert!(sent < cap + 16 * MIB, "Hearth read {} MiB of /state", sent / MIB);
     let leftovers: Vec<_> = std::fs::read_dir(std::env::temp_dir())
@@ -300,10 +329,20 @@ impl rustls::client::danger::ServerCertVerifier for AnyCert {
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
         Ok(rustls::client::danger::ServerCertVerified::assertion())
     }
-    fn verify_tls12_signature(&self, _: &[u8], _: &rustls::pki_types::CertificateDer<'_>, _: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
         Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
     }
-    fn verify_tls13_signature(&self, _: &[u8], _: &rustls::pki_types::CertificateDer<'_>, _: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
         Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
@@ -386,7 +425,11 @@ async fn slow_loris_connections_do_not_block_others_and_are_closed() {
     let closed_headers = futures::future::join_all(headers.into_iter().map(|s| until_closed(s, limit))).await;
     let closed_bodies = futures::future::join_all(bodies.into_iter().map(|s| until_closed(s, limit))).await;
     // (Slack for a loaded machine: the timeouts are 10 s and 15 s.)
-    for (what, closed, max) in [("no TLS", &closed_silent, 10 + 10), ("partial headers", &closed_headers, 15 + 10), ("partial body", &closed_bodies, 15 + 10)] {
+    for (what, closed, max) in [
+        ("no TLS", &closed_silent, 10 + 10),
+        ("partial headers", &closed_headers, 15 + 10),
+        ("partial body", &closed_bodies, 15 + 10),
+    ] {
         for c in closed.iter() {
             let (_, at) = c.as_ref().unwrap_or_else(|| panic!("a {what} connection was still open after {limit:?}"));
             let after = at.duration_since(opened);
@@ -406,7 +449,8 @@ async fn slow_loris_connections_do_not_block_others_and_are_closed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_acl_is_honoured_on_resident_endpoints() {
-    let evil = FakeResident::start_named(RoomSpec { members: 0, messages: 0, ..RoomSpec::default() }, "evil.example").await;
+    let evil =
+        FakeResident::start_named(RoomSpec { members: 0, messages: 0, ..RoomSpec::default() }, "evil.example").await;
     let good = FakeResident::start(RoomSpec { members: 0, messages: 0, ..RoomSpec::default() }).await;
     let hearth = start_hearth_with_fakes(&[&evil, &good], |_| {}).await;
     let alice = hearth.user("alice").await;
@@ -431,16 +475,25 @@ async fn server_acl_is_honoured_on_resident_endpoints() {
         (put.clone(), format!("/_matrix/federation/v2/send_leave/{r}/{e}"), Some(dummy.clone())),
         (get.clone(), format!("/_matrix/federation/v1/make_knock/{r}/{m}?ver={version}"), None),
         (put.clone(), format!("/_matrix/federation/v1/send_knock/{r}/{e}"), Some(dummy.clone())),
-        (put.clone(), format!("/_matrix/federation/v2/invite/{r}/{e}"), Some(json!({"event": dummy, "room_version": version, "invite_room_state": []}))),
+        (
+            put.clone(),
+            format!("/_matrix/federation/v2/invite/{r}/{e}"),
+            Some(json!({"event": dummy, "room_version": version, "invite_room_state": []})),
+        ),
         (get.clone(), format!("/_matrix/federation/v1/state/{r}?event_id={e}"), None),
         (get.clone(), format!("/_matrix/federation/v1/state_ids/{r}?event_id={e}"), None),
         (get.clone(), format!("/_matrix/federation/v1/event/{e}"), None),
         (get.clone(), format!("/_matrix/federation/v1/event_auth/{r}/{e}"), None),
         (get.clone(), format!("/_matrix/federation/v1/backfill/{r}?v={e}&limit=10"), None),
-        (post.clone(), format!("/_matrix/federation/v1/get_missing_events/{r}"), Some(json!({"earliest_events": [], "latest_events": [ev], "limit": 10}))),
+        (
+            post.clone(),
+            format!("/_matrix/federation/v1/get_missing_events/{r}"),
+            Some(json!({"earliest_events": [], "latest_events": [ev], "limit": 10})),
+        ),
     ];
     for (method, path, body) in &cases {
-        let (status, body) = evil.request_hearth(method.clone(), path, body.as_ref()).await.expect_err("denied by the ACL");
+        let (status, body) =
+            evil.request_hearth(method.clone(), path, body.as_ref()).await.expect_err("denied by the ACL");
         assert_eq!((status, body["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{method} {path}: {body}");
         assert!(!body.to_string().contains("for allowed servers only"));
     }
@@ -448,8 +501,13 @@ async fn server_acl_is_honoured_on_resident_endpoints() {
     let pdu = json!({"type": "m.room.message", "room_id": room, "sender": mallory, "content": {"body": "let me in"}, "depth": 5,
                      "prev_events": [ev], "auth_events": [], "origin_server_ts": 1, "hashes": {"sha256": "AAAA"}, "signatures": {}});
     let answer = evil.push_json(vec![pdu], vec![]).await.expect("transaction answered");
-    assert!(answer["pdus"].as_object().unwrap().values().all(|v| v["error"].as_str().is_some_and(|e| e.contains("ACL"))), "{answer}");
-    let from_evil: i64 = db(&hearth).query_row("SELECT count(*) FROM events WHERE sender LIKE '%:evil.example'", [], |r| r.get(0)).unwrap();
+    assert!(
+        answer["pdus"].as_object().unwrap().values().all(|v| v["error"].as_str().is_some_and(|e| e.contains("ACL"))),
+        "{answer}"
+    );
+    let from_evil: i64 = db(&hearth)
+        .query_row("SELECT count(*) FROM events WHERE sender LIKE '%:evil.example'", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(from_evil, 0);
 
     // An allowed server is answered.
@@ -476,7 +534,14 @@ async fn outbound_federation_to_private_and_loopback_addresses_is_refused_by_def
     .await;
     let alice = hearth.user("alice").await;
 
-    for server in [format!("127.0.0.1:{port}"), format!("localhost:{port}"), format!("[::1]:{port}"), format!("[::ffff:127.0.0.1]:{port}"), "internal.example".into(), "10.1.2.3:8448".into()] {
+    for server in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        format!("[::1]:{port}"),
+        format!("[::ffff:127.0.0.1]:{port}"),
+        "internal.example".into(),
+        "10.1.2.3:8448".into(),
+    ] {
         let started = Instant::now();
         let r = alice.post(&format!("/join/{}?server_name={}", enc(&fake.room_id()), enc(&server)), json!({})).await;
         assert_ne!(r.status, 200, "joining via {server}: {}", r.text);
@@ -586,7 +651,10 @@ async fn federation_requests_do_not_follow_redirects() {
     let remote = FakeResident::start(RoomSpec { members: 0, messages: 0, ..RoomSpec::default() }).await;
     let inside = FakeResident::start(RoomSpec { members: 0, messages: 0, ..RoomSpec::default() }).await;
     inside.script("version", Script::json(200, json!({"server": {"name": "internal service"}})));
-    remote.script("version", Script::redirect(&format!("https://127.0.0.1:{}/_matrix/federation/v1/version", inside.addr.port())));
+    remote.script(
+        "version",
+        Script::redirect(&format!("https://127.0.0.1:{}/_matrix/federation/v1/version", inside.addr.port())),
+    );
     // Even with private addresses allowed (the remote itself is on loopback), a redirect is an answer, not a hop.
     let client = discovery_client(true, &[]);
     let r = probe(&client, &remote.name).await;

@@ -23,14 +23,17 @@ async fn joined(fakes: &[&FakeResident]) -> (TestServer, Client) {
 
 /// Hearth's database, read-only (WAL: safe while the server runs).
 fn db(h: &TestServer) -> rusqlite::Connection {
-    rusqlite::Connection::open_with_flags(&h.db_path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).expect("open database")
+    rusqlite::Connection::open_with_flags(&h.db_path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .expect("open database")
 }
 
 /// `(rejected reason, outlier)` of a stored event, None when it is not stored at all.
 fn stored(h: &TestServer, event_id: &str) -> Option<(Option<String>, bool)> {
     use rusqlite::OptionalExtension;
     db(h)
-        .query_row("SELECT rejected, outlier FROM events WHERE event_id = ?1", [event_id], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? != 0)))
+        .query_row("SELECT rejected, outlier FROM events WHERE event_id = ?1", [event_id], |r| {
+            Ok((r.get(0)?, r.get::<_, i64>(1)? != 0))
+        })
         .optional()
         .expect("query events")
 }
@@ -38,16 +41,31 @@ fn stored(h: &TestServer, event_id: &str) -> Option<(Option<String>, bool)> {
 /// The message bodies a client sees in the room's recent history.
 async fn bodies(c: &Client, room: &str) -> Vec<String> {
     let msgs = c.messages(room, &[("dir", "b"), ("limit", "50")]).await.ok();
-    msgs["chunk"].as_array().unwrap().iter().filter(|e| e["type"] == "m.room.message").filter_map(|e| e["content"]["body"].as_str().map(str::to_owned)).collect()
+    msgs["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "m.room.message")
+        .filter_map(|e| e["content"]["body"].as_str().map(str::to_owned))
+        .collect()
 }
 
 /// Event ids a client sees in the room's recent history and in an initial sync's timeline.
 async fn visible_ids(c: &Client, room: &str) -> Vec<String> {
     let msgs = c.messages(room, &[("dir", "b"), ("limit", "50")]).await.ok();
-    let mut ids: Vec<String> = msgs["chunk"].as_array().unwrap().iter().filter_map(|e| e["event_id"].as_str().map(str::to_owned)).collect();
+    let mut ids: Vec<String> =
+        msgs["chunk"].as_array().unwrap().iter().filter_map(|e| e["event_id"].as_str().map(str::to_owned)).collect();
     let sync = c.sync(None, &[]).await.ok();
-    ids.extend(events_of(&sync["rooms"]["join"][room]["timeline"]).iter().filter_map(|e| e["event_id"].as_str().map(str::to_owned)));
-    ids.extend(events_of(&sync["rooms"]["join"][room]["state"]).iter().filter_map(|e| e["event_id"].as_str().map(str::to_owned)));
+    ids.extend(
+        events_of(&sync["rooms"]["join"][room]["timeline"])
+            .iter()
+            .filter_map(|e| e["event_id"].as_str().map(str::to_owned)),
+    );
+    ids.extend(
+        events_of(&sync["rooms"]["join"][room]["state"])
+            .iter()
+            .filter_map(|e| e["event_id"].as_str().map(str::to_owned)),
+    );
     ids
 }
 
@@ -104,11 +122,18 @@ async fn wrong_signature_is_refused_and_not_stored() {
     }
     // And a good message in the same transaction.
     let good = fake.append(EventSpec::message(&fake.creator(), "good message"));
-    let answer = fake.push_json(vec![msg.json.clone(), rename.json.clone(), good.json.clone()], vec![]).await.expect("transaction accepted");
+    let answer = fake
+        .push_json(vec![msg.json.clone(), rename.json.clone(), good.json.clone()], vec![])
+        .await
+        .expect("transaction accepted");
     let pdus = &answer["pdus"];
     assert_eq!(pdus[&good.id], json!({}), "the good PDU is processed: {answer}");
     for bad in [&msg, &rename] {
-        assert!(pdus[&bad.id]["error"].as_str().is_some_and(|e| e.contains("signature")), "per-PDU error for {}: {answer}", bad.id);
+        assert!(
+            pdus[&bad.id]["error"].as_str().is_some_and(|e| e.contains("signature")),
+            "per-PDU error for {}: {answer}",
+            bad.id
+        );
         assert_eq!(stored(&hearth, &bad.id), None, "an event with a bad signature is not stored");
         alice.event(&room, &bad.id).await.assert_err(404, "M_NOT_FOUND");
     }
@@ -136,7 +161,8 @@ async fn wrong_content_hash_is_stored_redacted() {
     let seen = alice.event(&room, &ev.id).await.ok();
     assert_eq!(seen["content"], json!({}), "clients see it redacted: {seen}");
     assert!(!bodies(&alice, &room).await.iter().any(|b| b.contains("text")), "neither text is served");
-    let json: String = db(&hearth).query_row("SELECT json FROM events WHERE event_id = ?1", [&ev.id], |r| r.get(0)).unwrap();
+    let json: String =
+        db(&hearth).query_row("SELECT json FROM events WHERE event_id = ?1", [&ev.id], |r| r.get(0)).unwrap();
     assert!(!json.contains("tampered") && !json.contains("original"), "the tampered content is not kept: {json}");
     still_serving(&hearth, &alice).await;
     hearth.stop().await;
@@ -152,7 +178,10 @@ async fn oversized_event_is_refused() {
     let template = fake.build(EventSpec::message(&fake.creator(), "x"));
     let rules = hearth::room::version::rules(&fake.room_version()).unwrap();
     let mut obj: CanonicalJsonObject = serde_json::from_value(template.json.clone()).unwrap();
-    obj.insert("content".into(), serde_json::from_value(json!({"msgtype": "m.text", "body": "x".repeat(70_000)})).unwrap());
+    obj.insert(
+        "content".into(),
+        serde_json::from_value(json!({"msgtype": "m.text", "body": "x".repeat(70_000)})).unwrap(),
+    );
     sign_unchecked(&fake.identity, &rules, &mut obj);
     let big = serde_json::to_value(&obj).unwrap();
     assert!(big.to_string().len() > 65536);
@@ -163,7 +192,8 @@ async fn oversized_event_is_refused() {
     assert_eq!(answer["pdus"][&good.id], json!({}), "{answer}");
     assert_ne!(answer["pdus"].get(&big_id), Some(&json!({})), "the oversized PDU is not reported processed: {answer}");
     assert_eq!(stored(&hearth, &big_id), None, "the oversized event is not stored");
-    let long: i64 = db(&hearth).query_row("SELECT count(*) FROM events WHERE length(json) > 65536", [], |r| r.get(0)).unwrap();
+    let long: i64 =
+        db(&hearth).query_row("SELECT count(*) FROM events WHERE length(json) > 65536", [], |r| r.get(0)).unwrap();
     assert_eq!(long, 0, "no event over 65536 bytes is stored");
     assert_eq!(bodies(&alice, &room).await.first().map(String::as_str), Some("small message"));
     still_serving(&hearth, &alice).await;
@@ -183,7 +213,12 @@ async fn events_from_a_server_denied_by_the_acl_are_dropped() {
     let before = fake.append(EventSpec::message(&mallory, "before the ACL"));
     assert_eq!(evil.push(&[&before.id]).await[&before.id], json!({}));
     // The creator denies evil.example.
-    let acl = fake.append(EventSpec::state(&fake.creator(), "m.room.server_acl", "", json!({"allow": ["*"], "deny": ["evil.example"], "allow_ip_literals": true})));
+    let acl = fake.append(EventSpec::state(
+        &fake.creator(),
+        "m.room.server_acl",
+        "",
+        json!({"allow": ["*"], "deny": ["evil.example"], "allow_ip_literals": true}),
+    ));
     assert_eq!(fake.push(&[&acl.id]).await[&acl.id], json!({}));
 
     // evil.example sends a message of its user and relays one of the creator's: both refused, per PDU. (Kept out
@@ -191,7 +226,8 @@ async fn events_from_a_server_denied_by_the_acl_are_dropped() {
     // get_missing_events from an allowed server.)
     let denied = fake.build(EventSpec::message(&mallory, "after the ACL"));
     let relayed = fake.build(EventSpec::message(&fake.creator(), "relayed by a denied server"));
-    let answer = evil.push_json(vec![denied.json.clone(), relayed.json.clone()], vec![]).await.expect("transaction answered");
+    let answer =
+        evil.push_json(vec![denied.json.clone(), relayed.json.clone()], vec![]).await.expect("transaction answered");
     for ev in [&denied, &relayed] {
         assert!(answer["pdus"][&ev.id]["error"].as_str().is_some_and(|e| e.contains("ACL")), "{answer}");
         assert_eq!(stored(&hearth, &ev.id), None, "nothing from a denied server is stored");
@@ -201,14 +237,24 @@ async fn events_from_a_server_denied_by_the_acl_are_dropped() {
     evil.push_json(vec![], vec![typing]).await.expect("transaction answered");
     let sync = alice.sync(None, &[]).await.ok();
     let typing_now = events_of(&sync["rooms"]["join"][&room]["ephemeral"]);
-    assert!(!typing_now.iter().any(|e| e["type"] == "m.typing" && e["content"]["user_ids"].as_array().is_some_and(|u| u.contains(&json!(mallory)))), "{typing_now:?}");
+    assert!(
+        !typing_now.iter().any(|e| e["type"] == "m.typing"
+            && e["content"]["user_ids"].as_array().is_some_and(|u| u.contains(&json!(mallory)))),
+        "{typing_now:?}"
+    );
 
     // The allowed server is served as before.
     let ok = fake.append(EventSpec::message(&fake.creator(), "from an allowed server"));
     assert_eq!(fake.push(&[&ok.id]).await[&ok.id], json!({}));
     let seen = bodies(&alice, &room).await;
-    assert!(seen.contains(&"from an allowed server".to_owned()) && seen.contains(&"before the ACL".to_owned()), "{seen:?}");
-    assert!(!seen.contains(&"after the ACL".to_owned()) && !seen.contains(&"relayed by a denied server".to_owned()), "{seen:?}");
+    assert!(
+        seen.contains(&"from an allowed server".to_owned()) && seen.contains(&"before the ACL".to_owned()),
+        "{seen:?}"
+    );
+    assert!(
+        !seen.contains(&"after the ACL".to_owned()) && !seen.contains(&"relayed by a denied server".to_owned()),
+        "{seen:?}"
+    );
     still_serving(&hearth, &alice).await;
     hearth.stop().await;
 }
@@ -225,13 +271,22 @@ async fn x_matrix_for_another_destination_or_with_a_bad_signature_is_401() {
 
     // Signed correctly, but for another destination (the header says so).
     let auth = client.x_matrix("PUT", &path, "other.example", Some(&body)).unwrap();
-    raw_request(&hearth, reqwest::Method::PUT, &path, &auth, Some(bytes.clone())).await.assert_err(401, "M_UNAUTHORIZED");
+    raw_request(&hearth, reqwest::Method::PUT, &path, &auth, Some(bytes.clone()))
+        .await
+        .assert_err(401, "M_UNAUTHORIZED");
     // The header names us, but the signature covers another destination.
-    let auth = client.x_matrix("PUT", &path, "other.example", Some(&body)).unwrap().replace("destination=\"other.example\"", &format!("destination=\"{hearth_name}\""));
-    raw_request(&hearth, reqwest::Method::PUT, &path, &auth, Some(bytes.clone())).await.assert_err(401, "M_UNAUTHORIZED");
+    let auth = client
+        .x_matrix("PUT", &path, "other.example", Some(&body))
+        .unwrap()
+        .replace("destination=\"other.example\"", &format!("destination=\"{hearth_name}\""));
+    raw_request(&hearth, reqwest::Method::PUT, &path, &auth, Some(bytes.clone()))
+        .await
+        .assert_err(401, "M_UNAUTHORIZED");
     // A signature over another body.
     let auth = client.x_matrix("PUT", &path, &hearth_name, Some(&json!({"pdus": []}))).unwrap();
-    raw_request(&hearth, reqwest::Method::PUT, &path, &auth, Some(bytes.clone())).await.assert_err(401, "M_UNAUTHORIZED");
+    raw_request(&hearth, reqwest::Method::PUT, &path, &auth, Some(bytes.clone()))
+        .await
+        .assert_err(401, "M_UNAUTHORIZED");
     // Garbage instead of a signature, an unknown key, no header at all, a malformed header.
     let good_auth = client.x_matrix("PUT", &path, &hearth_name, Some(&body)).unwrap();
     let sig = good_auth.rsplit_once("sig=\"").unwrap().1.trim_end_matches('"').to_owned();
@@ -241,7 +296,9 @@ async fn x_matrix_for_another_destination_or_with_a_bad_signature_is_401() {
         String::new(),
         "X-Matrix garbage".to_owned(),
     ] {
-        raw_request(&hearth, reqwest::Method::PUT, &path, &auth, Some(bytes.clone())).await.assert_err(401, "M_UNAUTHORIZED");
+        raw_request(&hearth, reqwest::Method::PUT, &path, &auth, Some(bytes.clone()))
+            .await
+            .assert_err(401, "M_UNAUTHORIZED");
     }
     assert_eq!(stored(&hearth, &ev.id), None, "no refused request stored anything");
     // The correctly signed request is accepted.
@@ -261,7 +318,9 @@ async fn garbage_json_is_400_not_json() {
     // The signature cannot cover a body that is not JSON; the body is refused first.
     let auth = client.x_matrix("PUT", &path, &hearth_name, None).unwrap();
     for garbage in [&b"{\"pdus\": [ {"[..], &b"\xff\xfe not json"[..], &b"[1, 2,"[..]] {
-        raw_request(&hearth, reqwest::Method::PUT, &path, &auth, Some(garbage.to_vec())).await.assert_err(400, "M_NOT_JSON");
+        raw_request(&hearth, reqwest::Method::PUT, &path, &auth, Some(garbage.to_vec()))
+            .await
+            .assert_err(400, "M_NOT_JSON");
     }
     // Valid JSON of the wrong shape for a transaction (`pdus` not an array) is not a 500 either.
     let body = json!({"origin": fake.name, "pdus": "nope", "edus": 7});
@@ -278,20 +337,32 @@ async fn transaction_with_51_pdus_or_101_edus_is_400() {
     let (hearth, alice) = joined(&[&fake]).await;
     let room = fake.room_id();
 
-    let evs: Vec<FakeEvent> = (0..51).map(|i| fake.append(EventSpec::message(&fake.creator(), &format!("bulk {i}")))).collect();
-    let (status, body) = fake.push_json(evs.iter().map(|e| e.json.clone()).collect(), vec![]).await.expect_err("51 PDUs are refused");
+    let evs: Vec<FakeEvent> =
+        (0..51).map(|i| fake.append(EventSpec::message(&fake.creator(), &format!("bulk {i}")))).collect();
+    let (status, body) =
+        fake.push_json(evs.iter().map(|e| e.json.clone()).collect(), vec![]).await.expect_err("51 PDUs are refused");
     assert_eq!(status, 400, "{body}");
     for e in &evs {
         assert_eq!(stored(&hearth, &e.id), None, "nothing of a refused transaction is stored");
     }
-    let typing = |n: usize| -> Vec<Value> { (0..n).map(|_| json!({"edu_type": "m.typing", "content": {"room_id": room, "user_id": fake.creator(), "typing": true}})).collect() };
+    let typing = |n: usize| -> Vec<Value> {
+        (0..n).map(|_| json!({"edu_type": "m.typing", "content": {"room_id": room, "user_id": fake.creator(), "typing": true}})).collect()
+    };
     let (status, body) = fake.push_json(vec![], typing(101)).await.expect_err("101 EDUs are refused");
     assert_eq!(status, 400, "{body}");
     let sync = alice.sync(None, &[]).await.ok();
-    assert!(events_of(&sync["rooms"]["join"][&room]["ephemeral"]).iter().all(|e| e["type"] != "m.typing" || e["content"]["user_ids"] == json!([])), "no EDU of the refused transaction applied");
+    assert!(
+        events_of(&sync["rooms"]["join"][&room]["ephemeral"])
+            .iter()
+            .all(|e| e["type"] != "m.typing" || e["content"]["user_ids"] == json!([])),
+        "no EDU of the refused transaction applied"
+    );
 
     // At the limits, both are fine.
-    let answer = fake.push_json(evs[..50].iter().map(|e| e.json.clone()).collect(), typing(100)).await.expect("50 PDUs and 100 EDUs are accepted");
+    let answer = fake
+        .push_json(evs[..50].iter().map(|e| e.json.clone()).collect(), typing(100))
+        .await
+        .expect("50 PDUs and 100 EDUs are accepted");
     assert_eq!(answer["pdus"].as_object().map(|m| m.len()), Some(50), "{answer}");
     assert!(bodies(&alice, &room).await.contains(&"bulk 49".to_owned()));
     still_serving(&hearth, &alice).await;
@@ -308,16 +379,23 @@ async fn pdu_for_an_unknown_room_is_ignored() {
     let good = fake.append(EventSpec::message(&fake.creator(), "in the shared room"));
 
     // Relayed by the fake together with a good PDU, and sent by its own server.
-    let answer = fake.push_json(vec![unknown.json.clone(), good.json.clone()], vec![]).await.expect("transaction accepted");
+    let answer =
+        fake.push_json(vec![unknown.json.clone(), good.json.clone()], vec![]).await.expect("transaction accepted");
     assert_eq!(answer["pdus"][&good.id], json!({}), "{answer}");
     assert_ne!(answer["pdus"].get(&unknown.id), Some(&json!({})), "{answer}");
     let answer = elsewhere.push_json(vec![unknown.json.clone()], vec![]).await.expect("transaction accepted");
     assert_ne!(answer["pdus"].get(&unknown.id), Some(&json!({})), "{answer}");
 
     assert_eq!(stored(&hearth, &unknown.id), None, "the PDU is not stored");
-    let rooms: i64 = db(&hearth).query_row("SELECT count(*) FROM rooms WHERE room_id = ?1", [elsewhere.room_id()], |r| r.get(0)).unwrap();
+    let rooms: i64 = db(&hearth)
+        .query_row("SELECT count(*) FROM rooms WHERE room_id = ?1", [elsewhere.room_id()], |r| r.get(0))
+        .unwrap();
     assert_eq!(rooms, 0, "no room row was made for the unknown room");
-    assert_eq!(elsewhere.count("make_join") + elsewhere.count("state_ids") + elsewhere.count("get_missing_events"), 0, "Hearth did not try to join or fetch");
+    assert_eq!(
+        elsewhere.count("make_join") + elsewhere.count("state_ids") + elsewhere.count("get_missing_events"),
+        0,
+        "Hearth did not try to join or fetch"
+    );
     still_serving(&hearth, &alice).await;
     hearth.stop().await;
 }
@@ -337,7 +415,10 @@ async fn forged_sender_is_refused() {
     // A legitimately relayed event (signed by its sender's server) is fine.
     let relayed = fake.append(EventSpec::message(&victim, "really from the victim"));
     let started = Instant::now();
-    let answer = fake.push_json(vec![forged.json.clone(), ghost.json.clone(), relayed.json.clone()], vec![]).await.expect("transaction answered");
+    let answer = fake
+        .push_json(vec![forged.json.clone(), ghost.json.clone(), relayed.json.clone()], vec![])
+        .await
+        .expect("transaction answered");
     assert!(started.elapsed() < Duration::from_secs(30), "bounded: {:?}", started.elapsed());
     for ev in [&forged, &ghost] {
         assert!(answer["pdus"][&ev.id]["error"].is_string(), "per-PDU error for the forged sender: {answer}");
@@ -353,7 +434,9 @@ async fn forged_sender_is_refused() {
     let typing = json!({"edu_type": "m.typing", "content": {"room_id": room, "user_id": victim, "typing": true}});
     fake.push_json(vec![], vec![typing]).await.expect("transaction answered");
     let sync = alice.sync(None, &[]).await.ok();
-    assert!(!events_of(&sync["rooms"]["join"][&room]["ephemeral"]).iter().any(|e| e["content"]["user_ids"].as_array().is_some_and(|u| u.contains(&json!(victim)))));
+    assert!(!events_of(&sync["rooms"]["join"][&room]["ephemeral"])
+        .iter()
+        .any(|e| e["content"]["user_ids"].as_array().is_some_and(|u| u.contains(&json!(victim)))));
     still_serving(&hearth, &alice).await;
     hearth.stop().await;
 }
@@ -369,9 +452,17 @@ async fn event_not_allowed_by_its_auth_events_is_rejected() {
     // Someone who never joined speaks.
     let outsider = fake.build(EventSpec::message(&fake.user("outsider"), "I am not in this room"));
     // user2 bans user3 without the power to.
-    let ban = fake.build(EventSpec::state(&fake.user("user2"), "m.room.member", &fake.user("user3"), json!({"membership": "ban"})));
+    let ban = fake.build(EventSpec::state(
+        &fake.user("user2"),
+        "m.room.member",
+        &fake.user("user3"),
+        json!({"membership": "ban"}),
+    ));
     let good = fake.append(EventSpec::message(&fake.creator(), "a good message"));
-    let answer = fake.push_json(vec![rename.json.clone(), outsider.json.clone(), ban.json.clone(), good.json.clone()], vec![]).await.expect("transaction accepted");
+    let answer = fake
+        .push_json(vec![rename.json.clone(), outsider.json.clone(), ban.json.clone(), good.json.clone()], vec![])
+        .await
+        .expect("transaction accepted");
     assert_eq!(answer["pdus"][&good.id], json!({}), "{answer}");
     let visible = visible_ids(&alice, &room).await;
     for bad in [&rename, &outsider, &ban] {

@@ -9,7 +9,12 @@ use serde_json::{json, Value};
 fn members_in(body: &Value, room: &str) -> Vec<String> {
     body["rooms"]["join"][room]["state"]["events"]
         .as_array()
-        .map(|a| a.iter().filter(|e| e["type"] == "m.room.member").filter_map(|e| e["state_key"].as_str().map(str::to_owned)).collect())
+        .map(|a| {
+            a.iter()
+                .filter(|e| e["type"] == "m.room.member")
+                .filter_map(|e| e["state_key"].as_str().map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -25,7 +30,10 @@ async fn redundant_members_are_sent_only_when_asked() {
         let filter = json!({"room": {"timeline": {"limit": 1}, "state": {"lazy_load_members": true, "include_redundant_members": redundant}}}).to_string();
         bob.send_text(&room, "first").await;
         let initial = alice.sync(None, &[("filter", &filter)]).await.ok();
-        assert!(members_in(&initial, &room).contains(&bob.user_id), "initial lazy sync carries the sender's membership");
+        assert!(
+            members_in(&initial, &room).contains(&bob.user_id),
+            "initial lazy sync carries the sender's membership"
+        );
         let since = initial["next_batch"].as_str().unwrap().to_owned();
         bob.send_text(&room, "second").await;
         bob.send_text(&room, "third").await;

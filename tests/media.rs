@@ -27,11 +27,22 @@ impl Raw {
     }
     #[track_caller]
     fn assert_err(&self, status: u16, errcode: &str) {
-        assert_eq!((self.status, self.json()["errcode"].as_str().unwrap_or("")), (status, errcode), "{}", String::from_utf8_lossy(&self.body));
+        assert_eq!(
+            (self.status, self.json()["errcode"].as_str().unwrap_or("")),
+            (status, errcode),
+            "{}",
+            String::from_utf8_lossy(&self.body)
+        );
     }
 }
 
-async fn raw(c: &Client, method: reqwest::Method, path: &str, content_type: Option<&str>, body: Option<Vec<u8>>) -> Raw {
+async fn raw(
+    c: &Client,
+    method: reqwest::Method,
+    path: &str,
+    content_type: Option<&str>,
+    body: Option<Vec<u8>>,
+) -> Raw {
     let mut req = c.http.request(method, c.url(path));
     if let Some(t) = &c.token {
         req = req.bearer_auth(t);
@@ -56,7 +67,9 @@ async fn get_raw(c: &Client, path: &str) -> Raw {
 /// Uploads `data` on the v3 endpoint; returns the `mxc://` URI's (server, id).
 async fn upload(c: &Client, content_type: &str, filename: Option<&str>, data: &[u8]) -> (String, String) {
     let q = filename.map(|f| query(&[("filename", f)])).unwrap_or_default();
-    let r = raw(c, reqwest::Method::POST, &format!("/_matrix/media/v3/upload{q}"), Some(content_type), Some(data.to_vec())).await;
+    let r =
+        raw(c, reqwest::Method::POST, &format!("/_matrix/media/v3/upload{q}"), Some(content_type), Some(data.to_vec()))
+            .await;
     assert_eq!(r.status, 200, "upload: {}", String::from_utf8_lossy(&r.body));
     split_mxc(r.json()["content_uri"].as_str().expect("content_uri"))
 }
@@ -125,7 +138,12 @@ async fn upload_download_authenticated_and_legacy_with_safe_headers() {
     }
 
     // Unsafe types are never inline: HTML, SVG, XML and unknown types are attachments, still sandboxed.
-    for (ct, name) in [("text/html", "x.html"), ("image/svg+xml", "x.svg"), ("application/xhtml+xml", "x.xhtml"), ("application/x-weird", "x.bin")] {
+    for (ct, name) in [
+        ("text/html", "x.html"),
+        ("image/svg+xml", "x.svg"),
+        ("application/xhtml+xml", "x.xhtml"),
+        ("application/x-weird", "x.bin"),
+    ] {
         let (srv, mid) = upload(&alice, ct, Some(name), b"<html><script>alert(1)</script></html>").await;
         let r = get_raw(&bob, &format!("/_matrix/client/v1/media/download/{srv}/{mid}")).await;
         assert_eq!(r.status, 200);
@@ -140,18 +158,30 @@ async fn upload_download_authenticated_and_legacy_with_safe_headers() {
     assert_eq!((r.header("content-type"), r.header("content-disposition")), ("application/octet-stream", "attachment"));
 
     // Unknown and malformed ids are 404 (never a path outside the media folder).
-    get_raw(&bob, &format!("/_matrix/client/v1/media/download/{server}/nosuchmedia")).await.assert_err(404, "M_NOT_FOUND");
-    get_raw(&bob, &format!("/_matrix/client/v1/media/download/{server}/{}", enc("../../hearth.db"))).await.assert_err(404, "M_NOT_FOUND");
-    get_raw(&bob, &format!("/_matrix/client/v1/media/download/{}/{id}", enc("bad/server"))).await.assert_err(404, "M_NOT_FOUND");
+    get_raw(&bob, &format!("/_matrix/client/v1/media/download/{server}/nosuchmedia"))
+        .await
+        .assert_err(404, "M_NOT_FOUND");
+    get_raw(&bob, &format!("/_matrix/client/v1/media/download/{server}/{}", enc("../../hearth.db")))
+        .await
+        .assert_err(404, "M_NOT_FOUND");
+    get_raw(&bob, &format!("/_matrix/client/v1/media/download/{}/{id}", enc("bad/server")))
+        .await
+        .assert_err(404, "M_NOT_FOUND");
     // Remote media without federation: not found (rather than an error).
-    get_raw(&bob, &format!("/_matrix/client/v1/media/download/elsewhere.example/{id}")).await.assert_err(404, "M_NOT_FOUND");
+    get_raw(&bob, &format!("/_matrix/client/v1/media/download/elsewhere.example/{id}"))
+        .await
+        .assert_err(404, "M_NOT_FOUND");
     // Uploading needs a token.
-    raw(&s.client(), reqwest::Method::POST, "/_matrix/media/v3/upload", Some("text/plain"), Some(b"x".to_vec())).await.assert_err(401, "M_MISSING_TOKEN");
+    raw(&s.client(), reqwest::Method::POST, "/_matrix/media/v3/upload", Some("text/plain"), Some(b"x".to_vec()))
+        .await
+        .assert_err(401, "M_MISSING_TOKEN");
 
     // Config on both APIs; URL previews are not offered.
     assert_eq!(bob.get("/_matrix/client/v1/media/config").await.ok()["m.upload.size"], json!(50 << 20));
     assert_eq!(bob.get("/_matrix/media/v3/config").await.ok()["m.upload.size"], json!(50 << 20));
-    bob.get("/_matrix/client/v1/media/preview_url?url=https%3A%2F%2Fexample.org").await.assert_err(404, "M_UNRECOGNIZED");
+    bob.get("/_matrix/client/v1/media/preview_url?url=https%3A%2F%2Fexample.org")
+        .await
+        .assert_err(404, "M_UNRECOGNIZED");
     s.stop().await;
 }
 
@@ -163,12 +193,17 @@ async fn files_are_stored_beside_the_database_and_cors_allows_browsers() {
     let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
     let (server, id) = upload(&alice, "application/octet-stream", None, &data).await;
     let media_dir = s.db_path.parent().unwrap().join("media");
-    let on_disk = std::fs::read(media_dir.join("files").join(&server).join(&id[..2]).join(&id)).expect("file under media/ beside the db");
+    let on_disk = std::fs::read(media_dir.join("files").join(&server).join(&id[..2]).join(&id))
+        .expect("file under media/ beside the db");
     assert_eq!(on_disk, data);
     assert_eq!(std::fs::read_dir(media_dir.join("tmp")).unwrap().count(), 0, "no leftovers in tmp/");
     let conn = rusqlite::Connection::open(&s.db_path).unwrap();
     let (size, uploader, sha): (i64, String, String) = conn
-        .query_row("SELECT size, uploader, sha256 FROM media WHERE origin = ?1 AND media_id = ?2", [&server, &id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .query_row(
+            "SELECT size, uploader, sha256 FROM media WHERE origin = ?1 AND media_id = ?2",
+            [&server, &id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
         .unwrap();
     assert_eq!((size, uploader.as_str()), (3_000_000, alice.user_id.as_str()));
     assert_eq!(sha.len(), 64);
@@ -199,17 +234,47 @@ async fn files_are_stored_beside_the_database_and_cors_allows_browsers() {
 
     // Byte ranges (video players seek with them).
     let url = alice.url(&format!("/_matrix/client/v1/media/download/{server}/{id}"));
-    for (range, from, to) in [("bytes=10-19", 10usize, 19usize), ("bytes=-5", 2_999_995, 2_999_999), ("bytes=2999990-", 2_999_990, 2_999_999), ("bytes=5-9999999", 5, 2_999_999)] {
-        let r = alice.http.get(&url).bearer_auth(alice.token.as_ref().unwrap()).header("range", range).send().await.unwrap();
+    for (range, from, to) in [
+        ("bytes=10-19", 10usize, 19usize),
+        ("bytes=-5", 2_999_995, 2_999_999),
+        ("bytes=2999990-", 2_999_990, 2_999_999),
+        ("bytes=5-9999999", 5, 2_999_999),
+    ] {
+        let r = alice
+            .http
+            .get(&url)
+            .bearer_auth(alice.token.as_ref().unwrap())
+            .header("range", range)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status().as_u16(), 206, "{range}");
         assert_eq!(r.headers()["content-range"].to_str().unwrap(), format!("bytes {from}-{to}/3000000"), "{range}");
         assert_eq!(r.bytes().await.unwrap().as_ref(), &data[from..=to], "{range}");
     }
-    let r = alice.http.get(&url).bearer_auth(alice.token.as_ref().unwrap()).header("range", "bytes=3000000-").send().await.unwrap();
+    let r = alice
+        .http
+        .get(&url)
+        .bearer_auth(alice.token.as_ref().unwrap())
+        .header("range", "bytes=3000000-")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 416);
     assert_eq!(r.headers()["content-range"], "bytes */3000000");
-    let r = alice.http.get(&url).bearer_auth(alice.token.as_ref().unwrap()).header("range", "bytes=0-1,5-6").send().await.unwrap();
-    assert_eq!((r.status().as_u16(), r.bytes().await.unwrap().len()), (200, 3_000_000), "several ranges: the whole file");
+    let r = alice
+        .http
+        .get(&url)
+        .bearer_auth(alice.token.as_ref().unwrap())
+        .header("range", "bytes=0-1,5-6")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status().as_u16(), r.bytes().await.unwrap().len()),
+        (200, 3_000_000),
+        "several ranges: the whole file"
+    );
     s.stop().await;
 }
 
@@ -252,7 +317,8 @@ async fn size_limit_is_m_too_large_and_quota_is_enforced() {
     let bob = s.user("bob").await;
     assert_eq!(alice.get("/_matrix/client/v1/media/config").await.ok()["m.upload.size"], json!(1000));
 
-    let r = raw(&alice, reqwest::Method::POST, "/_matrix/media/v3/upload", Some("text/plain"), Some(vec![b'a'; 1001])).await;
+    let r = raw(&alice, reqwest::Method::POST, "/_matrix/media/v3/upload", Some("text/plain"), Some(vec![b'a'; 1001]))
+        .await;
     r.assert_err(413, "M_TOO_LARGE");
     // Without a Content-Length the limit applies while streaming.
     let (status, text) = chunked_upload(&s.base_url, alice.token.as_deref().unwrap(), 3000).await;
@@ -263,7 +329,8 @@ async fn size_limit_is_m_too_large_and_quota_is_enforced() {
 
     // Quota 2500: 900 (chunked, above) + 1000 fits, another 1000 does not.
     upload(&alice, "text/plain", None, &[b'b'; 1000]).await;
-    let r = raw(&alice, reqwest::Method::POST, "/_matrix/media/v3/upload", Some("text/plain"), Some(vec![b'c'; 1000])).await;
+    let r = raw(&alice, reqwest::Method::POST, "/_matrix/media/v3/upload", Some("text/plain"), Some(vec![b'c'; 1000]))
+        .await;
     r.assert_err(403, "M_RESOURCE_LIMIT_EXCEEDED");
     // A small one still fits; another user has their own quota.
     upload(&alice, "text/plain", None, &[b'd'; 500]).await;
@@ -277,7 +344,9 @@ async fn size_limit_is_m_too_large_and_quota_is_enforced() {
 }
 
 fn walk(dir: &std::path::Path) -> usize {
-    std::fs::read_dir(dir).map(|rd| rd.flatten().map(|e| if e.path().is_dir() { walk(&e.path()) } else { 1 }).sum()).unwrap_or(0)
+    std::fs::read_dir(dir)
+        .map(|rd| rd.flatten().map(|e| if e.path().is_dir() { walk(&e.path()) } else { 1 }).sum())
+        .unwrap_or(0)
 }
 
 #[tokio::test]
@@ -289,9 +358,13 @@ async fn async_upload_create_then_put() {
     let (server, id) = split_mxc(created["content_uri"].as_str().unwrap());
     assert!(created["unused_expires_at"].as_i64().unwrap() > 0);
     // Not uploaded yet: downloads wait up to timeout_ms, then 504 M_NOT_YET_UPLOADED.
-    get_raw(&bob, &format!("/_matrix/client/v1/media/download/{server}/{id}?timeout_ms=200")).await.assert_err(504, "M_NOT_YET_UPLOADED");
+    get_raw(&bob, &format!("/_matrix/client/v1/media/download/{server}/{id}?timeout_ms=200"))
+        .await
+        .assert_err(504, "M_NOT_YET_UPLOADED");
     let put_path = format!("/_matrix/media/v3/upload/{server}/{id}?filename=later.txt");
-    raw(&bob, reqwest::Method::PUT, &put_path, Some("text/plain"), Some(b"bob's".to_vec())).await.assert_err(403, "M_FORBIDDEN");
+    raw(&bob, reqwest::Method::PUT, &put_path, Some("text/plain"), Some(b"bob's".to_vec()))
+        .await
+        .assert_err(403, "M_FORBIDDEN");
     // A download waiting while the content arrives gets it.
     let waiter = {
         let bob = bob.clone();
@@ -304,10 +377,18 @@ async fn async_upload_create_then_put() {
     let got = waiter.await.unwrap();
     assert_eq!((got.status, got.body.as_slice()), (200, &b"arrived"[..]));
     assert_eq!(got.header("content-disposition"), "inline; filename=\"later.txt\"");
-    raw(&alice, reqwest::Method::PUT, &put_path, Some("text/plain"), Some(b"again".to_vec())).await.assert_err(409, "M_CANNOT_OVERWRITE_MEDIA");
-    raw(&alice, reqwest::Method::PUT, &format!("/_matrix/media/v3/upload/{server}/nosuchid"), Some("text/plain"), Some(b"x".to_vec()))
+    raw(&alice, reqwest::Method::PUT, &put_path, Some("text/plain"), Some(b"again".to_vec()))
         .await
-        .assert_err(404, "M_NOT_FOUND");
+        .assert_err(409, "M_CANNOT_OVERWRITE_MEDIA");
+    raw(
+        &alice,
+        reqwest::Method::PUT,
+        &format!("/_matrix/media/v3/upload/{server}/nosuchid"),
+        Some("text/plain"),
+        Some(b"x".to_vec()),
+    )
+    .await
+    .assert_err(404, "M_NOT_FOUND");
     s.stop().await;
 }
 
@@ -331,7 +412,10 @@ async fn thumbnails_scale_and_crop_png_jpeg_gif_webp() {
         assert_eq!(r.status, 200, "{ct}: {}", String::from_utf8_lossy(&r.body));
         let (f, img) = decode(&r.body);
         assert_eq!(f, thumb_format, "{ct}");
-        assert_eq!(r.header("content-type"), if thumb_format == ImageFormat::Jpeg { "image/jpeg" } else { "image/png" });
+        assert_eq!(
+            r.header("content-type"),
+            if thumb_format == ImageFormat::Jpeg { "image/jpeg" } else { "image/png" }
+        );
         assert_eq!(img.dimensions(), (320, 160), "{ct} scale");
 
         // Crop: exactly the (normalised) box, cut from the middle; the red corner square is cut away.
@@ -343,7 +427,9 @@ async fn thumbnails_scale_and_crop_png_jpeg_gif_webp() {
         assert!(px[2] > 150, "{ct}: the crop kept the left edge (the red square): {px:?}");
 
         // A small request is served from the smallest size that covers it; the legacy endpoint works too.
-        let r = get_raw(&s.client(), &format!("/_matrix/media/v3/thumbnail/{server}/{id}?width=20&height=20&method=crop")).await;
+        let r =
+            get_raw(&s.client(), &format!("/_matrix/media/v3/thumbnail/{server}/{id}?width=20&height=20&method=crop"))
+                .await;
         assert_eq!(r.status, 200);
         assert_eq!(decode(&r.body).1.dimensions(), (32, 32));
         assert!(r.header("content-security-policy").contains("sandbox"));
@@ -356,34 +442,57 @@ async fn thumbnails_scale_and_crop_png_jpeg_gif_webp() {
     let second = get_raw(&alice, &p).await;
     assert_eq!(first.body, second.body);
     let conn = rusqlite::Connection::open(&s.db_path).unwrap();
-    let n: i64 = conn.query_row("SELECT count(*) FROM media_thumbnails WHERE media_id = ?1", [&id], |r| r.get(0)).unwrap();
+    let n: i64 =
+        conn.query_row("SELECT count(*) FROM media_thumbnails WHERE media_id = ?1", [&id], |r| r.get(0)).unwrap();
     assert_eq!(n, 1);
 
     // Small images are never enlarged.
     let tiny = {
         let mut out = Vec::new();
-        DynamicImage::ImageRgba8(RgbaImage::from_pixel(40, 20, Rgba([0, 0, 255, 255]))).write_to(&mut Cursor::new(&mut out), ImageFormat::Png).unwrap();
+        DynamicImage::ImageRgba8(RgbaImage::from_pixel(40, 20, Rgba([0, 0, 255, 255])))
+            .write_to(&mut Cursor::new(&mut out), ImageFormat::Png)
+            .unwrap();
         out
     };
     let (server, tid) = upload(&alice, "image/png", None, &tiny).await;
-    let r = get_raw(&alice, &format!("/_matrix/client/v1/media/thumbnail/{server}/{tid}?width=320&height=240&method=scale")).await;
+    let r = get_raw(
+        &alice,
+        &format!("/_matrix/client/v1/media/thumbnail/{server}/{tid}?width=320&height=240&method=scale"),
+    )
+    .await;
     assert_eq!(decode(&r.body).1.dimensions(), (40, 20));
 
     // Errors: not an image, missing or bad sizes, bad method, no token.
     let (server, txt) = upload(&alice, "text/plain", None, b"not an image").await;
-    get_raw(&alice, &format!("/_matrix/client/v1/media/thumbnail/{server}/{txt}?width=32&height=32")).await.assert_err(400, "M_UNKNOWN");
+    get_raw(&alice, &format!("/_matrix/client/v1/media/thumbnail/{server}/{txt}?width=32&height=32"))
+        .await
+        .assert_err(400, "M_UNKNOWN");
     let (server, svg) = upload(&alice, "image/svg+xml", None, b"<svg xmlns='http://www.w3.org/2000/svg'/>").await;
-    get_raw(&alice, &format!("/_matrix/client/v1/media/thumbnail/{server}/{svg}?width=32&height=32")).await.assert_err(400, "M_UNKNOWN");
-    get_raw(&alice, &format!("/_matrix/client/v1/media/thumbnail/{server}/{id}?width=32")).await.assert_err(400, "M_MISSING_PARAM");
-    get_raw(&alice, &format!("/_matrix/client/v1/media/thumbnail/{server}/{id}?width=0&height=32")).await.assert_err(400, "M_INVALID_PARAM");
-    get_raw(&alice, &format!("/_matrix/client/v1/media/thumbnail/{server}/{id}?width=x&height=32")).await.assert_err(400, "M_INVALID_PARAM");
-    get_raw(&alice, &format!("/_matrix/client/v1/media/thumbnail/{server}/{id}?width=32&height=32&method=zoom")).await.assert_err(400, "M_INVALID_PARAM");
-    get_raw(&s.client(), &format!("/_matrix/client/v1/media/thumbnail/{server}/{id}?width=32&height=32")).await.assert_err(401, "M_MISSING_TOKEN");
+    get_raw(&alice, &format!("/_matrix/client/v1/media/thumbnail/{server}/{svg}?width=32&height=32"))
+        .await
+        .assert_err(400, "M_UNKNOWN");
+    get_raw(&alice, &format!("/_matrix/client/v1/media/thumbnail/{server}/{id}?width=32"))
+        .await
+        .assert_err(400, "M_MISSING_PARAM");
+    get_raw(&alice, &format!("/_matrix/client/v1/media/thumbnail/{server}/{id}?width=0&height=32"))
+        .await
+        .assert_err(400, "M_INVALID_PARAM");
+    get_raw(&alice, &format!("/_matrix/client/v1/media/thumbnail/{server}/{id}?width=x&height=32"))
+        .await
+        .assert_err(400, "M_INVALID_PARAM");
+    get_raw(&alice, &format!("/_matrix/client/v1/media/thumbnail/{server}/{id}?width=32&height=32&method=zoom"))
+        .await
+        .assert_err(400, "M_INVALID_PARAM");
+    get_raw(&s.client(), &format!("/_matrix/client/v1/media/thumbnail/{server}/{id}?width=32&height=32"))
+        .await
+        .assert_err(401, "M_MISSING_TOKEN");
     // A truncated image is refused, not a crash.
     let mut broken = picture(ImageFormat::Png);
     broken.truncate(200);
     let (server, bid) = upload(&alice, "image/png", None, &broken).await;
-    get_raw(&alice, &format!("/_matrix/client/v1/media/thumbnail/{server}/{bid}?width=32&height=32")).await.assert_err(400, "M_UNKNOWN");
+    get_raw(&alice, &format!("/_matrix/client/v1/media/thumbnail/{server}/{bid}?width=32&height=32"))
+        .await
+        .assert_err(400, "M_UNKNOWN");
     s.stop().await;
 }
 
@@ -430,13 +539,21 @@ async fn media_over_federation_fetched_cached_and_served() {
     assert_eq!(parts[1].body, png);
     let (headers, body) = fed_b
         .client
-        .get_raw("hearth-a.test", &format!("/_matrix/federation/v1/media/thumbnail/{id}?width=96&height=96&method=crop"), 10 << 20)
+        .get_raw(
+            "hearth-a.test",
+            &format!("/_matrix/federation/v1/media/thumbnail/{id}?width=96&height=96&method=crop"),
+            10 << 20,
+        )
         .await
         .expect("federation thumbnail");
     let boundary = hearth::media::multipart::boundary_of(headers["content-type"].to_str().unwrap()).unwrap();
     let parts = hearth::media::multipart::parse(&body, &boundary).unwrap();
     assert_eq!(decode(&parts[1].body).1.dimensions(), (96, 96));
-    let err = fed_b.client.get_raw("hearth-a.test", "/_matrix/federation/v1/media/download/nosuchmedia", 1 << 20).await.unwrap_err();
+    let err = fed_b
+        .client
+        .get_raw("hearth-a.test", "/_matrix/federation/v1/media/download/nosuchmedia", 1 << 20)
+        .await
+        .unwrap_err();
     assert_eq!(err.status(), Some(404));
     let unsigned = reqwest::Client::builder().danger_accept_invalid_certs(true).build().unwrap();
     let r = unsigned
@@ -453,7 +570,8 @@ async fn media_over_federation_fetched_cached_and_served() {
     assert_eq!(r.body, png);
     assert_eq!(r.header("content-type"), "image/png");
     assert_eq!(r.header("content-disposition"), "inline; filename=\"cat.png\"");
-    let thumb = get_raw(&bob, &format!("/_matrix/client/v1/media/thumbnail/hearth-a.test/{id}?width=320&height=240")).await;
+    let thumb =
+        get_raw(&bob, &format!("/_matrix/client/v1/media/thumbnail/hearth-a.test/{id}?width=320&height=240")).await;
     assert_eq!(thumb.status, 200);
     assert_eq!(decode(&thumb.body).1.dimensions(), (320, 160));
     let cached = b.db_path.parent().unwrap().join("media/files/hearth-a.test").join(&id[..2]).join(&id);
@@ -462,7 +580,9 @@ async fn media_over_federation_fetched_cached_and_served() {
     let r = get_raw(&b.client(), &format!("/_matrix/media/v3/download/hearth-a.test/{id}?allow_remote=false")).await;
     assert_eq!(r.body, png);
     let (_, other) = upload(&alice, "text/plain", None, b"not fetched yet").await;
-    get_raw(&b.client(), &format!("/_matrix/media/v3/download/hearth-a.test/{other}?allow_remote=false")).await.assert_err(404, "M_NOT_FOUND");
+    get_raw(&b.client(), &format!("/_matrix/media/v3/download/hearth-a.test/{other}?allow_remote=false"))
+        .await
+        .assert_err(404, "M_NOT_FOUND");
     // Unknown remote media is 404 for the client too.
     get_raw(&bob, "/_matrix/client/v1/media/download/hearth-a.test/nosuchmedia").await.assert_err(404, "M_NOT_FOUND");
 
@@ -470,7 +590,9 @@ async fn media_over_federation_fetched_cached_and_served() {
     a.stop().await;
     let r = get_raw(&bob, &path).await;
     assert_eq!((r.status, r.body == png), (200, true));
-    let thumb = get_raw(&bob, &format!("/_matrix/client/v1/media/thumbnail/hearth-a.test/{id}?width=32&height=32&method=crop")).await;
+    let thumb =
+        get_raw(&bob, &format!("/_matrix/client/v1/media/thumbnail/hearth-a.test/{id}?width=32&height=32&method=crop"))
+            .await;
     assert_eq!(decode(&thumb.body).1.dimensions(), (32, 32));
     // ... and media it never fetched is an error, not a hang.
     let r = get_raw(&bob, &format!("/_matrix/client/v1/media/download/hearth-a.test/{other}")).await;

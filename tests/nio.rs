@@ -13,7 +13,9 @@ use common::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn matrix_nio_end_to_end() {
     if std::env::var("HEARTH_SKIP_E2E").as_deref() == Ok("1") {
-        println!("SKIPPED matrix_nio_end_to_end: HEARTH_SKIP_E2E=1 is set (the matrix-nio end-to-end test did not run)");
+        println!(
+            "SKIPPED matrix_nio_end_to_end: HEARTH_SKIP_E2E=1 is set (the matrix-nio end-to-end test did not run)"
+        );
         return;
     }
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());

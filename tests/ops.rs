@@ -30,7 +30,12 @@ async fn get_raw(base_url: &str, path: &str) -> Resp {
 }
 
 fn text(o: &Output) -> String {
-    format!("status {:?}\nstdout: {}\nstderr: {}", o.status, String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 #[tokio::test]
@@ -54,7 +59,9 @@ async fn metrics_are_off_by_default() {
 
 /// One sample's value from Prometheus text (`name{labels} value`), matched by the whole series text.
 fn sample(metrics: &str, series: &str) -> Option<f64> {
-    metrics.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.parse().ok()))
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.parse().ok()))
 }
 
 #[tokio::test]
@@ -94,7 +101,8 @@ async fn metrics_count_requests_per_route_and_read_the_database() {
         .store
         .write(|w| {
             hearth::jobs::enqueue(w.conn, "resync", None, 0, &json!({}))?;
-            w.conn.execute("UPDATE jobs SET done_units = 7, total_units = 10, next_run_at = 9223372036854775807", [])?;
+            w.conn
+                .execute("UPDATE jobs SET done_units = 7, total_units = 10, next_run_at = 9223372036854775807", [])?;
             Ok(())
         })
         .await
@@ -136,7 +144,11 @@ fn config_check_names_the_offending_key() {
         std::fs::write(d.join(&file), toml).unwrap();
         let o = hearth(d, &["config", "check", "-c", &file], &[]);
         assert!(!o.status.success(), "{toml:?} passed: {}", text(&o));
-        assert!(String::from_utf8_lossy(&o.stderr).contains(key), "{toml:?}: message does not name `{key}`: {}", text(&o));
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains(key),
+            "{toml:?}: message does not name `{key}`: {}",
+            text(&o)
+        );
     }
     let o = hearth(d, &["config", "check", "-c", "missing.toml"], &[]);
     assert!(!o.status.success());
@@ -154,7 +166,11 @@ async fn systemd_notify_and_graceful_sigterm() {
     sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut server = BinServer::start(
         &db,
-        &[("NOTIFY_SOCKET", sock_path.to_str().unwrap()), ("HEARTH_REGISTRATION__ENABLED", "true"), ("HEARTH_LIMITS__MESSAGES_PER_SECOND", "1000")],
+        &[
+            ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
+            ("HEARTH_REGISTRATION__ENABLED", "true"),
+            ("HEARTH_LIMITS__MESSAGES_PER_SECOND", "1000"),
+        ],
     )
     .await;
     let mut buf = [0u8; 512];
@@ -209,7 +225,11 @@ async fn systemd_notify_and_graceful_sigterm() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let took = stop_started.elapsed();
-    assert!(status.success(), "exit status {status:?}: {}", std::fs::read_to_string(&server.log_path).unwrap_or_default());
+    assert!(
+        status.success(),
+        "exit status {status:?}: {}",
+        std::fs::read_to_string(&server.log_path).unwrap_or_default()
+    );
     assert!(took < Duration::from_secs(10), "graceful stop took {took:?}");
     let (poll_took, poll_status) = poll.await.unwrap();
     assert!(poll_took < Duration::from_secs(10), "the long poll held on for {poll_took:?} ({poll_status:?})");
@@ -217,7 +237,10 @@ async fn systemd_notify_and_graceful_sigterm() {
     for s in sends {
         acked.extend(s.await.unwrap());
     }
-    eprintln!("stopped in {took:?}; long poll ended after {poll_took:?} with {poll_status:?}; {} of 20 sends acknowledged", acked.len());
+    eprintln!(
+        "stopped in {took:?}; long poll ended after {poll_took:?} with {poll_status:?}; {} of 20 sends acknowledged",
+        acked.len()
+    );
     let wal = std::fs::metadata(dir.path().join("hearth.db-wal")).map(|m| m.len()).unwrap_or(0);
     assert_eq!(wal, 0, "the WAL was checkpointed on the way out");
     drop(server);
@@ -240,7 +263,15 @@ async fn login_limit_per_address_behind_a_local_proxy() {
         let url = format!("{}/_matrix/client/v3/login", server.base_url);
         async move {
             let body = json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": user}, "password": "wrong"});
-            reqwest::Client::new().post(url).header("X-Forwarded-For", forwarded).json(&body).send().await.unwrap().status().as_u16()
+            reqwest::Client::new()
+                .post(url)
+                .header("X-Forwarded-For", forwarded)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
         }
     };
     // Different user names each time: only the address limit (5 failures a minute) can trip.
@@ -259,7 +290,8 @@ async fn login_limit_per_address_behind_a_local_proxy() {
 async fn systemd_notify_to_an_abstract_socket() {
     use std::os::linux::net::SocketAddrExt;
     let name = format!("hearth-test-notify-{}", std::process::id());
-    let sock = UnixDatagram::bind_addr(&std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap()).unwrap();
+    let sock =
+        UnixDatagram::bind_addr(&std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap()).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let server = BinServer::start(&dir.path().join("hearth.db"), &[("NOTIFY_SOCKET", &format!("@{name}"))]).await;

@@ -39,7 +39,10 @@ fn packaged_config_is_the_example_with_the_state_directory() {
     );
     let packaged: hearth::config::Config = toml::from_str(&read("packaging/debian/hearth.toml")).unwrap();
     assert_eq!(packaged.database.path, Path::new("/var/lib/hearth/hearth.db"));
-    assert!(packaged.listen.client.ip().is_loopback(), "the package serves plain HTTP on loopback only (a proxy adds TLS)");
+    assert!(
+        packaged.listen.client.ip().is_loopback(),
+        "the package serves plain HTTP on loopback only (a proxy adds TLS)"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let o = clean_hearth_env(&mut Command::new(hearth_bin()))
@@ -97,7 +100,8 @@ fn run_script(name: &str, root: &Path, args: &[&str], user_exists: bool) -> Stri
     let calls = root.join("calls");
     for cmd in ["addgroup", "adduser", "chown", "install", "deluser"] {
         let extra = if cmd == "install" { "mkdir -p \"$(eval echo \\${$#})\"\n" } else { "" };
-        std::fs::write(bin.join(cmd), format!("#!/bin/sh\necho \"{cmd} $*\" >> '{}'\n{extra}", calls.display())).unwrap();
+        std::fs::write(bin.join(cmd), format!("#!/bin/sh\necho \"{cmd} $*\" >> '{}'\n{extra}", calls.display()))
+            .unwrap();
     }
     std::fs::write(bin.join("getent"), format!("#!/bin/sh\nexit {}\n", if user_exists { 0 } else { 2 })).unwrap();
     for f in std::fs::read_dir(&bin).unwrap() {
@@ -143,7 +147,10 @@ fn maintainer_scripts_create_the_user_and_delete_data_only_on_purge() {
     assert!(!r.join("etc/hearth").exists(), "purge deletes the config");
 
     for s in ["postinst", "postrm"] {
-        assert!(read(&format!("packaging/debian/{s}")).contains("#DEBHELPER#"), "{s} needs the #DEBHELPER# token for cargo-deb");
+        assert!(
+            read(&format!("packaging/debian/{s}")).contains("#DEBHELPER#"),
+            "{s} needs the #DEBHELPER# token for cargo-deb"
+        );
     }
 }
 
@@ -179,7 +186,8 @@ fn debian_package_unpacks_and_runs() {
     let has = |cmd: &str, arg: &str| Command::new(cmd).arg(arg).output().is_ok_and(|o| o.status.success());
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let cargo_deb = Command::new(&cargo).args(["deb", "--version"]).output();
-    let cargo_deb_3 = cargo_deb.as_ref().is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(" 3."));
+    let cargo_deb_3 =
+        cargo_deb.as_ref().is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(" 3."));
     if !cargo_deb_3 || !has("dpkg-deb", "--version") || !has("jq", "--version") || !has("curl", "--version") {
         eprintln!("SKIPPED: needs cargo-deb 3.x, dpkg-deb, jq and curl; run packaging/build-release.sh for the full packaging test");
         return;
@@ -197,9 +205,21 @@ fn debian_package_unpacks_and_runs() {
         .output()
         .unwrap();
     assert!(o.status.success(), "cargo deb failed: {}", String::from_utf8_lossy(&o.stderr));
-    let deb = std::fs::read_dir(out.path()).unwrap().filter_map(|e| e.ok()).map(|e| e.path()).find(|p| p.extension().is_some_and(|x| x == "deb")).expect("a .deb");
-    assert!(deb.file_name().unwrap().to_string_lossy().starts_with(&format!("hearth_{}_", env!("CARGO_PKG_VERSION"))), "{deb:?}");
-    let o = clean_hearth_env(&mut Command::new("bash")).arg(repo().join("packaging/test-deb.sh")).arg(&deb).output().unwrap();
+    let deb = std::fs::read_dir(out.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .expect("a .deb");
+    assert!(
+        deb.file_name().unwrap().to_string_lossy().starts_with(&format!("hearth_{}_", env!("CARGO_PKG_VERSION"))),
+        "{deb:?}"
+    );
+    let o = clean_hearth_env(&mut Command::new("bash"))
+        .arg(repo().join("packaging/test-deb.sh"))
+        .arg(&deb)
+        .output()
+        .unwrap();
     assert!(
         o.status.success(),
         "test-deb.sh failed:\n{}\n{}",

@@ -44,7 +44,10 @@ fn memberships_in(room: &Value) -> std::collections::BTreeMap<String, String> {
     let mut out = std::collections::BTreeMap::new();
     for e in events_of(&room["state"]).into_iter().chain(events_of(&room["timeline"])) {
         if e["type"] == "m.room.member" {
-            out.insert(e["state_key"].as_str().unwrap_or_default().to_owned(), e["content"]["membership"].as_str().unwrap_or_default().to_owned());
+            out.insert(
+                e["state_key"].as_str().unwrap_or_default().to_owned(),
+                e["content"]["membership"].as_str().unwrap_or_default().to_owned(),
+            );
         }
     }
     out
@@ -72,11 +75,19 @@ async fn eager_sync_hides_partial_room_until_resync_then_shows_all_members() {
     let room = fake.room_id();
 
     let initial = alice.sync(None, &[]).await.ok();
-    assert!(initial["rooms"]["join"].get(&room).is_none(), "eager initial sync must hide the partial room: {}", initial["rooms"]);
+    assert!(
+        initial["rooms"]["join"].get(&room).is_none(),
+        "eager initial sync must hide the partial room: {}",
+        initial["rooms"]
+    );
     // Still hidden in an incremental sync while the resync waits.
     let since = initial["next_batch"].as_str().unwrap().to_owned();
     let inc = alice.sync(Some(&since), &[("timeout", "500")]).await.ok();
-    assert!(inc["rooms"]["join"].get(&room).is_none(), "eager incremental sync must hide the partial room: {}", inc["rooms"]);
+    assert!(
+        inc["rooms"]["join"].get(&room).is_none(),
+        "eager incremental sync must hide the partial room: {}",
+        inc["rooms"]
+    );
     let mut since = inc["next_batch"].as_str().unwrap().to_owned();
 
     fake.release("state_ids");
@@ -110,11 +121,18 @@ async fn lazy_sync_shows_partial_room_at_once_with_senders_memberships() {
     assert_eq!(answer[&m1.id], json!({}), "Hearth accepted the message: {answer}");
 
     let initial = alice.sync(None, &[("filter", &filter)]).await.ok();
-    let r = initial["rooms"]["join"].get(&room).unwrap_or_else(|| panic!("lazy-loading initial sync shows the partial room at once: {}", initial["rooms"]));
-    let timeline: Vec<String> = events_of(&r["timeline"]).iter().filter_map(|e| e["event_id"].as_str().map(str::to_owned)).collect();
+    let r = initial["rooms"]["join"]
+        .get(&room)
+        .unwrap_or_else(|| panic!("lazy-loading initial sync shows the partial room at once: {}", initial["rooms"]));
+    let timeline: Vec<String> =
+        events_of(&r["timeline"]).iter().filter_map(|e| e["event_id"].as_str().map(str::to_owned)).collect();
     assert!(timeline.contains(&m1.id), "the remote message is in the timeline: {timeline:?}");
     let members = memberships_in(r);
-    assert_eq!(members.get(&user3).map(String::as_str), Some("join"), "the sender's membership comes with the lazy-loaded state: {members:?}");
+    assert_eq!(
+        members.get(&user3).map(String::as_str),
+        Some("join"),
+        "the sender's membership comes with the lazy-loaded state: {members:?}"
+    );
     assert_eq!(members.get(&alice.user_id).map(String::as_str), Some("join"));
 
     // Incremental: another remote sender.
@@ -123,10 +141,16 @@ async fn lazy_sync_shows_partial_room_at_once_with_senders_memberships() {
     let m2 = fake.append(EventSpec::message(&user4, "hello from user4"));
     fake.push(&[&m2.id]).await;
     let inc = alice.sync(Some(&since), &[("filter", &filter), ("timeout", "5000")]).await.ok();
-    let r = inc["rooms"]["join"].get(&room).unwrap_or_else(|| panic!("incremental lazy sync shows the new message: {}", inc["rooms"]));
+    let r = inc["rooms"]["join"]
+        .get(&room)
+        .unwrap_or_else(|| panic!("incremental lazy sync shows the new message: {}", inc["rooms"]));
     assert!(events_of(&r["timeline"]).iter().any(|e| e["event_id"] == json!(m2.id)));
     let members = memberships_in(r);
-    assert_eq!(members.get(&user4).map(String::as_str), Some("join"), "incremental lazy sync carries the new sender's membership: {members:?}");
+    assert_eq!(
+        members.get(&user4).map(String::as_str),
+        Some("join"),
+        "incremental lazy sync carries the new sender's membership: {members:?}"
+    );
 
     fake.release("state_ids");
     wait_resynced(&alice, &room).await;
@@ -174,13 +198,19 @@ async fn send_during_partial_state_reaches_the_resident() {
     let room = fake.room_id();
 
     let started = std::time::Instant::now();
-    let event_id = within(Duration::from_secs(10), alice.send_text(&room, "sent while partial")).await.expect("sending does not wait for the resync");
+    let event_id = within(Duration::from_secs(10), alice.send_text(&room, "sent while partial"))
+        .await
+        .expect("sending does not wait for the resync");
     let pdu = fake.wait_received(&event_id, Duration::from_secs(10)).await;
     eprintln!("message reached the resident after {:?}", started.elapsed());
     assert_eq!(pdu["content"]["body"], "sent while partial");
     assert_eq!(pdu["sender"], json!(alice.user_id));
     assert_eq!(pdu["room_id"], json!(room));
-    assert!(started.elapsed() < Duration::from_secs(5), "the resident got the message quickly ({:?})", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the resident got the message quickly ({:?})",
+        started.elapsed()
+    );
     // The resync is still waiting: this happened during partial state.
     assert_eq!(fake.count("state"), 0);
     assert!(fake.requests_of("event").is_empty());
@@ -215,7 +245,13 @@ async fn events_with_missing_parents_during_partial_state_are_fetched() {
         assert_eq!(r["content"]["body"], ev.json["content"]["body"]);
     }
     let msgs = alice.messages(&room, &[("dir", "b"), ("limit", "10")]).await.ok();
-    let bodies: Vec<&str> = msgs["chunk"].as_array().unwrap().iter().filter(|e| e["type"] == "m.room.message").filter_map(|e| e["content"]["body"].as_str()).collect();
+    let bodies: Vec<&str> = msgs["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "m.room.message")
+        .filter_map(|e| e["content"]["body"].as_str())
+        .collect();
     assert_eq!(&bodies[..3], &["grandchild", "child", "parent"]);
 
     fake.release("state_ids");
@@ -247,7 +283,8 @@ async fn rejected_event_during_partial_state_stays_rejected_after_resync() {
             alice.event(&room, &bad).await.assert_err(404, "M_NOT_FOUND");
             alice.event(&room, &good).await.ok();
             let msgs = alice.messages(&room, &[("dir", "b"), ("limit", "20")]).await.ok();
-            let ids: Vec<&str> = msgs["chunk"].as_array().unwrap().iter().filter_map(|e| e["event_id"].as_str()).collect();
+            let ids: Vec<&str> =
+                msgs["chunk"].as_array().unwrap().iter().filter_map(|e| e["event_id"].as_str()).collect();
             assert!(!ids.contains(&bad.as_str()), "{when}: the rejected event is not in /messages");
             assert!(ids.contains(&good.as_str()), "{when}: the accepted event is in /messages");
         }
@@ -292,7 +329,11 @@ async fn leave_during_resync_does_not_wait() {
     let leave_pdu = {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
-            let found = fake.received().into_iter().map(|x| x.1).find(|p| p["type"] == "m.room.member" && p["state_key"] == json!(alice.user_id) && p["content"]["membership"] == "leave");
+            let found = fake.received().into_iter().map(|x| x.1).find(|p| {
+                p["type"] == "m.room.member"
+                    && p["state_key"] == json!(alice.user_id)
+                    && p["content"]["membership"] == "leave"
+            });
             if let Some(p) = found {
                 break p;
             }
@@ -323,10 +364,15 @@ async fn second_local_user_joins_during_resync() {
     let room = fake.room_id();
 
     let bob = hearth.user("bob").await;
-    let r = within(Duration::from_secs(10), join_via(&bob, &fake)).await.expect("a second join does not wait for the resync");
+    let r = within(Duration::from_secs(10), join_via(&bob, &fake))
+        .await
+        .expect("a second join does not wait for the resync");
     assert_eq!(r["room_id"], json!(room));
     // The resident learns of bob's join (through send_join or /send).
-    fake.wait_until("bob's join at the resident", Duration::from_secs(10), |f| f.joined_members().contains(&bob.user_id)).await;
+    fake.wait_until("bob's join at the resident", Duration::from_secs(10), |f| {
+        f.joined_members().contains(&bob.user_id)
+    })
+    .await;
     // Bob can talk at once, and the resident gets it.
     let ev = bob.send_text(&room, "bob here").await;
     fake.wait_received(&ev, Duration::from_secs(10)).await;
@@ -349,12 +395,24 @@ async fn partial_room_refuses_to_act_as_resident() {
 
     // make_join / send_join: 404 M_NOT_FOUND while partial.
     let ver = format!("ver={}", fake.room_version());
-    let mj = fake.request_hearth(reqwest::Method::GET, &format!("/_matrix/federation/v1/make_join/{}/{}?{ver}", enc(&room), enc(&newcomer)), None).await;
+    let mj = fake
+        .request_hearth(
+            reqwest::Method::GET,
+            &format!("/_matrix/federation/v1/make_join/{}/{}?{ver}", enc(&room), enc(&newcomer)),
+            None,
+        )
+        .await;
     let (status, body) = mj.expect_err("make_join must be refused");
     assert_eq!((status, body["errcode"].as_str()), (404, Some("M_NOT_FOUND")), "{body}");
     let join = fake.build(EventSpec::member(&newcomer, "join"));
     for v in ["v1", "v2"] {
-        let sj = fake.request_hearth(reqwest::Method::PUT, &format!("/_matrix/federation/{v}/send_join/{}/{}", enc(&room), enc(&join.id)), Some(&join.json)).await;
+        let sj = fake
+            .request_hearth(
+                reqwest::Method::PUT,
+                &format!("/_matrix/federation/{v}/send_join/{}/{}", enc(&room), enc(&join.id)),
+                Some(&join.json),
+            )
+            .await;
         let (status, body) = sj.expect_err("send_join must be refused");
         assert_eq!((status, body["errcode"].as_str()), (404, Some("M_NOT_FOUND")), "{v}: {body}");
     }
@@ -365,18 +423,31 @@ async fn partial_room_refuses_to_act_as_resident() {
         format!("/_matrix/federation/v1/state/{}?event_id={}", enc(&room), enc(&at)),
         format!("/_matrix/federation/v1/event_auth/{}/{}", enc(&room), enc(&at)),
     ] {
-        let (status, body) = fake.request_hearth(reqwest::Method::GET, &path, None).await.expect_err("state must be refused while partial");
+        let (status, body) = fake
+            .request_hearth(reqwest::Method::GET, &path, None)
+            .await
+            .expect_err("state must be refused while partial");
         assert_eq!((status, body["errcode"].as_str()), (403, Some("M_UNABLE_DUE_TO_PARTIAL_STATE")), "{path}: {body}");
     }
 
     // Once the resync is done, Hearth answers again.
     fake.release("state_ids");
     wait_resynced(&alice, &room).await;
-    let mj = fake.request_hearth(reqwest::Method::GET, &format!("/_matrix/federation/v1/make_join/{}/{}?{ver}", enc(&room), enc(&newcomer)), None).await;
+    let mj = fake
+        .request_hearth(
+            reqwest::Method::GET,
+            &format!("/_matrix/federation/v1/make_join/{}/{}?{ver}", enc(&room), enc(&newcomer)),
+            None,
+        )
+        .await;
     let template = mj.expect("make_join answered after the resync");
     assert_eq!(template["event"]["state_key"], json!(newcomer));
     let ids = fake
-        .request_hearth(reqwest::Method::GET, &format!("/_matrix/federation/v1/state_ids/{}?event_id={}", enc(&room), enc(&at)), None)
+        .request_hearth(
+            reqwest::Method::GET,
+            &format!("/_matrix/federation/v1/state_ids/{}?event_id={}", enc(&room), enc(&at)),
+            None,
+        )
         .await
         .expect("state_ids answered after the resync");
     assert!(ids["pdu_ids"].as_array().is_some_and(|a| a.len() > 20), "{ids}");
@@ -448,7 +519,11 @@ level = "info,ruma_state_res=warn"
             if let Ok(Some(status)) = me.child.try_wait() {
                 panic!("hearth exited early with {status}: {}", me.logs());
             }
-            if probe.try_request(reqwest::Method::GET, "/_matrix/client/versions", None).await.is_ok_and(|r| r.status == 200) {
+            if probe
+                .try_request(reqwest::Method::GET, "/_matrix/client/versions", None)
+                .await
+                .is_ok_and(|r| r.status == 200)
+            {
                 break;
             }
             assert!(std::time::Instant::now() < deadline, "hearth did not start: {}", me.logs());
@@ -518,14 +593,18 @@ async fn resync_resumes_after_sigkill_without_refetching_what_was_stored() {
         let join = r.get(&join_id).unwrap();
         let mut ids: Vec<String> = join.state_before.values().cloned().collect();
         ids.truncate(40);
-        ids.into_iter().chain(join.state_before.iter().filter(|((t, _), _)| t != "m.room.member").map(|(_, id)| id.clone())).collect()
+        ids.into_iter()
+            .chain(join.state_before.iter().filter(|((t, _), _)| t != "m.room.member").map(|(_, id)| id.clone()))
+            .collect()
     };
 
     // Third run: everything answers; the resync finishes from its cursor.
     fake.release("event");
     let hearth = FedBinary::start(dir.path(), 3).await;
     let alice = alice.at(&hearth.base_url);
-    let joined = within(LONG, joined_members(&alice, &room)).await.unwrap_or_else(|| panic!("resync did not finish: {}", hearth.logs()));
+    let joined = within(LONG, joined_members(&alice, &room))
+        .await
+        .unwrap_or_else(|| panic!("resync did not finish: {}", hearth.logs()));
     let joined = joined.ok();
     assert_eq!(joined_ids(&joined), expected_members(&fake), "the member list is complete after the restarts");
 
@@ -541,7 +620,13 @@ async fn resync_resumes_after_sigkill_without_refetching_what_was_stored() {
         assert!(!stored.contains(id), "{id} was stored before the kill but fetched again");
     }
     let unique: std::collections::HashSet<&String> = refetched.iter().collect();
-    assert!(refetched.len() <= 81 - 40 + 5, "only what was missing: {} requests, {} distinct events; log: {}", refetched.len(), unique.len(), hearth.logs());
+    assert!(
+        refetched.len() <= 81 - 40 + 5,
+        "only what was missing: {} requests, {} distinct events; log: {}",
+        refetched.len(),
+        unique.len(),
+        hearth.logs()
+    );
     // The room works: a message reaches the resident.
     let ev = alice.send_text(&room, "back after two kills").await;
     fake.wait_received(&ev, Duration::from_secs(10)).await;
@@ -577,7 +662,8 @@ async fn state_wrongly_accepted_during_partial_state_is_gone_after_resync() {
     if fake.room_version() != "12" {
         auth.push(create);
     }
-    let topic = fake.build(EventSpec::state(&user7, "m.room.topic", "", json!({"topic": "from a banned user"})).with_auth(auth));
+    let topic = fake
+        .build(EventSpec::state(&user7, "m.room.topic", "", json!({"topic": "from a banned user"})).with_auth(auth));
     fake.push(&[&topic.id]).await;
     let during = alice.state(&room, "m.room.topic", "").await;
     eprintln!("topic during partial state: {} {}", during.status, during.text);
@@ -587,7 +673,10 @@ async fn state_wrongly_accepted_during_partial_state_is_gone_after_resync() {
     alice.state(&room, "m.room.topic", "").await.assert_err(404, "M_NOT_FOUND");
     alice.event(&room, &topic.id).await.assert_err(404, "M_NOT_FOUND");
     let state = alice.get(&format!("/rooms/{}/state", enc(&room))).await.ok();
-    assert!(!state.as_array().unwrap().iter().any(|e| e["type"] == "m.room.topic"), "the banned user's topic is not in the room state");
+    assert!(
+        !state.as_array().unwrap().iter().any(|e| e["type"] == "m.room.topic"),
+        "the banned user's topic is not in the room state"
+    );
     let joined = joined_ids(&joined_members(&alice, &room).await.ok());
     assert!(!joined.contains(&user7), "user7 is banned, not joined");
     hearth.stop().await;
@@ -637,7 +726,10 @@ async fn state_wrongly_rejected_during_partial_state_is_accepted_after_resync() 
     fake.release("state_ids");
     wait_resynced(&alice, &room).await;
     let t = alice.state(&room, "m.room.topic", "").await.ok();
-    assert_eq!(t["topic"], "set by user8", "the topic is accepted once the full state shows user8 joined with power 50");
+    assert_eq!(
+        t["topic"], "set by user8",
+        "the topic is accepted once the full state shows user8 joined with power 50"
+    );
     alice.event(&room, &topic.id).await.ok();
     hearth.stop().await;
 }

@@ -60,7 +60,9 @@ async fn messages_per_user() {
     for i in 0..10 {
         alice.send_text(&room, &format!("m{i}")).await;
     }
-    let wait = assert_limited(&alice.send(&room, "m.room.message", json!({"msgtype": "m.text", "body": "one too many"})).await);
+    let wait = assert_limited(
+        &alice.send(&room, "m.room.message", json!({"msgtype": "m.text", "body": "one too many"})).await,
+    );
     assert!(wait <= 5000, "0.2 per second: {wait}");
     // Per user: bob is not affected.
     bob.join(&room).await.ok();

@@ -17,7 +17,10 @@ async fn responses_have_the_spec_shape() {
     assert!(one.as_object().unwrap().values().all(|v| !v.is_null()), "{one}");
     // A filter stored with nulls reads back without them.
     let path = format!("/user/{}/filter", enc(&alice.user_id));
-    let id = alice.post(&path, json!({"room": null, "presence": {"types": null}})).await.ok()["filter_id"].as_str().unwrap().to_owned();
+    let id = alice.post(&path, json!({"room": null, "presence": {"types": null}})).await.ok()["filter_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let f = alice.get(&format!("{path}/{id}")).await.ok();
     assert_eq!(f, json!({"presence": {}}));
     server.stop().await;
@@ -57,7 +60,10 @@ async fn invalid_input_is_refused() {
         let f = serde_json::to_string(&bad).unwrap();
         alice.sync(None, &[("filter", &f)]).await.assert_err(400, "M_BAD_JSON");
     }
-    alice.post(&path, json!({"room": {"timeline": {"rooms": [room.clone()], "limit": 5, "lazy_load_members": true}}})).await.ok();
+    alice
+        .post(&path, json!({"room": {"timeline": {"rooms": [room.clone()], "limit": 5, "lazy_load_members": true}}}))
+        .await
+        .ok();
 
     // /sync: set_presence and use_state_after are validated even though presence and MSC4222 are off.
     alice.sync(None, &[("set_presence", "dancing")]).await.assert_err(400, "M_INVALID_PARAM");
@@ -71,13 +77,19 @@ async fn invalid_input_is_refused() {
     // publicRooms filter.
     alice.post("/publicRooms", json!({"filter": "AAA"})).await.assert_err(400, "M_BAD_JSON");
     alice.post("/publicRooms", json!({"filter": {"room_types": {}}})).await.assert_err(400, "M_BAD_JSON");
-    alice.post("/publicRooms", json!({"filter": {"generic_search_term": "x", "room_types": [null, "m.space"]}})).await.ok();
+    alice
+        .post("/publicRooms", json!({"filter": {"generic_search_term": "x", "room_types": [null, "m.space"]}}))
+        .await
+        .ok();
 
     // E2EE key endpoints.
     alice.post("/keys/query", json!({"device_keys": {"@x:localhost": [null]}})).await.assert_err(400, "M_BAD_JSON");
     alice.post("/keys/signatures/upload", json!({"@x:localhost": [null, null]})).await.assert_err(400, "M_BAD_JSON");
     alice.post("/keys/signatures/upload", json!({"@x:localhost": {"k": "AAA"}})).await.assert_err(400, "M_BAD_JSON");
-    alice.post("/room_keys/version", json!({"algorithm": "AAA", "auth_data": {}})).await.assert_err(400, "M_INVALID_PARAM");
+    alice
+        .post("/room_keys/version", json!({"algorithm": "AAA", "auth_data": {}}))
+        .await
+        .assert_err(400, "M_INVALID_PARAM");
     server.stop().await;
 }
 
@@ -91,9 +103,12 @@ async fn notary_query_is_checked() {
     .await;
     let anon = server.client();
     anon.post("/_matrix/key/v2/query", json!({})).await.assert_err(400, "M_BAD_JSON");
-    anon.post("/_matrix/key/v2/query", json!({"server_keys": {"localhost": {"ed25519:x": {"minimum_valid_until_ts": 1u64 << 60}}}}))
-        .await
-        .assert_err(400, "M_BAD_JSON");
+    anon.post(
+        "/_matrix/key/v2/query",
+        json!({"server_keys": {"localhost": {"ed25519:x": {"minimum_valid_until_ts": 1u64 << 60}}}}),
+    )
+    .await
+    .assert_err(400, "M_BAD_JSON");
     let ok = anon.post("/_matrix/key/v2/query", json!({"server_keys": {"localhost": {}}})).await.ok();
     assert_eq!(ok["server_keys"][0]["server_name"], "localhost");
     server.stop().await;

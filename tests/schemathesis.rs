@@ -134,7 +134,9 @@ fn run_pass(bin: &Path, out_dir: &Path, pass: &Pass) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schemathesis_against_the_spec() {
     if std::env::var("HEARTH_SKIP_SCHEMA").as_deref() == Ok("1") {
-        println!("SKIPPED schemathesis_against_the_spec: HEARTH_SKIP_SCHEMA=1 is set (the schemathesis passes did not run)");
+        println!(
+            "SKIPPED schemathesis_against_the_spec: HEARTH_SKIP_SCHEMA=1 is set (the schemathesis passes did not run)"
+        );
         return;
     }
     let bin = schemathesis_bin();
@@ -167,13 +169,24 @@ async fn schemathesis_against_the_spec() {
     run_pass(
         &bin,
         &out_dir,
-        &Pass { name: "client-random-ids", config: "random-ids.toml", url: &server.base_url, token: Some(&token), include: None, exclude: client_only, env: vec![] },
+        &Pass {
+            name: "client-random-ids",
+            config: "random-ids.toml",
+            url: &server.base_url,
+            token: Some(&token),
+            include: None,
+            exclude: client_only,
+            env: vec![],
+        },
     );
 
     let room = user.create_room(json!({"preset": "public_chat", "name": "schemathesis"})).await;
     let event = user.send_text(&room, "hello").await;
     let version = user
-        .post("/room_keys/version", json!({"algorithm": "m.megolm_backup.v1.curve25519-aes-sha2", "auth_data": {"public_key": "abc"}}))
+        .post(
+            "/room_keys/version",
+            json!({"algorithm": "m.megolm_backup.v1.curve25519-aes-sha2", "auth_data": {"public_key": "abc"}}),
+        )
         .await
         .ok()["version"]
         .as_str()
@@ -189,7 +202,15 @@ async fn schemathesis_against_the_spec() {
     run_pass(
         &bin,
         &out_dir,
-        &Pass { name: "client-pinned-ids", config: "pinned-ids.toml", url: &server.base_url, token: Some(&token), include: None, exclude: client_only, env },
+        &Pass {
+            name: "client-pinned-ids",
+            config: "pinned-ids.toml",
+            url: &server.base_url,
+            token: Some(&token),
+            include: None,
+            exclude: client_only,
+            env,
+        },
     );
     // Still serving and the session still valid after everything thrown at it.
     user.get("/account/whoami").await.ok();

@@ -18,6 +18,9 @@ async fn well_known_defaults_and_configured() {
     })
     .await;
     let c = delegated.client();
-    assert_eq!(c.get("/.well-known/matrix/client").await.ok()["m.homeserver"]["base_url"], "https://matrix.example.org");
+    assert_eq!(
+        c.get("/.well-known/matrix/client").await.ok()["m.homeserver"]["base_url"],
+        "https://matrix.example.org"
+    );
     assert_eq!(c.get("/.well-known/matrix/server").await.ok()["m.server"], "matrix.example.org:443");
 }

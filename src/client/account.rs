@@ -50,7 +50,11 @@ pub struct LoginRequest {
 
 /// Resolves `alice` or `@alice:server` to a full local user id.
 pub fn local_user_id(s: &AppState, name: &str) -> Result<String> {
-    let full = if name.starts_with('@') { name.to_owned() } else { format!("@{}:{}", name.to_lowercase(), s.identity.server_name) };
+    let full = if name.starts_with('@') {
+        name.to_owned()
+    } else {
+        format!("@{}:{}", name.to_lowercase(), s.identity.server_name)
+    };
     if !s.identity.is_local_user(&full) {
         return Err(Error::forbidden("not a user of this server"));
     }
@@ -82,7 +86,11 @@ pub async fn check_password(s: &AppState, user_id: &str, password: &str) -> Resu
         .map_err(|e| Error::internal(e.to_string()))
 }
 
-pub async fn login(State(s): State<AppState>, parts: Parts, Json(req): Json<LoginRequest>) -> Result<impl IntoResponse> {
+pub async fn login(
+    State(s): State<AppState>,
+    parts: Parts,
+    Json(req): Json<LoginRequest>,
+) -> Result<impl IntoResponse> {
     if req.kind != "m.login.password" {
         return Err(Error::unknown(format!("login type {} is not supported", req.kind)));
     }
@@ -187,7 +195,11 @@ pub async fn register(
     Json(req): Json<RegisterRequest>,
 ) -> Result<axum::response::Response> {
     if q.kind.as_deref() == Some("guest") {
-        return Err(Error::matrix(axum::http::StatusCode::FORBIDDEN, "M_GUEST_ACCESS_FORBIDDEN", "guest access is disabled"));
+        return Err(Error::matrix(
+            axum::http::StatusCode::FORBIDDEN,
+            "M_GUEST_ACCESS_FORBIDDEN",
+            "guest access is disabled",
+        ));
     }
     if !s.config.registration.enabled {
         return Err(Error::forbidden("registration is disabled"));
@@ -207,7 +219,8 @@ pub async fn register(
     // User-interactive auth.
     let stage = if s.config.registration.token.is_some() { "m.login.registration_token" } else { "m.login.dummy" };
     let challenge = |session: String, completed: Vec<String>, err: Option<(&str, &str)>| {
-        let mut body = json!({"flows": [{"stages": [stage]}], "params": {}, "session": session, "completed": completed});
+        let mut body =
+            json!({"flows": [{"stages": [stage]}], "params": {}, "session": session, "completed": completed});
         if let Some((code, msg)) = err {
             body["errcode"] = json!(code);
             body["error"] = json!(msg);
@@ -245,12 +258,17 @@ pub async fn register(
 
     let password = req.password.clone();
     let hash = match password {
-        Some(p) => Some(tokio::task::spawn_blocking(move || hash_password(&p)).await.map_err(|e| Error::internal(e.to_string()))??),
+        Some(p) => Some(
+            tokio::task::spawn_blocking(move || hash_password(&p))
+                .await
+                .map_err(|e| Error::internal(e.to_string()))??,
+        ),
         None => None,
     };
     let device_id = req.device_id.clone().unwrap_or_else(|| random_string(10).to_uppercase());
     let token = format!("hth_{}", random_string(40));
-    let (u, d, t, dn, inhibit) = (user_id.clone(), device_id.clone(), token.clone(), req.initial_device_display_name.clone(), req.inhibit_login);
+    let (u, d, t, dn, inhibit) =
+        (user_id.clone(), device_id.clone(), token.clone(), req.initial_device_display_name.clone(), req.inhibit_login);
     s.store
         .write(move |w| {
             if !accounts::insert_user(w.conn, &u, hash.as_deref(), false)? {
@@ -275,7 +293,10 @@ pub struct AvailableQuery {
     username: Option<String>,
 }
 
-pub async fn register_available(State(s): State<AppState>, Query(q): Query<AvailableQuery>) -> Result<impl IntoResponse> {
+pub async fn register_available(
+    State(s): State<AppState>,
+    Query(q): Query<AvailableQuery>,
+) -> Result<impl IntoResponse> {
     if !s.config.registration.enabled {
         return Err(Error::forbidden("registration is disabled"));
     }
@@ -301,7 +322,9 @@ pub async fn require_password(s: &AppState, auth: &Auth, body_auth: Option<&Valu
             .with("session", json!(s.uia.new_session())));
     };
     let password = a.get("password").and_then(Value::as_str).unwrap_or("");
-    if a.get("type").and_then(Value::as_str) == Some("m.login.password") && check_password(s, &auth.user_id, password).await? {
+    if a.get("type").and_then(Value::as_str) == Some("m.login.password")
+        && check_password(s, &auth.user_id, password).await?
+    {
         return Ok(());
     }
     // A failed stage is answered like the challenge (401, same session) plus an error code, as the spec's
@@ -325,10 +348,15 @@ fn default_true() -> bool {
     true
 }
 
-pub async fn change_password(State(s): State<AppState>, auth: Auth, Json(req): Json<PasswordChange>) -> Result<impl IntoResponse> {
+pub async fn change_password(
+    State(s): State<AppState>,
+    auth: Auth,
+    Json(req): Json<PasswordChange>,
+) -> Result<impl IntoResponse> {
     require_password(&s, &auth, req.auth.as_ref()).await?;
     let p = req.new_password;
-    let hash = tokio::task::spawn_blocking(move || hash_password(&p)).await.map_err(|e| Error::internal(e.to_string()))??;
+    let hash =
+        tokio::task::spawn_blocking(move || hash_password(&p)).await.map_err(|e| Error::internal(e.to_string()))??;
     s.store
         .write(move |w| {
             accounts::set_password(w.conn, &auth.user_id, &hash)?;
@@ -383,7 +411,11 @@ pub async fn get_filter(
         return Err(Error::forbidden("cannot read other users' filters"));
     }
     let id: i64 = filter_id.parse().map_err(|_| Error::not_found("no such filter"))?;
-    let json = s.store.read(move |c| accounts::get_filter(c, &auth.user_id, id)).await?.ok_or_else(|| Error::not_found("no such filter"))?;
+    let json = s
+        .store
+        .read(move |c| accounts::get_filter(c, &auth.user_id, id))
+        .await?
+        .ok_or_else(|| Error::not_found("no such filter"))?;
     Ok(axum::Json(serde_json::from_str::<Value>(&json)?))
 }
 
@@ -406,7 +438,11 @@ pub async fn list_devices(State(s): State<AppState>, auth: Auth) -> Result<impl 
     Ok(axum::Json(json!({"devices": devices.iter().map(|d| device_json(&auth.user_id, d)).collect::<Vec<_>>()})))
 }
 
-pub async fn get_device(State(s): State<AppState>, auth: Auth, Path(device_id): Path<String>) -> Result<impl IntoResponse> {
+pub async fn get_device(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path(device_id): Path<String>,
+) -> Result<impl IntoResponse> {
     let uid = auth.user_id.clone();
     let devices = s.store.read(move |c| accounts::list_devices(c, &uid)).await?;
     let d = devices.iter().find(|d| d.device_id == device_id).ok_or_else(|| Error::not_found("no such device"))?;
@@ -424,7 +460,10 @@ pub async fn update_device(
     Path(device_id): Path<String>,
     Json(req): Json<DeviceUpdate>,
 ) -> Result<impl IntoResponse> {
-    let found = s.store.write(move |w| accounts::update_device(w.conn, &auth.user_id, &device_id, req.display_name.as_deref())).await?;
+    let found = s
+        .store
+        .write(move |w| accounts::update_device(w.conn, &auth.user_id, &device_id, req.display_name.as_deref()))
+        .await?;
     if !found {
         return Err(Error::not_found("no such device"));
     }
@@ -456,7 +495,11 @@ pub struct DeleteDevices {
     auth: Option<Value>,
 }
 
-pub async fn delete_devices(State(s): State<AppState>, auth: Auth, Json(req): Json<DeleteDevices>) -> Result<impl IntoResponse> {
+pub async fn delete_devices(
+    State(s): State<AppState>,
+    auth: Auth,
+    Json(req): Json<DeleteDevices>,
+) -> Result<impl IntoResponse> {
     require_password(&s, &auth, req.auth.as_ref()).await?;
     delete_devices_now(&s, &auth.user_id, req.devices).await?;
     Ok(axum::Json(json!({})))
@@ -474,7 +517,10 @@ async fn delete_devices_now(s: &AppState, user_id: &str, devices: Vec<String>) -
             }
             if n > 0 {
                 let pos = w.next_stream();
-                w.conn.execute("INSERT INTO device_list_stream (stream_ordering, user_id) VALUES (?1, ?2)", rusqlite::params![pos, uid])?;
+                w.conn.execute(
+                    "INSERT INTO device_list_stream (stream_ordering, user_id) VALUES (?1, ?2)",
+                    rusqlite::params![pos, uid],
+                )?;
             }
             Ok(n)
         })

@@ -39,7 +39,11 @@ pub struct DirectorySearch {
 
 /// `POST /user_directory/search`: users sharing a joined room with the requester or joined to a published room,
 /// matched case-insensitively on user id or display name; local users' profiles from their accounts.
-pub async fn user_directory_search(State(s): State<AppState>, auth: Auth, Json(body): Json<DirectorySearch>) -> Result<impl IntoResponse> {
+pub async fn user_directory_search(
+    State(s): State<AppState>,
+    auth: Auth,
+    Json(body): Json<DirectorySearch>,
+) -> Result<impl IntoResponse> {
     let limit = body.limit.unwrap_or(10).clamp(1, 50) as usize;
     let term = body.search_term.trim().to_lowercase();
     if term.is_empty() {

@@ -10,7 +10,13 @@ use crate::store::events::{self, EventRow};
 
 /// A stored event in the client format, with `unsigned` (age, transaction_id for the sending device,
 /// redacted_because, prev_content for state events).
-pub fn event(conn: &Connection, row: &EventRow, room_id: &str, viewer_device: Option<(&str, &str)>, with_room_id: bool) -> Result<Value> {
+pub fn event(
+    conn: &Connection,
+    row: &EventRow,
+    room_id: &str,
+    viewer_device: Option<(&str, &str)>,
+    with_room_id: bool,
+) -> Result<Value> {
     let mut unsigned = serde_json::Map::new();
     unsigned.insert("age".into(), json!(now_ms().saturating_sub(row.origin_server_ts).max(0)));
     if let (Some((user, device)), Some(txn_dev), Some(txn)) = (viewer_device, &row.txn_device, &row.txn_id) {
@@ -20,7 +26,10 @@ pub fn event(conn: &Connection, row: &EventRow, room_id: &str, viewer_device: Op
     }
     if let Some(by) = &row.redacted_by {
         if let Some(r) = events::event_by_id(conn, by)? {
-            unsigned.insert("redacted_because".into(), client_event(&r.json, &r.event_id, room_id, json!({}), with_room_id));
+            unsigned.insert(
+                "redacted_because".into(),
+                client_event(&r.json, &r.event_id, room_id, json!({}), with_room_id),
+            );
         }
     }
     if let Some(skn) = row.state_key_nid {

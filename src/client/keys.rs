@@ -33,8 +33,16 @@ fn failure(message: impl std::fmt::Display) -> Value {
 }
 
 /// Sends one federation key request (`/user/keys/query` or `/user/keys/claim`) to `server`.
-async fn ask_remote(s: &AppState, server: String, path: &'static str, body: Value, timeout: Duration) -> (String, std::result::Result<Value, Value>) {
-    let Some(fed) = s.federation.as_ref() else { return (server, Err(failure("federation is disabled on this server"))) };
+async fn ask_remote(
+    s: &AppState,
+    server: String,
+    path: &'static str,
+    body: Value,
+    timeout: Duration,
+) -> (String, std::result::Result<Value, Value>) {
+    let Some(fed) = s.federation.as_ref() else {
+        return (server, Err(failure("federation is disabled on this server")));
+    };
     let r = fed.client.request_timeout(reqwest::Method::POST, &server, path, Some(&body), timeout).await;
     (server, r.map_err(failure))
 }
@@ -55,7 +63,13 @@ fn remote_timeout(ms: Option<u64>) -> Duration {
 
 /// Tells the servers sharing a room with `user_id` that its keys changed: one device's (`device_id`, at device
 /// list position `stream_id`) or, with `device_id` None, the cross-signing keys. Their users then refetch.
-fn announce_keys(conn: &Connection, our_server: &str, user_id: &str, device_id: Option<&str>, stream_id: i64) -> Result<()> {
+fn announce_keys(
+    conn: &Connection,
+    our_server: &str,
+    user_id: &str,
+    device_id: Option<&str>,
+    stream_id: i64,
+) -> Result<()> {
     let servers = e2ee::servers_sharing_rooms(conn, user_id, our_server)?;
     if servers.is_empty() {
         return Ok(());
@@ -63,7 +77,8 @@ fn announce_keys(conn: &Connection, our_server: &str, user_id: &str, device_id: 
     let edu = match device_id {
         Some(d) => {
             let mut content = json!({"user_id": user_id, "device_id": d, "stream_id": stream_id, "deleted": false});
-            content["prev_id"] = json!(e2ee::previous_device_list_pos(conn, user_id, stream_id)?.into_iter().collect::<Vec<_>>());
+            content["prev_id"] =
+                json!(e2ee::previous_device_list_pos(conn, user_id, stream_id)?.into_iter().collect::<Vec<_>>());
             if let Some(dk) = e2ee::device_keys(conn, user_id, &[d.to_owned()])?.pop() {
                 content["keys"] = dk.keys;
                 if let Some(name) = dk.display_name {
@@ -119,7 +134,9 @@ fn verify(obj: &Value, signer: &str, key_id: &str, public_key: &str) -> bool {
     let Some(sig) = obj["signatures"][signer][key_id].as_str().and_then(b64) else { return false };
     let Some(pk) = b64(public_key) else { return false };
     let Ok(canonical) = ruma::canonical_json::CanonicalJsonValue::try_from(signed_part(obj)) else { return false };
-    ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, pk).verify(canonical.to_string().as_bytes(), &sig).is_ok()
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, pk)
+        .verify(canonical.to_string().as_bytes(), &sig)
+        .is_ok()
 }
 
 /// Adds `signatures[signer][key_id]` from `from` to `to`.
@@ -143,7 +160,10 @@ fn cross_signing_public(key: &Value, user_id: &str, usage: &str) -> Result<Strin
     if !key["usage"].as_array().is_some_and(|u| u.iter().any(|x| x == usage)) {
         return Err(Error::bad_json(format!("{usage} key: usage must include `{usage}`")));
     }
-    let keys = key["keys"].as_object().filter(|k| k.len() == 1).ok_or_else(|| Error::bad_json(format!("{usage} key: `keys` must hold exactly one key")))?;
+    let keys = key["keys"]
+        .as_object()
+        .filter(|k| k.len() == 1)
+        .ok_or_else(|| Error::bad_json(format!("{usage} key: `keys` must hold exactly one key")))?;
     let (id, value) = keys.iter().next().expect("one key");
     match (id.strip_prefix("ed25519:"), value.as_str()) {
         (Some(public), Some(v)) if public == v && !public.is_empty() => Ok(public.to_owned()),
@@ -199,7 +219,9 @@ pub async fn upload(State(s): State<AppState>, auth: Auth, Json(body): Json<Uplo
                 }
             }
             if let Some(conflict) = e2ee::add_one_time_keys(w.conn, &u, &d, &otks)? {
-                return Err(Error::invalid_param(format!("one-time key {conflict} already exists with different content")));
+                return Err(Error::invalid_param(format!(
+                    "one-time key {conflict} already exists with different content"
+                )));
             }
             e2ee::set_fallback_keys(w.conn, &u, &d, &fallbacks)?;
             e2ee::one_time_key_counts(w.conn, &u, &d)
@@ -221,7 +243,9 @@ pub async fn query(State(s): State<AppState>, auth: Auth, Json(body): Json<Query
     for (user_id, devices) in body.device_keys {
         let devices: Vec<String> = match devices {
             Value::Null => Vec::new(),
-            Value::Array(a) if a.iter().all(Value::is_string) => a.iter().filter_map(Value::as_str).map(str::to_owned).collect(),
+            Value::Array(a) if a.iter().all(Value::is_string) => {
+                a.iter().filter_map(Value::as_str).map(str::to_owned).collect()
+            }
             _ => return Err(Error::bad_json("device_keys values must be lists of device ids")),
         };
         if s.identity.is_local_user(&user_id) {
@@ -235,9 +259,9 @@ pub async fn query(State(s): State<AppState>, auth: Auth, Json(body): Json<Query
 
     // Remote servers in parallel, each bounded by the client's timeout.
     let timeout = remote_timeout(body.timeout);
-    let asks = remote
-        .into_iter()
-        .map(|(server, users)| ask_remote(&s, server, "/_matrix/federation/v1/user/keys/query", json!({"device_keys": users}), timeout));
+    let asks = remote.into_iter().map(|(server, users)| {
+        ask_remote(&s, server, "/_matrix/federation/v1/user/keys/query", json!({"device_keys": users}), timeout)
+    });
     let mut failures = Map::new();
     for (server, answer) in futures::future::join_all(asks).await {
         match answer {
@@ -258,7 +282,8 @@ pub async fn query(State(s): State<AppState>, auth: Auth, Json(body): Json<Query
 /// Keys of local users as `/keys/query` returns them; `requester` sees its own user-signing key and its own
 /// signatures on others' keys. (Federation answers may reuse this with a requester of `""`.)
 pub fn query_local(c: &Connection, requester: &str, wanted: &[(String, Vec<String>)]) -> Result<Value> {
-    let (mut device_keys, mut master, mut self_signing, mut user_signing) = (Map::new(), Map::new(), Map::new(), Map::new());
+    let (mut device_keys, mut master, mut self_signing, mut user_signing) =
+        (Map::new(), Map::new(), Map::new(), Map::new());
     for (user_id, devices) in wanted {
         let mut found = Map::new();
         for dk in e2ee::device_keys(c, user_id, devices)? {
@@ -316,9 +341,9 @@ pub async fn claim(State(s): State<AppState>, _auth: Auth, Json(body): Json<Clai
     let mut claimed = s.store.write(move |w| claim_local(w.conn, &wanted)).await?;
 
     let timeout = remote_timeout(body.timeout);
-    let asks = remote
-        .into_iter()
-        .map(|(server, users)| ask_remote(&s, server, "/_matrix/federation/v1/user/keys/claim", json!({"one_time_keys": users}), timeout));
+    let asks = remote.into_iter().map(|(server, users)| {
+        ask_remote(&s, server, "/_matrix/federation/v1/user/keys/claim", json!({"one_time_keys": users}), timeout)
+    });
     let mut failures = Map::new();
     for (server, answer) in futures::future::join_all(asks).await {
         match answer {
@@ -352,7 +377,11 @@ pub struct ChangesQuery {
     to: Option<String>,
 }
 
-pub async fn changes(State(s): State<AppState>, auth: Auth, Query(q): Query<ChangesQuery>) -> Result<impl IntoResponse> {
+pub async fn changes(
+    State(s): State<AppState>,
+    auth: Auth,
+    Query(q): Query<ChangesQuery>,
+) -> Result<impl IntoResponse> {
     let from = parse_token(q.from.as_deref().ok_or_else(|| Error::missing_param("`from` is required"))?)?.stream;
     let to = match q.to.as_deref() {
         Some(t) => parse_token(t)?.stream,
@@ -374,11 +403,16 @@ pub struct SigningKeys {
     auth: Option<Value>,
 }
 
-pub async fn upload_signing_keys(State(s): State<AppState>, auth: Auth, Json(body): Json<SigningKeys>) -> Result<impl IntoResponse> {
-    let new: Vec<(&'static str, Value)> = [("master", body.master_key), ("self_signing", body.self_signing_key), ("user_signing", body.user_signing_key)]
-        .into_iter()
-        .filter_map(|(t, k)| k.map(|k| (t, k)))
-        .collect();
+pub async fn upload_signing_keys(
+    State(s): State<AppState>,
+    auth: Auth,
+    Json(body): Json<SigningKeys>,
+) -> Result<impl IntoResponse> {
+    let new: Vec<(&'static str, Value)> =
+        [("master", body.master_key), ("self_signing", body.self_signing_key), ("user_signing", body.user_signing_key)]
+            .into_iter()
+            .filter_map(|(t, k)| k.map(|k| (t, k)))
+            .collect();
     let mut publics = Vec::new();
     for (t, k) in &new {
         publics.push(cross_signing_public(k, &auth.user_id, t)?);
@@ -457,7 +491,8 @@ fn sign_one(c: &Connection, signer: &str, target: &str, key_id: &str, signed: &V
     if target == signer {
         if let Some(dk) = e2ee::device_keys(c, signer, &[key_id.to_owned()])?.pop() {
             // One of our devices, signed by our self-signing key.
-            let (_, ssk) = stored_public(signer, "self_signing")?.ok_or_else(|| Error::invalid_signature("no self-signing key uploaded"))?;
+            let (_, ssk) = stored_public(signer, "self_signing")?
+                .ok_or_else(|| Error::invalid_signature("no self-signing key uploaded"))?;
             if signed_part(&dk.keys) != signed_part(signed) {
                 return Err(mismatch());
             }
@@ -499,7 +534,8 @@ fn sign_one(c: &Connection, signer: &str, target: &str, key_id: &str, signed: &V
     let (mut master, _) = stored_public(target, "master")?
         .filter(|(_, p)| p == key_id)
         .ok_or_else(|| Error::not_found(format!("unknown key {key_id} of {target}")))?;
-    let (_, usk) = stored_public(signer, "user_signing")?.ok_or_else(|| Error::invalid_signature("no user-signing key uploaded"))?;
+    let (_, usk) = stored_public(signer, "user_signing")?
+        .ok_or_else(|| Error::invalid_signature("no user-signing key uploaded"))?;
     if signed_part(&master) != signed_part(signed) {
         return Err(mismatch());
     }

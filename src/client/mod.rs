@@ -1,9 +1,9 @@
 //! The client-server API: thin handlers that parse, authorise, call the room core and shape responses.
 
 pub mod account;
+pub mod account_data;
 pub mod admin;
 pub mod compat;
-pub mod account_data;
 pub mod ephemeral;
 pub mod format;
 pub mod keys;
@@ -106,7 +106,10 @@ fn backup_and_tags() -> Router<AppState> {
         .route("/room_keys/version/{version}", get(rk::get_version).put(rk::update_version).delete(rk::delete_version))
         .route("/room_keys/keys", get(rk::get_all).put(rk::put_all).delete(rk::delete_all))
         .route("/room_keys/keys/{room_id}", get(rk::get_room).put(rk::put_room).delete(rk::delete_room))
-        .route("/room_keys/keys/{room_id}/{session_id}", get(rk::get_session).put(rk::put_session).delete(rk::delete_session))
+        .route(
+            "/room_keys/keys/{room_id}/{session_id}",
+            get(rk::get_session).put(rk::put_session).delete(rk::delete_session),
+        )
         .route("/user/{user_id}/rooms/{room_id}/tags", get(tags::get_tags))
         .route("/user/{user_id}/rooms/{room_id}/tags/{tag}", put(tags::put_tag).delete(tags::delete_tag))
         .route("/presence/{user_id}/status", get(tags::get_presence).put(tags::put_presence))

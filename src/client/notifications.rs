@@ -103,13 +103,16 @@ fn context(c: &Connection, room: &RoomRow, user_id: &str) -> Result<Context> {
         .optional()?
         .flatten();
     let state_content = |event_type: &str| -> Result<Option<Value>> {
-        let (Some(sg), Some(skn)) = (room.current_sg, events::find_state_key_nid(c, event_type, "")?) else { return Ok(None) };
+        let (Some(sg), Some(skn)) = (room.current_sg, events::find_state_key_nid(c, event_type, "")?) else {
+            return Ok(None);
+        };
         let Some(nid) = events::lookup_state(c, sg, skn)? else { return Ok(None) };
         let Some(row) = events::event_by_nid(c, nid)? else { return Ok(None) };
         Ok(serde_json::from_str::<Value>(&row.json).ok())
     };
     let power_levels = state_content("m.room.power_levels")?.map(|e| e["content"].clone()).unwrap_or(Value::Null);
-    let creator = state_content("m.room.create")?.and_then(|e| e["sender"].as_str().map(str::to_owned)).unwrap_or_default();
+    let creator =
+        state_content("m.room.create")?.and_then(|e| e["sender"].as_str().map(str::to_owned)).unwrap_or_default();
     Ok(Context { user_id: user_id.to_owned(), display_name, member_count: joined, power_levels, creator })
 }
 
@@ -123,7 +126,9 @@ pub fn evaluate(rules: &Value, event: &Value, room_id: &str, ctx: &Context) -> O
             }
             let id = rule["rule_id"].as_str().unwrap_or("");
             let matched = match kind {
-                "content" => rule["pattern"].as_str().is_some_and(|p| event["content"]["body"].as_str().is_some_and(|b| word_glob(p, b))),
+                "content" => rule["pattern"]
+                    .as_str()
+                    .is_some_and(|p| event["content"]["body"].as_str().is_some_and(|b| word_glob(p, b))),
                 "room" => id == room_id,
                 "sender" => id == sender,
                 _ => rule["conditions"].as_array().is_none_or(|conds| conds.iter().all(|c| condition(c, event, ctx))),
@@ -307,9 +312,16 @@ mod tests {
         assert_eq!(eval(&msg("@bob:hs", "@room wake up"), 3), yes, "@room needs notification power");
         assert_eq!(eval(&msg("@mod:hs", "@room wake up"), 3), hl);
         assert_eq!(eval(&msg("@creator:hs", "@room wake up"), 3), hl);
-        let notice = json!({"type": "m.room.message", "sender": "@bob:hs", "content": {"msgtype": "m.notice", "body": "bot"}});
+        let notice =
+            json!({"type": "m.room.message", "sender": "@bob:hs", "content": {"msgtype": "m.notice", "body": "bot"}});
         assert_eq!(eval(&notice, 3), Outcome::default());
-        assert_eq!(eval(&json!({"type": "m.room.member", "sender": "@bob:hs", "state_key": "@bob:hs", "content": {"membership": "join"}}), 3), Outcome::default());
+        assert_eq!(
+            eval(
+                &json!({"type": "m.room.member", "sender": "@bob:hs", "state_key": "@bob:hs", "content": {"membership": "join"}}),
+                3
+            ),
+            Outcome::default()
+        );
         let edit = json!({"type": "m.room.message", "sender": "@bob:hs", "content": {"body": "* x", "m.relates_to": {"rel_type": "m.replace"}}});
         assert_eq!(eval(&edit, 3), Outcome::default());
         assert_eq!(eval(&json!({"type": "m.room.encrypted", "sender": "@bob:hs", "content": {}}), 3), yes);
@@ -325,6 +337,9 @@ mod tests {
         assert!(!word_glob("cake", "cakes"));
         assert!(member_count_matches("2", 2) && member_count_matches("==2", 2) && member_count_matches(">=3", 5));
         assert!(!member_count_matches("<2", 2) && !member_count_matches("x", 2));
-        assert_eq!(property(&json!({"content": {"m.relates_to": {"a": 1}}}), "content.m\\.relates_to.a"), Some(&json!(1)));
+        assert_eq!(
+            property(&json!({"content": {"m.relates_to": {"a": 1}}}), "content.m\\.relates_to.a"),
+            Some(&json!(1))
+        );
     }
 }

@@ -11,7 +11,12 @@ use crate::store::accounts::{self, ProfileField};
 use crate::store::events;
 
 pub async fn get_profile(State(s): State<AppState>, Path(user_id): Path<String>) -> Result<impl IntoResponse> {
-    let user = s.store.read(move |c| accounts::get_user(c, &user_id)).await?.filter(|u| !u.deactivated).ok_or_else(|| Error::not_found("profile not found"))?;
+    let user = s
+        .store
+        .read(move |c| accounts::get_user(c, &user_id))
+        .await?
+        .filter(|u| !u.deactivated)
+        .ok_or_else(|| Error::not_found("profile not found"))?;
     let mut body = json!({});
     if let Some(d) = user.displayname {
         body["displayname"] = json!(d);
@@ -30,9 +35,17 @@ fn field(name: &str) -> Result<ProfileField> {
     }
 }
 
-pub async fn get_field(State(s): State<AppState>, Path((user_id, name)): Path<(String, String)>) -> Result<impl IntoResponse> {
+pub async fn get_field(
+    State(s): State<AppState>,
+    Path((user_id, name)): Path<(String, String)>,
+) -> Result<impl IntoResponse> {
     let f = field(&name)?;
-    let user = s.store.read(move |c| accounts::get_user(c, &user_id)).await?.filter(|u| !u.deactivated).ok_or_else(|| Error::not_found("profile not found"))?;
+    let user = s
+        .store
+        .read(move |c| accounts::get_user(c, &user_id))
+        .await?
+        .filter(|u| !u.deactivated)
+        .ok_or_else(|| Error::not_found("profile not found"))?;
     let v = match f {
         ProfileField::Displayname => user.displayname,
         ProfileField::AvatarUrl => user.avatar_url,
@@ -78,7 +91,9 @@ pub async fn set_field(
             .write(move |w| {
                 let room = events::room_by_id(w.conn, &room_id)?.ok_or_else(|| Error::not_found("room vanished"))?;
                 let Some(sg) = room.current_sg else { return Ok(()) };
-                let Some(mut content) = crate::room::state_content(w.conn, sg, "m.room.member", &uid)? else { return Ok(()) };
+                let Some(mut content) = crate::room::state_content(w.conn, sg, "m.room.member", &uid)? else {
+                    return Ok(());
+                };
                 if content.get("membership").and_then(Value::as_str) != Some("join") {
                     return Ok(());
                 }
@@ -88,7 +103,14 @@ pub async fn set_field(
                         content.as_object_mut().map(|o| o.remove(&name));
                     }
                 }
-                append_local(w, &identity, &room.room_id, &uid, LocalEvent::state("m.room.member", &uid, content), None)?;
+                append_local(
+                    w,
+                    &identity,
+                    &room.room_id,
+                    &uid,
+                    LocalEvent::state("m.room.member", &uid, content),
+                    None,
+                )?;
                 Ok(())
             })
             .await;

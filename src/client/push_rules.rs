@@ -48,7 +48,11 @@ fn defaults(kind: &str, user_id: &str) -> Vec<Value> {
             rule(".m.rule.suppress_notices", json!([event_match("content.msgtype", "m.notice")]), json!([])),
             rule(
                 ".m.rule.invite_for_me",
-                json!([event_match("type", "m.room.member"), event_match("content.membership", "invite"), event_match("state_key", user_id)]),
+                json!([
+                    event_match("type", "m.room.member"),
+                    event_match("content.membership", "invite"),
+                    event_match("state_key", user_id)
+                ]),
                 json!(["notify", sound("default")]),
             ),
             rule(".m.rule.member_event", json!([event_match("type", "m.room.member")]), json!([])),
@@ -57,7 +61,11 @@ fn defaults(kind: &str, user_id: &str) -> Vec<Value> {
                 json!([{"kind": "event_property_contains", "key": "content.m\\.mentions.user_ids", "value": user_id}]),
                 json!(["notify", sound("default"), highlight()]),
             ),
-            rule(".m.rule.contains_display_name", json!([{"kind": "contains_display_name"}]), json!(["notify", sound("default"), highlight()])),
+            rule(
+                ".m.rule.contains_display_name",
+                json!([{"kind": "contains_display_name"}]),
+                json!(["notify", sound("default"), highlight()]),
+            ),
             rule(
                 ".m.rule.is_room_mention",
                 json!([{"kind": "event_property_is", "key": "content.m\\.mentions.room", "value": true},
@@ -122,8 +130,7 @@ pub fn default_ruleset(user_id: &str) -> Value {
 pub fn effective(user_id: &str, stored: Option<&Value>) -> Value {
     let mut global = serde_json::Map::new();
     for kind in KINDS {
-        let stored_rules: Vec<Value> =
-            stored.and_then(|s| s["global"][kind].as_array()).cloned().unwrap_or_default();
+        let stored_rules: Vec<Value> = stored.and_then(|s| s["global"][kind].as_array()).cloned().unwrap_or_default();
         let mut defaults = defaults(kind, user_id);
         for d in defaults.iter_mut() {
             if let Some(s) = stored_rules.iter().find(|s| s["rule_id"] == d["rule_id"]) {
@@ -252,7 +259,8 @@ pub async fn put_rule(
     let mut new = json!({"rule_id": rule_id, "default": false, "enabled": true, "actions": actions});
     match kind.as_str() {
         "override" | "underride" => {
-            let conditions = body.get("conditions").cloned().ok_or_else(|| Error::bad_json("`conditions` is required"))?;
+            let conditions =
+                body.get("conditions").cloned().ok_or_else(|| Error::bad_json("`conditions` is required"))?;
             let ok = conditions.as_array().is_some_and(|c| c.iter().all(|c| c["kind"].is_string()));
             if !ok {
                 return Err(Error::bad_json("`conditions` must be a list of conditions with a `kind`"));
@@ -260,7 +268,10 @@ pub async fn put_rule(
             new["conditions"] = conditions;
         }
         "content" => {
-            let pattern = body.get("pattern").filter(|p| p.is_string()).ok_or_else(|| Error::bad_json("`pattern` is required"))?;
+            let pattern = body
+                .get("pattern")
+                .filter(|p| p.is_string())
+                .ok_or_else(|| Error::bad_json("`pattern` is required"))?;
             new["pattern"] = pattern.clone();
         }
         _ => {}
@@ -289,7 +300,8 @@ pub async fn put_rule(
                 }
                 let rule_id = new["rule_id"].clone();
                 // Insert first, then remove the old copy, so the anchor index stays meaningful.
-                let at = at.unwrap_or_else(|| usize::from(list.first().is_some_and(|r| r["rule_id"] == ".m.rule.master")));
+                let at =
+                    at.unwrap_or_else(|| usize::from(list.first().is_some_and(|r| r["rule_id"] == ".m.rule.master")));
                 list.insert(at, new);
                 if let Some(old) = list.iter().enumerate().position(|(j, r)| j != at && r["rule_id"] == rule_id) {
                     list.remove(old);
@@ -313,7 +325,8 @@ pub async fn delete_rule(
         return Err(Error::invalid_param("server-default rules cannot be deleted (disable them instead)"));
     }
     modify(&s, &auth.user_id, &kind, move |list| {
-        let i = list.iter().position(|r| r["rule_id"] == rule_id).ok_or_else(|| Error::not_found("push rule not found"))?;
+        let i =
+            list.iter().position(|r| r["rule_id"] == rule_id).ok_or_else(|| Error::not_found("push rule not found"))?;
         list.remove(i);
         Ok(())
     })
@@ -356,7 +369,8 @@ pub async fn put_attr(
         return Err(Error::bad_json(format!("invalid `{attr}`")));
     }
     modify(&s, &auth.user_id, &kind, move |list| {
-        let rule = list.iter_mut().find(|r| r["rule_id"] == rule_id).ok_or_else(|| Error::not_found("push rule not found"))?;
+        let rule =
+            list.iter_mut().find(|r| r["rule_id"] == rule_id).ok_or_else(|| Error::not_found("push rule not found"))?;
         rule[&attr] = value;
         Ok(())
     })

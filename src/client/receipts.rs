@@ -62,7 +62,8 @@ pub async fn typing(
     // Typing::set caps the timeout; 30 s is what clients expect when they send none.
     s.typing.set(&room_id, &user_id, body.typing, Duration::from_millis(body.timeout.unwrap_or(30_000)));
     if remote && s.federation.is_some() {
-        let edu = json!({"edu_type": "m.typing", "content": {"room_id": room_id, "user_id": user_id, "typing": body.typing}});
+        let edu =
+            json!({"edu_type": "m.typing", "content": {"room_id": room_id, "user_id": user_id, "typing": body.typing}});
         let our_server = s.identity.server_name.to_string();
         s.store.write(move |w| send_to_room_servers(w.conn, room_nid, &our_server, &edu)).await?;
     }
@@ -126,7 +127,8 @@ async fn set_markers(s: &AppState, auth: &Auth, room_id: &str, markers: Vec<Mark
                             data["thread_id"] = json!(m.thread_id);
                         }
                         let receipt = json!({"event_ids": [m.event_id], "data": data});
-                        let edu = json!({"edu_type": "m.receipt", "content": {&room_id: {"m.read": {&user_id: receipt}}}});
+                        let edu =
+                            json!({"edu_type": "m.receipt", "content": {&room_id: {"m.read": {&user_id: receipt}}}});
                         send_to_room_servers(w.conn, room_nid, &our_server, &edu)?;
                     }
                 }

@@ -28,7 +28,11 @@ fn parse_version(v: &str) -> Result<i64> {
 }
 
 fn latest(c: &Connection, user: &str) -> Result<Option<i64>> {
-    Ok(c.query_row("SELECT max(version) FROM room_key_backup_versions WHERE user_id = ?1 AND deleted = 0", [user], |r| r.get(0))?)
+    Ok(c.query_row(
+        "SELECT max(version) FROM room_key_backup_versions WHERE user_id = ?1 AND deleted = 0",
+        [user],
+        |r| r.get(0),
+    )?)
 }
 
 fn version_info(c: &Connection, user: &str, version: i64) -> Result<Value> {
@@ -52,7 +56,11 @@ fn version_info(c: &Connection, user: &str, version: i64) -> Result<Value> {
 /// The one backup algorithm the spec defines (clients cannot use a backup of any other).
 const BACKUP_ALGORITHM: &str = "m.megolm_backup.v1.curve25519-aes-sha2";
 
-pub async fn create_version(State(s): State<AppState>, auth: Auth, Json(body): Json<VersionBody>) -> Result<impl IntoResponse> {
+pub async fn create_version(
+    State(s): State<AppState>,
+    auth: Auth,
+    Json(body): Json<VersionBody>,
+) -> Result<impl IntoResponse> {
     if !body.auth_data.is_object() {
         return Err(Error::bad_json("auth_data must be an object"));
     }
@@ -90,7 +98,11 @@ pub async fn get_latest_version(State(s): State<AppState>, auth: Auth) -> Result
     Ok(axum::Json(info))
 }
 
-pub async fn get_version(State(s): State<AppState>, auth: Auth, Path(version): Path<String>) -> Result<impl IntoResponse> {
+pub async fn get_version(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path(version): Path<String>,
+) -> Result<impl IntoResponse> {
     let v = parse_version(&version)?;
     let user = auth.user_id;
     Ok(axum::Json(s.store.read(move |c| version_info(c, &user, v)).await?))
@@ -126,7 +138,11 @@ pub async fn update_version(
     Ok(axum::Json(json!({})))
 }
 
-pub async fn delete_version(State(s): State<AppState>, auth: Auth, Path(version): Path<String>) -> Result<impl IntoResponse> {
+pub async fn delete_version(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path(version): Path<String>,
+) -> Result<impl IntoResponse> {
     let v = parse_version(&version)?;
     let user = auth.user_id;
     s.store
@@ -180,7 +196,8 @@ fn put_key(w: &mut Writer<'_>, user: &str, version: i64, room_id: &str, session_
         .optional()?;
     if let Some((verified, fmi, fc)) = existing {
         let better = (k.is_verified && !verified)
-            || (k.is_verified == verified && (k.first_message_index < fmi || (k.first_message_index == fmi && k.forwarded_count < fc)));
+            || (k.is_verified == verified
+                && (k.first_message_index < fmi || (k.first_message_index == fmi && k.forwarded_count < fc)));
         if !better {
             return Ok(false);
         }
@@ -189,13 +206,25 @@ fn put_key(w: &mut Writer<'_>, user: &str, version: i64, room_id: &str, session_
         "INSERT OR REPLACE INTO room_key_backup
            (user_id, version, room_id, session_id, first_message_index, forwarded_count, is_verified, session_data)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        params![user, version, room_id, session_id, k.first_message_index, k.forwarded_count, k.is_verified, k.session_data.to_string()],
+        params![
+            user,
+            version,
+            room_id,
+            session_id,
+            k.first_message_index,
+            k.forwarded_count,
+            k.is_verified,
+            k.session_data.to_string()
+        ],
     )?;
     Ok(true)
 }
 
 fn bump_etag(w: &mut Writer<'_>, user: &str, version: i64) -> Result<()> {
-    w.conn.execute("UPDATE room_key_backup_versions SET etag = etag + 1 WHERE user_id = ?1 AND version = ?2", params![user, version])?;
+    w.conn.execute(
+        "UPDATE room_key_backup_versions SET etag = etag + 1 WHERE user_id = ?1 AND version = ?2",
+        params![user, version],
+    )?;
     Ok(())
 }
 
@@ -208,14 +237,23 @@ fn count_and_etag(c: &Connection, user: &str, version: i64) -> Result<Value> {
 fn parse_keys(room: Option<&str>, session: Option<&str>, body: Value) -> Result<Vec<(String, String, KeyData)>> {
     let mut out = Vec::new();
     let sessions_of = |room_id: &str, sessions: &Value, out: &mut Vec<(String, String, KeyData)>| -> Result<()> {
-        let map = sessions.get("sessions").and_then(Value::as_object).ok_or_else(|| Error::bad_json("missing sessions"))?;
+        let map =
+            sessions.get("sessions").and_then(Value::as_object).ok_or_else(|| Error::bad_json("missing sessions"))?;
         for (sid, data) in map {
-            out.push((room_id.to_owned(), sid.clone(), serde_json::from_value(data.clone()).map_err(|e| Error::bad_json(e.to_string()))?));
+            out.push((
+                room_id.to_owned(),
+                sid.clone(),
+                serde_json::from_value(data.clone()).map_err(|e| Error::bad_json(e.to_string()))?,
+            ));
         }
         Ok(())
     };
     match (room, session) {
-        (Some(r), Some(sid)) => out.push((r.to_owned(), sid.to_owned(), serde_json::from_value(body).map_err(|e| Error::bad_json(e.to_string()))?)),
+        (Some(r), Some(sid)) => out.push((
+            r.to_owned(),
+            sid.to_owned(),
+            serde_json::from_value(body).map_err(|e| Error::bad_json(e.to_string()))?,
+        )),
         (Some(r), None) => sessions_of(r, &body, &mut out)?,
         _ => {
             let rooms = body.get("rooms").and_then(Value::as_object).ok_or_else(|| Error::bad_json("missing rooms"))?;
@@ -230,7 +268,14 @@ fn parse_keys(room: Option<&str>, session: Option<&str>, body: Value) -> Result<
     Ok(out)
 }
 
-async fn put_keys(s: &AppState, auth: Auth, version: Option<String>, room: Option<String>, session: Option<String>, body: Value) -> Result<Value> {
+async fn put_keys(
+    s: &AppState,
+    auth: Auth,
+    version: Option<String>,
+    room: Option<String>,
+    session: Option<String>,
+    body: Value,
+) -> Result<Value> {
     let keys = parse_keys(room.as_deref(), session.as_deref(), body)?;
     let user = auth.user_id;
     s.store
@@ -248,7 +293,13 @@ async fn put_keys(s: &AppState, auth: Auth, version: Option<String>, room: Optio
         .await
 }
 
-async fn get_keys(s: &AppState, auth: Auth, version: Option<String>, room: Option<String>, session: Option<String>) -> Result<Value> {
+async fn get_keys(
+    s: &AppState,
+    auth: Auth,
+    version: Option<String>,
+    room: Option<String>,
+    session: Option<String>,
+) -> Result<Value> {
     let user = auth.user_id;
     s.store
         .read(move |c| {
@@ -282,7 +333,13 @@ async fn get_keys(s: &AppState, auth: Auth, version: Option<String>, room: Optio
         .await
 }
 
-async fn delete_keys(s: &AppState, auth: Auth, version: Option<String>, room: Option<String>, session: Option<String>) -> Result<Value> {
+async fn delete_keys(
+    s: &AppState,
+    auth: Auth,
+    version: Option<String>,
+    room: Option<String>,
+    session: Option<String>,
+) -> Result<Value> {
     let user = auth.user_id;
     s.store
         .write(move |w| {
@@ -300,7 +357,12 @@ async fn delete_keys(s: &AppState, auth: Auth, version: Option<String>, room: Op
         .await
 }
 
-pub async fn put_all(State(s): State<AppState>, auth: Auth, Query(q): Query<VersionQuery>, Json(body): Json<Value>) -> Result<impl IntoResponse> {
+pub async fn put_all(
+    State(s): State<AppState>,
+    auth: Auth,
+    Query(q): Query<VersionQuery>,
+    Json(body): Json<Value>,
+) -> Result<impl IntoResponse> {
     Ok(axum::Json(put_keys(&s, auth, q.version, None, None, body).await?))
 }
 pub async fn put_room(
@@ -321,10 +383,19 @@ pub async fn put_session(
 ) -> Result<impl IntoResponse> {
     Ok(axum::Json(put_keys(&s, auth, q.version, Some(room_id), Some(session_id), body).await?))
 }
-pub async fn get_all(State(s): State<AppState>, auth: Auth, Query(q): Query<VersionQuery>) -> Result<impl IntoResponse> {
+pub async fn get_all(
+    State(s): State<AppState>,
+    auth: Auth,
+    Query(q): Query<VersionQuery>,
+) -> Result<impl IntoResponse> {
     Ok(axum::Json(get_keys(&s, auth, q.version, None, None).await?))
 }
-pub async fn get_room(State(s): State<AppState>, auth: Auth, Path(room_id): Path<String>, Query(q): Query<VersionQuery>) -> Result<impl IntoResponse> {
+pub async fn get_room(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path(room_id): Path<String>,
+    Query(q): Query<VersionQuery>,
+) -> Result<impl IntoResponse> {
     Ok(axum::Json(get_keys(&s, auth, q.version, Some(room_id), None).await?))
 }
 pub async fn get_session(
@@ -335,10 +406,19 @@ pub async fn get_session(
 ) -> Result<impl IntoResponse> {
     Ok(axum::Json(get_keys(&s, auth, q.version, Some(room_id), Some(session_id)).await?))
 }
-pub async fn delete_all(State(s): State<AppState>, auth: Auth, Query(q): Query<VersionQuery>) -> Result<impl IntoResponse> {
+pub async fn delete_all(
+    State(s): State<AppState>,
+    auth: Auth,
+    Query(q): Query<VersionQuery>,
+) -> Result<impl IntoResponse> {
     Ok(axum::Json(delete_keys(&s, auth, q.version, None, None).await?))
 }
-pub async fn delete_room(State(s): State<AppState>, auth: Auth, Path(room_id): Path<String>, Query(q): Query<VersionQuery>) -> Result<impl IntoResponse> {
+pub async fn delete_room(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path(room_id): Path<String>,
+    Query(q): Query<VersionQuery>,
+) -> Result<impl IntoResponse> {
     Ok(axum::Json(delete_keys(&s, auth, q.version, Some(room_id), None).await?))
 }
 pub async fn delete_session(

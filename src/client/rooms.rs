@@ -44,13 +44,21 @@ fn check_user_id(u: &str) -> Result<()> {
     ruma::UserId::parse(u).map(|_| ()).map_err(|e| Error::invalid_param(format!("invalid user id {u}: {e}")))
 }
 
-pub async fn create_room(State(s): State<AppState>, auth: Auth, Json(body): Json<CreateRoomBody>) -> Result<impl IntoResponse> {
+pub async fn create_room(
+    State(s): State<AppState>,
+    auth: Auth,
+    Json(body): Json<CreateRoomBody>,
+) -> Result<impl IntoResponse> {
     for u in &body.invite {
         check_user_id(u)?;
     }
     let alias = match &body.room_alias_name {
         Some(a) if a.is_empty() || a.contains(':') || a.contains('#') => {
-            return Err(Error::matrix(axum::http::StatusCode::BAD_REQUEST, "M_INVALID_PARAM", "invalid room_alias_name"))
+            return Err(Error::matrix(
+                axum::http::StatusCode::BAD_REQUEST,
+                "M_INVALID_PARAM",
+                "invalid room_alias_name",
+            ))
         }
         Some(a) => Some(format!("#{a}:{}", s.identity.server_name)),
         None => None,
@@ -79,7 +87,11 @@ pub async fn create_room(State(s): State<AppState>, auth: Auth, Json(body): Json
         invite: body.invite,
         is_direct: body.is_direct,
         creation_content: body.creation_content,
-        initial_state: body.initial_state.into_iter().map(|e| LocalEvent::state(&e.kind, &e.state_key, e.content)).collect(),
+        initial_state: body
+            .initial_state
+            .into_iter()
+            .map(|e| LocalEvent::state(&e.kind, &e.state_key, e.content))
+            .collect(),
         power_level_content_override: body.power_level_content_override,
     };
     let identity = s.identity.clone();
@@ -108,18 +120,37 @@ async fn resolve_room(s: &AppState, id_or_alias: &str) -> Result<(String, Vec<St
         return Ok((id_or_alias.to_owned(), id.server_name().map(|s| vec![s.to_string()]).unwrap_or_default()));
     }
     if id_or_alias.starts_with('#') {
-        let alias = ruma::RoomAliasId::parse(id_or_alias).map_err(|e| Error::invalid_param(format!("invalid room alias: {e}")))?;
+        let alias = ruma::RoomAliasId::parse(id_or_alias)
+            .map_err(|e| Error::invalid_param(format!("invalid room alias: {e}")))?;
         if alias.server_name() != s.identity.server_name {
             // A remote alias: ask its server.
-            let fed = s.federation.as_ref().ok_or_else(|| Error::not_found("room alias not found (federation is disabled)"))?;
-            let path = format!("/_matrix/federation/v1/query/directory?room_alias={}", crate::federation::client::enc(id_or_alias));
+            let fed = s
+                .federation
+                .as_ref()
+                .ok_or_else(|| Error::not_found("room alias not found (federation is disabled)"))?;
+            let path = format!(
+                "/_matrix/federation/v1/query/directory?room_alias={}",
+                crate::federation::client::enc(id_or_alias)
+            );
             let v = fed.client.get(alias.server_name().as_str(), &path).await?;
-            let room_id = v.get("room_id").and_then(Value::as_str).ok_or_else(|| Error::not_found("room alias not found"))?.to_owned();
-            let servers = v.get("servers").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect()).unwrap_or_default();
+            let room_id = v
+                .get("room_id")
+                .and_then(Value::as_str)
+                .ok_or_else(|| Error::not_found("room alias not found"))?
+                .to_owned();
+            let servers = v
+                .get("servers")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+                .unwrap_or_default();
             return Ok((room_id, servers));
         }
         let a = id_or_alias.to_owned();
-        let room_id = s.store.read(move |c| rooms::alias_target(c, &a)).await?.ok_or_else(|| Error::not_found("room alias not found"))?;
+        let room_id = s
+            .store
+            .read(move |c| rooms::alias_target(c, &a))
+            .await?
+            .ok_or_else(|| Error::not_found("room alias not found"))?;
         return Ok((room_id, vec![]));
     }
     Err(Error::invalid_param("expected a room id or alias"))
@@ -163,7 +194,11 @@ pub async fn join(
                     Some((_, nid)) => events::event_by_nid(c, nid)?.map(|e| e.sender),
                     None => None,
                 };
-                Ok((false, false, inviter.and_then(|i| i.split_once(':').map(|x| x.1.to_owned())).into_iter().collect()))
+                Ok((
+                    false,
+                    false,
+                    inviter.and_then(|i| i.split_once(':').map(|x| x.1.to_owned())).into_iter().collect(),
+                ))
             }
             None => Ok((false, false, vec![])),
         })
@@ -173,7 +208,9 @@ pub async fn join(
         let identity = s.identity.clone();
         let rid = room_id.clone();
         s.store
-            .write(move |w| set_membership(w, &identity, &rid, &auth.user_id, &auth.user_id, "join", body.reason.as_deref(), None))
+            .write(move |w| {
+                set_membership(w, &identity, &rid, &auth.user_id, &auth.user_id, "join", body.reason.as_deref(), None)
+            })
             .await?;
         return Ok(axum::Json(json!({"room_id": room_id})));
     }
@@ -189,7 +226,14 @@ pub async fn join(
     Ok(axum::Json(json!({"room_id": room_id})))
 }
 
-async fn membership_op(s: &AppState, auth: &Auth, room_id: String, target: String, membership: &'static str, reason: Option<String>) -> Result<()> {
+async fn membership_op(
+    s: &AppState,
+    auth: &Auth,
+    room_id: String,
+    target: String,
+    membership: &'static str,
+    reason: Option<String>,
+) -> Result<()> {
     let identity = s.identity.clone();
     let sender = auth.user_id.clone();
     // Leaving a room we know only through an invite (rejecting it) goes through the inviting server.
@@ -229,7 +273,12 @@ async fn membership_op(s: &AppState, auth: &Auth, room_id: String, target: Strin
 }
 
 /// Knocking on a room we hold (locally resident). Knocking on rooms only on other servers is not implemented yet.
-pub async fn knock(State(s): State<AppState>, auth: Auth, Path(id_or_alias): Path<String>, Json(body): Json<ReasonBody>) -> Result<impl IntoResponse> {
+pub async fn knock(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path(id_or_alias): Path<String>,
+    Json(body): Json<ReasonBody>,
+) -> Result<impl IntoResponse> {
     let (room_id, _) = resolve_room(&s, &id_or_alias).await?;
     let rid = room_id.clone();
     let known = s.store.read(move |c| Ok(events::room_by_id(c, &rid)?.and_then(|r| r.current_sg).is_some())).await?;
@@ -241,7 +290,12 @@ pub async fn knock(State(s): State<AppState>, auth: Auth, Path(id_or_alias): Pat
     Ok(axum::Json(json!({"room_id": room_id})))
 }
 
-pub async fn leave(State(s): State<AppState>, auth: Auth, Path(room_id): Path<String>, Json(body): Json<ReasonBody>) -> Result<impl IntoResponse> {
+pub async fn leave(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path(room_id): Path<String>,
+    Json(body): Json<ReasonBody>,
+) -> Result<impl IntoResponse> {
     let me = auth.user_id.clone();
     membership_op(&s, &auth, room_id, me, "leave", body.reason).await?;
     Ok(axum::Json(json!({})))
@@ -253,31 +307,53 @@ fn target(body: &ReasonBody) -> Result<String> {
     Ok(t)
 }
 
-pub async fn invite(State(s): State<AppState>, auth: Auth, Path(room_id): Path<String>, Json(body): Json<ReasonBody>) -> Result<impl IntoResponse> {
+pub async fn invite(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path(room_id): Path<String>,
+    Json(body): Json<ReasonBody>,
+) -> Result<impl IntoResponse> {
     let t = target(&body)?;
     membership_op(&s, &auth, room_id, t, "invite", body.reason).await?;
     Ok(axum::Json(json!({})))
 }
 
-pub async fn kick(State(s): State<AppState>, auth: Auth, Path(room_id): Path<String>, Json(body): Json<ReasonBody>) -> Result<impl IntoResponse> {
+pub async fn kick(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path(room_id): Path<String>,
+    Json(body): Json<ReasonBody>,
+) -> Result<impl IntoResponse> {
     let t = target(&body)?;
     membership_op(&s, &auth, room_id, t, "leave", body.reason).await?;
     Ok(axum::Json(json!({})))
 }
 
-pub async fn ban(State(s): State<AppState>, auth: Auth, Path(room_id): Path<String>, Json(body): Json<ReasonBody>) -> Result<impl IntoResponse> {
+pub async fn ban(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path(room_id): Path<String>,
+    Json(body): Json<ReasonBody>,
+) -> Result<impl IntoResponse> {
     let t = target(&body)?;
     membership_op(&s, &auth, room_id, t, "ban", body.reason).await?;
     Ok(axum::Json(json!({})))
 }
 
-pub async fn unban(State(s): State<AppState>, auth: Auth, Path(room_id): Path<String>, Json(body): Json<ReasonBody>) -> Result<impl IntoResponse> {
+pub async fn unban(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path(room_id): Path<String>,
+    Json(body): Json<ReasonBody>,
+) -> Result<impl IntoResponse> {
     let t = target(&body)?;
     let rid = room_id.clone();
     let tt = t.clone();
     let current = s
         .store
-        .read(move |c| Ok(events::room_by_id(c, &rid)?.map(|r| events::membership_of(c, r.room_nid, &tt)).transpose()?.flatten()))
+        .read(move |c| {
+            Ok(events::room_by_id(c, &rid)?.map(|r| events::membership_of(c, r.room_nid, &tt)).transpose()?.flatten())
+        })
         .await?;
     if current.map(|m| m.0).as_deref() != Some("ban") {
         return Err(Error::forbidden("user is not banned"));
@@ -291,7 +367,9 @@ pub async fn forget(State(s): State<AppState>, auth: Auth, Path(room_id): Path<S
         .write(move |w| {
             let room = events::room_by_id(w.conn, &room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
             match events::membership_of(w.conn, room.room_nid, &auth.user_id)? {
-                Some((m, _)) if m == "join" || m == "invite" => return Err(Error::unknown("leave the room before forgetting it")),
+                Some((m, _)) if m == "join" || m == "invite" => {
+                    return Err(Error::unknown("leave the room before forgetting it"))
+                }
                 None => return Err(Error::not_found("you were never in this room")),
                 _ => {}
             }
@@ -407,11 +485,23 @@ pub async fn put_state(
         let (c, rid) = (content.clone(), room_id.clone());
         s.store
             .read(move |conn| {
-                let mut aliases: Vec<String> = c.get("alias").and_then(Value::as_str).map(str::to_owned).into_iter().collect();
-                aliases.extend(c.get("alt_aliases").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).map(str::to_owned));
+                let mut aliases: Vec<String> =
+                    c.get("alias").and_then(Value::as_str).map(str::to_owned).into_iter().collect();
+                aliases.extend(
+                    c.get("alt_aliases")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                        .filter_map(Value::as_str)
+                        .map(str::to_owned),
+                );
                 for a in aliases {
                     if rooms::alias_target(conn, &a)?.as_deref() != Some(rid.as_str()) {
-                        return Err(Error::matrix(axum::http::StatusCode::BAD_REQUEST, "M_BAD_ALIAS", format!("{a} does not point to this room")));
+                        return Err(Error::matrix(
+                            axum::http::StatusCode::BAD_REQUEST,
+                            "M_BAD_ALIAS",
+                            format!("{a} does not point to this room"),
+                        ));
                     }
                 }
                 Ok(())
@@ -421,7 +511,16 @@ pub async fn put_state(
     let identity = s.identity.clone();
     let a = s
         .store
-        .write(move |w| append_local(w, &identity, &room_id, &auth.user_id, LocalEvent::state(&event_type, &state_key, content), None))
+        .write(move |w| {
+            append_local(
+                w,
+                &identity,
+                &room_id,
+                &auth.user_id,
+                LocalEvent::state(&event_type, &state_key, content),
+                None,
+            )
+        })
         .await?;
     Ok(axum::Json(json!({"event_id": a.event_id})))
 }
@@ -431,7 +530,11 @@ fn state_path(p: Vec<(String, String)>) -> (String, String, String) {
     (get("room_id"), get("event_type"), get("state_key"))
 }
 
-pub async fn get_state_event(State(s): State<AppState>, auth: Auth, Path(p): Path<Vec<(String, String)>>) -> Result<impl IntoResponse> {
+pub async fn get_state_event(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path(p): Path<Vec<(String, String)>>,
+) -> Result<impl IntoResponse> {
     let (room_id, event_type, state_key) = state_path(p);
     let content = s
         .store
@@ -445,7 +548,11 @@ pub async fn get_state_event(State(s): State<AppState>, auth: Auth, Path(p): Pat
     Ok(axum::Json(content))
 }
 
-pub async fn get_state(State(s): State<AppState>, auth: Auth, Path(room_id): Path<String>) -> Result<impl IntoResponse> {
+pub async fn get_state(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path(room_id): Path<String>,
+) -> Result<impl IntoResponse> {
     let list = s
         .store
         .read(move |c| {
@@ -463,7 +570,11 @@ pub async fn get_state(State(s): State<AppState>, auth: Auth, Path(room_id): Pat
     Ok(axum::Json(Value::Array(list)))
 }
 
-pub async fn get_event(State(s): State<AppState>, auth: Auth, Path((room_id, event_id)): Path<(String, String)>) -> Result<impl IntoResponse> {
+pub async fn get_event(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path((room_id, event_id)): Path<(String, String)>,
+) -> Result<impl IntoResponse> {
     let ev = s
         .store
         .read(move |c| {
@@ -476,7 +587,8 @@ pub async fn get_event(State(s): State<AppState>, auth: Auth, Path((room_id, eve
                     return Err(Error::not_found("event not found"));
                 }
             }
-            if row.stream_ordering.unwrap_or(i64::MIN) < crate::room::membership::visible_from(c, &room, &auth.user_id)? {
+            if row.stream_ordering.unwrap_or(i64::MIN) < crate::room::membership::visible_from(c, &room, &auth.user_id)?
+            {
                 return Err(Error::not_found("event not found"));
             }
             format::event(c, &row, &room.room_id, Some((&auth.user_id, &auth.device_id)), true)
@@ -508,7 +620,11 @@ pub async fn wait_full_state(s: &AppState, room_id: &str) -> Result<()> {
             bumped = true;
         }
         if tokio::time::Instant::now() >= deadline {
-            return Err(Error::matrix(axum::http::StatusCode::GATEWAY_TIMEOUT, "M_UNKNOWN", "the room's member list is still being fetched"));
+            return Err(Error::matrix(
+                axum::http::StatusCode::GATEWAY_TIMEOUT,
+                "M_UNKNOWN",
+                "the room's member list is still being fetched",
+            ));
         }
         tokio::select! {
             _ = stream.changed() => {}
@@ -517,7 +633,12 @@ pub async fn wait_full_state(s: &AppState, room_id: &str) -> Result<()> {
     }
 }
 
-pub async fn members(State(s): State<AppState>, auth: Auth, Path(room_id): Path<String>, Query(q): Query<MembersQuery>) -> Result<impl IntoResponse> {
+pub async fn members(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path(room_id): Path<String>,
+    Query(q): Query<MembersQuery>,
+) -> Result<impl IntoResponse> {
     const MEMBERSHIPS: [&str; 5] = ["join", "invite", "knock", "leave", "ban"];
     for (name, value) in [("membership", &q.membership), ("not_membership", &q.not_membership)] {
         if value.as_deref().is_some_and(|m| !MEMBERSHIPS.contains(&m)) {
@@ -577,7 +698,11 @@ pub async fn members(State(s): State<AppState>, auth: Auth, Path(room_id): Path<
     Ok(axum::Json(json!({"chunk": chunk})))
 }
 
-pub async fn joined_members(State(s): State<AppState>, auth: Auth, Path(room_id): Path<String>) -> Result<impl IntoResponse> {
+pub async fn joined_members(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path(room_id): Path<String>,
+) -> Result<impl IntoResponse> {
     wait_full_state(&s, &room_id).await?;
     let joined = s
         .store
@@ -623,7 +748,11 @@ fn parse_local_alias(s: &AppState, alias: &str) -> Result<()> {
 
 pub async fn get_alias(State(s): State<AppState>, Path(alias): Path<String>) -> Result<impl IntoResponse> {
     ruma::RoomAliasId::parse(&alias).map_err(|e| Error::invalid_param(format!("invalid alias: {e}")))?;
-    let room_id = s.store.read(move |c| rooms::alias_target(c, &alias)).await?.ok_or_else(|| Error::not_found("room alias not found"))?;
+    let room_id = s
+        .store
+        .read(move |c| rooms::alias_target(c, &alias))
+        .await?
+        .ok_or_else(|| Error::not_found("room alias not found"))?;
     Ok(axum::Json(json!({"room_id": room_id, "servers": [s.identity.server_name.as_str()]})))
 }
 
@@ -632,7 +761,12 @@ pub struct AliasBody {
     room_id: String,
 }
 
-pub async fn put_alias(State(s): State<AppState>, auth: Auth, Path(alias): Path<String>, Json(body): Json<AliasBody>) -> Result<impl IntoResponse> {
+pub async fn put_alias(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path(alias): Path<String>,
+    Json(body): Json<AliasBody>,
+) -> Result<impl IntoResponse> {
     parse_local_alias(&s, &alias)?;
     s.store
         .write(move |w| {
@@ -649,11 +783,16 @@ pub async fn put_alias(State(s): State<AppState>, auth: Auth, Path(alias): Path<
     Ok(axum::Json(json!({})))
 }
 
-pub async fn delete_alias(State(s): State<AppState>, auth: Auth, Path(alias): Path<String>) -> Result<impl IntoResponse> {
+pub async fn delete_alias(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path(alias): Path<String>,
+) -> Result<impl IntoResponse> {
     parse_local_alias(&s, &alias)?;
     s.store
         .write(move |w| {
-            let (room_id, creator) = rooms::alias_creator(w.conn, &alias)?.ok_or_else(|| Error::not_found("room alias not found"))?;
+            let (room_id, creator) =
+                rooms::alias_creator(w.conn, &alias)?.ok_or_else(|| Error::not_found("room alias not found"))?;
             let allowed = creator == auth.user_id || auth.admin || {
                 let room = events::room_by_id(w.conn, &room_id)?;
                 match room.and_then(|r| r.current_sg.map(|sg| (r, sg))) {
@@ -674,7 +813,11 @@ pub async fn delete_alias(State(s): State<AppState>, auth: Auth, Path(alias): Pa
     Ok(axum::Json(json!({})))
 }
 
-pub async fn room_aliases(State(s): State<AppState>, auth: Auth, Path(room_id): Path<String>) -> Result<impl IntoResponse> {
+pub async fn room_aliases(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path(room_id): Path<String>,
+) -> Result<impl IntoResponse> {
     let aliases = s
         .store
         .read(move |c| {
@@ -687,10 +830,8 @@ pub async fn room_aliases(State(s): State<AppState>, auth: Auth, Path(room_id): 
 
 pub async fn get_visibility(State(s): State<AppState>, Path(room_id): Path<String>) -> Result<impl IntoResponse> {
     let rid = room_id.clone();
-    let (exists, published) = s
-        .store
-        .read(move |c| Ok((events::room_by_id(c, &rid)?.is_some(), rooms::is_published(c, &rid)?)))
-        .await?;
+    let (exists, published) =
+        s.store.read(move |c| Ok((events::room_by_id(c, &rid)?.is_some(), rooms::is_published(c, &rid)?))).await?;
     if !exists {
         return Err(Error::not_found("unknown room"));
     }
@@ -702,7 +843,12 @@ pub struct VisibilityBody {
     visibility: String,
 }
 
-pub async fn set_visibility(State(s): State<AppState>, auth: Auth, Path(room_id): Path<String>, Json(body): Json<VisibilityBody>) -> Result<impl IntoResponse> {
+pub async fn set_visibility(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path(room_id): Path<String>,
+    Json(body): Json<VisibilityBody>,
+) -> Result<impl IntoResponse> {
     let publish = match body.visibility.as_str() {
         "public" => true,
         "private" => false,
@@ -713,7 +859,8 @@ pub async fn set_visibility(State(s): State<AppState>, auth: Auth, Path(room_id)
             let room = events::room_by_id(w.conn, &room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
             let sg = room.current_sg.ok_or_else(|| Error::not_found("unknown room"))?;
             let pl = crate::room::power::PowerLevels::load(w.conn, sg, &room.version)?;
-            let joined = events::membership_of(w.conn, room.room_nid, &auth.user_id)?.map(|m| m.0).as_deref() == Some("join");
+            let joined =
+                events::membership_of(w.conn, room.room_nid, &auth.user_id)?.map(|m| m.0).as_deref() == Some("join");
             let allowed = joined && pl.user(&auth.user_id) >= pl.for_event("m.room.canonical_alias", true);
             if !auth.admin && !allowed {
                 return Err(Error::forbidden("you may not change this room's directory visibility"));
@@ -738,23 +885,40 @@ pub struct PublicRoomsBody {
     filter: Option<Value>,
 }
 
-pub async fn public_rooms_get(State(s): State<AppState>, Query(q): Query<PublicRoomsQuery>) -> Result<impl IntoResponse> {
+pub async fn public_rooms_get(
+    State(s): State<AppState>,
+    Query(q): Query<PublicRoomsQuery>,
+) -> Result<impl IntoResponse> {
     public_rooms(&s, q.limit, q.since, None).await
 }
 
-pub async fn public_rooms_post(State(s): State<AppState>, _auth: Auth, Json(b): Json<PublicRoomsBody>) -> Result<impl IntoResponse> {
+pub async fn public_rooms_post(
+    State(s): State<AppState>,
+    _auth: Auth,
+    Json(b): Json<PublicRoomsBody>,
+) -> Result<impl IntoResponse> {
     if let Some(f) = &b.filter {
         let term_ok = f.get("generic_search_term").is_none_or(|t| t.is_string() || t.is_null());
-        let types_ok = f.get("room_types").is_none_or(|t| t.is_null() || t.as_array().is_some_and(|a| a.iter().all(|x| x.is_string() || x.is_null())));
+        let types_ok = f.get("room_types").is_none_or(|t| {
+            t.is_null() || t.as_array().is_some_and(|a| a.iter().all(|x| x.is_string() || x.is_null()))
+        });
         if !f.is_object() || !term_ok || !types_ok {
-            return Err(Error::bad_json("filter must be an object with a string generic_search_term and a room_types array"));
+            return Err(Error::bad_json(
+                "filter must be an object with a string generic_search_term and a room_types array",
+            ));
         }
     }
-    let term = b.filter.as_ref().and_then(|f| f.get("generic_search_term")).and_then(Value::as_str).map(str::to_lowercase);
+    let term =
+        b.filter.as_ref().and_then(|f| f.get("generic_search_term")).and_then(Value::as_str).map(str::to_lowercase);
     public_rooms(&s, b.limit, b.since, term).await
 }
 
-async fn public_rooms(s: &AppState, limit: Option<u64>, since: Option<String>, term: Option<String>) -> Result<axum::Json<Value>> {
+async fn public_rooms(
+    s: &AppState,
+    limit: Option<u64>,
+    since: Option<String>,
+    term: Option<String>,
+) -> Result<axum::Json<Value>> {
     let limit = limit.unwrap_or(100).clamp(1, 500) as usize;
     let offset: usize = since.as_deref().and_then(|t| t.strip_prefix("o")).and_then(|n| n.parse().ok()).unwrap_or(0);
     let (chunk, total) = s
@@ -773,7 +937,14 @@ async fn public_rooms(s: &AppState, limit: Option<u64>, since: Option<String>, t
                 let hv = get("m.room.history_visibility", "")?.and_then(|v| v.get("history_visibility").cloned());
                 let guest = get("m.room.guest_access", "")?.and_then(|v| v.get("guest_access").cloned());
                 if let Some(term) = &term {
-                    let hay = format!("{} {} {} {}", name.clone().unwrap_or_default(), topic.clone().unwrap_or_default(), alias.clone().unwrap_or_default(), room_id).to_lowercase();
+                    let hay = format!(
+                        "{} {} {} {}",
+                        name.clone().unwrap_or_default(),
+                        topic.clone().unwrap_or_default(),
+                        alias.clone().unwrap_or_default(),
+                        room_id
+                    )
+                    .to_lowercase();
                     if !hay.contains(term.as_str()) {
                         continue;
                     }

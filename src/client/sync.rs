@@ -85,7 +85,9 @@ impl EventFilter {
                 None | Some(Value::Null) => Ok(None),
                 Some(Value::Array(a)) => a
                     .iter()
-                    .map(|x| x.as_str().map(str::to_owned).ok_or_else(|| Error::bad_json(format!("`{k}` must be strings"))))
+                    .map(|x| {
+                        x.as_str().map(str::to_owned).ok_or_else(|| Error::bad_json(format!("`{k}` must be strings")))
+                    })
                     .collect::<Result<Vec<_>>>()
                     .map(Some),
                 Some(_) => Err(Error::bad_json(format!("`{k}` must be an array"))),
@@ -93,7 +95,9 @@ impl EventFilter {
         };
         let limit = match v.get("limit") {
             None | Some(Value::Null) => None,
-            Some(Value::Number(n)) => Some(n.as_u64().ok_or_else(|| Error::bad_json("limit must be a positive integer"))? as usize),
+            Some(Value::Number(n)) => {
+                Some(n.as_u64().ok_or_else(|| Error::bad_json("limit must be a positive integer"))? as usize)
+            }
             Some(_) => return Err(Error::bad_json("limit must be an integer")),
         };
         Ok(EventFilter {
@@ -140,8 +144,15 @@ fn validate_filter(v: &Value) -> Result<()> {
     fn list(o: &serde_json::Map<String, Value>, path: &str, key: &str, sigil: Option<char>) -> Result<()> {
         match o.get(key) {
             None | Some(Value::Null) => Ok(()),
-            Some(Value::Array(a)) if a.iter().all(|x| x.as_str().is_some_and(|s| sigil.is_none_or(|c| s.starts_with(c)))) => Ok(()),
-            Some(_) => Err(bad(&format!("{path}.{key}"), if sigil.is_some() { "an array of ids" } else { "an array of strings" })),
+            Some(Value::Array(a))
+                if a.iter().all(|x| x.as_str().is_some_and(|s| sigil.is_none_or(|c| s.starts_with(c)))) =>
+            {
+                Ok(())
+            }
+            Some(_) => Err(bad(
+                &format!("{path}.{key}"),
+                if sigil.is_some() { "an array of ids" } else { "an array of strings" },
+            )),
         }
     }
     fn flags(o: &serde_json::Map<String, Value>, path: &str, keys: &[&str]) -> Result<()> {
@@ -165,13 +176,20 @@ fn validate_filter(v: &Value) -> Result<()> {
         if room_event {
             list(o, path, "rooms", Some('!'))?;
             list(o, path, "not_rooms", Some('!'))?;
-            flags(o, path, &["lazy_load_members", "include_redundant_members", "unread_thread_notifications", "contains_url"])?;
+            flags(
+                o,
+                path,
+                &["lazy_load_members", "include_redundant_members", "unread_thread_notifications", "contains_url"],
+            )?;
         }
         Ok(())
     }
     let Some(top) = object(v, "")? else { return Err(bad("", "an object")) };
     list(top, "", "event_fields", None)?;
-    if top.get("event_format").is_some_and(|f| !f.is_null() && f.as_str().is_none_or(|f| f != "client" && f != "federation")) {
+    if top
+        .get("event_format")
+        .is_some_and(|f| !f.is_null() && f.as_str().is_none_or(|f| f != "client" && f != "federation"))
+    {
         return Err(bad("event_format", "`client` or `federation`"));
     }
     event_filter(top.get("account_data"), "account_data", false)?;
@@ -250,7 +268,11 @@ async fn load_filter(s: &AppState, user_id: &str, filter: Option<String>) -> Res
     }
     let id: i64 = f.parse().map_err(|_| Error::invalid_param("filter is neither an id nor JSON"))?;
     let uid = user_id.to_owned();
-    let json = s.store.read(move |c| accounts::get_filter(c, &uid, id)).await?.ok_or_else(|| Error::not_found("no such filter"))?;
+    let json = s
+        .store
+        .read(move |c| accounts::get_filter(c, &uid, id))
+        .await?
+        .ok_or_else(|| Error::not_found("no such filter"))?;
     Filter::parse(&serde_json::from_str(&json)?)
 }
 
@@ -287,10 +309,8 @@ pub async fn sync(State(s): State<AppState>, auth: Auth, Query(q): Query<SyncQue
         let (a, f) = (auth.clone(), filter.clone());
         let typing = s.typing.clone_view();
         let sent = s.clone();
-        let (body, empty) = s
-            .store
-            .read(move |c| build(c, &a, &f, since, pos, full_state, &typing, &sent.sent_members))
-            .await?;
+        let (body, empty) =
+            s.store.read(move |c| build(c, &a, &f, since, pos, full_state, &typing, &sent.sent_members)).await?;
         if !empty || since.is_none() || full_state || tokio::time::Instant::now() >= deadline {
             return Ok(axum::Json(body));
         }
@@ -306,7 +326,10 @@ pub async fn sync(State(s): State<AppState>, auth: Auth, Query(q): Query<SyncQue
                 let (a, f) = (auth.clone(), filter.clone());
                 let typing = s.typing.clone_view();
                 let sent = s.clone();
-                let (body, _) = s.store.read(move |c| build(c, &a, &f, since, pos, full_state, &typing, &sent.sent_members)).await?;
+                let (body, _) = s
+                    .store
+                    .read(move |c| build(c, &a, &f, since, pos, full_state, &typing, &sent.sent_members))
+                    .await?;
                 return Ok(axum::Json(body));
             }
         }
@@ -388,7 +411,10 @@ fn room_window(
         events::EVENT_COLS
     ))?;
     let rows: Vec<events::EventRow> = stmt
-        .query_map(params![room.room_nid, since.unwrap_or(i64::MIN).max(floor), upto, (limit + 1) as i64], events::event_row)?
+        .query_map(
+            params![room.room_nid, since.unwrap_or(i64::MIN).max(floor), upto, (limit + 1) as i64],
+            events::event_row,
+        )?
         .collect::<rusqlite::Result<_>>()?;
     let limited = rows.len() > limit || (since.is_none() && rows.len() == limit + 1);
     let mut rows: Vec<events::EventRow> = rows.into_iter().take(limit).collect();
@@ -397,7 +423,8 @@ fn room_window(
     let first_sg_after = rows.first().and_then(|r| r.sg_after);
     let prev_batch = Token { stream: first_stream - 1, typing: 0 }.render();
 
-    let timeline: Vec<events::EventRow> = rows.into_iter().filter(|r| filter.timeline.allows(&r.event_type, &r.sender)).collect();
+    let timeline: Vec<events::EventRow> =
+        rows.into_iter().filter(|r| filter.timeline.allows(&r.event_type, &r.sender)).collect();
     let timeline_ids: HashSet<&str> = timeline.iter().map(|r| r.event_id.as_str()).collect();
 
     // State: everything up to the timeline start for initial/full/newly-visible; otherwise the changes between
@@ -421,7 +448,9 @@ fn room_window(
             None => HashSet::new(),
         };
         if let Some(sg) = start_sg {
-            state_nids.extend(events::state_event_ids(c, sg, exclude)?.into_iter().map(|x| x.0).filter(|n| !before.contains(n)));
+            state_nids.extend(
+                events::state_event_ids(c, sg, exclude)?.into_iter().map(|x| x.0).filter(|n| !before.contains(n)),
+            );
         }
     }
     let senders: BTreeSet<&str> = timeline.iter().map(|r| r.sender.as_str()).collect();
@@ -502,7 +531,8 @@ fn room_window(
         sent.apply(key, fresh, !filter.include_redundant_members, &mut state);
     }
     let device = Some((auth.user_id.as_str(), auth.device_id.as_str()));
-    let timeline = timeline.iter().map(|r| format::event(c, r, &room.room_id, device, false)).collect::<Result<Vec<_>>>()?;
+    let timeline =
+        timeline.iter().map(|r| format::event(c, r, &room.room_id, device, false)).collect::<Result<Vec<_>>>()?;
     Ok(RoomSync { timeline, limited, prev_batch, state })
 }
 
@@ -511,8 +541,12 @@ fn room_summary(c: &Connection, room: &events::RoomRow, user_id: &str) -> Result
     let mut summary = json!({"m.joined_member_count": joined, "m.invited_member_count": invited});
     let named = match room.current_sg {
         Some(sg) => {
-            crate::room::state_content(c, sg, "m.room.name", "")?.and_then(|v| v.get("name").cloned()).is_some_and(|n| n != json!(""))
-                || crate::room::state_content(c, sg, "m.room.canonical_alias", "")?.and_then(|v| v.get("alias").cloned()).is_some()
+            crate::room::state_content(c, sg, "m.room.name", "")?
+                .and_then(|v| v.get("name").cloned())
+                .is_some_and(|n| n != json!(""))
+                || crate::room::state_content(c, sg, "m.room.canonical_alias", "")?
+                    .and_then(|v| v.get("alias").cloned())
+                    .is_some()
         }
         None => false,
     };
@@ -521,7 +555,8 @@ fn room_summary(c: &Connection, room: &events::RoomRow, user_id: &str) -> Result
             "SELECT user_id FROM room_members WHERE room_nid = ?1 AND user_id != ?2 AND membership IN ('join', 'invite')
              ORDER BY user_id LIMIT 5",
         )?;
-        let mut heroes: Vec<String> = stmt.query_map(params![room.room_nid, user_id], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+        let mut heroes: Vec<String> =
+            stmt.query_map(params![room.room_nid, user_id], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
         if heroes.is_empty() {
             let mut stmt = c.prepare_cached(
                 "SELECT user_id FROM room_members WHERE room_nid = ?1 AND user_id != ?2 ORDER BY user_id LIMIT 5",
@@ -537,12 +572,20 @@ fn room_summary(c: &Connection, room: &events::RoomRow, user_id: &str) -> Result
     Ok(summary)
 }
 
-fn account_data_since(c: &Connection, user_id: &str, room_id: &str, since: i64, upto: i64, f: &EventFilter) -> Result<Vec<Value>> {
+fn account_data_since(
+    c: &Connection,
+    user_id: &str,
+    room_id: &str,
+    since: i64,
+    upto: i64,
+    f: &EventFilter,
+) -> Result<Vec<Value>> {
     let mut stmt = c.prepare_cached(
         "SELECT data_type, content FROM account_data WHERE user_id = ?1 AND room_id = ?2 AND stream_ordering > ?3
          AND stream_ordering <= ?4 ORDER BY stream_ordering",
     )?;
-    let rows = stmt.query_map(params![user_id, room_id, since, upto], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+    let rows = stmt
+        .query_map(params![user_id, room_id, since, upto], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
     let mut out = Vec::new();
     for r in rows {
         let (t, content) = r?;
@@ -562,7 +605,8 @@ fn receipts_since(c: &Connection, room_nid: i64, since: i64, upto: i64, user_id:
     let mut content = serde_json::Map::new();
     let mut rows = stmt.query(params![room_nid, since, upto, user_id])?;
     while let Some(r) = rows.next()? {
-        let (rt, user, thread, event_id, ts): (String, String, String, String, i64) = (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?);
+        let (rt, user, thread, event_id, ts): (String, String, String, String, i64) =
+            (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?);
         let mut receipt = json!({"ts": ts});
         if !thread.is_empty() {
             receipt["thread_id"] = json!(thread);
@@ -598,7 +642,8 @@ fn build(
             "SELECT room_nid, membership FROM local_membership_stream WHERE user_id = ?1 AND stream_ordering > ?2
              AND stream_ordering <= ?3 ORDER BY stream_ordering",
         )?;
-        let rows = stmt.query_map(params![auth.user_id, ss, pos.stream], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+        let rows = stmt
+            .query_map(params![auth.user_id, ss, pos.stream], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
         for r in rows {
             let (room, m) = r?;
             changed.insert(room, m);
@@ -661,7 +706,8 @@ fn build(
         }
         let room = events::room_by_nid(c, room_nid)?.ok_or_else(|| Error::internal("room vanished"))?;
         let invite_state = stripped_state(c, &room, &auth.user_id)?;
-        let invite_event = invite_state.iter().find(|e| e["type"] == "m.room.member" && e["state_key"] == json!(auth.user_id));
+        let invite_event =
+            invite_state.iter().find(|e| e["type"] == "m.room.member" && e["state_key"] == json!(auth.user_id));
         if invite_event.is_some_and(is_ignored) {
             continue; // invites from ignored users are not shown
         }
@@ -762,7 +808,9 @@ fn build(
              WHERE e.event_type = 'm.room.member' AND e.stream_ordering > ?2 AND e.stream_ordering <= ?3
              AND k.state_key != ?1",
         )?;
-        let rows = stmt.query_map(params![auth.user_id, ss, pos.stream], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?)))?;
+        let rows = stmt.query_map(params![auth.user_id, ss, pos.stream], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
+        })?;
         for r in rows {
             let (u, m) = r?;
             match m.as_deref() {
@@ -793,7 +841,9 @@ fn build(
         let mut stmt = c.prepare_cached(
             "SELECT algorithm, count(*) FROM one_time_keys WHERE user_id = ?1 AND device_id = ?2 AND fallback = 0 GROUP BY algorithm",
         )?;
-        for r in stmt.query_map(params![auth.user_id, auth.device_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+        for r in stmt
+            .query_map(params![auth.user_id, auth.device_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+        {
             let (alg, n) = r?;
             otk_counts.insert(alg, json!(n));
         }
@@ -802,7 +852,9 @@ fn build(
         otk_counts.insert("signed_curve25519".into(), json!(0));
     }
     let fallback_types: Vec<String> = c
-        .prepare_cached("SELECT DISTINCT algorithm FROM one_time_keys WHERE user_id = ?1 AND device_id = ?2 AND fallback = 1")?
+        .prepare_cached(
+            "SELECT DISTINCT algorithm FROM one_time_keys WHERE user_id = ?1 AND device_id = ?2 AND fallback = 1",
+        )?
         .query_map(params![auth.user_id, auth.device_id], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?;
 
@@ -850,7 +902,9 @@ pub fn stripped_state(c: &Connection, room: &events::RoomRow, user_id: &str) -> 
         }
     }
     // The inviter's membership, so clients can show who invited.
-    if let Some(inviter) = out.iter().find(|e| e["type"] == "m.room.member").and_then(|e| e["sender"].as_str()).map(str::to_owned) {
+    if let Some(inviter) =
+        out.iter().find(|e| e["type"] == "m.room.member").and_then(|e| e["sender"].as_str()).map(str::to_owned)
+    {
         if inviter != user_id {
             if let Some(p) = crate::room::state_event(c, sg, "m.room.member", &inviter)? {
                 out.push(json!({"type": "m.room.member", "state_key": inviter, "content": p.content_value(), "sender": p.sender.as_str()}));

@@ -18,7 +18,11 @@ fn check(auth: &Auth, user_id: &str, room_id: &str) -> Result<()> {
     Ok(())
 }
 
-pub async fn get_tags(State(s): State<AppState>, auth: Auth, Path((user_id, room_id)): Path<(String, String)>) -> Result<impl IntoResponse> {
+pub async fn get_tags(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path((user_id, room_id)): Path<(String, String)>,
+) -> Result<impl IntoResponse> {
     check(&auth, &user_id, &room_id)?;
     let content = s.store.read(move |c| account_data::get(c, &user_id, &room_id, "m.tag")).await?;
     let tags = content.and_then(|c| c.get("tags").filter(|t| t.is_object()).cloned()).unwrap_or_else(|| json!({}));
@@ -30,7 +34,8 @@ async fn change(s: &AppState, user_id: String, room_id: String, tag: String, val
     s.store
         .write(move |w| {
             let content = account_data::get(w.conn, &user_id, &room_id, "m.tag")?;
-            let mut tags: Map<String, Value> = content.and_then(|c| c.get("tags").and_then(Value::as_object).cloned()).unwrap_or_default();
+            let mut tags: Map<String, Value> =
+                content.and_then(|c| c.get("tags").and_then(Value::as_object).cloned()).unwrap_or_default();
             match value {
                 Some(v) => {
                     tags.insert(tag, v);
@@ -63,7 +68,11 @@ pub async fn put_tag(
     Ok(axum::Json(json!({})))
 }
 
-pub async fn delete_tag(State(s): State<AppState>, auth: Auth, Path((user_id, room_id, tag)): Path<(String, String, String)>) -> Result<impl IntoResponse> {
+pub async fn delete_tag(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path((user_id, room_id, tag)): Path<(String, String, String)>,
+) -> Result<impl IntoResponse> {
     check(&auth, &user_id, &room_id)?;
     change(&s, user_id, room_id, tag, None).await?;
     Ok(axum::Json(json!({})))
@@ -85,7 +94,11 @@ pub async fn get_presence(_auth: Auth, Path(user_id): Path<String>) -> Result<im
 }
 
 /// Accepted and dropped (clients set presence routinely; it is not tracked, so nobody sees it).
-pub async fn put_presence(auth: Auth, Path(user_id): Path<String>, Json(body): Json<PresenceBody>) -> Result<impl IntoResponse> {
+pub async fn put_presence(
+    auth: Auth,
+    Path(user_id): Path<String>,
+    Json(body): Json<PresenceBody>,
+) -> Result<impl IntoResponse> {
     if auth.user_id != user_id {
         return Err(Error::forbidden("cannot set another user's presence"));
     }

@@ -38,7 +38,12 @@ fn parse_filter(f: Option<&str>) -> Result<Filter> {
     }
 }
 
-pub async fn messages(State(s): State<AppState>, auth: Auth, Path(room_id): Path<String>, Query(q): Query<MessagesQuery>) -> Result<impl IntoResponse> {
+pub async fn messages(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path(room_id): Path<String>,
+    Query(q): Query<MessagesQuery>,
+) -> Result<impl IntoResponse> {
     let backwards = match q.dir.as_deref() {
         Some("b") => true,
         Some("f") => false,
@@ -123,7 +128,9 @@ async fn messages_page(
             let mut senders = std::collections::BTreeSet::new();
             let mut chunk = Vec::new();
             let ignored = crate::client::notifications::ignored_users(c, &auth.user_id)?;
-            for r in rows.iter().filter(|r| filter.timeline.allows(&r.event_type, &r.sender) && !ignored.contains(&r.sender)) {
+            for r in
+                rows.iter().filter(|r| filter.timeline.allows(&r.event_type, &r.sender) && !ignored.contains(&r.sender))
+            {
                 senders.insert(r.sender.clone());
                 chunk.push(format::event(c, r, &room.room_id, device, true)?);
             }
@@ -141,7 +148,8 @@ async fn messages_page(
                     }
                 }
             }
-            let mut body = json!({"chunk": chunk, "start": Token { stream: from, typing: 0 }.render(), "rows": rows.len()});
+            let mut body =
+                json!({"chunk": chunk, "start": Token { stream: from, typing: 0 }.render(), "rows": rows.len()});
             if let Some(end) = end {
                 body["end"] = json!(Token { stream: end, typing: 0 }.render());
             }

@@ -40,7 +40,12 @@ pub fn allows(acl: &Value, server: &str) -> bool {
     } else {
         server
     };
-    let list = |k: &str| -> Vec<String> { acl.get(k).and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect()).unwrap_or_default() };
+    let list = |k: &str| -> Vec<String> {
+        acl.get(k)
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+            .unwrap_or_default()
+    };
     let is_ip = host.parse::<std::net::IpAddr>().is_ok();
     if is_ip && acl.get("allow_ip_literals").and_then(Value::as_bool) == Some(false) {
         return false;

@@ -50,7 +50,12 @@ pub async fn backfill(s: &AppState, room_id: &str, limit: usize) -> Result<usize
         .await?;
     let Some((version, oldest_id, servers)) = found else { return Ok(0) };
     for server in servers {
-        let path = format!("/_matrix/federation/v1/backfill/{}?v={}&limit={}", enc(room_id), enc(&oldest_id), limit.clamp(1, 100));
+        let path = format!(
+            "/_matrix/federation/v1/backfill/{}?v={}&limit={}",
+            enc(room_id),
+            enc(&oldest_id),
+            limit.clamp(1, 100)
+        );
         let answer = match fed.client.get(&server, &path).await {
             Ok(a) => a,
             Err(e) => {
@@ -59,7 +64,12 @@ pub async fn backfill(s: &AppState, room_id: &str, limit: usize) -> Result<usize
             }
         };
         let raw = answer.get("pdus").and_then(Value::as_array).cloned().unwrap_or_default();
-        let mut pdus: Vec<crate::room::Pdu> = verify_batch(s, &version, raw).await?.into_iter().filter_map(|r| r.ok()).filter(|p| p.room_id.as_str() == room_id).collect();
+        let mut pdus: Vec<crate::room::Pdu> = verify_batch(s, &version, raw)
+            .await?
+            .into_iter()
+            .filter_map(|r| r.ok())
+            .filter(|p| p.room_id.as_str() == room_id)
+            .collect();
         // Newest first: each gets the next lower stream position.
         pdus.sort_by_key(|p| std::cmp::Reverse(p.depth));
         let rid = room_id.to_owned();
@@ -67,7 +77,9 @@ pub async fn backfill(s: &AppState, room_id: &str, limit: usize) -> Result<usize
             .store
             .write(move |w| {
                 let room = events::room_by_id(w.conn, &rid)?.ok_or_else(|| Error::not_found("unknown room"))?;
-                let mut next: i64 = w.conn.query_row("SELECT min(0, coalesce(min(stream_ordering), 0)) FROM events", [], |r| r.get(0))?;
+                let mut next: i64 =
+                    w.conn
+                        .query_row("SELECT min(0, coalesce(min(stream_ordering), 0)) FROM events", [], |r| r.get(0))?;
                 let mut n = 0;
                 for p in &pdus {
                     if let Some(row) = events::event_by_id(w.conn, p.event_id.as_str())? {
@@ -79,7 +91,9 @@ pub async fn backfill(s: &AppState, room_id: &str, limit: usize) -> Result<usize
                     next -= 1;
                     // Auth of history is checked against the events' own auth events (we lack the state there).
                     let rules = crate::room::version::rules(&room.version)?;
-                    let rejected = crate::room::remote::authorize_partial(w.conn, &rules, p, room.current_sg.unwrap_or_default()).err();
+                    let rejected =
+                        crate::room::remote::authorize_partial(w.conn, &rules, p, room.current_sg.unwrap_or_default())
+                            .err();
                     w.conn.execute(
                         "UPDATE events SET outlier = 0, stream_ordering = ?2, rejected = ?3 WHERE event_nid = ?1",
                         rusqlite::params![nid, next, rejected],

@@ -196,7 +196,8 @@ async fn read_capped(res: &mut reqwest::Response, max: u64) -> Result<bytes::Byt
 /// The JSON of an error answer (at most [`MAX_SMALL_BYTES`] read; `Null` if it is not JSON).
 async fn error_body(mut res: reqwest::Response) -> Value {
     match read_capped(&mut res, MAX_SMALL_BYTES).await {
-        Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&b[..b.len().min(500)]).into_owned())),
+        Ok(b) => serde_json::from_slice(&b)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&b[..b.len().min(500)]).into_owned())),
         Err(_) => Value::Null,
     }
 }
@@ -215,7 +216,11 @@ fn split_host_port(name: &str) -> (String, Option<u16>) {
 }
 
 fn url_host(host: &str) -> String {
-    if host.contains(':') { format!("[{host}]") } else { host.to_owned() }
+    if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_owned()
+    }
 }
 
 impl FedClient {
@@ -226,9 +231,15 @@ impl FedClient {
     /// Like [`FedClient::new`], with fixed DNS answers for some host names (`name -> address`; port 0 means the
     /// URL's port). These answers stand for public DNS and are not checked against `allow_private_ips`: tests
     /// use them to put a `.well-known` server on loopback while private addresses stay refused for the rest.
-    pub fn with_static_dns(identity: Arc<Identity>, config: FedConfig, dns: &[(&str, SocketAddr)]) -> anyhow::Result<FedClient> {
+    pub fn with_static_dns(
+        identity: Arc<Identity>,
+        config: FedConfig,
+        dns: &[(&str, SocketAddr)],
+    ) -> anyhow::Result<FedClient> {
         if !config.verify_certificates {
-            tracing::warn!("federation.verify_certificates = false: peers' TLS certificates are NOT verified (test labs only)");
+            tracing::warn!(
+                "federation.verify_certificates = false: peers' TLS certificates are NOT verified (test labs only)"
+            );
         }
         let allow_private = config.allow_private_ips;
         let builder = || {
@@ -256,7 +267,8 @@ impl FedClient {
                 }
                 match attempt.url().host_str().and_then(ip_literal) {
                     Some(ip) if !allow_private && is_private(ip) => {
-                        let msg = format!("redirect to the private address {ip} (federation.allow_private_ips = false)");
+                        let msg =
+                            format!("redirect to the private address {ip} (federation.allow_private_ips = false)");
                         attempt.error(msg)
                     }
                     _ => attempt.follow(),
@@ -303,14 +315,26 @@ impl FedClient {
         } else {
             let (host, port) = split_host_port(server_name);
             if host.parse::<IpAddr>().is_ok() || port.is_some() {
-                Target { base_url: format!("https://{}:{}", url_host(&host), port.unwrap_or(8448)), host_header: server_name.to_owned(), expires: hours(24) }
+                Target {
+                    base_url: format!("https://{}:{}", url_host(&host), port.unwrap_or(8448)),
+                    host_header: server_name.to_owned(),
+                    expires: hours(24),
+                }
             } else {
                 match self.well_known(&host).await {
                     Some(delegated) => {
                         let (dh, dp) = split_host_port(&delegated);
-                        Target { base_url: format!("https://{}:{}", url_host(&dh), dp.unwrap_or(8448)), host_header: delegated.clone(), expires: hours(24) }
+                        Target {
+                            base_url: format!("https://{}:{}", url_host(&dh), dp.unwrap_or(8448)),
+                            host_header: delegated.clone(),
+                            expires: hours(24),
+                        }
                     }
-                    None => Target { base_url: format!("https://{host}:8448"), host_header: host.clone(), expires: hours(1) },
+                    None => Target {
+                        base_url: format!("https://{host}:8448"),
+                        host_header: host.clone(),
+                        expires: hours(1),
+                    },
                 }
             }
         };
@@ -345,7 +369,9 @@ impl FedClient {
         let hostport = target.base_url.trim_start_matches("https://");
         let (host, _) = split_host_port(hostport);
         match ip_literal(&host) {
-            Some(ip) if is_private(ip) => Err(format!("{ip} is a private address (federation.allow_private_ips = false)")),
+            Some(ip) if is_private(ip) => {
+                Err(format!("{ip} is a private address (federation.allow_private_ips = false)"))
+            }
             _ => Ok(()),
         }
     }
@@ -358,7 +384,10 @@ impl FedClient {
         obj.insert("origin".into(), CanonicalJsonValue::String(self.identity.server_name.to_string()));
         obj.insert("destination".into(), CanonicalJsonValue::String(destination.to_owned()));
         if let Some(c) = content {
-            obj.insert("content".into(), CanonicalJsonValue::try_from(c.clone()).map_err(|e| Error::internal(e.to_string()))?);
+            obj.insert(
+                "content".into(),
+                CanonicalJsonValue::try_from(c.clone()).map_err(|e| Error::internal(e.to_string()))?,
+            );
         }
         ruma::signatures::sign_json(self.identity.server_name.as_str(), &self.identity.keypair, &mut obj)
             .map_err(|e| Error::internal(e.to_string()))?;
@@ -379,7 +408,13 @@ impl FedClient {
     }
 
     /// A signed federation request; `path_and_query` starts with `/_matrix/`.
-    pub async fn request(&self, method: reqwest::Method, destination: &str, path_and_query: &str, body: Option<&Value>) -> Result<Value, FedError> {
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        destination: &str,
+        path_and_query: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, FedError> {
         self.request_timeout(method, destination, path_and_query, body, Duration::from_secs(120)).await
     }
 
@@ -411,7 +446,9 @@ impl FedClient {
             return Err(unreachable("refusing to send a federation request to ourselves".into()));
         }
         let target = self.target(destination).await?;
-        let auth = self.x_matrix(method.as_str(), path_and_query, destination, body).map_err(|e| unreachable(e.to_string()))?;
+        let auth = self
+            .x_matrix(method.as_str(), path_and_query, destination, body)
+            .map_err(|e| unreachable(e.to_string()))?;
         let mut req = self
             .http
             .request(method, format!("{}{}", target.base_url, path_and_query))
@@ -427,20 +464,30 @@ impl FedClient {
         })?;
         let status = res.status();
         if !status.is_success() {
-            return Err(FedError::Status { destination: destination.to_owned(), status: status.as_u16(), body: error_body(res).await });
+            return Err(FedError::Status {
+                destination: destination.to_owned(),
+                status: status.as_u16(),
+                body: error_body(res).await,
+            });
         }
         let mut res = res;
         let bytes = read_capped(&mut res, limit).await.map_err(|e| match e {
             ReadError::TooLarge => FedError::TooLarge { destination: destination.to_owned(), limit },
             ReadError::Failed(reason) => unreachable(reason),
         })?;
-        let value: Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes[..bytes.len().min(500)]).into_owned()));
+        let value: Value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes[..bytes.len().min(500)]).into_owned()));
         Ok(value)
     }
 
     /// A signed GET whose (possibly huge) answer is streamed to `dest` instead of held in memory, up to
     /// [`MAX_FILE_BYTES`] (a longer answer is [`FedError::TooLarge`] and the partial file is removed).
-    pub async fn get_to_file(&self, destination: &str, path_and_query: &str, dest: &std::path::Path) -> Result<u64, FedError> {
+    pub async fn get_to_file(
+        &self,
+        destination: &str,
+        path_and_query: &str,
+        dest: &std::path::Path,
+    ) -> Result<u64, FedError> {
         use tokio::io::AsyncWriteExt;
         let unreachable = |reason: String| FedError::Unreachable { destination: destination.to_owned(), reason };
         let target = self.target(destination).await?;
@@ -456,7 +503,11 @@ impl FedClient {
             .map_err(|e| unreachable(error_chain(&e)))?;
         let status = res.status();
         if !status.is_success() {
-            return Err(FedError::Status { destination: destination.to_owned(), status: status.as_u16(), body: error_body(res).await });
+            return Err(FedError::Status {
+                destination: destination.to_owned(),
+                status: status.as_u16(),
+                body: error_body(res).await,
+            });
         }
         let limit = self.max_file.load(Ordering::Relaxed);
         if res.content_length().is_some_and(|n| n > limit) {
@@ -485,7 +536,12 @@ impl FedClient {
 
     /// A signed GET answered with raw bytes (media): the response headers and at most `max_bytes` of body.
     /// A longer body is `FedError::Status` 413 `M_TOO_LARGE`.
-    pub async fn get_raw(&self, destination: &str, path_and_query: &str, max_bytes: u64) -> Result<(reqwest::header::HeaderMap, bytes::Bytes), FedError> {
+    pub async fn get_raw(
+        &self,
+        destination: &str,
+        path_and_query: &str,
+        max_bytes: u64,
+    ) -> Result<(reqwest::header::HeaderMap, bytes::Bytes), FedError> {
         let unreachable = |reason: String| FedError::Unreachable { destination: destination.to_owned(), reason };
         if destination == self.identity.server_name.as_str() {
             return Err(unreachable("refusing to send a federation request to ourselves".into()));
@@ -503,7 +559,11 @@ impl FedClient {
             .map_err(|e| unreachable(error_chain(&e)))?;
         let status = res.status();
         if !status.is_success() {
-            return Err(FedError::Status { destination: destination.to_owned(), status: status.as_u16(), body: error_body(res).await });
+            return Err(FedError::Status {
+                destination: destination.to_owned(),
+                status: status.as_u16(),
+                body: error_body(res).await,
+            });
         }
         let too_large = || FedError::Status {
             destination: destination.to_owned(),
@@ -542,7 +602,11 @@ impl FedClient {
             .map_err(|e| unreachable(error_chain(&e)))?;
         let status = res.status();
         if !status.is_success() {
-            return Err(FedError::Status { destination: destination.to_owned(), status: status.as_u16(), body: error_body(res).await });
+            return Err(FedError::Status {
+                destination: destination.to_owned(),
+                status: status.as_u16(),
+                body: error_body(res).await,
+            });
         }
         let limit = self.max_response.load(Ordering::Relaxed);
         let bytes = read_capped(&mut res, limit).await.map_err(|e| match e {

@@ -25,12 +25,20 @@ const MAX_PREV_EVENTS: usize = 20;
 const MAX_AUTH_EVENTS: usize = 10;
 
 /// Parses and verifies PDUs of one room (keys fetched in one batch). Invalid ones come back as errors.
-pub async fn verify_batch(s: &AppState, room_version: &str, raw: Vec<Value>) -> Result<Vec<std::result::Result<Pdu, String>>> {
+pub async fn verify_batch(
+    s: &AppState,
+    room_version: &str,
+    raw: Vec<Value>,
+) -> Result<Vec<std::result::Result<Pdu, String>>> {
     Ok(verify_batch_ids(s, room_version, raw).await?.into_iter().map(|(_, r)| r).collect())
 }
 
 /// [`verify_batch`], each result with the event's id when it could be computed (for per-PDU answers).
-pub async fn verify_batch_ids(s: &AppState, room_version: &str, raw: Vec<Value>) -> Result<Vec<(Option<String>, std::result::Result<Pdu, String>)>> {
+pub async fn verify_batch_ids(
+    s: &AppState,
+    room_version: &str,
+    raw: Vec<Value>,
+) -> Result<Vec<(Option<String>, std::result::Result<Pdu, String>)>> {
     let fed = s.federation.as_ref().ok_or_else(|| Error::forbidden("federation is disabled"))?;
     let rules = version::rules(room_version)?;
     let parsed: Vec<(Option<String>, std::result::Result<Pdu, String>)> = raw
@@ -54,9 +62,11 @@ pub async fn verify_batch_ids(s: &AppState, room_version: &str, raw: Vec<Value>)
     let keys = fed.keys.keys_for(&need).await?;
     let rules2 = rules.clone();
     // Signature checks are CPU work: off the async threads.
-    tokio::task::spawn_blocking(move || parsed.into_iter().map(|(id, p)| (id, p.and_then(|p| verify_remote(p, &rules2, &keys)))).collect())
-        .await
-        .map_err(|e| Error::internal(e.to_string()))
+    tokio::task::spawn_blocking(move || {
+        parsed.into_iter().map(|(id, p)| (id, p.and_then(|p| verify_remote(p, &rules2, &keys)))).collect()
+    })
+    .await
+    .map_err(|e| Error::internal(e.to_string()))
 }
 
 /// Limits on a new PDU that the room's rules do not set (prev and auth event counts).
@@ -92,7 +102,8 @@ pub async fn fetch_missing_auth(s: &AppState, origin: &str, room_id: &str, pdus:
     let mut fetched: Vec<Pdu> = Vec::new();
     for _ in 0..MAX_ROUNDS {
         let room_left = MAX_EVENTS.saturating_sub(fetched.len());
-        let ids: Vec<String> = wanted.drain(..).filter(|id| !batch.contains(id) && seen.insert(id.clone())).take(room_left).collect();
+        let ids: Vec<String> =
+            wanted.drain(..).filter(|id| !batch.contains(id) && seen.insert(id.clone())).take(room_left).collect();
         let unknown: Vec<String> = s
             .store
             .read(move |c| {
@@ -115,7 +126,12 @@ pub async fn fetch_missing_auth(s: &AppState, origin: &str, room_id: &str, pdus:
             let origin = origin.to_owned();
             async move { client.request_timeout(reqwest::Method::GET, &origin, &path, None, FETCH_TIMEOUT).await }
         });
-        let Ok(answers) = tokio::time::timeout_at(deadline, futures::stream::iter(reqs).buffer_unordered(PARALLEL).collect::<Vec<_>>()).await else {
+        let Ok(answers) = tokio::time::timeout_at(
+            deadline,
+            futures::stream::iter(reqs).buffer_unordered(PARALLEL).collect::<Vec<_>>(),
+        )
+        .await
+        else {
             tracing::info!(origin, room_id, "fetching missing auth events took too long; giving up");
             break;
         };
@@ -150,7 +166,10 @@ pub async fn fetch_missing_auth(s: &AppState, origin: &str, room_id: &str, pdus:
                 let nid = persist_outlier(w.conn, &room, p)?;
                 if let Err(reason) = authorize_by_own_auth_events(w.conn, &rules, &room, p) {
                     tracing::info!(room_id = %rid, event_id = %p.event_id, %reason, "fetched auth event rejected");
-                    w.conn.execute("UPDATE events SET rejected = ?2 WHERE event_nid = ?1", rusqlite::params![nid, reason])?;
+                    w.conn.execute(
+                        "UPDATE events SET rejected = ?2 WHERE event_nid = ?1",
+                        rusqlite::params![nid, reason],
+                    )?;
                 }
             }
             Ok(())
@@ -162,7 +181,12 @@ pub async fn fetch_missing_auth(s: &AppState, origin: &str, room_id: &str, pdus:
 
 /// Auth of an outlier: against its own auth events only (the create event from the room state for v12+, where
 /// it is not listed).
-fn authorize_by_own_auth_events(conn: &rusqlite::Connection, rules: &ruma::room_version_rules::RoomVersionRules, room: &events::RoomRow, pdu: &Pdu) -> std::result::Result<(), String> {
+fn authorize_by_own_auth_events(
+    conn: &rusqlite::Connection,
+    rules: &ruma::room_version_rules::RoomVersionRules,
+    room: &events::RoomRow,
+    pdu: &Pdu,
+) -> std::result::Result<(), String> {
     let load = |id: &str| crate::room::load_pdu(conn, id).ok().flatten();
     ruma::state_res::check_state_independent_auth_rules(&rules.authorization, pdu, |id| load(id.as_str()))?;
     if pdu.kind == ruma::events::TimelineEventType::RoomCreate {
@@ -177,7 +201,9 @@ fn authorize_by_own_auth_events(conn: &rusqlite::Connection, rules: &ruma::room_
     ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, pdu, |t, k| {
         let t = t.to_string();
         by_key.get(&(t.clone(), k.to_owned())).cloned().or_else(|| {
-            (t == "m.room.create").then(|| room.current_sg.and_then(|sg| crate::room::state_event(conn, sg, &t, k).ok().flatten())).flatten()
+            (t == "m.room.create")
+                .then(|| room.current_sg.and_then(|sg| crate::room::state_event(conn, sg, &t, k).ok().flatten()))
+                .flatten()
         })
     })
 }
@@ -201,7 +227,9 @@ pub async fn ingest(s: &AppState, origin: &str, room_id: &str, pdu: Pdu, fetch_m
         }
         let identity = s.identity.clone();
         let (rid, p) = (room_id.to_owned(), pdu.clone());
-        if let Incoming::Stored(_, outcome) = s.store.write(move |w| handle_incoming(w, &identity, &rid, &p, None)).await? {
+        if let Incoming::Stored(_, outcome) =
+            s.store.write(move |w| handle_incoming(w, &identity, &rid, &p, None)).await?
+        {
             return Ok(format!("{outcome:?}"));
         }
     }
@@ -242,11 +270,22 @@ async fn fill_gap(s: &AppState, origin: &str, room_id: &str, pdu: &Pdu) -> Resul
     // Bounded: one request, a short timeout, the client's size cap, and no more events than asked for.
     let res = fed
         .client
-        .request_timeout(reqwest::Method::POST, origin, &format!("/_matrix/federation/v1/get_missing_events/{}", enc(room_id)), Some(&body), FETCH_TIMEOUT)
+        .request_timeout(
+            reqwest::Method::POST,
+            origin,
+            &format!("/_matrix/federation/v1/get_missing_events/{}", enc(room_id)),
+            Some(&body),
+            FETCH_TIMEOUT,
+        )
         .await?;
     let mut events = res.get("events").and_then(Value::as_array).cloned().unwrap_or_default();
     if events.len() > MISSING_EVENTS_LIMIT {
-        tracing::info!(origin, room_id, got = events.len(), "get_missing_events answered more than asked for; keeping the newest");
+        tracing::info!(
+            origin,
+            room_id,
+            got = events.len(),
+            "get_missing_events answered more than asked for; keeping the newest"
+        );
         events.sort_by_key(|e| e.get("depth").and_then(Value::as_i64).unwrap_or(0));
         events.drain(..events.len() - MISSING_EVENTS_LIMIT);
     }
@@ -358,7 +397,9 @@ async fn handle_edu(s: &AppState, origin: &str, edu: &Value) -> Result<()> {
     let from_origin = |user: &str| user.split_once(':').map(|x| x.1) == Some(origin);
     match edu.get("edu_type").and_then(Value::as_str) {
         Some("m.typing") => {
-            let (Some(room), Some(user)) = (content.get("room_id").and_then(Value::as_str), content.get("user_id").and_then(Value::as_str)) else {
+            let (Some(room), Some(user)) =
+                (content.get("room_id").and_then(Value::as_str), content.get("user_id").and_then(Value::as_str))
+            else {
                 return Ok(());
             };
             if !from_origin(user) {
@@ -423,7 +464,10 @@ async fn handle_edu(s: &AppState, origin: &str, edu: &Value) -> Result<()> {
                 s.store
                     .write(move |w| {
                         let pos = w.next_stream();
-                        w.conn.execute("INSERT INTO device_list_stream (stream_ordering, user_id) VALUES (?1, ?2)", rusqlite::params![pos, user])?;
+                        w.conn.execute(
+                            "INSERT INTO device_list_stream (stream_ordering, user_id) VALUES (?1, ?2)",
+                            rusqlite::params![pos, user],
+                        )?;
                         Ok(())
                     })
                     .await?;

@@ -13,7 +13,8 @@ use crate::store::events;
 
 /// Sends a built invite to the invitee's server for countersigning, then stores and distributes it.
 pub async fn send_remote_invite(s: &AppState, invite: Pdu) -> Result<String> {
-    let fed = s.federation.as_ref().ok_or_else(|| Error::forbidden("federation is disabled: cannot invite remote users"))?;
+    let fed =
+        s.federation.as_ref().ok_or_else(|| Error::forbidden("federation is disabled: cannot invite remote users"))?;
     let target = invite.state_key.clone().unwrap_or_default();
     let server = target.split_once(':').map(|x| x.1.to_owned()).ok_or_else(|| Error::invalid_param("bad user id"))?;
     let rid = invite.room_id.to_string();
@@ -25,15 +26,23 @@ pub async fn send_remote_invite(s: &AppState, invite: Pdu) -> Result<String> {
             Ok((room.version, stripped))
         })
         .await?;
-    let body = json!({"event": serde_json::to_value(&invite.json)?, "room_version": version, "invite_room_state": stripped});
-    let path = format!("/_matrix/federation/v2/invite/{}/{}", enc(invite.room_id.as_str()), enc(invite.event_id.as_str()));
+    let body =
+        json!({"event": serde_json::to_value(&invite.json)?, "room_version": version, "invite_room_state": stripped});
+    let path =
+        format!("/_matrix/federation/v2/invite/{}/{}", enc(invite.room_id.as_str()), enc(invite.event_id.as_str()));
     let answer = fed.client.request(reqwest::Method::PUT, &server, &path, Some(&body)).await?;
     let signed = answer.get("event").cloned().ok_or_else(|| Error::internal("invite answer without event"))?;
-    let pdu = verify_batch(s, &version, vec![signed]).await?.pop().ok_or_else(|| Error::internal("no event"))?.map_err(Error::internal)?;
+    let pdu = verify_batch(s, &version, vec![signed])
+        .await?
+        .pop()
+        .ok_or_else(|| Error::internal("no event"))?
+        .map_err(Error::internal)?;
     if pdu.event_id != invite.event_id {
         return Err(Error::internal("the invitee's server changed the invite"));
     }
-    if ruma::signatures::required_server_signatures_to_verify_event(&pdu.json, &version::rules(&version)?.signatures).is_err() {
+    if ruma::signatures::required_server_signatures_to_verify_event(&pdu.json, &version::rules(&version)?.signatures)
+        .is_err()
+    {
         return Err(Error::internal("invite lacks signatures"));
     }
     let identity = s.identity.clone();
@@ -55,8 +64,14 @@ pub fn as_remote_invite(e: Error) -> std::result::Result<Pdu, Error> {
 /// `PUT /_matrix/federation/v2/invite/{roomId}/{eventId}`: countersign an invite for one of our users.
 pub async fn receive_invite(s: &AppState, origin: &str, room_id: &str, event_id: &str, body: Value) -> Result<Value> {
     let room_version = body.get("room_version").and_then(Value::as_str).unwrap_or("1").to_owned();
-    let rules = version::rules(&room_version)
-        .map_err(|_| Error::matrix(axum::http::StatusCode::BAD_REQUEST, "M_INCOMPATIBLE_ROOM_VERSION", format!("room version {room_version} is not supported")).with("room_version", json!(room_version)))?;
+    let rules = version::rules(&room_version).map_err(|_| {
+        Error::matrix(
+            axum::http::StatusCode::BAD_REQUEST,
+            "M_INCOMPATIBLE_ROOM_VERSION",
+            format!("room version {room_version} is not supported"),
+        )
+        .with("room_version", json!(room_version))
+    })?;
     let event = body.get("event").cloned().ok_or_else(|| Error::bad_json("missing event"))?;
     // A room we are in applies its server ACL to invites too.
     let (rid, o) = (room_id.to_owned(), origin.to_owned());
@@ -70,12 +85,19 @@ pub async fn receive_invite(s: &AppState, origin: &str, room_id: &str, event_id:
     if !acl_ok {
         return Err(Error::forbidden("server denied by the room's ACL"));
     }
-    let pdu = verify_batch(s, &room_version, vec![event]).await?.pop().ok_or_else(|| Error::bad_json("no event"))?.map_err(Error::forbidden)?;
+    let pdu = verify_batch(s, &room_version, vec![event])
+        .await?
+        .pop()
+        .ok_or_else(|| Error::bad_json("no event"))?
+        .map_err(Error::forbidden)?;
     let target = pdu.state_key.clone().unwrap_or_default();
     if pdu.event_id.as_str() != event_id || pdu.room_id.as_str() != room_id {
         return Err(Error::bad_json("event id or room id does not match the path"));
     }
-    if pdu.kind.to_string() != "m.room.member" || pdu.membership().as_deref() != Some("invite") || !s.identity.is_local_user(&target) {
+    if pdu.kind.to_string() != "m.room.member"
+        || pdu.membership().as_deref() != Some("invite")
+        || !s.identity.is_local_user(&target)
+    {
         return Err(Error::bad_json("not an invite for a user of this server"));
     }
     if pdu.sender.server_name().as_str() != origin {
@@ -90,7 +112,10 @@ pub async fn receive_invite(s: &AppState, origin: &str, room_id: &str, event_id:
         .map_err(|e| Error::internal(e.to_string()))?;
     let signed = Pdu::from_canonical(obj, pdu.event_id.clone(), &rules).map_err(Error::internal)?;
     let mut stripped: Vec<Value> = body.get("invite_room_state").and_then(Value::as_array).cloned().unwrap_or_default();
-    stripped.retain(|e| e.get("type").and_then(Value::as_str) != Some("m.room.member") || e.get("state_key").and_then(Value::as_str) != Some(&target));
+    stripped.retain(|e| {
+        e.get("type").and_then(Value::as_str) != Some("m.room.member")
+            || e.get("state_key").and_then(Value::as_str) != Some(&target)
+    });
     stripped.push(json!({"type": "m.room.member", "state_key": target, "sender": signed.sender.as_str(), "content": signed.content_value(),
                          "event_id": signed.event_id.as_str(), "origin_server_ts": u64::from(signed.origin_server_ts.get())}));
     let identity = s.identity.clone();
@@ -135,15 +160,34 @@ pub async fn remote_leave(s: &AppState, user_id: &str, room_id: &str, servers: &
         };
         let room_version = made.get("room_version").and_then(Value::as_str).unwrap_or("1").to_owned();
         let rules = version::rules(&room_version)?;
-        let mut obj: CanonicalJsonObject = serde_json::from_value(made.get("event").cloned().unwrap_or(Value::Null)).map_err(|e| Error::internal(e.to_string()))?;
+        let mut obj: CanonicalJsonObject = serde_json::from_value(made.get("event").cloned().unwrap_or(Value::Null))
+            .map_err(|e| Error::internal(e.to_string()))?;
         for k in ["event_id", "signatures", "hashes", "unsigned"] {
             obj.remove(k);
         }
-        obj.insert("origin_server_ts".into(), ruma::canonical_json::CanonicalJsonValue::Integer(ruma::Int::try_from(crate::store::accounts::now_ms()).unwrap_or_default()));
+        obj.insert(
+            "origin_server_ts".into(),
+            ruma::canonical_json::CanonicalJsonValue::Integer(
+                ruma::Int::try_from(crate::store::accounts::now_ms()).unwrap_or_default(),
+            ),
+        );
         if matches!(rules.event_id_format, ruma::room_version_rules::EventIdFormatVersion::V1) {
-            obj.insert("event_id".into(), ruma::canonical_json::CanonicalJsonValue::String(format!("${}:{}", crate::http::random_string(18), s.identity.server_name)));
+            obj.insert(
+                "event_id".into(),
+                ruma::canonical_json::CanonicalJsonValue::String(format!(
+                    "${}:{}",
+                    crate::http::random_string(18),
+                    s.identity.server_name
+                )),
+            );
         }
-        ruma::signatures::hash_and_sign_event(s.identity.server_name.as_str(), &s.identity.keypair, &mut obj, &rules.redaction).map_err(|e| Error::internal(e.to_string()))?;
+        ruma::signatures::hash_and_sign_event(
+            s.identity.server_name.as_str(),
+            &s.identity.keypair,
+            &mut obj,
+            &rules.redaction,
+        )
+        .map_err(|e| Error::internal(e.to_string()))?;
         let event_id = version::event_id(&obj, &rules).map_err(Error::internal)?;
         let path = format!("/_matrix/federation/v2/send_leave/{}/{}", enc(room_id), enc(event_id.as_str()));
         match fed.client.request(reqwest::Method::PUT, server, &path, Some(&serde_json::to_value(&obj)?)).await {
@@ -155,7 +199,10 @@ pub async fn remote_leave(s: &AppState, user_id: &str, room_id: &str, servers: &
                     .write(move |w| {
                         let room = events::room_by_id(w.conn, &rid)?.ok_or_else(|| Error::not_found("unknown room"))?;
                         let nid = crate::room::remote::persist_outlier(w.conn, &room, &pdu)?;
-                        w.conn.execute("DELETE FROM invite_state WHERE room_nid = ?1 AND user_id = ?2", rusqlite::params![room.room_nid, uid])?;
+                        w.conn.execute(
+                            "DELETE FROM invite_state WHERE room_nid = ?1 AND user_id = ?2",
+                            rusqlite::params![room.room_nid, uid],
+                        )?;
                         crate::room::append::apply_membership(w, &identity, room.room_nid, &uid, nid)
                     })
                     .await?;

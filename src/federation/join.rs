@@ -22,7 +22,13 @@ pub struct JoinResult {
 }
 
 /// Joins `room_id` for local `user_id` through the first of `via` that answers.
-pub async fn remote_join(s: &AppState, user_id: &str, room_id: &str, via: &[String], reason: Option<&str>) -> Result<JoinResult> {
+pub async fn remote_join(
+    s: &AppState,
+    user_id: &str,
+    room_id: &str,
+    via: &[String],
+    reason: Option<&str>,
+) -> Result<JoinResult> {
     let fed = s.federation.as_ref().ok_or_else(|| Error::forbidden("federation is disabled"))?;
     let versions: String = version::SUPPORTED.iter().map(|v| format!("ver={v}")).collect::<Vec<_>>().join("&");
     let mut last_err = Error::not_found("no server could be reached to join this room");
@@ -43,20 +49,30 @@ pub async fn remote_join(s: &AppState, user_id: &str, room_id: &str, via: &[Stri
     let (server, made) = chosen.ok_or(last_err)?;
     let room_version = made.get("room_version").and_then(Value::as_str).unwrap_or("1").to_owned();
     let rules = version::rules(&room_version).map_err(|_| {
-        Error::matrix(axum::http::StatusCode::BAD_REQUEST, "M_INCOMPATIBLE_ROOM_VERSION", format!("room version {room_version} is not supported"))
+        Error::matrix(
+            axum::http::StatusCode::BAD_REQUEST,
+            "M_INCOMPATIBLE_ROOM_VERSION",
+            format!("room version {room_version} is not supported"),
+        )
     })?;
 
     // Our join event, from the resident's template.
     let template = made.get("event").cloned().ok_or_else(|| Error::internal("make_join answer without an event"))?;
-    let mut obj: CanonicalJsonObject = serde_json::from_value(template).map_err(|e| Error::internal(format!("bad make_join template: {e}")))?;
+    let mut obj: CanonicalJsonObject =
+        serde_json::from_value(template).map_err(|e| Error::internal(format!("bad make_join template: {e}")))?;
     for k in ["event_id", "signatures", "hashes", "unsigned"] {
         obj.remove(k);
     }
-    if obj.get("sender").and_then(|v| if let CanonicalJsonValue::String(s) = v { Some(s.as_str()) } else { None }) != Some(user_id) {
+    if obj.get("sender").and_then(|v| if let CanonicalJsonValue::String(s) = v { Some(s.as_str()) } else { None })
+        != Some(user_id)
+    {
         return Err(Error::internal("make_join template is for another user"));
     }
     obj.insert("origin".into(), CanonicalJsonValue::String(s.identity.server_name.to_string()));
-    obj.insert("origin_server_ts".into(), CanonicalJsonValue::Integer(Int::try_from(crate::store::accounts::now_ms()).unwrap_or_default()));
+    obj.insert(
+        "origin_server_ts".into(),
+        CanonicalJsonValue::Integer(Int::try_from(crate::store::accounts::now_ms()).unwrap_or_default()),
+    );
     if let (Some(r), Some(CanonicalJsonValue::Object(content))) = (reason, obj.get_mut("content")) {
         content.insert("reason".into(), CanonicalJsonValue::String(r.to_owned()));
     }
@@ -72,22 +88,38 @@ pub async fn remote_join(s: &AppState, user_id: &str, room_id: &str, via: &[Stri
         }
     }
     if matches!(rules.event_id_format, ruma::room_version_rules::EventIdFormatVersion::V1) {
-        obj.insert("event_id".into(), CanonicalJsonValue::String(format!("${}:{}", crate::http::random_string(18), s.identity.server_name)));
+        obj.insert(
+            "event_id".into(),
+            CanonicalJsonValue::String(format!("${}:{}", crate::http::random_string(18), s.identity.server_name)),
+        );
     }
-    ruma::signatures::hash_and_sign_event(s.identity.server_name.as_str(), &s.identity.keypair, &mut obj, &rules.redaction)
-        .map_err(|e| Error::internal(format!("signing the join failed: {e}")))?;
+    ruma::signatures::hash_and_sign_event(
+        s.identity.server_name.as_str(),
+        &s.identity.keypair,
+        &mut obj,
+        &rules.redaction,
+    )
+    .map_err(|e| Error::internal(format!("signing the join failed: {e}")))?;
     let event_id = version::event_id(&obj, &rules).map_err(Error::internal)?;
 
     let lazy = s.config.federation.lazy_joins;
-    let path = format!("/_matrix/federation/v2/send_join/{}/{}?omit_members={lazy}", enc(room_id), enc(event_id.as_str()));
+    let path =
+        format!("/_matrix/federation/v2/send_join/{}/{}?omit_members={lazy}", enc(room_id), enc(event_id.as_str()));
     let body = serde_json::to_value(&obj)?;
     let started = std::time::Instant::now();
     // A full join's answer is the whole room (100 MB for a 100k-member room; a resident may ignore
     // omit_members): allow up to the file cap.
     let cap = fed.client.file_cap();
-    let answer = fed.client.request_capped(reqwest::Method::PUT, &server, &path, Some(&body), std::time::Duration::from_secs(600), cap).await?;
+    let answer = fed
+        .client
+        .request_capped(reqwest::Method::PUT, &server, &path, Some(&body), std::time::Duration::from_secs(600), cap)
+        .await?;
     let partial = answer.get("members_omitted").and_then(Value::as_bool).unwrap_or(false);
-    let servers_in_room: Vec<String> = answer.get("servers_in_room").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect()).unwrap_or_default();
+    let servers_in_room: Vec<String> = answer
+        .get("servers_in_room")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+        .unwrap_or_default();
     // Restricted joins: the resident countersigned our event and sends it back.
     let join_json = match answer.get("event") {
         Some(ev @ Value::Object(_)) => ev.clone(),
@@ -104,7 +136,10 @@ pub async fn remote_join(s: &AppState, user_id: &str, room_id: &str, via: &[Stri
     all.extend(auth_raw);
     let verified = verify_batch(s, &room_version, all).await?;
     let mut it = verified.into_iter();
-    let join_pdu = it.next().ok_or_else(|| Error::internal("no join event"))?.map_err(|e| Error::internal(format!("our join event is invalid: {e}")))?;
+    let join_pdu = it
+        .next()
+        .ok_or_else(|| Error::internal("no join event"))?
+        .map_err(|e| Error::internal(format!("our join event is invalid: {e}")))?;
     let mut state_pdus = Vec::new();
     let mut auth_pdus = Vec::new();
     for (i, r) in it.enumerate() {
@@ -121,7 +156,9 @@ pub async fn remote_join(s: &AppState, user_id: &str, room_id: &str, via: &[Stri
     let n_state_events = state_pdus.len();
     let join_event_id = join_pdu.event_id.to_string();
     s.store
-        .write(move |w| persist_join(w, &identity, &rid, &ver, partial, &join_pdu, &state_pdus, &auth_pdus, &srv, &servers_in_room))
+        .write(move |w| {
+            persist_join(w, &identity, &rid, &ver, partial, &join_pdu, &state_pdus, &auth_pdus, &srv, &servers_in_room)
+        })
         .await?;
     tracing::info!(%room_id, event_id = %join_event_id, partial, ms = started.elapsed().as_millis() as u64, "joined remote room");
     if partial {
@@ -185,7 +222,9 @@ fn persist_join(
     conn.execute("DELETE FROM forward_extremities WHERE room_nid = ?1", [room.room_nid])?;
     persist(w, identity, &room, &rules, join, Some(sg), Outcome::Accepted, None)?;
     if partial {
-        let mut stmt = w.conn.prepare_cached("INSERT OR IGNORE INTO partial_state_servers (room_nid, server_name) VALUES (?1, ?2)")?;
+        let mut stmt = w
+            .conn
+            .prepare_cached("INSERT OR IGNORE INTO partial_state_servers (room_nid, server_name) VALUES (?1, ?2)")?;
         for srv in servers_in_room.iter().chain(std::iter::once(&via.to_owned())) {
             stmt.execute(rusqlite::params![room.room_nid, srv])?;
         }

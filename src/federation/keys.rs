@@ -64,11 +64,13 @@ pub fn rotate_own_key(conn: &rusqlite::Connection, identity: &Identity) -> Resul
 
 /// Signs a JSON object as this server.
 pub fn sign_value(identity: &Identity, v: Value) -> Result<Value> {
-    let mut obj: CanonicalJsonObject = match CanonicalJsonValue::try_from(v).map_err(|e| Error::internal(e.to_string()))? {
-        CanonicalJsonValue::Object(o) => o,
-        _ => return Err(Error::internal("not an object")),
-    };
-    ruma::signatures::sign_json(identity.server_name.as_str(), &identity.keypair, &mut obj).map_err(|e| Error::internal(e.to_string()))?;
+    let mut obj: CanonicalJsonObject =
+        match CanonicalJsonValue::try_from(v).map_err(|e| Error::internal(e.to_string()))? {
+            CanonicalJsonValue::Object(o) => o,
+            _ => return Err(Error::internal("not an object")),
+        };
+    ruma::signatures::sign_json(identity.server_name.as_str(), &identity.keypair, &mut obj)
+        .map_err(|e| Error::internal(e.to_string()))?;
     Ok(serde_json::to_value(obj)?)
 }
 
@@ -91,7 +93,8 @@ impl KeyStore {
         self.store
             .read(move |c| {
                 let mut map = PublicKeyMap::new();
-                let mut stmt = c.prepare_cached("SELECT key_id, public_key FROM server_signing_keys WHERE server_name = ?1")?;
+                let mut stmt =
+                    c.prepare_cached("SELECT key_id, public_key FROM server_signing_keys WHERE server_name = ?1")?;
                 for s in &servers {
                     let mut set = PublicKeySet::new();
                     for r in stmt.query_map([s], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))? {
@@ -114,7 +117,10 @@ impl KeyStore {
         let servers: BTreeSet<String> = needed.keys().cloned().collect();
         let mut map = self.cached(&servers).await?;
         let mut own = PublicKeySet::new();
-        own.insert(self.identity.key_id.clone(), Base64::parse(&self.identity.public_key_b64).map_err(|e| Error::internal(e.to_string()))?);
+        own.insert(
+            self.identity.key_id.clone(),
+            Base64::parse(&self.identity.public_key_b64).map_err(|e| Error::internal(e.to_string()))?,
+        );
         map.insert(self.identity.server_name.to_string(), own);
         let missing: Vec<String> = needed
             .iter()
@@ -159,14 +165,18 @@ impl KeyStore {
                 Ok(v) => {
                     let notary_key = self.notary_keys(notary).await;
                     for r in v.get("server_keys").and_then(Value::as_array).cloned().unwrap_or_default() {
-                        let Some(server) = r.get("server_name").and_then(Value::as_str).map(str::to_owned) else { continue };
+                        let Some(server) = r.get("server_name").and_then(Value::as_str).map(str::to_owned) else {
+                            continue;
+                        };
                         if !servers.contains(&server) {
                             continue;
                         }
                         // The notary must have countersigned what it relays.
                         if let Some(nk) = &notary_key {
                             let obj: std::result::Result<CanonicalJsonObject, _> = serde_json::from_value(r.clone());
-                            let ok = obj.ok().is_some_and(|o| ruma::signatures::verify_json(nk, &only_signatures_of(o, notary)).is_ok());
+                            let ok = obj.ok().is_some_and(|o| {
+                                ruma::signatures::verify_json(nk, &only_signatures_of(o, notary)).is_ok()
+                            });
                             if !ok {
                                 tracing::info!(%notary, %server, "notary response without a valid notary signature");
                                 continue;
@@ -212,7 +222,8 @@ impl KeyStore {
                     if !expired {
                         set.insert(id.clone(), Base64::parse(key).map_err(|e| Error::bad_json(e.to_string()))?);
                     }
-                    let until = if expired { k.get("expired_ts").and_then(Value::as_i64).unwrap_or(0) } else { valid_until };
+                    let until =
+                        if expired { k.get("expired_ts").and_then(Value::as_i64).unwrap_or(0) } else { valid_until };
                     rows.push((id.clone(), key.to_owned(), until, expired));
                 }
             }
@@ -220,7 +231,8 @@ impl KeyStore {
         let mut map = PublicKeyMap::new();
         map.insert(server.to_owned(), set);
         let obj: CanonicalJsonObject = serde_json::from_value(v.clone()).map_err(|e| Error::bad_json(e.to_string()))?;
-        ruma::signatures::verify_json(&map, &only_signatures_of(obj, server)).map_err(|e| Error::forbidden(format!("bad self-signature: {e}")))?;
+        ruma::signatures::verify_json(&map, &only_signatures_of(obj, server))
+            .map_err(|e| Error::forbidden(format!("bad self-signature: {e}")))?;
         let server = server.to_owned();
         self.store
             .write(move |w| {

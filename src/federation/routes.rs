@@ -69,9 +69,17 @@ struct KeyCriteria {
     minimum_valid_until_ts: Option<u64>,
 }
 
-async fn key_query(State(s): State<AppState>, crate::http::Json(body): crate::http::Json<KeyQuery>) -> Result<impl IntoResponse> {
+async fn key_query(
+    State(s): State<AppState>,
+    crate::http::Json(body): crate::http::Json<KeyQuery>,
+) -> Result<impl IntoResponse> {
     // Canonical JSON integers stop at 2^53 - 1.
-    if body.server_keys.values().flat_map(|k| k.values()).any(|c| c.minimum_valid_until_ts.is_some_and(|t| t > (1 << 53) - 1)) {
+    if body
+        .server_keys
+        .values()
+        .flat_map(|k| k.values())
+        .any(|c| c.minimum_valid_until_ts.is_some_and(|t| t > (1 << 53) - 1))
+    {
         return Err(Error::bad_json("minimum_valid_until_ts is out of range"));
     }
     let servers: Vec<String> = body.server_keys.into_keys().collect();
@@ -123,7 +131,11 @@ async fn send_txn(State(s): State<AppState>, Path(_txn): Path<String>, signed: S
 }
 
 fn partial_refusal() -> Error {
-    Error::matrix(axum::http::StatusCode::FORBIDDEN, "M_UNABLE_DUE_TO_PARTIAL_STATE", "this server has only partial state for the room")
+    Error::matrix(
+        axum::http::StatusCode::FORBIDDEN,
+        "M_UNABLE_DUE_TO_PARTIAL_STATE",
+        "this server has only partial state for the room",
+    )
 }
 
 /// A room we hold full state for, that `origin` may talk about (ACL).
@@ -143,7 +155,9 @@ fn server_in_room(c: &Connection, room: &RoomRow, origin: &str) -> Result<bool> 
     }
     if let Some(sg) = room.current_sg {
         let hv = crate::room::state_content(c, sg, "m.room.history_visibility", "")?;
-        if hv.and_then(|v| v.get("history_visibility").and_then(Value::as_str).map(str::to_owned)).as_deref() == Some("world_readable") {
+        if hv.and_then(|v| v.get("history_visibility").and_then(Value::as_str).map(str::to_owned)).as_deref()
+            == Some("world_readable")
+        {
             return Ok(true);
         }
     }
@@ -166,8 +180,14 @@ fn make_membership(c: &Connection, s: &AppState, room: &RoomRow, user_id: &str, 
     let content = json!({"membership": membership});
     let sender = ruma::UserId::parse(user_id).map_err(|e| Error::invalid_param(e.to_string()))?;
     let raw = serde_json::value::to_raw_value(&content)?;
-    let types = ruma::state_res::auth_types_for_event(&ruma::events::TimelineEventType::RoomMember, &sender, Some(user_id), &raw, &rules.authorization)
-        .map_err(Error::bad_json)?;
+    let types = ruma::state_res::auth_types_for_event(
+        &ruma::events::TimelineEventType::RoomMember,
+        &sender,
+        Some(user_id),
+        &raw,
+        &rules.authorization,
+    )
+    .map_err(Error::bad_json)?;
     let mut auth = Vec::new();
     for (t, k) in types {
         if let Some(skn) = events::find_state_key_nid(c, &t.to_string(), &k)? {
@@ -188,10 +208,18 @@ fn make_membership(c: &Connection, s: &AppState, room: &RoomRow, user_id: &str, 
     if matches!(rules.event_id_format, ruma::room_version_rules::EventIdFormatVersion::V1) {
         probe["event_id"] = json!(format!("$probe:{}", s.identity.server_name));
     }
-    let obj: ruma::canonical_json::CanonicalJsonObject = serde_json::from_value(probe).map_err(|e| Error::internal(e.to_string()))?;
-    let pdu = crate::room::Pdu::from_canonical(obj, ruma::OwnedEventId::try_from("$probe:probe").map_err(|e| Error::internal(e.to_string()))?, &rules).map_err(Error::internal)?;
-    ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, &pdu, |t, k| crate::room::state_event(c, sg, &t.to_string(), k).ok().flatten())
-        .map_err(|e| Error::forbidden(format!("you may not {membership} this room: {e}")))?;
+    let obj: ruma::canonical_json::CanonicalJsonObject =
+        serde_json::from_value(probe).map_err(|e| Error::internal(e.to_string()))?;
+    let pdu = crate::room::Pdu::from_canonical(
+        obj,
+        ruma::OwnedEventId::try_from("$probe:probe").map_err(|e| Error::internal(e.to_string()))?,
+        &rules,
+    )
+    .map_err(Error::internal)?;
+    ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, &pdu, |t, k| {
+        crate::room::state_event(c, sg, &t.to_string(), k).ok().flatten()
+    })
+    .map_err(|e| Error::forbidden(format!("you may not {membership} this room: {e}")))?;
     if !rules.authorization.use_room_create_sender {
         // nothing: v1-v10 templates carry `origin` already
     }
@@ -208,7 +236,12 @@ async fn make_join(
     if user_id.split_once(':').map(|x| x.1) != Some(signed.origin.as_str()) {
         return Err(Error::forbidden("user is not from the requesting server"));
     }
-    let vers: Vec<String> = q.unwrap_or_default().split('&').filter_map(|kv| kv.strip_prefix("ver=")).map(crate::http::percent_decode).collect();
+    let vers: Vec<String> = q
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|kv| kv.strip_prefix("ver="))
+        .map(crate::http::percent_decode)
+        .collect();
     let s2 = s.clone();
     let answer = s
         .store
@@ -220,8 +253,12 @@ async fn make_join(
             }
             let v = if vers.is_empty() { vec!["1".to_owned()] } else { vers };
             if !v.contains(&room.version) {
-                return Err(Error::matrix(axum::http::StatusCode::BAD_REQUEST, "M_INCOMPATIBLE_ROOM_VERSION", format!("room version {} not supported by your server", room.version))
-                    .with("room_version", json!(room.version)));
+                return Err(Error::matrix(
+                    axum::http::StatusCode::BAD_REQUEST,
+                    "M_INCOMPATIBLE_ROOM_VERSION",
+                    format!("room version {} not supported by your server", room.version),
+                )
+                .with("room_version", json!(room.version)));
             }
             make_membership(c, &s2, &room, &user_id, "join")
         })
@@ -238,7 +275,12 @@ async fn make_knock(
     if user_id.split_once(':').map(|x| x.1) != Some(signed.origin.as_str()) {
         return Err(Error::forbidden("user is not from the requesting server"));
     }
-    let vers: Vec<String> = q.unwrap_or_default().split('&').filter_map(|kv| kv.strip_prefix("ver=")).map(crate::http::percent_decode).collect();
+    let vers: Vec<String> = q
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|kv| kv.strip_prefix("ver="))
+        .map(crate::http::percent_decode)
+        .collect();
     let s2 = s.clone();
     let answer = s
         .store
@@ -248,8 +290,12 @@ async fn make_knock(
                 return Err(Error::not_found("this server cannot help with this room right now"));
             }
             if !vers.contains(&room.version) {
-                return Err(Error::matrix(axum::http::StatusCode::BAD_REQUEST, "M_INCOMPATIBLE_ROOM_VERSION", format!("room version {} not supported by your server", room.version))
-                    .with("room_version", json!(room.version)));
+                return Err(Error::matrix(
+                    axum::http::StatusCode::BAD_REQUEST,
+                    "M_INCOMPATIBLE_ROOM_VERSION",
+                    format!("room version {} not supported by your server", room.version),
+                )
+                .with("room_version", json!(room.version)));
             }
             make_membership(c, &s2, &room, &user_id, "knock")
         })
@@ -257,7 +303,11 @@ async fn make_knock(
     Ok(axum::Json(answer))
 }
 
-async fn send_knock(State(s): State<AppState>, Path((room_id, event_id)): Path<(String, String)>, signed: Signed) -> Result<impl IntoResponse> {
+async fn send_knock(
+    State(s): State<AppState>,
+    Path((room_id, event_id)): Path<(String, String)>,
+    signed: Signed,
+) -> Result<impl IntoResponse> {
     let (room, pdu) = accept_membership(&s, &signed.origin, &room_id, &event_id, signed.body, "knock").await?;
     let knocker = pdu.sender.to_string();
     let stripped = s
@@ -270,7 +320,11 @@ async fn send_knock(State(s): State<AppState>, Path((room_id, event_id)): Path<(
     Ok(axum::Json(json!({"knock_room_state": stripped})))
 }
 
-async fn make_leave(State(s): State<AppState>, Path((room_id, user_id)): Path<(String, String)>, signed: Signed) -> Result<impl IntoResponse> {
+async fn make_leave(
+    State(s): State<AppState>,
+    Path((room_id, user_id)): Path<(String, String)>,
+    signed: Signed,
+) -> Result<impl IntoResponse> {
     if user_id.split_once(':').map(|x| x.1) != Some(signed.origin.as_str()) {
         return Err(Error::forbidden("user is not from the requesting server"));
     }
@@ -294,18 +348,32 @@ struct OmitQuery {
 }
 
 /// Accepts a remote server's signed membership event (join or leave) as the resident.
-async fn accept_membership(s: &AppState, origin: &str, room_id: &str, event_id: &str, body: Option<Value>, membership: &str) -> Result<(RoomRow, crate::room::Pdu)> {
+async fn accept_membership(
+    s: &AppState,
+    origin: &str,
+    room_id: &str,
+    event_id: &str,
+    body: Option<Value>,
+    membership: &str,
+) -> Result<(RoomRow, crate::room::Pdu)> {
     let body = body.ok_or_else(|| Error::bad_json("missing event"))?;
     let (rid, o) = (room_id.to_owned(), origin.to_owned());
     let room = s.store.read(move |c| resident_room(c, &rid, &o)).await?;
     if room.partial_state {
         return Err(Error::not_found("this server cannot help with this room right now"));
     }
-    let pdu = inbound::verify_batch(s, &room.version, vec![body]).await?.pop().ok_or_else(|| Error::bad_json("no event"))?.map_err(Error::bad_json)?;
+    let pdu = inbound::verify_batch(s, &room.version, vec![body])
+        .await?
+        .pop()
+        .ok_or_else(|| Error::bad_json("no event"))?
+        .map_err(Error::bad_json)?;
     if pdu.event_id.as_str() != event_id {
         return Err(Error::bad_json("event id does not match the event"));
     }
-    if pdu.kind.to_string() != "m.room.member" || pdu.state_key.as_deref() != Some(pdu.sender.as_str()) || pdu.membership().as_deref() != Some(membership) {
+    if pdu.kind.to_string() != "m.room.member"
+        || pdu.state_key.as_deref() != Some(pdu.sender.as_str())
+        || pdu.membership().as_deref() != Some(membership)
+    {
         return Err(Error::bad_json(format!("not a {membership} event for its sender")));
     }
     if pdu.sender.server_name().as_str() != origin {
@@ -319,7 +387,9 @@ async fn accept_membership(s: &AppState, origin: &str, room_id: &str, event_id: 
     s.store
         .write(move |w| {
             match handle_incoming(w, &identity, &rid, &p, None)? {
-                Incoming::Stored(_, crate::room::append::Outcome::Rejected(r)) => return Err(Error::forbidden(format!("event rejected: {r}"))),
+                Incoming::Stored(_, crate::room::append::Outcome::Rejected(r)) => {
+                    return Err(Error::forbidden(format!("event rejected: {r}")))
+                }
                 Incoming::MissingPrevs(_) => return Err(Error::bad_json("event does not build on events we know")),
                 _ => {}
             }
@@ -328,7 +398,10 @@ async fn accept_membership(s: &AppState, origin: &str, room_id: &str, event_id: 
             let mut dests = events::joined_servers(w.conn, room.room_nid)?;
             dests.retain(|d| d != &o && d != identity.server_name.as_str());
             for d in dests {
-                w.conn.execute("INSERT INTO outbox (destination, kind, payload) VALUES (?1, 'pdu', ?2)", rusqlite::params![d, p.event_id.as_str()])?;
+                w.conn.execute(
+                    "INSERT INTO outbox (destination, kind, payload) VALUES (?1, 'pdu', ?2)",
+                    rusqlite::params![d, p.event_id.as_str()],
+                )?;
             }
             Ok(())
         })
@@ -338,17 +411,25 @@ async fn accept_membership(s: &AppState, origin: &str, room_id: &str, event_id: 
 
 /// The send_join answer; with `omit_members` only the non-member state, the joiner's previous membership and
 /// heroes (MSC3706/MSC3943), read from the materialised tables — never the whole member list.
-fn send_join_answer(c: &Connection, s: &AppState, room: &RoomRow, join: &crate::room::Pdu, omit: bool) -> Result<Value> {
+fn send_join_answer(
+    c: &Connection,
+    s: &AppState,
+    room: &RoomRow,
+    join: &crate::room::Pdu,
+    omit: bool,
+) -> Result<Value> {
     let sg = match state_before(c, room, join)? {
         Ok(sg) => sg,
         Err(_) => room.current_sg.ok_or_else(|| Error::internal("no state"))?,
     };
     // With omit_members: the non-member state from one query, plus a handful of looked-up memberships.
-    let mut state: Vec<(i64, String)> = events::state_event_ids(c, sg, if omit { Some("m.room.member") } else { None })?;
+    let mut state: Vec<(i64, String)> =
+        events::state_event_ids(c, sg, if omit { Some("m.room.member") } else { None })?;
     if omit {
         let joiner = join.sender.as_str();
         let mut wanted: Vec<String> = vec![joiner.to_owned()];
-        let named = crate::room::state_content(c, sg, "m.room.name", "")?.is_some() || crate::room::state_content(c, sg, "m.room.canonical_alias", "")?.is_some();
+        let named = crate::room::state_content(c, sg, "m.room.name", "")?.is_some()
+            || crate::room::state_content(c, sg, "m.room.canonical_alias", "")?.is_some();
         if !named {
             let mut stmt = c.prepare_cached("SELECT user_id FROM room_members WHERE room_nid = ?1 AND membership IN ('join','invite') AND user_id != ?2 ORDER BY user_id LIMIT 5")?;
             for u in stmt.query_map(rusqlite::params![room.room_nid, joiner], |r| r.get::<_, String>(0))? {
@@ -407,7 +488,12 @@ fn send_join_answer(c: &Connection, s: &AppState, room: &RoomRow, join: &crate::
     Ok(out)
 }
 
-async fn send_join_v2(State(s): State<AppState>, Path((room_id, event_id)): Path<(String, String)>, Query(q): Query<OmitQuery>, signed: Signed) -> Result<impl IntoResponse> {
+async fn send_join_v2(
+    State(s): State<AppState>,
+    Path((room_id, event_id)): Path<(String, String)>,
+    Query(q): Query<OmitQuery>,
+    signed: Signed,
+) -> Result<impl IntoResponse> {
     let omit = match q.omit_members.as_deref() {
         None | Some("false") => false,
         Some("true") => true,
@@ -422,7 +508,11 @@ async fn send_join_v2(State(s): State<AppState>, Path((room_id, event_id)): Path
     Ok(axum::Json(answer))
 }
 
-async fn send_join_v1(State(s): State<AppState>, Path((room_id, event_id)): Path<(String, String)>, signed: Signed) -> Result<impl IntoResponse> {
+async fn send_join_v1(
+    State(s): State<AppState>,
+    Path((room_id, event_id)): Path<(String, String)>,
+    signed: Signed,
+) -> Result<impl IntoResponse> {
     let (room, pdu) = accept_membership(&s, &signed.origin, &room_id, &event_id, signed.body, "join").await?;
     let s2 = s.clone();
     let mut answer = s.store.read(move |c| send_join_answer(c, &s2, &room, &pdu, false)).await?;
@@ -430,12 +520,20 @@ async fn send_join_v1(State(s): State<AppState>, Path((room_id, event_id)): Path
     Ok(axum::Json(json!([200, answer])))
 }
 
-async fn send_leave(State(s): State<AppState>, Path((room_id, event_id)): Path<(String, String)>, signed: Signed) -> Result<impl IntoResponse> {
+async fn send_leave(
+    State(s): State<AppState>,
+    Path((room_id, event_id)): Path<(String, String)>,
+    signed: Signed,
+) -> Result<impl IntoResponse> {
     accept_membership(&s, &signed.origin, &room_id, &event_id, signed.body, "leave").await?;
     Ok(axum::Json(json!({})))
 }
 
-async fn invite_v2(State(s): State<AppState>, Path((room_id, event_id)): Path<(String, String)>, signed: Signed) -> Result<impl IntoResponse> {
+async fn invite_v2(
+    State(s): State<AppState>,
+    Path((room_id, event_id)): Path<(String, String)>,
+    signed: Signed,
+) -> Result<impl IntoResponse> {
     let body = signed.body.ok_or_else(|| Error::bad_json("missing body"))?;
     Ok(axum::Json(crate::federation::invite::receive_invite(&s, &signed.origin, &room_id, &event_id, body).await?))
 }
@@ -447,15 +545,22 @@ struct EventIdQuery {
 
 /// The state group before `event_id`.
 fn state_group_before(c: &Connection, room: &RoomRow, event_id: &str) -> Result<i64> {
-    let row = events::event_by_id(c, event_id)?.filter(|r| r.room_nid == room.room_nid && !r.outlier).ok_or_else(|| Error::not_found("event not found"))?;
+    let row = events::event_by_id(c, event_id)?
+        .filter(|r| r.room_nid == room.room_nid && !r.outlier)
+        .ok_or_else(|| Error::not_found("event not found"))?;
     let pdu = crate::room::pdu_from_row(c, &row)?;
     Ok(match state_before(c, room, &pdu)? {
         Ok(sg) => sg,
         Err(_) => {
             // Our partial-join event's prevs are outliers to us: the state before it is its base group.
             let sg_after = row.sg_after.ok_or_else(|| Error::not_found("no state at event"))?;
-            let delta: Option<i64> = c.query_row("SELECT delta_of FROM state_groups WHERE sg = ?1", [sg_after], |r| r.get(0)).ok().flatten();
-            if row.state_key_nid.is_some() { delta.unwrap_or(sg_after) } else { sg_after }
+            let delta: Option<i64> =
+                c.query_row("SELECT delta_of FROM state_groups WHERE sg = ?1", [sg_after], |r| r.get(0)).ok().flatten();
+            if row.state_key_nid.is_some() {
+                delta.unwrap_or(sg_after)
+            } else {
+                sg_after
+            }
         }
     })
 }
@@ -483,7 +588,12 @@ fn state_at_event(c: &Connection, room: &RoomRow, event_id: &str) -> Result<(Vec
     Ok((state.into_iter().map(|x| x.1).collect(), chain_ids))
 }
 
-async fn state_ids(State(s): State<AppState>, Path(room_id): Path<String>, Query(q): Query<EventIdQuery>, signed: Signed) -> Result<impl IntoResponse> {
+async fn state_ids(
+    State(s): State<AppState>,
+    Path(room_id): Path<String>,
+    Query(q): Query<EventIdQuery>,
+    signed: Signed,
+) -> Result<impl IntoResponse> {
     let event_id = q.event_id.ok_or_else(|| Error::missing_param("event_id is required"))?;
     let body = s
         .store
@@ -514,7 +624,12 @@ fn pdus_json(c: &Connection, ids: &[String]) -> Result<Vec<Value>> {
 
 /// `/state`: potentially 100k events, so the answer is streamed from the database in chunks of raw stored JSON
 /// (never parsed, never held whole).
-async fn room_state(State(s): State<AppState>, Path(room_id): Path<String>, Query(q): Query<EventIdQuery>, signed: Signed) -> Result<axum::response::Response> {
+async fn room_state(
+    State(s): State<AppState>,
+    Path(room_id): Path<String>,
+    Query(q): Query<EventIdQuery>,
+    signed: Signed,
+) -> Result<axum::response::Response> {
     let event_id = q.event_id.ok_or_else(|| Error::missing_param("event_id is required"))?;
     let started = std::time::Instant::now();
     let (state, chain) = s
@@ -531,14 +646,21 @@ async fn room_state(State(s): State<AppState>, Path(room_id): Path<String>, Quer
             Ok((state.into_iter().map(|x| x.0).collect::<Vec<i64>>(), chain))
         })
         .await?;
-    tracing::info!(state = state.len(), auth_chain = chain.len(), ms = started.elapsed().as_millis() as u64, "/state served");
+    tracing::info!(
+        state = state.len(),
+        auth_chain = chain.len(),
+        ms = started.elapsed().as_millis() as u64,
+        "/state served"
+    );
     let (tx, rx) = tokio::sync::mpsc::channel::<std::result::Result<bytes::Bytes, std::io::Error>>(4);
     let store = s.store.clone();
     tokio::spawn(async move {
         let r = store
             .read(move |c| {
                 let mut buf = String::with_capacity(1 << 16);
-                let send = |buf: &mut String| -> bool { tx.blocking_send(Ok(bytes::Bytes::from(std::mem::take(buf)))).is_ok() };
+                let send = |buf: &mut String| -> bool {
+                    tx.blocking_send(Ok(bytes::Bytes::from(std::mem::take(buf)))).is_ok()
+                };
                 for (key, list) in [("{\"pdus\":[", &state), ("],\"auth_chain\":[", &chain)] {
                     buf.push_str(key);
                     for (i, nid) in list.iter().enumerate() {
@@ -569,14 +691,20 @@ async fn room_state(State(s): State<AppState>, Path(room_id): Path<String>, Quer
         .map_err(|e| Error::internal(e.to_string()))
 }
 
-async fn get_event(State(s): State<AppState>, Path(event_id): Path<String>, signed: Signed) -> Result<impl IntoResponse> {
+async fn get_event(
+    State(s): State<AppState>,
+    Path(event_id): Path<String>,
+    signed: Signed,
+) -> Result<impl IntoResponse> {
     let me = s.identity.server_name.to_string();
     let body = s
         .store
         .read(move |c| {
             let row = events::event_by_id(c, &event_id)?.ok_or_else(|| Error::not_found("event not found"))?;
             let room = events::room_by_nid(c, row.room_nid)?.ok_or_else(|| Error::not_found("event not found"))?;
-            if !crate::federation::acl::room_allows(c, room.current_sg, &signed.origin)? || !server_in_room(c, &room, &signed.origin)? {
+            if !crate::federation::acl::room_allows(c, room.current_sg, &signed.origin)?
+                || !server_in_room(c, &room, &signed.origin)?
+            {
                 return Err(Error::forbidden("your server may not see this event"));
             }
             Ok(json!({"origin": me, "origin_server_ts": now_ms(), "pdus": [serde_json::from_str::<Value>(&row.json)?]}))
@@ -585,7 +713,11 @@ async fn get_event(State(s): State<AppState>, Path(event_id): Path<String>, sign
     Ok(axum::Json(body))
 }
 
-async fn event_auth(State(s): State<AppState>, Path((room_id, event_id)): Path<(String, String)>, signed: Signed) -> Result<impl IntoResponse> {
+async fn event_auth(
+    State(s): State<AppState>,
+    Path((room_id, event_id)): Path<(String, String)>,
+    signed: Signed,
+) -> Result<impl IntoResponse> {
     let body = s
         .store
         .read(move |c| {
@@ -596,7 +728,9 @@ async fn event_auth(State(s): State<AppState>, Path((room_id, event_id)): Path<(
             if !server_in_room(c, &room, &signed.origin)? {
                 return Err(Error::forbidden("your server is not in this room"));
             }
-            let pdu = load_pdu(c, &event_id)?.filter(|p| p.room_id.as_str() == room.room_id).ok_or_else(|| Error::not_found("event not found"))?;
+            let pdu = load_pdu(c, &event_id)?
+                .filter(|p| p.room_id.as_str() == room.room_id)
+                .ok_or_else(|| Error::not_found("event not found"))?;
             let chain: Vec<String> = state::auth_chain(c, [pdu.event_id])?.into_iter().map(|e| e.to_string()).collect();
             Ok(json!({"auth_chain": pdus_json(c, &chain)?}))
         })
@@ -605,7 +739,14 @@ async fn event_auth(State(s): State<AppState>, Path((room_id, event_id)): Path<(
 }
 
 /// Walks prev_events backwards from `from` (breadth first), skipping `stop`, up to `limit` events.
-fn walk_back(c: &Connection, room: &RoomRow, from: &[String], stop: &HashSet<String>, limit: usize, include_start: bool) -> Result<Vec<events::EventRow>> {
+fn walk_back(
+    c: &Connection,
+    room: &RoomRow,
+    from: &[String],
+    stop: &HashSet<String>,
+    limit: usize,
+    include_start: bool,
+) -> Result<Vec<events::EventRow>> {
     let mut out = Vec::new();
     let mut seen: HashSet<String> = HashSet::new();
     let mut queue: VecDeque<String> = VecDeque::new();
@@ -632,9 +773,18 @@ fn walk_back(c: &Connection, room: &RoomRow, from: &[String], stop: &HashSet<Str
     Ok(out)
 }
 
-async fn get_missing_events(State(s): State<AppState>, Path(room_id): Path<String>, signed: Signed) -> Result<impl IntoResponse> {
+async fn get_missing_events(
+    State(s): State<AppState>,
+    Path(room_id): Path<String>,
+    signed: Signed,
+) -> Result<impl IntoResponse> {
     let body = signed.body.clone().unwrap_or(Value::Null);
-    let strs = |k: &str| -> Vec<String> { body.get(k).and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect()).unwrap_or_default() };
+    let strs = |k: &str| -> Vec<String> {
+        body.get(k)
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+            .unwrap_or_default()
+    };
     let (earliest, latest) = (strs("earliest_events"), strs("latest_events"));
     let limit = body.get("limit").and_then(Value::as_u64).unwrap_or(10).min(100) as usize;
     let min_depth = body.get("min_depth").and_then(Value::as_i64).unwrap_or(0);
@@ -649,7 +799,8 @@ async fn get_missing_events(State(s): State<AppState>, Path(room_id): Path<Strin
             let mut rows = walk_back(c, &room, &latest, &stop, limit, false)?;
             rows.retain(|r| r.depth >= min_depth);
             rows.sort_by_key(|r| r.depth);
-            let pdus: Vec<Value> = rows.iter().map(|r| serde_json::from_str(&r.json)).collect::<std::result::Result<_, _>>()?;
+            let pdus: Vec<Value> =
+                rows.iter().map(|r| serde_json::from_str(&r.json)).collect::<std::result::Result<_, _>>()?;
             Ok(json!({"events": pdus}))
         })
         .await?;
@@ -682,7 +833,8 @@ async fn backfill(
                 return Err(Error::forbidden("your server is not in this room"));
             }
             let rows = walk_back(c, &room, &from, &HashSet::new(), limit, true)?;
-            let pdus: Vec<Value> = rows.iter().map(|r| serde_json::from_str(&r.json)).collect::<std::result::Result<_, _>>()?;
+            let pdus: Vec<Value> =
+                rows.iter().map(|r| serde_json::from_str(&r.json)).collect::<std::result::Result<_, _>>()?;
             Ok(json!({"origin": me, "origin_server_ts": now_ms(), "pdus": pdus}))
         })
         .await?;
@@ -695,12 +847,21 @@ struct ProfileQuery {
     field: Option<String>,
 }
 
-async fn query_profile(State(s): State<AppState>, Query(q): Query<ProfileQuery>, _signed: Signed) -> Result<impl IntoResponse> {
+async fn query_profile(
+    State(s): State<AppState>,
+    Query(q): Query<ProfileQuery>,
+    _signed: Signed,
+) -> Result<impl IntoResponse> {
     let user_id = q.user_id.ok_or_else(|| Error::missing_param("user_id is required"))?;
     if !s.identity.is_local_user(&user_id) {
         return Err(Error::invalid_param("user is not on this server"));
     }
-    let user = s.store.read(move |c| crate::store::accounts::get_user(c, &user_id)).await?.filter(|u| !u.deactivated).ok_or_else(|| Error::not_found("profile not found"))?;
+    let user = s
+        .store
+        .read(move |c| crate::store::accounts::get_user(c, &user_id))
+        .await?
+        .filter(|u| !u.deactivated)
+        .ok_or_else(|| Error::not_found("profile not found"))?;
     let mut out = json!({});
     if q.field.as_deref().is_none_or(|f| f == "displayname") {
         if let Some(d) = user.displayname {
@@ -720,10 +881,18 @@ struct DirectoryQuery {
     room_alias: Option<String>,
 }
 
-async fn query_directory(State(s): State<AppState>, Query(q): Query<DirectoryQuery>, _signed: Signed) -> Result<impl IntoResponse> {
+async fn query_directory(
+    State(s): State<AppState>,
+    Query(q): Query<DirectoryQuery>,
+    _signed: Signed,
+) -> Result<impl IntoResponse> {
     let alias = q.room_alias.ok_or_else(|| Error::missing_param("room_alias is required"))?;
     let a = alias.clone();
-    let room_id = s.store.read(move |c| crate::store::rooms::alias_target(c, &a)).await?.ok_or_else(|| Error::not_found("room alias not found"))?;
+    let room_id = s
+        .store
+        .read(move |c| crate::store::rooms::alias_target(c, &a))
+        .await?
+        .ok_or_else(|| Error::not_found("room alias not found"))?;
     let rid = room_id.clone();
     let mut servers = s
         .store
@@ -737,7 +906,11 @@ async fn query_directory(State(s): State<AppState>, Query(q): Query<DirectoryQue
     Ok(axum::Json(json!({"room_id": room_id, "servers": servers})))
 }
 
-async fn user_devices(State(s): State<AppState>, Path(user_id): Path<String>, _signed: Signed) -> Result<impl IntoResponse> {
+async fn user_devices(
+    State(s): State<AppState>,
+    Path(user_id): Path<String>,
+    _signed: Signed,
+) -> Result<impl IntoResponse> {
     if !s.identity.is_local_user(&user_id) {
         return Err(Error::invalid_param("user is not on this server"));
     }
@@ -748,7 +921,11 @@ async fn user_devices(State(s): State<AppState>, Path(user_id): Path<String>, _s
             let mut out = Vec::new();
             for d in crate::store::accounts::list_devices(c, &uid)? {
                 let keys: Option<String> = c
-                    .query_row("SELECT keys FROM device_keys WHERE user_id = ?1 AND device_id = ?2", rusqlite::params![uid, d.device_id], |r| r.get(0))
+                    .query_row(
+                        "SELECT keys FROM device_keys WHERE user_id = ?1 AND device_id = ?2",
+                        rusqlite::params![uid, d.device_id],
+                        |r| r.get(0),
+                    )
                     .ok();
                 let mut dev = json!({"device_id": d.device_id, "device_display_name": d.display_name});
                 if let Some(k) = keys {
@@ -756,7 +933,11 @@ async fn user_devices(State(s): State<AppState>, Path(user_id): Path<String>, _s
                 }
                 out.push(dev);
             }
-            let stream: i64 = c.query_row("SELECT coalesce(max(stream_ordering), 0) FROM device_list_stream WHERE user_id = ?1", [&uid], |r| r.get(0))?;
+            let stream: i64 = c.query_row(
+                "SELECT coalesce(max(stream_ordering), 0) FROM device_list_stream WHERE user_id = ?1",
+                [&uid],
+                |r| r.get(0),
+            )?;
             Ok((out, stream))
         })
         .await?;
@@ -779,14 +960,26 @@ async fn user_keys_query(State(s): State<AppState>, signed: Signed) -> Result<im
     let wanted: Vec<(String, Vec<String>)> = body
         .get("device_keys")
         .and_then(Value::as_object)
-        .map(|m| m.iter().map(|(u, d)| (u.clone(), d.as_array().map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect()).unwrap_or_default())).collect())
+        .map(|m| {
+            m.iter()
+                .map(|(u, d)| {
+                    (
+                        u.clone(),
+                        d.as_array()
+                            .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+                            .unwrap_or_default(),
+                    )
+                })
+                .collect()
+        })
         .unwrap_or_default();
     let wanted: Vec<(String, Vec<String>)> = wanted.into_iter().filter(|(u, _)| identity.is_local_user(u)).collect();
     let mut out = s.store.read(move |c| crate::client::keys::query_local(c, "", &wanted)).await?;
     if let Some(o) = out.as_object_mut() {
         o.remove("user_signing_keys");
         // Device display names stay on this server (as Synapse does by default).
-        for devices in o.get_mut("device_keys").and_then(Value::as_object_mut).into_iter().flat_map(|m| m.values_mut()) {
+        for devices in o.get_mut("device_keys").and_then(Value::as_object_mut).into_iter().flat_map(|m| m.values_mut())
+        {
             for keys in devices.as_object_mut().into_iter().flat_map(|m| m.values_mut()) {
                 if let Some(k) = keys.as_object_mut() {
                     k.remove("unsigned");

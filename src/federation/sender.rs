@@ -65,7 +65,11 @@ async fn drain(s: &AppState, destination: &str) {
             "edus": edus,
         });
         let path = format!("/_matrix/federation/v1/send/{txn_id}");
-        match fed.client.request_timeout(reqwest::Method::PUT, destination, &path, Some(&body), Duration::from_secs(60)).await {
+        match fed
+            .client
+            .request_timeout(reqwest::Method::PUT, destination, &path, Some(&body), Duration::from_secs(60))
+            .await
+        {
             Ok(_) => {
                 let d = destination.to_owned();
                 let n = ids.len();

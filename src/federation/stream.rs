@@ -7,7 +7,12 @@ use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess,
 use serde_json::Value;
 
 /// Calls `sink` with batches of at most `batch` elements of the arrays under `keys` of a top-level object.
-pub fn for_each_pdu_batch<R: Read>(reader: R, keys: &[&str], batch: usize, sink: &mut dyn FnMut(Vec<Value>) -> bool) -> Result<(), String> {
+pub fn for_each_pdu_batch<R: Read>(
+    reader: R,
+    keys: &[&str],
+    batch: usize,
+    sink: &mut dyn FnMut(Vec<Value>) -> bool,
+) -> Result<(), String> {
     let mut de = serde_json::Deserializer::from_reader(reader);
     let mut buf = Vec::with_capacity(batch);
     let top = Top { keys, batch, buf: &mut buf, sink: &mut *sink, stop: false };

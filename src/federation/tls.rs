@@ -208,7 +208,12 @@ pub async fn serve(mut listener: TlsListener, app: axum::Router, mut shutdown: w
     close_tx.closed().await;
 }
 
-async fn serve_connection(io: TlsStream<tokio::net::TcpStream>, addr: SocketAddr, app: axum::Router, mut stop: watch::Receiver<bool>) {
+async fn serve_connection(
+    io: TlsStream<tokio::net::TcpStream>,
+    addr: SocketAddr,
+    app: axum::Router,
+    mut stop: watch::Receiver<bool>,
+) {
     use tower::ServiceExt;
     let activity = Arc::new(Activity { in_flight: AtomicUsize::new(0), last: Mutex::new(Instant::now()) });
     let act = activity.clone();
@@ -234,7 +239,9 @@ async fn serve_connection(io: TlsStream<tokio::net::TcpStream>, addr: SocketAddr
         let hard_stop = async {
             match closing {
                 // An idle connection asked to close gets a moment to do so cleanly, then is dropped.
-                Some(at) if activity.in_flight.load(Ordering::SeqCst) == 0 => tokio::time::sleep_until(at + Duration::from_secs(2)).await,
+                Some(at) if activity.in_flight.load(Ordering::SeqCst) == 0 => {
+                    tokio::time::sleep_until(at + Duration::from_secs(2)).await
+                }
                 _ => std::future::pending().await,
             }
         };

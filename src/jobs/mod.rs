@@ -40,7 +40,10 @@ pub fn enqueue(conn: &Connection, kind: &str, room_nid: Option<i64>, priority: i
 
 /// Moves a room's jobs to the front (a user is waiting on them).
 pub fn bump(conn: &Connection, room_nid: i64) -> Result<()> {
-    conn.execute("UPDATE jobs SET priority = priority + 100, next_run_at = 0 WHERE room_nid = ?1 AND priority < 100", [room_nid])?;
+    conn.execute(
+        "UPDATE jobs SET priority = priority + 100, next_run_at = 0 WHERE room_nid = ?1 AND priority < 100",
+        [room_nid],
+    )?;
     Ok(())
 }
 
@@ -137,7 +140,10 @@ pub async fn run_worker(s: AppState, mut shutdown: tokio::sync::watch::Receiver<
         match result {
             Ok(Step::Done) => {
                 let id = job.job_id;
-                let _ = s.store.write_background(move |w| Ok(w.conn.execute("DELETE FROM jobs WHERE job_id = ?1", [id])?)).await;
+                let _ = s
+                    .store
+                    .write_background(move |w| Ok(w.conn.execute("DELETE FROM jobs WHERE job_id = ?1", [id])?))
+                    .await;
                 // A finished job usually wrote a lot: fold the WAL back into the database.
                 if let Err(e) = s.store.checkpoint(s.config.database.path.clone()).await {
                     tracing::info!(error = %e, "checkpoint after job failed");
@@ -163,7 +169,8 @@ pub async fn run_worker(s: AppState, mut shutdown: tokio::sync::watch::Receiver<
         // Duty cycle: after working `took`, rest long enough that work is at most `duty` of wall time —
         // unless no client request is waiting, then keep going at full speed.
         let users_active = s.busy.load(std::sync::atomic::Ordering::Relaxed) > 0;
-        let rest = if users_active { took.mul_f64((1.0 - duty) / duty).min(Duration::from_secs(5)) } else { Duration::ZERO };
+        let rest =
+            if users_active { took.mul_f64((1.0 - duty) / duty).min(Duration::from_secs(5)) } else { Duration::ZERO };
         if !rest.is_zero() {
             tokio::select! {
                 _ = tokio::time::sleep(rest) => {}

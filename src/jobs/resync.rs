@@ -49,7 +49,11 @@ async fn save_cursor(s: &AppState, job_id: i64, cursor: Value, done: i64, total:
 
 pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
     let room_nid = job.room_nid.ok_or_else(|| Error::internal("resync job without room"))?;
-    let room = s.store.read(move |c| events::room_by_nid(c, room_nid)).await?.ok_or_else(|| Error::internal("resync of unknown room"))?;
+    let room = s
+        .store
+        .read(move |c| events::room_by_nid(c, room_nid))
+        .await?
+        .ok_or_else(|| Error::internal("resync of unknown room"))?;
     if !room.partial_state {
         return Ok(Step::Done);
     }
@@ -59,12 +63,19 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
     let phase = cursor.get("phase").and_then(Value::as_str).unwrap_or("ids").to_owned();
     let mut servers = servers(&cursor);
     // Servers whose /state_ids answer listed events nobody could supply are asked last-resort only.
-    let distrusted: Vec<String> = cursor.get("distrust").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect()).unwrap_or_default();
+    let distrusted: Vec<String> = cursor
+        .get("distrust")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+        .unwrap_or_default();
     if servers.iter().any(|x| !distrusted.contains(x)) {
         servers.retain(|x| !distrusted.contains(x));
     }
     // Rotate through the servers on failures: attempt n asks server n mod len.
-    let server = servers.get(job.attempts as usize % servers.len().max(1)).cloned().ok_or_else(|| Error::internal("no server to resync from"))?;
+    let server = servers
+        .get(job.attempts as usize % servers.len().max(1))
+        .cloned()
+        .ok_or_else(|| Error::internal("no server to resync from"))?;
 
     let step_started = std::time::Instant::now();
     let target = std::time::Duration::from_millis(s.config.jobs.step_ms.max(1));
@@ -72,7 +83,11 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
         "ids" => {
             let path = format!("/_matrix/federation/v1/state_ids/{}?event_id={}", enc(&room.room_id), enc(&join_event));
             let answer = fed.client.get(&server, &path).await?;
-            let pdu_ids: Vec<String> = answer.get("pdu_ids").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect()).unwrap_or_default();
+            let pdu_ids: Vec<String> = answer
+                .get("pdu_ids")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+                .unwrap_or_default();
             if pdu_ids.is_empty() {
                 return Err(Error::internal(format!("{server} returned no state ids")));
             }
@@ -94,14 +109,18 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
                 .await?;
             let listed: HashSet<&str> = pdu_ids.iter().map(String::as_str).collect();
             if let Some(bad) = known.iter().find(|id| !listed.contains(id.as_str())) {
-                return Err(Error::internal(format!("{server}: /state_ids answer lacks state event {bad} we hold; trying another server")));
+                return Err(Error::internal(format!(
+                    "{server}: /state_ids answer lacks state event {bad} we hold; trying another server"
+                )));
             }
             let total = pdu_ids.len() as i64;
             let missing = s
                 .store
                 .write_background(move |w| {
                     let mut missing = 0i64;
-                    let mut ins = w.conn.prepare_cached("INSERT OR REPLACE INTO resync_state (room_nid, event_id, missing) VALUES (?1, ?2, ?3)")?;
+                    let mut ins = w.conn.prepare_cached(
+                        "INSERT OR REPLACE INTO resync_state (room_nid, event_id, missing) VALUES (?1, ?2, ?3)",
+                    )?;
                     for id in &pdu_ids {
                         let have = events::event_nid(w.conn, id)?.is_some();
                         ins.execute(params![room_nid, id, !have])?;
@@ -122,7 +141,8 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
             let missing: Vec<String> = s
                 .store
                 .read(move |c| {
-                    let mut stmt = c.prepare_cached("SELECT event_id FROM resync_state WHERE room_nid = ?1 AND missing = 1")?;
+                    let mut stmt =
+                        c.prepare_cached("SELECT event_id FROM resync_state WHERE room_nid = ?1 AND missing = 1")?;
                     let rows = stmt.query_map([room_nid], |r| r.get(0))?;
                     Ok(rows.collect::<rusqlite::Result<_>>()?)
                 })
@@ -137,7 +157,11 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
             let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Value>>(2);
             let producer = if use_state {
                 let path = format!("/_matrix/federation/v1/state/{}?event_id={}", enc(&room.room_id), enc(&join_event));
-                let file = std::env::temp_dir().join(format!("hearth-state-{}-{}.json", std::process::id(), crate::http::random_string(8)));
+                let file = std::env::temp_dir().join(format!(
+                    "hearth-state-{}-{}.json",
+                    std::process::id(),
+                    crate::http::random_string(8)
+                ));
                 let client = fed.client.clone();
                 let server = server.clone();
                 tokio::spawn(async move {
@@ -147,8 +171,14 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
                             tracing::info!(bytes = n, "resync: /state answer downloaded");
                             let f = file.clone();
                             tokio::task::spawn_blocking(move || {
-                                let reader = std::io::BufReader::new(std::fs::File::open(&f).map_err(|e| e.to_string())?);
-                                crate::federation::stream::for_each_pdu_batch(reader, &["pdus", "auth_chain"], CHUNK, &mut |batch| tx.blocking_send(batch).is_ok())
+                                let reader =
+                                    std::io::BufReader::new(std::fs::File::open(&f).map_err(|e| e.to_string())?);
+                                crate::federation::stream::for_each_pdu_batch(
+                                    reader,
+                                    &["pdus", "auth_chain"],
+                                    CHUNK,
+                                    &mut |batch| tx.blocking_send(batch).is_ok(),
+                                )
                             })
                             .await
                             .map_err(|e| e.to_string())
@@ -187,7 +217,11 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
             let mut pending: Option<tokio::task::JoinHandle<Result<usize>>> = None;
             while let Some(chunk) = rx.recv().await {
                 total_fetched += chunk.len();
-                let verified: Vec<crate::room::Pdu> = verify_batch(s, &room.version, chunk).await?.into_iter().filter_map(|r| r.map_err(|e| tracing::info!(error = %e, "resync: invalid event")).ok()).collect();
+                let verified: Vec<crate::room::Pdu> = verify_batch(s, &room.version, chunk)
+                    .await?
+                    .into_iter()
+                    .filter_map(|r| r.map_err(|e| tracing::info!(error = %e, "resync: invalid event")).ok())
+                    .collect();
                 if let Some(p) = pending.take() {
                     stored += p.await.map_err(|e| Error::internal(e.to_string()))??;
                 }
@@ -196,13 +230,17 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
                 pending = Some(tokio::spawn(async move {
                     store
                         .write_background(move |w| {
-                            let room = events::room_by_id(w.conn, &rid)?.ok_or_else(|| Error::internal("room vanished"))?;
+                            let room =
+                                events::room_by_id(w.conn, &rid)?.ok_or_else(|| Error::internal("room vanished"))?;
                             let mut n = 0;
                             let mut sorted = verified;
                             sorted.sort_by_key(|p| p.depth);
                             for p in sorted.iter().filter(|p| p.room_id.as_str() == rid) {
                                 persist_outlier(w.conn, &room, p)?;
-                                n += w.conn.execute("UPDATE resync_state SET missing = 0 WHERE room_nid = ?1 AND event_id = ?2", params![room_nid, p.event_id.as_str()])?;
+                                n += w.conn.execute(
+                                    "UPDATE resync_state SET missing = 0 WHERE room_nid = ?1 AND event_id = ?2",
+                                    params![room_nid, p.event_id.as_str()],
+                                )?;
                             }
                             Ok(n)
                         })
@@ -215,8 +253,22 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
             if let Ok(Err(e)) = producer.await {
                 tracing::info!(%server, error = %e, "resync: fetch failed part-way");
             }
-            let still: i64 = s.store.read(move |c| Ok(c.query_row("SELECT count(*) FROM resync_state WHERE room_nid = ?1 AND missing = 1", [room_nid], |r| r.get(0))?)).await?;
-            let total: i64 = s.store.read(move |c| Ok(c.query_row("SELECT count(*) FROM resync_state WHERE room_nid = ?1", [room_nid], |r| r.get(0))?)).await?;
+            let still: i64 = s
+                .store
+                .read(move |c| {
+                    Ok(c.query_row(
+                        "SELECT count(*) FROM resync_state WHERE room_nid = ?1 AND missing = 1",
+                        [room_nid],
+                        |r| r.get(0),
+                    )?)
+                })
+                .await?;
+            let total: i64 = s
+                .store
+                .read(move |c| {
+                    Ok(c.query_row("SELECT count(*) FROM resync_state WHERE room_nid = ?1", [room_nid], |r| r.get(0))?)
+                })
+                .await?;
             tracing::info!(room_id = %room.room_id, fetched = total_fetched, stored, missing = still, "resync: fetched events");
             if stored == 0 {
                 if use_state {
@@ -241,7 +293,11 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
                         o.remove("use_state");
                         o.remove("source");
                     }
-                    s.store.write_background(move |w| Ok(w.conn.execute("DELETE FROM resync_state WHERE room_nid = ?1", [room_nid])?)).await?;
+                    s.store
+                        .write_background(move |w| {
+                            Ok(w.conn.execute("DELETE FROM resync_state WHERE room_nid = ?1", [room_nid])?)
+                        })
+                        .await?;
                     save_cursor(s, job.job_id, cursor, 0, None).await?;
                     return Ok(Step::More);
                 }
@@ -251,14 +307,23 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
             // Size the next step so it takes about `jobs.step_ms`.
             let size = cursor.get("batch").and_then(Value::as_u64).unwrap_or(EVENT_BATCH as u64);
             let took = step_started.elapsed();
-            let next = if took < target / 2 { size * 2 } else if took > target * 2 { size / 2 } else { size };
+            let next = if took < target / 2 {
+                size * 2
+            } else if took > target * 2 {
+                size / 2
+            } else {
+                size
+            };
             cursor["batch"] = json!(next.clamp(10, 1000));
             save_cursor(s, job.job_id, cursor, total - still, Some(total)).await?;
             Ok(Step::More)
         }
         "fill" => {
             // Fill the partial base group and room_members in chunks (short writes), resuming after `fill_after`.
-            let sg = cursor.get("sg").and_then(Value::as_i64).ok_or_else(|| Error::internal("resync cursor without base group"))?;
+            let sg = cursor
+                .get("sg")
+                .and_then(Value::as_i64)
+                .ok_or_else(|| Error::internal("resync cursor without base group"))?;
             let after = cursor.get("fill_after").and_then(Value::as_str).unwrap_or("").to_owned();
             let identity = s.identity.clone();
             let (last, n) = s.store.write_background(move |w| fill_chunk(w, &identity, room_nid, sg, &after)).await?;
@@ -277,7 +342,10 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
             Ok(Step::More)
         }
         "finish" => {
-            let sg = cursor.get("sg").and_then(Value::as_i64).ok_or_else(|| Error::internal("resync cursor without base group"))?;
+            let sg = cursor
+                .get("sg")
+                .and_then(Value::as_i64)
+                .ok_or_else(|| Error::internal("resync cursor without base group"))?;
             let identity = s.identity.clone();
             let join = join_event.clone();
             let members = s.store.write_background(move |w| finish(w, &identity, room_nid, sg, &join)).await?;
@@ -290,7 +358,13 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
 
 /// Fills the partial base group with the fetched state (descendant groups are deltas over it, so they see the
 /// new entries too), rebuilds membership from the current state and clears the partial flag. One transaction.
-fn finish(w: &mut crate::store::Writer<'_>, identity: &crate::room::Identity, room_nid: i64, sg: i64, join_event: &str) -> Result<i64> {
+fn finish(
+    w: &mut crate::store::Writer<'_>,
+    identity: &crate::room::Identity,
+    room_nid: i64,
+    sg: i64,
+    join_event: &str,
+) -> Result<i64> {
     let conn = w.conn;
     conn.execute("UPDATE state_groups SET partial = 0 WHERE sg = ?1", [sg])?;
     conn.execute("UPDATE rooms SET partial_state = 0 WHERE room_nid = ?1", [room_nid])?;
@@ -324,7 +398,9 @@ fn finish(w: &mut crate::store::Writer<'_>, identity: &crate::room::Identity, ro
     let (joined, _) = events::member_counts(conn, room_nid)?;
     // Local members see the room (again) as newly joined, so eager /sync delivers it with full state now.
     let locals: Vec<(String, i64)> = {
-        let mut stmt = conn.prepare_cached("SELECT user_id, event_nid FROM room_members WHERE room_nid = ?1 AND membership = 'join'")?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT user_id, event_nid FROM room_members WHERE room_nid = ?1 AND membership = 'join'",
+        )?;
         let rows = stmt.query_map([room_nid], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
         rows.collect::<rusqlite::Result<Vec<_>>>()?.into_iter().filter(|(u, _)| identity.is_local_user(u)).collect()
     };
@@ -341,7 +417,13 @@ const FILL_CHUNK: i64 = 2000;
 /// One fill step: adds the next chunk of fetched state to the partial base group (descendant groups are deltas
 /// over it, so they see it too) and brings `room_members` up to date for those keys. Returns the last event id
 /// handled (None when done) and the rows handled.
-fn fill_chunk(w: &mut crate::store::Writer<'_>, identity: &crate::room::Identity, room_nid: i64, sg: i64, after: &str) -> Result<(Option<String>, usize)> {
+fn fill_chunk(
+    w: &mut crate::store::Writer<'_>,
+    identity: &crate::room::Identity,
+    room_nid: i64,
+    sg: i64,
+    after: &str,
+) -> Result<(Option<String>, usize)> {
     let conn = w.conn;
     let rows: Vec<(String, i64, i64, String, String)> = {
         let mut stmt = conn.prepare_cached(
@@ -349,14 +431,18 @@ fn fill_chunk(w: &mut crate::store::Writer<'_>, identity: &crate::room::Identity
              JOIN events e ON e.event_id = r.event_id JOIN state_keys k ON k.state_key_nid = e.state_key_nid
              WHERE r.room_nid = ?1 AND r.event_id > ?2 ORDER BY r.event_id LIMIT ?3",
         )?;
-        let rows = stmt.query_map(params![room_nid, after, FILL_CHUNK], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?;
+        let rows = stmt.query_map(params![room_nid, after, FILL_CHUNK], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })?;
         rows.collect::<rusqlite::Result<_>>()?
     };
     let Some(last) = rows.last().map(|r| r.0.clone()) else { return Ok((None, 0)) };
     let current = events::room_by_nid(conn, room_nid)?.and_then(|r| r.current_sg);
     {
         // What the resident sent at join time stays authoritative for the keys we already hold.
-        let mut ins = conn.prepare_cached("INSERT OR IGNORE INTO state_group_entries (sg, state_key_nid, event_nid) VALUES (?1, ?2, ?3)")?;
+        let mut ins = conn.prepare_cached(
+            "INSERT OR IGNORE INTO state_group_entries (sg, state_key_nid, event_nid) VALUES (?1, ?2, ?3)",
+        )?;
         for (_, skn, nid, _, _) in &rows {
             ins.execute(params![sg, skn, nid])?;
         }
@@ -380,7 +466,13 @@ fn fill_chunk(w: &mut crate::store::Writer<'_>, identity: &crate::room::Identity
 /// accepted children becomes an extremity in place of its prev events (rejected events never became one, so its
 /// state would otherwise never reach the current state); a newly rejected one stops being one, and its prev
 /// events without other accepted children take its place.
-fn fix_extremities(conn: &rusqlite::Connection, room_nid: i64, row: &events::EventRow, pdu: &crate::room::Pdu, accepted: bool) -> Result<()> {
+fn fix_extremities(
+    conn: &rusqlite::Connection,
+    room_nid: i64,
+    row: &events::EventRow,
+    pdu: &crate::room::Pdu,
+    accepted: bool,
+) -> Result<()> {
     let has_accepted_child = |id: &str, except: i64| -> Result<bool> {
         Ok(conn
             .prepare_cached(
@@ -389,17 +481,24 @@ fn fix_extremities(conn: &rusqlite::Connection, room_nid: i64, row: &events::Eve
             )?
             .exists(params![id, room_nid, except])?)
     };
-    let prev_nids: Vec<i64> = pdu.prev_events.iter().filter_map(|p| events::event_nid(conn, p.as_str()).ok().flatten()).collect();
+    let prev_nids: Vec<i64> =
+        pdu.prev_events.iter().filter_map(|p| events::event_nid(conn, p.as_str()).ok().flatten()).collect();
     if accepted {
         if !has_accepted_child(&row.event_id, row.event_nid)? {
             events::replace_extremities(conn, room_nid, &prev_nids, row.event_nid)?;
         }
     } else {
-        conn.execute("DELETE FROM forward_extremities WHERE room_nid = ?1 AND event_nid = ?2", params![room_nid, row.event_nid])?;
+        conn.execute(
+            "DELETE FROM forward_extremities WHERE room_nid = ?1 AND event_nid = ?2",
+            params![room_nid, row.event_nid],
+        )?;
         for p in &pdu.prev_events {
             let Some(prev) = events::event_by_id(conn, p.as_str())? else { continue };
             if prev.rejected.is_none() && !prev.outlier && !has_accepted_child(p.as_str(), row.event_nid)? {
-                conn.execute("INSERT OR IGNORE INTO forward_extremities (room_nid, event_nid) VALUES (?1, ?2)", params![room_nid, prev.event_nid])?;
+                conn.execute(
+                    "INSERT OR IGNORE INTO forward_extremities (room_nid, event_nid) VALUES (?1, ?2)",
+                    params![room_nid, prev.event_nid],
+                )?;
             }
         }
     }
@@ -435,7 +534,11 @@ fn reauthorise_since_join(conn: &rusqlite::Connection, room_nid: i64, join_event
                 }
             }
         }
-        let Some(sg_before) = (if groups.is_empty() { None } else { Some(state::resolve_groups(conn, room_nid, &room.version, &groups)?) }) else {
+        let Some(sg_before) = (if groups.is_empty() {
+            None
+        } else {
+            Some(state::resolve_groups(conn, room_nid, &room.version, &groups)?)
+        }) else {
             continue;
         };
         let verdict = authorize(conn, &rules, &pdu, Some(sg_before)).err();
@@ -446,7 +549,10 @@ fn reauthorise_since_join(conn: &rusqlite::Connection, room_nid: i64, join_event
             (Some(skn), None) => state::new_group(conn, room_nid, Some(sg_before), &[(skn, Some(row.event_nid))])?,
             _ => sg_before,
         };
-        conn.execute("UPDATE events SET rejected = ?2, sg_after = ?3 WHERE event_nid = ?1", params![row.event_nid, verdict, sg_after])?;
+        conn.execute(
+            "UPDATE events SET rejected = ?2, sg_after = ?3 WHERE event_nid = ?1",
+            params![row.event_nid, verdict, sg_after],
+        )?;
         if verdict.is_some() != row.rejected.is_some() {
             fix_extremities(conn, room_nid, &row, &pdu, verdict.is_none())?;
         }

@@ -37,7 +37,11 @@ fn multipart_response(boundary: &str, body: Body) -> Response {
 }
 
 /// `GET /_matrix/federation/v1/media/download/{mediaId}`
-pub async fn serve_download(State(s): State<AppState>, Path(media_id): Path<String>, _signed: Signed) -> Result<Response> {
+pub async fn serve_download(
+    State(s): State<AppState>,
+    Path(media_id): Path<String>,
+    _signed: Signed,
+) -> Result<Response> {
     let row = local_row(&s, &media_id).await?;
     let file = tokio::fs::File::open(s.media.file_path(&row.origin, &row.media_id))
         .await
@@ -86,8 +90,10 @@ pub async fn fetch_remote(s: &AppState, origin: &str, media_id: &str) -> Result<
     let (content_type, filename, data) = match fed.client.get_raw(origin, &path, max + FRAMING_BYTES).await {
         Ok((headers, body)) => {
             let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-            let boundary = multipart::boundary_of(ct).ok_or_else(|| Error::bad_gateway("remote media answer is not multipart"))?;
-            let mut parts = multipart::parse(&body, &boundary).ok_or_else(|| Error::bad_gateway("malformed multipart media answer"))?;
+            let boundary =
+                multipart::boundary_of(ct).ok_or_else(|| Error::bad_gateway("remote media answer is not multipart"))?;
+            let mut parts = multipart::parse(&body, &boundary)
+                .ok_or_else(|| Error::bad_gateway("malformed multipart media answer"))?;
             if parts.len() < 2 {
                 return Err(Error::bad_gateway("remote media answer lacks the file part"));
             }
@@ -99,7 +105,11 @@ pub async fn fetch_remote(s: &AppState, origin: &str, media_id: &str) -> Result<
             (file.headers.get("content-type").cloned(), filename, file.body)
         }
         Err(e) if legacy_fallback(&e) => {
-            let path = format!("/_matrix/media/v3/download/{}/{}?allow_remote=false&timeout_ms=20000", enc(origin), enc(media_id));
+            let path = format!(
+                "/_matrix/media/v3/download/{}/{}?allow_remote=false&timeout_ms=20000",
+                enc(origin),
+                enc(media_id)
+            );
             let (headers, body) = fed.client.get_raw(origin, &path, max).await.map_err(fetch_error)?;
             let header_str = |h| headers.get(h).and_then(|v: &HeaderValue| v.to_str().ok()).map(str::to_owned);
             let filename = header_str(header::CONTENT_DISPOSITION).and_then(|d| multipart::disposition_filename(&d));
@@ -110,9 +120,11 @@ pub async fn fetch_remote(s: &AppState, origin: &str, media_id: &str) -> Result<
     if data.len() as u64 > max {
         return Err(Error::too_large(format!("remote media is over {max} bytes")));
     }
-    let content_type = content_type.and_then(|c| HeaderValue::from_str(&c).ok()).and_then(|v| super::clean_content_type(Some(&v)));
+    let content_type =
+        content_type.and_then(|c| HeaderValue::from_str(&c).ok()).and_then(|v| super::clean_content_type(Some(&v)));
     let filename = super::clean_filename(filename);
-    let sha256: String = ring::digest::digest(&ring::digest::SHA256, &data).as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    let sha256: String =
+        ring::digest::digest(&ring::digest::SHA256, &data).as_ref().iter().map(|b| format!("{b:02x}")).collect();
 
     let dest = s.media.file_path(origin, media_id);
     let tmp = s.media.tmp_path();

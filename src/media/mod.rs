@@ -72,7 +72,12 @@ impl MediaRepo {
     }
 
     pub fn thumb_path(&self, origin: &str, media_id: &str, width: u32, height: u32, method: &str) -> PathBuf {
-        self.root.join("thumbs").join(origin).join(prefix(media_id)).join(media_id).join(format!("{width}x{height}-{method}"))
+        self.root
+            .join("thumbs")
+            .join(origin)
+            .join(prefix(media_id))
+            .join(media_id)
+            .join(format!("{width}x{height}-{method}"))
     }
 
     fn tmp_path(&self) -> PathBuf {
@@ -169,7 +174,10 @@ pub fn client_routes() -> Router<AppState> {
             .route(&format!("/_matrix/media/{v}/upload/{{server_name}}/{{media_id}}"), put(upload_to))
             .route(&format!("/_matrix/media/{v}/config"), get(config))
             .route(&format!("/_matrix/media/{v}/download/{{server_name}}/{{media_id}}"), get(download_legacy))
-            .route(&format!("/_matrix/media/{v}/download/{{server_name}}/{{media_id}}/{{file_name}}"), get(download_legacy_named))
+            .route(
+                &format!("/_matrix/media/{v}/download/{{server_name}}/{{media_id}}/{{file_name}}"),
+                get(download_legacy_named),
+            )
             .route(&format!("/_matrix/media/{v}/thumbnail/{{server_name}}/{{media_id}}"), get(thumbnail_legacy));
     }
     r
@@ -222,7 +230,10 @@ async fn create(State(s): State<AppState>, auth: Auth) -> Result<impl IntoRespon
     s.store
         .write(move |w| {
             // Ids reserved long ago and never filled are dropped first.
-            w.conn.execute("DELETE FROM media WHERE uploader = ?1 AND size IS NULL AND created_ts <= ?2", params![u, now - PENDING_TTL_MS])?;
+            w.conn.execute(
+                "DELETE FROM media WHERE uploader = ?1 AND size IS NULL AND created_ts <= ?2",
+                params![u, now - PENDING_TTL_MS],
+            )?;
             let pending: i64 = w.conn.query_row(
                 "SELECT count(*) FROM media WHERE uploader = ?1 AND size IS NULL AND created_ts > ?2",
                 params![u, now - PENDING_TTL_MS],
@@ -231,11 +242,16 @@ async fn create(State(s): State<AppState>, auth: Auth) -> Result<impl IntoRespon
             if pending >= MAX_PENDING_PER_USER {
                 return Err(Error::limit_exceeded(60_000));
             }
-            w.conn.execute("INSERT INTO media (origin, media_id, uploader, created_ts) VALUES (?1, ?2, ?3, ?4)", params![o, m, u, now])?;
+            w.conn.execute(
+                "INSERT INTO media (origin, media_id, uploader, created_ts) VALUES (?1, ?2, ?3, ?4)",
+                params![o, m, u, now],
+            )?;
             Ok(())
         })
         .await?;
-    Ok(axum::Json(json!({"content_uri": format!("mxc://{origin}/{media_id}"), "unused_expires_at": now + PENDING_TTL_MS})))
+    Ok(axum::Json(
+        json!({"content_uri": format!("mxc://{origin}/{media_id}"), "unused_expires_at": now + PENDING_TTL_MS}),
+    ))
 }
 
 async fn upload_to(
@@ -428,7 +444,8 @@ async fn download(
     let size = row.size.unwrap_or(0) as u64;
     let Ok(range) = byte_range(headers.get(header::RANGE), size) else {
         let mut res = StatusCode::RANGE_NOT_SATISFIABLE.into_response();
-        res.headers_mut().insert(header::CONTENT_RANGE, HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii"));
+        res.headers_mut()
+            .insert(header::CONTENT_RANGE, HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii"));
         return Ok(res);
     };
     file_response(file, size, range, row.content_type.as_deref(), name.as_deref()).await
@@ -437,7 +454,9 @@ async fn download(
 /// The one byte range asked for with `Range: bytes=...` (video players seek with it): `Ok(None)` for the whole
 /// file (no header, a malformed one, or several ranges), `Err` when it cannot be satisfied.
 fn byte_range(h: Option<&HeaderValue>, size: u64) -> std::result::Result<Option<(u64, u64)>, ()> {
-    let Some(spec) = h.and_then(|v| v.to_str().ok()).and_then(|v| v.trim().strip_prefix("bytes=")) else { return Ok(None) };
+    let Some(spec) = h.and_then(|v| v.to_str().ok()).and_then(|v| v.trim().strip_prefix("bytes=")) else {
+        return Ok(None);
+    };
     let Some((a, b)) = spec.split_once('-').filter(|_| !spec.contains(',')) else { return Ok(None) };
     let (a, b) = (a.trim(), b.trim());
     let (start, end) = if a.is_empty() {
@@ -498,10 +517,32 @@ pub async fn resolve(s: &AppState, server_name: &str, media_id: &str, q: &Downlo
 
 /// Types a browser may show inline from our origin (what Synapse allows); everything else is an attachment.
 const INLINE_TYPES: &[&str] = &[
-    "text/css", "text/plain", "text/csv", "application/json", "application/ld+json", "image/jpeg", "image/gif",
-    "image/png", "image/apng", "image/webp", "image/avif", "video/mp4", "video/webm", "video/ogg", "video/quicktime",
-    "audio/mp4", "audio/webm", "audio/aac", "audio/mpeg", "audio/ogg", "audio/wave", "audio/wav", "audio/x-wav",
-    "audio/x-pn-wav", "audio/flac", "audio/x-flac",
+    "text/css",
+    "text/plain",
+    "text/csv",
+    "application/json",
+    "application/ld+json",
+    "image/jpeg",
+    "image/gif",
+    "image/png",
+    "image/apng",
+    "image/webp",
+    "image/avif",
+    "video/mp4",
+    "video/webm",
+    "video/ogg",
+    "video/quicktime",
+    "audio/mp4",
+    "audio/webm",
+    "audio/aac",
+    "audio/mpeg",
+    "audio/ogg",
+    "audio/wave",
+    "audio/wav",
+    "audio/x-wav",
+    "audio/x-pn-wav",
+    "audio/flac",
+    "audio/x-flac",
 ];
 
 /// Whether `content_type` may be shown inline (never HTML, SVG, XML or scripts).
@@ -515,7 +556,9 @@ pub fn content_disposition(content_type: &str, file_name: Option<&str>) -> Strin
     let kind = if inline_allowed(content_type) { "inline" } else { "attachment" };
     match file_name {
         None => kind.to_owned(),
-        Some(n) if n.bytes().all(|b| b.is_ascii_alphanumeric() || b" ._-+()[],@".contains(&b)) => format!("{kind}; filename=\"{n}\""),
+        Some(n) if n.bytes().all(|b| b.is_ascii_alphanumeric() || b" ._-+()[],@".contains(&b)) => {
+            format!("{kind}; filename=\"{n}\"")
+        }
         Some(n) => format!("{kind}; filename*=utf-8''{}", crate::federation::client::enc(n)),
     }
 }
@@ -532,7 +575,10 @@ pub fn media_headers(headers: &mut HeaderMap, content_type: &str, file_name: Opt
         HeaderValue::from_static("sandbox; default-src 'none'; script-src 'none'; plugin-types application/pdf; style-src 'unsafe-inline'; media-src 'self'; object-src 'self';"),
     );
     headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    headers.insert(header::HeaderName::from_static("cross-origin-resource-policy"), HeaderValue::from_static("cross-origin"));
+    headers.insert(
+        header::HeaderName::from_static("cross-origin-resource-policy"),
+        HeaderValue::from_static("cross-origin"),
+    );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=86400"));
 }
 
@@ -549,7 +595,9 @@ async fn file_response(
         None => (StatusCode::OK, 0, size),
     };
     if start > 0 {
-        file.seek(std::io::SeekFrom::Start(start)).await.map_err(|e| Error::internal(format!("media file seek: {e}")))?;
+        file.seek(std::io::SeekFrom::Start(start))
+            .await
+            .map_err(|e| Error::internal(format!("media file seek: {e}")))?;
     }
     let body = Body::from_stream(tokio_util::io::ReaderStream::new(file.take(len)));
     let mut res = (status, body).into_response();
@@ -558,7 +606,10 @@ async fn file_response(
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     if range.is_some() {
-        h.insert(header::CONTENT_RANGE, HeaderValue::from_str(&format!("bytes {start}-{}/{size}", start + len - 1)).expect("ascii"));
+        h.insert(
+            header::CONTENT_RANGE,
+            HeaderValue::from_str(&format!("bytes {start}-{}/{size}", start + len - 1)).expect("ascii"),
+        );
     }
     Ok(res)
 }

@@ -115,7 +115,10 @@ mod tests {
     #[test]
     fn filenames() {
         assert_eq!(disposition_filename("inline; filename=\"a b.png\"").as_deref(), Some("a b.png"));
-        assert_eq!(disposition_filename("attachment; filename*=utf-8''%C3%A9t%C3%A9+1.txt").as_deref(), Some("été+1.txt"));
+        assert_eq!(
+            disposition_filename("attachment; filename*=utf-8''%C3%A9t%C3%A9+1.txt").as_deref(),
+            Some("été+1.txt")
+        );
         assert_eq!(disposition_filename("inline"), None);
     }
 }

@@ -36,7 +36,11 @@ const MAX_SOURCE_BYTES: i64 = 64 << 20;
 
 impl Request {
     fn method(&self) -> &'static str {
-        if self.crop { "crop" } else { "scale" }
+        if self.crop {
+            "crop"
+        } else {
+            "scale"
+        }
     }
 
     /// The size from [`SIZES`] this request is served from.
@@ -134,10 +138,14 @@ pub fn make(data: &[u8], req: Request) -> Result<(String, Vec<u8>)> {
     let mut out = Vec::new();
     if format == Some(ImageFormat::Jpeg) {
         let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 80);
-        DynamicImage::ImageRgb8(thumb.to_rgb8()).write_with_encoder(enc).map_err(|e| Error::internal(format!("jpeg encoding: {e}")))?;
+        DynamicImage::ImageRgb8(thumb.to_rgb8())
+            .write_with_encoder(enc)
+            .map_err(|e| Error::internal(format!("jpeg encoding: {e}")))?;
         Ok(("image/jpeg".into(), out))
     } else {
-        thumb.write_to(&mut Cursor::new(&mut out), ImageFormat::Png).map_err(|e| Error::internal(format!("png encoding: {e}")))?;
+        thumb
+            .write_to(&mut Cursor::new(&mut out), ImageFormat::Png)
+            .map_err(|e| Error::internal(format!("png encoding: {e}")))?;
         Ok(("image/png".into(), out))
     }
 }

@@ -77,8 +77,14 @@ pub fn build_pdu(
     if let Some(room_id) = room_id {
         obj.insert("room_id".into(), CanonicalJsonValue::String(room_id.to_owned()));
     }
-    obj.insert("origin_server_ts".into(), CanonicalJsonValue::Integer(Int::try_from(crate::store::accounts::now_ms()).unwrap_or_default()));
-    obj.insert("depth".into(), CanonicalJsonValue::Integer(Int::try_from(depth).map_err(|_| Error::internal("depth overflow"))?));
+    obj.insert(
+        "origin_server_ts".into(),
+        CanonicalJsonValue::Integer(Int::try_from(crate::store::accounts::now_ms()).unwrap_or_default()),
+    );
+    obj.insert(
+        "depth".into(),
+        CanonicalJsonValue::Integer(Int::try_from(depth).map_err(|_| Error::internal("depth overflow"))?),
+    );
     obj.insert("prev_events".into(), version::event_refs(prev, rules));
     obj.insert("auth_events".into(), version::event_refs(auth, rules));
     if matches!(rules.event_id_format, ruma::room_version_rules::EventIdFormatVersion::V1) {
@@ -111,7 +117,12 @@ pub fn reference(conn: &Connection, nid: i64) -> Result<(ruma::OwnedEventId, Str
 
 /// Runs ruma's event authorisation: state-independent checks against the event's own auth events, then the
 /// state-dependent rules against the state group `sg`.
-pub fn authorize(conn: &Connection, rules: &RoomVersionRules, pdu: &Pdu, sg: Option<i64>) -> std::result::Result<(), String> {
+pub fn authorize(
+    conn: &Connection,
+    rules: &RoomVersionRules,
+    pdu: &Pdu,
+    sg: Option<i64>,
+) -> std::result::Result<(), String> {
     ruma::state_res::check_state_independent_auth_rules(&rules.authorization, pdu, |id| {
         load_pdu(conn, id.as_str()).ok().flatten()
     })?;
@@ -190,7 +201,13 @@ pub fn append_local(
             extra.push(server.to_owned());
         }
     }
-    crate::store::outbox::enqueue_pdu(w.conn, room.room_nid, &appended.event_id, identity.server_name.as_str(), &extra)?;
+    crate::store::outbox::enqueue_pdu(
+        w.conn,
+        room.room_nid,
+        &appended.event_id,
+        identity.server_name.as_str(),
+        &extra,
+    )?;
     Ok(appended)
 }
 
@@ -208,16 +225,31 @@ impl std::error::Error for NeedsRemoteInvite {}
 
 /// Persists an event we built earlier (e.g. a remote-countersigned invite) on top of its prev events and sends it
 /// to the room's servers.
-pub fn commit_built(w: &mut Writer<'_>, identity: &Identity, pdu: &Pdu, extra_destinations: &[String]) -> Result<Appended> {
+pub fn commit_built(
+    w: &mut Writer<'_>,
+    identity: &Identity,
+    pdu: &Pdu,
+    extra_destinations: &[String],
+) -> Result<Appended> {
     let r = crate::room::remote::handle_incoming(w, identity, pdu.room_id.as_str(), pdu, None)?;
     let appended = match r {
         crate::room::remote::Incoming::Stored(a, Outcome::Accepted) => a,
-        crate::room::remote::Incoming::Stored(_, o) => return Err(Error::forbidden(format!("event not allowed: {o:?}"))),
+        crate::room::remote::Incoming::Stored(_, o) => {
+            return Err(Error::forbidden(format!("event not allowed: {o:?}")))
+        }
         crate::room::remote::Incoming::AlreadyKnown => return Err(Error::forbidden("event already sent")),
-        crate::room::remote::Incoming::MissingPrevs(_) => return Err(Error::internal("built event lost its prev events")),
+        crate::room::remote::Incoming::MissingPrevs(_) => {
+            return Err(Error::internal("built event lost its prev events"))
+        }
     };
     let room = events::room_by_id(w.conn, pdu.room_id.as_str())?.ok_or_else(|| Error::internal("room vanished"))?;
-    crate::store::outbox::enqueue_pdu(w.conn, room.room_nid, &appended.event_id, identity.server_name.as_str(), extra_destinations)?;
+    crate::store::outbox::enqueue_pdu(
+        w.conn,
+        room.room_nid,
+        &appended.event_id,
+        identity.server_name.as_str(),
+        extra_destinations,
+    )?;
     Ok(appended)
 }
 
@@ -295,8 +327,7 @@ pub fn persist(
     events::set_sg_after(conn, event_nid, sg_after)?;
 
     if outcome == Outcome::Accepted {
-        let prev_nids: Vec<i64> =
-            prevs.iter().filter_map(|p| events::event_nid(conn, p).ok().flatten()).collect();
+        let prev_nids: Vec<i64> = prevs.iter().filter_map(|p| events::event_nid(conn, p).ok().flatten()).collect();
         events::replace_extremities(conn, room.room_nid, &prev_nids, event_nid)?;
         update_current_state(w, identity, room, event_nid, sg_before, sg_after)?;
         if pdu.kind == TimelineEventType::RoomRedaction {
@@ -360,7 +391,13 @@ fn update_current_state(
 }
 
 /// Writes one membership into `room_members` (and the local membership stream for our users).
-pub fn apply_membership(w: &mut Writer<'_>, identity: &Identity, room_nid: i64, user_id: &str, event_nid: i64) -> Result<()> {
+pub fn apply_membership(
+    w: &mut Writer<'_>,
+    identity: &Identity,
+    room_nid: i64,
+    user_id: &str,
+    event_nid: i64,
+) -> Result<()> {
     let row = events::event_by_nid(w.conn, event_nid)?.ok_or_else(|| Error::internal("member event missing"))?;
     let v: Value = serde_json::from_str(&row.json)?;
     let content = v.get("content").cloned().unwrap_or(Value::Null);
@@ -380,7 +417,10 @@ pub fn apply_membership(w: &mut Writer<'_>, identity: &Identity, room_nid: i64, 
         let stream = w.next_stream();
         events::record_local_membership(w.conn, stream, user_id, room_nid, &membership, event_nid)?;
         if membership == "join" {
-            w.conn.execute("DELETE FROM forgotten_rooms WHERE user_id = ?1 AND room_nid = ?2", rusqlite::params![user_id, room_nid])?;
+            w.conn.execute(
+                "DELETE FROM forgotten_rooms WHERE user_id = ?1 AND room_nid = ?2",
+                rusqlite::params![user_id, room_nid],
+            )?;
         }
     }
     Ok(())

@@ -25,7 +25,11 @@ pub struct CreateRoom {
 }
 
 /// Creates the room; returns its id and the built invites of remote users, which must go through their servers.
-pub fn create_room(w: &mut Writer<'_>, identity: &Identity, req: CreateRoom) -> Result<(String, Vec<crate::room::Pdu>)> {
+pub fn create_room(
+    w: &mut Writer<'_>,
+    identity: &Identity,
+    req: CreateRoom,
+) -> Result<(String, Vec<crate::room::Pdu>)> {
     let ver = req.room_version.clone().unwrap_or_else(|| version::DEFAULT_ROOM_VERSION.to_owned());
     if !version::CREATABLE.contains(&ver.as_str()) {
         return Err(Error::unsupported_room_version(format!("cannot create rooms of version {ver}")));
@@ -76,7 +80,8 @@ pub fn create_room(w: &mut Writer<'_>, identity: &Identity, req: CreateRoom) -> 
     send(w, LocalEvent::state("m.room.member", &req.creator, member))?;
 
     // Power levels.
-    let preset = req.preset.clone().unwrap_or_else(|| if req.visibility_public { "public_chat" } else { "private_chat" }.into());
+    let preset =
+        req.preset.clone().unwrap_or_else(|| if req.visibility_public { "public_chat" } else { "private_chat" }.into());
     let mut users = serde_json::Map::new();
     if !version::creators_privileged(&rules) {
         users.insert(req.creator.clone(), json!(100));

@@ -55,15 +55,23 @@ pub fn import_events(w: &mut Writer<'_>, room_nid: i64, pdus: &[Pdu]) -> Result<
 /// Final step: the room's state (event ids of the current state) becomes one full group, used as the state
 /// after every event from `timeline_from` on (the non-state tail after the last state event) and as current
 /// state; `room_members` is filled and the last event becomes the forward extremity.
-pub fn import_finish(w: &mut Writer<'_>, room_nid: i64, state_event_ids: &[String], timeline_from: &str, last_event: &str) -> Result<i64> {
+pub fn import_finish(
+    w: &mut Writer<'_>,
+    room_nid: i64,
+    state_event_ids: &[String],
+    timeline_from: &str,
+    last_event: &str,
+) -> Result<i64> {
     let conn = w.conn;
     let mut map = HashMap::with_capacity(state_event_ids.len());
     let mut members = Vec::new();
     {
-        let mut stmt = conn.prepare_cached("SELECT event_nid, state_key_nid, event_type, json FROM events WHERE event_id = ?1")?;
+        let mut stmt =
+            conn.prepare_cached("SELECT event_nid, state_key_nid, event_type, json FROM events WHERE event_id = ?1")?;
         for id in state_event_ids {
-            let (nid, skn, kind, json): (i64, Option<i64>, String, String) =
-                stmt.query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))).map_err(|_| Error::internal(format!("state event {id} not imported")))?;
+            let (nid, skn, kind, json): (i64, Option<i64>, String, String) = stmt
+                .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                .map_err(|_| Error::internal(format!("state event {id} not imported")))?;
             let skn = skn.ok_or_else(|| Error::internal(format!("{id} is not a state event")))?;
             map.insert(skn, nid);
             if kind == "m.room.member" {
@@ -73,7 +81,10 @@ pub fn import_finish(w: &mut Writer<'_>, room_nid: i64, state_event_ids: &[Strin
     }
     let sg = crate::room::state::write_full(conn, room_nid, &map)?;
     let from = events::event_nid(conn, timeline_from)?.ok_or_else(|| Error::internal("timeline_from not imported"))?;
-    conn.execute("UPDATE events SET sg_after = ?3 WHERE room_nid = ?1 AND event_nid >= ?2", params![room_nid, from, sg])?;
+    conn.execute(
+        "UPDATE events SET sg_after = ?3 WHERE room_nid = ?1 AND event_nid >= ?2",
+        params![room_nid, from, sg],
+    )?;
     events::set_current_sg(conn, room_nid, sg)?;
     let last = events::event_nid(conn, last_event)?.ok_or_else(|| Error::internal("last event not imported"))?;
     conn.execute("DELETE FROM forward_extremities WHERE room_nid = ?1", [room_nid])?;

@@ -91,7 +91,8 @@ pub fn load_pdu(conn: &Connection, event_id: &str) -> Result<Option<Pdu>> {
 }
 
 pub fn pdu_from_row(conn: &Connection, row: &events::EventRow) -> Result<Pdu> {
-    let room = events::room_by_nid(conn, row.room_nid)?.ok_or_else(|| crate::error::Error::internal("event without room"))?;
+    let room =
+        events::room_by_nid(conn, row.room_nid)?.ok_or_else(|| crate::error::Error::internal("event without room"))?;
     let rules = version::rules(&room.version)?;
     let mut pdu = Pdu::from_stored(&row.json, &row.event_id, &rules)
         .map_err(|e| crate::error::Error::internal(format!("stored event {} unreadable: {e}", row.event_id)))?;
@@ -108,6 +109,11 @@ pub fn state_event(conn: &Connection, sg: i64, event_type: &str, state_key: &str
 }
 
 /// Content of a state event in a group, as JSON.
-pub fn state_content(conn: &Connection, sg: i64, event_type: &str, state_key: &str) -> Result<Option<serde_json::Value>> {
+pub fn state_content(
+    conn: &Connection,
+    sg: i64,
+    event_type: &str,
+    state_key: &str,
+) -> Result<Option<serde_json::Value>> {
     Ok(state_event(conn, sg, event_type, state_key)?.map(|p| p.content_value()))
 }

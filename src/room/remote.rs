@@ -32,7 +32,8 @@ pub fn verify_remote(pdu: Pdu, rules: &RoomVersionRules, keys: &PublicKeyMap) ->
     match ruma::signatures::verify_event(keys, &pdu.json, rules) {
         Ok(Verified::All) => Ok(pdu),
         Ok(Verified::Signatures) => {
-            let redacted = ruma::canonical_json::redact(pdu.json.clone(), &rules.redaction, None).map_err(|e| e.to_string())?;
+            let redacted =
+                ruma::canonical_json::redact(pdu.json.clone(), &rules.redaction, None).map_err(|e| e.to_string())?;
             let mut p = Pdu::from_canonical(redacted, pdu.event_id.clone(), rules)?;
             p.rejected = pdu.rejected;
             Ok(p)
@@ -100,7 +101,13 @@ pub fn state_before(conn: &Connection, room: &RoomRow, pdu: &Pdu) -> Result<std:
 }
 
 /// Authorises and stores a verified PDU that belongs in the room's DAG.
-pub fn handle_incoming(w: &mut Writer<'_>, identity: &Identity, room_id: &str, pdu: &Pdu, forced_state: Option<i64>) -> Result<Incoming> {
+pub fn handle_incoming(
+    w: &mut Writer<'_>,
+    identity: &Identity,
+    room_id: &str,
+    pdu: &Pdu,
+    forced_state: Option<i64>,
+) -> Result<Incoming> {
     let conn = w.conn;
     let room = events::room_by_id(conn, room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
     if let Some(row) = events::event_by_id(conn, pdu.event_id.as_str())? {
@@ -151,8 +158,15 @@ fn check(conn: &Connection, room: &RoomRow, rules: &RoomVersionRules, pdu: &Pdu,
     Ok(Outcome::Accepted)
 }
 
-pub fn authorize_partial(conn: &Connection, rules: &RoomVersionRules, pdu: &Pdu, sg: i64) -> std::result::Result<(), String> {
-    ruma::state_res::check_state_independent_auth_rules(&rules.authorization, pdu, |id| load_pdu(conn, id.as_str()).ok().flatten())?;
+pub fn authorize_partial(
+    conn: &Connection,
+    rules: &RoomVersionRules,
+    pdu: &Pdu,
+    sg: i64,
+) -> std::result::Result<(), String> {
+    ruma::state_res::check_state_independent_auth_rules(&rules.authorization, pdu, |id| {
+        load_pdu(conn, id.as_str()).ok().flatten()
+    })?;
     if pdu.kind == TimelineEventType::RoomCreate {
         return Ok(());
     }

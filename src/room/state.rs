@@ -63,7 +63,10 @@ fn to_state_map(conn: &Connection, state: &HashMap<i64, i64>) -> Result<StateMap
     for (skn, nid) in state {
         let (t, k) = events::state_key_of(conn, *skn)?;
         let row = events::event_by_nid(conn, *nid)?.ok_or_else(|| Error::internal("state entry without event"))?;
-        map.insert((StateEventType::from(t), k), OwnedEventId::try_from(row.event_id).map_err(|e| Error::internal(e.to_string()))?);
+        map.insert(
+            (StateEventType::from(t), k),
+            OwnedEventId::try_from(row.event_id).map_err(|e| Error::internal(e.to_string()))?,
+        );
     }
     Ok(map)
 }
@@ -114,8 +117,9 @@ pub fn resolve_groups(conn: &Connection, room_nid: i64, room_version: &str, grou
     let subgraph = |conflicted: &StateMap<Vec<OwnedEventId>>| -> Option<EventIdSet<OwnedEventId>> {
         conflicted_subgraph(conn, conflicted).ok()
     };
-    let resolved = ruma::state_res::resolve(&rules.authorization, &state_res_rules, maps.iter(), chains, fetch, subgraph)
-        .map_err(|e| Error::internal(format!("state resolution failed: {e}")))?;
+    let resolved =
+        ruma::state_res::resolve(&rules.authorization, &state_res_rules, maps.iter(), chains, fetch, subgraph)
+            .map_err(|e| Error::internal(format!("state resolution failed: {e}")))?;
     let mut state = HashMap::new();
     for ((t, k), id) in resolved {
         let skn = events::state_key_nid(conn, &t.to_string(), &k)?;

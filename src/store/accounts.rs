@@ -127,7 +127,12 @@ pub fn list_devices(conn: &Connection, user_id: &str) -> Result<Vec<DeviceRow>> 
         "SELECT device_id, display_name, last_seen_ts, last_seen_ip FROM devices WHERE user_id = ?1 ORDER BY device_id",
     )?;
     let rows = stmt.query_map([user_id], |r| {
-        Ok(DeviceRow { device_id: r.get(0)?, display_name: r.get(1)?, last_seen_ts: r.get(2)?, last_seen_ip: r.get(3)? })
+        Ok(DeviceRow {
+            device_id: r.get(0)?,
+            display_name: r.get(1)?,
+            last_seen_ts: r.get(2)?,
+            last_seen_ip: r.get(3)?,
+        })
     })?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
@@ -157,11 +162,10 @@ pub fn touch_device(conn: &Connection, user_id: &str, device_id: &str, ip: &str)
 }
 
 pub fn create_filter(conn: &Connection, user_id: &str, json: &str) -> Result<i64> {
-    let id: i64 = conn.query_row(
-        "SELECT coalesce(max(filter_id), -1) + 1 FROM filters WHERE user_id = ?1",
-        [user_id],
-        |r| r.get(0),
-    )?;
+    let id: i64 =
+        conn.query_row("SELECT coalesce(max(filter_id), -1) + 1 FROM filters WHERE user_id = ?1", [user_id], |r| {
+            r.get(0)
+        })?;
     conn.execute("INSERT INTO filters (user_id, filter_id, json) VALUES (?1, ?2, ?3)", params![user_id, id, json])?;
     Ok(id)
 }

@@ -28,7 +28,9 @@ pub fn device_list_changed(w: &mut Writer<'_>, user_id: &str) -> Result<i64> {
 /// The position of `user_id`'s device list change before `pos` (a federation update's `prev_id`).
 pub fn previous_device_list_pos(conn: &Connection, user_id: &str, pos: i64) -> Result<Option<i64>> {
     Ok(conn
-        .prepare_cached("SELECT max(stream_ordering) FROM device_list_stream WHERE user_id = ?1 AND stream_ordering < ?2")?
+        .prepare_cached(
+            "SELECT max(stream_ordering) FROM device_list_stream WHERE user_id = ?1 AND stream_ordering < ?2",
+        )?
         .query_row(params![user_id, pos], |r| r.get(0))?)
 }
 
@@ -55,7 +57,12 @@ pub fn shares_room(conn: &Connection, a: &str, b: &str) -> Result<bool> {
 /// Users whose device lists `user_id` must refetch for the window (`from`, `to`], and users it no longer shares
 /// any room with (`left`). "Changed" covers key/device updates of users sharing a room now, users who joined one
 /// of our rooms and the members of rooms we joined; "left" covers members who left, and members of rooms we left.
-pub fn device_list_changes(conn: &Connection, user_id: &str, from: i64, to: i64) -> Result<(BTreeSet<String>, BTreeSet<String>)> {
+pub fn device_list_changes(
+    conn: &Connection,
+    user_id: &str,
+    from: i64,
+    to: i64,
+) -> Result<(BTreeSet<String>, BTreeSet<String>)> {
     let mut changed = BTreeSet::new();
     let mut candidates_left = BTreeSet::new();
 
@@ -76,7 +83,8 @@ pub fn device_list_changes(conn: &Connection, user_id: &str, from: i64, to: i64)
          JOIN room_members me ON me.room_nid = e.room_nid AND me.user_id = ?1 AND me.membership = 'join'
          WHERE e.event_type = 'm.room.member' AND e.stream_ordering > ?2 AND e.stream_ordering <= ?3 AND k.state_key != ?1",
     )?;
-    let rows = stmt.query_map(params![user_id, from, to], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?)))?;
+    let rows =
+        stmt.query_map(params![user_id, from, to], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?)))?;
     for r in rows {
         match r? {
             (u, Some(m)) if m == "join" => {
@@ -176,7 +184,9 @@ pub fn device_keys(conn: &Connection, user_id: &str, devices: &[String]) -> Resu
          JOIN devices d ON d.user_id = k.user_id AND d.device_id = k.device_id
          WHERE k.user_id = ?1 ORDER BY k.device_id",
     )?;
-    let rows = stmt.query_map([user_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Option<String>>(2)?)))?;
+    let rows = stmt.query_map([user_id], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Option<String>>(2)?))
+    })?;
     let mut out = Vec::new();
     for r in rows {
         let (device_id, keys, display_name) = r?;
@@ -199,10 +209,17 @@ pub fn device_ids(conn: &Connection, user_id: &str) -> Result<Vec<String>> {
 
 /// Adds one-time keys (`algorithm:id` -> key). A re-upload of an identical key is ignored; returns the id of the
 /// first key that exists with different content (the caller rejects the whole upload).
-pub fn add_one_time_keys(conn: &Connection, user_id: &str, device_id: &str, keys: &Map<String, Value>) -> Result<Option<String>> {
+pub fn add_one_time_keys(
+    conn: &Connection,
+    user_id: &str,
+    device_id: &str,
+    keys: &Map<String, Value>,
+) -> Result<Option<String>> {
     // All keys of one upload share a sequence number: claims hand out older uploads first.
     let seq: i64 = conn
-        .prepare_cached("SELECT coalesce(max(upload_seq), 0) + 1 FROM one_time_keys WHERE user_id = ?1 AND device_id = ?2")?
+        .prepare_cached(
+            "SELECT coalesce(max(upload_seq), 0) + 1 FROM one_time_keys WHERE user_id = ?1 AND device_id = ?2",
+        )?
         .query_row(params![user_id, device_id], |r| r.get(0))?;
     for (key_id, key) in keys {
         let algorithm = key_id.split_once(':').map(|x| x.0).unwrap_or_default();
@@ -238,8 +255,10 @@ pub fn set_fallback_keys(conn: &Connection, user_id: &str, device_id: &str, keys
         if same {
             continue;
         }
-        conn.prepare_cached("DELETE FROM one_time_keys WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3 AND fallback > 0")?
-            .execute(params![user_id, device_id, algorithm])?;
+        conn.prepare_cached(
+            "DELETE FROM one_time_keys WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3 AND fallback > 0",
+        )?
+        .execute(params![user_id, device_id, algorithm])?;
         conn.prepare_cached(
             "INSERT INTO one_time_keys (user_id, device_id, key_id, algorithm, key_json, fallback) VALUES (?1, ?2, ?3, ?4, ?5, 1)
              ON CONFLICT (user_id, device_id, key_id) DO UPDATE SET algorithm = excluded.algorithm,
@@ -267,7 +286,12 @@ pub fn one_time_key_counts(conn: &Connection, user_id: &str, device_id: &str) ->
 
 /// Hands out one key of `algorithm` for a device: the oldest one-time key (deleted, so it is never given out
 /// twice), else the fallback key (kept, marked used). Returns `(key_id, key)`.
-pub fn claim_key(conn: &Connection, user_id: &str, device_id: &str, algorithm: &str) -> Result<Option<(String, Value)>> {
+pub fn claim_key(
+    conn: &Connection,
+    user_id: &str,
+    device_id: &str,
+    algorithm: &str,
+) -> Result<Option<(String, Value)>> {
     let otk: Option<(String, String)> = conn
         .prepare_cached(
             "SELECT key_id, key_json FROM one_time_keys WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3
@@ -288,8 +312,10 @@ pub fn claim_key(conn: &Connection, user_id: &str, device_id: &str, algorithm: &
         .query_row(params![user_id, device_id, algorithm], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
     if let Some((key_id, json)) = fallback {
-        conn.prepare_cached("UPDATE one_time_keys SET fallback = 2 WHERE user_id = ?1 AND device_id = ?2 AND key_id = ?3")?
-            .execute(params![user_id, device_id, key_id])?;
+        conn.prepare_cached(
+            "UPDATE one_time_keys SET fallback = 2 WHERE user_id = ?1 AND device_id = ?2 AND key_id = ?3",
+        )?
+        .execute(params![user_id, device_id, key_id])?;
         return Ok(Some((key_id, serde_json::from_str(&json)?)));
     }
     Ok(None)
@@ -322,18 +348,29 @@ pub fn set_cross_signing_key(conn: &Connection, user_id: &str, key_type: &str, k
 /// Whether this device already sent to-device transaction `txn_id` (retries must not deliver twice).
 pub fn to_device_txn_seen(conn: &Connection, user_id: &str, device_id: &str, txn_id: &str) -> Result<bool> {
     Ok(conn
-        .prepare_cached("SELECT 1 FROM txn_ids WHERE user_id = ?1 AND device_id = ?2 AND kind = 'to_device' AND txn_id = ?3")?
+        .prepare_cached(
+            "SELECT 1 FROM txn_ids WHERE user_id = ?1 AND device_id = ?2 AND kind = 'to_device' AND txn_id = ?3",
+        )?
         .exists(params![user_id, device_id, txn_id])?)
 }
 
 pub fn record_to_device_txn(conn: &Connection, user_id: &str, device_id: &str, txn_id: &str) -> Result<()> {
-    conn.prepare_cached("INSERT INTO txn_ids (user_id, device_id, txn_id, kind, result) VALUES (?1, ?2, ?3, 'to_device', '')")?
-        .execute(params![user_id, device_id, txn_id])?;
+    conn.prepare_cached(
+        "INSERT INTO txn_ids (user_id, device_id, txn_id, kind, result) VALUES (?1, ?2, ?3, 'to_device', '')",
+    )?
+    .execute(params![user_id, device_id, txn_id])?;
     Ok(())
 }
 
 /// Queues one message for a local device, at a new stream position.
-pub fn queue_to_device(w: &mut Writer<'_>, user_id: &str, device_id: &str, sender: &str, event_type: &str, content: &Value) -> Result<()> {
+pub fn queue_to_device(
+    w: &mut Writer<'_>,
+    user_id: &str,
+    device_id: &str,
+    sender: &str,
+    event_type: &str,
+    content: &Value,
+) -> Result<()> {
     let pos = w.next_stream();
     w.conn
         .prepare_cached(

@@ -186,7 +186,8 @@ pub fn set_sg_after(conn: &Connection, event_nid: i64, sg: i64) -> Result<()> {
 }
 
 pub fn insert_auth_edges(conn: &Connection, event_nid: i64, auth: &[String]) -> Result<()> {
-    let mut stmt = conn.prepare_cached("INSERT OR IGNORE INTO event_auth (event_nid, auth_event_id) VALUES (?1, ?2)")?;
+    let mut stmt =
+        conn.prepare_cached("INSERT OR IGNORE INTO event_auth (event_nid, auth_event_id) VALUES (?1, ?2)")?;
     for a in auth {
         stmt.execute(params![event_nid, a])?;
     }
@@ -203,7 +204,8 @@ pub fn auth_event_ids(conn: &Connection, event_id: &str) -> Result<Vec<String>> 
 }
 
 pub fn insert_edges(conn: &Connection, event_nid: i64, prevs: &[String]) -> Result<()> {
-    let mut stmt = conn.prepare_cached("INSERT OR IGNORE INTO event_edges (event_nid, prev_event_id) VALUES (?1, ?2)")?;
+    let mut stmt =
+        conn.prepare_cached("INSERT OR IGNORE INTO event_edges (event_nid, prev_event_id) VALUES (?1, ?2)")?;
     for p in prevs {
         stmt.execute(params![event_nid, p])?;
     }
@@ -382,9 +384,8 @@ pub fn rooms_with_membership(conn: &Connection, user_id: &str, membership: &str)
 
 /// Servers with at least one joined member.
 pub fn joined_servers(conn: &Connection, room_nid: i64) -> Result<Vec<String>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT DISTINCT server_name FROM room_members WHERE room_nid = ?1 AND membership = 'join'",
-    )?;
+    let mut stmt = conn
+        .prepare_cached("SELECT DISTINCT server_name FROM room_members WHERE room_nid = ?1 AND membership = 'join'")?;
     let rows = stmt.query_map([room_nid], |r| r.get(0))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
@@ -426,7 +427,8 @@ pub fn state_event_ids(conn: &Connection, sg: i64, exclude_type: Option<&str>) -
 /// The auth chain (event nids) of the given events, walked in SQL over the auth-edge table; includes the starts.
 /// Needs the `rarray` module (loaded on pooled readers).
 pub fn auth_chain_nids(conn: &Connection, start: &[i64]) -> Result<Vec<i64>> {
-    let values: std::rc::Rc<Vec<rusqlite::types::Value>> = std::rc::Rc::new(start.iter().map(|n| rusqlite::types::Value::Integer(*n)).collect());
+    let values: std::rc::Rc<Vec<rusqlite::types::Value>> =
+        std::rc::Rc::new(start.iter().map(|n| rusqlite::types::Value::Integer(*n)).collect());
     let mut stmt = conn.prepare_cached(
         "WITH RECURSIVE chain(nid) AS (
             SELECT value FROM rarray(?1)
@@ -440,5 +442,8 @@ pub fn auth_chain_nids(conn: &Connection, start: &[i64]) -> Result<Vec<i64>> {
 
 /// Stored JSON of events by nid.
 pub fn json_of(conn: &Connection, nid: i64) -> Result<Option<String>> {
-    Ok(conn.prepare_cached("SELECT json FROM events WHERE event_nid = ?1")?.query_row([nid], |r| r.get(0)).optional()?)
+    Ok(conn
+        .prepare_cached("SELECT json FROM events WHERE event_nid = ?1")?
+        .query_row([nid], |r| r.get(0))
+        .optional()?)
 }

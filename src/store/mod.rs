@@ -9,10 +9,10 @@ pub mod account_data;
 pub mod accounts;
 pub mod e2ee;
 pub mod events;
-pub mod receipts;
-pub mod rooms;
 pub mod migrate;
 pub mod outbox;
+pub mod receipts;
+pub mod rooms;
 
 use std::path::Path;
 use std::sync::mpsc as std_mpsc;
@@ -101,7 +101,8 @@ impl Store {
                 // `rarray(?)` lets one query take a whole list of ids (auth chains of big states).
                 rusqlite::vtab::array::load_module(c)
             });
-        let pool = r2d2::Pool::builder().max_size(readers).connection_timeout(Duration::from_secs(30)).build(manager)?;
+        let pool =
+            r2d2::Pool::builder().max_size(readers).connection_timeout(Duration::from_secs(30)).build(manager)?;
 
         let (fg_tx, fg_rx) = std_mpsc::channel::<WriteFn>();
         let (bg_tx, bg_rx) = std_mpsc::sync_channel::<WriteFn>(64);

@@ -9,7 +9,13 @@ use crate::store::events;
 const MAX_QUEUED_FOR_FAILING: i64 = 50;
 
 /// Queues a PDU for every other server in the room (joined members, plus the partial-state server list).
-pub fn enqueue_pdu(conn: &Connection, room_nid: i64, event_id: &str, our_server: &str, extra: &[String]) -> Result<usize> {
+pub fn enqueue_pdu(
+    conn: &Connection,
+    room_nid: i64,
+    event_id: &str,
+    our_server: &str,
+    extra: &[String],
+) -> Result<usize> {
     let mut dests = events::joined_servers(conn, room_nid)?;
     let mut stmt = conn.prepare_cached("SELECT server_name FROM partial_state_servers WHERE room_nid = ?1")?;
     for s in stmt.query_map([room_nid], |r| r.get::<_, String>(0))? {
@@ -39,7 +45,8 @@ pub fn enqueue_pdu(conn: &Connection, room_nid: i64, event_id: &str, our_server:
 }
 
 pub fn enqueue_edu(conn: &Connection, destination: &str, edu_json: &str) -> Result<()> {
-    conn.prepare_cached("INSERT INTO outbox (destination, kind, payload) VALUES (?1, 'edu', ?2)")?.execute(params![destination, edu_json])?;
+    conn.prepare_cached("INSERT INTO outbox (destination, kind, payload) VALUES (?1, 'edu', ?2)")?
+        .execute(params![destination, edu_json])?;
     Ok(())
 }
 
@@ -67,7 +74,9 @@ pub fn next_batch(conn: &Connection, destination: &str) -> Result<(Vec<i64>, Vec
         ids.push(id);
         pdus.push(json);
     }
-    let mut stmt = conn.prepare_cached("SELECT id, payload FROM outbox WHERE destination = ?1 AND kind = 'edu' ORDER BY id LIMIT 100")?;
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, payload FROM outbox WHERE destination = ?1 AND kind = 'edu' ORDER BY id LIMIT 100",
+    )?;
     for r in stmt.query_map([destination], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))? {
         let (id, json) = r?;
         ids.push(id);

@@ -16,7 +16,13 @@ pub struct NewReceipt<'a> {
 }
 
 /// The event a user's receipt currently points at.
-pub fn current(conn: &Connection, room_nid: i64, receipt_type: &str, user_id: &str, thread_id: &str) -> Result<Option<String>> {
+pub fn current(
+    conn: &Connection,
+    room_nid: i64,
+    receipt_type: &str,
+    user_id: &str,
+    thread_id: &str,
+) -> Result<Option<String>> {
     Ok(conn
         .prepare_cached(
             "SELECT event_id FROM receipts WHERE room_nid = ?1 AND receipt_type = ?2 AND user_id = ?3 AND thread_id = ?4",

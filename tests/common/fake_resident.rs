@@ -54,7 +54,19 @@ pub type StateMap = BTreeMap<(String, String), String>;
 pub fn self_signed_cert(dir: &Path) -> (PathBuf, PathBuf) {
     let (crt, key) = (dir.join("tls.crt"), dir.join("tls.key"));
     let out = std::process::Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "30", "-subj", "/CN=127.0.0.1"])
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "30",
+            "-subj",
+            "/CN=127.0.0.1",
+        ])
         .arg("-keyout")
         .arg(&key)
         .arg("-out")
@@ -95,7 +107,10 @@ pub async fn start_hearth_with(f: impl FnOnce(&mut hearth::config::Config)) -> T
 
 /// [`start_hearth`], resolving the names of `fakes` (which may be DNS-style, [`FakeResident::start_named`]) to
 /// their addresses, and connecting each fake to it.
-pub async fn start_hearth_with_fakes(fakes: &[&FakeResident], f: impl FnOnce(&mut hearth::config::Config)) -> TestServer {
+pub async fn start_hearth_with_fakes(
+    fakes: &[&FakeResident],
+    f: impl FnOnce(&mut hearth::config::Config),
+) -> TestServer {
     let entries: Vec<(String, String)> = fakes.iter().map(|x| (x.name.clone(), x.addr.to_string())).collect();
     let hearth = start_hearth_with(|c| {
         c.federation.resolve.extend(entries);
@@ -119,7 +134,10 @@ pub fn sign_unchecked(identity: &Identity, rules: &RoomVersionRules, obj: &mut C
     let json = serde_json::to_string(&*obj).expect("canonical JSON");
     let hash = ring::digest::digest(&ring::digest::SHA256, json.as_bytes());
     let mut hashes = CanonicalJsonObject::new();
-    hashes.insert("sha256".into(), CanonicalJsonValue::String(base64::engine::general_purpose::STANDARD_NO_PAD.encode(hash.as_ref())));
+    hashes.insert(
+        "sha256".into(),
+        CanonicalJsonValue::String(base64::engine::general_purpose::STANDARD_NO_PAD.encode(hash.as_ref())),
+    );
     obj.insert("hashes".into(), CanonicalJsonValue::Object(hashes));
     let mut redacted = ruma::canonical_json::redact(obj.clone(), &rules.redaction, None).expect("redact");
     ruma::signatures::sign_json(identity.server_name.as_str(), &identity.keypair, &mut redacted).expect("sign");
@@ -203,13 +221,32 @@ pub struct EventSpec {
 
 impl EventSpec {
     pub fn message(sender: &str, body: &str) -> EventSpec {
-        EventSpec { sender: sender.into(), kind: "m.room.message".into(), state_key: None, content: json!({"msgtype": "m.text", "body": body}), prev: None, auth: None }
+        EventSpec {
+            sender: sender.into(),
+            kind: "m.room.message".into(),
+            state_key: None,
+            content: json!({"msgtype": "m.text", "body": body}),
+            prev: None,
+            auth: None,
+        }
     }
     pub fn state(sender: &str, kind: &str, state_key: &str, content: Value) -> EventSpec {
-        EventSpec { sender: sender.into(), kind: kind.into(), state_key: Some(state_key.into()), content, prev: None, auth: None }
+        EventSpec {
+            sender: sender.into(),
+            kind: kind.into(),
+            state_key: Some(state_key.into()),
+            content,
+            prev: None,
+            auth: None,
+        }
     }
     pub fn member(user: &str, membership: &str) -> EventSpec {
-        EventSpec::state(user, "m.room.member", user, json!({"membership": membership, "displayname": user.trim_start_matches('@').split(':').next().unwrap_or_default()}))
+        EventSpec::state(
+            user,
+            "m.room.member",
+            user,
+            json!({"membership": membership, "displayname": user.trim_start_matches('@').split(':').next().unwrap_or_default()}),
+        )
     }
     pub fn with_prev(mut self, prev: Vec<String>) -> EventSpec {
         self.prev = Some(prev);
@@ -275,7 +312,9 @@ impl FakeRoom {
         state
             .iter()
             .filter(|((t, _), _)| t == "m.room.member")
-            .filter(|(_, id)| self.events[*id].json.pointer("/content/membership").and_then(Value::as_str) == Some("join"))
+            .filter(|(_, id)| {
+                self.events[*id].json.pointer("/content/membership").and_then(Value::as_str) == Some("join")
+            })
             .map(|((_, k), _)| k.clone())
             .collect()
     }
@@ -284,7 +323,9 @@ impl FakeRoom {
     pub fn servers_in(&self, state: &StateMap) -> Vec<String> {
         let mut out = BTreeSet::new();
         for ((t, k), id) in state {
-            if t == "m.room.member" && self.events[id].json.pointer("/content/membership").and_then(Value::as_str) == Some("join") {
+            if t == "m.room.member"
+                && self.events[id].json.pointer("/content/membership").and_then(Value::as_str) == Some("join")
+            {
                 out.insert(server_of(k).to_owned());
             }
         }
@@ -317,11 +358,19 @@ impl FakeRoom {
         let state_before = self.state_at(&prev);
         let auth = spec.auth.clone().unwrap_or_else(|| self.auth_for(&state_before, &spec));
         let depth = prev.iter().filter_map(|p| self.events.get(p)).map(|e| e.depth).max().unwrap_or(0) + 1;
-        let refs = |ids: &[String]| -> Vec<(OwnedEventId, String)> { ids.iter().map(|i| (OwnedEventId::try_from(i.as_str()).expect("event id"), String::new())).collect() };
+        let refs = |ids: &[String]| -> Vec<(OwnedEventId, String)> {
+            ids.iter().map(|i| (OwnedEventId::try_from(i.as_str()).expect("event id"), String::new())).collect()
+        };
         let identity = signer.unwrap_or_else(|| self.identity_for(&spec.sender));
-        let ev = LocalEvent { kind: spec.kind.clone(), state_key: spec.state_key.clone(), content: spec.content.clone(), redacts: None };
+        let ev = LocalEvent {
+            kind: spec.kind.clone(),
+            state_key: spec.state_key.clone(),
+            content: spec.content.clone(),
+            redacts: None,
+        };
         let room_id = (!self.room_id.is_empty()).then_some(self.room_id.as_str());
-        let pdu = build_pdu(&identity, &self.rules, room_id, &spec.sender, &ev, &refs(&prev), &refs(&auth), depth).expect("build_pdu");
+        let pdu = build_pdu(&identity, &self.rules, room_id, &spec.sender, &ev, &refs(&prev), &refs(&auth), depth)
+            .expect("build_pdu");
         let ev = FakeEvent {
             id: pdu.event_id.to_string(),
             json: serde_json::to_value(&pdu.json).expect("pdu json"),
@@ -363,7 +412,12 @@ impl FakeRoom {
         if self.events.get(&id).is_some_and(|e| e.in_dag) {
             return Ok(id);
         }
-        let list = |k: &str| -> Vec<String> { pdu.get(k).and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect()).unwrap_or_default() };
+        let list = |k: &str| -> Vec<String> {
+            pdu.get(k)
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+                .unwrap_or_default()
+        };
         let prev = list("prev_events");
         if !prev.iter().all(|p| self.events.get(p).is_some_and(|e| e.in_dag)) {
             return Err(format!("{id}: unknown prev events"));
@@ -435,7 +489,11 @@ pub enum Script {
 
 impl Script {
     pub fn json(status: u16, body: Value) -> Script {
-        Script::Respond { status, headers: vec![("content-type".into(), "application/json".into())], body: body.to_string() }
+        Script::Respond {
+            status,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: body.to_string(),
+        }
     }
     /// A `302 Found` to `location`.
     pub fn redirect(location: &str) -> Script {
@@ -463,7 +521,11 @@ async fn scripted(State(i): State<Shared>, req: axum::extract::Request, next: ax
     let kind = kind_of(req.uri().path());
     let script = i.ctl.scripts.lock().unwrap().get(&kind).cloned();
     let Some(script) = script else { return next.run(req).await };
-    i.ctl.requests.lock().unwrap().push(Request { kind: kind.clone(), detail: req.uri().to_string(), at: Instant::now() });
+    i.ctl.requests.lock().unwrap().push(Request {
+        kind: kind.clone(),
+        detail: req.uri().to_string(),
+        at: Instant::now(),
+    });
     i.ctl.bump();
     match script {
         Script::Hang => std::future::pending().await,
@@ -482,17 +544,26 @@ async fn scripted(State(i): State<Shared>, req: axum::extract::Request, next: ax
         Script::Endless => {
             static CHUNK: [u8; 65536] = [b' '; 65536];
             let inner = i.clone();
-            let head = futures::stream::once(async { Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"{\"events\": [")) });
+            let head =
+                futures::stream::once(async { Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"{\"events\": [")) });
             let tail = futures::stream::repeat_with(move || {
                 inner.ctl.streamed.fetch_add(CHUNK.len() as u64, Ordering::Relaxed);
                 Ok::<_, std::io::Error>(bytes::Bytes::from_static(&CHUNK))
             });
-            ([("content-type", "application/json")], axum::body::Body::from_stream(futures::StreamExt::chain(head, tail))).into_response()
+            (
+                [("content-type", "application/json")],
+                axum::body::Body::from_stream(futures::StreamExt::chain(head, tail)),
+            )
+                .into_response()
         }
         Script::Respond { status, headers, body } => {
-            let mut res = (StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), body).into_response();
+            let mut res =
+                (StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), body).into_response();
             for (k, v) in headers {
-                res.headers_mut().insert(axum::http::HeaderName::try_from(k).unwrap(), axum::http::HeaderValue::try_from(v).unwrap());
+                res.headers_mut().insert(
+                    axum::http::HeaderName::try_from(k).unwrap(),
+                    axum::http::HeaderValue::try_from(v).unwrap(),
+                );
             }
             res
         }
@@ -641,7 +712,12 @@ impl FakeResident {
                 json!({"users": users, "users_default": 0, "events_default": 0, "state_default": 50, "ban": 50, "kick": 50, "redact": 50, "invite": 0, "events": {}}),
             ));
             r.append(EventSpec::state(&creator, "m.room.join_rules", "", json!({"join_rule": "public"})));
-            r.append(EventSpec::state(&creator, "m.room.history_visibility", "", json!({"history_visibility": "shared"})));
+            r.append(EventSpec::state(
+                &creator,
+                "m.room.history_visibility",
+                "",
+                json!({"history_visibility": "shared"}),
+            ));
             r.append(EventSpec::state(&creator, "m.room.name", "", json!({"name": "Fake resident's room"})));
             for i in 1..=spec.members {
                 r.append(EventSpec::member(&fake.user(&format!("user{i}")), "join"));
@@ -700,7 +776,10 @@ impl FakeResident {
                     axum::Json(hearth::federation::keys::own_key_response(&key_identity).expect("key response"))
                 }),
             )
-            .route("/_matrix/federation/v1/version", get(|| async { axum::Json(json!({"server": {"name": "fake-resident", "version": "0"}})) }))
+            .route(
+                "/_matrix/federation/v1/version",
+                get(|| async { axum::Json(json!({"server": {"name": "fake-resident", "version": "0"}})) }),
+            )
             .route("/_matrix/federation/v1/make_join/{room_id}/{user_id}", get(make_join))
             .route("/_matrix/federation/v2/send_join/{room_id}/{event_id}", put(send_join))
             .route("/_matrix/federation/v1/state_ids/{room_id}", get(state_ids))
@@ -859,7 +938,10 @@ impl FakeResident {
 
     /// Waits until Hearth sent the PDU `event_id` through `/send`; returns it.
     pub async fn wait_received(&self, event_id: &str, timeout: Duration) -> Value {
-        self.wait_until(&format!("{event_id} sent to {}", self.name), timeout, |f| f.received().iter().any(|(id, _)| id == event_id)).await;
+        self.wait_until(&format!("{event_id} sent to {}", self.name), timeout, |f| {
+            f.received().iter().any(|(id, _)| id == event_id)
+        })
+        .await;
         self.received().into_iter().find(|(id, _)| id == event_id).map(|x| x.1).unwrap_or_default()
     }
 
@@ -884,7 +966,12 @@ impl FakeResident {
     }
 
     /// A signed federation request to Hearth; `Err((status, body))` for non-2xx answers.
-    pub async fn request_hearth(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> Result<Value, (u16, Value)> {
+    pub async fn request_hearth(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, (u16, Value)> {
         let (name, client) = self.hearth.lock().unwrap().clone().expect("FakeResident::connect first");
         client.request(method, &name, path, body).await.map_err(|e| match e {
             hearth::federation::client::FedError::Status { status, body, .. } => (status, body),
@@ -908,7 +995,9 @@ impl FakeResident {
     pub async fn push(&self, ids: &[&str]) -> Value {
         let pdus = {
             let r = self.room.lock().unwrap();
-            ids.iter().map(|i| r.events.get(*i).unwrap_or_else(|| panic!("unknown event {i}")).json.clone()).collect::<Vec<_>>()
+            ids.iter()
+                .map(|i| r.events.get(*i).unwrap_or_else(|| panic!("unknown event {i}")).json.clone())
+                .collect::<Vec<_>>()
         };
         let txn = format!("fake{}", hearth::http::random_string(12));
         let body = json!({"origin": self.name, "origin_server_ts": hearth::store::accounts::now_ms(), "pdus": pdus, "edus": []});
@@ -964,7 +1053,9 @@ async fn make_join(State(i): State<Shared>, UrlPath((room_id, user_id)): UrlPath
     let content = json!({"membership": "join"});
     let auth = r.auth_for(&state, &EventSpec { content: content.clone(), ..spec });
     let depth = r.extremities.iter().map(|p| r.events[p].depth).max().unwrap_or(0) + 1;
-    let refs = |ids: &[String]| -> Vec<(OwnedEventId, String)> { ids.iter().map(|i| (OwnedEventId::try_from(i.as_str()).unwrap(), String::new())).collect() };
+    let refs = |ids: &[String]| -> Vec<(OwnedEventId, String)> {
+        ids.iter().map(|i| (OwnedEventId::try_from(i.as_str()).unwrap(), String::new())).collect()
+    };
     let mut ev = json!({
         "type": "m.room.member", "state_key": user_id, "sender": user_id, "room_id": r.room_id,
         "content": content, "depth": depth, "origin_server_ts": hearth::store::accounts::now_ms(),
@@ -978,7 +1069,12 @@ async fn make_join(State(i): State<Shared>, UrlPath((room_id, user_id)): UrlPath
     axum::Json(json!({"room_version": r.version, "event": ev})).into_response()
 }
 
-async fn send_join(State(i): State<Shared>, UrlPath((room_id, event_id)): UrlPath<(String, String)>, RawQuery(q): RawQuery, axum::Json(body): axum::Json<Value>) -> Response {
+async fn send_join(
+    State(i): State<Shared>,
+    UrlPath((room_id, event_id)): UrlPath<(String, String)>,
+    RawQuery(q): RawQuery,
+    axum::Json(body): axum::Json<Value>,
+) -> Response {
     i.ctl.arrive("send_join", event_id.clone()).await;
     let omit = match param(&q, "omit_members").as_deref() {
         None | Some("false") => false,
@@ -1043,7 +1139,8 @@ async fn state_ids(State(i): State<Shared>, UrlPath(room_id): UrlPath<String>, R
         StateIdsMode::Normal | StateIdsMode::BogusMembers => {}
         StateIdsMode::Error => return err(StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN", "scripted failure"),
         StateIdsMode::Bogus => {
-            let ids: Vec<String> = (0..30).map(|n| format!("$bogus{n}AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")).collect();
+            let ids: Vec<String> =
+                (0..30).map(|n| format!("$bogus{n}AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")).collect();
             return axum::Json(json!({"pdu_ids": ids, "auth_chain_ids": []})).into_response();
         }
     }
@@ -1054,7 +1151,8 @@ async fn state_ids(State(i): State<Shared>, UrlPath(room_id): UrlPath<String>, R
     }
     match state_at(&r, &event_id) {
         Some((ids, chain)) if mode == StateIdsMode::BogusMembers => {
-            let mut out: Vec<String> = ids.into_iter().filter(|id| r.events[id].json["type"] != "m.room.member").collect();
+            let mut out: Vec<String> =
+                ids.into_iter().filter(|id| r.events[id].json["type"] != "m.room.member").collect();
             out.extend((0..30).map(|n| format!("$bogusmember{n}AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")));
             axum::Json(json!({"pdu_ids": out, "auth_chain_ids": chain})).into_response()
         }
@@ -1089,7 +1187,10 @@ async fn event(State(i): State<Shared>, UrlPath(event_id): UrlPath<String>) -> R
     }
     let r = i.room.lock().unwrap();
     match r.events.get(&event_id) {
-        Some(e) => axum::Json(json!({"origin": i.name, "origin_server_ts": hearth::store::accounts::now_ms(), "pdus": [e.json]})).into_response(),
+        Some(e) => axum::Json(
+            json!({"origin": i.name, "origin_server_ts": hearth::store::accounts::now_ms(), "pdus": [e.json]}),
+        )
+        .into_response(),
         None => err(StatusCode::NOT_FOUND, "M_NOT_FOUND", "unknown event"),
     }
 }
@@ -1108,7 +1209,13 @@ async fn event_auth(State(i): State<Shared>, UrlPath((room_id, event_id)): UrlPa
 }
 
 /// Walks prev events back from `from` (breadth first), not past `stop`, up to `limit` events.
-fn walk_back(r: &FakeRoom, from: &[String], stop: &HashSet<String>, limit: usize, include_start: bool) -> Vec<FakeEvent> {
+fn walk_back(
+    r: &FakeRoom,
+    from: &[String],
+    stop: &HashSet<String>,
+    limit: usize,
+    include_start: bool,
+) -> Vec<FakeEvent> {
     let mut out = Vec::new();
     let mut seen = HashSet::new();
     let mut queue: VecDeque<String> = VecDeque::new();
@@ -1130,13 +1237,22 @@ fn walk_back(r: &FakeRoom, from: &[String], stop: &HashSet<String>, limit: usize
     out
 }
 
-async fn get_missing_events(State(i): State<Shared>, UrlPath(room_id): UrlPath<String>, axum::Json(body): axum::Json<Value>) -> Response {
+async fn get_missing_events(
+    State(i): State<Shared>,
+    UrlPath(room_id): UrlPath<String>,
+    axum::Json(body): axum::Json<Value>,
+) -> Response {
     i.ctl.arrive("get_missing_events", body.to_string()).await;
     let r = i.room.lock().unwrap();
     if let Some(e) = check_room(&r, &room_id) {
         return e;
     }
-    let strs = |k: &str| -> Vec<String> { body.get(k).and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect()).unwrap_or_default() };
+    let strs = |k: &str| -> Vec<String> {
+        body.get(k)
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+            .unwrap_or_default()
+    };
     let stop: HashSet<String> = strs("earliest_events").into_iter().collect();
     let limit = body.get("limit").and_then(Value::as_u64).unwrap_or(10) as usize;
     let limit = i.ctl.missing_events_limit.lock().unwrap().unwrap_or(limit);
@@ -1159,7 +1275,12 @@ async fn backfill(State(i): State<Shared>, UrlPath(room_id): UrlPath<String>, Ra
         .into_response()
 }
 
-async fn send(State(i): State<Shared>, UrlPath(txn): UrlPath<String>, headers: HeaderMap, axum::Json(body): axum::Json<Value>) -> Response {
+async fn send(
+    State(i): State<Shared>,
+    UrlPath(txn): UrlPath<String>,
+    headers: HeaderMap,
+    axum::Json(body): axum::Json<Value>,
+) -> Response {
     i.ctl.arrive("send", format!("{txn} from {}", origin_of(&headers))).await;
     let mut results = serde_json::Map::new();
     {

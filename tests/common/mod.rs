@@ -221,7 +221,12 @@ impl Client {
     }
 
     /// Like [`Client::request`] but returns transport errors instead of panicking (for tests that kill servers).
-    pub async fn try_request(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> Result<Resp, reqwest::Error> {
+    pub async fn try_request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Resp, reqwest::Error> {
         let mut req = self.http.request(method, self.url(path));
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
@@ -458,11 +463,20 @@ impl BinServer {
             if let Ok(Some(status)) = child.try_wait() {
                 panic!("hearth exited early with {status}: {}", std::fs::read_to_string(&log_path).unwrap_or_default());
             }
-            let ok = probe.http.get(probe.url("/_matrix/client/versions")).send().await.is_ok_and(|r| r.status().is_success());
+            let ok = probe
+                .http
+                .get(probe.url("/_matrix/client/versions"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
             if ok {
                 break;
             }
-            assert!(Instant::now() < deadline, "hearth did not start: {}", std::fs::read_to_string(&log_path).unwrap_or_default());
+            assert!(
+                Instant::now() < deadline,
+                "hearth did not start: {}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         BinServer { child, addr, base_url, log_path }

@@ -28,7 +28,20 @@ fn self_signed(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
     let (crt, key) = (dir.join("tls.crt"), dir.join("tls.key"));
     if !crt.exists() {
         let st = Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "365", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout"])
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "365",
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+                "-keyout",
+            ])
             .arg(&key)
             .arg("-out")
             .arg(&crt)
@@ -47,7 +60,13 @@ fn hearth_bin() -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
-fn hearth_config(dir: &Path, fed_port: u16, cli_port: u16, lazy: bool, trusted: Option<&str>) -> anyhow::Result<PathBuf> {
+fn hearth_config(
+    dir: &Path,
+    fed_port: u16,
+    cli_port: u16,
+    lazy: bool,
+    trusted: Option<&str>,
+) -> anyhow::Result<PathBuf> {
     let (crt, key) = self_signed(dir)?;
     let trusted = trusted.map(|t| format!("[\"{t}\"]")).unwrap_or_else(|| "[]".into());
     let cfg = format!(
@@ -122,22 +141,40 @@ fn spawn(cmd: &mut Command, log: PathBuf) -> anyhow::Result<Proc> {
 /// Peak RSS (VmHWM) in MB and CPU seconds of a process.
 fn proc_usage(pid: u32) -> (f64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let hwm_kb: f64 = status.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let hwm_kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
     let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     (hwm_kb / 1024.0, ticks / 100.0)
 }
 
 fn dir_db_size_mb(dir: &Path, prefix: &str) -> f64 {
     std::fs::read_dir(dir)
-        .map(|rd| rd.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with(prefix)).filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum::<u64>())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum::<u64>()
+        })
         .unwrap_or(0) as f64
         / 1e6
 }
 
-async fn api(http: &reqwest::Client, method: reqwest::Method, url: &str, token: Option<&str>, body: Option<Value>) -> anyhow::Result<(u16, Value)> {
+async fn api(
+    http: &reqwest::Client,
+    method: reqwest::Method,
+    url: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> anyhow::Result<(u16, Value)> {
     let mut r = http.request(method, url).timeout(Duration::from_secs(900));
     if let Some(t) = token {
         r = r.bearer_auth(t);
@@ -182,7 +219,12 @@ async fn start_resident(http: &reqwest::Client, o: &Options, n: usize) -> anyhow
         let config = hearth::config::Config::load(Some(&cfg))?;
         eprintln!("generating a {n}-member world into {} ...", dir.display());
         let services = hearth::server::build_services(config)?;
-        let w = world::generate(&services.store, services.identity.clone(), &world::Spec { members: n, messages: o.messages, seed: o.seed, room_version: "12".into() }).await?;
+        let w = world::generate(
+            &services.store,
+            services.identity.clone(),
+            &world::Spec { members: n, messages: o.messages, seed: o.seed, room_version: "12".into() },
+        )
+        .await?;
         let hash = hearth::client::account::hash_password("bench").map_err(|e| anyhow::anyhow!("{e}"))?;
         let admin = w.admin.clone();
         services
@@ -193,7 +235,10 @@ async fn start_resident(http: &reqwest::Client, o: &Options, n: usize) -> anyhow
             })
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        eprintln!("world: {} events ({} state, {} joined) from {} servers in {:.1}s", w.events, w.state_events, w.joined, w.servers, w.seconds);
+        eprintln!(
+            "world: {} events ({} state, {} joined) from {} servers in {:.1}s",
+            w.events, w.state_events, w.joined, w.servers, w.seconds
+        );
         std::fs::write(&meta_path, serde_json::to_string_pretty(&ResidentMeta { world: w, fed_port, cli_port })?)?;
         drop(services);
         tokio::time::sleep(Duration::from_millis(800)).await;
@@ -214,7 +259,14 @@ async fn start_resident(http: &reqwest::Client, o: &Options, n: usize) -> anyhow
     let mut proc = spawn(Command::new(&bin).arg("-c").arg(&cfg), dir.join("log"))?;
     let url = format!("http://127.0.0.1:{}", meta.cli_port);
     wait_up(http, &url, &mut proc).await?;
-    let (st, login) = api(http, reqwest::Method::POST, &format!("{url}/_matrix/client/v3/login"), None, Some(json!({"type": "m.login.password", "user": meta.world.admin, "password": "bench"}))).await?;
+    let (st, login) = api(
+        http,
+        reqwest::Method::POST,
+        &format!("{url}/_matrix/client/v3/login"),
+        None,
+        Some(json!({"type": "m.login.password", "user": meta.world.admin, "password": "bench"})),
+    )
+    .await?;
     anyhow::ensure!(st == 200, "resident admin login failed: {login}");
     Ok(Resident {
         proc,
@@ -256,7 +308,13 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 }
 
 /// Sends /sync and /send every 100 ms until stopped; returns latencies (ms) of each.
-fn probe(http: reqwest::Client, url: String, token: String, room: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<(Vec<f64>, Vec<f64>)> {
+fn probe(
+    http: reqwest::Client,
+    url: String,
+    token: String,
+    room: String,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<(Vec<f64>, Vec<f64>)> {
     tokio::spawn(async move {
         let (mut syncs, mut sends) = (Vec::new(), Vec::new());
         let mut since: Option<String> = None;
@@ -276,7 +334,15 @@ fn probe(http: reqwest::Client, url: String, token: String, room: String, stop: 
             let t = Instant::now();
             i += 1;
             let send = format!("{url}/_matrix/client/v3/rooms/{}/send/m.room.message/probe{i}", q(&room));
-            if let Ok((200, _)) = api(&http, reqwest::Method::PUT, &send, Some(&token), Some(json!({"msgtype": "m.text", "body": format!("probe {i}")}))).await {
+            if let Ok((200, _)) = api(
+                &http,
+                reqwest::Method::PUT,
+                &send,
+                Some(&token),
+                Some(json!({"msgtype": "m.text", "body": format!("probe {i}")})),
+            )
+            .await
+            {
                 sends.push(t.elapsed().as_secs_f64() * 1000.0);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -287,7 +353,9 @@ fn probe(http: reqwest::Client, url: String, token: String, room: String, stop: 
 
 async fn resident_requests(http: &reqwest::Client, r: &Resident) -> u64 {
     match api(http, reqwest::Method::GET, &format!("{}/_hearth/admin/v1/stats", r.url), Some(&r.token), None).await {
-        Ok((200, v)) => v["federation_requests"].as_object().map(|m| m.values().filter_map(Value::as_u64).sum()).unwrap_or(0),
+        Ok((200, v)) => {
+            v["federation_requests"].as_object().map(|m| m.values().filter_map(Value::as_u64).sum()).unwrap_or(0)
+        }
         _ => 0,
     }
 }
@@ -332,7 +400,13 @@ async fn wait_message(http: &reqwest::Client, r: &Resident, body: &str, timeout:
     bail!("message `{body}` did not reach the resident")
 }
 
-async fn run_hearth(http: &reqwest::Client, o: &Options, r: &Resident, n: usize, lazy: bool) -> anyhow::Result<Measure> {
+async fn run_hearth(
+    http: &reqwest::Client,
+    o: &Options,
+    r: &Resident,
+    n: usize,
+    lazy: bool,
+) -> anyhow::Result<Measure> {
     let kind = if lazy { "hearth-lazy" } else { "hearth-full" };
     let dir = o.dir.join(format!("run-{n}-{kind}"));
     let _ = std::fs::remove_dir_all(&dir);
@@ -340,19 +414,36 @@ async fn run_hearth(http: &reqwest::Client, o: &Options, r: &Resident, n: usize,
     let (fed, cli) = (free_port()?, free_port()?);
     let cfg = hearth_config(&dir, fed, cli, lazy, Some(&r.server_name))?;
     let bin = hearth_bin()?;
-    let st = Command::new(&bin).arg("-c").arg(&cfg).args(["user", "create", "bench", "--password", "bench", "--admin"]).stdout(Stdio::null()).stderr(Stdio::null()).status()?;
+    let st = Command::new(&bin)
+        .arg("-c")
+        .arg(&cfg)
+        .args(["user", "create", "bench", "--password", "bench", "--admin"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?;
     anyhow::ensure!(st.success(), "creating the bench user failed");
     let mut p = spawn(Command::new(&bin).arg("-c").arg(&cfg), dir.join("log"))?;
     let url = format!("http://127.0.0.1:{cli}");
     wait_up(http, &url, &mut p).await?;
-    let (_, login) = api(http, reqwest::Method::POST, &format!("{url}/_matrix/client/v3/login"), None, Some(json!({"type": "m.login.password", "user": "bench", "password": "bench"}))).await?;
+    let (_, login) = api(
+        http,
+        reqwest::Method::POST,
+        &format!("{url}/_matrix/client/v3/login"),
+        None,
+        Some(json!({"type": "m.login.password", "user": "bench", "password": "bench"})),
+    )
+    .await?;
     let token = login["access_token"].as_str().unwrap_or_default().to_owned();
     let result = measure_join(http, r, n, kind, &url, &token, p.pid(), |http, url, token| {
         let (http, url, token) = (http.clone(), url.to_owned(), token.to_owned());
         async move {
             loop {
-                let (_, v) = api(&http, reqwest::Method::GET, &format!("{url}/_hearth/admin/v1/jobs"), Some(&token), None).await?;
-                if v["jobs"].as_array().is_some_and(|a| a.is_empty()) && v["partial_state_rooms"].as_array().is_some_and(|a| a.is_empty()) {
+                let (_, v) =
+                    api(&http, reqwest::Method::GET, &format!("{url}/_hearth/admin/v1/jobs"), Some(&token), None)
+                        .await?;
+                if v["jobs"].as_array().is_some_and(|a| a.is_empty())
+                    && v["partial_state_rooms"].as_array().is_some_and(|a| a.is_empty())
+                {
                     return Ok(());
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -367,7 +458,16 @@ async fn run_hearth(http: &reqwest::Client, o: &Options, r: &Resident, n: usize,
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn measure_join<F, Fut>(http: &reqwest::Client, r: &Resident, n: usize, kind: &str, url: &str, token: &str, pid: u32, wait_full: F) -> anyhow::Result<Measure>
+async fn measure_join<F, Fut>(
+    http: &reqwest::Client,
+    r: &Resident,
+    n: usize,
+    kind: &str,
+    url: &str,
+    token: &str,
+    pid: u32,
+    wait_full: F,
+) -> anyhow::Result<Measure>
 where
     F: Fn(&reqwest::Client, &str, &str) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
@@ -382,7 +482,8 @@ where
     let body = format!("bench {kind} {}", hearth::http::random_string(6));
     let t1 = Instant::now();
     let send = format!("{url}/_matrix/client/v3/rooms/{}/send/m.room.message/first", q(&r.world.room_id));
-    let (st, v) = api(http, reqwest::Method::PUT, &send, Some(token), Some(json!({"msgtype": "m.text", "body": body}))).await?;
+    let (st, v) =
+        api(http, reqwest::Method::PUT, &send, Some(token), Some(json!({"msgtype": "m.text", "body": body}))).await?;
     anyhow::ensure!(st == 200, "{kind}: send failed: {st} {v}");
     let stop = Arc::new(AtomicBool::new(false));
     let prober = probe(http.clone(), url.to_owned(), token.to_owned(), r.world.room_id.clone(), stop.clone());
@@ -396,9 +497,20 @@ where
     let after = resident_requests(http, r).await;
     let (res_rss, _) = proc_usage(r.proc.pid());
     // Check the member list is really complete.
-    let (st, jm) = api(http, reqwest::Method::GET, &format!("{url}/_matrix/client/v3/rooms/{}/joined_members", q(&r.world.room_id)), Some(token), None).await?;
+    let (st, jm) = api(
+        http,
+        reqwest::Method::GET,
+        &format!("{url}/_matrix/client/v3/rooms/{}/joined_members", q(&r.world.room_id)),
+        Some(token),
+        None,
+    )
+    .await?;
     let joined = jm["joined"].as_object().map(|o| o.len()).unwrap_or(0);
-    let note = if st == 200 && joined >= r.world.joined { String::new() } else { format!("joined_members {st}: {joined} of {}", r.world.joined + 1) };
+    let note = if st == 200 && joined >= r.world.joined {
+        String::new()
+    } else {
+        format!("joined_members {st}: {joined} of {}", r.world.joined + 1)
+    };
     Ok(Measure {
         members: n,
         joiner: kind.to_owned(),
@@ -429,7 +541,13 @@ fn synapse_python() -> Option<PathBuf> {
     c.into_iter().find(|p| p.exists())
 }
 
-async fn run_synapse(http: &reqwest::Client, o: &Options, r: &Resident, n: usize, full: bool) -> anyhow::Result<Measure> {
+async fn run_synapse(
+    http: &reqwest::Client,
+    o: &Options,
+    r: &Resident,
+    n: usize,
+    full: bool,
+) -> anyhow::Result<Measure> {
     let kind = if full { "synapse-full" } else { "synapse" };
     let py = synapse_python().context("no Synapse virtualenv (run .ci/run or set SYNAPSE_PYTHON)")?;
     let dir = std::fs::canonicalize(&o.dir)?.join(format!("run-{n}-{kind}"));
@@ -476,7 +594,13 @@ url_preview_enabled: false
             res = r.server_name
         ),
     )?;
-    let st = Command::new(&py).args(["-m", "synapse.app.homeserver", "-c"]).arg(dir.join("homeserver.yaml")).arg("--generate-keys").stdout(Stdio::null()).stderr(Stdio::null()).status()?;
+    let st = Command::new(&py)
+        .args(["-m", "synapse.app.homeserver", "-c"])
+        .arg(dir.join("homeserver.yaml"))
+        .arg("--generate-keys")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?;
     anyhow::ensure!(st.success(), "synapse --generate-keys failed");
     let mut cmd = Command::new(&py);
     if full {
@@ -493,7 +617,14 @@ url_preview_enabled: false
     let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, b"bench");
     let mac = ring::hmac::sign(&k, format!("{nonce}\0bench\0bench\0notadmin").as_bytes());
     let hex: String = mac.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-    let (st, v) = api(http, reqwest::Method::POST, &format!("{url}/_synapse/admin/v1/register"), None, Some(json!({"nonce": nonce, "username": "bench", "password": "bench", "admin": false, "mac": hex}))).await?;
+    let (st, v) = api(
+        http,
+        reqwest::Method::POST,
+        &format!("{url}/_synapse/admin/v1/register"),
+        None,
+        Some(json!({"nonce": nonce, "username": "bench", "password": "bench", "admin": false, "mac": hex})),
+    )
+    .await?;
     anyhow::ensure!(st == 200, "synapse registration failed: {v}");
     let token = v["access_token"].as_str().unwrap_or_default().to_owned();
     let room = r.world.room_id.clone();
@@ -501,7 +632,14 @@ url_preview_enabled: false
         let (http, url, token, room) = (http.clone(), url.to_owned(), token.to_owned(), room.clone());
         async move {
             // Synapse answers /joined_members only once its partial state is complete.
-            let (st, v) = api(&http, reqwest::Method::GET, &format!("{url}/_matrix/client/v3/rooms/{}/joined_members", q(&room)), Some(&token), None).await?;
+            let (st, v) = api(
+                &http,
+                reqwest::Method::GET,
+                &format!("{url}/_matrix/client/v3/rooms/{}/joined_members", q(&room)),
+                Some(&token),
+                None,
+            )
+            .await?;
             anyhow::ensure!(st == 200, "synapse joined_members: {st} {v}");
             Ok(())
         }
@@ -530,12 +668,20 @@ pub async fn join_bench(o: Options) -> anyhow::Result<()> {
             };
             match m {
                 Ok(m) => {
-                    eprintln!("   join {:.0} ms, first message {:.0} ms, full members {:.0} ms, rss {:.0} MB", m.join_ms, m.first_message_ms, m.full_members_ms, m.peak_rss_mb);
+                    eprintln!(
+                        "   join {:.0} ms, first message {:.0} ms, full members {:.0} ms, rss {:.0} MB",
+                        m.join_ms, m.first_message_ms, m.full_members_ms, m.peak_rss_mb
+                    );
                     results.push(m)
                 }
                 Err(e) => {
                     eprintln!("   FAILED: {e:#}");
-                    results.push(Measure { members: n, joiner: j.clone(), note: format!("failed: {e:#}"), ..Default::default() });
+                    results.push(Measure {
+                        members: n,
+                        joiner: j.clone(),
+                        note: format!("failed: {e:#}"),
+                        ..Default::default()
+                    });
                 }
             }
             let _ = &r.dir;
@@ -545,7 +691,10 @@ pub async fn join_bench(o: Options) -> anyhow::Result<()> {
     print_table(&results);
     let stamp = hearth::store::accounts::now_ms();
     let json_path = o.dir.join(format!("results-{stamp}.json"));
-    std::fs::write(&json_path, serde_json::to_string_pretty(&json!({"results": results, "command": std::env::args().collect::<Vec<_>>()}))?)?;
+    std::fs::write(
+        &json_path,
+        serde_json::to_string_pretty(&json!({"results": results, "command": std::env::args().collect::<Vec<_>>()}))?,
+    )?;
     std::fs::copy(&json_path, o.dir.join("results-latest.json"))?;
     let svg = o.dir.join("results-latest.svg");
     std::fs::write(&svg, chart(&results))?;
@@ -559,14 +708,38 @@ pub async fn join_bench(o: Options) -> anyhow::Result<()> {
 fn print_table(rs: &[Measure]) {
     println!(
         "\n{:>7} {:<13} {:>9} {:>10} {:>12} {:>8} {:>7} {:>7} {:>6} {:>9} {:>9} {:>12} {:>9}  note",
-        "members", "joiner", "join ms", "1st msg ms", "full mem ms", "rss MB", "cpu s", "db MB", "reqs", "sync p99", "send p99", "res sj ms", "res st ms"
+        "members",
+        "joiner",
+        "join ms",
+        "1st msg ms",
+        "full mem ms",
+        "rss MB",
+        "cpu s",
+        "db MB",
+        "reqs",
+        "sync p99",
+        "send p99",
+        "res sj ms",
+        "res st ms"
     );
     for m in rs {
         let o = |x: Option<f64>| x.map(|v| format!("{v:.0}")).unwrap_or_else(|| "-".into());
         println!(
             "{:>7} {:<13} {:>9.0} {:>10.0} {:>12.0} {:>8.0} {:>7.1} {:>7.1} {:>6} {:>9.0} {:>9.0} {:>12} {:>9}  {}",
-            m.members, m.joiner, m.join_ms, m.first_message_ms, m.full_members_ms, m.peak_rss_mb, m.cpu_s, m.db_mb, m.resident_requests, m.sync_p99_ms, m.send_p99_ms,
-            o(m.resident_send_join_ms), o(m.resident_state_ms), m.note
+            m.members,
+            m.joiner,
+            m.join_ms,
+            m.first_message_ms,
+            m.full_members_ms,
+            m.peak_rss_mb,
+            m.cpu_s,
+            m.db_mb,
+            m.resident_requests,
+            m.sync_p99_ms,
+            m.send_p99_ms,
+            o(m.resident_send_join_ms),
+            o(m.resident_state_ms),
+            m.note
         );
     }
     // Ratios against Synapse in the same run.
@@ -598,13 +771,32 @@ fn chart(rs: &[Measure]) -> String {
     let ymax = ok.iter().map(|m| m.full_members_ms.max(m.join_ms)).fold(100.0, f64::max) * 2.0;
     let x = |n: f64| pad + (n.log10() - nmin.log10()) / (nmax.log10() - nmin.log10()) * (w - 2.0 * pad);
     let y = |v: f64| h - pad - (v.max(ymin).log10() - ymin.log10()) / (ymax.log10() - ymin.log10()) * (h - 2.0 * pad);
-    let colors = [("hearth-lazy", "#d9480f"), ("hearth-full", "#f08c00"), ("synapse", "#1971c2"), ("synapse-full", "#5f3dc4")];
-    let mut s = format!(r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/>"#);
-    s += &format!(r#"<text x="{}" y="20" font-size="14">Join (solid) and full member list (dashed), ms, vs room members (log-log)</text>"#, pad);
-    s += &format!(r#"<line x1="{pad}" y1="{}" x2="{}" y2="{}" stroke="black"/><line x1="{pad}" y1="{pad}" x2="{pad}" y2="{}" stroke="black"/>"#, h - pad, w - pad, h - pad, h - pad);
+    let colors =
+        [("hearth-lazy", "#d9480f"), ("hearth-full", "#f08c00"), ("synapse", "#1971c2"), ("synapse-full", "#5f3dc4")];
+    let mut s = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/>"#
+    );
+    s += &format!(
+        r#"<text x="{}" y="20" font-size="14">Join (solid) and full member list (dashed), ms, vs room members (log-log)</text>"#,
+        pad
+    );
+    s += &format!(
+        r#"<line x1="{pad}" y1="{}" x2="{}" y2="{}" stroke="black"/><line x1="{pad}" y1="{pad}" x2="{pad}" y2="{}" stroke="black"/>"#,
+        h - pad,
+        w - pad,
+        h - pad,
+        h - pad
+    );
     let mut v = ymin;
     while v <= ymax {
-        s += &format!(r##"<text x="5" y="{:.0}">{}</text><line x1="{pad}" x2="{}" y1="{:.0}" y2="{:.0}" stroke="#eee"/>"##, y(v) + 4.0, v, w - pad, y(v), y(v));
+        s += &format!(
+            r##"<text x="5" y="{:.0}">{}</text><line x1="{pad}" x2="{}" y1="{:.0}" y2="{:.0}" stroke="#eee"/>"##,
+            y(v) + 4.0,
+            v,
+            w - pad,
+            y(v),
+            y(v)
+        );
         v *= 10.0;
     }
     let mut ns: Vec<usize> = ok.iter().map(|m| m.members).collect();
@@ -620,8 +812,20 @@ fn chart(rs: &[Measure]) -> String {
             continue;
         }
         for (field, dash) in [(0, ""), (1, r#" stroke-dasharray="5,4""#)] {
-            let path: Vec<String> = pts.iter().map(|m| format!("{:.1},{:.1}", x(m.members as f64), y(if field == 0 { m.join_ms } else { m.full_members_ms }))).collect();
-            s += &format!(r#"<polyline fill="none" stroke="{color}" stroke-width="2"{dash} points="{}"/>"#, path.join(" "));
+            let path: Vec<String> = pts
+                .iter()
+                .map(|m| {
+                    format!(
+                        "{:.1},{:.1}",
+                        x(m.members as f64),
+                        y(if field == 0 { m.join_ms } else { m.full_members_ms })
+                    )
+                })
+                .collect();
+            s += &format!(
+                r#"<polyline fill="none" stroke="{color}" stroke-width="2"{dash} points="{}"/>"#,
+                path.join(" ")
+            );
             for p in &path {
                 let (px, py) = p.split_once(',').unwrap_or(("0", "0"));
                 s += &format!(r#"<circle cx="{px}" cy="{py}" r="3" fill="{color}"/>"#);

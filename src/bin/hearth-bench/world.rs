@@ -70,24 +70,46 @@ impl Builder {
     fn add(&mut self, id: &Identity, sender: &str, ev: LocalEvent) -> anyhow::Result<()> {
         let raw = serde_json::value::to_raw_value(&ev.content)?;
         let sender_id = ruma::UserId::parse(sender)?;
-        let types = ruma::state_res::auth_types_for_event(&ev.kind.as_str().into(), &sender_id, ev.state_key.as_deref(), &raw, &self.rules.authorization)
-            .map_err(|e| anyhow::anyhow!(e))?;
-        let auth: Vec<(ruma::OwnedEventId, String)> = types.iter().filter_map(|(t, k)| self.state.get(&(t.to_string(), k.clone())).cloned()).collect();
+        let types = ruma::state_res::auth_types_for_event(
+            &ev.kind.as_str().into(),
+            &sender_id,
+            ev.state_key.as_deref(),
+            &raw,
+            &self.rules.authorization,
+        )
+        .map_err(|e| anyhow::anyhow!(e))?;
+        let auth: Vec<(ruma::OwnedEventId, String)> =
+            types.iter().filter_map(|(t, k)| self.state.get(&(t.to_string(), k.clone())).cloned()).collect();
         let prev: Vec<_> = self.last.iter().cloned().collect();
         self.depth += 1;
         self.ts += 1;
-        let mut pdu = build_pdu(id, &self.rules, self.room_id.as_deref(), sender, &ev, &prev, &auth, self.depth).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut pdu = build_pdu(id, &self.rules, self.room_id.as_deref(), sender, &ev, &prev, &auth, self.depth)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         // Deterministic timestamps (the world is seeded); re-sign after changing one.
-        pdu.json.insert("origin_server_ts".into(), ruma::canonical_json::CanonicalJsonValue::Integer(ruma::Int::try_from(self.ts)?));
+        pdu.json.insert(
+            "origin_server_ts".into(),
+            ruma::canonical_json::CanonicalJsonValue::Integer(ruma::Int::try_from(self.ts)?),
+        );
         pdu.json.remove("signatures");
         pdu.json.remove("hashes");
-        ruma::signatures::hash_and_sign_event(id.server_name.as_str(), &id.keypair, &mut pdu.json, &self.rules.redaction)?;
+        ruma::signatures::hash_and_sign_event(
+            id.server_name.as_str(),
+            &id.keypair,
+            &mut pdu.json,
+            &self.rules.redaction,
+        )?;
         let event_id = version::event_id(&pdu.json, &self.rules).map_err(|e| anyhow::anyhow!(e))?;
         let pdu = Pdu::from_canonical(pdu.json, event_id, &self.rules).map_err(|e| anyhow::anyhow!(e))?;
         if self.room_id.is_none() {
             self.room_id = Some(pdu.room_id.to_string());
         }
-        let sha = pdu.json.get("hashes").and_then(|h| if let ruma::canonical_json::CanonicalJsonValue::Object(o) = h { o.get("sha256").cloned() } else { None });
+        let sha = pdu.json.get("hashes").and_then(|h| {
+            if let ruma::canonical_json::CanonicalJsonValue::Object(o) = h {
+                o.get("sha256").cloned()
+            } else {
+                None
+            }
+        });
         let sha = match sha {
             Some(ruma::canonical_json::CanonicalJsonValue::String(s)) => s,
             _ => String::new(),
@@ -113,11 +135,28 @@ pub async fn generate(store: &Store, resident: Arc<Identity>, spec: &Spec) -> an
     }
     let rules = version::rules(&spec.room_version).map_err(|e| anyhow::anyhow!("{e}"))?;
     let admin = format!("@admin:{}", resident.server_name);
-    let mut b = Builder { rules, room_id: None, state: HashMap::new(), last: None, depth: 0, ts: 1_700_000_000_000, out: Vec::new(), state_events: 0 };
+    let mut b = Builder {
+        rules,
+        room_id: None,
+        state: HashMap::new(),
+        last: None,
+        depth: 0,
+        ts: 1_700_000_000_000,
+        out: Vec::new(),
+        state_events: 0,
+    };
     let res = resident.as_ref();
-    b.add(res, &admin, LocalEvent::state("m.room.create", "", json!({"room_version": spec.room_version, "creator": admin})))?;
+    b.add(
+        res,
+        &admin,
+        LocalEvent::state("m.room.create", "", json!({"room_version": spec.room_version, "creator": admin})),
+    )?;
     let room_id = b.room_id.clone().unwrap_or_default();
-    b.add(res, &admin, LocalEvent::state("m.room.member", &admin, json!({"membership": "join", "displayname": "Admin"})))?;
+    b.add(
+        res,
+        &admin,
+        LocalEvent::state("m.room.member", &admin, json!({"membership": "join", "displayname": "Admin"})),
+    )?;
 
     // Users: ~40% on the resident, the rest over a long tail of servers (weights 1/i).
     let user_server = |rng: &mut StdRng| -> Option<usize> {
@@ -137,7 +176,8 @@ pub async fn generate(store: &Store, resident: Arc<Identity>, spec: &Spec) -> an
     let users: Vec<(String, Option<usize>)> = (0..spec.members)
         .map(|i| {
             let s = user_server(&mut rng);
-            let server = s.map(|s| servers[s].server_name.to_string()).unwrap_or_else(|| resident.server_name.to_string());
+            let server =
+                s.map(|s| servers[s].server_name.to_string()).unwrap_or_else(|| resident.server_name.to_string());
             (format!("@u{i}:{server}"), s)
         })
         .collect();
@@ -152,25 +192,64 @@ pub async fn generate(store: &Store, resident: Arc<Identity>, spec: &Spec) -> an
     b.add(res, &admin, LocalEvent::state("m.room.join_rules", "", json!({"join_rule": "public"})))?;
     b.add(res, &admin, LocalEvent::state("m.room.history_visibility", "", json!({"history_visibility": "shared"})))?;
     b.add(res, &admin, LocalEvent::state("m.room.guest_access", "", json!({"guest_access": "forbidden"})))?;
-    b.add(res, &admin, LocalEvent::state("m.room.name", "", json!({"name": format!("Bench HQ ({} members)", spec.members)})))?;
-    b.add(res, &admin, LocalEvent::state("m.room.topic", "", json!({"topic": "A synthetic room shaped like Matrix HQ"})))?;
+    b.add(
+        res,
+        &admin,
+        LocalEvent::state("m.room.name", "", json!({"name": format!("Bench HQ ({} members)", spec.members)})),
+    )?;
+    b.add(
+        res,
+        &admin,
+        LocalEvent::state("m.room.topic", "", json!({"topic": "A synthetic room shaped like Matrix HQ"})),
+    )?;
     b.add(res, &admin, LocalEvent::state("m.room.avatar", "", json!({"url": "mxc://bench/avatar"})))?;
-    b.add(res, &admin, LocalEvent::state("m.room.canonical_alias", "", json!({"alias": format!("#hq:{}", resident.server_name)})))?;
-    b.add(res, &admin, LocalEvent::state("m.room.server_acl", "", json!({"allow": ["*"], "deny": ["evil.example"], "allow_ip_literals": true})))?;
+    b.add(
+        res,
+        &admin,
+        LocalEvent::state("m.room.canonical_alias", "", json!({"alias": format!("#hq:{}", resident.server_name)})),
+    )?;
+    b.add(
+        res,
+        &admin,
+        LocalEvent::state(
+            "m.room.server_acl",
+            "",
+            json!({"allow": ["*"], "deny": ["evil.example"], "allow_ip_literals": true}),
+        ),
+    )?;
     for i in 0..40 {
-        b.add(res, &admin, LocalEvent::state("m.bench.widget", &format!("w{i}"), json!({"url": format!("https://widgets.example/{i}"), "n": i})))?;
+        b.add(
+            res,
+            &admin,
+            LocalEvent::state(
+                "m.bench.widget",
+                &format!("w{i}"),
+                json!({"url": format!("https://widgets.example/{i}"), "n": i}),
+            ),
+        )?;
     }
 
-    let ident = |s: &Option<usize>| -> &Identity { match s { Some(i) => &servers[*i], None => res } };
+    let ident = |s: &Option<usize>| -> &Identity {
+        match s {
+            Some(i) => &servers[*i],
+            None => res,
+        }
+    };
     let mut imported = 0usize;
     let room_nid = {
         let (rid, ver) = (room_id.clone(), spec.room_version.clone());
-        store.write(move |w| hearth::room::import::ensure_room(w, &rid, &ver)).await.map_err(|e| anyhow::anyhow!("{e}"))?
+        store
+            .write(move |w| hearth::room::import::ensure_room(w, &rid, &ver))
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?
     };
     async fn flush(store: &Store, room_nid: i64, b: &mut Builder, imported: &mut usize) -> anyhow::Result<()> {
         let chunk = std::mem::take(&mut b.out);
         *imported += chunk.len();
-        store.write_background(move |w| hearth::room::import::import_events(w, room_nid, &chunk)).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        store
+            .write_background(move |w| hearth::room::import::import_events(w, room_nid, &chunk))
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         Ok(())
     }
     let mut joined_now: Vec<usize> = Vec::new();
@@ -206,7 +285,11 @@ pub async fn generate(store: &Store, resident: Arc<Identity>, spec: &Spec) -> an
             Some(i) => (users[i].0.clone(), users[i].1),
             None => (admin.clone(), None),
         };
-        b.add(ident(&s), &u, LocalEvent::message("m.room.message", json!({"msgtype": "m.text", "body": format!("message {m}")})))?;
+        b.add(
+            ident(&s),
+            &u,
+            LocalEvent::message("m.room.message", json!({"msgtype": "m.text", "body": format!("message {m}")})),
+        )?;
         if timeline_from.is_none() {
             timeline_from = b.last.as_ref().map(|l| l.0.to_string());
         }
@@ -219,10 +302,16 @@ pub async fn generate(store: &Store, resident: Arc<Identity>, spec: &Spec) -> an
     flush(store, room_nid, &mut b, &mut imported).await?;
     let state_ids: Vec<String> = b.state.values().map(|(id, _)| id.to_string()).collect();
     let n_state = state_ids.len();
-    store.write_background(move |w| hearth::room::import::import_finish(w, room_nid, &state_ids, &timeline_from, &last)).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    store
+        .write_background(move |w| hearth::room::import::import_finish(w, room_nid, &state_ids, &timeline_from, &last))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     for s in &servers {
         let (name, resp) = (s.server_name.to_string(), key_response(s)?);
-        store.write_background(move |w| hearth::room::import::store_notary_key(w, &name, &resp)).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        store
+            .write_background(move |w| hearth::room::import::store_notary_key(w, &name, &resp))
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     let _ = Value::Null;
     Ok(World {
