@@ -32,8 +32,14 @@ async function api(method, path, token, body, raw) {
     if (token) headers.authorization = `Bearer ${token}`;
     if (body !== undefined && !raw) headers["content-type"] = "application/json";
     if (raw) headers["content-type"] = raw;
-    const res = await fetch(`${hs}${path}`, {method, headers, body: raw ? body : body === undefined ? undefined : JSON.stringify(body)});
-    const json = await res.json().catch(() => null);
+    let res, json;
+    for (let attempt = 0; ; attempt++) {
+        res = await fetch(`${hs}${path}`, {method, headers, body: raw ? body : body === undefined ? undefined : JSON.stringify(body)});
+        json = await res.json().catch(() => null);
+        if (res.status !== 429 || attempt >= 30) break;
+        // Rate limited (the setup sends bursts): wait as told, like a client does.
+        await new Promise(r => setTimeout(r, Math.min(json?.retry_after_ms ?? 1000, 10_000)));
+    }
     if (!res.ok) throw new Error(`${method} ${path} -> ${res.status} ${JSON.stringify(json)}`);
     return json;
 }
@@ -163,6 +169,12 @@ async function run() {
         if (!(await shown(`history message ${i}`))) throw new Error(`history message ${i} is missing from the timeline`);
     }
     log(`scrolled back to history message 1; all ${HISTORY} history messages are in the timeline`);
+    // Back to the bottom (the timeline renders only what is near the viewport), where new messages appear.
+    for (let i = 0; i < 10; i++) {
+        await page.evaluate(() => { const s = document.querySelector(".Timeline_scroller"); if (s) s.scrollTop = s.scrollHeight; });
+        await page.waitForTimeout(100);
+    }
+    if (!(await shown(`history message ${HISTORY}`))) throw new Error("scrolling back down did not show the latest message");
 
     // 5. Send from the composer; Bob sees it through the API.
     const text = `hello from Hydrogen ${Date.now()}`;
@@ -203,8 +215,6 @@ async function run() {
     const chooser = page.waitForEvent("filechooser");
     await page.locator(".menu button, .menu li", {hasText: "Send picture"}).first().click();
     await (await chooser).setFiles(pictureFile);
-    await page.waitForFunction(() => [...document.querySelectorAll(".Timeline_message:not(.unsent) .media img")]
-        .some(img => img.complete && img.naturalWidth > 0), null, {timeout: 30_000});
     let image = null;
     for (let i = 0; i < 50 && !image; i++) {
         const r = await api("GET", c(`/rooms/${enc(roomId)}/messages?dir=b&limit=5`), bob.token);
@@ -212,6 +222,12 @@ async function run() {
         if (!image) await new Promise(r => setTimeout(r, 200));
     }
     if (!image) throw new Error("Bob does not see the picture sent from Hydrogen");
+    // The timeline renders only what is near the viewport: keep it scrolled to the bottom while waiting.
+    await page.waitForFunction(() => {
+        const scroller = document.querySelector(".Timeline_scroller");
+        if (scroller) scroller.scrollTop = scroller.scrollHeight;
+        return [...document.querySelectorAll(".Timeline_message:not(.unsent) .media img")].some(img => img.complete && img.naturalWidth > 0);
+    }, null, {timeout: 30_000, polling: 250});
     const [mxcServer, mediaId] = image.content.url.slice("mxc://".length).split("/");
     const res = await fetch(`${hs}/_matrix/client/v1/media/download/${mxcServer}/${mediaId}`, {headers: {authorization: `Bearer ${bob.token}`}});
     const got = Buffer.from(await res.arrayBuffer());

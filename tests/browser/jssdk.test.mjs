@@ -26,8 +26,13 @@ const PASSWORD = "js-sdk-pass";
 async function api(method, path, token, body, base = hs) {
     const headers = {"content-type": "application/json"};
     if (token) headers.authorization = `Bearer ${token}`;
-    const res = await fetch(`${base}/_matrix/client/v3${path}`, {method, headers, body: body === undefined ? undefined : JSON.stringify(body)});
-    const json = await res.json().catch(() => null);
+    let res, json;
+    for (let attempt = 0; ; attempt++) {
+        res = await fetch(`${base}/_matrix/client/v3${path}`, {method, headers, body: body === undefined ? undefined : JSON.stringify(body)});
+        json = await res.json().catch(() => null);
+        if (res.status !== 429 || attempt >= 30) break;
+        await new Promise(r => setTimeout(r, Math.min(json?.retry_after_ms ?? 1000, 10_000))); // rate limited: wait as told
+    }
     if (!res.ok) throw new Error(`${method} ${path} -> ${res.status} ${JSON.stringify(json)}`);
     return json;
 }
