@@ -39,7 +39,8 @@ pub struct Signed {
     pub body: Option<Value>,
 }
 
-fn parse_x_matrix(h: &str) -> Option<(String, Option<String>, String, String)> {
+/// Parses an `Authorization: X-Matrix origin=..,destination=..,key=..,sig=..` header (public for the fuzz targets).
+pub fn parse_x_matrix(h: &str) -> Option<(String, Option<String>, String, String)> {
     let rest = h.strip_prefix("X-Matrix ")?;
     let mut origin = None;
     let mut destination = None;
