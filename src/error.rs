@@ -135,6 +135,22 @@ impl Error {
     }
 }
 
+/// A write that failed because the file system is full (SQLite's `SQLITE_FULL`, or `ENOSPC`/`EDQUOT` from a file
+/// write): the client gets 503 and may retry; nothing was half-written (the transaction rolled back).
+pub fn is_disk_full(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        if let Some(rusqlite::Error::SqliteFailure(f, _)) = c.downcast_ref::<rusqlite::Error>() {
+            return f.code == rusqlite::ErrorCode::DiskFull;
+        }
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return io.kind() == std::io::ErrorKind::StorageFull
+                || io.kind() == std::io::ErrorKind::QuotaExceeded
+                || matches!(io.raw_os_error(), Some(28) | Some(122)); // ENOSPC, EDQUOT
+        }
+        false
+    })
+}
+
 impl From<rusqlite::Error> for Error {
     fn from(e: rusqlite::Error) -> Self {
         Error::Internal(anyhow::Error::new(e).context("database"))
@@ -164,6 +180,13 @@ impl IntoResponse for Error {
                     body.extend(extra);
                 }
                 (m.status, Value::Object(body))
+            }
+            Error::Internal(e) if is_disk_full(&e) => {
+                tracing::error!(error = format!("{e:#}"), "disk full: refusing writes until space returns");
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    json!({"errcode": "M_UNKNOWN", "error": "the server's disk is full; try again later"}),
+                )
             }
             Error::Internal(e) => {
                 tracing::error!(error = format!("{e:#}"), "internal error");
