@@ -118,6 +118,19 @@ async fn writes_fail_with_503_when_the_disk_is_full_and_recover_when_space_retur
     assert!(server.child.try_wait().unwrap().is_none(), "the server died on a full disk");
     // Still refused while full, and other writes too.
     alice.send(&room, "m.room.message", json!({"msgtype": "m.text", "body": big})).await.assert_err(503, "M_UNKNOWN");
+    // A media upload too.
+    let upload = alice
+        .http
+        .post(alice.url("/_matrix/media/v3/upload?filename=a.bin"))
+        .bearer_auth(alice.token.as_deref().unwrap())
+        .header("content-type", "application/octet-stream")
+        .body(vec![7u8; 256 * 1024])
+        .send()
+        .await
+        .unwrap();
+    let status = upload.status().as_u16();
+    let body: Value = upload.json().await.unwrap_or(Value::Null);
+    assert_eq!((status, body["errcode"].as_str()), (503, Some("M_UNKNOWN")), "media upload on a full disk: {body}");
     // Reads keep working.
     alice.sync(Some(&since), &[]).await.ok();
     alice.messages(&room, &[("dir", "b"), ("limit", "5")]).await.ok();

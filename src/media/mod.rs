@@ -322,7 +322,7 @@ async fn store_upload(s: &AppState, row: MediaRow, headers: &HeaderMap, body: Bo
     .await;
     if let Err(e) = moved {
         let _ = tokio::fs::remove_file(&tmp).await;
-        return Err(Error::internal(format!("cannot store media file: {e}")));
+        return Err(Error::Internal(anyhow::Error::new(e).context("cannot store media file")));
     }
     let r = row.clone();
     let recorded = s
@@ -361,7 +361,8 @@ fn quota_error(quota: u64) -> Error {
 
 /// Writes the body to `path`; returns (size, hex sha256). `Err(None)` means over `max` bytes.
 async fn write_body(path: &FsPath, body: Body, max: u64) -> std::result::Result<(u64, String), Option<Error>> {
-    let io = |e: std::io::Error| Some(Error::internal(format!("cannot write media file: {e}")));
+    // The io::Error stays in the chain: a full disk then answers 503 (error.rs).
+    let io = |e: std::io::Error| Some(Error::Internal(anyhow::Error::new(e).context("cannot write media file")));
     let mut file = tokio::fs::File::create(path).await.map_err(io)?;
     let mut stream = body.into_data_stream();
     let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
