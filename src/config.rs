@@ -101,6 +101,9 @@ pub struct Federation {
     pub serve_on_client_listener: bool,
     /// Static server discovery overrides: `"name" = "host:port"` (labs and tests).
     pub resolve: std::collections::BTreeMap<String, String>,
+    /// DNS servers (`ip:port`) asked for the SRV records of server discovery; empty = the system's
+    /// (`/etc/resolv.conf`). Host addresses are always looked up through the system resolver.
+    pub dns_servers: Vec<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -200,6 +203,7 @@ impl Default for Federation {
             allow_private_ips: false,
             serve_on_client_listener: false,
             resolve: Default::default(),
+            dns_servers: Vec::new(),
         }
     }
 }

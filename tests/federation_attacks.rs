@@ -2,8 +2,8 @@
 //! (`tests/common/fake_resident.rs`): huge gaps and prev_events lists, `get_missing_events` answers that never end
 //! or are huge, huge `/state` answers, a remote answering with an endless body, slow-loris connections to our
 //! federation listener, server ACLs on the resident endpoints, and outbound requests to private addresses
-//! (directly, through `.well-known` delegation and redirects). Each is bounded and refused without blocking other
-//! rooms or clients. (SRV records are not implemented, so there is no SRV redirect to test.)
+//! (directly, through `.well-known` delegation and redirects, and through SRV records served by a fake DNS server on
+//! loopback). Each is bounded and refused without blocking other rooms or clients.
 
 mod common;
 
@@ -64,14 +64,78 @@ async fn still_serving(alice: &Client) -> Duration {
 /// A federation client for discovery tests: private addresses refused unless `allow_private`, certificates not
 /// verified (the fakes' are self-signed), and `dns` standing in for public DNS.
 fn discovery_client(allow_private: bool, dns: &[(&str, SocketAddr)]) -> FedClient {
+    srv_discovery_client(allow_private, dns, None)
+}
+
+/// [`discovery_client`] asking `dns_server` for SRV records.
+fn srv_discovery_client(allow_private: bool, dns: &[(&str, SocketAddr)], dns_server: Option<&FakeDns>) -> FedClient {
     init_crypto();
     let cfg = hearth::config::Federation {
         verify_certificates: false,
         allow_private_ips: allow_private,
         trusted_key_servers: vec![],
+        dns_servers: dns_server.map(|d| vec![d.addr]).unwrap_or_default(),
         ..Default::default()
     };
     FedClient::with_static_dns(new_identity("prober.example"), cfg, dns).expect("federation client")
+}
+
+/// A DNS server on loopback (UDP) answering SRV questions from a table, NXDOMAIN for everything else.
+struct FakeDns {
+    addr: SocketAddr,
+    queries: Arc<std::sync::Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeDns {
+    /// `records`: (`_service._tcp.name`, priority, weight, port, target).
+    async fn start(records: &[(&str, u16, u16, u16, &str)]) -> FakeDns {
+        use hickory_resolver::proto::op::{Message, OpCode, ResponseCode};
+        use hickory_resolver::proto::rr::{rdata::SRV, Name, RData, Record};
+        let table: Vec<(String, u16, u16, u16, String)> = records
+            .iter()
+            .map(|(n, p, w, port, t)| (format!("{}.", n.trim_end_matches('.')), *p, *w, *port, t.to_string()))
+            .collect();
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let queries: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+        let seen = queries.clone();
+        let task = tokio::spawn(async move {
+            let mut buf = vec![0u8; 1500];
+            loop {
+                let Ok((n, from)) = socket.recv_from(&mut buf).await else { return };
+                let Ok(query) = Message::from_vec(&buf[..n]) else { continue };
+                let mut answer = Message::response(query.metadata.id, OpCode::Query);
+                answer.metadata.recursion_desired = query.metadata.recursion_desired;
+                answer.metadata.recursion_available = true;
+                for q in &query.queries {
+                    let name = q.name().to_ascii().to_lowercase();
+                    seen.lock().unwrap().push(name.clone());
+                    answer.add_query(q.clone());
+                    for (_, p, w, port, t) in table.iter().filter(|r| r.0 == name) {
+                        let target = Name::from_ascii(t).unwrap();
+                        let srv = RData::SRV(SRV::new(*p, *w, *port, target));
+                        answer.add_answer(Record::from_rdata(q.name().clone(), 300, srv));
+                    }
+                }
+                if answer.answers.is_empty() {
+                    answer.metadata.response_code = ResponseCode::NXDomain;
+                }
+                let _ = socket.send_to(&answer.to_vec().unwrap(), from).await;
+            }
+        });
+        FakeDns { addr, queries, task }
+    }
+
+    fn asked(&self, name: &str) -> bool {
+        self.queries.lock().unwrap().iter().any(|q| q.trim_end_matches('.') == name)
+    }
+}
+
+impl Drop for FakeDns {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 // ---- gaps and prev_events ---------------------------------------------------------------------------------------
@@ -644,6 +708,63 @@ async fn well_known_redirects_to_private_addresses_are_not_followed() {
     let before = wk.count("well_known");
     let _ = probe(&discovery_client(false, &dns), "wk.example").await;
     assert!(wk.count("well_known") - before <= 6, "{} well-known requests", wk.count("well_known") - before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn srv_records_are_followed_and_their_targets_checked() {
+    let target = FakeResident::start(RoomSpec { members: 0, messages: 0, ..RoomSpec::default() }).await;
+    let old = FakeResident::start(RoomSpec { members: 0, messages: 0, ..RoomSpec::default() }).await;
+    let wk = FakeResident::start(RoomSpec { members: 0, messages: 0, ..RoomSpec::default() }).await;
+    target.script("version", Script::json(200, json!({"server": {"name": "srv target"}})));
+    old.script("version", Script::json(200, json!({"server": {"name": "old srv target"}})));
+    wk.script("well_known", Script::json(200, json!({"m.server": "delegated.example"})));
+    let (tp, op) = (target.addr.port(), old.addr.port());
+    let dns_server = FakeDns::start(&[
+        // _matrix-fed wins over the deprecated _matrix; the lower priority wins.
+        ("_matrix-fed._tcp.srv.example", 10, 0, tp, "box.example."),
+        ("_matrix-fed._tcp.srv.example", 20, 0, op, "box.example."),
+        ("_matrix._tcp.srv.example", 0, 0, op, "box.example."),
+        // Only the deprecated service.
+        ("_matrix._tcp.old.example", 0, 0, op, "box.example."),
+        // The well-known delegates to a name without a port: SRV on that name.
+        ("_matrix-fed._tcp.delegated.example", 0, 0, tp, "box.example."),
+        // SRV pointing at loopback.
+        ("_matrix-fed._tcp.sneaky.example", 0, 0, tp, "localhost."),
+        ("_matrix-fed._tcp.internal.example", 0, 0, tp, "127.0.0.1."),
+    ])
+    .await;
+    // "Public DNS": box.example stands for a public address (the port comes from the SRV record).
+    let dns = [("box.example", SocketAddr::from(([127, 0, 0, 1], 0))), ("wk.example", wk.addr)];
+
+    let client = srv_discovery_client(false, &dns, Some(&dns_server));
+    let r = probe(&client, "srv.example").await.expect("reached through _matrix-fed._tcp");
+    assert_eq!(r["server"]["name"], "srv target");
+    assert!(dns_server.asked("_matrix-fed._tcp.srv.example"));
+    let r = probe(&client, "old.example").await.expect("reached through _matrix._tcp");
+    assert_eq!(r["server"]["name"], "old srv target");
+    assert!(dns_server.asked("_matrix-fed._tcp.old.example"), "the current service name is asked first");
+    let before = target.count("version");
+    let r = probe(&client, "wk.example").await.expect("reached through the delegated name's SRV record");
+    assert_eq!(r["server"]["name"], "srv target");
+    assert_eq!(target.count("version"), before + 1);
+    assert!(dns_server.asked("_matrix-fed._tcp.delegated.example"));
+    assert!(!dns_server.asked("_matrix-fed._tcp.wk.example"), "no SRV lookup for a name that delegates");
+
+    // SRV targets on loopback are refused unless private addresses are allowed, and nothing reaches them.
+    for name in ["sneaky.example", "internal.example"] {
+        let before = target.count("version");
+        let e = probe(&client, name).await.expect_err("SRV to loopback is refused");
+        assert!(e.to_string().contains("private"), "{name}: {e}");
+        assert_eq!(target.count("version"), before, "{name}: nothing reached the target");
+        let allowed = srv_discovery_client(true, &dns, Some(&dns_server));
+        let r = probe(&allowed, name).await.expect("allowed when private addresses are");
+        assert_eq!(r["server"]["name"], "srv target");
+    }
+
+    // No SRV record at all: port 8448 on the name itself (which has no address here).
+    let e = probe(&client, "nothing.example").await.expect_err("no such server");
+    assert!(dns_server.asked("_matrix._tcp.nothing.example"));
+    assert!(e.to_string().contains("nothing.example"), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,7 +2,6 @@
 //! found, named `crash-*`) through the fuzz targets' bodies (fuzz/targets.rs) on stable Rust, so the normal test run
 //! keeps them fixed. The fuzzers themselves need cargo-fuzz: see fuzz/README.md.
 
-#[allow(dead_code)]
 #[path = "../fuzz/targets.rs"]
 mod targets;
 

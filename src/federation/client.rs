@@ -38,6 +38,9 @@ pub struct FedClient {
     identity: Arc<Identity>,
     config: FedConfig,
     targets: Mutex<HashMap<String, Target>>,
+    /// Server names whose federation endpoint was found by SRV: name -> SRV target (read by the resolver).
+    srv_hosts: Arc<Mutex<HashMap<String, String>>>,
+    srv: SrvLookup,
     max_response: AtomicU64,
     max_file: AtomicU64,
 }
@@ -131,15 +134,27 @@ fn ip_literal(host: &str) -> Option<IpAddr> {
 /// connection (discovery, `.well-known` redirects, requests) goes through it, so a name cannot be pointed at
 /// an internal service, even by a DNS answer that changes between a check and the connection. IP literals do
 /// not reach a resolver: they are checked where they appear (targets, redirects).
+///
+/// Server names found through SRV are connected to by their own name (so TLS checks the certificate for it, as
+/// the spec wants) with the SRV port in the URL; `srv_hosts` maps such a name to the SRV target whose addresses
+/// are used. Only the federation client has entries there; `.well-known` lookups use the name's own addresses.
 struct GuardedResolver {
     allow_private: bool,
+    /// Fixed answers standing for public DNS (tests): not checked against `allow_private`.
+    fixed: Arc<HashMap<String, SocketAddr>>,
+    srv_hosts: Arc<Mutex<HashMap<String, String>>>,
 }
 
 impl reqwest::dns::Resolve for GuardedResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
         let allow = self.allow_private;
-        let host = name.as_str().to_owned();
+        let asked = name.as_str().to_owned();
+        let host = self.srv_hosts.lock().unwrap_or_else(|e| e.into_inner()).get(&asked).cloned().unwrap_or(asked);
+        let fixed = self.fixed.get(&host).copied();
         Box::pin(async move {
+            if let Some(addr) = fixed {
+                return Ok(Box::new(std::iter::once(addr)) as reqwest::dns::Addrs);
+            }
             let all: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
             let n = all.len();
             let ok: Vec<SocketAddr> = all.into_iter().filter(|a| allow || !is_private(a.ip())).collect();
@@ -154,6 +169,123 @@ impl reqwest::dns::Resolve for GuardedResolver {
             Ok(Box::new(ok.into_iter()) as reqwest::dns::Addrs)
         })
     }
+}
+
+/// A server's SRV record, as chosen for connecting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SrvTarget {
+    host: String,
+    port: u16,
+    ttl: Duration,
+}
+
+/// SRV lookups for server discovery (hickory), built on first use: the system's resolvers, or
+/// `federation.dns_servers`.
+struct SrvLookup {
+    servers: Vec<SocketAddr>,
+    resolver: tokio::sync::OnceCell<Option<hickory_resolver::TokioResolver>>,
+}
+
+impl SrvLookup {
+    fn new(servers: Vec<SocketAddr>) -> SrvLookup {
+        SrvLookup { servers, resolver: tokio::sync::OnceCell::new() }
+    }
+
+    fn build(&self) -> Option<hickory_resolver::TokioResolver> {
+        use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
+        use hickory_resolver::net::runtime::TokioRuntimeProvider;
+        let mut builder = if self.servers.is_empty() {
+            match hickory_resolver::Resolver::builder_tokio() {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(error = %e, "no system DNS configuration: SRV records are not looked up");
+                    return None;
+                }
+            }
+        } else {
+            let name_servers = self
+                .servers
+                .iter()
+                .map(|a| {
+                    let conn = |mut c: ConnectionConfig| {
+                        c.port = a.port();
+                        c
+                    };
+                    NameServerConfig::new(
+                        a.ip(),
+                        true,
+                        vec![conn(ConnectionConfig::udp()), conn(ConnectionConfig::tcp())],
+                    )
+                })
+                .collect();
+            let config = ResolverConfig::from_parts(None, vec![], name_servers);
+            hickory_resolver::Resolver::builder_with_config(config, TokioRuntimeProvider::default())
+        };
+        let opts = builder.options_mut();
+        opts.timeout = Duration::from_secs(5);
+        opts.attempts = 2;
+        match builder.build() {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(error = %e, "DNS resolver could not be built: SRV records are not looked up");
+                None
+            }
+        }
+    }
+
+    /// The SRV target for `hostname`: `_matrix-fed._tcp` first, then the deprecated `_matrix._tcp`; `None` when
+    /// neither has a usable record (or DNS fails: discovery then falls back to port 8448).
+    async fn lookup(&self, hostname: &str) -> Option<SrvTarget> {
+        let resolver = self.resolver.get_or_init(|| async { self.build() }).await.as_ref()?;
+        for service in ["_matrix-fed._tcp", "_matrix._tcp"] {
+            let name = format!("{service}.{}.", hostname.trim_end_matches('.'));
+            match resolver.srv_lookup(name.as_str()).await {
+                Ok(lookup) => {
+                    let records: Vec<(u16, u16, u16, String, u32)> = lookup
+                        .answers()
+                        .iter()
+                        .filter_map(|r| match &r.data {
+                            hickory_resolver::proto::rr::RData::SRV(srv) => {
+                                Some((srv.priority, srv.weight, srv.port, srv.target.to_utf8(), r.ttl))
+                            }
+                            _ => None,
+                        })
+                        .collect();
+                    if let Some(t) = choose_srv(&records, rand::random::<u32>()) {
+                        tracing::debug!(hostname, service, target = %t.host, port = t.port, "SRV record");
+                        return Some(t);
+                    }
+                }
+                Err(e) => tracing::debug!(hostname, service, error = %e, "no SRV record"),
+            }
+        }
+        None
+    }
+}
+
+/// Picks the record to connect to (RFC 2782): the lowest priority, and among those a weighted random choice
+/// (`roll` is the random number). A target of "." means the service is decidedly not offered there.
+fn choose_srv(records: &[(u16, u16, u16, String, u32)], roll: u32) -> Option<SrvTarget> {
+    let usable: Vec<_> = records.iter().filter(|r| r.3 != "." && !r.3.is_empty() && r.2 != 0).collect();
+    let best = usable.iter().map(|r| r.0).min()?;
+    let mut group: Vec<_> = usable.into_iter().filter(|r| r.0 == best).collect();
+    // Weight-0 records first, so that they are chosen only when the roll lands on 0.
+    group.sort_by_key(|r| r.1);
+    let total: u32 = group.iter().map(|r| u32::from(r.1)).sum();
+    let pick = if total == 0 { 0 } else { roll % (total + 1) };
+    let mut running = 0u32;
+    let chosen = group
+        .iter()
+        .find(|r| {
+            running += u32::from(r.1);
+            running >= pick
+        })
+        .unwrap_or(&group[0]);
+    Some(SrvTarget {
+        host: chosen.3.trim_end_matches('.').to_owned(),
+        port: chosen.2,
+        ttl: Duration::from_secs(u64::from(chosen.4)),
+    })
 }
 
 /// An error with its causes ("error sending request: client error (Connect): ... resolves only to private
@@ -242,22 +374,21 @@ impl FedClient {
             );
         }
         let allow_private = config.allow_private_ips;
-        let builder = || {
-            let mut b = reqwest::Client::builder()
+        let fixed: Arc<HashMap<String, SocketAddr>> = Arc::new(dns.iter().map(|(n, a)| (n.to_string(), *a)).collect());
+        let srv_hosts: Arc<Mutex<HashMap<String, String>>> = Arc::default();
+        let builder = |srv_hosts: Arc<Mutex<HashMap<String, String>>>| {
+            let resolver = GuardedResolver { allow_private, fixed: fixed.clone(), srv_hosts };
+            reqwest::Client::builder()
                 .tls_danger_accept_invalid_certs(!config.verify_certificates)
-                .dns_resolver(Arc::new(GuardedResolver { allow_private }))
+                .dns_resolver(Arc::new(resolver))
                 .connect_timeout(Duration::from_secs(10))
                 .timeout(Duration::from_secs(120))
                 .pool_idle_timeout(Duration::from_secs(60))
-                .user_agent(concat!("Hearth/", env!("CARGO_PKG_VERSION")));
-            for (name, addr) in dns {
-                b = b.resolve(name, *addr);
-            }
-            b
+                .user_agent(concat!("Hearth/", env!("CARGO_PKG_VERSION")))
         };
         // Federation endpoints never redirect; following one would let a peer aim our requests anywhere.
-        let http = builder().redirect(reqwest::redirect::Policy::none()).build()?;
-        let well_known_http = builder()
+        let http = builder(srv_hosts.clone()).redirect(reqwest::redirect::Policy::none()).build()?;
+        let well_known_http = builder(Arc::default())
             .redirect(reqwest::redirect::Policy::custom(move |attempt| {
                 if attempt.previous().len() >= MAX_WELL_KNOWN_REDIRECTS {
                     return attempt.error("too many redirects");
@@ -279,8 +410,10 @@ impl FedClient {
             http,
             well_known_http,
             identity,
-            config,
             targets: Mutex::new(HashMap::new()),
+            srv_hosts,
+            srv: SrvLookup::new(config.dns_servers.clone()),
+            config,
             max_response: AtomicU64::new(MAX_RESPONSE_BYTES),
             max_file: AtomicU64::new(MAX_FILE_BYTES),
         })
@@ -301,8 +434,9 @@ impl FedClient {
         &self.identity
     }
 
-    /// Server discovery (spec order): static override, IP literal, explicit port, `.well-known`, port 8448.
-    /// SRV lookups are not done yet (no DNS resolver dependency); delegated names with ports work.
+    /// Server discovery in the spec's order: static override, IP literal, explicit port, `.well-known` (then the
+    /// delegated name: IP literal, explicit port, SRV, port 8448), SRV (`_matrix-fed._tcp`, then `_matrix._tcp`),
+    /// port 8448.
     async fn target(&self, server_name: &str) -> Result<Target, FedError> {
         if let Some(t) = self.targets.lock().unwrap_or_else(|e| e.into_inner()).get(server_name) {
             if t.expires > Instant::now() {
@@ -324,23 +458,54 @@ impl FedClient {
                 match self.well_known(&host).await {
                     Some(delegated) => {
                         let (dh, dp) = split_host_port(&delegated);
-                        Target {
-                            base_url: format!("https://{}:{}", url_host(&dh), dp.unwrap_or(8448)),
-                            host_header: delegated.clone(),
-                            expires: hours(24),
+                        if dh.parse::<IpAddr>().is_ok() || dp.is_some() {
+                            Target {
+                                base_url: format!("https://{}:{}", url_host(&dh), dp.unwrap_or(8448)),
+                                host_header: delegated.clone(),
+                                expires: hours(24),
+                            }
+                        } else {
+                            self.srv_or_default(&dh, Duration::from_secs(24 * 3600)).await
                         }
                     }
-                    None => Target {
-                        base_url: format!("https://{host}:8448"),
-                        host_header: host.clone(),
-                        expires: hours(1),
-                    },
+                    None => self.srv_or_default(&host, Duration::from_secs(3600)).await,
                 }
             }
         };
         self.check_address(&target).await.map_err(unreachable)?;
         self.targets.lock().unwrap_or_else(|e| e.into_inner()).insert(server_name.to_owned(), target.clone());
         Ok(target)
+    }
+
+    /// A host name without a port: its SRV record if it has one (connected to by `hostname`, with the record's
+    /// port, at the record target's addresses), else `hostname:8448`. The `Host` header is `hostname` either way.
+    async fn srv_or_default(&self, hostname: &str, default_ttl: Duration) -> Target {
+        let srv_hosts = |target: Option<String>| {
+            let mut map = self.srv_hosts.lock().unwrap_or_else(|e| e.into_inner());
+            match target {
+                Some(t) => map.insert(hostname.to_owned(), t),
+                None => map.remove(hostname),
+            };
+        };
+        match self.srv.lookup(hostname).await {
+            Some(srv) => {
+                srv_hosts(Some(srv.host.clone()));
+                Target {
+                    base_url: format!("https://{}:{}", url_host(hostname), srv.port),
+                    host_header: hostname.to_owned(),
+                    // The record's TTL, within a minute and a day.
+                    expires: Instant::now() + srv.ttl.clamp(Duration::from_secs(60), Duration::from_secs(24 * 3600)),
+                }
+            }
+            None => {
+                srv_hosts(None);
+                Target {
+                    base_url: format!("https://{}:8448", url_host(hostname)),
+                    host_header: hostname.to_owned(),
+                    expires: Instant::now() + default_ttl,
+                }
+            }
+        }
     }
 
     async fn well_known(&self, host: &str) -> Option<String> {
@@ -635,4 +800,37 @@ pub fn enc(s: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(priority: u16, weight: u16, port: u16, target: &str) -> (u16, u16, u16, String, u32) {
+        (priority, weight, port, target.to_owned(), 300)
+    }
+
+    #[test]
+    fn srv_lowest_priority_wins() {
+        let records = [rec(10, 0, 1, "b.example."), rec(5, 0, 2, "a.example."), rec(20, 0, 3, "c.example.")];
+        for roll in [0, 1, 7, u32::MAX] {
+            let t = choose_srv(&records, roll).unwrap();
+            assert_eq!((t.host.as_str(), t.port), ("a.example", 2));
+        }
+    }
+
+    #[test]
+    fn srv_weights_share_one_priority() {
+        let records = [rec(1, 1, 1, "light.example."), rec(1, 9, 2, "heavy.example."), rec(2, 100, 3, "later.")];
+        let heavy = (0..1000u32).filter(|&roll| choose_srv(&records, roll).unwrap().port == 2).count();
+        assert!((800..=950).contains(&heavy), "heavy chosen {heavy} times in 1000");
+        assert!((0..1000u32).all(|roll| choose_srv(&records, roll).unwrap().port != 3));
+    }
+
+    #[test]
+    fn srv_dot_target_means_no_service() {
+        assert_eq!(choose_srv(&[rec(0, 0, 8448, ".")], 0), None);
+        assert_eq!(choose_srv(&[], 0), None);
+        assert_eq!(choose_srv(&[rec(0, 0, 8448, "."), rec(1, 0, 443, "ok.example.")], 0).unwrap().port, 443);
+    }
 }

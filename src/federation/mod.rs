@@ -72,7 +72,8 @@ impl FromRequest<AppState> for Signed {
             .and_then(|h| h.to_str().ok())
             .map(str::to_owned)
             .ok_or_else(|| Error::unauthorized("missing X-Matrix authorization"))?;
-        let (origin, destination, key_id, sig) = parse_x_matrix(&header).ok_or_else(|| Error::unauthorized("malformed X-Matrix header"))?;
+        let (origin, destination, key_id, sig) =
+            parse_x_matrix(&header).ok_or_else(|| Error::unauthorized("malformed X-Matrix header"))?;
         let ours = s.identity.server_name.as_str();
         if let Some(d) = &destination {
             if d != ours {
@@ -84,7 +85,11 @@ impl FromRequest<AppState> for Signed {
         let bytes = axum::body::to_bytes(req.into_body(), limit).await.map_err(|e| {
             let e = e.into_inner();
             if tls::is_body_timeout(e.as_ref()) {
-                Error::matrix(axum::http::StatusCode::REQUEST_TIMEOUT, "M_UNKNOWN", "the request body did not arrive in time")
+                Error::matrix(
+                    axum::http::StatusCode::REQUEST_TIMEOUT,
+                    "M_UNKNOWN",
+                    "the request body did not arrive in time",
+                )
             } else {
                 Error::too_large("request body too large")
             }
@@ -95,7 +100,8 @@ impl FromRequest<AppState> for Signed {
             Some(serde_json::from_slice(&bytes).map_err(|e| Error::not_json(format!("body is not JSON: {e}")))?)
         };
         let fed = s.federation.as_ref().ok_or_else(|| Error::forbidden("federation is disabled"))?;
-        let public = fed.keys.server_key(&origin, &key_id).await?.ok_or_else(|| Error::unauthorized("unknown signing key"))?;
+        let public =
+            fed.keys.server_key(&origin, &key_id).await?.ok_or_else(|| Error::unauthorized("unknown signing key"))?;
 
         let mut obj = CanonicalJsonObject::new();
         obj.insert("method".into(), CanonicalJsonValue::String(method));
@@ -103,14 +109,23 @@ impl FromRequest<AppState> for Signed {
         obj.insert("origin".into(), CanonicalJsonValue::String(origin.clone()));
         obj.insert("destination".into(), CanonicalJsonValue::String(ours.to_owned()));
         if let Some(b) = &body {
-            obj.insert("content".into(), CanonicalJsonValue::try_from(b.clone()).map_err(|e| Error::bad_json(e.to_string()))?);
+            obj.insert(
+                "content".into(),
+                CanonicalJsonValue::try_from(b.clone()).map_err(|e| Error::bad_json(e.to_string()))?,
+            );
         }
-        let json = ruma::signatures::to_canonical_json_string_for_signing(&obj).map_err(|e| Error::bad_json(e.to_string()))?;
+        let json =
+            ruma::signatures::to_canonical_json_string_for_signing(&obj).map_err(|e| Error::bad_json(e.to_string()))?;
         let sig_bytes = base64::engine::general_purpose::STANDARD_NO_PAD
             .decode(sig.trim_end_matches('='))
             .map_err(|_| Error::unauthorized("signature is not base64"))?;
-        ruma::signatures::verify_canonical_json_bytes(&ruma::SigningKeyAlgorithm::Ed25519, &public, &sig_bytes, json.as_bytes())
-            .map_err(|_| Error::unauthorized("invalid X-Matrix signature"))?;
+        ruma::signatures::verify_canonical_json_bytes(
+            &ruma::SigningKeyAlgorithm::Ed25519,
+            &public,
+            &sig_bytes,
+            json.as_bytes(),
+        )
+        .map_err(|_| Error::unauthorized("invalid X-Matrix signature"))?;
         Ok(Signed { origin, body })
     }
 }
