@@ -753,3 +753,151 @@ async fn state_ids_with_invented_members_falls_back_to_another_server() {
     assert!(peer.count("state_ids") >= 1, "the other server in servers_in_room was asked for /state_ids");
     hearth.stop().await;
 }
+
+/// Device keys for `c`'s device (enough for Hearth to store and announce them).
+fn device_keys(c: &Client) -> Value {
+    json!({
+        "user_id": c.user_id, "device_id": c.device_id,
+        "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
+        "keys": {format!("curve25519:{}", c.device_id): "curve", format!("ed25519:{}", c.device_id): "ed"},
+        "signatures": {},
+    })
+}
+
+fn device_updates_for(f: &FakeResident, user: &str) -> Vec<Value> {
+    f.edus_of("m.device_list_update").into_iter().filter(|c| c["user_id"] == user).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_list_updates_during_partial_state_reach_servers_in_room_then_the_rest() {
+    let hearth = start_hearth().await;
+    let fake = FakeResident::start(RoomSpec::default()).await;
+    // A second server with a member in the room, which the resident leaves out of servers_in_room.
+    let peer = fake.start_peer().await;
+    let bob = peer.user("bob");
+    fake.append(EventSpec::member(&bob, "join"));
+    fake.set_servers_in_room(Some(vec![fake.name.clone()]));
+    fake.connect_to(&hearth);
+    fake.hold("state_ids");
+    let alice = hearth.user("alice").await;
+    let since = alice.sync(None, &[]).await.ok()["next_batch"].as_str().unwrap().to_owned();
+    join_via(&alice, &fake).await;
+    let room = fake.room_id();
+    fake.wait_requests("state_ids", 1, LONG).await;
+
+    // Outbound: a device of alice's changes while the room is partial: the servers in servers_in_room hear of it.
+    alice.post("/keys/upload", json!({"device_keys": device_keys(&alice)})).await.ok();
+    fake.wait_until("alice's device list update at the resident", Duration::from_secs(10), |f| {
+        !device_updates_for(f, &alice.user_id).is_empty()
+    })
+    .await;
+    let update = &device_updates_for(&fake, &alice.user_id)[0];
+    assert_eq!(update["device_id"], json!(alice.device_id));
+    assert_eq!(update["keys"]["keys"][format!("curve25519:{}", alice.device_id)], "curve", "{update}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(device_updates_for(&peer, &alice.user_id).is_empty(), "the peer is not known to be in the room yet");
+
+    // Inbound: an omitted member of the resident's server changes devices while we are partial.
+    let carol = fake.user("user3");
+    let edu = json!({"edu_type": "m.device_list_update", "content": {
+        "user_id": carol, "device_id": "CAROLDEV", "stream_id": 7, "prev_id": [], "deleted": false}});
+    fake.push_json(vec![], vec![edu]).await.expect("transaction accepted");
+    assert_eq!(fake.count("state"), 0, "all this while the resync was held");
+
+    // After the resync: the peer, learned from the full state, gets alice's device; alice's sync lists the
+    // members whose device lists she must (re)fetch, the omitted ones included.
+    fake.release("state_ids");
+    wait_resynced(&alice, &room).await;
+    peer.wait_until("alice's device list update at the peer", Duration::from_secs(10), |p| {
+        device_updates_for(p, &alice.user_id).iter().any(|c| c["device_id"] == json!(alice.device_id))
+    })
+    .await;
+    let s = alice.sync(Some(&since), &[]).await.ok();
+    let changed: Vec<&str> =
+        s["device_lists"]["changed"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
+    for u in [carol.as_str(), bob.as_str(), fake.creator().as_str()] {
+        assert!(changed.contains(&u), "{u} in device_lists.changed: {changed:?}");
+    }
+    hearth.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edus_aliases_and_profile_changes_work_during_resync() {
+    let (hearth, fake, alice) = partially_joined(RoomSpec::default()).await;
+    let room = fake.room_id();
+    let since = alice.sync(None, &[("filter", &lazy_filter())]).await.ok()["next_batch"].as_str().unwrap().to_owned();
+
+    // Typing, a read receipt and a to-device message from an omitted member reach alice.
+    let user1 = fake.user("user1");
+    let last = fake.append(EventSpec::message(&user1, "read me"));
+    fake.push(&[&last.id]).await;
+    let edus = vec![
+        json!({"edu_type": "m.typing", "content": {"room_id": room, "user_id": user1, "typing": true}}),
+        json!({"edu_type": "m.receipt", "content": {room.clone(): {"m.read": {user1.clone(): {
+            "event_ids": [last.id], "data": {"ts": 1}}}}}}),
+        json!({"edu_type": "m.direct_to_device", "content": {"sender": user1, "type": "m.partial.test",
+            "message_id": "m1", "messages": {alice.user_id.clone(): {alice.device_id.clone(): {"hello": "partial"}}}}}),
+    ];
+    fake.push_json(vec![], edus).await.expect("transaction accepted");
+    let s = alice.sync(Some(&since), &[("filter", &lazy_filter())]).await.ok();
+    let eph = events_of(&s["rooms"]["join"][&room]["ephemeral"]);
+    let typing = eph.iter().find(|e| e["type"] == "m.typing").expect("typing in ephemeral");
+    assert_eq!(typing["content"]["user_ids"], json!([user1]));
+    let receipt = eph.iter().find(|e| e["type"] == "m.receipt").expect("receipt in ephemeral");
+    assert!(receipt["content"][&last.id]["m.read"].get(&user1).is_some(), "{receipt}");
+    let td = events_of(&s["to_device"]);
+    assert!(td.iter().any(|e| e["type"] == "m.partial.test" && e["content"]["hello"] == "partial"), "{td:?}");
+
+    // Aliases can be added, read and deleted.
+    let alias = format!("#partial:{}", hearth.server_name);
+    within(Duration::from_secs(10), alice.put(&format!("/directory/room/{}", enc(&alias)), json!({"room_id": room})))
+        .await
+        .expect("adding an alias does not wait")
+        .ok();
+    assert_eq!(alice.get(&format!("/directory/room/{}", enc(&alias))).await.ok()["room_id"], json!(room));
+    alice.delete(&format!("/directory/room/{}", enc(&alias)), json!({})).await.ok();
+    alice.get(&format!("/directory/room/{}", enc(&alias))).await.assert_err(404, "M_NOT_FOUND");
+
+    // A display name change does not wait for the resync, and the resident gets the new member event.
+    within(
+        Duration::from_secs(10),
+        alice.put(&format!("/profile/{}/displayname", enc(&alice.user_id)), json!({"displayname": "Alice P."})),
+    )
+    .await
+    .expect("setting a display name does not wait")
+    .ok();
+    fake.wait_until("alice's new display name at the resident", Duration::from_secs(10), |f| {
+        f.received().iter().any(|(_, p)| {
+            p["type"] == "m.room.member" && p["state_key"] == json!(alice.user_id) && p["content"]["displayname"] == "Alice P."
+        })
+    })
+    .await;
+    assert_eq!(fake.count("state"), 0, "all this while the resync was held");
+
+    fake.release("state_ids");
+    let joined = wait_resynced(&alice, &room).await;
+    assert_eq!(joined["joined"][&alice.user_id]["display_name"], "Alice P.");
+    hearth.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_kick_and_ban_during_resync_apply() {
+    let (hearth, fake, alice) = partially_joined(RoomSpec::default()).await;
+    let room = fake.room_id();
+    let creator = fake.creator();
+
+    // The resident kicks alice while her room is partial: she is out at once.
+    let kick = fake.append(EventSpec::state(&creator, "m.room.member", &alice.user_id, json!({"membership": "leave"})));
+    assert_eq!(fake.push(&[&kick.id]).await[&kick.id], json!({}));
+    let jr = alice.get("/joined_rooms").await.ok();
+    assert!(!jr["joined_rooms"].as_array().unwrap().contains(&json!(room)), "kicked: {jr}");
+    alice.send(&room, "m.room.message", json!({"msgtype": "m.text", "body": "still here?"})).await.assert_err(403, "M_FORBIDDEN");
+
+    // Then bans her: a rejoin is refused with 403.
+    let ban = fake.append(EventSpec::state(&creator, "m.room.member", &alice.user_id, json!({"membership": "ban"})));
+    assert_eq!(fake.push(&[&ban.id]).await[&ban.id], json!({}));
+    let path = format!("/join/{}?server_name={}", enc(&room), enc(&fake.name));
+    alice.post(&path, json!({})).await.assert_err(403, "M_FORBIDDEN");
+    fake.release("state_ids");
+    hearth.stop().await;
+}

@@ -75,18 +75,7 @@ fn announce_keys(
         return Ok(());
     }
     let edu = match device_id {
-        Some(d) => {
-            let mut content = json!({"user_id": user_id, "device_id": d, "stream_id": stream_id, "deleted": false});
-            content["prev_id"] =
-                json!(e2ee::previous_device_list_pos(conn, user_id, stream_id)?.into_iter().collect::<Vec<_>>());
-            if let Some(dk) = e2ee::device_keys(conn, user_id, &[d.to_owned()])?.pop() {
-                content["keys"] = dk.keys;
-                if let Some(name) = dk.display_name {
-                    content["device_display_name"] = json!(name);
-                }
-            }
-            json!({"edu_type": "m.device_list_update", "content": content})
-        }
+        Some(d) => e2ee::device_update_edu(conn, user_id, d, stream_id)?,
         None => {
             let mut content = json!({"user_id": user_id});
             for (t, field) in [("master", "master_key"), ("self_signing", "self_signing_key")] {

@@ -788,49 +788,13 @@ fn build(
         empty = false;
     }
 
-    // Device list changes of users we share a room with.
+    // Device list changes of users we share a room with, of members who joined or left our rooms, and of
+    // everyone in rooms we joined (also when a lazy join's member list completed) or left. The same as
+    // /keys/changes.
     let mut dl_changed: BTreeSet<String> = BTreeSet::new();
     let mut dl_left: BTreeSet<String> = BTreeSet::new();
     if let Some(ss) = since_stream {
-        let mut stmt = c.prepare_cached(
-            "SELECT DISTINCT d.user_id FROM device_list_stream d WHERE d.stream_ordering > ?2 AND d.stream_ordering <= ?3
-             AND (d.user_id = ?1 OR EXISTS (SELECT 1 FROM room_members a JOIN room_members b ON a.room_nid = b.room_nid
-                 WHERE a.user_id = ?1 AND a.membership = 'join' AND b.user_id = d.user_id AND b.membership = 'join'))",
-        )?;
-        for u in stmt.query_map(params![auth.user_id, ss, pos.stream], |r| r.get::<_, String>(0))? {
-            dl_changed.insert(u?);
-        }
-        // Members who joined or left rooms we are in, during the window.
-        let mut stmt = c.prepare_cached(
-            "SELECT DISTINCT k.state_key, json_extract(e.json, '$.content.membership') FROM events e
-             JOIN state_keys k ON k.state_key_nid = e.state_key_nid
-             JOIN room_members me ON me.room_nid = e.room_nid AND me.user_id = ?1 AND me.membership = 'join'
-             WHERE e.event_type = 'm.room.member' AND e.stream_ordering > ?2 AND e.stream_ordering <= ?3
-             AND k.state_key != ?1",
-        )?;
-        let rows = stmt.query_map(params![auth.user_id, ss, pos.stream], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
-        })?;
-        for r in rows {
-            let (u, m) = r?;
-            match m.as_deref() {
-                Some("join") => {
-                    dl_changed.insert(u);
-                }
-                Some("leave") | Some("ban") => {
-                    let still_shared: bool = c
-                        .prepare_cached(
-                            "SELECT 1 FROM room_members a JOIN room_members b ON a.room_nid = b.room_nid
-                             WHERE a.user_id = ?1 AND a.membership = 'join' AND b.user_id = ?2 AND b.membership = 'join'",
-                        )?
-                        .exists(params![auth.user_id, u])?;
-                    if !still_shared {
-                        dl_left.insert(u);
-                    }
-                }
-                _ => {}
-            }
-        }
+        (dl_changed, dl_left) = crate::store::e2ee::device_list_changes(c, &auth.user_id, ss, pos.stream)?;
         if !dl_changed.is_empty() || !dl_left.is_empty() {
             empty = false;
         }

@@ -392,6 +392,10 @@ fn finish(
             }
         }
     }
+    let told = announce_devices_to_new_servers(w.conn, identity, room_nid, since)?;
+    if told > 0 {
+        tracing::info!(room_nid, told, "resync: device list updates sent to servers learned from the full state");
+    }
     let conn = w.conn;
     conn.execute("DELETE FROM partial_state_servers WHERE room_nid = ?1", [room_nid])?;
     conn.execute("DELETE FROM resync_state WHERE room_nid = ?1", [room_nid])?;
@@ -409,6 +413,51 @@ fn finish(
         events::record_local_membership(w.conn, pos, &user, room_nid, "join", nid)?;
     }
     Ok(joined)
+}
+
+/// While partial, local users' device list changes went to the servers in `servers_in_room` only. Servers that the
+/// full state shows in the room but that were not on that list missed them (MSC3902): each gets an update for every
+/// device of each local member whose device list changed since the join. Returns the EDUs queued. Runs before the
+/// room's `partial_state_servers` rows are dropped.
+fn announce_devices_to_new_servers(
+    conn: &rusqlite::Connection,
+    identity: &crate::room::Identity,
+    room_nid: i64,
+    since: i64,
+) -> Result<usize> {
+    let ours = identity.server_name.as_str();
+    let new_servers: Vec<String> = {
+        let mut stmt = conn.prepare(
+            "SELECT DISTINCT server_name FROM room_members WHERE room_nid = ?1 AND membership = 'join'
+             AND server_name != ?2
+             AND server_name NOT IN (SELECT server_name FROM partial_state_servers WHERE room_nid = ?1)",
+        )?;
+        let rows = stmt.query_map(params![room_nid, ours], |r| r.get(0))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    if new_servers.is_empty() {
+        return Ok(0);
+    }
+    let changed: Vec<(String, i64)> = {
+        let mut stmt = conn.prepare(
+            "SELECT m.user_id, max(d.stream_ordering) FROM room_members m
+             JOIN device_list_stream d ON d.user_id = m.user_id AND d.stream_ordering > ?2
+             WHERE m.room_nid = ?1 AND m.membership = 'join' AND m.server_name = ?3 GROUP BY m.user_id",
+        )?;
+        let rows = stmt.query_map(params![room_nid, since, ours], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    let mut queued = 0;
+    for (user, pos) in changed {
+        for device in crate::store::accounts::list_devices(conn, &user)? {
+            let edu = crate::store::e2ee::device_update_edu(conn, &user, &device.device_id, pos)?.to_string();
+            for server in &new_servers {
+                crate::store::outbox::enqueue_edu(conn, server, &edu)?;
+                queued += 1;
+            }
+        }
+    }
+    Ok(queued)
 }
 
 /// Rows of the fetched state written per fill step.

@@ -34,14 +34,34 @@ pub fn previous_device_list_pos(conn: &Connection, user_id: &str, pos: i64) -> R
         .query_row(params![user_id, pos], |r| r.get(0))?)
 }
 
-/// Other servers with a member joined to a room that `user_id` is joined to (who must hear of its key changes).
+/// Other servers in a room that `user_id` is joined to (who must hear of its key changes): those with a joined
+/// member, plus, for rooms still partial (lazy joins), the servers the resident named in `servers_in_room`.
 pub fn servers_sharing_rooms(conn: &Connection, user_id: &str, our_server: &str) -> Result<Vec<String>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT DISTINCT o.server_name FROM room_members me JOIN room_members o ON o.room_nid = me.room_nid
-         WHERE me.user_id = ?1 AND me.membership = 'join' AND o.membership = 'join' AND o.server_name != ?2",
+        "SELECT o.server_name FROM room_members me JOIN room_members o ON o.room_nid = me.room_nid
+         WHERE me.user_id = ?1 AND me.membership = 'join' AND o.membership = 'join' AND o.server_name != ?2
+         UNION
+         SELECT p.server_name FROM room_members me JOIN partial_state_servers p ON p.room_nid = me.room_nid
+         WHERE me.user_id = ?1 AND me.membership = 'join' AND p.server_name != ?2",
     )?;
     let rows = stmt.query_map(params![user_id, our_server], |r| r.get(0))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// The `m.device_list_update` EDU for one of `user_id`'s devices at device list position `stream_id`, with the
+/// device's current keys and name.
+pub fn device_update_edu(conn: &Connection, user_id: &str, device_id: &str, stream_id: i64) -> Result<Value> {
+    let prev: Vec<i64> = previous_device_list_pos(conn, user_id, stream_id)?.into_iter().collect();
+    let mut content = serde_json::json!({
+        "user_id": user_id, "device_id": device_id, "stream_id": stream_id, "prev_id": prev, "deleted": false,
+    });
+    if let Some(dk) = device_keys(conn, user_id, &[device_id.to_owned()])?.pop() {
+        content["keys"] = dk.keys;
+        if let Some(name) = dk.display_name {
+            content["device_display_name"] = Value::String(name);
+        }
+    }
+    Ok(serde_json::json!({"edu_type": "m.device_list_update", "content": content}))
 }
 
 /// Whether two users are both joined to at least one common room.

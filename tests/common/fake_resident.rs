@@ -592,6 +592,8 @@ struct Control {
     hidden: Mutex<HashSet<String>>,
     requests: Mutex<Vec<Request>>,
     received: Mutex<Vec<(String, Value)>>,
+    /// EDUs received through `PUT /send`.
+    edus: Mutex<Vec<Value>>,
     changed: watch::Sender<u64>,
     /// Scripted answers by request kind.
     scripts: Mutex<HashMap<String, Script>>,
@@ -761,6 +763,7 @@ impl FakeResident {
                 hidden: Mutex::default(),
                 requests: Mutex::default(),
                 received: Mutex::default(),
+                edus: Mutex::default(),
                 changed: watch::channel(0).0,
                 scripts: Mutex::default(),
                 streamed: AtomicU64::new(0),
@@ -936,6 +939,12 @@ impl FakeResident {
         self.wait_until(&format!("{n} `{kind}` request(s) at {}", self.name), timeout, |f| f.count(kind) >= n).await;
     }
 
+    /// EDUs of `edu_type` Hearth sent through `/send` (their `content`s).
+    pub fn edus_of(&self, edu_type: &str) -> Vec<Value> {
+        let edus = self.inner.ctl.edus.lock().unwrap();
+        edus.iter().filter(|e| e["edu_type"] == edu_type).map(|e| e["content"].clone()).collect()
+    }
+
     /// Waits until Hearth sent the PDU `event_id` through `/send`; returns it.
     pub async fn wait_received(&self, event_id: &str, timeout: Duration) -> Value {
         self.wait_until(&format!("{event_id} sent to {}", self.name), timeout, |f| {
@@ -1049,6 +1058,11 @@ async fn make_join(State(i): State<Shared>, UrlPath((room_id, user_id)): UrlPath
         return e;
     }
     let state = r.current_state();
+    // A banned user may not join (as a real resident's auth rules would say).
+    let banned = r.state_id("m.room.member", &user_id).and_then(|id| r.get(&id).map(|e| e.json["content"]["membership"] == "ban"));
+    if banned == Some(true) {
+        return err(StatusCode::FORBIDDEN, "M_FORBIDDEN", "banned from the room");
+    }
     let spec = EventSpec::member(&user_id, "join");
     let content = json!({"membership": "join"});
     let auth = r.auth_for(&state, &EventSpec { content: content.clone(), ..spec });
@@ -1300,6 +1314,8 @@ async fn send(
             }
             results.insert(id.to_string(), json!({}));
         }
+        let edus = body.get("edus").and_then(Value::as_array).cloned().unwrap_or_default();
+        i.ctl.edus.lock().unwrap().extend(edus);
     }
     i.ctl.bump();
     axum::Json(json!({"pdus": results})).into_response()
