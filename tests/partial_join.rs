@@ -105,6 +105,11 @@ async fn eager_sync_hides_partial_room_until_resync_then_shows_all_members() {
     let joined: Vec<String> = members.iter().filter(|(_, m)| *m == "join").map(|(u, _)| u.clone()).collect();
     assert_eq!(joined, expected_members(&fake), "after the resync, eager sync shows every member");
     assert!(joined.contains(&alice.user_id));
+    // Room stats and the user directory know the omitted members too.
+    assert_eq!(room_sync["summary"]["m.joined_member_count"], json!(expected_members(&fake).len()), "{}", room_sync["summary"]);
+    let user7 = fake.user("user7");
+    let found = alice.post("/user_directory/search", json!({"search_term": "user7"})).await.ok();
+    assert!(found["results"].as_array().unwrap().iter().any(|r| r["user_id"] == json!(user7)), "{found}");
     hearth.stop().await;
 }
 
