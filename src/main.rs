@@ -141,7 +141,20 @@ fn init_logging(config: &Config) {
     }
 }
 
+/// glibc raises its mmap threshold each time a large mmapped block is freed; from then on big short-lived buffers
+/// (argon2's 19 MiB per password hash, large federation answers) come from the heap arenas and stay resident after
+/// they are freed. Measured: 100 registrations, 16 at a time, left the server at 1.5 GB RSS (16 MB with this).
+/// A fixed threshold keeps allocations of 1 MiB and more mmapped, so freeing them returns the memory.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called once at start, before other threads exist.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
 fn serve(config: Config) -> anyhow::Result<()> {
+    tune_allocator();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {

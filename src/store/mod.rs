@@ -70,6 +70,10 @@ where
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
+    /// One permit per pooled reader, taken before a read goes to a blocking thread: waiting readers queue as cheap
+    /// async tasks instead of as blocked threads contending on the pool's lock (a burst of 200 long polls waking
+    /// at once otherwise made 200 threads fight over 4 connections).
+    read_permits: Arc<tokio::sync::Semaphore>,
     foreground: std_mpsc::Sender<WriteFn>,
     background: std_mpsc::SyncSender<WriteFn>,
     wake: std_mpsc::SyncSender<()>,
@@ -79,7 +83,27 @@ pub struct Store {
 
 struct WriterHandle;
 
+/// Prepared statements kept per connection. rusqlite's default (16) is far fewer than the distinct statements one
+/// `/sync` runs, so they were re-parsed on every request: SQLite's parser and planner showed at the top of a
+/// profile under load.
+const STATEMENT_CACHE: usize = 256;
+
+/// Turns off SQLite's memory statistics before the library initialises: with them on, every allocation SQLite
+/// makes takes one global mutex, which the reader threads then queue on (seen in profiles under load). Must run
+/// before the first connection is opened; later it is a no-op (SQLITE_MISUSE, ignored).
+fn sqlite_global_config() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: sqlite3_config is called before sqlite3_initialize (no connection exists yet in this
+        // process when Store::open first runs); SQLITE_CONFIG_MEMSTATUS takes one int argument.
+        unsafe {
+            rusqlite::ffi::sqlite3_config(rusqlite::ffi::SQLITE_CONFIG_MEMSTATUS, 0 as std::os::raw::c_int);
+        }
+    });
+}
+
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     conn.execute_batch(
         "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=10000;
          PRAGMA cache_size=-8000; PRAGMA temp_store=MEMORY; PRAGMA journal_size_limit=67108864;",
@@ -89,6 +113,7 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
 impl Store {
     /// Opens (creating and migrating if needed) the database and starts the writer thread.
     pub fn open(path: &Path, readers: u32) -> anyhow::Result<Store> {
+        sqlite_global_config();
         let mut conn = Connection::open(path)?;
         configure(&conn)?;
         migrate::migrate(&mut conn)?;
@@ -97,6 +122,7 @@ impl Store {
         let manager = SqliteConnectionManager::file(path)
             .with_flags(rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX)
             .with_init(|c| {
+                c.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
                 c.execute_batch("PRAGMA foreign_keys=ON; PRAGMA busy_timeout=10000; PRAGMA cache_size=-4000;")?;
                 // `rarray(?)` lets one query take a whole list of ids (auth chains of big states).
                 rusqlite::vtab::array::load_module(c)
@@ -114,6 +140,7 @@ impl Store {
 
         Ok(Store {
             pool,
+            read_permits: Arc::new(tokio::sync::Semaphore::new(readers as usize)),
             foreground: fg_tx,
             background: bg_tx,
             wake: wake_tx,
@@ -129,9 +156,11 @@ impl Store {
         F: FnOnce(&Connection) -> Result<R> + Send + 'static,
     {
         let pool = self.pool.clone();
+        let permit = self.read_permits.clone().acquire_owned().await.map_err(|e| Error::internal(e.to_string()))?;
         tokio::task::spawn_blocking(move || {
-            let conn = pool.get()?;
-            f(&conn)
+            let result = pool.get().map_err(Error::from).and_then(|conn| f(&conn));
+            drop(permit); // after the connection went back to the pool
+            result
         })
         .await
         .map_err(|e| Error::internal(format!("reader task failed: {e}")))?
