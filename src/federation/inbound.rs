@@ -1,6 +1,7 @@
 //! Incoming PDUs and EDUs (from `/send` transactions and from fetches we make): verify, fill gaps, store.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -41,32 +42,76 @@ pub async fn verify_batch_ids(
 ) -> Result<Vec<(Option<String>, std::result::Result<Pdu, String>)>> {
     let fed = s.federation.as_ref().ok_or_else(|| Error::forbidden("federation is disabled"))?;
     let rules = version::rules(room_version)?;
-    let parsed: Vec<(Option<String>, std::result::Result<Pdu, String>)> = raw
+    // Parsing (canonical JSON, event id, content hash) and signature checks are CPU work: off the async threads,
+    // and a big batch split over the cores.
+    let parts = if raw.len() >= 64 { std::thread::available_parallelism().map_or(1, |n| n.get()).min(4) } else { 1 };
+    let parsed: Vec<Vec<Checked>> = on_blocking_threads(split_in(raw, parts), {
+        let rules = rules.clone();
+        move |part| part.into_iter().map(|v| parse_one(v, &rules)).collect()
+    })
+    .await?;
+    let need = needed_keys(parsed.iter().flatten().filter_map(|(_, p)| p.as_ref().ok()).map(|p| &p.json));
+    let keys = Arc::new(fed.keys.keys_for(&need).await?);
+    let verified = on_blocking_threads(parsed, move |part| {
+        part.into_iter().map(|(id, p)| (id, p.and_then(|p| verify_remote(p, &rules, &keys)))).collect()
+    })
+    .await?;
+    Ok(verified.into_iter().flatten().collect())
+}
+
+/// A PDU's event id (when it could be computed) and the outcome of checking it.
+type Checked = (Option<String>, std::result::Result<Pdu, String>);
+
+/// One PDU off the wire: parsed and hash-checked, with its event id when it could be computed.
+fn parse_one(v: Value, rules: &ruma::room_version_rules::RoomVersionRules) -> Checked {
+    let obj: CanonicalJsonObject = match serde_json::from_value(v) {
+        Ok(o) => o,
+        Err(e) => return (None, Err(format!("not canonical JSON: {e}"))),
+    };
+    match parse_remote(obj.clone(), rules) {
+        Ok(p) => (Some(p.event_id.to_string()), Ok(p)),
+        Err(e) => {
+            let mut obj = obj;
+            obj.remove("unsigned");
+            (version::event_id(&obj, rules).ok().map(|id| id.to_string()), Err(e))
+        }
+    }
+}
+
+/// `v` cut into at most `parts` pieces of about equal length, in order.
+fn split_in<T>(v: Vec<T>, parts: usize) -> Vec<Vec<T>> {
+    let size = v.len().div_ceil(parts.max(1)).max(1);
+    let mut it = v.into_iter();
+    let mut out = Vec::with_capacity(parts);
+    loop {
+        let chunk: Vec<T> = it.by_ref().take(size).collect();
+        if chunk.is_empty() {
+            return out;
+        }
+        out.push(chunk);
+    }
+}
+
+/// Runs `f` on each piece on its own blocking thread; the results in the pieces' order.
+async fn on_blocking_threads<T, R, F>(pieces: Vec<Vec<T>>, f: F) -> Result<Vec<Vec<R>>>
+where
+    T: Send + 'static,
+    R: Send + 'static,
+    F: Fn(Vec<T>) -> Vec<R> + Send + Sync + 'static,
+{
+    let f = Arc::new(f);
+    let handles: Vec<_> = pieces
         .into_iter()
-        .map(|v| {
-            let obj: CanonicalJsonObject = match serde_json::from_value(v) {
-                Ok(o) => o,
-                Err(e) => return (None, Err(format!("not canonical JSON: {e}"))),
-            };
-            match parse_remote(obj.clone(), &rules) {
-                Ok(p) => (Some(p.event_id.to_string()), Ok(p)),
-                Err(e) => {
-                    let mut obj = obj;
-                    obj.remove("unsigned");
-                    (version::event_id(&obj, &rules).ok().map(|id| id.to_string()), Err(e))
-                }
-            }
+        .map(|piece| {
+            let f = f.clone();
+            tokio::task::spawn_blocking(move || f(piece))
         })
         .collect();
-    let need = needed_keys(parsed.iter().filter_map(|(_, p)| p.as_ref().ok()).map(|p| &p.json));
-    let keys = fed.keys.keys_for(&need).await?;
-    let rules2 = rules.clone();
-    // Signature checks are CPU work: off the async threads.
-    tokio::task::spawn_blocking(move || {
-        parsed.into_iter().map(|(id, p)| (id, p.and_then(|p| verify_remote(p, &rules2, &keys)))).collect()
-    })
-    .await
-    .map_err(|e| Error::internal(e.to_string()))
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.map_err(|e| Error::internal(e.to_string()))?);
+    }
+    Ok(out)
 }
 
 /// Limits on a new PDU that the room's rules do not set (prev and auth event counts).

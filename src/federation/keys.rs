@@ -131,7 +131,19 @@ impl KeyStore {
             return Ok(map);
         }
         let _guard = self.fetch_lock.lock().await;
-        // Direct from each origin first (bounded concurrency), then one batched notary query for the rest.
+        let fetch_started = std::time::Instant::now();
+        // Few servers: direct from each origin first, then one batched notary query for the rest. Many (a
+        // resync's state from thousands of servers): the notaries first, in one request, as Synapse does, and
+        // direct only for what they lacked: thousands of origin requests, many to dead servers, cost seconds.
+        let mut missing = missing;
+        if missing.len() > MANY_SERVERS && !self.notaries.is_empty() {
+            self.fetch_from_notaries(&missing).await;
+            let got = self.cached(&missing.iter().cloned().collect()).await?;
+            missing.retain(|s| {
+                needed.get(s).is_none_or(|ids| ids.iter().any(|id| !got.get(s).is_some_and(|set| set.contains_key(id))))
+            });
+            map.extend(got);
+        }
         use futures::StreamExt;
         let direct: Vec<(String, bool)> = futures::stream::iter(missing.iter().cloned())
             .map(|server| async move {
@@ -152,6 +164,12 @@ impl KeyStore {
             self.fetch_from_notaries(&still).await;
         }
         let refreshed = self.cached(&missing.iter().cloned().collect()).await?;
+        tracing::debug!(
+            servers = missing.len(),
+            found = refreshed.len(),
+            ms = fetch_started.elapsed().as_millis() as u64,
+            "fetched signing keys"
+        );
         map.extend(refreshed);
         Ok(map)
     }
@@ -259,6 +277,9 @@ impl KeyStore {
 }
 
 /// Which keys verifying these PDUs needs: server -> key ids, from their `signatures`.
+/// More missing servers than this and the notaries are asked first (see [`KeyStore::keys_for`]).
+const MANY_SERVERS: usize = 8;
+
 pub fn needed_keys<'a>(pdus: impl IntoIterator<Item = &'a CanonicalJsonObject>) -> BTreeMap<String, BTreeSet<String>> {
     let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for pdu in pdus {

@@ -8,6 +8,7 @@
 //! `finish` — one write: fill the base group, update `room_members`, clear `partial_state`.
 
 use std::collections::HashSet;
+use std::time::{Duration, Instant};
 
 use rusqlite::params;
 use serde_json::{json, Value};
@@ -164,11 +165,21 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
                 ));
                 let client = fed.client.clone();
                 let server = server.clone();
+                let s2 = s.clone();
                 tokio::spawn(async move {
                     let bytes = client.get_to_file(&server, &path, &file).await;
                     let result = match bytes {
                         Ok(n) => {
                             tracing::info!(bytes = n, "resync: /state answer downloaded");
+                            // Every signing key the answer needs, fetched in one go (one notary request for
+                            // thousands of servers) before verifying, not a fetch round per batch.
+                            let f = file.clone();
+                            let need = tokio::task::spawn_blocking(move || keys_needed_by_file(&f)).await;
+                            if let (Ok(Ok(need)), Some(fed)) = (need, s2.federation.as_ref()) {
+                                if let Err(e) = fed.keys.keys_for(&need).await {
+                                    tracing::info!(error = %e, "resync: key prefetch failed");
+                                }
+                            }
                             let f = file.clone();
                             tokio::task::spawn_blocking(move || {
                                 let reader =
@@ -215,16 +226,26 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
             let mut stored = 0usize;
             // Verify batch k+1 while the writer stores batch k.
             let mut pending: Option<tokio::task::JoinHandle<Result<usize>>> = None;
-            while let Some(chunk) = rx.recv().await {
+            // Where the fetch spends its time (logged at the end): waiting for parsed batches, verifying them,
+            // waiting for the previous batch's write.
+            let (mut t_parse, mut t_verify, mut t_write) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+            loop {
+                let t = Instant::now();
+                let Some(chunk) = rx.recv().await else { break };
+                t_parse += t.elapsed();
                 total_fetched += chunk.len();
+                let t = Instant::now();
                 let verified: Vec<crate::room::Pdu> = verify_batch(s, &room.version, chunk)
                     .await?
                     .into_iter()
                     .filter_map(|r| r.map_err(|e| tracing::info!(error = %e, "resync: invalid event")).ok())
                     .collect();
+                t_verify += t.elapsed();
+                let t = Instant::now();
                 if let Some(p) = pending.take() {
                     stored += p.await.map_err(|e| Error::internal(e.to_string()))??;
                 }
+                t_write += t.elapsed();
                 let rid = room.room_id.clone();
                 let store = s.store.clone();
                 pending = Some(tokio::spawn(async move {
@@ -269,7 +290,11 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
                     Ok(c.query_row("SELECT count(*) FROM resync_state WHERE room_nid = ?1", [room_nid], |r| r.get(0))?)
                 })
                 .await?;
-            tracing::info!(room_id = %room.room_id, fetched = total_fetched, stored, missing = still, "resync: fetched events");
+            tracing::info!(
+                room_id = %room.room_id, fetched = total_fetched, stored, missing = still,
+                wait_parse_ms = t_parse.as_millis() as u64, verify_ms = t_verify.as_millis() as u64,
+                wait_write_ms = t_write.as_millis() as u64, "resync: fetched events"
+            );
             if stored == 0 {
                 if use_state {
                     // The /state answer did not cover what /state_ids listed: fall back to single events.
@@ -413,6 +438,25 @@ fn finish(
         events::record_local_membership(w.conn, pos, &user, room_nid, "join", nid)?;
     }
     Ok(joined)
+}
+
+/// The signing keys (server -> key ids) that the PDUs of a downloaded `/state` answer are signed with: a cheap
+/// first pass over the file, so the keys can be fetched before the batches are verified.
+fn keys_needed_by_file(
+    file: &std::path::Path,
+) -> std::result::Result<std::collections::BTreeMap<String, std::collections::BTreeSet<String>>, String> {
+    let reader = std::io::BufReader::new(std::fs::File::open(file).map_err(|e| e.to_string())?);
+    let mut need: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> = Default::default();
+    crate::federation::stream::for_each_pdu_batch(reader, &["pdus", "auth_chain"], CHUNK, &mut |batch| {
+        for pdu in batch {
+            for (server, keys) in pdu.get("signatures").and_then(Value::as_object).into_iter().flatten() {
+                let ids = need.entry(server.clone()).or_default();
+                ids.extend(keys.as_object().into_iter().flatten().map(|(id, _)| id.clone()));
+            }
+        }
+        true
+    })?;
+    Ok(need)
 }
 
 /// While partial, local users' device list changes went to the servers in `servers_in_room` only. Servers that the

@@ -8,6 +8,17 @@ use crate::store::events;
 /// PDUs kept queued for a destination that keeps failing.
 const MAX_QUEUED_FOR_FAILING: i64 = 50;
 
+/// A failing destination's queue is trimmed on about one enqueued PDU in this many.
+const TRIM_EVERY: u64 = 16;
+
+/// Whether enqueueing `event_id` for `destination` is one of the trimming turns (a hash of both).
+fn trim_turn(destination: &str, event_id: &str) -> bool {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (destination, event_id).hash(&mut h);
+    h.finish() % TRIM_EVERY == 0
+}
+
 /// Queues a PDU for every other server in the room (joined members, plus the partial-state server list).
 pub fn enqueue_pdu(
     conn: &Connection,
@@ -26,7 +37,11 @@ pub fn enqueue_pdu(
     dests.dedup();
     let mut n = 0;
     let mut ins = conn.prepare_cached("INSERT INTO outbox (destination, kind, payload) VALUES (?1, 'pdu', ?2)")?;
-    let mut backing_off = conn.prepare_cached("SELECT failures FROM destinations WHERE destination = ?1")?;
+    // One query for the whole fan-out (a room on thousands of servers, many of them dead), not one per server.
+    let failing: std::collections::HashSet<String> = conn
+        .prepare_cached("SELECT destination FROM destinations WHERE failures >= 3")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
     let mut trim = conn.prepare_cached(
         "DELETE FROM outbox WHERE destination = ?1 AND kind = 'pdu' AND id <= (
             SELECT id FROM outbox WHERE destination = ?1 AND kind = 'pdu' ORDER BY id DESC LIMIT 1 OFFSET ?2)",
@@ -36,8 +51,9 @@ pub fn enqueue_pdu(
         n += 1;
         // A server that has been failing for a while gets only the most recent PDUs when it returns (it fetches
         // the gap with get_missing_events, as it would from any server): its queue must not grow without bound.
-        let failures: i64 = backing_off.query_row([d], |r| r.get(0)).unwrap_or(0);
-        if failures >= 3 {
+        // Trimmed on about one PDU in TRIM_EVERY (chosen by a hash, so every destination gets its turn), which
+        // keeps such a queue near MAX_QUEUED_FOR_FAILING without a delete per server per event.
+        if failing.contains(d) && trim_turn(d, event_id) {
             trim.execute(params![d, MAX_QUEUED_FOR_FAILING])?;
         }
     }
@@ -52,9 +68,16 @@ pub fn enqueue_edu(conn: &Connection, destination: &str, edu_json: &str) -> Resu
 
 /// Destinations with queued items that are due.
 pub fn due_destinations(conn: &Connection, now: i64) -> Result<Vec<String>> {
+    // A skip-scan over the (destination, id) index: one seek per destination, not a pass over every queued row
+    // (the sender asks ten times a second, and a fan-out to a big room queues thousands of rows).
     let mut stmt = conn.prepare_cached(
-        "SELECT DISTINCT o.destination FROM outbox o LEFT JOIN destinations d ON d.destination = o.destination
-         WHERE coalesce(d.retry_at, 0) <= ?1",
+        "WITH RECURSIVE d(dest) AS (
+             SELECT (SELECT min(destination) FROM outbox)
+             UNION ALL
+             SELECT (SELECT min(destination) FROM outbox WHERE destination > d.dest) FROM d WHERE d.dest IS NOT NULL
+         )
+         SELECT d.dest FROM d LEFT JOIN destinations x ON x.destination = d.dest
+         WHERE d.dest IS NOT NULL AND coalesce(x.retry_at, 0) <= ?1",
     )?;
     let rows = stmt.query_map([now], |r| r.get(0))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
