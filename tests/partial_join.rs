@@ -106,7 +106,12 @@ async fn eager_sync_hides_partial_room_until_resync_then_shows_all_members() {
     assert_eq!(joined, expected_members(&fake), "after the resync, eager sync shows every member");
     assert!(joined.contains(&alice.user_id));
     // Room stats and the user directory know the omitted members too.
-    assert_eq!(room_sync["summary"]["m.joined_member_count"], json!(expected_members(&fake).len()), "{}", room_sync["summary"]);
+    assert_eq!(
+        room_sync["summary"]["m.joined_member_count"],
+        json!(expected_members(&fake).len()),
+        "{}",
+        room_sync["summary"]
+    );
     let user7 = fake.user("user7");
     let found = alice.post("/user_directory/search", json!({"search_term": "user7"})).await.ok();
     assert!(found["results"].as_array().unwrap().iter().any(|r| r["user_id"] == json!(user7)), "{found}");
@@ -873,7 +878,9 @@ async fn edus_aliases_and_profile_changes_work_during_resync() {
     .ok();
     fake.wait_until("alice's new display name at the resident", Duration::from_secs(10), |f| {
         f.received().iter().any(|(_, p)| {
-            p["type"] == "m.room.member" && p["state_key"] == json!(alice.user_id) && p["content"]["displayname"] == "Alice P."
+            p["type"] == "m.room.member"
+                && p["state_key"] == json!(alice.user_id)
+                && p["content"]["displayname"] == "Alice P."
         })
     })
     .await;
@@ -896,7 +903,10 @@ async fn remote_kick_and_ban_during_resync_apply() {
     assert_eq!(fake.push(&[&kick.id]).await[&kick.id], json!({}));
     let jr = alice.get("/joined_rooms").await.ok();
     assert!(!jr["joined_rooms"].as_array().unwrap().contains(&json!(room)), "kicked: {jr}");
-    alice.send(&room, "m.room.message", json!({"msgtype": "m.text", "body": "still here?"})).await.assert_err(403, "M_FORBIDDEN");
+    alice
+        .send(&room, "m.room.message", json!({"msgtype": "m.text", "body": "still here?"}))
+        .await
+        .assert_err(403, "M_FORBIDDEN");
 
     // Then bans her: a rejoin is refused with 403.
     let ban = fake.append(EventSpec::state(&creator, "m.room.member", &alice.user_id, json!({"membership": "ban"})));

@@ -1059,7 +1059,9 @@ async fn make_join(State(i): State<Shared>, UrlPath((room_id, user_id)): UrlPath
     }
     let state = r.current_state();
     // A banned user may not join (as a real resident's auth rules would say).
-    let banned = r.state_id("m.room.member", &user_id).and_then(|id| r.get(&id).map(|e| e.json["content"]["membership"] == "ban"));
+    let banned = r
+        .state_id("m.room.member", &user_id)
+        .and_then(|id| r.get(&id).map(|e| e.json["content"]["membership"] == "ban"));
     if banned == Some(true) {
         return err(StatusCode::FORBIDDEN, "M_FORBIDDEN", "banned from the room");
     }
