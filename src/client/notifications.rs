@@ -67,9 +67,16 @@ pub fn unread_counts(c: &Connection, room: &RoomRow, user_id: &str, ignored: &Ha
              WHERE r.room_nid = ?1 AND r.user_id = ?2 AND r.receipt_type IN ('m.read', 'm.read.private')",
         )?
         .query_row(params![room.room_nid, user_id], |r| r.get(0))?;
+    // The user's own latest event after the receipt, among the newest SCAN_LIMIT events only (through the stream
+    // index): an own event older than those leaves them all unread anyway. Unbounded, this scanned the room's whole
+    // history on every sync (send latency grew with the database in the 10-minute load soak).
     let own: Option<i64> = c
-        .prepare_cached("SELECT max(stream_ordering) FROM events WHERE room_nid = ?1 AND sender = ?2")?
-        .query_row(params![room.room_nid, user_id], |r| r.get(0))?;
+        .prepare_cached(
+            "SELECT max(stream_ordering) FROM (SELECT stream_ordering, sender FROM events
+             WHERE room_nid = ?1 AND stream_ordering > ?3 AND stream_ordering IS NOT NULL
+             ORDER BY stream_ordering DESC LIMIT ?4) WHERE sender = ?2",
+        )?
+        .query_row(params![room.room_nid, user_id, receipt.unwrap_or(0), SCAN_LIMIT], |r| r.get(0))?;
     let from = receipt.unwrap_or(0).max(own.unwrap_or(0));
     let mut stmt = c.prepare_cached(
         "SELECT sender, json FROM events WHERE room_nid = ?1 AND stream_ordering > ?2 AND sender != ?3
