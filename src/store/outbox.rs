@@ -37,11 +37,7 @@ pub fn enqueue_pdu(
     dests.dedup();
     let mut n = 0;
     let mut ins = conn.prepare_cached("INSERT INTO outbox (destination, kind, payload) VALUES (?1, 'pdu', ?2)")?;
-    // One query for the whole fan-out (a room on thousands of servers, many of them dead), not one per server.
-    let failing: std::collections::HashSet<String> = conn
-        .prepare_cached("SELECT destination FROM destinations WHERE failures >= 3")?
-        .query_map([], |r| r.get(0))?
-        .collect::<rusqlite::Result<_>>()?;
+    let mut failures = conn.prepare_cached("SELECT failures FROM destinations WHERE destination = ?1")?;
     let mut trim = conn.prepare_cached(
         "DELETE FROM outbox WHERE destination = ?1 AND kind = 'pdu' AND id <= (
             SELECT id FROM outbox WHERE destination = ?1 AND kind = 'pdu' ORDER BY id DESC LIMIT 1 OFFSET ?2)",
@@ -53,7 +49,7 @@ pub fn enqueue_pdu(
         // the gap with get_missing_events, as it would from any server): its queue must not grow without bound.
         // Trimmed on about one PDU in TRIM_EVERY (chosen by a hash, so every destination gets its turn), which
         // keeps such a queue near MAX_QUEUED_FOR_FAILING without a delete per server per event.
-        if failing.contains(d) && trim_turn(d, event_id) {
+        if trim_turn(d, event_id) && failures.query_row([d], |r| r.get::<_, i64>(0)).unwrap_or(0) >= 3 {
             trim.execute(params![d, MAX_QUEUED_FOR_FAILING])?;
         }
     }
