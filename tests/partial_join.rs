@@ -812,6 +812,11 @@ async fn device_list_updates_during_partial_state_reach_servers_in_room_then_the
     let edu = json!({"edu_type": "m.device_list_update", "content": {
         "user_id": carol, "device_id": "CAROLDEV", "stream_id": 7, "prev_id": [], "deleted": false}});
     fake.push_json(vec![], vec![edu]).await.expect("transaction accepted");
+    // And another omitted member's cross-signing keys change (a signing key update is accepted while partial).
+    let erin = fake.user("user4");
+    let master = json!({"user_id": erin, "usage": ["master"], "keys": {"ed25519:erinmaster": "erinmaster"}});
+    let edu = json!({"edu_type": "m.signing_key_update", "content": {"user_id": erin, "master_key": master}});
+    fake.push_json(vec![], vec![edu]).await.expect("transaction accepted");
     assert_eq!(fake.count("state"), 0, "all this while the resync was held");
 
     // After the resync: the peer, learned from the full state, gets alice's device; alice's sync lists the
@@ -825,7 +830,7 @@ async fn device_list_updates_during_partial_state_reach_servers_in_room_then_the
     let s = alice.sync(Some(&since), &[]).await.ok();
     let changed: Vec<&str> =
         s["device_lists"]["changed"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
-    for u in [carol.as_str(), bob.as_str(), fake.creator().as_str()] {
+    for u in [carol.as_str(), erin.as_str(), bob.as_str(), fake.creator().as_str()] {
         assert!(changed.contains(&u), "{u} in device_lists.changed: {changed:?}");
     }
     hearth.stop().await;
@@ -914,5 +919,194 @@ async fn remote_kick_and_ban_during_resync_apply() {
     let path = format!("/join/{}?server_name={}", enc(&room), enc(&fake.name));
     alice.post(&path, json!({})).await.assert_err(403, "M_FORBIDDEN");
     fake.release("state_ids");
+    hearth.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_with_half_missing_parents_and_grandparents_take_the_state_at_the_gap() {
+    let (hearth, fake, alice) = partially_joined(RoomSpec::default()).await;
+    let room = fake.room_id();
+    let creator = fake.creator();
+    let known = fake.room.lock().unwrap().extremities.clone();
+
+    // Half-missing parents: B cites a known event and A, which get_missing_events will not return. A changed
+    // the topic, so the state at B is only right if Hearth learns the state at A (from /state_ids at A).
+    let a = fake.append(EventSpec::state(&creator, "m.room.topic", "", json!({"topic": "from the missing branch"})));
+    fake.withhold_from_missing_events(&[&a.id]);
+    fake.free_state_ids_at(&[&a.id]);
+    let mut prevs = known.clone();
+    prevs.push(a.id.clone());
+    let b = fake.append(EventSpec::message(&fake.user("user1"), "half-missing parents").with_prev(prevs));
+    assert_eq!(fake.push(&[&b.id]).await[&b.id], json!({}));
+    assert!(
+        fake.requests_of("state_ids").iter().any(|r| r.detail == a.id),
+        "Hearth asked for the state at the missing parent"
+    );
+    assert_eq!(alice.event(&room, &b.id).await.ok()["content"]["body"], "half-missing parents");
+    let topic = alice.state(&room, "m.room.topic", "").await.ok();
+    assert_eq!(topic["topic"], "from the missing branch", "the missing branch's state counts");
+
+    // Half-missing grandparents: C's parent D is returned by get_missing_events, but D cites B (known) and G,
+    // which is withheld. G renamed the room.
+    let g = fake.append(EventSpec::state(&creator, "m.room.name", "", json!({"name": "grandparent branch"})));
+    fake.withhold_from_missing_events(&[&g.id]);
+    fake.free_state_ids_at(&[&g.id]);
+    let d = fake.append(EventSpec::message(&fake.user("user2"), "parent").with_prev(vec![b.id.clone(), g.id.clone()]));
+    let c = fake.append(EventSpec::message(&fake.user("user5"), "half-missing grandparents"));
+    assert_eq!(c.prev, vec![d.id.clone()]);
+    assert_eq!(fake.push(&[&c.id]).await[&c.id], json!({}));
+    assert!(fake.requests_of("state_ids").iter().any(|r| r.detail == g.id), "state at the missing grandparent");
+    for ev in [&d, &c] {
+        assert_eq!(alice.event(&room, &ev.id).await.ok()["content"]["body"], ev.json["content"]["body"]);
+    }
+    assert_eq!(alice.state(&room, "m.room.name", "").await.ok()["name"], "grandparent branch");
+    assert_eq!(fake.count("state"), 0, "all this while the resync was held");
+
+    // The resync completes on top of it, and the state learned across the gaps stays.
+    fake.release("state_ids");
+    assert_eq!(joined_ids(&wait_resynced(&alice, &room).await), expected_members(&fake));
+    assert_eq!(alice.state(&room, "m.room.topic", "").await.ok()["topic"], "from the missing branch");
+    assert_eq!(alice.state(&room, "m.room.name", "").await.ok()["name"], "grandparent branch");
+    hearth.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resync_completes_with_100_outliers_fetched_during_partial_state() {
+    let (hearth, fake, alice) = partially_joined(RoomSpec { members: 150, ..Default::default() }).await;
+    let room = fake.room_id();
+    // 100 omitted members speak while the room is partial: Hearth fetches each one's membership (an auth event
+    // of the message) as an outlier.
+    let messages: Vec<FakeEvent> =
+        (1..=100).map(|n| fake.append(EventSpec::message(&fake.user(&format!("user{n}")), &format!("m{n}")))).collect();
+    for chunk in messages.chunks(50) {
+        let ids: Vec<&str> = chunk.iter().map(|m| m.id.as_str()).collect();
+        let answer = fake.push(&ids).await;
+        for id in ids {
+            assert_eq!(answer[id], json!({}), "{answer}");
+        }
+    }
+    let member_ids: Vec<String> = {
+        let r = fake.room.lock().unwrap();
+        (1..=100).map(|n| r.state_id("m.room.member", &fake.user(&format!("user{n}"))).unwrap()).collect()
+    };
+    let fetched =
+        |f: &FakeResident| f.requests_of("event").into_iter().filter(|r| member_ids.contains(&r.detail)).count();
+    assert_eq!(fetched(&fake), 100, "each speaker's membership fetched once");
+    assert_eq!(alice.event(&room, &messages[99].id).await.ok()["content"]["body"], "m100");
+
+    fake.release("state_ids");
+    assert_eq!(joined_ids(&wait_resynced(&alice, &room).await), expected_members(&fake));
+    assert_eq!(fetched(&fake), 100, "the resync did not fetch the outliers it held again");
+    for m in [&messages[0], &messages[49], &messages[99]] {
+        assert_eq!(alice.event(&room, &m.id).await.ok()["content"]["body"], m.json["content"]["body"]);
+    }
+    hearth.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_lists_after_resync_follow_the_full_state() {
+    let hearth = start_hearth().await;
+    let fake = FakeResident::start(RoomSpec::default()).await;
+    let (creator, user7) = (fake.creator(), fake.user("user7"));
+    // peer1's bob is in the room; peer2's dave joined and left, but the resident lists peer2 in servers_in_room.
+    let (peer1, peer2) = (fake.start_peer().await, fake.start_peer().await);
+    let (bob, dave) = (peer1.user("bob"), peer2.user("dave"));
+    let bob_join = fake.append(EventSpec::member(&bob, "join")).id;
+    fake.append(EventSpec::member(&dave, "join"));
+    fake.append(EventSpec::member(&dave, "leave"));
+    // user7 gets power 50 (enough to kick), then is banned: among the omitted members, so partial state
+    // cannot tell.
+    let user7_join = fake.room.lock().unwrap().state_id("m.room.member", &user7).unwrap();
+    let pl_id = fake.room.lock().unwrap().state_id("m.room.power_levels", "").unwrap();
+    let mut pl = fake.event(&pl_id).unwrap().json["content"].clone();
+    pl["users"][&user7] = json!(50);
+    let pl_now = fake.append(EventSpec::state(&creator, "m.room.power_levels", "", pl)).id;
+    fake.append(EventSpec::state(&creator, "m.room.member", &user7, json!({"membership": "ban"})));
+    fake.set_servers_in_room(Some(vec![fake.name.clone(), peer1.name.clone(), peer2.name.clone()]));
+    fake.connect_to(&hearth);
+    fake.hold("state_ids");
+    let alice = hearth.user("alice").await;
+    join_via(&alice, &fake).await;
+    let room = fake.room_id();
+    fake.wait_requests("state_ids", 1, LONG).await;
+
+    // The banned user7 "kicks" bob, citing the memberships partial state lacks: accepted while partial.
+    let create = fake.room.lock().unwrap().state_id("m.room.create", "").unwrap();
+    let mut auth = vec![pl_now, user7_join, bob_join];
+    if fake.room_version() != "12" {
+        auth.push(create);
+    }
+    let kick =
+        fake.build(EventSpec::state(&user7, "m.room.member", &bob, json!({"membership": "leave"})).with_auth(auth));
+    fake.push(&[&kick.id]).await;
+    let during = alice.state(&room, "m.room.member", &bob).await;
+    eprintln!("bob's membership during partial state: {} {}", during.status, during.text);
+
+    fake.release("state_ids");
+    let joined = joined_ids(&wait_resynced(&alice, &room).await);
+    assert!(joined.contains(&bob), "the kick is rejected under the full state: {joined:?}");
+    assert!(!joined.contains(&dave), "{joined:?}");
+
+    // A device change after the resync: bob's wrongly kicked server hears of it, dave's departed one does not.
+    alice.post("/keys/upload", json!({"device_keys": device_keys(&alice)})).await.ok();
+    peer1
+        .wait_until("alice's device list update at the wrongly kicked server", Duration::from_secs(10), |p| {
+            device_updates_for(p, &alice.user_id).iter().any(|c| c["device_id"] == json!(alice.device_id))
+        })
+        .await;
+    fake.wait_until("alice's device list update at the resident", Duration::from_secs(10), |f| {
+        !device_updates_for(f, &alice.user_id).is_empty()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(device_updates_for(&peer2, &alice.user_id).is_empty(), "the departed server gets no updates");
+    hearth.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gappy_lazy_sync_after_resync_includes_members_learned_late() {
+    let (hearth, fake, alice) = partially_joined(RoomSpec::default()).await;
+    let room = fake.room_id();
+    let since = alice.sync(None, &[("filter", &lazy_filter())]).await.ok()["next_batch"].as_str().unwrap().to_owned();
+    fake.release("state_ids");
+    wait_resynced(&alice, &room).await;
+
+    // user9's membership was learned by the resync only; then user9 speaks more than the timeline shows.
+    let user9 = fake.user("user9");
+    let msgs: Vec<FakeEvent> = (0..5).map(|n| fake.append(EventSpec::message(&user9, &format!("late {n}")))).collect();
+    fake.push(&msgs.iter().map(|m| m.id.as_str()).collect::<Vec<_>>()).await;
+    let filter = json!({"room": {"state": {"lazy_load_members": true}, "timeline": {"limit": 2}}}).to_string();
+    let s = alice.sync(Some(&since), &[("filter", &filter)]).await.ok();
+    let r = &s["rooms"]["join"][&room];
+    assert_eq!(r["timeline"]["limited"], json!(true), "a gappy sync: {r}");
+    assert_eq!(memberships_in(r).get(&user9).map(String::as_str), Some("join"), "user9's membership: {r}");
+    hearth.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resync_rejects_listed_state_that_its_own_auth_events_do_not_allow() {
+    let hearth = start_hearth().await;
+    let fake = FakeResident::start(RoomSpec::default()).await;
+    fake.connect_to(&hearth);
+    // The resident's state at the join lists, instead of user4's join, a ban of user4 by powerless user3: a
+    // properly signed event that the room's auth rules forbid.
+    let (user3, user4) = (fake.user("user3"), fake.user("user4"));
+    let user4_join = fake.room.lock().unwrap().state_id("m.room.member", &user4).unwrap();
+    let forged = fake.build(EventSpec::state(&user3, "m.room.member", &user4, json!({"membership": "ban"})));
+    fake.substitute_state(&user4_join, &forged.id);
+
+    let alice = hearth.user("alice").await;
+    join_via(&alice, &fake).await;
+    let room = fake.room_id();
+    let joined = joined_ids(&wait_resynced(&alice, &room).await);
+    assert!(fake.requests_of("event").iter().any(|r| r.detail == forged.id), "the forged ban was fetched");
+    let m = alice.state(&room, "m.room.member", &user4).await;
+    assert!(!m.text.contains("\"ban\""), "the forbidden ban is not user4's membership: {} {}", m.status, m.text);
+    let mut expected: Vec<String> = expected_members(&fake).into_iter().filter(|u| *u != user4).collect();
+    expected.sort();
+    assert_eq!(joined, expected, "everyone else, as listed");
+    // The room works as before.
+    let ev = alice.send_text(&room, "after the resync").await;
+    fake.wait_received(&ev, Duration::from_secs(10)).await;
     hearth.stop().await;
 }

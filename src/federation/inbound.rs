@@ -13,12 +13,12 @@ use crate::error::{Error, Result};
 use crate::federation::client::enc;
 use crate::federation::keys::needed_keys;
 use crate::http::AppState;
-use crate::room::remote::{handle_incoming, parse_remote, persist_outlier, verify_remote, Incoming};
+use crate::room::remote::{handle_incoming, parse_remote, persist_outlier, verify_remote, AuthCache, Incoming};
 use crate::room::{version, Pdu};
 use crate::store::events;
 
 /// How long one fetch made while handling a `/send` (missing events, auth events) may take.
-const FETCH_TIMEOUT: Duration = Duration::from_secs(20);
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(20);
 /// Most events one `get_missing_events` asks for (and accepts).
 const MISSING_EVENTS_LIMIT: usize = 20;
 /// Implementation limits on a new PDU's edges (as Synapse): more make a gap fill or auth check explode.
@@ -130,9 +130,28 @@ fn check_edges(p: &Pdu) -> std::result::Result<(), String> {
 /// Needed above all during partial state: the memberships of most senders were omitted from `send_join`, so
 /// without this every event of such a member would be rejected for an unknown auth event.
 pub async fn fetch_missing_auth(s: &AppState, origin: &str, room_id: &str, pdus: &[Pdu]) -> Result<usize> {
+    let batch: HashSet<String> = pdus.iter().map(|p| p.event_id.to_string()).collect();
+    let wanted: Vec<String> = pdus.iter().flat_map(|p| p.auth_events.iter().map(|a| a.to_string())).collect();
+    fetch_outliers(s, origin, room_id, wanted, &batch).await
+}
+
+/// Most events one [`fetch_outliers`] walk fetches.
+pub const MAX_OUTLIER_FETCH: usize = 200;
+
+/// Fetches from `origin` the events `wanted` that we do not hold (and, transitively, their auth events), except
+/// those in `skip`; verifies them and stores them as outliers, each authorised against its own auth events
+/// (rejected ones are kept, marked). Bounded in rounds, events ([`MAX_OUTLIER_FETCH`]) and time. Returns how many
+/// were stored.
+pub async fn fetch_outliers(
+    s: &AppState,
+    origin: &str,
+    room_id: &str,
+    mut wanted: Vec<String>,
+    skip: &HashSet<String>,
+) -> Result<usize> {
     /// Bounds the walk (rounds of fetches, events in all).
     const MAX_ROUNDS: usize = 8;
-    const MAX_EVENTS: usize = 200;
+    const MAX_EVENTS: usize = MAX_OUTLIER_FETCH;
     /// Concurrent `/event` requests.
     const PARALLEL: usize = 16;
     /// The whole walk, however many rounds.
@@ -141,14 +160,12 @@ pub async fn fetch_missing_auth(s: &AppState, origin: &str, room_id: &str, pdus:
     let fed = s.federation.as_ref().ok_or_else(|| Error::forbidden("federation is disabled"))?;
     let rid = room_id.to_owned();
     let Some(room) = s.store.read(move |c| events::room_by_id(c, &rid)).await? else { return Ok(0) };
-    let batch: HashSet<String> = pdus.iter().map(|p| p.event_id.to_string()).collect();
-    let mut wanted: Vec<String> = pdus.iter().flat_map(|p| p.auth_events.iter().map(|a| a.to_string())).collect();
     let mut seen: HashSet<String> = HashSet::new();
     let mut fetched: Vec<Pdu> = Vec::new();
     for _ in 0..MAX_ROUNDS {
         let room_left = MAX_EVENTS.saturating_sub(fetched.len());
         let ids: Vec<String> =
-            wanted.drain(..).filter(|id| !batch.contains(id) && seen.insert(id.clone())).take(room_left).collect();
+            wanted.drain(..).filter(|id| !skip.contains(id) && seen.insert(id.clone())).take(room_left).collect();
         let unknown: Vec<String> = s
             .store
             .read(move |c| {
@@ -209,7 +226,9 @@ pub async fn fetch_missing_auth(s: &AppState, origin: &str, room_id: &str, pdus:
                     continue;
                 }
                 let nid = persist_outlier(w.conn, &room, p)?;
-                if let Err(reason) = authorize_by_own_auth_events(w.conn, &rules, &room, p) {
+                if let Err(reason) =
+                    crate::room::remote::authorize_by_own_auth_events(w.conn, &rules, &room, p, &AuthCache::default())
+                {
                     tracing::info!(room_id = %rid, event_id = %p.event_id, %reason, "fetched auth event rejected");
                     w.conn.execute(
                         "UPDATE events SET rejected = ?2 WHERE event_nid = ?1",
@@ -224,35 +243,6 @@ pub async fn fetch_missing_auth(s: &AppState, origin: &str, room_id: &str, pdus:
     Ok(n)
 }
 
-/// Auth of an outlier: against its own auth events only (the create event from the room state for v12+, where
-/// it is not listed).
-fn authorize_by_own_auth_events(
-    conn: &rusqlite::Connection,
-    rules: &ruma::room_version_rules::RoomVersionRules,
-    room: &events::RoomRow,
-    pdu: &Pdu,
-) -> std::result::Result<(), String> {
-    let load = |id: &str| crate::room::load_pdu(conn, id).ok().flatten();
-    ruma::state_res::check_state_independent_auth_rules(&rules.authorization, pdu, |id| load(id.as_str()))?;
-    if pdu.kind == ruma::events::TimelineEventType::RoomCreate {
-        return Ok(());
-    }
-    let by_key: std::collections::HashMap<(String, String), Pdu> = pdu
-        .auth_events
-        .iter()
-        .filter_map(|id| load(id.as_str()))
-        .filter_map(|p| p.state_key.clone().map(|k| ((p.kind.to_string(), k), p)))
-        .collect();
-    ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, pdu, |t, k| {
-        let t = t.to_string();
-        by_key.get(&(t.clone(), k.to_owned())).cloned().or_else(|| {
-            (t == "m.room.create")
-                .then(|| room.current_sg.and_then(|sg| crate::room::state_event(conn, sg, &t, k).ok().flatten()))
-                .flatten()
-        })
-    })
-}
-
 /// Handles one verified PDU that belongs in the timeline, fetching missing prev events from `origin` once.
 pub async fn ingest(s: &AppState, origin: &str, room_id: &str, pdu: Pdu, fetch_missing: bool) -> Result<String> {
     if let Err(e) = fetch_missing_auth(s, origin, room_id, std::slice::from_ref(&pdu)).await {
@@ -261,7 +251,7 @@ pub async fn ingest(s: &AppState, origin: &str, room_id: &str, pdu: Pdu, fetch_m
     let identity = s.identity.clone();
     let (rid, p) = (room_id.to_owned(), pdu.clone());
     let r = s.store.write(move |w| handle_incoming(w, &identity, &rid, &p, None)).await?;
-    let missing = match r {
+    let mut missing = match r {
         Incoming::Stored(_, outcome) => return Ok(format!("{outcome:?}")),
         Incoming::AlreadyKnown => return Ok("known".into()),
         Incoming::MissingPrevs(m) => m,
@@ -272,26 +262,51 @@ pub async fn ingest(s: &AppState, origin: &str, room_id: &str, pdu: Pdu, fetch_m
         }
         let identity = s.identity.clone();
         let (rid, p) = (room_id.to_owned(), pdu.clone());
-        if let Incoming::Stored(_, outcome) =
-            s.store.write(move |w| handle_incoming(w, &identity, &rid, &p, None)).await?
-        {
-            return Ok(format!("{outcome:?}"));
+        match s.store.write(move |w| handle_incoming(w, &identity, &rid, &p, None)).await? {
+            Incoming::Stored(_, outcome) => return Ok(format!("{outcome:?}")),
+            Incoming::AlreadyKnown => return Ok("known".into()),
+            Incoming::MissingPrevs(m) => missing = m,
         }
     }
-    // Still a gap: place the event on top of our current state (a backward extremity remains; backfill can fill
-    // it later). Auth against its own auth events still applies.
-    tracing::info!(room_id, event_id = %pdu.event_id, ?missing, "prev events unavailable; using current state");
+    let r = place_across_gap(s, origin, room_id, pdu, &missing, fetch_missing).await?;
+    Ok(format!("{r:?}"))
+}
+
+/// Stores `pdu` whose prev events `missing` stay unknown: on the state across the gap when `origin` can tell it
+/// (`ask` and [`gap::states_at_missing_prevs`]), else on our current state (a backward extremity remains;
+/// backfill can fill it later). Auth against the chosen state and its own auth events applies either way.
+async fn place_across_gap(
+    s: &AppState,
+    origin: &str,
+    room_id: &str,
+    pdu: Pdu,
+    missing: &[String],
+    ask: bool,
+) -> Result<Incoming> {
+    let branches = match ask && !missing.is_empty() {
+        true => crate::federation::gap::states_at_missing_prevs(s, origin, room_id, missing).await?,
+        false => None,
+    };
+    match &branches {
+        Some(_) => {
+            tracing::info!(room_id, event_id = %pdu.event_id, ?missing, "prev events unavailable; using the state at them")
+        }
+        None => {
+            tracing::info!(room_id, event_id = %pdu.event_id, ?missing, "prev events unavailable; using current state")
+        }
+    }
     let identity = s.identity.clone();
     let rid = room_id.to_owned();
-    let r = s
-        .store
+    s.store
         .write(move |w| {
             let room = events::room_by_id(w.conn, &rid)?.ok_or_else(|| Error::not_found("unknown room"))?;
-            let sg = room.current_sg.ok_or_else(|| Error::not_found("room has no state"))?;
+            let sg = match &branches {
+                Some(b) => crate::room::remote::state_across_gap(w.conn, &room, &pdu, b)?,
+                None => room.current_sg.ok_or_else(|| Error::not_found("room has no state"))?,
+            };
             handle_incoming(w, &identity, &rid, &pdu, Some(sg))
         })
-        .await?;
-    Ok(format!("{r:?}"))
+        .await
 }
 
 /// `get_missing_events` between our forward extremities and `pdu`, then ingests what came back (oldest first).
@@ -344,9 +359,16 @@ async fn fill_gap(s: &AppState, origin: &str, room_id: &str, pdu: &Pdu) -> Resul
         }
         let identity = s.identity.clone();
         let rid = room_id.to_owned();
-        let r = s.store.write(move |w| handle_incoming(w, &identity, &rid, &p, None)).await?;
+        let r = s
+            .store
+            .write({
+                let p = p.clone();
+                move |w| handle_incoming(w, &identity, &rid, &p, None)
+            })
+            .await?;
         if let Incoming::MissingPrevs(m) = r {
-            tracing::debug!(?m, "missing event still has unknown prevs");
+            // The oldest events fetched may border a gap the answer did not close (half-missing grandparents).
+            place_across_gap(s, origin, room_id, p, &m, true).await?;
         }
     }
     Ok(())

@@ -4,6 +4,7 @@
 pub mod acl;
 pub mod backfill;
 pub mod client;
+pub mod gap;
 pub mod inbound;
 pub mod invite;
 pub mod join;

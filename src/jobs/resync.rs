@@ -5,6 +5,8 @@
 //! `ids`    — `/state_ids` at our join event, from the server we joined via, else the others in the room;
 //! `fetch`  — missing events, through `/state` when many are missing, else batched `/event`; verified and stored
 //!            as outliers in short background writes;
+//! `auth`   — each fetched state event checked against its own auth events (rejected ones stay out of the state);
+//! `fill`   — the partial base group and `room_members` completed in chunks;
 //! `finish` — one write: fill the base group, update `room_members`, clear `partial_state`.
 
 use std::collections::HashSet;
@@ -149,7 +151,7 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
                 })
                 .await?;
             if missing.is_empty() {
-                cursor["phase"] = json!("fill");
+                cursor["phase"] = json!("auth");
                 save_cursor(s, job.job_id, cursor, 0, None).await?;
                 return Ok(Step::More);
             }
@@ -343,6 +345,54 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
             save_cursor(s, job.job_id, cursor, total - still, Some(total)).await?;
             Ok(Step::More)
         }
+        "auth" => {
+            // Each fetched state event against its own auth events (as Synapse checks the outliers it fetches):
+            // a resident cannot slip in state its own auth events do not allow. Checked on readers, in parallel;
+            // only the (rare) rejections are written.
+            let after = cursor.get("auth_after").and_then(Value::as_str).unwrap_or("").to_owned();
+            let ids: Vec<String> = s
+                .store
+                .read(move |c| {
+                    let mut stmt = c.prepare_cached(
+                        "SELECT event_id FROM resync_state WHERE room_nid = ?1 AND event_id > ?2 ORDER BY event_id LIMIT ?3",
+                    )?;
+                    let rows = stmt.query_map(params![room_nid, after, AUTH_CHUNK], |r| r.get(0))?;
+                    Ok(rows.collect::<rusqlite::Result<_>>()?)
+                })
+                .await?;
+            let Some(last) = ids.last().cloned() else {
+                cursor["phase"] = json!("fill");
+                save_cursor(s, job.job_id, cursor, 0, None).await?;
+                return Ok(Step::More);
+            };
+            let n = ids.len() as i64;
+            let parts = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4);
+            let checks = ids.chunks(ids.len().div_ceil(parts)).map(|part| {
+                let (part, room) = (part.to_vec(), room.clone());
+                s.store.read(move |c| rejections(c, &room, &part))
+            });
+            let mut rejected = Vec::new();
+            for r in futures::future::join_all(checks).await {
+                rejected.extend(r?);
+            }
+            if !rejected.is_empty() {
+                tracing::warn!(room_id = %room.room_id, rejected = rejected.len(), first = ?rejected.first(), "resync: state events the resident listed fail auth");
+                s.store
+                    .write_background(move |w| {
+                        let mut upd = w.conn.prepare_cached("UPDATE events SET rejected = ?2 WHERE event_id = ?1")?;
+                        for (id, reason) in &rejected {
+                            upd.execute(params![id, reason])?;
+                        }
+                        Ok(())
+                    })
+                    .await?;
+            }
+            cursor["auth_after"] = json!(last);
+            let done = cursor.get("authed").and_then(Value::as_i64).unwrap_or(0) + n;
+            cursor["authed"] = json!(done);
+            save_cursor(s, job.job_id, cursor, done, None).await?;
+            Ok(Step::More)
+        }
         "fill" => {
             // Fill the partial base group and room_members in chunks (short writes), resuming after `fill_after`.
             let sg = cursor
@@ -504,6 +554,27 @@ fn announce_devices_to_new_servers(
     Ok(queued)
 }
 
+/// Fetched state events auth-checked per step.
+const AUTH_CHUNK: i64 = 1000;
+
+/// Those of `ids` (stored events) that their own auth events do not allow, with the reason. Already rejected ones
+/// are skipped.
+fn rejections(conn: &rusqlite::Connection, room: &events::RoomRow, ids: &[String]) -> Result<Vec<(String, String)>> {
+    let rules = crate::room::version::rules(&room.version)?;
+    let cache = crate::room::remote::AuthCache::default();
+    let mut out = Vec::new();
+    for id in ids {
+        let Some(pdu) = crate::room::load_pdu(conn, id)? else { continue };
+        if pdu.rejected {
+            continue;
+        }
+        if let Err(reason) = crate::room::remote::authorize_by_own_auth_events(conn, &rules, room, &pdu, &cache) {
+            out.push((id.clone(), reason));
+        }
+    }
+    Ok(out)
+}
+
 /// Rows of the fetched state written per fill step.
 const FILL_CHUNK: i64 = 2000;
 
@@ -522,7 +593,7 @@ fn fill_chunk(
         let mut stmt = conn.prepare_cached(
             "SELECT r.event_id, e.state_key_nid, e.event_nid, k.event_type, k.state_key FROM resync_state r
              JOIN events e ON e.event_id = r.event_id JOIN state_keys k ON k.state_key_nid = e.state_key_nid
-             WHERE r.room_nid = ?1 AND r.event_id > ?2 ORDER BY r.event_id LIMIT ?3",
+             WHERE r.room_nid = ?1 AND r.event_id > ?2 AND e.rejected IS NULL ORDER BY r.event_id LIMIT ?3",
         )?;
         let rows = stmt.query_map(params![room_nid, after, FILL_CHUNK], |r| {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::room::append::{authorize, persist, Appended, Outcome};
 use crate::room::pdu::MAX_PDU_BYTES;
 use crate::room::{load_pdu, state, version, Identity, Pdu};
-use crate::store::events::{self, NewEvent, RoomRow};
+use crate::store::events::{self, EventRow, NewEvent, RoomRow};
 use crate::store::Writer;
 
 /// Parses a PDU received over federation and computes its id (no signature check yet).
@@ -75,6 +75,52 @@ pub fn persist_outlier(conn: &Connection, room: &RoomRow, pdu: &Pdu) -> Result<i
     Ok(nid)
 }
 
+/// Events loaded for auth checks, kept across the checks of one batch (the create event, power levels and join
+/// rules are cited by nearly every event of a room).
+#[derive(Default)]
+pub struct AuthCache(std::cell::RefCell<HashMap<String, Option<Pdu>>>);
+
+impl AuthCache {
+    fn load(&self, conn: &Connection, id: &str) -> Option<Pdu> {
+        if let Some(p) = self.0.borrow().get(id) {
+            return p.clone();
+        }
+        let p = load_pdu(conn, id).ok().flatten();
+        self.0.borrow_mut().insert(id.to_owned(), p.clone());
+        p
+    }
+}
+
+/// Auth of an outlier: against its own auth events only (the create event from the room state for v12+, where
+/// it is not listed). A rejected auth event rejects it.
+pub fn authorize_by_own_auth_events(
+    conn: &Connection,
+    rules: &RoomVersionRules,
+    room: &RoomRow,
+    pdu: &Pdu,
+    cache: &AuthCache,
+) -> std::result::Result<(), String> {
+    let load = |id: &str| cache.load(conn, id);
+    ruma::state_res::check_state_independent_auth_rules(&rules.authorization, pdu, |id| load(id.as_str()))?;
+    if pdu.kind == TimelineEventType::RoomCreate {
+        return Ok(());
+    }
+    let by_key: HashMap<(String, String), Pdu> = pdu
+        .auth_events
+        .iter()
+        .filter_map(|id| load(id.as_str()))
+        .filter_map(|p| p.state_key.clone().map(|k| ((p.kind.to_string(), k), p)))
+        .collect();
+    ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, pdu, |t, k| {
+        let t = t.to_string();
+        by_key.get(&(t.clone(), k.to_owned())).cloned().or_else(|| {
+            (t == "m.room.create")
+                .then(|| room.current_sg.and_then(|sg| crate::room::state_event(conn, sg, &t, k).ok().flatten()))
+                .flatten()
+        })
+    })
+}
+
 /// What became of an incoming PDU.
 #[derive(Debug)]
 pub enum Incoming {
@@ -90,7 +136,8 @@ pub fn state_before(conn: &Connection, room: &RoomRow, pdu: &Pdu) -> Result<std:
     let mut missing = Vec::new();
     for p in &pdu.prev_events {
         match events::event_by_id(conn, p.as_str())? {
-            Some(row) if !row.outlier && row.sg_after.is_some() => groups.push(row.sg_after.unwrap_or_default()),
+            // An outlier with a state group is a missing prev event whose state we learned across a gap.
+            Some(EventRow { sg_after: Some(sg), .. }) => groups.push(sg),
             _ => missing.push(p.to_string()),
         }
     }
@@ -98,6 +145,58 @@ pub fn state_before(conn: &Connection, room: &RoomRow, pdu: &Pdu) -> Result<std:
         return Ok(Err(missing));
     }
     Ok(Ok(state::resolve_groups(conn, room.room_nid, &room.version, &groups)?))
+}
+
+/// The state before a missing prev event, as another server told it (`/state_ids`), for [`state_across_gap`].
+#[derive(Clone, Debug)]
+pub struct GapBranch {
+    pub prev: String,
+    pub state_before: Vec<String>,
+}
+
+/// The state before `pdu` when some of its prev events stay unknown: the state after each prev we hold, and for
+/// each missing one the state after it (the state another server gave for before it, then the event itself),
+/// resolved together. Each branch is written as a delta over the known prevs' state (or our current state) with
+/// only the entries that differ, and only from events we hold and did not reject: in a partial-state room the
+/// omitted memberships stay as they are, and the resync fills them like any other group's.
+pub fn state_across_gap(conn: &Connection, room: &RoomRow, pdu: &Pdu, branches: &[GapBranch]) -> Result<i64> {
+    let mut groups = Vec::new();
+    for p in &pdu.prev_events {
+        if let Some(row) = events::event_by_id(conn, p.as_str())? {
+            if let (false, Some(sg)) = (row.outlier, row.sg_after) {
+                groups.push(sg);
+            }
+        }
+    }
+    let base = match groups.as_slice() {
+        [] => room.current_sg.ok_or_else(|| Error::not_found("room has no state"))?,
+        _ => state::resolve_groups(conn, room.room_nid, &room.version, &groups)?,
+    };
+    let base_state = events::load_state(conn, base)?;
+    for b in branches {
+        let mut after: HashMap<i64, i64> = HashMap::new();
+        for id in b.state_before.iter().chain(std::iter::once(&b.prev)) {
+            if let Some(row) = events::event_by_id(conn, id)? {
+                if let (Some(skn), None, true) = (row.state_key_nid, &row.rejected, row.room_nid == room.room_nid) {
+                    after.insert(skn, row.event_nid);
+                }
+            }
+        }
+        let changes: Vec<(i64, Option<i64>)> =
+            after.into_iter().filter(|(k, v)| base_state.get(k) != Some(v)).map(|(k, v)| (k, Some(v))).collect();
+        let g = if changes.is_empty() { base } else { state::new_group(conn, room.room_nid, Some(base), &changes)? };
+        // The missing event (an outlier) keeps the state after it: later events citing it, and the
+        // re-authorisation at the end of a resync (which recomputes states from prev events), use it.
+        conn.execute(
+            "UPDATE events SET sg_after = ?2 WHERE event_id = ?1 AND room_nid = ?3 AND outlier = 1 AND sg_after IS NULL",
+            rusqlite::params![b.prev, g, room.room_nid],
+        )?;
+        groups.push(g);
+    }
+    if groups.is_empty() {
+        groups.push(base);
+    }
+    state::resolve_groups(conn, room.room_nid, &room.version, &groups)
 }
 
 /// Authorises and stores a verified PDU that belongs in the room's DAG.

@@ -590,6 +590,12 @@ struct Control {
     servers_in_room: Mutex<Option<Vec<String>>>,
     /// Events `/event` answers 404 for.
     hidden: Mutex<HashSet<String>>,
+    /// Events `get_missing_events` never returns (nor walks past).
+    withheld: Mutex<HashSet<String>>,
+    /// Events whose `/state_ids` is answered even while `state_ids` is held.
+    state_ids_free: Mutex<HashSet<String>>,
+    /// `/state_ids` and `/state` list the value instead of the key (a resident lying about the state).
+    state_substitutes: Mutex<HashMap<String, String>>,
     requests: Mutex<Vec<Request>>,
     received: Mutex<Vec<(String, Value)>>,
     /// EDUs received through `PUT /send`.
@@ -612,10 +618,20 @@ impl Control {
         self.changed.send_modify(|v| *v += 1);
     }
 
-    /// Records a request, then waits while its kind is held.
-    async fn arrive(&self, kind: &str, detail: String) {
+    fn substitute(&self, ids: Vec<String>) -> Vec<String> {
+        let subs = self.state_substitutes.lock().unwrap();
+        ids.into_iter().map(|id| subs.get(&id).cloned().unwrap_or(id)).collect()
+    }
+
+    /// Records a request (without waiting on its kind's hold).
+    fn record(&self, kind: &str, detail: String) {
         self.requests.lock().unwrap().push(Request { kind: kind.to_owned(), detail, at: Instant::now() });
         self.bump();
+    }
+
+    /// Records a request, then waits while its kind is held.
+    async fn arrive(&self, kind: &str, detail: String) {
+        self.record(kind, detail);
         let mut rx = self.gate(kind).subscribe();
         let _ = rx.wait_for(|held| !*held).await;
     }
@@ -761,6 +777,9 @@ impl FakeResident {
                 state_limit: Mutex::new(None),
                 servers_in_room: Mutex::new(None),
                 hidden: Mutex::default(),
+                withheld: Mutex::default(),
+                state_ids_free: Mutex::default(),
+                state_substitutes: Mutex::default(),
                 requests: Mutex::default(),
                 received: Mutex::default(),
                 edus: Mutex::default(),
@@ -900,6 +919,21 @@ impl FakeResident {
 
     pub fn unhide(&self) {
         self.inner.ctl.hidden.lock().unwrap().clear();
+    }
+
+    /// `get_missing_events` never returns these events nor walks past them (a gap it cannot close).
+    pub fn withhold_from_missing_events(&self, ids: &[&str]) {
+        self.inner.ctl.withheld.lock().unwrap().extend(ids.iter().map(|i| i.to_string()));
+    }
+
+    /// `/state_ids` and `/state` list `instead` where the state has `real` (a lying resident).
+    pub fn substitute_state(&self, real: &str, instead: &str) {
+        self.inner.ctl.state_substitutes.lock().unwrap().insert(real.to_owned(), instead.to_owned());
+    }
+
+    /// `/state_ids` at these events is answered even while `state_ids` is held (the hold keeps the resync's).
+    pub fn free_state_ids_at(&self, ids: &[&str]) {
+        self.inner.ctl.state_ids_free.lock().unwrap().extend(ids.iter().map(|i| i.to_string()));
     }
 
     /// Every request received so far.
@@ -1150,7 +1184,11 @@ fn state_at(r: &FakeRoom, event_id: &str) -> Option<(Vec<String>, Vec<String>)> 
 
 async fn state_ids(State(i): State<Shared>, UrlPath(room_id): UrlPath<String>, RawQuery(q): RawQuery) -> Response {
     let event_id = param(&q, "event_id").unwrap_or_default();
-    i.ctl.arrive("state_ids", event_id.clone()).await;
+    if i.ctl.state_ids_free.lock().unwrap().contains(&event_id) {
+        i.ctl.record("state_ids", event_id.clone());
+    } else {
+        i.ctl.arrive("state_ids", event_id.clone()).await;
+    }
     match *i.ctl.state_ids_mode.lock().unwrap() {
         StateIdsMode::Normal | StateIdsMode::BogusMembers => {}
         StateIdsMode::Error => return err(StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN", "scripted failure"),
@@ -1165,7 +1203,7 @@ async fn state_ids(State(i): State<Shared>, UrlPath(room_id): UrlPath<String>, R
     if let Some(e) = check_room(&r, &room_id) {
         return e;
     }
-    match state_at(&r, &event_id) {
+    match state_at(&r, &event_id).map(|(ids, chain)| (i.ctl.substitute(ids), chain)) {
         Some((ids, chain)) if mode == StateIdsMode::BogusMembers => {
             let mut out: Vec<String> =
                 ids.into_iter().filter(|id| r.events[id].json["type"] != "m.room.member").collect();
@@ -1185,7 +1223,7 @@ async fn state(State(i): State<Shared>, UrlPath(room_id): UrlPath<String>, RawQu
     if let Some(e) = check_room(&r, &room_id) {
         return e;
     }
-    match state_at(&r, &event_id) {
+    match state_at(&r, &event_id).map(|(ids, chain)| (i.ctl.substitute(ids), chain)) {
         Some((mut ids, chain)) => {
             if let Some(l) = limit {
                 ids.truncate(l);
@@ -1269,7 +1307,8 @@ async fn get_missing_events(
             .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
             .unwrap_or_default()
     };
-    let stop: HashSet<String> = strs("earliest_events").into_iter().collect();
+    let mut stop: HashSet<String> = strs("earliest_events").into_iter().collect();
+    stop.extend(i.ctl.withheld.lock().unwrap().iter().cloned());
     let limit = body.get("limit").and_then(Value::as_u64).unwrap_or(10) as usize;
     let limit = i.ctl.missing_events_limit.lock().unwrap().unwrap_or(limit);
     let mut evs = walk_back(&r, &strs("latest_events"), &stop, limit, false);

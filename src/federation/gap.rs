@@ -1,0 +1,84 @@
+//! Gaps that `get_missing_events` could not close: an event whose prev events stay unknown. As Synapse does, the
+//! sending server is asked for the state at each missing prev event (`/state_ids`), what we lack of it is fetched
+//! (bounded), and the room core resolves the states after the known and the missing prev events together
+//! ([`crate::room::remote::state_across_gap`]), instead of placing the event on our current state.
+
+use std::collections::HashSet;
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::federation::client::enc;
+use crate::federation::inbound::{fetch_outliers, FETCH_TIMEOUT, MAX_OUTLIER_FETCH};
+use crate::http::AppState;
+use crate::room::remote::GapBranch;
+use crate::store::events;
+
+/// Missing prev events of one event whose state is asked for; an event with more is placed on current state.
+const MAX_MISSING_PREVS: usize = 5;
+
+fn strings(v: Option<&Value>) -> Vec<String> {
+    v.and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+/// For each of `missing` (prev events of an event from `origin` that stay unknown): the state before it from
+/// `origin`'s `/state_ids`, with the missing event itself and the state events we lack fetched and stored as
+/// outliers. When more are lacking than one bounded fetch takes (a partial-state room lacks most memberships),
+/// only the missing event and its auth events are fetched and the branch is built from what we hold.
+/// `None` when there are too many missing prevs or `origin` cannot answer.
+pub async fn states_at_missing_prevs(
+    s: &AppState,
+    origin: &str,
+    room_id: &str,
+    missing: &[String],
+) -> Result<Option<Vec<GapBranch>>> {
+    if missing.is_empty() || missing.len() > MAX_MISSING_PREVS {
+        return Ok(None);
+    }
+    let fed = s.federation.as_ref().ok_or_else(|| Error::forbidden("federation is disabled"))?;
+    let mut branches = Vec::new();
+    for prev in missing {
+        let path = format!("/_matrix/federation/v1/state_ids/{}?event_id={}", enc(room_id), enc(prev));
+        let answer = match fed.client.request_timeout(reqwest::Method::GET, origin, &path, None, FETCH_TIMEOUT).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::info!(origin, room_id, prev, error = %e, "state at a missing prev event unavailable");
+                return Ok(None);
+            }
+        };
+        let state = strings(answer.get("pdu_ids"));
+        let chain = strings(answer.get("auth_chain_ids"));
+        let listed: Vec<String> = state.iter().chain(&chain).cloned().chain(std::iter::once(prev.clone())).collect();
+        let unknown: Vec<String> = s
+            .store
+            .read(move |c| {
+                let mut out = Vec::new();
+                for id in listed {
+                    if events::event_nid(c, &id)?.is_none() {
+                        out.push(id);
+                    }
+                }
+                Ok(out)
+            })
+            .await?;
+        let wanted = if unknown.len() <= MAX_OUTLIER_FETCH {
+            unknown
+        } else {
+            tracing::info!(
+                origin,
+                room_id,
+                prev,
+                lacking = unknown.len(),
+                "state at a missing prev event: too much to fetch now; using the events we hold"
+            );
+            unknown.into_iter().filter(|id| id == prev).collect()
+        };
+        if !wanted.is_empty() {
+            fetch_outliers(s, origin, room_id, wanted, &HashSet::new()).await?;
+        }
+        branches.push(GapBranch { prev: prev.clone(), state_before: state });
+    }
+    Ok(Some(branches))
+}
