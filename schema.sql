@@ -299,7 +299,7 @@ CREATE TABLE partial_state_servers (
 CREATE TABLE resync_state (
     room_nid  INTEGER NOT NULL,
     event_id  TEXT NOT NULL,
-    missing   INTEGER NOT NULL,              -- 1 until the event is stored
+    missing   INTEGER NOT NULL,              -- 1: not stored when the ids came (fetched once in events)
     PRIMARY KEY (room_nid, event_id)
 ) WITHOUT ROWID;
 CREATE INDEX resync_state_missing ON resync_state(room_nid, missing);

@@ -23,6 +23,11 @@ use crate::jobs::{JobRow, Step};
 use crate::room::remote::persist_outlier;
 use crate::store::events;
 
+/// The rows of `resync_state r` (room `?1`) whose event is still not stored: `missing` was set when the ids
+/// arrived, and an event counts as fetched once it is in `events`.
+const STILL_MISSING: &str =
+    "r.room_nid = ?1 AND r.missing = 1 AND NOT EXISTS (SELECT 1 FROM events e WHERE e.event_id = r.event_id)";
+
 /// Events stored per background write: small, so a user's write never waits long behind one.
 const CHUNK: usize = 200;
 /// Missing events fetched per step through `/event`: starts here, then adapts to the target step length.
@@ -145,7 +150,7 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
                 .store
                 .read(move |c| {
                     let mut stmt =
-                        c.prepare_cached("SELECT event_id FROM resync_state WHERE room_nid = ?1 AND missing = 1")?;
+                        c.prepare_cached(&format!("SELECT r.event_id FROM resync_state r WHERE {STILL_MISSING}"))?;
                     let rows = stmt.query_map([room_nid], |r| r.get(0))?;
                     Ok(rows.collect::<rusqlite::Result<_>>()?)
                 })
@@ -258,12 +263,12 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
                             let mut n = 0;
                             let mut sorted = verified;
                             sorted.sort_by_key(|p| p.depth);
+                            // Stored is no longer missing (STILL_MISSING): no per-event bookkeeping write.
                             for p in sorted.iter().filter(|p| p.room_id.as_str() == rid) {
-                                persist_outlier(w.conn, &room, p)?;
-                                n += w.conn.execute(
-                                    "UPDATE resync_state SET missing = 0 WHERE room_nid = ?1 AND event_id = ?2",
-                                    params![room_nid, p.event_id.as_str()],
-                                )?;
+                                if events::event_nid(w.conn, p.event_id.as_str())?.is_none() {
+                                    persist_outlier(w.conn, &room, p)?;
+                                    n += 1;
+                                }
                             }
                             Ok(n)
                         })
@@ -280,7 +285,7 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
                 .store
                 .read(move |c| {
                     Ok(c.query_row(
-                        "SELECT count(*) FROM resync_state WHERE room_nid = ?1 AND missing = 1",
+                        &format!("SELECT count(*) FROM resync_state r WHERE {STILL_MISSING}"),
                         [room_nid],
                         |r| r.get(0),
                     )?)

@@ -69,8 +69,8 @@ pub fn persist_outlier(conn: &Connection, room: &RoomRow, pdu: &Pdu) -> Result<i
             json: &pdu.canonical_string(),
         },
     )?;
-    let prevs: Vec<String> = pdu.prev_events.iter().map(|e| e.to_string()).collect();
-    events::insert_edges(conn, nid, &prevs)?;
+    // No prev edges: those serve the timeline (backfill, gaps), which an outlier is not part of; it gets them if
+    // it joins the timeline later (handle_incoming stores it again).
     events::insert_auth_edges(conn, nid, &pdu.auth_events.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
     Ok(nid)
 }
