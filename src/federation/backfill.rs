@@ -88,6 +88,10 @@ pub async fn backfill(s: &AppState, room_id: &str, limit: usize) -> Result<usize
                         }
                     }
                     let nid = persist_outlier(w.conn, &room, p)?;
+                    // In the timeline now: its prev edges (outliers have none) tell the next backfill where the
+                    // history continues.
+                    let prevs: Vec<String> = p.prev_events.iter().map(|e| e.to_string()).collect();
+                    events::insert_edges(w.conn, nid, &prevs)?;
                     next -= 1;
                     // Auth of history is checked against the events' own auth events (we lack the state there).
                     let rules = crate::room::version::rules(&room.version)?;
