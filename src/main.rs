@@ -147,17 +147,17 @@ fn init_logging(config: &Config) {
 /// A fixed threshold keeps allocations of 1 MiB and more mmapped, so freeing them returns the memory.
 ///
 /// glibc also gives threads up to 8 arenas per core; SQLite reads and signature checks run on many blocking threads,
-/// and each arena keeps its own freed memory. One arena per core, 2 to 4 (unless `MALLOC_ARENA_MAX` says otherwise):
-/// with 2 on this 2-core machine the 100k-member lazy join's peak RSS went from 222-240 MB to 145 MB
-/// (`hearth-bench join --members 100000`).
+/// and each arena keeps its own freed memory. Four arenas (unless `MALLOC_ARENA_MAX` says otherwise): in single
+/// runs of the 100k-member lazy join on this 2-core machine (`hearth-bench join --members 100000`, the variable set
+/// by hand) peak RSS was 163 MB with 4 arenas against 201-240 MB with glibc's 16; 2 arenas spent 15% of the CPU
+/// samples waiting on the arena locks and made the resync 20-40% slower.
 fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; called once at start, before other threads exist.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
         if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-            let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-            libc::mallopt(libc::M_ARENA_MAX, cores.clamp(2, 4) as libc::c_int);
+            libc::mallopt(libc::M_ARENA_MAX, 4);
         }
     }
 }
