@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::federation::client::enc;
 use crate::federation::keys::needed_keys;
 use crate::http::AppState;
-use crate::room::remote::{handle_incoming, parse_remote, persist_outlier, verify_remote, AuthCache, Incoming};
+use crate::room::remote::{handle_incoming, parse_remote_with_id, persist_outlier, verify_remote, AuthCache, Incoming};
 use crate::room::{version, Pdu};
 use crate::store::events;
 
@@ -40,16 +40,51 @@ pub async fn verify_batch_ids(
     room_version: &str,
     raw: Vec<Value>,
 ) -> Result<Vec<(Option<String>, std::result::Result<Pdu, String>)>> {
-    let fed = s.federation.as_ref().ok_or_else(|| Error::forbidden("federation is disabled"))?;
     let rules = version::rules(room_version)?;
+    let n = raw.len();
     // Parsing (canonical JSON, event id, content hash) and signature checks are CPU work: off the async threads,
     // and a big batch split over the cores.
-    let parts = if raw.len() >= 64 { std::thread::available_parallelism().map_or(1, |n| n.get()).min(4) } else { 1 };
-    let parsed: Vec<Vec<Checked>> = on_blocking_threads(split_in(raw, parts), {
+    let parsed: Vec<Vec<Checked>> = on_blocking_threads(split_in(raw, parts_for(n)), {
         let rules = rules.clone();
         move |part| part.into_iter().map(|v| parse_one(v, &rules)).collect()
     })
     .await?;
+    check_signatures(s, rules, parsed).await
+}
+
+/// [`verify_batch`] for PDUs still as JSON text (a streamed `/state` answer): parsed straight into canonical JSON,
+/// with no `serde_json::Value` tree built first, and sized by their text.
+pub async fn verify_batch_raw(
+    s: &AppState,
+    room_version: &str,
+    raw: Vec<Box<serde_json::value::RawValue>>,
+) -> Result<Vec<std::result::Result<Pdu, String>>> {
+    let rules = version::rules(room_version)?;
+    let parts = parts_for(raw.len());
+    let parsed: Vec<Vec<Checked>> = on_blocking_threads(split_in(raw, parts), {
+        let rules = rules.clone();
+        move |part| part.into_iter().map(|v| parse_one_raw(&v, &rules)).collect()
+    })
+    .await?;
+    Ok(check_signatures(s, rules, parsed).await?.into_iter().map(|(_, r)| r).collect())
+}
+
+/// How many blocking threads a batch of `n` PDUs is split over.
+fn parts_for(n: usize) -> usize {
+    if n >= 64 {
+        std::thread::available_parallelism().map_or(1, |n| n.get()).min(4)
+    } else {
+        1
+    }
+}
+
+/// Signature checks of parsed PDUs (their servers' keys fetched in one batch), on blocking threads.
+async fn check_signatures(
+    s: &AppState,
+    rules: ruma::room_version_rules::RoomVersionRules,
+    parsed: Vec<Vec<Checked>>,
+) -> Result<Vec<(Option<String>, std::result::Result<Pdu, String>)>> {
+    let fed = s.federation.as_ref().ok_or_else(|| Error::forbidden("federation is disabled"))?;
     let need = needed_keys(parsed.iter().flatten().filter_map(|(_, p)| p.as_ref().ok()).map(|p| &p.json));
     let keys = Arc::new(fed.keys.keys_for(&need).await?);
     let verified = on_blocking_threads(parsed, move |part| {
@@ -64,17 +99,17 @@ type Checked = (Option<String>, std::result::Result<Pdu, String>);
 
 /// One PDU off the wire: parsed and hash-checked, with its event id when it could be computed.
 fn parse_one(v: Value, rules: &ruma::room_version_rules::RoomVersionRules) -> Checked {
-    let obj: CanonicalJsonObject = match serde_json::from_value(v) {
-        Ok(o) => o,
-        Err(e) => return (None, Err(format!("not canonical JSON: {e}"))),
-    };
-    match parse_remote(obj.clone(), rules) {
-        Ok(p) => (Some(p.event_id.to_string()), Ok(p)),
-        Err(e) => {
-            let mut obj = obj;
-            obj.remove("unsigned");
-            (version::event_id(&obj, rules).ok().map(|id| id.to_string()), Err(e))
-        }
+    match serde_json::from_value::<CanonicalJsonObject>(v) {
+        Ok(obj) => parse_remote_with_id(obj, rules, None),
+        Err(e) => (None, Err(format!("not canonical JSON: {e}"))),
+    }
+}
+
+/// [`parse_one`] from the PDU's JSON text (whose length spares most PDUs the canonical size computation).
+fn parse_one_raw(raw: &serde_json::value::RawValue, rules: &ruma::room_version_rules::RoomVersionRules) -> Checked {
+    match serde_json::from_str::<CanonicalJsonObject>(raw.get()) {
+        Ok(obj) => parse_remote_with_id(obj, rules, Some(raw.get().len())),
+        Err(e) => (None, Err(format!("not canonical JSON: {e}"))),
     }
 }
 

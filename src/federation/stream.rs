@@ -3,15 +3,15 @@
 
 use std::io::Read;
 
-use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
-use serde_json::Value;
+use serde::de::{DeserializeOwned, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-/// Calls `sink` with batches of at most `batch` elements of the arrays under `keys` of a top-level object.
-pub fn for_each_pdu_batch<R: Read>(
+/// Calls `sink` with batches of at most `batch` elements of the arrays under `keys` of a top-level object, each
+/// read as a `T` (`Box<RawValue>` keeps an element's text for a parser that wants it, with no JSON tree built).
+pub fn for_each_pdu_batch<R: Read, T: DeserializeOwned>(
     reader: R,
     keys: &[&str],
     batch: usize,
-    sink: &mut dyn FnMut(Vec<Value>) -> bool,
+    sink: &mut dyn FnMut(Vec<T>) -> bool,
 ) -> Result<(), String> {
     let mut de = serde_json::Deserializer::from_reader(reader);
     let mut buf = Vec::with_capacity(batch);
@@ -23,22 +23,22 @@ pub fn for_each_pdu_batch<R: Read>(
     Ok(())
 }
 
-struct Top<'a> {
+struct Top<'a, T> {
     keys: &'a [&'a str],
     batch: usize,
-    buf: &'a mut Vec<Value>,
-    sink: &'a mut dyn FnMut(Vec<Value>) -> bool,
+    buf: &'a mut Vec<T>,
+    sink: &'a mut dyn FnMut(Vec<T>) -> bool,
     stop: bool,
 }
 
-impl<'de> DeserializeSeed<'de> for Top<'_> {
+impl<'de, T: DeserializeOwned> DeserializeSeed<'de> for Top<'_, T> {
     type Value = ();
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
         d.deserialize_map(self)
     }
 }
 
-impl<'de> Visitor<'de> for Top<'_> {
+impl<'de, T: DeserializeOwned> Visitor<'de> for Top<'_, T> {
     type Value = ();
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("an object")
@@ -55,24 +55,24 @@ impl<'de> Visitor<'de> for Top<'_> {
     }
 }
 
-struct Elements<'a, 'b> {
-    top: &'a mut Top<'b>,
+struct Elements<'a, 'b, T> {
+    top: &'a mut Top<'b, T>,
 }
 
-impl<'de> DeserializeSeed<'de> for Elements<'_, '_> {
+impl<'de, T: DeserializeOwned> DeserializeSeed<'de> for Elements<'_, '_, T> {
     type Value = ();
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
         d.deserialize_seq(self)
     }
 }
 
-impl<'de> Visitor<'de> for Elements<'_, '_> {
+impl<'de, T: DeserializeOwned> Visitor<'de> for Elements<'_, '_, T> {
     type Value = ();
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("an array of PDUs")
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while let Some(v) = seq.next_element::<Value>()? {
+        while let Some(v) = seq.next_element::<T>()? {
             if self.top.stop {
                 continue;
             }
@@ -96,7 +96,7 @@ mod tests {
     fn batches_both_arrays_and_skips_the_rest() {
         let doc = r#"{"origin":"x","pdus":[1,2,3,4,5],"other":{"a":[9]},"auth_chain":[6,7]}"#;
         let mut seen = Vec::new();
-        for_each_pdu_batch(doc.as_bytes(), &["pdus", "auth_chain"], 2, &mut |b| {
+        for_each_pdu_batch(doc.as_bytes(), &["pdus", "auth_chain"], 2, &mut |b: Vec<serde_json::Value>| {
             seen.push(b.len());
             true
         })

@@ -13,11 +13,12 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use rusqlite::params;
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 use crate::federation::client::enc;
-use crate::federation::inbound::verify_batch;
+use crate::federation::inbound::verify_batch_raw;
 use crate::http::AppState;
 use crate::jobs::{JobRow, Step};
 use crate::room::remote::persist_outlier;
@@ -162,7 +163,7 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
             }
             let use_state = cursor.get("use_state").and_then(Value::as_bool).unwrap_or(false);
             // Batches of PDUs flow through a small bounded channel: memory stays bounded by a few batches.
-            let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Value>>(2);
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Box<RawValue>>>(2);
             let producer = if use_state {
                 let path = format!("/_matrix/federation/v1/state/{}?event_id={}", enc(&room.room_id), enc(&join_event));
                 let file = std::env::temp_dir().join(format!(
@@ -221,7 +222,13 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
                     let mut out = Vec::new();
                     for r in futures::future::join_all(reqs).await {
                         match r {
-                            Ok(v) => out.extend(v.get("pdus").and_then(Value::as_array).cloned().unwrap_or_default()),
+                            Ok(v) => out.extend(
+                                v.get("pdus")
+                                    .and_then(Value::as_array)
+                                    .into_iter()
+                                    .flatten()
+                                    .filter_map(|p| serde_json::value::to_raw_value(p).ok()),
+                            ),
                             Err(e) => tracing::info!(error = %e, "resync: event fetch failed"),
                         }
                     }
@@ -242,7 +249,7 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
                 t_parse += t.elapsed();
                 total_fetched += chunk.len();
                 let t = Instant::now();
-                let verified: Vec<crate::room::Pdu> = verify_batch(s, &room.version, chunk)
+                let verified: Vec<crate::room::Pdu> = verify_batch_raw(s, &room.version, chunk)
                     .await?
                     .into_iter()
                     .filter_map(|r| r.map_err(|e| tracing::info!(error = %e, "resync: invalid event")).ok())
@@ -502,11 +509,19 @@ fn keys_needed_by_file(
 ) -> std::result::Result<std::collections::BTreeMap<String, std::collections::BTreeSet<String>>, String> {
     let reader = std::io::BufReader::new(std::fs::File::open(file).map_err(|e| e.to_string())?);
     let mut need: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> = Default::default();
-    crate::federation::stream::for_each_pdu_batch(reader, &["pdus", "auth_chain"], CHUNK, &mut |batch| {
+    /// Just the signatures of a PDU (the rest of its text is skipped, not parsed into a tree).
+    #[derive(serde::Deserialize)]
+    struct Signed {
+        #[serde(default)]
+        signatures: std::collections::BTreeMap<String, std::collections::BTreeMap<String, serde::de::IgnoredAny>>,
+    }
+    crate::federation::stream::for_each_pdu_batch(reader, &["pdus", "auth_chain"], CHUNK, &mut |batch: Vec<
+        Box<RawValue>,
+    >| {
         for pdu in batch {
-            for (server, keys) in pdu.get("signatures").and_then(Value::as_object).into_iter().flatten() {
-                let ids = need.entry(server.clone()).or_default();
-                ids.extend(keys.as_object().into_iter().flatten().map(|(id, _)| id.clone()));
+            let Ok(signed) = serde_json::from_str::<Signed>(pdu.get()) else { continue };
+            for (server, keys) in signed.signatures {
+                need.entry(server).or_default().extend(keys.into_keys());
             }
         }
         true

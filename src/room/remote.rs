@@ -17,14 +17,31 @@ use crate::store::events::{self, EventRow, NewEvent, RoomRow};
 use crate::store::Writer;
 
 /// Parses a PDU received over federation and computes its id (no signature check yet).
-pub fn parse_remote(mut obj: CanonicalJsonObject, rules: &RoomVersionRules) -> std::result::Result<Pdu, String> {
+pub fn parse_remote(obj: CanonicalJsonObject, rules: &RoomVersionRules) -> std::result::Result<Pdu, String> {
+    parse_remote_with_id(obj, rules, None).1
+}
+
+/// [`parse_remote`], also giving the event id whenever it could be computed (to answer per PDU). `text_len` is the
+/// length of the JSON text the PDU was read from, if known: it bounds the canonical size from above (canonical
+/// JSON is the shortest encoding, and `unsigned` is dropped), so only a long text has its canonical size computed.
+pub fn parse_remote_with_id(
+    mut obj: CanonicalJsonObject,
+    rules: &RoomVersionRules,
+    text_len: Option<usize>,
+) -> (Option<String>, std::result::Result<Pdu, String>) {
     obj.remove("unsigned");
-    let size = serde_json::to_string(&obj).map(|s| s.len()).unwrap_or(usize::MAX);
-    if size > MAX_PDU_BYTES {
-        return Err(format!("PDU is {size} bytes, over the {MAX_PDU_BYTES} limit"));
+    let event_id = match version::event_id(&obj, rules) {
+        Ok(id) => id,
+        Err(e) => return (None, Err(e)),
+    };
+    let shown = Some(event_id.to_string());
+    if text_len.is_none_or(|n| n > MAX_PDU_BYTES) {
+        let size = serde_json::to_string(&obj).map(|s| s.len()).unwrap_or(usize::MAX);
+        if size > MAX_PDU_BYTES {
+            return (shown, Err(format!("PDU is {size} bytes, over the {MAX_PDU_BYTES} limit")));
+        }
     }
-    let event_id = version::event_id(&obj, rules)?;
-    Pdu::from_canonical(obj, event_id, rules)
+    (shown, Pdu::from_canonical(obj, event_id, rules))
 }
 
 /// Checks signatures and the content hash. A hash mismatch keeps the event, redacted (spec).
