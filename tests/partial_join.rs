@@ -651,10 +651,7 @@ async fn state_wrongly_accepted_during_partial_state_is_gone_after_resync() {
     let (creator, user7) = (fake.creator(), fake.user("user7"));
     // user7 may set the topic, then gets banned — before Hearth joins, so the ban is among the omitted members.
     let user7_join = fake.room.lock().unwrap().state_id("m.room.member", &user7).unwrap();
-    let pl_id = fake.room.lock().unwrap().state_id("m.room.power_levels", "").unwrap();
-    let mut pl = fake.event(&pl_id).unwrap().json["content"].clone();
-    pl["users"][&user7] = json!(50);
-    fake.append(EventSpec::state(&creator, "m.room.power_levels", "", pl));
+    grant_power(&fake, &user7, 50);
     fake.append(EventSpec::state(&creator, "m.room.member", &user7, json!({"membership": "ban"})));
     fake.hold("state_ids");
     let alice = hearth.user("alice").await;
@@ -712,11 +709,8 @@ async fn state_wrongly_rejected_during_partial_state_is_accepted_after_resync() 
     let hearth = start_hearth().await;
     let fake = FakeResident::start(RoomSpec::default()).await;
     fake.connect_to(&hearth);
-    let (creator, user8) = (fake.creator(), fake.user("user8"));
-    let pl_id = fake.room.lock().unwrap().state_id("m.room.power_levels", "").unwrap();
-    let mut pl = fake.event(&pl_id).unwrap().json["content"].clone();
-    pl["users"][&user8] = json!(50);
-    fake.append(EventSpec::state(&creator, "m.room.power_levels", "", pl));
+    let user8 = fake.user("user8");
+    grant_power(&fake, &user8, 50);
     fake.hold("state_ids");
     let alice = hearth.user("alice").await;
     join_via(&alice, &fake).await;
@@ -762,6 +756,14 @@ async fn state_ids_with_invented_members_falls_back_to_another_server() {
     assert_eq!(joined_ids(&joined), expected_members(&fake), "the member list came from the other server");
     assert!(peer.count("state_ids") >= 1, "the other server in servers_in_room was asked for /state_ids");
     hearth.stop().await;
+}
+
+/// The room's creator gives `user` power `level` (a new power levels event in the fake's DAG); its id.
+fn grant_power(fake: &FakeResident, user: &str, level: i64) -> String {
+    let pl_id = fake.room.lock().unwrap().state_id("m.room.power_levels", "").unwrap();
+    let mut pl = fake.event(&pl_id).unwrap().json["content"].clone();
+    pl["users"][user] = json!(level);
+    fake.append(EventSpec::state(&fake.creator(), "m.room.power_levels", "", pl)).id
 }
 
 /// Device keys for `c`'s device (enough for Hearth to store and announce them).
@@ -1017,10 +1019,7 @@ async fn device_lists_after_resync_follow_the_full_state() {
     // user7 gets power 50 (enough to kick), then is banned: among the omitted members, so partial state
     // cannot tell.
     let user7_join = fake.room.lock().unwrap().state_id("m.room.member", &user7).unwrap();
-    let pl_id = fake.room.lock().unwrap().state_id("m.room.power_levels", "").unwrap();
-    let mut pl = fake.event(&pl_id).unwrap().json["content"].clone();
-    pl["users"][&user7] = json!(50);
-    let pl_now = fake.append(EventSpec::state(&creator, "m.room.power_levels", "", pl)).id;
+    let pl_now = grant_power(&fake, &user7, 50);
     fake.append(EventSpec::state(&creator, "m.room.member", &user7, json!({"membership": "ban"})));
     fake.set_servers_in_room(Some(vec![fake.name.clone(), peer1.name.clone(), peer2.name.clone()]));
     fake.connect_to(&hearth);

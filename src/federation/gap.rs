@@ -9,10 +9,9 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::federation::client::enc;
-use crate::federation::inbound::{fetch_outliers, FETCH_TIMEOUT, MAX_OUTLIER_FETCH};
+use crate::federation::inbound::{fetch_outliers, unknown_events, FETCH_TIMEOUT, MAX_OUTLIER_FETCH};
 use crate::http::AppState;
 use crate::room::remote::GapBranch;
-use crate::store::events;
 
 /// Missing prev events of one event whose state is asked for; an event with more is placed on current state.
 const MAX_MISSING_PREVS: usize = 5;
@@ -51,18 +50,7 @@ pub async fn states_at_missing_prevs(
         let state = strings(answer.get("pdu_ids"));
         let chain = strings(answer.get("auth_chain_ids"));
         let listed: Vec<String> = state.iter().chain(&chain).cloned().chain(std::iter::once(prev.clone())).collect();
-        let unknown: Vec<String> = s
-            .store
-            .read(move |c| {
-                let mut out = Vec::new();
-                for id in listed {
-                    if events::event_nid(c, &id)?.is_none() {
-                        out.push(id);
-                    }
-                }
-                Ok(out)
-            })
-            .await?;
+        let unknown = unknown_events(s, listed).await?;
         let wanted = if unknown.len() <= MAX_OUTLIER_FETCH {
             unknown
         } else {

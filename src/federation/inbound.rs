@@ -170,6 +170,21 @@ pub async fn fetch_missing_auth(s: &AppState, origin: &str, room_id: &str, pdus:
     fetch_outliers(s, origin, room_id, wanted, &batch).await
 }
 
+/// Those of `ids` that we do not hold, in order.
+pub async fn unknown_events(s: &AppState, ids: Vec<String>) -> Result<Vec<String>> {
+    s.store
+        .read(move |c| {
+            let mut out = Vec::new();
+            for id in ids {
+                if events::event_nid(c, &id)?.is_none() {
+                    out.push(id);
+                }
+            }
+            Ok(out)
+        })
+        .await
+}
+
 /// Most events one [`fetch_outliers`] walk fetches.
 pub const MAX_OUTLIER_FETCH: usize = 200;
 
@@ -201,18 +216,7 @@ pub async fn fetch_outliers(
         let room_left = MAX_EVENTS.saturating_sub(fetched.len());
         let ids: Vec<String> =
             wanted.drain(..).filter(|id| !skip.contains(id) && seen.insert(id.clone())).take(room_left).collect();
-        let unknown: Vec<String> = s
-            .store
-            .read(move |c| {
-                let mut out = Vec::new();
-                for id in ids {
-                    if events::event_nid(c, &id)?.is_none() {
-                        out.push(id);
-                    }
-                }
-                Ok(out)
-            })
-            .await?;
+        let unknown = unknown_events(s, ids).await?;
         if unknown.is_empty() || fetched.len() >= MAX_EVENTS {
             break;
         }
