@@ -1109,3 +1109,24 @@ async fn resync_rejects_listed_state_that_its_own_auth_events_do_not_allow() {
     fake.wait_received(&ev, Duration::from_secs(10)).await;
     hearth.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resync_through_single_events_fetches_their_auth_events_too() {
+    let hearth = start_hearth().await;
+    let fake = FakeResident::start(RoomSpec::default()).await;
+    fake.connect_to(&hearth);
+    // user5 left and came back: the current join cites the leave, which cites the first join; neither is
+    // in the state, and few events are missing, so the resync fetches them one by one with /event.
+    let user5 = fake.user("user5");
+    let leave = fake.append(EventSpec::member(&user5, "leave"));
+    fake.append(EventSpec::member(&user5, "join"));
+    let alice = hearth.user("alice").await;
+    join_via(&alice, &fake).await;
+    let room = fake.room_id();
+    let joined = joined_ids(&wait_resynced(&alice, &room).await);
+    assert_eq!(fake.count("state"), 0, "the resync used /event, not /state");
+    assert!(fake.requests_of("event").iter().any(|r| r.detail == leave.id), "the rejoin's auth event was fetched");
+    assert!(joined.contains(&user5), "user5's rejoin is accepted: its auth events were fetched and checked");
+    assert_eq!(joined, expected_members(&fake));
+    hearth.stop().await;
+}

@@ -254,6 +254,15 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
                     .into_iter()
                     .filter_map(|r| r.map_err(|e| tracing::info!(error = %e, "resync: invalid event")).ok())
                     .collect();
+                if !use_state {
+                    // Single events come without their auth chain (a `/state` answer has it): fetch what they
+                    // cite that we lack (e.g. a rejoin's earlier leave), or the auth phase could not judge them.
+                    if let Err(e) =
+                        crate::federation::inbound::fetch_missing_auth(s, &server, &room.room_id, &verified).await
+                    {
+                        tracing::info!(%server, error = %e, "resync: fetching auth events of fetched state failed");
+                    }
+                }
                 t_verify += t.elapsed();
                 let t = Instant::now();
                 if let Some(p) = pending.take() {
@@ -586,6 +595,11 @@ fn rejections(conn: &rusqlite::Connection, room: &events::RoomRow, ids: &[String
     for id in ids {
         let Some(pdu) = crate::room::load_pdu(conn, id)? else { continue };
         if pdu.rejected {
+            continue;
+        }
+        // An auth event we could not get is no ground to reject: the event stays unjudged (logged), as listed.
+        if let Some(lacking) = pdu.auth_events.iter().find(|a| cache.load(conn, a.as_str()).is_none()) {
+            tracing::info!(event_id = id, %lacking, "resync: state event not auth-checked: an auth event is unavailable");
             continue;
         }
         if let Err(reason) = crate::room::remote::authorize_by_own_auth_events(conn, &rules, room, &pdu, &cache) {

@@ -98,7 +98,8 @@ pub fn persist_outlier(conn: &Connection, room: &RoomRow, pdu: &Pdu) -> Result<i
 pub struct AuthCache(std::cell::RefCell<HashMap<String, Option<Pdu>>>);
 
 impl AuthCache {
-    fn load(&self, conn: &Connection, id: &str) -> Option<Pdu> {
+    /// The event, from the cache or the database (None: we do not hold it).
+    pub fn load(&self, conn: &Connection, id: &str) -> Option<Pdu> {
         if let Some(p) = self.0.borrow().get(id) {
             return p.clone();
         }
