@@ -593,12 +593,12 @@ fn rejections(conn: &rusqlite::Connection, room: &events::RoomRow, ids: &[String
     let cache = crate::room::remote::AuthCache::default();
     let mut out = Vec::new();
     for id in ids {
-        let Some(pdu) = crate::room::load_pdu(conn, id)? else { continue };
+        let Some(pdu) = crate::room::load_pdu_with(conn, id, &rules)? else { continue };
         if pdu.rejected {
             continue;
         }
         // An auth event we could not get is no ground to reject: the event stays unjudged (logged), as listed.
-        if let Some(lacking) = pdu.auth_events.iter().find(|a| cache.load(conn, a.as_str()).is_none()) {
+        if let Some(lacking) = pdu.auth_events.iter().find(|a| cache.load(conn, &rules, a.as_str()).is_none()) {
             tracing::info!(event_id = id, %lacking, "resync: state event not auth-checked: an auth event is unavailable");
             continue;
         }

@@ -93,8 +93,21 @@ pub fn load_pdu(conn: &Connection, event_id: &str) -> Result<Option<Pdu>> {
 pub fn pdu_from_row(conn: &Connection, row: &events::EventRow) -> Result<Pdu> {
     let room =
         events::room_by_nid(conn, row.room_nid)?.ok_or_else(|| crate::error::Error::internal("event without room"))?;
-    let rules = version::rules(&room.version)?;
-    let mut pdu = Pdu::from_stored(&row.json, &row.event_id, &rules)
+    pdu_from_row_with(row, &version::rules(&room.version)?)
+}
+
+/// [`load_pdu`] when the room version's rules are at hand: no room lookup per event (auth checks of many events).
+pub fn load_pdu_with(
+    conn: &Connection,
+    event_id: &str,
+    rules: &ruma::room_version_rules::RoomVersionRules,
+) -> Result<Option<Pdu>> {
+    let Some(row) = events::event_by_id(conn, event_id)? else { return Ok(None) };
+    pdu_from_row_with(&row, rules).map(Some)
+}
+
+fn pdu_from_row_with(row: &events::EventRow, rules: &ruma::room_version_rules::RoomVersionRules) -> Result<Pdu> {
+    let mut pdu = Pdu::from_stored(&row.json, &row.event_id, rules)
         .map_err(|e| crate::error::Error::internal(format!("stored event {} unreadable: {e}", row.event_id)))?;
     pdu.rejected = row.rejected.is_some();
     Ok(pdu)

@@ -99,11 +99,11 @@ pub struct AuthCache(std::cell::RefCell<HashMap<String, Option<Pdu>>>);
 
 impl AuthCache {
     /// The event, from the cache or the database (None: we do not hold it).
-    pub fn load(&self, conn: &Connection, id: &str) -> Option<Pdu> {
+    pub fn load(&self, conn: &Connection, rules: &RoomVersionRules, id: &str) -> Option<Pdu> {
         if let Some(p) = self.0.borrow().get(id) {
             return p.clone();
         }
-        let p = load_pdu(conn, id).ok().flatten();
+        let p = crate::room::load_pdu_with(conn, id, rules).ok().flatten();
         self.0.borrow_mut().insert(id.to_owned(), p.clone());
         p
     }
@@ -118,7 +118,7 @@ pub fn authorize_by_own_auth_events(
     pdu: &Pdu,
     cache: &AuthCache,
 ) -> std::result::Result<(), String> {
-    let load = |id: &str| cache.load(conn, id);
+    let load = |id: &str| cache.load(conn, rules, id);
     ruma::state_res::check_state_independent_auth_rules(&rules.authorization, pdu, |id| load(id.as_str()))?;
     if pdu.kind == TimelineEventType::RoomCreate {
         return Ok(());
