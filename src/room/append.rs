@@ -366,11 +366,8 @@ fn update_current_state(
         return Ok(());
     }
     events::set_current_sg(conn, room.room_nid, new_sg)?;
-    // Membership changes between the old and new current state.
-    let old = match old_sg {
-        Some(g) => events::load_state_of_type(conn, g, "m.room.member")?,
-        None => Default::default(),
-    };
+    // Membership changes between the old and new current state (the old members are read only when the state
+    // moved some other way than by this event: reading them costs a pass over every member of a big room).
     let changed: Vec<(String, i64)> = if new_sg == sg_after && old_sg.is_some() && old_sg == sg_before {
         // Common case: only this event may have changed membership.
         match events::event_by_nid(conn, event_nid)? {
@@ -381,6 +378,10 @@ fn update_current_state(
             _ => vec![],
         }
     } else {
+        let old = match old_sg {
+            Some(g) => events::load_state_of_type(conn, g, "m.room.member")?,
+            None => Default::default(),
+        };
         let new = events::load_state_of_type(conn, new_sg, "m.room.member")?;
         new.into_iter().filter(|(k, v)| old.get(k) != Some(v)).collect()
     };

@@ -384,8 +384,18 @@ pub fn rooms_with_membership(conn: &Connection, user_id: &str, membership: &str)
 
 /// Servers with at least one joined member.
 pub fn joined_servers(conn: &Connection, room_nid: i64) -> Result<Vec<String>> {
-    let mut stmt = conn
-        .prepare_cached("SELECT DISTINCT server_name FROM room_members WHERE room_nid = ?1 AND membership = 'join'")?;
+    // A skip-scan over the (room_nid, server_name, membership) index: two seeks per server rather than a pass over
+    // every member (a 100k-member room has ~2000 servers; this runs for every event we send to it).
+    let mut stmt = conn.prepare_cached(
+        "WITH RECURSIVE s(name) AS (
+             SELECT (SELECT min(server_name) FROM room_members WHERE room_nid = ?1)
+             UNION ALL
+             SELECT (SELECT min(server_name) FROM room_members WHERE room_nid = ?1 AND server_name > s.name)
+             FROM s WHERE s.name IS NOT NULL
+         )
+         SELECT name FROM s WHERE name IS NOT NULL AND EXISTS (
+             SELECT 1 FROM room_members WHERE room_nid = ?1 AND server_name = s.name AND membership = 'join')",
+    )?;
     let rows = stmt.query_map([room_nid], |r| r.get(0))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
@@ -408,11 +418,33 @@ pub fn record_local_membership(
 
 /// A group's state as (event_nid, event_id), optionally without one event type (e.g. members), in one query.
 pub fn state_event_ids(conn: &Connection, sg: i64, exclude_type: Option<&str>) -> Result<Vec<(i64, String)>> {
-    let mut stmt = conn.prepare_cached(&format!(
-        "{CHAIN} SELECT e.state_key_nid, e.event_nid, ev.event_id FROM state_group_entries e JOIN chain c ON e.sg = c.sg
-         JOIN state_keys k ON k.state_key_nid = e.state_key_nid LEFT JOIN events ev ON ev.event_nid = e.event_nid
-         WHERE k.event_type != ?2 ORDER BY c.d DESC"
-    ))?;
+    // Without the members, a big room's state is a few dozen entries among 100k: when the other types have few
+    // state keys (they are shared by all rooms), look each up in each group of the chain instead of scanning the
+    // whole state (0.2 ms against 20 ms at 100k members).
+    let seek = match exclude_type {
+        Some(t) => {
+            let others: i64 = conn
+                .prepare_cached("SELECT count(*) FROM state_keys WHERE event_type < ?1 OR event_type > ?1")?
+                .query_row([t], |r| r.get(0))?;
+            others <= 2000
+        }
+        None => false,
+    };
+    let mut stmt = if seek {
+        // CROSS JOIN fixes the order: groups, then the other types' keys, then one primary-key seek per pair.
+        conn.prepare_cached(&format!(
+            "{CHAIN} SELECT e.state_key_nid, e.event_nid, ev.event_id FROM chain c
+             CROSS JOIN state_keys k CROSS JOIN state_group_entries e ON e.sg = c.sg AND e.state_key_nid = k.state_key_nid
+             LEFT JOIN events ev ON ev.event_nid = e.event_nid
+             WHERE (k.event_type < ?2 OR k.event_type > ?2) ORDER BY c.d DESC"
+        ))?
+    } else {
+        conn.prepare_cached(&format!(
+            "{CHAIN} SELECT e.state_key_nid, e.event_nid, ev.event_id FROM state_group_entries e JOIN chain c ON e.sg = c.sg
+             JOIN state_keys k ON k.state_key_nid = e.state_key_nid LEFT JOIN events ev ON ev.event_nid = e.event_nid
+             WHERE k.event_type != ?2 ORDER BY c.d DESC"
+        ))?
+    };
     let mut map: HashMap<i64, Option<(i64, String)>> = HashMap::new();
     let mut rows = stmt.query(params![sg, exclude_type.unwrap_or("")])?;
     while let Some(r) = rows.next()? {
