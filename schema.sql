@@ -282,10 +282,13 @@ CREATE TABLE outbox (
 );
 CREATE INDEX outbox_destination ON outbox(destination, id);
 
+-- Servers that failed lately. catch_up_from: set once one keeps failing (no PDUs are queued for it then); when
+-- it answers again it gets the latest event we sent after this stream position in each room it shares with us.
 CREATE TABLE destinations (
     destination   TEXT PRIMARY KEY,
     failures      INTEGER NOT NULL DEFAULT 0,
-    retry_at      INTEGER NOT NULL DEFAULT 0
+    retry_at      INTEGER NOT NULL DEFAULT 0,
+    catch_up_from INTEGER
 ) WITHOUT ROWID;
 
 -- Servers known to be in a partial-state room (from send_join's servers_in_room) until resync completes.

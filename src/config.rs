@@ -104,6 +104,8 @@ pub struct Federation {
     /// DNS servers (`ip:port`) asked for the SRV records of server discovery; empty = the system's
     /// (`/etc/resolv.conf`). Host addresses are always looked up through the system resolver.
     pub dns_servers: Vec<SocketAddr>,
+    /// Backoff after a failed transaction to a server: this many milliseconds times 2^failures, at most an hour.
+    pub retry_base_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -204,6 +206,7 @@ impl Default for Federation {
             serve_on_client_listener: false,
             resolve: Default::default(),
             dns_servers: Vec::new(),
+            retry_base_ms: 1000,
         }
     }
 }

@@ -362,6 +362,7 @@ async fn accept_membership(
     if room.partial_state {
         return Err(Error::not_found("this server cannot help with this room right now"));
     }
+    let started = std::time::Instant::now();
     let pdu = inbound::verify_batch(s, &room.version, vec![body])
         .await?
         .pop()
@@ -382,10 +383,13 @@ async fn accept_membership(
     if pdu.room_id.as_str() != room_id {
         return Err(Error::bad_json("event is for another room"));
     }
+    let verified = started.elapsed();
     let identity = s.identity.clone();
     let (rid, p, o) = (room_id.to_owned(), pdu.clone(), origin.to_owned());
-    s.store
+    let (stored, fanned_out) = s
+        .store
         .write(move |w| {
+            let t = std::time::Instant::now();
             match handle_incoming(w, &identity, &rid, &p, None)? {
                 Incoming::Stored(_, crate::room::append::Outcome::Rejected(r)) => {
                     return Err(Error::forbidden(format!("event rejected: {r}")))
@@ -393,19 +397,17 @@ async fn accept_membership(
                 Incoming::MissingPrevs(_) => return Err(Error::bad_json("event does not build on events we know")),
                 _ => {}
             }
+            let stored = t.elapsed();
             // Tell the other servers in the room (not the one that asked; it already has it).
             let room = events::room_by_id(w.conn, &rid)?.ok_or_else(|| Error::internal("room vanished"))?;
             let mut dests = events::joined_servers(w.conn, room.room_nid)?;
             dests.retain(|d| d != &o && d != identity.server_name.as_str());
-            for d in dests {
-                w.conn.execute(
-                    "INSERT INTO outbox (destination, kind, payload) VALUES (?1, 'pdu', ?2)",
-                    rusqlite::params![d, p.event_id.as_str()],
-                )?;
-            }
-            Ok(())
+            crate::store::outbox::enqueue_pdu_to(w.conn, p.event_id.as_str(), &dests)?;
+            Ok((stored, t.elapsed() - stored))
         })
         .await?;
+    tracing::info!(%room_id, %origin, membership, verify_ms = verified.as_millis() as u64, store_ms = stored.as_millis() as u64,
+        fan_out_ms = fanned_out.as_millis() as u64, total_ms = started.elapsed().as_millis() as u64, "membership accepted");
     Ok((room, pdu))
 }
 

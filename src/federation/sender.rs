@@ -12,8 +12,15 @@ use crate::http::AppState;
 use crate::store::accounts::now_ms;
 use crate::store::outbox;
 
-/// A transaction's outcome to record: its rows to delete (sent) or none (failed: back off), and who waits.
-type Ack = (String, Option<Vec<i64>>, oneshot::Sender<bool>);
+/// What became of a transaction: its rows to delete (and, catching up, the stream position it was read at), or
+/// a failure to back off from.
+enum Outcome {
+    Sent { ids: Vec<i64>, catch_up_to: Option<i64> },
+    Failed,
+}
+
+/// A transaction's outcome to record, for whom, and who waits for it to be written.
+type Ack = (String, Outcome, oneshot::Sender<bool>);
 
 /// Group commit of transaction outcomes: after a fan-out (one event to a room on a thousand servers) the
 /// destinations finish at about the same time, and their rows are deleted in one write per round instead of one
@@ -27,19 +34,25 @@ async fn ack_flusher(s: AppState, mut rx: mpsc::UnboundedReceiver<Ack>) {
                 Err(_) => break,
             }
         }
-        let items: Vec<(String, Option<Vec<i64>>)> = batch.iter().map(|(d, ids, _)| (d.clone(), ids.clone())).collect();
+        let (items, waiters): (Vec<(String, Outcome)>, Vec<oneshot::Sender<bool>>) =
+            batch.into_iter().map(|(d, o, done)| ((d, o), done)).unzip();
+        let our_server = s.identity.server_name.to_string();
+        let base_ms = s.config.federation.retry_base_ms;
         let ok = s
             .store
             .write(move |w| {
                 let now = now_ms();
-                for (d, ids) in &items {
-                    match ids {
-                        Some(ids) => {
+                for (d, outcome) in &items {
+                    match outcome {
+                        Outcome::Sent { ids, catch_up_to } => {
                             outbox::delete(w.conn, ids)?;
-                            outbox::record_success(w.conn, d)?;
+                            match catch_up_to {
+                                Some(to) => outbox::finish_catch_up(w.conn, d, &our_server, *to)?,
+                                None => outbox::record_success(w.conn, d)?,
+                            }
                         }
-                        None => {
-                            let delay = outbox::record_failure(w.conn, d, now)?;
+                        Outcome::Failed => {
+                            let delay = outbox::record_failure(w.conn, d, now, base_ms)?;
                             tracing::info!(destination = %d, retry_in_ms = delay, "backing off");
                         }
                     }
@@ -49,7 +62,7 @@ async fn ack_flusher(s: AppState, mut rx: mpsc::UnboundedReceiver<Ack>) {
             .await
             .map_err(|e| tracing::error!(error = %e, "could not clear sent outbox rows"))
             .is_ok();
-        for (_, _, done) in batch {
+        for done in waiters {
             let _ = done.send(ok);
         }
     }
@@ -59,11 +72,14 @@ pub async fn run(s: AppState, mut shutdown: tokio::sync::watch::Receiver<bool>) 
     let in_flight: Arc<Mutex<HashSet<String>>> = Arc::default();
     let (ack_tx, ack_rx) = mpsc::unbounded_channel::<Ack>();
     tokio::spawn(ack_flusher(s.clone(), ack_rx));
+    // Woken by every commit that moved the stream (new events and EDUs are queued in such commits), and at least
+    // every 100 ms for backoffs that ran out.
+    let mut commits = s.store.stream_watch();
     loop {
         if *shutdown.borrow() {
             return;
         }
-        match s.store.read(|c| outbox::due_destinations(c, now_ms())).await {
+        match s.store.read_background(|c| outbox::due_destinations(c, now_ms())).await {
             Ok(dests) => {
                 for d in dests {
                     if !in_flight.lock().unwrap_or_else(|e| e.into_inner()).insert(d.clone()) {
@@ -80,6 +96,7 @@ pub async fn run(s: AppState, mut shutdown: tokio::sync::watch::Receiver<bool>) 
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = commits.changed() => {}
             _ = shutdown.changed() => {}
         }
     }
@@ -89,50 +106,63 @@ pub async fn run(s: AppState, mut shutdown: tokio::sync::watch::Receiver<bool>) 
 async fn drain(s: &AppState, destination: &str, acks: &mpsc::UnboundedSender<Ack>) {
     let Some(fed) = s.federation.as_ref() else { return };
     loop {
-        let d = destination.to_owned();
-        let batch = s.store.read(move |c| outbox::next_batch(c, &d)).await;
-        let (ids, pdus, edus) = match batch {
+        let (d, ours) = (destination.to_owned(), s.identity.server_name.to_string());
+        let batch = match s.store.read_background(move |c| outbox::next_batch(c, &d, &ours)).await {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(error = %e, "outbox batch unreadable");
                 return;
             }
         };
-        if ids.is_empty() {
+        let catching_up = batch.catch_up_to.is_some();
+        if batch.ids.is_empty() && batch.pdus.is_empty() {
+            if catching_up {
+                // Nothing owed after all: back to a normal queue.
+                let _ =
+                    record(acks, destination, Outcome::Sent { ids: Vec::new(), catch_up_to: batch.catch_up_to }).await;
+            }
             return;
         }
-        let pdus: Vec<Value> = pdus.iter().filter_map(|p| serde_json::from_str(p).ok()).collect();
-        let edus: Vec<Value> = edus.iter().filter_map(|p| serde_json::from_str(p).ok()).collect();
-        let txn_id = format!("{}_{}", now_ms(), ids[0]);
-        let body = json!({
-            "origin": s.identity.server_name.as_str(),
-            "origin_server_ts": now_ms(),
-            "pdus": pdus,
-            "edus": edus,
-        });
-        let path = format!("/_matrix/federation/v1/send/{txn_id}");
-        match fed
-            .client
-            .request_timeout(reqwest::Method::PUT, destination, &path, Some(&body), Duration::from_secs(60))
-            .await
-        {
-            Ok(_) => {
-                let n = ids.len();
-                // Wait for the rows to be gone before reading the next batch (or they would be sent again).
-                let (done_tx, done_rx) = oneshot::channel();
-                if acks.send((destination.to_owned(), Some(ids), done_tx)).is_err() || !done_rx.await.unwrap_or(false) {
-                    return;
-                }
-                tracing::debug!(destination, items = n, "transaction sent");
-            }
-            Err(e) => {
+        let pdus: Vec<Value> = batch.pdus.iter().filter_map(|p| serde_json::from_str(p).ok()).collect();
+        let edus: Vec<Value> = batch.edus.iter().filter_map(|p| serde_json::from_str(p).ok()).collect();
+        // Catch-up PDUs (one per room) may be more than one transaction holds: 50 PDUs each, EDUs with the first.
+        let mut chunks: Vec<Vec<Value>> = pdus.chunks(50).map(<[Value]>::to_vec).collect();
+        if chunks.is_empty() {
+            chunks.push(Vec::new());
+        }
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let txn_id = format!("{}_{}_{i}", now_ms(), batch.ids.first().copied().or(batch.catch_up_to).unwrap_or(0));
+            let body = json!({
+                "origin": s.identity.server_name.as_str(),
+                "origin_server_ts": now_ms(),
+                "pdus": chunk,
+                "edus": if i == 0 { edus.clone() } else { Vec::new() },
+            });
+            let path = format!("/_matrix/federation/v1/send/{txn_id}");
+            if let Err(e) = fed
+                .client
+                .request_timeout(reqwest::Method::PUT, destination, &path, Some(&body), Duration::from_secs(60))
+                .await
+            {
                 tracing::info!(destination, error = %e, "transaction failed");
-                let (done_tx, done_rx) = oneshot::channel();
-                if acks.send((destination.to_owned(), None, done_tx)).is_ok() {
-                    let _ = done_rx.await;
-                }
+                let _ = record(acks, destination, Outcome::Failed).await;
                 return;
             }
         }
+        let n = batch.ids.len() + if catching_up { batch.pdus.len() } else { 0 };
+        // Wait for the rows to be gone before reading the next batch (or they would be sent again).
+        if !record(acks, destination, Outcome::Sent { ids: batch.ids, catch_up_to: batch.catch_up_to }).await {
+            return;
+        }
+        tracing::debug!(destination, items = n, catching_up, "transaction sent");
     }
+}
+
+/// Hands an outcome to the group commit and waits until it is written; false if it could not be.
+async fn record(acks: &mpsc::UnboundedSender<Ack>, destination: &str, outcome: Outcome) -> bool {
+    let (done_tx, done_rx) = oneshot::channel();
+    if acks.send((destination.to_owned(), outcome, done_tx)).is_err() {
+        return false;
+    }
+    done_rx.await.unwrap_or(false)
 }

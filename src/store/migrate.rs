@@ -6,10 +6,13 @@ use rusqlite::Connection;
 const SCHEMA: &str = include_str!("../../schema.sql");
 
 /// Version written by `SCHEMA`. Later changes add `(version, sql)` steps to `MIGRATIONS` and bump this.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Steps from version N-1 to N, for N > 1.
-const MIGRATIONS: &[(i64, &str)] = &[(2, MEDIA_V2)];
+const MIGRATIONS: &[(i64, &str)] = &[(2, MEDIA_V2), (3, CATCH_UP_V3)];
+
+/// 3: destinations that keep failing catch up with the latest event per room instead of a queue of every PDU.
+const CATCH_UP_V3: &str = "ALTER TABLE destinations ADD COLUMN catch_up_from INTEGER;";
 
 /// 2: media metadata by (origin, media_id) with files on disk (the version-1 table held blobs and was never used);
 /// server-side key backup.
@@ -70,7 +73,7 @@ mod tests {
             .unwrap()
     }
 
-    /// A version-1 database (with the old, unused media blob table) migrates to the same tables a fresh one has.
+    /// A version-1 database (with the old, unused media blob table and no catch-up column) migrates to the same tables a fresh one has.
     #[test]
     fn version_1_migrates_to_the_fresh_schema() {
         let mut fresh = Connection::open_in_memory().unwrap();
@@ -82,13 +85,16 @@ mod tests {
             "DROP TABLE media_thumbnails; DROP TABLE media; DROP TABLE room_key_backup; DROP TABLE room_key_backup_versions;
              CREATE TABLE media (media_id TEXT PRIMARY KEY, uploader TEXT NOT NULL, content_type TEXT, filename TEXT,
                                  size INTEGER NOT NULL, created_ts INTEGER NOT NULL, data BLOB NOT NULL) WITHOUT ROWID;
+             DROP TABLE destinations;
+             CREATE TABLE destinations (destination TEXT PRIMARY KEY, failures INTEGER NOT NULL DEFAULT 0,
+                                        retry_at INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
              PRAGMA user_version = 1;",
         )
         .unwrap();
         migrate(&mut old).unwrap();
         let version: i64 = old.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
         assert_eq!(version, SCHEMA_VERSION);
-        for table in ["media", "media_thumbnails", "room_key_backup_versions", "room_key_backup"] {
+        for table in ["media", "media_thumbnails", "room_key_backup_versions", "room_key_backup", "destinations"] {
             assert_eq!(columns(&old, table), columns(&fresh, table), "table {table}");
             assert!(!columns(&fresh, table).is_empty(), "table {table} exists");
         }

@@ -1,23 +1,17 @@
 //! The durable outbound federation queue: rows survive restarts until the destination acknowledged them.
 
-use rusqlite::{params, Connection};
+use std::collections::HashSet;
+
+use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::error::Result;
 use crate::store::events;
 
-/// PDUs kept queued for a destination that keeps failing.
-const MAX_QUEUED_FOR_FAILING: i64 = 50;
-
-/// A failing destination's queue is trimmed on about one enqueued PDU in this many.
-const TRIM_EVERY: u64 = 16;
-
-/// Whether enqueueing `event_id` for `destination` is one of the trimming turns (a hash of both).
-fn trim_turn(destination: &str, event_id: &str) -> bool {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    (destination, event_id).hash(&mut h);
-    h.finish() % TRIM_EVERY == 0
-}
+/// Failed transactions in a row after which a destination is *catching up*: its queued PDUs are dropped and no
+/// more are queued for it, so a room shared with thousands of dead servers costs one row per live server per event,
+/// not one per server. When it answers again it gets, for each room it shares with us, the latest event we sent
+/// since it went away, and fetches what came before with `get_missing_events` (Synapse's catch-up does the same).
+pub const CATCH_UP_AFTER_FAILURES: i64 = 3;
 
 /// Queues a PDU for every other server in the room (joined members, plus the partial-state server list).
 pub fn enqueue_pdu(
@@ -35,23 +29,19 @@ pub fn enqueue_pdu(
     dests.extend(extra.iter().cloned());
     dests.sort();
     dests.dedup();
-    let mut n = 0;
+    dests.retain(|d| d != our_server);
+    enqueue_pdu_to(conn, event_id, &dests)
+}
+
+/// Queues a PDU for these destinations, except those catching up (they get the room's latest event on return).
+pub fn enqueue_pdu_to(conn: &Connection, event_id: &str, destinations: &[String]) -> Result<usize> {
+    let mut stmt = conn.prepare_cached("SELECT destination FROM destinations WHERE catch_up_from IS NOT NULL")?;
+    let catching_up: HashSet<String> = stmt.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
     let mut ins = conn.prepare_cached("INSERT INTO outbox (destination, kind, payload) VALUES (?1, 'pdu', ?2)")?;
-    let mut failures = conn.prepare_cached("SELECT failures FROM destinations WHERE destination = ?1")?;
-    let mut trim = conn.prepare_cached(
-        "DELETE FROM outbox WHERE destination = ?1 AND kind = 'pdu' AND id <= (
-            SELECT id FROM outbox WHERE destination = ?1 AND kind = 'pdu' ORDER BY id DESC LIMIT 1 OFFSET ?2)",
-    )?;
-    for d in dests.iter().filter(|d| d.as_str() != our_server) {
+    let mut n = 0;
+    for d in destinations.iter().filter(|d| !catching_up.contains(*d)) {
         ins.execute(params![d, event_id])?;
         n += 1;
-        // A server that has been failing for a while gets only the most recent PDUs when it returns (it fetches
-        // the gap with get_missing_events, as it would from any server): its queue must not grow without bound.
-        // Trimmed on about one PDU in TRIM_EVERY (chosen by a hash, so every destination gets its turn), which
-        // keeps such a queue near MAX_QUEUED_FOR_FAILING without a delete per server per event.
-        if trim_turn(d, event_id) && failures.query_row([d], |r| r.get::<_, i64>(0)).unwrap_or(0) >= 3 {
-            trim.execute(params![d, MAX_QUEUED_FOR_FAILING])?;
-        }
     }
     Ok(n)
 }
@@ -62,10 +52,10 @@ pub fn enqueue_edu(conn: &Connection, destination: &str, edu_json: &str) -> Resu
     Ok(())
 }
 
-/// Destinations with queued items that are due.
+/// Destinations with queued items, or catching up, that are due.
 pub fn due_destinations(conn: &Connection, now: i64) -> Result<Vec<String>> {
     // A skip-scan over the (destination, id) index: one seek per destination, not a pass over every queued row
-    // (the sender asks ten times a second, and a fan-out to a big room queues thousands of rows).
+    // (the sender asks after every commit and at least ten times a second).
     let mut stmt = conn.prepare_cached(
         "WITH RECURSIVE d(dest) AS (
              SELECT (SELECT min(destination) FROM outbox)
@@ -73,35 +63,108 @@ pub fn due_destinations(conn: &Connection, now: i64) -> Result<Vec<String>> {
              SELECT (SELECT min(destination) FROM outbox WHERE destination > d.dest) FROM d WHERE d.dest IS NOT NULL
          )
          SELECT d.dest FROM d LEFT JOIN destinations x ON x.destination = d.dest
-         WHERE d.dest IS NOT NULL AND coalesce(x.retry_at, 0) <= ?1",
+         WHERE d.dest IS NOT NULL AND coalesce(x.retry_at, 0) <= ?1
+         UNION
+         SELECT destination FROM destinations WHERE catch_up_from IS NOT NULL AND retry_at <= ?1",
     )?;
     let rows = stmt.query_map([now], |r| r.get(0))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
-/// Up to 50 PDUs and 100 EDUs for one transaction: (row ids, pdu json, edu json).
-pub fn next_batch(conn: &Connection, destination: &str) -> Result<(Vec<i64>, Vec<String>, Vec<String>)> {
-    let mut ids = Vec::new();
-    let mut pdus = Vec::new();
-    let mut edus = Vec::new();
-    let mut stmt = conn.prepare_cached(
-        "SELECT o.id, e.json FROM outbox o JOIN events e ON e.event_id = o.payload
-         WHERE o.destination = ?1 AND o.kind = 'pdu' ORDER BY o.id LIMIT 50",
-    )?;
-    for r in stmt.query_map([destination], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))? {
-        let (id, json) = r?;
-        ids.push(id);
-        pdus.push(json);
+/// What goes to a destination in its next transactions.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// Outbox rows to delete once sent.
+    pub ids: Vec<i64>,
+    pub pdus: Vec<String>,
+    pub edus: Vec<String>,
+    /// Catching up: the stream position the catch-up PDUs were read at (see [`finish_catch_up`]).
+    pub catch_up_to: Option<i64>,
+}
+
+/// Up to 50 PDUs and 100 EDUs for one transaction; for a destination catching up, every PDU it is owed (one per
+/// room, sent 50 to a transaction) and its queued EDUs.
+pub fn next_batch(conn: &Connection, destination: &str, our_server: &str) -> Result<Batch> {
+    let mut b = Batch::default();
+    let catch_up_from: Option<i64> = conn
+        .prepare_cached("SELECT catch_up_from FROM destinations WHERE destination = ?1")?
+        .query_row([destination], |r| r.get(0))
+        .optional()?
+        .flatten();
+    match catch_up_from {
+        Some(from) => {
+            b.catch_up_to = Some(latest_event_stream(conn)?);
+            b.pdus = catch_up_pdus(conn, destination, our_server, from, usize::MAX)?;
+        }
+        None => {
+            let mut stmt = conn.prepare_cached(
+                "SELECT o.id, e.json FROM outbox o JOIN events e ON e.event_id = o.payload
+                 WHERE o.destination = ?1 AND o.kind = 'pdu' ORDER BY o.id LIMIT 50",
+            )?;
+            for r in stmt.query_map([destination], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))? {
+                let (id, json) = r?;
+                b.ids.push(id);
+                b.pdus.push(json);
+            }
+        }
     }
     let mut stmt = conn.prepare_cached(
         "SELECT id, payload FROM outbox WHERE destination = ?1 AND kind = 'edu' ORDER BY id LIMIT 100",
     )?;
     for r in stmt.query_map([destination], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))? {
         let (id, json) = r?;
-        ids.push(id);
-        edus.push(json);
+        b.ids.push(id);
+        b.edus.push(json);
     }
-    Ok((ids, pdus, edus))
+    Ok(b)
+}
+
+fn latest_event_stream(conn: &Connection) -> Result<i64> {
+    Ok(conn.prepare_cached("SELECT coalesce(max(stream_ordering), 0) FROM events")?.query_row([], |r| r.get(0))?)
+}
+
+/// For each room `destination` is in (joined members, or the partial-state server list), the latest event our
+/// users sent there after stream position `from` (at most `limit` rooms).
+fn catch_up_pdus(
+    conn: &Connection,
+    destination: &str,
+    our_server: &str,
+    from: i64,
+    limit: usize,
+) -> Result<Vec<String>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT (SELECT e.json FROM events e
+                 WHERE e.room_nid = r.room_nid AND e.stream_ordering > ?2 AND e.outlier = 0 AND e.rejected IS NULL
+                   AND substr(e.sender, -length(?3)) = ?3
+                 ORDER BY e.stream_ordering DESC LIMIT 1) AS json
+         FROM rooms r
+         WHERE (EXISTS (SELECT 1 FROM room_members m
+                        WHERE m.room_nid = r.room_nid AND m.server_name = ?1 AND m.membership = 'join')
+                OR EXISTS (SELECT 1 FROM partial_state_servers p WHERE p.room_nid = r.room_nid AND p.server_name = ?1))
+           AND json IS NOT NULL",
+    )?;
+    let suffix = format!(":{our_server}");
+    let rows = stmt.query_map(params![destination, from, suffix], |r| r.get::<_, String>(0))?;
+    let mut out = Vec::new();
+    for row in rows.take(limit) {
+        out.push(row?);
+    }
+    Ok(out)
+}
+
+/// After a catch-up read at stream position `to` was delivered: back to a normal queue, unless our users sent more
+/// to a shared room since (then another round is due at once). Runs on the writer, which also queues new events,
+/// so nothing sent in between is missed.
+pub fn finish_catch_up(conn: &Connection, destination: &str, our_server: &str, to: i64) -> Result<()> {
+    if catch_up_pdus(conn, destination, our_server, to, 1)?.is_empty() {
+        record_success(conn, destination)
+    } else {
+        conn.prepare_cached(
+            "UPDATE destinations SET failures = 0, retry_at = 0, catch_up_from = ?2 WHERE destination = ?1",
+        )?
+        .execute(params![destination, to])?;
+        Ok(())
+    }
 }
 
 pub fn delete(conn: &Connection, ids: &[i64]) -> Result<()> {
@@ -113,21 +176,41 @@ pub fn delete(conn: &Connection, ids: &[i64]) -> Result<()> {
 }
 
 pub fn record_success(conn: &Connection, destination: &str) -> Result<()> {
-    conn.execute("DELETE FROM destinations WHERE destination = ?1", [destination])?;
+    conn.prepare_cached("DELETE FROM destinations WHERE destination = ?1")?.execute([destination])?;
     Ok(())
 }
 
-/// Exponential backoff: 2^failures seconds, capped at an hour.
-pub fn record_failure(conn: &Connection, destination: &str, now: i64) -> Result<i64> {
-    let failures: i64 = conn
-        .query_row("SELECT failures FROM destinations WHERE destination = ?1", [destination], |r| r.get(0))
-        .unwrap_or(0)
-        + 1;
-    let delay = (1000i64 << failures.min(12)).min(3_600_000);
-    conn.execute(
+/// Exponential backoff: `base_ms` times 2^failures, capped at an hour. The failure that makes
+/// [`CATCH_UP_AFTER_FAILURES`] puts the destination into catch-up.
+pub fn record_failure(conn: &Connection, destination: &str, now: i64, base_ms: u64) -> Result<i64> {
+    let (failures, catching_up): (i64, bool) = conn
+        .prepare_cached("SELECT failures, catch_up_from IS NOT NULL FROM destinations WHERE destination = ?1")?
+        .query_row([destination], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?
+        .unwrap_or((0, false));
+    let failures = failures + 1;
+    let delay = ((base_ms.max(1) as i64) << failures.min(12)).min(3_600_000);
+    conn.prepare_cached(
         "INSERT INTO destinations (destination, failures, retry_at) VALUES (?1, ?2, ?3)
          ON CONFLICT (destination) DO UPDATE SET failures = ?2, retry_at = ?3",
-        params![destination, failures, now + delay],
-    )?;
+    )?
+    .execute(params![destination, failures, now + delay])?;
+    if failures >= CATCH_UP_AFTER_FAILURES && !catching_up {
+        // Owed from the oldest event still queued for it (or from now), then the queue goes.
+        let oldest: Option<i64> = conn
+            .prepare_cached(
+                "SELECT min(e.stream_ordering) FROM outbox o JOIN events e ON e.event_id = o.payload
+                 WHERE o.destination = ?1 AND o.kind = 'pdu'",
+            )?
+            .query_row([destination], |r| r.get(0))?;
+        let from = match oldest {
+            Some(s) => s - 1,
+            None => latest_event_stream(conn)?,
+        };
+        conn.prepare_cached("UPDATE destinations SET catch_up_from = ?2 WHERE destination = ?1")?
+            .execute(params![destination, from])?;
+        conn.prepare_cached("DELETE FROM outbox WHERE destination = ?1 AND kind = 'pdu'")?.execute([destination])?;
+        tracing::info!(destination, failures, "destination keeps failing: catching up when it answers again");
+    }
     Ok(delay)
 }

@@ -1,0 +1,85 @@
+//! The outbound federation queue towards a server that stops answering: after a few failures nothing more is
+//! queued for it (a room shared with thousands of dead servers must not cost a row per server per event), and when
+//! it answers again it gets our latest event in the room, then everything new as usual.
+
+mod common;
+
+use std::time::Duration;
+
+use common::fake_resident::*;
+use common::*;
+
+const LONG: Duration = Duration::from_secs(60);
+
+/// PDU rows queued for `destination` in Hearth's outbox (read straight from the database file).
+fn queued_pdus(hearth: &TestServer, destination: &str) -> i64 {
+    let conn = rusqlite::Connection::open(&hearth.db_path).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    conn.query_row("SELECT count(*) FROM outbox WHERE destination = ?1 AND kind = 'pdu'", [destination], |r| r.get(0))
+        .unwrap()
+}
+
+fn catching_up(hearth: &TestServer, destination: &str) -> bool {
+    let conn = rusqlite::Connection::open(&hearth.db_path).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    conn.query_row(
+        "SELECT count(*) FROM destinations WHERE destination = ?1 AND catch_up_from IS NOT NULL",
+        [destination],
+        |r| r.get::<_, i64>(0),
+    )
+    .unwrap()
+        > 0
+}
+
+/// Polls `cond` every 20 ms until it holds; fails the test after a minute.
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + LONG;
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "never happened: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn bodies_received(fake: &FakeResident) -> Vec<String> {
+    fake.received().iter().filter_map(|(_, p)| p["content"]["body"].as_str().map(str::to_owned)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_keeps_failing_catches_up_with_the_latest_event_when_it_returns() {
+    let fake = FakeResident::start(RoomSpec::default()).await;
+    let hearth = start_hearth_with_fakes(&[&fake], |c| c.federation.retry_base_ms = 50).await;
+    let alice = hearth.user("alice").await;
+    let room = fake.room_id();
+    join_via(&alice, &fake).await;
+    within(LONG, alice.get(&format!("/rooms/{}/joined_members", enc(&room)))).await.expect("resynced").ok();
+
+    // The resident stops accepting transactions.
+    fake.script("send", Script::json(500, json!({"errcode": "M_UNKNOWN", "error": "down"})));
+    let sends_before = fake.count("send");
+    alice.send_text(&room, "one").await;
+    // Three failed attempts (backoff 100, 200, 400 ms) put it into catch-up, which drops its queue.
+    fake.wait_requests("send", sends_before + 3, LONG).await;
+    eventually("the destination goes into catch-up", || catching_up(&hearth, &fake.name)).await;
+    assert_eq!(queued_pdus(&hearth, &fake.name), 0, "a failing server's queue is dropped");
+
+    // While it is down nothing is queued for it.
+    alice.send_text(&room, "two").await;
+    let three = alice.send_text(&room, "three").await;
+    assert_eq!(queued_pdus(&hearth, &fake.name), 0, "nothing queued for a server catching up");
+
+    // Back up: the next retry (at most 800 ms later) sends the latest event in the room, not the backlog.
+    fake.unscript("send");
+    let pdu = fake.wait_received(&three, LONG).await;
+    assert_eq!(pdu["content"]["body"], "three");
+    let got = bodies_received(&fake);
+    assert!(!got.contains(&"two".to_owned()), "only the latest event is sent on catch-up: {got:?}");
+    eventually("the destination leaves catch-up once it answered", || !catching_up(&hearth, &fake.name)).await;
+
+    // And it is an ordinary destination again: new events reach it at once.
+    let started = std::time::Instant::now();
+    let four = alice.send_text(&room, "four").await;
+    fake.wait_received(&four, Duration::from_secs(10)).await;
+    eprintln!("after catch-up, a new message reached the server in {:?}", started.elapsed());
+    eventually("the delivered event leaves the queue", || queued_pdus(&hearth, &fake.name) == 0).await;
+    hearth.stop().await;
+}
