@@ -113,7 +113,7 @@ pub async fn run_worker(s: AppState, mut shutdown: tokio::sync::watch::Receiver<
         if *shutdown.borrow() {
             return;
         }
-        let job = match s.store.read(next_due).await {
+        let job = match s.store.read_background(next_due).await {
             Ok(j) => j,
             Err(e) => {
                 tracing::error!(error = %e, "job queue unreadable");

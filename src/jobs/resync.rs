@@ -44,6 +44,17 @@ fn servers(cursor: &Value) -> Vec<String> {
     out
 }
 
+/// Moves the cursor to `next`, logging how long the phase that ends took (wall time, across restarts).
+fn enter_phase(cursor: &mut Value, room_id: &str, next: &str) {
+    let now = crate::store::accounts::now_ms();
+    let ended = cursor.get("phase").and_then(Value::as_str).unwrap_or("ids").to_owned();
+    if let Some(since) = cursor.get("phase_at").and_then(Value::as_i64) {
+        tracing::info!(room_id, phase = %ended, ms = now - since, next, "resync: phase done");
+    }
+    cursor["phase"] = json!(next);
+    cursor["phase_at"] = json!(now);
+}
+
 async fn save_cursor(s: &AppState, job_id: i64, cursor: Value, done: i64, total: Option<i64>) -> Result<()> {
     s.store
         .write_background(move |w| {
@@ -60,7 +71,7 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
     let room_nid = job.room_nid.ok_or_else(|| Error::internal("resync job without room"))?;
     let room = s
         .store
-        .read(move |c| events::room_by_nid(c, room_nid))
+        .read_background(move |c| events::room_by_nid(c, room_nid))
         .await?
         .ok_or_else(|| Error::internal("resync of unknown room"))?;
     if !room.partial_state {
@@ -104,7 +115,7 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
             let sg = cursor.get("sg").and_then(Value::as_i64).unwrap_or_default();
             let known: Vec<String> = s
                 .store
-                .read(move |c| {
+                .read_background(move |c| {
                     let mut out = Vec::new();
                     for nid in events::load_state(c, sg)?.values() {
                         if let Some(r) = events::event_by_nid(c, *nid)? {
@@ -139,7 +150,7 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
                 })
                 .await?;
             tracing::info!(room_id = %room.room_id, %server, state = total, missing, "resync: state ids received");
-            cursor["phase"] = json!("fetch");
+            enter_phase(&mut cursor, &room.room_id, "fetch");
             cursor["source"] = json!(server);
             // Many missing: one /state request beats thousands of /event requests.
             cursor["use_state"] = json!(missing > 50 && missing * 10 >= total);
@@ -149,7 +160,7 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
         "fetch" => {
             let missing: Vec<String> = s
                 .store
-                .read(move |c| {
+                .read_background(move |c| {
                     let mut stmt =
                         c.prepare_cached(&format!("SELECT r.event_id FROM resync_state r WHERE {STILL_MISSING}"))?;
                     let rows = stmt.query_map([room_nid], |r| r.get(0))?;
@@ -157,7 +168,7 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
                 })
                 .await?;
             if missing.is_empty() {
-                cursor["phase"] = json!("auth");
+                enter_phase(&mut cursor, &room.room_id, "auth");
                 save_cursor(s, job.job_id, cursor, 0, None).await?;
                 return Ok(Step::More);
             }
@@ -299,7 +310,7 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
             }
             let still: i64 = s
                 .store
-                .read(move |c| {
+                .read_background(move |c| {
                     Ok(c.query_row(
                         &format!("SELECT count(*) FROM resync_state r WHERE {STILL_MISSING}"),
                         [room_nid],
@@ -309,7 +320,7 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
                 .await?;
             let total: i64 = s
                 .store
-                .read(move |c| {
+                .read_background(move |c| {
                     Ok(c.query_row("SELECT count(*) FROM resync_state WHERE room_nid = ?1", [room_nid], |r| r.get(0))?)
                 })
                 .await?;
@@ -373,7 +384,7 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
             let after = cursor.get("auth_after").and_then(Value::as_str).unwrap_or("").to_owned();
             let ids: Vec<String> = s
                 .store
-                .read(move |c| {
+                .read_background(move |c| {
                     let mut stmt = c.prepare_cached(
                         "SELECT event_id FROM resync_state WHERE room_nid = ?1 AND event_id > ?2 ORDER BY event_id LIMIT ?3",
                     )?;
@@ -382,7 +393,7 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
                 })
                 .await?;
             let Some(last) = ids.last().cloned() else {
-                cursor["phase"] = json!("fill");
+                enter_phase(&mut cursor, &room.room_id, "fill");
                 save_cursor(s, job.job_id, cursor, 0, None).await?;
                 return Ok(Step::More);
             };
@@ -390,7 +401,7 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
             let parts = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4);
             let checks = ids.chunks(ids.len().div_ceil(parts)).map(|part| {
                 let (part, room) = (part.to_vec(), room.clone());
-                s.store.read(move |c| rejections(c, &room, &part))
+                s.store.read_background(move |c| rejections(c, &room, &part))
             });
             let mut rejected = Vec::new();
             for r in futures::future::join_all(checks).await {
@@ -431,7 +442,7 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
                     save_cursor(s, job.job_id, cursor, done, None).await?;
                 }
                 None => {
-                    cursor["phase"] = json!("finish");
+                    enter_phase(&mut cursor, &room.room_id, "finish");
                     save_cursor(s, job.job_id, cursor, 0, None).await?;
                 }
             }
@@ -445,7 +456,8 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
             let identity = s.identity.clone();
             let join = join_event.clone();
             let members = s.store.write_background(move |w| finish(w, &identity, room_nid, sg, &join)).await?;
-            tracing::info!(room_id = %room.room_id, members, "resync complete: room has full state");
+            let phase_ms = cursor.get("phase_at").and_then(Value::as_i64).map(|t| crate::store::accounts::now_ms() - t);
+            tracing::info!(room_id = %room.room_id, members, finish_phase_ms = ?phase_ms, "resync complete: room has full state");
             Ok(Step::Done)
         }
         other => Err(Error::internal(format!("unknown resync phase {other}"))),

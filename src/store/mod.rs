@@ -74,6 +74,9 @@ pub struct Store {
     /// async tasks instead of as blocked threads contending on the pool's lock (a burst of 200 long polls waking
     /// at once otherwise made 200 threads fight over 4 connections).
     read_permits: Arc<tokio::sync::Semaphore>,
+    /// Taken before a read permit by background reads (job steps, the federation sender), so they hold at most
+    /// half the readers: a fan-out to 2000 servers queued 2000 reads ahead of a `send_join` answer.
+    background_read_permits: Arc<tokio::sync::Semaphore>,
     foreground: std_mpsc::Sender<WriteFn>,
     background: std_mpsc::SyncSender<WriteFn>,
     wake: std_mpsc::SyncSender<()>,
@@ -141,6 +144,7 @@ impl Store {
         Ok(Store {
             pool,
             read_permits: Arc::new(tokio::sync::Semaphore::new(readers as usize)),
+            background_read_permits: Arc::new(tokio::sync::Semaphore::new((readers as usize / 2).max(1))),
             foreground: fg_tx,
             background: bg_tx,
             wake: wake_tx,
@@ -164,6 +168,18 @@ impl Store {
         })
         .await
         .map_err(|e| Error::internal(format!("reader task failed: {e}")))?
+    }
+
+    /// Like [`Store::read`] for background work: at most half the readers at a time, so user-facing reads always
+    /// find a connection soon.
+    pub async fn read_background<R, F>(&self, f: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> Result<R> + Send + 'static,
+    {
+        let _turn =
+            self.background_read_permits.clone().acquire_owned().await.map_err(|e| Error::internal(e.to_string()))?;
+        self.read(f).await
     }
 
     /// Runs `f` inside a write transaction on the writer thread (user-facing priority).
