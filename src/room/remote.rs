@@ -1,6 +1,7 @@
 //! PDUs from other servers: checking them (hashes, signatures, auth, soft-fail) and storing them, including
 //! outliers (auth chains and state we hold without placing in the timeline).
 
+use std::sync::Arc;
 use std::collections::HashMap;
 
 use ruma::canonical_json::CanonicalJsonObject;
@@ -95,15 +96,16 @@ pub fn persist_outlier(conn: &Connection, room: &RoomRow, pdu: &Pdu) -> Result<i
 /// Events loaded for auth checks, kept across the checks of one batch (the create event, power levels and join
 /// rules are cited by nearly every event of a room).
 #[derive(Default)]
-pub struct AuthCache(std::cell::RefCell<HashMap<String, Option<Pdu>>>);
+pub struct AuthCache(std::cell::RefCell<HashMap<String, Option<Arc<Pdu>>>>);
 
 impl AuthCache {
-    /// The event, from the cache or the database (None: we do not hold it).
-    pub fn load(&self, conn: &Connection, rules: &RoomVersionRules, id: &str) -> Option<Pdu> {
+    /// The event, from the cache or the database (None: we do not hold it). Shared, not copied: a resync checks
+    /// 100k events citing the same few auth events, and copying their JSON trees was most of its allocations.
+    pub fn load(&self, conn: &Connection, rules: &RoomVersionRules, id: &str) -> Option<Arc<Pdu>> {
         if let Some(p) = self.0.borrow().get(id) {
             return p.clone();
         }
-        let p = crate::room::load_pdu_with(conn, id, rules).ok().flatten();
+        let p = crate::room::load_pdu_with(conn, id, rules).ok().flatten().map(Arc::new);
         self.0.borrow_mut().insert(id.to_owned(), p.clone());
         p
     }
@@ -123,7 +125,7 @@ pub fn authorize_by_own_auth_events(
     if pdu.kind == TimelineEventType::RoomCreate {
         return Ok(());
     }
-    let by_key: HashMap<(String, String), Pdu> = pdu
+    let by_key: HashMap<(String, String), Arc<Pdu>> = pdu
         .auth_events
         .iter()
         .filter_map(|id| load(id.as_str()))
@@ -135,6 +137,7 @@ pub fn authorize_by_own_auth_events(
             (t == "m.room.create")
                 .then(|| room.current_sg.and_then(|sg| crate::room::state_event(conn, sg, &t, k).ok().flatten()))
                 .flatten()
+                .map(Arc::new)
         })
     })
 }
