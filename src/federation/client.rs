@@ -653,19 +653,41 @@ impl FedClient {
         path_and_query: &str,
         dest: &std::path::Path,
     ) -> Result<u64, FedError> {
+        self.request_to_file(reqwest::Method::GET, destination, path_and_query, None, dest).await
+    }
+
+    /// A request whose answer may be huge (a full `send_join`, `/state`): the body goes to `dest` as it arrives, up
+    /// to the file cap, and is never held in memory. Returns the bytes written.
+    pub async fn request_to_file(
+        &self,
+        method: reqwest::Method,
+        destination: &str,
+        path_and_query: &str,
+        body: Option<&Value>,
+        dest: &std::path::Path,
+    ) -> Result<u64, FedError> {
         use tokio::io::AsyncWriteExt;
         let unreachable = |reason: String| FedError::Unreachable { destination: destination.to_owned(), reason };
+        if destination == self.identity.server_name.as_str() {
+            return Err(unreachable("refusing to send a federation request to ourselves".into()));
+        }
         let target = self.target(destination).await?;
-        let auth = self.x_matrix("GET", path_and_query, destination, None).map_err(|e| unreachable(e.to_string()))?;
-        let mut res = self
+        let auth = self
+            .x_matrix(method.as_str(), path_and_query, destination, body)
+            .map_err(|e| unreachable(e.to_string()))?;
+        let mut req = self
             .http
-            .get(format!("{}{}", target.base_url, path_and_query))
+            .request(method, format!("{}{}", target.base_url, path_and_query))
             .header(reqwest::header::AUTHORIZATION, auth)
             .header(reqwest::header::HOST, target.host_header.clone())
-            .timeout(Duration::from_secs(600))
-            .send()
-            .await
-            .map_err(|e| unreachable(error_chain(&e)))?;
+            .timeout(Duration::from_secs(600));
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let mut res = req.send().await.map_err(|e| {
+            self.targets.lock().unwrap_or_else(|e| e.into_inner()).remove(destination);
+            unreachable(error_chain(&e))
+        })?;
         let status = res.status();
         if !status.is_success() {
             return Err(FedError::Status {

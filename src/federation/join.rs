@@ -107,64 +107,176 @@ pub async fn remote_join(
         format!("/_matrix/federation/v2/send_join/{}/{}?omit_members={lazy}", enc(room_id), enc(event_id.as_str()));
     let body = serde_json::to_value(&obj)?;
     let started = std::time::Instant::now();
-    // A full join's answer is the whole room (100 MB for a 100k-member room; a resident may ignore
-    // omit_members): allow up to the file cap.
-    let cap = fed.client.file_cap();
-    let answer = fed
-        .client
-        .request_capped(reqwest::Method::PUT, &server, &path, Some(&body), std::time::Duration::from_secs(600), cap)
-        .await?;
-    let partial = answer.get("members_omitted").and_then(Value::as_bool).unwrap_or(false);
-    let servers_in_room: Vec<String> = answer
-        .get("servers_in_room")
-        .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
-        .unwrap_or_default();
-    // Restricted joins: the resident countersigned our event and sends it back.
-    let join_json = match answer.get("event") {
-        Some(ev @ Value::Object(_)) => ev.clone(),
-        _ => body,
-    };
-    let state_raw = answer.get("state").and_then(Value::as_array).cloned().unwrap_or_default();
-    let auth_raw = answer.get("auth_chain").and_then(Value::as_array).cloned().unwrap_or_default();
-    let n_state = state_raw.len();
-    let n_auth = auth_raw.len();
-
-    let mut all = Vec::with_capacity(n_state + n_auth + 1);
-    all.push(join_json);
-    all.extend(state_raw);
-    all.extend(auth_raw);
-    let verified = verify_batch(s, &room_version, all).await?;
-    let mut it = verified.into_iter();
-    let join_pdu = it
-        .next()
-        .ok_or_else(|| Error::internal("no join event"))?
-        .map_err(|e| Error::internal(format!("our join event is invalid: {e}")))?;
-    let mut state_pdus = Vec::new();
-    let mut auth_pdus = Vec::new();
-    for (i, r) in it.enumerate() {
-        match r {
-            Ok(p) if i < n_state => state_pdus.push(p),
-            Ok(p) => auth_pdus.push(p),
-            Err(e) => tracing::warn!(%room_id, error = %e, "dropping invalid event from send_join answer"),
-        }
+    // The answer goes to a file and is read back in batches: a full join's answer is the whole room (100 MB for a
+    // 100k-member room, and a resident may ignore omit_members), which as one JSON value cost 1.6 GB of memory.
+    let file = std::env::temp_dir().join(format!(
+        "hearth-send-join-{}-{}.json",
+        std::process::id(),
+        crate::http::random_string(8)
+    ));
+    let answer = async {
+        fed.client.request_to_file(reqwest::Method::PUT, &server, &path, Some(&body), &file).await?;
+        store_join_answer(s, &server, room_id, &room_version, &file, body).await
     }
-    tracing::info!(%room_id, via = %server, partial, state = state_pdus.len(), auth_chain = auth_pdus.len(), ms = started.elapsed().as_millis() as u64, "send_join answered");
+    .await;
+    let _ = tokio::fs::remove_file(&file).await;
+    let JoinAnswer { partial, join_pdu, state_ids, servers_in_room } = answer?;
+    tracing::info!(%room_id, via = %server, partial, state = state_ids.len(), ms = started.elapsed().as_millis() as u64, "send_join answered and stored");
 
     let identity = s.identity.clone();
     let (rid, ver, srv) = (room_id.to_owned(), room_version.clone(), server.clone());
-    let n_state_events = state_pdus.len();
+    let n_state_events = state_ids.len();
     let join_event_id = join_pdu.event_id.to_string();
     s.store
-        .write(move |w| {
-            persist_join(w, &identity, &rid, &ver, partial, &join_pdu, &state_pdus, &auth_pdus, &srv, &servers_in_room)
-        })
+        .write(move |w| persist_join(w, &identity, &rid, &ver, partial, &join_pdu, &state_ids, &srv, &servers_in_room))
         .await?;
     tracing::info!(%room_id, event_id = %join_event_id, partial, ms = started.elapsed().as_millis() as u64, "joined remote room");
     if partial {
         s.jobs.wake();
     }
     Ok(JoinResult { room_id: room_id.to_owned(), partial, state_events: n_state_events })
+}
+
+/// What a stored `send_join` answer left to do: the join itself (as the resident may have countersigned it) on
+/// top of the listed state, whose events are stored by then.
+struct JoinAnswer {
+    partial: bool,
+    join_pdu: Pdu,
+    state_ids: Vec<String>,
+    servers_in_room: Vec<String>,
+}
+
+/// The small fields of a `send_join` answer; `state` and `auth_chain` are skipped here (not parsed into trees).
+#[derive(serde::Deserialize)]
+struct AnswerHead {
+    #[serde(default)]
+    members_omitted: bool,
+    #[serde(default)]
+    servers_in_room: Vec<String>,
+    #[serde(default)]
+    event: Option<Value>,
+}
+
+/// Events of a `send_join` answer verified and stored per batch.
+const BATCH: usize = 200;
+
+/// Reads a downloaded `send_join` answer: fetches every signing key it needs in one go, then verifies and stores
+/// its auth chain and state as outliers in batches (bounded memory whatever the room's size). Events that fail
+/// verification are dropped, as before; the state ids kept are those stored.
+async fn store_join_answer(
+    s: &AppState,
+    server: &str,
+    room_id: &str,
+    room_version: &str,
+    file: &std::path::Path,
+    our_join: Value,
+) -> Result<JoinAnswer> {
+    let f = file.to_owned();
+    let head: AnswerHead = tokio::task::spawn_blocking(move || -> std::result::Result<AnswerHead, String> {
+        let reader = std::io::BufReader::new(std::fs::File::open(&f).map_err(|e| e.to_string())?);
+        serde_json::from_reader(reader).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| Error::internal(e.to_string()))?
+    .map_err(|e| Error::bad_json(format!("{server}: unreadable send_join answer: {e}")))?;
+    // Restricted joins: the resident countersigned our event and sends it back.
+    let join_json = match head.event {
+        Some(ev @ Value::Object(_)) => ev,
+        _ => our_join,
+    };
+    let join_pdu = verify_batch(s, room_version, vec![join_json])
+        .await?
+        .pop()
+        .ok_or_else(|| Error::internal("no join event"))?
+        .map_err(|e| Error::internal(format!("our join event is invalid: {e}")))?;
+
+    if let Some(fed) = s.federation.as_ref() {
+        let f = file.to_owned();
+        let need = tokio::task::spawn_blocking(move || {
+            crate::federation::stream::keys_needed_by_file(&f, &["state", "auth_chain"])
+        })
+        .await;
+        if let Ok(Ok(need)) = need {
+            if let Err(e) = fed.keys.keys_for(&need).await {
+                tracing::info!(error = %e, "send_join: key prefetch failed");
+            }
+        }
+    }
+    let (rid, ver) = (room_id.to_owned(), room_version.to_owned());
+    s.store
+        .write(move |w| {
+            if events::room_by_id(w.conn, &rid)?.is_none() {
+                events::insert_room(w.conn, &rid, &ver)?;
+            }
+            Ok(())
+        })
+        .await?;
+    // The auth chain first, then the state (whose ids are the room's state at our join).
+    let _ = store_array(s, server, room_id, room_version, file, "auth_chain").await?;
+    let state_ids = store_array(s, server, room_id, room_version, file, "state").await?;
+    Ok(JoinAnswer { partial: head.members_omitted, join_pdu, state_ids, servers_in_room: head.servers_in_room })
+}
+
+/// Verifies and stores (as outliers) the PDUs of one array of the answer in `file`; returns the ids of those
+/// that are this room's and valid.
+async fn store_array(
+    s: &AppState,
+    server: &str,
+    room_id: &str,
+    room_version: &str,
+    file: &std::path::Path,
+    key: &'static str,
+) -> Result<Vec<String>> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Box<serde_json::value::RawValue>>>(2);
+    let f = file.to_owned();
+    let producer = tokio::task::spawn_blocking(move || {
+        let reader = std::io::BufReader::new(std::fs::File::open(&f).map_err(|e| e.to_string())?);
+        crate::federation::stream::for_each_pdu_batch(reader, &[key], BATCH, &mut |batch| {
+            tx.blocking_send(batch).is_ok()
+        })
+    });
+    let mut ids = Vec::new();
+    // Verify batch k+1 while the writer stores batch k.
+    let mut pending: Option<tokio::task::JoinHandle<Result<()>>> = None;
+    while let Some(batch) = rx.recv().await {
+        let mut verified = Vec::with_capacity(batch.len());
+        for r in crate::federation::inbound::verify_batch_raw(s, room_version, batch).await? {
+            match r {
+                Ok(p) if p.room_id.as_str() == room_id => verified.push(p),
+                Ok(p) => {
+                    tracing::warn!(%room_id, event_id = %p.event_id, "dropping event of another room from send_join answer")
+                }
+                Err(e) => tracing::warn!(%room_id, error = %e, "dropping invalid event from send_join answer"),
+            }
+        }
+        ids.extend(verified.iter().map(|p| p.event_id.to_string()));
+        if let Some(p) = pending.take() {
+            p.await.map_err(|e| Error::internal(e.to_string()))??;
+        }
+        let (rid, store) = (room_id.to_owned(), s.store.clone());
+        pending = Some(tokio::spawn(async move {
+            store
+                .write(move |w| {
+                    let room = events::room_by_id(w.conn, &rid)?.ok_or_else(|| Error::internal("room vanished"))?;
+                    verified.sort_by_key(|p| p.depth);
+                    for p in &verified {
+                        if events::event_nid(w.conn, p.event_id.as_str())?.is_none() {
+                            persist_outlier(w.conn, &room, p)?;
+                        }
+                    }
+                    Ok(())
+                })
+                .await
+        }));
+    }
+    if let Some(p) = pending.take() {
+        p.await.map_err(|e| Error::internal(e.to_string()))??;
+    }
+    producer
+        .await
+        .map_err(|e| Error::internal(e.to_string()))?
+        .map_err(|e| Error::bad_json(format!("{server}: unreadable send_join answer: {e}")))?;
+    Ok(ids)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -175,8 +287,7 @@ fn persist_join(
     room_version: &str,
     partial: bool,
     join: &Pdu,
-    state_pdus: &[Pdu],
-    auth_pdus: &[Pdu],
+    state_ids: &[String],
     via: &str,
     servers_in_room: &[String],
 ) -> Result<()> {
@@ -191,20 +302,12 @@ fn persist_join(
     };
     conn.execute("UPDATE rooms SET partial_state = ?2 WHERE room_nid = ?1", rusqlite::params![room.room_nid, partial])?;
     let room = events::room_by_nid(conn, room.room_nid)?.ok_or_else(|| Error::internal("room vanished"))?;
-    let mut sorted: Vec<&Pdu> = auth_pdus.iter().chain(state_pdus.iter()).collect();
-    sorted.sort_by_key(|p| p.depth);
-    for p in &sorted {
-        if p.room_id.as_str() != room_id {
-            continue;
-        }
-        persist_outlier(conn, &room, p)?;
-    }
+    // The state events were stored as outliers while the answer was read.
     let mut map = std::collections::HashMap::new();
-    for p in state_pdus {
-        if let (Some(k), true) = (&p.state_key, p.room_id.as_str() == room_id) {
-            let skn = events::state_key_nid(conn, &p.kind.to_string(), k)?;
-            if let Some(nid) = events::event_nid(conn, p.event_id.as_str())? {
-                map.insert(skn, nid);
+    for id in state_ids {
+        if let Some(row) = events::event_by_id(conn, id)? {
+            if let (Some(skn), true) = (row.state_key_nid, row.room_nid == room.room_nid) {
+                map.insert(skn, row.event_nid);
             }
         }
     }

@@ -23,6 +23,32 @@ pub fn for_each_pdu_batch<R: Read, T: DeserializeOwned>(
     Ok(())
 }
 
+/// The signing keys (server -> key ids) that the PDUs under `keys` of a downloaded answer are signed with: a cheap
+/// first pass over the file, so the keys can be fetched in one go before the batches are verified.
+pub fn keys_needed_by_file(
+    file: &std::path::Path,
+    keys: &[&str],
+) -> Result<std::collections::BTreeMap<String, std::collections::BTreeSet<String>>, String> {
+    let reader = std::io::BufReader::new(std::fs::File::open(file).map_err(|e| e.to_string())?);
+    let mut need: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> = Default::default();
+    /// Just the signatures of a PDU (the rest of its text is skipped, not parsed into a tree).
+    #[derive(serde::Deserialize)]
+    struct Signed {
+        #[serde(default)]
+        signatures: std::collections::BTreeMap<String, std::collections::BTreeMap<String, IgnoredAny>>,
+    }
+    for_each_pdu_batch(reader, keys, 200, &mut |batch: Vec<Box<serde_json::value::RawValue>>| {
+        for pdu in batch {
+            let Ok(signed) = serde_json::from_str::<Signed>(pdu.get()) else { continue };
+            for (server, keys) in signed.signatures {
+                need.entry(server).or_default().extend(keys.into_keys());
+            }
+        }
+        true
+    })?;
+    Ok(need)
+}
+
 struct Top<'a, T> {
     keys: &'a [&'a str],
     batch: usize,

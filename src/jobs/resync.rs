@@ -193,7 +193,10 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
                             // Every signing key the answer needs, fetched in one go (one notary request for
                             // thousands of servers) before verifying, not a fetch round per batch.
                             let f = file.clone();
-                            let need = tokio::task::spawn_blocking(move || keys_needed_by_file(&f)).await;
+                            let need = tokio::task::spawn_blocking(move || {
+                                crate::federation::stream::keys_needed_by_file(&f, &["pdus", "auth_chain"])
+                            })
+                            .await;
                             if let (Ok(Ok(need)), Some(fed)) = (need, s2.federation.as_ref()) {
                                 if let Err(e) = fed.keys.keys_for(&need).await {
                                     tracing::info!(error = %e, "resync: key prefetch failed");
@@ -521,33 +524,6 @@ fn finish(
         events::record_local_membership(w.conn, pos, &user, room_nid, "join", nid)?;
     }
     Ok(joined)
-}
-
-/// The signing keys (server -> key ids) that the PDUs of a downloaded `/state` answer are signed with: a cheap
-/// first pass over the file, so the keys can be fetched before the batches are verified.
-fn keys_needed_by_file(
-    file: &std::path::Path,
-) -> std::result::Result<std::collections::BTreeMap<String, std::collections::BTreeSet<String>>, String> {
-    let reader = std::io::BufReader::new(std::fs::File::open(file).map_err(|e| e.to_string())?);
-    let mut need: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> = Default::default();
-    /// Just the signatures of a PDU (the rest of its text is skipped, not parsed into a tree).
-    #[derive(serde::Deserialize)]
-    struct Signed {
-        #[serde(default)]
-        signatures: std::collections::BTreeMap<String, std::collections::BTreeMap<String, serde::de::IgnoredAny>>,
-    }
-    crate::federation::stream::for_each_pdu_batch(reader, &["pdus", "auth_chain"], CHUNK, &mut |batch: Vec<
-        Box<RawValue>,
-    >| {
-        for pdu in batch {
-            let Ok(signed) = serde_json::from_str::<Signed>(pdu.get()) else { continue };
-            for (server, keys) in signed.signatures {
-                need.entry(server).or_default().extend(keys.into_keys());
-            }
-        }
-        true
-    })?;
-    Ok(need)
 }
 
 /// While partial, local users' device list changes went to the servers in `servers_in_room` only. Servers that the

@@ -1,8 +1,8 @@
 //! PDUs from other servers: checking them (hashes, signatures, auth, soft-fail) and storing them, including
 //! outliers (auth chains and state we hold without placing in the timeline).
 
-use std::sync::Arc;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use ruma::canonical_json::CanonicalJsonObject;
 use ruma::events::TimelineEventType;
