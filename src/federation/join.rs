@@ -11,7 +11,7 @@ use crate::federation::client::enc;
 use crate::federation::inbound::verify_batch;
 use crate::http::AppState;
 use crate::room::append::{persist, Outcome};
-use crate::room::remote::persist_outlier;
+use crate::room::remote::persist_outlier_batch;
 use crate::room::{state, version, Pdu};
 use crate::store::events;
 
@@ -255,18 +255,7 @@ async fn store_array(
         }
         let (rid, store) = (room_id.to_owned(), s.store.clone());
         pending = Some(tokio::spawn(async move {
-            store
-                .write(move |w| {
-                    let room = events::room_by_id(w.conn, &rid)?.ok_or_else(|| Error::internal("room vanished"))?;
-                    verified.sort_by_key(|p| p.depth);
-                    for p in &verified {
-                        if events::event_nid(w.conn, p.event_id.as_str())?.is_none() {
-                            persist_outlier(w.conn, &room, p)?;
-                        }
-                    }
-                    Ok(())
-                })
-                .await
+            store.write(move |w| persist_outlier_batch(w.conn, &rid, verified)).await.map(drop)
         }));
     }
     if let Some(p) = pending.take() {

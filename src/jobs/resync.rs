@@ -21,7 +21,7 @@ use crate::federation::client::enc;
 use crate::federation::inbound::verify_batch_raw;
 use crate::http::AppState;
 use crate::jobs::{JobRow, Step};
-use crate::room::remote::persist_outlier;
+use crate::room::remote::persist_outlier_batch;
 use crate::store::events;
 
 /// The rows of `resync_state r` (room `?1`) whose event is still not stored: `missing` was set when the ids
@@ -287,21 +287,8 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
                 let store = s.store.clone();
                 pending = Some(tokio::spawn(async move {
                     store
-                        .write_background(move |w| {
-                            let room =
-                                events::room_by_id(w.conn, &rid)?.ok_or_else(|| Error::internal("room vanished"))?;
-                            let mut n = 0;
-                            let mut sorted = verified;
-                            sorted.sort_by_key(|p| p.depth);
-                            // Stored is no longer missing (STILL_MISSING): no per-event bookkeeping write.
-                            for p in sorted.iter().filter(|p| p.room_id.as_str() == rid) {
-                                if events::event_nid(w.conn, p.event_id.as_str())?.is_none() {
-                                    persist_outlier(w.conn, &room, p)?;
-                                    n += 1;
-                                }
-                            }
-                            Ok(n)
-                        })
+                        // Stored is no longer missing (STILL_MISSING): no per-event bookkeeping write.
+                        .write_background(move |w| persist_outlier_batch(w.conn, &rid, verified))
                         .await
                 }));
             }

@@ -61,6 +61,22 @@ pub fn verify_remote(pdu: Pdu, rules: &RoomVersionRules, keys: &PublicKeyMap) ->
 }
 
 /// Stores an event we hold only for auth/state (no timeline position, no state group). Idempotent.
+/// Stores a verified batch of room `room_id`'s events as outliers, lowest depth first, skipping events of other
+/// rooms and events already held (a `/state` answer and a `send_join` answer are stored this way, batch by batch).
+/// Returns how many were new.
+pub fn persist_outlier_batch(conn: &Connection, room_id: &str, mut pdus: Vec<Pdu>) -> Result<usize> {
+    let room = events::room_by_id(conn, room_id)?.ok_or_else(|| Error::internal("room vanished"))?;
+    pdus.sort_by_key(|p| p.depth);
+    let mut n = 0;
+    for p in pdus.iter().filter(|p| p.room_id.as_str() == room_id) {
+        if events::event_nid(conn, p.event_id.as_str())?.is_none() {
+            persist_outlier(conn, &room, p)?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 pub fn persist_outlier(conn: &Connection, room: &RoomRow, pdu: &Pdu) -> Result<i64> {
     if let Some(nid) = events::event_nid(conn, pdu.event_id.as_str())? {
         return Ok(nid);
