@@ -13,6 +13,8 @@ pub mod migrate;
 pub mod outbox;
 pub mod receipts;
 pub mod rooms;
+#[cfg(test)]
+pub mod testing;
 
 use std::path::Path;
 use std::sync::mpsc as std_mpsc;
