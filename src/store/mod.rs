@@ -9,6 +9,7 @@ pub mod account_data;
 pub mod accounts;
 pub mod e2ee;
 pub mod events;
+pub mod ids;
 pub mod migrate;
 pub mod outbox;
 pub mod receipts;
