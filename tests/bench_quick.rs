@@ -5,6 +5,7 @@
 use std::process::Command;
 
 #[test]
+#[ignore = "needs the openssl CLI (hearth-bench makes its TLS certificates with it); see tests/README.md"]
 fn hearth_bench_quick_runs() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut joiners = "hearth-lazy,hearth-full".to_owned();

@@ -10,10 +10,10 @@
 //!   encrypted message each way between two Hearth users, and a second device restoring the keys from the backup.
 //! * `matrix_js_sdk_encryption_hearth_and_synapse`: the same script with Bob on a real Synapse
 //!   (`tests/interop/e2ee.py` starts the lab): keys, claims, to-device and device lists over federation.
-//!   Also skipped with `HEARTH_SKIP_SYNAPSE=1`.
+//!   Also skipped with `HEARTHTEST_SKIP_SYNAPSE=1`.
 //!
 //! Needs `node`, `npm ci` run in `tests/browser` and Debian's `chromium` (`.ci/run` installs them). Set
-//! `HEARTH_SKIP_BROWSER=1` to skip deliberately (it prints that it was skipped); otherwise anything missing fails.
+//! `HEARTHTEST_SKIP_BROWSER=1` to skip deliberately (it prints that it was skipped); otherwise anything missing fails.
 //! On failure a screenshot, the page HTML and the browser console are kept under `target/browser-artifacts/`.
 
 mod common;
@@ -34,18 +34,18 @@ fn artifacts_dir() -> PathBuf {
 
 /// `None` (after printing why) when the browser tests are to be skipped; panics when something needed is missing.
 fn prerequisites(test: &str) -> Option<()> {
-    if std::env::var("HEARTH_SKIP_BROWSER").as_deref() == Ok("1") {
-        println!("SKIPPED {test}: HEARTH_SKIP_BROWSER=1 is set (the browser test did not run)");
+    if std::env::var("HEARTHTEST_SKIP_BROWSER").as_deref() == Ok("1") {
+        println!("SKIPPED {test}: HEARTHTEST_SKIP_BROWSER=1 is set (the browser test did not run)");
         return None;
     }
     let node = Command::new("node").arg("--version").output();
     assert!(
         node.as_ref().is_ok_and(|o| o.status.success()),
-        "`node` is not runnable ({node:?}); install Node.js 20, or set HEARTH_SKIP_BROWSER=1"
+        "`node` is not runnable ({node:?}); install Node.js 20, or set HEARTHTEST_SKIP_BROWSER=1"
     );
     assert!(
         browser_dir().join("node_modules/playwright-core").is_dir(),
-        "tests/browser/node_modules is missing: run `npm ci` in tests/browser, or set HEARTH_SKIP_BROWSER=1"
+        "tests/browser/node_modules is missing: run `npm ci` in tests/browser, or set HEARTHTEST_SKIP_BROWSER=1"
     );
     Some(())
 }
@@ -80,6 +80,7 @@ async fn node(script: &str, args: &[&str], env: &[(&str, &str)], limit: Duration
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Node 20, Chromium and `npm ci` in tests/browser; see tests/README.md"]
 async fn hydrogen_in_chromium() {
     if prerequisites("hydrogen_in_chromium").is_none() {
         return;
@@ -87,7 +88,7 @@ async fn hydrogen_in_chromium() {
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
     assert!(
         Path::new(&chromium).exists(),
-        "{chromium} does not exist: `apt-get install chromium`, or set HEARTH_SKIP_BROWSER=1"
+        "{chromium} does not exist: `apt-get install chromium`, or set HEARTHTEST_SKIP_BROWSER=1"
     );
 
     let (ok, out, err) = node("build.mjs", &[], &[], Duration::from_secs(120)).await;
@@ -121,6 +122,7 @@ async fn hydrogen_in_chromium() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Node 20, Chromium and `npm ci` in tests/browser; see tests/README.md"]
 async fn matrix_js_sdk_end_to_end_encryption() {
     if prerequisites("matrix_js_sdk_end_to_end_encryption").is_none() {
         return;
@@ -144,20 +146,21 @@ async fn matrix_js_sdk_end_to_end_encryption() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Node 20, `npm ci` in tests/browser and Synapse (target/synapse-venv); see tests/README.md"]
 async fn matrix_js_sdk_encryption_hearth_and_synapse() {
     if prerequisites("matrix_js_sdk_encryption_hearth_and_synapse").is_none() {
         return;
     }
-    if std::env::var("HEARTH_SKIP_SYNAPSE").as_deref() == Ok("1") {
+    if std::env::var("HEARTHTEST_SKIP_SYNAPSE").as_deref() == Ok("1") {
         println!(
-            "SKIPPED matrix_js_sdk_encryption_hearth_and_synapse: HEARTH_SKIP_SYNAPSE=1 (Synapse interop not run)"
+            "SKIPPED matrix_js_sdk_encryption_hearth_and_synapse: HEARTHTEST_SKIP_SYNAPSE=1 (Synapse interop not run)"
         );
         return;
     }
     let root = env!("CARGO_MANIFEST_DIR");
     let mut child = Command::new("python3")
         .arg(format!("{root}/tests/interop/e2ee.py"))
-        .env("HEARTH_BIN", hearth_bin())
+        .env("HEARTHTEST_BIN", hearth_bin())
         .current_dir(root)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

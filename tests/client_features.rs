@@ -253,13 +253,13 @@ async fn e2ee_keys_to_device_and_device_lists_over_federation() {
         |to: &Client, body: &str| json!({"messages": {to.user_id.clone(): {to.device_id.clone(): {"body": body}}}});
     bob.put(&format!("/sendToDevice/m.test/{}", bob.next_txn()), msg(&alice, "to alice")).await.ok();
     alice.put(&format!("/sendToDevice/m.test/{}", alice.next_txn()), msg(&bob, "to bob")).await.ok();
-    let got = within_secs(20, || async {
+    let got = wait_until("alice's to-device message", std::time::Duration::from_secs(20), || async {
         let s = alice.sync(Some(&a_since), &[("timeout", "1000")]).await.ok();
         to_device_of(&s).into_iter().find(|e| e["content"]["body"] == "to alice")
     })
     .await;
     assert_eq!((got["sender"].as_str(), got["type"].as_str()), (Some(bob.user_id.as_str()), Some("m.test")));
-    let got = within_secs(20, || async {
+    let got = wait_until("bob's to-device message", std::time::Duration::from_secs(20), || async {
         let s = bob.sync(Some(&b_since), &[("timeout", "1000")]).await.ok();
         to_device_of(&s).into_iter().find(|e| e["content"]["body"] == "to bob")
     })
@@ -273,7 +273,7 @@ async fn e2ee_keys_to_device_and_device_lists_over_federation() {
     let since = bob.sync(None, &[]).await.ok()["next_batch"].as_str().unwrap().to_owned();
     alice.login("alice", PASSWORD).await.ok();
     alice.post("/keys/upload", json!({"device_keys": device_keys(&alice)})).await.ok();
-    let changed = within_secs(20, || async {
+    let changed = wait_until("alice in bob's device_lists.changed", std::time::Duration::from_secs(20), || async {
         let s = bob.sync(Some(&since), &[("timeout", "1000")]).await.ok();
         let changed = s["device_lists"]["changed"].as_array().cloned().unwrap_or_default();
         changed.iter().any(|u| u == &json!(alice.user_id)).then_some(changed)
@@ -284,22 +284,6 @@ async fn e2ee_keys_to_device_and_device_lists_over_federation() {
     assert!(q["device_keys"][&alice.user_id].get(&alice.device_id).is_some(), "the new device is visible to Bob: {q}");
     a.stop().await;
     b.stop().await;
-}
-
-/// Polls `f` until it returns Some (at most `secs` seconds).
-async fn within_secs<T, F, Fut>(secs: u64, f: F) -> T
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(std::time::Instant::now() < deadline, "condition not met within {secs} s");
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
 }
 
 // ---- tags, ignored users, notification counts, presence -----------------------------------------------------------

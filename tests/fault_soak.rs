@@ -10,10 +10,10 @@
 //! The normal test run does 6 kills. The soak (documented in README.md):
 //!
 //! ```sh
-//! HEARTH_SOAK_KILLS=50 cargo test --test fault_soak -- --nocapture
+//! HEARTHTEST_SOAK_KILLS=50 cargo test --test fault_soak -- --nocapture
 //! ```
 //!
-//! `HEARTH_SOAK_SEED=N` repeats a run's kill timings (the seed is printed).
+//! `HEARTHTEST_SOAK_SEED=N` repeats a run's kill timings (the seed is printed).
 
 mod common;
 
@@ -100,9 +100,10 @@ async fn sender(c: Client, rooms: Vec<(String, Option<usize>)>, acked: Arc<Mutex
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_soak_with_lazy_joins() {
-    let kills: usize = std::env::var("HEARTH_SOAK_KILLS").ok().and_then(|v| v.parse().ok()).unwrap_or(6);
-    let seed: u64 = std::env::var("HEARTH_SOAK_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(rand::random);
-    println!("fault soak: {kills} kills, HEARTH_SOAK_SEED={seed}");
+    let kills: usize = std::env::var("HEARTHTEST_SOAK_KILLS").ok().and_then(|v| v.parse().ok()).unwrap_or(6);
+    let seed: u64 =
+        std::env::var("HEARTHTEST_SOAK_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(rand::random);
+    println!("fault soak: {kills} kills, HEARTHTEST_SOAK_SEED={seed}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
 
     let dir = tempfile::tempdir().unwrap();

@@ -77,7 +77,21 @@ fn srv_discovery_client(allow_private: bool, dns: &[(&str, SocketAddr)], dns_ser
         dns_servers: dns_server.map(|d| vec![d.addr]).unwrap_or_default(),
         ..Default::default()
     };
-    FedClient::with_static_dns(new_identity("prober.example"), cfg, dns).expect("federation client")
+    FedClient::with_static_dns(hearth_identity("prober.example"), cfg, dns).expect("federation client")
+}
+
+/// A signing identity for Hearth's own federation client under test (the client, not the fake, is probed here).
+fn hearth_identity(server_name: &str) -> Arc<hearth::room::Identity> {
+    use base64::Engine;
+    let der = ruma::signatures::Ed25519KeyPair::generate();
+    let keypair = ruma::signatures::Ed25519KeyPair::from_der(&der, "probe1".into()).expect("generated key parses");
+    let public_key_b64 = base64::engine::general_purpose::STANDARD_NO_PAD.encode(keypair.public_key());
+    Arc::new(hearth::room::Identity {
+        server_name: ruma::ServerName::parse(server_name).expect("valid server name"),
+        keypair,
+        key_id: "ed25519:probe1".into(),
+        public_key_b64,
+    })
 }
 
 /// A DNS server on loopback (UDP) answering SRV questions from a table, NXDOMAIN for everything else.
@@ -204,7 +218,7 @@ async fn prev_events_pointing_to_thousands_of_unknown_events_are_refused_without
     let thousand = fake.build(
         EventSpec::message(&fake.creator(), "a thousand parents").with_prev(unknown(1000)).with_auth(auth.clone()),
     );
-    let rules = hearth::room::version::rules(&fake.room_version()).unwrap();
+    let rules = rules(&fake.room_version());
     let mut obj: CanonicalJsonObject = serde_json::from_value(thousand.json.clone()).unwrap();
     obj.insert("prev_events".into(), serde_json::from_value(json!(unknown(10_000))).unwrap());
     obj.insert(

@@ -176,7 +176,7 @@ async fn oversized_event_is_refused() {
 
     // A correctly hashed and signed message of about 70 000 bytes.
     let template = fake.build(EventSpec::message(&fake.creator(), "x"));
-    let rules = hearth::room::version::rules(&fake.room_version()).unwrap();
+    let rules = rules(&fake.room_version());
     let mut obj: CanonicalJsonObject = serde_json::from_value(template.json.clone()).unwrap();
     obj.insert(
         "content".into(),

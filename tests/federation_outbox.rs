@@ -31,15 +31,6 @@ fn catching_up(hearth: &TestServer, destination: &str) -> bool {
         > 0
 }
 
-/// Polls `cond` every 20 ms until it holds; fails the test after a minute.
-async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + LONG;
-    while !cond() {
-        assert!(std::time::Instant::now() < deadline, "never happened: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn bodies_received(fake: &FakeResident) -> Vec<String> {
     fake.received().iter().filter_map(|(_, p)| p["content"]["body"].as_str().map(str::to_owned)).collect()
 }
@@ -59,7 +50,7 @@ async fn a_server_that_keeps_failing_catches_up_with_the_latest_event_when_it_re
     alice.send_text(&room, "one").await;
     // Three failed attempts (backoff 100, 200, 400 ms) put it into catch-up, which drops its queue.
     fake.wait_requests("send", sends_before + 3, LONG).await;
-    eventually("the destination goes into catch-up", || catching_up(&hearth, &fake.name)).await;
+    wait_for("the destination goes into catch-up", LONG, || catching_up(&hearth, &fake.name)).await;
     assert_eq!(queued_pdus(&hearth, &fake.name), 0, "a failing server's queue is dropped");
 
     // While it is down nothing is queued for it.
@@ -73,13 +64,13 @@ async fn a_server_that_keeps_failing_catches_up_with_the_latest_event_when_it_re
     assert_eq!(pdu["content"]["body"], "three");
     let got = bodies_received(&fake);
     assert!(!got.contains(&"two".to_owned()), "only the latest event is sent on catch-up: {got:?}");
-    eventually("the destination leaves catch-up once it answered", || !catching_up(&hearth, &fake.name)).await;
+    wait_for("the destination leaves catch-up once it answered", LONG, || !catching_up(&hearth, &fake.name)).await;
 
     // And it is an ordinary destination again: new events reach it at once.
     let started = std::time::Instant::now();
     let four = alice.send_text(&room, "four").await;
     fake.wait_received(&four, Duration::from_secs(10)).await;
     eprintln!("after catch-up, a new message reached the server in {:?}", started.elapsed());
-    eventually("the delivered event leaves the queue", || queued_pdus(&hearth, &fake.name) == 0).await;
+    wait_for("the delivered event leaves the queue", LONG, || queued_pdus(&hearth, &fake.name) == 0).await;
     hearth.stop().await;
 }

@@ -22,7 +22,15 @@ fn lazy_filter() -> String {
 /// Hearth (in-process, federation on), a fake resident with `spec`'s room, and `alice` joined to that room
 /// lazily; the fake holds `/state_ids`, so the room stays partial until the test releases it.
 async fn partially_joined(spec: RoomSpec) -> (TestServer, FakeResident, Client) {
-    let hearth = start_hearth().await;
+    partially_joined_with(spec, |_| {}).await
+}
+
+/// [`partially_joined`] with `f` changing Hearth's configuration.
+async fn partially_joined_with(
+    spec: RoomSpec,
+    f: impl FnOnce(&mut hearth::config::Config),
+) -> (TestServer, FakeResident, Client) {
+    let hearth = start_hearth_with(f).await;
     let fake = FakeResident::start(spec).await;
     fake.connect_to(&hearth);
     fake.hold("state_ids");
@@ -62,6 +70,17 @@ fn expected_members(fake: &FakeResident) -> Vec<String> {
 
 async fn joined_members(c: &Client, room: &str) -> Resp {
     c.get(&format!("/rooms/{}/joined_members", enc(room))).await
+}
+
+/// Client requests being handled by Hearth right now (`hearth_http_requests_in_flight` of `/metrics`, which counts
+/// the scrape itself; needs `metrics.enabled`).
+async fn requests_in_flight(hearth: &TestServer) -> u64 {
+    let c = hearth.client();
+    let text = c.http.get(format!("{}/metrics", c.base_url)).send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("hearth_http_requests_in_flight "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no hearth_http_requests_in_flight in /metrics: {text}"))
 }
 
 /// Waits (bounded) until the room's resync completed, observed through `/joined_members` (which waits for it).
@@ -169,18 +188,23 @@ async fn lazy_sync_shows_partial_room_at_once_with_senders_memberships() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_and_joined_members_block_until_resync_then_list_everyone() {
-    let (hearth, fake, alice) = partially_joined(RoomSpec::default()).await;
+    let (hearth, fake, alice) = partially_joined_with(RoomSpec::default(), |c| c.metrics.enabled = true).await;
     let room = fake.room_id();
 
     let (a, r) = (alice.clone(), room.clone());
     let members = tokio::spawn(async move { a.get(&format!("/rooms/{}/members", enc(&r))).await });
     let (a, r) = (alice.clone(), room.clone());
     let joined = tokio::spawn(async move { joined_members(&a, &r).await });
-    // Non-member state answers at once.
+    // Both requests have reached Hearth and are being handled (in flight: they and the scrape itself).
+    wait_until("/members and /joined_members in flight at Hearth", LONG, || async {
+        (requests_in_flight(&hearth).await >= 3).then_some(())
+    })
+    .await;
+    // Non-member state answers at once meanwhile.
     let name = alice.state(&room, "m.room.name", "").await.ok();
     assert_eq!(name["name"], "Fake resident's room");
 
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(fake.count("state"), 0, "the resync is still held");
     assert!(!members.is_finished(), "/members must wait for the full member list");
     assert!(!joined.is_finished(), "/joined_members must wait for the full member list");
 
@@ -336,21 +360,14 @@ async fn leave_during_resync_does_not_wait() {
     let left = within(Duration::from_secs(10), alice.leave(&room)).await.expect("leave does not wait for the resync");
     left.ok();
     // The resident hears about it.
-    let leave_pdu = {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let found = fake.received().into_iter().map(|x| x.1).find(|p| {
-                p["type"] == "m.room.member"
-                    && p["state_key"] == json!(alice.user_id)
-                    && p["content"]["membership"] == "leave"
-            });
-            if let Some(p) = found {
-                break p;
-            }
-            assert!(std::time::Instant::now() < deadline, "the resident never got the leave");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
+    let leave_pdu = wait_until("the resident to get the leave", Duration::from_secs(10), || async {
+        fake.received().into_iter().map(|x| x.1).find(|p| {
+            p["type"] == "m.room.member"
+                && p["state_key"] == json!(alice.user_id)
+                && p["content"]["membership"] == "leave"
+        })
+    })
+    .await;
     assert_eq!(leave_pdu["room_id"], json!(room));
     // The client sees itself out of the room.
     let jr = alice.get("/joined_rooms").await.ok();
@@ -806,7 +823,8 @@ async fn device_list_updates_during_partial_state_reach_servers_in_room_then_the
     let update = &device_updates_for(&fake, &alice.user_id)[0];
     assert_eq!(update["device_id"], json!(alice.device_id));
     assert_eq!(update["keys"]["keys"][format!("curve25519:{}", alice.device_id)], "curve", "{update}");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Everything queued with that update has been delivered: had the peer been sent it, the peer would have it.
+    wait_outbox_drained(&hearth, &[&fake.name, &peer.name], LONG).await;
     assert!(device_updates_for(&peer, &alice.user_id).is_empty(), "the peer is not known to be in the room yet");
 
     // Inbound: an omitted member of the resident's server changes devices while we are partial.
@@ -1057,7 +1075,8 @@ async fn device_lists_after_resync_follow_the_full_state() {
         !device_updates_for(f, &alice.user_id).is_empty()
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Everything queued with those updates has been delivered: had peer2 been sent one, it would have it.
+    wait_outbox_drained(&hearth, &[&fake.name, &peer1.name, &peer2.name], LONG).await;
     assert!(device_updates_for(&peer2, &alice.user_id).is_empty(), "the departed server gets no updates");
     hearth.stop().await;
 }

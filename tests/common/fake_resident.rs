@@ -1,11 +1,16 @@
 //! A scripted fake resident homeserver for partial-join tests.
 //!
-//! [`FakeResident`] is a real federation server on `127.0.0.1:PORT` (TLS with a self-signed certificate made by the
-//! `openssl` CLI, its own ed25519 signing key, server name `127.0.0.1:PORT`). It holds one room ([`FakeRoom`]) whose
-//! events it builds and signs itself with correct hashes, signatures, `auth_events` and `prev_events` (through
-//! `hearth::room::append::build_pdu`), and serves what a joining server needs: keys, `make_join`, `send_join` v2
-//! (honouring `omit_members`), `/state_ids`, `/state`, `/event`, `/event_auth`, `get_missing_events`, `backfill`,
-//! and `PUT /send` (received PDUs are recorded, and added to the room's DAG when their prev events are known).
+//! [`FakeResident`] is a real federation server on `127.0.0.1:PORT` (TLS with a self-signed certificate made by
+//! `rcgen`, its own ed25519 signing key, server name `127.0.0.1:PORT`). It holds one room ([`FakeRoom`]) whose
+//! events it builds and signs itself with correct hashes, signatures, `auth_events` and `prev_events`, and serves
+//! what a joining server needs: keys, `make_join`, `send_join` v2 (honouring `omit_members`), `/state_ids`,
+//! `/state`, `/event`, `/event_auth`, `get_missing_events`, `backfill`, and `PUT /send` (received PDUs are
+//! recorded, and added to the room's DAG when their prev events are known).
+//!
+//! The fake is an independent oracle: it builds, hashes and signs events, computes event ids, answers key requests
+//! and signs its `X-Matrix` requests with its own minimal code over ruma (`ruma::canonical_json`,
+//! `ruma::signatures::{hash_and_sign_event, reference_hash, sign_json}`, ruma's room version rules), never with
+//! Hearth's event builder, signing or federation client, so a bug there is not reproduced on both sides.
 //!
 //! Several fakes can share one room ([`FakeResident::start_peer`]): each signs the events of its own users and
 //! answers for the room, so a test has a second server in `servers_in_room` to fall back to.
@@ -32,14 +37,11 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::Router;
-use hearth::federation::FedClient;
-use hearth::room::append::{build_pdu, LocalEvent};
-use hearth::room::{version, Identity};
-use ruma::canonical_json::CanonicalJsonObject;
+use base64::Engine;
+use ruma::canonical_json::{CanonicalJsonObject, CanonicalJsonValue};
 use ruma::events::TimelineEventType;
-use ruma::room_version_rules::RoomVersionRules;
+use ruma::room_version_rules::{EventIdFormatVersion, EventsReferenceFormatVersion, RoomVersionRules};
 use ruma::signatures::Ed25519KeyPair;
-use ruma::OwnedEventId;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
@@ -50,30 +52,19 @@ pub type StateMap = BTreeMap<(String, String), String>;
 
 // ---- TLS and configuration helpers ------------------------------------------------------------------------------
 
-/// Writes a self-signed certificate and key (`tls.crt`, `tls.key`) into `dir` with the `openssl` CLI.
+/// A fresh self-signed certificate for `127.0.0.1` and `localhost` (made with `rcgen`): PEM certificate, PEM key.
+pub fn self_signed_pem() -> (String, String) {
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+        .expect("self-signed certificate");
+    (ck.cert.pem(), ck.signing_key.serialize_pem())
+}
+
+/// Writes a self-signed certificate and key (`tls.crt`, `tls.key`) into `dir`.
 pub fn self_signed_cert(dir: &Path) -> (PathBuf, PathBuf) {
     let (crt, key) = (dir.join("tls.crt"), dir.join("tls.key"));
-    let out = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "30",
-            "-subj",
-            "/CN=127.0.0.1",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&crt)
-        .output()
-        .expect("the openssl CLI must be installed");
-    assert!(out.status.success(), "openssl failed: {}", String::from_utf8_lossy(&out.stderr));
+    let (crt_pem, key_pem) = self_signed_pem();
+    std::fs::write(&crt, crt_pem).expect("write tls.crt");
+    std::fs::write(&key, key_pem).expect("write tls.key");
     (crt, key)
 }
 
@@ -123,11 +114,162 @@ pub async fn start_hearth_with_fakes(
     hearth
 }
 
+/// The fake's TLS listener: handshakes run in their own tasks, so a client that never finishes one blocks no other.
+struct FakeTlsListener {
+    local: SocketAddr,
+    rx: tokio::sync::mpsc::Receiver<(tokio_rustls::server::TlsStream<tokio::net::TcpStream>, SocketAddr)>,
+}
+
+impl FakeTlsListener {
+    /// The listener, and the accept loop to run next to the server (it ends with the task running it).
+    fn new(tcp: tokio::net::TcpListener) -> (FakeTlsListener, impl std::future::Future<Output = ()> + Send + 'static) {
+        use rustls::pki_types::pem::PemObject;
+        let (crt, key) = self_signed_pem();
+        let certs = vec![rustls::pki_types::CertificateDer::from_pem_slice(crt.as_bytes()).expect("certificate")];
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("key");
+        let mut config =
+            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .expect("TLS versions")
+                .with_no_client_auth()
+                .with_single_cert(certs, key)
+                .expect("TLS configuration");
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let local = tcp.local_addr().expect("local address");
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let accept_loop = async move {
+            loop {
+                let Ok((stream, addr)) = tcp.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    if let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                        let _ = tx.send((tls, addr)).await;
+                    }
+                });
+            }
+        };
+        (FakeTlsListener { local, rx }, accept_loop)
+    }
+}
+
+impl axum::serve::Listener for FakeTlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.rx.recv().await {
+            Some(x) => x,
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}
+
+// ---- the fake's own signing -------------------------------------------------------------------------------------
+
+/// A fake server's signing identity: its name and an ed25519 key pair of its own.
+pub struct FakeIdentity {
+    pub server_name: String,
+    pub keypair: Ed25519KeyPair,
+    /// `ed25519:fake1`
+    pub key_id: String,
+    /// The public key, unpadded standard base64.
+    pub public_key_b64: String,
+}
+
+/// A fresh signing identity for a fake server.
+pub fn new_identity(server_name: &str) -> Arc<FakeIdentity> {
+    let der = Ed25519KeyPair::generate();
+    let keypair = Ed25519KeyPair::from_der(&der, "fake1".into()).expect("generated key parses");
+    let public_key_b64 = base64::engine::general_purpose::STANDARD_NO_PAD.encode(keypair.public_key());
+    Arc::new(FakeIdentity {
+        server_name: server_name.to_owned(),
+        keypair,
+        key_id: "ed25519:fake1".into(),
+        public_key_b64,
+    })
+}
+
+/// ruma's rules for room version `version` (panics for one ruma does not know).
+pub fn rules(version: &str) -> RoomVersionRules {
+    ruma::RoomVersionId::try_from(version)
+        .ok()
+        .and_then(|v| v.rules())
+        .unwrap_or_else(|| panic!("ruma has no rules for room version {version}"))
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock after 1970").as_millis() as i64
+}
+
+/// A random alphanumeric string (transaction ids, v1/v2 event ids).
+fn random_string(n: usize) -> String {
+    use rand::Rng;
+    rand::thread_rng().sample_iter(rand::distributions::Alphanumeric).take(n).map(char::from).collect()
+}
+
+/// Percent-decodes a query string part (`+` is a space).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match b[i] {
+            b'%' if i + 2 < b.len() && hex(b[i + 1]).is_some() && hex(b[i + 2]).is_some() => {
+                out.push((hex(b[i + 1]).unwrap() * 16 + hex(b[i + 2]).unwrap()) as u8);
+                i += 3;
+                continue;
+            }
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The event id of a PDU as the room version defines it: the reference hash (v3+: `$` and the hash, URL-safe base64
+/// from v4), or the `event_id` field the event carries (v1/v2).
+pub fn event_id_of(obj: &CanonicalJsonObject, rules: &RoomVersionRules) -> Result<String, String> {
+    match rules.event_id_format {
+        EventIdFormatVersion::V1 => match obj.get("event_id") {
+            Some(CanonicalJsonValue::String(s)) => Ok(s.clone()),
+            _ => Err("v1/v2 event without `event_id`".into()),
+        },
+        _ => ruma::signatures::reference_hash(obj, rules).map(|h| format!("${h}")).map_err(|e| e.to_string()),
+    }
+}
+
+/// Signs `obj` (any JSON object: a key response, an `X-Matrix` request) with `identity` (`sign_json`).
+fn sign_object(identity: &FakeIdentity, obj: &mut CanonicalJsonObject) {
+    ruma::signatures::sign_json(&identity.server_name, &identity.keypair, obj).expect("sign JSON");
+}
+
+/// The fake's `GET /_matrix/key/v2/server` answer, self-signed.
+fn key_response(identity: &FakeIdentity) -> Value {
+    let mut obj: CanonicalJsonObject = serde_json::from_value(json!({
+        "server_name": identity.server_name,
+        "verify_keys": {identity.key_id.clone(): {"key": identity.public_key_b64}},
+        "old_verify_keys": {},
+        "valid_until_ts": now_ms() + 24 * 3600 * 1000,
+    }))
+    .expect("canonical JSON");
+    sign_object(identity, &mut obj);
+    serde_json::to_value(obj).expect("JSON")
+}
+
 /// Adds `hashes` and `signatures` (by `identity`) to an event of any size: unlike ruma's `hash_and_sign_event`
 /// this does not refuse events over 65536 bytes, so tests can send oversized events that are otherwise valid.
-pub fn sign_unchecked(identity: &Identity, rules: &RoomVersionRules, obj: &mut CanonicalJsonObject) {
-    use base64::Engine;
-    use ruma::canonical_json::CanonicalJsonValue;
+pub fn sign_unchecked(identity: &FakeIdentity, rules: &RoomVersionRules, obj: &mut CanonicalJsonObject) {
     for k in ["hashes", "signatures", "unsigned"] {
         obj.remove(k);
     }
@@ -140,13 +282,12 @@ pub fn sign_unchecked(identity: &Identity, rules: &RoomVersionRules, obj: &mut C
     );
     obj.insert("hashes".into(), CanonicalJsonValue::Object(hashes));
     let mut redacted = ruma::canonical_json::redact(obj.clone(), &rules.redaction, None).expect("redact");
-    ruma::signatures::sign_json(identity.server_name.as_str(), &identity.keypair, &mut redacted).expect("sign");
+    sign_object(identity, &mut redacted);
     obj.insert("signatures".into(), redacted.get("signatures").cloned().expect("signatures"));
 }
 
 /// The event id of a v3+ event of any size (the reference hash ruma refuses to compute over 65536 bytes).
 pub fn event_id_unchecked(rules: &RoomVersionRules, obj: &CanonicalJsonObject) -> String {
-    use base64::Engine;
     let mut redacted = ruma::canonical_json::redact(obj.clone(), &rules.redaction, None).expect("redact");
     for k in ["signatures", "unsigned", "age_ts"] {
         redacted.remove(k);
@@ -156,18 +297,75 @@ pub fn event_id_unchecked(rules: &RoomVersionRules, obj: &CanonicalJsonObject) -
     format!("${}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(hash.as_ref()))
 }
 
-/// A fresh signing identity for a fake server.
-pub fn new_identity(server_name: &str) -> Arc<Identity> {
-    use base64::Engine;
-    let der = Ed25519KeyPair::generate();
-    let keypair = Ed25519KeyPair::from_der(&der, "fake1".into()).expect("generated key parses");
-    let public_key_b64 = base64::engine::general_purpose::STANDARD_NO_PAD.encode(keypair.public_key());
-    Arc::new(Identity {
-        server_name: ruma::ServerName::parse(server_name).expect("valid server name"),
-        keypair,
-        key_id: "ed25519:fake1".into(),
-        public_key_b64,
-    })
+/// The fake's federation client towards Hearth: `X-Matrix` requests signed with the fake's key.
+pub struct FakeFedClient {
+    identity: Arc<FakeIdentity>,
+    /// Where Hearth's federation listener is.
+    addr: SocketAddr,
+    http: reqwest::Client,
+}
+
+impl FakeFedClient {
+    fn new(identity: Arc<FakeIdentity>, addr: SocketAddr) -> FakeFedClient {
+        super::init_crypto();
+        let http = reqwest::Client::builder()
+            .tls_danger_accept_invalid_certs(true)
+            .timeout(Duration::from_secs(120))
+            .build()
+            .expect("reqwest client");
+        FakeFedClient { identity, addr, http }
+    }
+
+    /// The `Authorization` header value for a request to `destination` (the spec's `X-Matrix` scheme).
+    pub fn x_matrix(
+        &self,
+        method: &str,
+        uri: &str,
+        destination: &str,
+        content: Option<&Value>,
+    ) -> Result<String, String> {
+        let mut request =
+            json!({"method": method, "uri": uri, "origin": self.identity.server_name, "destination": destination});
+        if let Some(c) = content {
+            request["content"] = c.clone();
+        }
+        let mut obj: CanonicalJsonObject = serde_json::from_value(request).map_err(|e| e.to_string())?;
+        sign_object(&self.identity, &mut obj);
+        let sig = serde_json::to_value(&obj).map_err(|e| e.to_string())?["signatures"][&self.identity.server_name]
+            [&self.identity.key_id]
+            .as_str()
+            .ok_or("no signature produced")?
+            .to_owned();
+        Ok(format!(
+            "X-Matrix origin=\"{}\",destination=\"{}\",key=\"{}\",sig=\"{}\"",
+            self.identity.server_name, destination, self.identity.key_id, sig
+        ))
+    }
+
+    /// A signed request to Hearth (known as `destination`); the JSON answer, or `Err((status, body))` for a
+    /// non-2xx answer (status 0 for a transport error).
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        destination: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, (u16, Value)> {
+        let auth = self.x_matrix(method.as_str(), path, destination, body).map_err(|e| (0, json!({"error": e})))?;
+        let mut req = self.http.request(method, format!("https://{}{path}", self.addr)).header("authorization", auth);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let res = req.send().await.map_err(|e| (0, json!({"error": e.to_string()})))?;
+        let status = res.status().as_u16();
+        let text = res.text().await.map_err(|e| (0, json!({"error": e.to_string()})))?;
+        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        if (200..300).contains(&status) {
+            Ok(value)
+        } else {
+            Err((status, value))
+        }
+    }
 }
 
 fn server_of(user_id: &str) -> &str {
@@ -268,12 +466,12 @@ pub struct FakeRoom {
     pub order: Vec<String>,
     pub extremities: Vec<String>,
     /// Signing identities by server name (the fakes sharing this room).
-    pub identities: HashMap<String, Arc<Identity>>,
+    pub identities: HashMap<String, Arc<FakeIdentity>>,
     pub creator: String,
 }
 
 impl FakeRoom {
-    fn identity_for(&self, user: &str) -> Arc<Identity> {
+    fn identity_for(&self, user: &str) -> Arc<FakeIdentity> {
         self.identities.get(server_of(user)).cloned().unwrap_or_else(|| panic!("no fake server signs for {user}"))
     }
 
@@ -353,27 +551,43 @@ impl FakeRoom {
     }
 
     /// [`FakeRoom::build`], signed by `signer` instead of the sender's server (a forged sender) when given.
-    pub fn build_signed(&mut self, spec: EventSpec, signer: Option<Arc<Identity>>) -> FakeEvent {
+    pub fn build_signed(&mut self, spec: EventSpec, signer: Option<Arc<FakeIdentity>>) -> FakeEvent {
         let prev = spec.prev.clone().unwrap_or_else(|| self.extremities.clone());
         let state_before = self.state_at(&prev);
         let auth = spec.auth.clone().unwrap_or_else(|| self.auth_for(&state_before, &spec));
         let depth = prev.iter().filter_map(|p| self.events.get(p)).map(|e| e.depth).max().unwrap_or(0) + 1;
-        let refs = |ids: &[String]| -> Vec<(OwnedEventId, String)> {
-            ids.iter().map(|i| (OwnedEventId::try_from(i.as_str()).expect("event id"), String::new())).collect()
-        };
         let identity = signer.unwrap_or_else(|| self.identity_for(&spec.sender));
-        let ev = LocalEvent {
-            kind: spec.kind.clone(),
-            state_key: spec.state_key.clone(),
-            content: spec.content.clone(),
-            redacts: None,
-        };
-        let room_id = (!self.room_id.is_empty()).then_some(self.room_id.as_str());
-        let pdu = build_pdu(&identity, &self.rules, room_id, &spec.sender, &ev, &refs(&prev), &refs(&auth), depth)
-            .expect("build_pdu");
+        let mut ev = json!({
+            "type": spec.kind,
+            "sender": spec.sender,
+            "content": spec.content,
+            "depth": depth,
+            "origin_server_ts": now_ms(),
+            "prev_events": self.refs(&prev),
+            "auth_events": self.refs(&auth),
+        });
+        if let Some(k) = &spec.state_key {
+            ev["state_key"] = json!(k);
+        }
+        // v12's create event has no room id (the room id is derived from its event id).
+        if !self.room_id.is_empty() {
+            ev["room_id"] = json!(self.room_id);
+        }
+        if matches!(self.rules.event_id_format, EventIdFormatVersion::V1) {
+            ev["event_id"] = json!(format!("${}:{}", random_string(18), identity.server_name));
+        }
+        let mut obj: CanonicalJsonObject = serde_json::from_value(ev).expect("an event is canonical JSON");
+        ruma::signatures::hash_and_sign_event(
+            &identity.server_name,
+            &identity.keypair,
+            &mut obj,
+            &self.rules.redaction,
+        )
+        .expect("hash and sign the event");
+        let id = event_id_of(&obj, &self.rules).expect("event id");
         let ev = FakeEvent {
-            id: pdu.event_id.to_string(),
-            json: serde_json::to_value(&pdu.json).expect("pdu json"),
+            id,
+            json: serde_json::to_value(&obj).expect("pdu json"),
             depth,
             prev,
             auth,
@@ -383,6 +597,26 @@ impl FakeRoom {
         self.events.insert(ev.id.clone(), ev.clone());
         self.order.push(ev.id.clone());
         ev
+    }
+
+    /// `prev_events`/`auth_events` as the room version writes them: event ids (v3+), or `[id, {"sha256": hash}]`
+    /// pairs with the referenced event's reference hash (v1/v2; empty for an event the fake does not have).
+    fn refs(&self, ids: &[String]) -> Value {
+        match self.rules.events_reference_format {
+            EventsReferenceFormatVersion::V1 => ids
+                .iter()
+                .map(|id| {
+                    let hash = self
+                        .events
+                        .get(id)
+                        .and_then(|e| serde_json::from_value::<CanonicalJsonObject>(e.json.clone()).ok())
+                        .and_then(|o| ruma::signatures::reference_hash(&o, &self.rules).ok())
+                        .unwrap_or_default();
+                    json!([id, {"sha256": hash}])
+                })
+                .collect(),
+            _ => json!(ids),
+        }
     }
 
     /// Adds a built (or received) event to the DAG: it becomes a forward extremity in place of its prev events.
@@ -408,14 +642,15 @@ impl FakeRoom {
     pub fn receive(&mut self, pdu: &Value, add_to_dag: bool) -> Result<String, String> {
         let mut obj: CanonicalJsonObject = serde_json::from_value(pdu.clone()).map_err(|e| e.to_string())?;
         obj.remove("unsigned");
-        let id = version::event_id(&obj, &self.rules)?.to_string();
+        let id = event_id_of(&obj, &self.rules)?;
         if self.events.get(&id).is_some_and(|e| e.in_dag) {
             return Ok(id);
         }
         let list = |k: &str| -> Vec<String> {
             pdu.get(k)
                 .and_then(Value::as_array)
-                .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+                // An event id (v3+) or an `[id, hashes]` pair (v1/v2).
+                .map(|a| a.iter().filter_map(|r| r.as_str().or_else(|| r[0].as_str())).map(str::to_owned).collect())
                 .unwrap_or_default()
         };
         let prev = list("prev_events");
@@ -649,12 +884,11 @@ type Shared = Arc<Inner>;
 pub struct FakeResident {
     pub name: String,
     pub addr: SocketAddr,
-    pub identity: Arc<Identity>,
+    pub identity: Arc<FakeIdentity>,
     pub room: Arc<Mutex<FakeRoom>>,
     inner: Shared,
-    hearth: Mutex<Option<(String, Arc<FedClient>)>>,
+    hearth: Mutex<Option<(String, Arc<FakeFedClient>)>>,
     task: tokio::task::JoinHandle<()>,
-    _dir: tempfile::TempDir,
 }
 
 impl Drop for FakeResident {
@@ -693,7 +927,7 @@ impl FakeResident {
     }
 
     async fn start_as(spec: RoomSpec, name: Option<&str>) -> FakeResident {
-        let rules = version::rules(&spec.version).expect("supported room version");
+        let rules = rules(&spec.version);
         let room = Arc::new(Mutex::new(FakeRoom {
             room_id: String::new(),
             version: spec.version.clone(),
@@ -722,7 +956,11 @@ impl FakeResident {
             }
             r.add_to_dag(&create.id);
             r.append(EventSpec::member(&creator, "join"));
-            let users = if version::creators_privileged(&rules) { json!({}) } else { json!({creator.clone(): 100}) };
+            let users = if rules.authorization.explicitly_privilege_room_creators {
+                json!({})
+            } else {
+                json!({creator.clone(): 100})
+            };
             r.append(EventSpec::state(
                 &creator,
                 "m.room.power_levels",
@@ -760,9 +998,6 @@ impl FakeResident {
 
     async fn serve(room: Arc<Mutex<FakeRoom>>, name: Option<&str>) -> FakeResident {
         super::init_crypto();
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (crt, key) = self_signed_cert(dir.path());
-        let acceptor = hearth::federation::tls::load_acceptor(&crt, &key).expect("TLS acceptor");
         let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = tcp.local_addr().unwrap();
         let name = name.map(str::to_owned).unwrap_or_else(|| format!("127.0.0.1:{}", addr.port()));
@@ -795,7 +1030,7 @@ impl FakeResident {
                 "/_matrix/key/v2/server",
                 get(move |State(i): State<Shared>| async move {
                     i.ctl.arrive("key", String::new()).await;
-                    axum::Json(hearth::federation::keys::own_key_response(&key_identity).expect("key response"))
+                    axum::Json(key_response(&key_identity))
                 }),
             )
             .route(
@@ -817,11 +1052,14 @@ impl FakeResident {
             })
             .layer(axum::middleware::from_fn_with_state(inner.clone(), scripted))
             .with_state(inner.clone());
-        let listener = hearth::federation::tls::TlsListener::new(tcp, acceptor).expect("TLS listener");
+        let (listener, accept_loop) = FakeTlsListener::new(tcp);
         let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app.into_make_service()).await;
+            tokio::select! {
+                _ = accept_loop => {}
+                _ = axum::serve(listener, app.into_make_service()) => {}
+            }
         });
-        FakeResident { name, addr, identity, room, inner, hearth: Mutex::new(None), task, _dir: dir }
+        FakeResident { name, addr, identity, room, inner, hearth: Mutex::new(None), task }
     }
 
     /// `@localpart:<this fake>`.
@@ -855,7 +1093,7 @@ impl FakeResident {
     }
 
     /// [`FakeRoom::build_signed`]: an event signed by `signer` (e.g. this fake) whatever its sender's server.
-    pub fn build_signed(&self, spec: EventSpec, signer: &Arc<Identity>) -> FakeEvent {
+    pub fn build_signed(&self, spec: EventSpec, signer: &Arc<FakeIdentity>) -> FakeEvent {
         self.room.lock().unwrap().build_signed(spec, Some(signer.clone()))
     }
 
@@ -955,17 +1193,19 @@ impl FakeResident {
         self.inner.ctl.received.lock().unwrap().clone()
     }
 
-    /// Waits until `cond` holds (checked whenever a request arrives, and every 100 ms); panics after `timeout`.
-    pub async fn wait_until(&self, what: &str, timeout: Duration, mut cond: impl FnMut(&FakeResident) -> bool) {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut rx = self.inner.ctl.changed.subscribe();
-        loop {
-            if cond(self) {
-                return;
+    /// Waits until `cond` holds (checked whenever a request arrives, and at least every 100 ms); panics after
+    /// `timeout`. A thin wrapper of [`super::wait_until`] that also wakes on the fake's own events.
+    pub async fn wait_until(&self, what: &str, timeout: Duration, cond: impl Fn(&FakeResident) -> bool) {
+        let (cond, me) = (&cond, self);
+        super::wait_until(what, timeout, move || async move {
+            let mut changed = me.inner.ctl.changed.subscribe();
+            if cond(me) {
+                return Some(());
             }
-            assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
-            let _ = tokio::time::timeout(Duration::from_millis(100), rx.changed()).await;
-        }
+            let _ = tokio::time::timeout(Duration::from_millis(100), changed.changed()).await;
+            cond(me).then_some(())
+        })
+        .await
     }
 
     /// Waits until `n` requests of `kind` arrived.
@@ -992,14 +1232,7 @@ impl FakeResident {
 
     /// Tells the fake where Hearth's federation listener is (Hearth's server name resolves to `addr`).
     pub fn connect(&self, hearth_name: &str, addr: SocketAddr) {
-        let cfg = hearth::config::Federation {
-            verify_certificates: false,
-            allow_private_ips: true,
-            trusted_key_servers: vec![],
-            resolve: [(hearth_name.to_owned(), addr.to_string())].into(),
-            ..Default::default()
-        };
-        let client = FedClient::new(self.identity.clone(), cfg).expect("federation client");
+        let client = FakeFedClient::new(self.identity.clone(), addr);
         *self.hearth.lock().unwrap() = Some((hearth_name.to_owned(), Arc::new(client)));
     }
 
@@ -1016,21 +1249,18 @@ impl FakeResident {
         body: Option<&Value>,
     ) -> Result<Value, (u16, Value)> {
         let (name, client) = self.hearth.lock().unwrap().clone().expect("FakeResident::connect first");
-        client.request(method, &name, path, body).await.map_err(|e| match e {
-            hearth::federation::client::FedError::Status { status, body, .. } => (status, body),
-            other => (0, json!({"error": other.to_string()})),
-        })
+        client.request(method, &name, path, body).await
     }
 
     /// The name Hearth is known by and the fake's federation client for it ([`FakeResident::connect`] first).
-    pub fn hearth_client(&self) -> (String, Arc<FedClient>) {
+    pub fn hearth_client(&self) -> (String, Arc<FakeFedClient>) {
         self.hearth.lock().unwrap().clone().expect("FakeResident::connect first")
     }
 
     /// Sends any PDUs and EDUs to Hearth in one `PUT /send` transaction; the whole answer, or the error.
     pub async fn push_json(&self, pdus: Vec<Value>, edus: Vec<Value>) -> Result<Value, (u16, Value)> {
-        let txn = format!("fake{}", hearth::http::random_string(12));
-        let body = json!({"origin": self.name, "origin_server_ts": hearth::store::accounts::now_ms(), "pdus": pdus, "edus": edus});
+        let txn = format!("fake{}", random_string(12));
+        let body = json!({"origin": self.name, "origin_server_ts": now_ms(), "pdus": pdus, "edus": edus});
         self.request_hearth(reqwest::Method::PUT, &format!("/_matrix/federation/v1/send/{txn}"), Some(&body)).await
     }
 
@@ -1042,8 +1272,8 @@ impl FakeResident {
                 .map(|i| r.events.get(*i).unwrap_or_else(|| panic!("unknown event {i}")).json.clone())
                 .collect::<Vec<_>>()
         };
-        let txn = format!("fake{}", hearth::http::random_string(12));
-        let body = json!({"origin": self.name, "origin_server_ts": hearth::store::accounts::now_ms(), "pdus": pdus, "edus": []});
+        let txn = format!("fake{}", random_string(12));
+        let body = json!({"origin": self.name, "origin_server_ts": now_ms(), "pdus": pdus, "edus": []});
         let answer = self
             .request_hearth(reqwest::Method::PUT, &format!("/_matrix/federation/v1/send/{txn}"), Some(&body))
             .await
@@ -1063,7 +1293,7 @@ fn query_params(q: &Option<String>) -> Vec<(String, String)> {
         .unwrap_or_default()
         .split('&')
         .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (hearth::http::percent_decode(k), hearth::http::percent_decode(v)))
+        .map(|(k, v)| (percent_decode(k), percent_decode(v)))
         .collect()
 }
 
@@ -1103,14 +1333,11 @@ async fn make_join(State(i): State<Shared>, UrlPath((room_id, user_id)): UrlPath
     let content = json!({"membership": "join"});
     let auth = r.auth_for(&state, &EventSpec { content: content.clone(), ..spec });
     let depth = r.extremities.iter().map(|p| r.events[p].depth).max().unwrap_or(0) + 1;
-    let refs = |ids: &[String]| -> Vec<(OwnedEventId, String)> {
-        ids.iter().map(|i| (OwnedEventId::try_from(i.as_str()).unwrap(), String::new())).collect()
-    };
     let mut ev = json!({
         "type": "m.room.member", "state_key": user_id, "sender": user_id, "room_id": r.room_id,
-        "content": content, "depth": depth, "origin_server_ts": hearth::store::accounts::now_ms(),
-        "prev_events": serde_json::to_value(version::event_refs(&refs(&r.extremities), &r.rules)).unwrap(),
-        "auth_events": serde_json::to_value(version::event_refs(&refs(&auth), &r.rules)).unwrap(),
+        "content": content, "depth": depth, "origin_server_ts": now_ms(),
+        "prev_events": r.refs(&r.extremities),
+        "auth_events": r.refs(&auth),
     });
     if !r.rules.authorization.use_room_create_sender {
         // v1-v10 templates name the resident as origin (the joiner replaces it).
@@ -1241,10 +1468,9 @@ async fn event(State(i): State<Shared>, UrlPath(event_id): UrlPath<String>) -> R
     }
     let r = i.room.lock().unwrap();
     match r.events.get(&event_id) {
-        Some(e) => axum::Json(
-            json!({"origin": i.name, "origin_server_ts": hearth::store::accounts::now_ms(), "pdus": [e.json]}),
-        )
-        .into_response(),
+        Some(e) => {
+            axum::Json(json!({"origin": i.name, "origin_server_ts": now_ms(), "pdus": [e.json]})).into_response()
+        }
         None => err(StatusCode::NOT_FOUND, "M_NOT_FOUND", "unknown event"),
     }
 }
@@ -1326,7 +1552,7 @@ async fn backfill(State(i): State<Shared>, UrlPath(room_id): UrlPath<String>, Ra
         return e;
     }
     let evs = walk_back(&r, &from, &HashSet::new(), limit, true);
-    axum::Json(json!({"origin": i.name, "origin_server_ts": hearth::store::accounts::now_ms(), "pdus": evs.into_iter().map(|e| e.json).collect::<Vec<_>>()}))
+    axum::Json(json!({"origin": i.name, "origin_server_ts": now_ms(), "pdus": evs.into_iter().map(|e| e.json).collect::<Vec<_>>()}))
         .into_response()
 }
 
@@ -1347,7 +1573,7 @@ async fn send(
                 Err(_) => continue,
             };
             obj.remove("unsigned");
-            let Ok(id) = version::event_id(&obj, &r.rules) else { continue };
+            let Ok(id) = event_id_of(&obj, &r.rules) else { continue };
             received.push((id.to_string(), pdu.clone()));
             // Hearth's events become part of the fake's DAG (so later fake events build on them).
             if pdu.get("room_id").and_then(Value::as_str) == Some(r.room_id.as_str()) {

@@ -24,6 +24,7 @@
 //! ```
 #![allow(dead_code)]
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -387,6 +388,52 @@ impl Client {
     }
 }
 
+// ---- waiting ------------------------------------------------------------------------------------------------
+
+/// The one wait-until helper of the test suite: polls `f` (every 20 ms) until it returns `Some`, and returns that
+/// value; panics with `what` after `timeout`. Use it to wait for an observable event (a request reaching a fake,
+/// a job ending, the outbox draining) instead of sleeping for a fixed time.
+pub async fn wait_until<T, Fut>(what: &str, timeout: Duration, mut f: impl FnMut() -> Fut) -> T
+where
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// [`wait_until`] for a plain condition.
+pub async fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    wait_until(what, timeout, || std::future::ready(cond().then_some(()))).await
+}
+
+/// Rows in Hearth's federation outbox (PDUs and EDUs not yet delivered) for `destinations` (all when empty), read
+/// from the database file.
+pub fn outbox_depth(db_path: &Path, destinations: &[&str]) -> i64 {
+    let conn = rusqlite::Connection::open_with_flags(db_path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .expect("open the database");
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    let rows: Vec<String> = {
+        let mut stmt = conn.prepare("SELECT destination FROM outbox").expect("read the outbox");
+        let rows = stmt.query_map([], |r| r.get(0)).expect("read the outbox");
+        rows.collect::<rusqlite::Result<_>>().expect("read the outbox")
+    };
+    rows.iter().filter(|d| destinations.is_empty() || destinations.contains(&d.as_str())).count() as i64
+}
+
+/// Waits until Hearth delivered everything it queued for `destinations` (all when empty): no outbox row for them
+/// is left. Rows are deleted only after the destination accepted them, so once this returns, a server among
+/// `destinations` that has not got something queued with the rows already seen was never sent it.
+pub async fn wait_outbox_drained(server: &TestServer, destinations: &[&str], timeout: Duration) {
+    let what = format!("Hearth's federation outbox to drain for {destinations:?}");
+    wait_for(&what, timeout, || outbox_depth(&server.db_path, destinations) == 0).await
+}
+
 /// Events of a sync section (`rooms.join.{room}.timeline` etc.) as a slice; empty when absent.
 pub fn events_of(v: &Value) -> Vec<Value> {
     v["events"].as_array().cloned().unwrap_or_default()
@@ -431,7 +478,7 @@ impl BinServer {
         let log_path = dir.join(format!("hearth-{port}.log"));
         let log = std::fs::File::create(&log_path).expect("log file");
         let mut cmd = Command::new(hearth_bin());
-        // Every HEARTH_* variable is a config key to the server (HEARTH_SKIP_E2E would be an unknown one).
+        // Every HEARTH_* variable is a config key to the server (a stray HEARTH_* variable would be an unknown one).
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("HEARTH_") {
                 cmd.env_remove(k);

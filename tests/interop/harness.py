@@ -182,11 +182,11 @@ tls_key = "{key}"
 level = "info,ruma_state_res=warn,hearth=debug"
 {extra_toml}
 """)
-        self.bin = os.environ.get("HEARTH_BIN") or os.path.join(ROOT, "target", "debug", "hearth")
+        self.bin = os.environ.get("HEARTHTEST_BIN") or os.path.join(ROOT, "target", "debug", "hearth")
         self.proc = None
 
     def start(self):
-        # Every HEARTH_* variable is a config key to the server (HEARTH_BIN, HEARTH_SKIP_* would be unknown ones).
+        # Every HEARTH_* variable is a config key to the server: pass none of them on (test switches use HEARTHTEST_*).
         env = {k: v for k, v in os.environ.items() if not k.startswith("HEARTH_")}
         self.proc = subprocess.Popen([self.bin, "-c", self.config], stdout=open(os.path.join(self.dir, "log"), "ab"),
                                      stderr=subprocess.STDOUT, start_new_session=True, env=env)
