@@ -7,6 +7,7 @@ use crate::error::Result;
 use crate::room::pdu::client_event;
 use crate::store::accounts::now_ms;
 use crate::store::events::{self, EventRow};
+use crate::store::state_groups;
 
 /// A stored event in the client format, with `unsigned` (age, transaction_id for the sending device,
 /// redacted_because, prev_content for state events).
@@ -42,7 +43,7 @@ pub fn event(
             .query_row([row.event_nid], |r| r.get(0))
             .ok();
         if let Some(sg) = before {
-            if let Some(prev_nid) = events::lookup_state(conn, sg, skn)? {
+            if let Some(prev_nid) = state_groups::lookup_state(conn, sg, skn)? {
                 if let Some(prev) = events::event_by_nid(conn, prev_nid)? {
                     let v: Value = serde_json::from_str(&prev.json)?;
                     if let Some(c) = v.get("content") {

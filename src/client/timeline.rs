@@ -11,7 +11,7 @@ use crate::client::sync::{parse_token, Filter, Token};
 use crate::error::{Error, Result};
 use crate::http::{qs, AppState, Auth, Query};
 use crate::room::membership::{readable_room, Visibility};
-use crate::store::events;
+use crate::store::{events, state_groups};
 
 #[derive(Deserialize)]
 pub struct MessagesQuery {
@@ -138,8 +138,8 @@ async fn messages_page(
             if filter.lazy_load_members {
                 if let Some(sg) = room.current_sg {
                     for sender in senders {
-                        if let Some(skn) = events::find_state_key_nid(c, "m.room.member", &sender)? {
-                            if let Some(nid) = events::lookup_state(c, sg, skn)? {
+                        if let Some(skn) = state_groups::find_state_key_nid(c, "m.room.member", &sender)? {
+                            if let Some(nid) = state_groups::lookup_state(c, sg, skn)? {
                                 if let Some(ev) = format::state_event(c, nid, &room.room_id, true)? {
                                     state.push(ev);
                                 }
@@ -220,9 +220,9 @@ pub async fn context(
             if let Some(sg) = target.sg_after {
                 let lazy = filter.lazy_load_members;
                 let senders: std::collections::HashSet<&str> = before.iter().chain(after.iter()).chain(std::iter::once(&target)).map(|r| r.sender.as_str()).collect();
-                for (skn, nid) in events::load_state(c, sg)? {
+                for (skn, nid) in state_groups::load_state(c, sg)? {
                     if lazy {
-                        let (t, k) = events::state_key_of(c, skn)?;
+                        let (t, k) = state_groups::state_key_of(c, skn)?;
                         if t == "m.room.member" && !senders.contains(k.as_str()) {
                             continue;
                         }

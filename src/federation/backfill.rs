@@ -8,7 +8,7 @@ use crate::federation::client::enc;
 use crate::federation::inbound::verify_batch;
 use crate::http::AppState;
 use crate::room::remote::persist_outlier;
-use crate::store::events;
+use crate::store::{events, members, rooms};
 
 /// Fetches up to `limit` events older than our oldest timeline event. Returns how many were stored.
 pub async fn backfill(s: &AppState, room_id: &str, limit: usize) -> Result<usize> {
@@ -18,7 +18,7 @@ pub async fn backfill(s: &AppState, room_id: &str, limit: usize) -> Result<usize
     let found = s
         .store
         .read(move |c| {
-            let Some(room) = events::room_by_id(c, &rid)? else { return Ok(None) };
+            let Some(room) = rooms::room_by_id(c, &rid)? else { return Ok(None) };
             let oldest: Option<(i64, String)> = c
                 .query_row(
                     "SELECT event_nid, event_id FROM events WHERE room_nid = ?1 AND stream_ordering IS NOT NULL ORDER BY stream_ordering LIMIT 1",
@@ -36,7 +36,7 @@ pub async fn backfill(s: &AppState, room_id: &str, limit: usize) -> Result<usize
             if gaps.is_empty() {
                 return Ok(None);
             }
-            let mut servers = events::joined_servers(c, room.room_nid)?;
+            let mut servers = members::joined_servers(c, room.room_nid)?;
             // While partial, the member list is incomplete: the servers send_join told us about count too.
             let mut stmt = c.prepare_cached("SELECT server_name FROM partial_state_servers WHERE room_nid = ?1")?;
             for srv in stmt.query_map([room.room_nid], |r| r.get::<_, String>(0))? {
@@ -76,7 +76,7 @@ pub async fn backfill(s: &AppState, room_id: &str, limit: usize) -> Result<usize
         let stored = s
             .store
             .write(move |w| {
-                let room = events::room_by_id(w.conn, &rid)?.ok_or_else(|| Error::not_found("unknown room"))?;
+                let room = rooms::room_by_id(w.conn, &rid)?.ok_or_else(|| Error::not_found("unknown room"))?;
                 let mut next: i64 =
                     w.conn
                         .query_row("SELECT min(0, coalesce(min(stream_ordering), 0)) FROM events", [], |r| r.get(0))?;

@@ -18,7 +18,8 @@ use crate::room::append::reference;
 use crate::room::remote::{handle_incoming, state_before, Incoming};
 use crate::room::{load_pdu, state, version};
 use crate::store::accounts::now_ms;
-use crate::store::events::{self, RoomRow};
+use crate::store::rooms::{self, RoomRow};
+use crate::store::{events, members, state_groups};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -140,7 +141,7 @@ fn partial_refusal() -> Error {
 
 /// A room we hold full state for, that `origin` may talk about (ACL).
 fn resident_room(c: &Connection, room_id: &str, origin: &str) -> Result<RoomRow> {
-    let room = events::room_by_id(c, room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
+    let room = rooms::room_by_id(c, room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
     if !crate::federation::acl::room_allows(c, room.current_sg, origin)? {
         return Err(Error::forbidden("server denied by the room's ACL"));
     }
@@ -190,8 +191,8 @@ fn make_membership(c: &Connection, s: &AppState, room: &RoomRow, user_id: &str, 
     .map_err(Error::bad_json)?;
     let mut auth = Vec::new();
     for (t, k) in types {
-        if let Some(skn) = events::find_state_key_nid(c, &t.to_string(), &k)? {
-            if let Some(nid) = events::lookup_state(c, sg, skn)? {
+        if let Some(skn) = state_groups::find_state_key_nid(c, &t.to_string(), &k)? {
+            if let Some(nid) = state_groups::lookup_state(c, sg, skn)? {
                 let (id, sha, _) = reference(c, nid)?;
                 auth.push((id, sha));
             }
@@ -313,7 +314,7 @@ async fn send_knock(
     let stripped = s
         .store
         .read(move |c| {
-            let room = events::room_by_id(c, &room.room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
+            let room = rooms::room_by_id(c, &room.room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
             crate::client::sync::stripped_state(c, &room, &knocker)
         })
         .await?;
@@ -399,8 +400,8 @@ async fn accept_membership(
             }
             let stored = t.elapsed();
             // Tell the other servers in the room (not the one that asked; it already has it).
-            let room = events::room_by_id(w.conn, &rid)?.ok_or_else(|| Error::internal("room vanished"))?;
-            let mut dests = events::joined_servers(w.conn, room.room_nid)?;
+            let room = rooms::room_by_id(w.conn, &rid)?.ok_or_else(|| Error::internal("room vanished"))?;
+            let mut dests = members::joined_servers(w.conn, room.room_nid)?;
             dests.retain(|d| d != &o && d != identity.server_name.as_str());
             crate::store::outbox::enqueue_pdu_to(w.conn, p.event_id.as_str(), &dests)?;
             Ok((stored, t.elapsed() - stored))
@@ -426,7 +427,7 @@ fn send_join_answer(
     };
     // With omit_members: the non-member state from one query, plus a handful of looked-up memberships.
     let mut state: Vec<(i64, String)> =
-        events::state_event_ids(c, sg, if omit { Some("m.room.member") } else { None })?;
+        state_groups::state_event_ids(c, sg, if omit { Some("m.room.member") } else { None })?;
     if omit {
         let joiner = join.sender.as_str();
         let mut wanted: Vec<String> = vec![joiner.to_owned()];
@@ -439,8 +440,8 @@ fn send_join_answer(
             }
         }
         for user in wanted {
-            if let Some(skn) = events::find_state_key_nid(c, "m.room.member", &user)? {
-                if let Some(nid) = events::lookup_state(c, sg, skn)? {
+            if let Some(skn) = state_groups::find_state_key_nid(c, "m.room.member", &user)? {
+                if let Some(nid) = state_groups::lookup_state(c, sg, skn)? {
                     if let Some(r) = events::event_by_nid(c, nid)? {
                         state.push((nid, r.event_id));
                     }
@@ -474,7 +475,7 @@ fn send_join_answer(
             auth_json.push(serde_json::from_str::<Value>(&j)?);
         }
     }
-    let mut servers = events::joined_servers(c, room.room_nid)?;
+    let mut servers = members::joined_servers(c, room.room_nid)?;
     if !servers.iter().any(|x| x == s.identity.server_name.as_str()) {
         servers.push(s.identity.server_name.to_string());
     }
@@ -573,7 +574,7 @@ type StateAndChain = (Vec<(i64, String)>, Vec<i64>);
 /// State before `event_id` and its auth chain (minus the state itself) — from indexed rows only.
 fn state_at_event_nids(c: &Connection, room: &RoomRow, event_id: &str) -> Result<StateAndChain> {
     let sg = state_group_before(c, room, event_id)?;
-    let state = events::state_event_ids(c, sg, None)?;
+    let state = state_groups::state_event_ids(c, sg, None)?;
     let nids: Vec<i64> = state.iter().map(|x| x.0).collect();
     let in_state: HashSet<i64> = nids.iter().copied().collect();
     let chain: Vec<i64> = events::auth_chain_nids(c, &nids)?.into_iter().filter(|n| !in_state.contains(n)).collect();
@@ -703,7 +704,7 @@ async fn get_event(
         .store
         .read(move |c| {
             let row = events::event_by_id(c, &event_id)?.ok_or_else(|| Error::not_found("event not found"))?;
-            let room = events::room_by_nid(c, row.room_nid)?.ok_or_else(|| Error::not_found("event not found"))?;
+            let room = rooms::room_by_nid(c, row.room_nid)?.ok_or_else(|| Error::not_found("event not found"))?;
             if !crate::federation::acl::room_allows(c, room.current_sg, &signed.origin)?
                 || !server_in_room(c, &room, &signed.origin)?
             {
@@ -898,8 +899,8 @@ async fn query_directory(
     let rid = room_id.clone();
     let mut servers = s
         .store
-        .read(move |c| match events::room_by_id(c, &rid)? {
-            Some(r) => events::joined_servers(c, r.room_nid),
+        .read(move |c| match rooms::room_by_id(c, &rid)? {
+            Some(r) => members::joined_servers(c, r.room_nid),
             None => Ok(vec![]),
         })
         .await?;

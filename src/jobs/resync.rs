@@ -22,7 +22,7 @@ use crate::federation::inbound::verify_batch_raw;
 use crate::http::AppState;
 use crate::jobs::{JobRow, Step};
 use crate::room::remote::persist_outlier_batch;
-use crate::store::events;
+use crate::store::{events, members, rooms, state_groups};
 
 /// The rows of `resync_state r` (room `?1`) whose event is still not stored: `missing` was set when the ids
 /// arrived, and an event counts as fetched once it is in `events`.
@@ -71,7 +71,7 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
     let room_nid = job.room_nid.ok_or_else(|| Error::internal("resync job without room"))?;
     let room = s
         .store
-        .read_background(move |c| events::room_by_nid(c, room_nid))
+        .read_background(move |c| rooms::room_by_nid(c, room_nid))
         .await?
         .ok_or_else(|| Error::internal("resync of unknown room"))?;
     if !room.partial_state {
@@ -117,7 +117,7 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
                 .store
                 .read_background(move |c| {
                     let mut out = Vec::new();
-                    for nid in events::load_state(c, sg)?.values() {
+                    for nid in state_groups::load_state(c, sg)?.values() {
                         if let Some(r) = events::event_by_nid(c, *nid)? {
                             if r.event_type != "m.room.member" {
                                 out.push(r.event_id);
@@ -472,7 +472,7 @@ fn finish(
     }
     // Memberships touched since the join may have changed with the re-authorisation: re-read them from the
     // current state (the rest were written by the fill phase).
-    let room = events::room_by_nid(conn, room_nid)?.ok_or_else(|| Error::internal("room vanished"))?;
+    let room = rooms::room_by_nid(conn, room_nid)?.ok_or_else(|| Error::internal("room vanished"))?;
     let current = room.current_sg.ok_or_else(|| Error::internal("room without current state"))?;
     let since = events::event_by_id(conn, join_event)?.and_then(|r| r.stream_ordering).unwrap_or(0);
     let touched: Vec<(String, i64)> = {
@@ -484,8 +484,8 @@ fn finish(
         rows.collect::<rusqlite::Result<_>>()?
     };
     for (user, skn) in touched {
-        if let Some(nid) = events::lookup_state(conn, current, skn)? {
-            if events::membership_of(conn, room_nid, &user)?.map(|m| m.1) != Some(nid) {
+        if let Some(nid) = state_groups::lookup_state(conn, current, skn)? {
+            if members::membership_of(conn, room_nid, &user)?.map(|m| m.1) != Some(nid) {
                 crate::room::append::apply_membership(w, identity, room_nid, &user, nid)?;
             }
         }
@@ -497,7 +497,7 @@ fn finish(
     let conn = w.conn;
     conn.execute("DELETE FROM partial_state_servers WHERE room_nid = ?1", [room_nid])?;
     conn.execute("DELETE FROM resync_state WHERE room_nid = ?1", [room_nid])?;
-    let (joined, _) = events::member_counts(conn, room_nid)?;
+    let (joined, _) = members::member_counts(conn, room_nid)?;
     // Local members see the room (again) as newly joined, so eager /sync delivers it with full state now.
     let locals: Vec<(String, i64)> = {
         let mut stmt = conn.prepare_cached(
@@ -508,7 +508,7 @@ fn finish(
     };
     for (user, nid) in locals {
         let pos = w.next_stream();
-        events::record_local_membership(w.conn, pos, &user, room_nid, "join", nid)?;
+        members::record_local_membership(w.conn, pos, &user, room_nid, "join", nid)?;
     }
     Ok(joined)
 }
@@ -563,7 +563,7 @@ const AUTH_CHUNK: i64 = 1000;
 
 /// Those of `ids` (stored events) that their own auth events do not allow, with the reason. Already rejected ones
 /// are skipped.
-fn rejections(conn: &rusqlite::Connection, room: &events::RoomRow, ids: &[String]) -> Result<Vec<(String, String)>> {
+fn rejections(conn: &rusqlite::Connection, room: &rooms::RoomRow, ids: &[String]) -> Result<Vec<(String, String)>> {
     let rules = crate::room::version::rules(&room.version)?;
     let cache = crate::room::remote::AuthCache::default();
     let mut out = Vec::new();
@@ -610,7 +610,7 @@ fn fill_chunk(
         rows.collect::<rusqlite::Result<_>>()?
     };
     let Some(last) = rows.last().map(|r| r.0.clone()) else { return Ok((None, 0)) };
-    let current = events::room_by_nid(conn, room_nid)?.and_then(|r| r.current_sg);
+    let current = rooms::room_by_nid(conn, room_nid)?.and_then(|r| r.current_sg);
     {
         // What the resident sent at join time stays authoritative for the keys we already hold.
         let mut ins = conn.prepare_cached(
@@ -626,8 +626,8 @@ fn fill_chunk(
             continue;
         }
         let Some(current) = current else { continue };
-        if let Some(nid) = events::lookup_state(w.conn, current, skn)? {
-            if events::membership_of(w.conn, room_nid, &user)?.map(|m| m.1) != Some(nid) {
+        if let Some(nid) = state_groups::lookup_state(w.conn, current, skn)? {
+            if members::membership_of(w.conn, room_nid, &user)?.map(|m| m.1) != Some(nid) {
                 crate::room::append::apply_membership(w, identity, room_nid, &user, nid)?;
             }
         }
@@ -684,7 +684,7 @@ fn fix_extremities(
 fn reauthorise_since_join(conn: &rusqlite::Connection, room_nid: i64, join_event: &str) -> Result<usize> {
     use crate::room::append::authorize;
     use crate::room::{pdu_from_row, state, version};
-    let room = events::room_by_nid(conn, room_nid)?.ok_or_else(|| Error::internal("room vanished"))?;
+    let room = rooms::room_by_nid(conn, room_nid)?.ok_or_else(|| Error::internal("room vanished"))?;
     let rules = version::rules(&room.version)?;
     let Some(join) = events::event_by_id(conn, join_event)? else { return Ok(0) };
     let since = join.stream_ordering.unwrap_or(i64::MAX);
@@ -742,7 +742,7 @@ fn reauthorise_since_join(conn: &rusqlite::Connection, room_nid: i64, join_event
     }
     if !groups.is_empty() {
         let current = state::resolve_groups(conn, room_nid, &room.version, &groups)?;
-        events::set_current_sg(conn, room_nid, current)?;
+        rooms::set_current_sg(conn, room_nid, current)?;
     }
     Ok(flipped)
 }

@@ -14,8 +14,9 @@ use crate::error::{Error, Result};
 use crate::room::pdu::MAX_PDU_BYTES;
 use crate::room::power::PowerLevels;
 use crate::room::{load_pdu, state, version, Identity, Pdu};
-use crate::store::events::{self, NewEvent, RoomRow};
-use crate::store::Writer;
+use crate::store::events::{self, NewEvent};
+use crate::store::rooms::{self, RoomRow};
+use crate::store::{members, state_groups, Writer};
 
 /// An event a local user wants to send.
 #[derive(Clone, Debug)]
@@ -145,7 +146,7 @@ pub fn append_local(
     txn: Option<(&str, &str)>,
 ) -> Result<Appended> {
     let conn = w.conn;
-    let room = &events::room_by_id(conn, room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
+    let room = &rooms::room_by_id(conn, room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
     let rules = version::rules(&room.version)?;
     let mut extremities = events::forward_extremities(conn, room.room_nid)?;
     extremities.sort_unstable();
@@ -170,8 +171,8 @@ pub fn append_local(
     .map_err(Error::bad_json)?;
     let mut auth = Vec::new();
     for (t, k) in auth_types {
-        if let Some(skn) = events::find_state_key_nid(conn, &t.to_string(), &k)? {
-            if let Some(nid) = events::lookup_state(conn, sg, skn)? {
+        if let Some(skn) = state_groups::find_state_key_nid(conn, &t.to_string(), &k)? {
+            if let Some(nid) = state_groups::lookup_state(conn, sg, skn)? {
                 let (id, sha, _) = reference(conn, nid)?;
                 auth.push((id, sha));
             }
@@ -242,7 +243,7 @@ pub fn commit_built(
             return Err(Error::internal("built event lost its prev events"))
         }
     };
-    let room = events::room_by_id(w.conn, pdu.room_id.as_str())?.ok_or_else(|| Error::internal("room vanished"))?;
+    let room = rooms::room_by_id(w.conn, pdu.room_id.as_str())?.ok_or_else(|| Error::internal("room vanished"))?;
     crate::store::outbox::enqueue_pdu(
         w.conn,
         room.room_nid,
@@ -287,7 +288,7 @@ pub fn persist(
     let stream = w.next_stream();
     let conn = w.conn;
     let skn = match &pdu.state_key {
-        Some(k) => Some(events::state_key_nid(conn, &pdu.kind.to_string(), k)?),
+        Some(k) => Some(state_groups::state_key_nid(conn, &pdu.kind.to_string(), k)?),
         None => None,
     };
     let json = pdu.canonical_string();
@@ -361,28 +362,28 @@ fn update_current_state(
         }
         state::resolve_groups(conn, room.room_nid, &room.version, &groups)?
     };
-    let old_sg = events::room_by_nid(conn, room.room_nid)?.and_then(|r| r.current_sg);
+    let old_sg = rooms::room_by_nid(conn, room.room_nid)?.and_then(|r| r.current_sg);
     if old_sg == Some(new_sg) {
         return Ok(());
     }
-    events::set_current_sg(conn, room.room_nid, new_sg)?;
+    rooms::set_current_sg(conn, room.room_nid, new_sg)?;
     // Membership changes between the old and new current state (the old members are read only when the state
     // moved some other way than by this event: reading them costs a pass over every member of a big room).
     let changed: Vec<(String, i64)> = if new_sg == sg_after && old_sg.is_some() && old_sg == sg_before {
         // Common case: only this event may have changed membership.
         match events::event_by_nid(conn, event_nid)? {
             Some(row) if row.event_type == "m.room.member" => {
-                let (_, key) = events::state_key_of(conn, row.state_key_nid.unwrap_or_default())?;
+                let (_, key) = state_groups::state_key_of(conn, row.state_key_nid.unwrap_or_default())?;
                 vec![(key, event_nid)]
             }
             _ => vec![],
         }
     } else {
         let old = match old_sg {
-            Some(g) => events::load_state_of_type(conn, g, "m.room.member")?,
+            Some(g) => state_groups::load_state_of_type(conn, g, "m.room.member")?,
             None => Default::default(),
         };
-        let new = events::load_state_of_type(conn, new_sg, "m.room.member")?;
+        let new = state_groups::load_state_of_type(conn, new_sg, "m.room.member")?;
         new.into_iter().filter(|(k, v)| old.get(k) != Some(v)).collect()
     };
     for (user_id, nid) in changed {
@@ -403,9 +404,9 @@ pub fn apply_membership(
     let v: Value = serde_json::from_str(&row.json)?;
     let content = v.get("content").cloned().unwrap_or(Value::Null);
     let membership = content.get("membership").and_then(Value::as_str).unwrap_or("leave").to_owned();
-    events::upsert_member(
+    members::upsert_member(
         w.conn,
-        &events::MemberUpdate {
+        &members::MemberUpdate {
             room_nid,
             user_id,
             membership: &membership,
@@ -416,7 +417,7 @@ pub fn apply_membership(
     )?;
     if identity.is_local_user(user_id) {
         let stream = w.next_stream();
-        events::record_local_membership(w.conn, stream, user_id, room_nid, &membership, event_nid)?;
+        members::record_local_membership(w.conn, stream, user_id, room_nid, &membership, event_nid)?;
         if membership == "join" {
             w.conn.execute(
                 "DELETE FROM forgotten_rooms WHERE user_id = ?1 AND room_nid = ?2",
@@ -436,7 +437,7 @@ fn apply_redaction(conn: &Connection, room: &RoomRow, rules: &RoomVersionRules, 
     }
     let same_server = target.sender.split_once(':').map(|x| x.1) == Some(redaction.sender.server_name().as_str());
     let allowed = same_server || {
-        let sg = events::room_by_nid(conn, room.room_nid)?.and_then(|r| r.current_sg);
+        let sg = rooms::room_by_nid(conn, room.room_nid)?.and_then(|r| r.current_sg);
         match sg {
             Some(sg) => PowerLevels::load(conn, sg, &room.version)?.can_redact_others(redaction.sender.as_str()),
             None => false,

@@ -5,8 +5,7 @@ use serde_json::{json, Value};
 use crate::error::{Error, Result};
 use crate::room::append::{self, build_pdu, persist, LocalEvent, Outcome};
 use crate::room::{version, Identity};
-use crate::store::events;
-use crate::store::Writer;
+use crate::store::{rooms, Writer};
 
 #[derive(Debug, Default, Clone)]
 pub struct CreateRoom {
@@ -60,8 +59,8 @@ pub fn create_room(
     };
     let pdu = build_pdu(identity, &rules, room_id.as_deref(), &req.creator, &create_ev, &[], &[], 1)?;
     let room_id = pdu.room_id.to_string();
-    let room_nid = events::insert_room(w.conn, &room_id, &ver)?;
-    let room = events::room_by_nid(w.conn, room_nid)?.ok_or_else(|| Error::internal("room vanished"))?;
+    let room_nid = rooms::insert_room(w.conn, &room_id, &ver)?;
+    let room = rooms::room_by_nid(w.conn, room_nid)?.ok_or_else(|| Error::internal("room vanished"))?;
     append::authorize(w.conn, &rules, &pdu, None).map_err(|e| Error::bad_json(format!("invalid create event: {e}")))?;
     persist(w, identity, &room, &rules, &pdu, None, Outcome::Accepted, None)?;
     let send = |w: &mut Writer<'_>, ev: LocalEvent| append::append_local(w, identity, &room_id, &req.creator, ev, None);

@@ -9,13 +9,13 @@ use rusqlite::params;
 use crate::error::{Error, Result};
 use crate::room::Pdu;
 use crate::store::events::{self, NewEvent};
-use crate::store::Writer;
+use crate::store::{members, rooms, state_groups, Writer};
 
 /// Creates the room row (or returns the existing one's nid).
 pub fn ensure_room(w: &mut Writer<'_>, room_id: &str, version: &str) -> Result<i64> {
-    match events::room_by_id(w.conn, room_id)? {
+    match rooms::room_by_id(w.conn, room_id)? {
         Some(r) => Ok(r.room_nid),
-        None => events::insert_room(w.conn, room_id, version),
+        None => rooms::insert_room(w.conn, room_id, version),
     }
 }
 
@@ -25,7 +25,7 @@ pub fn import_events(w: &mut Writer<'_>, room_nid: i64, pdus: &[Pdu]) -> Result<
         let stream = w.next_stream();
         let conn = w.conn;
         let skn = match &p.state_key {
-            Some(k) => Some(events::state_key_nid(conn, &p.kind.to_string(), k)?),
+            Some(k) => Some(state_groups::state_key_nid(conn, &p.kind.to_string(), k)?),
             None => None,
         };
         let nid = events::insert_event(
@@ -85,7 +85,7 @@ pub fn import_finish(
         "UPDATE events SET sg_after = ?3 WHERE room_nid = ?1 AND event_nid >= ?2",
         params![room_nid, from, sg],
     )?;
-    events::set_current_sg(conn, room_nid, sg)?;
+    rooms::set_current_sg(conn, room_nid, sg)?;
     let last = events::event_nid(conn, last_event)?.ok_or_else(|| Error::internal("last event not imported"))?;
     conn.execute("DELETE FROM forward_extremities WHERE room_nid = ?1", [room_nid])?;
     events::replace_extremities(conn, room_nid, &[], last)?;
@@ -93,9 +93,9 @@ pub fn import_finish(
         let v: serde_json::Value = serde_json::from_str(&json)?;
         let user = v.get("state_key").and_then(|x| x.as_str()).unwrap_or_default();
         let content = v.get("content").cloned().unwrap_or_default();
-        events::upsert_member(
+        members::upsert_member(
             conn,
-            &events::MemberUpdate {
+            &members::MemberUpdate {
                 room_nid,
                 user_id: user,
                 membership: content.get("membership").and_then(|x| x.as_str()).unwrap_or("leave"),

@@ -6,8 +6,8 @@ use serde_json::{json, Value};
 use crate::error::{Error, Result};
 use crate::room::append::{append_local, Appended, LocalEvent};
 use crate::room::Identity;
-use crate::store::events::{self, RoomRow};
-use crate::store::{accounts, Writer};
+use crate::store::rooms::{self, RoomRow};
+use crate::store::{accounts, events, members, Writer};
 
 /// Writes `target`'s membership (join/leave/invite/ban) as `sender`, with ruma's auth deciding if it is allowed.
 #[allow(clippy::too_many_arguments)]
@@ -21,7 +21,7 @@ pub fn set_membership(
     reason: Option<&str>,
     extra: Option<Value>,
 ) -> Result<Appended> {
-    let room = events::room_by_id(w.conn, room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
+    let room = rooms::room_by_id(w.conn, room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
     let mut content = json!({"membership": membership});
     if let Some(r) = reason {
         content["reason"] = json!(r);
@@ -42,10 +42,10 @@ pub fn set_membership(
             obj.entry(k).or_insert(v);
         }
     }
-    let current = events::membership_of(w.conn, room.room_nid, target)?.map(|m| m.0);
+    let current = members::membership_of(w.conn, room.room_nid, target)?.map(|m| m.0);
     // Idempotent no-ops that auth would reject or that would spam the timeline.
     if membership == "join" && current.as_deref() == Some("join") && sender == target {
-        let (_, nid) = events::membership_of(w.conn, room.room_nid, target)?.unwrap_or_default();
+        let (_, nid) = members::membership_of(w.conn, room.room_nid, target)?.unwrap_or_default();
         let row = events::event_by_nid(w.conn, nid)?.ok_or_else(|| Error::internal("member event missing"))?;
         return Ok(Appended { event_id: row.event_id, event_nid: nid, stream: row.stream_ordering.unwrap_or(0) });
     }
@@ -66,7 +66,7 @@ pub enum Visibility {
 }
 
 pub fn visibility(conn: &Connection, room: &RoomRow, user_id: &str) -> Result<Visibility> {
-    match events::membership_of(conn, room.room_nid, user_id)? {
+    match members::membership_of(conn, room.room_nid, user_id)? {
         Some((m, _)) if m == "join" => return Ok(Visibility::All),
         Some((m, nid)) if m == "leave" || m == "ban" => {
             let was_joined: bool = conn
@@ -92,7 +92,7 @@ pub fn visibility(conn: &Connection, room: &RoomRow, user_id: &str) -> Result<Vi
 
 /// Loads a room the user may read, or 403/404.
 pub fn readable_room(conn: &Connection, room_id: &str, user_id: &str) -> Result<(RoomRow, Visibility)> {
-    let room = events::room_by_id(conn, room_id)?.ok_or_else(|| Error::forbidden("you are not in this room"))?;
+    let room = rooms::room_by_id(conn, room_id)?.ok_or_else(|| Error::forbidden("you are not in this room"))?;
     match visibility(conn, &room, user_id)? {
         Visibility::None => Err(Error::forbidden("you are not in this room")),
         v => Ok((room, v)),

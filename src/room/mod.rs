@@ -17,7 +17,7 @@ use ruma::OwnedServerName;
 use rusqlite::{Connection, OptionalExtension};
 
 use crate::error::Result;
-use crate::store::events;
+use crate::store::{events, rooms, state_groups};
 pub use pdu::Pdu;
 
 /// This server's name and signing key.
@@ -92,7 +92,7 @@ pub fn load_pdu(conn: &Connection, event_id: &str) -> Result<Option<Pdu>> {
 
 pub fn pdu_from_row(conn: &Connection, row: &events::EventRow) -> Result<Pdu> {
     let room =
-        events::room_by_nid(conn, row.room_nid)?.ok_or_else(|| crate::error::Error::internal("event without room"))?;
+        rooms::room_by_nid(conn, row.room_nid)?.ok_or_else(|| crate::error::Error::internal("event without room"))?;
     pdu_from_row_with(row, &version::rules(&room.version)?)
 }
 
@@ -115,8 +115,8 @@ fn pdu_from_row_with(row: &events::EventRow, rules: &ruma::room_version_rules::R
 
 /// Looks up `(type, state_key)` in a state group and loads that event.
 pub fn state_event(conn: &Connection, sg: i64, event_type: &str, state_key: &str) -> Result<Option<Pdu>> {
-    let Some(skn) = events::find_state_key_nid(conn, event_type, state_key)? else { return Ok(None) };
-    let Some(nid) = events::lookup_state(conn, sg, skn)? else { return Ok(None) };
+    let Some(skn) = state_groups::find_state_key_nid(conn, event_type, state_key)? else { return Ok(None) };
+    let Some(nid) = state_groups::lookup_state(conn, sg, skn)? else { return Ok(None) };
     let Some(row) = events::event_by_nid(conn, nid)? else { return Ok(None) };
     pdu_from_row(conn, &row).map(Some)
 }

@@ -14,8 +14,9 @@ use crate::error::{Error, Result};
 use crate::room::append::{authorize, persist, Appended, Outcome};
 use crate::room::pdu::MAX_PDU_BYTES;
 use crate::room::{load_pdu, state, version, Identity, Pdu};
-use crate::store::events::{self, EventRow, NewEvent, RoomRow};
-use crate::store::Writer;
+use crate::store::events::{self, EventRow, NewEvent};
+use crate::store::rooms::{self, RoomRow};
+use crate::store::{state_groups, Writer};
 
 /// Parses a PDU received over federation and computes its id (no signature check yet).
 pub fn parse_remote(obj: CanonicalJsonObject, rules: &RoomVersionRules) -> std::result::Result<Pdu, String> {
@@ -65,7 +66,7 @@ pub fn verify_remote(pdu: Pdu, rules: &RoomVersionRules, keys: &PublicKeyMap) ->
 /// rooms and events already held (a `/state` answer and a `send_join` answer are stored this way, batch by batch).
 /// Returns how many were new.
 pub fn persist_outlier_batch(conn: &Connection, room_id: &str, mut pdus: Vec<Pdu>) -> Result<usize> {
-    let room = events::room_by_id(conn, room_id)?.ok_or_else(|| Error::internal("room vanished"))?;
+    let room = rooms::room_by_id(conn, room_id)?.ok_or_else(|| Error::internal("room vanished"))?;
     pdus.sort_by_key(|p| p.depth);
     let mut n = 0;
     for p in pdus.iter().filter(|p| p.room_id.as_str() == room_id) {
@@ -82,7 +83,7 @@ pub fn persist_outlier(conn: &Connection, room: &RoomRow, pdu: &Pdu) -> Result<i
         return Ok(nid);
     }
     let skn = match &pdu.state_key {
-        Some(k) => Some(events::state_key_nid(conn, &pdu.kind.to_string(), k)?),
+        Some(k) => Some(state_groups::state_key_nid(conn, &pdu.kind.to_string(), k)?),
         None => None,
     };
     let nid = events::insert_event(
@@ -209,7 +210,7 @@ pub fn state_across_gap(conn: &Connection, room: &RoomRow, pdu: &Pdu, branches: 
         [] => room.current_sg.ok_or_else(|| Error::not_found("room has no state"))?,
         _ => state::resolve_groups(conn, room.room_nid, &room.version, &groups)?,
     };
-    let base_state = events::load_state(conn, base)?;
+    let base_state = state_groups::load_state(conn, base)?;
     for b in branches {
         let mut after: HashMap<i64, i64> = HashMap::new();
         for id in b.state_before.iter().chain(std::iter::once(&b.prev)) {
@@ -245,7 +246,7 @@ pub fn handle_incoming(
     forced_state: Option<i64>,
 ) -> Result<Incoming> {
     let conn = w.conn;
-    let room = events::room_by_id(conn, room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
+    let room = rooms::room_by_id(conn, room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
     if let Some(row) = events::event_by_id(conn, pdu.event_id.as_str())? {
         if !row.outlier {
             return Ok(Incoming::AlreadyKnown);
@@ -285,7 +286,7 @@ fn check(conn: &Connection, room: &RoomRow, rules: &RoomVersionRules, pdu: &Pdu,
         return Ok(Outcome::Rejected(reason));
     }
     if !room.partial_state {
-        if let Some(current) = events::room_by_nid(conn, room.room_nid)?.and_then(|r| r.current_sg) {
+        if let Some(current) = rooms::room_by_nid(conn, room.room_nid)?.and_then(|r| r.current_sg) {
             if current != sg_before && authorize(conn, rules, pdu, Some(current)).is_err() {
                 return Ok(Outcome::SoftFailed);
             }

@@ -10,19 +10,20 @@ use rusqlite::Connection;
 
 use crate::error::{Error, Result};
 use crate::room::{load_pdu, version, Pdu};
-use crate::store::events::{self, MAX_SG_DEPTH};
+use crate::store::events;
+use crate::store::state_groups::{self, MAX_SG_DEPTH};
 
 /// A new group = `parent` with `changes` applied. Written as a delta unless the chain would grow past the bound.
 pub fn new_group(conn: &Connection, room_nid: i64, parent: Option<i64>, changes: &[(i64, Option<i64>)]) -> Result<i64> {
     match parent {
         Some(p) => {
-            let depth = events::sg_depth(conn, p)? + 1;
+            let depth = state_groups::sg_depth(conn, p)? + 1;
             if depth <= MAX_SG_DEPTH {
-                let sg = events::insert_sg(conn, room_nid, Some(p), depth, false)?;
-                events::insert_sg_entries(conn, sg, changes)?;
+                let sg = state_groups::insert_sg(conn, room_nid, Some(p), depth, false)?;
+                state_groups::insert_sg_entries(conn, sg, changes)?;
                 return Ok(sg);
             }
-            let mut full = events::load_state(conn, p)?;
+            let mut full = state_groups::load_state(conn, p)?;
             for (k, v) in changes {
                 match v {
                     Some(ev) => full.insert(*k, *ev),
@@ -40,15 +41,15 @@ pub fn new_group(conn: &Connection, room_nid: i64, parent: Option<i64>, changes:
 
 /// Writes a root group holding the whole state.
 pub fn write_full(conn: &Connection, room_nid: i64, state: &HashMap<i64, i64>) -> Result<i64> {
-    let sg = events::insert_sg(conn, room_nid, None, 0, false)?;
+    let sg = state_groups::insert_sg(conn, room_nid, None, 0, false)?;
     let entries: Vec<(i64, Option<i64>)> = state.iter().map(|(k, v)| (*k, Some(*v))).collect();
-    events::insert_sg_entries(conn, sg, &entries)?;
+    state_groups::insert_sg_entries(conn, sg, &entries)?;
     Ok(sg)
 }
 
 /// A group holding exactly `state`, written as a delta over `base` (which should be close to it).
 pub fn group_for_state(conn: &Connection, room_nid: i64, base: i64, state: &HashMap<i64, i64>) -> Result<i64> {
-    let base_state = events::load_state(conn, base)?;
+    let base_state = state_groups::load_state(conn, base)?;
     let mut changes: Vec<(i64, Option<i64>)> =
         state.iter().filter(|(k, v)| base_state.get(k) != Some(v)).map(|(k, v)| (*k, Some(*v))).collect();
     changes.extend(base_state.keys().filter(|k| !state.contains_key(k)).map(|k| (*k, None)));
@@ -61,7 +62,7 @@ pub fn group_for_state(conn: &Connection, room_nid: i64, base: i64, state: &Hash
 fn to_state_map(conn: &Connection, state: &HashMap<i64, i64>) -> Result<StateMap<OwnedEventId>> {
     let mut map = StateMap::new();
     for (skn, nid) in state {
-        let (t, k) = events::state_key_of(conn, *skn)?;
+        let (t, k) = state_groups::state_key_of(conn, *skn)?;
         let row = events::event_by_nid(conn, *nid)?.ok_or_else(|| Error::internal("state entry without event"))?;
         map.insert(
             (StateEventType::from(t), k),
@@ -98,7 +99,8 @@ pub fn resolve_groups(conn: &Connection, room_nid: i64, room_version: &str, grou
         return Ok(unique[0]);
     }
     let rules = version::rules(room_version)?;
-    let states: Vec<HashMap<i64, i64>> = unique.iter().map(|g| events::load_state(conn, *g)).collect::<Result<_>>()?;
+    let states: Vec<HashMap<i64, i64>> =
+        unique.iter().map(|g| state_groups::load_state(conn, *g)).collect::<Result<_>>()?;
     if states.windows(2).all(|w| w[0] == w[1]) {
         return Ok(unique[0]);
     }
@@ -122,7 +124,7 @@ pub fn resolve_groups(conn: &Connection, room_nid: i64, room_version: &str, grou
             .map_err(|e| Error::internal(format!("state resolution failed: {e}")))?;
     let mut state = HashMap::new();
     for ((t, k), id) in resolved {
-        let skn = events::state_key_nid(conn, &t.to_string(), &k)?;
+        let skn = state_groups::state_key_nid(conn, &t.to_string(), &k)?;
         let nid = events::event_nid(conn, id.as_str())?.ok_or_else(|| Error::internal("resolved to unknown event"))?;
         state.insert(skn, nid);
     }

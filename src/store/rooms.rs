@@ -1,4 +1,4 @@
-//! Room aliases and the local room directory.
+//! Rooms (their rows, current state group and partial-state flag), room aliases and the local room directory.
 
 use rusqlite::{params, Connection, OptionalExtension};
 
@@ -55,4 +55,52 @@ pub fn published_rooms(conn: &Connection) -> Result<Vec<(i64, String, i64)>> {
     )?;
     let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Room rows
+
+#[derive(Clone, Debug)]
+pub struct RoomRow {
+    pub room_nid: i64,
+    pub room_id: String,
+    pub version: String,
+    pub current_sg: Option<i64>,
+    pub partial_state: bool,
+}
+
+const ROOM_COLS: &str = "room_nid, room_id, room_version, current_sg, partial_state";
+
+fn room_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RoomRow> {
+    Ok(RoomRow {
+        room_nid: r.get(0)?,
+        room_id: r.get(1)?,
+        version: r.get(2)?,
+        current_sg: r.get(3)?,
+        partial_state: r.get(4)?,
+    })
+}
+
+pub fn room_by_id(conn: &Connection, room_id: &str) -> Result<Option<RoomRow>> {
+    Ok(conn
+        .prepare_cached(&format!("SELECT {ROOM_COLS} FROM rooms WHERE room_id = ?1"))?
+        .query_row([room_id], room_row)
+        .optional()?)
+}
+
+pub fn room_by_nid(conn: &Connection, room_nid: i64) -> Result<Option<RoomRow>> {
+    Ok(conn
+        .prepare_cached(&format!("SELECT {ROOM_COLS} FROM rooms WHERE room_nid = ?1"))?
+        .query_row([room_nid], room_row)
+        .optional()?)
+}
+
+pub fn insert_room(conn: &Connection, room_id: &str, version: &str) -> Result<i64> {
+    conn.execute("INSERT INTO rooms (room_id, room_version) VALUES (?1, ?2)", params![room_id, version])?;
+    Ok(conn.last_insert_rowid())
+}
+
+pub fn set_current_sg(conn: &Connection, room_nid: i64, sg: i64) -> Result<()> {
+    conn.execute("UPDATE rooms SET current_sg = ?2 WHERE room_nid = ?1", params![room_nid, sg])?;
+    Ok(())
 }
