@@ -11,6 +11,7 @@ use crate::http::{qs, AppState, Auth, Json, Query};
 use crate::room::append::{append_local, LocalEvent};
 use crate::room::create::{create_room as core_create, CreateRoom};
 use crate::room::membership::{readable_room, set_membership, visible_state_group};
+use crate::store::ids::{EventNid, StateGroup};
 use crate::store::{events, members, rooms, state_groups};
 
 #[derive(Deserialize)]
@@ -583,11 +584,12 @@ pub async fn get_event(
                 .filter(|r| r.room_nid == room.room_nid && r.rejected.is_none())
                 .ok_or_else(|| Error::not_found("event not found"))?;
             if let crate::room::membership::Visibility::UpTo(pos) = vis {
-                if row.stream_ordering.unwrap_or(i64::MAX) > pos {
+                if row.stream_ordering.map_or(i64::MAX, |p| p.0) > pos {
                     return Err(Error::not_found("event not found"));
                 }
             }
-            if row.stream_ordering.unwrap_or(i64::MIN) < crate::room::membership::visible_from(c, &room, &auth.user_id)?
+            if row.stream_ordering.map_or(i64::MIN, |p| p.0)
+                < crate::room::membership::visible_from(c, &room, &auth.user_id)?
             {
                 return Err(Error::not_found("event not found"));
             }
@@ -614,7 +616,7 @@ pub async fn wait_full_state(s: &AppState, room_id: &str) -> Result<()> {
         let room = s.store.read(move |c| rooms::room_by_id(c, &rid)).await?;
         let Some(room) = room.filter(|r| r.partial_state) else { return Ok(()) };
         if !bumped {
-            let nid = room.room_nid;
+            let nid = room.room_nid.0;
             s.store.write(move |w| crate::jobs::bump(w.conn, nid)).await?;
             s.jobs.wake();
             bumped = true;
@@ -657,14 +659,14 @@ pub async fn members(
                     _ => None,
                 },
             };
-            let members: Vec<(String, String, i64)> = match at_pos {
+            let members: Vec<(String, String, EventNid)> = match at_pos {
                 None => {
                     let mut stmt = c.prepare_cached("SELECT user_id, membership, event_nid FROM room_members WHERE room_nid = ?1")?;
                     let rows = stmt.query_map([room.room_nid], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
                     rows.collect::<rusqlite::Result<_>>()?
                 }
                 Some(pos) => {
-                    let sg: Option<i64> = c
+                    let sg: Option<StateGroup> = c
                         .prepare_cached(
                             "SELECT sg_after FROM events WHERE room_nid = ?1 AND stream_ordering <= ?2 AND sg_after IS NOT NULL
                              ORDER BY stream_ordering DESC LIMIT 1",

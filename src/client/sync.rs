@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 use crate::client::format;
 use crate::error::{Error, Result};
 use crate::http::{qs, AppState, Auth, Query};
+use crate::store::ids::{EventNid, RoomNid, StateGroup, StateKeyNid};
 use crate::store::{accounts, events, members, rooms, state_groups};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -373,7 +374,7 @@ pub struct TypingView {
     pub changed: HashMap<String, u64>,
 }
 
-fn state_at(conn: &Connection, room_nid: i64, pos: i64) -> Result<Option<i64>> {
+fn state_at(conn: &Connection, room_nid: RoomNid, pos: i64) -> Result<Option<StateGroup>> {
     Ok(conn
         .prepare_cached(
             "SELECT sg_after FROM events WHERE room_nid = ?1 AND stream_ordering <= ?2 AND stream_ordering IS NOT NULL
@@ -419,7 +420,7 @@ fn room_window(
     let limited = rows.len() > limit || (since.is_none() && rows.len() == limit + 1);
     let mut rows: Vec<events::EventRow> = rows.into_iter().take(limit).collect();
     rows.reverse();
-    let first_stream = rows.first().and_then(|r| r.stream_ordering).unwrap_or(upto + 1);
+    let first_stream = rows.first().and_then(|r| r.stream_ordering).map_or(upto + 1, |p| p.0);
     let first_sg_after = rows.first().and_then(|r| r.sg_after);
     let prev_batch = Token { stream: first_stream - 1, typing: 0 }.render();
 
@@ -436,14 +437,14 @@ fn room_window(
     // memberships of the timeline's senders (and our own on a fresh sync) are looked up one by one below.
     let lazy = filter.lazy_load_members;
     let exclude = if lazy { Some("m.room.member") } else { None };
-    let mut state_nids: Vec<i64> = Vec::new();
+    let mut state_nids: Vec<EventNid> = Vec::new();
     let fresh = since.is_none() || full_state;
     if fresh {
         if let Some(sg) = start_sg {
             state_nids.extend(state_groups::state_event_ids(c, sg, exclude)?.into_iter().map(|x| x.0));
         }
     } else if let (Some(since), true) = (since, limited) {
-        let before: HashSet<i64> = match state_at(c, room.room_nid, since)? {
+        let before: HashSet<EventNid> = match state_at(c, room.room_nid, since)? {
             Some(sg) => state_groups::state_event_ids(c, sg, exclude)?.into_iter().map(|x| x.0).collect(),
             None => HashSet::new(),
         };
@@ -516,7 +517,7 @@ fn room_window(
                 if row.event_type != "m.room.member" || row.rejected.is_some() {
                     continue;
                 }
-                if state_groups::state_key_of(c, row.state_key_nid.unwrap_or_default())?.1 == r.sender {
+                if state_groups::state_key_of(c, row.state_key_nid.unwrap_or(StateKeyNid(0)))?.1 == r.sender {
                     if !timeline_ids.contains(row.event_id.as_str()) {
                         state.push(format::state_only(&row, &room.room_id, false));
                     }
@@ -597,7 +598,7 @@ fn account_data_since(
 }
 
 /// Receipts that moved in the window; private receipts (`m.read.private`) only when they are `user_id`'s own.
-fn receipts_since(c: &Connection, room_nid: i64, since: i64, upto: i64, user_id: &str) -> Result<Option<Value>> {
+fn receipts_since(c: &Connection, room_nid: RoomNid, since: i64, upto: i64, user_id: &str) -> Result<Option<Value>> {
     let mut stmt = c.prepare_cached(
         "SELECT receipt_type, user_id, thread_id, event_id, ts FROM receipts WHERE room_nid = ?1
          AND stream_ordering > ?2 AND stream_ordering <= ?3 AND (receipt_type != 'm.read.private' OR user_id = ?4)",
@@ -636,14 +637,15 @@ fn build(
     let is_ignored = |e: &Value| e["sender"].as_str().is_some_and(|s| ignored.contains(s));
 
     // Local membership changes in the window: room -> latest membership.
-    let mut changed: HashMap<i64, String> = HashMap::new();
+    let mut changed: HashMap<RoomNid, String> = HashMap::new();
     if let Some(ss) = since_stream {
         let mut stmt = c.prepare_cached(
             "SELECT room_nid, membership FROM local_membership_stream WHERE user_id = ?1 AND stream_ordering > ?2
              AND stream_ordering <= ?3 ORDER BY stream_ordering",
         )?;
-        let rows = stmt
-            .query_map(params![auth.user_id, ss, pos.stream], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+        let rows = stmt.query_map(params![auth.user_id, ss, pos.stream], |r| {
+            Ok((r.get::<_, RoomNid>(0)?, r.get::<_, String>(1)?))
+        })?;
         for r in rows {
             let (room, m) = r?;
             changed.insert(room, m);
@@ -731,8 +733,8 @@ fn build(
             continue;
         }
         let room = rooms::room_by_nid(c, room_nid)?.ok_or_else(|| Error::internal("room vanished"))?;
-        let (_, leave_nid) = members::membership_of(c, room_nid, &auth.user_id)?.unwrap_or_default();
-        let leave_pos = events::event_by_nid(c, leave_nid)?.and_then(|r| r.stream_ordering).unwrap_or(pos.stream);
+        let leave_nid = members::membership_of(c, room_nid, &auth.user_id)?.map_or(EventNid(0), |m| m.1);
+        let leave_pos = events::event_by_nid(c, leave_nid)?.and_then(|r| r.stream_ordering).map_or(pos.stream, |p| p.0);
         // A rejected invite or a kick of someone never joined still appears, with what they may see.
         let rs = room_window(c, auth, &room, filter, since_stream, leave_pos.min(pos.stream), full_state, sent)?;
         empty = false;

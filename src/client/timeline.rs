@@ -123,7 +123,7 @@ async fn messages_page(
                 .prepare_cached(&sql)?
                 .query_map(params![room.room_nid, a, b, limit], events::event_row)?
                 .collect::<rusqlite::Result<_>>()?;
-            let end = rows.last().and_then(|r| r.stream_ordering).map(|p| if backwards { p - 1 } else { p });
+            let end = rows.last().and_then(|r| r.stream_ordering).map(|p| if backwards { p.0 - 1 } else { p.0 });
             let device = Some((auth.user_id.as_str(), auth.device_id.as_str()));
             let mut senders = std::collections::BTreeSet::new();
             let mut chunk = Vec::new();
@@ -183,7 +183,7 @@ pub async fn context(
             let target = events::event_by_id(c, &event_id)?
                 .filter(|r| r.room_nid == room.room_nid && r.stream_ordering.is_some())
                 .ok_or_else(|| Error::not_found("event not found"))?;
-            let pos = target.stream_ordering.unwrap_or_default();
+            let pos = target.stream_ordering.map_or(0, |p| p.0);
             let cap = match vis {
                 Visibility::UpTo(p) => p,
                 _ => i64::MAX,
@@ -214,8 +214,8 @@ pub async fn context(
                     .map(|r| format::event(c, r, &room.room_id, device, true))
                     .collect()
             };
-            let start = before.last().and_then(|r| r.stream_ordering).unwrap_or(pos) - 1;
-            let end = after.last().and_then(|r| r.stream_ordering).unwrap_or(pos);
+            let start = before.last().and_then(|r| r.stream_ordering).map_or(pos, |p| p.0) - 1;
+            let end = after.last().and_then(|r| r.stream_ordering).map_or(pos, |p| p.0);
             let mut state = Vec::new();
             if let Some(sg) = target.sg_after {
                 let lazy = filter.lazy_load_members;

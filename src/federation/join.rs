@@ -321,7 +321,7 @@ fn persist_join(
             stmt.execute(rusqlite::params![room.room_nid, srv])?;
         }
         let cursor = json!({"join_event": join.event_id.as_str(), "via": via, "servers": servers_in_room, "sg": sg});
-        crate::jobs::enqueue(w.conn, "resync", Some(room.room_nid), 10, &cursor)?;
+        crate::jobs::enqueue(w.conn, "resync", Some(room.room_nid.0), 10, &cursor)?;
     }
     Ok(())
 }

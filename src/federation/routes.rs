@@ -1,7 +1,7 @@
 //! The server-server API we serve. Handlers verify the caller (`Signed`), check the room's ACL and the caller's
 //! right to see the data, and call into the room core.
 
-use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 
 use axum::extract::{Path, State};
 use axum::response::IntoResponse;
@@ -18,8 +18,9 @@ use crate::room::append::reference;
 use crate::room::remote::{handle_incoming, state_before, Incoming};
 use crate::room::{load_pdu, state, version};
 use crate::store::accounts::now_ms;
+use crate::store::ids::{EventNid, StateGroup};
 use crate::store::rooms::{self, RoomRow};
-use crate::store::{events, members, state_groups};
+use crate::store::{e2ee, events, members, notary, state_groups};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -102,10 +103,9 @@ async fn notary_answer(s: &AppState, servers: Vec<String>) -> Result<Vec<Value>>
     let stored = s
         .store
         .read(move |c| {
-            let mut stmt = c.prepare_cached("SELECT response FROM notary_keys WHERE server_name = ?1")?;
             let mut found = Vec::new();
             for server in &others {
-                if let Ok(r) = stmt.query_row([server], |r| r.get::<_, String>(0)) {
+                if let Ok(Some(r)) = notary::notary_key(c, server) {
                     found.push(r);
                 }
             }
@@ -150,8 +150,7 @@ fn resident_room(c: &Connection, room_id: &str, origin: &str) -> Result<RoomRow>
 
 /// `origin` has (or had) a member in the room: it may read the room's events.
 fn server_in_room(c: &Connection, room: &RoomRow, origin: &str) -> Result<bool> {
-    let mut stmt = c.prepare_cached("SELECT 1 FROM room_members WHERE room_nid = ?1 AND server_name = ?2 LIMIT 1")?;
-    if stmt.exists(rusqlite::params![room.room_nid, origin])? {
+    if members::server_has_member(c, room.room_nid, origin)? {
         return Ok(true);
     }
     if let Some(sg) = room.current_sg {
@@ -426,7 +425,7 @@ fn send_join_answer(
         Err(_) => room.current_sg.ok_or_else(|| Error::internal("no state"))?,
     };
     // With omit_members: the non-member state from one query, plus a handful of looked-up memberships.
-    let mut state: Vec<(i64, String)> =
+    let mut state: Vec<(EventNid, String)> =
         state_groups::state_event_ids(c, sg, if omit { Some("m.room.member") } else { None })?;
     if omit {
         let joiner = join.sender.as_str();
@@ -434,10 +433,7 @@ fn send_join_answer(
         let named = crate::room::state_content(c, sg, "m.room.name", "")?.is_some()
             || crate::room::state_content(c, sg, "m.room.canonical_alias", "")?.is_some();
         if !named {
-            let mut stmt = c.prepare_cached("SELECT user_id FROM room_members WHERE room_nid = ?1 AND membership IN ('join','invite') AND user_id != ?2 ORDER BY user_id LIMIT 5")?;
-            for u in stmt.query_map(rusqlite::params![room.room_nid, joiner], |r| r.get::<_, String>(0))? {
-                wanted.push(u?);
-            }
+            wanted.extend(members::some_members_except(c, room.room_nid, joiner, 5)?);
         }
         for user in wanted {
             if let Some(skn) = state_groups::find_state_key_nid(c, "m.room.member", &user)? {
@@ -449,8 +445,8 @@ fn send_join_answer(
             }
         }
     }
-    let state_nids: HashSet<i64> = state.iter().map(|x| x.0).collect();
-    let mut starts: Vec<i64> = state_nids.iter().copied().collect();
+    let state_nids: HashSet<EventNid> = state.iter().map(|x| x.0).collect();
+    let mut starts: Vec<EventNid> = state_nids.iter().copied().collect();
     if let Some(j) = events::event_nid(c, join.event_id.as_str())? {
         starts.push(j);
     }
@@ -547,7 +543,7 @@ struct EventIdQuery {
 }
 
 /// The state group before `event_id`.
-fn state_group_before(c: &Connection, room: &RoomRow, event_id: &str) -> Result<i64> {
+fn state_group_before(c: &Connection, room: &RoomRow, event_id: &str) -> Result<StateGroup> {
     let row = events::event_by_id(c, event_id)?
         .filter(|r| r.room_nid == room.room_nid && !r.outlier)
         .ok_or_else(|| Error::not_found("event not found"))?;
@@ -557,8 +553,7 @@ fn state_group_before(c: &Connection, room: &RoomRow, event_id: &str) -> Result<
         Err(_) => {
             // Our partial-join event's prevs are outliers to us: the state before it is its base group.
             let sg_after = row.sg_after.ok_or_else(|| Error::not_found("no state at event"))?;
-            let delta: Option<i64> =
-                c.query_row("SELECT delta_of FROM state_groups WHERE sg = ?1", [sg_after], |r| r.get(0)).ok().flatten();
+            let delta = state_groups::delta_of(c, sg_after).ok().flatten();
             if row.state_key_nid.is_some() {
                 delta.unwrap_or(sg_after)
             } else {
@@ -569,24 +564,24 @@ fn state_group_before(c: &Connection, room: &RoomRow, event_id: &str) -> Result<
 }
 
 /// State entries as (event nid, event id), and auth chain nids.
-type StateAndChain = (Vec<(i64, String)>, Vec<i64>);
+type StateAndChain = (Vec<(EventNid, String)>, Vec<EventNid>);
 
 /// State before `event_id` and its auth chain (minus the state itself) — from indexed rows only.
 fn state_at_event_nids(c: &Connection, room: &RoomRow, event_id: &str) -> Result<StateAndChain> {
     let sg = state_group_before(c, room, event_id)?;
     let state = state_groups::state_event_ids(c, sg, None)?;
-    let nids: Vec<i64> = state.iter().map(|x| x.0).collect();
-    let in_state: HashSet<i64> = nids.iter().copied().collect();
-    let chain: Vec<i64> = events::auth_chain_nids(c, &nids)?.into_iter().filter(|n| !in_state.contains(n)).collect();
+    let nids: Vec<EventNid> = state.iter().map(|x| x.0).collect();
+    let in_state: HashSet<EventNid> = nids.iter().copied().collect();
+    let chain: Vec<EventNid> =
+        events::auth_chain_nids(c, &nids)?.into_iter().filter(|n| !in_state.contains(n)).collect();
     Ok((state, chain))
 }
 
 fn state_at_event(c: &Connection, room: &RoomRow, event_id: &str) -> Result<(Vec<String>, Vec<String>)> {
     let (state, chain) = state_at_event_nids(c, room, event_id)?;
     let mut chain_ids = Vec::with_capacity(chain.len());
-    let mut stmt = c.prepare_cached("SELECT event_id FROM events WHERE event_nid = ?1")?;
     for nid in chain {
-        chain_ids.push(stmt.query_row([nid], |r| r.get::<_, String>(0))?);
+        chain_ids.push(events::event_id_of(c, nid)?.ok_or_else(|| Error::internal("auth chain event vanished"))?);
     }
     Ok((state.into_iter().map(|x| x.1).collect(), chain_ids))
 }
@@ -646,7 +641,7 @@ async fn room_state(
                 return Err(Error::forbidden("your server is not in this room"));
             }
             let (state, chain) = state_at_event_nids(c, &room, &event_id)?;
-            Ok((state.into_iter().map(|x| x.0).collect::<Vec<i64>>(), chain))
+            Ok((state.into_iter().map(|x| x.0).collect::<Vec<EventNid>>(), chain))
         })
         .await?;
     tracing::info!(
@@ -922,25 +917,16 @@ async fn user_devices(
         .store
         .read(move |c| {
             let mut out = Vec::new();
+            let mut keys: HashMap<String, Value> =
+                e2ee::device_keys(c, &uid, &[])?.into_iter().map(|k| (k.device_id, k.keys)).collect();
             for d in crate::store::accounts::list_devices(c, &uid)? {
-                let keys: Option<String> = c
-                    .query_row(
-                        "SELECT keys FROM device_keys WHERE user_id = ?1 AND device_id = ?2",
-                        rusqlite::params![uid, d.device_id],
-                        |r| r.get(0),
-                    )
-                    .ok();
                 let mut dev = json!({"device_id": d.device_id, "device_display_name": d.display_name});
-                if let Some(k) = keys {
-                    dev["keys"] = serde_json::from_str(&k)?;
+                if let Some(k) = keys.remove(&d.device_id) {
+                    dev["keys"] = k;
                 }
                 out.push(dev);
             }
-            let stream: i64 = c.query_row(
-                "SELECT coalesce(max(stream_ordering), 0) FROM device_list_stream WHERE user_id = ?1",
-                [&uid],
-                |r| r.get(0),
-            )?;
+            let stream = e2ee::latest_device_list_pos(c, &uid)?;
             Ok((out, stream))
         })
         .await?;

@@ -15,6 +15,7 @@ use crate::room::pdu::MAX_PDU_BYTES;
 use crate::room::power::PowerLevels;
 use crate::room::{load_pdu, state, version, Identity, Pdu};
 use crate::store::events::{self, NewEvent};
+use crate::store::ids::{EventNid, RoomNid, StateGroup, StateKeyNid, StreamPos};
 use crate::store::rooms::{self, RoomRow};
 use crate::store::{members, state_groups, Writer};
 
@@ -39,8 +40,8 @@ impl LocalEvent {
 #[derive(Clone, Debug)]
 pub struct Appended {
     pub event_id: String,
-    pub event_nid: i64,
-    pub stream: i64,
+    pub event_nid: EventNid,
+    pub stream: StreamPos,
 }
 
 pub fn to_canonical(v: Value) -> Result<CanonicalJsonValue> {
@@ -108,7 +109,7 @@ pub fn build_pdu(
     Pdu::from_canonical(obj, event_id, rules).map_err(Error::internal)
 }
 
-pub fn reference(conn: &Connection, nid: i64) -> Result<(ruma::OwnedEventId, String, i64)> {
+pub fn reference(conn: &Connection, nid: EventNid) -> Result<(ruma::OwnedEventId, String, i64)> {
     let row = events::event_by_nid(conn, nid)?.ok_or_else(|| Error::internal("missing referenced event"))?;
     let v: Value = serde_json::from_str(&row.json)?;
     let sha = v.pointer("/hashes/sha256").and_then(Value::as_str).unwrap_or_default().to_owned();
@@ -122,7 +123,7 @@ pub fn authorize(
     conn: &Connection,
     rules: &RoomVersionRules,
     pdu: &Pdu,
-    sg: Option<i64>,
+    sg: Option<StateGroup>,
 ) -> std::result::Result<(), String> {
     ruma::state_res::check_state_independent_auth_rules(&rules.authorization, pdu, |id| {
         load_pdu(conn, id.as_str()).ok().flatten()
@@ -254,7 +255,7 @@ pub fn commit_built(
     Ok(appended)
 }
 
-fn check_local_redaction(conn: &Connection, room: &RoomRow, sg: i64, sender: &str, target: &str) -> Result<()> {
+fn check_local_redaction(conn: &Connection, room: &RoomRow, sg: StateGroup, sender: &str, target: &str) -> Result<()> {
     let Some(row) = events::event_by_id(conn, target)? else { return Ok(()) };
     if row.room_nid != room.room_nid {
         return Err(Error::not_found("event not found in this room"));
@@ -281,11 +282,11 @@ pub fn persist(
     room: &RoomRow,
     rules: &RoomVersionRules,
     pdu: &Pdu,
-    sg_before: Option<i64>,
+    sg_before: Option<StateGroup>,
     outcome: Outcome,
     txn: Option<(&str, &str)>,
 ) -> Result<Appended> {
-    let stream = w.next_stream();
+    let stream = StreamPos(w.next_stream());
     let conn = w.conn;
     let skn = match &pdu.state_key {
         Some(k) => Some(state_groups::state_key_nid(conn, &pdu.kind.to_string(), k)?),
@@ -328,7 +329,7 @@ pub fn persist(
     events::set_sg_after(conn, event_nid, sg_after)?;
 
     if outcome == Outcome::Accepted {
-        let prev_nids: Vec<i64> = prevs.iter().filter_map(|p| events::event_nid(conn, p).ok().flatten()).collect();
+        let prev_nids: Vec<EventNid> = prevs.iter().filter_map(|p| events::event_nid(conn, p).ok().flatten()).collect();
         events::replace_extremities(conn, room.room_nid, &prev_nids, event_nid)?;
         update_current_state(w, identity, room, event_nid, sg_before, sg_after)?;
         if pdu.kind == TimelineEventType::RoomRedaction {
@@ -343,9 +344,9 @@ fn update_current_state(
     w: &mut Writer<'_>,
     identity: &Identity,
     room: &RoomRow,
-    event_nid: i64,
-    sg_before: Option<i64>,
-    sg_after: i64,
+    event_nid: EventNid,
+    sg_before: Option<StateGroup>,
+    sg_after: StateGroup,
 ) -> Result<()> {
     let conn = w.conn;
     let extremities = events::forward_extremities(conn, room.room_nid)?;
@@ -369,11 +370,11 @@ fn update_current_state(
     rooms::set_current_sg(conn, room.room_nid, new_sg)?;
     // Membership changes between the old and new current state (the old members are read only when the state
     // moved some other way than by this event: reading them costs a pass over every member of a big room).
-    let changed: Vec<(String, i64)> = if new_sg == sg_after && old_sg.is_some() && old_sg == sg_before {
+    let changed: Vec<(String, EventNid)> = if new_sg == sg_after && old_sg.is_some() && old_sg == sg_before {
         // Common case: only this event may have changed membership.
         match events::event_by_nid(conn, event_nid)? {
             Some(row) if row.event_type == "m.room.member" => {
-                let (_, key) = state_groups::state_key_of(conn, row.state_key_nid.unwrap_or_default())?;
+                let (_, key) = state_groups::state_key_of(conn, row.state_key_nid.unwrap_or(StateKeyNid(0)))?;
                 vec![(key, event_nid)]
             }
             _ => vec![],
@@ -396,9 +397,9 @@ fn update_current_state(
 pub fn apply_membership(
     w: &mut Writer<'_>,
     identity: &Identity,
-    room_nid: i64,
+    room_nid: RoomNid,
     user_id: &str,
-    event_nid: i64,
+    event_nid: EventNid,
 ) -> Result<()> {
     let row = events::event_by_nid(w.conn, event_nid)?.ok_or_else(|| Error::internal("member event missing"))?;
     let v: Value = serde_json::from_str(&row.json)?;
@@ -416,13 +417,10 @@ pub fn apply_membership(
         },
     )?;
     if identity.is_local_user(user_id) {
-        let stream = w.next_stream();
+        let stream = StreamPos(w.next_stream());
         members::record_local_membership(w.conn, stream, user_id, room_nid, &membership, event_nid)?;
         if membership == "join" {
-            w.conn.execute(
-                "DELETE FROM forgotten_rooms WHERE user_id = ?1 AND room_nid = ?2",
-                rusqlite::params![user_id, room_nid],
-            )?;
+            members::unforget_room(w.conn, user_id, room_nid)?;
         }
     }
     Ok(())

@@ -17,6 +17,7 @@ use ruma::OwnedServerName;
 use rusqlite::{Connection, OptionalExtension};
 
 use crate::error::Result;
+use crate::store::ids::StateGroup;
 use crate::store::{events, rooms, state_groups};
 pub use pdu::Pdu;
 
@@ -114,7 +115,7 @@ fn pdu_from_row_with(row: &events::EventRow, rules: &ruma::room_version_rules::R
 }
 
 /// Looks up `(type, state_key)` in a state group and loads that event.
-pub fn state_event(conn: &Connection, sg: i64, event_type: &str, state_key: &str) -> Result<Option<Pdu>> {
+pub fn state_event(conn: &Connection, sg: StateGroup, event_type: &str, state_key: &str) -> Result<Option<Pdu>> {
     let Some(skn) = state_groups::find_state_key_nid(conn, event_type, state_key)? else { return Ok(None) };
     let Some(nid) = state_groups::lookup_state(conn, sg, skn)? else { return Ok(None) };
     let Some(row) = events::event_by_nid(conn, nid)? else { return Ok(None) };
@@ -124,7 +125,7 @@ pub fn state_event(conn: &Connection, sg: i64, event_type: &str, state_key: &str
 /// Content of a state event in a group, as JSON.
 pub fn state_content(
     conn: &Connection,
-    sg: i64,
+    sg: StateGroup,
     event_type: &str,
     state_key: &str,
 ) -> Result<Option<serde_json::Value>> {

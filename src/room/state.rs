@@ -11,10 +11,16 @@ use rusqlite::Connection;
 use crate::error::{Error, Result};
 use crate::room::{load_pdu, version, Pdu};
 use crate::store::events;
+use crate::store::ids::{EventNid, RoomNid, StateGroup, StateKeyNid};
 use crate::store::state_groups::{self, MAX_SG_DEPTH};
 
 /// A new group = `parent` with `changes` applied. Written as a delta unless the chain would grow past the bound.
-pub fn new_group(conn: &Connection, room_nid: i64, parent: Option<i64>, changes: &[(i64, Option<i64>)]) -> Result<i64> {
+pub fn new_group(
+    conn: &Connection,
+    room_nid: RoomNid,
+    parent: Option<StateGroup>,
+    changes: &[(StateKeyNid, Option<EventNid>)],
+) -> Result<StateGroup> {
     match parent {
         Some(p) => {
             let depth = state_groups::sg_depth(conn, p)? + 1;
@@ -33,24 +39,29 @@ pub fn new_group(conn: &Connection, room_nid: i64, parent: Option<i64>, changes:
             write_full(conn, room_nid, &full)
         }
         None => {
-            let full: HashMap<i64, i64> = changes.iter().filter_map(|(k, v)| v.map(|v| (*k, v))).collect();
+            let full: HashMap<StateKeyNid, EventNid> = changes.iter().filter_map(|(k, v)| v.map(|v| (*k, v))).collect();
             write_full(conn, room_nid, &full)
         }
     }
 }
 
 /// Writes a root group holding the whole state.
-pub fn write_full(conn: &Connection, room_nid: i64, state: &HashMap<i64, i64>) -> Result<i64> {
+pub fn write_full(conn: &Connection, room_nid: RoomNid, state: &HashMap<StateKeyNid, EventNid>) -> Result<StateGroup> {
     let sg = state_groups::insert_sg(conn, room_nid, None, 0, false)?;
-    let entries: Vec<(i64, Option<i64>)> = state.iter().map(|(k, v)| (*k, Some(*v))).collect();
+    let entries: Vec<(StateKeyNid, Option<EventNid>)> = state.iter().map(|(k, v)| (*k, Some(*v))).collect();
     state_groups::insert_sg_entries(conn, sg, &entries)?;
     Ok(sg)
 }
 
 /// A group holding exactly `state`, written as a delta over `base` (which should be close to it).
-pub fn group_for_state(conn: &Connection, room_nid: i64, base: i64, state: &HashMap<i64, i64>) -> Result<i64> {
+pub fn group_for_state(
+    conn: &Connection,
+    room_nid: RoomNid,
+    base: StateGroup,
+    state: &HashMap<StateKeyNid, EventNid>,
+) -> Result<StateGroup> {
     let base_state = state_groups::load_state(conn, base)?;
-    let mut changes: Vec<(i64, Option<i64>)> =
+    let mut changes: Vec<(StateKeyNid, Option<EventNid>)> =
         state.iter().filter(|(k, v)| base_state.get(k) != Some(v)).map(|(k, v)| (*k, Some(*v))).collect();
     changes.extend(base_state.keys().filter(|k| !state.contains_key(k)).map(|k| (*k, None)));
     if changes.is_empty() {
@@ -59,7 +70,7 @@ pub fn group_for_state(conn: &Connection, room_nid: i64, base: i64, state: &Hash
     new_group(conn, room_nid, Some(base), &changes)
 }
 
-fn to_state_map(conn: &Connection, state: &HashMap<i64, i64>) -> Result<StateMap<OwnedEventId>> {
+fn to_state_map(conn: &Connection, state: &HashMap<StateKeyNid, EventNid>) -> Result<StateMap<OwnedEventId>> {
     let mut map = StateMap::new();
     for (skn, nid) in state {
         let (t, k) = state_groups::state_key_of(conn, *skn)?;
@@ -88,8 +99,13 @@ pub fn auth_chain(conn: &Connection, ids: impl IntoIterator<Item = OwnedEventId>
 }
 
 /// Resolves the states of several groups (a fork) into one group, with the room version's algorithm.
-pub fn resolve_groups(conn: &Connection, room_nid: i64, room_version: &str, groups: &[i64]) -> Result<i64> {
-    let unique: Vec<i64> = {
+pub fn resolve_groups(
+    conn: &Connection,
+    room_nid: RoomNid,
+    room_version: &str,
+    groups: &[StateGroup],
+) -> Result<StateGroup> {
+    let unique: Vec<StateGroup> = {
         let mut g = groups.to_vec();
         g.sort_unstable();
         g.dedup();
@@ -99,7 +115,7 @@ pub fn resolve_groups(conn: &Connection, room_nid: i64, room_version: &str, grou
         return Ok(unique[0]);
     }
     let rules = version::rules(room_version)?;
-    let states: Vec<HashMap<i64, i64>> =
+    let states: Vec<HashMap<StateKeyNid, EventNid>> =
         unique.iter().map(|g| state_groups::load_state(conn, *g)).collect::<Result<_>>()?;
     if states.windows(2).all(|w| w[0] == w[1]) {
         return Ok(unique[0]);

@@ -12,6 +12,7 @@ pub mod events;
 pub mod ids;
 pub mod members;
 pub mod migrate;
+pub mod notary;
 pub mod outbox;
 pub mod receipts;
 pub mod rooms;

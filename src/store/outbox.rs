@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::error::Result;
+use crate::store::ids::RoomNid;
 use crate::store::members;
 
 /// Failed transactions in a row after which a destination is *catching up*: its queued PDUs are dropped and no
@@ -16,7 +17,7 @@ pub const CATCH_UP_AFTER_FAILURES: i64 = 3;
 /// Queues a PDU for every other server in the room (joined members, plus the partial-state server list).
 pub fn enqueue_pdu(
     conn: &Connection,
-    room_nid: i64,
+    room_nid: RoomNid,
     event_id: &str,
     our_server: &str,
     extra: &[String],

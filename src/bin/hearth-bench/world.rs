@@ -243,7 +243,12 @@ pub async fn generate(store: &Store, resident: Arc<Identity>, spec: &Spec) -> an
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?
     };
-    async fn flush(store: &Store, room_nid: i64, b: &mut Builder, imported: &mut usize) -> anyhow::Result<()> {
+    async fn flush(
+        store: &Store,
+        room_nid: hearth::store::ids::RoomNid,
+        b: &mut Builder,
+        imported: &mut usize,
+    ) -> anyhow::Result<()> {
         let chunk = std::mem::take(&mut b.out);
         *imported += chunk.len();
         store
