@@ -8,6 +8,8 @@ pub mod pdu;
 pub mod power;
 pub mod remote;
 pub mod state;
+#[cfg(test)]
+mod tests;
 pub mod version;
 
 use std::sync::Arc;
