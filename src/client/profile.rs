@@ -106,8 +106,8 @@ pub async fn set_field(
                 append_local(
                     w,
                     &identity,
-                    &room.room_id,
-                    &uid,
+                    &crate::room::parse_room_id(&room.room_id)?,
+                    &crate::room::parse_user_id(&uid)?,
                     LocalEvent::state("m.room.member", &uid, content),
                     None,
                 )?;

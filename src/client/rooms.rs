@@ -78,7 +78,7 @@ pub async fn create_room(
         return Err(Error::bad_json("creation_content must be an object"));
     }
     let req = CreateRoom {
-        creator: auth.user_id.clone(),
+        creator: crate::room::parse_user_id(&auth.user_id)?,
         room_version: body.room_version,
         preset: body.preset,
         visibility_public,
@@ -210,7 +210,17 @@ pub async fn join(
         let rid = room_id.clone();
         s.store
             .write(move |w| {
-                set_membership(w, &identity, &rid, &auth.user_id, &auth.user_id, "join", body.reason.as_deref(), None)
+                let uid = crate::room::parse_user_id(&auth.user_id)?;
+                set_membership(
+                    w,
+                    &identity,
+                    &crate::room::parse_room_id(&rid)?,
+                    &uid,
+                    &uid,
+                    "join",
+                    body.reason.as_deref(),
+                    None,
+                )
             })
             .await?;
         return Ok(axum::Json(json!({"room_id": room_id})));
@@ -262,7 +272,19 @@ async fn membership_op(
     }
     let r = s
         .store
-        .write(move |w| set_membership(w, &identity, &room_id, &sender, &target, membership, reason.as_deref(), None))
+        .write(move |w| {
+            let (room_id, sender) = (crate::room::parse_room_id(&room_id)?, crate::room::parse_user_id(&sender)?);
+            set_membership(
+                w,
+                &identity,
+                &room_id,
+                &sender,
+                &crate::room::parse_user_id(&target)?,
+                membership,
+                reason.as_deref(),
+                None,
+            )
+        })
         .await;
     match r {
         Ok(_) => Ok(()),
@@ -421,7 +443,14 @@ pub async fn send(
             if event_type == "m.room.redaction" {
                 ev.redacts = ev.content.get("redacts").and_then(Value::as_str).map(str::to_owned);
             }
-            let a = append_local(w, &identity, &room_id, &auth.user_id, ev, Some((&auth.device_id, &txn_id)))?;
+            let a = append_local(
+                w,
+                &identity,
+                &crate::room::parse_room_id(&room_id)?,
+                &crate::room::parse_user_id(&auth.user_id)?,
+                ev,
+                Some((&auth.device_id, &txn_id)),
+            )?;
             w.conn.execute(
                 "INSERT INTO txn_ids (user_id, device_id, txn_id, kind, result) VALUES (?1, ?2, ?3, 'send', ?4)",
                 rusqlite::params![auth.user_id, auth.device_id, format!("{room_id}/{txn_id}"), a.event_id],
@@ -457,7 +486,14 @@ pub async fn redact(
                 content["reason"] = json!(r);
             }
             let ev = LocalEvent { kind: "m.room.redaction".into(), state_key: None, content, redacts: Some(event_id) };
-            let a = append_local(w, &identity, &room_id, &auth.user_id, ev, Some((&auth.device_id, &txn_id)))?;
+            let a = append_local(
+                w,
+                &identity,
+                &crate::room::parse_room_id(&room_id)?,
+                &crate::room::parse_user_id(&auth.user_id)?,
+                ev,
+                Some((&auth.device_id, &txn_id)),
+            )?;
             w.conn.execute(
                 "INSERT INTO txn_ids (user_id, device_id, txn_id, kind, result) VALUES (?1, ?2, ?3, 'send', ?4)",
                 rusqlite::params![auth.user_id, auth.device_id, key, a.event_id],
@@ -516,8 +552,8 @@ pub async fn put_state(
             append_local(
                 w,
                 &identity,
-                &room_id,
-                &auth.user_id,
+                &crate::room::parse_room_id(&room_id)?,
+                &crate::room::parse_user_id(&auth.user_id)?,
                 LocalEvent::state(&event_type, &state_key, content),
                 None,
             )

@@ -726,7 +726,7 @@ async fn event_auth(
             if !server_in_room(c, &room, &signed.origin)? {
                 return Err(Error::forbidden("your server is not in this room"));
             }
-            let pdu = load_pdu(c, &event_id)?
+            let pdu = load_pdu_by_str(c, &event_id)?
                 .filter(|p| p.room_id.as_str() == room.room_id)
                 .ok_or_else(|| Error::not_found("event not found"))?;
             let chain: Vec<String> = state::auth_chain(c, [pdu.event_id])?.into_iter().map(|e| e.to_string()).collect();
@@ -734,6 +734,14 @@ async fn event_auth(
         })
         .await?;
     Ok(axum::Json(body))
+}
+
+/// An event by an id from a request: one that does not parse is one we do not have.
+fn load_pdu_by_str(c: &Connection, event_id: &str) -> Result<Option<crate::room::Pdu>> {
+    match ruma::EventId::parse(event_id) {
+        Ok(id) => load_pdu(c, &id),
+        Err(_) => Ok(None),
+    }
 }
 
 /// Walks prev_events backwards from `from` (breadth first), skipping `stop`, up to `limit` events.
@@ -751,7 +759,7 @@ fn walk_back(
     for f in from {
         if include_start {
             queue.push_back(f.clone());
-        } else if let Some(pdu) = load_pdu(c, f)? {
+        } else if let Some(pdu) = load_pdu_by_str(c, f)? {
             queue.extend(pdu.prev_events.iter().map(|p| p.to_string()));
         }
     }
@@ -763,7 +771,7 @@ fn walk_back(
         if row.room_nid != room.room_nid || row.outlier {
             continue;
         }
-        if let Some(pdu) = load_pdu(c, &id)? {
+        if let Some(pdu) = load_pdu_by_str(c, &id)? {
             queue.extend(pdu.prev_events.iter().map(|p| p.to_string()));
         }
         out.push(row);

@@ -6,7 +6,7 @@
 use ruma::canonical_json::{CanonicalJsonObject, CanonicalJsonValue};
 use ruma::events::TimelineEventType;
 use ruma::room_version_rules::RoomVersionRules;
-use ruma::{Int, UserId};
+use ruma::{Int, RoomId, UserId};
 use rusqlite::Connection;
 use serde_json::Value;
 
@@ -53,8 +53,8 @@ pub fn to_canonical(v: Value) -> Result<CanonicalJsonValue> {
 pub fn build_pdu(
     identity: &Identity,
     rules: &RoomVersionRules,
-    room_id: Option<&str>,
-    sender: &str,
+    room_id: Option<&RoomId>,
+    sender: &UserId,
     ev: &LocalEvent,
     prev: &[(ruma::OwnedEventId, String)],
     auth: &[(ruma::OwnedEventId, String)],
@@ -75,9 +75,9 @@ pub fn build_pdu(
     if let Some(k) = &ev.state_key {
         obj.insert("state_key".into(), CanonicalJsonValue::String(k.clone()));
     }
-    obj.insert("sender".into(), CanonicalJsonValue::String(sender.to_owned()));
+    obj.insert("sender".into(), CanonicalJsonValue::String(sender.to_string()));
     if let Some(room_id) = room_id {
-        obj.insert("room_id".into(), CanonicalJsonValue::String(room_id.to_owned()));
+        obj.insert("room_id".into(), CanonicalJsonValue::String(room_id.to_string()));
     }
     obj.insert(
         "origin_server_ts".into(),
@@ -126,7 +126,7 @@ pub fn authorize(
     sg: Option<StateGroup>,
 ) -> std::result::Result<(), String> {
     ruma::state_res::check_state_independent_auth_rules(&rules.authorization, pdu, |id| {
-        load_pdu(conn, id.as_str()).ok().flatten()
+        load_pdu(conn, id).ok().flatten()
     })?;
     if pdu.kind == TimelineEventType::RoomCreate {
         return Ok(());
@@ -141,13 +141,13 @@ pub fn authorize(
 pub fn append_local(
     w: &mut Writer<'_>,
     identity: &Identity,
-    room_id: &str,
-    sender: &str,
+    room_id: &RoomId,
+    sender: &UserId,
     ev: LocalEvent,
     txn: Option<(&str, &str)>,
 ) -> Result<Appended> {
     let conn = w.conn;
-    let room = &rooms::room_by_id(conn, room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
+    let room = &rooms::room_by_id(conn, room_id.as_str())?.ok_or_else(|| Error::not_found("unknown room"))?;
     let rules = version::rules(&room.version)?;
     let mut extremities = events::forward_extremities(conn, room.room_nid)?;
     extremities.sort_unstable();
@@ -161,10 +161,9 @@ pub fn append_local(
     let sg = room.current_sg.ok_or_else(|| Error::forbidden("room has no state"))?;
 
     let content_raw = serde_json::value::to_raw_value(&ev.content)?;
-    let sender_id = UserId::parse(sender).map_err(|e| Error::invalid_param(e.to_string()))?;
     let auth_types = ruma::state_res::auth_types_for_event(
         &TimelineEventType::from(ev.kind.as_str()),
-        &sender_id,
+        sender,
         ev.state_key.as_deref(),
         &content_raw,
         &rules.authorization,
@@ -181,10 +180,10 @@ pub fn append_local(
     }
 
     if let Some(target) = &ev.redacts {
-        check_local_redaction(conn, room, sg, sender, target)?;
+        check_local_redaction(conn, room, sg, sender.as_str(), target)?;
     }
 
-    let pdu = build_pdu(identity, &rules, Some(&room.room_id), sender, &ev, &prev, &auth, depth + 1)?;
+    let pdu = build_pdu(identity, &rules, Some(room_id), sender, &ev, &prev, &auth, depth + 1)?;
     authorize(conn, &rules, &pdu, Some(sg)).map_err(|e| Error::forbidden(format!("event not allowed: {e}")))?;
     if pdu.kind == TimelineEventType::RoomMember && pdu.membership().as_deref() == Some("invite") {
         if let Some(target) = &pdu.state_key {

@@ -1,5 +1,6 @@
 //! Membership changes and who may see what.
 
+use ruma::{RoomId, UserId};
 use rusqlite::Connection;
 use serde_json::{json, Value};
 
@@ -15,21 +16,21 @@ use crate::store::{accounts, events, members, Writer};
 pub fn set_membership(
     w: &mut Writer<'_>,
     identity: &Identity,
-    room_id: &str,
-    sender: &str,
-    target: &str,
+    room_id: &RoomId,
+    sender: &UserId,
+    target: &UserId,
     membership: &str,
     reason: Option<&str>,
     extra: Option<Value>,
 ) -> Result<Appended> {
-    let room = rooms::room_by_id(w.conn, room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
+    let room = rooms::room_by_id(w.conn, room_id.as_str())?.ok_or_else(|| Error::not_found("unknown room"))?;
     let mut content = json!({"membership": membership});
     if let Some(r) = reason {
         content["reason"] = json!(r);
     }
     if membership == "join" || membership == "invite" {
         // Profile of the target for local users; remote profiles are filled by their own server on join.
-        if let Some(u) = accounts::get_user(w.conn, target)? {
+        if let Some(u) = accounts::get_user(w.conn, target.as_str())? {
             if let Some(d) = u.displayname {
                 content["displayname"] = json!(d);
             }
@@ -43,10 +44,10 @@ pub fn set_membership(
             obj.entry(k).or_insert(v);
         }
     }
-    let current = members::membership_of(w.conn, room.room_nid, target)?.map(|m| m.0);
+    let current = members::membership_of(w.conn, room.room_nid, target.as_str())?.map(|m| m.0);
     // Idempotent no-ops that auth would reject or that would spam the timeline.
     if membership == "join" && current.as_deref() == Some("join") && sender == target {
-        let nid = members::membership_of(w.conn, room.room_nid, target)?.map_or(EventNid(0), |m| m.1);
+        let nid = members::membership_of(w.conn, room.room_nid, target.as_str())?.map_or(EventNid(0), |m| m.1);
         let row = events::event_by_nid(w.conn, nid)?.ok_or_else(|| Error::internal("member event missing"))?;
         return Ok(Appended {
             event_id: row.event_id,
@@ -57,7 +58,7 @@ pub fn set_membership(
     if membership == "leave" && sender == target && !matches!(current.as_deref(), Some("join" | "invite" | "knock")) {
         return Err(Error::forbidden("you are not in this room"));
     }
-    append_local(w, identity, &room.room_id, sender, LocalEvent::state("m.room.member", target, content), None)
+    append_local(w, identity, room_id, sender, LocalEvent::state("m.room.member", target.as_str(), content), None)
 }
 
 /// How far a user may read a room's timeline.

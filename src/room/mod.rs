@@ -15,7 +15,7 @@ pub mod version;
 use std::sync::Arc;
 
 use ruma::signatures::Ed25519KeyPair;
-use ruma::OwnedServerName;
+use ruma::{EventId, OwnedRoomId, OwnedServerName, OwnedUserId, RoomId, UserId};
 use rusqlite::{Connection, OptionalExtension};
 
 use crate::error::Result;
@@ -87,9 +87,20 @@ impl Identity {
     }
 }
 
+/// A room id from a request, parsed at the edge: one that does not parse names no room we know (404, as an unknown
+/// room would be).
+pub fn parse_room_id(room_id: &str) -> Result<OwnedRoomId> {
+    RoomId::parse(room_id).map_err(|_| crate::error::Error::not_found("unknown room"))
+}
+
+/// A user id from a request, parsed at the edge (400 when it does not parse).
+pub fn parse_user_id(user_id: &str) -> Result<OwnedUserId> {
+    UserId::parse(user_id).map_err(|e| crate::error::Error::invalid_param(e.to_string()))
+}
+
 /// Loads a stored event as a [`Pdu`] (for auth and state resolution).
-pub fn load_pdu(conn: &Connection, event_id: &str) -> Result<Option<Pdu>> {
-    let Some(row) = events::event_by_id(conn, event_id)? else { return Ok(None) };
+pub fn load_pdu(conn: &Connection, event_id: &EventId) -> Result<Option<Pdu>> {
+    let Some(row) = events::event_by_id(conn, event_id.as_str())? else { return Ok(None) };
     pdu_from_row(conn, &row).map(Some)
 }
 

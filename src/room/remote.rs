@@ -313,7 +313,7 @@ pub fn authorize_partial(
     sg: StateGroup,
 ) -> std::result::Result<(), String> {
     ruma::state_res::check_state_independent_auth_rules(&rules.authorization, pdu, |id| {
-        load_pdu(conn, id.as_str()).ok().flatten()
+        load_pdu(conn, id).ok().flatten()
     })?;
     if pdu.kind == TimelineEventType::RoomCreate {
         return Ok(());
@@ -321,7 +321,7 @@ pub fn authorize_partial(
     let by_key: HashMap<(String, String), Pdu> = pdu
         .auth_events
         .iter()
-        .filter_map(|id| load_pdu(conn, id.as_str()).ok().flatten())
+        .filter_map(|id| load_pdu(conn, id).ok().flatten())
         .filter_map(|p| p.state_key.clone().map(|k| ((p.kind.to_string(), k), p)))
         .collect();
     ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, pdu, |t, k| {

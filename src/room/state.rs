@@ -126,7 +126,7 @@ pub fn resolve_groups(
         let chain = auth_chain(conn, m.values().cloned())?;
         chains.push(chain.into_iter().collect::<EventIdSet<OwnedEventId>>());
     }
-    let fetch = |id: &ruma::EventId| -> Option<Pdu> { load_pdu(conn, id.as_str()).ok().flatten() };
+    let fetch = |id: &ruma::EventId| -> Option<Pdu> { load_pdu(conn, id).ok().flatten() };
     let state_res_rules = match rules.state_res {
         ruma::room_version_rules::StateResolutionVersion::V2(r) => r,
         // v1 rooms: resolve with v2 rules (ruma implements only v2); documented limitation.
@@ -159,7 +159,7 @@ fn conflicted_subgraph(
     let mut todo: Vec<OwnedEventId> = starts.iter().cloned().collect();
     let mut seen: HashSet<OwnedEventId> = starts.clone();
     while let Some(id) = todo.pop() {
-        if let Some(pdu) = load_pdu(conn, id.as_str())? {
+        if let Some(pdu) = load_pdu(conn, &id)? {
             for a in &pdu.auth_events {
                 parents.entry(id.clone()).or_default().push(a.clone());
                 if seen.insert(a.clone()) {

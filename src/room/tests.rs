@@ -16,6 +16,14 @@ use crate::store::{events, members, rooms, state_groups};
 const ALICE: &str = "@alice:test.example";
 const BOB: &str = "@bob:test.example";
 
+fn uid(u: &str) -> ruma::OwnedUserId {
+    ruma::UserId::parse(u).unwrap()
+}
+
+fn rid(r: &str) -> ruma::OwnedRoomId {
+    ruma::RoomId::parse(r).unwrap()
+}
+
 struct Fixture {
     conn: rusqlite::Connection,
     stream: i64,
@@ -32,14 +40,14 @@ impl Fixture {
     /// A private room (invite only, shared history) created by Alice.
     fn room(&mut self) -> String {
         let identity = self.identity.clone();
-        let req = CreateRoom { creator: ALICE.into(), name: Some("Test".into()), ..Default::default() };
+        let req = CreateRoom { name: Some("Test".into()), ..CreateRoom::new(uid(ALICE)) };
         write(&mut self.conn, &mut self.stream, |w| create_room(w, &identity, req)).unwrap().0
     }
 
     fn membership(&mut self, room_id: &str, sender: &str, target: &str, membership: &str) -> crate::error::Result<()> {
         let identity = self.identity.clone();
         write(&mut self.conn, &mut self.stream, |w| {
-            set_membership(w, &identity, room_id, sender, target, membership, None, None)
+            set_membership(w, &identity, &rid(room_id), &uid(sender), &uid(target), membership, None, None)
         })
         .map(|_| ())
     }
@@ -47,7 +55,7 @@ impl Fixture {
     fn send(&mut self, room_id: &str, sender: &str, body: &str) -> crate::error::Result<crate::room::append::Appended> {
         let identity = self.identity.clone();
         let ev = LocalEvent::message("m.room.message", json!({"msgtype": "m.text", "body": body}));
-        write(&mut self.conn, &mut self.stream, |w| append_local(w, &identity, room_id, sender, ev, None))
+        write(&mut self.conn, &mut self.stream, |w| append_local(w, &identity, &rid(room_id), &uid(sender), ev, None))
     }
 }
 
@@ -89,7 +97,7 @@ fn appended_messages_extend_the_timeline() {
     // Its prev event is the first message.
     let v: serde_json::Value = serde_json::from_str(&row.json).unwrap();
     assert_eq!(v["prev_events"], json!([first.event_id]));
-    assert!(crate::room::load_pdu(&f.conn, &second.event_id).unwrap().is_some());
+    assert!(crate::room::load_pdu(&f.conn, &ruma::EventId::parse(&second.event_id).unwrap()).unwrap().is_some());
 }
 
 #[test]
@@ -144,9 +152,16 @@ fn a_former_member_reads_up_to_their_leave() {
     };
     f.send(&room_id, ALICE, "after bob left").unwrap();
     let identity = f.identity.clone();
-    let rid = room_id.clone();
+    let room_id_ = room_id.clone();
     write(&mut f.conn, &mut f.stream, |w| {
-        append_local(w, &identity, &rid, ALICE, LocalEvent::state("m.room.topic", "", json!({"topic": "new"})), None)
+        append_local(
+            w,
+            &identity,
+            &rid(&room_id_),
+            &uid(ALICE),
+            LocalEvent::state("m.room.topic", "", json!({"topic": "new"})),
+            None,
+        )
     })
     .unwrap();
     let room = rooms::room_by_id(&f.conn, &room_id).unwrap().unwrap();
@@ -171,13 +186,13 @@ fn joined_history_is_visible_from_the_first_join() {
     let mut f = Fixture::new();
     let room_id = f.room();
     let identity = f.identity.clone();
-    let rid = room_id.clone();
+    let room_id_ = room_id.clone();
     write(&mut f.conn, &mut f.stream, |w| {
         append_local(
             w,
             &identity,
-            &rid,
-            ALICE,
+            &rid(&room_id_),
+            &uid(ALICE),
             LocalEvent::state("m.room.history_visibility", "", json!({"history_visibility": "joined"})),
             None,
         )
@@ -200,12 +215,12 @@ fn a_redaction_strips_its_target() {
     let room_id = f.room();
     let target = f.send(&room_id, ALICE, "secret").unwrap();
     let identity = f.identity.clone();
-    let rid = room_id.clone();
+    let room_id_ = room_id.clone();
     let tid = target.event_id.clone();
     write(&mut f.conn, &mut f.stream, |w| {
         let ev =
             LocalEvent { kind: "m.room.redaction".into(), state_key: None, content: json!({}), redacts: Some(tid) };
-        append_local(w, &identity, &rid, ALICE, ev, None)
+        append_local(w, &identity, &rid(&room_id_), &uid(ALICE), ev, None)
     })
     .unwrap();
     let row = events::event_by_id(&f.conn, &target.event_id).unwrap().unwrap();

@@ -368,9 +368,11 @@ impl FakeRoom {
             content: spec.content.clone(),
             redacts: None,
         };
-        let room_id = (!self.room_id.is_empty()).then_some(self.room_id.as_str());
-        let pdu = build_pdu(&identity, &self.rules, room_id, &spec.sender, &ev, &refs(&prev), &refs(&auth), depth)
-            .expect("build_pdu");
+        let room_id = (!self.room_id.is_empty()).then(|| ruma::RoomId::parse(&self.room_id).expect("room id"));
+        let sender = ruma::UserId::parse(&spec.sender).expect("sender");
+        let pdu =
+            build_pdu(&identity, &self.rules, room_id.as_deref(), &sender, &ev, &refs(&prev), &refs(&auth), depth)
+                .expect("build_pdu");
         let ev = FakeEvent {
             id: pdu.event_id.to_string(),
             json: serde_json::to_value(&pdu.json).expect("pdu json"),

@@ -83,7 +83,8 @@ impl Builder {
         let prev: Vec<_> = self.last.iter().cloned().collect();
         self.depth += 1;
         self.ts += 1;
-        let mut pdu = build_pdu(id, &self.rules, self.room_id.as_deref(), sender, &ev, &prev, &auth, self.depth)
+        let room_id = self.room_id.as_deref().map(ruma::RoomId::parse).transpose()?;
+        let mut pdu = build_pdu(id, &self.rules, room_id.as_deref(), &sender_id, &ev, &prev, &auth, self.depth)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         // Deterministic timestamps (the world is seeded); re-sign after changing one.
         pdu.json.insert(
