@@ -59,7 +59,11 @@ pub async fn messages(
     let short = |b: &Value| b["rows"].as_i64().unwrap_or(0) < limit;
     let mut more = !short(&body);
     if backwards && !more && to.is_none() {
-        match crate::federation::backfill::backfill(&s, &room_id, limit as usize).await {
+        let backfilled = match ruma::RoomId::parse(&room_id) {
+            Ok(rid) => crate::federation::backfill::backfill(&s, &rid, limit as usize).await,
+            Err(_) => Ok(0),
+        };
+        match backfilled {
             Ok(n) if n > 0 => {
                 body = messages_page(&s, &auth, &room_id, backwards, limit, &filter, from, to, current).await?;
                 more = true; // there may be more where that came from

@@ -1,6 +1,7 @@
 //! Backfill: when `/messages` runs out of local history in a room joined over federation, fetch older events
 //! from a server in the room and place them before our timeline (negative stream positions).
 
+use ruma::RoomId;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
@@ -12,14 +13,14 @@ use crate::store::ids::{StateGroup, StreamPos};
 use crate::store::{events, members, rooms};
 
 /// Fetches up to `limit` events older than our oldest timeline event. Returns how many were stored.
-pub async fn backfill(s: &AppState, room_id: &str, limit: usize) -> Result<usize> {
+pub async fn backfill(s: &AppState, room_id: &RoomId, limit: usize) -> Result<usize> {
     let Some(fed) = s.federation.as_ref() else { return Ok(0) };
     let rid = room_id.to_owned();
     let me = s.identity.server_name.to_string();
     let found = s
         .store
         .read(move |c| {
-            let Some(room) = rooms::room_by_id(c, &rid)? else { return Ok(None) };
+            let Some(room) = rooms::room_by_id(c, rid.as_str())? else { return Ok(None) };
             let oldest = events::oldest_timeline_event(c, room.room_nid).ok().flatten();
             let Some((nid, oldest_id)) = oldest else { return Ok(None) };
             // Do we lack any of its prev events in the timeline?
@@ -40,7 +41,7 @@ pub async fn backfill(s: &AppState, room_id: &str, limit: usize) -> Result<usize
     for server in servers {
         let path = format!(
             "/_matrix/federation/v1/backfill/{}?v={}&limit={}",
-            enc(room_id),
+            enc(room_id.as_str()),
             enc(&oldest_id),
             limit.clamp(1, 100)
         );
@@ -56,7 +57,7 @@ pub async fn backfill(s: &AppState, room_id: &str, limit: usize) -> Result<usize
             .await?
             .into_iter()
             .filter_map(|r| r.ok())
-            .filter(|p| p.room_id.as_str() == room_id)
+            .filter(|p| p.room_id == room_id)
             .collect();
         // Newest first: each gets the next lower stream position.
         pdus.sort_by_key(|p| std::cmp::Reverse(p.depth));
@@ -64,7 +65,7 @@ pub async fn backfill(s: &AppState, room_id: &str, limit: usize) -> Result<usize
         let stored = s
             .store
             .write(move |w| {
-                let room = rooms::room_by_id(w.conn, &rid)?.ok_or_else(|| Error::not_found("unknown room"))?;
+                let room = rooms::room_by_id(w.conn, rid.as_str())?.ok_or_else(|| Error::not_found("unknown room"))?;
                 let mut next = events::lowest_stream_ordering(w.conn)?.0;
                 let mut n = 0;
                 for p in &pdus {

@@ -4,6 +4,8 @@
 
 use std::collections::HashMap;
 
+use ruma::{EventId, OwnedEventId, RoomId, ServerName};
+
 use crate::error::{Error, Result};
 use crate::room::Pdu;
 use crate::store::events::{self, NewEvent};
@@ -11,10 +13,10 @@ use crate::store::ids::{RoomNid, StateGroup, StreamPos};
 use crate::store::{members, notary, rooms, state_groups, Writer};
 
 /// Creates the room row (or returns the existing one's nid).
-pub fn ensure_room(w: &mut Writer<'_>, room_id: &str, version: &str) -> Result<RoomNid> {
-    match rooms::room_by_id(w.conn, room_id)? {
+pub fn ensure_room(w: &mut Writer<'_>, room_id: &RoomId, version: &str) -> Result<RoomNid> {
+    match rooms::room_by_id(w.conn, room_id.as_str())? {
         Some(r) => Ok(r.room_nid),
-        None => rooms::insert_room(w.conn, room_id, version),
+        None => rooms::insert_room(w.conn, room_id.as_str(), version),
     }
 }
 
@@ -57,15 +59,15 @@ pub fn import_events(w: &mut Writer<'_>, room_nid: RoomNid, pdus: &[Pdu]) -> Res
 pub fn import_finish(
     w: &mut Writer<'_>,
     room_nid: RoomNid,
-    state_event_ids: &[String],
-    timeline_from: &str,
-    last_event: &str,
+    state_event_ids: &[OwnedEventId],
+    timeline_from: &EventId,
+    last_event: &EventId,
 ) -> Result<StateGroup> {
     let conn = w.conn;
     let mut map = HashMap::with_capacity(state_event_ids.len());
     let mut members = Vec::new();
     for id in state_event_ids {
-        let (nid, skn, kind, json) = events::state_entry_by_id(conn, id)
+        let (nid, skn, kind, json) = events::state_entry_by_id(conn, id.as_str())
             .ok()
             .flatten()
             .ok_or_else(|| Error::internal(format!("state event {id} not imported")))?;
@@ -76,10 +78,12 @@ pub fn import_finish(
         }
     }
     let sg = crate::room::state::write_full(conn, room_nid, &map)?;
-    let from = events::event_nid(conn, timeline_from)?.ok_or_else(|| Error::internal("timeline_from not imported"))?;
+    let from = events::event_nid(conn, timeline_from.as_str())?
+        .ok_or_else(|| Error::internal("timeline_from not imported"))?;
     events::set_sg_after_from(conn, room_nid, from, sg)?;
     rooms::set_current_sg(conn, room_nid, sg)?;
-    let last = events::event_nid(conn, last_event)?.ok_or_else(|| Error::internal("last event not imported"))?;
+    let last =
+        events::event_nid(conn, last_event.as_str())?.ok_or_else(|| Error::internal("last event not imported"))?;
     events::clear_extremities(conn, room_nid)?;
     events::replace_extremities(conn, room_nid, &[], last)?;
     for (nid, json) in members {
@@ -102,6 +106,6 @@ pub fn import_finish(
 }
 
 /// Stores another server's self-signed key response for serving as a notary.
-pub fn store_notary_key(w: &mut Writer<'_>, server_name: &str, response: &str) -> Result<()> {
-    notary::store_notary_key(w.conn, server_name, response)
+pub fn store_notary_key(w: &mut Writer<'_>, server_name: &ServerName, response: &str) -> Result<()> {
+    notary::store_notary_key(w.conn, server_name.as_str(), response)
 }
