@@ -7,6 +7,7 @@ use axum::extract::{Path, State};
 use axum::response::IntoResponse;
 use axum::routing::{get, post, put};
 use axum::Router;
+use ruma::RoomId;
 use rusqlite::Connection;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -16,7 +17,7 @@ use crate::federation::{inbound, keys, Signed};
 use crate::http::{AppState, Query};
 use crate::room::append::reference;
 use crate::room::remote::{handle_incoming, state_before, Incoming};
-use crate::room::{load_pdu, state, version};
+use crate::room::{load_pdu, parse_room_id, state, version};
 use crate::store::accounts::now_ms;
 use crate::store::ids::{EventNid, StateGroup};
 use crate::store::rooms::{self, RoomRow};
@@ -140,8 +141,8 @@ fn partial_refusal() -> Error {
 }
 
 /// A room we hold full state for, that `origin` may talk about (ACL).
-fn resident_room(c: &Connection, room_id: &str, origin: &str) -> Result<RoomRow> {
-    let room = rooms::room_by_id(c, room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
+fn resident_room(c: &Connection, room_id: &RoomId, origin: &str) -> Result<RoomRow> {
+    let room = rooms::room_by_id(c, room_id.as_str())?.ok_or_else(|| Error::not_found("unknown room"))?;
     if !crate::federation::acl::room_allows(c, room.current_sg, origin)? {
         return Err(Error::forbidden("server denied by the room's ACL"));
     }
@@ -246,7 +247,7 @@ async fn make_join(
     let answer = s
         .store
         .read(move |c| {
-            let room = resident_room(c, &room_id, &signed.origin)?;
+            let room = resident_room(c, &parse_room_id(&room_id)?, &signed.origin)?;
             if room.partial_state {
                 // MSC3902: never act as the resident for a room we only partly know.
                 return Err(Error::not_found("this server cannot help with joining this room right now"));
@@ -285,7 +286,7 @@ async fn make_knock(
     let answer = s
         .store
         .read(move |c| {
-            let room = resident_room(c, &room_id, &signed.origin)?;
+            let room = resident_room(c, &parse_room_id(&room_id)?, &signed.origin)?;
             if room.partial_state {
                 return Err(Error::not_found("this server cannot help with this room right now"));
             }
@@ -332,7 +333,7 @@ async fn make_leave(
     let answer = s
         .store
         .read(move |c| {
-            let room = resident_room(c, &room_id, &signed.origin)?;
+            let room = resident_room(c, &parse_room_id(&room_id)?, &signed.origin)?;
             if room.partial_state {
                 return Err(Error::not_found("this server cannot help with this room right now"));
             }
@@ -358,7 +359,7 @@ async fn accept_membership(
 ) -> Result<(RoomRow, crate::room::Pdu)> {
     let body = body.ok_or_else(|| Error::bad_json("missing event"))?;
     let (rid, o) = (room_id.to_owned(), origin.to_owned());
-    let room = s.store.read(move |c| resident_room(c, &rid, &o)).await?;
+    let room = s.store.read(move |c| resident_room(c, &parse_room_id(&rid)?, &o)).await?;
     if room.partial_state {
         return Err(Error::not_found("this server cannot help with this room right now"));
     }
@@ -596,7 +597,7 @@ async fn state_ids(
     let body = s
         .store
         .read(move |c| {
-            let room = resident_room(c, &room_id, &signed.origin)?;
+            let room = resident_room(c, &parse_room_id(&room_id)?, &signed.origin)?;
             if room.partial_state {
                 return Err(partial_refusal());
             }
@@ -633,7 +634,7 @@ async fn room_state(
     let (state, chain) = s
         .store
         .read(move |c| {
-            let room = resident_room(c, &room_id, &signed.origin)?;
+            let room = resident_room(c, &parse_room_id(&room_id)?, &signed.origin)?;
             if room.partial_state {
                 return Err(partial_refusal());
             }
@@ -719,7 +720,7 @@ async fn event_auth(
     let body = s
         .store
         .read(move |c| {
-            let room = resident_room(c, &room_id, &signed.origin)?;
+            let room = resident_room(c, &parse_room_id(&room_id)?, &signed.origin)?;
             if room.partial_state {
                 return Err(partial_refusal());
             }
@@ -797,7 +798,7 @@ async fn get_missing_events(
     let answer = s
         .store
         .read(move |c| {
-            let room = resident_room(c, &room_id, &signed.origin)?;
+            let room = resident_room(c, &parse_room_id(&room_id)?, &signed.origin)?;
             if !server_in_room(c, &room, &signed.origin)? {
                 return Err(Error::forbidden("your server is not in this room"));
             }
@@ -834,7 +835,7 @@ async fn backfill(
     let answer = s
         .store
         .read(move |c| {
-            let room = resident_room(c, &room_id, &signed.origin)?;
+            let room = resident_room(c, &parse_room_id(&room_id)?, &signed.origin)?;
             if !server_in_room(c, &room, &signed.origin)? {
                 return Err(Error::forbidden("your server is not in this room"));
             }
