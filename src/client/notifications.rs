@@ -13,8 +13,8 @@ use serde_json::{json, Value};
 
 use crate::client::push_rules::{self, PUSH_RULES};
 use crate::error::Result;
-use crate::store::account_data;
-use crate::store::events::{self, RoomRow};
+use crate::store::rooms::RoomRow;
+use crate::store::{account_data, events, members, state_groups};
 
 /// At most this many unread events are evaluated per room and sync (counts above it are capped).
 pub const SCAN_LIMIT: i64 = 500;
@@ -103,17 +103,17 @@ pub fn unread_counts(c: &Connection, room: &RoomRow, user_id: &str, ignored: &Ha
 }
 
 fn context(c: &Connection, room: &RoomRow, user_id: &str) -> Result<Context> {
-    let (joined, _) = events::member_counts(c, room.room_nid)?;
+    let (joined, _) = members::member_counts(c, room.room_nid)?;
     let display_name: Option<String> = c
         .prepare_cached("SELECT displayname FROM room_members WHERE room_nid = ?1 AND user_id = ?2")?
         .query_row(params![room.room_nid, user_id], |r| r.get(0))
         .optional()?
         .flatten();
     let state_content = |event_type: &str| -> Result<Option<Value>> {
-        let (Some(sg), Some(skn)) = (room.current_sg, events::find_state_key_nid(c, event_type, "")?) else {
+        let (Some(sg), Some(skn)) = (room.current_sg, state_groups::find_state_key_nid(c, event_type, "")?) else {
             return Ok(None);
         };
-        let Some(nid) = events::lookup_state(c, sg, skn)? else { return Ok(None) };
+        let Some(nid) = state_groups::lookup_state(c, sg, skn)? else { return Ok(None) };
         let Some(row) = events::event_by_nid(c, nid)? else { return Ok(None) };
         Ok(serde_json::from_str::<Value>(&row.json).ok())
     };

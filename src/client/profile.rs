@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use crate::http::{AppState, Auth, Json};
 use crate::room::append::{append_local, LocalEvent};
 use crate::store::accounts::{self, ProfileField};
-use crate::store::events;
+use crate::store::{members, rooms};
 
 pub async fn get_profile(State(s): State<AppState>, Path(user_id): Path<String>) -> Result<impl IntoResponse> {
     let user = s
@@ -80,7 +80,7 @@ pub async fn set_field(
         .store
         .write(move |w| {
             accounts::set_profile_field(w.conn, &u, f, v.as_deref())?;
-            events::rooms_with_membership(w.conn, &u, "join")
+            members::rooms_with_membership(w.conn, &u, "join")
         })
         .await?;
     // Each room's member event in its own short write, so one big profile change never holds the writer long.
@@ -89,7 +89,7 @@ pub async fn set_field(
         let result = s
             .store
             .write(move |w| {
-                let room = events::room_by_id(w.conn, &room_id)?.ok_or_else(|| Error::not_found("room vanished"))?;
+                let room = rooms::room_by_id(w.conn, &room_id)?.ok_or_else(|| Error::not_found("room vanished"))?;
                 let Some(sg) = room.current_sg else { return Ok(()) };
                 let Some(mut content) = crate::room::state_content(w.conn, sg, "m.room.member", &uid)? else {
                     return Ok(());
@@ -106,8 +106,8 @@ pub async fn set_field(
                 append_local(
                     w,
                     &identity,
-                    &room.room_id,
-                    &uid,
+                    &crate::room::parse_room_id(&room.room_id)?,
+                    &crate::room::parse_user_id(&uid)?,
                     LocalEvent::state("m.room.member", &uid, content),
                     None,
                 )?;

@@ -14,17 +14,18 @@ use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 use crate::http::{AppState, Auth, Json};
+use crate::store::ids::{RoomNid, StreamPos};
 use crate::store::receipts::{self, NewReceipt};
-use crate::store::{account_data, accounts, events, outbox};
+use crate::store::{account_data, accounts, events, members, outbox, rooms};
 
-fn is_joined(c: &Connection, room_nid: i64, user_id: &str) -> Result<bool> {
-    Ok(events::membership_of(c, room_nid, user_id)?.is_some_and(|(m, _)| m == "join"))
+fn is_joined(c: &Connection, room_nid: RoomNid, user_id: &str) -> Result<bool> {
+    Ok(members::membership_of(c, room_nid, user_id)?.is_some_and(|(m, _)| m == "join"))
 }
 
 /// Queues `edu` for every other server with a joined member in the room.
-fn send_to_room_servers(conn: &Connection, room_nid: i64, our_server: &str, edu: &Value) -> Result<()> {
+fn send_to_room_servers(conn: &Connection, room_nid: RoomNid, our_server: &str, edu: &Value) -> Result<()> {
     let edu = edu.to_string();
-    for server in events::joined_servers(conn, room_nid)?.into_iter().filter(|x| x != our_server) {
+    for server in members::joined_servers(conn, room_nid)?.into_iter().filter(|x| x != our_server) {
         outbox::enqueue_edu(conn, &server, &edu)?;
     }
     Ok(())
@@ -50,11 +51,11 @@ pub async fn typing(
     let joined = s
         .store
         .read(move |c| {
-            let Some(room) = events::room_by_id(c, &r)? else { return Ok(None) };
+            let Some(room) = rooms::room_by_id(c, &r)? else { return Ok(None) };
             if !is_joined(c, room.room_nid, &u)? {
                 return Ok(None);
             }
-            let remote = events::joined_servers(c, room.room_nid)?.iter().any(|x| *x != our_server);
+            let remote = members::joined_servers(c, room.room_nid)?.iter().any(|x| *x != our_server);
             Ok(Some((room.room_nid, remote)))
         })
         .await?;
@@ -78,8 +79,8 @@ struct Marker {
 }
 
 /// The room the user is joined to, and the stream position of `event_id` in it (403 / 404 otherwise).
-fn check_event(c: &Connection, room_id: &str, user_id: &str, event_id: &str) -> Result<(i64, Option<i64>)> {
-    let room = events::room_by_id(c, room_id)?.ok_or_else(|| Error::forbidden("you are not joined to this room"))?;
+fn check_event(c: &Connection, room_id: &str, user_id: &str, event_id: &str) -> Result<(RoomNid, Option<StreamPos>)> {
+    let room = rooms::room_by_id(c, room_id)?.ok_or_else(|| Error::forbidden("you are not joined to this room"))?;
     if !is_joined(c, room.room_nid, user_id)? {
         return Err(Error::forbidden("you are not joined to this room"));
     }
@@ -113,7 +114,7 @@ async fn set_markers(s: &AppState, auth: &Auth, room_id: &str, markers: Vec<Mark
                 } else {
                     let ts = accounts::now_ms();
                     let r = NewReceipt {
-                        room_nid,
+                        room_nid: room_nid.0,
                         receipt_type: &m.receipt_type,
                         user_id: &user_id,
                         thread_id: &m.thread_id,

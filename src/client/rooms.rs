@@ -11,7 +11,8 @@ use crate::http::{qs, AppState, Auth, Json, Query};
 use crate::room::append::{append_local, LocalEvent};
 use crate::room::create::{create_room as core_create, CreateRoom};
 use crate::room::membership::{readable_room, set_membership, visible_state_group};
-use crate::store::{events, rooms};
+use crate::store::ids::{EventNid, StateGroup};
+use crate::store::{events, members, rooms, state_groups};
 
 #[derive(Deserialize)]
 pub struct CreateRoomBody {
@@ -77,7 +78,7 @@ pub async fn create_room(
         return Err(Error::bad_json("creation_content must be an object"));
     }
     let req = CreateRoom {
-        creator: auth.user_id.clone(),
+        creator: crate::room::parse_user_id(&auth.user_id)?,
         room_version: body.room_version,
         preset: body.preset,
         visibility_public,
@@ -181,16 +182,16 @@ pub async fn join(
     let uid = auth.user_id.clone();
     let (known, local_members, remote_servers) = s
         .store
-        .read(move |c| match events::room_by_id(c, &rid)? {
+        .read(move |c| match rooms::room_by_id(c, &rid)? {
             Some(r) if r.current_sg.is_some() => {
-                let servers = events::joined_servers(c, r.room_nid)?;
+                let servers = members::joined_servers(c, r.room_nid)?;
                 let local = servers.contains(&me);
                 let remote: Vec<String> = servers.into_iter().filter(|x| *x != me).collect();
                 Ok((true, local, remote))
             }
             Some(r) => {
                 // Invited over federation: join through the inviter's server.
-                let inviter = match events::membership_of(c, r.room_nid, &uid)? {
+                let inviter = match members::membership_of(c, r.room_nid, &uid)? {
                     Some((_, nid)) => events::event_by_nid(c, nid)?.map(|e| e.sender),
                     None => None,
                 };
@@ -209,7 +210,17 @@ pub async fn join(
         let rid = room_id.clone();
         s.store
             .write(move |w| {
-                set_membership(w, &identity, &rid, &auth.user_id, &auth.user_id, "join", body.reason.as_deref(), None)
+                let uid = crate::room::parse_user_id(&auth.user_id)?;
+                set_membership(
+                    w,
+                    &identity,
+                    &crate::room::parse_room_id(&rid)?,
+                    &uid,
+                    &uid,
+                    "join",
+                    body.reason.as_deref(),
+                    None,
+                )
             })
             .await?;
         return Ok(axum::Json(json!({"room_id": room_id})));
@@ -243,11 +254,11 @@ async fn membership_op(
         let invite_only = s
             .store
             .read(move |c| {
-                let Some(room) = events::room_by_id(c, &rid)? else { return Ok(None) };
+                let Some(room) = rooms::room_by_id(c, &rid)? else { return Ok(None) };
                 if room.current_sg.is_some() {
                     return Ok(None);
                 }
-                let Some((_, nid)) = events::membership_of(c, room.room_nid, &uid)? else { return Ok(None) };
+                let Some((_, nid)) = members::membership_of(c, room.room_nid, &uid)? else { return Ok(None) };
                 Ok(events::event_by_nid(c, nid)?.map(|r| r.sender))
             })
             .await?;
@@ -261,7 +272,19 @@ async fn membership_op(
     }
     let r = s
         .store
-        .write(move |w| set_membership(w, &identity, &room_id, &sender, &target, membership, reason.as_deref(), None))
+        .write(move |w| {
+            let (room_id, sender) = (crate::room::parse_room_id(&room_id)?, crate::room::parse_user_id(&sender)?);
+            set_membership(
+                w,
+                &identity,
+                &room_id,
+                &sender,
+                &crate::room::parse_user_id(&target)?,
+                membership,
+                reason.as_deref(),
+                None,
+            )
+        })
         .await;
     match r {
         Ok(_) => Ok(()),
@@ -281,7 +304,7 @@ pub async fn knock(
 ) -> Result<impl IntoResponse> {
     let (room_id, _) = resolve_room(&s, &id_or_alias).await?;
     let rid = room_id.clone();
-    let known = s.store.read(move |c| Ok(events::room_by_id(c, &rid)?.and_then(|r| r.current_sg).is_some())).await?;
+    let known = s.store.read(move |c| Ok(rooms::room_by_id(c, &rid)?.and_then(|r| r.current_sg).is_some())).await?;
     if !known {
         return Err(Error::not_found("knocking on rooms on other servers is not supported yet"));
     }
@@ -352,7 +375,7 @@ pub async fn unban(
     let current = s
         .store
         .read(move |c| {
-            Ok(events::room_by_id(c, &rid)?.map(|r| events::membership_of(c, r.room_nid, &tt)).transpose()?.flatten())
+            Ok(rooms::room_by_id(c, &rid)?.map(|r| members::membership_of(c, r.room_nid, &tt)).transpose()?.flatten())
         })
         .await?;
     if current.map(|m| m.0).as_deref() != Some("ban") {
@@ -365,8 +388,8 @@ pub async fn unban(
 pub async fn forget(State(s): State<AppState>, auth: Auth, Path(room_id): Path<String>) -> Result<impl IntoResponse> {
     s.store
         .write(move |w| {
-            let room = events::room_by_id(w.conn, &room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
-            match events::membership_of(w.conn, room.room_nid, &auth.user_id)? {
+            let room = rooms::room_by_id(w.conn, &room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
+            match members::membership_of(w.conn, room.room_nid, &auth.user_id)? {
                 Some((m, _)) if m == "join" || m == "invite" => {
                     return Err(Error::unknown("leave the room before forgetting it"))
                 }
@@ -384,7 +407,7 @@ pub async fn forget(State(s): State<AppState>, auth: Auth, Path(room_id): Path<S
 }
 
 pub async fn joined_rooms(State(s): State<AppState>, auth: Auth) -> Result<impl IntoResponse> {
-    let rooms = s.store.read(move |c| events::rooms_with_membership(c, &auth.user_id, "join")).await?;
+    let rooms = s.store.read(move |c| members::rooms_with_membership(c, &auth.user_id, "join")).await?;
     Ok(axum::Json(json!({"joined_rooms": rooms.into_iter().map(|r| r.1).collect::<Vec<_>>()})))
 }
 
@@ -420,7 +443,14 @@ pub async fn send(
             if event_type == "m.room.redaction" {
                 ev.redacts = ev.content.get("redacts").and_then(Value::as_str).map(str::to_owned);
             }
-            let a = append_local(w, &identity, &room_id, &auth.user_id, ev, Some((&auth.device_id, &txn_id)))?;
+            let a = append_local(
+                w,
+                &identity,
+                &crate::room::parse_room_id(&room_id)?,
+                &crate::room::parse_user_id(&auth.user_id)?,
+                ev,
+                Some((&auth.device_id, &txn_id)),
+            )?;
             w.conn.execute(
                 "INSERT INTO txn_ids (user_id, device_id, txn_id, kind, result) VALUES (?1, ?2, ?3, 'send', ?4)",
                 rusqlite::params![auth.user_id, auth.device_id, format!("{room_id}/{txn_id}"), a.event_id],
@@ -456,7 +486,14 @@ pub async fn redact(
                 content["reason"] = json!(r);
             }
             let ev = LocalEvent { kind: "m.room.redaction".into(), state_key: None, content, redacts: Some(event_id) };
-            let a = append_local(w, &identity, &room_id, &auth.user_id, ev, Some((&auth.device_id, &txn_id)))?;
+            let a = append_local(
+                w,
+                &identity,
+                &crate::room::parse_room_id(&room_id)?,
+                &crate::room::parse_user_id(&auth.user_id)?,
+                ev,
+                Some((&auth.device_id, &txn_id)),
+            )?;
             w.conn.execute(
                 "INSERT INTO txn_ids (user_id, device_id, txn_id, kind, result) VALUES (?1, ?2, ?3, 'send', ?4)",
                 rusqlite::params![auth.user_id, auth.device_id, key, a.event_id],
@@ -515,8 +552,8 @@ pub async fn put_state(
             append_local(
                 w,
                 &identity,
-                &room_id,
-                &auth.user_id,
+                &crate::room::parse_room_id(&room_id)?,
+                &crate::room::parse_user_id(&auth.user_id)?,
                 LocalEvent::state(&event_type, &state_key, content),
                 None,
             )
@@ -559,7 +596,7 @@ pub async fn get_state(
             let (room, vis) = readable_room(c, &room_id, &auth.user_id)?;
             let sg = visible_state_group(c, &room, vis)?.ok_or_else(|| Error::not_found("no state"))?;
             let mut out = Vec::new();
-            for nid in events::load_state(c, sg)?.values() {
+            for nid in state_groups::load_state(c, sg)?.values() {
                 if let Some(ev) = format::state_event(c, *nid, &room.room_id, true)? {
                     out.push(ev);
                 }
@@ -583,11 +620,12 @@ pub async fn get_event(
                 .filter(|r| r.room_nid == room.room_nid && r.rejected.is_none())
                 .ok_or_else(|| Error::not_found("event not found"))?;
             if let crate::room::membership::Visibility::UpTo(pos) = vis {
-                if row.stream_ordering.unwrap_or(i64::MAX) > pos {
+                if row.stream_ordering.map_or(i64::MAX, |p| p.0) > pos {
                     return Err(Error::not_found("event not found"));
                 }
             }
-            if row.stream_ordering.unwrap_or(i64::MIN) < crate::room::membership::visible_from(c, &room, &auth.user_id)?
+            if row.stream_ordering.map_or(i64::MIN, |p| p.0)
+                < crate::room::membership::visible_from(c, &room, &auth.user_id)?
             {
                 return Err(Error::not_found("event not found"));
             }
@@ -611,10 +649,10 @@ pub async fn wait_full_state(s: &AppState, room_id: &str) -> Result<()> {
     let mut stream = s.store.stream_watch();
     loop {
         let rid = room_id.to_owned();
-        let room = s.store.read(move |c| events::room_by_id(c, &rid)).await?;
+        let room = s.store.read(move |c| rooms::room_by_id(c, &rid)).await?;
         let Some(room) = room.filter(|r| r.partial_state) else { return Ok(()) };
         if !bumped {
-            let nid = room.room_nid;
+            let nid = room.room_nid.0;
             s.store.write(move |w| crate::jobs::bump(w.conn, nid)).await?;
             s.jobs.wake();
             bumped = true;
@@ -657,14 +695,14 @@ pub async fn members(
                     _ => None,
                 },
             };
-            let members: Vec<(String, String, i64)> = match at_pos {
+            let members: Vec<(String, String, EventNid)> = match at_pos {
                 None => {
                     let mut stmt = c.prepare_cached("SELECT user_id, membership, event_nid FROM room_members WHERE room_nid = ?1")?;
                     let rows = stmt.query_map([room.room_nid], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
                     rows.collect::<rusqlite::Result<_>>()?
                 }
                 Some(pos) => {
-                    let sg: Option<i64> = c
+                    let sg: Option<StateGroup> = c
                         .prepare_cached(
                             "SELECT sg_after FROM events WHERE room_nid = ?1 AND stream_ordering <= ?2 AND sg_after IS NOT NULL
                              ORDER BY stream_ordering DESC LIMIT 1",
@@ -673,7 +711,7 @@ pub async fn members(
                         .ok();
                     let mut out = Vec::new();
                     if let Some(sg) = sg {
-                        for (user, nid) in events::load_state_of_type(c, sg, "m.room.member")? {
+                        for (user, nid) in state_groups::load_state_of_type(c, sg, "m.room.member")? {
                             let row = events::event_by_nid(c, nid)?.ok_or_else(|| Error::internal("member event missing"))?;
                             let v: Value = serde_json::from_str(&row.json)?;
                             let m = v.pointer("/content/membership").and_then(Value::as_str).unwrap_or("leave").to_owned();
@@ -770,8 +808,8 @@ pub async fn put_alias(
     parse_local_alias(&s, &alias)?;
     s.store
         .write(move |w| {
-            let room = events::room_by_id(w.conn, &body.room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
-            if events::membership_of(w.conn, room.room_nid, &auth.user_id)?.map(|m| m.0).as_deref() != Some("join") {
+            let room = rooms::room_by_id(w.conn, &body.room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
+            if members::membership_of(w.conn, room.room_nid, &auth.user_id)?.map(|m| m.0).as_deref() != Some("join") {
                 return Err(Error::forbidden("you are not in this room"));
             }
             if !rooms::insert_alias(w.conn, &alias, &room.room_id, &auth.user_id)? {
@@ -794,7 +832,7 @@ pub async fn delete_alias(
             let (room_id, creator) =
                 rooms::alias_creator(w.conn, &alias)?.ok_or_else(|| Error::not_found("room alias not found"))?;
             let allowed = creator == auth.user_id || auth.admin || {
-                let room = events::room_by_id(w.conn, &room_id)?;
+                let room = rooms::room_by_id(w.conn, &room_id)?;
                 match room.and_then(|r| r.current_sg.map(|sg| (r, sg))) {
                     Some((r, sg)) => {
                         let pl = crate::room::power::PowerLevels::load(w.conn, sg, &r.version)?;
@@ -831,7 +869,7 @@ pub async fn room_aliases(
 pub async fn get_visibility(State(s): State<AppState>, Path(room_id): Path<String>) -> Result<impl IntoResponse> {
     let rid = room_id.clone();
     let (exists, published) =
-        s.store.read(move |c| Ok((events::room_by_id(c, &rid)?.is_some(), rooms::is_published(c, &rid)?))).await?;
+        s.store.read(move |c| Ok((rooms::room_by_id(c, &rid)?.is_some(), rooms::is_published(c, &rid)?))).await?;
     if !exists {
         return Err(Error::not_found("unknown room"));
     }
@@ -856,11 +894,11 @@ pub async fn set_visibility(
     };
     s.store
         .write(move |w| {
-            let room = events::room_by_id(w.conn, &room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
+            let room = rooms::room_by_id(w.conn, &room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
             let sg = room.current_sg.ok_or_else(|| Error::not_found("unknown room"))?;
             let pl = crate::room::power::PowerLevels::load(w.conn, sg, &room.version)?;
             let joined =
-                events::membership_of(w.conn, room.room_nid, &auth.user_id)?.map(|m| m.0).as_deref() == Some("join");
+                members::membership_of(w.conn, room.room_nid, &auth.user_id)?.map(|m| m.0).as_deref() == Some("join");
             let allowed = joined && pl.user(&auth.user_id) >= pl.for_event("m.room.canonical_alias", true);
             if !auth.admin && !allowed {
                 return Err(Error::forbidden("you may not change this room's directory visibility"));
@@ -926,7 +964,7 @@ async fn public_rooms(
         .read(move |c| {
             let mut out = Vec::new();
             for (_, room_id, joined) in rooms::published_rooms(c)? {
-                let room = events::room_by_id(c, &room_id)?.ok_or_else(|| Error::internal("room vanished"))?;
+                let room = rooms::room_by_id(c, &room_id)?.ok_or_else(|| Error::internal("room vanished"))?;
                 let Some(sg) = room.current_sg else { continue };
                 let get = |t: &str, k: &str| -> Result<Option<Value>> { crate::room::state_content(c, sg, t, k) };
                 let name = get("m.room.name", "")?.and_then(|v| v.get("name").cloned());

@@ -15,7 +15,8 @@ use serde_json::{json, Value};
 use crate::client::format;
 use crate::error::{Error, Result};
 use crate::http::{qs, AppState, Auth, Query};
-use crate::store::{accounts, events};
+use crate::store::ids::{EventNid, RoomNid, StateGroup, StateKeyNid};
+use crate::store::{accounts, events, members, rooms, state_groups};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Token {
@@ -373,7 +374,7 @@ pub struct TypingView {
     pub changed: HashMap<String, u64>,
 }
 
-fn state_at(conn: &Connection, room_nid: i64, pos: i64) -> Result<Option<i64>> {
+fn state_at(conn: &Connection, room_nid: RoomNid, pos: i64) -> Result<Option<StateGroup>> {
     Ok(conn
         .prepare_cached(
             "SELECT sg_after FROM events WHERE room_nid = ?1 AND stream_ordering <= ?2 AND stream_ordering IS NOT NULL
@@ -395,7 +396,7 @@ struct RoomSync {
 fn room_window(
     c: &Connection,
     auth: &Auth,
-    room: &events::RoomRow,
+    room: &rooms::RoomRow,
     filter: &Filter,
     since: Option<i64>,
     upto: i64,
@@ -419,7 +420,7 @@ fn room_window(
     let limited = rows.len() > limit || (since.is_none() && rows.len() == limit + 1);
     let mut rows: Vec<events::EventRow> = rows.into_iter().take(limit).collect();
     rows.reverse();
-    let first_stream = rows.first().and_then(|r| r.stream_ordering).unwrap_or(upto + 1);
+    let first_stream = rows.first().and_then(|r| r.stream_ordering).map_or(upto + 1, |p| p.0);
     let first_sg_after = rows.first().and_then(|r| r.sg_after);
     let prev_batch = Token { stream: first_stream - 1, typing: 0 }.render();
 
@@ -436,20 +437,20 @@ fn room_window(
     // memberships of the timeline's senders (and our own on a fresh sync) are looked up one by one below.
     let lazy = filter.lazy_load_members;
     let exclude = if lazy { Some("m.room.member") } else { None };
-    let mut state_nids: Vec<i64> = Vec::new();
+    let mut state_nids: Vec<EventNid> = Vec::new();
     let fresh = since.is_none() || full_state;
     if fresh {
         if let Some(sg) = start_sg {
-            state_nids.extend(events::state_event_ids(c, sg, exclude)?.into_iter().map(|x| x.0));
+            state_nids.extend(state_groups::state_event_ids(c, sg, exclude)?.into_iter().map(|x| x.0));
         }
     } else if let (Some(since), true) = (since, limited) {
-        let before: HashSet<i64> = match state_at(c, room.room_nid, since)? {
-            Some(sg) => events::state_event_ids(c, sg, exclude)?.into_iter().map(|x| x.0).collect(),
+        let before: HashSet<EventNid> = match state_at(c, room.room_nid, since)? {
+            Some(sg) => state_groups::state_event_ids(c, sg, exclude)?.into_iter().map(|x| x.0).collect(),
             None => HashSet::new(),
         };
         if let Some(sg) = start_sg {
             state_nids.extend(
-                events::state_event_ids(c, sg, exclude)?.into_iter().map(|x| x.0).filter(|n| !before.contains(n)),
+                state_groups::state_event_ids(c, sg, exclude)?.into_iter().map(|x| x.0).filter(|n| !before.contains(n)),
             );
         }
     }
@@ -466,8 +467,8 @@ fn room_window(
     if lazy && fresh {
         // Our own membership, always, on a fresh sync.
         if let Some(sg) = start_sg.or(room.current_sg) {
-            if let Some(skn) = events::find_state_key_nid(c, "m.room.member", &auth.user_id)? {
-                if let Some(nid) = events::lookup_state(c, sg, skn)? {
+            if let Some(skn) = state_groups::find_state_key_nid(c, "m.room.member", &auth.user_id)? {
+                if let Some(nid) = state_groups::lookup_state(c, sg, skn)? {
                     if let Some(row) = events::event_by_nid(c, nid)? {
                         if !timeline_ids.contains(row.event_id.as_str()) {
                             state.push(format::state_only(&row, &room.room_id, false));
@@ -487,8 +488,8 @@ fn room_window(
                 if have_members.contains(sender) {
                     continue;
                 }
-                if let Some(skn) = events::find_state_key_nid(c, "m.room.member", sender)? {
-                    if let Some(nid) = events::lookup_state(c, sg, skn)? {
+                if let Some(skn) = state_groups::find_state_key_nid(c, "m.room.member", sender)? {
+                    if let Some(nid) = state_groups::lookup_state(c, sg, skn)? {
                         if let Some(row) = events::event_by_nid(c, nid)? {
                             if !timeline_ids.contains(row.event_id.as_str()) {
                                 state.push(format::state_only(&row, &room.room_id, false));
@@ -516,7 +517,7 @@ fn room_window(
                 if row.event_type != "m.room.member" || row.rejected.is_some() {
                     continue;
                 }
-                if events::state_key_of(c, row.state_key_nid.unwrap_or_default())?.1 == r.sender {
+                if state_groups::state_key_of(c, row.state_key_nid.unwrap_or(StateKeyNid(0)))?.1 == r.sender {
                     if !timeline_ids.contains(row.event_id.as_str()) {
                         state.push(format::state_only(&row, &room.room_id, false));
                     }
@@ -536,8 +537,8 @@ fn room_window(
     Ok(RoomSync { timeline, limited, prev_batch, state })
 }
 
-fn room_summary(c: &Connection, room: &events::RoomRow, user_id: &str) -> Result<Value> {
-    let (joined, invited) = events::member_counts(c, room.room_nid)?;
+fn room_summary(c: &Connection, room: &rooms::RoomRow, user_id: &str) -> Result<Value> {
+    let (joined, invited) = members::member_counts(c, room.room_nid)?;
     let mut summary = json!({"m.joined_member_count": joined, "m.invited_member_count": invited});
     let named = match room.current_sg {
         Some(sg) => {
@@ -597,7 +598,7 @@ fn account_data_since(
 }
 
 /// Receipts that moved in the window; private receipts (`m.read.private`) only when they are `user_id`'s own.
-fn receipts_since(c: &Connection, room_nid: i64, since: i64, upto: i64, user_id: &str) -> Result<Option<Value>> {
+fn receipts_since(c: &Connection, room_nid: RoomNid, since: i64, upto: i64, user_id: &str) -> Result<Option<Value>> {
     let mut stmt = c.prepare_cached(
         "SELECT receipt_type, user_id, thread_id, event_id, ts FROM receipts WHERE room_nid = ?1
          AND stream_ordering > ?2 AND stream_ordering <= ?3 AND (receipt_type != 'm.read.private' OR user_id = ?4)",
@@ -636,14 +637,15 @@ fn build(
     let is_ignored = |e: &Value| e["sender"].as_str().is_some_and(|s| ignored.contains(s));
 
     // Local membership changes in the window: room -> latest membership.
-    let mut changed: HashMap<i64, String> = HashMap::new();
+    let mut changed: HashMap<RoomNid, String> = HashMap::new();
     if let Some(ss) = since_stream {
         let mut stmt = c.prepare_cached(
             "SELECT room_nid, membership FROM local_membership_stream WHERE user_id = ?1 AND stream_ordering > ?2
              AND stream_ordering <= ?3 ORDER BY stream_ordering",
         )?;
-        let rows = stmt
-            .query_map(params![auth.user_id, ss, pos.stream], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+        let rows = stmt.query_map(params![auth.user_id, ss, pos.stream], |r| {
+            Ok((r.get::<_, RoomNid>(0)?, r.get::<_, String>(1)?))
+        })?;
         for r in rows {
             let (room, m) = r?;
             changed.insert(room, m);
@@ -651,11 +653,11 @@ fn build(
     }
 
     let mut join = serde_json::Map::new();
-    for (room_nid, room_id) in events::rooms_with_membership(c, &auth.user_id, "join")? {
+    for (room_nid, room_id) in members::rooms_with_membership(c, &auth.user_id, "join")? {
         if !filter.room_allowed(&room_id) {
             continue;
         }
-        let room = events::room_by_nid(c, room_nid)?.ok_or_else(|| Error::internal("room vanished"))?;
+        let room = rooms::room_by_nid(c, room_nid)?.ok_or_else(|| Error::internal("room vanished"))?;
         if room.partial_state && !filter.lazy_load_members {
             // MSC3902: a client that wants every member sees the room once the member list is complete
             // (the resync then records a fresh join, so the room arrives as newly joined with full state).
@@ -700,11 +702,11 @@ fn build(
     }
 
     let mut invite = serde_json::Map::new();
-    for (room_nid, room_id) in events::rooms_with_membership(c, &auth.user_id, "invite")? {
+    for (room_nid, room_id) in members::rooms_with_membership(c, &auth.user_id, "invite")? {
         if !filter.room_allowed(&room_id) || (since.is_some() && !changed.contains_key(&room_nid)) {
             continue;
         }
-        let room = events::room_by_nid(c, room_nid)?.ok_or_else(|| Error::internal("room vanished"))?;
+        let room = rooms::room_by_nid(c, room_nid)?.ok_or_else(|| Error::internal("room vanished"))?;
         let invite_state = stripped_state(c, &room, &auth.user_id)?;
         let invite_event =
             invite_state.iter().find(|e| e["type"] == "m.room.member" && e["state_key"] == json!(auth.user_id));
@@ -716,9 +718,9 @@ fn build(
     }
 
     let mut leave = serde_json::Map::new();
-    for (room_nid, room_id) in events::rooms_with_membership(c, &auth.user_id, "leave")?
+    for (room_nid, room_id) in members::rooms_with_membership(c, &auth.user_id, "leave")?
         .into_iter()
-        .chain(events::rooms_with_membership(c, &auth.user_id, "ban")?)
+        .chain(members::rooms_with_membership(c, &auth.user_id, "ban")?)
     {
         let in_window = changed.get(&room_nid).is_some_and(|m| m == "leave" || m == "ban");
         if !filter.room_allowed(&room_id) || !(in_window || (since.is_none() && filter.include_leave)) {
@@ -730,9 +732,9 @@ fn build(
         if forgotten {
             continue;
         }
-        let room = events::room_by_nid(c, room_nid)?.ok_or_else(|| Error::internal("room vanished"))?;
-        let (_, leave_nid) = events::membership_of(c, room_nid, &auth.user_id)?.unwrap_or_default();
-        let leave_pos = events::event_by_nid(c, leave_nid)?.and_then(|r| r.stream_ordering).unwrap_or(pos.stream);
+        let room = rooms::room_by_nid(c, room_nid)?.ok_or_else(|| Error::internal("room vanished"))?;
+        let leave_nid = members::membership_of(c, room_nid, &auth.user_id)?.map_or(EventNid(0), |m| m.1);
+        let leave_pos = events::event_by_nid(c, leave_nid)?.and_then(|r| r.stream_ordering).map_or(pos.stream, |p| p.0);
         // A rejected invite or a kick of someone never joined still appears, with what they may see.
         let rs = room_window(c, auth, &room, filter, since_stream, leave_pos.min(pos.stream), full_state, sent)?;
         empty = false;
@@ -747,11 +749,11 @@ fn build(
     }
 
     let mut knock = serde_json::Map::new();
-    for (room_nid, room_id) in events::rooms_with_membership(c, &auth.user_id, "knock")? {
+    for (room_nid, room_id) in members::rooms_with_membership(c, &auth.user_id, "knock")? {
         if !filter.room_allowed(&room_id) || (since.is_some() && !changed.contains_key(&room_nid)) {
             continue;
         }
-        let room = events::room_by_nid(c, room_nid)?.ok_or_else(|| Error::internal("room vanished"))?;
+        let room = rooms::room_by_nid(c, room_nid)?.ok_or_else(|| Error::internal("room vanished"))?;
         empty = false;
         knock.insert(room_id.clone(), json!({"knock_state": {"events": stripped_state(c, &room, &auth.user_id)?}}));
     }
@@ -836,7 +838,7 @@ fn build(
 }
 
 /// Stripped state shown with an invite: the room's identity and the invite itself.
-pub fn stripped_state(c: &Connection, room: &events::RoomRow, user_id: &str) -> Result<Vec<Value>> {
+pub fn stripped_state(c: &Connection, room: &rooms::RoomRow, user_id: &str) -> Result<Vec<Value>> {
     let mut out = Vec::new();
     let Some(sg) = room.current_sg else {
         // A room we were invited to over federation: the stripped state that came with the invite.

@@ -11,7 +11,7 @@ use crate::client::sync::{parse_token, Filter, Token};
 use crate::error::{Error, Result};
 use crate::http::{qs, AppState, Auth, Query};
 use crate::room::membership::{readable_room, Visibility};
-use crate::store::events;
+use crate::store::{events, state_groups};
 
 #[derive(Deserialize)]
 pub struct MessagesQuery {
@@ -59,7 +59,11 @@ pub async fn messages(
     let short = |b: &Value| b["rows"].as_i64().unwrap_or(0) < limit;
     let mut more = !short(&body);
     if backwards && !more && to.is_none() {
-        match crate::federation::backfill::backfill(&s, &room_id, limit as usize).await {
+        let backfilled = match ruma::RoomId::parse(&room_id) {
+            Ok(rid) => crate::federation::backfill::backfill(&s, &rid, limit as usize).await,
+            Err(_) => Ok(0),
+        };
+        match backfilled {
             Ok(n) if n > 0 => {
                 body = messages_page(&s, &auth, &room_id, backwards, limit, &filter, from, to, current).await?;
                 more = true; // there may be more where that came from
@@ -123,7 +127,7 @@ async fn messages_page(
                 .prepare_cached(&sql)?
                 .query_map(params![room.room_nid, a, b, limit], events::event_row)?
                 .collect::<rusqlite::Result<_>>()?;
-            let end = rows.last().and_then(|r| r.stream_ordering).map(|p| if backwards { p - 1 } else { p });
+            let end = rows.last().and_then(|r| r.stream_ordering).map(|p| if backwards { p.0 - 1 } else { p.0 });
             let device = Some((auth.user_id.as_str(), auth.device_id.as_str()));
             let mut senders = std::collections::BTreeSet::new();
             let mut chunk = Vec::new();
@@ -138,8 +142,8 @@ async fn messages_page(
             if filter.lazy_load_members {
                 if let Some(sg) = room.current_sg {
                     for sender in senders {
-                        if let Some(skn) = events::find_state_key_nid(c, "m.room.member", &sender)? {
-                            if let Some(nid) = events::lookup_state(c, sg, skn)? {
+                        if let Some(skn) = state_groups::find_state_key_nid(c, "m.room.member", &sender)? {
+                            if let Some(nid) = state_groups::lookup_state(c, sg, skn)? {
                                 if let Some(ev) = format::state_event(c, nid, &room.room_id, true)? {
                                     state.push(ev);
                                 }
@@ -183,7 +187,7 @@ pub async fn context(
             let target = events::event_by_id(c, &event_id)?
                 .filter(|r| r.room_nid == room.room_nid && r.stream_ordering.is_some())
                 .ok_or_else(|| Error::not_found("event not found"))?;
-            let pos = target.stream_ordering.unwrap_or_default();
+            let pos = target.stream_ordering.map_or(0, |p| p.0);
             let cap = match vis {
                 Visibility::UpTo(p) => p,
                 _ => i64::MAX,
@@ -214,15 +218,15 @@ pub async fn context(
                     .map(|r| format::event(c, r, &room.room_id, device, true))
                     .collect()
             };
-            let start = before.last().and_then(|r| r.stream_ordering).unwrap_or(pos) - 1;
-            let end = after.last().and_then(|r| r.stream_ordering).unwrap_or(pos);
+            let start = before.last().and_then(|r| r.stream_ordering).map_or(pos, |p| p.0) - 1;
+            let end = after.last().and_then(|r| r.stream_ordering).map_or(pos, |p| p.0);
             let mut state = Vec::new();
             if let Some(sg) = target.sg_after {
                 let lazy = filter.lazy_load_members;
                 let senders: std::collections::HashSet<&str> = before.iter().chain(after.iter()).chain(std::iter::once(&target)).map(|r| r.sender.as_str()).collect();
-                for (skn, nid) in events::load_state(c, sg)? {
+                for (skn, nid) in state_groups::load_state(c, sg)? {
                     if lazy {
-                        let (t, k) = events::state_key_of(c, skn)?;
+                        let (t, k) = state_groups::state_key_of(c, skn)?;
                         if t == "m.room.member" && !senders.contains(k.as_str()) {
                             continue;
                         }

@@ -4,6 +4,7 @@ use rusqlite::Connection;
 use serde_json::Value;
 
 use crate::error::Result;
+use crate::store::ids::StateGroup;
 
 fn glob(pattern: &str, s: &str) -> bool {
     // `*` any run, `?` one char; case-insensitive like server names.
@@ -57,7 +58,7 @@ pub fn allows(acl: &Value, server: &str) -> bool {
 }
 
 /// Checks a room's current ACL; rooms without one allow everyone.
-pub fn room_allows(conn: &Connection, sg: Option<i64>, server: &str) -> Result<bool> {
+pub fn room_allows(conn: &Connection, sg: Option<StateGroup>, server: &str) -> Result<bool> {
     let Some(sg) = sg else { return Ok(true) };
     match crate::room::state_content(conn, sg, "m.room.server_acl", "")? {
         Some(acl) => Ok(allows(&acl, server)),

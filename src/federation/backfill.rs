@@ -1,6 +1,7 @@
 //! Backfill: when `/messages` runs out of local history in a room joined over federation, fetch older events
 //! from a server in the room and place them before our timeline (negative stream positions).
 
+use ruma::RoomId;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
@@ -8,40 +9,28 @@ use crate::federation::client::enc;
 use crate::federation::inbound::verify_batch;
 use crate::http::AppState;
 use crate::room::remote::persist_outlier;
-use crate::store::events;
+use crate::store::ids::{StateGroup, StreamPos};
+use crate::store::{events, members, rooms};
 
 /// Fetches up to `limit` events older than our oldest timeline event. Returns how many were stored.
-pub async fn backfill(s: &AppState, room_id: &str, limit: usize) -> Result<usize> {
+pub async fn backfill(s: &AppState, room_id: &RoomId, limit: usize) -> Result<usize> {
     let Some(fed) = s.federation.as_ref() else { return Ok(0) };
     let rid = room_id.to_owned();
     let me = s.identity.server_name.to_string();
     let found = s
         .store
         .read(move |c| {
-            let Some(room) = events::room_by_id(c, &rid)? else { return Ok(None) };
-            let oldest: Option<(i64, String)> = c
-                .query_row(
-                    "SELECT event_nid, event_id FROM events WHERE room_nid = ?1 AND stream_ordering IS NOT NULL ORDER BY stream_ordering LIMIT 1",
-                    [room.room_nid],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .ok();
+            let Some(room) = rooms::room_by_id(c, rid.as_str())? else { return Ok(None) };
+            let oldest = events::oldest_timeline_event(c, room.room_nid).ok().flatten();
             let Some((nid, oldest_id)) = oldest else { return Ok(None) };
             // Do we lack any of its prev events in the timeline?
-            let mut stmt = c.prepare_cached(
-                "SELECT x.prev_event_id FROM event_edges x LEFT JOIN events e ON e.event_id = x.prev_event_id
-                 WHERE x.event_nid = ?1 AND (e.event_nid IS NULL OR e.stream_ordering IS NULL)",
-            )?;
-            let gaps: Vec<String> = stmt.query_map([nid], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+            let gaps = events::prevs_missing_from_timeline(c, nid)?;
             if gaps.is_empty() {
                 return Ok(None);
             }
-            let mut servers = events::joined_servers(c, room.room_nid)?;
+            let mut servers = members::joined_servers(c, room.room_nid)?;
             // While partial, the member list is incomplete: the servers send_join told us about count too.
-            let mut stmt = c.prepare_cached("SELECT server_name FROM partial_state_servers WHERE room_nid = ?1")?;
-            for srv in stmt.query_map([room.room_nid], |r| r.get::<_, String>(0))? {
-                servers.push(srv?);
-            }
+            servers.extend(rooms::partial_state_servers(c, room.room_nid)?);
             servers.sort();
             servers.dedup();
             servers.retain(|x| *x != me);
@@ -52,7 +41,7 @@ pub async fn backfill(s: &AppState, room_id: &str, limit: usize) -> Result<usize
     for server in servers {
         let path = format!(
             "/_matrix/federation/v1/backfill/{}?v={}&limit={}",
-            enc(room_id),
+            enc(room_id.as_str()),
             enc(&oldest_id),
             limit.clamp(1, 100)
         );
@@ -68,7 +57,7 @@ pub async fn backfill(s: &AppState, room_id: &str, limit: usize) -> Result<usize
             .await?
             .into_iter()
             .filter_map(|r| r.ok())
-            .filter(|p| p.room_id.as_str() == room_id)
+            .filter(|p| p.room_id == room_id)
             .collect();
         // Newest first: each gets the next lower stream position.
         pdus.sort_by_key(|p| std::cmp::Reverse(p.depth));
@@ -76,10 +65,8 @@ pub async fn backfill(s: &AppState, room_id: &str, limit: usize) -> Result<usize
         let stored = s
             .store
             .write(move |w| {
-                let room = events::room_by_id(w.conn, &rid)?.ok_or_else(|| Error::not_found("unknown room"))?;
-                let mut next: i64 =
-                    w.conn
-                        .query_row("SELECT min(0, coalesce(min(stream_ordering), 0)) FROM events", [], |r| r.get(0))?;
+                let room = rooms::room_by_id(w.conn, rid.as_str())?.ok_or_else(|| Error::not_found("unknown room"))?;
+                let mut next = events::lowest_stream_ordering(w.conn)?.0;
                 let mut n = 0;
                 for p in &pdus {
                     if let Some(row) = events::event_by_id(w.conn, p.event_id.as_str())? {
@@ -95,13 +82,14 @@ pub async fn backfill(s: &AppState, room_id: &str, limit: usize) -> Result<usize
                     next -= 1;
                     // Auth of history is checked against the events' own auth events (we lack the state there).
                     let rules = crate::room::version::rules(&room.version)?;
-                    let rejected =
-                        crate::room::remote::authorize_partial(w.conn, &rules, p, room.current_sg.unwrap_or_default())
-                            .err();
-                    w.conn.execute(
-                        "UPDATE events SET outlier = 0, stream_ordering = ?2, rejected = ?3 WHERE event_nid = ?1",
-                        rusqlite::params![nid, next, rejected],
-                    )?;
+                    let rejected = crate::room::remote::authorize_partial(
+                        w.conn,
+                        &rules,
+                        p,
+                        room.current_sg.unwrap_or(StateGroup(0)),
+                    )
+                    .err();
+                    events::set_backfilled(w.conn, nid, StreamPos(next), rejected.as_deref())?;
                     n += 1;
                 }
                 Ok(n)

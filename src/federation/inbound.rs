@@ -15,7 +15,7 @@ use crate::federation::keys::needed_keys;
 use crate::http::AppState;
 use crate::room::remote::{handle_incoming, parse_remote_with_id, persist_outlier, verify_remote, AuthCache, Incoming};
 use crate::room::{version, Pdu};
-use crate::store::events;
+use crate::store::{events, members, rooms};
 
 /// How long one fetch made while handling a `/send` (missing events, auth events) may take.
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(20);
@@ -209,7 +209,7 @@ pub async fn fetch_outliers(
     let deadline = tokio::time::Instant::now() + DEADLINE;
     let fed = s.federation.as_ref().ok_or_else(|| Error::forbidden("federation is disabled"))?;
     let rid = room_id.to_owned();
-    let Some(room) = s.store.read(move |c| events::room_by_id(c, &rid)).await? else { return Ok(0) };
+    let Some(room) = s.store.read(move |c| rooms::room_by_id(c, &rid)).await? else { return Ok(0) };
     let mut seen: HashSet<String> = HashSet::new();
     let mut fetched: Vec<Pdu> = Vec::new();
     for _ in 0..MAX_ROUNDS {
@@ -258,7 +258,7 @@ pub async fn fetch_outliers(
     let rid = room_id.to_owned();
     s.store
         .write(move |w| {
-            let room = events::room_by_id(w.conn, &rid)?.ok_or_else(|| Error::not_found("unknown room"))?;
+            let room = rooms::room_by_id(w.conn, &rid)?.ok_or_else(|| Error::not_found("unknown room"))?;
             let rules = version::rules(&room.version)?;
             for p in &fetched {
                 if events::event_nid(w.conn, p.event_id.as_str())?.is_some() {
@@ -338,7 +338,7 @@ async fn place_across_gap(
     let rid = room_id.to_owned();
     s.store
         .write(move |w| {
-            let room = events::room_by_id(w.conn, &rid)?.ok_or_else(|| Error::not_found("unknown room"))?;
+            let room = rooms::room_by_id(w.conn, &rid)?.ok_or_else(|| Error::not_found("unknown room"))?;
             let sg = match &branches {
                 Some(b) => crate::room::remote::state_across_gap(w.conn, &room, &pdu, b)?,
                 None => room.current_sg.ok_or_else(|| Error::not_found("room has no state"))?,
@@ -355,7 +355,7 @@ async fn fill_gap(s: &AppState, origin: &str, room_id: &str, pdu: &Pdu) -> Resul
     let (earliest, version) = s
         .store
         .read(move |c| {
-            let room = events::room_by_id(c, &rid)?.ok_or_else(|| Error::not_found("unknown room"))?;
+            let room = rooms::room_by_id(c, &rid)?.ok_or_else(|| Error::not_found("unknown room"))?;
             let mut ids = Vec::new();
             for nid in events::forward_extremities(c, room.room_nid)? {
                 if let Some(r) = events::event_by_nid(c, nid)? {
@@ -438,7 +438,7 @@ pub async fn transaction(s: &AppState, origin: &str, body: &Value) -> Result<Val
         let room = s
             .store
             .read(move |c| {
-                let room = events::room_by_id(c, &rid)?;
+                let room = rooms::room_by_id(c, &rid)?;
                 let allowed = match &room {
                     Some(r) => crate::federation::acl::room_allows(c, r.current_sg, &origin_s)?,
                     None => true,
@@ -517,11 +517,12 @@ async fn handle_edu(s: &AppState, origin: &str, edu: &Value) -> Result<()> {
             let allowed = s
                 .store
                 .read(move |c| {
-                    let Some(r) = events::room_by_id(c, &rid)? else { return Ok(false) };
+                    let Some(r) = rooms::room_by_id(c, &rid)? else { return Ok(false) };
                     if !crate::federation::acl::room_allows(c, r.current_sg, &o)? {
                         return Ok(false);
                     }
-                    Ok(r.partial_state || events::membership_of(c, r.room_nid, &uid)?.is_some_and(|(m, _)| m == "join"))
+                    Ok(r.partial_state
+                        || members::membership_of(c, r.room_nid, &uid)?.is_some_and(|(m, _)| m == "join"))
                 })
                 .await?;
             if allowed {
@@ -535,7 +536,7 @@ async fn handle_edu(s: &AppState, origin: &str, edu: &Value) -> Result<()> {
             s.store
                 .write(move |w| {
                     for (room_id, types) in rooms {
-                        let Some(room) = events::room_by_id(w.conn, &room_id)? else { continue };
+                        let Some(room) = rooms::room_by_id(w.conn, &room_id)? else { continue };
                         if !crate::federation::acl::room_allows(w.conn, room.current_sg, &origin)? {
                             continue;
                         }

@@ -9,7 +9,7 @@ use crate::federation::inbound::verify_batch;
 use crate::http::AppState;
 use crate::room::append::{commit_built, NeedsRemoteInvite};
 use crate::room::{version, Pdu};
-use crate::store::events;
+use crate::store::rooms;
 
 /// Sends a built invite to the invitee's server for countersigning, then stores and distributes it.
 pub async fn send_remote_invite(s: &AppState, invite: Pdu) -> Result<String> {
@@ -21,7 +21,7 @@ pub async fn send_remote_invite(s: &AppState, invite: Pdu) -> Result<String> {
     let (version, stripped) = s
         .store
         .read(move |c| {
-            let room = events::room_by_id(c, &rid)?.ok_or_else(|| Error::not_found("unknown room"))?;
+            let room = rooms::room_by_id(c, &rid)?.ok_or_else(|| Error::not_found("unknown room"))?;
             let stripped = crate::client::sync::stripped_state(c, &room, "")?;
             Ok((room.version, stripped))
         })
@@ -77,7 +77,7 @@ pub async fn receive_invite(s: &AppState, origin: &str, room_id: &str, event_id:
     let (rid, o) = (room_id.to_owned(), origin.to_owned());
     let acl_ok = s
         .store
-        .read(move |c| match events::room_by_id(c, &rid)? {
+        .read(move |c| match rooms::room_by_id(c, &rid)? {
             Some(room) => crate::federation::acl::room_allows(c, room.current_sg, &o),
             None => Ok(true),
         })
@@ -123,11 +123,11 @@ pub async fn receive_invite(s: &AppState, origin: &str, room_id: &str, event_id:
     let stripped_json = Value::Array(stripped).to_string();
     s.store
         .write(move |w| {
-            let room = match events::room_by_id(w.conn, &rid)? {
+            let room = match rooms::room_by_id(w.conn, &rid)? {
                 Some(r) => r,
                 None => {
-                    let nid = events::insert_room(w.conn, &rid, &ver)?;
-                    events::room_by_nid(w.conn, nid)?.ok_or_else(|| Error::internal("room vanished"))?
+                    let nid = rooms::insert_room(w.conn, &rid, &ver)?;
+                    rooms::room_by_nid(w.conn, nid)?.ok_or_else(|| Error::internal("room vanished"))?
                 }
             };
             if room.current_sg.is_some() {
@@ -197,7 +197,7 @@ pub async fn remote_leave(s: &AppState, user_id: &str, room_id: &str, servers: &
                 let (rid, uid) = (room_id.to_owned(), user_id.to_owned());
                 s.store
                     .write(move |w| {
-                        let room = events::room_by_id(w.conn, &rid)?.ok_or_else(|| Error::not_found("unknown room"))?;
+                        let room = rooms::room_by_id(w.conn, &rid)?.ok_or_else(|| Error::not_found("unknown room"))?;
                         let nid = crate::room::remote::persist_outlier(w.conn, &room, &pdu)?;
                         w.conn.execute(
                             "DELETE FROM invite_state WHERE room_nid = ?1 AND user_id = ?2",

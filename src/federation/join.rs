@@ -13,7 +13,7 @@ use crate::http::AppState;
 use crate::room::append::{persist, Outcome};
 use crate::room::remote::persist_outlier_batch;
 use crate::room::{state, version, Pdu};
-use crate::store::events;
+use crate::store::{events, rooms};
 
 pub struct JoinResult {
     pub room_id: String,
@@ -205,8 +205,8 @@ async fn store_join_answer(
     let (rid, ver) = (room_id.to_owned(), room_version.to_owned());
     s.store
         .write(move |w| {
-            if events::room_by_id(w.conn, &rid)?.is_none() {
-                events::insert_room(w.conn, &rid, &ver)?;
+            if rooms::room_by_id(w.conn, &rid)?.is_none() {
+                rooms::insert_room(w.conn, &rid, &ver)?;
             }
             Ok(())
         })
@@ -282,15 +282,15 @@ fn persist_join(
 ) -> Result<()> {
     let conn = w.conn;
     let rules = version::rules(room_version)?;
-    let room = match events::room_by_id(conn, room_id)? {
+    let room = match rooms::room_by_id(conn, room_id)? {
         Some(r) => r,
         None => {
-            let nid = events::insert_room(conn, room_id, room_version)?;
-            events::room_by_nid(conn, nid)?.ok_or_else(|| Error::internal("room vanished"))?
+            let nid = rooms::insert_room(conn, room_id, room_version)?;
+            rooms::room_by_nid(conn, nid)?.ok_or_else(|| Error::internal("room vanished"))?
         }
     };
     conn.execute("UPDATE rooms SET partial_state = ?2 WHERE room_nid = ?1", rusqlite::params![room.room_nid, partial])?;
-    let room = events::room_by_nid(conn, room.room_nid)?.ok_or_else(|| Error::internal("room vanished"))?;
+    let room = rooms::room_by_nid(conn, room.room_nid)?.ok_or_else(|| Error::internal("room vanished"))?;
     // The state events were stored as outliers while the answer was read.
     let mut map = std::collections::HashMap::new();
     for id in state_ids {
@@ -321,7 +321,7 @@ fn persist_join(
             stmt.execute(rusqlite::params![room.room_nid, srv])?;
         }
         let cursor = json!({"join_event": join.event_id.as_str(), "via": via, "servers": servers_in_room, "sg": sg});
-        crate::jobs::enqueue(w.conn, "resync", Some(room.room_nid), 10, &cursor)?;
+        crate::jobs::enqueue(w.conn, "resync", Some(room.room_nid.0), 10, &cursor)?;
     }
     Ok(())
 }

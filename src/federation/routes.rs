@@ -1,12 +1,13 @@
 //! The server-server API we serve. Handlers verify the caller (`Signed`), check the room's ACL and the caller's
 //! right to see the data, and call into the room core.
 
-use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 
 use axum::extract::{Path, State};
 use axum::response::IntoResponse;
 use axum::routing::{get, post, put};
 use axum::Router;
+use ruma::RoomId;
 use rusqlite::Connection;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -16,9 +17,11 @@ use crate::federation::{inbound, keys, Signed};
 use crate::http::{AppState, Query};
 use crate::room::append::reference;
 use crate::room::remote::{handle_incoming, state_before, Incoming};
-use crate::room::{load_pdu, state, version};
+use crate::room::{load_pdu, parse_room_id, state, version};
 use crate::store::accounts::now_ms;
-use crate::store::events::{self, RoomRow};
+use crate::store::ids::{EventNid, StateGroup};
+use crate::store::rooms::{self, RoomRow};
+use crate::store::{e2ee, events, members, notary, state_groups};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -101,10 +104,9 @@ async fn notary_answer(s: &AppState, servers: Vec<String>) -> Result<Vec<Value>>
     let stored = s
         .store
         .read(move |c| {
-            let mut stmt = c.prepare_cached("SELECT response FROM notary_keys WHERE server_name = ?1")?;
             let mut found = Vec::new();
             for server in &others {
-                if let Ok(r) = stmt.query_row([server], |r| r.get::<_, String>(0)) {
+                if let Ok(Some(r)) = notary::notary_key(c, server) {
                     found.push(r);
                 }
             }
@@ -139,8 +141,8 @@ fn partial_refusal() -> Error {
 }
 
 /// A room we hold full state for, that `origin` may talk about (ACL).
-fn resident_room(c: &Connection, room_id: &str, origin: &str) -> Result<RoomRow> {
-    let room = events::room_by_id(c, room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
+fn resident_room(c: &Connection, room_id: &RoomId, origin: &str) -> Result<RoomRow> {
+    let room = rooms::room_by_id(c, room_id.as_str())?.ok_or_else(|| Error::not_found("unknown room"))?;
     if !crate::federation::acl::room_allows(c, room.current_sg, origin)? {
         return Err(Error::forbidden("server denied by the room's ACL"));
     }
@@ -149,8 +151,7 @@ fn resident_room(c: &Connection, room_id: &str, origin: &str) -> Result<RoomRow>
 
 /// `origin` has (or had) a member in the room: it may read the room's events.
 fn server_in_room(c: &Connection, room: &RoomRow, origin: &str) -> Result<bool> {
-    let mut stmt = c.prepare_cached("SELECT 1 FROM room_members WHERE room_nid = ?1 AND server_name = ?2 LIMIT 1")?;
-    if stmt.exists(rusqlite::params![room.room_nid, origin])? {
+    if members::server_has_member(c, room.room_nid, origin)? {
         return Ok(true);
     }
     if let Some(sg) = room.current_sg {
@@ -190,8 +191,8 @@ fn make_membership(c: &Connection, s: &AppState, room: &RoomRow, user_id: &str, 
     .map_err(Error::bad_json)?;
     let mut auth = Vec::new();
     for (t, k) in types {
-        if let Some(skn) = events::find_state_key_nid(c, &t.to_string(), &k)? {
-            if let Some(nid) = events::lookup_state(c, sg, skn)? {
+        if let Some(skn) = state_groups::find_state_key_nid(c, &t.to_string(), &k)? {
+            if let Some(nid) = state_groups::lookup_state(c, sg, skn)? {
                 let (id, sha, _) = reference(c, nid)?;
                 auth.push((id, sha));
             }
@@ -246,7 +247,7 @@ async fn make_join(
     let answer = s
         .store
         .read(move |c| {
-            let room = resident_room(c, &room_id, &signed.origin)?;
+            let room = resident_room(c, &parse_room_id(&room_id)?, &signed.origin)?;
             if room.partial_state {
                 // MSC3902: never act as the resident for a room we only partly know.
                 return Err(Error::not_found("this server cannot help with joining this room right now"));
@@ -285,7 +286,7 @@ async fn make_knock(
     let answer = s
         .store
         .read(move |c| {
-            let room = resident_room(c, &room_id, &signed.origin)?;
+            let room = resident_room(c, &parse_room_id(&room_id)?, &signed.origin)?;
             if room.partial_state {
                 return Err(Error::not_found("this server cannot help with this room right now"));
             }
@@ -313,7 +314,7 @@ async fn send_knock(
     let stripped = s
         .store
         .read(move |c| {
-            let room = events::room_by_id(c, &room.room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
+            let room = rooms::room_by_id(c, &room.room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
             crate::client::sync::stripped_state(c, &room, &knocker)
         })
         .await?;
@@ -332,7 +333,7 @@ async fn make_leave(
     let answer = s
         .store
         .read(move |c| {
-            let room = resident_room(c, &room_id, &signed.origin)?;
+            let room = resident_room(c, &parse_room_id(&room_id)?, &signed.origin)?;
             if room.partial_state {
                 return Err(Error::not_found("this server cannot help with this room right now"));
             }
@@ -358,7 +359,7 @@ async fn accept_membership(
 ) -> Result<(RoomRow, crate::room::Pdu)> {
     let body = body.ok_or_else(|| Error::bad_json("missing event"))?;
     let (rid, o) = (room_id.to_owned(), origin.to_owned());
-    let room = s.store.read(move |c| resident_room(c, &rid, &o)).await?;
+    let room = s.store.read(move |c| resident_room(c, &parse_room_id(&rid)?, &o)).await?;
     if room.partial_state {
         return Err(Error::not_found("this server cannot help with this room right now"));
     }
@@ -399,8 +400,8 @@ async fn accept_membership(
             }
             let stored = t.elapsed();
             // Tell the other servers in the room (not the one that asked; it already has it).
-            let room = events::room_by_id(w.conn, &rid)?.ok_or_else(|| Error::internal("room vanished"))?;
-            let mut dests = events::joined_servers(w.conn, room.room_nid)?;
+            let room = rooms::room_by_id(w.conn, &rid)?.ok_or_else(|| Error::internal("room vanished"))?;
+            let mut dests = members::joined_servers(w.conn, room.room_nid)?;
             dests.retain(|d| d != &o && d != identity.server_name.as_str());
             crate::store::outbox::enqueue_pdu_to(w.conn, p.event_id.as_str(), &dests)?;
             Ok((stored, t.elapsed() - stored))
@@ -425,22 +426,19 @@ fn send_join_answer(
         Err(_) => room.current_sg.ok_or_else(|| Error::internal("no state"))?,
     };
     // With omit_members: the non-member state from one query, plus a handful of looked-up memberships.
-    let mut state: Vec<(i64, String)> =
-        events::state_event_ids(c, sg, if omit { Some("m.room.member") } else { None })?;
+    let mut state: Vec<(EventNid, String)> =
+        state_groups::state_event_ids(c, sg, if omit { Some("m.room.member") } else { None })?;
     if omit {
         let joiner = join.sender.as_str();
         let mut wanted: Vec<String> = vec![joiner.to_owned()];
         let named = crate::room::state_content(c, sg, "m.room.name", "")?.is_some()
             || crate::room::state_content(c, sg, "m.room.canonical_alias", "")?.is_some();
         if !named {
-            let mut stmt = c.prepare_cached("SELECT user_id FROM room_members WHERE room_nid = ?1 AND membership IN ('join','invite') AND user_id != ?2 ORDER BY user_id LIMIT 5")?;
-            for u in stmt.query_map(rusqlite::params![room.room_nid, joiner], |r| r.get::<_, String>(0))? {
-                wanted.push(u?);
-            }
+            wanted.extend(members::some_members_except(c, room.room_nid, joiner, 5)?);
         }
         for user in wanted {
-            if let Some(skn) = events::find_state_key_nid(c, "m.room.member", &user)? {
-                if let Some(nid) = events::lookup_state(c, sg, skn)? {
+            if let Some(skn) = state_groups::find_state_key_nid(c, "m.room.member", &user)? {
+                if let Some(nid) = state_groups::lookup_state(c, sg, skn)? {
                     if let Some(r) = events::event_by_nid(c, nid)? {
                         state.push((nid, r.event_id));
                     }
@@ -448,8 +446,8 @@ fn send_join_answer(
             }
         }
     }
-    let state_nids: HashSet<i64> = state.iter().map(|x| x.0).collect();
-    let mut starts: Vec<i64> = state_nids.iter().copied().collect();
+    let state_nids: HashSet<EventNid> = state.iter().map(|x| x.0).collect();
+    let mut starts: Vec<EventNid> = state_nids.iter().copied().collect();
     if let Some(j) = events::event_nid(c, join.event_id.as_str())? {
         starts.push(j);
     }
@@ -474,7 +472,7 @@ fn send_join_answer(
             auth_json.push(serde_json::from_str::<Value>(&j)?);
         }
     }
-    let mut servers = events::joined_servers(c, room.room_nid)?;
+    let mut servers = members::joined_servers(c, room.room_nid)?;
     if !servers.iter().any(|x| x == s.identity.server_name.as_str()) {
         servers.push(s.identity.server_name.to_string());
     }
@@ -546,7 +544,7 @@ struct EventIdQuery {
 }
 
 /// The state group before `event_id`.
-fn state_group_before(c: &Connection, room: &RoomRow, event_id: &str) -> Result<i64> {
+fn state_group_before(c: &Connection, room: &RoomRow, event_id: &str) -> Result<StateGroup> {
     let row = events::event_by_id(c, event_id)?
         .filter(|r| r.room_nid == room.room_nid && !r.outlier)
         .ok_or_else(|| Error::not_found("event not found"))?;
@@ -556,8 +554,7 @@ fn state_group_before(c: &Connection, room: &RoomRow, event_id: &str) -> Result<
         Err(_) => {
             // Our partial-join event's prevs are outliers to us: the state before it is its base group.
             let sg_after = row.sg_after.ok_or_else(|| Error::not_found("no state at event"))?;
-            let delta: Option<i64> =
-                c.query_row("SELECT delta_of FROM state_groups WHERE sg = ?1", [sg_after], |r| r.get(0)).ok().flatten();
+            let delta = state_groups::delta_of(c, sg_after).ok().flatten();
             if row.state_key_nid.is_some() {
                 delta.unwrap_or(sg_after)
             } else {
@@ -568,24 +565,24 @@ fn state_group_before(c: &Connection, room: &RoomRow, event_id: &str) -> Result<
 }
 
 /// State entries as (event nid, event id), and auth chain nids.
-type StateAndChain = (Vec<(i64, String)>, Vec<i64>);
+type StateAndChain = (Vec<(EventNid, String)>, Vec<EventNid>);
 
 /// State before `event_id` and its auth chain (minus the state itself) — from indexed rows only.
 fn state_at_event_nids(c: &Connection, room: &RoomRow, event_id: &str) -> Result<StateAndChain> {
     let sg = state_group_before(c, room, event_id)?;
-    let state = events::state_event_ids(c, sg, None)?;
-    let nids: Vec<i64> = state.iter().map(|x| x.0).collect();
-    let in_state: HashSet<i64> = nids.iter().copied().collect();
-    let chain: Vec<i64> = events::auth_chain_nids(c, &nids)?.into_iter().filter(|n| !in_state.contains(n)).collect();
+    let state = state_groups::state_event_ids(c, sg, None)?;
+    let nids: Vec<EventNid> = state.iter().map(|x| x.0).collect();
+    let in_state: HashSet<EventNid> = nids.iter().copied().collect();
+    let chain: Vec<EventNid> =
+        events::auth_chain_nids(c, &nids)?.into_iter().filter(|n| !in_state.contains(n)).collect();
     Ok((state, chain))
 }
 
 fn state_at_event(c: &Connection, room: &RoomRow, event_id: &str) -> Result<(Vec<String>, Vec<String>)> {
     let (state, chain) = state_at_event_nids(c, room, event_id)?;
     let mut chain_ids = Vec::with_capacity(chain.len());
-    let mut stmt = c.prepare_cached("SELECT event_id FROM events WHERE event_nid = ?1")?;
     for nid in chain {
-        chain_ids.push(stmt.query_row([nid], |r| r.get::<_, String>(0))?);
+        chain_ids.push(events::event_id_of(c, nid)?.ok_or_else(|| Error::internal("auth chain event vanished"))?);
     }
     Ok((state.into_iter().map(|x| x.1).collect(), chain_ids))
 }
@@ -600,7 +597,7 @@ async fn state_ids(
     let body = s
         .store
         .read(move |c| {
-            let room = resident_room(c, &room_id, &signed.origin)?;
+            let room = resident_room(c, &parse_room_id(&room_id)?, &signed.origin)?;
             if room.partial_state {
                 return Err(partial_refusal());
             }
@@ -637,7 +634,7 @@ async fn room_state(
     let (state, chain) = s
         .store
         .read(move |c| {
-            let room = resident_room(c, &room_id, &signed.origin)?;
+            let room = resident_room(c, &parse_room_id(&room_id)?, &signed.origin)?;
             if room.partial_state {
                 return Err(partial_refusal());
             }
@@ -645,7 +642,7 @@ async fn room_state(
                 return Err(Error::forbidden("your server is not in this room"));
             }
             let (state, chain) = state_at_event_nids(c, &room, &event_id)?;
-            Ok((state.into_iter().map(|x| x.0).collect::<Vec<i64>>(), chain))
+            Ok((state.into_iter().map(|x| x.0).collect::<Vec<EventNid>>(), chain))
         })
         .await?;
     tracing::info!(
@@ -703,7 +700,7 @@ async fn get_event(
         .store
         .read(move |c| {
             let row = events::event_by_id(c, &event_id)?.ok_or_else(|| Error::not_found("event not found"))?;
-            let room = events::room_by_nid(c, row.room_nid)?.ok_or_else(|| Error::not_found("event not found"))?;
+            let room = rooms::room_by_nid(c, row.room_nid)?.ok_or_else(|| Error::not_found("event not found"))?;
             if !crate::federation::acl::room_allows(c, room.current_sg, &signed.origin)?
                 || !server_in_room(c, &room, &signed.origin)?
             {
@@ -723,14 +720,14 @@ async fn event_auth(
     let body = s
         .store
         .read(move |c| {
-            let room = resident_room(c, &room_id, &signed.origin)?;
+            let room = resident_room(c, &parse_room_id(&room_id)?, &signed.origin)?;
             if room.partial_state {
                 return Err(partial_refusal());
             }
             if !server_in_room(c, &room, &signed.origin)? {
                 return Err(Error::forbidden("your server is not in this room"));
             }
-            let pdu = load_pdu(c, &event_id)?
+            let pdu = load_pdu_by_str(c, &event_id)?
                 .filter(|p| p.room_id.as_str() == room.room_id)
                 .ok_or_else(|| Error::not_found("event not found"))?;
             let chain: Vec<String> = state::auth_chain(c, [pdu.event_id])?.into_iter().map(|e| e.to_string()).collect();
@@ -738,6 +735,14 @@ async fn event_auth(
         })
         .await?;
     Ok(axum::Json(body))
+}
+
+/// An event by an id from a request: one that does not parse is one we do not have.
+fn load_pdu_by_str(c: &Connection, event_id: &str) -> Result<Option<crate::room::Pdu>> {
+    match ruma::EventId::parse(event_id) {
+        Ok(id) => load_pdu(c, &id),
+        Err(_) => Ok(None),
+    }
 }
 
 /// Walks prev_events backwards from `from` (breadth first), skipping `stop`, up to `limit` events.
@@ -755,7 +760,7 @@ fn walk_back(
     for f in from {
         if include_start {
             queue.push_back(f.clone());
-        } else if let Some(pdu) = load_pdu(c, f)? {
+        } else if let Some(pdu) = load_pdu_by_str(c, f)? {
             queue.extend(pdu.prev_events.iter().map(|p| p.to_string()));
         }
     }
@@ -767,7 +772,7 @@ fn walk_back(
         if row.room_nid != room.room_nid || row.outlier {
             continue;
         }
-        if let Some(pdu) = load_pdu(c, &id)? {
+        if let Some(pdu) = load_pdu_by_str(c, &id)? {
             queue.extend(pdu.prev_events.iter().map(|p| p.to_string()));
         }
         out.push(row);
@@ -793,7 +798,7 @@ async fn get_missing_events(
     let answer = s
         .store
         .read(move |c| {
-            let room = resident_room(c, &room_id, &signed.origin)?;
+            let room = resident_room(c, &parse_room_id(&room_id)?, &signed.origin)?;
             if !server_in_room(c, &room, &signed.origin)? {
                 return Err(Error::forbidden("your server is not in this room"));
             }
@@ -830,7 +835,7 @@ async fn backfill(
     let answer = s
         .store
         .read(move |c| {
-            let room = resident_room(c, &room_id, &signed.origin)?;
+            let room = resident_room(c, &parse_room_id(&room_id)?, &signed.origin)?;
             if !server_in_room(c, &room, &signed.origin)? {
                 return Err(Error::forbidden("your server is not in this room"));
             }
@@ -898,8 +903,8 @@ async fn query_directory(
     let rid = room_id.clone();
     let mut servers = s
         .store
-        .read(move |c| match events::room_by_id(c, &rid)? {
-            Some(r) => events::joined_servers(c, r.room_nid),
+        .read(move |c| match rooms::room_by_id(c, &rid)? {
+            Some(r) => members::joined_servers(c, r.room_nid),
             None => Ok(vec![]),
         })
         .await?;
@@ -921,25 +926,16 @@ async fn user_devices(
         .store
         .read(move |c| {
             let mut out = Vec::new();
+            let mut keys: HashMap<String, Value> =
+                e2ee::device_keys(c, &uid, &[])?.into_iter().map(|k| (k.device_id, k.keys)).collect();
             for d in crate::store::accounts::list_devices(c, &uid)? {
-                let keys: Option<String> = c
-                    .query_row(
-                        "SELECT keys FROM device_keys WHERE user_id = ?1 AND device_id = ?2",
-                        rusqlite::params![uid, d.device_id],
-                        |r| r.get(0),
-                    )
-                    .ok();
                 let mut dev = json!({"device_id": d.device_id, "device_display_name": d.display_name});
-                if let Some(k) = keys {
-                    dev["keys"] = serde_json::from_str(&k)?;
+                if let Some(k) = keys.remove(&d.device_id) {
+                    dev["keys"] = k;
                 }
                 out.push(dev);
             }
-            let stream: i64 = c.query_row(
-                "SELECT coalesce(max(stream_ordering), 0) FROM device_list_stream WHERE user_id = ?1",
-                [&uid],
-                |r| r.get(0),
-            )?;
+            let stream = e2ee::latest_device_list_pos(c, &uid)?;
             Ok((out, stream))
         })
         .await?;

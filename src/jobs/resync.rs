@@ -22,7 +22,8 @@ use crate::federation::inbound::verify_batch_raw;
 use crate::http::AppState;
 use crate::jobs::{JobRow, Step};
 use crate::room::remote::persist_outlier_batch;
-use crate::store::events;
+use crate::store::ids::{EventNid, RoomNid, StateGroup, StateKeyNid, StreamPos};
+use crate::store::{events, members, rooms, state_groups};
 
 /// The rows of `resync_state r` (room `?1`) whose event is still not stored: `missing` was set when the ids
 /// arrived, and an event counts as fetched once it is in `events`.
@@ -71,7 +72,7 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
     let room_nid = job.room_nid.ok_or_else(|| Error::internal("resync job without room"))?;
     let room = s
         .store
-        .read_background(move |c| events::room_by_nid(c, room_nid))
+        .read_background(move |c| rooms::room_by_nid(c, RoomNid(room_nid)))
         .await?
         .ok_or_else(|| Error::internal("resync of unknown room"))?;
     if !room.partial_state {
@@ -117,7 +118,7 @@ pub async fn step(s: &AppState, job: &JobRow) -> Result<Step> {
                 .store
                 .read_background(move |c| {
                     let mut out = Vec::new();
-                    for nid in events::load_state(c, sg)?.values() {
+                    for nid in state_groups::load_state(c, StateGroup(sg))?.values() {
                         if let Some(r) = events::event_by_nid(c, *nid)? {
                             if r.event_type != "m.room.member" {
                                 out.push(r.event_id);
@@ -472,10 +473,10 @@ fn finish(
     }
     // Memberships touched since the join may have changed with the re-authorisation: re-read them from the
     // current state (the rest were written by the fill phase).
-    let room = events::room_by_nid(conn, room_nid)?.ok_or_else(|| Error::internal("room vanished"))?;
+    let room = rooms::room_by_nid(conn, RoomNid(room_nid))?.ok_or_else(|| Error::internal("room vanished"))?;
     let current = room.current_sg.ok_or_else(|| Error::internal("room without current state"))?;
-    let since = events::event_by_id(conn, join_event)?.and_then(|r| r.stream_ordering).unwrap_or(0);
-    let touched: Vec<(String, i64)> = {
+    let since = events::event_by_id(conn, join_event)?.and_then(|r| r.stream_ordering).map_or(0, |p| p.0);
+    let touched: Vec<(String, StateKeyNid)> = {
         let mut stmt = conn.prepare(
             "SELECT DISTINCT k.state_key, k.state_key_nid FROM events e JOIN state_keys k ON k.state_key_nid = e.state_key_nid
              WHERE e.room_nid = ?1 AND e.stream_ordering >= ?2 AND k.event_type = 'm.room.member'",
@@ -484,9 +485,9 @@ fn finish(
         rows.collect::<rusqlite::Result<_>>()?
     };
     for (user, skn) in touched {
-        if let Some(nid) = events::lookup_state(conn, current, skn)? {
-            if events::membership_of(conn, room_nid, &user)?.map(|m| m.1) != Some(nid) {
-                crate::room::append::apply_membership(w, identity, room_nid, &user, nid)?;
+        if let Some(nid) = state_groups::lookup_state(conn, current, skn)? {
+            if members::membership_of(conn, RoomNid(room_nid), &user)?.map(|m| m.1) != Some(nid) {
+                crate::room::append::apply_membership(w, identity, RoomNid(room_nid), &user, nid)?;
             }
         }
     }
@@ -497,18 +498,18 @@ fn finish(
     let conn = w.conn;
     conn.execute("DELETE FROM partial_state_servers WHERE room_nid = ?1", [room_nid])?;
     conn.execute("DELETE FROM resync_state WHERE room_nid = ?1", [room_nid])?;
-    let (joined, _) = events::member_counts(conn, room_nid)?;
+    let (joined, _) = members::member_counts(conn, RoomNid(room_nid))?;
     // Local members see the room (again) as newly joined, so eager /sync delivers it with full state now.
-    let locals: Vec<(String, i64)> = {
+    let locals: Vec<(String, EventNid)> = {
         let mut stmt = conn.prepare_cached(
             "SELECT user_id, event_nid FROM room_members WHERE room_nid = ?1 AND membership = 'join'",
         )?;
-        let rows = stmt.query_map([room_nid], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        let rows = stmt.query_map([room_nid], |r| Ok((r.get::<_, String>(0)?, r.get::<_, EventNid>(1)?)))?;
         rows.collect::<rusqlite::Result<Vec<_>>>()?.into_iter().filter(|(u, _)| identity.is_local_user(u)).collect()
     };
     for (user, nid) in locals {
         let pos = w.next_stream();
-        events::record_local_membership(w.conn, pos, &user, room_nid, "join", nid)?;
+        members::record_local_membership(w.conn, StreamPos(pos), &user, RoomNid(room_nid), "join", nid)?;
     }
     Ok(joined)
 }
@@ -563,7 +564,7 @@ const AUTH_CHUNK: i64 = 1000;
 
 /// Those of `ids` (stored events) that their own auth events do not allow, with the reason. Already rejected ones
 /// are skipped.
-fn rejections(conn: &rusqlite::Connection, room: &events::RoomRow, ids: &[String]) -> Result<Vec<(String, String)>> {
+fn rejections(conn: &rusqlite::Connection, room: &rooms::RoomRow, ids: &[String]) -> Result<Vec<(String, String)>> {
     let rules = crate::room::version::rules(&room.version)?;
     let cache = crate::room::remote::AuthCache::default();
     let mut out = Vec::new();
@@ -598,7 +599,7 @@ fn fill_chunk(
     after: &str,
 ) -> Result<(Option<String>, usize)> {
     let conn = w.conn;
-    let rows: Vec<(String, i64, i64, String, String)> = {
+    let rows: Vec<(String, StateKeyNid, EventNid, String, String)> = {
         let mut stmt = conn.prepare_cached(
             "SELECT r.event_id, e.state_key_nid, e.event_nid, k.event_type, k.state_key FROM resync_state r
              JOIN events e ON e.event_id = r.event_id JOIN state_keys k ON k.state_key_nid = e.state_key_nid
@@ -610,7 +611,7 @@ fn fill_chunk(
         rows.collect::<rusqlite::Result<_>>()?
     };
     let Some(last) = rows.last().map(|r| r.0.clone()) else { return Ok((None, 0)) };
-    let current = events::room_by_nid(conn, room_nid)?.and_then(|r| r.current_sg);
+    let current = rooms::room_by_nid(conn, RoomNid(room_nid))?.and_then(|r| r.current_sg);
     {
         // What the resident sent at join time stays authoritative for the keys we already hold.
         let mut ins = conn.prepare_cached(
@@ -626,9 +627,9 @@ fn fill_chunk(
             continue;
         }
         let Some(current) = current else { continue };
-        if let Some(nid) = events::lookup_state(w.conn, current, skn)? {
-            if events::membership_of(w.conn, room_nid, &user)?.map(|m| m.1) != Some(nid) {
-                crate::room::append::apply_membership(w, identity, room_nid, &user, nid)?;
+        if let Some(nid) = state_groups::lookup_state(w.conn, current, skn)? {
+            if members::membership_of(w.conn, RoomNid(room_nid), &user)?.map(|m| m.1) != Some(nid) {
+                crate::room::append::apply_membership(w, identity, RoomNid(room_nid), &user, nid)?;
             }
         }
     }
@@ -646,7 +647,7 @@ fn fix_extremities(
     pdu: &crate::room::Pdu,
     accepted: bool,
 ) -> Result<()> {
-    let has_accepted_child = |id: &str, except: i64| -> Result<bool> {
+    let has_accepted_child = |id: &str, except: EventNid| -> Result<bool> {
         Ok(conn
             .prepare_cached(
                 "SELECT 1 FROM event_edges x JOIN events e ON e.event_nid = x.event_nid
@@ -654,11 +655,11 @@ fn fix_extremities(
             )?
             .exists(params![id, room_nid, except])?)
     };
-    let prev_nids: Vec<i64> =
+    let prev_nids: Vec<EventNid> =
         pdu.prev_events.iter().filter_map(|p| events::event_nid(conn, p.as_str()).ok().flatten()).collect();
     if accepted {
         if !has_accepted_child(&row.event_id, row.event_nid)? {
-            events::replace_extremities(conn, room_nid, &prev_nids, row.event_nid)?;
+            events::replace_extremities(conn, RoomNid(room_nid), &prev_nids, row.event_nid)?;
         }
     } else {
         conn.execute(
@@ -684,10 +685,10 @@ fn fix_extremities(
 fn reauthorise_since_join(conn: &rusqlite::Connection, room_nid: i64, join_event: &str) -> Result<usize> {
     use crate::room::append::authorize;
     use crate::room::{pdu_from_row, state, version};
-    let room = events::room_by_nid(conn, room_nid)?.ok_or_else(|| Error::internal("room vanished"))?;
+    let room = rooms::room_by_nid(conn, RoomNid(room_nid))?.ok_or_else(|| Error::internal("room vanished"))?;
     let rules = version::rules(&room.version)?;
     let Some(join) = events::event_by_id(conn, join_event)? else { return Ok(0) };
-    let since = join.stream_ordering.unwrap_or(i64::MAX);
+    let since = join.stream_ordering.map_or(i64::MAX, |p| p.0);
     let rows: Vec<events::EventRow> = {
         let mut stmt = conn.prepare(&format!(
             "SELECT {} FROM events WHERE room_nid = ?1 AND stream_ordering > ?2 AND outlier = 0 ORDER BY stream_ordering",
@@ -710,7 +711,7 @@ fn reauthorise_since_join(conn: &rusqlite::Connection, room_nid: i64, join_event
         let Some(sg_before) = (if groups.is_empty() {
             None
         } else {
-            Some(state::resolve_groups(conn, room_nid, &room.version, &groups)?)
+            Some(state::resolve_groups(conn, RoomNid(room_nid), &room.version, &groups)?)
         }) else {
             continue;
         };
@@ -719,7 +720,9 @@ fn reauthorise_since_join(conn: &rusqlite::Connection, room_nid: i64, join_event
             flipped += 1;
         }
         let sg_after = match (row.state_key_nid, &verdict) {
-            (Some(skn), None) => state::new_group(conn, room_nid, Some(sg_before), &[(skn, Some(row.event_nid))])?,
+            (Some(skn), None) => {
+                state::new_group(conn, RoomNid(room_nid), Some(sg_before), &[(skn, Some(row.event_nid))])?
+            }
             _ => sg_before,
         };
         conn.execute(
@@ -733,7 +736,7 @@ fn reauthorise_since_join(conn: &rusqlite::Connection, room_nid: i64, join_event
     // Current state from the forward extremities' (possibly new) groups. An extremity rejected just now still
     // counts: its group is now the state before it, without it (skipping it would keep the stale current state).
     let mut groups = Vec::new();
-    for nid in events::forward_extremities(conn, room_nid)? {
+    for nid in events::forward_extremities(conn, RoomNid(room_nid))? {
         if let Some(r) = events::event_by_nid(conn, nid)? {
             if let Some(g) = r.sg_after {
                 groups.push(g);
@@ -741,8 +744,8 @@ fn reauthorise_since_join(conn: &rusqlite::Connection, room_nid: i64, join_event
         }
     }
     if !groups.is_empty() {
-        let current = state::resolve_groups(conn, room_nid, &room.version, &groups)?;
-        events::set_current_sg(conn, room_nid, current)?;
+        let current = state::resolve_groups(conn, RoomNid(room_nid), &room.version, &groups)?;
+        rooms::set_current_sg(conn, RoomNid(room_nid), current)?;
     }
     Ok(flipped)
 }

@@ -6,7 +6,7 @@
 use ruma::canonical_json::{CanonicalJsonObject, CanonicalJsonValue};
 use ruma::events::TimelineEventType;
 use ruma::room_version_rules::RoomVersionRules;
-use ruma::{Int, UserId};
+use ruma::{Int, RoomId, UserId};
 use rusqlite::Connection;
 use serde_json::Value;
 
@@ -14,8 +14,10 @@ use crate::error::{Error, Result};
 use crate::room::pdu::MAX_PDU_BYTES;
 use crate::room::power::PowerLevels;
 use crate::room::{load_pdu, state, version, Identity, Pdu};
-use crate::store::events::{self, NewEvent, RoomRow};
-use crate::store::Writer;
+use crate::store::events::{self, NewEvent};
+use crate::store::ids::{EventNid, RoomNid, StateGroup, StateKeyNid, StreamPos};
+use crate::store::rooms::{self, RoomRow};
+use crate::store::{members, state_groups, Writer};
 
 /// An event a local user wants to send.
 #[derive(Clone, Debug)]
@@ -38,8 +40,8 @@ impl LocalEvent {
 #[derive(Clone, Debug)]
 pub struct Appended {
     pub event_id: String,
-    pub event_nid: i64,
-    pub stream: i64,
+    pub event_nid: EventNid,
+    pub stream: StreamPos,
 }
 
 pub fn to_canonical(v: Value) -> Result<CanonicalJsonValue> {
@@ -51,8 +53,8 @@ pub fn to_canonical(v: Value) -> Result<CanonicalJsonValue> {
 pub fn build_pdu(
     identity: &Identity,
     rules: &RoomVersionRules,
-    room_id: Option<&str>,
-    sender: &str,
+    room_id: Option<&RoomId>,
+    sender: &UserId,
     ev: &LocalEvent,
     prev: &[(ruma::OwnedEventId, String)],
     auth: &[(ruma::OwnedEventId, String)],
@@ -73,9 +75,9 @@ pub fn build_pdu(
     if let Some(k) = &ev.state_key {
         obj.insert("state_key".into(), CanonicalJsonValue::String(k.clone()));
     }
-    obj.insert("sender".into(), CanonicalJsonValue::String(sender.to_owned()));
+    obj.insert("sender".into(), CanonicalJsonValue::String(sender.to_string()));
     if let Some(room_id) = room_id {
-        obj.insert("room_id".into(), CanonicalJsonValue::String(room_id.to_owned()));
+        obj.insert("room_id".into(), CanonicalJsonValue::String(room_id.to_string()));
     }
     obj.insert(
         "origin_server_ts".into(),
@@ -107,7 +109,7 @@ pub fn build_pdu(
     Pdu::from_canonical(obj, event_id, rules).map_err(Error::internal)
 }
 
-pub fn reference(conn: &Connection, nid: i64) -> Result<(ruma::OwnedEventId, String, i64)> {
+pub fn reference(conn: &Connection, nid: EventNid) -> Result<(ruma::OwnedEventId, String, i64)> {
     let row = events::event_by_nid(conn, nid)?.ok_or_else(|| Error::internal("missing referenced event"))?;
     let v: Value = serde_json::from_str(&row.json)?;
     let sha = v.pointer("/hashes/sha256").and_then(Value::as_str).unwrap_or_default().to_owned();
@@ -121,10 +123,10 @@ pub fn authorize(
     conn: &Connection,
     rules: &RoomVersionRules,
     pdu: &Pdu,
-    sg: Option<i64>,
+    sg: Option<StateGroup>,
 ) -> std::result::Result<(), String> {
     ruma::state_res::check_state_independent_auth_rules(&rules.authorization, pdu, |id| {
-        load_pdu(conn, id.as_str()).ok().flatten()
+        load_pdu(conn, id).ok().flatten()
     })?;
     if pdu.kind == TimelineEventType::RoomCreate {
         return Ok(());
@@ -139,13 +141,13 @@ pub fn authorize(
 pub fn append_local(
     w: &mut Writer<'_>,
     identity: &Identity,
-    room_id: &str,
-    sender: &str,
+    room_id: &RoomId,
+    sender: &UserId,
     ev: LocalEvent,
     txn: Option<(&str, &str)>,
 ) -> Result<Appended> {
     let conn = w.conn;
-    let room = &events::room_by_id(conn, room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
+    let room = &rooms::room_by_id(conn, room_id.as_str())?.ok_or_else(|| Error::not_found("unknown room"))?;
     let rules = version::rules(&room.version)?;
     let mut extremities = events::forward_extremities(conn, room.room_nid)?;
     extremities.sort_unstable();
@@ -159,10 +161,9 @@ pub fn append_local(
     let sg = room.current_sg.ok_or_else(|| Error::forbidden("room has no state"))?;
 
     let content_raw = serde_json::value::to_raw_value(&ev.content)?;
-    let sender_id = UserId::parse(sender).map_err(|e| Error::invalid_param(e.to_string()))?;
     let auth_types = ruma::state_res::auth_types_for_event(
         &TimelineEventType::from(ev.kind.as_str()),
-        &sender_id,
+        sender,
         ev.state_key.as_deref(),
         &content_raw,
         &rules.authorization,
@@ -170,8 +171,8 @@ pub fn append_local(
     .map_err(Error::bad_json)?;
     let mut auth = Vec::new();
     for (t, k) in auth_types {
-        if let Some(skn) = events::find_state_key_nid(conn, &t.to_string(), &k)? {
-            if let Some(nid) = events::lookup_state(conn, sg, skn)? {
+        if let Some(skn) = state_groups::find_state_key_nid(conn, &t.to_string(), &k)? {
+            if let Some(nid) = state_groups::lookup_state(conn, sg, skn)? {
                 let (id, sha, _) = reference(conn, nid)?;
                 auth.push((id, sha));
             }
@@ -179,10 +180,10 @@ pub fn append_local(
     }
 
     if let Some(target) = &ev.redacts {
-        check_local_redaction(conn, room, sg, sender, target)?;
+        check_local_redaction(conn, room, sg, sender.as_str(), target)?;
     }
 
-    let pdu = build_pdu(identity, &rules, Some(&room.room_id), sender, &ev, &prev, &auth, depth + 1)?;
+    let pdu = build_pdu(identity, &rules, Some(room_id), sender, &ev, &prev, &auth, depth + 1)?;
     authorize(conn, &rules, &pdu, Some(sg)).map_err(|e| Error::forbidden(format!("event not allowed: {e}")))?;
     if pdu.kind == TimelineEventType::RoomMember && pdu.membership().as_deref() == Some("invite") {
         if let Some(target) = &pdu.state_key {
@@ -242,7 +243,7 @@ pub fn commit_built(
             return Err(Error::internal("built event lost its prev events"))
         }
     };
-    let room = events::room_by_id(w.conn, pdu.room_id.as_str())?.ok_or_else(|| Error::internal("room vanished"))?;
+    let room = rooms::room_by_id(w.conn, pdu.room_id.as_str())?.ok_or_else(|| Error::internal("room vanished"))?;
     crate::store::outbox::enqueue_pdu(
         w.conn,
         room.room_nid,
@@ -253,7 +254,7 @@ pub fn commit_built(
     Ok(appended)
 }
 
-fn check_local_redaction(conn: &Connection, room: &RoomRow, sg: i64, sender: &str, target: &str) -> Result<()> {
+fn check_local_redaction(conn: &Connection, room: &RoomRow, sg: StateGroup, sender: &str, target: &str) -> Result<()> {
     let Some(row) = events::event_by_id(conn, target)? else { return Ok(()) };
     if row.room_nid != room.room_nid {
         return Err(Error::not_found("event not found in this room"));
@@ -280,14 +281,14 @@ pub fn persist(
     room: &RoomRow,
     rules: &RoomVersionRules,
     pdu: &Pdu,
-    sg_before: Option<i64>,
+    sg_before: Option<StateGroup>,
     outcome: Outcome,
     txn: Option<(&str, &str)>,
 ) -> Result<Appended> {
-    let stream = w.next_stream();
+    let stream = StreamPos(w.next_stream());
     let conn = w.conn;
     let skn = match &pdu.state_key {
-        Some(k) => Some(events::state_key_nid(conn, &pdu.kind.to_string(), k)?),
+        Some(k) => Some(state_groups::state_key_nid(conn, &pdu.kind.to_string(), k)?),
         None => None,
     };
     let json = pdu.canonical_string();
@@ -327,7 +328,7 @@ pub fn persist(
     events::set_sg_after(conn, event_nid, sg_after)?;
 
     if outcome == Outcome::Accepted {
-        let prev_nids: Vec<i64> = prevs.iter().filter_map(|p| events::event_nid(conn, p).ok().flatten()).collect();
+        let prev_nids: Vec<EventNid> = prevs.iter().filter_map(|p| events::event_nid(conn, p).ok().flatten()).collect();
         events::replace_extremities(conn, room.room_nid, &prev_nids, event_nid)?;
         update_current_state(w, identity, room, event_nid, sg_before, sg_after)?;
         if pdu.kind == TimelineEventType::RoomRedaction {
@@ -342,9 +343,9 @@ fn update_current_state(
     w: &mut Writer<'_>,
     identity: &Identity,
     room: &RoomRow,
-    event_nid: i64,
-    sg_before: Option<i64>,
-    sg_after: i64,
+    event_nid: EventNid,
+    sg_before: Option<StateGroup>,
+    sg_after: StateGroup,
 ) -> Result<()> {
     let conn = w.conn;
     let extremities = events::forward_extremities(conn, room.room_nid)?;
@@ -361,28 +362,28 @@ fn update_current_state(
         }
         state::resolve_groups(conn, room.room_nid, &room.version, &groups)?
     };
-    let old_sg = events::room_by_nid(conn, room.room_nid)?.and_then(|r| r.current_sg);
+    let old_sg = rooms::room_by_nid(conn, room.room_nid)?.and_then(|r| r.current_sg);
     if old_sg == Some(new_sg) {
         return Ok(());
     }
-    events::set_current_sg(conn, room.room_nid, new_sg)?;
+    rooms::set_current_sg(conn, room.room_nid, new_sg)?;
     // Membership changes between the old and new current state (the old members are read only when the state
     // moved some other way than by this event: reading them costs a pass over every member of a big room).
-    let changed: Vec<(String, i64)> = if new_sg == sg_after && old_sg.is_some() && old_sg == sg_before {
+    let changed: Vec<(String, EventNid)> = if new_sg == sg_after && old_sg.is_some() && old_sg == sg_before {
         // Common case: only this event may have changed membership.
         match events::event_by_nid(conn, event_nid)? {
             Some(row) if row.event_type == "m.room.member" => {
-                let (_, key) = events::state_key_of(conn, row.state_key_nid.unwrap_or_default())?;
+                let (_, key) = state_groups::state_key_of(conn, row.state_key_nid.unwrap_or(StateKeyNid(0)))?;
                 vec![(key, event_nid)]
             }
             _ => vec![],
         }
     } else {
         let old = match old_sg {
-            Some(g) => events::load_state_of_type(conn, g, "m.room.member")?,
+            Some(g) => state_groups::load_state_of_type(conn, g, "m.room.member")?,
             None => Default::default(),
         };
-        let new = events::load_state_of_type(conn, new_sg, "m.room.member")?;
+        let new = state_groups::load_state_of_type(conn, new_sg, "m.room.member")?;
         new.into_iter().filter(|(k, v)| old.get(k) != Some(v)).collect()
     };
     for (user_id, nid) in changed {
@@ -395,17 +396,17 @@ fn update_current_state(
 pub fn apply_membership(
     w: &mut Writer<'_>,
     identity: &Identity,
-    room_nid: i64,
+    room_nid: RoomNid,
     user_id: &str,
-    event_nid: i64,
+    event_nid: EventNid,
 ) -> Result<()> {
     let row = events::event_by_nid(w.conn, event_nid)?.ok_or_else(|| Error::internal("member event missing"))?;
     let v: Value = serde_json::from_str(&row.json)?;
     let content = v.get("content").cloned().unwrap_or(Value::Null);
     let membership = content.get("membership").and_then(Value::as_str).unwrap_or("leave").to_owned();
-    events::upsert_member(
+    members::upsert_member(
         w.conn,
-        &events::MemberUpdate {
+        &members::MemberUpdate {
             room_nid,
             user_id,
             membership: &membership,
@@ -415,13 +416,10 @@ pub fn apply_membership(
         },
     )?;
     if identity.is_local_user(user_id) {
-        let stream = w.next_stream();
-        events::record_local_membership(w.conn, stream, user_id, room_nid, &membership, event_nid)?;
+        let stream = StreamPos(w.next_stream());
+        members::record_local_membership(w.conn, stream, user_id, room_nid, &membership, event_nid)?;
         if membership == "join" {
-            w.conn.execute(
-                "DELETE FROM forgotten_rooms WHERE user_id = ?1 AND room_nid = ?2",
-                rusqlite::params![user_id, room_nid],
-            )?;
+            members::unforget_room(w.conn, user_id, room_nid)?;
         }
     }
     Ok(())
@@ -436,7 +434,7 @@ fn apply_redaction(conn: &Connection, room: &RoomRow, rules: &RoomVersionRules, 
     }
     let same_server = target.sender.split_once(':').map(|x| x.1) == Some(redaction.sender.server_name().as_str());
     let allowed = same_server || {
-        let sg = events::room_by_nid(conn, room.room_nid)?.and_then(|r| r.current_sg);
+        let sg = rooms::room_by_nid(conn, room.room_nid)?.and_then(|r| r.current_sg);
         match sg {
             Some(sg) => PowerLevels::load(conn, sg, &room.version)?.can_redact_others(redaction.sender.as_str()),
             None => false,

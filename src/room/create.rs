@@ -1,16 +1,16 @@
 //! Creating a room (`POST /createRoom`): the initial events, in one transaction.
 
+use ruma::{OwnedUserId, RoomId};
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 use crate::room::append::{self, build_pdu, persist, LocalEvent, Outcome};
 use crate::room::{version, Identity};
-use crate::store::events;
-use crate::store::Writer;
+use crate::store::{rooms, Writer};
 
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct CreateRoom {
-    pub creator: String,
+    pub creator: OwnedUserId,
     pub room_version: Option<String>,
     pub preset: Option<String>,
     pub visibility_public: bool,
@@ -22,6 +22,26 @@ pub struct CreateRoom {
     pub creation_content: Option<Value>,
     pub initial_state: Vec<LocalEvent>,
     pub power_level_content_override: Option<Value>,
+}
+
+impl CreateRoom {
+    /// A request with only the creator set: a private room with nothing else configured.
+    pub fn new(creator: OwnedUserId) -> CreateRoom {
+        CreateRoom {
+            creator,
+            room_version: None,
+            preset: None,
+            visibility_public: false,
+            name: None,
+            topic: None,
+            alias: None,
+            invite: Vec::new(),
+            is_direct: false,
+            creation_content: None,
+            initial_state: Vec::new(),
+            power_level_content_override: None,
+        }
+    }
 }
 
 /// Creates the room; returns its id and the built invites of remote users, which must go through their servers.
@@ -56,18 +76,19 @@ pub fn create_room(
             use rand::Rng;
             rand::thread_rng().sample_iter(rand::distributions::Alphanumeric).take(18).map(char::from).collect()
         };
-        Some(format!("!{local}:{}", identity.server_name))
+        Some(RoomId::parse(format!("!{local}:{}", identity.server_name)).map_err(|e| Error::internal(e.to_string()))?)
     };
     let pdu = build_pdu(identity, &rules, room_id.as_deref(), &req.creator, &create_ev, &[], &[], 1)?;
     let room_id = pdu.room_id.to_string();
-    let room_nid = events::insert_room(w.conn, &room_id, &ver)?;
-    let room = events::room_by_nid(w.conn, room_nid)?.ok_or_else(|| Error::internal("room vanished"))?;
+    let rid = pdu.room_id.clone();
+    let room_nid = rooms::insert_room(w.conn, &room_id, &ver)?;
+    let room = rooms::room_by_nid(w.conn, room_nid)?.ok_or_else(|| Error::internal("room vanished"))?;
     append::authorize(w.conn, &rules, &pdu, None).map_err(|e| Error::bad_json(format!("invalid create event: {e}")))?;
     persist(w, identity, &room, &rules, &pdu, None, Outcome::Accepted, None)?;
-    let send = |w: &mut Writer<'_>, ev: LocalEvent| append::append_local(w, identity, &room_id, &req.creator, ev, None);
+    let send = |w: &mut Writer<'_>, ev: LocalEvent| append::append_local(w, identity, &rid, &req.creator, ev, None);
 
     // The creator joins.
-    let profile = crate::store::accounts::get_user(w.conn, &req.creator)?;
+    let profile = crate::store::accounts::get_user(w.conn, req.creator.as_str())?;
     let mut member = json!({"membership": "join"});
     if let Some(p) = &profile {
         if let Some(d) = &p.displayname {
@@ -77,18 +98,18 @@ pub fn create_room(
             member["avatar_url"] = json!(a);
         }
     }
-    send(w, LocalEvent::state("m.room.member", &req.creator, member))?;
+    send(w, LocalEvent::state("m.room.member", req.creator.as_str(), member))?;
 
     // Power levels.
     let preset =
         req.preset.clone().unwrap_or_else(|| if req.visibility_public { "public_chat" } else { "private_chat" }.into());
     let mut users = serde_json::Map::new();
     if !version::creators_privileged(&rules) {
-        users.insert(req.creator.clone(), json!(100));
+        users.insert(req.creator.to_string(), json!(100));
     }
     if preset == "trusted_private_chat" {
         for u in &req.invite {
-            if u != &req.creator {
+            if u != req.creator.as_str() {
                 users.insert(u.clone(), json!(100));
             }
         }
@@ -156,7 +177,7 @@ pub fn create_room(
         }
     }
     if let Some(alias) = &req.alias {
-        crate::store::rooms::insert_alias(w.conn, alias, &room_id, &req.creator)?;
+        crate::store::rooms::insert_alias(w.conn, alias, &room_id, req.creator.as_str())?;
     }
     if req.visibility_public {
         crate::store::rooms::set_published(w.conn, &room_id, true)?;

@@ -4,28 +4,29 @@
 
 use std::collections::HashMap;
 
-use rusqlite::params;
+use ruma::{EventId, OwnedEventId, RoomId, ServerName};
 
 use crate::error::{Error, Result};
 use crate::room::Pdu;
 use crate::store::events::{self, NewEvent};
-use crate::store::Writer;
+use crate::store::ids::{RoomNid, StateGroup, StreamPos};
+use crate::store::{members, notary, rooms, state_groups, Writer};
 
 /// Creates the room row (or returns the existing one's nid).
-pub fn ensure_room(w: &mut Writer<'_>, room_id: &str, version: &str) -> Result<i64> {
-    match events::room_by_id(w.conn, room_id)? {
+pub fn ensure_room(w: &mut Writer<'_>, room_id: &RoomId, version: &str) -> Result<RoomNid> {
+    match rooms::room_by_id(w.conn, room_id.as_str())? {
         Some(r) => Ok(r.room_nid),
-        None => events::insert_room(w.conn, room_id, version),
+        None => rooms::insert_room(w.conn, room_id.as_str(), version),
     }
 }
 
 /// Inserts a chunk of events in order (their prev/auth events earlier in the same or a previous chunk).
-pub fn import_events(w: &mut Writer<'_>, room_nid: i64, pdus: &[Pdu]) -> Result<usize> {
+pub fn import_events(w: &mut Writer<'_>, room_nid: RoomNid, pdus: &[Pdu]) -> Result<usize> {
     for p in pdus {
-        let stream = w.next_stream();
+        let stream = StreamPos(w.next_stream());
         let conn = w.conn;
         let skn = match &p.state_key {
-            Some(k) => Some(events::state_key_nid(conn, &p.kind.to_string(), k)?),
+            Some(k) => Some(state_groups::state_key_nid(conn, &p.kind.to_string(), k)?),
             None => None,
         };
         let nid = events::insert_event(
@@ -57,45 +58,41 @@ pub fn import_events(w: &mut Writer<'_>, room_nid: i64, pdus: &[Pdu]) -> Result<
 /// state; `room_members` is filled and the last event becomes the forward extremity.
 pub fn import_finish(
     w: &mut Writer<'_>,
-    room_nid: i64,
-    state_event_ids: &[String],
-    timeline_from: &str,
-    last_event: &str,
-) -> Result<i64> {
+    room_nid: RoomNid,
+    state_event_ids: &[OwnedEventId],
+    timeline_from: &EventId,
+    last_event: &EventId,
+) -> Result<StateGroup> {
     let conn = w.conn;
     let mut map = HashMap::with_capacity(state_event_ids.len());
     let mut members = Vec::new();
-    {
-        let mut stmt =
-            conn.prepare_cached("SELECT event_nid, state_key_nid, event_type, json FROM events WHERE event_id = ?1")?;
-        for id in state_event_ids {
-            let (nid, skn, kind, json): (i64, Option<i64>, String, String) = stmt
-                .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-                .map_err(|_| Error::internal(format!("state event {id} not imported")))?;
-            let skn = skn.ok_or_else(|| Error::internal(format!("{id} is not a state event")))?;
-            map.insert(skn, nid);
-            if kind == "m.room.member" {
-                members.push((nid, json));
-            }
+    for id in state_event_ids {
+        let (nid, skn, kind, json) = events::state_entry_by_id(conn, id.as_str())
+            .ok()
+            .flatten()
+            .ok_or_else(|| Error::internal(format!("state event {id} not imported")))?;
+        let skn = skn.ok_or_else(|| Error::internal(format!("{id} is not a state event")))?;
+        map.insert(skn, nid);
+        if kind == "m.room.member" {
+            members.push((nid, json));
         }
     }
     let sg = crate::room::state::write_full(conn, room_nid, &map)?;
-    let from = events::event_nid(conn, timeline_from)?.ok_or_else(|| Error::internal("timeline_from not imported"))?;
-    conn.execute(
-        "UPDATE events SET sg_after = ?3 WHERE room_nid = ?1 AND event_nid >= ?2",
-        params![room_nid, from, sg],
-    )?;
-    events::set_current_sg(conn, room_nid, sg)?;
-    let last = events::event_nid(conn, last_event)?.ok_or_else(|| Error::internal("last event not imported"))?;
-    conn.execute("DELETE FROM forward_extremities WHERE room_nid = ?1", [room_nid])?;
+    let from = events::event_nid(conn, timeline_from.as_str())?
+        .ok_or_else(|| Error::internal("timeline_from not imported"))?;
+    events::set_sg_after_from(conn, room_nid, from, sg)?;
+    rooms::set_current_sg(conn, room_nid, sg)?;
+    let last =
+        events::event_nid(conn, last_event.as_str())?.ok_or_else(|| Error::internal("last event not imported"))?;
+    events::clear_extremities(conn, room_nid)?;
     events::replace_extremities(conn, room_nid, &[], last)?;
     for (nid, json) in members {
         let v: serde_json::Value = serde_json::from_str(&json)?;
         let user = v.get("state_key").and_then(|x| x.as_str()).unwrap_or_default();
         let content = v.get("content").cloned().unwrap_or_default();
-        events::upsert_member(
+        members::upsert_member(
             conn,
-            &events::MemberUpdate {
+            &members::MemberUpdate {
                 room_nid,
                 user_id: user,
                 membership: content.get("membership").and_then(|x| x.as_str()).unwrap_or("leave"),
@@ -109,10 +106,6 @@ pub fn import_finish(
 }
 
 /// Stores another server's self-signed key response for serving as a notary.
-pub fn store_notary_key(w: &mut Writer<'_>, server_name: &str, response: &str) -> Result<()> {
-    w.conn.execute(
-        "INSERT OR REPLACE INTO notary_keys (server_name, response) VALUES (?1, ?2)",
-        params![server_name, response],
-    )?;
-    Ok(())
+pub fn store_notary_key(w: &mut Writer<'_>, server_name: &ServerName, response: &str) -> Result<()> {
+    notary::store_notary_key(w.conn, server_name.as_str(), response)
 }

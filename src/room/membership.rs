@@ -1,34 +1,36 @@
 //! Membership changes and who may see what.
 
+use ruma::{RoomId, UserId};
 use rusqlite::Connection;
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 use crate::room::append::{append_local, Appended, LocalEvent};
 use crate::room::Identity;
-use crate::store::events::{self, RoomRow};
-use crate::store::{accounts, Writer};
+use crate::store::ids::{EventNid, StateGroup, StreamPos};
+use crate::store::rooms::{self, RoomRow};
+use crate::store::{accounts, events, members, Writer};
 
 /// Writes `target`'s membership (join/leave/invite/ban) as `sender`, with ruma's auth deciding if it is allowed.
 #[allow(clippy::too_many_arguments)]
 pub fn set_membership(
     w: &mut Writer<'_>,
     identity: &Identity,
-    room_id: &str,
-    sender: &str,
-    target: &str,
+    room_id: &RoomId,
+    sender: &UserId,
+    target: &UserId,
     membership: &str,
     reason: Option<&str>,
     extra: Option<Value>,
 ) -> Result<Appended> {
-    let room = events::room_by_id(w.conn, room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
+    let room = rooms::room_by_id(w.conn, room_id.as_str())?.ok_or_else(|| Error::not_found("unknown room"))?;
     let mut content = json!({"membership": membership});
     if let Some(r) = reason {
         content["reason"] = json!(r);
     }
     if membership == "join" || membership == "invite" {
         // Profile of the target for local users; remote profiles are filled by their own server on join.
-        if let Some(u) = accounts::get_user(w.conn, target)? {
+        if let Some(u) = accounts::get_user(w.conn, target.as_str())? {
             if let Some(d) = u.displayname {
                 content["displayname"] = json!(d);
             }
@@ -42,17 +44,21 @@ pub fn set_membership(
             obj.entry(k).or_insert(v);
         }
     }
-    let current = events::membership_of(w.conn, room.room_nid, target)?.map(|m| m.0);
+    let current = members::membership_of(w.conn, room.room_nid, target.as_str())?.map(|m| m.0);
     // Idempotent no-ops that auth would reject or that would spam the timeline.
     if membership == "join" && current.as_deref() == Some("join") && sender == target {
-        let (_, nid) = events::membership_of(w.conn, room.room_nid, target)?.unwrap_or_default();
+        let nid = members::membership_of(w.conn, room.room_nid, target.as_str())?.map_or(EventNid(0), |m| m.1);
         let row = events::event_by_nid(w.conn, nid)?.ok_or_else(|| Error::internal("member event missing"))?;
-        return Ok(Appended { event_id: row.event_id, event_nid: nid, stream: row.stream_ordering.unwrap_or(0) });
+        return Ok(Appended {
+            event_id: row.event_id,
+            event_nid: nid,
+            stream: row.stream_ordering.unwrap_or(StreamPos(0)),
+        });
     }
     if membership == "leave" && sender == target && !matches!(current.as_deref(), Some("join" | "invite" | "knock")) {
         return Err(Error::forbidden("you are not in this room"));
     }
-    append_local(w, identity, &room.room_id, sender, LocalEvent::state("m.room.member", target, content), None)
+    append_local(w, identity, room_id, sender, LocalEvent::state("m.room.member", target.as_str(), content), None)
 }
 
 /// How far a user may read a room's timeline.
@@ -66,18 +72,13 @@ pub enum Visibility {
 }
 
 pub fn visibility(conn: &Connection, room: &RoomRow, user_id: &str) -> Result<Visibility> {
-    match events::membership_of(conn, room.room_nid, user_id)? {
+    match members::membership_of(conn, room.room_nid, user_id)? {
         Some((m, _)) if m == "join" => return Ok(Visibility::All),
-        Some((m, nid)) if m == "leave" || m == "ban" => {
-            let was_joined: bool = conn
-                .prepare_cached(
-                    "SELECT 1 FROM local_membership_stream WHERE user_id = ?1 AND room_nid = ?2 AND membership = 'join'",
-                )?
-                .exists(rusqlite::params![user_id, room.room_nid])?;
-            if was_joined {
-                let row = events::event_by_nid(conn, nid)?;
-                return Ok(Visibility::UpTo(row.and_then(|r| r.stream_ordering).unwrap_or(0)));
-            }
+        Some((m, nid))
+            if (m == "leave" || m == "ban") && members::was_locally_joined(conn, user_id, room.room_nid)? =>
+        {
+            let row = events::event_by_nid(conn, nid)?;
+            return Ok(Visibility::UpTo(row.and_then(|r| r.stream_ordering).map_or(0, |p| p.0)));
         }
         _ => {}
     }
@@ -92,7 +93,7 @@ pub fn visibility(conn: &Connection, room: &RoomRow, user_id: &str) -> Result<Vi
 
 /// Loads a room the user may read, or 403/404.
 pub fn readable_room(conn: &Connection, room_id: &str, user_id: &str) -> Result<(RoomRow, Visibility)> {
-    let room = events::room_by_id(conn, room_id)?.ok_or_else(|| Error::forbidden("you are not in this room"))?;
+    let room = rooms::room_by_id(conn, room_id)?.ok_or_else(|| Error::forbidden("you are not in this room"))?;
     match visibility(conn, &room, user_id)? {
         Visibility::None => Err(Error::forbidden("you are not in this room")),
         v => Ok((room, v)),
@@ -100,15 +101,9 @@ pub fn readable_room(conn: &Connection, room_id: &str, user_id: &str) -> Result<
 }
 
 /// State group to show a user: current state for members, the state at their leave for former members.
-pub fn visible_state_group(conn: &Connection, room: &RoomRow, vis: Visibility) -> Result<Option<i64>> {
+pub fn visible_state_group(conn: &Connection, room: &RoomRow, vis: Visibility) -> Result<Option<StateGroup>> {
     match vis {
-        Visibility::UpTo(pos) => Ok(conn
-            .prepare_cached(
-                "SELECT sg_after FROM events WHERE room_nid = ?1 AND stream_ordering <= ?2 AND sg_after IS NOT NULL
-                 AND stream_ordering IS NOT NULL ORDER BY stream_ordering DESC LIMIT 1",
-            )?
-            .query_row(rusqlite::params![room.room_nid, pos], |r| r.get(0))
-            .ok()),
+        Visibility::UpTo(pos) => events::sg_at_stream(conn, room.room_nid, StreamPos(pos)),
         _ => Ok(room.current_sg),
     }
 }
@@ -127,12 +122,8 @@ pub fn visible_from(conn: &Connection, room: &RoomRow, user_id: &str) -> Result<
         _ => return Ok(i64::MIN),
     };
     let mut first: Option<i64> = None;
-    let mut stmt = conn.prepare_cached(
-        "SELECT min(e.stream_ordering) FROM local_membership_stream m JOIN events e ON e.event_nid = m.event_nid
-         WHERE m.user_id = ?1 AND m.room_nid = ?2 AND m.membership = ?3",
-    )?;
     for m in memberships {
-        let pos: Option<i64> = stmt.query_row(rusqlite::params![user_id, room.room_nid, m], |r| r.get(0))?;
+        let pos = members::first_local_membership_pos(conn, user_id, room.room_nid, m)?.map(|p| p.0);
         first = match (first, pos) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),

@@ -8,16 +8,19 @@ pub mod pdu;
 pub mod power;
 pub mod remote;
 pub mod state;
+#[cfg(test)]
+mod tests;
 pub mod version;
 
 use std::sync::Arc;
 
 use ruma::signatures::Ed25519KeyPair;
-use ruma::OwnedServerName;
+use ruma::{EventId, OwnedRoomId, OwnedServerName, OwnedUserId, RoomId, UserId};
 use rusqlite::{Connection, OptionalExtension};
 
 use crate::error::Result;
-use crate::store::events;
+use crate::store::ids::StateGroup;
+use crate::store::{events, rooms, state_groups};
 pub use pdu::Pdu;
 
 /// This server's name and signing key.
@@ -84,15 +87,26 @@ impl Identity {
     }
 }
 
+/// A room id from a request, parsed at the edge: one that does not parse names no room we know (404, as an unknown
+/// room would be).
+pub fn parse_room_id(room_id: &str) -> Result<OwnedRoomId> {
+    RoomId::parse(room_id).map_err(|_| crate::error::Error::not_found("unknown room"))
+}
+
+/// A user id from a request, parsed at the edge (400 when it does not parse).
+pub fn parse_user_id(user_id: &str) -> Result<OwnedUserId> {
+    UserId::parse(user_id).map_err(|e| crate::error::Error::invalid_param(e.to_string()))
+}
+
 /// Loads a stored event as a [`Pdu`] (for auth and state resolution).
-pub fn load_pdu(conn: &Connection, event_id: &str) -> Result<Option<Pdu>> {
-    let Some(row) = events::event_by_id(conn, event_id)? else { return Ok(None) };
+pub fn load_pdu(conn: &Connection, event_id: &EventId) -> Result<Option<Pdu>> {
+    let Some(row) = events::event_by_id(conn, event_id.as_str())? else { return Ok(None) };
     pdu_from_row(conn, &row).map(Some)
 }
 
 pub fn pdu_from_row(conn: &Connection, row: &events::EventRow) -> Result<Pdu> {
     let room =
-        events::room_by_nid(conn, row.room_nid)?.ok_or_else(|| crate::error::Error::internal("event without room"))?;
+        rooms::room_by_nid(conn, row.room_nid)?.ok_or_else(|| crate::error::Error::internal("event without room"))?;
     pdu_from_row_with(row, &version::rules(&room.version)?)
 }
 
@@ -114,9 +128,9 @@ fn pdu_from_row_with(row: &events::EventRow, rules: &ruma::room_version_rules::R
 }
 
 /// Looks up `(type, state_key)` in a state group and loads that event.
-pub fn state_event(conn: &Connection, sg: i64, event_type: &str, state_key: &str) -> Result<Option<Pdu>> {
-    let Some(skn) = events::find_state_key_nid(conn, event_type, state_key)? else { return Ok(None) };
-    let Some(nid) = events::lookup_state(conn, sg, skn)? else { return Ok(None) };
+pub fn state_event(conn: &Connection, sg: StateGroup, event_type: &str, state_key: &str) -> Result<Option<Pdu>> {
+    let Some(skn) = state_groups::find_state_key_nid(conn, event_type, state_key)? else { return Ok(None) };
+    let Some(nid) = state_groups::lookup_state(conn, sg, skn)? else { return Ok(None) };
     let Some(row) = events::event_by_nid(conn, nid)? else { return Ok(None) };
     pdu_from_row(conn, &row).map(Some)
 }
@@ -124,7 +138,7 @@ pub fn state_event(conn: &Connection, sg: i64, event_type: &str, state_key: &str
 /// Content of a state event in a group, as JSON.
 pub fn state_content(
     conn: &Connection,
-    sg: i64,
+    sg: StateGroup,
     event_type: &str,
     state_key: &str,
 ) -> Result<Option<serde_json::Value>> {

@@ -6,6 +6,7 @@ use serde_json::Value;
 
 use crate::error::Result;
 use crate::room::{state_content, state_event, version};
+use crate::store::ids::StateGroup;
 
 pub struct PowerLevels {
     content: Value,
@@ -23,7 +24,7 @@ fn int(v: Option<&Value>) -> Option<i64> {
 }
 
 impl PowerLevels {
-    pub fn load(conn: &Connection, sg: i64, room_version: &str) -> Result<PowerLevels> {
+    pub fn load(conn: &Connection, sg: StateGroup, room_version: &str) -> Result<PowerLevels> {
         let rules = version::rules(room_version)?;
         let pl = state_content(conn, sg, "m.room.power_levels", "")?;
         let create = state_event(conn, sg, "m.room.create", "")?;

@@ -14,8 +14,10 @@ use crate::error::{Error, Result};
 use crate::room::append::{authorize, persist, Appended, Outcome};
 use crate::room::pdu::MAX_PDU_BYTES;
 use crate::room::{load_pdu, state, version, Identity, Pdu};
-use crate::store::events::{self, EventRow, NewEvent, RoomRow};
-use crate::store::Writer;
+use crate::store::events::{self, EventRow, NewEvent};
+use crate::store::ids::{EventNid, StateGroup, StateKeyNid};
+use crate::store::rooms::{self, RoomRow};
+use crate::store::{state_groups, Writer};
 
 /// Parses a PDU received over federation and computes its id (no signature check yet).
 pub fn parse_remote(obj: CanonicalJsonObject, rules: &RoomVersionRules) -> std::result::Result<Pdu, String> {
@@ -65,7 +67,7 @@ pub fn verify_remote(pdu: Pdu, rules: &RoomVersionRules, keys: &PublicKeyMap) ->
 /// rooms and events already held (a `/state` answer and a `send_join` answer are stored this way, batch by batch).
 /// Returns how many were new.
 pub fn persist_outlier_batch(conn: &Connection, room_id: &str, mut pdus: Vec<Pdu>) -> Result<usize> {
-    let room = events::room_by_id(conn, room_id)?.ok_or_else(|| Error::internal("room vanished"))?;
+    let room = rooms::room_by_id(conn, room_id)?.ok_or_else(|| Error::internal("room vanished"))?;
     pdus.sort_by_key(|p| p.depth);
     let mut n = 0;
     for p in pdus.iter().filter(|p| p.room_id.as_str() == room_id) {
@@ -77,12 +79,12 @@ pub fn persist_outlier_batch(conn: &Connection, room_id: &str, mut pdus: Vec<Pdu
     Ok(n)
 }
 
-pub fn persist_outlier(conn: &Connection, room: &RoomRow, pdu: &Pdu) -> Result<i64> {
+pub fn persist_outlier(conn: &Connection, room: &RoomRow, pdu: &Pdu) -> Result<EventNid> {
     if let Some(nid) = events::event_nid(conn, pdu.event_id.as_str())? {
         return Ok(nid);
     }
     let skn = match &pdu.state_key {
-        Some(k) => Some(events::state_key_nid(conn, &pdu.kind.to_string(), k)?),
+        Some(k) => Some(state_groups::state_key_nid(conn, &pdu.kind.to_string(), k)?),
         None => None,
     };
     let nid = events::insert_event(
@@ -168,7 +170,11 @@ pub enum Incoming {
 }
 
 /// The state group before an event whose prev events we all hold.
-pub fn state_before(conn: &Connection, room: &RoomRow, pdu: &Pdu) -> Result<std::result::Result<i64, Vec<String>>> {
+pub fn state_before(
+    conn: &Connection,
+    room: &RoomRow,
+    pdu: &Pdu,
+) -> Result<std::result::Result<StateGroup, Vec<String>>> {
     let mut groups = Vec::new();
     let mut missing = Vec::new();
     for p in &pdu.prev_events {
@@ -196,7 +202,7 @@ pub struct GapBranch {
 /// resolved together. Each branch is written as a delta over the known prevs' state (or our current state) with
 /// only the entries that differ, and only from events we hold and did not reject: in a partial-state room the
 /// omitted memberships stay as they are, and the resync fills them like any other group's.
-pub fn state_across_gap(conn: &Connection, room: &RoomRow, pdu: &Pdu, branches: &[GapBranch]) -> Result<i64> {
+pub fn state_across_gap(conn: &Connection, room: &RoomRow, pdu: &Pdu, branches: &[GapBranch]) -> Result<StateGroup> {
     let mut groups = Vec::new();
     for p in &pdu.prev_events {
         if let Some(row) = events::event_by_id(conn, p.as_str())? {
@@ -209,9 +215,9 @@ pub fn state_across_gap(conn: &Connection, room: &RoomRow, pdu: &Pdu, branches: 
         [] => room.current_sg.ok_or_else(|| Error::not_found("room has no state"))?,
         _ => state::resolve_groups(conn, room.room_nid, &room.version, &groups)?,
     };
-    let base_state = events::load_state(conn, base)?;
+    let base_state = state_groups::load_state(conn, base)?;
     for b in branches {
-        let mut after: HashMap<i64, i64> = HashMap::new();
+        let mut after: HashMap<StateKeyNid, EventNid> = HashMap::new();
         for id in b.state_before.iter().chain(std::iter::once(&b.prev)) {
             if let Some(row) = events::event_by_id(conn, id)? {
                 if let (Some(skn), None, true) = (row.state_key_nid, &row.rejected, row.room_nid == room.room_nid) {
@@ -219,7 +225,7 @@ pub fn state_across_gap(conn: &Connection, room: &RoomRow, pdu: &Pdu, branches: 
                 }
             }
         }
-        let changes: Vec<(i64, Option<i64>)> =
+        let changes: Vec<(StateKeyNid, Option<EventNid>)> =
             after.into_iter().filter(|(k, v)| base_state.get(k) != Some(v)).map(|(k, v)| (k, Some(v))).collect();
         let g = if changes.is_empty() { base } else { state::new_group(conn, room.room_nid, Some(base), &changes)? };
         // The missing event (an outlier) keeps the state after it: later events citing it, and the
@@ -242,10 +248,10 @@ pub fn handle_incoming(
     identity: &Identity,
     room_id: &str,
     pdu: &Pdu,
-    forced_state: Option<i64>,
+    forced_state: Option<StateGroup>,
 ) -> Result<Incoming> {
     let conn = w.conn;
-    let room = events::room_by_id(conn, room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
+    let room = rooms::room_by_id(conn, room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
     if let Some(row) = events::event_by_id(conn, pdu.event_id.as_str())? {
         if !row.outlier {
             return Ok(Incoming::AlreadyKnown);
@@ -268,7 +274,13 @@ pub fn handle_incoming(
 }
 
 /// Auth against the event's auth events and the state before it; soft-fail against current state.
-fn check(conn: &Connection, room: &RoomRow, rules: &RoomVersionRules, pdu: &Pdu, sg_before: i64) -> Result<Outcome> {
+fn check(
+    conn: &Connection,
+    room: &RoomRow,
+    rules: &RoomVersionRules,
+    pdu: &Pdu,
+    sg_before: StateGroup,
+) -> Result<Outcome> {
     for a in &pdu.auth_events {
         if events::event_nid(conn, a.as_str())?.is_none() {
             return Ok(Outcome::Rejected(format!("auth event {a} unknown")));
@@ -285,7 +297,7 @@ fn check(conn: &Connection, room: &RoomRow, rules: &RoomVersionRules, pdu: &Pdu,
         return Ok(Outcome::Rejected(reason));
     }
     if !room.partial_state {
-        if let Some(current) = events::room_by_nid(conn, room.room_nid)?.and_then(|r| r.current_sg) {
+        if let Some(current) = rooms::room_by_nid(conn, room.room_nid)?.and_then(|r| r.current_sg) {
             if current != sg_before && authorize(conn, rules, pdu, Some(current)).is_err() {
                 return Ok(Outcome::SoftFailed);
             }
@@ -298,10 +310,10 @@ pub fn authorize_partial(
     conn: &Connection,
     rules: &RoomVersionRules,
     pdu: &Pdu,
-    sg: i64,
+    sg: StateGroup,
 ) -> std::result::Result<(), String> {
     ruma::state_res::check_state_independent_auth_rules(&rules.authorization, pdu, |id| {
-        load_pdu(conn, id.as_str()).ok().flatten()
+        load_pdu(conn, id).ok().flatten()
     })?;
     if pdu.kind == TimelineEventType::RoomCreate {
         return Ok(());
@@ -309,7 +321,7 @@ pub fn authorize_partial(
     let by_key: HashMap<(String, String), Pdu> = pdu
         .auth_events
         .iter()
-        .filter_map(|id| load_pdu(conn, id.as_str()).ok().flatten())
+        .filter_map(|id| load_pdu(conn, id).ok().flatten())
         .filter_map(|p| p.state_key.clone().map(|k| ((p.kind.to_string(), k), p)))
         .collect();
     ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, pdu, |t, k| {

@@ -10,19 +10,26 @@ use rusqlite::Connection;
 
 use crate::error::{Error, Result};
 use crate::room::{load_pdu, version, Pdu};
-use crate::store::events::{self, MAX_SG_DEPTH};
+use crate::store::events;
+use crate::store::ids::{EventNid, RoomNid, StateGroup, StateKeyNid};
+use crate::store::state_groups::{self, MAX_SG_DEPTH};
 
 /// A new group = `parent` with `changes` applied. Written as a delta unless the chain would grow past the bound.
-pub fn new_group(conn: &Connection, room_nid: i64, parent: Option<i64>, changes: &[(i64, Option<i64>)]) -> Result<i64> {
+pub fn new_group(
+    conn: &Connection,
+    room_nid: RoomNid,
+    parent: Option<StateGroup>,
+    changes: &[(StateKeyNid, Option<EventNid>)],
+) -> Result<StateGroup> {
     match parent {
         Some(p) => {
-            let depth = events::sg_depth(conn, p)? + 1;
+            let depth = state_groups::sg_depth(conn, p)? + 1;
             if depth <= MAX_SG_DEPTH {
-                let sg = events::insert_sg(conn, room_nid, Some(p), depth, false)?;
-                events::insert_sg_entries(conn, sg, changes)?;
+                let sg = state_groups::insert_sg(conn, room_nid, Some(p), depth, false)?;
+                state_groups::insert_sg_entries(conn, sg, changes)?;
                 return Ok(sg);
             }
-            let mut full = events::load_state(conn, p)?;
+            let mut full = state_groups::load_state(conn, p)?;
             for (k, v) in changes {
                 match v {
                     Some(ev) => full.insert(*k, *ev),
@@ -32,24 +39,29 @@ pub fn new_group(conn: &Connection, room_nid: i64, parent: Option<i64>, changes:
             write_full(conn, room_nid, &full)
         }
         None => {
-            let full: HashMap<i64, i64> = changes.iter().filter_map(|(k, v)| v.map(|v| (*k, v))).collect();
+            let full: HashMap<StateKeyNid, EventNid> = changes.iter().filter_map(|(k, v)| v.map(|v| (*k, v))).collect();
             write_full(conn, room_nid, &full)
         }
     }
 }
 
 /// Writes a root group holding the whole state.
-pub fn write_full(conn: &Connection, room_nid: i64, state: &HashMap<i64, i64>) -> Result<i64> {
-    let sg = events::insert_sg(conn, room_nid, None, 0, false)?;
-    let entries: Vec<(i64, Option<i64>)> = state.iter().map(|(k, v)| (*k, Some(*v))).collect();
-    events::insert_sg_entries(conn, sg, &entries)?;
+pub fn write_full(conn: &Connection, room_nid: RoomNid, state: &HashMap<StateKeyNid, EventNid>) -> Result<StateGroup> {
+    let sg = state_groups::insert_sg(conn, room_nid, None, 0, false)?;
+    let entries: Vec<(StateKeyNid, Option<EventNid>)> = state.iter().map(|(k, v)| (*k, Some(*v))).collect();
+    state_groups::insert_sg_entries(conn, sg, &entries)?;
     Ok(sg)
 }
 
 /// A group holding exactly `state`, written as a delta over `base` (which should be close to it).
-pub fn group_for_state(conn: &Connection, room_nid: i64, base: i64, state: &HashMap<i64, i64>) -> Result<i64> {
-    let base_state = events::load_state(conn, base)?;
-    let mut changes: Vec<(i64, Option<i64>)> =
+pub fn group_for_state(
+    conn: &Connection,
+    room_nid: RoomNid,
+    base: StateGroup,
+    state: &HashMap<StateKeyNid, EventNid>,
+) -> Result<StateGroup> {
+    let base_state = state_groups::load_state(conn, base)?;
+    let mut changes: Vec<(StateKeyNid, Option<EventNid>)> =
         state.iter().filter(|(k, v)| base_state.get(k) != Some(v)).map(|(k, v)| (*k, Some(*v))).collect();
     changes.extend(base_state.keys().filter(|k| !state.contains_key(k)).map(|k| (*k, None)));
     if changes.is_empty() {
@@ -58,10 +70,10 @@ pub fn group_for_state(conn: &Connection, room_nid: i64, base: i64, state: &Hash
     new_group(conn, room_nid, Some(base), &changes)
 }
 
-fn to_state_map(conn: &Connection, state: &HashMap<i64, i64>) -> Result<StateMap<OwnedEventId>> {
+fn to_state_map(conn: &Connection, state: &HashMap<StateKeyNid, EventNid>) -> Result<StateMap<OwnedEventId>> {
     let mut map = StateMap::new();
     for (skn, nid) in state {
-        let (t, k) = events::state_key_of(conn, *skn)?;
+        let (t, k) = state_groups::state_key_of(conn, *skn)?;
         let row = events::event_by_nid(conn, *nid)?.ok_or_else(|| Error::internal("state entry without event"))?;
         map.insert(
             (StateEventType::from(t), k),
@@ -87,8 +99,13 @@ pub fn auth_chain(conn: &Connection, ids: impl IntoIterator<Item = OwnedEventId>
 }
 
 /// Resolves the states of several groups (a fork) into one group, with the room version's algorithm.
-pub fn resolve_groups(conn: &Connection, room_nid: i64, room_version: &str, groups: &[i64]) -> Result<i64> {
-    let unique: Vec<i64> = {
+pub fn resolve_groups(
+    conn: &Connection,
+    room_nid: RoomNid,
+    room_version: &str,
+    groups: &[StateGroup],
+) -> Result<StateGroup> {
+    let unique: Vec<StateGroup> = {
         let mut g = groups.to_vec();
         g.sort_unstable();
         g.dedup();
@@ -98,7 +115,8 @@ pub fn resolve_groups(conn: &Connection, room_nid: i64, room_version: &str, grou
         return Ok(unique[0]);
     }
     let rules = version::rules(room_version)?;
-    let states: Vec<HashMap<i64, i64>> = unique.iter().map(|g| events::load_state(conn, *g)).collect::<Result<_>>()?;
+    let states: Vec<HashMap<StateKeyNid, EventNid>> =
+        unique.iter().map(|g| state_groups::load_state(conn, *g)).collect::<Result<_>>()?;
     if states.windows(2).all(|w| w[0] == w[1]) {
         return Ok(unique[0]);
     }
@@ -108,7 +126,7 @@ pub fn resolve_groups(conn: &Connection, room_nid: i64, room_version: &str, grou
         let chain = auth_chain(conn, m.values().cloned())?;
         chains.push(chain.into_iter().collect::<EventIdSet<OwnedEventId>>());
     }
-    let fetch = |id: &ruma::EventId| -> Option<Pdu> { load_pdu(conn, id.as_str()).ok().flatten() };
+    let fetch = |id: &ruma::EventId| -> Option<Pdu> { load_pdu(conn, id).ok().flatten() };
     let state_res_rules = match rules.state_res {
         ruma::room_version_rules::StateResolutionVersion::V2(r) => r,
         // v1 rooms: resolve with v2 rules (ruma implements only v2); documented limitation.
@@ -122,7 +140,7 @@ pub fn resolve_groups(conn: &Connection, room_nid: i64, room_version: &str, grou
             .map_err(|e| Error::internal(format!("state resolution failed: {e}")))?;
     let mut state = HashMap::new();
     for ((t, k), id) in resolved {
-        let skn = events::state_key_nid(conn, &t.to_string(), &k)?;
+        let skn = state_groups::state_key_nid(conn, &t.to_string(), &k)?;
         let nid = events::event_nid(conn, id.as_str())?.ok_or_else(|| Error::internal("resolved to unknown event"))?;
         state.insert(skn, nid);
     }
@@ -141,7 +159,7 @@ fn conflicted_subgraph(
     let mut todo: Vec<OwnedEventId> = starts.iter().cloned().collect();
     let mut seen: HashSet<OwnedEventId> = starts.clone();
     while let Some(id) = todo.pop() {
-        if let Some(pdu) = load_pdu(conn, id.as_str())? {
+        if let Some(pdu) = load_pdu(conn, &id)? {
             for a in &pdu.auth_events {
                 parents.entry(id.clone()).or_default().push(a.clone());
                 if seen.insert(a.clone()) {

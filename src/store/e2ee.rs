@@ -34,6 +34,13 @@ pub fn previous_device_list_pos(conn: &Connection, user_id: &str, pos: i64) -> R
         .query_row(params![user_id, pos], |r| r.get(0))?)
 }
 
+/// The position of `user_id`'s latest device list change, 0 if none (a federation device list's `stream_id`).
+pub fn latest_device_list_pos(conn: &Connection, user_id: &str) -> Result<i64> {
+    Ok(conn
+        .prepare_cached("SELECT coalesce(max(stream_ordering), 0) FROM device_list_stream WHERE user_id = ?1")?
+        .query_row([user_id], |r| r.get(0))?)
+}
+
 /// Other servers in a room that `user_id` is joined to (who must hear of its key changes): those with a joined
 /// member, plus, for rooms still partial (lazy joins), the servers the resident named in `servers_in_room`.
 pub fn servers_sharing_rooms(conn: &Connection, user_id: &str, our_server: &str) -> Result<Vec<String>> {

@@ -1,94 +1,25 @@
-//! Rooms, events, state groups and the materialised membership table.
-
-use std::collections::HashMap;
+//! Events: their rows and JSON, prev and auth edges, forward extremities, redactions.
 
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::error::Result;
-
-#[derive(Clone, Debug)]
-pub struct RoomRow {
-    pub room_nid: i64,
-    pub room_id: String,
-    pub version: String,
-    pub current_sg: Option<i64>,
-    pub partial_state: bool,
-}
-
-const ROOM_COLS: &str = "room_nid, room_id, room_version, current_sg, partial_state";
-
-fn room_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RoomRow> {
-    Ok(RoomRow {
-        room_nid: r.get(0)?,
-        room_id: r.get(1)?,
-        version: r.get(2)?,
-        current_sg: r.get(3)?,
-        partial_state: r.get(4)?,
-    })
-}
-
-pub fn room_by_id(conn: &Connection, room_id: &str) -> Result<Option<RoomRow>> {
-    Ok(conn
-        .prepare_cached(&format!("SELECT {ROOM_COLS} FROM rooms WHERE room_id = ?1"))?
-        .query_row([room_id], room_row)
-        .optional()?)
-}
-
-pub fn room_by_nid(conn: &Connection, room_nid: i64) -> Result<Option<RoomRow>> {
-    Ok(conn
-        .prepare_cached(&format!("SELECT {ROOM_COLS} FROM rooms WHERE room_nid = ?1"))?
-        .query_row([room_nid], room_row)
-        .optional()?)
-}
-
-pub fn insert_room(conn: &Connection, room_id: &str, version: &str) -> Result<i64> {
-    conn.execute("INSERT INTO rooms (room_id, room_version) VALUES (?1, ?2)", params![room_id, version])?;
-    Ok(conn.last_insert_rowid())
-}
-
-pub fn set_current_sg(conn: &Connection, room_nid: i64, sg: i64) -> Result<()> {
-    conn.execute("UPDATE rooms SET current_sg = ?2 WHERE room_nid = ?1", params![room_nid, sg])?;
-    Ok(())
-}
-
-/// Interns `(type, state_key)`.
-pub fn state_key_nid(conn: &Connection, event_type: &str, state_key: &str) -> Result<i64> {
-    if let Some(nid) = find_state_key_nid(conn, event_type, state_key)? {
-        return Ok(nid);
-    }
-    conn.prepare_cached("INSERT INTO state_keys (event_type, state_key) VALUES (?1, ?2)")?
-        .execute(params![event_type, state_key])?;
-    Ok(conn.last_insert_rowid())
-}
-
-pub fn find_state_key_nid(conn: &Connection, event_type: &str, state_key: &str) -> Result<Option<i64>> {
-    Ok(conn
-        .prepare_cached("SELECT state_key_nid FROM state_keys WHERE event_type = ?1 AND state_key = ?2")?
-        .query_row(params![event_type, state_key], |r| r.get(0))
-        .optional()?)
-}
-
-pub fn state_key_of(conn: &Connection, nid: i64) -> Result<(String, String)> {
-    Ok(conn
-        .prepare_cached("SELECT event_type, state_key FROM state_keys WHERE state_key_nid = ?1")?
-        .query_row([nid], |r| Ok((r.get(0)?, r.get(1)?)))?)
-}
+use crate::store::ids::{EventNid, RoomNid, StateGroup, StateKeyNid, StreamPos};
 
 #[derive(Clone, Debug)]
 pub struct EventRow {
-    pub event_nid: i64,
+    pub event_nid: EventNid,
     pub event_id: String,
-    pub room_nid: i64,
+    pub room_nid: RoomNid,
     pub event_type: String,
-    pub state_key_nid: Option<i64>,
+    pub state_key_nid: Option<StateKeyNid>,
     pub sender: String,
     pub origin_server_ts: i64,
     pub depth: i64,
-    pub stream_ordering: Option<i64>,
+    pub stream_ordering: Option<StreamPos>,
     pub outlier: bool,
     pub rejected: Option<String>,
     pub redacted_by: Option<String>,
-    pub sg_after: Option<i64>,
+    pub sg_after: Option<StateGroup>,
     pub txn_device: Option<String>,
     pub txn_id: Option<String>,
     pub json: String,
@@ -125,14 +56,14 @@ pub fn event_by_id(conn: &Connection, event_id: &str) -> Result<Option<EventRow>
         .optional()?)
 }
 
-pub fn event_by_nid(conn: &Connection, nid: i64) -> Result<Option<EventRow>> {
+pub fn event_by_nid(conn: &Connection, nid: EventNid) -> Result<Option<EventRow>> {
     Ok(conn
         .prepare_cached(&format!("SELECT {EVENT_COLS} FROM events WHERE event_nid = ?1"))?
         .query_row([nid], event_row)
         .optional()?)
 }
 
-pub fn event_nid(conn: &Connection, event_id: &str) -> Result<Option<i64>> {
+pub fn event_nid(conn: &Connection, event_id: &str) -> Result<Option<EventNid>> {
     Ok(conn
         .prepare_cached("SELECT event_nid FROM events WHERE event_id = ?1")?
         .query_row([event_id], |r| r.get(0))
@@ -141,13 +72,13 @@ pub fn event_nid(conn: &Connection, event_id: &str) -> Result<Option<i64>> {
 
 pub struct NewEvent<'a> {
     pub event_id: &'a str,
-    pub room_nid: i64,
+    pub room_nid: RoomNid,
     pub event_type: &'a str,
-    pub state_key_nid: Option<i64>,
+    pub state_key_nid: Option<StateKeyNid>,
     pub sender: &'a str,
     pub origin_server_ts: i64,
     pub depth: i64,
-    pub stream_ordering: Option<i64>,
+    pub stream_ordering: Option<StreamPos>,
     pub outlier: bool,
     pub rejected: Option<&'a str>,
     pub soft_failed: bool,
@@ -155,7 +86,7 @@ pub struct NewEvent<'a> {
     pub json: &'a str,
 }
 
-pub fn insert_event(conn: &Connection, e: &NewEvent<'_>) -> Result<i64> {
+pub fn insert_event(conn: &Connection, e: &NewEvent<'_>) -> Result<EventNid> {
     conn.prepare_cached(
         "INSERT INTO events (event_id, room_nid, event_type, state_key_nid, sender, origin_server_ts, depth,
             stream_ordering, outlier, rejected, soft_failed, txn_device, txn_id, json)
@@ -177,15 +108,15 @@ pub fn insert_event(conn: &Connection, e: &NewEvent<'_>) -> Result<i64> {
         e.txn.map(|t| t.1),
         e.json,
     ])?;
-    Ok(conn.last_insert_rowid())
+    Ok(EventNid(conn.last_insert_rowid()))
 }
 
-pub fn set_sg_after(conn: &Connection, event_nid: i64, sg: i64) -> Result<()> {
+pub fn set_sg_after(conn: &Connection, event_nid: EventNid, sg: StateGroup) -> Result<()> {
     conn.prepare_cached("UPDATE events SET sg_after = ?2 WHERE event_nid = ?1")?.execute(params![event_nid, sg])?;
     Ok(())
 }
 
-pub fn insert_auth_edges(conn: &Connection, event_nid: i64, auth: &[String]) -> Result<()> {
+pub fn insert_auth_edges(conn: &Connection, event_nid: EventNid, auth: &[String]) -> Result<()> {
     let mut stmt =
         conn.prepare_cached("INSERT OR IGNORE INTO event_auth (event_nid, auth_event_id) VALUES (?1, ?2)")?;
     for a in auth {
@@ -203,7 +134,7 @@ pub fn auth_event_ids(conn: &Connection, event_id: &str) -> Result<Vec<String>> 
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
-pub fn insert_edges(conn: &Connection, event_nid: i64, prevs: &[String]) -> Result<()> {
+pub fn insert_edges(conn: &Connection, event_nid: EventNid, prevs: &[String]) -> Result<()> {
     let mut stmt =
         conn.prepare_cached("INSERT OR IGNORE INTO event_edges (event_nid, prev_event_id) VALUES (?1, ?2)")?;
     for p in prevs {
@@ -212,13 +143,13 @@ pub fn insert_edges(conn: &Connection, event_nid: i64, prevs: &[String]) -> Resu
     Ok(())
 }
 
-pub fn forward_extremities(conn: &Connection, room_nid: i64) -> Result<Vec<i64>> {
+pub fn forward_extremities(conn: &Connection, room_nid: RoomNid) -> Result<Vec<EventNid>> {
     let mut stmt = conn.prepare_cached("SELECT event_nid FROM forward_extremities WHERE room_nid = ?1")?;
     let rows = stmt.query_map([room_nid], |r| r.get(0))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
-pub fn replace_extremities(conn: &Connection, room_nid: i64, remove: &[i64], add: i64) -> Result<()> {
+pub fn replace_extremities(conn: &Connection, room_nid: RoomNid, remove: &[EventNid], add: EventNid) -> Result<()> {
     let mut del = conn.prepare_cached("DELETE FROM forward_extremities WHERE room_nid = ?1 AND event_nid = ?2")?;
     for nid in remove {
         del.execute(params![room_nid, nid])?;
@@ -228,7 +159,7 @@ pub fn replace_extremities(conn: &Connection, room_nid: i64, remove: &[i64], add
     Ok(())
 }
 
-pub fn set_redacted(conn: &Connection, event_nid: i64, redacted_by: &str, json: &str) -> Result<()> {
+pub fn set_redacted(conn: &Connection, event_nid: EventNid, redacted_by: &str, json: &str) -> Result<()> {
     conn.execute(
         "UPDATE events SET redacted_by = ?2, json = ?3 WHERE event_nid = ?1",
         params![event_nid, redacted_by, json],
@@ -236,231 +167,11 @@ pub fn set_redacted(conn: &Connection, event_nid: i64, redacted_by: &str, json: 
     Ok(())
 }
 
-// ---------------------------------------------------------------------------------------------------------------
-// State groups
-
-/// Longest delta chain before a group is written as a full snapshot.
-pub const MAX_SG_DEPTH: i64 = 64;
-
-pub fn sg_depth(conn: &Connection, sg: i64) -> Result<i64> {
-    Ok(conn.prepare_cached("SELECT depth FROM state_groups WHERE sg = ?1")?.query_row([sg], |r| r.get(0))?)
-}
-
-pub fn insert_sg(conn: &Connection, room_nid: i64, delta_of: Option<i64>, depth: i64, partial: bool) -> Result<i64> {
-    conn.prepare_cached("INSERT INTO state_groups (room_nid, delta_of, depth, partial) VALUES (?1, ?2, ?3, ?4)")?
-        .execute(params![room_nid, delta_of, depth, partial])?;
-    Ok(conn.last_insert_rowid())
-}
-
-pub fn insert_sg_entries(conn: &Connection, sg: i64, entries: &[(i64, Option<i64>)]) -> Result<()> {
-    let mut stmt = conn.prepare_cached(
-        "INSERT OR REPLACE INTO state_group_entries (sg, state_key_nid, event_nid) VALUES (?1, ?2, ?3)",
-    )?;
-    for (key, ev) in entries {
-        stmt.execute(params![sg, key, ev])?;
-    }
-    Ok(())
-}
-
-const CHAIN: &str = "WITH RECURSIVE chain(sg, d) AS (
-        SELECT ?1, 0
-        UNION ALL
-        SELECT g.delta_of, c.d + 1 FROM state_groups g JOIN chain c ON g.sg = c.sg WHERE g.delta_of IS NOT NULL)";
-
-/// The full state of a group: state_key_nid -> event_nid.
-pub fn load_state(conn: &Connection, sg: i64) -> Result<HashMap<i64, i64>> {
-    let mut stmt = conn.prepare_cached(&format!(
-        "{CHAIN} SELECT e.state_key_nid, e.event_nid, c.d FROM state_group_entries e JOIN chain c ON e.sg = c.sg
-         ORDER BY c.d DESC"
-    ))?;
-    let mut state = HashMap::new();
-    // Deepest ancestor first, so nearer groups overwrite.
-    let mut rows = stmt.query([sg])?;
-    while let Some(r) = rows.next()? {
-        let key: i64 = r.get(0)?;
-        match r.get::<_, Option<i64>>(1)? {
-            Some(ev) => state.insert(key, ev),
-            None => state.remove(&key),
-        };
-    }
-    Ok(state)
-}
-
-/// One entry of a group's state.
-pub fn lookup_state(conn: &Connection, sg: i64, state_key_nid: i64) -> Result<Option<i64>> {
-    let row: Option<Option<i64>> = conn
-        .prepare_cached(&format!(
-            "{CHAIN} SELECT e.event_nid FROM state_group_entries e JOIN chain c ON e.sg = c.sg
-             WHERE e.state_key_nid = ?2 ORDER BY c.d LIMIT 1"
-        ))?
-        .query_row(params![sg, state_key_nid], |r| r.get(0))
-        .optional()?;
-    Ok(row.flatten())
-}
-
-/// State entries of a group whose type is `event_type` (e.g. all memberships at an event).
-pub fn load_state_of_type(conn: &Connection, sg: i64, event_type: &str) -> Result<HashMap<String, i64>> {
-    let mut stmt = conn.prepare_cached(&format!(
-        "{CHAIN} SELECT k.state_key, e.event_nid FROM state_group_entries e JOIN chain c ON e.sg = c.sg
-         JOIN state_keys k ON k.state_key_nid = e.state_key_nid WHERE k.event_type = ?2 ORDER BY c.d DESC"
-    ))?;
-    let mut out = HashMap::new();
-    let mut rows = stmt.query(params![sg, event_type])?;
-    while let Some(r) = rows.next()? {
-        let key: String = r.get(0)?;
-        match r.get::<_, Option<i64>>(1)? {
-            Some(ev) => out.insert(key, ev),
-            None => out.remove(&key),
-        };
-    }
-    Ok(out)
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// Materialised membership
-
-pub struct MemberUpdate<'a> {
-    pub room_nid: i64,
-    pub user_id: &'a str,
-    pub membership: &'a str,
-    pub event_nid: i64,
-    pub displayname: Option<&'a str>,
-    pub avatar_url: Option<&'a str>,
-}
-
-pub fn upsert_member(conn: &Connection, m: &MemberUpdate<'_>) -> Result<()> {
-    let old: Option<String> = conn
-        .prepare_cached("SELECT membership FROM room_members WHERE room_nid = ?1 AND user_id = ?2")?
-        .query_row(params![m.room_nid, m.user_id], |r| r.get(0))
-        .optional()?;
-    let server = m.user_id.split_once(':').map(|x| x.1).unwrap_or("");
-    conn.prepare_cached(
-        "INSERT INTO room_members (room_nid, user_id, membership, event_nid, server_name, displayname, avatar_url)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-         ON CONFLICT (room_nid, user_id) DO UPDATE SET membership = ?3, event_nid = ?4, displayname = ?6, avatar_url = ?7",
-    )?
-    .execute(params![m.room_nid, m.user_id, m.membership, m.event_nid, server, m.displayname, m.avatar_url])?;
-    let delta = |ms: &str| -> (i64, i64) {
-        match ms {
-            "join" => (1, 0),
-            "invite" => (0, 1),
-            _ => (0, 0),
-        }
-    };
-    let (oj, oi) = old.as_deref().map(delta).unwrap_or((0, 0));
-    let (nj, ni) = delta(m.membership);
-    if (oj, oi) != (nj, ni) {
-        conn.prepare_cached(
-            "UPDATE rooms SET joined_members = joined_members + ?2, invited_members = invited_members + ?3
-             WHERE room_nid = ?1",
-        )?
-        .execute(params![m.room_nid, nj - oj, ni - oi])?;
-    }
-    Ok(())
-}
-
-pub fn membership_of(conn: &Connection, room_nid: i64, user_id: &str) -> Result<Option<(String, i64)>> {
-    Ok(conn
-        .prepare_cached("SELECT membership, event_nid FROM room_members WHERE room_nid = ?1 AND user_id = ?2")?
-        .query_row(params![room_nid, user_id], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()?)
-}
-
-pub fn member_counts(conn: &Connection, room_nid: i64) -> Result<(i64, i64)> {
-    Ok(conn
-        .prepare_cached("SELECT joined_members, invited_members FROM rooms WHERE room_nid = ?1")?
-        .query_row([room_nid], |r| Ok((r.get(0)?, r.get(1)?)))?)
-}
-
-/// Rooms in which `user_id` currently has `membership`.
-pub fn rooms_with_membership(conn: &Connection, user_id: &str, membership: &str) -> Result<Vec<(i64, String)>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT m.room_nid, r.room_id FROM room_members m JOIN rooms r ON r.room_nid = m.room_nid
-         WHERE m.user_id = ?1 AND m.membership = ?2",
-    )?;
-    let rows = stmt.query_map(params![user_id, membership], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    Ok(rows.collect::<rusqlite::Result<_>>()?)
-}
-
-/// Servers with at least one joined member.
-pub fn joined_servers(conn: &Connection, room_nid: i64) -> Result<Vec<String>> {
-    // A skip-scan over the (room_nid, server_name, membership) index: two seeks per server rather than a pass over
-    // every member (a 100k-member room has ~2000 servers; this runs for every event we send to it).
-    let mut stmt = conn.prepare_cached(
-        "WITH RECURSIVE s(name) AS (
-             SELECT (SELECT min(server_name) FROM room_members WHERE room_nid = ?1)
-             UNION ALL
-             SELECT (SELECT min(server_name) FROM room_members WHERE room_nid = ?1 AND server_name > s.name)
-             FROM s WHERE s.name IS NOT NULL
-         )
-         SELECT name FROM s WHERE name IS NOT NULL AND EXISTS (
-             SELECT 1 FROM room_members WHERE room_nid = ?1 AND server_name = s.name AND membership = 'join')",
-    )?;
-    let rows = stmt.query_map([room_nid], |r| r.get(0))?;
-    Ok(rows.collect::<rusqlite::Result<_>>()?)
-}
-
-pub fn record_local_membership(
-    conn: &Connection,
-    stream: i64,
-    user_id: &str,
-    room_nid: i64,
-    membership: &str,
-    event_nid: i64,
-) -> Result<()> {
-    conn.prepare_cached(
-        "INSERT INTO local_membership_stream (stream_ordering, user_id, room_nid, membership, event_nid)
-         VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?
-    .execute(params![stream, user_id, room_nid, membership, event_nid])?;
-    Ok(())
-}
-
-/// A group's state as (event_nid, event_id), optionally without one event type (e.g. members), in one query.
-pub fn state_event_ids(conn: &Connection, sg: i64, exclude_type: Option<&str>) -> Result<Vec<(i64, String)>> {
-    // Without the members, a big room's state is a few dozen entries among 100k: when the other types have few
-    // state keys (they are shared by all rooms), look each up in each group of the chain instead of scanning the
-    // whole state (0.2 ms against 20 ms at 100k members).
-    let seek = match exclude_type {
-        Some(t) => {
-            let others: i64 = conn
-                .prepare_cached("SELECT count(*) FROM state_keys WHERE event_type < ?1 OR event_type > ?1")?
-                .query_row([t], |r| r.get(0))?;
-            others <= 2000
-        }
-        None => false,
-    };
-    let mut stmt = if seek {
-        // CROSS JOIN fixes the order: groups, then the other types' keys, then one primary-key seek per pair.
-        conn.prepare_cached(&format!(
-            "{CHAIN} SELECT e.state_key_nid, e.event_nid, ev.event_id FROM chain c
-             CROSS JOIN state_keys k CROSS JOIN state_group_entries e ON e.sg = c.sg AND e.state_key_nid = k.state_key_nid
-             LEFT JOIN events ev ON ev.event_nid = e.event_nid
-             WHERE (k.event_type < ?2 OR k.event_type > ?2) ORDER BY c.d DESC"
-        ))?
-    } else {
-        conn.prepare_cached(&format!(
-            "{CHAIN} SELECT e.state_key_nid, e.event_nid, ev.event_id FROM state_group_entries e JOIN chain c ON e.sg = c.sg
-             JOIN state_keys k ON k.state_key_nid = e.state_key_nid LEFT JOIN events ev ON ev.event_nid = e.event_nid
-             WHERE k.event_type != ?2 ORDER BY c.d DESC"
-        ))?
-    };
-    let mut map: HashMap<i64, Option<(i64, String)>> = HashMap::new();
-    let mut rows = stmt.query(params![sg, exclude_type.unwrap_or("")])?;
-    while let Some(r) = rows.next()? {
-        let skn: i64 = r.get(0)?;
-        let nid: Option<i64> = r.get(1)?;
-        let id: Option<String> = r.get(2)?;
-        map.insert(skn, nid.zip(id));
-    }
-    Ok(map.into_values().flatten().collect())
-}
-
 /// The auth chain (event nids) of the given events, walked in SQL over the auth-edge table; includes the starts.
 /// Needs the `rarray` module (loaded on pooled readers).
-pub fn auth_chain_nids(conn: &Connection, start: &[i64]) -> Result<Vec<i64>> {
+pub fn auth_chain_nids(conn: &Connection, start: &[EventNid]) -> Result<Vec<EventNid>> {
     let values: std::rc::Rc<Vec<rusqlite::types::Value>> =
-        std::rc::Rc::new(start.iter().map(|n| rusqlite::types::Value::Integer(*n)).collect());
+        std::rc::Rc::new(start.iter().map(|n| rusqlite::types::Value::Integer(n.0)).collect());
     let mut stmt = conn.prepare_cached(
         "WITH RECURSIVE chain(nid) AS (
             SELECT value FROM rarray(?1)
@@ -473,9 +184,280 @@ pub fn auth_chain_nids(conn: &Connection, start: &[i64]) -> Result<Vec<i64>> {
 }
 
 /// Stored JSON of events by nid.
-pub fn json_of(conn: &Connection, nid: i64) -> Result<Option<String>> {
+pub fn json_of(conn: &Connection, nid: EventNid) -> Result<Option<String>> {
     Ok(conn
         .prepare_cached("SELECT json FROM events WHERE event_nid = ?1")?
         .query_row([nid], |r| r.get(0))
         .optional()?)
+}
+
+/// The event id of an event nid.
+pub fn event_id_of(conn: &Connection, nid: EventNid) -> Result<Option<String>> {
+    Ok(conn
+        .prepare_cached("SELECT event_id FROM events WHERE event_nid = ?1")?
+        .query_row([nid], |r| r.get(0))
+        .optional()?)
+}
+
+/// What the bulk import needs of a stored event: (event nid, state key nid, type, json).
+pub type StateEntry = (EventNid, Option<StateKeyNid>, String, String);
+
+/// The [`StateEntry`] of an event.
+pub fn state_entry_by_id(conn: &Connection, event_id: &str) -> Result<Option<StateEntry>> {
+    Ok(conn
+        .prepare_cached("SELECT event_nid, state_key_nid, event_type, json FROM events WHERE event_id = ?1")?
+        .query_row([event_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .optional()?)
+}
+
+/// Sets the state after every event of a room from `from` (by nid) on (bulk import).
+pub fn set_sg_after_from(conn: &Connection, room_nid: RoomNid, from: EventNid, sg: StateGroup) -> Result<()> {
+    conn.prepare_cached("UPDATE events SET sg_after = ?3 WHERE room_nid = ?1 AND event_nid >= ?2")?
+        .execute(params![room_nid, from, sg])?;
+    Ok(())
+}
+
+/// Drops all forward extremities of a room.
+pub fn clear_extremities(conn: &Connection, room_nid: RoomNid) -> Result<()> {
+    conn.prepare_cached("DELETE FROM forward_extremities WHERE room_nid = ?1")?.execute([room_nid])?;
+    Ok(())
+}
+
+/// The room's oldest timeline event (lowest stream position): (nid, event id).
+pub fn oldest_timeline_event(conn: &Connection, room_nid: RoomNid) -> Result<Option<(EventNid, String)>> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT event_nid, event_id FROM events WHERE room_nid = ?1 AND stream_ordering IS NOT NULL
+             ORDER BY stream_ordering LIMIT 1",
+        )?
+        .query_row([room_nid], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?)
+}
+
+/// Prev events of an event that are not in our timeline (unknown, or known only as outliers).
+pub fn prevs_missing_from_timeline(conn: &Connection, event_nid: EventNid) -> Result<Vec<String>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT x.prev_event_id FROM event_edges x LEFT JOIN events e ON e.event_id = x.prev_event_id
+         WHERE x.event_nid = ?1 AND (e.event_nid IS NULL OR e.stream_ordering IS NULL)",
+    )?;
+    let rows = stmt.query_map([event_nid], |r| r.get(0))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// The lowest stream position of any event, or 0 when none is below 0: backfilled history is numbered
+/// downwards from here.
+pub fn lowest_stream_ordering(conn: &Connection) -> Result<StreamPos> {
+    Ok(conn
+        .prepare_cached("SELECT min(0, coalesce(min(stream_ordering), 0)) FROM events")?
+        .query_row([], |r| r.get(0))?)
+}
+
+/// Moves an outlier into the timeline at `stream` (backfill), with its auth outcome.
+pub fn set_backfilled(conn: &Connection, event_nid: EventNid, stream: StreamPos, rejected: Option<&str>) -> Result<()> {
+    conn.prepare_cached("UPDATE events SET outlier = 0, stream_ordering = ?2, rejected = ?3 WHERE event_nid = ?1")?
+        .execute(params![event_nid, stream, rejected])?;
+    Ok(())
+}
+
+/// The state group after the last timeline event at or before stream position `pos`.
+pub fn sg_at_stream(conn: &Connection, room_nid: RoomNid, pos: StreamPos) -> Result<Option<StateGroup>> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT sg_after FROM events WHERE room_nid = ?1 AND stream_ordering <= ?2 AND sg_after IS NOT NULL
+             AND stream_ordering IS NOT NULL ORDER BY stream_ordering DESC LIMIT 1",
+        )?
+        .query_row(params![room_nid, pos], |r| r.get(0))
+        .optional()?)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::store::testing::memory_db;
+    use crate::store::{rooms, state_groups};
+
+    /// Stores a minimal event: a state event when `state` is given, in the timeline at `stream` or as an outlier.
+    pub(crate) fn insert_test_event(
+        conn: &Connection,
+        room_nid: RoomNid,
+        event_id: &str,
+        stream: Option<i64>,
+        state: Option<(&str, &str)>,
+    ) -> EventNid {
+        let skn = state.map(|(t, k)| state_groups::state_key_nid(conn, t, k).unwrap());
+        let json = format!(r#"{{"event_id":"{event_id}"}}"#);
+        insert_event(
+            conn,
+            &NewEvent {
+                event_id,
+                room_nid,
+                event_type: state.map_or("m.room.message", |s| s.0),
+                state_key_nid: skn,
+                sender: "@u:x",
+                origin_server_ts: 1,
+                depth: 1,
+                stream_ordering: stream.map(StreamPos),
+                outlier: stream.is_none(),
+                rejected: None,
+                soft_failed: false,
+                txn: None,
+                json: &json,
+            },
+        )
+        .unwrap()
+    }
+
+    fn room(conn: &Connection) -> RoomNid {
+        rooms::insert_room(conn, "!r:x", "12").unwrap()
+    }
+
+    #[test]
+    fn an_event_is_found_by_id_and_by_nid() {
+        let conn = memory_db();
+        let r = room(&conn);
+        let skn = state_groups::state_key_nid(&conn, "m.room.topic", "").unwrap();
+        let nid = insert_event(
+            &conn,
+            &NewEvent {
+                event_id: "$a",
+                room_nid: r,
+                event_type: "m.room.topic",
+                state_key_nid: Some(skn),
+                sender: "@u:x",
+                origin_server_ts: 42,
+                depth: 7,
+                stream_ordering: Some(StreamPos(5)),
+                outlier: false,
+                rejected: Some("nope"),
+                soft_failed: false,
+                txn: Some(("DEV", "t1")),
+                json: "{}",
+            },
+        )
+        .unwrap();
+        let row = event_by_id(&conn, "$a").unwrap().unwrap();
+        assert_eq!(row.event_nid, nid);
+        assert_eq!(row.room_nid, r);
+        assert_eq!(row.event_type, "m.room.topic");
+        assert_eq!(row.state_key_nid, Some(skn));
+        assert_eq!((row.origin_server_ts, row.depth), (42, 7));
+        assert_eq!(row.stream_ordering, Some(StreamPos(5)));
+        assert!(!row.outlier);
+        assert_eq!(row.rejected.as_deref(), Some("nope"));
+        assert_eq!((row.txn_device.as_deref(), row.txn_id.as_deref()), (Some("DEV"), Some("t1")));
+        assert_eq!(row.sg_after, None);
+        assert_eq!(event_by_nid(&conn, nid).unwrap().unwrap().event_id, "$a");
+        assert_eq!(event_nid(&conn, "$a").unwrap(), Some(nid));
+        assert_eq!(event_id_of(&conn, nid).unwrap().as_deref(), Some("$a"));
+        assert_eq!(json_of(&conn, nid).unwrap().as_deref(), Some("{}"));
+        assert_eq!(state_entry_by_id(&conn, "$a").unwrap(), Some((nid, Some(skn), "m.room.topic".into(), "{}".into())));
+        assert!(event_by_id(&conn, "$b").unwrap().is_none());
+        assert!(event_nid(&conn, "$b").unwrap().is_none());
+        assert!(json_of(&conn, EventNid(nid.0 + 1)).unwrap().is_none());
+    }
+
+    #[test]
+    fn redaction_replaces_the_json() {
+        let conn = memory_db();
+        let r = room(&conn);
+        let nid = insert_test_event(&conn, r, "$a", Some(1), None);
+        set_redacted(&conn, nid, "$redaction", r#"{"redacted":true}"#).unwrap();
+        let row = event_by_nid(&conn, nid).unwrap().unwrap();
+        assert_eq!(row.redacted_by.as_deref(), Some("$redaction"));
+        assert_eq!(row.json, r#"{"redacted":true}"#);
+    }
+
+    #[test]
+    fn auth_edges_and_auth_chains() {
+        let conn = memory_db();
+        let r = room(&conn);
+        let create = insert_test_event(&conn, r, "$create", None, Some(("m.room.create", "")));
+        let member = insert_test_event(&conn, r, "$member", None, Some(("m.room.member", "@u:x")));
+        let msg = insert_test_event(&conn, r, "$msg", Some(1), None);
+        let other = insert_test_event(&conn, r, "$other", Some(2), None);
+        insert_auth_edges(&conn, member, &["$create".into()]).unwrap();
+        insert_auth_edges(&conn, msg, &["$create".into(), "$member".into(), "$unknown".into()]).unwrap();
+        // Inserting an edge twice is harmless.
+        insert_auth_edges(&conn, msg, &["$create".into()]).unwrap();
+        let mut ids = auth_event_ids(&conn, "$msg").unwrap();
+        ids.sort();
+        assert_eq!(ids, ["$create", "$member", "$unknown"]);
+        assert!(auth_event_ids(&conn, "$create").unwrap().is_empty());
+        let mut chain = auth_chain_nids(&conn, &[msg]).unwrap();
+        chain.sort();
+        assert_eq!(chain, [create, member, msg]);
+        let mut chain = auth_chain_nids(&conn, &[member, other]).unwrap();
+        chain.sort();
+        assert_eq!(chain, [create, member, other]);
+    }
+
+    #[test]
+    fn prev_edges_show_gaps_in_the_timeline() {
+        let conn = memory_db();
+        let r = room(&conn);
+        insert_test_event(&conn, r, "$old", Some(1), None);
+        insert_test_event(&conn, r, "$outlier", None, None);
+        let new = insert_test_event(&conn, r, "$new", Some(2), None);
+        insert_edges(&conn, new, &["$old".into(), "$outlier".into(), "$unknown".into()]).unwrap();
+        let mut gaps = prevs_missing_from_timeline(&conn, new).unwrap();
+        gaps.sort();
+        assert_eq!(gaps, ["$outlier", "$unknown"]);
+    }
+
+    #[test]
+    fn forward_extremities_are_replaced_and_cleared() {
+        let conn = memory_db();
+        let r = room(&conn);
+        let a = insert_test_event(&conn, r, "$a", Some(1), None);
+        let b = insert_test_event(&conn, r, "$b", Some(2), None);
+        let c = insert_test_event(&conn, r, "$c", Some(3), None);
+        replace_extremities(&conn, r, &[], a).unwrap();
+        replace_extremities(&conn, r, &[], b).unwrap();
+        let mut ext = forward_extremities(&conn, r).unwrap();
+        ext.sort();
+        assert_eq!(ext, [a, b]);
+        replace_extremities(&conn, r, &[a, b], c).unwrap();
+        assert_eq!(forward_extremities(&conn, r).unwrap(), [c]);
+        clear_extremities(&conn, r).unwrap();
+        assert!(forward_extremities(&conn, r).unwrap().is_empty());
+    }
+
+    #[test]
+    fn state_after_events_and_at_stream_positions() {
+        let conn = memory_db();
+        let r = room(&conn);
+        let sg1 = state_groups::insert_sg(&conn, r, None, 0, false).unwrap();
+        let sg2 = state_groups::insert_sg(&conn, r, Some(sg1), 1, false).unwrap();
+        let a = insert_test_event(&conn, r, "$a", Some(10), None);
+        let b = insert_test_event(&conn, r, "$b", Some(20), None);
+        let c = insert_test_event(&conn, r, "$c", Some(30), None);
+        set_sg_after(&conn, a, sg1).unwrap();
+        assert_eq!(event_by_nid(&conn, a).unwrap().unwrap().sg_after, Some(sg1));
+        set_sg_after_from(&conn, r, b, sg2).unwrap();
+        assert_eq!(event_by_nid(&conn, a).unwrap().unwrap().sg_after, Some(sg1));
+        assert_eq!(event_by_nid(&conn, b).unwrap().unwrap().sg_after, Some(sg2));
+        assert_eq!(event_by_nid(&conn, c).unwrap().unwrap().sg_after, Some(sg2));
+        assert_eq!(sg_at_stream(&conn, r, StreamPos(5)).unwrap(), None);
+        assert_eq!(sg_at_stream(&conn, r, StreamPos(15)).unwrap(), Some(sg1));
+        assert_eq!(sg_at_stream(&conn, r, StreamPos(20)).unwrap(), Some(sg2));
+    }
+
+    #[test]
+    fn backfilled_events_go_below_the_oldest() {
+        let conn = memory_db();
+        let r = room(&conn);
+        assert_eq!(oldest_timeline_event(&conn, r).unwrap(), None);
+        assert_eq!(lowest_stream_ordering(&conn).unwrap(), StreamPos(0));
+        insert_test_event(&conn, r, "$live", Some(3), None);
+        insert_test_event(&conn, r, "$live2", Some(4), None);
+        assert_eq!(lowest_stream_ordering(&conn).unwrap(), StreamPos(0));
+        let old = insert_test_event(&conn, r, "$old", None, None);
+        set_backfilled(&conn, old, StreamPos(-1), Some("bad auth")).unwrap();
+        let row = event_by_nid(&conn, old).unwrap().unwrap();
+        assert!(!row.outlier);
+        assert_eq!(row.stream_ordering, Some(StreamPos(-1)));
+        assert_eq!(row.rejected.as_deref(), Some("bad auth"));
+        assert_eq!(lowest_stream_ordering(&conn).unwrap(), StreamPos(-1));
+        assert_eq!(oldest_timeline_event(&conn, r).unwrap(), Some((old, "$old".to_owned())));
+    }
 }

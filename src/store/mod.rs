@@ -10,10 +10,13 @@ pub mod accounts;
 pub mod e2ee;
 pub mod events;
 pub mod ids;
+pub mod members;
 pub mod migrate;
+pub mod notary;
 pub mod outbox;
 pub mod receipts;
 pub mod rooms;
+pub mod state_groups;
 #[cfg(test)]
 pub mod testing;
 

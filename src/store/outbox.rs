@@ -5,7 +5,8 @@ use std::collections::HashSet;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::error::Result;
-use crate::store::events;
+use crate::store::ids::RoomNid;
+use crate::store::members;
 
 /// Failed transactions in a row after which a destination is *catching up*: its queued PDUs are dropped and no
 /// more are queued for it, so a room shared with thousands of dead servers costs one row per live server per event,
@@ -16,12 +17,12 @@ pub const CATCH_UP_AFTER_FAILURES: i64 = 3;
 /// Queues a PDU for every other server in the room (joined members, plus the partial-state server list).
 pub fn enqueue_pdu(
     conn: &Connection,
-    room_nid: i64,
+    room_nid: RoomNid,
     event_id: &str,
     our_server: &str,
     extra: &[String],
 ) -> Result<usize> {
-    let mut dests = events::joined_servers(conn, room_nid)?;
+    let mut dests = members::joined_servers(conn, room_nid)?;
     let mut stmt = conn.prepare_cached("SELECT server_name FROM partial_state_servers WHERE room_nid = ?1")?;
     for s in stmt.query_map([room_nid], |r| r.get::<_, String>(0))? {
         dests.push(s?);

@@ -1,8 +1,9 @@
-//! Room aliases and the local room directory.
+//! Rooms (their rows, current state group and partial-state flag), room aliases and the local room directory.
 
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::error::Result;
+use crate::store::ids::{RoomNid, StateGroup};
 
 pub fn alias_target(conn: &Connection, alias: &str) -> Result<Option<String>> {
     Ok(conn
@@ -55,4 +56,111 @@ pub fn published_rooms(conn: &Connection) -> Result<Vec<(i64, String, i64)>> {
     )?;
     let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Room rows
+
+#[derive(Clone, Debug)]
+pub struct RoomRow {
+    pub room_nid: RoomNid,
+    pub room_id: String,
+    pub version: String,
+    pub current_sg: Option<StateGroup>,
+    pub partial_state: bool,
+}
+
+const ROOM_COLS: &str = "room_nid, room_id, room_version, current_sg, partial_state";
+
+fn room_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RoomRow> {
+    Ok(RoomRow {
+        room_nid: r.get(0)?,
+        room_id: r.get(1)?,
+        version: r.get(2)?,
+        current_sg: r.get(3)?,
+        partial_state: r.get(4)?,
+    })
+}
+
+pub fn room_by_id(conn: &Connection, room_id: &str) -> Result<Option<RoomRow>> {
+    Ok(conn
+        .prepare_cached(&format!("SELECT {ROOM_COLS} FROM rooms WHERE room_id = ?1"))?
+        .query_row([room_id], room_row)
+        .optional()?)
+}
+
+pub fn room_by_nid(conn: &Connection, room_nid: RoomNid) -> Result<Option<RoomRow>> {
+    Ok(conn
+        .prepare_cached(&format!("SELECT {ROOM_COLS} FROM rooms WHERE room_nid = ?1"))?
+        .query_row([room_nid], room_row)
+        .optional()?)
+}
+
+pub fn insert_room(conn: &Connection, room_id: &str, version: &str) -> Result<RoomNid> {
+    conn.execute("INSERT INTO rooms (room_id, room_version) VALUES (?1, ?2)", params![room_id, version])?;
+    Ok(RoomNid(conn.last_insert_rowid()))
+}
+
+pub fn set_current_sg(conn: &Connection, room_nid: RoomNid, sg: StateGroup) -> Result<()> {
+    conn.execute("UPDATE rooms SET current_sg = ?2 WHERE room_nid = ?1", params![room_nid, sg])?;
+    Ok(())
+}
+
+/// The servers send_join named as in a room still partial (its member list is incomplete).
+pub fn partial_state_servers(conn: &Connection, room_nid: RoomNid) -> Result<Vec<String>> {
+    let mut stmt = conn.prepare_cached("SELECT server_name FROM partial_state_servers WHERE room_nid = ?1")?;
+    let rows = stmt.query_map([room_nid], |r| r.get(0))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+#[cfg(test)]
+mod room_row_tests {
+    use super::*;
+    use crate::store::state_groups;
+    use crate::store::testing::memory_db;
+
+    #[test]
+    fn a_room_is_found_by_id_and_by_nid() {
+        let conn = memory_db();
+        let nid = insert_room(&conn, "!a:x", "12").unwrap();
+        let r = room_by_id(&conn, "!a:x").unwrap().unwrap();
+        assert_eq!(r.room_nid, nid);
+        assert_eq!(r.room_id, "!a:x");
+        assert_eq!(r.version, "12");
+        assert_eq!(r.current_sg, None);
+        assert!(!r.partial_state);
+        assert_eq!(room_by_nid(&conn, nid).unwrap().unwrap().room_id, "!a:x");
+        assert!(room_by_id(&conn, "!b:x").unwrap().is_none());
+        assert!(room_by_nid(&conn, RoomNid(nid.0 + 1)).unwrap().is_none());
+        // Room ids are unique.
+        assert!(insert_room(&conn, "!a:x", "11").is_err());
+        assert_ne!(insert_room(&conn, "!b:x", "11").unwrap(), nid);
+    }
+
+    #[test]
+    fn the_current_state_group_is_set() {
+        let conn = memory_db();
+        let nid = insert_room(&conn, "!a:x", "12").unwrap();
+        let sg = state_groups::insert_sg(&conn, nid, None, 0, false).unwrap();
+        set_current_sg(&conn, nid, sg).unwrap();
+        assert_eq!(room_by_nid(&conn, nid).unwrap().unwrap().current_sg, Some(sg));
+    }
+
+    #[test]
+    fn partial_state_servers_are_listed_per_room() {
+        let conn = memory_db();
+        let a = insert_room(&conn, "!a:x", "12").unwrap();
+        let b = insert_room(&conn, "!b:x", "12").unwrap();
+        for (room, server) in [(a, "one.example"), (a, "two.example"), (b, "three.example")] {
+            conn.execute(
+                "INSERT INTO partial_state_servers (room_nid, server_name) VALUES (?1, ?2)",
+                params![room, server],
+            )
+            .unwrap();
+        }
+        let mut servers = partial_state_servers(&conn, a).unwrap();
+        servers.sort();
+        assert_eq!(servers, ["one.example", "two.example"]);
+        assert_eq!(partial_state_servers(&conn, b).unwrap(), ["three.example"]);
+    }
 }

@@ -83,7 +83,8 @@ impl Builder {
         let prev: Vec<_> = self.last.iter().cloned().collect();
         self.depth += 1;
         self.ts += 1;
-        let mut pdu = build_pdu(id, &self.rules, self.room_id.as_deref(), sender, &ev, &prev, &auth, self.depth)
+        let room_id = self.room_id.as_deref().map(ruma::RoomId::parse).transpose()?;
+        let mut pdu = build_pdu(id, &self.rules, room_id.as_deref(), &sender_id, &ev, &prev, &auth, self.depth)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         // Deterministic timestamps (the world is seeded); re-sign after changing one.
         pdu.json.insert(
@@ -237,13 +238,18 @@ pub async fn generate(store: &Store, resident: Arc<Identity>, spec: &Spec) -> an
     };
     let mut imported = 0usize;
     let room_nid = {
-        let (rid, ver) = (room_id.clone(), spec.room_version.clone());
+        let (rid, ver) = (ruma::RoomId::parse(&room_id)?, spec.room_version.clone());
         store
             .write(move |w| hearth::room::import::ensure_room(w, &rid, &ver))
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?
     };
-    async fn flush(store: &Store, room_nid: i64, b: &mut Builder, imported: &mut usize) -> anyhow::Result<()> {
+    async fn flush(
+        store: &Store,
+        room_nid: hearth::store::ids::RoomNid,
+        b: &mut Builder,
+        imported: &mut usize,
+    ) -> anyhow::Result<()> {
         let chunk = std::mem::take(&mut b.out);
         *imported += chunk.len();
         store
@@ -291,23 +297,23 @@ pub async fn generate(store: &Store, resident: Arc<Identity>, spec: &Spec) -> an
             LocalEvent::message("m.room.message", json!({"msgtype": "m.text", "body": format!("message {m}")})),
         )?;
         if timeline_from.is_none() {
-            timeline_from = b.last.as_ref().map(|l| l.0.to_string());
+            timeline_from = b.last.as_ref().map(|l| l.0.clone());
         }
         if b.out.len() >= 2000 {
             flush(store, room_nid, &mut b, &mut imported).await?;
         }
     }
-    let last = b.last.as_ref().map(|l| l.0.to_string()).unwrap_or_default();
+    let last = b.last.as_ref().map(|l| l.0.clone()).ok_or_else(|| anyhow::anyhow!("empty world"))?;
     let timeline_from = timeline_from.unwrap_or_else(|| last.clone());
     flush(store, room_nid, &mut b, &mut imported).await?;
-    let state_ids: Vec<String> = b.state.values().map(|(id, _)| id.to_string()).collect();
+    let state_ids: Vec<ruma::OwnedEventId> = b.state.values().map(|(id, _)| id.clone()).collect();
     let n_state = state_ids.len();
     store
         .write_background(move |w| hearth::room::import::import_finish(w, room_nid, &state_ids, &timeline_from, &last))
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     for s in &servers {
-        let (name, resp) = (s.server_name.to_string(), key_response(s)?);
+        let (name, resp) = (s.server_name.clone(), key_response(s)?);
         store
             .write_background(move |w| hearth::room::import::store_notary_key(w, &name, &resp))
             .await

@@ -1,0 +1,229 @@
+//! Unit tests of the room core against an in-memory database: creating a room, appending local events,
+//! membership changes and who may read what. No HTTP, no federation.
+
+use std::sync::Arc;
+
+use serde_json::json;
+
+use crate::room::append::{append_local, LocalEvent};
+use crate::room::create::{create_room, CreateRoom};
+use crate::room::membership::{readable_room, set_membership, visibility, visible_from, Visibility};
+use crate::room::Identity;
+use crate::store::ids::StreamPos;
+use crate::store::testing::{memory_db, write};
+use crate::store::{events, members, rooms, state_groups};
+
+const ALICE: &str = "@alice:test.example";
+const BOB: &str = "@bob:test.example";
+
+fn uid(u: &str) -> ruma::OwnedUserId {
+    ruma::UserId::parse(u).unwrap()
+}
+
+fn rid(r: &str) -> ruma::OwnedRoomId {
+    ruma::RoomId::parse(r).unwrap()
+}
+
+struct Fixture {
+    conn: rusqlite::Connection,
+    stream: i64,
+    identity: Arc<Identity>,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let conn = memory_db();
+        let identity = Identity::load_or_create(&conn, "test.example").unwrap();
+        Fixture { conn, stream: 0, identity }
+    }
+
+    /// A private room (invite only, shared history) created by Alice.
+    fn room(&mut self) -> String {
+        let identity = self.identity.clone();
+        let req = CreateRoom { name: Some("Test".into()), ..CreateRoom::new(uid(ALICE)) };
+        write(&mut self.conn, &mut self.stream, |w| create_room(w, &identity, req)).unwrap().0
+    }
+
+    fn membership(&mut self, room_id: &str, sender: &str, target: &str, membership: &str) -> crate::error::Result<()> {
+        let identity = self.identity.clone();
+        write(&mut self.conn, &mut self.stream, |w| {
+            set_membership(w, &identity, &rid(room_id), &uid(sender), &uid(target), membership, None, None)
+        })
+        .map(|_| ())
+    }
+
+    fn send(&mut self, room_id: &str, sender: &str, body: &str) -> crate::error::Result<crate::room::append::Appended> {
+        let identity = self.identity.clone();
+        let ev = LocalEvent::message("m.room.message", json!({"msgtype": "m.text", "body": body}));
+        write(&mut self.conn, &mut self.stream, |w| append_local(w, &identity, &rid(room_id), &uid(sender), ev, None))
+    }
+}
+
+#[test]
+fn a_new_room_has_its_state_and_its_creator_joined() {
+    let mut f = Fixture::new();
+    let room_id = f.room();
+    let room = rooms::room_by_id(&f.conn, &room_id).unwrap().unwrap();
+    let sg = room.current_sg.expect("current state");
+    assert_eq!(crate::room::state_content(&f.conn, sg, "m.room.name", "").unwrap().unwrap()["name"], "Test");
+    assert_eq!(
+        crate::room::state_content(&f.conn, sg, "m.room.join_rules", "").unwrap().unwrap()["join_rule"],
+        "invite"
+    );
+    assert_eq!(members::membership_of(&f.conn, room.room_nid, ALICE).unwrap().unwrap().0, "join");
+    assert_eq!(members::member_counts(&f.conn, room.room_nid).unwrap(), (1, 0));
+    assert_eq!(members::joined_servers(&f.conn, room.room_nid).unwrap(), ["test.example"]);
+    assert!(members::was_locally_joined(&f.conn, ALICE, room.room_nid).unwrap());
+    // One forward extremity: the last event created.
+    assert_eq!(events::forward_extremities(&f.conn, room.room_nid).unwrap().len(), 1);
+}
+
+#[test]
+fn appended_messages_extend_the_timeline() {
+    let mut f = Fixture::new();
+    let room_id = f.room();
+    let room = rooms::room_by_id(&f.conn, &room_id).unwrap().unwrap();
+    let first = f.send(&room_id, ALICE, "one").unwrap();
+    let second = f.send(&room_id, ALICE, "two").unwrap();
+    assert!(second.stream > first.stream);
+    assert_eq!(events::forward_extremities(&f.conn, room.room_nid).unwrap(), [second.event_nid]);
+    let row = events::event_by_id(&f.conn, &second.event_id).unwrap().unwrap();
+    assert_eq!(row.event_nid, second.event_nid);
+    assert_eq!(row.stream_ordering, Some(second.stream));
+    assert_eq!(row.sender, ALICE);
+    // A message does not change the state: the state after it is the room's current state.
+    let room = rooms::room_by_id(&f.conn, &room_id).unwrap().unwrap();
+    assert_eq!(row.sg_after, room.current_sg);
+    // Its prev event is the first message.
+    let v: serde_json::Value = serde_json::from_str(&row.json).unwrap();
+    assert_eq!(v["prev_events"], json!([first.event_id]));
+    assert!(crate::room::load_pdu(&f.conn, &ruma::EventId::parse(&second.event_id).unwrap()).unwrap().is_some());
+}
+
+#[test]
+fn a_non_member_may_not_send() {
+    let mut f = Fixture::new();
+    let room_id = f.room();
+    let err = f.send(&room_id, BOB, "hello").unwrap_err();
+    assert!(err.to_string().contains("not allowed"), "{err}");
+    assert!(f.send("!unknown:test.example", ALICE, "hello").is_err());
+}
+
+#[test]
+fn invite_join_and_leave_keep_the_member_table_in_step() {
+    let mut f = Fixture::new();
+    let room_id = f.room();
+    let nid = rooms::room_by_id(&f.conn, &room_id).unwrap().unwrap().room_nid;
+    // Bob may not join an invite-only room uninvited.
+    assert!(f.membership(&room_id, BOB, BOB, "join").is_err());
+    f.membership(&room_id, ALICE, BOB, "invite").unwrap();
+    assert_eq!(members::member_counts(&f.conn, nid).unwrap(), (1, 1));
+    assert_eq!(members::rooms_with_membership(&f.conn, BOB, "invite").unwrap(), [(nid, room_id.clone())]);
+    f.membership(&room_id, BOB, BOB, "join").unwrap();
+    assert_eq!(members::member_counts(&f.conn, nid).unwrap(), (2, 0));
+    // Joining again is a no-op, not a new event.
+    let before = events::forward_extremities(&f.conn, nid).unwrap();
+    f.membership(&room_id, BOB, BOB, "join").unwrap();
+    assert_eq!(events::forward_extremities(&f.conn, nid).unwrap(), before);
+    f.send(&room_id, BOB, "hi").unwrap();
+    f.membership(&room_id, BOB, BOB, "leave").unwrap();
+    assert_eq!(members::member_counts(&f.conn, nid).unwrap(), (1, 0));
+    assert_eq!(members::membership_of(&f.conn, nid, BOB).unwrap().unwrap().0, "leave");
+    // Leaving twice is refused.
+    assert!(f.membership(&room_id, BOB, BOB, "leave").is_err());
+    // The membership table agrees with the current state.
+    let room = rooms::room_by_id(&f.conn, &room_id).unwrap().unwrap();
+    let state = state_groups::load_state_of_type(&f.conn, room.current_sg.unwrap(), "m.room.member").unwrap();
+    assert_eq!(state.len(), 2);
+    assert_eq!(state[BOB], members::membership_of(&f.conn, nid, BOB).unwrap().unwrap().1);
+}
+
+#[test]
+fn a_former_member_reads_up_to_their_leave() {
+    let mut f = Fixture::new();
+    let room_id = f.room();
+    f.membership(&room_id, ALICE, BOB, "invite").unwrap();
+    f.membership(&room_id, BOB, BOB, "join").unwrap();
+    f.membership(&room_id, BOB, BOB, "leave").unwrap();
+    let leave_pos = {
+        let room = rooms::room_by_id(&f.conn, &room_id).unwrap().unwrap();
+        let (_, nid) = members::membership_of(&f.conn, room.room_nid, BOB).unwrap().unwrap();
+        events::event_by_nid(&f.conn, nid).unwrap().unwrap().stream_ordering.unwrap()
+    };
+    f.send(&room_id, ALICE, "after bob left").unwrap();
+    let identity = f.identity.clone();
+    let room_id_ = room_id.clone();
+    write(&mut f.conn, &mut f.stream, |w| {
+        append_local(
+            w,
+            &identity,
+            &rid(&room_id_),
+            &uid(ALICE),
+            LocalEvent::state("m.room.topic", "", json!({"topic": "new"})),
+            None,
+        )
+    })
+    .unwrap();
+    let room = rooms::room_by_id(&f.conn, &room_id).unwrap().unwrap();
+    assert_eq!(visibility(&f.conn, &room, ALICE).unwrap(), Visibility::All);
+    assert_eq!(visibility(&f.conn, &room, BOB).unwrap(), Visibility::UpTo(leave_pos.0));
+    assert_eq!(visibility(&f.conn, &room, "@carol:test.example").unwrap(), Visibility::None);
+    assert!(readable_room(&f.conn, &room_id, "@carol:test.example").is_err());
+    let (_, vis) = readable_room(&f.conn, &room_id, BOB).unwrap();
+    // The state Bob sees is the state at his leave: he is not joined in it.
+    let sg = crate::room::membership::visible_state_group(&f.conn, &room, vis).unwrap().unwrap();
+    assert_ne!(Some(sg), room.current_sg);
+    assert!(crate::room::state_content(&f.conn, sg, "m.room.topic", "").unwrap().is_none());
+    let member = crate::room::state_content(&f.conn, sg, "m.room.member", BOB).unwrap().unwrap();
+    assert_eq!(member["membership"], "leave");
+    // Shared history: everything from the start.
+    assert_eq!(visible_from(&f.conn, &room, BOB).unwrap(), i64::MIN);
+    assert!(leave_pos > StreamPos(0));
+}
+
+#[test]
+fn joined_history_is_visible_from_the_first_join() {
+    let mut f = Fixture::new();
+    let room_id = f.room();
+    let identity = f.identity.clone();
+    let room_id_ = room_id.clone();
+    write(&mut f.conn, &mut f.stream, |w| {
+        append_local(
+            w,
+            &identity,
+            &rid(&room_id_),
+            &uid(ALICE),
+            LocalEvent::state("m.room.history_visibility", "", json!({"history_visibility": "joined"})),
+            None,
+        )
+    })
+    .unwrap();
+    f.send(&room_id, ALICE, "before bob").unwrap();
+    f.membership(&room_id, ALICE, BOB, "invite").unwrap();
+    f.membership(&room_id, BOB, BOB, "join").unwrap();
+    let room = rooms::room_by_id(&f.conn, &room_id).unwrap().unwrap();
+    let (_, join_nid) = members::membership_of(&f.conn, room.room_nid, BOB).unwrap().unwrap();
+    let join_pos = events::event_by_nid(&f.conn, join_nid).unwrap().unwrap().stream_ordering.unwrap();
+    assert_eq!(visible_from(&f.conn, &room, BOB).unwrap(), join_pos.0);
+    // Never joined under these rules: nothing.
+    assert_eq!(visible_from(&f.conn, &room, "@carol:test.example").unwrap(), i64::MAX);
+}
+
+#[test]
+fn a_redaction_strips_its_target() {
+    let mut f = Fixture::new();
+    let room_id = f.room();
+    let target = f.send(&room_id, ALICE, "secret").unwrap();
+    let identity = f.identity.clone();
+    let room_id_ = room_id.clone();
+    let tid = target.event_id.clone();
+    write(&mut f.conn, &mut f.stream, |w| {
+        let ev =
+            LocalEvent { kind: "m.room.redaction".into(), state_key: None, content: json!({}), redacts: Some(tid) };
+        append_local(w, &identity, &rid(&room_id_), &uid(ALICE), ev, None)
+    })
+    .unwrap();
+    let row = events::event_by_id(&f.conn, &target.event_id).unwrap().unwrap();
+    assert!(row.redacted_by.is_some());
+    assert!(!row.json.contains("secret"));
+}
