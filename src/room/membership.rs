@@ -4,12 +4,13 @@ use rusqlite::Connection;
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
-use crate::room::append::{append_local, Appended, LocalEvent};
+use crate::room::append::{append_local_or_invite, Appended, LocalEvent, LocalOutcome};
 use crate::room::Identity;
 use crate::store::events::{self, RoomRow};
 use crate::store::{accounts, Writer};
 
 /// Writes `target`'s membership (join/leave/invite/ban) as `sender`, with ruma's auth deciding if it is allowed.
+/// An invite of a remote user comes back unstored, for the invitee's server to countersign.
 #[allow(clippy::too_many_arguments)]
 pub fn set_membership(
     w: &mut Writer<'_>,
@@ -20,7 +21,7 @@ pub fn set_membership(
     membership: &str,
     reason: Option<&str>,
     extra: Option<Value>,
-) -> Result<Appended> {
+) -> Result<LocalOutcome> {
     let room = events::room_by_id(w.conn, room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
     let mut content = json!({"membership": membership});
     if let Some(r) = reason {
@@ -47,12 +48,20 @@ pub fn set_membership(
     if membership == "join" && current.as_deref() == Some("join") && sender == target {
         let (_, nid) = events::membership_of(w.conn, room.room_nid, target)?.unwrap_or_default();
         let row = events::event_by_nid(w.conn, nid)?.ok_or_else(|| Error::internal("member event missing"))?;
-        return Ok(Appended { event_id: row.event_id, event_nid: nid, stream: row.stream_ordering.unwrap_or(0) });
+        let stream = row.stream_ordering.unwrap_or(0);
+        return Ok(LocalOutcome::Appended(Appended { event_id: row.event_id, event_nid: nid, stream }));
     }
     if membership == "leave" && sender == target && !matches!(current.as_deref(), Some("join" | "invite" | "knock")) {
         return Err(Error::forbidden("you are not in this room"));
     }
-    append_local(w, identity, &room.room_id, sender, LocalEvent::state("m.room.member", target, content), None)
+    append_local_or_invite(
+        w,
+        identity,
+        &room.room_id,
+        sender,
+        LocalEvent::state("m.room.member", target, content),
+        None,
+    )
 }
 
 /// How far a user may read a room's timeline.

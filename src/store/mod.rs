@@ -9,11 +9,14 @@ pub mod account_data;
 pub mod accounts;
 pub mod e2ee;
 pub mod events;
+pub mod identity;
 pub mod ids;
+pub mod invite_state;
 pub mod migrate;
 pub mod outbox;
 pub mod receipts;
 pub mod rooms;
+pub mod server_keys;
 #[cfg(test)]
 pub mod testing;
 
@@ -117,7 +120,8 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
 }
 
 impl Store {
-    /// Opens (creating and migrating if needed) the database and starts the writer thread.
+    /// Opens (creating and migrating if needed) the database and starts the writer thread. Blocks (migrations can
+    /// take long): async code uses [`Store::open_async`].
     pub fn open(path: &Path, readers: u32) -> anyhow::Result<Store> {
         sqlite_global_config();
         let mut conn = Connection::open(path)?;
@@ -154,6 +158,11 @@ impl Store {
             stream: stream_rx,
             _writer: Arc::new(WriterHandle),
         })
+    }
+
+    /// [`Store::open`] on a blocking thread, for async code (opening may migrate a large database).
+    pub async fn open_async(path: std::path::PathBuf, readers: u32) -> anyhow::Result<Store> {
+        tokio::task::spawn_blocking(move || Store::open(&path, readers)).await?
     }
 
     /// Runs `f` on a pooled read connection on a blocking thread.
