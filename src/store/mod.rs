@@ -121,7 +121,7 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
 
 impl Store {
     /// Opens (creating and migrating if needed) the database and starts the writer thread. Blocks (migrations can
-    /// take long): async code uses [`Store::open_async`].
+    /// take long): async code calls it under `spawn_blocking` (see `server::start`).
     pub fn open(path: &Path, readers: u32) -> anyhow::Result<Store> {
         sqlite_global_config();
         let mut conn = Connection::open(path)?;
@@ -158,11 +158,6 @@ impl Store {
             stream: stream_rx,
             _writer: Arc::new(WriterHandle),
         })
-    }
-
-    /// [`Store::open`] on a blocking thread, for async code (opening may migrate a large database).
-    pub async fn open_async(path: std::path::PathBuf, readers: u32) -> anyhow::Result<Store> {
-        tokio::task::spawn_blocking(move || Store::open(&path, readers)).await?
     }
 
     /// Runs `f` on a pooled read connection on a blocking thread.
