@@ -62,7 +62,7 @@ async fn count_busy(
         return tokio::select! {
             res = next.run(req) => res,
             _ = shutdown.wait_for(|stopping| *stopping) => {
-                Error::matrix(axum::http::StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN", "server is shutting down").into_response()
+                Error::unavailable("server is shutting down").into_response()
             }
         };
     }

@@ -118,6 +118,8 @@ pub fn sd_notify(state: &str) {
     let _ = state;
 }
 
+/// Opens the database (creating and migrating it, and the server's identity, if needed) and builds the services.
+/// Blocks: async code runs it under `spawn_blocking`.
 pub fn build_services(config: Config) -> anyhow::Result<Arc<Services>> {
     let store = Store::open(&config.database.path, config.database.readers)?;
     let identity = {
@@ -170,7 +172,7 @@ pub fn build_services(config: Config) -> anyhow::Result<Arc<Services>> {
 
 /// Starts the listeners; returns once they are bound.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
-    let services = build_services(config)?;
+    let services = tokio::task::spawn_blocking(move || build_services(config)).await??; // opens and migrates the database
     let shutdown_rx = services.shutdown.subscribe();
     let listener = TcpListener::bind(services.config.listen.client).await?;
     let client_addr = listener.local_addr()?;

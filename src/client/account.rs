@@ -195,11 +195,7 @@ pub async fn register(
     Json(req): Json<RegisterRequest>,
 ) -> Result<axum::response::Response> {
     if q.kind.as_deref() == Some("guest") {
-        return Err(Error::matrix(
-            axum::http::StatusCode::FORBIDDEN,
-            "M_GUEST_ACCESS_FORBIDDEN",
-            "guest access is disabled",
-        ));
+        return Err(Error::guest_access_forbidden());
     }
     if !s.config.registration.enabled {
         return Err(Error::forbidden("registration is disabled"));
@@ -330,7 +326,7 @@ pub async fn require_password(s: &AppState, auth: &Auth, body_auth: Option<&Valu
     // A failed stage is answered like the challenge (401, same session) plus an error code, as the spec's
     // user-interactive auth requires.
     let session = a.get("session").and_then(Value::as_str).map(str::to_owned).unwrap_or_else(|| s.uia.new_session());
-    Err(Error::matrix(axum::http::StatusCode::UNAUTHORIZED, "M_FORBIDDEN", "invalid password")
+    Err(Error::auth_stage_failed("invalid password")
         .with("flows", flows())
         .with("params", json!({}))
         .with("session", json!(session)))

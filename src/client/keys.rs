@@ -569,7 +569,7 @@ pub async fn upload_signatures(
                         }
                         Err(Error::Matrix(m)) => {
                             let entry = failures.entry(target.clone()).or_insert_with(|| json!({}));
-                            entry[key_id] = json!({"errcode": m.errcode, "error": m.message});
+                            entry[key_id] = json!({"errcode": m.errcode(), "error": m.message});
                         }
                         Err(e) => return Err(e),
                     }

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use crate::client::format;
 use crate::error::{Error, Result};
 use crate::http::{qs, AppState, Auth, Json, Query};
-use crate::room::append::{append_local, LocalEvent};
+use crate::room::append::{append_local, LocalEvent, LocalOutcome};
 use crate::room::create::{create_room as core_create, CreateRoom};
 use crate::room::membership::{readable_room, set_membership, visible_state_group};
 use crate::store::ids::{EventNid, StateGroup};
@@ -55,11 +55,7 @@ pub async fn create_room(
     }
     let alias = match &body.room_alias_name {
         Some(a) if a.is_empty() || a.contains(':') || a.contains('#') => {
-            return Err(Error::matrix(
-                axum::http::StatusCode::BAD_REQUEST,
-                "M_INVALID_PARAM",
-                "invalid room_alias_name",
-            ))
+            return Err(Error::invalid_param("invalid room_alias_name"))
         }
         Some(a) => Some(format!("#{a}:{}", s.identity.server_name)),
         None => None,
@@ -133,7 +129,11 @@ async fn resolve_room(s: &AppState, id_or_alias: &str) -> Result<(String, Vec<St
                 "/_matrix/federation/v1/query/directory?room_alias={}",
                 crate::federation::client::enc(id_or_alias)
             );
-            let v = fed.client.get(alias.server_name().as_str(), &path).await?;
+            let v = fed
+                .client
+                .get(alias.server_name().as_str(), &path)
+                .await
+                .map_err(|e| e.or_not_found("room alias not found"))?;
             let room_id = v
                 .get("room_id")
                 .and_then(Value::as_str)
@@ -285,13 +285,10 @@ async fn membership_op(
                 None,
             )
         })
-        .await;
+        .await?;
     match r {
-        Ok(_) => Ok(()),
-        Err(e) => {
-            let pdu = crate::federation::invite::as_remote_invite(e)?;
-            crate::federation::invite::send_remote_invite(s, pdu).await.map(|_| ())
-        }
+        LocalOutcome::Appended(_) => Ok(()),
+        LocalOutcome::NeedsCountersign(pdu) => crate::federation::invite::send_remote_invite(s, *pdu).await.map(|_| ()),
     }
 }
 
@@ -534,11 +531,7 @@ pub async fn put_state(
                 );
                 for a in aliases {
                     if rooms::alias_target(conn, &a)?.as_deref() != Some(rid.as_str()) {
-                        return Err(Error::matrix(
-                            axum::http::StatusCode::BAD_REQUEST,
-                            "M_BAD_ALIAS",
-                            format!("{a} does not point to this room"),
-                        ));
+                        return Err(Error::bad_alias(format!("{a} does not point to this room")));
                     }
                 }
                 Ok(())
@@ -658,11 +651,7 @@ pub async fn wait_full_state(s: &AppState, room_id: &str) -> Result<()> {
             bumped = true;
         }
         if tokio::time::Instant::now() >= deadline {
-            return Err(Error::matrix(
-                axum::http::StatusCode::GATEWAY_TIMEOUT,
-                "M_UNKNOWN",
-                "the room's member list is still being fetched",
-            ));
+            return Err(Error::timeout("the room's member list is still being fetched"));
         }
         tokio::select! {
             _ = stream.changed() => {}
@@ -813,7 +802,7 @@ pub async fn put_alias(
                 return Err(Error::forbidden("you are not in this room"));
             }
             if !rooms::insert_alias(w.conn, &alias, &room.room_id, &auth.user_id)? {
-                return Err(Error::matrix(axum::http::StatusCode::CONFLICT, "M_UNKNOWN", "room alias already exists"));
+                return Err(Error::conflict("room alias already exists"));
             }
             Ok(())
         })

@@ -10,7 +10,7 @@ use ruma::canonical_json::{CanonicalJsonObject, CanonicalJsonValue};
 use serde_json::Value;
 
 use crate::config::Federation as FedConfig;
-use crate::error::{Error, Result};
+use crate::error::{Error, RemoteFailure, Result};
 use crate::room::Identity;
 
 /// Where a server name's federation API lives.
@@ -70,23 +70,58 @@ impl FedError {
     }
 }
 
+impl FedError {
+    /// The server the request went to.
+    pub fn destination(&self) -> &str {
+        match self {
+            FedError::Status { destination, .. }
+            | FedError::Unreachable { destination, .. }
+            | FedError::TooLarge { destination, .. } => destination,
+        }
+    }
+
+    /// For lookups where the remote's 404 means "no such thing" (a room alias): our 404 with `msg`; any other
+    /// failure is the remote's (see the `From` conversion).
+    pub fn or_not_found(self, msg: &str) -> Error {
+        match self.status() {
+            Some(404) => Error::not_found(msg),
+            _ => self.into(),
+        }
+    }
+}
+
+/// A remote failure becomes our own error ([`crate::error::RemoteFailure`]): its status is never passed through.
 impl From<FedError> for Error {
     fn from(e: FedError) -> Self {
-        match &e {
-            FedError::Status { status, body, .. } if (400..500).contains(status) => {
-                let code = body.get("errcode").and_then(Value::as_str).unwrap_or("M_UNKNOWN");
-                let code: &'static str = match code {
-                    "M_FORBIDDEN" => "M_FORBIDDEN",
-                    "M_NOT_FOUND" => "M_NOT_FOUND",
-                    "M_INCOMPATIBLE_ROOM_VERSION" => "M_INCOMPATIBLE_ROOM_VERSION",
-                    "M_UNABLE_DUE_TO_PARTIAL_STATE" => "M_UNABLE_DUE_TO_PARTIAL_STATE",
-                    _ => "M_UNKNOWN",
+        let message = match &e {
+            FedError::Status { destination, status, body } => {
+                let errcode = body.get("errcode").and_then(Value::as_str).unwrap_or("(no errcode)");
+                let text = match body.get("error").and_then(Value::as_str) {
+                    Some(t) => t.to_owned(),
+                    None if body.is_null() || body.get("errcode").is_some() => String::new(),
+                    None => body.to_string(),
                 };
-                let status = axum::http::StatusCode::from_u16(*status).unwrap_or(axum::http::StatusCode::BAD_GATEWAY);
-                Error::matrix(status, code, format!("remote server: {e}"))
+                format!("remote server {destination} answered {status} {errcode}: {text}")
+                    .trim_end_matches(": ")
+                    .to_owned()
             }
-            _ => Error::matrix(axum::http::StatusCode::BAD_GATEWAY, "M_UNKNOWN", e.to_string()),
-        }
+            FedError::Unreachable { destination, reason } => {
+                format!("could not reach remote server {destination}: {reason}")
+            }
+            FedError::TooLarge { destination, limit } => {
+                format!("remote server {destination} answered with more than {limit} bytes")
+            }
+        };
+        Error::remote(RemoteFailure {
+            server: e.destination().to_owned(),
+            status: e.status(),
+            errcode: e.errcode().map(str::to_owned),
+            room_version: match &e {
+                FedError::Status { body, .. } => body.get("room_version").and_then(Value::as_str).map(str::to_owned),
+                _ => None,
+            },
+            message,
+        })
     }
 }
 
@@ -830,6 +865,50 @@ mod tests {
 
     fn rec(priority: u16, weight: u16, port: u16, target: &str) -> (u16, u16, u16, String, u32) {
         (priority, weight, port, target.to_owned(), 300)
+    }
+
+    fn status(status: u16, body: Value) -> FedError {
+        FedError::Status { destination: "b.example".into(), status, body }
+    }
+
+    #[test]
+    fn remote_status_is_not_passed_through() {
+        let e: Error = status(404, serde_json::json!({"errcode": "M_NOT_FOUND", "error": "unknown room"})).into();
+        assert_eq!((e.status().as_u16(), e.errcode()), (502, "M_UNKNOWN"));
+        assert_eq!(e.to_string(), "remote server b.example answered 404 M_NOT_FOUND: unknown room");
+        let e: Error = status(500, Value::String("<html>oops</html>".into())).into();
+        assert_eq!(
+            (e.status().as_u16(), e.to_string().as_str()),
+            (502, "remote server b.example answered 500 (no errcode): \"<html>oops</html>\"")
+        );
+        let e: Error =
+            FedError::Unreachable { destination: "b.example".into(), reason: "connection refused".into() }.into();
+        assert_eq!(
+            (e.status().as_u16(), e.to_string().as_str()),
+            (502, "could not reach remote server b.example: connection refused")
+        );
+        let e: Error = FedError::TooLarge { destination: "b.example".into(), limit: 10 }.into();
+        assert_eq!(e.status().as_u16(), 502);
+    }
+
+    #[test]
+    fn remote_refusals_keep_the_spec_code() {
+        let e: Error = status(403, serde_json::json!({"errcode": "M_FORBIDDEN", "error": "banned"})).into();
+        assert_eq!((e.status().as_u16(), e.errcode()), (403, "M_FORBIDDEN"));
+        let body = serde_json::json!({"errcode": "M_INCOMPATIBLE_ROOM_VERSION", "error": "no", "room_version": "99"});
+        let e: Error = status(400, body).into();
+        assert_eq!((e.status().as_u16(), e.errcode()), (400, "M_INCOMPATIBLE_ROOM_VERSION"));
+    }
+
+    #[test]
+    fn a_remote_404_can_mean_not_found() {
+        let e = status(404, serde_json::json!({"errcode": "M_NOT_FOUND"})).or_not_found("room alias not found");
+        assert_eq!(
+            (e.status().as_u16(), e.errcode(), e.to_string().as_str()),
+            (404, "M_NOT_FOUND", "M_NOT_FOUND: room alias not found")
+        );
+        let e = status(500, Value::Null).or_not_found("room alias not found");
+        assert_eq!(e.status().as_u16(), 502);
     }
 
     #[test]

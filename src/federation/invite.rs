@@ -7,9 +7,10 @@ use crate::error::{Error, Result};
 use crate::federation::client::enc;
 use crate::federation::inbound::verify_batch;
 use crate::http::AppState;
-use crate::room::append::{commit_built, NeedsRemoteInvite};
+use crate::room::append::commit_built;
 use crate::room::{version, Pdu};
-use crate::store::rooms;
+use crate::store::ids::RoomNid;
+use crate::store::{events, invite_state, rooms};
 
 /// Sends a built invite to the invitee's server for countersigning, then stores and distributes it.
 pub async fn send_remote_invite(s: &AppState, invite: Pdu) -> Result<String> {
@@ -50,28 +51,10 @@ pub async fn send_remote_invite(s: &AppState, invite: Pdu) -> Result<String> {
     Ok(a.event_id)
 }
 
-/// Extracts a [`NeedsRemoteInvite`] from an error, if that is what it is.
-pub fn as_remote_invite(e: Error) -> std::result::Result<Pdu, Error> {
-    match e {
-        Error::Internal(inner) => match inner.downcast::<NeedsRemoteInvite>() {
-            Ok(n) => Ok(*n.0),
-            Err(inner) => Err(Error::Internal(inner)),
-        },
-        other => Err(other),
-    }
-}
-
 /// `PUT /_matrix/federation/v2/invite/{roomId}/{eventId}`: countersign an invite for one of our users.
 pub async fn receive_invite(s: &AppState, origin: &str, room_id: &str, event_id: &str, body: Value) -> Result<Value> {
     let room_version = body.get("room_version").and_then(Value::as_str).unwrap_or("1").to_owned();
-    let rules = version::rules(&room_version).map_err(|_| {
-        Error::matrix(
-            axum::http::StatusCode::BAD_REQUEST,
-            "M_INCOMPATIBLE_ROOM_VERSION",
-            format!("room version {room_version} is not supported"),
-        )
-        .with("room_version", json!(room_version))
-    })?;
+    let rules = version::rules(&room_version).map_err(|_| Error::incompatible_room_version(&room_version))?;
     let event = body.get("event").cloned().ok_or_else(|| Error::bad_json("missing event"))?;
     // A room we are in applies its server ACL to invites too.
     let (rid, o) = (room_id.to_owned(), origin.to_owned());
@@ -135,10 +118,7 @@ pub async fn receive_invite(s: &AppState, origin: &str, room_id: &str, event_id:
                 return Ok(());
             }
             let nid = crate::room::remote::persist_outlier(w.conn, &room, &p)?;
-            w.conn.execute(
-                "INSERT OR REPLACE INTO invite_state (room_nid, user_id, events) VALUES (?1, ?2, ?3)",
-                rusqlite::params![room.room_nid, target, stripped_json],
-            )?;
+            invite_state::set(w.conn, RoomNid(room.room_nid), &target, &stripped_json)?;
             crate::room::append::apply_membership(w, &identity, room.room_nid, &target, nid)
         })
         .await?;
@@ -199,10 +179,7 @@ pub async fn remote_leave(s: &AppState, user_id: &str, room_id: &str, servers: &
                     .write(move |w| {
                         let room = rooms::room_by_id(w.conn, &rid)?.ok_or_else(|| Error::not_found("unknown room"))?;
                         let nid = crate::room::remote::persist_outlier(w.conn, &room, &pdu)?;
-                        w.conn.execute(
-                            "DELETE FROM invite_state WHERE room_nid = ?1 AND user_id = ?2",
-                            rusqlite::params![room.room_nid, uid],
-                        )?;
+                        invite_state::remove(w.conn, RoomNid(room.room_nid), &uid)?;
                         crate::room::append::apply_membership(w, &identity, room.room_nid, &uid, nid)
                     })
                     .await?;

@@ -48,13 +48,7 @@ pub async fn remote_join(
     }
     let (server, made) = chosen.ok_or(last_err)?;
     let room_version = made.get("room_version").and_then(Value::as_str).unwrap_or("1").to_owned();
-    let rules = version::rules(&room_version).map_err(|_| {
-        Error::matrix(
-            axum::http::StatusCode::BAD_REQUEST,
-            "M_INCOMPATIBLE_ROOM_VERSION",
-            format!("room version {room_version} is not supported"),
-        )
-    })?;
+    let rules = version::rules(&room_version).map_err(|_| Error::incompatible_room_version(&room_version))?;
 
     // Our join event, from the resident's template.
     let template = made.get("event").cloned().ok_or_else(|| Error::internal("make_join answer without an event"))?;

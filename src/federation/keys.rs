@@ -8,13 +8,13 @@ use base64::Engine;
 use ruma::canonical_json::{CanonicalJsonObject, CanonicalJsonValue};
 use ruma::serde::Base64;
 use ruma::signatures::{PublicKeyMap, PublicKeySet};
-use rusqlite::params;
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 use crate::federation::client::FedClient;
 use crate::room::Identity;
 use crate::store::accounts::now_ms;
+use crate::store::server_keys::{self, OldKey};
 use crate::store::Store;
 
 /// How long our published key response is valid.
@@ -25,10 +25,10 @@ pub fn own_key_response(identity: &Identity) -> Result<Value> {
     own_key_response_with_old(identity, &[])
 }
 
-/// Our key response including keys retired by `hearth keys rotate` (key id, public key, expired_ts).
-pub fn own_key_response_with_old(identity: &Identity, old: &[(String, String, i64)]) -> Result<Value> {
+/// Our key response including keys retired by `hearth keys rotate`.
+pub fn own_key_response_with_old(identity: &Identity, old: &[OldKey]) -> Result<Value> {
     let old_keys: serde_json::Map<String, Value> =
-        old.iter().map(|(id, key, ts)| (id.clone(), json!({"key": key, "expired_ts": ts}))).collect();
+        old.iter().map(|k| (k.key_id.clone(), json!({"key": k.public_key, "expired_ts": k.expired_ts}))).collect();
     let body = json!({
         "server_name": identity.server_name.as_str(),
         "verify_keys": { identity.key_id.clone(): {"key": identity.public_key_b64} },
@@ -39,27 +39,17 @@ pub fn own_key_response_with_old(identity: &Identity, old: &[(String, String, i6
 }
 
 /// Our retired keys, from the key table.
-pub fn own_old_keys(conn: &rusqlite::Connection, server_name: &str) -> Result<Vec<(String, String, i64)>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT key_id, public_key, expired_ts FROM server_signing_keys WHERE server_name = ?1 AND expired_ts IS NOT NULL",
-    )?;
-    let rows = stmt.query_map([server_name], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-    Ok(rows.collect::<rusqlite::Result<_>>()?)
+pub fn own_old_keys(conn: &rusqlite::Connection, server_name: &str) -> Result<Vec<OldKey>> {
+    server_keys::expired_keys(conn, server_name)
 }
 
-/// Retires the current signing key (kept as an old verify key) and generates a new one. Takes effect at the next
-/// start. Returns the new key id.
+/// Retires the current signing key (kept as an old verify key) and generates a new one, in one transaction. Takes
+/// effect at the next start. Returns the new key id.
 pub fn rotate_own_key(conn: &rusqlite::Connection, identity: &Identity) -> Result<String> {
-    conn.execute(
-        "INSERT OR REPLACE INTO server_signing_keys (server_name, key_id, public_key, valid_until_ts, expired_ts)
-         VALUES (?1, ?2, ?3, ?4, ?4)",
-        params![identity.server_name.as_str(), identity.key_id, identity.public_key_b64, now_ms()],
-    )?;
-    let der = ruma::signatures::Ed25519KeyPair::generate().to_vec();
-    let version = crate::http::random_string(6);
-    conn.execute("UPDATE meta SET value = ?1 WHERE key = 'signing_key'", [&der])?;
-    conn.execute("UPDATE meta SET value = ?1 WHERE key = 'signing_key_version'", [version.as_bytes()])?;
-    Ok(format!("ed25519:{version}"))
+    let new = Identity::new_signing_key();
+    let server_name = identity.server_name.as_str();
+    crate::store::identity::rotate(conn, server_name, &identity.key_id, &identity.public_key_b64, &new, now_ms())?;
+    Ok(new.key_id())
 }
 
 /// Signs a JSON object as this server.
@@ -93,12 +83,9 @@ impl KeyStore {
         self.store
             .read(move |c| {
                 let mut map = PublicKeyMap::new();
-                let mut stmt =
-                    c.prepare_cached("SELECT key_id, public_key FROM server_signing_keys WHERE server_name = ?1")?;
                 for s in &servers {
                     let mut set = PublicKeySet::new();
-                    for r in stmt.query_map([s], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))? {
-                        let (id, key) = r?;
+                    for (id, key) in server_keys::keys_of(c, s)? {
                         if let Ok(k) = Base64::parse(&key) {
                             set.insert(id, k);
                         }
@@ -255,12 +242,7 @@ impl KeyStore {
         self.store
             .write(move |w| {
                 for (id, key, until, expired) in rows {
-                    w.conn.execute(
-                        "INSERT INTO server_signing_keys (server_name, key_id, public_key, valid_until_ts, expired_ts)
-                         VALUES (?1, ?2, ?3, ?4, ?5)
-                         ON CONFLICT (server_name, key_id) DO UPDATE SET valid_until_ts = max(valid_until_ts, ?4)",
-                        params![server, id, key, until, expired.then_some(until)],
-                    )?;
+                    server_keys::store_key(w.conn, &server, &id, &key, until, expired.then_some(until))?;
                 }
                 Ok(())
             })

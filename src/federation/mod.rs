@@ -86,11 +86,7 @@ impl FromRequest<AppState> for Signed {
         let bytes = axum::body::to_bytes(req.into_body(), limit).await.map_err(|e| {
             let e = e.into_inner();
             if tls::is_body_timeout(e.as_ref()) {
-                Error::matrix(
-                    axum::http::StatusCode::REQUEST_TIMEOUT,
-                    "M_UNKNOWN",
-                    "the request body did not arrive in time",
-                )
+                Error::request_timeout("the request body did not arrive in time")
             } else {
                 Error::too_large("request body too large")
             }

@@ -133,11 +133,7 @@ async fn send_txn(State(s): State<AppState>, Path(_txn): Path<String>, signed: S
 }
 
 fn partial_refusal() -> Error {
-    Error::matrix(
-        axum::http::StatusCode::FORBIDDEN,
-        "M_UNABLE_DUE_TO_PARTIAL_STATE",
-        "this server has only partial state for the room",
-    )
+    Error::unable_due_to_partial_state("this server has only partial state for the room")
 }
 
 /// A room we hold full state for, that `origin` may talk about (ACL).
@@ -254,12 +250,7 @@ async fn make_join(
             }
             let v = if vers.is_empty() { vec!["1".to_owned()] } else { vers };
             if !v.contains(&room.version) {
-                return Err(Error::matrix(
-                    axum::http::StatusCode::BAD_REQUEST,
-                    "M_INCOMPATIBLE_ROOM_VERSION",
-                    format!("room version {} not supported by your server", room.version),
-                )
-                .with("room_version", json!(room.version)));
+                return Err(Error::incompatible_room_version(&room.version));
             }
             make_membership(c, &s2, &room, &user_id, "join")
         })
@@ -291,12 +282,7 @@ async fn make_knock(
                 return Err(Error::not_found("this server cannot help with this room right now"));
             }
             if !vers.contains(&room.version) {
-                return Err(Error::matrix(
-                    axum::http::StatusCode::BAD_REQUEST,
-                    "M_INCOMPATIBLE_ROOM_VERSION",
-                    format!("room version {} not supported by your server", room.version),
-                )
-                .with("room_version", json!(room.version)));
+                return Err(Error::incompatible_room_version(&room.version));
             }
             make_membership(c, &s2, &room, &user_id, "knock")
         })

@@ -137,7 +137,17 @@ pub fn authorize(
     })
 }
 
-/// Builds, authorises and persists an event from a local user on top of the room's current state.
+/// What became of an event from a local user.
+pub enum LocalOutcome {
+    /// Stored, and queued for the room's other servers.
+    Appended(Appended),
+    /// An invite of a remote user, built and authorised but not stored: the invitee's server must countersign it
+    /// first (federation `/invite`), then it is stored with [`commit_built`].
+    NeedsCountersign(Box<Pdu>),
+}
+
+/// Builds, authorises and persists an event from a local user on top of the room's current state. An invite of
+/// a remote user here is an internal error: callers that can send one use [`append_local_or_invite`].
 pub fn append_local(
     w: &mut Writer<'_>,
     identity: &Identity,
@@ -146,6 +156,21 @@ pub fn append_local(
     ev: LocalEvent,
     txn: Option<(&str, &str)>,
 ) -> Result<Appended> {
+    match append_local_or_invite(w, identity, room_id, sender, ev, txn)? {
+        LocalOutcome::Appended(a) => Ok(a),
+        LocalOutcome::NeedsCountersign(_) => Err(Error::internal("invite of a remote user needs federation")),
+    }
+}
+
+/// Like [`append_local`], handing back an invite of a remote user for countersigning instead of storing it.
+pub fn append_local_or_invite(
+    w: &mut Writer<'_>,
+    identity: &Identity,
+    room_id: &str,
+    sender: &str,
+    ev: LocalEvent,
+    txn: Option<(&str, &str)>,
+) -> Result<LocalOutcome> {
     let conn = w.conn;
     let room = &rooms::room_by_id(conn, room_id.as_str())?.ok_or_else(|| Error::not_found("unknown room"))?;
     let rules = version::rules(&room.version)?;
@@ -189,7 +214,7 @@ pub fn append_local(
         if let Some(target) = &pdu.state_key {
             if !identity.is_local_user(target) {
                 // The invitee's server must countersign first (federation `/invite`): hand the event back.
-                return Err(Error::Internal(anyhow::Error::new(NeedsRemoteInvite(Box::new(pdu)))));
+                return Ok(LocalOutcome::NeedsCountersign(Box::new(pdu)));
             }
         }
     }
@@ -209,20 +234,8 @@ pub fn append_local(
         identity.server_name.as_str(),
         &extra,
     )?;
-    Ok(appended)
+    Ok(LocalOutcome::Appended(appended))
 }
-
-/// An invite of a remote user was built and authorised but must go through the invitee's server.
-#[derive(Debug)]
-pub struct NeedsRemoteInvite(pub Box<Pdu>);
-
-impl std::fmt::Display for NeedsRemoteInvite {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "invite of a remote user needs federation")
-    }
-}
-
-impl std::error::Error for NeedsRemoteInvite {}
 
 /// Persists an event we built earlier (e.g. a remote-countersigned invite) on top of its prev events and sends it
 /// to the room's servers.

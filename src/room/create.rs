@@ -171,9 +171,11 @@ pub fn create_room(
         if req.is_direct {
             content["is_direct"] = json!(true);
         }
-        match send(w, LocalEvent::state("m.room.member", invitee, content)) {
-            Ok(_) => {}
-            Err(e) => remote_invites.push(crate::federation::invite::as_remote_invite(e)?),
+        let invite = LocalEvent::state("m.room.member", invitee, content);
+        if let append::LocalOutcome::NeedsCountersign(pdu) =
+            append::append_local_or_invite(w, identity, &room_id, &req.creator, invite, None)?
+        {
+            remote_invites.push(*pdu);
         }
     }
     if let Some(alias) = &req.alias {

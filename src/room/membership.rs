@@ -5,13 +5,14 @@ use rusqlite::Connection;
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
-use crate::room::append::{append_local, Appended, LocalEvent};
+use crate::room::append::{append_local_or_invite, Appended, LocalEvent, LocalOutcome};
 use crate::room::Identity;
 use crate::store::ids::{EventNid, StateGroup, StreamPos};
 use crate::store::rooms::{self, RoomRow};
 use crate::store::{accounts, events, members, Writer};
 
 /// Writes `target`'s membership (join/leave/invite/ban) as `sender`, with ruma's auth deciding if it is allowed.
+/// An invite of a remote user comes back unstored, for the invitee's server to countersign.
 #[allow(clippy::too_many_arguments)]
 pub fn set_membership(
     w: &mut Writer<'_>,
@@ -22,7 +23,7 @@ pub fn set_membership(
     membership: &str,
     reason: Option<&str>,
     extra: Option<Value>,
-) -> Result<Appended> {
+) -> Result<LocalOutcome> {
     let room = rooms::room_by_id(w.conn, room_id.as_str())?.ok_or_else(|| Error::not_found("unknown room"))?;
     let mut content = json!({"membership": membership});
     if let Some(r) = reason {
@@ -49,16 +50,20 @@ pub fn set_membership(
     if membership == "join" && current.as_deref() == Some("join") && sender == target {
         let nid = members::membership_of(w.conn, room.room_nid, target.as_str())?.map_or(EventNid(0), |m| m.1);
         let row = events::event_by_nid(w.conn, nid)?.ok_or_else(|| Error::internal("member event missing"))?;
-        return Ok(Appended {
-            event_id: row.event_id,
-            event_nid: nid,
-            stream: row.stream_ordering.unwrap_or(StreamPos(0)),
-        });
+        let stream = row.stream_ordering.unwrap_or(StreamPos(0));
+        return Ok(LocalOutcome::Appended(Appended { event_id: row.event_id, event_nid: nid, stream }));
     }
     if membership == "leave" && sender == target && !matches!(current.as_deref(), Some("join" | "invite" | "knock")) {
         return Err(Error::forbidden("you are not in this room"));
     }
-    append_local(w, identity, room_id, sender, LocalEvent::state("m.room.member", target.as_str(), content), None)
+    append_local_or_invite(
+        w,
+        identity,
+        room_id,
+        sender,
+        LocalEvent::state("m.room.member", target.as_str(), content),
+        None,
+    )
 }
 
 /// How far a user may read a room's timeline.

@@ -19,6 +19,7 @@ use ruma::{EventId, OwnedRoomId, OwnedServerName, OwnedUserId, RoomId, UserId};
 use rusqlite::{Connection, OptionalExtension};
 
 use crate::error::Result;
+use crate::store::identity::SigningKey;
 use crate::store::ids::StateGroup;
 use crate::store::{events, rooms, state_groups};
 pub use pdu::Pdu;
@@ -33,53 +34,35 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// Loads the signing key from the database, generating one on first start.
+    /// Loads the identity from the database, creating it (name and signing key, in one transaction) on first start.
     pub fn load_or_create(conn: &Connection, server_name: &str) -> anyhow::Result<Arc<Identity>> {
-        let existing: Option<(Vec<u8>, Vec<u8>)> = conn
-            .query_row(
-                "SELECT k.value, v.value FROM meta k JOIN meta v ON v.key = 'signing_key_version'
-                 WHERE k.key = 'signing_key'",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        let (der, version) = match existing {
-            Some((der, v)) => (der, String::from_utf8(v)?),
-            None => {
-                let der = Ed25519KeyPair::generate().to_vec();
-                let version: String = {
-                    use rand::Rng;
-                    let mut rng = rand::thread_rng();
-                    (0..6).map(|_| rng.sample(rand::distributions::Alphanumeric) as char).collect()
-                };
-                conn.execute("INSERT INTO meta (key, value) VALUES ('signing_key', ?1)", [&der])?;
-                conn.execute("INSERT INTO meta (key, value) VALUES ('signing_key_version', ?1)", [version.as_bytes()])?;
-                (der, version)
-            }
+        let key = crate::store::identity::load_or_create(conn, server_name, Identity::new_signing_key)?;
+        Identity::from_key(server_name, &key).map(Arc::new)
+    }
+
+    /// A fresh signing key with a random version.
+    pub fn new_signing_key() -> SigningKey {
+        let der = Ed25519KeyPair::generate().to_vec();
+        let version = {
+            use rand::Rng;
+            let mut rng = rand::thread_rng();
+            (0..6).map(|_| rng.sample(rand::distributions::Alphanumeric) as char).collect()
         };
-        // The server name is fixed at first start: user ids and room ids embed it.
-        let stored: Option<Vec<u8>> =
-            conn.query_row("SELECT value FROM meta WHERE key = 'server_name'", [], |r| r.get(0)).optional()?;
-        match stored {
-            Some(name) if name != server_name.as_bytes() => anyhow::bail!(
-                "this database belongs to server_name `{}`, but the configuration says `{server_name}`",
-                String::from_utf8_lossy(&name)
-            ),
-            Some(_) => {}
-            None => {
-                conn.execute("INSERT INTO meta (key, value) VALUES ('server_name', ?1)", [server_name.as_bytes()])?;
-            }
-        }
-        let keypair = Ed25519KeyPair::from_der(&der, version.clone())
+        SigningKey { der, version }
+    }
+
+    /// The identity of `server_name` signing with `key`.
+    pub fn from_key(server_name: &str, key: &SigningKey) -> anyhow::Result<Identity> {
+        let keypair = Ed25519KeyPair::from_der(&key.der, key.version.clone())
             .map_err(|e| anyhow::anyhow!("stored signing key is unreadable: {e}"))?;
         use base64::Engine;
         let public_key_b64 = base64::engine::general_purpose::STANDARD_NO_PAD.encode(keypair.public_key());
-        Ok(Arc::new(Identity {
+        Ok(Identity {
             server_name: ruma::ServerName::parse(server_name)?,
             keypair,
-            key_id: format!("ed25519:{version}"),
+            key_id: key.key_id(),
             public_key_b64,
-        }))
+        })
     }
 
     pub fn is_local_user(&self, user_id: &str) -> bool {

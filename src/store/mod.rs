@@ -9,14 +9,17 @@ pub mod account_data;
 pub mod accounts;
 pub mod e2ee;
 pub mod events;
+pub mod identity;
 pub mod ids;
 pub mod members;
+pub mod invite_state;
 pub mod migrate;
 pub mod notary;
 pub mod outbox;
 pub mod receipts;
 pub mod rooms;
 pub mod state_groups;
+pub mod server_keys;
 #[cfg(test)]
 pub mod testing;
 
@@ -120,7 +123,8 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
 }
 
 impl Store {
-    /// Opens (creating and migrating if needed) the database and starts the writer thread.
+    /// Opens (creating and migrating if needed) the database and starts the writer thread. Blocks (migrations can
+    /// take long): async code calls it under `spawn_blocking` (see `server::start`).
     pub fn open(path: &Path, readers: u32) -> anyhow::Result<Store> {
         sqlite_global_config();
         let mut conn = Connection::open(path)?;

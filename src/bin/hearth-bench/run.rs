@@ -218,7 +218,7 @@ async fn start_resident(http: &reqwest::Client, o: &Options, n: usize) -> anyhow
         let cfg = hearth_config(&dir, fed_port, cli_port, true, None)?;
         let config = hearth::config::Config::load(Some(&cfg))?;
         eprintln!("generating a {n}-member world into {} ...", dir.display());
-        let services = hearth::server::build_services(config)?;
+        let services = tokio::task::spawn_blocking(move || hearth::server::build_services(config)).await??;
         let w = world::generate(
             &services.store,
             services.identity.clone(),
