@@ -9,8 +9,7 @@ use crate::federation::inbound::verify_batch;
 use crate::http::AppState;
 use crate::room::append::commit_built;
 use crate::room::{version, Pdu};
-use crate::store::ids::RoomNid;
-use crate::store::{events, invite_state, rooms};
+use crate::store::{invite_state, rooms};
 
 /// Sends a built invite to the invitee's server for countersigning, then stores and distributes it.
 pub async fn send_remote_invite(s: &AppState, invite: Pdu) -> Result<String> {
@@ -118,7 +117,7 @@ pub async fn receive_invite(s: &AppState, origin: &str, room_id: &str, event_id:
                 return Ok(());
             }
             let nid = crate::room::remote::persist_outlier(w.conn, &room, &p)?;
-            invite_state::set(w.conn, RoomNid(room.room_nid), &target, &stripped_json)?;
+            invite_state::set(w.conn, room.room_nid, &target, &stripped_json)?;
             crate::room::append::apply_membership(w, &identity, room.room_nid, &target, nid)
         })
         .await?;
@@ -179,7 +178,7 @@ pub async fn remote_leave(s: &AppState, user_id: &str, room_id: &str, servers: &
                     .write(move |w| {
                         let room = rooms::room_by_id(w.conn, &rid)?.ok_or_else(|| Error::not_found("unknown room"))?;
                         let nid = crate::room::remote::persist_outlier(w.conn, &room, &pdu)?;
-                        invite_state::remove(w.conn, RoomNid(room.room_nid), &uid)?;
+                        invite_state::remove(w.conn, room.room_nid, &uid)?;
                         crate::room::append::apply_membership(w, &identity, room.room_nid, &uid, nid)
                     })
                     .await?;

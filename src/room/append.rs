@@ -166,8 +166,8 @@ pub fn append_local(
 pub fn append_local_or_invite(
     w: &mut Writer<'_>,
     identity: &Identity,
-    room_id: &str,
-    sender: &str,
+    room_id: &RoomId,
+    sender: &UserId,
     ev: LocalEvent,
     txn: Option<(&str, &str)>,
 ) -> Result<LocalOutcome> {

@@ -173,7 +173,7 @@ pub fn create_room(
         }
         let invite = LocalEvent::state("m.room.member", invitee, content);
         if let append::LocalOutcome::NeedsCountersign(pdu) =
-            append::append_local_or_invite(w, identity, &room_id, &req.creator, invite, None)?
+            append::append_local_or_invite(w, identity, &rid, &req.creator, invite, None)?
         {
             remote_invites.push(*pdu);
         }

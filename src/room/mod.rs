@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use ruma::signatures::Ed25519KeyPair;
 use ruma::{EventId, OwnedRoomId, OwnedServerName, OwnedUserId, RoomId, UserId};
-use rusqlite::{Connection, OptionalExtension};
+use rusqlite::Connection;
 
 use crate::error::Result;
 use crate::store::identity::SigningKey;

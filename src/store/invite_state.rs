@@ -37,7 +37,7 @@ mod tests {
     #[test]
     fn set_replaces_and_remove_forgets() {
         let conn = memory_db();
-        let room = RoomNid(crate::store::events::insert_room(&conn, "!r:b.example", "10").unwrap());
+        let room = crate::store::rooms::insert_room(&conn, "!r:b.example", "10").unwrap();
         set(&conn, room, "@a:a.example", "[1]").unwrap();
         set(&conn, room, "@a:a.example", "[2]").unwrap();
         set(&conn, room, "@b:a.example", "[3]").unwrap();

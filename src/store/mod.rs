@@ -11,15 +11,15 @@ pub mod e2ee;
 pub mod events;
 pub mod identity;
 pub mod ids;
-pub mod members;
 pub mod invite_state;
+pub mod members;
 pub mod migrate;
 pub mod notary;
 pub mod outbox;
 pub mod receipts;
 pub mod rooms;
-pub mod state_groups;
 pub mod server_keys;
+pub mod state_groups;
 #[cfg(test)]
 pub mod testing;
 
