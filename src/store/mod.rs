@@ -13,6 +13,7 @@ pub mod ids;
 pub mod migrate;
 pub mod outbox;
 pub mod receipts;
+pub mod room_keys;
 pub mod rooms;
 #[cfg(test)]
 pub mod testing;
