@@ -10,6 +10,7 @@ pub mod accounts;
 pub mod e2ee;
 pub mod events;
 pub mod ids;
+pub mod media;
 pub mod migrate;
 pub mod outbox;
 pub mod receipts;
