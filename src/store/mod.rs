@@ -18,6 +18,7 @@ pub mod room_keys;
 pub mod rooms;
 #[cfg(test)]
 pub mod testing;
+pub mod txn_ids;
 
 use std::path::Path;
 use std::sync::mpsc as std_mpsc;
