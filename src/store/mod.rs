@@ -9,8 +9,11 @@ pub mod account_data;
 pub mod accounts;
 pub mod e2ee;
 pub mod events;
+#[cfg(test)]
+mod fixtures;
 pub mod ids;
 pub mod media;
+pub mod memberships;
 pub mod migrate;
 pub mod outbox;
 pub mod receipts;
@@ -18,6 +21,7 @@ pub mod room_keys;
 pub mod rooms;
 #[cfg(test)]
 pub mod testing;
+pub mod timeline;
 pub mod txn_ids;
 
 use std::path::Path;
