@@ -12,6 +12,7 @@ pub mod events;
 #[cfg(test)]
 mod fixtures;
 pub mod ids;
+pub mod maintenance;
 pub mod media;
 pub mod memberships;
 pub mod migrate;
