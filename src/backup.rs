@@ -2,7 +2,7 @@
 //!
 //! A backup is taken with SQLite's online backup API in one step, inside one read transaction: in WAL mode that
 //! sees a single committed snapshot and does not block the running server's writer. The copy is checked
-//! (`PRAGMA quick_check`), switched to a self-contained rollback-journal file (no `-wal` beside it), written under a
+//! (SQLite's quick check), switched to a self-contained rollback-journal file (no `-wal` beside it), written under a
 //! temporary name with mode 0600 (it holds password hashes, access tokens and the server's signing key) and only
 //! then renamed to `FILE`.
 
@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use rusqlite::{Connection, OpenFlags};
+
+use crate::store::maintenance;
 
 /// What a finished backup or restore reports.
 #[derive(Debug)]
@@ -67,8 +69,8 @@ fn copy_into(source: &Connection, dest: &Path) -> anyhow::Result<Summary> {
             }
         }
         // A single self-contained file: no -wal/-shm beside the backup.
-        let _: String = dst.query_row("PRAGMA journal_mode=DELETE", [], |r| r.get(0))?;
-        let check: String = dst.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+        maintenance::use_rollback_journal(&dst)?;
+        let check = maintenance::quick_check(&dst)?;
         anyhow::ensure!(check == "ok", "the copy failed its integrity check: {check}");
         dst.close().map_err(|(_, e)| e)?;
         std::fs::File::open(&partial)?.sync_all()?;
@@ -90,17 +92,14 @@ fn copy_into(source: &Connection, dest: &Path) -> anyhow::Result<Summary> {
 /// Opens `path` read-only, checks it is a Hearth database and counts what it holds.
 pub fn describe(path: &Path) -> anyhow::Result<Summary> {
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-    let server_name: Option<Vec<u8>> = conn
-        .query_row("SELECT value FROM meta WHERE key = 'server_name'", [], |r| r.get(0))
-        .optional()
-        .with_context(|| format!("{} is not a Hearth database", path.display()))?;
-    let count = |sql: &str| conn.query_row(sql, [], |r| r.get::<_, i64>(0));
+    let server_name =
+        maintenance::server_name(&conn).with_context(|| format!("{} is not a Hearth database", path.display()))?;
     Ok(Summary {
         path: path.to_owned(),
         bytes: std::fs::metadata(path)?.len(),
-        server_name: server_name.map(|v| String::from_utf8_lossy(&v).into_owned()),
-        events: count("SELECT count(*) FROM events")?,
-        users: count("SELECT count(*) FROM users")?,
+        server_name,
+        events: maintenance::event_count(&conn)?,
+        users: maintenance::user_count(&conn)?,
     })
 }
 
@@ -111,7 +110,7 @@ pub fn restore(from: &Path, to: &Path, expected_server_name: &str, force: bool) 
     let info = describe(from)?;
     {
         let conn = Connection::open_with_flags(from, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-        let check: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+        let check = maintenance::quick_check(&conn)?;
         anyhow::ensure!(check == "ok", "{} failed its integrity check: {check}", from.display());
     }
     if let Some(name) = &info.server_name {

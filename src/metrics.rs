@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use crate::http::AppState;
+use crate::store::maintenance;
 
 /// Upper bounds (seconds) of the request latency histogram buckets.
 const BUCKETS: [f64; 14] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
@@ -110,7 +111,7 @@ pub async fn track(State(s): State<AppState>, req: axum::extract::Request, next:
 /// `GET /_hearth/health`: 200 `{"status":"ok","database":"ok",...}` when a database read succeeds within 5 s, else
 /// 503 with the error. No authentication.
 pub async fn health(State(s): State<AppState>) -> Response {
-    let check = s.store.read(|c| Ok(c.query_row("SELECT count(*) FROM meta", [], |r| r.get::<_, i64>(0))?));
+    let check = s.store.read(maintenance::ping);
     let database = match tokio::time::timeout(Duration::from_secs(5), check).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(e.to_string()),
@@ -130,31 +131,13 @@ pub async fn health(State(s): State<AppState>) -> Response {
 }
 
 /// Gauges read from the database at scrape time.
-#[derive(Default)]
 struct DbStats {
-    size_bytes: i64,
-    freelist_pages: i64,
-    page_size: i64,
-    outbox_depth: i64,
-    outbox_destinations: i64,
-    users: i64,
-    rooms: i64,
+    gauges: maintenance::Gauges,
     jobs: Vec<serde_json::Value>,
 }
 
 fn db_stats(c: &rusqlite::Connection) -> crate::error::Result<DbStats> {
-    let one = |sql: &str| -> rusqlite::Result<i64> { c.query_row(sql, [], |r| r.get(0)) };
-    let page_size = one("PRAGMA page_size")?;
-    Ok(DbStats {
-        size_bytes: one("PRAGMA page_count")? * page_size,
-        freelist_pages: one("PRAGMA freelist_count")?,
-        page_size,
-        outbox_depth: one("SELECT count(*) FROM outbox")?,
-        outbox_destinations: one("SELECT count(DISTINCT destination) FROM outbox")?,
-        users: one("SELECT count(*) FROM users")?,
-        rooms: one("SELECT count(*) FROM rooms")?,
-        jobs: crate::jobs::progress(c)?,
-    })
+    Ok(DbStats { gauges: maintenance::gauges(c)?, jobs: crate::jobs::progress(c)? })
 }
 
 /// Escapes a Prometheus label value.
@@ -251,20 +234,20 @@ pub async fn metrics(State(s): State<AppState>) -> Response {
             "gauge",
             "Size of the SQLite database (page_count * page_size; the WAL file is extra).",
         );
-        let _ = writeln!(out, "hearth_database_size_bytes {}", db.size_bytes);
+        let _ = writeln!(out, "hearth_database_size_bytes {}", db.gauges.size_bytes);
         header(&mut out, "hearth_database_free_bytes", "gauge", "Unused pages inside the database file, in bytes.");
-        let _ = writeln!(out, "hearth_database_free_bytes {}", db.freelist_pages * db.page_size);
+        let _ = writeln!(out, "hearth_database_free_bytes {}", db.gauges.freelist_pages * db.gauges.page_size);
         let wal = std::fs::metadata(wal_path(&s.config.database.path)).map(|m| m.len()).unwrap_or(0);
         header(&mut out, "hearth_database_wal_bytes", "gauge", "Size of the SQLite write-ahead log file.");
         let _ = writeln!(out, "hearth_database_wal_bytes {wal}");
         header(&mut out, "hearth_federation_outbox_depth", "gauge", "PDUs and EDUs queued for other servers.");
-        let _ = writeln!(out, "hearth_federation_outbox_depth {}", db.outbox_depth);
+        let _ = writeln!(out, "hearth_federation_outbox_depth {}", db.gauges.outbox_depth);
         header(&mut out, "hearth_federation_outbox_destinations", "gauge", "Servers with queued federation traffic.");
-        let _ = writeln!(out, "hearth_federation_outbox_destinations {}", db.outbox_destinations);
+        let _ = writeln!(out, "hearth_federation_outbox_destinations {}", db.gauges.outbox_destinations);
         header(&mut out, "hearth_users", "gauge", "Local user accounts.");
-        let _ = writeln!(out, "hearth_users {}", db.users);
+        let _ = writeln!(out, "hearth_users {}", db.gauges.users);
         header(&mut out, "hearth_rooms", "gauge", "Rooms known to this server.");
-        let _ = writeln!(out, "hearth_rooms {}", db.rooms);
+        let _ = writeln!(out, "hearth_rooms {}", db.gauges.rooms);
 
         let mut by_kind: BTreeMap<String, i64> = BTreeMap::new();
         for j in &db.jobs {

@@ -79,10 +79,8 @@ impl Running {
             tracing::error!(error = %e, "final write barrier failed");
         }
         let path = self.services.config.database.path.clone();
-        let checkpoint = tokio::task::spawn_blocking(move || -> rusqlite::Result<()> {
-            let conn = rusqlite::Connection::open(&path)?;
-            conn.busy_timeout(std::time::Duration::from_secs(5))?;
-            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        let checkpoint = tokio::task::spawn_blocking(move || {
+            crate::store::maintenance::checkpoint_file(&path, std::time::Duration::from_secs(5))
         });
         match checkpoint.await {
             Ok(Ok(())) => tracing::info!("database checkpointed; stopped cleanly"),

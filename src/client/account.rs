@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 use crate::http::{random_string, AppState, Auth, Json, Query};
-use crate::store::accounts;
+use crate::store::{accounts, e2ee};
 
 pub async fn versions() -> impl IntoResponse {
     axum::Json(json!({
@@ -357,10 +357,7 @@ pub async fn change_password(
         .write(move |w| {
             accounts::set_password(w.conn, &auth.user_id, &hash)?;
             if req.logout_devices {
-                w.conn.execute(
-                    "DELETE FROM access_tokens WHERE user_id = ?1 AND token_sha256 != ?2",
-                    rusqlite::params![auth.user_id, accounts::token_hash(&auth.token)],
-                )?;
+                accounts::delete_other_tokens(w.conn, &auth.user_id, &auth.token)?;
             }
             Ok(())
         })
@@ -512,11 +509,7 @@ async fn delete_devices_now(s: &AppState, user_id: &str, devices: Vec<String>) -
                 }
             }
             if n > 0 {
-                let pos = w.next_stream();
-                w.conn.execute(
-                    "INSERT INTO device_list_stream (stream_ordering, user_id) VALUES (?1, ?2)",
-                    rusqlite::params![pos, uid],
-                )?;
+                e2ee::device_list_changed(w, &uid)?;
             }
             Ok(n)
         })

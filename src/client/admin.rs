@@ -6,6 +6,7 @@ use serde_json::json;
 
 use crate::error::{Error, Result};
 use crate::http::{AppState, Auth};
+use crate::store::rooms;
 
 /// Background jobs with progress: room, done/total, rate, ETA (the lazy-join resyncs among them).
 pub async fn jobs(State(s): State<AppState>, auth: Auth) -> Result<impl IntoResponse> {
@@ -15,12 +16,11 @@ pub async fn jobs(State(s): State<AppState>, auth: Auth) -> Result<impl IntoResp
     let jobs = s.store.read(crate::jobs::progress).await?;
     let partial = s
         .store
-        .read(|c| {
-            let mut stmt = c.prepare("SELECT room_id, joined_members FROM rooms WHERE partial_state = 1")?;
-            let rows = stmt.query_map([], |r| Ok(json!({"room_id": r.get::<_, String>(0)?, "known_joined_members": r.get::<_, i64>(1)?, "syncing": true})))?;
-            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
-        })
-        .await?;
+        .read(rooms::partial_state_rooms)
+        .await?
+        .into_iter()
+        .map(|(room_id, joined)| json!({"room_id": room_id, "known_joined_members": joined, "syncing": true}))
+        .collect::<Vec<_>>();
     Ok(axum::Json(json!({"jobs": jobs, "partial_state_rooms": partial})))
 }
 

@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 use crate::http::{AppState, Auth, Json};
+use crate::store::members;
 
 /// `GET /pushers`: Hearth sends no push notifications, so there are never pushers.
 pub async fn pushers(_auth: Auth) -> impl IntoResponse {
@@ -50,34 +51,17 @@ pub async fn user_directory_search(
         return Err(Error::invalid_param("search_term is empty"));
     }
     let me = auth.user_id.clone();
-    let found = s
-        .store
-        .read(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT m.user_id, max(coalesce(u.displayname, m.displayname)), max(coalesce(u.avatar_url, m.avatar_url))
-                 FROM room_members m LEFT JOIN users u ON u.user_id = m.user_id AND u.deactivated = 0
-                 WHERE m.membership = 'join' AND m.user_id != ?1
-                   AND (m.room_nid IN (SELECT room_nid FROM room_members WHERE user_id = ?1 AND membership = 'join')
-                        OR m.room_nid IN (SELECT room_nid FROM rooms WHERE published = 1))
-                   AND (instr(lower(m.user_id), ?2) > 0 OR instr(lower(coalesce(u.displayname, m.displayname, '')), ?2) > 0)
-                 GROUP BY m.user_id ORDER BY m.user_id LIMIT ?3",
-            )?;
-            let rows = stmt.query_map(rusqlite::params![me, term, (limit + 1) as i64], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?, r.get::<_, Option<String>>(2)?))
-            })?;
-            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
-        })
-        .await?;
+    let found = s.store.read(move |c| members::search_users(c, &me, &term, (limit + 1) as i64)).await?;
     let limited = found.len() > limit;
     let results: Vec<Value> = found
         .into_iter()
         .take(limit)
-        .map(|(user_id, name, avatar)| {
-            let mut v = json!({"user_id": user_id});
-            if let Some(n) = name {
+        .map(|p| {
+            let mut v = json!({"user_id": p.user_id});
+            if let Some(n) = p.displayname {
                 v["display_name"] = json!(n);
             }
-            if let Some(a) = avatar {
+            if let Some(a) = p.avatar_url {
                 v["avatar_url"] = json!(a);
             }
             v

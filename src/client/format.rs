@@ -7,8 +7,9 @@ use crate::error::Result;
 use crate::room::pdu::client_event;
 use crate::store::accounts::now_ms;
 use crate::store::events::{self, EventRow};
-use crate::store::ids::{EventNid, StateGroup};
+use crate::store::ids::EventNid;
 use crate::store::state_groups;
+use crate::store::timeline;
 
 /// A stored event in the client format, with `unsigned` (age, transaction_id for the sending device,
 /// redacted_because, prev_content for state events).
@@ -36,14 +37,7 @@ pub fn event(
     }
     if let Some(skn) = row.state_key_nid {
         // prev_content: the state this event replaced (clients render "changed their name" from it).
-        let before: Option<StateGroup> = conn
-            .prepare_cached(
-                "SELECT e.sg_after FROM event_edges x JOIN events e ON e.event_id = x.prev_event_id
-                 WHERE x.event_nid = ?1 AND e.sg_after IS NOT NULL LIMIT 1",
-            )?
-            .query_row([row.event_nid], |r| r.get(0))
-            .ok();
-        if let Some(sg) = before {
+        if let Some(sg) = timeline::state_before(conn, row.event_nid)? {
             if let Some(prev_nid) = state_groups::lookup_state(conn, sg, skn)? {
                 if let Some(prev) = events::event_by_nid(conn, prev_nid)? {
                     let v: Value = serde_json::from_str(&prev.json)?;

@@ -20,7 +20,7 @@ use crate::client::account::require_password;
 use crate::client::sync::parse_token;
 use crate::error::{Error, Result};
 use crate::http::{random_string, AppState, Auth, Json, Query};
-use crate::store::{e2ee, outbox};
+use crate::store::{e2ee, outbox, txn_ids};
 
 const CROSS_SIGNING_TYPES: [&str; 3] = ["master", "self_signing", "user_signing"];
 
@@ -630,7 +630,7 @@ pub async fn send_to_device(
     }
     s.store
         .write(move |w| {
-            if e2ee::to_device_txn_seen(w.conn, &auth.user_id, &auth.device_id, &txn_id)? {
+            if txn_ids::to_device_txn_seen(w.conn, &auth.user_id, &auth.device_id, &txn_id)? {
                 return Ok(()); // a retry: already delivered once
             }
             for (server, users) in &remote {
@@ -647,7 +647,7 @@ pub async fn send_to_device(
                     e2ee::queue_to_device(w, user_id, d, &auth.user_id, &event_type, content)?;
                 }
             }
-            e2ee::record_to_device_txn(w.conn, &auth.user_id, &auth.device_id, &txn_id)
+            txn_ids::record_to_device_txn(w.conn, &auth.user_id, &auth.device_id, &txn_id)
         })
         .await?;
     Ok(axum::Json(json!({})))

@@ -8,13 +8,14 @@
 
 use std::collections::HashSet;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::Connection;
 use serde_json::{json, Value};
 
 use crate::client::push_rules::{self, PUSH_RULES};
 use crate::error::Result;
+use crate::store::ids::StreamPos;
 use crate::store::rooms::RoomRow;
-use crate::store::{account_data, events, members, state_groups};
+use crate::store::{account_data, events, members, receipts, state_groups, timeline};
 
 /// At most this many unread events are evaluated per room and sync (counts above it are capped).
 pub const SCAN_LIMIT: i64 = 500;
@@ -61,30 +62,12 @@ fn int(v: &Value) -> Option<i64> {
 
 /// The counts for `room`: `{"notification_count": n, "highlight_count": h}`.
 pub fn unread_counts(c: &Connection, room: &RoomRow, user_id: &str, ignored: &HashSet<String>) -> Result<Value> {
-    let receipt: Option<i64> = c
-        .prepare_cached(
-            "SELECT max(e.stream_ordering) FROM receipts r JOIN events e ON e.event_id = r.event_id
-             WHERE r.room_nid = ?1 AND r.user_id = ?2 AND r.receipt_type IN ('m.read', 'm.read.private')",
-        )?
-        .query_row(params![room.room_nid, user_id], |r| r.get(0))?;
-    // The user's own latest event after the receipt, among the newest SCAN_LIMIT events only (through the stream
-    // index): an own event older than those leaves them all unread anyway. Unbounded, this scanned the room's whole
-    // history on every sync (send latency grew with the database in the 10-minute load soak).
-    let own: Option<i64> = c
-        .prepare_cached(
-            "SELECT max(stream_ordering) FROM (SELECT stream_ordering, sender FROM events
-             WHERE room_nid = ?1 AND stream_ordering > ?3 AND stream_ordering IS NOT NULL
-             ORDER BY stream_ordering DESC LIMIT ?4) WHERE sender = ?2",
-        )?
-        .query_row(params![room.room_nid, user_id, receipt.unwrap_or(0), SCAN_LIMIT], |r| r.get(0))?;
-    let from = receipt.unwrap_or(0).max(own.unwrap_or(0));
-    let mut stmt = c.prepare_cached(
-        "SELECT sender, json FROM events WHERE room_nid = ?1 AND stream_ordering > ?2 AND sender != ?3
-         AND outlier = 0 AND rejected IS NULL AND soft_failed = 0 ORDER BY stream_ordering DESC LIMIT ?4",
-    )?;
-    let unread: Vec<(String, String)> = stmt
-        .query_map(params![room.room_nid, from, user_id, SCAN_LIMIT], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<rusqlite::Result<_>>()?;
+    let room_nid = room.room_nid;
+    let receipt = receipts::read_up_to(c, room_nid, user_id)?.unwrap_or(StreamPos(0));
+    // The user's own latest event after the receipt, among the newest SCAN_LIMIT events only: an own event older
+    // than those leaves them all unread anyway.
+    let own = timeline::latest_from_sender(c, room_nid, user_id, receipt, SCAN_LIMIT)?.unwrap_or(StreamPos(0));
+    let unread = timeline::unread_by(c, room_nid, user_id, receipt.max(own), SCAN_LIMIT)?;
     let (mut notifications, mut highlights) = (0, 0);
     if !unread.is_empty() {
         let rules = push_rules::effective(user_id, account_data::get(c, user_id, "", PUSH_RULES)?.as_ref());
@@ -104,11 +87,7 @@ pub fn unread_counts(c: &Connection, room: &RoomRow, user_id: &str, ignored: &Ha
 
 fn context(c: &Connection, room: &RoomRow, user_id: &str) -> Result<Context> {
     let (joined, _) = members::member_counts(c, room.room_nid)?;
-    let display_name: Option<String> = c
-        .prepare_cached("SELECT displayname FROM room_members WHERE room_nid = ?1 AND user_id = ?2")?
-        .query_row(params![room.room_nid, user_id], |r| r.get(0))
-        .optional()?
-        .flatten();
+    let display_name = members::displayname(c, room.room_nid, user_id)?;
     let state_content = |event_type: &str| -> Result<Option<Value>> {
         let (Some(sg), Some(skn)) = (room.current_sg, state_groups::find_state_key_nid(c, event_type, "")?) else {
             return Ok(None);

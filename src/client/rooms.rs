@@ -11,8 +11,8 @@ use crate::http::{qs, AppState, Auth, Json, Query};
 use crate::room::append::{append_local, LocalEvent, LocalOutcome};
 use crate::room::create::{create_room as core_create, CreateRoom};
 use crate::room::membership::{readable_room, set_membership, visible_state_group};
-use crate::store::ids::{EventNid, StateGroup};
-use crate::store::{events, members, rooms, state_groups};
+use crate::store::ids::{EventNid, StreamPos};
+use crate::store::{events, members, rooms, state_groups, timeline, txn_ids};
 
 #[derive(Deserialize)]
 pub struct CreateRoomBody {
@@ -393,11 +393,7 @@ pub async fn forget(State(s): State<AppState>, auth: Auth, Path(room_id): Path<S
                 None => return Err(Error::not_found("you were never in this room")),
                 _ => {}
             }
-            w.conn.execute(
-                "INSERT OR IGNORE INTO forgotten_rooms (user_id, room_nid) VALUES (?1, ?2)",
-                rusqlite::params![auth.user_id, room.room_nid],
-            )?;
-            Ok(())
+            members::forget(w.conn, &auth.user_id, room.room_nid)
         })
         .await?;
     Ok(axum::Json(json!({})))
@@ -428,12 +424,8 @@ pub async fn send(
     let event_id = s
         .store
         .write(move |w| {
-            let prior: Option<String> = w
-                .conn
-                .prepare_cached("SELECT result FROM txn_ids WHERE user_id = ?1 AND device_id = ?2 AND kind = 'send' AND txn_id = ?3")?
-                .query_row(rusqlite::params![auth.user_id, auth.device_id, format!("{room_id}/{txn_id}")], |r| r.get(0))
-                .ok();
-            if let Some(id) = prior {
+            let key = format!("{room_id}/{txn_id}");
+            if let Some(id) = txn_ids::sent_event(w.conn, &auth.user_id, &auth.device_id, &key)? {
                 return Ok(id);
             }
             let mut ev = LocalEvent::message(&event_type, content);
@@ -448,10 +440,7 @@ pub async fn send(
                 ev,
                 Some((&auth.device_id, &txn_id)),
             )?;
-            w.conn.execute(
-                "INSERT INTO txn_ids (user_id, device_id, txn_id, kind, result) VALUES (?1, ?2, ?3, 'send', ?4)",
-                rusqlite::params![auth.user_id, auth.device_id, format!("{room_id}/{txn_id}"), a.event_id],
-            )?;
+            txn_ids::record_sent_event(w.conn, &auth.user_id, &auth.device_id, &key, &a.event_id)?;
             Ok(a.event_id)
         })
         .await?;
@@ -470,12 +459,7 @@ pub async fn redact(
         .store
         .write(move |w| {
             let key = format!("{room_id}/redact/{txn_id}");
-            let prior: Option<String> = w
-                .conn
-                .prepare_cached("SELECT result FROM txn_ids WHERE user_id = ?1 AND device_id = ?2 AND kind = 'send' AND txn_id = ?3")?
-                .query_row(rusqlite::params![auth.user_id, auth.device_id, key], |r| r.get(0))
-                .ok();
-            if let Some(id) = prior {
+            if let Some(id) = txn_ids::sent_event(w.conn, &auth.user_id, &auth.device_id, &key)? {
                 return Ok(id);
             }
             let mut content = json!({});
@@ -491,10 +475,7 @@ pub async fn redact(
                 ev,
                 Some((&auth.device_id, &txn_id)),
             )?;
-            w.conn.execute(
-                "INSERT INTO txn_ids (user_id, device_id, txn_id, kind, result) VALUES (?1, ?2, ?3, 'send', ?4)",
-                rusqlite::params![auth.user_id, auth.device_id, key, a.event_id],
-            )?;
+            txn_ids::record_sent_event(w.conn, &auth.user_id, &auth.device_id, &key, &a.event_id)?;
             Ok(a.event_id)
         })
         .await?;
@@ -685,25 +666,16 @@ pub async fn members(
                 },
             };
             let members: Vec<(String, String, EventNid)> = match at_pos {
-                None => {
-                    let mut stmt = c.prepare_cached("SELECT user_id, membership, event_nid FROM room_members WHERE room_nid = ?1")?;
-                    let rows = stmt.query_map([room.room_nid], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-                    rows.collect::<rusqlite::Result<_>>()?
-                }
+                None => members::members(c, room.room_nid)?,
                 Some(pos) => {
-                    let sg: Option<StateGroup> = c
-                        .prepare_cached(
-                            "SELECT sg_after FROM events WHERE room_nid = ?1 AND stream_ordering <= ?2 AND sg_after IS NOT NULL
-                             ORDER BY stream_ordering DESC LIMIT 1",
-                        )?
-                        .query_row(rusqlite::params![room.room_nid, pos], |r| r.get(0))
-                        .ok();
                     let mut out = Vec::new();
-                    if let Some(sg) = sg {
+                    if let Some(sg) = timeline::state_at(c, room.room_nid, StreamPos(pos))? {
                         for (user, nid) in state_groups::load_state_of_type(c, sg, "m.room.member")? {
-                            let row = events::event_by_nid(c, nid)?.ok_or_else(|| Error::internal("member event missing"))?;
+                            let row =
+                                events::event_by_nid(c, nid)?.ok_or_else(|| Error::internal("member event missing"))?;
                             let v: Value = serde_json::from_str(&row.json)?;
-                            let m = v.pointer("/content/membership").and_then(Value::as_str).unwrap_or("leave").to_owned();
+                            let m =
+                                v.pointer("/content/membership").and_then(Value::as_str).unwrap_or("leave").to_owned();
                             out.push((user, m, nid));
                         }
                     }
@@ -739,22 +711,17 @@ pub async fn joined_members(
             if let crate::room::membership::Visibility::UpTo(_) = vis {
                 return Err(Error::forbidden("you are not in this room"));
             }
-            let mut stmt = c.prepare_cached(
-                "SELECT user_id, displayname, avatar_url FROM room_members WHERE room_nid = ?1 AND membership = 'join'",
-            )?;
             let mut out = serde_json::Map::new();
-            let mut rows = stmt.query([room.room_nid])?;
-            while let Some(r) = rows.next()? {
-                let (u, d, a): (String, Option<String>, Option<String>) = (r.get(0)?, r.get(1)?, r.get(2)?);
+            for p in members::joined_profiles(c, room.room_nid)? {
                 // Unset fields are left out rather than null.
                 let mut m = serde_json::Map::new();
-                if let Some(d) = d {
+                if let Some(d) = p.displayname {
                     m.insert("display_name".into(), json!(d));
                 }
-                if let Some(a) = a {
+                if let Some(a) = p.avatar_url {
                     m.insert("avatar_url".into(), json!(a));
                 }
-                out.insert(u, Value::Object(m));
+                out.insert(p.user_id, Value::Object(m));
             }
             Ok(out)
         })

@@ -8,15 +8,17 @@ use std::time::Duration;
 
 use axum::extract::State;
 use axum::response::IntoResponse;
-use rusqlite::{params, Connection};
+use rusqlite::Connection;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::client::format;
 use crate::error::{Error, Result};
 use crate::http::{qs, AppState, Auth, Query};
-use crate::store::ids::{EventNid, RoomNid, StateGroup, StateKeyNid};
-use crate::store::{accounts, events, members, rooms, state_groups};
+use crate::store::ids::{EventNid, RoomNid, StateGroup, StreamPos};
+use crate::store::{
+    account_data, accounts, e2ee, events, invite_state, members, receipts, rooms, state_groups, timeline,
+};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Token {
@@ -291,15 +293,7 @@ pub async fn sync(State(s): State<AppState>, auth: Auth, Query(q): Query<SyncQue
     if let Some(since) = since {
         // The client has seen everything up to `since`: its to-device messages up to there can go.
         let (u, d) = (auth.user_id.clone(), auth.device_id.clone());
-        s.store
-            .write(move |w| {
-                w.conn.execute(
-                    "DELETE FROM to_device WHERE user_id = ?1 AND device_id = ?2 AND stream_ordering <= ?3",
-                    params![u, d, since.stream],
-                )?;
-                Ok(())
-            })
-            .await?;
+        s.store.write(move |w| e2ee::delete_to_device_upto(w.conn, &u, &d, StreamPos(since.stream))).await?;
     }
 
     let mut stream_rx = s.store.stream_watch();
@@ -374,14 +368,16 @@ pub struct TypingView {
     pub changed: HashMap<String, u64>,
 }
 
-fn state_at(conn: &Connection, room_nid: RoomNid, pos: i64) -> Result<Option<StateGroup>> {
-    Ok(conn
-        .prepare_cached(
-            "SELECT sg_after FROM events WHERE room_nid = ?1 AND stream_ordering <= ?2 AND stream_ordering IS NOT NULL
-             AND sg_after IS NOT NULL ORDER BY stream_ordering DESC LIMIT 1",
-        )?
-        .query_row(params![room_nid, pos], |r| r.get(0))
-        .ok())
+/// The room's state at stream position `pos` (after its last timeline event up to there).
+fn state_at(c: &Connection, room_nid: RoomNid, pos: i64) -> Result<Option<StateGroup>> {
+    timeline::state_at(c, room_nid, StreamPos(pos))
+}
+
+/// The membership event of `user_id` in state group `sg`, if any.
+fn member_event(c: &Connection, sg: StateGroup, user_id: &str) -> Result<Option<events::EventRow>> {
+    let Some(skn) = state_groups::find_state_key_nid(c, "m.room.member", user_id)? else { return Ok(None) };
+    let Some(nid) = state_groups::lookup_state(c, sg, skn)? else { return Ok(None) };
+    events::event_by_nid(c, nid)
 }
 
 struct RoomSync {
@@ -406,17 +402,8 @@ fn room_window(
     let limit = filter.timeline_limit.unwrap_or(10).clamp(0, 100);
     // History visibility: the timeline never reaches back before what the user may see.
     let floor = crate::room::membership::visible_from(c, room, &auth.user_id)?.saturating_sub(1);
-    let mut stmt = c.prepare_cached(&format!(
-        "SELECT {} FROM events WHERE room_nid = ?1 AND stream_ordering > ?2 AND stream_ordering <= ?3
-         AND rejected IS NULL AND soft_failed = 0 ORDER BY stream_ordering DESC LIMIT ?4",
-        events::EVENT_COLS
-    ))?;
-    let rows: Vec<events::EventRow> = stmt
-        .query_map(
-            params![room.room_nid, since.unwrap_or(i64::MIN).max(floor), upto, (limit + 1) as i64],
-            events::event_row,
-        )?
-        .collect::<rusqlite::Result<_>>()?;
+    let after = StreamPos(since.unwrap_or(i64::MIN).max(floor));
+    let rows = timeline::newest_first(c, room.room_nid, after, StreamPos(upto), (limit + 1) as i64)?;
     let limited = rows.len() > limit || (since.is_none() && rows.len() == limit + 1);
     let mut rows: Vec<events::EventRow> = rows.into_iter().take(limit).collect();
     rows.reverse();
@@ -454,9 +441,7 @@ fn room_window(
             );
         }
     }
-    let senders: BTreeSet<&str> = timeline.iter().map(|r| r.sender.as_str()).collect();
     let mut state = Vec::new();
-    let mut have_members: HashSet<String> = HashSet::new();
     for nid in state_nids {
         let Some(row) = events::event_by_nid(c, nid)? else { continue };
         if timeline_ids.contains(row.event_id.as_str()) || !filter.state.allows(&row.event_type, &row.sender) {
@@ -464,70 +449,14 @@ fn room_window(
         }
         state.push(format::state_only(&row, &room.room_id, false));
     }
-    if lazy && fresh {
-        // Our own membership, always, on a fresh sync.
-        if let Some(sg) = start_sg.or(room.current_sg) {
-            if let Some(skn) = state_groups::find_state_key_nid(c, "m.room.member", &auth.user_id)? {
-                if let Some(nid) = state_groups::lookup_state(c, sg, skn)? {
-                    if let Some(row) = events::event_by_nid(c, nid)? {
-                        if !timeline_ids.contains(row.event_id.as_str()) {
-                            state.push(format::state_only(&row, &room.room_id, false));
-                        }
-                        have_members.insert(auth.user_id.clone());
-                    }
-                }
-            }
-        }
-    }
     if lazy {
-        // Memberships of timeline senders, so the client can render names (sent even if seen before: clients
-        // tolerate redundant members, and we do not track per-device what each has seen).
-        let sg = start_sg.or(room.current_sg);
-        if let Some(sg) = sg {
-            for sender in senders {
-                if have_members.contains(sender) {
-                    continue;
-                }
-                if let Some(skn) = state_groups::find_state_key_nid(c, "m.room.member", sender)? {
-                    if let Some(nid) = state_groups::lookup_state(c, sg, skn)? {
-                        if let Some(row) = events::event_by_nid(c, nid)? {
-                            if !timeline_ids.contains(row.event_id.as_str()) {
-                                state.push(format::state_only(&row, &room.room_id, false));
-                            }
-                            have_members.insert(sender.to_owned());
-                        }
-                    }
-                }
-            }
-        }
-    }
-    if filter.lazy_load_members && room.partial_state {
-        // Partial state lacks the memberships send_join omitted: take a timeline sender's membership from the
-        // auth events of their event (as Synapse does), so clients can still render who spoke.
-        for r in &timeline {
-            if have_members.contains(&r.sender) {
-                continue;
-            }
-            let v: Value = serde_json::from_str(&r.json)?;
-            let auth_ids = v.get("auth_events").and_then(Value::as_array).cloned().unwrap_or_default();
-            for a in auth_ids {
-                // v1/v2 rooms list `[id, hashes]` pairs.
-                let Some(id) = a.as_str().or_else(|| a.get(0).and_then(Value::as_str)) else { continue };
-                let Some(row) = events::event_by_id(c, id)? else { continue };
-                if row.event_type != "m.room.member" || row.rejected.is_some() {
-                    continue;
-                }
-                if state_groups::state_key_of(c, row.state_key_nid.unwrap_or(StateKeyNid(0)))?.1 == r.sender {
-                    if !timeline_ids.contains(row.event_id.as_str()) {
-                        state.push(format::state_only(&row, &room.room_id, false));
-                    }
-                    have_members.insert(r.sender.clone());
-                    break;
-                }
-            }
-        }
-    }
-    if lazy {
+        let members = lazy_members(c, auth, room, &timeline, start_sg.or(room.current_sg), fresh)?;
+        state.extend(
+            members
+                .iter()
+                .filter(|row| !timeline_ids.contains(row.event_id.as_str()))
+                .map(|row| format::state_only(row, &room.room_id, false)),
+        );
         let key = (auth.user_id.clone(), auth.device_id.clone(), room.room_id.clone());
         sent.apply(key, fresh, !filter.include_redundant_members, &mut state);
     }
@@ -535,6 +464,59 @@ fn room_window(
     let timeline =
         timeline.iter().map(|r| format::event(c, r, &room.room_id, device, false)).collect::<Result<Vec<_>>>()?;
     Ok(RoomSync { timeline, limited, prev_batch, state })
+}
+
+/// The membership events a lazy-loading sync sends with a room's timeline (at state group `sg`): our own on a
+/// fresh sync, and the timeline senders' (sent even if seen before: clients tolerate redundant members). In a
+/// partial-state room a sender's membership may be missing from the state: then it is taken from the auth events
+/// of their event (as Synapse does), so clients can still render who spoke.
+fn lazy_members(
+    c: &Connection,
+    auth: &Auth,
+    room: &rooms::RoomRow,
+    timeline: &[events::EventRow],
+    sg: Option<StateGroup>,
+    fresh: bool,
+) -> Result<Vec<events::EventRow>> {
+    let mut out = Vec::new();
+    let mut have_members: HashSet<&str> = HashSet::new();
+    let senders: BTreeSet<&str> = timeline.iter().map(|r| r.sender.as_str()).collect();
+    if let Some(sg) = sg {
+        let own = fresh.then_some(auth.user_id.as_str());
+        for user in own.into_iter().chain(senders) {
+            if have_members.contains(user) {
+                continue;
+            }
+            if let Some(row) = member_event(c, sg, user)? {
+                out.push(row);
+                have_members.insert(user);
+            }
+        }
+    }
+    if !room.partial_state {
+        return Ok(out);
+    }
+    for r in timeline {
+        if have_members.contains(r.sender.as_str()) {
+            continue;
+        }
+        let v: Value = serde_json::from_str(&r.json)?;
+        let auth_ids = v.get("auth_events").and_then(Value::as_array).cloned().unwrap_or_default();
+        for a in auth_ids {
+            // v1/v2 rooms list `[id, hashes]` pairs.
+            let Some(id) = a.as_str().or_else(|| a.get(0).and_then(Value::as_str)) else { continue };
+            let Some(row) = events::event_by_id(c, id)? else { continue };
+            if row.event_type != "m.room.member" || row.rejected.is_some() {
+                continue;
+            }
+            if state_groups::state_key_of(c, row.state_key_nid.unwrap_or_default())?.1 == r.sender {
+                out.push(row);
+                have_members.insert(r.sender.as_str());
+                break;
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn room_summary(c: &Connection, room: &rooms::RoomRow, user_id: &str) -> Result<Value> {
@@ -552,19 +534,7 @@ fn room_summary(c: &Connection, room: &rooms::RoomRow, user_id: &str) -> Result<
         None => false,
     };
     if !named {
-        let mut stmt = c.prepare_cached(
-            "SELECT user_id FROM room_members WHERE room_nid = ?1 AND user_id != ?2 AND membership IN ('join', 'invite')
-             ORDER BY user_id LIMIT 5",
-        )?;
-        let mut heroes: Vec<String> =
-            stmt.query_map(params![room.room_nid, user_id], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
-        if heroes.is_empty() {
-            let mut stmt = c.prepare_cached(
-                "SELECT user_id FROM room_members WHERE room_nid = ?1 AND user_id != ?2 ORDER BY user_id LIMIT 5",
-            )?;
-            heroes = stmt.query_map(params![room.room_nid, user_id], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
-        }
-        summary["m.heroes"] = json!(heroes);
+        summary["m.heroes"] = json!(members::heroes(c, room.room_nid, user_id)?);
     }
     if room.partial_state {
         // MSC2775-style hint: the member list (and so these counts) is still being fetched.
@@ -581,44 +551,241 @@ fn account_data_since(
     upto: i64,
     f: &EventFilter,
 ) -> Result<Vec<Value>> {
-    let mut stmt = c.prepare_cached(
-        "SELECT data_type, content FROM account_data WHERE user_id = ?1 AND room_id = ?2 AND stream_ordering > ?3
-         AND stream_ordering <= ?4 ORDER BY stream_ordering",
-    )?;
-    let rows = stmt
-        .query_map(params![user_id, room_id, since, upto], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
-    let mut out = Vec::new();
-    for r in rows {
-        let (t, content) = r?;
-        if f.allows(&t, user_id) {
-            out.push(json!({"type": t, "content": serde_json::from_str::<Value>(&content)?}));
-        }
-    }
-    Ok(out)
+    Ok(account_data::changed_since(c, user_id, room_id, StreamPos(since), StreamPos(upto))?
+        .into_iter()
+        .filter(|(t, _)| f.allows(t, user_id))
+        .map(|(t, content)| json!({"type": t, "content": content}))
+        .collect())
 }
 
 /// Receipts that moved in the window; private receipts (`m.read.private`) only when they are `user_id`'s own.
 fn receipts_since(c: &Connection, room_nid: RoomNid, since: i64, upto: i64, user_id: &str) -> Result<Option<Value>> {
-    let mut stmt = c.prepare_cached(
-        "SELECT receipt_type, user_id, thread_id, event_id, ts FROM receipts WHERE room_nid = ?1
-         AND stream_ordering > ?2 AND stream_ordering <= ?3 AND (receipt_type != 'm.read.private' OR user_id = ?4)",
-    )?;
     let mut content = serde_json::Map::new();
-    let mut rows = stmt.query(params![room_nid, since, upto, user_id])?;
-    while let Some(r) = rows.next()? {
-        let (rt, user, thread, event_id, ts): (String, String, String, String, i64) =
-            (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?);
-        let mut receipt = json!({"ts": ts});
-        if !thread.is_empty() {
-            receipt["thread_id"] = json!(thread);
+    for r in receipts::changed_since(c, room_nid, StreamPos(since), StreamPos(upto), user_id)? {
+        let mut receipt = json!({"ts": r.ts});
+        if !r.thread_id.is_empty() {
+            receipt["thread_id"] = json!(r.thread_id);
         }
-        let ev = content.entry(event_id).or_insert_with(|| json!({}));
-        let by_type = ev.as_object_mut().expect("object").entry(rt).or_insert_with(|| json!({}));
-        by_type[user] = receipt;
+        let ev = content.entry(r.event_id).or_insert_with(|| json!({}));
+        let by_type = ev.as_object_mut().expect("object").entry(r.receipt_type).or_insert_with(|| json!({}));
+        by_type[r.user_id] = receipt;
     }
     Ok((!content.is_empty()).then(|| json!({"type": "m.receipt", "content": content})))
 }
 
+/// One sync computation: the request, the position it syncs up to, and what every section needs.
+struct SyncPass<'a> {
+    c: &'a Connection,
+    auth: &'a Auth,
+    filter: &'a Filter,
+    since: Option<Token>,
+    pos: Token,
+    full_state: bool,
+    typing: &'a TypingView,
+    sent: &'a SentMembers,
+    /// `m.ignored_user_list`.
+    ignored: HashSet<String>,
+    /// Local membership changes in the window: room -> latest membership.
+    changed: HashMap<RoomNid, String>,
+}
+
+impl SyncPass<'_> {
+    fn since_stream(&self) -> Option<i64> {
+        self.since.map(|t| t.stream)
+    }
+
+    /// The lower end of the window (exclusive): 0 for an initial sync.
+    fn lo(&self) -> i64 {
+        self.since_stream().unwrap_or(0)
+    }
+
+    fn is_ignored(&self, e: &Value) -> bool {
+        e["sender"].as_str().is_some_and(|s| self.ignored.contains(s))
+    }
+
+    fn room(&self, room_nid: RoomNid) -> Result<rooms::RoomRow> {
+        rooms::room_by_nid(self.c, room_nid)?.ok_or_else(|| Error::internal("room vanished"))
+    }
+
+    /// Rooms joined: timeline, state, ephemeral events, room account data, summary and counts; in an incremental
+    /// sync only rooms with something new.
+    fn joined(&self) -> Result<serde_json::Map<String, Value>> {
+        let (c, auth, filter, since) = (self.c, self.auth, self.filter, self.since);
+        let mut join = serde_json::Map::new();
+        for (room_nid, room_id) in members::rooms_with_membership(c, &auth.user_id, "join")? {
+            if !filter.room_allowed(&room_id) {
+                continue;
+            }
+            let room = self.room(room_nid)?;
+            if room.partial_state && !filter.lazy_load_members {
+                // MSC3902: a client that wants every member sees the room once the member list is complete
+                // (the resync then records a fresh join, so the room arrives as newly joined with full state).
+                continue;
+            }
+            let newly = since.is_some() && self.changed.get(&room_nid).is_some_and(|m| m == "join");
+            let window_since = if newly { None } else { self.since_stream() };
+            let mut rs =
+                room_window(c, auth, &room, filter, window_since, self.pos.stream, self.full_state, self.sent)?;
+            rs.timeline.retain(|e| !self.is_ignored(e)); // m.ignored_user_list
+            let ephemeral = self.ephemeral(room_nid, &room_id)?;
+            let account_data =
+                account_data_since(c, &auth.user_id, &room_id, self.lo(), self.pos.stream, &filter.room_account_data)?;
+            let nothing =
+                rs.timeline.is_empty() && rs.state.is_empty() && ephemeral.is_empty() && account_data.is_empty();
+            if since.is_some() && !self.full_state && nothing && !newly {
+                continue;
+            }
+            join.insert(
+                room_id.clone(),
+                json!({
+                    "timeline": {"events": rs.timeline, "limited": rs.limited, "prev_batch": rs.prev_batch},
+                    "state": {"events": rs.state},
+                    "ephemeral": {"events": ephemeral},
+                    "account_data": {"events": account_data},
+                    "summary": room_summary(c, &room, &auth.user_id)?,
+                    "unread_notifications": crate::client::notifications::unread_counts(c, &room, &auth.user_id, &self.ignored)?,
+                }),
+            );
+        }
+        Ok(join)
+    }
+
+    /// Typing (when it changed since the token) and receipts of a joined room, as the filter allows.
+    fn ephemeral(&self, room_nid: RoomNid, room_id: &str) -> Result<Vec<Value>> {
+        let since = self.since;
+        let typing = self
+            .typing
+            .changed
+            .get(room_id)
+            .filter(|s| since.is_none_or(|t| **s > t.typing))
+            .map(|_| self.typing.rooms.get(room_id).cloned().unwrap_or_default());
+        let mut ephemeral = Vec::new();
+        if let Some(users) = typing {
+            if since.is_some() || !users.is_empty() {
+                ephemeral.push(json!({"type": "m.typing", "content": {"user_ids": users}}));
+            }
+        }
+        if let Some(r) = receipts_since(self.c, room_nid, self.lo(), self.pos.stream, &self.auth.user_id)? {
+            ephemeral.push(r);
+        }
+        ephemeral.retain(|e| self.filter.ephemeral.allows(e["type"].as_str().unwrap_or(""), ""));
+        Ok(ephemeral)
+    }
+
+    /// Rooms invited to (in an incremental sync only invites new in the window), with their stripped state.
+    fn invited(&self) -> Result<serde_json::Map<String, Value>> {
+        let (c, user_id) = (self.c, self.auth.user_id.as_str());
+        let mut invite = serde_json::Map::new();
+        for (room_nid, room_id) in members::rooms_with_membership(c, user_id, "invite")? {
+            if !self.filter.room_allowed(&room_id) || (self.since.is_some() && !self.changed.contains_key(&room_nid)) {
+                continue;
+            }
+            let invite_state = stripped_state(c, &self.room(room_nid)?, user_id)?;
+            let invite_event =
+                invite_state.iter().find(|e| e["type"] == "m.room.member" && e["state_key"] == json!(user_id));
+            if invite_event.is_some_and(|e| self.is_ignored(e)) {
+                continue; // invites from ignored users are not shown
+            }
+            invite.insert(room_id.clone(), json!({"invite_state": {"events": invite_state}}));
+        }
+        Ok(invite)
+    }
+
+    /// Rooms left or banned from in the window (or all of them on an initial sync with `include_leave`), unless
+    /// forgotten, with what the user may see up to their leave.
+    fn left(&self) -> Result<serde_json::Map<String, Value>> {
+        let (c, auth) = (self.c, self.auth);
+        let mut leave = serde_json::Map::new();
+        for (room_nid, room_id) in members::rooms_with_membership(c, &auth.user_id, "leave")?
+            .into_iter()
+            .chain(members::rooms_with_membership(c, &auth.user_id, "ban")?)
+        {
+            let in_window = self.changed.get(&room_nid).is_some_and(|m| m == "leave" || m == "ban");
+            if !self.filter.room_allowed(&room_id)
+                || !(in_window || (self.since.is_none() && self.filter.include_leave))
+            {
+                continue;
+            }
+            if members::is_forgotten(c, &auth.user_id, room_nid)? {
+                continue;
+            }
+            let room = self.room(room_nid)?;
+            let (_, leave_nid) = members::membership_of(c, room_nid, &auth.user_id)?.unwrap_or_default();
+            let leave_pos =
+                events::event_by_nid(c, leave_nid)?.and_then(|r| r.stream_ordering).map_or(self.pos.stream, |p| p.0);
+            // A rejected invite or a kick of someone never joined still appears, with what they may see.
+            let upto = leave_pos.min(self.pos.stream);
+            let rs = room_window(c, auth, &room, self.filter, self.since_stream(), upto, self.full_state, self.sent)?;
+            leave.insert(
+                room_id,
+                json!({
+                    "timeline": {"events": rs.timeline, "limited": rs.limited, "prev_batch": rs.prev_batch},
+                    "state": {"events": rs.state},
+                    "account_data": {"events": []},
+                }),
+            );
+        }
+        Ok(leave)
+    }
+
+    /// Rooms knocked on (in an incremental sync only knocks new in the window), with their stripped state.
+    fn knocked(&self) -> Result<serde_json::Map<String, Value>> {
+        let (c, user_id) = (self.c, self.auth.user_id.as_str());
+        let mut knock = serde_json::Map::new();
+        for (room_nid, room_id) in members::rooms_with_membership(c, user_id, "knock")? {
+            if !self.filter.room_allowed(&room_id) || (self.since.is_some() && !self.changed.contains_key(&room_nid)) {
+                continue;
+            }
+            let room = self.room(room_nid)?;
+            knock.insert(room_id.clone(), json!({"knock_state": {"events": stripped_state(c, &room, user_id)?}}));
+        }
+        Ok(knock)
+    }
+
+    /// Global account data in the window; an initial sync also carries the default push rules when the user never
+    /// changed them.
+    fn account_data(&self) -> Result<Vec<Value>> {
+        use crate::client::push_rules::{default_ruleset, PUSH_RULES};
+        let user_id = self.auth.user_id.as_str();
+        let mut account_data =
+            account_data_since(self.c, user_id, "", self.lo(), self.pos.stream, &self.filter.account_data)?;
+        if self.since.is_none()
+            && self.filter.account_data.allows(PUSH_RULES, user_id)
+            && !account_data.iter().any(|e| e["type"] == PUSH_RULES)
+        {
+            account_data.push(json!({"type": PUSH_RULES, "content": default_ruleset(user_id)}));
+        }
+        Ok(account_data)
+    }
+
+    /// To-device messages for this device (deleted once a later sync acknowledges them).
+    fn to_device(&self) -> Result<Vec<Value>> {
+        let (lo, upto) = (StreamPos(self.lo()), StreamPos(self.pos.stream));
+        Ok(e2ee::to_device_messages(self.c, &self.auth.user_id, &self.auth.device_id, lo, upto)?
+            .into_iter()
+            .map(|m| json!({"sender": m.sender, "type": m.event_type, "content": m.content}))
+            .collect())
+    }
+
+    /// Device list changes of users we share a room with, of members who joined or left our rooms, and of everyone
+    /// in rooms we joined (also when a lazy join's member list completed) or left. The same as /keys/changes.
+    fn device_lists(&self) -> Result<(BTreeSet<String>, BTreeSet<String>)> {
+        match self.since_stream() {
+            Some(ss) => e2ee::device_list_changes(self.c, &self.auth.user_id, ss, self.pos.stream),
+            None => Ok(Default::default()),
+        }
+    }
+
+    /// `device_one_time_keys_count` (always with `signed_curve25519`) and `device_unused_fallback_key_types`.
+    fn key_counts(&self) -> Result<(serde_json::Map<String, Value>, Vec<String>)> {
+        let (user_id, device_id) = (self.auth.user_id.as_str(), self.auth.device_id.as_str());
+        let mut otk_counts = e2ee::one_time_key_counts(self.c, user_id, device_id)?;
+        otk_counts.entry("signed_curve25519").or_insert(json!(0));
+        Ok((otk_counts, e2ee::unused_fallback_key_types(self.c, user_id, device_id)?))
+    }
+}
+
+/// The sync response up to `pos`, and whether it carries nothing new (a long poll then waits).
 #[allow(clippy::too_many_arguments)]
 fn build(
     c: &Connection,
@@ -630,200 +797,28 @@ fn build(
     typing: &TypingView,
     sent: &SentMembers,
 ) -> Result<(Value, bool)> {
-    let since_stream = since.map(|t| t.stream);
-    let lo = since_stream.unwrap_or(0);
-    let mut empty = true;
-    let ignored = crate::client::notifications::ignored_users(c, &auth.user_id)?;
-    let is_ignored = |e: &Value| e["sender"].as_str().is_some_and(|s| ignored.contains(s));
-
-    // Local membership changes in the window: room -> latest membership.
     let mut changed: HashMap<RoomNid, String> = HashMap::new();
-    if let Some(ss) = since_stream {
-        let mut stmt = c.prepare_cached(
-            "SELECT room_nid, membership FROM local_membership_stream WHERE user_id = ?1 AND stream_ordering > ?2
-             AND stream_ordering <= ?3 ORDER BY stream_ordering",
-        )?;
-        let rows = stmt.query_map(params![auth.user_id, ss, pos.stream], |r| {
-            Ok((r.get::<_, RoomNid>(0)?, r.get::<_, String>(1)?))
-        })?;
-        for r in rows {
-            let (room, m) = r?;
+    if let Some(ss) = since.map(|t| t.stream) {
+        for (room, m) in members::changes_of(c, &auth.user_id, StreamPos(ss), StreamPos(pos.stream))? {
             changed.insert(room, m);
         }
     }
+    let ignored = crate::client::notifications::ignored_users(c, &auth.user_id)?;
+    let pass = SyncPass { c, auth, filter, since, pos, full_state, typing, sent, ignored, changed };
 
-    let mut join = serde_json::Map::new();
-    for (room_nid, room_id) in members::rooms_with_membership(c, &auth.user_id, "join")? {
-        if !filter.room_allowed(&room_id) {
-            continue;
-        }
-        let room = rooms::room_by_nid(c, room_nid)?.ok_or_else(|| Error::internal("room vanished"))?;
-        if room.partial_state && !filter.lazy_load_members {
-            // MSC3902: a client that wants every member sees the room once the member list is complete
-            // (the resync then records a fresh join, so the room arrives as newly joined with full state).
-            continue;
-        }
-        let newly = since.is_some() && changed.get(&room_nid).is_some_and(|m| m == "join");
-        let window_since = if newly { None } else { since_stream };
-        let mut rs = room_window(c, auth, &room, filter, window_since, pos.stream, full_state, sent)?;
-        rs.timeline.retain(|e| !is_ignored(e)); // m.ignored_user_list
-        let ephemeral_typing = typing
-            .changed
-            .get(&room_id)
-            .filter(|s| since.is_none_or(|t| **s > t.typing))
-            .map(|_| typing.rooms.get(&room_id).cloned().unwrap_or_default());
-        let mut ephemeral = Vec::new();
-        if let Some(users) = ephemeral_typing {
-            if since.is_some() || !users.is_empty() {
-                ephemeral.push(json!({"type": "m.typing", "content": {"user_ids": users}}));
-            }
-        }
-        if let Some(r) = receipts_since(c, room_nid, lo, pos.stream, &auth.user_id)? {
-            ephemeral.push(r);
-        }
-        ephemeral.retain(|e| filter.ephemeral.allows(e["type"].as_str().unwrap_or(""), ""));
-        let account_data = account_data_since(c, &auth.user_id, &room_id, lo, pos.stream, &filter.room_account_data)?;
-        let nothing = rs.timeline.is_empty() && rs.state.is_empty() && ephemeral.is_empty() && account_data.is_empty();
-        if since.is_some() && !full_state && nothing && !newly {
-            continue;
-        }
-        empty = false;
-        join.insert(
-            room_id.clone(),
-            json!({
-                "timeline": {"events": rs.timeline, "limited": rs.limited, "prev_batch": rs.prev_batch},
-                "state": {"events": rs.state},
-                "ephemeral": {"events": ephemeral},
-                "account_data": {"events": account_data},
-                "summary": room_summary(c, &room, &auth.user_id)?,
-                "unread_notifications": crate::client::notifications::unread_counts(c, &room, &auth.user_id, &ignored)?,
-            }),
-        );
-    }
-
-    let mut invite = serde_json::Map::new();
-    for (room_nid, room_id) in members::rooms_with_membership(c, &auth.user_id, "invite")? {
-        if !filter.room_allowed(&room_id) || (since.is_some() && !changed.contains_key(&room_nid)) {
-            continue;
-        }
-        let room = rooms::room_by_nid(c, room_nid)?.ok_or_else(|| Error::internal("room vanished"))?;
-        let invite_state = stripped_state(c, &room, &auth.user_id)?;
-        let invite_event =
-            invite_state.iter().find(|e| e["type"] == "m.room.member" && e["state_key"] == json!(auth.user_id));
-        if invite_event.is_some_and(is_ignored) {
-            continue; // invites from ignored users are not shown
-        }
-        empty = false;
-        invite.insert(room_id.clone(), json!({"invite_state": {"events": invite_state}}));
-    }
-
-    let mut leave = serde_json::Map::new();
-    for (room_nid, room_id) in members::rooms_with_membership(c, &auth.user_id, "leave")?
-        .into_iter()
-        .chain(members::rooms_with_membership(c, &auth.user_id, "ban")?)
-    {
-        let in_window = changed.get(&room_nid).is_some_and(|m| m == "leave" || m == "ban");
-        if !filter.room_allowed(&room_id) || !(in_window || (since.is_none() && filter.include_leave)) {
-            continue;
-        }
-        let forgotten: bool = c
-            .prepare_cached("SELECT 1 FROM forgotten_rooms WHERE user_id = ?1 AND room_nid = ?2")?
-            .exists(params![auth.user_id, room_nid])?;
-        if forgotten {
-            continue;
-        }
-        let room = rooms::room_by_nid(c, room_nid)?.ok_or_else(|| Error::internal("room vanished"))?;
-        let leave_nid = members::membership_of(c, room_nid, &auth.user_id)?.map_or(EventNid(0), |m| m.1);
-        let leave_pos = events::event_by_nid(c, leave_nid)?.and_then(|r| r.stream_ordering).map_or(pos.stream, |p| p.0);
-        // A rejected invite or a kick of someone never joined still appears, with what they may see.
-        let rs = room_window(c, auth, &room, filter, since_stream, leave_pos.min(pos.stream), full_state, sent)?;
-        empty = false;
-        leave.insert(
-            room_id,
-            json!({
-                "timeline": {"events": rs.timeline, "limited": rs.limited, "prev_batch": rs.prev_batch},
-                "state": {"events": rs.state},
-                "account_data": {"events": []},
-            }),
-        );
-    }
-
-    let mut knock = serde_json::Map::new();
-    for (room_nid, room_id) in members::rooms_with_membership(c, &auth.user_id, "knock")? {
-        if !filter.room_allowed(&room_id) || (since.is_some() && !changed.contains_key(&room_nid)) {
-            continue;
-        }
-        let room = rooms::room_by_nid(c, room_nid)?.ok_or_else(|| Error::internal("room vanished"))?;
-        empty = false;
-        knock.insert(room_id.clone(), json!({"knock_state": {"events": stripped_state(c, &room, &auth.user_id)?}}));
-    }
-
-    let mut account_data = account_data_since(c, &auth.user_id, "", lo, pos.stream, &filter.account_data)?;
-    // Push rules exist before the user ever changes them: an initial sync carries the defaults.
-    if since.is_none()
-        && filter.account_data.allows(crate::client::push_rules::PUSH_RULES, &auth.user_id)
-        && !account_data.iter().any(|e| e["type"] == crate::client::push_rules::PUSH_RULES)
-    {
-        account_data.push(json!({"type": crate::client::push_rules::PUSH_RULES, "content": crate::client::push_rules::default_ruleset(&auth.user_id)}));
-    }
-    if !account_data.is_empty() {
-        empty = false;
-    }
-
-    // To-device messages for this device (deleted once a later sync acknowledges them). No LIMIT: the next sync
-    // deletes everything up to this `next_batch`, so a message left out here would be lost.
-    let mut to_device = Vec::new();
-    {
-        let mut stmt = c.prepare_cached(
-            "SELECT sender, event_type, content FROM to_device WHERE user_id = ?1 AND device_id = ?2
-             AND stream_ordering > ?3 AND stream_ordering <= ?4 ORDER BY stream_ordering",
-        )?;
-        let rows = stmt.query_map(params![auth.user_id, auth.device_id, lo, pos.stream], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
-        })?;
-        for r in rows {
-            let (sender, t, content) = r?;
-            to_device.push(json!({"sender": sender, "type": t, "content": serde_json::from_str::<Value>(&content)?}));
-        }
-    }
-    if !to_device.is_empty() {
-        empty = false;
-    }
-
-    // Device list changes of users we share a room with, of members who joined or left our rooms, and of
-    // everyone in rooms we joined (also when a lazy join's member list completed) or left. The same as
-    // /keys/changes.
-    let mut dl_changed: BTreeSet<String> = BTreeSet::new();
-    let mut dl_left: BTreeSet<String> = BTreeSet::new();
-    if let Some(ss) = since_stream {
-        (dl_changed, dl_left) = crate::store::e2ee::device_list_changes(c, &auth.user_id, ss, pos.stream)?;
-        if !dl_changed.is_empty() || !dl_left.is_empty() {
-            empty = false;
-        }
-    }
-
-    let mut otk_counts = serde_json::Map::new();
-    {
-        let mut stmt = c.prepare_cached(
-            "SELECT algorithm, count(*) FROM one_time_keys WHERE user_id = ?1 AND device_id = ?2 AND fallback = 0 GROUP BY algorithm",
-        )?;
-        for r in stmt
-            .query_map(params![auth.user_id, auth.device_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
-        {
-            let (alg, n) = r?;
-            otk_counts.insert(alg, json!(n));
-        }
-    }
-    if !otk_counts.contains_key("signed_curve25519") {
-        otk_counts.insert("signed_curve25519".into(), json!(0));
-    }
-    let fallback_types: Vec<String> = c
-        .prepare_cached(
-            "SELECT DISTINCT algorithm FROM one_time_keys WHERE user_id = ?1 AND device_id = ?2 AND fallback = 1",
-        )?
-        .query_map(params![auth.user_id, auth.device_id], |r| r.get(0))?
-        .collect::<rusqlite::Result<_>>()?;
-
+    let (join, invite, leave, knock) = (pass.joined()?, pass.invited()?, pass.left()?, pass.knocked()?);
+    let account_data = pass.account_data()?;
+    let to_device = pass.to_device()?;
+    let (dl_changed, dl_left) = pass.device_lists()?;
+    let (otk_counts, fallback_types) = pass.key_counts()?;
+    let empty = join.is_empty()
+        && invite.is_empty()
+        && leave.is_empty()
+        && knock.is_empty()
+        && account_data.is_empty()
+        && to_device.is_empty()
+        && dl_changed.is_empty()
+        && dl_left.is_empty();
     let body = json!({
         "next_batch": pos.render(),
         "rooms": {"join": join, "invite": invite, "leave": leave, "knock": knock},
@@ -842,10 +837,7 @@ pub fn stripped_state(c: &Connection, room: &rooms::RoomRow, user_id: &str) -> R
     let mut out = Vec::new();
     let Some(sg) = room.current_sg else {
         // A room we were invited to over federation: the stripped state that came with the invite.
-        let stored: Option<String> = c
-            .prepare_cached("SELECT events FROM invite_state WHERE room_nid = ?1 AND user_id = ?2")?
-            .query_row(params![room.room_nid, user_id], |r| r.get(0))
-            .ok();
+        let stored = invite_state::get(c, room.room_nid, user_id)?;
         return Ok(stored.and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default());
     };
     for (t, k) in [

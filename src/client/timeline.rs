@@ -2,7 +2,6 @@
 
 use axum::extract::{Path, State};
 use axum::response::IntoResponse;
-use rusqlite::params;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -11,7 +10,8 @@ use crate::client::sync::{parse_token, Filter, Token};
 use crate::error::{Error, Result};
 use crate::http::{qs, AppState, Auth, Query};
 use crate::room::membership::{readable_room, Visibility};
-use crate::store::{events, state_groups};
+use crate::store::ids::StreamPos;
+use crate::store::{events, state_groups, timeline};
 
 #[derive(Deserialize)]
 pub struct MessagesQuery {
@@ -103,19 +103,6 @@ async fn messages_page(
                 _ => i64::MAX,
             };
             let from = from.map(|t| t.stream).unwrap_or(if backwards { current } else { 0 });
-            let sql = if backwards {
-                format!(
-                    "SELECT {} FROM events WHERE room_nid = ?1 AND stream_ordering <= ?2 AND stream_ordering > ?3
-                     AND rejected IS NULL AND soft_failed = 0 ORDER BY stream_ordering DESC LIMIT ?4",
-                    events::EVENT_COLS
-                )
-            } else {
-                format!(
-                    "SELECT {} FROM events WHERE room_nid = ?1 AND stream_ordering > ?2 AND stream_ordering <= ?3
-                     AND rejected IS NULL AND soft_failed = 0 ORDER BY stream_ordering ASC LIMIT ?4",
-                    events::EVENT_COLS
-                )
-            };
             // History visibility: nothing before the user may see it (`joined`/`invited` rooms).
             let floor = crate::room::membership::visible_from(c, &room, &auth.user_id)?.saturating_sub(1);
             let (a, b) = if backwards {
@@ -123,10 +110,11 @@ async fn messages_page(
             } else {
                 (from.max(floor), to.map(|t| t.stream).unwrap_or(i64::MAX).min(cap))
             };
-            let rows: Vec<events::EventRow> = c
-                .prepare_cached(&sql)?
-                .query_map(params![room.room_nid, a, b, limit], events::event_row)?
-                .collect::<rusqlite::Result<_>>()?;
+            let rows = if backwards {
+                timeline::newest_first(c, room.room_nid, StreamPos(b), StreamPos(a), limit)?
+            } else {
+                timeline::oldest_first(c, room.room_nid, StreamPos(a), StreamPos(b), limit)?
+            };
             let end = rows.last().and_then(|r| r.stream_ordering).map(|p| if backwards { p.0 - 1 } else { p.0 });
             let device = Some((auth.user_id.as_str(), auth.device_id.as_str()));
             let mut senders = std::collections::BTreeSet::new();
@@ -198,19 +186,16 @@ pub async fn context(
             }
             let device = Some((auth.user_id.as_str(), auth.device_id.as_str()));
             let half = limit / 2;
-            let fetch = |sql: &str, a: i64, n: i64| -> Result<Vec<events::EventRow>> {
-                Ok(c.prepare_cached(sql)?.query_map(params![room.room_nid, a, n, cap], events::event_row)?.collect::<rusqlite::Result<_>>()?)
-            };
-            let before = fetch(
-                &format!("SELECT {} FROM events WHERE room_nid = ?1 AND stream_ordering < ?2 AND stream_ordering >= {floor} AND rejected IS NULL AND soft_failed = 0 AND ?4 = ?4 ORDER BY stream_ordering DESC LIMIT ?3", events::EVENT_COLS),
-                pos,
+            // Before: positions [floor, pos), newest first; after: (pos, cap], oldest first.
+            let room_nid = room.room_nid;
+            let before = timeline::newest_first(
+                c,
+                room_nid,
+                StreamPos(floor.saturating_sub(1)),
+                StreamPos(pos - 1),
                 limit - half,
             )?;
-            let after = fetch(
-                &format!("SELECT {} FROM events WHERE room_nid = ?1 AND stream_ordering > ?2 AND stream_ordering <= ?4 AND rejected IS NULL AND soft_failed = 0 ORDER BY stream_ordering ASC LIMIT ?3", events::EVENT_COLS),
-                pos,
-                half,
-            )?;
+            let after = timeline::oldest_first(c, room_nid, StreamPos(pos), StreamPos(cap), half)?;
             let ignored = crate::client::notifications::ignored_users(c, &auth.user_id)?;
             let fmt = |rows: &[events::EventRow]| -> Result<Vec<Value>> {
                 rows.iter()
@@ -223,7 +208,12 @@ pub async fn context(
             let mut state = Vec::new();
             if let Some(sg) = target.sg_after {
                 let lazy = filter.lazy_load_members;
-                let senders: std::collections::HashSet<&str> = before.iter().chain(after.iter()).chain(std::iter::once(&target)).map(|r| r.sender.as_str()).collect();
+                let senders: std::collections::HashSet<&str> = before
+                    .iter()
+                    .chain(after.iter())
+                    .chain(std::iter::once(&target))
+                    .map(|r| r.sender.as_str())
+                    .collect();
                 for (skn, nid) in state_groups::load_state(c, sg)? {
                     if lazy {
                         let (t, k) = state_groups::state_key_of(c, skn)?;

@@ -6,14 +6,14 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
-use rusqlite::params;
 
 use crate::error::{Error, Result};
 use crate::federation::client::{enc, FedError};
 use crate::federation::Signed;
 use crate::http::{AppState, Query};
-use crate::media::{check_media_id, content_disposition, get_row, multipart, thumbnail, MediaRow, ThumbnailQuery};
+use crate::media::{check_media_id, content_disposition, multipart, thumbnail, MediaRow, ThumbnailQuery};
 use crate::store::accounts::now_ms;
+use crate::store::media;
 
 /// Extra room allowed on top of the file for the multipart framing and metadata.
 const FRAMING_BYTES: u64 = 64 << 10;
@@ -23,7 +23,7 @@ async fn local_row(s: &AppState, media_id: &str) -> Result<MediaRow> {
     check_media_id(media_id)?;
     let (o, m) = (s.identity.server_name.to_string(), media_id.to_owned());
     s.store
-        .read(move |c| get_row(c, &o, &m))
+        .read(move |c| media::get(c, &o, &m))
         .await?
         .filter(|r| r.size.is_some() && r.uploader.is_some())
         .ok_or_else(|| Error::not_found("unknown media"))
@@ -82,7 +82,7 @@ pub async fn fetch_remote(s: &AppState, origin: &str, media_id: &str) -> Result<
     let lock = s.media.fetch_lock(origin, media_id);
     let _guard = lock.lock().await;
     let (o, m) = (origin.to_owned(), media_id.to_owned());
-    if let Some(r) = s.store.read(move |c| get_row(c, &o, &m)).await?.filter(|r| r.size.is_some()) {
+    if let Some(r) = s.store.read(move |c| media::get(c, &o, &m)).await?.filter(|r| r.size.is_some()) {
         return Ok(r); // fetched by a concurrent request meanwhile
     }
     let max = s.config.media.max_upload_bytes;
@@ -148,16 +148,7 @@ pub async fn fetch_remote(s: &AppState, origin: &str, media_id: &str) -> Result<
         created_ts: now_ms(),
     };
     let r = row.clone();
-    s.store
-        .write(move |w| {
-            w.conn.execute(
-                "INSERT OR REPLACE INTO media (origin, media_id, uploader, content_type, filename, size, sha256, created_ts)
-                 VALUES (?1, ?2, NULL, ?3, ?4, ?5, ?6, ?7)",
-                params![r.origin, r.media_id, r.content_type, r.filename, r.size, sha256, r.created_ts],
-            )?;
-            Ok(())
-        })
-        .await?;
+    s.store.write(move |w| media::cache_remote(w.conn, &r, &sha256)).await?;
     tracing::info!(origin, media_id, size = data.len(), "cached remote media");
     Ok(row)
 }

@@ -22,7 +22,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::Router;
 use futures::StreamExt;
-use rusqlite::{params, Connection, OptionalExtension};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
@@ -30,6 +29,7 @@ use tokio::io::AsyncWriteExt;
 use crate::error::{Error, Result};
 use crate::http::{qs, AppState, Auth, Query};
 use crate::store::accounts::now_ms;
+use crate::store::media;
 
 /// Pending async uploads (`/create`) expire after this long.
 const PENDING_TTL_MS: i64 = 24 * 3600 * 1000;
@@ -44,18 +44,7 @@ pub struct MediaRepo {
     fetches: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
-/// One row of `media`.
-#[derive(Clone, Debug)]
-pub struct MediaRow {
-    pub origin: String,
-    pub media_id: String,
-    pub uploader: Option<String>,
-    pub content_type: Option<String>,
-    pub filename: Option<String>,
-    /// None: created for an async upload, no content yet.
-    pub size: Option<i64>,
-    pub created_ts: i64,
-}
+pub use crate::store::media::MediaRow;
 
 impl MediaRepo {
     /// Creates the folder layout under `root`.
@@ -114,33 +103,6 @@ pub fn check_server_name(server_name: &str) -> Result<()> {
         Ok(_) if !server_name.contains('/') && !server_name.starts_with('.') => Ok(()),
         _ => Err(Error::not_found("unknown media (invalid server name)")),
     }
-}
-
-// ---- store ----------------------------------------------------------------------------------------------------
-
-fn row_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<MediaRow> {
-    Ok(MediaRow {
-        origin: r.get(0)?,
-        media_id: r.get(1)?,
-        uploader: r.get(2)?,
-        content_type: r.get(3)?,
-        filename: r.get(4)?,
-        size: r.get(5)?,
-        created_ts: r.get(6)?,
-    })
-}
-
-pub fn get_row(c: &Connection, origin: &str, media_id: &str) -> Result<Option<MediaRow>> {
-    Ok(c.query_row(
-        "SELECT origin, media_id, uploader, content_type, filename, size, created_ts FROM media WHERE origin = ?1 AND media_id = ?2",
-        params![origin, media_id],
-        row_of,
-    )
-    .optional()?)
-}
-
-fn usage_of(c: &Connection, user_id: &str) -> Result<i64> {
-    Ok(c.query_row("SELECT coalesce(sum(size), 0) FROM media WHERE uploader = ?1", [user_id], |r| r.get(0))?)
 }
 
 /// Content type as stored: a valid header value, at most 255 bytes, no parameters other than `charset`.
@@ -230,23 +192,11 @@ async fn create(State(s): State<AppState>, auth: Auth) -> Result<impl IntoRespon
     s.store
         .write(move |w| {
             // Ids reserved long ago and never filled are dropped first.
-            w.conn.execute(
-                "DELETE FROM media WHERE uploader = ?1 AND size IS NULL AND created_ts <= ?2",
-                params![u, now - PENDING_TTL_MS],
-            )?;
-            let pending: i64 = w.conn.query_row(
-                "SELECT count(*) FROM media WHERE uploader = ?1 AND size IS NULL AND created_ts > ?2",
-                params![u, now - PENDING_TTL_MS],
-                |r| r.get(0),
-            )?;
-            if pending >= MAX_PENDING_PER_USER {
+            media::drop_stale_reservations(w.conn, &u, now - PENDING_TTL_MS)?;
+            if media::pending_reservations(w.conn, &u, now - PENDING_TTL_MS)? >= MAX_PENDING_PER_USER {
                 return Err(Error::limit_exceeded(60_000));
             }
-            w.conn.execute(
-                "INSERT INTO media (origin, media_id, uploader, created_ts) VALUES (?1, ?2, ?3, ?4)",
-                params![o, m, u, now],
-            )?;
-            Ok(())
+            media::reserve(w.conn, &o, &m, &u, now)
         })
         .await?;
     Ok(axum::Json(
@@ -267,7 +217,7 @@ async fn upload_to(
         return Err(Error::not_found("unknown media"));
     }
     let (o, m) = (server_name.clone(), media_id.clone());
-    let row = s.store.read(move |c| get_row(c, &o, &m)).await?.ok_or_else(|| Error::not_found("unknown media"))?;
+    let row = s.store.read(move |c| media::get(c, &o, &m)).await?.ok_or_else(|| Error::not_found("unknown media"))?;
     if row.uploader.as_deref() != Some(auth.user_id.as_str()) {
         return Err(Error::forbidden("this media id was created by someone else"));
     }
@@ -299,7 +249,7 @@ async fn store_upload(s: &AppState, row: MediaRow, headers: &HeaderMap, body: Bo
     }
     if quota > 0 {
         let u = uploader.clone();
-        let used = s.store.read(move |c| usage_of(c, &u)).await? as u64;
+        let used = s.store.read(move |c| media::usage_of(c, &u)).await? as u64;
         if used + announced.unwrap_or(0) > quota {
             return Err(quota_error(quota));
         }
@@ -328,23 +278,15 @@ async fn store_upload(s: &AppState, row: MediaRow, headers: &HeaderMap, body: Bo
     let recorded = s
         .store
         .write(move |w| {
-            if quota > 0 && usage_of(w.conn, &uploader)? as u64 + size > quota {
+            if quota > 0 && media::usage_of(w.conn, &uploader)? as u64 + size > quota {
                 return Err(quota_error(quota));
             }
             if existing {
-                let n = w.conn.execute(
-                    "UPDATE media SET content_type = ?3, filename = ?4, size = ?5, sha256 = ?6 WHERE origin = ?1 AND media_id = ?2 AND size IS NULL",
-                    params![r.origin, r.media_id, r.content_type, r.filename, size as i64, sha256],
-                )?;
-                if n == 0 {
+                if !media::fill_reserved(w.conn, &r, size as i64, &sha256)? {
                     return Err(Error::cannot_overwrite_media());
                 }
             } else {
-                w.conn.execute(
-                    "INSERT INTO media (origin, media_id, uploader, content_type, filename, size, sha256, created_ts)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                    params![r.origin, r.media_id, r.uploader, r.content_type, r.filename, size as i64, sha256, r.created_ts],
-                )?;
+                media::insert_upload(w.conn, &r, size as i64, &sha256)?;
             }
             Ok(())
         })
@@ -493,7 +435,7 @@ pub async fn resolve(s: &AppState, server_name: &str, media_id: &str, q: &Downlo
     let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
     loop {
         let (o, m) = (server_name.to_owned(), media_id.to_owned());
-        let row = s.store.read(move |c| get_row(c, &o, &m)).await?;
+        let row = s.store.read(move |c| media::get(c, &o, &m)).await?;
         match row {
             Some(r) if r.size.is_some() => return Ok(r),
             Some(r) if local => {

@@ -8,11 +8,11 @@
 use std::io::Cursor;
 
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader};
-use rusqlite::{params, OptionalExtension};
 
 use crate::error::{Error, Result};
 use crate::http::AppState;
 use crate::media::MediaRow;
+use crate::store::media::{self, ThumbnailSize};
 
 /// A requested thumbnail.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,6 +35,11 @@ pub const SIZES: [Request; 5] = [
 const MAX_SOURCE_BYTES: i64 = 64 << 20;
 
 impl Request {
+    /// The key of this size's cached thumbnail.
+    fn size(&self) -> ThumbnailSize<'static> {
+        ThumbnailSize { width: self.width, height: self.height, method: self.method() }
+    }
+
     fn method(&self) -> &'static str {
         if self.crop {
             "crop"
@@ -59,17 +64,7 @@ impl Request {
 pub async fn get_or_make(s: &AppState, row: &MediaRow, req: Request) -> Result<(String, Vec<u8>)> {
     let n = req.normalised();
     let (o, m) = (row.origin.clone(), row.media_id.clone());
-    let cached: Option<String> = s
-        .store
-        .read(move |c| {
-            Ok(c.query_row(
-                "SELECT content_type FROM media_thumbnails WHERE origin = ?1 AND media_id = ?2 AND width = ?3 AND height = ?4 AND method = ?5",
-                params![o, m, n.width, n.height, n.method()],
-                |r| r.get(0),
-            )
-            .optional()?)
-        })
-        .await?;
+    let cached: Option<String> = s.store.read(move |c| media::thumbnail_content_type(c, &o, &m, n.size())).await?;
     let path = s.media.thumb_path(&row.origin, &row.media_id, n.width, n.height, n.method());
     if let Some(ct) = cached {
         if let Ok(bytes) = tokio::fs::read(&path).await {
@@ -94,16 +89,7 @@ pub async fn get_or_make(s: &AppState, row: &MediaRow, req: Request) -> Result<(
     .await;
     if stored.is_ok() {
         let (o, m, c, size) = (row.origin.clone(), row.media_id.clone(), ct.clone(), bytes.len() as i64);
-        s.store
-            .write(move |w| {
-                w.conn.execute(
-                    "INSERT OR REPLACE INTO media_thumbnails (origin, media_id, width, height, method, content_type, size)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    params![o, m, n.width, n.height, n.method(), c, size],
-                )?;
-                Ok(())
-            })
-            .await?;
+        s.store.write(move |w| media::record_thumbnail(w.conn, &o, &m, n.size(), &c, size)).await?;
     } else {
         let _ = tokio::fs::remove_file(&tmp).await;
         tracing::warn!(path = %path.display(), "could not cache a thumbnail");

@@ -5,6 +5,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::Value;
 
 use crate::error::Result;
+use crate::store::ids::StreamPos;
 use crate::store::Writer;
 
 /// The stored content of one account data type; `room_id` is `""` for global data.
@@ -27,4 +28,75 @@ pub fn set(w: &mut Writer<'_>, user_id: &str, room_id: &str, data_type: &str, co
         )?
         .execute(params![user_id, room_id, data_type, content.to_string(), pos])?;
     Ok(pos)
+}
+
+/// The account data of one scope (`room_id` `""` for global) written in the window (`after`, `upto`], oldest
+/// write first: `(type, content)`.
+pub fn changed_since(
+    conn: &Connection,
+    user_id: &str,
+    room_id: &str,
+    after: StreamPos,
+    upto: StreamPos,
+) -> Result<Vec<(String, Value)>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT data_type, content FROM account_data WHERE user_id = ?1 AND room_id = ?2 AND stream_ordering > ?3
+         AND stream_ordering <= ?4 ORDER BY stream_ordering",
+    )?;
+    let rows = stmt
+        .query_map(params![user_id, room_id, after, upto], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+    let mut out = Vec::new();
+    for r in rows {
+        let (data_type, content) = r?;
+        out.push((data_type, serde_json::from_str(&content)?));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::store::testing::{memory_db, write};
+
+    #[test]
+    fn set_then_get_replaces_and_moves_the_row_in_the_stream() {
+        let mut conn = memory_db();
+        let mut stream = 0;
+        assert_eq!(get(&conn, "@a:x", "", "m.t").unwrap(), None);
+        let p1 = write(&mut conn, &mut stream, |w| set(w, "@a:x", "", "m.t", &json!({"v": 1}))).unwrap();
+        let p2 = write(&mut conn, &mut stream, |w| set(w, "@a:x", "", "m.t", &json!({"v": 2}))).unwrap();
+        assert!(p2 > p1);
+        assert_eq!(get(&conn, "@a:x", "", "m.t").unwrap(), Some(json!({"v": 2})));
+        assert_eq!(get(&conn, "@a:x", "!r:x", "m.t").unwrap(), None, "global and room data are apart");
+        let all = changed_since(&conn, "@a:x", "", StreamPos(0), StreamPos(stream)).unwrap();
+        assert_eq!(all, [("m.t".to_owned(), json!({"v": 2}))], "one row per type, at its last write");
+        assert!(changed_since(&conn, "@a:x", "", StreamPos(p2), StreamPos(stream)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn changed_since_is_ordered_scoped_and_windowed() {
+        let mut conn = memory_db();
+        let mut stream = 0;
+        write(&mut conn, &mut stream, |w| {
+            set(w, "@a:x", "", "m.b", &json!({}))?; // 1
+            set(w, "@a:x", "!r:x", "m.room", &json!({"r": true}))?; // 2
+            set(w, "@b:x", "", "m.other_user", &json!({}))?; // 3
+            set(w, "@a:x", "", "m.a", &json!({"a": 1}))?; // 4
+            set(w, "@a:x", "", "m.c", &json!({})) // 5
+        })
+        .unwrap();
+        let types = |room: &str, after: i64, upto: i64| -> Vec<String> {
+            changed_since(&conn, "@a:x", room, StreamPos(after), StreamPos(upto))
+                .unwrap()
+                .into_iter()
+                .map(|x| x.0)
+                .collect()
+        };
+        assert_eq!(types("", 0, 5), ["m.b", "m.a", "m.c"], "in stream order, not by name");
+        assert_eq!(types("", 1, 4), ["m.a"], "after is exclusive, upto inclusive");
+        assert_eq!(types("!r:x", 0, 5), ["m.room"]);
+        assert!(types("!other:x", 0, 5).is_empty());
+    }
 }

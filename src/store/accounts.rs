@@ -176,3 +176,52 @@ pub fn get_filter(conn: &Connection, user_id: &str, filter_id: i64) -> Result<Op
         .query_row(params![user_id, filter_id], |r| r.get(0))
         .optional()?)
 }
+
+/// Logs out every session of `user_id` except the one holding `keep_token` (a password change).
+pub fn delete_other_tokens(conn: &Connection, user_id: &str, keep_token: &str) -> Result<()> {
+    conn.prepare_cached("DELETE FROM access_tokens WHERE user_id = ?1 AND token_sha256 != ?2")?
+        .execute(params![user_id, token_hash(keep_token)])?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::testing::memory_db;
+
+    fn user_with_sessions(conn: &Connection, user_id: &str, sessions: &[(&str, &str)]) {
+        assert!(insert_user(conn, user_id, Some("hash"), false).unwrap());
+        for (device, token) in sessions {
+            create_session(conn, user_id, device, None, token).unwrap();
+        }
+    }
+
+    #[test]
+    fn delete_other_tokens_keeps_only_the_given_session() {
+        let conn = memory_db();
+        user_with_sessions(&conn, "@a:x", &[("D1", "t1"), ("D2", "t2"), ("D2", "t2b")]);
+        user_with_sessions(&conn, "@b:x", &[("D1", "tb")]);
+        delete_other_tokens(&conn, "@a:x", "t2").unwrap();
+        assert!(lookup_token(&conn, "t2").unwrap().is_some());
+        assert!(lookup_token(&conn, "t1").unwrap().is_none());
+        assert!(lookup_token(&conn, "t2b").unwrap().is_none(), "other tokens of the same device go too");
+        assert!(lookup_token(&conn, "tb").unwrap().is_some(), "other users keep theirs");
+        assert_eq!(list_devices(&conn, "@a:x").unwrap().len(), 2, "devices stay");
+    }
+
+    #[test]
+    fn sessions_users_and_filters_read_back() {
+        let conn = memory_db();
+        assert!(get_user(&conn, "@a:x").unwrap().is_none());
+        user_with_sessions(&conn, "@a:x", &[("D1", "t1")]);
+        assert!(!insert_user(&conn, "@a:x", None, true).unwrap(), "an existing user is kept");
+        let u = get_user(&conn, "@a:x").unwrap().unwrap();
+        assert_eq!((u.displayname.as_deref(), u.admin, u.deactivated), (Some("a"), false, false));
+        assert_eq!(lookup_token(&conn, "t1").unwrap(), Some(("@a:x".into(), "D1".into(), false)));
+        assert_eq!(create_filter(&conn, "@a:x", "{}").unwrap(), 0);
+        assert_eq!(create_filter(&conn, "@a:x", "{\"a\":1}").unwrap(), 1, "filter ids count up per user");
+        assert_eq!(create_filter(&conn, "@b:x", "{}").unwrap(), 0);
+        assert_eq!(get_filter(&conn, "@a:x", 1).unwrap().as_deref(), Some("{\"a\":1}"));
+        assert_eq!(get_filter(&conn, "@a:x", 7).unwrap(), None);
+    }
+}

@@ -10,6 +10,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::{Map, Value};
 
 use crate::error::Result;
+use crate::store::ids::StreamPos;
 use crate::store::Writer;
 
 // ------------------------------------------------------------------------------------------------------------
@@ -311,6 +312,15 @@ pub fn one_time_key_counts(conn: &Connection, user_id: &str, device_id: &str) ->
     Ok(out)
 }
 
+/// Algorithms of the device's fallback keys not handed out yet (`device_unused_fallback_key_types`).
+pub fn unused_fallback_key_types(conn: &Connection, user_id: &str, device_id: &str) -> Result<Vec<String>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT DISTINCT algorithm FROM one_time_keys WHERE user_id = ?1 AND device_id = ?2 AND fallback = 1",
+    )?;
+    let rows = stmt.query_map(params![user_id, device_id], |r| r.get(0))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
 /// Hands out one key of `algorithm` for a device: the oldest one-time key (deleted, so it is never given out
 /// twice), else the fallback key (kept, marked used). Returns `(key_id, key)`.
 pub fn claim_key(
@@ -372,23 +382,6 @@ pub fn set_cross_signing_key(conn: &Connection, user_id: &str, key_type: &str, k
 // ------------------------------------------------------------------------------------------------------------
 // To-device messages
 
-/// Whether this device already sent to-device transaction `txn_id` (retries must not deliver twice).
-pub fn to_device_txn_seen(conn: &Connection, user_id: &str, device_id: &str, txn_id: &str) -> Result<bool> {
-    Ok(conn
-        .prepare_cached(
-            "SELECT 1 FROM txn_ids WHERE user_id = ?1 AND device_id = ?2 AND kind = 'to_device' AND txn_id = ?3",
-        )?
-        .exists(params![user_id, device_id, txn_id])?)
-}
-
-pub fn record_to_device_txn(conn: &Connection, user_id: &str, device_id: &str, txn_id: &str) -> Result<()> {
-    conn.prepare_cached(
-        "INSERT INTO txn_ids (user_id, device_id, txn_id, kind, result) VALUES (?1, ?2, ?3, 'to_device', '')",
-    )?
-    .execute(params![user_id, device_id, txn_id])?;
-    Ok(())
-}
-
 /// Queues one message for a local device, at a new stream position.
 pub fn queue_to_device(
     w: &mut Writer<'_>,
@@ -406,4 +399,112 @@ pub fn queue_to_device(
         )?
         .execute(params![pos, user_id, device_id, sender, event_type, content.to_string()])?;
     Ok(())
+}
+
+/// A to-device message waiting for its device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToDeviceMessage {
+    pub sender: String,
+    pub event_type: String,
+    pub content: Value,
+}
+
+/// The messages for a device queued in the window (`after`, `upto`], oldest first. No limit: the device's next
+/// sync deletes everything up to `upto`, so a message left out would be lost.
+pub fn to_device_messages(
+    conn: &Connection,
+    user_id: &str,
+    device_id: &str,
+    after: StreamPos,
+    upto: StreamPos,
+) -> Result<Vec<ToDeviceMessage>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT sender, event_type, content FROM to_device WHERE user_id = ?1 AND device_id = ?2
+         AND stream_ordering > ?3 AND stream_ordering <= ?4 ORDER BY stream_ordering",
+    )?;
+    let rows = stmt.query_map(params![user_id, device_id, after, upto], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
+    })?;
+    let mut out = Vec::new();
+    for r in rows {
+        let (sender, event_type, content) = r?;
+        out.push(ToDeviceMessage { sender, event_type, content: serde_json::from_str(&content)? });
+    }
+    Ok(out)
+}
+
+/// Deletes a device's messages up to `upto` (its sync acknowledged them).
+pub fn delete_to_device_upto(conn: &Connection, user_id: &str, device_id: &str, upto: StreamPos) -> Result<()> {
+    conn.prepare_cached("DELETE FROM to_device WHERE user_id = ?1 AND device_id = ?2 AND stream_ordering <= ?3")?
+        .execute(params![user_id, device_id, upto])?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::store::testing::{memory_db, write};
+
+    #[test]
+    fn to_device_messages_come_in_order_within_the_window_until_deleted() {
+        let mut conn = memory_db();
+        let mut stream = 0;
+        write(&mut conn, &mut stream, |w| {
+            queue_to_device(w, "@a:x", "D1", "@s:x", "m.one", &json!({"n": 1}))?;
+            queue_to_device(w, "@a:x", "D2", "@s:x", "m.other_device", &json!({}))?;
+            queue_to_device(w, "@a:x", "D1", "@s:x", "m.two", &json!({"n": 2}))?;
+            queue_to_device(w, "@a:x", "D1", "@s:x", "m.three", &json!({"n": 3}))
+        })
+        .unwrap();
+        assert_eq!(stream, 4);
+        let types = |conn: &Connection, after: i64, upto: i64| -> Vec<String> {
+            to_device_messages(conn, "@a:x", "D1", StreamPos(after), StreamPos(upto))
+                .unwrap()
+                .into_iter()
+                .map(|m| m.event_type)
+                .collect()
+        };
+        assert_eq!(types(&conn, 0, 4), ["m.one", "m.two", "m.three"]);
+        assert_eq!(types(&conn, 1, 3), ["m.two"], "after is exclusive, upto inclusive");
+        let first = to_device_messages(&conn, "@a:x", "D1", StreamPos(0), StreamPos(1)).unwrap();
+        assert_eq!(
+            first,
+            [ToDeviceMessage { sender: "@s:x".into(), event_type: "m.one".into(), content: json!({"n": 1}) }]
+        );
+
+        delete_to_device_upto(&conn, "@a:x", "D1", StreamPos(3)).unwrap();
+        assert_eq!(types(&conn, 0, 4), ["m.three"]);
+        assert_eq!(to_device_messages(&conn, "@a:x", "D2", StreamPos(0), StreamPos(4)).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn key_counts_and_unused_fallback_types() {
+        let conn = memory_db();
+        assert!(one_time_key_counts(&conn, "@a:x", "D1").unwrap().is_empty());
+        assert!(unused_fallback_key_types(&conn, "@a:x", "D1").unwrap().is_empty());
+        let otks =
+            json!({"signed_curve25519:A": {"key": "a"}, "signed_curve25519:B": {"key": "b"}, "curve25519:C": "c"});
+        assert_eq!(add_one_time_keys(&conn, "@a:x", "D1", otks.as_object().unwrap()).unwrap(), None);
+        let fallback = json!({"signed_curve25519:F": {"key": "f", "fallback": true}});
+        set_fallback_keys(&conn, "@a:x", "D1", fallback.as_object().unwrap()).unwrap();
+        let counts = one_time_key_counts(&conn, "@a:x", "D1").unwrap();
+        assert_eq!(
+            Value::Object(counts),
+            json!({"signed_curve25519": 2, "curve25519": 1}),
+            "fallback keys not counted"
+        );
+        assert_eq!(unused_fallback_key_types(&conn, "@a:x", "D1").unwrap(), ["signed_curve25519"]);
+        assert!(unused_fallback_key_types(&conn, "@a:x", "D2").unwrap().is_empty(), "per device");
+
+        // Claims take one-time keys first, then the fallback key (which then no longer counts as unused).
+        for _ in 0..2 {
+            assert!(claim_key(&conn, "@a:x", "D1", "signed_curve25519").unwrap().is_some());
+        }
+        assert_eq!(unused_fallback_key_types(&conn, "@a:x", "D1").unwrap(), ["signed_curve25519"]);
+        let (id, _) = claim_key(&conn, "@a:x", "D1", "signed_curve25519").unwrap().unwrap();
+        assert_eq!(id, "signed_curve25519:F");
+        assert!(unused_fallback_key_types(&conn, "@a:x", "D1").unwrap().is_empty());
+    }
 }

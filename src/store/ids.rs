@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 macro_rules! numeric_id {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
         #[serde(transparent)]
         pub struct $name(pub i64);
 
@@ -55,3 +55,15 @@ numeric_id!(
     /// A position in the global stream (events, account data, receipts, to-device, device lists, memberships).
     StreamPos
 );
+
+impl StreamPos {
+    /// The position just before this one (an exclusive bound that includes this position).
+    pub fn prev(self) -> StreamPos {
+        StreamPos(self.0 - 1)
+    }
+
+    /// The position just after this one.
+    pub fn next(self) -> StreamPos {
+        StreamPos(self.0 + 1)
+    }
+}

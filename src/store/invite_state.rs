@@ -1,7 +1,7 @@
 //! `invite_state`: the stripped room state that came with an invite to a room we are not in (shown in `/sync`'s
 //! `invite` section until the user joins, rejects or leaves).
 
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::error::Result;
 use crate::store::ids::RoomNid;
@@ -18,6 +18,14 @@ pub fn remove(conn: &Connection, room: RoomNid, user_id: &str) -> Result<()> {
     conn.prepare_cached("DELETE FROM invite_state WHERE room_nid = ?1 AND user_id = ?2")?
         .execute(params![room, user_id])?;
     Ok(())
+}
+
+/// The stripped state (a JSON array) that came with `user_id`'s invite over federation, if any.
+pub fn get(conn: &Connection, room: RoomNid, user_id: &str) -> Result<Option<String>> {
+    Ok(conn
+        .prepare_cached("SELECT events FROM invite_state WHERE room_nid = ?1 AND user_id = ?2")?
+        .query_row(params![room, user_id], |r| r.get(0))
+        .optional()?)
 }
 
 #[cfg(test)]
@@ -45,5 +53,7 @@ mod tests {
         remove(&conn, room, "@a:a.example").unwrap();
         assert_eq!(stored(&conn, room, "@a:a.example"), None);
         assert_eq!(stored(&conn, room, "@b:a.example").as_deref(), Some("[3]"));
+        assert_eq!(get(&conn, room, "@b:a.example").unwrap().as_deref(), Some("[3]"));
+        assert_eq!(get(&conn, room, "@a:a.example").unwrap(), None);
     }
 }

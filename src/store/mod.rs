@@ -12,16 +12,21 @@ pub mod events;
 pub mod identity;
 pub mod ids;
 pub mod invite_state;
+pub mod maintenance;
+pub mod media;
 pub mod members;
 pub mod migrate;
 pub mod notary;
 pub mod outbox;
 pub mod receipts;
+pub mod room_keys;
 pub mod rooms;
 pub mod server_keys;
 pub mod state_groups;
 #[cfg(test)]
 pub mod testing;
+pub mod timeline;
+pub mod txn_ids;
 
 use std::path::Path;
 use std::sync::mpsc as std_mpsc;

@@ -3,6 +3,7 @@
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::error::Result;
+use crate::store::ids::{RoomNid, StreamPos};
 use crate::store::Writer;
 
 pub struct NewReceipt<'a> {
@@ -61,4 +62,133 @@ pub fn upsert(w: &mut Writer<'_>, r: &NewReceipt<'_>) -> Result<bool> {
         )?
         .execute(params![r.room_nid, r.receipt_type, r.user_id, r.thread_id, r.event_id, r.ts, stream])?;
     Ok(true)
+}
+
+/// One receipt as `/sync` shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReceiptRow {
+    pub receipt_type: String,
+    pub user_id: String,
+    /// `""` for an unthreaded receipt.
+    pub thread_id: String,
+    pub event_id: String,
+    pub ts: i64,
+}
+
+/// Receipts in a room that moved in the window (`after`, `upto`]; private ones (`m.read.private`) only when they
+/// are `viewer`'s own.
+pub fn changed_since(
+    conn: &Connection,
+    room_nid: RoomNid,
+    after: StreamPos,
+    upto: StreamPos,
+    viewer: &str,
+) -> Result<Vec<ReceiptRow>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT receipt_type, user_id, thread_id, event_id, ts FROM receipts WHERE room_nid = ?1
+         AND stream_ordering > ?2 AND stream_ordering <= ?3 AND (receipt_type != 'm.read.private' OR user_id = ?4)",
+    )?;
+    let rows = stmt.query_map(params![room_nid, after, upto, viewer], |r| {
+        Ok(ReceiptRow {
+            receipt_type: r.get(0)?,
+            user_id: r.get(1)?,
+            thread_id: r.get(2)?,
+            event_id: r.get(3)?,
+            ts: r.get(4)?,
+        })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// The stream position of the newest event a user's read receipts (public or private, any thread) point at in a
+/// room: everything up to it counts as read. None without a receipt on a timeline event.
+pub fn read_up_to(conn: &Connection, room_nid: RoomNid, user_id: &str) -> Result<Option<StreamPos>> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT max(e.stream_ordering) FROM receipts r JOIN events e ON e.event_id = r.event_id
+             WHERE r.room_nid = ?1 AND r.user_id = ?2 AND r.receipt_type IN ('m.read', 'm.read.private')",
+        )?
+        .query_row(params![room_nid, user_id], |r| r.get(0))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::testing::{self, memory_db, write, Ev};
+
+    fn receipt<'a>(room: RoomNid, receipt_type: &'a str, user_id: &'a str, event_id: &'a str) -> NewReceipt<'a> {
+        NewReceipt { room_nid: room.0, receipt_type, user_id, thread_id: "", event_id, ts: 1 }
+    }
+
+    #[test]
+    fn upsert_never_moves_a_marker_backwards() {
+        let mut conn = memory_db();
+        let room = testing::room(&conn, "!r:x");
+        for (id, pos) in [("$1", 1), ("$2", 2)] {
+            testing::event(&conn, room, Ev::message(id, "@b:x", pos));
+        }
+        let mut stream = 10;
+        let mut put = |conn: &mut rusqlite::Connection, event_id: &str| {
+            write(conn, &mut stream, |w| upsert(w, &receipt(room, "m.read", "@a:x", event_id))).unwrap()
+        };
+        assert!(put(&mut conn, "$2"));
+        assert!(!put(&mut conn, "$2"), "same event");
+        assert!(!put(&mut conn, "$1"), "older event");
+        assert_eq!(current(&conn, room.0, "m.read", "@a:x", "").unwrap().as_deref(), Some("$2"));
+        assert!(put(&mut conn, "$unknown"), "an event we do not hold cannot be ordered: taken");
+        assert_eq!(current(&conn, room.0, "m.read", "@a:x", "thread").unwrap(), None, "threads are apart");
+    }
+
+    #[test]
+    fn changed_since_hides_other_users_private_receipts() {
+        let conn = memory_db();
+        let (room, other) = (testing::room(&conn, "!r:x"), testing::room(&conn, "!o:x"));
+        testing::receipt(&conn, room, "m.read", "@a:x", "$1", 1);
+        testing::receipt(&conn, room, "m.read.private", "@a:x", "$2", 2);
+        testing::receipt(&conn, room, "m.read.private", "@b:x", "$2", 3);
+        testing::receipt(&conn, other, "m.read", "@a:x", "$9", 4);
+        let seen = |viewer: &str, after: i64, upto: i64| -> Vec<(String, String)> {
+            let mut v: Vec<_> = changed_since(&conn, room, StreamPos(after), StreamPos(upto), viewer)
+                .unwrap()
+                .into_iter()
+                .map(|r| (r.receipt_type, r.user_id))
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(
+            seen("@a:x", 0, 10),
+            [("m.read".into(), "@a:x".into()), ("m.read.private".into(), "@a:x".into())],
+            "own private receipt, not @b's"
+        );
+        assert_eq!(seen("@c:x", 0, 10), [("m.read".to_owned(), "@a:x".to_owned())]);
+        assert_eq!(seen("@b:x", 1, 3), [("m.read.private".to_owned(), "@b:x".to_owned())], "(after, upto]");
+        let row = changed_since(&conn, room, StreamPos(0), StreamPos(1), "@c:x").unwrap().pop().unwrap();
+        assert_eq!(
+            row,
+            ReceiptRow {
+                receipt_type: "m.read".into(),
+                user_id: "@a:x".into(),
+                thread_id: "".into(),
+                event_id: "$1".into(),
+                ts: 7
+            }
+        );
+    }
+
+    #[test]
+    fn read_up_to_takes_the_newest_public_or_private_receipt_on_a_timeline_event() {
+        let conn = memory_db();
+        let room = testing::room(&conn, "!r:x");
+        for (id, pos) in [("$1", 1), ("$2", 2), ("$3", 3)] {
+            testing::event(&conn, room, Ev::message(id, "@b:x", pos));
+        }
+        assert_eq!(read_up_to(&conn, room, "@a:x").unwrap(), None);
+        testing::receipt(&conn, room, "m.read", "@a:x", "$1", 10);
+        testing::receipt(&conn, room, "m.read.private", "@a:x", "$2", 11);
+        testing::receipt(&conn, room, "m.fully_read", "@a:x", "$3", 12);
+        assert_eq!(read_up_to(&conn, room, "@a:x").unwrap(), Some(StreamPos(2)), "other receipt types ignored");
+        testing::receipt(&conn, room, "m.read", "@c:x", "$unknown", 13);
+        assert_eq!(read_up_to(&conn, room, "@c:x").unwrap(), None, "an event we do not hold");
+    }
 }

@@ -164,3 +164,52 @@ mod room_row_tests {
         assert_eq!(partial_state_servers(&conn, b).unwrap(), ["three.example"]);
     }
 }
+
+/// Rooms still in partial state (a lazy join's member list being fetched): `(room_id, joined members known so far)`.
+pub fn partial_state_rooms(conn: &Connection) -> Result<Vec<(String, i64)>> {
+    let mut stmt = conn.prepare_cached("SELECT room_id, joined_members FROM rooms WHERE partial_state = 1")?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Tests of the alias and directory functions above (other helpers' tests of room rows live beside theirs).
+#[cfg(test)]
+mod directory_tests {
+    use super::*;
+    use crate::store::testing::{self, memory_db};
+
+    #[test]
+    fn aliases_belong_to_their_creator_and_list_in_order() {
+        let conn = memory_db();
+        assert_eq!(alias_target(&conn, "#a:x").unwrap(), None);
+        assert!(insert_alias(&conn, "#b:x", "!r:x", "@u:x").unwrap());
+        assert!(insert_alias(&conn, "#a:x", "!r:x", "@v:x").unwrap());
+        assert!(!insert_alias(&conn, "#a:x", "!other:x", "@w:x").unwrap(), "taken");
+        assert_eq!(alias_target(&conn, "#a:x").unwrap().as_deref(), Some("!r:x"));
+        assert_eq!(alias_creator(&conn, "#a:x").unwrap(), Some(("!r:x".into(), "@v:x".into())));
+        assert_eq!(aliases_of(&conn, "!r:x").unwrap(), ["#a:x", "#b:x"]);
+        assert!(delete_alias(&conn, "#a:x").unwrap());
+        assert!(!delete_alias(&conn, "#a:x").unwrap());
+        assert_eq!(aliases_of(&conn, "!r:x").unwrap(), ["#b:x"]);
+    }
+
+    #[test]
+    fn published_and_partial_rooms() {
+        let conn = memory_db();
+        let (a, b) = (testing::room(&conn, "!a:x"), testing::room(&conn, "!b:x"));
+        assert!(!is_published(&conn, "!a:x").unwrap());
+        assert!(!is_published(&conn, "!unknown:x").unwrap());
+        set_published(&conn, "!a:x", true).unwrap();
+        set_published(&conn, "!b:x", true).unwrap();
+        conn.execute("UPDATE rooms SET joined_members = 3 WHERE room_nid = ?1", [b]).unwrap();
+        assert!(is_published(&conn, "!a:x").unwrap());
+        let listed: Vec<String> = published_rooms(&conn).unwrap().into_iter().map(|r| r.1).collect();
+        assert_eq!(listed, ["!b:x", "!a:x"], "most members first");
+        set_published(&conn, "!b:x", false).unwrap();
+        assert_eq!(published_rooms(&conn).unwrap().len(), 1);
+
+        assert!(partial_state_rooms(&conn).unwrap().is_empty());
+        testing::set_partial(&conn, a, 42);
+        assert_eq!(partial_state_rooms(&conn).unwrap(), [("!a:x".to_owned(), 42)]);
+    }
+}
