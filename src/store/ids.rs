@@ -55,15 +55,3 @@ numeric_id!(
     /// A position in the global stream (events, account data, receipts, to-device, device lists, memberships).
     StreamPos
 );
-
-impl StreamPos {
-    /// The position just before this one (an exclusive bound that includes this position).
-    pub fn prev(self) -> StreamPos {
-        StreamPos(self.0 - 1)
-    }
-
-    /// The position just after this one.
-    pub fn next(self) -> StreamPos {
-        StreamPos(self.0 + 1)
-    }
-}
