@@ -10,9 +10,11 @@ pub mod accounts;
 pub mod e2ee;
 pub mod events;
 pub mod ids;
+pub mod jobs;
 pub mod migrate;
 pub mod outbox;
 pub mod receipts;
+pub mod resync;
 pub mod rooms;
 #[cfg(test)]
 pub mod testing;
