@@ -615,7 +615,7 @@ pub async fn wait_full_state(s: &AppState, room_id: &str) -> Result<()> {
         let Some(room) = room.filter(|r| r.partial_state) else { return Ok(()) };
         if !bumped {
             let nid = room.room_nid;
-            s.store.write(move |w| crate::jobs::bump(w.conn, nid)).await?;
+            s.store.write(move |w| crate::store::jobs::bump(w.conn, crate::store::ids::RoomNid(nid))).await?;
             s.jobs.wake();
             bumped = true;
         }
