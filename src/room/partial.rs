@@ -552,6 +552,62 @@ mod tests {
     }
 
     #[test]
+    fn check_state_ids_wants_every_non_member_event_held() {
+        let f = partial_room();
+        let state = events::state_event_ids(&f.conn, f.sg.0, Some("m.room.member")).unwrap();
+        let mut listed: Vec<String> = state.into_iter().map(|(_, id)| id).collect();
+        assert_eq!(check_state_ids(&f.conn, f.sg, &listed).unwrap(), None, "members need not be listed");
+        let dropped = listed.pop().unwrap();
+        assert_eq!(check_state_ids(&f.conn, f.sg, &listed).unwrap(), Some(dropped));
+    }
+
+    #[test]
+    fn begin_makes_a_partial_room_and_queues_its_resync() {
+        let mut f = partial_room();
+        let rules = version::rules(&f.room.version).unwrap();
+        let skip_create = rules.authorization.room_create_event_id_as_room_id;
+        let keys = [("m.room.create", ""), ("m.room.join_rules", ""), ("m.room.power_levels", "")];
+        let auth: Vec<_> = keys
+            .iter()
+            .filter(|(k, _)| !(skip_create && *k == "m.room.create"))
+            .map(|(k, s)| f.state_ref(k, s))
+            .collect();
+        let last = *events::forward_extremities(&f.conn, f.room.room_nid).unwrap().first().unwrap();
+        let (prev, sha, depth) = reference(&f.conn, last).unwrap();
+        let ev = LocalEvent::state("m.room.member", "@b:test", json!({"membership": "join"}));
+        let join =
+            build_pdu(&f.identity, &rules, Some(&f.room.room_id), "@b:test", &ev, &[(prev, sha)], &auth, depth + 1)
+                .unwrap();
+        let state_ids: Vec<String> = events::state_event_ids(&f.conn, f.sg.0, Some("m.room.member"))
+            .unwrap()
+            .into_iter()
+            .map(|(_, id)| id)
+            .collect();
+        let servers = vec!["other".to_owned()];
+        let (identity, room_id, version) = (f.identity.clone(), f.room.room_id.clone(), f.room.version.clone());
+        let joined = JoinedState {
+            room_id: &room_id,
+            room_version: &version,
+            partial: true,
+            join: &join,
+            state_ids: &state_ids,
+            via: "resident",
+            servers_in_room: &servers,
+        };
+        write(&mut f.conn, &mut f.stream, |w| begin(w, &identity, &joined)).unwrap();
+
+        let room = events::room_by_nid(&f.conn, f.room.room_nid).unwrap().unwrap();
+        assert!(room.partial_state);
+        assert_eq!(events::membership_of(&f.conn, room.room_nid, "@b:test").unwrap().unwrap().0, "join");
+        let job = crate::store::jobs::next_due(&f.conn).unwrap().expect("resync queued");
+        assert_eq!((job.kind.as_str(), job.room_nid), (RESYNC_JOB, Some(f.nid())));
+        let cursor = ResyncCursor::parse(&job.cursor).unwrap();
+        assert_eq!((cursor.join_event.as_str(), &cursor.phase), (join.event_id.as_str(), &Phase::Ids));
+        assert_eq!(cursor.servers(), ["resident", "other"]);
+        assert_eq!(rs::servers_missed_while_partial(&f.conn, f.nid(), "test").unwrap(), Vec::<String>::new());
+    }
+
+    #[test]
     fn cursor_round_trip_and_old_format() {
         let mut c = ResyncCursor::start("$join", StateGroup(7), "via.example", &["a".into(), "b".into()]);
         assert_eq!(ResyncCursor::parse(&c.to_json()).unwrap(), c);
