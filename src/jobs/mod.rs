@@ -86,13 +86,14 @@ impl Registry {
 /// Smallest batch a step is given.
 pub const MIN_BATCH: usize = 10;
 /// The first batch of a job's unit of work, before any timing is known.
-pub const START_BATCH: usize = 50;
+pub const START_BATCH: usize = 100;
 /// Largest batch a step is given.
 pub const MAX_BATCH: usize = 5000;
 
 /// The next batch size after a step did `items` items of a batch of `current` in `took`, aiming at `target` per
-/// step (as Synapse's background updates size theirs): the size the measured time per item says fits the target,
-/// moving at most a factor of two per step (one slow or fast step does not swing it), within
+/// step (as Synapse sizes its background updates): the size the measured time per item says fits the target. It
+/// grows to that at once (a step's fixed cost makes small batches look slow per item, so the estimate errs low),
+/// and shrinks at most by half per step (one step slowed by contention does not collapse it), within
 /// [`MIN_BATCH`]..=[`MAX_BATCH`]. A step that did nothing leaves the size as it was.
 pub fn next_batch_size(current: usize, items: usize, took: Duration, target: Duration) -> usize {
     if items == 0 {
@@ -101,7 +102,7 @@ pub fn next_batch_size(current: usize, items: usize, took: Duration, target: Dur
     let per_item = took.as_secs_f64() / items as f64;
     let ideal = if per_item > 0.0 { target.as_secs_f64() / per_item } else { f64::MAX };
     let current = current.max(1) as f64;
-    let next = ideal.clamp(current / 2.0, current * 2.0);
+    let next = ideal.max(current / 2.0);
     (next.round() as usize).clamp(MIN_BATCH, MAX_BATCH)
 }
 
@@ -217,13 +218,13 @@ mod tests {
     const TARGET: Duration = Duration::from_millis(50);
 
     #[test]
-    fn batch_grows_towards_the_target_at_most_doubling() {
-        // 1 ms per item: 50 fit the target; from 10, doubling.
-        assert_eq!(next_batch_size(10, 10, Duration::from_millis(10), TARGET), 20);
+    fn batch_grows_to_what_fits_the_target() {
+        // 1 ms per item: 50 fit the target.
+        assert_eq!(next_batch_size(10, 10, Duration::from_millis(10), TARGET), 50);
         // Exactly on target: unchanged.
         assert_eq!(next_batch_size(50, 50, Duration::from_millis(50), TARGET), 50);
-        // Fast items: grows, capped by doubling then by MAX_BATCH.
-        assert_eq!(next_batch_size(100, 100, Duration::from_micros(100), TARGET), 200);
+        // Fast items: grows at once, capped by MAX_BATCH.
+        assert_eq!(next_batch_size(100, 100, Duration::from_millis(2), TARGET), 2500);
         assert_eq!(next_batch_size(4000, 4000, Duration::from_millis(1), TARGET), MAX_BATCH);
     }
 
@@ -240,6 +241,6 @@ mod tests {
     fn a_step_that_did_nothing_keeps_the_size() {
         assert_eq!(next_batch_size(300, 0, Duration::from_secs(3), TARGET), 300);
         assert_eq!(next_batch_size(1, 0, Duration::ZERO, TARGET), MIN_BATCH);
-        assert_eq!(next_batch_size(100, 10, Duration::ZERO, TARGET), 200);
+        assert_eq!(next_batch_size(100, 10, Duration::ZERO, TARGET), MAX_BATCH);
     }
 }
