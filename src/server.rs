@@ -205,7 +205,20 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         }
         tasks.push(tokio::spawn(crate::federation::sender::run(services.clone(), shutdown_rx.clone())));
     }
-    tasks.push(tokio::spawn(crate::jobs::run_worker(services.clone(), shutdown_rx.clone())));
+    let worker = crate::jobs::WorkerConfig {
+        store: services.store.clone(),
+        jobs: services.jobs.clone(),
+        duty_cycle: services.config.jobs.duty_cycle,
+        step: std::time::Duration::from_millis(services.config.jobs.step_ms.max(1)),
+        database_path: services.config.database.path.clone(),
+        users_active: Box::new({
+            let s = services.clone();
+            move || s.busy.load(std::sync::atomic::Ordering::Relaxed) > 0
+        }),
+    };
+    let kinds = crate::jobs::Registry::default()
+        .with(crate::room::partial::RESYNC_JOB, crate::federation::resync::job_kind(services.clone()));
+    tasks.push(tokio::spawn(crate::jobs::run_worker(worker, kinds, shutdown_rx.clone())));
     tracing::info!(%client_addr, ?federation_addr, server_name = %services.identity.server_name, "hearth listening");
     Ok(Running { client_addr, federation_addr, services, tasks })
 }

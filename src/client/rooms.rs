@@ -626,8 +626,8 @@ pub async fn wait_full_state(s: &AppState, room_id: &str) -> Result<()> {
         let room = s.store.read(move |c| rooms::room_by_id(c, &rid)).await?;
         let Some(room) = room.filter(|r| r.partial_state) else { return Ok(()) };
         if !bumped {
-            let nid = room.room_nid.0;
-            s.store.write(move |w| crate::jobs::bump(w.conn, nid)).await?;
+            let nid = room.room_nid;
+            s.store.write(move |w| crate::store::jobs::bump(w.conn, nid)).await?;
             s.jobs.wake();
             bumped = true;
         }

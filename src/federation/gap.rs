@@ -7,10 +7,10 @@ use std::collections::HashSet;
 
 use serde_json::Value;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::federation::batches::Remote;
 use crate::federation::client::enc;
 use crate::federation::inbound::{fetch_outliers, unknown_events, FETCH_TIMEOUT, MAX_OUTLIER_FETCH};
-use crate::http::AppState;
 use crate::room::remote::GapBranch;
 
 /// Missing prev events of one event whose state is asked for; an event with more is placed on current state.
@@ -28,7 +28,7 @@ fn strings(v: Option<&Value>) -> Vec<String> {
 /// only the missing event and its auth events are fetched and the branch is built from what we hold.
 /// `None` when there are too many missing prevs or `origin` cannot answer.
 pub async fn states_at_missing_prevs(
-    s: &AppState,
+    r: Remote<'_>,
     origin: &str,
     room_id: &str,
     missing: &[String],
@@ -36,11 +36,10 @@ pub async fn states_at_missing_prevs(
     if missing.is_empty() || missing.len() > MAX_MISSING_PREVS {
         return Ok(None);
     }
-    let fed = s.federation.as_ref().ok_or_else(|| Error::forbidden("federation is disabled"))?;
     let mut branches = Vec::new();
     for prev in missing {
         let path = format!("/_matrix/federation/v1/state_ids/{}?event_id={}", enc(room_id), enc(prev));
-        let answer = match fed.client.request_timeout(reqwest::Method::GET, origin, &path, None, FETCH_TIMEOUT).await {
+        let answer = match r.client.request_timeout(reqwest::Method::GET, origin, &path, None, FETCH_TIMEOUT).await {
             Ok(a) => a,
             Err(e) => {
                 tracing::info!(origin, room_id, prev, error = %e, "state at a missing prev event unavailable");
@@ -50,7 +49,7 @@ pub async fn states_at_missing_prevs(
         let state = strings(answer.get("pdu_ids"));
         let chain = strings(answer.get("auth_chain_ids"));
         let listed: Vec<String> = state.iter().chain(&chain).cloned().chain(std::iter::once(prev.clone())).collect();
-        let unknown = unknown_events(s, listed).await?;
+        let unknown = unknown_events(r.store, listed).await?;
         let wanted = if unknown.len() <= MAX_OUTLIER_FETCH {
             unknown
         } else {
@@ -64,7 +63,7 @@ pub async fn states_at_missing_prevs(
             unknown.into_iter().filter(|id| id == prev).collect()
         };
         if !wanted.is_empty() {
-            fetch_outliers(s, origin, room_id, wanted, &HashSet::new()).await?;
+            fetch_outliers(r, origin, room_id, wanted, &HashSet::new()).await?;
         }
         branches.push(GapBranch { prev: prev.clone(), state_before: state });
     }

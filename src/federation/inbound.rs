@@ -10,11 +10,14 @@ use ruma::canonical_json::CanonicalJsonObject;
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
+use crate::federation::batches::Remote;
 use crate::federation::client::enc;
 use crate::federation::keys::needed_keys;
+use crate::federation::KeyStore;
 use crate::http::AppState;
 use crate::room::remote::{handle_incoming, parse_remote_with_id, persist_outlier, verify_remote, AuthCache, Incoming};
 use crate::room::{version, Pdu};
+use crate::store::Store;
 use crate::store::{events, members, rooms};
 
 /// How long one fetch made while handling a `/send` (missing events, auth events) may take.
@@ -40,6 +43,16 @@ pub async fn verify_batch_ids(
     room_version: &str,
     raw: Vec<Value>,
 ) -> Result<Vec<(Option<String>, std::result::Result<Pdu, String>)>> {
+    let fed = s.federation.as_ref().ok_or_else(|| Error::forbidden("federation is disabled"))?;
+    verify_values(&fed.keys, room_version, raw).await
+}
+
+/// [`verify_batch_ids`] with the key store at hand.
+pub async fn verify_values(
+    keys: &KeyStore,
+    room_version: &str,
+    raw: Vec<Value>,
+) -> Result<Vec<(Option<String>, std::result::Result<Pdu, String>)>> {
     let rules = version::rules(room_version)?;
     let n = raw.len();
     // Parsing (canonical JSON, event id, content hash) and signature checks are CPU work: off the async threads,
@@ -49,13 +62,13 @@ pub async fn verify_batch_ids(
         move |part| part.into_iter().map(|v| parse_one(v, &rules)).collect()
     })
     .await?;
-    check_signatures(s, rules, parsed).await
+    check_signatures(keys, rules, parsed).await
 }
 
 /// [`verify_batch`] for PDUs still as JSON text (a streamed `/state` answer): parsed straight into canonical JSON,
 /// with no `serde_json::Value` tree built first, and sized by their text.
 pub async fn verify_batch_raw(
-    s: &AppState,
+    keys: &KeyStore,
     room_version: &str,
     raw: Vec<Box<serde_json::value::RawValue>>,
 ) -> Result<Vec<std::result::Result<Pdu, String>>> {
@@ -66,7 +79,7 @@ pub async fn verify_batch_raw(
         move |part| part.into_iter().map(|v| parse_one_raw(&v, &rules)).collect()
     })
     .await?;
-    Ok(check_signatures(s, rules, parsed).await?.into_iter().map(|(_, r)| r).collect())
+    Ok(check_signatures(keys, rules, parsed).await?.into_iter().map(|(_, r)| r).collect())
 }
 
 /// How many blocking threads a batch of `n` PDUs is split over.
@@ -80,13 +93,12 @@ fn parts_for(n: usize) -> usize {
 
 /// Signature checks of parsed PDUs (their servers' keys fetched in one batch), on blocking threads.
 async fn check_signatures(
-    s: &AppState,
+    keys: &KeyStore,
     rules: ruma::room_version_rules::RoomVersionRules,
     parsed: Vec<Vec<Checked>>,
 ) -> Result<Vec<(Option<String>, std::result::Result<Pdu, String>)>> {
-    let fed = s.federation.as_ref().ok_or_else(|| Error::forbidden("federation is disabled"))?;
     let need = needed_keys(parsed.iter().flatten().filter_map(|(_, p)| p.as_ref().ok()).map(|p| &p.json));
-    let keys = Arc::new(fed.keys.keys_for(&need).await?);
+    let keys = Arc::new(keys.keys_for(&need).await?);
     let verified = on_blocking_threads(parsed, move |part| {
         part.into_iter().map(|(id, p)| (id, p.and_then(|p| verify_remote(p, &rules, &keys)))).collect()
     })
@@ -164,15 +176,15 @@ fn check_edges(p: &Pdu) -> std::result::Result<(), String> {
 /// stores them as outliers, each authorised against its own auth events (rejected ones are kept, marked).
 /// Needed above all during partial state: the memberships of most senders were omitted from `send_join`, so
 /// without this every event of such a member would be rejected for an unknown auth event.
-pub async fn fetch_missing_auth(s: &AppState, origin: &str, room_id: &str, pdus: &[Pdu]) -> Result<usize> {
+pub async fn fetch_missing_auth(r: Remote<'_>, origin: &str, room_id: &str, pdus: &[Pdu]) -> Result<usize> {
     let batch: HashSet<String> = pdus.iter().map(|p| p.event_id.to_string()).collect();
     let wanted: Vec<String> = pdus.iter().flat_map(|p| p.auth_events.iter().map(|a| a.to_string())).collect();
-    fetch_outliers(s, origin, room_id, wanted, &batch).await
+    fetch_outliers(r, origin, room_id, wanted, &batch).await
 }
 
 /// Those of `ids` that we do not hold, in order.
-pub async fn unknown_events(s: &AppState, ids: Vec<String>) -> Result<Vec<String>> {
-    s.store
+pub async fn unknown_events(store: &Store, ids: Vec<String>) -> Result<Vec<String>> {
+    store
         .read(move |c| {
             let mut out = Vec::new();
             for id in ids {
@@ -193,7 +205,7 @@ pub const MAX_OUTLIER_FETCH: usize = 200;
 /// (rejected ones are kept, marked). Bounded in rounds, events ([`MAX_OUTLIER_FETCH`]) and time. Returns how many
 /// were stored.
 pub async fn fetch_outliers(
-    s: &AppState,
+    r: Remote<'_>,
     origin: &str,
     room_id: &str,
     mut wanted: Vec<String>,
@@ -207,21 +219,20 @@ pub async fn fetch_outliers(
     /// The whole walk, however many rounds.
     const DEADLINE: Duration = Duration::from_secs(60);
     let deadline = tokio::time::Instant::now() + DEADLINE;
-    let fed = s.federation.as_ref().ok_or_else(|| Error::forbidden("federation is disabled"))?;
     let rid = room_id.to_owned();
-    let Some(room) = s.store.read(move |c| rooms::room_by_id(c, &rid)).await? else { return Ok(0) };
+    let Some(room) = r.store.read(move |c| rooms::room_by_id(c, &rid)).await? else { return Ok(0) };
     let mut seen: HashSet<String> = HashSet::new();
     let mut fetched: Vec<Pdu> = Vec::new();
     for _ in 0..MAX_ROUNDS {
         let room_left = MAX_EVENTS.saturating_sub(fetched.len());
         let ids: Vec<String> =
             wanted.drain(..).filter(|id| !skip.contains(id) && seen.insert(id.clone())).take(room_left).collect();
-        let unknown = unknown_events(s, ids).await?;
+        let unknown = unknown_events(r.store, ids).await?;
         if unknown.is_empty() || fetched.len() >= MAX_EVENTS {
             break;
         }
         let paths: Vec<String> = unknown.iter().map(|id| format!("/_matrix/federation/v1/event/{}", enc(id))).collect();
-        let client = fed.client.clone();
+        let client = r.client.clone();
         let reqs = paths.into_iter().map(|path| {
             let client = client.clone();
             let origin = origin.to_owned();
@@ -237,13 +248,13 @@ pub async fn fetch_outliers(
             break;
         };
         let mut raw = Vec::new();
-        for r in answers {
-            match r {
+        for answer in answers {
+            match answer {
                 Ok(v) => raw.extend(v.get("pdus").and_then(Value::as_array).and_then(|a| a.first()).cloned()),
                 Err(e) => tracing::info!(origin, room_id, error = %e, "fetching a missing auth event failed"),
             }
         }
-        for p in verify_batch(s, &room.version, raw).await?.into_iter().filter_map(|r| r.ok()) {
+        for p in verify_values(r.keys, &room.version, raw).await?.into_iter().filter_map(|(_, v)| v.ok()) {
             if p.room_id.as_str() == room_id && unknown.iter().any(|u| u == p.event_id.as_str()) {
                 wanted.extend(p.auth_events.iter().map(|a| a.to_string()));
                 fetched.push(p);
@@ -256,7 +267,7 @@ pub async fn fetch_outliers(
     fetched.sort_by_key(|p| p.depth);
     let n = fetched.len();
     let rid = room_id.to_owned();
-    s.store
+    r.store
         .write(move |w| {
             let room = rooms::room_by_id(w.conn, &rid)?.ok_or_else(|| Error::not_found("unknown room"))?;
             let rules = version::rules(&room.version)?;
@@ -269,10 +280,7 @@ pub async fn fetch_outliers(
                     crate::room::remote::authorize_by_own_auth_events(w.conn, &rules, &room, p, &AuthCache::default())
                 {
                     tracing::info!(room_id = %rid, event_id = %p.event_id, %reason, "fetched auth event rejected");
-                    w.conn.execute(
-                        "UPDATE events SET rejected = ?2 WHERE event_nid = ?1",
-                        rusqlite::params![nid, reason],
-                    )?;
+                    crate::store::resync::set_rejected_nid(w.conn, nid, &reason)?;
                 }
             }
             Ok(())
@@ -284,7 +292,7 @@ pub async fn fetch_outliers(
 
 /// Handles one verified PDU that belongs in the timeline, fetching missing prev events from `origin` once.
 pub async fn ingest(s: &AppState, origin: &str, room_id: &str, pdu: Pdu, fetch_missing: bool) -> Result<String> {
-    if let Err(e) = fetch_missing_auth(s, origin, room_id, std::slice::from_ref(&pdu)).await {
+    if let Err(e) = fetch_missing_auth(Remote::of(s)?, origin, room_id, std::slice::from_ref(&pdu)).await {
         tracing::info!(room_id, event_id = %pdu.event_id, error = %e, "could not fetch missing auth events");
     }
     let identity = s.identity.clone();
@@ -323,7 +331,7 @@ async fn place_across_gap(
     ask: bool,
 ) -> Result<Incoming> {
     let branches = match ask && !missing.is_empty() {
-        true => crate::federation::gap::states_at_missing_prevs(s, origin, room_id, missing).await?,
+        true => crate::federation::gap::states_at_missing_prevs(Remote::of(s)?, origin, room_id, missing).await?,
         false => None,
     };
     match &branches {
@@ -391,7 +399,7 @@ async fn fill_gap(s: &AppState, origin: &str, room_id: &str, pdu: &Pdu) -> Resul
     let mut verified: Vec<Pdu> = verify_batch(s, &version, events).await?.into_iter().filter_map(|r| r.ok()).collect();
     verified.sort_by_key(|p| p.depth);
     verified.retain(|p| p.room_id.as_str() == room_id && check_edges(p).is_ok());
-    fetch_missing_auth(s, origin, room_id, &verified).await?;
+    fetch_missing_auth(Remote::of(s)?, origin, room_id, &verified).await?;
     for p in verified {
         if p.room_id.as_str() != room_id {
             continue;
@@ -548,16 +556,26 @@ async fn handle_edu(s: &AppState, origin: &str, edu: &Value) -> Result<()> {
                                 if user.split_once(':').map(|x| x.1) != Some(origin.as_str()) {
                                     continue;
                                 }
-                                let Some(ev) = r.get("event_ids").and_then(Value::as_array).and_then(|a| a.first()).and_then(Value::as_str) else { continue };
+                                let Some(ev) = r
+                                    .get("event_ids")
+                                    .and_then(Value::as_array)
+                                    .and_then(|a| a.first())
+                                    .and_then(Value::as_str)
+                                else {
+                                    continue;
+                                };
                                 let ts = r.pointer("/data/ts").and_then(Value::as_i64).unwrap_or(0);
-                                let thread = r.pointer("/data/thread_id").and_then(Value::as_str).unwrap_or("").to_owned();
-                                let pos = w.next_stream();
-                                w.conn.execute(
-                                    "INSERT INTO receipts (room_nid, receipt_type, user_id, thread_id, event_id, ts, stream_ordering)
-                                     VALUES (?1, 'm.read', ?2, ?3, ?4, ?5, ?6)
-                                     ON CONFLICT (room_nid, receipt_type, user_id, thread_id) DO UPDATE SET event_id = ?4, ts = ?5, stream_ordering = ?6",
-                                    rusqlite::params![room.room_nid, user, thread, ev, ts, pos],
-                                )?;
+                                let thread =
+                                    r.pointer("/data/thread_id").and_then(Value::as_str).unwrap_or("").to_owned();
+                                let receipt = crate::store::receipts::NewReceipt {
+                                    room_nid: room.room_nid.0,
+                                    receipt_type: "m.read",
+                                    user_id: &user,
+                                    thread_id: &thread,
+                                    event_id: ev,
+                                    ts,
+                                };
+                                crate::store::receipts::set(w, &receipt)?;
                             }
                         }
                     }
@@ -568,16 +586,7 @@ async fn handle_edu(s: &AppState, origin: &str, edu: &Value) -> Result<()> {
         Some("m.device_list_update") | Some("m.signing_key_update") => {
             let Some(user) = content.get("user_id").and_then(Value::as_str).map(str::to_owned) else { return Ok(()) };
             if from_origin(&user) {
-                s.store
-                    .write(move |w| {
-                        let pos = w.next_stream();
-                        w.conn.execute(
-                            "INSERT INTO device_list_stream (stream_ordering, user_id) VALUES (?1, ?2)",
-                            rusqlite::params![pos, user],
-                        )?;
-                        Ok(())
-                    })
-                    .await?;
+                s.store.write(move |w| crate::store::e2ee::device_list_changed(w, &user).map(drop)).await?;
             }
         }
         Some("m.direct_to_device") => {
@@ -594,19 +603,19 @@ async fn handle_edu(s: &AppState, origin: &str, edu: &Value) -> Result<()> {
                         if !identity.is_local_user(&user) {
                             continue;
                         }
-                        let targets: Vec<(String, Value)> = devices.as_object().cloned().unwrap_or_default().into_iter().collect();
+                        let targets: Vec<(String, Value)> =
+                            devices.as_object().cloned().unwrap_or_default().into_iter().collect();
                         for (device, body) in targets {
                             let devs: Vec<String> = if device == "*" {
-                                crate::store::accounts::list_devices(w.conn, &user)?.into_iter().map(|d| d.device_id).collect()
+                                crate::store::accounts::list_devices(w.conn, &user)?
+                                    .into_iter()
+                                    .map(|d| d.device_id)
+                                    .collect()
                             } else {
                                 vec![device]
                             };
                             for d in devs {
-                                let pos = w.next_stream();
-                                w.conn.execute(
-                                    "INSERT INTO to_device (stream_ordering, user_id, device_id, sender, event_type, content) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                                    rusqlite::params![pos, user, d, sender, t, body.to_string()],
-                                )?;
+                                crate::store::e2ee::queue_to_device(w, &user, &d, &sender, &t, &body)?;
                             }
                         }
                     }

@@ -1,19 +1,19 @@
 //! Joining a room that lives on other servers: `make_join`, then `send_join` v2 — with `omit_members=true` by
 //! default (MSC3706), so the user is in the room after one round trip and the member list follows in the
-//! background (the resync job in `crate::jobs`).
+//! background (the resync: `crate::federation::resync`, steps in `crate::room::partial`).
 
 use ruma::canonical_json::{CanonicalJsonObject, CanonicalJsonValue};
 use ruma::Int;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::federation::batches::{Pipeline, Remote};
 use crate::federation::client::enc;
 use crate::federation::inbound::verify_batch;
 use crate::http::AppState;
-use crate::room::append::{persist, Outcome};
-use crate::room::remote::persist_outlier_batch;
-use crate::room::{state, version, Pdu};
-use crate::store::{events, rooms};
+use crate::room::partial::{self, JoinedState};
+use crate::room::{version, Pdu};
+use crate::store::rooms;
 
 pub struct JoinResult {
     pub room_id: String,
@@ -122,7 +122,18 @@ pub async fn remote_join(
     let n_state_events = state_ids.len();
     let join_event_id = join_pdu.event_id.to_string();
     s.store
-        .write(move |w| persist_join(w, &identity, &rid, &ver, partial, &join_pdu, &state_ids, &srv, &servers_in_room))
+        .write(move |w| {
+            let joined = JoinedState {
+                room_id: &rid,
+                room_version: &ver,
+                partial,
+                join: &join_pdu,
+                state_ids: &state_ids,
+                via: &srv,
+                servers_in_room: &servers_in_room,
+            };
+            partial::begin(w, &identity, &joined)
+        })
         .await?;
     tracing::info!(%room_id, event_id = %join_event_id, partial, ms = started.elapsed().as_millis() as u64, "joined remote room");
     if partial {
@@ -150,9 +161,6 @@ struct AnswerHead {
     #[serde(default)]
     event: Option<Value>,
 }
-
-/// Events of a `send_join` answer verified and stored per batch.
-const BATCH: usize = 200;
 
 /// Reads a downloaded `send_join` answer: fetches every signing key it needs in one go, then verifies and stores
 /// its auth chain and state as outliers in batches (bounded memory whatever the room's size). Events that fail
@@ -184,18 +192,6 @@ async fn store_join_answer(
         .ok_or_else(|| Error::internal("no join event"))?
         .map_err(|e| Error::internal(format!("our join event is invalid: {e}")))?;
 
-    if let Some(fed) = s.federation.as_ref() {
-        let f = file.to_owned();
-        let need = tokio::task::spawn_blocking(move || {
-            crate::federation::stream::keys_needed_by_file(&f, &["state", "auth_chain"])
-        })
-        .await;
-        if let Ok(Ok(need)) = need {
-            if let Err(e) = fed.keys.keys_for(&need).await {
-                tracing::info!(error = %e, "send_join: key prefetch failed");
-            }
-        }
-    }
     let (rid, ver) = (room_id.to_owned(), room_version.to_owned());
     s.store
         .write(move |w| {
@@ -205,117 +201,22 @@ async fn store_join_answer(
             Ok(())
         })
         .await?;
+    let pipeline = Pipeline { remote: Remote::of(s)?, room_id, room_version, background: false };
+    pipeline.prefetch_keys(file, &["state", "auth_chain"]).await;
     // The auth chain first, then the state (whose ids are the room's state at our join).
-    let _ = store_array(s, server, room_id, room_version, file, "auth_chain").await?;
-    let state_ids = store_array(s, server, room_id, room_version, file, "state").await?;
-    Ok(JoinAnswer { partial: head.members_omitted, join_pdu, state_ids, servers_in_room: head.servers_in_room })
-}
-
-/// Verifies and stores (as outliers) the PDUs of one array of the answer in `file`; returns the ids of those
-/// that are this room's and valid.
-async fn store_array(
-    s: &AppState,
-    server: &str,
-    room_id: &str,
-    room_version: &str,
-    file: &std::path::Path,
-    key: &'static str,
-) -> Result<Vec<String>> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Box<serde_json::value::RawValue>>>(2);
-    let f = file.to_owned();
-    let producer = tokio::task::spawn_blocking(move || {
-        let reader = std::io::BufReader::new(std::fs::File::open(&f).map_err(|e| e.to_string())?);
-        crate::federation::stream::for_each_pdu_batch(reader, &[key], BATCH, &mut |batch| {
-            tx.blocking_send(batch).is_ok()
-        })
-    });
-    let mut ids = Vec::new();
-    // Verify batch k+1 while the writer stores batch k.
-    let mut pending: Option<tokio::task::JoinHandle<Result<()>>> = None;
-    while let Some(batch) = rx.recv().await {
-        let mut verified = Vec::with_capacity(batch.len());
-        for r in crate::federation::inbound::verify_batch_raw(s, room_version, batch).await? {
-            match r {
-                Ok(p) if p.room_id.as_str() == room_id => verified.push(p),
-                Ok(p) => {
-                    tracing::warn!(%room_id, event_id = %p.event_id, "dropping event of another room from send_join answer")
-                }
-                Err(e) => tracing::warn!(%room_id, error = %e, "dropping invalid event from send_join answer"),
-            }
-        }
-        ids.extend(verified.iter().map(|p| p.event_id.to_string()));
-        if let Some(p) = pending.take() {
-            p.await.map_err(|e| Error::internal(e.to_string()))??;
-        }
-        let (rid, store) = (room_id.to_owned(), s.store.clone());
-        pending = Some(tokio::spawn(async move {
-            store.write(move |w| persist_outlier_batch(w.conn, &rid, verified)).await.map(drop)
-        }));
+    let unreadable = |e: String| Error::bad_json(format!("{server}: unreadable send_join answer: {e}"));
+    let chain = pipeline.from_file(file, &["auth_chain"]).await?;
+    if let Some(e) = chain.source_error {
+        return Err(unreadable(e));
     }
-    if let Some(p) = pending.take() {
-        p.await.map_err(|e| Error::internal(e.to_string()))??;
+    let state = pipeline.from_file(file, &["state"]).await?;
+    if let Some(e) = state.source_error {
+        return Err(unreadable(e));
     }
-    producer
-        .await
-        .map_err(|e| Error::internal(e.to_string()))?
-        .map_err(|e| Error::bad_json(format!("{server}: unreadable send_join answer: {e}")))?;
-    Ok(ids)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn persist_join(
-    w: &mut crate::store::Writer<'_>,
-    identity: &crate::room::Identity,
-    room_id: &str,
-    room_version: &str,
-    partial: bool,
-    join: &Pdu,
-    state_ids: &[String],
-    via: &str,
-    servers_in_room: &[String],
-) -> Result<()> {
-    let conn = w.conn;
-    let rules = version::rules(room_version)?;
-    let room = match rooms::room_by_id(conn, room_id)? {
-        Some(r) => r,
-        None => {
-            let nid = rooms::insert_room(conn, room_id, room_version)?;
-            rooms::room_by_nid(conn, nid)?.ok_or_else(|| Error::internal("room vanished"))?
-        }
-    };
-    conn.execute("UPDATE rooms SET partial_state = ?2 WHERE room_nid = ?1", rusqlite::params![room.room_nid, partial])?;
-    let room = rooms::room_by_nid(conn, room.room_nid)?.ok_or_else(|| Error::internal("room vanished"))?;
-    // The state events were stored as outliers while the answer was read.
-    let mut map = std::collections::HashMap::new();
-    for id in state_ids {
-        if let Some(row) = events::event_by_id(conn, id)? {
-            if let (Some(skn), true) = (row.state_key_nid, row.room_nid == room.room_nid) {
-                map.insert(skn, row.event_nid);
-            }
-        }
-    }
-    let sg = state::write_full(conn, room.room_nid, &map)?;
-    if partial {
-        conn.execute("UPDATE state_groups SET partial = 1 WHERE sg = ?1", [sg])?;
-    }
-    let ok = if partial {
-        crate::room::remote::authorize_partial(conn, &rules, join, sg)
-    } else {
-        crate::room::append::authorize(conn, &rules, join, Some(sg))
-    };
-    ok.map_err(|e| Error::forbidden(format!("our join does not pass auth against the room state: {e}")))?;
-    // Forget any previous extremities (we were not following the room).
-    conn.execute("DELETE FROM forward_extremities WHERE room_nid = ?1", [room.room_nid])?;
-    persist(w, identity, &room, &rules, join, Some(sg), Outcome::Accepted, None)?;
-    if partial {
-        let mut stmt = w
-            .conn
-            .prepare_cached("INSERT OR IGNORE INTO partial_state_servers (room_nid, server_name) VALUES (?1, ?2)")?;
-        for srv in servers_in_room.iter().chain(std::iter::once(&via.to_owned())) {
-            stmt.execute(rusqlite::params![room.room_nid, srv])?;
-        }
-        let cursor = json!({"join_event": join.event_id.as_str(), "via": via, "servers": servers_in_room, "sg": sg});
-        crate::jobs::enqueue(w.conn, "resync", Some(room.room_nid.0), 10, &cursor)?;
-    }
-    Ok(())
+    Ok(JoinAnswer {
+        partial: head.members_omitted,
+        join_pdu,
+        state_ids: state.ids,
+        servers_in_room: head.servers_in_room,
+    })
 }

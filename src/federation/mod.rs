@@ -3,12 +3,14 @@
 
 pub mod acl;
 pub mod backfill;
+pub mod batches;
 pub mod client;
 pub mod gap;
 pub mod inbound;
 pub mod invite;
 pub mod join;
 pub mod keys;
+pub mod resync;
 pub mod routes;
 pub mod sender;
 pub mod stream;

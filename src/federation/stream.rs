@@ -37,7 +37,9 @@ pub fn keys_needed_by_file(
         #[serde(default)]
         signatures: std::collections::BTreeMap<String, std::collections::BTreeMap<String, IgnoredAny>>,
     }
-    for_each_pdu_batch(reader, keys, 200, &mut |batch: Vec<Box<serde_json::value::RawValue>>| {
+    for_each_pdu_batch(reader, keys, crate::federation::batches::PARSE_BATCH, &mut |batch: Vec<
+        Box<serde_json::value::RawValue>,
+    >| {
         for pdu in batch {
             let Ok(signed) = serde_json::from_str::<Signed>(pdu.get()) else { continue };
             for (server, keys) in signed.signatures {

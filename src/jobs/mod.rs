@@ -1,21 +1,28 @@
 //! The persistent, throttled, single-threaded background job queue.
 //!
-//! Jobs live in the `jobs` table with a resumable `cursor`; one worker runs one step at a time, sized to about
-//! `jobs.step_ms`, then sleeps so it is busy at most `jobs.duty_cycle` of the time. A kill -9 loses at most the
-//! step in flight (its write transaction never committed) and the job resumes from its cursor on restart.
+//! Jobs live in the `jobs` table (`crate::store::jobs`) with a resumable `cursor`; one worker runs one step at a
+//! time, then sleeps so it is busy at most `jobs.duty_cycle` of the time while users are active. A kill -9 loses
+//! at most the step in flight (its write transaction never committed) and the job resumes from its cursor on
+//! restart.
+//!
+//! The queue knows no job's domain: each kind registers a [`JobKind`] (the wiring does, in `crate::server`). The
+//! worker owns batch sizing: every step gets a batch size and reports the items it did, and the worker adapts the
+//! size per job and unit of work so a step takes about `jobs.step_ms` ([`next_batch_size`]).
 
-pub mod resync;
-
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rusqlite::{params, Connection, OptionalExtension};
-use serde_json::Value;
 use tokio::sync::Notify;
 
 use crate::error::Result;
-use crate::http::AppState;
 use crate::store::accounts::now_ms;
+use crate::store::ids::JobId;
+use crate::store::Store;
+
+pub use crate::store::jobs::{bump, progress, JobRow};
 
 /// Handle to wake the worker (new job, or a user waiting on one).
 #[derive(Clone, Default)]
@@ -29,91 +36,100 @@ impl Jobs {
     }
 }
 
-pub fn enqueue(conn: &Connection, kind: &str, room_nid: Option<i64>, priority: i64, cursor: &Value) -> Result<()> {
-    conn.execute(
-        "INSERT INTO jobs (kind, room_nid, priority, cursor, created_ts) VALUES (?1, ?2, ?3, ?4, ?5)
-         ON CONFLICT (kind, room_nid) DO UPDATE SET cursor = ?4, attempts = 0, next_run_at = 0, done_units = 0, total_units = NULL",
-        params![kind, room_nid, priority, cursor.to_string(), now_ms()],
-    )?;
-    Ok(())
-}
-
-/// Moves a room's jobs to the front (a user is waiting on them).
-pub fn bump(conn: &Connection, room_nid: i64) -> Result<()> {
-    conn.execute(
-        "UPDATE jobs SET priority = priority + 100, next_run_at = 0 WHERE room_nid = ?1 AND priority < 100",
-        [room_nid],
-    )?;
-    Ok(())
-}
-
-#[derive(Debug, Clone)]
-pub struct JobRow {
-    pub job_id: i64,
-    pub kind: String,
-    pub room_nid: Option<i64>,
-    pub cursor: Value,
-    pub attempts: i64,
-}
-
-fn next_due(conn: &Connection) -> Result<Option<JobRow>> {
-    Ok(conn
-        .prepare_cached(
-            "SELECT job_id, kind, room_nid, cursor, attempts FROM jobs WHERE next_run_at <= ?1
-             ORDER BY priority DESC, job_id LIMIT 1",
-        )?
-        .query_row([now_ms()], |r| {
-            Ok(JobRow {
-                job_id: r.get(0)?,
-                kind: r.get(1)?,
-                room_nid: r.get(2)?,
-                cursor: serde_json::from_str(&r.get::<_, String>(3)?).unwrap_or(Value::Null),
-                attempts: r.get(4)?,
-            })
-        })
-        .optional()?)
-}
-
-/// Progress of every job, for `hearth jobs` and the admin endpoint.
-pub fn progress(conn: &Connection) -> Result<Vec<Value>> {
-    let mut stmt = conn.prepare(
-        "SELECT j.kind, r.room_id, j.done_units, j.total_units, j.attempts, j.last_error, j.created_ts, j.next_run_at
-         FROM jobs j LEFT JOIN rooms r ON r.room_nid = j.room_nid ORDER BY j.priority DESC, j.job_id",
-    )?;
-    let rows = stmt.query_map([], |r| {
-        let done: i64 = r.get(2)?;
-        let total: Option<i64> = r.get(3)?;
-        let created: i64 = r.get(6)?;
-        let elapsed_s = ((now_ms() - created) as f64 / 1000.0).max(0.001);
-        let rate = done as f64 / elapsed_s;
-        let eta = total.map(|t| if rate > 0.0 { ((t - done).max(0) as f64 / rate).round() } else { f64::NAN });
-        Ok(serde_json::json!({
-            "kind": r.get::<_, String>(0)?, "room_id": r.get::<_, Option<String>>(1)?,
-            "done": done, "total": total, "attempts": r.get::<_, i64>(4)?, "last_error": r.get::<_, Option<String>>(5)?,
-            "rate_per_s": (rate * 10.0).round() / 10.0, "eta_s": eta.filter(|e| e.is_finite()),
-            "next_run_at": r.get::<_, i64>(7)?,
-        }))
-    })?;
-    Ok(rows.collect::<rusqlite::Result<_>>()?)
+/// Queues a job of `kind` starting from `cursor` (or restarts the room's job of that kind).
+pub fn enqueue(
+    conn: &rusqlite::Connection,
+    kind: &str,
+    room_nid: Option<crate::store::ids::RoomNid>,
+    priority: i64,
+    cursor: &serde_json::Value,
+) -> Result<()> {
+    crate::store::jobs::enqueue(conn, kind, room_nid, priority, &cursor.to_string())
 }
 
 /// What one step of a job did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
-    /// More to do; the cursor was saved by the step.
-    More,
+    /// More to do (the step saved the cursor); `items` of work were done (for batch sizing).
+    More {
+        items: usize,
+    },
     Done,
 }
 
-/// The worker loop: one job step at a time, duty-cycled.
-pub async fn run_worker(s: AppState, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+/// A step's future.
+pub type StepFuture = Pin<Box<dyn Future<Output = Result<Step>> + Send>>;
+
+/// One kind of job: how to run a step of it.
+pub trait JobKind: Send + Sync {
+    /// The unit of work the job's next step does (e.g. its phase): batch sizes are learned per job and unit, since
+    /// an item of one phase may cost a hundred times an item of another.
+    fn unit(&self, _job: &JobRow) -> &'static str {
+        "item"
+    }
+
+    /// Runs one step of `job`, doing about `batch` items of work, and saves the job's cursor.
+    fn step(&self, job: JobRow, batch: usize) -> StepFuture;
+}
+
+/// The job kinds the worker runs, by the `kind` column.
+#[derive(Default, Clone)]
+pub struct Registry(HashMap<&'static str, Arc<dyn JobKind>>);
+
+impl Registry {
+    pub fn with(mut self, kind: &'static str, runner: Arc<dyn JobKind>) -> Registry {
+        self.0.insert(kind, runner);
+        self
+    }
+}
+
+/// Smallest batch a step is given.
+pub const MIN_BATCH: usize = 10;
+/// The first batch of a job's unit of work, before any timing is known.
+pub const START_BATCH: usize = 100;
+/// Largest batch a step is given.
+pub const MAX_BATCH: usize = 5000;
+
+/// The next batch size after a step did `items` items of a batch of `current` in `took`, aiming at `target` per
+/// step (as Synapse sizes its background updates): the size the measured time per item says fits the target. It
+/// grows to that at once (a step's fixed cost makes small batches look slow per item, so the estimate errs low),
+/// and shrinks at most by half per step (one step slowed by contention does not collapse it), within
+/// [`MIN_BATCH`]..=[`MAX_BATCH`]. A step that did nothing leaves the size as it was.
+pub fn next_batch_size(current: usize, items: usize, took: Duration, target: Duration) -> usize {
+    if items == 0 {
+        return current.clamp(MIN_BATCH, MAX_BATCH);
+    }
+    let per_item = took.as_secs_f64() / items as f64;
+    let ideal = if per_item > 0.0 { target.as_secs_f64() / per_item } else { f64::MAX };
+    let current = current.max(1) as f64;
+    let next = ideal.max(current / 2.0);
+    (next.round() as usize).clamp(MIN_BATCH, MAX_BATCH)
+}
+
+/// What the worker needs besides the job kinds.
+pub struct WorkerConfig {
+    pub store: Store,
+    pub jobs: Jobs,
+    /// Fraction of wall time the worker may be busy while users are active.
+    pub duty_cycle: f64,
+    /// Target length of one step.
+    pub step: Duration,
+    /// The database file (checkpointed after a job finishes).
+    pub database_path: std::path::PathBuf,
+    /// Whether client requests are in flight (then the worker rests between steps).
+    pub users_active: Box<dyn Fn() -> bool + Send + Sync>,
+}
+
+/// The worker loop: one job step at a time, duty-cycled, batches sized to the target step length.
+pub async fn run_worker(cfg: WorkerConfig, kinds: Registry, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     // Stagger resumption after a restart so startup stays responsive.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let duty = s.config.jobs.duty_cycle;
+    let mut sizes: HashMap<(JobId, &'static str), usize> = HashMap::new();
     loop {
         if *shutdown.borrow() {
             return;
         }
-        let job = match s.store.read_background(next_due).await {
+        let job = match cfg.store.read_background(crate::store::jobs::next_due).await {
             Ok(j) => j,
             Err(e) => {
                 tracing::error!(error = %e, "job queue unreadable");
@@ -122,60 +138,109 @@ pub async fn run_worker(s: AppState, mut shutdown: tokio::sync::watch::Receiver<
         };
         let Some(job) = job else {
             tokio::select! {
-                _ = s.jobs.notify.notified() => {}
+                _ = cfg.jobs.notify.notified() => {}
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = shutdown.changed() => {}
             }
             continue;
         };
         let started = Instant::now();
-        let result = match job.kind.as_str() {
-            "resync" => resync::step(&s, &job).await,
-            other => {
-                tracing::error!(kind = other, "unknown job kind; dropping");
-                Ok(Step::Done)
+        let took = match kinds.0.get(job.kind.as_str()) {
+            Some(kind) => {
+                let key = (job.job_id, kind.unit(&job));
+                let batch = *sizes.entry(key).or_insert(START_BATCH);
+                let result = kind.step(job.clone(), batch).await;
+                let took = started.elapsed();
+                if let Ok(Step::More { items }) = result {
+                    sizes.insert(key, next_batch_size(batch, items, took, cfg.step));
+                }
+                if matches!(result, Ok(Step::Done)) {
+                    sizes.retain(|(id, _), _| *id != job.job_id);
+                }
+                after_step(&cfg, &job, result).await;
+                took
+            }
+            None => {
+                tracing::error!(kind = %job.kind, "unknown job kind; dropping");
+                after_step(&cfg, &job, Ok(Step::Done)).await;
+                started.elapsed()
             }
         };
-        let took = started.elapsed();
-        match result {
-            Ok(Step::Done) => {
-                let id = job.job_id;
-                let _ = s
-                    .store
-                    .write_background(move |w| Ok(w.conn.execute("DELETE FROM jobs WHERE job_id = ?1", [id])?))
-                    .await;
-                // A finished job usually wrote a lot: fold the WAL back into the database.
-                if let Err(e) = s.store.checkpoint(s.config.database.path.clone()).await {
-                    tracing::info!(error = %e, "checkpoint after job failed");
-                }
-            }
-            Ok(Step::More) => {}
-            Err(e) => {
-                let (id, attempts) = (job.job_id, job.attempts + 1);
-                let delay = (1000i64 << attempts.min(10)).min(600_000);
-                tracing::warn!(kind = %job.kind, attempts, error = %e, retry_in_ms = delay, "job step failed");
-                let msg = e.to_string();
-                let _ = s
-                    .store
-                    .write_background(move |w| {
-                        Ok(w.conn.execute(
-                            "UPDATE jobs SET attempts = ?2, next_run_at = ?3, last_error = ?4 WHERE job_id = ?1",
-                            params![id, attempts, now_ms() + delay, msg],
-                        )?)
-                    })
-                    .await;
-            }
-        }
         // Duty cycle: after working `took`, rest long enough that work is at most `duty` of wall time —
         // unless no client request is waiting, then keep going at full speed.
-        let users_active = s.busy.load(std::sync::atomic::Ordering::Relaxed) > 0;
-        let rest =
-            if users_active { took.mul_f64((1.0 - duty) / duty).min(Duration::from_secs(5)) } else { Duration::ZERO };
+        let duty = cfg.duty_cycle;
+        let rest = if (cfg.users_active)() {
+            took.mul_f64((1.0 - duty) / duty).min(Duration::from_secs(5))
+        } else {
+            Duration::ZERO
+        };
         if !rest.is_zero() {
             tokio::select! {
                 _ = tokio::time::sleep(rest) => {}
                 _ = shutdown.changed() => {}
             }
         }
+    }
+}
+
+/// Books a step's outcome: a finished job is deleted (and the WAL checkpointed), a failed one retried later
+/// with exponential backoff.
+async fn after_step(cfg: &WorkerConfig, job: &JobRow, result: Result<Step>) {
+    match result {
+        Ok(Step::Done) => {
+            let id = job.job_id;
+            let _ = cfg.store.write_background(move |w| crate::store::jobs::delete(w.conn, id)).await;
+            // A finished job usually wrote a lot: fold the WAL back into the database.
+            if let Err(e) = cfg.store.checkpoint(cfg.database_path.clone()).await {
+                tracing::info!(error = %e, "checkpoint after job failed");
+            }
+        }
+        Ok(Step::More { .. }) => {}
+        Err(e) => {
+            let (id, attempts) = (job.job_id, job.attempts + 1);
+            let delay = (1000i64 << attempts.min(10)).min(600_000);
+            tracing::warn!(kind = %job.kind, attempts, error = %e, retry_in_ms = delay, "job step failed");
+            let msg = e.to_string();
+            let _ = cfg
+                .store
+                .write_background(move |w| {
+                    crate::store::jobs::record_failure(w.conn, id, attempts, now_ms() + delay, &msg)
+                })
+                .await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TARGET: Duration = Duration::from_millis(50);
+
+    #[test]
+    fn batch_grows_to_what_fits_the_target() {
+        // 1 ms per item: 50 fit the target.
+        assert_eq!(next_batch_size(10, 10, Duration::from_millis(10), TARGET), 50);
+        // Exactly on target: unchanged.
+        assert_eq!(next_batch_size(50, 50, Duration::from_millis(50), TARGET), 50);
+        // Fast items: grows at once, capped by MAX_BATCH.
+        assert_eq!(next_batch_size(100, 100, Duration::from_millis(2), TARGET), 2500);
+        assert_eq!(next_batch_size(4000, 4000, Duration::from_millis(1), TARGET), MAX_BATCH);
+    }
+
+    #[test]
+    fn batch_shrinks_when_slow_but_not_below_the_minimum() {
+        // 10 ms per item: 5 fit, but one step halves at most.
+        assert_eq!(next_batch_size(100, 100, Duration::from_secs(1), TARGET), 50);
+        assert_eq!(next_batch_size(12, 12, Duration::from_secs(10), TARGET), MIN_BATCH);
+        // A partly filled batch is timed per item done: 20 items in 50 ms → 20 fit.
+        assert_eq!(next_batch_size(100, 20, Duration::from_millis(50), TARGET), 50);
+    }
+
+    #[test]
+    fn a_step_that_did_nothing_keeps_the_size() {
+        assert_eq!(next_batch_size(300, 0, Duration::from_secs(3), TARGET), 300);
+        assert_eq!(next_batch_size(1, 0, Duration::ZERO, TARGET), MIN_BATCH);
+        assert_eq!(next_batch_size(100, 10, Duration::ZERO, TARGET), MAX_BATCH);
     }
 }

@@ -4,6 +4,7 @@ pub mod append;
 pub mod create;
 pub mod import;
 pub mod membership;
+pub mod partial;
 pub mod pdu;
 pub mod power;
 pub mod remote;

@@ -16,6 +16,7 @@ use crate::room::pdu::MAX_PDU_BYTES;
 use crate::room::{load_pdu, state, version, Identity, Pdu};
 use crate::store::events::{self, EventRow, NewEvent};
 use crate::store::ids::{EventNid, StateGroup, StateKeyNid};
+use crate::store::resync as rs;
 use crate::store::rooms::{self, RoomRow};
 use crate::store::{state_groups, Writer};
 
@@ -62,7 +63,6 @@ pub fn verify_remote(pdu: Pdu, rules: &RoomVersionRules, keys: &PublicKeyMap) ->
     }
 }
 
-/// Stores an event we hold only for auth/state (no timeline position, no state group). Idempotent.
 /// Stores a verified batch of room `room_id`'s events as outliers, lowest depth first, skipping events of other
 /// rooms and events already held (a `/state` answer and a `send_join` answer are stored this way, batch by batch).
 /// Returns how many were new.
@@ -79,6 +79,7 @@ pub fn persist_outlier_batch(conn: &Connection, room_id: &str, mut pdus: Vec<Pdu
     Ok(n)
 }
 
+/// Stores an event we hold only for auth/state (no timeline position, no state group). Idempotent.
 pub fn persist_outlier(conn: &Connection, room: &RoomRow, pdu: &Pdu) -> Result<EventNid> {
     if let Some(nid) = events::event_nid(conn, pdu.event_id.as_str())? {
         return Ok(nid);
@@ -230,10 +231,7 @@ pub fn state_across_gap(conn: &Connection, room: &RoomRow, pdu: &Pdu, branches: 
         let g = if changes.is_empty() { base } else { state::new_group(conn, room.room_nid, Some(base), &changes)? };
         // The missing event (an outlier) keeps the state after it: later events citing it, and the
         // re-authorisation at the end of a resync (which recomputes states from prev events), use it.
-        conn.execute(
-            "UPDATE events SET sg_after = ?2 WHERE event_id = ?1 AND room_nid = ?3 AND outlier = 1 AND sg_after IS NULL",
-            rusqlite::params![b.prev, g, room.room_nid],
-        )?;
+        rs::set_outlier_state(conn, room.room_nid, &b.prev, g)?;
         groups.push(g);
     }
     if groups.is_empty() {
@@ -257,8 +255,7 @@ pub fn handle_incoming(
             return Ok(Incoming::AlreadyKnown);
         }
         // We held it as an outlier; now it joins the timeline: drop the outlier row first.
-        conn.execute("DELETE FROM event_edges WHERE event_nid = ?1", [row.event_nid])?;
-        conn.execute("DELETE FROM events WHERE event_nid = ?1 AND outlier = 1", [row.event_nid])?;
+        rs::drop_outlier(conn, row.event_nid)?;
     }
     let rules = version::rules(&room.version)?;
     let sg_before = match forced_state {

@@ -64,6 +64,21 @@ pub fn upsert(w: &mut Writer<'_>, r: &NewReceipt<'_>) -> Result<bool> {
     Ok(true)
 }
 
+/// Stores a receipt as given, at a new stream position, whatever the user's marker was (a remote server's
+/// receipts: its own users' markers are its business).
+pub fn set(w: &mut Writer<'_>, r: &NewReceipt<'_>) -> Result<()> {
+    let stream = w.next_stream();
+    w.conn
+        .prepare_cached(
+            "INSERT INTO receipts (room_nid, receipt_type, user_id, thread_id, event_id, ts, stream_ordering)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (room_nid, receipt_type, user_id, thread_id) DO UPDATE SET event_id = excluded.event_id,
+             ts = excluded.ts, stream_ordering = excluded.stream_ordering",
+        )?
+        .execute(params![r.room_nid, r.receipt_type, r.user_id, r.thread_id, r.event_id, r.ts, stream])?;
+    Ok(())
+}
+
 /// One receipt as `/sync` shows it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReceiptRow {

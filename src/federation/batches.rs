@@ -1,0 +1,192 @@
+//! Verified batches from a file or a list of ids: the one pipeline that brings many remote events in as outliers
+//! (a `send_join` answer, a resync's `/state` answer, a resync's missing events fetched one by one). PDUs come in
+//! batches of at most [`PARSE_BATCH`] through a small bounded channel (memory stays bounded by a few batches
+//! whatever the room's size), each batch is verified (hashes, signatures, this room's) while the writer stores the
+//! previous one.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::value::RawValue;
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use crate::error::{Error, Result};
+use crate::federation::client::enc;
+use crate::federation::inbound::{fetch_missing_auth, verify_batch_raw};
+use crate::federation::{FedClient, KeyStore};
+use crate::http::AppState;
+use crate::room::remote::persist_outlier_batch;
+use crate::room::{Identity, Pdu};
+use crate::store::Store;
+
+/// PDUs parsed, verified and stored per batch: a memory bound (a batch's JSON trees are in memory at once, and
+/// two or three batches are in flight), and short writes a user's write never waits long behind.
+pub const PARSE_BATCH: usize = 200;
+/// Concurrent `/event` requests when fetching a list of ids.
+pub const EVENT_FETCHES_IN_FLIGHT: usize = 100;
+
+/// The handles that fetching, verifying and storing remote events needs.
+#[derive(Clone, Copy)]
+pub struct Remote<'a> {
+    pub store: &'a Store,
+    pub client: &'a Arc<FedClient>,
+    pub keys: &'a KeyStore,
+    pub identity: &'a Arc<Identity>,
+}
+
+impl<'a> Remote<'a> {
+    /// The handles of a running server (an error when federation is disabled).
+    pub fn of(s: &'a AppState) -> Result<Remote<'a>> {
+        let fed = s.federation.as_ref().ok_or_else(|| Error::forbidden("federation is disabled"))?;
+        Ok(Remote { store: &s.store, client: &fed.client, keys: &fed.keys, identity: &s.identity })
+    }
+}
+
+/// What a pipeline run did.
+#[derive(Debug, Default)]
+pub struct Stored {
+    /// PDUs received (before verification).
+    pub received: usize,
+    /// Of those, stored (new outliers of this room).
+    pub stored: usize,
+    /// The ids of the valid events of this room, in the order received (stored now or held before).
+    pub ids: Vec<String>,
+    /// The source failed part-way (unreadable file, ...): what came before was still stored.
+    pub source_error: Option<String>,
+    /// Time spent waiting for batches, verifying them, and waiting for the previous batch's write.
+    pub wait_source: Duration,
+    pub verify: Duration,
+    pub wait_write: Duration,
+}
+
+/// One pipeline: events of one room, written in the foreground (a user waits) or as background work.
+pub struct Pipeline<'a> {
+    pub remote: Remote<'a>,
+    pub room_id: &'a str,
+    pub room_version: &'a str,
+    pub background: bool,
+}
+
+impl Pipeline<'_> {
+    /// Fetches every signing key the PDUs under `keys` of `file` need in one go (one notary request for thousands
+    /// of servers), so verifying its batches makes no fetch round per batch. Failure is logged, not fatal.
+    pub async fn prefetch_keys(&self, file: &Path, keys: &'static [&'static str]) {
+        let f = file.to_owned();
+        let need = tokio::task::spawn_blocking(move || crate::federation::stream::keys_needed_by_file(&f, keys)).await;
+        if let Ok(Ok(need)) = need {
+            if let Err(e) = self.remote.keys.keys_for(&need).await {
+                tracing::info!(room_id = self.room_id, error = %e, "key prefetch failed");
+            }
+        }
+    }
+
+    /// The PDUs of the arrays under `keys` of the downloaded answer `file`.
+    pub async fn from_file(&self, file: &Path, keys: &'static [&'static str]) -> Result<Stored> {
+        let (tx, rx) = mpsc::channel::<Vec<Box<RawValue>>>(2);
+        let f = file.to_owned();
+        let producer = tokio::task::spawn_blocking(move || {
+            let reader = std::io::BufReader::new(std::fs::File::open(&f).map_err(|e| e.to_string())?);
+            crate::federation::stream::for_each_pdu_batch(reader, keys, PARSE_BATCH, &mut |batch| {
+                tx.blocking_send(batch).is_ok()
+            })
+        });
+        let mut out = self.run(rx, None).await?;
+        out.source_error = producer.await.map_err(|e| e.to_string()).and_then(|r| r).err();
+        Ok(out)
+    }
+
+    /// The events `ids`, fetched from `server` with `/event` (at most [`EVENT_FETCHES_IN_FLIGHT`] at once). Single
+    /// events come without their auth chain: the auth events they cite that we lack are fetched too.
+    pub async fn from_ids(&self, server: &str, ids: Vec<String>) -> Result<Stored> {
+        let (tx, rx) = mpsc::channel::<Vec<Box<RawValue>>>(2);
+        let (client, srv) = (self.remote.client.clone(), server.to_owned());
+        let producer = tokio::spawn(async move {
+            let reqs = ids.into_iter().map(|id| {
+                let (client, srv) = (client.clone(), srv.clone());
+                async move { client.get(&srv, &format!("/_matrix/federation/v1/event/{}", enc(&id))).await }
+            });
+            let mut answers = futures::stream::iter(reqs).buffer_unordered(EVENT_FETCHES_IN_FLIGHT);
+            let mut batch = Vec::new();
+            while let Some(r) = answers.next().await {
+                match r {
+                    Ok(v) => batch.extend(
+                        v.get("pdus")
+                            .and_then(Value::as_array)
+                            .into_iter()
+                            .flatten()
+                            .filter_map(|p| serde_json::value::to_raw_value(p).ok()),
+                    ),
+                    Err(e) => tracing::info!(server = %srv, error = %e, "event fetch failed"),
+                }
+                if batch.len() >= PARSE_BATCH && tx.send(std::mem::take(&mut batch)).await.is_err() {
+                    return;
+                }
+            }
+            if !batch.is_empty() {
+                let _ = tx.send(batch).await;
+            }
+        });
+        let out = self.run(rx, Some(server)).await?;
+        let _ = producer.await;
+        Ok(out)
+    }
+
+    /// Verifies each batch of `rx` (and fetches the auth events it cites from `fetch_auth_from`) while the writer
+    /// stores the previous one.
+    async fn run(&self, mut rx: mpsc::Receiver<Vec<Box<RawValue>>>, fetch_auth_from: Option<&str>) -> Result<Stored> {
+        let mut out = Stored::default();
+        let mut pending: Option<tokio::task::JoinHandle<Result<usize>>> = None;
+        loop {
+            let t = Instant::now();
+            let Some(batch) = rx.recv().await else { break };
+            out.wait_source += t.elapsed();
+            out.received += batch.len();
+            let t = Instant::now();
+            let verified = self.verify(batch).await?;
+            if let Some(server) = fetch_auth_from {
+                // Or the auth phase could not judge them (e.g. a rejoin's earlier leave is in no state).
+                if let Err(e) = fetch_missing_auth(self.remote, server, self.room_id, &verified).await {
+                    tracing::info!(%server, error = %e, "fetching the auth events of fetched events failed");
+                }
+            }
+            out.verify += t.elapsed();
+            out.ids.extend(verified.iter().map(|p| p.event_id.to_string()));
+            let t = Instant::now();
+            if let Some(p) = pending.take() {
+                out.stored += p.await.map_err(|e| Error::internal(e.to_string()))??;
+            }
+            out.wait_write += t.elapsed();
+            let (store, rid, background) = (self.remote.store.clone(), self.room_id.to_owned(), self.background);
+            pending = Some(tokio::spawn(async move {
+                let write = move |w: &mut crate::store::Writer<'_>| persist_outlier_batch(w.conn, &rid, verified);
+                if background {
+                    store.write_background(write).await
+                } else {
+                    store.write(write).await
+                }
+            }));
+        }
+        if let Some(p) = pending.take() {
+            out.stored += p.await.map_err(|e| Error::internal(e.to_string()))??;
+        }
+        Ok(out)
+    }
+
+    /// The valid events of this room in `batch`; the others are dropped (logged).
+    async fn verify(&self, batch: Vec<Box<RawValue>>) -> Result<Vec<Pdu>> {
+        let mut verified = Vec::with_capacity(batch.len());
+        for r in verify_batch_raw(self.remote.keys, self.room_version, batch).await? {
+            match r {
+                Ok(p) if p.room_id.as_str() == self.room_id => verified.push(p),
+                Ok(p) => {
+                    tracing::warn!(room_id = self.room_id, event_id = %p.event_id, "dropping event of another room")
+                }
+                Err(e) => tracing::info!(room_id = self.room_id, error = %e, "dropping invalid event"),
+            }
+        }
+        Ok(verified)
+    }
+}

@@ -1,0 +1,278 @@
+//! The network side of a partial-state room's resync (MSC3902): which server to ask, `/state_ids` at our join,
+//! the missing events through `/state` or single `/event` requests (the [`Pipeline`]), each phase's domain work
+//! handed to `crate::room::partial`. Run by the job queue one step at a time, with the batch size it chooses;
+//! the position is a typed [`ResyncCursor`].
+//!
+//! ```text
+//!  [Ids] ─► [Fetch] ─► [Auth] ─► [Fill] ─► [Finish]
+//!    ▲         │
+//!    └─────────┘ listed events nobody can supply: distrust that /state_ids, ask another server
+//! ```
+
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::federation::batches::{Pipeline, Remote, Stored};
+use crate::federation::client::enc;
+use crate::http::AppState;
+use crate::jobs::{JobKind, JobRow, Step, StepFuture};
+use crate::room::partial::{self, Phase, ResyncCursor};
+use crate::store::ids::{JobId, RoomNid};
+use crate::store::resync as rs;
+use crate::store::rooms::{self, RoomRow};
+
+/// Many events missing (more than this, and a tenth of the state): one `/state` request beats thousands of
+/// `/event` requests.
+const USE_STATE_ABOVE: i64 = 50;
+
+/// The resync as a job kind of the queue, run with the handles of a running server.
+pub fn job_kind(s: AppState) -> Arc<dyn JobKind> {
+    Arc::new(ResyncJobs(s))
+}
+
+struct ResyncJobs(AppState);
+
+impl JobKind for ResyncJobs {
+    fn unit(&self, job: &JobRow) -> &'static str {
+        ResyncCursor::parse(&job.cursor).map_or("ids", |c| c.phase.name())
+    }
+
+    fn step(&self, job: JobRow, batch: usize) -> StepFuture {
+        let s = self.0.clone();
+        Box::pin(async move { step(Remote::of(&s)?, &job, batch).await })
+    }
+}
+
+/// One job step: the work of the cursor's phase, about `batch` items of it; saves the cursor.
+pub async fn step(r: Remote<'_>, job: &JobRow, batch: usize) -> Result<Step> {
+    let room_nid = job.room_nid.ok_or_else(|| Error::internal("resync job without room"))?;
+    let room = r
+        .store
+        .read_background(move |c| rooms::room_by_nid(c, room_nid))
+        .await?
+        .ok_or_else(|| Error::internal("resync of unknown room"))?;
+    if !room.partial_state {
+        return Ok(Step::Done);
+    }
+    let cursor = ResyncCursor::parse(&job.cursor)?;
+    let servers = cursor.servers();
+    // Rotate through the servers on failures: attempt n asks server n mod len.
+    let server = servers
+        .get(job.attempts as usize % servers.len().max(1))
+        .cloned()
+        .ok_or_else(|| Error::internal("no server to resync from"))?;
+    let ctx = Ctx { r, job, room_nid, room, server, servers: servers.len() };
+    match cursor.phase.clone() {
+        Phase::Ids => ctx.ids(cursor).await,
+        Phase::Fetch { source, use_state } => ctx.fetch(cursor, source, use_state, batch).await,
+        Phase::Auth { after, done } => ctx.auth(cursor, after, done, batch).await,
+        Phase::Fill { after, done } => ctx.fill(cursor, after, done, batch).await,
+        Phase::Finish => ctx.finish(cursor).await,
+    }
+}
+
+/// What every phase of one step knows.
+struct Ctx<'a> {
+    r: Remote<'a>,
+    job: &'a JobRow,
+    room_nid: RoomNid,
+    room: RoomRow,
+    /// The server this attempt asks.
+    server: String,
+    /// How many servers are in the rotation.
+    servers: usize,
+}
+
+impl Ctx<'_> {
+    async fn save(&self, cursor: &ResyncCursor, done: i64, total: Option<i64>) -> Result<()> {
+        let (id, text): (JobId, String) = (self.job.job_id, cursor.to_json());
+        self.r.store.write_background(move |w| crate::store::jobs::save_cursor(w.conn, id, &text, done, total)).await
+    }
+
+    /// `/state_ids` at our join: the full state's ids, recorded with which of them we lack.
+    async fn ids(&self, mut cursor: ResyncCursor) -> Result<Step> {
+        let (room_id, server) = (&self.room.room_id, &self.server);
+        let path = format!("/_matrix/federation/v1/state_ids/{}?event_id={}", enc(room_id), enc(&cursor.join_event));
+        let answer = self.r.client.get(server, &path).await?;
+        let pdu_ids: Vec<String> = answer
+            .get("pdu_ids")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+            .unwrap_or_default();
+        if pdu_ids.is_empty() {
+            return Err(Error::internal(format!("{server} returned no state ids")));
+        }
+        let sg = cursor.sg;
+        let (pdu_ids, bad) = self
+            .r
+            .store
+            .read_background(move |c| {
+                let bad = partial::check_state_ids(c, sg, &pdu_ids)?;
+                Ok((pdu_ids, bad))
+            })
+            .await?;
+        if let Some(bad) = bad {
+            return Err(Error::internal(format!(
+                "{server}: /state_ids answer lacks state event {bad} we hold; trying another server"
+            )));
+        }
+        let total = pdu_ids.len() as i64;
+        let room = self.room_nid;
+        let missing = self.r.store.write_background(move |w| rs::record_state_ids(w.conn, room, &pdu_ids)).await?;
+        tracing::info!(%room_id, %server, state = total, missing, "resync: state ids received");
+        let use_state = missing > USE_STATE_ABOVE && missing * 10 >= total;
+        cursor.enter(room_id, Phase::Fetch { source: server.clone(), use_state });
+        self.save(&cursor, total - missing, Some(total)).await?;
+        Ok(Step::More { items: 1 })
+    }
+
+    /// The listed events we lack: the whole `/state` answer, or the next `batch` of them one by one.
+    async fn fetch(&self, mut cursor: ResyncCursor, source: String, use_state: bool, batch: usize) -> Result<Step> {
+        let room = self.room_nid;
+        let missing = self.r.store.read_background(move |c| rs::still_missing(c, room)).await?;
+        if missing.is_empty() {
+            cursor.enter(&self.room.room_id, Phase::Auth { after: String::new(), done: 0 });
+            self.save(&cursor, 0, None).await?;
+            return Ok(Step::More { items: 0 });
+        }
+        let pipeline = Pipeline {
+            remote: self.r,
+            room_id: &self.room.room_id,
+            room_version: &self.room.version,
+            background: true,
+        };
+        let got = if use_state {
+            self.fetch_state(&pipeline, &cursor.join_event).await?
+        } else {
+            pipeline.from_ids(&self.server, missing.into_iter().take(batch.max(1)).collect()).await?
+        };
+        if let Some(e) = &got.source_error {
+            tracing::info!(server = %self.server, error = %e, "resync: fetch failed part-way");
+        }
+        let (total, still) = self.r.store.read_background(move |c| rs::listed_and_missing(c, room)).await?;
+        tracing::info!(
+            room_id = %self.room.room_id, fetched = got.received, stored = got.stored, missing = still,
+            wait_parse_ms = got.wait_source.as_millis() as u64, verify_ms = got.verify.as_millis() as u64,
+            wait_write_ms = got.wait_write.as_millis() as u64, "resync: fetched events"
+        );
+        if got.stored == 0 {
+            return self.fetched_nothing(cursor, source, use_state, total, still).await;
+        }
+        cursor.phase = Phase::Fetch { source, use_state: false };
+        self.save(&cursor, total - still, Some(total)).await?;
+        Ok(Step::More { items: got.received })
+    }
+
+    /// The `/state` answer at our join, downloaded to a file, then through the pipeline.
+    async fn fetch_state(&self, pipeline: &Pipeline<'_>, join_event: &str) -> Result<Stored> {
+        let path = format!("/_matrix/federation/v1/state/{}?event_id={}", enc(&self.room.room_id), enc(join_event));
+        let file = std::env::temp_dir().join(format!(
+            "hearth-state-{}-{}.json",
+            std::process::id(),
+            crate::http::random_string(8)
+        ));
+        const ARRAYS: &[&str] = &["pdus", "auth_chain"];
+        let result = match self.r.client.get_to_file(&self.server, &path, &file).await {
+            Ok(n) => {
+                tracing::info!(bytes = n, "resync: /state answer downloaded");
+                pipeline.prefetch_keys(&file, ARRAYS).await;
+                pipeline.from_file(&file, ARRAYS).await
+            }
+            Err(e) => Ok(Stored { source_error: Some(e.to_string()), ..Stored::default() }),
+        };
+        let _ = tokio::fs::remove_file(&file).await;
+        result
+    }
+
+    /// A fetch that stored nothing: from `/state`, fall back to single events; from single events, when every
+    /// server failed to supply them, the `/state_ids` answer itself is suspect (it listed events that do not
+    /// exist): ask another server for the state ids, trusting its source less. Else fail (retried, rotating).
+    async fn fetched_nothing(
+        &self,
+        mut cursor: ResyncCursor,
+        source: String,
+        use_state: bool,
+        total: i64,
+        still: i64,
+    ) -> Result<Step> {
+        if use_state {
+            cursor.phase = Phase::Fetch { source, use_state: false };
+            self.save(&cursor, total - still, Some(total)).await?;
+            return Ok(Step::More { items: 0 });
+        }
+        if self.job.attempts as usize + 1 >= self.servers && cursor.untried_besides(&source) {
+            tracing::warn!(room_id = %self.room.room_id, %source, still, "resync: listed state events cannot be fetched from anyone; asking another server for /state_ids");
+            if !cursor.distrust.contains(&source) {
+                cursor.distrust.push(source);
+            }
+            cursor.phase = Phase::Ids;
+            let room = self.room_nid;
+            self.r.store.write_background(move |w| rs::clear_state_ids(w.conn, room)).await?;
+            self.save(&cursor, 0, None).await?;
+            return Ok(Step::More { items: 0 });
+        }
+        Err(Error::internal(format!("{} returned none of the {still} missing events", self.server)))
+    }
+
+    /// The next `batch` listed state events against their own auth events (as Synapse checks the outliers it
+    /// fetches): a resident cannot slip in state its own auth events do not allow. Checked on readers, in
+    /// parallel; only the (rare) rejections are written.
+    async fn auth(&self, mut cursor: ResyncCursor, after: String, done: i64, batch: usize) -> Result<Step> {
+        let room = self.room_nid;
+        let ids = self.r.store.read_background(move |c| rs::listed_after(c, room, &after, batch.max(1))).await?;
+        let Some(last) = ids.last().cloned() else {
+            cursor.enter(&self.room.room_id, Phase::Fill { after: String::new(), done: 0 });
+            self.save(&cursor, 0, None).await?;
+            return Ok(Step::More { items: 0 });
+        };
+        let n = ids.len();
+        let parts = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4);
+        let checks = ids.chunks(ids.len().div_ceil(parts)).map(|part| {
+            let (part, room) = (part.to_vec(), self.room.clone());
+            self.r.store.read_background(move |c| partial::judge(c, &room, &part))
+        });
+        let mut rejected = Vec::new();
+        for r in futures::future::join_all(checks).await {
+            rejected.extend(r?);
+        }
+        if !rejected.is_empty() {
+            tracing::warn!(room_id = %self.room.room_id, rejected = rejected.len(), first = ?rejected.first(), "resync: state events the resident listed fail auth");
+            self.r.store.write_background(move |w| partial::reject(w.conn, &rejected)).await?;
+        }
+        let done = done + n as i64;
+        cursor.phase = Phase::Auth { after: last, done };
+        self.save(&cursor, done, None).await?;
+        Ok(Step::More { items: n })
+    }
+
+    /// The next `batch` rows of the partial base group and `room_members` (one short write).
+    async fn fill(&self, mut cursor: ResyncCursor, after: String, done: i64, batch: usize) -> Result<Step> {
+        let (identity, room, sg) = (self.r.identity.clone(), self.room_nid, cursor.sg);
+        let (last, n) =
+            self.r.store.write_background(move |w| partial::fill_chunk(w, &identity, room, sg, &after, batch)).await?;
+        match last {
+            Some(last) => {
+                let done = done + n as i64;
+                cursor.phase = Phase::Fill { after: last, done };
+                self.save(&cursor, done, None).await?;
+            }
+            None => {
+                cursor.enter(&self.room.room_id, Phase::Finish);
+                self.save(&cursor, 0, None).await?;
+            }
+        }
+        Ok(Step::More { items: n })
+    }
+
+    /// One write completes the room.
+    async fn finish(&self, cursor: ResyncCursor) -> Result<Step> {
+        let (identity, room, sg) = (self.r.identity.clone(), self.room_nid, cursor.sg);
+        let join = cursor.join_event.clone();
+        let members = self.r.store.write_background(move |w| partial::complete(w, &identity, room, sg, &join)).await?;
+        let phase_ms = cursor.phase_at.map(|t| crate::store::accounts::now_ms() - t);
+        tracing::info!(room_id = %self.room.room_id, members, finish_phase_ms = ?phase_ms, "resync complete: room has full state");
+        Ok(Step::Done)
+    }
+}
