@@ -586,9 +586,17 @@ mod tests {
         let last = *events::forward_extremities(&f.conn, f.room.room_nid).unwrap().first().unwrap();
         let (prev, sha, depth) = reference(&f.conn, last).unwrap();
         let ev = LocalEvent::state("m.room.member", "@b:test", json!({"membership": "join"}));
-        let join =
-            build_pdu(&f.identity, &rules, Some(&rid(&f.room.room_id)), &uid("@b:test"), &ev, &[(prev, sha)], &auth, depth + 1)
-                .unwrap();
+        let join = build_pdu(
+            &f.identity,
+            &rules,
+            Some(&rid(&f.room.room_id)),
+            &uid("@b:test"),
+            &ev,
+            &[(prev, sha)],
+            &auth,
+            depth + 1,
+        )
+        .unwrap();
         let state_ids: Vec<String> = state_groups::state_event_ids(&f.conn, f.sg, Some("m.room.member"))
             .unwrap()
             .into_iter()
@@ -716,8 +724,10 @@ mod tests {
         let join_nid = members::membership_of(&f.conn, nid, "@a:test").unwrap().unwrap().1;
         let join_event = events::event_by_nid(&f.conn, join_nid).unwrap().unwrap().event_id;
         let msg = LocalEvent::message("m.room.message", json!({"body": "hi", "msgtype": "m.text"}));
-        let sent =
-            write(&mut f.conn, &mut f.stream, |w| append_local(w, &identity, &rid(&room_id), &uid("@a:test"), msg, None)).unwrap();
+        let sent = write(&mut f.conn, &mut f.stream, |w| {
+            append_local(w, &identity, &rid(&room_id), &uid("@a:test"), msg, None)
+        })
+        .unwrap();
         // As if the partial state had wrongly rejected it.
         rs::set_rejected(&f.conn, &sent.event_id, "judged on partial state").unwrap();
         let before = f.stream;
