@@ -1,5 +1,5 @@
-//! HTTP plumbing shared by the APIs: router assembly, request extractors (access token, JSON body with limits),
-//! rate limiting and user-interactive-auth sessions.
+//! HTTP plumbing shared by the APIs: the handlers' state ([`Services`]), request extractors (access token, JSON
+//! body with limits), rate limiting, user-interactive-auth sessions and per-device lazy-loading memory.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -7,106 +7,65 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
+use axum::http::header;
 use axum::http::request::Parts;
-use axum::http::{header, HeaderValue, Method};
-use axum::response::IntoResponse;
-use axum::Router;
+use base64::Engine;
+use ruma::canonical_json::{CanonicalJsonObject, CanonicalJsonValue};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use tokio::sync::watch;
 
+use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::server::Services;
-use crate::store::accounts;
+use crate::federation::{parse_x_matrix, tls, FedContext, Federation};
+use crate::jobs::Jobs;
+use crate::media_repo::MediaRepo;
+use crate::metrics::Metrics;
+use crate::room::typing::Typing;
+use crate::room::Identity;
+use crate::store::{accounts, Store};
+/// Re-exported for the handlers (and the tests and binaries) that name them here.
+pub use crate::util::{percent_decode, random_string};
 
 pub type AppState = Arc<Services>;
 
-pub fn client_router(services: AppState) -> Router {
-    let cors = tower_http::cors::CorsLayer::new()
-        .allow_origin(tower_http::cors::Any)
-        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE, Method::OPTIONS])
-        .allow_headers([
-            header::AUTHORIZATION,
-            header::CONTENT_TYPE,
-            header::ACCEPT,
-            header::HeaderName::from_static("x-requested-with"),
-        ]);
-    let mut routes = crate::client::routes();
-    if services.config.federation.serve_on_client_listener && services.federation.is_some() {
-        routes = routes.merge(crate::federation::routes::routes());
-    }
-    routes = routes.route("/_hearth/health", axum::routing::get(crate::metrics::health));
-    if services.config.metrics.enabled {
-        routes = routes.route("/metrics", axum::routing::get(crate::metrics::metrics));
-    }
-    routes
-        .fallback(|| async { Error::unrecognized("unrecognized endpoint") })
-        .method_not_allowed_fallback(|| async { Error::method_not_allowed() })
-        .layer(cors)
-        .layer(axum::middleware::map_response(json_content_type))
-        .layer(axum::middleware::from_fn_with_state(services.clone(), count_busy))
-        .layer(axum::middleware::from_fn_with_state(services.clone(), crate::metrics::track))
-        .with_state(services)
-}
-
-/// Counts in-flight client requests (not long-polling /sync) so background jobs can yield to users.
-async fn count_busy(
-    axum::extract::State(s): axum::extract::State<AppState>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    use std::sync::atomic::Ordering;
-    if req.uri().path().ends_with("/sync") {
-        // A long poll would hold up a graceful shutdown for its whole timeout: end it when shutdown begins
-        // (the client retries against the restarted server).
-        let mut shutdown = s.shutdown.subscribe();
-        return tokio::select! {
-            res = next.run(req) => res,
-            _ = shutdown.wait_for(|stopping| *stopping) => {
-                Error::unavailable("server is shutting down").into_response()
-            }
-        };
-    }
-    s.busy.fetch_add(1, Ordering::Relaxed);
-    struct Done<'a>(&'a std::sync::atomic::AtomicUsize);
-    impl Drop for Done<'_> {
-        fn drop(&mut self) {
-            self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
-    let _done = Done(&s.busy);
-    next.run(req).await
-}
-
-/// The federation listener's router (TLS).
-pub fn federation_router(services: AppState) -> Router {
-    crate::federation::routes::routes()
-        .route("/_matrix/client/versions", axum::routing::get(crate::client::account::versions))
-        .route("/.well-known/matrix/server", axum::routing::get(crate::client::account::well_known_server))
-        .route("/.well-known/matrix/client", axum::routing::get(crate::client::account::well_known))
-        .fallback(|| async { Error::unrecognized("unrecognized endpoint") })
-        .method_not_allowed_fallback(|| async { Error::method_not_allowed() })
-        .layer(axum::middleware::map_response(json_content_type))
-        .layer(axum::middleware::from_fn_with_state(services.clone(), count_federation))
-        .layer(axum::middleware::from_fn_with_state(services.clone(), crate::metrics::track))
-        .with_state(services)
-}
-
-/// Counts served federation requests per endpoint (path without its variable parts).
-async fn count_federation(
-    axum::extract::State(s): axum::extract::State<AppState>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    let key: String = req.uri().path().split('/').filter(|p| !p.is_empty()).take(4).collect::<Vec<_>>().join("/");
-    *s.fed_requests.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_default() += 1;
-    next.run(req).await
-}
-
-async fn json_content_type(mut res: axum::response::Response) -> axum::response::Response {
-    if !res.headers().contains_key(header::CONTENT_TYPE) {
-        res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    }
-    res
+/// What request handlers and background tasks need. Passed explicitly (axum state), never global.
+pub struct Services {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub identity: Arc<Identity>,
+    pub typing: Arc<Typing>,
+    /// Failed logins, per user id and per address.
+    pub login_limiter: RateLimiter,
+    /// Every login attempt, per address.
+    pub login_attempt_limiter: RateLimiter,
+    /// Accounts created, per address.
+    pub registration_limiter: RateLimiter,
+    /// `/send`, per user.
+    pub message_limiter: RateLimiter,
+    /// Joins, per user.
+    pub join_limiter: RateLimiter,
+    pub uia: UiaSessions,
+    /// None when `federation.enabled = false`.
+    pub federation: Option<Federation>,
+    /// The same handles, for the federation layer (which does not know this type).
+    pub fed: Arc<FedContext>,
+    pub jobs: Jobs,
+    /// Client requests being handled right now (long-polling /sync excluded): the job worker runs at full speed
+    /// only when this is zero.
+    pub busy: std::sync::atomic::AtomicUsize,
+    /// Federation requests served, by endpoint (for `/_hearth/admin/v1/stats` and the benchmark).
+    pub fed_requests: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+    /// Request counts and latencies for `/metrics`.
+    pub metrics: Metrics,
+    /// Set to true once shutdown begins (listeners stop accepting, long polls end, the job worker stops).
+    pub shutdown: watch::Sender<bool>,
+    /// The media folder and in-flight remote media fetches.
+    pub media: MediaRepo,
+    /// The client listener's bound address (differs from the configured one when that used port 0).
+    pub client_addr: std::sync::OnceLock<SocketAddr>,
+    /// Lazy-loaded member events already sent per device (`include_redundant_members`).
+    pub sent_members: SentMembers,
 }
 
 /// An authenticated local user (from `Authorization: Bearer` or `?access_token=`).
@@ -127,30 +86,6 @@ fn token_from(parts: &Parts) -> Option<String> {
     parts.uri.query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("access_token=").map(percent_decode)))
 }
 
-pub fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                match u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"), 16) {
-                    Ok(b) => {
-                        out.push(b);
-                        i += 3;
-                        continue;
-                    }
-                    Err(_) => out.push(b'%'),
-                }
-            }
-            b'+' => out.push(b' '),
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 impl FromRequestParts<AppState> for Auth {
     type Rejection = Error;
 
@@ -160,6 +95,78 @@ impl FromRequestParts<AppState> for Auth {
         let found = state.store.read(move |c| accounts::lookup_token(c, &t)).await?;
         let (user_id, device_id, admin) = found.ok_or_else(Error::unknown_token)?;
         Ok(Auth { user_id, device_id, admin, token })
+    }
+}
+
+/// A verified inbound federation request: the origin server and the JSON body (if any).
+pub struct Signed {
+    pub origin: String,
+    pub body: Option<Value>,
+}
+
+impl FromRequest<AppState> for Signed {
+    type Rejection = Error;
+
+    async fn from_request(req: Request, s: &AppState) -> Result<Self> {
+        let uri = req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_default();
+        let method = req.method().as_str().to_owned();
+        let header = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned)
+            .ok_or_else(|| Error::unauthorized("missing X-Matrix authorization"))?;
+        let (origin, destination, key_id, sig) =
+            parse_x_matrix(&header).ok_or_else(|| Error::unauthorized("malformed X-Matrix header"))?;
+        let ours = s.identity.server_name.as_str();
+        if let Some(d) = &destination {
+            if d != ours {
+                return Err(Error::unauthorized("request is for another destination"));
+            }
+        }
+        ruma::ServerName::parse(&origin).map_err(|_| Error::unauthorized("invalid origin"))?;
+        let limit = s.config.limits.max_request_bytes.max(4 << 20);
+        let bytes = axum::body::to_bytes(req.into_body(), limit).await.map_err(|e| {
+            let e = e.into_inner();
+            if tls::is_body_timeout(e.as_ref()) {
+                Error::request_timeout("the request body did not arrive in time")
+            } else {
+                Error::too_large("request body too large")
+            }
+        })?;
+        let body: Option<Value> = if bytes.is_empty() {
+            None
+        } else {
+            Some(serde_json::from_slice(&bytes).map_err(|e| Error::not_json(format!("body is not JSON: {e}")))?)
+        };
+        let fed = s.federation.as_ref().ok_or_else(|| Error::forbidden("federation is disabled"))?;
+        let public =
+            fed.keys.server_key(&origin, &key_id).await?.ok_or_else(|| Error::unauthorized("unknown signing key"))?;
+
+        let mut obj = CanonicalJsonObject::new();
+        obj.insert("method".into(), CanonicalJsonValue::String(method));
+        obj.insert("uri".into(), CanonicalJsonValue::String(uri));
+        obj.insert("origin".into(), CanonicalJsonValue::String(origin.clone()));
+        obj.insert("destination".into(), CanonicalJsonValue::String(ours.to_owned()));
+        if let Some(b) = &body {
+            obj.insert(
+                "content".into(),
+                CanonicalJsonValue::try_from(b.clone()).map_err(|e| Error::bad_json(e.to_string()))?,
+            );
+        }
+        let json =
+            ruma::signatures::to_canonical_json_string_for_signing(&obj).map_err(|e| Error::bad_json(e.to_string()))?;
+        let sig_bytes = base64::engine::general_purpose::STANDARD_NO_PAD
+            .decode(sig.trim_end_matches('='))
+            .map_err(|_| Error::unauthorized("signature is not base64"))?;
+        ruma::signatures::verify_canonical_json_bytes(
+            &ruma::SigningKeyAlgorithm::Ed25519,
+            &public,
+            &sig_bytes,
+            json.as_bytes(),
+        )
+        .map_err(|_| Error::unauthorized("invalid X-Matrix signature"))?;
+        Ok(Signed { origin, body })
     }
 }
 
@@ -351,7 +358,33 @@ impl UiaSessions {
     }
 }
 
-pub fn random_string(n: usize) -> String {
-    use rand::Rng;
-    rand::thread_rng().sample_iter(rand::distributions::Alphanumeric).take(n).map(char::from).collect()
+/// Member events already sent to each device by lazy-loading syncs, so `include_redundant_members = false` can
+/// leave them out of later incremental syncs. In memory and bounded: after a restart (or an eviction) members are
+/// sent again, which the spec allows.
+#[derive(Default)]
+pub struct SentMembers(std::sync::Mutex<HashMap<(String, String, String), std::collections::HashSet<String>>>);
+
+impl SentMembers {
+    /// Filters `state` for one room and device, and remembers the member events that remain.
+    pub fn apply(&self, key: (String, String, String), fresh: bool, drop_redundant: bool, state: &mut Vec<Value>) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() > 10_000 {
+            map.clear();
+        }
+        let seen = map.entry(key).or_default();
+        if fresh {
+            seen.clear();
+        }
+        state.retain(|e| {
+            if e["type"] != "m.room.member" {
+                return true;
+            }
+            let id = e["event_id"].as_str().unwrap_or_default().to_owned();
+            let keep = !(drop_redundant && !fresh && seen.contains(&id));
+            if keep && seen.len() < 50_000 {
+                seen.insert(id);
+            }
+            keep
+        });
+    }
 }

@@ -1,52 +1,113 @@
-//! Wiring: open the store, load the identity, build the services and serve the listeners.
+//! Wiring: open the store, load the identity, build the services, assemble the routers (with their middleware) and
+//! serve the listeners and background tasks.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use axum::http::{header, HeaderValue, Method};
+use axum::response::IntoResponse;
+use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::client::ephemeral::Typing;
 use crate::config::Config;
-use crate::http::{RateLimiter, UiaSessions};
+use crate::error::Error;
+use crate::federation::FedContext;
+use crate::http::{AppState, RateLimiter, Services, UiaSessions};
+use crate::room::typing::Typing;
 use crate::room::Identity;
 use crate::store::Store;
 
-/// What request handlers and background tasks need. Passed explicitly (axum state), never global.
-pub struct Services {
-    pub config: Arc<Config>,
-    pub store: Store,
-    pub identity: Arc<Identity>,
-    pub typing: Typing,
-    /// Failed logins, per user id and per address.
-    pub login_limiter: RateLimiter,
-    /// Every login attempt, per address.
-    pub login_attempt_limiter: RateLimiter,
-    /// Accounts created, per address.
-    pub registration_limiter: RateLimiter,
-    /// `/send`, per user.
-    pub message_limiter: RateLimiter,
-    /// Joins, per user.
-    pub join_limiter: RateLimiter,
-    pub uia: UiaSessions,
-    /// None when `federation.enabled = false`.
-    pub federation: Option<crate::federation::Federation>,
-    pub jobs: crate::jobs::Jobs,
-    /// Client requests being handled right now (long-polling /sync excluded): the job worker runs at full speed
-    /// only when this is zero.
-    pub busy: std::sync::atomic::AtomicUsize,
-    /// Federation requests served, by endpoint (for `/_hearth/admin/v1/stats` and the benchmark).
-    pub fed_requests: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
-    /// Request counts and latencies for `/metrics`.
-    pub metrics: crate::metrics::Metrics,
-    /// Set to true once shutdown begins (listeners stop accepting, long polls end, the job worker stops).
-    pub shutdown: watch::Sender<bool>,
-    /// The media folder and in-flight remote media fetches.
-    pub media: crate::media::MediaRepo,
-    /// The client listener's bound address (differs from the configured one when that used port 0).
-    pub client_addr: std::sync::OnceLock<SocketAddr>,
-    /// Lazy-loaded member events already sent per device (`include_redundant_members`).
-    pub sent_members: crate::client::sync::SentMembers,
+// ---- routers and middleware ------------------------------------------------------------------------------------
+
+pub fn client_router(services: AppState) -> Router {
+    let cors = tower_http::cors::CorsLayer::new()
+        .allow_origin(tower_http::cors::Any)
+        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE, Method::OPTIONS])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::ACCEPT,
+            header::HeaderName::from_static("x-requested-with"),
+        ]);
+    let mut routes = crate::client::routes();
+    if services.config.federation.serve_on_client_listener && services.federation.is_some() {
+        routes = routes.merge(crate::federation_api::routes()).merge(crate::media::federation_routes());
+    }
+    routes = routes.route("/_hearth/health", axum::routing::get(crate::client::metrics::health));
+    if services.config.metrics.enabled {
+        routes = routes.route("/metrics", axum::routing::get(crate::client::metrics::metrics));
+    }
+    routes
+        .fallback(|| async { Error::unrecognized("unrecognized endpoint") })
+        .method_not_allowed_fallback(|| async { Error::method_not_allowed() })
+        .layer(cors)
+        .layer(axum::middleware::map_response(json_content_type))
+        .layer(axum::middleware::from_fn_with_state(services.clone(), count_busy))
+        .layer(axum::middleware::from_fn_with_state(services.clone(), crate::client::metrics::track))
+        .with_state(services)
+}
+
+/// Counts in-flight client requests (not long-polling /sync) so background jobs can yield to users.
+async fn count_busy(
+    axum::extract::State(s): axum::extract::State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use std::sync::atomic::Ordering;
+    if req.uri().path().ends_with("/sync") {
+        // A long poll would hold up a graceful shutdown for its whole timeout: end it when shutdown begins
+        // (the client retries against the restarted server).
+        let mut shutdown = s.shutdown.subscribe();
+        return tokio::select! {
+            res = next.run(req) => res,
+            _ = shutdown.wait_for(|stopping| *stopping) => {
+                Error::unavailable("server is shutting down").into_response()
+            }
+        };
+    }
+    s.busy.fetch_add(1, Ordering::Relaxed);
+    struct Done<'a>(&'a std::sync::atomic::AtomicUsize);
+    impl Drop for Done<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let _done = Done(&s.busy);
+    next.run(req).await
+}
+
+/// The federation listener's router (TLS).
+pub fn federation_router(services: AppState) -> Router {
+    crate::federation_api::routes()
+        .merge(crate::media::federation_routes())
+        .route("/_matrix/client/versions", axum::routing::get(crate::client::account::versions))
+        .route("/.well-known/matrix/server", axum::routing::get(crate::client::account::well_known_server))
+        .route("/.well-known/matrix/client", axum::routing::get(crate::client::account::well_known))
+        .fallback(|| async { Error::unrecognized("unrecognized endpoint") })
+        .method_not_allowed_fallback(|| async { Error::method_not_allowed() })
+        .layer(axum::middleware::map_response(json_content_type))
+        .layer(axum::middleware::from_fn_with_state(services.clone(), count_federation))
+        .layer(axum::middleware::from_fn_with_state(services.clone(), crate::client::metrics::track))
+        .with_state(services)
+}
+
+/// Counts served federation requests per endpoint (path without its variable parts).
+async fn count_federation(
+    axum::extract::State(s): axum::extract::State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let key: String = req.uri().path().split('/').filter(|p| !p.is_empty()).take(4).collect::<Vec<_>>().join("/");
+    *s.fed_requests.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_default() += 1;
+    next.run(req).await
+}
+
+async fn json_content_type(mut res: axum::response::Response) -> axum::response::Response {
+    if !res.headers().contains_key(header::CONTENT_TYPE) {
+        res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    }
+    res
 }
 
 /// A running server (used by `main` and by in-process tests).
@@ -134,11 +195,22 @@ pub fn build_services(config: Config) -> anyhow::Result<Arc<Services>> {
             identity.clone(),
             config.federation.trusted_key_servers.clone(),
         );
-        Some(crate::federation::Federation { client, keys })
+        Some(crate::federation::Federation { client, keys: Arc::new(keys) })
     } else {
         None
     };
-    let media = crate::media::MediaRepo::new(config.media.dir(&config.database.path))?;
+    let media = crate::media_repo::MediaRepo::new(config.media.dir(&config.database.path))?;
+    let config = Arc::new(config);
+    let typing = Arc::new(Typing::default());
+    let jobs = crate::jobs::Jobs::default();
+    let fed = Arc::new(FedContext {
+        config: config.clone(),
+        store: store.clone(),
+        identity: identity.clone(),
+        federation: federation.clone(),
+        typing: typing.clone(),
+        jobs: jobs.clone(),
+    });
     Ok(Arc::new(Services {
         login_limiter: RateLimiter::new(
             config.limits.login_failures_per_minute as f64 / 60.0,
@@ -151,13 +223,14 @@ pub fn build_services(config: Config) -> anyhow::Result<Arc<Services>> {
         ),
         message_limiter: RateLimiter::new(config.limits.messages_per_second, config.limits.messages_burst.into()),
         join_limiter: RateLimiter::new(config.limits.joins_per_second, config.limits.joins_burst.into()),
-        config: Arc::new(config),
+        config,
         store,
         identity,
-        typing: Typing::default(),
+        typing,
         uia: UiaSessions::default(),
         federation,
-        jobs: crate::jobs::Jobs::default(),
+        fed,
+        jobs,
         busy: std::sync::atomic::AtomicUsize::new(0),
         fed_requests: Default::default(),
         client_addr: std::sync::OnceLock::new(),
@@ -175,7 +248,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let listener = TcpListener::bind(services.config.listen.client).await?;
     let client_addr = listener.local_addr()?;
     let _ = services.client_addr.set(client_addr);
-    let app = crate::http::client_router(services.clone());
+    let app = client_router(services.clone());
     let mut rx = shutdown_rx.clone();
     let server = tokio::spawn(async move {
         let result = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
@@ -200,10 +273,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             let tcp = TcpListener::bind(addr).await?;
             federation_addr = Some(tcp.local_addr()?);
             let listener = crate::federation::tls::TlsListener::new(tcp, acceptor)?;
-            let app = crate::http::federation_router(services.clone());
+            let app = federation_router(services.clone());
             tasks.push(tokio::spawn(crate::federation::tls::serve(listener, app, shutdown_rx.clone())));
         }
-        tasks.push(tokio::spawn(crate::federation::sender::run(services.clone(), shutdown_rx.clone())));
+        tasks.push(tokio::spawn(crate::federation::sender::run(services.fed.clone(), shutdown_rx.clone())));
     }
     let worker = crate::jobs::WorkerConfig {
         store: services.store.clone(),
@@ -217,7 +290,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         }),
     };
     let kinds = crate::jobs::Registry::default()
-        .with(crate::room::partial::RESYNC_JOB, crate::federation::resync::job_kind(services.clone()));
+        .with(crate::room::partial::RESYNC_JOB, crate::federation::resync::job_kind(services.fed.clone()));
     tasks.push(tokio::spawn(crate::jobs::run_worker(worker, kinds, shutdown_rx.clone())));
     tracing::info!(%client_addr, ?federation_addr, server_name = %services.identity.server_name, "hearth listening");
     Ok(Running { client_addr, federation_addr, services, tasks })

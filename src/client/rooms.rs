@@ -95,7 +95,7 @@ pub async fn create_room(
     let (room_id, remote_invites) = s.store.write(move |w| core_create(w, &identity, req)).await?;
     for invite in remote_invites {
         // The room exists either way; a failed remote invite is logged, as other servers do.
-        if let Err(e) = crate::federation::invite::send_remote_invite(&s, invite).await {
+        if let Err(e) = crate::federation::invite::send_remote_invite(&s.fed, invite).await {
             tracing::warn!(%room_id, error = %e, "remote invite at room creation failed");
         }
     }
@@ -174,7 +174,7 @@ pub async fn join(
         .unwrap_or_default()
         .split('&')
         .filter_map(|kv| kv.strip_prefix("via=").or_else(|| kv.strip_prefix("server_name=")))
-        .map(crate::http::percent_decode)
+        .map(crate::util::percent_decode)
         .collect();
     via.append(&mut servers);
     let rid = room_id.clone();
@@ -233,7 +233,7 @@ pub async fn join(
     if via.is_empty() {
         return Err(Error::not_found("no known servers to join this room through"));
     }
-    crate::federation::join::remote_join(&s, &auth.user_id, &room_id, &via, body.reason.as_deref()).await?;
+    crate::federation::join::remote_join(&s.fed, &auth.user_id, &room_id, &via, body.reason.as_deref()).await?;
     Ok(axum::Json(json!({"room_id": room_id})))
 }
 
@@ -267,7 +267,7 @@ async fn membership_op(
             if let Some(sn) = ruma::RoomId::parse(&room_id).ok().and_then(|r| r.server_name().map(|s| s.to_string())) {
                 servers.push(sn);
             }
-            return crate::federation::invite::remote_leave(s, &target, &room_id, &servers).await;
+            return crate::federation::invite::remote_leave(&s.fed, &target, &room_id, &servers).await;
         }
     }
     let r = s
@@ -288,7 +288,9 @@ async fn membership_op(
         .await?;
     match r {
         LocalOutcome::Appended(_) => Ok(()),
-        LocalOutcome::NeedsCountersign(pdu) => crate::federation::invite::send_remote_invite(s, *pdu).await.map(|_| ()),
+        LocalOutcome::NeedsCountersign(pdu) => {
+            crate::federation::invite::send_remote_invite(&s.fed, *pdu).await.map(|_| ())
+        }
     }
 }
 

@@ -14,11 +14,11 @@ use serde_json::{json, Value};
 
 use crate::client::format;
 use crate::error::{Error, Result};
-use crate::http::{qs, AppState, Auth, Query};
+use crate::http::{qs, AppState, Auth, Query, SentMembers};
+use crate::room::stripped::stripped_state;
+use crate::room::typing::TypingView;
 use crate::store::ids::{EventNid, RoomNid, StateGroup, StreamPos};
-use crate::store::{
-    account_data, accounts, e2ee, events, invite_state, members, receipts, rooms, state_groups, timeline,
-};
+use crate::store::{account_data, accounts, e2ee, events, members, receipts, rooms, state_groups, timeline};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Token {
@@ -329,43 +329,6 @@ pub async fn sync(State(s): State<AppState>, auth: Auth, Query(q): Query<SyncQue
             }
         }
     }
-}
-
-/// Member events already sent to each device by lazy-loading syncs, so `include_redundant_members = false` can
-/// leave them out of later incremental syncs. In memory and bounded: after a restart (or an eviction) members are
-/// sent again, which the spec allows.
-#[derive(Default)]
-pub struct SentMembers(std::sync::Mutex<HashMap<(String, String, String), HashSet<String>>>);
-
-impl SentMembers {
-    /// Filters `state` for one room and device, and remembers the member events that remain.
-    fn apply(&self, key: (String, String, String), fresh: bool, drop_redundant: bool, state: &mut Vec<Value>) {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if map.len() > 10_000 {
-            map.clear();
-        }
-        let seen = map.entry(key).or_default();
-        if fresh {
-            seen.clear();
-        }
-        state.retain(|e| {
-            if e["type"] != "m.room.member" {
-                return true;
-            }
-            let id = e["event_id"].as_str().unwrap_or_default().to_owned();
-            let keep = !(drop_redundant && !fresh && seen.contains(&id));
-            if keep && seen.len() < 50_000 {
-                seen.insert(id);
-            }
-            keep
-        });
-    }
-}
-
-/// Typing state captured for one sync computation (the typing map lives on async threads).
-pub struct TypingView {
-    pub rooms: HashMap<String, Vec<String>>,
-    pub changed: HashMap<String, u64>,
 }
 
 /// The room's state at stream position `pos` (after its last timeline event up to there).
@@ -830,44 +793,4 @@ fn build(
         "device_unused_fallback_key_types": fallback_types,
     });
     Ok((body, empty))
-}
-
-/// Stripped state shown with an invite: the room's identity and the invite itself.
-pub fn stripped_state(c: &Connection, room: &rooms::RoomRow, user_id: &str) -> Result<Vec<Value>> {
-    let mut out = Vec::new();
-    let Some(sg) = room.current_sg else {
-        // A room we were invited to over federation: the stripped state that came with the invite.
-        let stored = invite_state::get(c, room.room_nid, user_id)?;
-        return Ok(stored.and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default());
-    };
-    for (t, k) in [
-        ("m.room.create", ""),
-        ("m.room.join_rules", ""),
-        ("m.room.name", ""),
-        ("m.room.avatar", ""),
-        ("m.room.topic", ""),
-        ("m.room.canonical_alias", ""),
-        ("m.room.encryption", ""),
-        ("m.room.member", user_id),
-    ] {
-        if let Some(p) = crate::room::state_event(c, sg, t, k)? {
-            let mut ev = json!({"type": t, "state_key": k, "content": p.content_value(), "sender": p.sender.as_str()});
-            if t == "m.room.member" {
-                ev["event_id"] = json!(p.event_id.as_str());
-                ev["origin_server_ts"] = json!(u64::from(p.origin_server_ts.get()));
-            }
-            out.push(ev);
-        }
-    }
-    // The inviter's membership, so clients can show who invited.
-    if let Some(inviter) =
-        out.iter().find(|e| e["type"] == "m.room.member").and_then(|e| e["sender"].as_str()).map(str::to_owned)
-    {
-        if inviter != user_id {
-            if let Some(p) = crate::room::state_event(c, sg, "m.room.member", &inviter)? {
-                out.push(json!({"type": "m.room.member", "state_key": inviter, "content": p.content_value(), "sender": p.sender.as_str()}));
-            }
-        }
-    }
-    Ok(out)
 }

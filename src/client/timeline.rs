@@ -60,7 +60,7 @@ pub async fn messages(
     let mut more = !short(&body);
     if backwards && !more && to.is_none() {
         let backfilled = match ruma::RoomId::parse(&room_id) {
-            Ok(rid) => crate::federation::backfill::backfill(&s, &rid, limit as usize).await,
+            Ok(rid) => crate::federation::backfill::backfill(&s.fed, &rid, limit as usize).await,
             Err(_) => Ok(0),
         };
         match backfilled {

@@ -7,13 +7,13 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::federation::client::enc;
 use crate::federation::inbound::verify_batch;
-use crate::http::AppState;
+use crate::federation::FedContext;
 use crate::room::remote::persist_outlier;
 use crate::store::ids::{StateGroup, StreamPos};
 use crate::store::{events, members, rooms};
 
 /// Fetches up to `limit` events older than our oldest timeline event. Returns how many were stored.
-pub async fn backfill(s: &AppState, room_id: &RoomId, limit: usize) -> Result<usize> {
+pub async fn backfill(s: &FedContext, room_id: &RoomId, limit: usize) -> Result<usize> {
     let Some(fed) = s.federation.as_ref() else { return Ok(0) };
     let rid = room_id.to_owned();
     let me = s.identity.server_name.to_string();

@@ -16,8 +16,8 @@ use tokio::sync::mpsc;
 use crate::error::{Error, Result};
 use crate::federation::client::enc;
 use crate::federation::inbound::{fetch_missing_auth, verify_batch_raw};
+use crate::federation::FedContext;
 use crate::federation::{FedClient, KeyStore};
-use crate::http::AppState;
 use crate::room::remote::persist_outlier_batch;
 use crate::room::{Identity, Pdu};
 use crate::store::Store;
@@ -39,7 +39,7 @@ pub struct Remote<'a> {
 
 impl<'a> Remote<'a> {
     /// The handles of a running server (an error when federation is disabled).
-    pub fn of(s: &'a AppState) -> Result<Remote<'a>> {
+    pub fn of(s: &'a FedContext) -> Result<Remote<'a>> {
         let fed = s.federation.as_ref().ok_or_else(|| Error::forbidden("federation is disabled"))?;
         Ok(Remote { store: &s.store, client: &fed.client, keys: &fed.keys, identity: &s.identity })
     }

@@ -13,8 +13,8 @@ use crate::error::{Error, Result};
 use crate::federation::batches::Remote;
 use crate::federation::client::enc;
 use crate::federation::keys::needed_keys;
+use crate::federation::FedContext;
 use crate::federation::KeyStore;
-use crate::http::AppState;
 use crate::room::remote::{handle_incoming, parse_remote_with_id, persist_outlier, verify_remote, AuthCache, Incoming};
 use crate::room::{version, Pdu};
 use crate::store::Store;
@@ -30,7 +30,7 @@ const MAX_AUTH_EVENTS: usize = 10;
 
 /// Parses and verifies PDUs of one room (keys fetched in one batch). Invalid ones come back as errors.
 pub async fn verify_batch(
-    s: &AppState,
+    s: &FedContext,
     room_version: &str,
     raw: Vec<Value>,
 ) -> Result<Vec<std::result::Result<Pdu, String>>> {
@@ -39,7 +39,7 @@ pub async fn verify_batch(
 
 /// [`verify_batch`], each result with the event's id when it could be computed (for per-PDU answers).
 pub async fn verify_batch_ids(
-    s: &AppState,
+    s: &FedContext,
     room_version: &str,
     raw: Vec<Value>,
 ) -> Result<Vec<(Option<String>, std::result::Result<Pdu, String>)>> {
@@ -291,7 +291,7 @@ pub async fn fetch_outliers(
 }
 
 /// Handles one verified PDU that belongs in the timeline, fetching missing prev events from `origin` once.
-pub async fn ingest(s: &AppState, origin: &str, room_id: &str, pdu: Pdu, fetch_missing: bool) -> Result<String> {
+pub async fn ingest(s: &FedContext, origin: &str, room_id: &str, pdu: Pdu, fetch_missing: bool) -> Result<String> {
     if let Err(e) = fetch_missing_auth(Remote::of(s)?, origin, room_id, std::slice::from_ref(&pdu)).await {
         tracing::info!(room_id, event_id = %pdu.event_id, error = %e, "could not fetch missing auth events");
     }
@@ -323,7 +323,7 @@ pub async fn ingest(s: &AppState, origin: &str, room_id: &str, pdu: Pdu, fetch_m
 /// (`ask` and [`gap::states_at_missing_prevs`]), else on our current state (a backward extremity remains;
 /// backfill can fill it later). Auth against the chosen state and its own auth events applies either way.
 async fn place_across_gap(
-    s: &AppState,
+    s: &FedContext,
     origin: &str,
     room_id: &str,
     pdu: Pdu,
@@ -357,7 +357,7 @@ async fn place_across_gap(
 }
 
 /// `get_missing_events` between our forward extremities and `pdu`, then ingests what came back (oldest first).
-async fn fill_gap(s: &AppState, origin: &str, room_id: &str, pdu: &Pdu) -> Result<()> {
+async fn fill_gap(s: &FedContext, origin: &str, room_id: &str, pdu: &Pdu) -> Result<()> {
     let fed = s.federation.as_ref().ok_or_else(|| Error::forbidden("federation is disabled"))?;
     let rid = room_id.to_owned();
     let (earliest, version) = s
@@ -422,7 +422,7 @@ async fn fill_gap(s: &AppState, origin: &str, room_id: &str, pdu: &Pdu) -> Resul
 }
 
 /// `PUT /send/{txnId}`: at most 50 PDUs and 100 EDUs; a bad PDU never fails the others.
-pub async fn transaction(s: &AppState, origin: &str, body: &Value) -> Result<Value> {
+pub async fn transaction(s: &FedContext, origin: &str, body: &Value) -> Result<Value> {
     let pdus = body.get("pdus").and_then(Value::as_array).cloned().unwrap_or_default();
     let edus = body.get("edus").and_then(Value::as_array).cloned().unwrap_or_default();
     if pdus.len() > 50 || edus.len() > 100 {
@@ -506,7 +506,7 @@ pub async fn transaction(s: &AppState, origin: &str, body: &Value) -> Result<Val
     Ok(json!({"pdus": results}))
 }
 
-async fn handle_edu(s: &AppState, origin: &str, edu: &Value) -> Result<()> {
+async fn handle_edu(s: &FedContext, origin: &str, edu: &Value) -> Result<()> {
     let content = edu.get("content").cloned().unwrap_or(Value::Null);
     let from_origin = |user: &str| user.split_once(':').map(|x| x.1) == Some(origin);
     match edu.get("edu_type").and_then(Value::as_str) {

@@ -6,13 +6,13 @@ use serde_json::{json, Value};
 use crate::error::{Error, Result};
 use crate::federation::client::enc;
 use crate::federation::inbound::verify_batch;
-use crate::http::AppState;
+use crate::federation::FedContext;
 use crate::room::append::commit_built;
 use crate::room::{version, Pdu};
 use crate::store::{invite_state, rooms};
 
 /// Sends a built invite to the invitee's server for countersigning, then stores and distributes it.
-pub async fn send_remote_invite(s: &AppState, invite: Pdu) -> Result<String> {
+pub async fn send_remote_invite(s: &FedContext, invite: Pdu) -> Result<String> {
     let fed =
         s.federation.as_ref().ok_or_else(|| Error::forbidden("federation is disabled: cannot invite remote users"))?;
     let target = invite.state_key.clone().unwrap_or_default();
@@ -22,7 +22,7 @@ pub async fn send_remote_invite(s: &AppState, invite: Pdu) -> Result<String> {
         .store
         .read(move |c| {
             let room = rooms::room_by_id(c, &rid)?.ok_or_else(|| Error::not_found("unknown room"))?;
-            let stripped = crate::client::sync::stripped_state(c, &room, "")?;
+            let stripped = crate::room::stripped::stripped_state(c, &room, "")?;
             Ok((room.version, stripped))
         })
         .await?;
@@ -51,7 +51,7 @@ pub async fn send_remote_invite(s: &AppState, invite: Pdu) -> Result<String> {
 }
 
 /// `PUT /_matrix/federation/v2/invite/{roomId}/{eventId}`: countersign an invite for one of our users.
-pub async fn receive_invite(s: &AppState, origin: &str, room_id: &str, event_id: &str, body: Value) -> Result<Value> {
+pub async fn receive_invite(s: &FedContext, origin: &str, room_id: &str, event_id: &str, body: Value) -> Result<Value> {
     let room_version = body.get("room_version").and_then(Value::as_str).unwrap_or("1").to_owned();
     let rules = version::rules(&room_version).map_err(|_| Error::incompatible_room_version(&room_version))?;
     let event = body.get("event").cloned().ok_or_else(|| Error::bad_json("missing event"))?;
@@ -125,7 +125,7 @@ pub async fn receive_invite(s: &AppState, origin: &str, room_id: &str, event_id:
 }
 
 /// Leaves (or rejects an invite to) a room we hold no state for: make_leave/send_leave through `server`.
-pub async fn remote_leave(s: &AppState, user_id: &str, room_id: &str, servers: &[String]) -> Result<()> {
+pub async fn remote_leave(s: &FedContext, user_id: &str, room_id: &str, servers: &[String]) -> Result<()> {
     let fed = s.federation.as_ref().ok_or_else(|| Error::forbidden("federation is disabled"))?;
     let mut last = Error::not_found("no server to leave through");
     for server in servers {
@@ -155,7 +155,7 @@ pub async fn remote_leave(s: &AppState, user_id: &str, room_id: &str, servers: &
                 "event_id".into(),
                 ruma::canonical_json::CanonicalJsonValue::String(format!(
                     "${}:{}",
-                    crate::http::random_string(18),
+                    crate::util::random_string(18),
                     s.identity.server_name
                 )),
             );

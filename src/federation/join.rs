@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::federation::batches::{Pipeline, Remote};
 use crate::federation::client::enc;
 use crate::federation::inbound::verify_batch;
-use crate::http::AppState;
+use crate::federation::FedContext;
 use crate::room::partial::{self, JoinedState};
 use crate::room::{version, Pdu};
 use crate::store::rooms;
@@ -23,7 +23,7 @@ pub struct JoinResult {
 
 /// Joins `room_id` for local `user_id` through the first of `via` that answers.
 pub async fn remote_join(
-    s: &AppState,
+    s: &FedContext,
     user_id: &str,
     room_id: &str,
     via: &[String],
@@ -84,7 +84,7 @@ pub async fn remote_join(
     if matches!(rules.event_id_format, ruma::room_version_rules::EventIdFormatVersion::V1) {
         obj.insert(
             "event_id".into(),
-            CanonicalJsonValue::String(format!("${}:{}", crate::http::random_string(18), s.identity.server_name)),
+            CanonicalJsonValue::String(format!("${}:{}", crate::util::random_string(18), s.identity.server_name)),
         );
     }
     ruma::signatures::hash_and_sign_event(
@@ -106,7 +106,7 @@ pub async fn remote_join(
     let file = std::env::temp_dir().join(format!(
         "hearth-send-join-{}-{}.json",
         std::process::id(),
-        crate::http::random_string(8)
+        crate::util::random_string(8)
     ));
     let answer = async {
         fed.client.request_to_file(reqwest::Method::PUT, &server, &path, Some(&body), &file).await?;
@@ -166,7 +166,7 @@ struct AnswerHead {
 /// its auth chain and state as outliers in batches (bounded memory whatever the room's size). Events that fail
 /// verification are dropped, as before; the state ids kept are those stored.
 async fn store_join_answer(
-    s: &AppState,
+    s: &FedContext,
     server: &str,
     room_id: &str,
     room_version: &str,

@@ -16,7 +16,7 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::federation::batches::{Pipeline, Remote, Stored};
 use crate::federation::client::enc;
-use crate::http::AppState;
+use crate::federation::FedContext;
 use crate::jobs::{JobKind, JobRow, Step, StepFuture};
 use crate::room::partial::{self, Phase, ResyncCursor};
 use crate::store::ids::{JobId, RoomNid};
@@ -28,11 +28,11 @@ use crate::store::rooms::{self, RoomRow};
 const USE_STATE_ABOVE: i64 = 50;
 
 /// The resync as a job kind of the queue, run with the handles of a running server.
-pub fn job_kind(s: AppState) -> Arc<dyn JobKind> {
+pub fn job_kind(s: Arc<FedContext>) -> Arc<dyn JobKind> {
     Arc::new(ResyncJobs(s))
 }
 
-struct ResyncJobs(AppState);
+struct ResyncJobs(Arc<FedContext>);
 
 impl JobKind for ResyncJobs {
     fn unit(&self, job: &JobRow) -> &'static str {
@@ -171,7 +171,7 @@ impl Ctx<'_> {
         let file = std::env::temp_dir().join(format!(
             "hearth-state-{}-{}.json",
             std::process::id(),
-            crate::http::random_string(8)
+            crate::util::random_string(8)
         ));
         const ARRAYS: &[&str] = &["pdus", "auth_chain"];
         let result = match self.r.client.get_to_file(&self.server, &path, &file).await {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::http::AppState;
+use crate::federation::FedContext;
 use crate::store::accounts::now_ms;
 use crate::store::outbox;
 
@@ -25,7 +25,7 @@ type Ack = (String, Outcome, oneshot::Sender<bool>);
 /// Group commit of transaction outcomes: after a fan-out (one event to a room on a thousand servers) the
 /// destinations finish at about the same time, and their rows are deleted in one write per round instead of one
 /// write each, which had queued a thousand foreground writes ahead of everyone else's.
-async fn ack_flusher(s: AppState, mut rx: mpsc::UnboundedReceiver<Ack>) {
+async fn ack_flusher(s: Arc<FedContext>, mut rx: mpsc::UnboundedReceiver<Ack>) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < 2000 {
@@ -68,7 +68,7 @@ async fn ack_flusher(s: AppState, mut rx: mpsc::UnboundedReceiver<Ack>) {
     }
 }
 
-pub async fn run(s: AppState, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+pub async fn run(s: Arc<FedContext>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let in_flight: Arc<Mutex<HashSet<String>>> = Arc::default();
     let (ack_tx, ack_rx) = mpsc::unbounded_channel::<Ack>();
     tokio::spawn(ack_flusher(s.clone(), ack_rx));
@@ -103,7 +103,7 @@ pub async fn run(s: AppState, mut shutdown: tokio::sync::watch::Receiver<bool>) 
 }
 
 /// Sends transactions to one destination until its queue is empty or it fails.
-async fn drain(s: &AppState, destination: &str, acks: &mpsc::UnboundedSender<Ack>) {
+async fn drain(s: &FedContext, destination: &str, acks: &mpsc::UnboundedSender<Ack>) {
     let Some(fed) = s.federation.as_ref() else { return };
     loop {
         let (d, ours) = (destination.to_owned(), s.identity.server_name.to_string());

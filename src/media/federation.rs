@@ -9,7 +9,7 @@ use futures::StreamExt;
 
 use crate::error::{Error, Result};
 use crate::federation::client::{enc, FedError};
-use crate::federation::Signed;
+use crate::http::Signed;
 use crate::http::{AppState, Query};
 use crate::media::{check_media_id, content_disposition, multipart, thumbnail, MediaRow, ThumbnailQuery};
 use crate::store::accounts::now_ms;
@@ -46,7 +46,7 @@ pub async fn serve_download(
     let file = tokio::fs::File::open(s.media.file_path(&row.origin, &row.media_id))
         .await
         .map_err(|_| Error::not_found("media file missing"))?;
-    let boundary = crate::http::random_string(32);
+    let boundary = crate::util::random_string(32);
     let ct = row.content_type.clone().unwrap_or_else(|| "application/octet-stream".into());
     let head = multipart::head(&boundary, &ct, &content_disposition(&ct, row.filename.as_deref()));
     let tail = multipart::tail(&boundary);
@@ -66,7 +66,7 @@ pub async fn serve_thumbnail(
     let req = q.spec()?;
     let row = local_row(&s, &media_id).await?;
     let (ct, bytes) = thumbnail::get_or_make(&s, &row, req).await?;
-    let boundary = crate::http::random_string(32);
+    let boundary = crate::util::random_string(32);
     let mut body = multipart::head(&boundary, &ct, &content_disposition(&ct, None));
     body.extend_from_slice(&bytes);
     body.extend_from_slice(&multipart::tail(&boundary));

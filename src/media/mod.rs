@@ -10,9 +10,7 @@ pub mod federation;
 pub mod multipart;
 pub mod thumbnail;
 
-use std::collections::HashMap;
-use std::path::{Path as FsPath, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::Path as FsPath;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -38,52 +36,8 @@ const MAX_PENDING_PER_USER: i64 = 10;
 /// The longest a download waits for an async upload's content.
 const MAX_WAIT_MS: u64 = 20_000;
 
-/// The media folder and in-flight remote fetches (one fetch per remote file at a time).
-pub struct MediaRepo {
-    pub root: PathBuf,
-    fetches: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-}
-
+pub use crate::media_repo::MediaRepo;
 pub use crate::store::media::MediaRow;
-
-impl MediaRepo {
-    /// Creates the folder layout under `root`.
-    pub fn new(root: PathBuf) -> anyhow::Result<MediaRepo> {
-        for sub in ["files", "thumbs", "tmp"] {
-            std::fs::create_dir_all(root.join(sub))
-                .map_err(|e| anyhow::anyhow!("cannot create the media folder {}: {e}", root.join(sub).display()))?;
-        }
-        Ok(MediaRepo { root, fetches: Mutex::new(HashMap::new()) })
-    }
-
-    pub fn file_path(&self, origin: &str, media_id: &str) -> PathBuf {
-        self.root.join("files").join(origin).join(prefix(media_id)).join(media_id)
-    }
-
-    pub fn thumb_path(&self, origin: &str, media_id: &str, width: u32, height: u32, method: &str) -> PathBuf {
-        self.root
-            .join("thumbs")
-            .join(origin)
-            .join(prefix(media_id))
-            .join(media_id)
-            .join(format!("{width}x{height}-{method}"))
-    }
-
-    fn tmp_path(&self) -> PathBuf {
-        self.root.join("tmp").join(crate::http::random_string(24))
-    }
-
-    /// The lock serialising fetches of one remote file.
-    fn fetch_lock(&self, origin: &str, media_id: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut m = self.fetches.lock().unwrap_or_else(|e| e.into_inner());
-        m.retain(|_, l| Arc::strong_count(l) > 1);
-        m.entry(format!("{origin}/{media_id}")).or_default().clone()
-    }
-}
-
-fn prefix(media_id: &str) -> &str {
-    media_id.get(..2).unwrap_or(media_id)
-}
 
 /// Media ids are `[A-Za-z0-9_-]+` (they become file names); anything else is unknown media.
 pub fn check_media_id(media_id: &str) -> Result<()> {
@@ -168,7 +122,7 @@ async fn upload(
     headers: HeaderMap,
     body: Body,
 ) -> Result<impl IntoResponse> {
-    let media_id = crate::http::random_string(24);
+    let media_id = crate::util::random_string(24);
     let origin = s.identity.server_name.to_string();
     let row = MediaRow {
         origin: origin.clone(),
@@ -185,7 +139,7 @@ async fn upload(
 
 /// `POST /_matrix/media/v1/create`: reserves an id whose content comes later with `PUT /upload/{server}/{id}`.
 async fn create(State(s): State<AppState>, auth: Auth) -> Result<impl IntoResponse> {
-    let media_id = crate::http::random_string(24);
+    let media_id = crate::util::random_string(24);
     let origin = s.identity.server_name.to_string();
     let (o, m, u) = (origin.clone(), media_id.clone(), auth.user_id.clone());
     let now = now_ms();

@@ -84,7 +84,7 @@ pub fn disposition_filename(v: &str) -> Option<String> {
         if let Some(ext) = p.strip_prefix("filename*=") {
             let (charset, rest) = ext.split_once("''")?;
             if charset.eq_ignore_ascii_case("utf-8") {
-                return Some(crate::http::percent_decode(&rest.replace('+', "%2B")));
+                return Some(crate::util::percent_decode(&rest.replace('+', "%2B")));
             }
         } else if let Some(n) = p.strip_prefix("filename=") {
             plain = Some(n.trim_matches('"').to_owned());

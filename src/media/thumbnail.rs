@@ -80,7 +80,7 @@ pub async fn get_or_make(s: &AppState, row: &MediaRow, req: Request) -> Result<(
         .await
         .map_err(|e| Error::internal(format!("thumbnail task failed: {e}")))??;
 
-    let tmp = s.media.root.join("tmp").join(crate::http::random_string(24));
+    let tmp = s.media.root.join("tmp").join(crate::util::random_string(24));
     let stored = async {
         tokio::fs::create_dir_all(path.parent().expect("thumbnail has a folder")).await?;
         tokio::fs::write(&tmp, &bytes).await?;

@@ -9,8 +9,10 @@ pub mod pdu;
 pub mod power;
 pub mod remote;
 pub mod state;
+pub mod stripped;
 #[cfg(test)]
 mod tests;
+pub mod typing;
 pub mod version;
 
 use std::sync::Arc;

@@ -13,8 +13,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
-use crate::federation::{inbound, keys, Signed};
-use crate::http::{AppState, Query};
+use crate::federation::{inbound, keys};
+use crate::http::{AppState, Query, Signed};
 use crate::room::append::reference;
 use crate::room::remote::{handle_incoming, state_before, Incoming};
 use crate::room::{load_pdu, parse_room_id, state, version};
@@ -51,7 +51,6 @@ pub fn routes() -> Router<AppState> {
         .route("/_matrix/federation/v1/user/keys/query", post(user_keys_query))
         .route("/_matrix/federation/v1/user/keys/claim", post(user_keys_claim))
         .route("/_matrix/federation/v1/publicRooms", get(public_rooms))
-        .merge(crate::media::federation_routes())
 }
 
 async fn key_server(State(s): State<AppState>) -> Result<impl IntoResponse> {
@@ -129,7 +128,7 @@ async fn fed_version() -> impl IntoResponse {
 
 async fn send_txn(State(s): State<AppState>, Path(_txn): Path<String>, signed: Signed) -> Result<impl IntoResponse> {
     let body = signed.body.ok_or_else(|| Error::bad_json("missing transaction body"))?;
-    Ok(axum::Json(inbound::transaction(&s, &signed.origin, &body).await?))
+    Ok(axum::Json(inbound::transaction(&s.fed, &signed.origin, &body).await?))
 }
 
 fn partial_refusal() -> Error {
@@ -237,7 +236,7 @@ async fn make_join(
         .unwrap_or_default()
         .split('&')
         .filter_map(|kv| kv.strip_prefix("ver="))
-        .map(crate::http::percent_decode)
+        .map(crate::util::percent_decode)
         .collect();
     let s2 = s.clone();
     let answer = s
@@ -271,7 +270,7 @@ async fn make_knock(
         .unwrap_or_default()
         .split('&')
         .filter_map(|kv| kv.strip_prefix("ver="))
-        .map(crate::http::percent_decode)
+        .map(crate::util::percent_decode)
         .collect();
     let s2 = s.clone();
     let answer = s
@@ -301,7 +300,7 @@ async fn send_knock(
         .store
         .read(move |c| {
             let room = rooms::room_by_id(c, &room.room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
-            crate::client::sync::stripped_state(c, &room, &knocker)
+            crate::room::stripped::stripped_state(c, &room, &knocker)
         })
         .await?;
     Ok(axum::Json(json!({"knock_room_state": stripped})))
@@ -350,7 +349,7 @@ async fn accept_membership(
         return Err(Error::not_found("this server cannot help with this room right now"));
     }
     let started = std::time::Instant::now();
-    let pdu = inbound::verify_batch(s, &room.version, vec![body])
+    let pdu = inbound::verify_batch(&s.fed, &room.version, vec![body])
         .await?
         .pop()
         .ok_or_else(|| Error::bad_json("no event"))?
@@ -521,7 +520,7 @@ async fn invite_v2(
     signed: Signed,
 ) -> Result<impl IntoResponse> {
     let body = signed.body.ok_or_else(|| Error::bad_json("missing body"))?;
-    Ok(axum::Json(crate::federation::invite::receive_invite(&s, &signed.origin, &room_id, &event_id, body).await?))
+    Ok(axum::Json(crate::federation::invite::receive_invite(&s.fed, &signed.origin, &room_id, &event_id, body).await?))
 }
 
 #[derive(Deserialize)]
@@ -811,7 +810,7 @@ async fn backfill(
     let mut limit = 10usize;
     for kv in q.split('&') {
         if let Some(v) = kv.strip_prefix("v=") {
-            from.push(crate::http::percent_decode(v));
+            from.push(crate::util::percent_decode(v));
         } else if let Some(l) = kv.strip_prefix("limit=") {
             limit = l.parse().unwrap_or(10);
         }

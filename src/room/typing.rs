@@ -112,10 +112,10 @@ impl Typing {
 
 impl Typing {
     /// A snapshot for one sync computation.
-    pub fn clone_view(&self) -> crate::client::sync::TypingView {
+    pub fn clone_view(&self) -> TypingView {
         let st = self.lock();
         let now = Instant::now();
-        crate::client::sync::TypingView {
+        TypingView {
             rooms: st
                 .rooms
                 .iter()
@@ -124,4 +124,10 @@ impl Typing {
             changed: st.changed.clone(),
         }
     }
+}
+
+/// Typing state captured for one sync computation (the typing map lives on async threads).
+pub struct TypingView {
+    pub rooms: HashMap<String, Vec<String>>,
+    pub changed: HashMap<String, u64>,
 }
