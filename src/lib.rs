@@ -3,6 +3,7 @@
 pub mod backup;
 pub mod client;
 pub mod config;
+pub mod e2ee;
 pub mod error;
 pub mod federation;
 pub mod federation_api;

@@ -44,7 +44,7 @@ pub fn client_router(services: AppState) -> Router {
         .layer(cors)
         .layer(axum::middleware::map_response(json_content_type))
         .layer(axum::middleware::from_fn_with_state(services.clone(), count_busy))
-        .layer(axum::middleware::from_fn_with_state(services.clone(), crate::client::metrics::track))
+        .layer(axum::middleware::from_fn_with_state(services.clone(), track))
         .with_state(services)
 }
 
@@ -88,7 +88,7 @@ pub fn federation_router(services: AppState) -> Router {
         .method_not_allowed_fallback(|| async { Error::method_not_allowed() })
         .layer(axum::middleware::map_response(json_content_type))
         .layer(axum::middleware::from_fn_with_state(services.clone(), count_federation))
-        .layer(axum::middleware::from_fn_with_state(services.clone(), crate::client::metrics::track))
+        .layer(axum::middleware::from_fn_with_state(services.clone(), track))
         .with_state(services)
 }
 
@@ -107,6 +107,28 @@ async fn json_content_type(mut res: axum::response::Response) -> axum::response:
     if !res.headers().contains_key(header::CONTENT_TYPE) {
         res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     }
+    res
+}
+
+/// Middleware: times every request and counts it by route (when `metrics.enabled`).
+async fn track(
+    axum::extract::State(s): axum::extract::State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if !s.config.metrics.enabled {
+        return next.run(req).await;
+    }
+    // Unmatched paths share one label: arbitrary request paths must not grow the label set.
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|m| m.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = req.method().as_str().to_owned();
+    let started = std::time::Instant::now();
+    let res = next.run(req).await;
+    s.metrics.record(&route, &method, res.status(), started.elapsed());
     res
 }
 

@@ -212,7 +212,6 @@ fn src_line(src: &str, n: usize) -> String {
 }
 
 #[test]
-#[ignore = "architecture guard: enabled when #16 lands"]
 fn no_sql_outside_store() {
     let src = src_dir();
     let mut sites = Vec::new();
@@ -478,7 +477,6 @@ fn shortest_path(
 }
 
 #[test]
-#[ignore = "architecture guard: enabled when #16 lands"]
 fn no_cycle_between_top_level_modules() {
     let modules = top_level_modules();
     let edges = module_graph();

@@ -1,13 +1,13 @@
 //! Operations endpoints: `GET /_hearth/health` (always on, no auth) for probes, and Prometheus `GET /metrics`
-//! (only with `metrics.enabled = true`, on the client listener, no auth: keep it off the internet), and the
-//! middleware that records every request in [`crate::metrics::Metrics`]. Database, outbox and job gauges are read
-//! from SQLite at scrape time.
+//! (only with `metrics.enabled = true`, on the client listener, no auth: keep it off the internet), showing the
+//! request counts of [`crate::metrics::Metrics`] (recorded by `server::track`). Database, outbox and job gauges
+//! are read from SQLite at scrape time.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use axum::extract::{MatchedPath, State};
+use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
@@ -15,21 +15,6 @@ use serde_json::json;
 use crate::http::AppState;
 use crate::metrics::{wal_path, BUCKETS};
 use crate::store::maintenance;
-
-/// Middleware: times every request and counts it by route (when `metrics.enabled`).
-pub async fn track(State(s): State<AppState>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    if !s.config.metrics.enabled {
-        return next.run(req).await;
-    }
-    // Unmatched paths share one label: arbitrary request paths must not grow the label set.
-    let route =
-        req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
-    let method = req.method().as_str().to_owned();
-    let started = Instant::now();
-    let res = next.run(req).await;
-    s.metrics.record(&route, &method, res.status(), started.elapsed());
-    res
-}
 
 /// `GET /_hearth/health`: 200 `{"status":"ok","database":"ok",...}` when a database read succeeds within 5 s, else
 /// 503 with the error. No authentication.

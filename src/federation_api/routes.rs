@@ -925,7 +925,7 @@ async fn user_devices(
         })
         .await?;
     let uid = user_id.clone();
-    let cross = s.store.read(move |c| crate::client::keys::query_local(c, "", &[(uid, vec![])])).await?;
+    let cross = s.store.read(move |c| crate::e2ee::query_local(c, "", &[(uid, vec![])])).await?;
     let mut body = json!({"user_id": user_id, "stream_id": stream, "devices": devices});
     if let Some(k) = cross["master_keys"].get(&user_id) {
         body["master_key"] = k.clone();
@@ -957,7 +957,7 @@ async fn user_keys_query(State(s): State<AppState>, signed: Signed) -> Result<im
         })
         .unwrap_or_default();
     let wanted: Vec<(String, Vec<String>)> = wanted.into_iter().filter(|(u, _)| identity.is_local_user(u)).collect();
-    let mut out = s.store.read(move |c| crate::client::keys::query_local(c, "", &wanted)).await?;
+    let mut out = s.store.read(move |c| crate::e2ee::query_local(c, "", &wanted)).await?;
     if let Some(o) = out.as_object_mut() {
         o.remove("user_signing_keys");
         // Device display names stay on this server (as Synapse does by default).
@@ -987,7 +987,7 @@ async fn user_keys_claim(State(s): State<AppState>, signed: Signed) -> Result<im
             }
         }
     }
-    let claimed = s.store.write(move |w| crate::client::keys::claim_local(w.conn, &wanted)).await?;
+    let claimed = s.store.write(move |w| crate::e2ee::claim_local(w.conn, &wanted)).await?;
     Ok(axum::Json(json!({"one_time_keys": claimed})))
 }
 
