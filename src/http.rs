@@ -24,6 +24,7 @@ use crate::metrics::Metrics;
 use crate::room::typing::Typing;
 use crate::room::Identity;
 use crate::store::{accounts, Store};
+
 /// Re-exported for the handlers (and the tests and binaries) that name them here.
 pub use crate::util::{percent_decode, random_string};
 
