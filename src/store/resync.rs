@@ -184,6 +184,15 @@ pub fn add_group_entries_if_absent(
     Ok(())
 }
 
+/// Sets a state group's entry for a key in place, replacing the one it has.
+pub fn set_group_entry(conn: &Connection, sg: StateGroup, skn: StateKeyNid, nid: EventNid) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO state_group_entries (sg, state_key_nid, event_nid) VALUES (?1, ?2, ?3)",
+    )?
+    .execute(params![sg, skn, nid])?;
+    Ok(())
+}
+
 // ------------------------------------------------------------------------------------------------------------
 // Events judged again, extremities, outliers
 
