@@ -713,15 +713,8 @@ pub async fn joined_members(
             }
             let mut out = serde_json::Map::new();
             for p in members::joined_profiles(c, room.room_nid)? {
-                // Unset fields are left out rather than null.
-                let mut m = serde_json::Map::new();
-                if let Some(d) = p.displayname {
-                    m.insert("display_name".into(), json!(d));
-                }
-                if let Some(a) = p.avatar_url {
-                    m.insert("avatar_url".into(), json!(a));
-                }
-                out.insert(p.user_id, Value::Object(m));
+                // Unset fields are null, not left out (as in Synapse; Complement's partial-join tests expect both keys).
+                out.insert(p.user_id, json!({"display_name": p.displayname, "avatar_url": p.avatar_url}));
             }
             Ok(out)
         })
