@@ -63,7 +63,7 @@ fn remote_timeout(ms: Option<u64>) -> Duration {
 
 /// Tells the servers sharing a room with `user_id` that its keys changed: one device's (`device_id`, at device
 /// list position `stream_id`) or, with `device_id` None, the cross-signing keys. Their users then refetch.
-fn announce_keys(
+pub(crate) fn announce_keys(
     conn: &Connection,
     our_server: &str,
     user_id: &str,
