@@ -248,13 +248,6 @@ pub fn add_extremity(conn: &Connection, room: RoomNid, nid: EventNid) -> Result<
     Ok(())
 }
 
-/// Drops an outlier's row (and its edges) before it is stored again as a timeline event.
-pub fn drop_outlier(conn: &Connection, nid: EventNid) -> Result<()> {
-    conn.execute("DELETE FROM event_edges WHERE event_nid = ?1", [nid])?;
-    conn.execute("DELETE FROM events WHERE event_nid = ?1 AND outlier = 1", [nid])?;
-    Ok(())
-}
-
 /// Gives an outlier of the room the state after it (learned across a gap), unless it has one.
 pub fn set_outlier_state(conn: &Connection, room: RoomNid, event_id: &str, sg: StateGroup) -> Result<()> {
     conn.execute(
