@@ -377,7 +377,7 @@ pub async fn changes(
         None => s.store.current_stream(),
     };
     let user_id = auth.user_id.clone();
-    let (changed, left) = s.store.read(move |c| e2ee::device_list_changes(c, &user_id, from, to)).await?;
+    let (changed, left) = s.store.read(move |c| e2ee::device_list_changes(c, &user_id, from, to, true)).await?;
     Ok(axum::Json(json!({"changed": changed, "left": left})))
 }
 
