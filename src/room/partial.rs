@@ -376,7 +376,7 @@ pub fn complete(
     for (user, skn) in rs::members_touched_since(conn, room, since)? {
         refresh_membership(w, identity, room, current, &user, skn)?;
     }
-    let told = announce_devices_to_new_servers(w.conn, identity, room, since)?;
+    let told = announce_devices_to_new_servers(w.conn, identity, room, since, sg)?;
     if told > 0 {
         tracing::info!(room_nid = %room, told, "resync: device list updates sent to servers learned from the full state");
     }
@@ -396,15 +396,24 @@ pub fn complete(
 /// While partial, local users' device list changes went to the servers in `servers_in_room` only. Servers that the
 /// full state shows in the room but that were not on that list missed them (MSC3902): each gets an update for every
 /// device of each local member whose device list changed since the join. Returns the EDUs queued. Runs before the
-/// room's `partial_state_servers` rows are dropped.
+/// room's `partial_state_servers` rows are dropped. Servers joined in the full state at our join (`base_sg`, now
+/// filled) count too, even if they have left since: they were in the room when the updates went out (Synapse sends
+/// each missed update to the hosts in the room at the time of the change).
 fn announce_devices_to_new_servers(
     conn: &rusqlite::Connection,
     identity: &Identity,
     room: RoomNid,
     since: StreamPos,
+    base_sg: StateGroup,
 ) -> Result<usize> {
     let ours = identity.server_name.as_str();
-    let new_servers = rs::servers_missed_while_partial(conn, room, ours)?;
+    let mut new_servers = rs::servers_missed_while_partial(conn, room, ours)?;
+    let listed: HashSet<String> = members::servers_in_room(conn, room)?.into_iter().collect();
+    for server in joined_servers_in_state(conn, base_sg)? {
+        if server != ours && !listed.contains(&server) && !new_servers.contains(&server) {
+            new_servers.push(server);
+        }
+    }
     if new_servers.is_empty() {
         return Ok(0);
     }
@@ -419,6 +428,21 @@ fn announce_devices_to_new_servers(
         }
     }
     Ok(queued)
+}
+
+/// Servers with a joined member in state group `sg`.
+fn joined_servers_in_state(conn: &rusqlite::Connection, sg: StateGroup) -> Result<HashSet<String>> {
+    let mut servers = HashSet::new();
+    for (user, nid) in state_groups::load_state_of_type(conn, sg, "m.room.member")? {
+        let Some(row) = events::event_by_nid(conn, nid)? else { continue };
+        let v: Value = serde_json::from_str(&row.json)?;
+        if v["content"]["membership"] == "join" {
+            if let Some((_, server)) = user.split_once(':') {
+                servers.insert(server.to_owned());
+            }
+        }
+    }
+    Ok(servers)
 }
 
 /// Keeps the forward extremities right when an event's auth outcome flipped: a newly accepted event without
