@@ -408,7 +408,8 @@ async fn join_by_id_and_alias_leave_forget() {
     let joined = joined["joined"].as_object().unwrap();
     assert_eq!(joined.len(), 3);
     assert_eq!(joined[&bob.user_id]["display_name"], "bob");
-    assert!(joined[&bob.user_id].get("avatar_url").is_none(), "unset fields are omitted, not null");
+    assert!(joined[&bob.user_id]["avatar_url"].is_null(), "unset fields are null");
+    assert!(joined[&bob.user_id].get("avatar_url").is_some(), "unset fields are present (null), as in Synapse");
 
     assert_eq!(bob.get("/joined_rooms").await.ok()["joined_rooms"], json!([room]));
     bob.leave(&room).await.ok();

@@ -613,12 +613,14 @@ async fn resync_resumes_after_sigkill_without_refetching_what_was_stored() {
     assert_eq!(fake.count("state_ids"), 2, "the resync restarted from /state_ids after the first kill");
     assert_eq!(fake.count("state"), 1);
 
-    // What the second run stored: the state /state returned (and what send_join gave at join time).
+    // What the second run stored: the state /state returned (at the join's prev event, as Synapse answers) and
+    // what send_join gave at join time.
     let join_id = fake.requests_of("send_join")[0].detail.clone();
     let stored: std::collections::HashSet<String> = {
         let r = fake.room.lock().unwrap();
         let join = r.get(&join_id).unwrap();
-        let mut ids: Vec<String> = join.state_before.values().cloned().collect();
+        let prev = join.json["prev_events"][0].as_str().unwrap().to_owned();
+        let mut ids: Vec<String> = r.get(&prev).unwrap().state_before.values().cloned().collect();
         ids.truncate(40);
         ids.into_iter()
             .chain(join.state_before.iter().filter(|((t, _), _)| t != "m.room.member").map(|(_, id)| id.clone()))

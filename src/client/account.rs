@@ -453,9 +453,22 @@ pub async fn update_device(
     Path(device_id): Path<String>,
     Json(req): Json<DeviceUpdate>,
 ) -> Result<impl IntoResponse> {
+    let (federating, our_server) = (s.federation.is_some(), s.identity.server_name.to_string());
     let found = s
         .store
-        .write(move |w| accounts::update_device(w.conn, &auth.user_id, &device_id, req.display_name.as_deref()))
+        .write(move |w| {
+            let found = accounts::update_device(w.conn, &auth.user_id, &device_id, req.display_name.as_deref())?;
+            // A new display name is a device list change (as in Synapse): the user's other clients and the
+            // servers sharing a room with them (for partial-state rooms, those named in `servers_in_room`) hear
+            // of it.
+            if found && req.display_name.is_some() {
+                let pos = crate::store::e2ee::device_list_changed(w, &auth.user_id)?;
+                if federating {
+                    crate::client::keys::announce_keys(w.conn, &our_server, &auth.user_id, Some(&device_id), pos)?;
+                }
+            }
+            Ok(found)
+        })
         .await?;
     if !found {
         return Err(Error::not_found("no such device"));

@@ -51,7 +51,18 @@ pub async fn user_directory_search(
         return Err(Error::invalid_param("search_term is empty"));
     }
     let me = auth.user_id.clone();
-    let found = s.store.read(move |c| members::search_users(c, &me, &term, (limit + 1) as i64)).await?;
+    let found = s
+        .store
+        .read(move |c| {
+            let mut found = members::search_users(c, &me, &term, (limit + 1) as i64)?;
+            if let Some(self_entry) = searcher_if_public(c, &me, &term)? {
+                found.push(self_entry);
+                found.sort_by(|a, b| a.user_id.cmp(&b.user_id));
+                found.truncate(limit + 1);
+            }
+            Ok(found)
+        })
+        .await?;
     let limited = found.len() > limit;
     let results: Vec<Value> = found
         .into_iter()
@@ -68,4 +79,26 @@ pub async fn user_directory_search(
         })
         .collect();
     Ok(axum::Json(json!({"results": results, "limited": limited})))
+}
+
+/// The searcher themselves, when they match `term` and are joined to a publicly joinable room (Synapse lists the
+/// members of such rooms, the searcher included, in its `users_in_public_rooms`; a partial-state room counts by
+/// the join rule it already holds). Complement's "User directory is correctly updated once state re-sync completes"
+/// searches for the searcher during a lazy join.
+fn searcher_if_public(c: &rusqlite::Connection, me: &str, term: &str) -> Result<Option<members::MemberProfile>> {
+    let user = crate::store::accounts::get_user(c, me)?;
+    let name = user.as_ref().and_then(|u| u.displayname.clone());
+    let matches = me.to_lowercase().contains(term) || name.as_deref().is_some_and(|n| n.to_lowercase().contains(term));
+    if !matches {
+        return Ok(None);
+    }
+    for (room_nid, _) in members::rooms_with_membership(c, me, "join")? {
+        let Some(sg) = crate::store::rooms::room_by_nid(c, room_nid)?.and_then(|r| r.current_sg) else { continue };
+        let rules = crate::room::state_content(c, sg, "m.room.join_rules", "")?;
+        if rules.as_ref().and_then(|v| v.get("join_rule")).and_then(Value::as_str) == Some("public") {
+            let avatar_url = user.and_then(|u| u.avatar_url);
+            return Ok(Some(members::MemberProfile { user_id: me.to_owned(), displayname: name, avatar_url }));
+        }
+    }
+    Ok(None)
 }

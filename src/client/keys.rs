@@ -64,7 +64,7 @@ fn remote_timeout(ms: Option<u64>) -> Duration {
 
 /// Tells the servers sharing a room with `user_id` that its keys changed: one device's (`device_id`, at device
 /// list position `stream_id`) or, with `device_id` None, the cross-signing keys. Their users then refetch.
-fn announce_keys(
+pub(crate) fn announce_keys(
     conn: &Connection,
     our_server: &str,
     user_id: &str,
@@ -320,7 +320,7 @@ pub async fn changes(
         None => s.store.current_stream(),
     };
     let user_id = auth.user_id.clone();
-    let (changed, left) = s.store.read(move |c| e2ee::device_list_changes(c, &user_id, from, to)).await?;
+    let (changed, left) = s.store.read(move |c| e2ee::device_list_changes(c, &user_id, from, to, true)).await?;
     Ok(axum::Json(json!({"changed": changed, "left": left})))
 }
 

@@ -715,15 +715,8 @@ pub async fn joined_members(
             }
             let mut out = serde_json::Map::new();
             for p in members::joined_profiles(c, room.room_nid)? {
-                // Unset fields are left out rather than null.
-                let mut m = serde_json::Map::new();
-                if let Some(d) = p.displayname {
-                    m.insert("display_name".into(), json!(d));
-                }
-                if let Some(a) = p.avatar_url {
-                    m.insert("avatar_url".into(), json!(a));
-                }
-                out.insert(p.user_id, Value::Object(m));
+                // Unset fields are null, not left out (as in Synapse; Complement's partial-join tests expect both keys).
+                out.insert(p.user_id, json!({"display_name": p.displayname, "avatar_url": p.avatar_url}));
             }
             Ok(out)
         })
@@ -744,12 +737,22 @@ fn parse_local_alias(s: &AppState, alias: &str) -> Result<()> {
 
 pub async fn get_alias(State(s): State<AppState>, Path(alias): Path<String>) -> Result<impl IntoResponse> {
     ruma::RoomAliasId::parse(&alias).map_err(|e| Error::invalid_param(format!("invalid alias: {e}")))?;
-    let room_id = s
+    let (room_id, mut servers) = s
         .store
-        .read(move |c| rooms::alias_target(c, &alias))
+        .read(move |c| {
+            let Some(room_id) = rooms::alias_target(c, &alias)? else { return Ok(None) };
+            // The servers in the room (while a lazy join is partial, those the resident listed), ours first.
+            let servers = match rooms::room_by_id(c, &room_id)? {
+                Some(r) => members::servers_in_room(c, r.room_nid)?,
+                None => vec![],
+            };
+            Ok(Some((room_id, servers)))
+        })
         .await?
         .ok_or_else(|| Error::not_found("room alias not found"))?;
-    Ok(axum::Json(json!({"room_id": room_id, "servers": [s.identity.server_name.as_str()]})))
+    servers.retain(|x| x != s.identity.server_name.as_str());
+    servers.insert(0, s.identity.server_name.to_string());
+    Ok(axum::Json(json!({"room_id": room_id, "servers": servers})))
 }
 
 #[derive(Deserialize)]

@@ -734,7 +734,10 @@ impl SyncPass<'_> {
     /// in rooms we joined (also when a lazy join's member list completed) or left. The same as /keys/changes.
     fn device_lists(&self) -> Result<(BTreeSet<String>, BTreeSet<String>)> {
         match self.since_stream() {
-            Some(ss) => e2ee::device_list_changes(self.c, &self.auth.user_id, ss, self.pos.stream),
+            Some(ss) => {
+                let rejoins = !self.filter.lazy_load_members;
+                e2ee::device_list_changes(self.c, &self.auth.user_id, ss, self.pos.stream, rejoins)
+            }
             None => Ok(Default::default()),
         }
     }

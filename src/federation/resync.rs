@@ -91,18 +91,25 @@ impl Ctx<'_> {
         self.r.store.write_background(move |w| crate::store::jobs::save_cursor(w.conn, id, &text, done, total)).await
     }
 
-    /// `/state_ids` at our join: the full state's ids, recorded with which of them we lack.
+    /// `/state_ids` at our join's prev event (residents answer for events they know; Synapse gives the state
+    /// before it, Complement's fake the state after): the full state's ids plus the prev event itself (the fill
+    /// phase keeps it when it is state), recorded with which of them we lack (the fetch phase gets those).
     async fn ids(&self, mut cursor: ResyncCursor) -> Result<Step> {
         let (room_id, server) = (&self.room.room_id, &self.server);
-        let path = format!("/_matrix/federation/v1/state_ids/{}?event_id={}", enc(room_id), enc(&cursor.join_event));
+        let join = cursor.join_event.clone();
+        let prev = self.r.store.read_background(move |c| partial::join_prev_event(c, &join)).await?;
+        let path = format!("/_matrix/federation/v1/state_ids/{}?event_id={}", enc(room_id), enc(&prev));
         let answer = self.r.client.get(server, &path).await?;
-        let pdu_ids: Vec<String> = answer
+        let mut pdu_ids: Vec<String> = answer
             .get("pdu_ids")
             .and_then(Value::as_array)
             .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
             .unwrap_or_default();
         if pdu_ids.is_empty() {
             return Err(Error::internal(format!("{server} returned no state ids")));
+        }
+        if !pdu_ids.contains(&prev) {
+            pdu_ids.push(prev.clone());
         }
         let sg = cursor.sg;
         let (pdu_ids, bad) = self
@@ -123,6 +130,7 @@ impl Ctx<'_> {
         let missing = self.r.store.write_background(move |w| rs::record_state_ids(w.conn, room, &pdu_ids)).await?;
         tracing::info!(%room_id, %server, state = total, missing, "resync: state ids received");
         let use_state = missing > USE_STATE_ABOVE && missing * 10 >= total;
+        cursor.prev = Some(prev);
         cursor.enter(room_id, Phase::Fetch { source: server.clone(), use_state });
         self.save(&cursor, total - missing, Some(total)).await?;
         Ok(Step::More { items: 1 })
@@ -144,7 +152,7 @@ impl Ctx<'_> {
             background: true,
         };
         let got = if use_state {
-            self.fetch_state(&pipeline, &cursor.join_event).await?
+            self.fetch_state(&pipeline, cursor.prev.as_deref().unwrap_or(&cursor.join_event)).await?
         } else {
             pipeline.from_ids(&self.server, missing.into_iter().take(batch.max(1)).collect()).await?
         };
@@ -165,9 +173,9 @@ impl Ctx<'_> {
         Ok(Step::More { items: got.received })
     }
 
-    /// The `/state` answer at our join, downloaded to a file, then through the pipeline.
-    async fn fetch_state(&self, pipeline: &Pipeline<'_>, join_event: &str) -> Result<Stored> {
-        let path = format!("/_matrix/federation/v1/state/{}?event_id={}", enc(&self.room.room_id), enc(join_event));
+    /// The `/state` answer at `at` (our join's prev event), downloaded to a file, then through the pipeline.
+    async fn fetch_state(&self, pipeline: &Pipeline<'_>, at: &str) -> Result<Stored> {
+        let path = format!("/_matrix/federation/v1/state/{}?event_id={}", enc(&self.room.room_id), enc(at));
         let file = std::env::temp_dir().join(format!(
             "hearth-state-{}-{}.json",
             std::process::id(),
@@ -249,9 +257,12 @@ impl Ctx<'_> {
 
     /// The next `batch` rows of the partial base group and `room_members` (one short write).
     async fn fill(&self, mut cursor: ResyncCursor, after: String, done: i64, batch: usize) -> Result<Step> {
-        let (identity, room, sg) = (self.r.identity.clone(), self.room_nid, cursor.sg);
-        let (last, n) =
-            self.r.store.write_background(move |w| partial::fill_chunk(w, &identity, room, sg, &after, batch)).await?;
+        let (identity, room, sg, prev) = (self.r.identity.clone(), self.room_nid, cursor.sg, cursor.prev.clone());
+        let (last, n) = self
+            .r
+            .store
+            .write_background(move |w| partial::fill_chunk(w, &identity, room, sg, prev.as_deref(), (&after, batch)))
+            .await?;
         match last {
             Some(last) => {
                 let done = done + n as i64;

@@ -889,7 +889,7 @@ async fn query_directory(
     let mut servers = s
         .store
         .read(move |c| match rooms::room_by_id(c, &rid)? {
-            Some(r) => members::joined_servers(c, r.room_nid),
+            Some(r) => members::servers_in_room(c, r.room_nid),
             None => Ok(vec![]),
         })
         .await?;

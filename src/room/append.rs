@@ -309,8 +309,12 @@ pub fn persist(
         Outcome::Rejected(r) => Some(r.as_str()),
         _ => None,
     };
-    let event_nid = events::insert_event(
+    // An event held as an outlier (e.g. in a resync's or gap's state) takes the outlier's place and event_nid, so
+    // the state groups and memberships citing it stay valid.
+    let reuse = events::take_outlier(conn, pdu.event_id.as_str())?;
+    let event_nid = events::insert_event_with_nid(
         conn,
+        reuse,
         &NewEvent {
             event_id: pdu.event_id.as_str(),
             room_nid: room.room_nid,

@@ -53,6 +53,15 @@ pub fn set_membership(
         let stream = row.stream_ordering.unwrap_or(StreamPos(0));
         return Ok(LocalOutcome::Appended(Appended { event_id: row.event_id, event_nid: nid, stream }));
     }
+    if membership == "leave" && sender == target && current.as_deref() == Some("leave") {
+        // Leaving again after one's own leave is a no-op answering with that leave (as in Synapse).
+        let nid = members::membership_of(w.conn, room.room_nid, target.as_str())?.map_or(EventNid(0), |m| m.1);
+        let row = events::event_by_nid(w.conn, nid)?.ok_or_else(|| Error::internal("member event missing"))?;
+        if row.sender == target.as_str() {
+            let stream = row.stream_ordering.unwrap_or(StreamPos(0));
+            return Ok(LocalOutcome::Appended(Appended { event_id: row.event_id, event_nid: nid, stream }));
+        }
+    }
     if membership == "leave" && sender == target && !matches!(current.as_deref(), Some("join" | "invite" | "knock")) {
         return Err(Error::forbidden("you are not in this room"));
     }

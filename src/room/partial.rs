@@ -47,6 +47,10 @@ pub struct ResyncCursor {
     pub join_event: String,
     /// The partial base group (the state at our join), filled in place by the fill phase.
     pub sg: StateGroup,
+    /// The join's prev event: residents (Synapse, Complement) answer `/state_ids` and `/state` for events they
+    /// know, so the state is asked for at it (and the prev event added when it is state). Set by the ids phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev: Option<String>,
     /// The server we joined through, asked first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub via: Option<String>,
@@ -114,6 +118,7 @@ impl ResyncCursor {
         ResyncCursor {
             join_event: join_event.to_owned(),
             sg,
+            prev: None,
             via: Some(via.to_owned()),
             servers: servers.to_vec(),
             distrust: Vec::new(),
@@ -254,6 +259,13 @@ pub fn check_state_ids(conn: &rusqlite::Connection, sg: StateGroup, listed: &[St
     Ok(None)
 }
 
+/// The first prev event of our join `join_event` (stored): the event residents are asked the state at.
+pub fn join_prev_event(conn: &rusqlite::Connection, join_event: &str) -> Result<String> {
+    let row = events::event_by_id(conn, join_event)?.ok_or_else(|| Error::internal("join event missing"))?;
+    let v: Value = serde_json::from_str(&row.json)?;
+    v["prev_events"][0].as_str().map(str::to_owned).ok_or_else(|| Error::internal("join event without prev events"))
+}
+
 /// Those of `ids` (stored events) that their own auth events do not allow, with the reason. Already rejected
 /// ones are skipped; one whose auth events we lack stays unjudged (our missing data is no proof against it).
 pub fn judge(conn: &rusqlite::Connection, room: &RoomRow, ids: &[String]) -> Result<Vec<(String, String)>> {
@@ -262,7 +274,8 @@ pub fn judge(conn: &rusqlite::Connection, room: &RoomRow, ids: &[String]) -> Res
     let mut out = Vec::new();
     for id in ids {
         let Some(pdu) = load_pdu_with(conn, id, &rules)? else { continue };
-        if pdu.rejected {
+        // The join's prev event is listed too; when it is no state event it is no part of the state.
+        if pdu.rejected || pdu.state_key.is_none() {
             continue;
         }
         if let Some(lacking) = pdu.auth_events.iter().find(|a| cache.load(conn, &rules, a.as_str()).is_none()) {
@@ -289,20 +302,27 @@ pub fn reject(conn: &rusqlite::Connection, rejected: &[(String, String)]) -> Res
 
 /// One fill step: adds the next `limit` rows of fetched state (after `after`, id order) to the partial base group
 /// (descendant groups are deltas over it, so they see it too) and brings `room_members` up to date for those keys.
-/// What the resident sent at join time stays authoritative for the keys we already hold. Returns the last event
-/// id handled (None when done) and the rows handled.
+/// What the resident sent at join time stays authoritative for the keys we already hold, except that the join's
+/// prev event `prev`, when it is state, replaces the entry of its key: the state was asked for before it (as
+/// Synapse answers), so it is the newer state. Returns the last event id handled (None when done) and the rows
+/// handled.
 pub fn fill_chunk(
     w: &mut Writer<'_>,
     identity: &Identity,
     room: RoomNid,
     sg: StateGroup,
-    after: &str,
-    limit: usize,
+    prev: Option<&str>,
+    (after, limit): (&str, usize),
 ) -> Result<(Option<String>, usize)> {
     let rows = rs::fetched_state_after(w.conn, room, after, limit.max(1))?;
     let Some(last) = rows.last().map(|r| r.event_id.clone()) else { return Ok((None, 0)) };
-    let entries: Vec<(StateKeyNid, EventNid)> = rows.iter().map(|r| (r.state_key_nid, r.event_nid)).collect();
+    let (newest, rest): (Vec<&rs::FetchedState>, Vec<&rs::FetchedState>) =
+        rows.iter().partition(|r| Some(r.event_id.as_str()) == prev);
+    let entries: Vec<(StateKeyNid, EventNid)> = rest.iter().map(|r| (r.state_key_nid, r.event_nid)).collect();
     rs::add_group_entries_if_absent(w.conn, sg, &entries)?;
+    for r in newest {
+        rs::set_group_entry(w.conn, sg, r.state_key_nid, r.event_nid)?;
+    }
     if let Some(current) = rooms::room_by_nid(w.conn, room)?.and_then(|r| r.current_sg) {
         for r in rows.iter().filter(|r| r.event_type == "m.room.member") {
             refresh_membership(w, identity, room, current, &r.state_key, r.state_key_nid)?;
@@ -356,7 +376,7 @@ pub fn complete(
     for (user, skn) in rs::members_touched_since(conn, room, since)? {
         refresh_membership(w, identity, room, current, &user, skn)?;
     }
-    let told = announce_devices_to_new_servers(w.conn, identity, room, since)?;
+    let told = announce_devices_to_new_servers(w.conn, identity, room, since, sg)?;
     if told > 0 {
         tracing::info!(room_nid = %room, told, "resync: device list updates sent to servers learned from the full state");
     }
@@ -376,15 +396,24 @@ pub fn complete(
 /// While partial, local users' device list changes went to the servers in `servers_in_room` only. Servers that the
 /// full state shows in the room but that were not on that list missed them (MSC3902): each gets an update for every
 /// device of each local member whose device list changed since the join. Returns the EDUs queued. Runs before the
-/// room's `partial_state_servers` rows are dropped.
+/// room's `partial_state_servers` rows are dropped. Servers joined in the full state at our join (`base_sg`, now
+/// filled) count too, even if they have left since: they were in the room when the updates went out (Synapse sends
+/// each missed update to the hosts in the room at the time of the change).
 fn announce_devices_to_new_servers(
     conn: &rusqlite::Connection,
     identity: &Identity,
     room: RoomNid,
     since: StreamPos,
+    base_sg: StateGroup,
 ) -> Result<usize> {
     let ours = identity.server_name.as_str();
-    let new_servers = rs::servers_missed_while_partial(conn, room, ours)?;
+    let mut new_servers = rs::servers_missed_while_partial(conn, room, ours)?;
+    let listed: HashSet<String> = members::servers_in_room(conn, room)?.into_iter().collect();
+    for server in joined_servers_in_state(conn, base_sg)? {
+        if server != ours && !listed.contains(&server) && !new_servers.contains(&server) {
+            new_servers.push(server);
+        }
+    }
     if new_servers.is_empty() {
         return Ok(0);
     }
@@ -399,6 +428,21 @@ fn announce_devices_to_new_servers(
         }
     }
     Ok(queued)
+}
+
+/// Servers with a joined member in state group `sg`.
+fn joined_servers_in_state(conn: &rusqlite::Connection, sg: StateGroup) -> Result<HashSet<String>> {
+    let mut servers = HashSet::new();
+    for (user, nid) in state_groups::load_state_of_type(conn, sg, "m.room.member")? {
+        let Some(row) = events::event_by_nid(conn, nid)? else { continue };
+        let v: Value = serde_json::from_str(&row.json)?;
+        if v["content"]["membership"] == "join" {
+            if let Some((_, server)) = user.split_once(':') {
+                servers.insert(server.to_owned());
+            }
+        }
+    }
+    Ok(servers)
 }
 
 /// Keeps the forward extremities right when an event's auth outcome flipped: a newly accepted event without
@@ -692,9 +736,10 @@ mod tests {
 
         let (identity, nid, sg) = (f.identity.clone(), f.nid(), f.sg);
         let (mut conn, mut stream) = (f.conn, f.stream);
-        let (last, n) = write(&mut conn, &mut stream, |w| fill_chunk(w, &identity, nid, sg, "", 10)).unwrap();
+        let (last, n) = write(&mut conn, &mut stream, |w| fill_chunk(w, &identity, nid, sg, None, ("", 10))).unwrap();
         assert_eq!((last.as_deref(), n), (Some(joined.as_str()), 1));
-        let (again, n) = write(&mut conn, &mut stream, |w| fill_chunk(w, &identity, nid, sg, &joined, 10)).unwrap();
+        let (again, n) =
+            write(&mut conn, &mut stream, |w| fill_chunk(w, &identity, nid, sg, None, (&joined, 10))).unwrap();
         assert_eq!((again, n), (None, 0));
         let member = state_groups::find_state_key_nid(&conn, "m.room.member", "@b:other").unwrap().unwrap();
         assert!(state_groups::lookup_state(&conn, sg, member).unwrap().is_some(), "base group filled");
@@ -713,8 +758,22 @@ mod tests {
         rs::record_state_ids(&f.conn, f.nid(), std::slice::from_ref(&stale)).unwrap();
         let (identity, nid, sg) = (f.identity.clone(), f.nid(), f.sg);
         let before = members::membership_of(&f.conn, nid, "@a:test").unwrap();
-        write(&mut f.conn, &mut f.stream, |w| fill_chunk(w, &identity, nid, sg, "", 10)).unwrap();
+        write(&mut f.conn, &mut f.stream, |w| fill_chunk(w, &identity, nid, sg, None, ("", 10))).unwrap();
         assert_eq!(members::membership_of(&f.conn, nid, "@a:test").unwrap(), before);
+    }
+
+    #[test]
+    fn fill_puts_the_joins_prev_event_in_place_of_the_entry_it_supersedes() {
+        let mut f = partial_room();
+        // The join's prev event is state (asked for the state before it, a resident lists the older entry): it wins.
+        let prev = f.join_of("@a:test");
+        rs::record_state_ids(&f.conn, f.nid(), std::slice::from_ref(&prev)).unwrap();
+        let (identity, nid, sg) = (f.identity.clone(), f.nid(), f.sg);
+        let prev_ref = prev.clone();
+        write(&mut f.conn, &mut f.stream, |w| fill_chunk(w, &identity, nid, sg, Some(&prev_ref), ("", 10))).unwrap();
+        let key = state_groups::find_state_key_nid(&f.conn, "m.room.member", "@a:test").unwrap().unwrap();
+        let entry = state_groups::lookup_state(&f.conn, sg, key).unwrap();
+        assert_eq!(entry, events::event_nid(&f.conn, &prev).unwrap(), "the prev event replaced the older entry");
     }
 
     #[test]

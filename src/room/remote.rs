@@ -254,8 +254,7 @@ pub fn handle_incoming(
         if !row.outlier {
             return Ok(Incoming::AlreadyKnown);
         }
-        // We held it as an outlier; now it joins the timeline: drop the outlier row first.
-        rs::drop_outlier(conn, row.event_nid)?;
+        // We held it as an outlier; now it joins the timeline (persist replaces the outlier row, keeping its nid).
     }
     let rules = version::rules(&room.version)?;
     let sg_before = match forced_state {

@@ -85,11 +85,15 @@ pub fn shares_room(conn: &Connection, a: &str, b: &str) -> Result<bool> {
 /// Users whose device lists `user_id` must refetch for the window (`from`, `to`], and users it no longer shares
 /// any room with (`left`). "Changed" covers key/device updates of users sharing a room now, users who joined one
 /// of our rooms and the members of rooms we joined; "left" covers members who left, and members of rooms we left.
+/// With `rejoins` false, a join of ours that follows a join of ours in the same room (the end of a lazy join's
+/// resync records one, so eager syncs show the room anew) does not make its members "changed": lazy-loading syncs
+/// saw the room all along (as Synapse, whose un-partial-stated rooms are newly joined for eager syncs only).
 pub fn device_list_changes(
     conn: &Connection,
     user_id: &str,
     from: i64,
     to: i64,
+    rejoins: bool,
 ) -> Result<(BTreeSet<String>, BTreeSet<String>)> {
     let mut changed = BTreeSet::new();
     let mut candidates_left = BTreeSet::new();
@@ -127,13 +131,22 @@ pub fn device_list_changes(
 
     // Our own joins and leaves in the window: everyone in those rooms is new to us, or possibly gone.
     let mut stmt = conn.prepare_cached(
-        "SELECT m.user_id, s.membership FROM local_membership_stream s JOIN room_members m ON m.room_nid = s.room_nid
+        "SELECT m.user_id, s.membership,
+                (SELECT p.membership FROM local_membership_stream p WHERE p.user_id = s.user_id
+                 AND p.room_nid = s.room_nid AND p.stream_ordering < s.stream_ordering
+                 ORDER BY p.stream_ordering DESC LIMIT 1)
+         FROM local_membership_stream s JOIN room_members m ON m.room_nid = s.room_nid
          WHERE s.user_id = ?1 AND s.stream_ordering > ?2 AND s.stream_ordering <= ?3 AND m.user_id != ?1
          AND m.membership = 'join'",
     )?;
-    let rows = stmt.query_map(params![user_id, from, to], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+    let rows = stmt.query_map(params![user_id, from, to], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Option<String>>(2)?))
+    })?;
     for r in rows {
-        let (u, m) = r?;
+        let (u, m, before) = r?;
+        if m == "join" && !rejoins && before.as_deref() == Some("join") {
+            continue;
+        }
         if m == "join" {
             changed.insert(u);
         } else if m == "leave" || m == "ban" {

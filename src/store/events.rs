@@ -87,10 +87,15 @@ pub struct NewEvent<'a> {
 }
 
 pub fn insert_event(conn: &Connection, e: &NewEvent<'_>) -> Result<EventNid> {
+    insert_event_with_nid(conn, None, e)
+}
+
+/// [`insert_event`] under a given `event_nid` (that of an outlier [`take_outlier`] removed), or a new one.
+pub fn insert_event_with_nid(conn: &Connection, event_nid: Option<EventNid>, e: &NewEvent<'_>) -> Result<EventNid> {
     conn.prepare_cached(
         "INSERT INTO events (event_id, room_nid, event_type, state_key_nid, sender, origin_server_ts, depth,
-            stream_ordering, outlier, rejected, soft_failed, txn_device, txn_id, json)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+            stream_ordering, outlier, rejected, soft_failed, txn_device, txn_id, json, event_nid)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
     )?
     .execute(params![
         e.event_id,
@@ -107,8 +112,25 @@ pub fn insert_event(conn: &Connection, e: &NewEvent<'_>) -> Result<EventNid> {
         e.txn.map(|t| t.0),
         e.txn.map(|t| t.1),
         e.json,
+        event_nid,
     ])?;
     Ok(EventNid(conn.last_insert_rowid()))
+}
+
+/// Removes the outlier row of `event_id` (with its DAG and auth edges) so the event can be stored again as a
+/// timeline event under the same `event_nid`; returns that nid, or None when the event is not held as an outlier.
+/// The nid is kept because the state groups and memberships of a resync's or gap's state cite it.
+pub fn take_outlier(conn: &Connection, event_id: &str) -> Result<Option<EventNid>> {
+    let nid: Option<EventNid> = conn
+        .prepare_cached("SELECT event_nid FROM events WHERE event_id = ?1 AND outlier = 1")?
+        .query_row([event_id], |r| r.get(0))
+        .optional()?;
+    if let Some(nid) = nid {
+        conn.prepare_cached("DELETE FROM event_edges WHERE event_nid = ?1")?.execute([nid])?;
+        conn.prepare_cached("DELETE FROM event_auth WHERE event_nid = ?1")?.execute([nid])?;
+        conn.prepare_cached("DELETE FROM events WHERE event_nid = ?1")?.execute([nid])?;
+    }
+    Ok(nid)
 }
 
 pub fn set_sg_after(conn: &Connection, event_nid: EventNid, sg: StateGroup) -> Result<()> {
@@ -309,6 +331,37 @@ pub(crate) mod tests {
 
     fn room(conn: &Connection) -> RoomNid {
         rooms::insert_room(conn, "!r:x", "12").unwrap()
+    }
+
+    #[test]
+    fn a_held_outlier_is_stored_again_under_its_event_nid() {
+        let conn = memory_db();
+        let r = room(&conn);
+        let nid = insert_test_event(&conn, r, "$o", None, None);
+        insert_auth_edges(&conn, nid, &["$create".to_owned()]).unwrap();
+        insert_test_event(&conn, r, "$later", Some(1), None);
+
+        assert_eq!(take_outlier(&conn, "$o").unwrap(), Some(nid));
+        assert!(event_nid(&conn, "$o").unwrap().is_none());
+        let again = NewEvent {
+            event_id: "$o",
+            room_nid: r,
+            event_type: "m.room.message",
+            state_key_nid: None,
+            sender: "@u:x",
+            origin_server_ts: 1,
+            depth: 1,
+            stream_ordering: Some(StreamPos(2)),
+            outlier: false,
+            rejected: None,
+            soft_failed: false,
+            txn: None,
+            json: "{}",
+        };
+        assert_eq!(insert_event_with_nid(&conn, Some(nid), &again).unwrap(), nid);
+        assert!(!event_by_id(&conn, "$o").unwrap().unwrap().outlier);
+        // Timeline events are not taken.
+        assert_eq!(take_outlier(&conn, "$later").unwrap(), None);
     }
 
     #[test]

@@ -71,6 +71,16 @@ pub fn rooms_with_membership(conn: &Connection, user_id: &str, membership: &str)
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
+/// Servers in a room: those with a joined member plus, while the room is partial, those the resident named in
+/// `servers_in_room` (Synapse's "current hosts or partial-state approximation"), sorted.
+pub fn servers_in_room(conn: &Connection, room_nid: RoomNid) -> Result<Vec<String>> {
+    let mut servers = joined_servers(conn, room_nid)?;
+    servers.extend(crate::store::rooms::partial_state_servers(conn, room_nid)?);
+    servers.sort();
+    servers.dedup();
+    Ok(servers)
+}
+
 /// Servers with at least one joined member.
 pub fn joined_servers(conn: &Connection, room_nid: RoomNid) -> Result<Vec<String>> {
     // A skip-scan over the (room_nid, server_name, membership) index: two seeks per server rather than a pass over

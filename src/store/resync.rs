@@ -184,6 +184,15 @@ pub fn add_group_entries_if_absent(
     Ok(())
 }
 
+/// Sets a state group's entry for a key in place, replacing the one it has.
+pub fn set_group_entry(conn: &Connection, sg: StateGroup, skn: StateKeyNid, nid: EventNid) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO state_group_entries (sg, state_key_nid, event_nid) VALUES (?1, ?2, ?3)",
+    )?
+    .execute(params![sg, skn, nid])?;
+    Ok(())
+}
+
 // ------------------------------------------------------------------------------------------------------------
 // Events judged again, extremities, outliers
 
@@ -236,13 +245,6 @@ pub fn add_extremity(conn: &Connection, room: RoomNid, nid: EventNid) -> Result<
         "INSERT OR IGNORE INTO forward_extremities (room_nid, event_nid) VALUES (?1, ?2)",
         params![room, nid],
     )?;
-    Ok(())
-}
-
-/// Drops an outlier's row (and its edges) before it is stored again as a timeline event.
-pub fn drop_outlier(conn: &Connection, nid: EventNid) -> Result<()> {
-    conn.execute("DELETE FROM event_edges WHERE event_nid = ?1", [nid])?;
-    conn.execute("DELETE FROM events WHERE event_nid = ?1 AND outlier = 1", [nid])?;
     Ok(())
 }
 
