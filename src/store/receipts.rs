@@ -52,15 +52,7 @@ pub fn upsert(w: &mut Writer<'_>, r: &NewReceipt<'_>) -> Result<bool> {
             }
         }
     }
-    let stream = w.next_stream();
-    w.conn
-        .prepare_cached(
-            "INSERT INTO receipts (room_nid, receipt_type, user_id, thread_id, event_id, ts, stream_ordering)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-             ON CONFLICT (room_nid, receipt_type, user_id, thread_id) DO UPDATE SET event_id = excluded.event_id,
-             ts = excluded.ts, stream_ordering = excluded.stream_ordering",
-        )?
-        .execute(params![r.room_nid, r.receipt_type, r.user_id, r.thread_id, r.event_id, r.ts, stream])?;
+    set(w, r)?;
     Ok(true)
 }
 

@@ -27,12 +27,7 @@ pub fn newest_first(
     upto: StreamPos,
     limit: i64,
 ) -> Result<Vec<EventRow>> {
-    let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {EVENT_COLS} FROM events WHERE room_nid = ?1 AND stream_ordering > ?2 AND stream_ordering <= ?3
-         AND rejected IS NULL AND soft_failed = 0 ORDER BY stream_ordering DESC LIMIT ?4"
-    ))?;
-    let rows = stmt.query_map(params![room, after, upto, limit], event_row)?;
-    Ok(rows.collect::<rusqlite::Result<_>>()?)
+    shown_window(conn, room, after, upto, limit, "DESC")
 }
 
 /// The oldest `limit` shown events in (`after`, `upto`], oldest first.
@@ -43,9 +38,21 @@ pub fn oldest_first(
     upto: StreamPos,
     limit: i64,
 ) -> Result<Vec<EventRow>> {
+    shown_window(conn, room, after, upto, limit, "ASC")
+}
+
+/// Shown events in (`after`, `upto`], at most `limit`, in stream order `ASC` or `DESC`.
+fn shown_window(
+    conn: &Connection,
+    room: RoomNid,
+    after: StreamPos,
+    upto: StreamPos,
+    limit: i64,
+    order: &'static str,
+) -> Result<Vec<EventRow>> {
     let mut stmt = conn.prepare_cached(&format!(
         "SELECT {EVENT_COLS} FROM events WHERE room_nid = ?1 AND stream_ordering > ?2 AND stream_ordering <= ?3
-         AND rejected IS NULL AND soft_failed = 0 ORDER BY stream_ordering ASC LIMIT ?4"
+         AND rejected IS NULL AND soft_failed = 0 ORDER BY stream_ordering {order} LIMIT ?4"
     ))?;
     let rows = stmt.query_map(params![room, after, upto, limit], event_row)?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
