@@ -434,19 +434,34 @@ pub async fn send(
             if event_type == "m.room.redaction" {
                 ev.redacts = ev.content.get("redacts").and_then(Value::as_str).map(str::to_owned);
             }
-            let a = append_local(
-                w,
-                &identity,
-                &crate::room::parse_room_id(&room_id)?,
-                &crate::room::parse_user_id(&auth.user_id)?,
-                ev,
-                Some((&auth.device_id, &txn_id)),
-            )?;
-            txn_ids::record_sent_event(w.conn, &auth.user_id, &auth.device_id, &key, &a.event_id)?;
+            let a = append_with_txn(w, &identity, &auth, &room_id, ev, &txn_id, &key)?;
             Ok(a.event_id)
         })
         .await?;
     Ok(axum::Json(json!({"event_id": event_id})))
+}
+
+/// Appends a local user's event sent with a transaction id and remembers it under `key`, so a retried request
+/// (same key) answers the same event id (`/send` and `/redact`).
+fn append_with_txn(
+    w: &mut crate::store::Writer<'_>,
+    identity: &crate::room::Identity,
+    auth: &Auth,
+    room_id: &str,
+    ev: LocalEvent,
+    txn_id: &str,
+    key: &str,
+) -> Result<crate::room::append::Appended> {
+    let a = append_local(
+        w,
+        identity,
+        &crate::room::parse_room_id(room_id)?,
+        &crate::room::parse_user_id(&auth.user_id)?,
+        ev,
+        Some((&auth.device_id, txn_id)),
+    )?;
+    txn_ids::record_sent_event(w.conn, &auth.user_id, &auth.device_id, key, &a.event_id)?;
+    Ok(a)
 }
 
 pub async fn redact(
@@ -469,15 +484,7 @@ pub async fn redact(
                 content["reason"] = json!(r);
             }
             let ev = LocalEvent { kind: "m.room.redaction".into(), state_key: None, content, redacts: Some(event_id) };
-            let a = append_local(
-                w,
-                &identity,
-                &crate::room::parse_room_id(&room_id)?,
-                &crate::room::parse_user_id(&auth.user_id)?,
-                ev,
-                Some((&auth.device_id, &txn_id)),
-            )?;
-            txn_ids::record_sent_event(w.conn, &auth.user_id, &auth.device_id, &key, &a.event_id)?;
+            let a = append_with_txn(w, &identity, &auth, &room_id, ev, &txn_id, &key)?;
             Ok(a.event_id)
         })
         .await?;
