@@ -130,24 +130,8 @@ async fn key_backup_versions_and_keys() {
 // ---- E2EE keys over federation (two Hearths) ------------------------------------------------------------------
 
 use base64::Engine;
-use common::fake_resident::federation_config;
+use common::fake_resident::federated_pair;
 use ring::signature::{Ed25519KeyPair, KeyPair};
-
-/// Two in-process Hearths (`hearth-a.test`, `hearth-b.test`) federating over TLS on loopback.
-async fn federated_pair() -> (TestServer, TestServer) {
-    let (pa, pb) = (free_port(), free_port());
-    let start = |name: &'static str, port: u16, peer: &'static str, peer_port: u16| {
-        TestServer::start_with(move |c| {
-            federation_config(c);
-            c.server_name = name.into();
-            c.listen.federation = Some(format!("127.0.0.1:{port}").parse().unwrap());
-            c.federation.resolve.insert(peer.into(), format!("127.0.0.1:{peer_port}"));
-        })
-    };
-    let a = start("hearth-a.test", pa, "hearth-b.test", pb).await;
-    let b = start("hearth-b.test", pb, "hearth-a.test", pa).await;
-    (a, b)
-}
 
 fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD_NO_PAD.encode(bytes)

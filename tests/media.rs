@@ -7,7 +7,7 @@ mod common;
 
 use std::io::Cursor;
 
-use common::fake_resident::federation_config;
+use common::fake_resident::federated_pair;
 use common::*;
 use image::{DynamicImage, GenericImageView, ImageFormat, Rgba, RgbaImage};
 
@@ -497,22 +497,6 @@ async fn thumbnails_scale_and_crop_png_jpeg_gif_webp() {
 }
 
 // ---- federation ---------------------------------------------------------------------------------------------------
-
-/// Two in-process Hearths (`hearth-a.test`, `hearth-b.test`) federating over TLS on loopback.
-async fn federated_pair() -> (TestServer, TestServer) {
-    let (pa, pb) = (free_port(), free_port());
-    let start = |name: &'static str, port: u16, peer: &'static str, peer_port: u16| {
-        TestServer::start_with(move |c| {
-            federation_config(c);
-            c.server_name = name.into();
-            c.listen.federation = Some(format!("127.0.0.1:{port}").parse().unwrap());
-            c.federation.resolve.insert(peer.into(), format!("127.0.0.1:{peer_port}"));
-        })
-    };
-    let a = start("hearth-a.test", pa, "hearth-b.test", pb).await;
-    let b = start("hearth-b.test", pb, "hearth-a.test", pa).await;
-    (a, b)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn media_over_federation_fetched_cached_and_served() {

@@ -674,8 +674,22 @@ impl SyncPass<'_> {
             }
             let room = self.room(room_nid)?;
             let (_, leave_nid) = members::membership_of(c, room_nid, &auth.user_id)?.unwrap_or_default();
-            let leave_pos =
-                events::event_by_nid(c, leave_nid)?.and_then(|r| r.stream_ordering).map_or(self.pos.stream, |p| p.0);
+            let leave_row = events::event_by_nid(c, leave_nid)?;
+            if let Some(row) = leave_row.as_ref().filter(|r| r.outlier) {
+                // Out of band (a rejected or withdrawn invite, a refused knock: we hold no state for the room):
+                // the leave event itself is all the user may see, as Synapse shows it.
+                let ev = crate::client::format::event(c, row, &room_id, None, false)?;
+                leave.insert(
+                    room_id,
+                    json!({
+                        "timeline": {"events": [ev], "limited": false},
+                        "state": {"events": []},
+                        "account_data": {"events": []},
+                    }),
+                );
+                continue;
+            }
+            let leave_pos = leave_row.and_then(|r| r.stream_ordering).map_or(self.pos.stream, |p| p.0);
             // A rejected invite or a kick of someone never joined still appears, with what they may see.
             let upto = leave_pos.min(self.pos.stream);
             let rs = room_window(c, auth, &room, self.filter, self.since_stream(), upto, self.full_state, self.sent)?;

@@ -221,6 +221,11 @@ pub async fn fetch_outliers(
     let deadline = tokio::time::Instant::now() + DEADLINE;
     let rid = room_id.to_owned();
     let Some(room) = r.store.read(move |c| rooms::room_by_id(c, &rid)).await? else { return Ok(0) };
+    if room.current_sg.is_none() {
+        // Without the room's state (not joined yet) its events cannot be judged; a rejection stored now would be
+        // wrong and stay.
+        return Ok(0);
+    }
     let mut seen: HashSet<String> = HashSet::new();
     let mut fetched: Vec<Pdu> = Vec::new();
     for _ in 0..MAX_ROUNDS {
@@ -480,6 +485,11 @@ pub async fn transaction(s: &FedContext, origin: &str, body: &Value) -> Result<V
             }
         }
         verified.sort_by_key(|p| p.depth);
+        if room.current_sg.is_none() {
+            // A room we hold no state for (invited, knocking, or joining): see apply_out_of_room_membership.
+            out_of_room(s, origin, &room, verified, &mut results).await?;
+            continue;
+        }
         for p in verified {
             let id = p.event_id.to_string();
             if p.sender.server_name().as_str() != origin {
@@ -504,6 +514,33 @@ pub async fn transaction(s: &FedContext, origin: &str, body: &Value) -> Result<V
         }
     }
     Ok(json!({"pdus": results}))
+}
+
+/// PDUs for a room we know but hold no state for: an invite withdrawn by its server is applied; the rest are
+/// ignored (answered without error, as Synapse does for rooms it is not in). Nothing is fetched for them: auth
+/// events judged without the room's state would be stored as wrongly rejected and poison a later join.
+async fn out_of_room(
+    s: &FedContext,
+    origin: &str,
+    room: &crate::store::rooms::RoomRow,
+    pdus: Vec<Pdu>,
+    results: &mut serde_json::Map<String, Value>,
+) -> Result<()> {
+    for p in pdus {
+        let id = p.event_id.to_string();
+        let identity = s.identity.clone();
+        let r = room.clone();
+        let applied =
+            s.store.write(move |w| crate::room::remote::apply_out_of_room_membership(w, &identity, &r, &p)).await?;
+        match applied {
+            true => tracing::info!(origin, room_id = %room.room_id, event_id = %id, "invite withdrawn by its server"),
+            false => {
+                tracing::info!(origin, room_id = %room.room_id, event_id = %id, "PDU for a room we are not in ignored")
+            }
+        }
+        results.insert(id, json!({}));
+    }
+    Ok(())
 }
 
 async fn handle_edu(s: &FedContext, origin: &str, edu: &Value) -> Result<()> {

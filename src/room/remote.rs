@@ -18,7 +18,7 @@ use crate::store::events::{self, EventRow, NewEvent};
 use crate::store::ids::{EventNid, StateGroup, StateKeyNid};
 use crate::store::resync as rs;
 use crate::store::rooms::{self, RoomRow};
-use crate::store::{state_groups, Writer};
+use crate::store::{invite_state, members, state_groups, Writer};
 
 /// Parses a PDU received over federation and computes its id (no signature check yet).
 pub fn parse_remote(obj: CanonicalJsonObject, rules: &RoomVersionRules) -> std::result::Result<Pdu, String> {
@@ -240,6 +240,40 @@ pub fn state_across_gap(conn: &Connection, room: &RoomRow, pdu: &Pdu, branches: 
     state::resolve_groups(conn, room.room_nid, &room.version, &groups)
 }
 
+/// A PDU for a room we hold no state for (a local user is only invited or knocking, or our join is under way):
+/// nothing to authorise it against, so it is ignored, with one exception. The server that invited a local user
+/// (or that a local user knocked on) may withdraw it: a leave or ban of that user which cites the invite or knock
+/// we hold among its auth events (so it is built on our copy of it; a forged sender fails signature checks before
+/// this). It replaces the invite like a rejection does. Returns whether the PDU was applied.
+pub fn apply_out_of_room_membership(
+    w: &mut Writer<'_>,
+    identity: &Identity,
+    room: &RoomRow,
+    pdu: &Pdu,
+) -> Result<bool> {
+    let Some(target) = pdu.state_key.as_deref() else { return Ok(false) };
+    if !matches!(pdu.membership().as_deref(), Some("leave" | "ban")) || !identity.is_local_user(target) {
+        return Ok(false);
+    }
+    let Some((current, nid)) = members::membership_of(w.conn, room.room_nid, target)? else { return Ok(false) };
+    if !matches!(current.as_str(), "invite" | "knock") {
+        return Ok(false);
+    }
+    let Some(held) = events::event_by_nid(w.conn, nid)? else { return Ok(false) };
+    if !pdu.auth_events.iter().any(|a| a.as_str() == held.event_id) {
+        return Ok(false);
+    }
+    // Only whoever sent the invite withdraws it (Synapse and Complement agree: another member's kick of an
+    // invitee stays unseen by the invitee's server).
+    if current == "invite" && pdu.sender.as_str() != held.sender {
+        return Ok(false);
+    }
+    let nid = persist_outlier(w.conn, room, pdu)?;
+    invite_state::remove(w.conn, room.room_nid, target)?;
+    crate::room::append::apply_membership(w, identity, room.room_nid, target, nid)?;
+    Ok(true)
+}
+
 /// Authorises and stores a verified PDU that belongs in the room's DAG.
 pub fn handle_incoming(
     w: &mut Writer<'_>,
@@ -250,7 +284,16 @@ pub fn handle_incoming(
 ) -> Result<Incoming> {
     let conn = w.conn;
     let room = rooms::room_by_id(conn, room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
-    if let Some(row) = events::event_by_id(conn, pdu.event_id.as_str())? {
+    let held = events::event_by_id(conn, pdu.event_id.as_str())?;
+    if pdu.prev_events.is_empty() && forced_state.is_none() {
+        // Only a create event has no prev events: it starts the DAG and is never placed in a timeline after the
+        // fact (a get_missing_events answer reaching back to it, say).
+        return match held {
+            Some(_) => Ok(Incoming::AlreadyKnown),
+            None => Err(Error::forbidden("an event without prev events can only be the room's create event")),
+        };
+    }
+    if let Some(row) = held {
         if !row.outlier {
             return Ok(Incoming::AlreadyKnown);
         }

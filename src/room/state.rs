@@ -111,8 +111,10 @@ pub fn resolve_groups(
         g.dedup();
         g
     };
-    if unique.len() == 1 {
-        return Ok(unique[0]);
+    match unique.as_slice() {
+        [] => return Err(Error::internal("no state groups to resolve")),
+        [one] => return Ok(*one),
+        _ => {}
     }
     let rules = version::rules(room_version)?;
     let states: Vec<HashMap<StateKeyNid, EventNid>> =

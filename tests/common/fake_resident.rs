@@ -45,7 +45,7 @@ use ruma::signatures::Ed25519KeyPair;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
-use super::{Client, TestServer};
+use super::{free_port, Client, TestServer};
 
 /// `(type, state_key)` -> event id.
 pub type StateMap = BTreeMap<(String, String), String>;
@@ -83,6 +83,22 @@ pub fn federation_config(c: &mut hearth::config::Config) {
 }
 
 /// An in-process Hearth with federation on ([`federation_config`]).
+/// Two in-process Hearths (`hearth-a.test`, `hearth-b.test`) federating over TLS on loopback.
+pub async fn federated_pair() -> (TestServer, TestServer) {
+    let (pa, pb) = (free_port(), free_port());
+    let start = |name: &'static str, port: u16, peer: &'static str, peer_port: u16| {
+        TestServer::start_with(move |c| {
+            federation_config(c);
+            c.server_name = name.into();
+            c.listen.federation = Some(format!("127.0.0.1:{port}").parse().unwrap());
+            c.federation.resolve.insert(peer.into(), format!("127.0.0.1:{peer_port}"));
+        })
+    };
+    let a = start("hearth-a.test", pa, "hearth-b.test", pb).await;
+    let b = start("hearth-b.test", pb, "hearth-a.test", pa).await;
+    (a, b)
+}
+
 pub async fn start_hearth() -> TestServer {
     TestServer::start_with(federation_config).await
 }
