@@ -207,6 +207,10 @@ pub fn append_local_or_invite(
     if let Some(target) = &ev.redacts {
         check_local_redaction(conn, room, sg, sender.as_str(), target)?;
     }
+    if ev.kind == "m.room.power_levels" && version::creators_privileged(&rules) {
+        let creators = crate::room::power::PowerLevels::load(conn, sg, &room.version)?.creators().to_vec();
+        check_no_creator_in_users(&ev.content, &creators)?;
+    }
 
     let pdu = build_pdu(identity, &rules, Some(room_id), sender, &ev, &prev, &auth, depth + 1)?;
     authorize(conn, &rules, &pdu, Some(sg)).map_err(|e| Error::forbidden(format!("event not allowed: {e}")))?;
@@ -465,4 +469,16 @@ fn apply_redaction(conn: &Connection, room: &RoomRow, rules: &RoomVersionRules, 
         .map_err(|e| Error::internal(format!("redaction failed: {e}")))?;
     events::set_redacted(conn, target.event_nid, redaction.event_id.as_str(), &serde_json::to_string(&redacted)?)?;
     Ok(())
+}
+
+/// Room versions that privilege their creators (MSC4289, v12) give them unlimited power: a power levels event
+/// naming one in `users` is refused by auth; the client learns why with a 400 (as Synapse answers).
+pub fn check_no_creator_in_users(pl_content: &Value, creators: &[String]) -> Result<()> {
+    let users = pl_content.get("users").and_then(Value::as_object);
+    match creators.iter().find(|c| users.is_some_and(|u| u.contains_key(c.as_str()))) {
+        Some(c) => Err(Error::bad_json(format!(
+            "{c} created the room and has unlimited power in this room version; it cannot be given a power level"
+        ))),
+        None => Ok(()),
+    }
 }

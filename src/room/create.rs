@@ -114,12 +114,14 @@ pub fn create_room(
             }
         }
     }
+    // Where creators are privileged (MSC4289), upgrading the room (a tombstone) is theirs alone by default.
+    let tombstone = if version::creators_privileged(&rules) { 150 } else { 100 };
     let mut pl = json!({
         "users": users,
         "users_default": 0,
         "events": {
             "m.room.name": 50, "m.room.power_levels": 100, "m.room.history_visibility": 100,
-            "m.room.canonical_alias": 50, "m.room.avatar": 50, "m.room.tombstone": 100,
+            "m.room.canonical_alias": 50, "m.room.avatar": 50, "m.room.tombstone": tombstone,
             "m.room.server_acl": 100, "m.room.encryption": 100
         },
         "events_default": 0, "state_default": 50, "ban": 50, "kick": 50, "redact": 50, "invite": 0,
@@ -131,6 +133,12 @@ pub fn create_room(
         for (k, v) in over {
             target.insert(k.clone(), v.clone());
         }
+    }
+    if version::creators_privileged(&rules) {
+        let mut creators = vec![req.creator.to_string()];
+        let extra = req.creation_content.as_ref().and_then(|c| c.get("additional_creators")).and_then(Value::as_array);
+        creators.extend(extra.into_iter().flatten().filter_map(Value::as_str).map(str::to_owned));
+        crate::room::append::check_no_creator_in_users(&pl, &creators)?;
     }
     send(w, LocalEvent::state("m.room.power_levels", "", pl))?;
 

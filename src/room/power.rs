@@ -43,6 +43,11 @@ impl PowerLevels {
         })
     }
 
+    /// The room's creators: the create event's sender, then its `additional_creators`.
+    pub fn creators(&self) -> &[String] {
+        &self.creators
+    }
+
     pub fn user(&self, user_id: &str) -> i64 {
         if self.creators_privileged && self.creators.iter().any(|c| c == user_id) {
             return i64::MAX;
