@@ -230,7 +230,7 @@ async fn start_resident(http: &reqwest::Client, o: &Options, n: usize) -> anyhow
         services
             .store
             .write(move |wr| {
-                hearth::store::accounts::insert_user(wr.conn, &admin, Some(&hash), true)?;
+                hearth::store::accounts::insert_user(wr.db(), &admin, Some(&hash), true)?;
                 Ok(())
             })
             .await
