@@ -1,11 +1,11 @@
 //! End-to-end encryption keys of local users as the APIs hand them out: `/keys/query` and `/keys/claim` answers,
 //! shared by the client API and the federation API (which asks with a requester of `""`).
 
-use rusqlite::Connection;
 use serde_json::{json, Map, Value};
 
 use crate::error::Result;
 use crate::store::e2ee;
+use crate::store::Db;
 
 /// Hides signatures made by third parties (user-signing signatures are private to whoever made them).
 pub fn visible_to(mut key: Value, owner: &str, requester: &str) -> Value {
@@ -17,7 +17,7 @@ pub fn visible_to(mut key: Value, owner: &str, requester: &str) -> Value {
 
 /// Keys of local users as `/keys/query` returns them; `requester` sees its own user-signing key and its own
 /// signatures on others' keys. (Federation answers may reuse this with a requester of `""`.)
-pub fn query_local(c: &Connection, requester: &str, wanted: &[(String, Vec<String>)]) -> Result<Value> {
+pub fn query_local(c: Db<'_>, requester: &str, wanted: &[(String, Vec<String>)]) -> Result<Value> {
     let (mut device_keys, mut master, mut self_signing, mut user_signing) =
         (Map::new(), Map::new(), Map::new(), Map::new());
     for (user_id, devices) in wanted {
@@ -52,7 +52,7 @@ pub fn query_local(c: &Connection, requester: &str, wanted: &[(String, Vec<Strin
 
 /// Claims one key per `(user, device, algorithm)` of local users: `{user: {device: {key_id: key}}}`. Must run in
 /// a write transaction (claimed one-time keys are deleted). Federation answers may reuse this.
-pub fn claim_local(conn: &Connection, wanted: &[(String, String, String)]) -> Result<Value> {
+pub fn claim_local(conn: Db<'_>, wanted: &[(String, String, String)]) -> Result<Value> {
     let mut out = json!({});
     for (user_id, device_id, algorithm) in wanted {
         if let Some((key_id, key)) = e2ee::claim_key(conn, user_id, device_id, algorithm)? {

@@ -1,6 +1,5 @@
 //! Hearth: a Matrix homeserver in one binary and one SQLite file.
 
-pub mod backup;
 pub mod client;
 pub mod config;
 pub mod e2ee;

@@ -209,7 +209,7 @@ fn config_check(config: &Config, file: Option<&std::path::Path>) -> i32 {
 
 fn backup_command(config: &Config, file: &std::path::Path, force: bool) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
-    let s = hearth::backup::backup(&config.database.path, file, force)?;
+    let s = hearth::store::backup::backup(&config.database.path, file, force)?;
     println!(
         "backed up {} to {} ({} bytes, {} events, {} users, server_name {}) in {:.1} s",
         config.database.path.display(),
@@ -238,7 +238,7 @@ fn restore_command(config: &Config, file: &std::path::Path, force: bool) -> anyh
             "something is listening on {probe} (listen.client): stop the server first (systemctl stop hearth)"
         );
     }
-    let s = hearth::backup::restore(file, &config.database.path, &config.server_name, force)?;
+    let s = hearth::store::backup::restore(file, &config.database.path, &config.server_name, force)?;
     println!(
         "restored {} to {} ({} events, {} users); start the server again",
         file.display(),
@@ -282,7 +282,7 @@ fn user_command(config: Config, action: UserAction) -> anyhow::Result<()> {
                 let hash = hash_password(&password).map_err(|e| anyhow::anyhow!("{e}"))?;
                 let uid = user_id.clone();
                 let created =
-                    services.store.write(move |w| accounts::insert_user(w.conn, &uid, Some(&hash), admin)).await?;
+                    services.store.write(move |w| accounts::insert_user(w.db(), &uid, Some(&hash), admin)).await?;
                 anyhow::ensure!(created, "user {user_id} already exists");
                 println!("created {user_id}{}", if admin { " (admin)" } else { "" });
             }
@@ -293,8 +293,8 @@ fn user_command(config: Config, action: UserAction) -> anyhow::Result<()> {
                 let found = services
                     .store
                     .write(move |w| {
-                        let found = accounts::set_password(w.conn, &uid, &hash)?;
-                        accounts::delete_all_tokens(w.conn, &uid)?;
+                        let found = accounts::set_password(w.db(), &uid, &hash)?;
+                        accounts::delete_all_tokens(w.db(), &uid)?;
                         Ok(found)
                     })
                     .await?;
@@ -309,12 +309,10 @@ fn user_command(config: Config, action: UserAction) -> anyhow::Result<()> {
 /// Reads the job table of the configured database (works while the server runs: WAL readers do not block it).
 fn jobs_command(config: Config, watch: bool) -> anyhow::Result<()> {
     use std::io::IsTerminal;
-    let conn =
-        rusqlite::Connection::open_with_flags(&config.database.path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    let direct = hearth::store::DirectDb::open_read_only(&config.database.path)?;
     let tty = std::io::stdout().is_terminal();
     loop {
-        let jobs = hearth::jobs::progress(&conn).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let jobs = hearth::jobs::progress(direct.db()).map_err(|e| anyhow::anyhow!("{e}"))?;
         if tty && watch {
             print!("\x1b[2J\x1b[H");
         }
@@ -352,10 +350,9 @@ fn jobs_command(config: Config, watch: bool) -> anyhow::Result<()> {
 }
 
 fn rotate_keys(config: Config) -> anyhow::Result<()> {
-    let conn = rusqlite::Connection::open(&config.database.path)?;
-    conn.busy_timeout(std::time::Duration::from_secs(10))?;
-    let identity = hearth::room::Identity::load_or_create(&conn, &config.server_name)?;
-    let new = hearth::federation::keys::rotate_own_key(&conn, &identity).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let direct = hearth::store::DirectDb::open(&config.database.path)?;
+    let identity = hearth::room::Identity::load_or_create(direct.db(), &config.server_name)?;
+    let new = hearth::federation::keys::rotate_own_key(direct.db(), &identity).map_err(|e| anyhow::anyhow!("{e}"))?;
     println!(
         "retired {} (still published in old_verify_keys); new key {new} is used from the next start",
         identity.key_id

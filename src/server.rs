@@ -204,9 +204,8 @@ pub fn sd_notify(state: &str) {
 pub fn build_services(config: Config) -> anyhow::Result<Arc<Services>> {
     let store = Store::open(&config.database.path, config.database.readers)?;
     let identity = {
-        let conn = rusqlite::Connection::open(&config.database.path)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))?;
-        Identity::load_or_create(&conn, &config.server_name)?
+        let direct = crate::store::DirectDb::open(&config.database.path)?;
+        Identity::load_or_create(direct.db(), &config.server_name)?
     };
     let federation = if config.federation.enabled {
         let _ = rustls::crypto::ring::default_provider().install_default();

@@ -5,6 +5,10 @@
 //!   `INSERT INTO`, `UPDATE ... SET`, `DELETE FROM`, `CREATE TABLE`, `PRAGMA`, ...; also after a `;`) or an SQL
 //!   clause (`WHERE `, `FROM `, `ORDER BY `), and for calls of rusqlite's statement methods (`.execute(`,
 //!   `.prepare(`, `.prepare_cached(`, `.query_row(`, `.execute_batch(`).
+//! * `database_crates_only_in_store`: no file of `src/` outside `src/store/` (binaries included) names `rusqlite`,
+//!   `r2d2` or `r2d2_sqlite`, so none can open a connection of its own; `error.rs` may name their error types only.
+//!   The store's own handles (`Db`, `Writer`, `DirectDb`) keep their connection private, so the type system does
+//!   the rest.
 //! * `no_cycle_between_top_level_modules`: the top-level modules of `src/` (a file `src/x.rs` or a folder `src/x/`)
 //!   import each other in one direction only. Every `crate::<module>` path and every `use crate::{...}` group is
 //!   read per module; a cycle in the graph fails the test with its path and the lines that make each edge.
@@ -276,6 +280,67 @@ fn the_sql_detector_finds_statements_and_calls_and_leaves_prose_alone() {
     assert_eq!(found, ["SELECT a FROM t", "UPDATE t SET a = \"x\""]);
     assert!(!lexed.code.contains("DELETE"), "comments are blanked");
     assert!(lexed.code.lines().nth(2).unwrap().contains(".execute("), "code keeps its lines");
+}
+
+// ---- the database crates outside store/ -----------------------------------------------------------------------------
+
+/// The crates that open or pool SQLite connections: named only in `src/store/`.
+const DB_CRATES: &[&str] = &["rusqlite", "r2d2", "r2d2_sqlite"];
+
+/// What `error.rs` may name of them: SQLite's error types, to map them to ours (and a test building one).
+const ERROR_TYPE_PATHS: &[&str] = &["rusqlite::Error", "rusqlite::ErrorCode", "rusqlite::ffi::", "r2d2::Error"];
+
+/// Lines (1-based) of `code` (comments and strings blanked) that name a database crate as a path (`rusqlite::`,
+/// `use rusqlite`), leaving the [`ERROR_TYPE_PATHS`] alone when `error_types_allowed`.
+fn db_crate_lines(code: &str, error_types_allowed: bool) -> Vec<usize> {
+    let mut lines = Vec::new();
+    for (n, line) in code.lines().enumerate() {
+        let b = line.as_bytes();
+        let named = line.match_indices('r').any(|(at, _)| {
+            let Some(krate) = DB_CRATES.iter().filter(|k| line[at..].starts_with(*k)).max_by_key(|k| k.len()) else {
+                return false;
+            };
+            let whole_word = (at == 0 || !is_ident(b[at - 1])) && b.get(at + krate.len()).is_none_or(|&c| !is_ident(c));
+            whole_word && !(error_types_allowed && ERROR_TYPE_PATHS.iter().any(|p| line[at..].starts_with(p)))
+        });
+        if named {
+            lines.push(n + 1);
+        }
+    }
+    lines
+}
+
+/// The database is reached only through `store/`: its connection is private there (`Db`, `Writer`, `DirectDb`
+/// do not hand it out), and this keeps every other file of `src/` (binaries included) from opening one of its own
+/// through the database crates.
+#[test]
+fn database_crates_only_in_store() {
+    let mut sites = Vec::new();
+    for path in rust_files(&src_dir()) {
+        let r = rel(&path);
+        if r.starts_with("store/") {
+            continue;
+        }
+        let src = std::fs::read_to_string(&path).unwrap();
+        for n in db_crate_lines(&lex(&src).code, r == "error.rs") {
+            sites.push(format!("  src/{r}:{n}: {}", src_line(&src, n - 1).trim()));
+        }
+    }
+    assert!(
+        sites.is_empty(),
+        "rusqlite/r2d2 named outside src/store/ (call a store function, taking a `store::Db`):\n{}",
+        sites.join("\n")
+    );
+}
+
+#[test]
+fn the_database_crate_detector_reads_paths_not_words() {
+    let src = "use rusqlite::Connection;\n// rusqlite in a comment\nlet s = \"rusqlite\";\n\
+               fn f(c: &r2d2::PooledConnection<M>) {}\nlet my_rusqlite_thing = 1;\n\
+               let x: r2d2_sqlite::SqliteConnectionManager;\nimpl From<rusqlite::Error> for E {}\n";
+    let code = lex(src).code;
+    assert_eq!(db_crate_lines(&code, false), [1, 4, 6, 7]);
+    assert_eq!(db_crate_lines(&code, true), [1, 4, 6]);
 }
 
 // ---- module cycles ------------------------------------------------------------------------------------------------

@@ -329,6 +329,25 @@ async fn create_room_versions() {
     // The creator still has full power: they can change power levels.
     alice.put_state(&v12, "m.room.power_levels", "", json!({"users": {}, "state_default": 60})).await.ok();
 
+    // Creators have unlimited power (MSC4289): they cannot be given a level, neither later nor at creation (also
+    // as additional creators), and only they may upgrade the room by default.
+    assert_eq!(pl["events"]["m.room.tombstone"], 150, "{pl}");
+    alice
+        .put_state(&v12, "m.room.power_levels", "", json!({"users": {alice.user_id.clone(): 100}}))
+        .await
+        .assert_err(400, "M_BAD_JSON");
+    let bob = s.user_id("bob");
+    for (creation_content, listed) in [(json!({}), &alice.user_id), (json!({"additional_creators": [bob]}), &bob)] {
+        alice
+            .post(
+                "/createRoom",
+                json!({"creation_content": creation_content,
+                       "power_level_content_override": {"users": {listed.clone(): 100}}}),
+            )
+            .await
+            .assert_err(400, "M_BAD_JSON");
+    }
+
     let explicit12 = alice.create_room(json!({"room_version": "12"})).await;
     assert_eq!(alice.state(&explicit12, "m.room.create", "").await.ok()["room_version"], "12");
 
@@ -339,6 +358,7 @@ async fn create_room_versions() {
     assert_eq!(create["creator"], alice.user_id);
     let pl = alice.state(&v10, "m.room.power_levels", "").await.ok();
     assert_eq!(pl["users"][&alice.user_id], 100, "{pl}");
+    assert_eq!(pl["events"]["m.room.tombstone"], 100, "{pl}");
     // Messages work in both.
     alice.send_text(&v10, "in v10").await;
     alice.send_text(&v12, "in v12").await;

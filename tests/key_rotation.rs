@@ -26,10 +26,10 @@ async fn rotated_key_is_kept_as_old_verify_key() {
         assert!(r["old_verify_keys"].as_object().unwrap().is_empty());
         s.stop().await;
     }
-    let conn = rusqlite::Connection::open(&db).unwrap();
-    let identity = hearth::room::Identity::load_or_create(&conn, &server_name).unwrap();
-    let new_key = hearth::federation::keys::rotate_own_key(&conn, &identity).unwrap();
-    drop(conn);
+    let direct = hearth::store::DirectDb::open(&db).unwrap();
+    let identity = hearth::room::Identity::load_or_create(direct.db(), &server_name).unwrap();
+    let new_key = hearth::federation::keys::rotate_own_key(direct.db(), &identity).unwrap();
+    drop(direct);
     assert_ne!(new_key, first_key);
 
     let d = db.clone();

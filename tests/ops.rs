@@ -100,9 +100,11 @@ async fn metrics_count_requests_per_route_and_read_the_database() {
         .services
         .store
         .write(|w| {
-            hearth::jobs::enqueue(w.conn, "resync", None, 0, &json!({}))?;
-            w.conn
-                .execute("UPDATE jobs SET done_units = 7, total_units = 10, next_run_at = 9223372036854775807", [])?;
+            hearth::jobs::enqueue(w.db(), "resync", None, 0, &json!({}))?;
+            // At 7 of 10 units and never due again, so the job worker leaves it as it is.
+            let job = hearth::store::jobs::next_due(w.db())?.expect("the job just queued");
+            hearth::store::jobs::save_cursor(w.db(), job.job_id, "{}", 7, Some(10))?;
+            hearth::store::jobs::record_failure(w.db(), job.job_id, 0, i64::MAX, "parked by the test")?;
             Ok(())
         })
         .await

@@ -117,7 +117,7 @@ pub async fn login(
     let device_id = req.device_id.unwrap_or_else(|| random_string(10).to_uppercase());
     let token = format!("hth_{}", random_string(40));
     let (u, d, t, name) = (user_id.clone(), device_id.clone(), token.clone(), req.initial_device_display_name);
-    s.store.write(move |w| accounts::create_session(w.conn, &u, &d, name.as_deref(), &t)).await?;
+    s.store.write(move |w| accounts::create_session(w.db(), &u, &d, name.as_deref(), &t)).await?;
     Ok(axum::Json(json!({
         "user_id": user_id, "access_token": token, "device_id": device_id,
         "home_server": s.identity.server_name.as_str(),
@@ -128,7 +128,7 @@ pub async fn login(
 /// Logs out the token and, as the spec requires, deletes its device (with the device's keys).
 pub async fn logout(State(s): State<AppState>, auth: Auth) -> Result<impl IntoResponse> {
     delete_devices_now(&s, &auth.user_id, vec![auth.device_id.clone()]).await?;
-    s.store.write(move |w| accounts::delete_token(w.conn, &auth.token)).await?;
+    s.store.write(move |w| accounts::delete_token(w.db(), &auth.token)).await?;
     Ok(axum::Json(json!({})))
 }
 
@@ -137,7 +137,7 @@ pub async fn logout_all(State(s): State<AppState>, auth: Auth) -> Result<impl In
     let uid = auth.user_id.clone();
     let devices = s.store.read(move |c| accounts::list_devices(c, &uid)).await?;
     delete_devices_now(&s, &auth.user_id, devices.into_iter().map(|d| d.device_id).collect()).await?;
-    s.store.write(move |w| accounts::delete_all_tokens(w.conn, &auth.user_id)).await?;
+    s.store.write(move |w| accounts::delete_all_tokens(w.db(), &auth.user_id)).await?;
     Ok(axum::Json(json!({})))
 }
 
@@ -267,11 +267,11 @@ pub async fn register(
         (user_id.clone(), device_id.clone(), token.clone(), req.initial_device_display_name.clone(), req.inhibit_login);
     s.store
         .write(move |w| {
-            if !accounts::insert_user(w.conn, &u, hash.as_deref(), false)? {
+            if !accounts::insert_user(w.db(), &u, hash.as_deref(), false)? {
                 return Err(Error::user_in_use());
             }
             if !inhibit {
-                accounts::create_session(w.conn, &u, &d, dn.as_deref(), &t)?;
+                accounts::create_session(w.db(), &u, &d, dn.as_deref(), &t)?;
             }
             Ok(())
         })
@@ -355,9 +355,9 @@ pub async fn change_password(
         tokio::task::spawn_blocking(move || hash_password(&p)).await.map_err(|e| Error::internal(e.to_string()))??;
     s.store
         .write(move |w| {
-            accounts::set_password(w.conn, &auth.user_id, &hash)?;
+            accounts::set_password(w.db(), &auth.user_id, &hash)?;
             if req.logout_devices {
-                accounts::delete_other_tokens(w.conn, &auth.user_id, &auth.token)?;
+                accounts::delete_other_tokens(w.db(), &auth.user_id, &auth.token)?;
             }
             Ok(())
         })
@@ -391,7 +391,7 @@ pub async fn create_filter(
     let mut filter = filter;
     strip_nulls(&mut filter);
     let json = filter.to_string();
-    let id = s.store.write(move |w| accounts::create_filter(w.conn, &auth.user_id, &json)).await?;
+    let id = s.store.write(move |w| accounts::create_filter(w.db(), &auth.user_id, &json)).await?;
     Ok(axum::Json(json!({"filter_id": id.to_string()})))
 }
 
@@ -457,14 +457,14 @@ pub async fn update_device(
     let found = s
         .store
         .write(move |w| {
-            let found = accounts::update_device(w.conn, &auth.user_id, &device_id, req.display_name.as_deref())?;
+            let found = accounts::update_device(w.db(), &auth.user_id, &device_id, req.display_name.as_deref())?;
             // A new display name is a device list change (as in Synapse): the user's other clients and the
             // servers sharing a room with them (for partial-state rooms, those named in `servers_in_room`) hear
             // of it.
             if found && req.display_name.is_some() {
                 let pos = crate::store::e2ee::device_list_changed(w, &auth.user_id)?;
                 if federating {
-                    crate::client::keys::announce_keys(w.conn, &our_server, &auth.user_id, Some(&device_id), pos)?;
+                    crate::client::keys::announce_keys(w.db(), &our_server, &auth.user_id, Some(&device_id), pos)?;
                 }
             }
             Ok(found)
@@ -517,7 +517,7 @@ async fn delete_devices_now(s: &AppState, user_id: &str, devices: Vec<String>) -
         .write(move |w| {
             let mut n = 0;
             for d in &devices {
-                if accounts::delete_device(w.conn, &uid, d)? {
+                if accounts::delete_device(w.db(), &uid, d)? {
                     n += 1;
                 }
             }

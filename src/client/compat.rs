@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 use crate::error::{Error, Result};
 use crate::http::{AppState, Auth, Json};
 use crate::store::members;
+use crate::store::Db;
 
 /// `GET /pushers`: Hearth sends no push notifications, so there are never pushers.
 pub async fn pushers(_auth: Auth) -> impl IntoResponse {
@@ -85,7 +86,7 @@ pub async fn user_directory_search(
 /// members of such rooms, the searcher included, in its `users_in_public_rooms`; a partial-state room counts by
 /// the join rule it already holds). Complement's "User directory is correctly updated once state re-sync completes"
 /// searches for the searcher during a lazy join.
-fn searcher_if_public(c: &rusqlite::Connection, me: &str, term: &str) -> Result<Option<members::MemberProfile>> {
+fn searcher_if_public(c: Db<'_>, me: &str, term: &str) -> Result<Option<members::MemberProfile>> {
     let user = crate::store::accounts::get_user(c, me)?;
     let name = user.as_ref().and_then(|u| u.displayname.clone());
     let matches = me.to_lowercase().contains(term) || name.as_deref().is_some_and(|n| n.to_lowercase().contains(term));

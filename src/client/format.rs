@@ -1,6 +1,5 @@
 //! Shaping stored events for clients.
 
-use rusqlite::Connection;
 use serde_json::{json, Value};
 
 use crate::error::Result;
@@ -10,11 +9,12 @@ use crate::store::events::{self, EventRow};
 use crate::store::ids::EventNid;
 use crate::store::state_groups;
 use crate::store::timeline;
+use crate::store::Db;
 
 /// A stored event in the client format, with `unsigned` (age, transaction_id for the sending device,
 /// redacted_because, prev_content for state events).
 pub fn event(
-    conn: &Connection,
+    conn: Db<'_>,
     row: &EventRow,
     room_id: &str,
     viewer_device: Option<(&str, &str)>,
@@ -65,6 +65,6 @@ pub fn state_only(row: &EventRow, room_id: &str, with_room_id: bool) -> Value {
 }
 
 /// State events without timeline extras (for state lists).
-pub fn state_event(conn: &Connection, nid: EventNid, room_id: &str, with_room_id: bool) -> Result<Option<Value>> {
+pub fn state_event(conn: Db<'_>, nid: EventNid, room_id: &str, with_room_id: bool) -> Result<Option<Value>> {
     Ok(events::event_by_nid(conn, nid)?.map(|row| state_only(&row, room_id, with_room_id)))
 }

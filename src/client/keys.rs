@@ -12,7 +12,6 @@ use std::time::Duration;
 use axum::extract::{Path, State};
 use axum::response::IntoResponse;
 use base64::Engine;
-use rusqlite::Connection;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
@@ -21,7 +20,7 @@ use crate::client::sync::parse_token;
 use crate::e2ee::{claim_local, query_local, visible_to};
 use crate::error::{Error, Result};
 use crate::http::{random_string, AppState, Auth, Json, Query};
-use crate::store::{e2ee, outbox, txn_ids};
+use crate::store::{e2ee, outbox, txn_ids, Db};
 
 const CROSS_SIGNING_TYPES: [&str; 3] = ["master", "self_signing", "user_signing"];
 
@@ -65,7 +64,7 @@ fn remote_timeout(ms: Option<u64>) -> Duration {
 /// Tells the servers sharing a room with `user_id` that its keys changed: one device's (`device_id`, at device
 /// list position `stream_id`) or, with `device_id` None, the cross-signing keys. Their users then refetch.
 pub(crate) fn announce_keys(
-    conn: &Connection,
+    conn: Db<'_>,
     our_server: &str,
     user_id: &str,
     device_id: Option<&str>,
@@ -193,20 +192,20 @@ pub async fn upload(State(s): State<AppState>, auth: Auth, Json(body): Json<Uplo
                 // `unsigned` is ours to fill in when answering queries.
                 let mut dk = dk;
                 dk.as_object_mut().map(|o| o.remove("unsigned"));
-                if e2ee::set_device_keys(w.conn, &u, &d, &dk)? {
+                if e2ee::set_device_keys(w.db(), &u, &d, &dk)? {
                     let pos = e2ee::device_list_changed(w, &u)?;
                     if federating {
-                        announce_keys(w.conn, &our_server, &u, Some(&d), pos)?;
+                        announce_keys(w.db(), &our_server, &u, Some(&d), pos)?;
                     }
                 }
             }
-            if let Some(conflict) = e2ee::add_one_time_keys(w.conn, &u, &d, &otks)? {
+            if let Some(conflict) = e2ee::add_one_time_keys(w.db(), &u, &d, &otks)? {
                 return Err(Error::invalid_param(format!(
                     "one-time key {conflict} already exists with different content"
                 )));
             }
-            e2ee::set_fallback_keys(w.conn, &u, &d, &fallbacks)?;
-            e2ee::one_time_key_counts(w.conn, &u, &d)
+            e2ee::set_fallback_keys(w.db(), &u, &d, &fallbacks)?;
+            e2ee::one_time_key_counts(w.db(), &u, &d)
         })
         .await?;
     counts.entry("signed_curve25519").or_insert(json!(0));
@@ -285,7 +284,7 @@ pub async fn claim(State(s): State<AppState>, _auth: Auth, Json(body): Json<Clai
         }
     }
     // A write: a claimed one-time key is deleted in the same transaction that hands it out.
-    let mut claimed = s.store.write(move |w| claim_local(w.conn, &wanted)).await?;
+    let mut claimed = s.store.write(move |w| claim_local(w.db(), &wanted)).await?;
 
     let timeout = remote_timeout(body.timeout);
     let asks = remote.into_iter().map(|(server, users)| {
@@ -391,12 +390,12 @@ pub async fn upload_signing_keys(
     s.store
         .write(move |w| {
             for (t, k) in &changed {
-                e2ee::set_cross_signing_key(w.conn, &uid, t, k)?;
+                e2ee::set_cross_signing_key(w.db(), &uid, t, k)?;
             }
             let pos = e2ee::device_list_changed(w, &uid)?;
             // The user-signing key is private: only a change of the others is news to other servers.
             if federating && changed.iter().any(|(t, _)| *t != "user_signing") {
-                announce_keys(w.conn, &our_server, &uid, None, pos)?;
+                announce_keys(w.db(), &our_server, &uid, None, pos)?;
             }
             Ok(())
         })
@@ -412,7 +411,7 @@ enum SignedKey {
 }
 
 /// Adds the signatures in one signed object to the stored key it signs. Matrix errors are per-key failures.
-fn sign_one(c: &Connection, signer: &str, target: &str, key_id: &str, signed: &Value) -> Result<SignedKey> {
+fn sign_one(c: Db<'_>, signer: &str, target: &str, key_id: &str, signed: &Value) -> Result<SignedKey> {
     let stored_public = |user: &str, t: &str| -> Result<Option<(Value, String)>> {
         Ok(match e2ee::cross_signing_key(c, user, t)? {
             Some(k) => cross_signing_public(&k, user, t).ok().map(|p| (k, p)),
@@ -500,7 +499,7 @@ pub async fn upload_signatures(
             for (target, keys) in &body {
                 let Some(keys) = keys.as_object() else { continue };
                 for (key_id, signed) in keys {
-                    match sign_one(w.conn, &signer, target, key_id, signed) {
+                    match sign_one(w.db(), &signer, target, key_id, signed) {
                         Ok(what) => {
                             changed.insert(target.clone());
                             match what {
@@ -528,7 +527,7 @@ pub async fn upload_signatures(
             }
             if let (true, Some(pos)) = (federating, own_pos) {
                 for device in &announce {
-                    announce_keys(w.conn, &our_server, &signer, device.as_deref(), pos)?;
+                    announce_keys(w.db(), &our_server, &signer, device.as_deref(), pos)?;
                 }
             }
             Ok(failures)
@@ -573,24 +572,24 @@ pub async fn send_to_device(
     }
     s.store
         .write(move |w| {
-            if txn_ids::to_device_txn_seen(w.conn, &auth.user_id, &auth.device_id, &txn_id)? {
+            if txn_ids::to_device_txn_seen(w.db(), &auth.user_id, &auth.device_id, &txn_id)? {
                 return Ok(()); // a retry: already delivered once
             }
             for (server, users) in &remote {
                 let edu = json!({"edu_type": "m.direct_to_device", "content": {
                     "sender": auth.user_id, "type": event_type, "message_id": random_string(16), "messages": users,
                 }});
-                outbox::enqueue_edu(w.conn, server, &edu.to_string())?;
+                outbox::enqueue_edu(w.db(), server, &edu.to_string())?;
             }
             for (user_id, device_id, content) in &messages {
-                let all = e2ee::device_ids(w.conn, user_id)?;
+                let all = e2ee::device_ids(w.db(), user_id)?;
                 // `*` is every device of the user; unknown devices would never fetch the message, so skip them.
                 let targets: Vec<&String> = all.iter().filter(|d| device_id == "*" || *d == device_id).collect();
                 for d in targets {
                     e2ee::queue_to_device(w, user_id, d, &auth.user_id, &event_type, content)?;
                 }
             }
-            txn_ids::record_to_device_txn(w.conn, &auth.user_id, &auth.device_id, &txn_id)
+            txn_ids::record_to_device_txn(w.db(), &auth.user_id, &auth.device_id, &txn_id)
         })
         .await?;
     Ok(axum::Json(json!({})))

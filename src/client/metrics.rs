@@ -15,6 +15,7 @@ use serde_json::json;
 use crate::http::AppState;
 use crate::metrics::{wal_path, BUCKETS};
 use crate::store::maintenance;
+use crate::store::Db;
 
 /// `GET /_hearth/health`: 200 `{"status":"ok","database":"ok",...}` when a database read succeeds within 5 s, else
 /// 503 with the error. No authentication.
@@ -44,7 +45,7 @@ struct DbStats {
     jobs: Vec<serde_json::Value>,
 }
 
-fn db_stats(c: &rusqlite::Connection) -> crate::error::Result<DbStats> {
+fn db_stats(c: Db<'_>) -> crate::error::Result<DbStats> {
     Ok(DbStats { gauges: maintenance::gauges(c)?, jobs: crate::jobs::progress(c)? })
 }
 

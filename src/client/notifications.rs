@@ -8,20 +8,19 @@
 
 use std::collections::HashSet;
 
-use rusqlite::Connection;
 use serde_json::{json, Value};
 
 use crate::client::push_rules::{self, PUSH_RULES};
 use crate::error::Result;
 use crate::store::ids::StreamPos;
 use crate::store::rooms::RoomRow;
-use crate::store::{account_data, events, members, receipts, state_groups, timeline};
+use crate::store::{account_data, events, members, receipts, state_groups, timeline, Db};
 
 /// At most this many unread events are evaluated per room and sync (counts above it are capped).
 pub const SCAN_LIMIT: i64 = 500;
 
 /// Users `user_id` ignores (`m.ignored_user_list`).
-pub fn ignored_users(c: &Connection, user_id: &str) -> Result<HashSet<String>> {
+pub fn ignored_users(c: Db<'_>, user_id: &str) -> Result<HashSet<String>> {
     let list = account_data::get(c, user_id, "", "m.ignored_user_list")?;
     Ok(list
         .and_then(|v| v.get("ignored_users").and_then(Value::as_object).map(|m| m.keys().cloned().collect()))
@@ -61,7 +60,7 @@ fn int(v: &Value) -> Option<i64> {
 }
 
 /// The counts for `room`: `{"notification_count": n, "highlight_count": h}`.
-pub fn unread_counts(c: &Connection, room: &RoomRow, user_id: &str, ignored: &HashSet<String>) -> Result<Value> {
+pub fn unread_counts(c: Db<'_>, room: &RoomRow, user_id: &str, ignored: &HashSet<String>) -> Result<Value> {
     let room_nid = room.room_nid;
     let receipt = receipts::read_up_to(c, room_nid, user_id)?.unwrap_or(StreamPos(0));
     // The user's own latest event after the receipt, among the newest SCAN_LIMIT events only: an own event older
@@ -85,7 +84,7 @@ pub fn unread_counts(c: &Connection, room: &RoomRow, user_id: &str, ignored: &Ha
     Ok(json!({"notification_count": notifications, "highlight_count": highlights}))
 }
 
-fn context(c: &Connection, room: &RoomRow, user_id: &str) -> Result<Context> {
+fn context(c: Db<'_>, room: &RoomRow, user_id: &str) -> Result<Context> {
     let (joined, _) = members::member_counts(c, room.room_nid)?;
     let display_name = members::displayname(c, room.room_nid, user_id)?;
     let state_content = |event_type: &str| -> Result<Option<Value>> {

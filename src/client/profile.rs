@@ -79,8 +79,8 @@ pub async fn set_field(
     let rooms = s
         .store
         .write(move |w| {
-            accounts::set_profile_field(w.conn, &u, f, v.as_deref())?;
-            members::rooms_with_membership(w.conn, &u, "join")
+            accounts::set_profile_field(w.db(), &u, f, v.as_deref())?;
+            members::rooms_with_membership(w.db(), &u, "join")
         })
         .await?;
     // Each room's member event in its own short write, so one big profile change never holds the writer long.
@@ -89,9 +89,9 @@ pub async fn set_field(
         let result = s
             .store
             .write(move |w| {
-                let room = rooms::room_by_id(w.conn, &room_id)?.ok_or_else(|| Error::not_found("room vanished"))?;
+                let room = rooms::room_by_id(w.db(), &room_id)?.ok_or_else(|| Error::not_found("room vanished"))?;
                 let Some(sg) = room.current_sg else { return Ok(()) };
-                let Some(mut content) = crate::room::state_content(w.conn, sg, "m.room.member", &uid)? else {
+                let Some(mut content) = crate::room::state_content(w.db(), sg, "m.room.member", &uid)? else {
                     return Ok(());
                 };
                 if content.get("membership").and_then(Value::as_str) != Some("join") {

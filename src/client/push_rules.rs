@@ -178,7 +178,7 @@ where
     let (uid, kind) = (user_id.to_owned(), kind.to_owned());
     s.store
         .write(move |w| {
-            let stored = account_data::get(w.conn, &uid, "", PUSH_RULES)?;
+            let stored = account_data::get(w.db(), &uid, "", PUSH_RULES)?;
             let mut rules = effective(&uid, stored.as_ref());
             let list = rules["global"][&kind].as_array_mut().ok_or_else(|| Error::internal("rule kind missing"))?;
             f(list)?;

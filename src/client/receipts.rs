@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::response::IntoResponse;
-use rusqlite::Connection;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -16,14 +15,14 @@ use crate::error::{Error, Result};
 use crate::http::{AppState, Auth, Json};
 use crate::store::ids::{RoomNid, StreamPos};
 use crate::store::receipts::{self, NewReceipt};
-use crate::store::{account_data, accounts, events, members, outbox, rooms};
+use crate::store::{account_data, accounts, events, members, outbox, rooms, Db};
 
-fn is_joined(c: &Connection, room_nid: RoomNid, user_id: &str) -> Result<bool> {
+fn is_joined(c: Db<'_>, room_nid: RoomNid, user_id: &str) -> Result<bool> {
     Ok(members::membership_of(c, room_nid, user_id)?.is_some_and(|(m, _)| m == "join"))
 }
 
 /// Queues `edu` for every other server with a joined member in the room.
-fn send_to_room_servers(conn: &Connection, room_nid: RoomNid, our_server: &str, edu: &Value) -> Result<()> {
+fn send_to_room_servers(conn: Db<'_>, room_nid: RoomNid, our_server: &str, edu: &Value) -> Result<()> {
     let edu = edu.to_string();
     for server in members::joined_servers(conn, room_nid)?.into_iter().filter(|x| x != our_server) {
         outbox::enqueue_edu(conn, &server, &edu)?;
@@ -66,7 +65,7 @@ pub async fn typing(
         let edu =
             json!({"edu_type": "m.typing", "content": {"room_id": room_id, "user_id": user_id, "typing": body.typing}});
         let our_server = s.identity.server_name.to_string();
-        s.store.write(move |w| send_to_room_servers(w.conn, room_nid, &our_server, &edu)).await?;
+        s.store.write(move |w| send_to_room_servers(w.db(), room_nid, &our_server, &edu)).await?;
     }
     Ok(axum::Json(json!({})))
 }
@@ -79,7 +78,7 @@ struct Marker {
 }
 
 /// The room the user is joined to, and the stream position of `event_id` in it (403 / 404 otherwise).
-fn check_event(c: &Connection, room_id: &str, user_id: &str, event_id: &str) -> Result<(RoomNid, Option<StreamPos>)> {
+fn check_event(c: Db<'_>, room_id: &str, user_id: &str, event_id: &str) -> Result<(RoomNid, Option<StreamPos>)> {
     let room = rooms::room_by_id(c, room_id)?.ok_or_else(|| Error::forbidden("you are not joined to this room"))?;
     if !is_joined(c, room.room_nid, user_id)? {
         return Err(Error::forbidden("you are not joined to this room"));
@@ -99,12 +98,12 @@ async fn set_markers(s: &AppState, auth: &Auth, room_id: &str, markers: Vec<Mark
     s.store
         .write(move |w| {
             for m in &markers {
-                let (room_nid, event_pos) = check_event(w.conn, &room_id, &user_id, &m.event_id)?;
+                let (room_nid, event_pos) = check_event(w.db(), &room_id, &user_id, &m.event_id)?;
                 if m.receipt_type == "m.fully_read" {
                     // Like receipts, the marker never moves back to an older event.
-                    let old = account_data::get(w.conn, &user_id, &room_id, "m.fully_read")?;
+                    let old = account_data::get(w.db(), &user_id, &room_id, "m.fully_read")?;
                     let old_pos = match old.as_ref().and_then(|o| o["event_id"].as_str()) {
-                        Some(id) => events::event_by_id(w.conn, id)?.and_then(|e| e.stream_ordering),
+                        Some(id) => events::event_by_id(w.db(), id)?.and_then(|e| e.stream_ordering),
                         None => None,
                     };
                     if old_pos.zip(event_pos).is_some_and(|(o, n)| n <= o) {
@@ -130,7 +129,7 @@ async fn set_markers(s: &AppState, auth: &Auth, room_id: &str, markers: Vec<Mark
                         let receipt = json!({"event_ids": [m.event_id], "data": data});
                         let edu =
                             json!({"edu_type": "m.receipt", "content": {&room_id: {"m.read": {&user_id: receipt}}}});
-                        send_to_room_servers(w.conn, room_nid, &our_server, &edu)?;
+                        send_to_room_servers(w.db(), room_nid, &our_server, &edu)?;
                     }
                 }
             }

@@ -3,13 +3,13 @@
 
 use axum::extract::{Path, State};
 use axum::response::IntoResponse;
-use rusqlite::Connection;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::error::{Error, Result};
 use crate::http::{AppState, Auth, Json, Query};
 use crate::store::room_keys::{self, BackupKey};
+use crate::store::Db;
 
 #[derive(Deserialize)]
 pub struct VersionBody {
@@ -27,7 +27,7 @@ fn parse_version(v: &str) -> Result<i64> {
     v.parse::<i64>().ok().filter(|n| *n > 0).ok_or_else(|| Error::not_found("unknown backup version"))
 }
 
-fn version_info(c: &Connection, user: &str, version: i64) -> Result<Value> {
+fn version_info(c: Db<'_>, user: &str, version: i64) -> Result<Value> {
     let info = room_keys::version(c, user, version)?.ok_or_else(|| Error::not_found("unknown backup version"))?;
     let count = room_keys::key_count(c, user, version)?;
     Ok(json!({"algorithm": info.algorithm, "auth_data": info.auth_data, "count": count,
@@ -50,7 +50,7 @@ pub async fn create_version(
     }
     let user = auth.user_id;
     let version =
-        s.store.write(move |w| room_keys::create_version(w.conn, &user, &body.algorithm, &body.auth_data)).await?;
+        s.store.write(move |w| room_keys::create_version(w.db(), &user, &body.algorithm, &body.auth_data)).await?;
     Ok(axum::Json(json!({"version": version.to_string()})))
 }
 
@@ -93,11 +93,11 @@ pub async fn update_version(
     s.store
         .write(move |w| {
             let current =
-                room_keys::version(w.conn, &user, v)?.ok_or_else(|| Error::not_found("unknown backup version"))?;
+                room_keys::version(w.db(), &user, v)?.ok_or_else(|| Error::not_found("unknown backup version"))?;
             if current.algorithm != body.algorithm {
                 return Err(Error::invalid_param("the algorithm of a backup version cannot change"));
             }
-            room_keys::set_auth_data(w.conn, &user, v, &body.auth_data)
+            room_keys::set_auth_data(w.db(), &user, v, &body.auth_data)
         })
         .await?;
     Ok(axum::Json(json!({})))
@@ -111,7 +111,7 @@ pub async fn delete_version(
     let v = parse_version(&version)?;
     let user = auth.user_id;
     s.store
-        .write(move |w| match room_keys::delete_version(w.conn, &user, v)? {
+        .write(move |w| match room_keys::delete_version(w.db(), &user, v)? {
             true => Ok(()),
             false => Err(Error::not_found("unknown backup version")),
         })
@@ -122,7 +122,7 @@ pub async fn delete_version(
 // ---- keys -----------------------------------------------------------------------------------------------------
 
 /// The version keys may be written to: the newest one, else 403 `M_WRONG_ROOM_KEYS_VERSION`.
-fn writable_version(c: &Connection, user: &str, version: Option<&str>) -> Result<i64> {
+fn writable_version(c: Db<'_>, user: &str, version: Option<&str>) -> Result<i64> {
     let v = parse_version(version.ok_or_else(|| Error::missing_param("the version query parameter is required"))?)?;
     version_info(c, user, v)?;
     match room_keys::latest_version(c, user)? {
@@ -132,13 +132,13 @@ fn writable_version(c: &Connection, user: &str, version: Option<&str>) -> Result
 }
 
 /// An existing version named by the `version` query parameter.
-fn readable_version(c: &Connection, user: &str, version: Option<&str>) -> Result<i64> {
+fn readable_version(c: Db<'_>, user: &str, version: Option<&str>) -> Result<i64> {
     let v = parse_version(version.ok_or_else(|| Error::missing_param("the version query parameter is required"))?)?;
     version_info(c, user, v)?;
     Ok(v)
 }
 
-fn count_and_etag(c: &Connection, user: &str, version: i64) -> Result<Value> {
+fn count_and_etag(c: Db<'_>, user: &str, version: i64) -> Result<Value> {
     let info = version_info(c, user, version)?;
     Ok(json!({"count": info["count"], "etag": info["etag"]}))
 }
@@ -190,15 +190,15 @@ async fn put_keys(
     let user = auth.user_id;
     s.store
         .write(move |w| {
-            let v = writable_version(w.conn, &user, version.as_deref())?;
+            let v = writable_version(w.db(), &user, version.as_deref())?;
             let mut changed = false;
             for (r, sid, k) in &keys {
-                changed |= room_keys::put_key(w.conn, &user, v, r, sid, k)?;
+                changed |= room_keys::put_key(w.db(), &user, v, r, sid, k)?;
             }
             if changed {
-                room_keys::bump_etag(w.conn, &user, v)?;
+                room_keys::bump_etag(w.db(), &user, v)?;
             }
-            count_and_etag(w.conn, &user, v)
+            count_and_etag(w.db(), &user, v)
         })
         .await
 }
@@ -244,11 +244,11 @@ async fn delete_keys(
     let user = auth.user_id;
     s.store
         .write(move |w| {
-            let v = readable_version(w.conn, &user, version.as_deref())?;
-            if room_keys::delete_keys(w.conn, &user, v, room.as_deref(), session.as_deref())? > 0 {
-                room_keys::bump_etag(w.conn, &user, v)?;
+            let v = readable_version(w.db(), &user, version.as_deref())?;
+            if room_keys::delete_keys(w.db(), &user, v, room.as_deref(), session.as_deref())? > 0 {
+                room_keys::bump_etag(w.db(), &user, v)?;
             }
-            count_and_etag(w.conn, &user, v)
+            count_and_etag(w.db(), &user, v)
         })
         .await
 }

@@ -387,15 +387,15 @@ pub async fn unban(
 pub async fn forget(State(s): State<AppState>, auth: Auth, Path(room_id): Path<String>) -> Result<impl IntoResponse> {
     s.store
         .write(move |w| {
-            let room = rooms::room_by_id(w.conn, &room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
-            match members::membership_of(w.conn, room.room_nid, &auth.user_id)? {
+            let room = rooms::room_by_id(w.db(), &room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
+            match members::membership_of(w.db(), room.room_nid, &auth.user_id)? {
                 Some((m, _)) if m == "join" || m == "invite" => {
                     return Err(Error::unknown("leave the room before forgetting it"))
                 }
                 None => return Err(Error::not_found("you were never in this room")),
                 _ => {}
             }
-            members::forget(w.conn, &auth.user_id, room.room_nid)
+            members::forget(w.db(), &auth.user_id, room.room_nid)
         })
         .await?;
     Ok(axum::Json(json!({})))
@@ -427,7 +427,7 @@ pub async fn send(
         .store
         .write(move |w| {
             let key = format!("{room_id}/{txn_id}");
-            if let Some(id) = txn_ids::sent_event(w.conn, &auth.user_id, &auth.device_id, &key)? {
+            if let Some(id) = txn_ids::sent_event(w.db(), &auth.user_id, &auth.device_id, &key)? {
                 return Ok(id);
             }
             let mut ev = LocalEvent::message(&event_type, content);
@@ -460,7 +460,7 @@ fn append_with_txn(
         ev,
         Some((&auth.device_id, txn_id)),
     )?;
-    txn_ids::record_sent_event(w.conn, &auth.user_id, &auth.device_id, key, &a.event_id)?;
+    txn_ids::record_sent_event(w.db(), &auth.user_id, &auth.device_id, key, &a.event_id)?;
     Ok(a)
 }
 
@@ -476,7 +476,7 @@ pub async fn redact(
         .store
         .write(move |w| {
             let key = format!("{room_id}/redact/{txn_id}");
-            if let Some(id) = txn_ids::sent_event(w.conn, &auth.user_id, &auth.device_id, &key)? {
+            if let Some(id) = txn_ids::sent_event(w.db(), &auth.user_id, &auth.device_id, &key)? {
                 return Ok(id);
             }
             let mut content = json!({});
@@ -636,7 +636,7 @@ pub async fn wait_full_state(s: &AppState, room_id: &str) -> Result<()> {
         let Some(room) = room.filter(|r| r.partial_state) else { return Ok(()) };
         if !bumped {
             let nid = room.room_nid;
-            s.store.write(move |w| crate::store::jobs::bump(w.conn, nid)).await?;
+            s.store.write(move |w| crate::store::jobs::bump(w.db(), nid)).await?;
             s.jobs.wake();
             bumped = true;
         }
@@ -776,11 +776,11 @@ pub async fn put_alias(
     parse_local_alias(&s, &alias)?;
     s.store
         .write(move |w| {
-            let room = rooms::room_by_id(w.conn, &body.room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
-            if members::membership_of(w.conn, room.room_nid, &auth.user_id)?.map(|m| m.0).as_deref() != Some("join") {
+            let room = rooms::room_by_id(w.db(), &body.room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
+            if members::membership_of(w.db(), room.room_nid, &auth.user_id)?.map(|m| m.0).as_deref() != Some("join") {
                 return Err(Error::forbidden("you are not in this room"));
             }
-            if !rooms::insert_alias(w.conn, &alias, &room.room_id, &auth.user_id)? {
+            if !rooms::insert_alias(w.db(), &alias, &room.room_id, &auth.user_id)? {
                 return Err(Error::conflict("room alias already exists"));
             }
             Ok(())
@@ -798,12 +798,12 @@ pub async fn delete_alias(
     s.store
         .write(move |w| {
             let (room_id, creator) =
-                rooms::alias_creator(w.conn, &alias)?.ok_or_else(|| Error::not_found("room alias not found"))?;
+                rooms::alias_creator(w.db(), &alias)?.ok_or_else(|| Error::not_found("room alias not found"))?;
             let allowed = creator == auth.user_id || auth.admin || {
-                let room = rooms::room_by_id(w.conn, &room_id)?;
+                let room = rooms::room_by_id(w.db(), &room_id)?;
                 match room.and_then(|r| r.current_sg.map(|sg| (r, sg))) {
                     Some((r, sg)) => {
-                        let pl = crate::room::power::PowerLevels::load(w.conn, sg, &r.version)?;
+                        let pl = crate::room::power::PowerLevels::load(w.db(), sg, &r.version)?;
                         pl.user(&auth.user_id) >= pl.for_event("m.room.canonical_alias", true)
                     }
                     None => false,
@@ -812,7 +812,7 @@ pub async fn delete_alias(
             if !allowed {
                 return Err(Error::forbidden("you may not delete this alias"));
             }
-            rooms::delete_alias(w.conn, &alias)?;
+            rooms::delete_alias(w.db(), &alias)?;
             Ok(())
         })
         .await?;
@@ -862,16 +862,16 @@ pub async fn set_visibility(
     };
     s.store
         .write(move |w| {
-            let room = rooms::room_by_id(w.conn, &room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
+            let room = rooms::room_by_id(w.db(), &room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
             let sg = room.current_sg.ok_or_else(|| Error::not_found("unknown room"))?;
-            let pl = crate::room::power::PowerLevels::load(w.conn, sg, &room.version)?;
+            let pl = crate::room::power::PowerLevels::load(w.db(), sg, &room.version)?;
             let joined =
-                members::membership_of(w.conn, room.room_nid, &auth.user_id)?.map(|m| m.0).as_deref() == Some("join");
+                members::membership_of(w.db(), room.room_nid, &auth.user_id)?.map(|m| m.0).as_deref() == Some("join");
             let allowed = joined && pl.user(&auth.user_id) >= pl.for_event("m.room.canonical_alias", true);
             if !auth.admin && !allowed {
                 return Err(Error::forbidden("you may not change this room's directory visibility"));
             }
-            rooms::set_published(w.conn, &room.room_id, publish)
+            rooms::set_published(w.db(), &room.room_id, publish)
         })
         .await?;
     Ok(axum::Json(json!({})))

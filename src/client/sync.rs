@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use axum::extract::State;
 use axum::response::IntoResponse;
-use rusqlite::Connection;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -18,7 +17,7 @@ use crate::http::{qs, AppState, Auth, Query, SentMembers};
 use crate::room::stripped::stripped_state;
 use crate::room::typing::TypingView;
 use crate::store::ids::{EventNid, RoomNid, StateGroup, StreamPos};
-use crate::store::{account_data, accounts, e2ee, events, members, receipts, rooms, state_groups, timeline};
+use crate::store::{account_data, accounts, e2ee, events, members, receipts, rooms, state_groups, timeline, Db};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Token {
@@ -293,7 +292,7 @@ pub async fn sync(State(s): State<AppState>, auth: Auth, Query(q): Query<SyncQue
     if let Some(since) = since {
         // The client has seen everything up to `since`: its to-device messages up to there can go.
         let (u, d) = (auth.user_id.clone(), auth.device_id.clone());
-        s.store.write(move |w| e2ee::delete_to_device_upto(w.conn, &u, &d, StreamPos(since.stream))).await?;
+        s.store.write(move |w| e2ee::delete_to_device_upto(w.db(), &u, &d, StreamPos(since.stream))).await?;
     }
 
     let mut stream_rx = s.store.stream_watch();
@@ -332,12 +331,12 @@ pub async fn sync(State(s): State<AppState>, auth: Auth, Query(q): Query<SyncQue
 }
 
 /// The room's state at stream position `pos` (after its last timeline event up to there).
-fn state_at(c: &Connection, room_nid: RoomNid, pos: i64) -> Result<Option<StateGroup>> {
+fn state_at(c: Db<'_>, room_nid: RoomNid, pos: i64) -> Result<Option<StateGroup>> {
     timeline::state_at(c, room_nid, StreamPos(pos))
 }
 
 /// The membership event of `user_id` in state group `sg`, if any.
-fn member_event(c: &Connection, sg: StateGroup, user_id: &str) -> Result<Option<events::EventRow>> {
+fn member_event(c: Db<'_>, sg: StateGroup, user_id: &str) -> Result<Option<events::EventRow>> {
     let Some(skn) = state_groups::find_state_key_nid(c, "m.room.member", user_id)? else { return Ok(None) };
     let Some(nid) = state_groups::lookup_state(c, sg, skn)? else { return Ok(None) };
     events::event_by_nid(c, nid)
@@ -353,7 +352,7 @@ struct RoomSync {
 /// Timeline and state of one room for the window (`since`, `upto`].
 #[allow(clippy::too_many_arguments)]
 fn room_window(
-    c: &Connection,
+    c: Db<'_>,
     auth: &Auth,
     room: &rooms::RoomRow,
     filter: &Filter,
@@ -434,7 +433,7 @@ fn room_window(
 /// partial-state room a sender's membership may be missing from the state: then it is taken from the auth events
 /// of their event (as Synapse does), so clients can still render who spoke.
 fn lazy_members(
-    c: &Connection,
+    c: Db<'_>,
     auth: &Auth,
     room: &rooms::RoomRow,
     timeline: &[events::EventRow],
@@ -482,7 +481,7 @@ fn lazy_members(
     Ok(out)
 }
 
-fn room_summary(c: &Connection, room: &rooms::RoomRow, user_id: &str) -> Result<Value> {
+fn room_summary(c: Db<'_>, room: &rooms::RoomRow, user_id: &str) -> Result<Value> {
     let (joined, invited) = members::member_counts(c, room.room_nid)?;
     let mut summary = json!({"m.joined_member_count": joined, "m.invited_member_count": invited});
     let named = match room.current_sg {
@@ -507,7 +506,7 @@ fn room_summary(c: &Connection, room: &rooms::RoomRow, user_id: &str) -> Result<
 }
 
 fn account_data_since(
-    c: &Connection,
+    c: Db<'_>,
     user_id: &str,
     room_id: &str,
     since: i64,
@@ -522,7 +521,7 @@ fn account_data_since(
 }
 
 /// Receipts that moved in the window; private receipts (`m.read.private`) only when they are `user_id`'s own.
-fn receipts_since(c: &Connection, room_nid: RoomNid, since: i64, upto: i64, user_id: &str) -> Result<Option<Value>> {
+fn receipts_since(c: Db<'_>, room_nid: RoomNid, since: i64, upto: i64, user_id: &str) -> Result<Option<Value>> {
     let mut content = serde_json::Map::new();
     for r in receipts::changed_since(c, room_nid, StreamPos(since), StreamPos(upto), user_id)? {
         let mut receipt = json!({"ts": r.ts});
@@ -538,7 +537,7 @@ fn receipts_since(c: &Connection, room_nid: RoomNid, since: i64, upto: i64, user
 
 /// One sync computation: the request, the position it syncs up to, and what every section needs.
 struct SyncPass<'a> {
-    c: &'a Connection,
+    c: Db<'a>,
     auth: &'a Auth,
     filter: &'a Filter,
     since: Option<Token>,
@@ -768,7 +767,7 @@ impl SyncPass<'_> {
 /// The sync response up to `pos`, and whether it carries nothing new (a long poll then waits).
 #[allow(clippy::too_many_arguments)]
 fn build(
-    c: &Connection,
+    c: Db<'_>,
     auth: &Auth,
     filter: &Filter,
     since: Option<Token>,

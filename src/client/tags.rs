@@ -33,7 +33,7 @@ pub async fn get_tags(
 async fn change(s: &AppState, user_id: String, room_id: String, tag: String, value: Option<Value>) -> Result<()> {
     s.store
         .write(move |w| {
-            let content = account_data::get(w.conn, &user_id, &room_id, "m.tag")?;
+            let content = account_data::get(w.db(), &user_id, &room_id, "m.tag")?;
             let mut tags: Map<String, Value> =
                 content.and_then(|c| c.get("tags").and_then(Value::as_object).cloned()).unwrap_or_default();
             match value {

@@ -1,10 +1,10 @@
 //! `m.room.server_acl`: which servers may take part in a room.
 
-use rusqlite::Connection;
 use serde_json::Value;
 
 use crate::error::Result;
 use crate::store::ids::StateGroup;
+use crate::store::Db;
 
 fn glob(pattern: &str, s: &str) -> bool {
     // `*` any run, `?` one char; case-insensitive like server names.
@@ -58,7 +58,7 @@ pub fn allows(acl: &Value, server: &str) -> bool {
 }
 
 /// Checks a room's current ACL; rooms without one allow everyone.
-pub fn room_allows(conn: &Connection, sg: Option<StateGroup>, server: &str) -> Result<bool> {
+pub fn room_allows(conn: Db<'_>, sg: Option<StateGroup>, server: &str) -> Result<bool> {
     let Some(sg) = sg else { return Ok(true) };
     match crate::room::state_content(conn, sg, "m.room.server_acl", "")? {
         Some(acl) => Ok(allows(&acl, server)),

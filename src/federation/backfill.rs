@@ -65,31 +65,31 @@ pub async fn backfill(s: &FedContext, room_id: &RoomId, limit: usize) -> Result<
         let stored = s
             .store
             .write(move |w| {
-                let room = rooms::room_by_id(w.conn, rid.as_str())?.ok_or_else(|| Error::not_found("unknown room"))?;
-                let mut next = events::lowest_stream_ordering(w.conn)?.0;
+                let room = rooms::room_by_id(w.db(), rid.as_str())?.ok_or_else(|| Error::not_found("unknown room"))?;
+                let mut next = events::lowest_stream_ordering(w.db())?.0;
                 let mut n = 0;
                 for p in &pdus {
-                    if let Some(row) = events::event_by_id(w.conn, p.event_id.as_str())? {
+                    if let Some(row) = events::event_by_id(w.db(), p.event_id.as_str())? {
                         if row.stream_ordering.is_some() {
                             continue;
                         }
                     }
-                    let nid = persist_outlier(w.conn, &room, p)?;
+                    let nid = persist_outlier(w.db(), &room, p)?;
                     // In the timeline now: its prev edges (outliers have none) tell the next backfill where the
                     // history continues.
                     let prevs: Vec<String> = p.prev_events.iter().map(|e| e.to_string()).collect();
-                    events::insert_edges(w.conn, nid, &prevs)?;
+                    events::insert_edges(w.db(), nid, &prevs)?;
                     next -= 1;
                     // Auth of history is checked against the events' own auth events (we lack the state there).
                     let rules = crate::room::version::rules(&room.version)?;
                     let rejected = crate::room::remote::authorize_partial(
-                        w.conn,
+                        w.db(),
                         &rules,
                         p,
                         room.current_sg.unwrap_or(StateGroup(0)),
                     )
                     .err();
-                    events::set_backfilled(w.conn, nid, StreamPos(next), rejected.as_deref())?;
+                    events::set_backfilled(w.db(), nid, StreamPos(next), rejected.as_deref())?;
                     n += 1;
                 }
                 Ok(n)

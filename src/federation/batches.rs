@@ -161,7 +161,7 @@ impl Pipeline<'_> {
             out.wait_write += t.elapsed();
             let (store, rid, background) = (self.remote.store.clone(), self.room_id.to_owned(), self.background);
             pending = Some(tokio::spawn(async move {
-                let write = move |w: &mut crate::store::Writer<'_>| persist_outlier_batch(w.conn, &rid, verified);
+                let write = move |w: &mut crate::store::Writer<'_>| persist_outlier_batch(w.db(), &rid, verified);
                 if background {
                     store.write_background(write).await
                 } else {

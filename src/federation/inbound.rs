@@ -274,18 +274,18 @@ pub async fn fetch_outliers(
     let rid = room_id.to_owned();
     r.store
         .write(move |w| {
-            let room = rooms::room_by_id(w.conn, &rid)?.ok_or_else(|| Error::not_found("unknown room"))?;
+            let room = rooms::room_by_id(w.db(), &rid)?.ok_or_else(|| Error::not_found("unknown room"))?;
             let rules = version::rules(&room.version)?;
             for p in &fetched {
-                if events::event_nid(w.conn, p.event_id.as_str())?.is_some() {
+                if events::event_nid(w.db(), p.event_id.as_str())?.is_some() {
                     continue;
                 }
-                let nid = persist_outlier(w.conn, &room, p)?;
+                let nid = persist_outlier(w.db(), &room, p)?;
                 if let Err(reason) =
-                    crate::room::remote::authorize_by_own_auth_events(w.conn, &rules, &room, p, &AuthCache::default())
+                    crate::room::remote::authorize_by_own_auth_events(w.db(), &rules, &room, p, &AuthCache::default())
                 {
                     tracing::info!(room_id = %rid, event_id = %p.event_id, %reason, "fetched auth event rejected");
-                    crate::store::resync::set_rejected_nid(w.conn, nid, &reason)?;
+                    crate::store::resync::set_rejected_nid(w.db(), nid, &reason)?;
                 }
             }
             Ok(())
@@ -351,9 +351,9 @@ async fn place_across_gap(
     let rid = room_id.to_owned();
     s.store
         .write(move |w| {
-            let room = rooms::room_by_id(w.conn, &rid)?.ok_or_else(|| Error::not_found("unknown room"))?;
+            let room = rooms::room_by_id(w.db(), &rid)?.ok_or_else(|| Error::not_found("unknown room"))?;
             let sg = match &branches {
-                Some(b) => crate::room::remote::state_across_gap(w.conn, &room, &pdu, b)?,
+                Some(b) => crate::room::remote::state_across_gap(w.db(), &room, &pdu, b)?,
                 None => room.current_sg.ok_or_else(|| Error::not_found("room has no state"))?,
             };
             handle_incoming(w, &identity, &rid, &pdu, Some(sg))
@@ -581,8 +581,8 @@ async fn handle_edu(s: &FedContext, origin: &str, edu: &Value) -> Result<()> {
             s.store
                 .write(move |w| {
                     for (room_id, types) in rooms {
-                        let Some(room) = rooms::room_by_id(w.conn, &room_id)? else { continue };
-                        if !crate::federation::acl::room_allows(w.conn, room.current_sg, &origin)? {
+                        let Some(room) = rooms::room_by_id(w.db(), &room_id)? else { continue };
+                        if !crate::federation::acl::room_allows(w.db(), room.current_sg, &origin)? {
                             continue;
                         }
                         for (rtype, users) in types.as_object().cloned().unwrap_or_default() {
@@ -644,7 +644,7 @@ async fn handle_edu(s: &FedContext, origin: &str, edu: &Value) -> Result<()> {
                             devices.as_object().cloned().unwrap_or_default().into_iter().collect();
                         for (device, body) in targets {
                             let devs: Vec<String> = if device == "*" {
-                                crate::store::accounts::list_devices(w.conn, &user)?
+                                crate::store::accounts::list_devices(w.db(), &user)?
                                     .into_iter()
                                     .map(|d| d.device_id)
                                     .collect()

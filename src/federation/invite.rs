@@ -105,19 +105,19 @@ pub async fn receive_invite(s: &FedContext, origin: &str, room_id: &str, event_i
     let stripped_json = Value::Array(stripped).to_string();
     s.store
         .write(move |w| {
-            let room = match rooms::room_by_id(w.conn, &rid)? {
+            let room = match rooms::room_by_id(w.db(), &rid)? {
                 Some(r) => r,
                 None => {
-                    let nid = rooms::insert_room(w.conn, &rid, &ver)?;
-                    rooms::room_by_nid(w.conn, nid)?.ok_or_else(|| Error::internal("room vanished"))?
+                    let nid = rooms::insert_room(w.db(), &rid, &ver)?;
+                    rooms::room_by_nid(w.db(), nid)?.ok_or_else(|| Error::internal("room vanished"))?
                 }
             };
             if room.current_sg.is_some() {
                 // We are in the room already: the invite is an ordinary event that will also arrive via /send.
                 return Ok(());
             }
-            let nid = crate::room::remote::persist_outlier(w.conn, &room, &p)?;
-            invite_state::set(w.conn, room.room_nid, &target, &stripped_json)?;
+            let nid = crate::room::remote::persist_outlier(w.db(), &room, &p)?;
+            invite_state::set(w.db(), room.room_nid, &target, &stripped_json)?;
             crate::room::append::apply_membership(w, &identity, room.room_nid, &target, nid)
         })
         .await?;
@@ -176,9 +176,9 @@ pub async fn remote_leave(s: &FedContext, user_id: &str, room_id: &str, servers:
                 let (rid, uid) = (room_id.to_owned(), user_id.to_owned());
                 s.store
                     .write(move |w| {
-                        let room = rooms::room_by_id(w.conn, &rid)?.ok_or_else(|| Error::not_found("unknown room"))?;
-                        let nid = crate::room::remote::persist_outlier(w.conn, &room, &pdu)?;
-                        invite_state::remove(w.conn, room.room_nid, &uid)?;
+                        let room = rooms::room_by_id(w.db(), &rid)?.ok_or_else(|| Error::not_found("unknown room"))?;
+                        let nid = crate::room::remote::persist_outlier(w.db(), &room, &pdu)?;
+                        invite_state::remove(w.db(), room.room_nid, &uid)?;
                         crate::room::append::apply_membership(w, &identity, room.room_nid, &uid, nid)
                     })
                     .await?;

@@ -195,8 +195,8 @@ async fn store_join_answer(
     let (rid, ver) = (room_id.to_owned(), room_version.to_owned());
     s.store
         .write(move |w| {
-            if rooms::room_by_id(w.conn, &rid)?.is_none() {
-                rooms::insert_room(w.conn, &rid, &ver)?;
+            if rooms::room_by_id(w.db(), &rid)?.is_none() {
+                rooms::insert_room(w.db(), &rid, &ver)?;
             }
             Ok(())
         })

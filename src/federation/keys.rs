@@ -15,7 +15,7 @@ use crate::federation::client::FedClient;
 use crate::room::Identity;
 use crate::store::accounts::now_ms;
 use crate::store::server_keys::{self, OldKey};
-use crate::store::Store;
+use crate::store::{Db, Store};
 
 /// How long our published key response is valid.
 const OWN_VALIDITY_MS: i64 = 7 * 24 * 3600 * 1000;
@@ -39,13 +39,13 @@ pub fn own_key_response_with_old(identity: &Identity, old: &[OldKey]) -> Result<
 }
 
 /// Our retired keys, from the key table.
-pub fn own_old_keys(conn: &rusqlite::Connection, server_name: &str) -> Result<Vec<OldKey>> {
+pub fn own_old_keys(conn: Db<'_>, server_name: &str) -> Result<Vec<OldKey>> {
     server_keys::expired_keys(conn, server_name)
 }
 
 /// Retires the current signing key (kept as an old verify key) and generates a new one, in one transaction. Takes
 /// effect at the next start. Returns the new key id.
-pub fn rotate_own_key(conn: &rusqlite::Connection, identity: &Identity) -> Result<String> {
+pub fn rotate_own_key(conn: Db<'_>, identity: &Identity) -> Result<String> {
     let new = Identity::new_signing_key();
     let server_name = identity.server_name.as_str();
     crate::store::identity::rotate(conn, server_name, &identity.key_id, &identity.public_key_b64, &new, now_ms())?;
@@ -242,7 +242,7 @@ impl KeyStore {
         self.store
             .write(move |w| {
                 for (id, key, until, expired) in rows {
-                    server_keys::store_key(w.conn, &server, &id, &key, until, expired.then_some(until))?;
+                    server_keys::store_key(w.db(), &server, &id, &key, until, expired.then_some(until))?;
                 }
                 Ok(())
             })

@@ -88,7 +88,7 @@ struct Ctx<'a> {
 impl Ctx<'_> {
     async fn save(&self, cursor: &ResyncCursor, done: i64, total: Option<i64>) -> Result<()> {
         let (id, text): (JobId, String) = (self.job.job_id, cursor.to_json());
-        self.r.store.write_background(move |w| crate::store::jobs::save_cursor(w.conn, id, &text, done, total)).await
+        self.r.store.write_background(move |w| crate::store::jobs::save_cursor(w.db(), id, &text, done, total)).await
     }
 
     /// `/state_ids` at our join's prev event (residents answer for events they know; Synapse gives the state
@@ -127,7 +127,7 @@ impl Ctx<'_> {
         }
         let total = pdu_ids.len() as i64;
         let room = self.room_nid;
-        let missing = self.r.store.write_background(move |w| rs::record_state_ids(w.conn, room, &pdu_ids)).await?;
+        let missing = self.r.store.write_background(move |w| rs::record_state_ids(w.db(), room, &pdu_ids)).await?;
         tracing::info!(%room_id, %server, state = total, missing, "resync: state ids received");
         let use_state = missing > USE_STATE_ABOVE && missing * 10 >= total;
         cursor.prev = Some(prev);
@@ -217,7 +217,7 @@ impl Ctx<'_> {
             }
             cursor.phase = Phase::Ids;
             let room = self.room_nid;
-            self.r.store.write_background(move |w| rs::clear_state_ids(w.conn, room)).await?;
+            self.r.store.write_background(move |w| rs::clear_state_ids(w.db(), room)).await?;
             self.save(&cursor, 0, None).await?;
             return Ok(Step::More { items: 0 });
         }
@@ -247,7 +247,7 @@ impl Ctx<'_> {
         }
         if !rejected.is_empty() {
             tracing::warn!(room_id = %self.room.room_id, rejected = rejected.len(), first = ?rejected.first(), "resync: state events the resident listed fail auth");
-            self.r.store.write_background(move |w| partial::reject(w.conn, &rejected)).await?;
+            self.r.store.write_background(move |w| partial::reject(w.db(), &rejected)).await?;
         }
         let done = done + n as i64;
         cursor.phase = Phase::Auth { after: last, done };

@@ -45,14 +45,14 @@ async fn ack_flusher(s: Arc<FedContext>, mut rx: mpsc::UnboundedReceiver<Ack>) {
                 for (d, outcome) in &items {
                     match outcome {
                         Outcome::Sent { ids, catch_up_to } => {
-                            outbox::delete(w.conn, ids)?;
+                            outbox::delete(w.db(), ids)?;
                             match catch_up_to {
-                                Some(to) => outbox::finish_catch_up(w.conn, d, &our_server, *to)?,
-                                None => outbox::record_success(w.conn, d)?,
+                                Some(to) => outbox::finish_catch_up(w.db(), d, &our_server, *to)?,
+                                None => outbox::record_success(w.db(), d)?,
                             }
                         }
                         Outcome::Failed => {
-                            let delay = outbox::record_failure(w.conn, d, now, base_ms)?;
+                            let delay = outbox::record_failure(w.db(), d, now, base_ms)?;
                             tracing::info!(destination = %d, retry_in_ms = delay, "backing off");
                         }
                     }

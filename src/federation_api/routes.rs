@@ -8,7 +8,6 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post, put};
 use axum::Router;
 use ruma::RoomId;
-use rusqlite::Connection;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -21,7 +20,7 @@ use crate::room::{load_pdu, parse_room_id, state, version};
 use crate::store::accounts::now_ms;
 use crate::store::ids::{EventNid, StateGroup};
 use crate::store::rooms::{self, RoomRow};
-use crate::store::{e2ee, events, members, notary, state_groups};
+use crate::store::{e2ee, events, members, notary, state_groups, Db};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -136,7 +135,7 @@ fn partial_refusal() -> Error {
 }
 
 /// A room we hold full state for, that `origin` may talk about (ACL).
-fn resident_room(c: &Connection, room_id: &RoomId, origin: &str) -> Result<RoomRow> {
+fn resident_room(c: Db<'_>, room_id: &RoomId, origin: &str) -> Result<RoomRow> {
     let room = rooms::room_by_id(c, room_id.as_str())?.ok_or_else(|| Error::not_found("unknown room"))?;
     if !crate::federation::acl::room_allows(c, room.current_sg, origin)? {
         return Err(Error::forbidden("server denied by the room's ACL"));
@@ -145,7 +144,7 @@ fn resident_room(c: &Connection, room_id: &RoomId, origin: &str) -> Result<RoomR
 }
 
 /// `origin` has (or had) a member in the room: it may read the room's events.
-fn server_in_room(c: &Connection, room: &RoomRow, origin: &str) -> Result<bool> {
+fn server_in_room(c: Db<'_>, room: &RoomRow, origin: &str) -> Result<bool> {
     if members::server_has_member(c, room.room_nid, origin)? {
         return Ok(true);
     }
@@ -161,7 +160,7 @@ fn server_in_room(c: &Connection, room: &RoomRow, origin: &str) -> Result<bool> 
 }
 
 /// make_join/make_leave: an unsigned event template on our current state.
-fn make_membership(c: &Connection, s: &AppState, room: &RoomRow, user_id: &str, membership: &str) -> Result<Value> {
+fn make_membership(c: Db<'_>, s: &AppState, room: &RoomRow, user_id: &str, membership: &str) -> Result<Value> {
     let rules = version::rules(&room.version)?;
     let sg = room.current_sg.ok_or_else(|| Error::not_found("unknown room"))?;
     let mut prev = Vec::new();
@@ -385,10 +384,10 @@ async fn accept_membership(
             }
             let stored = t.elapsed();
             // Tell the other servers in the room (not the one that asked; it already has it).
-            let room = rooms::room_by_id(w.conn, &rid)?.ok_or_else(|| Error::internal("room vanished"))?;
-            let mut dests = members::joined_servers(w.conn, room.room_nid)?;
+            let room = rooms::room_by_id(w.db(), &rid)?.ok_or_else(|| Error::internal("room vanished"))?;
+            let mut dests = members::joined_servers(w.db(), room.room_nid)?;
             dests.retain(|d| d != &o && d != identity.server_name.as_str());
-            crate::store::outbox::enqueue_pdu_to(w.conn, p.event_id.as_str(), &dests)?;
+            crate::store::outbox::enqueue_pdu_to(w.db(), p.event_id.as_str(), &dests)?;
             Ok((stored, t.elapsed() - stored))
         })
         .await?;
@@ -399,13 +398,7 @@ async fn accept_membership(
 
 /// The send_join answer; with `omit_members` only the non-member state, the joiner's previous membership and
 /// heroes (MSC3706/MSC3943), read from the materialised tables — never the whole member list.
-fn send_join_answer(
-    c: &Connection,
-    s: &AppState,
-    room: &RoomRow,
-    join: &crate::room::Pdu,
-    omit: bool,
-) -> Result<Value> {
+fn send_join_answer(c: Db<'_>, s: &AppState, room: &RoomRow, join: &crate::room::Pdu, omit: bool) -> Result<Value> {
     let sg = match state_before(c, room, join)? {
         Ok(sg) => sg,
         Err(_) => room.current_sg.ok_or_else(|| Error::internal("no state"))?,
@@ -529,7 +522,7 @@ struct EventIdQuery {
 }
 
 /// The state group before `event_id`.
-fn state_group_before(c: &Connection, room: &RoomRow, event_id: &str) -> Result<StateGroup> {
+fn state_group_before(c: Db<'_>, room: &RoomRow, event_id: &str) -> Result<StateGroup> {
     let row = events::event_by_id(c, event_id)?
         .filter(|r| r.room_nid == room.room_nid && !r.outlier)
         .ok_or_else(|| Error::not_found("event not found"))?;
@@ -553,7 +546,7 @@ fn state_group_before(c: &Connection, room: &RoomRow, event_id: &str) -> Result<
 type StateAndChain = (Vec<(EventNid, String)>, Vec<EventNid>);
 
 /// State before `event_id` and its auth chain (minus the state itself) — from indexed rows only.
-fn state_at_event_nids(c: &Connection, room: &RoomRow, event_id: &str) -> Result<StateAndChain> {
+fn state_at_event_nids(c: Db<'_>, room: &RoomRow, event_id: &str) -> Result<StateAndChain> {
     let sg = state_group_before(c, room, event_id)?;
     let state = state_groups::state_event_ids(c, sg, None)?;
     let nids: Vec<EventNid> = state.iter().map(|x| x.0).collect();
@@ -563,7 +556,7 @@ fn state_at_event_nids(c: &Connection, room: &RoomRow, event_id: &str) -> Result
     Ok((state, chain))
 }
 
-fn state_at_event(c: &Connection, room: &RoomRow, event_id: &str) -> Result<(Vec<String>, Vec<String>)> {
+fn state_at_event(c: Db<'_>, room: &RoomRow, event_id: &str) -> Result<(Vec<String>, Vec<String>)> {
     let (state, chain) = state_at_event_nids(c, room, event_id)?;
     let mut chain_ids = Vec::with_capacity(chain.len());
     for nid in chain {
@@ -596,7 +589,7 @@ async fn state_ids(
     Ok(axum::Json(body))
 }
 
-fn pdus_json(c: &Connection, ids: &[String]) -> Result<Vec<Value>> {
+fn pdus_json(c: Db<'_>, ids: &[String]) -> Result<Vec<Value>> {
     let mut out = Vec::with_capacity(ids.len());
     for id in ids {
         if let Some(r) = events::event_by_id(c, id)? {
@@ -723,7 +716,7 @@ async fn event_auth(
 }
 
 /// An event by an id from a request: one that does not parse is one we do not have.
-fn load_pdu_by_str(c: &Connection, event_id: &str) -> Result<Option<crate::room::Pdu>> {
+fn load_pdu_by_str(c: Db<'_>, event_id: &str) -> Result<Option<crate::room::Pdu>> {
     match ruma::EventId::parse(event_id) {
         Ok(id) => load_pdu(c, &id),
         Err(_) => Ok(None),
@@ -732,7 +725,7 @@ fn load_pdu_by_str(c: &Connection, event_id: &str) -> Result<Option<crate::room:
 
 /// Walks prev_events backwards from `from` (breadth first), skipping `stop`, up to `limit` events.
 fn walk_back(
-    c: &Connection,
+    c: Db<'_>,
     room: &RoomRow,
     from: &[String],
     stop: &HashSet<String>,
@@ -987,7 +980,7 @@ async fn user_keys_claim(State(s): State<AppState>, signed: Signed) -> Result<im
             }
         }
     }
-    let claimed = s.store.write(move |w| crate::e2ee::claim_local(w.conn, &wanted)).await?;
+    let claimed = s.store.write(move |w| crate::e2ee::claim_local(w.db(), &wanted)).await?;
     Ok(axum::Json(json!({"one_time_keys": claimed})))
 }
 

@@ -20,7 +20,7 @@ use tokio::sync::Notify;
 use crate::error::Result;
 use crate::store::accounts::now_ms;
 use crate::store::ids::JobId;
-use crate::store::Store;
+use crate::store::{Db, Store};
 
 pub use crate::store::jobs::{bump, progress, JobRow};
 
@@ -38,7 +38,7 @@ impl Jobs {
 
 /// Queues a job of `kind` starting from `cursor` (or restarts the room's job of that kind).
 pub fn enqueue(
-    conn: &rusqlite::Connection,
+    conn: Db<'_>,
     kind: &str,
     room_nid: Option<crate::store::ids::RoomNid>,
     priority: i64,
@@ -189,7 +189,7 @@ async fn after_step(cfg: &WorkerConfig, job: &JobRow, result: Result<Step>) {
     match result {
         Ok(Step::Done) => {
             let id = job.job_id;
-            let _ = cfg.store.write_background(move |w| crate::store::jobs::delete(w.conn, id)).await;
+            let _ = cfg.store.write_background(move |w| crate::store::jobs::delete(w.db(), id)).await;
             // A finished job usually wrote a lot: fold the WAL back into the database.
             if let Err(e) = cfg.store.checkpoint(cfg.database_path.clone()).await {
                 tracing::info!(error = %e, "checkpoint after job failed");
@@ -204,7 +204,7 @@ async fn after_step(cfg: &WorkerConfig, job: &JobRow, result: Result<Step>) {
             let _ = cfg
                 .store
                 .write_background(move |w| {
-                    crate::store::jobs::record_failure(w.conn, id, attempts, now_ms() + delay, &msg)
+                    crate::store::jobs::record_failure(w.db(), id, attempts, now_ms() + delay, &msg)
                 })
                 .await;
         }

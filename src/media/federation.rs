@@ -148,7 +148,7 @@ pub async fn fetch_remote(s: &AppState, origin: &str, media_id: &str) -> Result<
         created_ts: now_ms(),
     };
     let r = row.clone();
-    s.store.write(move |w| media::cache_remote(w.conn, &r, &sha256)).await?;
+    s.store.write(move |w| media::cache_remote(w.db(), &r, &sha256)).await?;
     tracing::info!(origin, media_id, size = data.len(), "cached remote media");
     Ok(row)
 }

@@ -146,11 +146,11 @@ async fn create(State(s): State<AppState>, auth: Auth) -> Result<impl IntoRespon
     s.store
         .write(move |w| {
             // Ids reserved long ago and never filled are dropped first.
-            media::drop_stale_reservations(w.conn, &u, now - PENDING_TTL_MS)?;
-            if media::pending_reservations(w.conn, &u, now - PENDING_TTL_MS)? >= MAX_PENDING_PER_USER {
+            media::drop_stale_reservations(w.db(), &u, now - PENDING_TTL_MS)?;
+            if media::pending_reservations(w.db(), &u, now - PENDING_TTL_MS)? >= MAX_PENDING_PER_USER {
                 return Err(Error::limit_exceeded(60_000));
             }
-            media::reserve(w.conn, &o, &m, &u, now)
+            media::reserve(w.db(), &o, &m, &u, now)
         })
         .await?;
     Ok(axum::Json(
@@ -232,15 +232,15 @@ async fn store_upload(s: &AppState, row: MediaRow, headers: &HeaderMap, body: Bo
     let recorded = s
         .store
         .write(move |w| {
-            if quota > 0 && media::usage_of(w.conn, &uploader)? as u64 + size > quota {
+            if quota > 0 && media::usage_of(w.db(), &uploader)? as u64 + size > quota {
                 return Err(quota_error(quota));
             }
             if existing {
-                if !media::fill_reserved(w.conn, &r, size as i64, &sha256)? {
+                if !media::fill_reserved(w.db(), &r, size as i64, &sha256)? {
                     return Err(Error::cannot_overwrite_media());
                 }
             } else {
-                media::insert_upload(w.conn, &r, size as i64, &sha256)?;
+                media::insert_upload(w.db(), &r, size as i64, &sha256)?;
             }
             Ok(())
         })

@@ -89,7 +89,7 @@ pub async fn get_or_make(s: &AppState, row: &MediaRow, req: Request) -> Result<(
     .await;
     if stored.is_ok() {
         let (o, m, c, size) = (row.origin.clone(), row.media_id.clone(), ct.clone(), bytes.len() as i64);
-        s.store.write(move |w| media::record_thumbnail(w.conn, &o, &m, n.size(), &c, size)).await?;
+        s.store.write(move |w| media::record_thumbnail(w.db(), &o, &m, n.size(), &c, size)).await?;
     } else {
         let _ = tokio::fs::remove_file(&tmp).await;
         tracing::warn!(path = %path.display(), "could not cache a thumbnail");

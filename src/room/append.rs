@@ -7,7 +7,6 @@ use ruma::canonical_json::{CanonicalJsonObject, CanonicalJsonValue};
 use ruma::events::TimelineEventType;
 use ruma::room_version_rules::RoomVersionRules;
 use ruma::{Int, RoomId, UserId};
-use rusqlite::Connection;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
@@ -17,7 +16,7 @@ use crate::room::{load_pdu, state, version, Identity, Pdu};
 use crate::store::events::{self, NewEvent};
 use crate::store::ids::{EventNid, RoomNid, StateGroup, StateKeyNid, StreamPos};
 use crate::store::rooms::{self, RoomRow};
-use crate::store::{members, state_groups, Writer};
+use crate::store::{members, state_groups, Db, Writer};
 
 /// An event a local user wants to send.
 #[derive(Clone, Debug)]
@@ -109,7 +108,7 @@ pub fn build_pdu(
     Pdu::from_canonical(obj, event_id, rules).map_err(Error::internal)
 }
 
-pub fn reference(conn: &Connection, nid: EventNid) -> Result<(ruma::OwnedEventId, String, i64)> {
+pub fn reference(conn: Db<'_>, nid: EventNid) -> Result<(ruma::OwnedEventId, String, i64)> {
     let row = events::event_by_nid(conn, nid)?.ok_or_else(|| Error::internal("missing referenced event"))?;
     let v: Value = serde_json::from_str(&row.json)?;
     let sha = v.pointer("/hashes/sha256").and_then(Value::as_str).unwrap_or_default().to_owned();
@@ -120,7 +119,7 @@ pub fn reference(conn: &Connection, nid: EventNid) -> Result<(ruma::OwnedEventId
 /// Runs ruma's event authorisation: state-independent checks against the event's own auth events, then the
 /// state-dependent rules against the state group `sg`.
 pub fn authorize(
-    conn: &Connection,
+    conn: Db<'_>,
     rules: &RoomVersionRules,
     pdu: &Pdu,
     sg: Option<StateGroup>,
@@ -171,7 +170,7 @@ pub fn append_local_or_invite(
     ev: LocalEvent,
     txn: Option<(&str, &str)>,
 ) -> Result<LocalOutcome> {
-    let conn = w.conn;
+    let conn = w.db();
     let room = &rooms::room_by_id(conn, room_id.as_str())?.ok_or_else(|| Error::not_found("unknown room"))?;
     let rules = version::rules(&room.version)?;
     let mut extremities = events::forward_extremities(conn, room.room_nid)?;
@@ -232,7 +231,7 @@ pub fn append_local_or_invite(
         }
     }
     crate::store::outbox::enqueue_pdu(
-        w.conn,
+        w.db(),
         room.room_nid,
         &appended.event_id,
         identity.server_name.as_str(),
@@ -260,9 +259,9 @@ pub fn commit_built(
             return Err(Error::internal("built event lost its prev events"))
         }
     };
-    let room = rooms::room_by_id(w.conn, pdu.room_id.as_str())?.ok_or_else(|| Error::internal("room vanished"))?;
+    let room = rooms::room_by_id(w.db(), pdu.room_id.as_str())?.ok_or_else(|| Error::internal("room vanished"))?;
     crate::store::outbox::enqueue_pdu(
-        w.conn,
+        w.db(),
         room.room_nid,
         &appended.event_id,
         identity.server_name.as_str(),
@@ -271,7 +270,7 @@ pub fn commit_built(
     Ok(appended)
 }
 
-fn check_local_redaction(conn: &Connection, room: &RoomRow, sg: StateGroup, sender: &str, target: &str) -> Result<()> {
+fn check_local_redaction(conn: Db<'_>, room: &RoomRow, sg: StateGroup, sender: &str, target: &str) -> Result<()> {
     let Some(row) = events::event_by_id(conn, target)? else { return Ok(()) };
     if row.room_nid != room.room_nid {
         return Err(Error::not_found("event not found in this room"));
@@ -303,7 +302,7 @@ pub fn persist(
     txn: Option<(&str, &str)>,
 ) -> Result<Appended> {
     let stream = StreamPos(w.next_stream());
-    let conn = w.conn;
+    let conn = w.db();
     let skn = match &pdu.state_key {
         Some(k) => Some(state_groups::state_key_nid(conn, &pdu.kind.to_string(), k)?),
         None => None,
@@ -368,7 +367,7 @@ fn update_current_state(
     sg_before: Option<StateGroup>,
     sg_after: StateGroup,
 ) -> Result<()> {
-    let conn = w.conn;
+    let conn = w.db();
     let extremities = events::forward_extremities(conn, room.room_nid)?;
     let new_sg = if extremities == [event_nid] {
         sg_after
@@ -421,12 +420,12 @@ pub fn apply_membership(
     user_id: &str,
     event_nid: EventNid,
 ) -> Result<()> {
-    let row = events::event_by_nid(w.conn, event_nid)?.ok_or_else(|| Error::internal("member event missing"))?;
+    let row = events::event_by_nid(w.db(), event_nid)?.ok_or_else(|| Error::internal("member event missing"))?;
     let v: Value = serde_json::from_str(&row.json)?;
     let content = v.get("content").cloned().unwrap_or(Value::Null);
     let membership = content.get("membership").and_then(Value::as_str).unwrap_or("leave").to_owned();
     members::upsert_member(
-        w.conn,
+        w.db(),
         &members::MemberUpdate {
             room_nid,
             user_id,
@@ -438,16 +437,16 @@ pub fn apply_membership(
     )?;
     if identity.is_local_user(user_id) {
         let stream = StreamPos(w.next_stream());
-        members::record_local_membership(w.conn, stream, user_id, room_nid, &membership, event_nid)?;
+        members::record_local_membership(w.db(), stream, user_id, room_nid, &membership, event_nid)?;
         if membership == "join" {
-            members::unforget_room(w.conn, user_id, room_nid)?;
+            members::unforget_room(w.db(), user_id, room_nid)?;
         }
     }
     Ok(())
 }
 
 /// Applies an accepted redaction to its target, if we have it and the redaction is allowed to take effect.
-fn apply_redaction(conn: &Connection, room: &RoomRow, rules: &RoomVersionRules, redaction: &Pdu) -> Result<()> {
+fn apply_redaction(conn: Db<'_>, room: &RoomRow, rules: &RoomVersionRules, redaction: &Pdu) -> Result<()> {
     let Some(target_id) = &redaction.redacts else { return Ok(()) };
     let Some(target) = events::event_by_id(conn, target_id.as_str())? else { return Ok(()) };
     if target.room_nid != room.room_nid || target.redacted_by.is_some() {

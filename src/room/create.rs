@@ -56,7 +56,7 @@ pub fn create_room(
     }
     let rules = version::rules(&ver)?;
     if let Some(alias) = &req.alias {
-        if crate::store::rooms::alias_target(w.conn, alias)?.is_some() {
+        if crate::store::rooms::alias_target(w.db(), alias)?.is_some() {
             return Err(Error::room_in_use("room alias already taken"));
         }
     }
@@ -81,14 +81,14 @@ pub fn create_room(
     let pdu = build_pdu(identity, &rules, room_id.as_deref(), &req.creator, &create_ev, &[], &[], 1)?;
     let room_id = pdu.room_id.to_string();
     let rid = pdu.room_id.clone();
-    let room_nid = rooms::insert_room(w.conn, &room_id, &ver)?;
-    let room = rooms::room_by_nid(w.conn, room_nid)?.ok_or_else(|| Error::internal("room vanished"))?;
-    append::authorize(w.conn, &rules, &pdu, None).map_err(|e| Error::bad_json(format!("invalid create event: {e}")))?;
+    let room_nid = rooms::insert_room(w.db(), &room_id, &ver)?;
+    let room = rooms::room_by_nid(w.db(), room_nid)?.ok_or_else(|| Error::internal("room vanished"))?;
+    append::authorize(w.db(), &rules, &pdu, None).map_err(|e| Error::bad_json(format!("invalid create event: {e}")))?;
     persist(w, identity, &room, &rules, &pdu, None, Outcome::Accepted, None)?;
     let send = |w: &mut Writer<'_>, ev: LocalEvent| append::append_local(w, identity, &rid, &req.creator, ev, None);
 
     // The creator joins.
-    let profile = crate::store::accounts::get_user(w.conn, req.creator.as_str())?;
+    let profile = crate::store::accounts::get_user(w.db(), req.creator.as_str())?;
     let mut member = json!({"membership": "join"});
     if let Some(p) = &profile {
         if let Some(d) = &p.displayname {
@@ -187,10 +187,10 @@ pub fn create_room(
         }
     }
     if let Some(alias) = &req.alias {
-        crate::store::rooms::insert_alias(w.conn, alias, &room_id, req.creator.as_str())?;
+        crate::store::rooms::insert_alias(w.db(), alias, &room_id, req.creator.as_str())?;
     }
     if req.visibility_public {
-        crate::store::rooms::set_published(w.conn, &room_id, true)?;
+        crate::store::rooms::set_published(w.db(), &room_id, true)?;
     }
     Ok((room_id, remote_invites))
 }

@@ -14,9 +14,9 @@ use crate::store::{members, notary, rooms, state_groups, Writer};
 
 /// Creates the room row (or returns the existing one's nid).
 pub fn ensure_room(w: &mut Writer<'_>, room_id: &RoomId, version: &str) -> Result<RoomNid> {
-    match rooms::room_by_id(w.conn, room_id.as_str())? {
+    match rooms::room_by_id(w.db(), room_id.as_str())? {
         Some(r) => Ok(r.room_nid),
-        None => rooms::insert_room(w.conn, room_id.as_str(), version),
+        None => rooms::insert_room(w.db(), room_id.as_str(), version),
     }
 }
 
@@ -24,7 +24,7 @@ pub fn ensure_room(w: &mut Writer<'_>, room_id: &RoomId, version: &str) -> Resul
 pub fn import_events(w: &mut Writer<'_>, room_nid: RoomNid, pdus: &[Pdu]) -> Result<usize> {
     for p in pdus {
         let stream = StreamPos(w.next_stream());
-        let conn = w.conn;
+        let conn = w.db();
         let skn = match &p.state_key {
             Some(k) => Some(state_groups::state_key_nid(conn, &p.kind.to_string(), k)?),
             None => None,
@@ -63,7 +63,7 @@ pub fn import_finish(
     timeline_from: &EventId,
     last_event: &EventId,
 ) -> Result<StateGroup> {
-    let conn = w.conn;
+    let conn = w.db();
     let mut map = HashMap::with_capacity(state_event_ids.len());
     let mut members = Vec::new();
     for id in state_event_ids {
@@ -107,5 +107,5 @@ pub fn import_finish(
 
 /// Stores another server's self-signed key response for serving as a notary.
 pub fn store_notary_key(w: &mut Writer<'_>, server_name: &ServerName, response: &str) -> Result<()> {
-    notary::store_notary_key(w.conn, server_name.as_str(), response)
+    notary::store_notary_key(w.db(), server_name.as_str(), response)
 }

@@ -1,7 +1,6 @@
 //! Membership changes and who may see what.
 
 use ruma::{RoomId, UserId};
-use rusqlite::Connection;
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
@@ -9,7 +8,7 @@ use crate::room::append::{append_local_or_invite, Appended, LocalEvent, LocalOut
 use crate::room::Identity;
 use crate::store::ids::{EventNid, StateGroup, StreamPos};
 use crate::store::rooms::{self, RoomRow};
-use crate::store::{accounts, events, members, Writer};
+use crate::store::{accounts, events, members, Db, Writer};
 
 /// Writes `target`'s membership (join/leave/invite/ban) as `sender`, with ruma's auth deciding if it is allowed.
 /// An invite of a remote user comes back unstored, for the invitee's server to countersign.
@@ -24,14 +23,14 @@ pub fn set_membership(
     reason: Option<&str>,
     extra: Option<Value>,
 ) -> Result<LocalOutcome> {
-    let room = rooms::room_by_id(w.conn, room_id.as_str())?.ok_or_else(|| Error::not_found("unknown room"))?;
+    let room = rooms::room_by_id(w.db(), room_id.as_str())?.ok_or_else(|| Error::not_found("unknown room"))?;
     let mut content = json!({"membership": membership});
     if let Some(r) = reason {
         content["reason"] = json!(r);
     }
     if membership == "join" || membership == "invite" {
         // Profile of the target for local users; remote profiles are filled by their own server on join.
-        if let Some(u) = accounts::get_user(w.conn, target.as_str())? {
+        if let Some(u) = accounts::get_user(w.db(), target.as_str())? {
             if let Some(d) = u.displayname {
                 content["displayname"] = json!(d);
             }
@@ -45,18 +44,18 @@ pub fn set_membership(
             obj.entry(k).or_insert(v);
         }
     }
-    let current = members::membership_of(w.conn, room.room_nid, target.as_str())?.map(|m| m.0);
+    let current = members::membership_of(w.db(), room.room_nid, target.as_str())?.map(|m| m.0);
     // Idempotent no-ops that auth would reject or that would spam the timeline.
     if membership == "join" && current.as_deref() == Some("join") && sender == target {
-        let nid = members::membership_of(w.conn, room.room_nid, target.as_str())?.map_or(EventNid(0), |m| m.1);
-        let row = events::event_by_nid(w.conn, nid)?.ok_or_else(|| Error::internal("member event missing"))?;
+        let nid = members::membership_of(w.db(), room.room_nid, target.as_str())?.map_or(EventNid(0), |m| m.1);
+        let row = events::event_by_nid(w.db(), nid)?.ok_or_else(|| Error::internal("member event missing"))?;
         let stream = row.stream_ordering.unwrap_or(StreamPos(0));
         return Ok(LocalOutcome::Appended(Appended { event_id: row.event_id, event_nid: nid, stream }));
     }
     if membership == "leave" && sender == target && current.as_deref() == Some("leave") {
         // Leaving again after one's own leave is a no-op answering with that leave (as in Synapse).
-        let nid = members::membership_of(w.conn, room.room_nid, target.as_str())?.map_or(EventNid(0), |m| m.1);
-        let row = events::event_by_nid(w.conn, nid)?.ok_or_else(|| Error::internal("member event missing"))?;
+        let nid = members::membership_of(w.db(), room.room_nid, target.as_str())?.map_or(EventNid(0), |m| m.1);
+        let row = events::event_by_nid(w.db(), nid)?.ok_or_else(|| Error::internal("member event missing"))?;
         if row.sender == target.as_str() {
             let stream = row.stream_ordering.unwrap_or(StreamPos(0));
             return Ok(LocalOutcome::Appended(Appended { event_id: row.event_id, event_nid: nid, stream }));
@@ -85,7 +84,7 @@ pub enum Visibility {
     None,
 }
 
-pub fn visibility(conn: &Connection, room: &RoomRow, user_id: &str) -> Result<Visibility> {
+pub fn visibility(conn: Db<'_>, room: &RoomRow, user_id: &str) -> Result<Visibility> {
     match members::membership_of(conn, room.room_nid, user_id)? {
         Some((m, _)) if m == "join" => return Ok(Visibility::All),
         Some((m, nid))
@@ -106,7 +105,7 @@ pub fn visibility(conn: &Connection, room: &RoomRow, user_id: &str) -> Result<Vi
 }
 
 /// Loads a room the user may read, or 403/404.
-pub fn readable_room(conn: &Connection, room_id: &str, user_id: &str) -> Result<(RoomRow, Visibility)> {
+pub fn readable_room(conn: Db<'_>, room_id: &str, user_id: &str) -> Result<(RoomRow, Visibility)> {
     let room = rooms::room_by_id(conn, room_id)?.ok_or_else(|| Error::forbidden("you are not in this room"))?;
     match visibility(conn, &room, user_id)? {
         Visibility::None => Err(Error::forbidden("you are not in this room")),
@@ -115,7 +114,7 @@ pub fn readable_room(conn: &Connection, room_id: &str, user_id: &str) -> Result<
 }
 
 /// State group to show a user: current state for members, the state at their leave for former members.
-pub fn visible_state_group(conn: &Connection, room: &RoomRow, vis: Visibility) -> Result<Option<StateGroup>> {
+pub fn visible_state_group(conn: Db<'_>, room: &RoomRow, vis: Visibility) -> Result<Option<StateGroup>> {
     match vis {
         Visibility::UpTo(pos) => events::sg_at_stream(conn, room.room_nid, StreamPos(pos)),
         _ => Ok(room.current_sg),
@@ -125,7 +124,7 @@ pub fn visible_state_group(conn: &Connection, room: &RoomRow, vis: Visibility) -
 /// The first stream position a user may read in a room, from the room's history visibility (taken from the
 /// current state): `shared`/`world_readable` everything, `invited` from their first invite or join, `joined` from
 /// their first join. Applied to `/messages`, `/context`, `/event` and the sync timeline.
-pub fn visible_from(conn: &Connection, room: &RoomRow, user_id: &str) -> Result<i64> {
+pub fn visible_from(conn: Db<'_>, room: &RoomRow, user_id: &str) -> Result<i64> {
     let Some(sg) = room.current_sg else { return Ok(i64::MIN) };
     let hv = crate::room::state_content(conn, sg, "m.room.history_visibility", "")?
         .and_then(|v| v.get("history_visibility").and_then(Value::as_str).map(str::to_owned))

@@ -19,12 +19,11 @@ use std::sync::Arc;
 
 use ruma::signatures::Ed25519KeyPair;
 use ruma::{EventId, OwnedRoomId, OwnedServerName, OwnedUserId, RoomId, UserId};
-use rusqlite::Connection;
 
 use crate::error::Result;
 use crate::store::identity::SigningKey;
 use crate::store::ids::StateGroup;
-use crate::store::{events, rooms, state_groups};
+use crate::store::{events, rooms, state_groups, Db};
 pub use pdu::Pdu;
 
 /// This server's name and signing key.
@@ -38,7 +37,7 @@ pub struct Identity {
 
 impl Identity {
     /// Loads the identity from the database, creating it (name and signing key, in one transaction) on first start.
-    pub fn load_or_create(conn: &Connection, server_name: &str) -> anyhow::Result<Arc<Identity>> {
+    pub fn load_or_create(conn: Db<'_>, server_name: &str) -> anyhow::Result<Arc<Identity>> {
         let key = crate::store::identity::load_or_create(conn, server_name, Identity::new_signing_key)?;
         Identity::from_key(server_name, &key).map(Arc::new)
     }
@@ -85,12 +84,12 @@ pub fn parse_user_id(user_id: &str) -> Result<OwnedUserId> {
 }
 
 /// Loads a stored event as a [`Pdu`] (for auth and state resolution).
-pub fn load_pdu(conn: &Connection, event_id: &EventId) -> Result<Option<Pdu>> {
+pub fn load_pdu(conn: Db<'_>, event_id: &EventId) -> Result<Option<Pdu>> {
     let Some(row) = events::event_by_id(conn, event_id.as_str())? else { return Ok(None) };
     pdu_from_row(conn, &row).map(Some)
 }
 
-pub fn pdu_from_row(conn: &Connection, row: &events::EventRow) -> Result<Pdu> {
+pub fn pdu_from_row(conn: Db<'_>, row: &events::EventRow) -> Result<Pdu> {
     let room =
         rooms::room_by_nid(conn, row.room_nid)?.ok_or_else(|| crate::error::Error::internal("event without room"))?;
     pdu_from_row_with(row, &version::rules(&room.version)?)
@@ -98,7 +97,7 @@ pub fn pdu_from_row(conn: &Connection, row: &events::EventRow) -> Result<Pdu> {
 
 /// [`load_pdu`] when the room version's rules are at hand: no room lookup per event (auth checks of many events).
 pub fn load_pdu_with(
-    conn: &Connection,
+    conn: Db<'_>,
     event_id: &str,
     rules: &ruma::room_version_rules::RoomVersionRules,
 ) -> Result<Option<Pdu>> {
@@ -114,7 +113,7 @@ fn pdu_from_row_with(row: &events::EventRow, rules: &ruma::room_version_rules::R
 }
 
 /// Looks up `(type, state_key)` in a state group and loads that event.
-pub fn state_event(conn: &Connection, sg: StateGroup, event_type: &str, state_key: &str) -> Result<Option<Pdu>> {
+pub fn state_event(conn: Db<'_>, sg: StateGroup, event_type: &str, state_key: &str) -> Result<Option<Pdu>> {
     let Some(skn) = state_groups::find_state_key_nid(conn, event_type, state_key)? else { return Ok(None) };
     let Some(nid) = state_groups::lookup_state(conn, sg, skn)? else { return Ok(None) };
     let Some(row) = events::event_by_nid(conn, nid)? else { return Ok(None) };
@@ -123,7 +122,7 @@ pub fn state_event(conn: &Connection, sg: StateGroup, event_type: &str, state_ke
 
 /// Content of a state event in a group, as JSON.
 pub fn state_content(
-    conn: &Connection,
+    conn: Db<'_>,
     sg: StateGroup,
     event_type: &str,
     state_key: &str,

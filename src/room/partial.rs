@@ -31,7 +31,7 @@ use crate::store::members;
 use crate::store::resync as rs;
 use crate::store::rooms::{self, RoomRow};
 use crate::store::state_groups;
-use crate::store::Writer;
+use crate::store::{Db, Writer};
 
 /// The job kind that resyncs a partial room.
 pub const RESYNC_JOB: &str = "resync";
@@ -206,7 +206,7 @@ pub struct JoinedState<'a> {
 /// Persists our join on top of the answer's state: one root group (marked partial when members were omitted),
 /// the room flagged partial, its servers recorded and the resync job queued. One transaction.
 pub fn begin(w: &mut Writer<'_>, identity: &Identity, j: &JoinedState<'_>) -> Result<()> {
-    let conn = w.conn;
+    let conn = w.db();
     let rules = version::rules(j.room_version)?;
     let room_nid = match rooms::room_by_id(conn, j.room_id)? {
         Some(r) => r.room_nid,
@@ -235,9 +235,9 @@ pub fn begin(w: &mut Writer<'_>, identity: &Identity, j: &JoinedState<'_>) -> Re
     persist(w, identity, &room, &rules, j.join, Some(sg), Outcome::Accepted, None)?;
     if j.partial {
         let servers = j.servers_in_room.iter().map(String::as_str).chain(std::iter::once(j.via));
-        rs::add_partial_servers(w.conn, room_nid, servers)?;
+        rs::add_partial_servers(w.db(), room_nid, servers)?;
         let cursor = ResyncCursor::start(j.join.event_id.as_str(), sg, j.via, j.servers_in_room);
-        crate::store::jobs::enqueue(w.conn, RESYNC_JOB, Some(room_nid), 10, &cursor.to_json())?;
+        crate::store::jobs::enqueue(w.db(), RESYNC_JOB, Some(room_nid), 10, &cursor.to_json())?;
     }
     Ok(())
 }
@@ -247,7 +247,7 @@ pub fn begin(w: &mut Writer<'_>, identity: &Identity, j: &JoinedState<'_>) -> Re
 
 /// The first non-member state event of group `sg` (what the resident sent at join) that `listed` (a
 /// `/state_ids` answer) lacks: a resident that disagrees with its own answer is lying or broken.
-pub fn check_state_ids(conn: &rusqlite::Connection, sg: StateGroup, listed: &[String]) -> Result<Option<String>> {
+pub fn check_state_ids(conn: Db<'_>, sg: StateGroup, listed: &[String]) -> Result<Option<String>> {
     let listed: HashSet<&str> = listed.iter().map(String::as_str).collect();
     for nid in state_groups::load_state(conn, sg)?.values() {
         if let Some(r) = events::event_by_nid(conn, *nid)? {
@@ -260,7 +260,7 @@ pub fn check_state_ids(conn: &rusqlite::Connection, sg: StateGroup, listed: &[St
 }
 
 /// The first prev event of our join `join_event` (stored): the event residents are asked the state at.
-pub fn join_prev_event(conn: &rusqlite::Connection, join_event: &str) -> Result<String> {
+pub fn join_prev_event(conn: Db<'_>, join_event: &str) -> Result<String> {
     let row = events::event_by_id(conn, join_event)?.ok_or_else(|| Error::internal("join event missing"))?;
     let v: Value = serde_json::from_str(&row.json)?;
     v["prev_events"][0].as_str().map(str::to_owned).ok_or_else(|| Error::internal("join event without prev events"))
@@ -268,7 +268,7 @@ pub fn join_prev_event(conn: &rusqlite::Connection, join_event: &str) -> Result<
 
 /// Those of `ids` (stored events) that their own auth events do not allow, with the reason. Already rejected
 /// ones are skipped; one whose auth events we lack stays unjudged (our missing data is no proof against it).
-pub fn judge(conn: &rusqlite::Connection, room: &RoomRow, ids: &[String]) -> Result<Vec<(String, String)>> {
+pub fn judge(conn: Db<'_>, room: &RoomRow, ids: &[String]) -> Result<Vec<(String, String)>> {
     let rules = version::rules(&room.version)?;
     let cache = AuthCache::default();
     let mut out = Vec::new();
@@ -290,7 +290,7 @@ pub fn judge(conn: &rusqlite::Connection, room: &RoomRow, ids: &[String]) -> Res
 }
 
 /// Marks the events [`judge`] found forbidden as rejected (they stay out of the state).
-pub fn reject(conn: &rusqlite::Connection, rejected: &[(String, String)]) -> Result<()> {
+pub fn reject(conn: Db<'_>, rejected: &[(String, String)]) -> Result<()> {
     for (id, reason) in rejected {
         rs::set_rejected(conn, id, reason)?;
     }
@@ -314,16 +314,16 @@ pub fn fill_chunk(
     prev: Option<&str>,
     (after, limit): (&str, usize),
 ) -> Result<(Option<String>, usize)> {
-    let rows = rs::fetched_state_after(w.conn, room, after, limit.max(1))?;
+    let rows = rs::fetched_state_after(w.db(), room, after, limit.max(1))?;
     let Some(last) = rows.last().map(|r| r.event_id.clone()) else { return Ok((None, 0)) };
     let (newest, rest): (Vec<&rs::FetchedState>, Vec<&rs::FetchedState>) =
         rows.iter().partition(|r| Some(r.event_id.as_str()) == prev);
     let entries: Vec<(StateKeyNid, EventNid)> = rest.iter().map(|r| (r.state_key_nid, r.event_nid)).collect();
-    rs::add_group_entries_if_absent(w.conn, sg, &entries)?;
+    rs::add_group_entries_if_absent(w.db(), sg, &entries)?;
     for r in newest {
-        rs::set_group_entry(w.conn, sg, r.state_key_nid, r.event_nid)?;
+        rs::set_group_entry(w.db(), sg, r.state_key_nid, r.event_nid)?;
     }
-    if let Some(current) = rooms::room_by_nid(w.conn, room)?.and_then(|r| r.current_sg) {
+    if let Some(current) = rooms::room_by_nid(w.db(), room)?.and_then(|r| r.current_sg) {
         for r in rows.iter().filter(|r| r.event_type == "m.room.member") {
             refresh_membership(w, identity, room, current, &r.state_key, r.state_key_nid)?;
         }
@@ -340,8 +340,8 @@ fn refresh_membership(
     user: &str,
     skn: StateKeyNid,
 ) -> Result<()> {
-    if let Some(nid) = state_groups::lookup_state(w.conn, current, skn)? {
-        if members::membership_of(w.conn, room, user)?.map(|m| m.1) != Some(nid) {
+    if let Some(nid) = state_groups::lookup_state(w.db(), current, skn)? {
+        if members::membership_of(w.db(), room, user)?.map(|m| m.1) != Some(nid) {
             apply_membership(w, identity, room, user, nid)?;
         }
     }
@@ -363,7 +363,7 @@ pub fn complete(
     sg: StateGroup,
     join_event: &str,
 ) -> Result<i64> {
-    let conn = w.conn;
+    let conn = w.db();
     rs::set_group_partial(conn, sg, false)?;
     rs::set_room_partial(conn, room, false)?;
     let flipped = reauthorise_since_join(conn, room, join_event)?;
@@ -376,11 +376,11 @@ pub fn complete(
     for (user, skn) in rs::members_touched_since(conn, room, since)? {
         refresh_membership(w, identity, room, current, &user, skn)?;
     }
-    let told = announce_devices_to_new_servers(w.conn, identity, room, since, sg)?;
+    let told = announce_devices_to_new_servers(w.db(), identity, room, since, sg)?;
     if told > 0 {
         tracing::info!(room_nid = %room, told, "resync: device list updates sent to servers learned from the full state");
     }
-    let conn = w.conn;
+    let conn = w.db();
     rs::clear_partial_servers(conn, room)?;
     rs::clear_state_ids(conn, room)?;
     let (joined, _) = members::member_counts(conn, room)?;
@@ -388,7 +388,7 @@ pub fn complete(
         rs::joined_members(conn, room)?.into_iter().filter(|(u, _)| identity.is_local_user(u)).collect();
     for (user, nid) in locals {
         let pos = StreamPos(w.next_stream());
-        members::record_local_membership(w.conn, pos, &user, room, "join", nid)?;
+        members::record_local_membership(w.db(), pos, &user, room, "join", nid)?;
     }
     Ok(joined)
 }
@@ -400,7 +400,7 @@ pub fn complete(
 /// filled) count too, even if they have left since: they were in the room when the updates went out (Synapse sends
 /// each missed update to the hosts in the room at the time of the change).
 fn announce_devices_to_new_servers(
-    conn: &rusqlite::Connection,
+    conn: Db<'_>,
     identity: &Identity,
     room: RoomNid,
     since: StreamPos,
@@ -431,7 +431,7 @@ fn announce_devices_to_new_servers(
 }
 
 /// Servers with a joined member in state group `sg`.
-fn joined_servers_in_state(conn: &rusqlite::Connection, sg: StateGroup) -> Result<HashSet<String>> {
+fn joined_servers_in_state(conn: Db<'_>, sg: StateGroup) -> Result<HashSet<String>> {
     let mut servers = HashSet::new();
     for (user, nid) in state_groups::load_state_of_type(conn, sg, "m.room.member")? {
         let Some(row) = events::event_by_nid(conn, nid)? else { continue };
@@ -449,13 +449,7 @@ fn joined_servers_in_state(conn: &rusqlite::Connection, sg: StateGroup) -> Resul
 /// accepted children becomes an extremity in place of its prev events (rejected events never became one, so its
 /// state would otherwise never reach the current state); a newly rejected one stops being one, and its prev
 /// events without other accepted children take its place.
-fn fix_extremities(
-    conn: &rusqlite::Connection,
-    room: RoomNid,
-    row: &EventRow,
-    pdu: &Pdu,
-    accepted: bool,
-) -> Result<()> {
+fn fix_extremities(conn: Db<'_>, room: RoomNid, row: &EventRow, pdu: &Pdu, accepted: bool) -> Result<()> {
     let nid = row.event_nid;
     if accepted {
         if !rs::has_accepted_child(conn, room, &row.event_id, nid)? {
@@ -478,7 +472,7 @@ fn fix_extremities(
 /// Replays the events received while the room was partial, in stream order, against the now complete state:
 /// re-authorises each (rejections may flip both ways), rebuilds their state groups and the current state.
 /// Returns how many events changed outcome. Bounded by the events since the join (usually few).
-fn reauthorise_since_join(conn: &rusqlite::Connection, room: RoomNid, join_event: &str) -> Result<usize> {
+fn reauthorise_since_join(conn: Db<'_>, room: RoomNid, join_event: &str) -> Result<usize> {
     let row = rooms::room_by_nid(conn, room)?.ok_or_else(|| Error::internal("room vanished"))?;
     let rules = version::rules(&row.version)?;
     let Some(join) = events::event_by_id(conn, join_event)? else { return Ok(0) };
@@ -529,8 +523,7 @@ mod tests {
     use crate::room::append::{append_local, build_pdu, reference, LocalEvent};
     use crate::room::create::{create_room, CreateRoom};
     use crate::room::remote::persist_outlier;
-    use crate::store::testing::{memory_db, write};
-    use rusqlite::Connection;
+    use crate::store::testing::{memory_db, write, MemDb};
     use serde_json::json;
     use std::sync::Arc;
 
@@ -544,7 +537,7 @@ mod tests {
 
     /// A public room created by local `@a:test`, then flagged partial with its current group as the base group.
     struct Fixture {
-        conn: Connection,
+        conn: MemDb,
         stream: i64,
         identity: Arc<Identity>,
         room: RoomRow,
@@ -553,18 +546,18 @@ mod tests {
 
     fn partial_room() -> Fixture {
         let mut conn = memory_db();
-        let identity = Identity::load_or_create(&conn, "test").unwrap();
+        let identity = Identity::load_or_create(conn.db(), "test").unwrap();
         let mut stream = 0;
         let req = CreateRoom { preset: Some("public_chat".into()), ..CreateRoom::new(uid("@a:test")) };
         let (room_id, _) = write(&mut conn, &mut stream, |w| create_room(w, &identity, req)).unwrap();
-        let room = rooms::room_by_id(&conn, &room_id).unwrap().unwrap();
+        let room = rooms::room_by_id(conn.db(), &room_id).unwrap().unwrap();
         // The base group of a partial room is a root holding the whole (partial) state, as `begin` writes it.
-        let full = state_groups::load_state(&conn, room.current_sg.unwrap()).unwrap();
-        let sg = state::write_full(&conn, room.room_nid, &full).unwrap();
-        rooms::set_current_sg(&conn, room.room_nid, sg).unwrap();
-        rs::set_room_partial(&conn, room.room_nid, true).unwrap();
-        rs::set_group_partial(&conn, sg, true).unwrap();
-        let room = rooms::room_by_nid(&conn, room.room_nid).unwrap().unwrap();
+        let full = state_groups::load_state(conn.db(), room.current_sg.unwrap()).unwrap();
+        let sg = state::write_full(conn.db(), room.room_nid, &full).unwrap();
+        rooms::set_current_sg(conn.db(), room.room_nid, sg).unwrap();
+        rs::set_room_partial(conn.db(), room.room_nid, true).unwrap();
+        rs::set_group_partial(conn.db(), sg, true).unwrap();
+        let room = rooms::room_by_nid(conn.db(), room.room_nid).unwrap().unwrap();
         Fixture { conn, stream, identity, room, sg }
     }
 
@@ -575,9 +568,9 @@ mod tests {
 
         /// The reference of the current state event `(kind, key)`.
         fn state_ref(&self, kind: &str, key: &str) -> (ruma::OwnedEventId, String) {
-            let skn = state_groups::find_state_key_nid(&self.conn, kind, key).unwrap().unwrap();
-            let nid = state_groups::lookup_state(&self.conn, self.sg, skn).unwrap().unwrap();
-            let (id, sha, _) = reference(&self.conn, nid).unwrap();
+            let skn = state_groups::find_state_key_nid(self.conn.db(), kind, key).unwrap().unwrap();
+            let nid = state_groups::lookup_state(self.conn.db(), self.sg, skn).unwrap().unwrap();
+            let (id, sha, _) = reference(self.conn.db(), nid).unwrap();
             (id, sha)
         }
 
@@ -595,7 +588,7 @@ mod tests {
             let room_id = rid(&self.room.room_id);
             let pdu =
                 build_pdu(&self.identity, &rules, Some(&room_id), &uid(sender), &ev, &create_ref, &auth, 5).unwrap();
-            persist_outlier(&self.conn, &self.room, &pdu).unwrap();
+            persist_outlier(self.conn.db(), &self.room, &pdu).unwrap();
             pdu.event_id.to_string()
         }
 
@@ -609,11 +602,11 @@ mod tests {
     #[test]
     fn check_state_ids_wants_every_non_member_event_held() {
         let f = partial_room();
-        let state = state_groups::state_event_ids(&f.conn, f.sg, Some("m.room.member")).unwrap();
+        let state = state_groups::state_event_ids(f.conn.db(), f.sg, Some("m.room.member")).unwrap();
         let mut listed: Vec<String> = state.into_iter().map(|(_, id)| id).collect();
-        assert_eq!(check_state_ids(&f.conn, f.sg, &listed).unwrap(), None, "members need not be listed");
+        assert_eq!(check_state_ids(f.conn.db(), f.sg, &listed).unwrap(), None, "members need not be listed");
         let dropped = listed.pop().unwrap();
-        assert_eq!(check_state_ids(&f.conn, f.sg, &listed).unwrap(), Some(dropped));
+        assert_eq!(check_state_ids(f.conn.db(), f.sg, &listed).unwrap(), Some(dropped));
     }
 
     #[test]
@@ -627,8 +620,8 @@ mod tests {
             .filter(|(k, _)| !(skip_create && *k == "m.room.create"))
             .map(|(k, s)| f.state_ref(k, s))
             .collect();
-        let last = *events::forward_extremities(&f.conn, f.room.room_nid).unwrap().first().unwrap();
-        let (prev, sha, depth) = reference(&f.conn, last).unwrap();
+        let last = *events::forward_extremities(f.conn.db(), f.room.room_nid).unwrap().first().unwrap();
+        let (prev, sha, depth) = reference(f.conn.db(), last).unwrap();
         let ev = LocalEvent::state("m.room.member", "@b:test", json!({"membership": "join"}));
         let join = build_pdu(
             &f.identity,
@@ -641,7 +634,7 @@ mod tests {
             depth + 1,
         )
         .unwrap();
-        let state_ids: Vec<String> = state_groups::state_event_ids(&f.conn, f.sg, Some("m.room.member"))
+        let state_ids: Vec<String> = state_groups::state_event_ids(f.conn.db(), f.sg, Some("m.room.member"))
             .unwrap()
             .into_iter()
             .map(|(_, id)| id)
@@ -659,15 +652,15 @@ mod tests {
         };
         write(&mut f.conn, &mut f.stream, |w| begin(w, &identity, &joined)).unwrap();
 
-        let room = rooms::room_by_nid(&f.conn, f.room.room_nid).unwrap().unwrap();
+        let room = rooms::room_by_nid(f.conn.db(), f.room.room_nid).unwrap().unwrap();
         assert!(room.partial_state);
-        assert_eq!(members::membership_of(&f.conn, room.room_nid, "@b:test").unwrap().unwrap().0, "join");
-        let job = crate::store::jobs::next_due(&f.conn).unwrap().expect("resync queued");
+        assert_eq!(members::membership_of(f.conn.db(), room.room_nid, "@b:test").unwrap().unwrap().0, "join");
+        let job = crate::store::jobs::next_due(f.conn.db()).unwrap().expect("resync queued");
         assert_eq!((job.kind.as_str(), job.room_nid), (RESYNC_JOB, Some(f.nid())));
         let cursor = ResyncCursor::parse(&job.cursor).unwrap();
         assert_eq!((cursor.join_event.as_str(), &cursor.phase), (join.event_id.as_str(), &Phase::Ids));
         assert_eq!(cursor.servers(), ["resident", "other"]);
-        assert_eq!(rs::servers_missed_while_partial(&f.conn, f.nid(), "test").unwrap(), Vec::<String>::new());
+        assert_eq!(rs::servers_missed_while_partial(f.conn.db(), f.nid(), "test").unwrap(), Vec::<String>::new());
     }
 
     #[test]
@@ -725,14 +718,14 @@ mod tests {
         let name = LocalEvent::state("m.room.name", "", json!({"name": "hijacked"}));
         let forbidden = f.remote_state("@c:other", name, &[("m.room.create", ""), ("m.room.power_levels", "")]);
         let ids = vec![joined.clone(), forbidden.clone()];
-        rs::record_state_ids(&f.conn, f.nid(), &ids).unwrap();
+        rs::record_state_ids(f.conn.db(), f.nid(), &ids).unwrap();
 
-        let verdicts = judge(&f.conn, &f.room, &ids).unwrap();
+        let verdicts = judge(f.conn.db(), &f.room, &ids).unwrap();
         assert_eq!(verdicts.len(), 1, "{verdicts:?}");
         assert_eq!(verdicts[0].0, forbidden);
-        reject(&f.conn, &verdicts).unwrap();
-        assert!(events::event_by_id(&f.conn, &forbidden).unwrap().unwrap().rejected.is_some());
-        assert!(judge(&f.conn, &f.room, &ids).unwrap().is_empty(), "rejected events are not judged again");
+        reject(f.conn.db(), &verdicts).unwrap();
+        assert!(events::event_by_id(f.conn.db(), &forbidden).unwrap().unwrap().rejected.is_some());
+        assert!(judge(f.conn.db(), &f.room, &ids).unwrap().is_empty(), "rejected events are not judged again");
 
         let (identity, nid, sg) = (f.identity.clone(), f.nid(), f.sg);
         let (mut conn, mut stream) = (f.conn, f.stream);
@@ -741,13 +734,13 @@ mod tests {
         let (again, n) =
             write(&mut conn, &mut stream, |w| fill_chunk(w, &identity, nid, sg, None, (&joined, 10))).unwrap();
         assert_eq!((again, n), (None, 0));
-        let member = state_groups::find_state_key_nid(&conn, "m.room.member", "@b:other").unwrap().unwrap();
-        assert!(state_groups::lookup_state(&conn, sg, member).unwrap().is_some(), "base group filled");
-        let name_key = state_groups::find_state_key_nid(&conn, "m.room.name", "").unwrap();
-        let name_now = name_key.and_then(|k| state_groups::lookup_state(&conn, sg, k).unwrap());
-        let name_id = name_now.and_then(|n| events::event_by_nid(&conn, n).unwrap()).map(|r| r.event_id);
+        let member = state_groups::find_state_key_nid(conn.db(), "m.room.member", "@b:other").unwrap().unwrap();
+        assert!(state_groups::lookup_state(conn.db(), sg, member).unwrap().is_some(), "base group filled");
+        let name_key = state_groups::find_state_key_nid(conn.db(), "m.room.name", "").unwrap();
+        let name_now = name_key.and_then(|k| state_groups::lookup_state(conn.db(), sg, k).unwrap());
+        let name_id = name_now.and_then(|n| events::event_by_nid(conn.db(), n).unwrap()).map(|r| r.event_id);
         assert_ne!(name_id.as_deref(), Some(forbidden.as_str()), "the rejected event stays out of the state");
-        assert_eq!(members::membership_of(&conn, nid, "@b:other").unwrap().map(|m| m.0).as_deref(), Some("join"));
+        assert_eq!(members::membership_of(conn.db(), nid, "@b:other").unwrap().map(|m| m.0).as_deref(), Some("join"));
     }
 
     #[test]
@@ -755,11 +748,11 @@ mod tests {
         let mut f = partial_room();
         // A second membership for @a:test listed by the resident: the base group keeps the one it has.
         let stale = f.join_of("@a:test");
-        rs::record_state_ids(&f.conn, f.nid(), std::slice::from_ref(&stale)).unwrap();
+        rs::record_state_ids(f.conn.db(), f.nid(), std::slice::from_ref(&stale)).unwrap();
         let (identity, nid, sg) = (f.identity.clone(), f.nid(), f.sg);
-        let before = members::membership_of(&f.conn, nid, "@a:test").unwrap();
+        let before = members::membership_of(f.conn.db(), nid, "@a:test").unwrap();
         write(&mut f.conn, &mut f.stream, |w| fill_chunk(w, &identity, nid, sg, None, ("", 10))).unwrap();
-        assert_eq!(members::membership_of(&f.conn, nid, "@a:test").unwrap(), before);
+        assert_eq!(members::membership_of(f.conn.db(), nid, "@a:test").unwrap(), before);
     }
 
     #[test]
@@ -767,37 +760,37 @@ mod tests {
         let mut f = partial_room();
         // The join's prev event is state (asked for the state before it, a resident lists the older entry): it wins.
         let prev = f.join_of("@a:test");
-        rs::record_state_ids(&f.conn, f.nid(), std::slice::from_ref(&prev)).unwrap();
+        rs::record_state_ids(f.conn.db(), f.nid(), std::slice::from_ref(&prev)).unwrap();
         let (identity, nid, sg) = (f.identity.clone(), f.nid(), f.sg);
         let prev_ref = prev.clone();
         write(&mut f.conn, &mut f.stream, |w| fill_chunk(w, &identity, nid, sg, Some(&prev_ref), ("", 10))).unwrap();
-        let key = state_groups::find_state_key_nid(&f.conn, "m.room.member", "@a:test").unwrap().unwrap();
-        let entry = state_groups::lookup_state(&f.conn, sg, key).unwrap();
-        assert_eq!(entry, events::event_nid(&f.conn, &prev).unwrap(), "the prev event replaced the older entry");
+        let key = state_groups::find_state_key_nid(f.conn.db(), "m.room.member", "@a:test").unwrap().unwrap();
+        let entry = state_groups::lookup_state(f.conn.db(), sg, key).unwrap();
+        assert_eq!(entry, events::event_nid(f.conn.db(), &prev).unwrap(), "the prev event replaced the older entry");
     }
 
     #[test]
     fn complete_reauthorises_events_since_join_and_clears_the_flags() {
         let mut f = partial_room();
         let (identity, nid, sg, room_id) = (f.identity.clone(), f.nid(), f.sg, f.room.room_id.clone());
-        let join_nid = members::membership_of(&f.conn, nid, "@a:test").unwrap().unwrap().1;
-        let join_event = events::event_by_nid(&f.conn, join_nid).unwrap().unwrap().event_id;
+        let join_nid = members::membership_of(f.conn.db(), nid, "@a:test").unwrap().unwrap().1;
+        let join_event = events::event_by_nid(f.conn.db(), join_nid).unwrap().unwrap().event_id;
         let msg = LocalEvent::message("m.room.message", json!({"body": "hi", "msgtype": "m.text"}));
         let sent = write(&mut f.conn, &mut f.stream, |w| {
             append_local(w, &identity, &rid(&room_id), &uid("@a:test"), msg, None)
         })
         .unwrap();
         // As if the partial state had wrongly rejected it.
-        rs::set_rejected(&f.conn, &sent.event_id, "judged on partial state").unwrap();
+        rs::set_rejected(f.conn.db(), &sent.event_id, "judged on partial state").unwrap();
         let before = f.stream;
 
         let joined = write(&mut f.conn, &mut f.stream, |w| complete(w, &identity, nid, sg, &join_event)).unwrap();
         assert_eq!(joined, 1);
-        let row = events::event_by_id(&f.conn, &sent.event_id).unwrap().unwrap();
+        let row = events::event_by_id(f.conn.db(), &sent.event_id).unwrap().unwrap();
         assert!(row.rejected.is_none(), "re-authorised against the complete state");
-        assert!(events::forward_extremities(&f.conn, nid).unwrap().contains(&row.event_nid));
-        assert!(!rooms::room_by_nid(&f.conn, nid).unwrap().unwrap().partial_state);
+        assert!(events::forward_extremities(f.conn.db(), nid).unwrap().contains(&row.event_nid));
+        assert!(!rooms::room_by_nid(f.conn.db(), nid).unwrap().unwrap().partial_state);
         assert!(f.stream > before, "local members got a fresh join in the membership stream");
-        assert_eq!(rs::listed_and_missing(&f.conn, nid).unwrap(), (0, 0));
+        assert_eq!(rs::listed_and_missing(f.conn.db(), nid).unwrap(), (0, 0));
     }
 }

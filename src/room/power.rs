@@ -1,12 +1,12 @@
 //! Power levels as the client API needs them for checks ruma's auth does not cover (redacting others' events,
 //! room directory changes). Auth of events themselves is ruma's job.
 
-use rusqlite::Connection;
 use serde_json::Value;
 
 use crate::error::Result;
 use crate::room::{state_content, state_event, version};
 use crate::store::ids::StateGroup;
+use crate::store::Db;
 
 pub struct PowerLevels {
     content: Value,
@@ -24,7 +24,7 @@ fn int(v: Option<&Value>) -> Option<i64> {
 }
 
 impl PowerLevels {
-    pub fn load(conn: &Connection, sg: StateGroup, room_version: &str) -> Result<PowerLevels> {
+    pub fn load(conn: Db<'_>, sg: StateGroup, room_version: &str) -> Result<PowerLevels> {
         let rules = version::rules(room_version)?;
         let pl = state_content(conn, sg, "m.room.power_levels", "")?;
         let create = state_event(conn, sg, "m.room.create", "")?;

@@ -8,7 +8,6 @@ use ruma::canonical_json::CanonicalJsonObject;
 use ruma::events::TimelineEventType;
 use ruma::room_version_rules::RoomVersionRules;
 use ruma::signatures::{PublicKeyMap, Verified};
-use rusqlite::Connection;
 
 use crate::error::{Error, Result};
 use crate::room::append::{authorize, persist, Appended, Outcome};
@@ -18,7 +17,7 @@ use crate::store::events::{self, EventRow, NewEvent};
 use crate::store::ids::{EventNid, StateGroup, StateKeyNid};
 use crate::store::resync as rs;
 use crate::store::rooms::{self, RoomRow};
-use crate::store::{invite_state, members, state_groups, Writer};
+use crate::store::{invite_state, members, state_groups, Db, Writer};
 
 /// Parses a PDU received over federation and computes its id (no signature check yet).
 pub fn parse_remote(obj: CanonicalJsonObject, rules: &RoomVersionRules) -> std::result::Result<Pdu, String> {
@@ -66,7 +65,7 @@ pub fn verify_remote(pdu: Pdu, rules: &RoomVersionRules, keys: &PublicKeyMap) ->
 /// Stores a verified batch of room `room_id`'s events as outliers, lowest depth first, skipping events of other
 /// rooms and events already held (a `/state` answer and a `send_join` answer are stored this way, batch by batch).
 /// Returns how many were new.
-pub fn persist_outlier_batch(conn: &Connection, room_id: &str, mut pdus: Vec<Pdu>) -> Result<usize> {
+pub fn persist_outlier_batch(conn: Db<'_>, room_id: &str, mut pdus: Vec<Pdu>) -> Result<usize> {
     let room = rooms::room_by_id(conn, room_id)?.ok_or_else(|| Error::internal("room vanished"))?;
     pdus.sort_by_key(|p| p.depth);
     let mut n = 0;
@@ -80,7 +79,7 @@ pub fn persist_outlier_batch(conn: &Connection, room_id: &str, mut pdus: Vec<Pdu
 }
 
 /// Stores an event we hold only for auth/state (no timeline position, no state group). Idempotent.
-pub fn persist_outlier(conn: &Connection, room: &RoomRow, pdu: &Pdu) -> Result<EventNid> {
+pub fn persist_outlier(conn: Db<'_>, room: &RoomRow, pdu: &Pdu) -> Result<EventNid> {
     if let Some(nid) = events::event_nid(conn, pdu.event_id.as_str())? {
         return Ok(nid);
     }
@@ -120,7 +119,7 @@ pub struct AuthCache(std::cell::RefCell<HashMap<String, Option<Arc<Pdu>>>>);
 impl AuthCache {
     /// The event, from the cache or the database (None: we do not hold it). Shared, not copied: a resync checks
     /// 100k events citing the same few auth events, and copying their JSON trees was most of its allocations.
-    pub fn load(&self, conn: &Connection, rules: &RoomVersionRules, id: &str) -> Option<Arc<Pdu>> {
+    pub fn load(&self, conn: Db<'_>, rules: &RoomVersionRules, id: &str) -> Option<Arc<Pdu>> {
         if let Some(p) = self.0.borrow().get(id) {
             return p.clone();
         }
@@ -133,7 +132,7 @@ impl AuthCache {
 /// Auth of an outlier: against its own auth events only (the create event from the room state for v12+, where
 /// it is not listed). A rejected auth event rejects it.
 pub fn authorize_by_own_auth_events(
-    conn: &Connection,
+    conn: Db<'_>,
     rules: &RoomVersionRules,
     room: &RoomRow,
     pdu: &Pdu,
@@ -171,11 +170,7 @@ pub enum Incoming {
 }
 
 /// The state group before an event whose prev events we all hold.
-pub fn state_before(
-    conn: &Connection,
-    room: &RoomRow,
-    pdu: &Pdu,
-) -> Result<std::result::Result<StateGroup, Vec<String>>> {
+pub fn state_before(conn: Db<'_>, room: &RoomRow, pdu: &Pdu) -> Result<std::result::Result<StateGroup, Vec<String>>> {
     let mut groups = Vec::new();
     let mut missing = Vec::new();
     for p in &pdu.prev_events {
@@ -203,7 +198,7 @@ pub struct GapBranch {
 /// resolved together. Each branch is written as a delta over the known prevs' state (or our current state) with
 /// only the entries that differ, and only from events we hold and did not reject: in a partial-state room the
 /// omitted memberships stay as they are, and the resync fills them like any other group's.
-pub fn state_across_gap(conn: &Connection, room: &RoomRow, pdu: &Pdu, branches: &[GapBranch]) -> Result<StateGroup> {
+pub fn state_across_gap(conn: Db<'_>, room: &RoomRow, pdu: &Pdu, branches: &[GapBranch]) -> Result<StateGroup> {
     let mut groups = Vec::new();
     for p in &pdu.prev_events {
         if let Some(row) = events::event_by_id(conn, p.as_str())? {
@@ -255,11 +250,11 @@ pub fn apply_out_of_room_membership(
     if !matches!(pdu.membership().as_deref(), Some("leave" | "ban")) || !identity.is_local_user(target) {
         return Ok(false);
     }
-    let Some((current, nid)) = members::membership_of(w.conn, room.room_nid, target)? else { return Ok(false) };
+    let Some((current, nid)) = members::membership_of(w.db(), room.room_nid, target)? else { return Ok(false) };
     if !matches!(current.as_str(), "invite" | "knock") {
         return Ok(false);
     }
-    let Some(held) = events::event_by_nid(w.conn, nid)? else { return Ok(false) };
+    let Some(held) = events::event_by_nid(w.db(), nid)? else { return Ok(false) };
     if !pdu.auth_events.iter().any(|a| a.as_str() == held.event_id) {
         return Ok(false);
     }
@@ -268,8 +263,8 @@ pub fn apply_out_of_room_membership(
     if current == "invite" && pdu.sender.as_str() != held.sender {
         return Ok(false);
     }
-    let nid = persist_outlier(w.conn, room, pdu)?;
-    invite_state::remove(w.conn, room.room_nid, target)?;
+    let nid = persist_outlier(w.db(), room, pdu)?;
+    invite_state::remove(w.db(), room.room_nid, target)?;
     crate::room::append::apply_membership(w, identity, room.room_nid, target, nid)?;
     Ok(true)
 }
@@ -282,7 +277,7 @@ pub fn handle_incoming(
     pdu: &Pdu,
     forced_state: Option<StateGroup>,
 ) -> Result<Incoming> {
-    let conn = w.conn;
+    let conn = w.db();
     let room = rooms::room_by_id(conn, room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
     let held = events::event_by_id(conn, pdu.event_id.as_str())?;
     if pdu.prev_events.is_empty() && forced_state.is_none() {
@@ -313,13 +308,7 @@ pub fn handle_incoming(
 }
 
 /// Auth against the event's auth events and the state before it; soft-fail against current state.
-fn check(
-    conn: &Connection,
-    room: &RoomRow,
-    rules: &RoomVersionRules,
-    pdu: &Pdu,
-    sg_before: StateGroup,
-) -> Result<Outcome> {
+fn check(conn: Db<'_>, room: &RoomRow, rules: &RoomVersionRules, pdu: &Pdu, sg_before: StateGroup) -> Result<Outcome> {
     for a in &pdu.auth_events {
         if events::event_nid(conn, a.as_str())?.is_none() {
             return Ok(Outcome::Rejected(format!("auth event {a} unknown")));
@@ -346,7 +335,7 @@ fn check(
 }
 
 pub fn authorize_partial(
-    conn: &Connection,
+    conn: Db<'_>,
     rules: &RoomVersionRules,
     pdu: &Pdu,
     sg: StateGroup,

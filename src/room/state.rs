@@ -6,17 +6,17 @@ use ruma::events::StateEventType;
 use ruma::state_res::utils::event_id_set::EventIdSet;
 use ruma::state_res::StateMap;
 use ruma::OwnedEventId;
-use rusqlite::Connection;
 
 use crate::error::{Error, Result};
 use crate::room::{load_pdu, version, Pdu};
 use crate::store::events;
 use crate::store::ids::{EventNid, RoomNid, StateGroup, StateKeyNid};
 use crate::store::state_groups::{self, MAX_SG_DEPTH};
+use crate::store::Db;
 
 /// A new group = `parent` with `changes` applied. Written as a delta unless the chain would grow past the bound.
 pub fn new_group(
-    conn: &Connection,
+    conn: Db<'_>,
     room_nid: RoomNid,
     parent: Option<StateGroup>,
     changes: &[(StateKeyNid, Option<EventNid>)],
@@ -46,7 +46,7 @@ pub fn new_group(
 }
 
 /// Writes a root group holding the whole state.
-pub fn write_full(conn: &Connection, room_nid: RoomNid, state: &HashMap<StateKeyNid, EventNid>) -> Result<StateGroup> {
+pub fn write_full(conn: Db<'_>, room_nid: RoomNid, state: &HashMap<StateKeyNid, EventNid>) -> Result<StateGroup> {
     let sg = state_groups::insert_sg(conn, room_nid, None, 0, false)?;
     let entries: Vec<(StateKeyNid, Option<EventNid>)> = state.iter().map(|(k, v)| (*k, Some(*v))).collect();
     state_groups::insert_sg_entries(conn, sg, &entries)?;
@@ -55,7 +55,7 @@ pub fn write_full(conn: &Connection, room_nid: RoomNid, state: &HashMap<StateKey
 
 /// A group holding exactly `state`, written as a delta over `base` (which should be close to it).
 pub fn group_for_state(
-    conn: &Connection,
+    conn: Db<'_>,
     room_nid: RoomNid,
     base: StateGroup,
     state: &HashMap<StateKeyNid, EventNid>,
@@ -70,7 +70,7 @@ pub fn group_for_state(
     new_group(conn, room_nid, Some(base), &changes)
 }
 
-fn to_state_map(conn: &Connection, state: &HashMap<StateKeyNid, EventNid>) -> Result<StateMap<OwnedEventId>> {
+fn to_state_map(conn: Db<'_>, state: &HashMap<StateKeyNid, EventNid>) -> Result<StateMap<OwnedEventId>> {
     let mut map = StateMap::new();
     for (skn, nid) in state {
         let (t, k) = state_groups::state_key_of(conn, *skn)?;
@@ -84,7 +84,7 @@ fn to_state_map(conn: &Connection, state: &HashMap<StateKeyNid, EventNid>) -> Re
 }
 
 /// The full auth chain (event ids) of `ids`.
-pub fn auth_chain(conn: &Connection, ids: impl IntoIterator<Item = OwnedEventId>) -> Result<HashSet<OwnedEventId>> {
+pub fn auth_chain(conn: Db<'_>, ids: impl IntoIterator<Item = OwnedEventId>) -> Result<HashSet<OwnedEventId>> {
     let mut seen = HashSet::new();
     let mut todo: Vec<OwnedEventId> = ids.into_iter().collect();
     while let Some(id) = todo.pop() {
@@ -100,7 +100,7 @@ pub fn auth_chain(conn: &Connection, ids: impl IntoIterator<Item = OwnedEventId>
 
 /// Resolves the states of several groups (a fork) into one group, with the room version's algorithm.
 pub fn resolve_groups(
-    conn: &Connection,
+    conn: Db<'_>,
     room_nid: RoomNid,
     room_version: &str,
     groups: &[StateGroup],
@@ -150,10 +150,7 @@ pub fn resolve_groups(
 }
 
 /// The conflicted state subgraph (v12 state resolution): events on auth paths between conflicted events.
-fn conflicted_subgraph(
-    conn: &Connection,
-    conflicted: &StateMap<Vec<OwnedEventId>>,
-) -> Result<EventIdSet<OwnedEventId>> {
+fn conflicted_subgraph(conn: Db<'_>, conflicted: &StateMap<Vec<OwnedEventId>>) -> Result<EventIdSet<OwnedEventId>> {
     let starts: HashSet<OwnedEventId> = conflicted.values().flatten().cloned().collect();
     // Walk auth events from every conflicted event; keep events from which a conflicted event is reachable
     // and which reach a conflicted event.

@@ -1,14 +1,13 @@
 //! Stripped state: what a user invited to (or knocking on) a room sees of it.
 
-use rusqlite::Connection;
 use serde_json::{json, Value};
 
 use crate::error::Result;
 use crate::room::state_event;
-use crate::store::{invite_state, rooms};
+use crate::store::{invite_state, rooms, Db};
 
 /// Stripped state shown with an invite: the room's identity and the invite itself.
-pub fn stripped_state(c: &Connection, room: &rooms::RoomRow, user_id: &str) -> Result<Vec<Value>> {
+pub fn stripped_state(c: Db<'_>, room: &rooms::RoomRow, user_id: &str) -> Result<Vec<Value>> {
     let mut out = Vec::new();
     let Some(sg) = room.current_sg else {
         // A room we were invited to over federation: the stripped state that came with the invite.

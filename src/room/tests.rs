@@ -10,7 +10,7 @@ use crate::room::create::{create_room, CreateRoom};
 use crate::room::membership::{readable_room, set_membership, visibility, visible_from, Visibility};
 use crate::room::Identity;
 use crate::store::ids::StreamPos;
-use crate::store::testing::{memory_db, write};
+use crate::store::testing::{memory_db, write, MemDb};
 use crate::store::{events, members, rooms, state_groups};
 
 const ALICE: &str = "@alice:test.example";
@@ -25,7 +25,7 @@ fn rid(r: &str) -> ruma::OwnedRoomId {
 }
 
 struct Fixture {
-    conn: rusqlite::Connection,
+    conn: MemDb,
     stream: i64,
     identity: Arc<Identity>,
 }
@@ -33,7 +33,7 @@ struct Fixture {
 impl Fixture {
     fn new() -> Fixture {
         let conn = memory_db();
-        let identity = Identity::load_or_create(&conn, "test.example").unwrap();
+        let identity = Identity::load_or_create(conn.db(), "test.example").unwrap();
         Fixture { conn, stream: 0, identity }
     }
 
@@ -63,41 +63,41 @@ impl Fixture {
 fn a_new_room_has_its_state_and_its_creator_joined() {
     let mut f = Fixture::new();
     let room_id = f.room();
-    let room = rooms::room_by_id(&f.conn, &room_id).unwrap().unwrap();
+    let room = rooms::room_by_id(f.conn.db(), &room_id).unwrap().unwrap();
     let sg = room.current_sg.expect("current state");
-    assert_eq!(crate::room::state_content(&f.conn, sg, "m.room.name", "").unwrap().unwrap()["name"], "Test");
+    assert_eq!(crate::room::state_content(f.conn.db(), sg, "m.room.name", "").unwrap().unwrap()["name"], "Test");
     assert_eq!(
-        crate::room::state_content(&f.conn, sg, "m.room.join_rules", "").unwrap().unwrap()["join_rule"],
+        crate::room::state_content(f.conn.db(), sg, "m.room.join_rules", "").unwrap().unwrap()["join_rule"],
         "invite"
     );
-    assert_eq!(members::membership_of(&f.conn, room.room_nid, ALICE).unwrap().unwrap().0, "join");
-    assert_eq!(members::member_counts(&f.conn, room.room_nid).unwrap(), (1, 0));
-    assert_eq!(members::joined_servers(&f.conn, room.room_nid).unwrap(), ["test.example"]);
-    assert!(members::was_locally_joined(&f.conn, ALICE, room.room_nid).unwrap());
+    assert_eq!(members::membership_of(f.conn.db(), room.room_nid, ALICE).unwrap().unwrap().0, "join");
+    assert_eq!(members::member_counts(f.conn.db(), room.room_nid).unwrap(), (1, 0));
+    assert_eq!(members::joined_servers(f.conn.db(), room.room_nid).unwrap(), ["test.example"]);
+    assert!(members::was_locally_joined(f.conn.db(), ALICE, room.room_nid).unwrap());
     // One forward extremity: the last event created.
-    assert_eq!(events::forward_extremities(&f.conn, room.room_nid).unwrap().len(), 1);
+    assert_eq!(events::forward_extremities(f.conn.db(), room.room_nid).unwrap().len(), 1);
 }
 
 #[test]
 fn appended_messages_extend_the_timeline() {
     let mut f = Fixture::new();
     let room_id = f.room();
-    let room = rooms::room_by_id(&f.conn, &room_id).unwrap().unwrap();
+    let room = rooms::room_by_id(f.conn.db(), &room_id).unwrap().unwrap();
     let first = f.send(&room_id, ALICE, "one").unwrap();
     let second = f.send(&room_id, ALICE, "two").unwrap();
     assert!(second.stream > first.stream);
-    assert_eq!(events::forward_extremities(&f.conn, room.room_nid).unwrap(), [second.event_nid]);
-    let row = events::event_by_id(&f.conn, &second.event_id).unwrap().unwrap();
+    assert_eq!(events::forward_extremities(f.conn.db(), room.room_nid).unwrap(), [second.event_nid]);
+    let row = events::event_by_id(f.conn.db(), &second.event_id).unwrap().unwrap();
     assert_eq!(row.event_nid, second.event_nid);
     assert_eq!(row.stream_ordering, Some(second.stream));
     assert_eq!(row.sender, ALICE);
     // A message does not change the state: the state after it is the room's current state.
-    let room = rooms::room_by_id(&f.conn, &room_id).unwrap().unwrap();
+    let room = rooms::room_by_id(f.conn.db(), &room_id).unwrap().unwrap();
     assert_eq!(row.sg_after, room.current_sg);
     // Its prev event is the first message.
     let v: serde_json::Value = serde_json::from_str(&row.json).unwrap();
     assert_eq!(v["prev_events"], json!([first.event_id]));
-    assert!(crate::room::load_pdu(&f.conn, &ruma::EventId::parse(&second.event_id).unwrap()).unwrap().is_some());
+    assert!(crate::room::load_pdu(f.conn.db(), &ruma::EventId::parse(&second.event_id).unwrap()).unwrap().is_some());
 }
 
 #[test]
@@ -113,31 +113,31 @@ fn a_non_member_may_not_send() {
 fn invite_join_and_leave_keep_the_member_table_in_step() {
     let mut f = Fixture::new();
     let room_id = f.room();
-    let nid = rooms::room_by_id(&f.conn, &room_id).unwrap().unwrap().room_nid;
+    let nid = rooms::room_by_id(f.conn.db(), &room_id).unwrap().unwrap().room_nid;
     // Bob may not join an invite-only room uninvited.
     assert!(f.membership(&room_id, BOB, BOB, "join").is_err());
     f.membership(&room_id, ALICE, BOB, "invite").unwrap();
-    assert_eq!(members::member_counts(&f.conn, nid).unwrap(), (1, 1));
-    assert_eq!(members::rooms_with_membership(&f.conn, BOB, "invite").unwrap(), [(nid, room_id.clone())]);
+    assert_eq!(members::member_counts(f.conn.db(), nid).unwrap(), (1, 1));
+    assert_eq!(members::rooms_with_membership(f.conn.db(), BOB, "invite").unwrap(), [(nid, room_id.clone())]);
     f.membership(&room_id, BOB, BOB, "join").unwrap();
-    assert_eq!(members::member_counts(&f.conn, nid).unwrap(), (2, 0));
+    assert_eq!(members::member_counts(f.conn.db(), nid).unwrap(), (2, 0));
     // Joining again is a no-op, not a new event.
-    let before = events::forward_extremities(&f.conn, nid).unwrap();
+    let before = events::forward_extremities(f.conn.db(), nid).unwrap();
     f.membership(&room_id, BOB, BOB, "join").unwrap();
-    assert_eq!(events::forward_extremities(&f.conn, nid).unwrap(), before);
+    assert_eq!(events::forward_extremities(f.conn.db(), nid).unwrap(), before);
     f.send(&room_id, BOB, "hi").unwrap();
     f.membership(&room_id, BOB, BOB, "leave").unwrap();
-    assert_eq!(members::member_counts(&f.conn, nid).unwrap(), (1, 0));
-    assert_eq!(members::membership_of(&f.conn, nid, BOB).unwrap().unwrap().0, "leave");
+    assert_eq!(members::member_counts(f.conn.db(), nid).unwrap(), (1, 0));
+    assert_eq!(members::membership_of(f.conn.db(), nid, BOB).unwrap().unwrap().0, "leave");
     // Leaving again after one's own leave is a no-op (as in Synapse), not a new event.
-    let before = events::forward_extremities(&f.conn, nid).unwrap();
+    let before = events::forward_extremities(f.conn.db(), nid).unwrap();
     f.membership(&room_id, BOB, BOB, "leave").unwrap();
-    assert_eq!(events::forward_extremities(&f.conn, nid).unwrap(), before);
+    assert_eq!(events::forward_extremities(f.conn.db(), nid).unwrap(), before);
     // The membership table agrees with the current state.
-    let room = rooms::room_by_id(&f.conn, &room_id).unwrap().unwrap();
-    let state = state_groups::load_state_of_type(&f.conn, room.current_sg.unwrap(), "m.room.member").unwrap();
+    let room = rooms::room_by_id(f.conn.db(), &room_id).unwrap().unwrap();
+    let state = state_groups::load_state_of_type(f.conn.db(), room.current_sg.unwrap(), "m.room.member").unwrap();
     assert_eq!(state.len(), 2);
-    assert_eq!(state[BOB], members::membership_of(&f.conn, nid, BOB).unwrap().unwrap().1);
+    assert_eq!(state[BOB], members::membership_of(f.conn.db(), nid, BOB).unwrap().unwrap().1);
 }
 
 #[test]
@@ -148,9 +148,9 @@ fn a_former_member_reads_up_to_their_leave() {
     f.membership(&room_id, BOB, BOB, "join").unwrap();
     f.membership(&room_id, BOB, BOB, "leave").unwrap();
     let leave_pos = {
-        let room = rooms::room_by_id(&f.conn, &room_id).unwrap().unwrap();
-        let (_, nid) = members::membership_of(&f.conn, room.room_nid, BOB).unwrap().unwrap();
-        events::event_by_nid(&f.conn, nid).unwrap().unwrap().stream_ordering.unwrap()
+        let room = rooms::room_by_id(f.conn.db(), &room_id).unwrap().unwrap();
+        let (_, nid) = members::membership_of(f.conn.db(), room.room_nid, BOB).unwrap().unwrap();
+        events::event_by_nid(f.conn.db(), nid).unwrap().unwrap().stream_ordering.unwrap()
     };
     f.send(&room_id, ALICE, "after bob left").unwrap();
     let identity = f.identity.clone();
@@ -166,20 +166,20 @@ fn a_former_member_reads_up_to_their_leave() {
         )
     })
     .unwrap();
-    let room = rooms::room_by_id(&f.conn, &room_id).unwrap().unwrap();
-    assert_eq!(visibility(&f.conn, &room, ALICE).unwrap(), Visibility::All);
-    assert_eq!(visibility(&f.conn, &room, BOB).unwrap(), Visibility::UpTo(leave_pos.0));
-    assert_eq!(visibility(&f.conn, &room, "@carol:test.example").unwrap(), Visibility::None);
-    assert!(readable_room(&f.conn, &room_id, "@carol:test.example").is_err());
-    let (_, vis) = readable_room(&f.conn, &room_id, BOB).unwrap();
+    let room = rooms::room_by_id(f.conn.db(), &room_id).unwrap().unwrap();
+    assert_eq!(visibility(f.conn.db(), &room, ALICE).unwrap(), Visibility::All);
+    assert_eq!(visibility(f.conn.db(), &room, BOB).unwrap(), Visibility::UpTo(leave_pos.0));
+    assert_eq!(visibility(f.conn.db(), &room, "@carol:test.example").unwrap(), Visibility::None);
+    assert!(readable_room(f.conn.db(), &room_id, "@carol:test.example").is_err());
+    let (_, vis) = readable_room(f.conn.db(), &room_id, BOB).unwrap();
     // The state Bob sees is the state at his leave: he is not joined in it.
-    let sg = crate::room::membership::visible_state_group(&f.conn, &room, vis).unwrap().unwrap();
+    let sg = crate::room::membership::visible_state_group(f.conn.db(), &room, vis).unwrap().unwrap();
     assert_ne!(Some(sg), room.current_sg);
-    assert!(crate::room::state_content(&f.conn, sg, "m.room.topic", "").unwrap().is_none());
-    let member = crate::room::state_content(&f.conn, sg, "m.room.member", BOB).unwrap().unwrap();
+    assert!(crate::room::state_content(f.conn.db(), sg, "m.room.topic", "").unwrap().is_none());
+    let member = crate::room::state_content(f.conn.db(), sg, "m.room.member", BOB).unwrap().unwrap();
     assert_eq!(member["membership"], "leave");
     // Shared history: everything from the start.
-    assert_eq!(visible_from(&f.conn, &room, BOB).unwrap(), i64::MIN);
+    assert_eq!(visible_from(f.conn.db(), &room, BOB).unwrap(), i64::MIN);
     assert!(leave_pos > StreamPos(0));
 }
 
@@ -203,12 +203,12 @@ fn joined_history_is_visible_from_the_first_join() {
     f.send(&room_id, ALICE, "before bob").unwrap();
     f.membership(&room_id, ALICE, BOB, "invite").unwrap();
     f.membership(&room_id, BOB, BOB, "join").unwrap();
-    let room = rooms::room_by_id(&f.conn, &room_id).unwrap().unwrap();
-    let (_, join_nid) = members::membership_of(&f.conn, room.room_nid, BOB).unwrap().unwrap();
-    let join_pos = events::event_by_nid(&f.conn, join_nid).unwrap().unwrap().stream_ordering.unwrap();
-    assert_eq!(visible_from(&f.conn, &room, BOB).unwrap(), join_pos.0);
+    let room = rooms::room_by_id(f.conn.db(), &room_id).unwrap().unwrap();
+    let (_, join_nid) = members::membership_of(f.conn.db(), room.room_nid, BOB).unwrap().unwrap();
+    let join_pos = events::event_by_nid(f.conn.db(), join_nid).unwrap().unwrap().stream_ordering.unwrap();
+    assert_eq!(visible_from(f.conn.db(), &room, BOB).unwrap(), join_pos.0);
     // Never joined under these rules: nothing.
-    assert_eq!(visible_from(&f.conn, &room, "@carol:test.example").unwrap(), i64::MAX);
+    assert_eq!(visible_from(f.conn.db(), &room, "@carol:test.example").unwrap(), i64::MAX);
 }
 
 #[test]
@@ -225,7 +225,7 @@ fn a_redaction_strips_its_target() {
         append_local(w, &identity, &rid(&room_id_), &uid(ALICE), ev, None)
     })
     .unwrap();
-    let row = events::event_by_id(&f.conn, &target.event_id).unwrap().unwrap();
+    let row = events::event_by_id(f.conn.db(), &target.event_id).unwrap().unwrap();
     assert!(row.redacted_by.is_some());
     assert!(!row.json.contains("secret"));
 }

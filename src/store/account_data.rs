@@ -1,15 +1,15 @@
 //! Per-user account data (global and per-room). Every write takes a new position of the global stream so the
 //! next incremental /sync picks the row up.
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, OptionalExtension};
 use serde_json::Value;
 
 use crate::error::Result;
 use crate::store::ids::StreamPos;
-use crate::store::Writer;
+use crate::store::{Db, Writer};
 
 /// The stored content of one account data type; `room_id` is `""` for global data.
-pub fn get(conn: &Connection, user_id: &str, room_id: &str, data_type: &str) -> Result<Option<Value>> {
+pub fn get(conn: Db<'_>, user_id: &str, room_id: &str, data_type: &str) -> Result<Option<Value>> {
     let raw: Option<String> = conn
         .prepare_cached("SELECT content FROM account_data WHERE user_id = ?1 AND room_id = ?2 AND data_type = ?3")?
         .query_row(params![user_id, room_id, data_type], |r| r.get(0))
@@ -33,7 +33,7 @@ pub fn set(w: &mut Writer<'_>, user_id: &str, room_id: &str, data_type: &str, co
 /// The account data of one scope (`room_id` `""` for global) written in the window (`after`, `upto`], oldest
 /// write first: `(type, content)`.
 pub fn changed_since(
-    conn: &Connection,
+    conn: Db<'_>,
     user_id: &str,
     room_id: &str,
     after: StreamPos,
@@ -64,15 +64,15 @@ mod tests {
     fn set_then_get_replaces_and_moves_the_row_in_the_stream() {
         let mut conn = memory_db();
         let mut stream = 0;
-        assert_eq!(get(&conn, "@a:x", "", "m.t").unwrap(), None);
+        assert_eq!(get(conn.db(), "@a:x", "", "m.t").unwrap(), None);
         let p1 = write(&mut conn, &mut stream, |w| set(w, "@a:x", "", "m.t", &json!({"v": 1}))).unwrap();
         let p2 = write(&mut conn, &mut stream, |w| set(w, "@a:x", "", "m.t", &json!({"v": 2}))).unwrap();
         assert!(p2 > p1);
-        assert_eq!(get(&conn, "@a:x", "", "m.t").unwrap(), Some(json!({"v": 2})));
-        assert_eq!(get(&conn, "@a:x", "!r:x", "m.t").unwrap(), None, "global and room data are apart");
-        let all = changed_since(&conn, "@a:x", "", StreamPos(0), StreamPos(stream)).unwrap();
+        assert_eq!(get(conn.db(), "@a:x", "", "m.t").unwrap(), Some(json!({"v": 2})));
+        assert_eq!(get(conn.db(), "@a:x", "!r:x", "m.t").unwrap(), None, "global and room data are apart");
+        let all = changed_since(conn.db(), "@a:x", "", StreamPos(0), StreamPos(stream)).unwrap();
         assert_eq!(all, [("m.t".to_owned(), json!({"v": 2}))], "one row per type, at its last write");
-        assert!(changed_since(&conn, "@a:x", "", StreamPos(p2), StreamPos(stream)).unwrap().is_empty());
+        assert!(changed_since(conn.db(), "@a:x", "", StreamPos(p2), StreamPos(stream)).unwrap().is_empty());
     }
 
     #[test]
@@ -88,7 +88,7 @@ mod tests {
         })
         .unwrap();
         let types = |room: &str, after: i64, upto: i64| -> Vec<String> {
-            changed_since(&conn, "@a:x", room, StreamPos(after), StreamPos(upto))
+            changed_since(conn.db(), "@a:x", room, StreamPos(after), StreamPos(upto))
                 .unwrap()
                 .into_iter()
                 .map(|x| x.0)

@@ -1,8 +1,9 @@
 //! Users, devices, access tokens and filters.
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, OptionalExtension};
 
 use crate::error::Result;
+use crate::store::Db;
 
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
@@ -21,11 +22,11 @@ pub struct UserRow {
     pub deactivated: bool,
 }
 
-pub fn user_exists(conn: &Connection, user_id: &str) -> Result<bool> {
+pub fn user_exists(conn: Db<'_>, user_id: &str) -> Result<bool> {
     Ok(conn.prepare_cached("SELECT 1 FROM users WHERE user_id = ?1")?.exists([user_id])?)
 }
 
-pub fn get_user(conn: &Connection, user_id: &str) -> Result<Option<UserRow>> {
+pub fn get_user(conn: Db<'_>, user_id: &str) -> Result<Option<UserRow>> {
     Ok(conn
         .prepare_cached(
             "SELECT user_id, password_hash, admin, displayname, avatar_url, deactivated FROM users WHERE user_id = ?1",
@@ -43,7 +44,7 @@ pub fn get_user(conn: &Connection, user_id: &str) -> Result<Option<UserRow>> {
         .optional()?)
 }
 
-pub fn insert_user(conn: &Connection, user_id: &str, password_hash: Option<&str>, admin: bool) -> Result<bool> {
+pub fn insert_user(conn: Db<'_>, user_id: &str, password_hash: Option<&str>, admin: bool) -> Result<bool> {
     let n = conn.execute(
         "INSERT OR IGNORE INTO users (user_id, password_hash, admin, created_ts, displayname) VALUES (?1, ?2, ?3, ?4, ?5)",
         params![user_id, password_hash, admin, now_ms(), localpart(user_id)],
@@ -55,11 +56,11 @@ pub fn localpart(user_id: &str) -> &str {
     user_id.trim_start_matches('@').split(':').next().unwrap_or("")
 }
 
-pub fn set_password(conn: &Connection, user_id: &str, hash: &str) -> Result<bool> {
+pub fn set_password(conn: Db<'_>, user_id: &str, hash: &str) -> Result<bool> {
     Ok(conn.execute("UPDATE users SET password_hash = ?2 WHERE user_id = ?1", params![user_id, hash])? == 1)
 }
 
-pub fn set_profile_field(conn: &Connection, user_id: &str, field: ProfileField, value: Option<&str>) -> Result<()> {
+pub fn set_profile_field(conn: Db<'_>, user_id: &str, field: ProfileField, value: Option<&str>) -> Result<()> {
     let sql = match field {
         ProfileField::Displayname => "UPDATE users SET displayname = ?2 WHERE user_id = ?1",
         ProfileField::AvatarUrl => "UPDATE users SET avatar_url = ?2 WHERE user_id = ?1",
@@ -76,7 +77,7 @@ pub enum ProfileField {
 
 /// Creates (or re-uses) a device and issues a new access token for it.
 pub fn create_session(
-    conn: &Connection,
+    conn: Db<'_>,
     user_id: &str,
     device_id: &str,
     display_name: Option<&str>,
@@ -95,7 +96,7 @@ pub fn create_session(
 }
 
 /// (user_id, device_id, admin) for a token.
-pub fn lookup_token(conn: &Connection, token: &str) -> Result<Option<(String, String, bool)>> {
+pub fn lookup_token(conn: Db<'_>, token: &str) -> Result<Option<(String, String, bool)>> {
     Ok(conn
         .prepare_cached(
             "SELECT t.user_id, t.device_id, u.admin FROM access_tokens t JOIN users u ON u.user_id = t.user_id
@@ -105,12 +106,12 @@ pub fn lookup_token(conn: &Connection, token: &str) -> Result<Option<(String, St
         .optional()?)
 }
 
-pub fn delete_token(conn: &Connection, token: &str) -> Result<()> {
+pub fn delete_token(conn: Db<'_>, token: &str) -> Result<()> {
     conn.execute("DELETE FROM access_tokens WHERE token_sha256 = ?1", [token_hash(token)])?;
     Ok(())
 }
 
-pub fn delete_all_tokens(conn: &Connection, user_id: &str) -> Result<()> {
+pub fn delete_all_tokens(conn: Db<'_>, user_id: &str) -> Result<()> {
     conn.execute("DELETE FROM access_tokens WHERE user_id = ?1", [user_id])?;
     Ok(())
 }
@@ -122,7 +123,7 @@ pub struct DeviceRow {
     pub last_seen_ip: Option<String>,
 }
 
-pub fn list_devices(conn: &Connection, user_id: &str) -> Result<Vec<DeviceRow>> {
+pub fn list_devices(conn: Db<'_>, user_id: &str) -> Result<Vec<DeviceRow>> {
     let mut stmt = conn.prepare_cached(
         "SELECT device_id, display_name, last_seen_ts, last_seen_ip FROM devices WHERE user_id = ?1 ORDER BY device_id",
     )?;
@@ -137,7 +138,7 @@ pub fn list_devices(conn: &Connection, user_id: &str) -> Result<Vec<DeviceRow>> 
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
-pub fn update_device(conn: &Connection, user_id: &str, device_id: &str, display_name: Option<&str>) -> Result<bool> {
+pub fn update_device(conn: Db<'_>, user_id: &str, device_id: &str, display_name: Option<&str>) -> Result<bool> {
     Ok(conn.execute(
         "UPDATE devices SET display_name = ?3 WHERE user_id = ?1 AND device_id = ?2",
         params![user_id, device_id, display_name],
@@ -145,7 +146,7 @@ pub fn update_device(conn: &Connection, user_id: &str, device_id: &str, display_
 }
 
 /// Deletes a device with its tokens and keys.
-pub fn delete_device(conn: &Connection, user_id: &str, device_id: &str) -> Result<bool> {
+pub fn delete_device(conn: Db<'_>, user_id: &str, device_id: &str) -> Result<bool> {
     conn.execute("DELETE FROM access_tokens WHERE user_id = ?1 AND device_id = ?2", params![user_id, device_id])?;
     conn.execute("DELETE FROM device_keys WHERE user_id = ?1 AND device_id = ?2", params![user_id, device_id])?;
     conn.execute("DELETE FROM one_time_keys WHERE user_id = ?1 AND device_id = ?2", params![user_id, device_id])?;
@@ -153,7 +154,7 @@ pub fn delete_device(conn: &Connection, user_id: &str, device_id: &str) -> Resul
     Ok(conn.execute("DELETE FROM devices WHERE user_id = ?1 AND device_id = ?2", params![user_id, device_id])? == 1)
 }
 
-pub fn touch_device(conn: &Connection, user_id: &str, device_id: &str, ip: &str) -> Result<()> {
+pub fn touch_device(conn: Db<'_>, user_id: &str, device_id: &str, ip: &str) -> Result<()> {
     conn.execute(
         "UPDATE devices SET last_seen_ts = ?3, last_seen_ip = ?4 WHERE user_id = ?1 AND device_id = ?2",
         params![user_id, device_id, now_ms(), ip],
@@ -161,7 +162,7 @@ pub fn touch_device(conn: &Connection, user_id: &str, device_id: &str, ip: &str)
     Ok(())
 }
 
-pub fn create_filter(conn: &Connection, user_id: &str, json: &str) -> Result<i64> {
+pub fn create_filter(conn: Db<'_>, user_id: &str, json: &str) -> Result<i64> {
     let id: i64 =
         conn.query_row("SELECT coalesce(max(filter_id), -1) + 1 FROM filters WHERE user_id = ?1", [user_id], |r| {
             r.get(0)
@@ -170,7 +171,7 @@ pub fn create_filter(conn: &Connection, user_id: &str, json: &str) -> Result<i64
     Ok(id)
 }
 
-pub fn get_filter(conn: &Connection, user_id: &str, filter_id: i64) -> Result<Option<String>> {
+pub fn get_filter(conn: Db<'_>, user_id: &str, filter_id: i64) -> Result<Option<String>> {
     Ok(conn
         .prepare_cached("SELECT json FROM filters WHERE user_id = ?1 AND filter_id = ?2")?
         .query_row(params![user_id, filter_id], |r| r.get(0))
@@ -178,7 +179,7 @@ pub fn get_filter(conn: &Connection, user_id: &str, filter_id: i64) -> Result<Op
 }
 
 /// Logs out every session of `user_id` except the one holding `keep_token` (a password change).
-pub fn delete_other_tokens(conn: &Connection, user_id: &str, keep_token: &str) -> Result<()> {
+pub fn delete_other_tokens(conn: Db<'_>, user_id: &str, keep_token: &str) -> Result<()> {
     conn.prepare_cached("DELETE FROM access_tokens WHERE user_id = ?1 AND token_sha256 != ?2")?
         .execute(params![user_id, token_hash(keep_token)])?;
     Ok(())
@@ -189,7 +190,7 @@ mod tests {
     use super::*;
     use crate::store::testing::memory_db;
 
-    fn user_with_sessions(conn: &Connection, user_id: &str, sessions: &[(&str, &str)]) {
+    fn user_with_sessions(conn: Db<'_>, user_id: &str, sessions: &[(&str, &str)]) {
         assert!(insert_user(conn, user_id, Some("hash"), false).unwrap());
         for (device, token) in sessions {
             create_session(conn, user_id, device, None, token).unwrap();
@@ -199,29 +200,29 @@ mod tests {
     #[test]
     fn delete_other_tokens_keeps_only_the_given_session() {
         let conn = memory_db();
-        user_with_sessions(&conn, "@a:x", &[("D1", "t1"), ("D2", "t2"), ("D2", "t2b")]);
-        user_with_sessions(&conn, "@b:x", &[("D1", "tb")]);
-        delete_other_tokens(&conn, "@a:x", "t2").unwrap();
-        assert!(lookup_token(&conn, "t2").unwrap().is_some());
-        assert!(lookup_token(&conn, "t1").unwrap().is_none());
-        assert!(lookup_token(&conn, "t2b").unwrap().is_none(), "other tokens of the same device go too");
-        assert!(lookup_token(&conn, "tb").unwrap().is_some(), "other users keep theirs");
-        assert_eq!(list_devices(&conn, "@a:x").unwrap().len(), 2, "devices stay");
+        user_with_sessions(conn.db(), "@a:x", &[("D1", "t1"), ("D2", "t2"), ("D2", "t2b")]);
+        user_with_sessions(conn.db(), "@b:x", &[("D1", "tb")]);
+        delete_other_tokens(conn.db(), "@a:x", "t2").unwrap();
+        assert!(lookup_token(conn.db(), "t2").unwrap().is_some());
+        assert!(lookup_token(conn.db(), "t1").unwrap().is_none());
+        assert!(lookup_token(conn.db(), "t2b").unwrap().is_none(), "other tokens of the same device go too");
+        assert!(lookup_token(conn.db(), "tb").unwrap().is_some(), "other users keep theirs");
+        assert_eq!(list_devices(conn.db(), "@a:x").unwrap().len(), 2, "devices stay");
     }
 
     #[test]
     fn sessions_users_and_filters_read_back() {
         let conn = memory_db();
-        assert!(get_user(&conn, "@a:x").unwrap().is_none());
-        user_with_sessions(&conn, "@a:x", &[("D1", "t1")]);
-        assert!(!insert_user(&conn, "@a:x", None, true).unwrap(), "an existing user is kept");
-        let u = get_user(&conn, "@a:x").unwrap().unwrap();
+        assert!(get_user(conn.db(), "@a:x").unwrap().is_none());
+        user_with_sessions(conn.db(), "@a:x", &[("D1", "t1")]);
+        assert!(!insert_user(conn.db(), "@a:x", None, true).unwrap(), "an existing user is kept");
+        let u = get_user(conn.db(), "@a:x").unwrap().unwrap();
         assert_eq!((u.displayname.as_deref(), u.admin, u.deactivated), (Some("a"), false, false));
-        assert_eq!(lookup_token(&conn, "t1").unwrap(), Some(("@a:x".into(), "D1".into(), false)));
-        assert_eq!(create_filter(&conn, "@a:x", "{}").unwrap(), 0);
-        assert_eq!(create_filter(&conn, "@a:x", "{\"a\":1}").unwrap(), 1, "filter ids count up per user");
-        assert_eq!(create_filter(&conn, "@b:x", "{}").unwrap(), 0);
-        assert_eq!(get_filter(&conn, "@a:x", 1).unwrap().as_deref(), Some("{\"a\":1}"));
-        assert_eq!(get_filter(&conn, "@a:x", 7).unwrap(), None);
+        assert_eq!(lookup_token(conn.db(), "t1").unwrap(), Some(("@a:x".into(), "D1".into(), false)));
+        assert_eq!(create_filter(conn.db(), "@a:x", "{}").unwrap(), 0);
+        assert_eq!(create_filter(conn.db(), "@a:x", "{\"a\":1}").unwrap(), 1, "filter ids count up per user");
+        assert_eq!(create_filter(conn.db(), "@b:x", "{}").unwrap(), 0);
+        assert_eq!(get_filter(conn.db(), "@a:x", 1).unwrap().as_deref(), Some("{\"a\":1}"));
+        assert_eq!(get_filter(conn.db(), "@a:x", 7).unwrap(), None);
     }
 }

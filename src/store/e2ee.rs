@@ -6,12 +6,12 @@
 
 use std::collections::BTreeSet;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, OptionalExtension};
 use serde_json::{Map, Value};
 
 use crate::error::Result;
 use crate::store::ids::StreamPos;
-use crate::store::Writer;
+use crate::store::{Db, Writer};
 
 // ------------------------------------------------------------------------------------------------------------
 // Device list stream
@@ -27,7 +27,7 @@ pub fn device_list_changed(w: &mut Writer<'_>, user_id: &str) -> Result<i64> {
 }
 
 /// The position of `user_id`'s device list change before `pos` (a federation update's `prev_id`).
-pub fn previous_device_list_pos(conn: &Connection, user_id: &str, pos: i64) -> Result<Option<i64>> {
+pub fn previous_device_list_pos(conn: Db<'_>, user_id: &str, pos: i64) -> Result<Option<i64>> {
     Ok(conn
         .prepare_cached(
             "SELECT max(stream_ordering) FROM device_list_stream WHERE user_id = ?1 AND stream_ordering < ?2",
@@ -36,7 +36,7 @@ pub fn previous_device_list_pos(conn: &Connection, user_id: &str, pos: i64) -> R
 }
 
 /// The position of `user_id`'s latest device list change, 0 if none (a federation device list's `stream_id`).
-pub fn latest_device_list_pos(conn: &Connection, user_id: &str) -> Result<i64> {
+pub fn latest_device_list_pos(conn: Db<'_>, user_id: &str) -> Result<i64> {
     Ok(conn
         .prepare_cached("SELECT coalesce(max(stream_ordering), 0) FROM device_list_stream WHERE user_id = ?1")?
         .query_row([user_id], |r| r.get(0))?)
@@ -44,7 +44,7 @@ pub fn latest_device_list_pos(conn: &Connection, user_id: &str) -> Result<i64> {
 
 /// Other servers in a room that `user_id` is joined to (who must hear of its key changes): those with a joined
 /// member, plus, for rooms still partial (lazy joins), the servers the resident named in `servers_in_room`.
-pub fn servers_sharing_rooms(conn: &Connection, user_id: &str, our_server: &str) -> Result<Vec<String>> {
+pub fn servers_sharing_rooms(conn: Db<'_>, user_id: &str, our_server: &str) -> Result<Vec<String>> {
     let mut stmt = conn.prepare_cached(
         "SELECT o.server_name FROM room_members me JOIN room_members o ON o.room_nid = me.room_nid
          WHERE me.user_id = ?1 AND me.membership = 'join' AND o.membership = 'join' AND o.server_name != ?2
@@ -58,7 +58,7 @@ pub fn servers_sharing_rooms(conn: &Connection, user_id: &str, our_server: &str)
 
 /// The `m.device_list_update` EDU for one of `user_id`'s devices at device list position `stream_id`, with the
 /// device's current keys and name.
-pub fn device_update_edu(conn: &Connection, user_id: &str, device_id: &str, stream_id: i64) -> Result<Value> {
+pub fn device_update_edu(conn: Db<'_>, user_id: &str, device_id: &str, stream_id: i64) -> Result<Value> {
     let prev: Vec<i64> = previous_device_list_pos(conn, user_id, stream_id)?.into_iter().collect();
     let mut content = serde_json::json!({
         "user_id": user_id, "device_id": device_id, "stream_id": stream_id, "prev_id": prev, "deleted": false,
@@ -73,7 +73,7 @@ pub fn device_update_edu(conn: &Connection, user_id: &str, device_id: &str, stre
 }
 
 /// Whether two users are both joined to at least one common room.
-pub fn shares_room(conn: &Connection, a: &str, b: &str) -> Result<bool> {
+pub fn shares_room(conn: Db<'_>, a: &str, b: &str) -> Result<bool> {
     Ok(conn
         .prepare_cached(
             "SELECT 1 FROM room_members x JOIN room_members y ON x.room_nid = y.room_nid
@@ -89,7 +89,7 @@ pub fn shares_room(conn: &Connection, a: &str, b: &str) -> Result<bool> {
 /// resync records one, so eager syncs show the room anew) does not make its members "changed": lazy-loading syncs
 /// saw the room all along (as Synapse, whose un-partial-stated rooms are newly joined for eager syncs only).
 pub fn device_list_changes(
-    conn: &Connection,
+    conn: Db<'_>,
     user_id: &str,
     from: i64,
     to: i64,
@@ -169,7 +169,7 @@ pub fn device_list_changes(
 
 /// Stores a device's identity keys; returns whether they differ from what was stored. When a client re-uploads
 /// the same keys, signatures added since (cross-signing) are kept: they still sign the same content.
-pub fn set_device_keys(conn: &Connection, user_id: &str, device_id: &str, keys: &Value) -> Result<bool> {
+pub fn set_device_keys(conn: Db<'_>, user_id: &str, device_id: &str, keys: &Value) -> Result<bool> {
     let old: Option<Value> = conn
         .prepare_cached("SELECT keys FROM device_keys WHERE user_id = ?1 AND device_id = ?2")?
         .query_row(params![user_id, device_id], |r| r.get::<_, String>(0))
@@ -219,7 +219,7 @@ pub struct DeviceKeys {
 }
 
 /// Keys of a user's devices (only devices that uploaded keys); `devices` empty = all.
-pub fn device_keys(conn: &Connection, user_id: &str, devices: &[String]) -> Result<Vec<DeviceKeys>> {
+pub fn device_keys(conn: Db<'_>, user_id: &str, devices: &[String]) -> Result<Vec<DeviceKeys>> {
     let mut stmt = conn.prepare_cached(
         "SELECT k.device_id, k.keys, d.display_name FROM device_keys k
          JOIN devices d ON d.user_id = k.user_id AND d.device_id = k.device_id
@@ -239,7 +239,7 @@ pub fn device_keys(conn: &Connection, user_id: &str, devices: &[String]) -> Resu
 }
 
 /// The ids of all of a user's devices.
-pub fn device_ids(conn: &Connection, user_id: &str) -> Result<Vec<String>> {
+pub fn device_ids(conn: Db<'_>, user_id: &str) -> Result<Vec<String>> {
     let mut stmt = conn.prepare_cached("SELECT device_id FROM devices WHERE user_id = ?1")?;
     let rows = stmt.query_map([user_id], |r| r.get(0))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
@@ -251,7 +251,7 @@ pub fn device_ids(conn: &Connection, user_id: &str) -> Result<Vec<String>> {
 /// Adds one-time keys (`algorithm:id` -> key). A re-upload of an identical key is ignored; returns the id of the
 /// first key that exists with different content (the caller rejects the whole upload).
 pub fn add_one_time_keys(
-    conn: &Connection,
+    conn: Db<'_>,
     user_id: &str,
     device_id: &str,
     keys: &Map<String, Value>,
@@ -284,7 +284,7 @@ pub fn add_one_time_keys(
 
 /// Replaces the fallback key of each algorithm present (one per algorithm). Re-uploading the current key keeps its
 /// "used" mark.
-pub fn set_fallback_keys(conn: &Connection, user_id: &str, device_id: &str, keys: &Map<String, Value>) -> Result<()> {
+pub fn set_fallback_keys(conn: Db<'_>, user_id: &str, device_id: &str, keys: &Map<String, Value>) -> Result<()> {
     for (key_id, key) in keys {
         let algorithm = key_id.split_once(':').map(|x| x.0).unwrap_or_default();
         let same: bool = conn
@@ -311,7 +311,7 @@ pub fn set_fallback_keys(conn: &Connection, user_id: &str, device_id: &str, keys
 }
 
 /// Unclaimed one-time keys per algorithm (fallback keys excluded).
-pub fn one_time_key_counts(conn: &Connection, user_id: &str, device_id: &str) -> Result<Map<String, Value>> {
+pub fn one_time_key_counts(conn: Db<'_>, user_id: &str, device_id: &str) -> Result<Map<String, Value>> {
     let mut stmt = conn.prepare_cached(
         "SELECT algorithm, count(*) FROM one_time_keys WHERE user_id = ?1 AND device_id = ?2 AND fallback = 0
          GROUP BY algorithm",
@@ -326,7 +326,7 @@ pub fn one_time_key_counts(conn: &Connection, user_id: &str, device_id: &str) ->
 }
 
 /// Algorithms of the device's fallback keys not handed out yet (`device_unused_fallback_key_types`).
-pub fn unused_fallback_key_types(conn: &Connection, user_id: &str, device_id: &str) -> Result<Vec<String>> {
+pub fn unused_fallback_key_types(conn: Db<'_>, user_id: &str, device_id: &str) -> Result<Vec<String>> {
     let mut stmt = conn.prepare_cached(
         "SELECT DISTINCT algorithm FROM one_time_keys WHERE user_id = ?1 AND device_id = ?2 AND fallback = 1",
     )?;
@@ -336,12 +336,7 @@ pub fn unused_fallback_key_types(conn: &Connection, user_id: &str, device_id: &s
 
 /// Hands out one key of `algorithm` for a device: the oldest one-time key (deleted, so it is never given out
 /// twice), else the fallback key (kept, marked used). Returns `(key_id, key)`.
-pub fn claim_key(
-    conn: &Connection,
-    user_id: &str,
-    device_id: &str,
-    algorithm: &str,
-) -> Result<Option<(String, Value)>> {
+pub fn claim_key(conn: Db<'_>, user_id: &str, device_id: &str, algorithm: &str) -> Result<Option<(String, Value)>> {
     let otk: Option<(String, String)> = conn
         .prepare_cached(
             "SELECT key_id, key_json FROM one_time_keys WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3
@@ -375,7 +370,7 @@ pub fn claim_key(
 // Cross-signing keys
 
 /// A user's `master`, `self_signing` or `user_signing` key, with the signatures added to it since.
-pub fn cross_signing_key(conn: &Connection, user_id: &str, key_type: &str) -> Result<Option<Value>> {
+pub fn cross_signing_key(conn: Db<'_>, user_id: &str, key_type: &str) -> Result<Option<Value>> {
     let raw: Option<String> = conn
         .prepare_cached("SELECT key_json FROM cross_signing_keys WHERE user_id = ?1 AND key_type = ?2")?
         .query_row(params![user_id, key_type], |r| r.get(0))
@@ -383,7 +378,7 @@ pub fn cross_signing_key(conn: &Connection, user_id: &str, key_type: &str) -> Re
     Ok(raw.map(|s| serde_json::from_str(&s)).transpose()?)
 }
 
-pub fn set_cross_signing_key(conn: &Connection, user_id: &str, key_type: &str, key: &Value) -> Result<()> {
+pub fn set_cross_signing_key(conn: Db<'_>, user_id: &str, key_type: &str, key: &Value) -> Result<()> {
     conn.prepare_cached(
         "INSERT INTO cross_signing_keys (user_id, key_type, key_json) VALUES (?1, ?2, ?3)
          ON CONFLICT (user_id, key_type) DO UPDATE SET key_json = excluded.key_json",
@@ -425,7 +420,7 @@ pub struct ToDeviceMessage {
 /// The messages for a device queued in the window (`after`, `upto`], oldest first. No limit: the device's next
 /// sync deletes everything up to `upto`, so a message left out would be lost.
 pub fn to_device_messages(
-    conn: &Connection,
+    conn: Db<'_>,
     user_id: &str,
     device_id: &str,
     after: StreamPos,
@@ -447,7 +442,7 @@ pub fn to_device_messages(
 }
 
 /// Deletes a device's messages up to `upto` (its sync acknowledged them).
-pub fn delete_to_device_upto(conn: &Connection, user_id: &str, device_id: &str, upto: StreamPos) -> Result<()> {
+pub fn delete_to_device_upto(conn: Db<'_>, user_id: &str, device_id: &str, upto: StreamPos) -> Result<()> {
     conn.prepare_cached("DELETE FROM to_device WHERE user_id = ?1 AND device_id = ?2 AND stream_ordering <= ?3")?
         .execute(params![user_id, device_id, upto])?;
     Ok(())
@@ -472,52 +467,52 @@ mod tests {
         })
         .unwrap();
         assert_eq!(stream, 4);
-        let types = |conn: &Connection, after: i64, upto: i64| -> Vec<String> {
+        let types = |conn: Db<'_>, after: i64, upto: i64| -> Vec<String> {
             to_device_messages(conn, "@a:x", "D1", StreamPos(after), StreamPos(upto))
                 .unwrap()
                 .into_iter()
                 .map(|m| m.event_type)
                 .collect()
         };
-        assert_eq!(types(&conn, 0, 4), ["m.one", "m.two", "m.three"]);
-        assert_eq!(types(&conn, 1, 3), ["m.two"], "after is exclusive, upto inclusive");
-        let first = to_device_messages(&conn, "@a:x", "D1", StreamPos(0), StreamPos(1)).unwrap();
+        assert_eq!(types(conn.db(), 0, 4), ["m.one", "m.two", "m.three"]);
+        assert_eq!(types(conn.db(), 1, 3), ["m.two"], "after is exclusive, upto inclusive");
+        let first = to_device_messages(conn.db(), "@a:x", "D1", StreamPos(0), StreamPos(1)).unwrap();
         assert_eq!(
             first,
             [ToDeviceMessage { sender: "@s:x".into(), event_type: "m.one".into(), content: json!({"n": 1}) }]
         );
 
-        delete_to_device_upto(&conn, "@a:x", "D1", StreamPos(3)).unwrap();
-        assert_eq!(types(&conn, 0, 4), ["m.three"]);
-        assert_eq!(to_device_messages(&conn, "@a:x", "D2", StreamPos(0), StreamPos(4)).unwrap().len(), 1);
+        delete_to_device_upto(conn.db(), "@a:x", "D1", StreamPos(3)).unwrap();
+        assert_eq!(types(conn.db(), 0, 4), ["m.three"]);
+        assert_eq!(to_device_messages(conn.db(), "@a:x", "D2", StreamPos(0), StreamPos(4)).unwrap().len(), 1);
     }
 
     #[test]
     fn key_counts_and_unused_fallback_types() {
         let conn = memory_db();
-        assert!(one_time_key_counts(&conn, "@a:x", "D1").unwrap().is_empty());
-        assert!(unused_fallback_key_types(&conn, "@a:x", "D1").unwrap().is_empty());
+        assert!(one_time_key_counts(conn.db(), "@a:x", "D1").unwrap().is_empty());
+        assert!(unused_fallback_key_types(conn.db(), "@a:x", "D1").unwrap().is_empty());
         let otks =
             json!({"signed_curve25519:A": {"key": "a"}, "signed_curve25519:B": {"key": "b"}, "curve25519:C": "c"});
-        assert_eq!(add_one_time_keys(&conn, "@a:x", "D1", otks.as_object().unwrap()).unwrap(), None);
+        assert_eq!(add_one_time_keys(conn.db(), "@a:x", "D1", otks.as_object().unwrap()).unwrap(), None);
         let fallback = json!({"signed_curve25519:F": {"key": "f", "fallback": true}});
-        set_fallback_keys(&conn, "@a:x", "D1", fallback.as_object().unwrap()).unwrap();
-        let counts = one_time_key_counts(&conn, "@a:x", "D1").unwrap();
+        set_fallback_keys(conn.db(), "@a:x", "D1", fallback.as_object().unwrap()).unwrap();
+        let counts = one_time_key_counts(conn.db(), "@a:x", "D1").unwrap();
         assert_eq!(
             Value::Object(counts),
             json!({"signed_curve25519": 2, "curve25519": 1}),
             "fallback keys not counted"
         );
-        assert_eq!(unused_fallback_key_types(&conn, "@a:x", "D1").unwrap(), ["signed_curve25519"]);
-        assert!(unused_fallback_key_types(&conn, "@a:x", "D2").unwrap().is_empty(), "per device");
+        assert_eq!(unused_fallback_key_types(conn.db(), "@a:x", "D1").unwrap(), ["signed_curve25519"]);
+        assert!(unused_fallback_key_types(conn.db(), "@a:x", "D2").unwrap().is_empty(), "per device");
 
         // Claims take one-time keys first, then the fallback key (which then no longer counts as unused).
         for _ in 0..2 {
-            assert!(claim_key(&conn, "@a:x", "D1", "signed_curve25519").unwrap().is_some());
+            assert!(claim_key(conn.db(), "@a:x", "D1", "signed_curve25519").unwrap().is_some());
         }
-        assert_eq!(unused_fallback_key_types(&conn, "@a:x", "D1").unwrap(), ["signed_curve25519"]);
-        let (id, _) = claim_key(&conn, "@a:x", "D1", "signed_curve25519").unwrap().unwrap();
+        assert_eq!(unused_fallback_key_types(conn.db(), "@a:x", "D1").unwrap(), ["signed_curve25519"]);
+        let (id, _) = claim_key(conn.db(), "@a:x", "D1", "signed_curve25519").unwrap().unwrap();
         assert_eq!(id, "signed_curve25519:F");
-        assert!(unused_fallback_key_types(&conn, "@a:x", "D1").unwrap().is_empty());
+        assert!(unused_fallback_key_types(conn.db(), "@a:x", "D1").unwrap().is_empty());
     }
 }

@@ -1,9 +1,10 @@
 //! Events: their rows and JSON, prev and auth edges, forward extremities, redactions.
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, OptionalExtension};
 
 use crate::error::Result;
 use crate::store::ids::{EventNid, RoomNid, StateGroup, StateKeyNid, StreamPos};
+use crate::store::Db;
 
 #[derive(Clone, Debug)]
 pub struct EventRow {
@@ -49,21 +50,21 @@ pub fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<EventRow> {
     })
 }
 
-pub fn event_by_id(conn: &Connection, event_id: &str) -> Result<Option<EventRow>> {
+pub fn event_by_id(conn: Db<'_>, event_id: &str) -> Result<Option<EventRow>> {
     Ok(conn
         .prepare_cached(&format!("SELECT {EVENT_COLS} FROM events WHERE event_id = ?1"))?
         .query_row([event_id], event_row)
         .optional()?)
 }
 
-pub fn event_by_nid(conn: &Connection, nid: EventNid) -> Result<Option<EventRow>> {
+pub fn event_by_nid(conn: Db<'_>, nid: EventNid) -> Result<Option<EventRow>> {
     Ok(conn
         .prepare_cached(&format!("SELECT {EVENT_COLS} FROM events WHERE event_nid = ?1"))?
         .query_row([nid], event_row)
         .optional()?)
 }
 
-pub fn event_nid(conn: &Connection, event_id: &str) -> Result<Option<EventNid>> {
+pub fn event_nid(conn: Db<'_>, event_id: &str) -> Result<Option<EventNid>> {
     Ok(conn
         .prepare_cached("SELECT event_nid FROM events WHERE event_id = ?1")?
         .query_row([event_id], |r| r.get(0))
@@ -86,12 +87,12 @@ pub struct NewEvent<'a> {
     pub json: &'a str,
 }
 
-pub fn insert_event(conn: &Connection, e: &NewEvent<'_>) -> Result<EventNid> {
+pub fn insert_event(conn: Db<'_>, e: &NewEvent<'_>) -> Result<EventNid> {
     insert_event_with_nid(conn, None, e)
 }
 
 /// [`insert_event`] under a given `event_nid` (that of an outlier [`take_outlier`] removed), or a new one.
-pub fn insert_event_with_nid(conn: &Connection, event_nid: Option<EventNid>, e: &NewEvent<'_>) -> Result<EventNid> {
+pub fn insert_event_with_nid(conn: Db<'_>, event_nid: Option<EventNid>, e: &NewEvent<'_>) -> Result<EventNid> {
     conn.prepare_cached(
         "INSERT INTO events (event_id, room_nid, event_type, state_key_nid, sender, origin_server_ts, depth,
             stream_ordering, outlier, rejected, soft_failed, txn_device, txn_id, json, event_nid)
@@ -120,7 +121,7 @@ pub fn insert_event_with_nid(conn: &Connection, event_nid: Option<EventNid>, e: 
 /// Removes the outlier row of `event_id` (with its DAG and auth edges) so the event can be stored again as a
 /// timeline event under the same `event_nid`; returns that nid, or None when the event is not held as an outlier.
 /// The nid is kept because the state groups and memberships of a resync's or gap's state cite it.
-pub fn take_outlier(conn: &Connection, event_id: &str) -> Result<Option<EventNid>> {
+pub fn take_outlier(conn: Db<'_>, event_id: &str) -> Result<Option<EventNid>> {
     let nid: Option<EventNid> = conn
         .prepare_cached("SELECT event_nid FROM events WHERE event_id = ?1 AND outlier = 1")?
         .query_row([event_id], |r| r.get(0))
@@ -133,12 +134,12 @@ pub fn take_outlier(conn: &Connection, event_id: &str) -> Result<Option<EventNid
     Ok(nid)
 }
 
-pub fn set_sg_after(conn: &Connection, event_nid: EventNid, sg: StateGroup) -> Result<()> {
+pub fn set_sg_after(conn: Db<'_>, event_nid: EventNid, sg: StateGroup) -> Result<()> {
     conn.prepare_cached("UPDATE events SET sg_after = ?2 WHERE event_nid = ?1")?.execute(params![event_nid, sg])?;
     Ok(())
 }
 
-pub fn insert_auth_edges(conn: &Connection, event_nid: EventNid, auth: &[String]) -> Result<()> {
+pub fn insert_auth_edges(conn: Db<'_>, event_nid: EventNid, auth: &[String]) -> Result<()> {
     let mut stmt =
         conn.prepare_cached("INSERT OR IGNORE INTO event_auth (event_nid, auth_event_id) VALUES (?1, ?2)")?;
     for a in auth {
@@ -148,7 +149,7 @@ pub fn insert_auth_edges(conn: &Connection, event_nid: EventNid, auth: &[String]
 }
 
 /// The auth event ids of an event, from the edge table.
-pub fn auth_event_ids(conn: &Connection, event_id: &str) -> Result<Vec<String>> {
+pub fn auth_event_ids(conn: Db<'_>, event_id: &str) -> Result<Vec<String>> {
     let mut stmt = conn.prepare_cached(
         "SELECT a.auth_event_id FROM event_auth a JOIN events e ON e.event_nid = a.event_nid WHERE e.event_id = ?1",
     )?;
@@ -156,7 +157,7 @@ pub fn auth_event_ids(conn: &Connection, event_id: &str) -> Result<Vec<String>> 
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
-pub fn insert_edges(conn: &Connection, event_nid: EventNid, prevs: &[String]) -> Result<()> {
+pub fn insert_edges(conn: Db<'_>, event_nid: EventNid, prevs: &[String]) -> Result<()> {
     let mut stmt =
         conn.prepare_cached("INSERT OR IGNORE INTO event_edges (event_nid, prev_event_id) VALUES (?1, ?2)")?;
     for p in prevs {
@@ -165,13 +166,13 @@ pub fn insert_edges(conn: &Connection, event_nid: EventNid, prevs: &[String]) ->
     Ok(())
 }
 
-pub fn forward_extremities(conn: &Connection, room_nid: RoomNid) -> Result<Vec<EventNid>> {
+pub fn forward_extremities(conn: Db<'_>, room_nid: RoomNid) -> Result<Vec<EventNid>> {
     let mut stmt = conn.prepare_cached("SELECT event_nid FROM forward_extremities WHERE room_nid = ?1")?;
     let rows = stmt.query_map([room_nid], |r| r.get(0))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
-pub fn replace_extremities(conn: &Connection, room_nid: RoomNid, remove: &[EventNid], add: EventNid) -> Result<()> {
+pub fn replace_extremities(conn: Db<'_>, room_nid: RoomNid, remove: &[EventNid], add: EventNid) -> Result<()> {
     let mut del = conn.prepare_cached("DELETE FROM forward_extremities WHERE room_nid = ?1 AND event_nid = ?2")?;
     for nid in remove {
         del.execute(params![room_nid, nid])?;
@@ -181,7 +182,7 @@ pub fn replace_extremities(conn: &Connection, room_nid: RoomNid, remove: &[Event
     Ok(())
 }
 
-pub fn set_redacted(conn: &Connection, event_nid: EventNid, redacted_by: &str, json: &str) -> Result<()> {
+pub fn set_redacted(conn: Db<'_>, event_nid: EventNid, redacted_by: &str, json: &str) -> Result<()> {
     conn.execute(
         "UPDATE events SET redacted_by = ?2, json = ?3 WHERE event_nid = ?1",
         params![event_nid, redacted_by, json],
@@ -191,7 +192,7 @@ pub fn set_redacted(conn: &Connection, event_nid: EventNid, redacted_by: &str, j
 
 /// The auth chain (event nids) of the given events, walked in SQL over the auth-edge table; includes the starts.
 /// Needs the `rarray` module (loaded on pooled readers).
-pub fn auth_chain_nids(conn: &Connection, start: &[EventNid]) -> Result<Vec<EventNid>> {
+pub fn auth_chain_nids(conn: Db<'_>, start: &[EventNid]) -> Result<Vec<EventNid>> {
     let values: std::rc::Rc<Vec<rusqlite::types::Value>> =
         std::rc::Rc::new(start.iter().map(|n| rusqlite::types::Value::Integer(n.0)).collect());
     let mut stmt = conn.prepare_cached(
@@ -206,7 +207,7 @@ pub fn auth_chain_nids(conn: &Connection, start: &[EventNid]) -> Result<Vec<Even
 }
 
 /// Stored JSON of events by nid.
-pub fn json_of(conn: &Connection, nid: EventNid) -> Result<Option<String>> {
+pub fn json_of(conn: Db<'_>, nid: EventNid) -> Result<Option<String>> {
     Ok(conn
         .prepare_cached("SELECT json FROM events WHERE event_nid = ?1")?
         .query_row([nid], |r| r.get(0))
@@ -214,7 +215,7 @@ pub fn json_of(conn: &Connection, nid: EventNid) -> Result<Option<String>> {
 }
 
 /// The event id of an event nid.
-pub fn event_id_of(conn: &Connection, nid: EventNid) -> Result<Option<String>> {
+pub fn event_id_of(conn: Db<'_>, nid: EventNid) -> Result<Option<String>> {
     Ok(conn
         .prepare_cached("SELECT event_id FROM events WHERE event_nid = ?1")?
         .query_row([nid], |r| r.get(0))
@@ -225,7 +226,7 @@ pub fn event_id_of(conn: &Connection, nid: EventNid) -> Result<Option<String>> {
 pub type StateEntry = (EventNid, Option<StateKeyNid>, String, String);
 
 /// The [`StateEntry`] of an event.
-pub fn state_entry_by_id(conn: &Connection, event_id: &str) -> Result<Option<StateEntry>> {
+pub fn state_entry_by_id(conn: Db<'_>, event_id: &str) -> Result<Option<StateEntry>> {
     Ok(conn
         .prepare_cached("SELECT event_nid, state_key_nid, event_type, json FROM events WHERE event_id = ?1")?
         .query_row([event_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
@@ -233,20 +234,20 @@ pub fn state_entry_by_id(conn: &Connection, event_id: &str) -> Result<Option<Sta
 }
 
 /// Sets the state after every event of a room from `from` (by nid) on (bulk import).
-pub fn set_sg_after_from(conn: &Connection, room_nid: RoomNid, from: EventNid, sg: StateGroup) -> Result<()> {
+pub fn set_sg_after_from(conn: Db<'_>, room_nid: RoomNid, from: EventNid, sg: StateGroup) -> Result<()> {
     conn.prepare_cached("UPDATE events SET sg_after = ?3 WHERE room_nid = ?1 AND event_nid >= ?2")?
         .execute(params![room_nid, from, sg])?;
     Ok(())
 }
 
 /// Drops all forward extremities of a room.
-pub fn clear_extremities(conn: &Connection, room_nid: RoomNid) -> Result<()> {
+pub fn clear_extremities(conn: Db<'_>, room_nid: RoomNid) -> Result<()> {
     conn.prepare_cached("DELETE FROM forward_extremities WHERE room_nid = ?1")?.execute([room_nid])?;
     Ok(())
 }
 
 /// The room's oldest timeline event (lowest stream position): (nid, event id).
-pub fn oldest_timeline_event(conn: &Connection, room_nid: RoomNid) -> Result<Option<(EventNid, String)>> {
+pub fn oldest_timeline_event(conn: Db<'_>, room_nid: RoomNid) -> Result<Option<(EventNid, String)>> {
     Ok(conn
         .prepare_cached(
             "SELECT event_nid, event_id FROM events WHERE room_nid = ?1 AND stream_ordering IS NOT NULL
@@ -257,7 +258,7 @@ pub fn oldest_timeline_event(conn: &Connection, room_nid: RoomNid) -> Result<Opt
 }
 
 /// Prev events of an event that are not in our timeline (unknown, or known only as outliers).
-pub fn prevs_missing_from_timeline(conn: &Connection, event_nid: EventNid) -> Result<Vec<String>> {
+pub fn prevs_missing_from_timeline(conn: Db<'_>, event_nid: EventNid) -> Result<Vec<String>> {
     let mut stmt = conn.prepare_cached(
         "SELECT x.prev_event_id FROM event_edges x LEFT JOIN events e ON e.event_id = x.prev_event_id
          WHERE x.event_nid = ?1 AND (e.event_nid IS NULL OR e.stream_ordering IS NULL)",
@@ -268,21 +269,21 @@ pub fn prevs_missing_from_timeline(conn: &Connection, event_nid: EventNid) -> Re
 
 /// The lowest stream position of any event, or 0 when none is below 0: backfilled history is numbered
 /// downwards from here.
-pub fn lowest_stream_ordering(conn: &Connection) -> Result<StreamPos> {
+pub fn lowest_stream_ordering(conn: Db<'_>) -> Result<StreamPos> {
     Ok(conn
         .prepare_cached("SELECT min(0, coalesce(min(stream_ordering), 0)) FROM events")?
         .query_row([], |r| r.get(0))?)
 }
 
 /// Moves an outlier into the timeline at `stream` (backfill), with its auth outcome.
-pub fn set_backfilled(conn: &Connection, event_nid: EventNid, stream: StreamPos, rejected: Option<&str>) -> Result<()> {
+pub fn set_backfilled(conn: Db<'_>, event_nid: EventNid, stream: StreamPos, rejected: Option<&str>) -> Result<()> {
     conn.prepare_cached("UPDATE events SET outlier = 0, stream_ordering = ?2, rejected = ?3 WHERE event_nid = ?1")?
         .execute(params![event_nid, stream, rejected])?;
     Ok(())
 }
 
 /// The state group after the last timeline event at or before stream position `pos`.
-pub fn sg_at_stream(conn: &Connection, room_nid: RoomNid, pos: StreamPos) -> Result<Option<StateGroup>> {
+pub fn sg_at_stream(conn: Db<'_>, room_nid: RoomNid, pos: StreamPos) -> Result<Option<StateGroup>> {
     Ok(conn
         .prepare_cached(
             "SELECT sg_after FROM events WHERE room_nid = ?1 AND stream_ordering <= ?2 AND sg_after IS NOT NULL
@@ -300,7 +301,7 @@ pub(crate) mod tests {
 
     /// Stores a minimal event: a state event when `state` is given, in the timeline at `stream` or as an outlier.
     pub(crate) fn insert_test_event(
-        conn: &Connection,
+        conn: Db<'_>,
         room_nid: RoomNid,
         event_id: &str,
         stream: Option<i64>,
@@ -329,20 +330,20 @@ pub(crate) mod tests {
         .unwrap()
     }
 
-    fn room(conn: &Connection) -> RoomNid {
+    fn room(conn: Db<'_>) -> RoomNid {
         rooms::insert_room(conn, "!r:x", "12").unwrap()
     }
 
     #[test]
     fn a_held_outlier_is_stored_again_under_its_event_nid() {
         let conn = memory_db();
-        let r = room(&conn);
-        let nid = insert_test_event(&conn, r, "$o", None, None);
-        insert_auth_edges(&conn, nid, &["$create".to_owned()]).unwrap();
-        insert_test_event(&conn, r, "$later", Some(1), None);
+        let r = room(conn.db());
+        let nid = insert_test_event(conn.db(), r, "$o", None, None);
+        insert_auth_edges(conn.db(), nid, &["$create".to_owned()]).unwrap();
+        insert_test_event(conn.db(), r, "$later", Some(1), None);
 
-        assert_eq!(take_outlier(&conn, "$o").unwrap(), Some(nid));
-        assert!(event_nid(&conn, "$o").unwrap().is_none());
+        assert_eq!(take_outlier(conn.db(), "$o").unwrap(), Some(nid));
+        assert!(event_nid(conn.db(), "$o").unwrap().is_none());
         let again = NewEvent {
             event_id: "$o",
             room_nid: r,
@@ -358,19 +359,19 @@ pub(crate) mod tests {
             txn: None,
             json: "{}",
         };
-        assert_eq!(insert_event_with_nid(&conn, Some(nid), &again).unwrap(), nid);
-        assert!(!event_by_id(&conn, "$o").unwrap().unwrap().outlier);
+        assert_eq!(insert_event_with_nid(conn.db(), Some(nid), &again).unwrap(), nid);
+        assert!(!event_by_id(conn.db(), "$o").unwrap().unwrap().outlier);
         // Timeline events are not taken.
-        assert_eq!(take_outlier(&conn, "$later").unwrap(), None);
+        assert_eq!(take_outlier(conn.db(), "$later").unwrap(), None);
     }
 
     #[test]
     fn an_event_is_found_by_id_and_by_nid() {
         let conn = memory_db();
-        let r = room(&conn);
-        let skn = state_groups::state_key_nid(&conn, "m.room.topic", "").unwrap();
+        let r = room(conn.db());
+        let skn = state_groups::state_key_nid(conn.db(), "m.room.topic", "").unwrap();
         let nid = insert_event(
-            &conn,
+            conn.db(),
             &NewEvent {
                 event_id: "$a",
                 room_nid: r,
@@ -388,7 +389,7 @@ pub(crate) mod tests {
             },
         )
         .unwrap();
-        let row = event_by_id(&conn, "$a").unwrap().unwrap();
+        let row = event_by_id(conn.db(), "$a").unwrap().unwrap();
         assert_eq!(row.event_nid, nid);
         assert_eq!(row.room_nid, r);
         assert_eq!(row.event_type, "m.room.topic");
@@ -399,23 +400,26 @@ pub(crate) mod tests {
         assert_eq!(row.rejected.as_deref(), Some("nope"));
         assert_eq!((row.txn_device.as_deref(), row.txn_id.as_deref()), (Some("DEV"), Some("t1")));
         assert_eq!(row.sg_after, None);
-        assert_eq!(event_by_nid(&conn, nid).unwrap().unwrap().event_id, "$a");
-        assert_eq!(event_nid(&conn, "$a").unwrap(), Some(nid));
-        assert_eq!(event_id_of(&conn, nid).unwrap().as_deref(), Some("$a"));
-        assert_eq!(json_of(&conn, nid).unwrap().as_deref(), Some("{}"));
-        assert_eq!(state_entry_by_id(&conn, "$a").unwrap(), Some((nid, Some(skn), "m.room.topic".into(), "{}".into())));
-        assert!(event_by_id(&conn, "$b").unwrap().is_none());
-        assert!(event_nid(&conn, "$b").unwrap().is_none());
-        assert!(json_of(&conn, EventNid(nid.0 + 1)).unwrap().is_none());
+        assert_eq!(event_by_nid(conn.db(), nid).unwrap().unwrap().event_id, "$a");
+        assert_eq!(event_nid(conn.db(), "$a").unwrap(), Some(nid));
+        assert_eq!(event_id_of(conn.db(), nid).unwrap().as_deref(), Some("$a"));
+        assert_eq!(json_of(conn.db(), nid).unwrap().as_deref(), Some("{}"));
+        assert_eq!(
+            state_entry_by_id(conn.db(), "$a").unwrap(),
+            Some((nid, Some(skn), "m.room.topic".into(), "{}".into()))
+        );
+        assert!(event_by_id(conn.db(), "$b").unwrap().is_none());
+        assert!(event_nid(conn.db(), "$b").unwrap().is_none());
+        assert!(json_of(conn.db(), EventNid(nid.0 + 1)).unwrap().is_none());
     }
 
     #[test]
     fn redaction_replaces_the_json() {
         let conn = memory_db();
-        let r = room(&conn);
-        let nid = insert_test_event(&conn, r, "$a", Some(1), None);
-        set_redacted(&conn, nid, "$redaction", r#"{"redacted":true}"#).unwrap();
-        let row = event_by_nid(&conn, nid).unwrap().unwrap();
+        let r = room(conn.db());
+        let nid = insert_test_event(conn.db(), r, "$a", Some(1), None);
+        set_redacted(conn.db(), nid, "$redaction", r#"{"redacted":true}"#).unwrap();
+        let row = event_by_nid(conn.db(), nid).unwrap().unwrap();
         assert_eq!(row.redacted_by.as_deref(), Some("$redaction"));
         assert_eq!(row.json, r#"{"redacted":true}"#);
     }
@@ -423,23 +427,23 @@ pub(crate) mod tests {
     #[test]
     fn auth_edges_and_auth_chains() {
         let conn = memory_db();
-        let r = room(&conn);
-        let create = insert_test_event(&conn, r, "$create", None, Some(("m.room.create", "")));
-        let member = insert_test_event(&conn, r, "$member", None, Some(("m.room.member", "@u:x")));
-        let msg = insert_test_event(&conn, r, "$msg", Some(1), None);
-        let other = insert_test_event(&conn, r, "$other", Some(2), None);
-        insert_auth_edges(&conn, member, &["$create".into()]).unwrap();
-        insert_auth_edges(&conn, msg, &["$create".into(), "$member".into(), "$unknown".into()]).unwrap();
+        let r = room(conn.db());
+        let create = insert_test_event(conn.db(), r, "$create", None, Some(("m.room.create", "")));
+        let member = insert_test_event(conn.db(), r, "$member", None, Some(("m.room.member", "@u:x")));
+        let msg = insert_test_event(conn.db(), r, "$msg", Some(1), None);
+        let other = insert_test_event(conn.db(), r, "$other", Some(2), None);
+        insert_auth_edges(conn.db(), member, &["$create".into()]).unwrap();
+        insert_auth_edges(conn.db(), msg, &["$create".into(), "$member".into(), "$unknown".into()]).unwrap();
         // Inserting an edge twice is harmless.
-        insert_auth_edges(&conn, msg, &["$create".into()]).unwrap();
-        let mut ids = auth_event_ids(&conn, "$msg").unwrap();
+        insert_auth_edges(conn.db(), msg, &["$create".into()]).unwrap();
+        let mut ids = auth_event_ids(conn.db(), "$msg").unwrap();
         ids.sort();
         assert_eq!(ids, ["$create", "$member", "$unknown"]);
-        assert!(auth_event_ids(&conn, "$create").unwrap().is_empty());
-        let mut chain = auth_chain_nids(&conn, &[msg]).unwrap();
+        assert!(auth_event_ids(conn.db(), "$create").unwrap().is_empty());
+        let mut chain = auth_chain_nids(conn.db(), &[msg]).unwrap();
         chain.sort();
         assert_eq!(chain, [create, member, msg]);
-        let mut chain = auth_chain_nids(&conn, &[member, other]).unwrap();
+        let mut chain = auth_chain_nids(conn.db(), &[member, other]).unwrap();
         chain.sort();
         assert_eq!(chain, [create, member, other]);
     }
@@ -447,12 +451,12 @@ pub(crate) mod tests {
     #[test]
     fn prev_edges_show_gaps_in_the_timeline() {
         let conn = memory_db();
-        let r = room(&conn);
-        insert_test_event(&conn, r, "$old", Some(1), None);
-        insert_test_event(&conn, r, "$outlier", None, None);
-        let new = insert_test_event(&conn, r, "$new", Some(2), None);
-        insert_edges(&conn, new, &["$old".into(), "$outlier".into(), "$unknown".into()]).unwrap();
-        let mut gaps = prevs_missing_from_timeline(&conn, new).unwrap();
+        let r = room(conn.db());
+        insert_test_event(conn.db(), r, "$old", Some(1), None);
+        insert_test_event(conn.db(), r, "$outlier", None, None);
+        let new = insert_test_event(conn.db(), r, "$new", Some(2), None);
+        insert_edges(conn.db(), new, &["$old".into(), "$outlier".into(), "$unknown".into()]).unwrap();
+        let mut gaps = prevs_missing_from_timeline(conn.db(), new).unwrap();
         gaps.sort();
         assert_eq!(gaps, ["$outlier", "$unknown"]);
     }
@@ -460,57 +464,57 @@ pub(crate) mod tests {
     #[test]
     fn forward_extremities_are_replaced_and_cleared() {
         let conn = memory_db();
-        let r = room(&conn);
-        let a = insert_test_event(&conn, r, "$a", Some(1), None);
-        let b = insert_test_event(&conn, r, "$b", Some(2), None);
-        let c = insert_test_event(&conn, r, "$c", Some(3), None);
-        replace_extremities(&conn, r, &[], a).unwrap();
-        replace_extremities(&conn, r, &[], b).unwrap();
-        let mut ext = forward_extremities(&conn, r).unwrap();
+        let r = room(conn.db());
+        let a = insert_test_event(conn.db(), r, "$a", Some(1), None);
+        let b = insert_test_event(conn.db(), r, "$b", Some(2), None);
+        let c = insert_test_event(conn.db(), r, "$c", Some(3), None);
+        replace_extremities(conn.db(), r, &[], a).unwrap();
+        replace_extremities(conn.db(), r, &[], b).unwrap();
+        let mut ext = forward_extremities(conn.db(), r).unwrap();
         ext.sort();
         assert_eq!(ext, [a, b]);
-        replace_extremities(&conn, r, &[a, b], c).unwrap();
-        assert_eq!(forward_extremities(&conn, r).unwrap(), [c]);
-        clear_extremities(&conn, r).unwrap();
-        assert!(forward_extremities(&conn, r).unwrap().is_empty());
+        replace_extremities(conn.db(), r, &[a, b], c).unwrap();
+        assert_eq!(forward_extremities(conn.db(), r).unwrap(), [c]);
+        clear_extremities(conn.db(), r).unwrap();
+        assert!(forward_extremities(conn.db(), r).unwrap().is_empty());
     }
 
     #[test]
     fn state_after_events_and_at_stream_positions() {
         let conn = memory_db();
-        let r = room(&conn);
-        let sg1 = state_groups::insert_sg(&conn, r, None, 0, false).unwrap();
-        let sg2 = state_groups::insert_sg(&conn, r, Some(sg1), 1, false).unwrap();
-        let a = insert_test_event(&conn, r, "$a", Some(10), None);
-        let b = insert_test_event(&conn, r, "$b", Some(20), None);
-        let c = insert_test_event(&conn, r, "$c", Some(30), None);
-        set_sg_after(&conn, a, sg1).unwrap();
-        assert_eq!(event_by_nid(&conn, a).unwrap().unwrap().sg_after, Some(sg1));
-        set_sg_after_from(&conn, r, b, sg2).unwrap();
-        assert_eq!(event_by_nid(&conn, a).unwrap().unwrap().sg_after, Some(sg1));
-        assert_eq!(event_by_nid(&conn, b).unwrap().unwrap().sg_after, Some(sg2));
-        assert_eq!(event_by_nid(&conn, c).unwrap().unwrap().sg_after, Some(sg2));
-        assert_eq!(sg_at_stream(&conn, r, StreamPos(5)).unwrap(), None);
-        assert_eq!(sg_at_stream(&conn, r, StreamPos(15)).unwrap(), Some(sg1));
-        assert_eq!(sg_at_stream(&conn, r, StreamPos(20)).unwrap(), Some(sg2));
+        let r = room(conn.db());
+        let sg1 = state_groups::insert_sg(conn.db(), r, None, 0, false).unwrap();
+        let sg2 = state_groups::insert_sg(conn.db(), r, Some(sg1), 1, false).unwrap();
+        let a = insert_test_event(conn.db(), r, "$a", Some(10), None);
+        let b = insert_test_event(conn.db(), r, "$b", Some(20), None);
+        let c = insert_test_event(conn.db(), r, "$c", Some(30), None);
+        set_sg_after(conn.db(), a, sg1).unwrap();
+        assert_eq!(event_by_nid(conn.db(), a).unwrap().unwrap().sg_after, Some(sg1));
+        set_sg_after_from(conn.db(), r, b, sg2).unwrap();
+        assert_eq!(event_by_nid(conn.db(), a).unwrap().unwrap().sg_after, Some(sg1));
+        assert_eq!(event_by_nid(conn.db(), b).unwrap().unwrap().sg_after, Some(sg2));
+        assert_eq!(event_by_nid(conn.db(), c).unwrap().unwrap().sg_after, Some(sg2));
+        assert_eq!(sg_at_stream(conn.db(), r, StreamPos(5)).unwrap(), None);
+        assert_eq!(sg_at_stream(conn.db(), r, StreamPos(15)).unwrap(), Some(sg1));
+        assert_eq!(sg_at_stream(conn.db(), r, StreamPos(20)).unwrap(), Some(sg2));
     }
 
     #[test]
     fn backfilled_events_go_below_the_oldest() {
         let conn = memory_db();
-        let r = room(&conn);
-        assert_eq!(oldest_timeline_event(&conn, r).unwrap(), None);
-        assert_eq!(lowest_stream_ordering(&conn).unwrap(), StreamPos(0));
-        insert_test_event(&conn, r, "$live", Some(3), None);
-        insert_test_event(&conn, r, "$live2", Some(4), None);
-        assert_eq!(lowest_stream_ordering(&conn).unwrap(), StreamPos(0));
-        let old = insert_test_event(&conn, r, "$old", None, None);
-        set_backfilled(&conn, old, StreamPos(-1), Some("bad auth")).unwrap();
-        let row = event_by_nid(&conn, old).unwrap().unwrap();
+        let r = room(conn.db());
+        assert_eq!(oldest_timeline_event(conn.db(), r).unwrap(), None);
+        assert_eq!(lowest_stream_ordering(conn.db()).unwrap(), StreamPos(0));
+        insert_test_event(conn.db(), r, "$live", Some(3), None);
+        insert_test_event(conn.db(), r, "$live2", Some(4), None);
+        assert_eq!(lowest_stream_ordering(conn.db()).unwrap(), StreamPos(0));
+        let old = insert_test_event(conn.db(), r, "$old", None, None);
+        set_backfilled(conn.db(), old, StreamPos(-1), Some("bad auth")).unwrap();
+        let row = event_by_nid(conn.db(), old).unwrap().unwrap();
         assert!(!row.outlier);
         assert_eq!(row.stream_ordering, Some(StreamPos(-1)));
         assert_eq!(row.rejected.as_deref(), Some("bad auth"));
-        assert_eq!(lowest_stream_ordering(&conn).unwrap(), StreamPos(-1));
-        assert_eq!(oldest_timeline_event(&conn, r).unwrap(), Some((old, "$old".to_owned())));
+        assert_eq!(lowest_stream_ordering(conn.db()).unwrap(), StreamPos(-1));
+        assert_eq!(oldest_timeline_event(conn.db(), r).unwrap(), Some((old, "$old".to_owned())));
     }
 }

@@ -7,9 +7,10 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension};
 
 use crate::error::Result;
+use crate::store::Db;
 
 /// Whether the database answers a read (the health check).
-pub fn ping(conn: &Connection) -> Result<()> {
+pub fn ping(conn: Db<'_>) -> Result<()> {
     conn.prepare_cached("SELECT count(*) FROM meta")?.query_row([], |r| r.get::<_, i64>(0))?;
     Ok(())
 }
@@ -26,11 +27,11 @@ pub struct Gauges {
     pub rooms: i64,
 }
 
-fn one(conn: &Connection, sql: &str) -> Result<i64> {
+fn one(conn: Db<'_>, sql: &str) -> Result<i64> {
     Ok(conn.prepare_cached(sql)?.query_row([], |r| r.get(0))?)
 }
 
-pub fn gauges(conn: &Connection) -> Result<Gauges> {
+pub fn gauges(conn: Db<'_>) -> Result<Gauges> {
     let page_size = one(conn, "PRAGMA page_size")?;
     Ok(Gauges {
         size_bytes: one(conn, "PRAGMA page_count")? * page_size,
@@ -44,29 +45,29 @@ pub fn gauges(conn: &Connection) -> Result<Gauges> {
 }
 
 /// SQLite's `quick_check`: `"ok"`, or the first problem found.
-pub fn quick_check(conn: &Connection) -> Result<String> {
+pub fn quick_check(conn: Db<'_>) -> Result<String> {
     Ok(conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?)
 }
 
 /// Switches a database (a fresh copy) to a rollback journal, so it is one self-contained file (no `-wal`/`-shm`).
-pub fn use_rollback_journal(conn: &Connection) -> Result<()> {
+pub fn use_rollback_journal(conn: Db<'_>) -> Result<()> {
     let _: String = conn.query_row("PRAGMA journal_mode=DELETE", [], |r| r.get(0))?;
     Ok(())
 }
 
 /// The server name a database was created with; None when it has none recorded. Fails when the file is not a
 /// Hearth database (no `meta` table).
-pub fn server_name(conn: &Connection) -> Result<Option<String>> {
+pub fn server_name(conn: Db<'_>) -> Result<Option<String>> {
     let raw: Option<Vec<u8>> =
         conn.query_row("SELECT value FROM meta WHERE key = 'server_name'", [], |r| r.get(0)).optional()?;
     Ok(raw.map(|v| String::from_utf8_lossy(&v).into_owned()))
 }
 
-pub fn event_count(conn: &Connection) -> Result<i64> {
+pub fn event_count(conn: Db<'_>) -> Result<i64> {
     one(conn, "SELECT count(*) FROM events")
 }
 
-pub fn user_count(conn: &Connection) -> Result<i64> {
+pub fn user_count(conn: Db<'_>) -> Result<i64> {
     one(conn, "SELECT count(*) FROM users")
 }
 
@@ -87,34 +88,35 @@ mod tests {
     #[test]
     fn a_fresh_database_is_healthy_and_empty() {
         let conn = memory_db();
-        ping(&conn).unwrap();
-        assert_eq!(quick_check(&conn).unwrap(), "ok");
-        let g = gauges(&conn).unwrap();
+        ping(conn.db()).unwrap();
+        assert_eq!(quick_check(conn.db()).unwrap(), "ok");
+        let g = gauges(conn.db()).unwrap();
         assert!(g.page_size > 0 && g.size_bytes >= g.page_size);
         assert_eq!((g.outbox_depth, g.outbox_destinations, g.users, g.rooms), (0, 0, 0, 0));
-        assert_eq!((event_count(&conn).unwrap(), user_count(&conn).unwrap()), (0, 0));
-        assert_eq!(server_name(&conn).unwrap(), None);
+        assert_eq!((event_count(conn.db()).unwrap(), user_count(conn.db()).unwrap()), (0, 0));
+        assert_eq!(server_name(conn.db()).unwrap(), None);
     }
 
     #[test]
     fn counts_follow_the_rows() {
         let conn = memory_db();
-        testing::user(&conn, "@a:x", None, false);
-        testing::user(&conn, "@b:x", None, true);
-        let room = testing::room(&conn, "!r:x");
-        testing::event(&conn, room, testing::Ev::message("$1", "@a:x", 1));
+        testing::user(conn.db(), "@a:x", None, false);
+        testing::user(conn.db(), "@b:x", None, true);
+        let room = testing::room(conn.db(), "!r:x");
+        testing::event(conn.db(), room, testing::Ev::message("$1", "@a:x", 1));
         for (dest, payload) in [("a.test", "$1"), ("a.test", "$2"), ("b.test", "$1")] {
-            conn.execute(
-                "INSERT INTO outbox (destination, kind, payload) VALUES (?1, 'pdu', ?2)",
-                rusqlite::params![dest, payload],
-            )
-            .unwrap();
+            conn.db()
+                .execute(
+                    "INSERT INTO outbox (destination, kind, payload) VALUES (?1, 'pdu', ?2)",
+                    rusqlite::params![dest, payload],
+                )
+                .unwrap();
         }
-        conn.execute("INSERT INTO meta (key, value) VALUES ('server_name', CAST('hs.test' AS BLOB))", []).unwrap();
-        let g = gauges(&conn).unwrap();
+        conn.db().execute("INSERT INTO meta (key, value) VALUES ('server_name', CAST('hs.test' AS BLOB))", []).unwrap();
+        let g = gauges(conn.db()).unwrap();
         assert_eq!((g.outbox_depth, g.outbox_destinations, g.users, g.rooms), (3, 2, 2, 1));
-        assert_eq!((event_count(&conn).unwrap(), user_count(&conn).unwrap()), (1, 2));
-        assert_eq!(server_name(&conn).unwrap().as_deref(), Some("hs.test"));
+        assert_eq!((event_count(conn.db()).unwrap(), user_count(conn.db()).unwrap()), (1, 2));
+        assert_eq!(server_name(conn.db()).unwrap().as_deref(), Some("hs.test"));
     }
 
     #[test]
@@ -127,10 +129,10 @@ mod tests {
             conn.execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB);")
                 .unwrap();
             checkpoint_file(&path, Duration::from_secs(1)).unwrap();
-            use_rollback_journal(&conn).unwrap();
+            use_rollback_journal(Db(&conn)).unwrap();
             let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
             assert_eq!(mode, "delete");
-            ping(&conn).unwrap();
+            ping(Db(&conn)).unwrap();
         }
         assert!(!dir.join("db.sqlite-wal").exists());
         std::fs::remove_dir_all(&dir).unwrap();
@@ -139,7 +141,7 @@ mod tests {
     #[test]
     fn a_file_without_the_schema_is_not_a_hearth_database() {
         let conn = Connection::open_in_memory().unwrap();
-        assert!(server_name(&conn).is_err());
-        assert!(ping(&conn).is_err());
+        assert!(server_name(Db(&conn)).is_err());
+        assert!(ping(Db(&conn)).is_err());
     }
 }

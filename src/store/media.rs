@@ -1,9 +1,10 @@
 //! Media metadata: `media` (local uploads, ids reserved for an async upload, cached remote media) and
 //! `media_thumbnails` (thumbnails made so far). The files themselves live in the media folder.
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, OptionalExtension};
 
 use crate::error::Result;
+use crate::store::Db;
 
 /// One row of `media`.
 #[derive(Clone, Debug, PartialEq)]
@@ -18,7 +19,7 @@ pub struct MediaRow {
     pub created_ts: i64,
 }
 
-pub fn get(conn: &Connection, origin: &str, media_id: &str) -> Result<Option<MediaRow>> {
+pub fn get(conn: Db<'_>, origin: &str, media_id: &str) -> Result<Option<MediaRow>> {
     Ok(conn
         .prepare_cached(
             "SELECT origin, media_id, uploader, content_type, filename, size, created_ts FROM media
@@ -39,35 +40,35 @@ pub fn get(conn: &Connection, origin: &str, media_id: &str) -> Result<Option<Med
 }
 
 /// Bytes uploaded by a local user (reserved ids without content count 0).
-pub fn usage_of(conn: &Connection, uploader: &str) -> Result<i64> {
+pub fn usage_of(conn: Db<'_>, uploader: &str) -> Result<i64> {
     Ok(conn
         .prepare_cached("SELECT coalesce(sum(size), 0) FROM media WHERE uploader = ?1")?
         .query_row([uploader], |r| r.get(0))?)
 }
 
 /// Drops the ids `uploader` reserved at or before `created_before` and never filled.
-pub fn drop_stale_reservations(conn: &Connection, uploader: &str, created_before: i64) -> Result<()> {
+pub fn drop_stale_reservations(conn: Db<'_>, uploader: &str, created_before: i64) -> Result<()> {
     conn.prepare_cached("DELETE FROM media WHERE uploader = ?1 AND size IS NULL AND created_ts <= ?2")?
         .execute(params![uploader, created_before])?;
     Ok(())
 }
 
 /// How many ids `uploader` reserved after `created_after` that are still waiting for content.
-pub fn pending_reservations(conn: &Connection, uploader: &str, created_after: i64) -> Result<i64> {
+pub fn pending_reservations(conn: Db<'_>, uploader: &str, created_after: i64) -> Result<i64> {
     Ok(conn
         .prepare_cached("SELECT count(*) FROM media WHERE uploader = ?1 AND size IS NULL AND created_ts > ?2")?
         .query_row(params![uploader, created_after], |r| r.get(0))?)
 }
 
 /// Reserves an id for an async upload (`POST /create`): a row without content.
-pub fn reserve(conn: &Connection, origin: &str, media_id: &str, uploader: &str, now: i64) -> Result<()> {
+pub fn reserve(conn: Db<'_>, origin: &str, media_id: &str, uploader: &str, now: i64) -> Result<()> {
     conn.prepare_cached("INSERT INTO media (origin, media_id, uploader, created_ts) VALUES (?1, ?2, ?3, ?4)")?
         .execute(params![origin, media_id, uploader, now])?;
     Ok(())
 }
 
 /// Gives a reserved id its content; false when the id is unknown or already has content.
-pub fn fill_reserved(conn: &Connection, row: &MediaRow, size: i64, sha256: &str) -> Result<bool> {
+pub fn fill_reserved(conn: Db<'_>, row: &MediaRow, size: i64, sha256: &str) -> Result<bool> {
     let n = conn
         .prepare_cached(
             "UPDATE media SET content_type = ?3, filename = ?4, size = ?5, sha256 = ?6
@@ -78,7 +79,7 @@ pub fn fill_reserved(conn: &Connection, row: &MediaRow, size: i64, sha256: &str)
 }
 
 /// Records a new upload with its content.
-pub fn insert_upload(conn: &Connection, row: &MediaRow, size: i64, sha256: &str) -> Result<()> {
+pub fn insert_upload(conn: Db<'_>, row: &MediaRow, size: i64, sha256: &str) -> Result<()> {
     conn.prepare_cached(
         "INSERT INTO media (origin, media_id, uploader, content_type, filename, size, sha256, created_ts)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -97,7 +98,7 @@ pub fn insert_upload(conn: &Connection, row: &MediaRow, size: i64, sha256: &str)
 }
 
 /// Records (or replaces) a remote file cached here; the uploader is always NULL.
-pub fn cache_remote(conn: &Connection, row: &MediaRow, sha256: &str) -> Result<()> {
+pub fn cache_remote(conn: Db<'_>, row: &MediaRow, sha256: &str) -> Result<()> {
     conn.prepare_cached(
         "INSERT OR REPLACE INTO media (origin, media_id, uploader, content_type, filename, size, sha256, created_ts)
          VALUES (?1, ?2, NULL, ?3, ?4, ?5, ?6, ?7)",
@@ -125,7 +126,7 @@ pub struct ThumbnailSize<'a> {
 
 /// The content type of a thumbnail made before, if any.
 pub fn thumbnail_content_type(
-    conn: &Connection,
+    conn: Db<'_>,
     origin: &str,
     media_id: &str,
     size: ThumbnailSize<'_>,
@@ -141,7 +142,7 @@ pub fn thumbnail_content_type(
 
 /// Records (or replaces) a thumbnail made now.
 pub fn record_thumbnail(
-    conn: &Connection,
+    conn: Db<'_>,
     origin: &str,
     media_id: &str,
     size: ThumbnailSize<'_>,
@@ -176,53 +177,53 @@ mod tests {
     #[test]
     fn uploads_read_back_and_count_towards_usage() {
         let conn = memory_db();
-        assert_eq!(get(&conn, "hs.test", "a").unwrap(), None);
-        assert_eq!(usage_of(&conn, "@u:hs.test").unwrap(), 0);
-        insert_upload(&conn, &upload("a", Some("@u:hs.test"), 5), 100, "ff").unwrap();
-        insert_upload(&conn, &upload("b", Some("@u:hs.test"), 6), 20, "ee").unwrap();
-        insert_upload(&conn, &upload("c", Some("@v:hs.test"), 6), 7, "dd").unwrap();
-        let got = get(&conn, "hs.test", "a").unwrap().unwrap();
+        assert_eq!(get(conn.db(), "hs.test", "a").unwrap(), None);
+        assert_eq!(usage_of(conn.db(), "@u:hs.test").unwrap(), 0);
+        insert_upload(conn.db(), &upload("a", Some("@u:hs.test"), 5), 100, "ff").unwrap();
+        insert_upload(conn.db(), &upload("b", Some("@u:hs.test"), 6), 20, "ee").unwrap();
+        insert_upload(conn.db(), &upload("c", Some("@v:hs.test"), 6), 7, "dd").unwrap();
+        let got = get(conn.db(), "hs.test", "a").unwrap().unwrap();
         assert_eq!(got, MediaRow { size: Some(100), ..upload("a", Some("@u:hs.test"), 5) });
-        assert_eq!(usage_of(&conn, "@u:hs.test").unwrap(), 120);
-        assert!(insert_upload(&conn, &upload("a", Some("@u:hs.test"), 5), 1, "ff").is_err(), "ids are unique");
+        assert_eq!(usage_of(conn.db(), "@u:hs.test").unwrap(), 120);
+        assert!(insert_upload(conn.db(), &upload("a", Some("@u:hs.test"), 5), 1, "ff").is_err(), "ids are unique");
     }
 
     #[test]
     fn reservations_fill_once_and_expire() {
         let conn = memory_db();
-        reserve(&conn, "hs.test", "old", "@u:hs.test", 10).unwrap();
-        reserve(&conn, "hs.test", "new", "@u:hs.test", 50).unwrap();
-        reserve(&conn, "hs.test", "other", "@v:hs.test", 10).unwrap();
-        assert_eq!(pending_reservations(&conn, "@u:hs.test", 0).unwrap(), 2);
-        assert_eq!(pending_reservations(&conn, "@u:hs.test", 10).unwrap(), 1, "strictly after");
-        assert_eq!(usage_of(&conn, "@u:hs.test").unwrap(), 0, "no content, no usage");
+        reserve(conn.db(), "hs.test", "old", "@u:hs.test", 10).unwrap();
+        reserve(conn.db(), "hs.test", "new", "@u:hs.test", 50).unwrap();
+        reserve(conn.db(), "hs.test", "other", "@v:hs.test", 10).unwrap();
+        assert_eq!(pending_reservations(conn.db(), "@u:hs.test", 0).unwrap(), 2);
+        assert_eq!(pending_reservations(conn.db(), "@u:hs.test", 10).unwrap(), 1, "strictly after");
+        assert_eq!(usage_of(conn.db(), "@u:hs.test").unwrap(), 0, "no content, no usage");
 
-        drop_stale_reservations(&conn, "@u:hs.test", 10).unwrap();
-        assert_eq!(get(&conn, "hs.test", "old").unwrap(), None, "at or before the cut-off");
-        assert!(get(&conn, "hs.test", "new").unwrap().is_some());
-        assert!(get(&conn, "hs.test", "other").unwrap().is_some(), "only the uploader's own");
+        drop_stale_reservations(conn.db(), "@u:hs.test", 10).unwrap();
+        assert_eq!(get(conn.db(), "hs.test", "old").unwrap(), None, "at or before the cut-off");
+        assert!(get(conn.db(), "hs.test", "new").unwrap().is_some());
+        assert!(get(conn.db(), "hs.test", "other").unwrap().is_some(), "only the uploader's own");
 
         let filled = MediaRow { content_type: Some("text/plain".into()), ..upload("new", Some("@u:hs.test"), 50) };
-        assert!(fill_reserved(&conn, &filled, 3, "aa").unwrap());
-        assert!(!fill_reserved(&conn, &filled, 4, "bb").unwrap(), "content is never replaced");
-        assert!(!fill_reserved(&conn, &upload("nope", None, 0), 4, "bb").unwrap());
-        let got = get(&conn, "hs.test", "new").unwrap().unwrap();
+        assert!(fill_reserved(conn.db(), &filled, 3, "aa").unwrap());
+        assert!(!fill_reserved(conn.db(), &filled, 4, "bb").unwrap(), "content is never replaced");
+        assert!(!fill_reserved(conn.db(), &upload("nope", None, 0), 4, "bb").unwrap());
+        let got = get(conn.db(), "hs.test", "new").unwrap().unwrap();
         assert_eq!((got.size, got.content_type.as_deref(), got.created_ts), (Some(3), Some("text/plain"), 50));
-        assert_eq!(pending_reservations(&conn, "@u:hs.test", 0).unwrap(), 0);
-        drop_stale_reservations(&conn, "@u:hs.test", 1000).unwrap();
-        assert!(get(&conn, "hs.test", "new").unwrap().is_some(), "filled ids are not reservations");
+        assert_eq!(pending_reservations(conn.db(), "@u:hs.test", 0).unwrap(), 0);
+        drop_stale_reservations(conn.db(), "@u:hs.test", 1000).unwrap();
+        assert!(get(conn.db(), "hs.test", "new").unwrap().is_some(), "filled ids are not reservations");
     }
 
     #[test]
     fn remote_media_is_cached_without_an_uploader() {
         let conn = memory_db();
         let mut row = MediaRow { origin: "remote.test".into(), size: Some(9), ..upload("r", Some("@ignored:x"), 1) };
-        cache_remote(&conn, &row, "cc").unwrap();
+        cache_remote(conn.db(), &row, "cc").unwrap();
         row.size = Some(10);
-        cache_remote(&conn, &row, "cc").unwrap();
-        let got = get(&conn, "remote.test", "r").unwrap().unwrap();
+        cache_remote(conn.db(), &row, "cc").unwrap();
+        let got = get(conn.db(), "remote.test", "r").unwrap().unwrap();
         assert_eq!((got.uploader, got.size), (None, Some(10)));
-        assert_eq!(get(&conn, "hs.test", "r").unwrap(), None, "origin is part of the key");
+        assert_eq!(get(conn.db(), "hs.test", "r").unwrap(), None, "origin is part of the key");
     }
 
     #[test]
@@ -230,11 +231,11 @@ mod tests {
         let conn = memory_db();
         let scale = ThumbnailSize { width: 32, height: 32, method: "scale" };
         let crop = ThumbnailSize { method: "crop", ..scale };
-        assert_eq!(thumbnail_content_type(&conn, "hs.test", "a", scale).unwrap(), None);
-        record_thumbnail(&conn, "hs.test", "a", scale, "image/png", 10).unwrap();
-        assert_eq!(thumbnail_content_type(&conn, "hs.test", "a", scale).unwrap().as_deref(), Some("image/png"));
-        assert_eq!(thumbnail_content_type(&conn, "hs.test", "a", crop).unwrap(), None);
-        record_thumbnail(&conn, "hs.test", "a", scale, "image/jpeg", 12).unwrap();
-        assert_eq!(thumbnail_content_type(&conn, "hs.test", "a", scale).unwrap().as_deref(), Some("image/jpeg"));
+        assert_eq!(thumbnail_content_type(conn.db(), "hs.test", "a", scale).unwrap(), None);
+        record_thumbnail(conn.db(), "hs.test", "a", scale, "image/png", 10).unwrap();
+        assert_eq!(thumbnail_content_type(conn.db(), "hs.test", "a", scale).unwrap().as_deref(), Some("image/png"));
+        assert_eq!(thumbnail_content_type(conn.db(), "hs.test", "a", crop).unwrap(), None);
+        record_thumbnail(conn.db(), "hs.test", "a", scale, "image/jpeg", 12).unwrap();
+        assert_eq!(thumbnail_content_type(conn.db(), "hs.test", "a", scale).unwrap().as_deref(), Some("image/jpeg"));
     }
 }

@@ -3,10 +3,11 @@
 //! as room state changes; the client API reads member lists, profiles and a local user's membership changes here
 //! (only forgetting is written by the client API).
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, OptionalExtension};
 
 use crate::error::Result;
 use crate::store::ids::{EventNid, RoomNid, StreamPos};
+use crate::store::Db;
 
 pub struct MemberUpdate<'a> {
     pub room_nid: RoomNid,
@@ -17,7 +18,7 @@ pub struct MemberUpdate<'a> {
     pub avatar_url: Option<&'a str>,
 }
 
-pub fn upsert_member(conn: &Connection, m: &MemberUpdate<'_>) -> Result<()> {
+pub fn upsert_member(conn: Db<'_>, m: &MemberUpdate<'_>) -> Result<()> {
     let old: Option<String> = conn
         .prepare_cached("SELECT membership FROM room_members WHERE room_nid = ?1 AND user_id = ?2")?
         .query_row(params![m.room_nid, m.user_id], |r| r.get(0))
@@ -48,21 +49,21 @@ pub fn upsert_member(conn: &Connection, m: &MemberUpdate<'_>) -> Result<()> {
     Ok(())
 }
 
-pub fn membership_of(conn: &Connection, room_nid: RoomNid, user_id: &str) -> Result<Option<(String, EventNid)>> {
+pub fn membership_of(conn: Db<'_>, room_nid: RoomNid, user_id: &str) -> Result<Option<(String, EventNid)>> {
     Ok(conn
         .prepare_cached("SELECT membership, event_nid FROM room_members WHERE room_nid = ?1 AND user_id = ?2")?
         .query_row(params![room_nid, user_id], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?)
 }
 
-pub fn member_counts(conn: &Connection, room_nid: RoomNid) -> Result<(i64, i64)> {
+pub fn member_counts(conn: Db<'_>, room_nid: RoomNid) -> Result<(i64, i64)> {
     Ok(conn
         .prepare_cached("SELECT joined_members, invited_members FROM rooms WHERE room_nid = ?1")?
         .query_row([room_nid], |r| Ok((r.get(0)?, r.get(1)?)))?)
 }
 
 /// Rooms in which `user_id` currently has `membership`.
-pub fn rooms_with_membership(conn: &Connection, user_id: &str, membership: &str) -> Result<Vec<(RoomNid, String)>> {
+pub fn rooms_with_membership(conn: Db<'_>, user_id: &str, membership: &str) -> Result<Vec<(RoomNid, String)>> {
     let mut stmt = conn.prepare_cached(
         "SELECT m.room_nid, r.room_id FROM room_members m JOIN rooms r ON r.room_nid = m.room_nid
          WHERE m.user_id = ?1 AND m.membership = ?2",
@@ -73,7 +74,7 @@ pub fn rooms_with_membership(conn: &Connection, user_id: &str, membership: &str)
 
 /// Servers in a room: those with a joined member plus, while the room is partial, those the resident named in
 /// `servers_in_room` (Synapse's "current hosts or partial-state approximation"), sorted.
-pub fn servers_in_room(conn: &Connection, room_nid: RoomNid) -> Result<Vec<String>> {
+pub fn servers_in_room(conn: Db<'_>, room_nid: RoomNid) -> Result<Vec<String>> {
     let mut servers = joined_servers(conn, room_nid)?;
     servers.extend(crate::store::rooms::partial_state_servers(conn, room_nid)?);
     servers.sort();
@@ -82,7 +83,7 @@ pub fn servers_in_room(conn: &Connection, room_nid: RoomNid) -> Result<Vec<Strin
 }
 
 /// Servers with at least one joined member.
-pub fn joined_servers(conn: &Connection, room_nid: RoomNid) -> Result<Vec<String>> {
+pub fn joined_servers(conn: Db<'_>, room_nid: RoomNid) -> Result<Vec<String>> {
     // A skip-scan over the (room_nid, server_name, membership) index: two seeks per server rather than a pass over
     // every member (a 100k-member room has ~2000 servers; this runs for every event we send to it).
     let mut stmt = conn.prepare_cached(
@@ -100,7 +101,7 @@ pub fn joined_servers(conn: &Connection, room_nid: RoomNid) -> Result<Vec<String
 }
 
 pub fn record_local_membership(
-    conn: &Connection,
+    conn: Db<'_>,
     stream: StreamPos,
     user_id: &str,
     room_nid: RoomNid,
@@ -116,7 +117,7 @@ pub fn record_local_membership(
 }
 
 /// Whether our user `user_id` was ever joined to the room (from the local membership stream).
-pub fn was_locally_joined(conn: &Connection, user_id: &str, room_nid: RoomNid) -> Result<bool> {
+pub fn was_locally_joined(conn: Db<'_>, user_id: &str, room_nid: RoomNid) -> Result<bool> {
     Ok(conn
         .prepare_cached(
             "SELECT 1 FROM local_membership_stream WHERE user_id = ?1 AND room_nid = ?2 AND membership = 'join'",
@@ -126,7 +127,7 @@ pub fn was_locally_joined(conn: &Connection, user_id: &str, room_nid: RoomNid) -
 
 /// The stream position of our user's first membership event of kind `membership` in a room.
 pub fn first_local_membership_pos(
-    conn: &Connection,
+    conn: Db<'_>,
     user_id: &str,
     room_nid: RoomNid,
     membership: &str,
@@ -140,21 +141,21 @@ pub fn first_local_membership_pos(
 }
 
 /// A user (re)joined a room: it is no longer forgotten.
-pub fn unforget_room(conn: &Connection, user_id: &str, room_nid: RoomNid) -> Result<()> {
+pub fn unforget_room(conn: Db<'_>, user_id: &str, room_nid: RoomNid) -> Result<()> {
     conn.prepare_cached("DELETE FROM forgotten_rooms WHERE user_id = ?1 AND room_nid = ?2")?
         .execute(params![user_id, room_nid])?;
     Ok(())
 }
 
 /// Whether `server` has (or had) any member in the room, in any membership.
-pub fn server_has_member(conn: &Connection, room_nid: RoomNid, server: &str) -> Result<bool> {
+pub fn server_has_member(conn: Db<'_>, room_nid: RoomNid, server: &str) -> Result<bool> {
     Ok(conn
         .prepare_cached("SELECT 1 FROM room_members WHERE room_nid = ?1 AND server_name = ?2 LIMIT 1")?
         .exists(params![room_nid, server])?)
 }
 
 /// Up to `limit` joined or invited members other than `except`, by user id (a nameless room's heroes).
-pub fn some_members_except(conn: &Connection, room_nid: RoomNid, except: &str, limit: i64) -> Result<Vec<String>> {
+pub fn some_members_except(conn: Db<'_>, room_nid: RoomNid, except: &str, limit: i64) -> Result<Vec<String>> {
     let mut stmt = conn.prepare_cached(
         "SELECT user_id FROM room_members WHERE room_nid = ?1 AND membership IN ('join','invite') AND user_id != ?2
          ORDER BY user_id LIMIT ?3",
@@ -172,12 +173,7 @@ pub struct MemberProfile {
 }
 
 /// `user_id`'s membership changes in the window (`after`, `upto`], oldest first: `(room, membership)`.
-pub fn changes_of(
-    conn: &Connection,
-    user_id: &str,
-    after: StreamPos,
-    upto: StreamPos,
-) -> Result<Vec<(RoomNid, String)>> {
+pub fn changes_of(conn: Db<'_>, user_id: &str, after: StreamPos, upto: StreamPos) -> Result<Vec<(RoomNid, String)>> {
     let mut stmt = conn.prepare_cached(
         "SELECT room_nid, membership FROM local_membership_stream WHERE user_id = ?1 AND stream_ordering > ?2
          AND stream_ordering <= ?3 ORDER BY stream_ordering",
@@ -191,7 +187,7 @@ const HEROES: i64 = 5;
 
 /// The members a nameless room is called after (`m.heroes`), `user_id` aside: the first joined or invited members
 /// by user id, else (everyone left) the first former members.
-pub fn heroes(conn: &Connection, room: RoomNid, user_id: &str) -> Result<Vec<String>> {
+pub fn heroes(conn: Db<'_>, room: RoomNid, user_id: &str) -> Result<Vec<String>> {
     let mut stmt = conn.prepare_cached(
         "SELECT user_id FROM room_members WHERE room_nid = ?1 AND user_id != ?2 AND membership IN ('join', 'invite')
          ORDER BY user_id LIMIT ?3",
@@ -209,7 +205,7 @@ pub fn heroes(conn: &Connection, room: RoomNid, user_id: &str) -> Result<Vec<Str
 }
 
 /// Every current member of a room, any membership: `(user_id, membership, membership event)`.
-pub fn members(conn: &Connection, room: RoomNid) -> Result<Vec<(String, String, EventNid)>> {
+pub fn members(conn: Db<'_>, room: RoomNid) -> Result<Vec<(String, String, EventNid)>> {
     let mut stmt =
         conn.prepare_cached("SELECT user_id, membership, event_nid FROM room_members WHERE room_nid = ?1")?;
     let rows = stmt.query_map([room], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
@@ -217,7 +213,7 @@ pub fn members(conn: &Connection, room: RoomNid) -> Result<Vec<(String, String, 
 }
 
 /// The joined members of a room with their room profiles.
-pub fn joined_profiles(conn: &Connection, room: RoomNid) -> Result<Vec<MemberProfile>> {
+pub fn joined_profiles(conn: Db<'_>, room: RoomNid) -> Result<Vec<MemberProfile>> {
     let mut stmt = conn.prepare_cached(
         "SELECT user_id, displayname, avatar_url FROM room_members WHERE room_nid = ?1 AND membership = 'join'",
     )?;
@@ -228,7 +224,7 @@ pub fn joined_profiles(conn: &Connection, room: RoomNid) -> Result<Vec<MemberPro
 }
 
 /// A member's display name in a room (None when not a member or no name set).
-pub fn displayname(conn: &Connection, room: RoomNid, user_id: &str) -> Result<Option<String>> {
+pub fn displayname(conn: Db<'_>, room: RoomNid, user_id: &str) -> Result<Option<String>> {
     Ok(conn
         .prepare_cached("SELECT displayname FROM room_members WHERE room_nid = ?1 AND user_id = ?2")?
         .query_row(params![room, user_id], |r| r.get(0))
@@ -239,7 +235,7 @@ pub fn displayname(conn: &Connection, room: RoomNid, user_id: &str) -> Result<Op
 /// The user directory: users joined to a room `requester` is joined to or to a published room, `requester` aside,
 /// whose user id or display name contains `term` (lower case), by user id, at most `limit`. Local users' profiles
 /// come from their accounts (deactivated accounts give none), others' from their membership events.
-pub fn search_users(conn: &Connection, requester: &str, term: &str, limit: i64) -> Result<Vec<MemberProfile>> {
+pub fn search_users(conn: Db<'_>, requester: &str, term: &str, limit: i64) -> Result<Vec<MemberProfile>> {
     let mut stmt = conn.prepare_cached(
         "SELECT m.user_id, max(coalesce(u.displayname, m.displayname)), max(coalesce(u.avatar_url, m.avatar_url))
          FROM room_members m LEFT JOIN users u ON u.user_id = m.user_id AND u.deactivated = 0
@@ -256,13 +252,13 @@ pub fn search_users(conn: &Connection, requester: &str, term: &str, limit: i64) 
 }
 
 /// Records that `user_id` forgot a room they left (idempotent).
-pub fn forget(conn: &Connection, user_id: &str, room: RoomNid) -> Result<()> {
+pub fn forget(conn: Db<'_>, user_id: &str, room: RoomNid) -> Result<()> {
     conn.prepare_cached("INSERT OR IGNORE INTO forgotten_rooms (user_id, room_nid) VALUES (?1, ?2)")?
         .execute(params![user_id, room])?;
     Ok(())
 }
 
-pub fn is_forgotten(conn: &Connection, user_id: &str, room: RoomNid) -> Result<bool> {
+pub fn is_forgotten(conn: Db<'_>, user_id: &str, room: RoomNid) -> Result<bool> {
     Ok(conn
         .prepare_cached("SELECT 1 FROM forgotten_rooms WHERE user_id = ?1 AND room_nid = ?2")?
         .exists(params![user_id, room])?)
@@ -275,7 +271,7 @@ mod tests {
     use crate::store::rooms;
     use crate::store::testing::{self, memory_db};
 
-    fn set(conn: &Connection, room_nid: RoomNid, user_id: &str, membership: &str, event_nid: EventNid) {
+    fn set(conn: Db<'_>, room_nid: RoomNid, user_id: &str, membership: &str, event_nid: EventNid) {
         upsert_member(
             conn,
             &MemberUpdate { room_nid, user_id, membership, event_nid, displayname: Some("D"), avatar_url: None },
@@ -286,137 +282,139 @@ mod tests {
     #[test]
     fn counts_follow_membership_changes() {
         let conn = memory_db();
-        let r = rooms::insert_room(&conn, "!r:x", "12").unwrap();
-        let e = insert_test_event(&conn, r, "$e", Some(1), None);
-        assert_eq!(member_counts(&conn, r).unwrap(), (0, 0));
-        set(&conn, r, "@a:x", "invite", e);
-        assert_eq!(member_counts(&conn, r).unwrap(), (0, 1));
-        set(&conn, r, "@a:x", "join", e);
-        assert_eq!(member_counts(&conn, r).unwrap(), (1, 0));
-        set(&conn, r, "@b:y", "join", e);
-        set(&conn, r, "@c:y", "ban", e);
-        assert_eq!(member_counts(&conn, r).unwrap(), (2, 0));
+        let r = rooms::insert_room(conn.db(), "!r:x", "12").unwrap();
+        let e = insert_test_event(conn.db(), r, "$e", Some(1), None);
+        assert_eq!(member_counts(conn.db(), r).unwrap(), (0, 0));
+        set(conn.db(), r, "@a:x", "invite", e);
+        assert_eq!(member_counts(conn.db(), r).unwrap(), (0, 1));
+        set(conn.db(), r, "@a:x", "join", e);
+        assert_eq!(member_counts(conn.db(), r).unwrap(), (1, 0));
+        set(conn.db(), r, "@b:y", "join", e);
+        set(conn.db(), r, "@c:y", "ban", e);
+        assert_eq!(member_counts(conn.db(), r).unwrap(), (2, 0));
         // The same membership again changes nothing.
-        set(&conn, r, "@b:y", "join", e);
-        assert_eq!(member_counts(&conn, r).unwrap(), (2, 0));
-        set(&conn, r, "@b:y", "leave", e);
-        assert_eq!(member_counts(&conn, r).unwrap(), (1, 0));
-        assert_eq!(membership_of(&conn, r, "@a:x").unwrap(), Some(("join".to_owned(), e)));
-        assert_eq!(membership_of(&conn, r, "@b:y").unwrap(), Some(("leave".to_owned(), e)));
-        assert_eq!(membership_of(&conn, r, "@z:x").unwrap(), None);
+        set(conn.db(), r, "@b:y", "join", e);
+        assert_eq!(member_counts(conn.db(), r).unwrap(), (2, 0));
+        set(conn.db(), r, "@b:y", "leave", e);
+        assert_eq!(member_counts(conn.db(), r).unwrap(), (1, 0));
+        assert_eq!(membership_of(conn.db(), r, "@a:x").unwrap(), Some(("join".to_owned(), e)));
+        assert_eq!(membership_of(conn.db(), r, "@b:y").unwrap(), Some(("leave".to_owned(), e)));
+        assert_eq!(membership_of(conn.db(), r, "@z:x").unwrap(), None);
     }
 
     #[test]
     fn rooms_of_a_user_by_membership() {
         let conn = memory_db();
-        let r1 = rooms::insert_room(&conn, "!r1:x", "12").unwrap();
-        let r2 = rooms::insert_room(&conn, "!r2:x", "12").unwrap();
-        let e = insert_test_event(&conn, r1, "$e", Some(1), None);
-        set(&conn, r1, "@a:x", "join", e);
-        set(&conn, r2, "@a:x", "invite", e);
-        assert_eq!(rooms_with_membership(&conn, "@a:x", "join").unwrap(), [(r1, "!r1:x".to_owned())]);
-        assert_eq!(rooms_with_membership(&conn, "@a:x", "invite").unwrap(), [(r2, "!r2:x".to_owned())]);
-        assert!(rooms_with_membership(&conn, "@a:x", "leave").unwrap().is_empty());
+        let r1 = rooms::insert_room(conn.db(), "!r1:x", "12").unwrap();
+        let r2 = rooms::insert_room(conn.db(), "!r2:x", "12").unwrap();
+        let e = insert_test_event(conn.db(), r1, "$e", Some(1), None);
+        set(conn.db(), r1, "@a:x", "join", e);
+        set(conn.db(), r2, "@a:x", "invite", e);
+        assert_eq!(rooms_with_membership(conn.db(), "@a:x", "join").unwrap(), [(r1, "!r1:x".to_owned())]);
+        assert_eq!(rooms_with_membership(conn.db(), "@a:x", "invite").unwrap(), [(r2, "!r2:x".to_owned())]);
+        assert!(rooms_with_membership(conn.db(), "@a:x", "leave").unwrap().is_empty());
     }
 
     #[test]
     fn joined_servers_are_those_with_a_joined_member() {
         let conn = memory_db();
-        let r = rooms::insert_room(&conn, "!r:x", "12").unwrap();
-        let other = rooms::insert_room(&conn, "!o:x", "12").unwrap();
-        let e = insert_test_event(&conn, r, "$e", Some(1), None);
-        assert!(joined_servers(&conn, r).unwrap().is_empty());
-        set(&conn, r, "@a:a.example", "join", e);
-        set(&conn, r, "@b:a.example", "leave", e);
-        set(&conn, r, "@c:c.example", "leave", e);
-        set(&conn, r, "@d:d.example", "invite", e);
-        set(&conn, r, "@e:e.example", "leave", e);
-        set(&conn, r, "@f:e.example", "join", e);
-        set(&conn, other, "@g:g.example", "join", e);
-        assert_eq!(joined_servers(&conn, r).unwrap(), ["a.example", "e.example"]);
-        assert!(server_has_member(&conn, r, "c.example").unwrap());
-        assert!(!server_has_member(&conn, r, "g.example").unwrap());
-        assert_eq!(some_members_except(&conn, r, "@a:a.example", 5).unwrap(), ["@d:d.example", "@f:e.example"]);
-        assert_eq!(some_members_except(&conn, r, "@z:z", 1).unwrap(), ["@a:a.example"]);
+        let r = rooms::insert_room(conn.db(), "!r:x", "12").unwrap();
+        let other = rooms::insert_room(conn.db(), "!o:x", "12").unwrap();
+        let e = insert_test_event(conn.db(), r, "$e", Some(1), None);
+        assert!(joined_servers(conn.db(), r).unwrap().is_empty());
+        set(conn.db(), r, "@a:a.example", "join", e);
+        set(conn.db(), r, "@b:a.example", "leave", e);
+        set(conn.db(), r, "@c:c.example", "leave", e);
+        set(conn.db(), r, "@d:d.example", "invite", e);
+        set(conn.db(), r, "@e:e.example", "leave", e);
+        set(conn.db(), r, "@f:e.example", "join", e);
+        set(conn.db(), other, "@g:g.example", "join", e);
+        assert_eq!(joined_servers(conn.db(), r).unwrap(), ["a.example", "e.example"]);
+        assert!(server_has_member(conn.db(), r, "c.example").unwrap());
+        assert!(!server_has_member(conn.db(), r, "g.example").unwrap());
+        assert_eq!(some_members_except(conn.db(), r, "@a:a.example", 5).unwrap(), ["@d:d.example", "@f:e.example"]);
+        assert_eq!(some_members_except(conn.db(), r, "@z:z", 1).unwrap(), ["@a:a.example"]);
     }
 
     #[test]
     fn the_local_membership_stream() {
         let conn = memory_db();
-        let r = rooms::insert_room(&conn, "!r:x", "12").unwrap();
-        let invite = insert_test_event(&conn, r, "$invite", Some(10), None);
-        let join = insert_test_event(&conn, r, "$join", Some(20), None);
-        let rejoin = insert_test_event(&conn, r, "$rejoin", Some(30), None);
-        assert!(!was_locally_joined(&conn, "@a:x", r).unwrap());
-        assert_eq!(first_local_membership_pos(&conn, "@a:x", r, "join").unwrap(), None);
-        record_local_membership(&conn, StreamPos(11), "@a:x", r, "invite", invite).unwrap();
-        assert!(!was_locally_joined(&conn, "@a:x", r).unwrap());
-        record_local_membership(&conn, StreamPos(21), "@a:x", r, "join", join).unwrap();
-        record_local_membership(&conn, StreamPos(31), "@a:x", r, "join", rejoin).unwrap();
-        assert!(was_locally_joined(&conn, "@a:x", r).unwrap());
-        assert!(!was_locally_joined(&conn, "@b:x", r).unwrap());
+        let r = rooms::insert_room(conn.db(), "!r:x", "12").unwrap();
+        let invite = insert_test_event(conn.db(), r, "$invite", Some(10), None);
+        let join = insert_test_event(conn.db(), r, "$join", Some(20), None);
+        let rejoin = insert_test_event(conn.db(), r, "$rejoin", Some(30), None);
+        assert!(!was_locally_joined(conn.db(), "@a:x", r).unwrap());
+        assert_eq!(first_local_membership_pos(conn.db(), "@a:x", r, "join").unwrap(), None);
+        record_local_membership(conn.db(), StreamPos(11), "@a:x", r, "invite", invite).unwrap();
+        assert!(!was_locally_joined(conn.db(), "@a:x", r).unwrap());
+        record_local_membership(conn.db(), StreamPos(21), "@a:x", r, "join", join).unwrap();
+        record_local_membership(conn.db(), StreamPos(31), "@a:x", r, "join", rejoin).unwrap();
+        assert!(was_locally_joined(conn.db(), "@a:x", r).unwrap());
+        assert!(!was_locally_joined(conn.db(), "@b:x", r).unwrap());
         // Positions are those of the membership events.
-        assert_eq!(first_local_membership_pos(&conn, "@a:x", r, "join").unwrap(), Some(StreamPos(20)));
-        assert_eq!(first_local_membership_pos(&conn, "@a:x", r, "invite").unwrap(), Some(StreamPos(10)));
+        assert_eq!(first_local_membership_pos(conn.db(), "@a:x", r, "join").unwrap(), Some(StreamPos(20)));
+        assert_eq!(first_local_membership_pos(conn.db(), "@a:x", r, "invite").unwrap(), Some(StreamPos(10)));
     }
 
     #[test]
     fn a_forgotten_room_is_remembered_on_rejoin() {
         let conn = memory_db();
-        let r = rooms::insert_room(&conn, "!r:x", "12").unwrap();
-        conn.execute("INSERT INTO forgotten_rooms (user_id, room_nid) VALUES ('@a:x', ?1)", [r]).unwrap();
+        let r = rooms::insert_room(conn.db(), "!r:x", "12").unwrap();
+        conn.db().execute("INSERT INTO forgotten_rooms (user_id, room_nid) VALUES ('@a:x', ?1)", [r]).unwrap();
         let forgotten = |u: &str| {
-            conn.query_row("SELECT count(*) FROM forgotten_rooms WHERE user_id = ?1", [u], |r| r.get::<_, i64>(0))
+            conn.db()
+                .query_row("SELECT count(*) FROM forgotten_rooms WHERE user_id = ?1", [u], |r| r.get::<_, i64>(0))
                 .unwrap()
         };
         assert_eq!(forgotten("@a:x"), 1);
-        unforget_room(&conn, "@a:x", r).unwrap();
+        unforget_room(conn.db(), "@a:x", r).unwrap();
         assert_eq!(forgotten("@a:x"), 0);
     }
 
     #[test]
     fn changes_of_is_per_user_windowed_and_in_stream_order() {
         let conn = memory_db();
-        let (r1, r2) = (testing::room(&conn, "!1:x"), testing::room(&conn, "!2:x"));
-        testing::local_membership(&conn, StreamPos(3), "@a:x", r1, "invite");
-        testing::local_membership(&conn, StreamPos(5), "@a:x", r1, "join");
-        testing::local_membership(&conn, StreamPos(6), "@b:x", r2, "join");
-        testing::local_membership(&conn, StreamPos(8), "@a:x", r2, "leave");
-        let got = changes_of(&conn, "@a:x", StreamPos(0), StreamPos(10)).unwrap();
+        let (r1, r2) = (testing::room(conn.db(), "!1:x"), testing::room(conn.db(), "!2:x"));
+        testing::local_membership(conn.db(), StreamPos(3), "@a:x", r1, "invite");
+        testing::local_membership(conn.db(), StreamPos(5), "@a:x", r1, "join");
+        testing::local_membership(conn.db(), StreamPos(6), "@b:x", r2, "join");
+        testing::local_membership(conn.db(), StreamPos(8), "@a:x", r2, "leave");
+        let got = changes_of(conn.db(), "@a:x", StreamPos(0), StreamPos(10)).unwrap();
         assert_eq!(got, [(r1, "invite".into()), (r1, "join".into()), (r2, "leave".into())]);
-        assert_eq!(changes_of(&conn, "@a:x", StreamPos(3), StreamPos(5)).unwrap(), [(r1, "join".into())]);
-        assert!(changes_of(&conn, "@a:x", StreamPos(8), StreamPos(10)).unwrap().is_empty());
+        assert_eq!(changes_of(conn.db(), "@a:x", StreamPos(3), StreamPos(5)).unwrap(), [(r1, "join".into())]);
+        assert!(changes_of(conn.db(), "@a:x", StreamPos(8), StreamPos(10)).unwrap().is_empty());
     }
 
     #[test]
     fn heroes_prefer_current_members_and_fall_back_to_former_ones() {
         let conn = memory_db();
-        let room = testing::room(&conn, "!r:x");
-        assert!(heroes(&conn, room, "@me:x").unwrap().is_empty());
-        testing::member(&conn, room, "@me:x", "join", None);
-        testing::member(&conn, room, "@gone:x", "leave", None);
-        testing::member(&conn, room, "@banned:x", "ban", None);
-        assert_eq!(heroes(&conn, room, "@me:x").unwrap(), ["@banned:x", "@gone:x"], "everyone else left");
+        let room = testing::room(conn.db(), "!r:x");
+        assert!(heroes(conn.db(), room, "@me:x").unwrap().is_empty());
+        testing::member(conn.db(), room, "@me:x", "join", None);
+        testing::member(conn.db(), room, "@gone:x", "leave", None);
+        testing::member(conn.db(), room, "@banned:x", "ban", None);
+        assert_eq!(heroes(conn.db(), room, "@me:x").unwrap(), ["@banned:x", "@gone:x"], "everyone else left");
         for u in ["@g:x", "@f:x", "@e:x", "@d:x", "@c:x", "@b:x"] {
-            testing::member(&conn, room, u, if u == "@c:x" { "invite" } else { "join" }, None);
+            testing::member(conn.db(), room, u, if u == "@c:x" { "invite" } else { "join" }, None);
         }
-        assert_eq!(heroes(&conn, room, "@me:x").unwrap(), ["@b:x", "@c:x", "@d:x", "@e:x", "@f:x"], "five, by id");
+        assert_eq!(heroes(conn.db(), room, "@me:x").unwrap(), ["@b:x", "@c:x", "@d:x", "@e:x", "@f:x"], "five, by id");
     }
 
     #[test]
     fn member_lists_and_profiles() {
         let conn = memory_db();
-        let room = testing::room(&conn, "!r:x");
-        testing::member(&conn, room, "@a:x", "join", Some("Alice"));
-        testing::member(&conn, room, "@b:x", "invite", None);
-        testing::member(&conn, room, "@c:x", "join", None);
-        let mut all: Vec<(String, String)> = members(&conn, room).unwrap().into_iter().map(|m| (m.0, m.1)).collect();
+        let room = testing::room(conn.db(), "!r:x");
+        testing::member(conn.db(), room, "@a:x", "join", Some("Alice"));
+        testing::member(conn.db(), room, "@b:x", "invite", None);
+        testing::member(conn.db(), room, "@c:x", "join", None);
+        let mut all: Vec<(String, String)> =
+            members(conn.db(), room).unwrap().into_iter().map(|m| (m.0, m.1)).collect();
         all.sort();
         assert_eq!(
             all,
             [("@a:x".into(), "join".into()), ("@b:x".into(), "invite".into()), ("@c:x".into(), "join".into())]
         );
-        let mut joined = joined_profiles(&conn, room).unwrap();
+        let mut joined = joined_profiles(conn.db(), room).unwrap();
         joined.sort_by(|a, b| a.user_id.cmp(&b.user_id));
         assert_eq!(
             joined,
@@ -425,25 +423,29 @@ mod tests {
                 MemberProfile { user_id: "@c:x".into(), displayname: None, avatar_url: None },
             ]
         );
-        assert_eq!(displayname(&conn, room, "@a:x").unwrap().as_deref(), Some("Alice"));
-        assert_eq!(displayname(&conn, room, "@c:x").unwrap(), None);
-        assert_eq!(displayname(&conn, room, "@nobody:x").unwrap(), None);
+        assert_eq!(displayname(conn.db(), room, "@a:x").unwrap().as_deref(), Some("Alice"));
+        assert_eq!(displayname(conn.db(), room, "@c:x").unwrap(), None);
+        assert_eq!(displayname(conn.db(), room, "@nobody:x").unwrap(), None);
     }
 
     #[test]
     fn user_directory_sees_shared_and_published_rooms_only() {
         let conn = memory_db();
         let (shared, public, private) =
-            (testing::room(&conn, "!s:x"), testing::room(&conn, "!p:x"), testing::room(&conn, "!q:x"));
-        testing::publish(&conn, public);
-        testing::member(&conn, shared, "@me:x", "join", None);
-        testing::member(&conn, shared, "@bob:x", "join", Some("Bobby (room name)"));
-        testing::member(&conn, shared, "@invited:x", "invite", None);
-        testing::member(&conn, public, "@carol:y", "join", Some("Carol"));
-        testing::member(&conn, private, "@dave:x", "join", Some("Bob's friend"));
-        testing::user(&conn, "@bob:x", Some("Robert"), false);
+            (testing::room(conn.db(), "!s:x"), testing::room(conn.db(), "!p:x"), testing::room(conn.db(), "!q:x"));
+        testing::publish(conn.db(), public);
+        testing::member(conn.db(), shared, "@me:x", "join", None);
+        testing::member(conn.db(), shared, "@bob:x", "join", Some("Bobby (room name)"));
+        testing::member(conn.db(), shared, "@invited:x", "invite", None);
+        testing::member(conn.db(), public, "@carol:y", "join", Some("Carol"));
+        testing::member(conn.db(), private, "@dave:x", "join", Some("Bob's friend"));
+        testing::user(conn.db(), "@bob:x", Some("Robert"), false);
         let names = |term: &str, limit: i64| -> Vec<(String, Option<String>)> {
-            search_users(&conn, "@me:x", term, limit).unwrap().into_iter().map(|p| (p.user_id, p.displayname)).collect()
+            search_users(conn.db(), "@me:x", term, limit)
+                .unwrap()
+                .into_iter()
+                .map(|p| (p.user_id, p.displayname))
+                .collect()
         };
         assert_eq!(names("bob", 10), [("@bob:x".to_owned(), Some("Robert".to_owned()))], "account name wins");
         assert_eq!(names("robert", 10).len(), 1);
@@ -458,11 +460,11 @@ mod tests {
     #[test]
     fn forgetting() {
         let conn = memory_db();
-        let room = testing::room(&conn, "!r:x");
-        assert!(!is_forgotten(&conn, "@a:x", room).unwrap());
-        forget(&conn, "@a:x", room).unwrap();
-        forget(&conn, "@a:x", room).unwrap();
-        assert!(is_forgotten(&conn, "@a:x", room).unwrap());
-        assert!(!is_forgotten(&conn, "@b:x", room).unwrap());
+        let room = testing::room(conn.db(), "!r:x");
+        assert!(!is_forgotten(conn.db(), "@a:x", room).unwrap());
+        forget(conn.db(), "@a:x", room).unwrap();
+        forget(conn.db(), "@a:x", room).unwrap();
+        assert!(is_forgotten(conn.db(), "@a:x", room).unwrap());
+        assert!(!is_forgotten(conn.db(), "@b:x", room).unwrap());
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod account_data;
 pub mod accounts;
+pub mod backup;
 pub mod e2ee;
 pub mod events;
 pub mod identity;
@@ -43,13 +44,56 @@ use crate::error::{Error, Result};
 
 pub type Pool = r2d2::Pool<SqliteConnectionManager>;
 
-/// What a write closure gets: the connection inside an open transaction and the stream allocator.
+/// A handle on a database connection: what the store's functions take. Code outside `store/` gets one from
+/// [`Store::read`] or [`Writer::db`] and passes it on, but cannot reach the connection inside (its field and the
+/// methods below are private to `store/`): all SQL stays here.
+#[derive(Clone, Copy)]
+pub struct Db<'a>(&'a Connection);
+
+/// The connection's methods the store's functions use, forwarded.
+impl<'a> Db<'a> {
+    pub(in crate::store) fn execute<P: rusqlite::Params>(self, sql: &str, params: P) -> rusqlite::Result<usize> {
+        self.0.execute(sql, params)
+    }
+
+    pub(in crate::store) fn query_row<T, P, F>(self, sql: &str, params: P, f: F) -> rusqlite::Result<T>
+    where
+        P: rusqlite::Params,
+        F: FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    {
+        self.0.query_row(sql, params, f)
+    }
+
+    pub(in crate::store) fn prepare(self, sql: &str) -> rusqlite::Result<rusqlite::Statement<'a>> {
+        self.0.prepare(sql)
+    }
+
+    pub(in crate::store) fn prepare_cached(self, sql: &str) -> rusqlite::Result<rusqlite::CachedStatement<'a>> {
+        self.0.prepare_cached(sql)
+    }
+
+    pub(in crate::store) fn last_insert_rowid(self) -> i64 {
+        self.0.last_insert_rowid()
+    }
+
+    /// The connection itself, for what the methods above do not cover.
+    pub(in crate::store) fn conn(self) -> &'a Connection {
+        self.0
+    }
+}
+
+/// What a write closure gets: the connection inside an open transaction (as a [`Db`]) and the stream allocator.
 pub struct Writer<'a> {
-    pub conn: &'a Connection,
+    conn: Db<'a>,
     next_stream: &'a mut i64,
 }
 
-impl Writer<'_> {
+impl<'a> Writer<'a> {
+    /// The handle the store's functions take, inside this write's transaction.
+    pub fn db(&self) -> Db<'a> {
+        self.conn
+    }
+
     /// Allocates the next position of the global stream (events, account data, receipts, to-device, devices).
     /// Visible to readers only once this write commits.
     pub fn next_stream(&mut self) -> i64 {
@@ -174,12 +218,12 @@ impl Store {
     pub async fn read<R, F>(&self, f: F) -> Result<R>
     where
         R: Send + 'static,
-        F: FnOnce(&Connection) -> Result<R> + Send + 'static,
+        F: FnOnce(Db<'_>) -> Result<R> + Send + 'static,
     {
         let pool = self.pool.clone();
         let permit = self.read_permits.clone().acquire_owned().await.map_err(|e| Error::internal(e.to_string()))?;
         tokio::task::spawn_blocking(move || {
-            let result = pool.get().map_err(Error::from).and_then(|conn| f(&conn));
+            let result = pool.get().map_err(Error::from).and_then(|conn| f(Db(&conn)));
             drop(permit); // after the connection went back to the pool
             result
         })
@@ -192,7 +236,7 @@ impl Store {
     pub async fn read_background<R, F>(&self, f: F) -> Result<R>
     where
         R: Send + 'static,
-        F: FnOnce(&Connection) -> Result<R> + Send + 'static,
+        F: FnOnce(Db<'_>) -> Result<R> + Send + 'static,
     {
         let _turn =
             self.background_read_permits.clone().acquire_owned().await.map_err(|e| Error::internal(e.to_string()))?;
@@ -256,6 +300,34 @@ impl Store {
             Ok(())
         })
         .await
+    }
+}
+
+/// A connection of its own on the database file, outside the reader pool and the writer thread: for start-up
+/// (loading or creating the server's identity) and the command-line tools (`hearth jobs`, key rotation), which run
+/// before or beside a server. Writes through it make their own transactions (see `identity`).
+pub struct DirectDb(Connection);
+
+impl DirectDb {
+    /// Opens the database read-write (it must exist: [`Store::open`] creates and migrates it), waiting up to 10 s
+    /// for a busy writer.
+    pub fn open(path: &Path) -> Result<DirectDb> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        Ok(DirectDb(conn))
+    }
+
+    /// Opens the database read-only (works while the server runs: WAL readers do not block it), waiting up to 5 s
+    /// for a busy writer.
+    pub fn open_read_only(path: &Path) -> Result<DirectDb> {
+        let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        Ok(DirectDb(conn))
+    }
+
+    /// The handle the store's functions take.
+    pub fn db(&self) -> Db<'_> {
+        Db(&self.0)
     }
 }
 
@@ -328,7 +400,7 @@ fn run_one(conn: &mut Connection, job: WriteFn, committed_stream: &mut i64, stre
             return; // dropping the job drops its reply sender: the caller sees an error
         }
     };
-    let mut w = Writer { conn: &tx, next_stream: &mut next_stream };
+    let mut w = Writer { conn: Db(&tx), next_stream: &mut next_stream };
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut w)));
     let (ok, deliver) = match outcome {
         Ok(x) => x,

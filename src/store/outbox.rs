@@ -2,11 +2,12 @@
 
 use std::collections::HashSet;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, OptionalExtension};
 
 use crate::error::Result;
 use crate::store::ids::RoomNid;
 use crate::store::members;
+use crate::store::Db;
 
 /// Failed transactions in a row after which a destination is *catching up*: its queued PDUs are dropped and no
 /// more are queued for it, so a room shared with thousands of dead servers costs one row per live server per event,
@@ -16,7 +17,7 @@ pub const CATCH_UP_AFTER_FAILURES: i64 = 3;
 
 /// Queues a PDU for every other server in the room (joined members, plus the partial-state server list).
 pub fn enqueue_pdu(
-    conn: &Connection,
+    conn: Db<'_>,
     room_nid: RoomNid,
     event_id: &str,
     our_server: &str,
@@ -35,7 +36,7 @@ pub fn enqueue_pdu(
 }
 
 /// Queues a PDU for these destinations, except those catching up (they get the room's latest event on return).
-pub fn enqueue_pdu_to(conn: &Connection, event_id: &str, destinations: &[String]) -> Result<usize> {
+pub fn enqueue_pdu_to(conn: Db<'_>, event_id: &str, destinations: &[String]) -> Result<usize> {
     let mut stmt = conn.prepare_cached("SELECT destination FROM destinations WHERE catch_up_from IS NOT NULL")?;
     let catching_up: HashSet<String> = stmt.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
     let mut ins = conn.prepare_cached("INSERT INTO outbox (destination, kind, payload) VALUES (?1, 'pdu', ?2)")?;
@@ -47,14 +48,14 @@ pub fn enqueue_pdu_to(conn: &Connection, event_id: &str, destinations: &[String]
     Ok(n)
 }
 
-pub fn enqueue_edu(conn: &Connection, destination: &str, edu_json: &str) -> Result<()> {
+pub fn enqueue_edu(conn: Db<'_>, destination: &str, edu_json: &str) -> Result<()> {
     conn.prepare_cached("INSERT INTO outbox (destination, kind, payload) VALUES (?1, 'edu', ?2)")?
         .execute(params![destination, edu_json])?;
     Ok(())
 }
 
 /// Destinations with queued items, or catching up, that are due.
-pub fn due_destinations(conn: &Connection, now: i64) -> Result<Vec<String>> {
+pub fn due_destinations(conn: Db<'_>, now: i64) -> Result<Vec<String>> {
     // A skip-scan over the (destination, id) index: one seek per destination, not a pass over every queued row
     // (the sender asks after every commit and at least ten times a second).
     let mut stmt = conn.prepare_cached(
@@ -85,7 +86,7 @@ pub struct Batch {
 
 /// Up to 50 PDUs and 100 EDUs for one transaction; for a destination catching up, every PDU it is owed (one per
 /// room, sent 50 to a transaction) and its queued EDUs.
-pub fn next_batch(conn: &Connection, destination: &str, our_server: &str) -> Result<Batch> {
+pub fn next_batch(conn: Db<'_>, destination: &str, our_server: &str) -> Result<Batch> {
     let mut b = Batch::default();
     let catch_up_from: Option<i64> = conn
         .prepare_cached("SELECT catch_up_from FROM destinations WHERE destination = ?1")?
@@ -120,19 +121,13 @@ pub fn next_batch(conn: &Connection, destination: &str, our_server: &str) -> Res
     Ok(b)
 }
 
-fn latest_event_stream(conn: &Connection) -> Result<i64> {
+fn latest_event_stream(conn: Db<'_>) -> Result<i64> {
     Ok(conn.prepare_cached("SELECT coalesce(max(stream_ordering), 0) FROM events")?.query_row([], |r| r.get(0))?)
 }
 
 /// For each room `destination` is in (joined members, or the partial-state server list), the latest event our
 /// users sent there after stream position `from` (at most `limit` rooms).
-fn catch_up_pdus(
-    conn: &Connection,
-    destination: &str,
-    our_server: &str,
-    from: i64,
-    limit: usize,
-) -> Result<Vec<String>> {
+fn catch_up_pdus(conn: Db<'_>, destination: &str, our_server: &str, from: i64, limit: usize) -> Result<Vec<String>> {
     let mut stmt = conn.prepare_cached(
         "SELECT (SELECT e.json FROM events e
                  WHERE e.room_nid = r.room_nid AND e.stream_ordering > ?2 AND e.outlier = 0 AND e.rejected IS NULL
@@ -156,7 +151,7 @@ fn catch_up_pdus(
 /// After a catch-up read at stream position `to` was delivered: back to a normal queue, unless our users sent more
 /// to a shared room since (then another round is due at once). Runs on the writer, which also queues new events,
 /// so nothing sent in between is missed.
-pub fn finish_catch_up(conn: &Connection, destination: &str, our_server: &str, to: i64) -> Result<()> {
+pub fn finish_catch_up(conn: Db<'_>, destination: &str, our_server: &str, to: i64) -> Result<()> {
     if catch_up_pdus(conn, destination, our_server, to, 1)?.is_empty() {
         record_success(conn, destination)
     } else {
@@ -168,7 +163,7 @@ pub fn finish_catch_up(conn: &Connection, destination: &str, our_server: &str, t
     }
 }
 
-pub fn delete(conn: &Connection, ids: &[i64]) -> Result<()> {
+pub fn delete(conn: Db<'_>, ids: &[i64]) -> Result<()> {
     let mut stmt = conn.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
     for id in ids {
         stmt.execute([id])?;
@@ -176,14 +171,14 @@ pub fn delete(conn: &Connection, ids: &[i64]) -> Result<()> {
     Ok(())
 }
 
-pub fn record_success(conn: &Connection, destination: &str) -> Result<()> {
+pub fn record_success(conn: Db<'_>, destination: &str) -> Result<()> {
     conn.prepare_cached("DELETE FROM destinations WHERE destination = ?1")?.execute([destination])?;
     Ok(())
 }
 
 /// Exponential backoff: `base_ms` times 2^failures, capped at an hour. The failure that makes
 /// [`CATCH_UP_AFTER_FAILURES`] puts the destination into catch-up.
-pub fn record_failure(conn: &Connection, destination: &str, now: i64, base_ms: u64) -> Result<i64> {
+pub fn record_failure(conn: Db<'_>, destination: &str, now: i64, base_ms: u64) -> Result<i64> {
     let (failures, catching_up): (i64, bool) = conn
         .prepare_cached("SELECT failures, catch_up_from IS NOT NULL FROM destinations WHERE destination = ?1")?
         .query_row([destination], |r| Ok((r.get(0)?, r.get(1)?)))

@@ -1,10 +1,10 @@
 //! Read receipts (public `m.read` and private `m.read.private`), one row per (room, type, user, thread).
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, OptionalExtension};
 
 use crate::error::Result;
 use crate::store::ids::{RoomNid, StreamPos};
-use crate::store::Writer;
+use crate::store::{Db, Writer};
 
 pub struct NewReceipt<'a> {
     pub room_nid: i64,
@@ -18,7 +18,7 @@ pub struct NewReceipt<'a> {
 
 /// The event a user's receipt currently points at.
 pub fn current(
-    conn: &Connection,
+    conn: Db<'_>,
     room_nid: i64,
     receipt_type: &str,
     user_id: &str,
@@ -85,7 +85,7 @@ pub struct ReceiptRow {
 /// Receipts in a room that moved in the window (`after`, `upto`]; private ones (`m.read.private`) only when they
 /// are `viewer`'s own.
 pub fn changed_since(
-    conn: &Connection,
+    conn: Db<'_>,
     room_nid: RoomNid,
     after: StreamPos,
     upto: StreamPos,
@@ -109,7 +109,7 @@ pub fn changed_since(
 
 /// The stream position of the newest event a user's read receipts (public or private, any thread) point at in a
 /// room: everything up to it counts as read. None without a receipt on a timeline event.
-pub fn read_up_to(conn: &Connection, room_nid: RoomNid, user_id: &str) -> Result<Option<StreamPos>> {
+pub fn read_up_to(conn: Db<'_>, room_nid: RoomNid, user_id: &str) -> Result<Option<StreamPos>> {
     Ok(conn
         .prepare_cached(
             "SELECT max(e.stream_ordering) FROM receipts r JOIN events e ON e.event_id = r.event_id
@@ -130,32 +130,32 @@ mod tests {
     #[test]
     fn upsert_never_moves_a_marker_backwards() {
         let mut conn = memory_db();
-        let room = testing::room(&conn, "!r:x");
+        let room = testing::room(conn.db(), "!r:x");
         for (id, pos) in [("$1", 1), ("$2", 2)] {
-            testing::event(&conn, room, Ev::message(id, "@b:x", pos));
+            testing::event(conn.db(), room, Ev::message(id, "@b:x", pos));
         }
         let mut stream = 10;
-        let mut put = |conn: &mut rusqlite::Connection, event_id: &str| {
+        let mut put = |conn: &mut testing::MemDb, event_id: &str| {
             write(conn, &mut stream, |w| upsert(w, &receipt(room, "m.read", "@a:x", event_id))).unwrap()
         };
         assert!(put(&mut conn, "$2"));
         assert!(!put(&mut conn, "$2"), "same event");
         assert!(!put(&mut conn, "$1"), "older event");
-        assert_eq!(current(&conn, room.0, "m.read", "@a:x", "").unwrap().as_deref(), Some("$2"));
+        assert_eq!(current(conn.db(), room.0, "m.read", "@a:x", "").unwrap().as_deref(), Some("$2"));
         assert!(put(&mut conn, "$unknown"), "an event we do not hold cannot be ordered: taken");
-        assert_eq!(current(&conn, room.0, "m.read", "@a:x", "thread").unwrap(), None, "threads are apart");
+        assert_eq!(current(conn.db(), room.0, "m.read", "@a:x", "thread").unwrap(), None, "threads are apart");
     }
 
     #[test]
     fn changed_since_hides_other_users_private_receipts() {
         let conn = memory_db();
-        let (room, other) = (testing::room(&conn, "!r:x"), testing::room(&conn, "!o:x"));
-        testing::receipt(&conn, room, "m.read", "@a:x", "$1", 1);
-        testing::receipt(&conn, room, "m.read.private", "@a:x", "$2", 2);
-        testing::receipt(&conn, room, "m.read.private", "@b:x", "$2", 3);
-        testing::receipt(&conn, other, "m.read", "@a:x", "$9", 4);
+        let (room, other) = (testing::room(conn.db(), "!r:x"), testing::room(conn.db(), "!o:x"));
+        testing::receipt(conn.db(), room, "m.read", "@a:x", "$1", 1);
+        testing::receipt(conn.db(), room, "m.read.private", "@a:x", "$2", 2);
+        testing::receipt(conn.db(), room, "m.read.private", "@b:x", "$2", 3);
+        testing::receipt(conn.db(), other, "m.read", "@a:x", "$9", 4);
         let seen = |viewer: &str, after: i64, upto: i64| -> Vec<(String, String)> {
-            let mut v: Vec<_> = changed_since(&conn, room, StreamPos(after), StreamPos(upto), viewer)
+            let mut v: Vec<_> = changed_since(conn.db(), room, StreamPos(after), StreamPos(upto), viewer)
                 .unwrap()
                 .into_iter()
                 .map(|r| (r.receipt_type, r.user_id))
@@ -170,7 +170,7 @@ mod tests {
         );
         assert_eq!(seen("@c:x", 0, 10), [("m.read".to_owned(), "@a:x".to_owned())]);
         assert_eq!(seen("@b:x", 1, 3), [("m.read.private".to_owned(), "@b:x".to_owned())], "(after, upto]");
-        let row = changed_since(&conn, room, StreamPos(0), StreamPos(1), "@c:x").unwrap().pop().unwrap();
+        let row = changed_since(conn.db(), room, StreamPos(0), StreamPos(1), "@c:x").unwrap().pop().unwrap();
         assert_eq!(
             row,
             ReceiptRow {
@@ -186,16 +186,16 @@ mod tests {
     #[test]
     fn read_up_to_takes_the_newest_public_or_private_receipt_on_a_timeline_event() {
         let conn = memory_db();
-        let room = testing::room(&conn, "!r:x");
+        let room = testing::room(conn.db(), "!r:x");
         for (id, pos) in [("$1", 1), ("$2", 2), ("$3", 3)] {
-            testing::event(&conn, room, Ev::message(id, "@b:x", pos));
+            testing::event(conn.db(), room, Ev::message(id, "@b:x", pos));
         }
-        assert_eq!(read_up_to(&conn, room, "@a:x").unwrap(), None);
-        testing::receipt(&conn, room, "m.read", "@a:x", "$1", 10);
-        testing::receipt(&conn, room, "m.read.private", "@a:x", "$2", 11);
-        testing::receipt(&conn, room, "m.fully_read", "@a:x", "$3", 12);
-        assert_eq!(read_up_to(&conn, room, "@a:x").unwrap(), Some(StreamPos(2)), "other receipt types ignored");
-        testing::receipt(&conn, room, "m.read", "@c:x", "$unknown", 13);
-        assert_eq!(read_up_to(&conn, room, "@c:x").unwrap(), None, "an event we do not hold");
+        assert_eq!(read_up_to(conn.db(), room, "@a:x").unwrap(), None);
+        testing::receipt(conn.db(), room, "m.read", "@a:x", "$1", 10);
+        testing::receipt(conn.db(), room, "m.read.private", "@a:x", "$2", 11);
+        testing::receipt(conn.db(), room, "m.fully_read", "@a:x", "$3", 12);
+        assert_eq!(read_up_to(conn.db(), room, "@a:x").unwrap(), Some(StreamPos(2)), "other receipt types ignored");
+        testing::receipt(conn.db(), room, "m.read", "@c:x", "$unknown", 13);
+        assert_eq!(read_up_to(conn.db(), room, "@c:x").unwrap(), None, "an event we do not hold");
     }
 }

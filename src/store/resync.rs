@@ -3,33 +3,30 @@
 //! the event, state group and extremity updates that completing a partial room needs (re-judged events,
 //! filled base group). The steps that use them are in `crate::room::partial`.
 
-use rusqlite::{params, Connection};
+use rusqlite::params;
 
 use crate::error::Result;
 use crate::store::events::{self, EventRow};
 use crate::store::ids::{EventNid, RoomNid, StateGroup, StateKeyNid, StreamPos};
+use crate::store::Db;
 
 // ------------------------------------------------------------------------------------------------------------
 // Partial-state flags
 
 /// Marks a room partial (members omitted at join) or complete.
-pub fn set_room_partial(conn: &Connection, room: RoomNid, partial: bool) -> Result<()> {
+pub fn set_room_partial(conn: Db<'_>, room: RoomNid, partial: bool) -> Result<()> {
     conn.execute("UPDATE rooms SET partial_state = ?2 WHERE room_nid = ?1", params![room, partial])?;
     Ok(())
 }
 
 /// Marks a state group as lacking the omitted memberships (the partial room's base group) or complete.
-pub fn set_group_partial(conn: &Connection, sg: StateGroup, partial: bool) -> Result<()> {
+pub fn set_group_partial(conn: Db<'_>, sg: StateGroup, partial: bool) -> Result<()> {
     conn.execute("UPDATE state_groups SET partial = ?2 WHERE sg = ?1", params![sg, partial])?;
     Ok(())
 }
 
 /// Records servers the resident said are in a partial room (our events go to them while partial).
-pub fn add_partial_servers<'a>(
-    conn: &Connection,
-    room: RoomNid,
-    servers: impl IntoIterator<Item = &'a str>,
-) -> Result<()> {
+pub fn add_partial_servers<'a>(conn: Db<'_>, room: RoomNid, servers: impl IntoIterator<Item = &'a str>) -> Result<()> {
     let mut stmt =
         conn.prepare_cached("INSERT OR IGNORE INTO partial_state_servers (room_nid, server_name) VALUES (?1, ?2)")?;
     for s in servers {
@@ -38,14 +35,14 @@ pub fn add_partial_servers<'a>(
     Ok(())
 }
 
-pub fn clear_partial_servers(conn: &Connection, room: RoomNid) -> Result<()> {
+pub fn clear_partial_servers(conn: Db<'_>, room: RoomNid) -> Result<()> {
     conn.execute("DELETE FROM partial_state_servers WHERE room_nid = ?1", [room])?;
     Ok(())
 }
 
 /// Servers with a joined member (by `room_members`) that were not among the partial room's servers, ours aside:
 /// they missed what was sent to the servers known while partial.
-pub fn servers_missed_while_partial(conn: &Connection, room: RoomNid, ours: &str) -> Result<Vec<String>> {
+pub fn servers_missed_while_partial(conn: Db<'_>, room: RoomNid, ours: &str) -> Result<Vec<String>> {
     let mut stmt = conn.prepare(
         "SELECT DISTINCT server_name FROM room_members WHERE room_nid = ?1 AND membership = 'join'
          AND server_name != ?2
@@ -57,7 +54,7 @@ pub fn servers_missed_while_partial(conn: &Connection, room: RoomNid, ours: &str
 
 /// Joined members of server `ours` whose device list changed after `since`, with their latest change.
 pub fn device_changes_since(
-    conn: &Connection,
+    conn: Db<'_>,
     room: RoomNid,
     since: StreamPos,
     ours: &str,
@@ -72,7 +69,7 @@ pub fn device_changes_since(
 }
 
 /// Every joined member of the room with their membership event.
-pub fn joined_members(conn: &Connection, room: RoomNid) -> Result<Vec<(String, EventNid)>> {
+pub fn joined_members(conn: Db<'_>, room: RoomNid) -> Result<Vec<(String, EventNid)>> {
     let mut stmt =
         conn.prepare_cached("SELECT user_id, event_nid FROM room_members WHERE room_nid = ?1 AND membership = 'join'")?;
     let rows = stmt.query_map([room], |r| Ok((r.get(0)?, r.get(1)?)))?;
@@ -80,7 +77,7 @@ pub fn joined_members(conn: &Connection, room: RoomNid) -> Result<Vec<(String, E
 }
 
 /// The users (and their member state keys) whose membership events the room got at or after stream `since`.
-pub fn members_touched_since(conn: &Connection, room: RoomNid, since: StreamPos) -> Result<Vec<(String, StateKeyNid)>> {
+pub fn members_touched_since(conn: Db<'_>, room: RoomNid, since: StreamPos) -> Result<Vec<(String, StateKeyNid)>> {
     let mut stmt = conn.prepare(
         "SELECT DISTINCT k.state_key, k.state_key_nid FROM events e JOIN state_keys k ON k.state_key_nid = e.state_key_nid
          WHERE e.room_nid = ?1 AND e.stream_ordering >= ?2 AND k.event_type = 'm.room.member'",
@@ -94,7 +91,7 @@ pub fn members_touched_since(conn: &Connection, room: RoomNid, since: StreamPos)
 
 /// Records the full state's ids (replacing earlier rows for them), each marked missing when we do not hold it.
 /// Returns how many are missing.
-pub fn record_state_ids(conn: &Connection, room: RoomNid, ids: &[String]) -> Result<i64> {
+pub fn record_state_ids(conn: Db<'_>, room: RoomNid, ids: &[String]) -> Result<i64> {
     let mut missing = 0i64;
     let mut ins =
         conn.prepare_cached("INSERT OR REPLACE INTO resync_state (room_nid, event_id, missing) VALUES (?1, ?2, ?3)")?;
@@ -112,27 +109,27 @@ const STILL_MISSING: &str =
     "r.room_nid = ?1 AND r.missing = 1 AND NOT EXISTS (SELECT 1 FROM events e WHERE e.event_id = r.event_id)";
 
 /// Listed ids whose events we still lack.
-pub fn still_missing(conn: &Connection, room: RoomNid) -> Result<Vec<String>> {
+pub fn still_missing(conn: Db<'_>, room: RoomNid) -> Result<Vec<String>> {
     let mut stmt = conn.prepare_cached(&format!("SELECT r.event_id FROM resync_state r WHERE {STILL_MISSING}"))?;
     let rows = stmt.query_map([room], |r| r.get(0))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
 /// (listed ids, of which still missing).
-pub fn listed_and_missing(conn: &Connection, room: RoomNid) -> Result<(i64, i64)> {
+pub fn listed_and_missing(conn: Db<'_>, room: RoomNid) -> Result<(i64, i64)> {
     let missing: i64 =
         conn.query_row(&format!("SELECT count(*) FROM resync_state r WHERE {STILL_MISSING}"), [room], |r| r.get(0))?;
     let listed: i64 = conn.query_row("SELECT count(*) FROM resync_state WHERE room_nid = ?1", [room], |r| r.get(0))?;
     Ok((listed, missing))
 }
 
-pub fn clear_state_ids(conn: &Connection, room: RoomNid) -> Result<()> {
+pub fn clear_state_ids(conn: Db<'_>, room: RoomNid) -> Result<()> {
     conn.execute("DELETE FROM resync_state WHERE room_nid = ?1", [room])?;
     Ok(())
 }
 
 /// The next `limit` listed ids after `after`, in id order (the auth phase's position).
-pub fn listed_after(conn: &Connection, room: RoomNid, after: &str, limit: usize) -> Result<Vec<String>> {
+pub fn listed_after(conn: Db<'_>, room: RoomNid, after: &str, limit: usize) -> Result<Vec<String>> {
     let mut stmt = conn.prepare_cached(
         "SELECT event_id FROM resync_state WHERE room_nid = ?1 AND event_id > ?2 ORDER BY event_id LIMIT ?3",
     )?;
@@ -151,7 +148,7 @@ pub struct FetchedState {
 }
 
 /// The next `limit` listed state events after `after` (id order) that are stored and not rejected.
-pub fn fetched_state_after(conn: &Connection, room: RoomNid, after: &str, limit: usize) -> Result<Vec<FetchedState>> {
+pub fn fetched_state_after(conn: Db<'_>, room: RoomNid, after: &str, limit: usize) -> Result<Vec<FetchedState>> {
     let mut stmt = conn.prepare_cached(
         "SELECT r.event_id, e.state_key_nid, e.event_nid, k.event_type, k.state_key FROM resync_state r
          JOIN events e ON e.event_id = r.event_id JOIN state_keys k ON k.state_key_nid = e.state_key_nid
@@ -170,11 +167,7 @@ pub fn fetched_state_after(conn: &Connection, room: RoomNid, after: &str, limit:
 }
 
 /// Adds entries to a state group in place, keeping the entries it already has for those keys.
-pub fn add_group_entries_if_absent(
-    conn: &Connection,
-    sg: StateGroup,
-    entries: &[(StateKeyNid, EventNid)],
-) -> Result<()> {
+pub fn add_group_entries_if_absent(conn: Db<'_>, sg: StateGroup, entries: &[(StateKeyNid, EventNid)]) -> Result<()> {
     let mut ins = conn.prepare_cached(
         "INSERT OR IGNORE INTO state_group_entries (sg, state_key_nid, event_nid) VALUES (?1, ?2, ?3)",
     )?;
@@ -185,7 +178,7 @@ pub fn add_group_entries_if_absent(
 }
 
 /// Sets a state group's entry for a key in place, replacing the one it has.
-pub fn set_group_entry(conn: &Connection, sg: StateGroup, skn: StateKeyNid, nid: EventNid) -> Result<()> {
+pub fn set_group_entry(conn: Db<'_>, sg: StateGroup, skn: StateKeyNid, nid: EventNid) -> Result<()> {
     conn.prepare_cached(
         "INSERT OR REPLACE INTO state_group_entries (sg, state_key_nid, event_nid) VALUES (?1, ?2, ?3)",
     )?
@@ -197,26 +190,26 @@ pub fn set_group_entry(conn: &Connection, sg: StateGroup, skn: StateKeyNid, nid:
 // Events judged again, extremities, outliers
 
 /// Marks a stored event rejected, by id.
-pub fn set_rejected(conn: &Connection, event_id: &str, reason: &str) -> Result<()> {
+pub fn set_rejected(conn: Db<'_>, event_id: &str, reason: &str) -> Result<()> {
     conn.prepare_cached("UPDATE events SET rejected = ?2 WHERE event_id = ?1")?.execute(params![event_id, reason])?;
     Ok(())
 }
 
 /// Marks a stored event rejected, by nid.
-pub fn set_rejected_nid(conn: &Connection, nid: EventNid, reason: &str) -> Result<()> {
+pub fn set_rejected_nid(conn: Db<'_>, nid: EventNid, reason: &str) -> Result<()> {
     conn.prepare_cached("UPDATE events SET rejected = ?2 WHERE event_nid = ?1")?.execute(params![nid, reason])?;
     Ok(())
 }
 
 /// A re-judged timeline event's outcome (`None`: accepted) and the state after it.
-pub fn set_outcome(conn: &Connection, nid: EventNid, rejected: Option<&str>, sg_after: StateGroup) -> Result<()> {
+pub fn set_outcome(conn: Db<'_>, nid: EventNid, rejected: Option<&str>, sg_after: StateGroup) -> Result<()> {
     conn.prepare_cached("UPDATE events SET rejected = ?2, sg_after = ?3 WHERE event_nid = ?1")?
         .execute(params![nid, rejected, sg_after])?;
     Ok(())
 }
 
 /// The room's timeline events after stream position `since`, in stream order.
-pub fn timeline_since(conn: &Connection, room: RoomNid, since: StreamPos) -> Result<Vec<EventRow>> {
+pub fn timeline_since(conn: Db<'_>, room: RoomNid, since: StreamPos) -> Result<Vec<EventRow>> {
     let mut stmt = conn.prepare(&format!(
         "SELECT {} FROM events WHERE room_nid = ?1 AND stream_ordering > ?2 AND outlier = 0 ORDER BY stream_ordering",
         events::EVENT_COLS
@@ -226,7 +219,7 @@ pub fn timeline_since(conn: &Connection, room: RoomNid, since: StreamPos) -> Res
 }
 
 /// Whether event `prev_id` has an accepted timeline child in the room other than `except`.
-pub fn has_accepted_child(conn: &Connection, room: RoomNid, prev_id: &str, except: EventNid) -> Result<bool> {
+pub fn has_accepted_child(conn: Db<'_>, room: RoomNid, prev_id: &str, except: EventNid) -> Result<bool> {
     Ok(conn
         .prepare_cached(
             "SELECT 1 FROM event_edges x JOIN events e ON e.event_nid = x.event_nid
@@ -235,12 +228,12 @@ pub fn has_accepted_child(conn: &Connection, room: RoomNid, prev_id: &str, excep
         .exists(params![prev_id, room, except])?)
 }
 
-pub fn remove_extremity(conn: &Connection, room: RoomNid, nid: EventNid) -> Result<()> {
+pub fn remove_extremity(conn: Db<'_>, room: RoomNid, nid: EventNid) -> Result<()> {
     conn.execute("DELETE FROM forward_extremities WHERE room_nid = ?1 AND event_nid = ?2", params![room, nid])?;
     Ok(())
 }
 
-pub fn add_extremity(conn: &Connection, room: RoomNid, nid: EventNid) -> Result<()> {
+pub fn add_extremity(conn: Db<'_>, room: RoomNid, nid: EventNid) -> Result<()> {
     conn.execute(
         "INSERT OR IGNORE INTO forward_extremities (room_nid, event_nid) VALUES (?1, ?2)",
         params![room, nid],
@@ -249,7 +242,7 @@ pub fn add_extremity(conn: &Connection, room: RoomNid, nid: EventNid) -> Result<
 }
 
 /// Gives an outlier of the room the state after it (learned across a gap), unless it has one.
-pub fn set_outlier_state(conn: &Connection, room: RoomNid, event_id: &str, sg: StateGroup) -> Result<()> {
+pub fn set_outlier_state(conn: Db<'_>, room: RoomNid, event_id: &str, sg: StateGroup) -> Result<()> {
     conn.execute(
         "UPDATE events SET sg_after = ?2 WHERE event_id = ?1 AND room_nid = ?3 AND outlier = 1 AND sg_after IS NULL",
         params![event_id, sg, room],
@@ -264,7 +257,7 @@ mod tests {
     use crate::store::testing::memory_db;
     use crate::store::{rooms, state_groups};
 
-    fn event(conn: &Connection, room: RoomNid, id: &str, key: Option<(&str, &str)>) -> EventNid {
+    fn event(conn: Db<'_>, room: RoomNid, id: &str, key: Option<(&str, &str)>) -> EventNid {
         let skn = key.map(|(t, k)| state_groups::state_key_nid(conn, t, k).unwrap());
         events::insert_event(
             conn,
@@ -290,33 +283,33 @@ mod tests {
     #[test]
     fn state_ids_missing_and_fetched() {
         let conn = memory_db();
-        let room = rooms::insert_room(&conn, "!r:x", "12").unwrap();
-        event(&conn, room, "$held", Some(("m.room.member", "@a:x")));
+        let room = rooms::insert_room(conn.db(), "!r:x", "12").unwrap();
+        event(conn.db(), room, "$held", Some(("m.room.member", "@a:x")));
         let ids = vec!["$held".to_owned(), "$b".to_owned(), "$c".to_owned()];
-        assert_eq!(record_state_ids(&conn, room, &ids).unwrap(), 2);
-        assert_eq!(still_missing(&conn, room).unwrap().len(), 2);
-        event(&conn, room, "$b", Some(("m.room.member", "@b:x")));
-        assert_eq!(still_missing(&conn, room).unwrap(), vec!["$c".to_owned()]);
-        assert_eq!(listed_and_missing(&conn, room).unwrap(), (3, 1));
-        assert_eq!(listed_after(&conn, room, "$b", 10).unwrap(), vec!["$c".to_owned(), "$held".to_owned()]);
-        let fetched = fetched_state_after(&conn, room, "", 10).unwrap();
+        assert_eq!(record_state_ids(conn.db(), room, &ids).unwrap(), 2);
+        assert_eq!(still_missing(conn.db(), room).unwrap().len(), 2);
+        event(conn.db(), room, "$b", Some(("m.room.member", "@b:x")));
+        assert_eq!(still_missing(conn.db(), room).unwrap(), vec!["$c".to_owned()]);
+        assert_eq!(listed_and_missing(conn.db(), room).unwrap(), (3, 1));
+        assert_eq!(listed_after(conn.db(), room, "$b", 10).unwrap(), vec!["$c".to_owned(), "$held".to_owned()]);
+        let fetched = fetched_state_after(conn.db(), room, "", 10).unwrap();
         assert_eq!(fetched.iter().map(|f| f.event_id.as_str()).collect::<Vec<_>>(), ["$b", "$held"]);
-        set_rejected(&conn, "$b", "forbidden").unwrap();
-        assert_eq!(fetched_state_after(&conn, room, "", 10).unwrap().len(), 1);
-        clear_state_ids(&conn, room).unwrap();
-        assert_eq!(listed_and_missing(&conn, room).unwrap(), (0, 0));
+        set_rejected(conn.db(), "$b", "forbidden").unwrap();
+        assert_eq!(fetched_state_after(conn.db(), room, "", 10).unwrap().len(), 1);
+        clear_state_ids(conn.db(), room).unwrap();
+        assert_eq!(listed_and_missing(conn.db(), room).unwrap(), (0, 0));
     }
 
     #[test]
     fn partial_flags_and_servers() {
         let conn = memory_db();
-        let room = rooms::insert_room(&conn, "!r:x", "12").unwrap();
-        set_room_partial(&conn, room, true).unwrap();
-        assert!(rooms::room_by_nid(&conn, room).unwrap().unwrap().partial_state);
-        add_partial_servers(&conn, room, ["a", "b", "a"]).unwrap();
-        assert!(servers_missed_while_partial(&conn, room, "us").unwrap().is_empty());
-        clear_partial_servers(&conn, room).unwrap();
-        set_room_partial(&conn, room, false).unwrap();
-        assert!(!rooms::room_by_nid(&conn, room).unwrap().unwrap().partial_state);
+        let room = rooms::insert_room(conn.db(), "!r:x", "12").unwrap();
+        set_room_partial(conn.db(), room, true).unwrap();
+        assert!(rooms::room_by_nid(conn.db(), room).unwrap().unwrap().partial_state);
+        add_partial_servers(conn.db(), room, ["a", "b", "a"]).unwrap();
+        assert!(servers_missed_while_partial(conn.db(), room, "us").unwrap().is_empty());
+        clear_partial_servers(conn.db(), room).unwrap();
+        set_room_partial(conn.db(), room, false).unwrap();
+        assert!(!rooms::room_by_nid(conn.db(), room).unwrap().unwrap().partial_state);
     }
 }

@@ -2,11 +2,12 @@
 //! auth data opaque to the server, an etag bumped whenever the version's keys change, soft-deleted) and
 //! `room_key_backup` (the encrypted Megolm session keys stored under a version).
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, OptionalExtension};
 use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::Result;
+use crate::store::Db;
 
 /// One backup version as stored.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,14 +27,14 @@ pub struct BackupKey {
 }
 
 /// The newest version of `user` that is not deleted.
-pub fn latest_version(conn: &Connection, user: &str) -> Result<Option<i64>> {
+pub fn latest_version(conn: Db<'_>, user: &str) -> Result<Option<i64>> {
     Ok(conn
         .prepare_cached("SELECT max(version) FROM room_key_backup_versions WHERE user_id = ?1 AND deleted = 0")?
         .query_row([user], |r| r.get(0))?)
 }
 
 /// A version of `user`, unless unknown or deleted.
-pub fn version(conn: &Connection, user: &str, version: i64) -> Result<Option<BackupVersion>> {
+pub fn version(conn: Db<'_>, user: &str, version: i64) -> Result<Option<BackupVersion>> {
     let row: Option<(String, String, i64)> = conn
         .prepare_cached(
             "SELECT algorithm, auth_data, etag FROM room_key_backup_versions
@@ -48,7 +49,7 @@ pub fn version(conn: &Connection, user: &str, version: i64) -> Result<Option<Bac
 }
 
 /// How many keys a version holds.
-pub fn key_count(conn: &Connection, user: &str, version: i64) -> Result<i64> {
+pub fn key_count(conn: Db<'_>, user: &str, version: i64) -> Result<i64> {
     Ok(conn
         .prepare_cached("SELECT count(*) FROM room_key_backup WHERE user_id = ?1 AND version = ?2")?
         .query_row(params![user, version], |r| r.get(0))?)
@@ -56,7 +57,7 @@ pub fn key_count(conn: &Connection, user: &str, version: i64) -> Result<i64> {
 
 /// Creates the next version of `user` (one above every version ever created, deleted ones included, so a
 /// version number is never reused); returns it.
-pub fn create_version(conn: &Connection, user: &str, algorithm: &str, auth_data: &Value) -> Result<i64> {
+pub fn create_version(conn: Db<'_>, user: &str, algorithm: &str, auth_data: &Value) -> Result<i64> {
     let next: i64 = conn
         .prepare_cached("SELECT coalesce(max(version), 0) + 1 FROM room_key_backup_versions WHERE user_id = ?1")?
         .query_row([user], |r| r.get(0))?;
@@ -68,14 +69,14 @@ pub fn create_version(conn: &Connection, user: &str, algorithm: &str, auth_data:
 }
 
 /// Replaces a version's auth data.
-pub fn set_auth_data(conn: &Connection, user: &str, version: i64, auth_data: &Value) -> Result<()> {
+pub fn set_auth_data(conn: Db<'_>, user: &str, version: i64, auth_data: &Value) -> Result<()> {
     conn.prepare_cached("UPDATE room_key_backup_versions SET auth_data = ?3 WHERE user_id = ?1 AND version = ?2")?
         .execute(params![user, version, auth_data.to_string()])?;
     Ok(())
 }
 
 /// Marks a version deleted and drops its keys; false when there was no such (undeleted) version.
-pub fn delete_version(conn: &Connection, user: &str, version: i64) -> Result<bool> {
+pub fn delete_version(conn: Db<'_>, user: &str, version: i64) -> Result<bool> {
     let n = conn
         .prepare_cached(
             "UPDATE room_key_backup_versions SET deleted = 1 WHERE user_id = ?1 AND version = ?2 AND deleted = 0",
@@ -90,7 +91,7 @@ pub fn delete_version(conn: &Connection, user: &str, version: i64) -> Result<boo
 }
 
 /// Bumps a version's etag (its keys changed).
-pub fn bump_etag(conn: &Connection, user: &str, version: i64) -> Result<()> {
+pub fn bump_etag(conn: Db<'_>, user: &str, version: i64) -> Result<()> {
     conn.prepare_cached("UPDATE room_key_backup_versions SET etag = etag + 1 WHERE user_id = ?1 AND version = ?2")?
         .execute(params![user, version])?;
     Ok(())
@@ -98,14 +99,7 @@ pub fn bump_etag(conn: &Connection, user: &str, version: i64) -> Result<()> {
 
 /// Stores one key unless the stored one is better (spec: verified beats unverified, then lower
 /// `first_message_index`, then lower `forwarded_count`). Returns whether it changed anything.
-pub fn put_key(
-    conn: &Connection,
-    user: &str,
-    version: i64,
-    room_id: &str,
-    session_id: &str,
-    k: &BackupKey,
-) -> Result<bool> {
+pub fn put_key(conn: Db<'_>, user: &str, version: i64, room_id: &str, session_id: &str, k: &BackupKey) -> Result<bool> {
     let existing: Option<(bool, i64, i64)> = conn
         .prepare_cached(
             "SELECT is_verified, first_message_index, forwarded_count FROM room_key_backup
@@ -141,7 +135,7 @@ pub fn put_key(
 
 /// The keys of a version as `(room_id, session_id, key)`, all of them or those of one room or one session.
 pub fn keys(
-    conn: &Connection,
+    conn: Db<'_>,
     user: &str,
     version: i64,
     room_id: Option<&str>,
@@ -174,7 +168,7 @@ pub fn keys(
 
 /// Deletes the keys of a version (all, one room's or one session's); returns how many went.
 pub fn delete_keys(
-    conn: &Connection,
+    conn: Db<'_>,
     user: &str,
     version: i64,
     room_id: Option<&str>,
@@ -209,60 +203,60 @@ mod tests {
     #[test]
     fn versions_count_up_and_are_never_reused() {
         let conn = memory_db();
-        assert_eq!(latest_version(&conn, "@a:x").unwrap(), None);
-        assert_eq!(create_version(&conn, "@a:x", ALG, &json!({"k": 1})).unwrap(), 1);
-        assert_eq!(create_version(&conn, "@a:x", ALG, &json!({"k": 2})).unwrap(), 2);
-        assert_eq!(create_version(&conn, "@b:x", ALG, &json!({})).unwrap(), 1, "versions are per user");
-        assert_eq!(latest_version(&conn, "@a:x").unwrap(), Some(2));
+        assert_eq!(latest_version(conn.db(), "@a:x").unwrap(), None);
+        assert_eq!(create_version(conn.db(), "@a:x", ALG, &json!({"k": 1})).unwrap(), 1);
+        assert_eq!(create_version(conn.db(), "@a:x", ALG, &json!({"k": 2})).unwrap(), 2);
+        assert_eq!(create_version(conn.db(), "@b:x", ALG, &json!({})).unwrap(), 1, "versions are per user");
+        assert_eq!(latest_version(conn.db(), "@a:x").unwrap(), Some(2));
 
-        assert!(delete_version(&conn, "@a:x", 2).unwrap());
-        assert!(!delete_version(&conn, "@a:x", 2).unwrap(), "already deleted");
-        assert!(!delete_version(&conn, "@a:x", 9).unwrap(), "unknown");
-        assert_eq!(version(&conn, "@a:x", 2).unwrap(), None);
-        assert_eq!(latest_version(&conn, "@a:x").unwrap(), Some(1));
-        assert_eq!(create_version(&conn, "@a:x", ALG, &json!({})).unwrap(), 3, "the deleted 2 is not reused");
+        assert!(delete_version(conn.db(), "@a:x", 2).unwrap());
+        assert!(!delete_version(conn.db(), "@a:x", 2).unwrap(), "already deleted");
+        assert!(!delete_version(conn.db(), "@a:x", 9).unwrap(), "unknown");
+        assert_eq!(version(conn.db(), "@a:x", 2).unwrap(), None);
+        assert_eq!(latest_version(conn.db(), "@a:x").unwrap(), Some(1));
+        assert_eq!(create_version(conn.db(), "@a:x", ALG, &json!({})).unwrap(), 3, "the deleted 2 is not reused");
     }
 
     #[test]
     fn version_reads_back_and_auth_data_changes() {
         let conn = memory_db();
-        let v = create_version(&conn, "@a:x", ALG, &json!({"public_key": "abc"})).unwrap();
-        let got = version(&conn, "@a:x", v).unwrap().unwrap();
+        let v = create_version(conn.db(), "@a:x", ALG, &json!({"public_key": "abc"})).unwrap();
+        let got = version(conn.db(), "@a:x", v).unwrap().unwrap();
         assert_eq!(got, BackupVersion { algorithm: ALG.into(), auth_data: json!({"public_key": "abc"}), etag: 0 });
-        set_auth_data(&conn, "@a:x", v, &json!({"public_key": "def"})).unwrap();
-        bump_etag(&conn, "@a:x", v).unwrap();
-        let got = version(&conn, "@a:x", v).unwrap().unwrap();
+        set_auth_data(conn.db(), "@a:x", v, &json!({"public_key": "def"})).unwrap();
+        bump_etag(conn.db(), "@a:x", v).unwrap();
+        let got = version(conn.db(), "@a:x", v).unwrap().unwrap();
         assert_eq!((got.auth_data, got.etag), (json!({"public_key": "def"}), 1));
-        assert_eq!(version(&conn, "@b:x", v).unwrap(), None, "another user's version is not visible");
+        assert_eq!(version(conn.db(), "@b:x", v).unwrap(), None, "another user's version is not visible");
     }
 
     #[test]
     fn put_key_keeps_the_better_key() {
         let conn = memory_db();
-        let v = create_version(&conn, "@a:x", ALG, &json!({})).unwrap();
-        let stored = |conn: &Connection| keys(conn, "@a:x", v, Some("!r:x"), Some("s")).unwrap().pop().unwrap().2;
-        assert!(put_key(&conn, "@a:x", v, "!r:x", "s", &key(false, 5, 1)).unwrap());
-        assert!(!put_key(&conn, "@a:x", v, "!r:x", "s", &key(false, 5, 1)).unwrap(), "same is not better");
-        assert!(!put_key(&conn, "@a:x", v, "!r:x", "s", &key(false, 6, 0)).unwrap(), "higher index loses");
-        assert!(put_key(&conn, "@a:x", v, "!r:x", "s", &key(false, 5, 0)).unwrap(), "fewer forwards win");
-        assert_eq!(stored(&conn), key(false, 5, 0));
-        assert!(put_key(&conn, "@a:x", v, "!r:x", "s", &key(true, 9, 9)).unwrap(), "verified wins");
-        assert!(!put_key(&conn, "@a:x", v, "!r:x", "s", &key(false, 0, 0)).unwrap(), "unverified never beats it");
-        assert!(put_key(&conn, "@a:x", v, "!r:x", "s", &key(true, 1, 9)).unwrap());
-        assert_eq!(stored(&conn), key(true, 1, 9));
-        assert_eq!(key_count(&conn, "@a:x", v).unwrap(), 1);
+        let v = create_version(conn.db(), "@a:x", ALG, &json!({})).unwrap();
+        let stored = |conn: Db<'_>| keys(conn, "@a:x", v, Some("!r:x"), Some("s")).unwrap().pop().unwrap().2;
+        assert!(put_key(conn.db(), "@a:x", v, "!r:x", "s", &key(false, 5, 1)).unwrap());
+        assert!(!put_key(conn.db(), "@a:x", v, "!r:x", "s", &key(false, 5, 1)).unwrap(), "same is not better");
+        assert!(!put_key(conn.db(), "@a:x", v, "!r:x", "s", &key(false, 6, 0)).unwrap(), "higher index loses");
+        assert!(put_key(conn.db(), "@a:x", v, "!r:x", "s", &key(false, 5, 0)).unwrap(), "fewer forwards win");
+        assert_eq!(stored(conn.db()), key(false, 5, 0));
+        assert!(put_key(conn.db(), "@a:x", v, "!r:x", "s", &key(true, 9, 9)).unwrap(), "verified wins");
+        assert!(!put_key(conn.db(), "@a:x", v, "!r:x", "s", &key(false, 0, 0)).unwrap(), "unverified never beats it");
+        assert!(put_key(conn.db(), "@a:x", v, "!r:x", "s", &key(true, 1, 9)).unwrap());
+        assert_eq!(stored(conn.db()), key(true, 1, 9));
+        assert_eq!(key_count(conn.db(), "@a:x", v).unwrap(), 1);
     }
 
     #[test]
     fn keys_and_deletes_narrow_by_room_and_session() {
         let conn = memory_db();
-        let v = create_version(&conn, "@a:x", ALG, &json!({})).unwrap();
+        let v = create_version(conn.db(), "@a:x", ALG, &json!({})).unwrap();
         for (room, session) in [("!r1:x", "s1"), ("!r1:x", "s2"), ("!r2:x", "s1")] {
-            put_key(&conn, "@a:x", v, room, session, &key(false, 0, 0)).unwrap();
+            put_key(conn.db(), "@a:x", v, room, session, &key(false, 0, 0)).unwrap();
         }
         let ids = |room: Option<&str>, session: Option<&str>| -> Vec<(String, String)> {
             let mut v: Vec<_> =
-                keys(&conn, "@a:x", v, room, session).unwrap().into_iter().map(|k| (k.0, k.1)).collect();
+                keys(conn.db(), "@a:x", v, room, session).unwrap().into_iter().map(|k| (k.0, k.1)).collect();
             v.sort();
             v
         };
@@ -270,12 +264,12 @@ mod tests {
         assert_eq!(ids(Some("!r1:x"), None), [("!r1:x".into(), "s1".into()), ("!r1:x".into(), "s2".into())]);
         assert_eq!(ids(Some("!r2:x"), Some("s1")), [("!r2:x".to_owned(), "s1".to_owned())]);
         assert!(ids(Some("!r3:x"), None).is_empty());
-        assert!(keys(&conn, "@b:x", v, None, None).unwrap().is_empty(), "other users see nothing");
+        assert!(keys(conn.db(), "@b:x", v, None, None).unwrap().is_empty(), "other users see nothing");
 
-        assert_eq!(delete_keys(&conn, "@a:x", v, Some("!r1:x"), Some("s2")).unwrap(), 1);
-        assert_eq!(delete_keys(&conn, "@a:x", v, Some("!r9:x"), None).unwrap(), 0);
-        assert_eq!(key_count(&conn, "@a:x", v).unwrap(), 2);
-        assert!(delete_version(&conn, "@a:x", v).unwrap());
-        assert_eq!(key_count(&conn, "@a:x", v).unwrap(), 0, "deleting a version drops its keys");
+        assert_eq!(delete_keys(conn.db(), "@a:x", v, Some("!r1:x"), Some("s2")).unwrap(), 1);
+        assert_eq!(delete_keys(conn.db(), "@a:x", v, Some("!r9:x"), None).unwrap(), 0);
+        assert_eq!(key_count(conn.db(), "@a:x", v).unwrap(), 2);
+        assert!(delete_version(conn.db(), "@a:x", v).unwrap());
+        assert_eq!(key_count(conn.db(), "@a:x", v).unwrap(), 0, "deleting a version drops its keys");
     }
 }

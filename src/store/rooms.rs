@@ -1,47 +1,48 @@
 //! Rooms (their rows, current state group and partial-state flag), room aliases and the local room directory.
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, OptionalExtension};
 
 use crate::error::Result;
 use crate::store::ids::{RoomNid, StateGroup};
+use crate::store::Db;
 
-pub fn alias_target(conn: &Connection, alias: &str) -> Result<Option<String>> {
+pub fn alias_target(conn: Db<'_>, alias: &str) -> Result<Option<String>> {
     Ok(conn
         .prepare_cached("SELECT room_id FROM room_aliases WHERE alias = ?1")?
         .query_row([alias], |r| r.get(0))
         .optional()?)
 }
 
-pub fn alias_creator(conn: &Connection, alias: &str) -> Result<Option<(String, String)>> {
+pub fn alias_creator(conn: Db<'_>, alias: &str) -> Result<Option<(String, String)>> {
     Ok(conn
         .prepare_cached("SELECT room_id, creator FROM room_aliases WHERE alias = ?1")?
         .query_row([alias], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?)
 }
 
-pub fn insert_alias(conn: &Connection, alias: &str, room_id: &str, creator: &str) -> Result<bool> {
+pub fn insert_alias(conn: Db<'_>, alias: &str, room_id: &str, creator: &str) -> Result<bool> {
     Ok(conn.execute(
         "INSERT OR IGNORE INTO room_aliases (alias, room_id, creator) VALUES (?1, ?2, ?3)",
         params![alias, room_id, creator],
     )? == 1)
 }
 
-pub fn delete_alias(conn: &Connection, alias: &str) -> Result<bool> {
+pub fn delete_alias(conn: Db<'_>, alias: &str) -> Result<bool> {
     Ok(conn.execute("DELETE FROM room_aliases WHERE alias = ?1", [alias])? == 1)
 }
 
-pub fn aliases_of(conn: &Connection, room_id: &str) -> Result<Vec<String>> {
+pub fn aliases_of(conn: Db<'_>, room_id: &str) -> Result<Vec<String>> {
     let mut stmt = conn.prepare_cached("SELECT alias FROM room_aliases WHERE room_id = ?1 ORDER BY alias")?;
     let rows = stmt.query_map([room_id], |r| r.get(0))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
-pub fn set_published(conn: &Connection, room_id: &str, published: bool) -> Result<()> {
+pub fn set_published(conn: Db<'_>, room_id: &str, published: bool) -> Result<()> {
     conn.execute("UPDATE rooms SET published = ?2 WHERE room_id = ?1", params![room_id, published])?;
     Ok(())
 }
 
-pub fn is_published(conn: &Connection, room_id: &str) -> Result<bool> {
+pub fn is_published(conn: Db<'_>, room_id: &str) -> Result<bool> {
     Ok(conn
         .prepare_cached("SELECT published FROM rooms WHERE room_id = ?1")?
         .query_row([room_id], |r| r.get(0))
@@ -50,7 +51,7 @@ pub fn is_published(conn: &Connection, room_id: &str) -> Result<bool> {
 }
 
 /// Published rooms, most members first: (room_nid, room_id, joined_members).
-pub fn published_rooms(conn: &Connection) -> Result<Vec<(i64, String, i64)>> {
+pub fn published_rooms(conn: Db<'_>) -> Result<Vec<(i64, String, i64)>> {
     let mut stmt = conn.prepare_cached(
         "SELECT room_nid, room_id, joined_members FROM rooms WHERE published = 1 ORDER BY joined_members DESC, room_id",
     )?;
@@ -82,32 +83,32 @@ fn room_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RoomRow> {
     })
 }
 
-pub fn room_by_id(conn: &Connection, room_id: &str) -> Result<Option<RoomRow>> {
+pub fn room_by_id(conn: Db<'_>, room_id: &str) -> Result<Option<RoomRow>> {
     Ok(conn
         .prepare_cached(&format!("SELECT {ROOM_COLS} FROM rooms WHERE room_id = ?1"))?
         .query_row([room_id], room_row)
         .optional()?)
 }
 
-pub fn room_by_nid(conn: &Connection, room_nid: RoomNid) -> Result<Option<RoomRow>> {
+pub fn room_by_nid(conn: Db<'_>, room_nid: RoomNid) -> Result<Option<RoomRow>> {
     Ok(conn
         .prepare_cached(&format!("SELECT {ROOM_COLS} FROM rooms WHERE room_nid = ?1"))?
         .query_row([room_nid], room_row)
         .optional()?)
 }
 
-pub fn insert_room(conn: &Connection, room_id: &str, version: &str) -> Result<RoomNid> {
+pub fn insert_room(conn: Db<'_>, room_id: &str, version: &str) -> Result<RoomNid> {
     conn.execute("INSERT INTO rooms (room_id, room_version) VALUES (?1, ?2)", params![room_id, version])?;
     Ok(RoomNid(conn.last_insert_rowid()))
 }
 
-pub fn set_current_sg(conn: &Connection, room_nid: RoomNid, sg: StateGroup) -> Result<()> {
+pub fn set_current_sg(conn: Db<'_>, room_nid: RoomNid, sg: StateGroup) -> Result<()> {
     conn.execute("UPDATE rooms SET current_sg = ?2 WHERE room_nid = ?1", params![room_nid, sg])?;
     Ok(())
 }
 
 /// The servers send_join named as in a room still partial (its member list is incomplete).
-pub fn partial_state_servers(conn: &Connection, room_nid: RoomNid) -> Result<Vec<String>> {
+pub fn partial_state_servers(conn: Db<'_>, room_nid: RoomNid) -> Result<Vec<String>> {
     let mut stmt = conn.prepare_cached("SELECT server_name FROM partial_state_servers WHERE room_nid = ?1")?;
     let rows = stmt.query_map([room_nid], |r| r.get(0))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
@@ -122,51 +123,52 @@ mod room_row_tests {
     #[test]
     fn a_room_is_found_by_id_and_by_nid() {
         let conn = memory_db();
-        let nid = insert_room(&conn, "!a:x", "12").unwrap();
-        let r = room_by_id(&conn, "!a:x").unwrap().unwrap();
+        let nid = insert_room(conn.db(), "!a:x", "12").unwrap();
+        let r = room_by_id(conn.db(), "!a:x").unwrap().unwrap();
         assert_eq!(r.room_nid, nid);
         assert_eq!(r.room_id, "!a:x");
         assert_eq!(r.version, "12");
         assert_eq!(r.current_sg, None);
         assert!(!r.partial_state);
-        assert_eq!(room_by_nid(&conn, nid).unwrap().unwrap().room_id, "!a:x");
-        assert!(room_by_id(&conn, "!b:x").unwrap().is_none());
-        assert!(room_by_nid(&conn, RoomNid(nid.0 + 1)).unwrap().is_none());
+        assert_eq!(room_by_nid(conn.db(), nid).unwrap().unwrap().room_id, "!a:x");
+        assert!(room_by_id(conn.db(), "!b:x").unwrap().is_none());
+        assert!(room_by_nid(conn.db(), RoomNid(nid.0 + 1)).unwrap().is_none());
         // Room ids are unique.
-        assert!(insert_room(&conn, "!a:x", "11").is_err());
-        assert_ne!(insert_room(&conn, "!b:x", "11").unwrap(), nid);
+        assert!(insert_room(conn.db(), "!a:x", "11").is_err());
+        assert_ne!(insert_room(conn.db(), "!b:x", "11").unwrap(), nid);
     }
 
     #[test]
     fn the_current_state_group_is_set() {
         let conn = memory_db();
-        let nid = insert_room(&conn, "!a:x", "12").unwrap();
-        let sg = state_groups::insert_sg(&conn, nid, None, 0, false).unwrap();
-        set_current_sg(&conn, nid, sg).unwrap();
-        assert_eq!(room_by_nid(&conn, nid).unwrap().unwrap().current_sg, Some(sg));
+        let nid = insert_room(conn.db(), "!a:x", "12").unwrap();
+        let sg = state_groups::insert_sg(conn.db(), nid, None, 0, false).unwrap();
+        set_current_sg(conn.db(), nid, sg).unwrap();
+        assert_eq!(room_by_nid(conn.db(), nid).unwrap().unwrap().current_sg, Some(sg));
     }
 
     #[test]
     fn partial_state_servers_are_listed_per_room() {
         let conn = memory_db();
-        let a = insert_room(&conn, "!a:x", "12").unwrap();
-        let b = insert_room(&conn, "!b:x", "12").unwrap();
+        let a = insert_room(conn.db(), "!a:x", "12").unwrap();
+        let b = insert_room(conn.db(), "!b:x", "12").unwrap();
         for (room, server) in [(a, "one.example"), (a, "two.example"), (b, "three.example")] {
-            conn.execute(
-                "INSERT INTO partial_state_servers (room_nid, server_name) VALUES (?1, ?2)",
-                params![room, server],
-            )
-            .unwrap();
+            conn.db()
+                .execute(
+                    "INSERT INTO partial_state_servers (room_nid, server_name) VALUES (?1, ?2)",
+                    params![room, server],
+                )
+                .unwrap();
         }
-        let mut servers = partial_state_servers(&conn, a).unwrap();
+        let mut servers = partial_state_servers(conn.db(), a).unwrap();
         servers.sort();
         assert_eq!(servers, ["one.example", "two.example"]);
-        assert_eq!(partial_state_servers(&conn, b).unwrap(), ["three.example"]);
+        assert_eq!(partial_state_servers(conn.db(), b).unwrap(), ["three.example"]);
     }
 }
 
 /// Rooms still in partial state (a lazy join's member list being fetched): `(room_id, joined members known so far)`.
-pub fn partial_state_rooms(conn: &Connection) -> Result<Vec<(String, i64)>> {
+pub fn partial_state_rooms(conn: Db<'_>) -> Result<Vec<(String, i64)>> {
     let mut stmt = conn.prepare_cached("SELECT room_id, joined_members FROM rooms WHERE partial_state = 1")?;
     let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
@@ -181,35 +183,35 @@ mod directory_tests {
     #[test]
     fn aliases_belong_to_their_creator_and_list_in_order() {
         let conn = memory_db();
-        assert_eq!(alias_target(&conn, "#a:x").unwrap(), None);
-        assert!(insert_alias(&conn, "#b:x", "!r:x", "@u:x").unwrap());
-        assert!(insert_alias(&conn, "#a:x", "!r:x", "@v:x").unwrap());
-        assert!(!insert_alias(&conn, "#a:x", "!other:x", "@w:x").unwrap(), "taken");
-        assert_eq!(alias_target(&conn, "#a:x").unwrap().as_deref(), Some("!r:x"));
-        assert_eq!(alias_creator(&conn, "#a:x").unwrap(), Some(("!r:x".into(), "@v:x".into())));
-        assert_eq!(aliases_of(&conn, "!r:x").unwrap(), ["#a:x", "#b:x"]);
-        assert!(delete_alias(&conn, "#a:x").unwrap());
-        assert!(!delete_alias(&conn, "#a:x").unwrap());
-        assert_eq!(aliases_of(&conn, "!r:x").unwrap(), ["#b:x"]);
+        assert_eq!(alias_target(conn.db(), "#a:x").unwrap(), None);
+        assert!(insert_alias(conn.db(), "#b:x", "!r:x", "@u:x").unwrap());
+        assert!(insert_alias(conn.db(), "#a:x", "!r:x", "@v:x").unwrap());
+        assert!(!insert_alias(conn.db(), "#a:x", "!other:x", "@w:x").unwrap(), "taken");
+        assert_eq!(alias_target(conn.db(), "#a:x").unwrap().as_deref(), Some("!r:x"));
+        assert_eq!(alias_creator(conn.db(), "#a:x").unwrap(), Some(("!r:x".into(), "@v:x".into())));
+        assert_eq!(aliases_of(conn.db(), "!r:x").unwrap(), ["#a:x", "#b:x"]);
+        assert!(delete_alias(conn.db(), "#a:x").unwrap());
+        assert!(!delete_alias(conn.db(), "#a:x").unwrap());
+        assert_eq!(aliases_of(conn.db(), "!r:x").unwrap(), ["#b:x"]);
     }
 
     #[test]
     fn published_and_partial_rooms() {
         let conn = memory_db();
-        let (a, b) = (testing::room(&conn, "!a:x"), testing::room(&conn, "!b:x"));
-        assert!(!is_published(&conn, "!a:x").unwrap());
-        assert!(!is_published(&conn, "!unknown:x").unwrap());
-        set_published(&conn, "!a:x", true).unwrap();
-        set_published(&conn, "!b:x", true).unwrap();
-        conn.execute("UPDATE rooms SET joined_members = 3 WHERE room_nid = ?1", [b]).unwrap();
-        assert!(is_published(&conn, "!a:x").unwrap());
-        let listed: Vec<String> = published_rooms(&conn).unwrap().into_iter().map(|r| r.1).collect();
+        let (a, b) = (testing::room(conn.db(), "!a:x"), testing::room(conn.db(), "!b:x"));
+        assert!(!is_published(conn.db(), "!a:x").unwrap());
+        assert!(!is_published(conn.db(), "!unknown:x").unwrap());
+        set_published(conn.db(), "!a:x", true).unwrap();
+        set_published(conn.db(), "!b:x", true).unwrap();
+        conn.db().execute("UPDATE rooms SET joined_members = 3 WHERE room_nid = ?1", [b]).unwrap();
+        assert!(is_published(conn.db(), "!a:x").unwrap());
+        let listed: Vec<String> = published_rooms(conn.db()).unwrap().into_iter().map(|r| r.1).collect();
         assert_eq!(listed, ["!b:x", "!a:x"], "most members first");
-        set_published(&conn, "!b:x", false).unwrap();
-        assert_eq!(published_rooms(&conn).unwrap().len(), 1);
+        set_published(conn.db(), "!b:x", false).unwrap();
+        assert_eq!(published_rooms(conn.db()).unwrap().len(), 1);
 
-        assert!(partial_state_rooms(&conn).unwrap().is_empty());
-        testing::set_partial(&conn, a, 42);
-        assert_eq!(partial_state_rooms(&conn).unwrap(), [("!a:x".to_owned(), 42)]);
+        assert!(partial_state_rooms(conn.db()).unwrap().is_empty());
+        testing::set_partial(conn.db(), a, 42);
+        assert_eq!(partial_state_rooms(conn.db()).unwrap(), [("!a:x".to_owned(), 42)]);
     }
 }

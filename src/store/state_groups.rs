@@ -2,13 +2,14 @@
 
 use std::collections::HashMap;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, OptionalExtension};
 
 use crate::error::Result;
 use crate::store::ids::{EventNid, RoomNid, StateGroup, StateKeyNid};
+use crate::store::Db;
 
 /// Interns `(type, state_key)`.
-pub fn state_key_nid(conn: &Connection, event_type: &str, state_key: &str) -> Result<StateKeyNid> {
+pub fn state_key_nid(conn: Db<'_>, event_type: &str, state_key: &str) -> Result<StateKeyNid> {
     if let Some(nid) = find_state_key_nid(conn, event_type, state_key)? {
         return Ok(nid);
     }
@@ -17,14 +18,14 @@ pub fn state_key_nid(conn: &Connection, event_type: &str, state_key: &str) -> Re
     Ok(StateKeyNid(conn.last_insert_rowid()))
 }
 
-pub fn find_state_key_nid(conn: &Connection, event_type: &str, state_key: &str) -> Result<Option<StateKeyNid>> {
+pub fn find_state_key_nid(conn: Db<'_>, event_type: &str, state_key: &str) -> Result<Option<StateKeyNid>> {
     Ok(conn
         .prepare_cached("SELECT state_key_nid FROM state_keys WHERE event_type = ?1 AND state_key = ?2")?
         .query_row(params![event_type, state_key], |r| r.get(0))
         .optional()?)
 }
 
-pub fn state_key_of(conn: &Connection, nid: StateKeyNid) -> Result<(String, String)> {
+pub fn state_key_of(conn: Db<'_>, nid: StateKeyNid) -> Result<(String, String)> {
     Ok(conn
         .prepare_cached("SELECT event_type, state_key FROM state_keys WHERE state_key_nid = ?1")?
         .query_row([nid], |r| Ok((r.get(0)?, r.get(1)?)))?)
@@ -33,12 +34,12 @@ pub fn state_key_of(conn: &Connection, nid: StateKeyNid) -> Result<(String, Stri
 /// Longest delta chain before a group is written as a full snapshot.
 pub const MAX_SG_DEPTH: i64 = 64;
 
-pub fn sg_depth(conn: &Connection, sg: StateGroup) -> Result<i64> {
+pub fn sg_depth(conn: Db<'_>, sg: StateGroup) -> Result<i64> {
     Ok(conn.prepare_cached("SELECT depth FROM state_groups WHERE sg = ?1")?.query_row([sg], |r| r.get(0))?)
 }
 
 pub fn insert_sg(
-    conn: &Connection,
+    conn: Db<'_>,
     room_nid: RoomNid,
     delta_of: Option<StateGroup>,
     depth: i64,
@@ -49,7 +50,7 @@ pub fn insert_sg(
     Ok(StateGroup(conn.last_insert_rowid()))
 }
 
-pub fn insert_sg_entries(conn: &Connection, sg: StateGroup, entries: &[(StateKeyNid, Option<EventNid>)]) -> Result<()> {
+pub fn insert_sg_entries(conn: Db<'_>, sg: StateGroup, entries: &[(StateKeyNid, Option<EventNid>)]) -> Result<()> {
     let mut stmt = conn.prepare_cached(
         "INSERT OR REPLACE INTO state_group_entries (sg, state_key_nid, event_nid) VALUES (?1, ?2, ?3)",
     )?;
@@ -65,7 +66,7 @@ const CHAIN: &str = "WITH RECURSIVE chain(sg, d) AS (
         SELECT g.delta_of, c.d + 1 FROM state_groups g JOIN chain c ON g.sg = c.sg WHERE g.delta_of IS NOT NULL)";
 
 /// The full state of a group: state_key_nid -> event_nid.
-pub fn load_state(conn: &Connection, sg: StateGroup) -> Result<HashMap<StateKeyNid, EventNid>> {
+pub fn load_state(conn: Db<'_>, sg: StateGroup) -> Result<HashMap<StateKeyNid, EventNid>> {
     let mut stmt = conn.prepare_cached(&format!(
         "{CHAIN} SELECT e.state_key_nid, e.event_nid, c.d FROM state_group_entries e JOIN chain c ON e.sg = c.sg
          ORDER BY c.d DESC"
@@ -84,7 +85,7 @@ pub fn load_state(conn: &Connection, sg: StateGroup) -> Result<HashMap<StateKeyN
 }
 
 /// One entry of a group's state.
-pub fn lookup_state(conn: &Connection, sg: StateGroup, state_key_nid: StateKeyNid) -> Result<Option<EventNid>> {
+pub fn lookup_state(conn: Db<'_>, sg: StateGroup, state_key_nid: StateKeyNid) -> Result<Option<EventNid>> {
     let row: Option<Option<EventNid>> = conn
         .prepare_cached(&format!(
             "{CHAIN} SELECT e.event_nid FROM state_group_entries e JOIN chain c ON e.sg = c.sg
@@ -96,7 +97,7 @@ pub fn lookup_state(conn: &Connection, sg: StateGroup, state_key_nid: StateKeyNi
 }
 
 /// State entries of a group whose type is `event_type` (e.g. all memberships at an event).
-pub fn load_state_of_type(conn: &Connection, sg: StateGroup, event_type: &str) -> Result<HashMap<String, EventNid>> {
+pub fn load_state_of_type(conn: Db<'_>, sg: StateGroup, event_type: &str) -> Result<HashMap<String, EventNid>> {
     let mut stmt = conn.prepare_cached(&format!(
         "{CHAIN} SELECT k.state_key, e.event_nid FROM state_group_entries e JOIN chain c ON e.sg = c.sg
          JOIN state_keys k ON k.state_key_nid = e.state_key_nid WHERE k.event_type = ?2 ORDER BY c.d DESC"
@@ -114,11 +115,7 @@ pub fn load_state_of_type(conn: &Connection, sg: StateGroup, event_type: &str) -
 }
 
 /// A group's state as (event_nid, event_id), optionally without one event type (e.g. members), in one query.
-pub fn state_event_ids(
-    conn: &Connection,
-    sg: StateGroup,
-    exclude_type: Option<&str>,
-) -> Result<Vec<(EventNid, String)>> {
+pub fn state_event_ids(conn: Db<'_>, sg: StateGroup, exclude_type: Option<&str>) -> Result<Vec<(EventNid, String)>> {
     // Without the members, a big room's state is a few dozen entries among 100k: when the other types have few
     // state keys (they are shared by all rooms), look each up in each group of the chain instead of scanning the
     // whole state (0.2 ms against 20 ms at 100k members).
@@ -158,7 +155,7 @@ pub fn state_event_ids(
 }
 
 /// The group a delta group is written over (`None` for a root group or an unknown group).
-pub fn delta_of(conn: &Connection, sg: StateGroup) -> Result<Option<StateGroup>> {
+pub fn delta_of(conn: Db<'_>, sg: StateGroup) -> Result<Option<StateGroup>> {
     Ok(conn
         .prepare_cached("SELECT delta_of FROM state_groups WHERE sg = ?1")?
         .query_row([sg], |r| r.get(0))
@@ -176,15 +173,15 @@ mod tests {
     #[test]
     fn state_keys_are_interned_once() {
         let conn = memory_db();
-        assert_eq!(find_state_key_nid(&conn, "m.room.member", "@a:x").unwrap(), None);
-        let a = state_key_nid(&conn, "m.room.member", "@a:x").unwrap();
-        assert_eq!(state_key_nid(&conn, "m.room.member", "@a:x").unwrap(), a);
-        assert_eq!(find_state_key_nid(&conn, "m.room.member", "@a:x").unwrap(), Some(a));
-        let b = state_key_nid(&conn, "m.room.member", "@b:x").unwrap();
-        let c = state_key_nid(&conn, "m.room.name", "@a:x").unwrap();
+        assert_eq!(find_state_key_nid(conn.db(), "m.room.member", "@a:x").unwrap(), None);
+        let a = state_key_nid(conn.db(), "m.room.member", "@a:x").unwrap();
+        assert_eq!(state_key_nid(conn.db(), "m.room.member", "@a:x").unwrap(), a);
+        assert_eq!(find_state_key_nid(conn.db(), "m.room.member", "@a:x").unwrap(), Some(a));
+        let b = state_key_nid(conn.db(), "m.room.member", "@b:x").unwrap();
+        let c = state_key_nid(conn.db(), "m.room.name", "@a:x").unwrap();
         assert!(a != b && a != c && b != c);
-        assert_eq!(state_key_of(&conn, c).unwrap(), ("m.room.name".to_owned(), "@a:x".to_owned()));
-        assert!(state_key_of(&conn, StateKeyNid(c.0 + 100)).is_err());
+        assert_eq!(state_key_of(conn.db(), c).unwrap(), ("m.room.name".to_owned(), "@a:x".to_owned()));
+        assert!(state_key_of(conn.db(), StateKeyNid(c.0 + 100)).is_err());
     }
 
     /// A room with a root group {create, name, alice} and a delta over it that changes the name, adds bob and
@@ -197,7 +194,7 @@ mod tests {
         events: [EventNid; 5],
     }
 
-    fn chain(conn: &Connection) -> Chain {
+    fn chain(conn: Db<'_>) -> Chain {
         let room = rooms::insert_room(conn, "!r:x", "12").unwrap();
         let create = insert_test_event(conn, room, "$create", Some(1), Some(("m.room.create", "")));
         let name1 = insert_test_event(conn, room, "$name1", Some(2), Some(("m.room.name", "")));
@@ -225,84 +222,84 @@ mod tests {
     #[test]
     fn a_delta_chain_loads_as_the_full_state() {
         let conn = memory_db();
-        let c = chain(&conn);
+        let c = chain(conn.db());
         let [k_create, k_name, k_alice, k_bob] = c.keys;
         let [create, name1, alice, name2, bob] = c.events;
-        assert_eq!(sg_depth(&conn, c.root).unwrap(), 0);
-        assert_eq!(sg_depth(&conn, c.delta).unwrap(), 1);
-        assert_eq!(delta_of(&conn, c.root).unwrap(), None);
-        assert_eq!(delta_of(&conn, c.delta).unwrap(), Some(c.root));
-        assert_eq!(delta_of(&conn, StateGroup(c.delta.0 + 100)).unwrap(), None);
+        assert_eq!(sg_depth(conn.db(), c.root).unwrap(), 0);
+        assert_eq!(sg_depth(conn.db(), c.delta).unwrap(), 1);
+        assert_eq!(delta_of(conn.db(), c.root).unwrap(), None);
+        assert_eq!(delta_of(conn.db(), c.delta).unwrap(), Some(c.root));
+        assert_eq!(delta_of(conn.db(), StateGroup(c.delta.0 + 100)).unwrap(), None);
         assert_eq!(
-            load_state(&conn, c.root).unwrap(),
+            load_state(conn.db(), c.root).unwrap(),
             HashMap::from([(k_create, create), (k_name, name1), (k_alice, alice)])
         );
         assert_eq!(
-            load_state(&conn, c.delta).unwrap(),
+            load_state(conn.db(), c.delta).unwrap(),
             HashMap::from([(k_create, create), (k_name, name2), (k_bob, bob)])
         );
         // A longer chain: the nearest group wins, a removed key can come back.
-        let again = insert_test_event(&conn, c.room, "$alice2", Some(6), Some(("m.room.member", "@alice:x")));
-        let third = insert_sg(&conn, c.room, Some(c.delta), 2, false).unwrap();
-        insert_sg_entries(&conn, third, &[(k_alice, Some(again))]).unwrap();
+        let again = insert_test_event(conn.db(), c.room, "$alice2", Some(6), Some(("m.room.member", "@alice:x")));
+        let third = insert_sg(conn.db(), c.room, Some(c.delta), 2, false).unwrap();
+        insert_sg_entries(conn.db(), third, &[(k_alice, Some(again))]).unwrap();
         assert_eq!(
-            load_state(&conn, third).unwrap(),
+            load_state(conn.db(), third).unwrap(),
             HashMap::from([(k_create, create), (k_name, name2), (k_bob, bob), (k_alice, again)])
         );
-        assert_eq!(lookup_state(&conn, third, k_alice).unwrap(), Some(again));
-        assert_eq!(lookup_state(&conn, third, k_name).unwrap(), Some(name2));
-        assert_eq!(lookup_state(&conn, third, k_create).unwrap(), Some(create));
+        assert_eq!(lookup_state(conn.db(), third, k_alice).unwrap(), Some(again));
+        assert_eq!(lookup_state(conn.db(), third, k_name).unwrap(), Some(name2));
+        assert_eq!(lookup_state(conn.db(), third, k_create).unwrap(), Some(create));
     }
 
     #[test]
     fn one_entry_is_looked_up_along_the_chain() {
         let conn = memory_db();
-        let c = chain(&conn);
+        let c = chain(conn.db());
         let [k_create, k_name, k_alice, k_bob] = c.keys;
         let [create, name1, alice, name2, bob] = c.events;
-        assert_eq!(lookup_state(&conn, c.root, k_name).unwrap(), Some(name1));
-        assert_eq!(lookup_state(&conn, c.root, k_alice).unwrap(), Some(alice));
-        assert_eq!(lookup_state(&conn, c.root, k_bob).unwrap(), None);
-        assert_eq!(lookup_state(&conn, c.delta, k_name).unwrap(), Some(name2));
-        assert_eq!(lookup_state(&conn, c.delta, k_create).unwrap(), Some(create));
-        assert_eq!(lookup_state(&conn, c.delta, k_bob).unwrap(), Some(bob));
+        assert_eq!(lookup_state(conn.db(), c.root, k_name).unwrap(), Some(name1));
+        assert_eq!(lookup_state(conn.db(), c.root, k_alice).unwrap(), Some(alice));
+        assert_eq!(lookup_state(conn.db(), c.root, k_bob).unwrap(), None);
+        assert_eq!(lookup_state(conn.db(), c.delta, k_name).unwrap(), Some(name2));
+        assert_eq!(lookup_state(conn.db(), c.delta, k_create).unwrap(), Some(create));
+        assert_eq!(lookup_state(conn.db(), c.delta, k_bob).unwrap(), Some(bob));
         // Removed in the delta although present in its parent.
-        assert_eq!(lookup_state(&conn, c.delta, k_alice).unwrap(), None);
+        assert_eq!(lookup_state(conn.db(), c.delta, k_alice).unwrap(), None);
     }
 
     #[test]
     fn state_of_one_type() {
         let conn = memory_db();
-        let c = chain(&conn);
+        let c = chain(conn.db());
         let [_, _, alice, _, bob] = c.events;
         assert_eq!(
-            load_state_of_type(&conn, c.root, "m.room.member").unwrap(),
+            load_state_of_type(conn.db(), c.root, "m.room.member").unwrap(),
             HashMap::from([("@alice:x".to_owned(), alice)])
         );
         assert_eq!(
-            load_state_of_type(&conn, c.delta, "m.room.member").unwrap(),
+            load_state_of_type(conn.db(), c.delta, "m.room.member").unwrap(),
             HashMap::from([("@bob:y".to_owned(), bob)])
         );
-        assert!(load_state_of_type(&conn, c.delta, "m.room.topic").unwrap().is_empty());
+        assert!(load_state_of_type(conn.db(), c.delta, "m.room.topic").unwrap().is_empty());
     }
 
     #[test]
     fn state_event_ids_with_and_without_members() {
         let conn = memory_db();
-        let c = chain(&conn);
+        let c = chain(conn.db());
         let [create, _, _, name2, bob] = c.events;
         let sorted = |mut v: Vec<(EventNid, String)>| {
             v.sort();
             v
         };
         assert_eq!(
-            sorted(state_event_ids(&conn, c.delta, None).unwrap()),
+            sorted(state_event_ids(conn.db(), c.delta, None).unwrap()),
             [(create, "$create".to_owned()), (name2, "$name2".to_owned()), (bob, "$bob".to_owned())]
         );
         assert_eq!(
-            sorted(state_event_ids(&conn, c.delta, Some("m.room.member")).unwrap()),
+            sorted(state_event_ids(conn.db(), c.delta, Some("m.room.member")).unwrap()),
             [(create, "$create".to_owned()), (name2, "$name2".to_owned())]
         );
-        assert_eq!(sorted(state_event_ids(&conn, c.root, Some("m.room.create")).unwrap()).len(), 2);
+        assert_eq!(sorted(state_event_ids(conn.db(), c.root, Some("m.room.create")).unwrap()).len(), 2);
     }
 }

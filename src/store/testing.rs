@@ -7,28 +7,37 @@ use rusqlite::{params, Connection};
 use serde_json::json;
 
 use super::ids::{EventNid, RoomNid, StateGroup, StreamPos};
-use super::Writer;
+use super::{Db, Writer};
+
+/// An in-memory database for tests; [`MemDb::db`] is the handle the store's functions take.
+pub struct MemDb(Connection);
+
+impl MemDb {
+    pub fn db(&self) -> Db<'_> {
+        Db(&self.0)
+    }
+}
 
 /// A fresh in-memory database with `schema.sql` applied and the same per-connection set-up as the real one
 /// (foreign keys on, `rarray` loaded).
-pub fn memory_db() -> Connection {
+pub fn memory_db() -> MemDb {
     let mut conn = Connection::open_in_memory().expect("in-memory database");
     conn.execute_batch("PRAGMA foreign_keys=ON;").expect("pragmas");
     rusqlite::vtab::array::load_module(&conn).expect("rarray");
     super::migrate::migrate(&mut conn).expect("schema");
-    conn
+    MemDb(conn)
 }
 
 /// Runs `f` as the writer would: inside a transaction that commits when `f` returns `Ok`, with a stream allocator
 /// that starts after `stream` (returned updated).
 pub fn write<R>(
-    conn: &mut Connection,
+    mem: &mut MemDb,
     stream: &mut i64,
     f: impl FnOnce(&mut Writer<'_>) -> crate::error::Result<R>,
 ) -> crate::error::Result<R> {
-    let tx = conn.transaction()?;
+    let tx = mem.0.transaction()?;
     let result = {
-        let mut w = Writer { conn: &tx, next_stream: stream };
+        let mut w = Writer { conn: Db(&tx), next_stream: stream };
         f(&mut w)
     };
     if result.is_ok() {
@@ -39,16 +48,16 @@ pub fn write<R>(
 
 // Fixture rows.
 
-pub fn room(conn: &Connection, room_id: &str) -> RoomNid {
+pub fn room(conn: Db<'_>, room_id: &str) -> RoomNid {
     conn.execute("INSERT INTO rooms (room_id, room_version) VALUES (?1, '10')", [room_id]).expect("room");
     RoomNid(conn.last_insert_rowid())
 }
 
-pub fn publish(conn: &Connection, room: RoomNid) {
+pub fn publish(conn: Db<'_>, room: RoomNid) {
     conn.execute("UPDATE rooms SET published = 1 WHERE room_nid = ?1", [room]).expect("publish");
 }
 
-pub fn set_partial(conn: &Connection, room: RoomNid, joined: i64) {
+pub fn set_partial(conn: Db<'_>, room: RoomNid, joined: i64) {
     conn.execute("UPDATE rooms SET partial_state = 1, joined_members = ?2 WHERE room_nid = ?1", params![room, joined])
         .expect("partial");
 }
@@ -78,7 +87,7 @@ impl<'a> Ev<'a> {
     }
 }
 
-pub fn event(conn: &Connection, room: RoomNid, e: Ev<'_>) -> EventNid {
+pub fn event(conn: Db<'_>, room: RoomNid, e: Ev<'_>) -> EventNid {
     let body = json!({"event_id": e.id, "type": e.event_type, "sender": e.sender, "content": {"body": e.id}});
     conn.execute(
         "INSERT INTO events (event_id, room_nid, event_type, sender, origin_server_ts, depth, stream_ordering, outlier,
@@ -101,18 +110,18 @@ pub fn event(conn: &Connection, room: RoomNid, e: Ev<'_>) -> EventNid {
     EventNid(conn.last_insert_rowid())
 }
 
-pub fn edge(conn: &Connection, event: EventNid, prev_event_id: &str) {
+pub fn edge(conn: Db<'_>, event: EventNid, prev_event_id: &str) {
     conn.execute("INSERT INTO event_edges (event_nid, prev_event_id) VALUES (?1, ?2)", params![event, prev_event_id])
         .expect("edge");
 }
 
-pub fn state_group(conn: &Connection, room: RoomNid) -> StateGroup {
+pub fn state_group(conn: Db<'_>, room: RoomNid) -> StateGroup {
     conn.execute("INSERT INTO state_groups (room_nid) VALUES (?1)", [room]).expect("state group");
     StateGroup(conn.last_insert_rowid())
 }
 
 /// A `room_members` row (the membership event itself is not needed by the reads under test).
-pub fn member(conn: &Connection, room: RoomNid, user_id: &str, membership: &str, displayname: Option<&str>) {
+pub fn member(conn: Db<'_>, room: RoomNid, user_id: &str, membership: &str, displayname: Option<&str>) {
     let server = user_id.split_once(':').map(|x| x.1).unwrap_or("");
     conn.execute(
         "INSERT INTO room_members (room_nid, user_id, membership, event_nid, server_name, displayname)
@@ -123,7 +132,7 @@ pub fn member(conn: &Connection, room: RoomNid, user_id: &str, membership: &str,
     .expect("member");
 }
 
-pub fn local_membership(conn: &Connection, stream: StreamPos, user_id: &str, room: RoomNid, membership: &str) {
+pub fn local_membership(conn: Db<'_>, stream: StreamPos, user_id: &str, room: RoomNid, membership: &str) {
     conn.execute(
         "INSERT INTO local_membership_stream (stream_ordering, user_id, room_nid, membership, event_nid)
          VALUES (?1, ?2, ?3, ?4, 0)",
@@ -132,7 +141,7 @@ pub fn local_membership(conn: &Connection, stream: StreamPos, user_id: &str, roo
     .expect("local membership");
 }
 
-pub fn user(conn: &Connection, user_id: &str, displayname: Option<&str>, deactivated: bool) {
+pub fn user(conn: Db<'_>, user_id: &str, displayname: Option<&str>, deactivated: bool) {
     conn.execute(
         "INSERT INTO users (user_id, created_ts, displayname, deactivated) VALUES (?1, 0, ?2, ?3)",
         params![user_id, displayname, deactivated],
@@ -140,7 +149,7 @@ pub fn user(conn: &Connection, user_id: &str, displayname: Option<&str>, deactiv
     .expect("user");
 }
 
-pub fn receipt(conn: &Connection, room: RoomNid, receipt_type: &str, user_id: &str, event_id: &str, stream: i64) {
+pub fn receipt(conn: Db<'_>, room: RoomNid, receipt_type: &str, user_id: &str, event_id: &str, stream: i64) {
     conn.execute(
         "INSERT INTO receipts (room_nid, receipt_type, user_id, thread_id, event_id, ts, stream_ordering)
          VALUES (?1, ?2, ?3, '', ?4, 7, ?5)",

@@ -2,14 +2,15 @@
 //! and notification counts. Events enter the timeline with a positive `stream_ordering`; rejected and
 //! soft-failed events are never shown; outliers have no position and so never appear here.
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, OptionalExtension};
 
 use crate::error::Result;
 use crate::store::events::{event_row, EventRow, EVENT_COLS};
 use crate::store::ids::{EventNid, RoomNid, StateGroup, StreamPos};
+use crate::store::Db;
 
 /// The room's state after its last timeline event at or before `pos` (None before the room's first event).
-pub fn state_at(conn: &Connection, room: RoomNid, pos: StreamPos) -> Result<Option<StateGroup>> {
+pub fn state_at(conn: Db<'_>, room: RoomNid, pos: StreamPos) -> Result<Option<StateGroup>> {
     Ok(conn
         .prepare_cached(
             "SELECT sg_after FROM events WHERE room_nid = ?1 AND stream_ordering <= ?2 AND stream_ordering IS NOT NULL
@@ -21,7 +22,7 @@ pub fn state_at(conn: &Connection, room: RoomNid, pos: StreamPos) -> Result<Opti
 
 /// The newest `limit` shown events in (`after`, `upto`], newest first.
 pub fn newest_first(
-    conn: &Connection,
+    conn: Db<'_>,
     room: RoomNid,
     after: StreamPos,
     upto: StreamPos,
@@ -32,7 +33,7 @@ pub fn newest_first(
 
 /// The oldest `limit` shown events in (`after`, `upto`], oldest first.
 pub fn oldest_first(
-    conn: &Connection,
+    conn: Db<'_>,
     room: RoomNid,
     after: StreamPos,
     upto: StreamPos,
@@ -43,7 +44,7 @@ pub fn oldest_first(
 
 /// Shown events in (`after`, `upto`], at most `limit`, in stream order `ASC` or `DESC`.
 fn shown_window(
-    conn: &Connection,
+    conn: Db<'_>,
     room: RoomNid,
     after: StreamPos,
     upto: StreamPos,
@@ -60,7 +61,7 @@ fn shown_window(
 
 /// The state before an event: the state after one of its `prev_events` that we hold with state (the state a
 /// state event replaced, for `prev_content`).
-pub fn state_before(conn: &Connection, event: EventNid) -> Result<Option<StateGroup>> {
+pub fn state_before(conn: Db<'_>, event: EventNid) -> Result<Option<StateGroup>> {
     Ok(conn
         .prepare_cached(
             "SELECT e.sg_after FROM event_edges x JOIN events e ON e.event_id = x.prev_event_id
@@ -74,7 +75,7 @@ pub fn state_before(conn: &Connection, event: EventNid) -> Result<Option<StateGr
 /// Bounded through the stream index: an own event older than those leaves them all unread anyway (unbounded,
 /// this scanned a room's whole history on every sync).
 pub fn latest_from_sender(
-    conn: &Connection,
+    conn: Db<'_>,
     room: RoomNid,
     sender: &str,
     after: StreamPos,
@@ -92,7 +93,7 @@ pub fn latest_from_sender(
 /// The newest `limit` shown events after `after` not sent by `reader`, newest first: `(sender, json)`, the events
 /// a notification count looks at.
 pub fn unread_by(
-    conn: &Connection,
+    conn: Db<'_>,
     room: RoomNid,
     reader: &str,
     after: StreamPos,
@@ -117,7 +118,7 @@ mod tests {
 
     /// `$1`..`$6` at positions 1..6 in one room; `$3` rejected, `$4` soft-failed; an outlier and another room's
     /// event beside them.
-    fn timeline(conn: &Connection) -> RoomNid {
+    fn timeline(conn: Db<'_>) -> RoomNid {
         let room = testing::room(conn, "!r:x");
         let other = testing::room(conn, "!other:x");
         for (i, id) in ["$1", "$2", "$3", "$4", "$5", "$6"].into_iter().enumerate() {
@@ -135,62 +136,62 @@ mod tests {
     #[test]
     fn pages_skip_hidden_events_and_honour_bounds_order_and_limit() {
         let conn = memory_db();
-        let room = timeline(&conn);
+        let room = timeline(conn.db());
         let (p, max) = (StreamPos, StreamPos(i64::MAX));
-        assert_eq!(ids(&newest_first(&conn, room, p(0), max, 10).unwrap()), ["$6", "$5", "$2", "$1"]);
-        assert_eq!(ids(&oldest_first(&conn, room, p(0), max, 10).unwrap()), ["$1", "$2", "$5", "$6"]);
-        assert_eq!(ids(&newest_first(&conn, room, p(1), p(5), 10).unwrap()), ["$5", "$2"], "(after, upto]");
-        assert_eq!(ids(&oldest_first(&conn, room, p(1), p(5), 10).unwrap()), ["$2", "$5"]);
-        assert_eq!(ids(&newest_first(&conn, room, p(0), max, 2).unwrap()), ["$6", "$5"]);
-        assert_eq!(ids(&oldest_first(&conn, room, p(0), max, 1).unwrap()), ["$1"]);
-        assert!(newest_first(&conn, room, p(6), max, 10).unwrap().is_empty());
-        assert!(newest_first(&conn, RoomNid(999), p(0), max, 10).unwrap().is_empty());
+        assert_eq!(ids(&newest_first(conn.db(), room, p(0), max, 10).unwrap()), ["$6", "$5", "$2", "$1"]);
+        assert_eq!(ids(&oldest_first(conn.db(), room, p(0), max, 10).unwrap()), ["$1", "$2", "$5", "$6"]);
+        assert_eq!(ids(&newest_first(conn.db(), room, p(1), p(5), 10).unwrap()), ["$5", "$2"], "(after, upto]");
+        assert_eq!(ids(&oldest_first(conn.db(), room, p(1), p(5), 10).unwrap()), ["$2", "$5"]);
+        assert_eq!(ids(&newest_first(conn.db(), room, p(0), max, 2).unwrap()), ["$6", "$5"]);
+        assert_eq!(ids(&oldest_first(conn.db(), room, p(0), max, 1).unwrap()), ["$1"]);
+        assert!(newest_first(conn.db(), room, p(6), max, 10).unwrap().is_empty());
+        assert!(newest_first(conn.db(), RoomNid(999), p(0), max, 10).unwrap().is_empty());
     }
 
     #[test]
     fn state_at_takes_the_last_event_with_state_up_to_the_position() {
         let conn = memory_db();
-        let room = testing::room(&conn, "!r:x");
-        let (g1, g2) = (testing::state_group(&conn, room), testing::state_group(&conn, room));
-        assert_eq!(state_at(&conn, room, StreamPos(10)).unwrap(), None);
-        testing::event(&conn, room, Ev { sg_after: Some(g1), ..Ev::message("$1", "@a:x", 1) });
-        testing::event(&conn, room, Ev::message("$2", "@a:x", 2)); // no state recorded
-        testing::event(&conn, room, Ev { sg_after: Some(g2), ..Ev::message("$3", "@a:x", 3) });
-        testing::event(&conn, room, Ev { sg_after: Some(g2), stream: None, ..Ev::message("$o", "@a:x", 0) });
-        assert_eq!(state_at(&conn, room, StreamPos(0)).unwrap(), None);
-        assert_eq!(state_at(&conn, room, StreamPos(2)).unwrap(), Some(g1));
-        assert_eq!(state_at(&conn, room, StreamPos(3)).unwrap(), Some(g2));
-        assert_eq!(state_at(&conn, room, StreamPos(99)).unwrap(), Some(g2));
+        let room = testing::room(conn.db(), "!r:x");
+        let (g1, g2) = (testing::state_group(conn.db(), room), testing::state_group(conn.db(), room));
+        assert_eq!(state_at(conn.db(), room, StreamPos(10)).unwrap(), None);
+        testing::event(conn.db(), room, Ev { sg_after: Some(g1), ..Ev::message("$1", "@a:x", 1) });
+        testing::event(conn.db(), room, Ev::message("$2", "@a:x", 2)); // no state recorded
+        testing::event(conn.db(), room, Ev { sg_after: Some(g2), ..Ev::message("$3", "@a:x", 3) });
+        testing::event(conn.db(), room, Ev { sg_after: Some(g2), stream: None, ..Ev::message("$o", "@a:x", 0) });
+        assert_eq!(state_at(conn.db(), room, StreamPos(0)).unwrap(), None);
+        assert_eq!(state_at(conn.db(), room, StreamPos(2)).unwrap(), Some(g1));
+        assert_eq!(state_at(conn.db(), room, StreamPos(3)).unwrap(), Some(g2));
+        assert_eq!(state_at(conn.db(), room, StreamPos(99)).unwrap(), Some(g2));
     }
 
     #[test]
     fn state_before_follows_a_prev_event_with_state() {
         let conn = memory_db();
-        let room = testing::room(&conn, "!r:x");
-        let g = testing::state_group(&conn, room);
-        testing::event(&conn, room, Ev { sg_after: Some(g), ..Ev::message("$prev", "@a:x", 1) });
-        testing::event(&conn, room, Ev::message("$nostate", "@a:x", 2));
-        let first = testing::event(&conn, room, Ev::message("$first", "@a:x", 3));
-        let second = testing::event(&conn, room, Ev::message("$second", "@a:x", 4));
-        assert_eq!(state_before(&conn, first).unwrap(), None, "no edges");
-        testing::edge(&conn, first, "$nostate");
-        testing::edge(&conn, first, "$unknown");
-        assert_eq!(state_before(&conn, first).unwrap(), None, "no prev event with state");
-        testing::edge(&conn, second, "$prev");
-        assert_eq!(state_before(&conn, second).unwrap(), Some(g));
+        let room = testing::room(conn.db(), "!r:x");
+        let g = testing::state_group(conn.db(), room);
+        testing::event(conn.db(), room, Ev { sg_after: Some(g), ..Ev::message("$prev", "@a:x", 1) });
+        testing::event(conn.db(), room, Ev::message("$nostate", "@a:x", 2));
+        let first = testing::event(conn.db(), room, Ev::message("$first", "@a:x", 3));
+        let second = testing::event(conn.db(), room, Ev::message("$second", "@a:x", 4));
+        assert_eq!(state_before(conn.db(), first).unwrap(), None, "no edges");
+        testing::edge(conn.db(), first, "$nostate");
+        testing::edge(conn.db(), first, "$unknown");
+        assert_eq!(state_before(conn.db(), first).unwrap(), None, "no prev event with state");
+        testing::edge(conn.db(), second, "$prev");
+        assert_eq!(state_before(conn.db(), second).unwrap(), Some(g));
     }
 
     #[test]
     fn notification_reads_look_at_the_newest_events_only() {
         let conn = memory_db();
-        let room = timeline(&conn); // @a sent $1 $3 $5, @b sent $2 $4 $6
+        let room = timeline(conn.db()); // @a sent $1 $3 $5, @b sent $2 $4 $6
         let p = StreamPos;
-        assert_eq!(latest_from_sender(&conn, room, "@a:x", p(0), 100).unwrap(), Some(p(5)));
-        assert_eq!(latest_from_sender(&conn, room, "@a:x", p(0), 1).unwrap(), None, "only the newest one scanned");
-        assert_eq!(latest_from_sender(&conn, room, "@a:x", p(5), 100).unwrap(), None);
-        assert_eq!(latest_from_sender(&conn, room, "@c:x", p(0), 100).unwrap(), None);
+        assert_eq!(latest_from_sender(conn.db(), room, "@a:x", p(0), 100).unwrap(), Some(p(5)));
+        assert_eq!(latest_from_sender(conn.db(), room, "@a:x", p(0), 1).unwrap(), None, "only the newest one scanned");
+        assert_eq!(latest_from_sender(conn.db(), room, "@a:x", p(5), 100).unwrap(), None);
+        assert_eq!(latest_from_sender(conn.db(), room, "@c:x", p(0), 100).unwrap(), None);
 
-        let unread: Vec<(String, String)> = unread_by(&conn, room, "@a:x", p(0), 10)
+        let unread: Vec<(String, String)> = unread_by(conn.db(), room, "@a:x", p(0), 10)
             .unwrap()
             .into_iter()
             .map(|(sender, json)| {
@@ -200,7 +201,7 @@ mod tests {
             .collect();
         let want = [("@b:x".to_owned(), "$6".to_owned()), ("@b:x".to_owned(), "$2".to_owned())];
         assert_eq!(unread, want, "others' shown events, newest first ($4 soft-failed)");
-        assert_eq!(unread_by(&conn, room, "@a:x", p(2), 10).unwrap().len(), 1);
-        assert_eq!(unread_by(&conn, room, "@b:x", p(0), 1).unwrap().len(), 1, "limited");
+        assert_eq!(unread_by(conn.db(), room, "@a:x", p(2), 10).unwrap().len(), 1);
+        assert_eq!(unread_by(conn.db(), room, "@b:x", p(0), 1).unwrap().len(), 1, "limited");
     }
 }

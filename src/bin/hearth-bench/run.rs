@@ -230,7 +230,7 @@ async fn start_resident(http: &reqwest::Client, o: &Options, n: usize) -> anyhow
         services
             .store
             .write(move |wr| {
-                hearth::store::accounts::insert_user(wr.conn, &admin, Some(&hash), true)?;
+                hearth::store::accounts::insert_user(wr.db(), &admin, Some(&hash), true)?;
                 Ok(())
             })
             .await
@@ -244,10 +244,7 @@ async fn start_resident(http: &reqwest::Client, o: &Options, n: usize) -> anyhow
         tokio::time::sleep(Duration::from_millis(800)).await;
         // Keep a pristine copy: every joiner starts from the same world (earlier joiners' events would otherwise
         // be in the room, signed by servers that are gone).
-        let conn = rusqlite::Connection::open(dir.join("hearth.db"))?;
-        conn.busy_timeout(Duration::from_secs(10))?;
-        conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")?;
-        drop(conn);
+        hearth::store::maintenance::checkpoint_file(&dir.join("hearth.db"), Duration::from_secs(10))?;
         std::fs::copy(dir.join("hearth.db"), dir.join("pristine.db"))?;
     }
     for suffix in ["hearth.db", "hearth.db-wal", "hearth.db-shm"] {

@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use rusqlite::{Connection, OpenFlags};
 
-use crate::store::maintenance;
+use crate::store::{maintenance, Db};
 
 /// What a finished backup or restore reports.
 #[derive(Debug)]
@@ -69,8 +69,8 @@ fn copy_into(source: &Connection, dest: &Path) -> anyhow::Result<Summary> {
             }
         }
         // A single self-contained file: no -wal/-shm beside the backup.
-        maintenance::use_rollback_journal(&dst)?;
-        let check = maintenance::quick_check(&dst)?;
+        maintenance::use_rollback_journal(Db(&dst))?;
+        let check = maintenance::quick_check(Db(&dst))?;
         anyhow::ensure!(check == "ok", "the copy failed its integrity check: {check}");
         dst.close().map_err(|(_, e)| e)?;
         std::fs::File::open(&partial)?.sync_all()?;
@@ -93,13 +93,13 @@ fn copy_into(source: &Connection, dest: &Path) -> anyhow::Result<Summary> {
 pub fn describe(path: &Path) -> anyhow::Result<Summary> {
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     let server_name =
-        maintenance::server_name(&conn).with_context(|| format!("{} is not a Hearth database", path.display()))?;
+        maintenance::server_name(Db(&conn)).with_context(|| format!("{} is not a Hearth database", path.display()))?;
     Ok(Summary {
         path: path.to_owned(),
         bytes: std::fs::metadata(path)?.len(),
         server_name,
-        events: maintenance::event_count(&conn)?,
-        users: maintenance::user_count(&conn)?,
+        events: maintenance::event_count(Db(&conn))?,
+        users: maintenance::user_count(Db(&conn))?,
     })
 }
 
@@ -110,7 +110,7 @@ pub fn restore(from: &Path, to: &Path, expected_server_name: &str, force: bool) 
     let info = describe(from)?;
     {
         let conn = Connection::open_with_flags(from, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-        let check = maintenance::quick_check(&conn)?;
+        let check = maintenance::quick_check(Db(&conn))?;
         anyhow::ensure!(check == "ok", "{} failed its integrity check: {check}", from.display());
     }
     if let Some(name) = &info.server_name {
