@@ -233,6 +233,11 @@ pub fn begin(w: &mut Writer<'_>, identity: &Identity, j: &JoinedState<'_>) -> Re
     // Forget any previous extremities (we were not following the room).
     events::clear_extremities(conn, room_nid)?;
     persist(w, identity, &room, &rules, j.join, Some(sg), Outcome::Accepted, None)?;
+    if let [prev] = j.join.prev_events.as_slice() {
+        // The state after the join's one prev event (held as an outlier) is the state we were given: later events
+        // citing it, and the join's own prev_content (an invite's is_direct, say), look it up there.
+        rs::set_outlier_state(w.db(), room_nid, prev.as_str(), sg)?;
+    }
     if j.partial {
         let servers = j.servers_in_room.iter().map(String::as_str).chain(std::iter::once(j.via));
         rs::add_partial_servers(w.db(), room_nid, servers)?;
