@@ -48,12 +48,12 @@ pub struct LoginRequest {
     initial_device_display_name: Option<String>,
 }
 
-/// Resolves `alice` or `@alice:server` to a full local user id.
+/// Resolves `alice` or `@alice:server` to a full local user id. User names are matched without regard to case
+/// (local parts are stored lower-cased, as registration makes them), as in Synapse.
 pub fn local_user_id(s: &AppState, name: &str) -> Result<String> {
-    let full = if name.starts_with('@') {
-        name.to_owned()
-    } else {
-        format!("@{}:{}", name.to_lowercase(), s.identity.server_name)
+    let full = match name.strip_prefix('@').and_then(|n| n.split_once(':')) {
+        Some((local, server)) => format!("@{}:{server}", local.to_lowercase()),
+        None => format!("@{}:{}", name.to_lowercase(), s.identity.server_name),
     };
     if !s.identity.is_local_user(&full) {
         return Err(Error::forbidden("not a user of this server"));
@@ -145,7 +145,8 @@ pub async fn whoami(auth: Auth) -> impl IntoResponse {
     axum::Json(json!({"user_id": auth.user_id, "device_id": auth.device_id, "is_guest": false}))
 }
 
-pub async fn capabilities() -> impl IntoResponse {
+/// Capabilities are per user, so the endpoint needs an access token (the spec marks it "requires authentication").
+pub async fn capabilities(_auth: Auth) -> impl IntoResponse {
     let available: serde_json::Map<String, Value> =
         crate::room::version::SUPPORTED.iter().map(|v| (v.to_string(), json!("stable"))).collect();
     axum::Json(json!({"capabilities": {
@@ -202,7 +203,8 @@ pub async fn register(
     }
     let server = s.identity.server_name.to_string();
     let localpart = match &req.username {
-        Some(u) => u.trim_start_matches('@').split(':').next().unwrap_or("").to_lowercase(),
+        // The user name is a local part: anything outside its alphabet (`@`, `:` included) is refused.
+        Some(u) => u.to_lowercase(),
         None => random_string(12).to_lowercase(),
     };
     validate_localpart(&localpart, &server)?;
@@ -317,6 +319,17 @@ pub async fn require_password(s: &AppState, auth: &Auth, body_auth: Option<&Valu
             .with("params", json!({}))
             .with("session", json!(s.uia.new_session())));
     };
+    // Authenticating as someone else (even with their right password) is refused outright, as in Synapse.
+    let named = a
+        .pointer("/identifier/user")
+        .filter(|_| a.pointer("/identifier/type").and_then(Value::as_str) == Some("m.id.user"))
+        .or_else(|| a.get("user"))
+        .and_then(Value::as_str);
+    if let Some(name) = named {
+        if local_user_id(s, name).ok().as_deref() != Some(auth.user_id.as_str()) {
+            return Err(Error::forbidden("the user in `auth` is not the user making the request"));
+        }
+    }
     let password = a.get("password").and_then(Value::as_str).unwrap_or("");
     if a.get("type").and_then(Value::as_str) == Some("m.login.password")
         && check_password(s, &auth.user_id, password).await?

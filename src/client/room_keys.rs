@@ -34,9 +34,6 @@ fn version_info(c: &Connection, user: &str, version: i64) -> Result<Value> {
               "etag": info.etag.to_string(), "version": version.to_string()}))
 }
 
-/// The one backup algorithm the spec defines (clients cannot use a backup of any other).
-const BACKUP_ALGORITHM: &str = "m.megolm_backup.v1.curve25519-aes-sha2";
-
 pub async fn create_version(
     State(s): State<AppState>,
     auth: Auth,
@@ -45,8 +42,10 @@ pub async fn create_version(
     if !body.auth_data.is_object() {
         return Err(Error::bad_json("auth_data must be an object"));
     }
-    if body.algorithm != BACKUP_ALGORITHM {
-        return Err(Error::invalid_param(format!("unsupported backup algorithm; use {BACKUP_ALGORITHM}")));
+    // The algorithm is the clients' business (the server never reads the keys): any name is stored, as in
+    // Synapse; only an empty one is refused.
+    if body.algorithm.is_empty() {
+        return Err(Error::invalid_param("algorithm must not be empty"));
     }
     let user = auth.user_id;
     let version =

@@ -108,6 +108,10 @@ pub struct ReasonBody {
     user_id: Option<String>,
     /// Third-party invites are not supported: a join that carries one is refused.
     third_party_signed: Option<Value>,
+    /// Any other field: a join writes it into the member event's content (as Synapse does; `membership` and the
+    /// profile stay the server's).
+    #[serde(flatten)]
+    extra: serde_json::Map<String, Value>,
 }
 
 /// Resolves `!room:server` or `#alias:server` to a room id and servers that can help joining it.
@@ -208,6 +212,7 @@ pub async fn join(
         // We are resident (or the room is ours alone): a local membership change.
         let identity = s.identity.clone();
         let rid = room_id.clone();
+        let extra = (!body.extra.is_empty()).then(|| Value::Object(body.extra));
         s.store
             .write(move |w| {
                 let uid = crate::room::parse_user_id(&auth.user_id)?;
@@ -219,7 +224,7 @@ pub async fn join(
                     &uid,
                     "join",
                     body.reason.as_deref(),
-                    None,
+                    extra,
                 )
             })
             .await?;
@@ -519,6 +524,10 @@ pub async fn put_state(
                         .filter_map(Value::as_str)
                         .map(str::to_owned),
                 );
+                // A malformed alias is a bad parameter; a well-formed one must point at this room (as in Synapse).
+                if let Some(bad) = aliases.iter().find(|a| ruma::RoomAliasId::parse(a.as_str()).is_err()) {
+                    return Err(Error::invalid_param(format!("{bad} is not a valid room alias")));
+                }
                 for a in aliases {
                     if rooms::alias_target(conn, &a)?.as_deref() != Some(rid.as_str()) {
                         return Err(Error::bad_alias(format!("{a} does not point to this room")));
@@ -529,20 +538,28 @@ pub async fn put_state(
             .await?;
     }
     let identity = s.identity.clone();
-    let a = s
+    let event_id = s
         .store
         .write(move |w| {
-            append_local(
+            if event_type != "m.room.member" {
+                let same =
+                    crate::room::unchanged_state(w.conn, &room_id, &auth.user_id, &event_type, &state_key, &content)?;
+                if let Some(id) = same {
+                    return Ok(id);
+                }
+            }
+            let a = append_local(
                 w,
                 &identity,
                 &crate::room::parse_room_id(&room_id)?,
                 &crate::room::parse_user_id(&auth.user_id)?,
                 LocalEvent::state(&event_type, &state_key, content),
                 None,
-            )
+            )?;
+            Ok(a.event_id)
         })
         .await?;
-    Ok(axum::Json(json!({"event_id": a.event_id})))
+    Ok(axum::Json(json!({"event_id": event_id})))
 }
 
 fn state_path(p: Vec<(String, String)>) -> (String, String, String) {
@@ -550,18 +567,35 @@ fn state_path(p: Vec<(String, String)>) -> (String, String, String) {
     (get("room_id"), get("event_type"), get("state_key"))
 }
 
+#[derive(Deserialize)]
+pub struct StateFormat {
+    /// `content` (the default) or `event` (the whole client event).
+    format: Option<String>,
+}
+
 pub async fn get_state_event(
     State(s): State<AppState>,
     auth: Auth,
     Path(p): Path<Vec<(String, String)>>,
+    Query(q): Query<StateFormat>,
 ) -> Result<impl IntoResponse> {
     let (room_id, event_type, state_key) = state_path(p);
+    let whole_event = match q.format.as_deref() {
+        None | Some("content") => false,
+        Some("event") => true,
+        Some(other) => return Err(Error::invalid_param(format!("unknown format `{other}`"))),
+    };
     let content = s
         .store
         .read(move |c| {
             let (room, vis) = readable_room(c, &room_id, &auth.user_id)?;
             let sg = visible_state_group(c, &room, vis)?.ok_or_else(|| Error::not_found("no state"))?;
-            crate::room::state_content(c, sg, &event_type, &state_key)
+            if !whole_event {
+                return crate::room::state_content(c, sg, &event_type, &state_key);
+            }
+            let Some(skn) = state_groups::find_state_key_nid(c, &event_type, &state_key)? else { return Ok(None) };
+            let Some(nid) = state_groups::lookup_state(c, sg, skn)? else { return Ok(None) };
+            format::state_event(c, nid, &room.room_id, true)
         })
         .await?
         .ok_or_else(|| Error::not_found("state event not found"))?;

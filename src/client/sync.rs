@@ -68,6 +68,8 @@ pub struct EventFilter {
     pub senders: Option<HashSet<String>>,
     pub not_senders: HashSet<String>,
     pub limit: Option<usize>,
+    /// `contains_url` (room event filters): only events whose content has a `url` (true), or only those without.
+    pub contains_url: Option<bool>,
 }
 
 fn type_matches(pattern: &str, t: &str) -> bool {
@@ -109,6 +111,7 @@ impl EventFilter {
             senders: strs("senders")?.map(|v| v.into_iter().collect()),
             not_senders: strs("not_senders")?.unwrap_or_default().into_iter().collect(),
             limit,
+            contains_url: v.get("contains_url").and_then(Value::as_bool),
         })
     }
 
@@ -127,6 +130,18 @@ impl EventFilter {
             }
         }
         true
+    }
+
+    /// [`Self::allows`] for a stored event, with the checks that need its content (`contains_url`).
+    pub fn allows_event(&self, row: &events::EventRow) -> bool {
+        if !self.allows(&row.event_type, &row.sender) {
+            return false;
+        }
+        let Some(want_url) = self.contains_url else { return true };
+        let has_url = serde_json::from_str::<Value>(&row.json)
+            .ok()
+            .is_some_and(|v| v.pointer("/content/url").is_some_and(Value::is_string));
+        has_url == want_url
     }
 }
 
@@ -350,6 +365,27 @@ struct RoomSync {
     state: Vec<Value>,
 }
 
+/// The index (in `rows`, newest first) of the newest remote event with a `prev_events` entry missing from our
+/// timeline: the history before it has a hole. Local events always follow what we have.
+fn newest_gap(c: &Connection, auth: &Auth, rows: &[events::EventRow]) -> Result<Option<usize>> {
+    let own_server = auth.user_id.split_once(':').map_or("", |x| x.1);
+    for (i, row) in rows.iter().enumerate() {
+        if row.sender.split_once(':').is_some_and(|x| x.1 == own_server) {
+            continue;
+        }
+        let v: Value = serde_json::from_str(&row.json)?;
+        let prevs = v.get("prev_events").and_then(Value::as_array).cloned().unwrap_or_default();
+        for p in &prevs {
+            // v1/v2 write `[id, hashes]`, later versions the id alone.
+            let Some(id) = p.as_str().or_else(|| p.get(0).and_then(Value::as_str)) else { continue };
+            if events::event_by_id(c, id)?.is_none_or(|e| e.outlier || e.stream_ordering.is_none()) {
+                return Ok(Some(i));
+            }
+        }
+    }
+    Ok(None)
+}
+
 /// Timeline and state of one room for the window (`since`, `upto`].
 #[allow(clippy::too_many_arguments)]
 fn room_window(
@@ -366,16 +402,23 @@ fn room_window(
     // History visibility: the timeline never reaches back before what the user may see.
     let floor = crate::room::membership::visible_from(c, room, &auth.user_id)?.saturating_sub(1);
     let after = StreamPos(since.unwrap_or(i64::MIN).max(floor));
-    let rows = timeline::newest_first(c, room.room_nid, after, StreamPos(upto), (limit + 1) as i64)?;
-    let limited = rows.len() > limit || (since.is_none() && rows.len() == limit + 1);
+    let mut rows = timeline::newest_first(c, room.room_nid, after, StreamPos(upto), (limit + 1) as i64)?;
+    let mut limited = rows.len() > limit || (since.is_none() && rows.len() == limit + 1);
+    // A gap in the window (a remote event whose earlier events we never got): an incremental sync shows only what
+    // follows the newest gap, as a limited timeline, so the client knows to paginate (Synapse does the same).
+    if since.is_some() {
+        if let Some(i) = newest_gap(c, auth, &rows)? {
+            rows.truncate(i + 1);
+            limited = true;
+        }
+    }
     let mut rows: Vec<events::EventRow> = rows.into_iter().take(limit).collect();
     rows.reverse();
     let first_stream = rows.first().and_then(|r| r.stream_ordering).map_or(upto + 1, |p| p.0);
     let first_sg_after = rows.first().and_then(|r| r.sg_after);
     let prev_batch = Token { stream: first_stream - 1, typing: 0 }.render();
 
-    let timeline: Vec<events::EventRow> =
-        rows.into_iter().filter(|r| filter.timeline.allows(&r.event_type, &r.sender)).collect();
+    let timeline: Vec<events::EventRow> = rows.into_iter().filter(|r| filter.timeline.allows_event(r)).collect();
     let timeline_ids: HashSet<&str> = timeline.iter().map(|r| r.event_id.as_str()).collect();
 
     // State: everything up to the timeline start for initial/full/newly-visible; otherwise the changes between
@@ -669,7 +712,9 @@ impl SyncPass<'_> {
             {
                 continue;
             }
-            if members::is_forgotten(c, &auth.user_id, room_nid)? {
+            // A forgotten room stays out of sync, except for the leave itself when it falls in the window: other
+            // devices must still learn that the room was left (as in Synapse).
+            if !in_window && members::is_forgotten(c, &auth.user_id, room_nid)? {
                 continue;
             }
             let room = self.room(room_nid)?;
@@ -678,7 +723,18 @@ impl SyncPass<'_> {
                 events::event_by_nid(c, leave_nid)?.and_then(|r| r.stream_ordering).map_or(self.pos.stream, |p| p.0);
             // A rejected invite or a kick of someone never joined still appears, with what they may see.
             let upto = leave_pos.min(self.pos.stream);
-            let rs = room_window(c, auth, &room, self.filter, self.since_stream(), upto, self.full_state, self.sent)?;
+            let mut rs =
+                room_window(c, auth, &room, self.filter, self.since_stream(), upto, self.full_state, self.sent)?;
+            // Our own leave is always ours to see, even where history visibility hides the room (an invite
+            // rejected in a `joined` room): without it the client never learns the room is gone.
+            if in_window && self.filter.timeline.allows("m.room.member", &auth.user_id) {
+                if let Some(row) = events::event_by_nid(c, leave_nid)? {
+                    if !rs.timeline.iter().any(|e| e["event_id"] == json!(row.event_id)) {
+                        let device = Some((auth.user_id.as_str(), auth.device_id.as_str()));
+                        rs.timeline.push(format::event(c, &row, &room.room_id, device, false)?);
+                    }
+                }
+            }
             leave.insert(
                 room_id,
                 json!({
