@@ -1184,6 +1184,8 @@ async fn room_aliases() {
     bob.delete(&path, json!({})).await.assert_err(403, "M_FORBIDDEN");
     alice.delete(&path, json!({})).await.ok();
     bob.get(&path).await.assert_err(404, "M_NOT_FOUND");
+    // The deleted alias is dropped from the canonical alias event (alias and alt_aliases alike).
+    assert_eq!(alice.state(&room, "m.room.canonical_alias", "").await.ok(), json!({}));
     // Aliases on other servers cannot be created here.
     alice
         .put(&format!("/directory/room/{}", enc("#x:elsewhere.org")), json!({"room_id": room}))
@@ -1412,5 +1414,41 @@ async fn events_carry_the_viewers_membership() {
     // Alice was there all along.
     let mine = alice.messages(&room, &[("dir", "b"), ("limit", "3")]).await.ok();
     assert!(mine["chunk"].as_array().unwrap().iter().all(|e| e["unsigned"]["membership"] == "join"), "{mine}");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn refresh_tokens_rotate_the_access_token_of_the_same_device() {
+    let s = TestServer::start().await;
+    s.user("alice").await;
+    let login = json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"},
+                       "password": PASSWORD, "refresh_token": true});
+    let r = s.client().post("/login", login).await.ok();
+    let refresh = r["refresh_token"].as_str().expect("refresh_token").to_owned();
+    let mut c = s.client();
+    c.token = r["access_token"].as_str().map(str::to_owned);
+    let room = c.create_room(json!({})).await;
+    let first = c.send_txn(&room, "m.room.message", "t1", json!({"msgtype": "m.text", "body": "hi"})).await.ok();
+
+    let renewed = s.client().post("/refresh", json!({"refresh_token": refresh})).await.ok();
+    let old_token = c.token.replace(renewed["access_token"].as_str().unwrap().to_owned());
+    assert_ne!(old_token, c.token);
+    // Same device: the transaction id still deduplicates, and is still reported.
+    let again = c.send_txn(&room, "m.room.message", "t1", json!({"msgtype": "m.text", "body": "hi"})).await.ok();
+    assert_eq!(again["event_id"], first["event_id"]);
+    let me = c.get("/account/whoami").await.ok();
+    assert_eq!(me["device_id"], r["device_id"]);
+    let tl = events_of(&c.sync(None, &[]).await.ok()["rooms"]["join"][&room]["timeline"]);
+    let sent = tl.iter().find(|e| e["event_id"] == first["event_id"]).expect("sent event in sync");
+    assert_eq!(sent["unsigned"]["transaction_id"], "t1");
+    // The old access token and the spent refresh token no longer work; the new refresh token does.
+    let mut old = s.client();
+    old.token = old_token;
+    old.get("/account/whoami").await.assert_err(401, "M_UNKNOWN_TOKEN");
+    s.client().post("/refresh", json!({"refresh_token": refresh})).await.assert_err(401, "M_UNKNOWN_TOKEN");
+    let next = renewed["refresh_token"].as_str().unwrap();
+    s.client().post("/refresh", json!({"refresh_token": next})).await.ok();
+    // Without asking, no refresh token.
+    assert!(s.client().login("alice", PASSWORD).await.ok().get("refresh_token").is_none());
     s.stop().await;
 }

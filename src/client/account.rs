@@ -46,6 +46,9 @@ pub struct LoginRequest {
     password: Option<String>,
     device_id: Option<String>,
     initial_device_display_name: Option<String>,
+    /// The client can renew its access token (`POST /refresh`): a refresh token comes with it.
+    #[serde(default)]
+    refresh_token: bool,
 }
 
 /// Resolves `alice` or `@alice:server` to a full local user id. User names are matched without regard to case
@@ -117,12 +120,44 @@ pub async fn login(
     let device_id = req.device_id.unwrap_or_else(|| random_string(10).to_uppercase());
     let token = format!("hth_{}", random_string(40));
     let (u, d, t, name) = (user_id.clone(), device_id.clone(), token.clone(), req.initial_device_display_name);
-    s.store.write(move |w| accounts::create_session(w.conn, &u, &d, name.as_deref(), &t)).await?;
-    Ok(axum::Json(json!({
+    let refresh = req.refresh_token.then(new_refresh_token);
+    let r = refresh.clone();
+    s.store
+        .write(move |w| {
+            accounts::create_session(w.conn, &u, &d, name.as_deref(), &t)?;
+            r.map_or(Ok(()), |r| accounts::add_refresh_token(w.conn, &t, &r))
+        })
+        .await?;
+    let mut body = json!({
         "user_id": user_id, "access_token": token, "device_id": device_id,
         "home_server": s.identity.server_name.as_str(),
         "well_known": {"m.homeserver": {"base_url": format!("http://{}", s.config.listen.client)}}
-    })))
+    });
+    if let Some(r) = refresh {
+        // Access tokens do not expire here, so no `expires_in_ms`: the refresh token only rotates them.
+        body["refresh_token"] = json!(r);
+    }
+    Ok(axum::Json(body))
+}
+
+fn new_refresh_token() -> String {
+    format!("hthr_{}", random_string(40))
+}
+
+#[derive(Deserialize)]
+pub struct RefreshRequest {
+    refresh_token: String,
+}
+
+/// `POST /refresh`: a new access token (and refresh token) for the device; the old pair stops working.
+pub async fn refresh(State(s): State<AppState>, Json(req): Json<RefreshRequest>) -> Result<impl IntoResponse> {
+    let (access, refresh) = (format!("hth_{}", random_string(40)), new_refresh_token());
+    let (a, r) = (access.clone(), refresh.clone());
+    let used = s.store.write(move |w| accounts::use_refresh_token(w.conn, &req.refresh_token, &a, &r)).await?;
+    if used.is_none() {
+        return Err(Error::unknown_token());
+    }
+    Ok(axum::Json(json!({"access_token": access, "refresh_token": refresh})))
 }
 
 /// Logs out the token and, as the spec requires, deletes its device (with the device's keys).
@@ -170,6 +205,8 @@ pub struct RegisterRequest {
     #[serde(default)]
     inhibit_login: bool,
     auth: Option<Value>,
+    #[serde(default)]
+    refresh_token: bool,
 }
 
 #[derive(Deserialize)]
@@ -267,6 +304,8 @@ pub async fn register(
     let token = format!("hth_{}", random_string(40));
     let (u, d, t, dn, inhibit) =
         (user_id.clone(), device_id.clone(), token.clone(), req.initial_device_display_name.clone(), req.inhibit_login);
+    let refresh = req.refresh_token.then(new_refresh_token);
+    let r = refresh.clone();
     s.store
         .write(move |w| {
             if !accounts::insert_user(w.conn, &u, hash.as_deref(), false)? {
@@ -274,6 +313,9 @@ pub async fn register(
             }
             if !inhibit {
                 accounts::create_session(w.conn, &u, &d, dn.as_deref(), &t)?;
+                if let Some(r) = &r {
+                    accounts::add_refresh_token(w.conn, &t, r)?;
+                }
             }
             Ok(())
         })
@@ -282,6 +324,9 @@ pub async fn register(
     if !req.inhibit_login {
         body["access_token"] = json!(token);
         body["device_id"] = json!(device_id);
+        if let Some(r) = refresh {
+            body["refresh_token"] = json!(r);
+        }
     }
     Ok(axum::Json(body).into_response())
 }

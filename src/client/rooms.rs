@@ -829,7 +829,9 @@ pub async fn delete_alias(
     Path(alias): Path<String>,
 ) -> Result<impl IntoResponse> {
     parse_local_alias(&s, &alias)?;
-    s.store
+    let (alias_for_event, user) = (alias.clone(), auth.user_id.clone());
+    let room_id = s
+        .store
         .write(move |w| {
             let (room_id, creator) =
                 rooms::alias_creator(w.conn, &alias)?.ok_or_else(|| Error::not_found("room alias not found"))?;
@@ -847,9 +849,50 @@ pub async fn delete_alias(
                 return Err(Error::forbidden("you may not delete this alias"));
             }
             rooms::delete_alias(w.conn, &alias)?;
-            Ok(())
+            Ok(room_id)
         })
         .await?;
+    // The room no longer advertises a deleted alias: its canonical alias event drops it, sent by the deleting user
+    // when they may (as in Synapse; otherwise it stays, pointing nowhere).
+    let identity = s.identity.clone();
+    let dropped = s
+        .store
+        .write(move |w| {
+            let Some(sg) = rooms::room_by_id(w.conn, &room_id)?.and_then(|r| r.current_sg) else { return Ok(()) };
+            let Some(mut content) = crate::room::state_content(w.conn, sg, "m.room.canonical_alias", "")? else {
+                return Ok(());
+            };
+            let Some(obj) = content.as_object_mut() else { return Ok(()) };
+            let mut changed = false;
+            if obj.get("alias").and_then(Value::as_str) == Some(alias_for_event.as_str()) {
+                obj.remove("alias");
+                changed = true;
+            }
+            if let Some(Value::Array(alt)) = obj.get_mut("alt_aliases") {
+                let before = alt.len();
+                alt.retain(|a| a.as_str() != Some(alias_for_event.as_str()));
+                changed |= alt.len() != before;
+                if alt.is_empty() {
+                    obj.remove("alt_aliases");
+                }
+            }
+            if !changed {
+                return Ok(());
+            }
+            append_local(
+                w,
+                &identity,
+                &crate::room::parse_room_id(&room_id)?,
+                &crate::room::parse_user_id(&user)?,
+                LocalEvent::state("m.room.canonical_alias", "", content),
+                None,
+            )
+            .map(|_| ())
+        })
+        .await;
+    if let Err(e) = dropped {
+        tracing::info!(error = %e, "deleted alias left in the canonical alias event");
+    }
     Ok(axum::Json(json!({})))
 }
 
