@@ -632,7 +632,12 @@ pub async fn get_event(
     let ev = s
         .store
         .read(move |c| {
-            let (room, vis) = readable_room(c, &room_id, &auth.user_id)?;
+            // Not being allowed to read the room answers like a missing event: 404, as the spec says (and Synapse
+            // does), so the endpoint does not tell whether the event exists.
+            let (room, vis) = readable_room(c, &room_id, &auth.user_id).map_err(|e| match e.kind() {
+                crate::error::Kind::Forbidden => Error::not_found("event not found"),
+                _ => e,
+            })?;
             let row = events::event_by_id(c, &event_id)?
                 .filter(|r| r.room_nid == room.room_nid && r.rejected.is_none())
                 .ok_or_else(|| Error::not_found("event not found"))?;
