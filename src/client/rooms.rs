@@ -212,7 +212,7 @@ pub async fn join(
         // We are resident (or the room is ours alone): a local membership change.
         let identity = s.identity.clone();
         let rid = room_id.clone();
-        let extra = (!body.extra.is_empty()).then(|| Value::Object(body.extra));
+        let extra = (!body.extra.is_empty()).then_some(Value::Object(body.extra));
         s.store
             .write(move |w| {
                 let uid = crate::room::parse_user_id(&auth.user_id)?;
