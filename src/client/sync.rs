@@ -373,14 +373,8 @@ fn newest_gap(c: &Connection, auth: &Auth, rows: &[events::EventRow]) -> Result<
         if row.sender.split_once(':').is_some_and(|x| x.1 == own_server) {
             continue;
         }
-        let v: Value = serde_json::from_str(&row.json)?;
-        let prevs = v.get("prev_events").and_then(Value::as_array).cloned().unwrap_or_default();
-        for p in &prevs {
-            // v1/v2 write `[id, hashes]`, later versions the id alone.
-            let Some(id) = p.as_str().or_else(|| p.get(0).and_then(Value::as_str)) else { continue };
-            if events::event_by_id(c, id)?.is_none_or(|e| e.outlier || e.stream_ordering.is_none()) {
-                return Ok(Some(i));
-            }
+        if !events::prevs_missing_from_timeline(c, row.event_nid)?.is_empty() {
+            return Ok(Some(i));
         }
     }
     Ok(None)
