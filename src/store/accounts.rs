@@ -123,7 +123,8 @@ pub fn use_refresh_token(
     let found: Option<(Vec<u8>, String, String)> = conn
         .prepare_cached(
             "SELECT t.token_sha256, t.user_id, t.device_id FROM refresh_tokens r
-             JOIN access_tokens t ON t.token_sha256 = r.access_sha256 WHERE r.token_sha256 = ?1",
+             JOIN access_tokens t ON t.token_sha256 = r.access_sha256 JOIN users u ON u.user_id = t.user_id
+             WHERE r.token_sha256 = ?1 AND u.deactivated = 0",
         )?
         .query_row([token_hash(refresh_token)], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
