@@ -38,6 +38,14 @@ CREATE TABLE access_tokens (
 ) WITHOUT ROWID;
 CREATE INDEX access_tokens_device ON access_tokens(user_id, device_id);
 
+-- Refresh tokens (clients that ask with `refresh_token: true`): each belongs to one access token and goes with it.
+CREATE TABLE refresh_tokens (
+    token_sha256  BLOB PRIMARY KEY,
+    access_sha256 BLOB NOT NULL REFERENCES access_tokens(token_sha256) ON DELETE CASCADE,
+    created_ts    INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX refresh_tokens_access ON refresh_tokens(access_sha256);
+
 CREATE TABLE filters (
     user_id   TEXT NOT NULL,
     filter_id INTEGER NOT NULL,

@@ -33,6 +33,15 @@ pub fn client_router(services: AppState) -> Router {
     let mut routes = crate::client::routes();
     if services.config.federation.serve_on_client_listener && services.federation.is_some() {
         routes = routes.merge(crate::federation_api::routes()).merge(crate::media::federation_routes());
+    } else {
+        // The federation API's paths are still known here, though not served: a wrong method answers 405 and the
+        // right one 404 (`M_UNRECOGNIZED` both), as on a server serving both APIs on one port.
+        let not_served = crate::federation_api::routes().merge(crate::media::federation_routes()).route_layer(
+            axum::middleware::from_fn(|_: axum::extract::Request, _: axum::middleware::Next| async {
+                Error::unrecognized("unrecognized endpoint").into_response()
+            }),
+        );
+        routes = routes.merge(not_served);
     }
     routes = routes.route("/_hearth/health", axum::routing::get(crate::client::metrics::health));
     if services.config.metrics.enabled {

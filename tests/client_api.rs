@@ -59,6 +59,13 @@ async fn login_flows_and_password_login() {
         .ok();
     assert_eq!(r["device_id"], "MYPHONE");
 
+    // User names are not case-sensitive at login, in either form.
+    for who in ["ALICE", "@Alice:localhost"] {
+        let mut c = s.client();
+        assert_eq!(c.login(who, PASSWORD).await.ok()["user_id"], "@alice:localhost", "{who}");
+        assert_eq!(c.get("/account/whoami").await.ok()["user_id"], "@alice:localhost");
+    }
+
     let wrong = s.client().login("alice", "wrong").await;
     wrong.assert_err(403, "M_FORBIDDEN");
     let nobody = s.client().login("nobody", PASSWORD).await;
@@ -154,6 +161,12 @@ async fn register_with_uia_dummy() {
     let bad =
         c.post("/register", json!({"username": "Bad Name!", "password": "x", "auth": {"type": "m.login.dummy"}})).await;
     bad.assert_err(400, "M_INVALID_USERNAME");
+    // The user name is a local part: a `:` or `@` in it is refused, not cut off.
+    for name in ["bob2:-x", "@bob3", "bob4:localhost", "b\u{e9}b"] {
+        let r =
+            c.post("/register", json!({"username": name, "password": "x", "auth": {"type": "m.login.dummy"}})).await;
+        r.assert_err(400, "M_INVALID_USERNAME");
+    }
     s.stop().await;
 }
 
@@ -258,6 +271,8 @@ async fn capabilities() {
         assert_eq!(rv["available"][v], "stable", "{caps}");
     }
     assert_eq!(caps["capabilities"]["m.change_password"]["enabled"], true);
+    // Capabilities are per user: asking without an access token is refused.
+    s.client().get("/capabilities").await.assert_err(401, "M_MISSING_TOKEN");
     s.stop().await;
 }
 
@@ -297,7 +312,16 @@ async fn create_room_presets_name_topic() {
     let public = alice.create_room(json!({"preset": "public_chat", "name": "Lobby", "topic": "Say hi"})).await;
     assert_eq!(alice.state(&public, "m.room.join_rules", "").await.ok()["join_rule"], "public");
     assert_eq!(alice.state(&public, "m.room.name", "").await.ok()["name"], "Lobby");
-    assert_eq!(alice.state(&public, "m.room.topic", "").await.ok()["topic"], "Say hi");
+    let topic = alice.state(&public, "m.room.topic", "").await.ok();
+    assert_eq!(topic["topic"], "Say hi");
+    // The rich form carries the same text as plain text.
+    assert_eq!(topic["m.topic"]["m.text"], json!([{"body": "Say hi", "mimetype": "text/plain"}]), "{topic}");
+    // `topic` wins over a topic in `initial_state`.
+    let both = alice
+        .create_room(json!({"topic": "mine", "initial_state": [
+            {"type": "m.room.topic", "state_key": "", "content": {"topic": "theirs"}}]}))
+        .await;
+    assert_eq!(alice.state(&both, "m.room.topic", "").await.ok()["m.topic"]["m.text"][0]["body"], "mine");
     assert_eq!(alice.state(&public, "m.room.history_visibility", "").await.ok()["history_visibility"], "shared");
     let member = alice.state(&public, "m.room.member", &alice.user_id).await.ok();
     assert_eq!(member["membership"], "join");
@@ -362,6 +386,18 @@ async fn create_room_versions() {
     // Messages work in both.
     alice.send_text(&v10, "in v10").await;
     alice.send_text(&v12, "in v12").await;
+
+    // The oldest versions too: their events carry ids the server chose (`$local:server`).
+    for v in ["1", "2"] {
+        let room = alice.create_room(json!({"room_version": v, "preset": "public_chat"})).await;
+        assert_eq!(alice.state(&room, "m.room.create", "").await.ok()["room_version"], v);
+        let id = alice.send_text(&room, "old school").await;
+        assert!(id.ends_with(":localhost"), "{id}");
+        assert_eq!(alice.event(&room, &id).await.ok()["content"]["body"], "old school");
+        let bob = s.user(&format!("bob{v}")).await;
+        bob.join(&room).await.ok();
+        bob.send_text(&room, "me too").await;
+    }
 
     alice.post("/createRoom", json!({"room_version": "999"})).await.assert_err(400, "M_UNSUPPORTED_ROOM_VERSION");
     s.stop().await;
@@ -452,6 +488,28 @@ async fn join_by_id_and_alias_leave_forget() {
     bob.post(&format!("/rooms/{}/forget", enc(&room)), json!({})).await.ok();
     let after = bob.sync(None, &[("filter", &leave_filter)]).await.ok();
     assert!(after["rooms"]["leave"].get(&room).is_none(), "forgotten room not listed: {}", after["rooms"]);
+    // Its history is no longer readable either.
+    bob.messages(&room, &[("dir", "b")]).await.assert_err(403, "M_FORBIDDEN");
+    bob.get(&format!("/rooms/{}/members", enc(&room))).await.assert_err(403, "M_FORBIDDEN");
+
+    // A leave forgotten at once still reaches another device's incremental sync (it must learn of the leave).
+    let before_leave = carol.sync(None, &[]).await.ok()["next_batch"].as_str().unwrap().to_owned();
+    carol.leave(&room).await.ok();
+    carol.post(&format!("/rooms/{}/forget", enc(&room)), json!({})).await.ok();
+    let r = carol.sync(Some(&before_leave), &[("filter", &leave_filter)]).await.ok();
+    let tl = events_of(&r["rooms"]["leave"][&room]["timeline"]);
+    assert!(member_event(&tl, &carol.user_id).is_some_and(|e| e["content"]["membership"] == "leave"), "{}", r["rooms"]);
+    // ... but not an initial one.
+    let r = carol.sync(None, &[("filter", &leave_filter)]).await.ok();
+    assert!(r["rooms"]["leave"].get(&room).is_none(), "{}", r["rooms"]);
+
+    // A join may carry extra member content; the membership stays the server's.
+    let dave = s.user("dave").await;
+    dave.post(&format!("/join/{}", enc(&room)), json!({"foo": "bar", "membership": "leave", "reason": "hi"}))
+        .await
+        .ok();
+    let m = alice.state(&room, "m.room.member", &dave.user_id).await.ok();
+    assert_eq!((&m["membership"], &m["foo"], &m["reason"]), (&json!("join"), &json!("bar"), &json!("hi")), "{m}");
 
     // Joining unknown rooms and aliases.
     bob.join("!nosuchroom:localhost").await.assert_err(404, "M_NOT_FOUND");
@@ -503,6 +561,15 @@ async fn kick_ban_unban() {
     alice.post(&path("unban"), json!({"user_id": bob.user_id})).await.ok();
     assert_eq!(alice.state(&room, "m.room.member", &bob.user_id).await.ok()["membership"], "leave");
     bob.join(&room).await.ok();
+
+    // There must be someone to kick: not a user who was never here, nor one who already left.
+    let dave = s.user("dave").await;
+    alice.post(&path("kick"), json!({"user_id": dave.user_id})).await.assert_err(403, "M_FORBIDDEN");
+    dave.join(&room).await.ok();
+    dave.leave(&room).await.ok();
+    alice.post(&path("kick"), json!({"user_id": dave.user_id})).await.assert_err(403, "M_FORBIDDEN");
+    let m = alice.get(&format!("/rooms/{}/state/m.room.member/{}?format=event", enc(&room), dave.user_id)).await;
+    assert_eq!(m.ok()["sender"], dave.user_id, "dave's own leave is still the latest");
 
     // Missing user_id.
     alice.post(&path("kick"), json!({})).await.assert_err(400, "M_MISSING_PARAM");
@@ -562,7 +629,8 @@ async fn get_event() {
     assert!(ev.get("auth_events").is_none() && ev.get("signatures").is_none(), "{ev}");
 
     alice.event(&room, "$doesnotexist").await.assert_err(404, "M_NOT_FOUND");
-    bob.event(&room, &id).await.assert_err(403, "M_FORBIDDEN");
+    // A non-member cannot tell whether the event exists.
+    bob.event(&room, &id).await.assert_err(404, "M_NOT_FOUND");
     s.stop().await;
 }
 
@@ -610,10 +678,26 @@ async fn get_and_put_state() {
 
     let r = alice.put_state(&room, "m.room.topic", "", json!({"topic": "new topic"})).await.ok();
     assert!(r["event_id"].as_str().unwrap().starts_with('$'));
+    // Setting the same state again is idempotent: the same event, not a new one.
+    let again = alice.put_state(&room, "m.room.topic", "", json!({"topic": "new topic"})).await.ok();
+    assert_eq!(again["event_id"], r["event_id"]);
     assert_eq!(alice.state(&room, "m.room.topic", "").await.ok()["topic"], "new topic");
     // The path without a state key means the empty key.
     let no_key = alice.get(&format!("/rooms/{}/state/m.room.topic", enc(&room))).await.ok();
     assert_eq!(no_key["topic"], "new topic");
+    // `format=event` answers the whole event rather than its content.
+    let whole = alice.get(&format!("/rooms/{}/state/m.room.topic/?format=event", enc(&room))).await.ok();
+    assert_eq!((&whole["content"]["topic"], &whole["sender"]), (&json!("new topic"), &json!(alice.user_id)));
+    assert_eq!(
+        (&whole["event_id"], &whole["room_id"], &whole["type"]),
+        (&r["event_id"], &json!(room), &json!("m.room.topic"))
+    );
+    let mine = alice.get(&format!("/rooms/{}/state/m.room.member/{}?format=event", enc(&room), alice.user_id)).await;
+    assert_eq!(mine.ok()["content"]["membership"], "join");
+    alice
+        .get(&format!("/rooms/{}/state/m.room.topic/?format=xml", enc(&room)))
+        .await
+        .assert_err(400, "M_INVALID_PARAM");
 
     // A custom state type with a key.
     alice.put_state(&room, "org.example.widget", "w1", json!({"url": "https://example.org"})).await.ok();
@@ -673,7 +757,11 @@ async fn messages_both_directions() {
     let all = alice.messages(&room, &[("dir", "b"), ("limit", "100")]).await.ok();
     let chunk = all["chunk"].as_array().unwrap();
     assert_eq!(chunk.last().unwrap()["type"], "m.room.create");
-    assert!(all.get("end").is_none(), "no more history after the create event: {all}");
+    // That page still has an `end` (as in Synapse); the page after it is empty and has none.
+    let end = all["end"].as_str().expect("end on a non-empty page");
+    let past = alice.messages(&room, &[("dir", "b"), ("from", end), ("limit", "100")]).await.ok();
+    assert_eq!(past["chunk"], json!([]));
+    assert!(past.get("end").is_none(), "no more history after the create event: {past}");
 
     // Forwards from a sync token, and bounded by `to`.
     let fwd = alice.messages(&room, &[("dir", "f"), ("from", &before), ("limit", "4")]).await.ok();
@@ -691,6 +779,16 @@ async fn messages_both_directions() {
     let bob_only = json!({"senders": ["@bob:localhost"]}).to_string();
     let none = alice.messages(&room, &[("dir", "b"), ("filter", &bob_only)]).await.ok();
     assert_eq!(none["chunk"], json!([]));
+
+    // `contains_url`: only events with a `url` in their content, or only those without.
+    let file = json!({"msgtype": "m.file", "body": "f.png", "url": "mxc://localhost/abc"});
+    alice.send(&room, "m.room.message", file).await.ok();
+    let with_url = alice.messages(&room, &[("dir", "b"), ("filter", r#"{"contains_url":true}"#)]).await.ok();
+    assert_eq!(bodies(&with_url["chunk"]), ["f.png"]);
+    let without =
+        alice.messages(&room, &[("dir", "b"), ("limit", "100"), ("filter", r#"{"contains_url":false}"#)]).await;
+    let without = bodies(&without.ok()["chunk"]);
+    assert!(!without.contains(&"f.png".to_owned()) && without.contains(&"m5".to_owned()), "{without:?}");
 
     alice.messages(&room, &[("dir", "x")]).await.assert_err(400, "M_INVALID_PARAM");
     alice.messages(&room, &[("dir", "b"), ("from", "garbage")]).await.assert_err(400, "M_INVALID_PARAM");
@@ -1010,6 +1108,20 @@ async fn sync_invite_and_leave_sections() {
     let r = bob.sync(Some(&next), &[]).await.ok();
     assert!(r["rooms"]["leave"].get(&room2).is_some(), "{}", r["rooms"]);
     assert!(r["rooms"]["invite"].get(&room2).is_none());
+
+    // Even where history visibility hides the room from non-members, the rejection itself is shown.
+    let room3 = alice
+        .create_room(json!({"invite": [bob.user_id], "initial_state": [
+            {"type": "m.room.history_visibility", "state_key": "", "content": {"history_visibility": "joined"}}]}))
+        .await;
+    let next = r["next_batch"].as_str().unwrap().to_owned();
+    let r = bob.sync(Some(&next), &[]).await.ok();
+    assert!(r["rooms"]["invite"].get(&room3).is_some());
+    let next = r["next_batch"].as_str().unwrap().to_owned();
+    bob.leave(&room3).await.ok();
+    let r = bob.sync(Some(&next), &[]).await.ok();
+    let tl = events_of(&r["rooms"]["leave"][&room3]["timeline"]);
+    assert!(member_event(&tl, &bob.user_id).is_some_and(|e| e["content"]["membership"] == "leave"), "{}", r["rooms"]);
     s.stop().await;
 }
 
@@ -1078,6 +1190,13 @@ async fn room_aliases() {
     assert_eq!(alice.put(&path, json!({"room_id": room})).await.status, 409);
     let listed = alice.get(&format!("/rooms/{}/aliases", enc(&room))).await.ok();
     assert_eq!(listed["aliases"], json!([alias]));
+    // The canonical alias: a malformed alias is a bad parameter, a well-formed one elsewhere a bad alias.
+    let canonical = |a: &str, alt: &[&str]| json!({"alias": a, "alt_aliases": alt});
+    let put = |c: Value| alice.put_state(&room, "m.room.canonical_alias", "", c);
+    put(canonical("%garden:localhost", &[])).await.assert_err(400, "M_INVALID_PARAM");
+    put(canonical(alias, &["%other:localhost"])).await.assert_err(400, "M_INVALID_PARAM");
+    put(canonical("#nowhere:localhost", &[])).await.assert_err(400, "M_BAD_ALIAS");
+    put(canonical(alias, &[alias])).await.ok();
 
     // Non-members may not add aliases, and only the creator (or a moderator) may delete.
     bob.put(&format!("/directory/room/{}", enc("#bobs:localhost")), json!({"room_id": room}))
@@ -1086,6 +1205,8 @@ async fn room_aliases() {
     bob.delete(&path, json!({})).await.assert_err(403, "M_FORBIDDEN");
     alice.delete(&path, json!({})).await.ok();
     bob.get(&path).await.assert_err(404, "M_NOT_FOUND");
+    // The deleted alias is dropped from the canonical alias event (alias and alt_aliases alike).
+    assert_eq!(alice.state(&room, "m.room.canonical_alias", "").await.ok(), json!({}));
     // Aliases on other servers cannot be created here.
     alice
         .put(&format!("/directory/room/{}", enc("#x:elsewhere.org")), json!({"room_id": room}))
@@ -1182,6 +1303,11 @@ async fn devices_list_get_update_delete() {
     let auth = |pw: &str| json!({"auth": {"type": "m.login.password", "identifier": {"type": "m.id.user", "user": alice.user_id}, "password": pw, "session": session}});
     let wrong = alice.delete("/devices/PHONE", auth("wrong")).await;
     wrong.assert_err(401, "M_FORBIDDEN");
+    // Another user's (right) password does not do: 403, and the device stays.
+    let bob = s.user("bob").await;
+    let as_bob = json!({"auth": {"type": "m.login.password", "identifier": {"type": "m.id.user", "user": bob.user_id}, "password": PASSWORD, "session": session}});
+    alice.delete("/devices/PHONE", as_bob).await.assert_err(403, "M_FORBIDDEN");
+    alice.get("/devices/PHONE").await.ok();
     alice.delete("/devices/PHONE", auth(PASSWORD)).await.ok();
     alice.get("/devices/PHONE").await.assert_err(404, "M_NOT_FOUND");
 
@@ -1277,5 +1403,73 @@ async fn history_visibility_joined_hides_earlier_events() {
     let tl = events_of(&sync["rooms"]["join"][&room]["timeline"]);
     assert!(tl.iter().all(|e| e["content"]["body"] != "before bob"), "{tl:?}");
     bob.event(&room, &secret).await.assert_err(404, "M_NOT_FOUND");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn events_carry_the_viewers_membership() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let bob = s.user("bob").await;
+    let room = alice.create_room(json!({"preset": "public_chat"})).await;
+    alice.send_text(&room, "prejoin").await;
+    bob.join(&room).await.ok();
+    alice.send_text(&room, "postjoin").await;
+
+    // Each event says what the reader's membership was as of it (spec v1.11 `unsigned.membership`).
+    let expect = |events: &[Value]| {
+        let mut seen_join = false;
+        for e in events {
+            seen_join |= e["type"] == "m.room.member" && e["state_key"] == bob.user_id.as_str();
+            let want = if seen_join { "join" } else { "leave" };
+            assert_eq!(e["unsigned"]["membership"], want, "{e}");
+        }
+        assert!(seen_join);
+    };
+    let r = bob.sync(None, &[]).await.ok();
+    expect(&events_of(&r["rooms"]["join"][&room]["timeline"]));
+    let mut page =
+        bob.messages(&room, &[("dir", "b"), ("limit", "50")]).await.ok()["chunk"].as_array().unwrap().clone();
+    page.reverse();
+    expect(&page);
+    // Alice was there all along.
+    let mine = alice.messages(&room, &[("dir", "b"), ("limit", "3")]).await.ok();
+    assert!(mine["chunk"].as_array().unwrap().iter().all(|e| e["unsigned"]["membership"] == "join"), "{mine}");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn refresh_tokens_rotate_the_access_token_of_the_same_device() {
+    let s = TestServer::start().await;
+    s.user("alice").await;
+    let login = json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"},
+                       "password": PASSWORD, "refresh_token": true});
+    let r = s.client().post("/login", login).await.ok();
+    let refresh = r["refresh_token"].as_str().expect("refresh_token").to_owned();
+    let mut c = s.client();
+    c.token = r["access_token"].as_str().map(str::to_owned);
+    let room = c.create_room(json!({})).await;
+    let first = c.send_txn(&room, "m.room.message", "t1", json!({"msgtype": "m.text", "body": "hi"})).await.ok();
+
+    let renewed = s.client().post("/refresh", json!({"refresh_token": refresh})).await.ok();
+    let old_token = c.token.replace(renewed["access_token"].as_str().unwrap().to_owned());
+    assert_ne!(old_token, c.token);
+    // Same device: the transaction id still deduplicates, and is still reported.
+    let again = c.send_txn(&room, "m.room.message", "t1", json!({"msgtype": "m.text", "body": "hi"})).await.ok();
+    assert_eq!(again["event_id"], first["event_id"]);
+    let me = c.get("/account/whoami").await.ok();
+    assert_eq!(me["device_id"], r["device_id"]);
+    let tl = events_of(&c.sync(None, &[]).await.ok()["rooms"]["join"][&room]["timeline"]);
+    let sent = tl.iter().find(|e| e["event_id"] == first["event_id"]).expect("sent event in sync");
+    assert_eq!(sent["unsigned"]["transaction_id"], "t1");
+    // The old access token and the spent refresh token no longer work; the new refresh token does.
+    let mut old = s.client();
+    old.token = old_token;
+    old.get("/account/whoami").await.assert_err(401, "M_UNKNOWN_TOKEN");
+    s.client().post("/refresh", json!({"refresh_token": refresh})).await.assert_err(401, "M_UNKNOWN_TOKEN");
+    let next = renewed["refresh_token"].as_str().unwrap();
+    s.client().post("/refresh", json!({"refresh_token": next})).await.ok();
+    // Without asking, no refresh token.
+    assert!(s.client().login("alice", PASSWORD).await.ok().get("refresh_token").is_none());
     s.stop().await;
 }

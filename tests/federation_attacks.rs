@@ -200,6 +200,41 @@ async fn gap_of_10000_unknown_events_is_filled_boundedly() {
     hearth.stop().await;
 }
 
+/// What a client sees of a gap left open: an incremental sync shows only what follows it, as a limited
+/// timeline (so the client paginates), never the events from before the gap mixed with those after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gap_left_open_shows_as_a_limited_timeline() {
+    let fake = FakeResident::start(RoomSpec::default()).await;
+    let (hearth, alice) = joined(&[&fake]).await;
+    let room = fake.room_id();
+    let filter = json!({"room": {"timeline": {"limit": 20}}}).to_string();
+    let since = alice.sync(None, &[("filter", &filter)]).await.ok()["next_batch"].as_str().unwrap().to_owned();
+    alice.send_text(&room, "before the gap").await;
+    {
+        let mut r = fake.room.lock().unwrap();
+        let creator = r.creator.clone();
+        for i in 0..30 {
+            r.append(EventSpec::message(&creator, &format!("unseen {i}")));
+        }
+    }
+    fake.set_missing_events_limit(Some(5));
+    let tip = fake.append(EventSpec::message(&fake.creator(), "the tip"));
+    assert_eq!(fake.push(&[&tip.id]).await[&tip.id], json!({}));
+
+    let r = alice.sync(Some(&since), &[("filter", &filter)]).await.ok();
+    let timeline = &r["rooms"]["join"][&room]["timeline"];
+    assert_eq!(timeline["limited"], true, "{timeline}");
+    let events = events_of(timeline);
+    assert_eq!(events.last().unwrap()["event_id"], json!(tip.id), "{timeline}");
+    assert!(events.iter().all(|e| e["sender"] != alice.user_id.as_str()), "nothing from before the gap: {timeline}");
+    // Without a gap, an incremental sync is not limited.
+    let next = r["next_batch"].as_str().unwrap().to_owned();
+    alice.send_text(&room, "after the gap").await;
+    let r = alice.sync(Some(&next), &[("filter", &filter)]).await.ok();
+    assert_eq!(r["rooms"]["join"][&room]["timeline"]["limited"], false, "{}", r["rooms"]);
+    hearth.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prev_events_pointing_to_thousands_of_unknown_events_are_refused_without_fetching() {
     let fake = FakeResident::start(RoomSpec::default()).await;

@@ -46,14 +46,17 @@ pub struct LoginRequest {
     password: Option<String>,
     device_id: Option<String>,
     initial_device_display_name: Option<String>,
+    /// The client can renew its access token (`POST /refresh`): a refresh token comes with it.
+    #[serde(default)]
+    refresh_token: bool,
 }
 
-/// Resolves `alice` or `@alice:server` to a full local user id.
+/// Resolves `alice` or `@alice:server` to a full local user id. User names are matched without regard to case
+/// (local parts are stored lower-cased, as registration makes them), as in Synapse.
 pub fn local_user_id(s: &AppState, name: &str) -> Result<String> {
-    let full = if name.starts_with('@') {
-        name.to_owned()
-    } else {
-        format!("@{}:{}", name.to_lowercase(), s.identity.server_name)
+    let full = match name.strip_prefix('@').and_then(|n| n.split_once(':')) {
+        Some((local, server)) => format!("@{}:{server}", local.to_lowercase()),
+        None => format!("@{}:{}", name.to_lowercase(), s.identity.server_name),
     };
     if !s.identity.is_local_user(&full) {
         return Err(Error::forbidden("not a user of this server"));
@@ -117,12 +120,44 @@ pub async fn login(
     let device_id = req.device_id.unwrap_or_else(|| random_string(10).to_uppercase());
     let token = format!("hth_{}", random_string(40));
     let (u, d, t, name) = (user_id.clone(), device_id.clone(), token.clone(), req.initial_device_display_name);
-    s.store.write(move |w| accounts::create_session(w.db(), &u, &d, name.as_deref(), &t)).await?;
-    Ok(axum::Json(json!({
+    let refresh = req.refresh_token.then(new_refresh_token);
+    let r = refresh.clone();
+    s.store
+        .write(move |w| {
+            accounts::create_session(w.db(), &u, &d, name.as_deref(), &t)?;
+            r.map_or(Ok(()), |r| accounts::add_refresh_token(w.db(), &t, &r))
+        })
+        .await?;
+    let mut body = json!({
         "user_id": user_id, "access_token": token, "device_id": device_id,
         "home_server": s.identity.server_name.as_str(),
         "well_known": {"m.homeserver": {"base_url": format!("http://{}", s.config.listen.client)}}
-    })))
+    });
+    if let Some(r) = refresh {
+        // Access tokens do not expire here, so no `expires_in_ms`: the refresh token only rotates them.
+        body["refresh_token"] = json!(r);
+    }
+    Ok(axum::Json(body))
+}
+
+fn new_refresh_token() -> String {
+    format!("hthr_{}", random_string(40))
+}
+
+#[derive(Deserialize)]
+pub struct RefreshRequest {
+    refresh_token: String,
+}
+
+/// `POST /refresh`: a new access token (and refresh token) for the device; the old pair stops working.
+pub async fn refresh(State(s): State<AppState>, Json(req): Json<RefreshRequest>) -> Result<impl IntoResponse> {
+    let (access, refresh) = (format!("hth_{}", random_string(40)), new_refresh_token());
+    let (a, r) = (access.clone(), refresh.clone());
+    let used = s.store.write(move |w| accounts::use_refresh_token(w.db(), &req.refresh_token, &a, &r)).await?;
+    if used.is_none() {
+        return Err(Error::unknown_token());
+    }
+    Ok(axum::Json(json!({"access_token": access, "refresh_token": refresh})))
 }
 
 /// Logs out the token and, as the spec requires, deletes its device (with the device's keys).
@@ -145,7 +180,8 @@ pub async fn whoami(auth: Auth) -> impl IntoResponse {
     axum::Json(json!({"user_id": auth.user_id, "device_id": auth.device_id, "is_guest": false}))
 }
 
-pub async fn capabilities() -> impl IntoResponse {
+/// Capabilities are per user, so the endpoint needs an access token (the spec marks it "requires authentication").
+pub async fn capabilities(_auth: Auth) -> impl IntoResponse {
     let available: serde_json::Map<String, Value> =
         crate::room::version::SUPPORTED.iter().map(|v| (v.to_string(), json!("stable"))).collect();
     axum::Json(json!({"capabilities": {
@@ -169,6 +205,8 @@ pub struct RegisterRequest {
     #[serde(default)]
     inhibit_login: bool,
     auth: Option<Value>,
+    #[serde(default)]
+    refresh_token: bool,
 }
 
 #[derive(Deserialize)]
@@ -202,7 +240,8 @@ pub async fn register(
     }
     let server = s.identity.server_name.to_string();
     let localpart = match &req.username {
-        Some(u) => u.trim_start_matches('@').split(':').next().unwrap_or("").to_lowercase(),
+        // The user name is a local part: anything outside its alphabet (`@`, `:` included) is refused.
+        Some(u) => u.to_lowercase(),
         None => random_string(12).to_lowercase(),
     };
     validate_localpart(&localpart, &server)?;
@@ -265,6 +304,8 @@ pub async fn register(
     let token = format!("hth_{}", random_string(40));
     let (u, d, t, dn, inhibit) =
         (user_id.clone(), device_id.clone(), token.clone(), req.initial_device_display_name.clone(), req.inhibit_login);
+    let refresh = req.refresh_token.then(new_refresh_token);
+    let r = refresh.clone();
     s.store
         .write(move |w| {
             if !accounts::insert_user(w.db(), &u, hash.as_deref(), false)? {
@@ -272,6 +313,9 @@ pub async fn register(
             }
             if !inhibit {
                 accounts::create_session(w.db(), &u, &d, dn.as_deref(), &t)?;
+                if let Some(r) = &r {
+                    accounts::add_refresh_token(w.db(), &t, r)?;
+                }
             }
             Ok(())
         })
@@ -280,6 +324,9 @@ pub async fn register(
     if !req.inhibit_login {
         body["access_token"] = json!(token);
         body["device_id"] = json!(device_id);
+        if let Some(r) = refresh {
+            body["refresh_token"] = json!(r);
+        }
     }
     Ok(axum::Json(body).into_response())
 }
@@ -317,6 +364,17 @@ pub async fn require_password(s: &AppState, auth: &Auth, body_auth: Option<&Valu
             .with("params", json!({}))
             .with("session", json!(s.uia.new_session())));
     };
+    // Authenticating as someone else (even with their right password) is refused outright, as in Synapse.
+    let named = a
+        .pointer("/identifier/user")
+        .filter(|_| a.pointer("/identifier/type").and_then(Value::as_str) == Some("m.id.user"))
+        .or_else(|| a.get("user"))
+        .and_then(Value::as_str);
+    if let Some(name) = named {
+        if local_user_id(s, name).ok().as_deref() != Some(auth.user_id.as_str()) {
+            return Err(Error::forbidden("the user in `auth` is not the user making the request"));
+        }
+    }
     let password = a.get("password").and_then(Value::as_str).unwrap_or("");
     if a.get("type").and_then(Value::as_str) == Some("m.login.password")
         && check_password(s, &auth.user_id, password).await?

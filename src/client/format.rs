@@ -27,6 +27,9 @@ pub fn event(
             unsigned.insert("transaction_id".into(), json!(txn));
         }
     }
+    if let Some((user, _)) = viewer_device {
+        unsigned.insert("membership".into(), json!(membership_at(conn, row, user)?));
+    }
     if let Some(by) = &row.redacted_by {
         if let Some(r) = events::event_by_id(conn, by)? {
             unsigned.insert(
@@ -51,6 +54,20 @@ pub fn event(
         }
     }
     Ok(client_event(&row.json, &row.event_id, room_id, Value::Object(unsigned), with_room_id))
+}
+
+/// The viewer's membership in the room as of an event (the state after it, so one's own join reads `join`):
+/// `unsigned.membership` (spec v1.11, MSC4115); `leave` when they had none.
+fn membership_at(conn: Db<'_>, row: &EventRow, user_id: &str) -> Result<String> {
+    let nid = match (row.sg_after, state_groups::find_state_key_nid(conn, "m.room.member", user_id)?) {
+        (Some(sg), Some(skn)) => state_groups::lookup_state(conn, sg, skn)?,
+        _ => None,
+    };
+    let Some(member) = nid.map(|n| events::event_by_nid(conn, n)).transpose()?.flatten() else {
+        return Ok("leave".into());
+    };
+    let v: Value = serde_json::from_str(&member.json)?;
+    Ok(v.pointer("/content/membership").and_then(Value::as_str).unwrap_or("leave").to_owned())
 }
 
 /// A state event in a state list: no `prev_content` lookup (that costs a state walk per event, and state lists

@@ -31,6 +31,7 @@ fn api() -> Router<AppState> {
         .route("/logout", post(a::logout))
         .route("/logout/all", post(a::logout_all))
         .route("/register", post(a::register))
+        .route("/refresh", post(a::refresh))
         .route("/register/available", get(a::register_available))
         .route("/account/whoami", get(a::whoami))
         .route("/account/password", post(a::change_password))

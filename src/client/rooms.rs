@@ -108,6 +108,10 @@ pub struct ReasonBody {
     user_id: Option<String>,
     /// Third-party invites are not supported: a join that carries one is refused.
     third_party_signed: Option<Value>,
+    /// Any other field: a join writes it into the member event's content (as Synapse does; `membership` and the
+    /// profile stay the server's).
+    #[serde(flatten)]
+    extra: serde_json::Map<String, Value>,
 }
 
 /// Resolves `!room:server` or `#alias:server` to a room id and servers that can help joining it.
@@ -208,6 +212,7 @@ pub async fn join(
         // We are resident (or the room is ours alone): a local membership change.
         let identity = s.identity.clone();
         let rid = room_id.clone();
+        let extra = (!body.extra.is_empty()).then_some(Value::Object(body.extra));
         s.store
             .write(move |w| {
                 let uid = crate::room::parse_user_id(&auth.user_id)?;
@@ -219,7 +224,7 @@ pub async fn join(
                     &uid,
                     "join",
                     body.reason.as_deref(),
-                    None,
+                    extra,
                 )
             })
             .await?;
@@ -519,6 +524,10 @@ pub async fn put_state(
                         .filter_map(Value::as_str)
                         .map(str::to_owned),
                 );
+                // A malformed alias is a bad parameter; a well-formed one must point at this room (as in Synapse).
+                if let Some(bad) = aliases.iter().find(|a| ruma::RoomAliasId::parse(a.as_str()).is_err()) {
+                    return Err(Error::invalid_param(format!("{bad} is not a valid room alias")));
+                }
                 for a in aliases {
                     if rooms::alias_target(conn, &a)?.as_deref() != Some(rid.as_str()) {
                         return Err(Error::bad_alias(format!("{a} does not point to this room")));
@@ -529,20 +538,28 @@ pub async fn put_state(
             .await?;
     }
     let identity = s.identity.clone();
-    let a = s
+    let event_id = s
         .store
         .write(move |w| {
-            append_local(
+            if event_type != "m.room.member" {
+                let same =
+                    crate::room::unchanged_state(w.db(), &room_id, &auth.user_id, &event_type, &state_key, &content)?;
+                if let Some(id) = same {
+                    return Ok(id);
+                }
+            }
+            let a = append_local(
                 w,
                 &identity,
                 &crate::room::parse_room_id(&room_id)?,
                 &crate::room::parse_user_id(&auth.user_id)?,
                 LocalEvent::state(&event_type, &state_key, content),
                 None,
-            )
+            )?;
+            Ok(a.event_id)
         })
         .await?;
-    Ok(axum::Json(json!({"event_id": a.event_id})))
+    Ok(axum::Json(json!({"event_id": event_id})))
 }
 
 fn state_path(p: Vec<(String, String)>) -> (String, String, String) {
@@ -550,18 +567,35 @@ fn state_path(p: Vec<(String, String)>) -> (String, String, String) {
     (get("room_id"), get("event_type"), get("state_key"))
 }
 
+#[derive(Deserialize)]
+pub struct StateFormat {
+    /// `content` (the default) or `event` (the whole client event).
+    format: Option<String>,
+}
+
 pub async fn get_state_event(
     State(s): State<AppState>,
     auth: Auth,
     Path(p): Path<Vec<(String, String)>>,
+    Query(q): Query<StateFormat>,
 ) -> Result<impl IntoResponse> {
     let (room_id, event_type, state_key) = state_path(p);
+    let whole_event = match q.format.as_deref() {
+        None | Some("content") => false,
+        Some("event") => true,
+        Some(other) => return Err(Error::invalid_param(format!("unknown format `{other}`"))),
+    };
     let content = s
         .store
         .read(move |c| {
             let (room, vis) = readable_room(c, &room_id, &auth.user_id)?;
             let sg = visible_state_group(c, &room, vis)?.ok_or_else(|| Error::not_found("no state"))?;
-            crate::room::state_content(c, sg, &event_type, &state_key)
+            if !whole_event {
+                return crate::room::state_content(c, sg, &event_type, &state_key);
+            }
+            let Some(skn) = state_groups::find_state_key_nid(c, &event_type, &state_key)? else { return Ok(None) };
+            let Some(nid) = state_groups::lookup_state(c, sg, skn)? else { return Ok(None) };
+            format::state_event(c, nid, &room.room_id, true)
         })
         .await?
         .ok_or_else(|| Error::not_found("state event not found"))?;
@@ -598,7 +632,12 @@ pub async fn get_event(
     let ev = s
         .store
         .read(move |c| {
-            let (room, vis) = readable_room(c, &room_id, &auth.user_id)?;
+            // Not being allowed to read the room answers like a missing event: 404, as the spec says (and Synapse
+            // does), so the endpoint does not tell whether the event exists.
+            let (room, vis) = readable_room(c, &room_id, &auth.user_id).map_err(|e| match e.kind() {
+                crate::error::Kind::Forbidden => Error::not_found("event not found"),
+                _ => e,
+            })?;
             let row = events::event_by_id(c, &event_id)?
                 .filter(|r| r.room_nid == room.room_nid && r.rejected.is_none())
                 .ok_or_else(|| Error::not_found("event not found"))?;
@@ -795,7 +834,9 @@ pub async fn delete_alias(
     Path(alias): Path<String>,
 ) -> Result<impl IntoResponse> {
     parse_local_alias(&s, &alias)?;
-    s.store
+    let (alias_for_event, user) = (alias.clone(), auth.user_id.clone());
+    let room_id = s
+        .store
         .write(move |w| {
             let (room_id, creator) =
                 rooms::alias_creator(w.db(), &alias)?.ok_or_else(|| Error::not_found("room alias not found"))?;
@@ -813,9 +854,50 @@ pub async fn delete_alias(
                 return Err(Error::forbidden("you may not delete this alias"));
             }
             rooms::delete_alias(w.db(), &alias)?;
-            Ok(())
+            Ok(room_id)
         })
         .await?;
+    // The room no longer advertises a deleted alias: its canonical alias event drops it, sent by the deleting user
+    // when they may (as in Synapse; otherwise it stays, pointing nowhere).
+    let identity = s.identity.clone();
+    let dropped = s
+        .store
+        .write(move |w| {
+            let Some(sg) = rooms::room_by_id(w.db(), &room_id)?.and_then(|r| r.current_sg) else { return Ok(()) };
+            let Some(mut content) = crate::room::state_content(w.db(), sg, "m.room.canonical_alias", "")? else {
+                return Ok(());
+            };
+            let Some(obj) = content.as_object_mut() else { return Ok(()) };
+            let mut changed = false;
+            if obj.get("alias").and_then(Value::as_str) == Some(alias_for_event.as_str()) {
+                obj.remove("alias");
+                changed = true;
+            }
+            if let Some(Value::Array(alt)) = obj.get_mut("alt_aliases") {
+                let before = alt.len();
+                alt.retain(|a| a.as_str() != Some(alias_for_event.as_str()));
+                changed |= alt.len() != before;
+                if alt.is_empty() {
+                    obj.remove("alt_aliases");
+                }
+            }
+            if !changed {
+                return Ok(());
+            }
+            append_local(
+                w,
+                &identity,
+                &crate::room::parse_room_id(&room_id)?,
+                &crate::room::parse_user_id(&user)?,
+                LocalEvent::state("m.room.canonical_alias", "", content),
+                None,
+            )
+            .map(|_| ())
+        })
+        .await;
+    if let Err(e) = dropped {
+        tracing::info!(error = %e, "deleted alias left in the canonical alias event");
+    }
     Ok(axum::Json(json!({})))
 }
 

@@ -67,6 +67,8 @@ pub struct EventFilter {
     pub senders: Option<HashSet<String>>,
     pub not_senders: HashSet<String>,
     pub limit: Option<usize>,
+    /// `contains_url` (room event filters): only events whose content has a `url` (true), or only those without.
+    pub contains_url: Option<bool>,
 }
 
 fn type_matches(pattern: &str, t: &str) -> bool {
@@ -108,6 +110,7 @@ impl EventFilter {
             senders: strs("senders")?.map(|v| v.into_iter().collect()),
             not_senders: strs("not_senders")?.unwrap_or_default().into_iter().collect(),
             limit,
+            contains_url: v.get("contains_url").and_then(Value::as_bool),
         })
     }
 
@@ -126,6 +129,18 @@ impl EventFilter {
             }
         }
         true
+    }
+
+    /// [`Self::allows`] for a stored event, with the checks that need its content (`contains_url`).
+    pub fn allows_event(&self, row: &events::EventRow) -> bool {
+        if !self.allows(&row.event_type, &row.sender) {
+            return false;
+        }
+        let Some(want_url) = self.contains_url else { return true };
+        let has_url = serde_json::from_str::<Value>(&row.json)
+            .ok()
+            .is_some_and(|v| v.pointer("/content/url").is_some_and(Value::is_string));
+        has_url == want_url
     }
 }
 
@@ -349,6 +364,21 @@ struct RoomSync {
     state: Vec<Value>,
 }
 
+/// The index (in `rows`, newest first) of the newest remote event with a `prev_events` entry missing from our
+/// timeline: the history before it has a hole. Local events always follow what we have.
+fn newest_gap(c: Db<'_>, auth: &Auth, rows: &[events::EventRow]) -> Result<Option<usize>> {
+    let own_server = auth.user_id.split_once(':').map_or("", |x| x.1);
+    for (i, row) in rows.iter().enumerate() {
+        if row.sender.split_once(':').is_some_and(|x| x.1 == own_server) {
+            continue;
+        }
+        if !events::prevs_missing_from_timeline(c, row.event_nid)?.is_empty() {
+            return Ok(Some(i));
+        }
+    }
+    Ok(None)
+}
+
 /// Timeline and state of one room for the window (`since`, `upto`].
 #[allow(clippy::too_many_arguments)]
 fn room_window(
@@ -365,16 +395,23 @@ fn room_window(
     // History visibility: the timeline never reaches back before what the user may see.
     let floor = crate::room::membership::visible_from(c, room, &auth.user_id)?.saturating_sub(1);
     let after = StreamPos(since.unwrap_or(i64::MIN).max(floor));
-    let rows = timeline::newest_first(c, room.room_nid, after, StreamPos(upto), (limit + 1) as i64)?;
-    let limited = rows.len() > limit || (since.is_none() && rows.len() == limit + 1);
+    let mut rows = timeline::newest_first(c, room.room_nid, after, StreamPos(upto), (limit + 1) as i64)?;
+    let mut limited = rows.len() > limit || (since.is_none() && rows.len() == limit + 1);
+    // A gap in the window (a remote event whose earlier events we never got): an incremental sync shows only what
+    // follows the newest gap, as a limited timeline, so the client knows to paginate (Synapse does the same).
+    if since.is_some() {
+        if let Some(i) = newest_gap(c, auth, &rows)? {
+            rows.truncate(i + 1);
+            limited = true;
+        }
+    }
     let mut rows: Vec<events::EventRow> = rows.into_iter().take(limit).collect();
     rows.reverse();
     let first_stream = rows.first().and_then(|r| r.stream_ordering).map_or(upto + 1, |p| p.0);
     let first_sg_after = rows.first().and_then(|r| r.sg_after);
     let prev_batch = Token { stream: first_stream - 1, typing: 0 }.render();
 
-    let timeline: Vec<events::EventRow> =
-        rows.into_iter().filter(|r| filter.timeline.allows(&r.event_type, &r.sender)).collect();
+    let timeline: Vec<events::EventRow> = rows.into_iter().filter(|r| filter.timeline.allows_event(r)).collect();
     let timeline_ids: HashSet<&str> = timeline.iter().map(|r| r.event_id.as_str()).collect();
 
     // State: everything up to the timeline start for initial/full/newly-visible; otherwise the changes between
@@ -668,30 +705,32 @@ impl SyncPass<'_> {
             {
                 continue;
             }
-            if members::is_forgotten(c, &auth.user_id, room_nid)? {
+            // A forgotten room stays out of sync, except for the leave itself when it falls in the window: other
+            // devices must still learn that the room was left (as in Synapse).
+            if !in_window && members::is_forgotten(c, &auth.user_id, room_nid)? {
                 continue;
             }
             let room = self.room(room_nid)?;
             let (_, leave_nid) = members::membership_of(c, room_nid, &auth.user_id)?.unwrap_or_default();
             let leave_row = events::event_by_nid(c, leave_nid)?;
-            if let Some(row) = leave_row.as_ref().filter(|r| r.outlier) {
-                // Out of band (a rejected or withdrawn invite, a refused knock: we hold no state for the room):
-                // the leave event itself is all the user may see, as Synapse shows it.
-                let ev = crate::client::format::event(c, row, &room_id, None, false)?;
-                leave.insert(
-                    room_id,
-                    json!({
-                        "timeline": {"events": [ev], "limited": false},
-                        "state": {"events": []},
-                        "account_data": {"events": []},
-                    }),
-                );
-                continue;
-            }
-            let leave_pos = leave_row.and_then(|r| r.stream_ordering).map_or(self.pos.stream, |p| p.0);
+            // Out of band (a rejected or withdrawn invite, a refused knock: we hold no state for the room).
+            let out_of_band = leave_row.as_ref().is_some_and(|r| r.outlier);
+            let leave_pos = leave_row.as_ref().and_then(|r| r.stream_ordering).map_or(self.pos.stream, |p| p.0);
             // A rejected invite or a kick of someone never joined still appears, with what they may see.
             let upto = leave_pos.min(self.pos.stream);
-            let rs = room_window(c, auth, &room, self.filter, self.since_stream(), upto, self.full_state, self.sent)?;
+            let mut rs =
+                room_window(c, auth, &room, self.filter, self.since_stream(), upto, self.full_state, self.sent)?;
+            // Our own leave is always ours to see, even where history visibility hides the room (an invite
+            // rejected in a `joined` room) or we hold no state for it: without it the client never learns the
+            // room is gone.
+            if (in_window || out_of_band) && self.filter.timeline.allows("m.room.member", &auth.user_id) {
+                if let Some(row) = &leave_row {
+                    if !rs.timeline.iter().any(|e| e["event_id"] == json!(row.event_id)) {
+                        let device = Some((auth.user_id.as_str(), auth.device_id.as_str()));
+                        rs.timeline.push(format::event(c, row, &room.room_id, device, false)?);
+                    }
+                }
+            }
             leave.insert(
                 room_id,
                 json!({

@@ -44,9 +44,10 @@ pub async fn messages(
     Path(room_id): Path<String>,
     Query(q): Query<MessagesQuery>,
 ) -> Result<impl IntoResponse> {
+    // `dir` is required by the spec; without it Synapse pages forwards, and so do we.
     let backwards = match q.dir.as_deref() {
         Some("b") => true,
-        Some("f") => false,
+        Some("f") | None => false,
         _ => return Err(Error::invalid_param("dir must be b or f")),
     };
     let limit = q.limit.unwrap_or(10).clamp(1, 1000) as i64;
@@ -56,9 +57,8 @@ pub async fn messages(
     let current = s.store.current_stream();
     let mut body = messages_page(&s, &auth, &room_id, backwards, limit, &filter, from, to, current).await?;
     // Out of local history in a room that started elsewhere: backfill from a server in the room, then retry.
-    let short = |b: &Value| b["rows"].as_i64().unwrap_or(0) < limit;
-    let mut more = !short(&body);
-    if backwards && !more && to.is_none() {
+    let short = body["rows"].as_i64().unwrap_or(0) < limit;
+    if backwards && short && to.is_none() {
         let backfilled = match ruma::RoomId::parse(&room_id) {
             Ok(rid) => crate::federation::backfill::backfill(&s.fed, &rid, limit as usize).await,
             Err(_) => Ok(0),
@@ -66,18 +66,16 @@ pub async fn messages(
         match backfilled {
             Ok(n) if n > 0 => {
                 body = messages_page(&s, &auth, &room_id, backwards, limit, &filter, from, to, current).await?;
-                more = true; // there may be more where that came from
             }
             Ok(_) => {}
             Err(e) => tracing::info!(%room_id, error = %e, "backfill failed"),
         }
     }
+    // `end` comes with every page that holds events, also the one reaching the room's creation; only a page
+    // with nothing in it has none (Synapse does the same; clients then stop). The spec would omit it one page
+    // earlier, at the edge, but clients and Complement expect Synapse's behaviour.
     if let Some(o) = body.as_object_mut() {
         o.remove("rows");
-        if !more {
-            // No `end`: the client has reached the edge of the timeline.
-            o.remove("end");
-        }
     }
     Ok(axum::Json(body))
 }
@@ -120,9 +118,7 @@ async fn messages_page(
             let mut senders = std::collections::BTreeSet::new();
             let mut chunk = Vec::new();
             let ignored = crate::client::notifications::ignored_users(c, &auth.user_id)?;
-            for r in
-                rows.iter().filter(|r| filter.timeline.allows(&r.event_type, &r.sender) && !ignored.contains(&r.sender))
-            {
+            for r in rows.iter().filter(|r| filter.timeline.allows_event(r) && !ignored.contains(&r.sender)) {
                 senders.insert(r.sender.clone());
                 chunk.push(format::event(c, r, &room.room_id, device, true)?);
             }
@@ -199,7 +195,7 @@ pub async fn context(
             let ignored = crate::client::notifications::ignored_users(c, &auth.user_id)?;
             let fmt = |rows: &[events::EventRow]| -> Result<Vec<Value>> {
                 rows.iter()
-                    .filter(|r| filter.timeline.allows(&r.event_type, &r.sender) && !ignored.contains(&r.sender))
+                    .filter(|r| filter.timeline.allows_event(r) && !ignored.contains(&r.sender))
                     .map(|r| format::event(c, r, &room.room_id, device, true))
                     .collect()
             };

@@ -171,7 +171,9 @@ pub fn create_room(
         send(w, LocalEvent::state("m.room.name", "", json!({"name": name})))?;
     }
     if let Some(topic) = &req.topic {
-        send(w, LocalEvent::state("m.room.topic", "", json!({"topic": topic})))?;
+        // The plain-text topic is written in its rich form too (`m.topic`, spec v1.15), as Synapse does.
+        let content = json!({"topic": topic, "m.topic": {"m.text": [{"body": topic, "mimetype": "text/plain"}]}});
+        send(w, LocalEvent::state("m.room.topic", "", content))?;
     }
     let mut remote_invites = Vec::new();
     for invitee in &req.invite {

@@ -64,6 +64,14 @@ pub fn set_membership(
     if membership == "leave" && sender == target && !matches!(current.as_deref(), Some("join" | "invite" | "knock")) {
         return Err(Error::forbidden("you are not in this room"));
     }
+    // A kick needs someone to kick (as in Synapse): the target must be in the room, invited, knocking or banned
+    // (lifting a ban is a leave too). The auth rules alone would allow it.
+    if membership == "leave"
+        && sender != target
+        && !matches!(current.as_deref(), Some("join" | "invite" | "knock" | "ban"))
+    {
+        return Err(Error::forbidden("the target user is not in the room"));
+    }
     append_local_or_invite(
         w,
         identity,
@@ -79,7 +87,7 @@ pub fn set_membership(
 pub enum Visibility {
     /// Member now (or world-readable): everything.
     All,
-    /// Former member: up to (and including) the stream position of their leave.
+    /// Former member (who has not forgotten the room): up to (and including) the stream position of their leave.
     UpTo(i64),
     None,
 }
@@ -88,7 +96,9 @@ pub fn visibility(conn: Db<'_>, room: &RoomRow, user_id: &str) -> Result<Visibil
     match members::membership_of(conn, room.room_nid, user_id)? {
         Some((m, _)) if m == "join" => return Ok(Visibility::All),
         Some((m, nid))
-            if (m == "leave" || m == "ban") && members::was_locally_joined(conn, user_id, room.room_nid)? =>
+            if (m == "leave" || m == "ban")
+                && members::was_locally_joined(conn, user_id, room.room_nid)?
+                && !members::is_forgotten(conn, user_id, room.room_nid)? =>
         {
             let row = events::event_by_nid(conn, nid)?;
             return Ok(Visibility::UpTo(row.and_then(|r| r.stream_ordering).map_or(0, |p| p.0)));

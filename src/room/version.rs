@@ -9,8 +9,8 @@ use crate::error::{Error, Result};
 /// Version of rooms we create when the client does not ask (Synapse's current default).
 pub const DEFAULT_ROOM_VERSION: &str = "12";
 
-/// Versions we can create locally. v1/v2 (server-chosen event ids) are only joined over federation.
-pub const CREATABLE: &[&str] = &["3", "4", "5", "6", "7", "8", "9", "10", "11", "12"];
+/// Versions we can create locally: all we understand (v1/v2 events carry a server-chosen `event_id`).
+pub const CREATABLE: &[&str] = &["1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12"];
 
 /// Versions we understand (for rooms joined over federation).
 pub const SUPPORTED: &[&str] = &["1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12"];

@@ -106,6 +106,40 @@ pub fn lookup_token(conn: Db<'_>, token: &str) -> Result<Option<(String, String,
         .optional()?)
 }
 
+/// Issues a refresh token for an access token (it is deleted with that access token).
+pub fn add_refresh_token(conn: Db<'_>, access_token: &str, refresh_token: &str) -> Result<()> {
+    conn.prepare_cached("INSERT INTO refresh_tokens (token_sha256, access_sha256, created_ts) VALUES (?1, ?2, ?3)")?
+        .execute(params![token_hash(refresh_token), token_hash(access_token), now_ms()])?;
+    Ok(())
+}
+
+/// Spends a refresh token: its access token is replaced by `new_access` (same user and device) and it by
+/// `new_refresh`. Returns the (user_id, device_id), or None for an unknown (or already spent) refresh token.
+pub fn use_refresh_token(
+    conn: Db<'_>,
+    refresh_token: &str,
+    new_access: &str,
+    new_refresh: &str,
+) -> Result<Option<(String, String)>> {
+    let found: Option<(Vec<u8>, String, String)> = conn
+        .prepare_cached(
+            "SELECT t.token_sha256, t.user_id, t.device_id FROM refresh_tokens r
+             JOIN access_tokens t ON t.token_sha256 = r.access_sha256 JOIN users u ON u.user_id = t.user_id
+             WHERE r.token_sha256 = ?1 AND u.deactivated = 0",
+        )?
+        .query_row([token_hash(refresh_token)], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    let Some((old_access, user_id, device_id)) = found else { return Ok(None) };
+    // The old access token goes, and its refresh token with it (cascade).
+    conn.prepare_cached("DELETE FROM access_tokens WHERE token_sha256 = ?1")?.execute([old_access])?;
+    conn.prepare_cached(
+        "INSERT INTO access_tokens (token_sha256, user_id, device_id, created_ts) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![token_hash(new_access), user_id, device_id, now_ms()])?;
+    add_refresh_token(conn, new_access, new_refresh)?;
+    Ok(Some((user_id, device_id)))
+}
+
 pub fn delete_token(conn: Db<'_>, token: &str) -> Result<()> {
     conn.execute("DELETE FROM access_tokens WHERE token_sha256 = ?1", [token_hash(token)])?;
     Ok(())
@@ -208,6 +242,21 @@ mod tests {
         assert!(lookup_token(conn.db(), "t2b").unwrap().is_none(), "other tokens of the same device go too");
         assert!(lookup_token(conn.db(), "tb").unwrap().is_some(), "other users keep theirs");
         assert_eq!(list_devices(conn.db(), "@a:x").unwrap().len(), 2, "devices stay");
+    }
+
+    #[test]
+    fn a_refresh_token_renews_its_access_token_once_and_goes_with_it() {
+        let conn = memory_db();
+        user_with_sessions(conn.db(), "@a:x", &[("D1", "t1"), ("D2", "t2")]);
+        add_refresh_token(conn.db(), "t1", "r1").unwrap();
+        let got = use_refresh_token(conn.db(), "r1", "t1b", "r1b").unwrap();
+        assert_eq!(got, Some(("@a:x".to_owned(), "D1".to_owned())));
+        assert!(lookup_token(conn.db(), "t1").unwrap().is_none(), "the old access token is replaced");
+        assert_eq!(lookup_token(conn.db(), "t1b").unwrap().map(|t| t.1), Some("D1".to_owned()));
+        assert_eq!(use_refresh_token(conn.db(), "r1", "x", "y").unwrap(), None, "spent");
+        // Logging out everywhere takes the refresh tokens too.
+        delete_all_tokens(conn.db(), "@a:x").unwrap();
+        assert_eq!(use_refresh_token(conn.db(), "r1b", "x", "y").unwrap(), None);
     }
 
     #[test]

@@ -6,10 +6,20 @@ use rusqlite::Connection;
 const SCHEMA: &str = include_str!("../../schema.sql");
 
 /// Version written by `SCHEMA`. Later changes add `(version, sql)` steps to `MIGRATIONS` and bump this.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// Steps from version N-1 to N, for N > 1.
-const MIGRATIONS: &[(i64, &str)] = &[(2, MEDIA_V2), (3, CATCH_UP_V3)];
+const MIGRATIONS: &[(i64, &str)] = &[(2, MEDIA_V2), (3, CATCH_UP_V3), (4, REFRESH_TOKENS_V4)];
+
+/// 4: refresh tokens, each tied to the access token it renews.
+const REFRESH_TOKENS_V4: &str = "
+CREATE TABLE IF NOT EXISTS refresh_tokens (
+    token_sha256 BLOB PRIMARY KEY,
+    access_sha256 BLOB NOT NULL REFERENCES access_tokens(token_sha256) ON DELETE CASCADE,
+    created_ts INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS refresh_tokens_access ON refresh_tokens(access_sha256);
+";
 
 /// 3: destinations that keep failing catch up with the latest event per room instead of a queue of every PDU.
 const CATCH_UP_V3: &str = "ALTER TABLE destinations ADD COLUMN catch_up_from INTEGER;";
@@ -94,7 +104,14 @@ mod tests {
         migrate(&mut old).unwrap();
         let version: i64 = old.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
         assert_eq!(version, SCHEMA_VERSION);
-        for table in ["media", "media_thumbnails", "room_key_backup_versions", "room_key_backup", "destinations"] {
+        for table in [
+            "media",
+            "media_thumbnails",
+            "room_key_backup_versions",
+            "room_key_backup",
+            "destinations",
+            "refresh_tokens",
+        ] {
             assert_eq!(columns(&old, table), columns(&fresh, table), "table {table}");
             assert!(!columns(&fresh, table).is_empty(), "table {table} exists");
         }
