@@ -121,30 +121,7 @@ async fn resolve_room(s: &AppState, id_or_alias: &str) -> Result<(String, Vec<St
             .map_err(|e| Error::invalid_param(format!("invalid room alias: {e}")))?;
         if alias.server_name() != s.identity.server_name {
             // A remote alias: ask its server.
-            let fed = s
-                .federation
-                .as_ref()
-                .ok_or_else(|| Error::not_found("room alias not found (federation is disabled)"))?;
-            let path = format!(
-                "/_matrix/federation/v1/query/directory?room_alias={}",
-                crate::federation::client::enc(id_or_alias)
-            );
-            let v = fed
-                .client
-                .get(alias.server_name().as_str(), &path)
-                .await
-                .map_err(|e| e.or_not_found("room alias not found"))?;
-            let room_id = v
-                .get("room_id")
-                .and_then(Value::as_str)
-                .ok_or_else(|| Error::not_found("room alias not found"))?
-                .to_owned();
-            let servers = v
-                .get("servers")
-                .and_then(Value::as_array)
-                .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
-                .unwrap_or_default();
-            return Ok((room_id, servers));
+            return crate::federation::query::remote_alias(&s.fed, id_or_alias).await;
         }
         let a = id_or_alias.to_owned();
         let room_id = s
@@ -294,18 +271,31 @@ async fn membership_op(
     }
 }
 
-/// Knocking on a room we hold (locally resident). Knocking on rooms only on other servers is not implemented yet.
+/// Knocking on a room: a local membership change in a room we hold, else `make_knock`/`send_knock` through the
+/// servers named (`via`/`server_name`) or the room id's.
 pub async fn knock(
     State(s): State<AppState>,
     auth: Auth,
     Path(id_or_alias): Path<String>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
     Json(body): Json<ReasonBody>,
 ) -> Result<impl IntoResponse> {
-    let (room_id, _) = resolve_room(&s, &id_or_alias).await?;
+    let (room_id, mut servers) = resolve_room(&s, &id_or_alias).await?;
     let rid = room_id.clone();
     let known = s.store.read(move |c| Ok(rooms::room_by_id(c, &rid)?.and_then(|r| r.current_sg).is_some())).await?;
     if !known {
-        return Err(Error::not_found("knocking on rooms on other servers is not supported yet"));
+        let mut via: Vec<String> = q
+            .unwrap_or_default()
+            .split('&')
+            .filter_map(|kv| kv.strip_prefix("via=").or_else(|| kv.strip_prefix("server_name=")))
+            .map(crate::util::percent_decode)
+            .collect();
+        via.append(&mut servers);
+        let mut seen = std::collections::HashSet::new();
+        via.retain(|v| seen.insert(v.clone()));
+        let (fed, me, reason) = (&s.fed, &auth.user_id, body.reason.as_deref());
+        crate::federation::knock::remote_knock(fed, me, &room_id, &via, reason).await?;
+        return Ok(axum::Json(json!({"room_id": room_id})));
     }
     let me = auth.user_id.clone();
     membership_op(&s, &auth, room_id.clone(), me, "knock", body.reason).await?;
@@ -529,20 +519,20 @@ pub async fn put_state(
             .await?;
     }
     let identity = s.identity.clone();
-    let a = s
+    let event_id = s
         .store
         .write(move |w| {
-            append_local(
-                w,
-                &identity,
-                &crate::room::parse_room_id(&room_id)?,
-                &crate::room::parse_user_id(&auth.user_id)?,
-                LocalEvent::state(&event_type, &state_key, content),
-                None,
-            )
+            let (room_id, sender) = (crate::room::parse_room_id(&room_id)?, crate::room::parse_user_id(&auth.user_id)?);
+            let ev = LocalEvent::state(&event_type, &state_key, content);
+            if event_type != "m.room.member" {
+                if let Some(id) = crate::room::append::unchanged_state(w.conn, &room_id, &sender, &ev)? {
+                    return Ok(id);
+                }
+            }
+            Ok(append_local(w, &identity, &room_id, &sender, ev, None)?.event_id)
         })
         .await?;
-    Ok(axum::Json(json!({"event_id": a.event_id})))
+    Ok(axum::Json(json!({"event_id": event_id})))
 }
 
 fn state_path(p: Vec<(String, String)>) -> (String, String, String) {
@@ -743,7 +733,11 @@ fn parse_local_alias(s: &AppState, alias: &str) -> Result<()> {
 }
 
 pub async fn get_alias(State(s): State<AppState>, Path(alias): Path<String>) -> Result<impl IntoResponse> {
-    ruma::RoomAliasId::parse(&alias).map_err(|e| Error::invalid_param(format!("invalid alias: {e}")))?;
+    let parsed = ruma::RoomAliasId::parse(&alias).map_err(|e| Error::invalid_param(format!("invalid alias: {e}")))?;
+    if parsed.server_name() != s.identity.server_name {
+        let (room_id, servers) = crate::federation::query::remote_alias(&s.fed, &alias).await?;
+        return Ok(axum::Json(json!({"room_id": room_id, "servers": servers})));
+    }
     let (room_id, mut servers) = s
         .store
         .read(move |c| {

@@ -150,7 +150,9 @@ pub fn create_room(
     if !overridden("m.room.history_visibility") {
         send(w, LocalEvent::state("m.room.history_visibility", "", json!({"history_visibility": history})))?;
     }
-    if !overridden("m.room.guest_access") {
+    // `forbidden` is what no event means: like Synapse, only the presets that let guests in send one (peers and
+    // Complement expect a public room's state without it).
+    if guest == "can_join" && !overridden("m.room.guest_access") {
         send(w, LocalEvent::state("m.room.guest_access", "", json!({"guest_access": guest})))?;
     }
     for ev in req.initial_state.iter().cloned() {
