@@ -134,6 +134,15 @@ async fn resolve_room(s: &AppState, id_or_alias: &str) -> Result<(String, Vec<St
     Err(Error::invalid_param("expected a room id or alias"))
 }
 
+/// The servers to try after those the client named: an alias's resolved servers always; a room id's own server
+/// only when the client named none (as Synapse: the servers named are the ones to ask, e.g. to fail over between
+/// residents of a restricted room).
+fn add_fallback_servers(via: &mut Vec<String>, id_or_alias: &str, mut servers: Vec<String>) {
+    if id_or_alias.starts_with('#') || via.is_empty() {
+        via.append(&mut servers);
+    }
+}
+
 pub async fn join(
     State(s): State<AppState>,
     auth: Auth,
@@ -145,7 +154,7 @@ pub async fn join(
         return Err(Error::invalid_param("third-party invites (third_party_signed) are not supported"));
     }
     s.join_limiter.take(&auth.user_id).map_err(Error::limit_exceeded)?;
-    let (room_id, mut servers) = resolve_room(&s, &id_or_alias).await?;
+    let (room_id, servers) = resolve_room(&s, &id_or_alias).await?;
     // `via` / `server_name` query parameters (repeatable) come first.
     let mut via: Vec<String> = q
         .unwrap_or_default()
@@ -153,7 +162,7 @@ pub async fn join(
         .filter_map(|kv| kv.strip_prefix("via=").or_else(|| kv.strip_prefix("server_name=")))
         .map(crate::util::percent_decode)
         .collect();
-    via.append(&mut servers);
+    add_fallback_servers(&mut via, &id_or_alias, servers);
     let rid = room_id.clone();
     let me = s.identity.server_name.to_string();
     let uid = auth.user_id.clone();
@@ -182,7 +191,22 @@ pub async fn join(
         })
         .await?;
     if known && (local_members || remote_servers.is_empty()) {
-        // We are resident (or the room is ours alone): a local membership change.
+        // We are resident (or the room is ours alone): a local membership change, unless the room is restricted
+        // and none of our members may vouch for the user: then through a resident whose members may.
+        let (rid, uid, me) = (room_id.clone(), auth.user_id.clone(), s.identity.server_name.to_string());
+        let through = s
+            .store
+            .read(move |c| match rooms::room_by_id(c, &rid)? {
+                Some(room) => crate::room::membership::remote_authorisers(c, &room, &uid, &me),
+                None => Ok(None),
+            })
+            .await?;
+        if let Some(servers) = through.filter(|s| !s.is_empty()) {
+            via.extend(servers);
+            let (fed, reason) = (&s.fed, body.reason.as_deref());
+            crate::federation::join::remote_join_resident(fed, &auth.user_id, &room_id, &via, reason).await?;
+            return Ok(axum::Json(json!({"room_id": room_id})));
+        }
         let identity = s.identity.clone();
         let rid = room_id.clone();
         s.store
@@ -202,7 +226,11 @@ pub async fn join(
             .await?;
         return Ok(axum::Json(json!({"room_id": room_id})));
     }
-    via.extend(remote_servers);
+    // The servers a room we hold lists as joined are a fallback only (the client's choice is kept, as for a room
+    // id's server); an inviter's server is always asked.
+    if !known || via.is_empty() {
+        via.extend(remote_servers);
+    }
     let mut seen = std::collections::HashSet::new();
     // Joining "through" ourselves cannot work: a room we do not know that names our server is simply unknown.
     let own = s.identity.server_name.as_str();
@@ -280,7 +308,7 @@ pub async fn knock(
     axum::extract::RawQuery(q): axum::extract::RawQuery,
     Json(body): Json<ReasonBody>,
 ) -> Result<impl IntoResponse> {
-    let (room_id, mut servers) = resolve_room(&s, &id_or_alias).await?;
+    let (room_id, servers) = resolve_room(&s, &id_or_alias).await?;
     let rid = room_id.clone();
     let known = s.store.read(move |c| Ok(rooms::room_by_id(c, &rid)?.and_then(|r| r.current_sg).is_some())).await?;
     if !known {
@@ -290,7 +318,7 @@ pub async fn knock(
             .filter_map(|kv| kv.strip_prefix("via=").or_else(|| kv.strip_prefix("server_name=")))
             .map(crate::util::percent_decode)
             .collect();
-        via.append(&mut servers);
+        add_fallback_servers(&mut via, &id_or_alias, servers);
         let mut seen = std::collections::HashSet::new();
         via.retain(|v| seen.insert(v.clone()));
         let (fed, me, reason) = (&s.fed, &auth.user_id, body.reason.as_deref());

@@ -122,7 +122,9 @@ pub fn create_room(
             "m.room.canonical_alias": 50, "m.room.avatar": 50, "m.room.tombstone": 100,
             "m.room.server_acl": 100, "m.room.encryption": 100
         },
-        "events_default": 0, "state_default": 50, "ban": 50, "kick": 50, "redact": 50, "invite": 0,
+        "events_default": 0, "state_default": 50, "ban": 50, "kick": 50, "redact": 50,
+        // Synapse's defaults: members of a private room may invite, those of a public one need power 50.
+        "invite": if preset == "public_chat" { 50 } else { 0 },
         "historical": 100,
         "notifications": {"room": 50}
     });

@@ -118,7 +118,9 @@ pub fn restricted_join_authoriser(
         }
         let Some(other) = entry.get("room_id").and_then(Value::as_str) else { continue };
         if let Some(r) = rooms::room_by_id(conn, other)? {
-            if members::membership_of(conn, r.room_nid, user_id)?.is_some_and(|m| m.0 == "join") {
+            // What we know of a room we have left is stale: only a room we are in can vouch for its members.
+            let in_it = members::joined_servers(conn, r.room_nid)?.iter().any(|s| s == local_server);
+            if in_it && members::membership_of(conn, r.room_nid, user_id)?.is_some_and(|m| m.0 == "join") {
                 allowed = true;
                 break;
             }
@@ -140,6 +142,46 @@ pub fn restricted_join_authoriser(
         }
     }
     Ok(best.map(|b| b.1))
+}
+
+/// For a join into a room we are in whose restricted rule no local member can authorise (none may invite):
+/// the other servers whose joined members may, to join through (Synapse's `_should_perform_remote_join`). None
+/// when a local join can be tried (not restricted, the user is joined or invited, or a local member may invite).
+pub fn remote_authorisers(
+    conn: &Connection,
+    room: &RoomRow,
+    user_id: &str,
+    local_server: &str,
+) -> Result<Option<Vec<String>>> {
+    let Some(sg) = room.current_sg else { return Ok(None) };
+    let rules = crate::room::version::rules(&room.version)?;
+    let rule = crate::room::state_content(conn, sg, "m.room.join_rules", "")?
+        .and_then(|jr| jr.get("join_rule").and_then(Value::as_str).map(str::to_owned));
+    let restricted = match rule.as_deref() {
+        Some("restricted") => rules.authorization.restricted_join_rule,
+        Some("knock_restricted") => rules.authorization.knock_restricted_join_rule,
+        _ => false,
+    };
+    let current = members::membership_of(conn, room.room_nid, user_id)?.map(|m| m.0);
+    if !restricted || matches!(current.as_deref(), Some("join" | "invite")) {
+        return Ok(None);
+    }
+    let power = crate::room::power::PowerLevels::load(conn, sg, &room.version)?;
+    let needed = power.action("invite", 0);
+    let mut servers = Vec::new();
+    for (user, membership, _) in members::members(conn, room.room_nid)? {
+        if membership != "join" || power.user(&user) < needed {
+            continue;
+        }
+        match user.split_once(':').map(|x| x.1) {
+            Some(server) if server == local_server => return Ok(None),
+            Some(server) => servers.push(server.to_owned()),
+            None => {}
+        }
+    }
+    servers.sort();
+    servers.dedup();
+    Ok(Some(servers))
 }
 
 /// How far a user may read a room's timeline.
