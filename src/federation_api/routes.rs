@@ -840,9 +840,15 @@ fn walk_back(
 /// from that server (the hashes and signatures stay, so the copy still verifies as a redaction).
 fn pdus_for_server(c: &Connection, room: &RoomRow, rows: &[events::EventRow], server: &str) -> Result<Vec<Value>> {
     let rules = version::rules(&room.version)?;
+    let users = members::users_of_server(c, room.room_nid, server)?;
+    let mut seen: HashMap<Option<StateGroup>, bool> = HashMap::new();
     let mut out = Vec::with_capacity(rows.len());
     for r in rows {
-        if crate::room::membership::server_may_see(c, room, r.sg_after, server)? {
+        let visible = match seen.get(&r.sg_after) {
+            Some(v) => *v,
+            None => *seen.entry(r.sg_after).or_insert(crate::room::membership::server_may_see(c, r.sg_after, &users)?),
+        };
+        if visible {
             out.push(serde_json::from_str(&r.json)?);
             continue;
         }

@@ -215,10 +215,10 @@ pub fn visibility(conn: &Connection, room: &RoomRow, user_id: &str) -> Result<Vi
 }
 
 /// Whether another server may see an event of the room in full (Synapse's `filter_events_for_server`): under
-/// `invited`/`joined` history visibility at the event only if one of its users was joined (or, for `invited`,
-/// invited) then; otherwise it gets a redacted copy. `sg_after` is the state after the event (None for an
-/// outlier, which is never withheld).
-pub fn server_may_see(conn: &Connection, room: &RoomRow, sg_after: Option<StateGroup>, server: &str) -> Result<bool> {
+/// `invited`/`joined` history visibility at the event only if one of its users (`server_users`, from
+/// [`members::users_of_server`]) was joined (or, for `invited`, invited) then; otherwise it gets a redacted copy.
+/// `sg_after` is the state after the event (None for an outlier, which is never withheld).
+pub fn server_may_see(conn: &Connection, sg_after: Option<StateGroup>, server_users: &[String]) -> Result<bool> {
     let Some(sg) = sg_after else { return Ok(true) };
     let hv = crate::room::state_content(conn, sg, "m.room.history_visibility", "")?
         .and_then(|v| v.get("history_visibility").and_then(Value::as_str).map(str::to_owned));
@@ -227,8 +227,8 @@ pub fn server_may_see(conn: &Connection, room: &RoomRow, sg_after: Option<StateG
         Some("invited") => true,
         _ => return Ok(true),
     };
-    for user in members::users_of_server(conn, room.room_nid, server)? {
-        let membership = crate::room::state_event(conn, sg, "m.room.member", &user)?.and_then(|p| p.membership());
+    for user in server_users {
+        let membership = crate::room::state_event(conn, sg, "m.room.member", user)?.and_then(|p| p.membership());
         match membership.as_deref() {
             Some("join") => return Ok(true),
             Some("invite") if invited_too => return Ok(true),
