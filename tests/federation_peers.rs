@@ -295,3 +295,25 @@ async fn profiles_and_aliases_of_other_servers_are_asked_of_those_servers() {
     assert_eq!(answer["room_id"], json!(room));
     hearth.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_asks_the_servers_the_client_named_and_the_room_ids_server_only_when_it_named_none() {
+    let fake = FakeResident::start(RoomSpec::default()).await;
+    let refusing = fake.start_peer().await;
+    refusing.script("make_join", Script::json(403, json!({"errcode": "M_FORBIDDEN", "error": "not through us"})));
+    let hearth = start_hearth_with_fakes(&[&fake, &refusing], |_| {}).await;
+    let alice = hearth.user("alice").await;
+    let room = fake.room_id();
+    assert!(room.ends_with(&fake.name), "the room id names the resident: {room}");
+
+    // Named a server that refuses: the refusal is the answer; the room id's server is not asked behind its back.
+    let path = format!("/join/{}?server_name={}", enc(&room), enc(&refusing.name));
+    alice.post(&path, json!({})).await.assert_err(403, "M_FORBIDDEN");
+    assert_eq!((refusing.count("make_join"), fake.count("make_join")), (1, 0));
+
+    // Named none: the room id's server is the one to ask.
+    let joined = alice.post(&format!("/join/{}", enc(&room)), json!({})).await.ok();
+    assert_eq!(joined["room_id"], json!(room));
+    assert_eq!(fake.count("make_join"), 1);
+    hearth.stop().await;
+}
