@@ -317,3 +317,37 @@ async fn a_join_asks_the_servers_the_client_named_and_the_room_ids_server_only_w
     assert_eq!(fake.count("make_join"), 1);
     hearth.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejecting_an_invite_over_federation_shows_the_leave_in_sync() {
+    let fake = FakeResident::start(RoomSpec::default()).await;
+    let hearth = start_hearth_with_fakes(&[&fake], |_| {}).await;
+    let alice = hearth.user("alice").await;
+    let room = fake.room_id();
+
+    // The resident's creator invites alice (`/invite`, countersigned by Hearth).
+    let invite =
+        fake.build(EventSpec::state(&fake.creator(), "m.room.member", &alice.user_id, json!({"membership": "invite"})));
+    let body = json!({"event": invite.json, "room_version": fake.room_version(), "invite_room_state": []});
+    let path = format!("/_matrix/federation/v2/invite/{}/{}", enc(&room), enc(&invite.id));
+    fake.request_hearth(Method::PUT, &path, Some(&body)).await.expect("invite countersigned");
+    let since = wait_until("alice sees the invite", WAIT, || async {
+        let s = alice.sync(None, &[("timeout", "0")]).await.ok();
+        s["rooms"]["invite"].get(&room).is_some().then(|| s["next_batch"].as_str().unwrap().to_owned())
+    })
+    .await;
+
+    // She rejects it: make_leave/send_leave at the inviter's server; her next sync shows the leave itself.
+    alice.leave(&room).await.ok();
+    assert_eq!(fake.count("send_leave"), 1);
+    let sync = alice.sync(Some(&since), &[("timeout", "0")]).await.ok();
+    let timeline = sync["rooms"]["leave"][&room]["timeline"]["events"].as_array().cloned().unwrap_or_default();
+    assert!(
+        timeline.iter().any(|e| e["type"] == "m.room.member"
+            && e["state_key"] == json!(alice.user_id)
+            && e["content"]["membership"] == "leave"),
+        "{sync}"
+    );
+    assert!(sync["rooms"]["invite"].get(&room).is_none(), "{sync}");
+    hearth.stop().await;
+}

@@ -4,8 +4,8 @@
 //! `rcgen`, its own ed25519 signing key, server name `127.0.0.1:PORT`). It holds one room ([`FakeRoom`]) whose
 //! events it builds and signs itself with correct hashes, signatures, `auth_events` and `prev_events`, and serves
 //! what a joining server needs: keys, `make_join`, `send_join` v2 (honouring `omit_members`), `/state_ids`,
-//! `/state`, `/event`, `/event_auth`, `get_missing_events`, `backfill`, `make_knock`/`send_knock` (refused unless
-//! the join rule takes knocks), and `PUT /send` (received PDUs are recorded, and added to the room's DAG when their
+//! `/state`, `/event`, `/event_auth`, `get_missing_events`, `backfill`, `make_leave`/`send_leave`,
+//! `make_knock`/`send_knock` (refused unless the join rule takes knocks), and `PUT /send` (received PDUs are recorded, and added to the room's DAG when their
 //! prev events are known).
 //!
 //! The fake is an independent oracle: it builds, hashes and signs events, computes event ids, answers key requests
@@ -809,8 +809,8 @@ async fn scripted(State(i): State<Shared>, req: axum::extract::Request, next: ax
 /// One request the fake received.
 #[derive(Clone, Debug)]
 pub struct Request {
-    /// `make_join`, `send_join`, `make_knock`, `send_knock`, `state_ids`, `state`, `event`, `event_auth`,
-    /// `get_missing_events`, `backfill`, `send`, `key`, or `other`.
+    /// `make_join`, `send_join`, `make_leave`, `send_leave`, `make_knock`, `send_knock`, `state_ids`, `state`,
+    /// `event`, `event_auth`, `get_missing_events`, `backfill`, `send`, `key`, or `other`.
     pub kind: String,
     /// The event id for `event`, `state_ids`, `state`; the path otherwise.
     pub detail: String,
@@ -1040,6 +1040,8 @@ impl FakeResident {
             )
             .route("/_matrix/federation/v1/make_join/{room_id}/{user_id}", get(make_join))
             .route("/_matrix/federation/v2/send_join/{room_id}/{event_id}", put(send_join))
+            .route("/_matrix/federation/v1/make_leave/{room_id}/{user_id}", get(make_leave))
+            .route("/_matrix/federation/v2/send_leave/{room_id}/{event_id}", put(send_leave))
             .route("/_matrix/federation/v1/make_knock/{room_id}/{user_id}", get(make_knock))
             .route("/_matrix/federation/v1/send_knock/{room_id}/{event_id}", put(send_knock))
             .route("/_matrix/federation/v1/state_ids/{room_id}", get(state_ids))
@@ -1321,6 +1323,31 @@ fn check_room(r: &FakeRoom, room_id: &str) -> Option<Response> {
 async fn make_join(State(i): State<Shared>, UrlPath((room_id, user_id)): UrlPath<(String, String)>) -> Response {
     i.ctl.arrive("make_join", user_id.clone()).await;
     make_membership(&i, &room_id, &user_id, "join")
+}
+
+async fn make_leave(State(i): State<Shared>, UrlPath((room_id, user_id)): UrlPath<(String, String)>) -> Response {
+    i.ctl.arrive("make_leave", user_id.clone()).await;
+    make_membership(&i, &room_id, &user_id, "leave")
+}
+
+/// `send_leave` v2: the leave joins the DAG (and is recorded as received).
+async fn send_leave(
+    State(i): State<Shared>,
+    UrlPath((room_id, event_id)): UrlPath<(String, String)>,
+    axum::Json(body): axum::Json<Value>,
+) -> Response {
+    i.ctl.arrive("send_leave", event_id.clone()).await;
+    let mut r = i.room.lock().unwrap();
+    if let Some(e) = check_room(&r, &room_id) {
+        return e;
+    }
+    match r.receive(&body, true) {
+        Ok(id) if id == event_id => {}
+        Ok(_) => return err(StatusCode::BAD_REQUEST, "M_BAD_JSON", "event id does not match"),
+        Err(e) => return err(StatusCode::BAD_REQUEST, "M_BAD_JSON", &e),
+    }
+    i.ctl.received.lock().unwrap().push((event_id, body));
+    axum::Json(json!({})).into_response()
 }
 
 /// `make_knock`: refused (403) unless the room's join rule lets users knock.
