@@ -11,6 +11,16 @@ use crate::store::accounts::{self, ProfileField};
 use crate::store::{members, rooms};
 
 pub async fn get_profile(State(s): State<AppState>, Path(user_id): Path<String>) -> Result<impl IntoResponse> {
+    if is_remote_user(&s, &user_id) {
+        let remote = crate::federation::query::remote_profile(&s.fed, &user_id, None).await?;
+        let mut body = json!({});
+        for k in ["displayname", "avatar_url"] {
+            if let Some(v) = remote.get(k).filter(|v| v.is_string()) {
+                body[k] = v.clone();
+            }
+        }
+        return Ok(axum::Json(body));
+    }
     let user = s
         .store
         .read(move |c| accounts::get_user(c, &user_id))
@@ -27,6 +37,11 @@ pub async fn get_profile(State(s): State<AppState>, Path(user_id): Path<String>)
     Ok(axum::Json(body))
 }
 
+/// A well-formed user id of another server (whose profile that server answers for).
+fn is_remote_user(s: &AppState, user_id: &str) -> bool {
+    ruma::UserId::parse(user_id).is_ok() && !s.identity.is_local_user(user_id)
+}
+
 fn field(name: &str) -> Result<ProfileField> {
     match name {
         "displayname" => Ok(ProfileField::Displayname),
@@ -40,6 +55,13 @@ pub async fn get_field(
     Path((user_id, name)): Path<(String, String)>,
 ) -> Result<impl IntoResponse> {
     let f = field(&name)?;
+    if is_remote_user(&s, &user_id) {
+        let remote = crate::federation::query::remote_profile(&s.fed, &user_id, Some(&name)).await?;
+        return match remote.get(&name).and_then(Value::as_str).filter(|v| !v.is_empty()) {
+            Some(v) => Ok(axum::Json(json!({ name: v }))),
+            None => Err(Error::not_found("profile field not set")),
+        };
+    }
     let user = s
         .store
         .read(move |c| accounts::get_user(c, &user_id))

@@ -125,30 +125,7 @@ async fn resolve_room(s: &AppState, id_or_alias: &str) -> Result<(String, Vec<St
             .map_err(|e| Error::invalid_param(format!("invalid room alias: {e}")))?;
         if alias.server_name() != s.identity.server_name {
             // A remote alias: ask its server.
-            let fed = s
-                .federation
-                .as_ref()
-                .ok_or_else(|| Error::not_found("room alias not found (federation is disabled)"))?;
-            let path = format!(
-                "/_matrix/federation/v1/query/directory?room_alias={}",
-                crate::federation::client::enc(id_or_alias)
-            );
-            let v = fed
-                .client
-                .get(alias.server_name().as_str(), &path)
-                .await
-                .map_err(|e| e.or_not_found("room alias not found"))?;
-            let room_id = v
-                .get("room_id")
-                .and_then(Value::as_str)
-                .ok_or_else(|| Error::not_found("room alias not found"))?
-                .to_owned();
-            let servers = v
-                .get("servers")
-                .and_then(Value::as_array)
-                .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
-                .unwrap_or_default();
-            return Ok((room_id, servers));
+            return crate::federation::query::remote_alias(&s.fed, id_or_alias).await;
         }
         let a = id_or_alias.to_owned();
         let room_id = s
@@ -159,6 +136,15 @@ async fn resolve_room(s: &AppState, id_or_alias: &str) -> Result<(String, Vec<St
         return Ok((room_id, vec![]));
     }
     Err(Error::invalid_param("expected a room id or alias"))
+}
+
+/// The servers to try after those the client named: an alias's resolved servers always; a room id's own server
+/// only when the client named none (as Synapse: the servers named are the ones to ask, e.g. to fail over between
+/// residents of a restricted room).
+fn add_fallback_servers(via: &mut Vec<String>, id_or_alias: &str, mut servers: Vec<String>) {
+    if id_or_alias.starts_with('#') || via.is_empty() {
+        via.append(&mut servers);
+    }
 }
 
 pub async fn join(
@@ -172,7 +158,7 @@ pub async fn join(
         return Err(Error::invalid_param("third-party invites (third_party_signed) are not supported"));
     }
     s.join_limiter.take(&auth.user_id).map_err(Error::limit_exceeded)?;
-    let (room_id, mut servers) = resolve_room(&s, &id_or_alias).await?;
+    let (room_id, servers) = resolve_room(&s, &id_or_alias).await?;
     // `via` / `server_name` query parameters (repeatable) come first.
     let mut via: Vec<String> = q
         .unwrap_or_default()
@@ -180,7 +166,7 @@ pub async fn join(
         .filter_map(|kv| kv.strip_prefix("via=").or_else(|| kv.strip_prefix("server_name=")))
         .map(crate::util::percent_decode)
         .collect();
-    via.append(&mut servers);
+    add_fallback_servers(&mut via, &id_or_alias, servers);
     let rid = room_id.clone();
     let me = s.identity.server_name.to_string();
     let uid = auth.user_id.clone();
@@ -209,7 +195,22 @@ pub async fn join(
         })
         .await?;
     if known && (local_members || remote_servers.is_empty()) {
-        // We are resident (or the room is ours alone): a local membership change.
+        // We are resident (or the room is ours alone): a local membership change, unless the room is restricted
+        // and none of our members may vouch for the user: then through a resident whose members may.
+        let (rid, uid, me) = (room_id.clone(), auth.user_id.clone(), s.identity.server_name.to_string());
+        let through = s
+            .store
+            .read(move |c| match rooms::room_by_id(c, &rid)? {
+                Some(room) => crate::room::membership::remote_authorisers(c, &room, &uid, &me),
+                None => Ok(None),
+            })
+            .await?;
+        if let Some(servers) = through.filter(|s| !s.is_empty()) {
+            via.extend(servers);
+            let (fed, reason) = (&s.fed, body.reason.as_deref());
+            crate::federation::join::remote_join_resident(fed, &auth.user_id, &room_id, &via, reason).await?;
+            return Ok(axum::Json(json!({"room_id": room_id})));
+        }
         let identity = s.identity.clone();
         let rid = room_id.clone();
         let extra = (!body.extra.is_empty()).then_some(Value::Object(body.extra));
@@ -230,7 +231,11 @@ pub async fn join(
             .await?;
         return Ok(axum::Json(json!({"room_id": room_id})));
     }
-    via.extend(remote_servers);
+    // The servers a room we hold lists as joined are a fallback only (the client's choice is kept, as for a room
+    // id's server); an inviter's server is always asked.
+    if !known || via.is_empty() {
+        via.extend(remote_servers);
+    }
     let mut seen = std::collections::HashSet::new();
     // Joining "through" ourselves cannot work: a room we do not know that names our server is simply unknown.
     let own = s.identity.server_name.as_str();
@@ -299,18 +304,31 @@ async fn membership_op(
     }
 }
 
-/// Knocking on a room we hold (locally resident). Knocking on rooms only on other servers is not implemented yet.
+/// Knocking on a room: a local membership change in a room we hold, else `make_knock`/`send_knock` through the
+/// servers named (`via`/`server_name`) or the room id's.
 pub async fn knock(
     State(s): State<AppState>,
     auth: Auth,
     Path(id_or_alias): Path<String>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
     Json(body): Json<ReasonBody>,
 ) -> Result<impl IntoResponse> {
-    let (room_id, _) = resolve_room(&s, &id_or_alias).await?;
+    let (room_id, servers) = resolve_room(&s, &id_or_alias).await?;
     let rid = room_id.clone();
     let known = s.store.read(move |c| Ok(rooms::room_by_id(c, &rid)?.and_then(|r| r.current_sg).is_some())).await?;
     if !known {
-        return Err(Error::not_found("knocking on rooms on other servers is not supported yet"));
+        let mut via: Vec<String> = q
+            .unwrap_or_default()
+            .split('&')
+            .filter_map(|kv| kv.strip_prefix("via=").or_else(|| kv.strip_prefix("server_name=")))
+            .map(crate::util::percent_decode)
+            .collect();
+        add_fallback_servers(&mut via, &id_or_alias, servers);
+        let mut seen = std::collections::HashSet::new();
+        via.retain(|v| seen.insert(v.clone()));
+        let (fed, me, reason) = (&s.fed, &auth.user_id, body.reason.as_deref());
+        crate::federation::knock::remote_knock(fed, me, &room_id, &via, reason).await?;
+        return Ok(axum::Json(json!({"room_id": room_id})));
     }
     let me = auth.user_id.clone();
     membership_op(&s, &auth, room_id.clone(), me, "knock", body.reason).await?;
@@ -541,22 +559,14 @@ pub async fn put_state(
     let event_id = s
         .store
         .write(move |w| {
+            let (room_id, sender) = (crate::room::parse_room_id(&room_id)?, crate::room::parse_user_id(&auth.user_id)?);
+            let ev = LocalEvent::state(&event_type, &state_key, content);
             if event_type != "m.room.member" {
-                let same =
-                    crate::room::unchanged_state(w.db(), &room_id, &auth.user_id, &event_type, &state_key, &content)?;
-                if let Some(id) = same {
+                if let Some(id) = crate::room::append::unchanged_state(w.db(), &room_id, &sender, &ev)? {
                     return Ok(id);
                 }
             }
-            let a = append_local(
-                w,
-                &identity,
-                &crate::room::parse_room_id(&room_id)?,
-                &crate::room::parse_user_id(&auth.user_id)?,
-                LocalEvent::state(&event_type, &state_key, content),
-                None,
-            )?;
-            Ok(a.event_id)
+            Ok(append_local(w, &identity, &room_id, &sender, ev, None)?.event_id)
         })
         .await?;
     Ok(axum::Json(json!({"event_id": event_id})))
@@ -782,7 +792,11 @@ fn parse_local_alias(s: &AppState, alias: &str) -> Result<()> {
 }
 
 pub async fn get_alias(State(s): State<AppState>, Path(alias): Path<String>) -> Result<impl IntoResponse> {
-    ruma::RoomAliasId::parse(&alias).map_err(|e| Error::invalid_param(format!("invalid alias: {e}")))?;
+    let parsed = ruma::RoomAliasId::parse(&alias).map_err(|e| Error::invalid_param(format!("invalid alias: {e}")))?;
+    if parsed.server_name() != s.identity.server_name {
+        let (room_id, servers) = crate::federation::query::remote_alias(&s.fed, &alias).await?;
+        return Ok(axum::Json(json!({"room_id": room_id, "servers": servers})));
+    }
     let (room_id, mut servers) = s
         .store
         .read(move |c| {

@@ -178,6 +178,11 @@ pub async fn remote_leave(s: &FedContext, user_id: &str, room_id: &str, servers:
                     .write(move |w| {
                         let room = rooms::room_by_id(w.db(), &rid)?.ok_or_else(|| Error::not_found("unknown room"))?;
                         let nid = crate::room::remote::persist_outlier(w.db(), &room, &pdu)?;
+                        if room.current_sg.is_none() {
+                            // Out of band (no state here): the leave is what the user's `/sync` shows of the room.
+                            let stream = crate::store::ids::StreamPos(w.next_stream());
+                            crate::store::events::set_out_of_band_stream(w.db(), nid, stream)?;
+                        }
                         invite_state::remove(w.db(), room.room_nid, &uid)?;
                         crate::room::append::apply_membership(w, &identity, room.room_nid, &uid, nid)
                     })

@@ -30,70 +30,10 @@ pub async fn remote_join(
     reason: Option<&str>,
 ) -> Result<JoinResult> {
     let fed = s.federation.as_ref().ok_or_else(|| Error::forbidden("federation is disabled"))?;
-    let versions: String = version::SUPPORTED.iter().map(|v| format!("ver={v}")).collect::<Vec<_>>().join("&");
-    let mut last_err = Error::not_found("no server could be reached to join this room");
-    let mut chosen = None;
-    for server in via.iter().filter(|v| v.as_str() != s.identity.server_name.as_str()) {
-        let path = format!("/_matrix/federation/v1/make_join/{}/{}?{versions}", enc(room_id), enc(user_id));
-        match fed.client.get(server, &path).await {
-            Ok(v) => {
-                chosen = Some((server.clone(), v));
-                break;
-            }
-            Err(e) => {
-                tracing::info!(%server, error = %e, "make_join failed");
-                last_err = e.into();
-            }
-        }
-    }
-    let (server, made) = chosen.ok_or(last_err)?;
+    let (server, made) = make_join(s, user_id, room_id, via).await?;
     let room_version = made.get("room_version").and_then(Value::as_str).unwrap_or("1").to_owned();
     let rules = version::rules(&room_version).map_err(|_| Error::incompatible_room_version(&room_version))?;
-
-    // Our join event, from the resident's template.
-    let template = made.get("event").cloned().ok_or_else(|| Error::internal("make_join answer without an event"))?;
-    let mut obj: CanonicalJsonObject =
-        serde_json::from_value(template).map_err(|e| Error::internal(format!("bad make_join template: {e}")))?;
-    for k in ["event_id", "signatures", "hashes", "unsigned"] {
-        obj.remove(k);
-    }
-    if obj.get("sender").and_then(|v| if let CanonicalJsonValue::String(s) = v { Some(s.as_str()) } else { None })
-        != Some(user_id)
-    {
-        return Err(Error::internal("make_join template is for another user"));
-    }
-    obj.insert("origin".into(), CanonicalJsonValue::String(s.identity.server_name.to_string()));
-    obj.insert(
-        "origin_server_ts".into(),
-        CanonicalJsonValue::Integer(Int::try_from(crate::store::accounts::now_ms()).unwrap_or_default()),
-    );
-    if let (Some(r), Some(CanonicalJsonValue::Object(content))) = (reason, obj.get_mut("content")) {
-        content.insert("reason".into(), CanonicalJsonValue::String(r.to_owned()));
-    }
-    let uid = user_id.to_owned();
-    if let Some(u) = s.store.read(move |c| crate::store::accounts::get_user(c, &uid)).await? {
-        if let Some(CanonicalJsonValue::Object(content)) = obj.get_mut("content") {
-            if let Some(d) = u.displayname {
-                content.insert("displayname".into(), CanonicalJsonValue::String(d));
-            }
-            if let Some(a) = u.avatar_url {
-                content.insert("avatar_url".into(), CanonicalJsonValue::String(a));
-            }
-        }
-    }
-    if matches!(rules.event_id_format, ruma::room_version_rules::EventIdFormatVersion::V1) {
-        obj.insert(
-            "event_id".into(),
-            CanonicalJsonValue::String(format!("${}:{}", crate::util::random_string(18), s.identity.server_name)),
-        );
-    }
-    ruma::signatures::hash_and_sign_event(
-        s.identity.server_name.as_str(),
-        &s.identity.keypair,
-        &mut obj,
-        &rules.redaction,
-    )
-    .map_err(|e| Error::internal(format!("signing the join failed: {e}")))?;
+    let obj = join_from_template(s, user_id, &made, &rules, reason).await?;
     let event_id = version::event_id(&obj, &rules).map_err(Error::internal)?;
 
     let lazy = s.config.federation.lazy_joins;
@@ -140,6 +80,123 @@ pub async fn remote_join(
         s.jobs.wake();
     }
     Ok(JoinResult { room_id: room_id.to_owned(), partial, state_events: n_state_events })
+}
+
+/// `make_join` for `user_id` through the first of `via` (not us) that answers: that server and its answer.
+async fn make_join(s: &FedContext, user_id: &str, room_id: &str, via: &[String]) -> Result<(String, Value)> {
+    let fed = s.federation.as_ref().ok_or_else(|| Error::forbidden("federation is disabled"))?;
+    let versions: String = version::SUPPORTED.iter().map(|v| format!("ver={v}")).collect::<Vec<_>>().join("&");
+    let mut last_err = Error::not_found("no server could be reached to join this room");
+    for server in via.iter().filter(|v| v.as_str() != s.identity.server_name.as_str()) {
+        let path = format!("/_matrix/federation/v1/make_join/{}/{}?{versions}", enc(room_id), enc(user_id));
+        match fed.client.get(server, &path).await {
+            Ok(v) => return Ok((server.clone(), v)),
+            Err(e) => {
+                tracing::info!(%server, error = %e, "make_join failed");
+                last_err = e.into();
+            }
+        }
+    }
+    Err(last_err)
+}
+
+/// Our join event from a resident's `make_join` template: our origin, time, reason and profile, hashed and signed.
+async fn join_from_template(
+    s: &FedContext,
+    user_id: &str,
+    made: &Value,
+    rules: &ruma::room_version_rules::RoomVersionRules,
+    reason: Option<&str>,
+) -> Result<CanonicalJsonObject> {
+    let template = made.get("event").cloned().ok_or_else(|| Error::internal("make_join answer without an event"))?;
+    let mut obj: CanonicalJsonObject =
+        serde_json::from_value(template).map_err(|e| Error::internal(format!("bad make_join template: {e}")))?;
+    for k in ["event_id", "signatures", "hashes", "unsigned"] {
+        obj.remove(k);
+    }
+    if obj.get("sender").and_then(|v| if let CanonicalJsonValue::String(s) = v { Some(s.as_str()) } else { None })
+        != Some(user_id)
+    {
+        return Err(Error::internal("make_join template is for another user"));
+    }
+    obj.insert("origin".into(), CanonicalJsonValue::String(s.identity.server_name.to_string()));
+    obj.insert(
+        "origin_server_ts".into(),
+        CanonicalJsonValue::Integer(Int::try_from(crate::store::accounts::now_ms()).unwrap_or_default()),
+    );
+    if let (Some(r), Some(CanonicalJsonValue::Object(content))) = (reason, obj.get_mut("content")) {
+        content.insert("reason".into(), CanonicalJsonValue::String(r.to_owned()));
+    }
+    let uid = user_id.to_owned();
+    if let Some(u) = s.store.read(move |c| crate::store::accounts::get_user(c, &uid)).await? {
+        if let Some(CanonicalJsonValue::Object(content)) = obj.get_mut("content") {
+            if let Some(d) = u.displayname {
+                content.insert("displayname".into(), CanonicalJsonValue::String(d));
+            }
+            if let Some(a) = u.avatar_url {
+                content.insert("avatar_url".into(), CanonicalJsonValue::String(a));
+            }
+        }
+    }
+    if matches!(rules.event_id_format, ruma::room_version_rules::EventIdFormatVersion::V1) {
+        obj.insert(
+            "event_id".into(),
+            CanonicalJsonValue::String(format!("${}:{}", crate::util::random_string(18), s.identity.server_name)),
+        );
+    }
+    ruma::signatures::hash_and_sign_event(
+        s.identity.server_name.as_str(),
+        &s.identity.keypair,
+        &mut obj,
+        &rules.redaction,
+    )
+    .map_err(|e| Error::internal(format!("signing the join failed: {e}")))?;
+    Ok(obj)
+}
+
+/// Joins a room we are already in (and hold the state of) through another resident, for a join none of our
+/// users may authorise (a restricted room where no local member can invite; Synapse's "remote join"): the
+/// resident's countersigned join is then handled as any event of the room.
+pub async fn remote_join_resident(
+    s: &FedContext,
+    user_id: &str,
+    room_id: &str,
+    via: &[String],
+    reason: Option<&str>,
+) -> Result<()> {
+    let fed = s.federation.as_ref().ok_or_else(|| Error::forbidden("federation is disabled"))?;
+    let (server, made) = make_join(s, user_id, room_id, via).await?;
+    let room_version = made.get("room_version").and_then(Value::as_str).unwrap_or("1").to_owned();
+    let rules = version::rules(&room_version).map_err(|_| Error::incompatible_room_version(&room_version))?;
+    let obj = join_from_template(s, user_id, &made, &rules, reason).await?;
+    let event_id = version::event_id(&obj, &rules).map_err(Error::internal)?;
+    let path =
+        format!("/_matrix/federation/v2/send_join/{}/{}?omit_members=true", enc(room_id), enc(event_id.as_str()));
+    let ours = serde_json::to_value(&obj)?;
+    let answer = fed.client.request(reqwest::Method::PUT, &server, &path, Some(&ours)).await?;
+    let join_json = match answer.get("event") {
+        Some(ev @ Value::Object(_)) => ev.clone(),
+        _ => ours,
+    };
+    let pdu = verify_batch(s, &room_version, vec![join_json])
+        .await?
+        .pop()
+        .ok_or_else(|| Error::internal("no join event"))?
+        .map_err(|e| Error::internal(format!("our join event is invalid: {e}")))?;
+    let outcome = crate::federation::inbound::ingest(s, &server, room_id, pdu, true).await?;
+    let (rid, uid) = (room_id.to_owned(), user_id.to_owned());
+    let joined = s
+        .store
+        .read(move |c| match rooms::room_by_id(c, &rid)? {
+            Some(r) => Ok(crate::store::members::membership_of(c, r.room_nid, &uid)?.is_some_and(|m| m.0 == "join")),
+            None => Ok(false),
+        })
+        .await?;
+    if !joined {
+        return Err(Error::forbidden(format!("the join through {server} was not accepted here: {outcome}")));
+    }
+    tracing::info!(%room_id, via = %server, "joined through another resident");
+    Ok(())
 }
 
 /// What a stored `send_join` answer left to do: the join itself (as the resident may have countersigned it) on

@@ -11,6 +11,8 @@ pub mod inbound;
 pub mod invite;
 pub mod join;
 pub mod keys;
+pub mod knock;
+pub mod query;
 pub mod resync;
 pub mod sender;
 pub mod stream;

@@ -34,6 +34,7 @@ pub fn routes() -> Router<AppState> {
         .route("/_matrix/federation/v1/send_join/{room_id}/{event_id}", put(send_join_v1))
         .route("/_matrix/federation/v2/send_join/{room_id}/{event_id}", put(send_join_v2))
         .route("/_matrix/federation/v1/make_leave/{room_id}/{user_id}", get(make_leave))
+        .route("/_matrix/federation/v1/send_leave/{room_id}/{event_id}", put(send_leave_v1))
         .route("/_matrix/federation/v2/send_leave/{room_id}/{event_id}", put(send_leave))
         .route("/_matrix/federation/v2/invite/{room_id}/{event_id}", put(invite_v2))
         .route("/_matrix/federation/v1/make_knock/{room_id}/{user_id}", get(make_knock))
@@ -172,7 +173,14 @@ fn make_membership(c: Db<'_>, s: &AppState, room: &RoomRow, user_id: &str, membe
         depth = depth.max(d);
         prev.push((id, sha));
     }
-    let content = json!({"membership": membership});
+    let mut content = json!({"membership": membership});
+    if membership == "join" {
+        // A restricted room: one of our members who may invite vouches for a member of an allowed room.
+        let server = s.identity.server_name.as_str();
+        if let Some(by) = crate::room::membership::restricted_join_authoriser(c, room, sg, user_id, server)? {
+            content["join_authorised_via_users_server"] = json!(by);
+        }
+    }
     let sender = ruma::UserId::parse(user_id).map_err(|e| Error::invalid_param(e.to_string()))?;
     let raw = serde_json::value::to_raw_value(&content)?;
     let types = ruma::state_res::auth_types_for_event(
@@ -348,6 +356,7 @@ async fn accept_membership(
         return Err(Error::not_found("this server cannot help with this room right now"));
     }
     let started = std::time::Instant::now();
+    let body = if membership == "join" { countersign_restricted_join(s, &room, body)? } else { body };
     let pdu = inbound::verify_batch(&s.fed, &room.version, vec![body])
         .await?
         .pop()
@@ -394,6 +403,50 @@ async fn accept_membership(
     tracing::info!(%room_id, %origin, membership, verify_ms = verified.as_millis() as u64, store_ms = stored.as_millis() as u64,
         fan_out_ms = fanned_out.as_millis() as u64, total_ms = started.elapsed().as_millis() as u64, "membership accepted");
     Ok((room, pdu))
+}
+
+/// A join naming one of our users in `join_authorised_via_users_server` (from our `make_join` for a restricted
+/// room) is signed by us before it is checked, as the room's rules require that server's signature; a join naming
+/// another server's user cannot be vouched for here (400, as Synapse answers).
+fn countersign_restricted_join(s: &AppState, room: &RoomRow, body: Value) -> Result<Value> {
+    let Some(by) = body.pointer("/content/join_authorised_via_users_server").and_then(Value::as_str) else {
+        return Ok(body);
+    };
+    let rules = version::rules(&room.version)?;
+    if !rules.authorization.restricted_join_rule {
+        return Ok(body);
+    }
+    if !s.identity.is_local_user(by) {
+        return Err(Error::bad_json("this server can only authorise joins through its own users"));
+    }
+    let mut obj: ruma::canonical_json::CanonicalJsonObject =
+        serde_json::from_value(body).map_err(|e| Error::bad_json(e.to_string()))?;
+    ruma::signatures::sign_event(s.identity.server_name.as_str(), &s.identity.keypair, &mut obj, &rules.redaction)
+        .map_err(|e| Error::bad_json(format!("cannot sign the join: {e}")))?;
+    Ok(serde_json::to_value(obj)?)
+}
+
+/// The servers in the room before `join` (the spec's `servers_in_room`): those with joined members, the joiner's
+/// own only if another of its users is in, and always ours.
+fn servers_before_join(c: Db<'_>, s: &AppState, room: &RoomRow, join: &crate::room::Pdu) -> Result<Vec<String>> {
+    let mut servers = members::joined_servers(c, room.room_nid)?;
+    let joiner_server = join.sender.server_name().as_str();
+    let mut others_joined = false;
+    for user in members::users_of_server(c, room.room_nid, joiner_server)? {
+        if user != join.sender.as_str()
+            && members::membership_of(c, room.room_nid, &user)?.is_some_and(|m| m.0 == "join")
+        {
+            others_joined = true;
+            break;
+        }
+    }
+    if !others_joined {
+        servers.retain(|x| x != joiner_server);
+    }
+    if !servers.iter().any(|x| x == s.identity.server_name.as_str()) {
+        servers.push(s.identity.server_name.to_string());
+    }
+    Ok(servers)
 }
 
 /// The send_join answer; with `omit_members` only the non-member state, the joiner's previous membership and
@@ -450,10 +503,7 @@ fn send_join_answer(c: Db<'_>, s: &AppState, room: &RoomRow, join: &crate::room:
             auth_json.push(serde_json::from_str::<Value>(&j)?);
         }
     }
-    let mut servers = members::joined_servers(c, room.room_nid)?;
-    if !servers.iter().any(|x| x == s.identity.server_name.as_str()) {
-        servers.push(s.identity.server_name.to_string());
-    }
+    let servers = servers_before_join(c, s, room, join)?;
     let mut out = json!({
         "origin": s.identity.server_name.as_str(),
         "state": state_json,
@@ -462,6 +512,10 @@ fn send_join_answer(c: Db<'_>, s: &AppState, room: &RoomRow, join: &crate::room:
     });
     if omit {
         out["servers_in_room"] = json!(servers);
+    }
+    if join.content_value().get("join_authorised_via_users_server").is_some() {
+        // We countersigned it: the joining server needs our signature.
+        out["event"] = serde_json::to_value(&join.json)?;
     }
     Ok(out)
 }
@@ -505,6 +559,16 @@ async fn send_leave(
 ) -> Result<impl IntoResponse> {
     accept_membership(&s, &signed.origin, &room_id, &event_id, signed.body, "leave").await?;
     Ok(axum::Json(json!({})))
+}
+
+/// The deprecated v1 `send_leave`: the same as v2, answered as `[200, {}]`.
+async fn send_leave_v1(
+    State(s): State<AppState>,
+    Path((room_id, event_id)): Path<(String, String)>,
+    signed: Signed,
+) -> Result<impl IntoResponse> {
+    accept_membership(&s, &signed.origin, &room_id, &event_id, signed.body, "leave").await?;
+    Ok(axum::Json(json!([200, {}])))
 }
 
 async fn invite_v2(
@@ -708,7 +772,14 @@ async fn event_auth(
             let pdu = load_pdu_by_str(c, &event_id)?
                 .filter(|p| p.room_id.as_str() == room.room_id)
                 .ok_or_else(|| Error::not_found("event not found"))?;
-            let chain: Vec<String> = state::auth_chain(c, [pdu.event_id])?.into_iter().map(|e| e.to_string()).collect();
+            let mut chain = state::auth_chain(c, [pdu.event_id.clone()])?;
+            // From room version 12 the create event is cited by no event (the room id names it), yet it is part
+            // of every auth chain (as Synapse answers).
+            let create = room.current_sg.map(|sg| crate::room::state_event(c, sg, "m.room.create", ""));
+            if let Some(create) = create.transpose()?.flatten().filter(|cr| cr.event_id != pdu.event_id) {
+                chain.insert(create.event_id);
+            }
+            let chain: Vec<String> = chain.into_iter().map(|e| e.to_string()).collect();
             Ok(json!({"auth_chain": pdus_json(c, &chain)?}))
         })
         .await?;
@@ -758,6 +829,30 @@ fn walk_back(
     Ok(out)
 }
 
+/// The events as `server` may see them: in full, or redacted where the history visibility at the event hides it
+/// from that server (the hashes and signatures stay, so the copy still verifies as a redaction).
+fn pdus_for_server(c: Db<'_>, room: &RoomRow, rows: &[events::EventRow], server: &str) -> Result<Vec<Value>> {
+    let rules = version::rules(&room.version)?;
+    let users = members::users_of_server(c, room.room_nid, server)?;
+    let mut seen: HashMap<Option<StateGroup>, bool> = HashMap::new();
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let visible = match seen.get(&r.sg_after) {
+            Some(v) => *v,
+            None => *seen.entry(r.sg_after).or_insert(crate::room::membership::server_may_see(c, r.sg_after, &users)?),
+        };
+        if visible {
+            out.push(serde_json::from_str(&r.json)?);
+            continue;
+        }
+        let obj: ruma::canonical_json::CanonicalJsonObject = serde_json::from_str(&r.json)?;
+        let redacted = ruma::canonical_json::redact(obj, &rules.redaction, None)
+            .map_err(|e| Error::internal(format!("redacting {}: {e}", r.event_id)))?;
+        out.push(serde_json::to_value(redacted)?);
+    }
+    Ok(out)
+}
+
 async fn get_missing_events(
     State(s): State<AppState>,
     Path(room_id): Path<String>,
@@ -784,9 +879,7 @@ async fn get_missing_events(
             let mut rows = walk_back(c, &room, &latest, &stop, limit, false)?;
             rows.retain(|r| r.depth >= min_depth);
             rows.sort_by_key(|r| r.depth);
-            let pdus: Vec<Value> =
-                rows.iter().map(|r| serde_json::from_str(&r.json)).collect::<std::result::Result<_, _>>()?;
-            Ok(json!({"events": pdus}))
+            Ok(json!({"events": pdus_for_server(c, &room, &rows, &signed.origin)?}))
         })
         .await?;
     Ok(axum::Json(answer))
@@ -818,8 +911,7 @@ async fn backfill(
                 return Err(Error::forbidden("your server is not in this room"));
             }
             let rows = walk_back(c, &room, &from, &HashSet::new(), limit, true)?;
-            let pdus: Vec<Value> =
-                rows.iter().map(|r| serde_json::from_str(&r.json)).collect::<std::result::Result<_, _>>()?;
+            let pdus = pdus_for_server(c, &room, &rows, &signed.origin)?;
             Ok(json!({"origin": me, "origin_server_ts": now_ms(), "pdus": pdus}))
         })
         .await?;

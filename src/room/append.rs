@@ -43,6 +43,21 @@ pub struct Appended {
     pub stream: StreamPos,
 }
 
+/// The current state event at `ev`'s type and key, when `sender` sent it with the same content: sending `ev`
+/// would change nothing, so (as Synapse does) the client gets that event's id back instead of a new event.
+/// Only for a joined member: anyone else gets the refusal a new event would.
+pub fn unchanged_state(conn: Db<'_>, room_id: &RoomId, sender: &UserId, ev: &LocalEvent) -> Result<Option<String>> {
+    let Some(key) = &ev.state_key else { return Ok(None) };
+    let Some(room) = rooms::room_by_id(conn, room_id.as_str())? else { return Ok(None) };
+    let Some(sg) = room.current_sg else { return Ok(None) };
+    if members::membership_of(conn, room.room_nid, sender.as_str())?.is_none_or(|m| m.0 != "join") {
+        return Ok(None);
+    }
+    let Some(current) = crate::room::state_event(conn, sg, &ev.kind, key)? else { return Ok(None) };
+    Ok((!current.rejected && current.sender == sender && current.content_value() == ev.content)
+        .then(|| current.event_id.to_string()))
+}
+
 pub fn to_canonical(v: Value) -> Result<CanonicalJsonValue> {
     CanonicalJsonValue::try_from(v).map_err(|e| Error::bad_json(format!("content is not canonical JSON: {e}")))
 }
@@ -183,6 +198,7 @@ pub fn append_local_or_invite(
         prev.push((id, sha));
     }
     let sg = room.current_sg.ok_or_else(|| Error::forbidden("room has no state"))?;
+    let ev = without_stale_authorisation(conn, sg, ev)?;
 
     let content_raw = serde_json::value::to_raw_value(&ev.content)?;
     let auth_types = ruma::state_res::auth_types_for_event(
@@ -238,6 +254,23 @@ pub fn append_local_or_invite(
         &extra,
     )?;
     Ok(LocalOutcome::Appended(appended))
+}
+
+/// A join of a user already joined (a profile change) needs no authorising user: its
+/// `join_authorised_via_users_server` is dropped, whatever it holds (as Synapse does).
+fn without_stale_authorisation(conn: Db<'_>, sg: StateGroup, mut ev: LocalEvent) -> Result<LocalEvent> {
+    let (Some(target), true) = (&ev.state_key, ev.kind == "m.room.member") else { return Ok(ev) };
+    if ev.content.get("membership").and_then(Value::as_str) != Some("join")
+        || ev.content.get("join_authorised_via_users_server").is_none()
+    {
+        return Ok(ev);
+    }
+    if crate::room::state_event(conn, sg, "m.room.member", target)?.and_then(|p| p.membership()).as_deref()
+        == Some("join")
+    {
+        ev.content.as_object_mut().map(|o| o.remove("join_authorised_via_users_server"));
+    }
+    Ok(ev)
 }
 
 /// Persists an event we built earlier (e.g. a remote-countersigned invite) on top of its prev events and sends it

@@ -124,7 +124,9 @@ pub fn create_room(
             "m.room.canonical_alias": 50, "m.room.avatar": 50, "m.room.tombstone": tombstone,
             "m.room.server_acl": 100, "m.room.encryption": 100
         },
-        "events_default": 0, "state_default": 50, "ban": 50, "kick": 50, "redact": 50, "invite": 0,
+        "events_default": 0, "state_default": 50, "ban": 50, "kick": 50, "redact": 50,
+        // Synapse's defaults: members of a private room may invite, those of a public one need power 50.
+        "invite": if preset == "public_chat" { 50 } else { 0 },
         "historical": 100,
         "notifications": {"room": 50}
     });
@@ -158,7 +160,9 @@ pub fn create_room(
     if !overridden("m.room.history_visibility") {
         send(w, LocalEvent::state("m.room.history_visibility", "", json!({"history_visibility": history})))?;
     }
-    if !overridden("m.room.guest_access") {
+    // `forbidden` is what no event means: like Synapse, only the presets that let guests in send one (peers and
+    // Complement expect a public room's state without it).
+    if guest == "can_join" && !overridden("m.room.guest_access") {
         send(w, LocalEvent::state("m.room.guest_access", "", json!({"guest_access": guest})))?;
     }
     for ev in req.initial_state.iter().cloned() {

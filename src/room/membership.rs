@@ -45,6 +45,15 @@ pub fn set_membership(
         }
     }
     let current = members::membership_of(w.db(), room.room_nid, target.as_str())?.map(|m| m.0);
+    if membership == "join" && sender == target && content.get("join_authorised_via_users_server").is_none() {
+        // A restricted room: one of our members who may invite vouches for a user of an allowed room.
+        if let Some(sg) = room.current_sg {
+            let server = identity.server_name.as_str();
+            if let Some(by) = restricted_join_authoriser(w.db(), &room, sg, target.as_str(), server)? {
+                content["join_authorised_via_users_server"] = json!(by);
+            }
+        }
+    }
     // Idempotent no-ops that auth would reject or that would spam the timeline.
     if membership == "join" && current.as_deref() == Some("join") && sender == target {
         let nid = members::membership_of(w.db(), room.room_nid, target.as_str())?.map_or(EventNid(0), |m| m.1);
@@ -82,6 +91,106 @@ pub fn set_membership(
     )
 }
 
+/// For a join the room's `restricted` (or `knock_restricted`) rule allows through `user_id`'s membership of one
+/// of the allowed rooms (as this server knows it): a member of `local_server` who may invite, to be named in
+/// the join's `join_authorised_via_users_server`. None when the user needs none (already joined or invited, or
+/// not a restricted room), is in no allowed room, or no local member may invite.
+pub fn restricted_join_authoriser(
+    conn: Db<'_>,
+    room: &RoomRow,
+    sg: StateGroup,
+    user_id: &str,
+    local_server: &str,
+) -> Result<Option<String>> {
+    let rules = crate::room::version::rules(&room.version)?;
+    if !rules.authorization.restricted_join_rule {
+        return Ok(None);
+    }
+    let membership_at = |user: &str| -> Result<Option<String>> {
+        Ok(crate::room::state_event(conn, sg, "m.room.member", user)?.and_then(|p| p.membership()))
+    };
+    if matches!(membership_at(user_id)?.as_deref(), Some("join" | "invite")) {
+        return Ok(None);
+    }
+    let Some(jr) = crate::room::state_content(conn, sg, "m.room.join_rules", "")? else { return Ok(None) };
+    let rule = jr.get("join_rule").and_then(Value::as_str).unwrap_or_default();
+    let knock_restricted = rule == "knock_restricted" && rules.authorization.knock_restricted_join_rule;
+    if rule != "restricted" && !knock_restricted {
+        return Ok(None);
+    }
+    let mut allowed = false;
+    for entry in jr.get("allow").and_then(Value::as_array).into_iter().flatten() {
+        if entry.get("type").and_then(Value::as_str) != Some("m.room_membership") {
+            continue;
+        }
+        let Some(other) = entry.get("room_id").and_then(Value::as_str) else { continue };
+        if let Some(r) = rooms::room_by_id(conn, other)? {
+            // What we know of a room we have left is stale: only a room we are in can vouch for its members.
+            let in_it = members::joined_servers(conn, r.room_nid)?.iter().any(|s| s == local_server);
+            if in_it && members::membership_of(conn, r.room_nid, user_id)?.is_some_and(|m| m.0 == "join") {
+                allowed = true;
+                break;
+            }
+        }
+    }
+    if !allowed {
+        return Ok(None);
+    }
+    let power = crate::room::power::PowerLevels::load(conn, sg, &room.version)?;
+    let needed = power.action("invite", 0);
+    let mut best: Option<(i64, String)> = None;
+    for user in members::users_of_server(conn, room.room_nid, local_server)? {
+        let level = power.user(&user);
+        if level >= needed
+            && best.as_ref().is_none_or(|b| level > b.0)
+            && membership_at(&user)?.as_deref() == Some("join")
+        {
+            best = Some((level, user));
+        }
+    }
+    Ok(best.map(|b| b.1))
+}
+
+/// For a join into a room we are in whose restricted rule no local member can authorise (none may invite):
+/// the other servers whose joined members may, to join through (Synapse's `_should_perform_remote_join`). None
+/// when a local join can be tried (not restricted, the user is joined or invited, or a local member may invite).
+pub fn remote_authorisers(
+    conn: Db<'_>,
+    room: &RoomRow,
+    user_id: &str,
+    local_server: &str,
+) -> Result<Option<Vec<String>>> {
+    let Some(sg) = room.current_sg else { return Ok(None) };
+    let rules = crate::room::version::rules(&room.version)?;
+    let rule = crate::room::state_content(conn, sg, "m.room.join_rules", "")?
+        .and_then(|jr| jr.get("join_rule").and_then(Value::as_str).map(str::to_owned));
+    let restricted = match rule.as_deref() {
+        Some("restricted") => rules.authorization.restricted_join_rule,
+        Some("knock_restricted") => rules.authorization.knock_restricted_join_rule,
+        _ => false,
+    };
+    let current = members::membership_of(conn, room.room_nid, user_id)?.map(|m| m.0);
+    if !restricted || matches!(current.as_deref(), Some("join" | "invite")) {
+        return Ok(None);
+    }
+    let power = crate::room::power::PowerLevels::load(conn, sg, &room.version)?;
+    let needed = power.action("invite", 0);
+    let mut servers = Vec::new();
+    for (user, membership, _) in members::members(conn, room.room_nid)? {
+        if membership != "join" || power.user(&user) < needed {
+            continue;
+        }
+        match user.split_once(':').map(|x| x.1) {
+            Some(server) if server == local_server => return Ok(None),
+            Some(server) => servers.push(server.to_owned()),
+            None => {}
+        }
+    }
+    servers.sort();
+    servers.dedup();
+    Ok(Some(servers))
+}
+
 /// How far a user may read a room's timeline.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Visibility {
@@ -112,6 +221,30 @@ pub fn visibility(conn: Db<'_>, room: &RoomRow, user_id: &str) -> Result<Visibil
         }
     }
     Ok(Visibility::None)
+}
+
+/// Whether another server may see an event of the room in full (Synapse's `filter_events_for_server`): under
+/// `invited`/`joined` history visibility at the event only if one of its users (`server_users`, from
+/// [`members::users_of_server`]) was joined (or, for `invited`, invited) then; otherwise it gets a redacted copy.
+/// `sg_after` is the state after the event (None for an outlier, which is never withheld).
+pub fn server_may_see(conn: Db<'_>, sg_after: Option<StateGroup>, server_users: &[String]) -> Result<bool> {
+    let Some(sg) = sg_after else { return Ok(true) };
+    let hv = crate::room::state_content(conn, sg, "m.room.history_visibility", "")?
+        .and_then(|v| v.get("history_visibility").and_then(Value::as_str).map(str::to_owned));
+    let invited_too = match hv.as_deref() {
+        Some("joined") => false,
+        Some("invited") => true,
+        _ => return Ok(true),
+    };
+    for user in server_users {
+        let membership = crate::room::state_event(conn, sg, "m.room.member", user)?.and_then(|p| p.membership());
+        match membership.as_deref() {
+            Some("join") => return Ok(true),
+            Some("invite") if invited_too => return Ok(true),
+            _ => {}
+        }
+    }
+    Ok(false)
 }
 
 /// Loads a room the user may read, or 403/404.

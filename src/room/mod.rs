@@ -129,24 +129,3 @@ pub fn state_content(
 ) -> Result<Option<serde_json::Value>> {
     Ok(state_event(conn, sg, event_type, state_key)?.map(|p| p.content_value()))
 }
-
-/// The id of the room's current `(type, state_key)` event when `sender` sent it with exactly `content`: setting
-/// the same state again is then a no-op answering that event (as Synapse deduplicates client state events).
-/// Only for a joined member: anyone else gets the refusal a new event would.
-pub fn unchanged_state(
-    conn: Db<'_>,
-    room_id: &str,
-    sender: &str,
-    event_type: &str,
-    state_key: &str,
-    content: &serde_json::Value,
-) -> Result<Option<String>> {
-    let Some(room) = rooms::room_by_id(conn, room_id)? else { return Ok(None) };
-    let Some(sg) = room.current_sg else { return Ok(None) };
-    if crate::store::members::membership_of(conn, room.room_nid, sender)?.is_none_or(|m| m.0 != "join") {
-        return Ok(None);
-    }
-    Ok(state_event(conn, sg, event_type, state_key)?
-        .filter(|p| !p.rejected && p.sender.as_str() == sender && p.content_value() == *content)
-        .map(|p| p.event_id.to_string()))
-}

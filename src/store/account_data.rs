@@ -20,7 +20,7 @@ pub fn get(conn: Db<'_>, user_id: &str, room_id: &str, data_type: &str) -> Resul
 /// Replaces one account data type; returns the stream position it was written at.
 pub fn set(w: &mut Writer<'_>, user_id: &str, room_id: &str, data_type: &str, content: &Value) -> Result<i64> {
     let pos = w.next_stream();
-    w.conn
+    w.db()
         .prepare_cached(
             "INSERT INTO account_data (user_id, room_id, data_type, content, stream_ordering) VALUES (?1, ?2, ?3, ?4, ?5)
              ON CONFLICT (user_id, room_id, data_type) DO UPDATE SET content = excluded.content,

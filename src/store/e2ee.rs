@@ -20,7 +20,7 @@ use crate::store::{Db, Writer};
 /// stream position (the `stream_id` of a federation device list update).
 pub fn device_list_changed(w: &mut Writer<'_>, user_id: &str) -> Result<i64> {
     let pos = w.next_stream();
-    w.conn
+    w.db()
         .prepare_cached("INSERT INTO device_list_stream (stream_ordering, user_id) VALUES (?1, ?2)")?
         .execute(params![pos, user_id])?;
     Ok(pos)
@@ -400,7 +400,7 @@ pub fn queue_to_device(
     content: &Value,
 ) -> Result<()> {
     let pos = w.next_stream();
-    w.conn
+    w.db()
         .prepare_cached(
             "INSERT INTO to_device (stream_ordering, user_id, device_id, sender, event_type, content)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",

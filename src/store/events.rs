@@ -282,6 +282,14 @@ pub fn set_backfilled(conn: Db<'_>, event_nid: EventNid, stream: StreamPos, reje
     Ok(())
 }
 
+/// Gives an outlier a stream position while it stays an outlier: an out-of-band membership of one of our users
+/// (a rejected invite's leave) that their `/sync` shows, in a room we hold no state for.
+pub fn set_out_of_band_stream(conn: Db<'_>, event_nid: EventNid, stream: StreamPos) -> Result<()> {
+    conn.prepare_cached("UPDATE events SET stream_ordering = ?2 WHERE event_nid = ?1 AND outlier = 1")?
+        .execute(params![event_nid, stream])?;
+    Ok(())
+}
+
 /// The state group after the last timeline event at or before stream position `pos`.
 pub fn sg_at_stream(conn: Db<'_>, room_nid: RoomNid, pos: StreamPos) -> Result<Option<StateGroup>> {
     Ok(conn
@@ -332,6 +340,20 @@ pub(crate) mod tests {
 
     fn room(conn: Db<'_>) -> RoomNid {
         rooms::insert_room(conn, "!r:x", "12").unwrap()
+    }
+
+    #[test]
+    fn an_out_of_band_outlier_gets_a_stream_position_and_stays_an_outlier() {
+        let conn = memory_db();
+        let r = room(conn.db());
+        let leave = insert_test_event(conn.db(), r, "$leave", None, Some(("m.room.member", "@u:x")));
+        let timeline = insert_test_event(conn.db(), r, "$msg", Some(3), None);
+        set_out_of_band_stream(conn.db(), leave, StreamPos(7)).unwrap();
+        set_out_of_band_stream(conn.db(), timeline, StreamPos(9)).unwrap();
+        let row = event_by_nid(conn.db(), leave).unwrap().unwrap();
+        assert_eq!((row.outlier, row.stream_ordering), (true, Some(StreamPos(7))));
+        // A timeline event keeps its own position.
+        assert_eq!(event_by_nid(conn.db(), timeline).unwrap().unwrap().stream_ordering, Some(StreamPos(3)));
     }
 
     #[test]

@@ -154,6 +154,14 @@ pub fn server_has_member(conn: Db<'_>, room_nid: RoomNid, server: &str) -> Resul
         .exists(params![room_nid, server])?)
 }
 
+/// Users of `server` with any membership in the room (joined, invited, knocking, left or banned), by user id.
+pub fn users_of_server(conn: Db<'_>, room_nid: RoomNid, server: &str) -> Result<Vec<String>> {
+    let mut stmt = conn
+        .prepare_cached("SELECT user_id FROM room_members WHERE room_nid = ?1 AND server_name = ?2 ORDER BY user_id")?;
+    let rows = stmt.query_map(params![room_nid, server], |r| r.get(0))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
 /// Up to `limit` joined or invited members other than `except`, by user id (a nameless room's heroes).
 pub fn some_members_except(conn: Db<'_>, room_nid: RoomNid, except: &str, limit: i64) -> Result<Vec<String>> {
     let mut stmt = conn.prepare_cached(
@@ -277,6 +285,18 @@ mod tests {
             &MemberUpdate { room_nid, user_id, membership, event_nid, displayname: Some("D"), avatar_url: None },
         )
         .unwrap();
+    }
+
+    #[test]
+    fn users_of_server_lists_every_membership_of_that_server() {
+        let conn = memory_db();
+        let r = rooms::insert_room(conn.db(), "!r:x", "12").unwrap();
+        let e = insert_test_event(conn.db(), r, "$e", Some(1), None);
+        set(conn.db(), r, "@b:y", "leave", e);
+        set(conn.db(), r, "@a:y", "invite", e);
+        set(conn.db(), r, "@c:z", "join", e);
+        assert_eq!(users_of_server(conn.db(), r, "y").unwrap(), vec!["@a:y".to_owned(), "@b:y".to_owned()]);
+        assert!(users_of_server(conn.db(), r, "w").unwrap().is_empty());
     }
 
     #[test]

@@ -35,12 +35,12 @@ pub fn current(
 /// Stores a receipt unless it would move the user's marker backwards (clients race; a receipt for an older event
 /// must not undo a newer one). Returns whether anything was written.
 pub fn upsert(w: &mut Writer<'_>, r: &NewReceipt<'_>) -> Result<bool> {
-    if let Some(old) = current(w.conn, r.room_nid, r.receipt_type, r.user_id, r.thread_id)? {
+    if let Some(old) = current(w.db(), r.room_nid, r.receipt_type, r.user_id, r.thread_id)? {
         if old == r.event_id {
             return Ok(false);
         }
         let pos = |id: &str| -> Result<Option<i64>> {
-            Ok(w.conn
+            Ok(w.db()
                 .prepare_cached("SELECT stream_ordering FROM events WHERE event_id = ?1")?
                 .query_row([id], |row| row.get::<_, Option<i64>>(0))
                 .optional()?
@@ -60,7 +60,7 @@ pub fn upsert(w: &mut Writer<'_>, r: &NewReceipt<'_>) -> Result<bool> {
 /// receipts: its own users' markers are its business).
 pub fn set(w: &mut Writer<'_>, r: &NewReceipt<'_>) -> Result<()> {
     let stream = w.next_stream();
-    w.conn
+    w.db()
         .prepare_cached(
             "INSERT INTO receipts (room_nid, receipt_type, user_id, thread_id, event_id, ts, stream_ordering)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)

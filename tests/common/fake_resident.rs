@@ -4,8 +4,9 @@
 //! `rcgen`, its own ed25519 signing key, server name `127.0.0.1:PORT`). It holds one room ([`FakeRoom`]) whose
 //! events it builds and signs itself with correct hashes, signatures, `auth_events` and `prev_events`, and serves
 //! what a joining server needs: keys, `make_join`, `send_join` v2 (honouring `omit_members`), `/state_ids`,
-//! `/state`, `/event`, `/event_auth`, `get_missing_events`, `backfill`, and `PUT /send` (received PDUs are
-//! recorded, and added to the room's DAG when their prev events are known).
+//! `/state`, `/event`, `/event_auth`, `get_missing_events`, `backfill`, `make_leave`/`send_leave`,
+//! `make_knock`/`send_knock` (refused unless the join rule takes knocks), and `PUT /send` (received PDUs are recorded, and added to the room's DAG when their
+//! prev events are known).
 //!
 //! The fake is an independent oracle: it builds, hashes and signs events, computes event ids, answers key requests
 //! and signs its `X-Matrix` requests with its own minimal code over ruma (`ruma::canonical_json`,
@@ -824,8 +825,8 @@ async fn scripted(State(i): State<Shared>, req: axum::extract::Request, next: ax
 /// One request the fake received.
 #[derive(Clone, Debug)]
 pub struct Request {
-    /// `make_join`, `send_join`, `state_ids`, `state`, `event`, `event_auth`, `get_missing_events`, `backfill`,
-    /// `send`, `key`, or `other`.
+    /// `make_join`, `send_join`, `make_leave`, `send_leave`, `make_knock`, `send_knock`, `state_ids`, `state`,
+    /// `event`, `event_auth`, `get_missing_events`, `backfill`, `send`, `key`, or `other`.
     pub kind: String,
     /// The event id for `event`, `state_ids`, `state`; the path otherwise.
     pub detail: String,
@@ -1055,6 +1056,10 @@ impl FakeResident {
             )
             .route("/_matrix/federation/v1/make_join/{room_id}/{user_id}", get(make_join))
             .route("/_matrix/federation/v2/send_join/{room_id}/{event_id}", put(send_join))
+            .route("/_matrix/federation/v1/make_leave/{room_id}/{user_id}", get(make_leave))
+            .route("/_matrix/federation/v2/send_leave/{room_id}/{event_id}", put(send_leave))
+            .route("/_matrix/federation/v1/make_knock/{room_id}/{user_id}", get(make_knock))
+            .route("/_matrix/federation/v1/send_knock/{room_id}/{event_id}", put(send_knock))
             .route("/_matrix/federation/v1/state_ids/{room_id}", get(state_ids))
             .route("/_matrix/federation/v1/state/{room_id}", get(state))
             .route("/_matrix/federation/v1/event/{event_id}", get(event))
@@ -1333,8 +1338,79 @@ fn check_room(r: &FakeRoom, room_id: &str) -> Option<Response> {
 
 async fn make_join(State(i): State<Shared>, UrlPath((room_id, user_id)): UrlPath<(String, String)>) -> Response {
     i.ctl.arrive("make_join", user_id.clone()).await;
-    let r = i.room.lock().unwrap();
+    make_membership(&i, &room_id, &user_id, "join")
+}
+
+async fn make_leave(State(i): State<Shared>, UrlPath((room_id, user_id)): UrlPath<(String, String)>) -> Response {
+    i.ctl.arrive("make_leave", user_id.clone()).await;
+    make_membership(&i, &room_id, &user_id, "leave")
+}
+
+/// `send_leave` v2: the leave joins the DAG (and is recorded as received).
+async fn send_leave(
+    State(i): State<Shared>,
+    UrlPath((room_id, event_id)): UrlPath<(String, String)>,
+    axum::Json(body): axum::Json<Value>,
+) -> Response {
+    i.ctl.arrive("send_leave", event_id.clone()).await;
+    let mut r = i.room.lock().unwrap();
     if let Some(e) = check_room(&r, &room_id) {
+        return e;
+    }
+    match r.receive(&body, true) {
+        Ok(id) if id == event_id => {}
+        Ok(_) => return err(StatusCode::BAD_REQUEST, "M_BAD_JSON", "event id does not match"),
+        Err(e) => return err(StatusCode::BAD_REQUEST, "M_BAD_JSON", &e),
+    }
+    i.ctl.received.lock().unwrap().push((event_id, body));
+    axum::Json(json!({})).into_response()
+}
+
+/// `make_knock`: refused (403) unless the room's join rule lets users knock.
+async fn make_knock(State(i): State<Shared>, UrlPath((room_id, user_id)): UrlPath<(String, String)>) -> Response {
+    i.ctl.arrive("make_knock", user_id.clone()).await;
+    {
+        let r = i.room.lock().unwrap();
+        let rule = r
+            .state_id("m.room.join_rules", "")
+            .and_then(|id| r.get(&id).map(|e| e.json["content"]["join_rule"].clone()));
+        if !matches!(rule.as_ref().and_then(Value::as_str), Some("knock" | "knock_restricted")) {
+            return err(StatusCode::FORBIDDEN, "M_FORBIDDEN", "you may not knock on this room");
+        }
+    }
+    make_membership(&i, &room_id, &user_id, "knock")
+}
+
+/// `send_knock`: the knock joins the DAG; the answer is the room's stripped state (create, join rules, name).
+async fn send_knock(
+    State(i): State<Shared>,
+    UrlPath((room_id, event_id)): UrlPath<(String, String)>,
+    axum::Json(body): axum::Json<Value>,
+) -> Response {
+    i.ctl.arrive("send_knock", event_id.clone()).await;
+    let mut r = i.room.lock().unwrap();
+    if let Some(e) = check_room(&r, &room_id) {
+        return e;
+    }
+    match r.receive(&body, true) {
+        Ok(id) if id == event_id => {}
+        Ok(_) => return err(StatusCode::BAD_REQUEST, "M_BAD_JSON", "event id does not match"),
+        Err(e) => return err(StatusCode::BAD_REQUEST, "M_BAD_JSON", &e),
+    }
+    i.ctl.received.lock().unwrap().push((event_id, body));
+    let stripped: Vec<Value> = ["m.room.create", "m.room.join_rules", "m.room.name"]
+        .iter()
+        .filter_map(|t| r.state_id(t, "").and_then(|id| r.get(&id).cloned()))
+        .map(|e| json!({"type": e.json["type"], "state_key": "", "sender": e.json["sender"], "content": e.json["content"]}))
+        .collect();
+    axum::Json(json!({"knock_room_state": stripped})).into_response()
+}
+
+/// An unsigned `membership` event template for `user_id` on the room's current state.
+fn make_membership(i: &Shared, room_id: &str, user_id: &str, membership: &str) -> Response {
+    let user_id = user_id.to_owned();
+    let r = i.room.lock().unwrap();
+    if let Some(e) = check_room(&r, room_id) {
         return e;
     }
     let state = r.current_state();
@@ -1345,8 +1421,8 @@ async fn make_join(State(i): State<Shared>, UrlPath((room_id, user_id)): UrlPath
     if banned == Some(true) {
         return err(StatusCode::FORBIDDEN, "M_FORBIDDEN", "banned from the room");
     }
-    let spec = EventSpec::member(&user_id, "join");
-    let content = json!({"membership": "join"});
+    let spec = EventSpec::member(&user_id, membership);
+    let content = json!({"membership": membership});
     let auth = r.auth_for(&state, &EventSpec { content: content.clone(), ..spec });
     let depth = r.extremities.iter().map(|p| r.events[p].depth).max().unwrap_or(0) + 1;
     let mut ev = json!({
