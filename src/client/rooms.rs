@@ -41,8 +41,8 @@ pub struct StateEventBody {
     content: Value,
 }
 
-fn check_user_id(u: &str) -> Result<()> {
-    ruma::UserId::parse(u).map(|_| ()).map_err(|e| Error::invalid_param(format!("invalid user id {u}: {e}")))
+fn check_user_id(u: &str) -> Result<ruma::OwnedUserId> {
+    ruma::UserId::parse(u).map_err(|e| Error::invalid_param(format!("invalid user id {u}: {e}")))
 }
 
 pub async fn create_room(
@@ -74,7 +74,7 @@ pub async fn create_room(
         return Err(Error::bad_json("creation_content must be an object"));
     }
     let req = CreateRoom {
-        creator: crate::room::parse_user_id(&auth.user_id)?,
+        creator: auth.user_id.clone(),
         room_version: body.room_version,
         preset: body.preset,
         visibility_public,
@@ -167,7 +167,7 @@ pub async fn join(
     if body.third_party_signed.as_ref().is_some_and(|t| !t.is_null()) {
         return Err(Error::invalid_param("third-party invites (third_party_signed) are not supported"));
     }
-    s.join_limiter.take(&auth.user_id).map_err(Error::limit_exceeded)?;
+    s.join_limiter.take(auth.user_id.as_str()).map_err(Error::limit_exceeded)?;
     let (room_id, mut servers) = resolve_room(&s, &id_or_alias).await?;
     // `via` / `server_name` query parameters (repeatable) come first.
     let mut via: Vec<String> = q
@@ -191,7 +191,7 @@ pub async fn join(
             }
             Some(r) => {
                 // Invited over federation: join through the inviter's server.
-                let inviter = match members::membership_of(c, r.room_nid, &uid)? {
+                let inviter = match members::membership_of(c, r.room_nid, uid.as_str())? {
                     Some((_, nid)) => events::event_by_nid(c, nid)?.map(|e| e.sender),
                     None => None,
                 };
@@ -210,7 +210,7 @@ pub async fn join(
         let rid = room_id.clone();
         s.store
             .write(move |w| {
-                let uid = crate::room::parse_user_id(&auth.user_id)?;
+                let uid = auth.user_id.clone();
                 set_membership(
                     w,
                     &identity,
@@ -233,7 +233,7 @@ pub async fn join(
     if via.is_empty() {
         return Err(Error::not_found("no known servers to join this room through"));
     }
-    crate::federation::join::remote_join(&s.fed, &auth.user_id, &room_id, &via, body.reason.as_deref()).await?;
+    crate::federation::join::remote_join(&s.fed, auth.user_id.as_str(), &room_id, &via, body.reason.as_deref()).await?;
     Ok(axum::Json(json!({"room_id": room_id})))
 }
 
@@ -241,7 +241,7 @@ async fn membership_op(
     s: &AppState,
     auth: &Auth,
     room_id: String,
-    target: String,
+    target: ruma::OwnedUserId,
     membership: &'static str,
     reason: Option<String>,
 ) -> Result<()> {
@@ -258,7 +258,7 @@ async fn membership_op(
                 if room.current_sg.is_some() {
                     return Ok(None);
                 }
-                let Some((_, nid)) = members::membership_of(c, room.room_nid, &uid)? else { return Ok(None) };
+                let Some((_, nid)) = members::membership_of(c, room.room_nid, uid.as_str())? else { return Ok(None) };
                 Ok(events::event_by_nid(c, nid)?.map(|r| r.sender))
             })
             .await?;
@@ -267,23 +267,14 @@ async fn membership_op(
             if let Some(sn) = ruma::RoomId::parse(&room_id).ok().and_then(|r| r.server_name().map(|s| s.to_string())) {
                 servers.push(sn);
             }
-            return crate::federation::invite::remote_leave(&s.fed, &target, &room_id, &servers).await;
+            return crate::federation::invite::remote_leave(&s.fed, target.as_str(), &room_id, &servers).await;
         }
     }
     let r = s
         .store
         .write(move |w| {
-            let (room_id, sender) = (crate::room::parse_room_id(&room_id)?, crate::room::parse_user_id(&sender)?);
-            set_membership(
-                w,
-                &identity,
-                &room_id,
-                &sender,
-                &crate::room::parse_user_id(&target)?,
-                membership,
-                reason.as_deref(),
-                None,
-            )
+            let (room_id, sender) = (crate::room::parse_room_id(&room_id)?, sender);
+            set_membership(w, &identity, &room_id, &sender, &target, membership, reason.as_deref(), None)
         })
         .await?;
     match r {
@@ -323,10 +314,9 @@ pub async fn leave(
     Ok(axum::Json(json!({})))
 }
 
-fn target(body: &ReasonBody) -> Result<String> {
+fn target(body: &ReasonBody) -> Result<ruma::OwnedUserId> {
     let t = body.user_id.clone().ok_or_else(|| Error::missing_param("user_id is required"))?;
-    check_user_id(&t)?;
-    Ok(t)
+    check_user_id(&t)
 }
 
 pub async fn invite(
@@ -374,7 +364,10 @@ pub async fn unban(
     let current = s
         .store
         .read(move |c| {
-            Ok(rooms::room_by_id(c, &rid)?.map(|r| members::membership_of(c, r.room_nid, &tt)).transpose()?.flatten())
+            Ok(rooms::room_by_id(c, &rid)?
+                .map(|r| members::membership_of(c, r.room_nid, tt.as_str()))
+                .transpose()?
+                .flatten())
         })
         .await?;
     if current.map(|m| m.0).as_deref() != Some("ban") {
@@ -388,21 +381,21 @@ pub async fn forget(State(s): State<AppState>, auth: Auth, Path(room_id): Path<S
     s.store
         .write(move |w| {
             let room = rooms::room_by_id(w.db(), &room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
-            match members::membership_of(w.db(), room.room_nid, &auth.user_id)? {
+            match members::membership_of(w.db(), room.room_nid, auth.user_id.as_str())? {
                 Some((m, _)) if m == "join" || m == "invite" => {
                     return Err(Error::unknown("leave the room before forgetting it"))
                 }
                 None => return Err(Error::not_found("you were never in this room")),
                 _ => {}
             }
-            members::forget(w.db(), &auth.user_id, room.room_nid)
+            members::forget(w.db(), auth.user_id.as_str(), room.room_nid)
         })
         .await?;
     Ok(axum::Json(json!({})))
 }
 
 pub async fn joined_rooms(State(s): State<AppState>, auth: Auth) -> Result<impl IntoResponse> {
-    let rooms = s.store.read(move |c| members::rooms_with_membership(c, &auth.user_id, "join")).await?;
+    let rooms = s.store.read(move |c| members::rooms_with_membership(c, auth.user_id.as_str(), "join")).await?;
     Ok(axum::Json(json!({"joined_rooms": rooms.into_iter().map(|r| r.1).collect::<Vec<_>>()})))
 }
 
@@ -421,13 +414,13 @@ pub async fn send(
     if event_type.len() > 255 {
         return Err(Error::bad_json("event type too long"));
     }
-    s.message_limiter.take(&auth.user_id).map_err(Error::limit_exceeded)?;
+    s.message_limiter.take(auth.user_id.as_str()).map_err(Error::limit_exceeded)?;
     let identity = s.identity.clone();
     let event_id = s
         .store
         .write(move |w| {
             let key = format!("{room_id}/{txn_id}");
-            if let Some(id) = txn_ids::sent_event(w.db(), &auth.user_id, &auth.device_id, &key)? {
+            if let Some(id) = txn_ids::sent_event(w.db(), auth.user_id.as_str(), &auth.device_id, &key)? {
                 return Ok(id);
             }
             let mut ev = LocalEvent::message(&event_type, content);
@@ -456,11 +449,11 @@ fn append_with_txn(
         w,
         identity,
         &crate::room::parse_room_id(room_id)?,
-        &crate::room::parse_user_id(&auth.user_id)?,
+        &auth.user_id,
         ev,
         Some((&auth.device_id, txn_id)),
     )?;
-    txn_ids::record_sent_event(w.db(), &auth.user_id, &auth.device_id, key, &a.event_id)?;
+    txn_ids::record_sent_event(w.db(), auth.user_id.as_str(), &auth.device_id, key, &a.event_id)?;
     Ok(a)
 }
 
@@ -476,7 +469,7 @@ pub async fn redact(
         .store
         .write(move |w| {
             let key = format!("{room_id}/redact/{txn_id}");
-            if let Some(id) = txn_ids::sent_event(w.db(), &auth.user_id, &auth.device_id, &key)? {
+            if let Some(id) = txn_ids::sent_event(w.db(), auth.user_id.as_str(), &auth.device_id, &key)? {
                 return Ok(id);
             }
             let mut content = json!({});
@@ -536,7 +529,7 @@ pub async fn put_state(
                 w,
                 &identity,
                 &crate::room::parse_room_id(&room_id)?,
-                &crate::room::parse_user_id(&auth.user_id)?,
+                &auth.user_id,
                 LocalEvent::state(&event_type, &state_key, content),
                 None,
             )
@@ -559,7 +552,7 @@ pub async fn get_state_event(
     let content = s
         .store
         .read(move |c| {
-            let (room, vis) = readable_room(c, &room_id, &auth.user_id)?;
+            let (room, vis) = readable_room(c, &room_id, auth.user_id.as_str())?;
             let sg = visible_state_group(c, &room, vis)?.ok_or_else(|| Error::not_found("no state"))?;
             crate::room::state_content(c, sg, &event_type, &state_key)
         })
@@ -576,7 +569,7 @@ pub async fn get_state(
     let list = s
         .store
         .read(move |c| {
-            let (room, vis) = readable_room(c, &room_id, &auth.user_id)?;
+            let (room, vis) = readable_room(c, &room_id, auth.user_id.as_str())?;
             let sg = visible_state_group(c, &room, vis)?.ok_or_else(|| Error::not_found("no state"))?;
             let mut out = Vec::new();
             for nid in state_groups::load_state(c, sg)?.values() {
@@ -598,7 +591,7 @@ pub async fn get_event(
     let ev = s
         .store
         .read(move |c| {
-            let (room, vis) = readable_room(c, &room_id, &auth.user_id)?;
+            let (room, vis) = readable_room(c, &room_id, auth.user_id.as_str())?;
             let row = events::event_by_id(c, &event_id)?
                 .filter(|r| r.room_nid == room.room_nid && r.rejected.is_none())
                 .ok_or_else(|| Error::not_found("event not found"))?;
@@ -608,11 +601,11 @@ pub async fn get_event(
                 }
             }
             if row.stream_ordering.map_or(i64::MIN, |p| p.0)
-                < crate::room::membership::visible_from(c, &room, &auth.user_id)?
+                < crate::room::membership::visible_from(c, &room, auth.user_id.as_str())?
             {
                 return Err(Error::not_found("event not found"));
             }
-            format::event(c, &row, &room.room_id, Some((&auth.user_id, &auth.device_id)), true)
+            format::event(c, &row, &room.room_id, Some((auth.user_id.as_str(), &auth.device_id)), true)
         })
         .await?;
     Ok(axum::Json(ev))
@@ -666,7 +659,7 @@ pub async fn members(
     let chunk = s
         .store
         .read(move |c| {
-            let (room, vis) = readable_room(c, &room_id, &auth.user_id)?;
+            let (room, vis) = readable_room(c, &room_id, auth.user_id.as_str())?;
             let at_pos = match q.at.as_deref() {
                 Some(t) => Some(crate::client::sync::parse_token(t)?.stream),
                 None => match vis {
@@ -715,7 +708,7 @@ pub async fn joined_members(
     let joined = s
         .store
         .read(move |c| {
-            let (room, vis) = readable_room(c, &room_id, &auth.user_id)?;
+            let (room, vis) = readable_room(c, &room_id, auth.user_id.as_str())?;
             // This is the current member list: former members may not see it (they keep /members `at` their leave).
             if let crate::room::membership::Visibility::UpTo(_) = vis {
                 return Err(Error::forbidden("you are not in this room"));
@@ -777,10 +770,12 @@ pub async fn put_alias(
     s.store
         .write(move |w| {
             let room = rooms::room_by_id(w.db(), &body.room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
-            if members::membership_of(w.db(), room.room_nid, &auth.user_id)?.map(|m| m.0).as_deref() != Some("join") {
+            if members::membership_of(w.db(), room.room_nid, auth.user_id.as_str())?.map(|m| m.0).as_deref()
+                != Some("join")
+            {
                 return Err(Error::forbidden("you are not in this room"));
             }
-            if !rooms::insert_alias(w.db(), &alias, &room.room_id, &auth.user_id)? {
+            if !rooms::insert_alias(w.db(), &alias, &room.room_id, auth.user_id.as_str())? {
                 return Err(Error::conflict("room alias already exists"));
             }
             Ok(())
@@ -804,7 +799,7 @@ pub async fn delete_alias(
                 match room.and_then(|r| r.current_sg.map(|sg| (r, sg))) {
                     Some((r, sg)) => {
                         let pl = crate::room::power::PowerLevels::load(w.db(), sg, &r.version)?;
-                        pl.user(&auth.user_id) >= pl.for_event("m.room.canonical_alias", true)
+                        pl.user(auth.user_id.as_str()) >= pl.for_event("m.room.canonical_alias", true)
                     }
                     None => false,
                 }
@@ -827,7 +822,7 @@ pub async fn room_aliases(
     let aliases = s
         .store
         .read(move |c| {
-            readable_room(c, &room_id, &auth.user_id)?;
+            readable_room(c, &room_id, auth.user_id.as_str())?;
             rooms::aliases_of(c, &room_id)
         })
         .await?;
@@ -865,9 +860,9 @@ pub async fn set_visibility(
             let room = rooms::room_by_id(w.db(), &room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
             let sg = room.current_sg.ok_or_else(|| Error::not_found("unknown room"))?;
             let pl = crate::room::power::PowerLevels::load(w.db(), sg, &room.version)?;
-            let joined =
-                members::membership_of(w.db(), room.room_nid, &auth.user_id)?.map(|m| m.0).as_deref() == Some("join");
-            let allowed = joined && pl.user(&auth.user_id) >= pl.for_event("m.room.canonical_alias", true);
+            let joined = members::membership_of(w.db(), room.room_nid, auth.user_id.as_str())?.map(|m| m.0).as_deref()
+                == Some("join");
+            let allowed = joined && pl.user(auth.user_id.as_str()) >= pl.for_event("m.room.canonical_alias", true);
             if !auth.admin && !allowed {
                 return Err(Error::forbidden("you may not change this room's directory visibility"));
             }

@@ -97,14 +97,14 @@ async fn messages_page(
     let (auth, room_id, filter) = (auth.clone(), room_id.to_owned(), filter.clone());
     s.store
         .read(move |c| {
-            let (room, vis) = readable_room(c, &room_id, &auth.user_id)?;
+            let (room, vis) = readable_room(c, &room_id, auth.user_id.as_str())?;
             let cap = match vis {
                 Visibility::UpTo(p) => p,
                 _ => i64::MAX,
             };
             let from = from.map(|t| t.stream).unwrap_or(if backwards { current } else { 0 });
             // History visibility: nothing before the user may see it (`joined`/`invited` rooms).
-            let floor = crate::room::membership::visible_from(c, &room, &auth.user_id)?.saturating_sub(1);
+            let floor = crate::room::membership::visible_from(c, &room, auth.user_id.as_str())?.saturating_sub(1);
             let (a, b) = if backwards {
                 (from.min(cap), to.map(|t| t.stream).unwrap_or(i64::MIN).max(floor))
             } else {
@@ -119,7 +119,7 @@ async fn messages_page(
             let device = Some((auth.user_id.as_str(), auth.device_id.as_str()));
             let mut senders = std::collections::BTreeSet::new();
             let mut chunk = Vec::new();
-            let ignored = crate::client::notifications::ignored_users(c, &auth.user_id)?;
+            let ignored = crate::client::notifications::ignored_users(c, auth.user_id.as_str())?;
             for r in
                 rows.iter().filter(|r| filter.timeline.allows(&r.event_type, &r.sender) && !ignored.contains(&r.sender))
             {
@@ -171,7 +171,7 @@ pub async fn context(
     let body = s
         .store
         .read(move |c| {
-            let (room, vis) = readable_room(c, &room_id, &auth.user_id)?;
+            let (room, vis) = readable_room(c, &room_id, auth.user_id.as_str())?;
             let target = events::event_by_id(c, &event_id)?
                 .filter(|r| r.room_nid == room.room_nid && r.stream_ordering.is_some())
                 .ok_or_else(|| Error::not_found("event not found"))?;
@@ -180,7 +180,7 @@ pub async fn context(
                 Visibility::UpTo(p) => p,
                 _ => i64::MAX,
             };
-            let floor = crate::room::membership::visible_from(c, &room, &auth.user_id)?;
+            let floor = crate::room::membership::visible_from(c, &room, auth.user_id.as_str())?;
             if pos > cap || pos < floor {
                 return Err(Error::not_found("event not found"));
             }
@@ -196,7 +196,7 @@ pub async fn context(
                 limit - half,
             )?;
             let after = timeline::oldest_first(c, room_nid, StreamPos(pos), StreamPos(cap), half)?;
-            let ignored = crate::client::notifications::ignored_users(c, &auth.user_id)?;
+            let ignored = crate::client::notifications::ignored_users(c, auth.user_id.as_str())?;
             let fmt = |rows: &[events::EventRow]| -> Result<Vec<Value>> {
                 rows.iter()
                     .filter(|r| filter.timeline.allows(&r.event_type, &r.sender) && !ignored.contains(&r.sender))
