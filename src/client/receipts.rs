@@ -60,7 +60,12 @@ pub async fn typing(
         .await?;
     let Some((room_nid, remote)) = joined else { return Err(Error::forbidden("you are not joined to this room")) };
     // Typing::set caps the timeout; 30 s is what clients expect when they send none.
-    s.typing.set(&room_id, &user_id, body.typing, Duration::from_millis(body.timeout.unwrap_or(30_000)));
+    s.typing.set(
+        &crate::room::parse_room_id(&room_id)?,
+        &auth.user_id,
+        body.typing,
+        Duration::from_millis(body.timeout.unwrap_or(30_000)),
+    );
     if remote && s.federation.is_some() {
         let edu =
             json!({"edu_type": "m.typing", "content": {"room_id": room_id, "user_id": user_id, "typing": body.typing}});

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::http::{qs, AppState, Auth, Json, Query};
 use crate::room::append::{append_local, LocalEvent, LocalOutcome};
 use crate::room::create::{create_room as core_create, CreateRoom};
-use crate::room::membership::{readable_room, set_membership, visible_state_group};
+use crate::room::membership::{parse_readable_room_id, readable_room, set_membership, visible_state_group};
 use crate::store::ids::{EventNid, StreamPos};
 use crate::store::{events, members, rooms, state_groups, timeline, txn_ids};
 
@@ -233,7 +233,8 @@ pub async fn join(
     if via.is_empty() {
         return Err(Error::not_found("no known servers to join this room through"));
     }
-    crate::federation::join::remote_join(&s.fed, auth.user_id.as_str(), &room_id, &via, body.reason.as_deref()).await?;
+    let rid = crate::room::parse_room_id(&room_id)?;
+    crate::federation::join::remote_join(&s.fed, &auth.user_id, &rid, &via, body.reason.as_deref()).await?;
     Ok(axum::Json(json!({"room_id": room_id})))
 }
 
@@ -267,7 +268,8 @@ async fn membership_op(
             if let Some(sn) = ruma::RoomId::parse(&room_id).ok().and_then(|r| r.server_name().map(|s| s.to_string())) {
                 servers.push(sn);
             }
-            return crate::federation::invite::remote_leave(&s.fed, target.as_str(), &room_id, &servers).await;
+            let rid = crate::room::parse_room_id(&room_id)?;
+            return crate::federation::invite::remote_leave(&s.fed, &target, &rid, &servers).await;
         }
     }
     let r = s
@@ -552,7 +554,7 @@ pub async fn get_state_event(
     let content = s
         .store
         .read(move |c| {
-            let (room, vis) = readable_room(c, &room_id, auth.user_id.as_str())?;
+            let (room, vis) = readable_room(c, &parse_readable_room_id(&room_id)?, &auth.user_id)?;
             let sg = visible_state_group(c, &room, vis)?.ok_or_else(|| Error::not_found("no state"))?;
             crate::room::state_content(c, sg, &event_type, &state_key)
         })
@@ -569,7 +571,7 @@ pub async fn get_state(
     let list = s
         .store
         .read(move |c| {
-            let (room, vis) = readable_room(c, &room_id, auth.user_id.as_str())?;
+            let (room, vis) = readable_room(c, &parse_readable_room_id(&room_id)?, &auth.user_id)?;
             let sg = visible_state_group(c, &room, vis)?.ok_or_else(|| Error::not_found("no state"))?;
             let mut out = Vec::new();
             for nid in state_groups::load_state(c, sg)?.values() {
@@ -591,7 +593,7 @@ pub async fn get_event(
     let ev = s
         .store
         .read(move |c| {
-            let (room, vis) = readable_room(c, &room_id, auth.user_id.as_str())?;
+            let (room, vis) = readable_room(c, &parse_readable_room_id(&room_id)?, &auth.user_id)?;
             let row = events::event_by_id(c, &event_id)?
                 .filter(|r| r.room_nid == room.room_nid && r.rejected.is_none())
                 .ok_or_else(|| Error::not_found("event not found"))?;
@@ -601,7 +603,7 @@ pub async fn get_event(
                 }
             }
             if row.stream_ordering.map_or(i64::MIN, |p| p.0)
-                < crate::room::membership::visible_from(c, &room, auth.user_id.as_str())?
+                < crate::room::membership::visible_from(c, &room, &auth.user_id)?
             {
                 return Err(Error::not_found("event not found"));
             }
@@ -659,7 +661,7 @@ pub async fn members(
     let chunk = s
         .store
         .read(move |c| {
-            let (room, vis) = readable_room(c, &room_id, auth.user_id.as_str())?;
+            let (room, vis) = readable_room(c, &parse_readable_room_id(&room_id)?, &auth.user_id)?;
             let at_pos = match q.at.as_deref() {
                 Some(t) => Some(crate::client::sync::parse_token(t)?.stream),
                 None => match vis {
@@ -708,7 +710,7 @@ pub async fn joined_members(
     let joined = s
         .store
         .read(move |c| {
-            let (room, vis) = readable_room(c, &room_id, auth.user_id.as_str())?;
+            let (room, vis) = readable_room(c, &parse_readable_room_id(&room_id)?, &auth.user_id)?;
             // This is the current member list: former members may not see it (they keep /members `at` their leave).
             if let crate::room::membership::Visibility::UpTo(_) = vis {
                 return Err(Error::forbidden("you are not in this room"));
@@ -799,7 +801,7 @@ pub async fn delete_alias(
                 match room.and_then(|r| r.current_sg.map(|sg| (r, sg))) {
                     Some((r, sg)) => {
                         let pl = crate::room::power::PowerLevels::load(w.db(), sg, &r.version)?;
-                        pl.user(auth.user_id.as_str()) >= pl.for_event("m.room.canonical_alias", true)
+                        pl.user(&auth.user_id) >= pl.for_event("m.room.canonical_alias", true)
                     }
                     None => false,
                 }
@@ -822,7 +824,7 @@ pub async fn room_aliases(
     let aliases = s
         .store
         .read(move |c| {
-            readable_room(c, &room_id, auth.user_id.as_str())?;
+            readable_room(c, &parse_readable_room_id(&room_id)?, &auth.user_id)?;
             rooms::aliases_of(c, &room_id)
         })
         .await?;
@@ -862,7 +864,7 @@ pub async fn set_visibility(
             let pl = crate::room::power::PowerLevels::load(w.db(), sg, &room.version)?;
             let joined = members::membership_of(w.db(), room.room_nid, auth.user_id.as_str())?.map(|m| m.0).as_deref()
                 == Some("join");
-            let allowed = joined && pl.user(auth.user_id.as_str()) >= pl.for_event("m.room.canonical_alias", true);
+            let allowed = joined && pl.user(&auth.user_id) >= pl.for_event("m.room.canonical_alias", true);
             if !auth.admin && !allowed {
                 return Err(Error::forbidden("you may not change this room's directory visibility"));
             }

@@ -363,7 +363,7 @@ fn room_window(
 ) -> Result<RoomSync> {
     let limit = filter.timeline_limit.unwrap_or(10).clamp(0, 100);
     // History visibility: the timeline never reaches back before what the user may see.
-    let floor = crate::room::membership::visible_from(c, room, auth.user_id.as_str())?.saturating_sub(1);
+    let floor = crate::room::membership::visible_from(c, room, &auth.user_id)?.saturating_sub(1);
     let after = StreamPos(since.unwrap_or(i64::MIN).max(floor));
     let rows = timeline::newest_first(c, room.room_nid, after, StreamPos(upto), (limit + 1) as i64)?;
     let limited = rows.len() > limit || (since.is_none() && rows.len() == limit + 1);

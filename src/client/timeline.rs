@@ -9,7 +9,7 @@ use crate::client::format;
 use crate::client::sync::{parse_token, Filter, Token};
 use crate::error::{Error, Result};
 use crate::http::{qs, AppState, Auth, Query};
-use crate::room::membership::{readable_room, Visibility};
+use crate::room::membership::{parse_readable_room_id, readable_room, Visibility};
 use crate::store::ids::StreamPos;
 use crate::store::{events, state_groups, timeline};
 
@@ -97,14 +97,14 @@ async fn messages_page(
     let (auth, room_id, filter) = (auth.clone(), room_id.to_owned(), filter.clone());
     s.store
         .read(move |c| {
-            let (room, vis) = readable_room(c, &room_id, auth.user_id.as_str())?;
+            let (room, vis) = readable_room(c, &parse_readable_room_id(&room_id)?, &auth.user_id)?;
             let cap = match vis {
                 Visibility::UpTo(p) => p,
                 _ => i64::MAX,
             };
             let from = from.map(|t| t.stream).unwrap_or(if backwards { current } else { 0 });
             // History visibility: nothing before the user may see it (`joined`/`invited` rooms).
-            let floor = crate::room::membership::visible_from(c, &room, auth.user_id.as_str())?.saturating_sub(1);
+            let floor = crate::room::membership::visible_from(c, &room, &auth.user_id)?.saturating_sub(1);
             let (a, b) = if backwards {
                 (from.min(cap), to.map(|t| t.stream).unwrap_or(i64::MIN).max(floor))
             } else {
@@ -171,7 +171,7 @@ pub async fn context(
     let body = s
         .store
         .read(move |c| {
-            let (room, vis) = readable_room(c, &room_id, auth.user_id.as_str())?;
+            let (room, vis) = readable_room(c, &parse_readable_room_id(&room_id)?, &auth.user_id)?;
             let target = events::event_by_id(c, &event_id)?
                 .filter(|r| r.room_nid == room.room_nid && r.stream_ordering.is_some())
                 .ok_or_else(|| Error::not_found("event not found"))?;
@@ -180,7 +180,7 @@ pub async fn context(
                 Visibility::UpTo(p) => p,
                 _ => i64::MAX,
             };
-            let floor = crate::room::membership::visible_from(c, &room, auth.user_id.as_str())?;
+            let floor = crate::room::membership::visible_from(c, &room, &auth.user_id)?;
             if pos > cap || pos < floor {
                 return Err(Error::not_found("event not found"));
             }

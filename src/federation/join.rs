@@ -3,7 +3,7 @@
 //! background (the resync: `crate::federation::resync`, steps in `crate::room::partial`).
 
 use ruma::canonical_json::{CanonicalJsonObject, CanonicalJsonValue};
-use ruma::Int;
+use ruma::{Int, RoomId, UserId};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
@@ -24,8 +24,8 @@ pub struct JoinResult {
 /// Joins `room_id` for local `user_id` through the first of `via` that answers.
 pub async fn remote_join(
     s: &FedContext,
-    user_id: &str,
-    room_id: &str,
+    user_id: &UserId,
+    room_id: &RoomId,
     via: &[String],
     reason: Option<&str>,
 ) -> Result<JoinResult> {
@@ -34,7 +34,8 @@ pub async fn remote_join(
     let mut last_err = Error::not_found("no server could be reached to join this room");
     let mut chosen = None;
     for server in via.iter().filter(|v| v.as_str() != s.identity.server_name.as_str()) {
-        let path = format!("/_matrix/federation/v1/make_join/{}/{}?{versions}", enc(room_id), enc(user_id));
+        let path =
+            format!("/_matrix/federation/v1/make_join/{}/{}?{versions}", enc(room_id.as_str()), enc(user_id.as_str()));
         match fed.client.get(server, &path).await {
             Ok(v) => {
                 chosen = Some((server.clone(), v));
@@ -58,7 +59,7 @@ pub async fn remote_join(
         obj.remove(k);
     }
     if obj.get("sender").and_then(|v| if let CanonicalJsonValue::String(s) = v { Some(s.as_str()) } else { None })
-        != Some(user_id)
+        != Some(user_id.as_str())
     {
         return Err(Error::internal("make_join template is for another user"));
     }
@@ -71,7 +72,7 @@ pub async fn remote_join(
         content.insert("reason".into(), CanonicalJsonValue::String(r.to_owned()));
     }
     let uid = user_id.to_owned();
-    if let Some(u) = s.store.read(move |c| crate::store::accounts::get_user(c, &uid)).await? {
+    if let Some(u) = s.store.read(move |c| crate::store::accounts::get_user(c, uid.as_str())).await? {
         if let Some(CanonicalJsonValue::Object(content)) = obj.get_mut("content") {
             if let Some(d) = u.displayname {
                 content.insert("displayname".into(), CanonicalJsonValue::String(d));
@@ -97,8 +98,11 @@ pub async fn remote_join(
     let event_id = version::event_id(&obj, &rules).map_err(Error::internal)?;
 
     let lazy = s.config.federation.lazy_joins;
-    let path =
-        format!("/_matrix/federation/v2/send_join/{}/{}?omit_members={lazy}", enc(room_id), enc(event_id.as_str()));
+    let path = format!(
+        "/_matrix/federation/v2/send_join/{}/{}?omit_members={lazy}",
+        enc(room_id.as_str()),
+        enc(event_id.as_str())
+    );
     let body = serde_json::to_value(&obj)?;
     let started = std::time::Instant::now();
     // The answer goes to a file and is read back in batches: a full join's answer is the whole room (100 MB for a
@@ -124,7 +128,7 @@ pub async fn remote_join(
     s.store
         .write(move |w| {
             let joined = JoinedState {
-                room_id: &rid,
+                room_id: rid.as_str(),
                 room_version: &ver,
                 partial,
                 join: &join_pdu,
@@ -139,7 +143,7 @@ pub async fn remote_join(
     if partial {
         s.jobs.wake();
     }
-    Ok(JoinResult { room_id: room_id.to_owned(), partial, state_events: n_state_events })
+    Ok(JoinResult { room_id: room_id.to_string(), partial, state_events: n_state_events })
 }
 
 /// What a stored `send_join` answer left to do: the join itself (as the resident may have countersigned it) on
@@ -168,7 +172,7 @@ struct AnswerHead {
 async fn store_join_answer(
     s: &FedContext,
     server: &str,
-    room_id: &str,
+    room_id: &RoomId,
     room_version: &str,
     file: &std::path::Path,
     our_join: Value,
@@ -195,8 +199,8 @@ async fn store_join_answer(
     let (rid, ver) = (room_id.to_owned(), room_version.to_owned());
     s.store
         .write(move |w| {
-            if rooms::room_by_id(w.db(), &rid)?.is_none() {
-                rooms::insert_room(w.db(), &rid, &ver)?;
+            if rooms::room_by_id(w.db(), rid.as_str())?.is_none() {
+                rooms::insert_room(w.db(), rid.as_str(), &ver)?;
             }
             Ok(())
         })

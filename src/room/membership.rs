@@ -1,6 +1,6 @@
 //! Membership changes and who may see what.
 
-use ruma::{RoomId, UserId};
+use ruma::{OwnedRoomId, RoomId, UserId};
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
@@ -84,7 +84,8 @@ pub enum Visibility {
     None,
 }
 
-pub fn visibility(conn: Db<'_>, room: &RoomRow, user_id: &str) -> Result<Visibility> {
+pub fn visibility(conn: Db<'_>, room: &RoomRow, user_id: &UserId) -> Result<Visibility> {
+    let user_id = user_id.as_str();
     match members::membership_of(conn, room.room_nid, user_id)? {
         Some((m, _)) if m == "join" => return Ok(Visibility::All),
         Some((m, nid))
@@ -104,9 +105,16 @@ pub fn visibility(conn: Db<'_>, room: &RoomRow, user_id: &str) -> Result<Visibil
     Ok(Visibility::None)
 }
 
+/// A room id from a request to read a room, parsed at the edge: one that does not parse names no room the user is
+/// in (403, as [`readable_room`] answers for a room it does not know).
+pub fn parse_readable_room_id(room_id: &str) -> Result<OwnedRoomId> {
+    RoomId::parse(room_id).map_err(|_| Error::forbidden("you are not in this room"))
+}
+
 /// Loads a room the user may read, or 403/404.
-pub fn readable_room(conn: Db<'_>, room_id: &str, user_id: &str) -> Result<(RoomRow, Visibility)> {
-    let room = rooms::room_by_id(conn, room_id)?.ok_or_else(|| Error::forbidden("you are not in this room"))?;
+pub fn readable_room(conn: Db<'_>, room_id: &RoomId, user_id: &UserId) -> Result<(RoomRow, Visibility)> {
+    let room =
+        rooms::room_by_id(conn, room_id.as_str())?.ok_or_else(|| Error::forbidden("you are not in this room"))?;
     match visibility(conn, &room, user_id)? {
         Visibility::None => Err(Error::forbidden("you are not in this room")),
         v => Ok((room, v)),
@@ -124,7 +132,8 @@ pub fn visible_state_group(conn: Db<'_>, room: &RoomRow, vis: Visibility) -> Res
 /// The first stream position a user may read in a room, from the room's history visibility (taken from the
 /// current state): `shared`/`world_readable` everything, `invited` from their first invite or join, `joined` from
 /// their first join. Applied to `/messages`, `/context`, `/event` and the sync timeline.
-pub fn visible_from(conn: Db<'_>, room: &RoomRow, user_id: &str) -> Result<i64> {
+pub fn visible_from(conn: Db<'_>, room: &RoomRow, user_id: &UserId) -> Result<i64> {
+    let user_id = user_id.as_str();
     let Some(sg) = room.current_sg else { return Ok(i64::MIN) };
     let hv = crate::room::state_content(conn, sg, "m.room.history_visibility", "")?
         .and_then(|v| v.get("history_visibility").and_then(Value::as_str).map(str::to_owned))
