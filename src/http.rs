@@ -72,7 +72,7 @@ pub struct Services {
 /// An authenticated local user (from `Authorization: Bearer` or `?access_token=`).
 #[derive(Clone, Debug)]
 pub struct Auth {
-    pub user_id: String,
+    pub user_id: ruma::OwnedUserId,
     pub device_id: String,
     pub admin: bool,
     pub token: String,
@@ -95,6 +95,10 @@ impl FromRequestParts<AppState> for Auth {
         let t = token.clone();
         let found = state.store.read(move |c| accounts::lookup_token(c, &t)).await?;
         let (user_id, device_id, admin) = found.ok_or_else(Error::unknown_token)?;
+        let user_id = ruma::UserId::parse(&user_id).map_err(|e| {
+            tracing::error!("stored user id {user_id:?} does not parse: {e}");
+            Error::internal("stored user id does not parse")
+        })?;
         Ok(Auth { user_id, device_id, admin, token })
     }
 }

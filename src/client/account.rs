@@ -162,7 +162,7 @@ pub async fn refresh(State(s): State<AppState>, Json(req): Json<RefreshRequest>)
 
 /// Logs out the token and, as the spec requires, deletes its device (with the device's keys).
 pub async fn logout(State(s): State<AppState>, auth: Auth) -> Result<impl IntoResponse> {
-    delete_devices_now(&s, &auth.user_id, vec![auth.device_id.clone()]).await?;
+    delete_devices_now(&s, auth.user_id.as_str(), vec![auth.device_id.clone()]).await?;
     s.store.write(move |w| accounts::delete_token(w.db(), &auth.token)).await?;
     Ok(axum::Json(json!({})))
 }
@@ -170,9 +170,9 @@ pub async fn logout(State(s): State<AppState>, auth: Auth) -> Result<impl IntoRe
 /// Logs out every token of the user and deletes all their devices.
 pub async fn logout_all(State(s): State<AppState>, auth: Auth) -> Result<impl IntoResponse> {
     let uid = auth.user_id.clone();
-    let devices = s.store.read(move |c| accounts::list_devices(c, &uid)).await?;
-    delete_devices_now(&s, &auth.user_id, devices.into_iter().map(|d| d.device_id).collect()).await?;
-    s.store.write(move |w| accounts::delete_all_tokens(w.db(), &auth.user_id)).await?;
+    let devices = s.store.read(move |c| accounts::list_devices(c, uid.as_str())).await?;
+    delete_devices_now(&s, auth.user_id.as_str(), devices.into_iter().map(|d| d.device_id).collect()).await?;
+    s.store.write(move |w| accounts::delete_all_tokens(w.db(), auth.user_id.as_str())).await?;
     Ok(axum::Json(json!({})))
 }
 
@@ -377,7 +377,7 @@ pub async fn require_password(s: &AppState, auth: &Auth, body_auth: Option<&Valu
     }
     let password = a.get("password").and_then(Value::as_str).unwrap_or("");
     if a.get("type").and_then(Value::as_str) == Some("m.login.password")
-        && check_password(s, &auth.user_id, password).await?
+        && check_password(s, auth.user_id.as_str(), password).await?
     {
         return Ok(());
     }
@@ -413,9 +413,9 @@ pub async fn change_password(
         tokio::task::spawn_blocking(move || hash_password(&p)).await.map_err(|e| Error::internal(e.to_string()))??;
     s.store
         .write(move |w| {
-            accounts::set_password(w.db(), &auth.user_id, &hash)?;
+            accounts::set_password(w.db(), auth.user_id.as_str(), &hash)?;
             if req.logout_devices {
-                accounts::delete_other_tokens(w.db(), &auth.user_id, &auth.token)?;
+                accounts::delete_other_tokens(w.db(), auth.user_id.as_str(), &auth.token)?;
             }
             Ok(())
         })
@@ -449,7 +449,7 @@ pub async fn create_filter(
     let mut filter = filter;
     strip_nulls(&mut filter);
     let json = filter.to_string();
-    let id = s.store.write(move |w| accounts::create_filter(w.db(), &auth.user_id, &json)).await?;
+    let id = s.store.write(move |w| accounts::create_filter(w.db(), auth.user_id.as_str(), &json)).await?;
     Ok(axum::Json(json!({"filter_id": id.to_string()})))
 }
 
@@ -464,7 +464,7 @@ pub async fn get_filter(
     let id: i64 = filter_id.parse().map_err(|_| Error::not_found("no such filter"))?;
     let json = s
         .store
-        .read(move |c| accounts::get_filter(c, &auth.user_id, id))
+        .read(move |c| accounts::get_filter(c, auth.user_id.as_str(), id))
         .await?
         .ok_or_else(|| Error::not_found("no such filter"))?;
     Ok(axum::Json(serde_json::from_str::<Value>(&json)?))
@@ -485,8 +485,10 @@ fn device_json(user_id: &str, d: &accounts::DeviceRow) -> Value {
 
 pub async fn list_devices(State(s): State<AppState>, auth: Auth) -> Result<impl IntoResponse> {
     let uid = auth.user_id.clone();
-    let devices = s.store.read(move |c| accounts::list_devices(c, &uid)).await?;
-    Ok(axum::Json(json!({"devices": devices.iter().map(|d| device_json(&auth.user_id, d)).collect::<Vec<_>>()})))
+    let devices = s.store.read(move |c| accounts::list_devices(c, uid.as_str())).await?;
+    Ok(axum::Json(
+        json!({"devices": devices.iter().map(|d| device_json(auth.user_id.as_str(), d)).collect::<Vec<_>>()}),
+    ))
 }
 
 pub async fn get_device(
@@ -495,9 +497,9 @@ pub async fn get_device(
     Path(device_id): Path<String>,
 ) -> Result<impl IntoResponse> {
     let uid = auth.user_id.clone();
-    let devices = s.store.read(move |c| accounts::list_devices(c, &uid)).await?;
+    let devices = s.store.read(move |c| accounts::list_devices(c, uid.as_str())).await?;
     let d = devices.iter().find(|d| d.device_id == device_id).ok_or_else(|| Error::not_found("no such device"))?;
-    Ok(axum::Json(device_json(&auth.user_id, d)))
+    Ok(axum::Json(device_json(auth.user_id.as_str(), d)))
 }
 
 #[derive(Deserialize)]
@@ -515,14 +517,21 @@ pub async fn update_device(
     let found = s
         .store
         .write(move |w| {
-            let found = accounts::update_device(w.db(), &auth.user_id, &device_id, req.display_name.as_deref())?;
+            let found =
+                accounts::update_device(w.db(), auth.user_id.as_str(), &device_id, req.display_name.as_deref())?;
             // A new display name is a device list change (as in Synapse): the user's other clients and the
             // servers sharing a room with them (for partial-state rooms, those named in `servers_in_room`) hear
             // of it.
             if found && req.display_name.is_some() {
-                let pos = crate::store::e2ee::device_list_changed(w, &auth.user_id)?;
+                let pos = crate::store::e2ee::device_list_changed(w, auth.user_id.as_str())?;
                 if federating {
-                    crate::client::keys::announce_keys(w.db(), &our_server, &auth.user_id, Some(&device_id), pos)?;
+                    crate::client::keys::announce_keys(
+                        w.db(),
+                        &our_server,
+                        auth.user_id.as_str(),
+                        Some(&device_id),
+                        pos,
+                    )?;
                 }
             }
             Ok(found)
@@ -546,7 +555,7 @@ pub async fn delete_device(
     Json(req): Json<AuthOnly>,
 ) -> Result<impl IntoResponse> {
     require_password(&s, &auth, req.auth.as_ref()).await?;
-    let found = delete_devices_now(&s, &auth.user_id, vec![device_id]).await?;
+    let found = delete_devices_now(&s, auth.user_id.as_str(), vec![device_id]).await?;
     if found == 0 {
         return Err(Error::not_found("no such device"));
     }
@@ -565,7 +574,7 @@ pub async fn delete_devices(
     Json(req): Json<DeleteDevices>,
 ) -> Result<impl IntoResponse> {
     require_password(&s, &auth, req.auth.as_ref()).await?;
-    delete_devices_now(&s, &auth.user_id, req.devices).await?;
+    delete_devices_now(&s, auth.user_id.as_str(), req.devices).await?;
     Ok(axum::Json(json!({})))
 }
 

@@ -55,8 +55,8 @@ pub async fn user_directory_search(
     let found = s
         .store
         .read(move |c| {
-            let mut found = members::search_users(c, &me, &term, (limit + 1) as i64)?;
-            if let Some(self_entry) = searcher_if_public(c, &me, &term)? {
+            let mut found = members::search_users(c, me.as_str(), &term, (limit + 1) as i64)?;
+            if let Some(self_entry) = searcher_if_public(c, me.as_str(), &term)? {
                 found.push(self_entry);
                 found.sort_by(|a, b| a.user_id.cmp(&b.user_id));
                 found.truncate(limit + 1);

@@ -175,7 +175,7 @@ pub async fn upload(State(s): State<AppState>, auth: Auth, Json(body): Json<Uplo
         if !dk.is_object() || !dk["keys"].is_object() {
             return Err(Error::bad_json("device_keys must be an object with `keys`"));
         }
-        if dk["user_id"] != auth.user_id || dk["device_id"] != auth.device_id {
+        if dk["user_id"] != auth.user_id.as_str() || dk["device_id"] != auth.device_id {
             return Err(Error::invalid_param("device_keys must be for the user and device of the access token"));
         }
     }
@@ -192,20 +192,20 @@ pub async fn upload(State(s): State<AppState>, auth: Auth, Json(body): Json<Uplo
                 // `unsigned` is ours to fill in when answering queries.
                 let mut dk = dk;
                 dk.as_object_mut().map(|o| o.remove("unsigned"));
-                if e2ee::set_device_keys(w.db(), &u, &d, &dk)? {
-                    let pos = e2ee::device_list_changed(w, &u)?;
+                if e2ee::set_device_keys(w.db(), u.as_str(), &d, &dk)? {
+                    let pos = e2ee::device_list_changed(w, u.as_str())?;
                     if federating {
-                        announce_keys(w.db(), &our_server, &u, Some(&d), pos)?;
+                        announce_keys(w.db(), &our_server, u.as_str(), Some(&d), pos)?;
                     }
                 }
             }
-            if let Some(conflict) = e2ee::add_one_time_keys(w.db(), &u, &d, &otks)? {
+            if let Some(conflict) = e2ee::add_one_time_keys(w.db(), u.as_str(), &d, &otks)? {
                 return Err(Error::invalid_param(format!(
                     "one-time key {conflict} already exists with different content"
                 )));
             }
-            e2ee::set_fallback_keys(w.db(), &u, &d, &fallbacks)?;
-            e2ee::one_time_key_counts(w.db(), &u, &d)
+            e2ee::set_fallback_keys(w.db(), u.as_str(), &d, &fallbacks)?;
+            e2ee::one_time_key_counts(w.db(), u.as_str(), &d)
         })
         .await?;
     counts.entry("signed_curve25519").or_insert(json!(0));
@@ -236,7 +236,7 @@ pub async fn query(State(s): State<AppState>, auth: Auth, Json(body): Json<Query
         }
     }
     let requester = auth.user_id.clone();
-    let mut out = s.store.read(move |c| query_local(c, &requester, &wanted)).await?;
+    let mut out = s.store.read(move |c| query_local(c, requester.as_str(), &wanted)).await?;
 
     // Remote servers in parallel, each bounded by the client's timeout.
     let timeout = remote_timeout(body.timeout);
@@ -319,7 +319,7 @@ pub async fn changes(
         None => s.store.current_stream(),
     };
     let user_id = auth.user_id.clone();
-    let (changed, left) = s.store.read(move |c| e2ee::device_list_changes(c, &user_id, from, to, true)).await?;
+    let (changed, left) = s.store.read(move |c| e2ee::device_list_changes(c, user_id.as_str(), from, to, true)).await?;
     Ok(axum::Json(json!({"changed": changed, "left": left})))
 }
 
@@ -346,7 +346,7 @@ pub async fn upload_signing_keys(
             .collect();
     let mut publics = Vec::new();
     for (t, k) in &new {
-        publics.push(cross_signing_public(k, &auth.user_id, t)?);
+        publics.push(cross_signing_public(k, auth.user_id.as_str(), t)?);
     }
 
     let uid = auth.user_id.clone();
@@ -355,9 +355,9 @@ pub async fn upload_signing_keys(
         .read(move |c| {
             let mut existing = Vec::new();
             for t in CROSS_SIGNING_TYPES {
-                existing.push(e2ee::cross_signing_key(c, &uid, t)?);
+                existing.push(e2ee::cross_signing_key(c, uid.as_str(), t)?);
             }
-            Ok((existing, e2ee::device_ids(c, &uid)?))
+            Ok((existing, e2ee::device_ids(c, uid.as_str())?))
         })
         .await?;
     let stored = |t: &str| existing[CROSS_SIGNING_TYPES.iter().position(|x| *x == t).expect("known type")].clone();
@@ -378,9 +378,9 @@ pub async fn upload_signing_keys(
     // The self-signing and user-signing keys must carry a signature of the (new or current) master key.
     let master = changed.iter().find(|(t, _)| *t == "master").map(|(_, k)| k.clone()).or_else(|| stored("master"));
     let master = master.ok_or_else(|| Error::missing_param("no master key uploaded"))?;
-    let master_public = cross_signing_public(&master, &auth.user_id, "master")?;
+    let master_public = cross_signing_public(&master, auth.user_id.as_str(), "master")?;
     for (t, k) in &changed {
-        if *t != "master" && !verify(k, &auth.user_id, &format!("ed25519:{master_public}"), &master_public) {
+        if *t != "master" && !verify(k, auth.user_id.as_str(), &format!("ed25519:{master_public}"), &master_public) {
             return Err(Error::invalid_signature(format!("the {t} key is not signed by the master key")));
         }
     }
@@ -390,12 +390,12 @@ pub async fn upload_signing_keys(
     s.store
         .write(move |w| {
             for (t, k) in &changed {
-                e2ee::set_cross_signing_key(w.db(), &uid, t, k)?;
+                e2ee::set_cross_signing_key(w.db(), uid.as_str(), t, k)?;
             }
-            let pos = e2ee::device_list_changed(w, &uid)?;
+            let pos = e2ee::device_list_changed(w, uid.as_str())?;
             // The user-signing key is private: only a change of the others is news to other servers.
             if federating && changed.iter().any(|(t, _)| *t != "user_signing") {
-                announce_keys(w.db(), &our_server, &uid, None, pos)?;
+                announce_keys(w.db(), &our_server, uid.as_str(), None, pos)?;
             }
             Ok(())
         })
@@ -499,7 +499,7 @@ pub async fn upload_signatures(
             for (target, keys) in &body {
                 let Some(keys) = keys.as_object() else { continue };
                 for (key_id, signed) in keys {
-                    match sign_one(w.db(), &signer, target, key_id, signed) {
+                    match sign_one(w.db(), signer.as_str(), target, key_id, signed) {
                         Ok(what) => {
                             changed.insert(target.clone());
                             match what {
@@ -527,7 +527,7 @@ pub async fn upload_signatures(
             }
             if let (true, Some(pos)) = (federating, own_pos) {
                 for device in &announce {
-                    announce_keys(w.db(), &our_server, &signer, device.as_deref(), pos)?;
+                    announce_keys(w.db(), &our_server, signer.as_str(), device.as_deref(), pos)?;
                 }
             }
             Ok(failures)
@@ -572,7 +572,7 @@ pub async fn send_to_device(
     }
     s.store
         .write(move |w| {
-            if txn_ids::to_device_txn_seen(w.db(), &auth.user_id, &auth.device_id, &txn_id)? {
+            if txn_ids::to_device_txn_seen(w.db(), auth.user_id.as_str(), &auth.device_id, &txn_id)? {
                 return Ok(()); // a retry: already delivered once
             }
             for (server, users) in &remote {
@@ -586,10 +586,10 @@ pub async fn send_to_device(
                 // `*` is every device of the user; unknown devices would never fetch the message, so skip them.
                 let targets: Vec<&String> = all.iter().filter(|d| device_id == "*" || *d == device_id).collect();
                 for d in targets {
-                    e2ee::queue_to_device(w, user_id, d, &auth.user_id, &event_type, content)?;
+                    e2ee::queue_to_device(w, user_id, d, auth.user_id.as_str(), &event_type, content)?;
                 }
             }
-            txn_ids::record_to_device_txn(w.db(), &auth.user_id, &auth.device_id, &txn_id)
+            txn_ids::record_to_device_txn(w.db(), auth.user_id.as_str(), &auth.device_id, &txn_id)
         })
         .await?;
     Ok(axum::Json(json!({})))

@@ -211,12 +211,12 @@ fn find<'a>(rules: &'a Value, kind: &str, rule_id: &str) -> Result<&'a Value> {
 }
 
 pub async fn get_all(State(s): State<AppState>, auth: Auth) -> Result<impl IntoResponse> {
-    Ok(axum::Json(load(&s, &auth.user_id).await?))
+    Ok(axum::Json(load(&s, auth.user_id.as_str()).await?))
 }
 
 pub async fn get_scope(State(s): State<AppState>, auth: Auth, Path(scope): Path<String>) -> Result<impl IntoResponse> {
     check_scope(&scope)?;
-    let mut rules = load(&s, &auth.user_id).await?;
+    let mut rules = load(&s, auth.user_id.as_str()).await?;
     Ok(axum::Json(rules["global"].take()))
 }
 
@@ -227,7 +227,7 @@ pub async fn get_rule(
 ) -> Result<impl IntoResponse> {
     check_scope(&scope)?;
     check_kind(&kind)?;
-    let rules = load(&s, &auth.user_id).await?;
+    let rules = load(&s, auth.user_id.as_str()).await?;
     Ok(axum::Json(find(&rules, &kind, &rule_id)?.clone()))
 }
 
@@ -276,7 +276,7 @@ pub async fn put_rule(
         }
         _ => {}
     }
-    modify(&s, &auth.user_id, &kind, move |list| {
+    modify(&s, auth.user_id.as_str(), &kind, move |list| {
         let anchor = |id: &str| -> Result<usize> {
             list.iter()
                 .position(|r| r["rule_id"] == id && !is_default(r))
@@ -324,7 +324,7 @@ pub async fn delete_rule(
     if rule_id.starts_with('.') {
         return Err(Error::invalid_param("server-default rules cannot be deleted (disable them instead)"));
     }
-    modify(&s, &auth.user_id, &kind, move |list| {
+    modify(&s, auth.user_id.as_str(), &kind, move |list| {
         let i =
             list.iter().position(|r| r["rule_id"] == rule_id).ok_or_else(|| Error::not_found("push rule not found"))?;
         list.remove(i);
@@ -349,7 +349,7 @@ pub async fn get_attr(
     check_scope(&scope)?;
     check_kind(&kind)?;
     check_attr(&attr)?;
-    let rules = load(&s, &auth.user_id).await?;
+    let rules = load(&s, auth.user_id.as_str()).await?;
     let rule = find(&rules, &kind, &rule_id)?;
     Ok(axum::Json(json!({ &attr: rule[&attr] })))
 }
@@ -368,7 +368,7 @@ pub async fn put_attr(
     if !ok {
         return Err(Error::bad_json(format!("invalid `{attr}`")));
     }
-    modify(&s, &auth.user_id, &kind, move |list| {
+    modify(&s, auth.user_id.as_str(), &kind, move |list| {
         let rule =
             list.iter_mut().find(|r| r["rule_id"] == rule_id).ok_or_else(|| Error::not_found("push rule not found"))?;
         rule[&attr] = value;

@@ -60,7 +60,12 @@ pub async fn typing(
         .await?;
     let Some((room_nid, remote)) = joined else { return Err(Error::forbidden("you are not joined to this room")) };
     // Typing::set caps the timeout; 30 s is what clients expect when they send none.
-    s.typing.set(&room_id, &user_id, body.typing, Duration::from_millis(body.timeout.unwrap_or(30_000)));
+    s.typing.set(
+        &crate::room::parse_room_id(&room_id)?,
+        &auth.user_id,
+        body.typing,
+        Duration::from_millis(body.timeout.unwrap_or(30_000)),
+    );
     if remote && s.federation.is_some() {
         let edu =
             json!({"edu_type": "m.typing", "content": {"room_id": room_id, "user_id": user_id, "typing": body.typing}});
@@ -98,10 +103,10 @@ async fn set_markers(s: &AppState, auth: &Auth, room_id: &str, markers: Vec<Mark
     s.store
         .write(move |w| {
             for m in &markers {
-                let (room_nid, event_pos) = check_event(w.db(), &room_id, &user_id, &m.event_id)?;
+                let (room_nid, event_pos) = check_event(w.db(), &room_id, user_id.as_str(), &m.event_id)?;
                 if m.receipt_type == "m.fully_read" {
                     // Like receipts, the marker never moves back to an older event.
-                    let old = account_data::get(w.db(), &user_id, &room_id, "m.fully_read")?;
+                    let old = account_data::get(w.db(), user_id.as_str(), &room_id, "m.fully_read")?;
                     let old_pos = match old.as_ref().and_then(|o| o["event_id"].as_str()) {
                         Some(id) => events::event_by_id(w.db(), id)?.and_then(|e| e.stream_ordering),
                         None => None,
@@ -109,13 +114,13 @@ async fn set_markers(s: &AppState, auth: &Auth, room_id: &str, markers: Vec<Mark
                     if old_pos.zip(event_pos).is_some_and(|(o, n)| n <= o) {
                         continue;
                     }
-                    account_data::set(w, &user_id, &room_id, "m.fully_read", &json!({"event_id": m.event_id}))?;
+                    account_data::set(w, user_id.as_str(), &room_id, "m.fully_read", &json!({"event_id": m.event_id}))?;
                 } else {
                     let ts = accounts::now_ms();
                     let r = NewReceipt {
                         room_nid: room_nid.0,
                         receipt_type: &m.receipt_type,
-                        user_id: &user_id,
+                        user_id: user_id.as_str(),
                         thread_id: &m.thread_id,
                         event_id: &m.event_id,
                         ts,

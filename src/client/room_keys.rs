@@ -53,8 +53,10 @@ pub async fn create_version(
         )));
     }
     let user = auth.user_id;
-    let version =
-        s.store.write(move |w| room_keys::create_version(w.db(), &user, &body.algorithm, &body.auth_data)).await?;
+    let version = s
+        .store
+        .write(move |w| room_keys::create_version(w.db(), user.as_str(), &body.algorithm, &body.auth_data))
+        .await?;
     Ok(axum::Json(json!({"version": version.to_string()})))
 }
 
@@ -62,8 +64,8 @@ pub async fn get_latest_version(State(s): State<AppState>, auth: Auth) -> Result
     let user = auth.user_id;
     let info = s
         .store
-        .read(move |c| match room_keys::latest_version(c, &user)? {
-            Some(v) => version_info(c, &user, v),
+        .read(move |c| match room_keys::latest_version(c, user.as_str())? {
+            Some(v) => version_info(c, user.as_str(), v),
             None => Err(Error::not_found("no current backup version")),
         })
         .await?;
@@ -77,7 +79,7 @@ pub async fn get_version(
 ) -> Result<impl IntoResponse> {
     let v = parse_version(&version)?;
     let user = auth.user_id;
-    Ok(axum::Json(s.store.read(move |c| version_info(c, &user, v)).await?))
+    Ok(axum::Json(s.store.read(move |c| version_info(c, user.as_str(), v)).await?))
 }
 
 pub async fn update_version(
@@ -96,12 +98,12 @@ pub async fn update_version(
     let user = auth.user_id;
     s.store
         .write(move |w| {
-            let current =
-                room_keys::version(w.db(), &user, v)?.ok_or_else(|| Error::not_found("unknown backup version"))?;
+            let current = room_keys::version(w.db(), user.as_str(), v)?
+                .ok_or_else(|| Error::not_found("unknown backup version"))?;
             if current.algorithm != body.algorithm {
                 return Err(Error::invalid_param("the algorithm of a backup version cannot change"));
             }
-            room_keys::set_auth_data(w.db(), &user, v, &body.auth_data)
+            room_keys::set_auth_data(w.db(), user.as_str(), v, &body.auth_data)
         })
         .await?;
     Ok(axum::Json(json!({})))
@@ -115,7 +117,7 @@ pub async fn delete_version(
     let v = parse_version(&version)?;
     let user = auth.user_id;
     s.store
-        .write(move |w| match room_keys::delete_version(w.db(), &user, v)? {
+        .write(move |w| match room_keys::delete_version(w.db(), user.as_str(), v)? {
             true => Ok(()),
             false => Err(Error::not_found("unknown backup version")),
         })
@@ -194,15 +196,15 @@ async fn put_keys(
     let user = auth.user_id;
     s.store
         .write(move |w| {
-            let v = writable_version(w.db(), &user, version.as_deref())?;
+            let v = writable_version(w.db(), user.as_str(), version.as_deref())?;
             let mut changed = false;
             for (r, sid, k) in &keys {
-                changed |= room_keys::put_key(w.db(), &user, v, r, sid, k)?;
+                changed |= room_keys::put_key(w.db(), user.as_str(), v, r, sid, k)?;
             }
             if changed {
-                room_keys::bump_etag(w.db(), &user, v)?;
+                room_keys::bump_etag(w.db(), user.as_str(), v)?;
             }
-            count_and_etag(w.db(), &user, v)
+            count_and_etag(w.db(), user.as_str(), v)
         })
         .await
 }
@@ -217,9 +219,9 @@ async fn get_keys(
     let user = auth.user_id;
     s.store
         .read(move |c| {
-            let v = readable_version(c, &user, version.as_deref())?;
+            let v = readable_version(c, user.as_str(), version.as_deref())?;
             let mut rooms: Map<String, Value> = Map::new();
-            for (r, sid, k) in room_keys::keys(c, &user, v, room.as_deref(), session.as_deref())? {
+            for (r, sid, k) in room_keys::keys(c, user.as_str(), v, room.as_deref(), session.as_deref())? {
                 let key = json!({"first_message_index": k.first_message_index, "forwarded_count": k.forwarded_count,
                                  "is_verified": k.is_verified, "session_data": k.session_data});
                 let entry = rooms.entry(r).or_insert_with(|| json!({"sessions": {}}));
@@ -248,11 +250,11 @@ async fn delete_keys(
     let user = auth.user_id;
     s.store
         .write(move |w| {
-            let v = readable_version(w.db(), &user, version.as_deref())?;
-            if room_keys::delete_keys(w.db(), &user, v, room.as_deref(), session.as_deref())? > 0 {
-                room_keys::bump_etag(w.db(), &user, v)?;
+            let v = readable_version(w.db(), user.as_str(), version.as_deref())?;
+            if room_keys::delete_keys(w.db(), user.as_str(), v, room.as_deref(), session.as_deref())? > 0 {
+                room_keys::bump_etag(w.db(), user.as_str(), v)?;
             }
-            count_and_etag(w.db(), &user, v)
+            count_and_etag(w.db(), user.as_str(), v)
         })
         .await
 }

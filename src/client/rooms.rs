@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::http::{qs, AppState, Auth, Json, Query};
 use crate::room::append::{append_local, LocalEvent, LocalOutcome};
 use crate::room::create::{create_room as core_create, CreateRoom};
-use crate::room::membership::{readable_room, set_membership, visible_state_group};
+use crate::room::membership::{parse_readable_room_id, readable_room, set_membership, visible_state_group};
 use crate::store::ids::{EventNid, StreamPos};
 use crate::store::{events, members, rooms, state_groups, timeline, txn_ids};
 
@@ -41,8 +41,8 @@ pub struct StateEventBody {
     content: Value,
 }
 
-fn check_user_id(u: &str) -> Result<()> {
-    ruma::UserId::parse(u).map(|_| ()).map_err(|e| Error::invalid_param(format!("invalid user id {u}: {e}")))
+fn check_user_id(u: &str) -> Result<ruma::OwnedUserId> {
+    ruma::UserId::parse(u).map_err(|e| Error::invalid_param(format!("invalid user id {u}: {e}")))
 }
 
 pub async fn create_room(
@@ -74,7 +74,7 @@ pub async fn create_room(
         return Err(Error::bad_json("creation_content must be an object"));
     }
     let req = CreateRoom {
-        creator: crate::room::parse_user_id(&auth.user_id)?,
+        creator: auth.user_id.clone(),
         room_version: body.room_version,
         preset: body.preset,
         visibility_public,
@@ -157,7 +157,7 @@ pub async fn join(
     if body.third_party_signed.as_ref().is_some_and(|t| !t.is_null()) {
         return Err(Error::invalid_param("third-party invites (third_party_signed) are not supported"));
     }
-    s.join_limiter.take(&auth.user_id).map_err(Error::limit_exceeded)?;
+    s.join_limiter.take(auth.user_id.as_str()).map_err(Error::limit_exceeded)?;
     let (room_id, servers) = resolve_room(&s, &id_or_alias).await?;
     // `via` / `server_name` query parameters (repeatable) come first.
     let mut via: Vec<String> = q
@@ -181,7 +181,7 @@ pub async fn join(
             }
             Some(r) => {
                 // Invited over federation: join through the inviter's server.
-                let inviter = match members::membership_of(c, r.room_nid, &uid)? {
+                let inviter = match members::membership_of(c, r.room_nid, uid.as_str())? {
                     Some((_, nid)) => events::event_by_nid(c, nid)?.map(|e| e.sender),
                     None => None,
                 };
@@ -208,7 +208,8 @@ pub async fn join(
         if let Some(servers) = through.filter(|s| !s.is_empty()) {
             via.extend(servers);
             let (fed, reason) = (&s.fed, body.reason.as_deref());
-            crate::federation::join::remote_join_resident(fed, &auth.user_id, &room_id, &via, reason).await?;
+            let rid = crate::room::parse_room_id(&room_id)?;
+            crate::federation::join::remote_join_resident(fed, &auth.user_id, &rid, &via, reason).await?;
             return Ok(axum::Json(json!({"room_id": room_id})));
         }
         let identity = s.identity.clone();
@@ -216,7 +217,7 @@ pub async fn join(
         let extra = (!body.extra.is_empty()).then_some(Value::Object(body.extra));
         s.store
             .write(move |w| {
-                let uid = crate::room::parse_user_id(&auth.user_id)?;
+                let uid = auth.user_id.clone();
                 set_membership(
                     w,
                     &identity,
@@ -243,7 +244,8 @@ pub async fn join(
     if via.is_empty() {
         return Err(Error::not_found("no known servers to join this room through"));
     }
-    crate::federation::join::remote_join(&s.fed, &auth.user_id, &room_id, &via, body.reason.as_deref()).await?;
+    let rid = crate::room::parse_room_id(&room_id)?;
+    crate::federation::join::remote_join(&s.fed, &auth.user_id, &rid, &via, body.reason.as_deref()).await?;
     Ok(axum::Json(json!({"room_id": room_id})))
 }
 
@@ -251,7 +253,7 @@ async fn membership_op(
     s: &AppState,
     auth: &Auth,
     room_id: String,
-    target: String,
+    target: ruma::OwnedUserId,
     membership: &'static str,
     reason: Option<String>,
 ) -> Result<()> {
@@ -268,7 +270,7 @@ async fn membership_op(
                 if room.current_sg.is_some() {
                     return Ok(None);
                 }
-                let Some((_, nid)) = members::membership_of(c, room.room_nid, &uid)? else { return Ok(None) };
+                let Some((_, nid)) = members::membership_of(c, room.room_nid, uid.as_str())? else { return Ok(None) };
                 Ok(events::event_by_nid(c, nid)?.map(|r| r.sender))
             })
             .await?;
@@ -277,23 +279,15 @@ async fn membership_op(
             if let Some(sn) = ruma::RoomId::parse(&room_id).ok().and_then(|r| r.server_name().map(|s| s.to_string())) {
                 servers.push(sn);
             }
-            return crate::federation::invite::remote_leave(&s.fed, &target, &room_id, &servers).await;
+            let rid = crate::room::parse_room_id(&room_id)?;
+            return crate::federation::invite::remote_leave(&s.fed, &target, &rid, &servers).await;
         }
     }
     let r = s
         .store
         .write(move |w| {
-            let (room_id, sender) = (crate::room::parse_room_id(&room_id)?, crate::room::parse_user_id(&sender)?);
-            set_membership(
-                w,
-                &identity,
-                &room_id,
-                &sender,
-                &crate::room::parse_user_id(&target)?,
-                membership,
-                reason.as_deref(),
-                None,
-            )
+            let (room_id, sender) = (crate::room::parse_room_id(&room_id)?, sender);
+            set_membership(w, &identity, &room_id, &sender, &target, membership, reason.as_deref(), None)
         })
         .await?;
     match r {
@@ -327,7 +321,7 @@ pub async fn knock(
         let mut seen = std::collections::HashSet::new();
         via.retain(|v| seen.insert(v.clone()));
         let (fed, me, reason) = (&s.fed, &auth.user_id, body.reason.as_deref());
-        crate::federation::knock::remote_knock(fed, me, &room_id, &via, reason).await?;
+        crate::federation::knock::remote_knock(fed, me, &crate::room::parse_room_id(&room_id)?, &via, reason).await?;
         return Ok(axum::Json(json!({"room_id": room_id})));
     }
     let me = auth.user_id.clone();
@@ -346,10 +340,9 @@ pub async fn leave(
     Ok(axum::Json(json!({})))
 }
 
-fn target(body: &ReasonBody) -> Result<String> {
+fn target(body: &ReasonBody) -> Result<ruma::OwnedUserId> {
     let t = body.user_id.clone().ok_or_else(|| Error::missing_param("user_id is required"))?;
-    check_user_id(&t)?;
-    Ok(t)
+    check_user_id(&t)
 }
 
 pub async fn invite(
@@ -397,7 +390,10 @@ pub async fn unban(
     let current = s
         .store
         .read(move |c| {
-            Ok(rooms::room_by_id(c, &rid)?.map(|r| members::membership_of(c, r.room_nid, &tt)).transpose()?.flatten())
+            Ok(rooms::room_by_id(c, &rid)?
+                .map(|r| members::membership_of(c, r.room_nid, tt.as_str()))
+                .transpose()?
+                .flatten())
         })
         .await?;
     if current.map(|m| m.0).as_deref() != Some("ban") {
@@ -411,21 +407,21 @@ pub async fn forget(State(s): State<AppState>, auth: Auth, Path(room_id): Path<S
     s.store
         .write(move |w| {
             let room = rooms::room_by_id(w.db(), &room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
-            match members::membership_of(w.db(), room.room_nid, &auth.user_id)? {
+            match members::membership_of(w.db(), room.room_nid, auth.user_id.as_str())? {
                 Some((m, _)) if m == "join" || m == "invite" => {
                     return Err(Error::unknown("leave the room before forgetting it"))
                 }
                 None => return Err(Error::not_found("you were never in this room")),
                 _ => {}
             }
-            members::forget(w.db(), &auth.user_id, room.room_nid)
+            members::forget(w.db(), auth.user_id.as_str(), room.room_nid)
         })
         .await?;
     Ok(axum::Json(json!({})))
 }
 
 pub async fn joined_rooms(State(s): State<AppState>, auth: Auth) -> Result<impl IntoResponse> {
-    let rooms = s.store.read(move |c| members::rooms_with_membership(c, &auth.user_id, "join")).await?;
+    let rooms = s.store.read(move |c| members::rooms_with_membership(c, auth.user_id.as_str(), "join")).await?;
     Ok(axum::Json(json!({"joined_rooms": rooms.into_iter().map(|r| r.1).collect::<Vec<_>>()})))
 }
 
@@ -444,13 +440,13 @@ pub async fn send(
     if event_type.len() > 255 {
         return Err(Error::bad_json("event type too long"));
     }
-    s.message_limiter.take(&auth.user_id).map_err(Error::limit_exceeded)?;
+    s.message_limiter.take(auth.user_id.as_str()).map_err(Error::limit_exceeded)?;
     let identity = s.identity.clone();
     let event_id = s
         .store
         .write(move |w| {
             let key = format!("{room_id}/{txn_id}");
-            if let Some(id) = txn_ids::sent_event(w.db(), &auth.user_id, &auth.device_id, &key)? {
+            if let Some(id) = txn_ids::sent_event(w.db(), auth.user_id.as_str(), &auth.device_id, &key)? {
                 return Ok(id);
             }
             let mut ev = LocalEvent::message(&event_type, content);
@@ -479,11 +475,11 @@ fn append_with_txn(
         w,
         identity,
         &crate::room::parse_room_id(room_id)?,
-        &crate::room::parse_user_id(&auth.user_id)?,
+        &auth.user_id,
         ev,
         Some((&auth.device_id, txn_id)),
     )?;
-    txn_ids::record_sent_event(w.db(), &auth.user_id, &auth.device_id, key, &a.event_id)?;
+    txn_ids::record_sent_event(w.db(), auth.user_id.as_str(), &auth.device_id, key, &a.event_id)?;
     Ok(a)
 }
 
@@ -499,7 +495,7 @@ pub async fn redact(
         .store
         .write(move |w| {
             let key = format!("{room_id}/redact/{txn_id}");
-            if let Some(id) = txn_ids::sent_event(w.db(), &auth.user_id, &auth.device_id, &key)? {
+            if let Some(id) = txn_ids::sent_event(w.db(), auth.user_id.as_str(), &auth.device_id, &key)? {
                 return Ok(id);
             }
             let mut content = json!({});
@@ -559,14 +555,14 @@ pub async fn put_state(
     let event_id = s
         .store
         .write(move |w| {
-            let (room_id, sender) = (crate::room::parse_room_id(&room_id)?, crate::room::parse_user_id(&auth.user_id)?);
+            let (room_id, sender) = (crate::room::parse_room_id(&room_id)?, &auth.user_id);
             let ev = LocalEvent::state(&event_type, &state_key, content);
             if event_type != "m.room.member" {
-                if let Some(id) = crate::room::append::unchanged_state(w.db(), &room_id, &sender, &ev)? {
+                if let Some(id) = crate::room::append::unchanged_state(w.db(), &room_id, sender, &ev)? {
                     return Ok(id);
                 }
             }
-            Ok(append_local(w, &identity, &room_id, &sender, ev, None)?.event_id)
+            Ok(append_local(w, &identity, &room_id, sender, ev, None)?.event_id)
         })
         .await?;
     Ok(axum::Json(json!({"event_id": event_id})))
@@ -598,7 +594,7 @@ pub async fn get_state_event(
     let content = s
         .store
         .read(move |c| {
-            let (room, vis) = readable_room(c, &room_id, &auth.user_id)?;
+            let (room, vis) = readable_room(c, &parse_readable_room_id(&room_id)?, &auth.user_id)?;
             let sg = visible_state_group(c, &room, vis)?.ok_or_else(|| Error::not_found("no state"))?;
             if !whole_event {
                 return crate::room::state_content(c, sg, &event_type, &state_key);
@@ -620,7 +616,7 @@ pub async fn get_state(
     let list = s
         .store
         .read(move |c| {
-            let (room, vis) = readable_room(c, &room_id, &auth.user_id)?;
+            let (room, vis) = readable_room(c, &parse_readable_room_id(&room_id)?, &auth.user_id)?;
             let sg = visible_state_group(c, &room, vis)?.ok_or_else(|| Error::not_found("no state"))?;
             let mut out = Vec::new();
             for nid in state_groups::load_state(c, sg)?.values() {
@@ -644,10 +640,12 @@ pub async fn get_event(
         .read(move |c| {
             // Not being allowed to read the room answers like a missing event: 404, as the spec says (and Synapse
             // does), so the endpoint does not tell whether the event exists.
-            let (room, vis) = readable_room(c, &room_id, &auth.user_id).map_err(|e| match e.kind() {
-                crate::error::Kind::Forbidden => Error::not_found("event not found"),
-                _ => e,
-            })?;
+            let (room, vis) = parse_readable_room_id(&room_id)
+                .and_then(|id| readable_room(c, &id, &auth.user_id))
+                .map_err(|e| match e.kind() {
+                    crate::error::Kind::Forbidden => Error::not_found("event not found"),
+                    _ => e,
+                })?;
             let row = events::event_by_id(c, &event_id)?
                 .filter(|r| r.room_nid == room.room_nid && r.rejected.is_none())
                 .ok_or_else(|| Error::not_found("event not found"))?;
@@ -661,7 +659,7 @@ pub async fn get_event(
             {
                 return Err(Error::not_found("event not found"));
             }
-            format::event(c, &row, &room.room_id, Some((&auth.user_id, &auth.device_id)), true)
+            format::event(c, &row, &room.room_id, Some((auth.user_id.as_str(), &auth.device_id)), true)
         })
         .await?;
     Ok(axum::Json(ev))
@@ -715,7 +713,7 @@ pub async fn members(
     let chunk = s
         .store
         .read(move |c| {
-            let (room, vis) = readable_room(c, &room_id, &auth.user_id)?;
+            let (room, vis) = readable_room(c, &parse_readable_room_id(&room_id)?, &auth.user_id)?;
             let at_pos = match q.at.as_deref() {
                 Some(t) => Some(crate::client::sync::parse_token(t)?.stream),
                 None => match vis {
@@ -764,7 +762,7 @@ pub async fn joined_members(
     let joined = s
         .store
         .read(move |c| {
-            let (room, vis) = readable_room(c, &room_id, &auth.user_id)?;
+            let (room, vis) = readable_room(c, &parse_readable_room_id(&room_id)?, &auth.user_id)?;
             // This is the current member list: former members may not see it (they keep /members `at` their leave).
             if let crate::room::membership::Visibility::UpTo(_) = vis {
                 return Err(Error::forbidden("you are not in this room"));
@@ -830,10 +828,12 @@ pub async fn put_alias(
     s.store
         .write(move |w| {
             let room = rooms::room_by_id(w.db(), &body.room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
-            if members::membership_of(w.db(), room.room_nid, &auth.user_id)?.map(|m| m.0).as_deref() != Some("join") {
+            if members::membership_of(w.db(), room.room_nid, auth.user_id.as_str())?.map(|m| m.0).as_deref()
+                != Some("join")
+            {
                 return Err(Error::forbidden("you are not in this room"));
             }
-            if !rooms::insert_alias(w.db(), &alias, &room.room_id, &auth.user_id)? {
+            if !rooms::insert_alias(w.db(), &alias, &room.room_id, auth.user_id.as_str())? {
                 return Err(Error::conflict("room alias already exists"));
             }
             Ok(())
@@ -902,7 +902,7 @@ pub async fn delete_alias(
                 w,
                 &identity,
                 &crate::room::parse_room_id(&room_id)?,
-                &crate::room::parse_user_id(&user)?,
+                &crate::room::parse_user_id(user.as_str())?,
                 LocalEvent::state("m.room.canonical_alias", "", content),
                 None,
             )
@@ -923,7 +923,7 @@ pub async fn room_aliases(
     let aliases = s
         .store
         .read(move |c| {
-            readable_room(c, &room_id, &auth.user_id)?;
+            readable_room(c, &parse_readable_room_id(&room_id)?, &auth.user_id)?;
             rooms::aliases_of(c, &room_id)
         })
         .await?;
@@ -961,8 +961,8 @@ pub async fn set_visibility(
             let room = rooms::room_by_id(w.db(), &room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
             let sg = room.current_sg.ok_or_else(|| Error::not_found("unknown room"))?;
             let pl = crate::room::power::PowerLevels::load(w.db(), sg, &room.version)?;
-            let joined =
-                members::membership_of(w.db(), room.room_nid, &auth.user_id)?.map(|m| m.0).as_deref() == Some("join");
+            let joined = members::membership_of(w.db(), room.room_nid, auth.user_id.as_str())?.map(|m| m.0).as_deref()
+                == Some("join");
             let allowed = joined && pl.user(&auth.user_id) >= pl.for_event("m.room.canonical_alias", true);
             if !auth.admin && !allowed {
                 return Err(Error::forbidden("you may not change this room's directory visibility"));

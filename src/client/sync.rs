@@ -298,7 +298,7 @@ pub async fn sync(State(s): State<AppState>, auth: Auth, Query(q): Query<SyncQue
         return Err(Error::invalid_param("set_presence must be online, offline or unavailable"));
     }
     let _ = q.use_state_after;
-    let filter = load_filter(&s, &auth.user_id, q.filter).await?;
+    let filter = load_filter(&s, auth.user_id.as_str(), q.filter).await?;
     let since = q.since.as_deref().map(parse_token).transpose()?;
     let full_state = q.full_state.unwrap_or(false);
     let timeout = Duration::from_millis(q.timeout.unwrap_or(0).min(300_000));
@@ -307,7 +307,7 @@ pub async fn sync(State(s): State<AppState>, auth: Auth, Query(q): Query<SyncQue
     if let Some(since) = since {
         // The client has seen everything up to `since`: its to-device messages up to there can go.
         let (u, d) = (auth.user_id.clone(), auth.device_id.clone());
-        s.store.write(move |w| e2ee::delete_to_device_upto(w.db(), &u, &d, StreamPos(since.stream))).await?;
+        s.store.write(move |w| e2ee::delete_to_device_upto(w.db(), u.as_str(), &d, StreamPos(since.stream))).await?;
     }
 
     let mut stream_rx = s.store.stream_watch();
@@ -367,7 +367,7 @@ struct RoomSync {
 /// The index (in `rows`, newest first) of the newest remote event with a `prev_events` entry missing from our
 /// timeline: the history before it has a hole. Local events always follow what we have.
 fn newest_gap(c: Db<'_>, auth: &Auth, rows: &[events::EventRow]) -> Result<Option<usize>> {
-    let own_server = auth.user_id.split_once(':').map_or("", |x| x.1);
+    let own_server = auth.user_id.server_name().as_str();
     for (i, row) in rows.iter().enumerate() {
         if row.sender.split_once(':').is_some_and(|x| x.1 == own_server) {
             continue;
@@ -456,7 +456,7 @@ fn room_window(
                 .filter(|row| !timeline_ids.contains(row.event_id.as_str()))
                 .map(|row| format::state_only(row, &room.room_id, false)),
         );
-        let key = (auth.user_id.clone(), auth.device_id.clone(), room.room_id.clone());
+        let key = (auth.user_id.to_string(), auth.device_id.clone(), room.room_id.clone());
         sent.apply(key, fresh, !filter.include_redundant_members, &mut state);
     }
     let device = Some((auth.user_id.as_str(), auth.device_id.as_str()));
@@ -611,7 +611,7 @@ impl SyncPass<'_> {
     fn joined(&self) -> Result<serde_json::Map<String, Value>> {
         let (c, auth, filter, since) = (self.c, self.auth, self.filter, self.since);
         let mut join = serde_json::Map::new();
-        for (room_nid, room_id) in members::rooms_with_membership(c, &auth.user_id, "join")? {
+        for (room_nid, room_id) in members::rooms_with_membership(c, auth.user_id.as_str(), "join")? {
             if !filter.room_allowed(&room_id) {
                 continue;
             }
@@ -627,8 +627,14 @@ impl SyncPass<'_> {
                 room_window(c, auth, &room, filter, window_since, self.pos.stream, self.full_state, self.sent)?;
             rs.timeline.retain(|e| !self.is_ignored(e)); // m.ignored_user_list
             let ephemeral = self.ephemeral(room_nid, &room_id)?;
-            let account_data =
-                account_data_since(c, &auth.user_id, &room_id, self.lo(), self.pos.stream, &filter.room_account_data)?;
+            let account_data = account_data_since(
+                c,
+                auth.user_id.as_str(),
+                &room_id,
+                self.lo(),
+                self.pos.stream,
+                &filter.room_account_data,
+            )?;
             let nothing =
                 rs.timeline.is_empty() && rs.state.is_empty() && ephemeral.is_empty() && account_data.is_empty();
             if since.is_some() && !self.full_state && nothing && !newly {
@@ -641,8 +647,8 @@ impl SyncPass<'_> {
                     "state": {"events": rs.state},
                     "ephemeral": {"events": ephemeral},
                     "account_data": {"events": account_data},
-                    "summary": room_summary(c, &room, &auth.user_id)?,
-                    "unread_notifications": crate::client::notifications::unread_counts(c, &room, &auth.user_id, &self.ignored)?,
+                    "summary": room_summary(c, &room, auth.user_id.as_str())?,
+                    "unread_notifications": crate::client::notifications::unread_counts(c, &room, auth.user_id.as_str(), &self.ignored)?,
                 }),
             );
         }
@@ -664,7 +670,7 @@ impl SyncPass<'_> {
                 ephemeral.push(json!({"type": "m.typing", "content": {"user_ids": users}}));
             }
         }
-        if let Some(r) = receipts_since(self.c, room_nid, self.lo(), self.pos.stream, &self.auth.user_id)? {
+        if let Some(r) = receipts_since(self.c, room_nid, self.lo(), self.pos.stream, self.auth.user_id.as_str())? {
             ephemeral.push(r);
         }
         ephemeral.retain(|e| self.filter.ephemeral.allows(e["type"].as_str().unwrap_or(""), ""));
@@ -695,9 +701,9 @@ impl SyncPass<'_> {
     fn left(&self) -> Result<serde_json::Map<String, Value>> {
         let (c, auth) = (self.c, self.auth);
         let mut leave = serde_json::Map::new();
-        for (room_nid, room_id) in members::rooms_with_membership(c, &auth.user_id, "leave")?
+        for (room_nid, room_id) in members::rooms_with_membership(c, auth.user_id.as_str(), "leave")?
             .into_iter()
-            .chain(members::rooms_with_membership(c, &auth.user_id, "ban")?)
+            .chain(members::rooms_with_membership(c, auth.user_id.as_str(), "ban")?)
         {
             let in_window = self.changed.get(&room_nid).is_some_and(|m| m == "leave" || m == "ban");
             if !self.filter.room_allowed(&room_id)
@@ -707,11 +713,11 @@ impl SyncPass<'_> {
             }
             // A forgotten room stays out of sync, except for the leave itself when it falls in the window: other
             // devices must still learn that the room was left (as in Synapse).
-            if !in_window && members::is_forgotten(c, &auth.user_id, room_nid)? {
+            if !in_window && members::is_forgotten(c, auth.user_id.as_str(), room_nid)? {
                 continue;
             }
             let room = self.room(room_nid)?;
-            let (_, leave_nid) = members::membership_of(c, room_nid, &auth.user_id)?.unwrap_or_default();
+            let (_, leave_nid) = members::membership_of(c, room_nid, auth.user_id.as_str())?.unwrap_or_default();
             let leave_row = events::event_by_nid(c, leave_nid)?;
             // Out of band (a rejected or withdrawn invite, a refused knock: we hold no state for the room).
             let out_of_band = leave_row.as_ref().is_some_and(|r| r.outlier);
@@ -723,7 +729,7 @@ impl SyncPass<'_> {
             // Our own leave is always ours to see, even where history visibility hides the room (an invite
             // rejected in a `joined` room) or we hold no state for it: without it the client never learns the
             // room is gone.
-            if (in_window || out_of_band) && self.filter.timeline.allows("m.room.member", &auth.user_id) {
+            if (in_window || out_of_band) && self.filter.timeline.allows("m.room.member", auth.user_id.as_str()) {
                 if let Some(row) = &leave_row {
                     if !rs.timeline.iter().any(|e| e["event_id"] == json!(row.event_id)) {
                         let device = Some((auth.user_id.as_str(), auth.device_id.as_str()));
@@ -776,7 +782,7 @@ impl SyncPass<'_> {
     /// To-device messages for this device (deleted once a later sync acknowledges them).
     fn to_device(&self) -> Result<Vec<Value>> {
         let (lo, upto) = (StreamPos(self.lo()), StreamPos(self.pos.stream));
-        Ok(e2ee::to_device_messages(self.c, &self.auth.user_id, &self.auth.device_id, lo, upto)?
+        Ok(e2ee::to_device_messages(self.c, self.auth.user_id.as_str(), &self.auth.device_id, lo, upto)?
             .into_iter()
             .map(|m| json!({"sender": m.sender, "type": m.event_type, "content": m.content}))
             .collect())
@@ -788,7 +794,7 @@ impl SyncPass<'_> {
         match self.since_stream() {
             Some(ss) => {
                 let rejoins = !self.filter.lazy_load_members;
-                e2ee::device_list_changes(self.c, &self.auth.user_id, ss, self.pos.stream, rejoins)
+                e2ee::device_list_changes(self.c, self.auth.user_id.as_str(), ss, self.pos.stream, rejoins)
             }
             None => Ok(Default::default()),
         }
@@ -817,11 +823,11 @@ fn build(
 ) -> Result<(Value, bool)> {
     let mut changed: HashMap<RoomNid, String> = HashMap::new();
     if let Some(ss) = since.map(|t| t.stream) {
-        for (room, m) in members::changes_of(c, &auth.user_id, StreamPos(ss), StreamPos(pos.stream))? {
+        for (room, m) in members::changes_of(c, auth.user_id.as_str(), StreamPos(ss), StreamPos(pos.stream))? {
             changed.insert(room, m);
         }
     }
-    let ignored = crate::client::notifications::ignored_users(c, &auth.user_id)?;
+    let ignored = crate::client::notifications::ignored_users(c, auth.user_id.as_str())?;
     let pass = SyncPass { c, auth, filter, since, pos, full_state, typing, sent, ignored, changed };
 
     let (join, invite, leave, knock) = (pass.joined()?, pass.invited()?, pass.left()?, pass.knocked()?);

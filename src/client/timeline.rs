@@ -9,7 +9,7 @@ use crate::client::format;
 use crate::client::sync::{parse_token, Filter, Token};
 use crate::error::{Error, Result};
 use crate::http::{qs, AppState, Auth, Query};
-use crate::room::membership::{readable_room, Visibility};
+use crate::room::membership::{parse_readable_room_id, readable_room, Visibility};
 use crate::store::ids::StreamPos;
 use crate::store::{events, state_groups, timeline};
 
@@ -95,7 +95,7 @@ async fn messages_page(
     let (auth, room_id, filter) = (auth.clone(), room_id.to_owned(), filter.clone());
     s.store
         .read(move |c| {
-            let (room, vis) = readable_room(c, &room_id, &auth.user_id)?;
+            let (room, vis) = readable_room(c, &parse_readable_room_id(&room_id)?, &auth.user_id)?;
             let cap = match vis {
                 Visibility::UpTo(p) => p,
                 _ => i64::MAX,
@@ -117,7 +117,7 @@ async fn messages_page(
             let device = Some((auth.user_id.as_str(), auth.device_id.as_str()));
             let mut senders = std::collections::BTreeSet::new();
             let mut chunk = Vec::new();
-            let ignored = crate::client::notifications::ignored_users(c, &auth.user_id)?;
+            let ignored = crate::client::notifications::ignored_users(c, auth.user_id.as_str())?;
             for r in rows.iter().filter(|r| filter.timeline.allows_event(r) && !ignored.contains(&r.sender)) {
                 senders.insert(r.sender.clone());
                 chunk.push(format::event(c, r, &room.room_id, device, true)?);
@@ -167,7 +167,7 @@ pub async fn context(
     let body = s
         .store
         .read(move |c| {
-            let (room, vis) = readable_room(c, &room_id, &auth.user_id)?;
+            let (room, vis) = readable_room(c, &parse_readable_room_id(&room_id)?, &auth.user_id)?;
             let target = events::event_by_id(c, &event_id)?
                 .filter(|r| r.room_nid == room.room_nid && r.stream_ordering.is_some())
                 .ok_or_else(|| Error::not_found("event not found"))?;
@@ -192,7 +192,7 @@ pub async fn context(
                 limit - half,
             )?;
             let after = timeline::oldest_first(c, room_nid, StreamPos(pos), StreamPos(cap), half)?;
-            let ignored = crate::client::notifications::ignored_users(c, &auth.user_id)?;
+            let ignored = crate::client::notifications::ignored_users(c, auth.user_id.as_str())?;
             let fmt = |rows: &[events::EventRow]| -> Result<Vec<Value>> {
                 rows.iter()
                     .filter(|r| filter.timeline.allows_event(r) && !ignored.contains(&r.sender))

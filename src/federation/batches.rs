@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use ruma::RoomId;
 use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -65,7 +66,7 @@ pub struct Stored {
 /// One pipeline: events of one room, written in the foreground (a user waits) or as background work.
 pub struct Pipeline<'a> {
     pub remote: Remote<'a>,
-    pub room_id: &'a str,
+    pub room_id: &'a RoomId,
     pub room_version: &'a str,
     pub background: bool,
 }
@@ -78,7 +79,7 @@ impl Pipeline<'_> {
         let need = tokio::task::spawn_blocking(move || crate::federation::stream::keys_needed_by_file(&f, keys)).await;
         if let Ok(Ok(need)) = need {
             if let Err(e) = self.remote.keys.keys_for(&need).await {
-                tracing::info!(room_id = self.room_id, error = %e, "key prefetch failed");
+                tracing::info!(room_id = %self.room_id, error = %e, "key prefetch failed");
             }
         }
     }
@@ -182,9 +183,9 @@ impl Pipeline<'_> {
             match r {
                 Ok(p) if p.room_id.as_str() == self.room_id => verified.push(p),
                 Ok(p) => {
-                    tracing::warn!(room_id = self.room_id, event_id = %p.event_id, "dropping event of another room")
+                    tracing::warn!(room_id = %self.room_id, event_id = %p.event_id, "dropping event of another room")
                 }
-                Err(e) => tracing::info!(room_id = self.room_id, error = %e, "dropping invalid event"),
+                Err(e) => tracing::info!(room_id = %self.room_id, error = %e, "dropping invalid event"),
             }
         }
         Ok(verified)

@@ -5,6 +5,7 @@
 
 use std::collections::HashSet;
 
+use ruma::RoomId;
 use serde_json::Value;
 
 use crate::error::Result;
@@ -30,7 +31,7 @@ fn strings(v: Option<&Value>) -> Vec<String> {
 pub async fn states_at_missing_prevs(
     r: Remote<'_>,
     origin: &str,
-    room_id: &str,
+    room_id: &RoomId,
     missing: &[String],
 ) -> Result<Option<Vec<GapBranch>>> {
     if missing.is_empty() || missing.len() > MAX_MISSING_PREVS {
@@ -38,11 +39,11 @@ pub async fn states_at_missing_prevs(
     }
     let mut branches = Vec::new();
     for prev in missing {
-        let path = format!("/_matrix/federation/v1/state_ids/{}?event_id={}", enc(room_id), enc(prev));
+        let path = format!("/_matrix/federation/v1/state_ids/{}?event_id={}", enc(room_id.as_str()), enc(prev));
         let answer = match r.client.request_timeout(reqwest::Method::GET, origin, &path, None, FETCH_TIMEOUT).await {
             Ok(a) => a,
             Err(e) => {
-                tracing::info!(origin, room_id, prev, error = %e, "state at a missing prev event unavailable");
+                tracing::info!(origin, %room_id, prev, error = %e, "state at a missing prev event unavailable");
                 return Ok(None);
             }
         };
@@ -55,7 +56,7 @@ pub async fn states_at_missing_prevs(
         } else {
             tracing::info!(
                 origin,
-                room_id,
+                %room_id,
                 prev,
                 lacking = unknown.len(),
                 "state at a missing prev event: too much to fetch now; using the events we hold"

@@ -7,6 +7,7 @@ use std::time::Duration;
 use futures::StreamExt;
 
 use ruma::canonical_json::CanonicalJsonObject;
+use ruma::RoomId;
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
@@ -176,7 +177,7 @@ fn check_edges(p: &Pdu) -> std::result::Result<(), String> {
 /// stores them as outliers, each authorised against its own auth events (rejected ones are kept, marked).
 /// Needed above all during partial state: the memberships of most senders were omitted from `send_join`, so
 /// without this every event of such a member would be rejected for an unknown auth event.
-pub async fn fetch_missing_auth(r: Remote<'_>, origin: &str, room_id: &str, pdus: &[Pdu]) -> Result<usize> {
+pub async fn fetch_missing_auth(r: Remote<'_>, origin: &str, room_id: &RoomId, pdus: &[Pdu]) -> Result<usize> {
     let batch: HashSet<String> = pdus.iter().map(|p| p.event_id.to_string()).collect();
     let wanted: Vec<String> = pdus.iter().flat_map(|p| p.auth_events.iter().map(|a| a.to_string())).collect();
     fetch_outliers(r, origin, room_id, wanted, &batch).await
@@ -207,7 +208,7 @@ pub const MAX_OUTLIER_FETCH: usize = 200;
 pub async fn fetch_outliers(
     r: Remote<'_>,
     origin: &str,
-    room_id: &str,
+    room_id: &RoomId,
     mut wanted: Vec<String>,
     skip: &HashSet<String>,
 ) -> Result<usize> {
@@ -220,7 +221,7 @@ pub async fn fetch_outliers(
     const DEADLINE: Duration = Duration::from_secs(60);
     let deadline = tokio::time::Instant::now() + DEADLINE;
     let rid = room_id.to_owned();
-    let Some(room) = r.store.read(move |c| rooms::room_by_id(c, &rid)).await? else { return Ok(0) };
+    let Some(room) = r.store.read(move |c| rooms::room_by_id(c, rid.as_str())).await? else { return Ok(0) };
     if room.current_sg.is_none() {
         // Without the room's state (not joined yet) its events cannot be judged; a rejection stored now would be
         // wrong and stay.
@@ -249,14 +250,14 @@ pub async fn fetch_outliers(
         )
         .await
         else {
-            tracing::info!(origin, room_id, "fetching missing auth events took too long; giving up");
+            tracing::info!(origin, %room_id, "fetching missing auth events took too long; giving up");
             break;
         };
         let mut raw = Vec::new();
         for answer in answers {
             match answer {
                 Ok(v) => raw.extend(v.get("pdus").and_then(Value::as_array).and_then(|a| a.first()).cloned()),
-                Err(e) => tracing::info!(origin, room_id, error = %e, "fetching a missing auth event failed"),
+                Err(e) => tracing::info!(origin, %room_id, error = %e, "fetching a missing auth event failed"),
             }
         }
         for p in verify_values(r.keys, &room.version, raw).await?.into_iter().filter_map(|(_, v)| v.ok()) {
@@ -274,7 +275,7 @@ pub async fn fetch_outliers(
     let rid = room_id.to_owned();
     r.store
         .write(move |w| {
-            let room = rooms::room_by_id(w.db(), &rid)?.ok_or_else(|| Error::not_found("unknown room"))?;
+            let room = rooms::room_by_id(w.db(), rid.as_str())?.ok_or_else(|| Error::not_found("unknown room"))?;
             let rules = version::rules(&room.version)?;
             for p in &fetched {
                 if events::event_nid(w.db(), p.event_id.as_str())?.is_some() {
@@ -291,14 +292,14 @@ pub async fn fetch_outliers(
             Ok(())
         })
         .await?;
-    tracing::debug!(origin, room_id, fetched = n, "fetched missing auth events");
+    tracing::debug!(origin, %room_id, fetched = n, "fetched missing auth events");
     Ok(n)
 }
 
 /// Handles one verified PDU that belongs in the timeline, fetching missing prev events from `origin` once.
-pub async fn ingest(s: &FedContext, origin: &str, room_id: &str, pdu: Pdu, fetch_missing: bool) -> Result<String> {
+pub async fn ingest(s: &FedContext, origin: &str, room_id: &RoomId, pdu: Pdu, fetch_missing: bool) -> Result<String> {
     if let Err(e) = fetch_missing_auth(Remote::of(s)?, origin, room_id, std::slice::from_ref(&pdu)).await {
-        tracing::info!(room_id, event_id = %pdu.event_id, error = %e, "could not fetch missing auth events");
+        tracing::info!(%room_id, event_id = %pdu.event_id, error = %e, "could not fetch missing auth events");
     }
     let identity = s.identity.clone();
     let (rid, p) = (room_id.to_owned(), pdu.clone());
@@ -310,7 +311,7 @@ pub async fn ingest(s: &FedContext, origin: &str, room_id: &str, pdu: Pdu, fetch
     };
     if fetch_missing {
         if let Err(e) = fill_gap(s, origin, room_id, &pdu).await {
-            tracing::info!(room_id, error = %e, "get_missing_events failed");
+            tracing::info!(%room_id, error = %e, "get_missing_events failed");
         }
         let identity = s.identity.clone();
         let (rid, p) = (room_id.to_owned(), pdu.clone());
@@ -330,7 +331,7 @@ pub async fn ingest(s: &FedContext, origin: &str, room_id: &str, pdu: Pdu, fetch
 async fn place_across_gap(
     s: &FedContext,
     origin: &str,
-    room_id: &str,
+    room_id: &RoomId,
     pdu: Pdu,
     missing: &[String],
     ask: bool,
@@ -341,17 +342,17 @@ async fn place_across_gap(
     };
     match &branches {
         Some(_) => {
-            tracing::info!(room_id, event_id = %pdu.event_id, ?missing, "prev events unavailable; using the state at them")
+            tracing::info!(%room_id, event_id = %pdu.event_id, ?missing, "prev events unavailable; using the state at them")
         }
         None => {
-            tracing::info!(room_id, event_id = %pdu.event_id, ?missing, "prev events unavailable; using current state")
+            tracing::info!(%room_id, event_id = %pdu.event_id, ?missing, "prev events unavailable; using current state")
         }
     }
     let identity = s.identity.clone();
     let rid = room_id.to_owned();
     s.store
         .write(move |w| {
-            let room = rooms::room_by_id(w.db(), &rid)?.ok_or_else(|| Error::not_found("unknown room"))?;
+            let room = rooms::room_by_id(w.db(), rid.as_str())?.ok_or_else(|| Error::not_found("unknown room"))?;
             let sg = match &branches {
                 Some(b) => crate::room::remote::state_across_gap(w.db(), &room, &pdu, b)?,
                 None => room.current_sg.ok_or_else(|| Error::not_found("room has no state"))?,
@@ -362,13 +363,13 @@ async fn place_across_gap(
 }
 
 /// `get_missing_events` between our forward extremities and `pdu`, then ingests what came back (oldest first).
-async fn fill_gap(s: &FedContext, origin: &str, room_id: &str, pdu: &Pdu) -> Result<()> {
+async fn fill_gap(s: &FedContext, origin: &str, room_id: &RoomId, pdu: &Pdu) -> Result<()> {
     let fed = s.federation.as_ref().ok_or_else(|| Error::forbidden("federation is disabled"))?;
     let rid = room_id.to_owned();
     let (earliest, version) = s
         .store
         .read(move |c| {
-            let room = rooms::room_by_id(c, &rid)?.ok_or_else(|| Error::not_found("unknown room"))?;
+            let room = rooms::room_by_id(c, rid.as_str())?.ok_or_else(|| Error::not_found("unknown room"))?;
             let mut ids = Vec::new();
             for nid in events::forward_extremities(c, room.room_nid)? {
                 if let Some(r) = events::event_by_nid(c, nid)? {
@@ -385,7 +386,7 @@ async fn fill_gap(s: &FedContext, origin: &str, room_id: &str, pdu: &Pdu) -> Res
         .request_timeout(
             reqwest::Method::POST,
             origin,
-            &format!("/_matrix/federation/v1/get_missing_events/{}", enc(room_id)),
+            &format!("/_matrix/federation/v1/get_missing_events/{}", enc(room_id.as_str())),
             Some(&body),
             FETCH_TIMEOUT,
         )
@@ -394,7 +395,7 @@ async fn fill_gap(s: &FedContext, origin: &str, room_id: &str, pdu: &Pdu) -> Res
     if events.len() > MISSING_EVENTS_LIMIT {
         tracing::info!(
             origin,
-            room_id,
+            %room_id,
             got = events.len(),
             "get_missing_events answered more than asked for; keeping the newest"
         );
@@ -497,7 +498,8 @@ pub async fn transaction(s: &FedContext, origin: &str, body: &Value) -> Result<V
                 // verify_batch checked; a forged sender fails there.
                 tracing::debug!(origin, event_id = %id, sender = %p.sender, "PDU relayed by a server other than its sender's");
             }
-            match ingest(s, origin, &room_id, p, true).await {
+            let rid = p.room_id.clone();
+            match ingest(s, origin, &rid, p, true).await {
                 Ok(outcome) => {
                     tracing::debug!(origin, event_id = %id, %outcome, "PDU processed");
                     results.insert(id, json!({}));
@@ -572,7 +574,10 @@ async fn handle_edu(s: &FedContext, origin: &str, edu: &Value) -> Result<()> {
                 .await?;
             if allowed {
                 let typing = content.get("typing").and_then(Value::as_bool).unwrap_or(false);
-                s.typing.set(room, user, typing, std::time::Duration::from_secs(30));
+                // Ids that do not parse name no room or user a client could be shown.
+                if let (Ok(room), Ok(user)) = (ruma::RoomId::parse(room), ruma::UserId::parse(user)) {
+                    s.typing.set(&room, &user, typing, std::time::Duration::from_secs(30));
+                }
             }
         }
         Some("m.receipt") => {

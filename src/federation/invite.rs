@@ -1,6 +1,7 @@
 //! Invites across servers, and leaving rooms we only know through an invite.
 
 use ruma::canonical_json::CanonicalJsonObject;
+use ruma::{EventId, RoomId, UserId};
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
@@ -51,7 +52,13 @@ pub async fn send_remote_invite(s: &FedContext, invite: Pdu) -> Result<String> {
 }
 
 /// `PUT /_matrix/federation/v2/invite/{roomId}/{eventId}`: countersign an invite for one of our users.
-pub async fn receive_invite(s: &FedContext, origin: &str, room_id: &str, event_id: &str, body: Value) -> Result<Value> {
+pub async fn receive_invite(
+    s: &FedContext,
+    origin: &str,
+    room_id: &RoomId,
+    event_id: &EventId,
+    body: Value,
+) -> Result<Value> {
     let room_version = body.get("room_version").and_then(Value::as_str).unwrap_or("1").to_owned();
     let rules = version::rules(&room_version).map_err(|_| Error::incompatible_room_version(&room_version))?;
     let event = body.get("event").cloned().ok_or_else(|| Error::bad_json("missing event"))?;
@@ -59,7 +66,7 @@ pub async fn receive_invite(s: &FedContext, origin: &str, room_id: &str, event_i
     let (rid, o) = (room_id.to_owned(), origin.to_owned());
     let acl_ok = s
         .store
-        .read(move |c| match rooms::room_by_id(c, &rid)? {
+        .read(move |c| match rooms::room_by_id(c, rid.as_str())? {
             Some(room) => crate::federation::acl::room_allows(c, room.current_sg, &o),
             None => Ok(true),
         })
@@ -105,10 +112,10 @@ pub async fn receive_invite(s: &FedContext, origin: &str, room_id: &str, event_i
     let stripped_json = Value::Array(stripped).to_string();
     s.store
         .write(move |w| {
-            let room = match rooms::room_by_id(w.db(), &rid)? {
+            let room = match rooms::room_by_id(w.db(), rid.as_str())? {
                 Some(r) => r,
                 None => {
-                    let nid = rooms::insert_room(w.db(), &rid, &ver)?;
+                    let nid = rooms::insert_room(w.db(), rid.as_str(), &ver)?;
                     rooms::room_by_nid(w.db(), nid)?.ok_or_else(|| Error::internal("room vanished"))?
                 }
             };
@@ -125,11 +132,11 @@ pub async fn receive_invite(s: &FedContext, origin: &str, room_id: &str, event_i
 }
 
 /// Leaves (or rejects an invite to) a room we hold no state for: make_leave/send_leave through `server`.
-pub async fn remote_leave(s: &FedContext, user_id: &str, room_id: &str, servers: &[String]) -> Result<()> {
+pub async fn remote_leave(s: &FedContext, user_id: &UserId, room_id: &RoomId, servers: &[String]) -> Result<()> {
     let fed = s.federation.as_ref().ok_or_else(|| Error::forbidden("federation is disabled"))?;
     let mut last = Error::not_found("no server to leave through");
     for server in servers {
-        let path = format!("/_matrix/federation/v1/make_leave/{}/{}", enc(room_id), enc(user_id));
+        let path = format!("/_matrix/federation/v1/make_leave/{}/{}", enc(room_id.as_str()), enc(user_id.as_str()));
         let made = match fed.client.get(server, &path).await {
             Ok(v) => v,
             Err(e) => {
@@ -168,7 +175,7 @@ pub async fn remote_leave(s: &FedContext, user_id: &str, room_id: &str, servers:
         )
         .map_err(|e| Error::internal(e.to_string()))?;
         let event_id = version::event_id(&obj, &rules).map_err(Error::internal)?;
-        let path = format!("/_matrix/federation/v2/send_leave/{}/{}", enc(room_id), enc(event_id.as_str()));
+        let path = format!("/_matrix/federation/v2/send_leave/{}/{}", enc(room_id.as_str()), enc(event_id.as_str()));
         match fed.client.request(reqwest::Method::PUT, server, &path, Some(&serde_json::to_value(&obj)?)).await {
             Ok(_) => {
                 let pdu = Pdu::from_canonical(obj, event_id, &rules).map_err(Error::internal)?;
@@ -176,15 +183,16 @@ pub async fn remote_leave(s: &FedContext, user_id: &str, room_id: &str, servers:
                 let (rid, uid) = (room_id.to_owned(), user_id.to_owned());
                 s.store
                     .write(move |w| {
-                        let room = rooms::room_by_id(w.db(), &rid)?.ok_or_else(|| Error::not_found("unknown room"))?;
+                        let room =
+                            rooms::room_by_id(w.db(), rid.as_str())?.ok_or_else(|| Error::not_found("unknown room"))?;
                         let nid = crate::room::remote::persist_outlier(w.db(), &room, &pdu)?;
                         if room.current_sg.is_none() {
                             // Out of band (no state here): the leave is what the user's `/sync` shows of the room.
                             let stream = crate::store::ids::StreamPos(w.next_stream());
                             crate::store::events::set_out_of_band_stream(w.db(), nid, stream)?;
                         }
-                        invite_state::remove(w.db(), room.room_nid, &uid)?;
-                        crate::room::append::apply_membership(w, &identity, room.room_nid, &uid, nid)
+                        invite_state::remove(w.db(), room.room_nid, uid.as_str())?;
+                        crate::room::append::apply_membership(w, &identity, room.room_nid, uid.as_str(), nid)
                     })
                     .await?;
                 return Ok(());

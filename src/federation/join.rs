@@ -3,7 +3,7 @@
 //! background (the resync: `crate::federation::resync`, steps in `crate::room::partial`).
 
 use ruma::canonical_json::{CanonicalJsonObject, CanonicalJsonValue};
-use ruma::Int;
+use ruma::{Int, RoomId, UserId};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
@@ -24,8 +24,8 @@ pub struct JoinResult {
 /// Joins `room_id` for local `user_id` through the first of `via` that answers.
 pub async fn remote_join(
     s: &FedContext,
-    user_id: &str,
-    room_id: &str,
+    user_id: &UserId,
+    room_id: &RoomId,
     via: &[String],
     reason: Option<&str>,
 ) -> Result<JoinResult> {
@@ -37,8 +37,11 @@ pub async fn remote_join(
     let event_id = version::event_id(&obj, &rules).map_err(Error::internal)?;
 
     let lazy = s.config.federation.lazy_joins;
-    let path =
-        format!("/_matrix/federation/v2/send_join/{}/{}?omit_members={lazy}", enc(room_id), enc(event_id.as_str()));
+    let path = format!(
+        "/_matrix/federation/v2/send_join/{}/{}?omit_members={lazy}",
+        enc(room_id.as_str()),
+        enc(event_id.as_str())
+    );
     let body = serde_json::to_value(&obj)?;
     let started = std::time::Instant::now();
     // The answer goes to a file and is read back in batches: a full join's answer is the whole room (100 MB for a
@@ -64,7 +67,7 @@ pub async fn remote_join(
     s.store
         .write(move |w| {
             let joined = JoinedState {
-                room_id: &rid,
+                room_id: rid.as_str(),
                 room_version: &ver,
                 partial,
                 join: &join_pdu,
@@ -79,16 +82,17 @@ pub async fn remote_join(
     if partial {
         s.jobs.wake();
     }
-    Ok(JoinResult { room_id: room_id.to_owned(), partial, state_events: n_state_events })
+    Ok(JoinResult { room_id: room_id.to_string(), partial, state_events: n_state_events })
 }
 
 /// `make_join` for `user_id` through the first of `via` (not us) that answers: that server and its answer.
-async fn make_join(s: &FedContext, user_id: &str, room_id: &str, via: &[String]) -> Result<(String, Value)> {
+async fn make_join(s: &FedContext, user_id: &UserId, room_id: &RoomId, via: &[String]) -> Result<(String, Value)> {
     let fed = s.federation.as_ref().ok_or_else(|| Error::forbidden("federation is disabled"))?;
     let versions: String = version::SUPPORTED.iter().map(|v| format!("ver={v}")).collect::<Vec<_>>().join("&");
     let mut last_err = Error::not_found("no server could be reached to join this room");
     for server in via.iter().filter(|v| v.as_str() != s.identity.server_name.as_str()) {
-        let path = format!("/_matrix/federation/v1/make_join/{}/{}?{versions}", enc(room_id), enc(user_id));
+        let path =
+            format!("/_matrix/federation/v1/make_join/{}/{}?{versions}", enc(room_id.as_str()), enc(user_id.as_str()));
         match fed.client.get(server, &path).await {
             Ok(v) => return Ok((server.clone(), v)),
             Err(e) => {
@@ -103,7 +107,7 @@ async fn make_join(s: &FedContext, user_id: &str, room_id: &str, via: &[String])
 /// Our join event from a resident's `make_join` template: our origin, time, reason and profile, hashed and signed.
 async fn join_from_template(
     s: &FedContext,
-    user_id: &str,
+    user_id: &UserId,
     made: &Value,
     rules: &ruma::room_version_rules::RoomVersionRules,
     reason: Option<&str>,
@@ -115,7 +119,7 @@ async fn join_from_template(
         obj.remove(k);
     }
     if obj.get("sender").and_then(|v| if let CanonicalJsonValue::String(s) = v { Some(s.as_str()) } else { None })
-        != Some(user_id)
+        != Some(user_id.as_str())
     {
         return Err(Error::internal("make_join template is for another user"));
     }
@@ -128,7 +132,7 @@ async fn join_from_template(
         content.insert("reason".into(), CanonicalJsonValue::String(r.to_owned()));
     }
     let uid = user_id.to_owned();
-    if let Some(u) = s.store.read(move |c| crate::store::accounts::get_user(c, &uid)).await? {
+    if let Some(u) = s.store.read(move |c| crate::store::accounts::get_user(c, uid.as_str())).await? {
         if let Some(CanonicalJsonValue::Object(content)) = obj.get_mut("content") {
             if let Some(d) = u.displayname {
                 content.insert("displayname".into(), CanonicalJsonValue::String(d));
@@ -159,8 +163,8 @@ async fn join_from_template(
 /// resident's countersigned join is then handled as any event of the room.
 pub async fn remote_join_resident(
     s: &FedContext,
-    user_id: &str,
-    room_id: &str,
+    user_id: &UserId,
+    room_id: &RoomId,
     via: &[String],
     reason: Option<&str>,
 ) -> Result<()> {
@@ -170,8 +174,11 @@ pub async fn remote_join_resident(
     let rules = version::rules(&room_version).map_err(|_| Error::incompatible_room_version(&room_version))?;
     let obj = join_from_template(s, user_id, &made, &rules, reason).await?;
     let event_id = version::event_id(&obj, &rules).map_err(Error::internal)?;
-    let path =
-        format!("/_matrix/federation/v2/send_join/{}/{}?omit_members=true", enc(room_id), enc(event_id.as_str()));
+    let path = format!(
+        "/_matrix/federation/v2/send_join/{}/{}?omit_members=true",
+        enc(room_id.as_str()),
+        enc(event_id.as_str())
+    );
     let ours = serde_json::to_value(&obj)?;
     let answer = fed.client.request(reqwest::Method::PUT, &server, &path, Some(&ours)).await?;
     let join_json = match answer.get("event") {
@@ -187,8 +194,10 @@ pub async fn remote_join_resident(
     let (rid, uid) = (room_id.to_owned(), user_id.to_owned());
     let joined = s
         .store
-        .read(move |c| match rooms::room_by_id(c, &rid)? {
-            Some(r) => Ok(crate::store::members::membership_of(c, r.room_nid, &uid)?.is_some_and(|m| m.0 == "join")),
+        .read(move |c| match rooms::room_by_id(c, rid.as_str())? {
+            Some(r) => {
+                Ok(crate::store::members::membership_of(c, r.room_nid, uid.as_str())?.is_some_and(|m| m.0 == "join"))
+            }
             None => Ok(false),
         })
         .await?;
@@ -225,7 +234,7 @@ struct AnswerHead {
 async fn store_join_answer(
     s: &FedContext,
     server: &str,
-    room_id: &str,
+    room_id: &RoomId,
     room_version: &str,
     file: &std::path::Path,
     our_join: Value,
@@ -252,8 +261,8 @@ async fn store_join_answer(
     let (rid, ver) = (room_id.to_owned(), room_version.to_owned());
     s.store
         .write(move |w| {
-            if rooms::room_by_id(w.db(), &rid)?.is_none() {
-                rooms::insert_room(w.db(), &rid, &ver)?;
+            if rooms::room_by_id(w.db(), rid.as_str())?.is_none() {
+                rooms::insert_room(w.db(), rid.as_str(), &ver)?;
             }
             Ok(())
         })

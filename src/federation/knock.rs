@@ -2,7 +2,7 @@
 //! state the resident answers with are kept like a federated invite's (the room stays without state here).
 
 use ruma::canonical_json::{CanonicalJsonObject, CanonicalJsonValue};
-use ruma::Int;
+use ruma::{Int, RoomId, UserId};
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
@@ -14,11 +14,13 @@ use crate::store::{invite_state, rooms};
 /// Knocks on `room_id` for local `user_id` through the first of `via` that answers `make_knock`.
 pub async fn remote_knock(
     s: &FedContext,
-    user_id: &str,
-    room_id: &str,
+    user_id: &UserId,
+    room_id: &RoomId,
     via: &[String],
     reason: Option<&str>,
 ) -> Result<()> {
+    // Typed at the boundary; below, ids go into URLs, JSON and store calls as text.
+    let (user_id, room_id) = (user_id.as_str(), room_id.as_str());
     let fed = s.federation.as_ref().ok_or_else(|| Error::forbidden("federation is disabled"))?;
     let versions: String = version::SUPPORTED.iter().map(|v| format!("ver={v}")).collect::<Vec<_>>().join("&");
     let mut last_err = Error::not_found("no server could be reached to knock on this room");

@@ -145,12 +145,10 @@ impl Ctx<'_> {
             self.save(&cursor, 0, None).await?;
             return Ok(Step::More { items: 0 });
         }
-        let pipeline = Pipeline {
-            remote: self.r,
-            room_id: &self.room.room_id,
-            room_version: &self.room.version,
-            background: true,
-        };
+        let room_id = ruma::RoomId::parse(&self.room.room_id)
+            .map_err(|e| Error::internal(format!("stored room id {} does not parse: {e}", self.room.room_id)))?;
+        let pipeline =
+            Pipeline { remote: self.r, room_id: &room_id, room_version: &self.room.version, background: true };
         let got = if use_state {
             self.fetch_state(&pipeline, cursor.prev.as_deref().unwrap_or(&cursor.join_event)).await?
         } else {

@@ -379,7 +379,7 @@ async fn accept_membership(
     }
     let verified = started.elapsed();
     let identity = s.identity.clone();
-    let (rid, p, o) = (room_id.to_owned(), pdu.clone(), origin.to_owned());
+    let (rid, p, o) = (pdu.room_id.clone(), pdu.clone(), origin.to_owned());
     let (stored, fanned_out) = s
         .store
         .write(move |w| {
@@ -393,7 +393,7 @@ async fn accept_membership(
             }
             let stored = t.elapsed();
             // Tell the other servers in the room (not the one that asked; it already has it).
-            let room = rooms::room_by_id(w.db(), &rid)?.ok_or_else(|| Error::internal("room vanished"))?;
+            let room = rooms::room_by_id(w.db(), rid.as_str())?.ok_or_else(|| Error::internal("room vanished"))?;
             let mut dests = members::joined_servers(w.db(), room.room_nid)?;
             dests.retain(|d| d != &o && d != identity.server_name.as_str());
             crate::store::outbox::enqueue_pdu_to(w.db(), p.event_id.as_str(), &dests)?;
@@ -577,6 +577,9 @@ async fn invite_v2(
     signed: Signed,
 ) -> Result<impl IntoResponse> {
     let body = signed.body.ok_or_else(|| Error::bad_json("missing body"))?;
+    let mismatch = || Error::bad_json("event id or room id does not match the path");
+    let room_id = ruma::RoomId::parse(&room_id).map_err(|_| mismatch())?;
+    let event_id = ruma::EventId::parse(&event_id).map_err(|_| mismatch())?;
     Ok(axum::Json(crate::federation::invite::receive_invite(&s.fed, &signed.origin, &room_id, &event_id, body).await?))
 }
 

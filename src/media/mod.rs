@@ -127,7 +127,7 @@ async fn upload(
     let row = MediaRow {
         origin: origin.clone(),
         media_id: media_id.clone(),
-        uploader: Some(auth.user_id.clone()),
+        uploader: Some(auth.user_id.to_string()),
         content_type: clean_content_type(headers.get(header::CONTENT_TYPE)),
         filename: clean_filename(q.filename),
         size: None,
@@ -146,11 +146,11 @@ async fn create(State(s): State<AppState>, auth: Auth) -> Result<impl IntoRespon
     s.store
         .write(move |w| {
             // Ids reserved long ago and never filled are dropped first.
-            media::drop_stale_reservations(w.db(), &u, now - PENDING_TTL_MS)?;
-            if media::pending_reservations(w.db(), &u, now - PENDING_TTL_MS)? >= MAX_PENDING_PER_USER {
+            media::drop_stale_reservations(w.db(), u.as_str(), now - PENDING_TTL_MS)?;
+            if media::pending_reservations(w.db(), u.as_str(), now - PENDING_TTL_MS)? >= MAX_PENDING_PER_USER {
                 return Err(Error::limit_exceeded(60_000));
             }
-            media::reserve(w.db(), &o, &m, &u, now)
+            media::reserve(w.db(), &o, &m, u.as_str(), now)
         })
         .await?;
     Ok(axum::Json(

@@ -220,7 +220,7 @@ pub fn append_local_or_invite(
     }
 
     if let Some(target) = &ev.redacts {
-        check_local_redaction(conn, room, sg, sender.as_str(), target)?;
+        check_local_redaction(conn, room, sg, sender, target)?;
     }
     if ev.kind == "m.room.power_levels" && version::creators_privileged(&rules) {
         let creators = crate::room::power::PowerLevels::load(conn, sg, &room.version)?.creators().to_vec();
@@ -281,7 +281,7 @@ pub fn commit_built(
     pdu: &Pdu,
     extra_destinations: &[String],
 ) -> Result<Appended> {
-    let r = crate::room::remote::handle_incoming(w, identity, pdu.room_id.as_str(), pdu, None)?;
+    let r = crate::room::remote::handle_incoming(w, identity, &pdu.room_id, pdu, None)?;
     let appended = match r {
         crate::room::remote::Incoming::Stored(a, Outcome::Accepted) => a,
         crate::room::remote::Incoming::Stored(_, o) => {
@@ -303,12 +303,12 @@ pub fn commit_built(
     Ok(appended)
 }
 
-fn check_local_redaction(conn: Db<'_>, room: &RoomRow, sg: StateGroup, sender: &str, target: &str) -> Result<()> {
+fn check_local_redaction(conn: Db<'_>, room: &RoomRow, sg: StateGroup, sender: &UserId, target: &str) -> Result<()> {
     let Some(row) = events::event_by_id(conn, target)? else { return Ok(()) };
     if row.room_nid != room.room_nid {
         return Err(Error::not_found("event not found in this room"));
     }
-    if row.sender != sender && !PowerLevels::load(conn, sg, &room.version)?.can_redact_others(sender) {
+    if row.sender != sender.as_str() && !PowerLevels::load(conn, sg, &room.version)?.can_redact_others(sender) {
         return Err(Error::forbidden("you may not redact other users' events"));
     }
     Ok(())
@@ -489,7 +489,7 @@ fn apply_redaction(conn: Db<'_>, room: &RoomRow, rules: &RoomVersionRules, redac
     let allowed = same_server || {
         let sg = rooms::room_by_nid(conn, room.room_nid)?.and_then(|r| r.current_sg);
         match sg {
-            Some(sg) => PowerLevels::load(conn, sg, &room.version)?.can_redact_others(redaction.sender.as_str()),
+            Some(sg) => PowerLevels::load(conn, sg, &room.version)?.can_redact_others(&redaction.sender),
             None => false,
         }
     };

@@ -1,6 +1,6 @@
 //! Membership changes and who may see what.
 
-use ruma::{RoomId, UserId};
+use ruma::{OwnedRoomId, RoomId, UserId};
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
@@ -140,7 +140,7 @@ pub fn restricted_join_authoriser(
     let needed = power.action("invite", 0);
     let mut best: Option<(i64, String)> = None;
     for user in members::users_of_server(conn, room.room_nid, local_server)? {
-        let level = power.user(&user);
+        let Ok(level) = UserId::parse(&user).map(|u| power.user(&u)) else { continue };
         if level >= needed
             && best.as_ref().is_none_or(|b| level > b.0)
             && membership_at(&user)?.as_deref() == Some("join")
@@ -157,7 +157,7 @@ pub fn restricted_join_authoriser(
 pub fn remote_authorisers(
     conn: Db<'_>,
     room: &RoomRow,
-    user_id: &str,
+    user_id: &UserId,
     local_server: &str,
 ) -> Result<Option<Vec<String>>> {
     let Some(sg) = room.current_sg else { return Ok(None) };
@@ -169,7 +169,7 @@ pub fn remote_authorisers(
         Some("knock_restricted") => rules.authorization.knock_restricted_join_rule,
         _ => false,
     };
-    let current = members::membership_of(conn, room.room_nid, user_id)?.map(|m| m.0);
+    let current = members::membership_of(conn, room.room_nid, user_id.as_str())?.map(|m| m.0);
     if !restricted || matches!(current.as_deref(), Some("join" | "invite")) {
         return Ok(None);
     }
@@ -177,7 +177,7 @@ pub fn remote_authorisers(
     let needed = power.action("invite", 0);
     let mut servers = Vec::new();
     for (user, membership, _) in members::members(conn, room.room_nid)? {
-        if membership != "join" || power.user(&user) < needed {
+        if membership != "join" || UserId::parse(&user).is_ok_and(|u| power.user(&u) < needed) {
             continue;
         }
         match user.split_once(':').map(|x| x.1) {
@@ -201,7 +201,8 @@ pub enum Visibility {
     None,
 }
 
-pub fn visibility(conn: Db<'_>, room: &RoomRow, user_id: &str) -> Result<Visibility> {
+pub fn visibility(conn: Db<'_>, room: &RoomRow, user_id: &UserId) -> Result<Visibility> {
+    let user_id = user_id.as_str();
     match members::membership_of(conn, room.room_nid, user_id)? {
         Some((m, _)) if m == "join" => return Ok(Visibility::All),
         Some((m, nid))
@@ -247,9 +248,16 @@ pub fn server_may_see(conn: Db<'_>, sg_after: Option<StateGroup>, server_users: 
     Ok(false)
 }
 
+/// A room id from a request to read a room, parsed at the edge: one that does not parse names no room the user is
+/// in (403, as [`readable_room`] answers for a room it does not know).
+pub fn parse_readable_room_id(room_id: &str) -> Result<OwnedRoomId> {
+    RoomId::parse(room_id).map_err(|_| Error::forbidden("you are not in this room"))
+}
+
 /// Loads a room the user may read, or 403/404.
-pub fn readable_room(conn: Db<'_>, room_id: &str, user_id: &str) -> Result<(RoomRow, Visibility)> {
-    let room = rooms::room_by_id(conn, room_id)?.ok_or_else(|| Error::forbidden("you are not in this room"))?;
+pub fn readable_room(conn: Db<'_>, room_id: &RoomId, user_id: &UserId) -> Result<(RoomRow, Visibility)> {
+    let room =
+        rooms::room_by_id(conn, room_id.as_str())?.ok_or_else(|| Error::forbidden("you are not in this room"))?;
     match visibility(conn, &room, user_id)? {
         Visibility::None => Err(Error::forbidden("you are not in this room")),
         v => Ok((room, v)),
@@ -267,7 +275,8 @@ pub fn visible_state_group(conn: Db<'_>, room: &RoomRow, vis: Visibility) -> Res
 /// The first stream position a user may read in a room, from the room's history visibility (taken from the
 /// current state): `shared`/`world_readable` everything, `invited` from their first invite or join, `joined` from
 /// their first join. Applied to `/messages`, `/context`, `/event` and the sync timeline.
-pub fn visible_from(conn: Db<'_>, room: &RoomRow, user_id: &str) -> Result<i64> {
+pub fn visible_from(conn: Db<'_>, room: &RoomRow, user_id: &UserId) -> Result<i64> {
+    let user_id = user_id.as_str();
     let Some(sg) = room.current_sg else { return Ok(i64::MIN) };
     let hv = crate::room::state_content(conn, sg, "m.room.history_visibility", "")?
         .and_then(|v| v.get("history_visibility").and_then(Value::as_str).map(str::to_owned))

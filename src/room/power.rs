@@ -1,6 +1,7 @@
 //! Power levels as the client API needs them for checks ruma's auth does not cover (redacting others' events,
 //! room directory changes). Auth of events themselves is ruma's job.
 
+use ruma::UserId;
 use serde_json::Value;
 
 use crate::error::Result;
@@ -48,7 +49,8 @@ impl PowerLevels {
         &self.creators
     }
 
-    pub fn user(&self, user_id: &str) -> i64 {
+    pub fn user(&self, user_id: &UserId) -> i64 {
+        let user_id = user_id.as_str();
         if self.creators_privileged && self.creators.iter().any(|c| c == user_id) {
             return i64::MAX;
         }
@@ -75,7 +77,7 @@ impl PowerLevels {
         })
     }
 
-    pub fn can_redact_others(&self, user_id: &str) -> bool {
+    pub fn can_redact_others(&self, user_id: &UserId) -> bool {
         self.user(user_id) >= self.action("redact", 50)
     }
 }

@@ -8,6 +8,7 @@ use ruma::canonical_json::CanonicalJsonObject;
 use ruma::events::TimelineEventType;
 use ruma::room_version_rules::RoomVersionRules;
 use ruma::signatures::{PublicKeyMap, Verified};
+use ruma::RoomId;
 
 use crate::error::{Error, Result};
 use crate::room::append::{authorize, persist, Appended, Outcome};
@@ -65,11 +66,11 @@ pub fn verify_remote(pdu: Pdu, rules: &RoomVersionRules, keys: &PublicKeyMap) ->
 /// Stores a verified batch of room `room_id`'s events as outliers, lowest depth first, skipping events of other
 /// rooms and events already held (a `/state` answer and a `send_join` answer are stored this way, batch by batch).
 /// Returns how many were new.
-pub fn persist_outlier_batch(conn: Db<'_>, room_id: &str, mut pdus: Vec<Pdu>) -> Result<usize> {
-    let room = rooms::room_by_id(conn, room_id)?.ok_or_else(|| Error::internal("room vanished"))?;
+pub fn persist_outlier_batch(conn: Db<'_>, room_id: &RoomId, mut pdus: Vec<Pdu>) -> Result<usize> {
+    let room = rooms::room_by_id(conn, room_id.as_str())?.ok_or_else(|| Error::internal("room vanished"))?;
     pdus.sort_by_key(|p| p.depth);
     let mut n = 0;
-    for p in pdus.iter().filter(|p| p.room_id.as_str() == room_id) {
+    for p in pdus.iter().filter(|p| p.room_id == room_id) {
         if events::event_nid(conn, p.event_id.as_str())?.is_none() {
             persist_outlier(conn, &room, p)?;
             n += 1;
@@ -273,12 +274,12 @@ pub fn apply_out_of_room_membership(
 pub fn handle_incoming(
     w: &mut Writer<'_>,
     identity: &Identity,
-    room_id: &str,
+    room_id: &RoomId,
     pdu: &Pdu,
     forced_state: Option<StateGroup>,
 ) -> Result<Incoming> {
     let conn = w.db();
-    let room = rooms::room_by_id(conn, room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
+    let room = rooms::room_by_id(conn, room_id.as_str())?.ok_or_else(|| Error::not_found("unknown room"))?;
     let held = events::event_by_id(conn, pdu.event_id.as_str())?;
     if pdu.prev_events.is_empty() && forced_state.is_none() {
         // Only a create event has no prev events: it starts the DAG and is never placed in a timeline after the

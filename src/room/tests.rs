@@ -167,11 +167,11 @@ fn a_former_member_reads_up_to_their_leave() {
     })
     .unwrap();
     let room = rooms::room_by_id(f.conn.db(), &room_id).unwrap().unwrap();
-    assert_eq!(visibility(f.conn.db(), &room, ALICE).unwrap(), Visibility::All);
-    assert_eq!(visibility(f.conn.db(), &room, BOB).unwrap(), Visibility::UpTo(leave_pos.0));
-    assert_eq!(visibility(f.conn.db(), &room, "@carol:test.example").unwrap(), Visibility::None);
-    assert!(readable_room(f.conn.db(), &room_id, "@carol:test.example").is_err());
-    let (_, vis) = readable_room(f.conn.db(), &room_id, BOB).unwrap();
+    assert_eq!(visibility(f.conn.db(), &room, &uid(ALICE)).unwrap(), Visibility::All);
+    assert_eq!(visibility(f.conn.db(), &room, &uid(BOB)).unwrap(), Visibility::UpTo(leave_pos.0));
+    assert_eq!(visibility(f.conn.db(), &room, &uid("@carol:test.example")).unwrap(), Visibility::None);
+    assert!(readable_room(f.conn.db(), &rid(&room_id), &uid("@carol:test.example")).is_err());
+    let (_, vis) = readable_room(f.conn.db(), &rid(&room_id), &uid(BOB)).unwrap();
     // The state Bob sees is the state at his leave: he is not joined in it.
     let sg = crate::room::membership::visible_state_group(f.conn.db(), &room, vis).unwrap().unwrap();
     assert_ne!(Some(sg), room.current_sg);
@@ -179,7 +179,7 @@ fn a_former_member_reads_up_to_their_leave() {
     let member = crate::room::state_content(f.conn.db(), sg, "m.room.member", BOB).unwrap().unwrap();
     assert_eq!(member["membership"], "leave");
     // Shared history: everything from the start.
-    assert_eq!(visible_from(f.conn.db(), &room, BOB).unwrap(), i64::MIN);
+    assert_eq!(visible_from(f.conn.db(), &room, &uid(BOB)).unwrap(), i64::MIN);
     assert!(leave_pos > StreamPos(0));
 }
 
@@ -206,9 +206,9 @@ fn joined_history_is_visible_from_the_first_join() {
     let room = rooms::room_by_id(f.conn.db(), &room_id).unwrap().unwrap();
     let (_, join_nid) = members::membership_of(f.conn.db(), room.room_nid, BOB).unwrap().unwrap();
     let join_pos = events::event_by_nid(f.conn.db(), join_nid).unwrap().unwrap().stream_ordering.unwrap();
-    assert_eq!(visible_from(f.conn.db(), &room, BOB).unwrap(), join_pos.0);
+    assert_eq!(visible_from(f.conn.db(), &room, &uid(BOB)).unwrap(), join_pos.0);
     // Never joined under these rules: nothing.
-    assert_eq!(visible_from(f.conn.db(), &room, "@carol:test.example").unwrap(), i64::MAX);
+    assert_eq!(visible_from(f.conn.db(), &room, &uid("@carol:test.example")).unwrap(), i64::MAX);
 }
 
 #[test]

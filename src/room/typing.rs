@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use ruma::{RoomId, UserId};
 use tokio::sync::watch;
 
 pub struct Typing {
@@ -52,7 +53,8 @@ impl Typing {
         any
     }
 
-    pub fn set(&self, room_id: &str, user_id: &str, typing: bool, timeout: Duration) {
+    pub fn set(&self, room_id: &RoomId, user_id: &UserId, typing: bool, timeout: Duration) {
+        let (room_id, user_id) = (room_id.as_str(), user_id.as_str());
         let serial = {
             let mut st = self.lock();
             Self::expire(&mut st);
@@ -87,7 +89,8 @@ impl Typing {
     }
 
     /// Users typing in a room, if it changed after `since` (None = always).
-    pub fn changed_since(&self, room_id: &str, since: Option<u64>) -> Option<Vec<String>> {
+    pub fn changed_since(&self, room_id: &RoomId, since: Option<u64>) -> Option<Vec<String>> {
+        let room_id = room_id.as_str();
         let st = self.lock();
         let changed = st.changed.get(room_id).copied().unwrap_or(0);
         if since.is_some_and(|s| changed <= s) {
