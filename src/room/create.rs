@@ -1,5 +1,6 @@
 //! Creating a room (`POST /createRoom`): the initial events, in one transaction.
 
+use ruma::room_version_rules::RoomVersionRules;
 use ruma::{OwnedUserId, RoomId};
 use serde_json::{json, Value};
 
@@ -103,45 +104,7 @@ pub fn create_room(
     // Power levels.
     let preset =
         req.preset.clone().unwrap_or_else(|| if req.visibility_public { "public_chat" } else { "private_chat" }.into());
-    let mut users = serde_json::Map::new();
-    if !version::creators_privileged(&rules) {
-        users.insert(req.creator.to_string(), json!(100));
-    }
-    if preset == "trusted_private_chat" {
-        for u in &req.invite {
-            if u != req.creator.as_str() {
-                users.insert(u.clone(), json!(100));
-            }
-        }
-    }
-    // Where creators are privileged (MSC4289), upgrading the room (a tombstone) is theirs alone by default.
-    let tombstone = if version::creators_privileged(&rules) { 150 } else { 100 };
-    let mut pl = json!({
-        "users": users,
-        "users_default": 0,
-        "events": {
-            "m.room.name": 50, "m.room.power_levels": 100, "m.room.history_visibility": 100,
-            "m.room.canonical_alias": 50, "m.room.avatar": 50, "m.room.tombstone": tombstone,
-            "m.room.server_acl": 100, "m.room.encryption": 100
-        },
-        "events_default": 0, "state_default": 50, "ban": 50, "kick": 50, "redact": 50,
-        // Synapse's defaults: members of a private room may invite, those of a public one need power 50.
-        "invite": if preset == "public_chat" { 50 } else { 0 },
-        "historical": 100,
-        "notifications": {"room": 50}
-    });
-    if let Some(Value::Object(over)) = &req.power_level_content_override {
-        let target = pl.as_object_mut().expect("object literal");
-        for (k, v) in over {
-            target.insert(k.clone(), v.clone());
-        }
-    }
-    if version::creators_privileged(&rules) {
-        let mut creators = vec![req.creator.to_string()];
-        let extra = req.creation_content.as_ref().and_then(|c| c.get("additional_creators")).and_then(Value::as_array);
-        creators.extend(extra.into_iter().flatten().filter_map(Value::as_str).map(str::to_owned));
-        crate::room::append::check_no_creator_in_users(&pl, &creators)?;
-    }
+    let pl = power_levels(&req, &rules, &preset)?;
     send(w, LocalEvent::state("m.room.power_levels", "", pl))?;
 
     if let Some(alias) = &req.alias {
@@ -199,4 +162,49 @@ pub fn create_room(
         crate::store::rooms::set_published(w.db(), &room_id, true)?;
     }
     Ok((room_id, remote_invites))
+}
+
+/// The room's first power levels: Synapse's defaults for the preset, then the request's override. Where creators
+/// are privileged (MSC4289) they are not listed, and an override listing one is refused.
+fn power_levels(req: &CreateRoom, rules: &RoomVersionRules, preset: &str) -> Result<Value> {
+    let mut users = serde_json::Map::new();
+    if !version::creators_privileged(rules) {
+        users.insert(req.creator.to_string(), json!(100));
+    }
+    if preset == "trusted_private_chat" {
+        for u in &req.invite {
+            if u != req.creator.as_str() {
+                users.insert(u.clone(), json!(100));
+            }
+        }
+    }
+    // Where creators are privileged (MSC4289), upgrading the room (a tombstone) is theirs alone by default.
+    let tombstone = if version::creators_privileged(rules) { 150 } else { 100 };
+    let mut pl = json!({
+        "users": users,
+        "users_default": 0,
+        "events": {
+            "m.room.name": 50, "m.room.power_levels": 100, "m.room.history_visibility": 100,
+            "m.room.canonical_alias": 50, "m.room.avatar": 50, "m.room.tombstone": tombstone,
+            "m.room.server_acl": 100, "m.room.encryption": 100
+        },
+        "events_default": 0, "state_default": 50, "ban": 50, "kick": 50, "redact": 50,
+        // Synapse's defaults: members of a private room may invite, those of a public one need power 50.
+        "invite": if preset == "public_chat" { 50 } else { 0 },
+        "historical": 100,
+        "notifications": {"room": 50}
+    });
+    if let Some(Value::Object(over)) = &req.power_level_content_override {
+        let target = pl.as_object_mut().expect("object literal");
+        for (k, v) in over {
+            target.insert(k.clone(), v.clone());
+        }
+    }
+    if version::creators_privileged(rules) {
+        let mut creators = vec![req.creator.to_string()];
+        let extra = req.creation_content.as_ref().and_then(|c| c.get("additional_creators")).and_then(Value::as_array);
+        creators.extend(extra.into_iter().flatten().filter_map(Value::as_str).map(str::to_owned));
+        crate::room::append::check_no_creator_in_users(&pl, &creators)?;
+    }
+    Ok(pl)
 }
