@@ -253,25 +253,31 @@ impl Ctx<'_> {
         Ok(Step::More { items: n })
     }
 
-    /// The next `batch` rows of the partial base group and `room_members` (one short write).
-    async fn fill(&self, mut cursor: ResyncCursor, after: String, done: i64, batch: usize) -> Result<Step> {
+    /// The next `batch` rows of the partial base group and `room_members`, and the cursor past them: one short
+    /// write (the rows and the position that says they are done commit together).
+    async fn fill(&self, cursor: ResyncCursor, after: String, done: i64, batch: usize) -> Result<Step> {
         let (identity, room, sg, prev) = (self.r.identity.clone(), self.room_nid, cursor.sg, cursor.prev.clone());
-        let (last, n) = self
+        let (job_id, room_id, mut next) = (self.job.job_id, self.room.room_id.clone(), cursor);
+        let n = self
             .r
             .store
-            .write_background(move |w| partial::fill_chunk(w, &identity, room, sg, prev.as_deref(), (&after, batch)))
-            .await?;
-        match last {
-            Some(last) => {
+            .write_background(move |w| {
+                let (last, n) = partial::fill_chunk(w, &identity, room, sg, prev.as_deref(), (&after, batch))?;
                 let done = done + n as i64;
-                cursor.phase = Phase::Fill { after: last, done };
-                self.save(&cursor, done, None).await?;
-            }
-            None => {
-                cursor.enter(&self.room.room_id, Phase::Finish);
-                self.save(&cursor, 0, None).await?;
-            }
-        }
+                let shown = match last {
+                    Some(last) => {
+                        next.phase = Phase::Fill { after: last, done };
+                        done
+                    }
+                    None => {
+                        next.enter(&room_id, Phase::Finish);
+                        0
+                    }
+                };
+                crate::store::jobs::save_cursor(w.db(), job_id, &next.to_json(), shown, None)?;
+                Ok(n)
+            })
+            .await?;
         Ok(Step::More { items: n })
     }
 
