@@ -3,7 +3,7 @@
 //! background (the resync: `crate::federation::resync`, steps in `crate::room::partial`).
 
 use ruma::canonical_json::{CanonicalJsonObject, CanonicalJsonValue};
-use ruma::{Int, RoomId, UserId};
+use ruma::{RoomId, UserId};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
@@ -112,24 +112,11 @@ async fn join_from_template(
     rules: &ruma::room_version_rules::RoomVersionRules,
     reason: Option<&str>,
 ) -> Result<CanonicalJsonObject> {
-    let template = made.get("event").cloned().ok_or_else(|| Error::internal("make_join answer without an event"))?;
-    let mut obj: CanonicalJsonObject =
-        serde_json::from_value(template).map_err(|e| Error::internal(format!("bad make_join template: {e}")))?;
-    for k in ["event_id", "signatures", "hashes", "unsigned"] {
-        obj.remove(k);
-    }
+    let mut obj = crate::federation::template::event_of(made, "make_join")?;
     if obj.get("sender").and_then(|v| if let CanonicalJsonValue::String(s) = v { Some(s.as_str()) } else { None })
         != Some(user_id.as_str())
     {
         return Err(Error::internal("make_join template is for another user"));
-    }
-    obj.insert("origin".into(), CanonicalJsonValue::String(s.identity.server_name.to_string()));
-    obj.insert(
-        "origin_server_ts".into(),
-        CanonicalJsonValue::Integer(Int::try_from(crate::store::accounts::now_ms()).unwrap_or_default()),
-    );
-    if let (Some(r), Some(CanonicalJsonValue::Object(content))) = (reason, obj.get_mut("content")) {
-        content.insert("reason".into(), CanonicalJsonValue::String(r.to_owned()));
     }
     let uid = user_id.to_owned();
     if let Some(u) = s.store.read(move |c| crate::store::accounts::get_user(c, uid.as_str())).await? {
@@ -142,19 +129,7 @@ async fn join_from_template(
             }
         }
     }
-    if matches!(rules.event_id_format, ruma::room_version_rules::EventIdFormatVersion::V1) {
-        obj.insert(
-            "event_id".into(),
-            CanonicalJsonValue::String(format!("${}:{}", crate::util::random_string(18), s.identity.server_name)),
-        );
-    }
-    ruma::signatures::hash_and_sign_event(
-        s.identity.server_name.as_str(),
-        &s.identity.keypair,
-        &mut obj,
-        &rules.redaction,
-    )
-    .map_err(|e| Error::internal(format!("signing the join failed: {e}")))?;
+    crate::federation::template::stamp_and_sign(&s.identity, &mut obj, rules, reason, "join")?;
     Ok(obj)
 }
 

@@ -1,8 +1,8 @@
 //! Knocking on a room that lives on other servers: `make_knock`, then `send_knock`; the knock and the stripped
 //! state the resident answers with are kept like a federated invite's (the room stays without state here).
 
-use ruma::canonical_json::{CanonicalJsonObject, CanonicalJsonValue};
-use ruma::{Int, RoomId, UserId};
+use ruma::canonical_json::CanonicalJsonValue;
+use ruma::{RoomId, UserId};
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
@@ -75,39 +75,14 @@ pub async fn remote_knock(
 fn sign_knock(s: &FedContext, user_id: &str, made: &Value, reason: Option<&str>) -> Result<(Pdu, String)> {
     let room_version = made.get("room_version").and_then(Value::as_str).unwrap_or("1").to_owned();
     let rules = version::rules(&room_version).map_err(|_| Error::incompatible_room_version(&room_version))?;
-    let template = made.get("event").cloned().ok_or_else(|| Error::internal("make_knock answer without an event"))?;
-    let mut obj: CanonicalJsonObject =
-        serde_json::from_value(template).map_err(|e| Error::internal(format!("bad make_knock template: {e}")))?;
-    for k in ["event_id", "signatures", "hashes", "unsigned"] {
-        obj.remove(k);
-    }
+    let mut obj = crate::federation::template::event_of(made, "make_knock")?;
     let is_ours = |k: &str| matches!(obj.get(k), Some(CanonicalJsonValue::String(v)) if v == user_id);
     let is_knock = matches!(obj.get("content"), Some(CanonicalJsonValue::Object(c))
         if matches!(c.get("membership"), Some(CanonicalJsonValue::String(m)) if m == "knock"));
     if !is_ours("sender") || !is_ours("state_key") || !is_knock {
         return Err(Error::internal("make_knock template is not a knock of this user"));
     }
-    obj.insert("origin".into(), CanonicalJsonValue::String(s.identity.server_name.to_string()));
-    obj.insert(
-        "origin_server_ts".into(),
-        CanonicalJsonValue::Integer(Int::try_from(crate::store::accounts::now_ms()).unwrap_or_default()),
-    );
-    if let (Some(r), Some(CanonicalJsonValue::Object(content))) = (reason, obj.get_mut("content")) {
-        content.insert("reason".into(), CanonicalJsonValue::String(r.to_owned()));
-    }
-    if matches!(rules.event_id_format, ruma::room_version_rules::EventIdFormatVersion::V1) {
-        obj.insert(
-            "event_id".into(),
-            CanonicalJsonValue::String(format!("${}:{}", crate::util::random_string(18), s.identity.server_name)),
-        );
-    }
-    ruma::signatures::hash_and_sign_event(
-        s.identity.server_name.as_str(),
-        &s.identity.keypair,
-        &mut obj,
-        &rules.redaction,
-    )
-    .map_err(|e| Error::internal(format!("signing the knock failed: {e}")))?;
+    crate::federation::template::stamp_and_sign(&s.identity, &mut obj, &rules, reason, "knock")?;
     let event_id = version::event_id(&obj, &rules).map_err(Error::internal)?;
     let pdu = Pdu::from_canonical(obj, event_id, &rules).map_err(Error::internal)?;
     Ok((pdu, room_version))

@@ -16,6 +16,7 @@ pub mod query;
 pub mod resync;
 pub mod sender;
 pub mod stream;
+pub mod template;
 pub mod tls;
 
 use std::sync::Arc;

@@ -230,21 +230,27 @@ fn make_membership(c: Db<'_>, s: &AppState, room: &RoomRow, user_id: &str, membe
     Ok(json!({"room_version": room.version, "event": ev}))
 }
 
+/// What `make_join` and `make_knock` check first: the user is of the asking server; then the room versions it
+/// supports (`ver=` query parameters, in order).
+fn make_request_versions(user_id: &str, origin: &str, query: Option<String>) -> Result<Vec<String>> {
+    if user_id.split_once(':').map(|x| x.1) != Some(origin) {
+        return Err(Error::forbidden("user is not from the requesting server"));
+    }
+    Ok(query
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|kv| kv.strip_prefix("ver="))
+        .map(crate::util::percent_decode)
+        .collect())
+}
+
 async fn make_join(
     State(s): State<AppState>,
     Path((room_id, user_id)): Path<(String, String)>,
     axum::extract::RawQuery(q): axum::extract::RawQuery,
     signed: Signed,
 ) -> Result<impl IntoResponse> {
-    if user_id.split_once(':').map(|x| x.1) != Some(signed.origin.as_str()) {
-        return Err(Error::forbidden("user is not from the requesting server"));
-    }
-    let vers: Vec<String> = q
-        .unwrap_or_default()
-        .split('&')
-        .filter_map(|kv| kv.strip_prefix("ver="))
-        .map(crate::util::percent_decode)
-        .collect();
+    let vers = make_request_versions(&user_id, &signed.origin, q)?;
     let s2 = s.clone();
     let answer = s
         .store
@@ -270,15 +276,7 @@ async fn make_knock(
     axum::extract::RawQuery(q): axum::extract::RawQuery,
     signed: Signed,
 ) -> Result<impl IntoResponse> {
-    if user_id.split_once(':').map(|x| x.1) != Some(signed.origin.as_str()) {
-        return Err(Error::forbidden("user is not from the requesting server"));
-    }
-    let vers: Vec<String> = q
-        .unwrap_or_default()
-        .split('&')
-        .filter_map(|kv| kv.strip_prefix("ver="))
-        .map(crate::util::percent_decode)
-        .collect();
+    let vers = make_request_versions(&user_id, &signed.origin, q)?;
     let s2 = s.clone();
     let answer = s
         .store
