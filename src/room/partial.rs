@@ -412,6 +412,12 @@ fn announce_devices_to_new_servers(
     base_sg: StateGroup,
 ) -> Result<usize> {
     let ours = identity.server_name.as_str();
+    // Usually no local member's devices changed during the resync: then there is nothing to announce, and the
+    // servers of the whole member list (a read of every member event) need not be worked out.
+    let changes = rs::device_changes_since(conn, room, since, ours)?;
+    if changes.is_empty() {
+        return Ok(0);
+    }
     let mut new_servers = rs::servers_missed_while_partial(conn, room, ours)?;
     let listed: HashSet<String> = members::servers_in_room(conn, room)?.into_iter().collect();
     for server in joined_servers_in_state(conn, base_sg)? {
@@ -423,7 +429,7 @@ fn announce_devices_to_new_servers(
         return Ok(0);
     }
     let mut queued = 0;
-    for (user, pos) in rs::device_changes_since(conn, room, since, ours)? {
+    for (user, pos) in changes {
         for device in crate::store::accounts::list_devices(conn, &user)? {
             let edu = crate::store::e2ee::device_update_edu(conn, &user, &device.device_id, pos.0)?.to_string();
             for server in &new_servers {
