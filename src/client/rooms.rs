@@ -1078,3 +1078,29 @@ async fn public_rooms(
     }
     Ok(axum::Json(body))
 }
+
+#[derive(Deserialize)]
+pub struct UpgradeBody {
+    new_version: String,
+    #[serde(default)]
+    additional_creators: Vec<String>,
+}
+
+/// `POST /rooms/{roomId}/upgrade`: the room core makes the replacement room and tombstones this one.
+pub async fn upgrade(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path(room_id): Path<String>,
+    Json(body): Json<UpgradeBody>,
+) -> Result<impl IntoResponse> {
+    let room_id = crate::room::parse_room_id(&room_id)?;
+    let creators = body.additional_creators.iter().map(|u| check_user_id(u)).collect::<Result<Vec<_>>>()?;
+    let identity = s.identity.clone();
+    let new_room = s
+        .store
+        .write(move |w| {
+            crate::room::upgrade::upgrade_room(w, &identity, &room_id, &auth.user_id, &body.new_version, creators)
+        })
+        .await?;
+    Ok(axum::Json(json!({"replacement_room": new_room})))
+}

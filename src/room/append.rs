@@ -185,6 +185,10 @@ pub fn append_local_or_invite(
     ev: LocalEvent,
     txn: Option<(&str, &str)>,
 ) -> Result<LocalOutcome> {
+    if ev.kind == "m.room.create" && ev.state_key.is_some() {
+        // A room has one create event, made with the room (an upgrade makes a new room).
+        return Err(Error::bad_json("m.room.create cannot be sent into an existing room"));
+    }
     let conn = w.db();
     let room = &rooms::room_by_id(conn, room_id.as_str())?.ok_or_else(|| Error::not_found("unknown room"))?;
     let rules = version::rules(&room.version)?;
@@ -457,6 +461,10 @@ pub fn apply_membership(
     let v: Value = serde_json::from_str(&row.json)?;
     let content = v.get("content").cloned().unwrap_or(Value::Null);
     let membership = content.get("membership").and_then(Value::as_str).unwrap_or("leave").to_owned();
+    let local = identity.is_local_user(user_id);
+    let first_join = local
+        && membership == "join"
+        && members::membership_of(w.db(), room_nid, user_id)?.is_none_or(|(m, _)| m != "join");
     members::upsert_member(
         w.db(),
         &members::MemberUpdate {
@@ -468,12 +476,15 @@ pub fn apply_membership(
             avatar_url: content.get("avatar_url").and_then(Value::as_str),
         },
     )?;
-    if identity.is_local_user(user_id) {
+    if local {
         let stream = StreamPos(w.next_stream());
         members::record_local_membership(w.db(), stream, user_id, room_nid, &membership, event_nid)?;
         if membership == "join" {
             members::unforget_room(w.db(), user_id, room_nid)?;
         }
+    }
+    if first_join {
+        crate::room::upgrade::carry_over_user_state(w, user_id, room_nid)?;
     }
     Ok(())
 }

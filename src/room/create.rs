@@ -69,6 +69,23 @@ pub fn create_room(
     if !rules.authorization.use_room_create_sender {
         obj.insert("creator".into(), json!(req.creator));
     }
+    let preset =
+        req.preset.clone().unwrap_or_else(|| if req.visibility_public { "public_chat" } else { "private_chat" }.into());
+    if version::creators_privileged(&rules) && preset == "trusted_private_chat" && !req.invite.is_empty() {
+        // Invitees of a trusted private chat share the creator's power: where creators are privileged (MSC4289)
+        // that means being creators too, not a power level.
+        let mut creators: Vec<Value> = match obj.get("additional_creators") {
+            Some(Value::Array(a)) => a.clone(),
+            _ => Vec::new(),
+        };
+        for u in &req.invite {
+            if u != req.creator.as_str() && !creators.iter().any(|c| c == u) {
+                creators.push(json!(u));
+            }
+        }
+        obj.insert("additional_creators".into(), json!(creators));
+    }
+    let create_for_pl = create_content.clone();
     let create_ev = LocalEvent::state("m.room.create", "", create_content);
     let room_id = if rules.authorization.room_create_event_id_as_room_id {
         None
@@ -102,9 +119,7 @@ pub fn create_room(
     send(w, LocalEvent::state("m.room.member", req.creator.as_str(), member))?;
 
     // Power levels.
-    let preset =
-        req.preset.clone().unwrap_or_else(|| if req.visibility_public { "public_chat" } else { "private_chat" }.into());
-    let pl = power_levels(&req, &rules, &preset)?;
+    let pl = power_levels(&req, &create_for_pl, &rules, &preset)?;
     send(w, LocalEvent::state("m.room.power_levels", "", pl))?;
 
     if let Some(alias) = &req.alias {
@@ -166,12 +181,12 @@ pub fn create_room(
 
 /// The room's first power levels: Synapse's defaults for the preset, then the request's override. Where creators
 /// are privileged (MSC4289) they are not listed, and an override listing one is refused.
-fn power_levels(req: &CreateRoom, rules: &RoomVersionRules, preset: &str) -> Result<Value> {
+fn power_levels(req: &CreateRoom, create: &Value, rules: &RoomVersionRules, preset: &str) -> Result<Value> {
     let mut users = serde_json::Map::new();
     if !version::creators_privileged(rules) {
         users.insert(req.creator.to_string(), json!(100));
     }
-    if preset == "trusted_private_chat" {
+    if preset == "trusted_private_chat" && !version::creators_privileged(rules) {
         for u in &req.invite {
             if u != req.creator.as_str() {
                 users.insert(u.clone(), json!(100));
@@ -202,7 +217,7 @@ fn power_levels(req: &CreateRoom, rules: &RoomVersionRules, preset: &str) -> Res
     }
     if version::creators_privileged(rules) {
         let mut creators = vec![req.creator.to_string()];
-        let extra = req.creation_content.as_ref().and_then(|c| c.get("additional_creators")).and_then(Value::as_array);
+        let extra = create.get("additional_creators").and_then(Value::as_array);
         creators.extend(extra.into_iter().flatten().filter_map(Value::as_str).map(str::to_owned));
         crate::room::append::check_no_creator_in_users(&pl, &creators)?;
     }
