@@ -23,7 +23,7 @@ pub async fn send_remote_invite(s: &FedContext, invite: Pdu) -> Result<String> {
         .store
         .read(move |c| {
             let room = rooms::room_by_id(c, &rid)?.ok_or_else(|| Error::not_found("unknown room"))?;
-            let stripped = crate::room::stripped::stripped_state(c, &room, "")?;
+            let stripped = crate::room::stripped::stripped_state_pdus(c, &room, "")?;
             Ok((room.version, stripped))
         })
         .await?;
@@ -100,7 +100,9 @@ pub async fn receive_invite(
     ruma::signatures::sign_event(s.identity.server_name.as_str(), &s.identity.keypair, &mut obj, &rules.redaction)
         .map_err(|e| Error::internal(e.to_string()))?;
     let signed = Pdu::from_canonical(obj, pdu.event_id.clone(), &rules).map_err(Error::internal)?;
-    let mut stripped: Vec<Value> = body.get("invite_room_state").and_then(Value::as_array).cloned().unwrap_or_default();
+    let received: Vec<Value> = body.get("invite_room_state").and_then(Value::as_array).cloned().unwrap_or_default();
+    crate::room::stripped::check_received(&received, room_id, &rules)?;
+    let mut stripped: Vec<Value> = received.iter().filter_map(crate::room::stripped::received_for_client).collect();
     stripped.retain(|e| {
         e.get("type").and_then(Value::as_str) != Some("m.room.member")
             || e.get("state_key").and_then(Value::as_str) != Some(&target)

@@ -48,6 +48,13 @@ pub async fn remote_knock(
                 continue;
             }
         };
+        let mut answer = answer;
+        let entries = answer.get("knock_room_state").and_then(Value::as_array).cloned().unwrap_or_default();
+        if let Err(e) = crate::room::stripped::check_received(&entries, &pdu.room_id, &version::rules(&room_version)?) {
+            // The knock stands (the resident accepted it); a preview that fails the checks is not shown.
+            tracing::warn!(%server, error = %e, "knock_room_state refused");
+            answer["knock_room_state"] = Value::Array(Vec::new());
+        }
         let stripped = knock_state(&answer, &pdu, user_id);
         let (identity, rid, uid) = (s.identity.clone(), room_id.to_owned(), user_id.to_owned());
         s.store
@@ -91,8 +98,13 @@ fn sign_knock(s: &FedContext, user_id: &str, made: &Value, reason: Option<&str>)
 /// The stripped state the resident answered with, our own membership replaced by the knock itself (what the
 /// knocking user's `/sync` shows under `knock`).
 fn knock_state(answer: &Value, knock: &Pdu, user_id: &str) -> Value {
-    let mut stripped: Vec<Value> =
-        answer.get("knock_room_state").and_then(Value::as_array).cloned().unwrap_or_default();
+    let mut stripped: Vec<Value> = answer
+        .get("knock_room_state")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(crate::room::stripped::received_for_client)
+        .collect();
     stripped.retain(|e| {
         e.get("type").and_then(Value::as_str) != Some("m.room.member")
             || e.get("state_key").and_then(Value::as_str) != Some(user_id)

@@ -305,7 +305,7 @@ async fn send_knock(
         .store
         .read(move |c| {
             let room = rooms::room_by_id(c, &room.room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
-            crate::room::stripped::stripped_state(c, &room, &knocker)
+            crate::room::stripped::stripped_state_pdus(c, &room, &knocker)
         })
         .await?;
     Ok(axum::Json(json!({"knock_room_state": stripped})))

@@ -229,3 +229,31 @@ fn a_redaction_strips_its_target() {
     assert!(row.redacted_by.is_some());
     assert!(!row.json.contains("secret"));
 }
+
+#[test]
+fn invite_preview_for_servers_is_whole_pdus_and_checks_against_the_room_id() {
+    let mut f = Fixture::new();
+    let room_id = f.room();
+    f.membership(&room_id, ALICE, BOB, "invite").unwrap();
+    let room = rooms::room_by_id(f.conn.db(), &room_id).unwrap().unwrap();
+    let pdus = crate::room::stripped::stripped_state_pdus(f.conn.db(), &room, BOB).unwrap();
+    let create = pdus.iter().find(|e| e["type"] == "m.room.create").expect("create event in the preview");
+    assert!(create.get("signatures").is_some() && create.get("hashes").is_some(), "whole PDU: {create}");
+    let rules = crate::room::version::rules(&room.version).unwrap();
+    crate::room::stripped::check_received(&pdus, &rid(&room_id), &rules).unwrap();
+    // A create event that does not hash to the room id (room v12) is refused.
+    let mut forged = pdus.clone();
+    for e in forged.iter_mut().filter(|e| e["type"] == "m.room.create") {
+        e["content"]["m.federate"] = json!(false);
+    }
+    let err = crate::room::stripped::check_received(&forged, &rid(&room_id), &rules).unwrap_err();
+    assert_eq!(err.errcode(), "M_INVALID_PARAM");
+    // What the client API shows of a received entry: the four stripped keys (and the create event's time).
+    let shown = crate::room::stripped::received_for_client(create).unwrap();
+    let mut keys: Vec<&str> = shown.as_object().unwrap().keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["content", "origin_server_ts", "sender", "state_key", "type"]);
+    // The client form of our own preview includes the create event too.
+    let client = crate::room::stripped::stripped_state(f.conn.db(), &room, BOB).unwrap();
+    assert!(client.iter().any(|e| e["type"] == "m.room.create" && e.get("origin_server_ts").is_some()));
+}
