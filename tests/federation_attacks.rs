@@ -838,3 +838,36 @@ async fn federation_requests_do_not_follow_redirects() {
     }
     assert_eq!(inside.count("version"), 0, "the redirect was not followed");
 }
+
+// ---- an event that cannot be placed -------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_whose_parent_and_its_state_are_unavailable_is_dropped_until_the_parent_arrives() {
+    let fake = FakeResident::start(RoomSpec::default()).await;
+    let (hearth, alice) = joined(&[&fake]).await;
+    let room = fake.room_id();
+    // The sender answers neither get_missing_events nor /state_ids (as Complement's TestUnrejectRejectedEvents).
+    fake.script("get_missing_events", Script::json(404, json!({"errcode": "M_NOT_FOUND", "error": "no"})));
+    fake.script("state_ids", Script::json(404, json!({"errcode": "M_NOT_FOUND", "error": "no"})));
+    let parent = fake.append(EventSpec::message(&fake.creator(), "parent"));
+    let child = fake.append(EventSpec::message(&fake.creator(), "child"));
+
+    // Nothing can tell where the child belongs: it is dropped (an error for it in the answer), not guessed.
+    let answer = fake.push(&[&child.id]).await;
+    assert!(answer[&child.id]["error"].is_string(), "{answer}");
+    assert!(!is_stored(&hearth, &child.id));
+    let since = alice.sync(None, &[("timeout", "0")]).await.ok()["next_batch"].as_str().unwrap().to_owned();
+
+    // The parent arrives, then the child again: both are accepted and reach the client's timeline in order.
+    assert_eq!(fake.push(&[&parent.id]).await[&parent.id], json!({}));
+    assert_eq!(fake.push(&[&child.id]).await[&child.id], json!({}));
+    let sync = alice.sync(Some(&since), &[("timeout", "0")]).await.ok();
+    let bodies: Vec<&str> = sync["rooms"]["join"][&room]["timeline"]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["content"]["body"].as_str())
+        .collect();
+    assert_eq!(bodies, ["parent", "child"]);
+    hearth.stop().await;
+}

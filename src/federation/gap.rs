@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use ruma::RoomId;
 use serde_json::Value;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::federation::batches::Remote;
 use crate::federation::client::enc;
 use crate::federation::inbound::{fetch_outliers, unknown_events, FETCH_TIMEOUT, MAX_OUTLIER_FETCH};
@@ -27,7 +27,7 @@ fn strings(v: Option<&Value>) -> Vec<String> {
 /// `origin`'s `/state_ids`, with the missing event itself and the state events we lack fetched and stored as
 /// outliers. When more are lacking than one bounded fetch takes (a partial-state room lacks most memberships),
 /// only the missing event and its auth events are fetched and the branch is built from what we hold.
-/// `None` when there are too many missing prevs or `origin` cannot answer.
+/// `None` when there are too many missing prevs; an error when `origin` cannot answer.
 pub async fn states_at_missing_prevs(
     r: Remote<'_>,
     origin: &str,
@@ -44,7 +44,7 @@ pub async fn states_at_missing_prevs(
             Ok(a) => a,
             Err(e) => {
                 tracing::info!(origin, %room_id, prev, error = %e, "state at a missing prev event unavailable");
-                return Ok(None);
+                return Err(Error::bad_gateway(format!("the state at prev event {prev} is unavailable: {e}")));
             }
         };
         let state = strings(answer.get("pdu_ids"));

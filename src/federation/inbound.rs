@@ -296,8 +296,26 @@ pub async fn fetch_outliers(
     Ok(n)
 }
 
+/// What [`ingest`] does with an event whose prev events stay unknown and whose origin cannot tell the state at
+/// them either.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnUnknownState {
+    /// Drop it (as Synapse does): nothing is stored, the sender gets an error for it in the transaction answer and
+    /// the event can be accepted once its prev events are known (e.g. sent again after them).
+    Drop,
+    /// Place it on our current state (our own join sent through a resident: the join must land).
+    UseCurrentState,
+}
+
 /// Handles one verified PDU that belongs in the timeline, fetching missing prev events from `origin` once.
-pub async fn ingest(s: &FedContext, origin: &str, room_id: &RoomId, pdu: Pdu, fetch_missing: bool) -> Result<String> {
+pub async fn ingest(
+    s: &FedContext,
+    origin: &str,
+    room_id: &RoomId,
+    pdu: Pdu,
+    on_unknown: OnUnknownState,
+) -> Result<String> {
+    let fetch_missing = true;
     if let Err(e) = fetch_missing_auth(Remote::of(s)?, origin, room_id, std::slice::from_ref(&pdu)).await {
         tracing::info!(%room_id, event_id = %pdu.event_id, error = %e, "could not fetch missing auth events");
     }
@@ -321,7 +339,7 @@ pub async fn ingest(s: &FedContext, origin: &str, room_id: &RoomId, pdu: Pdu, fe
             Incoming::MissingPrevs(m) => missing = m,
         }
     }
-    let r = place_across_gap(s, origin, room_id, pdu, &missing, fetch_missing).await?;
+    let r = place_across_gap(s, origin, room_id, pdu, &missing, fetch_missing, on_unknown).await?;
     Ok(format!("{r:?}"))
 }
 
@@ -335,9 +353,17 @@ async fn place_across_gap(
     pdu: Pdu,
     missing: &[String],
     ask: bool,
+    on_unknown: OnUnknownState,
 ) -> Result<Incoming> {
     let branches = match ask && !missing.is_empty() {
-        true => crate::federation::gap::states_at_missing_prevs(Remote::of(s)?, origin, room_id, missing).await?,
+        true => match crate::federation::gap::states_at_missing_prevs(Remote::of(s)?, origin, room_id, missing).await {
+            Ok(b) => b,
+            Err(e) if on_unknown == OnUnknownState::Drop => {
+                tracing::info!(%room_id, event_id = %pdu.event_id, ?missing, error = %e, "prev events and the state at them unavailable; event dropped");
+                return Err(e);
+            }
+            Err(_) => None,
+        },
         false => None,
     };
     match &branches {
@@ -421,7 +447,7 @@ async fn fill_gap(s: &FedContext, origin: &str, room_id: &RoomId, pdu: &Pdu) -> 
             .await?;
         if let Incoming::MissingPrevs(m) = r {
             // The oldest events fetched may border a gap the answer did not close (half-missing grandparents).
-            place_across_gap(s, origin, room_id, p, &m, true).await?;
+            place_across_gap(s, origin, room_id, p, &m, true, OnUnknownState::UseCurrentState).await?;
         }
     }
     Ok(())
@@ -499,7 +525,7 @@ pub async fn transaction(s: &FedContext, origin: &str, body: &Value) -> Result<V
                 tracing::debug!(origin, event_id = %id, sender = %p.sender, "PDU relayed by a server other than its sender's");
             }
             let rid = p.room_id.clone();
-            match ingest(s, origin, &rid, p, true).await {
+            match ingest(s, origin, &rid, p, OnUnknownState::Drop).await {
                 Ok(outcome) => {
                     tracing::debug!(origin, event_id = %id, %outcome, "PDU processed");
                     results.insert(id, json!({}));

@@ -165,7 +165,14 @@ pub async fn remote_join_resident(
         .pop()
         .ok_or_else(|| Error::internal("no join event"))?
         .map_err(|e| Error::internal(format!("our join event is invalid: {e}")))?;
-    let outcome = crate::federation::inbound::ingest(s, &server, room_id, pdu, true).await?;
+    let outcome = crate::federation::inbound::ingest(
+        s,
+        &server,
+        room_id,
+        pdu,
+        crate::federation::inbound::OnUnknownState::UseCurrentState,
+    )
+    .await?;
     let (rid, uid) = (room_id.to_owned(), user_id.to_owned());
     let joined = s
         .store
