@@ -378,3 +378,56 @@ pub fn federation_answer(
     }
     Ok(Some(json!({"room": entry.to_json(), "children": children, "inaccessible_children": inaccessible})))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(child: &str, order: Option<Value>, ts: i64) -> Value {
+        let mut content = json!({"via": ["x"]});
+        if let Some(o) = order {
+            content["order"] = o;
+        }
+        json!({"type": "m.space.child", "state_key": child, "content": content, "sender": "@a:x", "origin_server_ts": ts})
+    }
+
+    #[test]
+    fn children_sort_by_valid_order_then_time_then_room_id() {
+        let mut v = vec![
+            link("!e:x", None, 1),
+            link("!d:x", Some(json!("\u{7f}bad")), 0),
+            link("!c:x", Some(json!(7)), 5),
+            link("!b:x", Some(json!("b")), 9),
+            link("!a:x", Some(json!("b")), 9),
+            link("!z:x", Some(json!("a")), 10),
+            link("!y:x", Some(json!("x".repeat(51))), 0),
+        ];
+        sort_children(&mut v);
+        let ids: Vec<&str> = v.iter().map(|e| e["state_key"].as_str().unwrap()).collect();
+        // Invalid orders (not a string, outside \x20-\x7E, longer than 50) count as none.
+        assert_eq!(ids, vec!["!z:x", "!a:x", "!b:x", "!d:x", "!y:x", "!e:x", "!c:x"]);
+    }
+
+    #[test]
+    fn a_link_needs_a_via_of_strings() {
+        assert!(valid_via(&json!({"via": ["a"]})));
+        assert!(!valid_via(&json!({"via": []})));
+        assert!(!valid_via(&json!({"via": [1]})));
+        assert!(!valid_via(&json!({})));
+    }
+
+    #[test]
+    fn a_remote_room_is_open_to_all_by_its_join_rule_or_history() {
+        let db = crate::store::testing::memory_db();
+        let c = db.db();
+        let public = json!({"room_id": "!a:x"});
+        assert!(remote_room_accessible(c, None, &public).unwrap(), "no join_rule counts as public");
+        let knock = json!({"room_id": "!a:x", "join_rule": "knock"});
+        assert!(remote_room_accessible(c, None, &knock).unwrap());
+        let readable = json!({"room_id": "!a:x", "join_rule": "invite", "world_readable": true});
+        assert!(remote_room_accessible(c, None, &readable).unwrap());
+        let private = json!({"room_id": "!a:x", "join_rule": "invite", "allowed_room_ids": ["!b:x"]});
+        assert!(!remote_room_accessible(c, None, &private).unwrap());
+        assert!(!remote_room_accessible(c, Some("@u:x"), &private).unwrap(), "not in the allowed room");
+    }
+}
