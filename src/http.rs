@@ -67,6 +67,8 @@ pub struct Services {
     pub client_addr: std::sync::OnceLock<SocketAddr>,
     /// Lazy-loaded member events already sent per device (`include_redundant_members`).
     pub sent_members: SentMembers,
+    /// `/hierarchy` walks paused between pages, by `next_batch` token.
+    pub hierarchy_sessions: crate::federation::hierarchy::Sessions,
 }
 
 /// An authenticated local user (from `Authorization: Bearer` or `?access_token=`).

@@ -265,6 +265,7 @@ pub fn build_services(config: Config) -> anyhow::Result<Arc<Services>> {
         fed_requests: Default::default(),
         client_addr: std::sync::OnceLock::new(),
         sent_members: Default::default(),
+        hierarchy_sessions: Default::default(),
         metrics: Default::default(),
         shutdown: watch::channel(false).0,
         media,

@@ -996,6 +996,27 @@ async fn sync_limited_timeline_and_prev_batch() {
     s.stop().await;
 }
 
+/// An initial sync whose timeline holds the whole room: its prev_batch stands for the sync's own position (as
+/// Synapse gives it), so `/members?at=` it lists the members as of that sync, not of the empty room before it.
+#[tokio::test]
+async fn members_at_the_prev_batch_of_a_whole_timeline_are_those_of_that_sync() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let bob = s.user("bob").await;
+    let room = alice.create_room(json!({"preset": "public_chat"})).await;
+    alice.send_text(&room, "hello").await;
+    let timeline = alice.sync(None, &[]).await.ok()["rooms"]["join"][&room]["timeline"].clone();
+    assert_eq!(timeline["limited"], false, "{timeline}");
+    let at = timeline["prev_batch"].as_str().expect("prev_batch").to_owned();
+    bob.join(&room).await.ok();
+    bob.send_text(&room, "hello back").await;
+    let members = alice.get(&format!("/rooms/{}/members?at={}", enc(&room), enc(&at))).await.ok();
+    let users: Vec<&str> =
+        members["chunk"].as_array().unwrap().iter().filter_map(|e| e["state_key"].as_str()).collect();
+    assert_eq!(users, vec![alice.user_id.as_str()], "{members}");
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn sync_lazy_load_members() {
     let s = TestServer::start().await;

@@ -13,6 +13,7 @@ pub mod push_rules;
 pub mod receipts;
 pub mod room_keys;
 pub mod rooms;
+pub mod spaces;
 pub mod sync;
 pub mod tags;
 pub mod timeline;
@@ -129,6 +130,10 @@ pub fn routes() -> Router<AppState> {
         .route("/.well-known/matrix/server", get(account::well_known_server))
         .route("/_hearth/admin/v1/jobs", get(admin::jobs))
         .route("/_hearth/admin/v1/stats", get(admin::stats))
+        .route("/_matrix/client/v1/rooms/{room_id}/hierarchy", get(spaces::hierarchy))
+        .route("/_matrix/client/v1/room_summary/{room}", get(spaces::room_summary))
+        .route("/_matrix/client/unstable/im.nheko.summary/summary/{room}", get(spaces::room_summary))
+        .route("/_matrix/client/unstable/im.nheko.summary/rooms/{room}/summary", get(spaces::room_summary))
         .nest("/_matrix/client/v3", api())
         .nest("/_matrix/client/r0", api())
         .merge(crate::media::client_routes())

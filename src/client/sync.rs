@@ -409,7 +409,12 @@ fn room_window(
     rows.reverse();
     let first_stream = rows.first().and_then(|r| r.stream_ordering).map_or(upto + 1, |p| p.0);
     let first_sg_after = rows.first().and_then(|r| r.sg_after);
-    let prev_batch = Token { stream: first_stream - 1, typing: 0 }.render();
+    // A fresh (initial) sync whose timeline is not limited holds all the history the user may see: its prev_batch
+    // is then the sync's own position, as Synapse gives it (`/members?at=` that token answers the members as of
+    // the sync, which Complement's `TestGetRoomMembersAtPoint` checks; paging back from it repeats the timeline,
+    // which clients drop as already seen). Otherwise it is the position just before the timeline's first event.
+    let prev_stream = if since.is_none() && !limited { upto } else { first_stream - 1 };
+    let prev_batch = Token { stream: prev_stream, typing: 0 }.render();
 
     let timeline: Vec<events::EventRow> = rows.into_iter().filter(|r| filter.timeline.allows_event(r)).collect();
     let timeline_ids: HashSet<&str> = timeline.iter().map(|r| r.event_id.as_str()).collect();

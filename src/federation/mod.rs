@@ -7,6 +7,7 @@ pub mod backfill;
 pub mod batches;
 pub mod client;
 pub mod gap;
+pub mod hierarchy;
 pub mod inbound;
 pub mod invite;
 pub mod join;

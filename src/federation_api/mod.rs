@@ -2,6 +2,7 @@
 //! the `http::Signed` extractor that verifies its `X-Matrix` authorization. The work is done by the federation
 //! layer; the router merges the media repository's federation routes beside these.
 
+mod hierarchy;
 mod routes;
 
 pub use routes::routes;

@@ -51,6 +51,7 @@ pub fn routes() -> Router<AppState> {
         .route("/_matrix/federation/v1/user/keys/query", post(user_keys_query))
         .route("/_matrix/federation/v1/user/keys/claim", post(user_keys_claim))
         .route("/_matrix/federation/v1/publicRooms", get(public_rooms))
+        .route("/_matrix/federation/v1/hierarchy/{room_id}", get(super::hierarchy::hierarchy))
 }
 
 async fn key_server(State(s): State<AppState>) -> Result<impl IntoResponse> {

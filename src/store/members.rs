@@ -154,6 +154,15 @@ pub fn server_has_member(conn: Db<'_>, room_nid: RoomNid, server: &str) -> Resul
         .exists(params![room_nid, server])?)
 }
 
+/// Whether `server` has a user with `membership` (`join`, `invite`, ...) in the room.
+pub fn server_has_membership(conn: Db<'_>, room_nid: RoomNid, server: &str, membership: &str) -> Result<bool> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT 1 FROM room_members WHERE room_nid = ?1 AND server_name = ?2 AND membership = ?3 LIMIT 1",
+        )?
+        .exists(params![room_nid, server, membership])?)
+}
+
 /// Users of `server` with any membership in the room (joined, invited, knocking, left or banned), by user id.
 pub fn users_of_server(conn: Db<'_>, room_nid: RoomNid, server: &str) -> Result<Vec<String>> {
     let mut stmt = conn

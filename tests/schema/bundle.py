@@ -120,6 +120,9 @@ OPERATIONS = [
     ("get", "/_matrix/client/v3/voip/turnServer"),
     ("get", "/_matrix/client/v3/account/3pid"),
     ("post", "/_matrix/client/v3/user_directory/search"),
+    # spaces (src/client/spaces.rs)
+    ("get", "/_matrix/client/v1/rooms/{roomId}/hierarchy"),
+    ("get", "/_matrix/client/v1/room_summary/{roomIdOrAlias}"),
     # media (src/media/mod.rs)
     ("get", "/_matrix/client/v1/media/config"),
     ("get", "/_matrix/client/v1/media/download/{serverName}/{mediaId}"),
