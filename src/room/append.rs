@@ -16,7 +16,7 @@ use crate::room::{load_pdu, state, version, Identity, Pdu};
 use crate::store::events::{self, NewEvent};
 use crate::store::ids::{EventNid, RoomNid, StateGroup, StateKeyNid, StreamPos};
 use crate::store::rooms::{self, RoomRow};
-use crate::store::{members, state_groups, Db, Writer};
+use crate::store::{device_lists, e2ee, members, state_groups, Db, Writer};
 
 /// An event a local user wants to send.
 #[derive(Clone, Debug)]
@@ -439,25 +439,38 @@ fn update_current_state(
         let new = state_groups::load_state_of_type(conn, new_sg, "m.room.member")?;
         new.into_iter().filter(|(k, v)| old.get(k) != Some(v)).collect()
     };
+    let mut joined_locals = Vec::new();
     for (user_id, nid) in changed {
-        apply_membership(w, identity, room.room_nid, &user_id, nid)?;
+        if apply_membership(w, identity, room.room_nid, &user_id, nid)? {
+            joined_locals.push(user_id);
+        }
+    }
+    // The servers of a room one of our users joined learn of their devices (spec: "when that user joins a room
+    // which contains servers which are not already receiving updates"). Not for a lazy join: its server list is
+    // a guess until the resync, which tells the servers it learns about (`partial::complete`), as MSC3902 asks.
+    if !room.partial_state {
+        for user_id in joined_locals {
+            e2ee::announce_devices_to_room(w.db(), identity.server_name.as_str(), &user_id, room.room_nid)?;
+        }
     }
     Ok(())
 }
 
-/// Writes one membership into `room_members` (and the local membership stream for our users).
+/// Writes one membership into `room_members` (and the local membership stream for our users). A join that ends
+/// may end the tracking of remote users' device lists (`store::device_lists`). Returns whether a local user newly
+/// joined.
 pub fn apply_membership(
     w: &mut Writer<'_>,
     identity: &Identity,
     room_nid: RoomNid,
     user_id: &str,
     event_nid: EventNid,
-) -> Result<()> {
+) -> Result<bool> {
     let row = events::event_by_nid(w.db(), event_nid)?.ok_or_else(|| Error::internal("member event missing"))?;
     let v: Value = serde_json::from_str(&row.json)?;
     let content = v.get("content").cloned().unwrap_or(Value::Null);
     let membership = content.get("membership").and_then(Value::as_str).unwrap_or("leave").to_owned();
-    members::upsert_member(
+    let old = members::upsert_member(
         w.db(),
         &members::MemberUpdate {
             room_nid,
@@ -468,14 +481,24 @@ pub fn apply_membership(
             avatar_url: content.get("avatar_url").and_then(Value::as_str),
         },
     )?;
-    if identity.is_local_user(user_id) {
+    let local = identity.is_local_user(user_id);
+    let was_joined = old.as_deref() == Some("join");
+    if was_joined && membership != "join" {
+        let ours = identity.server_name.as_str();
+        if local {
+            device_lists::untrack_unshared_in_room(w.db(), ours, room_nid)?;
+        } else {
+            device_lists::untrack_if_unshared(w.db(), ours, user_id)?;
+        }
+    }
+    if local {
         let stream = StreamPos(w.next_stream());
         members::record_local_membership(w.db(), stream, user_id, room_nid, &membership, event_nid)?;
         if membership == "join" {
             members::unforget_room(w.db(), user_id, room_nid)?;
         }
     }
-    Ok(())
+    Ok(local && membership == "join" && !was_joined)
 }
 
 /// Applies an accepted redaction to its target, if we have it and the redaction is allowed to take effect.

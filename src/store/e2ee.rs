@@ -10,7 +10,7 @@ use rusqlite::{params, OptionalExtension};
 use serde_json::{Map, Value};
 
 use crate::error::Result;
-use crate::store::ids::StreamPos;
+use crate::store::ids::{RoomNid, StreamPos};
 use crate::store::{Db, Writer};
 
 // ------------------------------------------------------------------------------------------------------------
@@ -70,6 +70,27 @@ pub fn device_update_edu(conn: Db<'_>, user_id: &str, device_id: &str, stream_id
         }
     }
     Ok(serde_json::json!({"edu_type": "m.device_list_update", "content": content}))
+}
+
+/// Queues, for each other server joined to `room`, an `m.device_list_update` for each of local `user_id`'s
+/// devices at the user's current device list position (they just joined the room). A server that already
+/// tracks the user finds nothing new in it; one that does not fetches the list. Returns the EDUs queued.
+pub fn announce_devices_to_room(conn: Db<'_>, our_server: &str, user_id: &str, room: RoomNid) -> Result<usize> {
+    let servers: Vec<String> =
+        crate::store::members::joined_servers(conn, room)?.into_iter().filter(|s| s != our_server).collect();
+    if servers.is_empty() {
+        return Ok(0);
+    }
+    let pos = latest_device_list_pos(conn, user_id)?;
+    let mut queued = 0;
+    for device in crate::store::accounts::list_devices(conn, user_id)? {
+        let edu = device_update_edu(conn, user_id, &device.device_id, pos)?.to_string();
+        for server in &servers {
+            crate::store::outbox::enqueue_edu(conn, server, &edu)?;
+            queued += 1;
+        }
+    }
+    Ok(queued)
 }
 
 /// Whether two users are both joined to at least one common room.
@@ -152,6 +173,20 @@ pub fn device_list_changes(
         } else if m == "leave" || m == "ban" {
             candidates_left.insert(u);
         }
+    }
+
+    // A room we joined: our own other devices may need to know too (as Synapse and Complement's
+    // TestDeviceListsUpdateOverFederation expect the joiner in its own `changed`). Not the fresh join that ends a
+    // lazy join's resync: nothing changed for our own devices then.
+    let mut stmt = conn.prepare_cached(
+        "SELECT 1 FROM local_membership_stream s WHERE s.user_id = ?1 AND s.stream_ordering > ?2
+         AND s.stream_ordering <= ?3 AND s.membership = 'join' AND coalesce((SELECT p.membership
+             FROM local_membership_stream p WHERE p.user_id = s.user_id AND p.room_nid = s.room_nid
+             AND p.stream_ordering < s.stream_ordering ORDER BY p.stream_ordering DESC LIMIT 1), '') != 'join'
+         LIMIT 1",
+    )?;
+    if stmt.exists(params![user_id, from, to])? {
+        changed.insert(user_id.to_owned());
     }
 
     let mut left = BTreeSet::new();
