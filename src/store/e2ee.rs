@@ -93,6 +93,16 @@ pub fn announce_devices_to_room(conn: Db<'_>, our_server: &str, user_id: &str, r
     Ok(queued)
 }
 
+/// Whether `other` has a membership other than join in a room `user_id` is joined to.
+fn was_member_with(conn: Db<'_>, user_id: &str, other: &str) -> Result<bool> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT 1 FROM room_members x JOIN room_members y ON x.room_nid = y.room_nid
+             WHERE x.user_id = ?1 AND x.membership = 'join' AND y.user_id = ?2 AND y.membership != 'join' LIMIT 1",
+        )?
+        .exists(params![user_id, other])?)
+}
+
 /// Whether two users are both joined to at least one common room.
 pub fn shares_room(conn: Db<'_>, a: &str, b: &str) -> Result<bool> {
     Ok(conn
@@ -126,6 +136,10 @@ pub fn device_list_changes(
     for u in updated {
         if u == user_id || shares_room(conn, user_id, &u)? {
             changed.insert(u);
+        } else if was_member_with(conn, user_id, &u)? {
+            // No room shared any more, though they were in one of ours: they left (a lazy join's resync records
+            // the members it finds were never really joined this way).
+            candidates_left.insert(u);
         }
     }
 
