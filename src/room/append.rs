@@ -441,7 +441,8 @@ fn update_current_state(
     };
     let mut joined_locals = Vec::new();
     for (user_id, nid) in changed {
-        if apply_membership(w, identity, room.room_nid, &user_id, nid)? {
+        let c = apply_membership(w, identity, room.room_nid, &user_id, nid)?;
+        if c.local && c.joined && !c.was_joined {
             joined_locals.push(user_id);
         }
     }
@@ -456,16 +457,24 @@ fn update_current_state(
     Ok(())
 }
 
+/// What [`apply_membership`] changed.
+#[derive(Debug, Clone, Copy)]
+pub struct MembershipChange {
+    /// The user is one of ours.
+    pub local: bool,
+    pub was_joined: bool,
+    pub joined: bool,
+}
+
 /// Writes one membership into `room_members` (and the local membership stream for our users). A join that ends
-/// may end the tracking of remote users' device lists (`store::device_lists`). Returns whether a local user newly
-/// joined.
+/// may end the tracking of remote users' device lists (`store::device_lists`).
 pub fn apply_membership(
     w: &mut Writer<'_>,
     identity: &Identity,
     room_nid: RoomNid,
     user_id: &str,
     event_nid: EventNid,
-) -> Result<bool> {
+) -> Result<MembershipChange> {
     let row = events::event_by_nid(w.db(), event_nid)?.ok_or_else(|| Error::internal("member event missing"))?;
     let v: Value = serde_json::from_str(&row.json)?;
     let content = v.get("content").cloned().unwrap_or(Value::Null);
@@ -498,7 +507,7 @@ pub fn apply_membership(
             members::unforget_room(w.db(), user_id, room_nid)?;
         }
     }
-    Ok(local && membership == "join" && !was_joined)
+    Ok(MembershipChange { local, was_joined, joined: membership == "join" })
 }
 
 /// Applies an accepted redaction to its target, if we have it and the redaction is allowed to take effect.

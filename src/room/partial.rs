@@ -347,12 +347,9 @@ fn refresh_membership(
     skn: StateKeyNid,
 ) -> Result<bool> {
     if let Some(nid) = state_groups::lookup_state(w.db(), current, skn)? {
-        let before = members::membership_of(w.db(), room, user)?;
-        if before.as_ref().map(|m| m.1) != Some(nid) {
-            apply_membership(w, identity, room, user, nid)?;
-            let after = members::membership_of(w.db(), room, user)?;
-            let was_joined = before.is_some_and(|m| m.0 == "join");
-            return Ok(was_joined && after.is_none_or(|m| m.0 != "join"));
+        if members::membership_of(w.db(), room, user)?.map(|m| m.1) != Some(nid) {
+            let c = apply_membership(w, identity, room, user, nid)?;
+            return Ok(c.was_joined && !c.joined);
         }
     }
     Ok(false)
