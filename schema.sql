@@ -264,6 +264,25 @@ CREATE TABLE device_list_stream (
 );
 CREATE INDEX device_list_user ON device_list_stream(user_id, stream_ordering);
 
+-- Remote users' device lists as we hold them (the spec's device list cache): one row per remote user we track (a
+-- user joined to a room a local user is joined to) and have fetched or been told about. `stream_id` is the origin's
+-- device list position of what we hold (NULL: nothing held yet); `wanted` the highest position announced to us.
+-- The copy is fresh when stream_id >= wanted; otherwise the next /keys/query refetches it (GET /user/devices).
+CREATE TABLE remote_device_lists (
+    user_id          TEXT PRIMARY KEY,
+    stream_id        INTEGER,
+    wanted           INTEGER NOT NULL DEFAULT 0,
+    master_key       TEXT,
+    self_signing_key TEXT
+) WITHOUT ROWID;
+CREATE TABLE remote_devices (
+    user_id      TEXT NOT NULL REFERENCES remote_device_lists(user_id) ON DELETE CASCADE,
+    device_id    TEXT NOT NULL,
+    display_name TEXT,
+    keys         TEXT,                      -- the device's signed keys, NULL when it has none
+    PRIMARY KEY (user_id, device_id)
+) WITHOUT ROWID;
+
 ------------------------------------------------------------------------------------------------------------------
 -- Federation
 CREATE TABLE server_signing_keys (

@@ -240,6 +240,7 @@ pub fn build_services(config: Config) -> anyhow::Result<Arc<Services>> {
         federation: federation.clone(),
         typing: typing.clone(),
         jobs: jobs.clone(),
+        device_resyncs: Default::default(),
     });
     Ok(Arc::new(Services {
         login_limiter: RateLimiter::new(

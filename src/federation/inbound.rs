@@ -651,10 +651,15 @@ async fn handle_edu(s: &FedContext, origin: &str, edu: &Value) -> Result<()> {
                 })
                 .await?;
         }
-        Some("m.device_list_update") | Some("m.signing_key_update") => {
+        Some(t @ ("m.device_list_update" | "m.signing_key_update")) => {
             let Some(user) = content.get("user_id").and_then(Value::as_str).map(str::to_owned) else { return Ok(()) };
-            if from_origin(&user) {
-                s.store.write(move |w| crate::store::e2ee::device_list_changed(w, &user).map(drop)).await?;
+            if !from_origin(&user) {
+                return Ok(());
+            }
+            if t == "m.device_list_update" {
+                crate::federation::devices::on_device_list_update(s, user, &content).await?;
+            } else {
+                crate::federation::devices::on_signing_key_update(s, user, &content).await?;
             }
         }
         Some("m.direct_to_device") => {

@@ -127,7 +127,7 @@ pub async fn receive_invite(
             }
             let nid = crate::room::remote::persist_outlier(w.db(), &room, &p)?;
             invite_state::set(w.db(), room.room_nid, &target, &stripped_json)?;
-            crate::room::append::apply_membership(w, &identity, room.room_nid, &target, nid)
+            crate::room::append::apply_membership(w, &identity, room.room_nid, &target, nid).map(drop)
         })
         .await?;
     Ok(json!({"event": serde_json::to_value(&signed.json)?}))

@@ -6,6 +6,7 @@ pub mod acl;
 pub mod backfill;
 pub mod batches;
 pub mod client;
+pub mod devices;
 pub mod gap;
 pub mod hierarchy;
 pub mod inbound;
@@ -48,6 +49,8 @@ pub struct FedContext {
     pub federation: Option<Federation>,
     pub typing: Arc<Typing>,
     pub jobs: Jobs,
+    /// Resyncs of remote users' device lists under way (one per user at a time).
+    pub device_resyncs: Arc<devices::Resyncs>,
 }
 
 /// Parses an `Authorization: X-Matrix origin=..,destination=..,key=..,sig=..` header (public for the fuzz targets).

@@ -16,7 +16,7 @@ use crate::room::{load_pdu, state, version, Identity, Pdu};
 use crate::store::events::{self, NewEvent};
 use crate::store::ids::{EventNid, RoomNid, StateGroup, StateKeyNid, StreamPos};
 use crate::store::rooms::{self, RoomRow};
-use crate::store::{members, state_groups, Db, Writer};
+use crate::store::{device_lists, e2ee, members, state_groups, Db, Writer};
 
 /// An event a local user wants to send.
 #[derive(Clone, Debug)]
@@ -443,29 +443,47 @@ fn update_current_state(
         let new = state_groups::load_state_of_type(conn, new_sg, "m.room.member")?;
         new.into_iter().filter(|(k, v)| old.get(k) != Some(v)).collect()
     };
+    let mut joined_locals = Vec::new();
     for (user_id, nid) in changed {
-        apply_membership(w, identity, room.room_nid, &user_id, nid)?;
+        let c = apply_membership(w, identity, room.room_nid, &user_id, nid)?;
+        if c.local && c.joined && !c.was_joined {
+            joined_locals.push(user_id);
+        }
+    }
+    // The servers of a room one of our users joined learn of their devices (spec: "when that user joins a room
+    // which contains servers which are not already receiving updates"). Not for a lazy join: its server list is
+    // a guess until the resync, which tells the servers it learns about (`partial::complete`), as MSC3902 asks.
+    if !room.partial_state {
+        for user_id in joined_locals {
+            e2ee::announce_devices_to_room(w.db(), identity.server_name.as_str(), &user_id, room.room_nid)?;
+        }
     }
     Ok(())
 }
 
-/// Writes one membership into `room_members` (and the local membership stream for our users).
+/// What [`apply_membership`] changed.
+#[derive(Debug, Clone, Copy)]
+pub struct MembershipChange {
+    /// The user is one of ours.
+    pub local: bool,
+    pub was_joined: bool,
+    pub joined: bool,
+}
+
+/// Writes one membership into `room_members` (and the local membership stream for our users). A join that ends
+/// may end the tracking of remote users' device lists (`store::device_lists`).
 pub fn apply_membership(
     w: &mut Writer<'_>,
     identity: &Identity,
     room_nid: RoomNid,
     user_id: &str,
     event_nid: EventNid,
-) -> Result<()> {
+) -> Result<MembershipChange> {
     let row = events::event_by_nid(w.db(), event_nid)?.ok_or_else(|| Error::internal("member event missing"))?;
     let v: Value = serde_json::from_str(&row.json)?;
     let content = v.get("content").cloned().unwrap_or(Value::Null);
     let membership = content.get("membership").and_then(Value::as_str).unwrap_or("leave").to_owned();
-    let local = identity.is_local_user(user_id);
-    let first_join = local
-        && membership == "join"
-        && members::membership_of(w.db(), room_nid, user_id)?.is_none_or(|(m, _)| m != "join");
-    members::upsert_member(
+    let old = members::upsert_member(
         w.db(),
         &members::MemberUpdate {
             room_nid,
@@ -476,6 +494,16 @@ pub fn apply_membership(
             avatar_url: content.get("avatar_url").and_then(Value::as_str),
         },
     )?;
+    let local = identity.is_local_user(user_id);
+    let was_joined = old.as_deref() == Some("join");
+    if was_joined && membership != "join" {
+        let ours = identity.server_name.as_str();
+        if local {
+            device_lists::untrack_unshared_in_room(w.db(), ours, room_nid)?;
+        } else {
+            device_lists::untrack_if_unshared(w.db(), ours, user_id)?;
+        }
+    }
     if local {
         let stream = StreamPos(w.next_stream());
         members::record_local_membership(w.db(), stream, user_id, room_nid, &membership, event_nid)?;
@@ -483,10 +511,10 @@ pub fn apply_membership(
             members::unforget_room(w.db(), user_id, room_nid)?;
         }
     }
-    if first_join {
+    if local && !was_joined && membership == "join" {
         crate::room::upgrade::carry_over_user_state(w, user_id, room_nid)?;
     }
-    Ok(())
+    Ok(MembershipChange { local, was_joined, joined: membership == "join" })
 }
 
 /// Applies an accepted redaction to its target, if we have it and the redaction is allowed to take effect.

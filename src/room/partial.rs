@@ -336,7 +336,8 @@ pub fn fill_chunk(
     Ok((Some(last), rows.len()))
 }
 
-/// Brings `user`'s `room_members` row in line with the current state group `current`.
+/// Brings `user`'s `room_members` row in line with the current state group `current`. Returns whether a join
+/// of theirs ended by it (the event that ended it is older than the correction).
 fn refresh_membership(
     w: &mut Writer<'_>,
     identity: &Identity,
@@ -344,13 +345,14 @@ fn refresh_membership(
     current: StateGroup,
     user: &str,
     skn: StateKeyNid,
-) -> Result<()> {
+) -> Result<bool> {
     if let Some(nid) = state_groups::lookup_state(w.db(), current, skn)? {
         if members::membership_of(w.db(), room, user)?.map(|m| m.1) != Some(nid) {
-            apply_membership(w, identity, room, user, nid)?;
+            let c = apply_membership(w, identity, room, user, nid)?;
+            return Ok(c.was_joined && !c.joined);
         }
     }
-    Ok(())
+    Ok(false)
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -379,7 +381,11 @@ pub fn complete(
     let current = row.current_sg.ok_or_else(|| Error::internal("room without current state"))?;
     let since = events::event_by_id(conn, join_event)?.and_then(|r| r.stream_ordering).unwrap_or(StreamPos(0));
     for (user, skn) in rs::members_touched_since(conn, room, since)? {
-        refresh_membership(w, identity, room, current, &user, skn)?;
+        // A member we wrongly believed joined: their device list entry tells our members sharing the room no
+        // more that they left (`device_lists.left`); their cached list went with their join.
+        if refresh_membership(w, identity, room, current, &user, skn)? && !identity.is_local_user(&user) {
+            crate::store::e2ee::device_list_changed(w, &user)?;
+        }
     }
     let told = announce_devices_to_new_servers(w.db(), identity, room, since, sg)?;
     if told > 0 {

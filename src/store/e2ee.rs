@@ -10,7 +10,7 @@ use rusqlite::{params, OptionalExtension};
 use serde_json::{Map, Value};
 
 use crate::error::Result;
-use crate::store::ids::StreamPos;
+use crate::store::ids::{RoomNid, StreamPos};
 use crate::store::{Db, Writer};
 
 // ------------------------------------------------------------------------------------------------------------
@@ -72,6 +72,37 @@ pub fn device_update_edu(conn: Db<'_>, user_id: &str, device_id: &str, stream_id
     Ok(serde_json::json!({"edu_type": "m.device_list_update", "content": content}))
 }
 
+/// Queues, for each other server joined to `room`, an `m.device_list_update` for each of local `user_id`'s
+/// devices at the user's current device list position (they just joined the room). A server that already
+/// tracks the user finds nothing new in it; one that does not fetches the list. Returns the EDUs queued.
+pub fn announce_devices_to_room(conn: Db<'_>, our_server: &str, user_id: &str, room: RoomNid) -> Result<usize> {
+    let servers: Vec<String> =
+        crate::store::members::joined_servers(conn, room)?.into_iter().filter(|s| s != our_server).collect();
+    if servers.is_empty() {
+        return Ok(0);
+    }
+    let pos = latest_device_list_pos(conn, user_id)?;
+    let mut queued = 0;
+    for device in crate::store::accounts::list_devices(conn, user_id)? {
+        let edu = device_update_edu(conn, user_id, &device.device_id, pos)?.to_string();
+        for server in &servers {
+            crate::store::outbox::enqueue_edu(conn, server, &edu)?;
+            queued += 1;
+        }
+    }
+    Ok(queued)
+}
+
+/// Whether `other` has a membership other than join in a room `user_id` is joined to.
+fn was_member_with(conn: Db<'_>, user_id: &str, other: &str) -> Result<bool> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT 1 FROM room_members x JOIN room_members y ON x.room_nid = y.room_nid
+             WHERE x.user_id = ?1 AND x.membership = 'join' AND y.user_id = ?2 AND y.membership != 'join' LIMIT 1",
+        )?
+        .exists(params![user_id, other])?)
+}
+
 /// Whether two users are both joined to at least one common room.
 pub fn shares_room(conn: Db<'_>, a: &str, b: &str) -> Result<bool> {
     Ok(conn
@@ -105,6 +136,10 @@ pub fn device_list_changes(
     for u in updated {
         if u == user_id || shares_room(conn, user_id, &u)? {
             changed.insert(u);
+        } else if was_member_with(conn, user_id, &u)? {
+            // No room shared any more, though they were in one of ours: they left (a lazy join's resync records
+            // the members it finds were never really joined this way).
+            candidates_left.insert(u);
         }
     }
 
@@ -152,6 +187,20 @@ pub fn device_list_changes(
         } else if m == "leave" || m == "ban" {
             candidates_left.insert(u);
         }
+    }
+
+    // A room we joined: our own other devices may need to know too (as Synapse and Complement's
+    // TestDeviceListsUpdateOverFederation expect the joiner in its own `changed`). Not the fresh join that ends a
+    // lazy join's resync: nothing changed for our own devices then.
+    let mut stmt = conn.prepare_cached(
+        "SELECT 1 FROM local_membership_stream s WHERE s.user_id = ?1 AND s.stream_ordering > ?2
+         AND s.stream_ordering <= ?3 AND s.membership = 'join' AND coalesce((SELECT p.membership
+             FROM local_membership_stream p WHERE p.user_id = s.user_id AND p.room_nid = s.room_nid
+             AND p.stream_ordering < s.stream_ordering ORDER BY p.stream_ordering DESC LIMIT 1), '') != 'join'
+         LIMIT 1",
+    )?;
+    if stmt.exists(params![user_id, from, to])? {
+        changed.insert(user_id.to_owned());
     }
 
     let mut left = BTreeSet::new();

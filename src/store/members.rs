@@ -18,7 +18,8 @@ pub struct MemberUpdate<'a> {
     pub avatar_url: Option<&'a str>,
 }
 
-pub fn upsert_member(conn: Db<'_>, m: &MemberUpdate<'_>) -> Result<()> {
+/// Writes one membership; returns the membership it replaced.
+pub fn upsert_member(conn: Db<'_>, m: &MemberUpdate<'_>) -> Result<Option<String>> {
     let old: Option<String> = conn
         .prepare_cached("SELECT membership FROM room_members WHERE room_nid = ?1 AND user_id = ?2")?
         .query_row(params![m.room_nid, m.user_id], |r| r.get(0))
@@ -46,7 +47,7 @@ pub fn upsert_member(conn: Db<'_>, m: &MemberUpdate<'_>) -> Result<()> {
         )?
         .execute(params![m.room_nid, nj - oj, ni - oi])?;
     }
-    Ok(())
+    Ok(old)
 }
 
 pub fn membership_of(conn: Db<'_>, room_nid: RoomNid, user_id: &str) -> Result<Option<(String, EventNid)>> {

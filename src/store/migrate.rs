@@ -6,10 +6,22 @@ use rusqlite::Connection;
 const SCHEMA: &str = include_str!("../../schema.sql");
 
 /// Version written by `SCHEMA`. Later changes add `(version, sql)` steps to `MIGRATIONS` and bump this.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// Steps from version N-1 to N, for N > 1.
-const MIGRATIONS: &[(i64, &str)] = &[(2, MEDIA_V2), (3, CATCH_UP_V3), (4, REFRESH_TOKENS_V4)];
+const MIGRATIONS: &[(i64, &str)] = &[(2, MEDIA_V2), (3, CATCH_UP_V3), (4, REFRESH_TOKENS_V4), (5, REMOTE_DEVICES_V5)];
+
+/// 5: the cache of remote users' device lists.
+const REMOTE_DEVICES_V5: &str = "
+CREATE TABLE IF NOT EXISTS remote_device_lists (
+    user_id TEXT PRIMARY KEY, stream_id INTEGER, wanted INTEGER NOT NULL DEFAULT 0, master_key TEXT,
+    self_signing_key TEXT
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS remote_devices (
+    user_id TEXT NOT NULL REFERENCES remote_device_lists(user_id) ON DELETE CASCADE, device_id TEXT NOT NULL,
+    display_name TEXT, keys TEXT, PRIMARY KEY (user_id, device_id)
+) WITHOUT ROWID;
+";
 
 /// 4: refresh tokens, each tied to the access token it renews.
 const REFRESH_TOKENS_V4: &str = "
@@ -111,6 +123,8 @@ mod tests {
             "room_key_backup",
             "destinations",
             "refresh_tokens",
+            "remote_device_lists",
+            "remote_devices",
         ] {
             assert_eq!(columns(&old, table), columns(&fresh, table), "table {table}");
             assert!(!columns(&fresh, table).is_empty(), "table {table} exists");

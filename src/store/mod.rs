@@ -8,6 +8,7 @@
 pub mod account_data;
 pub mod accounts;
 pub mod backup;
+pub mod device_lists;
 pub mod e2ee;
 pub mod events;
 pub mod identity;
