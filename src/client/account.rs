@@ -15,7 +15,9 @@ pub async fn versions() -> impl IntoResponse {
         "versions": ["r0.5.0", "r0.6.0", "r0.6.1", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8",
                      "v1.9", "v1.10", "v1.11", "v1.12"],
         "unstable_features": {"org.matrix.msc3706": true, "org.matrix.msc2285.stable": true,
-                              "org.matrix.msc3916.stable": true, "org.matrix.e2e_cross_signing": true}
+                              "org.matrix.msc3916.stable": true, "org.matrix.e2e_cross_signing": true,
+                              // The room summary (`/room_summary`, stable in v1.15), which Element looks for here.
+                              "org.matrix.msc3266": true}
     }))
 }
 
