@@ -209,12 +209,23 @@ pub async fn fetch_outliers(
     r: Remote<'_>,
     origin: &str,
     room_id: &RoomId,
+    wanted: Vec<String>,
+    skip: &HashSet<String>,
+) -> Result<usize> {
+    fetch_outliers_up_to(r, origin, room_id, wanted, skip, MAX_OUTLIER_FETCH).await
+}
+
+/// [`fetch_outliers`] with another bound on the events fetched in all (a gap in a room whose full state we hold).
+pub async fn fetch_outliers_up_to(
+    r: Remote<'_>,
+    origin: &str,
+    room_id: &RoomId,
     mut wanted: Vec<String>,
     skip: &HashSet<String>,
+    max_events: usize,
 ) -> Result<usize> {
     /// Bounds the walk (rounds of fetches, events in all).
     const MAX_ROUNDS: usize = 8;
-    const MAX_EVENTS: usize = MAX_OUTLIER_FETCH;
     /// Concurrent `/event` requests.
     const PARALLEL: usize = 16;
     /// The whole walk, however many rounds.
@@ -230,11 +241,11 @@ pub async fn fetch_outliers(
     let mut seen: HashSet<String> = HashSet::new();
     let mut fetched: Vec<Pdu> = Vec::new();
     for _ in 0..MAX_ROUNDS {
-        let room_left = MAX_EVENTS.saturating_sub(fetched.len());
+        let room_left = max_events.saturating_sub(fetched.len());
         let ids: Vec<String> =
             wanted.drain(..).filter(|id| !skip.contains(id) && seen.insert(id.clone())).take(room_left).collect();
         let unknown = unknown_events(r.store, ids).await?;
-        if unknown.is_empty() || fetched.len() >= MAX_EVENTS {
+        if unknown.is_empty() || fetched.len() >= max_events {
             break;
         }
         let paths: Vec<String> = unknown.iter().map(|id| format!("/_matrix/federation/v1/event/{}", enc(id))).collect();
