@@ -442,6 +442,7 @@ pub async fn send(
     }
     s.message_limiter.take(auth.user_id.as_str()).map_err(Error::limit_exceeded)?;
     let identity = s.identity.clone();
+    let user_id = auth.user_id.to_string();
     let event_id = s
         .store
         .write(move |w| {
@@ -457,6 +458,10 @@ pub async fn send(
             Ok(a.event_id)
         })
         .await?;
+    // Sending is activity (Synapse bumps presence on sent events); a failure here is no reason to fail the send.
+    if let Err(e) = s.presence.update(&s.store, &user_id, crate::room::presence::Change::Active).await {
+        tracing::warn!(error = %e, "presence not updated after a send");
+    }
     Ok(axum::Json(json!({"event_id": event_id})))
 }
 

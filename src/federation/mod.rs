@@ -46,6 +46,7 @@ pub struct FedContext {
     /// None when `federation.enabled = false`.
     pub federation: Option<Federation>,
     pub typing: Arc<Typing>,
+    pub presence: Arc<crate::room::presence::Presence>,
     pub jobs: Jobs,
 }
 
