@@ -1,7 +1,7 @@
 //! `GET /sync`: initial, incremental and long-polling, with filters and lazy-loaded members.
 //!
 //! A token is `s{stream}_{typing}`: the global stream position (events, account data, receipts, to-device,
-//! device lists and local membership changes share one counter) and the typing serial.
+//! device lists, local membership changes and presence share one counter) and the typing serial.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Duration;
@@ -323,8 +323,7 @@ pub async fn sync(State(s): State<AppState>, auth: Auth, Query(q): Query<SyncQue
         let (a, f) = (auth.clone(), filter.clone());
         let typing = s.typing.clone_view();
         let sent = s.clone();
-        let (mut body, empty) =
-            s.store.read(move |c| build(c, &a, &f, since, pos, full_state, &typing, &sent)).await?;
+        let (mut body, empty) = s.store.read(move |c| build(c, &a, &f, since, pos, full_state, &typing, &sent)).await?;
         if !empty || since.is_none() || full_state || tokio::time::Instant::now() >= deadline {
             refresh_presence(&s, &mut body);
             return Ok(axum::Json(body));

@@ -285,9 +285,10 @@ impl Presence {
     /// Drops the remembered activity of `stored`'s user if the row now holds it.
     fn forget_pending_upto(&self, stored: &PresenceRow) {
         let mut a = self.lock();
-        if a.pending.get(&stored.user_id).is_some_and(|(active, sync)| {
-            *active <= stored.last_active_ts && *sync <= stored.last_sync_ts
-        }) {
+        if a.pending
+            .get(&stored.user_id)
+            .is_some_and(|(active, sync)| *active <= stored.last_active_ts && *sync <= stored.last_sync_ts)
+        {
             a.pending.remove(&stored.user_id);
         }
     }
@@ -542,7 +543,8 @@ mod tests {
         let p = PresenceRow { last_sync_ts: now - 31_000, last_federation_ts: now, ..row("online", now - 31_000) };
         assert_eq!(timed_out(&p, true, false, now).unwrap().state, "offline");
         // Syncing now and active: nothing to do.
-        let p = PresenceRow { last_sync_ts: now, last_federation_ts: now, currently_active: true, ..row("online", now) };
+        let p =
+            PresenceRow { last_sync_ts: now, last_federation_ts: now, currently_active: true, ..row("online", now) };
         assert_eq!(timed_out(&p, true, true, now), None);
         // Remote users: offline after 30 minutes without news, untouched before.
         let remote = PresenceRow { last_federation_ts: now - 31 * 60_000, ..row("online", now) };
