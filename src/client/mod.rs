@@ -36,6 +36,7 @@ fn api() -> Router<AppState> {
         .route("/register/available", get(a::register_available))
         .route("/account/whoami", get(a::whoami))
         .route("/account/password", post(a::change_password))
+        .route("/account/deactivate", post(a::deactivate))
         .route("/capabilities", get(a::capabilities))
         .route("/user/{user_id}/filter", post(a::create_filter))
         .route("/user/{user_id}/filter/{filter_id}", get(a::get_filter))
