@@ -221,3 +221,25 @@ async fn a_peers_presence_edus_count_only_for_its_own_users_in_our_rooms() {
     .await;
     hearth.stop().await;
 }
+
+/// Presence is stored: after a restart a room member still reads the status message that was set before.
+#[tokio::test]
+async fn presence_survives_a_restart() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let bob = s.user("bob").await;
+    let room = alice.create_room(json!({"preset": "public_chat"})).await;
+    bob.join(&room).await.ok();
+    alice.put(&status_path(&alice.user_id), json!({"presence": "unavailable", "status_msg": "back soon"})).await.ok();
+    let TestServer { running, dir, db_path, .. } = s;
+    running.stop().await;
+
+    let s = TestServer::start_with(|c| c.database.path = db_path.clone()).await;
+    let bob = bob.at(&s.base_url);
+    let seen = bob.get(&status_path(&alice.user_id)).await.ok();
+    assert_eq!(seen["status_msg"], "back soon", "{seen}");
+    // (Whether she is still `unavailable` depends on the timers: she never synced, so she times out to offline.)
+    assert!(["unavailable", "offline"].contains(&seen["presence"].as_str().unwrap()), "{seen}");
+    s.stop().await;
+    drop(dir);
+}
