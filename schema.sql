@@ -258,6 +258,21 @@ CREATE TABLE cross_signing_keys (
     PRIMARY KEY (user_id, key_type)
 ) WITHOUT ROWID;
 
+-- Presence (one row per user, local or remote; absent = offline). A change worth telling clients about takes a
+-- position of the global stream, so /sync picks it up; activity timestamps alone are stored without one.
+CREATE TABLE presence (
+    user_id           TEXT PRIMARY KEY,
+    state             TEXT NOT NULL,          -- online | unavailable | offline
+    status_msg        TEXT,
+    last_active_ts    INTEGER NOT NULL DEFAULT 0,
+    last_sync_ts      INTEGER NOT NULL DEFAULT 0,
+    last_federation_ts INTEGER NOT NULL DEFAULT 0, -- local: last sent to other servers; remote: last heard of
+    currently_active  INTEGER NOT NULL DEFAULT 0,
+    stream_ordering   INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX presence_stream ON presence(stream_ordering);
+CREATE INDEX presence_not_offline ON presence(state) WHERE state != 'offline';
+
 CREATE TABLE device_list_stream (
     stream_ordering INTEGER PRIMARY KEY,
     user_id         TEXT NOT NULL

@@ -23,7 +23,23 @@ pub struct Config {
     pub media: Media,
     pub log: Log,
     pub metrics: Metrics,
+    pub presence: Presence,
     pub well_known: WellKnown,
+}
+
+/// Presence (online / unavailable / offline and status messages), as Synapse's `use_presence`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Presence {
+    /// Track presence, show it in `/sync` to users sharing a room and exchange it with other servers. Off: everyone
+    /// reads as offline and presence updates are accepted and dropped.
+    pub enabled: bool,
+}
+
+impl Default for Presence {
+    fn default() -> Self {
+        Presence { enabled: true }
+    }
 }
 
 /// What `/.well-known/matrix/{client,server}` answer (delegation and client discovery).
@@ -159,6 +175,7 @@ impl Default for Config {
             media: Media::default(),
             log: Log::default(),
             metrics: Metrics::default(),
+            presence: Presence::default(),
             well_known: WellKnown::default(),
         }
     }

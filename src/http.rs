@@ -21,6 +21,7 @@ use crate::federation::{parse_x_matrix, tls, FedContext, Federation};
 use crate::jobs::Jobs;
 use crate::media_repo::MediaRepo;
 use crate::metrics::Metrics;
+use crate::room::presence::Presence;
 use crate::room::typing::Typing;
 use crate::room::Identity;
 use crate::store::{accounts, Store};
@@ -36,6 +37,7 @@ pub struct Services {
     pub store: Store,
     pub identity: Arc<Identity>,
     pub typing: Arc<Typing>,
+    pub presence: Arc<Presence>,
     /// Failed logins, per user id and per address.
     pub login_limiter: RateLimiter,
     /// Every login attempt, per address.

@@ -232,6 +232,11 @@ pub fn build_services(config: Config) -> anyhow::Result<Arc<Services>> {
     let media = crate::media_repo::MediaRepo::new(config.media.dir(&config.database.path))?;
     let config = Arc::new(config);
     let typing = Arc::new(Typing::default());
+    let presence = Arc::new(crate::room::presence::Presence::new(
+        config.presence.enabled,
+        federation.is_some(),
+        identity.server_name.as_str(),
+    ));
     let jobs = crate::jobs::Jobs::default();
     let fed = Arc::new(FedContext {
         config: config.clone(),
@@ -239,6 +244,7 @@ pub fn build_services(config: Config) -> anyhow::Result<Arc<Services>> {
         identity: identity.clone(),
         federation: federation.clone(),
         typing: typing.clone(),
+        presence: presence.clone(),
         jobs: jobs.clone(),
         device_resyncs: Default::default(),
     });
@@ -258,6 +264,7 @@ pub fn build_services(config: Config) -> anyhow::Result<Arc<Services>> {
         store,
         identity,
         typing,
+        presence,
         uia: UiaSessions::default(),
         federation,
         fed,
@@ -324,6 +331,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let kinds = crate::jobs::Registry::default()
         .with(crate::room::partial::RESYNC_JOB, crate::federation::resync::job_kind(services.fed.clone()));
     tasks.push(tokio::spawn(crate::jobs::run_worker(worker, kinds, shutdown_rx.clone())));
+    tasks.push(tokio::spawn(services.presence.clone().run(services.store.clone(), shutdown_rx.clone())));
     tracing::info!(%client_addr, ?federation_addr, server_name = %services.identity.server_name, "hearth listening");
     Ok(Running { client_addr, federation_addr, services, tasks })
 }

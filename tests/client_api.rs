@@ -1405,6 +1405,52 @@ async fn change_password() {
     s.stop().await;
 }
 
+/// Deactivation (password UIA): the account cannot log in or use its tokens any more, leaves its rooms (others see
+/// the leave), loses its profile when it asks for erasure, and its id cannot be registered again.
+#[tokio::test]
+async fn deactivated_accounts_leave_their_rooms_and_stay_gone() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let bob = s.user("bob").await;
+    let mut other = s.client();
+    other.login("alice", PASSWORD).await.ok();
+    let room = bob.create_room(json!({"preset": "public_chat"})).await;
+    alice.join(&room).await.ok();
+    let invited = bob.create_room(json!({"preset": "private_chat"})).await;
+    bob.invite(&invited, &alice.user_id).await.ok();
+    alice.put("/profile/@alice:localhost/displayname", json!({"displayname": "Alice"})).await.ok();
+    let since = bob.sync(None, &[]).await.ok()["next_batch"].as_str().unwrap().to_owned();
+
+    let challenge = alice.post("/account/deactivate", json!({})).await;
+    assert_eq!(challenge.status, 401, "{}", challenge.text);
+    assert_eq!(challenge.body["flows"], json!([{"stages": ["m.login.password"]}]));
+    let auth = |password: &str| {
+        json!({"type": "m.login.password", "password": password,
+                                       "identifier": {"type": "m.id.user", "user": alice.user_id}})
+    };
+    alice.post("/account/deactivate", json!({"auth": auth("wrong")})).await.assert_err(401, "M_FORBIDDEN");
+    let done = alice.post("/account/deactivate", json!({"auth": auth(PASSWORD), "erase": true})).await.ok();
+    assert_eq!(done, json!({"id_server_unbind_result": "success"}));
+
+    // Every token is revoked, the password no longer logs in, the id stays taken.
+    alice.get("/account/whoami").await.assert_err(401, "M_UNKNOWN_TOKEN");
+    other.get("/account/whoami").await.assert_err(401, "M_UNKNOWN_TOKEN");
+    s.client().login("alice", PASSWORD).await.assert_err(403, "M_FORBIDDEN");
+    assert_eq!(s.client().register("alice", "another").await.errcode(), "M_USER_IN_USE");
+    // A deactivated account has no profile.
+    assert_eq!(s.client().get("/profile/@alice:localhost").await.status, 404);
+    // Bob sees alice leave the shared room, and the invite refused.
+    let sync = bob.sync(Some(&since), &[]).await.ok();
+    for r in [&room, &invited] {
+        let timeline = events_of(&sync["rooms"]["join"][r]["timeline"]);
+        let left = member_event(&timeline, &alice.user_id).map(|e| e["content"]["membership"].clone());
+        assert_eq!(left, Some(json!("leave")), "{r}: {sync}");
+    }
+    let members = bob.get(&format!("/rooms/{}/joined_members", enc(&room))).await.ok();
+    assert!(members["joined"].get(&alice.user_id).is_none(), "{members}");
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn history_visibility_joined_hides_earlier_events() {
     let s = TestServer::start().await;

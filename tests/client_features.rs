@@ -1,5 +1,5 @@
 //! Client features real clients rely on, over HTTP: server-side key backup (`/room_keys/*`), room tags, ignored
-//! users, notification counts from push rules, and presence being off.
+//! users and notification counts from push rules (presence: tests/presence.rs).
 
 mod common;
 
@@ -280,7 +280,7 @@ async fn e2ee_keys_to_device_and_device_lists_over_federation() {
     b.stop().await;
 }
 
-// ---- tags, ignored users, notification counts, presence -----------------------------------------------------------
+// ---- tags, ignored users, notification counts -------------------------------------------------------------------
 
 #[tokio::test]
 async fn room_tags_round_trip_and_sync() {
@@ -426,26 +426,6 @@ async fn ignored_users_are_filtered_from_sync_messages_and_context() {
     bob.send_text(&room, "bob again").await;
     let sync = alice.sync(Some(&since), &[]).await.ok();
     assert!(events_of(&sync["rooms"]["join"][&room]["timeline"]).iter().any(|e| e["content"]["body"] == "bob again"));
-    s.stop().await;
-}
-
-#[tokio::test]
-async fn presence_is_off() {
-    let s = TestServer::start().await;
-    let alice = s.user("alice").await;
-    let bob = s.user("bob").await;
-    let me = enc(&alice.user_id);
-    alice.put(&format!("/presence/{me}/status"), json!({"presence": "online", "status_msg": "here"})).await.ok();
-    // Not tracked: everyone reads as offline, and sync carries no presence.
-    assert_eq!(bob.get(&format!("/presence/{me}/status")).await.ok(), json!({"presence": "offline"}));
-    assert_eq!(alice.sync(None, &[("set_presence", "online")]).await.ok()["presence"]["events"], json!([]));
-    bob.put(&format!("/presence/{me}/status"), json!({"presence": "online"})).await.assert_err(403, "M_FORBIDDEN");
-    alice
-        .put(&format!("/presence/{me}/status"), json!({"presence": "dancing"}))
-        .await
-        .assert_err(400, "M_INVALID_PARAM");
-    alice.get("/presence/not-a-user/status").await.assert_err(400, "M_INVALID_PARAM");
-    s.client().get(&format!("/presence/{me}/status")).await.assert_err(401, "M_MISSING_TOKEN");
     s.stop().await;
 }
 

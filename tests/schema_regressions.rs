@@ -65,7 +65,7 @@ async fn invalid_input_is_refused() {
         .await
         .ok();
 
-    // /sync: set_presence and use_state_after are validated even though presence and MSC4222 are off.
+    // /sync: set_presence and use_state_after are validated (MSC4222 is not implemented).
     alice.sync(None, &[("set_presence", "dancing")]).await.assert_err(400, "M_INVALID_PARAM");
     alice.sync(None, &[("use_state_after", "null")]).await.assert_err(400, "M_INVALID_PARAM");
     alice.sync(None, &[("set_presence", "online"), ("use_state_after", "false")]).await.ok();

@@ -425,6 +425,45 @@ pub async fn change_password(
     Ok(axum::Json(json!({})))
 }
 
+#[derive(Deserialize)]
+pub struct Deactivate {
+    auth: Option<Value>,
+    /// Erase the profile too (the spec's "as much as possible": Hearth keeps no 3PIDs to erase).
+    #[serde(default)]
+    erase: bool,
+    #[allow(dead_code)]
+    id_server: Option<String>,
+}
+
+/// `POST /account/deactivate` (password UIA): the account can no longer log in, every device and token goes, account
+/// data and key backups are deleted (with `erase`, the profile too), and the user leaves every room, as Synapse
+/// does. The id stays taken: it cannot be registered again.
+pub async fn deactivate(
+    State(s): State<AppState>,
+    auth: Auth,
+    Json(req): Json<Deactivate>,
+) -> Result<impl IntoResponse> {
+    require_password(&s, &auth, req.auth.as_ref()).await?;
+    let (uid, erase) = (auth.user_id.to_string(), req.erase);
+    s.store
+        .write(move |w| {
+            if accounts::deactivate(w.db(), &uid, erase)? > 0 {
+                e2ee::device_list_changed(w, &uid)?;
+            }
+            crate::store::account_data::delete_all(w.db(), &uid)?;
+            crate::store::room_keys::delete_all(w.db(), &uid)?;
+            Ok(())
+        })
+        .await?;
+    tracing::info!(user_id = %auth.user_id, erase, "account deactivated");
+    let offline = crate::room::presence::Change::Set { state: "offline".into(), status_msg: None };
+    if let Err(e) = s.presence.update(&s.store, auth.user_id.as_str(), offline).await {
+        tracing::warn!(error = %e, "presence not cleared on deactivation");
+    }
+    crate::client::rooms::leave_all(&s, &auth).await;
+    Ok(axum::Json(json!({"id_server_unbind_result": "success"})))
+}
+
 // ------------------------------------------------------------------------------------------------------------
 // Filters
 

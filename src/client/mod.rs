@@ -8,6 +8,7 @@ pub mod format;
 pub mod keys;
 pub mod metrics;
 pub mod notifications;
+pub mod presence;
 pub mod profile;
 pub mod push_rules;
 pub mod receipts;
@@ -36,6 +37,7 @@ fn api() -> Router<AppState> {
         .route("/register/available", get(a::register_available))
         .route("/account/whoami", get(a::whoami))
         .route("/account/password", post(a::change_password))
+        .route("/account/deactivate", post(a::deactivate))
         .route("/capabilities", get(a::capabilities))
         .route("/user/{user_id}/filter", post(a::create_filter))
         .route("/user/{user_id}/filter/{filter_id}", get(a::get_filter))
@@ -101,7 +103,7 @@ fn extras() -> Router<AppState> {
         .merge(backup_and_tags())
 }
 
-/// Server-side key backup (`/room_keys/*`), room tags, presence (off) and what clients probe on start-up.
+/// Server-side key backup (`/room_keys/*`), room tags, presence and what clients probe on start-up.
 fn backup_and_tags() -> Router<AppState> {
     use room_keys as rk;
     Router::new()
@@ -115,7 +117,7 @@ fn backup_and_tags() -> Router<AppState> {
         )
         .route("/user/{user_id}/rooms/{room_id}/tags", get(tags::get_tags))
         .route("/user/{user_id}/rooms/{room_id}/tags/{tag}", put(tags::put_tag).delete(tags::delete_tag))
-        .route("/presence/{user_id}/status", get(tags::get_presence).put(tags::put_presence))
+        .route("/presence/{user_id}/status", get(presence::get_presence).put(presence::put_presence))
         .route("/pushers", get(compat::pushers))
         .route("/thirdparty/protocols", get(compat::thirdparty_protocols))
         .route("/voip/turnServer", get(compat::turn_server))

@@ -298,6 +298,48 @@ async fn membership_op(
     }
 }
 
+/// Leaves every room the user is joined to, invited to or knocking on (a deactivated account's), as Synapse parts
+/// them. Rooms we hold state for are left before this returns (local events, queued for the other servers);
+/// invites and knocks known only through another server are refused through it in the background. Failures are
+/// logged, not returned: the account is gone either way.
+pub async fn leave_all(s: &AppState, auth: &Auth) {
+    let uid = auth.user_id.clone();
+    let rooms = s
+        .store
+        .read(move |c| {
+            let mut out = Vec::new();
+            for m in ["join", "invite", "knock"] {
+                for (room_nid, room_id) in members::rooms_with_membership(c, uid.as_str(), m)? {
+                    let held = rooms::room_by_nid(c, room_nid)?.is_some_and(|r| r.current_sg.is_some());
+                    out.push((room_id, held));
+                }
+            }
+            Ok(out)
+        })
+        .await;
+    let rooms = match rooms {
+        Ok(r) => r,
+        Err(e) => return tracing::warn!(error = %e, "could not list the rooms of a deactivated account"),
+    };
+    let (held, remote): (Vec<_>, Vec<_>) = rooms.into_iter().partition(|(_, held)| *held);
+    for (room_id, _) in held {
+        if let Err(e) = membership_op(s, auth, room_id.clone(), auth.user_id.clone(), "leave", None).await {
+            tracing::warn!(%room_id, error = %e, "deactivated account could not leave a room");
+        }
+    }
+    if remote.is_empty() {
+        return;
+    }
+    let (s, auth) = (s.clone(), auth.clone());
+    tokio::spawn(async move {
+        for (room_id, _) in remote {
+            if let Err(e) = membership_op(&s, &auth, room_id.clone(), auth.user_id.clone(), "leave", None).await {
+                tracing::info!(%room_id, error = %e, "deactivated account could not refuse an invite or knock");
+            }
+        }
+    });
+}
+
 /// Knocking on a room: a local membership change in a room we hold, else `make_knock`/`send_knock` through the
 /// servers named (`via`/`server_name`) or the room id's.
 pub async fn knock(
@@ -442,6 +484,7 @@ pub async fn send(
     }
     s.message_limiter.take(auth.user_id.as_str()).map_err(Error::limit_exceeded)?;
     let identity = s.identity.clone();
+    let user_id = auth.user_id.to_string();
     let event_id = s
         .store
         .write(move |w| {
@@ -457,6 +500,10 @@ pub async fn send(
             Ok(a.event_id)
         })
         .await?;
+    // Sending is activity (Synapse bumps presence on sent events); a failure here is no reason to fail the send.
+    if let Err(e) = s.presence.update(&s.store, &user_id, crate::room::presence::Change::Active).await {
+        tracing::warn!(error = %e, "presence not updated after a send");
+    }
     Ok(axum::Json(json!({"event_id": event_id})))
 }
 

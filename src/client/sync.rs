@@ -1,7 +1,7 @@
 //! `GET /sync`: initial, incremental and long-polling, with filters and lazy-loaded members.
 //!
 //! A token is `s{stream}_{typing}`: the global stream position (events, account data, receipts, to-device,
-//! device lists and local membership changes share one counter) and the typing serial.
+//! device lists, local membership changes and presence share one counter) and the typing serial.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Duration;
@@ -58,6 +58,7 @@ pub struct Filter {
     pub account_data: EventFilter,
     pub room_account_data: EventFilter,
     pub ephemeral: EventFilter,
+    pub presence: EventFilter,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -254,6 +255,7 @@ impl Filter {
             account_data: EventFilter::parse(v.get("account_data"))?,
             room_account_data: EventFilter::parse(section("account_data"))?,
             ephemeral: EventFilter::parse(section("ephemeral"))?,
+            presence: EventFilter::parse(v.get("presence"))?,
         })
     }
 
@@ -270,7 +272,7 @@ pub struct SyncQuery {
     full_state: Option<bool>,
     #[serde(default, deserialize_with = "qs::opt_u64")]
     timeout: Option<u64>,
-    /// Presence is off: validated, then ignored.
+    /// `online` (the default) or `unavailable` set the user's presence while the request runs; `offline` leaves it.
     set_presence: Option<String>,
     /// MSC4222 (`state_after`) is not implemented: validated, then ignored (clients fall back to `state`).
     #[serde(default, deserialize_with = "qs::opt_bool")]
@@ -299,6 +301,9 @@ pub async fn sync(State(s): State<AppState>, auth: Auth, Query(q): Query<SyncQue
     }
     let _ = q.use_state_after;
     let filter = load_filter(&s, auth.user_id.as_str(), q.filter).await?;
+    // Before the position is read, so the user's own change is in this response.
+    let set_presence = q.set_presence.as_deref().unwrap_or("online");
+    let _syncing = s.presence.syncing(&s.store, auth.user_id.as_str(), set_presence).await?;
     let since = q.since.as_deref().map(parse_token).transpose()?;
     let full_state = q.full_state.unwrap_or(false);
     let timeout = Duration::from_millis(q.timeout.unwrap_or(0).min(300_000));
@@ -318,9 +323,9 @@ pub async fn sync(State(s): State<AppState>, auth: Auth, Query(q): Query<SyncQue
         let (a, f) = (auth.clone(), filter.clone());
         let typing = s.typing.clone_view();
         let sent = s.clone();
-        let (body, empty) =
-            s.store.read(move |c| build(c, &a, &f, since, pos, full_state, &typing, &sent.sent_members)).await?;
+        let (mut body, empty) = s.store.read(move |c| build(c, &a, &f, since, pos, full_state, &typing, &sent)).await?;
         if !empty || since.is_none() || full_state || tokio::time::Instant::now() >= deadline {
+            refresh_presence(&s, &mut body);
             return Ok(axum::Json(body));
         }
         // Nothing new: wait for the stream or typing to move (or the timeout), then look again.
@@ -335,13 +340,19 @@ pub async fn sync(State(s): State<AppState>, auth: Auth, Query(q): Query<SyncQue
                 let (a, f) = (auth.clone(), filter.clone());
                 let typing = s.typing.clone_view();
                 let sent = s.clone();
-                let (body, _) = s
-                    .store
-                    .read(move |c| build(c, &a, &f, since, pos, full_state, &typing, &sent.sent_members))
-                    .await?;
+                let (mut body, _) =
+                    s.store.read(move |c| build(c, &a, &f, since, pos, full_state, &typing, &sent)).await?;
+                refresh_presence(&s, &mut body);
                 return Ok(axum::Json(body));
             }
         }
+    }
+}
+
+/// Presence events with the activity not yet written laid over them.
+fn refresh_presence(s: &AppState, body: &mut Value) {
+    if let Some(events) = body.pointer_mut("/presence/events").and_then(Value::as_array_mut) {
+        s.presence.refresh_events(events, crate::store::accounts::now_ms());
     }
 }
 
@@ -587,6 +598,8 @@ struct SyncPass<'a> {
     full_state: bool,
     typing: &'a TypingView,
     sent: &'a SentMembers,
+    /// Presence tracked (`presence.enabled`).
+    presence: bool,
     /// `m.ignored_user_list`.
     ignored: HashSet<String>,
     /// Local membership changes in the window: room -> latest membership.
@@ -805,6 +818,39 @@ impl SyncPass<'_> {
         }
     }
 
+    /// `m.presence` events: on an initial (or full-state) sync everyone visible who is not offline; on an incremental
+    /// one the changes in the window, plus users new to us (who joined our rooms, or are in rooms we joined). One
+    /// event per user, as the presence filter allows (as Synapse).
+    fn presence(&self) -> Result<Vec<Value>> {
+        use crate::store::presence as p;
+        if !self.presence {
+            return Ok(Vec::new());
+        }
+        let (c, user_id) = (self.c, self.auth.user_id.as_str());
+        let rows = match self.since_stream() {
+            Some(ss) if !self.full_state => {
+                let (after, upto) = (StreamPos(ss), StreamPos(self.pos.stream));
+                let mut rows = p::visible_changes(c, user_id, after, upto)?;
+                rows.extend(p::of_new_members(c, user_id, after, upto)?);
+                rows
+            }
+            _ => p::visible_not_offline(c, user_id)?,
+        };
+        let now = crate::store::accounts::now_ms();
+        let mut seen = HashSet::new();
+        let f = &self.filter.presence;
+        let mut events: Vec<Value> = rows
+            .into_iter()
+            .filter(|r| f.allows("m.presence", &r.user_id) && !self.ignored.contains(&r.user_id))
+            .filter(|r| seen.insert(r.user_id.clone()))
+            .map(|r| crate::room::presence::sync_event(&r, now))
+            .collect();
+        if let Some(limit) = f.limit {
+            events.truncate(limit);
+        }
+        Ok(events)
+    }
+
     /// `device_one_time_keys_count` (always with `signed_curve25519`) and `device_unused_fallback_key_types`.
     fn key_counts(&self) -> Result<(serde_json::Map<String, Value>, Vec<String>)> {
         let (user_id, device_id) = (self.auth.user_id.as_str(), self.auth.device_id.as_str());
@@ -824,8 +870,9 @@ fn build(
     pos: Token,
     full_state: bool,
     typing: &TypingView,
-    sent: &SentMembers,
+    services: &crate::http::Services,
 ) -> Result<(Value, bool)> {
+    let (sent, presence) = (&services.sent_members, services.presence.enabled());
     let mut changed: HashMap<RoomNid, String> = HashMap::new();
     if let Some(ss) = since.map(|t| t.stream) {
         for (room, m) in members::changes_of(c, auth.user_id.as_str(), StreamPos(ss), StreamPos(pos.stream))? {
@@ -833,11 +880,12 @@ fn build(
         }
     }
     let ignored = crate::client::notifications::ignored_users(c, auth.user_id.as_str())?;
-    let pass = SyncPass { c, auth, filter, since, pos, full_state, typing, sent, ignored, changed };
+    let pass = SyncPass { c, auth, filter, since, pos, full_state, typing, sent, presence, ignored, changed };
 
     let (join, invite, leave, knock) = (pass.joined()?, pass.invited()?, pass.left()?, pass.knocked()?);
     let account_data = pass.account_data()?;
     let to_device = pass.to_device()?;
+    let presence = pass.presence()?;
     let (dl_changed, dl_left) = pass.device_lists()?;
     let (otk_counts, fallback_types) = pass.key_counts()?;
     let empty = join.is_empty()
@@ -846,13 +894,14 @@ fn build(
         && knock.is_empty()
         && account_data.is_empty()
         && to_device.is_empty()
+        && presence.is_empty()
         && dl_changed.is_empty()
         && dl_left.is_empty();
     let body = json!({
         "next_batch": pos.render(),
         "rooms": {"join": join, "invite": invite, "leave": leave, "knock": knock},
         "account_data": {"events": account_data},
-        "presence": {"events": []},
+        "presence": {"events": presence},
         "to_device": {"events": to_device},
         "device_lists": {"changed": dl_changed, "left": dl_left},
         "device_one_time_keys_count": otk_counts,

@@ -1,9 +1,8 @@
 //! Room tags (`/user/{userId}/rooms/{roomId}/tags`), stored as the room's `m.tag` account data (so they reach the
-//! user's other clients through `/sync`), and presence, which Hearth does not track.
+//! user's other clients through `/sync`).
 
 use axum::extract::{Path, State};
 use axum::response::IntoResponse;
-use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::error::{Error, Result};
@@ -75,35 +74,5 @@ pub async fn delete_tag(
 ) -> Result<impl IntoResponse> {
     check(&auth, &user_id, &room_id)?;
     change(&s, user_id, room_id, tag, None).await?;
-    Ok(axum::Json(json!({})))
-}
-
-// ---- presence (off) -------------------------------------------------------------------------------------------
-
-#[derive(Deserialize)]
-pub struct PresenceBody {
-    presence: String,
-    #[allow(dead_code)]
-    status_msg: Option<String>,
-}
-
-/// Presence is not tracked: everyone is `offline` (as Synapse answers with presence disabled).
-pub async fn get_presence(_auth: Auth, Path(user_id): Path<String>) -> Result<impl IntoResponse> {
-    ruma::UserId::parse(&user_id).map_err(|e| Error::invalid_param(format!("invalid user id: {e}")))?;
-    Ok(axum::Json(json!({"presence": "offline"})))
-}
-
-/// Accepted and dropped (clients set presence routinely; it is not tracked, so nobody sees it).
-pub async fn put_presence(
-    auth: Auth,
-    Path(user_id): Path<String>,
-    Json(body): Json<PresenceBody>,
-) -> Result<impl IntoResponse> {
-    if auth.user_id != user_id {
-        return Err(Error::forbidden("cannot set another user's presence"));
-    }
-    if !matches!(body.presence.as_str(), "online" | "offline" | "unavailable") {
-        return Err(Error::invalid_param("presence must be online, offline or unavailable"));
-    }
     Ok(axum::Json(json!({})))
 }

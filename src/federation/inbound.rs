@@ -662,6 +662,7 @@ async fn handle_edu(s: &FedContext, origin: &str, edu: &Value) -> Result<()> {
                 })
                 .await?;
         }
+        Some("m.presence") => s.presence.receive(&s.store, origin, &content).await?,
         Some(t @ ("m.device_list_update" | "m.signing_key_update")) => {
             let Some(user) = content.get("user_id").and_then(Value::as_str).map(str::to_owned) else { return Ok(()) };
             if !from_origin(&user) {

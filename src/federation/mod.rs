@@ -48,6 +48,7 @@ pub struct FedContext {
     /// None when `federation.enabled = false`.
     pub federation: Option<Federation>,
     pub typing: Arc<Typing>,
+    pub presence: Arc<crate::room::presence::Presence>,
     pub jobs: Jobs,
     /// Resyncs of remote users' device lists under way (one per user at a time).
     pub device_resyncs: Arc<devices::Resyncs>,

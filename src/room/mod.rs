@@ -8,6 +8,7 @@ pub mod membership;
 pub mod partial;
 pub mod pdu;
 pub mod power;
+pub mod presence;
 pub mod remote;
 pub mod state;
 pub mod stripped;

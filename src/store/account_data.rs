@@ -30,6 +30,12 @@ pub fn set(w: &mut Writer<'_>, user_id: &str, room_id: &str, data_type: &str, co
     Ok(pos)
 }
 
+/// Deletes all of a user's account data, global and per room (a deactivated account's).
+pub fn delete_all(conn: Db<'_>, user_id: &str) -> Result<()> {
+    conn.prepare_cached("DELETE FROM account_data WHERE user_id = ?1")?.execute([user_id])?;
+    Ok(())
+}
+
 /// The account data of one scope (`room_id` `""` for global) written in the window (`after`, `upto`], oldest
 /// write first: `(type, content)`.
 pub fn changed_since(

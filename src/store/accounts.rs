@@ -188,6 +188,21 @@ pub fn delete_device(conn: Db<'_>, user_id: &str, device_id: &str) -> Result<boo
     Ok(conn.execute("DELETE FROM devices WHERE user_id = ?1 AND device_id = ?2", params![user_id, device_id])? == 1)
 }
 
+/// Deactivates a local account (it stays, so its id cannot be registered again): no password, every device with
+/// its tokens and keys gone, and with `erase` its profile too. Returns the devices deleted.
+pub fn deactivate(conn: Db<'_>, user_id: &str, erase: bool) -> Result<usize> {
+    let devices = list_devices(conn, user_id)?;
+    for d in &devices {
+        delete_device(conn, user_id, &d.device_id)?;
+    }
+    delete_all_tokens(conn, user_id)?;
+    conn.execute("UPDATE users SET deactivated = 1, password_hash = NULL WHERE user_id = ?1", [user_id])?;
+    if erase {
+        conn.execute("UPDATE users SET displayname = NULL, avatar_url = NULL WHERE user_id = ?1", [user_id])?;
+    }
+    Ok(devices.len())
+}
+
 pub fn touch_device(conn: Db<'_>, user_id: &str, device_id: &str, ip: &str) -> Result<()> {
     conn.execute(
         "UPDATE devices SET last_seen_ts = ?3, last_seen_ip = ?4 WHERE user_id = ?1 AND device_id = ?2",
@@ -257,6 +272,23 @@ mod tests {
         // Logging out everywhere takes the refresh tokens too.
         delete_all_tokens(conn.db(), "@a:x").unwrap();
         assert_eq!(use_refresh_token(conn.db(), "r1b", "x", "y").unwrap(), None);
+    }
+
+    #[test]
+    fn deactivation_ends_sessions_and_keeps_the_id_taken() {
+        let conn = memory_db();
+        user_with_sessions(conn.db(), "@a:x", &[("D1", "t1"), ("D2", "t2")]);
+        user_with_sessions(conn.db(), "@b:x", &[("DB", "tb")]);
+        assert_eq!(deactivate(conn.db(), "@a:x", true).unwrap(), 2);
+        let u = get_user(conn.db(), "@a:x").unwrap().unwrap();
+        assert_eq!((u.deactivated, u.password_hash, u.displayname), (true, None, None));
+        assert!(lookup_token(conn.db(), "t1").unwrap().is_none() && lookup_token(conn.db(), "t2").unwrap().is_none());
+        assert!(list_devices(conn.db(), "@a:x").unwrap().is_empty());
+        assert!(user_exists(conn.db(), "@a:x").unwrap(), "the id stays taken");
+        assert!(lookup_token(conn.db(), "tb").unwrap().is_some(), "other users keep theirs");
+        // Without erase the profile stays.
+        deactivate(conn.db(), "@b:x", false).unwrap();
+        assert_eq!(get_user(conn.db(), "@b:x").unwrap().unwrap().displayname.as_deref(), Some("b"));
     }
 
     #[test]

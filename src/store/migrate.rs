@@ -6,10 +6,11 @@ use rusqlite::Connection;
 const SCHEMA: &str = include_str!("../../schema.sql");
 
 /// Version written by `SCHEMA`. Later changes add `(version, sql)` steps to `MIGRATIONS` and bump this.
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 /// Steps from version N-1 to N, for N > 1.
-const MIGRATIONS: &[(i64, &str)] = &[(2, MEDIA_V2), (3, CATCH_UP_V3), (4, REFRESH_TOKENS_V4), (5, REMOTE_DEVICES_V5)];
+const MIGRATIONS: &[(i64, &str)] =
+    &[(2, MEDIA_V2), (3, CATCH_UP_V3), (4, REFRESH_TOKENS_V4), (5, REMOTE_DEVICES_V5), (6, PRESENCE_V6)];
 
 /// 5: the cache of remote users' device lists.
 const REMOTE_DEVICES_V5: &str = "
@@ -21,6 +22,22 @@ CREATE TABLE IF NOT EXISTS remote_devices (
     user_id TEXT NOT NULL REFERENCES remote_device_lists(user_id) ON DELETE CASCADE, device_id TEXT NOT NULL,
     display_name TEXT, keys TEXT, PRIMARY KEY (user_id, device_id)
 ) WITHOUT ROWID;
+";
+
+/// 6: presence, one row per user.
+const PRESENCE_V6: &str = "
+CREATE TABLE IF NOT EXISTS presence (
+    user_id           TEXT PRIMARY KEY,
+    state             TEXT NOT NULL,
+    status_msg        TEXT,
+    last_active_ts    INTEGER NOT NULL DEFAULT 0,
+    last_sync_ts      INTEGER NOT NULL DEFAULT 0,
+    last_federation_ts INTEGER NOT NULL DEFAULT 0,
+    currently_active  INTEGER NOT NULL DEFAULT 0,
+    stream_ordering   INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS presence_stream ON presence(stream_ordering);
+CREATE INDEX IF NOT EXISTS presence_not_offline ON presence(state) WHERE state != 'offline';
 ";
 
 /// 4: refresh tokens, each tied to the access token it renews.
@@ -107,6 +124,7 @@ mod tests {
             "DROP TABLE media_thumbnails; DROP TABLE media; DROP TABLE room_key_backup; DROP TABLE room_key_backup_versions;
              CREATE TABLE media (media_id TEXT PRIMARY KEY, uploader TEXT NOT NULL, content_type TEXT, filename TEXT,
                                  size INTEGER NOT NULL, created_ts INTEGER NOT NULL, data BLOB NOT NULL) WITHOUT ROWID;
+             DROP TABLE presence;
              DROP TABLE destinations;
              CREATE TABLE destinations (destination TEXT PRIMARY KEY, failures INTEGER NOT NULL DEFAULT 0,
                                         retry_at INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
@@ -125,6 +143,7 @@ mod tests {
             "refresh_tokens",
             "remote_device_lists",
             "remote_devices",
+            "presence",
         ] {
             assert_eq!(columns(&old, table), columns(&fresh, table), "table {table}");
             assert!(!columns(&fresh, table).is_empty(), "table {table} exists");

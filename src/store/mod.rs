@@ -21,6 +21,7 @@ pub mod members;
 pub mod migrate;
 pub mod notary;
 pub mod outbox;
+pub mod presence;
 pub mod receipts;
 pub mod resync;
 pub mod room_keys;
@@ -340,7 +341,8 @@ fn current_max_stream(conn: &Connection) -> rusqlite::Result<i64> {
             (SELECT coalesce(max(stream_ordering), 0) FROM receipts),
             (SELECT coalesce(max(stream_ordering), 0) FROM to_device),
             (SELECT coalesce(max(stream_ordering), 0) FROM device_list_stream),
-            (SELECT coalesce(max(stream_ordering), 0) FROM local_membership_stream))",
+            (SELECT coalesce(max(stream_ordering), 0) FROM local_membership_stream),
+            (SELECT coalesce(max(stream_ordering), 0) FROM presence))",
         [],
         |r| r.get(0),
     )

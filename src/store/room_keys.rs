@@ -91,6 +91,13 @@ pub fn delete_version(conn: Db<'_>, user: &str, version: i64) -> Result<bool> {
 }
 
 /// Bumps a version's etag (its keys changed).
+/// Deletes every backup version of a user with its keys (a deactivated account's).
+pub fn delete_all(conn: Db<'_>, user: &str) -> Result<()> {
+    conn.prepare_cached("DELETE FROM room_key_backup WHERE user_id = ?1")?.execute([user])?;
+    conn.prepare_cached("DELETE FROM room_key_backup_versions WHERE user_id = ?1")?.execute([user])?;
+    Ok(())
+}
+
 pub fn bump_etag(conn: Db<'_>, user: &str, version: i64) -> Result<()> {
     conn.prepare_cached("UPDATE room_key_backup_versions SET etag = etag + 1 WHERE user_id = ?1 AND version = ?2")?
         .execute(params![user, version])?;
