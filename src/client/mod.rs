@@ -11,8 +11,10 @@ pub mod notifications;
 pub mod profile;
 pub mod push_rules;
 pub mod receipts;
+pub mod relations;
 pub mod room_keys;
 pub mod rooms;
+pub mod search;
 pub mod sync;
 pub mod tags;
 pub mod timeline;
@@ -70,6 +72,7 @@ fn api() -> Router<AppState> {
         .route("/directory/list/room/{room_id}", get(r::get_visibility).put(r::set_visibility))
         .route("/publicRooms", get(r::public_rooms_get).post(r::public_rooms_post))
         .route("/sync", get(sync::sync))
+        .route("/search", post(search::search))
         .merge(extras())
 }
 
@@ -128,6 +131,13 @@ pub fn routes() -> Router<AppState> {
         .route("/.well-known/matrix/server", get(account::well_known_server))
         .route("/_hearth/admin/v1/jobs", get(admin::jobs))
         .route("/_hearth/admin/v1/stats", get(admin::stats))
+        .route("/_matrix/client/v1/rooms/{room_id}/relations/{event_id}", get(relations::relations))
+        .route("/_matrix/client/v1/rooms/{room_id}/relations/{event_id}/{rel_type}", get(relations::relations))
+        .route(
+            "/_matrix/client/v1/rooms/{room_id}/relations/{event_id}/{rel_type}/{event_type}",
+            get(relations::relations),
+        )
+        .route("/_matrix/client/v1/rooms/{room_id}/threads", get(relations::threads))
         .nest("/_matrix/client/v3", api())
         .nest("/_matrix/client/r0", api())
         .merge(crate::media::client_routes())
