@@ -58,6 +58,8 @@ pub struct Filter {
     pub account_data: EventFilter,
     pub room_account_data: EventFilter,
     pub ephemeral: EventFilter,
+    /// `room.timeline.unread_thread_notifications`: notification counts per thread.
+    pub unread_thread_notifications: bool,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -254,6 +256,7 @@ impl Filter {
             account_data: EventFilter::parse(v.get("account_data"))?,
             room_account_data: EventFilter::parse(section("account_data"))?,
             ephemeral: EventFilter::parse(section("ephemeral"))?,
+            unread_thread_notifications: flag(section("timeline"), "unread_thread_notifications"),
         })
     }
 
@@ -567,6 +570,10 @@ fn receipts_since(c: Db<'_>, room_nid: RoomNid, since: i64, upto: i64, user_id: 
         }
         let ev = content.entry(r.event_id).or_insert_with(|| json!({}));
         let by_type = ev.as_object_mut().expect("object").entry(r.receipt_type).or_insert_with(|| json!({}));
+        // A user's unthreaded and threaded receipts on the same event: the unthreaded one wins (MSC4102).
+        if by_type.get(&r.user_id).is_some_and(|old| old.get("thread_id").is_none()) && !r.thread_id.is_empty() {
+            continue;
+        }
         by_type[r.user_id] = receipt;
     }
     Ok((!content.is_empty()).then(|| json!({"type": "m.receipt", "content": content})))
@@ -640,17 +647,25 @@ impl SyncPass<'_> {
             if since.is_some() && !self.full_state && nothing && !newly {
                 continue;
             }
-            join.insert(
-                room_id.clone(),
-                json!({
-                    "timeline": {"events": rs.timeline, "limited": rs.limited, "prev_batch": rs.prev_batch},
-                    "state": {"events": rs.state},
-                    "ephemeral": {"events": ephemeral},
-                    "account_data": {"events": account_data},
-                    "summary": room_summary(c, &room, auth.user_id.as_str())?,
-                    "unread_notifications": crate::client::notifications::unread_counts(c, &room, auth.user_id.as_str(), &self.ignored)?,
-                }),
-            );
+            let (unread, unread_threads) = crate::client::notifications::unread_counts(
+                c,
+                &room,
+                auth.user_id.as_str(),
+                &self.ignored,
+                filter.unread_thread_notifications,
+            )?;
+            let mut body = json!({
+                "timeline": {"events": rs.timeline, "limited": rs.limited, "prev_batch": rs.prev_batch},
+                "state": {"events": rs.state},
+                "ephemeral": {"events": ephemeral},
+                "account_data": {"events": account_data},
+                "summary": room_summary(c, &room, auth.user_id.as_str())?,
+                "unread_notifications": unread,
+            });
+            if let Some(threads) = unread_threads {
+                body["unread_thread_notifications"] = threads;
+            }
+            join.insert(room_id.clone(), body);
         }
         Ok(join)
     }
