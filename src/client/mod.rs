@@ -51,6 +51,7 @@ fn api() -> Router<AppState> {
         .route("/rooms/{room_id}/leave", post(r::leave))
         .route("/knock/{room}", post(r::knock))
         .route("/rooms/{room_id}/forget", post(r::forget))
+        .route("/rooms/{room_id}/upgrade", post(r::upgrade))
         .route("/rooms/{room_id}/invite", post(r::invite))
         .route("/rooms/{room_id}/kick", post(r::kick))
         .route("/rooms/{room_id}/ban", post(r::ban))

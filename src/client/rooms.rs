@@ -1078,3 +1078,25 @@ async fn public_rooms(
     }
     Ok(axum::Json(body))
 }
+
+#[derive(Deserialize)]
+pub struct UpgradeBody {
+    new_version: String,
+}
+
+/// `POST /rooms/{roomId}/upgrade` (see `room::upgrade`).
+pub async fn upgrade(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path(room_id): Path<String>,
+    Json(body): Json<UpgradeBody>,
+) -> Result<impl IntoResponse> {
+    let old = crate::room::membership::parse_readable_room_id(&room_id)?;
+    let identity = s.identity.clone();
+    let user = auth.user_id.clone();
+    let new_room_id = s
+        .store
+        .write(move |w| crate::room::upgrade::upgrade_room(w, &identity, &old, &user, &body.new_version))
+        .await?;
+    Ok(axum::Json(json!({"replacement_room": new_room_id})))
+}

@@ -13,6 +13,7 @@ pub mod stripped;
 #[cfg(test)]
 mod tests;
 pub mod typing;
+pub mod upgrade;
 pub mod version;
 
 use std::sync::Arc;
