@@ -1082,6 +1082,8 @@ async fn public_rooms(
 #[derive(Deserialize)]
 pub struct UpgradeBody {
     new_version: String,
+    #[serde(default)]
+    additional_creators: Vec<String>,
 }
 
 /// `POST /rooms/{roomId}/upgrade` (see `room::upgrade`).
@@ -1092,11 +1094,17 @@ pub async fn upgrade(
     Json(body): Json<UpgradeBody>,
 ) -> Result<impl IntoResponse> {
     let old = crate::room::membership::parse_readable_room_id(&room_id)?;
+    for u in &body.additional_creators {
+        check_user_id(u)?;
+    }
     let identity = s.identity.clone();
     let user = auth.user_id.clone();
     let new_room_id = s
         .store
-        .write(move |w| crate::room::upgrade::upgrade_room(w, &identity, &old, &user, &body.new_version))
+        .write(move |w| {
+            let extra = &body.additional_creators;
+            crate::room::upgrade::upgrade_room(w, &identity, &old, &user, &body.new_version, extra)
+        })
         .await?;
     Ok(axum::Json(json!({"replacement_room": new_room_id})))
 }

@@ -5,8 +5,9 @@
 //! `invite` raised so that only moderators can talk or invite there any more. All in one write: a refusal at any
 //! step (the user may not send the tombstone, say) leaves both rooms as they were.
 //!
-//! Not done yet: moving local aliases and the canonical alias, inviting the old room's members, room version 12's
-//! `additional_creators`.
+//! `additional_creators` become the new room's additional creators where the version privileges creators (v12).
+//! Not done yet: moving local aliases and the canonical alias, inviting the old room's members, carrying over
+//! members' push rules.
 
 use ruma::{RoomId, UserId};
 use serde_json::{json, Value};
@@ -40,6 +41,7 @@ pub fn upgrade_room(
     old_room_id: &RoomId,
     user: &UserId,
     new_version: &str,
+    additional_creators: &[String],
 ) -> Result<String> {
     if !version::CREATABLE.contains(&new_version) {
         return Err(Error::unsupported_room_version(format!("cannot create rooms of version {new_version}")));
@@ -75,7 +77,17 @@ pub fn upgrade_room(
     let mut req = CreateRoom::new(user.to_owned());
     req.room_version = Some(new_version.to_owned());
     req.preset = Some(if public { "public_chat" } else { "private_chat" }.to_owned());
-    req.creation_content = Some(json!({"predecessor": {"room_id": old_room_id}}));
+    let mut creation = json!({"predecessor": {"room_id": old_room_id}});
+    if version::creators_privileged(&new_rules) && !additional_creators.is_empty() {
+        creation["additional_creators"] = json!(additional_creators);
+        // Creators have unlimited power in such rooms and may not be listed in the power levels.
+        if let Some(users) = pl_override.as_mut().and_then(|pl| pl.get_mut("users")).and_then(Value::as_object_mut) {
+            for c in additional_creators {
+                users.remove(c);
+            }
+        }
+    }
+    req.creation_content = Some(creation);
     req.initial_state = initial_state;
     req.power_level_content_override = pl_override;
     let (new_room_id, _) = create_room(w, identity, req)?;

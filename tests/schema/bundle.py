@@ -120,6 +120,13 @@ OPERATIONS = [
     ("get", "/_matrix/client/v3/voip/turnServer"),
     ("get", "/_matrix/client/v3/account/3pid"),
     ("post", "/_matrix/client/v3/user_directory/search"),
+    ("post", "/_matrix/client/v3/search"),
+    ("post", "/_matrix/client/v3/rooms/{roomId}/upgrade"),
+    # relations and threads (src/client/relations.rs)
+    ("get", "/_matrix/client/v1/rooms/{roomId}/relations/{eventId}"),
+    ("get", "/_matrix/client/v1/rooms/{roomId}/relations/{eventId}/{relType}"),
+    ("get", "/_matrix/client/v1/rooms/{roomId}/relations/{eventId}/{relType}/{eventType}"),
+    ("get", "/_matrix/client/v1/rooms/{roomId}/threads"),
     # media (src/media/mod.rs)
     ("get", "/_matrix/client/v1/media/config"),
     ("get", "/_matrix/client/v1/media/download/{serverName}/{mediaId}"),
