@@ -1,7 +1,8 @@
 //! Relations, threads and server-side search over HTTP, as a user sees them: `/relations` (filters, both
 //! directions, pagination, recursion, visibility), bundled aggregations (threads, edits, references) in every way
 //! an event reaches a client, `/threads`, threaded read receipts and per-thread notification counts, `POST /search`
-//! (ordering, pagination, context, redactions, history visibility, rooms left), and room upgrades.
+//! (ordering, pagination, context, redactions, history visibility, rooms left), and room upgrades (with the
+//! upgrader's push rules carried over).
 
 mod common;
 
@@ -293,6 +294,8 @@ async fn upgraded_room_points_both_ways_and_search_spans_both() {
     let old = alice.create_room(json!({"preset": "public_chat", "room_version": "10", "name": "Orchard"})).await;
     bob.join(&old).await.ok();
     let before = alice.send_text(&old, "pear before").await;
+    let rule = |room: &str| format!("/pushrules/global/room/{}", enc(room));
+    alice.put(&rule(&old), json!({"actions": ["dont_notify"]})).await.ok();
     bob.post(&format!("/rooms/{}/upgrade", enc(&old)), json!({"new_version": "11"}))
         .await
         .assert_err(403, "M_FORBIDDEN");
@@ -306,6 +309,7 @@ async fn upgraded_room_points_both_ways_and_search_spans_both() {
     assert_eq!(alice.state(&new, "m.room.create", "").await.ok()["room_version"], "11");
     assert_eq!(alice.state(&new, "m.room.name", "").await.ok()["name"], "Orchard");
     assert_eq!(alice.state(&old, "m.room.power_levels", "").await.ok()["events_default"], 50);
+    assert_eq!(alice.get(&rule(&new)).await.ok()["actions"], json!(["dont_notify"]), "push rules carried over");
     bob.send(&old, "m.room.message", json!({"msgtype": "m.text", "body": "hi"})).await.assert_err(403, "M_FORBIDDEN");
     let after = alice.send_text(&new, "pear after").await;
     let found = alice.post("/search", search_body("pear", &[&old, &new], "rank", json!({}))).await.ok();

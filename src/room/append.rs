@@ -473,6 +473,7 @@ pub fn apply_membership(
         members::record_local_membership(w.db(), stream, user_id, room_nid, &membership, event_nid)?;
         if membership == "join" {
             members::unforget_room(w.db(), user_id, room_nid)?;
+            crate::room::upgrade::carry_over_push_rules(w, room_nid, user_id)?;
         }
     }
     Ok(())

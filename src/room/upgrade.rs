@@ -6,8 +6,9 @@
 //! step (the user may not send the tombstone, say) leaves both rooms as they were.
 //!
 //! `additional_creators` become the new room's additional creators where the version privileges creators (v12).
-//! Not done yet: moving local aliases and the canonical alias, inviting the old room's members, carrying over
-//! members' push rules.
+//! When a local user joins a room that has a predecessor (whoever upgraded it, here or elsewhere), their push rules
+//! for the old room are copied to the new one ([`carry_over_push_rules`]), as the spec suggests.
+//! Not done yet: moving local aliases and the canonical alias, inviting the old room's members, copying tags.
 
 use ruma::{RoomId, UserId};
 use serde_json::{json, Value};
@@ -16,7 +17,8 @@ use crate::error::{Error, Result};
 use crate::room::append::{append_local, LocalEvent};
 use crate::room::create::{create_room, CreateRoom};
 use crate::room::{state_content, version, Identity};
-use crate::store::{members, rooms, Writer};
+use crate::store::ids::RoomNid;
+use crate::store::{account_data, members, rooms, Writer};
 
 /// State copied from the old room, in this order (power levels are handled apart).
 const COPIED: &[&str] = &[
@@ -117,3 +119,58 @@ pub fn upgrade_room(
     }
     Ok(new_room_id)
 }
+
+/// The user's push rules for a room's predecessor, copied for the room on their join: `room` rules named after the
+/// old room, and `override`/`underride` rules whose conditions match the old room's id. Rules already present for
+/// the new room are left alone, so joining again changes nothing.
+pub fn carry_over_push_rules(w: &mut Writer<'_>, room_nid: RoomNid, user_id: &str) -> Result<()> {
+    let Some(room) = rooms::room_by_nid(w.db(), room_nid)? else { return Ok(()) };
+    let Some(sg) = room.current_sg else { return Ok(()) };
+    let create = state_content(w.db(), sg, "m.room.create", "")?;
+    let Some(old) = create.as_ref().and_then(|c| c.pointer("/predecessor/room_id")).and_then(Value::as_str) else {
+        return Ok(());
+    };
+    let Some(mut rules) = account_data::get(w.db(), user_id, "", PUSH_RULES)? else { return Ok(()) };
+    let new = room.room_id.as_str();
+    let mut changed = false;
+    for kind in ["override", "room", "underride"] {
+        let Some(list) = rules.pointer_mut(&format!("/global/{kind}")).and_then(Value::as_array_mut) else { continue };
+        let mut copies = Vec::new();
+        for rule in list.iter() {
+            let copy = if kind == "room" {
+                (rule["rule_id"] == old).then(|| {
+                    let mut r = rule.clone();
+                    r["rule_id"] = json!(new);
+                    r
+                })
+            } else {
+                let conditions = rule["conditions"].as_array();
+                let names_old = conditions.is_some_and(|c| {
+                    c.iter().any(|x| x["kind"] == "event_match" && x["key"] == "room_id" && x["pattern"] == old)
+                });
+                names_old.then(|| {
+                    let mut r = rule.clone();
+                    r["rule_id"] = json!(format!("{}-{new}", r["rule_id"].as_str().unwrap_or("upgraded")));
+                    for c in r["conditions"].as_array_mut().into_iter().flatten() {
+                        if c["key"] == "room_id" && c["pattern"] == old {
+                            c["pattern"] = json!(new);
+                        }
+                    }
+                    r
+                })
+            };
+            if let Some(c) = copy.filter(|c| !list.iter().any(|r| r["rule_id"] == c["rule_id"])) {
+                copies.push(c);
+            }
+        }
+        changed |= !copies.is_empty();
+        list.extend(copies);
+    }
+    if changed {
+        account_data::set(w, user_id, "", PUSH_RULES, &rules)?;
+    }
+    Ok(())
+}
+
+/// The account data type holding a user's push rules.
+const PUSH_RULES: &str = "m.push_rules";
