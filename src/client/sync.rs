@@ -633,7 +633,7 @@ impl SyncPass<'_> {
             let mut rs =
                 room_window(c, auth, &room, filter, window_since, self.pos.stream, self.full_state, self.sent)?;
             rs.timeline.retain(|e| !self.is_ignored(e)); // m.ignored_user_list
-            let ephemeral = self.ephemeral(room_nid, &room_id)?;
+            let ephemeral = self.ephemeral(room_nid, &room_id, newly)?;
             let account_data = account_data_since(
                 c,
                 auth.user_id.as_str(),
@@ -670,8 +670,10 @@ impl SyncPass<'_> {
         Ok(join)
     }
 
-    /// Typing (when it changed since the token) and receipts of a joined room, as the filter allows.
-    fn ephemeral(&self, room_nid: RoomNid, room_id: &str) -> Result<Vec<Value>> {
+    /// Typing (when it changed since the token) and receipts of a joined room, as the filter allows. A room new to
+    /// this sync (`newly`: joined in the window, or shown once its partial-state join completed) gets every receipt,
+    /// not just those that moved in the window: the client has none of them yet.
+    fn ephemeral(&self, room_nid: RoomNid, room_id: &str, newly: bool) -> Result<Vec<Value>> {
         let since = self.since;
         let typing = self
             .typing
@@ -685,7 +687,8 @@ impl SyncPass<'_> {
                 ephemeral.push(json!({"type": "m.typing", "content": {"user_ids": users}}));
             }
         }
-        if let Some(r) = receipts_since(self.c, room_nid, self.lo(), self.pos.stream, self.auth.user_id.as_str())? {
+        let lo = if newly { 0 } else { self.lo() };
+        if let Some(r) = receipts_since(self.c, room_nid, lo, self.pos.stream, self.auth.user_id.as_str())? {
             ephemeral.push(r);
         }
         ephemeral.retain(|e| self.filter.ephemeral.allows(e["type"].as_str().unwrap_or(""), ""));
