@@ -414,3 +414,19 @@ CREATE TABLE room_key_backup (
     session_data         TEXT NOT NULL,         -- JSON
     PRIMARY KEY (user_id, version, room_id, session_id)
 ) WITHOUT ROWID;
+
+------------------------------------------------------------------------------------------------------------------
+-- Relations (`content.m.relates_to`) of stored events, one row per relating event (written when the event is
+-- stored, removed when it is redacted): /relations, /threads, bundled aggregations, thread-aware notification counts.
+CREATE TABLE event_relations (
+    event_nid   INTEGER PRIMARY KEY,            -- the relating (child) event
+    room_nid    INTEGER NOT NULL,
+    relates_to  TEXT NOT NULL,                  -- the parent's event id
+    rel_type    TEXT NOT NULL,
+    agg_key     TEXT                            -- m.annotation key
+);
+CREATE INDEX event_relations_parent ON event_relations(relates_to, rel_type);
+
+-- Full-text index of searchable event fields (`POST /search`): rowid = event_nid; `key` is `content.body`,
+-- `content.name` or `content.topic`. Written when the event is stored, removed when it is redacted.
+CREATE VIRTUAL TABLE event_search USING fts5(key UNINDEXED, value, tokenize = 'porter unicode61');

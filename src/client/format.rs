@@ -7,12 +7,13 @@ use crate::room::pdu::client_event;
 use crate::store::accounts::now_ms;
 use crate::store::events::{self, EventRow};
 use crate::store::ids::EventNid;
-use crate::store::state_groups;
 use crate::store::timeline;
 use crate::store::Db;
+use crate::store::{relations, state_groups};
 
 /// A stored event in the client format, with `unsigned` (age, transaction_id for the sending device,
-/// redacted_because, prev_content for state events).
+/// redacted_because, prev_content for state events, and the bundled aggregations of its relations in
+/// `m.relations`).
 pub fn event(
     conn: Db<'_>,
     row: &EventRow,
@@ -20,7 +21,23 @@ pub fn event(
     viewer_device: Option<(&str, &str)>,
     with_room_id: bool,
 ) -> Result<Value> {
+    event_bundled(conn, row, room_id, viewer_device, with_room_id, true)
+}
+
+/// [`event`], with the bundled aggregations only when `bundle` (the events inside a bundle carry no bundle of
+/// their own beyond their edit, so a bundle never recurses).
+fn event_bundled(
+    conn: Db<'_>,
+    row: &EventRow,
+    room_id: &str,
+    viewer_device: Option<(&str, &str)>,
+    with_room_id: bool,
+    bundle: bool,
+) -> Result<Value> {
     let mut unsigned = serde_json::Map::new();
+    if let Some(relations) = aggregations(conn, row, room_id, viewer_device, with_room_id, bundle)? {
+        unsigned.insert("m.relations".into(), relations);
+    }
     unsigned.insert("age".into(), json!(now_ms().saturating_sub(row.origin_server_ts).max(0)));
     if let (Some((user, device)), Some(txn_dev), Some(txn)) = (viewer_device, &row.txn_device, &row.txn_id) {
         if row.sender == user && txn_dev == device {
@@ -54,6 +71,52 @@ pub fn event(
         }
     }
     Ok(client_event(&row.json, &row.event_id, room_id, Value::Object(unsigned), with_room_id))
+}
+
+/// The bundled aggregations of an event (spec: "Aggregations of child events"): `m.thread` (latest event, count,
+/// whether the viewer took part), `m.replace` (the newest valid edit, whole) and `m.reference` (the ids of the
+/// referencing events). With `threads` false only the edit is bundled. None when nothing relates to the event.
+fn aggregations(
+    conn: Db<'_>,
+    row: &EventRow,
+    room_id: &str,
+    viewer_device: Option<(&str, &str)>,
+    with_room_id: bool,
+    threads: bool,
+) -> Result<Option<Value>> {
+    let counts = relations::counts(conn, &row.event_id)?;
+    let mut out = serde_json::Map::new();
+    for (rel_type, count) in counts {
+        match rel_type.as_str() {
+            "m.thread" if threads => {
+                let Some(latest) = relations::latest_in_thread(conn, &row.event_id)? else { continue };
+                let participated = match viewer_device {
+                    Some((user, _)) => row.sender == user || relations::participated(conn, &row.event_id, user)?,
+                    None => false,
+                };
+                let latest = event_bundled(conn, &latest, room_id, viewer_device, with_room_id, false)?;
+                out.insert(
+                    rel_type,
+                    json!({"latest_event": latest, "count": count, "current_user_participated": participated}),
+                );
+            }
+            "m.replace" if row.state_key_nid.is_none() => {
+                let edit = relations::latest_edit(conn, &row.event_id, &row.sender, &row.event_type)?;
+                if let Some(edit) = edit {
+                    let age = now_ms().saturating_sub(edit.origin_server_ts).max(0);
+                    let v = client_event(&edit.json, &edit.event_id, room_id, json!({"age": age}), with_room_id);
+                    out.insert(rel_type, v);
+                }
+            }
+            "m.reference" if threads => {
+                let chunk: Vec<Value> =
+                    relations::references(conn, &row.event_id)?.into_iter().map(|id| json!({"event_id": id})).collect();
+                out.insert(rel_type, json!({"chunk": chunk}));
+            }
+            _ => {}
+        }
+    }
+    Ok((!out.is_empty()).then_some(Value::Object(out)))
 }
 
 /// The viewer's membership in the room as of an event (the state after it, so one's own join reads `join`):

@@ -12,8 +12,10 @@ pub mod presence;
 pub mod profile;
 pub mod push_rules;
 pub mod receipts;
+pub mod relations;
 pub mod room_keys;
 pub mod rooms;
+pub mod search;
 pub mod spaces;
 pub mod sync;
 pub mod tags;
@@ -52,6 +54,7 @@ fn api() -> Router<AppState> {
         .route("/rooms/{room_id}/leave", post(r::leave))
         .route("/knock/{room}", post(r::knock))
         .route("/rooms/{room_id}/forget", post(r::forget))
+        .route("/rooms/{room_id}/upgrade", post(r::upgrade))
         .route("/rooms/{room_id}/invite", post(r::invite))
         .route("/rooms/{room_id}/kick", post(r::kick))
         .route("/rooms/{room_id}/ban", post(r::ban))
@@ -74,6 +77,7 @@ fn api() -> Router<AppState> {
         .route("/directory/list/room/{room_id}", get(r::get_visibility).put(r::set_visibility))
         .route("/publicRooms", get(r::public_rooms_get).post(r::public_rooms_post))
         .route("/sync", get(sync::sync))
+        .route("/search", post(search::search))
         .merge(extras())
 }
 
@@ -136,6 +140,13 @@ pub fn routes() -> Router<AppState> {
         .route("/_matrix/client/v1/room_summary/{room}", get(spaces::room_summary))
         .route("/_matrix/client/unstable/im.nheko.summary/summary/{room}", get(spaces::room_summary))
         .route("/_matrix/client/unstable/im.nheko.summary/rooms/{room}/summary", get(spaces::room_summary))
+        .route("/_matrix/client/v1/rooms/{room_id}/relations/{event_id}", get(relations::relations))
+        .route("/_matrix/client/v1/rooms/{room_id}/relations/{event_id}/{rel_type}", get(relations::relations))
+        .route(
+            "/_matrix/client/v1/rooms/{room_id}/relations/{event_id}/{rel_type}/{event_type}",
+            get(relations::relations),
+        )
+        .route("/_matrix/client/v1/rooms/{room_id}/threads", get(relations::threads))
         .nest("/_matrix/client/v3", api())
         .nest("/_matrix/client/r0", api())
         .merge(crate::media::client_routes())

@@ -14,7 +14,7 @@ use crate::client::push_rules::{self, PUSH_RULES};
 use crate::error::Result;
 use crate::store::ids::StreamPos;
 use crate::store::rooms::RoomRow;
-use crate::store::{account_data, events, members, receipts, state_groups, timeline, Db};
+use crate::store::{account_data, events, members, receipts, relations, state_groups, timeline, Db};
 
 /// At most this many unread events are evaluated per room and sync (counts above it are capped).
 pub const SCAN_LIMIT: i64 = 500;
@@ -59,29 +59,88 @@ fn int(v: &Value) -> Option<i64> {
     v.as_i64().or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
 }
 
-/// The counts for `room`: `{"notification_count": n, "highlight_count": h}`.
-pub fn unread_counts(c: Db<'_>, room: &RoomRow, user_id: &str, ignored: &HashSet<String>) -> Result<Value> {
+/// The counts of one thread (or the main timeline).
+#[derive(Default, Clone, Copy)]
+struct Counts {
+    notifications: i64,
+    highlights: i64,
+}
+
+impl Counts {
+    fn to_json(self) -> Value {
+        json!({"notification_count": self.notifications, "highlight_count": self.highlights})
+    }
+}
+
+/// The thread an unread event belongs to: the root of its `m.thread` relation, or, for an event relating to a
+/// thread's event in another way (an edit or reaction in a thread), that event's thread; `"main"` otherwise.
+fn thread_of(c: Db<'_>, event: &Value) -> Result<String> {
+    let Some((parent, rel_type, _)) = event.get("content").and_then(relations::relation_of) else {
+        return Ok(MAIN.into());
+    };
+    if rel_type == "m.thread" {
+        return Ok(parent.to_owned());
+    }
+    Ok(match relations::relation_by_id(c, parent)? {
+        Some((root, t)) if t == "m.thread" => root,
+        _ => MAIN.into(),
+    })
+}
+
+const MAIN: &str = "main";
+
+/// The counts for `room`: `unread_notifications` (`{"notification_count": n, "highlight_count": h}`) and, when
+/// `by_thread`, `unread_thread_notifications` (thread root -> counts, threads with something unread only; None
+/// when there is none). Each thread is read up to the later of the user's unthreaded receipt and their receipt
+/// in that thread (threaded read receipts); without `by_thread` the first value sums every thread, with it only
+/// the main timeline.
+pub fn unread_counts(
+    c: Db<'_>,
+    room: &RoomRow,
+    user_id: &str,
+    ignored: &HashSet<String>,
+    by_thread: bool,
+) -> Result<(Value, Option<Value>)> {
     let room_nid = room.room_nid;
-    let receipt = receipts::read_up_to(c, room_nid, user_id)?.unwrap_or(StreamPos(0));
+    let read = receipts::read_positions(c, room_nid, user_id)?;
+    let receipt = read.get("").copied().unwrap_or(StreamPos(0));
     // The user's own latest event after the receipt, among the newest SCAN_LIMIT events only: an own event older
     // than those leaves them all unread anyway.
     let own = timeline::latest_from_sender(c, room_nid, user_id, receipt, SCAN_LIMIT)?.unwrap_or(StreamPos(0));
     let unread = timeline::unread_by(c, room_nid, user_id, receipt.max(own), SCAN_LIMIT)?;
-    let (mut notifications, mut highlights) = (0, 0);
+    let mut threads: std::collections::BTreeMap<String, Counts> = Default::default();
     if !unread.is_empty() {
         let rules = push_rules::effective(user_id, account_data::get(c, user_id, "", PUSH_RULES)?.as_ref());
         let ctx = context(c, room, user_id)?;
-        for (sender, raw) in unread {
+        for (sender, raw, pos) in unread {
             if ignored.contains(&sender) {
                 continue;
             }
             let event: Value = serde_json::from_str(&raw)?;
+            let thread = thread_of(c, &event)?;
+            if read.get(&thread).is_some_and(|r| pos <= *r) {
+                continue;
+            }
             let o = evaluate(&rules, &event, &room.room_id, &ctx);
-            notifications += i64::from(o.notify);
-            highlights += i64::from(o.notify && o.highlight);
+            let n = threads.entry(thread).or_default();
+            n.notifications += i64::from(o.notify);
+            n.highlights += i64::from(o.notify && o.highlight);
         }
     }
-    Ok(json!({"notification_count": notifications, "highlight_count": highlights}))
+    if !by_thread {
+        let total = threads.values().fold(Counts::default(), |a, b| Counts {
+            notifications: a.notifications + b.notifications,
+            highlights: a.highlights + b.highlights,
+        });
+        return Ok((total.to_json(), None));
+    }
+    let main = threads.remove(MAIN).unwrap_or_default();
+    let per_thread: serde_json::Map<String, Value> = threads
+        .into_iter()
+        .filter(|(_, n)| n.notifications > 0 || n.highlights > 0)
+        .map(|(t, n)| (t, n.to_json()))
+        .collect();
+    Ok((main.to_json(), (!per_thread.is_empty()).then_some(Value::Object(per_thread))))
 }
 
 fn context(c: Db<'_>, room: &RoomRow, user_id: &str) -> Result<Context> {

@@ -59,6 +59,8 @@ pub struct Filter {
     pub room_account_data: EventFilter,
     pub ephemeral: EventFilter,
     pub presence: EventFilter,
+    /// `room.timeline.unread_thread_notifications`: notification counts per thread.
+    pub unread_thread_notifications: bool,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -256,6 +258,7 @@ impl Filter {
             room_account_data: EventFilter::parse(section("account_data"))?,
             ephemeral: EventFilter::parse(section("ephemeral"))?,
             presence: EventFilter::parse(v.get("presence"))?,
+            unread_thread_notifications: flag(section("timeline"), "unread_thread_notifications"),
         })
     }
 
@@ -583,6 +586,10 @@ fn receipts_since(c: Db<'_>, room_nid: RoomNid, since: i64, upto: i64, user_id: 
         }
         let ev = content.entry(r.event_id).or_insert_with(|| json!({}));
         let by_type = ev.as_object_mut().expect("object").entry(r.receipt_type).or_insert_with(|| json!({}));
+        // A user's unthreaded and threaded receipts on the same event: the unthreaded one wins (MSC4102).
+        if by_type.get(&r.user_id).is_some_and(|old| old.get("thread_id").is_none()) && !r.thread_id.is_empty() {
+            continue;
+        }
         by_type[r.user_id] = receipt;
     }
     Ok((!content.is_empty()).then(|| json!({"type": "m.receipt", "content": content})))
@@ -644,7 +651,7 @@ impl SyncPass<'_> {
             let mut rs =
                 room_window(c, auth, &room, filter, window_since, self.pos.stream, self.full_state, self.sent)?;
             rs.timeline.retain(|e| !self.is_ignored(e)); // m.ignored_user_list
-            let ephemeral = self.ephemeral(room_nid, &room_id)?;
+            let ephemeral = self.ephemeral(room_nid, &room_id, newly)?;
             let account_data = account_data_since(
                 c,
                 auth.user_id.as_str(),
@@ -658,23 +665,33 @@ impl SyncPass<'_> {
             if since.is_some() && !self.full_state && nothing && !newly {
                 continue;
             }
-            join.insert(
-                room_id.clone(),
-                json!({
-                    "timeline": {"events": rs.timeline, "limited": rs.limited, "prev_batch": rs.prev_batch},
-                    "state": {"events": rs.state},
-                    "ephemeral": {"events": ephemeral},
-                    "account_data": {"events": account_data},
-                    "summary": room_summary(c, &room, auth.user_id.as_str())?,
-                    "unread_notifications": crate::client::notifications::unread_counts(c, &room, auth.user_id.as_str(), &self.ignored)?,
-                }),
-            );
+            let (unread, unread_threads) = crate::client::notifications::unread_counts(
+                c,
+                &room,
+                auth.user_id.as_str(),
+                &self.ignored,
+                filter.unread_thread_notifications,
+            )?;
+            let mut body = json!({
+                "timeline": {"events": rs.timeline, "limited": rs.limited, "prev_batch": rs.prev_batch},
+                "state": {"events": rs.state},
+                "ephemeral": {"events": ephemeral},
+                "account_data": {"events": account_data},
+                "summary": room_summary(c, &room, auth.user_id.as_str())?,
+                "unread_notifications": unread,
+            });
+            if let Some(threads) = unread_threads {
+                body["unread_thread_notifications"] = threads;
+            }
+            join.insert(room_id.clone(), body);
         }
         Ok(join)
     }
 
-    /// Typing (when it changed since the token) and receipts of a joined room, as the filter allows.
-    fn ephemeral(&self, room_nid: RoomNid, room_id: &str) -> Result<Vec<Value>> {
+    /// Typing (when it changed since the token) and receipts of a joined room, as the filter allows. A room new to
+    /// this sync (`newly`: joined in the window, or shown once its partial-state join completed) gets every receipt,
+    /// not just those that moved in the window: the client has none of them yet.
+    fn ephemeral(&self, room_nid: RoomNid, room_id: &str, newly: bool) -> Result<Vec<Value>> {
         let since = self.since;
         let typing = self
             .typing
@@ -688,7 +705,8 @@ impl SyncPass<'_> {
                 ephemeral.push(json!({"type": "m.typing", "content": {"user_ids": users}}));
             }
         }
-        if let Some(r) = receipts_since(self.c, room_nid, self.lo(), self.pos.stream, self.auth.user_id.as_str())? {
+        let lo = if newly { 0 } else { self.lo() };
+        if let Some(r) = receipts_since(self.c, room_nid, lo, self.pos.stream, self.auth.user_id.as_str())? {
             ephemeral.push(r);
         }
         ephemeral.retain(|e| self.filter.ephemeral.allows(e["type"].as_str().unwrap_or(""), ""));

@@ -115,7 +115,30 @@ pub fn insert_event_with_nid(conn: Db<'_>, event_nid: Option<EventNid>, e: &NewE
         e.json,
         event_nid,
     ])?;
-    Ok(EventNid(conn.last_insert_rowid()))
+    let nid = EventNid(conn.last_insert_rowid());
+    index_content(conn, nid, e.room_nid, e.event_type, e.json)?;
+    Ok(nid)
+}
+
+/// Writes an event's relation and searchable text into their indexes (the JSON is parsed only for event types
+/// that are searchable or content that mentions a relation, so a bulk import of members costs nothing here).
+fn index_content(conn: Db<'_>, nid: EventNid, room_nid: RoomNid, event_type: &str, json: &str) -> Result<()> {
+    let searchable = crate::store::search::key_of(event_type).is_some();
+    if !searchable && !json.contains("m.relates_to") {
+        return Ok(());
+    }
+    let v: serde_json::Value = serde_json::from_str(json)?;
+    crate::store::relations::index(conn, nid, room_nid, &v)?;
+    if searchable {
+        crate::store::search::index(conn, nid, event_type, &v)?;
+    }
+    Ok(())
+}
+
+/// Drops an event's rows from the relation and search indexes.
+fn unindex_content(conn: Db<'_>, nid: EventNid) -> Result<()> {
+    crate::store::relations::unindex(conn, nid)?;
+    crate::store::search::unindex(conn, nid)
 }
 
 /// Removes the outlier row of `event_id` (with its DAG and auth edges) so the event can be stored again as a
@@ -130,6 +153,7 @@ pub fn take_outlier(conn: Db<'_>, event_id: &str) -> Result<Option<EventNid>> {
         conn.prepare_cached("DELETE FROM event_edges WHERE event_nid = ?1")?.execute([nid])?;
         conn.prepare_cached("DELETE FROM event_auth WHERE event_nid = ?1")?.execute([nid])?;
         conn.prepare_cached("DELETE FROM events WHERE event_nid = ?1")?.execute([nid])?;
+        unindex_content(conn, nid)?;
     }
     Ok(nid)
 }
@@ -187,7 +211,8 @@ pub fn set_redacted(conn: Db<'_>, event_nid: EventNid, redacted_by: &str, json: 
         "UPDATE events SET redacted_by = ?2, json = ?3 WHERE event_nid = ?1",
         params![event_nid, redacted_by, json],
     )?;
-    Ok(())
+    // A redacted event's content is gone: it relates to nothing and matches no search any more.
+    unindex_content(conn, event_nid)
 }
 
 /// The auth chain (event nids) of the given events, walked in SQL over the auth-edge table; includes the starts.

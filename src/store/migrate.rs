@@ -6,11 +6,17 @@ use rusqlite::Connection;
 const SCHEMA: &str = include_str!("../../schema.sql");
 
 /// Version written by `SCHEMA`. Later changes add `(version, sql)` steps to `MIGRATIONS` and bump this.
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 
 /// Steps from version N-1 to N, for N > 1.
-const MIGRATIONS: &[(i64, &str)] =
-    &[(2, MEDIA_V2), (3, CATCH_UP_V3), (4, REFRESH_TOKENS_V4), (5, REMOTE_DEVICES_V5), (6, PRESENCE_V6)];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (2, MEDIA_V2),
+    (3, CATCH_UP_V3),
+    (4, REFRESH_TOKENS_V4),
+    (5, REMOTE_DEVICES_V5),
+    (6, PRESENCE_V6),
+    (7, RELATIONS_SEARCH_V7),
+];
 
 /// 5: the cache of remote users' device lists.
 const REMOTE_DEVICES_V5: &str = "
@@ -39,6 +45,30 @@ CREATE TABLE IF NOT EXISTS presence (
 CREATE INDEX IF NOT EXISTS presence_stream ON presence(stream_ordering);
 CREATE INDEX IF NOT EXISTS presence_not_offline ON presence(state) WHERE state != 'offline';
 ";
+
+/// 7: the relations table and the full-text search index, filled from the events already stored (timeline events
+/// and outliers alike, as new events are; redacted ones have lost their content and are left out).
+const RELATIONS_SEARCH_V7: &str = r#"
+CREATE TABLE IF NOT EXISTS event_relations (
+    event_nid INTEGER PRIMARY KEY, room_nid INTEGER NOT NULL, relates_to TEXT NOT NULL, rel_type TEXT NOT NULL,
+    agg_key TEXT
+);
+CREATE INDEX IF NOT EXISTS event_relations_parent ON event_relations(relates_to, rel_type);
+CREATE VIRTUAL TABLE IF NOT EXISTS event_search USING fts5(key UNINDEXED, value, tokenize = 'porter unicode61');
+INSERT OR REPLACE INTO event_relations (event_nid, room_nid, relates_to, rel_type, agg_key)
+    SELECT event_nid, room_nid, json_extract(json, '$.content."m.relates_to".event_id'),
+           json_extract(json, '$.content."m.relates_to".rel_type'), json_extract(json, '$.content."m.relates_to".key')
+    FROM events
+    WHERE redacted_by IS NULL AND instr(json, 'm.relates_to') > 0
+      AND json_type(json, '$.content."m.relates_to".event_id') = 'text'
+      AND json_type(json, '$.content."m.relates_to".rel_type') = 'text';
+INSERT INTO event_search (rowid, key, value)
+    SELECT event_nid, k.key, json_extract(json, k.path) FROM events
+    JOIN (SELECT 'm.room.message' AS t, 'content.body' AS key, '$.content.body' AS path
+          UNION ALL SELECT 'm.room.name', 'content.name', '$.content.name'
+          UNION ALL SELECT 'm.room.topic', 'content.topic', '$.content.topic') k ON k.t = events.event_type
+    WHERE redacted_by IS NULL AND json_type(json, k.path) = 'text';
+"#;
 
 /// 4: refresh tokens, each tied to the access token it renews.
 const REFRESH_TOKENS_V4: &str = "
@@ -144,9 +174,47 @@ mod tests {
             "remote_device_lists",
             "remote_devices",
             "presence",
+            "event_relations",
+            "event_search",
         ] {
             assert_eq!(columns(&old, table), columns(&fresh, table), "table {table}");
             assert!(!columns(&fresh, table).is_empty(), "table {table} exists");
         }
+    }
+
+    /// Events stored before version 7 get their relations and searchable text indexed by the migration.
+    #[test]
+    fn version_7_indexes_the_events_already_stored() {
+        let mut old = Connection::open_in_memory().unwrap();
+        old.execute_batch(SCHEMA).unwrap();
+        old.execute_batch(
+            r#"DROP TABLE event_relations; DROP TABLE event_search; PRAGMA user_version = 4;
+            INSERT INTO rooms (room_nid, room_id, room_version) VALUES (1, '!r:x', '10');
+            INSERT INTO events (event_nid, event_id, room_nid, event_type, sender, origin_server_ts, depth, json) VALUES
+              (1, '$root', 1, 'm.room.message', '@a:x', 0, 1, '{"content":{"body":"hello world"}}'),
+              (2, '$reply', 1, 'm.room.message', '@a:x', 0, 2,
+                 '{"content":{"body":"a reply","m.relates_to":{"rel_type":"m.thread","event_id":"$root"}}}'),
+              (3, '$name', 1, 'm.room.name', '@a:x', 0, 3, '{"content":{"name":"Hello room"}}'),
+              (4, '$gone', 1, 'm.room.message', '@a:x', 0, 4, '{"content":{}}'),
+              (5, '$member', 1, 'm.room.member', '@a:x', 0, 5, '{"content":{"membership":"join"}}');"#,
+        )
+        .unwrap();
+        migrate(&mut old).unwrap();
+        let relations: Vec<(i64, String, String)> = old
+            .prepare("SELECT event_nid, relates_to, rel_type FROM event_relations")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(relations, [(2, "$root".to_owned(), "m.thread".to_owned())]);
+        let found: Vec<(i64, String)> = old
+            .prepare("SELECT rowid, key FROM event_search WHERE event_search MATCH 'hello' ORDER BY rowid")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(found, [(1, "content.body".to_owned()), (3, "content.name".to_owned())]);
     }
 }

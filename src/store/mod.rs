@@ -23,9 +23,11 @@ pub mod notary;
 pub mod outbox;
 pub mod presence;
 pub mod receipts;
+pub mod relations;
 pub mod resync;
 pub mod room_keys;
 pub mod rooms;
+pub mod search;
 pub mod server_keys;
 pub mod state_groups;
 #[cfg(test)]

@@ -118,6 +118,24 @@ pub fn read_up_to(conn: Db<'_>, room_nid: RoomNid, user_id: &str) -> Result<Opti
         .query_row(params![room_nid, user_id], |r| r.get(0))?)
 }
 
+/// The stream positions a user's read receipts (public or private) point at in a room, by thread: `""` for the
+/// unthreaded receipt (everything up to it is read in every thread), `"main"` or a thread root's id for threaded
+/// ones. Receipts on events we do not hold in the timeline are left out.
+pub fn read_positions(
+    conn: Db<'_>,
+    room_nid: RoomNid,
+    user_id: &str,
+) -> Result<std::collections::HashMap<String, StreamPos>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT r.thread_id, max(e.stream_ordering) FROM receipts r JOIN events e ON e.event_id = r.event_id
+         WHERE r.room_nid = ?1 AND r.user_id = ?2 AND r.receipt_type IN ('m.read', 'm.read.private')
+           AND e.stream_ordering IS NOT NULL
+         GROUP BY r.thread_id",
+    )?;
+    let rows = stmt.query_map(params![room_nid, user_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,5 +215,23 @@ mod tests {
         assert_eq!(read_up_to(conn.db(), room, "@a:x").unwrap(), Some(StreamPos(2)), "other receipt types ignored");
         testing::receipt(conn.db(), room, "m.read", "@c:x", "$unknown", 13);
         assert_eq!(read_up_to(conn.db(), room, "@c:x").unwrap(), None, "an event we do not hold");
+    }
+
+    #[test]
+    fn read_positions_are_kept_apart_by_thread() {
+        let mut conn = memory_db();
+        let room = testing::room(conn.db(), "!r:x");
+        for (id, pos) in [("$1", 1), ("$2", 2), ("$3", 3)] {
+            testing::event(conn.db(), room, Ev::message(id, "@b:x", pos));
+        }
+        let mut stream = 10;
+        for (t, thread, ev) in [("m.read", "", "$1"), ("m.read.private", "", "$2"), ("m.read", "$1", "$3")] {
+            let r = NewReceipt { thread_id: thread, ..receipt(room, t, "@a:x", ev) };
+            write(&mut conn, &mut stream, |w| upsert(w, &r)).unwrap();
+        }
+        let got = read_positions(conn.db(), room, "@a:x").unwrap();
+        assert_eq!(got.get(""), Some(&StreamPos(2)));
+        assert_eq!(got.get("$1"), Some(&StreamPos(3)));
+        assert_eq!(got.len(), 2);
     }
 }

@@ -90,20 +90,20 @@ pub fn latest_from_sender(
         .query_row(params![room, sender, after, scan], |r| r.get(0))?)
 }
 
-/// The newest `limit` shown events after `after` not sent by `reader`, newest first: `(sender, json)`, the events
-/// a notification count looks at.
+/// The newest `limit` shown events after `after` not sent by `reader`, newest first: `(sender, json, stream
+/// position)`, the events a notification count looks at.
 pub fn unread_by(
     conn: Db<'_>,
     room: RoomNid,
     reader: &str,
     after: StreamPos,
     limit: i64,
-) -> Result<Vec<(String, String)>> {
+) -> Result<Vec<(String, String, StreamPos)>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT sender, json FROM events WHERE room_nid = ?1 AND stream_ordering > ?2 AND sender != ?3
+        "SELECT sender, json, stream_ordering FROM events WHERE room_nid = ?1 AND stream_ordering > ?2 AND sender != ?3
          AND outlier = 0 AND rejected IS NULL AND soft_failed = 0 ORDER BY stream_ordering DESC LIMIT ?4",
     )?;
-    let rows = stmt.query_map(params![room, after, reader, limit], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let rows = stmt.query_map(params![room, after, reader, limit], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
@@ -194,7 +194,7 @@ mod tests {
         let unread: Vec<(String, String)> = unread_by(conn.db(), room, "@a:x", p(0), 10)
             .unwrap()
             .into_iter()
-            .map(|(sender, json)| {
+            .map(|(sender, json, _)| {
                 let v: serde_json::Value = serde_json::from_str(&json).unwrap();
                 (sender, v["event_id"].as_str().unwrap().to_owned())
             })

@@ -123,6 +123,13 @@ OPERATIONS = [
     # spaces (src/client/spaces.rs)
     ("get", "/_matrix/client/v1/rooms/{roomId}/hierarchy"),
     ("get", "/_matrix/client/v1/room_summary/{roomIdOrAlias}"),
+    ("post", "/_matrix/client/v3/search"),
+    ("post", "/_matrix/client/v3/rooms/{roomId}/upgrade"),
+    # relations and threads (src/client/relations.rs)
+    ("get", "/_matrix/client/v1/rooms/{roomId}/relations/{eventId}"),
+    ("get", "/_matrix/client/v1/rooms/{roomId}/relations/{eventId}/{relType}"),
+    ("get", "/_matrix/client/v1/rooms/{roomId}/relations/{eventId}/{relType}/{eventType}"),
+    ("get", "/_matrix/client/v1/rooms/{roomId}/threads"),
     # media (src/media/mod.rs)
     ("get", "/_matrix/client/v1/media/config"),
     ("get", "/_matrix/client/v1/media/download/{serverName}/{mediaId}"),
