@@ -62,7 +62,6 @@ fn api() -> Router<AppState> {
         .route("/joined_rooms", get(r::joined_rooms))
         .route("/rooms/{room_id}/send/{event_type}/{txn_id}", put(r::send))
         .route("/rooms/{room_id}/redact/{event_id}/{txn_id}", put(r::redact))
-        .route("/rooms/{room_id}/upgrade", post(r::upgrade))
         .route("/rooms/{room_id}/state", get(r::get_state))
         .route("/rooms/{room_id}/state/{event_type}", get(r::get_state_event).put(r::put_state))
         .route("/rooms/{room_id}/state/{event_type}/", get(r::get_state_event).put(r::put_state))
