@@ -186,6 +186,12 @@ pub fn remote_authorisers(
             None => {}
         }
     }
+    if servers.is_empty() && room.partial_state {
+        // While a lazy join is partial most members are unknown, among them perhaps every one who may invite: the
+        // servers the resident listed are the candidates (Synapse joins through them too while partial).
+        servers = rooms::partial_state_servers(conn, room.room_nid)?;
+        servers.retain(|s| s != local_server);
+    }
     servers.sort();
     servers.dedup();
     Ok(Some(servers))
