@@ -257,3 +257,31 @@ fn invite_preview_for_servers_is_whole_pdus_and_checks_against_the_room_id() {
     let client = crate::room::stripped::stripped_state(f.conn.db(), &room, BOB).unwrap();
     assert!(client.iter().any(|e| e["type"] == "m.room.create" && e.get("origin_server_ts").is_some()));
 }
+
+#[test]
+fn restricted_join_while_partial_goes_through_the_residents_servers() {
+    use crate::room::membership::remote_authorisers;
+    let mut f = Fixture::new();
+    let identity = f.identity.clone();
+    let rule =
+        json!({"join_rule": "restricted", "allow": [{"type": "m.room_membership", "room_id": "!o:remote.example"}]});
+    let req = CreateRoom {
+        room_version: Some("10".into()),
+        initial_state: vec![LocalEvent::state("m.room.join_rules", "", rule)],
+        // Nobody here may invite, so nobody here may vouch for a joiner.
+        power_level_content_override: Some(json!({"invite": 200})),
+        ..CreateRoom::new(uid(ALICE))
+    };
+    let room_id = write(&mut f.conn, &mut f.stream, |w| create_room(w, &identity, req)).unwrap().0;
+    let room = rooms::room_by_id(f.conn.db(), &room_id).unwrap().unwrap();
+    assert_eq!(remote_authorisers(f.conn.db(), &room, &uid(BOB), "test.example").unwrap(), Some(vec![]));
+    // While a lazy join is partial the members who may vouch may be among those not known yet: the servers the
+    // resident listed are asked (ours left out).
+    crate::store::resync::set_room_partial(f.conn.db(), room.room_nid, true).unwrap();
+    crate::store::resync::add_partial_servers(f.conn.db(), room.room_nid, ["remote.example", "test.example"]).unwrap();
+    let room = rooms::room_by_id(f.conn.db(), &room_id).unwrap().unwrap();
+    assert_eq!(
+        remote_authorisers(f.conn.db(), &room, &uid(BOB), "test.example").unwrap(),
+        Some(vec!["remote.example".to_owned()])
+    );
+}
