@@ -1540,3 +1540,39 @@ async fn refresh_tokens_rotate_the_access_token_of_the_same_device() {
     assert!(s.client().login("alice", PASSWORD).await.ok().get("refresh_token").is_none());
     s.stop().await;
 }
+
+#[tokio::test]
+async fn initial_sync_has_rooms_the_user_was_banned_or_kicked_from_but_not_rooms_they_left() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let bob = s.user("bob").await;
+    let bob_id = s.user_id("bob");
+    let banned = alice.create_room(json!({"preset": "public_chat"})).await;
+    let kicked = alice.create_room(json!({"preset": "public_chat"})).await;
+    let left = alice.create_room(json!({"preset": "public_chat"})).await;
+    for r in [&banned, &kicked, &left] {
+        bob.join(r).await.ok();
+    }
+    alice.post(&format!("/rooms/{}/ban", enc(&banned)), json!({"user_id": bob_id})).await.ok();
+    alice.post(&format!("/rooms/{}/kick", enc(&kicked)), json!({"user_id": bob_id})).await.ok();
+    bob.leave(&left).await.ok();
+
+    // Bob's first sync (a new device, say) comes after all of it: the ban and the kick are there (as in Synapse),
+    // his own leave is not (no include_leave).
+    let sync = bob.sync(None, &[("timeout", "0")]).await.ok();
+    let leave = &sync["rooms"]["leave"];
+    for (room, membership) in [(&banned, "ban"), (&kicked, "leave")] {
+        let events = leave[room.as_str()]["timeline"]["events"].as_array().unwrap_or_else(|| panic!("{room}: {sync}"));
+        assert!(
+            events.iter().any(|e| e["type"] == "m.room.member"
+                && e["state_key"] == bob_id.as_str()
+                && e["content"]["membership"] == membership),
+            "{room}: {events:?}"
+        );
+    }
+    assert!(leave.get(left.as_str()).is_none(), "{sync}");
+    // With include_leave, the room he left is there too.
+    let filter = json!({"room": {"include_leave": true}}).to_string();
+    let sync = bob.sync(None, &[("timeout", "0"), ("filter", &filter)]).await.ok();
+    assert!(sync["rooms"]["leave"].get(left.as_str()).is_some(), "{sync}");
+}

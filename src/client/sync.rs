@@ -734,6 +734,16 @@ impl SyncPass<'_> {
 
     /// Rooms left or banned from in the window (or all of them on an initial sync with `include_leave`), unless
     /// forgotten, with what the user may see up to their leave.
+    /// Whether the user's leave of `room_nid` is a ban or a kick (a leave someone else sent).
+    fn removed_by_someone_else(&self, room_nid: RoomNid) -> Result<bool> {
+        let me = self.auth.user_id.as_str();
+        let Some((membership, nid)) = members::membership_of(self.c, room_nid, me)? else { return Ok(false) };
+        if membership == "ban" {
+            return Ok(true);
+        }
+        Ok(events::event_by_nid(self.c, nid)?.is_some_and(|row| row.sender != me))
+    }
+
     fn left(&self) -> Result<serde_json::Map<String, Value>> {
         let (c, auth) = (self.c, self.auth);
         let mut leave = serde_json::Map::new();
@@ -742,9 +752,11 @@ impl SyncPass<'_> {
             .chain(members::rooms_with_membership(c, auth.user_id.as_str(), "ban")?)
         {
             let in_window = self.changed.get(&room_nid).is_some_and(|m| m == "leave" || m == "ban");
-            if !self.filter.room_allowed(&room_id)
-                || !(in_window || (self.since.is_none() && self.filter.include_leave))
-            {
+            // An initial sync always has the rooms the user was banned or kicked from (as Synapse: "always send
+            // down rooms we were banned from or kicked from"); rooms they left themselves only with include_leave.
+            let initial_shown =
+                self.since.is_none() && (self.filter.include_leave || self.removed_by_someone_else(room_nid)?);
+            if !self.filter.room_allowed(&room_id) || !(in_window || initial_shown) {
                 continue;
             }
             // A forgotten room stays out of sync, except for the leave itself when it falls in the window: other
