@@ -175,6 +175,9 @@ impl FromRequest<AppState> for Signed {
             json.as_bytes(),
         )
         .map_err(|_| Error::unauthorized("invalid X-Matrix signature"))?;
+        // It called us, so it is up: end any backoff of our sends to it (in the background, not on this request).
+        let (store, o) = (s.store.clone(), origin.clone());
+        tokio::spawn(async move { crate::federation::sender::server_is_up(&store, &o).await });
         Ok(Signed { origin, body })
     }
 }

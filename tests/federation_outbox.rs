@@ -74,3 +74,29 @@ async fn a_server_that_keeps_failing_catches_up_with_the_latest_event_when_it_re
     wait_for("the delivered event leaves the queue", LONG, || queued_pdus(&hearth, &fake.name) == 0).await;
     hearth.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_calls_us_ends_its_backoff_and_gets_its_queue_at_once() {
+    let fake = FakeResident::start(RoomSpec::default()).await;
+    // One failure backs off for two minutes.
+    let hearth = start_hearth_with_fakes(&[&fake], |c| c.federation.retry_base_ms = 60_000).await;
+    let alice = hearth.user("alice").await;
+    let room = fake.room_id();
+    join_via(&alice, &fake).await;
+    within(LONG, alice.get(&format!("/rooms/{}/joined_members", enc(&room)))).await.expect("resynced").ok();
+
+    fake.script("send", Script::json(500, json!({"errcode": "M_UNKNOWN", "error": "down"})));
+    let sends_before = fake.count("send");
+    let held = alice.send_text(&room, "held back").await;
+    fake.wait_requests("send", sends_before + 1, LONG).await;
+    fake.unscript("send");
+
+    // The server is back and sends us something (any signed request): our queue goes to it now, not in two minutes.
+    let started = std::time::Instant::now();
+    let news = fake.append(EventSpec::message(&fake.creator(), "I am back"));
+    assert_eq!(fake.push(&[&news.id]).await[&news.id], json!({}));
+    let pdu = fake.wait_received(&held, Duration::from_secs(20)).await;
+    assert_eq!(pdu["content"]["body"], "held back");
+    eprintln!("the held event reached the server {:?} after it called us", started.elapsed());
+    hearth.stop().await;
+}

@@ -171,6 +171,22 @@ pub fn delete(conn: Db<'_>, ids: &[i64]) -> Result<()> {
     Ok(())
 }
 
+/// Whether sends to `destination` are held back by a failure backoff (`retry_at` still ahead of `now`).
+pub fn backing_off(conn: Db<'_>, destination: &str, now: i64) -> Result<bool> {
+    Ok(conn
+        .prepare_cached("SELECT 1 FROM destinations WHERE destination = ?1 AND retry_at > ?2")?
+        .exists(params![destination, now])?)
+}
+
+/// `destination` is up (it just called us): its backoff ends now. Its failure count and catch-up mark stay, so a
+/// destination in catch-up still catches up, at once. Returns whether a backoff was ended.
+pub fn end_backoff(conn: Db<'_>, destination: &str, now: i64) -> Result<bool> {
+    Ok(conn
+        .prepare_cached("UPDATE destinations SET retry_at = 0 WHERE destination = ?1 AND retry_at > ?2")?
+        .execute(params![destination, now])?
+        > 0)
+}
+
 pub fn record_success(conn: Db<'_>, destination: &str) -> Result<()> {
     conn.prepare_cached("DELETE FROM destinations WHERE destination = ?1")?.execute([destination])?;
     Ok(())
