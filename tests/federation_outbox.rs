@@ -35,14 +35,21 @@ fn bodies_received(fake: &FakeResident) -> Vec<String> {
     fake.received().iter().filter_map(|(_, p)| p["content"]["body"].as_str().map(str::to_owned)).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_server_that_keeps_failing_catches_up_with_the_latest_event_when_it_returns() {
+/// A Hearth whose backoff after a failed transaction starts at `retry_base_ms`, with Alice joined (resync done) to
+/// the fake resident's room.
+async fn joined_with_backoff(retry_base_ms: u64) -> (FakeResident, TestServer, Client, String) {
     let fake = FakeResident::start(RoomSpec::default()).await;
-    let hearth = start_hearth_with_fakes(&[&fake], |c| c.federation.retry_base_ms = 50).await;
+    let hearth = start_hearth_with_fakes(&[&fake], |c| c.federation.retry_base_ms = retry_base_ms).await;
     let alice = hearth.user("alice").await;
     let room = fake.room_id();
     join_via(&alice, &fake).await;
     within(LONG, alice.get(&format!("/rooms/{}/joined_members", enc(&room)))).await.expect("resynced").ok();
+    (fake, hearth, alice, room)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_keeps_failing_catches_up_with_the_latest_event_when_it_returns() {
+    let (fake, hearth, alice, room) = joined_with_backoff(50).await;
 
     // The resident stops accepting transactions.
     fake.script("send", Script::json(500, json!({"errcode": "M_UNKNOWN", "error": "down"})));
@@ -77,13 +84,8 @@ async fn a_server_that_keeps_failing_catches_up_with_the_latest_event_when_it_re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_calls_us_ends_its_backoff_and_gets_its_queue_at_once() {
-    let fake = FakeResident::start(RoomSpec::default()).await;
     // One failure backs off for two minutes.
-    let hearth = start_hearth_with_fakes(&[&fake], |c| c.federation.retry_base_ms = 60_000).await;
-    let alice = hearth.user("alice").await;
-    let room = fake.room_id();
-    join_via(&alice, &fake).await;
-    within(LONG, alice.get(&format!("/rooms/{}/joined_members", enc(&room)))).await.expect("resynced").ok();
+    let (fake, hearth, alice, room) = joined_with_backoff(60_000).await;
 
     fake.script("send", Script::json(500, json!({"errcode": "M_UNKNOWN", "error": "down"})));
     let sends_before = fake.count("send");

@@ -326,36 +326,34 @@ pub async fn ingest(
     pdu: Pdu,
     on_unknown: OnUnknownState,
 ) -> Result<String> {
-    let fetch_missing = true;
     if let Err(e) = fetch_missing_auth(Remote::of(s)?, origin, room_id, std::slice::from_ref(&pdu)).await {
         tracing::info!(%room_id, event_id = %pdu.event_id, error = %e, "could not fetch missing auth events");
     }
     let identity = s.identity.clone();
     let (rid, p) = (room_id.to_owned(), pdu.clone());
     let r = s.store.write(move |w| handle_incoming(w, &identity, &rid, &p, None)).await?;
-    let mut missing = match r {
+    match r {
+        Incoming::Stored(_, outcome) => return Ok(format!("{outcome:?}")),
+        Incoming::AlreadyKnown => return Ok("known".into()),
+        Incoming::MissingPrevs(_) => {}
+    }
+    // Missing prev events: ask the sender for them once, then try again.
+    if let Err(e) = fill_gap(s, origin, room_id, &pdu).await {
+        tracing::info!(%room_id, error = %e, "get_missing_events failed");
+    }
+    let identity = s.identity.clone();
+    let (rid, p) = (room_id.to_owned(), pdu.clone());
+    let missing = match s.store.write(move |w| handle_incoming(w, &identity, &rid, &p, None)).await? {
         Incoming::Stored(_, outcome) => return Ok(format!("{outcome:?}")),
         Incoming::AlreadyKnown => return Ok("known".into()),
         Incoming::MissingPrevs(m) => m,
     };
-    if fetch_missing {
-        if let Err(e) = fill_gap(s, origin, room_id, &pdu).await {
-            tracing::info!(%room_id, error = %e, "get_missing_events failed");
-        }
-        let identity = s.identity.clone();
-        let (rid, p) = (room_id.to_owned(), pdu.clone());
-        match s.store.write(move |w| handle_incoming(w, &identity, &rid, &p, None)).await? {
-            Incoming::Stored(_, outcome) => return Ok(format!("{outcome:?}")),
-            Incoming::AlreadyKnown => return Ok("known".into()),
-            Incoming::MissingPrevs(m) => missing = m,
-        }
-    }
-    let r = place_across_gap(s, origin, room_id, pdu, &missing, fetch_missing, on_unknown).await?;
+    let r = place_across_gap(s, origin, room_id, pdu, &missing, on_unknown).await?;
     Ok(format!("{r:?}"))
 }
 
 /// Stores `pdu` whose prev events `missing` stay unknown: on the state across the gap when `origin` can tell it
-/// (`ask` and [`gap::states_at_missing_prevs`]), else on our current state (a backward extremity remains;
+/// ([`gap::states_at_missing_prevs`]), else on our current state (a backward extremity remains;
 /// backfill can fill it later). Auth against the chosen state and its own auth events applies either way.
 async fn place_across_gap(
     s: &FedContext,
@@ -363,10 +361,9 @@ async fn place_across_gap(
     room_id: &RoomId,
     pdu: Pdu,
     missing: &[String],
-    ask: bool,
     on_unknown: OnUnknownState,
 ) -> Result<Incoming> {
-    let branches = match ask && !missing.is_empty() {
+    let branches = match !missing.is_empty() {
         true => match crate::federation::gap::states_at_missing_prevs(Remote::of(s)?, origin, room_id, missing).await {
             Ok(b) => b,
             Err(e) if on_unknown == OnUnknownState::Drop => {
@@ -458,7 +455,7 @@ async fn fill_gap(s: &FedContext, origin: &str, room_id: &RoomId, pdu: &Pdu) -> 
             .await?;
         if let Incoming::MissingPrevs(m) = r {
             // The oldest events fetched may border a gap the answer did not close (half-missing grandparents).
-            place_across_gap(s, origin, room_id, p, &m, true, OnUnknownState::UseCurrentState).await?;
+            place_across_gap(s, origin, room_id, p, &m, OnUnknownState::UseCurrentState).await?;
         }
     }
     Ok(())

@@ -48,12 +48,14 @@ pub fn stripped_state(c: Db<'_>, room: &rooms::RoomRow, user_id: &str) -> Result
     Ok(preview_events(c, sg, user_id)?
         .iter()
         .map(|p| {
-            let mut ev = json!({"type": p.kind.to_string(), "state_key": p.state_key.as_deref().unwrap_or(""),
+            let kind = p.kind.to_string();
+            let own_membership = kind == "m.room.member" && p.state_key.as_deref() == Some(user_id);
+            let mut ev = json!({"type": kind, "state_key": p.state_key.as_deref().unwrap_or(""),
                                 "content": p.content_value(), "sender": p.sender.as_str()});
-            if p.kind.to_string() == "m.room.member" && p.state_key.as_deref() == Some(user_id) {
+            if own_membership {
                 ev["event_id"] = json!(p.event_id.as_str());
             }
-            if p.state_key.as_deref() == Some(user_id) || p.kind.to_string() == "m.room.create" {
+            if own_membership || kind == "m.room.create" {
                 ev["origin_server_ts"] = json!(u64::from(p.origin_server_ts.get()));
             }
             ev
