@@ -132,3 +132,26 @@ async fn trusted_private_chat_invitees_become_creators_where_creators_are_privil
     assert_eq!(pl["users"][&bob_id], 100);
     assert!(alice.state(&v11, "m.room.create", "").await.ok().get("additional_creators").is_none());
 }
+
+#[tokio::test]
+async fn upgrade_refuses_bad_input_with_matrix_errors() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let bob = s.user("bob").await;
+    let room = alice.create_room(json!({"room_version": "11"})).await;
+    let path = format!("/rooms/{}/upgrade", enc(&room));
+    // No new_version, a version that is not a string, a bad additional creator.
+    assert_eq!(alice.post(&path, json!({})).await.status, 400);
+    assert_eq!(alice.post(&path, json!({"new_version": 12})).await.status, 400);
+    alice
+        .post(&path, json!({"new_version": "12", "additional_creators": ["not a user"]}))
+        .await
+        .assert_err(400, "M_INVALID_PARAM");
+    // A malformed room id names no room (the room core's answer for ids that do not parse).
+    alice.post("/rooms/not-a-room/upgrade", json!({"new_version": "12"})).await.assert_err(404, "M_NOT_FOUND");
+    // Someone not in the room, and a room that does not exist: 403.
+    bob.post(&path, json!({"new_version": "12"})).await.assert_err(403, "M_FORBIDDEN");
+    alice.post("/rooms/!nowhere:localhost/upgrade", json!({"new_version": "12"})).await.assert_err(403, "M_FORBIDDEN");
+    // Nothing was upgraded.
+    alice.state(&room, "m.room.tombstone", "").await.assert_err(404, "M_NOT_FOUND");
+}
