@@ -235,6 +235,32 @@ async fn gap_left_open_shows_as_a_limited_timeline() {
     hearth.stop().await;
 }
 
+/// A member's long run of profile changes arrives at its tip only: each change is authorised by the one before, a
+/// chain longer than one walk of auth-event fetches reaches. What the walk could not reach is not "rejected": the
+/// chain is completed (by /get_missing_events and the state at the gap) and the tip is accepted with its state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_auth_chain_behind_a_gap_is_completed_not_rejected() {
+    let fake = FakeResident::start(RoomSpec::default()).await;
+    let (hearth, alice) = joined(&[&fake]).await;
+    let room = fake.room_id();
+    let creator = fake.creator();
+    let mut last = None;
+    for i in 0..60 {
+        let content = json!({"membership": "join", "displayname": format!("name {i}")});
+        last = Some(fake.append(EventSpec::state(&creator, "m.room.member", &creator, content)));
+        // Our join stays a forward extremity (what follows it arrives as outliers), so the current state is the
+        // resolution of it and the tip, which orders same-mainline events by timestamp: make them distinct.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let tip = last.unwrap();
+    fake.set_missing_events_limit(Some(10));
+    assert_eq!(fake.push(&[&tip.id]).await[&tip.id], json!({}));
+    assert_eq!(alice.event(&room, &tip.id).await.ok()["content"]["displayname"], "name 59");
+    assert_eq!(alice.state(&room, "m.room.member", &creator).await.ok()["displayname"], "name 59");
+    still_serving(&alice).await;
+    hearth.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prev_events_pointing_to_thousands_of_unknown_events_are_refused_without_fetching() {
     let fake = FakeResident::start(RoomSpec::default()).await;

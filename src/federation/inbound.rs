@@ -292,6 +292,13 @@ pub async fn fetch_outliers_up_to(
                 if events::event_nid(w.db(), p.event_id.as_str())?.is_some() {
                     continue;
                 }
+                // An auth event the walk did not reach (its bounds) is unknown, not bad: storing this event as
+                // rejected would stay wrong once the rest of its chain arrives (e.g. by /get_missing_events). As
+                // Synapse, it is dropped for now; what depends on it is dropped in turn (depth order).
+                if let Some(unknown) = first_unknown(w.db(), &p.auth_events)? {
+                    tracing::info!(room_id = %rid, event_id = %p.event_id, %unknown, "fetched event dropped: auth event unknown");
+                    continue;
+                }
                 let nid = persist_outlier(w.db(), &room, p)?;
                 if let Err(reason) =
                     crate::room::remote::authorize_by_own_auth_events(w.db(), &rules, &room, p, &AuthCache::default())
@@ -305,6 +312,16 @@ pub async fn fetch_outliers_up_to(
         .await?;
     tracing::debug!(origin, %room_id, fetched = n, "fetched missing auth events");
     Ok(n)
+}
+
+/// The first of `ids` we do not hold.
+fn first_unknown(conn: crate::store::Db<'_>, ids: &[ruma::OwnedEventId]) -> Result<Option<String>> {
+    for id in ids {
+        if events::event_nid(conn, id.as_str())?.is_none() {
+            return Ok(Some(id.to_string()));
+        }
+    }
+    Ok(None)
 }
 
 /// What [`ingest`] does with an event whose prev events stay unknown and whose origin cannot tell the state at
