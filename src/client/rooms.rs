@@ -195,8 +195,8 @@ pub async fn join(
         })
         .await?;
     if known && (local_members || remote_servers.is_empty()) {
-        // We are resident (or the room is ours alone): a local membership change, unless the room is restricted
-        // and none of our members may vouch for the user: then through a resident whose members may.
+        // We are resident (or the room is ours alone): a local membership change, unless a resident must judge
+        // the join (the room is partial and the user not joined, or restricted with no local member to vouch).
         let (rid, uid, me) = (room_id.clone(), auth.user_id.clone(), s.identity.server_name.to_string());
         let through = s
             .store
@@ -205,8 +205,13 @@ pub async fn join(
                 None => Ok(None),
             })
             .await?;
-        if let Some(servers) = through.filter(|s| !s.is_empty()) {
-            via.extend(servers);
+        if let Some(servers) = &through {
+            via.extend(servers.iter().cloned());
+            let own = s.identity.server_name.as_str();
+            let mut seen = std::collections::HashSet::new();
+            via.retain(|v| v != own && seen.insert(v.clone()));
+        }
+        if through.is_some() && !via.is_empty() {
             let (fed, reason) = (&s.fed, body.reason.as_deref());
             let rid = crate::room::parse_room_id(&room_id)?;
             crate::federation::join::remote_join_resident(fed, &auth.user_id, &rid, &via, reason).await?;

@@ -151,9 +151,12 @@ pub fn restricted_join_authoriser(
     Ok(best.map(|b| b.1))
 }
 
-/// For a join into a room we are in whose restricted rule no local member can authorise (none may invite):
-/// the other servers whose joined members may, to join through (Synapse's `_should_perform_remote_join`). None
-/// when a local join can be tried (not restricted, the user is joined or invited, or a local member may invite).
+/// For a join into a room we are in, the servers to join through remotely (make_join/send_join), as Synapse's
+/// `_should_perform_remote_join` decides: while a lazy join is partial, any user not joined already (most
+/// members, perhaps a ban of this user, are not known yet: a resident with the full state must judge the join,
+/// else we could show history to a banned user until the resync ends); in a restricted room whose rule no local
+/// member can authorise (none may invite), the other servers whose joined members may. None when a local join
+/// can be tried.
 pub fn remote_authorisers(
     conn: Db<'_>,
     room: &RoomRow,
@@ -170,6 +173,11 @@ pub fn remote_authorisers(
         _ => false,
     };
     let current = members::membership_of(conn, room.room_nid, user_id.as_str())?.map(|m| m.0);
+    if room.partial_state && current.as_deref() != Some("join") {
+        let mut servers = rooms::partial_state_servers(conn, room.room_nid)?;
+        servers.retain(|s| s != local_server);
+        return Ok(Some(servers));
+    }
     if !restricted || matches!(current.as_deref(), Some("join" | "invite")) {
         return Ok(None);
     }
@@ -185,12 +193,6 @@ pub fn remote_authorisers(
             Some(server) => servers.push(server.to_owned()),
             None => {}
         }
-    }
-    if servers.is_empty() && room.partial_state {
-        // While a lazy join is partial most members are unknown, among them perhaps every one who may invite: the
-        // servers the resident listed are the candidates (Synapse joins through them too while partial).
-        servers = rooms::partial_state_servers(conn, room.room_nid)?;
-        servers.retain(|s| s != local_server);
     }
     servers.sort();
     servers.dedup();
