@@ -25,7 +25,45 @@ pub struct Config {
     pub metrics: Metrics,
     pub presence: Presence,
     pub well_known: WellKnown,
+    pub rooms: Rooms,
 }
+
+/// Rooms created here.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Rooms {
+    /// The room version of new rooms when the client names none (and the default `/capabilities` reports), as
+    /// Synapse's `default_room_version`. The spec says servers should use 12; an older one only helps where other
+    /// servers or tools cannot handle 12 yet. `"11"` or `11` (an environment variable's `11` reads as a number).
+    #[serde(deserialize_with = "string_or_number")]
+    pub default_version: String,
+}
+
+/// A string, or a number taken as its decimal text.
+fn string_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Text {
+        String(String),
+        Number(u64),
+    }
+    Ok(match Text::deserialize(d)? {
+        Text::String(s) => s,
+        Text::Number(n) => n.to_string(),
+    })
+}
+
+impl Default for Rooms {
+    fn default() -> Self {
+        Rooms { default_version: DEFAULT_ROOM_VERSION.into() }
+    }
+}
+
+/// The room version new rooms get by default (the spec's recommendation).
+pub const DEFAULT_ROOM_VERSION: &str = "12";
+
+/// The room versions Hearth creates: "1" to this one (`room::version::CREATABLE` checks that it agrees).
+pub const NEWEST_ROOM_VERSION: u32 = 12;
 
 /// Presence (online / unavailable / offline and status messages), as Synapse's `use_presence`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -177,6 +215,7 @@ impl Default for Config {
             metrics: Metrics::default(),
             presence: Presence::default(),
             well_known: WellKnown::default(),
+            rooms: Rooms::default(),
         }
     }
 }
@@ -288,6 +327,11 @@ impl Config {
         anyhow::ensure!(
             (0.05..=1.0).contains(&self.jobs.duty_cycle),
             "invalid configuration: key `jobs.duty_cycle` must be between 0.05 and 1.0"
+        );
+        anyhow::ensure!(
+            matches!(self.rooms.default_version.parse::<u32>(), Ok(v) if (1..=NEWEST_ROOM_VERSION).contains(&v)),
+            "invalid configuration: key `rooms.default_version`: {:?} is not a room version Hearth creates (1 to {NEWEST_ROOM_VERSION})",
+            self.rooms.default_version
         );
         anyhow::ensure!(self.database.readers >= 1, "invalid configuration: key `database.readers` must be >= 1");
         for (key, rate, burst) in [

@@ -1576,3 +1576,24 @@ async fn initial_sync_has_rooms_the_user_was_banned_or_kicked_from_but_not_rooms
     let sync = bob.sync(None, &[("timeout", "0"), ("filter", &filter)]).await.ok();
     assert!(sync["rooms"]["leave"].get(left.as_str()).is_some(), "{sync}");
 }
+
+/// `rooms.default_version` sets the version of rooms created without one, and what `/capabilities` reports.
+#[tokio::test]
+async fn configured_default_room_version_applies_to_new_rooms() {
+    let server = TestServer::start_with(|c| c.rooms.default_version = "11".into()).await;
+    let alice = server.user("alice").await;
+    let caps = alice.get("/capabilities").await.ok();
+    assert_eq!(caps["capabilities"]["m.room_versions"]["default"], "11", "{caps}");
+    let room = alice.create_room(json!({})).await;
+    assert_eq!(alice.state(&room, "m.room.create", "").await.ok()["room_version"], "11");
+    // A client's choice still wins.
+    let room = alice.create_room(json!({"room_version": "12"})).await;
+    assert_eq!(alice.state(&room, "m.room.create", "").await.ok()["room_version"], "12");
+    server.stop().await;
+
+    let server = TestServer::start().await;
+    let alice = server.user("alice").await;
+    let caps = alice.get("/capabilities").await.ok();
+    assert_eq!(caps["capabilities"]["m.room_versions"]["default"], "12", "{caps}");
+    server.stop().await;
+}

@@ -135,6 +135,8 @@ fn config_check_names_the_offending_key() {
         ("[metrics]\nenable = true\n", "enable"),
         ("[metrics]\nenabled = \"sometimes\"\n", "metrics.enabled"),
         ("[log]\njson = 3\n", "log.json"),
+        ("[rooms]\ndefault_version = 13\n", "rooms.default_version"),
+        ("[rooms]\ndefault_version = \"org.example.v12\"\n", "rooms.default_version"),
         ("[listen]\nfederation = \"0.0.0.0:8448\"\n", "federation.tls_cert"),
         (
             "[listen]\nfederation = \"0.0.0.0:8448\"\n[federation]\ntls_cert = \"/nonexistent/cert.pem\"\ntls_key = \"/nonexistent/key.pem\"\n",

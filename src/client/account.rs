@@ -183,12 +183,12 @@ pub async fn whoami(auth: Auth) -> impl IntoResponse {
 }
 
 /// Capabilities are per user, so the endpoint needs an access token (the spec marks it "requires authentication").
-pub async fn capabilities(_auth: Auth) -> impl IntoResponse {
+pub async fn capabilities(State(s): State<AppState>, _auth: Auth) -> impl IntoResponse {
     let available: serde_json::Map<String, Value> =
         crate::room::version::SUPPORTED.iter().map(|v| (v.to_string(), json!("stable"))).collect();
     axum::Json(json!({"capabilities": {
         "m.change_password": {"enabled": true},
-        "m.room_versions": {"default": crate::room::version::DEFAULT_ROOM_VERSION, "available": available},
+        "m.room_versions": {"default": s.config.rooms.default_version, "available": available},
         "m.set_displayname": {"enabled": true},
         "m.set_avatar_url": {"enabled": true},
         "m.3pid_changes": {"enabled": false}

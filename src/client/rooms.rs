@@ -75,7 +75,7 @@ pub async fn create_room(
     }
     let req = CreateRoom {
         creator: auth.user_id.clone(),
-        room_version: body.room_version,
+        room_version: body.room_version.or_else(|| Some(s.config.rooms.default_version.clone())),
         preset: body.preset,
         visibility_public,
         name: body.name,

@@ -6,8 +6,8 @@ use ruma::{EventId, OwnedEventId, RoomVersionId};
 
 use crate::error::{Error, Result};
 
-/// Version of rooms we create when the client does not ask (Synapse's current default).
-pub const DEFAULT_ROOM_VERSION: &str = "12";
+/// Version of rooms we create when neither the client nor the configuration (`rooms.default_version`) says.
+pub const DEFAULT_ROOM_VERSION: &str = crate::config::DEFAULT_ROOM_VERSION;
 
 /// Versions we can create locally: all we understand (v1/v2 events carry a server-chosen `event_id`).
 pub const CREATABLE: &[&str] = &["1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12"];
@@ -64,4 +64,17 @@ pub fn redacts_in_content(rules: &RoomVersionRules) -> bool {
 /// The room's creators have unlimited power and must not be listed in `m.room.power_levels` (v12+).
 pub fn creators_privileged(rules: &RoomVersionRules) -> bool {
     rules.authorization.explicitly_privilege_room_creators
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_configuration_knows_which_versions_are_creatable() {
+        let newest = crate::config::NEWEST_ROOM_VERSION;
+        let expected: Vec<String> = (1..=newest).map(|v| v.to_string()).collect();
+        assert_eq!(CREATABLE, expected.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(CREATABLE.contains(&DEFAULT_ROOM_VERSION));
+    }
 }
