@@ -708,6 +708,59 @@ async fn state_wrongly_accepted_during_partial_state_is_gone_after_resync() {
     hearth.stop().await;
 }
 
+/// While partial, a kick by a member who in truth left before our join is accepted (we lack their leave). The
+/// kicked member's own leave that follows it, citing their join, must not be rejected on that wrong state: as in
+/// Synapse, our state before the event is resolved with the event's auth events (the join, applied after the
+/// kick in the algorithm's order, wins), and the full state settles it when the resync ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leave_after_a_kick_wrongly_accepted_while_partial_is_accepted() {
+    let hearth = start_hearth().await;
+    let fake = FakeResident::start(RoomSpec::default()).await;
+    fake.connect_to(&hearth);
+    let (derek, elsie) = (fake.user("user7"), fake.user("user8"));
+    let derek_join = fake.room.lock().unwrap().state_id("m.room.member", &derek).unwrap();
+    grant_power(&fake, &derek, 100);
+    fake.append(EventSpec::state(&derek, "m.room.member", &derek, json!({"membership": "leave"})));
+    fake.hold("state_ids");
+    let alice = hearth.user("alice").await;
+    join_via(&alice, &fake).await;
+    let room = fake.room_id();
+    fake.wait_requests("state_ids", 1, LONG).await;
+
+    let (create, pl, elsie_join) = {
+        let r = fake.room.lock().unwrap();
+        let id = |t: &str, k: &str| r.state_id(t, k).unwrap();
+        (id("m.room.create", ""), id("m.room.power_levels", ""), id("m.room.member", &elsie))
+    };
+    let with_create = |mut auth: Vec<String>| {
+        if fake.room_version() != "12" {
+            auth.push(create.clone());
+        }
+        auth
+    };
+    let kick = fake.build(
+        EventSpec::state(&derek, "m.room.member", &elsie, json!({"membership": "leave"}))
+            // As Complement's "incorrectly kicked" tests build it: the kicked member's join is not cited (were it,
+            // the algorithm would order it before the kick, and the kick would win).
+            .with_auth(with_create(vec![pl.clone(), derek_join])),
+    );
+    assert_eq!(fake.push(&[&kick.id]).await[&kick.id], json!({}));
+    alice.event(&room, &kick.id).await.ok();
+    let leave = fake.build(
+        EventSpec::state(&elsie, "m.room.member", &elsie, json!({"membership": "leave"}))
+            .with_auth(with_create(vec![pl, elsie_join]))
+            .with_prev(vec![kick.id.clone()]),
+    );
+    assert_eq!(fake.push(&[&leave.id]).await[&leave.id], json!({}));
+    alice.event(&room, &leave.id).await.ok();
+
+    fake.release("state_ids");
+    wait_resynced(&alice, &room).await;
+    alice.event(&room, &leave.id).await.ok();
+    assert_eq!(alice.state(&room, "m.room.member", &elsie).await.ok()["membership"], "leave");
+    hearth.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lazy_join_of_a_v12_room_completes() {
     let (hearth, fake, alice) = partially_joined(RoomSpec { version: "12".into(), ..Default::default() }).await;

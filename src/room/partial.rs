@@ -408,8 +408,8 @@ pub fn complete(
 /// full state shows in the room but that were not on that list missed them (MSC3902): each gets an update for every
 /// device of each local member whose device list changed since the join. Returns the EDUs queued. Runs before the
 /// room's `partial_state_servers` rows are dropped. Servers joined in the full state at our join (`base_sg`, now
-/// filled) count too, even if they have left since: they were in the room when the updates went out (Synapse sends
-/// each missed update to the hosts in the room at the time of the change).
+/// filled) and the servers of members whose membership changed since count too, even if they have left since:
+/// they may have been in the room when the updates went out (Synapse's `handle_room_un_partial_stated`).
 fn announce_devices_to_new_servers(
     conn: Db<'_>,
     identity: &Identity,
@@ -426,7 +426,11 @@ fn announce_devices_to_new_servers(
     }
     let mut new_servers = rs::servers_missed_while_partial(conn, room, ours)?;
     let listed: HashSet<String> = members::servers_in_room(conn, room)?.into_iter().collect();
-    for server in joined_servers_in_state(conn, base_sg)? {
+    // As Synapse: also the servers of every member whose membership changed since the join (one may have joined
+    // and been kicked, wrongly, while we were partial, and left since: they were in the room when updates went out).
+    let touched = rs::members_touched_since(conn, room, since)?;
+    let touched_servers = touched.iter().filter_map(|(user, _)| user.split_once(':').map(|x| x.1.to_owned()));
+    for server in joined_servers_in_state(conn, base_sg)?.into_iter().chain(touched_servers) {
         if server != ours && !listed.contains(&server) && !new_servers.contains(&server) {
             new_servers.push(server);
         }

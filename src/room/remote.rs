@@ -335,6 +335,11 @@ fn check(conn: Db<'_>, room: &RoomRow, rules: &RoomVersionRules, pdu: &Pdu, sg_b
     Ok(Outcome::Accepted)
 }
 
+/// Auth of an event received while the room is partial, as Synapse does it: our (partial) state before the event
+/// lacks most memberships and may hold wrong ones (a kick accepted while partial), so the state the rules read is
+/// our state's auth-relevant entries resolved against the event's own auth events by state resolution: a key we
+/// lack comes from the auth events, a key where they differ is settled by the algorithm, not by what we hold.
+/// Re-checked against the full state when the resync completes.
 pub fn authorize_partial(
     conn: Db<'_>,
     rules: &RoomVersionRules,
@@ -347,16 +352,54 @@ pub fn authorize_partial(
     if pdu.kind == TimelineEventType::RoomCreate {
         return Ok(());
     }
-    let by_key: HashMap<(String, String), Pdu> = pdu
-        .auth_events
-        .iter()
-        .filter_map(|id| load_pdu(conn, id).ok().flatten())
-        .filter_map(|p| p.state_key.clone().map(|k| ((p.kind.to_string(), k), p)))
-        .collect();
+    let state = state_for_partial_auth(conn, rules, pdu, sg).map_err(|e| e.to_string())?;
     ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, pdu, |t, k| {
-        crate::room::state_event(conn, sg, &t.to_string(), k)
-            .ok()
-            .flatten()
-            .or_else(|| by_key.get(&(t.to_string(), k.to_owned())).cloned())
+        state.get(&(t.clone(), k.to_owned())).and_then(|id| load_pdu(conn, id).ok().flatten())
     })
+}
+
+/// See [`authorize_partial`]: our state's entries for the event's auth types, resolved with its auth events.
+fn state_for_partial_auth(
+    conn: Db<'_>,
+    rules: &RoomVersionRules,
+    pdu: &Pdu,
+    sg: StateGroup,
+) -> Result<ruma::state_res::StateMap<ruma::OwnedEventId>> {
+    use ruma::events::StateEventType;
+    let types = ruma::state_res::auth_types_for_event(
+        &pdu.kind,
+        &pdu.sender,
+        pdu.state_key.as_deref(),
+        &pdu.content,
+        &rules.authorization,
+    )
+    .map_err(Error::bad_json)?;
+    let create = (StateEventType::RoomCreate, String::new());
+    let mut ours = ruma::state_res::StateMap::new();
+    for key in types.into_iter().chain(std::iter::once(create.clone())) {
+        if let Some(skn) = state_groups::find_state_key_nid(conn, &key.0.to_string(), &key.1)? {
+            if let Some(row) = state_groups::lookup_state(conn, sg, skn)?.map(|n| events::event_by_nid(conn, n)) {
+                if let Some(row) = row? {
+                    ours.insert(
+                        key,
+                        ruma::OwnedEventId::try_from(row.event_id).map_err(|e| Error::internal(e.to_string()))?,
+                    );
+                }
+            }
+        }
+    }
+    let mut claimed = ruma::state_res::StateMap::new();
+    for p in pdu.auth_events.iter().filter_map(|id| load_pdu(conn, id).ok().flatten()) {
+        if let Some(k) = p.state_key.clone() {
+            claimed.insert((StateEventType::from(p.kind.to_string()), k), p.event_id.clone());
+        }
+    }
+    // The create event is not among a v12 event's auth events; both sides agree on it.
+    if let Some(id) = ours.get(&create).cloned() {
+        claimed.entry(create).or_insert(id);
+    }
+    if ours == claimed {
+        return Ok(ours);
+    }
+    state::resolve_maps(conn, rules, &[ours, claimed])
 }

@@ -123,8 +123,25 @@ pub fn resolve_groups(
         return Ok(unique[0]);
     }
     let maps: Vec<StateMap<OwnedEventId>> = states.iter().map(|s| to_state_map(conn, s)).collect::<Result<_>>()?;
+    let resolved = resolve_maps(conn, &rules, &maps)?;
+    let mut state = HashMap::new();
+    for ((t, k), id) in resolved {
+        let skn = state_groups::state_key_nid(conn, &t.to_string(), &k)?;
+        let nid = events::event_nid(conn, id.as_str())?.ok_or_else(|| Error::internal("resolved to unknown event"))?;
+        state.insert(skn, nid);
+    }
+    group_for_state(conn, room_nid, unique[0], &state)
+}
+
+/// Resolves state maps (event ids by type and state key) with the room version's algorithm, the events read from
+/// the store.
+pub fn resolve_maps(
+    conn: Db<'_>,
+    rules: &ruma::room_version_rules::RoomVersionRules,
+    maps: &[StateMap<OwnedEventId>],
+) -> Result<StateMap<OwnedEventId>> {
     let mut chains = Vec::new();
-    for m in &maps {
+    for m in maps {
         let chain = auth_chain(conn, m.values().cloned())?;
         chains.push(chain.into_iter().collect::<EventIdSet<OwnedEventId>>());
     }
@@ -137,16 +154,8 @@ pub fn resolve_groups(
     let subgraph = |conflicted: &StateMap<Vec<OwnedEventId>>| -> Option<EventIdSet<OwnedEventId>> {
         conflicted_subgraph(conn, conflicted).ok()
     };
-    let resolved =
-        ruma::state_res::resolve(&rules.authorization, &state_res_rules, maps.iter(), chains, fetch, subgraph)
-            .map_err(|e| Error::internal(format!("state resolution failed: {e}")))?;
-    let mut state = HashMap::new();
-    for ((t, k), id) in resolved {
-        let skn = state_groups::state_key_nid(conn, &t.to_string(), &k)?;
-        let nid = events::event_nid(conn, id.as_str())?.ok_or_else(|| Error::internal("resolved to unknown event"))?;
-        state.insert(skn, nid);
-    }
-    group_for_state(conn, room_nid, unique[0], &state)
+    ruma::state_res::resolve(&rules.authorization, &state_res_rules, maps.iter(), chains, fetch, subgraph)
+        .map_err(|e| Error::internal(format!("state resolution failed: {e}")))
 }
 
 /// The conflicted state subgraph (v12 state resolution): events on auth paths between conflicted events.
