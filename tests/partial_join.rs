@@ -1005,24 +1005,22 @@ async fn events_with_half_missing_parents_and_grandparents_take_the_state_at_the
     let known = fake.room.lock().unwrap().extremities.clone();
 
     // Half-missing parents: B cites a known event and A, which get_missing_events will not return. A changed
-    // the topic, so the state at B is only right if Hearth learns the state at A (from /state_ids at A).
+    // the topic. B was pushed to us: as Synapse, a pushed event whose parents its sender does not give is refused
+    // (its state would be the sender's word alone), not placed on state asked for at A.
     let a = fake.append(EventSpec::state(&creator, "m.room.topic", "", json!({"topic": "from the missing branch"})));
     fake.withhold_from_missing_events(&[&a.id]);
     fake.free_state_ids_at(&[&a.id]);
     let mut prevs = known.clone();
     prevs.push(a.id.clone());
     let b = fake.append(EventSpec::message(&fake.user("user1"), "half-missing parents").with_prev(prevs));
-    assert_eq!(fake.push(&[&b.id]).await[&b.id], json!({}));
-    assert!(
-        fake.requests_of("state_ids").iter().any(|r| r.detail == a.id),
-        "Hearth asked for the state at the missing parent"
-    );
-    assert_eq!(alice.event(&room, &b.id).await.ok()["content"]["body"], "half-missing parents");
-    let topic = alice.state(&room, "m.room.topic", "").await.ok();
-    assert_eq!(topic["topic"], "from the missing branch", "the missing branch's state counts");
+    let answer = fake.push(&[&b.id]).await;
+    assert!(answer[&b.id]["error"].is_string(), "{answer}");
+    alice.event(&room, &b.id).await.assert_err(404, "M_NOT_FOUND");
+    assert!(!fake.requests_of("state_ids").iter().any(|r| r.detail == a.id), "no state asked for a pushed event");
 
-    // Half-missing grandparents: C's parent D is returned by get_missing_events, but D cites B (known) and G,
-    // which is withheld. G renamed the room.
+    // Half-missing grandparents: C's parent D is returned by get_missing_events, and with it B; D cites B and G,
+    // and B cites A, both withheld. G renamed the room. B and D were pulled, not pushed: the state at A and G
+    // comes from /state_ids there, so their branches' state counts.
     let g = fake.append(EventSpec::state(&creator, "m.room.name", "", json!({"name": "grandparent branch"})));
     fake.withhold_from_missing_events(&[&g.id]);
     fake.free_state_ids_at(&[&g.id]);
@@ -1031,10 +1029,13 @@ async fn events_with_half_missing_parents_and_grandparents_take_the_state_at_the
     assert_eq!(c.prev, vec![d.id.clone()]);
     assert_eq!(fake.push(&[&c.id]).await[&c.id], json!({}));
     assert!(fake.requests_of("state_ids").iter().any(|r| r.detail == g.id), "state at the missing grandparent");
-    for ev in [&d, &c] {
+    assert!(fake.requests_of("state_ids").iter().any(|r| r.detail == a.id), "state at the missing parent");
+    for ev in [&b, &d, &c] {
         assert_eq!(alice.event(&room, &ev.id).await.ok()["content"]["body"], ev.json["content"]["body"]);
     }
     assert_eq!(alice.state(&room, "m.room.name", "").await.ok()["name"], "grandparent branch");
+    let topic = alice.state(&room, "m.room.topic", "").await.ok();
+    assert_eq!(topic["topic"], "from the missing branch", "the missing branch's state counts");
     assert_eq!(fake.count("state"), 0, "all this while the resync was held");
 
     // The resync completes on top of it, and the state learned across the gaps stays.

@@ -324,14 +324,16 @@ fn first_unknown(conn: crate::store::Db<'_>, ids: &[ruma::OwnedEventId]) -> Resu
     Ok(None)
 }
 
-/// What [`ingest`] does with an event whose prev events stay unknown and whose origin cannot tell the state at
-/// them either.
+/// What [`ingest`] does with an event whose prev events stay unknown after `get_missing_events`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnUnknownState {
-    /// Drop it (as Synapse does): nothing is stored, the sender gets an error for it in the transaction answer and
-    /// the event can be accepted once its prev events are known (e.g. sent again after them).
+    /// An event pushed to us (`/send`): drop it, as Synapse does. Nothing is stored, the sender gets an error for
+    /// it in the transaction answer, and the event can be accepted once its prev events are known (e.g. sent again
+    /// after them). Events `get_missing_events` returned whose own prev events are unknown (pulled events) still
+    /// get the state at the gap from the sender.
     Drop,
-    /// Place it on our current state (our own join sent through a resident: the join must land).
+    /// Place it on the state at its prev events from the sender, else our current state (our own join sent
+    /// through a resident: the join must land).
     UseCurrentState,
 }
 
@@ -365,7 +367,13 @@ pub async fn ingest(
         Incoming::AlreadyKnown => return Ok("known".into()),
         Incoming::MissingPrevs(m) => m,
     };
-    let r = place_across_gap(s, origin, room_id, pdu, &missing, on_unknown).await?;
+    if on_unknown == OnUnknownState::Drop {
+        // As Synapse: a pushed event's sender has no excuse for not giving us its prev events, and state asked
+        // for at them would be the sender's word alone (this event could become the room's only extremity).
+        tracing::info!(%room_id, event_id = %pdu.event_id, ?missing, "prev events still unknown after get_missing_events; event dropped");
+        return Err(Error::forbidden("your server did not give the prev events referenced in this event"));
+    }
+    let r = place_across_gap(s, origin, room_id, pdu, &missing).await?;
     Ok(format!("{r:?}"))
 }
 
@@ -378,17 +386,12 @@ async fn place_across_gap(
     room_id: &RoomId,
     pdu: Pdu,
     missing: &[String],
-    on_unknown: OnUnknownState,
 ) -> Result<Incoming> {
     let branches = match !missing.is_empty() {
-        true => match crate::federation::gap::states_at_missing_prevs(Remote::of(s)?, origin, room_id, missing).await {
-            Ok(b) => b,
-            Err(e) if on_unknown == OnUnknownState::Drop => {
-                tracing::info!(%room_id, event_id = %pdu.event_id, ?missing, error = %e, "prev events and the state at them unavailable; event dropped");
-                return Err(e);
-            }
-            Err(_) => None,
-        },
+        true => crate::federation::gap::states_at_missing_prevs(Remote::of(s)?, origin, room_id, missing)
+            .await
+            .ok()
+            .flatten(),
         false => None,
     };
     match &branches {
@@ -472,7 +475,7 @@ async fn fill_gap(s: &FedContext, origin: &str, room_id: &RoomId, pdu: &Pdu) -> 
             .await?;
         if let Incoming::MissingPrevs(m) = r {
             // The oldest events fetched may border a gap the answer did not close (half-missing grandparents).
-            place_across_gap(s, origin, room_id, p, &m, OnUnknownState::UseCurrentState).await?;
+            place_across_gap(s, origin, room_id, p, &m).await?;
         }
     }
     Ok(())
