@@ -16,6 +16,7 @@ use crate::federation::{inbound, keys};
 use crate::http::{AppState, Query, Signed};
 use crate::room::append::reference;
 use crate::room::remote::{handle_incoming, state_before, Incoming};
+use crate::room::visibility::{server_may_read_room, ServerJudge};
 use crate::room::{load_pdu, parse_room_id, state, version};
 use crate::store::accounts::now_ms;
 use crate::store::ids::{EventNid, StateGroup};
@@ -145,20 +146,9 @@ fn resident_room(c: Db<'_>, room_id: &RoomId, origin: &str) -> Result<RoomRow> {
     Ok(room)
 }
 
-/// `origin` has (or had) a member in the room: it may read the room's events.
+/// `origin` may read the room's events: one of its users is joined (see [`server_may_read_room`]).
 fn server_in_room(c: Db<'_>, room: &RoomRow, origin: &str) -> Result<bool> {
-    if members::server_has_member(c, room.room_nid, origin)? {
-        return Ok(true);
-    }
-    if let Some(sg) = room.current_sg {
-        let hv = crate::room::state_content(c, sg, "m.room.history_visibility", "")?;
-        if hv.and_then(|v| v.get("history_visibility").and_then(Value::as_str).map(str::to_owned)).as_deref()
-            == Some("world_readable")
-        {
-            return Ok(true);
-        }
-    }
-    Ok(false)
+    server_may_read_room(c, room, origin)
 }
 
 /// make_join/make_leave: an unsigned event template on our current state.
@@ -750,7 +740,8 @@ async fn get_event(
             {
                 return Err(Error::forbidden("your server may not see this event"));
             }
-            Ok(json!({"origin": me, "origin_server_ts": now_ms(), "pdus": [serde_json::from_str::<Value>(&row.json)?]}))
+            let pdus = pdus_for_server(c, &room, std::slice::from_ref(&row), &signed.origin)?;
+            Ok(json!({"origin": me, "origin_server_ts": now_ms(), "pdus": pdus}))
         })
         .await?;
     Ok(axum::Json(body))
@@ -835,15 +826,10 @@ fn walk_back(
 /// from that server (the hashes and signatures stay, so the copy still verifies as a redaction).
 fn pdus_for_server(c: Db<'_>, room: &RoomRow, rows: &[events::EventRow], server: &str) -> Result<Vec<Value>> {
     let rules = version::rules(&room.version)?;
-    let users = members::users_of_server(c, room.room_nid, server)?;
-    let mut seen: HashMap<Option<StateGroup>, bool> = HashMap::new();
+    let mut judge = ServerJudge::new(c, room.room_nid, server)?;
     let mut out = Vec::with_capacity(rows.len());
     for r in rows {
-        let visible = match seen.get(&r.sg_after) {
-            Some(v) => *v,
-            None => *seen.entry(r.sg_after).or_insert(crate::room::membership::server_may_see(c, r.sg_after, &users)?),
-        };
-        if visible {
+        if judge.may_see(r)? {
             out.push(serde_json::from_str(&r.json)?);
             continue;
         }
