@@ -146,11 +146,6 @@ fn resident_room(c: Db<'_>, room_id: &RoomId, origin: &str) -> Result<RoomRow> {
     Ok(room)
 }
 
-/// `origin` may read the room's events: one of its users is joined (see [`server_may_read_room`]).
-fn server_in_room(c: Db<'_>, room: &RoomRow, origin: &str) -> Result<bool> {
-    server_may_read_room(c, room, origin)
-}
-
 /// make_join/make_leave: an unsigned event template on our current state.
 fn make_membership(c: Db<'_>, s: &AppState, room: &RoomRow, user_id: &str, membership: &str) -> Result<Value> {
     let rules = version::rules(&room.version)?;
@@ -635,7 +630,7 @@ async fn state_ids(
             if room.partial_state {
                 return Err(partial_refusal());
             }
-            if !server_in_room(c, &room, &signed.origin)? {
+            if !server_may_read_room(c, &room, &signed.origin)? {
                 return Err(Error::forbidden("your server is not in this room"));
             }
             let (ids, chain) = state_at_event(c, &room, &event_id)?;
@@ -672,7 +667,7 @@ async fn room_state(
             if room.partial_state {
                 return Err(partial_refusal());
             }
-            if !server_in_room(c, &room, &signed.origin)? {
+            if !server_may_read_room(c, &room, &signed.origin)? {
                 return Err(Error::forbidden("your server is not in this room"));
             }
             let (state, chain) = state_at_event_nids(c, &room, &event_id)?;
@@ -736,7 +731,7 @@ async fn get_event(
             let row = events::event_by_id(c, &event_id)?.ok_or_else(|| Error::not_found("event not found"))?;
             let room = rooms::room_by_nid(c, row.room_nid)?.ok_or_else(|| Error::not_found("event not found"))?;
             if !crate::federation::acl::room_allows(c, room.current_sg, &signed.origin)?
-                || !server_in_room(c, &room, &signed.origin)?
+                || !server_may_read_room(c, &room, &signed.origin)?
             {
                 return Err(Error::forbidden("your server may not see this event"));
             }
@@ -759,7 +754,7 @@ async fn event_auth(
             if room.partial_state {
                 return Err(partial_refusal());
             }
-            if !server_in_room(c, &room, &signed.origin)? {
+            if !server_may_read_room(c, &room, &signed.origin)? {
                 return Err(Error::forbidden("your server is not in this room"));
             }
             let pdu = load_pdu_by_str(c, &event_id)?
@@ -860,7 +855,7 @@ async fn get_missing_events(
         .store
         .read(move |c| {
             let room = resident_room(c, &parse_room_id(&room_id)?, &signed.origin)?;
-            if !server_in_room(c, &room, &signed.origin)? {
+            if !server_may_read_room(c, &room, &signed.origin)? {
                 return Err(Error::forbidden("your server is not in this room"));
             }
             let stop: HashSet<String> = earliest.into_iter().collect();
@@ -895,7 +890,7 @@ async fn backfill(
         .store
         .read(move |c| {
             let room = resident_room(c, &parse_room_id(&room_id)?, &signed.origin)?;
-            if !server_in_room(c, &room, &signed.origin)? {
+            if !server_may_read_room(c, &room, &signed.origin)? {
                 return Err(Error::forbidden("your server is not in this room"));
             }
             let rows = walk_back(c, &room, &from, &HashSet::new(), limit, true)?;

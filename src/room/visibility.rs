@@ -80,11 +80,20 @@ pub struct ClientJudge<'c> {
     at_sg: HashMap<StateGroup, (HistoryVisibility, Option<String>)>,
     /// Room -> stream position of the user's latest join event (None: never joined).
     last_join: HashMap<RoomNid, Option<i64>>,
+    /// Room -> state group of its oldest timeline event with state (for backfilled events, held without).
+    earliest: HashMap<RoomNid, Option<StateGroup>>,
 }
 
 impl<'c> ClientJudge<'c> {
     pub fn new(conn: Db<'c>, user_id: &str) -> ClientJudge<'c> {
-        ClientJudge { conn, user_id: user_id.to_owned(), keys: None, at_sg: HashMap::new(), last_join: HashMap::new() }
+        ClientJudge {
+            conn,
+            user_id: user_id.to_owned(),
+            keys: None,
+            at_sg: HashMap::new(),
+            last_join: HashMap::new(),
+            earliest: HashMap::new(),
+        }
     }
 
     fn at(&mut self, sg: StateGroup) -> Result<(HistoryVisibility, Option<String>)> {
@@ -114,6 +123,15 @@ impl<'c> ClientJudge<'c> {
         Ok(pos)
     }
 
+    fn earliest_sg(&mut self, room: RoomNid) -> Result<Option<StateGroup>> {
+        if let Some(v) = self.earliest.get(&room) {
+            return Ok(*v);
+        }
+        let sg = events::earliest_timeline_sg(self.conn, room)?;
+        self.earliest.insert(room, sg);
+        Ok(sg)
+    }
+
     /// The state before `row` (for the previous membership or history visibility a state event replaced).
     fn before(&mut self, row: &EventRow) -> Result<Option<(HistoryVisibility, Option<String>)>> {
         match timeline::state_before(self.conn, row.event_nid)? {
@@ -123,8 +141,8 @@ impl<'c> ClientJudge<'c> {
     }
 
     /// Whether the user may see `row`:
-    /// 1. an event we hold without state (an outlier: an out-of-band invite, its rejection) only if it is the
-    ///    user's own membership;
+    /// 1. an outlier (an out-of-band invite, its rejection) only if it is the user's own membership; a backfilled
+    ///    event (held without state) by the setting in the nearest state we know, the user not joined at it;
     /// 2. the history visibility is the one in the state at the event (for an `m.room.history_visibility` event,
     ///    the more open of the old and the new setting);
     /// 3. the user's membership is the one in the state at the event (for their own membership event, the more
@@ -135,8 +153,18 @@ impl<'c> ClientJudge<'c> {
     ///    invited then; `joined`: not visible.
     pub fn may_see(&mut self, row: &EventRow) -> Result<bool> {
         let own_member = row.event_type == "m.room.member" && self.is_own_state_key(row)?;
-        let Some(sg) = row.sg_after.filter(|_| !row.outlier) else { return Ok(own_member) };
-        let (mut hv, mut membership) = self.at(sg)?;
+        if row.outlier {
+            return Ok(own_member);
+        }
+        let (mut hv, mut membership) = match row.sg_after {
+            Some(sg) => self.at(sg)?,
+            None => {
+                // Backfilled history is held without state: judged by the history visibility of the nearest state
+                // we know (the room's oldest event with state), with the user's membership unknown (not joined).
+                let Some(sg) = self.earliest_sg(row.room_nid)? else { return Ok(own_member) };
+                (self.at(sg)?.0, None)
+            }
+        };
         if row.event_type == "m.room.history_visibility" {
             if let Some((before, _)) = self.before(row)? {
                 hv = hv.min(before);
