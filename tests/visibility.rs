@@ -388,3 +388,26 @@ async fn servers_without_a_joined_user_may_not_read_the_room() {
     }
     hearth.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lazy_loaded_members_in_messages_are_those_at_the_events() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let bob = s.user("bob").await;
+    let room = alice.create_room(json!({"preset": "public_chat"})).await;
+    bob.join(&room).await.ok();
+    let alice_id = alice.user_id.clone();
+    let member = json!({"membership": "join", "displayname": "Old Alice"});
+    alice.put_state(&room, "m.room.member", &alice_id, member).await.ok();
+    alice.send_text(&room, "said by old alice").await;
+    let token = bob.sync(None, &[]).await.ok()["next_batch"].as_str().unwrap().to_owned();
+    let member = json!({"membership": "join", "displayname": "New Alice"});
+    alice.put_state(&room, "m.room.member", &alice_id, member).await.ok();
+    let filter = json!({"lazy_load_members": true, "types": ["m.room.message"]}).to_string();
+    let page = bob.messages(&room, &[("dir", "b"), ("limit", "1"), ("from", &token), ("filter", &filter)]).await.ok();
+    assert_eq!(bodies(page["chunk"].as_array().unwrap()), ["said by old alice"]);
+    let state = page["state"].as_array().unwrap();
+    let m = state.iter().find(|e| e["state_key"] == json!(alice_id)).expect("alice's membership");
+    assert_eq!(m["content"]["displayname"], "Old Alice", "{m}");
+    s.stop().await;
+}
