@@ -144,13 +144,6 @@ pub fn unforget_room(conn: Db<'_>, user_id: &str, room_nid: RoomNid) -> Result<(
     Ok(())
 }
 
-/// Whether `server` has (or had) any member in the room, in any membership.
-pub fn server_has_member(conn: Db<'_>, room_nid: RoomNid, server: &str) -> Result<bool> {
-    Ok(conn
-        .prepare_cached("SELECT 1 FROM room_members WHERE room_nid = ?1 AND server_name = ?2 LIMIT 1")?
-        .exists(params![room_nid, server])?)
-}
-
 /// Whether `server` has a user with `membership` (`join`, `invite`, ...) in the room.
 pub fn server_has_membership(conn: Db<'_>, room_nid: RoomNid, server: &str, membership: &str) -> Result<bool> {
     Ok(conn
@@ -356,8 +349,10 @@ mod tests {
         set(conn.db(), r, "@f:e.example", "join", e);
         set(conn.db(), other, "@g:g.example", "join", e);
         assert_eq!(joined_servers(conn.db(), r).unwrap(), ["a.example", "e.example"]);
-        assert!(server_has_member(conn.db(), r, "c.example").unwrap());
-        assert!(!server_has_member(conn.db(), r, "g.example").unwrap());
+        // Only a joined member makes a server "in" the room (a left one does not).
+        assert!(!server_has_membership(conn.db(), r, "c.example", "join").unwrap());
+        assert!(server_has_membership(conn.db(), r, "e.example", "join").unwrap());
+        assert!(!server_has_membership(conn.db(), r, "g.example", "join").unwrap());
         assert_eq!(some_members_except(conn.db(), r, "@a:a.example", 5).unwrap(), ["@d:d.example", "@f:e.example"]);
         assert_eq!(some_members_except(conn.db(), r, "@z:z", 1).unwrap(), ["@a:a.example"]);
     }
