@@ -411,3 +411,25 @@ async fn lazy_loaded_members_in_messages_are_those_at_the_events() {
     assert_eq!(m["content"]["displayname"], "Old Alice", "{m}");
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundled_thread_summaries_and_edits_are_judged_too() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let bob = s.user("bob").await;
+    let room = alice.create_room(json!({"preset": "public_chat"})).await;
+    bob.join(&room).await.ok();
+    let root = alice.send_text(&room, "thread root").await;
+    bob.leave(&room).await.ok();
+    let reply = json!({"msgtype": "m.text", "body": "reply after bob left", "m.relates_to": {"event_id": root, "rel_type": "m.thread"}});
+    alice.send(&room, "m.room.message", reply).await.ok();
+    let edit = json!({"msgtype": "m.text", "body": "* edited after bob left", "m.new_content": {"msgtype": "m.text", "body": "edited after bob left"},
+                      "m.relates_to": {"event_id": root, "rel_type": "m.replace"}});
+    alice.send(&room, "m.room.message", edit).await.ok();
+    // Alice sees both bundled; Bob (departed) sees the root, without what came after his leave.
+    let mine = alice.event(&room, &root).await.ok().to_string();
+    assert!(mine.contains("reply after bob left") && mine.contains("edited after bob left"), "{mine}");
+    let his = bob.event(&room, &root).await.ok().to_string();
+    assert!(!his.contains("after bob left"), "{his}");
+    s.stop().await;
+}
