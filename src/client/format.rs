@@ -86,10 +86,22 @@ fn aggregations(
 ) -> Result<Option<Value>> {
     let counts = relations::counts(conn, &row.event_id)?;
     let mut out = serde_json::Map::new();
+    // What is bundled is judged like any event the viewer is shown: a thread whose latest event, or an edit, they
+    // may not see is left out (as Synapse filters the latest thread events for the client).
+    let mut judge = viewer_device.map(|(user, _)| crate::room::visibility::ClientJudge::new(conn, user));
+    let mut may_see = |e: &EventRow| -> Result<bool> {
+        match judge.as_mut() {
+            Some(j) => j.may_see(e),
+            None => Ok(true),
+        }
+    };
     for (rel_type, count) in counts {
         match rel_type.as_str() {
             "m.thread" if threads => {
                 let Some(latest) = relations::latest_in_thread(conn, &row.event_id)? else { continue };
+                if !may_see(&latest)? {
+                    continue;
+                }
                 let participated = match viewer_device {
                     Some((user, _)) => row.sender == user || relations::participated(conn, &row.event_id, user)?,
                     None => false,
@@ -102,6 +114,10 @@ fn aggregations(
             }
             "m.replace" if row.state_key_nid.is_none() => {
                 let edit = relations::latest_edit(conn, &row.event_id, &row.sender, &row.event_type)?;
+                let edit = match edit {
+                    Some(e) if may_see(&e)? => Some(e),
+                    _ => None,
+                };
                 if let Some(edit) = edit {
                     let age = now_ms().saturating_sub(edit.origin_server_ts).max(0);
                     let v = client_event(&edit.json, &edit.event_id, room_id, json!({"age": age}), with_room_id);

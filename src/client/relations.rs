@@ -13,7 +13,7 @@ use crate::client::format;
 use crate::client::sync::{parse_token, Token};
 use crate::error::{Error, Result};
 use crate::http::{qs, AppState, Auth, Query};
-use crate::room::membership::{parse_readable_room_id, readable_room, visible_from, Visibility};
+use crate::room::visibility::{self as vis, parse_readable_room_id, readable_room, ClientJudge};
 use crate::store::ids::StreamPos;
 use crate::store::relations::{self, RelationsQuery};
 use crate::store::rooms::RoomRow;
@@ -33,15 +33,10 @@ pub struct RelationsParams {
     recurse: Option<bool>,
 }
 
-/// The readable room and the stream window `[floor, cap]` the user may see in it.
-fn visible_window(c: Db<'_>, room_id: &str, auth: &Auth) -> Result<(RoomRow, i64, i64)> {
-    let (room, vis) = readable_room(c, &parse_readable_room_id(room_id)?, &auth.user_id)?;
-    let cap = match vis {
-        Visibility::UpTo(p) => p,
-        _ => i64::MAX,
-    };
-    let floor = visible_from(c, &room, &auth.user_id)?;
-    Ok((room, floor, cap))
+/// The readable room and the last stream position the user may see in it (their leave, for a former member).
+fn visible_window(c: Db<'_>, room_id: &str, auth: &Auth) -> Result<(RoomRow, i64)> {
+    let (room, visibility) = readable_room(c, &parse_readable_room_id(room_id)?, &auth.user_id)?;
+    Ok((room, vis::cap(visibility)))
 }
 
 pub async fn relations(
@@ -65,18 +60,22 @@ pub async fn relations(
     let body = s
         .store
         .read(move |c| {
-            let (room, floor, cap) = visible_window(c, &room_id, &auth)?;
-            let visible = events::event_by_id(c, &parent)?
+            let (room, cap) = visible_window(c, &room_id, &auth)?;
+            let mut judge = ClientJudge::new(c, auth.user_id.as_str());
+            let parent_row = events::event_by_id(c, &parent)?
                 .filter(|p| p.room_nid == room.room_nid && p.rejected.is_none())
-                .and_then(|p| p.stream_ordering)
-                .is_some_and(|p| p.0 >= floor && p.0 <= cap);
+                .filter(|p| p.stream_ordering.is_some_and(|p| p.0 <= cap));
+            let visible = match &parent_row {
+                Some(p) => judge.may_see(p)?,
+                None => false,
+            };
             if !visible {
                 return Err(Error::not_found("event not found"));
             }
             let (lo, hi) = if backwards {
-                (to.map_or(i64::MIN, |t| t.stream).max(floor.saturating_sub(1)), from.map_or(current, |t| t.stream))
+                (to.map_or(i64::MIN, |t| t.stream), from.map_or(current, |t| t.stream))
             } else {
-                (from.map_or(i64::MIN, |t| t.stream).max(floor.saturating_sub(1)), to.map_or(i64::MAX, |t| t.stream))
+                (from.map_or(i64::MIN, |t| t.stream), to.map_or(i64::MAX, |t| t.stream))
             };
             let query = RelationsQuery {
                 room_nid: room.room_nid,
@@ -92,6 +91,8 @@ pub async fn relations(
             let mut rows = relations::children(c, &query)?;
             let more = rows.len() as i64 > limit;
             rows.truncate(limit as usize);
+            let last_pos = rows.last().and_then(|r| r.stream_ordering);
+            let rows = judge.filter(rows)?;
             let ignored = crate::client::notifications::ignored_users(c, auth.user_id.as_str())?;
             let device = Some((auth.user_id.as_str(), auth.device_id.as_str()));
             let chunk = rows
@@ -100,7 +101,7 @@ pub async fn relations(
                 .map(|r| format::event(c, r, &room.room_id, device, true))
                 .collect::<Result<Vec<_>>>()?;
             let mut body = json!({"chunk": chunk});
-            if let (true, Some(last)) = (more, rows.last().and_then(|r| r.stream_ordering)) {
+            if let (true, Some(last)) = (more, last_pos) {
                 let next = if backwards { last.0 - 1 } else { last.0 };
                 body["next_batch"] = json!(Token { stream: next, typing: 0 }.render());
             }
@@ -142,19 +143,20 @@ pub async fn threads(
     let body = s
         .store
         .read(move |c| {
-            let (room, floor, cap) = visible_window(c, &room_id, &auth)?;
+            let (room, cap) = visible_window(c, &room_id, &auth)?;
             let user = auth.user_id.as_str();
             let participant = participated.then_some(user);
             let mut rows =
-                relations::threads(c, room.room_nid, participant, StreamPos(floor), StreamPos(before), limit + 1)?;
+                relations::threads(c, room.room_nid, participant, StreamPos(i64::MIN), StreamPos(before), limit + 1)?;
             let more = rows.len() as i64 > limit;
             rows.truncate(limit as usize);
             let ignored = crate::client::notifications::ignored_users(c, user)?;
             let device = Some((user, auth.device_id.as_str()));
+            let mut judge = ClientJudge::new(c, user);
             let mut chunk = Vec::new();
             for t in &rows {
                 let pos = t.root.stream_ordering.map_or(i64::MAX, |p| p.0);
-                if pos <= cap && !ignored.contains(&t.root.sender) {
+                if pos <= cap && !ignored.contains(&t.root.sender) && judge.may_see(&t.root)? {
                     chunk.push(format::event(c, &t.root, &room.room_id, device, true)?);
                 }
             }

@@ -10,7 +10,8 @@ use crate::error::{Error, Result};
 use crate::http::{qs, AppState, Auth, Json, Query};
 use crate::room::append::{append_local, LocalEvent, LocalOutcome};
 use crate::room::create::{create_room as core_create, CreateRoom};
-use crate::room::membership::{parse_readable_room_id, readable_room, set_membership, visible_state_group};
+use crate::room::membership::set_membership;
+use crate::room::visibility::{parse_readable_room_id, readable_room, visible_state_group, ClientJudge, Visibility};
 use crate::store::ids::{EventNid, StreamPos};
 use crate::store::{events, members, rooms, state_groups, timeline, txn_ids};
 
@@ -701,14 +702,8 @@ pub async fn get_event(
             let row = events::event_by_id(c, &event_id)?
                 .filter(|r| r.room_nid == room.room_nid && r.rejected.is_none())
                 .ok_or_else(|| Error::not_found("event not found"))?;
-            if let crate::room::membership::Visibility::UpTo(pos) = vis {
-                if row.stream_ordering.map_or(i64::MAX, |p| p.0) > pos {
-                    return Err(Error::not_found("event not found"));
-                }
-            }
-            if row.stream_ordering.map_or(i64::MIN, |p| p.0)
-                < crate::room::membership::visible_from(c, &room, &auth.user_id)?
-            {
+            let beyond_leave = row.stream_ordering.map_or(i64::MAX, |p| p.0) > crate::room::visibility::cap(vis);
+            if beyond_leave || !ClientJudge::new(c, auth.user_id.as_str()).may_see(&row)? {
                 return Err(Error::not_found("event not found"));
             }
             format::event(c, &row, &room.room_id, Some((auth.user_id.as_str(), &auth.device_id)), true)
@@ -762,30 +757,33 @@ pub async fn members(
         }
     }
     wait_full_state(&s, &room_id).await?;
+    let c_current = s.store.current_stream();
     let chunk = s
         .store
         .read(move |c| {
             let (room, vis) = readable_room(c, &parse_readable_room_id(&room_id)?, &auth.user_id)?;
-            let at_pos = match q.at.as_deref() {
-                Some(t) => Some(crate::client::sync::parse_token(t)?.stream),
+            // `at`: the state at that point, if the user may see the room's last event there (a future token is
+            // the present); without it, the current members, or those at a former member's leave.
+            let at_sg = match q.at.as_deref() {
+                Some(t) => {
+                    let pos = crate::client::sync::parse_token(t)?.stream.min(c_current);
+                    Some(crate::room::visibility::state_at_token(c, &room, &auth.user_id, pos)?)
+                }
                 None => match vis {
-                    crate::room::membership::Visibility::UpTo(p) => Some(p),
+                    Visibility::UpTo(p) => timeline::state_at(c, room.room_nid, StreamPos(p))?,
                     _ => None,
                 },
             };
-            let members: Vec<(String, String, EventNid)> = match at_pos {
+            let members: Vec<(String, String, EventNid)> = match at_sg {
                 None => members::members(c, room.room_nid)?,
-                Some(pos) => {
+                Some(sg) => {
                     let mut out = Vec::new();
-                    if let Some(sg) = timeline::state_at(c, room.room_nid, StreamPos(pos))? {
-                        for (user, nid) in state_groups::load_state_of_type(c, sg, "m.room.member")? {
-                            let row =
-                                events::event_by_nid(c, nid)?.ok_or_else(|| Error::internal("member event missing"))?;
-                            let v: Value = serde_json::from_str(&row.json)?;
-                            let m =
-                                v.pointer("/content/membership").and_then(Value::as_str).unwrap_or("leave").to_owned();
-                            out.push((user, m, nid));
-                        }
+                    for (user, nid) in state_groups::load_state_of_type(c, sg, "m.room.member")? {
+                        let row =
+                            events::event_by_nid(c, nid)?.ok_or_else(|| Error::internal("member event missing"))?;
+                        let v: Value = serde_json::from_str(&row.json)?;
+                        let m = v.pointer("/content/membership").and_then(Value::as_str).unwrap_or("leave").to_owned();
+                        out.push((user, m, nid));
                     }
                     out
                 }
@@ -816,7 +814,7 @@ pub async fn joined_members(
         .read(move |c| {
             let (room, vis) = readable_room(c, &parse_readable_room_id(&room_id)?, &auth.user_id)?;
             // This is the current member list: former members may not see it (they keep /members `at` their leave).
-            if let crate::room::membership::Visibility::UpTo(_) = vis {
+            if let Visibility::UpTo(_) = vis {
                 return Err(Error::forbidden("you are not in this room"));
             }
             let mut out = serde_json::Map::new();

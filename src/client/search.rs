@@ -14,7 +14,7 @@ use crate::client::format;
 use crate::client::sync::{EventFilter, Filter, Token};
 use crate::error::{Error, Result};
 use crate::http::{AppState, Auth, Json, Query};
-use crate::room::membership::visible_from;
+use crate::room::visibility::ClientJudge;
 use crate::store::events::EventRow;
 use crate::store::ids::{RoomNid, StreamPos};
 use crate::store::search::{self, SearchQuery};
@@ -142,13 +142,13 @@ pub async fn search(
     Ok(axum::Json(json!({"search_categories": {"room_events": result}})))
 }
 
-/// The rooms to search (joined, allowed by the filter) with the first stream position the user may see in each.
+/// The rooms to search (joined, allowed by the filter), each from its start (every result is then judged by the
+/// history visibility at it).
 fn searchable_rooms(c: Db<'_>, auth: &Auth, filter: &Filter) -> Result<Vec<(RoomNid, i64)>> {
     let mut out = Vec::new();
     for (room_nid, room_id) in members::rooms_with_membership(c, auth.user_id.as_str(), "join")? {
         if !filter.not_rooms.contains(&room_id) && filter.rooms.as_ref().is_none_or(|r| r.contains(&room_id)) {
-            let Some(room) = rooms::room_by_nid(c, room_nid)? else { continue };
-            out.push((room_nid, visible_from(c, &room, &auth.user_id)?));
+            out.push((room_nid, i64::MIN));
         }
     }
     Ok(out)
@@ -183,7 +183,16 @@ fn room_events_search(c: Db<'_>, auth: &Auth, cr: &Criteria, batch: Option<Batch
         },
         limit,
     };
-    let (rows, count) = search::search(c, &query)?;
+    let (raw, count) = search::search(c, &query)?;
+    let page_full = raw.len() as i64 == limit;
+    let last_pos = raw.last().and_then(|(r, _)| r.stream_ordering);
+    let mut judge = ClientJudge::new(c, auth.user_id.as_str());
+    let mut rows = Vec::with_capacity(raw.len());
+    for (row, rank) in raw {
+        if judge.may_see(&row)? {
+            rows.push((row, rank));
+        }
+    }
     let mut results = Vec::new();
     let mut room_ids: BTreeMap<RoomNid, String> = BTreeMap::new();
     for (row, rank) in &rows {
@@ -198,14 +207,13 @@ fn room_events_search(c: Db<'_>, auth: &Auth, cr: &Criteria, batch: Option<Batch
         let device = Some((auth.user_id.as_str(), auth.device_id.as_str()));
         let mut item = json!({"rank": rank, "result": format::event(c, row, &room_id, device, true)?});
         if let Some((before, after)) = cr.context {
-            let floor = rooms.iter().find(|(r, _)| *r == row.room_nid).map_or(i64::MIN, |x| x.1);
-            item["context"] = context(c, row, &room_id, device, floor, (before, after), &ignored)?;
+            item["context"] = context(c, &mut judge, row, &room_id, device, (before, after), &ignored)?;
         }
         results.push(item);
     }
     let mut body = json!({"count": count, "results": results, "highlights": highlights});
-    if rows.len() as i64 == limit {
-        body["next_batch"] = json!(match (cr.recent, rows.last().and_then(|(r, _)| r.stream_ordering)) {
+    if page_full {
+        body["next_batch"] = json!(match (cr.recent, last_pos) {
             (true, Some(p)) => format!("b{}", p.0),
             _ => format!("o{}", query.offset + limit),
         });
@@ -231,16 +239,16 @@ fn room_events_search(c: Db<'_>, auth: &Auth, cr: &Criteria, batch: Option<Batch
 /// The events around a result (the user's visible window of its room), as `event_context` asks.
 fn context(
     c: Db<'_>,
+    judge: &mut ClientJudge<'_>,
     row: &EventRow,
     room_id: &str,
     device: Option<(&str, &str)>,
-    floor: i64,
     (before, after): (i64, i64),
     ignored: &std::collections::HashSet<String>,
 ) -> Result<Value> {
     let pos = row.stream_ordering.map_or(0, |p| p.0);
     let older = if before > 0 {
-        timeline::newest_first(c, row.room_nid, StreamPos(floor.saturating_sub(1)), StreamPos(pos - 1), before)?
+        timeline::newest_first(c, row.room_nid, StreamPos(i64::MIN), StreamPos(pos - 1), before)?
     } else {
         Vec::new()
     };
@@ -257,6 +265,7 @@ fn context(
     };
     let start = older.last().and_then(|r| r.stream_ordering).map_or(pos, |p| p.0) - 1;
     let end = newer.last().and_then(|r| r.stream_ordering).map_or(pos, |p| p.0);
+    let (older, newer) = (judge.filter(older)?, judge.filter(newer)?);
     Ok(json!({
         "events_before": fmt(&older)?,
         "events_after": fmt(&newer)?,

@@ -393,6 +393,57 @@ fn newest_gap(c: Db<'_>, auth: &Auth, rows: &[events::EventRow]) -> Result<Optio
     Ok(None)
 }
 
+/// The newest events of the window (`since`, `upto`] the user may see (at most `limit`, newest first) and whether
+/// the timeline is limited. As Synapse's `_load_filtered_recents`: pages of `limit + 1` events are read backwards
+/// and judged one by one (history visibility at each event) until enough are visible, the window is exhausted or
+/// five pages were read. An incremental sync stops at the newest gap in the window (a remote event whose earlier
+/// events we never got): it shows only what follows, as a limited timeline, so the client knows to paginate.
+fn visible_recent(
+    c: Db<'_>,
+    auth: &Auth,
+    room: &rooms::RoomRow,
+    since: Option<i64>,
+    upto: i64,
+    limit: usize,
+) -> Result<(Vec<events::EventRow>, bool)> {
+    let mut judge = crate::room::visibility::ClientJudge::new(c, auth.user_id.as_str());
+    let after = StreamPos(since.unwrap_or(i64::MIN));
+    let mut top = upto;
+    let mut visible = Vec::new();
+    let mut limited = false;
+    for _ in 0..5 {
+        let page = timeline::newest_first(c, room.room_nid, after, StreamPos(top), (limit + 1) as i64)?;
+        let full = page.len() > limit;
+        top = page.last().and_then(|r| r.stream_ordering).map_or(top, |p| p.0 - 1);
+        let mut page = page;
+        let mut gap = false;
+        if since.is_some() {
+            if let Some(i) = newest_gap(c, auth, &page)? {
+                page.truncate(i + 1);
+                gap = true;
+            }
+        }
+        visible.extend(judge.filter(page)?);
+        if gap {
+            limited = true;
+            break;
+        }
+        if !full {
+            break;
+        }
+        // More history before this page (an initial sync counts it as limited even when it is not shown).
+        limited = true;
+        if visible.len() > limit {
+            break;
+        }
+    }
+    if visible.len() > limit {
+        limited = true;
+        visible.truncate(limit);
+    }
+    Ok((visible, limited))
+}
+
 /// Timeline and state of one room for the window (`since`, `upto`].
 #[allow(clippy::too_many_arguments)]
 fn room_window(
@@ -406,20 +457,7 @@ fn room_window(
     sent: &SentMembers,
 ) -> Result<RoomSync> {
     let limit = filter.timeline_limit.unwrap_or(10).clamp(0, 100);
-    // History visibility: the timeline never reaches back before what the user may see.
-    let floor = crate::room::membership::visible_from(c, room, &auth.user_id)?.saturating_sub(1);
-    let after = StreamPos(since.unwrap_or(i64::MIN).max(floor));
-    let mut rows = timeline::newest_first(c, room.room_nid, after, StreamPos(upto), (limit + 1) as i64)?;
-    let mut limited = rows.len() > limit || (since.is_none() && rows.len() == limit + 1);
-    // A gap in the window (a remote event whose earlier events we never got): an incremental sync shows only what
-    // follows the newest gap, as a limited timeline, so the client knows to paginate (Synapse does the same).
-    if since.is_some() {
-        if let Some(i) = newest_gap(c, auth, &rows)? {
-            rows.truncate(i + 1);
-            limited = true;
-        }
-    }
-    let mut rows: Vec<events::EventRow> = rows.into_iter().take(limit).collect();
+    let (mut rows, limited) = visible_recent(c, auth, room, since, upto, limit)?;
     rows.reverse();
     let first_stream = rows.first().and_then(|r| r.stream_ordering).map_or(upto + 1, |p| p.0);
     let first_sg_after = rows.first().and_then(|r| r.sg_after);
@@ -767,17 +805,21 @@ impl SyncPass<'_> {
             let room = self.room(room_nid)?;
             let (_, leave_nid) = members::membership_of(c, room_nid, auth.user_id.as_str())?.unwrap_or_default();
             let leave_row = events::event_by_nid(c, leave_nid)?;
-            // Out of band (a rejected or withdrawn invite, a refused knock: we hold no state for the room).
-            let out_of_band = leave_row.as_ref().is_some_and(|r| r.outlier);
             let leave_pos = leave_row.as_ref().and_then(|r| r.stream_ordering).map_or(self.pos.stream, |p| p.0);
             // A rejected invite or a kick of someone never joined still appears, with what they may see.
             let upto = leave_pos.min(self.pos.stream);
             let mut rs =
                 room_window(c, auth, &room, self.filter, self.since_stream(), upto, self.full_state, self.sent)?;
+            // A user who was never joined (a rejected invite, a retracted or refused knock, a kick while invited)
+            // sees the room only through their own membership events: none of its state (Synapse would show the
+            // state at the leave; the spec's history visibility gives such a user nothing of the room).
+            if !members::was_locally_joined(c, auth.user_id.as_str(), room_nid)? {
+                rs.state.clear();
+            }
             // Our own leave is always ours to see, even where history visibility hides the room (an invite
             // rejected in a `joined` room) or we hold no state for it: without it the client never learns the
             // room is gone.
-            if (in_window || out_of_band) && self.filter.timeline.allows("m.room.member", auth.user_id.as_str()) {
+            if self.filter.timeline.allows("m.room.member", auth.user_id.as_str()) {
                 if let Some(row) = &leave_row {
                     if !rs.timeline.iter().any(|e| e["event_id"] == json!(row.event_id)) {
                         let device = Some((auth.user_id.as_str(), auth.device_id.as_str()));

@@ -9,7 +9,7 @@ use crate::client::format;
 use crate::client::sync::{parse_token, Filter, Token};
 use crate::error::{Error, Result};
 use crate::http::{qs, AppState, Auth, Query};
-use crate::room::membership::{parse_readable_room_id, readable_room, Visibility};
+use crate::room::visibility::{self as vis, parse_readable_room_id, readable_room, ClientJudge};
 use crate::store::ids::StreamPos;
 use crate::store::{events, state_groups, timeline};
 
@@ -100,18 +100,13 @@ async fn messages_page(
     let (auth, room_id, filter) = (auth.clone(), room_id.to_owned(), filter.clone());
     s.store
         .read(move |c| {
-            let (room, vis) = readable_room(c, &parse_readable_room_id(&room_id)?, &auth.user_id)?;
-            let cap = match vis {
-                Visibility::UpTo(p) => p,
-                _ => i64::MAX,
-            };
+            let (room, visibility) = readable_room(c, &parse_readable_room_id(&room_id)?, &auth.user_id)?;
+            let cap = vis::cap(visibility);
             let from = from.map(|t| t.stream).unwrap_or(if backwards { current } else { 0 });
-            // History visibility: nothing before the user may see it (`joined`/`invited` rooms).
-            let floor = crate::room::membership::visible_from(c, &room, &auth.user_id)?.saturating_sub(1);
             let (a, b) = if backwards {
-                (from.min(cap), to.map(|t| t.stream).unwrap_or(i64::MIN).max(floor))
+                (from.min(cap), to.map(|t| t.stream).unwrap_or(i64::MIN))
             } else {
-                (from.max(floor), to.map(|t| t.stream).unwrap_or(i64::MAX).min(cap))
+                (from, to.map(|t| t.stream).unwrap_or(i64::MAX).min(cap))
             };
             let rows = if backwards {
                 timeline::newest_first(c, room.room_nid, StreamPos(b), StreamPos(a), limit)?
@@ -119,30 +114,19 @@ async fn messages_page(
                 timeline::oldest_first(c, room.room_nid, StreamPos(a), StreamPos(b), limit)?
             };
             let end = rows.last().and_then(|r| r.stream_ordering).map(|p| if backwards { p.0 - 1 } else { p.0 });
+            let raw = rows.len();
+            // History visibility, per event (a page may come back shorter, or empty with an `end` to go on from).
+            let rows = ClientJudge::new(c, auth.user_id.as_str()).filter(rows)?;
             let device = Some((auth.user_id.as_str(), auth.device_id.as_str()));
-            let mut senders = std::collections::BTreeSet::new();
             let mut chunk = Vec::new();
+            let mut shown = Vec::new();
             let ignored = crate::client::notifications::ignored_users(c, auth.user_id.as_str())?;
             for r in rows.iter().filter(|r| filter.timeline.allows_event(r) && !ignored.contains(&r.sender)) {
-                senders.insert(r.sender.clone());
+                shown.push(r);
                 chunk.push(format::event(c, r, &room.room_id, device, true)?);
             }
-            let mut state = Vec::new();
-            if filter.lazy_load_members {
-                if let Some(sg) = room.current_sg {
-                    for sender in senders {
-                        if let Some(skn) = state_groups::find_state_key_nid(c, "m.room.member", &sender)? {
-                            if let Some(nid) = state_groups::lookup_state(c, sg, skn)? {
-                                if let Some(ev) = format::state_event(c, nid, &room.room_id, true)? {
-                                    state.push(ev);
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-            let mut body =
-                json!({"chunk": chunk, "start": Token { stream: from, typing: 0 }.render(), "rows": rows.len()});
+            let state = if filter.lazy_load_members { senders_members(c, &room.room_id, &shown)? } else { Vec::new() };
+            let mut body = json!({"chunk": chunk, "start": Token { stream: from, typing: 0 }.render(), "rows": raw});
             if let Some(end) = end {
                 body["end"] = json!(Token { stream: end, typing: 0 }.render());
             }
@@ -172,31 +156,25 @@ pub async fn context(
     let body = s
         .store
         .read(move |c| {
-            let (room, vis) = readable_room(c, &parse_readable_room_id(&room_id)?, &auth.user_id)?;
+            let (room, visibility) = readable_room(c, &parse_readable_room_id(&room_id)?, &auth.user_id)?;
             let target = events::event_by_id(c, &event_id)?
                 .filter(|r| r.room_nid == room.room_nid && r.stream_ordering.is_some())
                 .ok_or_else(|| Error::not_found("event not found"))?;
             let pos = target.stream_ordering.map_or(0, |p| p.0);
-            let cap = match vis {
-                Visibility::UpTo(p) => p,
-                _ => i64::MAX,
-            };
-            let floor = crate::room::membership::visible_from(c, &room, &auth.user_id)?;
-            if pos > cap || pos < floor {
+            let cap = vis::cap(visibility);
+            let mut judge = ClientJudge::new(c, auth.user_id.as_str());
+            if pos > cap || !judge.may_see(&target)? {
                 return Err(Error::not_found("event not found"));
             }
             let device = Some((auth.user_id.as_str(), auth.device_id.as_str()));
             let half = limit / 2;
-            // Before: positions [floor, pos), newest first; after: (pos, cap], oldest first.
+            // Before: positions before `pos`, newest first; after: (pos, cap], oldest first; each judged.
             let room_nid = room.room_nid;
-            let before = timeline::newest_first(
-                c,
-                room_nid,
-                StreamPos(floor.saturating_sub(1)),
-                StreamPos(pos - 1),
-                limit - half,
-            )?;
+            let before = timeline::newest_first(c, room_nid, StreamPos(i64::MIN), StreamPos(pos - 1), limit - half)?;
             let after = timeline::oldest_first(c, room_nid, StreamPos(pos), StreamPos(cap), half)?;
+            let start = before.last().and_then(|r| r.stream_ordering).map_or(pos, |p| p.0) - 1;
+            let end = after.last().and_then(|r| r.stream_ordering).map_or(pos, |p| p.0);
+            let (before, after) = (judge.filter(before)?, judge.filter(after)?);
             let ignored = crate::client::notifications::ignored_users(c, auth.user_id.as_str())?;
             let fmt = |rows: &[events::EventRow]| -> Result<Vec<Value>> {
                 rows.iter()
@@ -204,8 +182,6 @@ pub async fn context(
                     .map(|r| format::event(c, r, &room.room_id, device, true))
                     .collect()
             };
-            let start = before.last().and_then(|r| r.stream_ordering).map_or(pos, |p| p.0) - 1;
-            let end = after.last().and_then(|r| r.stream_ordering).map_or(pos, |p| p.0);
             let mut state = Vec::new();
             if let Some(sg) = target.sg_after {
                 let lazy = filter.lazy_load_members;
@@ -238,4 +214,25 @@ pub async fn context(
         })
         .await?;
     Ok(axum::Json(body))
+}
+
+/// The membership of each sender of `rows` as of their events (a lazy-loading `/messages`): for each sender, the
+/// membership in the state at their first event in the page's order, not the room's current state.
+fn senders_members(c: crate::store::Db<'_>, room_id: &str, rows: &[&events::EventRow]) -> Result<Vec<Value>> {
+    let mut at: std::collections::BTreeMap<&str, crate::store::ids::StateGroup> = std::collections::BTreeMap::new();
+    for r in rows {
+        if let Some(sg) = r.sg_after {
+            at.entry(r.sender.as_str()).or_insert(sg);
+        }
+    }
+    let mut state = Vec::new();
+    for (sender, sg) in at {
+        let Some(skn) = state_groups::find_state_key_nid(c, "m.room.member", sender)? else { continue };
+        if let Some(nid) = state_groups::lookup_state(c, sg, skn)? {
+            if let Some(ev) = format::state_event(c, nid, room_id, true)? {
+                state.push(ev);
+            }
+        }
+    }
+    Ok(state)
 }

@@ -16,6 +16,7 @@ use crate::federation::{inbound, keys};
 use crate::http::{AppState, Query, Signed};
 use crate::room::append::reference;
 use crate::room::remote::{handle_incoming, state_before, Incoming};
+use crate::room::visibility::{server_may_read_room, ServerJudge};
 use crate::room::{load_pdu, parse_room_id, state, version};
 use crate::store::accounts::now_ms;
 use crate::store::ids::{EventNid, StateGroup};
@@ -143,22 +144,6 @@ fn resident_room(c: Db<'_>, room_id: &RoomId, origin: &str) -> Result<RoomRow> {
         return Err(Error::forbidden("server denied by the room's ACL"));
     }
     Ok(room)
-}
-
-/// `origin` has (or had) a member in the room: it may read the room's events.
-fn server_in_room(c: Db<'_>, room: &RoomRow, origin: &str) -> Result<bool> {
-    if members::server_has_member(c, room.room_nid, origin)? {
-        return Ok(true);
-    }
-    if let Some(sg) = room.current_sg {
-        let hv = crate::room::state_content(c, sg, "m.room.history_visibility", "")?;
-        if hv.and_then(|v| v.get("history_visibility").and_then(Value::as_str).map(str::to_owned)).as_deref()
-            == Some("world_readable")
-        {
-            return Ok(true);
-        }
-    }
-    Ok(false)
 }
 
 /// make_join/make_leave: an unsigned event template on our current state.
@@ -645,7 +630,7 @@ async fn state_ids(
             if room.partial_state {
                 return Err(partial_refusal());
             }
-            if !server_in_room(c, &room, &signed.origin)? {
+            if !server_may_read_room(c, &room, &signed.origin)? {
                 return Err(Error::forbidden("your server is not in this room"));
             }
             let (ids, chain) = state_at_event(c, &room, &event_id)?;
@@ -682,7 +667,7 @@ async fn room_state(
             if room.partial_state {
                 return Err(partial_refusal());
             }
-            if !server_in_room(c, &room, &signed.origin)? {
+            if !server_may_read_room(c, &room, &signed.origin)? {
                 return Err(Error::forbidden("your server is not in this room"));
             }
             let (state, chain) = state_at_event_nids(c, &room, &event_id)?;
@@ -746,11 +731,12 @@ async fn get_event(
             let row = events::event_by_id(c, &event_id)?.ok_or_else(|| Error::not_found("event not found"))?;
             let room = rooms::room_by_nid(c, row.room_nid)?.ok_or_else(|| Error::not_found("event not found"))?;
             if !crate::federation::acl::room_allows(c, room.current_sg, &signed.origin)?
-                || !server_in_room(c, &room, &signed.origin)?
+                || !server_may_read_room(c, &room, &signed.origin)?
             {
                 return Err(Error::forbidden("your server may not see this event"));
             }
-            Ok(json!({"origin": me, "origin_server_ts": now_ms(), "pdus": [serde_json::from_str::<Value>(&row.json)?]}))
+            let pdus = pdus_for_server(c, &room, std::slice::from_ref(&row), &signed.origin)?;
+            Ok(json!({"origin": me, "origin_server_ts": now_ms(), "pdus": pdus}))
         })
         .await?;
     Ok(axum::Json(body))
@@ -768,7 +754,7 @@ async fn event_auth(
             if room.partial_state {
                 return Err(partial_refusal());
             }
-            if !server_in_room(c, &room, &signed.origin)? {
+            if !server_may_read_room(c, &room, &signed.origin)? {
                 return Err(Error::forbidden("your server is not in this room"));
             }
             let pdu = load_pdu_by_str(c, &event_id)?
@@ -835,15 +821,10 @@ fn walk_back(
 /// from that server (the hashes and signatures stay, so the copy still verifies as a redaction).
 fn pdus_for_server(c: Db<'_>, room: &RoomRow, rows: &[events::EventRow], server: &str) -> Result<Vec<Value>> {
     let rules = version::rules(&room.version)?;
-    let users = members::users_of_server(c, room.room_nid, server)?;
-    let mut seen: HashMap<Option<StateGroup>, bool> = HashMap::new();
+    let mut judge = ServerJudge::new(c, room.room_nid, server)?;
     let mut out = Vec::with_capacity(rows.len());
     for r in rows {
-        let visible = match seen.get(&r.sg_after) {
-            Some(v) => *v,
-            None => *seen.entry(r.sg_after).or_insert(crate::room::membership::server_may_see(c, r.sg_after, &users)?),
-        };
-        if visible {
+        if judge.may_see(r)? {
             out.push(serde_json::from_str(&r.json)?);
             continue;
         }
@@ -874,7 +855,7 @@ async fn get_missing_events(
         .store
         .read(move |c| {
             let room = resident_room(c, &parse_room_id(&room_id)?, &signed.origin)?;
-            if !server_in_room(c, &room, &signed.origin)? {
+            if !server_may_read_room(c, &room, &signed.origin)? {
                 return Err(Error::forbidden("your server is not in this room"));
             }
             let stop: HashSet<String> = earliest.into_iter().collect();
@@ -909,7 +890,7 @@ async fn backfill(
         .store
         .read(move |c| {
             let room = resident_room(c, &parse_room_id(&room_id)?, &signed.origin)?;
-            if !server_in_room(c, &room, &signed.origin)? {
+            if !server_may_read_room(c, &room, &signed.origin)? {
                 return Err(Error::forbidden("your server is not in this room"));
             }
             let rows = walk_back(c, &room, &from, &HashSet::new(), limit, true)?;

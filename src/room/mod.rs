@@ -17,6 +17,7 @@ mod tests;
 pub mod typing;
 pub mod upgrade;
 pub mod version;
+pub mod visibility;
 
 use std::sync::Arc;
 

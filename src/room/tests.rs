@@ -7,7 +7,8 @@ use serde_json::json;
 
 use crate::room::append::{append_local, LocalEvent};
 use crate::room::create::{create_room, CreateRoom};
-use crate::room::membership::{readable_room, set_membership, visibility, visible_from, Visibility};
+use crate::room::membership::set_membership;
+use crate::room::visibility::{readable_room, visibility, ClientJudge, Visibility};
 use crate::room::Identity;
 use crate::store::ids::StreamPos;
 use crate::store::testing::{memory_db, write, MemDb};
@@ -50,6 +51,38 @@ impl Fixture {
             set_membership(w, &identity, &rid(room_id), &uid(sender), &uid(target), membership, None, None)
         })
         .map(|_| ())
+    }
+
+    fn state(&mut self, room_id: &str, event_type: &str, content: serde_json::Value) {
+        let identity = self.identity.clone();
+        let ev = LocalEvent::state(event_type, "", content);
+        write(&mut self.conn, &mut self.stream, |w| append_local(w, &identity, &rid(room_id), &uid(ALICE), ev, None))
+            .unwrap();
+    }
+
+    /// What `user` may see of the room's whole timeline, each event as a short label: a message's body, or
+    /// `member {user} {membership}`, or the state event's type.
+    fn seen_by(&self, room_id: &str, user: &str) -> Vec<String> {
+        let c = self.conn.db();
+        let room = rooms::room_by_id(c, room_id).unwrap().unwrap();
+        let rows =
+            crate::store::timeline::oldest_first(c, room.room_nid, StreamPos(i64::MIN), StreamPos(i64::MAX), 1000)
+                .unwrap();
+        let rows = ClientJudge::new(c, user).filter(rows).unwrap();
+        rows.iter()
+            .map(|r| {
+                let v: serde_json::Value = serde_json::from_str(&r.json).unwrap();
+                match r.event_type.as_str() {
+                    "m.room.message" => v["content"]["body"].as_str().unwrap().to_owned(),
+                    "m.room.member" => format!(
+                        "member {} {}",
+                        v["state_key"].as_str().unwrap(),
+                        v["content"]["membership"].as_str().unwrap()
+                    ),
+                    t => t.to_owned(),
+                }
+            })
+            .collect()
     }
 
     fn send(&mut self, room_id: &str, sender: &str, body: &str) -> crate::error::Result<crate::room::append::Appended> {
@@ -173,18 +206,16 @@ fn a_former_member_reads_up_to_their_leave() {
     assert!(readable_room(f.conn.db(), &rid(&room_id), &uid("@carol:test.example")).is_err());
     let (_, vis) = readable_room(f.conn.db(), &rid(&room_id), &uid(BOB)).unwrap();
     // The state Bob sees is the state at his leave: he is not joined in it.
-    let sg = crate::room::membership::visible_state_group(f.conn.db(), &room, vis).unwrap().unwrap();
+    let sg = crate::room::visibility::visible_state_group(f.conn.db(), &room, vis).unwrap().unwrap();
     assert_ne!(Some(sg), room.current_sg);
     assert!(crate::room::state_content(f.conn.db(), sg, "m.room.topic", "").unwrap().is_none());
     let member = crate::room::state_content(f.conn.db(), sg, "m.room.member", BOB).unwrap().unwrap();
     assert_eq!(member["membership"], "leave");
-    // Shared history: everything from the start.
-    assert_eq!(visible_from(f.conn.db(), &room, &uid(BOB)).unwrap(), i64::MIN);
     assert!(leave_pos > StreamPos(0));
 }
 
 #[test]
-fn joined_history_is_visible_from_the_first_join() {
+fn joined_history_is_visible_from_the_join() {
     let mut f = Fixture::new();
     let room_id = f.room();
     let identity = f.identity.clone();
@@ -203,12 +234,11 @@ fn joined_history_is_visible_from_the_first_join() {
     f.send(&room_id, ALICE, "before bob").unwrap();
     f.membership(&room_id, ALICE, BOB, "invite").unwrap();
     f.membership(&room_id, BOB, BOB, "join").unwrap();
-    let room = rooms::room_by_id(f.conn.db(), &room_id).unwrap().unwrap();
-    let (_, join_nid) = members::membership_of(f.conn.db(), room.room_nid, BOB).unwrap().unwrap();
-    let join_pos = events::event_by_nid(f.conn.db(), join_nid).unwrap().unwrap().stream_ordering.unwrap();
-    assert_eq!(visible_from(f.conn.db(), &room, &uid(BOB)).unwrap(), join_pos.0);
+    let seen = f.seen_by(&room_id, BOB);
+    assert!(!seen.contains(&"before bob".to_owned()), "{seen:?}");
+    assert!(seen.contains(&format!("member {BOB} join")), "{seen:?}");
     // Never joined under these rules: nothing.
-    assert_eq!(visible_from(f.conn.db(), &room, &uid("@carol:test.example")).unwrap(), i64::MAX);
+    assert!(f.seen_by(&room_id, "@carol:test.example").is_empty());
 }
 
 #[test]
@@ -284,4 +314,138 @@ fn restricted_join_while_partial_goes_through_the_residents_servers() {
         remote_authorisers(f.conn.db(), &room, &uid(BOB), "test.example").unwrap(),
         Some(vec!["remote.example".to_owned()])
     );
+}
+
+/// The membership histories of the table test: each a list of (actor, membership) steps applied to Bob, with
+/// messages sent by Alice before ("m0"), between each step ("m1", "m2", ...) and after the last.
+const HISTORIES: &[(&str, &[(&str, &str)])] = &[
+    ("never", &[]),
+    ("invited, rejected", &[(ALICE, "invite"), (BOB, "leave")]),
+    ("joined", &[(ALICE, "invite"), (BOB, "join")]),
+    ("joined, left", &[(ALICE, "invite"), (BOB, "join"), (BOB, "leave")]),
+    ("joined, kicked", &[(ALICE, "invite"), (BOB, "join"), (ALICE, "leave")]),
+    ("joined, banned", &[(ALICE, "invite"), (BOB, "join"), (ALICE, "ban")]),
+    ("left, re-invited", &[(ALICE, "invite"), (BOB, "join"), (BOB, "leave"), (ALICE, "invite")]),
+    ("left, re-joined", &[(ALICE, "invite"), (BOB, "join"), (BOB, "leave"), (ALICE, "invite"), (BOB, "join")]),
+    ("knocked, retracted", &[(BOB, "knock"), (BOB, "leave")]),
+];
+
+/// Which messages Bob sees, per history visibility and history (m0 before the first step, m{i} after step i).
+fn expected(hv: &str, history: &str) -> &'static [&'static str] {
+    match (hv, history) {
+        ("world_readable", "never") => &["m0"],
+        ("world_readable", "invited, rejected" | "joined" | "knocked, retracted") => &["m0", "m1", "m2"],
+        ("world_readable", "joined, left" | "joined, kicked" | "joined, banned") => &["m0", "m1", "m2", "m3"],
+        ("world_readable", "left, re-invited") => &["m0", "m1", "m2", "m3", "m4"],
+        ("world_readable", _) => &["m0", "m1", "m2", "m3", "m4", "m5"],
+        ("shared", "joined") => &["m0", "m1", "m2"],
+        ("shared", "joined, left" | "joined, kicked" | "joined, banned") => &["m0", "m1", "m2"],
+        ("shared", "left, re-invited") => &["m0", "m1", "m2"],
+        ("shared", "left, re-joined") => &["m0", "m1", "m2", "m3", "m4", "m5"],
+        ("invited", "invited, rejected") => &["m1"],
+        ("invited", "joined") => &["m1", "m2"],
+        ("invited", "joined, left" | "joined, kicked" | "joined, banned") => &["m1", "m2"],
+        ("invited", "left, re-invited") => &["m1", "m2", "m4"],
+        ("invited", "left, re-joined") => &["m1", "m2", "m4", "m5"],
+        ("joined", "joined" | "joined, left" | "joined, kicked" | "joined, banned" | "left, re-invited") => &["m2"],
+        ("joined", "left, re-joined") => &["m2", "m5"],
+        _ => &[],
+    }
+}
+
+#[test]
+fn history_visibility_by_membership_history_table() {
+    for hv in ["world_readable", "shared", "invited", "joined"] {
+        for (name, steps) in HISTORIES {
+            let mut f = Fixture::new();
+            let identity = f.identity.clone();
+            let req = CreateRoom {
+                initial_state: vec![
+                    LocalEvent::state("m.room.join_rules", "", json!({"join_rule": "knock"})),
+                    LocalEvent::state("m.room.history_visibility", "", json!({"history_visibility": hv})),
+                ],
+                ..CreateRoom::new(uid(ALICE))
+            };
+            let room_id = write(&mut f.conn, &mut f.stream, |w| create_room(w, &identity, req)).unwrap().0;
+            f.send(&room_id, ALICE, "m0").unwrap();
+            for (i, (actor, membership)) in steps.iter().enumerate() {
+                f.membership(&room_id, actor, BOB, membership).unwrap();
+                f.send(&room_id, ALICE, &format!("m{}", i + 1)).unwrap();
+            }
+            let seen = f.seen_by(&room_id, BOB);
+            let messages: Vec<&str> =
+                seen.iter().map(String::as_str).filter(|s| s.len() == 2 && s.starts_with('m')).collect();
+            assert_eq!(messages, expected(hv, name), "{hv} / {name}: saw {seen:?}");
+            // Bob's own membership events: a join, and a leave or ban that ends a join, invite or knock, are his
+            // to see whatever the setting.
+            let joined = steps.iter().any(|s| s.1 == "join");
+            if joined {
+                assert!(seen.contains(&format!("member {BOB} join")), "{hv} / {name}: {seen:?}");
+            }
+            if steps.last().is_some_and(|s| s.1 == "leave" || s.1 == "ban") {
+                assert!(seen.iter().any(|s| s.starts_with(&format!("member {BOB} "))), "{hv} / {name}: {seen:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn each_event_keeps_the_visibility_it_was_sent_under() {
+    let mut f = Fixture::new();
+    let room_id = f.room();
+    f.state(&room_id, "m.room.history_visibility", json!({"history_visibility": "joined"}));
+    f.send(&room_id, ALICE, "sent under joined").unwrap();
+    f.state(&room_id, "m.room.history_visibility", json!({"history_visibility": "world_readable"}));
+    f.send(&room_id, ALICE, "sent under world_readable").unwrap();
+    f.state(&room_id, "m.room.history_visibility", json!({"history_visibility": "joined"}));
+    f.send(&room_id, ALICE, "joined again").unwrap();
+    let seen = f.seen_by(&room_id, "@carol:test.example");
+    let messages: Vec<&str> =
+        seen.iter().map(String::as_str).filter(|s| s.starts_with("sent") || s.starts_with("joined")).collect();
+    assert_eq!(messages, ["sent under world_readable"], "{seen:?}");
+    // The setting events themselves count under the more open of the old and the new setting: the change to
+    // world_readable and the change back from it are visible, the first change (shared -> joined) is not
+    // (shared hides it from someone who never joined).
+    assert_eq!(seen.iter().filter(|s| *s == "m.room.history_visibility").count(), 2, "{seen:?}");
+}
+
+#[test]
+fn another_server_is_judged_by_its_joined_users() {
+    use crate::room::visibility::{server_may_read_room, ServerJudge};
+    let mut f = Fixture::new();
+    let room_id = f.room();
+    f.state(&room_id, "m.room.history_visibility", json!({"history_visibility": "joined"}));
+    let early = f.send(&room_id, ALICE, "before anyone from there").unwrap();
+    // Members of other servers, as federation would store them, are not possible through local appends; the
+    // membership table decides who may read the room: a server with no member may not.
+    let room = rooms::room_by_id(f.conn.db(), &room_id).unwrap().unwrap();
+    assert!(server_may_read_room(f.conn.db(), &room, "test.example").unwrap());
+    assert!(!server_may_read_room(f.conn.db(), &room, "other.example").unwrap());
+    // Users of other servers who are only invited, knocking, gone or banned do not let their server read it.
+    for (user, membership) in [
+        ("@m:invited.example", "invite"),
+        ("@m:knocking.example", "knock"),
+        ("@m:gone.example", "leave"),
+        ("@m:banned.example", "ban"),
+    ] {
+        let update = members::MemberUpdate {
+            room_nid: room.room_nid,
+            user_id: user,
+            membership,
+            event_nid: early.event_nid,
+            displayname: None,
+            avatar_url: None,
+        };
+        members::upsert_member(f.conn.db(), &update).unwrap();
+        let server = user.split_once(':').unwrap().1;
+        assert!(!server_may_read_room(f.conn.db(), &room, server).unwrap(), "{membership}");
+    }
+    let row = events::event_by_id(f.conn.db(), &early.event_id).unwrap().unwrap();
+    assert!(!ServerJudge::new(f.conn.db(), room.room_nid, "other.example").unwrap().may_see(&row).unwrap());
+    assert!(ServerJudge::new(f.conn.db(), room.room_nid, "test.example").unwrap().may_see(&row).unwrap());
+    // While our join is partial, the servers the resident listed may read it too.
+    crate::store::resync::set_room_partial(f.conn.db(), room.room_nid, true).unwrap();
+    crate::store::resync::add_partial_servers(f.conn.db(), room.room_nid, ["other.example"]).unwrap();
+    let room = rooms::room_by_id(f.conn.db(), &room_id).unwrap().unwrap();
+    assert!(server_may_read_room(f.conn.db(), &room, "other.example").unwrap());
 }

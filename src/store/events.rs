@@ -282,6 +282,18 @@ pub fn oldest_timeline_event(conn: Db<'_>, room_nid: RoomNid) -> Result<Option<(
         .optional()?)
 }
 
+/// The state group of the room's oldest timeline event that has one (backfilled history, numbered below 0, is
+/// held without state): the nearest state we know to the history before it.
+pub fn earliest_timeline_sg(conn: Db<'_>, room_nid: RoomNid) -> Result<Option<StateGroup>> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT sg_after FROM events WHERE room_nid = ?1 AND stream_ordering >= 0 AND sg_after IS NOT NULL
+             ORDER BY stream_ordering LIMIT 1",
+        )?
+        .query_row([room_nid], |r| r.get(0))
+        .optional()?)
+}
+
 /// Prev events of an event that are not in our timeline (unknown, or known only as outliers).
 pub fn prevs_missing_from_timeline(conn: Db<'_>, event_nid: EventNid) -> Result<Vec<String>> {
     let mut stmt = conn.prepare_cached(

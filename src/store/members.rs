@@ -126,19 +126,15 @@ pub fn was_locally_joined(conn: Db<'_>, user_id: &str, room_nid: RoomNid) -> Res
         .exists(params![user_id, room_nid])?)
 }
 
-/// The stream position of our user's first membership event of kind `membership` in a room.
-pub fn first_local_membership_pos(
-    conn: Db<'_>,
-    user_id: &str,
-    room_nid: RoomNid,
-    membership: &str,
-) -> Result<Option<StreamPos>> {
+/// The stream position of our user's latest join event in a room (for `shared` history visibility: the events
+/// up to it are theirs to see).
+pub fn last_local_join_pos(conn: Db<'_>, user_id: &str, room_nid: RoomNid) -> Result<Option<StreamPos>> {
     Ok(conn
         .prepare_cached(
-            "SELECT min(e.stream_ordering) FROM local_membership_stream m JOIN events e ON e.event_nid = m.event_nid
-             WHERE m.user_id = ?1 AND m.room_nid = ?2 AND m.membership = ?3",
+            "SELECT max(e.stream_ordering) FROM local_membership_stream m JOIN events e ON e.event_nid = m.event_nid
+             WHERE m.user_id = ?1 AND m.room_nid = ?2 AND m.membership = 'join'",
         )?
-        .query_row(params![user_id, room_nid, membership], |r| r.get(0))?)
+        .query_row(params![user_id, room_nid], |r| r.get(0))?)
 }
 
 /// A user (re)joined a room: it is no longer forgotten.
@@ -146,13 +142,6 @@ pub fn unforget_room(conn: Db<'_>, user_id: &str, room_nid: RoomNid) -> Result<(
     conn.prepare_cached("DELETE FROM forgotten_rooms WHERE user_id = ?1 AND room_nid = ?2")?
         .execute(params![user_id, room_nid])?;
     Ok(())
-}
-
-/// Whether `server` has (or had) any member in the room, in any membership.
-pub fn server_has_member(conn: Db<'_>, room_nid: RoomNid, server: &str) -> Result<bool> {
-    Ok(conn
-        .prepare_cached("SELECT 1 FROM room_members WHERE room_nid = ?1 AND server_name = ?2 LIMIT 1")?
-        .exists(params![room_nid, server])?)
 }
 
 /// Whether `server` has a user with `membership` (`join`, `invite`, ...) in the room.
@@ -360,8 +349,10 @@ mod tests {
         set(conn.db(), r, "@f:e.example", "join", e);
         set(conn.db(), other, "@g:g.example", "join", e);
         assert_eq!(joined_servers(conn.db(), r).unwrap(), ["a.example", "e.example"]);
-        assert!(server_has_member(conn.db(), r, "c.example").unwrap());
-        assert!(!server_has_member(conn.db(), r, "g.example").unwrap());
+        // Only a joined member makes a server "in" the room (a left one does not).
+        assert!(!server_has_membership(conn.db(), r, "c.example", "join").unwrap());
+        assert!(server_has_membership(conn.db(), r, "e.example", "join").unwrap());
+        assert!(!server_has_membership(conn.db(), r, "g.example", "join").unwrap());
         assert_eq!(some_members_except(conn.db(), r, "@a:a.example", 5).unwrap(), ["@d:d.example", "@f:e.example"]);
         assert_eq!(some_members_except(conn.db(), r, "@z:z", 1).unwrap(), ["@a:a.example"]);
     }
@@ -374,7 +365,7 @@ mod tests {
         let join = insert_test_event(conn.db(), r, "$join", Some(20), None);
         let rejoin = insert_test_event(conn.db(), r, "$rejoin", Some(30), None);
         assert!(!was_locally_joined(conn.db(), "@a:x", r).unwrap());
-        assert_eq!(first_local_membership_pos(conn.db(), "@a:x", r, "join").unwrap(), None);
+        assert_eq!(last_local_join_pos(conn.db(), "@a:x", r).unwrap(), None);
         record_local_membership(conn.db(), StreamPos(11), "@a:x", r, "invite", invite).unwrap();
         assert!(!was_locally_joined(conn.db(), "@a:x", r).unwrap());
         record_local_membership(conn.db(), StreamPos(21), "@a:x", r, "join", join).unwrap();
@@ -382,8 +373,8 @@ mod tests {
         assert!(was_locally_joined(conn.db(), "@a:x", r).unwrap());
         assert!(!was_locally_joined(conn.db(), "@b:x", r).unwrap());
         // Positions are those of the membership events.
-        assert_eq!(first_local_membership_pos(conn.db(), "@a:x", r, "join").unwrap(), Some(StreamPos(20)));
-        assert_eq!(first_local_membership_pos(conn.db(), "@a:x", r, "invite").unwrap(), Some(StreamPos(10)));
+        assert_eq!(last_local_join_pos(conn.db(), "@a:x", r).unwrap(), Some(StreamPos(30)));
+        assert_eq!(last_local_join_pos(conn.db(), "@b:x", r).unwrap(), None);
     }
 
     #[test]
