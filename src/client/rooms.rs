@@ -42,7 +42,7 @@ pub struct StateEventBody {
 }
 
 fn check_user_id(u: &str) -> Result<ruma::OwnedUserId> {
-    ruma::UserId::parse(u).map_err(|e| Error::invalid_param(format!("invalid user id {u}: {e}")))
+    crate::util::parse_user_id(u)
 }
 
 pub async fn create_room(
