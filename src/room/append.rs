@@ -425,7 +425,7 @@ pub fn persist(
         events::replace_extremities(conn, room.room_nid, &prev_nids, event_nid)?;
         update_current_state(w, identity, room, event_nid, sg_before, sg_after)?;
         if pdu.kind == TimelineEventType::RoomRedaction {
-            apply_redaction(conn, room, rules, pdu, sg_before)?;
+            apply_redaction(conn, room, rules, pdu)?;
         }
     }
     Ok(Appended { event_id: pdu.event_id.to_string(), event_nid, stream })
@@ -553,30 +553,22 @@ pub fn apply_membership(
     Ok(MembershipChange { local, was_joined, joined: membership == "join" })
 }
 
-/// Applies an accepted redaction to its target, if we have it and the redaction may take effect. This is the one
-/// place every redaction takes effect (local sends of any kind, federation, backfill), so the rule is the same for
-/// all: the spec's "Redactions" (room versions 3+: the redaction is accepted into the DAG whoever sent it, but
-/// applied only when its sender had the redact power level in the state before it, or is of the target's sender's
-/// server; v1-2 authorisation already refused anything else). Create events are never redacted (as Synapse).
-fn apply_redaction(
-    conn: Db<'_>,
-    room: &RoomRow,
-    rules: &RoomVersionRules,
-    redaction: &Pdu,
-    sg_before: Option<StateGroup>,
-) -> Result<()> {
+/// Applies an accepted redaction to its target, if we have it and the redaction may take effect. Every redaction
+/// takes effect here (local sends of any kind, federation, backfill), so the rule is the same for all: the spec's
+/// "Redactions" (room versions 3+: the redaction is accepted into the DAG whoever sent it, but applied only when
+/// its sender had the redact power level, judged on the redaction's own auth events as Synapse does, or is of the
+/// target's sender's server; v1-2 authorisation already refused anything else). Create events are never redacted
+/// (as Synapse).
+fn apply_redaction(conn: Db<'_>, room: &RoomRow, rules: &RoomVersionRules, redaction: &Pdu) -> Result<()> {
     let Some(target_id) = &redaction.redacts else { return Ok(()) };
     let Some(target) = events::event_by_id(conn, target_id.as_str())? else { return Ok(()) };
     if target.room_nid != room.room_nid || target.redacted_by.is_some() || target.event_type == "m.room.create" {
         return Ok(());
     }
     let same_server = target.sender.split_once(':').map(|x| x.1) == Some(redaction.sender.server_name().as_str());
-    let allowed = same_server
-        || match sg_before {
-            Some(sg) => PowerLevels::load(conn, sg, &room.version)?.can_redact_others(&redaction.sender),
-            None => false,
-        };
-    if !allowed {
+    if !same_server
+        && !PowerLevels::of_auth_events(conn, redaction, &room.version)?.can_redact_others(&redaction.sender)
+    {
         tracing::debug!(redaction = %redaction.event_id, target = %target_id, "redaction not applied: no power");
         return Ok(());
     }
@@ -584,6 +576,28 @@ fn apply_redaction(
     let redacted = ruma::canonical_json::redact(obj, &rules.redaction, None)
         .map_err(|e| Error::internal(format!("redaction failed: {e}")))?;
     events::set_redacted(conn, target.event_nid, redaction.event_id.as_str(), &serde_json::to_string(&redacted)?)?;
+    Ok(())
+}
+
+/// Redactions in a batch of backfilled history, which does not go through [`persist`]: stored newest first, a
+/// redaction comes before the event it redacts. Once the batch is stored, each redaction in it that was not
+/// rejected is applied, and so is any redaction stored before whose target the batch brought.
+pub fn apply_backfilled_redactions(
+    conn: Db<'_>,
+    room: &RoomRow,
+    rules: &RoomVersionRules,
+    batch: &[String],
+) -> Result<()> {
+    let batch: std::collections::HashSet<&str> = batch.iter().map(String::as_str).collect();
+    for (id, top, in_content) in events::redaction_targets(conn, room.room_nid)? {
+        let named = [top.as_deref(), in_content.as_deref()];
+        if !batch.contains(id.as_str()) && !named.iter().flatten().any(|t| batch.contains(t)) {
+            continue;
+        }
+        if let Some(redaction) = crate::room::load_pdu_with(conn, &id, rules)? {
+            apply_redaction(conn, room, rules, &redaction)?;
+        }
+    }
     Ok(())
 }
 
