@@ -378,6 +378,8 @@ CREATE TABLE media (
     size         INTEGER,                       -- NULL: created for an async upload, content not uploaded yet
     sha256       TEXT,
     created_ts   INTEGER NOT NULL,
+    authenticated INTEGER NOT NULL DEFAULT 0,   -- 1: stored while `media.freeze_legacy` was on: served only through
+                                                -- the authenticated endpoints (spec v1.11), not the legacy ones
     PRIMARY KEY (origin, media_id)
 ) WITHOUT ROWID;
 CREATE INDEX media_by_uploader ON media(uploader) WHERE uploader IS NOT NULL;

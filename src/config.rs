@@ -183,6 +183,18 @@ pub struct Media {
     pub user_quota_bytes: u64,
     /// Fetch (and cache) other servers' media when local clients ask for it.
     pub fetch_remote: bool,
+    /// Images with more pixels than this (width x height, read from the file's header before anything is decoded)
+    /// are not thumbnailed: 413 `M_TOO_LARGE`. Synapse's `max_image_pixels` default (32M).
+    pub max_image_pixels: u64,
+    /// Memory all thumbnail decodes together may hold, in MiB: each decode reserves what its image needs (from the
+    /// header) and waits its turn; an image needing more than the whole budget is refused (413 `M_TOO_LARGE`).
+    /// The default suits a 1 GB Raspberry Pi.
+    pub thumbnail_memory_mb: u32,
+    /// Freeze the legacy unauthenticated media endpoints (`/_matrix/media/{v3,r0,v1}/download|thumbnail`) as the
+    /// spec's v1.11 "Authenticated media" asks: media uploaded or fetched from other servers while this is on is
+    /// served only through `/_matrix/client/v1/media/*` (the legacy endpoints answer 404 `M_NOT_FOUND`); media
+    /// stored before stays reachable through both. As Synapse's `enable_authenticated_media` (default on).
+    pub freeze_legacy: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -276,7 +288,15 @@ impl Default for Jobs {
 
 impl Default for Media {
     fn default() -> Self {
-        Media { path: None, max_upload_bytes: 50 << 20, user_quota_bytes: 0, fetch_remote: true }
+        Media {
+            path: None,
+            max_upload_bytes: 50 << 20,
+            user_quota_bytes: 0,
+            fetch_remote: true,
+            max_image_pixels: 32_000_000,
+            thumbnail_memory_mb: 192,
+            freeze_legacy: true,
+        }
     }
 }
 
@@ -349,6 +369,14 @@ impl Config {
         anyhow::ensure!(
             self.media.max_upload_bytes >= 1,
             "invalid configuration: key `media.max_upload_bytes` must be at least 1"
+        );
+        anyhow::ensure!(
+            self.media.max_image_pixels >= 1,
+            "invalid configuration: key `media.max_image_pixels` must be at least 1"
+        );
+        anyhow::ensure!(
+            self.media.thumbnail_memory_mb >= 1,
+            "invalid configuration: key `media.thumbnail_memory_mb` must be at least 1"
         );
         if let Some(token) = &self.registration.token {
             anyhow::ensure!(!token.is_empty(), "invalid configuration: key `registration.token` is empty");

@@ -38,7 +38,7 @@ pub struct Services {
     pub identity: Arc<Identity>,
     pub typing: Arc<Typing>,
     pub presence: Arc<Presence>,
-    /// Failed logins, per user id and per address.
+    /// Failed password checks (login and user-interactive auth), per user id and per address.
     pub login_limiter: RateLimiter,
     /// Every login attempt, per address.
     pub login_attempt_limiter: RateLimiter,
@@ -80,6 +80,8 @@ pub struct Auth {
     pub device_id: String,
     pub admin: bool,
     pub token: String,
+    /// The client's address ([`client_ip`]), for rate limits such as the password checks of user-interactive auth.
+    pub ip: String,
 }
 
 fn token_from(parts: &Parts) -> Option<String> {
@@ -103,7 +105,7 @@ impl FromRequestParts<AppState> for Auth {
             tracing::error!("stored user id {user_id:?} does not parse: {e}");
             Error::internal("stored user id does not parse")
         })?;
-        Ok(Auth { user_id, device_id, admin, token })
+        Ok(Auth { user_id, device_id, admin, token, ip: client_ip(parts) })
     }
 }
 

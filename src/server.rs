@@ -229,7 +229,7 @@ pub fn build_services(config: Config) -> anyhow::Result<Arc<Services>> {
     } else {
         None
     };
-    let media = crate::media_repo::MediaRepo::new(config.media.dir(&config.database.path))?;
+    let media = crate::media_repo::MediaRepo::new(config.media.dir(&config.database.path), &config.media)?;
     let config = Arc::new(config);
     let typing = Arc::new(Typing::default());
     let presence = Arc::new(crate::room::presence::Presence::new(

@@ -30,3 +30,49 @@ pub fn percent_decode(s: &str) -> String {
     }
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// A user id a client named (an invitee, a to-device recipient, a profile or key lookup): the spec's grammar
+/// ("User Identifiers", historical ids included: a non-empty localpart of printable ASCII other than `:`, a valid
+/// server name, 255 bytes in all), else 400 `M_INVALID_PARAM`. ruma alone accepts far more (any character but `:`
+/// and NUL), which let ids like `@:` or `@x y:server` through to the outbox as destinations.
+pub fn parse_user_id(s: &str) -> crate::error::Result<ruma::OwnedUserId> {
+    let bad = |why: &str| crate::error::Error::invalid_param(format!("invalid user id {s:?}: {why}"));
+    if s.len() > 255 {
+        return Err(bad("longer than 255 bytes"));
+    }
+    let id = ruma::UserId::parse(s).map_err(|e| bad(&e.to_string()))?;
+    let localpart = id.localpart();
+    if localpart.is_empty() || !localpart.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+        return Err(bad("the localpart must be printable ASCII"));
+    }
+    Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_ids_follow_the_spec_grammar_historical_ids_included() {
+        for ok in ["@alice:example.org", "@a.b_c=d-e/f+g:example.org:8448", "@Upper!Case:[::1]", "@x:1.2.3.4"] {
+            assert!(parse_user_id(ok).is_ok(), "{ok}");
+        }
+        let long = format!("@{}:example.org", "a".repeat(250));
+        for bad in [
+            "",
+            "@",
+            "@:",
+            "@alice",
+            "alice:example.org",
+            "@:example.org",
+            "@a b:example.org",
+            "@é:x.org",
+            "@a:",
+            "@a:bad_server!",
+            &long,
+        ] {
+            let e = parse_user_id(bad).expect_err(bad);
+            assert_eq!(e.errcode(), "M_INVALID_PARAM", "{bad}");
+        }
+    }
+}

@@ -210,3 +210,61 @@ async fn garbage_never_500s() {
     alice.send_text(&room, "still alive").await;
     s.stop().await;
 }
+
+/// User ids outside the spec's grammar (historical ids included) are refused with 400 `M_INVALID_PARAM` wherever a
+/// client names a user, before anything is stored or queued; registration refuses user names outside
+/// `[a-z0-9._=-/+]` with `M_INVALID_USERNAME`.
+#[tokio::test]
+async fn invalid_user_ids_are_refused_and_nothing_is_queued() {
+    let s = TestServer::start_with(|c| {
+        // Federation on (no listener needed): remote to-device messages would be queued for other servers.
+        c.federation.enabled = true;
+        c.federation.trusted_key_servers = vec![];
+    })
+    .await;
+    let alice = s.user("alice").await;
+    let bob = s.user("bob").await;
+    let room = alice.create_room(json!({})).await;
+    let bad_ids =
+        ["@:", "@bob", "bob:localhost", "@:localhost", "@bo b:localhost", "@bob:", "@bob:bad_server!", "@é:localhost"];
+    for bad in bad_ids {
+        // To-device: the whole request is refused, the valid recipient included; nothing is queued anywhere.
+        let body = json!({"messages": {
+            bad: {"D": {"x": 1}}, bob.user_id.clone(): {"*": {"x": 2}}, "@carol:remote.example": {"D": {"x": 3}}
+        }});
+        alice.put(&format!("/sendToDevice/m.test/{}", alice.next_txn()), body).await.assert_err(400, "M_INVALID_PARAM");
+        alice.post("/keys/query", json!({"device_keys": {bad: []}})).await.assert_err(400, "M_INVALID_PARAM");
+        alice
+            .post("/keys/claim", json!({"one_time_keys": {bad: {"D": "signed_curve25519"}}}))
+            .await
+            .assert_err(400, "M_INVALID_PARAM");
+        alice
+            .post(&format!("/rooms/{}/invite", enc(&room)), json!({"user_id": bad}))
+            .await
+            .assert_err(400, "M_INVALID_PARAM");
+        alice.get(&format!("/profile/{}", enc(bad))).await.assert_err(400, "M_INVALID_PARAM");
+        alice.get(&format!("/profile/{}/displayname", enc(bad))).await.assert_err(400, "M_INVALID_PARAM");
+        alice.get(&format!("/presence/{}/status", enc(bad))).await.assert_err(400, "M_INVALID_PARAM");
+    }
+    let conn = rusqlite::Connection::open(&s.db_path).unwrap();
+    let queued: i64 = conn.query_row("SELECT count(*) FROM outbox", [], |r| r.get(0)).unwrap();
+    assert_eq!(queued, 0, "nothing was queued for any server");
+    let sync = bob.sync(None, &[("timeout", "0")]).await.ok();
+    assert_eq!(sync["to_device"]["events"], json!([]), "the valid recipient got nothing either: {sync}");
+
+    // Registration: a user name is a localpart of the new grammar only.
+    for bad in ["has:colon", "@x:other", "@x", "Space d", "é", "", "semi;colon"] {
+        let r = s
+            .client()
+            .post("/register", json!({"username": bad, "password": PASSWORD, "auth": {"type": "m.login.dummy"}}))
+            .await;
+        r.assert_err(400, "M_INVALID_USERNAME");
+        s.client()
+            .get(&format!("/register/available?username={}", enc(bad)))
+            .await
+            .assert_err(400, "M_INVALID_USERNAME");
+    }
+    let users: i64 = conn.query_row("SELECT count(*) FROM users", [], |r| r.get(0)).unwrap();
+    assert_eq!(users, 2, "no account was created");
+    s.stop().await;
+}

@@ -667,6 +667,61 @@ async fn redact() {
     s.stop().await;
 }
 
+/// A redaction is held to the same rules however it is sent (`/redact`, `/send/m.room.redaction`, or as state with
+/// `PUT /state/m.room.redaction/...`, which Synapse also treats as a redaction): without the redact power level a
+/// user may redact only their own events; the create event cannot be redacted; a redaction must name its target.
+#[tokio::test]
+async fn redaction_rules_hold_however_the_redaction_is_sent() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let bob = s.user("bob").await;
+    for version in ["10", "12"] {
+        // Anyone may send state (so a redaction sent as state meets only the redaction rules), but redacting
+        // others' events still takes the redact power level (50).
+        let room = alice
+            .create_room(json!({"preset": "public_chat", "room_version": version,
+                "power_level_content_override": {"state_default": 0}}))
+            .await;
+        bob.join(&room).await.ok();
+        let hers = alice.send_text(&room, "alice's").await;
+        let r = enc(&room);
+        // Bob (power 0) through every door: refused, and alice's message keeps its content.
+        bob.put_state(&room, "m.room.redaction", "x", json!({"redacts": hers})).await.assert_err(403, "M_FORBIDDEN");
+        bob.put_state(&room, "m.room.redaction", "", json!({"redacts": hers})).await.assert_err(403, "M_FORBIDDEN");
+        bob.send(&room, "m.room.redaction", json!({"redacts": hers})).await.assert_err(403, "M_FORBIDDEN");
+        bob.put(&format!("/rooms/{r}/redact/{}/t1", enc(&hers)), json!({})).await.assert_err(403, "M_FORBIDDEN");
+        assert_eq!(alice.event(&room, &hers).await.ok()["content"]["body"], "alice's", "v{version}");
+        // A redaction naming nothing, or something unknown (without power), is refused.
+        bob.send(&room, "m.room.redaction", json!({})).await.assert_err(400, "M_BAD_JSON");
+        bob.send(&room, "m.room.redaction", json!({"redacts": 5})).await.assert_err(400, "M_BAD_JSON");
+        bob.send(&room, "m.room.redaction", json!({"redacts": "nope"})).await.assert_err(400, "M_INVALID_PARAM");
+        bob.send(&room, "m.room.redaction", json!({"redacts": "$unknown:localhost"}))
+            .await
+            .assert_err(404, "M_NOT_FOUND");
+
+        // His own events he may redact, through /send or as state: the redaction takes effect.
+        let his = bob.send_text(&room, "bob's").await;
+        let red = bob.send(&room, "m.room.redaction", json!({"redacts": his})).await.ok();
+        let ev = alice.event(&room, &his).await.ok();
+        assert_eq!((&ev["content"], &ev["unsigned"]["redacted_because"]["event_id"]), (&json!({}), &red["event_id"]));
+        let his2 = bob.send_text(&room, "bob's again").await;
+        let red = bob.put_state(&room, "m.room.redaction", "y", json!({"redacts": his2})).await.ok();
+        let ev = alice.event(&room, &his2).await.ok();
+        assert_eq!((&ev["content"], &ev["unsigned"]["redacted_because"]["event_id"]), (&json!({}), &red["event_id"]));
+
+        // Alice (power 100) may redact bob's events through /send, but nobody the create event.
+        let his3 = bob.send_text(&room, "bob's third").await;
+        alice.send(&room, "m.room.redaction", json!({"redacts": his3})).await.ok();
+        assert_eq!(alice.event(&room, &his3).await.ok()["content"], json!({}), "v{version}");
+        let create = alice.get(&format!("/rooms/{r}/state")).await.ok();
+        let create = create.as_array().unwrap().iter().find(|e| e["type"] == "m.room.create").unwrap().clone();
+        let create_id = create["event_id"].as_str().unwrap();
+        alice.put(&format!("/rooms/{r}/redact/{}/t2", enc(create_id)), json!({})).await.assert_err(403, "M_FORBIDDEN");
+        assert_eq!(alice.event(&room, create_id).await.ok()["content"], create["content"]);
+    }
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn get_and_put_state() {
     let s = TestServer::start().await;

@@ -482,3 +482,80 @@ async fn event_not_allowed_by_its_auth_events_is_rejected() {
     still_serving(&hearth, &alice).await;
     hearth.stop().await;
 }
+
+/// Redactions from another server (spec, room versions 3+, "Redactions"): every one is accepted into the room, but
+/// one only takes effect when its sender has the redact power level, or is of the same server as the redacted
+/// event's sender. The create event is never redacted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_redactions_take_effect_only_with_power_or_from_the_senders_server() {
+    let fake = FakeResident::start(RoomSpec { version: "11".into(), members: 2, messages: 0 }).await;
+    let (hearth, alice) = joined(&[&fake]).await;
+    let room = fake.room_id();
+    let ours = alice.send_text(&room, "alice's message").await;
+    let theirs = fake.append(EventSpec::message(&fake.user("user2"), "user2's message"));
+    fake.push(&[&theirs.id]).await;
+    let redaction = |sender: &str, target: &str| EventSpec {
+        kind: "m.room.redaction".into(),
+        content: json!({"redacts": target}),
+        ..EventSpec::message(sender, "")
+    };
+    // A powerless remote user redacts alice's event: accepted, not applied.
+    let r1 = fake.append(redaction(&fake.user("user1"), &ours));
+    // ... and the event of a user of its own server: applied.
+    let r2 = fake.append(redaction(&fake.user("user1"), &theirs.id));
+    // The creator (power 100) may redact alice's event, but not the create event.
+    let create = fake.room.lock().unwrap().state_id("m.room.create", "").unwrap();
+    let r3 = fake.append(redaction(&fake.creator(), &create));
+    let answer = fake.push(&[&r1.id, &r2.id, &r3.id]).await;
+    for r in [&r1.id, &r2.id, &r3.id] {
+        assert_eq!(answer[r], json!({}), "every redaction is accepted: {answer}");
+    }
+    let body = |ev: Value| ev["content"]["body"].as_str().map(str::to_owned);
+    assert_eq!(body(alice.event(&room, &ours).await.ok()).as_deref(), Some("alice's message"), "no power: not applied");
+    let seen = alice.event(&room, &theirs.id).await.ok();
+    assert_eq!((body(seen.clone()), &seen["unsigned"]["redacted_because"]["event_id"]), (None, &json!(r2.id)));
+    let create_ev = alice.event(&room, &create).await.ok();
+    assert_eq!(create_ev["content"]["room_version"], "11", "the create event is never redacted: {create_ev}");
+
+    let r4 = fake.append(redaction(&fake.creator(), &ours));
+    fake.push(&[&r4.id]).await;
+    let seen = alice.event(&room, &ours).await.ok();
+    assert_eq!((body(seen.clone()), &seen["unsigned"]["redacted_because"]["event_id"]), (None, &json!(r4.id)));
+    still_serving(&hearth, &alice).await;
+    hearth.stop().await;
+}
+
+/// Redactions in history fetched with `/backfill` take effect too: a backfilled batch holds the redaction before
+/// the event it redacts (newest first), and neither was applied before (history never went through the room's
+/// persist step), so `/messages` showed redacted content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redactions_in_backfilled_history_take_effect() {
+    let fake = FakeResident::start(RoomSpec { version: "11".into(), members: 2, messages: 0 }).await;
+    let redaction = |sender: &str, target: &str| EventSpec {
+        kind: "m.room.redaction".into(),
+        content: json!({"redacts": target}),
+        ..EventSpec::message(sender, "")
+    };
+    // History before alice joins: user1 redacts their own message, the creator (power 100) redacts user2's.
+    let own = fake.append(EventSpec::message(&fake.user("user1"), "secret one"));
+    let theirs = fake.append(EventSpec::message(&fake.user("user2"), "secret two"));
+    let kept = fake.append(EventSpec::message(&fake.user("user2"), "kept"));
+    fake.append(redaction(&fake.user("user1"), &own.id));
+    fake.append(redaction(&fake.creator(), &theirs.id));
+    for i in 0..3 {
+        fake.append(EventSpec::message(&fake.creator(), &format!("later {i}")));
+    }
+    let (hearth, alice) = joined(&[&fake]).await;
+    let room = fake.room_id();
+    let page = alice.messages(&room, &[("dir", "b"), ("limit", "50")]).await.ok();
+    let events = page["chunk"].as_array().cloned().unwrap_or_default();
+    let by_id = |id: &str| events.iter().find(|e| e["event_id"] == id).cloned();
+    let got = by_id(&kept.id).unwrap_or_else(|| panic!("history was backfilled: {page}"));
+    assert_eq!(got["content"]["body"], "kept");
+    for id in [&own.id, &theirs.id] {
+        let e = by_id(id).unwrap_or_else(|| panic!("{id} backfilled: {page}"));
+        assert_eq!(e["content"], json!({}), "redacted in backfilled history: {e}");
+    }
+    assert!(!page.to_string().contains("secret"), "no redacted text is served: {page}");
+    hearth.stop().await;
+}

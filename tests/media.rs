@@ -130,11 +130,11 @@ async fn upload_download_authenticated_and_legacy_with_safe_headers() {
     assert_eq!(r.status, 200);
     assert_eq!(r.header("content-disposition"), "inline; filename*=utf-8''r%C3%A9sum%C3%A9.txt");
 
-    // Legacy endpoints (older clients put these in <img src>, without a token).
+    // The legacy unauthenticated endpoints are frozen (spec v1.11): new media is not served there.
     for v in ["v3", "r0"] {
-        let r = get_raw(&s.client(), &format!("/_matrix/media/{v}/download/{server}/{id}")).await;
-        assert_eq!((r.status, r.body.clone()), (200, data.clone()), "legacy {v}");
-        assert_eq!(r.header("x-content-type-options"), "nosniff");
+        get_raw(&s.client(), &format!("/_matrix/media/{v}/download/{server}/{id}"))
+            .await
+            .assert_err(404, "M_NOT_FOUND");
     }
 
     // Unsafe types are never inline: HTML, SVG, XML and unknown types are attachments, still sandboxed.
@@ -392,6 +392,63 @@ async fn async_upload_create_then_put() {
     s.stop().await;
 }
 
+/// The legacy unauthenticated endpoints (`/_matrix/media/{v3,r0}/download|thumbnail`) as the spec's v1.11 freeze
+/// asks, switchable with `media.freeze_legacy` (Synapse's `enable_authenticated_media`): media stored while frozen
+/// is 404 there and served by the authenticated endpoints; media stored before the freeze stays reachable.
+#[tokio::test]
+async fn legacy_media_endpoints_are_frozen_for_media_stored_since() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let png = picture(ImageFormat::Png);
+    let (server, new) = upload(&alice, "image/png", None, &png).await;
+    let (_, old) = upload(&alice, "image/png", None, &png).await;
+    // `old` plays media stored before the freeze (a database from before migration 9).
+    let conn = rusqlite::Connection::open(&s.db_path).unwrap();
+    conn.execute("UPDATE media SET authenticated = 0 WHERE media_id = ?1", [&old]).unwrap();
+    let anon = s.client();
+    for v in ["v3", "r0", "v1"] {
+        let dl = format!("/_matrix/media/{v}/download/{server}/{new}");
+        get_raw(&anon, &dl).await.assert_err(404, "M_NOT_FOUND");
+        get_raw(&anon, &format!("{dl}/pic.png")).await.assert_err(404, "M_NOT_FOUND");
+        get_raw(&anon, &format!("/_matrix/media/{v}/thumbnail/{server}/{new}?width=32&height=32"))
+            .await
+            .assert_err(404, "M_NOT_FOUND");
+        let r = get_raw(&anon, &format!("/_matrix/media/{v}/download/{server}/{old}")).await;
+        assert_eq!((r.status, r.body == png), (200, true), "media from before the freeze ({v})");
+        let r = get_raw(&anon, &format!("/_matrix/media/{v}/thumbnail/{server}/{old}?width=32&height=32")).await;
+        assert_eq!(r.status, 200, "{v}");
+    }
+    // An async upload reserved while frozen is frozen too.
+    let created = alice.post("/_matrix/media/v1/create", json!({})).await.ok();
+    let (_, reserved) = split_mxc(created["content_uri"].as_str().unwrap());
+    let r = raw(
+        &alice,
+        reqwest::Method::PUT,
+        &format!("/_matrix/media/v3/upload/{server}/{reserved}"),
+        Some("text/plain"),
+        Some(b"later".to_vec()),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    get_raw(&anon, &format!("/_matrix/media/v3/download/{server}/{reserved}")).await.assert_err(404, "M_NOT_FOUND");
+    // The authenticated endpoints serve them all.
+    for id in [&new, &old, &reserved] {
+        assert_eq!(get_raw(&alice, &format!("/_matrix/client/v1/media/download/{server}/{id}")).await.status, 200);
+    }
+    s.stop().await;
+
+    // Switched off: everything is served on the legacy endpoints too (as before the freeze).
+    let s = TestServer::start_with(|c| c.media.freeze_legacy = false).await;
+    let alice = s.user("alice").await;
+    let (server, id) = upload(&alice, "image/png", None, &png).await;
+    let r = get_raw(&s.client(), &format!("/_matrix/media/v3/download/{server}/{id}")).await;
+    assert_eq!((r.status, r.body == png), (200, true));
+    let r = get_raw(&s.client(), &format!("/_matrix/media/v3/thumbnail/{server}/{id}?width=20&height=20&method=crop"))
+        .await;
+    assert_eq!((r.status, decode(&r.body).1.dimensions()), (200, (32, 32)));
+    s.stop().await;
+}
+
 // ---- thumbnails ---------------------------------------------------------------------------------------------------
 
 #[tokio::test]
@@ -426,10 +483,8 @@ async fn thumbnails_scale_and_crop_png_jpeg_gif_webp() {
         let px = img.get_pixel(0, 0);
         assert!(px[2] > 150, "{ct}: the crop kept the left edge (the red square): {px:?}");
 
-        // A small request is served from the smallest size that covers it; the legacy endpoint works too.
-        let r =
-            get_raw(&s.client(), &format!("/_matrix/media/v3/thumbnail/{server}/{id}?width=20&height=20&method=crop"))
-                .await;
+        // A small request is served from the smallest size that covers it.
+        let r = get_raw(&alice, &format!("{base}?width=20&height=20&method=crop")).await;
         assert_eq!(r.status, 200);
         assert_eq!(decode(&r.body).1.dimensions(), (32, 32));
         assert!(r.header("content-security-policy").contains("sandbox"));
@@ -496,6 +551,69 @@ async fn thumbnails_scale_and_crop_png_jpeg_gif_webp() {
     s.stop().await;
 }
 
+/// A 16384x16384 grey PNG (a few hundred KB; its pixels would take 256 MiB). Made from a zeroed buffer, which
+/// costs the test process no memory until written.
+fn huge_png() -> Vec<u8> {
+    use image::codecs::png::{CompressionType, FilterType, PngEncoder};
+    use image::{ExtendedColorType, ImageEncoder};
+    let side = 16_384u32;
+    let pixels = vec![0u8; (side * side) as usize];
+    let mut out = Vec::new();
+    PngEncoder::new_with_quality(&mut out, CompressionType::Fast, FilterType::NoFilter)
+        .write_image(&pixels, side, side, ExtendedColorType::L8)
+        .expect("encode the huge png");
+    out
+}
+
+/// The peak resident memory (VmHWM) of a process, in MiB.
+fn peak_rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/<pid>/status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM");
+    kib / 1024
+}
+
+/// Twelve parallel thumbnail requests of a 16384x16384 PNG keep the server (the `hearth` binary, measured by its
+/// peak RSS) under 512 MB. With the defaults the pixel limit refuses the image from its header (413
+/// `M_TOO_LARGE`, nothing decoded). With a pixel limit that lets it through, the decoding budget runs the decodes
+/// one at a time and identical requests share one decode; without either, the twelve decodes took 4.8 GB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thumbnails_of_a_huge_png_stay_under_512_mb() {
+    let png = huge_png();
+    let open = ("HEARTH_REGISTRATION__ENABLED", "true");
+    let let_through =
+        [open, ("HEARTH_MEDIA__MAX_IMAGE_PIXELS", "300000000"), ("HEARTH_MEDIA__THUMBNAIL_MEMORY_MB", "400")];
+    for (env, expected) in [(&[open][..], 413u16), (&let_through[..], 200)] {
+        let dir = tempfile::tempdir().unwrap();
+        let server = BinServer::start(&dir.path().join("hearth.db"), env).await;
+        let mut alice = server.client();
+        alice.register("alice", PASSWORD).await.ok();
+        let (srv, id) = upload(&alice, "image/png", None, &png).await;
+        // Twelve at once: three sizes, four identical requests each.
+        let sizes = ["width=32&height=32&method=crop", "width=320&height=240&method=scale", "width=800&height=600"];
+        let requests = (0..12).map(|i| {
+            let (c, p) = (alice.clone(), format!("/_matrix/client/v1/media/thumbnail/{srv}/{id}?{}", sizes[i % 3]));
+            async move { get_raw(&c, &p).await }
+        });
+        for r in futures::future::join_all(requests).await {
+            if expected == 200 {
+                assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+                assert!(decode(&r.body).1.width() <= 800);
+            } else {
+                r.assert_err(413, "M_TOO_LARGE");
+                assert!(r.json()["error"].as_str().unwrap().contains("16384x16384"), "{}", r.json());
+            }
+        }
+        let peak = peak_rss_mib(server.child.id());
+        println!("peak RSS with {env:?}: {peak} MiB");
+        assert!(peak < 512, "peak RSS {peak} MiB with {env:?}");
+        server.kill();
+    }
+}
+
 // ---- federation ---------------------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -560,10 +678,14 @@ async fn media_over_federation_fetched_cached_and_served() {
     assert_eq!(decode(&thumb.body).1.dimensions(), (320, 160));
     let cached = b.db_path.parent().unwrap().join("media/files/hearth-a.test").join(&id[..2]).join(&id);
     assert_eq!(std::fs::read(&cached).expect("cached beside B's database"), png);
-    // The legacy endpoint with allow_remote=false serves what is cached, and refuses to fetch what is not.
-    let r = get_raw(&b.client(), &format!("/_matrix/media/v3/download/hearth-a.test/{id}?allow_remote=false")).await;
-    assert_eq!(r.body, png);
+    // The frozen legacy endpoints serve nothing fetched since the freeze, and fetch nothing for anyone.
+    get_raw(&b.client(), &format!("/_matrix/media/v3/download/hearth-a.test/{id}"))
+        .await
+        .assert_err(404, "M_NOT_FOUND");
     let (_, other) = upload(&alice, "text/plain", None, b"not fetched yet").await;
+    get_raw(&b.client(), &format!("/_matrix/media/v3/download/hearth-a.test/{other}"))
+        .await
+        .assert_err(404, "M_NOT_FOUND");
     get_raw(&b.client(), &format!("/_matrix/media/v3/download/hearth-a.test/{other}?allow_remote=false"))
         .await
         .assert_err(404, "M_NOT_FOUND");

@@ -1,5 +1,6 @@
 //! Rate limits on by default with Synapse's numbers: registrations and login attempts per address, messages and
-//! joins per user; each answers 429 `M_LIMIT_EXCEEDED` with `retry_after_ms`, and each is configurable.
+//! joins per user, failed password checks (login and every user-interactive password step) per user and per
+//! address; each answers 429 `M_LIMIT_EXCEEDED` with `retry_after_ms`, and each is configurable.
 
 mod common;
 
@@ -97,5 +98,47 @@ async fn limits_are_configurable() {
     for i in 0..50 {
         alice.send_text(&room, &format!("m{i}")).await;
     }
+    server.stop().await;
+}
+
+/// Every password check counts, not only `/login`: the user-interactive `m.login.password` step of each endpoint
+/// that asks for one (`/delete_devices`, `DELETE /devices/{id}`, `/account/password`, `/account/deactivate`)
+/// shares the failed-password budget (`limits.login_failures_per_minute`, 5) per user and per address with
+/// `/login`. Once spent, even the right password answers 429, and nothing is done.
+#[tokio::test]
+async fn password_guesses_through_user_interactive_auth_are_limited_like_logins() {
+    let server = default_limits().await;
+    let alice = server.user("alice").await;
+    let bob = server.user("bob").await;
+    let wrong = |i: usize| json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"}, "password": format!("guess{i}")});
+    let right =
+        json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"}, "password": PASSWORD});
+    let attempts = [
+        ("/delete_devices", json!({"devices": ["NOPE"]})),
+        ("/account/password", json!({"new_password": "new password 1"})),
+        ("/account/deactivate", json!({})),
+    ];
+    // Five wrong guesses spread over the endpoints: each is a failed stage (401 with the flows).
+    for i in 0..5 {
+        let (path, mut body) = attempts[i % attempts.len()].clone();
+        body["auth"] = wrong(i);
+        let r = alice.post(path, body).await;
+        assert_eq!((r.status, r.errcode()), (401, "M_FORBIDDEN"), "{path}: {}", r.text);
+    }
+    // The sixth, on any endpoint, is refused before the password is looked at; so is the right password.
+    for (path, body) in &attempts {
+        let mut body = body.clone();
+        body["auth"] = right.clone();
+        assert_limited(&alice.post(path, body).await);
+    }
+    let mut body = json!({"auth": right.clone()});
+    assert_limited(&alice.delete(&format!("/devices/{}", alice.device_id), body.take()).await);
+    // The same budget as /login: alice cannot log in either, while still being logged in.
+    assert_limited(&server.client().login("alice", PASSWORD).await);
+    alice.get("/account/whoami").await.ok();
+    // The address is spent too: bob (same address) is limited on his first guess.
+    let bob_auth =
+        json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "bob"}, "password": PASSWORD});
+    assert_limited(&bob.post("/delete_devices", json!({"devices": ["NOPE"], "auth": bob_auth})).await);
     server.stop().await;
 }

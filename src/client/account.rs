@@ -91,6 +91,23 @@ pub async fn check_password(s: &AppState, user_id: &str, password: &str) -> Resu
         .map_err(|e| Error::internal(e.to_string()))
 }
 
+/// Every password check (`/login` and each `m.login.password` stage of user-interactive auth: `/delete_devices`,
+/// `DELETE /devices/{id}`, `/account/password`, `/account/deactivate`, cross-signing key replacement) goes through
+/// here. Failed checks are counted per user and per address (`limits.login_failures_per_minute`, one bucket for
+/// login and UIA alike); once either is spent the check answers 429 `M_LIMIT_EXCEEDED` with `retry_after_ms`
+/// before the password is looked at, so guessing through any endpoint is as slow as through `/login`.
+pub async fn check_password_limited(s: &AppState, user_id: &str, ip: &str, password: &str) -> Result<bool> {
+    for key in [user_id, ip] {
+        s.login_limiter.check(key).map_err(Error::limit_exceeded)?;
+    }
+    let ok = check_password(s, user_id, password).await?;
+    if !ok {
+        let _ = s.login_limiter.take(user_id);
+        let _ = s.login_limiter.take(ip);
+    }
+    Ok(ok)
+}
+
 pub async fn login(
     State(s): State<AppState>,
     parts: Parts,
@@ -111,12 +128,7 @@ pub async fn login(
     let ip = crate::http::client_ip(&parts);
     s.login_attempt_limiter.take(&ip).map_err(Error::limit_exceeded)?;
     let user_id = local_user_id(&s, &name).map_err(|_| Error::forbidden("invalid username or password"))?;
-    for key in [&user_id, &ip] {
-        s.login_limiter.check(key).map_err(Error::limit_exceeded)?;
-    }
-    if !check_password(&s, &user_id, &password).await? {
-        let _ = s.login_limiter.take(&user_id);
-        let _ = s.login_limiter.take(&ip);
+    if !check_password_limited(&s, &user_id, &ip, &password).await? {
         return Err(Error::forbidden("invalid username or password"));
     }
     let device_id = req.device_id.unwrap_or_else(|| random_string(10).to_uppercase());
@@ -379,7 +391,7 @@ pub async fn require_password(s: &AppState, auth: &Auth, body_auth: Option<&Valu
     }
     let password = a.get("password").and_then(Value::as_str).unwrap_or("");
     if a.get("type").and_then(Value::as_str) == Some("m.login.password")
-        && check_password(s, auth.user_id.as_str(), password).await?
+        && check_password_limited(s, auth.user_id.as_str(), &auth.ip, password).await?
     {
         return Ok(());
     }

@@ -222,6 +222,7 @@ pub async fn query(State(s): State<AppState>, auth: Auth, Json(body): Json<Query
     let mut wanted: Vec<(String, Vec<String>)> = Vec::new();
     let mut remote: BTreeMap<String, Map<String, Value>> = BTreeMap::new();
     for (user_id, devices) in body.device_keys {
+        crate::util::parse_user_id(&user_id)?;
         let devices: Vec<String> = match devices {
             Value::Null => Vec::new(),
             Value::Array(a) if a.iter().all(Value::is_string) => {
@@ -272,6 +273,7 @@ pub async fn claim(State(s): State<AppState>, _auth: Auth, Json(body): Json<Clai
     let mut wanted: Vec<(String, String, String)> = Vec::new();
     let mut remote: BTreeMap<String, Map<String, Value>> = BTreeMap::new();
     for (user_id, devices) in body.one_time_keys {
+        crate::util::parse_user_id(&user_id)?;
         let devices = devices.as_object().ok_or_else(|| Error::bad_json("one_time_keys values must be objects"))?;
         if devices.values().any(|a| !a.is_string()) {
             return Err(Error::bad_json("algorithms must be strings"));
@@ -555,6 +557,8 @@ pub async fn send_to_device(
     // Remote users' messages, per server: one `m.direct_to_device` EDU each.
     let mut remote: BTreeMap<String, Map<String, Value>> = BTreeMap::new();
     for (user_id, devices) in body.messages {
+        // Every recipient is checked before anything is queued: one bad id refuses the whole request.
+        crate::util::parse_user_id(&user_id)?;
         let devices = devices.as_object().ok_or_else(|| Error::bad_json("messages must map users to device maps"))?;
         if devices.values().any(|c| !c.is_object()) {
             return Err(Error::bad_json("to-device message content must be an object"));

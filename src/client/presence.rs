@@ -23,7 +23,7 @@ pub async fn get_presence(
     auth: Auth,
     Path(user_id): Path<String>,
 ) -> Result<impl IntoResponse> {
-    ruma::UserId::parse(&user_id).map_err(|e| Error::invalid_param(format!("invalid user id: {e}")))?;
+    crate::util::parse_user_id(&user_id)?;
     if !s.presence.enabled() {
         return Ok(axum::Json(json!({"presence": "offline"})));
     }

@@ -11,6 +11,7 @@ use crate::store::accounts::{self, ProfileField};
 use crate::store::{members, rooms};
 
 pub async fn get_profile(State(s): State<AppState>, Path(user_id): Path<String>) -> Result<impl IntoResponse> {
+    crate::util::parse_user_id(&user_id)?;
     if is_remote_user(&s, &user_id) {
         let remote = crate::federation::query::remote_profile(&s.fed, &user_id, None).await?;
         let mut body = json!({});
@@ -55,6 +56,7 @@ pub async fn get_field(
     Path((user_id, name)): Path<(String, String)>,
 ) -> Result<impl IntoResponse> {
     let f = field(&name)?;
+    crate::util::parse_user_id(&user_id)?;
     if is_remote_user(&s, &user_id) {
         let remote = crate::federation::query::remote_profile(&s.fed, &user_id, Some(&name)).await?;
         return match remote.get(&name).and_then(Value::as_str).filter(|v| !v.is_empty()) {

@@ -43,7 +43,7 @@ pub struct StateEventBody {
 }
 
 fn check_user_id(u: &str) -> Result<ruma::OwnedUserId> {
-    ruma::UserId::parse(u).map_err(|e| Error::invalid_param(format!("invalid user id {u}: {e}")))
+    crate::util::parse_user_id(u)
 }
 
 pub async fn create_room(
@@ -498,10 +498,9 @@ pub async fn send(
             if let Some(id) = txn_ids::sent_event(w.db(), auth.user_id.as_str(), &auth.device_id, &key)? {
                 return Ok(id);
             }
-            let mut ev = LocalEvent::message(&event_type, content);
-            if event_type == "m.room.redaction" {
-                ev.redacts = ev.content.get("redacts").and_then(Value::as_str).map(str::to_owned);
-            }
+            // A redaction sent this way names its target in `content.redacts`; the room core applies the same
+            // rules to it as to `/redact` (`room::append`).
+            let ev = LocalEvent::message(&event_type, content);
             let a = append_with_txn(w, &identity, &auth, &room_id, ev, &txn_id, &key)?;
             Ok(a.event_id)
         })

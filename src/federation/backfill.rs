@@ -68,6 +68,7 @@ pub async fn backfill(s: &FedContext, room_id: &RoomId, limit: usize) -> Result<
                 let room = rooms::room_by_id(w.db(), rid.as_str())?.ok_or_else(|| Error::not_found("unknown room"))?;
                 let mut next = events::lowest_stream_ordering(w.db())?.0;
                 let mut n = 0;
+                let rules = crate::room::version::rules(&room.version)?;
                 for p in &pdus {
                     if let Some(row) = events::event_by_id(w.db(), p.event_id.as_str())? {
                         if row.stream_ordering.is_some() {
@@ -81,7 +82,6 @@ pub async fn backfill(s: &FedContext, room_id: &RoomId, limit: usize) -> Result<
                     events::insert_edges(w.db(), nid, &prevs)?;
                     next -= 1;
                     // Auth of history is checked against the events' own auth events (we lack the state there).
-                    let rules = crate::room::version::rules(&room.version)?;
                     let rejected = crate::room::remote::authorize_partial(
                         w.db(),
                         &rules,
@@ -92,6 +92,8 @@ pub async fn backfill(s: &FedContext, room_id: &RoomId, limit: usize) -> Result<
                     events::set_backfilled(w.db(), nid, StreamPos(next), rejected.as_deref())?;
                     n += 1;
                 }
+                let ids: Vec<String> = pdus.iter().map(|p| p.event_id.to_string()).collect();
+                crate::room::append::apply_backfilled_redactions(w.db(), &room, &rules, &ids)?;
                 Ok(n)
             })
             .await?;

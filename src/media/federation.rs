@@ -146,6 +146,7 @@ pub async fn fetch_remote(s: &AppState, origin: &str, media_id: &str) -> Result<
         filename,
         size: Some(data.len() as i64),
         created_ts: now_ms(),
+        authenticated: s.config.media.freeze_legacy,
     };
     let r = row.clone();
     s.store.write(move |w| media::cache_remote(w.db(), &r, &sha256)).await?;

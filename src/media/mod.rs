@@ -132,6 +132,7 @@ async fn upload(
         filename: clean_filename(q.filename),
         size: None,
         created_ts: now_ms(),
+        authenticated: s.config.media.freeze_legacy,
     };
     store_upload(&s, row, &headers, body, false).await?;
     Ok(axum::Json(json!({"content_uri": format!("mxc://{origin}/{media_id}")})))
@@ -143,6 +144,7 @@ async fn create(State(s): State<AppState>, auth: Auth) -> Result<impl IntoRespon
     let origin = s.identity.server_name.to_string();
     let (o, m, u) = (origin.clone(), media_id.clone(), auth.user_id.clone());
     let now = now_ms();
+    let authenticated = s.config.media.freeze_legacy;
     s.store
         .write(move |w| {
             // Ids reserved long ago and never filled are dropped first.
@@ -150,7 +152,7 @@ async fn create(State(s): State<AppState>, auth: Auth) -> Result<impl IntoRespon
             if media::pending_reservations(w.db(), u.as_str(), now - PENDING_TTL_MS)? >= MAX_PENDING_PER_USER {
                 return Err(Error::limit_exceeded(60_000));
             }
-            media::reserve(w.db(), &o, &m, u.as_str(), now)
+            media::reserve(w.db(), &o, &m, u.as_str(), now, authenticated)
         })
         .await?;
     Ok(axum::Json(
@@ -295,7 +297,8 @@ async fn download_auth(
     Query(q): Query<DownloadQuery>,
     headers: HeaderMap,
 ) -> Result<Response> {
-    download(&s, &server_name, &media_id, None, q, &headers).await
+    let row = resolve(&s, &server_name, &media_id, &q).await?;
+    download(&s, row, None, &headers).await
 }
 
 async fn download_auth_named(
@@ -305,7 +308,8 @@ async fn download_auth_named(
     Query(q): Query<DownloadQuery>,
     headers: HeaderMap,
 ) -> Result<Response> {
-    download(&s, &server_name, &media_id, Some(file_name), q, &headers).await
+    let row = resolve(&s, &server_name, &media_id, &q).await?;
+    download(&s, row, Some(file_name), &headers).await
 }
 
 async fn download_legacy(
@@ -314,7 +318,8 @@ async fn download_legacy(
     Query(q): Query<DownloadQuery>,
     headers: HeaderMap,
 ) -> Result<Response> {
-    download(&s, &server_name, &media_id, None, q, &headers).await
+    let row = resolve_legacy(&s, &server_name, &media_id, q).await?;
+    download(&s, row, None, &headers).await
 }
 
 async fn download_legacy_named(
@@ -323,18 +328,37 @@ async fn download_legacy_named(
     Query(q): Query<DownloadQuery>,
     headers: HeaderMap,
 ) -> Result<Response> {
-    download(&s, &server_name, &media_id, Some(file_name), q, &headers).await
+    let row = resolve_legacy(&s, &server_name, &media_id, q).await?;
+    download(&s, row, Some(file_name), &headers).await
 }
 
-async fn download(
-    s: &AppState,
-    server_name: &str,
-    media_id: &str,
-    file_name: Option<String>,
-    q: DownloadQuery,
-    headers: &HeaderMap,
-) -> Result<Response> {
+/// The media row as the legacy unauthenticated endpoints see it. While they are frozen (`media.freeze_legacy`, the
+/// spec's v1.11 "Authenticated media"), media stored since is unknown there (404 `M_NOT_FOUND`, as Synapse's
+/// `enable_authenticated_media`), and remote media not cached yet is not fetched for them: it would be stored
+/// frozen.
+async fn resolve_legacy(s: &AppState, server_name: &str, media_id: &str, mut q: DownloadQuery) -> Result<MediaRow> {
+    let frozen = s.config.media.freeze_legacy;
+    if frozen && server_name != s.identity.server_name.as_str() {
+        let (o, m) = (server_name.to_owned(), media_id.to_owned());
+        check_server_name(server_name)?;
+        check_media_id(media_id)?;
+        if s.store.read(move |c| media::get(c, &o, &m)).await?.is_none_or(|r| r.size.is_none()) {
+            return Err(frozen_media());
+        }
+        q.allow_remote = Some(false);
+    }
     let row = resolve(s, server_name, media_id, &q).await?;
+    if row.authenticated {
+        return Err(frozen_media());
+    }
+    Ok(row)
+}
+
+fn frozen_media() -> Error {
+    Error::not_found("not found: media stored since the unauthenticated media endpoints were frozen is served only by /_matrix/client/v1/media")
+}
+
+async fn download(s: &AppState, row: MediaRow, file_name: Option<String>, headers: &HeaderMap) -> Result<Response> {
     let path = s.media.file_path(&row.origin, &row.media_id);
     let file = tokio::fs::File::open(&path).await.map_err(|_| Error::not_found("media file missing"))?;
     let name = clean_filename(file_name).or(row.filename.clone());
@@ -561,13 +585,20 @@ async fn thumbnail_legacy(
     Path((server_name, media_id)): Path<(String, String)>,
     Query(q): Query<ThumbnailQuery>,
 ) -> Result<Response> {
-    thumbnail_response(&s, &server_name, &media_id, q).await
+    let req = q.spec()?;
+    let dq = DownloadQuery { allow_remote: q.allow_remote, timeout_ms: q.timeout_ms };
+    let row = resolve_legacy(&s, &server_name, &media_id, dq).await?;
+    thumbnail_of_row(&s, row, req).await
 }
 
 async fn thumbnail_response(s: &AppState, server_name: &str, media_id: &str, q: ThumbnailQuery) -> Result<Response> {
     let req = q.spec()?;
     let dq = DownloadQuery { allow_remote: q.allow_remote, timeout_ms: q.timeout_ms };
     let row = resolve(s, server_name, media_id, &dq).await?;
+    thumbnail_of_row(s, row, req).await
+}
+
+async fn thumbnail_of_row(s: &AppState, row: MediaRow, req: thumbnail::Request) -> Result<Response> {
     let (content_type, bytes) = thumbnail::get_or_make(s, &row, req).await?;
     let mut res = (StatusCode::OK, bytes).into_response();
     media_headers(res.headers_mut(), &content_type, None);

@@ -6,7 +6,9 @@
 //! the disk one file can cost. Nothing is upscaled.
 
 use std::io::Cursor;
+use std::path::Path;
 
+use image::metadata::Orientation;
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader};
 
 use crate::error::{Error, Result};
@@ -34,6 +36,12 @@ pub const SIZES: [Request; 5] = [
 /// Source files larger than this are not thumbnailed.
 const MAX_SOURCE_BYTES: i64 = 64 << 20;
 
+/// What decoding an image holds besides its pixels (decoder state, a GIF's index buffer, the small thumbnail):
+/// a quarter of the pixel bytes plus 4 MiB, on top of the pixels themselves.
+fn decode_cost_bytes(pixel_bytes: u64) -> u64 {
+    pixel_bytes + pixel_bytes / 4 + (4 << 20)
+}
+
 impl Request {
     /// The key of this size's cached thumbnail.
     fn size(&self) -> ThumbnailSize<'static> {
@@ -60,25 +68,56 @@ impl Request {
     }
 }
 
-/// The thumbnail's content type and bytes, made now if not cached.
+/// The thumbnail's content type and bytes, made now if not cached. Identical requests arriving together make it
+/// once (the others wait for the first and read its cached result); the decode waits for its share of the memory
+/// budget; too large an image (pixels or memory, known from its header) is 413 `M_TOO_LARGE` before anything is
+/// decoded.
 pub async fn get_or_make(s: &AppState, row: &MediaRow, req: Request) -> Result<(String, Vec<u8>)> {
     let n = req.normalised();
-    let (o, m) = (row.origin.clone(), row.media_id.clone());
-    let cached: Option<String> = s.store.read(move |c| media::thumbnail_content_type(c, &o, &m, n.size())).await?;
     let path = s.media.thumb_path(&row.origin, &row.media_id, n.width, n.height, n.method());
-    if let Some(ct) = cached {
-        if let Ok(bytes) = tokio::fs::read(&path).await {
-            return Ok((ct, bytes));
-        }
+    if let Some(hit) = cached(s, row, n, &path).await? {
+        return Ok(hit);
+    }
+    let lock = s.media.thumbnail_lock(path.to_string_lossy().into_owned());
+    let _making = lock.lock().await;
+    if let Some(hit) = cached(s, row, n, &path).await? {
+        return Ok(hit); // made by the request we waited for
     }
     if row.size.unwrap_or(0) > MAX_SOURCE_BYTES {
-        return Err(cannot("the file is too large to thumbnail"));
+        return Err(too_large("the file is too large to thumbnail"));
     }
     let source = s.media.file_path(&row.origin, &row.media_id);
-    let data = tokio::fs::read(&source).await.map_err(|_| Error::not_found("media file missing"))?;
-    let (ct, bytes) = tokio::task::spawn_blocking(move || make(&data, n))
+    let probe = {
+        let source = source.clone();
+        tokio::task::spawn_blocking(move || Probe::read(&source))
+            .await
+            .map_err(|e| Error::internal(format!("thumbnail task failed: {e}")))??
+    };
+    let pixels = u64::from(probe.width) * u64::from(probe.height);
+    if pixels > s.media.max_image_pixels {
+        return Err(too_large(&format!(
+            "the image is {}x{} ({pixels} pixels); this server thumbnails images of at most {} pixels",
+            probe.width, probe.height, s.media.max_image_pixels
+        )));
+    }
+    let cost = decode_cost_bytes(probe.pixel_bytes);
+    let cost_mb = cost.div_ceil(1 << 20);
+    if cost_mb > u64::from(s.media.decode_budget_mb) {
+        return Err(too_large(&format!(
+            "decoding the {}x{} image needs {cost_mb} MiB; this server decodes with at most {} MiB",
+            probe.width, probe.height, s.media.decode_budget_mb
+        )));
+    }
+    let budget = s
+        .media
+        .decode_budget
+        .acquire_many(cost_mb as u32)
+        .await
+        .map_err(|_| Error::internal("the decoding budget is closed"))?;
+    let (ct, bytes) = tokio::task::spawn_blocking(move || make_from_file(&source, n, cost))
         .await
         .map_err(|e| Error::internal(format!("thumbnail task failed: {e}")))??;
+    drop(budget);
 
     let tmp = s.media.root.join("tmp").join(crate::util::random_string(24));
     let stored = async {
@@ -97,32 +136,99 @@ pub async fn get_or_make(s: &AppState, row: &MediaRow, req: Request) -> Result<(
     Ok((ct, bytes))
 }
 
+/// The cached thumbnail of this size, if it was made before.
+async fn cached(s: &AppState, row: &MediaRow, n: Request, path: &Path) -> Result<Option<(String, Vec<u8>)>> {
+    let (o, m) = (row.origin.clone(), row.media_id.clone());
+    let ct: Option<String> = s.store.read(move |c| media::thumbnail_content_type(c, &o, &m, n.size())).await?;
+    let Some(ct) = ct else { return Ok(None) };
+    Ok(tokio::fs::read(path).await.ok().map(|bytes| (ct, bytes)))
+}
+
 fn cannot(msg: &str) -> Error {
     Error::unknown(format!("cannot thumbnail this media: {msg}"))
 }
 
-/// Decodes `data` (PNG, JPEG, GIF or WebP, with decoding limits against decompression bombs), applies the EXIF
-/// orientation, scales or crops, and encodes: JPEG for JPEG sources, PNG otherwise.
+/// Too large to thumbnail: 413 `M_TOO_LARGE`, the spec's answer ("The local content is too large for the server
+/// to thumbnail"; Synapse answers 400 `M_UNKNOWN` "Failed to generate thumbnail").
+fn too_large(msg: &str) -> Error {
+    Error::too_large(format!("content is too large to thumbnail: {msg}"))
+}
+
+/// What an image's header says, read without decoding its pixels.
+struct Probe {
+    width: u32,
+    height: u32,
+    /// The decoded pixels' size in bytes.
+    pixel_bytes: u64,
+}
+
+impl Probe {
+    fn read(path: &Path) -> Result<Probe> {
+        let decoder = open(path)?.1;
+        let (width, height) = decoder.dimensions();
+        Ok(Probe { width, height, pixel_bytes: decoder.total_bytes() })
+    }
+}
+
+/// A decoder for the file at `path` (PNG, JPEG, GIF or WebP only), having read no more than its header.
+fn open(path: &Path) -> Result<(ImageFormat, Box<dyn ImageDecoder>)> {
+    let reader = ImageReader::open(path)
+        .map_err(|_| Error::not_found("media file missing"))?
+        .with_guessed_format()
+        .map_err(|_| cannot("unreadable"))?;
+    let format = reader.format();
+    let Some(format @ (ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::Gif | ImageFormat::WebP)) = format else {
+        return Err(cannot("not a PNG, JPEG, GIF or WebP image"));
+    };
+    let decoder = reader.into_decoder().map_err(|e| cannot(&e.to_string()))?;
+    Ok((format, Box::new(decoder)))
+}
+
+/// Decodes the file at `path` within `max_alloc` bytes (the budget reserved for it) and thumbnails it ([`make`]).
+fn make_from_file(path: &Path, req: Request, max_alloc: u64) -> Result<(String, Vec<u8>)> {
+    let (format, decoder) = open(path)?;
+    thumbnail_of(format, decoder, req, max_alloc)
+}
+
+/// Decodes `data` (PNG, JPEG, GIF or WebP, with decoding limits against decompression bombs), scales or crops,
+/// applies the EXIF orientation, and encodes: JPEG for JPEG sources, PNG otherwise.
 pub fn make(data: &[u8], req: Request) -> Result<(String, Vec<u8>)> {
     let reader = ImageReader::new(Cursor::new(data)).with_guessed_format().map_err(|_| cannot("unreadable"))?;
     let format = reader.format();
-    if !matches!(format, Some(ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::Gif | ImageFormat::WebP)) {
+    let Some(format @ (ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::Gif | ImageFormat::WebP)) = format else {
         return Err(cannot("not a PNG, JPEG, GIF or WebP image"));
-    }
-    let mut decoder = reader.into_decoder().map_err(|e| cannot(&e.to_string()))?;
+    };
+    let decoder = reader.into_decoder().map_err(|e| cannot(&e.to_string()))?;
+    thumbnail_of(format, decoder, req, 256 << 20)
+}
+
+fn thumbnail_of(
+    format: ImageFormat,
+    mut decoder: impl ImageDecoder,
+    req: Request,
+    max_alloc: u64,
+) -> Result<(String, Vec<u8>)> {
     let mut limits = image::Limits::default();
-    limits.max_image_width = Some(16_384);
-    limits.max_image_height = Some(16_384);
-    limits.max_alloc = Some(256 << 20);
+    limits.max_image_width = Some(65_535);
+    limits.max_image_height = Some(65_535);
+    limits.max_alloc = Some(max_alloc);
     decoder.set_limits(limits).map_err(|e| cannot(&e.to_string()))?;
-    let orientation = decoder.orientation().ok();
-    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| cannot(&e.to_string()))?;
-    if let Some(o) = orientation {
-        img.apply_orientation(o);
+    if decoder.total_bytes() > max_alloc {
+        return Err(too_large("the image needs more memory than allowed"));
     }
-    let thumb = resize(&img, req);
+    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+    let img = DynamicImage::from_decoder(decoder).map_err(|e| cannot(&e.to_string()))?;
+    // Oriented after scaling (on the small image, not a copy of the big one): a quarter turn swaps the box.
+    let turned = matches!(
+        orientation,
+        Orientation::Rotate90 | Orientation::Rotate270 | Orientation::Rotate90FlipH | Orientation::Rotate270FlipH
+    );
+    let boxed = if turned { Request { width: req.height, height: req.width, crop: req.crop } } else { req };
+    let mut thumb = resize(&img, boxed);
+    drop(img);
+    thumb.apply_orientation(orientation);
     let mut out = Vec::new();
-    if format == Some(ImageFormat::Jpeg) {
+    if format == ImageFormat::Jpeg {
         let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 80);
         DynamicImage::ImageRgb8(thumb.to_rgb8())
             .write_with_encoder(enc)
@@ -139,17 +245,23 @@ pub fn make(data: &[u8], req: Request) -> Result<(String, Vec<u8>)> {
 /// Scale: fit inside the box keeping the aspect ratio. Crop: fill the box exactly and cut the overflow. Both never
 /// enlarge: a crop box larger than the image shrinks (keeping its aspect ratio) until it fits.
 pub fn resize(img: &DynamicImage, req: Request) -> DynamicImage {
+    // `thumbnail` averages areas straight into the small image: no full-size intermediate (a filtered resize
+    // holds a float copy of width x thumbnail height, 150 MB for a 16384-wide image).
     let (w, h) = (img.width().max(1), img.height().max(1));
-    let filter = image::imageops::FilterType::Triangle;
     if req.crop {
         let f = (w as f64 / req.width as f64).min(h as f64 / req.height as f64).min(1.0);
-        let cw = ((req.width as f64 * f).round() as u32).max(1);
-        let ch = ((req.height as f64 * f).round() as u32).max(1);
-        img.resize_to_fill(cw, ch, filter)
+        let cw = ((req.width as f64 * f).round() as u32).clamp(1, w);
+        let ch = ((req.height as f64 * f).round() as u32).clamp(1, h);
+        // Scale until the image covers the box, then cut the middle.
+        let scale = (cw as f64 / w as f64).max(ch as f64 / h as f64);
+        let sw = ((w as f64 * scale).round() as u32).clamp(cw, w);
+        let sh = ((h as f64 * scale).round() as u32).clamp(ch, h);
+        let scaled = if (sw, sh) == (w, h) { img.clone() } else { img.thumbnail_exact(sw, sh) };
+        scaled.crop_imm((sw - cw) / 2, (sh - ch) / 2, cw, ch)
     } else if w <= req.width && h <= req.height {
         img.clone()
     } else {
-        img.resize(req.width, req.height, filter)
+        img.thumbnail(req.width, req.height)
     }
 }
 

@@ -223,6 +223,7 @@ pub fn append_local_or_invite(
         }
     }
 
+    let ev = with_redaction_target(ev)?;
     if let Some(target) = &ev.redacts {
         check_local_redaction(conn, room, sg, sender, target)?;
     }
@@ -307,13 +308,48 @@ pub fn commit_built(
     Ok(appended)
 }
 
-fn check_local_redaction(conn: Db<'_>, room: &RoomRow, sg: StateGroup, sender: &UserId, target: &str) -> Result<()> {
-    let Some(row) = events::event_by_id(conn, target)? else { return Ok(()) };
-    if row.room_nid != room.room_nid {
-        return Err(Error::not_found("event not found in this room"));
+/// A redaction from a local user names its target, however it was sent: `/redact` sets it, `/send` and a state
+/// PUT of `m.room.redaction` carry it in `content.redacts` (as v11 puts it; older versions get it at the top level
+/// too, as Synapse's MSC4169 support moves it). A redaction naming no event is refused: it could only be a no-op.
+fn with_redaction_target(mut ev: LocalEvent) -> Result<LocalEvent> {
+    if ev.kind != "m.room.redaction" {
+        return Ok(ev);
     }
-    if row.sender != sender.as_str() && !PowerLevels::load(conn, sg, &room.version)?.can_redact_others(sender) {
-        return Err(Error::forbidden("you may not redact other users' events"));
+    if ev.redacts.is_none() {
+        ev.redacts = match ev.content.get("redacts") {
+            Some(Value::String(r)) => Some(r.clone()),
+            Some(_) => return Err(Error::bad_json("content.redacts must be an event id")),
+            None => return Err(Error::bad_json("a redaction must name the event it redacts (content.redacts)")),
+        };
+    }
+    let target = ev.redacts.as_deref().unwrap_or_default();
+    ruma::EventId::parse(target).map_err(|e| Error::invalid_param(format!("invalid event id {target}: {e}")))?;
+    Ok(ev)
+}
+
+/// The rules a local user's redaction must pass before it is sent, whatever endpoint it came through (as Synapse
+/// checks them): the target must be in this room; a user without the redact power level may redact only their
+/// own events (and only events we have); the create event and server ACLs cannot be redacted.
+fn check_local_redaction(conn: Db<'_>, room: &RoomRow, sg: StateGroup, sender: &UserId, target: &str) -> Result<()> {
+    let row = events::event_by_id(conn, target)?.filter(|r| r.rejected.is_none());
+    let row = match row {
+        Some(r) if r.room_nid != room.room_nid => return Err(Error::not_found("event not found in this room")),
+        Some(r) => Some(r),
+        None => None,
+    };
+    if let Some(r) = &row {
+        if r.event_type == "m.room.create" || r.event_type == "m.room.server_acl" {
+            return Err(Error::forbidden(format!("{} events cannot be redacted", r.event_type)));
+        }
+    }
+    if row.as_ref().is_some_and(|r| r.sender == sender.as_str()) {
+        return Ok(());
+    }
+    if !PowerLevels::load(conn, sg, &room.version)?.can_redact_others(sender) {
+        return match row {
+            None => Err(Error::not_found("event not found in this room")),
+            Some(_) => Err(Error::forbidden("you may not redact other users' events")),
+        };
     }
     Ok(())
 }
@@ -517,28 +553,51 @@ pub fn apply_membership(
     Ok(MembershipChange { local, was_joined, joined: membership == "join" })
 }
 
-/// Applies an accepted redaction to its target, if we have it and the redaction is allowed to take effect.
+/// Applies an accepted redaction to its target, if we have it and the redaction may take effect. Every redaction
+/// takes effect here (local sends of any kind, federation, backfill), so the rule is the same for all: the spec's
+/// "Redactions" (room versions 3+: the redaction is accepted into the DAG whoever sent it, but applied only when
+/// its sender had the redact power level, judged on the redaction's own auth events as Synapse does, or is of the
+/// target's sender's server; v1-2 authorisation already refused anything else). Create events are never redacted
+/// (as Synapse).
 fn apply_redaction(conn: Db<'_>, room: &RoomRow, rules: &RoomVersionRules, redaction: &Pdu) -> Result<()> {
     let Some(target_id) = &redaction.redacts else { return Ok(()) };
     let Some(target) = events::event_by_id(conn, target_id.as_str())? else { return Ok(()) };
-    if target.room_nid != room.room_nid || target.redacted_by.is_some() {
+    if target.room_nid != room.room_nid || target.redacted_by.is_some() || target.event_type == "m.room.create" {
         return Ok(());
     }
     let same_server = target.sender.split_once(':').map(|x| x.1) == Some(redaction.sender.server_name().as_str());
-    let allowed = same_server || {
-        let sg = rooms::room_by_nid(conn, room.room_nid)?.and_then(|r| r.current_sg);
-        match sg {
-            Some(sg) => PowerLevels::load(conn, sg, &room.version)?.can_redact_others(&redaction.sender),
-            None => false,
-        }
-    };
-    if !allowed {
+    if !same_server
+        && !PowerLevels::of_auth_events(conn, redaction, &room.version)?.can_redact_others(&redaction.sender)
+    {
+        tracing::debug!(redaction = %redaction.event_id, target = %target_id, "redaction not applied: no power");
         return Ok(());
     }
     let obj: CanonicalJsonObject = serde_json::from_str(&target.json)?;
     let redacted = ruma::canonical_json::redact(obj, &rules.redaction, None)
         .map_err(|e| Error::internal(format!("redaction failed: {e}")))?;
     events::set_redacted(conn, target.event_nid, redaction.event_id.as_str(), &serde_json::to_string(&redacted)?)?;
+    Ok(())
+}
+
+/// Redactions in a batch of backfilled history, which does not go through [`persist`]: stored newest first, a
+/// redaction comes before the event it redacts. Once the batch is stored, each redaction in it that was not
+/// rejected is applied, and so is any redaction stored before whose target the batch brought.
+pub fn apply_backfilled_redactions(
+    conn: Db<'_>,
+    room: &RoomRow,
+    rules: &RoomVersionRules,
+    batch: &[String],
+) -> Result<()> {
+    let batch: std::collections::HashSet<&str> = batch.iter().map(String::as_str).collect();
+    for (id, top, in_content) in events::redaction_targets(conn, room.room_nid)? {
+        let named = [top.as_deref(), in_content.as_deref()];
+        if !batch.contains(id.as_str()) && !named.iter().flatten().any(|t| batch.contains(t)) {
+            continue;
+        }
+        if let Some(redaction) = crate::room::load_pdu_with(conn, &id, rules)? {
+            apply_redaction(conn, room, rules, &redaction)?;
+        }
+    }
     Ok(())
 }
 

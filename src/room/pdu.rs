@@ -95,9 +95,14 @@ impl Pdu {
         let format = rules.events_reference_format;
         let prev_events = event_refs(&json, "prev_events", format)?;
         let auth_events = event_refs(&json, "auth_events", format)?;
+        // Where `redacts` lives depends on the room version: at the top level up to v10, in `content` from v11
+        // (the other place is an ordinary extra key there, naming nothing).
+        let in_content = rules.redaction.keep_room_redaction_redacts;
         let redacts = match (json.get("redacts"), kind == TimelineEventType::RoomRedaction) {
-            (Some(CanonicalJsonValue::String(s)), _) => Some(EventId::parse(s).map_err(|e| e.to_string())?),
-            (_, true) => {
+            (Some(CanonicalJsonValue::String(s)), _) if !in_content => {
+                Some(EventId::parse(s).map_err(|e| e.to_string())?)
+            }
+            (_, true) if in_content => {
                 let v: Value = serde_json::from_str(content.get()).map_err(|e| e.to_string())?;
                 v.get("redacts").and_then(Value::as_str).and_then(|s| EventId::parse(s).ok())
             }

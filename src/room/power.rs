@@ -5,7 +5,7 @@ use ruma::UserId;
 use serde_json::Value;
 
 use crate::error::Result;
-use crate::room::{state_content, state_event, version};
+use crate::room::{load_pdu, state_content, state_event, version, Pdu};
 use crate::store::ids::StateGroup;
 use crate::store::Db;
 
@@ -26,9 +26,34 @@ fn int(v: Option<&Value>) -> Option<i64> {
 
 impl PowerLevels {
     pub fn load(conn: Db<'_>, sg: StateGroup, room_version: &str) -> Result<PowerLevels> {
-        let rules = version::rules(room_version)?;
         let pl = state_content(conn, sg, "m.room.power_levels", "")?;
         let create = state_event(conn, sg, "m.room.create", "")?;
+        Self::from_events(pl, create, room_version)
+    }
+
+    /// The power levels an event was authorised with: those among its own auth events (as Synapse judges a
+    /// redaction), so events held without a state group (backfilled history) can be judged too. The create event
+    /// is the room id's event in versions that leave it out of auth events (v12).
+    pub fn of_auth_events(conn: Db<'_>, pdu: &Pdu, room_version: &str) -> Result<PowerLevels> {
+        let (mut pl, mut create) = (None, None);
+        for id in &pdu.auth_events {
+            match load_pdu(conn, id)? {
+                Some(e) if e.kind.to_string() == "m.room.power_levels" && e.state_key.as_deref() == Some("") => {
+                    pl = Some(e.content_value());
+                }
+                Some(e) if e.kind.to_string() == "m.room.create" => create = Some(e),
+                _ => {}
+            }
+        }
+        if create.is_none() {
+            let implied = format!("${}", pdu.room_id.as_str().trim_start_matches('!'));
+            create = ruma::EventId::parse(&implied).ok().and_then(|id| load_pdu(conn, &id).ok().flatten());
+        }
+        Self::from_events(pl, create, room_version)
+    }
+
+    fn from_events(pl: Option<Value>, create: Option<Pdu>, room_version: &str) -> Result<PowerLevels> {
+        let rules = version::rules(room_version)?;
         let mut creators = Vec::new();
         if let Some(create) = &create {
             creators.push(create.sender.to_string());

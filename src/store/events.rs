@@ -313,6 +313,21 @@ pub fn lowest_stream_ordering(conn: Db<'_>) -> Result<StreamPos> {
 }
 
 /// Moves an outlier into the timeline at `stream` (backfill), with its auth outcome.
+/// A redaction's event id and the event ids it names at the top level and in its content.
+pub type RedactionTargets = (String, Option<String>, Option<String>);
+
+/// The room's redactions that were not rejected, each with the event it names at the top level (`redacts`, up to
+/// room version 10) and in its content (`content.redacts`, from v11): callers go by the parsed event, which knows
+/// which of the two counts.
+pub fn redaction_targets(conn: Db<'_>, room_nid: RoomNid) -> Result<Vec<RedactionTargets>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT event_id, json_extract(json, '$.redacts'), json_extract(json, '$.content.redacts') FROM events
+         WHERE room_nid = ?1 AND event_type = 'm.room.redaction' AND rejected IS NULL",
+    )?;
+    let rows = stmt.query_map([room_nid], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
 pub fn set_backfilled(conn: Db<'_>, event_nid: EventNid, stream: StreamPos, rejected: Option<&str>) -> Result<()> {
     conn.prepare_cached("UPDATE events SET outlier = 0, stream_ordering = ?2, rejected = ?3 WHERE event_nid = ?1")?
         .execute(params![event_nid, stream, rejected])?;
@@ -470,6 +485,34 @@ pub(crate) mod tests {
         assert!(event_by_id(conn.db(), "$b").unwrap().is_none());
         assert!(event_nid(conn.db(), "$b").unwrap().is_none());
         assert!(json_of(conn.db(), EventNid(nid.0 + 1)).unwrap().is_none());
+    }
+
+    #[test]
+    fn redaction_targets_are_read_from_both_places_and_skip_rejected_redactions() {
+        let conn = memory_db();
+        let r = room(conn.db());
+        let ev = |id: &'static str, stream: i64, rejected: bool| crate::store::testing::Ev {
+            event_type: "m.room.redaction",
+            rejected,
+            ..crate::store::testing::Ev::message(id, "@a:x", stream)
+        };
+        crate::store::testing::event(conn.db(), r, ev("$top", 1, false));
+        crate::store::testing::event(conn.db(), r, ev("$content", 2, false));
+        crate::store::testing::event(conn.db(), r, ev("$rejected", 3, true));
+        conn.db()
+            .conn()
+            .execute(r#"UPDATE events SET json = '{"redacts":"$x","content":{}}' WHERE event_id = '$top'"#, [])
+            .unwrap();
+        conn.db()
+            .conn()
+            .execute(r#"UPDATE events SET json = '{"content":{"redacts":"$y"}}' WHERE event_id = '$content'"#, [])
+            .unwrap();
+        let mut got = redaction_targets(conn.db(), r).unwrap();
+        got.sort();
+        assert_eq!(
+            got,
+            [("$content".to_owned(), None, Some("$y".to_owned())), ("$top".to_owned(), Some("$x".to_owned()), None)]
+        );
     }
 
     #[test]

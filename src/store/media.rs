@@ -17,12 +17,15 @@ pub struct MediaRow {
     /// None: created for an async upload, no content yet.
     pub size: Option<i64>,
     pub created_ts: i64,
+    /// Stored while the legacy endpoints were frozen (`media.freeze_legacy`): served only through the
+    /// authenticated ones.
+    pub authenticated: bool,
 }
 
 pub fn get(conn: Db<'_>, origin: &str, media_id: &str) -> Result<Option<MediaRow>> {
     Ok(conn
         .prepare_cached(
-            "SELECT origin, media_id, uploader, content_type, filename, size, created_ts FROM media
+            "SELECT origin, media_id, uploader, content_type, filename, size, created_ts, authenticated FROM media
              WHERE origin = ?1 AND media_id = ?2",
         )?
         .query_row(params![origin, media_id], |r| {
@@ -34,6 +37,7 @@ pub fn get(conn: Db<'_>, origin: &str, media_id: &str) -> Result<Option<MediaRow
                 filename: r.get(4)?,
                 size: r.get(5)?,
                 created_ts: r.get(6)?,
+                authenticated: r.get(7)?,
             })
         })
         .optional()?)
@@ -61,9 +65,18 @@ pub fn pending_reservations(conn: Db<'_>, uploader: &str, created_after: i64) ->
 }
 
 /// Reserves an id for an async upload (`POST /create`): a row without content.
-pub fn reserve(conn: Db<'_>, origin: &str, media_id: &str, uploader: &str, now: i64) -> Result<()> {
-    conn.prepare_cached("INSERT INTO media (origin, media_id, uploader, created_ts) VALUES (?1, ?2, ?3, ?4)")?
-        .execute(params![origin, media_id, uploader, now])?;
+pub fn reserve(
+    conn: Db<'_>,
+    origin: &str,
+    media_id: &str,
+    uploader: &str,
+    now: i64,
+    authenticated: bool,
+) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO media (origin, media_id, uploader, created_ts, authenticated) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![origin, media_id, uploader, now, authenticated])?;
     Ok(())
 }
 
@@ -81,8 +94,8 @@ pub fn fill_reserved(conn: Db<'_>, row: &MediaRow, size: i64, sha256: &str) -> R
 /// Records a new upload with its content.
 pub fn insert_upload(conn: Db<'_>, row: &MediaRow, size: i64, sha256: &str) -> Result<()> {
     conn.prepare_cached(
-        "INSERT INTO media (origin, media_id, uploader, content_type, filename, size, sha256, created_ts)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        "INSERT INTO media (origin, media_id, uploader, content_type, filename, size, sha256, created_ts, authenticated)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     )?
     .execute(params![
         row.origin,
@@ -92,7 +105,8 @@ pub fn insert_upload(conn: Db<'_>, row: &MediaRow, size: i64, sha256: &str) -> R
         row.filename,
         size,
         sha256,
-        row.created_ts
+        row.created_ts,
+        row.authenticated
     ])?;
     Ok(())
 }
@@ -100,8 +114,9 @@ pub fn insert_upload(conn: Db<'_>, row: &MediaRow, size: i64, sha256: &str) -> R
 /// Records (or replaces) a remote file cached here; the uploader is always NULL.
 pub fn cache_remote(conn: Db<'_>, row: &MediaRow, sha256: &str) -> Result<()> {
     conn.prepare_cached(
-        "INSERT OR REPLACE INTO media (origin, media_id, uploader, content_type, filename, size, sha256, created_ts)
-         VALUES (?1, ?2, NULL, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT OR REPLACE INTO media
+             (origin, media_id, uploader, content_type, filename, size, sha256, created_ts, authenticated)
+         VALUES (?1, ?2, NULL, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?
     .execute(params![
         row.origin,
@@ -110,7 +125,8 @@ pub fn cache_remote(conn: Db<'_>, row: &MediaRow, sha256: &str) -> Result<()> {
         row.filename,
         row.size,
         sha256,
-        row.created_ts
+        row.created_ts,
+        row.authenticated
     ])?;
     Ok(())
 }
@@ -171,6 +187,7 @@ mod tests {
             filename: Some("a.png".into()),
             size: None,
             created_ts: ts,
+            authenticated: false,
         }
     }
 
@@ -191,9 +208,9 @@ mod tests {
     #[test]
     fn reservations_fill_once_and_expire() {
         let conn = memory_db();
-        reserve(conn.db(), "hs.test", "old", "@u:hs.test", 10).unwrap();
-        reserve(conn.db(), "hs.test", "new", "@u:hs.test", 50).unwrap();
-        reserve(conn.db(), "hs.test", "other", "@v:hs.test", 10).unwrap();
+        reserve(conn.db(), "hs.test", "old", "@u:hs.test", 10, false).unwrap();
+        reserve(conn.db(), "hs.test", "new", "@u:hs.test", 50, false).unwrap();
+        reserve(conn.db(), "hs.test", "other", "@v:hs.test", 10, false).unwrap();
         assert_eq!(pending_reservations(conn.db(), "@u:hs.test", 0).unwrap(), 2);
         assert_eq!(pending_reservations(conn.db(), "@u:hs.test", 10).unwrap(), 1, "strictly after");
         assert_eq!(usage_of(conn.db(), "@u:hs.test").unwrap(), 0, "no content, no usage");

@@ -6,7 +6,7 @@ use rusqlite::Connection;
 const SCHEMA: &str = include_str!("../../schema.sql");
 
 /// Version written by `SCHEMA`. Later changes add `(version, sql)` steps to `MIGRATIONS` and bump this.
-pub const SCHEMA_VERSION: i64 = 7;
+pub const SCHEMA_VERSION: i64 = 9;
 
 /// Steps from version N-1 to N, for N > 1.
 const MIGRATIONS: &[(i64, &str)] = &[
@@ -16,7 +16,12 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (5, REMOTE_DEVICES_V5),
     (6, PRESENCE_V6),
     (7, RELATIONS_SEARCH_V7),
+    (9, MEDIA_AUTHENTICATED_V9),
 ];
+
+/// 9: which media the legacy unauthenticated endpoints no longer serve (`media.freeze_legacy`). Media stored
+/// before stays reachable through them.
+const MEDIA_AUTHENTICATED_V9: &str = "ALTER TABLE media ADD COLUMN authenticated INTEGER NOT NULL DEFAULT 0;";
 
 /// 5: the cache of remote users' device lists.
 const REMOTE_DEVICES_V5: &str = "
@@ -188,7 +193,8 @@ mod tests {
         let mut old = Connection::open_in_memory().unwrap();
         old.execute_batch(SCHEMA).unwrap();
         old.execute_batch(
-            r#"DROP TABLE event_relations; DROP TABLE event_search; PRAGMA user_version = 4;
+            r#"DROP TABLE event_relations; DROP TABLE event_search; ALTER TABLE media DROP COLUMN authenticated;
+            PRAGMA user_version = 4;
             INSERT INTO rooms (room_nid, room_id, room_version) VALUES (1, '!r:x', '10');
             INSERT INTO events (event_nid, event_id, room_nid, event_type, sender, origin_server_ts, depth, json) VALUES
               (1, '$root', 1, 'm.room.message', '@a:x', 0, 1, '{"content":{"body":"hello world"}}'),
@@ -216,5 +222,23 @@ mod tests {
             .collect::<rusqlite::Result<_>>()
             .unwrap();
         assert_eq!(found, [(1, "content.body".to_owned()), (3, "content.name".to_owned())]);
+    }
+
+    /// Media stored before version 9 stays reachable through the legacy endpoints: the migration marks none of it
+    /// as authenticated-only.
+    #[test]
+    fn version_9_keeps_older_media_on_the_legacy_endpoints() {
+        let mut old = Connection::open_in_memory().unwrap();
+        old.execute_batch(SCHEMA).unwrap();
+        old.execute_batch(
+            "ALTER TABLE media DROP COLUMN authenticated; PRAGMA user_version = 7;
+             INSERT INTO media (origin, media_id, created_ts, size) VALUES ('hs', 'old', 1, 3);",
+        )
+        .unwrap();
+        migrate(&mut old).unwrap();
+        let flag: i64 =
+            old.query_row("SELECT authenticated FROM media WHERE media_id = 'old'", [], |r| r.get(0)).unwrap();
+        assert_eq!(flag, 0);
+        assert_eq!(old.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0)).unwrap(), SCHEMA_VERSION);
     }
 }

@@ -41,14 +41,27 @@ pub fn enqueue_pdu_to(conn: Db<'_>, event_id: &str, destinations: &[String]) -> 
     let catching_up: HashSet<String> = stmt.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
     let mut ins = conn.prepare_cached("INSERT INTO outbox (destination, kind, payload) VALUES (?1, 'pdu', ?2)")?;
     let mut n = 0;
-    for d in destinations.iter().filter(|d| !catching_up.contains(*d)) {
+    for d in destinations.iter().filter(|d| !catching_up.contains(*d) && valid_destination(d)) {
         ins.execute(params![d, event_id])?;
         n += 1;
     }
     Ok(n)
 }
 
+/// Only a server name can be a destination: anything else (say the empty server of a malformed user id) could
+/// never be sent and would sit in the queue for ever, so it is dropped here, whoever asked.
+fn valid_destination(destination: &str) -> bool {
+    let ok = ruma::ServerName::parse(destination).is_ok();
+    if !ok {
+        tracing::warn!(destination, "not queueing for a destination that is not a server name");
+    }
+    ok
+}
+
 pub fn enqueue_edu(conn: Db<'_>, destination: &str, edu_json: &str) -> Result<()> {
+    if !valid_destination(destination) {
+        return Ok(());
+    }
     conn.prepare_cached("INSERT INTO outbox (destination, kind, payload) VALUES (?1, 'edu', ?2)")?
         .execute(params![destination, edu_json])?;
     Ok(())
@@ -225,4 +238,23 @@ pub fn record_failure(conn: Db<'_>, destination: &str, now: i64, base_ms: u64) -
         tracing::info!(destination, failures, "destination keeps failing: catching up when it answers again");
     }
     Ok(delay)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::testing::memory_db;
+
+    #[test]
+    fn nothing_is_queued_for_a_destination_that_is_not_a_server_name() {
+        let conn = memory_db();
+        for bad in ["", "bad server", "x/y"] {
+            enqueue_edu(conn.db(), bad, "{}").unwrap();
+            assert_eq!(enqueue_pdu_to(conn.db(), "$e", &[bad.to_owned()]).unwrap(), 0);
+        }
+        assert!(due_destinations(conn.db(), i64::MAX).unwrap().is_empty());
+        enqueue_edu(conn.db(), "good.example", "{}").unwrap();
+        assert_eq!(enqueue_pdu_to(conn.db(), "$e", &["good.example:8448".to_owned()]).unwrap(), 1);
+        assert_eq!(due_destinations(conn.db(), i64::MAX).unwrap().len(), 2);
+    }
 }
