@@ -216,6 +216,12 @@ fn main() {
         std::process::exit(config_check(&config, &source));
     }
     init_logging(&config);
+    if !matches!(cli.command, None | Some(Command::Serve)) {
+        // A command's output piped into `head` or `grep -q` ends quietly when the reader goes, as other tools do
+        // (Rust ignores SIGPIPE, which makes printing panic). The server keeps ignoring it: its sockets report EPIPE.
+        // SAFETY: restores the default disposition of one signal before any other thread exists.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let result = match cli.command {
         None | Some(Command::Serve) => serve(config, &source, cli.config.as_deref()),
         Some(Command::User { action }) => user_command(&config, &source, action),
