@@ -396,7 +396,7 @@ pub fn source_name(file: Option<&Path>) -> String {
     match file {
         Some(f) => f.display().to_string(),
         None if Path::new("hearth.toml").exists() => "./hearth.toml".into(),
-        None => "./hearth.toml (there is none: the built-in defaults are in use)".into(),
+        None => "./hearth.toml (not there yet: create it)".into(),
     }
 }
 

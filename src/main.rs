@@ -213,7 +213,7 @@ fn main() {
         config.server_name = name.clone();
     }
     if let Some(Command::Config { action: ConfigAction::Check }) = &cli.command {
-        std::process::exit(config_check(&config, &source));
+        std::process::exit(config_check(&config, &source, cli.config.as_deref()));
     }
     init_logging(&config);
     if !matches!(cli.command, None | Some(Command::Serve)) {
@@ -356,7 +356,7 @@ async fn print_first_steps(running: &hearth::server::Running, file: Option<&std:
 
 /// `hearth config check`: the configuration loaded (that already named any bad key); now the checks that need
 /// the file system. Returns the exit code.
-fn config_check(config: &Config, source: &str) -> i32 {
+fn config_check(config: &Config, source: &str, file: Option<&std::path::Path>) -> i32 {
     let (mut errors, warnings) = config.check_environment();
     if let Err(e) = config.require_server_name(source) {
         errors.insert(0, format!("key `server_name`: {e}"));
@@ -370,8 +370,10 @@ fn config_check(config: &Config, source: &str) -> i32 {
     if !errors.is_empty() {
         return 2;
     }
+    let from =
+        if file.is_none() && !std::path::Path::new("hearth.toml").exists() { "built-in defaults" } else { source };
     println!(
-        "configuration OK ({source}): server_name {}, client API on {}, federation listener {}, database {}, metrics {}",
+        "configuration OK ({from}): server_name {}, client API on {}, federation listener {}, database {}, metrics {}",
         config.server_name,
         config.listen.client,
         config.listen.federation.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
