@@ -9,6 +9,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use common::fake_resident::*;
 use common::*;
 
 /// Runs the binary in `dir` against `db` (server name `localhost`), with only the given `HEARTH_*` variables and
@@ -296,4 +297,38 @@ async fn foot_guns_are_refused_at_start() {
         ),
         &[dbs, "read-only"],
     );
+}
+
+/// A blocked room refuses other servers too: `make_join` through us, and invites into it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_room_refuses_other_servers() {
+    let fake = FakeResident::start(RoomSpec { members: 0, messages: 0, ..RoomSpec::default() }).await;
+    let server = start_hearth_with_fakes(&[&fake], |_| {}).await;
+    let alice = server.user("alice").await;
+    let room = alice.create_room(json!({"preset": "public_chat"})).await;
+    let version = alice.state(&room, "m.room.create", "").await.ok()["room_version"].as_str().unwrap().to_owned();
+    let make_join = format!("/_matrix/federation/v1/make_join/{}/{}?ver={version}", enc(&room), enc(&fake.user("joe")));
+    let get = reqwest::Method::GET;
+    fake.request_hearth(get.clone(), &make_join, None).await.expect("make_join before the block");
+
+    let cwd = tempfile::tempdir().unwrap();
+    let env = [("HEARTH_DATABASE__PATH", server.db_path.to_str().unwrap())];
+    ok(hearth(cwd.path(), &["room", "block", &room], &env, None));
+    let (status, body) = fake.request_hearth(get.clone(), &make_join, None).await.expect_err("blocked");
+    assert_eq!((status, body["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{body}");
+    assert!(body["error"].as_str().unwrap_or("").contains("blocked"), "{body}");
+
+    // A room known only by id (the fake's) can be blocked too: an invite into it is refused.
+    ok(hearth(cwd.path(), &["room", "block", &fake.room_id()], &env, None));
+    let invite = json!({"event": {"type": "m.room.member", "room_id": fake.room_id(), "sender": fake.creator(),
+                                  "state_key": alice.user_id, "content": {"membership": "invite"}},
+                        "room_version": fake.room_version(), "invite_room_state": []});
+    let path = format!("/_matrix/federation/v2/invite/{}/{}", enc(&fake.room_id()), enc("$invite"));
+    let (status, body) = fake.request_hearth(reqwest::Method::PUT, &path, Some(&invite)).await.expect_err("blocked");
+    assert_eq!(status, 403, "{body}");
+    assert!(body["error"].as_str().unwrap_or("").contains("blocked"), "{body}");
+
+    ok(hearth(cwd.path(), &["room", "unblock", &room], &env, None));
+    fake.request_hearth(get, &make_join, None).await.expect("make_join after the block is lifted");
+    server.stop().await;
 }
