@@ -432,3 +432,22 @@ CREATE INDEX event_relations_parent ON event_relations(relates_to, rel_type);
 -- Full-text index of searchable event fields (`POST /search`): rowid = event_nid; `key` is `content.body`,
 -- `content.name` or `content.topic`. Written when the event is stored, removed when it is redacted.
 CREATE VIRTUAL TABLE event_search USING fts5(key UNINDEXED, value, tokenize = 'porter unicode61');
+
+------------------------------------------------------------------------------------------------------------------
+-- Administration (`hearth token ...`, `hearth room block`).
+-- Registration tokens: registration with `m.login.registration_token` accepts one while it has uses left and has
+-- not expired; each account created with it counts one use.
+CREATE TABLE registration_tokens (
+    token         TEXT PRIMARY KEY,
+    uses_allowed  INTEGER,                      -- NULL: unlimited
+    completed     INTEGER NOT NULL DEFAULT 0,   -- accounts registered with it
+    expiry_ts     INTEGER,                      -- NULL: never expires
+    created_ts    INTEGER NOT NULL
+) WITHOUT ROWID;
+
+-- Rooms an admin blocked: local users cannot join them, other servers cannot join or invite through us. By id: a
+-- room need not be known here to be blocked.
+CREATE TABLE blocked_rooms (
+    room_id    TEXT PRIMARY KEY,
+    blocked_ts INTEGER NOT NULL
+) WITHOUT ROWID;

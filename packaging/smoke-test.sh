@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Smoke test of one hearth binary, as systemd would run it, without systemd or containers:
 #   packaging/smoke-test.sh [--config FILE] BINARY
+# With --config, the file must have no server_name (the packaged one): the start is first refused for it.
 # An aarch64 binary on another host runs under qemu-aarch64-static (Debian: qemu-user-static, libc6-arm64-cross).
 #
 # With the given config (default: none, the embedded defaults) plus HEARTH_* overrides for a scratch database and a
@@ -59,9 +60,22 @@ cfg=()
 [ -n "$config" ] && cfg=(-c "$config")
 hearth() { "${run[@]}" "$bin" "${cfg[@]}" "$@"; }
 
+if [ -n "$config" ]; then
+    # The packaged config names no server: the service refuses to start, naming the key and the file.
+    if env -u HEARTH_SERVER_NAME "${run[@]}" "$bin" -c "$config" serve > "$work/refused.log" 2>&1; then
+        echo "smoke-test: the server started without server_name" >&2; exit 1
+    fi
+    grep -q "server_name" "$work/refused.log" && grep -q "$config" "$work/refused.log" \
+        || { cat "$work/refused.log"; echo "smoke-test: the refusal does not name server_name and $config" >&2; exit 1; }
+    [ ! -e "$work/state/hearth.db" ] || { echo "smoke-test: the refused start left a database" >&2; exit 1; }
+    echo "without server_name the start is refused: $(head -1 "$work/refused.log")"
+fi
+
 hearth --version
 hearth config check
-hearth user create alice --password 'smoke-pw-1' --admin
+# The management commands never create a database: before the first start they say where they looked.
+if hearth user list > "$work/no-db.log" 2>&1; then echo "smoke-test: user list worked without a database" >&2; exit 1; fi
+grep -q "no database at" "$work/no-db.log" || { cat "$work/no-db.log"; echo "smoke-test: unclear message without a database" >&2; exit 1; }
 
 # A stand-in for systemd's notify socket: records every datagram, one per line.
 notify_sock=$work/notify.sock
@@ -91,6 +105,10 @@ echo "READY=1 after $(python3 -c "import time; print(round(time.time() - $starte
 health=$(curl -fsS "$base/_hearth/health")
 echo "health: $health"
 [ "$(jq -r .database <<<"$health")" = ok ]
+
+# The admin CLI works on the database of the running server.
+hearth user create alice --password 'smoke-pw-1' --admin
+hearth user list | grep -q '@alice:smoke.test' || { echo "smoke-test: user list lacks alice" >&2; exit 1; }
 
 token=$(curl -fsS -X POST "$base/_matrix/client/v3/login" \
     -d '{"type":"m.login.password","identifier":{"type":"m.id.user","user":"alice"},"password":"smoke-pw-1"}' | jq -r .access_token)

@@ -9,10 +9,11 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// The server name: the part after the `:` in user ids. Cannot change once users exist.
+    /// The server name: the part after the `:` in user ids. Cannot change once users exist. No default: the server
+    /// refuses to start without it (`--server-name` on the command line also sets it).
     pub server_name: String,
     pub listen: Listen,
     pub database: Database,
@@ -84,7 +85,9 @@ impl Default for Presence {
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct WellKnown {
-    /// Public base URL of the client API, e.g. `https://matrix.example.org`. Unset: the client listener's address.
+    /// Public base URL of the client API, e.g. `https://matrix.example.org` (what clients should use: behind a
+    /// reverse proxy, the proxy's URL). Unset: `/.well-known/matrix/client` answers 404 and login answers no
+    /// `well_known` (clients keep the URL the user typed).
     pub client_base_url: Option<String>,
     /// `host[:port]` other servers should federate with (`m.server`). Unset: `/.well-known/matrix/server` is 404.
     pub server: Option<String>,
@@ -111,8 +114,11 @@ pub struct Database {
 #[serde(deny_unknown_fields, default)]
 pub struct Registration {
     pub enabled: bool,
-    /// When set, registration requires `m.login.registration_token` with this token.
+    /// When set, registration requires `m.login.registration_token` with this token (or one made with
+    /// `hearth token create`).
     pub token: Option<String>,
+    /// Registration requires a token made with `hearth token create` (`m.login.registration_token`).
+    pub requires_token: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -134,6 +140,9 @@ pub struct Limits {
     /// Room joins per user, local and remote: average rate and burst (Synapse `rc_joins.local`).
     pub joins_per_second: f64,
     pub joins_burst: u32,
+    /// Reverse proxies (addresses or CIDRs, e.g. `10.0.0.0/8`) whose `X-Forwarded-For` names the client (rate
+    /// limits by address); requests from other peers are taken by their own address.
+    pub trusted_proxies: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -212,26 +221,6 @@ pub struct Metrics {
     pub enabled: bool,
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            server_name: "localhost:8008".into(),
-            listen: Listen::default(),
-            database: Database::default(),
-            registration: Registration::default(),
-            limits: Limits::default(),
-            federation: Federation::default(),
-            jobs: Jobs::default(),
-            media: Media::default(),
-            log: Log::default(),
-            metrics: Metrics::default(),
-            presence: Presence::default(),
-            well_known: WellKnown::default(),
-            rooms: Rooms::default(),
-        }
-    }
-}
-
 impl Default for Listen {
     fn default() -> Self {
         Listen { client: "127.0.0.1:8008".parse().expect("valid literal"), federation: None }
@@ -258,6 +247,7 @@ impl Default for Limits {
             messages_burst: 10,
             joins_per_second: 0.1,
             joins_burst: 10,
+            trusted_proxies: vec!["127.0.0.0/8".into(), "::1/128".into()],
         }
     }
 }
@@ -338,8 +328,32 @@ impl Config {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
-        ruma::ServerName::parse(&self.server_name)
-            .map_err(|e| anyhow::anyhow!("invalid configuration: key `server_name`: {e}"))?;
+        if !self.server_name.is_empty() {
+            ruma::ServerName::parse(&self.server_name)
+                .map_err(|e| anyhow::anyhow!("invalid configuration: key `server_name`: {e}"))?;
+        }
+        let level_error = |e: &dyn std::fmt::Display| {
+            anyhow::anyhow!("invalid configuration: key `log.level`: {e} (e.g. `info`, `warn` or `info,hearth=debug`)")
+        };
+        tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| level_error(&e))?;
+        // A bare word is valid filter syntax (a target name at every level) but is almost always a misspelt level.
+        const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+        for d in self.log.level.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+            if !d.contains(['=', '[', ':']) && !LEVELS.contains(&d.to_ascii_lowercase().as_str()) {
+                return Err(level_error(&format!("`{d}` is not a level (trace, debug, info, warn, error, off)")));
+            }
+        }
+        for p in &self.limits.trusted_proxies {
+            Cidr::parse(p).ok_or_else(|| {
+                anyhow::anyhow!("invalid configuration: key `limits.trusted_proxies`: `{p}` is not an address or CIDR")
+            })?;
+        }
+        if let Some(url) = &self.well_known.client_base_url {
+            anyhow::ensure!(
+                (url.starts_with("https://") || url.starts_with("http://")) && url.len() > "https://".len(),
+                "invalid configuration: key `well_known.client_base_url`: `{url}` is not an http(s) URL"
+            );
+        }
         anyhow::ensure!(
             self.limits.max_request_bytes >= 65536,
             "invalid configuration: key `limits.max_request_bytes` must be at least 65536"
@@ -416,13 +430,7 @@ impl Config {
         if !db_dir.is_dir() {
             warnings.push(format!("key `database.path`: folder {} does not exist (yet)", db_dir.display()));
         }
-        if self.server_name == Config::default().server_name {
-            warnings.push(format!(
-                "key `server_name` is the default `{}`: set your domain before the first start (it cannot change later)",
-                self.server_name
-            ));
-        }
-        if self.registration.enabled && self.registration.token.is_none() {
+        if self.registration.enabled && self.registration.token.is_none() && !self.registration.requires_token {
             warnings
                 .push("key `registration.enabled` is true without `registration.token`: anyone can register".into());
         }
@@ -436,5 +444,110 @@ impl Config {
     }
 }
 
+impl Config {
+    /// The server name is the one key without a default: the server refuses to start without it. `source` names
+    /// where the configuration came from (the file to edit).
+    pub fn require_server_name(&self, source: &str) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !self.server_name.is_empty(),
+            "no server name: set `server_name = \"example.org\"` (your domain: the part after the `:` in user ids; it \
+             cannot change later) in {source}, or pass `--server-name example.org`"
+        );
+        Ok(())
+    }
+
+    /// Whether `X-Forwarded-For` from this peer names the client (`limits.trusted_proxies`).
+    pub fn is_trusted_proxy(&self, ip: std::net::IpAddr) -> bool {
+        self.limits.trusted_proxies.iter().filter_map(|p| Cidr::parse(p)).any(|c| c.contains(ip))
+    }
+}
+
+/// Where the configuration came from, for messages: the `-c` file, `./hearth.toml`, or the built-in defaults.
+pub fn source_name(file: Option<&Path>) -> String {
+    match file {
+        Some(f) => f.display().to_string(),
+        None if Path::new("hearth.toml").exists() => "./hearth.toml".into(),
+        None => "./hearth.toml (not there yet: create it)".into(),
+    }
+}
+
+/// An address block: `10.0.0.0/8`, `::1/128`, or a plain address (all its bits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    net: std::net::IpAddr,
+    bits: u8,
+}
+
+impl Cidr {
+    pub fn parse(s: &str) -> Option<Cidr> {
+        let (addr, bits) = match s.trim().split_once('/') {
+            Some((a, b)) => (a.parse::<std::net::IpAddr>().ok()?, Some(b.parse::<u8>().ok()?)),
+            None => (s.trim().parse().ok()?, None),
+        };
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let bits = bits.unwrap_or(max);
+        (bits <= max).then_some(Cidr { net: addr, bits })
+    }
+
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        // An IPv4 client seen on a dual-stack socket arrives as ::ffff:a.b.c.d.
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        let (a, b, max) = match (self.net, ip) {
+            (IpAddr::V4(n), IpAddr::V4(i)) => (u32::from(n) as u128, u32::from(i) as u128, 32),
+            (IpAddr::V6(n), IpAddr::V6(i)) => (u128::from(n), u128::from(i), 128),
+            _ => return false,
+        };
+        if self.bits == 0 {
+            return true;
+        }
+        let shift = max - self.bits as u32;
+        (a >> shift) == (b >> shift)
+    }
+}
+
 /// A commented example with every key, printed by `hearth config example`.
 pub const EXAMPLE: &str = include_str!("../packaging/hearth.example.toml");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs_match_their_block() {
+        let c = Cidr::parse("10.0.0.0/8").unwrap();
+        assert!(c.contains("10.1.2.3".parse().unwrap()));
+        assert!(c.contains("::ffff:10.1.2.3".parse().unwrap()), "v4-mapped");
+        assert!(!c.contains("11.0.0.1".parse().unwrap()));
+        assert!(!c.contains("::1".parse().unwrap()));
+        let one = Cidr::parse("192.168.1.5").unwrap();
+        assert!(one.contains("192.168.1.5".parse().unwrap()) && !one.contains("192.168.1.6".parse().unwrap()));
+        assert!(Cidr::parse("::1/128").unwrap().contains("::1".parse().unwrap()));
+        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains("8.8.8.8".parse().unwrap()));
+        assert!(Cidr::parse("fd00::/8").unwrap().contains("fd12::1".parse().unwrap()));
+        for bad in ["10.0.0.0/33", "nope", "10.0.0.0/x", "::/129", ""] {
+            assert_eq!(Cidr::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn bad_log_levels_proxies_and_urls_are_refused() {
+        let mut c = Config { server_name: "example.org".into(), ..Config::default() };
+        c.validate().unwrap();
+        c.log.level = "info,hearth=loud".into();
+        assert!(c.validate().unwrap_err().to_string().contains("log.level"));
+        c.log.level = "warn".into();
+        c.limits.trusted_proxies = vec!["10.0.0.0/99".into()];
+        assert!(c.validate().unwrap_err().to_string().contains("limits.trusted_proxies"));
+        c.limits.trusted_proxies = vec![];
+        c.well_known.client_base_url = Some("matrix.example.org".into());
+        assert!(c.validate().unwrap_err().to_string().contains("well_known.client_base_url"));
+        c.server_name = String::new();
+        c.well_known.client_base_url = None;
+        c.validate().unwrap();
+        assert!(c.require_server_name("x.toml").unwrap_err().to_string().contains("x.toml"));
+    }
+}

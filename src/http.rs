@@ -48,6 +48,8 @@ pub struct Services {
     pub message_limiter: RateLimiter,
     /// Joins, per user.
     pub join_limiter: RateLimiter,
+    /// Registration token validity checks, per address (against guessing).
+    pub token_validity_limiter: RateLimiter,
     pub uia: UiaSessions,
     /// None when `federation.enabled = false`.
     pub federation: Option<Federation>,
@@ -105,7 +107,7 @@ impl FromRequestParts<AppState> for Auth {
             tracing::error!("stored user id {user_id:?} does not parse: {e}");
             Error::internal("stored user id does not parse")
         })?;
-        Ok(Auth { user_id, device_id, admin, token, ip: client_ip(parts) })
+        Ok(Auth { user_id, device_id, admin, token, ip: client_ip(parts, &state.config) })
     }
 }
 
@@ -198,12 +200,13 @@ impl FromRequestParts<AppState> for MaybeAuth {
     }
 }
 
-/// The client's address (for rate limits keyed by address). Behind a reverse proxy on the same machine (the peer
-/// is a loopback address) that is the last address of `X-Forwarded-For`, which the proxy appends: otherwise every
-/// client would share the proxy's address and one client's failed logins would lock out everyone.
-pub fn client_ip(parts: &Parts) -> String {
+/// The client's address (for rate limits keyed by address). Behind a reverse proxy (the peer is one of
+/// `limits.trusted_proxies`, loopback by default) that is the last address of `X-Forwarded-For`, which the proxy
+/// appends: otherwise every client would share the proxy's address and one client's failed logins would lock out
+/// everyone. Other peers' `X-Forwarded-For` is ignored (anyone could send one).
+pub fn client_ip(parts: &Parts, config: &Config) -> String {
     let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
-    if peer.is_some_and(|ip| ip.is_loopback()) {
+    if peer.is_some_and(|ip| config.is_trusted_proxy(ip)) {
         let forwarded = parts.headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).next_back();
         if let Some(ip) =
             forwarded.and_then(|v| v.rsplit(',').next()).and_then(|ip| ip.trim().parse::<std::net::IpAddr>().ok())
@@ -344,6 +347,9 @@ impl RateLimiter {
 #[derive(Default)]
 pub struct UiaSessions {
     sessions: Mutex<HashMap<String, (Vec<String>, Instant)>>,
+    /// The registration token a session's `m.login.registration_token` stage accepted (one use is counted when
+    /// the account is created).
+    tokens: Mutex<HashMap<String, String>>,
 }
 
 impl UiaSessions {
@@ -352,7 +358,17 @@ impl UiaSessions {
         let mut s = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         s.retain(|_, (_, t)| t.elapsed() < Duration::from_secs(900));
         s.insert(id.clone(), (Vec::new(), Instant::now()));
+        self.tokens.lock().unwrap_or_else(|e| e.into_inner()).retain(|k, _| s.contains_key(k));
         id
+    }
+
+    /// Remembers the registration token the session's token stage accepted.
+    pub fn set_token(&self, session: &str, token: &str) {
+        self.tokens.lock().unwrap_or_else(|e| e.into_inner()).insert(session.to_owned(), token.to_owned());
+    }
+
+    pub fn token(&self, session: &str) -> Option<String> {
+        self.tokens.lock().unwrap_or_else(|e| e.into_inner()).get(session).cloned()
     }
 
     pub fn completed(&self, session: &str) -> Option<Vec<String>> {
@@ -369,6 +385,7 @@ impl UiaSessions {
 
     pub fn finish(&self, session: &str) {
         self.sessions.lock().unwrap_or_else(|e| e.into_inner()).remove(session);
+        self.tokens.lock().unwrap_or_else(|e| e.into_inner()).remove(session);
     }
 }
 

@@ -1,5 +1,6 @@
 //! Hearth: a Matrix homeserver in one binary and one SQLite file.
 
+pub mod admin;
 pub mod client;
 pub mod config;
 pub mod e2ee;

@@ -1,6 +1,6 @@
 //! The `hearth` command: serve, manage users, print an example config.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 
@@ -12,6 +12,9 @@ struct Cli {
     /// Configuration file (default: ./hearth.toml if present).
     #[arg(short, long, global = true)]
     config: Option<PathBuf>,
+    /// The server name (your domain, the part after `:` in user ids); overrides `server_name` of the configuration.
+    #[arg(long, global = true, value_name = "NAME")]
+    server_name: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -20,10 +23,25 @@ struct Cli {
 enum Command {
     /// Run the server (the default).
     Serve,
-    /// Manage local users.
+    /// Manage local users (works while the server runs).
     User {
         #[command(subcommand)]
         action: UserAction,
+    },
+    /// List, purge and block rooms (works while the server runs).
+    Room {
+        #[command(subcommand)]
+        action: RoomAction,
+    },
+    /// The cache of other servers' media (works while the server runs).
+    Media {
+        #[command(subcommand)]
+        action: MediaAction,
+    },
+    /// Registration tokens (`m.login.registration_token`; works while the server runs).
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
     },
     /// Show background jobs (lazy-join resyncs) and their progress; `--watch` refreshes every second.
     Jobs {
@@ -50,8 +68,8 @@ enum Command {
     },
     /// Put a backup in place as the configured database. Stop the server first.
     ///
-    /// Checks the backup, refuses while a server answers on `listen.client`, moves an existing database aside
-    /// (only with --force) and copies the backup in.
+    /// Checks the backup, refuses while a server runs on the database or answers on `listen.client`, moves an
+    /// existing database aside (only with --force) and copies the backup in.
     Restore {
         file: PathBuf,
         /// Move an existing database aside instead of refusing.
@@ -66,22 +84,102 @@ enum KeysAction {
     Rotate,
 }
 
+/// Where a password comes from: `--password`, `--password-file`, else a prompt (or one line of stdin when it is
+/// not a terminal).
+#[derive(clap::Args)]
+struct PasswordArgs {
+    /// The password (visible in the process list and shell history: prefer the prompt or --password-file).
+    #[arg(long, conflicts_with = "password_file")]
+    password: Option<String>,
+    /// Read the password from the first line of FILE.
+    #[arg(long, value_name = "FILE")]
+    password_file: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum UserAction {
-    /// Create a user.
+    /// Create a local user: NAME is `alice` or `@alice:your.server`. Prompts for the password unless given.
     Create {
         name: String,
-        #[arg(long)]
-        password: String,
+        #[command(flatten)]
+        password: PasswordArgs,
+        /// Make the user a server admin.
         #[arg(long)]
         admin: bool,
     },
-    /// Set a new password for a user (and log out all their sessions).
+    /// List local users (admin, deactivated, devices, created).
+    List,
+    /// Deactivate a user as `POST /account/deactivate` does: no more logins, sessions and devices gone, every
+    /// room left. The id stays taken.
+    Deactivate {
+        name: String,
+        /// Also erase the profile (display name, avatar).
+        #[arg(long)]
+        erase: bool,
+    },
+    /// Make a user a server admin (`true`) or not (`false`).
+    SetAdmin {
+        name: String,
+        #[arg(action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+        admin: bool,
+    },
+    /// Set a new password for a user (and log out all their sessions). Prompts for it unless given.
     ResetPassword {
         name: String,
-        #[arg(long)]
-        password: String,
+        #[command(flatten)]
+        password: PasswordArgs,
     },
+}
+
+#[derive(Subcommand)]
+enum RoomAction {
+    /// List rooms: id, members, local members, partial state (lazy join still syncing), blocked, name.
+    List,
+    /// Delete a room's events and state from the database, once no local user is in it any more.
+    Purge {
+        /// `!room:server` (or a local `#alias:server`).
+        room: String,
+    },
+    /// Block a room: local users can no longer join it, other servers cannot join or invite through us.
+    Block {
+        room: String,
+        /// Lift the block instead.
+        #[arg(long)]
+        unblock: bool,
+    },
+    /// Lift a block (the same as `room block ROOM --unblock`).
+    Unblock { room: String },
+}
+
+#[derive(Subcommand)]
+enum MediaAction {
+    /// Delete cached copies of other servers' media cached longer ago than `--older-than` (local uploads stay;
+    /// remote files are fetched again when asked for).
+    Purge {
+        /// e.g. 30d, 12h, 2w.
+        #[arg(long, value_name = "AGE")]
+        older_than: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenAction {
+    /// Make a registration token; the token is printed on the last line.
+    Create {
+        /// How many accounts it may register (default: unlimited).
+        #[arg(long, value_name = "N")]
+        uses: Option<i64>,
+        /// Expire after this long, e.g. 7d, 12h (default: never).
+        #[arg(long, value_name = "AGE")]
+        expires: Option<String>,
+        /// Use this token instead of a random one.
+        #[arg(long)]
+        token: Option<String>,
+    },
+    /// List registration tokens with their uses and expiry.
+    List,
+    /// Delete a registration token.
+    Revoke { token: String },
 }
 
 #[derive(Subcommand)]
@@ -99,22 +197,59 @@ fn main() {
         print!("{}", hearth::config::EXAMPLE);
         return;
     }
-    let config = match Config::load(cli.config.as_deref()) {
+    let source = hearth::config::source_name(cli.config.as_deref());
+    let mut config = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("hearth: {e:#}");
             std::process::exit(2);
         }
     };
+    if let Some(name) = &cli.server_name {
+        if let Err(e) = ruma::ServerName::parse(name) {
+            eprintln!("hearth: --server-name {name}: {e}");
+            std::process::exit(2);
+        }
+        config.server_name = name.clone();
+    }
+    let serving_or_checking =
+        matches!(cli.command, None | Some(Command::Serve) | Some(Command::Config { action: ConfigAction::Check }));
+    if serving_or_checking
+        && config.server_name.is_empty()
+        && cli.config.is_none()
+        && !Path::new("hearth.toml").exists()
+    {
+        // No configuration at all (no -c FILE, no ./hearth.toml, no HEARTH_SERVER_NAME, no --server-name): a local
+        // try-out as `localhost` on loopback, so that a bare `cargo run --release` serves at once. A configuration
+        // file without a server name (the packaged one) is still refused, naming the key and the file. Management
+        // commands take the name the database records.
+        config.server_name = "localhost".into();
+        eprintln!(
+            "hearth: no configuration: serving `localhost` on loopback to try Hearth out (user ids @name:localhost; \
+             the name is fixed once the database exists). For a real server pass `--server-name example.org` or set \
+             server_name in ./hearth.toml."
+        );
+    }
     if let Some(Command::Config { action: ConfigAction::Check }) = &cli.command {
-        std::process::exit(config_check(&config, cli.config.as_deref()));
+        std::process::exit(config_check(&config, &source, cli.config.as_deref()));
     }
     init_logging(&config);
+    if !matches!(cli.command, None | Some(Command::Serve)) {
+        // A command's output piped into `head` or `grep -q` ends quietly when the reader goes, as other tools do
+        // (Rust ignores SIGPIPE, which makes printing panic). The server keeps ignoring it: its sockets report EPIPE.
+        // SAFETY: restores the default disposition of one signal before any other thread exists.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let result = match cli.command {
-        None | Some(Command::Serve) => serve(config),
-        Some(Command::User { action }) => user_command(config, action),
-        Some(Command::Jobs { watch }) => jobs_command(config, watch),
-        Some(Command::Keys { action: KeysAction::Rotate }) => rotate_keys(config),
+        None | Some(Command::Serve) => serve(config, &source, cli.config.as_deref()),
+        Some(Command::User { action }) => user_command(&config, &source, action),
+        Some(Command::Room { action }) => room_command(&config, &source, action),
+        Some(Command::Media { action: MediaAction::Purge { older_than } }) => {
+            media_purge(&config, &source, &older_than)
+        }
+        Some(Command::Token { action }) => token_command(&config, &source, action),
+        Some(Command::Jobs { watch }) => jobs_command(config, &source, watch),
+        Some(Command::Keys { action: KeysAction::Rotate }) => rotate_keys(config, &source),
         Some(Command::Backup { file, force }) => backup_command(&config, &file, force),
         Some(Command::Restore { file, force }) => restore_command(&config, &file, force),
         Some(Command::Config { .. }) => Ok(()),
@@ -132,8 +267,13 @@ fn init_logging(config: &Config) {
     // A log line that cannot be written (disk full under a redirected stderr) is dropped: tracing-subscriber would
     // otherwise report it with `eprintln!`, which panics on the same error and kills whichever thread logged (the
     // database writer among them).
-    let builder =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).log_internal_errors(false);
+    // Colour codes only for a person at a terminal (journald and log files would keep them as text).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .log_internal_errors(false);
     if config.log.json {
         builder.json().init();
     } else {
@@ -162,31 +302,83 @@ fn tune_allocator() {
     }
 }
 
-fn serve(config: Config) -> anyhow::Result<()> {
+/// Runs the server. One server per database (the lock); a start that fails leaves no new files behind.
+fn serve(config: Config, source: &str, file: Option<&std::path::Path>) -> anyhow::Result<()> {
+    config.require_server_name(source)?;
     tune_allocator();
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let created = NewFiles::before_start(&config);
+    let lock = hearth::store::lock::DbLock::acquire(&config.database.path)?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    rt.block_on(async {
-        let running = hearth::server::start(config).await?;
+    let result = rt.block_on(async {
+        let running = match hearth::server::start(config).await {
+            Ok(r) => r,
+            Err(e) => {
+                created.remove();
+                return Err(e);
+            }
+        };
         // Listeners are bound: `systemctl start` returns now (Type=notify).
         hearth::server::sd_notify(&format!("READY=1\nSTATUS=serving on {}", running.client_addr));
+        print_first_steps(&running, file).await;
         shutdown_signal().await;
         tracing::info!("shutting down");
         hearth::server::sd_notify("STOPPING=1\nSTATUS=shutting down");
         running.stop().await;
         Ok(())
-    })
+    });
+    drop(lock);
+    result
+}
+
+/// The files a first start creates (the database, its `-wal`/`-shm`, the media folder), noted before it so a failed
+/// start can remove what it made.
+struct NewFiles(Vec<PathBuf>);
+
+impl NewFiles {
+    fn before_start(config: &Config) -> NewFiles {
+        let db = &config.database.path;
+        if db.exists() {
+            // Not a first start: everything there belongs to the existing database.
+            return NewFiles(Vec::new());
+        }
+        let mut candidates: Vec<PathBuf> =
+            ["", "-wal", "-shm", "-journal"].iter().map(|s| PathBuf::from(format!("{}{s}", db.display()))).collect();
+        candidates.push(config.media.dir(db));
+        NewFiles(candidates.into_iter().filter(|p| !p.exists()).collect())
+    }
+
+    fn remove(&self) {
+        for p in &self.0 {
+            let _ = if p.is_dir() { std::fs::remove_dir_all(p) } else { std::fs::remove_file(p) };
+        }
+    }
+}
+
+/// On a server without users: where it listens and how to make the first user.
+async fn print_first_steps(running: &hearth::server::Running, file: Option<&std::path::Path>) {
+    let users = running.services.store.read(hearth::store::maintenance::user_count).await.unwrap_or(1);
+    if users > 0 {
+        return;
+    }
+    let c = file.map(|f| format!(" -c {}", f.display())).unwrap_or_default();
+    eprintln!(
+        "\nhearth: serving {name} on http://{addr} (no users yet). Next:\n  \
+         1. create the first user (an admin):  hearth{c} user create alice --admin\n  \
+         2. log in with a Matrix client (Element: https://app.element.io) at http://{addr}\n     \
+            (for other people and servers, put a TLS reverse proxy in front: see the README)\n",
+        name = running.services.identity.server_name,
+        addr = running.client_addr,
+    );
 }
 
 /// `hearth config check`: the configuration loaded (that already named any bad key); now the checks that need
 /// the file system. Returns the exit code.
-fn config_check(config: &Config, file: Option<&std::path::Path>) -> i32 {
-    let source = match file {
-        Some(f) => f.display().to_string(),
-        None if std::path::Path::new("hearth.toml").exists() => "./hearth.toml".into(),
-        None => "built-in defaults".into(),
-    };
-    let (errors, warnings) = config.check_environment();
+fn config_check(config: &Config, source: &str, file: Option<&std::path::Path>) -> i32 {
+    let (mut errors, warnings) = config.check_environment();
+    if let Err(e) = config.require_server_name(source) {
+        errors.insert(0, format!("key `server_name`: {e}"));
+    }
     for w in &warnings {
         eprintln!("warning: {w}");
     }
@@ -196,8 +388,10 @@ fn config_check(config: &Config, file: Option<&std::path::Path>) -> i32 {
     if !errors.is_empty() {
         return 2;
     }
+    let from =
+        if file.is_none() && !std::path::Path::new("hearth.toml").exists() { "built-in defaults" } else { source };
     println!(
-        "configuration OK ({source}): server_name {}, client API on {}, federation listener {}, database {}, metrics {}",
+        "configuration OK ({from}): server_name {}, client API on {}, federation listener {}, database {}, metrics {}",
         config.server_name,
         config.listen.client,
         config.listen.federation.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
@@ -238,6 +432,9 @@ fn restore_command(config: &Config, file: &std::path::Path, force: bool) -> anyh
             "something is listening on {probe} (listen.client): stop the server first (systemctl stop hearth)"
         );
     }
+    if let Some(pid) = hearth::store::lock::holder(&config.database.path) {
+        anyhow::bail!("a hearth server (pid {pid}) runs on {}: stop it first", config.database.path.display());
+    }
     let s = hearth::store::backup::restore(file, &config.database.path, &config.server_name, force)?;
     println!(
         "restored {} to {} ({} events, {} users); start the server again",
@@ -264,52 +461,208 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-fn user_command(config: Config, action: UserAction) -> anyhow::Result<()> {
-    use hearth::client::account::{hash_password, validate_localpart};
-    use hearth::store::accounts;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let services = hearth::server::build_services(config)?;
-    let server = services.identity.server_name.to_string();
-    let to_id = |name: &str| -> anyhow::Result<String> {
-        let local = name.trim_start_matches('@').split(':').next().unwrap_or("").to_lowercase();
-        validate_localpart(&local, &server).map_err(|e| anyhow::anyhow!("{e}"))?;
-        Ok(format!("@{local}:{server}"))
-    };
-    rt.block_on(async {
-        match action {
-            UserAction::Create { name, password, admin } => {
-                let user_id = to_id(&name)?;
-                let hash = hash_password(&password).map_err(|e| anyhow::anyhow!("{e}"))?;
-                let uid = user_id.clone();
-                let created =
-                    services.store.write(move |w| accounts::insert_user(w.db(), &uid, Some(&hash), admin)).await?;
-                anyhow::ensure!(created, "user {user_id} already exists");
-                println!("created {user_id}{}", if admin { " (admin)" } else { "" });
-            }
-            UserAction::ResetPassword { name, password } => {
-                let user_id = to_id(&name)?;
-                let hash = hash_password(&password).map_err(|e| anyhow::anyhow!("{e}"))?;
-                let uid = user_id.clone();
-                let found = services
-                    .store
-                    .write(move |w| {
-                        let found = accounts::set_password(w.db(), &uid, &hash)?;
-                        accounts::delete_all_tokens(w.db(), &uid)?;
-                        Ok(found)
-                    })
-                    .await?;
-                anyhow::ensure!(found, "no such user {user_id}");
-                println!("password reset for {user_id}; all sessions logged out");
+fn admin(config: &Config, source: &str) -> anyhow::Result<hearth::admin::Admin> {
+    hearth::admin::Admin::open(config, source)
+}
+
+/// The password of `user create` / `user reset-password`.
+fn password(args: PasswordArgs, confirm: bool) -> anyhow::Result<String> {
+    if let Some(p) = args.password {
+        return Ok(p);
+    }
+    if let Some(f) = args.password_file {
+        let text = std::fs::read_to_string(&f).map_err(|e| anyhow::anyhow!("--password-file {}: {e}", f.display()))?;
+        return Ok(text.lines().next().unwrap_or("").to_owned());
+    }
+    let first = prompt_password("Password: ")?;
+    if confirm && std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        anyhow::ensure!(prompt_password("Again: ")? == first, "the passwords differ");
+    }
+    Ok(first)
+}
+
+/// Reads a line from stdin without echo when it is a terminal (else one plain line, for scripts).
+fn prompt_password(prompt: &str) -> anyhow::Result<String> {
+    use std::io::{BufRead, IsTerminal, Write};
+    let stdin = std::io::stdin();
+    let tty = stdin.is_terminal();
+    let mut saved: Option<libc::termios> = None;
+    if tty {
+        eprint!("{prompt}");
+        let _ = std::io::stderr().flush();
+        // SAFETY: tcgetattr/tcsetattr on stdin's descriptor with a termios we own; echo is restored below.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(0, &mut t) == 0 {
+                saved = Some(t);
+                t.c_lflag &= !libc::ECHO;
+                libc::tcsetattr(0, libc::TCSANOW, &t);
             }
         }
-        Ok(())
-    })
+    }
+    let mut line = String::new();
+    let read = stdin.lock().read_line(&mut line);
+    if let Some(t) = saved {
+        // SAFETY: as above, restoring the saved settings.
+        unsafe { libc::tcsetattr(0, libc::TCSANOW, &t) };
+        eprintln!();
+    }
+    anyhow::ensure!(read? > 0, "no password given (stdin is closed): use --password-file FILE or --password");
+    Ok(line.trim_end_matches(['\n', '\r']).to_owned())
+}
+
+fn user_command(config: &Config, source: &str, action: UserAction) -> anyhow::Result<()> {
+    let mut a = admin(config, source)?;
+    match action {
+        UserAction::Create { name, password: p, admin } => {
+            a.user_id(&name)?; // a bad name fails before the prompt
+            let user_id = a.create_user(&name, &password(p, true)?, admin)?;
+            println!("created {user_id}{}", if admin { " (admin)" } else { "" });
+        }
+        UserAction::List => {
+            let users = a.list_users()?;
+            println!("{:<40} {:<6} {:<12} {:>7}  CREATED", "USER", "ADMIN", "DEACTIVATED", "DEVICES");
+            for u in &users {
+                println!(
+                    "{:<40} {:<6} {:<12} {:>7}  {}",
+                    u.user_id,
+                    if u.admin { "yes" } else { "no" },
+                    if u.deactivated { "yes" } else { "no" },
+                    u.devices,
+                    hearth::admin::format_ts(u.created_ts)
+                );
+            }
+            println!("{} users", users.len());
+        }
+        UserAction::Deactivate { name, erase } => {
+            let (user_id, finished) = a.deactivate(&name, erase, std::time::Duration::from_secs(60))?;
+            if finished {
+                println!("deactivated {user_id}: logged out, devices deleted, left every room");
+            } else if let Some(pid) = a.running_server() {
+                println!(
+                    "deactivated {user_id}: it can no longer log in; the server (pid {pid}) is still finishing \
+                     (devices, leaving rooms): see `hearth jobs`"
+                );
+            } else {
+                println!(
+                    "deactivated {user_id}: it can no longer log in; its devices are deleted and its rooms left \
+                     when the server next starts"
+                );
+            }
+        }
+        UserAction::SetAdmin { name, admin } => {
+            let user_id = a.set_admin(&name, admin)?;
+            println!("{user_id} is {}", if admin { "an admin" } else { "not an admin" });
+        }
+        UserAction::ResetPassword { name, password: p } => {
+            a.user_id(&name)?;
+            let user_id = a.reset_password(&name, &password(p, true)?)?;
+            println!("password reset for {user_id}; all sessions logged out");
+        }
+    }
+    Ok(())
+}
+
+fn room_command(config: &Config, source: &str, action: RoomAction) -> anyhow::Result<()> {
+    let mut a = admin(config, source)?;
+    match action {
+        RoomAction::List => {
+            let rooms = a.list_rooms()?;
+            println!("{:<48} {:>7} {:>5} {:<8} {:<7} NAME", "ROOM", "MEMBERS", "LOCAL", "PARTIAL", "BLOCKED");
+            for r in &rooms {
+                let state = if !r.held {
+                    "no state"
+                } else if r.partial {
+                    "yes"
+                } else {
+                    "no"
+                };
+                println!(
+                    "{:<48} {:>7} {:>5} {:<8} {:<7} {}",
+                    r.room_id,
+                    r.members,
+                    r.local_members,
+                    state,
+                    if r.blocked { "yes" } else { "no" },
+                    r.name.as_deref().unwrap_or("-")
+                );
+            }
+            println!("{} rooms", rooms.len());
+        }
+        RoomAction::Purge { room } => {
+            let p = a.purge_room(&room)?;
+            println!("purged {}: {} events, {} state groups", p.room_id, p.events, p.state_groups);
+        }
+        RoomAction::Block { room, unblock: false } => {
+            let (room_id, changed) = a.block_room(&room, true)?;
+            println!("{room_id} is blocked{}", if changed { "" } else { " (it was already)" });
+        }
+        RoomAction::Block { room, unblock: true } | RoomAction::Unblock { room } => {
+            let (room_id, changed) = a.block_room(&room, false)?;
+            println!("{room_id} is not blocked{}", if changed { " any more" } else { " (it was not)" });
+        }
+    }
+    Ok(())
+}
+
+fn media_purge(config: &Config, source: &str, older_than: &str) -> anyhow::Result<()> {
+    let age = hearth::admin::parse_duration(older_than).map_err(|e| anyhow::anyhow!("--older-than: {e}"))?;
+    let (files, bytes) = admin(config, source)?.purge_remote_media(age)?;
+    println!("purged {files} cached remote files ({:.1} MB) cached more than {older_than} ago", bytes as f64 / 1e6);
+    Ok(())
+}
+
+fn token_command(config: &Config, source: &str, action: TokenAction) -> anyhow::Result<()> {
+    let mut a = admin(config, source)?;
+    match action {
+        TokenAction::Create { uses, expires, token } => {
+            let expires = expires
+                .map(|e| hearth::admin::parse_duration(&e).map_err(|err| anyhow::anyhow!("--expires: {err}")))
+                .transpose()?;
+            let t = a.create_token(token, uses, expires)?;
+            if !a.registration_takes_tokens() {
+                eprintln!(
+                    "note: registration does not ask for tokens yet: set `registration.enabled = true` and \
+                     `registration.requires_token = true` in {source} and restart the server"
+                );
+            }
+            println!(
+                "registration token for {} account(s), {}:",
+                t.uses_allowed.map(|n| n.to_string()).unwrap_or_else(|| "any number of".into()),
+                t.expiry_ts
+                    .map(|e| format!("valid until {}", hearth::admin::format_ts(e)))
+                    .unwrap_or("no expiry".into())
+            );
+            println!("{}", t.token);
+        }
+        TokenAction::List => {
+            let tokens = a.list_tokens()?;
+            let now = hearth::store::accounts::now_ms();
+            println!("{:<24} {:>6} {:>7} {:<22} VALID", "TOKEN", "USED", "ALLOWED", "EXPIRES");
+            for t in &tokens {
+                println!(
+                    "{:<24} {:>6} {:>7} {:<22} {}",
+                    t.token,
+                    t.completed,
+                    t.uses_allowed.map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
+                    t.expiry_ts.map(hearth::admin::format_ts).unwrap_or_else(|| "never".into()),
+                    if t.valid_at(now) { "yes" } else { "no" }
+                );
+            }
+            println!("{} tokens", tokens.len());
+        }
+        TokenAction::Revoke { token } => {
+            a.revoke_token(&token)?;
+            println!("revoked {token}");
+        }
+    }
+    Ok(())
 }
 
 /// Reads the job table of the configured database (works while the server runs: WAL readers do not block it).
-fn jobs_command(config: Config, watch: bool) -> anyhow::Result<()> {
+fn jobs_command(config: Config, source: &str, watch: bool) -> anyhow::Result<()> {
     use std::io::IsTerminal;
-    let direct = hearth::store::DirectDb::open_read_only(&config.database.path)?;
+    let direct = admin(&config, source)?.db;
     let tty = std::io::stdout().is_terminal();
     loop {
         let jobs = hearth::jobs::progress(direct.db()).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -349,9 +702,10 @@ fn jobs_command(config: Config, watch: bool) -> anyhow::Result<()> {
     }
 }
 
-fn rotate_keys(config: Config) -> anyhow::Result<()> {
-    let direct = hearth::store::DirectDb::open(&config.database.path)?;
-    let identity = hearth::room::Identity::load_or_create(direct.db(), &config.server_name)?;
+fn rotate_keys(config: Config, source: &str) -> anyhow::Result<()> {
+    let a = admin(&config, source)?;
+    let identity = hearth::room::Identity::load_or_create(a.db.db(), &a.server_name)?;
+    let direct = a.db;
     let new = hearth::federation::keys::rotate_own_key(direct.db(), &identity).map_err(|e| anyhow::anyhow!("{e}"))?;
     println!(
         "retired {} (still published in old_verify_keys); new key {new} is used from the next start",

@@ -50,6 +50,12 @@ impl MediaRepo {
             .join(format!("{width}x{height}-{method}"))
     }
 
+    /// Deletes a file and its thumbnails (a purged cached remote file); missing files are fine.
+    pub fn remove(&self, origin: &str, media_id: &str) {
+        let _ = std::fs::remove_file(self.file_path(origin, media_id));
+        let _ = std::fs::remove_dir_all(self.root.join("thumbs").join(origin).join(prefix(media_id)).join(media_id));
+    }
+
     pub fn tmp_path(&self) -> PathBuf {
         self.root.join("tmp").join(crate::util::random_string(24))
     }

@@ -260,6 +260,11 @@ pub fn build_services(config: Config) -> anyhow::Result<Arc<Services>> {
         ),
         message_limiter: RateLimiter::new(config.limits.messages_per_second, config.limits.messages_burst.into()),
         join_limiter: RateLimiter::new(config.limits.joins_per_second, config.limits.joins_burst.into()),
+        // As many checks as registrations may be attempted, with a little slack for typos.
+        token_validity_limiter: RateLimiter::new(
+            config.limits.registrations_per_second * 2.0,
+            (config.limits.registrations_burst * 2).into(),
+        ),
         config,
         store,
         identity,
@@ -284,7 +289,9 @@ pub fn build_services(config: Config) -> anyhow::Result<Arc<Services>> {
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     let services = tokio::task::spawn_blocking(move || build_services(config)).await??; // opens and migrates the database
     let shutdown_rx = services.shutdown.subscribe();
-    let listener = TcpListener::bind(services.config.listen.client).await?;
+    let addr = services.config.listen.client;
+    let listener =
+        TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr} (listen.client): {e}"))?;
     let client_addr = listener.local_addr()?;
     let _ = services.client_addr.set(client_addr);
     let app = client_router(services.clone());
@@ -309,7 +316,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 _ => anyhow::bail!("listen.federation is set but federation.tls_cert / federation.tls_key are not"),
             };
             let acceptor = crate::federation::tls::load_acceptor(&cert, &key)?;
-            let tcp = TcpListener::bind(addr).await?;
+            let tcp = TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (listen.federation): {e}"))?;
             federation_addr = Some(tcp.local_addr()?);
             let listener = crate::federation::tls::TlsListener::new(tcp, acceptor)?;
             let app = federation_router(services.clone());
@@ -329,7 +338,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         }),
     };
     let kinds = crate::jobs::Registry::default()
-        .with(crate::room::partial::RESYNC_JOB, crate::federation::resync::job_kind(services.fed.clone()));
+        .with(crate::room::partial::RESYNC_JOB, crate::federation::resync::job_kind(services.fed.clone()))
+        .with(crate::admin::job::DEACTIVATE, crate::admin::job::deactivate_kind(services.clone()));
     tasks.push(tokio::spawn(crate::jobs::run_worker(worker, kinds, shutdown_rx.clone())));
     tasks.push(tokio::spawn(services.presence.clone().run(services.store.clone(), shutdown_rx.clone())));
     tracing::info!(%client_addr, ?federation_addr, server_name = %services.identity.server_name, "hearth listening");

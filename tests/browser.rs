@@ -2,7 +2,8 @@
 //!
 //! * `hydrogen_in_chromium`: Hydrogen (the web client, built from npm `hydrogen-view-sdk` by
 //!   `tests/browser/build.mjs`) in headless Debian Chromium driven by playwright-core
-//!   (`tests/browser/hydrogen.test.mjs`): log in, room list, open a room, scroll back through history, send from the
+//!   (`tests/browser/hydrogen.test.mjs`), through a real reverse proxy (Debian's `caddy`, or `$CADDY`) as in a
+//!   deployment, with `well_known.client_base_url` naming the proxy: log in, room list, open a room, scroll back through history, send from the
 //!   composer, see the other user's reply live, display names and an avatar (authenticated media), send a picture
 //!   from the attachment menu (upload, shown in the timeline, downloaded intact by the other user).
 //! * `matrix_js_sdk_end_to_end_encryption`: matrix-js-sdk 37 with its Rust crypto (WebAssembly) in Node
@@ -12,7 +13,7 @@
 //!   (`tests/interop/e2ee.py` starts the lab): keys, claims, to-device and device lists over federation.
 //!   Also skipped with `HEARTHTEST_SKIP_SYNAPSE=1`.
 //!
-//! Needs `node`, `npm ci` run in `tests/browser` and Debian's `chromium` (`.ci/run` installs them). Set
+//! Needs `node`, `npm ci` run in `tests/browser`, Debian's `chromium` and `caddy` (`.ci/run` installs them). Set
 //! `HEARTHTEST_SKIP_BROWSER=1` to skip deliberately (it prints that it was skipped); otherwise anything missing fails.
 //! On failure a screenshot, the page HTML and the browser console are kept under `target/browser-artifacts/`.
 
@@ -95,14 +96,30 @@ async fn hydrogen_in_chromium() {
     assert!(ok, "building Hydrogen failed\n{out}\n{err}");
 
     let dir = tempfile::tempdir().unwrap();
+    // Clients reach Hearth only through the proxy, which the configuration names as the public URL.
+    let proxy_port = free_port();
+    let public_url = format!("http://127.0.0.1:{proxy_port}");
     // The set-up sends 40 messages in a row: a message rate for tests (the script also honours 429 retry_after_ms).
-    let env = [("HEARTH_REGISTRATION__ENABLED", "true"), ("HEARTH_LIMITS__MESSAGES_PER_SECOND", "1000")];
+    let env = [
+        ("HEARTH_REGISTRATION__ENABLED", "true"),
+        ("HEARTH_LIMITS__MESSAGES_PER_SECOND", "1000"),
+        ("HEARTH_WELL_KNOWN__CLIENT_BASE_URL", public_url.as_str()),
+    ];
     let server = BinServer::start(&dir.path().join("hearth.db"), &env).await;
+    let proxy = Caddy::start(dir.path(), proxy_port, server.addr).await;
+    // Discovery and login through the proxy name the proxy, never the address Hearth listens on.
+    let anon = Client::new(&public_url);
+    assert_eq!(anon.get("/.well-known/matrix/client").await.ok()["m.homeserver"]["base_url"], public_url.as_str());
+    let mut probe = anon.clone();
+    probe.register("proxyprobe", "probe-pass").await.ok();
+    let login = probe.login("proxyprobe", "probe-pass").await.ok();
+    assert_eq!(login["well_known"]["m.homeserver"]["base_url"], public_url.as_str(), "{login}");
+
     let artifacts = artifacts_dir();
     let _ = std::fs::remove_dir_all(&artifacts); // only this run's failure artifacts are kept
     let (ok, out, err) = node(
         "hydrogen.test.mjs",
-        &[&server.base_url, artifacts.to_str().unwrap()],
+        &[&public_url, artifacts.to_str().unwrap()],
         &[("CHROMIUM", &chromium)],
         Duration::from_secs(300),
     )
@@ -118,7 +135,88 @@ async fn hydrogen_in_chromium() {
         );
     }
     assert!(out.contains("Bob's reply arrived live"), "the script ended without its last check:\n{out}");
+    // After logging in, the app kept talking to the proxy: its syncs and sends went through it (Hydrogen uses the
+    // r0 paths; the set-up in the script uses v3).
+    let paths = proxy.request_paths();
+    for path in ["/_matrix/client/r0/login", "/_matrix/client/r0/sync", "/_matrix/client/r0/keys/upload"] {
+        assert!(paths.iter().any(|p| p == path), "no {path} request went through the proxy: {paths:?}");
+    }
+    assert!(
+        paths.iter().any(|p| p.starts_with("/_matrix/client/r0/rooms/") && p.contains("/send/")),
+        "Hydrogen's sends did not go through the proxy: {paths:?}"
+    );
+    drop(proxy);
     server.kill();
+}
+
+/// Debian's Caddy (`caddy`, or `$CADDY`) as a plain-HTTP reverse proxy on `port` in front of `upstream`, logging
+/// every request; stopped when dropped.
+struct Caddy {
+    child: std::process::Child,
+    access_log: PathBuf,
+}
+
+impl Caddy {
+    async fn start(dir: &Path, port: u16, upstream: std::net::SocketAddr) -> Caddy {
+        let caddy = std::env::var("CADDY").unwrap_or_else(|_| "caddy".into());
+        let home = dir.join("caddy");
+        std::fs::create_dir_all(&home).unwrap();
+        let access_log = home.join("access.log");
+        // The README's example, plus what a test needs: no admin endpoint, no HTTPS, a request log.
+        let caddyfile = format!(
+            "{{\n    admin off\n    auto_https off\n}}\nhttp://127.0.0.1:{port} {{\n    reverse_proxy /_matrix/* {upstream}\n    \
+             reverse_proxy /.well-known/matrix/* {upstream}\n    log {{\n        output file {}\n    }}\n}}\n",
+            access_log.display()
+        );
+        std::fs::write(home.join("Caddyfile"), caddyfile).unwrap();
+        let log = std::fs::File::create(home.join("caddy.log")).unwrap();
+        let child = Command::new(&caddy)
+            .args(["run", "--adapter", "caddyfile", "--config"])
+            .arg(home.join("Caddyfile"))
+            .env("XDG_DATA_HOME", &home)
+            .env("XDG_CONFIG_HOME", &home)
+            .env("HOME", &home)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot run {caddy} ({e}): `apt-get install caddy`, or set HEARTHTEST_SKIP_BROWSER=1")
+            });
+        let mut proxy = Caddy { child, access_log };
+        let url = format!("http://127.0.0.1:{port}/_matrix/client/versions");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = proxy.child.try_wait() {
+                panic!(
+                    "caddy exited with {status}: {}",
+                    std::fs::read_to_string(home.join("caddy.log")).unwrap_or_default()
+                );
+            }
+            if reqwest::get(&url).await.is_ok_and(|r| r.status().is_success()) {
+                return proxy;
+            }
+            assert!(Instant::now() < deadline, "caddy did not proxy {url} within 30 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let _ = &mut proxy;
+        }
+    }
+
+    /// The paths (without query) of the requests the proxy handled, in order.
+    fn request_paths(&self) -> Vec<String> {
+        let log = std::fs::read_to_string(&self.access_log).unwrap_or_default();
+        log.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|v| v["request"]["uri"].as_str().map(|u| u.split('?').next().unwrap_or(u).to_owned()))
+            .collect()
+    }
+}
+
+impl Drop for Caddy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -166,7 +166,8 @@ fn config_example_parses_and_has_every_key() {
         }
         assert!(!v.is_null(), "`hearth config example` lacks `{key}`");
     }
-    assert!(parsed.contains_key("server_name"));
+    assert!(!parsed.contains_key("server_name"), "server_name has no default: the example shows it commented out");
+    assert!(full.contains_key("server_name"));
 }
 
 #[test]
@@ -185,6 +186,8 @@ async fn cli_user_create_then_login() {
     let dbs = db.to_str().unwrap();
     let env = [("HEARTH_DATABASE__PATH", dbs), ("HEARTH_SERVER_NAME", "localhost")];
 
+    // The commands work on the database a server made (and runs on).
+    let server = BinServer::start(&db, &[]).await;
     let o = hearth(dir.path(), &["user", "create", "alice", "--password", "s3cret-pw"], &env);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("@alice:localhost"));
@@ -199,7 +202,6 @@ async fn cli_user_create_then_login() {
     assert!(!o.status.success());
 
     {
-        let server = BinServer::start(&db, &[]).await;
         let mut c = server.client();
         let r = c.login("alice", "s3cret-pw").await.ok();
         assert_eq!(r["user_id"], "@alice:localhost");
@@ -209,7 +211,7 @@ async fn cli_user_create_then_login() {
         server.kill();
     }
 
-    // reset-password: the old password stops working, the new one works.
+    // reset-password (the server stopped, as well): the old password stops working, the new one works.
     let o = hearth(dir.path(), &["user", "reset-password", "alice", "--password", "n3w-pw"], &env);
     assert!(o.status.success(), "{}", stderr(&o));
     let o = hearth(dir.path(), &["user", "reset-password", "nobody", "--password", "x"], &env);
@@ -221,42 +223,61 @@ async fn cli_user_create_then_login() {
     server.kill();
 }
 
-#[test]
-fn embedded_defaults_and_layering() {
-    // No config file, no environment: database ./hearth.db, server name localhost:8008.
+#[tokio::test]
+async fn embedded_defaults_and_layering() {
+    // No config file, no environment: database ./hearth.db, and no server name (the one key without a default).
     let dir = tempfile::tempdir().unwrap();
-    let o = hearth(dir.path(), &["user", "create", "alice", "--password", "pw"], &[]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let o = hearth(dir.path(), &["config", "check", "--server-name", "example.org"], &[]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(
-        String::from_utf8_lossy(&o.stdout).contains("@alice:localhost:8008"),
-        "{}",
-        String::from_utf8_lossy(&o.stdout)
+        o.status.success() && out.contains("server_name example.org") && out.contains("database hearth.db"),
+        "{out}"
     );
-    assert!(dir.path().join("hearth.db").exists(), "default database path is ./hearth.db");
+    // With no configuration at all, a try-out as `localhost` (what a bare `cargo run --release` serves), said so.
+    let o = hearth(dir.path(), &["config", "check"], &[]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success() && out.contains("server_name localhost"), "{out}");
+    assert!(stderr(&o).contains("--server-name"), "{}", stderr(&o));
+    // A configuration file without a server name (the packaged one) is refused, naming the key and the file.
+    std::fs::write(dir.path().join("hearth.toml"), "[metrics]\nenabled = true\n").unwrap();
+    let o = hearth(dir.path(), &[], &[]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("server_name") && stderr(&o).contains("hearth.toml"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!dir.path().join("hearth.db").exists(), "a refused start creates no database");
     let defaults = hearth::config::Config::default();
     assert_eq!(defaults.listen.client.to_string(), "127.0.0.1:8008");
-    assert_eq!(defaults.server_name, "localhost:8008");
+    assert_eq!(defaults.server_name, "");
     assert!(!defaults.registration.enabled, "registration is off by default");
 
-    // ./hearth.toml overrides the defaults, HEARTH_* overrides the file (with __ for nesting).
+    // ./hearth.toml overrides the defaults, HEARTH_* overrides the file (with __ for nesting), --server-name both.
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("hearth.toml"), "server_name = \"fromfile.test\"\n[database]\npath = \"file.db\"\n")
         .unwrap();
-    let o = hearth(dir.path(), &["user", "create", "bob", "--password", "pw"], &[]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("@bob:fromfile.test"));
-    assert!(dir.path().join("file.db").exists());
-    let o = hearth(
-        dir.path(),
-        &["user", "create", "carol", "--password", "pw"],
-        &[("HEARTH_SERVER_NAME", "fromenv.test"), ("HEARTH_DATABASE__PATH", "env.db")],
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("@carol:fromenv.test"));
-    assert!(dir.path().join("env.db").exists());
+    let check = |env: &[(&str, &str)], args: &[&str]| {
+        let mut a = vec!["config", "check"];
+        a.extend_from_slice(args);
+        let o = hearth(dir.path(), &a, env);
+        assert!(o.status.success(), "{}", stderr(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let out = check(&[], &[]);
+    assert!(out.contains("server_name fromfile.test") && out.contains("database file.db"), "{out}");
+    let out = check(&[("HEARTH_SERVER_NAME", "fromenv.test"), ("HEARTH_DATABASE__PATH", "env.db")], &[]);
+    assert!(out.contains("server_name fromenv.test") && out.contains("database env.db"), "{out}");
+    let out = check(&[("HEARTH_SERVER_NAME", "fromenv.test")], &["--server-name", "fromflag.test"]);
+    assert!(out.contains("server_name fromflag.test"), "{out}");
 
-    // The server name is fixed once the database exists.
-    let o = hearth(dir.path(), &["user", "create", "dave", "--password", "pw"], &[("HEARTH_DATABASE__PATH", "env.db")]);
+    // The server name is fixed once the database exists: the commands refuse another configured one.
+    let db = dir.path().join("env.db");
+    BinServer::start(&db, &[]).await.kill();
+    let o = hearth(dir.path(), &["user", "list"], &[("HEARTH_DATABASE__PATH", "env.db")]);
     assert!(!o.status.success(), "a database keeps its server name");
-    assert!(stderr(&o).contains("fromenv.test"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("localhost") && stderr(&o).contains("fromfile.test"), "{}", stderr(&o));
+    // Without a configured name the database's own is used.
+    std::fs::write(dir.path().join("hearth.toml"), "[database]\npath = \"env.db\"\n").unwrap();
+    let o = hearth(dir.path(), &["user", "create", "dave", "--password", "pw"], &[]);
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("@dave:localhost"), "{}", stderr(&o));
 }

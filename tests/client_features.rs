@@ -462,8 +462,10 @@ async fn start_up_probes_get_clean_answers_with_cors() {
     assert!(st == 200 && cors);
     assert!(versions["versions"].as_array().unwrap().contains(&json!("v1.11")), "authenticated media: {versions}");
     assert_eq!(versions["unstable_features"]["org.matrix.msc3916.stable"], true);
-    let (st, _, wk, cors) = probe(&alice, get.clone(), "/.well-known/matrix/client", None).await;
-    assert!(st == 200 && cors && wk["m.homeserver"]["base_url"].is_string());
+    // No `well_known.client_base_url` here: no client discovery (404, which clients read as "keep the URL you
+    // have"), with CORS like every other answer.
+    let (st, code, wk, cors) = probe(&alice, get.clone(), "/.well-known/matrix/client", None).await;
+    assert_eq!((st, code.as_str(), cors), (404, "M_NOT_FOUND", true), "{wk}");
 
     // Unstable and unsupported endpoints: 404 M_UNRECOGNIZED (clients fall back), never 500, always with CORS.
     for path in [

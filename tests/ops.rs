@@ -126,10 +126,16 @@ fn config_check_names_the_offending_key() {
     assert!(String::from_utf8_lossy(&o.stdout).contains("configuration OK"), "{}", text(&o));
     assert!(!d.join("hearth.db").exists(), "checking does not create the database");
 
-    // The default server name is only a warning.
-    let o = hearth(d, &["config", "check"], &[]);
-    assert!(o.status.success(), "{}", text(&o));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("server_name"), "{}", text(&o));
+    // No server name is an error naming the key and the file to edit; so is an invalid log level.
+    std::fs::write(d.join("noname.toml"), "[metrics]\nenabled = true\n").unwrap();
+    let o = hearth(d, &["config", "check", "-c", "noname.toml"], &[]);
+    assert!(!o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("server_name") && err.contains("noname.toml"), "{}", text(&o));
+    let o = hearth(d, &["config", "check", "-c", "noname.toml", "--server-name", "example.org"], &[]);
+    assert!(o.status.success(), "--server-name sets it: {}", text(&o));
+    let o = hearth(d, &["config", "check", "-c", "good.toml"], &[("HEARTH_LOG__LEVEL", "info,hearth=chatty")]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("log.level"), "{}", text(&o));
 
     let cases: &[(&str, &str)] = &[
         ("[metrics]\nenable = true\n", "enable"),
@@ -286,6 +292,23 @@ async fn login_limit_per_address_behind_a_local_proxy() {
     assert_eq!(statuses.last(), Some(&429), "{statuses:?}");
     // Another client behind the same proxy is not affected.
     assert_eq!(login("someone".into(), "198.51.100.7").await, 403);
+    server.stop().await;
+
+    // A peer that is not a trusted proxy is taken by its own address: its X-Forwarded-For is ignored, so the
+    // "other client" is the same address and is limited too.
+    let server = TestServer::start_with(|c| c.limits.trusted_proxies = vec!["192.0.2.0/24".into()]).await;
+    let login = |user: String, forwarded: &'static str| {
+        let url = format!("{}/_matrix/client/v3/login", server.base_url);
+        async move {
+            let body = json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": user}, "password": "wrong"});
+            let r = reqwest::Client::new().post(url).header("X-Forwarded-For", forwarded).json(&body).send().await;
+            r.unwrap().status().as_u16()
+        }
+    };
+    for i in 0..6 {
+        login(format!("nobody{i}"), "10.9.8.7").await;
+    }
+    assert_eq!(login("someone".into(), "198.51.100.7").await, 429, "a forged X-Forwarded-For does not help");
     server.stop().await;
 }
 

@@ -44,10 +44,29 @@ fn packaged_config_is_the_example_with_the_state_directory() {
         "the package serves plain HTTP on loopback only (a proxy adds TLS)"
     );
 
+    assert_eq!(packaged.server_name, "", "the package sets no server name: the owner must choose it");
+
+    // Until server_name is set, `config check` fails (and the service refuses to start) naming the key and the file.
     let dir = tempfile::tempdir().unwrap();
+    let file = repo().join("packaging/debian/hearth.toml");
     let o = clean_hearth_env(&mut Command::new(hearth_bin()))
         .current_dir(dir.path())
-        .args(["-c", repo().join("packaging/debian/hearth.toml").to_str().unwrap(), "config", "check"])
+        .args(["-c", file.to_str().unwrap(), "config", "check"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("server_name") && err.contains("debian/hearth.toml"), "{err}");
+    let o = clean_hearth_env(&mut Command::new(hearth_bin()))
+        .current_dir(dir.path())
+        .args(["-c", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("server_name") && err.contains("debian/hearth.toml"), "{err}");
+    let o = clean_hearth_env(&mut Command::new(hearth_bin()))
+        .current_dir(dir.path())
+        .env("HEARTH_SERVER_NAME", "example.org")
+        .args(["-c", file.to_str().unwrap(), "config", "check"])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

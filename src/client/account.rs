@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 use crate::http::{random_string, AppState, Auth, Json, Query};
-use crate::store::{accounts, e2ee};
+use crate::store::{accounts, e2ee, registration_tokens};
 
 pub async fn versions() -> impl IntoResponse {
     axum::Json(json!({
@@ -21,10 +21,13 @@ pub async fn versions() -> impl IntoResponse {
     }))
 }
 
-pub async fn well_known(State(s): State<AppState>) -> impl IntoResponse {
-    let listening = s.client_addr.get().copied().unwrap_or(s.config.listen.client);
-    let base = s.config.well_known.client_base_url.clone().unwrap_or_else(|| format!("http://{listening}"));
-    axum::Json(json!({"m.homeserver": {"base_url": base}}))
+/// `/.well-known/matrix/client`: `well_known.client_base_url` when configured, else 404 (never the listen address:
+/// behind a reverse proxy that would send clients around the proxy).
+pub async fn well_known(State(s): State<AppState>) -> Result<impl IntoResponse> {
+    match &s.config.well_known.client_base_url {
+        Some(base) => Ok(axum::Json(json!({"m.homeserver": {"base_url": base}}))),
+        None => Err(Error::not_found("no client discovery configured (well_known.client_base_url)")),
+    }
 }
 
 /// `/.well-known/matrix/server`: delegation, when `well_known.server` is configured.
@@ -125,7 +128,7 @@ pub async fn login(
         .or(req.user.clone())
         .ok_or_else(|| Error::bad_json("missing user identifier"))?;
     let password = req.password.ok_or_else(|| Error::bad_json("missing password"))?;
-    let ip = crate::http::client_ip(&parts);
+    let ip = crate::http::client_ip(&parts, &s.config);
     s.login_attempt_limiter.take(&ip).map_err(Error::limit_exceeded)?;
     let user_id = local_user_id(&s, &name).map_err(|_| Error::forbidden("invalid username or password"))?;
     if !check_password_limited(&s, &user_id, &ip, &password).await? {
@@ -145,8 +148,10 @@ pub async fn login(
     let mut body = json!({
         "user_id": user_id, "access_token": token, "device_id": device_id,
         "home_server": s.identity.server_name.as_str(),
-        "well_known": {"m.homeserver": {"base_url": format!("http://{}", s.config.listen.client)}}
     });
+    if let Some(base) = &s.config.well_known.client_base_url {
+        body["well_known"] = json!({"m.homeserver": {"base_url": base}});
+    }
     if let Some(r) = refresh {
         // Access tokens do not expire here, so no `expires_in_ms`: the refresh token only rotates them.
         body["refresh_token"] = json!(r);
@@ -266,7 +271,9 @@ pub async fn register(
     }
 
     // User-interactive auth.
-    let stage = if s.config.registration.token.is_some() { "m.login.registration_token" } else { "m.login.dummy" };
+    let reg = &s.config.registration;
+    let needs_token = reg.token.is_some() || reg.requires_token;
+    let stage = if needs_token { "m.login.registration_token" } else { "m.login.dummy" };
     let challenge = |session: String, completed: Vec<String>, err: Option<(&str, &str)>| {
         let mut body =
             json!({"flows": [{"stages": [stage]}], "params": {}, "session": session, "completed": completed});
@@ -288,9 +295,12 @@ pub async fn register(
     match auth.get("type").and_then(Value::as_str) {
         Some("m.login.dummy") if stage == "m.login.dummy" => s.uia.complete(&session, stage),
         Some("m.login.registration_token") if stage == "m.login.registration_token" => {
-            let given = auth.get("token").and_then(Value::as_str);
-            if given != s.config.registration.token.as_deref() {
-                return Ok(challenge(session, vec![], Some(("M_FORBIDDEN", "invalid registration token"))));
+            let given = auth.get("token").and_then(Value::as_str).unwrap_or_default().to_owned();
+            if s.config.registration.token.as_deref() != Some(given.as_str()) {
+                if !token_valid(&s, &given).await? {
+                    return Ok(challenge(session, vec![], Some(("M_FORBIDDEN", "invalid registration token"))));
+                }
+                s.uia.set_token(&session, &given);
             }
             s.uia.complete(&session, stage);
         }
@@ -301,8 +311,9 @@ pub async fn register(
         return Ok(challenge(session, done, None));
     }
     // Only account creations count (the user-interactive-auth round trips before do not).
-    let ip = crate::http::client_ip(&parts);
+    let ip = crate::http::client_ip(&parts, &s.config);
     s.registration_limiter.take(&ip).map_err(Error::limit_exceeded)?;
+    let used_token = s.uia.token(&session);
     s.uia.finish(&session);
 
     let password = req.password.clone();
@@ -325,6 +336,13 @@ pub async fn register(
             if !accounts::insert_user(w.db(), &u, hash.as_deref(), false)? {
                 return Err(Error::user_in_use());
             }
+            // A token made by `hearth token create` counts one use, if it still has one (the write is atomic: two
+            // registrations cannot both take its last use).
+            if let Some(t) = &used_token {
+                if !registration_tokens::consume(w.db(), t, accounts::now_ms())? {
+                    return Err(Error::forbidden("the registration token was used up, expired or revoked meanwhile"));
+                }
+            }
             if !inhibit {
                 accounts::create_session(w.db(), &u, &d, dn.as_deref(), &t)?;
                 if let Some(r) = &r {
@@ -343,6 +361,38 @@ pub async fn register(
         }
     }
     Ok(axum::Json(body).into_response())
+}
+
+/// Whether a token made by `hearth token create` is valid now.
+async fn token_valid(s: &AppState, token: &str) -> Result<bool> {
+    if token.is_empty() {
+        return Ok(false);
+    }
+    let t = token.to_owned();
+    let row = s.store.read(move |c| registration_tokens::get(c, &t)).await?;
+    Ok(row.is_some_and(|r| r.valid_at(accounts::now_ms())))
+}
+
+#[derive(Deserialize)]
+pub struct TokenQuery {
+    token: Option<String>,
+}
+
+/// `GET /_matrix/client/v1/register/m.login.registration_token/validity`: whether a registration token is valid now
+/// (the static `registration.token` or one made with `hearth token create`); 403 when registration is off.
+/// Rate-limited per address like login attempts, against guessing.
+pub async fn registration_token_validity(
+    State(s): State<AppState>,
+    parts: Parts,
+    Query(q): Query<TokenQuery>,
+) -> Result<impl IntoResponse> {
+    if !s.config.registration.enabled {
+        return Err(Error::forbidden("registration is not enabled on this homeserver"));
+    }
+    let token = q.token.ok_or_else(|| Error::missing_param("token is required"))?;
+    s.token_validity_limiter.take(&crate::http::client_ip(&parts, &s.config)).map_err(Error::limit_exceeded)?;
+    let valid = s.config.registration.token.as_deref() == Some(token.as_str()) || token_valid(&s, &token).await?;
+    Ok(axum::Json(json!({"valid": valid})))
 }
 
 #[derive(Deserialize)]
@@ -456,10 +506,19 @@ pub async fn deactivate(
     Json(req): Json<Deactivate>,
 ) -> Result<impl IntoResponse> {
     require_password(&s, &auth, req.auth.as_ref()).await?;
-    let (uid, erase) = (auth.user_id.to_string(), req.erase);
+    deactivate_account(&s, &auth.user_id, req.erase).await?;
+    Ok(axum::Json(json!({"id_server_unbind_result": "success"})))
+}
+
+/// Deactivates a local account (what `POST /account/deactivate` and `hearth user deactivate` both do): no more
+/// logins, every device and token gone (its device list change announced), account data and key backups deleted
+/// (with `erase`, the profile too), presence offline, and the user leaves every room. Safe to run again on an
+/// account already (partly) deactivated.
+pub async fn deactivate_account(s: &AppState, user_id: &ruma::UserId, erase: bool) -> Result<()> {
+    let (uid, erase_) = (user_id.to_string(), erase);
     s.store
         .write(move |w| {
-            if accounts::deactivate(w.db(), &uid, erase)? > 0 {
+            if accounts::deactivate(w.db(), &uid, erase_)? > 0 {
                 e2ee::device_list_changed(w, &uid)?;
             }
             crate::store::account_data::delete_all(w.db(), &uid)?;
@@ -467,13 +526,13 @@ pub async fn deactivate(
             Ok(())
         })
         .await?;
-    tracing::info!(user_id = %auth.user_id, erase, "account deactivated");
+    tracing::info!(%user_id, erase, "account deactivated");
     let offline = crate::room::presence::Change::Set { state: "offline".into(), status_msg: None };
-    if let Err(e) = s.presence.update(&s.store, auth.user_id.as_str(), offline).await {
+    if let Err(e) = s.presence.update(&s.store, user_id.as_str(), offline).await {
         tracing::warn!(error = %e, "presence not cleared on deactivation");
     }
-    crate::client::rooms::leave_all(&s, &auth).await;
-    Ok(axum::Json(json!({"id_server_unbind_result": "success"})))
+    crate::client::rooms::leave_all(s, user_id).await;
+    Ok(())
 }
 
 // ------------------------------------------------------------------------------------------------------------

@@ -135,6 +135,10 @@ pub fn routes() -> Router<AppState> {
         .route("/.well-known/matrix/server", get(account::well_known_server))
         .route("/_hearth/admin/v1/jobs", get(admin::jobs))
         .route("/_hearth/admin/v1/stats", get(admin::stats))
+        .route(
+            "/_matrix/client/v1/register/m.login.registration_token/validity",
+            get(account::registration_token_validity),
+        )
         .route("/_matrix/client/v1/rooms/{room_id}/hierarchy", get(spaces::hierarchy))
         .route("/_matrix/client/v1/room_summary/{room}", get(spaces::room_summary))
         .route("/_matrix/client/unstable/im.nheko.summary/summary/{room}", get(spaces::room_summary))

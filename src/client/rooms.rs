@@ -160,6 +160,10 @@ pub async fn join(
     }
     s.join_limiter.take(auth.user_id.as_str()).map_err(Error::limit_exceeded)?;
     let (room_id, servers) = resolve_room(&s, &id_or_alias).await?;
+    let rid = room_id.clone();
+    if s.store.read(move |c| rooms::is_blocked(c, &rid)).await? {
+        return Err(Error::forbidden("this room is blocked on this server"));
+    }
     // `via` / `server_name` query parameters (repeatable) come first.
     let mut via: Vec<String> = q
         .unwrap_or_default()
@@ -308,7 +312,16 @@ async fn membership_op(
 /// them. Rooms we hold state for are left before this returns (local events, queued for the other servers);
 /// invites and knocks known only through another server are refused through it in the background. Failures are
 /// logged, not returned: the account is gone either way.
-pub async fn leave_all(s: &AppState, auth: &Auth) {
+pub async fn leave_all(s: &AppState, user_id: &ruma::UserId) {
+    // The user acts on their own membership only (membership_op reads nothing else of the session).
+    let auth = Auth {
+        user_id: user_id.to_owned(),
+        device_id: String::new(),
+        admin: false,
+        token: String::new(),
+        ip: String::new(),
+    };
+    let auth = &auth;
     let uid = auth.user_id.clone();
     let rooms = s
         .store

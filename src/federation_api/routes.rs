@@ -146,6 +146,14 @@ fn resident_room(c: Db<'_>, room_id: &RoomId, origin: &str) -> Result<RoomRow> {
     Ok(room)
 }
 
+/// An admin blocked the room here (`hearth room block`): no joins, knocks or invites through us.
+fn refuse_blocked(c: Db<'_>, room_id: &str) -> Result<()> {
+    if rooms::is_blocked(c, room_id)? {
+        return Err(Error::forbidden("this room is blocked on this server"));
+    }
+    Ok(())
+}
+
 /// make_join/make_leave: an unsigned event template on our current state.
 fn make_membership(c: Db<'_>, s: &AppState, room: &RoomRow, user_id: &str, membership: &str) -> Result<Value> {
     let rules = version::rules(&room.version)?;
@@ -241,6 +249,7 @@ async fn make_join(
     let answer = s
         .store
         .read(move |c| {
+            refuse_blocked(c, &room_id)?;
             let room = resident_room(c, &parse_room_id(&room_id)?, &signed.origin)?;
             if room.partial_state {
                 // MSC3902: never act as the resident for a room we only partly know.
@@ -267,6 +276,7 @@ async fn make_knock(
     let answer = s
         .store
         .read(move |c| {
+            refuse_blocked(c, &room_id)?;
             let room = resident_room(c, &parse_room_id(&room_id)?, &signed.origin)?;
             if room.partial_state {
                 return Err(Error::not_found("this server cannot help with this room right now"));
@@ -335,7 +345,16 @@ async fn accept_membership(
 ) -> Result<(RoomRow, crate::room::Pdu)> {
     let body = body.ok_or_else(|| Error::bad_json("missing event"))?;
     let (rid, o) = (room_id.to_owned(), origin.to_owned());
-    let room = s.store.read(move |c| resident_room(c, &parse_room_id(&rid)?, &o)).await?;
+    let blocking = membership != "leave";
+    let room = s
+        .store
+        .read(move |c| {
+            if blocking {
+                refuse_blocked(c, &rid)?;
+            }
+            resident_room(c, &parse_room_id(&rid)?, &o)
+        })
+        .await?;
     if room.partial_state {
         return Err(Error::not_found("this server cannot help with this room right now"));
     }
@@ -564,6 +583,8 @@ async fn invite_v2(
     let mismatch = || Error::bad_json("event id or room id does not match the path");
     let room_id = ruma::RoomId::parse(&room_id).map_err(|_| mismatch())?;
     let event_id = ruma::EventId::parse(&event_id).map_err(|_| mismatch())?;
+    let rid = room_id.to_string();
+    s.store.read(move |c| refuse_blocked(c, &rid)).await?;
     Ok(axum::Json(crate::federation::invite::receive_invite(&s.fed, &signed.origin, &room_id, &event_id, body).await?))
 }
 

@@ -52,6 +52,46 @@ pub fn insert_user(conn: Db<'_>, user_id: &str, password_hash: Option<&str>, adm
     Ok(n == 1)
 }
 
+/// A user as `hearth user list` shows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UserListing {
+    pub user_id: String,
+    pub admin: bool,
+    pub deactivated: bool,
+    pub created_ts: i64,
+    pub devices: i64,
+}
+
+/// Every local account, in id order.
+pub fn list_users(conn: Db<'_>) -> Result<Vec<UserListing>> {
+    let mut stmt = conn.prepare(
+        "SELECT u.user_id, u.admin, u.deactivated, u.created_ts,
+                (SELECT count(*) FROM devices d WHERE d.user_id = u.user_id)
+         FROM users u ORDER BY u.user_id",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok(UserListing {
+            user_id: r.get(0)?,
+            admin: r.get(1)?,
+            deactivated: r.get(2)?,
+            created_ts: r.get(3)?,
+            devices: r.get(4)?,
+        })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Makes a user an admin or not; false when there is no such user.
+pub fn set_admin(conn: Db<'_>, user_id: &str, admin: bool) -> Result<bool> {
+    Ok(conn.execute("UPDATE users SET admin = ?2 WHERE user_id = ?1", params![user_id, admin])? == 1)
+}
+
+/// Marks an account deactivated at once (its tokens stop working, it cannot log in); the rest of the
+/// deactivation ([`deactivate`] and leaving its rooms) follows. False when there is no such user.
+pub fn mark_deactivated(conn: Db<'_>, user_id: &str) -> Result<bool> {
+    Ok(conn.execute("UPDATE users SET deactivated = 1, password_hash = NULL WHERE user_id = ?1", [user_id])? == 1)
+}
+
 pub fn localpart(user_id: &str) -> &str {
     user_id.trim_start_matches('@').split(':').next().unwrap_or("")
 }
@@ -305,5 +345,21 @@ mod tests {
         assert_eq!(create_filter(conn.db(), "@b:x", "{}").unwrap(), 0);
         assert_eq!(get_filter(conn.db(), "@a:x", 1).unwrap().as_deref(), Some("{\"a\":1}"));
         assert_eq!(get_filter(conn.db(), "@a:x", 7).unwrap(), None);
+    }
+
+    #[test]
+    fn users_are_listed_made_admin_and_marked_deactivated() {
+        let conn = memory_db();
+        user_with_sessions(conn.db(), "@b:x", &[("D1", "t1"), ("D2", "t2")]);
+        insert_user(conn.db(), "@a:x", None, true).unwrap();
+        let got: Vec<_> = list_users(conn.db()).unwrap().into_iter().map(|u| (u.user_id, u.admin, u.devices)).collect();
+        assert_eq!(got, [("@a:x".to_owned(), true, 0), ("@b:x".to_owned(), false, 2)]);
+        assert!(set_admin(conn.db(), "@b:x", true).unwrap());
+        assert!(get_user(conn.db(), "@b:x").unwrap().unwrap().admin);
+        assert!(!set_admin(conn.db(), "@nobody:x", true).unwrap());
+        assert!(mark_deactivated(conn.db(), "@b:x").unwrap());
+        assert!(lookup_token(conn.db(), "t1").unwrap().is_none(), "a deactivated user's tokens stop working");
+        assert_eq!(list_devices(conn.db(), "@b:x").unwrap().len(), 2, "devices go with the rest of the deactivation");
+        assert!(!mark_deactivated(conn.db(), "@nobody:x").unwrap());
     }
 }

@@ -68,6 +68,16 @@ pub fn save_cursor(conn: Db<'_>, job_id: JobId, cursor: &str, done: i64, total: 
     Ok(())
 }
 
+/// Whether a job of `kind` with exactly this cursor is still queued (a command-line tool waiting for the server's
+/// worker to run what it queued).
+pub fn is_queued(conn: Db<'_>, kind: &str, cursor: &str) -> Result<bool> {
+    Ok(conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM jobs WHERE kind = ?1 AND cursor = ?2)",
+        params![kind, cursor],
+        |r| r.get(0),
+    )?)
+}
+
 /// Removes a finished job.
 pub fn delete(conn: Db<'_>, job_id: JobId) -> Result<()> {
     conn.execute("DELETE FROM jobs WHERE job_id = ?1", [job_id])?;
@@ -126,6 +136,8 @@ mod tests {
         let p = progress(conn.db()).unwrap();
         assert_eq!(p.len(), 2);
         assert_eq!(p[0]["last_error"], "boom");
+        assert!(is_queued(conn.db(), "resync", r#"{"a":1}"#).unwrap());
+        assert!(!is_queued(conn.db(), "resync", r#"{"a":3}"#).unwrap());
 
         save_cursor(conn.db(), job.job_id, r#"{"a":2}"#, 7, Some(9)).unwrap();
         let p = progress(conn.db()).unwrap();

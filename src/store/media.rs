@@ -131,6 +131,29 @@ pub fn cache_remote(conn: Db<'_>, row: &MediaRow, sha256: &str) -> Result<()> {
     Ok(())
 }
 
+/// Up to `limit` cached remote files (not local uploads) cached before `cached_before` (ms): `(origin, media_id,
+/// size)`, oldest first.
+pub fn remote_cached_before(conn: Db<'_>, cached_before: i64, limit: i64) -> Result<Vec<(String, String, i64)>> {
+    let mut stmt = conn.prepare(
+        "SELECT origin, media_id, coalesce(size, 0) FROM media WHERE uploader IS NULL AND created_ts < ?1
+         ORDER BY created_ts LIMIT ?2",
+    )?;
+    let rows = stmt.query_map(params![cached_before, limit], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Forgets a cached remote file and its thumbnails (the caller deletes the files); local uploads are never touched.
+pub fn forget_remote(conn: Db<'_>, origin: &str, media_id: &str) -> Result<bool> {
+    let n = conn.execute(
+        "DELETE FROM media WHERE origin = ?1 AND media_id = ?2 AND uploader IS NULL",
+        params![origin, media_id],
+    )?;
+    if n == 1 {
+        conn.execute("DELETE FROM media_thumbnails WHERE origin = ?1 AND media_id = ?2", params![origin, media_id])?;
+    }
+    Ok(n == 1)
+}
+
 /// The requested (normalised) size of a thumbnail: its key besides the media.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ThumbnailSize<'a> {
@@ -241,6 +264,30 @@ mod tests {
         let got = get(conn.db(), "remote.test", "r").unwrap().unwrap();
         assert_eq!((got.uploader, got.size), (None, Some(10)));
         assert_eq!(get(conn.db(), "hs.test", "r").unwrap(), None, "origin is part of the key");
+    }
+
+    #[test]
+    fn old_remote_media_is_forgotten_and_uploads_stay() {
+        let conn = memory_db();
+        let remote = |id: &str, ts| MediaRow { origin: "remote.test".into(), size: Some(3), ..upload(id, None, ts) };
+        cache_remote(conn.db(), &remote("old", 10), "aa").unwrap();
+        cache_remote(conn.db(), &remote("new", 100), "bb").unwrap();
+        insert_upload(conn.db(), &upload("mine", Some("@u:hs.test"), 1), 5, "cc").unwrap();
+        record_thumbnail(
+            conn.db(),
+            "remote.test",
+            "old",
+            ThumbnailSize { width: 1, height: 1, method: "scale" },
+            "image/png",
+            1,
+        )
+        .unwrap();
+        assert_eq!(remote_cached_before(conn.db(), 50, 10).unwrap(), [("remote.test".into(), "old".into(), 3)]);
+        assert_eq!(remote_cached_before(conn.db(), 1000, 1).unwrap().len(), 1, "limited");
+        assert!(forget_remote(conn.db(), "remote.test", "old").unwrap());
+        assert!(!forget_remote(conn.db(), "hs.test", "mine").unwrap(), "local uploads are never purged");
+        assert!(get(conn.db(), "hs.test", "mine").unwrap().is_some());
+        assert_eq!(remote_cached_before(conn.db(), 50, 10).unwrap(), []);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use rusqlite::Connection;
 const SCHEMA: &str = include_str!("../../schema.sql");
 
 /// Version written by `SCHEMA`. Later changes add `(version, sql)` steps to `MIGRATIONS` and bump this.
-pub const SCHEMA_VERSION: i64 = 9;
+pub const SCHEMA_VERSION: i64 = 10;
 
 /// Steps from version N-1 to N, for N > 1.
 const MIGRATIONS: &[(i64, &str)] = &[
@@ -17,11 +17,21 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (6, PRESENCE_V6),
     (7, RELATIONS_SEARCH_V7),
     (9, MEDIA_AUTHENTICATED_V9),
+    (10, ADMIN_V10),
 ];
 
 /// 9: which media the legacy unauthenticated endpoints no longer serve (`media.freeze_legacy`). Media stored
 /// before stays reachable through them.
 const MEDIA_AUTHENTICATED_V9: &str = "ALTER TABLE media ADD COLUMN authenticated INTEGER NOT NULL DEFAULT 0;";
+
+/// 10: registration tokens and blocked rooms (the admin CLI).
+const ADMIN_V10: &str = "
+CREATE TABLE IF NOT EXISTS registration_tokens (
+    token TEXT PRIMARY KEY, uses_allowed INTEGER, completed INTEGER NOT NULL DEFAULT 0, expiry_ts INTEGER,
+    created_ts INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS blocked_rooms (room_id TEXT PRIMARY KEY, blocked_ts INTEGER NOT NULL) WITHOUT ROWID;
+";
 
 /// 5: the cache of remote users' device lists.
 const REMOTE_DEVICES_V5: &str = "

@@ -15,6 +15,7 @@ pub mod identity;
 pub mod ids;
 pub mod invite_state;
 pub mod jobs;
+pub mod lock;
 pub mod maintenance;
 pub mod media;
 pub mod members;
@@ -22,7 +23,9 @@ pub mod migrate;
 pub mod notary;
 pub mod outbox;
 pub mod presence;
+pub mod purge;
 pub mod receipts;
+pub mod registration_tokens;
 pub mod relations;
 pub mod resync;
 pub mod room_keys;
@@ -182,9 +185,14 @@ impl Store {
     /// take long): async code calls it under `spawn_blocking` (see `server::start`).
     pub fn open(path: &Path, readers: u32) -> anyhow::Result<Store> {
         sqlite_global_config();
-        let mut conn = Connection::open(path)?;
-        configure(&conn)?;
-        migrate::migrate(&mut conn)?;
+        let named = |e: &dyn std::fmt::Display| anyhow::anyhow!("database {} (database.path): {e}", path.display());
+        if std::fs::metadata(path).is_ok_and(|m| m.permissions().readonly()) {
+            return Err(named(&"the file is read-only: make it writable by the user running hearth"));
+        }
+        let mut conn = Connection::open(path).map_err(|e| named(&e))?;
+        configure(&conn).map_err(|e| named(&e))?;
+        migrate::migrate(&mut conn).map_err(|e| named(&e))?;
+        check_writable(&conn).map_err(|e| named(&e))?;
         let start_stream = current_max_stream(&conn)?;
 
         let manager = SqliteConnectionManager::file(path)
@@ -313,12 +321,46 @@ impl Store {
 pub struct DirectDb(Connection);
 
 impl DirectDb {
-    /// Opens the database read-write (it must exist: [`Store::open`] creates and migrates it), waiting up to 10 s
-    /// for a busy writer.
+    /// Opens the database read-write (it must exist: [`Store::open`] creates and migrates it; this never creates
+    /// one), waiting up to 10 s for a busy writer.
     pub fn open(path: &Path) -> Result<DirectDb> {
-        let conn = Connection::open(path)?;
+        let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(path, flags)?;
         conn.busy_timeout(Duration::from_secs(10))?;
+        conn.execute_batch("PRAGMA foreign_keys=ON;")?;
         Ok(DirectDb(conn))
+    }
+
+    /// For the management commands, beside a running server or not: the database must exist and have this
+    /// binary's schema (they never create or migrate one), else the error says where they looked and what to do.
+    /// `key` names where the path came from (e.g. "database.path in ./hearth.toml").
+    pub fn open_existing(path: &Path, key: &str) -> anyhow::Result<DirectDb> {
+        anyhow::ensure!(
+            path.is_file(),
+            "no database at {} ({key}): start the server once to create it, or point -c / HEARTH_DATABASE__PATH at \
+             the configuration the server uses",
+            path.display()
+        );
+        let direct =
+            DirectDb::open(path).map_err(|e| anyhow::anyhow!("cannot open the database {}: {e}", path.display()))?;
+        let version: i64 = direct.0.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        anyhow::ensure!(
+            version == migrate::SCHEMA_VERSION,
+            "the database {} has schema version {version}, this hearth expects {}: start this version of the server \
+             once (it migrates the database), then run the command again",
+            path.display(),
+            migrate::SCHEMA_VERSION
+        );
+        Ok(direct)
+    }
+
+    /// Runs `f` in its own short `BEGIN IMMEDIATE` transaction (waiting for a running server's writer up to the
+    /// busy timeout); commits when it returns `Ok`. No stream positions here: those belong to the server's writer.
+    pub fn transaction<R>(&mut self, f: impl FnOnce(Db<'_>) -> Result<R>) -> Result<R> {
+        let tx = self.0.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let r = f(Db(&tx))?;
+        tx.commit()?;
+        Ok(r)
     }
 
     /// Opens the database read-only (works while the server runs: WAL readers do not block it), waiting up to 5 s
@@ -333,6 +375,18 @@ impl DirectDb {
     pub fn db(&self) -> Db<'_> {
         Db(&self.0)
     }
+}
+
+/// A database we cannot write (a folder where the `-wal` file cannot be made, a read-only mount) opens fine and
+/// then fails every write: refuse it at start instead of serving 500s. (A read-only file is refused before.)
+fn check_writable(conn: &Connection) -> anyhow::Result<()> {
+    conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('last_start_ts', ?1)", [accounts::now_ms()])
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot write to it ({e}): the file and its folder must be writable by the user running hearth"
+            )
+        })?;
+    Ok(())
 }
 
 fn current_max_stream(conn: &Connection) -> rusqlite::Result<i64> {

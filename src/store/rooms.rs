@@ -174,6 +174,95 @@ pub fn partial_state_rooms(conn: Db<'_>) -> Result<Vec<(String, i64)>> {
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
+/// A room as `hearth room list` shows it: its row, joined members (all, and of `server`), whether it is blocked.
+#[derive(Clone, Debug)]
+pub struct RoomListing {
+    pub room: RoomRow,
+    pub joined: i64,
+    pub local_joined: i64,
+    pub blocked: bool,
+}
+
+/// Every room we hold a row for, most members first; `server` counts the local members.
+pub fn list_rooms(conn: Db<'_>, server: &str) -> Result<Vec<RoomListing>> {
+    let mut stmt = conn.prepare(
+        "SELECT r.room_nid, r.room_id, r.room_version, r.current_sg, r.partial_state, r.joined_members,
+                (SELECT count(*) FROM room_members m WHERE m.room_nid = r.room_nid AND m.membership = 'join'
+                 AND m.server_name = ?1),
+                EXISTS (SELECT 1 FROM blocked_rooms b WHERE b.room_id = r.room_id)
+         FROM rooms r ORDER BY r.joined_members DESC, r.room_id",
+    )?;
+    let rows = stmt.query_map([server], |r| {
+        Ok(RoomListing { room: room_row(r)?, joined: r.get(5)?, local_joined: r.get(6)?, blocked: r.get(7)? })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Blocks (`true`) or unblocks a room by id; returns whether that changed anything.
+pub fn set_blocked(conn: Db<'_>, room_id: &str, blocked: bool, now: i64) -> Result<bool> {
+    let n = if blocked {
+        conn.execute(
+            "INSERT OR IGNORE INTO blocked_rooms (room_id, blocked_ts) VALUES (?1, ?2)",
+            params![room_id, now],
+        )?
+    } else {
+        conn.execute("DELETE FROM blocked_rooms WHERE room_id = ?1", [room_id])?
+    };
+    Ok(n == 1)
+}
+
+/// Whether an admin blocked the room.
+pub fn is_blocked(conn: Db<'_>, room_id: &str) -> Result<bool> {
+    Ok(conn
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM blocked_rooms WHERE room_id = ?1)")?
+        .query_row([room_id], |r| r.get(0))?)
+}
+
+/// Blocked rooms that we hold no row for (never seen, or purged and forgotten), for `hearth room list`.
+pub fn blocked_unknown_rooms(conn: Db<'_>) -> Result<Vec<String>> {
+    let mut stmt = conn.prepare(
+        "SELECT b.room_id FROM blocked_rooms b WHERE NOT EXISTS (SELECT 1 FROM rooms r WHERE r.room_id = b.room_id)
+         ORDER BY b.room_id",
+    )?;
+    let rows = stmt.query_map([], |r| r.get(0))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+#[cfg(test)]
+mod admin_tests {
+    use super::*;
+    use crate::store::testing::{self, memory_db};
+
+    #[test]
+    fn rooms_are_listed_with_local_members_and_blocks() {
+        let conn = memory_db();
+        let db = conn.db();
+        let a = testing::room(db, "!a:x");
+        testing::room(db, "!b:x");
+        for (user, server) in [("@u:here", "here"), ("@v:there", "there")] {
+            db.execute(
+                "INSERT INTO room_members (room_nid, user_id, membership, event_nid, server_name)
+                 VALUES (?1, ?2, 'join', 1, ?3)",
+                params![a, user, server],
+            )
+            .unwrap();
+        }
+        db.execute("UPDATE rooms SET joined_members = 2 WHERE room_nid = ?1", [a]).unwrap();
+        assert!(set_blocked(db, "!b:x", true, 5).unwrap());
+        assert!(!set_blocked(db, "!b:x", true, 6).unwrap(), "already blocked");
+        assert!(set_blocked(db, "!never:x", true, 6).unwrap());
+        let rooms = list_rooms(db, "here").unwrap();
+        let got: Vec<_> =
+            rooms.iter().map(|r| (r.room.room_id.as_str(), r.joined, r.local_joined, r.blocked)).collect();
+        assert_eq!(got, [("!a:x", 2, 1, false), ("!b:x", 0, 0, true)]);
+        assert!(is_blocked(db, "!never:x").unwrap());
+        assert_eq!(blocked_unknown_rooms(db).unwrap(), ["!never:x"]);
+        assert!(set_blocked(db, "!b:x", false, 7).unwrap());
+        assert!(!is_blocked(db, "!b:x").unwrap());
+        assert!(!set_blocked(db, "!b:x", false, 7).unwrap());
+    }
+}
+
 /// Tests of the alias and directory functions above (other helpers' tests of room rows live beside theirs).
 #[cfg(test)]
 mod directory_tests {

@@ -30,6 +30,7 @@ OPERATIONS = [
     ("post", "/_matrix/client/v3/login"),
     ("post", "/_matrix/client/v3/register"),
     ("get", "/_matrix/client/v3/register/available"),
+    ("get", "/_matrix/client/v1/register/m.login.registration_token/validity"),
     ("get", "/_matrix/client/v3/account/whoami"),
     ("post", "/_matrix/client/v3/account/password"),
     ("get", "/_matrix/client/v3/capabilities"),

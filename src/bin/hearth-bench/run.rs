@@ -411,6 +411,10 @@ async fn run_hearth(
     let (fed, cli) = (free_port()?, free_port()?);
     let cfg = hearth_config(&dir, fed, cli, lazy, Some(&r.server_name))?;
     let bin = hearth_bin()?;
+    let mut p = spawn(Command::new(&bin).arg("-c").arg(&cfg), dir.join("log"))?;
+    let url = format!("http://127.0.0.1:{cli}");
+    wait_up(http, &url, &mut p).await?;
+    // The admin commands work on the running server's database (they never create one).
     let st = Command::new(&bin)
         .arg("-c")
         .arg(&cfg)
@@ -419,9 +423,6 @@ async fn run_hearth(
         .stderr(Stdio::null())
         .status()?;
     anyhow::ensure!(st.success(), "creating the bench user failed");
-    let mut p = spawn(Command::new(&bin).arg("-c").arg(&cfg), dir.join("log"))?;
-    let url = format!("http://127.0.0.1:{cli}");
-    wait_up(http, &url, &mut p).await?;
     let (_, login) = api(
         http,
         reqwest::Method::POST,
