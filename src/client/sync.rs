@@ -393,19 +393,26 @@ fn newest_gap(c: Db<'_>, auth: &Auth, rows: &[events::EventRow]) -> Result<Optio
     Ok(None)
 }
 
-/// Timeline and state of one room for the window (`since`, `upto`].
-#[allow(clippy::too_many_arguments)]
-fn room_window(
+/// The newest timeline events of a room in the window (`since`, `upto`] that the user may see (history
+/// visibility), oldest first, as `/sync` and sliding sync both show them.
+pub(crate) struct TimelineWindow {
+    pub rows: Vec<events::EventRow>,
+    pub limited: bool,
+    pub prev_batch: String,
+    /// The stream position of the first event (`upto + 1` when there is none).
+    pub first_stream: i64,
+    pub first_sg_after: Option<StateGroup>,
+}
+
+/// The timeline half of [`room_window`]: at most `limit` events of the window.
+pub(crate) fn timeline_window(
     c: Db<'_>,
     auth: &Auth,
     room: &rooms::RoomRow,
-    filter: &Filter,
+    limit: usize,
     since: Option<i64>,
     upto: i64,
-    full_state: bool,
-    sent: &SentMembers,
-) -> Result<RoomSync> {
-    let limit = filter.timeline_limit.unwrap_or(10).clamp(0, 100);
+) -> Result<TimelineWindow> {
     // History visibility: the timeline never reaches back before what the user may see.
     let floor = crate::room::membership::visible_from(c, room, &auth.user_id)?.saturating_sub(1);
     let after = StreamPos(since.unwrap_or(i64::MIN).max(floor));
@@ -429,6 +436,24 @@ fn room_window(
     // which clients drop as already seen). Otherwise it is the position just before the timeline's first event.
     let prev_stream = if since.is_none() && !limited { upto } else { first_stream - 1 };
     let prev_batch = Token { stream: prev_stream, typing: 0 }.render();
+    Ok(TimelineWindow { rows, limited, prev_batch, first_stream, first_sg_after })
+}
+
+/// Timeline and state of one room for the window (`since`, `upto`].
+#[allow(clippy::too_many_arguments)]
+fn room_window(
+    c: Db<'_>,
+    auth: &Auth,
+    room: &rooms::RoomRow,
+    filter: &Filter,
+    since: Option<i64>,
+    upto: i64,
+    full_state: bool,
+    sent: &SentMembers,
+) -> Result<RoomSync> {
+    let limit = filter.timeline_limit.unwrap_or(10).clamp(0, 100);
+    let TimelineWindow { rows, limited, prev_batch, first_stream, first_sg_after } =
+        timeline_window(c, auth, room, limit, since, upto)?;
 
     let timeline: Vec<events::EventRow> = rows.into_iter().filter(|r| filter.timeline.allows_event(r)).collect();
     let timeline_ids: HashSet<&str> = timeline.iter().map(|r| r.event_id.as_str()).collect();
@@ -488,7 +513,7 @@ fn room_window(
 /// fresh sync, and the timeline senders' (sent even if seen before: clients tolerate redundant members). In a
 /// partial-state room a sender's membership may be missing from the state: then it is taken from the auth events
 /// of their event (as Synapse does), so clients can still render who spoke.
-fn lazy_members(
+pub(crate) fn lazy_members(
     c: Db<'_>,
     auth: &Auth,
     room: &rooms::RoomRow,
@@ -561,7 +586,7 @@ fn room_summary(c: Db<'_>, room: &rooms::RoomRow, user_id: &str) -> Result<Value
     Ok(summary)
 }
 
-fn account_data_since(
+pub(crate) fn account_data_since(
     c: Db<'_>,
     user_id: &str,
     room_id: &str,
@@ -577,7 +602,13 @@ fn account_data_since(
 }
 
 /// Receipts that moved in the window; private receipts (`m.read.private`) only when they are `user_id`'s own.
-fn receipts_since(c: Db<'_>, room_nid: RoomNid, since: i64, upto: i64, user_id: &str) -> Result<Option<Value>> {
+pub(crate) fn receipts_since(
+    c: Db<'_>,
+    room_nid: RoomNid,
+    since: i64,
+    upto: i64,
+    user_id: &str,
+) -> Result<Option<Value>> {
     let mut content = serde_json::Map::new();
     for r in receipts::changed_since(c, room_nid, StreamPos(since), StreamPos(upto), user_id)? {
         let mut receipt = json!({"ts": r.ts});
