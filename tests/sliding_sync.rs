@@ -471,3 +471,58 @@ async fn a_larger_config_resends_the_room() {
     let r3 = ss(&alice, Some(&pos_of(&r2)), 0, big).await.ok();
     assert!(r3["rooms"].as_object().unwrap().is_empty());
 }
+
+/// A lazily joined (partial-state) room is listed at once, with its name, a timeline and the `$LAZY` members of
+/// its senders taken from what Hearth holds; when the resync ends, a waiting request wakes and the room comes
+/// again (`initial`) with the exact member count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lazily_joined_room_is_listed_at_once_and_counted_exactly_after_its_resync() {
+    use common::fake_resident::*;
+    let hearth = start_hearth().await;
+    let fake = FakeResident::start(RoomSpec::default()).await;
+    fake.connect_to(&hearth);
+    fake.hold("state_ids");
+    let alice = hearth.user("alice").await;
+    let room = fake.room_id();
+    let user3 = fake.user("user3");
+    let started = std::time::Instant::now();
+    join_via(&alice, &fake).await;
+    fake.wait_requests("state_ids", 1, Duration::from_secs(60)).await;
+    let m1 = fake.append(EventSpec::message(&user3, "hello from user3"));
+    fake.push(&[&m1.id]).await;
+
+    let body = json!({"lists": {"all": {"ranges": [[0, 10]], "timeline_limit": 5,
+        "required_state": [["m.room.name", ""], ["m.room.member", "$LAZY"], ["m.room.create", ""]]}}});
+    let r = ss(&alice, None, 0, body.clone()).await.ok();
+    let listed = started.elapsed();
+    let rr = r["rooms"].get(&room).unwrap_or_else(|| panic!("the partial room is listed at once: {r}"));
+    assert!(listed < Duration::from_secs(2), "listed {listed:?} after /join");
+    assert!(rr["name"].is_string(), "{rr}");
+    let timeline = rr["timeline"].as_array().expect("a timeline");
+    assert!(timeline.iter().any(|e| e["event_id"] == json!(m1.id)), "{timeline:?}");
+    let rs = rr["required_state"].as_array().unwrap();
+    assert!(
+        rs.iter().any(|e| e["type"] == "m.room.member" && e["state_key"] == json!(user3)),
+        "user3's membership: {rs:?}"
+    );
+    let expected = fake.joined_members().len() as i64;
+    let partial_count = rr["joined_count"].as_i64().unwrap();
+    assert!(partial_count < expected, "members were omitted: {partial_count} of {expected}");
+
+    // The resync ends: a waiting request wakes with the room again, counted exactly.
+    let mut pos = pos_of(&r);
+    fake.release("state_ids");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let again = loop {
+        let r = ss(&alice, Some(&pos), 10_000, body.clone()).await.ok();
+        if let Some(rr) = r["rooms"].get(&room) {
+            if rr["joined_count"] == expected {
+                break rr.clone();
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "the room never came again with its exact count");
+        pos = pos_of(&r);
+    };
+    assert_eq!(again["initial"], true, "{again}");
+    hearth.stop().await;
+}
