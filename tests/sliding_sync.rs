@@ -333,6 +333,7 @@ async fn a_left_room_is_sent_once_with_the_leave() {
     let pos = pos_of(&ss(&bob, None, 0, body.clone()).await.ok());
     bob.leave(&room).await.ok();
     let r = ss(&bob, Some(&pos), 0, body.clone()).await.ok();
+    assert!(r["rooms"][&room].get("initial").is_none(), "the timeline continues up to the leave");
     let tl = r["rooms"][&room]["timeline"].as_array().expect("the leave is sent").clone();
     let last = tl.last().unwrap();
     assert_eq!((last["type"].as_str(), last["content"]["membership"].as_str()), (Some("m.room.member"), Some("leave")));
@@ -525,4 +526,28 @@ async fn a_lazily_joined_room_is_listed_at_once_and_counted_exactly_after_its_re
     };
     assert_eq!(again["initial"], true, "{again}");
     hearth.stop().await;
+}
+
+#[tokio::test]
+async fn an_accepted_invite_comes_again_as_a_joined_room() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let bob = s.user("bob").await;
+    let room = bob.create_room(json!({"name": "party", "invite": [alice.user_id]})).await;
+    bob.send_text(&room, "come in").await;
+    let body = json!({"lists": {"all": list(json!([[0, 10]]), 5)}});
+    let r = ss(&alice, None, 0, body.clone()).await.ok();
+    let inv = &r["rooms"][&room];
+    assert!(inv["invite_state"].is_array() && inv.get("timeline").is_none(), "{inv}");
+    // Unchanged: not resent.
+    let idle = ss(&alice, Some(&pos_of(&r)), 0, body.clone()).await.ok();
+    assert!(idle["rooms"].as_object().unwrap().is_empty());
+    alice.join(&room).await.ok();
+    let r2 = ss(&alice, Some(&pos_of(&idle)), 0, body).await.ok();
+    let joined = &r2["rooms"][&room];
+    assert_eq!(joined["initial"], true);
+    assert!(joined.get("invite_state").is_none());
+    assert_eq!(joined["name"], "party");
+    assert!(bodies(&joined["timeline"]).contains(&"come in".to_owned()), "{joined}");
+    assert_eq!(joined["joined_count"], 2);
 }

@@ -244,7 +244,7 @@ impl Pass<'_> {
             }
         }
 
-        let (rooms_out, sent) = self.rooms(&by_id, &configs, &changed, &ignored, &mut scope, counts.clone())?;
+        let (rooms_out, sent) = self.rooms(&by_id, &configs, &ignored, &mut scope, counts.clone())?;
         let lists_moved = self.from.is_some_and(|f| f.sent.lists != counts);
         let x = ExtCtx {
             c,
@@ -267,7 +267,6 @@ impl Pass<'_> {
         &self,
         by_id: &HashMap<&str, &Candidate>,
         configs: &BTreeMap<String, Effective>,
-        changed: &HashMap<RoomNid, String>,
         ignored: &HashSet<String>,
         scope: &mut Scope,
         counts: BTreeMap<String, usize>,
@@ -285,11 +284,11 @@ impl Pass<'_> {
         for (room_id, config) in configs {
             let Some(cand) = by_id.get(room_id.as_str()) else { continue };
             let prev = sent.rooms.get(room_id);
+            // A leave (or ban) continues the room's timeline up to it; any other change of membership (an invite
+            // accepted, a rejoin) shows the room anew.
+            let gone = cand.membership == "leave" || cand.membership == "ban";
             let fresh = prev.is_none_or(|p| {
-                !p.c.covers(config)
-                    || p.m != cand.membership
-                    || p.p != cand.room.partial_state
-                    || changed.contains_key(&cand.room.room_nid)
+                !p.c.covers(config) || (p.m != cand.membership && !gone) || p.p != cand.room.partial_state
             });
             let since = if fresh { None } else { prev.map(|p| p.s) };
             let body = match cand.membership.as_str() {
