@@ -29,7 +29,7 @@ fn ordered(v: &Value) -> Vec<String> {
     let rooms = v["rooms"].as_object().cloned().unwrap_or_default();
     let mut r: Vec<(i64, String)> =
         rooms.iter().map(|(id, r)| (r["bump_stamp"].as_i64().expect("bump_stamp"), id.clone())).collect();
-    r.sort_by(|a, b| b.0.cmp(&a.0));
+    r.sort_by_key(|b| std::cmp::Reverse(b.0));
     r.into_iter().map(|x| x.1).collect()
 }
 

@@ -51,7 +51,7 @@ pub fn candidates(
     for membership in ["join", "invite", "knock", "leave", "ban"] {
         for (room_nid, _) in members::rooms_with_membership(c, user_id, membership)? {
             let gone = membership == "leave" || membership == "ban";
-            if gone && !changed.get(&room_nid).is_some_and(|m| m == membership) {
+            if gone && changed.get(&room_nid).is_none_or(|m| m != membership) {
                 continue;
             }
             let Some(room) = rooms::room_by_nid(c, room_nid)? else { continue };
@@ -145,7 +145,7 @@ pub fn passes(cand: &Candidate, f: &Filters, children: Option<&HashSet<String>>)
 }
 
 /// A list's rooms in order: most recently bumped first (ties by room id).
-pub fn sorted<'a>(cands: &'a [Candidate], keep: impl Fn(&Candidate) -> bool) -> Vec<&'a Candidate> {
+pub fn sorted(cands: &[Candidate], keep: impl Fn(&Candidate) -> bool) -> Vec<&Candidate> {
     let mut out: Vec<&Candidate> = cands.iter().filter(|c| keep(c)).collect();
     out.sort_by(|a, b| b.bump_stamp.cmp(&a.bump_stamp).then_with(|| a.room.room_id.cmp(&b.room.room_id)));
     out
