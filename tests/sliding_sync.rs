@@ -551,3 +551,17 @@ async fn an_accepted_invite_comes_again_as_a_joined_room() {
     assert!(bodies(&joined["timeline"]).contains(&"come in".to_owned()), "{joined}");
     assert_eq!(joined["joined_count"], 2);
 }
+
+/// State is read from `required_state` alone (matrix-rust-sdk ignores state on the timeline): an event both on the
+/// timeline and asked for as state is in both.
+#[tokio::test]
+async fn required_state_holds_state_that_is_also_on_the_timeline() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let room = alice.create_room(json!({"name": "named"})).await;
+    let r = ss(&alice, None, 0, json!({"lists": {"all": list(json!([[0, 0]]), 50)}})).await.ok();
+    let rr = &r["rooms"][&room];
+    let on_timeline = rr["timeline"].as_array().unwrap().iter().any(|e| e["type"] == "m.room.name");
+    assert!(on_timeline, "{rr}");
+    assert_eq!(rr["required_state"][0]["content"]["name"], "named", "{rr}");
+}

@@ -156,7 +156,8 @@ fn name_avatar_heroes(c: Db<'_>, cand: &Candidate, sg: StateGroup, me: &str, bod
 /// The state events the room config asks for, at the room's current state: `[type, key]` pairs where `*` is any
 /// type or key, `$ME` the user, and `["m.room.member", "$LAZY"]` the members of the timeline's senders (in a
 /// partial-state room taken from what we hold, as `/sync`'s lazy loading does). When the room was sent before
-/// (`since`), only what changed after that, plus the lazy members of the new timeline.
+/// (`since`), only what changed after that, plus the lazy members of the new timeline. Events also on the
+/// timeline are sent here too (as Synapse): clients read the room's state from `required_state` only.
 fn required_state(
     ctx: &RoomCtx<'_>,
     cand: &Candidate,
@@ -197,21 +198,22 @@ fn required_state(
             }
         }
     }
-    let in_timeline: HashSet<&str> = timeline.iter().map(|r| r.event_id.as_str()).collect();
+    // The state is the room's current state, whether or not an event of it is also on the timeline: clients
+    // (matrix-rust-sdk) read state from `required_state` only.
     let mut out = Vec::new();
     for nid in nids {
         let Some(row) = events::event_by_nid(c, nid)? else { continue };
         // Sent before: only the state that changed since (an outlier, state learnt by a resync, has no position:
         // the room is sent afresh when its resync ends).
         let changed = since.is_none_or(|s| row.stream_ordering.is_some_and(|p| p.0 > s));
-        if changed && !in_timeline.contains(row.event_id.as_str()) {
+        if changed {
             out.push(format::state_only(&row, &cand.room.room_id, false));
         }
     }
     if lazy {
         let already: HashSet<String> = out.iter().filter_map(|e| e["event_id"].as_str().map(str::to_owned)).collect();
         for row in lazy_members(c, ctx.auth, &cand.room, timeline, Some(sg), false)? {
-            if !in_timeline.contains(row.event_id.as_str()) && !already.contains(&row.event_id) {
+            if !already.contains(&row.event_id) {
                 out.push(format::state_only(&row, &cand.room.room_id, false));
             }
         }
