@@ -242,6 +242,13 @@ async fn element_x_start_up() {
     })
     .await;
 
+    // It was encrypted on the wire: bob's item carries the decryption's info.
+    let decrypted = bob_tl.items().await.iter().any(|i| {
+        i.as_event().is_some_and(|e| {
+            e.content().as_message().is_some_and(|m| m.body() == "for your eyes only") && e.encryption_info().is_some()
+        })
+    });
+    assert!(decrypted, "the message came encrypted and was decrypted");
     bob_sync.stop().await;
     sync.stop().await;
     drop(server);
