@@ -565,3 +565,24 @@ async fn required_state_holds_state_that_is_also_on_the_timeline() {
     assert!(on_timeline, "{rr}");
     assert_eq!(rr["required_state"][0]["content"]["name"], "named", "{rr}");
 }
+
+#[tokio::test]
+async fn a_read_receipt_sends_the_room_again_with_its_counts() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let bob = s.user("bob").await;
+    let room = alice.create_room(json!({"preset": "public_chat"})).await;
+    bob.join(&room).await.ok();
+    let ev = bob.send_text(&room, "unread").await;
+    let body = json!({"lists": {"all": list(json!([[0, 5]]), 1)}});
+    let r = ss(&alice, None, 0, body.clone()).await.ok();
+    assert_eq!(r["rooms"][&room]["notification_count"], 1);
+    // Read on another device.
+    let mut phone = s.client();
+    phone.login("alice", common::PASSWORD).await.ok();
+    phone.post(&format!("/rooms/{}/receipt/m.read/{}", enc(&room), enc(&ev)), json!({})).await.ok();
+    let r2 = ss(&alice, Some(&pos_of(&r)), 0, body).await.ok();
+    let rr = &r2["rooms"][&room];
+    assert_eq!(rr["notification_count"], 0, "{r2}");
+    assert!(rr.get("initial").is_none() && rr.get("timeline").is_none(), "{rr}");
+}

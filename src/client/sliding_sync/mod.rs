@@ -85,7 +85,9 @@ pub async fn sync(
     let _syncing =
         s.presence.syncing(&s.store, auth.user_id.as_str(), q.set_presence.as_deref().unwrap_or("online")).await?;
     // The client has every to-device message up to its `since`: those can go.
+    // (Never past the stream's end: a `since` from the future must not drop messages not yet delivered.)
     if let Some(since) = req.extensions.to_device.as_ref().and_then(|t| t.since_stream()) {
+        let since = since.min(s.store.current_stream());
         let (u, d) = (auth.user_id.clone(), auth.device_id.clone());
         s.store.write(move |w| e2ee::delete_to_device_upto(w.db(), u.as_str(), &d, StreamPos(since))).await?;
     }
@@ -166,6 +168,10 @@ async fn save_position(
                 None => {
                     let conn_nid = sliding_sync::open_connection(c, &u, &d, &cid, now)?;
                     sliding_sync::add_position(c, conn_nid, None, upto, typing as i64, &sent, now)
+                }
+                // The connection was started over (or dropped) while this request ran.
+                Some((pos, conn_nid)) if sliding_sync::position(c, conn_nid, pos)?.is_none() => {
+                    Err(Error::unknown_pos())
                 }
                 Some((pos, _)) if !news => {
                     sliding_sync::advance_position(c, pos, upto, typing as i64, now)?;

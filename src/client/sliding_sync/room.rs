@@ -12,8 +12,8 @@ use crate::client::sync::{lazy_members, timeline_window};
 use crate::error::Result;
 use crate::http::Auth;
 use crate::store::events::{self, EventRow};
-use crate::store::ids::{EventNid, StateGroup};
-use crate::store::{members, sliding_sync, state_groups, Db};
+use crate::store::ids::{EventNid, StateGroup, StreamPos};
+use crate::store::{members, receipts, sliding_sync, state_groups, Db};
 
 /// How many heroes a nameless room is sent with.
 const HEROES: i64 = 5;
@@ -37,7 +37,8 @@ pub struct Built {
 }
 
 /// A joined (or just left) room. `since`: the stream position the connection was last sent this room up to, None
-/// to send it afresh (`initial`). None when nothing changed since then.
+/// to send it afresh (`initial`). None when nothing changed since then (no new event, no read receipt of the
+/// user's own).
 pub fn joined(ctx: &RoomCtx<'_>, cand: &Candidate, config: &Effective, since: Option<i64>) -> Result<Option<Built>> {
     let (c, auth, room) = (ctx.c, ctx.auth, &cand.room);
     let me = auth.user_id.as_str();
@@ -48,12 +49,12 @@ pub fn joined(ctx: &RoomCtx<'_>, cand: &Candidate, config: &Effective, since: Op
         sliding_sync::latest_membership_pos(c, me, room.room_nid)?.unwrap_or(ctx.upto).min(ctx.upto)
     };
     if let Some(s) = since {
-        if !sliding_sync::has_events_in(
-            c,
-            room.room_nid,
-            crate::store::ids::StreamPos(s),
-            crate::store::ids::StreamPos(upto),
-        )? {
+        let (after, to) = (StreamPos(s), StreamPos(upto));
+        // Something on the timeline, or the user's own read receipt moved (its counts changed).
+        let read = || -> Result<bool> {
+            Ok(receipts::changed_since(c, room.room_nid, after, to, me)?.iter().any(|r| r.user_id == me))
+        };
+        if !sliding_sync::has_events_in(c, room.room_nid, after, to)? && !read()? {
             return Ok(None);
         }
     }
