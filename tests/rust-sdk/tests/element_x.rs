@@ -253,3 +253,90 @@ async fn element_x_start_up() {
     sync.stop().await;
     drop(server);
 }
+
+/// Every field Hearth sends parses as ruma's `sync_events::v5` response (the types matrix-rust-sdk deserialises):
+/// lists, joined and invited rooms, heroes, counts, required state and timeline events, extensions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sliding_sync_answers_parse_as_ruma_v5() {
+    use matrix_sdk::ruma::api::client::sync::sync_events::v5;
+    use matrix_sdk::ruma::directory::RoomTypeFilter;
+    use matrix_sdk::ruma::events::StateEventType;
+    use matrix_sdk::ruma::UInt;
+
+    let server = start_server();
+    let alice = user(&server, "alice").await;
+    let bob = user(&server, "bob").await;
+    let bob_id = bob.user_id().unwrap().to_owned();
+    let alice_id = alice.user_id().unwrap().to_owned();
+    let named = create(&alice, "named", &[], true).await;
+    let mut req = create_room::v3::Request::new();
+    req.invite = vec![bob_id.clone()];
+    let nameless = alice.create_room(req).await.unwrap().room_id().to_owned();
+    bob.join_room_by_id(&nameless).await.expect("bob joins");
+    let invite = create(&bob, "invitation", &[alice_id.clone()], false).await;
+    alice.get_room(&named).unwrap().send(RoomMessageEventContent::text_plain("hello")).await.unwrap();
+
+    let request = |pos: Option<String>| {
+        let mut req = v5::Request::new();
+        req.pos = pos;
+        req.conn_id = Some("shape".into());
+        let mut list = v5::request::List::default();
+        list.ranges = vec![(UInt::from(0u32), UInt::from(10u32))];
+        list.room_details.timeline_limit = UInt::from(5u32);
+        list.room_details.required_state = vec![
+            (StateEventType::RoomName, String::new()),
+            (StateEventType::RoomCreate, String::new()),
+            (StateEventType::RoomMember, "$LAZY".into()),
+            (StateEventType::RoomMember, "$ME".into()),
+        ];
+        let mut filters = v5::request::ListFilters::default();
+        filters.not_room_types = vec![RoomTypeFilter::Space];
+        list.filters = Some(filters);
+        req.lists.insert("all".into(), list);
+        req.extensions.to_device.enabled = Some(true);
+        req.extensions.e2ee.enabled = Some(true);
+        req.extensions.account_data.enabled = Some(true);
+        req.extensions.receipts.enabled = Some(true);
+        req.extensions.typing.enabled = Some(true);
+        req
+    };
+    let r = alice.send(request(None)).await.expect("the answer parses as ruma's v5 response");
+    assert_eq!(r.lists["all"].count, UInt::from(3u32));
+    let room = &r.rooms[&named];
+    assert_eq!(room.name.as_deref(), Some("named"));
+    assert_eq!(room.initial, Some(true));
+    assert_eq!(room.joined_count, Some(UInt::from(1u32)));
+    assert_eq!(room.invited_count, Some(UInt::from(0u32)));
+    assert!(room.bump_stamp.is_some() && room.prev_batch.is_some());
+    assert_eq!(room.unread_notifications.notification_count, Some(UInt::from(0u32)));
+    assert!(!room.required_state.is_empty());
+    for e in &room.required_state {
+        e.deserialize().expect("a state event");
+    }
+    assert_eq!(room.timeline.len(), 5);
+    for e in &room.timeline {
+        e.deserialize().expect("a timeline event");
+    }
+    let heroes = r.rooms[&nameless].heroes.as_ref().expect("heroes of the nameless room");
+    assert_eq!(heroes[0].user_id, bob_id);
+    assert_eq!(heroes[0].name.as_deref(), Some("bob"));
+    let inv = r.rooms[&invite].invite_state.as_ref().expect("invite_state");
+    for e in inv {
+        e.deserialize().expect("a stripped state event");
+    }
+    let x = &r.extensions;
+    assert!(x.to_device.is_some());
+    assert!(x.e2ee.device_one_time_keys_count.contains_key(&matrix_sdk::ruma::OneTimeKeyAlgorithm::SignedCurve25519));
+    for e in &x.account_data.global {
+        e.deserialize().expect("global account data");
+    }
+
+    // Incremental: one new message, live.
+    bob.get_room(&nameless).unwrap().send(RoomMessageEventContent::text_plain("news")).await.unwrap();
+    let r2 = alice.send(request(Some(r.pos.clone()))).await.expect("the incremental answer parses");
+    let room = &r2.rooms[&nameless];
+    assert_eq!(room.initial, None);
+    assert_eq!(room.timeline.len(), 1);
+    assert_eq!(room.num_live, Some(UInt::from(1u32)));
+    assert!(!r2.rooms.contains_key(&named), "unchanged rooms are not resent");
+}
