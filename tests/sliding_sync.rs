@@ -480,7 +480,8 @@ async fn a_larger_config_resends_the_room() {
 async fn a_lazily_joined_room_is_listed_at_once_and_counted_exactly_after_its_resync() {
     use common::fake_resident::*;
     let hearth = start_hearth().await;
-    let fake = FakeResident::start(RoomSpec::default()).await;
+    // 600 members, as in the acceptance of issue #19.
+    let fake = FakeResident::start(RoomSpec { members: 600, ..RoomSpec::default() }).await;
     fake.connect_to(&hearth);
     fake.hold("state_ids");
     let alice = hearth.user("alice").await;
