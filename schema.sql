@@ -451,3 +451,26 @@ CREATE TABLE blocked_rooms (
     room_id    TEXT PRIMARY KEY,
     blocked_ts INTEGER NOT NULL
 ) WITHOUT ROWID;
+
+-- Simplified sliding sync (MSC4186): one row per connection (user, device, conn_id), bounded per device and
+-- expired when unused; each answered request is a position of its connection, holding what the connection has
+-- been sent (JSON: per room, the stream position it was sent up to and the room config it was sent with; the list
+-- counts). A request names the position it continues from; older positions of the connection are dropped then.
+CREATE TABLE sliding_sync_connections (
+    conn_nid     INTEGER PRIMARY KEY,
+    user_id      TEXT NOT NULL,
+    device_id    TEXT NOT NULL,
+    conn_id      TEXT NOT NULL,
+    last_used_ts INTEGER NOT NULL,
+    UNIQUE (user_id, device_id, conn_id)
+);
+CREATE INDEX sliding_sync_connections_used ON sliding_sync_connections(last_used_ts);
+CREATE TABLE sliding_sync_positions (
+    pos        INTEGER PRIMARY KEY AUTOINCREMENT,
+    conn_nid   INTEGER NOT NULL REFERENCES sliding_sync_connections(conn_nid) ON DELETE CASCADE,
+    stream     INTEGER NOT NULL,    -- the global stream position the answer went up to
+    typing     INTEGER NOT NULL,    -- the typing serial it went up to
+    sent       TEXT NOT NULL,       -- JSON: what the connection has been sent
+    created_ts INTEGER NOT NULL
+);
+CREATE INDEX sliding_sync_positions_conn ON sliding_sync_positions(conn_nid);

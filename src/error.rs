@@ -47,6 +47,8 @@ pub enum Kind {
     WrongRoomKeysVersion,
     /// MSC3902: this server holds only partial state for the room.
     UnableDueToPartialState,
+    /// 400 `M_UNKNOWN_POS`: a sliding sync position the server no longer holds (MSC4186).
+    UnknownPos,
     GuestAccessForbidden,
     /// A failed user-interactive auth stage (the spec answers it with 401 and `M_FORBIDDEN`).
     AuthStageFailed,
@@ -98,6 +100,7 @@ impl Kind {
             ResourceLimit => (StatusCode::FORBIDDEN, "M_RESOURCE_LIMIT_EXCEEDED"),
             WrongRoomKeysVersion => (StatusCode::FORBIDDEN, "M_WRONG_ROOM_KEYS_VERSION"),
             UnableDueToPartialState => (StatusCode::FORBIDDEN, "M_UNABLE_DUE_TO_PARTIAL_STATE"),
+            UnknownPos => (StatusCode::BAD_REQUEST, "M_UNKNOWN_POS"),
             GuestAccessForbidden => (StatusCode::FORBIDDEN, "M_GUEST_ACCESS_FORBIDDEN"),
             AuthStageFailed => (StatusCode::UNAUTHORIZED, "M_FORBIDDEN"),
             Conflict => (StatusCode::CONFLICT, "M_UNKNOWN"),
@@ -312,6 +315,9 @@ impl Error {
     /// MSC3902: a request this server cannot serve while it holds only partial state for the room.
     pub fn unable_due_to_partial_state(msg: impl Into<String>) -> Self {
         Self::new(Kind::UnableDueToPartialState, msg)
+    }
+    pub fn unknown_pos() -> Self {
+        Self::new(Kind::UnknownPos, "unknown or expired position: start a new connection")
     }
     pub fn guest_access_forbidden() -> Self {
         Self::new(Kind::GuestAccessForbidden, "guest access is disabled")

@@ -479,14 +479,17 @@ async fn start_up_probes_get_clean_answers_with_cors() {
         let (st, code, body, cors) = probe(&alice, get.clone(), path, None).await;
         assert_eq!((st, code.as_str(), cors), (404, "M_UNRECOGNIZED", true), "{path}: {body}");
     }
-    let (st, code, _, cors) = probe(
+    // Simplified sliding sync (MSC4186, Element X) is offered: advertised, and answered with CORS.
+    assert_eq!(versions["unstable_features"]["org.matrix.simplified_msc3575"], true);
+    let (st, _, body, cors) = probe(
         &alice,
         reqwest::Method::POST,
         "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync",
         Some(json!({})),
     )
     .await;
-    assert_eq!((st, code.as_str(), cors), (404, "M_UNRECOGNIZED", true), "sliding sync is not offered");
+    assert_eq!((st, cors), (200, true), "sliding sync answers: {body}");
+    assert!(body["pos"].is_string(), "{body}");
 
     // Routine calls with honest empty answers.
     for (path, expected) in [

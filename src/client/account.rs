@@ -17,7 +17,9 @@ pub async fn versions() -> impl IntoResponse {
         "unstable_features": {"org.matrix.msc3706": true, "org.matrix.msc2285.stable": true,
                               "org.matrix.msc3916.stable": true, "org.matrix.e2e_cross_signing": true,
                               // The room summary (`/room_summary`, stable in v1.15), which Element looks for here.
-                              "org.matrix.msc3266": true}
+                              "org.matrix.msc3266": true,
+                              // Simplified sliding sync (MSC4186), which Element X and matrix-rust-sdk need.
+                              "org.matrix.simplified_msc3575": true}
     }))
 }
 

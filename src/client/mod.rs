@@ -16,6 +16,7 @@ pub mod relations;
 pub mod room_keys;
 pub mod rooms;
 pub mod search;
+pub mod sliding_sync;
 pub mod spaces;
 pub mod sync;
 pub mod tags;
@@ -150,6 +151,7 @@ pub fn routes() -> Router<AppState> {
             get(relations::relations),
         )
         .route("/_matrix/client/v1/rooms/{room_id}/threads", get(relations::threads))
+        .route("/_matrix/client/unstable/org.matrix.simplified_msc3575/sync", post(sliding_sync::sync))
         .nest("/_matrix/client/v3", api())
         .nest("/_matrix/client/r0", api())
         .merge(crate::media::client_routes())

@@ -444,6 +444,39 @@ fn visible_recent(
     Ok((visible, limited))
 }
 
+/// The newest timeline events of a room in the window (`since`, `upto`] that the user may see (history
+/// visibility), oldest first, as `/sync` and sliding sync both show them.
+pub(crate) struct TimelineWindow {
+    pub rows: Vec<events::EventRow>,
+    pub limited: bool,
+    pub prev_batch: String,
+    /// The stream position of the first event (`upto + 1` when there is none).
+    pub first_stream: i64,
+    pub first_sg_after: Option<StateGroup>,
+}
+
+/// The timeline half of [`room_window`]: at most `limit` events of the window.
+pub(crate) fn timeline_window(
+    c: Db<'_>,
+    auth: &Auth,
+    room: &rooms::RoomRow,
+    limit: usize,
+    since: Option<i64>,
+    upto: i64,
+) -> Result<TimelineWindow> {
+    let (mut rows, limited) = visible_recent(c, auth, room, since, upto, limit)?;
+    rows.reverse();
+    let first_stream = rows.first().and_then(|r| r.stream_ordering).map_or(upto + 1, |p| p.0);
+    let first_sg_after = rows.first().and_then(|r| r.sg_after);
+    // A fresh (initial) sync whose timeline is not limited holds all the history the user may see: its prev_batch
+    // is then the sync's own position, as Synapse gives it (`/members?at=` that token answers the members as of
+    // the sync, which Complement's `TestGetRoomMembersAtPoint` checks; paging back from it repeats the timeline,
+    // which clients drop as already seen). Otherwise it is the position just before the timeline's first event.
+    let prev_stream = if since.is_none() && !limited { upto } else { first_stream - 1 };
+    let prev_batch = Token { stream: prev_stream, typing: 0 }.render();
+    Ok(TimelineWindow { rows, limited, prev_batch, first_stream, first_sg_after })
+}
+
 /// Timeline and state of one room for the window (`since`, `upto`].
 #[allow(clippy::too_many_arguments)]
 fn room_window(
@@ -457,16 +490,8 @@ fn room_window(
     sent: &SentMembers,
 ) -> Result<RoomSync> {
     let limit = filter.timeline_limit.unwrap_or(10).clamp(0, 100);
-    let (mut rows, limited) = visible_recent(c, auth, room, since, upto, limit)?;
-    rows.reverse();
-    let first_stream = rows.first().and_then(|r| r.stream_ordering).map_or(upto + 1, |p| p.0);
-    let first_sg_after = rows.first().and_then(|r| r.sg_after);
-    // A fresh (initial) sync whose timeline is not limited holds all the history the user may see: its prev_batch
-    // is then the sync's own position, as Synapse gives it (`/members?at=` that token answers the members as of
-    // the sync, which Complement's `TestGetRoomMembersAtPoint` checks; paging back from it repeats the timeline,
-    // which clients drop as already seen). Otherwise it is the position just before the timeline's first event.
-    let prev_stream = if since.is_none() && !limited { upto } else { first_stream - 1 };
-    let prev_batch = Token { stream: prev_stream, typing: 0 }.render();
+    let TimelineWindow { rows, limited, prev_batch, first_stream, first_sg_after } =
+        timeline_window(c, auth, room, limit, since, upto)?;
 
     let timeline: Vec<events::EventRow> = rows.into_iter().filter(|r| filter.timeline.allows_event(r)).collect();
     let timeline_ids: HashSet<&str> = timeline.iter().map(|r| r.event_id.as_str()).collect();
@@ -526,7 +551,7 @@ fn room_window(
 /// fresh sync, and the timeline senders' (sent even if seen before: clients tolerate redundant members). In a
 /// partial-state room a sender's membership may be missing from the state: then it is taken from the auth events
 /// of their event (as Synapse does), so clients can still render who spoke.
-fn lazy_members(
+pub(crate) fn lazy_members(
     c: Db<'_>,
     auth: &Auth,
     room: &rooms::RoomRow,
@@ -599,7 +624,7 @@ fn room_summary(c: Db<'_>, room: &rooms::RoomRow, user_id: &str) -> Result<Value
     Ok(summary)
 }
 
-fn account_data_since(
+pub(crate) fn account_data_since(
     c: Db<'_>,
     user_id: &str,
     room_id: &str,
@@ -615,7 +640,13 @@ fn account_data_since(
 }
 
 /// Receipts that moved in the window; private receipts (`m.read.private`) only when they are `user_id`'s own.
-fn receipts_since(c: Db<'_>, room_nid: RoomNid, since: i64, upto: i64, user_id: &str) -> Result<Option<Value>> {
+pub(crate) fn receipts_since(
+    c: Db<'_>,
+    room_nid: RoomNid,
+    since: i64,
+    upto: i64,
+    user_id: &str,
+) -> Result<Option<Value>> {
     let mut content = serde_json::Map::new();
     for r in receipts::changed_since(c, room_nid, StreamPos(since), StreamPos(upto), user_id)? {
         let mut receipt = json!({"ts": r.ts});

@@ -6,7 +6,7 @@ use rusqlite::Connection;
 const SCHEMA: &str = include_str!("../../schema.sql");
 
 /// Version written by `SCHEMA`. Later changes add `(version, sql)` steps to `MIGRATIONS` and bump this.
-pub const SCHEMA_VERSION: i64 = 10;
+pub const SCHEMA_VERSION: i64 = 11;
 
 /// Steps from version N-1 to N, for N > 1.
 const MIGRATIONS: &[(i64, &str)] = &[
@@ -18,6 +18,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (7, RELATIONS_SEARCH_V7),
     (9, MEDIA_AUTHENTICATED_V9),
     (10, ADMIN_V10),
+    (11, SLIDING_SYNC_V11),
 ];
 
 /// 9: which media the legacy unauthenticated endpoints no longer serve (`media.freeze_legacy`). Media stored
@@ -31,6 +32,21 @@ CREATE TABLE IF NOT EXISTS registration_tokens (
     created_ts INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS blocked_rooms (room_id TEXT PRIMARY KEY, blocked_ts INTEGER NOT NULL) WITHOUT ROWID;
+";
+
+/// 11: simplified sliding sync (MSC4186): connections and their positions.
+const SLIDING_SYNC_V11: &str = "
+CREATE TABLE IF NOT EXISTS sliding_sync_connections (
+    conn_nid INTEGER PRIMARY KEY, user_id TEXT NOT NULL, device_id TEXT NOT NULL, conn_id TEXT NOT NULL,
+    last_used_ts INTEGER NOT NULL, UNIQUE (user_id, device_id, conn_id)
+);
+CREATE INDEX IF NOT EXISTS sliding_sync_connections_used ON sliding_sync_connections(last_used_ts);
+CREATE TABLE IF NOT EXISTS sliding_sync_positions (
+    pos INTEGER PRIMARY KEY AUTOINCREMENT,
+    conn_nid INTEGER NOT NULL REFERENCES sliding_sync_connections(conn_nid) ON DELETE CASCADE,
+    stream INTEGER NOT NULL, typing INTEGER NOT NULL, sent TEXT NOT NULL, created_ts INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sliding_sync_positions_conn ON sliding_sync_positions(conn_nid);
 ";
 
 /// 5: the cache of remote users' device lists.
@@ -170,6 +186,7 @@ mod tests {
              CREATE TABLE media (media_id TEXT PRIMARY KEY, uploader TEXT NOT NULL, content_type TEXT, filename TEXT,
                                  size INTEGER NOT NULL, created_ts INTEGER NOT NULL, data BLOB NOT NULL) WITHOUT ROWID;
              DROP TABLE presence;
+             DROP TABLE sliding_sync_positions; DROP TABLE sliding_sync_connections;
              DROP TABLE destinations;
              CREATE TABLE destinations (destination TEXT PRIMARY KEY, failures INTEGER NOT NULL DEFAULT 0,
                                         retry_at INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
@@ -191,6 +208,8 @@ mod tests {
             "presence",
             "event_relations",
             "event_search",
+            "sliding_sync_connections",
+            "sliding_sync_positions",
         ] {
             assert_eq!(columns(&old, table), columns(&fresh, table), "table {table}");
             assert!(!columns(&fresh, table).is_empty(), "table {table} exists");

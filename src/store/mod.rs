@@ -32,6 +32,7 @@ pub mod room_keys;
 pub mod rooms;
 pub mod search;
 pub mod server_keys;
+pub mod sliding_sync;
 pub mod state_groups;
 #[cfg(test)]
 pub mod testing;

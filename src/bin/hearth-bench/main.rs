@@ -3,8 +3,10 @@
 //!
 //! cargo run --release --bin hearth-bench -- join --members 10000
 //! cargo run --release --bin hearth-bench -- join --quick          (N = 1000, what CI runs)
+//! cargo run --bin hearth-bench -- sliding-sync --rooms 100          (first sliding sync, long-poll wake)
 
 mod run;
+mod sliding;
 mod world;
 
 use std::path::PathBuf;
@@ -40,6 +42,19 @@ enum Command {
         #[arg(long, default_value = "target/bench")]
         dir: PathBuf,
     },
+    /// Simplified sliding sync (MSC4186): the first sync of an account in N rooms, and long-poll wake latency.
+    SlidingSync {
+        #[arg(long, default_value_t = 100)]
+        rooms: usize,
+        /// Messages per room.
+        #[arg(long, default_value_t = 5)]
+        messages: usize,
+        /// Measurements of each figure.
+        #[arg(long, default_value_t = 20)]
+        samples: usize,
+        #[arg(long, default_value = "target/bench/sliding-sync")]
+        dir: PathBuf,
+    },
     /// Redraw the chart (and table) from result files of several runs.
     Chart {
         files: Vec<PathBuf>,
@@ -63,6 +78,9 @@ fn main() -> anyhow::Result<()> {
                 joiners.retain(|j| j != "synapse-full");
             }
             rt.block_on(run::join_bench(run::Options { members, messages, joiners, seed, dir }))
+        }
+        Command::SlidingSync { rooms, messages, samples, dir } => {
+            rt.block_on(sliding::run(sliding::Options { rooms, messages, samples, dir }))
         }
         Command::Chart { files, out } => run::chart_files(&files, &out),
     }

@@ -1,0 +1,223 @@
+//! One room of a sliding sync answer: its timeline (the same reads and history visibility as `/sync`), the state
+//! the client asked for (`required_state` with `*`, `$LAZY`, `$ME`), name, avatar, heroes, counts and recency.
+
+use std::collections::{BTreeSet, HashSet};
+
+use serde_json::{json, Value};
+
+use crate::client::format;
+use crate::client::sliding_sync::lists::Candidate;
+use crate::client::sliding_sync::request::Effective;
+use crate::client::sync::{lazy_members, timeline_window};
+use crate::error::Result;
+use crate::http::Auth;
+use crate::store::events::{self, EventRow};
+use crate::store::ids::{EventNid, StateGroup, StreamPos};
+use crate::store::{members, receipts, sliding_sync, state_groups, Db};
+
+/// How many heroes a nameless room is sent with.
+const HEROES: i64 = 5;
+
+/// What a room's answer needs besides the room.
+pub struct RoomCtx<'a> {
+    pub c: Db<'a>,
+    pub auth: &'a Auth,
+    pub ignored: &'a HashSet<String>,
+    /// The stream position the answer goes up to.
+    pub upto: i64,
+    /// The connection's previous position (events after it are "live").
+    pub conn_since: Option<i64>,
+}
+
+/// A room's answer, and the timeline event ids it carries (receipts of a room new to the connection are limited
+/// to those).
+pub struct Built {
+    pub body: Value,
+    pub timeline_ids: HashSet<String>,
+}
+
+/// A joined (or just left) room. `since`: the stream position the connection was last sent this room up to, None
+/// to send it afresh (`initial`). None when nothing changed since then (no new event, no read receipt of the
+/// user's own).
+pub fn joined(ctx: &RoomCtx<'_>, cand: &Candidate, config: &Effective, since: Option<i64>) -> Result<Option<Built>> {
+    let (c, auth, room) = (ctx.c, ctx.auth, &cand.room);
+    let me = auth.user_id.as_str();
+    // A room we left is shown up to our leave.
+    let upto = if cand.membership == "join" {
+        ctx.upto
+    } else {
+        sliding_sync::latest_membership_pos(c, me, room.room_nid)?.unwrap_or(ctx.upto).min(ctx.upto)
+    };
+    if let Some(s) = since {
+        let (after, to) = (StreamPos(s), StreamPos(upto));
+        // Something on the timeline, or the user's own read receipt moved (its counts changed).
+        let read = || -> Result<bool> {
+            Ok(receipts::changed_since(c, room.room_nid, after, to, me)?.iter().any(|r| r.user_id == me))
+        };
+        if !sliding_sync::has_events_in(c, room.room_nid, after, to)? && !read()? {
+            return Ok(None);
+        }
+    }
+    let limit = config.timeline_limit as usize;
+    let tw = timeline_window(c, auth, room, limit, since, upto)?;
+    let rows: Vec<EventRow> = tw.rows.into_iter().filter(|r| !ctx.ignored.contains(&r.sender)).collect();
+    let device = Some((me, auth.device_id.as_str()));
+    let timeline =
+        rows.iter().map(|r| format::event(c, r, &room.room_id, device, false)).collect::<Result<Vec<_>>>()?;
+    let timeline_ids: HashSet<String> = rows.iter().map(|r| r.event_id.clone()).collect();
+    let num_live =
+        ctx.conn_since.map_or(0, |cs| rows.iter().filter(|r| r.stream_ordering.is_some_and(|p| p.0 > cs)).count());
+
+    let sg = room.current_sg;
+    let mut body = json!({
+        "bump_stamp": cand.bump_stamp,
+        "limited": tw.limited,
+        "prev_batch": tw.prev_batch,
+        "num_live": num_live,
+    });
+    if since.is_none() {
+        body["initial"] = json!(true);
+    }
+    if let Some(sg) = sg {
+        let state = required_state(ctx, cand, sg, config, &rows, since)?;
+        if !state.is_empty() {
+            body["required_state"] = json!(state);
+        }
+        name_avatar_heroes(c, cand, sg, me, &mut body)?;
+    }
+    if !timeline.is_empty() {
+        body["timeline"] = json!(timeline);
+    }
+    let (joined, invited) = members::member_counts(c, room.room_nid)?;
+    body["joined_count"] = json!(joined);
+    body["invited_count"] = json!(invited);
+    let (unread, _) = crate::client::notifications::unread_counts(c, room, me, ctx.ignored, false)?;
+    body["notification_count"] = unread["notification_count"].clone();
+    body["highlight_count"] = unread["highlight_count"].clone();
+    if cand.is_dm {
+        body["is_dm"] = json!(true);
+    }
+    Ok(Some(Built { body, timeline_ids }))
+}
+
+/// An invited or knocked room: its stripped state (`invite_state`, as Synapse names it for both).
+pub fn stripped(cand: &Candidate, initial: bool) -> Value {
+    let mut body = json!({
+        "bump_stamp": cand.bump_stamp,
+        "notification_count": 0,
+        "highlight_count": 0,
+        "invite_state": cand.stripped.clone().unwrap_or_default(),
+    });
+    if initial {
+        body["initial"] = json!(true);
+    }
+    if cand.is_dm {
+        body["is_dm"] = json!(true);
+    }
+    body
+}
+
+/// `name` (the `m.room.name`, when set), `avatar` (the `m.room.avatar` url) and, for a room without a name,
+/// `heroes` (with their display names and avatars), as Synapse computes them.
+fn name_avatar_heroes(c: Db<'_>, cand: &Candidate, sg: StateGroup, me: &str, body: &mut Value) -> Result<()> {
+    let name = crate::room::state_content(c, sg, "m.room.name", "")?
+        .and_then(|v| v["name"].as_str().map(str::to_owned))
+        .filter(|n| !n.is_empty());
+    match name {
+        Some(name) => body["name"] = json!(name),
+        None => {
+            let heroes: Vec<Value> = sliding_sync::hero_profiles(c, cand.room.room_nid, me, HEROES)?
+                .into_iter()
+                .map(|h| {
+                    let mut v = json!({"user_id": h.user_id});
+                    if let Some(d) = h.displayname {
+                        v["displayname"] = json!(d);
+                    }
+                    if let Some(a) = h.avatar_url {
+                        v["avatar_url"] = json!(a);
+                    }
+                    v
+                })
+                .collect();
+            if !heroes.is_empty() {
+                body["heroes"] = json!(heroes);
+            }
+        }
+    }
+    if let Some(url) =
+        crate::room::state_content(c, sg, "m.room.avatar", "")?.and_then(|v| v["url"].as_str().map(str::to_owned))
+    {
+        if !url.is_empty() {
+            body["avatar"] = json!(url);
+        }
+    }
+    Ok(())
+}
+
+/// The state events the room config asks for, at the room's current state: `[type, key]` pairs where `*` is any
+/// type or key, `$ME` the user, and `["m.room.member", "$LAZY"]` the members of the timeline's senders (in a
+/// partial-state room taken from what we hold, as `/sync`'s lazy loading does). When the room was sent before
+/// (`since`), only what changed after that, plus the lazy members of the new timeline. Events also on the
+/// timeline are sent here too (as Synapse): clients read the room's state from `required_state` only.
+fn required_state(
+    ctx: &RoomCtx<'_>,
+    cand: &Candidate,
+    sg: StateGroup,
+    config: &Effective,
+    timeline: &[EventRow],
+    since: Option<i64>,
+) -> Result<Vec<Value>> {
+    let (c, me) = (ctx.c, ctx.auth.user_id.as_str());
+    let mut nids: BTreeSet<EventNid> = BTreeSet::new();
+    let mut lazy = false;
+    let mut all: Option<Vec<EventNid>> = None;
+    let mut load_all = |c: Db<'_>| -> Result<Vec<EventNid>> {
+        if all.is_none() {
+            all = Some(state_groups::state_event_ids(c, sg, None)?.into_iter().map(|x| x.0).collect());
+        }
+        Ok(all.clone().unwrap_or_default())
+    };
+    for (t, k) in &config.required_state {
+        let key = if k == "$ME" { me } else { k.as_str() };
+        match (t.as_str(), key) {
+            ("m.room.member", "$LAZY") => lazy = true,
+            (_, "$LAZY") => {}
+            ("*", "*") => nids.extend(load_all(c)?),
+            ("*", key) => {
+                for nid in load_all(c)? {
+                    let Some(row) = events::event_by_nid(c, nid)? else { continue };
+                    if state_groups::state_key_of(c, row.state_key_nid.unwrap_or_default())?.1 == key {
+                        nids.insert(nid);
+                    }
+                }
+            }
+            (t, "*") => nids.extend(state_groups::load_state_of_type(c, sg, t)?.into_values()),
+            (t, key) => {
+                if let Some(skn) = state_groups::find_state_key_nid(c, t, key)? {
+                    nids.extend(state_groups::lookup_state(c, sg, skn)?);
+                }
+            }
+        }
+    }
+    // The state is the room's current state, whether or not an event of it is also on the timeline: clients
+    // (matrix-rust-sdk) read state from `required_state` only.
+    let mut out = Vec::new();
+    for nid in nids {
+        let Some(row) = events::event_by_nid(c, nid)? else { continue };
+        // Sent before: only the state that changed since (an outlier, state learnt by a resync, has no position:
+        // the room is sent afresh when its resync ends).
+        let changed = since.is_none_or(|s| row.stream_ordering.is_some_and(|p| p.0 > s));
+        if changed {
+            out.push(format::state_only(&row, &cand.room.room_id, false));
+        }
+    }
+    if lazy {
+        let already: HashSet<String> = out.iter().filter_map(|e| e["event_id"].as_str().map(str::to_owned)).collect();
+        for row in lazy_members(c, ctx.auth, &cand.room, timeline, Some(sg), false)? {
+            if !already.contains(&row.event_id) {
+                out.push(format::state_only(&row, &cand.room.room_id, false));
+            }
+        }
+    }
+    Ok(out)
+}
