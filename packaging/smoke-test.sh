@@ -108,7 +108,9 @@ echo "health: $health"
 
 # The admin CLI works on the database of the running server.
 hearth user create alice --password 'smoke-pw-1' --admin
-hearth user list | grep -q '@alice:smoke.test' || { echo "smoke-test: user list lacks alice" >&2; exit 1; }
+# (Into a file first: with pipefail, `grep -q` leaving early would fail the pipeline by SIGPIPE.)
+hearth user list > "$work/users.txt"
+grep -q '@alice:smoke.test' "$work/users.txt" || { cat "$work/users.txt"; echo "smoke-test: user list lacks alice" >&2; exit 1; }
 
 token=$(curl -fsS -X POST "$base/_matrix/client/v3/login" \
     -d '{"type":"m.login.password","identifier":{"type":"m.id.user","user":"alice"},"password":"smoke-pw-1"}' | jq -r .access_token)
