@@ -850,9 +850,15 @@ impl SyncPass<'_> {
             // Our own leave is always ours to see, even where history visibility hides the room (an invite
             // rejected in a `joined` room) or we hold no state for it: without it the client never learns the
             // room is gone.
-            if self.filter.timeline.allows("m.room.member", auth.user_id.as_str()) {
-                if let Some(row) = &leave_row {
-                    if !rs.timeline.iter().any(|e| e["event_id"] == json!(row.event_id)) {
+            // A timeline limit of 0 keeps the timeline empty: the leave then goes with the state (as Synapse).
+            if let Some(row) = &leave_row {
+                let listed = |events: &[Value]| events.iter().any(|e| e["event_id"] == json!(row.event_id));
+                if !listed(&rs.timeline) && !listed(&rs.state) {
+                    if self.filter.timeline_limit == Some(0) {
+                        if self.filter.state.allows("m.room.member", auth.user_id.as_str()) {
+                            rs.state.push(format::state_only(row, &room.room_id, false));
+                        }
+                    } else if self.filter.timeline.allows("m.room.member", auth.user_id.as_str()) {
                         let device = Some((auth.user_id.as_str(), auth.device_id.as_str()));
                         rs.timeline.push(format::event(c, row, &room.room_id, device, false)?);
                     }

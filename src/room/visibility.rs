@@ -82,6 +82,8 @@ pub struct ClientJudge<'c> {
     last_join: HashMap<RoomNid, Option<i64>>,
     /// Room -> state group of its oldest timeline event with state (for backfilled events, held without).
     earliest: HashMap<RoomNid, Option<StateGroup>>,
+    /// Room -> whether the user is joined now.
+    joined_now: HashMap<RoomNid, bool>,
 }
 
 impl<'c> ClientJudge<'c> {
@@ -93,6 +95,7 @@ impl<'c> ClientJudge<'c> {
             at_sg: HashMap::new(),
             last_join: HashMap::new(),
             earliest: HashMap::new(),
+            joined_now: HashMap::new(),
         }
     }
 
@@ -123,6 +126,15 @@ impl<'c> ClientJudge<'c> {
         Ok(pos)
     }
 
+    fn joined_now(&mut self, room: RoomNid) -> Result<bool> {
+        if let Some(v) = self.joined_now.get(&room) {
+            return Ok(*v);
+        }
+        let joined = members::membership_of(self.conn, room, &self.user_id)?.is_some_and(|m| m.0 == "join");
+        self.joined_now.insert(room, joined);
+        Ok(joined)
+    }
+
     fn earliest_sg(&mut self, room: RoomNid) -> Result<Option<StateGroup>> {
         if let Some(v) = self.earliest.get(&room) {
             return Ok(*v);
@@ -148,9 +160,9 @@ impl<'c> ClientJudge<'c> {
     /// 3. the user's membership is the one in the state at the event (for their own membership event, the more
     ///    "joined" of the old and the new one; their own leave or rejection after a join, invite or knock is
     ///    always theirs to see);
-    /// 4. joined then: visible; `world_readable`: visible; `shared`: visible if the user joined the room at any
-    ///    point at or after the event (their latest join is not older than it); `invited`: visible if they were
-    ///    invited then; `joined`: not visible.
+    /// 4. joined then: visible; `world_readable`: visible; `shared`: visible if the user is joined now (as
+    ///    Synapse), or joined the room at any point at or after the event (their latest join is not older than
+    ///    it); `invited`: visible if they were invited then; `joined`: not visible.
     pub fn may_see(&mut self, row: &EventRow) -> Result<bool> {
         let own_member = row.event_type == "m.room.member" && self.is_own_state_key(row)?;
         if row.outlier {
@@ -185,8 +197,10 @@ impl<'c> ClientJudge<'c> {
         Ok(match hv {
             HistoryVisibility::WorldReadable => true,
             HistoryVisibility::Shared => {
+                // A member now sees all shared history (as Synapse: not peeking), an event of a fork their join is
+                // not an ancestor of included; a former member, what came before their last join.
                 let pos = row.stream_ordering.map_or(i64::MAX, |p| p.0);
-                self.last_join(row.room_nid)?.is_some_and(|j| j >= pos)
+                self.joined_now(row.room_nid)? || self.last_join(row.room_nid)?.is_some_and(|j| j >= pos)
             }
             HistoryVisibility::Invited => membership.as_deref() == Some("invite"),
             HistoryVisibility::Joined => false,
