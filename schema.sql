@@ -490,6 +490,11 @@ CREATE TABLE push_outbox (
     event_id TEXT NOT NULL, highlight INTEGER NOT NULL, sound TEXT
 );
 CREATE INDEX push_outbox_pusher ON push_outbox(pusher_nid, id);
+-- What each local user's push rules said to notify about (`GET /notifications`), by the event's stream position.
+CREATE TABLE notifications (
+    user_id TEXT NOT NULL, stream INTEGER NOT NULL, event_id TEXT NOT NULL, room_nid INTEGER NOT NULL,
+    highlight INTEGER NOT NULL, actions TEXT NOT NULL, ts INTEGER NOT NULL, PRIMARY KEY (user_id, stream)
+) WITHOUT ROWID;
 -- The stream position up to which events have been run through the push rules.
 CREATE TABLE push_cursor (id INTEGER PRIMARY KEY CHECK (id = 0), stream INTEGER NOT NULL);
 INSERT INTO push_cursor (id, stream) VALUES (0, 0);

@@ -341,3 +341,43 @@ async fn private_gateways_are_refused_by_default() {
     drop(alice);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn notifications_list_with_highlight_filter_paging_and_read() {
+    let server = TestServer::start_with(push_config).await;
+    let alice = server.user("alice").await;
+    let bob = server.user("bob").await;
+    let room = bob.create_room(json!({"invite": [alice.user_id]})).await;
+    assert_eq!(alice.join(&room).await.status, 200);
+    let first = bob.send_text(&room, "one").await;
+    let mention = bob.send_text(&room, "hey alice").await;
+    alice.send_text(&room, "my own").await;
+    let last = bob.send_text(&room, "three").await;
+    let all = wait_until("three notifications", Duration::from_secs(5), || async {
+        let r = alice.get("/notifications").await.ok();
+        (r["notifications"].as_array().map(Vec::len) == Some(3)).then_some(r)
+    })
+    .await;
+    let ids: Vec<Value> =
+        all["notifications"].as_array().unwrap().iter().map(|n| n["event"]["event_id"].clone()).collect();
+    assert_eq!(ids, vec![json!(last), json!(mention), json!(first)], "newest first, own event left out");
+    let n = &all["notifications"][0];
+    assert_eq!((n["room_id"].as_str(), n["read"].as_bool()), (Some(room.as_str()), Some(false)));
+    assert!(n["ts"].as_i64().is_some() && n["actions"].as_array().is_some_and(|a| a.contains(&json!("notify"))));
+    assert!(n["event"].get("room_id").is_none());
+    assert!(all.get("next_token").is_none());
+    let hl = alice.get("/notifications?only=highlight").await.ok();
+    assert_eq!(hl["notifications"].as_array().unwrap().len(), 1);
+    assert_eq!(hl["notifications"][0]["event"]["event_id"], mention);
+    let page = alice.get("/notifications?limit=2").await.ok();
+    assert_eq!(page["notifications"].as_array().unwrap().len(), 2);
+    let token = page["next_token"].as_str().expect("next_token").to_owned();
+    let rest = alice.get(&format!("/notifications?limit=2&from={token}")).await.ok();
+    assert_eq!(rest["notifications"][0]["event"]["event_id"], first);
+    assert!(rest.get("next_token").is_none());
+    alice.post(&format!("/rooms/{}/receipt/m.read/{}", enc(&room), enc(&last)), json!({})).await.ok();
+    let read = alice.get("/notifications").await.ok();
+    assert!(read["notifications"].as_array().unwrap().iter().all(|n| n["read"] == true));
+    alice.get("/notifications?from=nonsense").await.assert_err(400, "M_INVALID_PARAM");
+    server.stop().await;
+}

@@ -126,6 +126,7 @@ fn backup_and_tags() -> Router<AppState> {
         .route("/presence/{user_id}/status", get(presence::get_presence).put(presence::put_presence))
         .route("/pushers", get(pushers::list))
         .route("/pushers/set", post(pushers::set))
+        .route("/notifications", get(pushers::notifications))
         .route("/thirdparty/protocols", get(compat::thirdparty_protocols))
         .route("/voip/turnServer", get(compat::turn_server))
         .route("/account/3pid", get(compat::threepids))

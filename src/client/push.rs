@@ -26,11 +26,10 @@ use crate::store::{account_data, events, members, rooms, Db};
 /// Events evaluated per step.
 const BATCH: i64 = 200;
 
-/// What the evaluator decided to queue for one user.
+/// What the evaluator decided for one user: a notification (and, if the user has pushers, a push).
 struct Decision {
     user_id: String,
-    event_id: String,
-    highlight: bool,
+    notification: pushers::Notification,
     sound: Option<String>,
 }
 
@@ -147,7 +146,9 @@ async fn evaluate_new(s: &AppState) -> Result<bool> {
                 return Ok(());
             }
             for d in &decisions {
-                pushers::enqueue(w.db(), &d.user_id, &d.event_id, d.highlight, d.sound.as_deref(), cap)?;
+                let n = &d.notification;
+                pushers::record_notification(w.db(), &d.user_id, n)?;
+                pushers::enqueue(w.db(), &d.user_id, &n.event_id, n.highlight, d.sound.as_deref(), cap)?;
             }
             pushers::set_cursor(w.db(), to)
         })
@@ -155,15 +156,14 @@ async fn evaluate_new(s: &AppState) -> Result<bool> {
     Ok(more)
 }
 
-/// The notifications one event causes for the local members with pushers in its room.
+/// The notifications one event causes for the local members of its room (never for its sender).
 fn decide(c: Db<'_>, ev: &NewEvent, out: &mut Vec<Decision>) -> Result<()> {
-    let users = pushers::users_with_pushers_in_room(c, ev.room_nid)?;
+    let users = pushers::local_members(c, ev.room_nid)?;
     if users.iter().all(|u| *u == ev.sender) {
         return Ok(());
     }
     let Some(room) = rooms::room_by_nid(c, ev.room_nid)? else { return Ok(()) };
     let event: Value = serde_json::from_str(&ev.json)?;
-    let event_id = &ev.event_id;
     for user in users.into_iter().filter(|u| *u != ev.sender) {
         if notifications::ignored_users(c, &user)?.contains(&ev.sender) {
             continue;
@@ -173,8 +173,15 @@ fn decide(c: Db<'_>, ev: &NewEvent, out: &mut Vec<Decision>) -> Result<()> {
         let Some(actions) = notifications::matched_actions(&rules, &event, &room.room_id, &ctx) else { continue };
         let outcome = notifications::actions(actions);
         if outcome.notify {
-            let sound = notifications::sound(actions);
-            out.push(Decision { user_id: user, event_id: event_id.clone(), highlight: outcome.highlight, sound });
+            let notification = pushers::Notification {
+                stream: ev.stream,
+                event_id: ev.event_id.clone(),
+                room_nid: ev.room_nid,
+                highlight: outcome.highlight,
+                actions: actions.to_string(),
+                ts: event["origin_server_ts"].as_i64().unwrap_or(0),
+            };
+            out.push(Decision { user_id: user, notification, sound: notifications::sound(actions) });
         }
     }
     Ok(())

@@ -1,4 +1,5 @@
-//! The pushers API: `GET /pushers` and `POST /pushers/set` (HTTP pushers; email pushers are refused).
+//! The pushers API: `GET /pushers` and `POST /pushers/set` (HTTP pushers; email pushers are refused); and
+//! `GET /notifications`, the events the user's push rules said to notify about (recorded by `client::push`).
 
 use axum::extract::State;
 use axum::response::IntoResponse;
@@ -6,6 +7,7 @@ use serde_json::{json, Map, Value};
 
 use crate::error::{Error, Result};
 use crate::http::{AppState, Auth, Json};
+use crate::store::ids::StreamPos;
 use crate::store::pushers::{self, Pusher};
 
 /// The path every HTTP pusher's URL must end with (the push gateway API).
@@ -107,6 +109,62 @@ pub async fn set(State(s): State<AppState>, auth: Auth, Json(body): Json<Value>)
     };
     s.store.write(move |w| pushers::set(w.db(), &pusher, append)).await?;
     Ok(axum::Json(json!({})))
+}
+
+#[derive(serde::Deserialize)]
+pub struct NotificationsParams {
+    from: Option<String>,
+    #[serde(default, deserialize_with = "crate::http::qs::opt_u64")]
+    limit: Option<u64>,
+    only: Option<String>,
+}
+
+/// `GET /notifications`: newest first, `only=highlight` for highlights only; `next_token` is the stream position
+/// of the last one returned (the next page lists older ones).
+pub async fn notifications(
+    State(s): State<AppState>,
+    auth: Auth,
+    crate::http::Query(q): crate::http::Query<NotificationsParams>,
+) -> Result<impl IntoResponse> {
+    let limit = q.limit.unwrap_or(20).clamp(1, 100) as i64;
+    let before = match q.from.as_deref() {
+        None | Some("") => i64::MAX,
+        Some(t) => t.parse::<i64>().map_err(|_| Error::invalid_param("from is not a token from this endpoint"))?,
+    };
+    let only_highlight = q.only.as_deref().is_some_and(|o| o.contains("highlight"));
+    let user_id = auth.user_id.to_string();
+    let device = auth.device_id.clone();
+    let (list, more) = s
+        .store
+        .read(move |c| {
+            let found = pushers::notifications(c, &user_id, StreamPos(before), only_highlight, limit + 1)?;
+            let more = found.len() as i64 > limit;
+            let mut out = Vec::new();
+            for n in found.into_iter().take(limit as usize) {
+                let Some(row) = crate::store::events::event_by_id(c, &n.event_id)? else { continue };
+                let Some(room) = crate::store::rooms::room_by_nid(c, n.room_nid)? else { continue };
+                let read = crate::store::receipts::read_positions(c, n.room_nid, &user_id)?
+                    .get("")
+                    .is_some_and(|r| *r >= n.stream);
+                let event = crate::client::format::event(c, &row, &room.room_id, Some((&user_id, &device)), false)?;
+                let actions: Value = serde_json::from_str(&n.actions).unwrap_or_else(|_| json!([]));
+                out.push((
+                    n.stream,
+                    json!({
+                        "actions": actions, "event": event, "read": read, "room_id": room.room_id, "ts": n.ts,
+                    }),
+                ));
+            }
+            Ok((out, more))
+        })
+        .await?;
+    let mut body = json!({"notifications": list.iter().map(|(_, n)| n.clone()).collect::<Vec<_>>()});
+    if more {
+        if let Some((pos, _)) = list.last() {
+            body["next_token"] = json!(pos.0.to_string());
+        }
+    }
+    Ok(axum::Json(body))
 }
 
 #[cfg(test)]

@@ -35,7 +35,7 @@ CREATE TABLE IF NOT EXISTS registration_tokens (
 CREATE TABLE IF NOT EXISTS blocked_rooms (room_id TEXT PRIMARY KEY, blocked_ts INTEGER NOT NULL) WITHOUT ROWID;
 ";
 
-/// 12: pushers, their outbox and the push evaluator's position in the event stream (starting at the latest
+/// 12: pushers, their outbox, the notifications `/notifications` lists and the push evaluator's position in the event stream (starting at the latest
 /// event: history stored before the upgrade is never pushed).
 const PUSHERS_V12: &str = "
 CREATE TABLE IF NOT EXISTS pushers (
@@ -50,6 +50,10 @@ CREATE TABLE IF NOT EXISTS push_outbox (
     event_id TEXT NOT NULL, highlight INTEGER NOT NULL, sound TEXT
 );
 CREATE INDEX IF NOT EXISTS push_outbox_pusher ON push_outbox(pusher_nid, id);
+CREATE TABLE IF NOT EXISTS notifications (
+    user_id TEXT NOT NULL, stream INTEGER NOT NULL, event_id TEXT NOT NULL, room_nid INTEGER NOT NULL,
+    highlight INTEGER NOT NULL, actions TEXT NOT NULL, ts INTEGER NOT NULL, PRIMARY KEY (user_id, stream)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS push_cursor (id INTEGER PRIMARY KEY CHECK (id = 0), stream INTEGER NOT NULL);
 INSERT OR IGNORE INTO push_cursor (id, stream) SELECT 0, coalesce(max(stream_ordering), 0) FROM events;
 ";

@@ -120,13 +120,61 @@ pub fn delete_all(conn: Db<'_>, user_id: &str) -> Result<usize> {
     Ok(conn.prepare_cached("DELETE FROM pushers WHERE user_id = ?1")?.execute([user_id])?)
 }
 
-/// The local users with a pusher among the joined members of the room (by room id).
-pub fn users_with_pushers_in_room(conn: Db<'_>, room_nid: crate::store::ids::RoomNid) -> Result<Vec<String>> {
+/// The local users (accounts here, not deactivated) joined to the room.
+pub fn local_members(conn: Db<'_>, room_nid: crate::store::ids::RoomNid) -> Result<Vec<String>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT DISTINCT m.user_id FROM room_members m JOIN pushers p ON p.user_id = m.user_id
-         WHERE m.room_nid = ?1 AND m.membership = 'join' ORDER BY m.user_id",
+        "SELECT m.user_id FROM room_members m JOIN users u ON u.user_id = m.user_id
+         WHERE m.room_nid = ?1 AND m.membership = 'join' AND u.deactivated = 0 ORDER BY m.user_id",
     )?;
     let rows = stmt.query_map([room_nid], |r| r.get(0))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+// ---- notifications (`GET /notifications`) ----------------------------------------------------------------------
+
+/// An event the user's push rules said to notify about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notification {
+    pub stream: StreamPos,
+    pub event_id: String,
+    pub room_nid: crate::store::ids::RoomNid,
+    pub highlight: bool,
+    /// The rule's actions, JSON text.
+    pub actions: String,
+    pub ts: i64,
+}
+
+pub fn record_notification(conn: Db<'_>, user_id: &str, n: &Notification) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO notifications (user_id, stream, event_id, room_nid, highlight, actions, ts)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![user_id, n.stream, n.event_id, n.room_nid, n.highlight, n.actions, n.ts])?;
+    Ok(())
+}
+
+/// The user's notifications before stream position `before`, newest first (highlights only with `only_highlight`).
+pub fn notifications(
+    conn: Db<'_>,
+    user_id: &str,
+    before: StreamPos,
+    only_highlight: bool,
+    limit: i64,
+) -> Result<Vec<Notification>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT stream, event_id, room_nid, highlight, actions, ts FROM notifications
+         WHERE user_id = ?1 AND stream < ?2 AND (?3 = 0 OR highlight = 1) ORDER BY stream DESC LIMIT ?4",
+    )?;
+    let rows = stmt.query_map(params![user_id, before, only_highlight, limit], |r| {
+        Ok(Notification {
+            stream: r.get(0)?,
+            event_id: r.get(1)?,
+            room_nid: r.get(2)?,
+            highlight: r.get(3)?,
+            actions: r.get(4)?,
+            ts: r.get(5)?,
+        })
+    })?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
@@ -329,5 +377,27 @@ mod tests {
         assert_eq!(next_queued(c, nid).unwrap().unwrap().event_id, "$e3");
         delete_for_device(c, "@a:hs", "D1").unwrap();
         assert!(due(c, 0).unwrap().is_empty(), "the queue goes with the pusher");
+    }
+
+    #[test]
+    fn notifications_newest_first_and_highlights() {
+        let db = memory_db();
+        let c = db.db();
+        for i in 1..=4 {
+            let n = Notification {
+                stream: StreamPos(i),
+                event_id: format!("$e{i}"),
+                room_nid: crate::store::ids::RoomNid(1),
+                highlight: i == 2,
+                actions: "[\"notify\"]".into(),
+                ts: i,
+            };
+            record_notification(c, "@a:hs", &n).unwrap();
+        }
+        let ids = |v: Vec<Notification>| v.into_iter().map(|n| n.event_id).collect::<Vec<_>>();
+        assert_eq!(ids(notifications(c, "@a:hs", StreamPos(i64::MAX), false, 2).unwrap()), ["$e4", "$e3"]);
+        assert_eq!(ids(notifications(c, "@a:hs", StreamPos(3), false, 10).unwrap()), ["$e2", "$e1"]);
+        assert_eq!(ids(notifications(c, "@a:hs", StreamPos(i64::MAX), true, 10).unwrap()), ["$e2"]);
+        assert!(notifications(c, "@b:hs", StreamPos(i64::MAX), false, 10).unwrap().is_empty());
     }
 }
