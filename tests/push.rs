@@ -134,6 +134,12 @@ async fn dm_with_pusher(server: &TestServer, url: &str) -> (Client, Client, Stri
     let bob = server.user("bob").await;
     let room = bob.create_room(json!({"is_direct": true, "invite": [alice.user_id], "name": "Chat"})).await;
     assert_eq!(alice.join(&room).await.status, 200);
+    // Events are evaluated shortly after they are stored: once the invite is among Alice's notifications, what came
+    // before the pusher will not reach it.
+    wait_until("the invite evaluated", Duration::from_secs(5), || async {
+        alice.get("/notifications").await.ok()["notifications"].as_array().is_some_and(|a| !a.is_empty()).then_some(())
+    })
+    .await;
     alice.post("/pushers/set", pusher_body(url, "key-alice")).await.ok();
     (alice, bob, room)
 }
@@ -349,18 +355,25 @@ async fn notifications_list_with_highlight_filter_paging_and_read() {
     let bob = server.user("bob").await;
     let room = bob.create_room(json!({"invite": [alice.user_id]})).await;
     assert_eq!(alice.join(&room).await.status, 200);
+    let invite = wait_until("the invite among the notifications", Duration::from_secs(5), || async {
+        let r = alice.get("/notifications").await.ok();
+        r["notifications"].as_array().and_then(|a| a.first()).filter(|n| n["event"]["type"] == "m.room.member").cloned()
+    })
+    .await;
+    assert_eq!(invite["event"]["state_key"], alice.user_id, "the invitee hears of the invite");
     let first = bob.send_text(&room, "one").await;
     let mention = bob.send_text(&room, "hey alice").await;
     alice.send_text(&room, "my own").await;
     let last = bob.send_text(&room, "three").await;
     let all = wait_until("three notifications", Duration::from_secs(5), || async {
         let r = alice.get("/notifications").await.ok();
-        (r["notifications"].as_array().map(Vec::len) == Some(3)).then_some(r)
+        (r["notifications"].as_array().map(Vec::len) == Some(4)).then_some(r)
     })
     .await;
     let ids: Vec<Value> =
         all["notifications"].as_array().unwrap().iter().map(|n| n["event"]["event_id"].clone()).collect();
-    assert_eq!(ids, vec![json!(last), json!(mention), json!(first)], "newest first, own event left out");
+    let invite_id = invite["event"]["event_id"].clone();
+    assert_eq!(ids, vec![json!(last), json!(mention), json!(first), invite_id], "newest first, own event left out");
     let n = &all["notifications"][0];
     assert_eq!((n["room_id"].as_str(), n["read"].as_bool()), (Some(room.as_str()), Some(false)));
     assert!(n["ts"].as_i64().is_some() && n["actions"].as_array().is_some_and(|a| a.contains(&json!("notify"))));
@@ -380,4 +393,49 @@ async fn notifications_list_with_highlight_filter_paging_and_read() {
     assert!(read["notifications"].as_array().unwrap().iter().all(|n| n["read"] == true));
     alice.get("/notifications?from=nonsense").await.assert_err(400, "M_INVALID_PARAM");
     server.stop().await;
+}
+
+/// Two federating Hearths (as `fake_resident::federated_pair`), both allowed to reach the loopback gateway.
+async fn federated_pair_with_push() -> (TestServer, TestServer) {
+    use common::fake_resident::federation_config;
+    let (pa, pb) = (free_port(), free_port());
+    let start = |name: &'static str, port: u16, peer: &'static str, peer_port: u16| {
+        TestServer::start_with(move |c| {
+            federation_config(c);
+            push_config(c);
+            c.server_name = name.into();
+            c.listen.federation = Some(format!("127.0.0.1:{port}").parse().unwrap());
+            c.federation.resolve.insert(peer.into(), format!("127.0.0.1:{peer_port}"));
+        })
+    };
+    let a = start("hearth-a.test", pa, "hearth-b.test", pb).await;
+    let b = start("hearth-b.test", pb, "hearth-a.test", pa).await;
+    (a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_federated_message_is_pushed() {
+    let (g, url) = gateway().await;
+    let (a, b) = federated_pair_with_push().await;
+    let alice = a.user("alice").await;
+    let bob = b.user("bob").await;
+    let room = bob.create_room(json!({"is_direct": true, "invite": [alice.user_id]})).await;
+    wait_until("alice joins over federation", Duration::from_secs(20), || async {
+        (alice.join(&room).await.status == 200).then_some(())
+    })
+    .await;
+    alice.post("/pushers/set", pusher_body(&url, "key-alice")).await.ok();
+    wait_until("bob sees alice joined", Duration::from_secs(20), || async {
+        let r = bob.get(&format!("/rooms/{}/joined_members", enc(&room))).await;
+        r.body["joined"].get(&alice.user_id).is_some().then_some(())
+    })
+    .await;
+    let event_id = bob.send_text(&room, "over the wire").await;
+    let n = g.wait_for_event(&event_id, Duration::from_secs(20)).await;
+    assert_eq!(n["sender"], bob.user_id);
+    assert_eq!(n["content"]["body"], "over the wire");
+    assert_eq!(n["devices"][0]["pushkey"], "key-alice");
+    g.assert_valid();
+    a.stop().await;
+    b.stop().await;
 }

@@ -158,12 +158,21 @@ async fn evaluate_new(s: &AppState) -> Result<bool> {
 
 /// The notifications one event causes for the local members of its room (never for its sender).
 fn decide(c: Db<'_>, ev: &NewEvent, out: &mut Vec<Decision>) -> Result<()> {
-    let users = pushers::local_members(c, ev.room_nid)?;
+    let mut users = pushers::local_members(c, ev.room_nid)?;
+    let event: Value = serde_json::from_str(&ev.json)?;
+    // An invite also goes to its (local) invitee, who is not a member yet (Synapse does the same).
+    if event["type"] == "m.room.member" && event["content"]["membership"] == "invite" {
+        if let Some(invitee) = event["state_key"].as_str() {
+            let local = crate::store::accounts::get_user(c, invitee)?.is_some_and(|u| !u.deactivated);
+            if local && !users.iter().any(|u| u == invitee) {
+                users.push(invitee.to_owned());
+            }
+        }
+    }
     if users.iter().all(|u| *u == ev.sender) {
         return Ok(());
     }
     let Some(room) = rooms::room_by_nid(c, ev.room_nid)? else { return Ok(()) };
-    let event: Value = serde_json::from_str(&ev.json)?;
     for user in users.into_iter().filter(|u| *u != ev.sender) {
         if notifications::ignored_users(c, &user)?.contains(&ev.sender) {
             continue;
