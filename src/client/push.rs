@@ -173,12 +173,20 @@ fn decide(c: Db<'_>, ev: &NewEvent, out: &mut Vec<Decision>) -> Result<()> {
         return Ok(());
     }
     let Some(room) = rooms::room_by_nid(c, ev.room_nid)? else { return Ok(()) };
+    // The room's facts are the same for every member: read once, with each member's display name added.
+    let base = notifications::context(c, &room, &ev.sender)?;
     for user in users.into_iter().filter(|u| *u != ev.sender) {
         if notifications::ignored_users(c, &user)?.contains(&ev.sender) {
             continue;
         }
         let rules = push_rules::effective(&user, account_data::get(c, &user, "", PUSH_RULES)?.as_ref());
-        let ctx = notifications::context(c, &room, &user)?;
+        let ctx = notifications::Context {
+            display_name: members::displayname(c, ev.room_nid, &user)?,
+            user_id: user.clone(),
+            member_count: base.member_count,
+            power_levels: base.power_levels.clone(),
+            creator: base.creator.clone(),
+        };
         let Some(actions) = notifications::matched_actions(&rules, &event, &room.room_id, &ctx) else { continue };
         let outcome = notifications::actions(actions);
         if outcome.notify {
