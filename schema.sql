@@ -474,3 +474,27 @@ CREATE TABLE sliding_sync_positions (
     created_ts INTEGER NOT NULL
 );
 CREATE INDEX sliding_sync_positions_conn ON sliding_sync_positions(conn_nid);
+
+-- Pushers (`POST /pushers/set`): HTTP pushers only; `device_id` is the device whose token set it (a password change
+-- removes the others, a logout its own). `failures`/`retry_at`: the delivery backoff.
+CREATE TABLE pushers (
+    pusher_nid INTEGER PRIMARY KEY, user_id TEXT NOT NULL, device_id TEXT, kind TEXT NOT NULL, app_id TEXT NOT NULL,
+    pushkey TEXT NOT NULL, app_display_name TEXT NOT NULL, device_display_name TEXT NOT NULL, profile_tag TEXT,
+    lang TEXT NOT NULL, data TEXT NOT NULL, pushkey_ts INTEGER NOT NULL, failures INTEGER NOT NULL DEFAULT 0,
+    retry_at INTEGER NOT NULL DEFAULT 0, UNIQUE (user_id, app_id, pushkey)
+);
+CREATE INDEX pushers_key ON pushers(app_id, pushkey);
+-- Notifications waiting for a pusher's gateway, oldest first (capped per pusher).
+CREATE TABLE push_outbox (
+    id INTEGER PRIMARY KEY, pusher_nid INTEGER NOT NULL REFERENCES pushers(pusher_nid) ON DELETE CASCADE,
+    event_id TEXT NOT NULL, highlight INTEGER NOT NULL, sound TEXT
+);
+CREATE INDEX push_outbox_pusher ON push_outbox(pusher_nid, id);
+-- What each local user's push rules said to notify about (`GET /notifications`), by the event's stream position.
+CREATE TABLE notifications (
+    user_id TEXT NOT NULL, stream INTEGER NOT NULL, event_id TEXT NOT NULL, room_nid INTEGER NOT NULL,
+    highlight INTEGER NOT NULL, actions TEXT NOT NULL, ts INTEGER NOT NULL, PRIMARY KEY (user_id, stream)
+) WITHOUT ROWID;
+-- The stream position up to which events have been run through the push rules.
+CREATE TABLE push_cursor (id INTEGER PRIMARY KEY CHECK (id = 0), stream INTEGER NOT NULL);
+INSERT INTO push_cursor (id, stream) VALUES (0, 0);

@@ -27,6 +27,7 @@ pub struct Config {
     pub presence: Presence,
     pub well_known: WellKnown,
     pub rooms: Rooms,
+    pub push: Push,
 }
 
 /// Rooms created here.
@@ -65,6 +66,31 @@ pub const DEFAULT_ROOM_VERSION: &str = "12";
 
 /// The room versions Hearth creates: "1" to this one (`room::version::CREATABLE` checks that it agrees).
 pub const NEWEST_ROOM_VERSION: u32 = 12;
+
+/// Push notifications to push gateways (HTTP pushers).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Push {
+    /// Allow gateways on loopback and private addresses (off by default: SSRF protection; labs and tests).
+    pub allow_private_gateways: bool,
+    /// Gateway hosts allowed even when they resolve to private addresses (labs: e.g. `["sygnal.lab"]`).
+    pub allowed_gateway_hosts: Vec<String>,
+    /// At most this many notifications wait per pusher (a gateway down for long loses the oldest).
+    pub max_queued_per_pusher: u32,
+    /// Backoff after a failed delivery: this many milliseconds times 2^(failures-1), at most an hour.
+    pub retry_base_ms: u64,
+}
+
+impl Default for Push {
+    fn default() -> Self {
+        Push {
+            allow_private_gateways: false,
+            allowed_gateway_hosts: Vec::new(),
+            max_queued_per_pusher: 1000,
+            retry_base_ms: 1000,
+        }
+    }
+}
 
 /// Presence (online / unavailable / offline and status messages), as Synapse's `use_presence`.
 #[derive(Debug, Clone, Serialize, Deserialize)]

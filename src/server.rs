@@ -341,6 +341,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .with(crate::room::partial::RESYNC_JOB, crate::federation::resync::job_kind(services.fed.clone()))
         .with(crate::admin::job::DEACTIVATE, crate::admin::job::deactivate_kind(services.clone()));
     tasks.push(tokio::spawn(crate::jobs::run_worker(worker, kinds, shutdown_rx.clone())));
+    tasks.push(tokio::spawn(crate::client::push::run(services.clone(), shutdown_rx.clone())));
     tasks.push(tokio::spawn(services.presence.clone().run(services.store.clone(), shutdown_rx.clone())));
     tracing::info!(%client_addr, ?federation_addr, server_name = %services.identity.server_name, "hearth listening");
     Ok(Running { client_addr, federation_addr, services, tasks })

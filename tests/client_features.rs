@@ -474,11 +474,13 @@ async fn start_up_probes_get_clean_answers_with_cors() {
         "/_matrix/client/unstable/org.matrix.msc2697.v2/dehydrated_device", // Hydrogen
         "/_matrix/client/unstable/org.matrix.msc3814.v1/dehydrated_device", // Element
         "/_matrix/client/v1/media/preview_url?url=https%3A%2F%2Fexample.org",
-        "/_matrix/client/v3/notifications",
     ] {
         let (st, code, body, cors) = probe(&alice, get.clone(), path, None).await;
         assert_eq!((st, code.as_str(), cors), (404, "M_UNRECOGNIZED", true), "{path}: {body}");
     }
+    // `/notifications` is served (tests/push.rs), with CORS.
+    let (st, _, body, cors) = probe(&alice, get.clone(), "/_matrix/client/v3/notifications", None).await;
+    assert!(st == 200 && cors && body["notifications"].is_array(), "{body}");
     // Simplified sliding sync (MSC4186, Element X) is offered: advertised, and answered with CORS.
     assert_eq!(versions["unstable_features"]["org.matrix.simplified_msc3575"], true);
     let (st, _, body, cors) = probe(

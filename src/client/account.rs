@@ -480,6 +480,8 @@ pub async fn change_password(
     s.store
         .write(move |w| {
             accounts::set_password(w.db(), auth.user_id.as_str(), &hash)?;
+            // The spec: pushers set with other access tokens go (whether or not their devices are logged out).
+            crate::store::pushers::delete_except_device(w.db(), auth.user_id.as_str(), &auth.device_id)?;
             if req.logout_devices {
                 accounts::delete_other_tokens(w.db(), auth.user_id.as_str(), &auth.token)?;
             }

@@ -10,7 +10,9 @@ pub mod metrics;
 pub mod notifications;
 pub mod presence;
 pub mod profile;
+pub mod push;
 pub mod push_rules;
+pub mod pushers;
 pub mod receipts;
 pub mod relations;
 pub mod room_keys;
@@ -122,7 +124,9 @@ fn backup_and_tags() -> Router<AppState> {
         .route("/user/{user_id}/rooms/{room_id}/tags", get(tags::get_tags))
         .route("/user/{user_id}/rooms/{room_id}/tags/{tag}", put(tags::put_tag).delete(tags::delete_tag))
         .route("/presence/{user_id}/status", get(presence::get_presence).put(presence::put_presence))
-        .route("/pushers", get(compat::pushers))
+        .route("/pushers", get(pushers::list))
+        .route("/pushers/set", post(pushers::set))
+        .route("/notifications", get(pushers::notifications))
         .route("/thirdparty/protocols", get(compat::thirdparty_protocols))
         .route("/voip/turnServer", get(compat::turn_server))
         .route("/account/3pid", get(compat::threepids))

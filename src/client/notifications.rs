@@ -143,7 +143,8 @@ pub fn unread_counts(
     Ok((main.to_json(), (!per_thread.is_empty()).then_some(Value::Object(per_thread))))
 }
 
-fn context(c: Db<'_>, room: &RoomRow, user_id: &str) -> Result<Context> {
+/// The facts the conditions need about `room` for `user_id`, from the room's current state.
+pub fn context(c: Db<'_>, room: &RoomRow, user_id: &str) -> Result<Context> {
     let (joined, _) = members::member_counts(c, room.room_nid)?;
     let display_name = members::displayname(c, room.room_nid, user_id)?;
     let state_content = |event_type: &str| -> Result<Option<Value>> {
@@ -162,6 +163,11 @@ fn context(c: Db<'_>, room: &RoomRow, user_id: &str) -> Result<Context> {
 
 /// Runs `event` through the effective rule set (override, content, room, sender, underride; first match wins).
 pub fn evaluate(rules: &Value, event: &Value, room_id: &str, ctx: &Context) -> Outcome {
+    matched_actions(rules, event, room_id, ctx).map(actions).unwrap_or_default()
+}
+
+/// The actions of the first rule matching `event`, if any.
+pub fn matched_actions<'a>(rules: &'a Value, event: &Value, room_id: &str, ctx: &Context) -> Option<&'a Value> {
     let sender = event["sender"].as_str().unwrap_or("");
     for kind in ["override", "content", "room", "sender", "underride"] {
         for rule in rules["global"][kind].as_array().into_iter().flatten() {
@@ -178,14 +184,20 @@ pub fn evaluate(rules: &Value, event: &Value, room_id: &str, ctx: &Context) -> O
                 _ => rule["conditions"].as_array().is_none_or(|conds| conds.iter().all(|c| condition(c, event, ctx))),
             };
             if matched {
-                return actions(&rule["actions"]);
+                return Some(&rule["actions"]);
             }
         }
     }
-    Outcome::default()
+    None
 }
 
-fn actions(a: &Value) -> Outcome {
+/// The `sound` tweak among `actions`, if set.
+pub fn sound(actions: &Value) -> Option<String> {
+    actions.as_array()?.iter().find(|x| x["set_tweak"] == "sound").and_then(|x| x["value"].as_str()).map(str::to_owned)
+}
+
+/// Notify and highlight, as `actions` say.
+pub fn actions(a: &Value) -> Outcome {
     let mut o = Outcome::default();
     for x in a.as_array().into_iter().flatten() {
         if x == "notify" {

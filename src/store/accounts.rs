@@ -219,12 +219,13 @@ pub fn update_device(conn: Db<'_>, user_id: &str, device_id: &str, display_name:
     )? == 1)
 }
 
-/// Deletes a device with its tokens and keys.
+/// Deletes a device with its tokens, keys and pushers.
 pub fn delete_device(conn: Db<'_>, user_id: &str, device_id: &str) -> Result<bool> {
     conn.execute("DELETE FROM access_tokens WHERE user_id = ?1 AND device_id = ?2", params![user_id, device_id])?;
     conn.execute("DELETE FROM device_keys WHERE user_id = ?1 AND device_id = ?2", params![user_id, device_id])?;
     conn.execute("DELETE FROM one_time_keys WHERE user_id = ?1 AND device_id = ?2", params![user_id, device_id])?;
     conn.execute("DELETE FROM to_device WHERE user_id = ?1 AND device_id = ?2", params![user_id, device_id])?;
+    crate::store::pushers::delete_for_device(conn, user_id, device_id)?;
     Ok(conn.execute("DELETE FROM devices WHERE user_id = ?1 AND device_id = ?2", params![user_id, device_id])? == 1)
 }
 
@@ -236,6 +237,7 @@ pub fn deactivate(conn: Db<'_>, user_id: &str, erase: bool) -> Result<usize> {
         delete_device(conn, user_id, &d.device_id)?;
     }
     delete_all_tokens(conn, user_id)?;
+    crate::store::pushers::delete_all(conn, user_id)?;
     conn.execute("UPDATE users SET deactivated = 1, password_hash = NULL WHERE user_id = ?1", [user_id])?;
     if erase {
         conn.execute("UPDATE users SET displayname = NULL, avatar_url = NULL WHERE user_id = ?1", [user_id])?;

@@ -6,7 +6,7 @@ use rusqlite::Connection;
 const SCHEMA: &str = include_str!("../../schema.sql");
 
 /// Version written by `SCHEMA`. Later changes add `(version, sql)` steps to `MIGRATIONS` and bump this.
-pub const SCHEMA_VERSION: i64 = 11;
+pub const SCHEMA_VERSION: i64 = 12;
 
 /// Steps from version N-1 to N, for N > 1.
 const MIGRATIONS: &[(i64, &str)] = &[
@@ -19,6 +19,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (9, MEDIA_AUTHENTICATED_V9),
     (10, ADMIN_V10),
     (11, SLIDING_SYNC_V11),
+    (12, PUSHERS_V12),
 ];
 
 /// 9: which media the legacy unauthenticated endpoints no longer serve (`media.freeze_legacy`). Media stored
@@ -32,6 +33,29 @@ CREATE TABLE IF NOT EXISTS registration_tokens (
     created_ts INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS blocked_rooms (room_id TEXT PRIMARY KEY, blocked_ts INTEGER NOT NULL) WITHOUT ROWID;
+";
+
+/// 12: pushers, their outbox, the notifications `/notifications` lists and the push evaluator's position in the event stream (starting at the latest
+/// event: history stored before the upgrade is never pushed).
+const PUSHERS_V12: &str = "
+CREATE TABLE IF NOT EXISTS pushers (
+    pusher_nid INTEGER PRIMARY KEY, user_id TEXT NOT NULL, device_id TEXT, kind TEXT NOT NULL, app_id TEXT NOT NULL,
+    pushkey TEXT NOT NULL, app_display_name TEXT NOT NULL, device_display_name TEXT NOT NULL, profile_tag TEXT,
+    lang TEXT NOT NULL, data TEXT NOT NULL, pushkey_ts INTEGER NOT NULL, failures INTEGER NOT NULL DEFAULT 0,
+    retry_at INTEGER NOT NULL DEFAULT 0, UNIQUE (user_id, app_id, pushkey)
+);
+CREATE INDEX IF NOT EXISTS pushers_key ON pushers(app_id, pushkey);
+CREATE TABLE IF NOT EXISTS push_outbox (
+    id INTEGER PRIMARY KEY, pusher_nid INTEGER NOT NULL REFERENCES pushers(pusher_nid) ON DELETE CASCADE,
+    event_id TEXT NOT NULL, highlight INTEGER NOT NULL, sound TEXT
+);
+CREATE INDEX IF NOT EXISTS push_outbox_pusher ON push_outbox(pusher_nid, id);
+CREATE TABLE IF NOT EXISTS notifications (
+    user_id TEXT NOT NULL, stream INTEGER NOT NULL, event_id TEXT NOT NULL, room_nid INTEGER NOT NULL,
+    highlight INTEGER NOT NULL, actions TEXT NOT NULL, ts INTEGER NOT NULL, PRIMARY KEY (user_id, stream)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS push_cursor (id INTEGER PRIMARY KEY CHECK (id = 0), stream INTEGER NOT NULL);
+INSERT OR IGNORE INTO push_cursor (id, stream) SELECT 0, coalesce(max(stream_ordering), 0) FROM events;
 ";
 
 /// 11: simplified sliding sync (MSC4186): connections and their positions.

@@ -24,6 +24,7 @@ pub mod notary;
 pub mod outbox;
 pub mod presence;
 pub mod purge;
+pub mod pushers;
 pub mod receipts;
 pub mod registration_tokens;
 pub mod relations;
