@@ -144,12 +144,22 @@ pub struct Notification {
     pub ts: i64,
 }
 
+/// Notifications kept per user (`GET /notifications` pages through these): the oldest go as new ones come, so the
+/// table stays bounded on a small machine however long the server runs.
+pub const NOTIFICATIONS_KEPT_PER_USER: i64 = 1000;
+
+/// Records a notification of `user_id`, dropping their oldest beyond [`NOTIFICATIONS_KEPT_PER_USER`].
 pub fn record_notification(conn: Db<'_>, user_id: &str, n: &Notification) -> Result<()> {
     conn.prepare_cached(
         "INSERT OR REPLACE INTO notifications (user_id, stream, event_id, room_nid, highlight, actions, ts)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )?
     .execute(params![user_id, n.stream, n.event_id, n.room_nid, n.highlight, n.actions, n.ts])?;
+    conn.prepare_cached(
+        "DELETE FROM notifications WHERE user_id = ?1 AND stream <= (SELECT stream FROM notifications
+         WHERE user_id = ?1 ORDER BY stream DESC LIMIT 1 OFFSET ?2)",
+    )?
+    .execute(params![user_id, NOTIFICATIONS_KEPT_PER_USER])?;
     Ok(())
 }
 
@@ -335,6 +345,29 @@ mod tests {
             data: r#"{"url":"https://gw/_matrix/push/v1/notify"}"#.into(),
             pushkey_ts: 1,
         }
+    }
+
+    #[test]
+    fn notifications_are_bounded_per_user() {
+        let db = memory_db();
+        let c = db.db();
+        let n = |stream: i64| Notification {
+            stream: StreamPos(stream),
+            event_id: format!("$e{stream}"),
+            room_nid: crate::store::ids::RoomNid(1),
+            highlight: stream % 2 == 0,
+            actions: "[]".into(),
+            ts: stream,
+        };
+        let total = NOTIFICATIONS_KEPT_PER_USER + 5;
+        for stream in 1..=total {
+            record_notification(c, "@a:hs", &n(stream)).unwrap();
+        }
+        record_notification(c, "@b:hs", &n(1)).unwrap();
+        let kept = notifications(c, "@a:hs", StreamPos(i64::MAX), false, 10_000).unwrap();
+        assert_eq!(kept.len() as i64, NOTIFICATIONS_KEPT_PER_USER);
+        assert_eq!((kept[0].stream.0, kept.last().unwrap().stream.0), (total, 6), "the newest are kept");
+        assert_eq!(notifications(c, "@b:hs", StreamPos(i64::MAX), false, 10).unwrap().len(), 1, "per user");
     }
 
     #[test]
