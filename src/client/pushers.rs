@@ -134,14 +134,21 @@ pub async fn notifications(
     let only_highlight = q.only.as_deref().is_some_and(|o| o.contains("highlight"));
     let user_id = auth.user_id.to_string();
     let device = auth.device_id.clone();
-    let (list, more) = s
+    let (list, next) = s
         .store
         .read(move |c| {
             let found = pushers::notifications(c, &user_id, StreamPos(before), only_highlight, limit + 1)?;
             let more = found.len() as i64 > limit;
+            // The one visibility rule applies here too (the user was a member when the event was recorded).
+            let mut judge = crate::room::visibility::ClientJudge::new(c, &user_id);
             let mut out = Vec::new();
+            let mut scanned = None;
             for n in found.into_iter().take(limit as usize) {
+                scanned = Some(n.stream);
                 let Some(row) = crate::store::events::event_by_id(c, &n.event_id)? else { continue };
+                if !judge.may_see(&row)? {
+                    continue;
+                }
                 let Some(room) = crate::store::rooms::room_by_nid(c, n.room_nid)? else { continue };
                 let read = crate::store::receipts::read_positions(c, n.room_nid, &user_id)?
                     .get("")
@@ -155,14 +162,13 @@ pub async fn notifications(
                     }),
                 ));
             }
-            Ok((out, more))
+            Ok((out, more.then_some(scanned).flatten()))
         })
         .await?;
     let mut body = json!({"notifications": list.iter().map(|(_, n)| n.clone()).collect::<Vec<_>>()});
-    if more {
-        if let Some((pos, _)) = list.last() {
-            body["next_token"] = json!(pos.0.to_string());
-        }
+    // The next page starts below the last notification read, shown or not.
+    if let Some(pos) = next {
+        body["next_token"] = json!(pos.0.to_string());
     }
     Ok(axum::Json(body))
 }
