@@ -12,25 +12,8 @@ use std::time::Duration;
 use common::fake_resident::*;
 use common::*;
 use reqwest::Method;
-use ruma::canonical_json::{CanonicalJsonObject, CanonicalJsonValue};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-/// An event template from Hearth's `make_join`/`make_leave`, completed and signed by the fake.
-fn sign_template(fake: &FakeResident, version: &str, template: &Value) -> (String, Value) {
-    let rules = rules(version);
-    let mut obj: CanonicalJsonObject = serde_json::from_value(template.clone()).expect("template is canonical JSON");
-    obj.insert("origin_server_ts".into(), CanonicalJsonValue::Integer(now_ms().try_into().unwrap()));
-    ruma::signatures::hash_and_sign_event(
-        &fake.identity.server_name,
-        &fake.identity.keypair,
-        &mut obj,
-        &rules.redaction,
-    )
-    .expect("sign the event");
-    let id = event_id_of(&obj, &rules).expect("event id");
-    (id, serde_json::to_value(obj).unwrap())
-}
 
 /// `make_join` for `user` (of the fake) in Hearth's `room`.
 async fn make_join(fake: &FakeResident, room: &str, user: &str) -> Result<Value, (u16, Value)> {

@@ -11,7 +11,6 @@ use std::collections::{BTreeSet, HashMap};
 use common::fake_resident::*;
 use common::*;
 use reqwest::Method;
-use ruma::canonical_json::{CanonicalJsonObject, CanonicalJsonValue};
 
 const SETTINGS: [&str; 4] = ["world_readable", "shared", "invited", "joined"];
 
@@ -296,22 +295,6 @@ async fn members_at_a_token_and_relations_follow_visibility() {
 }
 
 // ---- other servers ----------------------------------------------------------------------------------------------
-
-/// An event template from Hearth's `make_*`, completed and signed by the fake.
-fn sign_template(fake: &FakeResident, version: &str, template: &Value) -> (String, Value) {
-    let rules = rules(version);
-    let mut obj: CanonicalJsonObject = serde_json::from_value(template.clone()).expect("template is canonical JSON");
-    obj.insert("origin_server_ts".into(), CanonicalJsonValue::Integer(now_ms().try_into().unwrap()));
-    ruma::signatures::hash_and_sign_event(
-        &fake.identity.server_name,
-        &fake.identity.keypair,
-        &mut obj,
-        &rules.redaction,
-    )
-    .expect("sign the event");
-    let id = event_id_of(&obj, &rules).expect("event id");
-    (id, serde_json::to_value(obj).unwrap())
-}
 
 /// `user` of the fake joins (`make_join`/`send_join`) or knocks (`make_knock`/`send_knock`) on Hearth's room.
 async fn peer_membership(fake: &FakeResident, room: &str, user: &str, kind: &str) {

@@ -284,6 +284,23 @@ fn key_response(identity: &FakeIdentity) -> Value {
     serde_json::to_value(obj).expect("JSON")
 }
 
+/// An event template from Hearth's `make_join`/`make_leave`/`make_knock`, completed and signed by `fake` as its
+/// server would.
+pub fn sign_template(fake: &FakeResident, version: &str, template: &Value) -> (String, Value) {
+    let rules = rules(version);
+    let mut obj: CanonicalJsonObject = serde_json::from_value(template.clone()).expect("template is canonical JSON");
+    obj.insert("origin_server_ts".into(), CanonicalJsonValue::Integer(now_ms().try_into().unwrap()));
+    ruma::signatures::hash_and_sign_event(
+        &fake.identity.server_name,
+        &fake.identity.keypair,
+        &mut obj,
+        &rules.redaction,
+    )
+    .expect("sign the event");
+    let id = event_id_of(&obj, &rules).expect("event id");
+    (id, serde_json::to_value(obj).unwrap())
+}
+
 /// Adds `hashes` and `signatures` (by `identity`) to an event of any size: unlike ruma's `hash_and_sign_event`
 /// this does not refuse events over 65536 bytes, so tests can send oversized events that are otherwise valid.
 pub fn sign_unchecked(identity: &FakeIdentity, rules: &RoomVersionRules, obj: &mut CanonicalJsonObject) {
