@@ -395,28 +395,10 @@ async fn notifications_list_with_highlight_filter_paging_and_read() {
     server.stop().await;
 }
 
-/// Two federating Hearths (as `fake_resident::federated_pair`), both allowed to reach the loopback gateway.
-async fn federated_pair_with_push() -> (TestServer, TestServer) {
-    use common::fake_resident::federation_config;
-    let (pa, pb) = (free_port(), free_port());
-    let start = |name: &'static str, port: u16, peer: &'static str, peer_port: u16| {
-        TestServer::start_with(move |c| {
-            federation_config(c);
-            push_config(c);
-            c.server_name = name.into();
-            c.listen.federation = Some(format!("127.0.0.1:{port}").parse().unwrap());
-            c.federation.resolve.insert(peer.into(), format!("127.0.0.1:{peer_port}"));
-        })
-    };
-    let a = start("hearth-a.test", pa, "hearth-b.test", pb).await;
-    let b = start("hearth-b.test", pb, "hearth-a.test", pa).await;
-    (a, b)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_federated_message_is_pushed() {
     let (g, url) = gateway().await;
-    let (a, b) = federated_pair_with_push().await;
+    let (a, b) = common::fake_resident::federated_pair_with(push_config).await;
     let alice = a.user("alice").await;
     let bob = b.user("bob").await;
     let room = bob.create_room(json!({"is_direct": true, "invite": [alice.user_id]})).await;

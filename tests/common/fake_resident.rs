@@ -86,10 +86,16 @@ pub fn federation_config(c: &mut hearth::config::Config) {
 /// An in-process Hearth with federation on ([`federation_config`]).
 /// Two in-process Hearths (`hearth-a.test`, `hearth-b.test`) federating over TLS on loopback.
 pub async fn federated_pair() -> (TestServer, TestServer) {
+    federated_pair_with(|_| {}).await
+}
+
+/// [`federated_pair`], with `extra` applied to both configurations.
+pub async fn federated_pair_with(extra: fn(&mut hearth::config::Config)) -> (TestServer, TestServer) {
     let (pa, pb) = (free_port(), free_port());
     let start = |name: &'static str, port: u16, peer: &'static str, peer_port: u16| {
         TestServer::start_with(move |c| {
             federation_config(c);
+            extra(c);
             c.server_name = name.into();
             c.listen.federation = Some(format!("127.0.0.1:{port}").parse().unwrap());
             c.federation.resolve.insert(peer.into(), format!("127.0.0.1:{peer_port}"));
