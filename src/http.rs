@@ -288,8 +288,9 @@ pub mod qs {
 
     pub fn opt_bool<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
         let s: Option<String> = Option::deserialize(d)?;
+        // An empty value is no boolean (Synapse answers 400 too): absent is the parameter left out.
         match s.as_deref() {
-            None | Some("") => Ok(None),
+            None => Ok(None),
             Some("true") | Some("1") => Ok(Some(true)),
             Some("false") | Some("0") => Ok(Some(false)),
             Some(o) => Err(serde::de::Error::custom(format!("not a boolean: {o}"))),

@@ -132,6 +132,9 @@ async fn hierarchy_pages_and_filters() {
     alice.get(&hierarchy_path(&root, &[("from", "nonsense")])).await.assert_err(400, "M_INVALID_PARAM");
     alice.get(&hierarchy_path(&root, &[("limit", "0")])).await.assert_err(400, "M_INVALID_PARAM");
     alice.get(&hierarchy_path(&root, &[("max_depth", "-1")])).await.assert_err(400, "M_INVALID_PARAM");
+    for bad in ["", "maybe"] {
+        alice.get(&hierarchy_path(&root, &[("suggested_only", bad)])).await.assert_err(400, "M_INVALID_PARAM");
+    }
     let unknown = format!("!nowhere:{}", server.server_name);
     alice.get(&hierarchy_path(&unknown, &[])).await.assert_err(403, "M_FORBIDDEN");
 }
