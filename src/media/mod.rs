@@ -261,8 +261,14 @@ fn quota_error(quota: u64) -> Error {
 async fn write_body(path: &FsPath, body: Body, max: u64) -> std::result::Result<(u64, String), Option<Error>> {
     // The io::Error stays in the chain: a full disk then answers 503 (error.rs).
     let io = |e: std::io::Error| Some(Error::Internal(anyhow::Error::new(e).context("cannot write media file")));
-    let mut file = tokio::fs::File::create(path).await.map_err(io)?;
     let mut stream = body.into_data_stream();
+    let mut file = match tokio::fs::File::create(path).await {
+        Ok(file) => file,
+        Err(e) => {
+            drain(&mut stream, max).await;
+            return Err(io(e));
+        }
+    };
     let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
     let mut size = 0u64;
     while let Some(chunk) = stream.next().await {
@@ -272,12 +278,27 @@ async fn write_body(path: &FsPath, body: Body, max: u64) -> std::result::Result<
             return Err(None);
         }
         hash.update(&chunk);
-        file.write_all(&chunk).await.map_err(io)?;
+        if let Err(e) = file.write_all(&chunk).await {
+            drain(&mut stream, max - size).await;
+            return Err(io(e));
+        }
     }
     file.flush().await.map_err(io)?;
     file.sync_all().await.map_err(io)?;
     let hex: String = hash.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect();
     Ok((size, hex))
+}
+
+/// Reads and discards the rest of an upload (at most `budget` more bytes) after a write failed, so that the client,
+/// still sending, reads our error answer instead of a connection closed under it (a full disk answers 503, and a
+/// client must see it to retry later).
+async fn drain(stream: &mut axum::body::BodyDataStream, mut budget: u64) {
+    while let Some(Ok(chunk)) = stream.next().await {
+        match budget.checked_sub(chunk.len() as u64) {
+            Some(left) => budget = left,
+            None => return,
+        }
+    }
 }
 
 // ---- downloads ------------------------------------------------------------------------------------------------
