@@ -495,6 +495,14 @@ CREATE TABLE notifications (
     user_id TEXT NOT NULL, stream INTEGER NOT NULL, event_id TEXT NOT NULL, room_nid INTEGER NOT NULL,
     highlight INTEGER NOT NULL, actions TEXT NOT NULL, ts INTEGER NOT NULL, PRIMARY KEY (user_id, stream)
 ) WITHOUT ROWID;
+-- Unread notifications of each local user: what their push rules said to notify about and they have not read yet,
+-- by room and thread (`main` or the thread root's id). A read receipt (or the user's own event) deletes what it
+-- reads, leaving the room deletes the room's: the table is bounded by what is unread, not by a count, so the
+-- counts in `/sync` never depend on the cap of `notifications`.
+CREATE TABLE unread_notifications (
+    user_id TEXT NOT NULL, room_nid INTEGER NOT NULL, stream INTEGER NOT NULL, thread_id TEXT NOT NULL,
+    highlight INTEGER NOT NULL, PRIMARY KEY (user_id, room_nid, stream)
+) WITHOUT ROWID;
 -- The stream position up to which events have been run through the push rules.
 CREATE TABLE push_cursor (id INTEGER PRIMARY KEY CHECK (id = 0), stream INTEGER NOT NULL);
 INSERT INTO push_cursor (id, stream) VALUES (0, 0);

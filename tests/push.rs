@@ -421,3 +421,111 @@ async fn a_federated_message_is_pushed() {
     a.stop().await;
     b.stop().await;
 }
+
+/// Alice's counts in a room: summed, and (main timeline, thread root -> counts) with `unread_thread_notifications`.
+async fn counts(alice: &Client, room: &str) -> (Value, Value, Value) {
+    let threads = [("filter", r#"{"room":{"timeline":{"limit":1,"unread_thread_notifications":true}}}"#)];
+    let summed = alice.sync(None, &[("filter", r#"{"room":{"timeline":{"limit":1}}}"#)]).await.ok();
+    let by_thread = alice.sync(None, &threads).await.ok();
+    let r = &by_thread["rooms"]["join"][room];
+    let per_thread = r.get("unread_thread_notifications").cloned().unwrap_or_else(|| json!({}));
+    (summed["rooms"]["join"][room]["unread_notifications"].clone(), r["unread_notifications"].clone(), per_thread)
+}
+
+fn n(count: i64, highlight: i64) -> Value {
+    json!({"notification_count": count, "highlight_count": highlight})
+}
+
+/// The scenario `tests/interop/counts.py` runs on Hearth and Synapse, with Synapse's numbers: the counts come from
+/// the push evaluator's decisions, the main timeline apart from threads, and read receipts (threaded, private,
+/// unthreaded) read what they cover.
+#[tokio::test]
+async fn unread_counts_follow_the_evaluated_rules_and_receipts() {
+    let server = TestServer::start().await;
+    let bob = server.user("bob").await;
+    let alice = server.user("alice").await;
+    let room = bob.create_room(json!({"preset": "public_chat"})).await;
+    alice.join(&room).await.ok();
+    let r = enc(&room);
+    let send = |content: Value| {
+        let (bob, room) = (&bob, room.clone());
+        async move { bob.send(&room, "m.room.message", content).await.ok()["event_id"].as_str().unwrap().to_owned() }
+    };
+    let text = |body: &str| json!({"msgtype": "m.text", "body": body});
+    assert_eq!(counts(&alice, &room).await, (n(0, 0), n(0, 0), json!({})));
+
+    let root = send(text("plain one")).await;
+    let plain2 = send(text("plain two")).await;
+    assert_eq!(counts(&alice, &room).await, (n(2, 0), n(2, 0), json!({})));
+    let mention = send(json!({"msgtype": "m.text", "body": "hey", "m.mentions": {"user_ids": [alice.user_id]}})).await;
+    assert_eq!(counts(&alice, &room).await, (n(3, 1), n(3, 1), json!({})));
+    let in_thread = |body: &str| json!({"msgtype": "m.text", "body": body, "m.relates_to": {"rel_type": "m.thread", "event_id": root}});
+    let reply1 = send(in_thread("in the thread")).await;
+    assert_eq!(counts(&alice, &room).await, (n(4, 1), n(3, 1), json!({&root: n(1, 0)})));
+    let edit = json!({"msgtype": "m.text", "body": "* 2", "m.new_content": text("2"),
+                      "m.relates_to": {"rel_type": "m.replace", "event_id": plain2}});
+    send(edit).await;
+    let reply2 = send(in_thread("more")).await;
+    assert_eq!(counts(&alice, &room).await, (n(5, 1), n(3, 1), json!({&root: n(2, 0)})), "an edit does not count");
+
+    // A receipt in `main` reads only the main timeline; later events count again.
+    alice.post(&format!("/rooms/{r}/receipt/m.read/{}", enc(&mention)), json!({"thread_id": "main"})).await.ok();
+    assert_eq!(counts(&alice, &room).await, (n(2, 0), n(0, 0), json!({&root: n(2, 0)})));
+    let last_main = send(text("three")).await;
+    assert_eq!(counts(&alice, &room).await, (n(3, 0), n(1, 0), json!({&root: n(2, 0)})));
+    // Receipts in the thread (private, then public) read only the thread.
+    let receipt = |kind: &str, event: &str| format!("/rooms/{r}/receipt/{kind}/{}", enc(event));
+    alice.post(&receipt("m.read.private", &reply1), json!({"thread_id": root})).await.ok();
+    assert_eq!(counts(&alice, &room).await, (n(2, 0), n(1, 0), json!({&root: n(1, 0)})));
+    alice.post(&receipt("m.read", &reply2), json!({"thread_id": root})).await.ok();
+    assert_eq!(counts(&alice, &room).await, (n(1, 0), n(1, 0), json!({})));
+    // An unthreaded receipt reads every thread, but only up to its event.
+    send(in_thread("a last one")).await;
+    alice.post(&receipt("m.read", &last_main), json!({})).await.ok();
+    assert_eq!(counts(&alice, &room).await, (n(1, 0), n(0, 0), json!({&root: n(1, 0)})));
+    // Notices and reactions do not count; Alice's own message reads its thread (the main timeline) up to it.
+    bob.send(&room, "m.room.message", json!({"msgtype": "m.notice", "body": "bot"})).await.ok();
+    bob.send(
+        &room,
+        "m.reaction",
+        json!({"m.relates_to": {"rel_type": "m.annotation", "event_id": reply1, "key": "+1"}}),
+    )
+    .await
+    .ok();
+    send(text("four")).await;
+    assert_eq!(counts(&alice, &room).await, (n(2, 0), n(1, 0), json!({&root: n(1, 0)})));
+    alice.send_text(&room, "mine").await;
+    assert_eq!(counts(&alice, &room).await, (n(1, 0), n(0, 0), json!({&root: n(1, 0)})));
+    // Leaving the room forgets its counts.
+    alice.leave(&room).await.ok();
+    alice.join(&room).await.ok();
+    assert_eq!(counts(&alice, &room).await, (n(0, 0), n(0, 0), json!({})));
+    server.stop().await;
+}
+
+/// An invite over federation to a room this server holds no state for (stored as an outlier) reaches the
+/// invitee's gateway, by the default `.m.rule.invite_for_me`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_federated_invite_is_pushed() {
+    let (g, url) = gateway().await;
+    let (a, b) = common::fake_resident::federated_pair_with(push_config).await;
+    let alice = a.user("alice").await;
+    let bob = b.user("bob").await;
+    alice.post("/pushers/set", pusher_body(&url, "key-alice")).await.ok();
+    let room = bob.create_room(json!({"name": "Over there"})).await;
+    let invite = bob.invite(&room, &alice.user_id).await;
+    assert_eq!(invite.status, 200, "{:?}", invite.body);
+    let got = wait_until("the invite at the gateway", Duration::from_secs(20), || {
+        std::future::ready(g.got().into_iter().find(|n| n["type"] == "m.room.member"))
+    })
+    .await;
+    assert_eq!(got["room_id"], room);
+    assert_eq!(got["sender"], bob.user_id);
+    assert_eq!((got["membership"].as_str(), got["user_is_target"].as_bool()), (Some("invite"), Some(true)));
+    assert_eq!(got["devices"][0]["tweaks"]["sound"], "default", ".m.rule.invite_for_me rings");
+    let listed = alice.get("/notifications").await.ok();
+    assert_eq!(listed["notifications"][0]["event"]["event_id"], got["event_id"]);
+    g.assert_valid();
+    a.stop().await;
+    b.stop().await;
+}

@@ -1,8 +1,7 @@
-//! Notification counts for `/sync` (`unread_notifications`) from the user's push rules, and the ignored-users list.
+//! Push rule evaluation (used by the push evaluator, `client::push`), notification counts for `/sync`
+//! (`unread_notifications`) as that evaluator recorded them, and the ignored-users list.
 //!
-//! Counts are computed when a sync asks for them: the room's events after the user's read receipt (or their own
-//! latest event, whichever is later), newest first and at most [`SCAN_LIMIT`] of them, each run through the user's
-//! effective push rules. The evaluator covers the conditions of the default rules: `event_match` (with globs;
+//! The evaluator covers the conditions of the default rules: `event_match` (with globs;
 //! `content.body` by whole words), `event_property_is`, `event_property_contains`, `contains_display_name`,
 //! `room_member_count` and `sender_notification_permission`; unknown conditions never match.
 
@@ -10,14 +9,10 @@ use std::collections::HashSet;
 
 use serde_json::{json, Value};
 
-use crate::client::push_rules::{self, PUSH_RULES};
 use crate::error::Result;
-use crate::store::ids::StreamPos;
 use crate::store::rooms::RoomRow;
-use crate::store::{account_data, events, members, receipts, relations, state_groups, timeline, Db};
-
-/// At most this many unread events are evaluated per room and sync (counts above it are capped).
-pub const SCAN_LIMIT: i64 = 500;
+use crate::store::unread::{self, MAIN};
+use crate::store::{account_data, events, members, relations, state_groups, Db};
 
 /// Users `user_id` ignores (`m.ignored_user_list`).
 pub fn ignored_users(c: Db<'_>, user_id: &str) -> Result<HashSet<String>> {
@@ -59,22 +54,13 @@ fn int(v: &Value) -> Option<i64> {
     v.as_i64().or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
 }
 
-/// The counts of one thread (or the main timeline).
-#[derive(Default, Clone, Copy)]
-struct Counts {
-    notifications: i64,
-    highlights: i64,
+fn to_json(n: unread::Counts) -> Value {
+    json!({"notification_count": n.notifications, "highlight_count": n.highlights})
 }
 
-impl Counts {
-    fn to_json(self) -> Value {
-        json!({"notification_count": self.notifications, "highlight_count": self.highlights})
-    }
-}
-
-/// The thread an unread event belongs to: the root of its `m.thread` relation, or, for an event relating to a
-/// thread's event in another way (an edit or reaction in a thread), that event's thread; `"main"` otherwise.
-fn thread_of(c: Db<'_>, event: &Value) -> Result<String> {
+/// The thread an event belongs to: the root of its `m.thread` relation, or, for an event relating to a thread's
+/// event in another way (an edit or reaction in a thread), that event's thread; [`unread::MAIN`] otherwise.
+pub fn thread_of(c: Db<'_>, event: &Value) -> Result<String> {
     let Some((parent, rel_type, _)) = event.get("content").and_then(relations::relation_of) else {
         return Ok(MAIN.into());
     };
@@ -87,60 +73,24 @@ fn thread_of(c: Db<'_>, event: &Value) -> Result<String> {
     })
 }
 
-const MAIN: &str = "main";
-
 /// The counts for `room`: `unread_notifications` (`{"notification_count": n, "highlight_count": h}`) and, when
 /// `by_thread`, `unread_thread_notifications` (thread root -> counts, threads with something unread only; None
-/// when there is none). Each thread is read up to the later of the user's unthreaded receipt and their receipt
-/// in that thread (threaded read receipts); without `by_thread` the first value sums every thread, with it only
-/// the main timeline.
-pub fn unread_counts(
-    c: Db<'_>,
-    room: &RoomRow,
-    user_id: &str,
-    ignored: &HashSet<String>,
-    by_thread: bool,
-) -> Result<(Value, Option<Value>)> {
-    let room_nid = room.room_nid;
-    let read = receipts::read_positions(c, room_nid, user_id)?;
-    let receipt = read.get("").copied().unwrap_or(StreamPos(0));
-    // The user's own latest event after the receipt, among the newest SCAN_LIMIT events only: an own event older
-    // than those leaves them all unread anyway.
-    let own = timeline::latest_from_sender(c, room_nid, user_id, receipt, SCAN_LIMIT)?.unwrap_or(StreamPos(0));
-    let unread = timeline::unread_by(c, room_nid, user_id, receipt.max(own), SCAN_LIMIT)?;
-    let mut threads: std::collections::BTreeMap<String, Counts> = Default::default();
-    if !unread.is_empty() {
-        let rules = push_rules::effective(user_id, account_data::get(c, user_id, "", PUSH_RULES)?.as_ref());
-        let ctx = context(c, room, user_id)?;
-        for (sender, raw, pos) in unread {
-            if ignored.contains(&sender) {
-                continue;
-            }
-            let event: Value = serde_json::from_str(&raw)?;
-            let thread = thread_of(c, &event)?;
-            if read.get(&thread).is_some_and(|r| pos <= *r) {
-                continue;
-            }
-            let o = evaluate(&rules, &event, &room.room_id, &ctx);
-            let n = threads.entry(thread).or_default();
-            n.notifications += i64::from(o.notify);
-            n.highlights += i64::from(o.notify && o.highlight);
-        }
-    }
+/// when there is none). The counts are those the push evaluator recorded (`client::push`, table
+/// `unread_notifications`) and read receipts have not read: without `by_thread` the first value sums every
+/// thread, with it only the main timeline.
+pub fn unread_counts(c: Db<'_>, room: &RoomRow, user_id: &str, by_thread: bool) -> Result<(Value, Option<Value>)> {
+    let threads = unread::counts(c, user_id, room.room_nid)?;
     if !by_thread {
-        let total = threads.values().fold(Counts::default(), |a, b| Counts {
+        let total = threads.iter().fold(unread::Counts::default(), |a, (_, b)| unread::Counts {
             notifications: a.notifications + b.notifications,
             highlights: a.highlights + b.highlights,
         });
-        return Ok((total.to_json(), None));
+        return Ok((to_json(total), None));
     }
-    let main = threads.remove(MAIN).unwrap_or_default();
-    let per_thread: serde_json::Map<String, Value> = threads
-        .into_iter()
-        .filter(|(_, n)| n.notifications > 0 || n.highlights > 0)
-        .map(|(t, n)| (t, n.to_json()))
-        .collect();
-    Ok((main.to_json(), (!per_thread.is_empty()).then_some(Value::Object(per_thread))))
+    let main = threads.iter().find(|(t, _)| t == MAIN).map(|(_, n)| *n).unwrap_or_default();
+    let per_thread: serde_json::Map<String, Value> =
+        threads.into_iter().filter(|(t, _)| t != MAIN).map(|(t, n)| (t, to_json(n))).collect();
+    Ok((to_json(main), (!per_thread.is_empty()).then_some(Value::Object(per_thread))))
 }
 
 /// The facts the conditions need about `room` for `user_id`, from the room's current state.
@@ -337,6 +287,7 @@ fn contains_word(hay: &str, needle: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::client::push_rules;
 
     fn ctx(members: i64) -> Context {
         Context {

@@ -20,17 +20,29 @@ use crate::client::push_rules::{self, PUSH_RULES};
 use crate::config::Push as PushConfig;
 use crate::error::Result;
 use crate::http::AppState;
+use crate::room::visibility::ClientJudge;
+use crate::store::ids::{RoomNid, StreamPos};
 use crate::store::pushers::{self, NewEvent, Pusher, Queued};
-use crate::store::{account_data, events, members, rooms, Db};
+use crate::store::{account_data, events, members, rooms, unread, Db};
 
 /// Events evaluated per step.
 const BATCH: i64 = 200;
 
-/// What the evaluator decided for one user: a notification (and, if the user has pushers, a push).
+/// What the evaluator decided for one user: a notification (and, if the user has pushers, a push), unread in
+/// `thread` until read.
 struct Decision {
     user_id: String,
     notification: pushers::Notification,
     sound: Option<String>,
+    thread: String,
+}
+
+/// What one batch of events did: notifications, and what local users read by it (their own events read their
+/// thread up to them; leaving a room reads all of it): `(user, room, thread or None for all, up to)`.
+#[derive(Default)]
+struct Evaluated {
+    decisions: Vec<Decision>,
+    reads: Vec<(String, RoomNid, Option<String>, StreamPos)>,
 }
 
 /// Runs the evaluator and the delivery until shutdown.
@@ -128,7 +140,7 @@ async fn evaluate_new(s: &AppState) -> Result<bool> {
             let evs = pushers::events_after(c, from, BATCH)?;
             let more = evs.len() as i64 == BATCH;
             let to = evs.last().map(|e| e.stream).unwrap_or(from);
-            let mut out = Vec::new();
+            let mut out = Evaluated::default();
             for ev in evs.iter().filter(|e| !e.sender.is_empty()) {
                 decide(c, ev, &mut out)?;
             }
@@ -145,10 +157,14 @@ async fn evaluate_new(s: &AppState) -> Result<bool> {
             if pushers::cursor(w.db())? != from {
                 return Ok(());
             }
-            for d in &decisions {
+            for d in &decisions.decisions {
                 let n = &d.notification;
                 pushers::record_notification(w.db(), &d.user_id, n)?;
                 pushers::enqueue(w.db(), &d.user_id, &n.event_id, n.highlight, d.sound.as_deref(), cap)?;
+                unread::record(w.db(), &d.user_id, n.room_nid, n.stream, &d.thread, n.highlight)?;
+            }
+            for (user, room, thread, upto) in &decisions.reads {
+                unread::read_up_to(w.db(), user, *room, thread.as_deref(), *upto)?;
             }
             pushers::set_cursor(w.db(), to)
         })
@@ -156,27 +172,39 @@ async fn evaluate_new(s: &AppState) -> Result<bool> {
     Ok(more)
 }
 
-/// The notifications one event causes for the local members of its room (never for its sender).
-fn decide(c: Db<'_>, ev: &NewEvent, out: &mut Vec<Decision>) -> Result<()> {
-    let mut users = pushers::local_members(c, ev.room_nid)?;
+/// The notifications one event causes for the local members of its room who may see it (never for its sender),
+/// and what it reads for local users.
+fn decide(c: Db<'_>, ev: &NewEvent, out: &mut Evaluated) -> Result<()> {
     let event: Value = serde_json::from_str(&ev.json)?;
-    // An invite also goes to its (local) invitee, who is not a member yet (Synapse does the same).
-    if event["type"] == "m.room.member" && event["content"]["membership"] == "invite" {
-        if let Some(invitee) = event["state_key"].as_str() {
-            let local = crate::store::accounts::get_user(c, invitee)?.is_some_and(|u| !u.deactivated);
-            if local && !users.iter().any(|u| u == invitee) {
-                users.push(invitee.to_owned());
-            }
+    // An invite also goes to its (local) invitee, who is not a member yet (Synapse does the same); an invite over
+    // federation to a room we hold no state for (an outlier) goes to its invitee only.
+    let invitee = (event["type"] == "m.room.member" && event["content"]["membership"] == "invite")
+        .then(|| event["state_key"].as_str())
+        .flatten();
+    let mut users = if ev.outlier { Vec::new() } else { pushers::local_members(c, ev.room_nid)? };
+    if let Some(invitee) = invitee {
+        let local = crate::store::accounts::get_user(c, invitee)?.is_some_and(|u| !u.deactivated);
+        if local && !users.iter().any(|u| u == invitee) {
+            users.push(invitee.to_owned());
         }
+    }
+    let thread = notifications::thread_of(c, &event)?;
+    if !ev.outlier {
+        reads_of(c, ev, &event, &thread, &mut out.reads)?;
     }
     if users.iter().all(|u| *u == ev.sender) {
         return Ok(());
     }
     let Some(room) = rooms::room_by_nid(c, ev.room_nid)? else { return Ok(()) };
+    let Some(row) = events::event_by_id(c, &ev.event_id)? else { return Ok(()) };
     // The room's facts are the same for every member: read once, with each member's display name added.
     let base = notifications::context(c, &room, &ev.sender)?;
     for user in users.into_iter().filter(|u| *u != ev.sender) {
         if notifications::ignored_users(c, &user)?.contains(&ev.sender) {
+            continue;
+        }
+        // Only what the user may see (the one visibility judge); their own invite is always theirs to hear of.
+        if invitee != Some(user.as_str()) && !ClientJudge::new(c, &user).may_see(&row)? {
             continue;
         }
         let rules = push_rules::effective(&user, account_data::get(c, &user, "", PUSH_RULES)?.as_ref());
@@ -198,7 +226,31 @@ fn decide(c: Db<'_>, ev: &NewEvent, out: &mut Vec<Decision>) -> Result<()> {
                 actions: actions.to_string(),
                 ts: event["origin_server_ts"].as_i64().unwrap_or(0),
             };
-            out.push(Decision { user_id: user, notification, sound: notifications::sound(actions) });
+            let sound = notifications::sound(actions);
+            out.decisions.push(Decision { user_id: user, notification, sound, thread: thread.clone() });
+        }
+    }
+    Ok(())
+}
+
+/// What a timeline event reads for local users: a local sender's event reads its thread up to it (the spec: a
+/// user updates their read receipt "by using the API or by sending an event"); a local user's leave or ban reads
+/// the whole room (a room left holds no unread notifications).
+fn reads_of(
+    c: Db<'_>,
+    ev: &NewEvent,
+    event: &Value,
+    thread: &str,
+    reads: &mut Vec<(String, RoomNid, Option<String>, StreamPos)>,
+) -> Result<()> {
+    if crate::store::accounts::get_user(c, &ev.sender)?.is_some() {
+        reads.push((ev.sender.clone(), ev.room_nid, Some(thread.to_owned()), ev.stream));
+    }
+    let gone =
+        event["type"] == "m.room.member" && matches!(event["content"]["membership"].as_str(), Some("leave" | "ban"));
+    if let Some(target) = event["state_key"].as_str().filter(|_| gone) {
+        if crate::store::accounts::get_user(c, target)?.is_some() {
+            reads.push((target.to_owned(), ev.room_nid, None, ev.stream));
         }
     }
     Ok(())
@@ -351,14 +403,21 @@ fn room_name(c: Db<'_>, room: &rooms::RoomRow) -> Result<Option<String>> {
 
 /// The badge: how many of the user's joined rooms hold unread notifications (as Synapse counts by default).
 fn unread_rooms(c: Db<'_>, user_id: &str) -> Result<i64> {
-    let ignored = notifications::ignored_users(c, user_id)?;
-    let mut n = 0;
-    for (room_nid, _) in members::rooms_with_membership(c, user_id, "join")? {
-        let Some(room) = rooms::room_by_nid(c, room_nid)? else { continue };
-        let (counts, _) = notifications::unread_counts(c, &room, user_id, &ignored, false)?;
-        if counts["notification_count"].as_i64().unwrap_or(0) > 0 {
-            n += 1;
+    unread::rooms_with_unread(c, user_id)
+}
+
+/// Waits (briefly) until the evaluator has run every event up to `upto` through the push rules, so that a `/sync`
+/// answer going up to `upto` carries the counts of its own events. Gives up after [`CATCH_UP_WAIT`] (the counts
+/// then follow in a later answer).
+pub async fn caught_up(s: &AppState, upto: i64) {
+    let deadline = tokio::time::Instant::now() + CATCH_UP_WAIT;
+    while tokio::time::Instant::now() < deadline {
+        match s.store.read(move |c| pushers::unevaluated_up_to(c, StreamPos(upto))).await {
+            Ok(true) => tokio::time::sleep(Duration::from_millis(5)).await,
+            _ => return,
         }
     }
-    Ok(n)
 }
+
+/// How long a sync waits for the evaluator at most.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(2);

@@ -323,6 +323,8 @@ pub async fn sync(State(s): State<AppState>, auth: Auth, Query(q): Query<SyncQue
     loop {
         let pos = Token { stream: *stream_rx.borrow_and_update(), typing: s.typing.serial() };
         let _ = typing_rx.borrow_and_update();
+        // The unread counts of the events up to `pos` come from the push evaluator: let it catch up first.
+        crate::client::push::caught_up(&s, pos.stream).await;
         let (a, f) = (auth.clone(), filter.clone());
         let typing = s.typing.clone_view();
         let sent = s.clone();
@@ -340,6 +342,7 @@ pub async fn sync(State(s): State<AppState>, auth: Auth, Query(q): Query<SyncQue
         if tokio::time::Instant::now() >= deadline {
             let pos = Token { stream: s.store.current_stream(), typing: s.typing.serial() };
             if pos.stream == since.map(|t| t.stream).unwrap_or(0) && Some(pos.typing) == since.map(|t| t.typing) {
+                crate::client::push::caught_up(&s, pos.stream).await;
                 let (a, f) = (auth.clone(), filter.clone());
                 let typing = s.typing.clone_view();
                 let sent = s.clone();
@@ -738,7 +741,6 @@ impl SyncPass<'_> {
                 c,
                 &room,
                 auth.user_id.as_str(),
-                &self.ignored,
                 filter.unread_thread_notifications,
             )?;
             let mut body = json!({

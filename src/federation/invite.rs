@@ -126,6 +126,9 @@ pub async fn receive_invite(
                 return Ok(());
             }
             let nid = crate::room::remote::persist_outlier(w.db(), &room, &p)?;
+            // Out of band, with a stream position: the push evaluator follows the stream and notifies the invitee.
+            let stream = crate::store::ids::StreamPos(w.next_stream());
+            crate::store::events::set_out_of_band_stream(w.db(), nid, stream)?;
             invite_state::set(w.db(), room.room_nid, &target, &stripped_json)?;
             crate::room::append::apply_membership(w, &identity, room.room_nid, &target, nid).map(drop)
         })

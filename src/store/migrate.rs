@@ -6,7 +6,7 @@ use rusqlite::Connection;
 const SCHEMA: &str = include_str!("../../schema.sql");
 
 /// Version written by `SCHEMA`. Later changes add `(version, sql)` steps to `MIGRATIONS` and bump this.
-pub const SCHEMA_VERSION: i64 = 12;
+pub const SCHEMA_VERSION: i64 = 15;
 
 /// Steps from version N-1 to N, for N > 1.
 const MIGRATIONS: &[(i64, &str)] = &[
@@ -20,6 +20,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (10, ADMIN_V10),
     (11, SLIDING_SYNC_V11),
     (12, PUSHERS_V12),
+    (15, UNREAD_V15),
 ];
 
 /// 9: which media the legacy unauthenticated endpoints no longer serve (`media.freeze_legacy`). Media stored
@@ -56,6 +57,15 @@ CREATE TABLE IF NOT EXISTS notifications (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS push_cursor (id INTEGER PRIMARY KEY CHECK (id = 0), stream INTEGER NOT NULL);
 INSERT OR IGNORE INTO push_cursor (id, stream) SELECT 0, coalesce(max(stream_ordering), 0) FROM events;
+";
+
+/// 15: unread notification counts by room and thread, kept apart from the (capped) `notifications` list. Events
+/// evaluated before the upgrade are not counted: counts start at zero and grow with new events.
+const UNREAD_V15: &str = "
+CREATE TABLE IF NOT EXISTS unread_notifications (
+    user_id TEXT NOT NULL, room_nid INTEGER NOT NULL, stream INTEGER NOT NULL, thread_id TEXT NOT NULL,
+    highlight INTEGER NOT NULL, PRIMARY KEY (user_id, room_nid, stream)
+) WITHOUT ROWID;
 ";
 
 /// 11: simplified sliding sync (MSC4186): connections and their positions.

@@ -39,6 +39,7 @@ pub mod state_groups;
 pub mod testing;
 pub mod timeline;
 pub mod txn_ids;
+pub mod unread;
 
 use std::path::Path;
 use std::sync::mpsc as std_mpsc;

@@ -204,8 +204,9 @@ pub fn set_cursor(conn: Db<'_>, pos: StreamPos) -> Result<()> {
     Ok(())
 }
 
-/// A new timeline event after the cursor (not an outlier, not rejected, not soft-failed; backfilled history is
-/// numbered below 0 and never reaches here).
+/// A new timeline event after the cursor (not rejected, not soft-failed; backfilled history is numbered below 0
+/// and never reaches here), or an out-of-band membership event (an outlier given a stream position: an invite
+/// over federation to a room we hold no state for).
 #[derive(Debug, Clone)]
 pub struct NewEvent {
     pub stream: StreamPos,
@@ -213,22 +214,27 @@ pub struct NewEvent {
     pub room_nid: crate::store::ids::RoomNid,
     pub sender: String,
     pub json: String,
+    pub outlier: bool,
 }
 
-/// Up to `limit` events after `after`, in stream order (those never pushed with an empty sender and JSON).
+/// Up to `limit` events after `after`, in stream order (those never pushed with an empty sender and JSON: rejected
+/// and soft-failed events, outliers other than membership events).
 pub fn events_after(conn: Db<'_>, after: StreamPos, limit: i64) -> Result<Vec<NewEvent>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT stream_ordering, room_nid, sender, json, outlier, rejected IS NOT NULL OR soft_failed != 0, event_id
+        "SELECT stream_ordering, room_nid, sender, json, outlier, rejected IS NOT NULL OR soft_failed != 0, event_id,
+             event_type
          FROM events WHERE stream_ordering > ?1 ORDER BY stream_ordering LIMIT ?2",
     )?;
     let rows = stmt.query_map(params![after, limit], |r| {
-        let skip = r.get::<_, bool>(4)? || r.get::<_, bool>(5)?;
+        let outlier = r.get::<_, bool>(4)?;
+        let skip = (outlier && r.get::<_, String>(7)? != "m.room.member") || r.get::<_, bool>(5)?;
         let e = NewEvent {
             stream: r.get(0)?,
             event_id: r.get(6)?,
             room_nid: r.get(1)?,
             sender: r.get(2)?,
             json: r.get(3)?,
+            outlier,
         };
         Ok((e, skip))
     })?;
@@ -239,6 +245,17 @@ pub fn events_after(conn: Db<'_>, after: StreamPos, limit: i64) -> Result<Vec<Ne
         out.push(if skip { NewEvent { sender: String::new(), json: String::new(), ..e } } else { e });
     }
     Ok(out)
+}
+
+/// Whether events up to `upto` wait for the evaluator (those after its cursor): the counts in a `/sync` answer
+/// going up to `upto` are complete once this is false.
+pub fn unevaluated_up_to(conn: Db<'_>, upto: StreamPos) -> Result<bool> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM events WHERE stream_ordering > (SELECT stream FROM push_cursor WHERE id = 0)
+             AND stream_ordering <= ?1)",
+        )?
+        .query_row([upto], |r| r.get(0))?)
 }
 
 // ---- the outbox ------------------------------------------------------------------------------------------------

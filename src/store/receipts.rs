@@ -68,6 +68,13 @@ pub fn set(w: &mut Writer<'_>, r: &NewReceipt<'_>) -> Result<()> {
              ts = excluded.ts, stream_ordering = excluded.stream_ordering",
         )?
         .execute(params![r.room_nid, r.receipt_type, r.user_id, r.thread_id, r.event_id, r.ts, stream])?;
+    if matches!(r.receipt_type, "m.read" | "m.read.private") {
+        // What the receipt reads is no longer unread: its thread up to the event, or every thread (unthreaded).
+        if let Some(upto) = crate::store::unread::stream_of(w.db(), r.event_id)? {
+            let thread = (!r.thread_id.is_empty()).then_some(r.thread_id);
+            crate::store::unread::read_up_to(w.db(), r.user_id, RoomNid(r.room_nid), thread, upto)?;
+        }
+    }
     Ok(())
 }
 

@@ -71,42 +71,6 @@ pub fn state_before(conn: Db<'_>, event: EventNid) -> Result<Option<StateGroup>>
         .optional()?)
 }
 
-/// The position of `sender`'s newest event among the room's newest `scan` timeline events after `after`.
-/// Bounded through the stream index: an own event older than those leaves them all unread anyway (unbounded,
-/// this scanned a room's whole history on every sync).
-pub fn latest_from_sender(
-    conn: Db<'_>,
-    room: RoomNid,
-    sender: &str,
-    after: StreamPos,
-    scan: i64,
-) -> Result<Option<StreamPos>> {
-    Ok(conn
-        .prepare_cached(
-            "SELECT max(stream_ordering) FROM (SELECT stream_ordering, sender FROM events
-             WHERE room_nid = ?1 AND stream_ordering > ?3 AND stream_ordering IS NOT NULL
-             ORDER BY stream_ordering DESC LIMIT ?4) WHERE sender = ?2",
-        )?
-        .query_row(params![room, sender, after, scan], |r| r.get(0))?)
-}
-
-/// The newest `limit` shown events after `after` not sent by `reader`, newest first: `(sender, json, stream
-/// position)`, the events a notification count looks at.
-pub fn unread_by(
-    conn: Db<'_>,
-    room: RoomNid,
-    reader: &str,
-    after: StreamPos,
-    limit: i64,
-) -> Result<Vec<(String, String, StreamPos)>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT sender, json, stream_ordering FROM events WHERE room_nid = ?1 AND stream_ordering > ?2 AND sender != ?3
-         AND outlier = 0 AND rejected IS NULL AND soft_failed = 0 ORDER BY stream_ordering DESC LIMIT ?4",
-    )?;
-    let rows = stmt.query_map(params![room, after, reader, limit], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-    Ok(rows.collect::<rusqlite::Result<_>>()?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,29 +143,5 @@ mod tests {
         assert_eq!(state_before(conn.db(), first).unwrap(), None, "no prev event with state");
         testing::edge(conn.db(), second, "$prev");
         assert_eq!(state_before(conn.db(), second).unwrap(), Some(g));
-    }
-
-    #[test]
-    fn notification_reads_look_at_the_newest_events_only() {
-        let conn = memory_db();
-        let room = timeline(conn.db()); // @a sent $1 $3 $5, @b sent $2 $4 $6
-        let p = StreamPos;
-        assert_eq!(latest_from_sender(conn.db(), room, "@a:x", p(0), 100).unwrap(), Some(p(5)));
-        assert_eq!(latest_from_sender(conn.db(), room, "@a:x", p(0), 1).unwrap(), None, "only the newest one scanned");
-        assert_eq!(latest_from_sender(conn.db(), room, "@a:x", p(5), 100).unwrap(), None);
-        assert_eq!(latest_from_sender(conn.db(), room, "@c:x", p(0), 100).unwrap(), None);
-
-        let unread: Vec<(String, String)> = unread_by(conn.db(), room, "@a:x", p(0), 10)
-            .unwrap()
-            .into_iter()
-            .map(|(sender, json, _)| {
-                let v: serde_json::Value = serde_json::from_str(&json).unwrap();
-                (sender, v["event_id"].as_str().unwrap().to_owned())
-            })
-            .collect();
-        let want = [("@b:x".to_owned(), "$6".to_owned()), ("@b:x".to_owned(), "$2".to_owned())];
-        assert_eq!(unread, want, "others' shown events, newest first ($4 soft-failed)");
-        assert_eq!(unread_by(conn.db(), room, "@a:x", p(2), 10).unwrap().len(), 1);
-        assert_eq!(unread_by(conn.db(), room, "@b:x", p(0), 1).unwrap().len(), 1, "limited");
     }
 }

@@ -99,6 +99,8 @@ pub async fn sync(
     let (body, sent, upto, typing_serial, news) = loop {
         let upto = *stream_rx.borrow_and_update();
         let _ = typing_rx.borrow_and_update();
+        // The rooms' unread counts up to `upto` come from the push evaluator: let it catch up first.
+        crate::client::push::caught_up(&s, upto).await;
         let typing_serial = s.typing.serial();
         let typing = s.typing.clone_view();
         let (a, r, f) = (auth.clone(), req.clone(), from.clone());

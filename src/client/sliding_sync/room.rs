@@ -91,7 +91,7 @@ pub fn joined(ctx: &RoomCtx<'_>, cand: &Candidate, config: &Effective, since: Op
     let (joined, invited) = members::member_counts(c, room.room_nid)?;
     body["joined_count"] = json!(joined);
     body["invited_count"] = json!(invited);
-    let (unread, _) = crate::client::notifications::unread_counts(c, room, me, ctx.ignored, false)?;
+    let (unread, _) = crate::client::notifications::unread_counts(c, room, me, false)?;
     body["notification_count"] = unread["notification_count"].clone();
     body["highlight_count"] = unread["highlight_count"].clone();
     if cand.is_dm {
