@@ -69,8 +69,8 @@ class PushService(http.server.BaseHTTPRequestHandler):
 def main():
     py = sygnal_python()
     if py is None:
-        print("SKIPPED: no Sygnal (set SYGNAL_PYTHON or install it into target/sygnal-venv)")
-        return
+        # Asked to run without Sygnal: fail, so that a missing gateway is never counted as a pass.
+        sys.exit("no Sygnal: set SYGNAL_PYTHON or install it into target/sygnal-venv (tests/README.md says how)")
     # The subscription's keys, made with the `cryptography` Sygnal's own environment has (via pywebpush).
     keys = subprocess.run([py, "-c", """
 import base64, os, json
