@@ -401,3 +401,62 @@ async fn users_and_aliases_are_queried_on_demand_and_the_ping_reaches_the_servic
         .assert_err(403, "M_FORBIDDEN");
     server.stop().await;
 }
+
+#[test]
+fn the_cli_lists_and_checks_registrations() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = write_registration(dir.path(), "bridge.yaml", &registration("http://127.0.0.1:9"));
+    let bad =
+        write_registration(dir.path(), "bad.yaml", &registration("http://127.0.0.1:9").replace("'@bridge_.*'", "'('"));
+    let run = |args: &[&str], files: &str| {
+        std::process::Command::new(hearth_bin())
+            .args(args)
+            .current_dir(dir.path())
+            .env("HEARTH_SERVER_NAME", "hs.example")
+            .env("HEARTH_APPSERVICE__REGISTRATION_FILES", files)
+            .output()
+            .unwrap()
+    };
+    let files = format!("[\"{}\"]", good.display());
+    let o = run(&["appservice", "list"], &files);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && out.contains("bridge: url http://127.0.0.1:9, sender @bridgebot:hs.example"),
+        "{out}"
+    );
+    let o = run(&["appservice", "check", good.to_str().unwrap()], "[]");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = run(&["appservice", "check", bad.to_str().unwrap()], "[]");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("bad.yaml") && err.contains("namespaces.users[0].regex"), "{err}");
+    // The same file twice beside the configured one: a duplicate id.
+    let copy = write_registration(dir.path(), "copy.yaml", &registration("http://127.0.0.1:9"));
+    let o = run(&["appservice", "check", copy.to_str().unwrap()], &files);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("copy.yaml") && err.contains("key `id`"), "{err}");
+    let o = run(&["config", "check"], &format!("[\"{}\"]", bad.display()));
+    assert_eq!(o.status.code(), Some(2), "config check refuses a broken registration");
+}
+
+#[tokio::test]
+async fn an_appservice_may_set_the_timestamp_of_its_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_registration(dir.path(), "bridge.yaml", &registration("http://127.0.0.1:9"));
+    let server = TestServer::start_with(with_appservice(file)).await;
+    let bot = as_client(&server.base_url);
+    let room = bot.create_room(json!({})).await;
+    let path = format!("/rooms/{}/send/m.room.message/t1?ts=1000000", enc(&room));
+    let id =
+        bot.put(&path, json!({"msgtype": "m.text", "body": "old"})).await.ok()["event_id"].as_str().unwrap().to_owned();
+    assert_eq!(bot.event(&room, &id).await.ok()["origin_server_ts"], 1000000);
+    // Anyone else's `ts` is ignored.
+    let alice = server.user("alice").await;
+    let room = alice.create_room(json!({})).await;
+    let path = format!("/rooms/{}/send/m.room.message/t1?ts=1000000", enc(&room));
+    let id = alice.put(&path, json!({"msgtype": "m.text", "body": "now"})).await.ok()["event_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(alice.event(&room, &id).await.ok()["origin_server_ts"], 1000000);
+    server.stop().await;
+}

@@ -56,6 +56,16 @@ pub async fn login_user(s: &AppState, parts: &Parts, name: &str) -> Result<Strin
     Ok(user_id)
 }
 
+/// An application service's timestamp massaging: `?ts=` (ms) becomes the event's `origin_server_ts`. Only for
+/// requests with an `as_token`; anyone else's `ts` is ignored, as in Synapse.
+pub fn massaged_ts(auth: &Auth, query: Option<&str>) -> Result<Option<i64>> {
+    if auth.appservice.is_none() {
+        return Ok(None);
+    }
+    let Some(v) = query.and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("ts="))) else { return Ok(None) };
+    v.parse::<i64>().map(Some).map_err(|_| Error::invalid_param("ts must be a timestamp in milliseconds"))
+}
+
 // ---- calling an application service ----------------------------------------------------------------------------
 
 /// Why a call to a service failed.

@@ -499,8 +499,10 @@ pub async fn send(
     State(s): State<AppState>,
     auth: Auth,
     Path((room_id, event_type, txn_id)): Path<(String, String, String)>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
     Json(content): Json<Value>,
 ) -> Result<impl IntoResponse> {
+    let ts = crate::client::appservice::massaged_ts(&auth, query.as_deref())?;
     if !content.is_object() {
         return Err(Error::bad_json("content must be an object"));
     }
@@ -521,7 +523,7 @@ pub async fn send(
             }
             // A redaction sent this way names its target in `content.redacts`; the room core applies the same
             // rules to it as to `/redact` (`room::append`).
-            let ev = LocalEvent::message(&event_type, content);
+            let ev = LocalEvent { ts, ..LocalEvent::message(&event_type, content) };
             let a = append_with_txn(w, &identity, &auth, &room_id, ev, &txn_id, &key)?;
             Ok(a.event_id)
         })
@@ -575,7 +577,13 @@ pub async fn redact(
             if let Some(r) = body.reason {
                 content["reason"] = json!(r);
             }
-            let ev = LocalEvent { kind: "m.room.redaction".into(), state_key: None, content, redacts: Some(event_id) };
+            let ev = LocalEvent {
+                kind: "m.room.redaction".into(),
+                state_key: None,
+                content,
+                redacts: Some(event_id),
+                ts: None,
+            };
             let a = append_with_txn(w, &identity, &auth, &room_id, ev, &txn_id, &key)?;
             Ok(a.event_id)
         })
@@ -587,9 +595,11 @@ pub async fn put_state(
     State(s): State<AppState>,
     auth: Auth,
     Path(p): Path<Vec<(String, String)>>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
     Json(content): Json<Value>,
 ) -> Result<impl IntoResponse> {
     let (room_id, event_type, state_key) = state_path(p);
+    let ts = crate::client::appservice::massaged_ts(&auth, query.as_deref())?;
     if !content.is_object() {
         return Err(Error::bad_json("content must be an object"));
     }
@@ -629,7 +639,7 @@ pub async fn put_state(
         .store
         .write(move |w| {
             let (room_id, sender) = (crate::room::parse_room_id(&room_id)?, &auth.user_id);
-            let ev = LocalEvent::state(&event_type, &state_key, content);
+            let ev = LocalEvent { ts, ..LocalEvent::state(&event_type, &state_key, content) };
             if event_type != "m.room.member" {
                 if let Some(id) = crate::room::append::unchanged_state(w.db(), &room_id, sender, &ev)? {
                     return Ok(id);
