@@ -304,6 +304,9 @@ pub async fn lookup_by_protocol(
     Path((kind, p)): Path<(String, String)>,
     axum::extract::RawQuery(q): axum::extract::RawQuery,
 ) -> Result<impl IntoResponse> {
+    if kind != "location" && kind != "user" {
+        return Err(Error::unrecognized("unrecognized endpoint"));
+    }
     let path = format!("/_matrix/app/v1/thirdparty/{kind}/{}", segment(&p));
     lookup(&s, Some(&p), &path, q.as_deref()).await.map(axum::Json)
 }
@@ -315,7 +318,11 @@ pub async fn reverse_lookup(
     Path(kind): Path<String>,
     axum::extract::RawQuery(q): axum::extract::RawQuery,
 ) -> Result<impl IntoResponse> {
-    let key = if kind == "location" { "alias=" } else { "userid=" };
+    let key = match kind.as_str() {
+        "location" => "alias=",
+        "user" => "userid=",
+        _ => return Err(Error::unrecognized("unrecognized endpoint")),
+    };
     if !q.as_deref().unwrap_or("").split('&').any(|kv| kv.starts_with(key)) {
         return Err(Error::missing_param(format!("`{}` is required", key.trim_end_matches('='))));
     }
