@@ -30,6 +30,10 @@ use crate::store::{accounts, appservice as store, events, pushers, rooms, Db};
 /// Events read per step of the sender (a transaction holds at most this many).
 const BATCH: i64 = 100;
 
+/// Transactions that may wait for a service that is down before new events stop being selected for it (they are
+/// selected later, when it is back: nothing is lost, only judged later).
+const MAX_QUEUED: i64 = 1000;
+
 /// 400 `M_EXCLUSIVE`: an id reserved by (or outside the namespace of) an application service.
 pub fn exclusive(msg: &str) -> Error {
     Error::matrix(StatusCode::BAD_REQUEST, "M_EXCLUSIVE", msg)
@@ -393,17 +397,23 @@ async fn run_one(s: AppState, svc: Arc<AppService>, mut shutdown: watch::Receive
 /// Sends the waiting transaction (when its backoff allows), else makes the next one from the stream.
 async fn step(s: &AppState, svc: &Arc<AppService>) -> Result<Next> {
     let id = svc.id.clone();
-    let (state, pending) =
-        s.store.read_background(move |c| Ok((store::state(c, &id)?, store::next_txn(c, &id)?))).await?;
+    let (state, pending, queued) = s
+        .store
+        .read_background(move |c| Ok((store::state(c, &id)?, store::next_txn(c, &id)?, store::queued_count(c, &id)?)))
+        .await?;
     let Some(state) = state else { return Ok(Next::Idle) };
+    let caught_up = s.store.current_stream() <= state.stream.0;
     if let Some((txn, body)) = pending {
         let now = accounts::now_ms();
-        if state.retry_at > now {
+        if state.retry_at <= now {
+            return send(s, svc, txn, &body).await;
+        }
+        // In backoff: new events are still selected as they come (interest is judged near the time of each
+        // event, not after the outage), up to a bound of waiting transactions.
+        if caught_up || queued >= MAX_QUEUED {
             return Ok(Next::Wait(Duration::from_millis((state.retry_at - now) as u64)));
         }
-        return send(s, svc, txn, &body).await;
-    }
-    if s.store.current_stream() <= state.stream.0 {
+    } else if caught_up {
         return Ok(Next::Idle);
     }
     let from = state.stream;
