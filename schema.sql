@@ -506,3 +506,18 @@ CREATE TABLE unread_notifications (
 -- The stream position up to which events have been run through the push rules.
 CREATE TABLE push_cursor (id INTEGER PRIMARY KEY CHECK (id = 0), stream INTEGER NOT NULL);
 INSERT INTO push_cursor (id, stream) VALUES (0, 0);
+-- Application services: each one's position in the event stream (events up to it were put into transactions),
+-- its transaction ids and its backoff. A service new to the server starts at the latest event.
+CREATE TABLE appservice_state (
+    appservice_id TEXT PRIMARY KEY, stream INTEGER NOT NULL, last_txn_id INTEGER NOT NULL DEFAULT 0,
+    failures INTEGER NOT NULL DEFAULT 0, retry_at INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+-- Transactions written before they are sent (a retry sends the same txn id and body), deleted on a 2xx.
+CREATE TABLE appservice_txns (
+    appservice_id TEXT NOT NULL, txn_id INTEGER NOT NULL, body TEXT NOT NULL, PRIMARY KEY (appservice_id, txn_id)
+) WITHOUT ROWID;
+-- Rooms an application service published in its network's room directory (PUT /directory/list/appservice).
+CREATE TABLE appservice_room_list (
+    appservice_id TEXT NOT NULL, network_id TEXT NOT NULL, room_id TEXT NOT NULL,
+    PRIMARY KEY (appservice_id, network_id, room_id)
+) WITHOUT ROWID;

@@ -28,6 +28,7 @@ pub struct Config {
     pub well_known: WellKnown,
     pub rooms: Rooms,
     pub push: Push,
+    pub appservice: Appservice,
 }
 
 /// Rooms created here.
@@ -88,6 +89,34 @@ impl Default for Push {
             allowed_gateway_hosts: Vec::new(),
             max_queued_per_pusher: 1000,
             retry_base_ms: 1000,
+        }
+    }
+}
+
+/// Application services (bridges).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Appservice {
+    /// Registration files (the standard YAML a bridge generates), one per application service. Read at start: a
+    /// broken file, a duplicate id or token or an invalid regex stops the start. Env:
+    /// `HEARTH_APPSERVICE__REGISTRATION_FILES='["/etc/hearth/bridges/irc.yaml"]'`.
+    pub registration_files: Vec<PathBuf>,
+    /// Backoff after a failed transaction to an application service: this many milliseconds times 2^(failures-1),
+    /// at most `retry_max_ms`.
+    pub retry_base_ms: u64,
+    pub retry_max_ms: u64,
+    /// Allow application services to be reached on loopback and private addresses (on by default: bridges
+    /// usually run on the same machine; their URLs come from the operator's registration files).
+    pub allow_private_urls: bool,
+}
+
+impl Default for Appservice {
+    fn default() -> Self {
+        Appservice {
+            registration_files: Vec::new(),
+            retry_base_ms: 1000,
+            retry_max_ms: 300_000,
+            allow_private_urls: true,
         }
     }
 }

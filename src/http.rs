@@ -73,6 +73,8 @@ pub struct Services {
     pub sent_members: SentMembers,
     /// `/hierarchy` walks paused between pages, by `next_batch` token.
     pub hierarchy_sessions: crate::federation::hierarchy::Sessions,
+    /// The registered application services (`[appservice] registration_files`).
+    pub appservices: Arc<crate::appservice::Registry>,
 }
 
 /// An authenticated local user (from `Authorization: Bearer` or `?access_token=`).
@@ -84,6 +86,91 @@ pub struct Auth {
     pub token: String,
     /// The client's address ([`client_ip`]), for rate limits such as the password checks of user-interactive auth.
     pub ip: String,
+    /// Set when the request came with an application service's `as_token` (`user_id` then is its sender or the
+    /// user it asserted with `?user_id=`).
+    pub appservice: Option<Arc<crate::appservice::AppService>>,
+}
+
+impl Auth {
+    /// Whether rate limits apply to this requester (not to an application service registered with
+    /// `rate_limited: false`).
+    pub fn rate_limited(&self) -> bool {
+        self.appservice.as_ref().is_none_or(|a| a.rate_limited)
+    }
+}
+
+/// Whether the request carries an access token at all.
+pub fn has_token(parts: &Parts) -> bool {
+    token_from(parts).is_some()
+}
+
+/// The application service whose `as_token` the request carries, if it carries one.
+pub fn appservice_of(parts: &Parts, state: &AppState) -> Option<Arc<crate::appservice::AppService>> {
+    token_from(parts).and_then(|t| state.appservices.by_as_token(&t).cloned())
+}
+
+/// A query parameter's decoded value (the first one named `key`).
+fn query_param(parts: &Parts, key: &str) -> Option<String> {
+    parts.uri.query().and_then(|q| {
+        q.split('&').find_map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (percent_decode(k) == key).then(|| percent_decode(v))
+        })
+    })
+}
+
+/// The user (and MSC3202 device) an application service acts as: its sender, or `?user_id=` inside its user
+/// namespace, who must be registered (Synapse's rules and errors).
+async fn appservice_auth(
+    parts: &Parts,
+    state: &AppState,
+    service: Arc<crate::appservice::AppService>,
+    token: String,
+) -> Result<Auth> {
+    let user_id = query_param(parts, "user_id").unwrap_or_else(|| service.sender.clone());
+    if !service.owns_user(&user_id) {
+        return Err(Error::matrix(
+            axum::http::StatusCode::FORBIDDEN,
+            "M_EXCLUSIVE",
+            "the application service cannot masquerade as this user (not in its namespace)",
+        ));
+    }
+    let device = if service.msc3202 {
+        query_param(parts, "org.matrix.msc3202.device_id").or_else(|| query_param(parts, "device_id"))
+    } else {
+        None
+    };
+    let (uid, dev) = (user_id.clone(), device.clone());
+    let (user, device_known) = state
+        .store
+        .read(move |c| {
+            let user = accounts::get_user(c, &uid)?;
+            let known = match &dev {
+                Some(d) => accounts::list_devices(c, &uid)?.iter().any(|x| &x.device_id == d),
+                None => true,
+            };
+            Ok((user, known))
+        })
+        .await?;
+    let Some(user) = user.filter(|u| !u.deactivated) else {
+        return Err(Error::forbidden("the application service has not registered this user"));
+    };
+    if !device_known {
+        return Err(Error::matrix(
+            axum::http::StatusCode::BAD_REQUEST,
+            "M_UNKNOWN_DEVICE",
+            "the application service named a device its user does not have",
+        ));
+    }
+    let user_id = ruma::UserId::parse(&user_id).map_err(|_| Error::invalid_param("user_id is not a user id"))?;
+    Ok(Auth {
+        user_id,
+        device_id: device.unwrap_or_default(),
+        admin: user.admin,
+        token,
+        ip: client_ip(parts, &state.config),
+        appservice: Some(service),
+    })
 }
 
 fn token_from(parts: &Parts) -> Option<String> {
@@ -100,6 +187,9 @@ impl FromRequestParts<AppState> for Auth {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self> {
         let token = token_from(parts).ok_or_else(Error::missing_token)?;
+        if let Some(service) = state.appservices.by_as_token(&token) {
+            return appservice_auth(parts, state, service.clone(), token).await;
+        }
         let t = token.clone();
         let found = state.store.read(move |c| accounts::lookup_token(c, &t)).await?;
         let (user_id, device_id, admin) = found.ok_or_else(Error::unknown_token)?;
@@ -107,7 +197,7 @@ impl FromRequestParts<AppState> for Auth {
             tracing::error!("stored user id {user_id:?} does not parse: {e}");
             Error::internal("stored user id does not parse")
         })?;
-        Ok(Auth { user_id, device_id, admin, token, ip: client_ip(parts, &state.config) })
+        Ok(Auth { user_id, device_id, admin, token, ip: client_ip(parts, &state.config), appservice: None })
     }
 }
 

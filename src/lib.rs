@@ -1,6 +1,7 @@
 //! Hearth: a Matrix homeserver in one binary and one SQLite file.
 
 pub mod admin;
+pub mod appservice;
 pub mod client;
 pub mod config;
 pub mod e2ee;

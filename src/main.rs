@@ -48,6 +48,11 @@ enum Command {
         #[arg(long)]
         watch: bool,
     },
+    /// Application services (bridges): `list` the registered ones, `check FILE` a registration file.
+    Appservice {
+        #[command(subcommand)]
+        action: AppserviceAction,
+    },
     /// Configuration helpers.
     Config {
         #[command(subcommand)]
@@ -183,6 +188,14 @@ enum TokenAction {
 }
 
 #[derive(Subcommand)]
+enum AppserviceAction {
+    /// The registrations of `appservice.registration_files`, with their waiting transactions.
+    List,
+    /// Check a registration file (alone and beside the configured ones) without starting the server.
+    Check { file: PathBuf },
+}
+
+#[derive(Subcommand)]
 enum ConfigAction {
     /// Print a commented example configuration with every key.
     Example,
@@ -252,6 +265,7 @@ fn main() {
         Some(Command::Keys { action: KeysAction::Rotate }) => rotate_keys(config, &source),
         Some(Command::Backup { file, force }) => backup_command(&config, &file, force),
         Some(Command::Restore { file, force }) => restore_command(&config, &file, force),
+        Some(Command::Appservice { action }) => appservice_command(&config, &source, action),
         Some(Command::Config { .. }) => Ok(()),
     };
     if let Err(e) = result {
@@ -376,6 +390,9 @@ async fn print_first_steps(running: &hearth::server::Running, file: Option<&std:
 /// the file system. Returns the exit code.
 fn config_check(config: &Config, source: &str, file: Option<&std::path::Path>) -> i32 {
     let (mut errors, warnings) = config.check_environment();
+    if let Err(e) = hearth::appservice::Registry::load(&config.appservice.registration_files, &config.server_name) {
+        errors.push(format!("key `appservice.registration_files`: {e}"));
+    }
     if let Err(e) = config.require_server_name(source) {
         errors.insert(0, format!("key `server_name`: {e}"));
     }
@@ -399,6 +416,61 @@ fn config_check(config: &Config, source: &str, file: Option<&std::path::Path>) -
         if config.metrics.enabled { "on" } else { "off" },
     );
     0
+}
+
+fn appservice_command(config: &Config, source: &str, action: AppserviceAction) -> anyhow::Result<()> {
+    use hearth::appservice::{self, Registry};
+    let server_name = if config.server_name.is_empty() { "<server_name>" } else { config.server_name.as_str() };
+    let describe = |a: &appservice::AppService| {
+        let ns = |list: &[appservice::Namespace]| {
+            let v: Vec<String> =
+                list.iter().map(|n| format!("{}{}", n.source, if n.exclusive { " (exclusive)" } else { "" })).collect();
+            if v.is_empty() {
+                "-".to_owned()
+            } else {
+                v.join(", ")
+            }
+        };
+        format!(
+            "{}: url {}, sender {}, users {}, aliases {}, rooms {}, rate limited {}, ephemeral {}{}",
+            a.id,
+            a.base_url().unwrap_or("none (no pushes)"),
+            a.sender,
+            ns(&a.users),
+            ns(&a.aliases),
+            ns(&a.rooms),
+            if a.rate_limited { "yes" } else { "no" },
+            if a.receive_ephemeral { "yes" } else { "no" },
+            if a.protocols.is_empty() { String::new() } else { format!(", protocols {}", a.protocols.join(" ")) }
+        )
+    };
+    match action {
+        AppserviceAction::Check { file } => {
+            let a = appservice::load_file(&file, server_name)?;
+            let mut files = config.appservice.registration_files.clone();
+            if !files.iter().any(|f| f == &file) {
+                files.push(file.clone());
+            }
+            Registry::load(&files, server_name)?;
+            println!("registration OK ({}): {}", file.display(), describe(&a));
+        }
+        AppserviceAction::List => {
+            let registry = Registry::load(&config.appservice.registration_files, server_name)?;
+            if registry.is_empty() {
+                println!("no application services registered (appservice.registration_files in {source})");
+            }
+            let db = admin(config, source).ok();
+            for a in registry.all() {
+                let queued = db.as_ref().map(|d| d.appservice_queue(&a.id)).transpose()?.flatten();
+                let status = match queued {
+                    Some((waiting, failures)) => format!(" [{waiting} transaction(s) waiting, {failures} failure(s)]"),
+                    None => String::new(),
+                };
+                println!("{} ({}){status}", describe(a), a.file.display());
+            }
+        }
+    }
+    Ok(())
 }
 
 fn backup_command(config: &Config, file: &std::path::Path, force: bool) -> anyhow::Result<()> {

@@ -211,10 +211,16 @@ pub fn sd_notify(state: &str) {
 /// Opens the database (creating and migrating it, and the server's identity, if needed) and builds the services.
 /// Blocks: async code runs it under `spawn_blocking`.
 pub fn build_services(config: Config) -> anyhow::Result<Arc<Services>> {
+    let appservices = crate::appservice::Registry::load(&config.appservice.registration_files, &config.server_name)?;
     let store = Store::open(&config.database.path, config.database.readers)?;
     let identity = {
         let direct = crate::store::DirectDb::open(&config.database.path)?;
-        Identity::load_or_create(direct.db(), &config.server_name)?
+        let identity = Identity::load_or_create(direct.db(), &config.server_name)?;
+        // Each application service's own user exists from the start (as in Synapse).
+        for a in appservices.all() {
+            crate::store::accounts::insert_user(direct.db(), &a.sender, None, false)?;
+        }
+        identity
     };
     let federation = if config.federation.enabled {
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -279,6 +285,7 @@ pub fn build_services(config: Config) -> anyhow::Result<Arc<Services>> {
         client_addr: std::sync::OnceLock::new(),
         sent_members: Default::default(),
         hierarchy_sessions: Default::default(),
+        appservices: Arc::new(appservices),
         metrics: Default::default(),
         shutdown: watch::channel(false).0,
         media,
@@ -342,6 +349,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .with(crate::admin::job::DEACTIVATE, crate::admin::job::deactivate_kind(services.clone()));
     tasks.push(tokio::spawn(crate::jobs::run_worker(worker, kinds, shutdown_rx.clone())));
     tasks.push(tokio::spawn(crate::client::push::run(services.clone(), shutdown_rx.clone())));
+    tasks.push(tokio::spawn(crate::client::appservice::run(services.clone(), shutdown_rx.clone())));
     tasks.push(tokio::spawn(services.presence.clone().run(services.store.clone(), shutdown_rx.clone())));
     tracing::info!(%client_addr, ?federation_addr, server_name = %services.identity.server_name, "hearth listening");
     Ok(Running { client_addr, federation_addr, services, tasks })

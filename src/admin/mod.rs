@@ -43,6 +43,13 @@ impl Admin {
         Ok(Admin { db, path, server_name: stored, config: config.clone() })
     }
 
+    /// An application service's waiting transactions and failed attempts in a row (None: never started).
+    pub fn appservice_queue(&self, id: &str) -> anyhow::Result<Option<(i64, i64)>> {
+        use crate::store::appservice;
+        let Some(state) = appservice::state(self.db.db(), id)? else { return Ok(None) };
+        Ok(Some((appservice::queued_count(self.db.db(), id)?, state.failures)))
+    }
+
     /// The pid of the server running on this database, if one runs.
     pub fn running_server(&self) -> Option<u32> {
         crate::store::lock::holder(&self.path)

@@ -41,7 +41,7 @@ pub async fn well_known_server(State(s): State<AppState>) -> Result<impl IntoRes
 }
 
 pub async fn login_flows() -> impl IntoResponse {
-    axum::Json(json!({"flows": [{"type": "m.login.password"}]}))
+    axum::Json(json!({"flows": [{"type": "m.login.password"}, {"type": "m.login.application_service"}]}))
 }
 
 #[derive(Deserialize)]
@@ -118,7 +118,8 @@ pub async fn login(
     parts: Parts,
     Json(req): Json<LoginRequest>,
 ) -> Result<impl IntoResponse> {
-    if req.kind != "m.login.password" {
+    let appservice = req.kind == "m.login.application_service";
+    if req.kind != "m.login.password" && !appservice {
         return Err(Error::unknown(format!("login type {} is not supported", req.kind)));
     }
     let name = req
@@ -129,13 +130,18 @@ pub async fn login(
         .map(str::to_owned)
         .or(req.user.clone())
         .ok_or_else(|| Error::bad_json("missing user identifier"))?;
-    let password = req.password.ok_or_else(|| Error::bad_json("missing password"))?;
-    let ip = crate::http::client_ip(&parts, &s.config);
-    s.login_attempt_limiter.take(&ip).map_err(Error::limit_exceeded)?;
-    let user_id = local_user_id(&s, &name).map_err(|_| Error::forbidden("invalid username or password"))?;
-    if !check_password_limited(&s, &user_id, &ip, &password).await? {
-        return Err(Error::forbidden("invalid username or password"));
-    }
+    let user_id = if appservice {
+        crate::client::appservice::login_user(&s, &parts, &name).await?
+    } else {
+        let password = req.password.ok_or_else(|| Error::bad_json("missing password"))?;
+        let ip = crate::http::client_ip(&parts, &s.config);
+        s.login_attempt_limiter.take(&ip).map_err(Error::limit_exceeded)?;
+        let user_id = local_user_id(&s, &name).map_err(|_| Error::forbidden("invalid username or password"))?;
+        if !check_password_limited(&s, &user_id, &ip, &password).await? {
+            return Err(Error::forbidden("invalid username or password"));
+        }
+        user_id
+    };
     let device_id = req.device_id.unwrap_or_else(|| random_string(10).to_uppercase());
     let token = format!("hth_{}", random_string(40));
     let (u, d, t, name) = (user_id.clone(), device_id.clone(), token.clone(), req.initial_device_display_name);
@@ -198,7 +204,12 @@ pub async fn logout_all(State(s): State<AppState>, auth: Auth) -> Result<impl In
 }
 
 pub async fn whoami(auth: Auth) -> impl IntoResponse {
-    axum::Json(json!({"user_id": auth.user_id, "device_id": auth.device_id, "is_guest": false}))
+    // An application service acting as a user without naming a device (MSC3202) has none.
+    let mut body = json!({"user_id": auth.user_id, "is_guest": false});
+    if !auth.device_id.is_empty() {
+        body["device_id"] = json!(auth.device_id);
+    }
+    axum::Json(body)
 }
 
 /// Capabilities are per user, so the endpoint needs an access token (the spec marks it "requires authentication").
@@ -219,6 +230,9 @@ pub async fn capabilities(State(s): State<AppState>, _auth: Auth) -> impl IntoRe
 
 #[derive(Deserialize)]
 pub struct RegisterRequest {
+    /// `m.login.application_service`: an application service registers a user of its namespace.
+    #[serde(rename = "type")]
+    kind: Option<String>,
     username: Option<String>,
     password: Option<String>,
     device_id: Option<String>,
@@ -256,6 +270,10 @@ pub async fn register(
     if q.kind.as_deref() == Some("guest") {
         return Err(Error::guest_access_forbidden());
     }
+    let auth_type = req.auth.as_ref().and_then(|a| a.get("type")).and_then(Value::as_str);
+    if req.kind.as_deref() == Some(AS_LOGIN) || auth_type == Some(AS_LOGIN) {
+        return register_appservice_user(&s, &parts, req).await;
+    }
     if !s.config.registration.enabled {
         return Err(Error::forbidden("registration is disabled"));
     }
@@ -267,6 +285,9 @@ pub async fn register(
     };
     validate_localpart(&localpart, &server)?;
     let user_id = format!("@{localpart}:{server}");
+    if s.appservices.exclusive_user_owner(&user_id).is_some() {
+        return Err(crate::client::appservice::exclusive("this user id is reserved by an application service"));
+    }
     let uid = user_id.clone();
     if s.store.read(move |c| accounts::user_exists(c, &uid)).await? {
         return Err(Error::user_in_use());
@@ -365,6 +386,53 @@ pub async fn register(
     Ok(axum::Json(body).into_response())
 }
 
+const AS_LOGIN: &str = "m.login.application_service";
+
+/// `POST /register` with `type: m.login.application_service`: the application service whose `as_token` came with
+/// the request creates a user of its namespace (no password, no user-interactive auth, even with registration
+/// closed); a name outside its namespace is 400 `M_EXCLUSIVE`.
+async fn register_appservice_user(
+    s: &AppState,
+    parts: &Parts,
+    req: RegisterRequest,
+) -> Result<axum::response::Response> {
+    let service = crate::http::appservice_of(parts, s).ok_or_else(|| {
+        if crate::http::has_token(parts) {
+            Error::unknown_token()
+        } else {
+            Error::missing_token()
+        }
+    })?;
+    let server = s.identity.server_name.to_string();
+    let localpart = req.username.clone().ok_or_else(|| Error::bad_json("username is required"))?.to_lowercase();
+    validate_localpart(&localpart, &server)?;
+    let user_id = format!("@{localpart}:{server}");
+    if !service.owns_user(&user_id) {
+        return Err(crate::client::appservice::exclusive("the user id is outside the application service's namespace"));
+    }
+    let device_id = req.device_id.clone().unwrap_or_else(|| random_string(10).to_uppercase());
+    let token = format!("hth_{}", random_string(40));
+    let (u, d, t, dn, inhibit) =
+        (user_id.clone(), device_id.clone(), token.clone(), req.initial_device_display_name.clone(), req.inhibit_login);
+    s.store
+        .write(move |w| {
+            if !accounts::insert_user(w.db(), &u, None, false)? {
+                return Err(Error::user_in_use());
+            }
+            if !inhibit {
+                accounts::create_session(w.db(), &u, &d, dn.as_deref(), &t)?;
+            }
+            Ok(())
+        })
+        .await?;
+    let mut body = json!({"user_id": user_id, "home_server": server});
+    if !req.inhibit_login {
+        body["access_token"] = json!(token);
+        body["device_id"] = json!(device_id);
+    }
+    Ok(axum::Json(body).into_response())
+}
+
 /// Whether a token made by `hearth token create` is valid now.
 async fn token_valid(s: &AppState, token: &str) -> Result<bool> {
     if token.is_empty() {
@@ -412,6 +480,9 @@ pub async fn register_available(
     let name = q.username.ok_or_else(|| Error::missing_param("username is required"))?.to_lowercase();
     validate_localpart(&name, s.identity.server_name.as_str())?;
     let uid = format!("@{name}:{}", s.identity.server_name);
+    if s.appservices.exclusive_user_owner(&uid).is_some() {
+        return Err(crate::client::appservice::exclusive("this user id is reserved by an application service"));
+    }
     if s.store.read(move |c| accounts::user_exists(c, &uid)).await? {
         return Err(Error::user_in_use());
     }

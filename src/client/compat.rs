@@ -1,5 +1,5 @@
 //! Endpoints clients call routinely (Element-family clients on start-up and in settings), answered honestly for a
-//! server without the feature: no third-party networks, no TURN server, no 3PIDs; and the user
+//! server without the feature: no TURN server, no 3PIDs; and the user
 //! directory, searching the people who share a room with the requester or sit in a public room (as Synapse's
 //! default `search_all_users: false`).
 
@@ -12,11 +12,6 @@ use crate::error::{Error, Result};
 use crate::http::{AppState, Auth, Json};
 use crate::store::members;
 use crate::store::Db;
-
-/// `GET /thirdparty/protocols`: no bridges (application services) here.
-pub async fn thirdparty_protocols(_auth: Auth) -> impl IntoResponse {
-    axum::Json(json!({}))
-}
 
 /// `GET /voip/turnServer`: no TURN server configured (Synapse answers `{}` too).
 pub async fn turn_server(_auth: Auth) -> impl IntoResponse {

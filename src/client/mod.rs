@@ -3,6 +3,7 @@
 pub mod account;
 pub mod account_data;
 pub mod admin;
+pub mod appservice;
 pub mod compat;
 pub mod format;
 pub mod keys;
@@ -127,7 +128,11 @@ fn backup_and_tags() -> Router<AppState> {
         .route("/pushers", get(pushers::list))
         .route("/pushers/set", post(pushers::set))
         .route("/notifications", get(pushers::notifications))
-        .route("/thirdparty/protocols", get(compat::thirdparty_protocols))
+        .route("/thirdparty/protocols", get(appservice::protocols))
+        .route("/thirdparty/protocol/{protocol}", get(appservice::protocol))
+        .route("/thirdparty/{kind}/{protocol}", get(appservice::lookup_by_protocol))
+        .route("/thirdparty/{kind}", get(appservice::reverse_lookup))
+        .route("/directory/list/appservice/{network_id}/{room_id}", put(appservice::set_network_listing))
         .route("/voip/turnServer", get(compat::turn_server))
         .route("/account/3pid", get(compat::threepids))
         .route("/user_directory/search", post(compat::user_directory_search))
@@ -155,6 +160,7 @@ pub fn routes() -> Router<AppState> {
             get(relations::relations),
         )
         .route("/_matrix/client/v1/rooms/{room_id}/threads", get(relations::threads))
+        .route("/_matrix/client/v1/appservice/{appservice_id}/ping", post(appservice::ping))
         .route("/_matrix/client/unstable/org.matrix.simplified_msc3575/sync", post(sliding_sync::sync))
         .nest("/_matrix/client/v3", api())
         .nest("/_matrix/client/r0", api())

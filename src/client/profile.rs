@@ -22,12 +22,13 @@ pub async fn get_profile(State(s): State<AppState>, Path(user_id): Path<String>)
         }
         return Ok(axum::Json(body));
     }
-    let user = s
-        .store
-        .read(move |c| accounts::get_user(c, &user_id))
-        .await?
-        .filter(|u| !u.deactivated)
-        .ok_or_else(|| Error::not_found("profile not found"))?;
+    let uid = user_id.clone();
+    let mut user = s.store.read(move |c| accounts::get_user(c, &uid)).await?;
+    // A user of a bridge's namespace that does not exist yet: the bridge may create it on demand.
+    if user.is_none() && crate::client::appservice::query_user(&s, &user_id).await {
+        user = s.store.read(move |c| accounts::get_user(c, &user_id)).await?;
+    }
+    let user = user.filter(|u| !u.deactivated).ok_or_else(|| Error::not_found("profile not found"))?;
     let mut body = json!({});
     if let Some(d) = user.displayname {
         body["displayname"] = json!(d);

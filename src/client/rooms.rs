@@ -61,6 +61,9 @@ pub async fn create_room(
         Some(a) => Some(format!("#{a}:{}", s.identity.server_name)),
         None => None,
     };
+    if let Some(a) = &alias {
+        check_alias_namespace(&s, &auth, a)?;
+    }
     let visibility_public = match body.visibility.as_deref() {
         None | Some("private") => false,
         Some("public") => true,
@@ -158,7 +161,9 @@ pub async fn join(
     if body.third_party_signed.as_ref().is_some_and(|t| !t.is_null()) {
         return Err(Error::invalid_param("third-party invites (third_party_signed) are not supported"));
     }
-    s.join_limiter.take(auth.user_id.as_str()).map_err(Error::limit_exceeded)?;
+    if auth.rate_limited() {
+        s.join_limiter.take(auth.user_id.as_str()).map_err(Error::limit_exceeded)?;
+    }
     let (room_id, servers) = resolve_room(&s, &id_or_alias).await?;
     let rid = room_id.clone();
     if s.store.read(move |c| rooms::is_blocked(c, &rid)).await? {
@@ -320,6 +325,7 @@ pub async fn leave_all(s: &AppState, user_id: &ruma::UserId) {
         admin: false,
         token: String::new(),
         ip: String::new(),
+        appservice: None,
     };
     let auth = &auth;
     let uid = auth.user_id.clone();
@@ -493,15 +499,19 @@ pub async fn send(
     State(s): State<AppState>,
     auth: Auth,
     Path((room_id, event_type, txn_id)): Path<(String, String, String)>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
     Json(content): Json<Value>,
 ) -> Result<impl IntoResponse> {
+    let ts = crate::client::appservice::massaged_ts(&auth, query.as_deref())?;
     if !content.is_object() {
         return Err(Error::bad_json("content must be an object"));
     }
     if event_type.len() > 255 {
         return Err(Error::bad_json("event type too long"));
     }
-    s.message_limiter.take(auth.user_id.as_str()).map_err(Error::limit_exceeded)?;
+    if auth.rate_limited() {
+        s.message_limiter.take(auth.user_id.as_str()).map_err(Error::limit_exceeded)?;
+    }
     let identity = s.identity.clone();
     let user_id = auth.user_id.to_string();
     let event_id = s
@@ -513,7 +523,7 @@ pub async fn send(
             }
             // A redaction sent this way names its target in `content.redacts`; the room core applies the same
             // rules to it as to `/redact` (`room::append`).
-            let ev = LocalEvent::message(&event_type, content);
+            let ev = LocalEvent { ts, ..LocalEvent::message(&event_type, content) };
             let a = append_with_txn(w, &identity, &auth, &room_id, ev, &txn_id, &key)?;
             Ok(a.event_id)
         })
@@ -567,7 +577,13 @@ pub async fn redact(
             if let Some(r) = body.reason {
                 content["reason"] = json!(r);
             }
-            let ev = LocalEvent { kind: "m.room.redaction".into(), state_key: None, content, redacts: Some(event_id) };
+            let ev = LocalEvent {
+                kind: "m.room.redaction".into(),
+                state_key: None,
+                content,
+                redacts: Some(event_id),
+                ts: None,
+            };
             let a = append_with_txn(w, &identity, &auth, &room_id, ev, &txn_id, &key)?;
             Ok(a.event_id)
         })
@@ -579,9 +595,11 @@ pub async fn put_state(
     State(s): State<AppState>,
     auth: Auth,
     Path(p): Path<Vec<(String, String)>>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
     Json(content): Json<Value>,
 ) -> Result<impl IntoResponse> {
     let (room_id, event_type, state_key) = state_path(p);
+    let ts = crate::client::appservice::massaged_ts(&auth, query.as_deref())?;
     if !content.is_object() {
         return Err(Error::bad_json("content must be an object"));
     }
@@ -621,7 +639,7 @@ pub async fn put_state(
         .store
         .write(move |w| {
             let (room_id, sender) = (crate::room::parse_room_id(&room_id)?, &auth.user_id);
-            let ev = LocalEvent::state(&event_type, &state_key, content);
+            let ev = LocalEvent { ts, ..LocalEvent::state(&event_type, &state_key, content) };
             if event_type != "m.room.member" {
                 if let Some(id) = crate::room::append::unchanged_state(w.db(), &room_id, sender, &ev)? {
                     return Ok(id);
@@ -857,6 +875,11 @@ pub async fn get_alias(State(s): State<AppState>, Path(alias): Path<String>) -> 
         let (room_id, servers) = crate::federation::query::remote_alias(&s.fed, &alias).await?;
         return Ok(axum::Json(json!({"room_id": room_id, "servers": servers})));
     }
+    let a = alias.clone();
+    if s.store.read(move |c| rooms::alias_target(c, &a)).await?.is_none() {
+        // An alias of a bridge's namespace that does not exist yet: the bridge may create it on demand.
+        crate::client::appservice::query_alias(&s, &alias).await;
+    }
     let (room_id, mut servers) = s
         .store
         .read(move |c| {
@@ -880,6 +903,16 @@ pub struct AliasBody {
     room_id: String,
 }
 
+/// An alias of an application service's exclusive namespace is for that service only (400 `M_EXCLUSIVE`).
+fn check_alias_namespace(s: &AppState, auth: &Auth, alias: &str) -> Result<()> {
+    if let Some(owner) = s.appservices.exclusive_alias_owner(alias) {
+        if auth.appservice.as_ref().is_none_or(|a| a.id != owner.id) {
+            return Err(crate::client::appservice::exclusive("this alias is reserved by an application service"));
+        }
+    }
+    Ok(())
+}
+
 pub async fn put_alias(
     State(s): State<AppState>,
     auth: Auth,
@@ -887,6 +920,7 @@ pub async fn put_alias(
     Json(body): Json<AliasBody>,
 ) -> Result<impl IntoResponse> {
     parse_local_alias(&s, &alias)?;
+    check_alias_namespace(&s, &auth, &alias)?;
     s.store
         .write(move |w| {
             let room = rooms::room_by_id(w.db(), &body.room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;

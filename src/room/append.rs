@@ -25,14 +25,16 @@ pub struct LocalEvent {
     pub state_key: Option<String>,
     pub content: Value,
     pub redacts: Option<String>,
+    /// `origin_server_ts` to use instead of now (an application service's timestamp massaging, `?ts=`).
+    pub ts: Option<i64>,
 }
 
 impl LocalEvent {
     pub fn state(kind: &str, state_key: &str, content: Value) -> LocalEvent {
-        LocalEvent { kind: kind.into(), state_key: Some(state_key.into()), content, redacts: None }
+        LocalEvent { kind: kind.into(), state_key: Some(state_key.into()), content, redacts: None, ts: None }
     }
     pub fn message(kind: &str, content: Value) -> LocalEvent {
-        LocalEvent { kind: kind.into(), state_key: None, content, redacts: None }
+        LocalEvent { kind: kind.into(), state_key: None, content, redacts: None, ts: None }
     }
 }
 
@@ -95,7 +97,9 @@ pub fn build_pdu(
     }
     obj.insert(
         "origin_server_ts".into(),
-        CanonicalJsonValue::Integer(Int::try_from(crate::store::accounts::now_ms()).unwrap_or_default()),
+        CanonicalJsonValue::Integer(
+            Int::try_from(ev.ts.unwrap_or_else(crate::store::accounts::now_ms)).unwrap_or_default(),
+        ),
     );
     obj.insert(
         "depth".into(),

@@ -250,8 +250,13 @@ fn a_redaction_strips_its_target() {
     let room_id_ = room_id.clone();
     let tid = target.event_id.clone();
     write(&mut f.conn, &mut f.stream, |w| {
-        let ev =
-            LocalEvent { kind: "m.room.redaction".into(), state_key: None, content: json!({}), redacts: Some(tid) };
+        let ev = LocalEvent {
+            kind: "m.room.redaction".into(),
+            state_key: None,
+            content: json!({}),
+            redacts: Some(tid),
+            ts: None,
+        };
         append_local(w, &identity, &rid(&room_id_), &uid(ALICE), ev, None)
     })
     .unwrap();

@@ -20,6 +20,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (10, ADMIN_V10),
     (11, SLIDING_SYNC_V11),
     (12, PUSHERS_V12),
+    (13, APPSERVICES_V13),
     (15, UNREAD_V15),
 ];
 
@@ -57,6 +58,21 @@ CREATE TABLE IF NOT EXISTS notifications (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS push_cursor (id INTEGER PRIMARY KEY CHECK (id = 0), stream INTEGER NOT NULL);
 INSERT OR IGNORE INTO push_cursor (id, stream) SELECT 0, coalesce(max(stream_ordering), 0) FROM events;
+";
+
+/// 13: application services: positions in the event stream, transactions waiting to be sent, published rooms.
+const APPSERVICES_V13: &str = "
+CREATE TABLE IF NOT EXISTS appservice_state (
+    appservice_id TEXT PRIMARY KEY, stream INTEGER NOT NULL, last_txn_id INTEGER NOT NULL DEFAULT 0,
+    failures INTEGER NOT NULL DEFAULT 0, retry_at INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS appservice_txns (
+    appservice_id TEXT NOT NULL, txn_id INTEGER NOT NULL, body TEXT NOT NULL, PRIMARY KEY (appservice_id, txn_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS appservice_room_list (
+    appservice_id TEXT NOT NULL, network_id TEXT NOT NULL, room_id TEXT NOT NULL,
+    PRIMARY KEY (appservice_id, network_id, room_id)
+) WITHOUT ROWID;
 ";
 
 /// 15: unread notification counts by room and thread, kept apart from the (capped) `notifications` list. Events
@@ -244,6 +260,9 @@ mod tests {
             "event_search",
             "sliding_sync_connections",
             "sliding_sync_positions",
+            "appservice_state",
+            "appservice_txns",
+            "appservice_room_list",
         ] {
             assert_eq!(columns(&old, table), columns(&fresh, table), "table {table}");
             assert!(!columns(&fresh, table).is_empty(), "table {table} exists");

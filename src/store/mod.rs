@@ -7,6 +7,7 @@
 
 pub mod account_data;
 pub mod accounts;
+pub mod appservice;
 pub mod backup;
 pub mod device_lists;
 pub mod e2ee;
