@@ -453,8 +453,11 @@ async fn extensions_account_data_receipts_typing_with_scopes() {
     assert!(x2["account_data"]["global"].as_array().unwrap().is_empty());
 }
 
+/// A larger `timeline_limit` for a room already sent (Synapse's per-connection room config): the room comes at
+/// once, not `initial`, with the latest events up to the new limit (`unstable_expanded_timeline`); the same
+/// config again sends nothing; a smaller one sends only what is new.
 #[tokio::test]
-async fn a_larger_config_resends_the_room() {
+async fn a_larger_timeline_limit_expands_the_timeline() {
     let s = TestServer::start().await;
     let alice = s.user("alice").await;
     let room = alice.create_room(json!({"name": "r"})).await;
@@ -462,15 +465,195 @@ async fn a_larger_config_resends_the_room() {
         alice.send_text(&room, &format!("m{i}")).await;
     }
     let small = json!({"lists": {"all": list(json!([[0, 0]]), 1)}});
-    let r = ss(&alice, None, 0, small).await.ok();
+    let r = ss(&alice, None, 0, small.clone()).await.ok();
     assert_eq!(bodies(&r["rooms"][&room]["timeline"]), vec!["m2"]);
+    assert!(r["rooms"][&room].get("unstable_expanded_timeline").is_none());
     let big = json!({"lists": {"all": list(json!([[0, 0]]), 1)}, "room_subscriptions": {room.clone(): {"timeline_limit": 10}}});
     let r2 = ss(&alice, Some(&pos_of(&r)), 0, big.clone()).await.ok();
-    assert_eq!(r2["rooms"][&room]["initial"], true);
-    assert_eq!(bodies(&r2["rooms"][&room]["timeline"]), vec!["m0", "m1", "m2"]);
+    let rr = &r2["rooms"][&room];
+    assert!(rr.get("initial").is_none(), "not initial: {rr}");
+    assert_eq!(rr["unstable_expanded_timeline"], true, "{rr}");
+    assert_eq!(bodies(&rr["timeline"]), vec!["m0", "m1", "m2"]);
+    assert_eq!(rr["num_live"], 0, "nothing new happened");
+    assert!(rr.get("required_state").is_none(), "the name was sent already: {rr}");
     // The same config again: nothing to send.
     let r3 = ss(&alice, Some(&pos_of(&r2)), 0, big).await.ok();
-    assert!(r3["rooms"].as_object().unwrap().is_empty());
+    assert!(r3["rooms"].as_object().unwrap().is_empty(), "{r3}");
+    // Back to the smaller limit: nothing new, nothing sent; a new message comes alone.
+    let r4 = ss(&alice, Some(&pos_of(&r3)), 0, small.clone()).await.ok();
+    assert!(r4["rooms"].as_object().unwrap().is_empty(), "{r4}");
+    alice.send_text(&room, "m3").await;
+    let r5 = ss(&alice, Some(&pos_of(&r4)), 0, small).await.ok();
+    let rr = &r5["rooms"][&room];
+    assert_eq!(bodies(&rr["timeline"]), vec!["m3"]);
+    assert!(rr.get("unstable_expanded_timeline").is_none() && rr.get("initial").is_none(), "{rr}");
+}
+
+/// Per-room `required_state` changes between requests (Synapse's connection state): entries newly asked for come
+/// at once with their current state; entries already sent only when they change; an entry dropped and asked for
+/// again is not resent when unchanged, and is when it changed in between.
+#[tokio::test]
+async fn required_state_changes_send_only_new_or_changed_entries() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let room = alice.create_room(json!({"name": "first", "topic": "t1"})).await;
+    let with = |rs: Value| json!({"room_subscriptions": {room.clone(): {"timeline_limit": 1, "required_state": rs}}});
+    let types = |v: &Value| -> Vec<String> {
+        let mut t: Vec<String> = v["rooms"][&room]["required_state"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| e["type"].as_str().unwrap().to_owned())
+            .collect();
+        t.sort();
+        t
+    };
+    let r = ss(&alice, None, 0, with(json!([["m.room.name", ""]]))).await.ok();
+    assert_eq!(types(&r), vec!["m.room.name"]);
+    // The topic newly asked for: the room comes at once with the topic only.
+    let r2 = ss(&alice, Some(&pos_of(&r)), 0, with(json!([["m.room.name", ""], ["m.room.topic", ""]]))).await.ok();
+    assert_eq!(types(&r2), vec!["m.room.topic"], "{r2}");
+    assert!(r2["rooms"][&room].get("initial").is_none());
+    assert_eq!(r2["rooms"][&room]["required_state"][0]["content"]["topic"], "t1");
+    // Dropped, then asked for again, unchanged: nothing to send.
+    let r3 = ss(&alice, Some(&pos_of(&r2)), 0, with(json!([["m.room.name", ""]]))).await.ok();
+    assert!(r3["rooms"].as_object().unwrap().is_empty(), "{r3}");
+    let r4 = ss(&alice, Some(&pos_of(&r3)), 0, with(json!([["m.room.name", ""], ["m.room.topic", ""]]))).await.ok();
+    assert!(r4["rooms"].as_object().unwrap().is_empty(), "the topic did not change: {r4}");
+    // Dropped, changed while not asked for, asked for again: sent.
+    let r5 = ss(&alice, Some(&pos_of(&r4)), 0, with(json!([["m.room.name", ""]]))).await.ok();
+    alice.put_state(&room, "m.room.topic", "", json!({"topic": "t2"})).await.ok();
+    let r6 = ss(&alice, Some(&pos_of(&r5)), 0, with(json!([["m.room.name", ""]]))).await.ok();
+    assert!(types(&r6).is_empty(), "the topic is not asked for: {r6}");
+    let r7 = ss(&alice, Some(&pos_of(&r6)), 0, with(json!([["m.room.name", ""], ["m.room.topic", ""]]))).await.ok();
+    assert_eq!(types(&r7), vec!["m.room.topic"], "{r7}");
+    assert_eq!(r7["rooms"][&room]["required_state"][0]["content"]["topic"], "t2");
+    // A change of an entry asked for all along: only it.
+    alice.put_state(&room, "m.room.name", "", json!({"name": "second"})).await.ok();
+    let r8 = ss(&alice, Some(&pos_of(&r7)), 0, with(json!([["m.room.name", ""], ["m.room.topic", ""]]))).await.ok();
+    assert_eq!(types(&r8), vec!["m.room.name"], "{r8}");
+    // A wildcard newly asked for: the state it adds (the create event, power levels, ...), not the name or topic.
+    let r9 = ss(&alice, Some(&pos_of(&r8)), 0, with(json!([["*", "*"]]))).await.ok();
+    let t9 = types(&r9);
+    assert!(t9.contains(&"m.room.create".to_owned()) && t9.contains(&"m.room.member".to_owned()), "{t9:?}");
+    assert!(!t9.contains(&"m.room.name".to_owned()) && !t9.contains(&"m.room.topic".to_owned()), "{t9:?}");
+}
+
+/// As MSC4186 and Synapse have it, `lists` and `room_subscriptions` are not sticky: each request says all it wants
+/// (matrix-rust-sdk sends them every time), and a list or subscription left out of a request is not served. What
+/// the connection keeps is what it sent: a room that comes back into a list or subscription is sent only if
+/// something happened in it meanwhile, and then not `initial`, with just the events since it was last sent.
+#[tokio::test]
+async fn lists_and_subscriptions_are_not_sticky_but_the_connection_remembers_its_rooms() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let a = alice.create_room(json!({"name": "a"})).await;
+    let b = alice.create_room(json!({"name": "b"})).await;
+    let lists = json!({"lists": {"all": list(json!([[0, 10]]), 5)}});
+    let r = ss(&alice, None, 0, lists.clone()).await.ok();
+    assert_eq!(r["rooms"].as_object().unwrap().len(), 2);
+    // A request without the list: the list is not served (no count, no rooms), even when a room changes.
+    alice.send_text(&a, "while away").await;
+    let r2 = ss(&alice, Some(&pos_of(&r)), 0, json!({})).await.ok();
+    assert!(r2["lists"].get("all").is_none(), "{r2}");
+    assert!(r2["rooms"].as_object().unwrap().is_empty(), "{r2}");
+    // The list again: only the room that changed, not initial, with the events since it was last sent.
+    let r3 = ss(&alice, Some(&pos_of(&r2)), 0, lists.clone()).await.ok();
+    assert_eq!(r3["lists"]["all"]["count"], 2);
+    assert_eq!(r3["rooms"].as_object().unwrap().keys().collect::<Vec<_>>(), vec![&a], "{r3}");
+    assert!(r3["rooms"][&a].get("initial").is_none());
+    assert_eq!(bodies(&r3["rooms"][&a]["timeline"]), vec!["while away"]);
+    // A subscription is served while it is asked for only.
+    let sub = json!({"room_subscriptions": {b.clone(): {"timeline_limit": 5}}});
+    let r4 = ss(&alice, Some(&pos_of(&r3)), 0, sub.clone()).await.ok();
+    assert!(r4["rooms"].as_object().unwrap().is_empty(), "b was sent with this config already: {r4}");
+    alice.send_text(&b, "one").await;
+    let r5 = ss(&alice, Some(&pos_of(&r4)), 0, sub.clone()).await.ok();
+    assert_eq!(bodies(&r5["rooms"][&b]["timeline"]), vec!["one"]);
+    alice.send_text(&b, "two").await;
+    let r6 = ss(&alice, Some(&pos_of(&r5)), 0, json!({})).await.ok();
+    assert!(r6["rooms"].as_object().unwrap().is_empty(), "the subscription was dropped: {r6}");
+    let r7 = ss(&alice, Some(&pos_of(&r6)), 0, sub).await.ok();
+    assert_eq!(bodies(&r7["rooms"][&b]["timeline"]), vec!["two"], "{r7}");
+    assert!(r7["rooms"][&b].get("initial").is_none());
+    // Another connection of the same device keeps its own state: everything is new to it.
+    let mut other = lists.clone();
+    other["conn_id"] = json!("other");
+    let r8 = ss(&alice, None, 0, other).await.ok();
+    assert_eq!(r8["rooms"][&a]["initial"], true);
+}
+
+#[tokio::test]
+async fn tags_and_not_tags_filter_lists() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let fav = alice.create_room(json!({"name": "fav"})).await;
+    let both = alice.create_room(json!({"name": "both"})).await;
+    let low = alice.create_room(json!({"name": "low"})).await;
+    let plain = alice.create_room(json!({"name": "plain"})).await;
+    let tag = |room: &str, tag: &str| format!("/user/{}/rooms/{}/tags/{}", enc(&alice.user_id), enc(room), tag);
+    alice.put(&tag(&fav, "m.favourite"), json!({"order": 0.5})).await.ok();
+    alice.put(&tag(&both, "m.favourite"), json!({})).await.ok();
+    alice.put(&tag(&both, "u.work"), json!({})).await.ok();
+    alice.put(&tag(&low, "m.lowpriority"), json!({})).await.ok();
+    let lists = json!({
+        "favs": {"ranges": [[0, 20]], "filters": {"tags": ["m.favourite"]}},
+        "favs_not_work": {"ranges": [[0, 20]], "filters": {"tags": ["m.favourite"], "not_tags": ["u.work"]}},
+        "any_of": {"ranges": [[0, 20]], "filters": {"tags": ["u.work", "m.lowpriority"]}},
+        "not_low": {"ranges": [[0, 20]], "filters": {"not_tags": ["m.lowpriority"]}},
+        "none": {"ranges": [[0, 20]], "filters": {"tags": []}},
+        "all": {"ranges": [[0, 20]], "filters": {"not_tags": []}},
+    });
+    let r = ss(&alice, None, 0, json!({"lists": lists})).await.ok();
+    let count = |l: &str| r["lists"][l]["count"].as_u64().unwrap();
+    assert_eq!(count("favs"), 2, "{r}");
+    assert_eq!(count("favs_not_work"), 1, "not_tags wins over tags");
+    assert_eq!(count("any_of"), 2);
+    assert_eq!(count("not_low"), 3);
+    assert_eq!(count("none"), 0, "an empty `tags` matches no room");
+    assert_eq!(count("all"), 4);
+    // Untagging moves a room out of the list.
+    alice.delete(&tag(&fav, "m.favourite"), json!({})).await.ok();
+    let only =
+        json!({"lists": {"favs": {"ranges": [[0, 20]], "timeline_limit": 1, "filters": {"tags": ["m.favourite"]}}}});
+    let r2 = ss(&alice, None, 0, only).await.ok();
+    assert_eq!(r2["lists"]["favs"]["count"], 1);
+    assert_eq!(r2["rooms"].as_object().unwrap().keys().collect::<Vec<_>>(), vec![&both]);
+    let _ = plain;
+}
+
+/// The to-device extension's `limit`: at most that many messages per answer, `next_batch` the last one sent, and
+/// the rest in the next answer (whose `since` acknowledges the first ones).
+#[tokio::test]
+async fn to_device_limit_pages_the_messages() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let bob = s.user("bob").await;
+    for i in 0..5 {
+        let msg = json!({"messages": {alice.user_id.clone(): {alice.device_id.clone(): {"n": i}}}});
+        bob.put(&format!("/sendToDevice/m.test/t{i}"), msg).await.ok();
+    }
+    let ext = |since: Option<&str>| {
+        let mut td = json!({"enabled": true, "limit": 2});
+        if let Some(s) = since {
+            td["since"] = json!(s);
+        }
+        json!({"extensions": {"to_device": td}})
+    };
+    let mut got = Vec::new();
+    let (mut pos, mut since) = (None::<String>, None::<String>);
+    for round in 0..3 {
+        let r = ss(&alice, pos.as_deref(), 0, ext(since.as_deref())).await.ok();
+        let td = &r["extensions"]["to_device"];
+        let events = td["events"].as_array().unwrap();
+        assert_eq!(events.len(), if round < 2 { 2 } else { 1 }, "round {round}: {td}");
+        got.extend(events.iter().map(|e| e["content"]["n"].as_i64().unwrap()));
+        since = Some(td["next_batch"].as_str().unwrap().to_owned());
+        pos = Some(pos_of(&r));
+    }
+    assert_eq!(got, vec![0, 1, 2, 3, 4], "every message once, in order");
+    let r = ss(&alice, pos.as_deref(), 0, ext(since.as_deref())).await.ok();
+    assert!(r["extensions"]["to_device"]["events"].as_array().unwrap().is_empty());
 }
 
 /// A lazily joined (partial-state) room is listed at once, with its name, a timeline and the `$LAZY` members of

@@ -490,6 +490,31 @@ pub fn to_device_messages(
     Ok(out)
 }
 
+/// At most `limit` of the messages for a device queued in the window (`after`, `upto`], oldest first, each with
+/// its stream position (a client that got fewer than there are continues from the last one's).
+pub fn to_device_page(
+    conn: Db<'_>,
+    user_id: &str,
+    device_id: &str,
+    after: StreamPos,
+    upto: StreamPos,
+    limit: usize,
+) -> Result<Vec<(StreamPos, ToDeviceMessage)>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT stream_ordering, sender, event_type, content FROM to_device WHERE user_id = ?1 AND device_id = ?2
+         AND stream_ordering > ?3 AND stream_ordering <= ?4 ORDER BY stream_ordering LIMIT ?5",
+    )?;
+    let rows = stmt.query_map(params![user_id, device_id, after, upto, limit as i64], |r| {
+        Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?))
+    })?;
+    let mut out = Vec::new();
+    for r in rows {
+        let (pos, sender, event_type, content) = r?;
+        out.push((StreamPos(pos), ToDeviceMessage { sender, event_type, content: serde_json::from_str(&content)? }));
+    }
+    Ok(out)
+}
+
 /// Deletes a device's messages up to `upto` (its sync acknowledged them).
 pub fn delete_to_device_upto(conn: Db<'_>, user_id: &str, device_id: &str, upto: StreamPos) -> Result<()> {
     conn.prepare_cached("DELETE FROM to_device WHERE user_id = ?1 AND device_id = ?2 AND stream_ordering <= ?3")?
@@ -531,6 +556,11 @@ mod tests {
             [ToDeviceMessage { sender: "@s:x".into(), event_type: "m.one".into(), content: json!({"n": 1}) }]
         );
 
+        let page = to_device_page(conn.db(), "@a:x", "D1", StreamPos(0), StreamPos(4), 1).unwrap();
+        assert_eq!(page.len(), 1);
+        assert_eq!((page[0].0, page[0].1.event_type.as_str()), (StreamPos(1), "m.one"));
+        let rest = to_device_page(conn.db(), "@a:x", "D1", page[0].0, StreamPos(4), 10).unwrap();
+        assert_eq!(rest.iter().map(|(p, _)| p.0).collect::<Vec<_>>(), vec![3, 4]);
         delete_to_device_upto(conn.db(), "@a:x", "D1", StreamPos(3)).unwrap();
         assert_eq!(types(conn.db(), 0, 4), ["m.three"]);
         assert_eq!(to_device_messages(conn.db(), "@a:x", "D2", StreamPos(0), StreamPos(4)).unwrap().len(), 1);

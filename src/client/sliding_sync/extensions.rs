@@ -63,15 +63,18 @@ pub fn build(x: &ExtCtx<'_>) -> Result<(Value, bool)> {
     let mut news = false;
     let ext = &x.req.extensions;
     if let Some(td) = ext.to_device.as_ref().filter(|t| t.enabled == Some(true)) {
+        // At most `limit` messages; when there were more, `next_batch` is the last one sent, so the next request
+        // (whose `since` acknowledges these) gets the rest.
         let since = td.since_stream().unwrap_or(0);
-        let user = x.auth.user_id.as_str();
-        let events: Vec<Value> =
-            e2ee::to_device_messages(x.c, user, &x.auth.device_id, StreamPos(since), StreamPos(x.upto))?
-                .into_iter()
-                .map(|m| json!({"sender": m.sender, "type": m.event_type, "content": m.content}))
-                .collect();
+        let (user, limit) = (x.auth.user_id.as_str(), td.limit());
+        let page = e2ee::to_device_page(x.c, user, &x.auth.device_id, StreamPos(since), StreamPos(x.upto), limit)?;
+        let next = if page.len() >= limit { page.last().map_or(x.upto, |(p, _)| p.0) } else { x.upto };
+        let events: Vec<Value> = page
+            .into_iter()
+            .map(|(_, m)| json!({"sender": m.sender, "type": m.event_type, "content": m.content}))
+            .collect();
         news |= !events.is_empty();
-        out.insert("to_device".into(), json!({"next_batch": x.upto.max(since).to_string(), "events": events}));
+        out.insert("to_device".into(), json!({"next_batch": next.max(since).to_string(), "events": events}));
     }
     if Scoped::on(&ext.e2ee).is_some() {
         let (e, n) = e2ee_ext(x)?;

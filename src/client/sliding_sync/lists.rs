@@ -125,8 +125,27 @@ pub fn space_children(c: Db<'_>, spaces: &[String]) -> Result<HashSet<String>> {
     Ok(out)
 }
 
-/// Whether a room passes a list's filters (`children`: the `spaces` filter's rooms, when it has one).
-pub fn passes(cand: &Candidate, f: &Filters, children: Option<&HashSet<String>>) -> bool {
+/// The user's tags of each candidate room (the keys of its `m.tag` room account data), for the `tags` filters.
+pub fn room_tags(c: Db<'_>, user_id: &str, cands: &[Candidate]) -> Result<HashMap<String, HashSet<String>>> {
+    let mut out = HashMap::new();
+    for cand in cands {
+        if let Some(Value::Object(tags)) =
+            account_data::get(c, user_id, &cand.room.room_id, "m.tag")?.and_then(|v| v.get("tags").cloned())
+        {
+            out.insert(cand.room.room_id.clone(), tags.keys().cloned().collect());
+        }
+    }
+    Ok(out)
+}
+
+/// Whether a room passes a list's filters (`children`: the `spaces` filter's rooms, when it has one; `tags`: the
+/// rooms' tags, read when a filter uses them).
+pub fn passes(
+    cand: &Candidate,
+    f: &Filters,
+    children: Option<&HashSet<String>>,
+    tags: &HashMap<String, HashSet<String>>,
+) -> bool {
     if f.is_dm.is_some_and(|want| want != cand.is_dm)
         || f.is_encrypted.is_some_and(|want| want != cand.encrypted)
         || f.is_invite.is_some_and(|want| want != (cand.membership == "invite"))
@@ -140,6 +159,13 @@ pub fn passes(cand: &Candidate, f: &Filters, children: Option<&HashSet<String>>)
     }
     if f.not_room_types.contains(&cand.room_type) {
         return false;
+    }
+    if f.uses_tags() {
+        let has = tags.get(&cand.room.room_id);
+        let any_of = |names: &[String]| has.is_some_and(|h| names.iter().any(|n| h.contains(n)));
+        if f.tags.as_deref().is_some_and(|want| !any_of(want)) || f.not_tags.as_deref().is_some_and(any_of) {
+            return false;
+        }
     }
     children.is_none_or(|ch| ch.contains(&cand.room.room_id))
 }

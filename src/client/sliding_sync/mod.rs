@@ -222,13 +222,18 @@ impl Pass<'_> {
             joined: cands.iter().filter(|c| c.membership == "join").map(|c| c.room.room_id.clone()).collect(),
         };
         let mut counts = BTreeMap::new();
+        let tags = if self.req.lists.values().any(|l| l.filters.as_ref().is_some_and(|f| f.uses_tags())) {
+            lists::room_tags(c, user, &cands)?
+        } else {
+            HashMap::new()
+        };
         for (name, list) in &self.req.lists {
             let children = match list.filters.as_ref().and_then(|f| f.spaces.as_ref()) {
                 Some(spaces) => Some(lists::space_children(c, spaces)?),
                 None => None,
             };
             let ordered = lists::sorted(&cands, |cand| {
-                list.filters.as_ref().is_none_or(|f| lists::passes(cand, f, children.as_ref()))
+                list.filters.as_ref().is_none_or(|f| lists::passes(cand, f, children.as_ref(), &tags))
             });
             counts.insert(name.clone(), ordered.len());
             lists_out.insert(name.clone(), json!({"count": ordered.len()}));
@@ -269,8 +274,9 @@ impl Pass<'_> {
         Ok((body, sent, news))
     }
 
-    /// The rooms to send: those new to the connection (or whose config grew, whose membership changed, whose
-    /// resync ended) afresh, the others only when something happened in them since they were last sent.
+    /// The rooms to send: those new to the connection (or whose membership changed, whose resync ended) afresh,
+    /// the others when something happened in them since they were last sent or their config asks for more than
+    /// the connection remembers sending them with (see [`room::joined`]).
     fn rooms(
         &self,
         by_id: &HashMap<&str, &Candidate>,
@@ -295,23 +301,23 @@ impl Pass<'_> {
             // A leave (or ban) continues the room's timeline up to it; any other change of membership (an invite
             // accepted, a rejoin) shows the room anew.
             let gone = cand.membership == "leave" || cand.membership == "ban";
-            let fresh = prev.is_none_or(|p| {
-                !p.c.covers(config) || (p.m != cand.membership && !gone) || p.p != cand.room.partial_state
-            });
-            let since = if fresh { None } else { prev.map(|p| p.s) };
-            let body = match cand.membership.as_str() {
-                "invite" | "knock" => fresh.then(|| room::stripped(cand, true)),
-                _ => room::joined(&ctx, cand, config, since)?.map(|b| {
-                    scope.timeline_ids.insert(room_id.clone(), b.timeline_ids);
-                    b.body
-                }),
+            let fresh = prev.is_none_or(|p| (p.m != cand.membership && !gone) || p.p != cand.room.partial_state);
+            let before = prev.filter(|_| !fresh).map(|p| room::Prev { s: p.s, config: &p.c });
+            let (body, remembered) = match cand.membership.as_str() {
+                "invite" | "knock" => (fresh.then(|| room::stripped(cand, true)), config.clone()),
+                _ => match room::joined(&ctx, cand, config, before)? {
+                    Some(b) => {
+                        scope.timeline_ids.insert(room_id.clone(), b.timeline_ids);
+                        (Some(b.body), b.remembered)
+                    }
+                    None => (None, config.clone()),
+                },
             };
             let Some(body) = body else { continue };
             if fresh {
                 scope.initial.insert(room_id.clone());
             }
-            let c = if fresh { config.clone() } else { prev.map(|p| p.c.clone()).unwrap_or_default() };
-            let s = SentRoom { s: self.upto, c, m: cand.membership.clone(), p: cand.room.partial_state };
+            let s = SentRoom { s: self.upto, c: remembered, m: cand.membership.clone(), p: cand.room.partial_state };
             sent.rooms.insert(room_id.clone(), s);
             out.insert(room_id.clone(), body);
         }

@@ -37,7 +37,7 @@ pub struct ListRequest {
     pub filters: Option<Filters>,
 }
 
-/// List filters (the simplified MSC's: `tags`/`not_tags` and others are accepted and ignored).
+/// List filters (the simplified MSC's; others are accepted and ignored).
 #[derive(Deserialize, Default, Debug)]
 #[serde(default)]
 pub struct Filters {
@@ -47,6 +47,17 @@ pub struct Filters {
     pub spaces: Option<Vec<String>>,
     pub room_types: Option<Vec<Option<String>>>,
     pub not_room_types: Vec<Option<String>>,
+    /// Only rooms with any of these tags (the user's `m.tag` room account data); an empty list matches none.
+    pub tags: Option<Vec<String>>,
+    /// No room with any of these tags (wins over `tags`).
+    pub not_tags: Option<Vec<String>>,
+}
+
+impl Filters {
+    /// Whether the filter looks at room tags (they are read only then).
+    pub fn uses_tags(&self) -> bool {
+        self.tags.is_some() || self.not_tags.is_some()
+    }
 }
 
 #[derive(Deserialize, Default, Debug)]
@@ -82,7 +93,17 @@ pub struct ToDeviceRequest {
     pub limit: Option<u64>,
 }
 
+/// The to-device extension sends at most this many messages when the request names no `limit` (as Synapse).
+pub const TO_DEVICE_DEFAULT_LIMIT: u64 = 100;
+/// ... and never more than this many, whatever it names.
+pub const TO_DEVICE_MAX_LIMIT: u64 = 1000;
+
 impl ToDeviceRequest {
+    /// How many messages one answer carries (at least one, so a connection always moves on).
+    pub fn limit(&self) -> usize {
+        self.limit.unwrap_or(TO_DEVICE_DEFAULT_LIMIT).clamp(1, TO_DEVICE_MAX_LIMIT) as usize
+    }
+
     /// The `since` token: a stream position (anything else counts as the start).
     pub fn since_stream(&self) -> Option<i64> {
         self.since.as_deref().and_then(|s| s.parse().ok()).filter(|s: &i64| *s >= 0)
@@ -119,11 +140,62 @@ impl Effective {
     }
 
     /// Whether `other` asks for nothing this config did not already cover (a room sent with this config need not
-    /// be sent afresh for `other`).
+    /// be sent again for `other`).
     pub fn covers(&self, other: &Effective) -> bool {
-        self.timeline_limit >= other.timeline_limit && other.required_state.is_subset(&self.required_state)
+        self.timeline_limit >= other.timeline_limit && self.covers_state(other)
+    }
+
+    /// Whether every `required_state` entry of `other` is one of this config's, or within one of its wildcards.
+    pub fn covers_state(&self, other: &Effective) -> bool {
+        other.required_state.iter().all(|(t, k)| {
+            let has = |t: &str, k: &str| self.required_state.contains(&(t.to_owned(), k.to_owned()));
+            has(t, k) || (k != "$LAZY" && (has(t, "*") || has("*", k) || has("*", "*")))
+        })
+    }
+
+    /// Whether the state entry (`event_type`, `state_key`) is one this config's `required_state` asks for (`*` any
+    /// type or key, `$ME` the user `me`; `$LAZY` names no entry of its own).
+    pub fn wants(&self, event_type: &str, state_key: &str, me: &str) -> bool {
+        self.required_state.iter().any(|(t, k)| {
+            (t == "*" || t == event_type)
+                && match k.as_str() {
+                    "*" => true,
+                    "$ME" => state_key == me,
+                    "$LAZY" => false,
+                    k => k == state_key,
+                }
+        })
     }
 }
+
+/// What a connection remembers of the `required_state` a room was sent with (Synapse's per-connection room
+/// config): what was asked now, plus the entries asked before and dropped since whose state did not change (the
+/// client still holds their current value, so asking for them again sends nothing). `unchanged` tells, for an
+/// exact (type, key) entry, whether its state is unchanged since the room was last sent; wildcard and `$LAZY`
+/// entries dropped from the request are forgotten. Bounded: past [`MAX_REMEMBERED_STATE`] entries only the
+/// request is kept.
+pub fn remembered_state(
+    before: &BTreeSet<(String, String)>,
+    now: &BTreeSet<(String, String)>,
+    mut unchanged: impl FnMut(&str, &str) -> Result<bool>,
+) -> Result<BTreeSet<(String, String)>> {
+    let mut out = now.clone();
+    for (t, k) in before.difference(now) {
+        if t == "*" || k == "*" || k == "$LAZY" {
+            continue;
+        }
+        if unchanged(t, k)? {
+            out.insert((t.clone(), k.clone()));
+        }
+    }
+    if out.len() > MAX_REMEMBERED_STATE {
+        return Ok(now.clone());
+    }
+    Ok(out)
+}
+
+/// At most this many `required_state` entries are remembered per room and connection.
+pub const MAX_REMEMBERED_STATE: usize = 100;
 
 #[cfg(test)]
 mod tests {
@@ -140,6 +212,33 @@ mod tests {
         b.merge(Some(1), &[("m.room.name".into(), "".into())]);
         assert!(a.covers(&b));
         assert!(!b.covers(&a));
+        let mut all = Effective::default();
+        all.merge(Some(1), &[("*".into(), "*".into())]);
+        assert!(all.covers_state(&b), "a wildcard covers the entries within it");
+        assert!(!all.covers_state(&a), "but not `$LAZY`");
+    }
+
+    #[test]
+    fn wants_matches_wildcards_and_me() {
+        let mut e = Effective::default();
+        e.merge(None, &[("m.room.member".into(), "$ME".into()), ("*".into(), "".into())]);
+        assert!(e.wants("m.room.member", "@me:x", "@me:x"));
+        assert!(!e.wants("m.room.member", "@other:x", "@me:x"));
+        assert!(e.wants("m.room.topic", "", "@me:x"));
+        let mut lazy = Effective::default();
+        lazy.merge(None, &[("m.room.member".into(), "$LAZY".into())]);
+        assert!(!lazy.wants("m.room.member", "@me:x", "@me:x"));
+    }
+
+    #[test]
+    fn dropped_entries_are_remembered_while_unchanged() {
+        let set = |v: &[(&str, &str)]| v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect::<BTreeSet<_>>();
+        let before = set(&[("m.room.name", ""), ("m.room.topic", ""), ("m.room.member", "*")]);
+        let now = set(&[("m.room.name", "")]);
+        let r = remembered_state(&before, &now, |t, _| Ok(t != "m.room.topic")).unwrap();
+        assert_eq!(r, set(&[("m.room.name", "")]), "the topic changed, the member wildcard is forgotten");
+        let r = remembered_state(&before, &now, |_, _| Ok(true)).unwrap();
+        assert_eq!(r, set(&[("m.room.name", ""), ("m.room.topic", "")]));
     }
 
     #[test]
@@ -154,6 +253,8 @@ mod tests {
         r.validate().unwrap();
         assert_eq!(r.lists["all"].filters.as_ref().unwrap().room_types, Some(vec![None, Some("m.space".into())]));
         assert_eq!(r.extensions.to_device.as_ref().unwrap().since_stream(), Some(12));
+        assert_eq!(r.extensions.to_device.as_ref().unwrap().limit(), TO_DEVICE_DEFAULT_LIMIT as usize);
+        assert_eq!(r.lists["all"].filters.as_ref().unwrap().tags, Some(vec!["x".to_owned()]));
         let bad: Request = serde_json::from_value(serde_json::json!({"lists": {"a": {"ranges": [[5, 1]]}}})).unwrap();
         assert!(bad.validate().is_err());
     }

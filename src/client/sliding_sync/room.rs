@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use crate::client::format;
 use crate::client::sliding_sync::lists::Candidate;
-use crate::client::sliding_sync::request::Effective;
+use crate::client::sliding_sync::request::{remembered_state, Effective};
 use crate::client::sync::{lazy_members, timeline_window};
 use crate::error::Result;
 use crate::http::Auth;
@@ -29,26 +29,44 @@ pub struct RoomCtx<'a> {
     pub conn_since: Option<i64>,
 }
 
-/// A room's answer, and the timeline event ids it carries (receipts of a room new to the connection are limited
-/// to those).
+/// A room's answer, the timeline event ids it carries (receipts of a room new to the connection are limited to
+/// those), and the config the connection remembers the room as sent with.
 pub struct Built {
     pub body: Value,
     pub timeline_ids: HashSet<String>,
+    pub remembered: Effective,
 }
 
-/// A joined (or just left) room. `since`: the stream position the connection was last sent this room up to, None
-/// to send it afresh (`initial`). None when nothing changed since then (no new event, no read receipt of the
-/// user's own).
-pub fn joined(ctx: &RoomCtx<'_>, cand: &Candidate, config: &Effective, since: Option<i64>) -> Result<Option<Built>> {
+/// How the connection last sent a room (that is not sent afresh now): up to which stream position, with which
+/// config (what it remembers of it: [`Built::remembered`]).
+pub struct Prev<'a> {
+    pub s: i64,
+    pub config: &'a Effective,
+}
+
+/// A joined (or just left) room. `prev`: how the connection last sent it, None to send it afresh (`initial`).
+/// None when nothing changed since then (no new event, no read receipt of the user's own) and the config asks for
+/// nothing more than before. A config asking for more (Synapse's per-connection room config) sends the room at
+/// once: a larger `timeline_limit` the whole latest timeline again (`unstable_expanded_timeline`), `required_state`
+/// entries newly asked for their current state; entries asked for before only what changed.
+pub fn joined(
+    ctx: &RoomCtx<'_>,
+    cand: &Candidate,
+    config: &Effective,
+    prev: Option<Prev<'_>>,
+) -> Result<Option<Built>> {
     let (c, auth, room) = (ctx.c, ctx.auth, &cand.room);
     let me = auth.user_id.as_str();
+    let since = prev.as_ref().map(|p| p.s);
+    let expanded = prev.as_ref().is_some_and(|p| config.timeline_limit > p.config.timeline_limit);
+    let more_state = prev.as_ref().is_some_and(|p| !p.config.covers_state(config));
     // A room we left is shown up to our leave.
     let upto = if cand.membership == "join" {
         ctx.upto
     } else {
         sliding_sync::latest_membership_pos(c, me, room.room_nid)?.unwrap_or(ctx.upto).min(ctx.upto)
     };
-    if let Some(s) = since {
+    if let (Some(s), false) = (since, expanded || more_state) {
         let (after, to) = (StreamPos(s), StreamPos(upto));
         // Something on the timeline, or the user's own read receipt moved (its counts changed).
         let read = || -> Result<bool> {
@@ -59,7 +77,7 @@ pub fn joined(ctx: &RoomCtx<'_>, cand: &Candidate, config: &Effective, since: Op
         }
     }
     let limit = config.timeline_limit as usize;
-    let tw = timeline_window(c, auth, room, limit, since, upto)?;
+    let tw = timeline_window(c, auth, room, limit, if expanded { None } else { since }, upto)?;
     let rows: Vec<EventRow> = tw.rows.into_iter().filter(|r| !ctx.ignored.contains(&r.sender)).collect();
     let device = Some((me, auth.device_id.as_str()));
     let timeline =
@@ -78,12 +96,29 @@ pub fn joined(ctx: &RoomCtx<'_>, cand: &Candidate, config: &Effective, since: Op
     if since.is_none() {
         body["initial"] = json!(true);
     }
+    if expanded {
+        body["unstable_expanded_timeline"] = json!(true);
+    }
+    let mut remembered = config.clone();
     if let Some(sg) = sg {
-        let state = required_state(ctx, cand, sg, config, &rows, since)?;
+        let state = required_state(ctx, cand, sg, config, &rows, prev.as_ref(), more_state)?;
         if !state.is_empty() {
             body["required_state"] = json!(state);
         }
         name_avatar_heroes(c, cand, sg, me, &mut body)?;
+        if let Some(p) = &prev {
+            remembered.required_state = remembered_state(&p.config.required_state, &config.required_state, |t, k| {
+                unchanged_since(c, sg, t, if k == "$ME" { me } else { k }, p.s)
+            })?;
+        }
+    }
+    if let Some(p) = &prev {
+        // A smaller limit is remembered only when this answer was cut by it (the client then lacks the events
+        // before, and a larger limit later must send them); otherwise it holds at least the previous limit's.
+        let smaller = tw.limited && config.timeline_limit < p.config.timeline_limit;
+        if !expanded && !smaller {
+            remembered.timeline_limit = p.config.timeline_limit;
+        }
     }
     if !timeline.is_empty() {
         body["timeline"] = json!(timeline);
@@ -97,7 +132,15 @@ pub fn joined(ctx: &RoomCtx<'_>, cand: &Candidate, config: &Effective, since: Op
     if cand.is_dm {
         body["is_dm"] = json!(true);
     }
-    Ok(Some(Built { body, timeline_ids }))
+    Ok(Some(Built { body, timeline_ids, remembered }))
+}
+
+/// Whether the room's current state entry (`event_type`, `state_key`) is unchanged since stream position `s` (also
+/// when there is none; state learnt without a position, by a resync, counts as changed).
+fn unchanged_since(c: Db<'_>, sg: StateGroup, event_type: &str, state_key: &str, s: i64) -> Result<bool> {
+    let Some(skn) = state_groups::find_state_key_nid(c, event_type, state_key)? else { return Ok(true) };
+    let Some(nid) = state_groups::lookup_state(c, sg, skn)? else { return Ok(true) };
+    Ok(events::event_by_nid(c, nid)?.is_none_or(|row| row.stream_ordering.is_some_and(|p| p.0 <= s)))
 }
 
 /// An invited or knocked room: its stripped state (`invite_state`, as Synapse names it for both).
@@ -157,15 +200,17 @@ fn name_avatar_heroes(c: Db<'_>, cand: &Candidate, sg: StateGroup, me: &str, bod
 /// The state events the room config asks for, at the room's current state: `[type, key]` pairs where `*` is any
 /// type or key, `$ME` the user, and `["m.room.member", "$LAZY"]` the members of the timeline's senders (in a
 /// partial-state room taken from what we hold, as `/sync`'s lazy loading does). When the room was sent before
-/// (`since`), only what changed after that, plus the lazy members of the new timeline. Events also on the
-/// timeline are sent here too (as Synapse): clients read the room's state from `required_state` only.
+/// (`prev`), only what changed after that, plus what the previous config did not ask for (`more`: the config
+/// asks for something new) and the lazy members of the new timeline. Events also on the timeline are sent here
+/// too (as Synapse): clients read the room's state from `required_state` only.
 fn required_state(
     ctx: &RoomCtx<'_>,
     cand: &Candidate,
     sg: StateGroup,
     config: &Effective,
     timeline: &[EventRow],
-    since: Option<i64>,
+    prev: Option<&Prev<'_>>,
+    more: bool,
 ) -> Result<Vec<Value>> {
     let (c, me) = (ctx.c, ctx.auth.user_id.as_str());
     let mut nids: BTreeSet<EventNid> = BTreeSet::new();
@@ -205,9 +250,17 @@ fn required_state(
     for nid in nids {
         let Some(row) = events::event_by_nid(c, nid)? else { continue };
         // Sent before: only the state that changed since (an outlier, state learnt by a resync, has no position:
-        // the room is sent afresh when its resync ends).
-        let changed = since.is_none_or(|s| row.stream_ordering.is_some_and(|p| p.0 > s));
-        if changed {
+        // the room is sent afresh when its resync ends), and what the previous config did not ask for.
+        let send = match prev {
+            None => true,
+            Some(p) if row.stream_ordering.is_some_and(|pos| pos.0 > p.s) => true,
+            Some(p) if more => {
+                let (t, k) = state_groups::state_key_of(c, row.state_key_nid.unwrap_or_default())?;
+                !p.config.wants(&t, &k, me)
+            }
+            Some(_) => false,
+        };
+        if send {
             out.push(format::state_only(&row, &cand.room.room_id, false));
         }
     }

@@ -3,10 +3,16 @@
 //! `RoomListService` sorted by recency and filtered, page a `Timeline` back to the room's start, and exchange an
 //! end-to-end encrypted message between two devices.
 //!
+//! `element_x_lazily_joins_a_big_synapse_room` (ignored unless asked for, as the other Synapse tests: it needs
+//! Synapse in `target/synapse-venv` or `$SYNAPSE_PYTHON`) joins a room of a few hundred members on the real Synapse
+//! lazily: the room is listed at once, its timeline shows messages, sending works, and the member count is exact
+//! after the resync.
+//!
 //! The binary is `HEARTH_BIN`, else `target/debug/hearth` of the repository (build it first).
 
 #![recursion_limit = "256"]
 
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -339,4 +345,160 @@ async fn sliding_sync_answers_parse_as_ruma_v5() {
     assert_eq!(room.timeline.len(), 1);
     assert_eq!(room.num_live, Some(UInt::from(1u32)));
     assert!(!r2.rooms.contains_key(&named), "unchanged rooms are not resent");
+}
+
+/// The Synapse side of the lazy-join test: `tests/interop/sdk_lab.py` (a Hearth and a Synapse that federate, a big
+/// room on Synapse), driven over its stdin/stdout.
+struct SynapseLab {
+    child: Child,
+    out: BufReader<std::process::ChildStdout>,
+    ready: std::collections::HashMap<String, String>,
+}
+
+impl SynapseLab {
+    fn start() -> SynapseLab {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let mut child = Command::new("python3")
+            .arg(root.join("tests/interop/sdk_lab.py"))
+            .env("HEARTHTEST_BIN", hearth_bin())
+            .current_dir(&root)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 must be installed to run the Synapse test");
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        let rest = line.trim().strip_prefix("READY ").unwrap_or_else(|| panic!("the lab did not start: {line:?}"));
+        let ready =
+            rest.split(' ').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_owned(), v.to_owned())).collect();
+        SynapseLab { child, out, ready }
+    }
+
+    fn get(&self, key: &str) -> &str {
+        &self.ready[key]
+    }
+
+    /// Asks the lab one question (blocking: the answer may take a minute), returns the answer's argument.
+    fn ask(&mut self, question: &str) -> String {
+        tokio::task::block_in_place(|| {
+            let stdin = self.child.stdin.as_mut().unwrap();
+            writeln!(stdin, "{question}").unwrap();
+            stdin.flush().unwrap();
+            let mut line = String::new();
+            self.out.read_line(&mut line).unwrap();
+            let word = question.split(' ').next().unwrap();
+            let answer = line.trim().strip_prefix(word).unwrap_or_else(|| panic!("{question}: {line:?}"));
+            answer.trim().to_owned()
+        })
+    }
+}
+
+impl Drop for SynapseLab {
+    fn drop(&mut self) {
+        if let Some(stdin) = self.child.stdin.as_mut() {
+            let _ = writeln!(stdin, "quit");
+        }
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// A Hearth user joins a room of a few hundred members on Synapse: the join is lazy (partial state), the
+/// `RoomListService` lists the room at once, its `Timeline` shows the room's messages, a message sent from the
+/// sdk reaches Synapse, and after the resync the member count the sdk shows is Synapse's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs Synapse (target/synapse-venv); see tests/README.md"]
+async fn element_x_lazily_joins_a_big_synapse_room() {
+    use matrix_sdk::ruma::{OwnedServerName, RoomOrAliasId};
+    if std::env::var("HEARTHTEST_SKIP_SYNAPSE").as_deref() == Ok("1") {
+        eprintln!("SKIPPED: HEARTHTEST_SKIP_SYNAPSE=1 (the matrix-rust-sdk Synapse test not run)");
+        return;
+    }
+    let mut lab = SynapseLab::start();
+    let room_id: OwnedRoomId = lab.get("room").try_into().unwrap();
+    let server: OwnedServerName = lab.get("synapse_server").try_into().unwrap();
+    let members: u64 = lab.get("members").parse().unwrap();
+    let client = Client::builder()
+        .homeserver_url(lab.get("hearth"))
+        .sliding_sync_version_builder(VersionBuilder::DiscoverNative)
+        .build()
+        .await
+        .expect("client");
+    client.matrix_auth().login_username(lab.get("user"), lab.get("password")).send().await.expect("login");
+
+    let sync = SyncService::builder(client.clone()).build().await.expect("sync service");
+    sync.start().await;
+    let rls = sync.room_list_service();
+    let all = rls.all_rooms().await.expect("all_rooms");
+    let (stream, controller) = all.entries_with_dynamic_adapters(50);
+    controller.set_filter(Box::new(new_filter_non_left()));
+    let mut stream = Box::pin(stream);
+    let mut rooms: matrix_sdk_ui::eyeball_im::Vector<matrix_sdk_ui::room_list_service::RoomListItem> =
+        Default::default();
+
+    let started = Instant::now();
+    let alias: &RoomOrAliasId = room_id.as_str().try_into().unwrap();
+    client.join_room_by_id_or_alias(alias, &[server]).await.expect("the lazy join");
+    let joined_after = started.elapsed();
+    assert_eq!(lab.ask("partial"), "true", "the join should be partial (Synapse serves omit_members)");
+
+    // Listed at once.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !rooms.iter().any(|r| r.room_id() == room_id) {
+        assert!(Instant::now() < deadline, "the lazily joined room was never listed");
+        if let Ok(Some(diffs)) = tokio::time::timeout(Duration::from_millis(200), stream.next()).await {
+            for d in diffs {
+                d.apply(&mut rooms);
+            }
+        }
+    }
+    let room = client.get_room(&room_id).expect("the room");
+    // The list entry may come from the sdk's own join; the room's data from Hearth's sliding sync: its name (the
+    // `m.room.name` in `required_state`) and a member count.
+    eventually("the room's name and members from sliding sync", 30, || {
+        let r = room.clone();
+        async move {
+            (r.name().is_some_and(|n| n.starts_with("big synapse room")) && r.joined_members_count() > 0).then_some(())
+        }
+    })
+    .await;
+    let listed_after = started.elapsed();
+    let still_partial = lab.ask("partial") == "true";
+    let first_count = room.joined_members_count();
+    eprintln!(
+        "lazy join of a {members}-member Synapse room: /join {joined_after:?}, listed with its name {listed_after:?} \
+         after /join started (resync still running then: {still_partial}; joined_count then {first_count})"
+    );
+
+    // Its timeline shows the room's messages (paging back over federation if need be).
+    rls.subscribe_to_rooms(&[&room_id]).await;
+    let timeline = room.timeline().await.expect("timeline");
+    eventually("the messages sent on Synapse before the join", 60, || {
+        let t = &timeline;
+        async move {
+            let b = bodies(t).await;
+            if b.iter().any(|x| x == "before the join 2") {
+                return Some(());
+            }
+            let _ = t.paginate_backwards(20).await;
+            None
+        }
+    })
+    .await;
+
+    // Sending works: the message reaches Synapse.
+    timeline.send(RoomMessageEventContent::text_plain("hello from matrix-rust-sdk").into()).await.expect("send");
+    assert_eq!(lab.ask("has hello from matrix-rust-sdk"), "true", "the message reached Synapse");
+
+    // After the resync, the member count is Synapse's.
+    let on_synapse: u64 = lab.ask("members").parse().unwrap();
+    assert_eq!(on_synapse, members + 1, "the owner's members and ours");
+    eventually("the exact member count after the resync", 180, || {
+        let r = room.clone();
+        async move { (r.joined_members_count() == on_synapse).then_some(()) }
+    })
+    .await;
+    assert_eq!(lab.ask("partial"), "false", "the resync has ended");
+    sync.stop().await;
 }
