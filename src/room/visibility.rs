@@ -244,16 +244,18 @@ pub enum Visibility {
     None,
 }
 
-/// Whether and how far a user may read a room: joined users up to now; users who were joined once, left (or were
-/// kicked or banned) and did not forget the room, up to their leave (Synapse's `allow_departed_users`); anyone
-/// when the room is world-readable now (peeking); nobody else.
+/// Whether and how far a user may read a room: joined users up to now; users whose membership is `leave` (they
+/// left, were kicked, rejected an invite or retracted a knock) and who did not forget the room, up to their leave
+/// (Synapse's `allow_departed_users`: what they may see of it is then each event's own judgement, which gives a
+/// user never joined little or nothing); users banned after being joined, likewise up to the ban (the spec's
+/// "after a user has left a room, they may see any events which they were allowed to see before they left";
+/// Synapse refuses them); anyone when the room is world-readable now (peeking); nobody else.
 pub fn visibility(conn: Db<'_>, room: &RoomRow, user_id: &UserId) -> Result<Visibility> {
     let user_id = user_id.as_str();
     match members::membership_of(conn, room.room_nid, user_id)? {
         Some((m, _)) if m == "join" => return Ok(Visibility::All),
         Some((m, nid))
-            if (m == "leave" || m == "ban")
-                && members::was_locally_joined(conn, user_id, room.room_nid)?
+            if (m == "leave" || (m == "ban" && members::was_locally_joined(conn, user_id, room.room_nid)?))
                 && !members::is_forgotten(conn, user_id, room.room_nid)? =>
         {
             let row = events::event_by_nid(conn, nid)?;
