@@ -93,9 +93,9 @@ impl Case {
     }
 
     /// A departed user reads up to their leave (as Synapse's `allow_departed_users`); others (a world-readable
-    /// room's readers) up to now.
+    /// room's readers, a banned user among them, as in Synapse) up to now.
     fn departed(&self) -> bool {
-        self.now() == "leave" || (self.now() == "ban" && self.ever_joined())
+        self.now() == "leave" || (self.now() == "ban" && self.ever_joined() && self.hv != "world_readable")
     }
 
     fn seen_in(&self, bodies: &[String]) -> BTreeSet<usize> {
