@@ -152,8 +152,8 @@ pub struct Registration {
 pub struct Limits {
     /// Largest accepted request body in bytes (media uploads excluded).
     pub max_request_bytes: usize,
-    /// Failed password checks (login and user-interactive auth) allowed per user per minute before 429 (Synapse
-    /// `rc_login.failed_attempts`).
+    /// Failed password checks (login and user-interactive auth) allowed per user and per address per minute before
+    /// 429 (Synapse's `rc_login.failed_attempts` counts them per user).
     pub login_failures_per_minute: u32,
     /// Password checks (login and user-interactive auth, successful or not) per address: average rate and burst
     /// (Synapse `rc_login.address`).

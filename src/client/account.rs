@@ -99,16 +99,19 @@ pub async fn check_password(s: &AppState, user_id: &str, password: &str) -> Resu
 /// Every password check (`/login` and each `m.login.password` stage of user-interactive auth: `/delete_devices`,
 /// `DELETE /devices/{id}`, `/account/password`, `/account/deactivate`, cross-signing key replacement) goes through
 /// here, as in Synapse: every check counts against the address (`limits.logins_per_second`/`logins_burst`, Synapse's
-/// `rc_login.address`), failed ones against the user too (`limits.login_failures_per_minute`, Synapse's
-/// `rc_login.failed_attempts`). Once either is spent the check answers 429 `M_LIMIT_EXCEEDED` with
-/// `retry_after_ms` before the password is looked at, so guessing through any endpoint is as slow as through
+/// `rc_login.address`), failed ones against the user (`limits.login_failures_per_minute`, Synapse's
+/// `rc_login.failed_attempts`) and the address alike. Once any is spent the check answers 429 `M_LIMIT_EXCEEDED`
+/// with `retry_after_ms` before the password is looked at, so guessing through any endpoint is as slow as through
 /// `/login`.
 pub async fn check_password_limited(s: &AppState, user_id: &str, ip: &str, password: &str) -> Result<bool> {
-    s.login_limiter.check(user_id).map_err(Error::limit_exceeded)?;
+    for key in [user_id, ip] {
+        s.login_limiter.check(key).map_err(Error::limit_exceeded)?;
+    }
     s.login_attempt_limiter.take(ip).map_err(Error::limit_exceeded)?;
     let ok = check_password(s, user_id, password).await?;
     if !ok {
         let _ = s.login_limiter.take(user_id);
+        let _ = s.login_limiter.take(ip);
     }
     Ok(ok)
 }
