@@ -181,9 +181,11 @@ pub struct Registration {
 pub struct Limits {
     /// Largest accepted request body in bytes (media uploads excluded).
     pub max_request_bytes: usize,
-    /// Failed logins allowed per user id or address per minute before 429.
+    /// Failed password checks (login and user-interactive auth) allowed per user and per address per minute before
+    /// 429 (Synapse's `rc_login.failed_attempts` counts them per user).
     pub login_failures_per_minute: u32,
-    /// Login attempts (successful or not) per address: average rate and burst (Synapse `rc_login.address`).
+    /// Password checks (login and user-interactive auth, successful or not) per address: average rate and burst
+    /// (Synapse `rc_login.address`).
     pub logins_per_second: f64,
     pub logins_burst: u32,
     /// Accounts registered per address: average rate and burst (Synapse `rc_registration`).

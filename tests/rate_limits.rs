@@ -142,3 +142,47 @@ async fn password_guesses_through_user_interactive_auth_are_limited_like_logins(
     assert_limited(&bob.post("/delete_devices", json!({"devices": ["NOPE"], "auth": bob_auth})).await);
     server.stop().await;
 }
+
+/// A user-interactive password step sent from `addr` (through the loopback proxy's `X-Forwarded-For`, which the
+/// default `limits.trusted_proxies` trust).
+async fn password_step_from(c: &Client, addr: &str, password: &str) -> Resp {
+    let localpart = c.user_id.trim_start_matches('@').split(':').next().unwrap().to_owned();
+    let auth = json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": localpart}, "password": password});
+    let res = reqwest::Client::new()
+        .post(c.url("/delete_devices"))
+        .bearer_auth(c.token.as_deref().unwrap())
+        .header("x-forwarded-for", addr)
+        .json(&json!({"devices": ["NOPE"], "auth": auth}))
+        .send()
+        .await
+        .expect("HTTP request failed");
+    let status = res.status().as_u16();
+    let text = res.text().await.unwrap_or_default();
+    Resp { status, body: serde_json::from_str(&text).unwrap_or(Value::Null), text }
+}
+
+/// As Synapse's `rc_login`: every password check (right or wrong, login or user-interactive) counts against the
+/// address (`logins_per_second`/`logins_burst`, 5), failed ones against the user (`login_failures_per_minute`, 5).
+#[tokio::test]
+async fn every_password_check_counts_per_address_failed_ones_per_user() {
+    let server = default_limits().await;
+    let alice = server.user("alice").await;
+    let bob = server.user("bob").await;
+    // Right passwords from one address: five pass, the sixth (and a login from there) is 429.
+    for _ in 0..5 {
+        password_step_from(&alice, "10.0.0.1", PASSWORD).await.ok();
+    }
+    assert_limited(&password_step_from(&alice, "10.0.0.1", PASSWORD).await);
+    assert_limited(&password_step_from(&bob, "10.0.0.1", PASSWORD).await);
+    // Right passwords do not count against the user: from another address alice goes on.
+    password_step_from(&alice, "10.0.0.2", PASSWORD).await.ok();
+    // Wrong ones do: five guesses from five addresses spend alice's budget, wherever she asks from next.
+    for i in 0..5 {
+        let r = password_step_from(&alice, &format!("10.0.1.{i}"), "wrong").await;
+        assert_eq!((r.status, r.errcode()), (401, "M_FORBIDDEN"), "{}", r.text);
+    }
+    assert_limited(&password_step_from(&alice, "10.0.2.1", PASSWORD).await);
+    // That address is not spent: bob's right password from there passes.
+    password_step_from(&bob, "10.0.2.1", PASSWORD).await.ok();
+    server.stop().await;
+}

@@ -770,3 +770,38 @@ async fn a_read_receipt_sends_the_room_again_with_its_counts() {
     assert_eq!(rr["notification_count"], 0, "{r2}");
     assert!(rr.get("initial").is_none() && rr.get("timeline").is_none(), "{rr}");
 }
+
+/// A room the user left is sent with the state at their leave, not the room's state since: its name, the state
+/// the client asked for and the member counts. A user never joined (a rejected invite) gets none of its state.
+#[tokio::test]
+async fn a_left_room_shows_the_state_at_the_leave() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let bob = s.user("bob").await;
+    let carol = s.user("carol").await;
+    let room = alice.create_room(json!({"preset": "public_chat", "name": "before"})).await;
+    let invited = alice.create_room(json!({"preset": "private_chat", "name": "invited"})).await;
+    bob.join(&room).await.ok();
+    alice.invite(&invited, &bob.user_id).await.ok();
+    let body = json!({"lists": {"all": {"ranges": [[0, 10]], "timeline_limit": 5, "required_state": [["*", "*"]]}}});
+    let pos = pos_of(&ss(&bob, None, 0, body.clone()).await.ok());
+    alice.post(&format!("/rooms/{}/kick", enc(&room)), json!({"user_id": bob.user_id})).await.ok();
+    bob.leave(&invited).await.ok();
+    for r in [&room, &invited] {
+        alice.put_state(r, "m.room.name", "", json!({"name": "after bob"})).await.ok();
+        alice.put_state(r, "m.room.topic", "", json!({"topic": "secret topic"})).await.ok();
+    }
+    carol.join(&room).await.ok();
+    let r = ss(&bob, Some(&pos), 0, body).await.ok();
+    let left = &r["rooms"][&room];
+    assert_eq!(left["name"], "before", "{left}");
+    assert_eq!(left["joined_count"], 1, "alice alone at the kick: {left}");
+    let text = left.to_string();
+    assert!(!text.contains("after bob") && !text.contains("secret topic") && !text.contains(&carol.user_id), "{text}");
+    let rejected = &r["rooms"][&invited];
+    assert!(rejected.is_object(), "the rejection is sent: {r}");
+    let text = rejected.to_string();
+    assert!(rejected.get("required_state").is_none() && rejected.get("name").is_none(), "{text}");
+    assert!(!text.contains("after bob") && !text.contains("secret topic") && !text.contains("\"invited\""), "{text}");
+    s.stop().await;
+}

@@ -98,13 +98,16 @@ pub async fn check_password(s: &AppState, user_id: &str, password: &str) -> Resu
 
 /// Every password check (`/login` and each `m.login.password` stage of user-interactive auth: `/delete_devices`,
 /// `DELETE /devices/{id}`, `/account/password`, `/account/deactivate`, cross-signing key replacement) goes through
-/// here. Failed checks are counted per user and per address (`limits.login_failures_per_minute`, one bucket for
-/// login and UIA alike); once either is spent the check answers 429 `M_LIMIT_EXCEEDED` with `retry_after_ms`
-/// before the password is looked at, so guessing through any endpoint is as slow as through `/login`.
+/// here, as in Synapse: every check counts against the address (`limits.logins_per_second`/`logins_burst`, Synapse's
+/// `rc_login.address`), failed ones against the user (`limits.login_failures_per_minute`, Synapse's
+/// `rc_login.failed_attempts`) and the address alike. Once any is spent the check answers 429 `M_LIMIT_EXCEEDED`
+/// with `retry_after_ms` before the password is looked at, so guessing through any endpoint is as slow as through
+/// `/login`.
 pub async fn check_password_limited(s: &AppState, user_id: &str, ip: &str, password: &str) -> Result<bool> {
     for key in [user_id, ip] {
         s.login_limiter.check(key).map_err(Error::limit_exceeded)?;
     }
+    s.login_attempt_limiter.take(ip).map_err(Error::limit_exceeded)?;
     let ok = check_password(s, user_id, password).await?;
     if !ok {
         let _ = s.login_limiter.take(user_id);
@@ -135,8 +138,11 @@ pub async fn login(
     } else {
         let password = req.password.ok_or_else(|| Error::bad_json("missing password"))?;
         let ip = crate::http::client_ip(&parts, &s.config);
-        s.login_attempt_limiter.take(&ip).map_err(Error::limit_exceeded)?;
-        let user_id = local_user_id(&s, &name).map_err(|_| Error::forbidden("invalid username or password"))?;
+        let Ok(user_id) = local_user_id(&s, &name) else {
+            // No password to check, but an attempt all the same: it counts against the address.
+            s.login_attempt_limiter.take(&ip).map_err(Error::limit_exceeded)?;
+            return Err(Error::forbidden("invalid username or password"));
+        };
         if !check_password_limited(&s, &user_id, &ip, &password).await? {
             return Err(Error::forbidden("invalid username or password"));
         }

@@ -187,6 +187,7 @@ fn room_events_search(c: Db<'_>, auth: &Auth, cr: &Criteria, batch: Option<Batch
     let page_full = raw.len() as i64 == limit;
     let last_pos = raw.last().and_then(|(r, _)| r.stream_ordering);
     let mut judge = ClientJudge::new(c, auth.user_id.as_str());
+    let count = visible_count(c, &mut judge, &query, count)?;
     let mut rows = Vec::with_capacity(raw.len());
     for (row, rank) in raw {
         if judge.may_see(&row)? {
@@ -211,7 +212,10 @@ fn room_events_search(c: Db<'_>, auth: &Auth, cr: &Criteria, batch: Option<Batch
         }
         results.push(item);
     }
-    let mut body = json!({"count": count, "results": results, "highlights": highlights});
+    let mut body = json!({"results": results, "highlights": highlights});
+    if let Some(count) = count {
+        body["count"] = json!(count);
+    }
     if page_full {
         body["next_batch"] = json!(match (cr.recent, last_pos) {
             (true, Some(p)) => format!("b{}", p.0),
@@ -234,6 +238,28 @@ fn room_events_search(c: Db<'_>, auth: &Auth, cr: &Criteria, batch: Option<Batch
         body["state"] = Value::Object(state);
     }
     Ok(body)
+}
+
+/// Most matches judged to count them; with more, `count` (an approximate count, the spec says) is left out.
+const COUNT_JUDGED: i64 = 1000;
+
+/// The number of matches the user may see, each judged like a result (so a hidden event never changes it): exact
+/// up to [`COUNT_JUDGED`] matches, None (no `count`) past that.
+fn visible_count(c: Db<'_>, judge: &mut ClientJudge<'_>, q: &SearchQuery<'_>, all: i64) -> Result<Option<i64>> {
+    if all == 0 {
+        return Ok(Some(0));
+    }
+    if all > COUNT_JUDGED {
+        return Ok(None);
+    }
+    let every = SearchQuery { recent: true, before: None, offset: 0, limit: COUNT_JUDGED, ..*q };
+    let mut visible = 0;
+    for (row, _) in search::search(c, &every)?.0 {
+        if judge.may_see(&row)? {
+            visible += 1;
+        }
+    }
+    Ok(Some(visible))
 }
 
 /// The events around a result (the user's visible window of its room), as `event_context` asks.

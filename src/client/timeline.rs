@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::http::{qs, AppState, Auth, Query};
 use crate::room::visibility::{self as vis, parse_readable_room_id, readable_room, ClientJudge};
 use crate::store::ids::StreamPos;
-use crate::store::{events, state_groups, timeline};
+use crate::store::{events, rooms, state_groups, timeline};
 
 #[derive(Deserialize)]
 pub struct MessagesQuery {
@@ -156,22 +156,25 @@ pub async fn context(
     let body = s
         .store
         .read(move |c| {
-            let (room, visibility) = readable_room(c, &parse_readable_room_id(&room_id)?, &auth.user_id)?;
+            // The event and those around it are the judge's alone, as for `/event` (and Synapse's `/context`):
+            // by the history visibility and the user's membership at each, whatever their membership now.
+            let not_found = || Error::not_found("event not found");
+            let room_id = parse_readable_room_id(&room_id).map_err(|_| not_found())?;
+            let room = rooms::room_by_id(c, room_id.as_str())?.ok_or_else(not_found)?;
             let target = events::event_by_id(c, &event_id)?
                 .filter(|r| r.room_nid == room.room_nid && r.stream_ordering.is_some())
-                .ok_or_else(|| Error::not_found("event not found"))?;
+                .ok_or_else(not_found)?;
             let pos = target.stream_ordering.map_or(0, |p| p.0);
-            let cap = vis::cap(visibility);
             let mut judge = ClientJudge::new(c, auth.user_id.as_str());
-            if pos > cap || !judge.may_see(&target)? {
-                return Err(Error::not_found("event not found"));
+            if !judge.may_see(&target)? {
+                return Err(not_found());
             }
             let device = Some((auth.user_id.as_str(), auth.device_id.as_str()));
             let half = limit / 2;
-            // Before: positions before `pos`, newest first; after: (pos, cap], oldest first; each judged.
+            // Before: positions before `pos`, newest first; after: those after it, oldest first; each judged.
             let room_nid = room.room_nid;
             let before = timeline::newest_first(c, room_nid, StreamPos(i64::MIN), StreamPos(pos - 1), limit - half)?;
-            let after = timeline::oldest_first(c, room_nid, StreamPos(pos), StreamPos(cap), half)?;
+            let after = timeline::oldest_first(c, room_nid, StreamPos(pos), StreamPos(i64::MAX), half)?;
             let start = before.last().and_then(|r| r.stream_ordering).map_or(pos, |p| p.0) - 1;
             let end = after.last().and_then(|r| r.stream_ordering).map_or(pos, |p| p.0);
             let (before, after) = (judge.filter(before)?, judge.filter(after)?);

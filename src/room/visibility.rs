@@ -244,21 +244,24 @@ pub enum Visibility {
     None,
 }
 
-/// Whether and how far a user may read a room: joined users up to now; users who were joined once, left (or were
-/// kicked or banned) and did not forget the room, up to their leave (Synapse's `allow_departed_users`); anyone
-/// when the room is world-readable now (peeking); nobody else.
+/// Whether and how far a user may read a room (Synapse's `check_user_in_room_or_world_readable` with
+/// `allow_departed_users`, but for bans): joined users up to now; users whose membership is `leave` (they left,
+/// were kicked, rejected an invite or retracted a knock) and who did not forget the room, up to their leave (what
+/// they may see of it is then each event's own judgement, which gives a user never joined little or nothing);
+/// anyone when the room is world-readable now (peeking, a banned user too); users banned after being joined, up to
+/// the ban (the spec's "after a user has left a room, they may see any events which they were allowed to see
+/// before they left"; Synapse refuses them); nobody else.
 pub fn visibility(conn: Db<'_>, room: &RoomRow, user_id: &UserId) -> Result<Visibility> {
     let user_id = user_id.as_str();
-    match members::membership_of(conn, room.room_nid, user_id)? {
+    let membership = members::membership_of(conn, room.room_nid, user_id)?;
+    let up_to = |nid| -> Result<Visibility> {
+        let row = events::event_by_nid(conn, nid)?;
+        Ok(Visibility::UpTo(row.and_then(|r| r.stream_ordering).map_or(0, |p| p.0)))
+    };
+    let remembered = || -> Result<bool> { Ok(!members::is_forgotten(conn, user_id, room.room_nid)?) };
+    match &membership {
         Some((m, _)) if m == "join" => return Ok(Visibility::All),
-        Some((m, nid))
-            if (m == "leave" || m == "ban")
-                && members::was_locally_joined(conn, user_id, room.room_nid)?
-                && !members::is_forgotten(conn, user_id, room.room_nid)? =>
-        {
-            let row = events::event_by_nid(conn, nid)?;
-            return Ok(Visibility::UpTo(row.and_then(|r| r.stream_ordering).map_or(0, |p| p.0)));
-        }
+        Some((m, nid)) if m == "leave" && remembered()? => return up_to(*nid),
         _ => {}
     }
     if let Some(sg) = room.current_sg {
@@ -266,7 +269,12 @@ pub fn visibility(conn: Db<'_>, room: &RoomRow, user_id: &UserId) -> Result<Visi
             return Ok(Visibility::All);
         }
     }
-    Ok(Visibility::None)
+    match membership {
+        Some((m, nid)) if m == "ban" && members::was_locally_joined(conn, user_id, room.room_nid)? && remembered()? => {
+            up_to(nid)
+        }
+        _ => Ok(Visibility::None),
+    }
 }
 
 /// A room id from a request to read a room, parsed at the edge: one that does not parse names no room the user is

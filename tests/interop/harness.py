@@ -120,7 +120,7 @@ rc_joins_per_room: {rl}
 rc_message: {rl}
 rc_registration: {rl}
 rc_login: {{address: {rl}, account: {rl}}}
-rc_invites: {{per_room: {rl}, per_user: {rl}}}
+rc_invites: {{per_room: {rl}, per_user: {rl}, per_issuer: {rl}}}
 rc_room_creation: {rl}
 url_preview_enabled: false
 """)
@@ -172,6 +172,8 @@ enabled = true
 messages_per_second = 1000.0
 registrations_per_second = 1000.0
 registrations_burst = 1000
+joins_per_second = 1000.0
+joins_burst = 1000
 [federation]
 trusted_key_servers = []
 verify_certificates = false

@@ -13,7 +13,8 @@ use crate::error::Result;
 use crate::http::Auth;
 use crate::store::events::{self, EventRow};
 use crate::store::ids::{EventNid, StateGroup, StreamPos};
-use crate::store::{members, receipts, sliding_sync, state_groups, Db};
+use crate::store::members::MemberProfile;
+use crate::store::{members, receipts, sliding_sync, state_groups, timeline, Db};
 
 /// How many heroes a nameless room is sent with.
 const HEROES: i64 = 5;
@@ -86,7 +87,20 @@ pub fn joined(
     let num_live =
         ctx.conn_since.map_or(0, |cs| rows.iter().filter(|r| r.stream_ordering.is_some_and(|p| p.0 > cs)).count());
 
-    let sg = room.current_sg;
+    // The room's state as the user may see it: current for a member; at the leave for a former member; none of it
+    // for a user never joined (a rejected invite, a retracted knock), as `/sync`'s `leave` section.
+    let state_of_member = cand.membership == "join";
+    let sg = if state_of_member {
+        room.current_sg
+    } else if members::was_locally_joined(c, me, room.room_nid)? {
+        timeline::state_at(c, room.room_nid, StreamPos(upto))?
+    } else {
+        None
+    };
+    let members_then = match sg {
+        Some(sg) if !state_of_member => Some(members_in(c, sg)?),
+        _ => None,
+    };
     let mut body = json!({
         "bump_stamp": cand.bump_stamp,
         "limited": tw.limited,
@@ -105,7 +119,7 @@ pub fn joined(
         if !state.is_empty() {
             body["required_state"] = json!(state);
         }
-        name_avatar_heroes(c, cand, sg, me, &mut body)?;
+        name_avatar_heroes(c, cand, sg, me, members_then.as_deref(), &mut body)?;
         if let Some(p) = &prev {
             remembered.required_state = remembered_state(&p.config.required_state, &config.required_state, |t, k| {
                 unchanged_since(c, sg, t, if k == "$ME" { me } else { k }, p.s)
@@ -120,12 +134,22 @@ pub fn joined(
             remembered.timeline_limit = p.config.timeline_limit;
         }
     }
+    // The member counts the user may see: current for a member, at the leave for a former member.
+    let counts = match &members_then {
+        _ if state_of_member => Some(members::member_counts(c, room.room_nid)?),
+        Some(m) => {
+            let count = |x: &str| m.iter().filter(|p| p.1 == x).count() as i64;
+            Some((count("join"), count("invite")))
+        }
+        None => None,
+    };
+    if let Some((joined, invited)) = counts {
+        body["joined_count"] = json!(joined);
+        body["invited_count"] = json!(invited);
+    }
     if !timeline.is_empty() {
         body["timeline"] = json!(timeline);
     }
-    let (joined, invited) = members::member_counts(c, room.room_nid)?;
-    body["joined_count"] = json!(joined);
-    body["invited_count"] = json!(invited);
     let (unread, _) = crate::client::notifications::unread_counts(c, room, me, false)?;
     body["notification_count"] = unread["notification_count"].clone();
     body["highlight_count"] = unread["highlight_count"].clone();
@@ -160,16 +184,57 @@ pub fn stripped(cand: &Candidate, initial: bool) -> Value {
     body
 }
 
+/// The members in a state group: (profile, membership), by user id.
+fn members_in(c: Db<'_>, sg: StateGroup) -> Result<Vec<(MemberProfile, String)>> {
+    let mut out = Vec::new();
+    for (user_id, nid) in state_groups::load_state_of_type(c, sg, "m.room.member")? {
+        let Some(row) = events::event_by_nid(c, nid)? else { continue };
+        let v: Value = serde_json::from_str(&row.json)?;
+        let field = |k: &str| v["content"][k].as_str().map(str::to_owned);
+        let membership = field("membership").unwrap_or_else(|| "leave".into());
+        out.push((
+            MemberProfile { user_id, displayname: field("displayname"), avatar_url: field("avatar_url") },
+            membership,
+        ));
+    }
+    out.sort_by(|a, b| a.0.user_id.cmp(&b.0.user_id));
+    Ok(out)
+}
+
+/// The heroes of a room the user left, from the members at their leave (as [`sliding_sync::hero_profiles`] picks
+/// them from the current ones).
+fn heroes_then(members: &[(MemberProfile, String)], me: &str) -> Vec<MemberProfile> {
+    let others = || members.iter().filter(|m| m.0.user_id != me);
+    let mut heroes: Vec<MemberProfile> =
+        others().filter(|m| m.1 == "join" || m.1 == "invite").take(HEROES as usize).map(|m| m.0.clone()).collect();
+    if heroes.is_empty() {
+        heroes = others().take(HEROES as usize).map(|m| m.0.clone()).collect();
+    }
+    heroes
+}
+
 /// `name` (the `m.room.name`, when set), `avatar` (the `m.room.avatar` url) and, for a room without a name,
-/// `heroes` (with their display names and avatars), as Synapse computes them.
-fn name_avatar_heroes(c: Db<'_>, cand: &Candidate, sg: StateGroup, me: &str, body: &mut Value) -> Result<()> {
+/// `heroes` (with their display names and avatars), as Synapse computes them. `members_then`: the members at a
+/// former member's leave (None: the current members).
+fn name_avatar_heroes(
+    c: Db<'_>,
+    cand: &Candidate,
+    sg: StateGroup,
+    me: &str,
+    members_then: Option<&[(MemberProfile, String)]>,
+    body: &mut Value,
+) -> Result<()> {
     let name = crate::room::state_content(c, sg, "m.room.name", "")?
         .and_then(|v| v["name"].as_str().map(str::to_owned))
         .filter(|n| !n.is_empty());
     match name {
         Some(name) => body["name"] = json!(name),
         None => {
-            let heroes: Vec<Value> = sliding_sync::hero_profiles(c, cand.room.room_nid, me, HEROES)?
+            let profiles = match members_then {
+                Some(m) => heroes_then(m, me),
+                None => sliding_sync::hero_profiles(c, cand.room.room_nid, me, HEROES)?,
+            };
+            let heroes: Vec<Value> = profiles
                 .into_iter()
                 .map(|h| {
                     let mut v = json!({"user_id": h.user_id});
@@ -197,7 +262,7 @@ fn name_avatar_heroes(c: Db<'_>, cand: &Candidate, sg: StateGroup, me: &str, bod
     Ok(())
 }
 
-/// The state events the room config asks for, at the room's current state: `[type, key]` pairs where `*` is any
+/// The state events the room config asks for, in the state the user may see (`sg`): `[type, key]` pairs where `*` is any
 /// type or key, `$ME` the user, and `["m.room.member", "$LAZY"]` the members of the timeline's senders (in a
 /// partial-state room taken from what we hold, as `/sync`'s lazy loading does). When the room was sent before
 /// (`prev`), only what changed after that, plus what the previous config did not ask for (`more`: the config
