@@ -498,3 +498,32 @@ CREATE TABLE notifications (
 -- The stream position up to which events have been run through the push rules.
 CREATE TABLE push_cursor (id INTEGER PRIMARY KEY CHECK (id = 0), stream INTEGER NOT NULL);
 INSERT INTO push_cursor (id, stream) VALUES (0, 0);
+
+-- Content reports (`/rooms/{id}/report/{eventId}`, `/rooms/{id}/report`, `/users/{id}/report`), listed by
+-- `hearth report list`. `kind` is 'event', 'room' or 'user'.
+CREATE TABLE reports (
+    report_id    INTEGER PRIMARY KEY,
+    received_ts  INTEGER NOT NULL,
+    reporter     TEXT NOT NULL,
+    kind         TEXT NOT NULL,
+    room_id      TEXT,
+    event_id     TEXT,
+    target_user  TEXT,
+    reason       TEXT,
+    score        INTEGER
+);
+
+-- OpenID tokens (`/user/{id}/openid/request_token`): another server's `/openid/userinfo` exchanges one for the
+-- user id until it expires.
+CREATE TABLE openid_tokens (
+    token       TEXT PRIMARY KEY,
+    user_id     TEXT NOT NULL,
+    expires_ts  INTEGER NOT NULL
+) WITHOUT ROWID;
+
+-- Link previews (`/preview_url`): the Open Graph answer per URL, kept until `expires_ts`.
+CREATE TABLE url_previews (
+    url         TEXT PRIMARY KEY,
+    og          TEXT NOT NULL,
+    expires_ts  INTEGER NOT NULL
+) WITHOUT ROWID;

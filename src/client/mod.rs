@@ -15,6 +15,7 @@ pub mod push_rules;
 pub mod pushers;
 pub mod receipts;
 pub mod relations;
+pub mod reports;
 pub mod room_keys;
 pub mod rooms;
 pub mod search;
@@ -80,6 +81,9 @@ fn api() -> Router<AppState> {
         .route("/publicRooms", get(r::public_rooms_get).post(r::public_rooms_post))
         .route("/sync", get(sync::sync))
         .route("/search", post(search::search))
+        .route("/rooms/{room_id}/report/{event_id}", post(reports::report_event))
+        .route("/rooms/{room_id}/report", post(reports::report_room))
+        .route("/users/{user_id}/report", post(reports::report_user))
         .merge(extras())
 }
 

@@ -28,6 +28,7 @@ pub mod pushers;
 pub mod receipts;
 pub mod registration_tokens;
 pub mod relations;
+pub mod reports;
 pub mod resync;
 pub mod room_keys;
 pub mod rooms;
