@@ -6,7 +6,21 @@ mod common;
 
 use std::process::Command;
 
+use common::fake_resident::*;
 use common::*;
+
+/// Milliseconds since the epoch, a little after the previous call (so events sent between two calls fall between
+/// their values).
+async fn mark() -> i64 {
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let t = common::fake_resident::now_ms();
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    t
+}
+
+async fn jump(c: &Client, room: &str, ts: i64, dir: &str) -> Resp {
+    c.get(&format!("/_matrix/client/v1/rooms/{}/timestamp_to_event?ts={ts}&dir={dir}", enc(room))).await
+}
 
 /// `hearth report list` against the server's database (the command works while the server runs).
 fn report_list(s: &TestServer) -> String {
@@ -77,4 +91,101 @@ async fn reports_of_events_rooms_and_users() {
     assert!(lines[2].contains(&format!("{} reported event {ev} in {room} score -100", bob.user_id)), "{listed}");
     assert!(lines[2].contains("offensive"), "{listed}");
     assert_eq!(lines[3], "3 reports");
+}
+
+#[tokio::test]
+async fn timestamp_to_event_finds_the_closest_visible_event() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let bob = s.user("bob").await;
+    let eve = s.user("eve").await;
+    let before_room = mark().await;
+    let room = alice.create_room(json!({"preset": "public_chat"})).await;
+    alice.put_state(&room, "m.room.history_visibility", "", json!({"history_visibility": "joined"})).await.ok();
+    let t0 = mark().await;
+    let a = alice.send_text(&room, "A").await;
+    let t1 = mark().await;
+    let b = alice.send_text(&room, "B").await;
+    let t2 = mark().await;
+
+    let found = |r: Resp| r.ok()["event_id"].as_str().unwrap_or("").to_owned();
+    assert_eq!(found(jump(&alice, &room, t0, "f").await), a);
+    assert_eq!(found(jump(&alice, &room, t1, "b").await), a);
+    assert_eq!(found(jump(&alice, &room, t1, "f").await), b);
+    let at_b = jump(&alice, &room, t2, "b").await.ok();
+    assert_eq!(at_b["event_id"], json!(b));
+    assert!(at_b["origin_server_ts"].as_i64().is_some_and(|ts| ts > t1 && ts < t2), "{at_b}");
+    jump(&alice, &room, t2, "f").await.assert_err(404, "M_NOT_FOUND");
+    jump(&alice, &room, before_room, "b").await.assert_err(404, "M_NOT_FOUND");
+
+    // Bob joins later; history is `joined` from before A on: A is skipped (what he finds instead is the
+    // history visibility change, which was shared history).
+    bob.join(&room).await.ok();
+    let instead = found(jump(&bob, &room, t1, "b").await);
+    assert_ne!(instead, a);
+    assert_eq!(bob.event(&room, &instead).await.ok()["type"], "m.room.history_visibility");
+    let after_join = found(jump(&bob, &room, t0, "f").await);
+    assert_ne!(after_join, a);
+    assert_eq!(bob.event(&room, &after_join).await.ok()["sender"], json!(bob.user_id));
+    // Not in the room: 403.
+    jump(&eve, &room, t0, "f").await.assert_err(403, "M_FORBIDDEN");
+
+    // Parameters.
+    let base = format!("/_matrix/client/v1/rooms/{}/timestamp_to_event", enc(&room));
+    alice.get(&format!("{base}?ts={t0}")).await.assert_err(400, "M_MISSING_PARAM");
+    alice.get(&format!("{base}?dir=f")).await.assert_err(400, "M_MISSING_PARAM");
+    alice.get(&format!("{base}?ts={t0}&dir=x")).await.assert_err(400, "M_INVALID_PARAM");
+    alice.get(&format!("{base}?ts=soon&dir=f")).await.assert_err(400, "M_INVALID_PARAM");
+}
+
+/// A server that joined late asks the room's other servers for what came before its join (over
+/// `/_matrix/federation/v1/timestamp_to_event`), and gives its user their answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timestamp_to_event_asks_other_servers_about_history_before_our_join() {
+    let (a, b) = federated_pair().await;
+    let alice = a.user("alice").await;
+    let bob = b.user("bob").await;
+    let room = alice.create_room(json!({"preset": "public_chat"})).await;
+    let t0 = mark().await;
+    let ev_a = alice.send_text(&room, "A").await;
+    let t1 = mark().await;
+    let ev_b = alice.send_text(&room, "B").await;
+    let t2 = mark().await;
+    bob.post(&format!("/join/{}?server_name=hearth-a.test", enc(&room)), json!({})).await.ok();
+
+    let found = |r: Resp| r.ok()["event_id"].as_str().unwrap_or("").to_owned();
+    assert_eq!(found(jump(&bob, &room, t0, "f").await), ev_a);
+    assert_eq!(found(jump(&bob, &room, t2, "b").await), ev_b);
+    assert_eq!(found(jump(&bob, &room, t1, "f").await), ev_b);
+}
+
+/// A widget's server checks who a user is: the token from `/openid/request_token`, exchanged at our
+/// `/_matrix/federation/v1/openid/userinfo` (unsigned), names the user; an unknown token is 401 `M_UNKNOWN_TOKEN`.
+#[tokio::test]
+async fn openid_tokens_name_their_user_to_other_servers() {
+    let s = start_hearth_with(|c| c.federation.serve_on_client_listener = true).await;
+    let alice = s.user("alice").await;
+    let bob = s.user("bob").await;
+    let path = format!("/user/{}/openid/request_token", enc(&alice.user_id));
+    let t = alice.post(&path, json!({})).await.ok();
+    assert_eq!(t["token_type"], "Bearer");
+    assert_eq!(t["matrix_server_name"], json!(s.server_name));
+    assert_eq!(t["expires_in"], 3600);
+    let token = t["access_token"].as_str().unwrap().to_owned();
+    assert!(!token.is_empty() && token != alice.token.clone().unwrap_or_default());
+
+    let anon = s.client();
+    let info = anon.get(&format!("/_matrix/federation/v1/openid/userinfo?access_token={}", enc(&token))).await.ok();
+    assert_eq!(info, json!({"sub": alice.user_id}));
+    anon.get("/_matrix/federation/v1/openid/userinfo?access_token=nope").await.assert_err(401, "M_UNKNOWN_TOKEN");
+    // The token is no access token for the client API.
+    anon.get("/_matrix/federation/v1/openid/userinfo").await.assert_err(400, "M_MISSING_PARAM");
+    let mut as_token = s.client();
+    as_token.token = Some(token);
+    as_token.get("/account/whoami").await.assert_err(401, "M_UNKNOWN_TOKEN");
+
+    // Only for oneself, and only with a JSON object.
+    bob.post(&path, json!({})).await.assert_err(403, "M_FORBIDDEN");
+    let not_object = alice.post(&path, json!([])).await;
+    assert_eq!(not_object.status, 400, "{}", not_object.text);
 }

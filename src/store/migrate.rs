@@ -36,8 +36,9 @@ CREATE TABLE IF NOT EXISTS registration_tokens (
 CREATE TABLE IF NOT EXISTS blocked_rooms (room_id TEXT PRIMARY KEY, blocked_ts INTEGER NOT NULL) WITHOUT ROWID;
 ";
 
-/// 14: content reports, OpenID tokens, the link preview cache.
+/// 14: content reports, OpenID tokens, the link preview cache, and events by timestamp (`/timestamp_to_event`).
 const REPORTS_OPENID_PREVIEWS_V14: &str = "
+CREATE INDEX IF NOT EXISTS events_room_ts ON events(room_nid, origin_server_ts);
 CREATE TABLE IF NOT EXISTS reports (
     report_id INTEGER PRIMARY KEY, received_ts INTEGER NOT NULL, reporter TEXT NOT NULL, kind TEXT NOT NULL,
     room_id TEXT, event_id TEXT, target_user TEXT, reason TEXT, score INTEGER
