@@ -189,3 +189,95 @@ async fn openid_tokens_name_their_user_to_other_servers() {
     let not_object = alice.post(&path, json!([])).await;
     assert_eq!(not_object.status, 400, "{}", not_object.text);
 }
+
+/// A web server on loopback for link previews: `/page.html` (Open Graph tags, a relative `og:image`), `/img.png`
+/// (3x2 pixels), `/away` (a redirect to a link-local address) and `/hits` counting page fetches.
+async fn web_server() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>, Vec<u8>) {
+    use axum::http::header;
+    use axum::routing::get;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let mut png = Vec::new();
+    image::RgbImage::new(3, 2).write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).expect("png");
+    let hits = std::sync::Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    let img = png.clone();
+    let app = axum::Router::new()
+        .route(
+            "/page.html",
+            get(move || {
+                h.fetch_add(1, Ordering::SeqCst);
+                async {
+                    let html = r#"<html><head><title>Ignored</title><meta property="og:title" content="The Rock">
+                        <meta property="og:type" content="video.movie"><meta property="og:image" content="img.png">
+                        <meta name="description" content="A film"></head><body>x</body></html>"#;
+                    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], html)
+                }
+            }),
+        )
+        .route("/img.png", get(move || async move { ([(header::CONTENT_TYPE, "image/png")], img.clone()) }))
+        .route(
+            "/away",
+            get(|| async { (axum::http::StatusCode::FOUND, [(header::LOCATION, "http://169.254.169.254/latest")]) }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}"), hits, png)
+}
+
+fn preview_path(url: &str) -> String {
+    format!("/_matrix/client/v1/media/preview_url?url={}", enc(url))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_previews_read_open_graph_and_refuse_private_addresses() {
+    use std::sync::atomic::Ordering;
+    let (web, hits, png) = web_server().await;
+    let page = format!("{web}/page.html");
+
+    // By default loopback is refused, by address and by name.
+    let closed = TestServer::start().await;
+    let carol = closed.user("carol").await;
+    carol.get(&preview_path(&page)).await.assert_err(403, "M_FORBIDDEN");
+    let by_name = page.replace("127.0.0.1", "localhost");
+    carol.get(&preview_path(&by_name)).await.assert_err(403, "M_FORBIDDEN");
+    assert_eq!(hits.load(Ordering::SeqCst), 0);
+
+    let s = TestServer::start_with(|c| c.media.preview_allow_private_ips = vec!["127.0.0.0/8".into()]).await;
+    let alice = s.user("alice").await;
+    let og = alice.get(&preview_path(&page)).await.ok();
+    assert_eq!(og["og:title"], "The Rock");
+    assert_eq!(og["og:type"], "video.movie");
+    assert_eq!(og["og:description"], "A film");
+    assert_eq!((og["og:image:width"].as_u64(), og["og:image:height"].as_u64()), (Some(3), Some(2)), "{og}");
+    assert_eq!(og["matrix:image:size"].as_u64(), Some(png.len() as u64));
+    assert_eq!(og["og:image:type"], "image/png");
+    let mxc = og["og:image"].as_str().unwrap();
+    let media = mxc.strip_prefix("mxc://").expect("an mxc URI");
+    let http = reqwest::Client::new();
+    let got = http
+        .get(format!("{}/_matrix/client/v1/media/download/{media}", s.base_url))
+        .bearer_auth(alice.token.clone().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status(), 200);
+    assert_eq!(got.bytes().await.unwrap().to_vec(), png, "the image is in the media repository");
+
+    // Cached: asking again (on the legacy path too) does not fetch the page again.
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+    let again = alice.get(&format!("/_matrix/media/v3/preview_url?url={}&ts=1", enc(&page))).await.ok();
+    assert_eq!(again["og:title"], "The Rock");
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+
+    // A redirect to a private address is refused although the first hop was allowed; bad requests are 400.
+    alice.get(&preview_path(&format!("{web}/away"))).await.assert_err(403, "M_FORBIDDEN");
+    alice.get("/_matrix/client/v1/media/preview_url").await.assert_err(400, "M_MISSING_PARAM");
+    alice.get(&preview_path("ftp://example.com/x")).await.assert_err(400, "M_INVALID_PARAM");
+    alice.get(&preview_path("not a url")).await.assert_err(400, "M_INVALID_PARAM");
+    s.client().get(&preview_path(&page)).await.assert_err(401, "M_MISSING_TOKEN");
+
+    // Switched off.
+    let off = TestServer::start_with(|c| c.media.url_preview_enabled = false).await;
+    off.user("dave").await.get(&preview_path(&page)).await.assert_err(403, "M_FORBIDDEN");
+}

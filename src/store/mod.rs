@@ -23,6 +23,7 @@ pub mod migrate;
 pub mod notary;
 pub mod outbox;
 pub mod presence;
+pub mod previews;
 pub mod purge;
 pub mod pushers;
 pub mod receipts;
