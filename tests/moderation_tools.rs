@@ -56,6 +56,7 @@ async fn reports_of_events_rooms_and_users() {
     assert_eq!(bob.post(&path, json!({"reason": "offensive", "score": -100})).await.ok(), json!({}));
     bob.post(&path, json!({"score": 5})).await.assert_err(400, "M_INVALID_PARAM");
     bob.post(&path, json!({"reason": 3})).await.assert_err(400, "M_INVALID_PARAM");
+    assert_eq!(bob.post(&path, json!(["not", "an", "object"])).await.status, 400);
     // Someone outside the (shared-history) room cannot see it: 404, as for an event that does not exist.
     eve.post(&path, json!({"reason": "x"})).await.assert_err(404, "M_NOT_FOUND");
     bob.post(&format!("/rooms/{r}/report/{}", enc("$nosuch")), json!({})).await.assert_err(404, "M_NOT_FOUND");

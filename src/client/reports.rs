@@ -5,7 +5,7 @@
 
 use axum::extract::{Path, State};
 use axum::response::IntoResponse;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 use crate::error::{Error, Result};
 use crate::http::{AppState, Auth, Json};
@@ -17,8 +17,8 @@ use crate::store::{accounts, events, rooms};
 /// Longest reason stored (Synapse keeps reasons as given; a bound keeps one report from filling the disk).
 const MAX_REASON: usize = 4096;
 
-/// The `reason` of a report body: absent or null is none, a string is kept (truncated), anything else is 400.
-fn reason_of(body: &Value, required: bool) -> Result<Option<String>> {
+/// The `reason` of a report body (a JSON object, else 400): absent or null is none, a string is kept (truncated), anything else is 400.
+fn reason_of(body: &Map<String, Value>, required: bool) -> Result<Option<String>> {
     match body.get("reason") {
         None | Some(Value::Null) if required => Err(Error::missing_param("reason is required")),
         None | Some(Value::Null) => Ok(None),
@@ -35,7 +35,7 @@ fn reason_of(body: &Value, required: bool) -> Result<Option<String>> {
 
 /// The optional `score` of an event report (removed from the spec in v1.13, still sent by older clients): an
 /// integer from -100 (most offensive) to 0, as Synapse checks.
-fn score_of(body: &Value) -> Result<Option<i64>> {
+fn score_of(body: &Map<String, Value>) -> Result<Option<i64>> {
     match body.get("score") {
         None | Some(Value::Null) => Ok(None),
         Some(v) => match v.as_i64() {
@@ -50,7 +50,7 @@ pub async fn report_event(
     State(s): State<AppState>,
     auth: Auth,
     Path((room_id, event_id)): Path<(String, String)>,
-    Json(body): Json<Value>,
+    Json(body): Json<Map<String, Value>>,
 ) -> Result<impl IntoResponse> {
     let (reason, score) = (reason_of(&body, false)?, score_of(&body)?);
     let user = auth.user_id.clone();
@@ -80,7 +80,7 @@ pub async fn report_room(
     State(s): State<AppState>,
     auth: Auth,
     Path(room_id): Path<String>,
-    Json(body): Json<Value>,
+    Json(body): Json<Map<String, Value>>,
 ) -> Result<impl IntoResponse> {
     let reason = reason_of(&body, true)?;
     let rid = room_id.clone();
@@ -97,7 +97,7 @@ pub async fn report_user(
     State(s): State<AppState>,
     auth: Auth,
     Path(user_id): Path<String>,
-    Json(body): Json<Value>,
+    Json(body): Json<Map<String, Value>>,
 ) -> Result<impl IntoResponse> {
     let reason = reason_of(&body, true)?;
     let target = crate::util::parse_user_id(&user_id).map_err(|_| Error::not_found("user not found"))?;
