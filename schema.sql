@@ -97,6 +97,7 @@ CREATE TABLE events (
 );
 CREATE INDEX events_room_stream ON events(room_nid, stream_ordering) WHERE stream_ordering IS NOT NULL;
 CREATE INDEX events_room_depth ON events(room_nid, depth);
+CREATE INDEX events_room_ts ON events(room_nid, origin_server_ts);  -- /timestamp_to_event
 CREATE INDEX events_redacts ON events(room_nid, event_type) WHERE event_type = 'm.room.redaction';
 
 -- DAG edges, for backfill and missing-event lookups.
@@ -520,4 +521,33 @@ CREATE TABLE appservice_txns (
 CREATE TABLE appservice_room_list (
     appservice_id TEXT NOT NULL, network_id TEXT NOT NULL, room_id TEXT NOT NULL,
     PRIMARY KEY (appservice_id, network_id, room_id)
+) WITHOUT ROWID;
+
+-- Content reports (`/rooms/{id}/report/{eventId}`, `/rooms/{id}/report`, `/users/{id}/report`), listed by
+-- `hearth report list`. `kind` is 'event', 'room' or 'user'.
+CREATE TABLE reports (
+    report_id    INTEGER PRIMARY KEY,
+    received_ts  INTEGER NOT NULL,
+    reporter     TEXT NOT NULL,
+    kind         TEXT NOT NULL,
+    room_id      TEXT,
+    event_id     TEXT,
+    target_user  TEXT,
+    reason       TEXT,
+    score        INTEGER
+);
+
+-- OpenID tokens (`/user/{id}/openid/request_token`): another server's `/openid/userinfo` exchanges one for the
+-- user id until it expires.
+CREATE TABLE openid_tokens (
+    token       TEXT PRIMARY KEY,
+    user_id     TEXT NOT NULL,
+    expires_ts  INTEGER NOT NULL
+) WITHOUT ROWID;
+
+-- Link previews (`/preview_url`): the Open Graph answer per URL, kept until `expires_ts`.
+CREATE TABLE url_previews (
+    url         TEXT PRIMARY KEY,
+    og          TEXT NOT NULL,
+    expires_ts  INTEGER NOT NULL
 ) WITHOUT ROWID;

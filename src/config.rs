@@ -261,6 +261,14 @@ pub struct Media {
     /// served only through `/_matrix/client/v1/media/*` (the legacy endpoints answer 404 `M_NOT_FOUND`); media
     /// stored before stays reachable through both. As Synapse's `enable_authenticated_media` (default on).
     pub freeze_legacy: bool,
+    /// Answer `/preview_url` (link previews): the server fetches the pages users link to (1 MiB of HTML at most,
+    /// 10 s) and their Open Graph image. On by default, unlike Synapse's `url_preview_enabled`: Synapse refuses to
+    /// enable it without an operator-written IP blacklist, while Hearth always refuses private, loopback and
+    /// link-local addresses (after DNS resolution, on every redirect) unless `preview_allow_private_ips` lists them.
+    pub url_preview_enabled: bool,
+    /// Address blocks (`10.1.0.0/16`, `127.0.0.1`) that link previews may fetch from although they are private,
+    /// loopback or link-local. Empty by default.
+    pub preview_allow_private_ips: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -343,6 +351,8 @@ impl Default for Media {
             max_image_pixels: 32_000_000,
             thumbnail_memory_mb: 192,
             freeze_legacy: true,
+            url_preview_enabled: true,
+            preview_allow_private_ips: Vec::new(),
         }
     }
 }
@@ -403,6 +413,13 @@ impl Config {
         for p in &self.limits.trusted_proxies {
             Cidr::parse(p).ok_or_else(|| {
                 anyhow::anyhow!("invalid configuration: key `limits.trusted_proxies`: `{p}` is not an address or CIDR")
+            })?;
+        }
+        for p in &self.media.preview_allow_private_ips {
+            Cidr::parse(p).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "invalid configuration: key `media.preview_allow_private_ips`: `{p}` is not an address or CIDR"
+                )
             })?;
         }
         if let Some(url) = &self.well_known.client_base_url {

@@ -43,6 +43,11 @@ enum Command {
         #[command(subcommand)]
         action: TokenAction,
     },
+    /// Content reports users sent (works while the server runs).
+    Report {
+        #[command(subcommand)]
+        action: ReportAction,
+    },
     /// Show background jobs (lazy-join resyncs) and their progress; `--watch` refreshes every second.
     Jobs {
         #[arg(long)]
@@ -168,6 +173,16 @@ enum MediaAction {
 }
 
 #[derive(Subcommand)]
+enum ReportAction {
+    /// List the newest reports (events, rooms and users), newest first.
+    List {
+        /// How many to show.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+}
+
+#[derive(Subcommand)]
 enum TokenAction {
     /// Make a registration token; the token is printed on the last line.
     Create {
@@ -261,6 +276,15 @@ fn main() {
             media_purge(&config, &source, &older_than)
         }
         Some(Command::Token { action }) => token_command(&config, &source, action),
+        Some(Command::Report { action: ReportAction::List { limit } }) => {
+            let reports = admin(&config, &source).and_then(|a| a.list_reports(limit));
+            reports.map(|reports| {
+                for r in &reports {
+                    println!("{}", hearth::admin::reports::report_line(r));
+                }
+                println!("{} reports", reports.len());
+            })
+        }
         Some(Command::Jobs { watch }) => jobs_command(config, &source, watch),
         Some(Command::Keys { action: KeysAction::Rotate }) => rotate_keys(config, &source),
         Some(Command::Backup { file, force }) => backup_command(&config, &file, force),

@@ -473,7 +473,6 @@ async fn start_up_probes_get_clean_answers_with_cors() {
         "/_matrix/client/unstable/org.matrix.msc2965/auth_issuer",
         "/_matrix/client/unstable/org.matrix.msc2697.v2/dehydrated_device", // Hydrogen
         "/_matrix/client/unstable/org.matrix.msc3814.v1/dehydrated_device", // Element
-        "/_matrix/client/v1/media/preview_url?url=https%3A%2F%2Fexample.org",
     ] {
         let (st, code, body, cors) = probe(&alice, get.clone(), path, None).await;
         assert_eq!((st, code.as_str(), cors), (404, "M_UNRECOGNIZED", true), "{path}: {body}");

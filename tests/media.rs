@@ -176,12 +176,10 @@ async fn upload_download_authenticated_and_legacy_with_safe_headers() {
         .await
         .assert_err(401, "M_MISSING_TOKEN");
 
-    // Config on both APIs; URL previews are not offered.
+    // Config on both APIs; URL previews are served (tests/moderation_tools.rs): a request without a URL is 400.
     assert_eq!(bob.get("/_matrix/client/v1/media/config").await.ok()["m.upload.size"], json!(50 << 20));
     assert_eq!(bob.get("/_matrix/media/v3/config").await.ok()["m.upload.size"], json!(50 << 20));
-    bob.get("/_matrix/client/v1/media/preview_url?url=https%3A%2F%2Fexample.org")
-        .await
-        .assert_err(404, "M_UNRECOGNIZED");
+    bob.get("/_matrix/client/v1/media/preview_url").await.assert_err(400, "M_MISSING_PARAM");
     s.stop().await;
 }
 

@@ -1,4 +1,4 @@
-//! The operator's commands (`hearth user|room|media|token ...`): they work on the database a server uses, while it
+//! The operator's commands (`hearth user|room|media|token|report ...`): they work on the database a server uses, while it
 //! runs or not. Each change is a short transaction of its own on a connection of the command's own (SQLite WAL:
 //! a running server's readers never wait; its writer waits at most one short transaction). They never create or
 //! migrate a database, and never allocate stream positions (those belong to the server's writer): what needs the
@@ -8,6 +8,7 @@
 //! `main.rs` only parses the command line and prints; the logic is here and in the store.
 
 pub mod job;
+pub mod reports;
 pub mod rooms;
 pub mod users;
 

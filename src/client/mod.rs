@@ -16,6 +16,7 @@ pub mod push_rules;
 pub mod pushers;
 pub mod receipts;
 pub mod relations;
+pub mod reports;
 pub mod room_keys;
 pub mod rooms;
 pub mod search;
@@ -24,6 +25,7 @@ pub mod spaces;
 pub mod sync;
 pub mod tags;
 pub mod timeline;
+pub mod tools;
 
 use axum::routing::{get, post, put};
 use axum::Router;
@@ -47,6 +49,7 @@ fn api() -> Router<AppState> {
         .route("/capabilities", get(a::capabilities))
         .route("/user/{user_id}/filter", post(a::create_filter))
         .route("/user/{user_id}/filter/{filter_id}", get(a::get_filter))
+        .route("/user/{user_id}/openid/request_token", post(tools::openid_request_token))
         .route("/devices", get(a::list_devices))
         .route("/devices/{device_id}", get(a::get_device).put(a::update_device).delete(a::delete_device))
         .route("/delete_devices", post(a::delete_devices))
@@ -81,6 +84,9 @@ fn api() -> Router<AppState> {
         .route("/publicRooms", get(r::public_rooms_get).post(r::public_rooms_post))
         .route("/sync", get(sync::sync))
         .route("/search", post(search::search))
+        .route("/rooms/{room_id}/report/{event_id}", post(reports::report_event))
+        .route("/rooms/{room_id}/report", post(reports::report_room))
+        .route("/users/{user_id}/report", post(reports::report_user))
         .merge(extras())
 }
 
@@ -161,6 +167,7 @@ pub fn routes() -> Router<AppState> {
         )
         .route("/_matrix/client/v1/rooms/{room_id}/threads", get(relations::threads))
         .route("/_matrix/client/v1/appservice/{appservice_id}/ping", post(appservice::ping))
+        .route("/_matrix/client/v1/rooms/{room_id}/timestamp_to_event", get(tools::timestamp_to_event))
         .route("/_matrix/client/unstable/org.matrix.simplified_msc3575/sync", post(sliding_sync::sync))
         .nest("/_matrix/client/v3", api())
         .nest("/_matrix/client/r0", api())

@@ -44,11 +44,13 @@ fn is_remote_user(s: &AppState, user_id: &str) -> bool {
     ruma::UserId::parse(user_id).is_ok() && !s.identity.is_local_user(user_id)
 }
 
-fn field(name: &str) -> Result<ProfileField> {
+/// The profile fields kept here. Another key is no unknown endpoint (`M_UNRECOGNIZED`): reading it is 404
+/// `M_NOT_FOUND` (as Synapse answers a key a profile does not have), setting it 400 `M_INVALID_PARAM`.
+fn field(name: &str) -> Option<ProfileField> {
     match name {
-        "displayname" => Ok(ProfileField::Displayname),
-        "avatar_url" => Ok(ProfileField::AvatarUrl),
-        _ => Err(Error::unrecognized("unknown profile field")),
+        "displayname" => Some(ProfileField::Displayname),
+        "avatar_url" => Some(ProfileField::AvatarUrl),
+        _ => None,
     }
 }
 
@@ -56,7 +58,7 @@ pub async fn get_field(
     State(s): State<AppState>,
     Path((user_id, name)): Path<(String, String)>,
 ) -> Result<impl IntoResponse> {
-    let f = field(&name)?;
+    let f = field(&name).ok_or_else(|| Error::not_found("the profile has no such field"))?;
     crate::util::parse_user_id(&user_id)?;
     if is_remote_user(&s, &user_id) {
         let remote = crate::federation::query::remote_profile(&s.fed, &user_id, Some(&name)).await?;
@@ -90,7 +92,7 @@ pub async fn set_field(
     if user_id != auth.user_id {
         return Err(Error::forbidden("cannot change another user's profile"));
     }
-    let f = field(&name)?;
+    let f = field(&name).ok_or_else(|| Error::invalid_param("only displayname and avatar_url can be set"))?;
     let value = match body.get(&name) {
         Some(Value::String(v)) => Some(v.clone()),
         Some(Value::Null) => None,

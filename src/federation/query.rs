@@ -40,3 +40,57 @@ pub async fn remote_alias(s: &FedContext, alias: &str) -> Result<(String, Vec<St
         .unwrap_or_default();
     Ok((room_id, servers))
 }
+
+/// Servers asked at most by one [`remote_timestamp_to_event`].
+const MAX_TIMESTAMP_SERVERS: usize = 5;
+
+/// Asks the servers of a room, in turn, for the event closest to `ts` (`/timestamp_to_event`); the first valid
+/// answer wins: (event id, its `origin_server_ts`, the server). The event itself is then fetched from that server
+/// and stored as an outlier (as Synapse does), so `/event` and `/context` can find it; that fetch is best effort.
+pub async fn remote_timestamp_to_event(
+    s: &FedContext,
+    room_id: &ruma::RoomId,
+    ts: i64,
+    forward: bool,
+    servers: &[String],
+) -> Option<(String, i64, String)> {
+    let fed = s.federation.as_ref()?;
+    let dir = if forward { "f" } else { "b" };
+    let path = format!("/_matrix/federation/v1/timestamp_to_event/{}?ts={ts}&dir={dir}", enc(room_id.as_str()));
+    for server in servers.iter().take(MAX_TIMESTAMP_SERVERS) {
+        let answer = fed
+            .client
+            .request_timeout(reqwest::Method::GET, server, &path, None, std::time::Duration::from_secs(10))
+            .await;
+        let v = match answer {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::debug!(%server, error = %Error::from(e), "timestamp_to_event: no answer");
+                continue;
+            }
+        };
+        let (Some(id), Some(at)) =
+            (v.get("event_id").and_then(Value::as_str), v.get("origin_server_ts").and_then(Value::as_i64))
+        else {
+            continue;
+        };
+        if ruma::EventId::parse(id).is_err() {
+            continue;
+        }
+        if let Ok(r) = crate::federation::batches::Remote::of(s) {
+            let fetched = crate::federation::inbound::fetch_outliers(
+                r,
+                server,
+                room_id,
+                vec![id.to_owned()],
+                &std::collections::HashSet::new(),
+            )
+            .await;
+            if let Err(e) = fetched {
+                tracing::debug!(%server, event = id, error = %e, "timestamp_to_event: fetching the event failed");
+            }
+        }
+        return Some((id.to_owned(), at, server.clone()));
+    }
+    None
+}

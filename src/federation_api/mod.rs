@@ -4,5 +4,6 @@
 
 mod hierarchy;
 mod routes;
+mod tools;
 
 pub use routes::routes;

@@ -53,6 +53,8 @@ pub fn routes() -> Router<AppState> {
         .route("/_matrix/federation/v1/user/keys/claim", post(user_keys_claim))
         .route("/_matrix/federation/v1/publicRooms", get(public_rooms))
         .route("/_matrix/federation/v1/hierarchy/{room_id}", get(super::hierarchy::hierarchy))
+        .route("/_matrix/federation/v1/timestamp_to_event/{room_id}", get(super::tools::timestamp_to_event))
+        .route("/_matrix/federation/v1/openid/userinfo", get(super::tools::openid_userinfo))
 }
 
 async fn key_server(State(s): State<AppState>) -> Result<impl IntoResponse> {

@@ -8,6 +8,7 @@
 
 pub mod federation;
 pub mod multipart;
+pub mod preview;
 pub mod thumbnail;
 
 use std::path::Path as FsPath;
@@ -83,12 +84,14 @@ pub fn client_routes() -> Router<AppState> {
         .route("/_matrix/client/v1/media/download/{server_name}/{media_id}", get(download_auth))
         .route("/_matrix/client/v1/media/download/{server_name}/{media_id}/{file_name}", get(download_auth_named))
         .route("/_matrix/client/v1/media/thumbnail/{server_name}/{media_id}", get(thumbnail_auth))
+        .route("/_matrix/client/v1/media/preview_url", get(preview::preview_url))
         .route("/_matrix/media/v1/create", post(create));
     for v in ["v3", "r0", "v1"] {
         r = r
             .route(&format!("/_matrix/media/{v}/upload"), post(upload))
             .route(&format!("/_matrix/media/{v}/upload/{{server_name}}/{{media_id}}"), put(upload_to))
             .route(&format!("/_matrix/media/{v}/config"), get(config))
+            .route(&format!("/_matrix/media/{v}/preview_url"), get(preview::preview_url))
             .route(&format!("/_matrix/media/{v}/download/{{server_name}}/{{media_id}}"), get(download_legacy))
             .route(
                 &format!("/_matrix/media/{v}/download/{{server_name}}/{{media_id}}/{{file_name}}"),

@@ -14,6 +14,7 @@ pub mod state;
 pub mod stripped;
 #[cfg(test)]
 mod tests;
+pub mod timestamp;
 pub mod typing;
 pub mod upgrade;
 pub mod version;

@@ -57,6 +57,13 @@ pub fn membership_of(conn: Db<'_>, room_nid: RoomNid, user_id: &str) -> Result<O
         .optional()?)
 }
 
+/// Whether the user has (or had) a membership in any room the server holds.
+pub fn user_known(conn: Db<'_>, user_id: &str) -> Result<bool> {
+    Ok(conn
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM room_members WHERE user_id = ?1)")?
+        .query_row([user_id], |r| r.get(0))?)
+}
+
 pub fn member_counts(conn: Db<'_>, room_nid: RoomNid) -> Result<(i64, i64)> {
     Ok(conn
         .prepare_cached("SELECT joined_members, invited_members FROM rooms WHERE room_nid = ?1")?

@@ -21,6 +21,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (11, SLIDING_SYNC_V11),
     (12, PUSHERS_V12),
     (13, APPSERVICES_V13),
+    (14, REPORTS_OPENID_PREVIEWS_V14),
     (15, UNREAD_V15),
 ];
 
@@ -35,6 +36,19 @@ CREATE TABLE IF NOT EXISTS registration_tokens (
     created_ts INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS blocked_rooms (room_id TEXT PRIMARY KEY, blocked_ts INTEGER NOT NULL) WITHOUT ROWID;
+";
+
+/// 14: content reports, OpenID tokens, the link preview cache, and events by timestamp (`/timestamp_to_event`).
+const REPORTS_OPENID_PREVIEWS_V14: &str = "
+CREATE INDEX IF NOT EXISTS events_room_ts ON events(room_nid, origin_server_ts);
+CREATE TABLE IF NOT EXISTS reports (
+    report_id INTEGER PRIMARY KEY, received_ts INTEGER NOT NULL, reporter TEXT NOT NULL, kind TEXT NOT NULL,
+    room_id TEXT, event_id TEXT, target_user TEXT, reason TEXT, score INTEGER
+);
+CREATE TABLE IF NOT EXISTS openid_tokens (
+    token TEXT PRIMARY KEY, user_id TEXT NOT NULL, expires_ts INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS url_previews (url TEXT PRIMARY KEY, og TEXT NOT NULL, expires_ts INTEGER NOT NULL) WITHOUT ROWID;
 ";
 
 /// 12: pushers, their outbox, the notifications `/notifications` lists and the push evaluator's position in the event stream (starting at the latest
@@ -237,7 +251,7 @@ mod tests {
                                  size INTEGER NOT NULL, created_ts INTEGER NOT NULL, data BLOB NOT NULL) WITHOUT ROWID;
              DROP TABLE presence;
              DROP TABLE sliding_sync_positions; DROP TABLE sliding_sync_connections;
-             DROP TABLE destinations;
+             DROP TABLE destinations; DROP TABLE reports; DROP TABLE openid_tokens; DROP TABLE url_previews;
              CREATE TABLE destinations (destination TEXT PRIMARY KEY, failures INTEGER NOT NULL DEFAULT 0,
                                         retry_at INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
              PRAGMA user_version = 1;",
@@ -263,6 +277,9 @@ mod tests {
             "appservice_state",
             "appservice_txns",
             "appservice_room_list",
+            "reports",
+            "openid_tokens",
+            "url_previews",
         ] {
             assert_eq!(columns(&old, table), columns(&fresh, table), "table {table}");
             assert!(!columns(&fresh, table).is_empty(), "table {table} exists");

@@ -59,6 +59,27 @@ fn shown_window(
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
+/// Shown timeline events at or after `ts` (`forward`, oldest first) or at or before it (newest first), ordered by
+/// `origin_server_ts` then topologically (depth, then stream position), skipping `offset`: the candidates of
+/// `/timestamp_to_event`.
+pub fn by_timestamp(
+    conn: Db<'_>,
+    room: RoomNid,
+    ts: i64,
+    forward: bool,
+    offset: i64,
+    limit: i64,
+) -> Result<Vec<EventRow>> {
+    let (cmp, order) = if forward { (">=", "ASC") } else { ("<=", "DESC") };
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {EVENT_COLS} FROM events WHERE room_nid = ?1 AND origin_server_ts {cmp} ?2
+         AND stream_ordering IS NOT NULL AND outlier = 0 AND rejected IS NULL AND soft_failed = 0
+         ORDER BY origin_server_ts {order}, depth {order}, stream_ordering {order} LIMIT ?3 OFFSET ?4"
+    ))?;
+    let rows = stmt.query_map(params![room, ts, limit, offset], event_row)?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
 /// The state before an event: the state after one of its `prev_events` that we hold with state (the state a
 /// state event replaced, for `prev_content`).
 pub fn state_before(conn: Db<'_>, event: EventNid) -> Result<Option<StateGroup>> {
@@ -110,6 +131,29 @@ mod tests {
         assert_eq!(ids(&oldest_first(conn.db(), room, p(0), max, 1).unwrap()), ["$1"]);
         assert!(newest_first(conn.db(), room, p(6), max, 10).unwrap().is_empty());
         assert!(newest_first(conn.db(), RoomNid(999), p(0), max, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn by_timestamp_orders_by_time_then_topology_and_skips_hidden_events() {
+        let conn = memory_db();
+        let room = timeline(conn.db());
+        // $1 and $2 at 100 (depths 1, 2), $5 and $6 at 200 (depths 5, 6); $3/$4 hidden; the outlier at 150.
+        for (id, ts, depth) in [("$1", 100, 1), ("$2", 100, 2), ("$5", 200, 5), ("$6", 200, 6), ("$outlier", 150, 9)] {
+            conn.db()
+                .execute(
+                    "UPDATE events SET origin_server_ts = ?2, depth = ?3 WHERE event_id = ?1",
+                    params![id, ts, depth],
+                )
+                .unwrap();
+        }
+        let at = |ts, fwd, off, lim| ids(&by_timestamp(conn.db(), room, ts, fwd, off, lim).unwrap()).join(",");
+        assert_eq!(at(100, true, 0, 10), "$1,$2,$5,$6");
+        assert_eq!(at(101, true, 0, 10), "$5,$6");
+        assert_eq!(at(200, false, 0, 10), "$6,$5,$2,$1");
+        assert_eq!(at(199, false, 0, 1), "$2", "same time: the topologically latest first");
+        assert_eq!(at(199, false, 1, 1), "$1");
+        assert_eq!(at(201, true, 0, 10), "");
+        assert_eq!(at(99, false, 0, 10), "");
     }
 
     #[test]
