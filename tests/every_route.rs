@@ -82,6 +82,8 @@ fn fill(path: &str) -> String {
             "server_name" | "server" => "localhost",
             "media_id" => "nosuchmedia",
             "key_id" => "ed25519:x",
+            // `/thirdparty/{kind}`: the spec names two kinds; any other is no endpoint at all.
+            "kind" => "location",
             _ => "x",
         };
         out.push_str(&enc(value));
