@@ -757,3 +757,29 @@ async fn remote_users_go_through_federation() {
     assert_eq!(edu["content"]["messages"]["@zed:remote.invalid"]["D"]["secret"], 1);
     s.stop().await;
 }
+
+/// Clients that see an unstable feature advertised in `/versions` use the `unstable` prefix for its endpoints, as
+/// Synapse serves them: Element Web 1.7 uploads its cross-signing keys to `/unstable/keys/device_signing/upload`
+/// (advertised as `org.matrix.e2e_cross_signing`) and asks `/unstable/room_keys/version`; without them it shows
+/// "Unable to set up keys" right after login.
+#[tokio::test]
+async fn unstable_prefix_serves_the_client_api() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let versions = alice.get("/_matrix/client/versions").await.ok();
+    assert_eq!(versions["unstable_features"]["org.matrix.e2e_cross_signing"], true, "{versions}");
+
+    let master = signing_key();
+    alice
+        .post(
+            "/_matrix/client/unstable/keys/device_signing/upload",
+            json!({"master_key": cross_key(&alice.user_id, "master", &master)}),
+        )
+        .await
+        .ok();
+    let q = alice.post("/keys/query", json!({"device_keys": {alice.user_id.clone(): []}})).await.ok();
+    assert_eq!(q["master_keys"][&alice.user_id]["keys"][format!("ed25519:{}", master.public)], master.public.as_str());
+    // No backup yet: the spec's "no current backup" answer, not an unknown endpoint.
+    alice.get("/_matrix/client/unstable/room_keys/version").await.assert_err(404, "M_NOT_FOUND");
+    assert_eq!(alice.get("/_matrix/client/unstable/account/whoami").await.ok()["user_id"], alice.user_id.as_str());
+}

@@ -32,7 +32,10 @@ use axum::Router;
 
 use crate::http::AppState;
 
-/// Endpoints under `/_matrix/client/{v3,r0}`.
+/// Endpoints under `/_matrix/client/{v3,r0,unstable}`. Synapse serves (nearly) every endpoint under `unstable` too,
+/// and clients that see an unstable feature advertised in `/versions` (`org.matrix.e2e_cross_signing`, say) use the
+/// `unstable` prefix for its endpoints: Element Web 1.7 calls `/unstable/keys/device_signing/upload` and
+/// `/unstable/room_keys/version`, and without them cannot set up keys after login.
 fn api() -> Router<AppState> {
     use account as a;
     use rooms as r;
@@ -171,5 +174,6 @@ pub fn routes() -> Router<AppState> {
         .route("/_matrix/client/unstable/org.matrix.simplified_msc3575/sync", post(sliding_sync::sync))
         .nest("/_matrix/client/v3", api())
         .nest("/_matrix/client/r0", api())
+        .nest("/_matrix/client/unstable", api())
         .merge(crate::media::client_routes())
 }
