@@ -293,7 +293,7 @@ async fn heisenbridge_bridges_irc_both_ways_across_an_outage_and_a_restart() {
     say(&control, "ADDNETWORK hearthnet").await;
     say(&control, &format!("ADDSERVER hearthnet 127.0.0.1 {irc_port}")).await;
     say(&control, "OPEN hearthnet").await;
-    let network = sync.accept_invite(&bot, &[control.clone()]).await;
+    let network = sync.accept_invite(&bot, std::slice::from_ref(&control)).await;
     say(&network, "CONNECT").await;
     // The IRC server's welcome (001), relayed by the bridge as a notice: it is on IRC.
     let bot2 = bot.clone();
