@@ -716,3 +716,48 @@ async fn an_appservice_registration_may_ask_for_a_refresh_token() {
     assert!(plain.get("refresh_token").is_none() && plain["access_token"].is_string(), "{plain}");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn another_server_reads_a_network_directory_over_federation() {
+    use common::fake_resident::{start_hearth_with_fakes, FakeResident, RoomSpec};
+    let (_g, url) = fake_as().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_registration(dir.path(), "bridge.yaml", &registration(&url));
+    let fake = FakeResident::start(RoomSpec { members: 0, messages: 0, ..RoomSpec::default() }).await;
+    let server = start_hearth_with_fakes(&[&fake], with_appservice(file)).await;
+    let bot = as_client(&server.base_url);
+    let alice = server.user("alice").await;
+    let main = alice.create_room(json!({"preset": "public_chat", "visibility": "public", "name": "main"})).await;
+    let bridged = alice.create_room(json!({"preset": "public_chat", "name": "bridged on libera"})).await;
+    bot.put(&format!("/directory/list/appservice/libera/{}", enc(&bridged)), json!({"visibility": "public"}))
+        .await
+        .ok();
+    let ids = |v: &Value| -> Vec<String> {
+        v["chunk"].as_array().unwrap().iter().map(|e| e["room_id"].as_str().unwrap().to_owned()).collect()
+    };
+    let get = |q: String| {
+        let fake = &fake;
+        async move {
+            fake.request_hearth(reqwest::Method::GET, &format!("/_matrix/federation/v1/publicRooms{q}"), None).await
+        }
+    };
+    assert_eq!(ids(&get(String::new()).await.unwrap()), vec![main.clone()]);
+    let net = get(format!("?third_party_instance_id={}", enc("bridge|libera"))).await.unwrap();
+    assert_eq!(ids(&net), vec![bridged.clone()]);
+    assert_eq!(net["chunk"][0]["name"], "bridged on libera");
+    assert_eq!(ids(&get("?include_all_networks=true".into()).await.unwrap()).len(), 2);
+    let post = |body: Value| {
+        let fake = &fake;
+        async move { fake.request_hearth(reqwest::Method::POST, "/_matrix/federation/v1/publicRooms", Some(&body)).await }
+    };
+    let found = post(json!({"third_party_instance_id": "bridge|libera", "filter": {"generic_search_term": "LIBERA"}}))
+        .await
+        .unwrap();
+    assert_eq!(ids(&found), vec![bridged.clone()]);
+    let none = post(json!({"include_all_networks": true, "filter": {"generic_search_term": "nowhere"}})).await.unwrap();
+    assert!(ids(&none).is_empty());
+    let err =
+        post(json!({"third_party_instance_id": "bridge|libera", "include_all_networks": true})).await.unwrap_err();
+    assert_eq!((err.0, err.1["errcode"].as_str()), (400, Some("M_INVALID_PARAM")));
+    server.stop().await;
+}
