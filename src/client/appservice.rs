@@ -8,6 +8,8 @@
 //! transaction sent (`PUT /_matrix/app/v1/transactions/{txnId}` with the `hs_token`); it is deleted on a 2xx and
 //! otherwise retried with the same id and body after an exponential backoff. One transaction in flight per
 //! service keeps the order; each service has its own task, so a service that is down delays no one else.
+//! What a transaction carries beside timeline events (MSC2409's ephemeral events and to-device messages, MSC3202's
+//! device lists and key counts) is gathered for the same stream window by `appservice_extras.rs`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
