@@ -460,3 +460,304 @@ async fn an_appservice_may_set_the_timestamp_of_its_events() {
     assert_ne!(alice.event(&room, &id).await.ok()["origin_server_ts"], 1000000);
     server.stop().await;
 }
+
+impl FakeAs {
+    /// Every value under `key` (an array per transaction) received, in order.
+    fn all_of(&self, key: &str) -> Vec<Value> {
+        self.txns.lock().unwrap().iter().flat_map(|(_, b)| b[key].as_array().cloned().unwrap_or_default()).collect()
+    }
+
+    /// The transaction bodies received so far.
+    fn bodies(&self) -> Vec<Value> {
+        self.txns.lock().unwrap().iter().map(|(_, b)| b.clone()).collect()
+    }
+
+    async fn wait_body(&self, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+        wait_until(&format!("{what} at the appservice"), Duration::from_secs(15), || {
+            std::future::ready(self.bodies().into_iter().find(|b| f(b)))
+        })
+        .await
+    }
+}
+
+/// The registration with MSC2409 (`receive_ephemeral`, here by its unstable name) and MSC3202 switched on.
+fn registration_ephemeral(url: &str) -> String {
+    registration(url) + "de.sorunome.msc2409.push_ephemeral: true\norg.matrix.msc3202: true\n"
+}
+
+#[tokio::test]
+async fn ephemeral_events_to_device_and_msc3202_reach_a_service_that_asks_and_survive_a_restart() {
+    let (g, url) = fake_as().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_registration(dir.path(), "bridge.yaml", &registration_ephemeral(&url));
+    let server = TestServer::start_with(with_appservice(file.clone())).await;
+    let bot = as_client(&server.base_url);
+    // A bridged user with a device (the registration logs it in).
+    let reg =
+        bot.post("/register", json!({"type": "m.login.application_service", "username": "bridge_bob"})).await.ok();
+    let (bob_id, bob_device) =
+        (reg["user_id"].as_str().unwrap().to_owned(), reg["device_id"].as_str().unwrap().to_owned());
+    let mut bob = Client::new(&server.base_url);
+    bob.token = Some(reg["access_token"].as_str().unwrap().to_owned());
+    let alice = server.user("alice").await;
+    let room = alice.create_room(json!({"preset": "public_chat"})).await;
+    bob.join(&room).await.ok();
+
+    // Typing, a receipt and presence of a user sharing a room with the bridge's user: ephemeral.
+    alice
+        .put(
+            &format!("/rooms/{}/typing/{}", enc(&room), enc(&alice.user_id)),
+            json!({"typing": true, "timeout": 30000}),
+        )
+        .await
+        .ok();
+    let typing = g
+        .wait_body("m.typing", |b| b["ephemeral"].as_array().into_iter().flatten().any(|e| e["type"] == "m.typing"))
+        .await;
+    let ev = typing["ephemeral"].as_array().unwrap().iter().find(|e| e["type"] == "m.typing").unwrap().clone();
+    assert_eq!(ev["room_id"], room);
+    assert_eq!(ev["content"]["user_ids"], json!([alice.user_id]));
+    assert_eq!(typing["de.sorunome.msc2409.ephemeral"], typing["ephemeral"], "the unstable name too");
+    let msg = alice.send_text(&room, "read me").await;
+    alice.post(&format!("/rooms/{}/receipt/m.read/{}", enc(&room), enc(&msg)), json!({})).await.ok();
+    let receipt = g
+        .wait_body("m.receipt", |b| b["ephemeral"].as_array().into_iter().flatten().any(|e| e["type"] == "m.receipt"))
+        .await;
+    let ev = receipt["ephemeral"].as_array().unwrap().iter().find(|e| e["type"] == "m.receipt").unwrap().clone();
+    assert_eq!(ev["room_id"], room);
+    assert!(ev["content"][&msg]["m.read"][&alice.user_id]["ts"].is_i64(), "{ev}");
+    alice
+        .put(&format!("/presence/{}/status", enc(&alice.user_id)), json!({"presence": "online", "status_msg": "here"}))
+        .await
+        .ok();
+    g.wait_body("m.presence", |b| {
+        b["ephemeral"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|e| e["type"] == "m.presence" && e["sender"] == alice.user_id && e["content"]["status_msg"] == "here")
+    })
+    .await;
+    // A private receipt stays out.
+    alice.post(&format!("/rooms/{}/receipt/m.read.private/{}", enc(&room), enc(&msg)), json!({})).await.ok();
+
+    // MSC3202: the bridged user's one-time keys are counted, and a device list change of alice is announced.
+    let keys = json!({"signed_curve25519:AAAA": {"key": "k1"}, "signed_curve25519:AAAB": {"key": "k2"}});
+    bob.post("/keys/upload", json!({"one_time_keys": keys})).await.ok();
+    alice
+        .post(
+            "/keys/upload",
+            json!({"device_keys": {"user_id": alice.user_id, "device_id": alice.device_id,
+            "algorithms": ["m.olm.v1.curve25519-aes-sha2"], "keys": {format!("ed25519:{}", alice.device_id): "x"},
+            "signatures": {}}}),
+        )
+        .await
+        .ok();
+    let lists = g
+        .wait_body("device_lists", |b| {
+            b["device_lists"]["changed"].as_array().is_some_and(|c| c.contains(&json!(alice.user_id)))
+        })
+        .await;
+    assert_eq!(lists["org.matrix.msc3202.device_lists"], lists["device_lists"]);
+    // Key counts come for the service's users a transaction mentions (here bob, sending).
+    let said = bob.send_text(&room, "bob speaks").await;
+    let counts = g
+        .wait_body("bob's message", |b| b["events"].as_array().into_iter().flatten().any(|e| e["event_id"] == said))
+        .await;
+    let counted = counts["device_one_time_keys_count"][&bob_id][&bob_device]["signed_curve25519"].clone();
+    assert_eq!(counted, 2, "{counts}");
+    assert_eq!(counts["org.matrix.msc3202.device_one_time_keys_count"], counts["device_one_time_keys_count"]);
+    assert!(counts["org.matrix.msc3202.device_unused_fallback_key_types"][&bob_id][&bob_device].is_array(), "{counts}");
+
+    // To-device messages for the bridge's users: durable across an outage and a restart, delivered once.
+    g.down.store(true, Ordering::SeqCst);
+    let sent = alice
+        .put(
+            "/sendToDevice/m.room_key_request/td1",
+            json!({"messages": {&bob_id: {&bob_device: {"action": "request", "n": 1}}}}),
+        )
+        .await;
+    assert_eq!(sent.status, 200, "{}", sent.text);
+    wait_for("a failed attempt", Duration::from_secs(10), || {
+        g.attempts.lock().unwrap().len() > g.txns.lock().unwrap().len()
+    })
+    .await;
+    let TestServer { running, dir: server_dir, .. } = server;
+    running.stop().await;
+    let mut config = test_config(server_dir.path());
+    with_appservice(file)(&mut config);
+    let running = hearth::server::start(config).await.expect("restarts");
+    let alice = alice.at(&format!("http://{}", running.client_addr));
+    g.down.store(false, Ordering::SeqCst);
+    let td = wait_until("the to-device message", Duration::from_secs(15), || {
+        std::future::ready(g.all_of("to_device").into_iter().find(|m| m["content"]["n"] == 1))
+    })
+    .await;
+    assert_eq!(td["type"], "m.room_key_request");
+    assert_eq!(td["sender"], alice.user_id);
+    assert_eq!(td["to_user_id"], bob_id);
+    assert_eq!(td["to_device_id"], bob_device);
+    // Once only, and under the unstable name too.
+    let after = alice.send_text(&room, "after").await;
+    g.wait_for_event(&after).await;
+    assert_eq!(g.all_of("to_device").iter().filter(|m| m["content"]["n"] == 1).count(), 1);
+    assert_eq!(g.all_of("de.sorunome.msc2409.to_device"), g.all_of("to_device"));
+    assert!(
+        !g.all_of("ephemeral").iter().any(|e| e["type"] == "m.receipt" && e.to_string().contains("m.read.private")),
+        "private receipts stay out"
+    );
+
+    // Alice leaves the only room she shares with the bridge's user: she is `left`.
+    alice.leave(&room).await.ok();
+    g.wait_body("device_lists.left", |b| {
+        b["device_lists"]["left"].as_array().is_some_and(|l| l.contains(&json!(alice.user_id)))
+    })
+    .await;
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn a_service_without_receive_ephemeral_gets_no_ephemeral_events() {
+    let (g, url) = fake_as().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_registration(dir.path(), "bridge.yaml", &registration(&url));
+    let server = TestServer::start_with(with_appservice(file)).await;
+    let bot = as_client(&server.base_url);
+    let reg =
+        bot.post("/register", json!({"type": "m.login.application_service", "username": "bridge_bob"})).await.ok();
+    let (bob_id, bob_device) =
+        (reg["user_id"].as_str().unwrap().to_owned(), reg["device_id"].as_str().unwrap().to_owned());
+    let alice = server.user("alice").await;
+    let room = alice.create_room(json!({"preset": "public_chat"})).await;
+    bot.post(&format!("/rooms/{}/join?user_id={}", enc(&room), enc(&bob_id)), json!({})).await.ok();
+    alice
+        .put(
+            &format!("/rooms/{}/typing/{}", enc(&room), enc(&alice.user_id)),
+            json!({"typing": true, "timeout": 30000}),
+        )
+        .await
+        .ok();
+    alice.put("/sendToDevice/m.test/t1", json!({"messages": {&bob_id: {&bob_device: {"n": 1}}}})).await.ok();
+    let last = alice.send_text(&room, "last").await;
+    g.wait_for_event(&last).await;
+    for b in g.bodies() {
+        assert_eq!(b["ephemeral"], json!([]), "{b}");
+        assert!(b.get("to_device").is_none() && b.get("device_lists").is_none(), "{b}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn network_directories_are_read_by_public_rooms() {
+    let (_g, url) = fake_as().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_registration(dir.path(), "bridge.yaml", &registration(&url));
+    let server = TestServer::start_with(with_appservice(file)).await;
+    let bot = as_client(&server.base_url);
+    let alice = server.user("alice").await;
+    let main = alice.create_room(json!({"preset": "public_chat", "visibility": "public", "name": "main"})).await;
+    let bridged = alice.create_room(json!({"preset": "public_chat", "name": "bridged"})).await;
+    let r =
+        bot.put(&format!("/directory/list/appservice/libera/{}", enc(&bridged)), json!({"visibility": "public"})).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let ids = |v: &Value| -> Vec<String> {
+        v["chunk"].as_array().unwrap().iter().map(|e| e["room_id"].as_str().unwrap().to_owned()).collect()
+    };
+    let plain = alice.get("/publicRooms").await.ok();
+    assert_eq!(ids(&plain), vec![main.clone()], "the main directory only");
+    let net = alice.post("/publicRooms", json!({"third_party_instance_id": "bridge|libera"})).await.ok();
+    assert_eq!(ids(&net), vec![bridged.clone()]);
+    assert_eq!(net["chunk"][0]["name"], "bridged");
+    let get = alice.get(&format!("/publicRooms?third_party_instance_id={}", enc("bridge|libera"))).await.ok();
+    assert_eq!(ids(&get), vec![bridged.clone()]);
+    let mut all = ids(&alice.post("/publicRooms", json!({"include_all_networks": true})).await.ok());
+    all.sort();
+    let mut want = vec![main.clone(), bridged.clone()];
+    want.sort();
+    assert_eq!(all, want, "every network and the main directory");
+    let other = alice.post("/publicRooms", json!({"third_party_instance_id": "bridge|oftc"})).await.ok();
+    assert!(ids(&other).is_empty());
+    alice
+        .post("/publicRooms", json!({"third_party_instance_id": "bridge|libera", "include_all_networks": true}))
+        .await
+        .assert_err(400, "M_INVALID_PARAM");
+    alice.post("/publicRooms", json!({"third_party_instance_id": "libera"})).await.assert_err(400, "M_INVALID_PARAM");
+    // Withdrawn: gone from the network's directory.
+    bot.put(&format!("/directory/list/appservice/libera/{}", enc(&bridged)), json!({"visibility": "private"}))
+        .await
+        .ok();
+    let net = alice.post("/publicRooms", json!({"third_party_instance_id": "bridge|libera"})).await.ok();
+    assert!(ids(&net).is_empty());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_appservice_registration_may_ask_for_a_refresh_token() {
+    let (_g, url) = fake_as().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_registration(dir.path(), "bridge.yaml", &registration(&url));
+    let server = TestServer::start_with(with_appservice(file)).await;
+    let bot = as_client(&server.base_url);
+    let reg = bot
+        .post(
+            "/register",
+            json!({"type": "m.login.application_service", "username": "bridge_carol", "refresh_token": true}),
+        )
+        .await
+        .ok();
+    let refresh = reg["refresh_token"].as_str().expect("a refresh token").to_owned();
+    let renewed = server.client().post("/refresh", json!({"refresh_token": refresh})).await.ok();
+    let mut carol = server.client();
+    carol.token = Some(renewed["access_token"].as_str().unwrap().to_owned());
+    assert_eq!(carol.get("/account/whoami").await.ok()["user_id"], server.user_id("bridge_carol"));
+    // Without asking: none (and inhibit_login: no token at all).
+    let plain =
+        bot.post("/register", json!({"type": "m.login.application_service", "username": "bridge_dan"})).await.ok();
+    assert!(plain.get("refresh_token").is_none() && plain["access_token"].is_string(), "{plain}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn another_server_reads_a_network_directory_over_federation() {
+    use common::fake_resident::{start_hearth_with_fakes, FakeResident, RoomSpec};
+    let (_g, url) = fake_as().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_registration(dir.path(), "bridge.yaml", &registration(&url));
+    let fake = FakeResident::start(RoomSpec { members: 0, messages: 0, ..RoomSpec::default() }).await;
+    let server = start_hearth_with_fakes(&[&fake], with_appservice(file)).await;
+    let bot = as_client(&server.base_url);
+    let alice = server.user("alice").await;
+    let main = alice.create_room(json!({"preset": "public_chat", "visibility": "public", "name": "main"})).await;
+    let bridged = alice.create_room(json!({"preset": "public_chat", "name": "bridged on libera"})).await;
+    bot.put(&format!("/directory/list/appservice/libera/{}", enc(&bridged)), json!({"visibility": "public"}))
+        .await
+        .ok();
+    let ids = |v: &Value| -> Vec<String> {
+        v["chunk"].as_array().unwrap().iter().map(|e| e["room_id"].as_str().unwrap().to_owned()).collect()
+    };
+    let get = |q: String| {
+        let fake = &fake;
+        async move {
+            fake.request_hearth(reqwest::Method::GET, &format!("/_matrix/federation/v1/publicRooms{q}"), None).await
+        }
+    };
+    assert_eq!(ids(&get(String::new()).await.unwrap()), vec![main.clone()]);
+    let net = get(format!("?third_party_instance_id={}", enc("bridge|libera"))).await.unwrap();
+    assert_eq!(ids(&net), vec![bridged.clone()]);
+    assert_eq!(net["chunk"][0]["name"], "bridged on libera");
+    assert_eq!(ids(&get("?include_all_networks=true".into()).await.unwrap()).len(), 2);
+    let post = |body: Value| {
+        let fake = &fake;
+        async move { fake.request_hearth(reqwest::Method::POST, "/_matrix/federation/v1/publicRooms", Some(&body)).await }
+    };
+    let found = post(json!({"third_party_instance_id": "bridge|libera", "filter": {"generic_search_term": "LIBERA"}}))
+        .await
+        .unwrap();
+    assert_eq!(ids(&found), vec![bridged.clone()]);
+    let none = post(json!({"include_all_networks": true, "filter": {"generic_search_term": "nowhere"}})).await.unwrap();
+    assert!(ids(&none).is_empty());
+    let err =
+        post(json!({"third_party_instance_id": "bridge|libera", "include_all_networks": true})).await.unwrap_err();
+    assert_eq!((err.0, err.1["errcode"].as_str()), (400, Some("M_INVALID_PARAM")));
+    server.stop().await;
+}

@@ -354,10 +354,50 @@ pub async fn register(
         ),
         None => None,
     };
+    create_account(
+        &s,
+        user_id,
+        hash,
+        used_token,
+        NewSession::of_fields(&req.device_id, &req.initial_device_display_name, req.inhibit_login, req.refresh_token),
+    )
+    .await
+}
+
+/// What a registration asks of the session it opens.
+struct NewSession {
+    device_id: Option<String>,
+    display_name: Option<String>,
+    inhibit_login: bool,
+    refresh_token: bool,
+}
+
+impl NewSession {
+    fn of_fields(
+        device_id: &Option<String>,
+        display_name: &Option<String>,
+        inhibit_login: bool,
+        refresh_token: bool,
+    ) -> Self {
+        NewSession { device_id: device_id.clone(), display_name: display_name.clone(), inhibit_login, refresh_token }
+    }
+}
+
+/// The tail both kinds of registration share: the user row (with its password hash, if any), the registration
+/// token's use (ordinary registration only), and unless `inhibit_login` a device with an access token (and a
+/// refresh token when asked for), in one write; then the answer.
+async fn create_account(
+    s: &AppState,
+    user_id: String,
+    hash: Option<String>,
+    used_token: Option<String>,
+    req: NewSession,
+) -> Result<axum::response::Response> {
+    let server = s.identity.server_name.to_string();
     let device_id = req.device_id.clone().unwrap_or_else(|| random_string(10).to_uppercase());
     let token = format!("hth_{}", random_string(40));
     let (u, d, t, dn, inhibit) =
-        (user_id.clone(), device_id.clone(), token.clone(), req.initial_device_display_name.clone(), req.inhibit_login);
+        (user_id.clone(), device_id.clone(), token.clone(), req.display_name.clone(), req.inhibit_login);
     let refresh = req.refresh_token.then(new_refresh_token);
     let r = refresh.clone();
     s.store
@@ -416,27 +456,9 @@ async fn register_appservice_user(
     if !service.owns_user(&user_id) {
         return Err(crate::client::appservice::exclusive("the user id is outside the application service's namespace"));
     }
-    let device_id = req.device_id.clone().unwrap_or_else(|| random_string(10).to_uppercase());
-    let token = format!("hth_{}", random_string(40));
-    let (u, d, t, dn, inhibit) =
-        (user_id.clone(), device_id.clone(), token.clone(), req.initial_device_display_name.clone(), req.inhibit_login);
-    s.store
-        .write(move |w| {
-            if !accounts::insert_user(w.db(), &u, None, false)? {
-                return Err(Error::user_in_use());
-            }
-            if !inhibit {
-                accounts::create_session(w.db(), &u, &d, dn.as_deref(), &t)?;
-            }
-            Ok(())
-        })
-        .await?;
-    let mut body = json!({"user_id": user_id, "home_server": server});
-    if !req.inhibit_login {
-        body["access_token"] = json!(token);
-        body["device_id"] = json!(device_id);
-    }
-    Ok(axum::Json(body).into_response())
+    let session =
+        NewSession::of_fields(&req.device_id, &req.initial_device_display_name, req.inhibit_login, req.refresh_token);
+    create_account(s, user_id, None, None, session).await
 }
 
 /// Whether a token made by `hearth token create` is valid now.

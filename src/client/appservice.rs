@@ -8,6 +8,8 @@
 //! transaction sent (`PUT /_matrix/app/v1/transactions/{txnId}` with the `hs_token`); it is deleted on a 2xx and
 //! otherwise retried with the same id and body after an exponential backoff. One transaction in flight per
 //! service keeps the order; each service has its own task, so a service that is down delays no one else.
+//! What a transaction carries beside timeline events (MSC2409's ephemeral events and to-device messages, MSC3202's
+//! device lists and key counts) is gathered for the same stream window by `appservice_extras.rs`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -246,8 +248,15 @@ async fn protocol_of(s: &AppState, protocol: &str) -> Option<Value> {
     for svc in s.appservices.with_protocol(protocol) {
         found = true;
         let path = format!("/_matrix/app/v1/thirdparty/protocol/{}", segment(protocol));
-        if let Ok(v) = call(s, svc, reqwest::Method::GET, &path, None).await {
+        if let Ok(mut v) = call(s, svc, reqwest::Method::GET, &path, None).await {
             if v.is_object() && v.get("instances").is_some_and(Value::is_array) {
+                // An instance with a network id gets the id `/publicRooms`' `third_party_instance_id` takes
+                // (`<appservice id>|<network id>`, as Synapse), naming the network directory it reads.
+                for inst in v["instances"].as_array_mut().into_iter().flatten() {
+                    if let Some(net) = inst.get("network_id").and_then(Value::as_str) {
+                        inst["instance_id"] = json!(format!("{}|{net}", svc.id));
+                    }
+                }
                 return Some(v);
             }
         }
@@ -368,8 +377,11 @@ enum Next {
 
 async fn run_one(s: AppState, svc: Arc<AppService>, mut shutdown: watch::Receiver<bool>) {
     let mut stream = s.store.stream_watch();
+    let mut typing_watch = s.typing.watch();
+    // Typing lives in memory: a service hears of changes from its sender's start on (MSC2409).
+    let mut typing_seen = s.typing.serial();
     loop {
-        let next = match step(&s, &svc).await {
+        let next = match step(&s, &svc, &mut typing_seen).await {
             Ok(n) => n,
             Err(e) => {
                 tracing::warn!(error = %e, appservice = %svc.id, "application service sender step failed");
@@ -386,8 +398,10 @@ async fn run_one(s: AppState, svc: Arc<AppService>, mut shutdown: watch::Receive
             Next::Wait(d) => d,
             Next::Idle => Duration::from_millis(500),
         };
+        let idle = matches!(next, Next::Idle);
         tokio::select! {
-            _ = stream.changed(), if matches!(next, Next::Idle) => {}
+            _ = stream.changed(), if idle => {}
+            _ = typing_watch.changed(), if idle && svc.receive_ephemeral => {}
             _ = tokio::time::sleep(pause) => {}
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
@@ -395,14 +409,17 @@ async fn run_one(s: AppState, svc: Arc<AppService>, mut shutdown: watch::Receive
 }
 
 /// Sends the waiting transaction (when its backoff allows), else makes the next one from the stream.
-async fn step(s: &AppState, svc: &Arc<AppService>) -> Result<Next> {
+async fn step(s: &AppState, svc: &Arc<AppService>, typing_seen: &mut u64) -> Result<Next> {
     let id = svc.id.clone();
     let (state, pending, queued) = s
         .store
         .read_background(move |c| Ok((store::state(c, &id)?, store::next_txn(c, &id)?, store::queued_count(c, &id)?)))
         .await?;
     let Some(state) = state else { return Ok(Next::Idle) };
-    let caught_up = s.store.current_stream() <= state.stream.0;
+    // Everything up to `head` is committed (one writer), so a window ending there is complete.
+    let head = s.store.current_stream();
+    let typing_moved = svc.receive_ephemeral && s.typing.serial() > *typing_seen;
+    let caught_up = head <= state.stream.0 && !typing_moved;
     if let Some((txn, body)) = pending {
         let now = accounts::now_ms();
         if state.retry_at <= now {
@@ -417,25 +434,36 @@ async fn step(s: &AppState, svc: &Arc<AppService>) -> Result<Next> {
         return Ok(Next::Idle);
     }
     let from = state.stream;
+    let (serial, typing) =
+        if svc.receive_ephemeral { s.typing.changes_since(*typing_seen) } else { (*typing_seen, Vec::new()) };
     let svc2 = svc.clone();
-    let (events, to) = s
+    let (body, to) = s
         .store
         .read_background(move |c| {
             let evs = pushers::events_after(c, from, BATCH)?;
-            let to = evs.last().map(|e| e.stream).unwrap_or(from);
+            // A full batch ends the window at its last event; otherwise the window reaches the head, so that
+            // receipts, presence, to-device messages and device list changes after the last event are in it.
+            let to = match evs.last() {
+                Some(last) if evs.len() as i64 >= BATCH => last.stream,
+                _ => StreamPos(head.max(from.0)),
+            };
             let mut out = Vec::new();
-            for ev in evs.iter().filter(|e| !e.sender.is_empty()) {
+            for ev in evs.iter().filter(|e| !e.sender.is_empty() && e.stream.0 <= to.0) {
                 if let Some(v) = selected(c, &svc2, ev)? {
                     out.push(v);
                 }
             }
-            Ok((out, to))
+            let mut body = serde_json::Map::new();
+            body.insert("events".into(), json!(out));
+            body.insert("ephemeral".into(), json!([]));
+            let worth = crate::client::appservice_extras::add(c, &svc2, from, to, &typing, &mut body)?;
+            Ok((worth.then(|| Value::Object(body).to_string()), to))
         })
         .await?;
-    if to == from {
+    *typing_seen = serial;
+    if to == from && body.is_none() {
         return Ok(Next::Idle);
     }
-    let body = (!events.is_empty()).then(|| json!({"events": events, "ephemeral": []}).to_string());
     let id = svc.id.clone();
     s.store.write_background(move |w| store::advance(w.db(), &id, from, to, body.as_deref())).await?;
     Ok(Next::Now)
@@ -449,9 +477,7 @@ fn selected(c: Db<'_>, svc: &AppService, ev: &NewEvent) -> Result<Option<Value>>
     let about_user = event["type"] == "m.room.member" && event["state_key"].as_str().is_some_and(|u| svc.owns_user(u));
     let interested = svc.owns_user(&ev.sender)
         || about_user
-        || svc.owns_room(&room.room_id)
-        || (!svc.aliases.is_empty() && rooms::aliases_of(c, &room.room_id)?.iter().any(|a| svc.owns_alias(a)))
-        || pushers::local_members(c, ev.room_nid)?.iter().any(|u| svc.owns_user(u));
+        || crate::client::appservice_extras::interested_in_room(c, svc, ev.room_nid, &room.room_id)?;
     if !interested {
         return Ok(None);
     }

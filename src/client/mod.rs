@@ -4,6 +4,7 @@ pub mod account;
 pub mod account_data;
 pub mod admin;
 pub mod appservice;
+pub mod appservice_extras;
 pub mod compat;
 pub mod format;
 pub mod keys;

@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::http::{qs, AppState, Auth, Json, Query};
 use crate::room::append::{append_local, LocalEvent, LocalOutcome};
 use crate::room::create::{create_room as core_create, CreateRoom};
+use crate::room::directory::Directory;
 use crate::room::membership::set_membership;
 use crate::room::visibility::{parse_readable_room_id, readable_room, visible_state_group, ClientJudge, Visibility};
 use crate::store::ids::{EventNid, StreamPos};
@@ -1072,6 +1073,8 @@ pub struct PublicRoomsQuery {
     #[serde(default, deserialize_with = "qs::opt_u64")]
     limit: Option<u64>,
     since: Option<String>,
+    third_party_instance_id: Option<String>,
+    include_all_networks: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1079,13 +1082,22 @@ pub struct PublicRoomsBody {
     limit: Option<u64>,
     since: Option<String>,
     filter: Option<Value>,
+    third_party_instance_id: Option<String>,
+    #[serde(default)]
+    include_all_networks: bool,
 }
 
 pub async fn public_rooms_get(
     State(s): State<AppState>,
     Query(q): Query<PublicRoomsQuery>,
 ) -> Result<impl IntoResponse> {
-    public_rooms(&s, q.limit, q.since, None).await
+    let all = match q.include_all_networks.as_deref() {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => return Err(Error::invalid_param("include_all_networks must be true or false")),
+    };
+    let dir = Directory::of(q.third_party_instance_id.as_deref(), all)?;
+    public_rooms(&s, q.limit, q.since, None, dir).await
 }
 
 pub async fn public_rooms_post(
@@ -1106,71 +1118,20 @@ pub async fn public_rooms_post(
     }
     let term =
         b.filter.as_ref().and_then(|f| f.get("generic_search_term")).and_then(Value::as_str).map(str::to_lowercase);
-    public_rooms(&s, b.limit, b.since, term).await
+    let dir = Directory::of(b.third_party_instance_id.as_deref(), b.include_all_networks)?;
+    public_rooms(&s, b.limit, b.since, term, dir).await
 }
 
+/// A page of a room directory, as `/publicRooms` answers it.
 async fn public_rooms(
     s: &AppState,
     limit: Option<u64>,
     since: Option<String>,
     term: Option<String>,
+    dir: Directory,
 ) -> Result<axum::Json<Value>> {
-    let limit = limit.unwrap_or(100).clamp(1, 500) as usize;
-    let offset: usize = since.as_deref().and_then(|t| t.strip_prefix("o")).and_then(|n| n.parse().ok()).unwrap_or(0);
-    let (chunk, total) = s
-        .store
-        .read(move |c| {
-            let mut out = Vec::new();
-            for (_, room_id, joined) in rooms::published_rooms(c)? {
-                let room = rooms::room_by_id(c, &room_id)?.ok_or_else(|| Error::internal("room vanished"))?;
-                let Some(sg) = room.current_sg else { continue };
-                let get = |t: &str, k: &str| -> Result<Option<Value>> { crate::room::state_content(c, sg, t, k) };
-                let name = get("m.room.name", "")?.and_then(|v| v.get("name").cloned());
-                let topic = get("m.room.topic", "")?.and_then(|v| v.get("topic").cloned());
-                let alias = get("m.room.canonical_alias", "")?.and_then(|v| v.get("alias").cloned());
-                let avatar = get("m.room.avatar", "")?.and_then(|v| v.get("url").cloned());
-                let join_rule = get("m.room.join_rules", "")?.and_then(|v| v.get("join_rule").cloned());
-                let hv = get("m.room.history_visibility", "")?.and_then(|v| v.get("history_visibility").cloned());
-                let guest = get("m.room.guest_access", "")?.and_then(|v| v.get("guest_access").cloned());
-                if let Some(term) = &term {
-                    let hay = format!(
-                        "{} {} {} {}",
-                        name.clone().unwrap_or_default(),
-                        topic.clone().unwrap_or_default(),
-                        alias.clone().unwrap_or_default(),
-                        room_id
-                    )
-                    .to_lowercase();
-                    if !hay.contains(term.as_str()) {
-                        continue;
-                    }
-                }
-                let mut entry = json!({
-                    "room_id": room_id, "num_joined_members": joined,
-                    "world_readable": hv.as_ref().and_then(Value::as_str) == Some("world_readable"),
-                    "guest_can_join": guest.as_ref().and_then(Value::as_str) == Some("can_join"),
-                    "join_rule": join_rule.unwrap_or(json!("public")),
-                });
-                for (k, v) in [("name", name), ("topic", topic), ("canonical_alias", alias), ("avatar_url", avatar)] {
-                    if let Some(v) = v {
-                        entry[k] = v;
-                    }
-                }
-                out.push(entry);
-            }
-            let total = out.len();
-            Ok((out, total))
-        })
-        .await?;
-    let page: Vec<Value> = chunk.into_iter().skip(offset).take(limit).collect();
-    let mut body = json!({"chunk": page, "total_room_count_estimate": total});
-    if offset + limit < total {
-        body["next_batch"] = json!(format!("o{}", offset + limit));
-    }
-    if offset > 0 {
-        body["prev_batch"] = json!(format!("o{}", offset.saturating_sub(limit)));
-    }
-    Ok(axum::Json(body))
+    let entries = s.store.read(move |c| crate::room::directory::entries(c, &dir, term.as_deref())).await?;
+    Ok(axum::Json(crate::room::directory::page(entries, limit, since.as_deref())))
 }
 
 #[derive(Deserialize)]

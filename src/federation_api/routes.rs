@@ -1,7 +1,7 @@
 //! The server-server API we serve. Handlers verify the caller (`Signed`), check the room's ACL and the caller's
 //! right to see the data, and call into the room core.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use axum::extract::{Path, State};
 use axum::response::IntoResponse;
@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::federation::{inbound, keys};
 use crate::http::{AppState, Query, Signed};
 use crate::room::append::reference;
+use crate::room::directory::Directory;
 use crate::room::remote::{handle_incoming, state_before, Incoming};
 use crate::room::visibility::{server_may_read_room, ServerJudge};
 use crate::room::{load_pdu, parse_room_id, state, version};
@@ -51,7 +52,7 @@ pub fn routes() -> Router<AppState> {
         .route("/_matrix/federation/v1/user/devices/{user_id}", get(user_devices))
         .route("/_matrix/federation/v1/user/keys/query", post(user_keys_query))
         .route("/_matrix/federation/v1/user/keys/claim", post(user_keys_claim))
-        .route("/_matrix/federation/v1/publicRooms", get(public_rooms))
+        .route("/_matrix/federation/v1/publicRooms", get(public_rooms).post(public_rooms_post))
         .route("/_matrix/federation/v1/hierarchy/{room_id}", get(super::hierarchy::hierarchy))
         .route("/_matrix/federation/v1/timestamp_to_event/{room_id}", get(super::tools::timestamp_to_event))
         .route("/_matrix/federation/v1/openid/userinfo", get(super::tools::openid_userinfo))
@@ -1082,10 +1083,47 @@ async fn user_keys_claim(State(s): State<AppState>, signed: Signed) -> Result<im
     Ok(axum::Json(json!({"one_time_keys": claimed})))
 }
 
-async fn public_rooms(State(s): State<AppState>, _signed: Signed) -> Result<impl IntoResponse> {
-    let rooms = s.store.read(crate::store::rooms::published_rooms).await?;
-    let chunk: Vec<Value> = rooms.into_iter().map(|(_, id, n)| json!({"room_id": id, "num_joined_members": n, "world_readable": false, "guest_can_join": false})).collect();
-    let total = chunk.len();
-    let _ = BTreeSet::<String>::new();
-    Ok(axum::Json(json!({"chunk": chunk, "total_room_count_estimate": total})))
+#[derive(Deserialize)]
+struct PublicRoomsQuery {
+    limit: Option<String>,
+    since: Option<String>,
+    include_all_networks: Option<String>,
+    third_party_instance_id: Option<String>,
+}
+
+/// `GET /publicRooms`: our room directory, or an application service network's (`third_party_instance_id`), or
+/// all of them (`include_all_networks`), for another server's users.
+async fn public_rooms(
+    State(s): State<AppState>,
+    Query(q): Query<PublicRoomsQuery>,
+    _signed: Signed,
+) -> Result<impl IntoResponse> {
+    let limit = match q.limit.as_deref() {
+        Some(l) => Some(l.parse::<u64>().map_err(|_| Error::invalid_param("limit must be a number"))?),
+        None => None,
+    };
+    let all = match q.include_all_networks.as_deref() {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => return Err(Error::invalid_param("include_all_networks must be true or false")),
+    };
+    let dir = Directory::of(q.third_party_instance_id.as_deref(), all)?;
+    let entries = s.store.read(move |c| crate::room::directory::entries(c, &dir, None)).await?;
+    Ok(axum::Json(crate::room::directory::page(entries, limit, q.since.as_deref())))
+}
+
+/// `POST /publicRooms`: the same with a body, and a search term (`filter.generic_search_term`).
+async fn public_rooms_post(State(s): State<AppState>, signed: Signed) -> Result<impl IntoResponse> {
+    let body = signed.body.unwrap_or(Value::Null);
+    let limit = match body.get("limit") {
+        None | Some(Value::Null) => None,
+        Some(l) => Some(l.as_u64().ok_or_else(|| Error::bad_json("limit must be a number"))?),
+    };
+    let since = body.get("since").and_then(Value::as_str).map(str::to_owned);
+    let term =
+        body.get("filter").and_then(|f| f.get("generic_search_term")).and_then(Value::as_str).map(str::to_lowercase);
+    let all = body.get("include_all_networks").and_then(Value::as_bool).unwrap_or(false);
+    let dir = Directory::of(body.get("third_party_instance_id").and_then(Value::as_str), all)?;
+    let entries = s.store.read(move |c| crate::room::directory::entries(c, &dir, term.as_deref())).await?;
+    Ok(axum::Json(crate::room::directory::page(entries, limit, since.as_deref())))
 }

@@ -2,6 +2,7 @@
 
 pub mod append;
 pub mod create;
+pub mod directory;
 pub mod hierarchy;
 pub mod import;
 pub mod membership;

@@ -111,6 +111,30 @@ impl Typing {
     pub fn watch(&self) -> watch::Receiver<u64> {
         self.serial_tx.subscribe()
     }
+
+    /// The rooms whose typing changed after serial `since`, each with who types now (sorted), and the serial this
+    /// answer is up to (for an application service's sender, which follows every room).
+    pub fn changes_since(&self, since: u64) -> (u64, Vec<(String, Vec<String>)>) {
+        let serial = self.serial();
+        let st = self.lock();
+        let now = Instant::now();
+        let mut out: Vec<(String, Vec<String>)> = st
+            .changed
+            .iter()
+            .filter(|(_, s)| **s > since && **s <= serial)
+            .map(|(room, _)| {
+                let mut users: Vec<String> = st
+                    .rooms
+                    .get(room)
+                    .map(|u| u.iter().filter(|(_, e)| **e > now).map(|(u, _)| u.clone()).collect())
+                    .unwrap_or_default();
+                users.sort();
+                (room.clone(), users)
+            })
+            .collect();
+        out.sort();
+        (serial, out)
+    }
 }
 
 impl Typing {

@@ -5,7 +5,7 @@
 use rusqlite::{params, OptionalExtension};
 
 use crate::error::Result;
-use crate::store::ids::StreamPos;
+use crate::store::ids::{RoomNid, StreamPos};
 use crate::store::Db;
 
 /// An application service's delivery state.
@@ -108,6 +108,75 @@ pub fn listed_rooms(conn: Db<'_>, network: &str) -> Result<Vec<String>> {
     let mut stmt = conn
         .prepare_cached("SELECT DISTINCT room_id FROM appservice_room_list WHERE network_id = ?1 ORDER BY room_id")?;
     let rows = stmt.query_map([network], |r| r.get(0))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Rooms published in application services' network directories (one service's network, or every network when
+/// None), as `rooms::published_rooms` gives the main directory: (room nid, room id, joined members), most members
+/// first.
+pub fn network_rooms(conn: Db<'_>, network: Option<(&str, &str)>) -> Result<Vec<(i64, String, i64)>> {
+    let (svc, net) = network.unzip();
+    let mut stmt = conn.prepare_cached(
+        "SELECT DISTINCT r.room_nid, r.room_id, r.joined_members FROM appservice_room_list l \
+         JOIN rooms r ON r.room_id = l.room_id \
+         WHERE ?1 IS NULL OR (l.appservice_id = ?1 AND l.network_id = ?2) \
+         ORDER BY r.joined_members DESC, r.room_id",
+    )?;
+    let rows = stmt.query_map(params![svc, net], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+// ---- what a transaction carries beside timeline events (MSC2409, MSC3202), by stream window ----------------------
+
+/// Rooms where a receipt other than a private one moved in the window (`after`, `upto`].
+pub fn receipt_rooms_in(conn: Db<'_>, after: StreamPos, upto: StreamPos) -> Result<Vec<RoomNid>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT DISTINCT room_nid FROM receipts WHERE stream_ordering > ?1 AND stream_ordering <= ?2 \
+         AND receipt_type != 'm.read.private' ORDER BY room_nid",
+    )?;
+    let rows = stmt.query_map(params![after, upto], |r| r.get(0))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Users whose presence changed (visibly: with a stream position) in the window.
+pub fn presence_users_in(conn: Db<'_>, after: StreamPos, upto: StreamPos) -> Result<Vec<String>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT user_id FROM presence WHERE stream_ordering > ?1 AND stream_ordering <= ?2 ORDER BY stream_ordering",
+    )?;
+    let rows = stmt.query_map(params![after, upto], |r| r.get(0))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// A to-device message queued in the window: (recipient user, device, sender, type, content JSON).
+pub type QueuedToDevice = (String, String, String, String, String);
+
+/// The to-device messages queued in the window, oldest first (still queued: a device that syncs deletes its own).
+pub fn to_device_in(conn: Db<'_>, after: StreamPos, upto: StreamPos) -> Result<Vec<QueuedToDevice>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT user_id, device_id, sender, event_type, content FROM to_device \
+         WHERE stream_ordering > ?1 AND stream_ordering <= ?2 ORDER BY stream_ordering",
+    )?;
+    let rows = stmt.query_map(params![after, upto], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Users whose device list changed in the window.
+pub fn device_list_users_in(conn: Db<'_>, after: StreamPos, upto: StreamPos) -> Result<Vec<String>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT DISTINCT user_id FROM device_list_stream WHERE stream_ordering > ?1 AND stream_ordering <= ?2 \
+         ORDER BY user_id",
+    )?;
+    let rows = stmt.query_map(params![after, upto], |r| r.get(0))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// The users joined to a room `user_id` is joined to (`user_id` among them if joined anywhere).
+pub fn joined_co_members(conn: Db<'_>, user_id: &str) -> Result<Vec<String>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT DISTINCT b.user_id FROM room_members a JOIN room_members b ON b.room_nid = a.room_nid \
+         WHERE a.user_id = ?1 AND a.membership = 'join' AND b.membership = 'join'",
+    )?;
+    let rows = stmt.query_map([user_id], |r| r.get(0))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 

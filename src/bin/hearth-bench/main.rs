@@ -4,7 +4,9 @@
 //! cargo run --release --bin hearth-bench -- join --members 10000
 //! cargo run --release --bin hearth-bench -- join --quick          (N = 1000, what CI runs)
 //! cargo run --bin hearth-bench -- sliding-sync --rooms 100          (first sliding sync, long-poll wake)
+//! cargo run --release --bin hearth-bench -- appservice               (transaction sender, cost of ten services)
 
+mod appservice;
 mod run;
 mod sliding;
 mod world;
@@ -55,6 +57,17 @@ enum Command {
         #[arg(long, default_value = "target/bench/sliding-sync")]
         dir: PathBuf,
     },
+    /// Application services: events per second to one service, and the extra time of a send with ten registered.
+    Appservice {
+        /// Backlog delivered to one service.
+        #[arg(long, default_value_t = 5000)]
+        events: usize,
+        /// Timed sends per configuration (none, ten services).
+        #[arg(long, default_value_t = 200)]
+        sends: usize,
+        #[arg(long, default_value = "target/bench/appservice")]
+        dir: PathBuf,
+    },
     /// Redraw the chart (and table) from result files of several runs.
     Chart {
         files: Vec<PathBuf>,
@@ -81,6 +94,9 @@ fn main() -> anyhow::Result<()> {
         }
         Command::SlidingSync { rooms, messages, samples, dir } => {
             rt.block_on(sliding::run(sliding::Options { rooms, messages, samples, dir }))
+        }
+        Command::Appservice { events, sends, dir } => {
+            rt.block_on(appservice::run(appservice::Options { events, sends, dir }))
         }
         Command::Chart { files, out } => run::chart_files(&files, &out),
     }
