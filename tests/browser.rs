@@ -106,7 +106,7 @@ async fn hydrogen_in_chromium() {
         ("HEARTH_WELL_KNOWN__CLIENT_BASE_URL", public_url.as_str()),
     ];
     let server = BinServer::start(&dir.path().join("hearth.db"), &env).await;
-    let proxy = Caddy::start(dir.path(), proxy_port, server.addr).await;
+    let proxy = Caddy::start(dir.path(), proxy_port, server.addr, None).await;
     // Discovery and login through the proxy name the proxy, never the address Hearth listens on.
     let anon = Client::new(&public_url);
     assert_eq!(anon.get("/.well-known/matrix/client").await.ok()["m.homeserver"]["base_url"], public_url.as_str());
@@ -149,23 +149,89 @@ async fn hydrogen_in_chromium() {
     server.kill();
 }
 
+/// Element Web (1.7.14, the last release on npm, built from its npm package by `tests/element/build.mjs`) in
+/// headless Chromium, served by the same Caddy that proxies Hearth, with `well_known.client_base_url` naming the
+/// proxy (`tests/element/element.test.mjs`): sign in, keys set up, room list, history, send from the composer, a
+/// reply live, still signed in after a reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Node 20, Chromium, Caddy and `npm ci` in tests/browser and tests/element; see tests/README.md"]
+async fn element_web_in_chromium_through_caddy() {
+    if prerequisites("element_web_in_chromium_through_caddy").is_none() {
+        return;
+    }
+    let element = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/element");
+    assert!(
+        element.join("node_modules/.bin/webpack").exists(),
+        "tests/element/node_modules is missing: run `npm ci` in tests/element, or set HEARTHTEST_SKIP_BROWSER=1"
+    );
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    assert!(Path::new(&chromium).exists(), "{chromium} does not exist: `apt-get install chromium`");
+    // A no-op when .ci/run built it already; a first build takes a minute or two.
+    let (ok, out, err) = node("../element/build.mjs", &[], &[], Duration::from_secs(900)).await;
+    assert!(ok, "building Element Web failed\n{out}\n{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let proxy_port = free_port();
+    let public_url = format!("http://127.0.0.1:{proxy_port}");
+    let env = [("HEARTH_REGISTRATION__ENABLED", "true"), ("HEARTH_WELL_KNOWN__CLIENT_BASE_URL", public_url.as_str())];
+    let server = BinServer::start(&dir.path().join("hearth.db"), &env).await;
+    // Element reads its homeserver from config.json beside the app: the proxy's address, as a deployment writes it.
+    let webapp = element.join("build/webapp");
+    let config = serde_json::json!({
+        "default_server_config": {"m.homeserver": {"base_url": public_url, "server_name": "localhost"}},
+        "disable_guests": true, "disable_3pid_login": true, "brand": "Element", "piwik": false,
+    });
+    std::fs::write(webapp.join("config.json"), config.to_string()).unwrap();
+    let proxy = Caddy::start(dir.path(), proxy_port, server.addr, Some(&webapp)).await;
+
+    let artifacts = artifacts_dir();
+    let _ = std::fs::remove_dir_all(&artifacts);
+    let (ok, out, err) = node(
+        "../element/element.test.mjs",
+        &[&public_url, artifacts.to_str().unwrap()],
+        &[("CHROMIUM", &chromium)],
+        Duration::from_secs(300),
+    )
+    .await;
+    println!("{out}");
+    if !ok {
+        let log = std::fs::read_to_string(&server.log_path).unwrap_or_default();
+        let _ = std::fs::create_dir_all(&artifacts);
+        let _ = std::fs::write(artifacts.join("element-hearth.log"), &log);
+        panic!("Element Web failed (artifacts in {})\n--- stdout\n{out}\n--- stderr\n{err}", artifacts.display());
+    }
+    assert!(out.contains("Element Web passed"), "the script ended without its last check:\n{out}");
+    // Element's own requests after sign-in went through the proxy (it uses the r0 and unstable paths).
+    let paths = proxy.request_paths();
+    for path in ["/_matrix/client/r0/login", "/_matrix/client/r0/sync", "/_matrix/client/unstable/keys/device_signing/upload"] {
+        assert!(paths.iter().any(|p| p == path), "no {path} request went through the proxy: {paths:?}");
+    }
+    assert!(
+        paths.iter().any(|p| p.starts_with("/_matrix/client/r0/rooms/") && p.contains("/send/")),
+        "Element's sends did not go through the proxy: {paths:?}"
+    );
+    drop(proxy);
+    server.kill();
+}
+
 /// Debian's Caddy (`caddy`, or `$CADDY`) as a plain-HTTP reverse proxy on `port` in front of `upstream`, logging
-/// every request; stopped when dropped.
+/// every request, and serving the files of `site` (a web client) for every other path; stopped when dropped.
 struct Caddy {
     child: std::process::Child,
     access_log: PathBuf,
 }
 
 impl Caddy {
-    async fn start(dir: &Path, port: u16, upstream: std::net::SocketAddr) -> Caddy {
+    async fn start(dir: &Path, port: u16, upstream: std::net::SocketAddr, site: Option<&Path>) -> Caddy {
         let caddy = std::env::var("CADDY").unwrap_or_else(|_| "caddy".into());
         let home = dir.join("caddy");
         std::fs::create_dir_all(&home).unwrap();
         let access_log = home.join("access.log");
         // The README's example, plus what a test needs: no admin endpoint, no HTTPS, a request log.
+        let files = site.map(|s| format!("    root * {}\n    file_server\n", s.display())).unwrap_or_default();
         let caddyfile = format!(
             "{{\n    admin off\n    auto_https off\n}}\nhttp://127.0.0.1:{port} {{\n    reverse_proxy /_matrix/* {upstream}\n    \
-             reverse_proxy /.well-known/matrix/* {upstream}\n    log {{\n        output file {}\n    }}\n}}\n",
+             reverse_proxy /.well-known/matrix/* {upstream}\n{files}    log {{\n        output file {}\n    }}\n}}\n",
             access_log.display()
         );
         std::fs::write(home.join("Caddyfile"), caddyfile).unwrap();
