@@ -203,7 +203,9 @@ async fn element_web_in_chromium_through_caddy() {
     assert!(out.contains("Element Web passed"), "the script ended without its last check:\n{out}");
     // Element's own requests after sign-in went through the proxy (it uses the r0 and unstable paths).
     let paths = proxy.request_paths();
-    for path in ["/_matrix/client/r0/login", "/_matrix/client/r0/sync", "/_matrix/client/unstable/keys/device_signing/upload"] {
+    for path in
+        ["/_matrix/client/r0/login", "/_matrix/client/r0/sync", "/_matrix/client/unstable/keys/device_signing/upload"]
+    {
         assert!(paths.iter().any(|p| p == path), "no {path} request went through the proxy: {paths:?}");
     }
     assert!(
