@@ -152,7 +152,8 @@ async fn hydrogen_in_chromium() {
 /// Element Web (1.7.14, the last release on npm, built from its npm package by `tests/element/build.mjs`) in
 /// headless Chromium, served by the same Caddy that proxies Hearth, with `well_known.client_base_url` naming the
 /// proxy (`tests/element/element.test.mjs`): sign in, keys set up, room list, history, send from the composer, a
-/// reply live, still signed in after a reload.
+/// reply live, an edit and a reaction shown (and again after a reload, from the server's aggregations), still signed
+/// in after a reload, server-side search from the room header.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs Node 20, Chromium, Caddy and `npm ci` in tests/browser and tests/element; see tests/README.md"]
 async fn element_web_in_chromium_through_caddy() {

@@ -4,7 +4,8 @@
 // Bob (through the API) makes a room with some history and invites Alice; Alice signs in with Element's login form,
 // Element follows the login answer's well_known (the proxy), sets up her keys (cross-signing through the
 // `unstable` prefix, which Element 1.7 uses), opens the room, reads the history, sends a message from the composer
-// (Bob reads it through the API), sees Bob's reply arrive live, and after a reload is still signed in and sees it.
+// (Bob reads it through the API), sees Bob's reply arrive live, sees Bob's edit ("(edited)") and reaction, and after a
+// reload is still signed in and sees all of it (edit and reaction from the server's aggregations); then searches.
 // On failure a screenshot, the page HTML and the browser console are written to ARTIFACTS_DIR.
 import {chromium} from "../browser/node_modules/playwright-core/index.mjs";
 import {mkdirSync, writeFileSync} from "node:fs";
@@ -86,10 +87,37 @@ try {
     await api("PUT", c(`/rooms/${enc(room)}/send/m.room.message/r1`), bob.token, {msgtype: "m.text", body: "reply from Bob"});
     await page.waitForSelector("text=reply from Bob", {timeout: 30000});
     log("Bob's reply arrived live");
+    // An edit (m.replace) and a reaction (m.annotation) from Bob, shown as Element shows them: the new text marked
+    // "(edited)", and a reaction pill counting one.
+    const typo = (await api("PUT", c(`/rooms/${enc(room)}/send/m.room.message/t1`), bob.token, {msgtype: "m.text", body: "a mesage with a typo"})).event_id;
+    await page.waitForSelector("text=a mesage with a typo", {timeout: 30000});
+    await api("PUT", c(`/rooms/${enc(room)}/send/m.room.message/e1`), bob.token, {
+        msgtype: "m.text", body: "* a message, fixed", "m.new_content": {msgtype: "m.text", body: "a message, fixed"},
+        "m.relates_to": {rel_type: "m.replace", event_id: typo},
+    });
+    await page.waitForSelector("text=a message, fixed", {timeout: 30000});
+    await page.waitForSelector(".mx_EventTile_edited", {timeout: 30000});
+    log("Bob's edit shown as edited");
+    const mine = (await api("GET", c(`/rooms/${enc(room)}/messages?dir=b&limit=20`), bob.token)).chunk
+        .find(e => e.sender === alice.userId && e.content?.body === "hello from Element").event_id;
+    await api("PUT", c(`/rooms/${enc(room)}/send/m.reaction/k1`), bob.token, {"m.relates_to": {rel_type: "m.annotation", event_id: mine, key: "👍"}});
+    await page.waitForSelector(".mx_ReactionsRowButton >> text=👍", {timeout: 30000});
+    log("Bob's reaction shown");
     await page.reload();
     await page.waitForSelector("text=reply from Bob", {timeout: 60000});
     await page.waitForSelector("text=hello from Element", {timeout: 30000});
-    log("still signed in after a reload");
+    // After a reload the edit and the reaction come from the server's answers (bundled aggregations, relations).
+    await page.waitForSelector("text=a message, fixed", {timeout: 30000});
+    await page.waitForSelector(".mx_ReactionsRowButton >> text=👍", {timeout: 30000});
+    if (await page.$("text=a mesage with a typo")) throw new Error("the edited message shows its old text after a reload");
+    log("still signed in after a reload, edit and reaction kept");
+    // Server-side search from the room header.
+    await page.click(".mx_RoomHeader_searchButton");
+    await page.fill(".mx_SearchBar_input input", "history");
+    await page.press(".mx_SearchBar_input input", "Enter");
+    await page.waitForSelector(".mx_RoomView_searchResultsPanel >> text=hello from Element", {timeout: 30000});
+    await page.waitForSelector(".mx_RoomHeader_searchStatus >> text=results", {timeout: 30000});
+    log("search found Bob's history");
     const setupFailed = await page.$("text=Unable to set up keys");
     if (setupFailed) throw new Error("Element says: Unable to set up keys");
     if (failures.length) throw new Error(`server errors: ${failures.join(", ")}`);
