@@ -418,6 +418,7 @@ async fn step(s: &AppState, svc: &Arc<AppService>) -> Result<Next> {
     }
     let from = state.stream;
     let svc2 = svc.clone();
+    let ours = s.identity.server_name.to_string();
     let (events, to) = s
         .store
         .read_background(move |c| {
@@ -425,7 +426,7 @@ async fn step(s: &AppState, svc: &Arc<AppService>) -> Result<Next> {
             let to = evs.last().map(|e| e.stream).unwrap_or(from);
             let mut out = Vec::new();
             for ev in evs.iter().filter(|e| !e.sender.is_empty()) {
-                if let Some(v) = selected(c, &svc2, ev)? {
+                if let Some(v) = selected(c, &svc2, ev, &ours)? {
                     out.push(v);
                 }
             }
@@ -443,7 +444,7 @@ async fn step(s: &AppState, svc: &Arc<AppService>) -> Result<Next> {
 
 /// The event in client format if the service is interested in it: sent by or about one of its users, in a room of
 /// its room namespace or with an alias of its alias namespace, or in a room one of its users is joined to.
-fn selected(c: Db<'_>, svc: &AppService, ev: &NewEvent) -> Result<Option<Value>> {
+fn selected(c: Db<'_>, svc: &AppService, ev: &NewEvent, ours: &str) -> Result<Option<Value>> {
     let event: Value = serde_json::from_str(&ev.json)?;
     let Some(room) = rooms::room_by_nid(c, ev.room_nid)? else { return Ok(None) };
     let about_user = event["type"] == "m.room.member" && event["state_key"].as_str().is_some_and(|u| svc.owns_user(u));
@@ -451,7 +452,7 @@ fn selected(c: Db<'_>, svc: &AppService, ev: &NewEvent) -> Result<Option<Value>>
         || about_user
         || svc.owns_room(&room.room_id)
         || (!svc.aliases.is_empty() && rooms::aliases_of(c, &room.room_id)?.iter().any(|a| svc.owns_alias(a)))
-        || pushers::local_members(c, ev.room_nid)?.iter().any(|u| svc.owns_user(u));
+        || pushers::local_members(c, ev.room_nid, ours)?.iter().any(|u| svc.owns_user(u));
     if !interested {
         return Ok(None);
     }

@@ -134,6 +134,7 @@ async fn evaluate_new(s: &AppState) -> Result<bool> {
     if s.store.current_stream() <= from.0 {
         return Ok(false);
     }
+    let ours = s.identity.server_name.to_string();
     let (decisions, to, more) = s
         .store
         .read_background(move |c| {
@@ -141,7 +142,7 @@ async fn evaluate_new(s: &AppState) -> Result<bool> {
             let more = evs.len() as i64 == BATCH;
             let to = evs.last().map(|e| e.stream).unwrap_or(from);
             let mut out = Evaluated::default();
-            let mut cache = BatchCache::default();
+            let mut cache = BatchCache { ours, members: HashMap::new(), judges: HashMap::new() };
             for ev in evs.iter().filter(|e| !e.sender.is_empty()) {
                 decide(c, ev, &mut out, &mut cache)?;
             }
@@ -179,8 +180,9 @@ async fn evaluate_new(s: &AppState) -> Result<bool> {
 /// caches), read once per batch instead of once per event. Per event, the member list of a big room and the
 /// judge's search for its oldest event with state (long when the history was imported without state) made the
 /// evaluator quadratic: a 100k-event room kept a core busy for minutes after a restart.
-#[derive(Default)]
 struct BatchCache<'c> {
+    /// This server's name (its users are the local members).
+    ours: String,
     members: HashMap<RoomNid, Vec<String>>,
     judges: HashMap<String, ClientJudge<'c>>,
 }
@@ -190,7 +192,7 @@ impl<'c> BatchCache<'c> {
         if let Some(m) = self.members.get(&room) {
             return Ok(m.clone());
         }
-        let m = pushers::local_members(c, room)?;
+        let m = pushers::local_members(c, room, &self.ours)?;
         self.members.insert(room, m.clone());
         Ok(m)
     }
