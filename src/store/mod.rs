@@ -180,8 +180,8 @@ fn sqlite_global_config() {
 
 /// The writer connection's settings. `wal_autocheckpoint` at 8000 pages (32 MB of WAL, 4 MB by default): bulk
 /// writes (a resync's 160k events) rewrite the same index pages commit after commit, and a checkpoint copies each
-/// distinct page once, so checkpointing 8x less often copied far less: checkpoints were 9% of a 100k-member
-/// resync's CPU. `journal_size_limit` still truncates the WAL back to 64 MB after it.
+/// distinct page once, so checkpointing less often copies fewer pages in all: checkpoints went from 9.5% to 5.8% of
+/// a 100k-member resync's CPU (bench/PROFILE.md). `journal_size_limit` still truncates the WAL back to 64 MB after.
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     conn.execute_batch(
