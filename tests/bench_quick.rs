@@ -40,5 +40,9 @@ fn hearth_bench_quick_runs() {
     for r in v["results"].as_array().unwrap() {
         assert!(r["join_ms"].as_f64().unwrap_or(0.0) > 0.0, "{r}");
         assert!(r["full_members_ms"].as_f64().unwrap_or(0.0) >= r["join_ms"].as_f64().unwrap_or(0.0), "{r}");
+        // Every run reports the joiner's CPU seconds and peak RSS, and the resident's CPU while serving it.
+        assert!(r["cpu_s"].as_f64().unwrap_or(0.0) > 0.0, "{r}");
+        assert!(r["peak_rss_mb"].as_f64().unwrap_or(0.0) > 0.0, "{r}");
+        assert!(r["resident_cpu_s"].as_f64().is_some_and(|c| c >= 0.0), "{r}");
     }
 }

@@ -437,6 +437,7 @@ async fn step(s: &AppState, svc: &Arc<AppService>, typing_seen: &mut u64) -> Res
     let (serial, typing) =
         if svc.receive_ephemeral { s.typing.changes_since(*typing_seen) } else { (*typing_seen, Vec::new()) };
     let svc2 = svc.clone();
+    let ours = s.identity.server_name.to_string();
     let (body, to) = s
         .store
         .read_background(move |c| {
@@ -449,14 +450,14 @@ async fn step(s: &AppState, svc: &Arc<AppService>, typing_seen: &mut u64) -> Res
             };
             let mut out = Vec::new();
             for ev in evs.iter().filter(|e| !e.sender.is_empty() && e.stream.0 <= to.0) {
-                if let Some(v) = selected(c, &svc2, ev)? {
+                if let Some(v) = selected(c, &svc2, ev, &ours)? {
                     out.push(v);
                 }
             }
             let mut body = serde_json::Map::new();
             body.insert("events".into(), json!(out));
             body.insert("ephemeral".into(), json!([]));
-            let worth = crate::client::appservice_extras::add(c, &svc2, from, to, &typing, &mut body)?;
+            let worth = crate::client::appservice_extras::add(c, &svc2, from, to, &typing, &ours, &mut body)?;
             Ok((worth.then(|| Value::Object(body).to_string()), to))
         })
         .await?;
@@ -471,13 +472,13 @@ async fn step(s: &AppState, svc: &Arc<AppService>, typing_seen: &mut u64) -> Res
 
 /// The event in client format if the service is interested in it: sent by or about one of its users, in a room of
 /// its room namespace or with an alias of its alias namespace, or in a room one of its users is joined to.
-fn selected(c: Db<'_>, svc: &AppService, ev: &NewEvent) -> Result<Option<Value>> {
+fn selected(c: Db<'_>, svc: &AppService, ev: &NewEvent, ours: &str) -> Result<Option<Value>> {
     let event: Value = serde_json::from_str(&ev.json)?;
     let Some(room) = rooms::room_by_nid(c, ev.room_nid)? else { return Ok(None) };
     let about_user = event["type"] == "m.room.member" && event["state_key"].as_str().is_some_and(|u| svc.owns_user(u));
     let interested = svc.owns_user(&ev.sender)
         || about_user
-        || crate::client::appservice_extras::interested_in_room(c, svc, ev.room_nid, &room.room_id)?;
+        || crate::client::appservice_extras::interested_in_room(c, svc, ev.room_nid, &room.room_id, ours)?;
     if !interested {
         return Ok(None);
     }

@@ -26,10 +26,11 @@ pub fn interested_in_room(
     svc: &AppService,
     room_nid: crate::store::ids::RoomNid,
     room_id: &str,
+    ours: &str,
 ) -> Result<bool> {
     Ok(svc.owns_room(room_id)
         || (!svc.aliases.is_empty() && rooms::aliases_of(c, room_id)?.iter().any(|a| svc.owns_alias(a)))
-        || crate::store::pushers::local_members(c, room_nid)?.iter().any(|u| svc.owns_user(u)))
+        || crate::store::pushers::local_members(c, room_nid, ours)?.iter().any(|u| svc.owns_user(u)))
 }
 
 /// Whether the service hears of a user's presence and device changes: one of its users, or sharing a room with one.
@@ -47,6 +48,7 @@ pub fn add(
     from: StreamPos,
     to: StreamPos,
     typing: &[(String, Vec<String>)],
+    ours: &str,
     body: &mut Map<String, Value>,
 ) -> Result<bool> {
     let mut worth = body.get("events").and_then(Value::as_array).is_some_and(|e| !e.is_empty());
@@ -59,7 +61,7 @@ pub fn add(
         }
     }
     if svc.receive_ephemeral {
-        let ephemeral = ephemeral(c, svc, from, to, typing)?;
+        let ephemeral = ephemeral(c, svc, from, to, typing, ours)?;
         let to_device = to_device(c, svc, from, to, &mut mentioned)?;
         worth |= !ephemeral.is_empty() || !to_device.is_empty();
         body.insert("ephemeral".into(), json!(ephemeral));
@@ -102,17 +104,18 @@ fn ephemeral(
     from: StreamPos,
     to: StreamPos,
     typing: &[(String, Vec<String>)],
+    ours: &str,
 ) -> Result<Vec<Value>> {
     let mut out = Vec::new();
     for (room_id, users) in typing {
         let Some(room) = rooms::room_by_id(c, room_id)? else { continue };
-        if interested_in_room(c, svc, room.room_nid, room_id)? {
+        if interested_in_room(c, svc, room.room_nid, room_id, ours)? {
             out.push(json!({"type": "m.typing", "room_id": room_id, "content": {"user_ids": users}}));
         }
     }
     for room_nid in store::receipt_rooms_in(c, from, to)? {
         let Some(room) = rooms::room_by_nid(c, room_nid)? else { continue };
-        if !interested_in_room(c, svc, room_nid, &room.room_id)? {
+        if !interested_in_room(c, svc, room_nid, &room.room_id, ours)? {
             continue;
         }
         // No viewer: private receipts stay out.

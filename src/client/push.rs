@@ -7,7 +7,7 @@
 //! outliers (the membership backlog a lazy-join resync fills in), rejected and soft-failed events and backfilled
 //! history (numbered below 0) are never pushed; nor is a user's own event, nor one from a user they ignore.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -134,6 +134,7 @@ async fn evaluate_new(s: &AppState) -> Result<bool> {
     if s.store.current_stream() <= from.0 {
         return Ok(false);
     }
+    let ours = s.identity.server_name.to_string();
     let (decisions, to, more) = s
         .store
         .read_background(move |c| {
@@ -141,8 +142,9 @@ async fn evaluate_new(s: &AppState) -> Result<bool> {
             let more = evs.len() as i64 == BATCH;
             let to = evs.last().map(|e| e.stream).unwrap_or(from);
             let mut out = Evaluated::default();
+            let mut cache = BatchCache { ours, members: HashMap::new(), judges: HashMap::new() };
             for ev in evs.iter().filter(|e| !e.sender.is_empty()) {
-                decide(c, ev, &mut out)?;
+                decide(c, ev, &mut out, &mut cache)?;
             }
             Ok((out, to, more))
         })
@@ -174,14 +176,40 @@ async fn evaluate_new(s: &AppState) -> Result<bool> {
 
 /// The notifications one event causes for the local members of its room who may see it (never for its sender),
 /// and what it reads for local users.
-fn decide(c: Db<'_>, ev: &NewEvent, out: &mut Evaluated) -> Result<()> {
+/// What the events of one batch share: each room's local members and each user's visibility judge (with its
+/// caches), read once per batch instead of once per event. Per event, the member list of a big room and the
+/// judge's search for its oldest event with state (long when the history was imported without state) made the
+/// evaluator quadratic: a 100k-event room kept a core busy for minutes after a restart.
+struct BatchCache<'c> {
+    /// This server's name (its users are the local members).
+    ours: String,
+    members: HashMap<RoomNid, Vec<String>>,
+    judges: HashMap<String, ClientJudge<'c>>,
+}
+
+impl<'c> BatchCache<'c> {
+    fn local_members(&mut self, c: Db<'c>, room: RoomNid) -> Result<Vec<String>> {
+        if let Some(m) = self.members.get(&room) {
+            return Ok(m.clone());
+        }
+        let m = pushers::local_members(c, room, &self.ours)?;
+        self.members.insert(room, m.clone());
+        Ok(m)
+    }
+
+    fn judge(&mut self, c: Db<'c>, user: &str) -> &mut ClientJudge<'c> {
+        self.judges.entry(user.to_owned()).or_insert_with(|| ClientJudge::new(c, user))
+    }
+}
+
+fn decide<'c>(c: Db<'c>, ev: &NewEvent, out: &mut Evaluated, cache: &mut BatchCache<'c>) -> Result<()> {
     let event: Value = serde_json::from_str(&ev.json)?;
     // An invite also goes to its (local) invitee, who is not a member yet (Synapse does the same); an invite over
     // federation to a room we hold no state for (an outlier) goes to its invitee only.
     let invitee = (event["type"] == "m.room.member" && event["content"]["membership"] == "invite")
         .then(|| event["state_key"].as_str())
         .flatten();
-    let mut users = if ev.outlier { Vec::new() } else { pushers::local_members(c, ev.room_nid)? };
+    let mut users = if ev.outlier { Vec::new() } else { cache.local_members(c, ev.room_nid)? };
     if let Some(invitee) = invitee {
         let local = crate::store::accounts::get_user(c, invitee)?.is_some_and(|u| !u.deactivated);
         if local && !users.iter().any(|u| u == invitee) {
@@ -204,7 +232,7 @@ fn decide(c: Db<'_>, ev: &NewEvent, out: &mut Evaluated) -> Result<()> {
             continue;
         }
         // Only what the user may see (the one visibility judge); their own invite is always theirs to hear of.
-        if invitee != Some(user.as_str()) && !ClientJudge::new(c, &user).may_see(&row)? {
+        if invitee != Some(user.as_str()) && !cache.judge(c, &user).may_see(&row)? {
             continue;
         }
         let rules = push_rules::effective(&user, account_data::get(c, &user, "", PUSH_RULES)?.as_ref());

