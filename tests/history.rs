@@ -83,7 +83,10 @@ async fn paging_back_backfills_a_remote_rooms_history_with_stable_tokens() {
 
     // The same token answers the same page.
     let mid = &tokens[1];
-    assert_eq!(ids(&messages(&bob, &room, "b", Some(mid), 7).await), ids(&messages(&bob, &room, "b", Some(mid), 7).await));
+    assert_eq!(
+        ids(&messages(&bob, &room, "b", Some(mid), 7).await),
+        ids(&messages(&bob, &room, "b", Some(mid), 7).await)
+    );
     // Forwards from the last token (just before the create event) walks it all back up, oldest first.
     let oldest = tokens.last().unwrap().clone();
     let (fwd, _) = page_all(&bob, &room, "f", Some(oldest), 6).await;
@@ -154,10 +157,7 @@ async fn remote_jump_to_date_answers_are_judged_for_the_user() {
 
     let ts_of = |e: &FakeEvent| e.json["origin_server_ts"].as_i64().unwrap();
     for (fake, ev) in [(&shared, &open), (&private, &secret)] {
-        fake.script(
-            "timestamp_to_event",
-            Script::json(200, json!({"event_id": ev.id, "origin_server_ts": ts_of(ev)})),
-        );
+        fake.script("timestamp_to_event", Script::json(200, json!({"event_id": ev.id, "origin_server_ts": ts_of(ev)})));
     }
 
     let found = jump(&bob, &shared.room_id(), ts_of(&open) + 1, "b").await.ok();
@@ -171,5 +171,35 @@ async fn remote_jump_to_date_answers_are_judged_for_the_user() {
     assert!(!hidden.text.contains(&secret.id), "{}", hidden.text);
     assert!(private.count("timestamp_to_event") >= 1, "the other server was asked");
     // Nor does the event show anywhere else.
-    bob.get(&format!("/rooms/{}/event/{}", enc(&private.room_id()), enc(&secret.id))).await.assert_err(404, "M_NOT_FOUND");
+    bob.get(&format!("/rooms/{}/event/{}", enc(&private.room_id()), enc(&secret.id)))
+        .await
+        .assert_err(404, "M_NOT_FOUND");
+}
+
+/// A user who left and joins again finds the history sent while their server was away: the gap between their
+/// leave and their new join is backfilled when paging back reaches it, and shown in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paging_back_fills_the_gap_between_a_leave_and_a_new_join() {
+    let (a, b) = federated_pair().await;
+    let alice = a.user("alice").await;
+    let bob = b.user("bob").await;
+    let room = alice.create_room(json!({"preset": "public_chat"})).await;
+    let join = format!("/join/{}?server_name=hearth-a.test", enc(&room));
+    bob.post(&join, json!({})).await.ok();
+    bob.leave(&room).await.ok();
+    for i in 0..15 {
+        alice.send_text(&room, &format!("m{i}")).await;
+    }
+    bob.post(&join, json!({})).await.ok();
+
+    let (back, _) = page_all(&bob, &room, "b", None, 10).await;
+    let expected: Vec<String> = (0..15).rev().map(|i| format!("m{i}")).collect();
+    assert_eq!(bodies(&back), expected);
+    let members: Vec<&str> = back
+        .iter()
+        .filter(|e| e["type"] == "m.room.member")
+        .map(|e| e["content"]["membership"].as_str().unwrap())
+        .collect();
+    assert_eq!(members[..3], ["join", "leave", "join"], "bob's new join, his leave, his first join");
+    assert_eq!(back.last().unwrap()["type"], "m.room.create");
 }

@@ -52,7 +52,10 @@ fn parse_page_token(t: &str) -> Result<PageToken> {
     let Some(body) = t.strip_prefix('t') else { return Ok(PageToken::Stream(parse_token(t)?.stream)) };
     let bad = || Error::invalid_param(format!("invalid token `{t}`"));
     let (depth, stream) = body.split_once('_').ok_or_else(bad)?;
-    Ok(PageToken::Topo(TopoPos { depth: depth.parse().map_err(|_| bad())?, stream: stream.parse().map_err(|_| bad())? }))
+    Ok(PageToken::Topo(TopoPos {
+        depth: depth.parse().map_err(|_| bad())?,
+        stream: stream.parse().map_err(|_| bad())?,
+    }))
 }
 
 fn render(p: TopoPos) -> String {
@@ -159,11 +162,19 @@ async fn messages_page(s: &AppState, auth: &Auth, room_id: &str, page: &Page) ->
             let to = to.map(|t| place(c, room.room_nid, t)).transpose()?;
             let rows = if backwards {
                 // A former member reads up to their leave: start the scan there rather than skip what came after.
-                let upto = if cap < i64::MAX { from.min(timeline::topo_at_stream(c, room.room_nid, StreamPos(cap))?) } else { from };
+                let upto = if cap < i64::MAX {
+                    from.min(timeline::topo_at_stream(c, room.room_nid, StreamPos(cap))?)
+                } else {
+                    from
+                };
                 timeline::topo_newest_first(c, room.room_nid, to.unwrap_or(TopoPos::MIN), upto, cap, limit)?
             } else {
                 let upto = to.unwrap_or(TopoPos::MAX);
-                let upto = if cap < i64::MAX { upto.min(timeline::topo_at_stream(c, room.room_nid, StreamPos(cap))?) } else { upto };
+                let upto = if cap < i64::MAX {
+                    upto.min(timeline::topo_at_stream(c, room.room_nid, StreamPos(cap))?)
+                } else {
+                    upto
+                };
                 timeline::topo_oldest_first(c, room.room_nid, from, upto, cap, limit)?
             };
             let mut gaps = Vec::new();

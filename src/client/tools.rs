@@ -93,7 +93,9 @@ async fn remote_answer_shown(
     s.store
         .read(move |c| {
             let (room, vis) = readable_room(c, &room, &user)?;
-            let Some(row) = events::event_by_id(c, &id)?.filter(|r| r.room_nid == room.room_nid) else { return Ok(None) };
+            let Some(row) = events::event_by_id(c, &id)?.filter(|r| r.room_nid == room.room_nid) else {
+                return Ok(None);
+            };
             let in_reach = row.stream_ordering.is_some_and(|p| p.0 <= cap(vis)) && !row.outlier;
             let shown = in_reach && row.rejected.is_none() && ClientJudge::new(c, user.as_str()).may_see(&row)?;
             Ok(shown.then_some(row.origin_server_ts))

@@ -65,11 +65,8 @@ async fn fetch_and_store(
     let Some(fed) = s.federation.as_ref() else { return Ok(0) };
     let vs: String = from.iter().map(|v| format!("v={}&", enc(v))).collect();
     for server in servers {
-        let path = format!(
-            "/_matrix/federation/v1/backfill/{}?{vs}limit={}",
-            enc(room_id.as_str()),
-            limit.clamp(1, 100)
-        );
+        let path =
+            format!("/_matrix/federation/v1/backfill/{}?{vs}limit={}", enc(room_id.as_str()), limit.clamp(1, 100));
         let answer = match fed.client.get(&server, &path).await {
             Ok(a) => a,
             Err(e) => {

@@ -113,10 +113,8 @@ fn topo_window(
          AND (depth, stream_ordering) > (?2, ?3) AND (depth, stream_ordering) <= (?4, ?5) AND stream_ordering <= ?6
          AND rejected IS NULL AND soft_failed = 0 ORDER BY depth {order}, stream_ordering {order} LIMIT ?7"
     ))?;
-    let rows = stmt.query_map(
-        params![room, after.depth, after.stream, upto.depth, upto.stream, cap, limit],
-        event_row,
-    )?;
+    let rows =
+        stmt.query_map(params![room, after.depth, after.stream, upto.depth, upto.stream, cap, limit], event_row)?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
@@ -231,7 +229,10 @@ mod tests {
         for (id, depth, stream) in [("$1", 1, 1), ("$2", 4, 2), ("$5", 5, 5), ("$6", 5, 6), ("$outlier", 9, -99)] {
             let stream = (id != "$outlier").then_some(stream);
             conn.db()
-                .execute("UPDATE events SET depth = ?2, stream_ordering = ?3 WHERE event_id = ?1", params![id, depth, stream])
+                .execute(
+                    "UPDATE events SET depth = ?2, stream_ordering = ?3 WHERE event_id = ?1",
+                    params![id, depth, stream],
+                )
                 .unwrap();
         }
         for (id, depth, stream) in [("$b1", 2, -1), ("$b2", 3, -2)] {
@@ -240,8 +241,12 @@ mod tests {
         }
         let (min, max) = (TopoPos::MIN, TopoPos::MAX);
         let t = |depth, stream| TopoPos { depth, stream };
-        let back = |after, upto, cap, limit| ids(&topo_newest_first(conn.db(), room, after, upto, cap, limit).unwrap()).join(",");
-        let fwd = |after, upto, cap, limit| ids(&topo_oldest_first(conn.db(), room, after, upto, cap, limit).unwrap()).join(",");
+        let back = |after, upto, cap, limit| {
+            ids(&topo_newest_first(conn.db(), room, after, upto, cap, limit).unwrap()).join(",")
+        };
+        let fwd = |after, upto, cap, limit| {
+            ids(&topo_oldest_first(conn.db(), room, after, upto, cap, limit).unwrap()).join(",")
+        };
         assert_eq!(back(min, max, i64::MAX, 10), "$6,$5,$2,$b2,$b1,$1");
         assert_eq!(fwd(min, max, i64::MAX, 10), "$1,$b1,$b2,$2,$5,$6");
         assert_eq!(back(min, t(5, 5), i64::MAX, 2), "$5,$2", "at or before the place");
