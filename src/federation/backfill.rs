@@ -67,7 +67,7 @@ async fn fetch_and_store(
     for server in servers {
         let path =
             format!("/_matrix/federation/v1/backfill/{}?{vs}limit={}", enc(room_id.as_str()), limit.clamp(1, 100));
-        let answer = match fed.client.get(&server, &path).await {
+        let answer = match fed.client.get(server, &path).await {
             Ok(a) => a,
             Err(e) => {
                 tracing::info!(%server, error = %e, "backfill failed");
