@@ -10,8 +10,7 @@ use crate::client::sync::{parse_token, Filter, Token};
 use crate::error::{Error, Result};
 use crate::http::{qs, AppState, Auth, Query};
 use crate::room::visibility::{self as vis, parse_readable_room_id, readable_room, ClientJudge};
-use crate::store::ids::StreamPos;
-use crate::store::timeline::TopoPos;
+use crate::store::timeline::{TopoPos, TopoRange};
 use crate::store::{events, rooms, state_groups, timeline};
 
 #[derive(Deserialize)]
@@ -40,8 +39,7 @@ fn parse_filter(f: Option<&str>) -> Result<Filter> {
 }
 
 /// A `/messages` or `/context` token: a place in the room's topological order, `t{depth}_{stream}` (just after the
-/// event with that depth and stream position), or a `/sync` token `s{stream}_{typing}`, placed where the event at
-/// or before that stream position is.
+/// event with that depth and stream position), or a `/sync` token `s{stream}_{typing}` (a stream position).
 #[derive(Clone, Copy, Debug)]
 enum PageToken {
     Topo(TopoPos),
@@ -72,11 +70,23 @@ fn at_event(r: &events::EventRow) -> TopoPos {
     TopoPos { depth: r.depth, stream: r.stream_ordering.map_or(0, |p| p.0) }
 }
 
-fn place(c: crate::store::Db<'_>, room: crate::store::ids::RoomNid, t: PageToken) -> Result<TopoPos> {
-    match t {
-        PageToken::Topo(p) => Ok(p),
-        PageToken::Stream(pos) => timeline::topo_at_stream(c, room, StreamPos(pos)),
+/// The events a page may hold: `from` and `to` bound it (`from` from above paging backwards, from below
+/// forwards), a topological token by place, a `/sync` token by stream position (as Synapse); `cap` (how far the
+/// user may read) by stream position.
+fn page_range(backwards: bool, from: PageToken, to: Option<PageToken>, cap: i64) -> TopoRange {
+    let mut range = TopoRange { stream_upto: cap, ..TopoRange::ALL };
+    let (low, high) = if backwards { (to, Some(from)) } else { (Some(from), to) };
+    match high {
+        Some(PageToken::Topo(p)) => range.upto = p,
+        Some(PageToken::Stream(x)) => range.stream_upto = range.stream_upto.min(x),
+        None => {}
     }
+    match low {
+        Some(PageToken::Topo(p)) => range.after = p,
+        Some(PageToken::Stream(x)) => range.stream_after = x,
+        None => {}
+    }
+    range
 }
 
 /// Events one backfill asks for (Synapse's number).
@@ -157,32 +167,19 @@ async fn messages_page(s: &AppState, auth: &Auth, room_id: &str, page: &Page) ->
     s.store
         .read(move |c| {
             let (room, visibility) = readable_room(c, &parse_readable_room_id(&room_id)?, &auth.user_id)?;
-            let cap = vis::cap(visibility);
-            let from = place(c, room.room_nid, from)?;
-            let to = to.map(|t| place(c, room.room_nid, t)).transpose()?;
+            let range = page_range(backwards, from, to, vis::cap(visibility));
             let rows = if backwards {
-                // A former member reads up to their leave: start the scan there rather than skip what came after.
-                let upto = if cap < i64::MAX {
-                    from.min(timeline::topo_at_stream(c, room.room_nid, StreamPos(cap))?)
-                } else {
-                    from
-                };
-                timeline::topo_newest_first(c, room.room_nid, to.unwrap_or(TopoPos::MIN), upto, cap, limit)?
+                timeline::topo_newest_first(c, room.room_nid, range, limit)?
             } else {
-                let upto = to.unwrap_or(TopoPos::MAX);
-                let upto = if cap < i64::MAX {
-                    upto.min(timeline::topo_at_stream(c, room.room_nid, StreamPos(cap))?)
-                } else {
-                    upto
-                };
-                timeline::topo_oldest_first(c, room.room_nid, from, upto, cap, limit)?
+                timeline::topo_oldest_first(c, room.room_nid, range, limit)?
             };
             let mut gaps = Vec::new();
             if backwards {
                 let mut nids: Vec<_> = rows.iter().map(|r| r.event_nid).collect();
                 if rows.is_empty() {
                     // Nothing before `from`: the event just after it may be where our history starts.
-                    let next = timeline::topo_oldest_first(c, room.room_nid, from, TopoPos::MAX, cap, 1)?;
+                    let above = page_range(false, from, None, vis::cap(visibility));
+                    let next = timeline::topo_oldest_first(c, room.room_nid, above, 1)?;
                     nids.extend(next.iter().map(|r| r.event_nid));
                 }
                 for (nid, _) in timeline::gaps_before(c, &nids)? {
@@ -250,9 +247,9 @@ pub async fn context(
             // Before: the events topologically before it, newest first; after: those after it, oldest first; each
             // judged. The tokens are places in the same order, for `/messages` to go on from.
             let (room_nid, here) = (room.room_nid, at_event(&target));
-            let before =
-                timeline::topo_newest_first(c, room_nid, TopoPos::MIN, before_event(&target), i64::MAX, limit - half)?;
-            let after = timeline::topo_oldest_first(c, room_nid, here, TopoPos::MAX, i64::MAX, half)?;
+            let before_range = TopoRange { upto: before_event(&target), ..TopoRange::ALL };
+            let before = timeline::topo_newest_first(c, room_nid, before_range, limit - half)?;
+            let after = timeline::topo_oldest_first(c, room_nid, TopoRange { after: here, ..TopoRange::ALL }, half)?;
             let start = before.last().map_or(before_event(&target), before_event);
             let end = after.last().map_or(here, at_event);
             let (before, after) = (judge.filter(before)?, judge.filter(after)?);

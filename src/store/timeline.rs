@@ -73,62 +73,46 @@ impl TopoPos {
     pub const MAX: TopoPos = TopoPos { depth: i64::MAX, stream: i64::MAX };
 }
 
-/// The newest `limit` shown events whose place is in (`after`, `upto`] and whose stream position is at most `cap`,
-/// newest first in topological order. One range scan of `events_room_topo`.
-pub fn topo_newest_first(
-    conn: Db<'_>,
-    room: RoomNid,
-    after: TopoPos,
-    upto: TopoPos,
-    cap: i64,
-    limit: i64,
-) -> Result<Vec<EventRow>> {
-    topo_window(conn, room, after, upto, cap, limit, "DESC")
+/// Which events a topological page may hold: places in (`after`, `upto`] and stream positions in
+/// (`stream_after`, `stream_upto`]. A `/sync` token bounds a page by stream position alone (as Synapse: events that
+/// arrived after it are left out whatever their depth), a `/messages` token by place, a former member's leave by
+/// stream position.
+#[derive(Clone, Copy, Debug)]
+pub struct TopoRange {
+    pub after: TopoPos,
+    pub upto: TopoPos,
+    pub stream_after: i64,
+    pub stream_upto: i64,
 }
 
-/// The oldest `limit` shown events whose place is in (`after`, `upto`] and whose stream position is at most `cap`,
-/// oldest first in topological order.
-pub fn topo_oldest_first(
-    conn: Db<'_>,
-    room: RoomNid,
-    after: TopoPos,
-    upto: TopoPos,
-    cap: i64,
-    limit: i64,
-) -> Result<Vec<EventRow>> {
-    topo_window(conn, room, after, upto, cap, limit, "ASC")
+impl TopoRange {
+    pub const ALL: TopoRange =
+        TopoRange { after: TopoPos::MIN, upto: TopoPos::MAX, stream_after: i64::MIN, stream_upto: i64::MAX };
 }
 
-fn topo_window(
-    conn: Db<'_>,
-    room: RoomNid,
-    after: TopoPos,
-    upto: TopoPos,
-    cap: i64,
-    limit: i64,
-    order: &'static str,
-) -> Result<Vec<EventRow>> {
+/// The newest `limit` shown events in `range`, newest first in topological order. One range scan of
+/// `events_room_topo`.
+pub fn topo_newest_first(conn: Db<'_>, room: RoomNid, range: TopoRange, limit: i64) -> Result<Vec<EventRow>> {
+    topo_window(conn, room, range, limit, "DESC")
+}
+
+/// The oldest `limit` shown events in `range`, oldest first in topological order.
+pub fn topo_oldest_first(conn: Db<'_>, room: RoomNid, range: TopoRange, limit: i64) -> Result<Vec<EventRow>> {
+    topo_window(conn, room, range, limit, "ASC")
+}
+
+fn topo_window(conn: Db<'_>, room: RoomNid, r: TopoRange, limit: i64, order: &'static str) -> Result<Vec<EventRow>> {
     let mut stmt = conn.prepare_cached(&format!(
         "SELECT {EVENT_COLS} FROM events WHERE room_nid = ?1 AND stream_ordering IS NOT NULL
-         AND (depth, stream_ordering) > (?2, ?3) AND (depth, stream_ordering) <= (?4, ?5) AND stream_ordering <= ?6
-         AND rejected IS NULL AND soft_failed = 0 ORDER BY depth {order}, stream_ordering {order} LIMIT ?7"
+         AND (depth, stream_ordering) > (?2, ?3) AND (depth, stream_ordering) <= (?4, ?5)
+         AND stream_ordering > ?6 AND stream_ordering <= ?7
+         AND rejected IS NULL AND soft_failed = 0 ORDER BY depth {order}, stream_ordering {order} LIMIT ?8"
     ))?;
-    let rows =
-        stmt.query_map(params![room, after.depth, after.stream, upto.depth, upto.stream, cap, limit], event_row)?;
+    let rows = stmt.query_map(
+        params![room, r.after.depth, r.after.stream, r.upto.depth, r.upto.stream, r.stream_after, r.stream_upto, limit],
+        event_row,
+    )?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
-}
-
-/// The topological place of a stream position (a `/sync` token given to `/messages`): the depth of the room's
-/// last timeline event at or before `pos`, with `pos` itself (depth 0, before everything, when there is none).
-pub fn topo_at_stream(conn: Db<'_>, room: RoomNid, pos: StreamPos) -> Result<TopoPos> {
-    let depth: Option<i64> = conn
-        .prepare_cached(
-            "SELECT depth FROM events WHERE room_nid = ?1 AND stream_ordering <= ?2 AND stream_ordering IS NOT NULL
-             ORDER BY stream_ordering DESC LIMIT 1",
-        )?
-        .query_row(params![room, pos], |r| r.get(0))
-        .optional()?;
-    Ok(TopoPos { depth: depth.unwrap_or(0), stream: pos.0 })
 }
 
 /// Of `events` (timeline events of one room), those with a prev event missing from our timeline: where our
@@ -254,10 +238,12 @@ mod tests {
         assert_eq!(fwd(t(3, -2), max, i64::MAX, 2), "$2,$5", "after the place");
         assert_eq!(back(t(2, -1), max, i64::MAX, 10), "$6,$5,$2,$b2", "down to `after`, exclusive");
         assert_eq!(back(min, max, 2, 10), "$2,$b2,$b1,$1", "stream positions up to the cap");
-        // A stream position's place: the depth of the last event at or before it.
-        assert_eq!(topo_at_stream(conn.db(), room, StreamPos(5)).unwrap(), t(5, 5));
-        assert_eq!(topo_at_stream(conn.db(), room, StreamPos(2)).unwrap(), t(4, 2));
-        assert_eq!(topo_at_stream(conn.db(), room, StreamPos(-5)).unwrap(), t(0, -5), "before everything");
+        let since = |stream_after| TopoRange { stream_after, ..TopoRange::ALL };
+        assert_eq!(
+            ids(&topo_oldest_first(conn.db(), room, since(1), 10).unwrap()).join(","),
+            "$2,$5,$6",
+            "after a position"
+        );
     }
 
     /// The page reads are one range scan of the topological index, never a sort of the room.
@@ -270,11 +256,11 @@ mod tests {
                 .prepare(&format!(
                     "EXPLAIN QUERY PLAN SELECT {EVENT_COLS} FROM events WHERE room_nid = ?1 AND stream_ordering IS NOT NULL
                      AND (depth, stream_ordering) > (?2, ?3) AND (depth, stream_ordering) <= (?4, ?5)
-                     AND stream_ordering <= ?6 AND rejected IS NULL AND soft_failed = 0
-                     ORDER BY depth {order}, stream_ordering {order} LIMIT ?7"
+                     AND stream_ordering > ?6 AND stream_ordering <= ?7 AND rejected IS NULL AND soft_failed = 0
+                     ORDER BY depth {order}, stream_ordering {order} LIMIT ?8"
                 ))
                 .unwrap()
-                .query_map(params![1, 0, 0, 9, 9, 9, 10], |r| r.get::<_, String>(3))
+                .query_map(params![1, 0, 0, 9, 9, 0, 9, 10], |r| r.get::<_, String>(3))
                 .unwrap()
                 .collect::<rusqlite::Result<_>>()
                 .unwrap();
