@@ -225,11 +225,12 @@ mod tests {
         }
         let (min, max) = (TopoPos::MIN, TopoPos::MAX);
         let t = |depth, stream| TopoPos { depth, stream };
+        let range = |after, upto, stream_upto| TopoRange { after, upto, stream_upto, ..TopoRange::ALL };
         let back = |after, upto, cap, limit| {
-            ids(&topo_newest_first(conn.db(), room, after, upto, cap, limit).unwrap()).join(",")
+            ids(&topo_newest_first(conn.db(), room, range(after, upto, cap), limit).unwrap()).join(",")
         };
         let fwd = |after, upto, cap, limit| {
-            ids(&topo_oldest_first(conn.db(), room, after, upto, cap, limit).unwrap()).join(",")
+            ids(&topo_oldest_first(conn.db(), room, range(after, upto, cap), limit).unwrap()).join(",")
         };
         assert_eq!(back(min, max, i64::MAX, 10), "$6,$5,$2,$b2,$b1,$1");
         assert_eq!(fwd(min, max, i64::MAX, 10), "$1,$b1,$b2,$2,$5,$6");
