@@ -97,6 +97,8 @@ CREATE TABLE events (
 );
 CREATE INDEX events_room_stream ON events(room_nid, stream_ordering) WHERE stream_ordering IS NOT NULL;
 CREATE INDEX events_room_depth ON events(room_nid, depth);
+-- /messages and /context page in topological order: (depth, stream position) of timeline events.
+CREATE INDEX events_room_topo ON events(room_nid, depth, stream_ordering) WHERE stream_ordering IS NOT NULL;
 CREATE INDEX events_room_ts ON events(room_nid, origin_server_ts);  -- /timestamp_to_event
 CREATE INDEX events_redacts ON events(room_nid, event_type) WHERE event_type = 'm.room.redaction';
 

@@ -31,8 +31,13 @@ impl Token {
     }
 }
 
-/// Parses `s{stream}[_{typing}]` (also plain numbers).
+/// Parses `s{stream}[_{typing}]` (also plain numbers). A topological token of `/messages` (`t{depth}_{stream}`,
+/// which the spec lets clients give `/relations`) reads as its stream position.
 pub fn parse_token(t: &str) -> Result<Token> {
+    if let Some((_, stream)) = t.strip_prefix('t').and_then(|b| b.split_once('_')) {
+        let stream = stream.parse().map_err(|_| Error::invalid_param(format!("invalid token `{t}`")))?;
+        return Ok(Token { stream, typing: 0 });
+    }
     let body = t.strip_prefix('s').unwrap_or(t);
     let mut parts = body.split('_');
     let bad = || Error::invalid_param(format!("invalid token `{t}`"));

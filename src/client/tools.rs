@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::http::{AppState, Auth, Query};
 use crate::room::timestamp;
 use crate::room::visibility::{cap, parse_readable_room_id, readable_room, ClientJudge};
+use crate::store::{events, rooms};
 
 /// `GET /_matrix/client/v1/rooms/{roomId}/timestamp_to_event?ts=&dir=`: the closest event the user may see; when
 /// our answer borders history we do not hold (or there is none), the other servers in the room are asked and a
@@ -43,9 +44,16 @@ pub async fn timestamp_to_event(
     let mut answer = local;
     if !servers.is_empty() {
         let remote = crate::federation::query::remote_timestamp_to_event(&s.fed, &rid, ts, forward, &servers).await;
-        if let Some((id, at, _)) = remote {
-            if timestamp::remote_is_closer(ts, forward, at, answer.as_ref().map(|a| a.1)) {
-                answer = Some((id, at));
+        if let Some((id, at, server)) = remote {
+            let local_ts = answer.as_ref().map(|a| a.1);
+            if timestamp::remote_is_closer(ts, forward, at, local_ts) {
+                // Shown only once in our timeline and judged for the user like any event, at the time it carries
+                // (not the time the other server claimed).
+                if let Some(at) = remote_answer_shown(&s, &auth, &rid, &id, &server).await? {
+                    if timestamp::remote_is_closer(ts, forward, at, local_ts) {
+                        answer = Some((id, at));
+                    }
+                }
             }
         }
     }
@@ -54,6 +62,45 @@ pub async fn timestamp_to_event(
         Error::not_found(format!("Unable to find event from {ts} in {dir} direction"))
     })?;
     Ok(axum::Json(json!({"event_id": event_id, "origin_server_ts": origin_server_ts})))
+}
+
+/// The event another server answered with, if the user may see it: it is brought into our timeline first
+/// (backfilled from that server, as the spec asks, so `/context` and `/messages` can go on from it), then judged like
+/// any event the user reads (history visibility at the event, the user's membership, how far they may read the
+/// room). Its `origin_server_ts` as stored, or None when it is not to be shown (or could not be fetched).
+async fn remote_answer_shown(
+    s: &AppState,
+    auth: &Auth,
+    rid: &ruma::RoomId,
+    event_id: &str,
+    server: &str,
+) -> Result<Option<i64>> {
+    let (room, id) = (rid.to_owned(), event_id.to_owned());
+    let held = s
+        .store
+        .read(move |c| {
+            let Some(room) = rooms::room_by_id(c, room.as_str())? else { return Ok(false) };
+            Ok(events::event_by_id(c, &id)?.is_some_and(|r| r.room_nid == room.room_nid && r.stream_ordering.is_some()))
+        })
+        .await?;
+    if !held {
+        let from = [event_id.to_owned()];
+        if let Err(e) = crate::federation::backfill::backfill_from(&s.fed, rid, &from, 1, Some(server)).await {
+            tracing::info!(%server, event = event_id, error = %e, "timestamp_to_event: backfilling the answer failed");
+        }
+    }
+    let (room, id, user) = (rid.to_owned(), event_id.to_owned(), auth.user_id.clone());
+    s.store
+        .read(move |c| {
+            let (room, vis) = readable_room(c, &room, &user)?;
+            let Some(row) = events::event_by_id(c, &id)?.filter(|r| r.room_nid == room.room_nid) else {
+                return Ok(None);
+            };
+            let in_reach = row.stream_ordering.is_some_and(|p| p.0 <= cap(vis)) && !row.outlier;
+            let shown = in_reach && row.rejected.is_none() && ClientJudge::new(c, user.as_str()).may_see(&row)?;
+            Ok(shown.then_some(row.origin_server_ts))
+        })
+        .await
 }
 
 /// How long an OpenID token is valid (Synapse's default: one hour).

@@ -1,5 +1,6 @@
-//! Backfill: when `/messages` runs out of local history in a room joined over federation, fetch older events
-//! from a server in the room and place them before our timeline (negative stream positions).
+//! Backfill: when `/messages` reaches a gap in a room's history (our join into a room that began elsewhere, a
+//! backfill frontier, an event whose prev events we lack), or jump to date names an event we do not hold, fetch
+//! the events there from a server in the room and store them in the timeline below stream position 0.
 
 use ruma::RoomId;
 use serde_json::Value;
@@ -12,40 +13,61 @@ use crate::room::remote::persist_outlier;
 use crate::store::ids::{StateGroup, StreamPos};
 use crate::store::{events, members, rooms};
 
-/// Fetches up to `limit` events older than our oldest timeline event. Returns how many were stored.
-pub async fn backfill(s: &FedContext, room_id: &RoomId, limit: usize) -> Result<usize> {
-    let Some(fed) = s.federation.as_ref() else { return Ok(0) };
+/// Most events a backfill starts from in one request (`v` parameters).
+const MAX_FROM: usize = 5;
+
+/// Fetches up to `limit` events at and before `from` (timeline events whose prev events we lack, or an event another
+/// server named that we want in our timeline) from a server in the room, `prefer` first, and stores them in the
+/// timeline below stream position 0 (so `/messages` shows them in their topological place and `/sync`'s live
+/// timeline never does). Returns how many were stored.
+pub async fn backfill_from(
+    s: &FedContext,
+    room_id: &RoomId,
+    from: &[String],
+    limit: usize,
+    prefer: Option<&str>,
+) -> Result<usize> {
+    if s.federation.is_none() || from.is_empty() {
+        return Ok(0);
+    }
     let rid = room_id.to_owned();
     let me = s.identity.server_name.to_string();
     let found = s
         .store
         .read(move |c| {
             let Some(room) = rooms::room_by_id(c, rid.as_str())? else { return Ok(None) };
-            let oldest = events::oldest_timeline_event(c, room.room_nid).ok().flatten();
-            let Some((nid, oldest_id)) = oldest else { return Ok(None) };
-            // Do we lack any of its prev events in the timeline?
-            let gaps = events::prevs_missing_from_timeline(c, nid)?;
-            if gaps.is_empty() {
-                return Ok(None);
-            }
             let mut servers = members::joined_servers(c, room.room_nid)?;
             // While partial, the member list is incomplete: the servers send_join told us about count too.
             servers.extend(rooms::partial_state_servers(c, room.room_nid)?);
             servers.sort();
             servers.dedup();
             servers.retain(|x| *x != me);
-            Ok(Some((room.version, oldest_id, servers)))
+            Ok(Some((room.version, servers)))
         })
         .await?;
-    let Some((version, oldest_id, servers)) = found else { return Ok(0) };
+    let Some((version, mut servers)) = found else { return Ok(0) };
+    if let Some(p) = prefer.filter(|p| *p != s.identity.server_name.as_str()) {
+        servers.retain(|x| x != p);
+        servers.insert(0, p.to_owned());
+    }
+    let from: Vec<String> = from.iter().take(MAX_FROM).cloned().collect();
+    fetch_and_store(s, room_id, &version, &servers, &from, limit).await
+}
+
+async fn fetch_and_store(
+    s: &FedContext,
+    room_id: &RoomId,
+    version: &str,
+    servers: &[String],
+    from: &[String],
+    limit: usize,
+) -> Result<usize> {
+    let Some(fed) = s.federation.as_ref() else { return Ok(0) };
+    let vs: String = from.iter().map(|v| format!("v={}&", enc(v))).collect();
     for server in servers {
-        let path = format!(
-            "/_matrix/federation/v1/backfill/{}?v={}&limit={}",
-            enc(room_id.as_str()),
-            enc(&oldest_id),
-            limit.clamp(1, 100)
-        );
-        let answer = match fed.client.get(&server, &path).await {
+        let path =
+            format!("/_matrix/federation/v1/backfill/{}?{vs}limit={}", enc(room_id.as_str()), limit.clamp(1, 100));
+        let answer = match fed.client.get(server, &path).await {
             Ok(a) => a,
             Err(e) => {
                 tracing::info!(%server, error = %e, "backfill failed");
@@ -53,7 +75,7 @@ pub async fn backfill(s: &FedContext, room_id: &RoomId, limit: usize) -> Result<
             }
         };
         let raw = answer.get("pdus").and_then(Value::as_array).cloned().unwrap_or_default();
-        let mut pdus: Vec<crate::room::Pdu> = verify_batch(s, &version, raw)
+        let mut pdus: Vec<crate::room::Pdu> = verify_batch(s, version, raw)
             .await?
             .into_iter()
             .filter_map(|r| r.ok())

@@ -6,7 +6,7 @@ use rusqlite::Connection;
 const SCHEMA: &str = include_str!("../../schema.sql");
 
 /// Version written by `SCHEMA`. Later changes add `(version, sql)` steps to `MIGRATIONS` and bump this.
-pub const SCHEMA_VERSION: i64 = 15;
+pub const SCHEMA_VERSION: i64 = 18;
 
 /// Steps from version N-1 to N, for N > 1.
 const MIGRATIONS: &[(i64, &str)] = &[
@@ -23,7 +23,14 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (13, APPSERVICES_V13),
     (14, REPORTS_OPENID_PREVIEWS_V14),
     (15, UNREAD_V15),
+    (18, TOPOLOGICAL_V18),
 ];
+
+/// 18: timeline events in topological order (depth, then stream position), which `/messages` and `/context` page
+/// in.
+const TOPOLOGICAL_V18: &str = "
+CREATE INDEX IF NOT EXISTS events_room_topo ON events(room_nid, depth, stream_ordering) WHERE stream_ordering IS NOT NULL;
+";
 
 /// 9: which media the legacy unauthenticated endpoints no longer serve (`media.freeze_legacy`). Media stored
 /// before stays reachable through them.

@@ -59,6 +59,76 @@ fn shown_window(
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
+/// A place in a room's topological order: (depth, stream position) of an event, the order `/messages` and
+/// `/context` page in (the DAG's depth first, the stream position breaking ties, as Synapse's topological tokens).
+/// Backfilled history gets stream positions below 0 whatever its depth, so only depth puts it in its place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TopoPos {
+    pub depth: i64,
+    pub stream: i64,
+}
+
+impl TopoPos {
+    pub const MIN: TopoPos = TopoPos { depth: i64::MIN, stream: i64::MIN };
+    pub const MAX: TopoPos = TopoPos { depth: i64::MAX, stream: i64::MAX };
+}
+
+/// Which events a topological page may hold: places in (`after`, `upto`] and stream positions in
+/// (`stream_after`, `stream_upto`]. A `/sync` token bounds a page by stream position alone (as Synapse: events that
+/// arrived after it are left out whatever their depth), a `/messages` token by place, a former member's leave by
+/// stream position.
+#[derive(Clone, Copy, Debug)]
+pub struct TopoRange {
+    pub after: TopoPos,
+    pub upto: TopoPos,
+    pub stream_after: i64,
+    pub stream_upto: i64,
+}
+
+impl TopoRange {
+    pub const ALL: TopoRange =
+        TopoRange { after: TopoPos::MIN, upto: TopoPos::MAX, stream_after: i64::MIN, stream_upto: i64::MAX };
+}
+
+/// The newest `limit` shown events in `range`, newest first in topological order. One range scan of
+/// `events_room_topo`.
+pub fn topo_newest_first(conn: Db<'_>, room: RoomNid, range: TopoRange, limit: i64) -> Result<Vec<EventRow>> {
+    topo_window(conn, room, range, limit, "DESC")
+}
+
+/// The oldest `limit` shown events in `range`, oldest first in topological order.
+pub fn topo_oldest_first(conn: Db<'_>, room: RoomNid, range: TopoRange, limit: i64) -> Result<Vec<EventRow>> {
+    topo_window(conn, room, range, limit, "ASC")
+}
+
+fn topo_window(conn: Db<'_>, room: RoomNid, r: TopoRange, limit: i64, order: &'static str) -> Result<Vec<EventRow>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {EVENT_COLS} FROM events WHERE room_nid = ?1 AND stream_ordering IS NOT NULL
+         AND (depth, stream_ordering) > (?2, ?3) AND (depth, stream_ordering) <= (?4, ?5)
+         AND stream_ordering > ?6 AND stream_ordering <= ?7
+         AND rejected IS NULL AND soft_failed = 0 ORDER BY depth {order}, stream_ordering {order} LIMIT ?8"
+    ))?;
+    let rows = stmt.query_map(
+        params![room, r.after.depth, r.after.stream, r.upto.depth, r.upto.stream, r.stream_after, r.stream_upto, limit],
+        event_row,
+    )?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Of `events` (timeline events of one room), those with a prev event missing from our timeline: where our
+/// history has a gap before them (our join into a room that began elsewhere, a backfill frontier, an event that
+/// came with unknown prev events), with the prev events we lack. Indexed lookups per event, no room scan.
+pub fn gaps_before(conn: Db<'_>, events: &[EventNid]) -> Result<Vec<(EventNid, Vec<String>)>> {
+    let mut out = Vec::new();
+    for &nid in events {
+        let missing = crate::store::events::prevs_missing_from_timeline(conn, nid)?;
+        if !missing.is_empty() {
+            out.push((nid, missing));
+        }
+    }
+    Ok(out)
+}
+
 /// Shown timeline events at or after `ts` (`forward`, oldest first) or at or before it (newest first), ordered by
 /// `origin_server_ts` then topologically (depth, then stream position), skipping `offset`: the candidates of
 /// `/timestamp_to_event`.
@@ -131,6 +201,87 @@ mod tests {
         assert_eq!(ids(&oldest_first(conn.db(), room, p(0), max, 1).unwrap()), ["$1"]);
         assert!(newest_first(conn.db(), room, p(6), max, 10).unwrap().is_empty());
         assert!(newest_first(conn.db(), RoomNid(999), p(0), max, 10).unwrap().is_empty());
+    }
+
+    /// Positions and depths disagree (backfill stores what it fetches below 0, in the order it arrives): pages
+    /// follow depth, the stream position breaking ties; bounds are places in that order; `cap` bounds the stream.
+    #[test]
+    fn topological_pages_follow_depth_then_stream() {
+        let conn = memory_db();
+        let room = timeline(conn.db());
+        // (id, depth, stream): $b1 and $b2 backfilled (negative positions) but deeper than $1; $5 and $6 forked.
+        for (id, depth, stream) in [("$1", 1, 1), ("$2", 4, 2), ("$5", 5, 5), ("$6", 5, 6), ("$outlier", 9, -99)] {
+            let stream = (id != "$outlier").then_some(stream);
+            conn.db()
+                .execute(
+                    "UPDATE events SET depth = ?2, stream_ordering = ?3 WHERE event_id = ?1",
+                    params![id, depth, stream],
+                )
+                .unwrap();
+        }
+        for (id, depth, stream) in [("$b1", 2, -1), ("$b2", 3, -2)] {
+            testing::event(conn.db(), room, Ev::message(id, "@a:x", stream));
+            conn.db().execute("UPDATE events SET depth = ?2 WHERE event_id = ?1", params![id, depth]).unwrap();
+        }
+        let (min, max) = (TopoPos::MIN, TopoPos::MAX);
+        let t = |depth, stream| TopoPos { depth, stream };
+        let range = |after, upto, stream_upto| TopoRange { after, upto, stream_upto, ..TopoRange::ALL };
+        let back = |after, upto, cap, limit| {
+            ids(&topo_newest_first(conn.db(), room, range(after, upto, cap), limit).unwrap()).join(",")
+        };
+        let fwd = |after, upto, cap, limit| {
+            ids(&topo_oldest_first(conn.db(), room, range(after, upto, cap), limit).unwrap()).join(",")
+        };
+        assert_eq!(back(min, max, i64::MAX, 10), "$6,$5,$2,$b2,$b1,$1");
+        assert_eq!(fwd(min, max, i64::MAX, 10), "$1,$b1,$b2,$2,$5,$6");
+        assert_eq!(back(min, t(5, 5), i64::MAX, 2), "$5,$2", "at or before the place");
+        assert_eq!(back(min, t(5, 4), i64::MAX, 2), "$2,$b2", "just before $5");
+        assert_eq!(fwd(t(3, -2), max, i64::MAX, 2), "$2,$5", "after the place");
+        assert_eq!(back(t(2, -1), max, i64::MAX, 10), "$6,$5,$2,$b2", "down to `after`, exclusive");
+        assert_eq!(back(min, max, 2, 10), "$2,$b2,$b1,$1", "stream positions up to the cap");
+        let since = |stream_after| TopoRange { stream_after, ..TopoRange::ALL };
+        assert_eq!(
+            ids(&topo_oldest_first(conn.db(), room, since(1), 10).unwrap()).join(","),
+            "$2,$5,$6",
+            "after a position"
+        );
+    }
+
+    /// The page reads are one range scan of the topological index, never a sort of the room.
+    #[test]
+    fn topological_pages_scan_the_index() {
+        let conn = memory_db();
+        for order in ["DESC", "ASC"] {
+            let plan: Vec<String> = conn
+                .db()
+                .prepare(&format!(
+                    "EXPLAIN QUERY PLAN SELECT {EVENT_COLS} FROM events WHERE room_nid = ?1 AND stream_ordering IS NOT NULL
+                     AND (depth, stream_ordering) > (?2, ?3) AND (depth, stream_ordering) <= (?4, ?5)
+                     AND stream_ordering > ?6 AND stream_ordering <= ?7 AND rejected IS NULL AND soft_failed = 0
+                     ORDER BY depth {order}, stream_ordering {order} LIMIT ?8"
+                ))
+                .unwrap()
+                .query_map(params![1, 0, 0, 9, 9, 0, 9, 10], |r| r.get::<_, String>(3))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap();
+            let plan = plan.join("; ");
+            assert!(plan.contains("USING INDEX events_room_topo (room_nid=? AND (depth,stream_ordering)>"), "{plan}");
+            assert!(!plan.contains("TEMP B-TREE"), "{plan}");
+        }
+    }
+
+    #[test]
+    fn gaps_are_events_with_prev_events_missing_from_the_timeline() {
+        let conn = memory_db();
+        timeline(conn.db());
+        let nid = |id| crate::store::events::event_nid(conn.db(), id).unwrap().unwrap();
+        testing::edge(conn.db(), nid("$2"), "$1");
+        testing::edge(conn.db(), nid("$5"), "$2");
+        testing::edge(conn.db(), nid("$5"), "$outlier");
+        testing::edge(conn.db(), nid("$6"), "$unknown");
+        let gaps = gaps_before(conn.db(), &[nid("$1"), nid("$2"), nid("$5"), nid("$6")]).unwrap();
+        assert_eq!(gaps, vec![(nid("$5"), vec!["$outlier".to_owned()]), (nid("$6"), vec!["$unknown".to_owned()])]);
     }
 
     #[test]
