@@ -350,7 +350,8 @@ pub async fn ingest(
     }
     let identity = s.identity.clone();
     let (rid, p) = (room_id.to_owned(), pdu.clone());
-    let r = s.store.write(move |w| handle_incoming(w, &identity, &rid, &p, None)).await?;
+    let o = origin.to_owned();
+    let r = s.store.write(move |w| stored_and_relayed(w, &identity, &rid, &p, &o)).await?;
     match r {
         Incoming::Stored(_, outcome) => return Ok(format!("{outcome:?}")),
         Incoming::AlreadyKnown => return Ok("known".into()),
@@ -362,7 +363,8 @@ pub async fn ingest(
     }
     let identity = s.identity.clone();
     let (rid, p) = (room_id.to_owned(), pdu.clone());
-    let missing = match s.store.write(move |w| handle_incoming(w, &identity, &rid, &p, None)).await? {
+    let o = origin.to_owned();
+    let missing = match s.store.write(move |w| stored_and_relayed(w, &identity, &rid, &p, &o)).await? {
         Incoming::Stored(_, outcome) => return Ok(format!("{outcome:?}")),
         Incoming::AlreadyKnown => return Ok("known".into()),
         Incoming::MissingPrevs(m) => m,

@@ -13,6 +13,7 @@ pub mod inbound;
 pub mod invite;
 pub mod join;
 pub mod keys;
+pub mod peek;
 pub mod knock;
 pub mod query;
 pub mod resync;

@@ -6,6 +6,7 @@ pub mod hierarchy;
 pub mod import;
 pub mod membership;
 pub mod partial;
+pub mod peek;
 pub mod pdu;
 pub mod power;
 pub mod presence;

@@ -6,7 +6,7 @@ use rusqlite::Connection;
 const SCHEMA: &str = include_str!("../../schema.sql");
 
 /// Version written by `SCHEMA`. Later changes add `(version, sql)` steps to `MIGRATIONS` and bump this.
-pub const SCHEMA_VERSION: i64 = 15;
+pub const SCHEMA_VERSION: i64 = 17;
 
 /// Steps from version N-1 to N, for N > 1.
 const MIGRATIONS: &[(i64, &str)] = &[
@@ -23,7 +23,24 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (13, APPSERVICES_V13),
     (14, REPORTS_OPENID_PREVIEWS_V14),
     (15, UNREAD_V15),
+    (17, PEEKS_V17),
 ];
+
+/// 17: peeking over federation (MSC2444) and local peeks (MSC2753).
+const PEEKS_V17: &str = "
+CREATE TABLE peeks_in (
+    room_nid INTEGER NOT NULL, server_name TEXT NOT NULL, peek_id TEXT NOT NULL, expires_ts INTEGER NOT NULL,
+    PRIMARY KEY (room_nid, server_name, peek_id)
+) WITHOUT ROWID;
+CREATE INDEX peeks_in_server ON peeks_in(server_name);
+CREATE TABLE peeks_out (
+    room_nid INTEGER PRIMARY KEY, server_name TEXT NOT NULL, peek_id TEXT NOT NULL, renew_ts INTEGER NOT NULL
+);
+CREATE TABLE local_peeks (
+    user_id TEXT NOT NULL, room_nid INTEGER NOT NULL, stream INTEGER NOT NULL, PRIMARY KEY (user_id, room_nid)
+) WITHOUT ROWID;
+CREATE INDEX local_peeks_room ON local_peeks(room_nid);
+";
 
 /// 9: which media the legacy unauthenticated endpoints no longer serve (`media.freeze_legacy`). Media stored
 /// before stays reachable through them.
