@@ -70,7 +70,14 @@ async fn a_peek_shows_a_remote_room_and_follows_it_until_unpeek() {
     let (a, b) = federated_pair().await;
     let alice = a.user("alice").await;
     let bob = b.user("bob").await;
+    let carol = a.user("carol").await;
     let room = world_readable_room(&alice).await;
+    // A member who never speaks (her join is older than the 20 newest events): not part of the peek.
+    carol.join(&room).await.ok();
+    for i in 0..20 {
+        alice.send_text(&room, &format!("filler {i}")).await;
+    }
+    alice.send_text(&room, "before the peek").await;
 
     let started = std::time::Instant::now();
     let r = bob.post(&peek_path(&room, &a.server_name), json!({})).await.ok();
@@ -78,6 +85,10 @@ async fn a_peek_shows_a_remote_room_and_follows_it_until_unpeek() {
     assert_eq!(r["room_id"], room);
     assert!(r.get("summary_only").is_none(), "a real peek, not a summary: {r}");
     assert_eq!(count(&a, PEEKS_IN, &room), 1, "the resident records the peek");
+    let carols = "SELECT count(*) FROM events e JOIN rooms r USING (room_nid)
+                  WHERE r.room_id = ?1 AND e.event_type = 'm.room.member' AND e.sender LIKE '@carol:%'";
+    assert_eq!(count(&b, carols, &room), 0, "members are omitted from the peek as from a lazy join");
+    assert!(count(&b, EVENTS, &room) > 0);
 
     let s = bob.sync(None, &[]).await.ok();
     let peeked = &s["rooms"]["peek"][&room];
@@ -178,8 +189,10 @@ async fn a_join_after_a_peek_keeps_the_room() {
     assert!(s["rooms"].get("peek").is_none_or(|p| p.get(&room).is_none()), "no longer peeked: {s}");
     wait_for("the resident to forget the peek", WAIT, || count(&a, PEEKS_IN, &room) == 0).await;
     let text = bob.send_text(&room, "hello from b").await;
-    wait_until("bob's message at alice", WAIT, || async { (alice.event(&room, &text).await.status == 200).then_some(()) })
-        .await;
+    wait_until("bob's message at alice", WAIT, || async {
+        (alice.event(&room, &text).await.status == 200).then_some(())
+    })
+    .await;
 }
 
 /// Limits: with one peek allowed per server, B's second room is refused and the resident holds one peek.

@@ -71,13 +71,9 @@ pub async fn peek(
             RemotePeek::Following => {}
             RemotePeek::Unsupported => {
                 // Fallback: what federation /hierarchy tells of the room, clearly not a peek.
-                let summary = crate::federation::hierarchy::remote_summary(
-                    &s.fed,
-                    Some(auth.user_id.as_str()),
-                    &room_id,
-                    &via,
-                )
-                .await?;
+                let summary =
+                    crate::federation::hierarchy::remote_summary(&s.fed, Some(auth.user_id.as_str()), &room_id, &via)
+                        .await?;
                 return Ok(axum::Json(json!({"room_id": room_id, "summary_only": true, "summary": summary})));
             }
         }

@@ -770,7 +770,8 @@ impl SyncPass<'_> {
                 continue;
             }
             let room = self.room(room_nid)?;
-            if crate::room::visibility::visibility(c, &room, &auth.user_id)? != crate::room::visibility::Visibility::All {
+            if crate::room::visibility::visibility(c, &room, &auth.user_id)? != crate::room::visibility::Visibility::All
+            {
                 continue;
             }
             let newly = since.is_some_and(|t| t.stream < began);

@@ -28,11 +28,7 @@ fn valid_peek_id(id: &str) -> bool {
 
 /// The room versions a `?ver=` query names (as for `make_join`); empty when none is named.
 fn versions(q: Option<&str>) -> Vec<String> {
-    q.unwrap_or_default()
-        .split('&')
-        .filter_map(|kv| kv.strip_prefix("ver="))
-        .map(crate::util::percent_decode)
-        .collect()
+    q.unwrap_or_default().split('&').filter_map(|kv| kv.strip_prefix("ver=")).map(crate::util::percent_decode).collect()
 }
 
 pub async fn put_peek(
@@ -50,8 +46,7 @@ pub async fn put_peek(
     let cfg = s.config.federation.clone();
     let renewal = cfg.peek_renewal_ms;
     let started = std::time::Instant::now();
-    let s2 = s.clone();
-    let answer = s
+    let started_room = s
         .store
         .write(move |w| {
             let c = w.db();
@@ -79,40 +74,57 @@ pub async fn put_peek(
                     return Err(Error::limit_exceeded(60_000));
                 }
             }
-            // Recorded before the state is read (same transaction): no event falls between the answer and the
-            // first one sent to the peeker.
+            // Recorded before the state is read (the read below starts after this commit): every event after
+            // the answer's state goes to the peeker, some maybe twice, none lost.
             peeks::upsert_in(c, room.room_nid, &origin, &peek_id, now + renewal as i64, now)?;
-            if renewing {
-                return Ok(json!({}));
-            }
-            let sg = room.current_sg.ok_or_else(|| Error::internal("no state"))?;
-            let mut latest: Option<(i64, String)> = None;
-            for nid in events::forward_extremities(c, room.room_nid)? {
-                if let Some(r) = events::event_by_nid(c, nid)? {
-                    let pos = r.stream_ordering.map_or(i64::MIN, |p| p.0);
-                    if latest.as_ref().is_none_or(|(p, _)| pos > *p) {
-                        latest = Some((pos, r.event_id));
-                    }
-                }
-            }
-            let recent = timeline::newest_first(c, room.room_nid, StreamPos(0), StreamPos(i64::MAX), RECENT_SENDERS_FROM)?;
-            let senders: Vec<String> = recent.into_iter().map(|r| r.sender).collect();
-            let wanted = super::routes::members_to_send(c, &room, sg, None, senders)?;
-            let (state, auth_chain) = super::routes::state_and_chain(c, sg, Some(&wanted), None)?;
-            Ok(json!({
-                "origin": s2.identity.server_name.as_str(),
-                "room_version": room.version,
-                "state": state,
-                "auth_chain": auth_chain,
-                "members_omitted": true,
-                "renewal_interval": renewal,
-                "latest_event_id": latest.map(|l| l.1),
-            }))
+            Ok((!renewing).then_some(room))
         })
         .await?;
+    let answer = match started_room {
+        // The MSC answers a renewal with `{}`; the interval is added so a peeker learns of a changed one.
+        None => json!({"renewal_interval": renewal}),
+        Some(room) => {
+            let s2 = s.clone();
+            s.store.read(move |c| peek_answer(c, &s2, &room, renewal)).await?
+        }
+    };
     tracing::info!(%room_id, origin = %signed.origin, state = answer["state"].as_array().map(Vec::len).unwrap_or(0),
-        ms = started.elapsed().as_millis() as u64, renewal = answer.get("state").is_none(), "peek served");
+        ms = started.elapsed().as_millis() as u64, renewing = answer.get("state").is_none(), "peek served");
     Ok(axum::Json(answer))
+}
+
+/// The answer to a new peek: the current state with members omitted, its auth chain, the latest event.
+fn peek_answer(
+    c: crate::store::Db<'_>,
+    s: &AppState,
+    room: &rooms::RoomRow,
+    renewal: u64,
+) -> Result<serde_json::Value> {
+    // The room as this read sees it: state and extremities of the same moment.
+    let room = &rooms::room_by_nid(c, room.room_nid)?.ok_or_else(|| Error::not_found("unknown room"))?;
+    let sg = room.current_sg.ok_or_else(|| Error::internal("no state"))?;
+    let mut latest: Option<(i64, String)> = None;
+    for nid in events::forward_extremities(c, room.room_nid)? {
+        if let Some(r) = events::event_by_nid(c, nid)? {
+            let pos = r.stream_ordering.map_or(i64::MIN, |p| p.0);
+            if latest.as_ref().is_none_or(|(p, _)| pos > *p) {
+                latest = Some((pos, r.event_id));
+            }
+        }
+    }
+    let recent = timeline::newest_first(c, room.room_nid, StreamPos(0), StreamPos(i64::MAX), RECENT_SENDERS_FROM)?;
+    let senders: Vec<String> = recent.into_iter().map(|r| r.sender).collect();
+    let wanted = super::routes::members_to_send(c, room, sg, None, senders)?;
+    let (state, auth_chain) = super::routes::state_and_chain(c, sg, Some(&wanted), None)?;
+    Ok(json!({
+        "origin": s.identity.server_name.as_str(),
+        "room_version": room.version,
+        "state": state,
+        "auth_chain": auth_chain,
+        "members_omitted": true,
+        "renewal_interval": renewal,
+        "latest_event_id": latest.map(|l| l.1),
+    }))
 }
 
 pub async fn delete_peek(

@@ -110,7 +110,13 @@ pub fn out_of(conn: Db<'_>, room: RoomNid) -> Result<Option<PeekOut>> {
 }
 
 fn out_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PeekOut> {
-    Ok(PeekOut { room_nid: r.get(0)?, room_id: r.get(1)?, server_name: r.get(2)?, peek_id: r.get(3)?, renew_ts: r.get(4)? })
+    Ok(PeekOut {
+        room_nid: r.get(0)?,
+        room_id: r.get(1)?,
+        server_name: r.get(2)?,
+        peek_id: r.get(3)?,
+        renew_ts: r.get(4)?,
+    })
 }
 
 /// Remote peeks due for renewal (or for their end, when nobody here looks any more).

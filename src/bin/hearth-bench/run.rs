@@ -505,15 +505,18 @@ async fn run_hearth_peek(http: &reqwest::Client, o: &Options, r: &Resident, n: u
     anyhow::ensure!(st == 200 && v.get("summary_only").is_none(), "{kind}: peek failed: {st} {v}");
     let peek_ms = t0.elapsed().as_secs_f64() * 1000.0;
     let filter = q(r#"{"room":{"state":{"lazy_load_members":true},"timeline":{"limit":20}}}"#);
-    let (st, v) = api(http, reqwest::Method::GET, &format!("{url}/_matrix/client/v3/sync?filter={filter}"), Some(&token), None)
-        .await?;
+    let (st, v) =
+        api(http, reqwest::Method::GET, &format!("{url}/_matrix/client/v3/sync?filter={filter}"), Some(&token), None)
+            .await?;
     anyhow::ensure!(st == 200 && v["rooms"]["peek"].get(&r.world.room_id).is_some(), "{kind}: not in rooms.peek: {st}");
     let shown_ms = t0.elapsed().as_secs_f64() * 1000.0;
     let body = format!("bench {kind} {}", hearth::http::random_string(6));
     let t1 = Instant::now();
-    let send = format!("{}/_matrix/client/v3/rooms/{room}/send/m.room.message/peek-{}", r.url, hearth::http::random_string(6));
+    let send =
+        format!("{}/_matrix/client/v3/rooms/{room}/send/m.room.message/peek-{}", r.url, hearth::http::random_string(6));
     let (st, v) =
-        api(http, reqwest::Method::PUT, &send, Some(&r.token), Some(json!({"msgtype": "m.text", "body": body}))).await?;
+        api(http, reqwest::Method::PUT, &send, Some(&r.token), Some(json!({"msgtype": "m.text", "body": body})))
+            .await?;
     anyhow::ensure!(st == 200, "{kind}: send at the resident failed: {st} {v}");
     let end = Instant::now() + Duration::from_secs(120);
     loop {
