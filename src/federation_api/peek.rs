@@ -63,7 +63,7 @@ pub async fn put_peek(
             if !crate::room::peek::peekable(c, &room)? {
                 return Err(Error::forbidden("only rooms with world_readable history may be peeked"));
             }
-            if !vers.is_empty() && !vers.iter().any(|v| *v == room.version) {
+            if !vers.is_empty() && !vers.contains(&room.version) {
                 return Err(Error::incompatible_room_version(&room.version));
             }
             let now = now_ms();
