@@ -235,3 +235,26 @@ async fn without_the_peek_api_a_summary_is_answered() {
     let s = bob.sync(None, &[]).await.ok();
     assert!(s["rooms"].get("peek").is_none(), "{s}");
 }
+
+/// A local user peeks a room of their own server: no federation involved, the room shows under `rooms.peek` and
+/// follows new messages; the unpeek leaves the room (which has members here) untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_room_is_peeked_without_federation() {
+    let (a, _b) = federated_pair().await;
+    let alice = a.user("alice").await;
+    let dave = a.user("dave").await;
+    let room = world_readable_room(&alice).await;
+    let r = dave.post(&peek_path(&room, &a.server_name), json!({})).await.ok();
+    assert_eq!(r["room_id"], room);
+    assert_eq!(count(&a, PEEKS_IN, &room), 0, "no federation peek for a local room");
+    let s = dave.sync(None, &[]).await.ok();
+    assert_eq!(bodies(&events_of(&s["rooms"]["peek"][&room]["timeline"])), vec!["before the peek"], "{s}");
+    let since = s["next_batch"].as_str().unwrap().to_owned();
+    alice.send_text(&room, "for dave").await;
+    peeked_message(&dave, &room, &since, "for dave").await;
+    dave.post(&unpeek_path(&room), json!({})).await.ok();
+    let s = dave.sync(None, &[]).await.ok();
+    assert!(s["rooms"].get("peek").is_none(), "{s}");
+    assert!(count(&a, EVENTS, &room) > 0, "the room stays");
+    assert_eq!(alice.messages(&room, &[("dir", "b")]).await.status, 200);
+}
