@@ -195,7 +195,8 @@ async fn a_join_after_a_peek_keeps_the_room() {
     .await;
 }
 
-/// Limits: with one peek allowed per server, B's second room is refused and the resident holds one peek.
+/// Limits: with one peek allowed per server, B's second room is refused (429, passed on to the client) and the
+/// resident holds one peek.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peeks_per_server_are_limited() {
     let (a, b) = federated_pair_with(|c| c.federation.peek_max_per_server = 1).await;
@@ -205,7 +206,7 @@ async fn peeks_per_server_are_limited() {
     let second = world_readable_room(&alice).await;
     bob.post(&peek_path(&first, &a.server_name), json!({})).await.ok();
     let r = bob.post(&peek_path(&second, &a.server_name), json!({})).await;
-    assert_ne!(r.status, 200, "{}", r.body);
+    r.assert_err(429, "M_LIMIT_EXCEEDED");
     assert_eq!(count(&a, PEEKS_IN, &first), 1);
     assert_eq!(count(&a, PEEKS_IN, &second), 0);
 }

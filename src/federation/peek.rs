@@ -100,6 +100,11 @@ pub async fn peek(s: &FedContext, room_id: &RoomId, via: &[String]) -> Result<Re
                     let _ = tokio::fs::remove_file(&file).await;
                     return Err(Error::forbidden(format!("{server} does not allow peeking into this room")));
                 }
+                if e.status() == Some(429) {
+                    // The resident's limit on peeks (per server or per room): the client may try later.
+                    let _ = tokio::fs::remove_file(&file).await;
+                    return Err(Error::limit_exceeded(60_000));
+                }
                 Err(e.into())
             }
         };
