@@ -553,3 +553,33 @@ CREATE TABLE url_previews (
     og          TEXT NOT NULL,
     expires_ts  INTEGER NOT NULL
 ) WITHOUT ROWID;
+
+-- Peeking over federation (MSC2444, unstable). Resident side: other servers following one of our world-readable
+-- rooms without a member in it; they get its new events until `expires_ts` (renewed by a new PUT) or a DELETE.
+CREATE TABLE peeks_in (
+    room_nid    INTEGER NOT NULL,
+    server_name TEXT NOT NULL,
+    peek_id     TEXT NOT NULL,
+    expires_ts  INTEGER NOT NULL,
+    PRIMARY KEY (room_nid, server_name, peek_id)
+) WITHOUT ROWID;
+CREATE INDEX peeks_in_server ON peeks_in(server_name);
+
+-- Peeking side: a remote room we follow through `server_name` for local users (no local member), renewed at
+-- `renew_ts` while anyone in `local_peeks` looks at it.
+CREATE TABLE peeks_out (
+    room_nid    INTEGER PRIMARY KEY,
+    server_name TEXT NOT NULL,
+    peek_id     TEXT NOT NULL,
+    renew_ts    INTEGER NOT NULL
+);
+
+-- Local users peeking a room (MSC2753), remote or not; `stream` is the position the peek began at (its first
+-- /sync shows the room whole).
+CREATE TABLE local_peeks (
+    user_id     TEXT NOT NULL,
+    room_nid    INTEGER NOT NULL,
+    stream      INTEGER NOT NULL,
+    PRIMARY KEY (user_id, room_nid)
+) WITHOUT ROWID;
+CREATE INDEX local_peeks_room ON local_peeks(room_nid);

@@ -226,6 +226,11 @@ pub struct Federation {
     pub dns_servers: Vec<SocketAddr>,
     /// Backoff after a failed transaction to a server: this many milliseconds times 2^failures, at most an hour.
     pub retry_base_ms: u64,
+    /// Peeks of our world-readable rooms by other servers (MSC2444, unstable): how long one lasts unless renewed
+    /// (the `renewal_interval` we answer), and how many may run per peeking server and per room.
+    pub peek_renewal_ms: u64,
+    pub peek_max_per_server: u64,
+    pub peek_max_per_room: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -331,6 +336,9 @@ impl Default for Federation {
             resolve: Default::default(),
             dns_servers: Vec::new(),
             retry_base_ms: 1000,
+            peek_renewal_ms: 3_600_000,
+            peek_max_per_server: 100,
+            peek_max_per_room: 1000,
         }
     }
 }

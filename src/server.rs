@@ -332,6 +332,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             tasks.push(tokio::spawn(crate::federation::tls::serve(listener, app, shutdown_rx.clone())));
         }
         tasks.push(tokio::spawn(crate::federation::sender::run(services.fed.clone(), shutdown_rx.clone())));
+        tasks.push(tokio::spawn(crate::federation::peek::run(services.fed.clone(), shutdown_rx.clone())));
     }
     let worker = crate::jobs::WorkerConfig {
         store: services.store.clone(),

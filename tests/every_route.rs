@@ -138,6 +138,7 @@ async fn every_served_route_answers_and_versions_lists_only_served_features() {
         ("org.matrix.e2e_cross_signing", "POST", "/_matrix/client/v3/keys/device_signing/upload"),
         ("org.matrix.msc3266", "GET", "/_matrix/client/v1/room_summary/!nosuch:localhost"),
         ("org.matrix.simplified_msc3575", "POST", "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync"),
+        ("org.matrix.msc2753", "POST", "/_matrix/client/unstable/org.matrix.msc2753/rooms/!nosuch:localhost/unpeek"),
     ];
     let fresh = s.user("bob").await;
     let versions = fresh.get("/_matrix/client/versions").await.ok();

@@ -19,7 +19,9 @@ pub async fn versions() -> impl IntoResponse {
                               // The room summary (`/room_summary`, stable in v1.15), which Element looks for here.
                               "org.matrix.msc3266": true,
                               // Simplified sliding sync (MSC4186), which Element X and matrix-rust-sdk need.
-                              "org.matrix.simplified_msc3575": true}
+                              "org.matrix.simplified_msc3575": true,
+                              // Peeking via /sync (`/peek`, `/unpeek`, `rooms.peek`), over federation too (MSC2444).
+                              "org.matrix.msc2753": true}
     }))
 }
 

@@ -10,6 +10,7 @@ pub mod format;
 pub mod keys;
 pub mod metrics;
 pub mod notifications;
+pub mod peek;
 pub mod presence;
 pub mod profile;
 pub mod push;
@@ -161,6 +162,8 @@ pub fn routes() -> Router<AppState> {
         )
         .route("/_matrix/client/v1/rooms/{room_id}/hierarchy", get(spaces::hierarchy))
         .route("/_matrix/client/v1/room_summary/{room}", get(spaces::room_summary))
+        .route("/_matrix/client/unstable/org.matrix.msc2753/peek/{room}", post(peek::peek))
+        .route("/_matrix/client/unstable/org.matrix.msc2753/rooms/{room}/unpeek", post(peek::unpeek))
         .route("/_matrix/client/unstable/im.nheko.summary/summary/{room}", get(spaces::room_summary))
         .route("/_matrix/client/unstable/im.nheko.summary/rooms/{room}/summary", get(spaces::room_summary))
         .route("/_matrix/client/v1/rooms/{room_id}/relations/{event_id}", get(relations::relations))

@@ -120,7 +120,7 @@ pub struct ReasonBody {
 }
 
 /// Resolves `!room:server` or `#alias:server` to a room id and servers that can help joining it.
-async fn resolve_room(s: &AppState, id_or_alias: &str) -> Result<(String, Vec<String>)> {
+pub(crate) async fn resolve_room(s: &AppState, id_or_alias: &str) -> Result<(String, Vec<String>)> {
     if id_or_alias.starts_with('!') {
         let id = ruma::RoomId::parse(id_or_alias).map_err(|e| Error::invalid_param(format!("invalid room id: {e}")))?;
         return Ok((id_or_alias.to_owned(), id.server_name().map(|s| vec![s.to_string()]).unwrap_or_default()));
@@ -146,7 +146,7 @@ async fn resolve_room(s: &AppState, id_or_alias: &str) -> Result<(String, Vec<St
 /// The servers to try after those the client named: an alias's resolved servers always; a room id's own server
 /// only when the client named none (as Synapse: the servers named are the ones to ask, e.g. to fail over between
 /// residents of a restricted room).
-fn add_fallback_servers(via: &mut Vec<String>, id_or_alias: &str, mut servers: Vec<String>) {
+pub(crate) fn add_fallback_servers(via: &mut Vec<String>, id_or_alias: &str, mut servers: Vec<String>) {
     if id_or_alias.starts_with('#') || via.is_empty() {
         via.append(&mut servers);
     }
@@ -186,6 +186,11 @@ pub async fn join(
         .read(move |c| match rooms::room_by_id(c, &rid)? {
             Some(r) if r.current_sg.is_some() => {
                 let servers = members::joined_servers(c, r.room_nid)?;
+                if let (Some(out), false) = (crate::store::peeks::out_of(c, r.room_nid)?, servers.contains(&me)) {
+                    // A room we only peek (MSC2444): joined through the server peeked, like a room we do not know
+                    // (the peek's state and events stay and are built on).
+                    return Ok((false, false, vec![out.server_name]));
+                }
                 let local = servers.contains(&me);
                 let remote: Vec<String> = servers.into_iter().filter(|x| *x != me).collect();
                 Ok((true, local, remote))
@@ -262,6 +267,9 @@ pub async fn join(
     }
     let rid = crate::room::parse_room_id(&room_id)?;
     crate::federation::join::remote_join(&s.fed, &auth.user_id, &rid, &via, body.reason.as_deref()).await?;
+    if let Err(e) = crate::client::peek::joined(&s, &auth.user_id, &room_id).await {
+        tracing::warn!(%room_id, error = %e, "could not end the peek of a joined room");
+    }
     Ok(axum::Json(json!({"room_id": room_id})))
 }
 
@@ -755,7 +763,20 @@ pub async fn wait_full_state(s: &AppState, room_id: &str) -> Result<()> {
     let mut stream = s.store.stream_watch();
     loop {
         let rid = room_id.to_owned();
-        let room = s.store.read(move |c| rooms::room_by_id(c, &rid)).await?;
+        let room = s
+            .store
+            .read(move |c| match rooms::room_by_id(c, &rid)? {
+                // A room we only peek has no resync to wait for: its members are those the peek brought.
+                // (a join since then records the resident's servers and queues one).
+                Some(r)
+                    if crate::store::peeks::out_of(c, r.room_nid)?.is_some()
+                        && rooms::partial_state_servers(c, r.room_nid)?.is_empty() =>
+                {
+                    Ok(None)
+                }
+                r => Ok(r),
+            })
+            .await?;
         let Some(room) = room.filter(|r| r.partial_state) else { return Ok(()) };
         if !bumped {
             let nid = room.room_nid;

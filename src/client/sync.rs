@@ -764,6 +764,41 @@ impl SyncPass<'_> {
         Ok(join)
     }
 
+    /// Rooms peeked (MSC2753: `rooms.peek`, shaped as joined rooms): timeline and state (lazily loaded members as
+    /// the filter asks), in full the first time after the peek began, then what is new. A room no longer readable
+    /// (its history stopped being world-readable) is left out.
+    fn peeked(&self) -> Result<serde_json::Map<String, Value>> {
+        let (c, auth, filter, since) = (self.c, self.auth, self.filter, self.since);
+        let mut peek = serde_json::Map::new();
+        for (room_nid, room_id, began) in crate::store::peeks::rooms_peeked_by(c, auth.user_id.as_str())? {
+            if !filter.room_allowed(&room_id) {
+                continue;
+            }
+            let room = self.room(room_nid)?;
+            if crate::room::visibility::visibility(c, &room, &auth.user_id)? != crate::room::visibility::Visibility::All
+            {
+                continue;
+            }
+            let newly = since.is_some_and(|t| t.stream < began);
+            let window_since = if newly { None } else { self.since_stream() };
+            let mut rs =
+                room_window(c, auth, &room, filter, window_since, self.pos.stream, self.full_state, self.sent)?;
+            rs.timeline.retain(|e| !self.is_ignored(e));
+            if since.is_some() && !self.full_state && !newly && rs.timeline.is_empty() && rs.state.is_empty() {
+                continue;
+            }
+            peek.insert(
+                room_id.clone(),
+                json!({
+                    "timeline": {"events": rs.timeline, "limited": rs.limited, "prev_batch": rs.prev_batch},
+                    "state": {"events": rs.state},
+                    "summary": room_summary(c, &room, auth.user_id.as_str())?,
+                }),
+            );
+        }
+        Ok(peek)
+    }
+
     /// Typing (when it changed since the token) and receipts of a joined room, as the filter allows. A room new to
     /// this sync (`newly`: joined in the window, or shown once its partial-state join completed) gets every receipt,
     /// not just those that moved in the window: the client has none of them yet.
@@ -999,12 +1034,14 @@ fn build(
     let pass = SyncPass { c, auth, filter, since, pos, full_state, typing, sent, presence, ignored, changed };
 
     let (join, invite, leave, knock) = (pass.joined()?, pass.invited()?, pass.left()?, pass.knocked()?);
+    let peek = pass.peeked()?;
     let account_data = pass.account_data()?;
     let to_device = pass.to_device()?;
     let presence = pass.presence()?;
     let (dl_changed, dl_left) = pass.device_lists()?;
     let (otk_counts, fallback_types) = pass.key_counts()?;
     let empty = join.is_empty()
+        && peek.is_empty()
         && invite.is_empty()
         && leave.is_empty()
         && knock.is_empty()
@@ -1023,5 +1060,10 @@ fn build(
         "device_one_time_keys_count": otk_counts,
         "device_unused_fallback_key_types": fallback_types,
     });
+    let mut body = body;
+    if !peek.is_empty() {
+        // Only when there are peeked rooms: MSC2753 is unstable, and clients without it see nothing new.
+        body["rooms"]["peek"] = Value::Object(peek);
+    }
     Ok((body, empty))
 }

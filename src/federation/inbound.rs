@@ -337,6 +337,24 @@ pub enum OnUnknownState {
     UseCurrentState,
 }
 
+/// [`handle_incoming`], and an accepted event relayed to the servers peeking the room (MSC2444), in the same
+/// transaction.
+fn stored_and_relayed(
+    w: &mut crate::store::Writer<'_>,
+    identity: &crate::room::Identity,
+    room_id: &RoomId,
+    pdu: &Pdu,
+    origin: &str,
+) -> Result<Incoming> {
+    let r = handle_incoming(w, identity, room_id, pdu, None)?;
+    if let Incoming::Stored(_, crate::room::append::Outcome::Accepted) = &r {
+        if let Some(room) = rooms::room_by_id(w.db(), room_id.as_str())? {
+            crate::room::peek::relay_remote_event(w.db(), room.room_nid, pdu, origin, identity.server_name.as_str())?;
+        }
+    }
+    Ok(r)
+}
+
 /// Handles one verified PDU that belongs in the timeline, fetching missing prev events from `origin` once.
 pub async fn ingest(
     s: &FedContext,
@@ -350,7 +368,8 @@ pub async fn ingest(
     }
     let identity = s.identity.clone();
     let (rid, p) = (room_id.to_owned(), pdu.clone());
-    let r = s.store.write(move |w| handle_incoming(w, &identity, &rid, &p, None)).await?;
+    let o = origin.to_owned();
+    let r = s.store.write(move |w| stored_and_relayed(w, &identity, &rid, &p, &o)).await?;
     match r {
         Incoming::Stored(_, outcome) => return Ok(format!("{outcome:?}")),
         Incoming::AlreadyKnown => return Ok("known".into()),
@@ -362,7 +381,8 @@ pub async fn ingest(
     }
     let identity = s.identity.clone();
     let (rid, p) = (room_id.to_owned(), pdu.clone());
-    let missing = match s.store.write(move |w| handle_incoming(w, &identity, &rid, &p, None)).await? {
+    let o = origin.to_owned();
+    let missing = match s.store.write(move |w| stored_and_relayed(w, &identity, &rid, &p, &o)).await? {
         Incoming::Stored(_, outcome) => return Ok(format!("{outcome:?}")),
         Incoming::AlreadyKnown => return Ok("known".into()),
         Incoming::MissingPrevs(m) => m,

@@ -240,6 +240,22 @@ async fn store_join_answer(
         .ok_or_else(|| Error::internal("no join event"))?
         .map_err(|e| Error::internal(format!("our join event is invalid: {e}")))?;
 
+    let state_ids = store_state_file(s, server, room_id, room_version, file, "send_join").await?;
+    Ok(JoinAnswer { partial: head.members_omitted, join_pdu, state_ids, servers_in_room: head.servers_in_room })
+}
+
+/// Verifies and stores (as outliers, in batches: bounded memory whatever the room's size) the `auth_chain` and
+/// `state` of a downloaded answer (`what`: `send_join`, a peek), creating the room's row if needed; every signing
+/// key it needs is fetched in one go first. Events that fail verification are dropped; returns the state ids
+/// stored.
+pub(crate) async fn store_state_file(
+    s: &FedContext,
+    server: &str,
+    room_id: &RoomId,
+    room_version: &str,
+    file: &std::path::Path,
+    what: &str,
+) -> Result<Vec<String>> {
     let (rid, ver) = (room_id.to_owned(), room_version.to_owned());
     s.store
         .write(move |w| {
@@ -251,8 +267,8 @@ async fn store_join_answer(
         .await?;
     let pipeline = Pipeline { remote: Remote::of(s)?, room_id, room_version, background: false };
     pipeline.prefetch_keys(file, &["state", "auth_chain"]).await;
-    // The auth chain first, then the state (whose ids are the room's state at our join).
-    let unreadable = |e: String| Error::bad_json(format!("{server}: unreadable send_join answer: {e}"));
+    // The auth chain first, then the state (whose ids are the room's state).
+    let unreadable = |e: String| Error::bad_json(format!("{server}: unreadable {what} answer: {e}"));
     let chain = pipeline.from_file(file, &["auth_chain"]).await?;
     if let Some(e) = chain.source_error {
         return Err(unreadable(e));
@@ -261,10 +277,5 @@ async fn store_join_answer(
     if let Some(e) = state.source_error {
         return Err(unreadable(e));
     }
-    Ok(JoinAnswer {
-        partial: head.members_omitted,
-        join_pdu,
-        state_ids: state.ids,
-        servers_in_room: head.servers_in_room,
-    })
+    Ok(state.ids)
 }

@@ -14,6 +14,7 @@ pub mod invite;
 pub mod join;
 pub mod keys;
 pub mod knock;
+pub mod peek;
 pub mod query;
 pub mod resync;
 pub mod sender;

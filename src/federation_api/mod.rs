@@ -3,6 +3,7 @@
 //! layer; the router merges the media repository's federation routes beside these.
 
 mod hierarchy;
+mod peek;
 mod routes;
 mod tools;
 

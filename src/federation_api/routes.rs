@@ -56,6 +56,10 @@ pub fn routes() -> Router<AppState> {
         .route("/_matrix/federation/v1/hierarchy/{room_id}", get(super::hierarchy::hierarchy))
         .route("/_matrix/federation/v1/timestamp_to_event/{room_id}", get(super::tools::timestamp_to_event))
         .route("/_matrix/federation/v1/openid/userinfo", get(super::tools::openid_userinfo))
+        .route(
+            "/_matrix/federation/unstable/org.matrix.msc2444/peek/{room_id}/{peek_id}",
+            put(super::peek::put_peek).delete(super::peek::delete_peek),
+        )
 }
 
 async fn key_server(State(s): State<AppState>) -> Result<impl IntoResponse> {
@@ -401,6 +405,10 @@ async fn accept_membership(
             // Tell the other servers in the room (not the one that asked; it already has it).
             let room = rooms::room_by_id(w.db(), rid.as_str())?.ok_or_else(|| Error::internal("room vanished"))?;
             let mut dests = members::joined_servers(w.db(), room.room_nid)?;
+            // Servers peeking the room (MSC2444) see who joins and leaves too.
+            dests.extend(crate::store::peeks::peeking_servers(w.db(), room.room_nid, now_ms())?);
+            dests.sort();
+            dests.dedup();
             dests.retain(|d| d != &o && d != identity.server_name.as_str());
             crate::store::outbox::enqueue_pdu_to(w.db(), p.event_id.as_str(), &dests)?;
             Ok((stored, t.elapsed() - stored))
@@ -462,53 +470,9 @@ fn send_join_answer(c: Db<'_>, s: &AppState, room: &RoomRow, join: &crate::room:
         Ok(sg) => sg,
         Err(_) => room.current_sg.ok_or_else(|| Error::internal("no state"))?,
     };
-    // With omit_members: the non-member state from one query, plus a handful of looked-up memberships.
-    let mut state: Vec<(EventNid, String)> =
-        state_groups::state_event_ids(c, sg, if omit { Some("m.room.member") } else { None })?;
-    if omit {
-        let joiner = join.sender.as_str();
-        let mut wanted: Vec<String> = vec![joiner.to_owned()];
-        let named = crate::room::state_content(c, sg, "m.room.name", "")?.is_some()
-            || crate::room::state_content(c, sg, "m.room.canonical_alias", "")?.is_some();
-        if !named {
-            wanted.extend(members::some_members_except(c, room.room_nid, joiner, 5)?);
-        }
-        for user in wanted {
-            if let Some(skn) = state_groups::find_state_key_nid(c, "m.room.member", &user)? {
-                if let Some(nid) = state_groups::lookup_state(c, sg, skn)? {
-                    if let Some(r) = events::event_by_nid(c, nid)? {
-                        state.push((nid, r.event_id));
-                    }
-                }
-            }
-        }
-    }
-    let state_nids: HashSet<EventNid> = state.iter().map(|x| x.0).collect();
-    let mut starts: Vec<EventNid> = state_nids.iter().copied().collect();
-    if let Some(j) = events::event_nid(c, join.event_id.as_str())? {
-        starts.push(j);
-    }
-    let chain = events::auth_chain_nids(c, &starts)?;
     let join_nid = events::event_nid(c, join.event_id.as_str())?;
-    let mut state_json = Vec::with_capacity(state.len());
-    for (nid, _) in &state {
-        if let Some(j) = events::json_of(c, *nid)? {
-            state_json.push(serde_json::from_str::<Value>(&j)?);
-        }
-    }
-    let mut auth_json = Vec::new();
-    for nid in chain {
-        // The starts are in the chain too: leave out the join itself, and (with omit) what `state` already has.
-        if Some(nid) == join_nid || (state_nids.contains(&nid) && (omit || !starts.contains(&nid))) {
-            continue;
-        }
-        if state_nids.contains(&nid) {
-            continue;
-        }
-        if let Some(j) = events::json_of(c, nid)? {
-            auth_json.push(serde_json::from_str::<Value>(&j)?);
-        }
-    }
+    let wanted = if omit { members_to_send(c, room, sg, Some(join.sender.as_str()), Vec::new())? } else { Vec::new() };
+    let (state_json, auth_json) = state_and_chain(c, sg, omit.then_some(wanted.as_slice()), join_nid)?;
     let servers = servers_before_join(c, s, room, join)?;
     let mut out = json!({
         "origin": s.identity.server_name.as_str(),
@@ -524,6 +488,70 @@ fn send_join_answer(c: Db<'_>, s: &AppState, room: &RoomRow, join: &crate::room:
         out["event"] = serde_json::to_value(&join.json)?;
     }
     Ok(out)
+}
+
+/// The members a lazy answer (an `omit_members` join, a peek) carries: `first` (the joiner), the heroes when the
+/// room has no name or alias (clients name it after them), and `also` (a peek: the senders of recent events).
+pub(super) fn members_to_send(
+    c: Db<'_>,
+    room: &RoomRow,
+    sg: StateGroup,
+    first: Option<&str>,
+    also: Vec<String>,
+) -> Result<Vec<String>> {
+    let mut wanted: Vec<String> = first.map(str::to_owned).into_iter().collect();
+    let named = crate::room::state_content(c, sg, "m.room.name", "")?.is_some()
+        || crate::room::state_content(c, sg, "m.room.canonical_alias", "")?.is_some();
+    if !named {
+        wanted.extend(members::some_members_except(c, room.room_nid, first.unwrap_or(""), 5)?);
+    }
+    wanted.extend(also);
+    let mut seen = HashSet::new();
+    wanted.retain(|u| seen.insert(u.clone()));
+    Ok(wanted)
+}
+
+/// The state at `sg` and its auth chain as JSON. With `omit = Some(members)` the member half is left out but for
+/// `members`' own memberships (one query for the rest, a lookup per member: never the whole member list). The
+/// chain also covers `extra` (a join), which itself is left out of both.
+pub(super) fn state_and_chain(
+    c: Db<'_>,
+    sg: StateGroup,
+    omit: Option<&[String]>,
+    extra: Option<EventNid>,
+) -> Result<(Vec<Value>, Vec<Value>)> {
+    let mut state: Vec<(EventNid, String)> =
+        state_groups::state_event_ids(c, sg, if omit.is_some() { Some("m.room.member") } else { None })?;
+    for user in omit.unwrap_or_default() {
+        if let Some(skn) = state_groups::find_state_key_nid(c, "m.room.member", user)? {
+            if let Some(nid) = state_groups::lookup_state(c, sg, skn)? {
+                if let Some(r) = events::event_by_nid(c, nid)? {
+                    state.push((nid, r.event_id));
+                }
+            }
+        }
+    }
+    let state_nids: HashSet<EventNid> = state.iter().map(|x| x.0).collect();
+    let mut starts: Vec<EventNid> = state_nids.iter().copied().collect();
+    starts.extend(extra);
+    let chain = events::auth_chain_nids(c, &starts)?;
+    let mut state_json = Vec::with_capacity(state.len());
+    for (nid, _) in &state {
+        if let Some(j) = events::json_of(c, *nid)? {
+            state_json.push(serde_json::from_str::<Value>(&j)?);
+        }
+    }
+    let mut auth_json = Vec::new();
+    for nid in chain {
+        // The starts are in the chain too: leave out `extra` itself and what `state` already has.
+        if Some(nid) == extra || state_nids.contains(&nid) {
+            continue;
+        }
+        if let Some(j) = events::json_of(c, nid)? {
+            auth_json.push(serde_json::from_str::<Value>(&j)?);
+        }
+    }
+    Ok((state_json, auth_json))
 }
 
 async fn send_join_v2(

@@ -262,6 +262,7 @@ pub fn append_local_or_invite(
         identity.server_name.as_str(),
         &extra,
     )?;
+    crate::room::peek::end_if_hidden(w.db(), room.room_nid)?;
     Ok(LocalOutcome::Appended(appended))
 }
 

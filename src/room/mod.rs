@@ -8,6 +8,7 @@ pub mod import;
 pub mod membership;
 pub mod partial;
 pub mod pdu;
+pub mod peek;
 pub mod power;
 pub mod presence;
 pub mod remote;

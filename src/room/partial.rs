@@ -250,6 +250,52 @@ pub fn begin(w: &mut Writer<'_>, identity: &Identity, j: &JoinedState<'_>) -> Re
     Ok(())
 }
 
+/// A verified peek answer (MSC2444) whose state events are stored as outliers: what [`begin_peek`] makes a room of.
+pub struct PeekedState<'a> {
+    pub room_id: &'a str,
+    pub room_version: &'a str,
+    /// The resident's latest event (its state is the answer's state), shown as the start of the timeline.
+    pub latest: Option<&'a Pdu>,
+    pub state_ids: &'a [String],
+}
+
+/// Makes a peeked room of a peek answer: one root group of the given state, marked partial (the members were
+/// omitted), the room flagged partial so that no other server is ever answered from it, and the resident's latest
+/// event on top (the room's only extremity, so the events the resident sends next build on it). No member of ours,
+/// no resync (a peek needs no member list), no servers recorded: nothing makes us look like a server in the room.
+/// A room whose state we already hold is left as it is. One transaction.
+pub fn begin_peek(w: &mut Writer<'_>, identity: &Identity, p: &PeekedState<'_>) -> Result<()> {
+    let conn = w.db();
+    let rules = version::rules(p.room_version)?;
+    let room_nid = match rooms::room_by_id(conn, p.room_id)? {
+        Some(r) if r.current_sg.is_some() => return Ok(()),
+        Some(r) => r.room_nid,
+        None => rooms::insert_room(conn, p.room_id, p.room_version)?,
+    };
+    rs::set_room_partial(conn, room_nid, true)?;
+    let room = rooms::room_by_nid(conn, room_nid)?.ok_or_else(|| Error::internal("room vanished"))?;
+    let mut map = HashMap::new();
+    for id in p.state_ids {
+        if let Some(row) = events::event_by_id(conn, id)? {
+            if let (Some(skn), true) = (row.state_key_nid, row.room_nid == room_nid) {
+                map.insert(skn, row.event_nid);
+            }
+        }
+    }
+    let sg = state::write_full(conn, room_nid, &map)?;
+    rs::set_group_partial(conn, sg, true)?;
+    events::clear_extremities(conn, room_nid)?;
+    match p.latest {
+        // The latest event is judged by the resident's word (it is in the state we were given, or sent after it):
+        // its auth events were checked with the rest of the answer.
+        Some(latest) => {
+            persist(w, identity, &room, &rules, latest, Some(sg), Outcome::Accepted, None)?;
+        }
+        None => rooms::set_current_sg(conn, room_nid, sg)?,
+    }
+    Ok(())
+}
+
 // ------------------------------------------------------------------------------------------------------------
 // Ids and auth
 

@@ -326,7 +326,7 @@ pub fn state_at_token(conn: Db<'_>, room: &RoomRow, user_id: &UserId, pos: i64) 
 // Other servers
 
 /// Whether `server` may read the room over federation (`/backfill`, `/event`, `/get_missing_events`, `/state`,
-/// `/state_ids`, `/event_auth`): one of its users is joined now (Synapse's `is_host_in_room`). A server whose
+/// `/state_ids`, `/event_auth`): one of its users is joined now (Synapse's `is_host_in_room`), or it peeks it. A server whose
 /// users only knocked, were invited, left or were banned may not. While our own join is partial we may not know
 /// every member: then the servers the resident listed at our join count too (Synapse's
 /// `get_current_hosts_in_room_or_partial_state_approximation`).
@@ -337,7 +337,8 @@ pub fn server_may_read_room(conn: Db<'_>, room: &RoomRow, server: &str) -> Resul
     if room.partial_state {
         return Ok(rooms::partial_state_servers(conn, room.room_nid)?.iter().any(|s| s == server));
     }
-    Ok(false)
+    // A server peeking the room (MSC2444) fetches its missing events and backfills like a member's would.
+    crate::store::peeks::is_peeking(conn, room.room_nid, server, crate::store::accounts::now_ms())
 }
 
 /// Judges events for another server (Synapse's `filter_events_for_server`): an event is visible in full unless the

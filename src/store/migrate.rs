@@ -23,8 +23,25 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (13, APPSERVICES_V13),
     (14, REPORTS_OPENID_PREVIEWS_V14),
     (15, UNREAD_V15),
+    (17, PEEKS_V17),
     (18, TOPOLOGICAL_V18),
 ];
+
+/// 17: peeking over federation (MSC2444) and local peeks (MSC2753).
+const PEEKS_V17: &str = "
+CREATE TABLE IF NOT EXISTS peeks_in (
+    room_nid INTEGER NOT NULL, server_name TEXT NOT NULL, peek_id TEXT NOT NULL, expires_ts INTEGER NOT NULL,
+    PRIMARY KEY (room_nid, server_name, peek_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS peeks_in_server ON peeks_in(server_name);
+CREATE TABLE IF NOT EXISTS peeks_out (
+    room_nid INTEGER PRIMARY KEY, server_name TEXT NOT NULL, peek_id TEXT NOT NULL, renew_ts INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS local_peeks (
+    user_id TEXT NOT NULL, room_nid INTEGER NOT NULL, stream INTEGER NOT NULL, PRIMARY KEY (user_id, room_nid)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS local_peeks_room ON local_peeks(room_nid);
+";
 
 /// 18: timeline events in topological order (depth, then stream position), which `/messages` and `/context` page
 /// in.

@@ -23,6 +23,7 @@ pub mod members;
 pub mod migrate;
 pub mod notary;
 pub mod outbox;
+pub mod peeks;
 pub mod presence;
 pub mod previews;
 pub mod purge;

@@ -15,7 +15,8 @@ use crate::store::Db;
 /// since it went away, and fetches what came before with `get_missing_events` (Synapse's catch-up does the same).
 pub const CATCH_UP_AFTER_FAILURES: i64 = 3;
 
-/// Queues a PDU for every other server in the room (joined members, plus the partial-state server list).
+/// Queues a PDU for every other server in the room (joined members, plus the partial-state server list, plus
+/// servers peeking it: MSC2444).
 pub fn enqueue_pdu(
     conn: Db<'_>,
     room_nid: RoomNid,
@@ -29,6 +30,7 @@ pub fn enqueue_pdu(
         dests.push(s?);
     }
     dests.extend(extra.iter().cloned());
+    dests.extend(crate::store::peeks::peeking_servers(conn, room_nid, crate::store::accounts::now_ms())?);
     dests.sort();
     dests.dedup();
     dests.retain(|d| d != our_server);

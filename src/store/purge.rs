@@ -41,6 +41,9 @@ pub fn forget_room_state(conn: Db<'_>, room_nid: RoomNid, room_id: &str) -> Resu
         "DELETE FROM resync_state WHERE room_nid = ?1",
         "DELETE FROM jobs WHERE room_nid = ?1",
         "DELETE FROM local_membership_stream WHERE room_nid = ?1",
+        "DELETE FROM peeks_in WHERE room_nid = ?1",
+        "DELETE FROM peeks_out WHERE room_nid = ?1",
+        "DELETE FROM local_peeks WHERE room_nid = ?1",
         "UPDATE rooms SET current_sg = NULL, partial_state = 0, published = 0, joined_members = 0,
          invited_members = 0 WHERE room_nid = ?1",
     ] {

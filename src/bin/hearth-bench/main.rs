@@ -32,7 +32,7 @@ enum Command {
         /// Timeline messages in the world.
         #[arg(long, default_value_t = 200)]
         messages: usize,
-        /// Joiners: hearth-lazy, hearth-full, synapse, synapse-full.
+        /// Joiners: hearth-lazy, hearth-full, hearth-peek (a peek instead of a join: MSC2444), synapse, synapse-full.
         #[arg(long, value_delimiter = ',', default_value = "hearth-lazy,hearth-full,synapse,synapse-full")]
         joiners: Vec<String>,
         /// N = 1000 with Hearth lazy/full and Synapse partial only (CI).

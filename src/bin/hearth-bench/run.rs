@@ -458,6 +458,102 @@ async fn run_hearth(
     Ok(m)
 }
 
+/// A Hearth peeking into the room (MSC2444/MSC2753) instead of joining it: the resident's admin first makes the
+/// room's history world-readable (on this run's copy of the world). `join_ms` is the `POST /peek`, then the first
+/// `/sync` showing the room under `rooms.peek` (the time a client waits to show it), `first_message_ms` the time a
+/// message sent at the resident takes to reach the peeker's `/messages`; no member list is ever fetched.
+async fn run_hearth_peek(http: &reqwest::Client, o: &Options, r: &Resident, n: usize) -> anyhow::Result<Measure> {
+    let kind = "hearth-peek";
+    let room = q(&r.world.room_id);
+    let (st, v) = api(
+        http,
+        reqwest::Method::PUT,
+        &format!("{}/_matrix/client/v3/rooms/{room}/state/m.room.history_visibility/", r.url),
+        Some(&r.token),
+        Some(json!({"history_visibility": "world_readable"})),
+    )
+    .await?;
+    anyhow::ensure!(st == 200, "{kind}: making the room world-readable failed: {st} {v}");
+    let dir = o.dir.join(format!("run-{n}-{kind}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let (fed, cli) = (free_port()?, free_port()?);
+    let cfg = hearth_config(&dir, fed, cli, true, Some(&r.server_name))?;
+    let bin = hearth_bin()?;
+    let mut p = spawn(Command::new(&bin).arg("-c").arg(&cfg), dir.join("log"))?;
+    let url = format!("http://127.0.0.1:{cli}");
+    wait_up(http, &url, &mut p).await?;
+    let st = Command::new(&bin)
+        .arg("-c")
+        .arg(&cfg)
+        .args(["user", "create", "bench", "--password", "bench"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?;
+    anyhow::ensure!(st.success(), "creating the bench user failed");
+    let (_, login) = api(
+        http,
+        reqwest::Method::POST,
+        &format!("{url}/_matrix/client/v3/login"),
+        None,
+        Some(json!({"type": "m.login.password", "user": "bench", "password": "bench"})),
+    )
+    .await?;
+    let token = login["access_token"].as_str().unwrap_or_default().to_owned();
+    let before = resident_requests(http, r).await;
+    let t0 = Instant::now();
+    let peek_url =
+        format!("{url}/_matrix/client/unstable/org.matrix.msc2753/peek/{room}?server_name={}", q(&r.server_name));
+    let (st, v) = api(http, reqwest::Method::POST, &peek_url, Some(&token), Some(json!({}))).await?;
+    anyhow::ensure!(st == 200 && v.get("summary_only").is_none(), "{kind}: peek failed: {st} {v}");
+    let peek_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    let filter = q(r#"{"room":{"state":{"lazy_load_members":true},"timeline":{"limit":20}}}"#);
+    let (st, v) =
+        api(http, reqwest::Method::GET, &format!("{url}/_matrix/client/v3/sync?filter={filter}"), Some(&token), None)
+            .await?;
+    anyhow::ensure!(st == 200 && v["rooms"]["peek"].get(&r.world.room_id).is_some(), "{kind}: not in rooms.peek: {st}");
+    let shown_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    let body = format!("bench {kind} {}", hearth::http::random_string(6));
+    let t1 = Instant::now();
+    let send =
+        format!("{}/_matrix/client/v3/rooms/{room}/send/m.room.message/peek-{}", r.url, hearth::http::random_string(6));
+    let (st, v) =
+        api(http, reqwest::Method::PUT, &send, Some(&r.token), Some(json!({"msgtype": "m.text", "body": body})))
+            .await?;
+    anyhow::ensure!(st == 200, "{kind}: send at the resident failed: {st} {v}");
+    let end = Instant::now() + Duration::from_secs(120);
+    loop {
+        let m = format!("{url}/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=10");
+        if let Ok((200, v)) = api(http, reqwest::Method::GET, &m, Some(&token), None).await {
+            if v["chunk"].as_array().is_some_and(|c| c.iter().any(|e| e["content"]["body"] == body)) {
+                break;
+            }
+        }
+        anyhow::ensure!(Instant::now() < end, "{kind}: the resident's message never reached the peeker");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let first_message_ms = t1.elapsed().as_secs_f64() * 1000.0;
+    let (rss, cpu) = proc_usage(p.pid());
+    let after = resident_requests(http, r).await;
+    let (res_rss, _) = proc_usage(r.proc.pid());
+    let m = Measure {
+        members: n,
+        joiner: kind.to_owned(),
+        join_ms: peek_ms,
+        first_message_ms,
+        full_members_ms: 0.0,
+        peak_rss_mb: rss,
+        cpu_s: cpu,
+        db_mb: dir_db_size_mb(&dir, "hearth.db"),
+        resident_requests: after.saturating_sub(before),
+        resident_peak_rss_mb: res_rss,
+        note: format!("peek; shown in /sync after {shown_ms:.0} ms; no member list"),
+        ..Default::default()
+    };
+    p.stop();
+    Ok(m)
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn measure_join<F, Fut>(
     http: &reqwest::Client,
@@ -665,6 +761,7 @@ pub async fn join_bench(o: Options) -> anyhow::Result<()> {
             let m = match j.as_str() {
                 "hearth-lazy" => run_hearth(&http, &o, &r, n, true).await,
                 "hearth-full" => run_hearth(&http, &o, &r, n, false).await,
+                "hearth-peek" => run_hearth_peek(&http, &o, &r, n).await,
                 "synapse" => run_synapse(&http, &o, &r, n, false).await,
                 "synapse-full" => run_synapse(&http, &o, &r, n, true).await,
                 other => Err(anyhow::anyhow!("unknown joiner {other}")),
