@@ -259,3 +259,49 @@ async fn a_local_room_is_peeked_without_federation() {
     assert!(count(&a, EVENTS, &room) > 0, "the room stays");
     assert_eq!(alice.messages(&room, &[("dir", "b")]).await.status, 200);
 }
+
+/// Sliding sync (what Element X uses) shows a peeked room when the client subscribes to it by id, marked as peeked
+/// and in none of its lists, with its timeline live; after the unpeek the subscription shows nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sliding_sync_shows_a_peeked_room_through_a_subscription() {
+    const SS: &str = "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync";
+    let (a, b) = federated_pair().await;
+    let alice = a.user("alice").await;
+    let bob = b.user("bob").await;
+    let room = world_readable_room(&alice).await;
+    let body = json!({
+        "lists": {"all": {"ranges": [[0, 10]], "timeline_limit": 1}},
+        "room_subscriptions": {room.clone(): {"timeline_limit": 5, "required_state": [["m.room.name", ""]]}},
+    });
+
+    // Not peeked yet: a subscription to a room the user has nothing to do with shows nothing.
+    let r = bob.post(&format!("{SS}?timeout=0"), body.clone()).await.ok();
+    assert!(r["rooms"].get(&room).is_none(), "{r}");
+
+    bob.post(&peek_path(&room, &a.server_name), json!({})).await.ok();
+    let r = bob.post(&format!("{SS}?timeout=0"), body.clone()).await.ok();
+    let shown = &r["rooms"][&room];
+    assert_eq!(shown["org.matrix.msc2753.peeking"], true, "{r}");
+    assert_eq!(bodies(shown["timeline"].as_array().unwrap()), vec!["before the peek"], "{shown}");
+    let state = shown["required_state"].as_array().unwrap();
+    assert!(state.iter().any(|e| e["type"] == "m.room.name" && e["content"]["name"] == "Open house"), "{shown}");
+    assert_eq!(r["lists"]["all"]["count"], 0, "a peeked room is in no list: {r}");
+    let pos = r["pos"].as_str().unwrap().to_owned();
+
+    alice.send_text(&room, "while peeking").await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut pos = pos;
+    loop {
+        let r = bob.post(&format!("{SS}?timeout=500&pos={}", enc(&pos)), body.clone()).await.ok();
+        pos = r["pos"].as_str().unwrap().to_owned();
+        let timeline = r["rooms"][&room]["timeline"].as_array().cloned().unwrap_or_default();
+        if bodies(&timeline).iter().any(|b| b == "while peeking") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the new message never reached the subscription");
+    }
+
+    bob.post(&unpeek_path(&room), json!({})).await.ok();
+    let r = bob.post(&format!("{SS}?timeout=0"), body).await.ok();
+    assert!(r["rooms"].get(&room).is_none(), "after the unpeek: {r}");
+}

@@ -161,8 +161,32 @@ def outage_and_restart(lab):
     wait_for(lambda: "after outage" in bodies(H, ht, room), what="synapse message after outage")
 
 
+def peek_falls_back_to_a_summary(lab):
+    """Issue #23: Synapse has no federation peek API (MSC2444), so a Hearth user's peek (MSC2753) into a Synapse room
+    answers the room's summary from federation /hierarchy, marked summary_only, and records no peek."""
+    S, H = lab.synapse.url, lab.hearth.url
+    st, su, ht, hu = users(lab, "p")
+    room = req(S, "POST", "/_matrix/client/v3/createRoom", {
+        "preset": "public_chat", "name": "peek me", "topic": "a preview",
+        "initial_state": [{"type": "m.room.history_visibility", "state_key": "",
+                           "content": {"history_visibility": "world_readable"}}],
+    }, st)["room_id"]
+    send_text(S, st, room, "hello from synapse")
+    r = req(H, "POST", f"/_matrix/client/unstable/org.matrix.msc2753/peek/{q(room)}?server_name={q(lab.synapse.server_name)}", {}, ht)
+    assert r.get("summary_only") is True, r
+    summary = r["summary"]
+    assert summary["room_id"] == room, r
+    assert summary.get("name") == "peek me" and summary.get("topic") == "a preview", r
+    assert summary.get("num_joined_members") == 1, r
+    assert summary.get("join_rule") == "public" and summary.get("world_readable") is True, r
+    # Not a peek: nothing to sync, and the room is not followed.
+    sync = req(H, "GET", "/_matrix/client/v3/sync?timeout=0", token=ht)
+    assert room not in sync.get("rooms", {}).get("peek", {}), sync.get("rooms")
+    req(H, "GET", f"/_matrix/client/v3/rooms/{q(room)}/messages?dir=b", token=ht, ok=(403, 404))
+
+
 SCENARIOS = [hearth_joins_synapse_room, synapse_joins_hearth_room, invites_both_ways, backfill_history,
-             state_resolution_converges, outage_and_restart]
+             state_resolution_converges, outage_and_restart, peek_falls_back_to_a_summary]
 
 
 def main(names):

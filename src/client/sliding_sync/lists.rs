@@ -76,6 +76,26 @@ pub fn candidates(
     Ok(out)
 }
 
+/// A room the user peeks (MSC2753), shown when a `room_subscriptions` entry names it and its history is still
+/// world-readable; never part of a list (the user is not in it). `None` when it is not (or no longer) peekable.
+pub fn peeked(c: Db<'_>, user_id: &str, room_id: &str, upto: i64) -> Result<Option<Candidate>> {
+    let Some(room) = rooms::room_by_id(c, room_id)? else { return Ok(None) };
+    if !crate::store::peeks::rooms_peeked_by(c, user_id)?.iter().any(|(nid, _, _)| *nid == room.room_nid) {
+        return Ok(None);
+    }
+    let user = ruma::UserId::parse(user_id).map_err(|_| crate::error::Error::invalid_param("user id"))?;
+    if crate::room::visibility::visibility(c, &room, &user)? != crate::room::visibility::Visibility::All {
+        return Ok(None);
+    }
+    let mut cand = describe(c, room, PEEK, user_id, upto, &HashSet::new())?;
+    // Recency of a peeked room: its newest message, as for a joined one (the user has no membership in it).
+    cand.bump_stamp = sliding_sync::bump_stamp(c, cand.room.room_nid, StreamPos(upto))?.unwrap_or(0);
+    Ok(Some(cand))
+}
+
+/// The `membership` of a candidate the user peeks.
+pub const PEEK: &str = "peek";
+
 fn describe(
     c: Db<'_>,
     room: rooms::RoomRow,

@@ -208,7 +208,13 @@ impl Pass<'_> {
             }
         }
         let ignored = crate::client::notifications::ignored_users(c, user)?;
-        let cands = lists::candidates(c, user, self.upto, &changed, &ignored)?;
+        let mut cands = lists::candidates(c, user, self.upto, &changed, &ignored)?;
+        // Rooms the user peeks (MSC2753) come only through a subscription by id: they are in no list.
+        for room_id in self.req.room_subscriptions.keys() {
+            if !cands.iter().any(|cand| &cand.room.room_id == room_id) {
+                cands.extend(lists::peeked(c, user, room_id, self.upto)?);
+            }
+        }
         let by_id: HashMap<&str, &Candidate> = cands.iter().map(|c| (c.room.room_id.as_str(), c)).collect();
 
         // Lists: each one's rooms in order, the rooms in its ranges with the list's config.
@@ -233,7 +239,8 @@ impl Pass<'_> {
                 None => None,
             };
             let ordered = lists::sorted(&cands, |cand| {
-                list.filters.as_ref().is_none_or(|f| lists::passes(cand, f, children.as_ref(), &tags))
+                cand.membership != lists::PEEK
+                    && list.filters.as_ref().is_none_or(|f| lists::passes(cand, f, children.as_ref(), &tags))
             });
             counts.insert(name.clone(), ordered.len());
             lists_out.insert(name.clone(), json!({"count": ordered.len()}));

@@ -61,8 +61,9 @@ pub fn joined(
     let since = prev.as_ref().map(|p| p.s);
     let expanded = prev.as_ref().is_some_and(|p| config.timeline_limit > p.config.timeline_limit);
     let more_state = prev.as_ref().is_some_and(|p| !p.config.covers_state(config));
-    // A room we left is shown up to our leave.
-    let upto = if cand.membership == "join" {
+    // A room we are in (or peek: MSC2753) is shown live; a room we left up to our leave.
+    let live = cand.membership == "join" || cand.membership == super::lists::PEEK;
+    let upto = if live {
         ctx.upto
     } else {
         sliding_sync::latest_membership_pos(c, me, room.room_nid)?.unwrap_or(ctx.upto).min(ctx.upto)
@@ -89,7 +90,7 @@ pub fn joined(
 
     // The room's state as the user may see it: current for a member; at the leave for a former member; none of it
     // for a user never joined (a rejected invite, a retracted knock), as `/sync`'s `leave` section.
-    let state_of_member = cand.membership == "join";
+    let state_of_member = live;
     let sg = if state_of_member {
         room.current_sg
     } else if members::was_locally_joined(c, me, room.room_nid)? {
@@ -109,6 +110,10 @@ pub fn joined(
     });
     if since.is_none() {
         body["initial"] = json!(true);
+    }
+    if cand.membership == super::lists::PEEK {
+        // Not a joined room: say so, under MSC2753's unstable prefix (sliding sync itself has no peeking).
+        body["org.matrix.msc2753.peeking"] = json!(true);
     }
     if expanded {
         body["unstable_expanded_timeline"] = json!(true);
