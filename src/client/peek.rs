@@ -35,13 +35,7 @@ pub async fn peek(
     if s.store.read(move |c| rooms::is_blocked(c, &r)).await? {
         return Err(Error::forbidden("this room is blocked on this server"));
     }
-    let mut via: Vec<String> = q
-        .unwrap_or_default()
-        .split('&')
-        .filter_map(|kv| kv.strip_prefix("via=").or_else(|| kv.strip_prefix("server_name=")))
-        .map(crate::util::percent_decode)
-        .collect();
-    crate::client::rooms::add_fallback_servers(&mut via, &id_or_alias, servers);
+    let mut via = crate::client::rooms::via_servers(q.as_deref(), &id_or_alias, servers);
     let me = s.identity.server_name.to_string();
     let r = room_id.clone();
     let known = s

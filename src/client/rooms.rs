@@ -152,6 +152,19 @@ pub(crate) fn add_fallback_servers(via: &mut Vec<String>, id_or_alias: &str, mut
     }
 }
 
+/// The servers to ask about a room we are not in: the `via` / `server_name` query parameters (repeatable) first,
+/// then the fallbacks (`add_fallback_servers`).
+pub fn via_servers(q: Option<&str>, id_or_alias: &str, servers: Vec<String>) -> Vec<String> {
+    let mut via: Vec<String> = q
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|kv| kv.strip_prefix("via=").or_else(|| kv.strip_prefix("server_name=")))
+        .map(crate::util::percent_decode)
+        .collect();
+    add_fallback_servers(&mut via, id_or_alias, servers);
+    via
+}
+
 pub async fn join(
     State(s): State<AppState>,
     auth: Auth,
@@ -170,14 +183,7 @@ pub async fn join(
     if s.store.read(move |c| rooms::is_blocked(c, &rid)).await? {
         return Err(Error::forbidden("this room is blocked on this server"));
     }
-    // `via` / `server_name` query parameters (repeatable) come first.
-    let mut via: Vec<String> = q
-        .unwrap_or_default()
-        .split('&')
-        .filter_map(|kv| kv.strip_prefix("via=").or_else(|| kv.strip_prefix("server_name=")))
-        .map(crate::util::percent_decode)
-        .collect();
-    add_fallback_servers(&mut via, &id_or_alias, servers);
+    let mut via = via_servers(q.as_deref(), &id_or_alias, servers);
     let rid = room_id.clone();
     let me = s.identity.server_name.to_string();
     let uid = auth.user_id.clone();

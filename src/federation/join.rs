@@ -210,6 +210,23 @@ struct AnswerHead {
     event: Option<Value>,
 }
 
+/// The top-level fields `T` of a downloaded answer (`send_join`, a peek), read from the file on a blocking thread;
+/// serde skips the big arrays without keeping them.
+pub(crate) async fn read_answer_head<T: serde::de::DeserializeOwned + Send + 'static>(
+    server: &str,
+    file: &std::path::Path,
+    what: &str,
+) -> Result<T> {
+    let f = file.to_owned();
+    tokio::task::spawn_blocking(move || -> std::result::Result<T, String> {
+        let reader = std::io::BufReader::new(std::fs::File::open(&f).map_err(|e| e.to_string())?);
+        serde_json::from_reader(reader).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| Error::internal(e.to_string()))?
+    .map_err(|e| Error::bad_json(format!("{server}: unreadable {what} answer: {e}")))
+}
+
 /// Reads a downloaded `send_join` answer: fetches every signing key it needs in one go, then verifies and stores
 /// its auth chain and state as outliers in batches (bounded memory whatever the room's size). Events that fail
 /// verification are dropped, as before; the state ids kept are those stored.
@@ -221,14 +238,7 @@ async fn store_join_answer(
     file: &std::path::Path,
     our_join: Value,
 ) -> Result<JoinAnswer> {
-    let f = file.to_owned();
-    let head: AnswerHead = tokio::task::spawn_blocking(move || -> std::result::Result<AnswerHead, String> {
-        let reader = std::io::BufReader::new(std::fs::File::open(&f).map_err(|e| e.to_string())?);
-        serde_json::from_reader(reader).map_err(|e| e.to_string())
-    })
-    .await
-    .map_err(|e| Error::internal(e.to_string()))?
-    .map_err(|e| Error::bad_json(format!("{server}: unreadable send_join answer: {e}")))?;
+    let head: AnswerHead = read_answer_head(server, file, "send_join").await?;
     // Restricted joins: the resident countersigned our event and sends it back.
     let join_json = match head.event {
         Some(ev @ Value::Object(_)) => ev,

@@ -132,14 +132,7 @@ async fn store_answer(
     file: &std::path::Path,
 ) -> Result<()> {
     let fed = s.federation.as_ref().ok_or_else(|| Error::forbidden("federation is disabled"))?;
-    let f = file.to_owned();
-    let head: AnswerHead = tokio::task::spawn_blocking(move || -> std::result::Result<AnswerHead, String> {
-        let reader = std::io::BufReader::new(std::fs::File::open(&f).map_err(|e| e.to_string())?);
-        serde_json::from_reader(reader).map_err(|e| e.to_string())
-    })
-    .await
-    .map_err(|e| Error::internal(e.to_string()))?
-    .map_err(|e| Error::bad_json(format!("{server}: unreadable peek answer: {e}")))?;
+    let head: AnswerHead = crate::federation::join::read_answer_head(server, file, "peek").await?;
     let room_version = head.room_version.unwrap_or_else(|| "1".into());
     version::rules(&room_version).map_err(|_| Error::incompatible_room_version(&room_version))?;
     let state_ids = crate::federation::join::store_state_file(s, server, room_id, &room_version, file, "peek").await?;
