@@ -338,11 +338,35 @@ async fn heisenbridge_bridges_irc_both_ways_across_an_outage_and_a_restart() {
     // The bridge comes back, reconnects to IRC and rejoins the channel; then Hearth may reach it again.
     bridge = heisenbridge(d, &registration, bridge_port, &owner_id, &hearth_url, 2);
     let quits = irc.lines().iter().filter(|l| l.starts_with(":owner!") && l.contains(" QUIT")).count();
-    wait_until("the bridge back on #hearth", WAIT, || {
+    assert!(quits >= 1, "the bridge's QUIT was seen above");
+    // heisenbridge 1.15.4 now and then stalls in its own start-up reconnect: its log ends at "Init done with 1
+    // networks connecting" and no IRC connection is ever made (seen twice in about 25 runs, more often under CPU
+    // load; the cause inside the bridge is not known). A second start is a second outage from Hearth's point of view,
+    // so the test
+    // then starts the bridge once more rather than fail on the bridge's bug; what Hearth owes (every event once, in
+    // order) is checked below either way. On a second stall the bridge's log says where it stood.
+    let mut deadline = tokio::time::Instant::now() + WAIT / 2;
+    let mut restarted = false;
+    loop {
         let joins = irc.lines().iter().filter(|l| l.starts_with(":owner!") && l.contains(" JOIN ")).count();
-        std::future::ready((joins >= 2 && quits >= 1).then_some(()))
-    })
-    .await;
+        if joins >= 2 {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline && !restarted {
+            eprintln!("the bridge stalled reconnecting to IRC; starting it once more\n{}", bridge.log());
+            drop(bridge);
+            bridge = heisenbridge(d, &registration, bridge_port, &owner_id, &hearth_url, 3);
+            restarted = true;
+            deadline = tokio::time::Instant::now() + WAIT * 2;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the bridge did not come back on #hearth\n--- IRC\n{}\n--- bridge log\n{}",
+            irc.lines().join("\n"),
+            bridge.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     open.store(true, Ordering::SeqCst);
     irc.wait("the last message", |l| l.ends_with(" PRIVMSG #hearth :after the restart")).await;
     irc.send("PRIVMSG #hearth :back from irc").await;
