@@ -203,3 +203,14 @@ async fn paging_back_fills_the_gap_between_a_leave_and_a_new_join() {
     assert_eq!(members[..3], ["join", "leave", "join"], "bob's new join, his leave, his first join");
     assert_eq!(back.last().unwrap()["type"], "m.room.create");
 }
+
+/// A `/messages` token that is neither a `/sync` token nor `t{depth}_{stream}` is a 400 `M_INVALID_PARAM`.
+#[tokio::test]
+async fn malformed_page_tokens_are_refused() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let room = alice.create_room(json!({})).await;
+    for bad in ["tx_1", "t1", "t1_y", "zzz"] {
+        alice.messages(&room, &[("dir", "b"), ("from", bad)]).await.assert_err(400, "M_INVALID_PARAM");
+    }
+}

@@ -305,3 +305,14 @@ async fn sliding_sync_shows_a_peeked_room_through_a_subscription() {
     let r = bob.post(&format!("{SS}?timeout=0"), body).await.ok();
     assert!(r["rooms"].get(&room).is_none(), "after the unpeek: {r}");
 }
+
+/// Peeking something that is not a room id or alias is a 400; unpeeking a room nobody peeks is a 404.
+#[tokio::test]
+async fn bad_peek_requests_get_matrix_errors() {
+    let s = TestServer::start().await;
+    let bob = s.user("bob").await;
+    let r = bob.post(&format!("{PEEK}/peek/not-a-room"), json!({})).await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert!(r.body["errcode"].as_str().is_some_and(|e| e.starts_with("M_")), "{}", r.text);
+    bob.post(&unpeek_path("!nothing:localhost"), json!({})).await.assert_err(404, "M_NOT_FOUND");
+}
