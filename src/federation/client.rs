@@ -806,6 +806,28 @@ impl FedClient {
         Ok((headers, body.freeze()))
     }
 
+    /// Whether `destination` answers HTTP at all: an unsigned `GET /_matrix/federation/v1/version` (any status
+    /// counts as an answer). The sender asks this before building and signing a transaction for a server whose
+    /// last ones failed: a big room has thousands of servers that are gone, and a refused connection is then all
+    /// a retry costs, not a signed body of up to 50 PDUs.
+    pub async fn answers(&self, destination: &str) -> bool {
+        if destination == self.identity.server_name.as_str() {
+            return false;
+        }
+        let Ok(target) = self.target(destination).await else { return false };
+        let sent = self
+            .http
+            .get(format!("{}/_matrix/federation/v1/version", target.base_url))
+            .header(reqwest::header::HOST, target.host_header.clone())
+            .timeout(Duration::from_secs(20))
+            .send()
+            .await;
+        if sent.is_err() {
+            self.targets.lock().unwrap_or_else(|e| e.into_inner()).remove(destination);
+        }
+        sent.is_ok()
+    }
+
     pub async fn get(&self, destination: &str, path_and_query: &str) -> Result<Value, FedError> {
         self.request(reqwest::Method::GET, destination, path_and_query, None).await
     }

@@ -87,8 +87,13 @@ pub async fn server_is_up(store: &crate::store::Store, origin: &str) {
     }
 }
 
+/// Destinations whose transactions are being built and sent at once: each holds up to 50 PDUs in memory, so a
+/// fan-out to thousands of servers goes out this many at a time rather than all at once.
+pub const SENDING_AT_ONCE: usize = 128;
+
 pub async fn run(s: Arc<FedContext>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let in_flight: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let sending = Arc::new(tokio::sync::Semaphore::new(SENDING_AT_ONCE));
     let (ack_tx, ack_rx) = mpsc::unbounded_channel::<Ack>();
     tokio::spawn(ack_flusher(s.clone(), ack_rx));
     // Woken by every commit that moved the stream (new events and EDUs are queued in such commits), and at least
@@ -104,9 +109,11 @@ pub async fn run(s: Arc<FedContext>, mut shutdown: tokio::sync::watch::Receiver<
                     if !in_flight.lock().unwrap_or_else(|e| e.into_inner()).insert(d.clone()) {
                         continue;
                     }
-                    let (s2, flight, acks) = (s.clone(), in_flight.clone(), ack_tx.clone());
+                    let (s2, flight, acks, sending) = (s.clone(), in_flight.clone(), ack_tx.clone(), sending.clone());
                     tokio::spawn(async move {
-                        drain(&s2, &d, &acks).await;
+                        if let Ok(_turn) = sending.acquire().await {
+                            drain(&s2, &d, &acks).await;
+                        }
                         flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&d);
                     });
                 }
@@ -124,6 +131,15 @@ pub async fn run(s: Arc<FedContext>, mut shutdown: tokio::sync::watch::Receiver<
 /// Sends transactions to one destination until its queue is empty or it fails.
 async fn drain(s: &FedContext, destination: &str, acks: &mpsc::UnboundedSender<Ack>) {
     let Some(fed) = s.federation.as_ref() else { return };
+    // A destination whose last transactions failed is first asked whether it answers at all (unsigned, no body):
+    // most such servers are gone for good, and a refused connection is all their retry then costs.
+    let d = destination.to_owned();
+    let failing = s.store.read_background(move |c| outbox::failures(c, &d)).await.unwrap_or(0) > 0;
+    if failing && !fed.client.answers(destination).await {
+        tracing::info!(destination, "destination still unreachable");
+        let _ = record(acks, destination, Outcome::Failed).await;
+        return;
+    }
     loop {
         let (d, ours) = (destination.to_owned(), s.identity.server_name.to_string());
         let batch = match s.store.read_background(move |c| outbox::next_batch(c, &d, &ours)).await {

@@ -193,6 +193,15 @@ pub fn backing_off(conn: Db<'_>, destination: &str, now: i64) -> Result<bool> {
         .exists(params![destination, now])?)
 }
 
+/// How many transactions to `destination` failed in a row (0: none, or it answered since).
+pub fn failures(conn: Db<'_>, destination: &str) -> Result<i64> {
+    Ok(conn
+        .prepare_cached("SELECT failures FROM destinations WHERE destination = ?1")?
+        .query_row([destination], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0))
+}
+
 /// `destination` is up (it just called us): its backoff ends now. Its failure count and catch-up mark stay, so a
 /// destination in catch-up still catches up, at once. Returns whether a backoff was ended.
 pub fn end_backoff(conn: Db<'_>, destination: &str, now: i64) -> Result<bool> {
