@@ -166,14 +166,7 @@ pub async fn run_worker(cfg: WorkerConfig, kinds: Registry, mut shutdown: tokio:
                 started.elapsed()
             }
         };
-        // Duty cycle: after working `took`, rest long enough that work is at most `duty` of wall time —
-        // unless no client request is waiting, then keep going at full speed.
-        let duty = cfg.duty_cycle;
-        let rest = if (cfg.users_active)() {
-            took.mul_f64((1.0 - duty) / duty).min(Duration::from_secs(5))
-        } else {
-            Duration::ZERO
-        };
+        let rest = if (cfg.users_active)() { rest_after(took, cfg.duty_cycle, cfg.step) } else { Duration::ZERO };
         if !rest.is_zero() {
             tokio::select! {
                 _ = tokio::time::sleep(rest) => {}
@@ -181,6 +174,15 @@ pub async fn run_worker(cfg: WorkerConfig, kinds: Registry, mut shutdown: tokio:
             }
         }
     }
+}
+
+/// Duty cycle: after a step that worked `took`, rest long enough that work is at most `duty` of wall time while
+/// users are active, but never more than a few target steps: the rest is there so that users' requests get the CPU
+/// and the writer between steps, and one long step (a resync's whole `/state` download, which yields the writer
+/// between its batches anyway) needs no longer pause than a normal one. Resting 5 s after such a step only
+/// delayed the room's completion (bench/PROFILE.md).
+pub fn rest_after(took: Duration, duty: f64, step: Duration) -> Duration {
+    took.mul_f64((1.0 - duty) / duty).min(step * 4)
 }
 
 /// Books a step's outcome: a finished job is deleted (and the WAL checkpointed), a failed one retried later
@@ -226,6 +228,15 @@ mod tests {
         // Fast items: grows at once, capped by MAX_BATCH.
         assert_eq!(next_batch_size(100, 100, Duration::from_millis(2), TARGET), 2500);
         assert_eq!(next_batch_size(4000, 4000, Duration::from_millis(1), TARGET), MAX_BATCH);
+    }
+
+    #[test]
+    fn rest_follows_the_duty_cycle_up_to_a_few_steps() {
+        let step = Duration::from_millis(100);
+        assert_eq!(rest_after(Duration::from_millis(100), 0.5, step), Duration::from_millis(100));
+        assert_eq!(rest_after(Duration::from_millis(100), 0.25, step), Duration::from_millis(300));
+        assert_eq!(rest_after(Duration::from_secs(48), 0.5, step), Duration::from_millis(400));
+        assert_eq!(rest_after(Duration::from_millis(50), 1.0, step), Duration::ZERO);
     }
 
     #[test]
