@@ -520,20 +520,32 @@ pub fn apply_membership(
     user_id: &str,
     event_nid: EventNid,
 ) -> Result<MembershipChange> {
-    let row = events::event_by_nid(w.db(), event_nid)?.ok_or_else(|| Error::internal("member event missing"))?;
-    let v: Value = serde_json::from_str(&row.json)?;
-    let content = v.get("content").cloned().unwrap_or(Value::Null);
-    let membership = content.get("membership").and_then(Value::as_str).unwrap_or("leave").to_owned();
-    let old = members::upsert_member(
+    let old = members::membership_of(w.db(), room_nid, user_id)?.map(|(m, _)| m);
+    apply_membership_over(w, identity, room_nid, user_id, event_nid, old)
+}
+
+/// [`apply_membership`] for a caller that has just read the user's current membership `old` in the room.
+pub fn apply_membership_over(
+    w: &mut Writer<'_>,
+    identity: &Identity,
+    room_nid: RoomNid,
+    user_id: &str,
+    event_nid: EventNid,
+    old: Option<String>,
+) -> Result<MembershipChange> {
+    let (membership, displayname, avatar_url) =
+        members::member_content(w.db(), event_nid)?.ok_or_else(|| Error::internal("member event missing"))?;
+    members::replace_member(
         w.db(),
         &members::MemberUpdate {
             room_nid,
             user_id,
             membership: &membership,
             event_nid,
-            displayname: content.get("displayname").and_then(Value::as_str),
-            avatar_url: content.get("avatar_url").and_then(Value::as_str),
+            displayname: displayname.as_deref(),
+            avatar_url: avatar_url.as_deref(),
         },
+        old.as_deref(),
     )?;
     let local = identity.is_local_user(user_id);
     let was_joined = old.as_deref() == Some("join");

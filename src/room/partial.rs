@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::room::append::{apply_membership, authorize, persist, Outcome};
+use crate::room::append::{apply_membership_over, authorize, persist, Outcome};
 use crate::room::remote::{authorize_by_own_auth_events, authorize_partial, AuthCache};
 use crate::room::{load_pdu_with, pdu_from_row, state, version, Identity, Pdu};
 use crate::store::events::{self, EventRow};
@@ -396,8 +396,9 @@ fn refresh_membership(
     skn: StateKeyNid,
 ) -> Result<bool> {
     if let Some(nid) = state_groups::lookup_state(w.db(), current, skn)? {
-        if members::membership_of(w.db(), room, user)?.map(|m| m.1) != Some(nid) {
-            let c = apply_membership(w, identity, room, user, nid)?;
+        let now = members::membership_of(w.db(), room, user)?;
+        if now.as_ref().map(|m| m.1) != Some(nid) {
+            let c = apply_membership_over(w, identity, room, user, nid, now.map(|m| m.0))?;
             return Ok(c.was_joined && !c.joined);
         }
     }

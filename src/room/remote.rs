@@ -72,7 +72,7 @@ pub fn persist_outlier_batch(conn: Db<'_>, room_id: &RoomId, mut pdus: Vec<Pdu>)
     let mut n = 0;
     for p in pdus.iter().filter(|p| p.room_id == room_id) {
         if events::event_nid(conn, p.event_id.as_str())?.is_none() {
-            persist_outlier(conn, &room, p)?;
+            insert_outlier(conn, &room, p)?;
             n += 1;
         }
     }
@@ -84,6 +84,11 @@ pub fn persist_outlier(conn: Db<'_>, room: &RoomRow, pdu: &Pdu) -> Result<EventN
     if let Some(nid) = events::event_nid(conn, pdu.event_id.as_str())? {
         return Ok(nid);
     }
+    insert_outlier(conn, room, pdu)
+}
+
+/// [`persist_outlier`] of an event the caller knows we do not hold.
+fn insert_outlier(conn: Db<'_>, room: &RoomRow, pdu: &Pdu) -> Result<EventNid> {
     let skn = match &pdu.state_key {
         Some(k) => Some(state_groups::state_key_nid(conn, &pdu.kind.to_string(), k)?),
         None => None,
