@@ -26,6 +26,11 @@ use crate::store::Store;
 /// PDUs parsed, verified and stored per batch: a memory bound (a batch's JSON trees are in memory at once, and
 /// two or three batches are in flight), and short writes a user's write never waits long behind.
 pub const PARSE_BATCH: usize = 200;
+/// Verified events a background pipeline writes per transaction (see [`Pipeline::write_batch`]).
+pub const BACKGROUND_WRITE_BATCH: usize = 1000;
+/// Most event text (as received) waiting for one write: with [`BACKGROUND_WRITE_BATCH`], what bounds the memory
+/// of the verified events held between verifying and writing, whatever the events' size.
+pub const WRITE_BYTES: usize = 8 << 20;
 /// Concurrent `/event` requests when fetching a list of ids.
 pub const EVENT_FETCHES_IN_FLIGHT: usize = 100;
 
@@ -140,11 +145,29 @@ impl Pipeline<'_> {
     async fn run(&self, mut rx: mpsc::Receiver<Vec<Box<RawValue>>>, fetch_auth_from: Option<&str>) -> Result<Stored> {
         let mut out = Stored::default();
         let mut pending: Option<tokio::task::JoinHandle<Result<usize>>> = None;
+        let write_batch = self.write_batch();
+        let mut to_write: Vec<Pdu> = Vec::new();
+        let mut to_write_bytes = 0usize;
         loop {
             let t = Instant::now();
-            let Some(batch) = rx.recv().await else { break };
+            let next = rx.recv().await;
+            let Some(batch) = next else {
+                if to_write.is_empty() {
+                    break;
+                }
+                // The source is done: write what is left.
+                out.wait_source += t.elapsed();
+                let t = Instant::now();
+                if let Some(p) = pending.take() {
+                    out.stored += p.await.map_err(|e| Error::internal(e.to_string()))??;
+                }
+                out.wait_write += t.elapsed();
+                pending = Some(self.spawn_write(std::mem::take(&mut to_write)));
+                break;
+            };
             out.wait_source += t.elapsed();
             out.received += batch.len();
+            let batch_bytes: usize = batch.iter().map(|p| p.get().len()).sum();
             let t = Instant::now();
             let verified = self.verify(batch).await?;
             if let Some(server) = fetch_auth_from {
@@ -155,20 +178,18 @@ impl Pipeline<'_> {
             }
             out.verify += t.elapsed();
             out.ids.extend(verified.iter().map(|p| p.event_id.to_string()));
+            to_write_bytes += batch_bytes;
+            to_write.extend(verified);
+            if to_write.len() < write_batch && to_write_bytes < WRITE_BYTES {
+                continue;
+            }
+            to_write_bytes = 0;
             let t = Instant::now();
             if let Some(p) = pending.take() {
                 out.stored += p.await.map_err(|e| Error::internal(e.to_string()))??;
             }
             out.wait_write += t.elapsed();
-            let (store, rid, background) = (self.remote.store.clone(), self.room_id.to_owned(), self.background);
-            pending = Some(tokio::spawn(async move {
-                let write = move |w: &mut crate::store::Writer<'_>| persist_outlier_batch(w.db(), &rid, verified);
-                if background {
-                    store.write_background(write).await
-                } else {
-                    store.write(write).await
-                }
-            }));
+            pending = Some(self.spawn_write(std::mem::take(&mut to_write)));
         }
         if let Some(p) = pending.take() {
             out.stored += p.await.map_err(|e| Error::internal(e.to_string()))??;
@@ -176,10 +197,36 @@ impl Pipeline<'_> {
         Ok(out)
     }
 
+    /// Verified events written per transaction. A background pipeline (a resync) writes [`BACKGROUND_WRITE_BATCH`]
+    /// at a time: each commit rewrites the index pages its rows touch (event ids and state keys are random keys),
+    /// so in a big room fewer, larger commits write far fewer pages per event; one such write still takes well under
+    /// the job step's 100 ms, which is what a user's write can wait behind it. A foreground one (a join a user waits
+    /// for) writes each parsed batch at once.
+    fn write_batch(&self) -> usize {
+        if !self.background {
+            return PARSE_BATCH;
+        }
+        // TEMPORARY (benchmarking): XBENCH_WRITE_BATCH overrides.
+        std::env::var("XBENCH_WRITE_BATCH").ok().and_then(|v| v.parse().ok()).unwrap_or(BACKGROUND_WRITE_BATCH)
+    }
+
+    /// Stores `verified` as outliers on the writer (foreground or background priority).
+    fn spawn_write(&self, verified: Vec<Pdu>) -> tokio::task::JoinHandle<Result<usize>> {
+        let (store, rid, background) = (self.remote.store.clone(), self.room_id.to_owned(), self.background);
+        tokio::spawn(async move {
+            let write = move |w: &mut crate::store::Writer<'_>| persist_outlier_batch(w.db(), &rid, verified);
+            if background {
+                store.write_background(write).await
+            } else {
+                store.write(write).await
+            }
+        })
+    }
+
     /// The valid events of this room in `batch`; the others are dropped (logged).
     async fn verify(&self, batch: Vec<Box<RawValue>>) -> Result<Vec<Pdu>> {
         let mut verified = Vec::with_capacity(batch.len());
-        for r in verify_batch_raw(self.remote.keys, self.room_version, batch).await? {
+        for r in verify_batch_raw(self.remote.keys, self.room_version, batch, self.background).await? {
             match r {
                 Ok(p) if p.room_id.as_str() == self.room_id => verified.push(p),
                 Ok(p) => {

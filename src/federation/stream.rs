@@ -5,9 +5,33 @@ use std::io::Read;
 
 use serde::de::{DeserializeOwned, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-/// Calls `sink` with batches of at most `batch` elements of the arrays under `keys` of a top-level object, each
-/// read as a `T` (`Box<RawValue>` keeps an element's text for a parser that wants it, with no JSON tree built).
-pub fn for_each_pdu_batch<R: Read, T: DeserializeOwned>(
+/// Most JSON text in one batch: a batch is cut at [`for_each_pdu_batch`]'s count or at this many bytes, whichever
+/// comes first, so the memory a batch holds does not depend on how big the resident's events are (200 events of
+/// the 64 KiB maximum would be 13 MB).
+pub const BATCH_BYTES: usize = 2 << 20;
+
+/// What an element weighs towards [`BATCH_BYTES`].
+pub trait Weigh {
+    fn weight(&self) -> usize;
+}
+
+impl Weigh for Box<serde_json::value::RawValue> {
+    fn weight(&self) -> usize {
+        self.get().len()
+    }
+}
+
+impl Weigh for serde_json::Value {
+    /// A tree's text length is not known without serialising it: counted by elements only.
+    fn weight(&self) -> usize {
+        0
+    }
+}
+
+/// Calls `sink` with batches of at most `batch` elements (and about [`BATCH_BYTES`] of text) of the arrays under
+/// `keys` of a top-level object, each read as a `T` (`Box<RawValue>` keeps an element's text for a parser that
+/// wants it, with no JSON tree built).
+pub fn for_each_pdu_batch<R: Read, T: DeserializeOwned + Weigh>(
     reader: R,
     keys: &[&str],
     batch: usize,
@@ -15,7 +39,7 @@ pub fn for_each_pdu_batch<R: Read, T: DeserializeOwned>(
 ) -> Result<(), String> {
     let mut de = serde_json::Deserializer::from_reader(reader);
     let mut buf = Vec::with_capacity(batch);
-    let top = Top { keys, batch, buf: &mut buf, sink: &mut *sink, stop: false };
+    let top = Top { keys, batch, buf: &mut buf, bytes: 0, sink: &mut *sink, stop: false };
     top.deserialize(&mut de).map_err(|e| e.to_string())?;
     if !buf.is_empty() {
         sink(std::mem::take(&mut buf));
@@ -55,18 +79,20 @@ struct Top<'a, T> {
     keys: &'a [&'a str],
     batch: usize,
     buf: &'a mut Vec<T>,
+    /// The text weight of `buf`.
+    bytes: usize,
     sink: &'a mut dyn FnMut(Vec<T>) -> bool,
     stop: bool,
 }
 
-impl<'de, T: DeserializeOwned> DeserializeSeed<'de> for Top<'_, T> {
+impl<'de, T: DeserializeOwned + Weigh> DeserializeSeed<'de> for Top<'_, T> {
     type Value = ();
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
         d.deserialize_map(self)
     }
 }
 
-impl<'de, T: DeserializeOwned> Visitor<'de> for Top<'_, T> {
+impl<'de, T: DeserializeOwned + Weigh> Visitor<'de> for Top<'_, T> {
     type Value = ();
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("an object")
@@ -87,14 +113,14 @@ struct Elements<'a, 'b, T> {
     top: &'a mut Top<'b, T>,
 }
 
-impl<'de, T: DeserializeOwned> DeserializeSeed<'de> for Elements<'_, '_, T> {
+impl<'de, T: DeserializeOwned + Weigh> DeserializeSeed<'de> for Elements<'_, '_, T> {
     type Value = ();
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
         d.deserialize_seq(self)
     }
 }
 
-impl<'de, T: DeserializeOwned> Visitor<'de> for Elements<'_, '_, T> {
+impl<'de, T: DeserializeOwned + Weigh> Visitor<'de> for Elements<'_, '_, T> {
     type Value = ();
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("an array of PDUs")
@@ -104,8 +130,10 @@ impl<'de, T: DeserializeOwned> Visitor<'de> for Elements<'_, '_, T> {
             if self.top.stop {
                 continue;
             }
+            self.top.bytes += v.weight();
             self.top.buf.push(v);
-            if self.top.buf.len() >= self.top.batch {
+            if self.top.buf.len() >= self.top.batch || self.top.bytes >= BATCH_BYTES {
+                self.top.bytes = 0;
                 let full = std::mem::replace(self.top.buf, Vec::with_capacity(self.top.batch));
                 if !(self.top.sink)(full) {
                     self.top.stop = true;
@@ -130,5 +158,18 @@ mod tests {
         })
         .unwrap();
         assert_eq!(seen, vec![2, 2, 2, 1]);
+    }
+
+    #[test]
+    fn big_elements_cut_a_batch_by_bytes() {
+        let big = format!(r#"{{"b":"{}"}}"#, "x".repeat(BATCH_BYTES / 2));
+        let doc = format!(r#"{{"pdus":[{big},{big},{big},{{"s":1}},{big}]}}"#);
+        let mut seen = Vec::new();
+        for_each_pdu_batch(doc.as_bytes(), &["pdus"], 200, &mut |b: Vec<Box<serde_json::value::RawValue>>| {
+            seen.push(b.len());
+            true
+        })
+        .unwrap();
+        assert_eq!(seen, vec![2, 3]);
     }
 }

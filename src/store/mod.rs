@@ -189,7 +189,12 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
         "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=10000;
          PRAGMA cache_size=-8000; PRAGMA temp_store=MEMORY; PRAGMA journal_size_limit=67108864;
          PRAGMA wal_autocheckpoint=8000;",
-    )
+    )?;
+    // TEMPORARY (benchmarking): XBENCH_WRITER_CACHE_KB overrides the writer's page cache.
+    if let Some(kb) = std::env::var("XBENCH_WRITER_CACHE_KB").ok().and_then(|v| v.parse::<i64>().ok()) {
+        conn.execute_batch(&format!("PRAGMA cache_size=-{kb};"))?;
+    }
+    Ok(())
 }
 
 impl Store {
@@ -264,7 +269,16 @@ impl Store {
     {
         let _turn =
             self.background_read_permits.clone().acquire_owned().await.map_err(|e| Error::internal(e.to_string()))?;
-        self.read(f).await
+        let pool = self.pool.clone();
+        let permit = self.read_permits.clone().acquire_owned().await.map_err(|e| Error::internal(e.to_string()))?;
+        // On a low-priority thread: a resync's reads (auth checks of 100k events) yield the CPU to users' requests.
+        crate::lowprio::run(move || {
+            let result = pool.get().map_err(Error::from).and_then(|conn| f(Db(&conn)));
+            drop(permit); // after the connection went back to the pool
+            result
+        })
+        .await
+        .map_err(|e| Error::internal(format!("background reader task failed: {e}")))?
     }
 
     /// Runs `f` inside a write transaction on the writer thread (user-facing priority).
