@@ -10,6 +10,7 @@ pub mod federation;
 pub mod federation_api;
 pub mod http;
 pub mod jobs;
+pub mod lowprio;
 pub mod media;
 pub mod media_repo;
 pub mod metrics;

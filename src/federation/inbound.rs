@@ -58,29 +58,33 @@ pub async fn verify_values(
     let n = raw.len();
     // Parsing (canonical JSON, event id, content hash) and signature checks are CPU work: off the async threads,
     // and a big batch split over the cores.
-    let parsed: Vec<Vec<Checked>> = on_blocking_threads(split_in(raw, parts_for(n)), {
+    let parsed: Vec<Vec<Checked>> = on_threads(split_in(raw, parts_for(n)), false, {
         let rules = rules.clone();
         move |part| part.into_iter().map(|v| parse_one(v, &rules)).collect()
     })
     .await?;
-    check_signatures(keys, rules, parsed).await
+    check_signatures(keys, rules, parsed, false).await
 }
 
 /// [`verify_batch`] for PDUs still as JSON text (a streamed `/state` answer): parsed straight into canonical JSON,
 /// with no `serde_json::Value` tree built first, and sized by their text.
+///
+/// `background` work (a resync) runs on the low-priority threads ([`crate::lowprio`]): a user's request running
+/// beside it gets the CPU first.
 pub async fn verify_batch_raw(
     keys: &KeyStore,
     room_version: &str,
     raw: Vec<Box<serde_json::value::RawValue>>,
+    background: bool,
 ) -> Result<Vec<std::result::Result<Pdu, String>>> {
     let rules = version::rules(room_version)?;
     let parts = parts_for(raw.len());
-    let parsed: Vec<Vec<Checked>> = on_blocking_threads(split_in(raw, parts), {
+    let parsed: Vec<Vec<Checked>> = on_threads(split_in(raw, parts), background, {
         let rules = rules.clone();
         move |part| part.into_iter().map(|v| parse_one_raw(&v, &rules)).collect()
     })
     .await?;
-    Ok(check_signatures(keys, rules, parsed).await?.into_iter().map(|(_, r)| r).collect())
+    Ok(check_signatures(keys, rules, parsed, background).await?.into_iter().map(|(_, r)| r).collect())
 }
 
 /// How many blocking threads a batch of `n` PDUs is split over.
@@ -97,10 +101,11 @@ async fn check_signatures(
     keys: &KeyStore,
     rules: ruma::room_version_rules::RoomVersionRules,
     parsed: Vec<Vec<Checked>>,
+    background: bool,
 ) -> Result<Vec<(Option<String>, std::result::Result<Pdu, String>)>> {
     let need = needed_keys(parsed.iter().flatten().filter_map(|(_, p)| p.as_ref().ok()).map(|p| &p.json));
     let keys = Arc::new(keys.keys_for(&need).await?);
-    let verified = on_blocking_threads(parsed, move |part| {
+    let verified = on_threads(parsed, background, move |part| {
         part.into_iter().map(|(id, p)| (id, p.and_then(|p| verify_remote(p, &rules, &keys)))).collect()
     })
     .await?;
@@ -141,25 +146,24 @@ fn split_in<T>(v: Vec<T>, parts: usize) -> Vec<Vec<T>> {
 }
 
 /// Runs `f` on each piece on its own blocking thread; the results in the pieces' order.
-async fn on_blocking_threads<T, R, F>(pieces: Vec<Vec<T>>, f: F) -> Result<Vec<Vec<R>>>
+async fn on_threads<T, R, F>(pieces: Vec<Vec<T>>, background: bool, f: F) -> Result<Vec<Vec<R>>>
 where
     T: Send + 'static,
     R: Send + 'static,
     F: Fn(Vec<T>) -> Vec<R> + Send + Sync + 'static,
 {
     let f = Arc::new(f);
-    let handles: Vec<_> = pieces
-        .into_iter()
-        .map(|piece| {
-            let f = f.clone();
-            tokio::task::spawn_blocking(move || f(piece))
-        })
-        .collect();
-    let mut out = Vec::with_capacity(handles.len());
-    for h in handles {
-        out.push(h.await.map_err(|e| Error::internal(e.to_string()))?);
-    }
-    Ok(out)
+    let tasks = pieces.into_iter().map(|piece| {
+        let f = f.clone();
+        async move {
+            if background {
+                crate::lowprio::run(move || f(piece)).await.map_err(Error::internal)
+            } else {
+                tokio::task::spawn_blocking(move || f(piece)).await.map_err(|e| Error::internal(e.to_string()))
+            }
+        }
+    });
+    futures::future::join_all(tasks).await.into_iter().collect()
 }
 
 /// Limits on a new PDU that the room's rules do not set (prev and auth event counts).
