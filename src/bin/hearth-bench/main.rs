@@ -43,6 +43,9 @@ enum Command {
         /// Where worlds, runs and results go.
         #[arg(long, default_value = "target/bench")]
         dir: PathBuf,
+        /// Runs of each joiner (in rounds); with more than one, a table of the median and worst of each figure.
+        #[arg(long, default_value_t = 1)]
+        runs: usize,
     },
     /// Simplified sliding sync (MSC4186): the first sync of an account in N rooms, and long-poll wake latency.
     SlidingSync {
@@ -85,12 +88,12 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
-        Command::Join { mut members, messages, mut joiners, quick, seed, dir } => {
+        Command::Join { mut members, messages, mut joiners, quick, seed, dir, runs } => {
             if quick {
                 members = vec![1000];
                 joiners.retain(|j| j != "synapse-full");
             }
-            rt.block_on(run::join_bench(run::Options { members, messages, joiners, seed, dir }))
+            rt.block_on(run::join_bench(run::Options { members, messages, joiners, seed, dir, runs }))
         }
         Command::SlidingSync { rooms, messages, samples, dir } => {
             rt.block_on(sliding::run(sliding::Options { rooms, messages, samples, dir }))

@@ -18,6 +18,7 @@ pub struct Options {
     pub joiners: Vec<String>,
     pub seed: u64,
     pub dir: PathBuf,
+    pub runs: usize,
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -754,10 +755,18 @@ pub async fn join_bench(o: Options) -> anyhow::Result<()> {
     std::fs::create_dir_all(&o.dir)?;
     let http = reqwest::Client::builder().build()?;
     let mut results: Vec<Measure> = Vec::new();
-    for &n in &o.members {
+    // Rounds: every joiner once per round, so the runs of one joiner are spread over the session's noise like
+    // those of the others.
+    for (round, &n) in (0..o.runs.max(1)).flat_map(|r| o.members.iter().map(move |n| (r, n))) {
         for j in &o.joiners {
             let r = start_resident(&http, &o, n).await?;
-            eprintln!("== N={n} joiner {j} (resident: {} events from {} servers)", r.world.events, r.world.servers);
+            eprintln!(
+                "== N={n} joiner {j} run {} of {} (resident: {} events from {} servers)",
+                round + 1,
+                o.runs.max(1),
+                r.world.events,
+                r.world.servers
+            );
             let m = match j.as_str() {
                 "hearth-lazy" => run_hearth(&http, &o, &r, n, true).await,
                 "hearth-full" => run_hearth(&http, &o, &r, n, false).await,
@@ -796,6 +805,9 @@ pub async fn join_bench(o: Options) -> anyhow::Result<()> {
         }
     }
     print_table(&results);
+    if o.runs > 1 {
+        print_summary(&results);
+    }
     let stamp = hearth::store::accounts::now_ms();
     let json_path = o.dir.join(format!("results-{stamp}.json"));
     std::fs::write(
@@ -869,6 +881,53 @@ fn print_table(rs: &[Measure]) {
                 );
             }
         }
+    }
+}
+
+/// Median and worst of each figure over the runs of each (N, joiner): what the README's table shows. "Worst" is the
+/// highest value (every figure here is better lower).
+fn print_summary(rs: &[Measure]) {
+    let mut groups: BTreeMap<(usize, &str), Vec<&Measure>> = BTreeMap::new();
+    for m in rs.iter().filter(|m| !m.note.starts_with("failed")) {
+        groups.entry((m.members, m.joiner.as_str())).or_default().push(m);
+    }
+    println!(
+        "\nmedian / worst of the runs\n{:>7} {:<13} {:>4} {:>13} {:>13} {:>17} {:>11} {:>11} {:>11} {:>11} {:>13} {:>11}",
+        "members",
+        "joiner",
+        "runs",
+        "join ms",
+        "1st msg ms",
+        "full mem ms",
+        "rss MB",
+        "cpu s",
+        "sync p99",
+        "send p99",
+        "res st ms",
+        "res cpu s"
+    );
+    for ((n, j), ms) in &groups {
+        let fig = |f: &dyn Fn(&Measure) -> f64, prec: usize| {
+            let mut v: Vec<f64> = ms.iter().map(|m| f(m)).collect();
+            v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+            let median = if v.len() % 2 == 1 { v[v.len() / 2] } else { (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0 };
+            format!("{median:.prec$} / {:.prec$}", v[v.len() - 1])
+        };
+        println!(
+            "{:>7} {:<13} {:>4} {:>13} {:>13} {:>17} {:>11} {:>11} {:>11} {:>11} {:>13} {:>11}",
+            n,
+            j,
+            ms.len(),
+            fig(&|m| m.join_ms, 0),
+            fig(&|m| m.first_message_ms, 0),
+            fig(&|m| m.full_members_ms, 0),
+            fig(&|m| m.peak_rss_mb, 0),
+            fig(&|m| m.cpu_s, 1),
+            fig(&|m| m.sync_p99_ms, 0),
+            fig(&|m| m.send_p99_ms, 0),
+            fig(&|m| m.resident_state_ms.unwrap_or(0.0), 0),
+            fig(&|m| m.resident_cpu_s, 1),
+        );
     }
 }
 
