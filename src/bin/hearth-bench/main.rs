@@ -7,6 +7,7 @@
 //! cargo run --release --bin hearth-bench -- appservice               (transaction sender, cost of ten services)
 
 mod appservice;
+mod limits;
 mod run;
 mod sliding;
 mod world;
@@ -43,6 +44,15 @@ enum Command {
         /// Where worlds, runs and results go.
         #[arg(long, default_value = "target/bench")]
         dir: PathBuf,
+        /// "Pi-like": each Hearth joiner on one core with 512 MB (`--cpus 1 --memory-mb 512`; either wins).
+        #[arg(long)]
+        pi: bool,
+        /// Pin each Hearth joiner to the first N cores.
+        #[arg(long)]
+        cpus: Option<usize>,
+        /// Cap each Hearth joiner's memory (cgroup v2 `memory.max`, else v1 `memory.limit_in_bytes`).
+        #[arg(long)]
+        memory_mb: Option<u64>,
     },
     /// Simplified sliding sync (MSC4186): the first sync of an account in N rooms, and long-poll wake latency.
     SlidingSync {
@@ -85,12 +95,13 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
-        Command::Join { mut members, messages, mut joiners, quick, seed, dir } => {
+        Command::Join { mut members, messages, mut joiners, quick, seed, dir, pi, cpus, memory_mb } => {
             if quick {
                 members = vec![1000];
                 joiners.retain(|j| j != "synapse-full");
             }
-            rt.block_on(run::join_bench(run::Options { members, messages, joiners, seed, dir }))
+            let limits = limits::Limits { cpus: cpus.or(pi.then_some(1)), memory_mb: memory_mb.or(pi.then_some(512)) };
+            rt.block_on(run::join_bench(run::Options { members, messages, joiners, seed, dir, limits }))
         }
         Command::SlidingSync { rooms, messages, samples, dir } => {
             rt.block_on(sliding::run(sliding::Options { rooms, messages, samples, dir }))
