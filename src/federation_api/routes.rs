@@ -648,7 +648,7 @@ fn state_group_before(c: Db<'_>, room: &RoomRow, event_id: &str) -> Result<State
 /// State entries as (event nid, event id), and auth chain nids (minus the state itself).
 pub struct StateAnswer {
     state: Vec<(EventNid, String)>,
-    chain: Vec<EventNid>,
+    chain: Vec<(EventNid, String)>,
 }
 
 /// The last few `/state` and `/state_ids` answers' state and auth chain, by room and state group: a joiner asks
@@ -657,8 +657,11 @@ pub struct StateAnswer {
 /// back, and entries live [`StateAnswers::TTL`] only, so at most [`StateAnswers::MAX`] answers' ids are held.
 #[derive(Default)]
 pub struct StateAnswers {
-    entries: std::sync::Mutex<Vec<(String, StateGroup, std::time::Instant, std::sync::Arc<StateAnswer>)>>,
+    entries: std::sync::Mutex<Vec<StateAnswerEntry>>,
 }
+
+/// Room id, state group, when, answer.
+type StateAnswerEntry = (String, StateGroup, std::time::Instant, std::sync::Arc<StateAnswer>);
 
 impl StateAnswers {
     const MAX: usize = 2;
@@ -696,9 +699,7 @@ fn state_at_event_nids(
     // In event order: the JSON reads of `/state` then walk the events table forwards.
     state.sort_unstable_by_key(|x| x.0);
     let nids: Vec<EventNid> = state.iter().map(|x| x.0).collect();
-    let in_state: HashSet<EventNid> = nids.iter().copied().collect();
-    let chain: Vec<EventNid> =
-        events::auth_chain_nids(c, &nids)?.into_iter().filter(|n| !in_state.contains(n)).collect();
+    let chain = events::auth_chain_beyond(c, &nids)?;
     let a = std::sync::Arc::new(StateAnswer { state, chain });
     cache.put(&room.room_id, sg, a.clone());
     Ok(a)
@@ -760,21 +761,11 @@ async fn state_ids(
     let event_id = q.event_id.ok_or_else(|| Error::missing_param("event_id is required"))?;
     let started = std::time::Instant::now();
     let s2 = s.clone();
-    let (answer, chain_ids) = s
-        .store
-        .read(move |c| {
-            let a = state_answer_for(c, &s2.state_answers, &room_id, &signed.origin, &event_id)?;
-            let mut chain_ids = Vec::with_capacity(a.chain.len());
-            for nid in &a.chain {
-                chain_ids
-                    .push(events::event_id_of(c, *nid)?.ok_or_else(|| Error::internal("auth chain event vanished"))?);
-            }
-            Ok((a, chain_ids))
-        })
-        .await?;
+    let answer =
+        s.store.read(move |c| state_answer_for(c, &s2.state_answers, &room_id, &signed.origin, &event_id)).await?;
     tracing::info!(
         state = answer.state.len(),
-        auth_chain = chain_ids.len(),
+        auth_chain = answer.chain.len(),
         ms = started.elapsed().as_millis() as u64,
         "/state_ids served"
     );
@@ -782,14 +773,9 @@ async fn state_ids(
     let (tx, rx) = tokio::sync::mpsc::channel::<std::result::Result<bytes::Bytes, std::io::Error>>(4);
     tokio::spawn(async move {
         let mut buf = String::with_capacity(1 << 16);
-        let state = answer.state.iter().map(|x| x.1.as_str());
-        let lists: [(&str, Box<dyn Iterator<Item = &str> + Send>); 2] = [
-            ("{\"pdu_ids\":[", Box::new(state)),
-            ("],\"auth_chain_ids\":[", Box::new(chain_ids.iter().map(String::as_str))),
-        ];
-        for (key, list) in lists {
+        for (key, list) in [("{\"pdu_ids\":[", &answer.state), ("],\"auth_chain_ids\":[", &answer.chain)] {
             buf.push_str(key);
-            for (i, id) in list.enumerate() {
+            for (i, (_, id)) in list.iter().enumerate() {
                 if i > 0 {
                     buf.push(',');
                 }
@@ -853,7 +839,8 @@ async fn room_state(
     stream_json(&s, move |c, send| {
         let mut buf = String::with_capacity(1 << 17);
         let state: Vec<EventNid> = answer.state.iter().map(|x| x.0).collect();
-        for (key, list) in [("{\"pdus\":[", &state), ("],\"auth_chain\":[", &answer.chain)] {
+        let chain: Vec<EventNid> = answer.chain.iter().map(|x| x.0).collect();
+        for (key, list) in [("{\"pdus\":[", &state), ("],\"auth_chain\":[", &chain)] {
             buf.push_str(key);
             let mut first = true;
             let mut stopped = false;

@@ -216,31 +216,34 @@ pub fn set_redacted(conn: Db<'_>, event_nid: EventNid, redacted_by: &str, json: 
 }
 
 /// The auth chain (event nids) of the given events, walked over the auth-edge table; includes the starts (first, in
-/// their order), then each level of the walk. Set-based: one query per level for the auth event ids of the whole
-/// frontier, and each distinct id resolved once — the members of a big room share their create, power-level and
-/// join-rules auth events, which a per-row walk (a recursive CTE) looked up again for every member.
+/// their order), then each level of the walk ([`auth_chain_beyond`]).
 /// Needs the `rarray` module (loaded on pooled readers).
 pub fn auth_chain_nids(conn: Db<'_>, start: &[EventNid]) -> Result<Vec<EventNid>> {
+    let mut seen = std::collections::HashSet::with_capacity(start.len());
+    let mut out: Vec<EventNid> = start.iter().copied().filter(|n| seen.insert(*n)).collect();
+    out.extend(auth_chain_beyond(conn, start)?.into_iter().map(|x| x.0));
+    Ok(out)
+}
+
+/// The events of the given events' auth chain that are not among them, with their ids, level by level. Set-based:
+/// one query per level for the auth event ids of the whole frontier, and each distinct id resolved once — the
+/// members of a big room share their create, power-level and join-rules auth events, which a per-row walk (a
+/// recursive CTE) looked up again for every member.
+/// Needs the `rarray` module (loaded on pooled readers).
+pub fn auth_chain_beyond(conn: Db<'_>, start: &[EventNid]) -> Result<Vec<(EventNid, String)>> {
     use rusqlite::types::Value;
     use std::collections::HashSet;
     use std::rc::Rc;
-    let mut seen: HashSet<EventNid> = HashSet::with_capacity(start.len() * 2);
-    let mut out: Vec<EventNid> = Vec::with_capacity(start.len() + 64);
-    for &n in start {
-        if seen.insert(n) {
-            out.push(n);
-        }
-    }
+    let mut seen: HashSet<EventNid> = start.iter().copied().collect();
+    let mut out: Vec<(EventNid, String)> = Vec::new();
     // Auth event ids already resolved (or found unknown): each is looked up once.
     let mut resolved: HashSet<String> = HashSet::new();
     let mut edges = conn.prepare_cached("SELECT auth_event_id FROM event_auth WHERE event_nid IN rarray(?1)")?;
-    let mut lookup = conn.prepare_cached("SELECT event_nid FROM events WHERE event_id IN rarray(?1)")?;
-    let mut level_from = 0;
-    while level_from < out.len() {
-        let frontier: Rc<Vec<Value>> = Rc::new(out[level_from..].iter().map(|n| Value::Integer(n.0)).collect());
-        level_from = out.len();
+    let mut lookup = conn.prepare_cached("SELECT event_nid, event_id FROM events WHERE event_id IN rarray(?1)")?;
+    let mut frontier: Vec<Value> = seen.iter().map(|n| Value::Integer(n.0)).collect();
+    while !frontier.is_empty() {
         let mut fresh: Vec<Value> = Vec::new();
-        let mut rows = edges.query([frontier])?;
+        let mut rows = edges.query([Rc::new(std::mem::take(&mut frontier))])?;
         while let Some(r) = rows.next()? {
             let id = r.get_ref(0)?.as_str().map_err(rusqlite::Error::from)?;
             if !resolved.contains(id) {
@@ -251,12 +254,13 @@ pub fn auth_chain_nids(conn: Db<'_>, start: &[EventNid]) -> Result<Vec<EventNid>
         if fresh.is_empty() {
             break;
         }
-        let mut nids: Vec<EventNid> =
-            lookup.query_map([Rc::new(fresh)], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
-        nids.sort_unstable();
-        for n in nids {
+        let mut found: Vec<(EventNid, String)> =
+            lookup.query_map([Rc::new(fresh)], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?;
+        found.sort_unstable_by_key(|x| x.0);
+        for (n, id) in found {
             if seen.insert(n) {
-                out.push(n);
+                frontier.push(Value::Integer(n.0));
+                out.push((n, id));
             }
         }
     }
