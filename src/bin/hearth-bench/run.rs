@@ -266,9 +266,19 @@ async fn start_resident(http: &reqwest::Client, o: &Options, n: usize) -> anyhow
     std::fs::copy(dir.join("pristine.db"), dir.join("hearth.db"))?;
     let meta: ResidentMeta = serde_json::from_str(&std::fs::read_to_string(&meta_path)?)?;
     let cfg = dir.join("hearth.toml");
+    // A world's ports are fixed (its server name holds the federation port): a copy of the world served by another
+    // resident on this machine would answer in our resident's place, and the run would measure that one.
+    for port in [meta.fed_port, meta.cli_port] {
+        if let Err(e) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            bail!("port {port} of this world is taken ({e}): another resident of a copy of it is running");
+        }
+    }
     let mut proc = spawn(Command::new(&bin).arg("-c").arg(&cfg), dir.join("log"))?;
     let url = format!("http://127.0.0.1:{}", meta.cli_port);
     wait_up(http, &url, &mut proc).await?;
+    if let Ok(Some(st)) = proc.child.try_wait() {
+        bail!("the resident exited ({st}) and something else answers on its port; see {}", proc.log.display());
+    }
     let (st, login) = api(
         http,
         reqwest::Method::POST,
