@@ -285,6 +285,7 @@ pub fn build_services(config: Config) -> anyhow::Result<Arc<Services>> {
         client_addr: std::sync::OnceLock::new(),
         sent_members: Default::default(),
         hierarchy_sessions: Default::default(),
+        state_answers: Default::default(),
         appservices: Arc::new(appservices),
         metrics: Default::default(),
         shutdown: watch::channel(false).0,

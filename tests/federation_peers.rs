@@ -113,6 +113,62 @@ async fn a_peer_joins_with_a_partial_answer_reads_auth_chains_and_leaves_through
     hearth.stop().await;
 }
 
+/// `/state_ids` and `/state` at an event (streamed, the second from the cached state and auth chain) agree with
+/// each other: the same state, the same auth chain, which holds what the state's events cite and the state lacks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_and_state_ids_agree_and_carry_the_auth_chain_beyond_the_state() {
+    let fake = FakeResident::start(RoomSpec::default()).await;
+    let hearth = start_hearth_with_fakes(&[&fake], |_| {}).await;
+    let alice = hearth.user("alice").await;
+    let bob = hearth.user("bob").await;
+    let room = alice.create_room(json!({"preset": "public_chat"})).await;
+    // Bob's first join and his leave are out of the state but in its auth chain (each cites the one before).
+    bob.join(&room).await.ok();
+    bob.leave(&room).await.ok();
+    bob.join(&room).await.ok();
+    let charlie = fake.user("charlie");
+    peer_joins(&fake, &room, &charlie, false).await;
+    let at = alice.send_text(&room, "here").await;
+    let q = format!("{}?event_id={}", enc(&room), enc(&at));
+    let ids = fake.request_hearth(Method::GET, &format!("/_matrix/federation/v1/state_ids/{q}"), None).await;
+    let ids = ids.expect("state_ids");
+    let again = fake.request_hearth(Method::GET, &format!("/_matrix/federation/v1/state_ids/{q}"), None).await;
+    assert_eq!(again.expect("state_ids again"), ids);
+    let state = fake.request_hearth(Method::GET, &format!("/_matrix/federation/v1/state/{q}"), None).await;
+    let state = state.expect("state");
+    let (pdu_ids, pdus) = (ids["pdu_ids"].as_array().unwrap(), state["pdus"].as_array().unwrap());
+    let (chain_ids, chain) = (ids["auth_chain_ids"].as_array().unwrap(), state["auth_chain"].as_array().unwrap());
+    assert_eq!(pdu_ids.len(), pdus.len(), "{ids} {state}");
+    assert_eq!(chain_ids.len(), chain.len(), "{ids} {state}");
+    let mut keys: Vec<String> = pdus.iter().map(type_and_key).collect();
+    keys.sort();
+    let mut want = vec![
+        "m.room.create|".to_owned(),
+        "m.room.history_visibility|".into(),
+        "m.room.join_rules|".into(),
+        format!("m.room.member|{}", hearth.user_id("alice")),
+        format!("m.room.member|{}", hearth.user_id("bob")),
+        format!("m.room.member|{charlie}"),
+        "m.room.power_levels|".into(),
+    ];
+    want.sort();
+    assert_eq!(keys, want);
+    let bobs: Vec<&str> = chain
+        .iter()
+        .filter(|e| e["state_key"] == json!(hearth.user_id("bob")))
+        .filter_map(|e| e["content"]["membership"].as_str())
+        .collect();
+    assert_eq!(bobs.len(), 2, "bob's first join and his leave: {bobs:?}");
+    assert!(bobs.contains(&"join") && bobs.contains(&"leave"), "{bobs:?}");
+    // No event in both halves.
+    let mut all: Vec<&Value> = pdu_ids.iter().chain(chain_ids).collect();
+    let n = all.len();
+    all.sort_by_key(|v| v.as_str().unwrap_or_default().to_owned());
+    all.dedup();
+    assert_eq!(all.len(), n);
+    hearth.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_missing_events_gives_a_peer_redacted_copies_of_what_history_visibility_hides_from_it() {
     let fake = FakeResident::start(RoomSpec::default()).await;

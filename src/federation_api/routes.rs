@@ -645,51 +645,165 @@ fn state_group_before(c: Db<'_>, room: &RoomRow, event_id: &str) -> Result<State
     })
 }
 
-/// State entries as (event nid, event id), and auth chain nids.
-type StateAndChain = (Vec<(EventNid, String)>, Vec<EventNid>);
-
-/// State before `event_id` and its auth chain (minus the state itself) — from indexed rows only.
-fn state_at_event_nids(c: Db<'_>, room: &RoomRow, event_id: &str) -> Result<StateAndChain> {
-    let sg = state_group_before(c, room, event_id)?;
-    let state = state_groups::state_event_ids(c, sg, None)?;
-    let nids: Vec<EventNid> = state.iter().map(|x| x.0).collect();
-    let in_state: HashSet<EventNid> = nids.iter().copied().collect();
-    let chain: Vec<EventNid> =
-        events::auth_chain_nids(c, &nids)?.into_iter().filter(|n| !in_state.contains(n)).collect();
-    Ok((state, chain))
+/// State entries as (event nid, event id), and auth chain nids (minus the state itself).
+pub struct StateAnswer {
+    state: Vec<(EventNid, String)>,
+    chain: Vec<(EventNid, String)>,
 }
 
-fn state_at_event(c: Db<'_>, room: &RoomRow, event_id: &str) -> Result<(Vec<String>, Vec<String>)> {
-    let (state, chain) = state_at_event_nids(c, room, event_id)?;
-    let mut chain_ids = Vec::with_capacity(chain.len());
-    for nid in chain {
-        chain_ids.push(events::event_id_of(c, nid)?.ok_or_else(|| Error::internal("auth chain event vanished"))?);
+/// The last few `/state` and `/state_ids` answers' state and auth chain, by room and state group: a joiner asks
+/// for both at the same event, and at 100k members each costs the state group's 100k entries and their auth
+/// chain. A state group never changes; the room id is in the key since a purged room's group numbers can come
+/// back, and entries live [`StateAnswers::TTL`] only, so at most [`StateAnswers::MAX`] answers' ids are held.
+#[derive(Default)]
+pub struct StateAnswers {
+    entries: std::sync::Mutex<Vec<StateAnswerEntry>>,
+}
+
+/// Room id, state group, when, answer.
+type StateAnswerEntry = (String, StateGroup, std::time::Instant, std::sync::Arc<StateAnswer>);
+
+impl StateAnswers {
+    const MAX: usize = 2;
+    const TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
+    fn get(&self, room_id: &str, sg: StateGroup) -> Option<std::sync::Arc<StateAnswer>> {
+        let mut e = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        e.retain(|x| x.2.elapsed() < Self::TTL);
+        e.iter().find(|x| x.0 == room_id && x.1 == sg).map(|x| x.3.clone())
     }
-    Ok((state.into_iter().map(|x| x.1).collect(), chain_ids))
+
+    fn put(&self, room_id: &str, sg: StateGroup, a: std::sync::Arc<StateAnswer>) {
+        let mut e = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        e.retain(|x| !(x.0 == room_id && x.1 == sg));
+        if e.len() >= Self::MAX {
+            e.remove(0);
+        }
+        e.push((room_id.to_owned(), sg, std::time::Instant::now(), a));
+    }
 }
 
+/// State before `event_id` and its auth chain (minus the state itself) — from indexed rows only, or from the
+/// cache when the previous request asked for the same state group.
+fn state_at_event_nids(
+    c: Db<'_>,
+    cache: &StateAnswers,
+    room: &RoomRow,
+    event_id: &str,
+) -> Result<std::sync::Arc<StateAnswer>> {
+    let sg = state_group_before(c, room, event_id)?;
+    if let Some(a) = cache.get(&room.room_id, sg) {
+        return Ok(a);
+    }
+    let mut state = state_groups::state_event_ids(c, sg, None)?;
+    // In event order: the JSON reads of `/state` then walk the events table forwards.
+    state.sort_unstable_by_key(|x| x.0);
+    let nids: Vec<EventNid> = state.iter().map(|x| x.0).collect();
+    let chain = events::auth_chain_beyond(c, &nids)?;
+    let a = std::sync::Arc::new(StateAnswer { state, chain });
+    cache.put(&room.room_id, sg, a.clone());
+    Ok(a)
+}
+
+/// A JSON answer streamed in chunks of about 64 KiB from a reader (the chunks are sent from the blocking thread
+/// as `fill` writes them): an answer over a 100k-member room's state is never held whole.
+fn stream_json<F>(s: &AppState, fill: F) -> Result<axum::response::Response>
+where
+    F: FnOnce(Db<'_>, &mut dyn FnMut(&mut String) -> bool) -> Result<()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::result::Result<bytes::Bytes, std::io::Error>>(4);
+    let store = s.store.clone();
+    tokio::spawn(async move {
+        let r = store
+            .read(move |c| {
+                let mut send = |buf: &mut String| -> bool {
+                    tx.blocking_send(Ok(bytes::Bytes::from(std::mem::take(buf)))).is_ok()
+                };
+                fill(c, &mut send)
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "streamed answer failed");
+        }
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
+    axum::response::Response::builder()
+        .header(axum::http::header::CONTENT_TYPE, "application/json")
+        .body(axum::body::Body::from_stream(stream))
+        .map_err(|e| Error::internal(e.to_string()))
+}
+
+/// The room (resident, not partial, readable by `origin`) and the state answer before `event_id`.
+fn state_answer_for(
+    c: Db<'_>,
+    cache: &StateAnswers,
+    room_id: &str,
+    origin: &str,
+    event_id: &str,
+) -> Result<std::sync::Arc<StateAnswer>> {
+    let room = resident_room(c, &parse_room_id(room_id)?, origin)?;
+    if room.partial_state {
+        return Err(partial_refusal());
+    }
+    if !server_may_read_room(c, &room, origin)? {
+        return Err(Error::forbidden("your server is not in this room"));
+    }
+    state_at_event_nids(c, cache, &room, event_id)
+}
+
+/// `/state_ids`: the ids of the state before the event and of its auth chain, streamed.
 async fn state_ids(
     State(s): State<AppState>,
     Path(room_id): Path<String>,
     Query(q): Query<EventIdQuery>,
     signed: Signed,
-) -> Result<impl IntoResponse> {
+) -> Result<axum::response::Response> {
     let event_id = q.event_id.ok_or_else(|| Error::missing_param("event_id is required"))?;
-    let body = s
-        .store
-        .read(move |c| {
-            let room = resident_room(c, &parse_room_id(&room_id)?, &signed.origin)?;
-            if room.partial_state {
-                return Err(partial_refusal());
+    let started = std::time::Instant::now();
+    let s2 = s.clone();
+    let answer =
+        s.store.read(move |c| state_answer_for(c, &s2.state_answers, &room_id, &signed.origin, &event_id)).await?;
+    tracing::info!(
+        state = answer.state.len(),
+        auth_chain = answer.chain.len(),
+        ms = started.elapsed().as_millis() as u64,
+        "/state_ids served"
+    );
+    // Ids need no database: chunks straight from the answer.
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::result::Result<bytes::Bytes, std::io::Error>>(4);
+    tokio::spawn(async move {
+        let mut buf = String::with_capacity(1 << 16);
+        for (key, list) in [("{\"pdu_ids\":[", &answer.state), ("],\"auth_chain_ids\":[", &answer.chain)] {
+            buf.push_str(key);
+            for (i, (_, id)) in list.iter().enumerate() {
+                if i > 0 {
+                    buf.push(',');
+                }
+                push_json_str(&mut buf, id);
+                if buf.len() >= 1 << 16 && tx.send(Ok(bytes::Bytes::from(std::mem::take(&mut buf)))).await.is_err() {
+                    return;
+                }
             }
-            if !server_may_read_room(c, &room, &signed.origin)? {
-                return Err(Error::forbidden("your server is not in this room"));
-            }
-            let (ids, chain) = state_at_event(c, &room, &event_id)?;
-            Ok(json!({"pdu_ids": ids, "auth_chain_ids": chain}))
-        })
-        .await?;
-    Ok(axum::Json(body))
+        }
+        buf.push_str("]}");
+        let _ = tx.send(Ok(bytes::Bytes::from(buf))).await;
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
+    axum::response::Response::builder()
+        .header(axum::http::header::CONTENT_TYPE, "application/json")
+        .body(axum::body::Body::from_stream(stream))
+        .map_err(|e| Error::internal(e.to_string()))
+}
+
+/// `s` as a JSON string onto `buf`.
+fn push_json_str(buf: &mut String, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        buf.push('"');
+        buf.push_str(s);
+        buf.push('"');
+    } else {
+        buf.push_str(&Value::from(s).to_string());
+    }
 }
 
 fn pdus_json(c: Db<'_>, ids: &[String]) -> Result<Vec<Value>> {
@@ -703,7 +817,8 @@ fn pdus_json(c: Db<'_>, ids: &[String]) -> Result<Vec<Value>> {
 }
 
 /// `/state`: potentially 100k events, so the answer is streamed from the database in chunks of raw stored JSON
-/// (never parsed, never held whole).
+/// (never parsed, never held whole). "/state served" logs the time to the state and its auth chain, "/state
+/// streamed" the time to the answer's last byte.
 async fn room_state(
     State(s): State<AppState>,
     Path(room_id): Path<String>,
@@ -712,63 +827,43 @@ async fn room_state(
 ) -> Result<axum::response::Response> {
     let event_id = q.event_id.ok_or_else(|| Error::missing_param("event_id is required"))?;
     let started = std::time::Instant::now();
-    let (state, chain) = s
-        .store
-        .read(move |c| {
-            let room = resident_room(c, &parse_room_id(&room_id)?, &signed.origin)?;
-            if room.partial_state {
-                return Err(partial_refusal());
-            }
-            if !server_may_read_room(c, &room, &signed.origin)? {
-                return Err(Error::forbidden("your server is not in this room"));
-            }
-            let (state, chain) = state_at_event_nids(c, &room, &event_id)?;
-            Ok((state.into_iter().map(|x| x.0).collect::<Vec<EventNid>>(), chain))
-        })
-        .await?;
+    let s2 = s.clone();
+    let answer =
+        s.store.read(move |c| state_answer_for(c, &s2.state_answers, &room_id, &signed.origin, &event_id)).await?;
     tracing::info!(
-        state = state.len(),
-        auth_chain = chain.len(),
+        state = answer.state.len(),
+        auth_chain = answer.chain.len(),
         ms = started.elapsed().as_millis() as u64,
         "/state served"
     );
-    let (tx, rx) = tokio::sync::mpsc::channel::<std::result::Result<bytes::Bytes, std::io::Error>>(4);
-    let store = s.store.clone();
-    tokio::spawn(async move {
-        let r = store
-            .read(move |c| {
-                let mut buf = String::with_capacity(1 << 16);
-                let send = |buf: &mut String| -> bool {
-                    tx.blocking_send(Ok(bytes::Bytes::from(std::mem::take(buf)))).is_ok()
-                };
-                for (key, list) in [("{\"pdus\":[", &state), ("],\"auth_chain\":[", &chain)] {
-                    buf.push_str(key);
-                    for (i, nid) in list.iter().enumerate() {
-                        if i > 0 {
-                            buf.push(',');
-                        }
-                        if let Some(j) = events::json_of(c, *nid)? {
-                            buf.push_str(&j);
-                        }
-                        if buf.len() >= 1 << 16 && !send(&mut buf) {
-                            return Ok(());
-                        }
-                    }
+    stream_json(&s, move |c, send| {
+        let mut buf = String::with_capacity(1 << 17);
+        let state: Vec<EventNid> = answer.state.iter().map(|x| x.0).collect();
+        let chain: Vec<EventNid> = answer.chain.iter().map(|x| x.0).collect();
+        for (key, list) in [("{\"pdus\":[", &state), ("],\"auth_chain\":[", &chain)] {
+            buf.push_str(key);
+            let mut first = true;
+            let mut stopped = false;
+            events::each_json(c, list, |j| {
+                if !first {
+                    buf.push(',');
                 }
-                buf.push_str("]}");
-                send(&mut buf);
-                Ok(())
-            })
-            .await;
-        if let Err(e) = r {
-            tracing::warn!(error = %e, "/state stream failed");
+                first = false;
+                buf.push_str(j);
+                if buf.len() >= 1 << 16 && !send(&mut buf) {
+                    stopped = true;
+                }
+                !stopped
+            })?;
+            if stopped {
+                return Ok(());
+            }
         }
-    });
-    let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
-    axum::response::Response::builder()
-        .header(axum::http::header::CONTENT_TYPE, "application/json")
-        .body(axum::body::Body::from_stream(stream))
-        .map_err(|e| Error::internal(e.to_string()))
+        buf.push_str("]}");
+        send(&mut buf);
+        tracing::info!(ms = started.elapsed().as_millis() as u64, "/state streamed");
+        Ok(())
+    })
 }
 
 async fn get_event(

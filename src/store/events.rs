@@ -215,20 +215,73 @@ pub fn set_redacted(conn: Db<'_>, event_nid: EventNid, redacted_by: &str, json: 
     unindex_content(conn, event_nid)
 }
 
-/// The auth chain (event nids) of the given events, walked in SQL over the auth-edge table; includes the starts.
+/// The auth chain (event nids) of the given events, walked over the auth-edge table; includes the starts (first, in
+/// their order), then each level of the walk ([`auth_chain_beyond`]).
 /// Needs the `rarray` module (loaded on pooled readers).
 pub fn auth_chain_nids(conn: Db<'_>, start: &[EventNid]) -> Result<Vec<EventNid>> {
-    let values: std::rc::Rc<Vec<rusqlite::types::Value>> =
-        std::rc::Rc::new(start.iter().map(|n| rusqlite::types::Value::Integer(n.0)).collect());
-    let mut stmt = conn.prepare_cached(
-        "WITH RECURSIVE chain(nid) AS (
-            SELECT value FROM rarray(?1)
-            UNION
-            SELECT e2.event_nid FROM chain JOIN event_auth a ON a.event_nid = chain.nid JOIN events e2 ON e2.event_id = a.auth_event_id)
-         SELECT nid FROM chain",
-    )?;
-    let rows = stmt.query_map([values], |r| r.get(0))?;
-    Ok(rows.collect::<rusqlite::Result<_>>()?)
+    let mut seen = std::collections::HashSet::with_capacity(start.len());
+    let mut out: Vec<EventNid> = start.iter().copied().filter(|n| seen.insert(*n)).collect();
+    out.extend(auth_chain_beyond(conn, start)?.into_iter().map(|x| x.0));
+    Ok(out)
+}
+
+/// The events of the given events' auth chain that are not among them, with their ids, level by level. Set-based:
+/// one query per level for the auth event ids of the whole frontier, and each distinct id resolved once — the
+/// members of a big room share their create, power-level and join-rules auth events, which a per-row walk (a
+/// recursive CTE) looked up again for every member.
+/// Needs the `rarray` module (loaded on pooled readers).
+pub fn auth_chain_beyond(conn: Db<'_>, start: &[EventNid]) -> Result<Vec<(EventNid, String)>> {
+    use rusqlite::types::Value;
+    use std::collections::HashSet;
+    use std::rc::Rc;
+    let mut seen: HashSet<EventNid> = start.iter().copied().collect();
+    let mut out: Vec<(EventNid, String)> = Vec::new();
+    // Auth event ids already resolved (or found unknown): each is looked up once.
+    let mut resolved: HashSet<String> = HashSet::new();
+    let mut edges = conn.prepare_cached("SELECT auth_event_id FROM event_auth WHERE event_nid IN rarray(?1)")?;
+    let mut lookup = conn.prepare_cached("SELECT event_nid, event_id FROM events WHERE event_id IN rarray(?1)")?;
+    let mut frontier: Vec<Value> = seen.iter().map(|n| Value::Integer(n.0)).collect();
+    while !frontier.is_empty() {
+        let mut fresh: Vec<Value> = Vec::new();
+        let mut rows = edges.query([Rc::new(std::mem::take(&mut frontier))])?;
+        while let Some(r) = rows.next()? {
+            let id = r.get_ref(0)?.as_str().map_err(rusqlite::Error::from)?;
+            if !resolved.contains(id) {
+                resolved.insert(id.to_owned());
+                fresh.push(Value::Text(id.to_owned()));
+            }
+        }
+        if fresh.is_empty() {
+            break;
+        }
+        let mut found: Vec<(EventNid, String)> =
+            lookup.query_map([Rc::new(fresh)], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?;
+        found.sort_unstable_by_key(|x| x.0);
+        for (n, id) in found {
+            if seen.insert(n) {
+                frontier.push(Value::Integer(n.0));
+                out.push((n, id));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The stored JSON of each of `nids` (those that exist), read 1024 at a time, handed to `f` until it returns
+/// false. The order of a batch is the table's; sort `nids` to read the table forwards.
+pub fn each_json(conn: Db<'_>, nids: &[EventNid], mut f: impl FnMut(&str) -> bool) -> Result<()> {
+    let mut stmt = conn.prepare_cached("SELECT json FROM events WHERE event_nid IN rarray(?1)")?;
+    for chunk in nids.chunks(1024) {
+        let values: std::rc::Rc<Vec<rusqlite::types::Value>> =
+            std::rc::Rc::new(chunk.iter().map(|n| rusqlite::types::Value::Integer(n.0)).collect());
+        let mut rows = stmt.query([values])?;
+        while let Some(r) = rows.next()? {
+            if !f(r.get_ref(0)?.as_str().map_err(rusqlite::Error::from)?) {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Stored JSON of events by nid.
@@ -548,6 +601,29 @@ pub(crate) mod tests {
         let mut chain = auth_chain_nids(conn.db(), &[member, other]).unwrap();
         chain.sort();
         assert_eq!(chain, [create, member, other]);
+    }
+
+    #[test]
+    fn auth_chains_walk_every_level_once() {
+        let conn = memory_db();
+        let r = room(conn.db());
+        let create = insert_test_event(conn.db(), r, "$create", None, Some(("m.room.create", "")));
+        let pl = insert_test_event(conn.db(), r, "$pl", None, Some(("m.room.power_levels", "")));
+        let invite = insert_test_event(conn.db(), r, "$invite", None, Some(("m.room.member", "@a:x")));
+        let join_a = insert_test_event(conn.db(), r, "$join_a", None, Some(("m.room.member", "@a:x")));
+        let join_b = insert_test_event(conn.db(), r, "$join_b", None, Some(("m.room.member", "@b:x")));
+        insert_auth_edges(conn.db(), pl, &["$create".into()]).unwrap();
+        insert_auth_edges(conn.db(), invite, &["$create".into(), "$pl".into()]).unwrap();
+        insert_auth_edges(conn.db(), join_a, &["$create".into(), "$pl".into(), "$invite".into()]).unwrap();
+        insert_auth_edges(conn.db(), join_b, &["$create".into(), "$pl".into(), "$gone".into()]).unwrap();
+        // The starts first (once each, in their order), then each level; every event once.
+        let chain = auth_chain_nids(conn.db(), &[join_b, join_a, join_b]).unwrap();
+        assert_eq!(chain[..2], [join_b, join_a]);
+        let mut rest = chain[2..].to_vec();
+        rest.sort();
+        assert_eq!(rest, [create, pl, invite]);
+        assert_eq!(auth_chain_nids(conn.db(), &[create]).unwrap(), [create]);
+        assert!(auth_chain_nids(conn.db(), &[]).unwrap().is_empty());
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! cargo run --release --bin hearth-bench -- appservice               (transaction sender, cost of ten services)
 
 mod appservice;
+mod limits;
 mod run;
 mod sliding;
 mod world;
@@ -46,6 +47,15 @@ enum Command {
         /// Runs of each joiner (in rounds); with more than one, a table of the median and worst of each figure.
         #[arg(long, default_value_t = 1)]
         runs: usize,
+        /// "Pi-like": each Hearth joiner on one core with 512 MB (`--cpus 1 --memory-mb 512`; either wins).
+        #[arg(long)]
+        pi: bool,
+        /// Pin each Hearth joiner to the first N cores.
+        #[arg(long)]
+        cpus: Option<usize>,
+        /// Cap each Hearth joiner's memory (cgroup v2 `memory.max`, else v1 `memory.limit_in_bytes`).
+        #[arg(long)]
+        memory_mb: Option<u64>,
     },
     /// Simplified sliding sync (MSC4186): the first sync of an account in N rooms, and long-poll wake latency.
     SlidingSync {
@@ -88,12 +98,13 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
-        Command::Join { mut members, messages, mut joiners, quick, seed, dir, runs } => {
+        Command::Join { mut members, messages, mut joiners, quick, seed, dir, runs, pi, cpus, memory_mb } => {
             if quick {
                 members = vec![1000];
                 joiners.retain(|j| j != "synapse-full");
             }
-            rt.block_on(run::join_bench(run::Options { members, messages, joiners, seed, dir, runs }))
+            let limits = limits::Limits { cpus: cpus.or(pi.then_some(1)), memory_mb: memory_mb.or(pi.then_some(512)) };
+            rt.block_on(run::join_bench(run::Options { members, messages, joiners, seed, dir, runs, limits }))
         }
         Command::SlidingSync { rooms, messages, samples, dir } => {
             rt.block_on(sliding::run(sliding::Options { rooms, messages, samples, dir }))

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
+use crate::limits::{self, CapReport, Cgroup, Limits};
 use crate::world;
 
 pub struct Options {
@@ -19,6 +20,8 @@ pub struct Options {
     pub seed: u64,
     pub dir: PathBuf,
     pub runs: usize,
+    /// Cores and memory for each Hearth joiner (the "Pi-like" profile); the resident runs free.
+    pub limits: Limits,
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -101,6 +104,16 @@ level = "info,ruma_state_res=warn"
 struct Proc {
     child: Child,
     log: PathBuf,
+}
+
+impl Drop for Proc {
+    /// A process left behind by an error is not left running.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 impl Proc {
@@ -254,9 +267,19 @@ async fn start_resident(http: &reqwest::Client, o: &Options, n: usize) -> anyhow
     std::fs::copy(dir.join("pristine.db"), dir.join("hearth.db"))?;
     let meta: ResidentMeta = serde_json::from_str(&std::fs::read_to_string(&meta_path)?)?;
     let cfg = dir.join("hearth.toml");
+    // A world's ports are fixed (its server name holds the federation port): a copy of the world served by another
+    // resident on this machine would answer in our resident's place, and the run would measure that one.
+    for port in [meta.fed_port, meta.cli_port] {
+        if let Err(e) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            bail!("port {port} of this world is taken ({e}): another resident of a copy of it is running");
+        }
+    }
     let mut proc = spawn(Command::new(&bin).arg("-c").arg(&cfg), dir.join("log"))?;
     let url = format!("http://127.0.0.1:{}", meta.cli_port);
     wait_up(http, &url, &mut proc).await?;
+    if let Ok(Some(st)) = proc.child.try_wait() {
+        bail!("the resident exited ({st}) and something else answers on its port; see {}", proc.log.display());
+    }
     let (st, login) = api(
         http,
         reqwest::Method::POST,
@@ -293,11 +316,106 @@ pub struct Measure {
     send_p99_ms: f64,
     resident_send_join_ms: Option<f64>,
     resident_state_ms: Option<f64>,
+    /// The resident's `/state` until its last byte was handed to the connection (`resident_state_ms` is the time
+    /// to the state and its auth chain, before the stream).
+    #[serde(default)]
+    resident_state_streamed_ms: Option<f64>,
+    #[serde(default)]
+    resident_state_ids_ms: Option<f64>,
     resident_peak_rss_mb: f64,
     /// CPU seconds the resident spent from the join until the member list was complete (serving the joiner).
     #[serde(default)]
     resident_cpu_s: f64,
+    /// The joiner's core and memory cap ("Pi-like"), when one was asked for.
+    #[serde(default)]
+    cap: Option<CapReport>,
     note: String,
+}
+
+/// A Hearth joiner's process, under `o.limits` when any: pinned to its cores and in a memory cgroup of its own.
+fn spawn_joiner(
+    o: &Options,
+    bin: &Path,
+    cfg: &Path,
+    log: PathBuf,
+    kind: &str,
+) -> anyhow::Result<(Proc, Option<Cgroup>, Option<CapReport>)> {
+    let mut cmd = Command::new(bin);
+    cmd.arg("-c").arg(cfg);
+    if !o.limits.any() {
+        return Ok((spawn(&mut cmd, log)?, None, None));
+    }
+    let mut cap = CapReport { cpus: o.limits.cpus, memory_limit_mb: o.limits.memory_mb, ..Default::default() };
+    let group = match o.limits.memory_mb {
+        Some(mb) => match Cgroup::create(&format!("hearth-bench-{}-{kind}", std::process::id()), mb) {
+            Ok(g) => {
+                cap.cgroup = g.describe();
+                Some(g)
+            }
+            Err(why) => {
+                cap.cgroup = format!("none: {why}");
+                cap.memory_limit_mb = None;
+                eprintln!("   NO MEMORY CAP: {why}");
+                None
+            }
+        },
+        None => {
+            cap.cgroup = "none: no memory cap asked for".into();
+            None
+        }
+    };
+    limits::apply(&mut cmd, o.limits.cpus, group.as_ref());
+    let p = spawn(&mut cmd, log)?;
+    if let Some(g) = &group {
+        anyhow::ensure!(g.holds(p.pid()), "the joiner (pid {}) is not in {}", p.pid(), g.describe());
+    }
+    let allowed = limits::cpus_allowed(p.pid()).unwrap_or_default();
+    if let Some(n) = o.limits.cpus {
+        let want = if n == 1 { "0".to_owned() } else { format!("0-{}", n - 1) };
+        anyhow::ensure!(allowed == want, "the joiner may run on cores {allowed}, not {want}");
+    }
+    eprintln!(
+        "   joiner pid {} on cores {allowed}, memory: {}",
+        p.pid(),
+        if cap.cgroup.is_empty() { "uncapped" } else { &cap.cgroup }
+    );
+    Ok((p, group, Some(cap)))
+}
+
+/// The cap's figures once the run is over (before the joiner is stopped): the group's peak, limit hits and OOM
+/// kills, and how the joiner ended if it already has.
+fn cap_report(cap: Option<CapReport>, group: Option<&Cgroup>, p: &mut Proc) -> Option<CapReport> {
+    use std::os::unix::process::ExitStatusExt;
+    let mut cap = cap?;
+    if let Some(g) = group {
+        (cap.cgroup_peak_mb, cap.limit_hits, cap.oom_kills) = g.usage();
+    }
+    if let Ok(Some(st)) = p.child.try_wait() {
+        cap.exit = Some(match st.signal() {
+            Some(sig) => format!("killed by signal {sig}{}", if sig == libc::SIGKILL { " (OOM killer?)" } else { "" }),
+            None => format!("exited {st}"),
+        });
+    }
+    Some(cap)
+}
+
+fn cap_note(cap: &Option<CapReport>) -> String {
+    let Some(c) = cap else { return String::new() };
+    let cores =
+        c.cpus.map(|n| format!("{n} core{}", if n == 1 { "" } else { "s" })).unwrap_or_else(|| "all cores".into());
+    let mem = match (c.memory_limit_mb, c.cgroup_peak_mb) {
+        (Some(l), Some(p)) => {
+            format!("{l} MB cap (cgroup {}), cgroup peak {p:.0} MB", c.cgroup.split(' ').next().unwrap_or(""))
+        }
+        (Some(l), None) => format!("{l} MB cap"),
+        (None, _) => format!("no memory cap ({})", c.cgroup),
+    };
+    let oom = match (c.limit_hits, c.oom_kills) {
+        (Some(h), Some(k)) => format!(", limit hit {h}x, OOM kills {k}"),
+        _ => String::new(),
+    };
+    let exit = c.exit.as_deref().map(|e| format!(", joiner {e}")).unwrap_or_default();
+    format!("{cores}, {mem}{oom}{exit}")
 }
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
@@ -415,9 +533,12 @@ async fn run_hearth(
     let (fed, cli) = (free_port()?, free_port()?);
     let cfg = hearth_config(&dir, fed, cli, lazy, Some(&r.server_name))?;
     let bin = hearth_bin()?;
-    let mut p = spawn(Command::new(&bin).arg("-c").arg(&cfg), dir.join("log"))?;
+    let (mut p, group, cap) = spawn_joiner(o, &bin, &cfg, dir.join("log"), kind)?;
     let url = format!("http://127.0.0.1:{cli}");
-    wait_up(http, &url, &mut p).await?;
+    if let Err(e) = wait_up(http, &url, &mut p).await {
+        let cap = cap_report(cap, group.as_ref(), &mut p);
+        return Err(e.context(cap_note(&cap)));
+    }
     // The admin commands work on the running server's database (they never create one).
     let st = Command::new(&bin)
         .arg("-c")
@@ -453,9 +574,16 @@ async fn run_hearth(
         }
     })
     .await;
-    let mut m = result?;
-    m.db_mb = dir_db_size_mb(&dir, "hearth.db");
+    let cap = cap_report(cap, group.as_ref(), &mut p);
     p.stop();
+    drop(group);
+    let note = cap_note(&cap);
+    let mut m = result.map_err(|e| if note.is_empty() { e } else { e.context(note.clone()) })?;
+    m.db_mb = dir_db_size_mb(&dir, "hearth.db");
+    if !note.is_empty() {
+        m.note = if m.note.is_empty() { note } else { format!("{}; {note}", m.note) };
+    }
+    m.cap = cap;
     Ok(m)
 }
 
@@ -481,7 +609,7 @@ async fn run_hearth_peek(http: &reqwest::Client, o: &Options, r: &Resident, n: u
     let (fed, cli) = (free_port()?, free_port()?);
     let cfg = hearth_config(&dir, fed, cli, true, Some(&r.server_name))?;
     let bin = hearth_bin()?;
-    let mut p = spawn(Command::new(&bin).arg("-c").arg(&cfg), dir.join("log"))?;
+    let (mut p, group, cap) = spawn_joiner(o, &bin, &cfg, dir.join("log"), kind)?;
     let url = format!("http://127.0.0.1:{cli}");
     wait_up(http, &url, &mut p).await?;
     let st = Command::new(&bin)
@@ -537,6 +665,8 @@ async fn run_hearth_peek(http: &reqwest::Client, o: &Options, r: &Resident, n: u
     let (rss, cpu) = proc_usage(p.pid());
     let after = resident_requests(http, r).await;
     let (res_rss, _) = proc_usage(r.proc.pid());
+    let cap = cap_report(cap, group.as_ref(), &mut p);
+    let cap_text = cap_note(&cap);
     let m = Measure {
         members: n,
         joiner: kind.to_owned(),
@@ -548,10 +678,15 @@ async fn run_hearth_peek(http: &reqwest::Client, o: &Options, r: &Resident, n: u
         db_mb: dir_db_size_mb(&dir, "hearth.db"),
         resident_requests: after.saturating_sub(before),
         resident_peak_rss_mb: res_rss,
-        note: format!("peek; shown in /sync after {shown_ms:.0} ms; no member list"),
+        note: format!(
+            "peek; shown in /sync after {shown_ms:.0} ms; no member list{}",
+            if cap_text.is_empty() { String::new() } else { format!("; {cap_text}") }
+        ),
+        cap,
         ..Default::default()
     };
     p.stop();
+    drop(group);
     Ok(m)
 }
 
@@ -626,8 +761,11 @@ where
         send_p99_ms: pct(&mut sends, 0.99),
         resident_send_join_ms: resident_log_ms(r, log_from, "send_join served", ""),
         resident_state_ms: resident_log_ms(r, log_from, "/state served", ""),
+        resident_state_streamed_ms: resident_log_ms(r, log_from, "/state streamed", ""),
+        resident_state_ids_ms: resident_log_ms(r, log_from, "/state_ids served", ""),
         resident_peak_rss_mb: res_rss,
         resident_cpu_s: res_cpu - res_cpu_before,
+        cap: None,
         note,
     })
 }
@@ -777,16 +915,23 @@ pub async fn join_bench(o: Options) -> anyhow::Result<()> {
             };
             match m {
                 Ok(m) => {
+                    let o = |x: Option<f64>| x.map(|v| format!("{v:.0}")).unwrap_or_else(|| "-".into());
                     eprintln!(
                         "   join {:.0} ms, first message {:.0} ms, full members {:.0} ms, rss {:.0} MB, cpu {:.1} s \
-                         (resident: cpu {:.1} s, rss {:.0} MB)",
+                         (resident: cpu {:.1} s, rss {:.0} MB, send_join {} ms, /state {} ms (streamed {} ms), \
+                         /state_ids {} ms){}",
                         m.join_ms,
                         m.first_message_ms,
                         m.full_members_ms,
                         m.peak_rss_mb,
                         m.cpu_s,
                         m.resident_cpu_s,
-                        m.resident_peak_rss_mb
+                        m.resident_peak_rss_mb,
+                        o(m.resident_send_join_ms),
+                        o(m.resident_state_ms),
+                        o(m.resident_state_streamed_ms),
+                        o(m.resident_state_ids_ms),
+                        if m.note.is_empty() { String::new() } else { format!("; {}", m.note) }
                     );
                     results.push(m)
                 }
