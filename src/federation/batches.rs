@@ -206,8 +206,7 @@ impl Pipeline<'_> {
         if !self.background {
             return PARSE_BATCH;
         }
-        // TEMPORARY (benchmarking): XBENCH_WRITE_BATCH overrides.
-        std::env::var("XBENCH_WRITE_BATCH").ok().and_then(|v| v.parse().ok()).unwrap_or(BACKGROUND_WRITE_BATCH)
+        BACKGROUND_WRITE_BATCH
     }
 
     /// Stores `verified` as outliers on the writer (foreground or background priority).

@@ -189,12 +189,7 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
         "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=10000;
          PRAGMA cache_size=-8000; PRAGMA temp_store=MEMORY; PRAGMA journal_size_limit=67108864;
          PRAGMA wal_autocheckpoint=8000;",
-    )?;
-    // TEMPORARY (benchmarking): XBENCH_WRITER_CACHE_KB overrides the writer's page cache.
-    if let Some(kb) = std::env::var("XBENCH_WRITER_CACHE_KB").ok().and_then(|v| v.parse::<i64>().ok()) {
-        conn.execute_batch(&format!("PRAGMA cache_size=-{kb};"))?;
-    }
-    Ok(())
+    )
 }
 
 impl Store {
