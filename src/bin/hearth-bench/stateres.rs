@@ -127,7 +127,13 @@ fn not_found() -> Response {
     (StatusCode::NOT_FOUND, Json(json!({"errcode": "M_NOT_FOUND", "error": "not here"}))).into_response()
 }
 
-async fn start_remote(dir: &std::path::Path) -> anyhow::Result<(Arc<Remote>, hearth::federation::client::FedClient)> {
+/// The remote: its TLS listener and state, and its federation client towards the resident `resident` (reached where
+/// the resident's configuration in `dir` says it listens: a world copied from another directory keeps its server
+/// name, and may listen on another port).
+async fn start_remote(
+    dir: &std::path::Path,
+    resident: &str,
+) -> anyhow::Result<(Arc<Remote>, hearth::federation::client::FedClient)> {
     let port = run::free_port()?;
     let name = format!("127.0.0.1:{port}");
     let der = Ed25519KeyPair::generate();
@@ -163,8 +169,12 @@ async fn start_remote(dir: &std::path::Path) -> anyhow::Result<(Arc<Remote>, hea
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
-    let config =
+    let mut config =
         hearth::config::Federation { verify_certificates: false, allow_private_ips: true, ..Default::default() };
+    let resident_config = hearth::config::Config::load(Some(&dir.join("hearth.toml")))?;
+    if let Some(addr) = resident_config.listen.federation {
+        config.resolve.insert(resident.to_owned(), addr.to_string());
+    }
     let client = hearth::federation::client::FedClient::new(identity, config)?;
     Ok((remote, client))
 }
@@ -325,7 +335,7 @@ async fn fork_and_heal(http: &reqwest::Client, o: &Options, r: &run::Resident, n
     let room = r.world.room_id.clone();
     let rq = q(&room);
     let rules = version::rules("12").map_err(|e| anyhow::anyhow!("{e}"))?;
-    let (remote, fed) = start_remote(&r.dir).await?;
+    let (remote, fed) = start_remote(&r.dir, &r.server_name).await?;
     let rname = remote.identity.server_name.to_string();
     let dest = r.server_name.as_str();
     eprintln!(
