@@ -116,6 +116,9 @@ CREATE TABLE event_auth (
     auth_event_id TEXT NOT NULL,
     PRIMARY KEY (event_nid, auth_event_id)
 ) WITHOUT ROWID;
+-- Downwards (the events citing an event): state resolution asks whether an event is in the auth chain of a fork's
+-- shared state by walking down from it.
+CREATE INDEX event_auth_by_auth ON event_auth(auth_event_id);
 
 CREATE TABLE forward_extremities (
     room_nid  INTEGER NOT NULL,

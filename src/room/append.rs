@@ -477,12 +477,22 @@ fn update_current_state(
             _ => vec![],
         }
     } else {
-        let old = match old_sg {
-            Some(g) => state_groups::load_state_of_type(conn, g, "m.room.member")?,
-            None => Default::default(),
-        };
-        let new = state_groups::load_state_of_type(conn, new_sg, "m.room.member")?;
-        new.into_iter().filter(|(k, v)| old.get(k) != Some(v)).collect()
+        match old_sg {
+            // Only the entries the two states differ in (a resolved fork moves a few among 100k members).
+            Some(old) => {
+                let mut changed = Vec::new();
+                for (skn, values) in state_groups::differing_entries(conn, &[old, new_sg])? {
+                    if let Some(nid) = values[1] {
+                        let (event_type, key) = state_groups::state_key_of(conn, skn)?;
+                        if event_type == "m.room.member" {
+                            changed.push((key, nid));
+                        }
+                    }
+                }
+                changed
+            }
+            None => state_groups::load_state_of_type(conn, new_sg, "m.room.member")?.into_iter().collect(),
+        }
     };
     let mut joined_locals = Vec::new();
     for (user_id, nid) in changed {

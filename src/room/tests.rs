@@ -454,3 +454,176 @@ fn another_server_is_judged_by_its_joined_users() {
     let room = rooms::room_by_id(f.conn.db(), &room_id).unwrap().unwrap();
     assert!(server_may_read_room(f.conn.db(), &room, "other.example").unwrap());
 }
+
+/// One event of the second branch of a fork: built on `prev` (as another server would), with the auth events the
+/// state after `prev` gives, and taken in as a federated event is. Returns its id.
+fn branch_event(
+    f: &mut Fixture,
+    room_id: &str,
+    prev: &str,
+    sender: &str,
+    kind: &str,
+    key: &str,
+    content: serde_json::Value,
+) -> String {
+    use crate::room::append::{build_pdu, reference, Outcome};
+    use crate::room::remote::{handle_incoming, Incoming};
+    let identity = f.identity.clone();
+    let pdu = {
+        let c = f.conn.db();
+        let room = rooms::room_by_id(c, room_id).unwrap().unwrap();
+        let rules = crate::room::version::rules(&room.version).unwrap();
+        let prev_row = events::event_by_id(c, prev).unwrap().unwrap();
+        let sg = prev_row.sg_after.unwrap();
+        let raw = serde_json::value::to_raw_value(&content).unwrap();
+        let types =
+            ruma::state_res::auth_types_for_event(&kind.into(), &uid(sender), Some(key), &raw, &rules.authorization)
+                .unwrap();
+        let mut auth = Vec::new();
+        for (t, k) in types {
+            if let Some(skn) = state_groups::find_state_key_nid(c, &t.to_string(), &k).unwrap() {
+                if let Some(nid) = state_groups::lookup_state(c, sg, skn).unwrap() {
+                    let (id, sha, _) = reference(c, nid).unwrap();
+                    auth.push((id, sha));
+                }
+            }
+        }
+        let (pid, psha, depth) = reference(c, prev_row.event_nid).unwrap();
+        let ev = LocalEvent::state(kind, key, content);
+        let room = rid(room_id);
+        build_pdu(&identity, &rules, Some(&*room), &uid(sender), &ev, &[(pid, psha)], &auth, depth + 1).unwrap()
+    };
+    let got = write(&mut f.conn, &mut f.stream, |w| handle_incoming(w, &identity, &rid(room_id), &pdu, None)).unwrap();
+    assert!(matches!(got, Incoming::Stored(_, Outcome::Accepted)), "{kind} {key}: {got:?}");
+    pdu.event_id.to_string()
+}
+
+fn local_state(
+    f: &mut Fixture,
+    room_id: &str,
+    sender: &str,
+    kind: &str,
+    key: &str,
+    content: serde_json::Value,
+) -> String {
+    let identity = f.identity.clone();
+    let ev = LocalEvent::state(kind, key, content);
+    write(&mut f.conn, &mut f.stream, |w| append_local(w, &identity, &rid(room_id), &uid(sender), ev, None))
+        .unwrap()
+        .event_id
+}
+
+/// A fork resolved from the entries its states differ in (what `resolve_groups` does since the 100k-member fork
+/// benchmark) gives the state the whole states resolved give, and the same auth difference: in particular an event
+/// only one branch's conflicted events cite, but which an unconflicted event descends from (Carol's first join,
+/// under her later display name change), is in every state's auth chain, so not in the difference.
+#[test]
+fn a_fork_resolved_from_its_differences_matches_the_whole_states_resolved() {
+    use crate::room::state;
+    use std::collections::HashSet;
+    for version in ["12", "10"] {
+        let mut f = Fixture::new();
+        let identity = f.identity.clone();
+        let req = CreateRoom { room_version: Some(version.into()), ..CreateRoom::new(uid(ALICE)) };
+        let room_id = write(&mut f.conn, &mut f.stream, |w| create_room(w, &identity, req)).unwrap().0;
+        f.state(&room_id, "m.room.join_rules", json!({"join_rule": "public"}));
+        let u: Vec<String> = (0..10).map(|i| format!("@u{i}:test.example")).collect();
+        let carol = u[0].clone();
+        let bob = u[1].clone();
+        for x in &u {
+            f.membership(&room_id, x, x, "join").unwrap();
+        }
+        let carol_first_join = {
+            let c = f.conn.db();
+            let room = rooms::room_by_id(c, &room_id).unwrap().unwrap();
+            let nid = state_groups::lookup_state(
+                c,
+                room.current_sg.unwrap(),
+                state_groups::find_state_key_nid(c, "m.room.member", &carol).unwrap().unwrap(),
+            )
+            .unwrap()
+            .unwrap();
+            events::event_id_of(c, nid).unwrap().unwrap()
+        };
+        local_state(
+            &mut f,
+            &room_id,
+            &carol,
+            "m.room.member",
+            &carol,
+            json!({"membership": "join", "displayname": "Carol"}),
+        );
+        let mut users = serde_json::Map::new();
+        if version != "12" {
+            users.insert(ALICE.into(), json!(100));
+        }
+        users.insert(bob.clone(), json!(100));
+        users.insert(carol.clone(), json!(50));
+        let pl0 = json!({"users": users, "users_default": 0, "events_default": 0, "state_default": 50, "ban": 50, "kick": 50, "redact": 50, "invite": 0});
+        let fork_point = local_state(&mut f, &room_id, ALICE, "m.room.power_levels", "", pl0.clone());
+
+        // Branch one, local: promotions, a kick, a ban, the topic.
+        let mut pl1 = pl0.clone();
+        pl1["users"][&u[2]] = json!(50);
+        pl1["users"][&u[3]] = json!(50);
+        local_state(&mut f, &room_id, ALICE, "m.room.power_levels", "", pl1);
+        f.membership(&room_id, ALICE, &u[4], "leave").unwrap();
+        f.membership(&room_id, ALICE, &u[5], "ban").unwrap();
+        let tip1 = local_state(&mut f, &room_id, ALICE, "m.room.topic", "", json!({"topic": "one"}));
+
+        // Branch two, on the fork point: other power levels, Carol's topic, a ban of a promoted member, a leave, a
+        // new member.
+        let mut pl2 = pl0.clone();
+        pl2["users"][&u[6]] = json!(50);
+        let mut prev = branch_event(&mut f, &room_id, &fork_point, &bob, "m.room.power_levels", "", pl2.clone());
+        prev = branch_event(&mut f, &room_id, &prev, &carol, "m.room.topic", "", json!({"topic": "two"}));
+        prev = branch_event(&mut f, &room_id, &prev, &bob, "m.room.member", &u[2], json!({"membership": "ban"}));
+        prev = branch_event(&mut f, &room_id, &prev, &u[7], "m.room.member", &u[7], json!({"membership": "leave"}));
+        let newcomer = "@new:test.example";
+        let tip2 =
+            branch_event(&mut f, &room_id, &prev, newcomer, "m.room.member", newcomer, json!({"membership": "join"}));
+
+        let c = f.conn.db();
+        let room = rooms::room_by_id(c, &room_id).unwrap().unwrap();
+        let rules = crate::room::version::rules(version).unwrap();
+        let sg_of = |id: &str| events::event_by_id(c, id).unwrap().unwrap().sg_after.unwrap();
+        let mut groups = vec![sg_of(&tip1), sg_of(&tip2)];
+        groups.sort_unstable();
+        let fast = state::resolve_groups(c, room.room_nid, version, &groups).unwrap();
+        let states: Vec<_> = groups.iter().map(|g| state_groups::load_state(c, *g).unwrap()).collect();
+        let full = state::resolve_full(c, &rules, &states).unwrap();
+        assert_eq!(state_groups::load_state(c, fast).unwrap(), full, "room version {version}");
+        // The room's current state (resolved when the second branch came in) is the same.
+        assert_eq!(state_groups::load_state(c, room.current_sg.unwrap()).unwrap(), full, "room version {version}");
+        let content = |t: &str, k: &str| crate::room::state_content(c, fast, t, k).unwrap().unwrap();
+        assert_eq!(content("m.room.power_levels", "")["users"], pl2["users"], "room version {version}");
+        assert_eq!(content("m.room.topic", "")["topic"], "two", "room version {version}");
+        assert_eq!(content("m.room.member", &u[2])["membership"], "ban");
+        assert_eq!(content("m.room.member", &u[4])["membership"], "leave");
+        assert_eq!(content("m.room.member", &u[5])["membership"], "ban");
+        assert_eq!(content("m.room.member", &u[7])["membership"], "leave");
+        assert_eq!(content("m.room.member", newcomer)["membership"], "join");
+
+        // The auth difference from the conflicted part equals the one from the whole states.
+        let diff = state_groups::differing_entries(c, &groups).unwrap();
+        let inputs = state::conflict_inputs(c, &rules, groups[0], &diff).unwrap().unwrap();
+        let difference = |chains: Vec<HashSet<String>>| -> HashSet<String> {
+            let union: HashSet<String> = chains.iter().flatten().cloned().collect();
+            union.into_iter().filter(|id| chains.iter().any(|ch| !ch.contains(id))).collect()
+        };
+        let fast_diff =
+            difference(inputs.chains.iter().map(|ch| ch.iter().map(|id| id.to_string()).collect()).collect());
+        let full_chains: Vec<HashSet<String>> = states
+            .iter()
+            .map(|s| {
+                let ids = s
+                    .values()
+                    .map(|n| ruma::OwnedEventId::try_from(events::event_id_of(c, *n).unwrap().unwrap()).unwrap());
+                state::auth_chain(c, ids).unwrap().into_iter().map(|id| id.to_string()).collect()
+            })
+            .collect();
+        assert_eq!(fast_diff, difference(full_chains), "room version {version}");
+        assert!(!fast_diff.contains(&carol_first_join), "room version {version}");
+        assert!(!fast_diff.is_empty());
+    }
+}

@@ -181,6 +181,17 @@ pub fn auth_event_ids(conn: Db<'_>, event_id: &str) -> Result<Vec<String>> {
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
+/// The state events that cite `event_id` among their auth events: (nid, event id, state key nid). Walks the auth
+/// DAG downwards over the `event_auth_by_auth` index.
+pub fn auth_children(conn: Db<'_>, event_id: &str) -> Result<Vec<(EventNid, String, StateKeyNid)>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT e.event_nid, e.event_id, e.state_key_nid FROM event_auth a JOIN events e ON e.event_nid = a.event_nid
+         WHERE a.auth_event_id = ?1 AND e.state_key_nid IS NOT NULL",
+    )?;
+    let rows = stmt.query_map([event_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
 pub fn insert_edges(conn: Db<'_>, event_nid: EventNid, prevs: &[String]) -> Result<()> {
     let mut stmt =
         conn.prepare_cached("INSERT OR IGNORE INTO event_edges (event_nid, prev_event_id) VALUES (?1, ?2)")?;

@@ -6,7 +6,7 @@ use rusqlite::Connection;
 const SCHEMA: &str = include_str!("../../schema.sql");
 
 /// Version written by `SCHEMA`. Later changes add `(version, sql)` steps to `MIGRATIONS` and bump this.
-pub const SCHEMA_VERSION: i64 = 18;
+pub const SCHEMA_VERSION: i64 = 19;
 
 /// Steps from version N-1 to N, for N > 1.
 const MIGRATIONS: &[(i64, &str)] = &[
@@ -25,6 +25,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (15, UNREAD_V15),
     (17, PEEKS_V17),
     (18, TOPOLOGICAL_V18),
+    (19, AUTH_CHILDREN_V19),
 ];
 
 /// 17: peeking over federation (MSC2444) and local peeks (MSC2753).
@@ -45,6 +46,11 @@ CREATE INDEX IF NOT EXISTS local_peeks_room ON local_peeks(room_nid);
 
 /// 18: timeline events in topological order (depth, then stream position), which `/messages` and `/context` page
 /// in.
+/// 19: auth edges by the event cited, for state resolution: whether an event is in the auth chain of the state
+/// both sides of a fork share is found by walking down from it (`events::auth_children`), not by walking up the
+/// auth chains of every member of the room.
+const AUTH_CHILDREN_V19: &str = "CREATE INDEX IF NOT EXISTS event_auth_by_auth ON event_auth(auth_event_id);";
+
 const TOPOLOGICAL_V18: &str = "
 CREATE INDEX IF NOT EXISTS events_room_topo ON events(room_nid, depth, stream_ordering) WHERE stream_ordering IS NOT NULL;
 ";

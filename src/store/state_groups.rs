@@ -154,6 +154,80 @@ pub fn state_event_ids(conn: Db<'_>, sg: StateGroup, exclude_type: Option<&str>)
     Ok(map.into_values().flatten().collect())
 }
 
+/// The groups of `sg`'s delta chain, `sg` first, its root last.
+pub fn chain_of(conn: Db<'_>, sg: StateGroup) -> Result<Vec<StateGroup>> {
+    let mut stmt = conn.prepare_cached(&format!("{CHAIN} SELECT sg FROM chain ORDER BY d"))?;
+    let rows = stmt.query_map([sg], |r| r.get(0))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// The entries written in one group: its delta over its parent (`None`: the key was removed), or a root's state.
+pub fn group_entries(conn: Db<'_>, sg: StateGroup) -> Result<Vec<(StateKeyNid, Option<EventNid>)>> {
+    let mut stmt = conn.prepare_cached("SELECT state_key_nid, event_nid FROM state_group_entries WHERE sg = ?1")?;
+    let rows = stmt.query_map([sg], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// The entries in which the states of `groups` differ: key -> each group's event there (`None`: not in that
+/// group's state), keys in order. When the groups' delta chains meet (the groups of a fork grow from the group at
+/// the fork point), only the deltas above the nearest group they share are read, and the shared group's entry for
+/// each key they touch; otherwise (a chain was cut by a full snapshot) the whole states.
+pub fn differing_entries(
+    conn: Db<'_>,
+    groups: &[StateGroup],
+) -> Result<std::collections::BTreeMap<StateKeyNid, Vec<Option<EventNid>>>> {
+    let chains: Vec<Vec<StateGroup>> = groups.iter().map(|g| chain_of(conn, *g)).collect::<Result<_>>()?;
+    let common =
+        chains.first().and_then(|first| first.iter().find(|g| chains[1..].iter().all(|c| c.contains(g))).copied());
+    let mut out = std::collections::BTreeMap::new();
+    match common {
+        Some(shared) => {
+            // Each group's changes above the shared group, the nearest delta winning.
+            let mut above: Vec<HashMap<StateKeyNid, Option<EventNid>>> = Vec::with_capacity(groups.len());
+            for chain in &chains {
+                let mut changes = HashMap::new();
+                for g in chain.iter().take_while(|g| **g != shared) {
+                    for (k, v) in group_entries(conn, *g)? {
+                        changes.entry(k).or_insert(v);
+                    }
+                }
+                above.push(changes);
+            }
+            let keys: std::collections::BTreeSet<StateKeyNid> = above.iter().flat_map(|m| m.keys().copied()).collect();
+            for k in keys {
+                let mut at_shared = None;
+                let mut values = Vec::with_capacity(groups.len());
+                for changes in &above {
+                    values.push(match (changes.get(&k), at_shared) {
+                        (Some(v), _) => *v,
+                        (None, Some(v)) => v,
+                        (None, None) => {
+                            let v = lookup_state(conn, shared, k)?;
+                            at_shared = Some(v);
+                            v
+                        }
+                    });
+                }
+                if values.windows(2).any(|w| w[0] != w[1]) {
+                    out.insert(k, values);
+                }
+            }
+        }
+        None => {
+            let states: Vec<HashMap<StateKeyNid, EventNid>> =
+                groups.iter().map(|g| load_state(conn, *g)).collect::<Result<_>>()?;
+            let keys: std::collections::BTreeSet<StateKeyNid> = states.iter().flat_map(|m| m.keys().copied()).collect();
+            for k in keys {
+                let values: Vec<Option<EventNid>> = states.iter().map(|s| s.get(&k).copied()).collect();
+                if values.windows(2).any(|w| w[0] != w[1]) {
+                    out.insert(k, values);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// The group a delta group is written over (`None` for a root group or an unknown group).
 pub fn delta_of(conn: Db<'_>, sg: StateGroup) -> Result<Option<StateGroup>> {
     Ok(conn

@@ -24,11 +24,11 @@ pub struct Options {
     pub limits: Limits,
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn self_signed(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+pub(crate) fn self_signed(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
     let (crt, key) = (dir.join("tls.crt"), dir.join("tls.key"));
     if !crt.exists() {
         let st = Command::new("openssl")
@@ -101,9 +101,9 @@ level = "info,ruma_state_res=warn"
     Ok(path)
 }
 
-struct Proc {
-    child: Child,
-    log: PathBuf,
+pub(crate) struct Proc {
+    pub(crate) child: Child,
+    pub(crate) log: PathBuf,
 }
 
 impl Drop for Proc {
@@ -117,10 +117,10 @@ impl Drop for Proc {
 }
 
 impl Proc {
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
-    fn stop(mut self) {
+    pub(crate) fn stop(mut self) {
         let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
         for _ in 0..100 {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -153,7 +153,7 @@ fn spawn(cmd: &mut Command, log: PathBuf) -> anyhow::Result<Proc> {
 }
 
 /// Peak RSS (VmHWM) in MB and CPU seconds of a process.
-fn proc_usage(pid: u32) -> (f64, f64) {
+pub(crate) fn proc_usage(pid: u32) -> (f64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let hwm_kb: f64 = status
         .lines()
@@ -182,7 +182,7 @@ fn dir_db_size_mb(dir: &Path, prefix: &str) -> f64 {
         / 1e6
 }
 
-async fn api(
+pub(crate) async fn api(
     http: &reqwest::Client,
     method: reqwest::Method,
     url: &str,
@@ -201,17 +201,17 @@ async fn api(
     Ok((st, res.json().await.unwrap_or(Value::Null)))
 }
 
-fn q(s: &str) -> String {
+pub(crate) fn q(s: &str) -> String {
     hearth::federation::client::enc(s)
 }
 
-struct Resident {
-    proc: Proc,
-    url: String,
-    server_name: String,
-    token: String,
-    world: world::World,
-    dir: PathBuf,
+pub(crate) struct Resident {
+    pub(crate) proc: Proc,
+    pub(crate) url: String,
+    pub(crate) server_name: String,
+    pub(crate) token: String,
+    pub(crate) world: world::World,
+    pub(crate) dir: PathBuf,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -221,7 +221,7 @@ struct ResidentMeta {
     cli_port: u16,
 }
 
-async fn start_resident(http: &reqwest::Client, o: &Options, n: usize) -> anyhow::Result<Resident> {
+pub(crate) async fn start_resident(http: &reqwest::Client, o: &Options, n: usize) -> anyhow::Result<Resident> {
     let dir = o.dir.join(format!("resident-{n}"));
     let meta_path = dir.join("world.json");
     let bin = hearth_bin()?;
