@@ -324,7 +324,15 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
 }
 
 async fn one(http: &reqwest::Client, o: &Options, n: usize) -> anyhow::Result<Measure> {
-    let ro = run::Options { members: vec![n], messages: o.messages, joiners: vec![], seed: o.seed, dir: o.dir.clone() };
+    let ro = run::Options {
+        members: vec![n],
+        messages: o.messages,
+        joiners: vec![],
+        seed: o.seed,
+        dir: o.dir.clone(),
+        runs: 1,
+        limits: Default::default(),
+    };
     let r = run::start_resident(http, &ro, n).await?;
     let result = fork_and_heal(http, o, &r, n).await;
     r.proc.stop();
