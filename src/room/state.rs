@@ -187,7 +187,7 @@ pub fn resolve_conflicts(
     rules: &ruma::room_version_rules::RoomVersionRules,
     base: StateGroup,
     diff: &Diff,
-) -> Result<Option<Vec<(StateKeyNid, Option<EventNid>)>>> {
+) -> Result<Option<Changes>> {
     let Some(inputs) = conflict_inputs(conn, rules, base, diff)? else { return Ok(None) };
     let resolved = resolve_with_chains(conn, rules, &inputs.maps, inputs.chains)?;
     // Back to nids: a conflicted key takes the resolved event (or none); a key in no state takes what the
@@ -210,6 +210,9 @@ pub fn resolve_conflicts(
     }
     Ok(Some(out))
 }
+
+/// Entries to write over a group: key -> event (`None`: removed).
+pub type Changes = Vec<(StateKeyNid, Option<EventNid>)>;
 
 /// The entries in which the states of a fork differ: key -> each state's event there.
 pub type Diff = std::collections::BTreeMap<StateKeyNid, Vec<Option<EventNid>>>;
