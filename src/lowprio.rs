@@ -1,8 +1,13 @@
 //! Threads for background CPU work at a lower scheduling priority: a resync's signature checks and auth reads
 //! must not take the CPU from a user's `/sync` or send on a small machine. The threads run at nice
-//! [`NICE`] (Linux schedules each thread by its own nice value: a nice-10 thread gets about a tenth of a core
+//! [`NICE`] (Linux schedules each thread by its own nice value: a nice-5 thread gets about a quarter of a core
 //! that a nice-0 thread also wants, and all of an idle one), so background work still runs at full speed when
-//! nobody else needs the CPU, and yields within a scheduler tick when someone does.
+//! nobody else needs the CPU, and gives way when someone does.
+//!
+//! Not lower: the priority is against every process of the machine, not only our users' requests. At nice 10 a
+//! 100k-member resync beside a CI run's compilers spent 66 s verifying instead of 24-37 s, and a 10k one took 9 s
+//! instead of 3-4 s to its full member list, while the users' p99 under that load did not measurably improve
+//! (bench/PROFILE.md, round 3).
 //!
 //! Like tokio's blocking pool this is one pool per process, started on first use: the threads are an executor,
 //! not a service, and each caller passes in everything its work needs.
@@ -11,7 +16,7 @@ use std::sync::mpsc;
 use std::sync::{Mutex, OnceLock};
 
 /// The nice value of the pool's threads (0 is normal, 19 the lowest priority).
-pub const NICE: i32 = 10;
+pub const NICE: i32 = 5;
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
