@@ -199,14 +199,16 @@ impl Pipeline<'_> {
 
     /// Verified events written per transaction. A background pipeline (a resync) writes [`BACKGROUND_WRITE_BATCH`]
     /// at a time: each commit rewrites the index pages its rows touch (event ids and state keys are random keys),
-    /// so in a big room fewer, larger commits write far fewer pages per event; one such write still takes well under
-    /// the job step's 100 ms, which is what a user's write can wait behind it. A foreground one (a join a user waits
-    /// for) writes each parsed batch at once.
+    /// so in a big room fewer, larger commits write fewer pages per event. Such a write is what a user's write can
+    /// wait behind: about 75 ms in a 100k-member resync on a loaded 2-core machine (12 s of writer CPU for 160
+    /// writes), and the probe's send p99 stayed where it was with 200 (bench/PROFILE.md, round 3). A foreground
+    /// pipeline (a join a user waits for) writes each parsed batch at once.
     fn write_batch(&self) -> usize {
-        if !self.background {
-            return PARSE_BATCH;
+        if self.background {
+            BACKGROUND_WRITE_BATCH
+        } else {
+            PARSE_BATCH
         }
-        BACKGROUND_WRITE_BATCH
     }
 
     /// Stores `verified` as outliers on the writer (foreground or background priority).
