@@ -74,7 +74,7 @@ pub struct Services {
     /// `/hierarchy` walks paused between pages, by `next_batch` token.
     pub hierarchy_sessions: crate::federation::hierarchy::Sessions,
     /// The last `/state` and `/state_ids` answers' state and auth chain (a joiner asks for both).
-    pub state_answers: crate::federation_api::StateAnswers,
+    pub state_answers: crate::federation::state_answers::StateAnswers,
     /// The registered application services (`[appservice] registration_files`).
     pub appservices: Arc<crate::appservice::Registry>,
 }

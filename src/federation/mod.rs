@@ -18,6 +18,7 @@ pub mod peek;
 pub mod query;
 pub mod resync;
 pub mod sender;
+pub mod state_answers;
 pub mod stream;
 pub mod template;
 pub mod tls;

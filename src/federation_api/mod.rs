@@ -7,4 +7,4 @@ mod peek;
 mod routes;
 mod tools;
 
-pub use routes::{routes, StateAnswers};
+pub use routes::routes;
