@@ -57,10 +57,13 @@ pub fn replace_member(conn: Db<'_>, m: &MemberUpdate<'_>, old: Option<&str>) -> 
     Ok(())
 }
 
-/// What `room_members` keeps of a member event's content: (membership, displayname, avatar_url), each only when
-/// it is a string (a membership that is none reads as `leave`). Read by SQLite's JSON functions from the stored
-/// event, not by parsing the whole event here: a resync applies 100k of these.
-pub fn member_content(conn: Db<'_>, event_nid: EventNid) -> Result<Option<(String, Option<String>, Option<String>)>> {
+/// What `room_members` keeps of a member event's content: (membership, displayname, avatar_url).
+pub type MemberContent = (String, Option<String>, Option<String>);
+
+/// A member event's [`MemberContent`], each field only when it is a string (a membership that is none reads as
+/// `leave`). Read by SQLite's JSON functions from the stored event, not by parsing the whole event here: a resync
+/// applies 100k of these.
+pub fn member_content(conn: Db<'_>, event_nid: EventNid) -> Result<Option<MemberContent>> {
     Ok(conn
         .prepare_cached(
             "SELECT CASE json_type(json, '$.content.membership') WHEN 'text' THEN json_extract(json, '$.content.membership') END,
