@@ -714,6 +714,24 @@ fn state_answer_for(
     state_at_event_nids(c, cache, &room, event_id)
 }
 
+/// The state answer a `/state` or `/state_ids` request (`what`) asks for, logged with how long it took.
+async fn served_state_answer(
+    s: &AppState,
+    room_id: String,
+    q: EventIdQuery,
+    signed: Signed,
+    what: &'static str,
+) -> Result<std::sync::Arc<StateAnswer>> {
+    let event_id = q.event_id.ok_or_else(|| Error::missing_param("event_id is required"))?;
+    let started = std::time::Instant::now();
+    let s2 = s.clone();
+    let answer =
+        s.store.read(move |c| state_answer_for(c, &s2.state_answers, &room_id, &signed.origin, &event_id)).await?;
+    let ms = started.elapsed().as_millis() as u64;
+    tracing::info!(state = answer.state.len(), auth_chain = answer.chain.len(), ms, "{what} served");
+    Ok(answer)
+}
+
 /// `/state_ids`: the ids of the state before the event and of its auth chain, streamed.
 async fn state_ids(
     State(s): State<AppState>,
@@ -721,17 +739,7 @@ async fn state_ids(
     Query(q): Query<EventIdQuery>,
     signed: Signed,
 ) -> Result<axum::response::Response> {
-    let event_id = q.event_id.ok_or_else(|| Error::missing_param("event_id is required"))?;
-    let started = std::time::Instant::now();
-    let s2 = s.clone();
-    let answer =
-        s.store.read(move |c| state_answer_for(c, &s2.state_answers, &room_id, &signed.origin, &event_id)).await?;
-    tracing::info!(
-        state = answer.state.len(),
-        auth_chain = answer.chain.len(),
-        ms = started.elapsed().as_millis() as u64,
-        "/state_ids served"
-    );
+    let answer = served_state_answer(&s, room_id, q, signed, "/state_ids").await?;
     // Ids need no database: chunks straight from the answer.
     let (tx, rx) = tokio::sync::mpsc::channel::<std::result::Result<bytes::Bytes, std::io::Error>>(4);
     tokio::spawn(async move {
@@ -788,17 +796,8 @@ async fn room_state(
     Query(q): Query<EventIdQuery>,
     signed: Signed,
 ) -> Result<axum::response::Response> {
-    let event_id = q.event_id.ok_or_else(|| Error::missing_param("event_id is required"))?;
     let started = std::time::Instant::now();
-    let s2 = s.clone();
-    let answer =
-        s.store.read(move |c| state_answer_for(c, &s2.state_answers, &room_id, &signed.origin, &event_id)).await?;
-    tracing::info!(
-        state = answer.state.len(),
-        auth_chain = answer.chain.len(),
-        ms = started.elapsed().as_millis() as u64,
-        "/state served"
-    );
+    let answer = served_state_answer(&s, room_id, q, signed, "/state").await?;
     stream_json(&s, move |c, send| {
         let mut buf = String::with_capacity(1 << 17);
         let state: Vec<EventNid> = answer.state.iter().map(|x| x.0).collect();

@@ -244,15 +244,24 @@ impl Store {
         R: Send + 'static,
         F: FnOnce(Db<'_>) -> Result<R> + Send + 'static,
     {
+        let job = self.reader_job(f).await?;
+        tokio::task::spawn_blocking(job).await.map_err(|e| Error::internal(format!("reader task failed: {e}")))?
+    }
+
+    /// `f` on a pooled reader connection, as a job for a blocking thread, once a read permit is held (the permit
+    /// goes when the connection is back in the pool).
+    async fn reader_job<R, F>(&self, f: F) -> Result<impl FnOnce() -> Result<R> + Send + 'static>
+    where
+        R: Send + 'static,
+        F: FnOnce(Db<'_>) -> Result<R> + Send + 'static,
+    {
         let pool = self.pool.clone();
         let permit = self.read_permits.clone().acquire_owned().await.map_err(|e| Error::internal(e.to_string()))?;
-        tokio::task::spawn_blocking(move || {
+        Ok(move || {
             let result = pool.get().map_err(Error::from).and_then(|conn| f(Db(&conn)));
-            drop(permit); // after the connection went back to the pool
+            drop(permit);
             result
         })
-        .await
-        .map_err(|e| Error::internal(format!("reader task failed: {e}")))?
     }
 
     /// Like [`Store::read`] for background work: at most half the readers at a time, so user-facing reads always
@@ -264,16 +273,9 @@ impl Store {
     {
         let _turn =
             self.background_read_permits.clone().acquire_owned().await.map_err(|e| Error::internal(e.to_string()))?;
-        let pool = self.pool.clone();
-        let permit = self.read_permits.clone().acquire_owned().await.map_err(|e| Error::internal(e.to_string()))?;
+        let job = self.reader_job(f).await?;
         // On a low-priority thread: a resync's reads (auth checks of 100k events) yield the CPU to users' requests.
-        crate::lowprio::run(move || {
-            let result = pool.get().map_err(Error::from).and_then(|conn| f(Db(&conn)));
-            drop(permit); // after the connection went back to the pool
-            result
-        })
-        .await
-        .map_err(|e| Error::internal(format!("background reader task failed: {e}")))?
+        crate::lowprio::run(job).await.map_err(|e| Error::internal(format!("background reader task failed: {e}")))?
     }
 
     /// Runs `f` inside a write transaction on the writer thread (user-facing priority).
