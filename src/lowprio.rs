@@ -82,6 +82,25 @@ where
     rx.await.map_err(|_| "background task was dropped".to_owned())?
 }
 
+/// Runs `f` on a thread of its own at [`NICE`] and waits for its result: for long background work that mostly
+/// waits (a producer that blocks while its consumer catches up), which would hold one of the pool's few threads.
+pub async fn run_alone<R, F>(name: &str, f: F) -> Result<R, String>
+where
+    R: Send + 'static,
+    F: FnOnce() -> R + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            lower_this_thread();
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+            let _ = tx.send(result.map_err(|_| "background thread panicked".to_owned()));
+        })
+        .map_err(|e| format!("could not start a thread: {e}"))?;
+    rx.await.map_err(|_| "background thread was dropped".to_owned())?
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,5 +120,18 @@ mod tests {
         assert!(r.is_err());
         // The pool survives a panicking job.
         assert_eq!(run(|| 1).await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn runs_long_work_alone_on_a_niced_thread() {
+        // SAFETY: as in lower_this_thread.
+        let nice = run_alone("test-alone", || unsafe {
+            libc::getpriority(libc::PRIO_PROCESS, libc::syscall(libc::SYS_gettid) as libc::id_t)
+        })
+        .await
+        .unwrap();
+        assert!(nice >= NICE, "thread nice {nice}");
+        let panicked: Result<(), String> = run_alone("test-alone", || panic!("boom")).await;
+        assert!(panicked.is_err());
     }
 }

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use futures::StreamExt;
 use ruma::RoomId;
 use serde_json::value::RawValue;
@@ -16,10 +17,10 @@ use tokio::sync::mpsc;
 
 use crate::error::{Error, Result};
 use crate::federation::client::enc;
-use crate::federation::inbound::{fetch_missing_auth, verify_batch_raw};
+use crate::federation::inbound::{fetch_missing_auth, on_threads, verify_batch_raw};
 use crate::federation::FedContext;
 use crate::federation::{FedClient, KeyStore};
-use crate::room::remote::persist_outlier_batch;
+use crate::room::remote::{persist_outlier_batch, OutlierRow};
 use crate::room::{Identity, Pdu};
 use crate::store::Store;
 
@@ -31,6 +32,11 @@ pub const BACKGROUND_WRITE_BATCH: usize = 1000;
 /// Most event text (as received) waiting for one write: with [`BACKGROUND_WRITE_BATCH`], what bounds the memory
 /// of the verified events held between verifying and writing, whatever the events' size.
 pub const WRITE_BYTES: usize = 8 << 20;
+/// Parsed batches being verified at once: while one waits for a thread (or its last events), the next one's keep
+/// the other cores busy; each is at most [`PARSE_BATCH`] events and [`stream::BATCH_BYTES`] of text.
+///
+/// [`stream::BATCH_BYTES`]: crate::federation::stream::BATCH_BYTES
+pub const VERIFYING_AT_ONCE: usize = 2;
 /// Concurrent `/event` requests when fetching a list of ids.
 pub const EVENT_FETCHES_IN_FLIGHT: usize = 100;
 
@@ -62,10 +68,20 @@ pub struct Stored {
     pub ids: Vec<String>,
     /// The source failed part-way (unreadable file, ...): what came before was still stored.
     pub source_error: Option<String>,
-    /// Time spent waiting for batches, verifying them, and waiting for the previous batch's write.
+    /// Time spent waiting for the next verified batch; the batches' verification times added up (they overlap,
+    /// so this can exceed the wall time); time spent waiting for the previous batch's write.
     pub wait_source: Duration,
     pub verify: Duration,
     pub wait_write: Duration,
+}
+
+/// A batch through verification.
+struct Checked {
+    received: usize,
+    /// Its text as received.
+    bytes: usize,
+    verified: Vec<OutlierRow>,
+    took: Duration,
 }
 
 /// One pipeline: events of one room, written in the foreground (a user waits) or as background work.
@@ -81,8 +97,13 @@ impl Pipeline<'_> {
     /// of servers), so verifying its batches makes no fetch round per batch. Failure is logged, not fatal.
     pub async fn prefetch_keys(&self, file: &Path, keys: &'static [&'static str]) {
         let f = file.to_owned();
-        let need = tokio::task::spawn_blocking(move || crate::federation::stream::keys_needed_by_file(&f, keys)).await;
-        if let Ok(Ok(need)) = need {
+        let scan = move || crate::federation::stream::keys_needed_by_file(&f, keys).map_err(|e| e.to_string());
+        let need = if self.background {
+            crate::lowprio::run_alone("hearth-read-state", scan).await.and_then(|r| r)
+        } else {
+            tokio::task::spawn_blocking(scan).await.map_err(|e| e.to_string()).and_then(|r| r)
+        };
+        if let Ok(need) = need {
             if let Err(e) = self.remote.keys.keys_for(&need).await {
                 tracing::info!(room_id = %self.room_id, error = %e, "key prefetch failed");
             }
@@ -93,12 +114,19 @@ impl Pipeline<'_> {
     pub async fn from_file(&self, file: &Path, keys: &'static [&'static str]) -> Result<Stored> {
         let (tx, rx) = mpsc::channel::<Vec<Box<RawValue>>>(2);
         let f = file.to_owned();
-        let producer = tokio::task::spawn_blocking(move || {
+        let read = move || {
             let reader = std::io::BufReader::new(std::fs::File::open(&f).map_err(|e| e.to_string())?);
             crate::federation::stream::for_each_pdu_batch(reader, keys, PARSE_BATCH, &mut |batch| {
                 tx.blocking_send(batch).is_ok()
             })
-        });
+        };
+        // Reading and splitting the file is background work too (a second of CPU for a 100k-member room's 100 MB):
+        // on a low-priority thread of its own, as it waits for the verifiers most of the time.
+        let producer: tokio::task::JoinHandle<std::result::Result<(), String>> = if self.background {
+            tokio::spawn(async move { crate::lowprio::run_alone("hearth-read-state", read).await.and_then(|r| r) })
+        } else {
+            tokio::task::spawn_blocking(read)
+        };
         let mut out = self.run(rx, None).await?;
         out.source_error = producer.await.map_err(|e| e.to_string()).and_then(|r| r).err();
         Ok(out)
@@ -140,61 +168,77 @@ impl Pipeline<'_> {
         Ok(out)
     }
 
-    /// Verifies each batch of `rx` (and fetches the auth events it cites from `fetch_auth_from`) while the writer
-    /// stores the previous one.
+    /// Verifies the batches of `rx` ([`VERIFYING_AT_ONCE`] at a time, in order, and fetches the auth events they
+    /// cite from `fetch_auth_from`) while the writer stores the verified ones.
     async fn run(&self, mut rx: mpsc::Receiver<Vec<Box<RawValue>>>, fetch_auth_from: Option<&str>) -> Result<Stored> {
         let mut out = Stored::default();
         let mut pending: Option<tokio::task::JoinHandle<Result<usize>>> = None;
         let write_batch = self.write_batch();
-        let mut to_write: Vec<Pdu> = Vec::new();
+        let mut to_write: Vec<OutlierRow> = Vec::new();
         let mut to_write_bytes = 0usize;
+        let batches = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        let checked = batches
+            .map(|batch| -> BoxFuture<'_, Result<Checked>> { Box::pin(self.check(batch, fetch_auth_from)) })
+            .buffered(VERIFYING_AT_ONCE);
+        let mut checked = std::pin::pin!(checked);
         loop {
             let t = Instant::now();
-            let next = rx.recv().await;
-            let Some(batch) = next else {
-                if to_write.is_empty() {
-                    break;
-                }
-                // The source is done: write what is left.
-                out.wait_source += t.elapsed();
-                let t = Instant::now();
-                if let Some(p) = pending.take() {
-                    out.stored += p.await.map_err(|e| Error::internal(e.to_string()))??;
-                }
-                out.wait_write += t.elapsed();
-                pending = Some(self.spawn_write(std::mem::take(&mut to_write)));
-                break;
-            };
+            let next = checked.next().await.transpose()?;
             out.wait_source += t.elapsed();
-            out.received += batch.len();
-            let batch_bytes: usize = batch.iter().map(|p| p.get().len()).sum();
-            let t = Instant::now();
-            let verified = self.verify(batch).await?;
-            if let Some(server) = fetch_auth_from {
-                // Or the auth phase could not judge them (e.g. a rejoin's earlier leave is in no state).
-                if let Err(e) = fetch_missing_auth(self.remote, server, self.room_id, &verified).await {
-                    tracing::info!(%server, error = %e, "fetching the auth events of fetched events failed");
-                }
-            }
-            out.verify += t.elapsed();
-            out.ids.extend(verified.iter().map(|p| p.event_id.to_string()));
-            to_write_bytes += batch_bytes;
-            to_write.extend(verified);
+            let Some(batch) = next else { break };
+            out.received += batch.received;
+            out.verify += batch.took;
+            out.ids.extend(batch.verified.iter().map(|r| r.event_id.clone()));
+            to_write_bytes += batch.bytes;
+            to_write.extend(batch.verified);
             if to_write.len() < write_batch && to_write_bytes < WRITE_BYTES {
                 continue;
             }
             to_write_bytes = 0;
-            let t = Instant::now();
-            if let Some(p) = pending.take() {
-                out.stored += p.await.map_err(|e| Error::internal(e.to_string()))??;
-            }
-            out.wait_write += t.elapsed();
-            pending = Some(self.spawn_write(std::mem::take(&mut to_write)));
+            out.stored += self.write_after(&mut pending, &mut out.wait_write, std::mem::take(&mut to_write)).await?;
+        }
+        if !to_write.is_empty() {
+            out.stored += self.write_after(&mut pending, &mut out.wait_write, to_write).await?;
         }
         if let Some(p) = pending.take() {
             out.stored += p.await.map_err(|e| Error::internal(e.to_string()))??;
         }
         Ok(out)
+    }
+
+    /// Starts writing `verified` once the write before it (`pending`) is done, timing the wait; returns how many
+    /// events that earlier write stored.
+    async fn write_after(
+        &self,
+        pending: &mut Option<tokio::task::JoinHandle<Result<usize>>>,
+        waited: &mut Duration,
+        verified: Vec<OutlierRow>,
+    ) -> Result<usize> {
+        let t = Instant::now();
+        let stored = match pending.take() {
+            Some(p) => p.await.map_err(|e| Error::internal(e.to_string()))??,
+            None => 0,
+        };
+        *waited += t.elapsed();
+        *pending = Some(self.spawn_write(verified));
+        Ok(stored)
+    }
+
+    /// One batch verified (and, with `fetch_auth_from`, the auth events it cites that we lack fetched: else the
+    /// auth phase could not judge them, e.g. a rejoin's earlier leave is in no state).
+    async fn check(&self, batch: Vec<Box<RawValue>>, fetch_auth_from: Option<&str>) -> Result<Checked> {
+        let (received, bytes) = (batch.len(), batch.iter().map(|p| p.get().len()).sum());
+        let t = Instant::now();
+        let verified = self.verify(batch).await?;
+        if let Some(server) = fetch_auth_from {
+            if let Err(e) = fetch_missing_auth(self.remote, server, self.room_id, &verified).await {
+                tracing::info!(%server, error = %e, "fetching the auth events of fetched events failed");
+            }
+        }
+        // The rows for the writer, made (and the parsed events freed) where the verification ran.
+        let rows = on_threads(vec![verified], self.background, |part| part.iter().map(OutlierRow::of).collect());
+        let verified = rows.await?.into_iter().flatten().collect();
+        Ok(Checked { received, bytes, verified, took: t.elapsed() })
     }
 
     /// Verified events written per transaction. A background pipeline (a resync) writes [`BACKGROUND_WRITE_BATCH`]
@@ -212,7 +256,7 @@ impl Pipeline<'_> {
     }
 
     /// Stores `verified` as outliers on the writer (foreground or background priority).
-    fn spawn_write(&self, verified: Vec<Pdu>) -> tokio::task::JoinHandle<Result<usize>> {
+    fn spawn_write(&self, verified: Vec<OutlierRow>) -> tokio::task::JoinHandle<Result<usize>> {
         let (store, rid, background) = (self.remote.store.clone(), self.room_id.to_owned(), self.background);
         tokio::spawn(async move {
             let write = move |w: &mut crate::store::Writer<'_>| persist_outlier_batch(w.db(), &rid, verified);

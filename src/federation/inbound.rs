@@ -146,7 +146,7 @@ fn split_in<T>(v: Vec<T>, parts: usize) -> Vec<Vec<T>> {
 }
 
 /// Runs `f` on each piece on its own blocking thread; the results in the pieces' order.
-async fn on_threads<T, R, F>(pieces: Vec<Vec<T>>, background: bool, f: F) -> Result<Vec<Vec<R>>>
+pub(crate) async fn on_threads<T, R, F>(pieces: Vec<Vec<T>>, background: bool, f: F) -> Result<Vec<Vec<R>>>
 where
     T: Send + 'static,
     R: Send + 'static,

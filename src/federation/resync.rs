@@ -39,6 +39,11 @@ impl JobKind for ResyncJobs {
         ResyncCursor::parse(&job.cursor).map_or("ids", |c| c.phase.name())
     }
 
+    /// The auth phase only reads, on low-priority threads, and writes the rare rejections.
+    fn gives_way_by_itself(&self, job: &JobRow) -> bool {
+        ResyncCursor::parse(&job.cursor).is_ok_and(|c| matches!(c.phase, Phase::Auth { .. }))
+    }
+
     fn step(&self, job: JobRow, batch: usize) -> StepFuture {
         let s = self.0.clone();
         Box::pin(async move { step(Remote::of(&s)?, &job, batch).await })
@@ -160,7 +165,7 @@ impl Ctx<'_> {
         let (total, still) = self.r.store.read_background(move |c| rs::listed_and_missing(c, room)).await?;
         tracing::info!(
             room_id = %self.room.room_id, fetched = got.received, stored = got.stored, missing = still,
-            wait_parse_ms = got.wait_source.as_millis() as u64, verify_ms = got.verify.as_millis() as u64,
+            wait_verified_ms = got.wait_source.as_millis() as u64, verify_ms = got.verify.as_millis() as u64,
             wait_write_ms = got.wait_write.as_millis() as u64, "resync: fetched events"
         );
         if got.stored == 0 {
