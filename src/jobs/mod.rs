@@ -68,6 +68,13 @@ pub trait JobKind: Send + Sync {
         "item"
     }
 
+    /// Whether the next step of `job` does its work on low-priority threads (reads and CPU work that the
+    /// scheduler already puts behind users' requests), writing little: the worker need not rest after such a step
+    /// to leave users the CPU (the default: it must).
+    fn gives_way_by_itself(&self, _job: &JobRow) -> bool {
+        false
+    }
+
     /// Runs one step of `job`, doing about `batch` items of work, and saves the job's cursor.
     fn step(&self, job: JobRow, batch: usize) -> StepFuture;
 }
@@ -145,8 +152,9 @@ pub async fn run_worker(cfg: WorkerConfig, kinds: Registry, mut shutdown: tokio:
             continue;
         };
         let started = Instant::now();
-        let took = match kinds.0.get(job.kind.as_str()) {
+        let (took, may_rest) = match kinds.0.get(job.kind.as_str()) {
             Some(kind) => {
+                let may_rest = !kind.gives_way_by_itself(&job);
                 let key = (job.job_id, kind.unit(&job));
                 let batch = *sizes.entry(key).or_insert(START_BATCH);
                 let result = kind.step(job.clone(), batch).await;
@@ -158,15 +166,16 @@ pub async fn run_worker(cfg: WorkerConfig, kinds: Registry, mut shutdown: tokio:
                     sizes.retain(|(id, _), _| *id != job.job_id);
                 }
                 after_step(&cfg, &job, result).await;
-                took
+                (took, may_rest)
             }
             None => {
                 tracing::error!(kind = %job.kind, "unknown job kind; dropping");
                 after_step(&cfg, &job, Ok(Step::Done)).await;
-                started.elapsed()
+                (started.elapsed(), false)
             }
         };
-        let rest = if (cfg.users_active)() { rest_after(took, cfg.duty_cycle, cfg.step) } else { Duration::ZERO };
+        let rest =
+            if may_rest && (cfg.users_active)() { rest_after(took, cfg.duty_cycle, cfg.step) } else { Duration::ZERO };
         if !rest.is_zero() {
             tokio::select! {
                 _ = tokio::time::sleep(rest) => {}
