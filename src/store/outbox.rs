@@ -12,8 +12,11 @@ use crate::store::Db;
 /// Failed transactions in a row after which a destination is *catching up*: its queued PDUs are dropped and no
 /// more are queued for it, so a room shared with thousands of dead servers costs one row per live server per event,
 /// not one per server. When it answers again it gets, for each room it shares with us, the latest event we sent
-/// since it went away, and fetches what came before with `get_missing_events` (Synapse's catch-up does the same).
-pub const CATCH_UP_AFTER_FAILURES: i64 = 3;
+/// since it went away, and fetches what came before with `get_missing_events`. One, as Synapse (its per-destination
+/// queue starts catching up on any failed transaction): with three, a 100k-member room's 2000 dead servers each
+/// got a queued row per event for their first 30 s of backoff, and the sender looked through all those queues
+/// ten times a second (bench/PROFILE.md, round 4).
+pub const CATCH_UP_AFTER_FAILURES: i64 = 1;
 
 /// Queues a PDU for every other server in the room (joined members, plus the partial-state server list, plus
 /// servers peeking it: MSC2444).
@@ -216,7 +219,7 @@ pub fn record_success(conn: Db<'_>, destination: &str) -> Result<()> {
     Ok(())
 }
 
-/// Exponential backoff: `base_ms` times 2^failures, capped at an hour. The failure that makes
+/// Exponential backoff: `base_ms` times 2^failures, give or take a quarter, capped at an hour. The failure that makes
 /// [`CATCH_UP_AFTER_FAILURES`] puts the destination into catch-up.
 pub fn record_failure(conn: Db<'_>, destination: &str, now: i64, base_ms: u64) -> Result<i64> {
     let (failures, catching_up): (i64, bool) = conn
@@ -225,7 +228,11 @@ pub fn record_failure(conn: Db<'_>, destination: &str, now: i64, base_ms: u64) -
         .optional()?
         .unwrap_or((0, false));
     let failures = failures + 1;
-    let delay = ((base_ms.max(1) as i64) << failures.min(12)).min(3_600_000);
+    // Jittered (x0.75..1.25): the servers of a big room that failed together (all dead ones fail on the first
+    // event) would otherwise all come due in the same instant, thousands of retries at once, which held users'
+    // requests up by hundreds of ms in a 100k-member room (bench/PROFILE.md, round 4).
+    let jitter = rand::random::<f64>() * 0.5 + 0.75;
+    let delay = (((base_ms.max(1) as i64) << failures.min(12)) as f64 * jitter).min(3_600_000.0) as i64;
     conn.prepare_cached(
         "INSERT INTO destinations (destination, failures, retry_at) VALUES (?1, ?2, ?3)
          ON CONFLICT (destination) DO UPDATE SET failures = ?2, retry_at = ?3",
