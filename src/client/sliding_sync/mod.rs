@@ -24,7 +24,7 @@ use crate::error::{Error, Result};
 use crate::http::{qs, AppState, Auth, Json, Query};
 use crate::room::typing::TypingView;
 use crate::store::ids::{RoomNid, StreamPos};
-use crate::store::{accounts, e2ee, members, sliding_sync, Db};
+use crate::store::{accounts, members, sliding_sync, Db};
 use extensions::{ExtCtx, Scope};
 use lists::Candidate;
 use request::{Effective, Request};
@@ -88,8 +88,8 @@ pub async fn sync(
     // (Never past the stream's end: a `since` from the future must not drop messages not yet delivered.)
     if let Some(since) = req.extensions.to_device.as_ref().and_then(|t| t.since_stream()) {
         let since = since.min(s.store.current_stream());
-        let (u, d) = (auth.user_id.clone(), auth.device_id.clone());
-        s.store.write(move |w| e2ee::delete_to_device_upto(w.db(), u.as_str(), &d, StreamPos(since))).await?;
+        crate::client::sync::drop_delivered_to_device(&s.store, &auth.user_id, &auth.device_id, StreamPos(since))
+            .await?;
     }
     let timeout = Duration::from_millis(q.timeout.unwrap_or(0).min(300_000));
     let deadline = tokio::time::Instant::now() + timeout;
