@@ -426,7 +426,9 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
-/// Sends /sync and /send every 100 ms until stopped; returns latencies (ms) of each.
+/// Sends /sync and /send every 100 ms until stopped; returns latencies (ms) of each. With `BENCH_SHOW_SLOW_MS=N`
+/// in the environment, each request slower than N ms is printed with its time since the probe started (to line
+/// it up with the joiner's log).
 fn probe(
     http: reqwest::Client,
     url: String,
@@ -436,6 +438,13 @@ fn probe(
 ) -> tokio::task::JoinHandle<(Vec<f64>, Vec<f64>)> {
     tokio::spawn(async move {
         let (mut syncs, mut sends) = (Vec::new(), Vec::new());
+        let slow_ms: Option<f64> = std::env::var("BENCH_SHOW_SLOW_MS").ok().and_then(|v| v.parse().ok());
+        let started = Instant::now();
+        let show = |what: &str, t: Instant, ms: f64| {
+            if slow_ms.is_some_and(|slow| ms > slow) {
+                eprintln!("slow {what}: {ms:.0} ms at {:.1} s", (t - started).as_secs_f64());
+            }
+        };
         let mut since: Option<String> = None;
         let mut i = 0;
         while !stop.load(Ordering::Relaxed) {
@@ -448,6 +457,7 @@ fn probe(
             };
             if let Ok((200, v)) = api(&http, reqwest::Method::GET, &path, Some(&token), None).await {
                 syncs.push(t.elapsed().as_secs_f64() * 1000.0);
+                show("sync", t, t.elapsed().as_secs_f64() * 1000.0);
                 since = v["next_batch"].as_str().map(str::to_owned);
             }
             let t = Instant::now();
@@ -463,6 +473,7 @@ fn probe(
             .await
             {
                 sends.push(t.elapsed().as_secs_f64() * 1000.0);
+                show("send", t, t.elapsed().as_secs_f64() * 1000.0);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
