@@ -1,7 +1,8 @@
 //! The persistent, throttled, single-threaded background job queue.
 //!
 //! Jobs live in the `jobs` table (`crate::store::jobs`) with a resumable `cursor`; one worker runs one step at a
-//! time, then sleeps so it is busy at most `jobs.duty_cycle` of the time while users are active. A kill -9 loses
+//! time, then sleeps so it is busy at most `jobs.duty_cycle` of the time while users are active (not after a step that
+//! ran on low-priority threads: [`JobKind::gives_way_by_itself`]). A kill -9 loses
 //! at most the step in flight (its write transaction never committed) and the job resumes from its cursor on
 //! restart.
 //!
