@@ -735,7 +735,10 @@ impl FedClient {
         if res.content_length().is_some_and(|n| n > limit) {
             return Err(FedError::TooLarge { destination: destination.to_owned(), limit });
         }
-        let mut file = tokio::fs::File::create(dest).await.map_err(|e| unreachable(e.to_string()))?;
+        let file = tokio::fs::File::create(dest).await.map_err(|e| unreachable(e.to_string()))?;
+        // Written in 1 MiB pieces: each write of a tokio file is a trip to a blocking thread, and the body arrives
+        // in pieces of a few KiB (a 100 MB `/state` answer was thousands of trips).
+        let mut file = tokio::io::BufWriter::with_capacity(1 << 20, file);
         let mut n = 0u64;
         let result = async {
             while let Some(chunk) = res.chunk().await.map_err(|e| unreachable(e.to_string()))? {
