@@ -1,8 +1,9 @@
 //! The persistent, throttled, single-threaded background job queue.
 //!
 //! Jobs live in the `jobs` table (`crate::store::jobs`) with a resumable `cursor`; one worker runs one step at a
-//! time, then sleeps so it is busy at most `jobs.duty_cycle` of the time while users are active (not after a step that
-//! ran on low-priority threads: [`JobKind::gives_way_by_itself`]). A kill -9 loses
+//! time, then rests while users' requests are in flight, so it is busy at most `jobs.duty_cycle` of the time while
+//! they keep coming ([`rest_while`]; no rest after a step that ran on low-priority threads:
+//! [`JobKind::gives_way_by_itself`]). A kill -9 loses
 //! at most the step in flight (its write transaction never committed) and the job resumes from its cursor on
 //! restart.
 //!
@@ -179,10 +180,28 @@ pub async fn run_worker(cfg: WorkerConfig, kinds: Registry, mut shutdown: tokio:
             if may_rest && (cfg.users_active)() { rest_after(took, cfg.duty_cycle, cfg.step) } else { Duration::ZERO };
         if !rest.is_zero() {
             tokio::select! {
-                _ = tokio::time::sleep(rest) => {}
+                _ = rest_while(&*cfg.users_active, rest) => {}
                 _ = shutdown.changed() => {}
             }
         }
+    }
+}
+
+/// How often a resting worker looks whether users' requests are still in flight.
+pub const USERS_POLL: Duration = Duration::from_millis(5);
+
+/// Rests up to `rest` while `users_active` says requests are in flight: the rest is for them, and once none is
+/// left (the send that waited for the step is written, say) the work goes on. A fixed rest kept a 100k-member
+/// resync's fill at half speed although the one user sending was busy a tenth of the time (bench/PROFILE.md,
+/// round 4).
+pub async fn rest_while(users_active: &(dyn Fn() -> bool + Send + Sync), rest: Duration) {
+    let until = tokio::time::Instant::now() + rest;
+    loop {
+        let now = tokio::time::Instant::now();
+        if now >= until || !users_active() {
+            return;
+        }
+        tokio::time::sleep(USERS_POLL.min(until - now)).await;
     }
 }
 
@@ -247,6 +266,25 @@ mod tests {
         assert_eq!(rest_after(Duration::from_millis(100), 0.25, step), Duration::from_millis(300));
         assert_eq!(rest_after(Duration::from_secs(48), 0.5, step), Duration::from_millis(400));
         assert_eq!(rest_after(Duration::from_millis(50), 1.0, step), Duration::ZERO);
+    }
+
+    #[tokio::test]
+    async fn a_rest_ends_when_no_request_is_left() {
+        let rest = Duration::from_millis(400);
+        // Users busy throughout: the whole rest.
+        let started = std::time::Instant::now();
+        rest_while(&|| true, rest).await;
+        assert!(started.elapsed() >= rest);
+        // Busy for the first 30 ms only: the rest ends soon after (at the first look, give or take a loaded
+        // machine's timer), well before its 400 ms.
+        let started = std::time::Instant::now();
+        rest_while(&move || started.elapsed() < Duration::from_millis(30), rest).await;
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(30) && took < Duration::from_millis(300), "rested {took:?}");
+        // Nobody busy: no rest.
+        let started = std::time::Instant::now();
+        rest_while(&|| false, rest).await;
+        assert!(started.elapsed() < Duration::from_millis(50));
     }
 
     #[test]
