@@ -359,7 +359,6 @@ pub async fn sync(State(s): State<AppState>, auth: Auth, Query(q): Query<SyncQue
     }
 }
 
-/// Presence events with the activity not yet written laid over them.
 /// Deletes the to-device messages of `user_id`'s `device_id` up to `upto` (the client has them). Looked for on a
 /// reader first: most syncs have none to delete, and a write waits behind whatever the writer is doing (a resync's
 /// step), which made every incremental sync wait up to a step's length (bench/PROFILE.md, round 4).
@@ -377,6 +376,7 @@ pub(crate) async fn drop_delivered_to_device(
     Ok(())
 }
 
+/// Presence events with the activity not yet written laid over them.
 fn refresh_presence(s: &AppState, body: &mut Value) {
     if let Some(events) = body.pointer_mut("/presence/events").and_then(Value::as_array_mut) {
         s.presence.refresh_events(events, crate::store::accounts::now_ms());

@@ -32,7 +32,7 @@ pub const BACKGROUND_WRITE_BATCH: usize = 1000;
 /// Most event text (as received) waiting for one write: with [`BACKGROUND_WRITE_BATCH`], what bounds the memory
 /// of the verified events held between verifying and writing, whatever the events' size.
 pub const WRITE_BYTES: usize = 8 << 20;
-/// Parsed batches being verified at once: while one waits for a thread (or its last events), the next one's keep
+/// Parsed batches being verified at once: while one waits for a thread (or its last events), the next ones keep
 /// the other cores busy; each is at most [`PARSE_BATCH`] events and [`stream::BATCH_BYTES`] of text.
 ///
 /// [`stream::BATCH_BYTES`]: crate::federation::stream::BATCH_BYTES

@@ -515,7 +515,6 @@ pub fn to_device_page(
     Ok(out)
 }
 
-/// Deletes a device's messages up to `upto` (its sync acknowledged them).
 /// Whether `user_id`'s `device_id` holds to-device messages at or before `upto` (what
 /// [`delete_to_device_upto`] would delete).
 pub fn has_to_device_upto(conn: Db<'_>, user_id: &str, device_id: &str, upto: StreamPos) -> Result<bool> {
@@ -524,6 +523,7 @@ pub fn has_to_device_upto(conn: Db<'_>, user_id: &str, device_id: &str, upto: St
         .exists(params![user_id, device_id, upto])?)
 }
 
+/// Deletes a device's messages up to `upto` (its sync acknowledged them).
 pub fn delete_to_device_upto(conn: Db<'_>, user_id: &str, device_id: &str, upto: StreamPos) -> Result<()> {
     conn.prepare_cached("DELETE FROM to_device WHERE user_id = ?1 AND device_id = ?2 AND stream_ordering <= ?3")?
         .execute(params![user_id, device_id, upto])?;
