@@ -6,13 +6,6 @@ use clap::{Parser, Subcommand};
 
 use hearth::config::Config;
 
-/// mimalloc, not glibc's malloc: a server that parses and frees JSON events by the hundred thousand spent a tenth of
-/// a 100k-member join's CPU in glibc's allocator (`malloc_consolidate`, `unlink_chunk`, arena locks). With mimalloc
-/// the same join took 15% less CPU and 12% less time, for a peak RSS about 25 MB higher (118-124 MB instead of
-/// 91-93 MB; bench/PROFILE.md, round 4).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(name = "hearth", version, about = "A Matrix homeserver in one binary and one SQLite file")]
 struct Cli {
