@@ -239,7 +239,8 @@ pub struct Federation {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Jobs {
-    /// Fraction of wall time the background worker may be busy (0.05..=1.0).
+    /// Fraction of wall time the background worker may be busy while users' requests keep coming (0.05..=1.0); it
+    /// works at full speed whenever none is in flight (`jobs::rest_while`).
     pub duty_cycle: f64,
     /// Target length of one job step in milliseconds. A user's write waits behind at most one step (reads never
     /// do: WAL readers), so this bounds what a resync adds to a send: at 100 ms (Synapse's background updates'
