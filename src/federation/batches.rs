@@ -98,11 +98,7 @@ impl Pipeline<'_> {
     pub async fn prefetch_keys(&self, file: &Path, keys: &'static [&'static str]) {
         let f = file.to_owned();
         let scan = move || crate::federation::stream::keys_needed_by_file(&f, keys).map_err(|e| e.to_string());
-        let need = if self.background {
-            crate::lowprio::run_alone("hearth-read-state", scan).await.and_then(|r| r)
-        } else {
-            tokio::task::spawn_blocking(scan).await.map_err(|e| e.to_string()).and_then(|r| r)
-        };
+        let need = read_file_off_async(self.background, scan).await.and_then(|r| r);
         if let Ok(need) = need {
             if let Err(e) = self.remote.keys.keys_for(&need).await {
                 tracing::info!(room_id = %self.room_id, error = %e, "key prefetch failed");
@@ -122,13 +118,9 @@ impl Pipeline<'_> {
         };
         // Reading and splitting the file is background work too (a second of CPU for a 100k-member room's 100 MB):
         // on a low-priority thread of its own, as it waits for the verifiers most of the time.
-        let producer: tokio::task::JoinHandle<std::result::Result<(), String>> = if self.background {
-            tokio::spawn(async move { crate::lowprio::run_alone("hearth-read-state", read).await.and_then(|r| r) })
-        } else {
-            tokio::task::spawn_blocking(read)
-        };
+        let producer = tokio::spawn(read_file_off_async(self.background, read));
         let mut out = self.run(rx, None).await?;
-        out.source_error = producer.await.map_err(|e| e.to_string()).and_then(|r| r).err();
+        out.source_error = producer.await.map_err(|e| e.to_string()).and_then(|r| r).and_then(|r| r).err();
         Ok(out)
     }
 
@@ -281,5 +273,19 @@ impl Pipeline<'_> {
             }
         }
         Ok(verified)
+    }
+}
+
+/// A pass over a downloaded answer, off the async threads: for background work on a low-priority thread of its own
+/// (it mostly waits for the verifiers), else on a blocking thread.
+async fn read_file_off_async<R, F>(background: bool, f: F) -> std::result::Result<R, String>
+where
+    R: Send + 'static,
+    F: FnOnce() -> R + Send + 'static,
+{
+    if background {
+        crate::lowprio::run_alone("hearth-read-state", f).await
+    } else {
+        tokio::task::spawn_blocking(f).await.map_err(|e| e.to_string())
     }
 }

@@ -176,8 +176,8 @@ pub async fn run_worker(cfg: WorkerConfig, kinds: Registry, mut shutdown: tokio:
                 (started.elapsed(), false)
             }
         };
-        let rest =
-            if may_rest && (cfg.users_active)() { rest_after(took, cfg.duty_cycle, cfg.step) } else { Duration::ZERO };
+        // `rest_while` ends the rest at once when no user request is in flight.
+        let rest = if may_rest { rest_after(took, cfg.duty_cycle, cfg.step) } else { Duration::ZERO };
         if !rest.is_zero() {
             tokio::select! {
                 _ = rest_while(&*cfg.users_active, rest) => {}
