@@ -223,12 +223,19 @@ pub async fn join(
         let through = s
             .store
             .read(move |c| match rooms::room_by_id(c, &rid)? {
-                Some(room) => crate::room::membership::remote_authorisers(c, &room, &uid, &me),
+                Some(room) => Ok(crate::room::membership::remote_authorisers(c, &room, &uid, &me)?
+                    .map(|servers| (servers, room.partial_state))),
                 None => Ok(None),
             })
             .await?;
-        if let Some(servers) = &through {
-            via.extend(servers.iter().cloned());
+        if let Some((servers, partial)) = &through {
+            // A partial room none of our users is in any more is joined like a room we are not in: through the
+            // servers the user asked for, the residents we know of only when they named none (as Synapse; a
+            // join "via hs2" that hs2 refuses must fail, not go through another server: Complement's
+            // TestRestrictedRoomsRemoteJoinFailOver).
+            if !(*partial && !local_members && !via.is_empty()) {
+                via.extend(servers.iter().cloned());
+            }
             let own = s.identity.server_name.as_str();
             let mut seen = std::collections::HashSet::new();
             via.retain(|v| v != own && seen.insert(v.clone()));
