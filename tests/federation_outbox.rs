@@ -1,6 +1,7 @@
 //! The outbound federation queue towards a server that stops answering: after a failure nothing more is
 //! queued for it (a room shared with thousands of dead servers must not cost a row per server per event), and when
-//! it answers again it gets our latest event in the room, then everything new as usual.
+//! it answers again it gets our latest event in the room, then everything new as usual. And servers that do not
+//! answer never hold up one that does.
 
 mod common;
 
@@ -100,5 +101,48 @@ async fn a_server_that_calls_us_ends_its_backoff_and_gets_its_queue_at_once() {
     let pdu = fake.wait_received(&held, Duration::from_secs(20)).await;
     assert_eq!(pdu["content"]["body"], "held back");
     eprintln!("the held event reached the server {:?} after it called us", started.elapsed());
+    hearth.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_to_a_server_that_answers_does_not_wait_behind_hundreds_that_do_not() {
+    // A room the resident says is shared with 300 other servers (as a big room is), none of which answers: each
+    // accepts the connection and then says nothing, so every attempt to reach one hangs until our connect timeout.
+    let blackhole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hole = blackhole.local_addr().unwrap().to_string();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = blackhole.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(stream);
+        }
+    });
+    let silent: Vec<String> = (0..300).map(|i| format!("silent{i}.example")).collect();
+    let fake = FakeResident::start(RoomSpec::default()).await;
+    let mut in_room = silent.clone();
+    in_room.push(fake.name.clone());
+    fake.set_servers_in_room(Some(in_room));
+    let entries: Vec<(String, String)> = silent.iter().map(|s| (s.clone(), hole.clone())).collect();
+    let hearth = start_hearth_with_fakes(&[&fake], |c| c.federation.resolve.extend(entries)).await;
+    let alice = hearth.user("alice").await;
+    let room = fake.room_id();
+
+    // A first message goes out to all 301 servers; the 300 silent ones hold their connections (the sender tries
+    // at most 128 destinations of a kind at once, the rest wait their turn).
+    join_via(&alice, &fake).await;
+    let first = alice.send_text(&room, "first").await;
+    fake.wait_received(&first, LONG).await;
+    wait_for("the fan-out reaching the silent servers", LONG, || {
+        accepted.load(std::sync::atomic::Ordering::SeqCst) >= 100
+    })
+    .await;
+
+    // A second message, sent while those attempts hang, reaches the resident (which answered us a moment ago) at
+    // once: it does not wait for a turn behind the silent servers still queued.
+    let second = alice.send_text(&room, "second, while others hang").await;
+    let pdu = fake.wait_received(&second, Duration::from_secs(8)).await;
+    assert_eq!(pdu["content"]["body"], "second, while others hang");
     hearth.stop().await;
 }

@@ -1,6 +1,6 @@
 //! Outbound federation requests: server discovery, TLS, and `X-Matrix` request signing.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,6 +29,8 @@ pub const MAX_FILE_BYTES: u64 = 1 << 30;
 const MAX_SMALL_BYTES: u64 = 64 << 10;
 /// Redirects followed when fetching `.well-known/matrix/server` (federation requests follow none).
 const MAX_WELL_KNOWN_REDIRECTS: usize = 5;
+/// How many destinations [`FedClient::answered_lately`] remembers (a few hundred KB at most).
+const MAX_ANSWERED_REMEMBERED: usize = 10_000;
 
 pub struct FedClient {
     /// Federation requests: no redirects, private addresses refused by the resolver.
@@ -38,6 +40,9 @@ pub struct FedClient {
     identity: Arc<Identity>,
     config: FedConfig,
     targets: Mutex<HashMap<String, Target>>,
+    /// Destinations that answered our last request to them (any HTTP status), until one fails to connect: the
+    /// sender gives them a lane of their own (see [`FedClient::answered_lately`]).
+    answered: Mutex<HashSet<String>>,
     /// Server names whose federation endpoint was found by SRV: name -> SRV target (read by the resolver).
     srv_hosts: Arc<Mutex<HashMap<String, String>>>,
     srv: SrvLookup,
@@ -446,6 +451,7 @@ impl FedClient {
             well_known_http,
             identity,
             targets: Mutex::new(HashMap::new()),
+            answered: Mutex::default(),
             srv_hosts,
             srv: SrvLookup::new(config.dns_servers.clone()),
             config,
@@ -467,6 +473,32 @@ impl FedClient {
 
     pub fn identity(&self) -> &Identity {
         &self.identity
+    }
+
+    /// Whether `destination` answered our last request to it. A fan-out to a big room's servers, most of them
+    /// never heard from and many gone, must not queue a message to a server that is talking to us right now
+    /// (the resident we just joined through) behind thousands of connection attempts.
+    pub fn answered_lately(&self, destination: &str) -> bool {
+        self.answered.lock().unwrap_or_else(|e| e.into_inner()).contains(destination)
+    }
+
+    /// Notes that `destination` answered (any status: it is up).
+    fn heard_from(&self, destination: &str) {
+        let mut answered = self.answered.lock().unwrap_or_else(|e| e.into_inner());
+        if !answered.contains(destination) {
+            // Bounded: a server federating with more servers than this starts the set afresh.
+            if answered.len() >= MAX_ANSWERED_REMEMBERED {
+                answered.clear();
+            }
+            answered.insert(destination.to_owned());
+        }
+    }
+
+    /// Forgets what we knew of `destination` after a request to it could not be sent: its resolved address (it
+    /// may have moved) and that it answers.
+    fn lost(&self, destination: &str) {
+        self.targets.lock().unwrap_or_else(|e| e.into_inner()).remove(destination);
+        self.answered.lock().unwrap_or_else(|e| e.into_inner()).remove(destination);
     }
 
     /// Server discovery in the spec's order: static override, IP literal, explicit port, `.well-known` (then the
@@ -659,9 +691,10 @@ impl FedClient {
             req = req.json(b);
         }
         let res = req.send().await.map_err(|e| {
-            self.targets.lock().unwrap_or_else(|e| e.into_inner()).remove(destination);
+            self.lost(destination);
             unreachable(error_chain(&e))
         })?;
+        self.heard_from(destination);
         let status = res.status();
         if !status.is_success() {
             return Err(FedError::Status {
@@ -720,9 +753,10 @@ impl FedClient {
             req = req.json(b);
         }
         let mut res = req.send().await.map_err(|e| {
-            self.targets.lock().unwrap_or_else(|e| e.into_inner()).remove(destination);
+            self.lost(destination);
             unreachable(error_chain(&e))
         })?;
+        self.heard_from(destination);
         let status = res.status();
         if !status.is_success() {
             return Err(FedError::Status {
@@ -782,6 +816,7 @@ impl FedClient {
             .send()
             .await
             .map_err(|e| unreachable(error_chain(&e)))?;
+        self.heard_from(destination);
         let status = res.status();
         if !status.is_success() {
             return Err(FedError::Status {
@@ -825,8 +860,9 @@ impl FedClient {
             .timeout(Duration::from_secs(20))
             .send()
             .await;
-        if sent.is_err() {
-            self.targets.lock().unwrap_or_else(|e| e.into_inner()).remove(destination);
+        match sent {
+            Ok(_) => self.heard_from(destination),
+            Err(_) => self.lost(destination),
         }
         sent.is_ok()
     }
@@ -847,6 +883,7 @@ impl FedClient {
             .send()
             .await
             .map_err(|e| unreachable(error_chain(&e)))?;
+        self.heard_from(destination);
         let status = res.status();
         if !status.is_success() {
             return Err(FedError::Status {

@@ -87,13 +87,26 @@ pub async fn server_is_up(store: &crate::store::Store, origin: &str) {
     }
 }
 
-/// Destinations whose transactions are being built and sent at once: each holds up to 50 PDUs in memory, so a
-/// fan-out to thousands of servers goes out this many at a time rather than all at once.
+/// Destinations whose transactions are being built and sent at once, per lane: each holds up to 50 PDUs in
+/// memory, so a fan-out to thousands of servers goes out this many at a time rather than all at once.
 pub const SENDING_AT_ONCE: usize = 128;
+
+/// The sender's two lanes. Destinations that answered our last request (the federation client remembers) go in
+/// one, the rest (never heard from, or failing) in the other, each with its own [`SENDING_AT_ONCE`]. The first
+/// message in a big room we just joined goes to its thousands of servers, most never contacted and many gone; with
+/// one queue, the next message waited for a turn behind every one of them still queued (a connect timeout per
+/// round of 128) before reaching the resident that had just answered us (tests/federation_outbox.rs).
+struct Lanes {
+    answered: tokio::sync::Semaphore,
+    others: tokio::sync::Semaphore,
+}
 
 pub async fn run(s: Arc<FedContext>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let in_flight: Arc<Mutex<HashSet<String>>> = Arc::default();
-    let sending = Arc::new(tokio::sync::Semaphore::new(SENDING_AT_ONCE));
+    let lanes = Arc::new(Lanes {
+        answered: tokio::sync::Semaphore::new(SENDING_AT_ONCE),
+        others: tokio::sync::Semaphore::new(SENDING_AT_ONCE),
+    });
     let (ack_tx, ack_rx) = mpsc::unbounded_channel::<Ack>();
     tokio::spawn(ack_flusher(s.clone(), ack_rx));
     // Woken by every commit that moved the stream (new events and EDUs are queued in such commits), and at least
@@ -109,9 +122,11 @@ pub async fn run(s: Arc<FedContext>, mut shutdown: tokio::sync::watch::Receiver<
                     if !in_flight.lock().unwrap_or_else(|e| e.into_inner()).insert(d.clone()) {
                         continue;
                     }
-                    let (s2, flight, acks, sending) = (s.clone(), in_flight.clone(), ack_tx.clone(), sending.clone());
+                    let answered = s.federation.as_ref().is_some_and(|f| f.client.answered_lately(&d));
+                    let (s2, flight, acks, lanes) = (s.clone(), in_flight.clone(), ack_tx.clone(), lanes.clone());
                     tokio::spawn(async move {
-                        if let Ok(_turn) = sending.acquire().await {
+                        let lane = if answered { &lanes.answered } else { &lanes.others };
+                        if let Ok(_turn) = lane.acquire().await {
                             drain(&s2, &d, &acks).await;
                         }
                         flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&d);
