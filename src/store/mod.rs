@@ -9,6 +9,7 @@ pub mod account_data;
 pub mod accounts;
 pub mod appservice;
 pub mod backup;
+mod checkpoint;
 pub mod device_lists;
 pub mod e2ee;
 pub mod events;
@@ -165,6 +166,12 @@ struct WriterHandle;
 /// profile under load.
 const STATEMENT_CACHE: usize = 256;
 
+/// Page cache per pooled reader, in KiB. Pages a reader misses come from the OS's page cache (one `pread`), which is
+/// shared and can be reclaimed, where a connection's own cache is private heap: with 4 MB each a 10k-member join
+/// peaked at 53-57 MB, with 2 MB at 50-52 MB (bench/PROFILE.md, round 5). The writer keeps 8 MB (bulk writes revisit
+/// index pages).
+const READER_CACHE_KIB: u32 = 2000;
+
 /// Turns off SQLite's memory statistics before the library initialises: with them on, every allocation SQLite
 /// makes takes one global mutex, which the reader threads then queue on (seen in profiles under load). Must run
 /// before the first connection is opened; later it is a no-op (SQLITE_MISUSE, ignored).
@@ -179,17 +186,17 @@ fn sqlite_global_config() {
     });
 }
 
-/// The writer connection's settings. `wal_autocheckpoint` at 8000 pages (32 MB of WAL, 4 MB by default): bulk
-/// writes (a resync's 160k events) rewrite the same index pages commit after commit, and a checkpoint copies each
-/// distinct page once, so checkpointing less often copies fewer pages in all: checkpoints went from 9.5% to 5.8% of
-/// a 100k-member resync's CPU (bench/PROFILE.md). `journal_size_limit` still truncates the WAL back to 64 MB after.
+/// The writer connection's settings. No automatic checkpoint: the WAL is copied into the database by a thread of
+/// its own (`checkpoint.rs`), not inside a user's commit. `journal_size_limit` truncates the WAL back to 64 MB
+/// after a bulk write.
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     conn.execute_batch(
         "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=10000;
-         PRAGMA cache_size=-8000; PRAGMA temp_store=MEMORY; PRAGMA journal_size_limit=67108864;
-         PRAGMA wal_autocheckpoint=8000;",
-    )
+         PRAGMA cache_size=-8000; PRAGMA temp_store=MEMORY; PRAGMA journal_size_limit=67108864;",
+    )?;
+    conn.wal_hook(Some(checkpoint::wal_hook));
+    Ok(())
 }
 
 impl Store {
@@ -206,12 +213,15 @@ impl Store {
         migrate::migrate(&mut conn).map_err(|e| named(&e))?;
         check_writable(&conn).map_err(|e| named(&e))?;
         let start_stream = current_max_stream(&conn)?;
+        let checkpoints = checkpoint::start(path).map_err(|e| named(&e))?;
 
         let manager = SqliteConnectionManager::file(path)
             .with_flags(rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX)
             .with_init(|c| {
                 c.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
-                c.execute_batch("PRAGMA foreign_keys=ON; PRAGMA busy_timeout=10000; PRAGMA cache_size=-4000;")?;
+                c.execute_batch(&format!(
+                    "PRAGMA foreign_keys=ON; PRAGMA busy_timeout=10000; PRAGMA cache_size=-{READER_CACHE_KIB};"
+                ))?;
                 // `rarray(?)` lets one query take a whole list of ids (auth chains of big states).
                 rusqlite::vtab::array::load_module(c)
             });
@@ -224,7 +234,7 @@ impl Store {
         let (stream_tx, stream_rx) = watch::channel(start_stream);
         std::thread::Builder::new()
             .name("hearth-writer".into())
-            .spawn(move || writer_loop(conn, fg_rx, bg_rx, wake_rx, stream_tx, start_stream))?;
+            .spawn(move || writer_loop(conn, fg_rx, bg_rx, wake_rx, stream_tx, start_stream, checkpoints))?;
 
         Ok(Store {
             pool,
@@ -434,6 +444,7 @@ fn writer_loop(
     wake: std_mpsc::Receiver<()>,
     stream_tx: watch::Sender<i64>,
     mut committed_stream: i64,
+    checkpoints: checkpoint::Nudge,
 ) {
     let mut fg_open = true;
     loop {
@@ -461,7 +472,7 @@ fn writer_loop(
                         Err(std_mpsc::RecvTimeoutError::Disconnected) => {
                             // All senders gone: drain what's left then stop.
                             while let Ok(job) = fg.try_recv() {
-                                run_one(&mut conn, job, &mut committed_stream, &stream_tx);
+                                run_one(&mut conn, job, &mut committed_stream, &stream_tx, &checkpoints);
                             }
                             return;
                         }
@@ -469,11 +480,17 @@ fn writer_loop(
                 }
             },
         };
-        run_one(&mut conn, job, &mut committed_stream, &stream_tx);
+        run_one(&mut conn, job, &mut committed_stream, &stream_tx, &checkpoints);
     }
 }
 
-fn run_one(conn: &mut Connection, job: WriteFn, committed_stream: &mut i64, stream_tx: &watch::Sender<i64>) {
+fn run_one(
+    conn: &mut Connection,
+    job: WriteFn,
+    committed_stream: &mut i64,
+    stream_tx: &watch::Sender<i64>,
+    checkpoints: &checkpoint::Nudge,
+) {
     let mut next_stream = *committed_stream;
     let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
         Ok(tx) => tx,
@@ -502,6 +519,7 @@ fn run_one(conn: &mut Connection, job: WriteFn, committed_stream: &mut i64, stre
     }
     match tx.commit() {
         Ok(()) => {
+            checkpoints.after_commit();
             if next_stream != *committed_stream {
                 *committed_stream = next_stream;
                 stream_tx.send_replace(next_stream);
