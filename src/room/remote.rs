@@ -79,6 +79,11 @@ pub struct OutlierRow {
 }
 
 impl OutlierRow {
+    /// Puts `rows` in the order they are written in: lowest depth first (an event's auth events before it).
+    pub fn sort_for_writing(rows: &mut [OutlierRow]) {
+        rows.sort_by_key(|r| r.depth);
+    }
+
     pub fn of(pdu: &Pdu) -> OutlierRow {
         OutlierRow {
             event_id: pdu.event_id.to_string(),
@@ -94,20 +99,31 @@ impl OutlierRow {
     }
 }
 
-/// Stores a verified batch of room `room_id`'s events as outliers, lowest depth first, skipping events of other
-/// rooms and events already held (a `/state` answer and a `send_join` answer are stored this way, batch by batch).
-/// Returns how many were new.
-pub fn persist_outlier_batch(conn: Db<'_>, room_id: &RoomId, mut rows: Vec<OutlierRow>) -> Result<usize> {
+/// Stores verified events of room `room_id` as outliers, from the start of `rows` (in [`OutlierRow::sort_for_writing`]
+/// order), skipping events of other rooms and events already held (a `/state` answer and a `send_join` answer are
+/// stored this way, batch by batch). With a `budget` it stops once that much time has passed (a background write
+/// that must not hold the writer long), after at least one row so a caller writing until the end always gets there.
+/// Returns how many rows were new and how many were taken from `rows`.
+pub fn persist_outliers(
+    conn: Db<'_>,
+    room_id: &RoomId,
+    rows: &[OutlierRow],
+    budget: Option<std::time::Duration>,
+) -> Result<(usize, usize)> {
+    let started = std::time::Instant::now();
     let room = rooms::room_by_id(conn, room_id.as_str())?.ok_or_else(|| Error::internal("room vanished"))?;
-    rows.sort_by_key(|r| r.depth);
-    let mut n = 0;
-    for r in rows.iter().filter(|r| r.room_id == room_id.as_str()) {
-        if events::event_nid(conn, &r.event_id)?.is_none() {
+    let (mut new, mut taken) = (0, 0);
+    for r in rows {
+        if taken > 0 && budget.is_some_and(|b| started.elapsed() >= b) {
+            break;
+        }
+        taken += 1;
+        if r.room_id == room_id.as_str() && events::event_nid(conn, &r.event_id)?.is_none() {
             insert_outlier(conn, &room, r)?;
-            n += 1;
+            new += 1;
         }
     }
-    Ok(n)
+    Ok((new, taken))
 }
 
 /// Stores an event we hold only for auth/state (no timeline position, no state group). Idempotent.
