@@ -304,9 +304,17 @@ impl Ctx<'_> {
         Ok(Step::More { items: n })
     }
 
-    /// One write completes the room.
+    /// One write completes the room, once the list of state ids (done with) is gone, [`STATE_IDS_PER_WRITE`] per
+    /// write: deleting a 100k-member room's list inside the completing write held the writer 70 ms more.
     async fn finish(&self, cursor: ResyncCursor) -> Result<Step> {
         let (identity, room, sg) = (self.r.identity.clone(), self.room_nid, cursor.sg);
+        while self
+            .r
+            .store
+            .write_background(move |w| rs::clear_some_state_ids(w.db(), room, STATE_IDS_PER_WRITE))
+            .await?
+            > 0
+        {}
         let join = cursor.join_event.clone();
         let members = self.r.store.write_background(move |w| partial::complete(w, &identity, room, sg, &join)).await?;
         let phase_ms = cursor.phase_at.map(|t| crate::store::accounts::now_ms() - t);

@@ -128,6 +128,17 @@ pub fn clear_state_ids(conn: Db<'_>, room: RoomNid) -> Result<()> {
     Ok(())
 }
 
+/// Deletes up to `limit` of the room's listed state ids; returns how many.
+pub fn clear_some_state_ids(conn: Db<'_>, room: RoomNid, limit: usize) -> Result<usize> {
+    let n = conn
+        .prepare_cached(
+            "DELETE FROM resync_state WHERE room_nid = ?1 AND event_id IN
+                 (SELECT event_id FROM resync_state WHERE room_nid = ?1 LIMIT ?2)",
+        )?
+        .execute(params![room, limit as i64])?;
+    Ok(n)
+}
+
 /// The next `limit` listed ids after `after`, in id order (the auth phase's position).
 pub fn listed_after(conn: Db<'_>, room: RoomNid, after: &str, limit: usize) -> Result<Vec<String>> {
     let mut stmt = conn.prepare_cached(
