@@ -38,30 +38,34 @@ async fn ack_flusher(s: Arc<FedContext>, mut rx: mpsc::UnboundedReceiver<Ack>) {
             batch.into_iter().map(|(d, o, done)| ((d, o), done)).unzip();
         let our_server = s.identity.server_name.to_string();
         let base_ms = s.config.federation.retry_base_ms;
-        let ok = s
-            .store
-            .write(move |w| {
-                let now = now_ms();
-                for (d, outcome) in &items {
-                    match outcome {
-                        Outcome::Sent { ids, catch_up_to } => {
-                            outbox::delete(w.db(), ids)?;
-                            match catch_up_to {
-                                Some(to) => outbox::finish_catch_up(w.db(), d, &our_server, *to)?,
-                                None => outbox::record_success(w.db(), d)?,
-                            }
-                        }
-                        Outcome::Failed => {
-                            let delay = outbox::record_failure(w.db(), d, now, base_ms)?;
-                            tracing::info!(destination = %d, retry_in_ms = delay, "backing off");
+        // Failures alone wait for nobody but the sender (the destination is backing off): they are written at
+        // background priority, behind users' writes.
+        let only_failures = items.iter().all(|(_, o)| matches!(o, Outcome::Failed));
+        let failed = items.iter().filter(|(_, o)| matches!(o, Outcome::Failed)).count();
+        let write = move |w: &mut crate::store::Writer<'_>| {
+            let now = now_ms();
+            for (d, outcome) in &items {
+                match outcome {
+                    Outcome::Sent { ids, catch_up_to } => {
+                        outbox::delete(w.db(), ids)?;
+                        match catch_up_to {
+                            Some(to) => outbox::finish_catch_up(w.db(), d, &our_server, *to)?,
+                            None => outbox::record_success(w.db(), d)?,
                         }
                     }
+                    Outcome::Failed => {
+                        let delay = outbox::record_failure(w.db(), d, now, base_ms)?;
+                        tracing::debug!(destination = %d, retry_in_ms = delay, "backing off");
+                    }
                 }
-                Ok(())
-            })
-            .await
-            .map_err(|e| tracing::error!(error = %e, "could not clear sent outbox rows"))
-            .is_ok();
+            }
+            Ok(())
+        };
+        let written = if only_failures { s.store.write_background(write).await } else { s.store.write(write).await };
+        let ok = written.map_err(|e| tracing::error!(error = %e, "could not clear sent outbox rows")).is_ok();
+        if ok && failed > 0 {
+            tracing::info!(destinations = failed, "sending failed: backing off");
+        }
         for done in waiters {
             let _ = done.send(ok);
         }
@@ -101,8 +105,35 @@ struct Lanes {
     others: tokio::sync::Semaphore,
 }
 
+/// The fastest pace at which destinations whose last sends failed are tried again: one per this interval (200 a
+/// second). The servers of a big room that are gone all fail on our first event there and come due again together,
+/// jitter or not; tried all at once, a wave of 2000 such retries held a user's `/sync` up by up to 2 s on one core
+/// (bench/PROFILE.md, round 6). Paced, the same wave is spread over 10 s, and a destination that answers is not
+/// in this queue at all.
+pub const RETRY_INTERVAL: Duration = Duration::from_millis(5);
+
+/// Hands out retry turns at most one per [`RETRY_INTERVAL`], in the order asked.
+#[derive(Default)]
+struct RetryPace {
+    next: Mutex<Option<tokio::time::Instant>>,
+}
+
+impl RetryPace {
+    async fn turn(&self) {
+        let slot = {
+            let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+            let now = tokio::time::Instant::now();
+            let slot = next.map_or(now, |n| n.max(now));
+            *next = Some(slot + RETRY_INTERVAL);
+            slot
+        };
+        tokio::time::sleep_until(slot).await;
+    }
+}
+
 pub async fn run(s: Arc<FedContext>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let in_flight: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let pace = Arc::new(RetryPace::default());
     let lanes = Arc::new(Lanes {
         answered: tokio::sync::Semaphore::new(SENDING_AT_ONCE),
         others: tokio::sync::Semaphore::new(SENDING_AT_ONCE),
@@ -118,16 +149,21 @@ pub async fn run(s: Arc<FedContext>, mut shutdown: tokio::sync::watch::Receiver<
         }
         match s.store.read_background(|c| outbox::due_destinations(c, now_ms())).await {
             Ok(dests) => {
-                for d in dests {
+                for outbox::Due { destination: d, failures } in dests {
                     if !in_flight.lock().unwrap_or_else(|e| e.into_inner()).insert(d.clone()) {
                         continue;
                     }
                     let answered = s.federation.as_ref().is_some_and(|f| f.client.answered_lately(&d));
-                    let (s2, flight, acks, lanes) = (s.clone(), in_flight.clone(), ack_tx.clone(), lanes.clone());
+                    let failing = failures > 0;
+                    let (s2, flight, acks, lanes, pace) =
+                        (s.clone(), in_flight.clone(), ack_tx.clone(), lanes.clone(), pace.clone());
                     tokio::spawn(async move {
+                        if failing && !answered {
+                            pace.turn().await;
+                        }
                         let lane = if answered { &lanes.answered } else { &lanes.others };
                         if let Ok(_turn) = lane.acquire().await {
-                            drain(&s2, &d, &acks).await;
+                            drain(&s2, &d, failing, &acks).await;
                         }
                         flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&d);
                     });
@@ -144,14 +180,12 @@ pub async fn run(s: Arc<FedContext>, mut shutdown: tokio::sync::watch::Receiver<
 }
 
 /// Sends transactions to one destination until its queue is empty or it fails.
-async fn drain(s: &FedContext, destination: &str, acks: &mpsc::UnboundedSender<Ack>) {
+async fn drain(s: &FedContext, destination: &str, failing: bool, acks: &mpsc::UnboundedSender<Ack>) {
     let Some(fed) = s.federation.as_ref() else { return };
     // A destination whose last transactions failed is first asked whether it answers at all (unsigned, no body):
     // most such servers are gone for good, and a refused connection is all their retry then costs.
-    let d = destination.to_owned();
-    let failing = s.store.read_background(move |c| outbox::failures(c, &d)).await.unwrap_or(0) > 0;
     if failing && !fed.client.answers(destination).await {
-        tracing::info!(destination, "destination still unreachable");
+        tracing::debug!(destination, "destination still unreachable");
         let _ = record(acks, destination, Outcome::Failed).await;
         return;
     }
@@ -215,4 +249,31 @@ async fn record(acks: &mpsc::UnboundedSender<Ack>, destination: &str, outcome: O
         return false;
     }
     done_rx.await.unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn retries_asked_for_together_are_handed_out_one_interval_apart() {
+        let pace = Arc::new(RetryPace::default());
+        let start = tokio::time::Instant::now();
+        let turns: Vec<_> = (0..20)
+            .map(|_| {
+                let pace = pace.clone();
+                tokio::spawn(async move {
+                    pace.turn().await;
+                    tokio::time::Instant::now()
+                })
+            })
+            .collect();
+        let mut at = Vec::new();
+        for t in turns {
+            at.push(t.await.unwrap());
+        }
+        at.sort();
+        // Timers never fire early: the 20th turn comes no sooner than 19 intervals after the first was asked.
+        assert!(at[19] - start >= RETRY_INTERVAL * 19, "20 turns within {:?}", at[19] - start);
+    }
 }

@@ -72,8 +72,15 @@ pub fn enqueue_edu(conn: Db<'_>, destination: &str, edu_json: &str) -> Result<()
     Ok(())
 }
 
+/// A destination that is due, with how many times in a row sending to it failed (0: none, or never tried).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Due {
+    pub destination: String,
+    pub failures: i64,
+}
+
 /// Destinations with queued items, or catching up, that are due.
-pub fn due_destinations(conn: Db<'_>, now: i64) -> Result<Vec<String>> {
+pub fn due_destinations(conn: Db<'_>, now: i64) -> Result<Vec<Due>> {
     // A skip-scan over the (destination, id) index: one seek per destination, not a pass over every queued row
     // (the sender asks after every commit and at least ten times a second).
     let mut stmt = conn.prepare_cached(
@@ -82,12 +89,12 @@ pub fn due_destinations(conn: Db<'_>, now: i64) -> Result<Vec<String>> {
              UNION ALL
              SELECT (SELECT min(destination) FROM outbox WHERE destination > d.dest) FROM d WHERE d.dest IS NOT NULL
          )
-         SELECT d.dest FROM d LEFT JOIN destinations x ON x.destination = d.dest
+         SELECT d.dest, coalesce(x.failures, 0) FROM d LEFT JOIN destinations x ON x.destination = d.dest
          WHERE d.dest IS NOT NULL AND coalesce(x.retry_at, 0) <= ?1
          UNION
-         SELECT destination FROM destinations WHERE catch_up_from IS NOT NULL AND retry_at <= ?1",
+         SELECT destination, failures FROM destinations WHERE catch_up_from IS NOT NULL AND retry_at <= ?1",
     )?;
-    let rows = stmt.query_map([now], |r| r.get(0))?;
+    let rows = stmt.query_map([now], |r| Ok(Due { destination: r.get(0)?, failures: r.get(1)? }))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
@@ -194,15 +201,6 @@ pub fn backing_off(conn: Db<'_>, destination: &str, now: i64) -> Result<bool> {
     Ok(conn
         .prepare_cached("SELECT 1 FROM destinations WHERE destination = ?1 AND retry_at > ?2")?
         .exists(params![destination, now])?)
-}
-
-/// How many transactions to `destination` failed in a row (0: none, or it answered since).
-pub fn failures(conn: Db<'_>, destination: &str) -> Result<i64> {
-    Ok(conn
-        .prepare_cached("SELECT failures FROM destinations WHERE destination = ?1")?
-        .query_row([destination], |r| r.get(0))
-        .optional()?
-        .unwrap_or(0))
 }
 
 /// `destination` is up (it just called us): its backoff ends now. Its failure count and catch-up mark stay, so a
