@@ -272,8 +272,8 @@ impl FromRequest<AppState> for Signed {
         )
         .map_err(|_| Error::unauthorized("invalid X-Matrix signature"))?;
         // It called us, so it is up: end any backoff of our sends to it (in the background, not on this request).
-        let (store, o) = (s.store.clone(), origin.clone());
-        tokio::spawn(async move { crate::federation::sender::server_is_up(&store, &o).await });
+        let (fed, o) = (s.fed.clone(), origin.clone());
+        tokio::spawn(async move { crate::federation::sender::server_is_up(&fed, &o).await });
         Ok(Signed { origin, body })
     }
 }

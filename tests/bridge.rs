@@ -70,7 +70,7 @@ fn ngircd(dir: &Path, port: u16) -> Proc {
 
 fn heisenbridge(dir: &Path, registration: &Path, port: u16, owner: &str, hearth: &str, n: u32) -> Proc {
     let mut cmd = Command::new(heisenbridge_python());
-    cmd.args(["-m", "heisenbridge", "-v", "-c"]).arg(registration).args([
+    cmd.args(["-m", "heisenbridge", "-vv", "-c"]).arg(registration).args([
         "-l",
         "127.0.0.1",
         "-p",
@@ -342,9 +342,9 @@ async fn heisenbridge_bridges_irc_both_ways_across_an_outage_and_a_restart() {
     // heisenbridge 1.15.4 now and then stalls in its own start-up reconnect: its log ends at "Init done with 1
     // networks connecting" and no IRC connection is ever made (seen twice in about 25 runs, more often under CPU
     // load; the cause inside the bridge is not known). A second start is a second outage from Hearth's point of view,
-    // so the test
-    // then starts the bridge once more rather than fail on the bridge's bug; what Hearth owes (every event once, in
-    // order) is checked below either way. On a second stall the bridge's log says where it stood.
+    // so the test then starts the bridge once more rather than fail on the bridge's bug; what Hearth owes (every
+    // event once, in order) is checked below either way. On a second stall the logs of every start (at debug level)
+    // say where each stood.
     let mut deadline = tokio::time::Instant::now() + WAIT / 2;
     let mut restarted = false;
     loop {
@@ -361,9 +361,15 @@ async fn heisenbridge_bridges_irc_both_ways_across_an_outage_and_a_restart() {
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the bridge did not come back on #hearth\n--- IRC\n{}\n--- bridge log\n{}",
+            "the bridge did not come back on #hearth\n--- IRC\n{}\n--- bridge logs, every start\n{}",
             irc.lines().join("\n"),
-            bridge.log()
+            (1..=3)
+                .map(|n| format!(
+                    "-- start {n}\n{}",
+                    std::fs::read_to_string(d.join(format!("heisenbridge-{n}.log"))).unwrap_or_default()
+                ))
+                .collect::<Vec<_>>()
+                .join("\n")
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -482,8 +482,8 @@ impl FedClient {
         self.answered.lock().unwrap_or_else(|e| e.into_inner()).contains(destination)
     }
 
-    /// Notes that `destination` answered (any status: it is up).
-    fn heard_from(&self, destination: &str) {
+    /// Notes that `destination` answered (any status: it is up), or called us.
+    pub fn heard_from(&self, destination: &str) {
         let mut answered = self.answered.lock().unwrap_or_else(|e| e.into_inner());
         if !answered.contains(destination) {
             // Bounded: a server federating with more servers than this starts the set afresh.

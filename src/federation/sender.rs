@@ -76,8 +76,12 @@ async fn ack_flusher(s: Arc<FedContext>, mut rx: mpsc::UnboundedReceiver<Ack>) {
 /// failures, the backoff ends and its queue goes out at the sender's next look (at most 100 ms), as Synapse does
 /// on any authenticated request. A server that was down (or restarted on a new address) is not left waiting for
 /// its backoff, up to an hour, before hearing from us. One indexed read per request; a write only when it ends a
-/// backoff.
-pub async fn server_is_up(store: &crate::store::Store, origin: &str) {
+/// backoff. It also counts as having answered (the sender's lanes): its queue is not paced like a dead server's.
+pub async fn server_is_up(s: &FedContext, origin: &str) {
+    if let Some(f) = s.federation.as_ref() {
+        f.client.heard_from(origin);
+    }
+    let store = &s.store;
     let o = origin.to_owned();
     let backing_off = store.read(move |c| outbox::backing_off(c, &o, now_ms())).await.unwrap_or(false);
     if !backing_off {
