@@ -167,7 +167,7 @@ pub async fn run(s: Arc<FedContext>, mut shutdown: tokio::sync::watch::Receiver<
                         }
                         let lane = if answered { &lanes.answered } else { &lanes.others };
                         if let Ok(_turn) = lane.acquire().await {
-                            drain(&s2, &d, failing, &acks).await;
+                            drain(&s2, &d, failing && !answered, &acks).await;
                         }
                         flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&d);
                     });
@@ -184,11 +184,12 @@ pub async fn run(s: Arc<FedContext>, mut shutdown: tokio::sync::watch::Receiver<
 }
 
 /// Sends transactions to one destination until its queue is empty or it fails.
-async fn drain(s: &FedContext, destination: &str, failing: bool, acks: &mpsc::UnboundedSender<Ack>) {
+/// `probe_first`: the destination's last sends failed and it has not answered or called us since. It is first asked
+/// whether it answers at all (unsigned, no body): most such servers are gone for good, and a refused connection is
+/// all their retry then costs. A server known to be up gets its transaction at once.
+async fn drain(s: &FedContext, destination: &str, probe_first: bool, acks: &mpsc::UnboundedSender<Ack>) {
     let Some(fed) = s.federation.as_ref() else { return };
-    // A destination whose last transactions failed is first asked whether it answers at all (unsigned, no body):
-    // most such servers are gone for good, and a refused connection is all their retry then costs.
-    if failing && !fed.client.answers(destination).await {
+    if probe_first && !fed.client.answers(destination).await {
         tracing::debug!(destination, "destination still unreachable");
         let _ = record(acks, destination, Outcome::Failed).await;
         return;
