@@ -173,7 +173,12 @@ impl Ctx<'_> {
         let pipeline =
             Pipeline { remote: self.r, room_id: &room_id, room_version: &self.room.version, background: true };
         let got = if use_state {
-            self.fetch_state(&pipeline, cursor.prev.as_deref().unwrap_or(&cursor.join_event)).await?
+            // The whole state in one load: the writer's page cache is sized for it while it runs.
+            let events = Some(missing.len());
+            self.r.store.write_background(move |w| w.size_cache_for(events)).await?;
+            let got = self.fetch_state(&pipeline, cursor.prev.as_deref().unwrap_or(&cursor.join_event)).await;
+            self.r.store.write_background(|w| w.size_cache_for(None)).await?;
+            got?
         } else {
             pipeline.from_ids(&self.server, missing.into_iter().take(batch.max(1)).collect()).await?
         };

@@ -109,6 +109,24 @@ impl<'a> Writer<'a> {
         self.conn
     }
 
+    /// Sizes the writer's page cache for a bulk load of a state of `events` events we lack, from
+    /// [`WRITER_CACHE_KIB`] up to [`WRITER_BULK_CACHE_KIB`] (80 bytes per state event: with its auth chain, a
+    /// 100k-event state is a 160k-event load, and this is about the share of the indexes it keeps revisiting);
+    /// `None` puts it back. Inserting events sorted by id still lands on pages of the `events` and auth-edge indexes
+    /// all over the file, and a page that left the cache is read again before its next change: a 100k-member resync
+    /// (160k events) took 7% longer and 1.6 CPU-s more with 4 MB than with 8 MB, while 8 MB at all times cost a
+    /// 10k-member join 3 MB of its 52 MB peak (bench/PROFILE.md, round 6). Takes effect at once, for this connection.
+    pub fn size_cache_for(&self, events: Option<usize>) -> Result<()> {
+        let kib = match events {
+            Some(n) => {
+                (n.saturating_mul(80) / 1024).clamp(WRITER_CACHE_KIB as usize, WRITER_BULK_CACHE_KIB as usize) as u32
+            }
+            None => WRITER_CACHE_KIB,
+        };
+        self.conn.0.pragma_update(None, "cache_size", -i64::from(kib))?;
+        Ok(())
+    }
+
     /// Allocates the next position of the global stream (events, account data, receipts, to-device, devices).
     /// Visible to readers only once this write commits.
     pub fn next_stream(&mut self) -> i64 {
@@ -168,9 +186,15 @@ const STATEMENT_CACHE: usize = 256;
 
 /// Page cache per pooled reader, in KiB. Pages a reader misses come from the OS's page cache (one `pread`), which is
 /// shared and can be reclaimed, where a connection's own cache is private heap: with 4 MB each a 10k-member join
-/// peaked at 53-57 MB, with 2 MB at 50-52 MB (bench/PROFILE.md, round 5). The writer keeps 8 MB (bulk writes revisit
-/// index pages).
+/// peaked at 53-57 MB, with 2 MB at 50-52 MB (bench/PROFILE.md, round 5). The writer's is sized to its work
+/// ([`WRITER_CACHE_KIB`]).
 const READER_CACHE_KIB: u32 = 2000;
+
+/// The writer's page cache, in KiB, for everyday writes (a message, a receipt, a join): the pages they touch are
+/// few. A bulk load raises it for its duration ([`Writer::size_cache_for`]).
+pub const WRITER_CACHE_KIB: u32 = 4000;
+/// The most a bulk load raises the writer's page cache to, in KiB.
+pub const WRITER_BULK_CACHE_KIB: u32 = 8000;
 
 /// Turns off SQLite's memory statistics before the library initialises: with them on, every allocation SQLite
 /// makes takes one global mutex, which the reader threads then queue on (seen in profiles under load). Must run
@@ -191,10 +215,10 @@ fn sqlite_global_config() {
 /// after a bulk write.
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
-    conn.execute_batch(
+    conn.execute_batch(&format!(
         "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=10000;
-         PRAGMA cache_size=-8000; PRAGMA temp_store=MEMORY; PRAGMA journal_size_limit=67108864;",
-    )?;
+         PRAGMA cache_size=-{WRITER_CACHE_KIB}; PRAGMA temp_store=MEMORY; PRAGMA journal_size_limit=67108864;"
+    ))?;
     conn.wal_hook(Some(checkpoint::wal_hook));
     Ok(())
 }
@@ -530,5 +554,26 @@ fn run_one(
             tracing::error!(error = %e, "commit failed");
             deliver(Some(Error::from(e)));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sizes the cache for `events` in a write, then reads back the cache's size in KiB.
+    fn sized_for(mem: &mut testing::MemDb, events: Option<usize>) -> i64 {
+        let mut stream = 0;
+        testing::write(mem, &mut stream, |w| w.size_cache_for(events)).unwrap();
+        -mem.db().query_row("PRAGMA cache_size", [], |r| r.get::<_, i64>(0)).unwrap()
+    }
+
+    #[test]
+    fn the_writer_cache_grows_with_a_bulk_load_up_to_its_cap_and_goes_back() {
+        let mut mem = testing::memory_db();
+        assert_eq!(sized_for(&mut mem, Some(100_000)), 7812, "80 bytes per event of a 100k-event state");
+        assert_eq!(sized_for(&mut mem, None), i64::from(WRITER_CACHE_KIB), "back to the everyday size");
+        assert_eq!(sized_for(&mut mem, Some(10_000)), i64::from(WRITER_CACHE_KIB), "a small load needs no more");
+        assert_eq!(sized_for(&mut mem, Some(10_000_000)), i64::from(WRITER_BULK_CACHE_KIB), "capped");
     }
 }
