@@ -220,7 +220,6 @@ enum ConfigAction {
 }
 
 fn main() {
-    hearth::util::limit_malloc_arenas();
     let cli = Cli::parse();
     if let Some(Command::Config { action: ConfigAction::Example }) = &cli.command {
         print!("{}", hearth::config::EXAMPLE);

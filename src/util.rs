@@ -1,4 +1,4 @@
-//! Small helpers used by every layer: random strings, URL percent-decoding, the allocator's arena cap.
+//! Small helpers used by every layer: random strings, URL percent-decoding.
 
 /// `n` random alphanumeric characters (ids, tokens, temporary file names).
 pub fn random_string(n: usize) -> String {
@@ -46,20 +46,6 @@ pub fn parse_user_id(s: &str) -> crate::error::Result<ruma::OwnedUserId> {
         return Err(bad("the localpart must be printable ASCII"));
     }
     Ok(id)
-}
-
-/// Caps glibc's malloc at two arenas (unless `MALLOC_ARENA_MAX` is set), before any thread starts. glibc gives each
-/// thread that meets contention an arena of its own, up to eight per core, and memory freed in one arena is reused
-/// only through it: with the tokio, reader, writer and verifier threads a 10k-member join peaked at 55-57 MB, with
-/// this cap at 52-54 MB, at the same CPU within the noise (bench/PROFILE.md, round 5). No-op on other C libraries.
-pub fn limit_malloc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: mallopt only sets a tunable of the allocator; called before the process starts other threads.
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 2);
-        }
-    }
 }
 
 #[cfg(test)]
