@@ -40,8 +40,8 @@ async fn ack_flusher(s: Arc<FedContext>, mut rx: mpsc::UnboundedReceiver<Ack>) {
         let base_ms = s.config.federation.retry_base_ms;
         // Failures alone wait for nobody but the sender (the destination is backing off): they are written at
         // background priority, behind users' writes.
-        let only_failures = items.iter().all(|(_, o)| matches!(o, Outcome::Failed));
         let failed = items.iter().filter(|(_, o)| matches!(o, Outcome::Failed)).count();
+        let only_failures = failed == items.len();
         let write = move |w: &mut crate::store::Writer<'_>| {
             let now = now_ms();
             for (d, outcome) in &items {
@@ -158,16 +158,17 @@ pub async fn run(s: Arc<FedContext>, mut shutdown: tokio::sync::watch::Receiver<
                         continue;
                     }
                     let answered = s.federation.as_ref().is_some_and(|f| f.client.answered_lately(&d));
-                    let failing = failures > 0;
+                    // Failing and not heard from since: paced, and asked whether it answers before a transaction.
+                    let doubtful = failures > 0 && !answered;
                     let (s2, flight, acks, lanes, pace) =
                         (s.clone(), in_flight.clone(), ack_tx.clone(), lanes.clone(), pace.clone());
                     tokio::spawn(async move {
-                        if failing && !answered {
+                        if doubtful {
                             pace.turn().await;
                         }
                         let lane = if answered { &lanes.answered } else { &lanes.others };
                         if let Ok(_turn) = lane.acquire().await {
-                            drain(&s2, &d, failing && !answered, &acks).await;
+                            drain(&s2, &d, doubtful, &acks).await;
                         }
                         flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&d);
                     });
