@@ -65,6 +65,18 @@ pub type Pool = r2d2::Pool<SqliteConnectionManager>;
 #[derive(Clone, Copy)]
 pub struct Db<'a>(&'a Connection);
 
+/// Runs a read closure inside one (deferred) read transaction. Its queries see one snapshot, and the
+/// connection keeps its page cache between them: SQLite discards a connection's whole cache whenever a new read
+/// transaction finds the WAL changed, which while a resync writes is between nearly every two autocommit
+/// queries, so a closure of many lookups (the auth phase's 200k) re-read its B-tree pages from the OS each time.
+fn read_in_one_snapshot<R>(conn: &Connection, f: impl FnOnce(Db<'_>) -> Result<R>) -> Result<R> {
+    let tx = rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Deferred)?;
+    let result = f(Db(&tx));
+    // Nothing was written: ending it either way only releases the snapshot.
+    drop(tx);
+    result
+}
+
 /// The connection's methods the store's functions use, forwarded.
 impl<'a> Db<'a> {
     pub(in crate::store) fn execute<P: rusqlite::Params>(self, sql: &str, params: P) -> rusqlite::Result<usize> {
@@ -292,7 +304,7 @@ impl Store {
         let pool = self.pool.clone();
         let permit = self.read_permits.clone().acquire_owned().await.map_err(|e| Error::internal(e.to_string()))?;
         Ok(move || {
-            let result = pool.get().map_err(Error::from).and_then(|conn| f(Db(&conn)));
+            let result = pool.get().map_err(Error::from).and_then(|conn| read_in_one_snapshot(&conn, f));
             drop(permit);
             result
         })
