@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 use crate::error::{Error, Result};
 use crate::federation::client::enc;
-use crate::federation::inbound::{fetch_missing_auth, on_threads, verify_batch_raw};
+use crate::federation::inbound::{fetch_missing_auth, on_threads, verify_batch_raw_then};
 use crate::federation::FedContext;
 use crate::federation::{FedClient, KeyStore};
 use crate::room::remote::{persist_outliers, OutlierRow};
@@ -225,15 +225,20 @@ impl Pipeline<'_> {
     async fn check(&self, batch: Vec<Box<RawValue>>, fetch_auth_from: Option<&str>) -> Result<Checked> {
         let (received, bytes) = (batch.len(), batch.iter().map(|p| p.get().len()).sum());
         let t = Instant::now();
-        let verified = self.verify(batch).await?;
-        if let Some(server) = fetch_auth_from {
-            if let Err(e) = fetch_missing_auth(self.remote, server, self.room_id, &verified).await {
-                tracing::info!(%server, error = %e, "fetching the auth events of fetched events failed");
+        let verified = match fetch_auth_from {
+            Some(server) => {
+                let verified = self.verify(batch).await?;
+                if let Err(e) = fetch_missing_auth(self.remote, server, self.room_id, &verified).await {
+                    tracing::info!(%server, error = %e, "fetching the auth events of fetched events failed");
+                }
+                // The rows for the writer, made (and the parsed events freed) on a thread, as verifying is.
+                let rows =
+                    on_threads(vec![verified], self.background, |part| part.iter().map(OutlierRow::of).collect());
+                rows.await?.into_iter().flatten().collect()
             }
-        }
-        // The rows for the writer, made (and the parsed events freed) where the verification ran.
-        let rows = on_threads(vec![verified], self.background, |part| part.iter().map(OutlierRow::of).collect());
-        let verified = rows.await?.into_iter().flatten().collect();
+            // Without auth events to fetch, each event becomes its row right where it was verified.
+            None => self.verify_into_rows(batch).await?,
+        };
         Ok(Checked { received, bytes, verified, took: t.elapsed() })
     }
 
@@ -276,17 +281,35 @@ impl Pipeline<'_> {
 
     /// The valid events of this room in `batch`; the others are dropped (logged).
     async fn verify(&self, batch: Vec<Box<RawValue>>) -> Result<Vec<Pdu>> {
-        let mut verified = Vec::with_capacity(batch.len());
-        for r in verify_batch_raw(self.remote.keys, self.room_version, batch, self.background).await? {
-            match r {
-                Ok(p) if p.room_id.as_str() == self.room_id => verified.push(p),
-                Ok(p) => {
-                    tracing::warn!(room_id = %self.room_id, event_id = %p.event_id, "dropping event of another room")
-                }
-                Err(e) => tracing::info!(room_id = %self.room_id, error = %e, "dropping invalid event"),
-            }
+        let room_id = self.room_id.to_owned();
+        let kept = verify_batch_raw_then(self.remote.keys, self.room_version, batch, self.background, move |r| {
+            of_this_room(&room_id, r)
+        });
+        Ok(kept.await?.into_iter().flatten().collect())
+    }
+
+    /// [`Pipeline::verify`], each kept event made into its writer row on the thread that verified it.
+    async fn verify_into_rows(&self, batch: Vec<Box<RawValue>>) -> Result<Vec<OutlierRow>> {
+        let room_id = self.room_id.to_owned();
+        let rows = verify_batch_raw_then(self.remote.keys, self.room_version, batch, self.background, move |r| {
+            of_this_room(&room_id, r).map(|p| OutlierRow::of(&p))
+        });
+        Ok(rows.await?.into_iter().flatten().collect())
+    }
+}
+
+/// A verified event if it is of `room_id`; else nothing (logged).
+fn of_this_room(room_id: &RoomId, checked: std::result::Result<Pdu, String>) -> Option<Pdu> {
+    match checked {
+        Ok(p) if p.room_id == room_id => Some(p),
+        Ok(p) => {
+            tracing::warn!(%room_id, event_id = %p.event_id, "dropping event of another room");
+            None
         }
-        Ok(verified)
+        Err(e) => {
+            tracing::info!(%room_id, error = %e, "dropping invalid event");
+            None
+        }
     }
 }
 

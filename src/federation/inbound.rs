@@ -70,13 +70,19 @@ pub async fn verify_values(
 /// with no `serde_json::Value` tree built first, and sized by their text.
 ///
 /// `background` work (a resync) runs on the low-priority threads ([`crate::lowprio`]): a user's request running
-/// beside it gets the CPU first.
-pub async fn verify_batch_raw(
+/// beside it gets the CPU first. Each outcome is passed through `then` on the thread that verified it (a pipeline makes its writer rows there,
+/// with no further trip to a thread and back per batch).
+pub async fn verify_batch_raw_then<T, F>(
     keys: &KeyStore,
     room_version: &str,
     raw: Vec<Box<serde_json::value::RawValue>>,
     background: bool,
-) -> Result<Vec<std::result::Result<Pdu, String>>> {
+    then: F,
+) -> Result<Vec<T>>
+where
+    T: Send + 'static,
+    F: Fn(std::result::Result<Pdu, String>) -> T + Send + Sync + 'static,
+{
     let rules = version::rules(room_version)?;
     let parts = parts_for(raw.len());
     let parsed: Vec<Vec<Checked>> = on_threads(split_in(raw, parts), background, {
@@ -84,7 +90,8 @@ pub async fn verify_batch_raw(
         move |part| part.into_iter().map(|v| parse_one_raw(&v, &rules)).collect()
     })
     .await?;
-    Ok(check_signatures(keys, rules, parsed, background).await?.into_iter().map(|(_, r)| r).collect())
+    let checked = check_signatures_then(keys, rules, parsed, background, move |(_, r)| then(r)).await?;
+    Ok(checked)
 }
 
 /// How many blocking threads a batch of `n` PDUs is split over.
@@ -102,11 +109,26 @@ async fn check_signatures(
     rules: ruma::room_version_rules::RoomVersionRules,
     parsed: Vec<Vec<Checked>>,
     background: bool,
-) -> Result<Vec<(Option<String>, std::result::Result<Pdu, String>)>> {
+) -> Result<Vec<Checked>> {
+    check_signatures_then(keys, rules, parsed, background, |checked| checked).await
+}
+
+/// [`check_signatures`], each outcome passed through `then` on the thread that checked it.
+async fn check_signatures_then<T, F>(
+    keys: &KeyStore,
+    rules: ruma::room_version_rules::RoomVersionRules,
+    parsed: Vec<Vec<Checked>>,
+    background: bool,
+    then: F,
+) -> Result<Vec<T>>
+where
+    T: Send + 'static,
+    F: Fn(Checked) -> T + Send + Sync + 'static,
+{
     let need = needed_keys(parsed.iter().flatten().filter_map(|(_, p)| p.as_ref().ok()).map(|p| &p.json));
     let keys = Arc::new(keys.keys_for(&need).await?);
     let verified = on_threads(parsed, background, move |part| {
-        part.into_iter().map(|(id, p)| (id, p.and_then(|p| verify_remote(p, &rules, &keys)))).collect()
+        part.into_iter().map(|(id, p)| then((id, p.and_then(|p| verify_remote(p, &rules, &keys))))).collect()
     })
     .await?;
     Ok(verified.into_iter().flatten().collect())

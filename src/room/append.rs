@@ -531,20 +531,20 @@ pub fn apply_membership(
     event_nid: EventNid,
 ) -> Result<MembershipChange> {
     let old = members::membership_of(w.db(), room_nid, user_id)?.map(|(m, _)| m);
-    apply_membership_over(w, identity, room_nid, user_id, event_nid, old)
+    let content = members::member_content(w.db(), event_nid)?.ok_or_else(|| Error::internal("member event missing"))?;
+    apply_membership_over(w, identity, room_nid, user_id, (event_nid, content), old)
 }
 
-/// [`apply_membership`] for a caller that has just read the user's current membership `old` in the room.
+/// [`apply_membership`] for a caller that has just read the user's current membership `old` in the room and the
+/// member event's content.
 pub fn apply_membership_over(
     w: &mut Writer<'_>,
     identity: &Identity,
     room_nid: RoomNid,
     user_id: &str,
-    event_nid: EventNid,
+    (event_nid, (membership, displayname, avatar_url)): (EventNid, members::MemberContent),
     old: Option<String>,
 ) -> Result<MembershipChange> {
-    let (membership, displayname, avatar_url) =
-        members::member_content(w.db(), event_nid)?.ok_or_else(|| Error::internal("member event missing"))?;
     members::replace_member(
         w.db(),
         &members::MemberUpdate {

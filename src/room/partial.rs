@@ -379,26 +379,33 @@ pub fn fill_chunk(
     }
     if let Some(current) = rooms::room_by_nid(w.db(), room)?.and_then(|r| r.current_sg) {
         for r in rows.iter().filter(|r| r.event_type == "m.room.member") {
-            refresh_membership(w, identity, room, current, &r.state_key, r.state_key_nid)?;
+            let fetched = r.member.clone().map(|content| (r.event_nid, content));
+            refresh_membership(w, identity, room, current, (&r.state_key, r.state_key_nid), fetched)?;
         }
     }
     Ok((Some(last), rows.len()))
 }
 
-/// Brings `user`'s `room_members` row in line with the current state group `current`. Returns whether a join
-/// of theirs ended by it (the event that ended it is older than the correction).
+/// Brings `user`'s `room_members` row in line with the current state group `current`. `fetched` is the member
+/// event just fetched for the key with its content, which spares reading that content again when the current
+/// state still holds it. Returns whether a join of theirs ended by it (the event that ended it is older than the
+/// correction).
 fn refresh_membership(
     w: &mut Writer<'_>,
     identity: &Identity,
     room: RoomNid,
     current: StateGroup,
-    user: &str,
-    skn: StateKeyNid,
+    (user, skn): (&str, StateKeyNid),
+    fetched: Option<(EventNid, members::MemberContent)>,
 ) -> Result<bool> {
     if let Some(nid) = state_groups::lookup_state(w.db(), current, skn)? {
         let now = members::membership_of(w.db(), room, user)?;
         if now.as_ref().map(|m| m.1) != Some(nid) {
-            let c = apply_membership_over(w, identity, room, user, nid, now.map(|m| m.0))?;
+            let content = match fetched {
+                Some((fetched_nid, content)) if fetched_nid == nid => content,
+                _ => members::member_content(w.db(), nid)?.ok_or_else(|| Error::internal("member event missing"))?,
+            };
+            let c = apply_membership_over(w, identity, room, user, (nid, content), now.map(|m| m.0))?;
             return Ok(c.was_joined && !c.joined);
         }
     }
@@ -433,7 +440,7 @@ pub fn complete(
     for (user, skn) in rs::members_touched_since(conn, room, since)? {
         // A member we wrongly believed joined: their device list entry tells our members sharing the room no
         // more that they left (`device_lists.left`); their cached list went with their join.
-        if refresh_membership(w, identity, room, current, &user, skn)? && !identity.is_local_user(&user) {
+        if refresh_membership(w, identity, room, current, (&user, skn), None)? && !identity.is_local_user(&user) {
             crate::store::e2ee::device_list_changed(w, &user)?;
         }
     }

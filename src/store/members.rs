@@ -65,16 +65,20 @@ pub type MemberContent = (String, Option<String>, Option<String>);
 /// applies 100k of these.
 pub fn member_content(conn: Db<'_>, event_nid: EventNid) -> Result<Option<MemberContent>> {
     Ok(conn
-        .prepare_cached(
-            "SELECT CASE json_type(json, '$.content.membership') WHEN 'text' THEN json_extract(json, '$.content.membership') END,
-                    CASE json_type(json, '$.content.displayname') WHEN 'text' THEN json_extract(json, '$.content.displayname') END,
-                    CASE json_type(json, '$.content.avatar_url') WHEN 'text' THEN json_extract(json, '$.content.avatar_url') END
-             FROM events WHERE event_nid = ?1",
-        )?
-        .query_row([event_nid], |r| {
-            Ok((r.get::<_, Option<String>>(0)?.unwrap_or_else(|| "leave".into()), r.get(1)?, r.get(2)?))
-        })
+        .prepare_cached(&format!("SELECT {MEMBER_CONTENT_COLS} FROM events WHERE event_nid = ?1"))?
+        .query_row([event_nid], |r| member_content_at(r, 0))
         .optional()?)
+}
+
+/// The three columns of a [`MemberContent`], read by SQLite from the `json` column of `events` in a query.
+pub const MEMBER_CONTENT_COLS: &str =
+    "CASE json_type(json, '$.content.membership') WHEN 'text' THEN json_extract(json, '$.content.membership') END,
+     CASE json_type(json, '$.content.displayname') WHEN 'text' THEN json_extract(json, '$.content.displayname') END,
+     CASE json_type(json, '$.content.avatar_url') WHEN 'text' THEN json_extract(json, '$.content.avatar_url') END";
+
+/// The [`MemberContent`] of [`MEMBER_CONTENT_COLS`] selected from column `at` on.
+pub fn member_content_at(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<MemberContent> {
+    Ok((r.get::<_, Option<String>>(at)?.unwrap_or_else(|| "leave".into()), r.get(at + 1)?, r.get(at + 2)?))
 }
 
 pub fn membership_of(conn: Db<'_>, room_nid: RoomNid, user_id: &str) -> Result<Option<(String, EventNid)>> {

@@ -8,6 +8,7 @@ use rusqlite::params;
 use crate::error::Result;
 use crate::store::events::{self, EventRow};
 use crate::store::ids::{EventNid, RoomNid, StateGroup, StateKeyNid, StreamPos};
+use crate::store::members::{member_content_at, MemberContent, MEMBER_CONTENT_COLS};
 use crate::store::Db;
 
 // ------------------------------------------------------------------------------------------------------------
@@ -156,22 +157,28 @@ pub struct FetchedState {
     pub event_nid: EventNid,
     pub event_type: String,
     pub state_key: String,
+    /// A member event's content as `room_members` keeps it (read with the row: the fill applies each one).
+    pub member: Option<MemberContent>,
 }
 
 /// The next `limit` listed state events after `after` (id order) that are stored and not rejected.
 pub fn fetched_state_after(conn: Db<'_>, room: RoomNid, after: &str, limit: usize) -> Result<Vec<FetchedState>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT r.event_id, e.state_key_nid, e.event_nid, k.event_type, k.state_key FROM resync_state r
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT r.event_id, e.state_key_nid, e.event_nid, k.event_type, k.state_key, {MEMBER_CONTENT_COLS}
+         FROM resync_state r
          JOIN events e ON e.event_id = r.event_id JOIN state_keys k ON k.state_key_nid = e.state_key_nid
-         WHERE r.room_nid = ?1 AND r.event_id > ?2 AND e.rejected IS NULL ORDER BY r.event_id LIMIT ?3",
-    )?;
+         WHERE r.room_nid = ?1 AND r.event_id > ?2 AND e.rejected IS NULL ORDER BY r.event_id LIMIT ?3"
+    ))?;
     let rows = stmt.query_map(params![room, after, limit as i64], |r| {
+        let event_type: String = r.get(3)?;
+        let member = if event_type == "m.room.member" { Some(member_content_at(r, 5)?) } else { None };
         Ok(FetchedState {
             event_id: r.get(0)?,
             state_key_nid: r.get(1)?,
             event_nid: r.get(2)?,
-            event_type: r.get(3)?,
+            event_type,
             state_key: r.get(4)?,
+            member,
         })
     })?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
