@@ -112,6 +112,16 @@ pub fn load_pdu_with(
     pdu_from_row_with(&row, rules).map(Some)
 }
 
+/// [`load_pdu_with`] of many events at once (those we hold and can read; SQLite's order).
+pub fn load_pdus_with(
+    conn: Db<'_>,
+    event_ids: &[&str],
+    rules: &ruma::room_version_rules::RoomVersionRules,
+) -> Result<Vec<Pdu>> {
+    let rows = events::events_by_ids(conn, event_ids)?;
+    rows.iter().map(|row| pdu_from_row_with(row, rules)).collect()
+}
+
 fn pdu_from_row_with(row: &events::EventRow, rules: &ruma::room_version_rules::RoomVersionRules) -> Result<Pdu> {
     let mut pdu = Pdu::from_stored(&row.json, &row.event_id, rules)
         .map_err(|e| crate::error::Error::internal(format!("stored event {} unreadable: {e}", row.event_id)))?;

@@ -24,7 +24,7 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::room::append::{apply_membership_over, authorize, persist, Outcome};
 use crate::room::remote::{authorize_by_own_auth_events, authorize_partial, AuthCache};
-use crate::room::{load_pdu_with, pdu_from_row, state, version, Identity, Pdu};
+use crate::room::{pdu_from_row, state, version, Identity, Pdu};
 use crate::store::events::{self, EventRow};
 use crate::store::ids::{EventNid, RoomNid, StateGroup, StateKeyNid, StreamPos};
 use crate::store::members;
@@ -322,26 +322,35 @@ pub fn join_prev_event(conn: Db<'_>, join_event: &str) -> Result<String> {
 
 /// Those of `ids` (stored events) that their own auth events do not allow, with the reason. Already rejected
 /// ones are skipped; one whose auth events we lack stays unjudged (our missing data is no proof against it).
+/// Events and their auth events are read [`JUDGE_READS`] at a time, each group in one query.
 pub fn judge(conn: Db<'_>, room: &RoomRow, ids: &[String]) -> Result<Vec<(String, String)>> {
     let rules = version::rules(&room.version)?;
     let cache = AuthCache::default();
     let mut out = Vec::new();
-    for id in ids {
-        let Some(pdu) = load_pdu_with(conn, id, &rules)? else { continue };
+    for chunk in ids.chunks(JUDGE_READS) {
+        let wanted: Vec<&str> = chunk.iter().map(String::as_str).collect();
         // The join's prev event is listed too; when it is no state event it is no part of the state.
-        if pdu.rejected || pdu.state_key.is_none() {
-            continue;
-        }
-        if let Some(lacking) = pdu.auth_events.iter().find(|a| cache.load(conn, &rules, a.as_str()).is_none()) {
-            tracing::info!(event_id = id, %lacking, "resync: state event not auth-checked: an auth event is unavailable");
-            continue;
-        }
-        if let Err(reason) = authorize_by_own_auth_events(conn, &rules, room, &pdu, &cache) {
-            out.push((id.clone(), reason));
+        let pdus: Vec<Pdu> = crate::room::load_pdus_with(conn, &wanted, &rules)?
+            .into_iter()
+            .filter(|p| !p.rejected && p.state_key.is_some())
+            .collect();
+        cache.preload(conn, &rules, pdus.iter().flat_map(|p| p.auth_events.iter().map(|a| a.as_str())))?;
+        for pdu in &pdus {
+            if let Some(lacking) = pdu.auth_events.iter().find(|a| cache.load(conn, &rules, a.as_str()).is_none()) {
+                tracing::info!(event_id = %pdu.event_id, %lacking, "resync: state event not auth-checked: an auth event is unavailable");
+                continue;
+            }
+            if let Err(reason) = authorize_by_own_auth_events(conn, &rules, room, pdu, &cache) {
+                out.push((pdu.event_id.to_string(), reason));
+            }
         }
     }
     Ok(out)
 }
+
+/// Events [`judge`] reads in one query (and then their auth events in another): a bound on the parsed events
+/// held at once.
+const JUDGE_READS: usize = 256;
 
 /// Marks the events [`judge`] found forbidden as rejected (they stay out of the state).
 pub fn reject(conn: Db<'_>, rejected: &[(String, String)]) -> Result<()> {

@@ -186,6 +186,33 @@ impl AuthCache {
         p
     }
 
+    /// Loads, in one query, those of `ids` that are not cached yet (each looked up once, as [`AuthCache::load`]
+    /// would one by one).
+    pub fn preload<'i>(
+        &self,
+        conn: Db<'_>,
+        rules: &RoomVersionRules,
+        ids: impl IntoIterator<Item = &'i str>,
+    ) -> Result<()> {
+        let wanted: Vec<&str> = {
+            let known = self.events.borrow();
+            let mut seen = std::collections::HashSet::new();
+            ids.into_iter().filter(|id| !known.contains_key(*id) && seen.insert(*id)).collect()
+        };
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let loaded = crate::room::load_pdus_with(conn, &wanted, rules)?;
+        let mut events = self.events.borrow_mut();
+        for id in &wanted {
+            events.insert((*id).to_owned(), None);
+        }
+        for p in loaded {
+            events.insert(p.event_id.to_string(), Some(Arc::new(p)));
+        }
+        Ok(())
+    }
+
     /// The create event in `room`'s current state (None: no current state, or none in it).
     fn room_create(&self, conn: Db<'_>, room: &RoomRow) -> Option<Arc<Pdu>> {
         self.create
