@@ -161,7 +161,10 @@ impl KeyStore {
         Ok(map)
     }
 
-    /// Asks the trusted notaries for many servers' keys in one request each.
+    /// Asks the trusted notaries for many servers' keys in one request each. The answers' signatures (two per
+    /// server: the notary's and the server's own) are checked on a blocking thread and their keys stored in one
+    /// write: a big room's resync asks for thousands of servers at once, and a write and two checks per server on
+    /// an async thread held its start back.
     async fn fetch_from_notaries(&self, servers: &[String]) {
         for notary in &self.notaries {
             let wanted: serde_json::Map<String, Value> = servers.iter().map(|s| (s.clone(), json!({}))).collect();
@@ -169,27 +172,40 @@ impl KeyStore {
             match self.client.request(reqwest::Method::POST, notary, "/_matrix/key/v2/query", Some(&body)).await {
                 Ok(v) => {
                     let notary_key = self.notary_keys(notary).await;
-                    for r in v.get("server_keys").and_then(Value::as_array).cloned().unwrap_or_default() {
-                        let Some(server) = r.get("server_name").and_then(Value::as_str).map(str::to_owned) else {
-                            continue;
-                        };
-                        if !servers.contains(&server) {
-                            continue;
-                        }
-                        // The notary must have countersigned what it relays.
-                        if let Some(nk) = &notary_key {
-                            let obj: std::result::Result<CanonicalJsonObject, _> = serde_json::from_value(r.clone());
-                            let ok = obj.ok().is_some_and(|o| {
-                                ruma::signatures::verify_json(nk, &only_signatures_of(o, notary)).is_ok()
-                            });
-                            if !ok {
-                                tracing::info!(%notary, %server, "notary response without a valid notary signature");
-                                continue;
+                    let asked: std::collections::HashSet<&str> = servers.iter().map(String::as_str).collect();
+                    let answers: Vec<(String, Value)> = match v {
+                        Value::Object(mut o) => match o.remove("server_keys") {
+                            Some(Value::Array(a)) => a,
+                            _ => Vec::new(),
+                        },
+                        _ => Vec::new(),
+                    }
+                    .into_iter()
+                    .filter_map(|r| {
+                        let server = r.get("server_name").and_then(Value::as_str)?.to_owned();
+                        asked.contains(server.as_str()).then_some((server, r))
+                    })
+                    .collect();
+                    let notary_name = notary.clone();
+                    let checked = tokio::task::spawn_blocking(move || {
+                        answers
+                            .into_iter()
+                            .filter_map(|(server, r)| {
+                                relayed_key_rows(&notary_name, notary_key.as_ref(), &server, r)
+                                    .map_err(|e| tracing::info!(notary = %notary_name, %server, error = %e, "rejected notary key response"))
+                                    .ok()
+                                    .map(|rows| (server, rows))
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                    .await;
+                    match checked {
+                        Ok(checked) => {
+                            if let Err(e) = self.store.write(move |w| store_key_rows(w.db(), &checked)).await {
+                                tracing::info!(%notary, error = %e, "storing notary keys failed");
                             }
                         }
-                        if let Err(e) = self.store_response(&server, &r).await {
-                            tracing::info!(%server, error = %e, "rejected notary key response");
-                        }
+                        Err(e) => tracing::info!(%notary, error = %e, "checking notary key responses failed"),
                     }
                     return;
                 }
@@ -214,39 +230,8 @@ impl KeyStore {
 
     /// Checks a key response's self-signature and caches its keys.
     pub async fn store_response(&self, server: &str, v: &Value) -> Result<()> {
-        if v.get("server_name").and_then(Value::as_str) != Some(server) {
-            return Err(Error::forbidden("key response for another server"));
-        }
-        let valid_until = v.get("valid_until_ts").and_then(Value::as_i64).unwrap_or(0);
-        let mut set = PublicKeySet::new();
-        let mut rows = Vec::new();
-        for (field, expired) in [("verify_keys", false), ("old_verify_keys", true)] {
-            if let Some(keys) = v.get(field).and_then(Value::as_object) {
-                for (id, k) in keys {
-                    let Some(key) = k.get("key").and_then(Value::as_str) else { continue };
-                    if !expired {
-                        set.insert(id.clone(), Base64::parse(key).map_err(|e| Error::bad_json(e.to_string()))?);
-                    }
-                    let until =
-                        if expired { k.get("expired_ts").and_then(Value::as_i64).unwrap_or(0) } else { valid_until };
-                    rows.push((id.clone(), key.to_owned(), until, expired));
-                }
-            }
-        }
-        let mut map = PublicKeyMap::new();
-        map.insert(server.to_owned(), set);
-        let obj: CanonicalJsonObject = serde_json::from_value(v.clone()).map_err(|e| Error::bad_json(e.to_string()))?;
-        ruma::signatures::verify_json(&map, &only_signatures_of(obj, server))
-            .map_err(|e| Error::forbidden(format!("bad self-signature: {e}")))?;
-        let server = server.to_owned();
-        self.store
-            .write(move |w| {
-                for (id, key, until, expired) in rows {
-                    server_keys::store_key(w.db(), &server, &id, &key, until, expired.then_some(until))?;
-                }
-                Ok(())
-            })
-            .await
+        let rows = vec![(server.to_owned(), checked_key_rows(server, v)?)];
+        self.store.write(move |w| store_key_rows(w.db(), &rows)).await
     }
 
     /// Public keys of one server (for verifying an `X-Matrix` request).
@@ -256,6 +241,59 @@ impl KeyStore {
         let map = self.keys_for(&need).await?;
         Ok(map.get(server).and_then(|s| s.get(key_id)).map(|k| k.as_bytes().to_vec()))
     }
+}
+
+/// A key of a server as stored: (key id, public key, valid until or expired at, whether it is an old key).
+type KeyRow = (String, String, i64, bool);
+
+/// The keys of `server`'s key response `v`, once its self-signature is checked.
+fn checked_key_rows(server: &str, v: &Value) -> Result<Vec<KeyRow>> {
+    if v.get("server_name").and_then(Value::as_str) != Some(server) {
+        return Err(Error::forbidden("key response for another server"));
+    }
+    let valid_until = v.get("valid_until_ts").and_then(Value::as_i64).unwrap_or(0);
+    let mut set = PublicKeySet::new();
+    let mut rows = Vec::new();
+    for (field, expired) in [("verify_keys", false), ("old_verify_keys", true)] {
+        if let Some(keys) = v.get(field).and_then(Value::as_object) {
+            for (id, k) in keys {
+                let Some(key) = k.get("key").and_then(Value::as_str) else { continue };
+                if !expired {
+                    set.insert(id.clone(), Base64::parse(key).map_err(|e| Error::bad_json(e.to_string()))?);
+                }
+                let until =
+                    if expired { k.get("expired_ts").and_then(Value::as_i64).unwrap_or(0) } else { valid_until };
+                rows.push((id.clone(), key.to_owned(), until, expired));
+            }
+        }
+    }
+    let mut map = PublicKeyMap::new();
+    map.insert(server.to_owned(), set);
+    let obj: CanonicalJsonObject = serde_json::from_value(v.clone()).map_err(|e| Error::bad_json(e.to_string()))?;
+    ruma::signatures::verify_json(&map, &only_signatures_of(obj, server))
+        .map_err(|e| Error::forbidden(format!("bad self-signature: {e}")))?;
+    Ok(rows)
+}
+
+/// [`checked_key_rows`] of a response relayed by `notary`, which must have countersigned it (when its keys are
+/// known: `notary_key`).
+fn relayed_key_rows(notary: &str, notary_key: Option<&PublicKeyMap>, server: &str, r: Value) -> Result<Vec<KeyRow>> {
+    if let Some(nk) = notary_key {
+        let obj: CanonicalJsonObject = serde_json::from_value(r.clone()).map_err(|e| Error::bad_json(e.to_string()))?;
+        ruma::signatures::verify_json(nk, &only_signatures_of(obj, notary))
+            .map_err(|_| Error::forbidden("no valid notary signature"))?;
+    }
+    checked_key_rows(server, &r)
+}
+
+/// Stores checked keys, per server.
+fn store_key_rows(conn: Db<'_>, servers: &[(String, Vec<KeyRow>)]) -> Result<()> {
+    for (server, rows) in servers {
+        for (id, key, until, expired) in rows {
+            server_keys::store_key(conn, server, id, key, *until, expired.then_some(*until))?;
+        }
+    }
+    Ok(())
 }
 
 /// Which keys verifying these PDUs needs: server -> key ids, from their `signatures`.

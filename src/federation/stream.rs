@@ -55,17 +55,8 @@ pub fn keys_needed_by_file(
 ) -> Result<std::collections::BTreeMap<String, std::collections::BTreeSet<String>>, String> {
     let reader = std::io::BufReader::new(std::fs::File::open(file).map_err(|e| e.to_string())?);
     let mut need: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> = Default::default();
-    /// Just the signatures of a PDU (the rest of its text is skipped, not parsed into a tree).
-    #[derive(serde::Deserialize)]
-    struct Signed {
-        #[serde(default)]
-        signatures: std::collections::BTreeMap<String, std::collections::BTreeMap<String, IgnoredAny>>,
-    }
-    for_each_pdu_batch(reader, keys, crate::federation::batches::PARSE_BATCH, &mut |batch: Vec<
-        Box<serde_json::value::RawValue>,
-    >| {
-        for pdu in batch {
-            let Ok(signed) = serde_json::from_str::<Signed>(pdu.get()) else { continue };
+    for_each_pdu_batch(reader, keys, crate::federation::batches::PARSE_BATCH, &mut |batch: Vec<Signed>| {
+        for signed in batch {
             for (server, keys) in signed.signatures {
                 need.entry(server).or_default().extend(keys.into_keys());
             }
@@ -73,6 +64,21 @@ pub fn keys_needed_by_file(
         true
     })?;
     Ok(need)
+}
+
+/// Just the signatures of a PDU, read straight from the stream (the rest of its text is skipped: neither kept
+/// nor parsed into a tree).
+#[derive(serde::Deserialize)]
+struct Signed {
+    #[serde(default)]
+    signatures: std::collections::BTreeMap<String, std::collections::BTreeMap<String, IgnoredAny>>,
+}
+
+impl Weigh for Signed {
+    /// Holds no text: counted by elements only.
+    fn weight(&self) -> usize {
+        0
+    }
 }
 
 struct Top<'a, T> {
