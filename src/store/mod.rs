@@ -198,9 +198,11 @@ const STATEMENT_CACHE: usize = 256;
 
 /// Page cache per pooled reader, in KiB. Pages a reader misses come from the OS's page cache (one `pread`), which is
 /// shared and can be reclaimed, where a connection's own cache is private heap: with 4 MB each a 10k-member join
-/// peaked at 53-57 MB, with 2 MB at 50-52 MB (bench/PROFILE.md, round 5). The writer's is sized to its work
-/// ([`WRITER_CACHE_KIB`]).
-const READER_CACHE_KIB: u32 = 2000;
+/// peaked at 53-57 MB, with 2 MB at 50-52 MB (bench/PROFILE.md, round 5). Since a read closure keeps its cache for
+/// all its queries (one snapshot), the caches fill up where before a write in between emptied them: 2 MB each put
+/// a 10k-member join at 51-54 MB, 1 MB at 48-51 MB (round 7), and a closure's lookups mostly reuse the interior
+/// pages of the indexes, which 1 MB holds. The writer's is sized to its work ([`WRITER_CACHE_KIB`]).
+const READER_CACHE_KIB: u32 = 1000;
 
 /// The writer's page cache, in KiB, for everyday writes (a message, a receipt, a join): the pages they touch are
 /// few. A bulk load raises it for its duration ([`Writer::size_cache_for`]).
