@@ -112,14 +112,15 @@ pub fn load_pdu_with(
     pdu_from_row_with(&row, rules).map(Some)
 }
 
-/// [`load_pdu_with`] of many events at once (those we hold and can read; SQLite's order).
+/// [`load_pdu_with`] of many events at once: those we hold, each parsed or the reason it could not be (SQLite's
+/// order).
 pub fn load_pdus_with(
     conn: Db<'_>,
     event_ids: &[&str],
     rules: &ruma::room_version_rules::RoomVersionRules,
-) -> Result<Vec<Pdu>> {
+) -> Result<Vec<Result<Pdu>>> {
     let rows = events::events_by_ids(conn, event_ids)?;
-    rows.iter().map(|row| pdu_from_row_with(row, rules)).collect()
+    Ok(rows.iter().map(|row| pdu_from_row_with(row, rules)).collect())
 }
 
 fn pdu_from_row_with(row: &events::EventRow, rules: &ruma::room_version_rules::RoomVersionRules) -> Result<Pdu> {

@@ -332,6 +332,8 @@ pub fn judge(conn: Db<'_>, room: &RoomRow, ids: &[String]) -> Result<Vec<(String
         // The join's prev event is listed too; when it is no state event it is no part of the state.
         let pdus: Vec<Pdu> = crate::room::load_pdus_with(conn, &wanted, &rules)?
             .into_iter()
+            .collect::<Result<Vec<Pdu>>>()?
+            .into_iter()
             .filter(|p| !p.rejected && p.state_key.is_some())
             .collect();
         cache.preload(conn, &rules, pdus.iter().flat_map(|p| p.auth_events.iter().map(|a| a.as_str())))?;

@@ -207,7 +207,8 @@ impl AuthCache {
         for id in &wanted {
             events.insert((*id).to_owned(), None);
         }
-        for p in loaded {
+        // One that cannot be read counts as not held, as in `load`.
+        for p in loaded.into_iter().flatten() {
             events.insert(p.event_id.to_string(), Some(Arc::new(p)));
         }
         Ok(())

@@ -451,8 +451,26 @@ pub fn hearth_bin() -> &'static str {
     env!("CARGO_BIN_EXE_hearth")
 }
 
-/// A free TCP port on 127.0.0.1 (bound then released; fine for tests).
+/// A free TCP port on 127.0.0.1 (bound then released), for a server that must know its port before it starts.
+/// Chosen at random below the kernel's ephemeral range when there is room: a port the kernel hands out (`:0`)
+/// can be taken, between our release and the server's bind, as the source port of any outgoing connection of
+/// the tests running beside it ("Address already in use", seen in CI); one below the range only by another
+/// test's explicit choice, which randomness makes unlikely.
 pub fn free_port() -> u16 {
+    use rand::Rng;
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next().and_then(|lo| lo.parse::<u16>().ok()))
+        .unwrap_or(32768);
+    if ephemeral_start > 11_000 {
+        let mut rng = rand::thread_rng();
+        for _ in 0..200 {
+            let port = rng.gen_range(10_000..ephemeral_start);
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
