@@ -70,8 +70,8 @@ pub async fn verify_values(
 /// with no `serde_json::Value` tree built first, and sized by their text.
 ///
 /// `background` work (a resync) runs on the low-priority threads ([`crate::lowprio`]): a user's request running
-/// beside it gets the CPU first. Each outcome is passed through `then` on the thread that verified it (a pipeline makes its writer rows there,
-/// with no further trip to a thread and back per batch).
+/// beside it gets the CPU first. Each outcome is passed through `then` on the thread that verified it (a pipeline
+/// makes its writer rows there, with no further trip to a thread and back per batch).
 pub async fn verify_batch_raw_then<T, F>(
     keys: &KeyStore,
     room_version: &str,
@@ -90,8 +90,7 @@ where
         move |part| part.into_iter().map(|v| parse_one_raw(&v, &rules)).collect()
     })
     .await?;
-    let checked = check_signatures_then(keys, rules, parsed, background, move |(_, r)| then(r)).await?;
-    Ok(checked)
+    check_signatures_then(keys, rules, parsed, background, move |(_, r)| then(r)).await
 }
 
 /// How many blocking threads a batch of `n` PDUs is split over.

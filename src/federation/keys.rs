@@ -172,34 +172,11 @@ impl KeyStore {
             match self.client.request(reqwest::Method::POST, notary, "/_matrix/key/v2/query", Some(&body)).await {
                 Ok(v) => {
                     let notary_key = self.notary_keys(notary).await;
-                    let asked: std::collections::HashSet<&str> = servers.iter().map(String::as_str).collect();
-                    let answers: Vec<(String, Value)> = match v {
-                        Value::Object(mut o) => match o.remove("server_keys") {
-                            Some(Value::Array(a)) => a,
-                            _ => Vec::new(),
-                        },
-                        _ => Vec::new(),
-                    }
-                    .into_iter()
-                    .filter_map(|r| {
-                        let server = r.get("server_name").and_then(Value::as_str)?.to_owned();
-                        asked.contains(server.as_str()).then_some((server, r))
-                    })
-                    .collect();
-                    let notary_name = notary.clone();
-                    let checked = tokio::task::spawn_blocking(move || {
-                        answers
-                            .into_iter()
-                            .filter_map(|(server, r)| {
-                                relayed_key_rows(&notary_name, notary_key.as_ref(), &server, r)
-                                    .map_err(|e| tracing::info!(notary = %notary_name, %server, error = %e, "rejected notary key response"))
-                                    .ok()
-                                    .map(|rows| (server, rows))
-                            })
-                            .collect::<Vec<_>>()
-                    })
-                    .await;
-                    match checked {
+                    let answers = answers_for(v, servers);
+                    let name = notary.clone();
+                    let checking =
+                        tokio::task::spawn_blocking(move || check_relayed(&name, notary_key.as_ref(), answers));
+                    match checking.await {
                         Ok(checked) => {
                             if let Err(e) = self.store.write(move |w| store_key_rows(w.db(), &checked)).await {
                                 tracing::info!(%notary, error = %e, "storing notary keys failed");
@@ -284,6 +261,40 @@ fn relayed_key_rows(notary: &str, notary_key: Option<&PublicKeyMap>, server: &st
             .map_err(|_| Error::forbidden("no valid notary signature"))?;
     }
     checked_key_rows(server, &r)
+}
+
+/// The key responses of a notary's answer `v` for the servers that were asked for, with their server names.
+fn answers_for(v: Value, asked: &[String]) -> Vec<(String, Value)> {
+    let asked: std::collections::HashSet<&str> = asked.iter().map(String::as_str).collect();
+    let list = match v {
+        Value::Object(mut o) => o.remove("server_keys"),
+        _ => None,
+    };
+    let Some(Value::Array(list)) = list else { return Vec::new() };
+    list.into_iter()
+        .filter_map(|r| {
+            let server = r.get("server_name").and_then(Value::as_str)?.to_owned();
+            asked.contains(server.as_str()).then_some((server, r))
+        })
+        .collect()
+}
+
+/// The keys of each relayed response that [`relayed_key_rows`] accepts; the others are logged and left out.
+fn check_relayed(
+    notary: &str,
+    notary_key: Option<&PublicKeyMap>,
+    answers: Vec<(String, Value)>,
+) -> Vec<(String, Vec<KeyRow>)> {
+    answers
+        .into_iter()
+        .filter_map(|(server, r)| match relayed_key_rows(notary, notary_key, &server, r) {
+            Ok(rows) => Some((server, rows)),
+            Err(e) => {
+                tracing::info!(%notary, %server, error = %e, "rejected notary key response");
+                None
+            }
+        })
+        .collect()
 }
 
 /// Stores checked keys, per server.

@@ -531,7 +531,7 @@ pub fn apply_membership(
     event_nid: EventNid,
 ) -> Result<MembershipChange> {
     let old = members::membership_of(w.db(), room_nid, user_id)?.map(|(m, _)| m);
-    let content = members::member_content(w.db(), event_nid)?.ok_or_else(|| Error::internal("member event missing"))?;
+    let content = members::stored_member_content(w.db(), event_nid)?;
     apply_membership_over(w, identity, room_nid, user_id, (event_nid, content), old)
 }
 

@@ -414,7 +414,7 @@ fn refresh_membership(
         if now.as_ref().map(|m| m.1) != Some(nid) {
             let content = match fetched {
                 Some((fetched_nid, content)) if fetched_nid == nid => content,
-                _ => members::member_content(w.db(), nid)?.ok_or_else(|| Error::internal("member event missing"))?,
+                _ => members::stored_member_content(w.db(), nid)?,
             };
             let c = apply_membership_over(w, identity, room, user, (nid, content), now.map(|m| m.0))?;
             return Ok(c.was_joined && !c.joined);

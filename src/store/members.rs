@@ -70,6 +70,11 @@ pub fn member_content(conn: Db<'_>, event_nid: EventNid) -> Result<Option<Member
         .optional()?)
 }
 
+/// [`member_content`] of an event that must exist (a state entry or a stored membership points at it).
+pub fn stored_member_content(conn: Db<'_>, event_nid: EventNid) -> Result<MemberContent> {
+    member_content(conn, event_nid)?.ok_or_else(|| crate::error::Error::internal("member event missing"))
+}
+
 /// The three columns of a [`MemberContent`], read by SQLite from the `json` column of `events` in a query.
 pub const MEMBER_CONTENT_COLS: &str =
     "CASE json_type(json, '$.content.membership') WHEN 'text' THEN json_extract(json, '$.content.membership') END,
