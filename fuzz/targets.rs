@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
 use hearth::room::pdu::Pdu;
+use hearth::room::signatures::{self, DecodedKeys};
 use hearth::room::{remote, version};
 use ruma::canonical_json::{CanonicalJsonObject, CanonicalJsonValue};
 use ruma::events::StateEventType;
@@ -19,6 +20,8 @@ use serde_json::Value;
 /// PDUs can reference real auth events and be authorised against real state.
 struct Rooms {
     keys: PublicKeyMap,
+    /// The key above as a curve point, decoded by the first check (as a server keeps it).
+    decoded: DecodedKeys,
     /// version -> events of that room (the create event first).
     rooms: BTreeMap<String, Vec<Pdu>>,
 }
@@ -42,7 +45,7 @@ fn rooms() -> &'static Rooms {
                 .collect();
             rooms.insert(ver.clone(), pdus);
         }
-        Rooms { keys, rooms }
+        Rooms { keys, decoded: DecodedKeys::default(), rooms }
     })
 }
 
@@ -62,7 +65,13 @@ pub fn pdu(data: &[u8]) {
 
     let Ok(pdu) = remote::parse_remote(obj, &rules) else { return };
     let r = rooms();
-    let pdu = match remote::verify_remote(pdu.clone(), &rules, &r.keys) {
+    // Our signature check (keys decoded once) must judge every input as ruma's own `verify_event` does.
+    assert_eq!(
+        signatures::verify_event(&r.keys, &r.decoded, &pdu.json, &rules).ok(),
+        ruma::signatures::verify_event(&r.keys, &pdu.json, &rules).ok(),
+        "signature check differs from ruma's"
+    );
+    let pdu = match remote::verify_remote(pdu.clone(), &rules, &r.keys, &r.decoded) {
         Ok(verified) => verified,
         // Unsigned or forged: still push it through the auth rules, which must not panic either.
         Err(_) => pdu,

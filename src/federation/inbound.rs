@@ -125,9 +125,9 @@ where
     F: Fn(Checked) -> T + Send + Sync + 'static,
 {
     let need = needed_keys(parsed.iter().flatten().filter_map(|(_, p)| p.as_ref().ok()).map(|p| &p.json));
-    let keys = Arc::new(keys.keys_for(&need).await?);
+    let (keys, decoded) = (Arc::new(keys.keys_for(&need).await?), keys.decoded());
     let verified = on_threads(parsed, background, move |part| {
-        part.into_iter().map(|(id, p)| then((id, p.and_then(|p| verify_remote(p, &rules, &keys))))).collect()
+        part.into_iter().map(|(id, p)| then((id, p.and_then(|p| verify_remote(p, &rules, &keys, &decoded))))).collect()
     })
     .await?;
     Ok(verified.into_iter().flatten().collect())

@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 use crate::federation::client::FedClient;
+use crate::room::signatures::DecodedKeys;
 use crate::room::Identity;
 use crate::store::accounts::now_ms;
 use crate::store::server_keys::{self, OldKey};
@@ -71,11 +72,25 @@ pub struct KeyStore {
     notaries: Vec<String>,
     /// Serialises fetches so concurrent needs for the same server make one request.
     fetch_lock: tokio::sync::Mutex<()>,
+    /// Keys as curve points, for checking events' signatures without decoding a key per event.
+    decoded: Arc<DecodedKeys>,
 }
 
 impl KeyStore {
     pub fn new(store: Store, client: Arc<FedClient>, identity: Arc<Identity>, notaries: Vec<String>) -> KeyStore {
-        KeyStore { store, client, identity, notaries, fetch_lock: tokio::sync::Mutex::new(()) }
+        KeyStore {
+            store,
+            client,
+            identity,
+            notaries,
+            fetch_lock: tokio::sync::Mutex::new(()),
+            decoded: Arc::new(DecodedKeys::default()),
+        }
+    }
+
+    /// The keys decoded so far (kept for the life of the server; see [`DecodedKeys`]).
+    pub fn decoded(&self) -> Arc<DecodedKeys> {
+        self.decoded.clone()
     }
 
     async fn cached(&self, servers: &BTreeSet<String>) -> Result<PublicKeyMap> {

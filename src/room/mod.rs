@@ -12,6 +12,7 @@ pub mod peek;
 pub mod power;
 pub mod presence;
 pub mod remote;
+pub mod signatures;
 pub mod state;
 pub mod stripped;
 #[cfg(test)]

@@ -13,6 +13,7 @@ use ruma::RoomId;
 use crate::error::{Error, Result};
 use crate::room::append::{authorize, persist, Appended, Outcome};
 use crate::room::pdu::MAX_PDU_BYTES;
+use crate::room::signatures::{self, DecodedKeys};
 use crate::room::{load_pdu, state, version, Identity, Pdu};
 use crate::store::events::{self, EventRow, NewEvent};
 use crate::store::ids::{EventNid, StateGroup, StateKeyNid};
@@ -49,8 +50,13 @@ pub fn parse_remote_with_id(
 }
 
 /// Checks signatures and the content hash. A hash mismatch keeps the event, redacted (spec).
-pub fn verify_remote(pdu: Pdu, rules: &RoomVersionRules, keys: &PublicKeyMap) -> std::result::Result<Pdu, String> {
-    match ruma::signatures::verify_event(keys, &pdu.json, rules) {
+pub fn verify_remote(
+    pdu: Pdu,
+    rules: &RoomVersionRules,
+    keys: &PublicKeyMap,
+    decoded: &DecodedKeys,
+) -> std::result::Result<Pdu, String> {
+    match signatures::verify_event(keys, decoded, &pdu.json, rules) {
         Ok(Verified::All) => Ok(pdu),
         Ok(Verified::Signatures) => {
             let redacted =
