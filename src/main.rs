@@ -219,7 +219,15 @@ enum ConfigAction {
     Check,
 }
 
+/// Rust's allocations go to mimalloc. With glibc's malloc a tenth of a 100k-member resync's CPU went to the
+/// allocator, much of it in free-list upkeep (`malloc_consolidate`, `unlink_chunk`); with mimalloc the resync took
+/// 9-13% less CPU and wall time at the same peak RSS (`bench/PROFILE.md`, round 8). SQLite allocates through
+/// glibc still ([`tune_allocator`]).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
+    tune_mimalloc();
     let cli = Cli::parse();
     if let Some(Command::Config { action: ConfigAction::Example }) = &cli.command {
         print!("{}", hearth::config::EXAMPLE);
@@ -319,16 +327,16 @@ fn init_logging(config: &Config) {
     }
 }
 
-/// glibc raises its mmap threshold each time a large mmapped block is freed; from then on big short-lived buffers
-/// (argon2's 19 MiB per password hash, large federation answers) come from the heap arenas and stay resident after
-/// they are freed. Measured: 100 registrations, 16 at a time, left the server at 1.5 GB RSS (16 MB with this).
-/// A fixed threshold keeps allocations of 1 MiB and more mmapped, so freeing them returns the memory.
+/// glibc's malloc still serves SQLite (its page caches and statements). glibc raises its mmap threshold each time
+/// a large mmapped block is freed; from then on big short-lived buffers come from the heap arenas and stay resident
+/// after they are freed. (Measured while Rust's allocations went through glibc too: 100 registrations, 16 at a
+/// time, left the server at 1.5 GB RSS with argon2's 19 MiB per hash, 16 MB with this.) A fixed threshold keeps
+/// allocations of 1 MiB and more mmapped, so freeing them returns the memory.
 ///
-/// glibc also gives threads up to 8 arenas per core; SQLite reads and signature checks run on many blocking threads,
-/// and each arena keeps its own freed memory. Four arenas (unless `MALLOC_ARENA_MAX` says otherwise): in single
-/// runs of the 100k-member lazy join on this 2-core machine (`hearth-bench join --members 100000`, the variable set
-/// by hand) peak RSS was 163 MB with 4 arenas against 201-240 MB with glibc's 16; 2 arenas spent 15% of the CPU
-/// samples waiting on the arena locks and made the resync 20-40% slower.
+/// glibc also gives threads up to 8 arenas per core, and SQLite reads run on many threads, each arena keeping its
+/// own freed memory. Four arenas (unless `MALLOC_ARENA_MAX` says otherwise): in single runs of the 100k-member lazy
+/// join on this 2-core machine (`hearth-bench join --members 100000`, before mimalloc) peak RSS was 163 MB with 4
+/// arenas against 201-240 MB with glibc's 16; 2 arenas spent 15% of the CPU samples waiting on the arena locks.
 fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; called once at start, before other threads exist.
@@ -337,6 +345,20 @@ fn tune_allocator() {
         if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
             libc::mallopt(libc::M_ARENA_MAX, 4);
         }
+    }
+}
+
+/// mimalloc returns freed pages to the system at once instead of 10-100 ms later: the resync frees as fast as it
+/// allocates, and with the delay the 10k-member join peaked higher. `MIMALLOC_PURGE_DELAY` still overrides. (The
+/// `no_thp` feature keeps mimalloc from asking for transparent huge pages: with them each touched 2 MB region was
+/// resident whole, and the 10k join peaked at 73-92 MB instead of 48-50 MB.)
+fn tune_mimalloc() {
+    // The position of `mi_option_purge_delay` in mimalloc v2's `mi_option_e` (include/mimalloc.h); the `v2`
+    // feature pins that header.
+    const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: sets an integer option, which mimalloc reads at each purge; no pointers involved.
+        unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, 0) };
     }
 }
 
