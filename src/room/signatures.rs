@@ -162,6 +162,13 @@ mod tests {
         obj
     }
 
+    /// a.example's signatures of a signed event, to damage.
+    fn signatures_by_a(o: &mut CanonicalJsonObject) -> &mut CanonicalJsonObject {
+        let Some(CanonicalJsonValue::Object(s)) = o.get_mut("signatures") else { unreachable!() };
+        let Some(CanonicalJsonValue::Object(set)) = s.get_mut("a.example") else { unreachable!() };
+        set
+    }
+
     /// The outcome as a comparable value: which `Verified`, or that it failed (error texts differ from ruma's).
     fn outcome(r: Result<Verified, impl std::fmt::Display>) -> Option<Verified> {
         r.ok()
@@ -195,8 +202,7 @@ mod tests {
             (
                 "signature replaced by another of the right length",
                 |o| {
-                    let Some(CanonicalJsonValue::Object(s)) = o.get_mut("signatures") else { unreachable!() };
-                    let Some(CanonicalJsonValue::Object(set)) = s.get_mut("a.example") else { unreachable!() };
+                    let set = signatures_by_a(o);
                     for v in set.values_mut() {
                         *v = CanonicalJsonValue::String(Base64::<Standard>::new(vec![7u8; 64]).encode());
                     }
@@ -206,8 +212,7 @@ mod tests {
             (
                 "signature not base64",
                 |o| {
-                    let Some(CanonicalJsonValue::Object(s)) = o.get_mut("signatures") else { unreachable!() };
-                    let Some(CanonicalJsonValue::Object(set)) = s.get_mut("a.example") else { unreachable!() };
+                    let set = signatures_by_a(o);
                     for v in set.values_mut() {
                         *v = CanonicalJsonValue::String("!!!".into());
                     }
@@ -219,8 +224,7 @@ mod tests {
             (
                 "signed only by a key we do not hold",
                 |o| {
-                    let Some(CanonicalJsonValue::Object(s)) = o.get_mut("signatures") else { unreachable!() };
-                    let Some(CanonicalJsonValue::Object(set)) = s.get_mut("a.example") else { unreachable!() };
+                    let set = signatures_by_a(o);
                     let sig = set.values().next().unwrap().clone();
                     set.clear();
                     set.insert("ed25519:unknown".into(), sig);
@@ -230,8 +234,7 @@ mod tests {
             (
                 "an extra signature by an algorithm we do not know is skipped",
                 |o| {
-                    let Some(CanonicalJsonValue::Object(s)) = o.get_mut("signatures") else { unreachable!() };
-                    let Some(CanonicalJsonValue::Object(set)) = s.get_mut("a.example") else { unreachable!() };
+                    let set = signatures_by_a(o);
                     set.insert("curve9:x".into(), CanonicalJsonValue::String("AAAA".into()));
                 },
                 Some(Verified::All),
