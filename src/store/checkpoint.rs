@@ -25,8 +25,11 @@ const CHECKPOINT_AT_PAGES: c_int = 8000;
 /// Pages after which the writer checkpoints itself, as SQLite's own automatic checkpoint does (128 MB).
 const WRITER_CHECKPOINTS_AT_PAGES: c_int = 32000;
 /// The least time between two of the checkpointer's runs, so a log that cannot be reset (a reader still uses its
-/// start) is not checkpointed after every commit.
-const MIN_GAP: Duration = Duration::from_millis(100);
+/// start) is not checkpointed after every commit. Short, because whatever the last run left uncopied is what the
+/// writer copies itself, inside a commit, once the log passes [`WRITER_CHECKPOINTS_AT_PAGES`]: at 100 ms, user
+/// sends of a 100k-member resync over 60 ms were 5-7 a run (p99 68-115 ms), at 25 ms 1-3 (p99 56-94 ms), for a
+/// CPU cost within the noise (bench/PROFILE.md, round 8).
+const MIN_GAP: Duration = Duration::from_millis(25);
 
 thread_local! {
     /// The WAL's length in pages after the last commit on this thread's connection (the writer's).
