@@ -211,6 +211,33 @@ async fn garbage_never_500s() {
     s.stop().await;
 }
 
+/// A number parameter left empty (`limit=`) is no number: 400 `M_INVALID_PARAM`, as Synapse answers, not the
+/// default as if it were absent (schemathesis found `/relations?limit=` answered 200). Absent still means the
+/// default.
+#[tokio::test]
+async fn an_empty_number_parameter_is_refused() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let room = alice.create_room(json!({})).await;
+    let event = alice.send_text(&room, "parent").await;
+    let (room, event) = (enc(&room), enc(&event));
+    for path in [
+        format!("/rooms/{room}/messages?dir=b&limit="),
+        format!("/rooms/{room}/context/{event}?limit="),
+        format!("/sync?timeout="),
+        "/notifications?limit=".to_owned(),
+    ] {
+        let r = alice.request(Method::GET, &path, None).await;
+        assert_eq!((r.status, r.errcode()), (400, "M_INVALID_PARAM"), "{path}: {}", r.text);
+    }
+    let relations = |q: &str| format!("/_matrix/client/v1/rooms/{room}/relations/{event}{q}");
+    let r = alice.request(Method::GET, &relations("?limit=&dir=f"), None).await;
+    assert_eq!((r.status, r.errcode()), (400, "M_INVALID_PARAM"), "{}", r.text);
+    let r = alice.request(Method::GET, &relations("?dir=f"), None).await;
+    assert_eq!((r.status, r.body["chunk"].as_array().map(Vec::len)), (200, Some(0)), "{}", r.text);
+    s.stop().await;
+}
+
 /// User ids outside the spec's grammar (historical ids included) are refused with 400 `M_INVALID_PARAM` wherever a
 /// client names a user, before anything is stored or queued; registration refuses user names outside
 /// `[a-z0-9._=-/+]` with `M_INVALID_USERNAME`.
