@@ -224,7 +224,7 @@ async fn an_empty_number_parameter_is_refused() {
     for path in [
         format!("/rooms/{room}/messages?dir=b&limit="),
         format!("/rooms/{room}/context/{event}?limit="),
-        format!("/sync?timeout="),
+        "/sync?timeout=".to_owned(),
         "/notifications?limit=".to_owned(),
     ] {
         let r = alice.request(Method::GET, &path, None).await;
