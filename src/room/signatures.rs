@@ -98,9 +98,9 @@ fn check_server(
         Some(_) => return Err(format!("signatures.{server} is not an object")),
         None => return Err(format!("no signatures from {server}")),
     };
+    let held = keys.get(server).ok_or_else(|| format!("no public keys for {server}"))?;
     let mut checked = false;
     for (key_id, signature) in set {
-        let held = keys.get(server).ok_or_else(|| format!("no public keys for {server}"))?;
         let Some(public_key) = held.get(key_id) else { continue };
         let Ok(parsed) = <&SigningKeyId<AnyKeyName>>::try_from(key_id.as_str()) else { continue };
         if parsed.algorithm() != SigningKeyAlgorithm::Ed25519 {
