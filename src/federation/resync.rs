@@ -119,6 +119,10 @@ impl Ctx<'_> {
         if !pdu_ids.contains(&prev) {
             pdu_ids.push(prev.clone());
         }
+        // In key order: each write then appends to `resync_state`'s tree instead of touching pages all over it (a
+        // 100k-id list in the answer's order wrote 236 MB to the log, sorted under 30 MB).
+        pdu_ids.sort_unstable();
+        pdu_ids.dedup();
         let sg = cursor.sg;
         let (pdu_ids, bad) = self
             .r
