@@ -9,7 +9,7 @@
 //!    └─────────┘ listed events nobody can supply: distrust that /state_ids, ask another server
 //! ```
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 
@@ -19,7 +19,7 @@ use crate::federation::client::enc;
 use crate::federation::FedContext;
 use crate::jobs::{JobKind, JobRow, Step, StepFuture};
 use crate::room::partial::{self, Phase, ResyncCursor};
-use crate::store::ids::{JobId, RoomNid};
+use crate::store::ids::{EventNid, JobId, RoomNid};
 use crate::store::resync as rs;
 use crate::store::rooms::{self, RoomRow};
 
@@ -32,10 +32,22 @@ const STATE_IDS_PER_WRITE: usize = 5000;
 
 /// The resync as a job kind of the queue, run with the handles of a running server.
 pub fn job_kind(s: Arc<FedContext>) -> Arc<dyn JobKind> {
-    Arc::new(ResyncJobs(s))
+    Arc::new(ResyncJobs { s, walk: Arc::default() })
 }
 
-struct ResyncJobs(Arc<FedContext>);
+struct ResyncJobs {
+    s: Arc<FedContext>,
+    /// The fill's walk of the job running it, kept across its steps (the queue runs one job at a time).
+    walk: Arc<Mutex<Option<FillWalk>>>,
+}
+
+/// The fill's walk ([`rs::fill_order`]): the events still to fill of job `job`, in order, read when its cursor was
+/// at `at`. Lost on a restart, and read again from the cursor.
+struct FillWalk {
+    job: JobId,
+    at: Option<rs::FillKey>,
+    nids: std::collections::VecDeque<EventNid>,
+}
 
 impl JobKind for ResyncJobs {
     fn unit(&self, job: &JobRow) -> &'static str {
@@ -48,13 +60,13 @@ impl JobKind for ResyncJobs {
     }
 
     fn step(&self, job: JobRow, batch: usize) -> StepFuture {
-        let s = self.0.clone();
-        Box::pin(async move { step(Remote::of(&s)?, &job, batch).await })
+        let (s, walk) = (self.s.clone(), self.walk.clone());
+        Box::pin(async move { step(Remote::of(&s)?, &job, batch, &walk).await })
     }
 }
 
 /// One job step: the work of the cursor's phase, about `batch` items of it; saves the cursor.
-pub async fn step(r: Remote<'_>, job: &JobRow, batch: usize) -> Result<Step> {
+async fn step(r: Remote<'_>, job: &JobRow, batch: usize, walk: &Mutex<Option<FillWalk>>) -> Result<Step> {
     let room_nid = job.room_nid.ok_or_else(|| Error::internal("resync job without room"))?;
     let room = r
         .store
@@ -71,12 +83,12 @@ pub async fn step(r: Remote<'_>, job: &JobRow, batch: usize) -> Result<Step> {
         .get(job.attempts as usize % servers.len().max(1))
         .cloned()
         .ok_or_else(|| Error::internal("no server to resync from"))?;
-    let ctx = Ctx { r, job, room_nid, room, server, servers: servers.len() };
+    let ctx = Ctx { r, job, room_nid, room, server, servers: servers.len(), walk };
     match cursor.phase.clone() {
         Phase::Ids => ctx.ids(cursor).await,
         Phase::Fetch { source, use_state } => ctx.fetch(cursor, source, use_state, batch).await,
         Phase::Auth { after, done } => ctx.auth(cursor, after, done, batch).await,
-        Phase::Fill { after, done } => ctx.fill(cursor, after, done, batch).await,
+        Phase::Fill { at, done } => ctx.fill(cursor, at, done, batch).await,
         Phase::Finish => ctx.finish(cursor).await,
     }
 }
@@ -91,6 +103,7 @@ struct Ctx<'a> {
     server: String,
     /// How many servers are in the rotation.
     servers: usize,
+    walk: &'a Mutex<Option<FillWalk>>,
 }
 
 impl Ctx<'_> {
@@ -261,7 +274,7 @@ impl Ctx<'_> {
         let room = self.room_nid;
         let ids = self.r.store.read_background(move |c| rs::listed_after(c, room, &after, batch.max(1))).await?;
         let Some(last) = ids.last().cloned() else {
-            cursor.enter(&self.room.room_id, Phase::Fill { after: String::new(), done: 0 });
+            cursor.enter(&self.room.room_id, Phase::Fill { at: None, done: 0 });
             self.save(&cursor, 0, None).await?;
             return Ok(Step::More { items: 0 });
         };
@@ -285,31 +298,57 @@ impl Ctx<'_> {
         Ok(Step::More { items: n })
     }
 
-    /// The next `batch` rows of the partial base group and `room_members`, and the cursor past them: one short
-    /// write (the rows and the position that says they are done commit together).
-    async fn fill(&self, cursor: ResyncCursor, after: String, done: i64, batch: usize) -> Result<Step> {
+    /// The next `batch` rows of the partial base group and `room_members`, in the fill's walk, and the cursor past
+    /// them: one short write (the rows and the position that says they are done commit together).
+    async fn fill(&self, cursor: ResyncCursor, at: Option<rs::FillKey>, done: i64, batch: usize) -> Result<Step> {
+        let job = self.job.job_id;
+        let held = {
+            let walk = self.walk.lock().unwrap_or_else(|e| e.into_inner());
+            walk.as_ref()
+                .filter(|w| w.job == job && w.at == at)
+                .map(|w| w.nids.iter().take(batch.max(1)).copied().collect::<Vec<EventNid>>())
+        };
+        let next: Vec<EventNid> = match held {
+            Some(next) => next,
+            None => {
+                let (room, from) = (self.room_nid, at.clone());
+                let nids = self.r.store.read_background(move |c| rs::fill_order(c, room, from.as_ref())).await?;
+                let next = nids.iter().take(batch.max(1)).copied().collect();
+                *self.walk.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(FillWalk { job, at: at.clone(), nids: nids.into() });
+                next
+            }
+        };
         let (identity, room, sg, prev) = (self.r.identity.clone(), self.room_nid, cursor.sg, cursor.prev.clone());
-        let (job_id, room_id, mut next) = (self.job.job_id, self.room.room_id.clone(), cursor);
-        let n = self
+        let (room_id, mut cursor, taken) = (self.room.room_id.clone(), cursor, next.len());
+        let (n, now_at) = self
             .r
             .store
             .write_background(move |w| {
-                let (last, n) = partial::fill_chunk(w, &identity, room, sg, prev.as_deref(), (&after, batch))?;
+                let (last, n) = partial::fill_chunk(w, &identity, room, sg, prev.as_deref(), &next)?;
+                // Events of the walk gone since it was read are skipped, the position kept.
+                let now_at = last.or(at);
                 let done = done + n as i64;
-                let shown = match last {
-                    Some(last) => {
-                        next.phase = Phase::Fill { after: last, done };
-                        done
-                    }
-                    None => {
-                        next.enter(&room_id, Phase::Finish);
-                        0
-                    }
+                let shown = if taken == 0 {
+                    cursor.enter(&room_id, Phase::Finish);
+                    0
+                } else {
+                    cursor.phase = Phase::Fill { at: now_at.clone(), done };
+                    done
                 };
-                crate::store::jobs::save_cursor(w.db(), job_id, &next.to_json(), shown, None)?;
-                Ok(n)
+                crate::store::jobs::save_cursor(w.db(), job, &cursor.to_json(), shown, None)?;
+                Ok((n, now_at))
             })
             .await?;
+        // Committed: the walk moves on with the cursor.
+        let mut walk = self.walk.lock().unwrap_or_else(|e| e.into_inner());
+        match walk.as_mut().filter(|w| w.job == job) {
+            Some(w) if taken > 0 => {
+                w.nids.drain(..taken);
+                w.at = now_at;
+            }
+            _ => *walk = None,
+        }
         Ok(Step::More { items: n })
     }
 

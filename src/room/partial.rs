@@ -88,10 +88,12 @@ pub enum Phase {
         #[serde(default, rename = "authed")]
         done: i64,
     },
-    /// Fill the base group with the listed state after `after`; `done` rows so far.
+    /// Fill the base group with the listed state, in state key order ([`rs::fill_order`]), past `at` (the last
+    /// event filled); `done` rows so far. (A cursor of an older version, which walked the ids in id order, starts
+    /// the fill over: filling again what is filled changes nothing.)
     Fill {
-        #[serde(default, rename = "fill_after")]
-        after: String,
+        #[serde(default, rename = "fill_at", skip_serializing_if = "Option::is_none")]
+        at: Option<rs::FillKey>,
         #[serde(default, rename = "filled")]
         done: i64,
     },
@@ -365,22 +367,24 @@ pub fn reject(conn: Db<'_>, rejected: &[(String, String)]) -> Result<()> {
 // ------------------------------------------------------------------------------------------------------------
 // Fill
 
-/// One fill step: adds the next `limit` rows of fetched state (after `after`, id order) to the partial base group
-/// (descendant groups are deltas over it, so they see it too) and brings `room_members` up to date for those keys.
+/// One fill step: adds the fetched state events `nids` (the next of [`rs::fill_order`]) to the partial base group
+/// (descendant groups are deltas over it, so they see it too) and brings `room_members` up to date for their keys.
 /// What the resident sent at join time stays authoritative for the keys we already hold, except that the join's
 /// prev event `prev`, when it is state, replaces the entry of its key: the state was asked for before it (as
-/// Synapse answers), so it is the newer state. Returns the last event id handled (None when done) and the rows
-/// handled.
+/// Synapse answers), so it is the newer state. Returns where the fill stands after them (None when none of them
+/// is still there to fill) and the rows handled.
 pub fn fill_chunk(
     w: &mut Writer<'_>,
     identity: &Identity,
     room: RoomNid,
     sg: StateGroup,
     prev: Option<&str>,
-    (after, limit): (&str, usize),
-) -> Result<(Option<String>, usize)> {
-    let rows = rs::fetched_state_after(w.db(), room, after, limit.max(1))?;
-    let Some(last) = rows.last().map(|r| r.event_id.clone()) else { return Ok((None, 0)) };
+    nids: &[EventNid],
+) -> Result<(Option<rs::FillKey>, usize)> {
+    let rows = rs::fetched_state_of(w.db(), nids)?;
+    let Some(last) = rows.last().map(|r| (r.event_type.clone(), r.state_key.clone(), r.event_nid.0)) else {
+        return Ok((None, 0));
+    };
     let (newest, rest): (Vec<&rs::FetchedState>, Vec<&rs::FetchedState>) =
         rows.iter().partition(|r| Some(r.event_id.as_str()) == prev);
     let entries: Vec<(StateKeyNid, EventNid)> = rest.iter().map(|r| (r.state_key_nid, r.event_nid)).collect();
@@ -759,7 +763,7 @@ mod tests {
         for phase in [
             Phase::Fetch { source: "a".into(), use_state: true },
             Phase::Auth { after: "$x".into(), done: 3 },
-            Phase::Fill { after: "$y".into(), done: 9 },
+            Phase::Fill { at: Some(("m.room.member".into(), "@y:x".into(), 4)), done: 9 },
             Phase::Finish,
         ] {
             c.enter("!r:x", phase);
@@ -777,8 +781,9 @@ mod tests {
         assert_eq!((c.distrust.clone(), c.phase_at), (vec!["w".to_owned()], Some(5)));
         let old = r#"{"join_event":"$j","sg":1,"phase":"auth","auth_after":"$k","authed":1000}"#;
         assert_eq!(ResyncCursor::parse(old).unwrap().phase, Phase::Auth { after: "$k".into(), done: 1000 });
+        // A fill position of the versions that walked the ids in id order: the fill starts over (idempotent).
         let old = r#"{"join_event":"$j","sg":1,"phase":"fill","fill_after":"$k","filled":2000,"authed":5}"#;
-        assert_eq!(ResyncCursor::parse(old).unwrap().phase, Phase::Fill { after: "$k".into(), done: 2000 });
+        assert_eq!(ResyncCursor::parse(old).unwrap().phase, Phase::Fill { at: None, done: 2000 });
         let old = r#"{"join_event":"$j","sg":1,"phase":"finish","fill_after":"$k"}"#;
         assert_eq!(ResyncCursor::parse(old).unwrap().phase, Phase::Finish);
         // A phase that cannot be read restarts at ids.
@@ -818,11 +823,12 @@ mod tests {
 
         let (identity, nid, sg) = (f.identity.clone(), f.nid(), f.sg);
         let (mut conn, mut stream) = (f.conn, f.stream);
-        let (last, n) = write(&mut conn, &mut stream, |w| fill_chunk(w, &identity, nid, sg, None, ("", 10))).unwrap();
-        assert_eq!((last.as_deref(), n), (Some(joined.as_str()), 1));
-        let (again, n) =
-            write(&mut conn, &mut stream, |w| fill_chunk(w, &identity, nid, sg, None, (&joined, 10))).unwrap();
-        assert_eq!((again, n), (None, 0));
+        let order = rs::fill_order(conn.db(), nid, None).unwrap();
+        let joined_nid = events::event_nid(conn.db(), &joined).unwrap().unwrap();
+        assert_eq!(order, [joined_nid], "the rejected event is not in the fill's walk");
+        let (last, n) = write(&mut conn, &mut stream, |w| fill_chunk(w, &identity, nid, sg, None, &order)).unwrap();
+        assert_eq!((last.clone(), n), (Some(("m.room.member".into(), "@b:other".into(), joined_nid.0)), 1));
+        assert!(rs::fill_order(conn.db(), nid, last.as_ref()).unwrap().is_empty(), "nothing left past it");
         let member = state_groups::find_state_key_nid(conn.db(), "m.room.member", "@b:other").unwrap().unwrap();
         assert!(state_groups::lookup_state(conn.db(), sg, member).unwrap().is_some(), "base group filled");
         let name_key = state_groups::find_state_key_nid(conn.db(), "m.room.name", "").unwrap();
@@ -833,6 +839,29 @@ mod tests {
     }
 
     #[test]
+    fn fill_walks_in_state_key_order_and_resumes_from_its_position() {
+        let f = partial_room();
+        let users = ["@d:other", "@b:other", "@e:other", "@c:other"];
+        let ids: Vec<String> = users.iter().map(|u| f.join_of(u)).collect();
+        rs::record_state_ids(f.conn.db(), f.nid(), &ids).unwrap();
+        let (identity, nid, sg) = (f.identity.clone(), f.nid(), f.sg);
+        let (mut conn, mut stream) = (f.conn, f.stream);
+        let order = rs::fill_order(conn.db(), nid, None).unwrap();
+        assert_eq!(order.len(), 4);
+        let (at, n) = write(&mut conn, &mut stream, |w| fill_chunk(w, &identity, nid, sg, None, &order[..2])).unwrap();
+        assert_eq!((at.as_ref().map(|k| k.1.as_str()), n), (Some("@c:other"), 2), "@b and @c first");
+        // After a restart the walk is read again from the cursor's position: only the rest is left.
+        let rest = rs::fill_order(conn.db(), nid, at.as_ref()).unwrap();
+        assert_eq!(rest, order[2..]);
+        assert_eq!(members::membership_of(conn.db(), nid, "@d:other").unwrap(), None, "not filled yet");
+        write(&mut conn, &mut stream, |w| fill_chunk(w, &identity, nid, sg, None, &rest)).unwrap();
+        for user in users {
+            let m = members::membership_of(conn.db(), nid, user).unwrap().map(|m| m.0);
+            assert_eq!(m.as_deref(), Some("join"), "{user}");
+        }
+    }
+
+    #[test]
     fn fill_keeps_what_the_resident_sent_at_join() {
         let mut f = partial_room();
         // A second membership for @a:test listed by the resident: the base group keeps the one it has.
@@ -840,7 +869,8 @@ mod tests {
         rs::record_state_ids(f.conn.db(), f.nid(), std::slice::from_ref(&stale)).unwrap();
         let (identity, nid, sg) = (f.identity.clone(), f.nid(), f.sg);
         let before = members::membership_of(f.conn.db(), nid, "@a:test").unwrap();
-        write(&mut f.conn, &mut f.stream, |w| fill_chunk(w, &identity, nid, sg, None, ("", 10))).unwrap();
+        let order = rs::fill_order(f.conn.db(), nid, None).unwrap();
+        write(&mut f.conn, &mut f.stream, |w| fill_chunk(w, &identity, nid, sg, None, &order)).unwrap();
         assert_eq!(members::membership_of(f.conn.db(), nid, "@a:test").unwrap(), before);
     }
 
@@ -852,7 +882,8 @@ mod tests {
         rs::record_state_ids(f.conn.db(), f.nid(), std::slice::from_ref(&prev)).unwrap();
         let (identity, nid, sg) = (f.identity.clone(), f.nid(), f.sg);
         let prev_ref = prev.clone();
-        write(&mut f.conn, &mut f.stream, |w| fill_chunk(w, &identity, nid, sg, Some(&prev_ref), ("", 10))).unwrap();
+        let order = rs::fill_order(f.conn.db(), nid, None).unwrap();
+        write(&mut f.conn, &mut f.stream, |w| fill_chunk(w, &identity, nid, sg, Some(&prev_ref), &order)).unwrap();
         let key = state_groups::find_state_key_nid(f.conn.db(), "m.room.member", "@a:test").unwrap().unwrap();
         let entry = state_groups::lookup_state(f.conn.db(), sg, key).unwrap();
         assert_eq!(entry, events::event_nid(f.conn.db(), &prev).unwrap(), "the prev event replaced the older entry");
