@@ -22,7 +22,7 @@ use crate::federation::FedContext;
 use crate::federation::{FedClient, KeyStore};
 use crate::room::remote::{persist_outliers, OutlierRow};
 use crate::room::{Identity, Pdu};
-use crate::store::Store;
+use crate::store::{state_groups, Store};
 
 /// PDUs parsed, verified and stored per batch: a memory bound (a batch's JSON trees are in memory at once, and
 /// two or three batches are in flight), and short writes a user's write never waits long behind.
@@ -41,6 +41,8 @@ pub const WRITE_BYTES: usize = 8 << 20;
 ///
 /// [`stream::BATCH_BYTES`]: crate::federation::stream::BATCH_BYTES
 pub const VERIFYING_AT_ONCE: usize = 2;
+/// State keys created per write before a big answer's events are stored (about 10 ms of the writer each).
+const STATE_KEYS_PER_WRITE: usize = 2000;
 /// Concurrent `/event` requests when fetching a list of ids.
 pub const EVENT_FETCHES_IN_FLIGHT: usize = 100;
 
@@ -98,14 +100,33 @@ pub struct Pipeline<'a> {
 
 impl Pipeline<'_> {
     /// Fetches every signing key the PDUs under `keys` of `file` need in one go (one notary request for thousands
-    /// of servers), so verifying its batches makes no fetch round per batch. Failure is logged, not fatal.
+    /// of servers), so verifying its batches makes no fetch round per batch, and creates the state keys they name
+    /// in key order ([`state_groups::ensure_state_keys`]). Failure is logged, not fatal.
     pub async fn prefetch_keys(&self, file: &Path, keys: &'static [&'static str]) {
         let f = file.to_owned();
-        let scan = move || crate::federation::stream::keys_needed_by_file(&f, keys).map_err(|e| e.to_string());
-        let need = read_file_off_async(self.background, scan).await.and_then(|r| r);
-        if let Ok(need) = need {
-            if let Err(e) = self.remote.keys.keys_for(&need).await {
-                tracing::info!(room_id = %self.room_id, error = %e, "key prefetch failed");
+        let scan = move || crate::federation::stream::scan_file(&f, keys);
+        let scan = match read_file_off_async(self.background, scan).await.and_then(|r| r) {
+            Ok(scan) => scan,
+            Err(e) => {
+                tracing::info!(room_id = %self.room_id, error = %e, "scanning a downloaded answer failed");
+                return;
+            }
+        };
+        if let Err(e) = self.remote.keys.keys_for(&scan.signing).await {
+            tracing::info!(room_id = %self.room_id, error = %e, "key prefetch failed");
+        }
+        let state_keys: Vec<(String, String)> = scan.state_keys.into_iter().collect();
+        for chunk in state_keys.chunks(STATE_KEYS_PER_WRITE) {
+            let chunk = chunk.to_vec();
+            let write = move |w: &mut crate::store::Writer<'_>| state_groups::ensure_state_keys(w.db(), &chunk);
+            let written = if self.background {
+                self.remote.store.write_background(write).await
+            } else {
+                self.remote.store.write(write).await
+            };
+            if let Err(e) = written {
+                tracing::info!(room_id = %self.room_id, error = %e, "creating the state keys of an answer failed");
+                return;
             }
         }
     }

@@ -47,31 +47,97 @@ pub fn for_each_pdu_batch<R: Read, T: DeserializeOwned + Weigh>(
     Ok(())
 }
 
-/// The signing keys (server -> key ids) that the PDUs under `keys` of a downloaded answer are signed with: a cheap
-/// first pass over the file, so the keys can be fetched in one go before the batches are verified.
-pub fn keys_needed_by_file(
-    file: &std::path::Path,
-    keys: &[&str],
-) -> Result<std::collections::BTreeMap<String, std::collections::BTreeSet<String>>, String> {
+/// What a cheap first pass over a downloaded answer finds in the PDUs under its `keys`: the signing keys (server
+/// -> key ids) they are signed with, fetched in one go before the batches are verified, and the state keys they
+/// name, in order and once each, created before the events are stored (see [`ensure_state_keys`]).
+///
+/// [`ensure_state_keys`]: crate::store::state_groups::ensure_state_keys
+#[derive(Debug, Default)]
+pub struct FileScan {
+    pub signing: std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+    pub state_keys: std::collections::BTreeSet<(String, String)>,
+}
+
+/// Most state keys a [`FileScan`] gathers (about 11 MB of memory while it lasts; beyond, keys are created as the
+/// events naming them are stored).
+pub const MOST_SCANNED_STATE_KEYS: usize = 100_000;
+
+/// The [`FileScan`] of the PDUs under `keys` of a downloaded answer.
+pub fn scan_file(file: &std::path::Path, keys: &[&str]) -> Result<FileScan, String> {
     let reader = std::io::BufReader::new(std::fs::File::open(file).map_err(|e| e.to_string())?);
-    let mut need: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> = Default::default();
+    let mut scan = FileScan::default();
     for_each_pdu_batch(reader, keys, crate::federation::batches::PARSE_BATCH, &mut |batch: Vec<Signed>| {
         for signed in batch {
             for (server, keys) in signed.signatures {
-                need.entry(server).or_default().extend(keys.into_keys());
+                scan.signing.entry(server).or_default().extend(keys.into_keys());
+            }
+            if let (Some(Text(Some(kind))), Some(Text(Some(state_key)))) = (signed.kind, signed.state_key) {
+                if scan.state_keys.len() < MOST_SCANNED_STATE_KEYS {
+                    scan.state_keys.insert((kind, state_key));
+                }
             }
         }
         true
     })?;
-    Ok(need)
+    Ok(scan)
 }
 
-/// Just the signatures of a PDU, read straight from the stream (the rest of its text is skipped: neither kept
-/// nor parsed into a tree).
+/// The signatures, type and state key of a PDU, read straight from the stream (the rest of its text is skipped:
+/// neither kept nor parsed into a tree).
 #[derive(serde::Deserialize)]
 struct Signed {
     #[serde(default)]
     signatures: std::collections::BTreeMap<String, std::collections::BTreeMap<String, IgnoredAny>>,
+    #[serde(default, rename = "type")]
+    kind: Option<Text>,
+    #[serde(default)]
+    state_key: Option<Text>,
+}
+
+/// A string, or nothing for any other JSON value (a malformed event is refused later, by its verification; the
+/// scan only gathers hints).
+struct Text(Option<String>);
+
+impl<'de> serde::Deserialize<'de> for Text {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Text, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Option<String>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any value")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Option<String>, E> {
+                Ok(Some(v.to_owned()))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Option<String>, E> {
+                Ok(Some(v))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Option<String>, E> {
+                Ok(None)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Option<String>, E> {
+                Ok(None)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Option<String>, E> {
+                Ok(None)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Option<String>, E> {
+                Ok(None)
+            }
+            fn visit_unit<E>(self) -> Result<Option<String>, E> {
+                Ok(None)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Option<String>, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(None)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<String>, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(None)
+            }
+        }
+        d.deserialize_any(V).map(Text)
+    }
 }
 
 impl Weigh for Signed {
@@ -164,6 +230,24 @@ mod tests {
         })
         .unwrap();
         assert_eq!(seen, vec![2, 2, 2, 1]);
+    }
+
+    #[test]
+    fn a_scan_gathers_signing_keys_and_state_keys_in_order() {
+        let doc = r#"{"pdus":[
+            {"type":"m.room.member","state_key":"@b:x","signatures":{"x":{"ed25519:1":"s"}}},
+            {"type":"m.room.member","state_key":"@a:y","signatures":{"y":{"ed25519:2":"s"}}},
+            {"type":"m.room.message","signatures":{"x":{"ed25519:3":"s"}}},
+            {"type":{"odd":1},"state_key":"@c:x"},
+            {"type":"m.room.member","state_key":"@b:x"}],
+          "auth_chain":[{"type":"m.room.create","state_key":""}]}"#;
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), doc).unwrap();
+        let scan = scan_file(file.path(), &["pdus", "auth_chain"]).unwrap();
+        let keys: Vec<(&str, &str)> = scan.state_keys.iter().map(|(t, k)| (t.as_str(), k.as_str())).collect();
+        assert_eq!(keys, [("m.room.create", ""), ("m.room.member", "@a:y"), ("m.room.member", "@b:x")]);
+        assert_eq!(scan.signing["x"].iter().collect::<Vec<_>>(), ["ed25519:1", "ed25519:3"]);
+        assert_eq!(scan.signing["y"].len(), 1);
     }
 
     #[test]

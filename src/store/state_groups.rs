@@ -18,6 +18,17 @@ pub fn state_key_nid(conn: Db<'_>, event_type: &str, state_key: &str) -> Result<
     Ok(StateKeyNid(conn.last_insert_rowid()))
 }
 
+/// Creates the state keys `keys` that do not exist yet, in the order given. Given in key order (as a big answer's
+/// scan gives them), each write appends to the keys' unique index; created one by one as the events naming them
+/// are stored, in the answer's order, they touched pages all over it (a tenth of a 100k-member resync's log).
+pub fn ensure_state_keys<'k>(conn: Db<'_>, keys: impl IntoIterator<Item = &'k (String, String)>) -> Result<()> {
+    let mut ins = conn.prepare_cached("INSERT OR IGNORE INTO state_keys (event_type, state_key) VALUES (?1, ?2)")?;
+    for (event_type, state_key) in keys {
+        ins.execute(params![event_type, state_key])?;
+    }
+    Ok(())
+}
+
 pub fn find_state_key_nid(conn: Db<'_>, event_type: &str, state_key: &str) -> Result<Option<StateKeyNid>> {
     Ok(conn
         .prepare_cached("SELECT state_key_nid FROM state_keys WHERE event_type = ?1 AND state_key = ?2")?
