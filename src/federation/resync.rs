@@ -32,21 +32,61 @@ const STATE_IDS_PER_WRITE: usize = 5000;
 
 /// The resync as a job kind of the queue, run with the handles of a running server.
 pub fn job_kind(s: Arc<FedContext>) -> Arc<dyn JobKind> {
-    Arc::new(ResyncJobs { s, walk: Arc::default() })
+    Arc::new(ResyncJobs { s, walks: Arc::default() })
 }
 
 struct ResyncJobs {
     s: Arc<FedContext>,
-    /// The fill's walk of the job running it, kept across its steps (the queue runs one job at a time).
-    walk: Arc<Mutex<Option<FillWalk>>>,
+    walks: Arc<FillWalks>,
 }
 
-/// The fill's walk ([`rs::fill_order`]): the events still to fill of job `job`, in order, read when its cursor was
-/// at `at`. Lost on a restart, and read again from the cursor.
+/// The fills' walks ([`rs::fill_order`]) kept across their jobs' steps, by job: the events each still has to fill,
+/// in order, and the cursor position they follow. Lost on a restart, and read again from the cursor.
+#[derive(Default)]
+struct FillWalks(Mutex<std::collections::HashMap<JobId, FillWalk>>);
+
 struct FillWalk {
-    job: JobId,
     at: Option<rs::FillKey>,
     nids: std::collections::VecDeque<EventNid>,
+}
+
+/// Walks kept at once (resyncs filling at the same time, their steps taking turns); one more drops another, which
+/// is read again at its next step.
+const FILL_WALKS_KEPT: usize = 4;
+
+impl FillWalks {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<JobId, FillWalk>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The next `n` events of `job`'s walk, if it is held and follows cursor position `at`.
+    fn next(&self, job: JobId, at: &Option<rs::FillKey>, n: usize) -> Option<Vec<EventNid>> {
+        self.lock().get(&job).filter(|w| &w.at == at).map(|w| w.nids.iter().take(n).copied().collect())
+    }
+
+    fn hold(&self, job: JobId, at: Option<rs::FillKey>, nids: Vec<EventNid>) {
+        let mut walks = self.lock();
+        if walks.len() >= FILL_WALKS_KEPT && !walks.contains_key(&job) {
+            if let Some(other) = walks.keys().next().copied() {
+                walks.remove(&other);
+            }
+        }
+        walks.insert(job, FillWalk { at, nids: nids.into() });
+    }
+
+    /// `taken` events of `job`'s walk are filled (committed), the cursor now at `at`; none taken: the walk is done.
+    fn advance(&self, job: JobId, taken: usize, at: Option<rs::FillKey>) {
+        let mut walks = self.lock();
+        match walks.get_mut(&job) {
+            Some(w) if taken > 0 => {
+                w.nids.drain(..taken.min(w.nids.len()));
+                w.at = at;
+            }
+            _ => {
+                walks.remove(&job);
+            }
+        }
+    }
 }
 
 impl JobKind for ResyncJobs {
@@ -60,13 +100,13 @@ impl JobKind for ResyncJobs {
     }
 
     fn step(&self, job: JobRow, batch: usize) -> StepFuture {
-        let (s, walk) = (self.s.clone(), self.walk.clone());
-        Box::pin(async move { step(Remote::of(&s)?, &job, batch, &walk).await })
+        let (s, walks) = (self.s.clone(), self.walks.clone());
+        Box::pin(async move { step(Remote::of(&s)?, &job, batch, &walks).await })
     }
 }
 
 /// One job step: the work of the cursor's phase, about `batch` items of it; saves the cursor.
-async fn step(r: Remote<'_>, job: &JobRow, batch: usize, walk: &Mutex<Option<FillWalk>>) -> Result<Step> {
+async fn step(r: Remote<'_>, job: &JobRow, batch: usize, walks: &FillWalks) -> Result<Step> {
     let room_nid = job.room_nid.ok_or_else(|| Error::internal("resync job without room"))?;
     let room = r
         .store
@@ -83,7 +123,7 @@ async fn step(r: Remote<'_>, job: &JobRow, batch: usize, walk: &Mutex<Option<Fil
         .get(job.attempts as usize % servers.len().max(1))
         .cloned()
         .ok_or_else(|| Error::internal("no server to resync from"))?;
-    let ctx = Ctx { r, job, room_nid, room, server, servers: servers.len(), walk };
+    let ctx = Ctx { r, job, room_nid, room, server, servers: servers.len(), walks };
     match cursor.phase.clone() {
         Phase::Ids => ctx.ids(cursor).await,
         Phase::Fetch { source, use_state } => ctx.fetch(cursor, source, use_state, batch).await,
@@ -103,7 +143,7 @@ struct Ctx<'a> {
     server: String,
     /// How many servers are in the rotation.
     servers: usize,
-    walk: &'a Mutex<Option<FillWalk>>,
+    walks: &'a FillWalks,
 }
 
 impl Ctx<'_> {
@@ -302,20 +342,13 @@ impl Ctx<'_> {
     /// them: one short write (the rows and the position that says they are done commit together).
     async fn fill(&self, cursor: ResyncCursor, at: Option<rs::FillKey>, done: i64, batch: usize) -> Result<Step> {
         let job = self.job.job_id;
-        let held = {
-            let walk = self.walk.lock().unwrap_or_else(|e| e.into_inner());
-            walk.as_ref()
-                .filter(|w| w.job == job && w.at == at)
-                .map(|w| w.nids.iter().take(batch.max(1)).copied().collect::<Vec<EventNid>>())
-        };
-        let next: Vec<EventNid> = match held {
+        let next: Vec<EventNid> = match self.walks.next(job, &at, batch.max(1)) {
             Some(next) => next,
             None => {
                 let (room, from) = (self.room_nid, at.clone());
                 let nids = self.r.store.read_background(move |c| rs::fill_order(c, room, from.as_ref())).await?;
                 let next = nids.iter().take(batch.max(1)).copied().collect();
-                *self.walk.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some(FillWalk { job, at: at.clone(), nids: nids.into() });
+                self.walks.hold(job, at.clone(), nids);
                 next
             }
         };
@@ -341,14 +374,7 @@ impl Ctx<'_> {
             })
             .await?;
         // Committed: the walk moves on with the cursor.
-        let mut walk = self.walk.lock().unwrap_or_else(|e| e.into_inner());
-        match walk.as_mut().filter(|w| w.job == job) {
-            Some(w) if taken > 0 => {
-                w.nids.drain(..taken);
-                w.at = now_at;
-            }
-            _ => *walk = None,
-        }
+        self.walks.advance(job, taken, now_at);
         Ok(Step::More { items: n })
     }
 
@@ -368,5 +394,30 @@ impl Ctx<'_> {
         let phase_ms = cursor.phase_at.map(|t| crate::store::accounts::now_ms() - t);
         tracing::info!(room_id = %self.room.room_id, members, finish_phase_ms = ?phase_ms, "resync complete: room has full state");
         Ok(Step::Done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fill_walks_follow_their_cursor_and_are_dropped_when_done() {
+        let walks = FillWalks::default();
+        let (job, key) = (JobId(1), |n: i64| Some(("m.room.member".to_owned(), format!("@u{n}:x"), n)));
+        assert_eq!(walks.next(job, &None, 2), None, "nothing held yet");
+        walks.hold(job, None, (1..=5).map(EventNid).collect());
+        assert_eq!(walks.next(job, &None, 2), Some(vec![EventNid(1), EventNid(2)]));
+        walks.advance(job, 2, key(2));
+        assert_eq!(walks.next(job, &None, 2), None, "a cursor elsewhere (another run's) reads the walk again");
+        assert_eq!(walks.next(job, &key(2), 9), Some(vec![EventNid(3), EventNid(4), EventNid(5)]));
+        for other in 2..=FILL_WALKS_KEPT as i64 {
+            walks.hold(JobId(other), None, vec![EventNid(other)]);
+        }
+        assert_eq!(walks.lock().len(), FILL_WALKS_KEPT);
+        walks.hold(JobId(99), None, vec![]);
+        assert_eq!(walks.lock().len(), FILL_WALKS_KEPT, "one more drops another");
+        walks.advance(JobId(99), 0, None);
+        assert!(!walks.lock().contains_key(&JobId(99)), "a walk with nothing left is dropped");
     }
 }
