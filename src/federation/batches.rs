@@ -70,7 +70,8 @@ pub struct Stored {
     pub received: usize,
     /// Of those, stored (new outliers of this room).
     pub stored: usize,
-    /// The ids of the valid events of this room, in the order received (stored now or held before).
+    /// The ids of the valid events of this room, in the order received (stored now or held before), when the
+    /// pipeline keeps them ([`Pipeline::keep_ids`]).
     pub ids: Vec<String>,
     /// The source failed part-way (unreadable file, ...): what came before was still stored.
     pub source_error: Option<String>,
@@ -96,6 +97,9 @@ pub struct Pipeline<'a> {
     pub room_id: &'a RoomId,
     pub room_version: &'a str,
     pub background: bool,
+    /// Whether [`Stored::ids`] is gathered: a `send_join` answer's state needs its ids; a resync's 160k would be 14
+    /// MB held for nothing.
+    pub keep_ids: bool,
 }
 
 impl Pipeline<'_> {
@@ -205,7 +209,9 @@ impl Pipeline<'_> {
             let Some(batch) = next else { break };
             out.received += batch.received;
             out.verify += batch.took;
-            out.ids.extend(batch.verified.iter().map(|r| r.event_id.clone()));
+            if self.keep_ids {
+                out.ids.extend(batch.verified.iter().map(|r| r.event_id.clone()));
+            }
             to_write_bytes += batch.bytes;
             to_write.extend(batch.verified);
             if to_write.len() < write_batch && to_write_bytes < WRITE_BYTES {

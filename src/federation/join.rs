@@ -275,7 +275,7 @@ pub(crate) async fn store_state_file(
             Ok(())
         })
         .await?;
-    let pipeline = Pipeline { remote: Remote::of(s)?, room_id, room_version, background: false };
+    let pipeline = Pipeline { remote: Remote::of(s)?, room_id, room_version, background: false, keep_ids: true };
     pipeline.prefetch_keys(file, &["state", "auth_chain"]).await;
     // The auth chain first, then the state (whose ids are the room's state).
     let unreadable = |e: String| Error::bad_json(format!("{server}: unreadable {what} answer: {e}"));

@@ -227,8 +227,13 @@ impl Ctx<'_> {
         }
         let room_id = ruma::RoomId::parse(&self.room.room_id)
             .map_err(|e| Error::internal(format!("stored room id {} does not parse: {e}", self.room.room_id)))?;
-        let pipeline =
-            Pipeline { remote: self.r, room_id: &room_id, room_version: &self.room.version, background: true };
+        let pipeline = Pipeline {
+            remote: self.r,
+            room_id: &room_id,
+            room_version: &self.room.version,
+            background: true,
+            keep_ids: false,
+        };
         let got = if use_state {
             // The whole state in one load: the writer's page cache is sized for it while it runs.
             let events = Some(missing.len());
