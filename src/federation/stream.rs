@@ -58,22 +58,29 @@ pub struct FileScan {
     pub state_keys: std::collections::BTreeSet<(String, String)>,
 }
 
-/// Most state keys a [`FileScan`] gathers (about 11 MB of memory while it lasts; beyond, keys are created as the
-/// events naming them are stored).
-pub const MOST_SCANNED_STATE_KEYS: usize = 100_000;
+/// Most text of the state keys a [`FileScan`] gathers: the answer is not verified yet, so its size, not its count
+/// of keys, bounds what the scan holds (100k typical keys are about 4 MB of text and 11 MB of memory; beyond,
+/// keys are created as the events naming them are stored).
+pub const MOST_SCANNED_STATE_KEY_BYTES: usize = 4 << 20;
+/// A longer event type or state key is not gathered (the spec's limit for both; such an event is refused later).
+const LONGEST_STATE_KEY_PART: usize = 255;
 
 /// The [`FileScan`] of the PDUs under `keys` of a downloaded answer.
 pub fn scan_file(file: &std::path::Path, keys: &[&str]) -> Result<FileScan, String> {
     let reader = std::io::BufReader::new(std::fs::File::open(file).map_err(|e| e.to_string())?);
-    let mut scan = FileScan::default();
+    let (mut scan, mut key_bytes) = (FileScan::default(), 0);
     for_each_pdu_batch(reader, keys, crate::federation::batches::PARSE_BATCH, &mut |batch: Vec<Signed>| {
         for signed in batch {
             for (server, keys) in signed.signatures {
                 scan.signing.entry(server).or_default().extend(keys.into_keys());
             }
             if let (Some(Text(Some(kind))), Some(Text(Some(state_key)))) = (signed.kind, signed.state_key) {
-                if scan.state_keys.len() < MOST_SCANNED_STATE_KEYS {
-                    scan.state_keys.insert((kind, state_key));
+                let size = kind.len() + state_key.len();
+                if kind.len().max(state_key.len()) <= LONGEST_STATE_KEY_PART
+                    && key_bytes + size <= MOST_SCANNED_STATE_KEY_BYTES
+                    && scan.state_keys.insert((kind, state_key))
+                {
+                    key_bytes += size;
                 }
             }
         }
@@ -239,8 +246,10 @@ mod tests {
             {"type":"m.room.member","state_key":"@a:y","signatures":{"y":{"ed25519:2":"s"}}},
             {"type":"m.room.message","signatures":{"x":{"ed25519:3":"s"}}},
             {"type":{"odd":1},"state_key":"@c:x"},
+            {"type":"m.room.member","state_key":"@LONG:x"},
             {"type":"m.room.member","state_key":"@b:x"}],
           "auth_chain":[{"type":"m.room.create","state_key":""}]}"#;
+        let doc = doc.replace("@LONG", &"l".repeat(300));
         let file = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(file.path(), doc).unwrap();
         let scan = scan_file(file.path(), &["pdus", "auth_chain"]).unwrap();
