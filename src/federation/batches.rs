@@ -123,12 +123,7 @@ impl Pipeline<'_> {
         for chunk in state_keys.chunks(STATE_KEYS_PER_WRITE) {
             let chunk = chunk.to_vec();
             let write = move |w: &mut crate::store::Writer<'_>| state_groups::ensure_state_keys(w.db(), &chunk);
-            let written = if self.background {
-                self.remote.store.write_background(write).await
-            } else {
-                self.remote.store.write(write).await
-            };
-            if let Err(e) = written {
+            if let Err(e) = write_as(self.remote.store, self.background, write).await {
                 tracing::info!(room_id = %self.room_id, error = %e, "creating the state keys of an answer failed");
                 return;
             }
@@ -297,8 +292,7 @@ impl Pipeline<'_> {
                 let (rows, rid) = (rows.clone(), rid.clone());
                 let write =
                     move |w: &mut crate::store::Writer<'_>| persist_outliers(w.db(), &rid, &rows[from..], budget);
-                let (new, taken) =
-                    if background { store.write_background(write).await? } else { store.write(write).await? };
+                let (new, taken) = write_as(&store, background, write).await?;
                 stored += new;
                 from += taken;
             }
@@ -322,6 +316,19 @@ impl Pipeline<'_> {
             of_this_room(&room_id, r).map(|p| OutlierRow::of(&p))
         });
         Ok(rows.await?.into_iter().flatten().collect())
+    }
+}
+
+/// `f` on the writer, as background work (behind users' writes) or not.
+async fn write_as<R, F>(store: &Store, background: bool, f: F) -> Result<R>
+where
+    R: Send + 'static,
+    F: FnOnce(&mut crate::store::Writer<'_>) -> Result<R> + Send + 'static,
+{
+    if background {
+        store.write_background(f).await
+    } else {
+        store.write(f).await
     }
 }
 

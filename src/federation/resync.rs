@@ -347,16 +347,12 @@ impl Ctx<'_> {
     /// them: one short write (the rows and the position that says they are done commit together).
     async fn fill(&self, cursor: ResyncCursor, at: Option<rs::FillKey>, done: i64, batch: usize) -> Result<Step> {
         let job = self.job.job_id;
-        let next: Vec<EventNid> = match self.walks.next(job, &at, batch.max(1)) {
-            Some(next) => next,
-            None => {
-                let (room, from) = (self.room_nid, at.clone());
-                let nids = self.r.store.read_background(move |c| rs::fill_order(c, room, from.as_ref())).await?;
-                let next = nids.iter().take(batch.max(1)).copied().collect();
-                self.walks.hold(job, at.clone(), nids);
-                next
-            }
-        };
+        if self.walks.next(job, &at, 0).is_none() {
+            let (room, from) = (self.room_nid, at.clone());
+            let nids = self.r.store.read_background(move |c| rs::fill_order(c, room, from.as_ref())).await?;
+            self.walks.hold(job, at.clone(), nids);
+        }
+        let next = self.walks.next(job, &at, batch.max(1)).unwrap_or_default();
         let (identity, room, sg, prev) = (self.r.identity.clone(), self.room_nid, cursor.sg, cursor.prev.clone());
         let (room_id, mut cursor, taken) = (self.room.room_id.clone(), cursor, next.len());
         let (n, now_at) = self

@@ -67,6 +67,7 @@ const LONGEST_STATE_KEY_PART: usize = 255;
 
 /// The [`FileScan`] of the PDUs under `keys` of a downloaded answer.
 pub fn scan_file(file: &std::path::Path, keys: &[&str]) -> Result<FileScan, String> {
+    use serde_json::Value;
     let reader = std::io::BufReader::new(std::fs::File::open(file).map_err(|e| e.to_string())?);
     let (mut scan, mut key_bytes) = (FileScan::default(), 0);
     for_each_pdu_batch(reader, keys, crate::federation::batches::PARSE_BATCH, &mut |batch: Vec<Signed>| {
@@ -74,7 +75,7 @@ pub fn scan_file(file: &std::path::Path, keys: &[&str]) -> Result<FileScan, Stri
             for (server, keys) in signed.signatures {
                 scan.signing.entry(server).or_default().extend(keys.into_keys());
             }
-            if let (Some(Text(Some(kind))), Some(Text(Some(state_key)))) = (signed.kind, signed.state_key) {
+            if let (Some(Value::String(kind)), Some(Value::String(state_key))) = (signed.kind, signed.state_key) {
                 let size = kind.len() + state_key.len();
                 if kind.len().max(state_key.len()) <= LONGEST_STATE_KEY_PART
                     && key_bytes + size <= MOST_SCANNED_STATE_KEY_BYTES
@@ -95,56 +96,11 @@ pub fn scan_file(file: &std::path::Path, keys: &[&str]) -> Result<FileScan, Stri
 struct Signed {
     #[serde(default)]
     signatures: std::collections::BTreeMap<String, std::collections::BTreeMap<String, IgnoredAny>>,
+    /// Any JSON value: a malformed event is refused later, by its verification; the scan only gathers hints.
     #[serde(default, rename = "type")]
-    kind: Option<Text>,
+    kind: Option<serde_json::Value>,
     #[serde(default)]
-    state_key: Option<Text>,
-}
-
-/// A string, or nothing for any other JSON value (a malformed event is refused later, by its verification; the
-/// scan only gathers hints).
-struct Text(Option<String>);
-
-impl<'de> serde::Deserialize<'de> for Text {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Text, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Option<String>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("any value")
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Option<String>, E> {
-                Ok(Some(v.to_owned()))
-            }
-            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Option<String>, E> {
-                Ok(Some(v))
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Option<String>, E> {
-                Ok(None)
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Option<String>, E> {
-                Ok(None)
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Option<String>, E> {
-                Ok(None)
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Option<String>, E> {
-                Ok(None)
-            }
-            fn visit_unit<E>(self) -> Result<Option<String>, E> {
-                Ok(None)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Option<String>, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(None)
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<String>, A::Error> {
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(None)
-            }
-        }
-        d.deserialize_any(V).map(Text)
-    }
+    state_key: Option<serde_json::Value>,
 }
 
 impl Weigh for Signed {
