@@ -302,6 +302,24 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr} (listen.client): {e}"))?;
     let client_addr = listener.local_addr()?;
     let _ = services.client_addr.set(client_addr);
+    // Every listener is bound before any answers: a client (or a test harness) that sees the client API up may
+    // at once tell another server to reach us over federation.
+    let mut federation_listener = None;
+    if services.federation.is_some() {
+        if let Some(addr) = services.config.listen.federation {
+            let cfg = &services.config.federation;
+            let (cert, key) = match (&cfg.tls_cert, &cfg.tls_key) {
+                (Some(c), Some(k)) => (c.clone(), k.clone()),
+                _ => anyhow::bail!("listen.federation is set but federation.tls_cert / federation.tls_key are not"),
+            };
+            let acceptor = crate::federation::tls::load_acceptor(&cert, &key)?;
+            let tcp = TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (listen.federation): {e}"))?;
+            federation_listener = Some(crate::federation::tls::TlsListener::new(tcp, acceptor)?);
+        }
+    }
+    let federation_addr = federation_listener.as_ref().map(axum::serve::Listener::local_addr).transpose()?;
     let app = client_router(services.clone());
     let mut rx = shutdown_rx.clone();
     let server = tokio::spawn(async move {
@@ -315,20 +333,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         }
     });
     let mut tasks = vec![server];
-    let mut federation_addr = None;
     if services.federation.is_some() {
-        if let Some(addr) = services.config.listen.federation {
-            let cfg = &services.config.federation;
-            let (cert, key) = match (&cfg.tls_cert, &cfg.tls_key) {
-                (Some(c), Some(k)) => (c.clone(), k.clone()),
-                _ => anyhow::bail!("listen.federation is set but federation.tls_cert / federation.tls_key are not"),
-            };
-            let acceptor = crate::federation::tls::load_acceptor(&cert, &key)?;
-            let tcp = TcpListener::bind(addr)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (listen.federation): {e}"))?;
-            federation_addr = Some(tcp.local_addr()?);
-            let listener = crate::federation::tls::TlsListener::new(tcp, acceptor)?;
+        if let Some(listener) = federation_listener {
             let app = federation_router(services.clone());
             tasks.push(tokio::spawn(crate::federation::tls::serve(listener, app, shutdown_rx.clone())));
         }
