@@ -598,7 +598,9 @@ async fn resync_resumes_after_sigkill_without_refetching_what_was_stored() {
     fake.hold("event");
     fake.release("state_ids");
     let mut hearth = FedBinary::start(dir.path(), 2).await;
-    fake.wait_requests("event", 1, LONG).await;
+    // The join's prev event is asked for alongside /state (and left to the single fetches when held): the second
+    // /event request is the single fetches', after /state's events were stored.
+    fake.wait_requests("event", 2, LONG).await;
     hearth.kill();
     // Requests the dead process had already written may still be read by the fake: wait until they settle.
     let mut held_events = fake.count("event");

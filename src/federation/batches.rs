@@ -63,6 +63,12 @@ impl<'a> Remote<'a> {
     }
 }
 
+/// The PDUs of an `/event` answer (its `pdus`), as the pipeline takes them.
+pub fn raw_pdus(answer: &Value) -> Vec<Box<RawValue>> {
+    let pdus = answer.get("pdus").and_then(Value::as_array).into_iter().flatten();
+    pdus.filter_map(|p| serde_json::value::to_raw_value(p).ok()).collect()
+}
+
 /// What a pipeline run did.
 #[derive(Debug, Default)]
 pub struct Stored {
@@ -148,6 +154,17 @@ impl Pipeline<'_> {
         Ok(out)
     }
 
+    /// PDUs already at hand (a single event fetched on the side from `server`), stored as [`Pipeline::from_ids`]
+    /// stores its events.
+    pub async fn from_pdus(&self, server: &str, pdus: Vec<Box<RawValue>>) -> Result<Stored> {
+        let (tx, rx) = mpsc::channel::<Vec<Box<RawValue>>>(1);
+        if !pdus.is_empty() {
+            let _ = tx.send(pdus).await;
+        }
+        drop(tx);
+        self.run(rx, Some(server)).await
+    }
+
     /// The events `ids`, fetched from `server` with `/event` (at most [`EVENT_FETCHES_IN_FLIGHT`] at once). Single
     /// events come without their auth chain: the auth events they cite that we lack are fetched too.
     pub async fn from_ids(&self, server: &str, ids: Vec<String>) -> Result<Stored> {
@@ -162,13 +179,7 @@ impl Pipeline<'_> {
             let mut batch = Vec::new();
             while let Some(r) = answers.next().await {
                 match r {
-                    Ok(v) => batch.extend(
-                        v.get("pdus")
-                            .and_then(Value::as_array)
-                            .into_iter()
-                            .flatten()
-                            .filter_map(|p| serde_json::value::to_raw_value(p).ok()),
-                    ),
+                    Ok(v) => batch.extend(raw_pdus(&v)),
                     Err(e) => tracing::info!(server = %srv, error = %e, "event fetch failed"),
                 }
                 if batch.len() >= PARSE_BATCH && tx.send(std::mem::take(&mut batch)).await.is_err() {

@@ -89,6 +89,42 @@ impl FillWalks {
     }
 }
 
+/// A downloaded answer's file, removed when dropped (taken, abandoned or failed alike).
+struct Downloaded {
+    path: std::path::PathBuf,
+    bytes: u64,
+}
+
+impl Drop for Downloaded {
+    fn drop(&mut self) {
+        let path = std::mem::take(&mut self.path);
+        // Removing a 100 MB file can take a while on some file systems: off the async threads when on one.
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => drop(h.spawn_blocking(move || std::fs::remove_file(path))),
+            Err(_) => drop(std::fs::remove_file(path)),
+        }
+    }
+}
+
+/// Downloads the `/state` answer of `room_id` at `at` from `server` to a new temporary file.
+async fn download_state(
+    client: Arc<crate::federation::FedClient>,
+    server: String,
+    room_id: String,
+    at: String,
+) -> std::result::Result<Downloaded, String> {
+    let path = format!("/_matrix/federation/v1/state/{}?event_id={}", enc(&room_id), enc(&at));
+    let file = std::env::temp_dir().join(format!(
+        "hearth-state-{}-{}.json",
+        std::process::id(),
+        crate::util::random_string(8)
+    ));
+    // Owned from the start, so a failed or abandoned download leaves no file behind.
+    let mut out = Downloaded { path: file, bytes: 0 };
+    out.bytes = client.get_to_file(&server, &path, &out.path).await.map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
 impl JobKind for ResyncJobs {
     fn unit(&self, job: &JobRow) -> &'static str {
         ResyncCursor::parse(&job.cursor).map_or("ids", |c| c.phase.name())
@@ -238,7 +274,11 @@ impl Ctx<'_> {
             // The whole state in one load: the writer's page cache is sized for it while it runs.
             let events = Some(missing.len());
             self.r.store.write_background(move |w| w.size_cache_for(events)).await?;
-            let got = self.fetch_state(&pipeline, cursor.prev.as_deref().unwrap_or(&cursor.join_event)).await;
+            // The join's prev event is listed but is no part of the state before it (Synapse's answer): asked for
+            // alongside the answer instead of in a step of its own after it.
+            let also = cursor.prev.clone().filter(|p| missing.contains(p));
+            let at = cursor.prev.as_deref().unwrap_or(&cursor.join_event);
+            let got = self.fetch_state(&pipeline, at, also).await;
             self.r.store.write_background(|w| w.size_cache_for(None)).await?;
             got?
         } else {
@@ -261,25 +301,37 @@ impl Ctx<'_> {
         Ok(Step::More { items: got.received })
     }
 
-    /// The `/state` answer at `at` (our join's prev event), downloaded to a file, then through the pipeline.
-    async fn fetch_state(&self, pipeline: &Pipeline<'_>, at: &str) -> Result<Stored> {
-        let path = format!("/_matrix/federation/v1/state/{}?event_id={}", enc(&self.room.room_id), enc(at));
-        let file = std::env::temp_dir().join(format!(
-            "hearth-state-{}-{}.json",
-            std::process::id(),
-            crate::util::random_string(8)
-        ));
+    /// The `/state` answer at `at` (our join's prev event), downloaded to a file, then through the pipeline. Event
+    /// `also` is asked for meanwhile and stored after it if it came by then; if not, it is left to the next step's
+    /// single fetches (a slow answer for one event does not hold the step, or the cursor, back).
+    async fn fetch_state(&self, pipeline: &Pipeline<'_>, at: &str, also: Option<String>) -> Result<Stored> {
+        let (client, server) = (self.r.client.clone(), self.server.clone());
+        let single = also.map(|id| {
+            let (client, server) = (client.clone(), server.clone());
+            tokio::spawn(
+                async move { client.get(&server, &format!("/_matrix/federation/v1/event/{}", enc(&id))).await },
+            )
+        });
         const ARRAYS: &[&str] = &["pdus", "auth_chain"];
-        let result = match self.r.client.get_to_file(&self.server, &path, &file).await {
-            Ok(n) => {
-                tracing::info!(bytes = n, "resync: /state answer downloaded");
-                pipeline.prefetch_keys(&file, ARRAYS).await;
-                pipeline.from_file(&file, ARRAYS).await
+        let got = match download_state(client, server, self.room.room_id.clone(), at.to_owned()).await {
+            Ok(file) => {
+                tracing::info!(bytes = file.bytes, "resync: /state answer downloaded");
+                pipeline.prefetch_keys(&file.path, ARRAYS).await;
+                pipeline.from_file(&file.path, ARRAYS).await
             }
-            Err(e) => Ok(Stored { source_error: Some(e.to_string()), ..Stored::default() }),
+            Err(e) => Ok(Stored { source_error: Some(e), ..Stored::default() }),
         };
-        let _ = tokio::fs::remove_file(&file).await;
-        result
+        let Some(single) = single else { return got };
+        if !single.is_finished() {
+            single.abort();
+            return got;
+        }
+        let mut got = got?;
+        if let Ok(Ok(answer)) = single.await {
+            let more = pipeline.from_pdus(&self.server, crate::federation::batches::raw_pdus(&answer)).await?;
+            (got.received, got.stored) = (got.received + more.received, got.stored + more.stored);
+        }
+        Ok(got)
     }
 
     /// A fetch that stored nothing: from `/state`, fall back to single events; from single events, when every
