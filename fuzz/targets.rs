@@ -57,6 +57,11 @@ pub fn pdu(data: &[u8]) {
     let Some((&v, json)) = data.split_first() else { return };
     let ver = version::SUPPORTED[(v as usize + 11) % version::SUPPORTED.len()];
     let rules = version::rules(ver).expect("supported version");
+    // Our direct parse must accept what ruma's two-step one accepts, and give the same object.
+    if let Ok(text) = std::str::from_utf8(json) {
+        let ruma = serde_json::from_str::<CanonicalJsonObject>(text).ok();
+        assert_eq!(hearth::room::canonical::object_from_str(text).ok(), ruma, "canonical parse differs from ruma's");
+    }
     let Ok(CanonicalJsonValue::Object(obj)) = serde_json::from_slice::<CanonicalJsonValue>(json) else { return };
     // Canonical JSON must re-parse to the same object.
     let canonical = serde_json::to_string(&obj).expect("canonical JSON serialises");

@@ -146,7 +146,7 @@ fn parse_one(v: Value, rules: &ruma::room_version_rules::RoomVersionRules) -> Ch
 
 /// [`parse_one`] from the PDU's JSON text (whose length spares most PDUs the canonical size computation).
 fn parse_one_raw(raw: &serde_json::value::RawValue, rules: &ruma::room_version_rules::RoomVersionRules) -> Checked {
-    match serde_json::from_str::<CanonicalJsonObject>(raw.get()) {
+    match crate::room::canonical::object_from_str(raw.get()) {
         Ok(obj) => parse_remote_with_id(obj, rules, Some(raw.get().len())),
         Err(e) => (None, Err(format!("not canonical JSON: {e}"))),
     }

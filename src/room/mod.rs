@@ -1,6 +1,7 @@
 //! The room core: building, authorising and persisting PDUs, state groups and resolution. No HTTP here.
 
 pub mod append;
+pub mod canonical;
 pub mod create;
 pub mod directory;
 pub mod hierarchy;

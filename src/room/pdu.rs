@@ -137,7 +137,7 @@ impl Pdu {
 
     /// Parses a PDU stored by us (canonical JSON string).
     pub fn from_stored(json: &str, event_id: &str, rules: &RoomVersionRules) -> Result<Pdu, String> {
-        let obj: CanonicalJsonObject = serde_json::from_str(json).map_err(|e| e.to_string())?;
+        let obj = crate::room::canonical::object_from_str(json).map_err(|e| e.to_string())?;
         let id = EventId::parse(event_id).map_err(|e| e.to_string())?;
         Pdu::from_canonical(obj, id, rules)
     }
