@@ -6,6 +6,7 @@
 //! cargo run --bin hearth-bench -- sliding-sync --rooms 100          (first sliding sync, long-poll wake)
 //! cargo run --release --bin hearth-bench -- appservice               (transaction sender, cost of ten services)
 //! cargo run --release --bin hearth-bench -- stateres --members 100000 (a fork healed: state resolution at scale)
+//! cargo run --release --bin hearth-bench -- parse                    (canonical JSON parse: ruma against ours)
 
 mod appservice;
 mod limits;
@@ -103,6 +104,14 @@ enum Command {
         #[arg(long)]
         perf: bool,
     },
+    /// Canonical JSON parse of PDU text: ruma's `Deserialize` (through a `serde_json::Value`) against Hearth's
+    /// direct reader (`room::canonical`), on member events shaped like the world's.
+    Parse {
+        #[arg(long, default_value_t = 100_000)]
+        events: usize,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// Redraw the chart (and table) from result files of several runs.
     Chart {
         files: Vec<PathBuf>,
@@ -138,5 +147,52 @@ fn main() -> anyhow::Result<()> {
             rt.block_on(stateres::run(stateres::Options { members, joins, messages, seed, dir, perf }))
         }
         Command::Chart { files, out } => run::chart_files(&files, &out),
+        Command::Parse { events, rounds } => {
+            parse_bench(events, rounds);
+            Ok(())
+        }
+    }
+}
+
+/// See [`Command::Parse`]. Prints microseconds per event for each parser, round by round.
+fn parse_bench(events: usize, rounds: usize) {
+    use std::time::Instant;
+    let texts: Vec<String> = (0..events)
+        .map(|i| {
+            let server = format!("s{}.example", i % 2000);
+            let user = format!("@u{i}:{server}");
+            serde_json::json!({
+                "auth_events": ["$create0000000000000000000000000000000000000", "$power00000000000000000000000000000000000000",
+                                "$rules00000000000000000000000000000000000000", format!("$prior{i:039}")],
+                "content": {"displayname": format!("User {i}"), "membership": "join"},
+                "depth": 1000 + i, "hashes": {"sha256": "Yw2BbbY0c8oIM3oQzG6R0lV1bX4QkIbSeN2pNfH+qYc"},
+                "origin": server, "origin_server_ts": 1_765_000_000_000u64 + i as u64,
+                "prev_events": [format!("$prev{i:040}")], "room_id": "!o4ukPUDmmpRC72ZVsoGiEjJYczKQPahRbgQC_lDkgI8",
+                "sender": user, "state_key": user, "type": "m.room.member", "unsigned": {"age": 123},
+                "signatures": {server: {"ed25519:a_abcd": "9Hx1b7c0m5X1Yc8oIM3oQzG6R0lV1bX4QkIbSeN2pNfH+qYcYw2BbbY0c8oIM3oQzG6R0lV1bX4QkIbSeN2pNfH+qYcQQ"}},
+            })
+            .to_string()
+        })
+        .collect();
+    let bytes: usize = texts.iter().map(String::len).sum();
+    println!("{events} member events, {} bytes on average", bytes / events.max(1));
+    for round in 1..=rounds {
+        let t = Instant::now();
+        let mut keys = 0;
+        for text in &texts {
+            keys += serde_json::from_str::<ruma::CanonicalJsonObject>(text).map_or(0, |o| o.len());
+        }
+        let ruma = t.elapsed();
+        let t = Instant::now();
+        for text in &texts {
+            keys += hearth::room::canonical::object_from_str(text).map_or(0, |o| o.len());
+        }
+        let direct = t.elapsed();
+        let per = |d: std::time::Duration| d.as_secs_f64() * 1e6 / events.max(1) as f64;
+        println!(
+            "round {round}: ruma (via serde_json::Value) {:.2} us/event, hearth::room::canonical {:.2} us/event ({keys} keys)",
+            per(ruma),
+            per(direct)
+        );
     }
 }
