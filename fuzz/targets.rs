@@ -68,15 +68,18 @@ pub fn pdu(data: &[u8]) {
     let again: CanonicalJsonObject = serde_json::from_str(&canonical).expect("canonical JSON re-parses");
     assert_eq!(again, obj, "canonical JSON round trip");
 
-    let Ok(pdu) = remote::parse_remote(obj, &rules) else { return };
+    let (_, Ok((pdu, signed))) = remote::parse_remote_keeping_signed(obj, &rules, None) else { return };
     let r = rooms();
-    // Our signature check (keys decoded once) must judge every input as ruma's own `verify_event` does.
+    // Our signature check (keys decoded once, the signed bytes made once for the event id and the check) must judge
+    // every input as ruma's own `verify_event` does.
+    let ruma = ruma::signatures::verify_event(&r.keys, &pdu.json, &rules).ok();
+    assert_eq!(signatures::verify_event(&r.keys, &r.decoded, &pdu.json, &rules, None).ok(), ruma);
     assert_eq!(
-        signatures::verify_event(&r.keys, &r.decoded, &pdu.json, &rules).ok(),
-        ruma::signatures::verify_event(&r.keys, &pdu.json, &rules).ok(),
+        signatures::verify_event(&r.keys, &r.decoded, &pdu.json, &rules, signed.as_deref()).ok(),
+        ruma,
         "signature check differs from ruma's"
     );
-    let pdu = match remote::verify_remote(pdu.clone(), &rules, &r.keys, &r.decoded) {
+    let pdu = match remote::verify_remote(pdu.clone(), signed.as_deref(), &rules, &r.keys, &r.decoded) {
         Ok(verified) => verified,
         // Unsigned or forged: still push it through the auth rules, which must not panic either.
         Err(_) => pdu,

@@ -16,7 +16,9 @@ use crate::federation::client::enc;
 use crate::federation::keys::needed_keys;
 use crate::federation::FedContext;
 use crate::federation::KeyStore;
-use crate::room::remote::{handle_incoming, parse_remote_with_id, persist_outlier, verify_remote, AuthCache, Incoming};
+use crate::room::remote::{
+    handle_incoming, parse_remote_keeping_signed, persist_outlier, verify_remote, AuthCache, Incoming,
+};
 use crate::room::{version, Pdu};
 use crate::store::Store;
 use crate::store::{events, members, rooms};
@@ -58,7 +60,7 @@ pub async fn verify_values(
     let n = raw.len();
     // Parsing (canonical JSON, event id, content hash) and signature checks are CPU work: off the async threads,
     // and a big batch split over the cores.
-    let parsed: Vec<Vec<Checked>> = on_threads(split_in(raw, parts_for(n)), false, {
+    let parsed: Vec<Vec<Parsed>> = on_threads(split_in(raw, parts_for(n)), false, {
         let rules = rules.clone();
         move |part| part.into_iter().map(|v| parse_one(v, &rules)).collect()
     })
@@ -85,7 +87,7 @@ where
 {
     let rules = version::rules(room_version)?;
     let parts = parts_for(raw.len());
-    let parsed: Vec<Vec<Checked>> = on_threads(split_in(raw, parts), background, {
+    let parsed: Vec<Vec<Parsed>> = on_threads(split_in(raw, parts), background, {
         let rules = rules.clone();
         move |part| part.into_iter().map(|v| parse_one_raw(&v, &rules)).collect()
     })
@@ -106,7 +108,7 @@ fn parts_for(n: usize) -> usize {
 async fn check_signatures(
     keys: &KeyStore,
     rules: ruma::room_version_rules::RoomVersionRules,
-    parsed: Vec<Vec<Checked>>,
+    parsed: Vec<Vec<Parsed>>,
     background: bool,
 ) -> Result<Vec<Checked>> {
     check_signatures_then(keys, rules, parsed, background, |checked| checked).await
@@ -116,7 +118,7 @@ async fn check_signatures(
 async fn check_signatures_then<T, F>(
     keys: &KeyStore,
     rules: ruma::room_version_rules::RoomVersionRules,
-    parsed: Vec<Vec<Checked>>,
+    parsed: Vec<Vec<Parsed>>,
     background: bool,
     then: F,
 ) -> Result<Vec<T>>
@@ -124,10 +126,15 @@ where
     T: Send + 'static,
     F: Fn(Checked) -> T + Send + Sync + 'static,
 {
-    let need = needed_keys(parsed.iter().flatten().filter_map(|(_, p)| p.as_ref().ok()).map(|p| &p.json));
+    let need = needed_keys(parsed.iter().flatten().filter_map(|(_, p)| p.as_ref().ok()).map(|(p, _)| &p.json));
     let (keys, decoded) = (Arc::new(keys.keys_for(&need).await?), keys.decoded());
     let verified = on_threads(parsed, background, move |part| {
-        part.into_iter().map(|(id, p)| then((id, p.and_then(|p| verify_remote(p, &rules, &keys, &decoded))))).collect()
+        part.into_iter()
+            .map(|(id, p)| {
+                let checked = p.and_then(|(p, signed)| verify_remote(p, signed.as_deref(), &rules, &keys, &decoded));
+                then((id, checked))
+            })
+            .collect()
     })
     .await?;
     Ok(verified.into_iter().flatten().collect())
@@ -136,18 +143,21 @@ where
 /// A PDU's event id (when it could be computed) and the outcome of checking it.
 type Checked = (Option<String>, std::result::Result<Pdu, String>);
 
-/// One PDU off the wire: parsed and hash-checked, with its event id when it could be computed.
-fn parse_one(v: Value, rules: &ruma::room_version_rules::RoomVersionRules) -> Checked {
+/// A PDU's event id and the outcome of parsing it, with the bytes the signature check needs when parsing made them.
+type Parsed = crate::room::remote::ParsedRemote;
+
+/// One PDU off the wire, parsed, with its event id when it could be computed.
+fn parse_one(v: Value, rules: &ruma::room_version_rules::RoomVersionRules) -> Parsed {
     match serde_json::from_value::<CanonicalJsonObject>(v) {
-        Ok(obj) => parse_remote_with_id(obj, rules, None),
+        Ok(obj) => parse_remote_keeping_signed(obj, rules, None),
         Err(e) => (None, Err(format!("not canonical JSON: {e}"))),
     }
 }
 
 /// [`parse_one`] from the PDU's JSON text (whose length spares most PDUs the canonical size computation).
-fn parse_one_raw(raw: &serde_json::value::RawValue, rules: &ruma::room_version_rules::RoomVersionRules) -> Checked {
+fn parse_one_raw(raw: &serde_json::value::RawValue, rules: &ruma::room_version_rules::RoomVersionRules) -> Parsed {
     match crate::room::canonical::object_from_str(raw.get()) {
-        Ok(obj) => parse_remote_with_id(obj, rules, Some(raw.get().len())),
+        Ok(obj) => parse_remote_keeping_signed(obj, rules, Some(raw.get().len())),
         Err(e) => (None, Err(format!("not canonical JSON: {e}"))),
     }
 }

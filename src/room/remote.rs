@@ -30,12 +30,27 @@ pub fn parse_remote(obj: CanonicalJsonObject, rules: &RoomVersionRules) -> std::
 /// length of the JSON text the PDU was read from, if known: it bounds the canonical size from above (canonical
 /// JSON is the shortest encoding, and `unsigned` is dropped), so only a long text has its canonical size computed.
 pub fn parse_remote_with_id(
-    mut obj: CanonicalJsonObject,
+    obj: CanonicalJsonObject,
     rules: &RoomVersionRules,
     text_len: Option<usize>,
 ) -> (Option<String>, std::result::Result<Pdu, String>) {
+    let (id, parsed) = parse_remote_keeping_signed(obj, rules, text_len);
+    (id, parsed.map(|(pdu, _)| pdu))
+}
+
+/// A received PDU's event id (when it could be computed) and the outcome of parsing it: the PDU, and the bytes its
+/// servers signed when computing the id made them.
+pub type ParsedRemote = (Option<String>, std::result::Result<(Pdu, Option<String>), String>);
+
+/// [`parse_remote_with_id`], keeping the bytes the event's servers signed when computing its id made them (room
+/// v3+), for [`verify_remote`].
+pub fn parse_remote_keeping_signed(
+    mut obj: CanonicalJsonObject,
+    rules: &RoomVersionRules,
+    text_len: Option<usize>,
+) -> ParsedRemote {
     obj.remove("unsigned");
-    let event_id = match version::event_id(&obj, rules) {
+    let (event_id, signed) = match version::event_id_keeping_signed(&obj, rules) {
         Ok(id) => id,
         Err(e) => return (None, Err(e)),
     };
@@ -46,17 +61,19 @@ pub fn parse_remote_with_id(
             return (shown, Err(format!("PDU is {size} bytes, over the {MAX_PDU_BYTES} limit")));
         }
     }
-    (shown, Pdu::from_canonical(obj, event_id, rules))
+    (shown, Pdu::from_canonical(obj, event_id, rules).map(|pdu| (pdu, signed)))
 }
 
-/// Checks signatures and the content hash. A hash mismatch keeps the event, redacted (spec).
+/// Checks signatures and the content hash. A hash mismatch keeps the event, redacted (spec). `signed`: the bytes
+/// its servers signed, when parsing it made them ([`parse_remote_keeping_signed`]).
 pub fn verify_remote(
     pdu: Pdu,
+    signed: Option<&str>,
     rules: &RoomVersionRules,
     keys: &PublicKeyMap,
     decoded: &DecodedKeys,
 ) -> std::result::Result<Pdu, String> {
-    match signatures::verify_event(keys, decoded, &pdu.json, rules) {
+    match signatures::verify_event(keys, decoded, &pdu.json, rules, signed) {
         Ok(Verified::All) => Ok(pdu),
         Ok(Verified::Signatures) => {
             let redacted =

@@ -51,13 +51,25 @@ impl DecodedKeys {
     }
 }
 
+/// The bytes a PDU's servers sign: the event redacted by its room version's rules, without `signatures` and
+/// `unsigned`, as canonical JSON. The same bytes are what its reference hash (the event id, room v3+) covers.
+pub fn signed_bytes(object: &CanonicalJsonObject, rules: &RoomVersionRules) -> Result<String, String> {
+    RedactingSerializer::new()
+        .rules(&rules.redaction)
+        .custom_redacted_root_fields(NOT_SIGNED)
+        .serialize(object)
+        .map_err(|e| e.to_string())
+}
+
 /// Checks the signatures of every server that must have signed `object` and its content hash. `Ok(Signatures)`:
 /// the signatures hold but the content does not match its hash (the spec keeps such an event, redacted).
+/// `signed`: the event's [`signed_bytes`] when already made (computing its event id made them), else made here.
 pub fn verify_event(
     keys: &PublicKeyMap,
     decoded: &DecodedKeys,
     object: &CanonicalJsonObject,
     rules: &RoomVersionRules,
+    signed: Option<&str>,
 ) -> Result<Verified, String> {
     let hash = match object.get("hashes") {
         Some(CanonicalJsonValue::Object(hashes)) => match hashes.get("sha256") {
@@ -71,11 +83,14 @@ pub fn verify_event(
     };
     let servers = ruma::signatures::required_server_signatures_to_verify_event(object, &rules.signatures)
         .map_err(|e| e.to_string())?;
-    let signed = RedactingSerializer::new()
-        .rules(&rules.redaction)
-        .custom_redacted_root_fields(NOT_SIGNED)
-        .serialize(object)
-        .map_err(|e| e.to_string())?;
+    let made;
+    let signed = match signed {
+        Some(s) => s,
+        None => {
+            made = signed_bytes(object, rules)?;
+            &made
+        }
+    };
     for server in &servers {
         check_server(server.as_str(), keys, decoded, signatures, signed.as_bytes())?;
     }
@@ -248,9 +263,13 @@ mod tests {
         for (name, damage, expected) in cases {
             let mut event = good.clone();
             damage(&mut event);
-            let ours = outcome(verify_event(&keys, &decoded, &event, &rules));
+            let ours = outcome(verify_event(&keys, &decoded, &event, &rules, None));
             let ruma = outcome(ruma::signatures::verify_event(&keys, &event, &rules));
             assert_eq!(ours, ruma, "{name}: ours and ruma's differ");
+            // The bytes handed over by the event id's computation give the same outcome.
+            let (_, signed) = version::event_id_keeping_signed(&event, &rules).unwrap();
+            let given = outcome(verify_event(&keys, &decoded, &event, &rules, signed.as_deref()));
+            assert_eq!(given, ours, "{name}: the signed bytes given and made differ");
             assert_eq!(ours, expected, "{name}");
         }
     }
@@ -263,7 +282,7 @@ mod tests {
         let decoded = DecodedKeys::default();
         for _ in 0..3 {
             let event = signed_member(&a, "@u:a.example", &rules);
-            assert!(matches!(verify_event(&keys, &decoded, &event, &rules), Ok(Verified::All)));
+            assert!(matches!(verify_event(&keys, &decoded, &event, &rules, None), Ok(Verified::All)));
         }
         assert_eq!(decoded.lock().len(), 1);
 
@@ -271,7 +290,7 @@ mod tests {
         let set = keys.get_mut("a.example").unwrap();
         set.insert(a.key_id.clone(), Base64::new(vec![1u8; 31]));
         let event = signed_member(&a, "@u:a.example", &rules);
-        assert!(verify_event(&keys, &decoded, &event, &rules).is_err());
+        assert!(verify_event(&keys, &decoded, &event, &rules, None).is_err());
         assert!(ruma::signatures::verify_event(&keys, &event, &rules).is_err());
     }
 }

@@ -5,6 +5,8 @@ use ruma::room_version_rules::{EventIdFormatVersion, EventsReferenceFormatVersio
 use ruma::{EventId, OwnedEventId, RoomVersionId};
 
 use crate::error::{Error, Result};
+use crate::room::signatures;
+use ruma::serde::base64::{Base64, Standard, UrlSafe};
 
 /// Version of rooms we create when neither the client nor the configuration (`rooms.default_version`) says.
 pub const DEFAULT_ROOM_VERSION: &str = crate::config::DEFAULT_ROOM_VERSION;
@@ -25,16 +27,36 @@ pub fn rules(version: &str) -> Result<RoomVersionRules> {
 
 /// The event id of a PDU: its reference hash (v3+) or the `event_id` field it carries (v1/v2).
 pub fn event_id(pdu: &CanonicalJsonObject, rules: &RoomVersionRules) -> Result<OwnedEventId, String> {
-    match rules.event_id_format {
-        EventIdFormatVersion::V1 => match pdu.get("event_id") {
-            Some(CanonicalJsonValue::String(s)) => EventId::parse(s).map_err(|e| e.to_string()),
-            _ => Err("v1/v2 event without `event_id`".into()),
-        },
-        _ => {
-            let hash = ruma::signatures::reference_hash(pdu, rules).map_err(|e| e.to_string())?;
-            EventId::parse(format!("${hash}")).map_err(|e| e.to_string())
+    event_id_keeping_signed(pdu, rules).map(|(id, _)| id)
+}
+
+/// Longest redacted PDU a reference hash is computed for (ruma's `reference_hash` refuses longer ones).
+const MAX_REFERENCE_HASHED_BYTES: usize = 65_535;
+
+/// [`event_id`], with the bytes the reference hash covered (v3+): the same bytes the event's servers signed
+/// ([`signatures::signed_bytes`]), which the signature check then need not serialize again. As ruma's
+/// `reference_hash`: SHA-256 of those bytes, unpadded base64, URL-safe from room v4 on.
+pub fn event_id_keeping_signed(
+    pdu: &CanonicalJsonObject,
+    rules: &RoomVersionRules,
+) -> Result<(OwnedEventId, Option<String>), String> {
+    let encode: fn(&[u8]) -> String = match rules.event_id_format {
+        EventIdFormatVersion::V1 => {
+            return match pdu.get("event_id") {
+                Some(CanonicalJsonValue::String(s)) => Ok((EventId::parse(s).map_err(|e| e.to_string())?, None)),
+                _ => Err("v1/v2 event without `event_id`".into()),
+            }
         }
+        EventIdFormatVersion::V2 => |h: &[u8]| Base64::<Standard, &[u8]>::new(h).encode(),
+        _ => |h: &[u8]| Base64::<UrlSafe, &[u8]>::new(h).encode(),
+    };
+    let signed = signatures::signed_bytes(pdu, rules)?;
+    if signed.len() > MAX_REFERENCE_HASHED_BYTES {
+        return Err("PDU is larger than maximum of 65535 bytes".into());
     }
+    let hash = ring::digest::digest(&ring::digest::SHA256, signed.as_bytes());
+    let id = EventId::parse(format!("${}", encode(hash.as_ref()))).map_err(|e| e.to_string())?;
+    Ok((id, Some(signed)))
 }
 
 /// `prev_events`/`auth_events` as this version writes them.
@@ -69,6 +91,34 @@ pub fn creators_privileged(rules: &RoomVersionRules) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Our reference hash is ruma's, for each event id format, and an event too large for one is refused by both.
+    #[test]
+    fn event_ids_are_ruma_reference_hashes() {
+        use ruma::canonical_json::to_canonical_value;
+        for v in ["3", "4", "10", "11", "12"] {
+            let rules = rules(v).unwrap();
+            for body in ["hi", &"x".repeat(70_000)] {
+                let pdu = serde_json::json!({
+                    "auth_events": [], "content": {"body": body, "membership": "join"}, "depth": 3,
+                    "hashes": {"sha256": "abc"}, "origin_server_ts": 1, "prev_events": [], "room_id": "!r:a.example",
+                    "sender": "@u:a.example", "state_key": "@u:a.example", "type": "m.room.member",
+                    "signatures": {"a.example": {"ed25519:k": "sig"}}, "unsigned": {"age": 1}
+                });
+                let CanonicalJsonValue::Object(pdu) = to_canonical_value(pdu).unwrap() else { unreachable!() };
+                let ours = event_id_keeping_signed(&pdu, &rules);
+                let theirs = ruma::signatures::reference_hash(&pdu, &rules);
+                match (ours, theirs) {
+                    (Ok((id, signed)), Ok(hash)) => {
+                        assert_eq!(id.as_str(), format!("${hash}"), "room v{v}");
+                        assert_eq!(signed.unwrap(), signatures::signed_bytes(&pdu, &rules).unwrap());
+                    }
+                    (Err(_), Err(_)) => assert!(body.len() > 65_535, "room v{v}: both refuse a small event"),
+                    (ours, theirs) => panic!("room v{v}: ours {ours:?}, ruma's {theirs:?}"),
+                }
+            }
+        }
+    }
 
     #[test]
     fn the_configuration_knows_which_versions_are_creatable() {
