@@ -332,10 +332,11 @@ pub fn judge(conn: Db<'_>, room: &RoomRow, ids: &[String]) -> Result<Vec<(String
         // A cache per read: what a chunk's events share is the room's few auth events (read again per chunk, three
         // rows); their earlier memberships are cited once each, and kept for the whole step they were ~4 MB per
         // thread at 10k members, the auth phase's share of the resync's peak memory.
-        let cache = AuthCache::default();
+        // The events are only checked, so only their fields are read (not their whole JSON).
+        let cache = AuthCache::fields_only();
         let wanted: Vec<&str> = chunk.iter().map(String::as_str).collect();
         // The join's prev event is listed too; when it is no state event it is no part of the state.
-        let pdus: Vec<Pdu> = crate::room::load_pdus_with(conn, &wanted, &rules)?
+        let pdus: Vec<Pdu> = crate::room::load_pdu_fields_with(conn, &wanted, &rules)?
             .into_iter()
             .collect::<Result<Vec<Pdu>>>()?
             .into_iter()

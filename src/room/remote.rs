@@ -195,16 +195,38 @@ pub struct AuthCache {
     /// The room's create event from its current state (v12+ events do not cite it): looked up once per batch,
     /// not once per event (that lookup was a twentieth of a resync's CPU).
     create: std::cell::OnceCell<Option<Arc<Pdu>>>,
+    /// Events read with [`Pdu::from_stored_fields`]: for callers that only check auth with them.
+    fields_only: bool,
 }
 
 impl AuthCache {
+    /// A cache whose events hold their fields only ([`Pdu::from_stored_fields`], no `json`): for checking auth
+    /// with them and nothing else.
+    pub fn fields_only() -> AuthCache {
+        AuthCache { fields_only: true, ..AuthCache::default() }
+    }
+
+    /// Many events in one query (on a reader: `rarray` is loaded there).
+    fn read(&self, conn: Db<'_>, rules: &RoomVersionRules, ids: &[&str]) -> Result<Vec<Result<Pdu>>> {
+        if self.fields_only {
+            crate::room::load_pdu_fields_with(conn, ids, rules)
+        } else {
+            crate::room::load_pdus_with(conn, ids, rules)
+        }
+    }
+
     /// The event, from the cache or the database (None: we do not hold it). Shared, not copied: a resync checks
     /// 100k events citing the same few auth events, and copying their JSON trees was most of its allocations.
     pub fn load(&self, conn: Db<'_>, rules: &RoomVersionRules, id: &str) -> Option<Arc<Pdu>> {
         if let Some(p) = self.events.borrow().get(id) {
             return p.clone();
         }
-        let p = crate::room::load_pdu_with(conn, id, rules).ok().flatten().map(Arc::new);
+        let p = if self.fields_only {
+            crate::room::load_one_pdu_fields_with(conn, id, rules)
+        } else {
+            crate::room::load_pdu_with(conn, id, rules)
+        };
+        let p = p.ok().flatten().map(Arc::new);
         self.events.borrow_mut().insert(id.to_owned(), p.clone());
         p
     }
@@ -225,7 +247,7 @@ impl AuthCache {
         if wanted.is_empty() {
             return Ok(());
         }
-        let loaded = crate::room::load_pdus_with(conn, &wanted, rules)?;
+        let loaded = self.read(conn, rules, &wanted)?;
         let mut events = self.events.borrow_mut();
         for id in &wanted {
             events.insert((*id).to_owned(), None);
