@@ -3,7 +3,7 @@
 
 use std::io::Read;
 
-use serde::de::{DeserializeOwned, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{DeserializeOwned, IgnoredAny};
 
 /// Most JSON text in one batch: a batch is cut at [`for_each_pdu_batch`]'s count or at this many bytes, whichever
 /// comes first, so the memory a batch holds does not depend on how big the resident's events are (200 events of
@@ -30,21 +30,230 @@ impl Weigh for serde_json::Value {
 
 /// Calls `sink` with batches of at most `batch` elements (and about [`BATCH_BYTES`] of text) of the arrays under
 /// `keys` of a top-level object, each read as a `T` (`Box<RawValue>` keeps an element's text for a parser that
-/// wants it, with no JSON tree built).
+/// wants it, with no JSON tree built). A `sink` answering false ends the read.
 pub fn for_each_pdu_batch<R: Read, T: DeserializeOwned + Weigh>(
     reader: R,
     keys: &[&str],
     batch: usize,
     sink: &mut dyn FnMut(Vec<T>) -> bool,
 ) -> Result<(), String> {
-    let mut de = serde_json::Deserializer::from_reader(reader);
     let mut buf = Vec::with_capacity(batch);
-    let top = Top { keys, batch, buf: &mut buf, bytes: 0, sink: &mut *sink, stop: false };
-    top.deserialize(&mut de).map_err(|e| e.to_string())?;
-    if !buf.is_empty() {
-        sink(std::mem::take(&mut buf));
+    let mut bytes = 0;
+    let mut stopped = false;
+    for_each_element(reader, keys, &mut |text| {
+        let v: T = serde_json::from_slice(&text).map_err(|e| e.to_string())?;
+        bytes += v.weight();
+        buf.push(v);
+        if buf.len() >= batch || bytes >= BATCH_BYTES {
+            bytes = 0;
+            if !sink(std::mem::replace(&mut buf, Vec::with_capacity(batch))) {
+                stopped = true;
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })?;
+    if !buf.is_empty() && !stopped {
+        sink(buf);
     }
     Ok(())
+}
+
+/// Hands `element` the text of each element of the arrays under `keys` of the top-level object `reader` holds, in
+/// order, until it answers false. Only the document's structure is followed here (strings, brackets, commas): each
+/// element's text is parsed by its consumer, and the values under other keys are skipped unparsed. serde_json's
+/// reader did the same work a byte at a time with line and column counting, two passes over a 100 MB answer taking
+/// a second of CPU (bench/PROFILE.md, round 11).
+fn for_each_element<R: Read>(
+    reader: R,
+    keys: &[&str],
+    element: &mut dyn FnMut(Vec<u8>) -> Result<bool, String>,
+) -> Result<(), String> {
+    let mut b = Bytes::new(reader);
+    if b.next_token()? != b'{' {
+        return Err("expected a JSON object".into());
+    }
+    if b.peek_token()? == b'}' {
+        return Ok(());
+    }
+    loop {
+        if b.next_token()? != b'"' {
+            return Err("expected an object key".into());
+        }
+        let key = b.string_after_quote()?;
+        if b.next_token()? != b':' {
+            return Err("expected `:` after an object key".into());
+        }
+        if keys.contains(&key.as_str()) {
+            if b.next_token()? != b'[' {
+                return Err(format!("`{key}` is not an array of PDUs"));
+            }
+            if b.peek_token()? == b']' {
+                b.next_token()?;
+            } else {
+                loop {
+                    b.peek_token()?;
+                    b.capture_from_here();
+                    b.skip_value()?;
+                    if !element(b.captured())? {
+                        return Ok(());
+                    }
+                    match b.next_token()? {
+                        b',' => continue,
+                        b']' => break,
+                        _ => return Err(format!("expected `,` or `]` in `{key}`")),
+                    }
+                }
+            }
+        } else {
+            b.peek_token()?;
+            b.skip_value()?;
+        }
+        match b.next_token()? {
+            b',' => continue,
+            b'}' => return Ok(()),
+            _ => return Err("expected `,` or `}` after an object value".into()),
+        }
+    }
+}
+
+/// A reader's bytes in chunks, with the text of the value being captured copied out as whole runs.
+struct Bytes<R> {
+    reader: R,
+    chunk: Box<[u8]>,
+    pos: usize,
+    len: usize,
+    /// Capturing: where in `chunk` the captured text starts, and what earlier chunks held of it.
+    capture: Option<(usize, Vec<u8>)>,
+}
+
+const CHUNK_BYTES: usize = 256 << 10;
+
+impl<R: Read> Bytes<R> {
+    fn new(reader: R) -> Self {
+        Bytes { reader, chunk: vec![0; CHUNK_BYTES].into_boxed_slice(), pos: 0, len: 0, capture: None }
+    }
+
+    /// Reads the next chunk; false at the end of the input.
+    fn refill(&mut self) -> Result<bool, String> {
+        if let Some((from, out)) = &mut self.capture {
+            out.extend_from_slice(&self.chunk[*from..self.len]);
+            *from = 0;
+        }
+        self.pos = 0;
+        self.len = loop {
+            match self.reader.read(&mut self.chunk) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.to_string()),
+            }
+        };
+        Ok(self.len > 0)
+    }
+
+    fn peek(&mut self) -> Result<Option<u8>, String> {
+        if self.pos == self.len && !self.refill()? {
+            return Ok(None);
+        }
+        Ok(Some(self.chunk[self.pos]))
+    }
+
+    fn next(&mut self) -> Result<u8, String> {
+        let b = self.peek()?.ok_or("unexpected end of the JSON text")?;
+        self.pos += 1;
+        Ok(b)
+    }
+
+    /// The next byte that is not whitespace, not consumed.
+    fn peek_token(&mut self) -> Result<u8, String> {
+        loop {
+            match self.peek()?.ok_or("unexpected end of the JSON text")? {
+                b' ' | b'\n' | b'\r' | b'\t' => self.pos += 1,
+                b => return Ok(b),
+            }
+        }
+    }
+
+    fn next_token(&mut self) -> Result<u8, String> {
+        let b = self.peek_token()?;
+        self.pos += 1;
+        Ok(b)
+    }
+
+    fn capture_from_here(&mut self) {
+        self.capture = Some((self.pos, Vec::new()));
+    }
+
+    fn captured(&mut self) -> Vec<u8> {
+        let (from, mut out) = self.capture.take().unwrap_or_default();
+        out.extend_from_slice(&self.chunk[from..self.pos]);
+        out
+    }
+
+    /// Past the closing quote of a string whose opening quote was just read.
+    fn skip_string(&mut self) -> Result<(), String> {
+        loop {
+            if self.pos == self.len && !self.refill()? {
+                return Err("unterminated string".into());
+            }
+            let rest = &self.chunk[self.pos..self.len];
+            match rest.iter().position(|&c| c == b'"' || c == b'\\') {
+                None => self.pos = self.len,
+                Some(i) => {
+                    let quote = rest[i] == b'"';
+                    self.pos += i + 1;
+                    if quote {
+                        return Ok(());
+                    }
+                    self.next()?; // the escaped character
+                }
+            }
+        }
+    }
+
+    /// A string's value, its opening quote just read (escapes decoded by serde_json, when there are any).
+    fn string_after_quote(&mut self) -> Result<String, String> {
+        let start = self.pos.saturating_sub(1);
+        self.capture = Some((start, Vec::new()));
+        self.skip_string()?;
+        let text = self.captured();
+        if text.contains(&b'\\') {
+            serde_json::from_slice(&text).map_err(|e| e.to_string())
+        } else {
+            String::from_utf8(text[1..text.len() - 1].to_vec()).map_err(|e| e.to_string())
+        }
+    }
+
+    /// Past the value that starts at the next byte (whitespace already skipped). Brackets are only counted: a
+    /// captured value is parsed by its consumer, which finds what else may be wrong with it.
+    fn skip_value(&mut self) -> Result<(), String> {
+        match self.next()? {
+            b'"' => self.skip_string(),
+            b'{' | b'[' => {
+                let mut depth = 1usize;
+                while depth > 0 {
+                    match self.next()? {
+                        b'"' => self.skip_string()?,
+                        b'{' | b'[' => depth += 1,
+                        b'}' | b']' => depth -= 1,
+                        _ => {}
+                    }
+                }
+                Ok(())
+            }
+            b',' | b':' | b'}' | b']' => Err("expected a JSON value".into()),
+            _ => {
+                // A number or literal: up to the next delimiter.
+                while let Some(c) = self.peek()? {
+                    if matches!(c, b',' | b']' | b'}' | b' ' | b'\n' | b'\r' | b'\t') {
+                        break;
+                    }
+                    self.pos += 1;
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 /// What a cheap first pass over a downloaded answer finds in the PDUs under its `keys`: the signing keys (server
@@ -110,75 +319,6 @@ impl Weigh for Signed {
     }
 }
 
-struct Top<'a, T> {
-    keys: &'a [&'a str],
-    batch: usize,
-    buf: &'a mut Vec<T>,
-    /// The text weight of `buf`.
-    bytes: usize,
-    sink: &'a mut dyn FnMut(Vec<T>) -> bool,
-    stop: bool,
-}
-
-impl<'de, T: DeserializeOwned + Weigh> DeserializeSeed<'de> for Top<'_, T> {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_map(self)
-    }
-}
-
-impl<'de, T: DeserializeOwned + Weigh> Visitor<'de> for Top<'_, T> {
-    type Value = ();
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("an object")
-    }
-    fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<(), A::Error> {
-        while let Some(key) = map.next_key::<String>()? {
-            if self.keys.contains(&key.as_str()) && !self.stop {
-                map.next_value_seed(Elements { top: &mut self })?;
-            } else {
-                map.next_value::<IgnoredAny>()?;
-            }
-        }
-        Ok(())
-    }
-}
-
-struct Elements<'a, 'b, T> {
-    top: &'a mut Top<'b, T>,
-}
-
-impl<'de, T: DeserializeOwned + Weigh> DeserializeSeed<'de> for Elements<'_, '_, T> {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_seq(self)
-    }
-}
-
-impl<'de, T: DeserializeOwned + Weigh> Visitor<'de> for Elements<'_, '_, T> {
-    type Value = ();
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("an array of PDUs")
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while let Some(v) = seq.next_element::<T>()? {
-            if self.top.stop {
-                continue;
-            }
-            self.top.bytes += v.weight();
-            self.top.buf.push(v);
-            if self.top.buf.len() >= self.top.batch || self.top.bytes >= BATCH_BYTES {
-                self.top.bytes = 0;
-                let full = std::mem::replace(self.top.buf, Vec::with_capacity(self.top.batch));
-                if !(self.top.sink)(full) {
-                    self.top.stop = true;
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,6 +353,71 @@ mod tests {
         assert_eq!(keys, [("m.room.create", ""), ("m.room.member", "@a:y"), ("m.room.member", "@b:x")]);
         assert_eq!(scan.signing["x"].iter().collect::<Vec<_>>(), ["ed25519:1", "ed25519:3"]);
         assert_eq!(scan.signing["y"].len(), 1);
+    }
+
+    /// A reader handing out one byte per call: every token and string crosses a chunk boundary somewhere.
+    struct Trickle<'a>(&'a [u8]);
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            match (self.0.split_first(), buf.first_mut()) {
+                (Some((b, rest)), Some(slot)) => {
+                    *slot = *b;
+                    self.0 = rest;
+                    Ok(1)
+                }
+                _ => Ok(0),
+            }
+        }
+    }
+
+    fn elements(doc: &str, keys: &[&str], trickle: bool) -> Result<Vec<serde_json::Value>, String> {
+        let mut seen = Vec::new();
+        let mut sink = |b: Vec<Box<serde_json::value::RawValue>>| {
+            seen.extend(b.iter().map(|r| serde_json::from_str::<serde_json::Value>(r.get()).unwrap()));
+            true
+        };
+        if trickle {
+            for_each_pdu_batch(Trickle(doc.as_bytes()), keys, 3, &mut sink)?;
+        } else {
+            for_each_pdu_batch(doc.as_bytes(), keys, 3, &mut sink)?;
+        }
+        Ok(seen)
+    }
+
+    #[test]
+    fn elements_are_what_a_json_parser_finds_under_the_keys() {
+        let doc = r#" {
+            "od\"d]": {"pdus": [1]}, "x": [1, {"]": "[{"}, "\\", -1.5e3, true, null],
+            "p\u0064us" : [ {"a": "q\"]}", "b": [[], {}]} , "str]ing" ,
+              {"c": "\u00e9\\"}, 12, false, null, [3, [4]] ] ,
+            "auth_chain":[], "last": "}"
+        } "#;
+        let parsed: serde_json::Value = serde_json::from_str(doc).unwrap();
+        let mut expected = parsed["pdus"].as_array().unwrap().clone();
+        expected.extend(parsed["auth_chain"].as_array().unwrap().iter().cloned());
+        for trickle in [false, true] {
+            assert_eq!(elements(doc, &["pdus", "auth_chain"], trickle).unwrap(), expected, "trickle {trickle}");
+        }
+        assert_eq!(elements(r#"{}"#, &["pdus"], false).unwrap(), Vec::<serde_json::Value>::new());
+    }
+
+    #[test]
+    fn a_broken_answer_is_an_error() {
+        for doc in [
+            r#"{"pdus": [{"a": 1}"#,
+            r#"{"pdus": [{"a": "open}]}"#,
+            r#"{"pdus": {"a": 1}}"#,
+            r#"{"pdus": [{"a": 1} {"b": 2}]}"#,
+            r#"{"pdus": [{"a": tru}]}"#,
+            r#"{"pdus": [{"a": 1]]}"#,
+            r#"["pdus"]"#,
+            r#"{"x": 1 "pdus": []}"#,
+            r#"{"pdus": [,]}"#,
+        ] {
+            for trickle in [false, true] {
+                assert!(elements(doc, &["pdus"], trickle).is_err(), "{doc} (trickle {trickle})");
+            }
+        }
     }
 
     #[test]
