@@ -401,6 +401,52 @@ mod tests {
         assert_eq!(elements(r#"{}"#, &["pdus"], false).unwrap(), Vec::<serde_json::Value>::new());
     }
 
+    /// Random documents, compact and pretty-printed: the elements are serde_json's, whatever the strings hold.
+    #[test]
+    fn random_documents_split_as_serde_json_parses_them() {
+        use rand::{Rng, SeedableRng};
+        use serde_json::{json, Value};
+        fn value(rng: &mut rand::rngs::StdRng, depth: u32) -> Value {
+            const CHARS: &[char] = &['a', '"', '\\', '[', ']', '{', '}', ',', ':', ' ', '\n', 'é', '\u{1}', '/'];
+            match rng.gen_range(0..if depth > 3 { 4 } else { 6 }) {
+                0 => json!(rng.gen_range(-1000..1000)),
+                1 => [json!(true), json!(false), Value::Null][rng.gen_range(0..3)].clone(),
+                2 | 3 => {
+                    let n = rng.gen_range(0..8);
+                    Value::String((0..n).map(|_| CHARS[rng.gen_range(0..CHARS.len())]).collect())
+                }
+                4 => Value::Array((0..rng.gen_range(0..4)).map(|_| value(rng, depth + 1)).collect()),
+                _ => {
+                    let mut m = serde_json::Map::new();
+                    for _ in 0..rng.gen_range(0..4) {
+                        if let Value::String(k) = value(rng, 9).clone() {
+                            m.insert(k, value(rng, depth + 1));
+                        }
+                    }
+                    Value::Object(m)
+                }
+            }
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(22);
+        for _ in 0..300 {
+            let arrays: Vec<Value> =
+                (0..2).map(|_| Value::Array((0..5).map(|_| value(&mut rng, 0)).collect())).collect();
+            let doc =
+                json!({"x": value(&mut rng, 0), "pdus": arrays[0], "y": value(&mut rng, 0), "auth_chain": arrays[1]});
+            // In the document's order (the map's, which serialises it).
+            let expected: Vec<Value> = doc
+                .as_object()
+                .unwrap()
+                .iter()
+                .filter(|(k, _)| *k == "pdus" || *k == "auth_chain")
+                .flat_map(|(_, v)| v.as_array().unwrap().iter().cloned())
+                .collect();
+            for text in [serde_json::to_string(&doc).unwrap(), serde_json::to_string_pretty(&doc).unwrap()] {
+                assert_eq!(elements(&text, &["pdus", "auth_chain"], false).unwrap(), expected, "{text}");
+            }
+        }
+    }
+
     #[test]
     fn a_broken_answer_is_an_error() {
         for doc in [
