@@ -37,45 +37,51 @@ pub fn job_kind(s: Arc<FedContext>) -> Arc<dyn JobKind> {
 
 struct ResyncJobs {
     s: Arc<FedContext>,
-    walks: Arc<FillWalks>,
+    walks: Arc<AllWalks>,
 }
 
-/// The fills' walks ([`rs::fill_order`]) kept across their jobs' steps, by job: the events each still has to fill,
-/// in order, and the cursor position they follow. Lost on a restart, and read again from the cursor.
-#[derive(Default)]
-struct FillWalks(Mutex<std::collections::HashMap<JobId, FillWalk>>);
+/// Walks kept across their jobs' steps, by job: the events each job still has to go through in a phase, in order,
+/// and the cursor position they follow. Lost on a restart, and read again from the cursor. The fill walks its events
+/// in state key order ([`rs::fill_order`]), the auth phase in event number order ([`rs::auth_order`]).
+struct Walks<K>(Mutex<std::collections::HashMap<JobId, Walk<K>>>);
 
-struct FillWalk {
-    at: Option<rs::FillKey>,
+impl<K> Default for Walks<K> {
+    fn default() -> Self {
+        Walks(Mutex::default())
+    }
+}
+
+struct Walk<K> {
+    at: Option<K>,
     nids: std::collections::VecDeque<EventNid>,
 }
 
-/// Walks kept at once (resyncs filling at the same time, their steps taking turns); one more drops another, which
-/// is read again at its next step.
-const FILL_WALKS_KEPT: usize = 4;
+/// Walks kept at once (resyncs in the same phase at the same time, their steps taking turns); one more drops
+/// another, which is read again at its next step.
+const WALKS_KEPT: usize = 4;
 
-impl FillWalks {
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<JobId, FillWalk>> {
+impl<K: PartialEq> Walks<K> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<JobId, Walk<K>>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The next `n` events of `job`'s walk, if it is held and follows cursor position `at`.
-    fn next(&self, job: JobId, at: &Option<rs::FillKey>, n: usize) -> Option<Vec<EventNid>> {
+    fn next(&self, job: JobId, at: &Option<K>, n: usize) -> Option<Vec<EventNid>> {
         self.lock().get(&job).filter(|w| &w.at == at).map(|w| w.nids.iter().take(n).copied().collect())
     }
 
-    fn hold(&self, job: JobId, at: Option<rs::FillKey>, nids: Vec<EventNid>) {
+    fn hold(&self, job: JobId, at: Option<K>, nids: Vec<EventNid>) {
         let mut walks = self.lock();
-        if walks.len() >= FILL_WALKS_KEPT && !walks.contains_key(&job) {
+        if walks.len() >= WALKS_KEPT && !walks.contains_key(&job) {
             if let Some(other) = walks.keys().next().copied() {
                 walks.remove(&other);
             }
         }
-        walks.insert(job, FillWalk { at, nids: nids.into() });
+        walks.insert(job, Walk { at, nids: nids.into() });
     }
 
-    /// `taken` events of `job`'s walk are filled (committed), the cursor now at `at`; none taken: the walk is done.
-    fn advance(&self, job: JobId, taken: usize, at: Option<rs::FillKey>) {
+    /// `taken` events of `job`'s walk are done (committed), the cursor now at `at`; none taken: the walk is done.
+    fn advance(&self, job: JobId, taken: usize, at: Option<K>) {
         let mut walks = self.lock();
         match walks.get_mut(&job) {
             Some(w) if taken > 0 => {
@@ -87,6 +93,13 @@ impl FillWalks {
             }
         }
     }
+}
+
+/// The walks of the resyncs in progress.
+#[derive(Default)]
+struct AllWalks {
+    fills: Walks<rs::FillKey>,
+    auths: Walks<EventNid>,
 }
 
 /// A downloaded answer's file, removed when dropped (taken, abandoned or failed alike).
@@ -142,7 +155,7 @@ impl JobKind for ResyncJobs {
 }
 
 /// One job step: the work of the cursor's phase, about `batch` items of it; saves the cursor.
-async fn step(r: Remote<'_>, job: &JobRow, batch: usize, walks: &FillWalks) -> Result<Step> {
+async fn step(r: Remote<'_>, job: &JobRow, batch: usize, walks: &AllWalks) -> Result<Step> {
     let room_nid = job.room_nid.ok_or_else(|| Error::internal("resync job without room"))?;
     let room = r
         .store
@@ -163,7 +176,7 @@ async fn step(r: Remote<'_>, job: &JobRow, batch: usize, walks: &FillWalks) -> R
     match cursor.phase.clone() {
         Phase::Ids => ctx.ids(cursor).await,
         Phase::Fetch { source, use_state } => ctx.fetch(cursor, source, use_state, batch).await,
-        Phase::Auth { after, done } => ctx.auth(cursor, after, done, batch).await,
+        Phase::Auth { at, done } => ctx.auth(cursor, at, done, batch).await,
         Phase::Fill { at, done } => ctx.fill(cursor, at, done, batch).await,
         Phase::Finish => ctx.finish(cursor).await,
     }
@@ -179,7 +192,7 @@ struct Ctx<'a> {
     server: String,
     /// How many servers are in the rotation.
     servers: usize,
-    walks: &'a FillWalks,
+    walks: &'a AllWalks,
 }
 
 impl Ctx<'_> {
@@ -257,7 +270,7 @@ impl Ctx<'_> {
         let room = self.room_nid;
         let missing = self.r.store.read_background(move |c| rs::still_missing(c, room)).await?;
         if missing.is_empty() {
-            cursor.enter(&self.room.room_id, Phase::Auth { after: String::new(), done: 0 });
+            cursor.enter(&self.room.room_id, Phase::Auth { at: None, done: 0 });
             self.save(&cursor, 0, None).await?;
             return Ok(Step::More { items: 0 });
         }
@@ -366,18 +379,26 @@ impl Ctx<'_> {
 
     /// The next `batch` listed state events against their own auth events (as Synapse checks the outliers it
     /// fetches): a resident cannot slip in state its own auth events do not allow. Checked on readers, in
-    /// parallel; only the (rare) rejections are written.
-    async fn auth(&self, mut cursor: ResyncCursor, after: String, done: i64, batch: usize) -> Result<Step> {
-        let room = self.room_nid;
-        let ids = self.r.store.read_background(move |c| rs::listed_after(c, room, &after, batch.max(1))).await?;
-        let Some(last) = ids.last().cloned() else {
+    /// parallel; only the (rare) rejections are written. In event number order ([`rs::auth_order`]): the rows
+    /// were just written in that order, so the reads go through the table's pages one after another; in id order
+    /// each row was a random page, read from the file again (bench/PROFILE.md, round 11).
+    async fn auth(&self, mut cursor: ResyncCursor, at: Option<EventNid>, done: i64, batch: usize) -> Result<Step> {
+        let job = self.job.job_id;
+        if self.walks.auths.next(job, &at, 0).is_none() {
+            let room = self.room_nid;
+            let nids = self.r.store.read_background(move |c| rs::auth_order(c, room, at)).await?;
+            self.walks.auths.hold(job, at, nids);
+        }
+        let nids = self.walks.auths.next(job, &at, batch.max(1)).unwrap_or_default();
+        let Some(&last) = nids.last() else {
+            self.walks.auths.advance(job, 0, None);
             cursor.enter(&self.room.room_id, Phase::Fill { at: None, done: 0 });
             self.save(&cursor, 0, None).await?;
             return Ok(Step::More { items: 0 });
         };
-        let n = ids.len();
+        let n = nids.len();
         let parts = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4);
-        let checks = ids.chunks(ids.len().div_ceil(parts)).map(|part| {
+        let checks = nids.chunks(n.div_ceil(parts)).map(|part| {
             let (part, room) = (part.to_vec(), self.room.clone());
             self.r.store.read_background(move |c| partial::judge(c, &room, &part))
         });
@@ -390,8 +411,9 @@ impl Ctx<'_> {
             self.r.store.write_background(move |w| partial::reject(w.db(), &rejected)).await?;
         }
         let done = done + n as i64;
-        cursor.phase = Phase::Auth { after: last, done };
+        cursor.phase = Phase::Auth { at: Some(last), done };
         self.save(&cursor, done, None).await?;
+        self.walks.auths.advance(job, n, Some(last));
         Ok(Step::More { items: n })
     }
 
@@ -399,12 +421,12 @@ impl Ctx<'_> {
     /// them: one short write (the rows and the position that says they are done commit together).
     async fn fill(&self, cursor: ResyncCursor, at: Option<rs::FillKey>, done: i64, batch: usize) -> Result<Step> {
         let job = self.job.job_id;
-        if self.walks.next(job, &at, 0).is_none() {
+        if self.walks.fills.next(job, &at, 0).is_none() {
             let (room, from) = (self.room_nid, at.clone());
             let nids = self.r.store.read_background(move |c| rs::fill_order(c, room, from.as_ref())).await?;
-            self.walks.hold(job, at.clone(), nids);
+            self.walks.fills.hold(job, at.clone(), nids);
         }
-        let next = self.walks.next(job, &at, batch.max(1)).unwrap_or_default();
+        let next = self.walks.fills.next(job, &at, batch.max(1)).unwrap_or_default();
         let (identity, room, sg, prev) = (self.r.identity.clone(), self.room_nid, cursor.sg, cursor.prev.clone());
         let (room_id, mut cursor, taken) = (self.room.room_id.clone(), cursor, next.len());
         let (n, now_at) = self
@@ -427,7 +449,7 @@ impl Ctx<'_> {
             })
             .await?;
         // Committed: the walk moves on with the cursor.
-        self.walks.advance(job, taken, now_at);
+        self.walks.fills.advance(job, taken, now_at);
         Ok(Step::More { items: n })
     }
 
@@ -455,8 +477,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn fill_walks_follow_their_cursor_and_are_dropped_when_done() {
-        let walks = FillWalks::default();
+    fn walks_follow_their_cursor_and_are_dropped_when_done() {
+        let walks = Walks::<rs::FillKey>::default();
         let (job, key) = (JobId(1), |n: i64| Some(("m.room.member".to_owned(), format!("@u{n}:x"), n)));
         assert_eq!(walks.next(job, &None, 2), None, "nothing held yet");
         walks.hold(job, None, (1..=5).map(EventNid).collect());
@@ -464,12 +486,12 @@ mod tests {
         walks.advance(job, 2, key(2));
         assert_eq!(walks.next(job, &None, 2), None, "a cursor elsewhere (another run's) reads the walk again");
         assert_eq!(walks.next(job, &key(2), 9), Some(vec![EventNid(3), EventNid(4), EventNid(5)]));
-        for other in 2..=FILL_WALKS_KEPT as i64 {
+        for other in 2..=WALKS_KEPT as i64 {
             walks.hold(JobId(other), None, vec![EventNid(other)]);
         }
-        assert_eq!(walks.lock().len(), FILL_WALKS_KEPT);
+        assert_eq!(walks.lock().len(), WALKS_KEPT);
         walks.hold(JobId(99), None, vec![]);
-        assert_eq!(walks.lock().len(), FILL_WALKS_KEPT, "one more drops another");
+        assert_eq!(walks.lock().len(), WALKS_KEPT, "one more drops another");
         walks.advance(JobId(99), 0, None);
         assert!(!walks.lock().contains_key(&JobId(99)), "a walk with nothing left is dropped");
     }

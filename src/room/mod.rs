@@ -136,6 +136,16 @@ pub fn load_pdu_fields_with(
     Ok(rows.iter().map(|row| fields_from_row(row, rules)).collect())
 }
 
+/// [`load_pdu_fields_with`] of the events `nids` (those we hold, in number order).
+pub fn load_pdu_fields_by_nids(
+    conn: Db<'_>,
+    nids: &[crate::store::ids::EventNid],
+    rules: &ruma::room_version_rules::RoomVersionRules,
+) -> Result<Vec<Result<Pdu>>> {
+    let rows = events::events_by_nids(conn, nids)?;
+    Ok(rows.iter().map(|row| fields_from_row(row, rules)).collect())
+}
+
 /// [`load_pdu_with`] reading only the fields, as [`load_pdu_fields_with`] (on any connection, the writer's too).
 pub fn load_one_pdu_fields_with(
     conn: Db<'_>,

@@ -81,10 +81,12 @@ pub enum Phase {
         #[serde(default)]
         use_state: bool,
     },
-    /// Judge the listed state events after `after` (id order); `done` judged so far.
+    /// Judge the listed state events after event number `at` (in number order, [`rs::auth_order`]); `done`
+    /// judged so far. (A cursor of an older version, which walked the ids in id order, starts the phase over:
+    /// judging an event again gives the same outcome.)
     Auth {
-        #[serde(default, rename = "auth_after")]
-        after: String,
+        #[serde(default, rename = "auth_at", skip_serializing_if = "Option::is_none")]
+        at: Option<EventNid>,
         #[serde(default, rename = "authed")]
         done: i64,
     },
@@ -322,21 +324,20 @@ pub fn join_prev_event(conn: Db<'_>, join_event: &str) -> Result<String> {
     v["prev_events"][0].as_str().map(str::to_owned).ok_or_else(|| Error::internal("join event without prev events"))
 }
 
-/// Those of `ids` (stored events) that their own auth events do not allow, with the reason. Already rejected
+/// Those of the stored events `nids` that their own auth events do not allow, with the reason. Already rejected
 /// ones are skipped; one whose auth events we lack stays unjudged (our missing data is no proof against it).
 /// Events and their auth events are read [`JUDGE_READS`] at a time, each group in one query.
-pub fn judge(conn: Db<'_>, room: &RoomRow, ids: &[String]) -> Result<Vec<(String, String)>> {
+pub fn judge(conn: Db<'_>, room: &RoomRow, nids: &[EventNid]) -> Result<Vec<(String, String)>> {
     let rules = version::rules(&room.version)?;
     let mut out = Vec::new();
-    for chunk in ids.chunks(JUDGE_READS) {
+    for chunk in nids.chunks(JUDGE_READS) {
         // A cache per read: what a chunk's events share is the room's few auth events (read again per chunk, three
         // rows); their earlier memberships are cited once each, and kept for the whole step they were ~4 MB per
         // thread at 10k members, the auth phase's share of the resync's peak memory.
         // The events are only checked, so only their fields are read (not their whole JSON).
         let cache = AuthCache::fields_only();
-        let wanted: Vec<&str> = chunk.iter().map(String::as_str).collect();
         // The join's prev event is listed too; when it is no state event it is no part of the state.
-        let pdus: Vec<Pdu> = crate::room::load_pdu_fields_with(conn, &wanted, &rules)?
+        let pdus: Vec<Pdu> = crate::room::load_pdu_fields_by_nids(conn, chunk, &rules)?
             .into_iter()
             .collect::<Result<Vec<Pdu>>>()?
             .into_iter()
@@ -766,7 +767,8 @@ mod tests {
         assert_eq!(ResyncCursor::parse(&c.to_json()).unwrap(), c);
         for phase in [
             Phase::Fetch { source: "a".into(), use_state: true },
-            Phase::Auth { after: "$x".into(), done: 3 },
+            Phase::Auth { at: Some(EventNid(3)), done: 3 },
+            Phase::Auth { at: None, done: 0 },
             Phase::Fill { at: Some(("m.room.member".into(), "@y:x".into(), 4)), done: 9 },
             Phase::Finish,
         ] {
@@ -783,8 +785,9 @@ mod tests {
         let c = ResyncCursor::parse(old).unwrap();
         assert_eq!(c.phase, Phase::Fetch { source: "v".into(), use_state: false });
         assert_eq!((c.distrust.clone(), c.phase_at), (vec!["w".to_owned()], Some(5)));
+        // An auth position of the versions that walked the ids in id order: the phase starts over (idempotent).
         let old = r#"{"join_event":"$j","sg":1,"phase":"auth","auth_after":"$k","authed":1000}"#;
-        assert_eq!(ResyncCursor::parse(old).unwrap().phase, Phase::Auth { after: "$k".into(), done: 1000 });
+        assert_eq!(ResyncCursor::parse(old).unwrap().phase, Phase::Auth { at: None, done: 1000 });
         // A fill position of the versions that walked the ids in id order: the fill starts over (idempotent).
         let old = r#"{"join_event":"$j","sg":1,"phase":"fill","fill_after":"$k","filled":2000,"authed":5}"#;
         assert_eq!(ResyncCursor::parse(old).unwrap().phase, Phase::Fill { at: None, done: 2000 });
@@ -818,12 +821,13 @@ mod tests {
         let ids = vec![joined.clone(), forbidden.clone()];
         rs::record_state_ids(f.conn.db(), f.nid(), &ids).unwrap();
 
-        let verdicts = judge(f.conn.db(), &f.room, &ids).unwrap();
+        let nids: Vec<EventNid> = ids.iter().map(|id| events::event_nid(f.conn.db(), id).unwrap().unwrap()).collect();
+        let verdicts = judge(f.conn.db(), &f.room, &nids).unwrap();
         assert_eq!(verdicts.len(), 1, "{verdicts:?}");
         assert_eq!(verdicts[0].0, forbidden);
         reject(f.conn.db(), &verdicts).unwrap();
         assert!(events::event_by_id(f.conn.db(), &forbidden).unwrap().unwrap().rejected.is_some());
-        assert!(judge(f.conn.db(), &f.room, &ids).unwrap().is_empty(), "rejected events are not judged again");
+        assert!(judge(f.conn.db(), &f.room, &nids).unwrap().is_empty(), "rejected events are not judged again");
 
         let (identity, nid, sg) = (f.identity.clone(), f.nid(), f.sg);
         let (mut conn, mut stream) = (f.conn, f.stream);

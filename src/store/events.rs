@@ -73,6 +73,21 @@ pub fn events_by_ids(conn: Db<'_>, ids: &[&str]) -> Result<Vec<EventRow>> {
     Ok(out)
 }
 
+/// The events `nids` we hold, in number order.
+pub fn events_by_nids(conn: Db<'_>, nids: &[EventNid]) -> Result<Vec<EventRow>> {
+    let mut stmt = conn
+        .prepare_cached(&format!("SELECT {EVENT_COLS} FROM events WHERE event_nid IN rarray(?1) ORDER BY event_nid"))?;
+    let mut out = Vec::with_capacity(nids.len());
+    for chunk in nids.chunks(1024) {
+        let values: std::rc::Rc<Vec<rusqlite::types::Value>> =
+            std::rc::Rc::new(chunk.iter().map(|n| rusqlite::types::Value::Integer(n.0)).collect());
+        for row in stmt.query_map([values], event_row)? {
+            out.push(row?);
+        }
+    }
+    Ok(out)
+}
+
 pub fn event_by_nid(conn: Db<'_>, nid: EventNid) -> Result<Option<EventRow>> {
     Ok(conn
         .prepare_cached(&format!("SELECT {EVENT_COLS} FROM events WHERE event_nid = ?1"))?

@@ -140,12 +140,15 @@ pub fn clear_some_state_ids(conn: Db<'_>, room: RoomNid, limit: usize) -> Result
     Ok(n)
 }
 
-/// The next `limit` listed ids after `after`, in id order (the auth phase's position).
-pub fn listed_after(conn: Db<'_>, room: RoomNid, after: &str, limit: usize) -> Result<Vec<String>> {
+/// The listed state events we hold, by event number, after `after`: the auth phase's walk, read once per run of
+/// the job (8 bytes an event). The listed ids are looked up in the `event_id` index only (it holds the numbers), and
+/// the walk then reads the rows in the order they were written.
+pub fn auth_order(conn: Db<'_>, room: RoomNid, after: Option<EventNid>) -> Result<Vec<EventNid>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT event_id FROM resync_state WHERE room_nid = ?1 AND event_id > ?2 ORDER BY event_id LIMIT ?3",
+        "SELECT e.event_nid FROM resync_state r JOIN events e ON e.event_id = r.event_id
+         WHERE r.room_nid = ?1 AND (?2 IS NULL OR e.event_nid > ?2) ORDER BY e.event_nid",
     )?;
-    let rows = stmt.query_map(params![room, after, limit as i64], |r| r.get(0))?;
+    let rows = stmt.query_map(params![room, after], |r| r.get(0))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
@@ -339,7 +342,10 @@ mod tests {
         event(conn.db(), room, "$b", Some(("m.room.member", "@b:x")));
         assert_eq!(still_missing(conn.db(), room).unwrap(), vec!["$c".to_owned()]);
         assert_eq!(listed_and_missing(conn.db(), room).unwrap(), (3, 1));
-        assert_eq!(listed_after(conn.db(), room, "$b", 10).unwrap(), vec!["$c".to_owned(), "$held".to_owned()]);
+        // The auth phase's walk: the listed events held, by number.
+        let (held, b) = (events::event_nid(conn.db(), "$held").unwrap(), events::event_nid(conn.db(), "$b").unwrap());
+        assert_eq!(auth_order(conn.db(), room, None).unwrap(), [held.unwrap(), b.unwrap()]);
+        assert_eq!(auth_order(conn.db(), room, held).unwrap(), [b.unwrap()]);
         // The fill's walk is in state key order (@a before @b), whatever the ids' order.
         let order = fill_order(conn.db(), room, None).unwrap();
         let fetched = fetched_state_of(conn.db(), &order).unwrap();
