@@ -105,6 +105,30 @@ async fn a_server_that_calls_us_ends_its_backoff_and_gets_its_queue_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_answers_our_request_ends_its_backoff() {
+    // One failure backs off for two minutes.
+    let (fake, hearth, alice, room) = joined_with_backoff(60_000).await;
+    fake.script("send", Script::json(500, json!({"errcode": "M_UNKNOWN", "error": "down"})));
+    let sends_before = fake.count("send");
+    alice.send_text(&room, "held back").await;
+    fake.wait_requests("send", sends_before + 1, LONG).await;
+    wait_for("the destination backs off", LONG, || catching_up(&hearth, &fake.name)).await;
+    fake.unscript("send");
+
+    // Alice leaves and joins again: the join goes through the resident (make_join, send_join), which answers. It
+    // never calls us, yet it is up: what Alice sends next reaches it now, not when the two minutes are over (as
+    // Synapse, which resets a destination's backoff on any successful request to it).
+    alice.leave(&room).await.ok();
+    join_via(&alice, &fake).await;
+    let started = std::time::Instant::now();
+    let after = alice.send_text(&room, "after the rejoin").await;
+    let pdu = fake.wait_received(&after, Duration::from_secs(20)).await;
+    assert_eq!(pdu["content"]["body"], "after the rejoin");
+    eprintln!("the message reached the server {:?} after the rejoin", started.elapsed());
+    hearth.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_to_a_server_that_answers_does_not_wait_behind_hundreds_that_do_not() {
     // A room the resident says is shared with 300 other servers (as a big room is), none of which answers: each
     // accepts the connection and then says nothing, so every attempt to reach one hangs until our connect timeout.

@@ -43,6 +43,9 @@ pub struct FedClient {
     /// Destinations that answered our last request to them (any HTTP status), until one fails to connect: the
     /// sender gives them a lane of their own (see [`FedClient::answered_lately`]).
     answered: Mutex<HashSet<String>>,
+    /// Destinations that answered a request of ours (other than a transaction) with success since the sender last
+    /// looked: their backoff, if any, ends (see [`FedClient::take_succeeded`]).
+    succeeded: Mutex<HashSet<String>>,
     /// Server names whose federation endpoint was found by SRV: name -> SRV target (read by the resolver).
     srv_hosts: Arc<Mutex<HashMap<String, String>>>,
     srv: SrvLookup,
@@ -452,6 +455,7 @@ impl FedClient {
             identity,
             targets: Mutex::new(HashMap::new()),
             answered: Mutex::default(),
+            succeeded: Mutex::default(),
             srv_hosts,
             srv: SrvLookup::new(config.dns_servers.clone()),
             config,
@@ -492,6 +496,27 @@ impl FedClient {
             }
             answered.insert(destination.to_owned());
         }
+    }
+
+    /// Notes an answer of `destination` to a request for `path`: it is up ([`FedClient::heard_from`]), and a success
+    /// (other than to a transaction, whose outcome the sender books itself) ends its send backoff at the sender's
+    /// next look, as Synapse resets a destination's retry timings on any successful request. A server that came back
+    /// on the same address (or a new server given the old one's) and answered our join, say, would else wait out the
+    /// backoff before hearing of our events.
+    fn answered_with(&self, destination: &str, status: reqwest::StatusCode, path: &str) {
+        self.heard_from(destination);
+        if status.is_success() && !path.starts_with("/_matrix/federation/v1/send/") {
+            let mut ok = self.succeeded.lock().unwrap_or_else(|e| e.into_inner());
+            if ok.len() >= MAX_ANSWERED_REMEMBERED {
+                ok.clear();
+            }
+            ok.insert(destination.to_owned());
+        }
+    }
+
+    /// The destinations [`FedClient::answered_with`] noted since the last call.
+    pub fn take_succeeded(&self) -> Vec<String> {
+        std::mem::take(&mut *self.succeeded.lock().unwrap_or_else(|e| e.into_inner())).into_iter().collect()
     }
 
     /// Forgets what we knew of `destination` after a request to it could not be sent: its resolved address (it
@@ -694,8 +719,8 @@ impl FedClient {
             self.lost(destination);
             unreachable(error_chain(&e))
         })?;
-        self.heard_from(destination);
         let status = res.status();
+        self.answered_with(destination, status, path_and_query);
         if !status.is_success() {
             return Err(FedError::Status {
                 destination: destination.to_owned(),
@@ -756,8 +781,8 @@ impl FedClient {
             self.lost(destination);
             unreachable(error_chain(&e))
         })?;
-        self.heard_from(destination);
         let status = res.status();
+        self.answered_with(destination, status, path_and_query);
         if !status.is_success() {
             return Err(FedError::Status {
                 destination: destination.to_owned(),
@@ -816,8 +841,8 @@ impl FedClient {
             .send()
             .await
             .map_err(|e| unreachable(error_chain(&e)))?;
-        self.heard_from(destination);
         let status = res.status();
+        self.answered_with(destination, status, path_and_query);
         if !status.is_success() {
             return Err(FedError::Status {
                 destination: destination.to_owned(),
@@ -883,8 +908,8 @@ impl FedClient {
             .send()
             .await
             .map_err(|e| unreachable(error_chain(&e)))?;
-        self.heard_from(destination);
         let status = res.status();
+        self.answered_with(destination, status, path);
         if !status.is_success() {
             return Err(FedError::Status {
                 destination: destination.to_owned(),

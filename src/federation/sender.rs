@@ -81,17 +81,22 @@ pub async fn server_is_up(s: &FedContext, origin: &str) {
     if let Some(f) = s.federation.as_ref() {
         f.client.heard_from(origin);
     }
+    end_backoff(s, origin, "destination called us: its backoff ends").await;
+}
+
+/// Ends `destination`'s backoff, if it is backing off (one indexed read; a write only then).
+async fn end_backoff(s: &FedContext, destination: &str, why: &'static str) {
     let store = &s.store;
-    let o = origin.to_owned();
-    let backing_off = store.read(move |c| outbox::backing_off(c, &o, now_ms())).await.unwrap_or(false);
+    let d = destination.to_owned();
+    let backing_off = store.read(move |c| outbox::backing_off(c, &d, now_ms())).await.unwrap_or(false);
     if !backing_off {
         return;
     }
-    let o = origin.to_owned();
-    match store.write(move |w| outbox::end_backoff(w.db(), &o, now_ms())).await {
-        Ok(true) => tracing::info!(destination = origin, "destination called us: its backoff ends"),
+    let d = destination.to_owned();
+    match store.write(move |w| outbox::end_backoff(w.db(), &d, now_ms())).await {
+        Ok(true) => tracing::info!(destination, "{why}"),
         Ok(false) => {}
-        Err(e) => tracing::warn!(destination = origin, error = %e, "could not end a destination's backoff"),
+        Err(e) => tracing::warn!(destination, error = %e, "could not end a destination's backoff"),
     }
 }
 
@@ -150,6 +155,10 @@ pub async fn run(s: Arc<FedContext>, mut shutdown: tokio::sync::watch::Receiver<
     loop {
         if *shutdown.borrow() {
             return;
+        }
+        // Destinations that answered one of our requests (a join, a fetch) are up: their backoff ends now.
+        for d in s.federation.as_ref().map(|f| f.client.take_succeeded()).unwrap_or_default() {
+            end_backoff(&s, &d, "destination answered our request: its backoff ends").await;
         }
         match s.store.read_background(|c| outbox::due_destinations(c, now_ms())).await {
             Ok(dests) => {
