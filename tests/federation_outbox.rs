@@ -83,15 +83,21 @@ async fn a_server_that_keeps_failing_catches_up_with_the_latest_event_when_it_re
     hearth.stop().await;
 }
 
+/// The resident refuses transactions from now on (500); `body` is sent and its transaction refused. Its event id.
+async fn send_while_refused(fake: &FakeResident, alice: &Client, room: &str, body: &str) -> String {
+    fake.script("send", Script::json(500, json!({"errcode": "M_UNKNOWN", "error": "down"})));
+    let sends_before = fake.count("send");
+    let id = alice.send_text(room, body).await;
+    fake.wait_requests("send", sends_before + 1, LONG).await;
+    id
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_calls_us_ends_its_backoff_and_gets_its_queue_at_once() {
     // One failure backs off for two minutes.
     let (fake, hearth, alice, room) = joined_with_backoff(60_000).await;
 
-    fake.script("send", Script::json(500, json!({"errcode": "M_UNKNOWN", "error": "down"})));
-    let sends_before = fake.count("send");
-    let held = alice.send_text(&room, "held back").await;
-    fake.wait_requests("send", sends_before + 1, LONG).await;
+    let held = send_while_refused(&fake, &alice, &room, "held back").await;
     fake.unscript("send");
 
     // The server is back and sends us something (any signed request): our queue goes to it now, not in two minutes.
@@ -108,10 +114,7 @@ async fn a_server_that_calls_us_ends_its_backoff_and_gets_its_queue_at_once() {
 async fn a_server_that_answers_our_request_ends_its_backoff() {
     // One failure backs off for two minutes.
     let (fake, hearth, alice, room) = joined_with_backoff(60_000).await;
-    fake.script("send", Script::json(500, json!({"errcode": "M_UNKNOWN", "error": "down"})));
-    let sends_before = fake.count("send");
-    alice.send_text(&room, "held back").await;
-    fake.wait_requests("send", sends_before + 1, LONG).await;
+    send_while_refused(&fake, &alice, &room, "held back").await;
     wait_for("the destination backs off", LONG, || catching_up(&hearth, &fake.name)).await;
     fake.unscript("send");
 

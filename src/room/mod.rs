@@ -125,49 +125,24 @@ pub fn load_pdus_with(
     Ok(rows.iter().map(|row| pdu_from_row_with(row, rules)).collect())
 }
 
-/// [`load_pdus_with`] reading only the fields ([`Pdu::from_stored_fields`]): for the auth rules, which read nothing
-/// else.
-pub fn load_pdu_fields_with(
-    conn: Db<'_>,
-    event_ids: &[&str],
-    rules: &ruma::room_version_rules::RoomVersionRules,
-) -> Result<Vec<Result<Pdu>>> {
-    let rows = events::events_by_ids(conn, event_ids)?;
-    Ok(rows.iter().map(|row| fields_from_row(row, rules)).collect())
-}
+/// How a stored event's text becomes a [`Pdu`]: whole ([`Pdu::from_stored`]) or its fields only
+/// ([`Pdu::from_stored_fields`], for the auth rules, which read nothing else).
+pub type ParseStored = fn(&str, &str, &ruma::room_version_rules::RoomVersionRules) -> std::result::Result<Pdu, String>;
 
-/// [`load_pdu_fields_with`] of the events `nids` (those we hold, in number order).
-pub fn load_pdu_fields_by_nids(
-    conn: Db<'_>,
-    nids: &[crate::store::ids::EventNid],
+/// A stored event's row parsed with `parse`, its rejection carried over.
+pub fn pdu_from_row_by(
+    row: &events::EventRow,
     rules: &ruma::room_version_rules::RoomVersionRules,
-) -> Result<Vec<Result<Pdu>>> {
-    let rows = events::events_by_nids(conn, nids)?;
-    Ok(rows.iter().map(|row| fields_from_row(row, rules)).collect())
-}
-
-/// [`load_pdu_with`] reading only the fields, as [`load_pdu_fields_with`] (on any connection, the writer's too).
-pub fn load_one_pdu_fields_with(
-    conn: Db<'_>,
-    event_id: &str,
-    rules: &ruma::room_version_rules::RoomVersionRules,
-) -> Result<Option<Pdu>> {
-    let Some(row) = events::event_by_id(conn, event_id)? else { return Ok(None) };
-    fields_from_row(&row, rules).map(Some)
-}
-
-fn fields_from_row(row: &events::EventRow, rules: &ruma::room_version_rules::RoomVersionRules) -> Result<Pdu> {
-    let mut pdu = Pdu::from_stored_fields(&row.json, &row.event_id, rules)
+    parse: ParseStored,
+) -> Result<Pdu> {
+    let mut pdu = parse(&row.json, &row.event_id, rules)
         .map_err(|e| crate::error::Error::internal(format!("stored event {} unreadable: {e}", row.event_id)))?;
     pdu.rejected = row.rejected.is_some();
     Ok(pdu)
 }
 
 fn pdu_from_row_with(row: &events::EventRow, rules: &ruma::room_version_rules::RoomVersionRules) -> Result<Pdu> {
-    let mut pdu = Pdu::from_stored(&row.json, &row.event_id, rules)
-        .map_err(|e| crate::error::Error::internal(format!("stored event {} unreadable: {e}", row.event_id)))?;
-    pdu.rejected = row.rejected.is_some();
-    Ok(pdu)
+    pdu_from_row_by(row, rules, Pdu::from_stored)
 }
 
 /// Looks up `(type, state_key)` in a state group and loads that event.

@@ -337,8 +337,9 @@ pub fn judge(conn: Db<'_>, room: &RoomRow, nids: &[EventNid]) -> Result<Vec<(Str
         // The events are only checked, so only their fields are read (not their whole JSON).
         let cache = AuthCache::fields_only();
         // The join's prev event is listed too; when it is no state event it is no part of the state.
-        let pdus: Vec<Pdu> = crate::room::load_pdu_fields_by_nids(conn, chunk, &rules)?
-            .into_iter()
+        let pdus: Vec<Pdu> = events::events_by_nids(conn, chunk)?
+            .iter()
+            .map(|row| crate::room::pdu_from_row_by(row, &rules, Pdu::from_stored_fields))
             .collect::<Result<Vec<Pdu>>>()?
             .into_iter()
             .filter(|p| !p.rejected && p.state_key.is_some())

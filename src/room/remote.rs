@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::room::append::{authorize, persist, Appended, Outcome};
 use crate::room::pdu::MAX_PDU_BYTES;
 use crate::room::signatures::{self, DecodedKeys};
-use crate::room::{load_pdu, state, version, Identity, Pdu};
+use crate::room::{load_pdu, pdu_from_row_by, state, version, Identity, ParseStored, Pdu};
 use crate::store::events::{self, EventRow, NewEvent};
 use crate::store::ids::{EventNid, StateGroup, StateKeyNid};
 use crate::store::resync as rs;
@@ -189,30 +189,26 @@ fn insert_outlier(conn: Db<'_>, room: &RoomRow, row: &OutlierRow) -> Result<Even
 
 /// Events loaded for auth checks, kept across the checks of one batch (the create event, power levels and join
 /// rules are cited by nearly every event of a room).
-#[derive(Default)]
 pub struct AuthCache {
     events: std::cell::RefCell<HashMap<String, Option<Arc<Pdu>>>>,
     /// The room's create event from its current state (v12+ events do not cite it): looked up once per batch,
     /// not once per event (that lookup was a twentieth of a resync's CPU).
     create: std::cell::OnceCell<Option<Arc<Pdu>>>,
-    /// Events read with [`Pdu::from_stored_fields`]: for callers that only check auth with them.
-    fields_only: bool,
+    /// How the events are read: whole, or their fields only for callers that only check auth with them.
+    parse: ParseStored,
+}
+
+impl Default for AuthCache {
+    fn default() -> Self {
+        AuthCache { events: Default::default(), create: Default::default(), parse: Pdu::from_stored }
+    }
 }
 
 impl AuthCache {
     /// A cache whose events hold their fields only ([`Pdu::from_stored_fields`], no `json`): for checking auth
     /// with them and nothing else.
     pub fn fields_only() -> AuthCache {
-        AuthCache { fields_only: true, ..AuthCache::default() }
-    }
-
-    /// Many events in one query (on a reader: `rarray` is loaded there).
-    fn read(&self, conn: Db<'_>, rules: &RoomVersionRules, ids: &[&str]) -> Result<Vec<Result<Pdu>>> {
-        if self.fields_only {
-            crate::room::load_pdu_fields_with(conn, ids, rules)
-        } else {
-            crate::room::load_pdus_with(conn, ids, rules)
-        }
+        AuthCache { parse: Pdu::from_stored_fields, ..AuthCache::default() }
     }
 
     /// The event, from the cache or the database (None: we do not hold it). Shared, not copied: a resync checks
@@ -221,12 +217,8 @@ impl AuthCache {
         if let Some(p) = self.events.borrow().get(id) {
             return p.clone();
         }
-        let p = if self.fields_only {
-            crate::room::load_one_pdu_fields_with(conn, id, rules)
-        } else {
-            crate::room::load_pdu_with(conn, id, rules)
-        };
-        let p = p.ok().flatten().map(Arc::new);
+        let row = events::event_by_id(conn, id).ok().flatten();
+        let p = row.and_then(|row| pdu_from_row_by(&row, rules, self.parse).ok()).map(Arc::new);
         self.events.borrow_mut().insert(id.to_owned(), p.clone());
         p
     }
@@ -247,7 +239,9 @@ impl AuthCache {
         if wanted.is_empty() {
             return Ok(());
         }
-        let loaded = self.read(conn, rules, &wanted)?;
+        // One query (on a reader: `rarray` is loaded there).
+        let loaded: Vec<Result<Pdu>> =
+            events::events_by_ids(conn, &wanted)?.iter().map(|row| pdu_from_row_by(row, rules, self.parse)).collect();
         let mut events = self.events.borrow_mut();
         for id in &wanted {
             events.insert((*id).to_owned(), None);

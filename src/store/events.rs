@@ -61,27 +61,28 @@ pub fn event_by_id(conn: Db<'_>, event_id: &str) -> Result<Option<EventRow>> {
 /// resync's auth phase) saves a statement round per event. The order is SQLite's.
 /// Needs the `rarray` module (loaded on pooled readers).
 pub fn events_by_ids(conn: Db<'_>, ids: &[&str]) -> Result<Vec<EventRow>> {
-    let mut stmt = conn.prepare_cached(&format!("SELECT {EVENT_COLS} FROM events WHERE event_id IN rarray(?1)"))?;
-    let mut out = Vec::with_capacity(ids.len());
-    for chunk in ids.chunks(1024) {
-        let values: std::rc::Rc<Vec<rusqlite::types::Value>> =
-            std::rc::Rc::new(chunk.iter().map(|id| rusqlite::types::Value::Text((*id).to_owned())).collect());
-        for row in stmt.query_map([values], event_row)? {
-            out.push(row?);
-        }
-    }
-    Ok(out)
+    let values = ids.iter().map(|id| rusqlite::types::Value::Text((*id).to_owned())).collect();
+    rows_in(conn, "event_id", values, "")
 }
 
 /// The events `nids` we hold, in number order.
 pub fn events_by_nids(conn: Db<'_>, nids: &[EventNid]) -> Result<Vec<EventRow>> {
-    let mut stmt = conn
-        .prepare_cached(&format!("SELECT {EVENT_COLS} FROM events WHERE event_nid IN rarray(?1) ORDER BY event_nid"))?;
-    let mut out = Vec::with_capacity(nids.len());
-    for chunk in nids.chunks(1024) {
-        let values: std::rc::Rc<Vec<rusqlite::types::Value>> =
-            std::rc::Rc::new(chunk.iter().map(|n| rusqlite::types::Value::Integer(n.0)).collect());
-        for row in stmt.query_map([values], event_row)? {
+    rows_in(
+        conn,
+        "event_nid",
+        nids.iter().map(|n| rusqlite::types::Value::Integer(n.0)).collect(),
+        "ORDER BY event_nid",
+    )
+}
+
+/// The events whose `column` is one of `values`, 1024 values a query (`rarray`: readers only), each query's rows in
+/// the order `order` says.
+fn rows_in(conn: Db<'_>, column: &str, values: Vec<rusqlite::types::Value>, order: &str) -> Result<Vec<EventRow>> {
+    let mut stmt =
+        conn.prepare_cached(&format!("SELECT {EVENT_COLS} FROM events WHERE {column} IN rarray(?1) {order}"))?;
+    let mut out = Vec::with_capacity(values.len());
+    for chunk in values.chunks(1024) {
+        for row in stmt.query_map([std::rc::Rc::new(chunk.to_vec())], event_row)? {
             out.push(row?);
         }
     }
